@@ -1,0 +1,49 @@
+# agent-egress: the two commands a newcomer needs are `make demo` and `make test`.
+# Every target bootstraps .venv with the newest python3.13/python3.12 it can find when .venv is
+# missing or stale (pyproject.toml or constraints.txt changed, or its interpreter is gone).
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+# Newest Python >= 3.12: plain names on PATH first, then pyenv's install tree (shims may be inactive).
+find_python = $(shell for c in python3.13 python3.12 \
+	$$(ls -d $$HOME/.pyenv/versions/3.13*/bin/python3.13 $$HOME/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | sort -rV); do \
+	if "$$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1; then echo "$$c"; break; fi; done)
+
+.PHONY: demo test lint bench lock clean venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@if ! $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1; then \
+		base="$(find_python)"; \
+		if [ -z "$$base" ]; then echo "error: need python3.13 or python3.12 on PATH (or under ~/.pyenv/versions)" >&2; exit 2; fi; \
+		echo "bootstrapping $(VENV) with $$base"; rm -rf $(VENV); "$$base" -m venv $(VENV); \
+	fi
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m proxy.demo
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check proxy addons tests bench
+	$(VENV)/bin/ruff format --check proxy addons tests bench
+	$(VENV)/bin/mypy
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+# Regenerate the pinned constraints from the current venv (after changing pyproject.toml).
+lock:
+	$(PY) -m pip freeze --exclude-editable | grep -v '^agent-egress' > constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Thin mitmproxy adapters: translate hook events into core requests and enforce core decisions."""

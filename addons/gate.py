@@ -1,0 +1,305 @@
+"""The gate: adapts mitmproxy hook events to the pure decision core and enforces what it returns.
+
+Every hook follows the same shape: build a plain :class:`proxy.decision.Request`, ask
+:func:`proxy.engine.decide`, check the destination (resolve, refuse internal addresses, pin), pass the
+decision through the single :class:`proxy.emit.Emitter` (which may still turn it into a deny when the audit
+journal cannot be written), then enforce the decision the emitter returned.
+
+Where each kind of traffic is decided:
+- CONNECT tunnels in ``http_connect``, before any upstream connection exists (connection_strategy=lazy).
+- The first bytes inside an allowed tunnel in ``next_layer`` (see :mod:`addons.layers`): the ClientHello's
+  SNI must name the CONNECT host; no SNI, Encrypted Client Hello or non-TLS bytes close the tunnel.
+- Plain-HTTP requests in ``requestheaders``, on the URL authority; a disagreeing Host header is refused.
+- ``server_connect`` is the last line: it only lets mitmproxy dial an address this addon checked and pinned
+  for that client connection. Anything else is vetoed, so a code path we did not foresee fails closed.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from mitmproxy import connection, http
+from mitmproxy.proxy import server_hooks
+
+from addons.refusal import refusal_response, strip_egress_headers
+from proxy.decision import Decision, Kind, Reason, Request, Verdict
+from proxy.emit import Emitter
+from proxy.engine import decide, refuse
+from proxy.hosts import InvalidHost, canonical_host
+from proxy.policy import Policy
+from proxy.resolver import Destination, DestinationRefused
+
+log = logging.getLogger(__name__)
+
+# Set by the listener that accepted a connection (a per-sandbox socket), read once in client_connected.
+current_sandbox: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "egress_sandbox", default=None
+)
+
+
+class Destinations(Protocol):
+    """What the gate needs from the resolver: a checked, pinnable address or a refusal."""
+
+    async def destination(self, host: Any, port: int, allow_internal: Any) -> Destination: ...
+
+
+@dataclass(slots=True)
+class ClientState:
+    """What the gate knows about one client connection, kept for the connection's lifetime."""
+
+    sandbox_id: str | None
+    started: float = field(default_factory=time.monotonic)
+    tunnel: Decision | None = None  # the allowed CONNECT decision, once there is one
+    pinned: dict[tuple[str, int], str] = field(default_factory=dict)  # (host, port) -> checked ip
+    checked: set[tuple[str, int]] = field(default_factory=set)  # (ip, port) pairs we may dial
+
+
+class GateAddon:
+    """mitmproxy addon enforcing the allowlist on CONNECT, tunnel contents and plain HTTP."""
+
+    def __init__(
+        self,
+        policy: Callable[[], Policy],
+        emitter: Emitter,
+        destinations: Destinations,
+        *,
+        sandbox_id: str | None = None,
+        metrics: Any | None = None,
+    ) -> None:
+        self._policy = policy
+        self.metrics = metrics
+        self.emitter = emitter
+        self.destinations = destinations
+        self.default_sandbox_id = sandbox_id
+        self.clients: dict[str, ClientState] = {}
+
+    # -- connection lifecycle ------------------------------------------------------------------
+
+    def client_connected(self, client: connection.Client) -> None:
+        sandbox = current_sandbox.get() or self.default_sandbox_id
+        self.clients[client.id] = ClientState(sandbox_id=sandbox)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        state = self.clients.pop(client.id, None)
+        if state is not None and state.tunnel is not None:
+            self.emitter.event(
+                "egress.connection.closed",
+                {
+                    "decision_id": state.tunnel.id,
+                    "host": state.tunnel.host,
+                    "port": state.tunnel.port,
+                    "rule": state.tunnel.rule,
+                    "sandbox_id": state.sandbox_id,
+                    "duration_s": round(time.monotonic() - state.started, 6),
+                },
+            )
+
+    def _state(self, client: connection.Client) -> ClientState:
+        state = self.clients.get(client.id)
+        if state is None:  # hooks for a connection we never saw connect: track it from now on
+            state = self.clients[client.id] = ClientState(sandbox_id=self.default_sandbox_id)
+        return state
+
+    # -- CONNECT -------------------------------------------------------------------------------
+
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        state = self._state(flow.client_conn)
+        request = Request(
+            kind=Kind.CONNECT,
+            host=flow.request.host,
+            port=flow.request.port,
+            method="CONNECT",
+            client=_peer(flow.client_conn),
+            sandbox_id=state.sandbox_id,
+        )
+        decision = await self._decide_and_pin(request, state)
+        if decision.allowed:
+            state.tunnel = decision
+        else:
+            flow.response = refusal_response(decision)
+
+    # -- plain HTTP ----------------------------------------------------------------------------
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        strip_egress_headers(flow.request.headers)
+        state = self._state(flow.client_conn)
+        request = Request(
+            kind=Kind.HTTP,
+            host=flow.request.host,
+            port=flow.request.port,
+            method=flow.request.method,
+            path=flow.request.path.split("?", 1)[0],
+            client=_peer(flow.client_conn),
+            sandbox_id=state.sandbox_id,
+        )
+        problem = self._http_framing_problem(flow, state)
+        if problem is not None:
+            reason, detail = problem
+            decision = self.emitter.emit(refuse(request, self._policy(), reason, detail))
+        else:
+            decision = await self._decide_and_pin(request, state)
+        if not decision.allowed:
+            flow.response = refusal_response(decision)
+            return
+        if decision.address is not None:
+            # Pin by rewriting only the dial target; the Host header the client sent stays intact.
+            # mitmproxy reuses upstream connections keyed by (host, port), so keep-alive keeps working.
+            flow.request.data.host = decision.address
+
+    def _http_framing_problem(
+        self, flow: http.HTTPFlow, state: ClientState
+    ) -> tuple[Reason, str] | None:
+        """Refuse requests whose target is ambiguous: the authority an HTTP request names must be the one
+        it is routed to (threat 5). Inside a port-80 tunnel that is the CONNECT host."""
+        req = flow.request
+        if state.tunnel is not None and req.authority == "" and not req.host_header:
+            return None  # HTTP/1.0 inside a tunnel without Host: routed to the CONNECT host anyway
+        if req.scheme != "http":
+            return (
+                Reason.UNSUPPORTED,
+                f"scheme {req.scheme!r} is not proxied as plain HTTP; use CONNECT",
+            )
+        header = req.host_header
+        if header is None:
+            return None
+        try:
+            header_host = _authority_host(header)
+            same = canonical_host(header_host) == canonical_host(req.host)
+        except (InvalidHost, ValueError):
+            return Reason.HOST_MISMATCH, "the Host header is not a valid host name"
+        if not same:
+            return (
+                Reason.HOST_MISMATCH,
+                f"the Host header names {_safe(header)!s} but the request is routed to {req.host}",
+            )
+        return None
+
+    # -- shared decision path ------------------------------------------------------------------
+
+    async def _decide_and_pin(self, request: Request, state: ClientState) -> Decision:
+        """Policy first, then the destination check, then the emitter; returns what must be enforced."""
+        policy = self._policy()
+        decision = decide(request, policy)
+        if decision.allowed and request.port is not None:
+            try:
+                dest = await self.destinations.destination(
+                    canonical_host(decision.host), request.port, policy.allow_internal
+                )
+            except DestinationRefused as exc:
+                decision = decision.with_(
+                    decision=Verdict.DENY,
+                    reason=exc.reason,
+                    detail=exc.detail,
+                    address=exc.address,
+                )
+            except InvalidHost as exc:  # engine already canonicalised; never trust that silently
+                decision = decision.with_(
+                    decision=Verdict.DENY, reason=Reason.INVALID_HOST, detail=str(exc)
+                )
+            else:
+                decision = decision.with_(address=dest.address)
+        decision = self.emitter.emit(decision)
+        if decision.allowed and decision.address is not None and request.port is not None:
+            state.pinned[(decision.host, request.port)] = decision.address
+            state.checked.add((decision.address, request.port))
+        return decision
+
+    # -- the choke point -----------------------------------------------------------------------
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        """Only dial addresses this gate checked for this client; rewrite names to their pinned address."""
+        address = data.server.address
+        state = self.clients.get(data.client.id)
+        if address is None or state is None:
+            data.server.error = "egress: destination was not checked by the gate"
+            return
+        host, port = str(address[0]), int(address[1])
+        pinned = state.pinned.get((_lower(host), port))
+        if pinned is not None:
+            data.server.address = (pinned, port)
+            if data.server.sni is None and not _is_ip(host):
+                data.server.sni = host
+            return
+        if (host, port) in state.checked:
+            return
+        data.server.error = (
+            f"egress: refusing to dial {host}:{port}, it was not checked by the gate"
+        )
+        log.error("vetoed an unchecked upstream connection to %s:%s", host, port)
+
+    # -- used by the tunnel layer decider --------------------------------------------------------
+
+    def tunnel_of(self, client: connection.Client) -> Decision | None:
+        state = self.clients.get(client.id)
+        return state.tunnel if state else None
+
+    def decide_tunnel_contents(
+        self,
+        client: connection.Client,
+        tunnel: Decision,
+        *,
+        sni: str | None = None,
+        violation: tuple[Reason, str] | None = None,
+    ) -> Decision:
+        """Decide the first bytes of a tunnel: a protocol violation found by the layer decider, or the
+        ClientHello's SNI checked against the CONNECT host by the engine."""
+        state = self._state(client)
+        request = Request(
+            kind=Kind.TLS,
+            host=tunnel.host,
+            port=tunnel.port,
+            sni=sni,
+            client=_peer(client),
+            sandbox_id=state.sandbox_id,
+        )
+        policy = self._policy()
+        if violation is not None:
+            decision = refuse(request, policy, violation[0], violation[1], rule=tunnel.rule)
+        else:
+            decision = decide(request, policy)
+        if decision.allowed:
+            decision = decision.with_(address=tunnel.address)
+        decision = self.emitter.emit(decision)
+        if not decision.allowed:
+            # The tunnel is refused: nothing may be dialled for it any more.
+            state.pinned.clear()
+            state.checked.clear()
+            state.tunnel = None
+        return decision
+
+
+def _peer(client: connection.Client) -> str | None:
+    peer = client.peername
+    return f"{peer[0]}:{peer[1]}" if peer else None
+
+
+def _lower(host: str) -> str:
+    return host.lower().rstrip(".")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        return not isinstance(canonical_host(host), str)
+    except InvalidHost:
+        return False
+
+
+def _authority_host(authority: str) -> str:
+    """The host part of a Host header value (``host``, ``host:port``, ``[v6]:port``)."""
+    if authority.startswith("["):
+        end = authority.find("]")
+        if end < 0:
+            raise ValueError("unterminated IPv6 literal")
+        return authority[1:end]
+    if authority.count(":") == 1:
+        return authority.split(":", 1)[0]
+    return authority
+
+
+def _safe(text: str, limit: int = 200) -> str:
+    return text[:limit].encode("unicode_escape").decode("ascii")

@@ -1,0 +1,181 @@
+"""decide() latency at 10, 10,000 and 100,000 rules: the cost must not grow with the policy.
+
+Policies are synthetic (built in memory, not parsed from YAML) with a mix of exact, ``*.``, ``**.``
+and CIDR rules, some deny rules, and ports 443 / 80+443. Requests mix hits (exact names, deep
+subdomains, wildcard apexes, addresses inside networks) and misses (unknown names, suffix traps,
+wrong ports, addresses outside every network). Each call is timed with ``perf_counter_ns``.
+
+Rows: a bare dict lookup under the same timer (the harness floor), then each policy size, with the
+p99 ratio to the 10-rule policy: flat ratios are the point. The request set repeats, so
+``canonical_host``'s cache is warm (as for real traffic to a few registries); the ``cold names`` row
+uses a fresh host name for every call to show the uncached cost.
+
+Target (issue 2): p99 <= 20 us per decision at 100,000 rules.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import sys
+import time
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
+
+from proxy.decision import Kind, Request
+from proxy.engine import decide
+from proxy.policy import Action, HostPattern, IPNetwork, Mode, PatternKind, Policy, Rule
+
+SIZES = (10, 10_000, 100_000)
+SAMPLES = 40_000
+DISTINCT_REQUESTS = 2_000
+TARGET_P99_US = 20.0
+
+
+def build_policy(size: int, seed: int = 1) -> Policy:
+    rnd = random.Random(seed)
+    rules: list[Rule] = []
+    for i in range(size):
+        shape = i % 10
+        action = Action.DENY if i % 20 == 7 else Action.ALLOW
+        ports: frozenset[int] | None = frozenset({443}) if i % 3 else frozenset({80, 443})
+        if action is Action.DENY and i % 40 == 7:
+            ports = None  # deny on every port
+        hosts: tuple[HostPattern, ...] = ()
+        cidrs: tuple[IPNetwork, ...] = ()
+        if shape < 4:
+            hosts = (HostPattern(PatternKind.EXACT, f"h{i}.svc{rnd.randrange(50)}.example.net"),)
+        elif shape < 6:
+            hosts = (HostPattern(PatternKind.SUB, f"s{i}.example.org"),)
+        elif shape < 8:
+            hosts = (HostPattern(PatternKind.TREE, f"t{i}.example.io"),)
+        elif shape == 8:
+            cidrs = (IPv4Network((0x0B000000 + i * 256, 24)),)  # 11.x.y.0/24
+        else:
+            cidrs = (IPv6Network((0x20010DB8 << 96 | i << 64, 64)),)
+        rules.append(Rule(f"rule-{i}", action, hosts, cidrs, ports, "bench", i))
+    return Policy(f"bench{size}", Mode.ENFORCE, tuple(rules))
+
+
+def build_requests(size: int, count: int, seed: int = 2) -> list[Request]:
+    """Half hits, half misses, spread over every rule shape."""
+    rnd = random.Random(seed)
+    out: list[Request] = []
+    for n in range(count):
+        i = rnd.randrange(size)
+        shape = i % 10
+        port = 443 if n % 5 else rnd.choice((22, 80, 8443))
+        if n % 2:  # misses
+            host = rnd.choice(
+                (
+                    f"unknown{n}.example.net",
+                    f"h{i}.svc1.example.net.evil.com",
+                    f"evils{i}.example.org",
+                    f"a.b.c.d.e.f.g{n}.example.com",
+                    str(IPv4Address(0x0C000000 + n)),
+                )
+            )
+        elif shape < 4:
+            host = f"h{i}.svc{rnd.randrange(50)}.example.net"  # mostly a near miss on the svc label
+        elif shape < 6:
+            host = f"deep.a{n}.s{i}.example.org"
+        elif shape < 8:
+            host = f"t{i}.example.io" if n % 4 else f"x.t{i}.example.io"
+        elif shape == 8:
+            host = str(IPv4Address(0x0B000000 + i * 256 + rnd.randrange(1, 255)))
+        else:
+            host = f"[2001:db8:{i >> 16:x}:{i & 0xFFFF:x}::1]"
+        out.append(Request(Kind.CONNECT, host, port, client="10.0.0.2"))
+    return out
+
+
+def _time_decisions(requests: list[Request], policy: Policy, samples: int) -> list[int]:
+    clock = time.perf_counter_ns
+    count = len(requests)
+    timings = [0] * samples
+    for n in range(samples):
+        request = requests[n % count]
+        start = clock()
+        decide(request, policy)
+        timings[n] = clock() - start
+    return timings
+
+
+def _time_dict(table: dict[str, int], keys: list[str], samples: int) -> list[int]:
+    clock = time.perf_counter_ns
+    count = len(keys)
+    timings = [0] * samples
+    for n in range(samples):
+        key = keys[n % count]
+        start = clock()
+        table.get(key)
+        timings[n] = clock() - start
+    return timings
+
+
+def _row(label: str, timings: list[int], base_p99: float | None) -> tuple[str, ...]:
+    ordered = sorted(timings)
+    p50 = ordered[len(ordered) // 2] / 1000
+    p99 = ordered[int(len(ordered) * 0.99)] / 1000
+    per_s = len(ordered) / (sum(ordered) / 1e9)
+    ratio = f"{p99 / base_p99:.2f}x" if base_p99 else "-"
+    return (label, f"{per_s:,.0f}", f"{p50:.2f}", f"{p99:.2f}", ratio)
+
+
+def main() -> int:
+    rows: list[tuple[str, ...]] = []
+    table = {f"k{i}": i for i in range(100_000)}
+    keys = [f"k{i * 7 % 100_000}" for i in range(DISTINCT_REQUESTS)]
+    rows.append(
+        _row(
+            "dict lookup (floor)",
+            _time_dict(table, keys, SAMPLES),
+            None,
+        )
+    )
+    base_p99: float | None = None
+    worst_p99 = 0.0
+    big: Policy | None = None
+    for size in SIZES:
+        policy = build_policy(size)
+        requests = build_requests(size, DISTINCT_REQUESTS)
+        gc.collect()
+        gc.freeze()  # a loaded policy is long-lived: keep it out of the collector's young generations
+        for r in requests[:500]:  # warm caches as steady traffic would
+            decide(r, policy)
+        timings = _time_decisions(requests, policy, SAMPLES)
+        row = _row(f"{size:,} rules", timings, base_p99)
+        if base_p99 is None:
+            base_p99 = float(row[3])
+            row = (*row[:4], "1.00x (base)")
+        worst_p99 = max(worst_p99, float(row[3]))
+        rows.append(row)
+        big = policy
+    if big is not None:
+        cold = [
+            Request(Kind.CONNECT, f"c{n}.x{n % 97}.example.com", 443) for n in range(SAMPLES // 4)
+        ]
+        rows.append(
+            _row(
+                f"{SIZES[-1]:,} rules, cold names",
+                _time_decisions(cold, big, len(cold)),
+                base_p99,
+            )
+        )
+    gc.unfreeze()
+
+    header = ("policy", "decisions/s", "p50 us", "p99 us", "p99 vs 10 rules")
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+    for r in [header, *rows]:
+        print(
+            "  ".join(
+                cell.rjust(w) if c else cell.ljust(w)
+                for c, (cell, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+    verdict = "ok" if worst_p99 <= TARGET_P99_US else "OVER TARGET"
+    print(f"target p99 <= {TARGET_P99_US:g} us at {SIZES[-1]:,} rules (warm): {verdict}")
+    return 0 if worst_p99 <= TARGET_P99_US else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The ``egress`` command line.
+
+Heavy imports (mitmproxy, OpenTelemetry, dnspython) happen inside the command that needs them, so
+``egress --help``, ``egress lint`` and ``egress check`` stay fast enough to run in editors and CI hooks.
+Exit codes are part of the interface: 0 success/allow, 1 deny or problems found, 2 usage or load error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from proxy import __version__
+
+DEFAULT_LISTEN = "127.0.0.1:3128"
+DEFAULT_METRICS = "127.0.0.1:9464"
+EXIT_OK, EXIT_DENY, EXIT_ERROR = 0, 1, 2
+
+
+def default_policy_path() -> Path:
+    from proxy.presets import preset_path
+
+    return preset_path("default")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="egress",
+        description=(
+            "agent-egress: a default-deny network gate for autonomous coding agents. "
+            "Allowlisted package registries and source hosts are reachable; everything else is refused "
+            "with a reason, and every decision is recorded."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"agent-egress {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the gate as an HTTP(S) proxy",
+        description="Run the gate as a standalone HTTP proxy (point clients at it with HTTPS_PROXY).",
+    )
+    _policy_arg(serve)
+    serve.add_argument(
+        "--listen",
+        default=DEFAULT_LISTEN,
+        metavar="HOST:PORT",
+        help=f"proxy listener (default {DEFAULT_LISTEN})",
+    )
+    _gate_args(serve)
+    serve.set_defaults(func=_cmd_serve)
+
+    check = sub.add_parser(
+        "check",
+        help="print the policy decision for a URL or HOST[:PORT] (no network access)",
+        description=(
+            "Decide a destination against the policy without touching the network. "
+            "Exit 0 allow (or report), 1 deny, 2 error. DNS-based checks (internal addresses) are applied "
+            "by the running gate, not here."
+        ),
+    )
+    _policy_arg(check)
+    check.add_argument("--method", default=None, help="HTTP method for URL targets (default GET)")
+    check.add_argument("--json", action="store_true", help="print the decision as JSON")
+    check.add_argument("target", help="https://host/path, http://host:port/path or HOST[:PORT]")
+    check.set_defaults(func=_cmd_check)
+
+    lint = sub.add_parser(
+        "lint",
+        help="validate policy files and print every problem",
+        description="Validate policy files; prints every problem as FILE:LINE: rule, key, message.",
+    )
+    lint.add_argument("files", nargs="+", metavar="FILE")
+    lint.set_defaults(func=_cmd_lint)
+
+    audit = sub.add_parser("audit", help="audit journal tools")
+    audit_sub = audit.add_subparsers(dest="audit_command", metavar="SUBCOMMAND", required=True)
+    verify = audit_sub.add_parser(
+        "verify",
+        help="verify the hash chain of audit journal files",
+        description="Detect edited, removed, reordered or truncated records; exit 1 naming where.",
+    )
+    verify.add_argument("files", nargs="+", metavar="FILE")
+    verify.set_defaults(func=_cmd_audit_verify)
+
+    try:
+        from proxy.sandbox.cli import register
+    except ImportError:  # the launcher is optional on platforms without it
+        pass
+    else:
+        register(sub)
+    return parser
+
+
+def _policy_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--policy",
+        metavar="FILE",
+        default=None,
+        help="policy YAML (default: the shipped allowlists/default.yaml)",
+    )
+
+
+def _gate_args(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every command that runs a gate (serve, run)."""
+    parser.add_argument(
+        "--decision-log",
+        metavar="FILE",
+        default=None,
+        help="append one JSON line per decision to FILE (default: stderr)",
+    )
+    parser.add_argument(
+        "--nameserver",
+        action="append",
+        default=None,
+        metavar="IP[:PORT]",
+        help="DNS server for destination checks (repeatable; default: the system's resolv.conf)",
+    )
+    from proxy.evidence import add_evidence_arguments
+
+    add_evidence_arguments(parser)
+
+
+def load_policy_or_exit(path: str | None) -> object:
+    from proxy.loader import load_policy
+    from proxy.policy import PolicyError
+
+    target = Path(path) if path else default_policy_path()
+    try:
+        return load_policy(target)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        print(f"error: refusing to load {target}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        raise SystemExit(EXIT_ERROR) from None
+    except OSError as exc:
+        print(f"error: cannot read policy {target}: {exc.strerror or exc}", file=sys.stderr)
+        raise SystemExit(EXIT_ERROR) from None
+
+
+def _cmd_lint(args: argparse.Namespace) -> int:
+    from proxy.loader import lint_files
+
+    problems = lint_files([Path(f) for f in args.files])
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} problem(s) in {len(args.files)} file(s)", file=sys.stderr)
+        return EXIT_DENY
+    print(f"ok: {len(args.files)} file(s)", file=sys.stderr)
+    return EXIT_OK
+
+
+def parse_target(target: str, method: str | None) -> tuple[str, str, int, str | None, str | None]:
+    """(kind, host, port, method, path) for ``egress check``; raises ValueError naming the problem."""
+    from urllib.parse import urlsplit
+
+    from proxy.hosts import split_authority
+
+    if "://" in target:
+        parts = urlsplit(target)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https"):
+            raise ValueError(f"unsupported scheme {parts.scheme!r} (use http or https)")
+        default_port = 443 if scheme == "https" else 80
+        if "@" in parts.netloc:
+            raise ValueError("URLs with user information are refused")
+        host, port = split_authority(parts.netloc, default_port)
+        path = parts.path or "/"
+        if scheme == "https":
+            return "connect", host, port, "CONNECT", None
+        return "http", host, port, (method or "GET").upper(), path
+    host, port = split_authority(target, 443)
+    return "connect", host, port, "CONNECT", None
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from proxy.decision import Kind, Request
+    from proxy.engine import decide
+    from proxy.hosts import InvalidHost
+
+    policy = load_policy_or_exit(args.policy)
+    try:
+        kind, host, port, method, path = parse_target(args.target, args.method)
+    except (ValueError, InvalidHost) as exc:
+        print(f"error: {args.target!r}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    decision = decide(
+        Request(kind=Kind(kind), host=host, port=port, method=method, path=path),
+        policy,  # type: ignore[arg-type]
+    )
+    if args.json:
+        print(json.dumps(decision.to_dict(), ensure_ascii=True))
+    else:
+        where = f"{decision.host}:{decision.port}"
+        print(
+            f"{decision.decision.upper()} {where} rule={decision.rule or '-'} reason={decision.reason}"
+        )
+        if decision.detail:
+            print(f"  {decision.detail}")
+    return EXIT_OK if decision.allowed else EXIT_DENY
+
+
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    from proxy.audit import verify_main
+
+    return verify_main(args.files)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from proxy.serve import serve_main
+
+    return serve_main(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

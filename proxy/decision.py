@@ -1,0 +1,110 @@
+"""The plain values that flow between adapters, the policy engine and the evidence sinks.
+
+Requests and decisions are frozen dataclasses over strings and ints so the engine stays a pure function,
+decisions can be serialised identically by every sink, and tests can build them by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+
+class Kind(StrEnum):
+    """What the client asked for; decides which fields of a Request matter."""
+
+    CONNECT = "connect"  # an HTTP CONNECT tunnel (host, port)
+    HTTP = "http"  # a plain-HTTP request (host, port, method, path)
+    DNS = "dns"  # a DNS question (host = qname, qtype)
+    TLS = "tls"  # a ClientHello inside an allowed tunnel (host = CONNECT host, sni)
+
+
+class Verdict(StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
+    REPORT = "report"  # report mode: allowed, but enforce mode would have denied
+
+
+class Reason(StrEnum):
+    """Stable, machine-readable reason codes. Never rename one: dashboards and alerts key on them."""
+
+    ALLOWED_BY_RULE = "allowed-by-rule"
+    NO_MATCHING_RULE = "no-matching-rule"
+    DENIED_BY_RULE = "denied-by-rule"
+    PORT_NOT_ALLOWED = "port-not-allowed"
+    INVALID_HOST = "invalid-host"
+    SNI_MISMATCH = "sni-mismatch"
+    SNI_MISSING = "sni-missing"
+    ECH_REFUSED = "ech-refused"
+    NOT_TLS = "not-tls"
+    HOST_MISMATCH = "host-mismatch"
+    INTERNAL_ADDRESS = "internal-address"
+    DNS_FAILURE = "dns-failure"
+    DNS_TYPE_REFUSED = "dns-type-refused"
+    AUDIT_UNAVAILABLE = "audit-unavailable"
+    PROXY_AUTH_REQUIRED = "proxy-auth-required"
+    UNSUPPORTED = "unsupported"
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One thing a sandbox tried to reach, as plain values taken from the wire (not yet trusted)."""
+
+    kind: Kind
+    host: str
+    port: int | None = None
+    method: str | None = None
+    path: str | None = None
+    sni: str | None = None
+    client: str | None = None
+    sandbox_id: str | None = None
+    qtype: str | None = None
+
+
+def new_id() -> str:
+    """128 random bits: unguessable and collision-free across workers without coordination."""
+    return os.urandom(16).hex()
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of one request: the single record every sink (log, journal, OTel, metrics) serialises."""
+
+    decision: Verdict
+    reason: Reason
+    rule: str | None
+    kind: Kind
+    host: str
+    port: int | None
+    policy_version: str
+    mode: str
+    method: str | None = None
+    path: str | None = None
+    sni: str | None = None
+    client: str | None = None
+    sandbox_id: str | None = None
+    qtype: str | None = None
+    address: str | None = None  # the checked address actually connected to, once known
+    detail: str | None = None  # human-readable explanation for the refusal message
+    id: str = field(default_factory=new_id)
+    ts: float = field(default_factory=time.time)
+
+    @property
+    def allowed(self) -> bool:
+        """Report-mode decisions let traffic through: only DENY blocks."""
+        return self.decision is not Verdict.DENY
+
+    def with_(self, **changes: Any) -> Decision:
+        """A copy with fields changed (e.g. a later destination check turning allow into deny)."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form with fields that are None omitted, so log lines stay short."""
+        out = {k: v for k, v in asdict(self).items() if v is not None}
+        out["decision"] = str(self.decision)
+        out["reason"] = str(self.reason)
+        out["kind"] = str(self.kind)
+        return out

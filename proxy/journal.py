@@ -1,0 +1,459 @@
+"""The write-ahead, hash-chained audit journal: proof of what every sandbox reached or was refused.
+
+Each decision (and each connection-closed event) becomes one JSON line, written by :meth:`Journal.record`
+*before* the Emitter returns, so no allowed connection is forwarded without its record having reached the
+kernel. Every line carries ``seq`` (1, 2, 3, ... with no gaps), ``prev`` (the hash of the previous line,
+64 zeros for the first) and ``hash``: SHA-256 over the canonical JSON of the line without ``hash``
+(sorted keys, no spaces, ASCII only). Editing, removing or reordering a line breaks the chain, and
+``egress audit verify`` (:mod:`proxy.audit`) names the first file:line where it breaks.
+
+Rotation is by size: when the active file would grow past ``max_bytes`` it is renamed to
+``FILE.000001``, ``FILE.000002``, ... (higher = newer, never reused) and a new ``FILE`` is started. The
+chain runs on across files: the first line of the new file carries the hash of the last line of the previous
+one, so a missing or reordered rotated file is detected too. Rotated files are never deleted here: retention
+of audit evidence is the operator's decision.
+
+fsync policy and its trade-off (``--journal-fsync``):
+
+``always``
+    fsync after every record. A record survives power loss before the connection proceeds; costs one disk
+    flush per decision (0.1-10 ms depending on the disk), which caps new tunnels/s on slow disks.
+``interval`` (default)
+    every record is written to the kernel synchronously (so it survives a crash of the gate itself) and a
+    background thread fsyncs at most ``fsync_interval`` (0.25 s) later. Only an OS crash or power loss can
+    lose records, and only those of the last quarter second. This is the usual choice for audit logs
+    (journald, auditd's ``incremental`` flush) because it keeps decision latency independent of the disk.
+``never``
+    leave flushing to the kernel (typically within 30 s). For throughput tests only.
+
+A failed write (disk full, file size limit, permissions, I/O error) leaves no torn line behind (the file is
+truncated back to its previous length), does not advance the chain, counts ``egress_journal_errors_total``
+and raises :class:`proxy.emit.AuditUnavailable`; the Emitter turns allows into denies under
+``--audit-required``. Every later record retries the write, so the journal recovers on its own once space
+is freed. Paths are recorded as received: the journal is local evidence (mode 0600); the OTel export
+scrubs secrets before anything leaves the host.
+
+Known limit of any hash chain: deleting whole lines from the *end* of the newest file leaves a valid,
+shorter chain. Compare the last ``seq`` with an external anchor (the exported OTel events carry
+``egress.journal.seq``) to detect that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from proxy.decision import Decision
+from proxy.emit import AuditUnavailable
+from proxy.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+FsyncPolicy = Literal["always", "interval", "never"]
+FSYNC_POLICIES: tuple[FsyncPolicy, ...] = ("always", "interval", "never")
+DEFAULT_FSYNC: FsyncPolicy = "interval"
+DEFAULT_FSYNC_INTERVAL = 0.25
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+GENESIS = "0" * 64
+DECISION_EVENT = "egress.decision"
+_ROTATED = re.compile(r"^(?P<base>.+)\.(?P<index>\d{6,})$")
+
+
+def canonical(body: dict[str, Any]) -> str:
+    """The exact text that is hashed: stable across Python versions and machines."""
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+
+
+def record_hash(body: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical(body).encode("ascii")).hexdigest()
+
+
+def render(body: dict[str, Any], digest: str) -> str:
+    """The line as written: the canonical body with ``hash`` appended last, newline-terminated."""
+    text = canonical(body)
+    return f'{text[:-1]}{"," if len(text) > 2 else ""}"hash":"{digest}"}}\n'
+
+
+def rotated_name(path: Path, index: int) -> Path:
+    return path.with_name(f"{path.name}.{index:06d}")
+
+
+def rotation_index(path: Path) -> int | None:
+    """The rotation number of ``FILE.000042`` (42), or None for an active journal file."""
+    m = _ROTATED.match(path.name)
+    return int(m.group("index")) if m else None
+
+
+def journal_files(path: Path) -> list[Path]:
+    """The rotated files of the journal at ``path`` (oldest first) followed by the active file."""
+    rotated: list[tuple[int, Path]] = []
+    if path.parent.is_dir():
+        for candidate in path.parent.iterdir():
+            m = _ROTATED.match(candidate.name)
+            if m and m.group("base") == path.name:
+                rotated.append((int(m.group("index")), candidate))
+    files = [p for _, p in sorted(rotated)]
+    if path.exists():
+        files.append(path)
+    return files
+
+
+def _last_line(path: Path, window: int = 1024 * 1024) -> dict[str, Any] | None:
+    """The last complete, parseable record of a file; a torn final line (crash mid-write) is skipped."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - window))
+            lines = f.read().split(b"\n")[:-1]  # what follows the final newline is torn or empty
+    except FileNotFoundError:
+        return None
+    for raw in reversed(lines):
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and "seq" in obj and "hash" in obj:
+            return obj
+    return None
+
+
+def _error_kind(exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return "disk_full"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "permission"
+    return "other"
+
+
+_journaled = threading.local()
+
+
+def last_journaled_id() -> str | None:
+    """The decision id the journal last wrote *on this thread* (the OTel sink uses it to know whether the
+    journal follower will export a decision, or it must export it itself because the journal failed)."""
+    value: str | None = getattr(_journaled, "id", None)
+    return value
+
+
+class Journal:
+    """A write-ahead Emitter sink: ``Emitter(write_ahead=[Journal(...)])``."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        fsync: FsyncPolicy = DEFAULT_FSYNC,
+        fsync_interval: float = DEFAULT_FSYNC_INTERVAL,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        metrics: Metrics | None = None,
+    ) -> None:
+        if fsync not in FSYNC_POLICIES:
+            raise ValueError(
+                f"--journal-fsync must be one of {', '.join(FSYNC_POLICIES)}: {fsync!r}"
+            )
+        if max_bytes < 1024:
+            raise ValueError(f"--journal-max-bytes must be at least 1024: {max_bytes}")
+        self.path = Path(path)
+        self.fsync = fsync
+        self.fsync_interval = fsync_interval
+        self.max_bytes = max_bytes
+        self.metrics = metrics
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._size = 0
+        self._dirty = False
+        self._closed = False
+        self.seq, self.prev = 0, GENESIS
+        self._resumed = False
+        try:
+            self._resume()
+            self._open()
+        except OSError as exc:  # record() retries, and fails closed under --audit-required
+            log.error("audit journal %s cannot be opened: %s", self.path, exc)
+        self._stop = threading.Event()
+        self._syncer: threading.Thread | None = None
+        if fsync == "interval":
+            self._syncer = threading.Thread(
+                target=self._sync_loop, name="journal-fsync", daemon=True
+            )
+            self._syncer.start()
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        """Continue the chain of an existing journal (after a restart) from its newest record.
+
+        Until the existing files can be read nothing is written: a fresh chain beside an unreadable
+        old one would look like a forged journal."""
+        for candidate in reversed(journal_files(self.path)):
+            last = _last_line(candidate)
+            if last is not None:
+                self.seq, self.prev = int(last["seq"]), str(last["hash"])
+                break
+        self._resumed = True
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._fd = fd
+        self._size = os.fstat(fd).st_size
+
+    def _next_index(self) -> int:
+        indexes = [rotation_index(p) for p in journal_files(self.path)]
+        return max((i for i in indexes if i is not None), default=0) + 1
+
+    def _rotate(self) -> None:
+        assert self._fd is not None
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        os.rename(self.path, rotated_name(self.path, self._next_index()))
+        self._fsync_dir()
+        self._open()
+        if self.metrics is not None:
+            self.metrics.journal_rotations.inc()
+
+    def _fsync_dir(self) -> None:
+        dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    # -- sink protocol -----------------------------------------------------------------------------
+
+    def record(self, decision: Decision) -> None:
+        self.append({"event": DECISION_EVENT, **decision.to_dict()})
+        _journaled.id = decision.id
+
+    def event(self, name: str, attributes: dict[str, Any]) -> None:
+        self.append({**attributes, "event": name})
+
+    def append(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """Write one chained record synchronously; raise AuditUnavailable if it is not on disk."""
+        _journaled.id = None
+        with self._lock:
+            if self._closed:
+                raise AuditUnavailable(f"{self.path}: journal is closed")
+            try:
+                if not self._resumed:
+                    self._resume()
+            except OSError as exc:
+                self._count_error(exc)
+                raise AuditUnavailable(
+                    f"{self.path}: cannot read the existing journal: {exc}"
+                ) from exc
+            body = {k: v for k, v in fields.items() if k not in ("seq", "prev", "hash")}
+            body["seq"] = self.seq + 1
+            body["prev"] = self.prev
+            digest = record_hash(body)
+            data = render(body, digest).encode("ascii")
+            try:
+                self._write(data)
+            except OSError as exc:
+                self._count_error(exc)
+                log.error(
+                    "audit journal %s: write of seq %d failed: %s", self.path, body["seq"], exc
+                )
+                raise AuditUnavailable(f"{self.path}: {exc.strerror or exc}") from exc
+            self.seq, self.prev = body["seq"], digest
+            if self.metrics is not None:
+                self.metrics.journal_writes.inc()
+            body["hash"] = digest
+            return body
+
+    def _count_error(self, exc: OSError) -> None:
+        if self.metrics is not None:
+            self.metrics.journal_errors.labels(error=_error_kind(exc)).inc()
+
+    def _write(self, data: bytes) -> None:
+        if self._fd is None:
+            self._open()
+        assert self._fd is not None
+        if self._size > 0 and self._size + len(data) > self.max_bytes:
+            try:
+                self._rotate()
+            except OSError as exc:  # the size limit is soft; losing the record would be worse
+                log.error("audit journal %s: rotation failed, writing on: %s", self.path, exc)
+                if self._fd is None:
+                    self._open()
+        assert self._fd is not None
+        fd, before = self._fd, self._size
+        try:
+            written = os.write(fd, data)
+            if written != len(
+                data
+            ):  # e.g. RLIMIT_FSIZE or ENOSPC part-way: no torn line may remain
+                raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes)")
+            if self.fsync == "always":
+                os.fsync(fd)
+        except OSError:
+            try:
+                os.ftruncate(fd, before)
+            except OSError:
+                # could not undo: reopen next time so the size is re-read; verify will flag the torn line
+                self._reopen_after_error()
+            raise
+        self._size = before + len(data)
+        self._dirty = True
+
+    def _reopen_after_error(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._fd = None
+
+    def _sync_loop(self) -> None:
+        while not self._stop.wait(self.fsync_interval):
+            self.sync()
+
+    def sync(self) -> None:
+        """fsync pending writes without holding the writers' lock during the flush."""
+        with self._lock:
+            if not self._dirty or self._fd is None:
+                return
+            fd = os.dup(self._fd)
+            self._dirty = False
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            if self.metrics is not None:
+                self.metrics.journal_errors.labels(error=_error_kind(exc)).inc()
+            log.error("audit journal %s: fsync failed: %s", self.path, exc)
+        finally:
+            os.close(fd)
+
+    def follow(self) -> JournalFollower:
+        """A reader positioned exactly after the last written record (no gap, no overlap)."""
+        with self._lock:
+            return JournalFollower(self.path, offset=self._size, seq=self.seq)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._syncer is not None:
+            self._syncer.join(timeout=5)
+        with self._lock:
+            self._closed = True
+            if self._fd is not None:
+                try:
+                    if self.fsync != "never":
+                        os.fsync(self._fd)
+                finally:
+                    os.close(self._fd)
+                    self._fd = None
+
+
+@dataclass
+class _Position:
+    ino: int
+    offset: int
+
+
+class JournalFollower:
+    """Reads records appended to a journal, across rotations, never consuming a partial line.
+
+    Used by the OTel exporter so events wait *on disk* while the collector is down: the follower simply
+    stops reading until the exporter has room again, and the backlog is bounded by the journal itself.
+    """
+
+    CHUNK = 256 * 1024
+
+    def __init__(self, path: Path, *, offset: int = 0, seq: int = 0) -> None:
+        self.path = path
+        self.seq = seq  # last seq handed out
+        self._fd: int | None = None
+        self._pos: _Position | None = None
+        self._start_offset = offset
+        self._ensure_open()  # now, under the journal's lock: the offset belongs to *this* file
+
+    def _ensure_open(self, path: Path | None = None) -> bool:
+        if self._fd is not None:
+            return True
+        try:
+            fd = os.open(path or self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        self._fd = fd
+        self._pos = _Position(os.fstat(fd).st_ino, self._start_offset)
+        self._start_offset = 0
+        return True
+
+    def _successor(self) -> Path:
+        """The file written after the one just finished: several rotations may have happened since."""
+        assert self._pos is not None
+        files = journal_files(self.path)
+        for i, candidate in enumerate(files[:-1]):
+            try:
+                if candidate.stat().st_ino == self._pos.ino:
+                    return files[i + 1]
+            except FileNotFoundError:
+                continue
+        log.error("journal follower: %s was rotated away before it was read", self.path)
+        return self.path
+
+    def _read_lines(self, limit: int) -> list[dict[str, Any]]:
+        assert self._fd is not None and self._pos is not None
+        data = os.pread(self._fd, self.CHUNK, self._pos.offset)
+        end = data.rfind(b"\n")
+        if end < 0:
+            return []
+        out: list[dict[str, Any]] = []
+        consumed = 0
+        for raw in data[: end + 1].split(b"\n")[:-1]:
+            consumed += len(raw) + 1
+            try:
+                obj = json.loads(raw)
+            except ValueError:
+                log.error("journal follower: unparseable line at %s offset %d", self.path, consumed)
+                continue
+            if isinstance(obj, dict):
+                out.append(obj)
+            if len(out) >= limit:
+                break
+        self._pos.offset += consumed
+        return out
+
+    def read(self, limit: int = 512) -> list[dict[str, Any]]:
+        """Up to ``limit`` new records (possibly none)."""
+        if not self._ensure_open():
+            return []
+        out = self._read_lines(limit)
+        if not out and self._rotated():
+            out = self._read_lines(limit)  # the rest of the old file first
+            if not out:
+                successor = self._successor()
+                os.close(self._fd)  # type: ignore[arg-type]
+                self._fd = None
+                if self._ensure_open(successor):
+                    return self.read(limit)
+        if out:
+            self.seq = int(out[-1].get("seq", self.seq))
+        return out
+
+    def _rotated(self) -> bool:
+        assert self._pos is not None
+        try:
+            return os.stat(self.path).st_ino != self._pos.ino or os.fstat(self._fd).st_nlink == 0  # type: ignore[arg-type]
+        except FileNotFoundError:
+            return False
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw bytes incl. newline if present) of a journal file."""
+    with open(path, "rb") as f:
+        yield from enumerate(f, start=1)

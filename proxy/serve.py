@@ -1,0 +1,99 @@
+"""``egress serve``: the standalone gate process.
+
+Start-up fails closed: a policy that does not load, a listener that cannot bind or an evidence sink that
+cannot be opened stops the process with exit 2 and a message, rather than running a gate that enforces
+or records less than configured. SIGINT/SIGTERM stop it cleanly; SIGHUP reloads the policy (a failed
+reload keeps the old policy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from proxy.cli import EXIT_ERROR, default_policy_path, load_policy_or_exit
+from proxy.emit import JsonLineSink, Sink
+from proxy.policy import Policy
+from proxy.reload import PolicyHolder
+
+log = logging.getLogger("egress")
+
+
+def configure_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # mitmproxy logs every client connect/disconnect at INFO: noise next to our decision lines.
+    logging.getLogger("mitmproxy").setLevel(logging.WARNING)
+
+
+def decision_log_sink(path: str | None) -> Sink:
+    return JsonLineSink(path=path) if path else JsonLineSink(stream=sys.stderr)
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    from addons.master import parse_listen
+
+    configure_logging()
+    policy: Policy = load_policy_or_exit(args.policy)  # type: ignore[assignment]
+    try:
+        listen = parse_listen(args.listen)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        return asyncio.run(_serve(args, policy, listen))
+    except KeyboardInterrupt:
+        return 0
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+async def _serve(args: argparse.Namespace, policy: Policy, listen: tuple[str, int]) -> int:
+    from addons.master import Gate, GateConfig
+    from proxy.evidence import build_emitter
+    from proxy.resolver import Resolver
+
+    path = Path(args.policy) if args.policy else default_policy_path()
+    evidence = build_emitter(args, [decision_log_sink(args.decision_log)])
+    holder = PolicyHolder(path, policy, on_reload=evidence.policy_reloaded)
+    evidence.policy_loaded(policy)
+    resolver = Resolver(nameservers=args.nameserver)
+    gate = Gate(
+        GateConfig(listen_host=listen[0], listen_port=listen[1]),
+        holder,
+        evidence.emitter,
+        resolver,
+        metrics=evidence.metrics,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, holder.reload)
+    try:
+        await evidence.start()
+        await gate.start()
+        host, port = gate.listen_address
+        info: dict[str, Any] = {
+            "listen": f"{host}:{port}",
+            "policy": str(path),
+            "version": policy.version,
+            "rules": len(policy.rules),
+            "mode": str(policy.mode),
+        }
+        log.warning("agent-egress gate ready %s", " ".join(f"{k}={v}" for k, v in info.items()))
+        await stop.wait()
+        log.warning("shutting down")
+    finally:
+        await gate.stop()
+        await evidence.close()
+    return 0

@@ -1,0 +1,341 @@
+"""The gate end to end: a real mitmproxy-based gate, real curl, counting upstreams on loopback.
+
+Every refusal is checked three ways: the client sees the refusal, the counting upstream saw zero
+connections (and, where a name is involved, the DNS server saw zero queries), and a decision with the
+expected reason was recorded.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from proxy.decision import Decision, Reason, Verdict
+from tests.dnsfake import FakeDns
+from tests.harness import WAIT, LocalCA, RunningGate, Upstream, curl
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _policy(write_policy: Callable[[str], Path], *ports: int, extra: str = "") -> Path:
+    port_list = ", ".join(str(p) for p in ports)
+    return write_policy(
+        f"""
+        version: 1
+        allow_internal: [127.0.0.0/8]
+        rules:
+          - name: test-allowed
+            hosts: [allowed.test]
+            ports: [{port_list}]
+          - name: blocked-sub
+            action: deny
+            hosts: ["*.blocked.test"]
+        {extra}
+        """
+    )
+
+
+@pytest.fixture
+def gate_for(
+    write_policy: Callable[[str], Path],
+    start_gate: Callable[..., RunningGate],
+    fake_dns: FakeDns,
+) -> Callable[..., RunningGate]:
+    def make(*ports: int, extra: str = "") -> RunningGate:
+        for name in ("allowed.test", "evil.test", "x.blocked.test", "other.test"):
+            fake_dns.set(name, "A", ["127.0.0.1"])
+        return start_gate(_policy(write_policy, *ports, extra=extra))
+
+    return make
+
+
+def _last(gate: RunningGate, kind: str | None = None) -> Decision:
+    decisions = [d for d in gate.decisions if kind is None or d.kind == kind]
+    assert decisions, "no decision was recorded"
+    return decisions[-1]
+
+
+def _connect(gate: RunningGate, authority: str) -> tuple[socket.socket, bytes]:
+    """Open a raw CONNECT tunnel through the gate; returns the socket and the proxy's response head."""
+    sock = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
+    sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    return sock, head
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    sock.settimeout(WAIT)
+    try:
+        for _ in range(1000):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except (ConnectionResetError, TimeoutError):
+        pass
+    return data
+
+
+# -- allowed traffic -------------------------------------------------------------------------------
+
+
+def test_allowed_https_passes_through_untouched(
+    gate_for: Callable[..., RunningGate], tls_upstream: Upstream, test_ca: LocalCA
+) -> None:
+    gate = gate_for(tls_upstream.port)
+    result = curl(
+        f"https://allowed.test:{tls_upstream.port}/hello", gate.url, cacert=test_ca.ca_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.status == 200
+    assert "hello from tls-upstream: GET /hello host=allowed.test" in result.body
+    assert tls_upstream.accepted == 1
+    # The upstream's own certificate reached curl: the gate did not intercept TLS.
+    kinds = [(d.kind, d.decision, d.reason) for d in gate.decisions]
+    assert ("connect", Verdict.ALLOW, Reason.ALLOWED_BY_RULE) in kinds
+    assert ("tls", Verdict.ALLOW, Reason.ALLOWED_BY_RULE) in kinds
+    assert _last(gate, "connect").address == "127.0.0.1"
+    assert _last(gate, "connect").rule == "test-allowed"
+
+
+def test_allowed_plain_http_and_keepalive_reuses_one_upstream_connection(
+    gate_for: Callable[..., RunningGate], http_upstream: Upstream
+) -> None:
+    gate = gate_for(http_upstream.port)
+    urls = [f"http://allowed.test:{http_upstream.port}/r{i}" for i in range(12)]
+    args: list[str] = []
+    for url in urls[1:]:
+        args += ["-o", "-", url]
+    result = curl(urls[0], gate.url, *args)
+    assert result.returncode == 0, result.stderr
+    assert result.body.count("hello from http-upstream") == 12
+    # Pinning must not break connection reuse (more than mitmproxy's 5-per-address semaphore).
+    assert http_upstream.accepted == 1
+    assert len(http_upstream.requests) == 12
+    assert all(
+        h.get("host") == f"allowed.test:{http_upstream.port}" for _, _, h in http_upstream.requests
+    )
+
+
+def test_client_sent_egress_headers_are_stripped(
+    gate_for: Callable[..., RunningGate], http_upstream: Upstream
+) -> None:
+    gate = gate_for(http_upstream.port)
+    result = curl(
+        f"http://allowed.test:{http_upstream.port}/",
+        gate.url,
+        "-H",
+        "X-Egress-Decision: allow",
+        "-H",
+        "x-egress-rule: forged",
+    )
+    assert result.status == 200
+    (_, _, headers) = http_upstream.requests[-1]
+    assert not [k for k in headers if k.startswith("x-egress-")]
+
+
+# -- refused traffic ---------------------------------------------------------------------------------
+
+
+def test_denied_connect_gets_403_with_reason_and_leaks_nothing(
+    gate_for: Callable[..., RunningGate], tls_upstream: Upstream, fake_dns: FakeDns
+) -> None:
+    gate = gate_for(tls_upstream.port)
+    fake_dns.reset_queries()
+    sock, head = _connect(gate, f"evil.test:{tls_upstream.port}")
+    body = _read_body(sock, head)
+    sock.close()
+    assert head.startswith(b"HTTP/1.1 403")
+    assert b"X-Egress-Decision: deny" in head
+    assert b"X-Egress-Reason: no-matching-rule" in head
+    assert b"X-Egress-Rule: -" in head
+    text = body.decode()
+    assert "evil.test" in text and "restricted by policy" in text and "add a rule" in text
+    assert tls_upstream.accepted == 0
+    assert fake_dns.count("evil.test") == 0
+    decision = _last(gate, "connect")
+    assert (decision.decision, decision.reason, decision.host) == (
+        Verdict.DENY,
+        Reason.NO_MATCHING_RULE,
+        "evil.test",
+    )
+
+
+def test_denied_by_rule_and_port_not_allowed(
+    gate_for: Callable[..., RunningGate], tls_upstream: Upstream
+) -> None:
+    gate = gate_for(tls_upstream.port)
+    sock, head = _connect(gate, f"x.blocked.test:{tls_upstream.port}")
+    sock.close()
+    assert b"X-Egress-Reason: denied-by-rule" in head
+    assert b"X-Egress-Rule: blocked-sub" in head
+    sock, head = _connect(gate, "allowed.test:22")
+    sock.close()
+    assert b"X-Egress-Reason: port-not-allowed" in head
+    assert b"X-Egress-Rule: test-allowed" in head
+    assert tls_upstream.accepted == 0
+
+
+def test_curl_sees_refusal_for_denied_https(
+    gate_for: Callable[..., RunningGate], tls_upstream: Upstream, test_ca: LocalCA
+) -> None:
+    gate = gate_for(tls_upstream.port)
+    result = curl(f"https://evil.test:{tls_upstream.port}/", gate.url, cacert=test_ca.ca_path)
+    assert result.returncode != 0
+    assert "403" in result.stderr or result.status == 403
+    assert tls_upstream.accepted == 0
+
+
+def test_denied_plain_http_gets_403_body(
+    gate_for: Callable[..., RunningGate], http_upstream: Upstream
+) -> None:
+    gate = gate_for(http_upstream.port)
+    result = curl(f"http://evil.test:{http_upstream.port}/secret?token=abc", gate.url)
+    assert result.status == 403
+    assert result.headers["x-egress-reason"] == "no-matching-rule"
+    assert "evil.test" in result.body and "restricted by policy" in result.body
+    assert "token=abc" not in result.body  # query strings never echo into logs or messages
+    assert http_upstream.accepted == 0
+    assert _last(gate, "http").path == "/secret"
+
+
+def test_host_header_disagreeing_with_url_is_refused(
+    gate_for: Callable[..., RunningGate], http_upstream: Upstream
+) -> None:
+    gate = gate_for(http_upstream.port)
+    result = curl(f"http://allowed.test:{http_upstream.port}/", gate.url, "-H", "Host: evil.test")
+    assert result.status == 403
+    assert result.headers["x-egress-reason"] == "host-mismatch"
+    assert http_upstream.accepted == 0
+
+
+# -- tunnel contents ----------------------------------------------------------------------------------
+
+
+def _tls_in_tunnel(gate: RunningGate, port: int, server_hostname: str | None) -> bytes:
+    sock, head = _connect(gate, f"allowed.test:{port}")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with pytest.raises((ssl.SSLError, OSError)):
+        tls = ctx.wrap_socket(sock, server_hostname=server_hostname)
+        tls.sendall(b"GET / HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+        tls.recv(100) or (_ for _ in ()).throw(ConnectionResetError("closed"))
+    sock.close()
+    return head
+
+
+def test_sni_mismatch_is_refused_with_zero_upstream_bytes(
+    gate_for: Callable[..., RunningGate], tls_upstream: Upstream
+) -> None:
+    gate = gate_for(tls_upstream.port)
+    _tls_in_tunnel(gate, tls_upstream.port, "evil.test")
+    assert tls_upstream.accepted == 0 and tls_upstream.bytes_received == 0
+    decision = _last(gate, "tls")
+    assert (decision.decision, decision.reason, decision.sni) == (
+        Verdict.DENY,
+        Reason.SNI_MISMATCH,
+        "evil.test",
+    )
+
+
+def test_missing_sni_is_refused(
+    gate_for: Callable[..., RunningGate], tls_upstream: Upstream
+) -> None:
+    gate = gate_for(tls_upstream.port)
+    _tls_in_tunnel(gate, tls_upstream.port, None)
+    assert tls_upstream.accepted == 0 and tls_upstream.bytes_received == 0
+    assert _last(gate, "tls").reason == Reason.SNI_MISSING
+
+
+def test_plain_bytes_in_tls_tunnel_are_refused(
+    gate_for: Callable[..., RunningGate], tls_upstream: Upstream
+) -> None:
+    gate = gate_for(tls_upstream.port)
+    sock, head = _connect(gate, f"allowed.test:{tls_upstream.port}")
+    assert head.startswith(b"HTTP/1.1 200")
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n")
+    assert _read_until_closed(sock) == b""
+    sock.close()
+    assert tls_upstream.accepted == 0 and tls_upstream.bytes_received == 0
+    assert _last(gate, "tls").reason == Reason.NOT_TLS
+
+
+def _client_hello(server_hostname: str, extra_extension: bytes = b"") -> bytes:
+    """A real ClientHello from Python's ssl, optionally with one more extension appended."""
+    ctx = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    record = outgoing.read()
+    if not extra_extension:
+        return record
+    # record(5) | handshake type(1) len(3) | version(2) random(32) | sid | suites | compression | exts
+    body = bytearray(record[9:])
+    pos = 34
+    pos += 1 + body[pos]
+    pos += 2 + struct.unpack("!H", body[pos : pos + 2])[0]
+    pos += 1 + body[pos]
+    ext_len = struct.unpack("!H", body[pos : pos + 2])[0]
+    body[pos : pos + 2] = struct.pack("!H", ext_len + len(extra_extension))
+    body += extra_extension
+    handshake = b"\x01" + len(body).to_bytes(3, "big") + bytes(body)
+    return record[:3] + struct.pack("!H", len(handshake)) + handshake
+
+
+def test_encrypted_client_hello_is_refused(
+    gate_for: Callable[..., RunningGate], tls_upstream: Upstream
+) -> None:
+    gate = gate_for(tls_upstream.port)
+    ech = struct.pack("!HH", 0xFE0D, 4) + b"\x00\x00\x01\x02"
+    hello = _client_hello("allowed.test", ech)
+    sock, head = _connect(gate, f"allowed.test:{tls_upstream.port}")
+    assert head.startswith(b"HTTP/1.1 200")
+    sock.sendall(hello)
+    assert _read_until_closed(sock) == b""
+    sock.close()
+    assert tls_upstream.accepted == 0
+    assert _last(gate, "tls").reason == Reason.ECH_REFUSED
+
+
+def test_same_hello_without_ech_is_allowed(
+    gate_for: Callable[..., RunningGate], tls_upstream: Upstream
+) -> None:
+    """Control for the ECH test: the hand-built hello differs only by the ECH extension."""
+    gate = gate_for(tls_upstream.port)
+    sock, head = _connect(gate, f"allowed.test:{tls_upstream.port}")
+    assert head.startswith(b"HTTP/1.1 200")
+    sock.sendall(_client_hello("allowed.test"))
+    sock.settimeout(WAIT)
+    reply = sock.recv(5)
+    sock.close()
+    assert reply[:1] == b"\x16"  # the upstream's ServerHello came back through the tunnel
+    assert tls_upstream.accepted == 1
+
+
+def _read_body(sock: socket.socket, head: bytes) -> bytes:
+    header, _, rest = head.partition(b"\r\n\r\n")
+    length = 0
+    for line in header.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    sock.settimeout(WAIT)
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return rest

@@ -1,0 +1,72 @@
+"""Shared fixtures: the hermetic DNS server, a test CA, counting upstreams and a real gate factory."""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.dnsfake import FakeDns
+from tests.harness import LocalCA, RunningGate, Upstream
+
+TEST_NAMES = ["allowed.test", "other.test", "evil.test", "sub.allowed.test", "127.0.0.1"]
+
+
+@pytest.fixture
+def fake_dns() -> Iterator[FakeDns]:
+    with FakeDns() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def test_ca(tmp_path_factory: pytest.TempPathFactory) -> LocalCA:
+    return LocalCA(tmp_path_factory.mktemp("ca"), TEST_NAMES)
+
+
+@pytest.fixture
+def tls_upstream(test_ca: LocalCA) -> Iterator[Upstream]:
+    server = Upstream("tls-upstream", tls=test_ca.server_context())
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def http_upstream() -> Iterator[Upstream]:
+    server = Upstream("http-upstream")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def write_policy(tmp_path: Path) -> Callable[[str], Path]:
+    counter = iter(range(1000))
+
+    def write(text: str) -> Path:
+        path = tmp_path / f"policy-{next(counter)}.yaml"
+        path.write_text(textwrap.dedent(text))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def start_gate(fake_dns: FakeDns) -> Iterator[Callable[..., RunningGate]]:
+    gates: list[RunningGate] = []
+
+    def start(policy: Path, **kwargs: object) -> RunningGate:
+        gate = RunningGate(policy, [fake_dns.nameserver], **kwargs)  # type: ignore[arg-type]
+        gates.append(gate.start())
+        return gate
+
+    yield start
+    for gate in gates:
+        gate.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _require_curl() -> None:
+    if shutil.which("curl") is None:
+        pytest.fail("curl is required by the integration tests (.ci/run installs it)")

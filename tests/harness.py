@@ -1,0 +1,351 @@
+"""Real parts for integration tests: counting upstreams, a test CA, and a real gate on loopback.
+
+The counting upstream is the proof a denial leaked nothing: it counts every accepted TCP connection and
+every byte, so a test asserts ``accepted == 0`` after a refusal instead of trusting the refusal message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import ipaddress
+import socket
+import ssl
+import subprocess
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from proxy.decision import Decision
+from proxy.emit import Emitter, MemorySink, Sink
+
+WAIT = 10.0  # upper bound for any single wait in the harness
+
+
+# -- certificates ------------------------------------------------------------------------------
+
+
+@dataclass
+class LocalCA:
+    """A throwaway CA and one leaf certificate for the names tests use; clients trust ``ca_path``."""
+
+    directory: Path
+    names: Sequence[str]
+    ca_path: Path = field(init=False)
+    cert_path: Path = field(init=False)
+    key_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        now = datetime.datetime.now(datetime.UTC)
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "agent-egress test CA")])
+        ca = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA256())
+        )
+        key = ec.generate_private_key(ec.SECP256R1())
+        alt: list[x509.GeneralName] = []
+        for name in self.names:
+            try:
+                alt.append(x509.IPAddress(ipaddress.ip_address(name)))
+            except ValueError:
+                alt.append(x509.DNSName(name))
+        leaf = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.names[0])]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.ca_path = self.directory / "ca.pem"
+        self.cert_path = self.directory / "leaf.pem"
+        self.key_path = self.directory / "leaf.key"
+        self.ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+        self.cert_path.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+        self.key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+
+    def server_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(self.cert_path, self.key_path)
+        return ctx
+
+
+# -- counting upstream -------------------------------------------------------------------------
+
+
+class Upstream:
+    """A loopback HTTP/1.1 server (optionally TLS) that counts accepted connections and bytes.
+
+    It answers every request with 200 and a body naming itself and the Host header it saw, keeping the
+    connection alive, so tests can see which upstream a request reached and how many connections it took.
+    """
+
+    def __init__(
+        self,
+        name: str = "upstream",
+        tls: ssl.SSLContext | None = None,
+        host: str = "127.0.0.1",
+        body_size: int = 0,
+    ) -> None:
+        self.name = name
+        self.tls = tls
+        self.body_size = body_size
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(128)
+        self.sock.settimeout(0.2)
+        self.port: int = self.sock.getsockname()[1]
+        self.host = host
+        self.accepted = 0
+        self.bytes_received = 0
+        self.requests: list[tuple[str, str, dict[str, str]]] = []  # (method, target, headers)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._conns: list[socket.socket] = []
+        self._thread = threading.Thread(
+            target=self._accept_loop, name=f"upstream-{name}", daemon=True
+        )
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self.accepted += 1
+                self._conns.append(conn)
+            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _serve(self, raw: socket.socket) -> None:
+        conn: socket.socket = raw
+        conn.settimeout(WAIT)
+        try:
+            if self.tls is not None:
+                conn = self.tls.wrap_socket(raw, server_side=True)
+            buf = b""
+            for _ in range(10_000):  # bounded number of requests per connection
+                while b"\r\n\r\n" not in buf:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    with self._lock:
+                        self.bytes_received += len(chunk)
+                    buf += chunk
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                lines = head.decode("latin-1").split("\r\n")
+                method, target, _ = [*lines[0].split(" "), "", ""][:3]
+                headers = {}
+                for line in lines[1:]:
+                    k, _, v = line.partition(":")
+                    headers[k.strip().lower()] = v.strip()
+                length = int(headers.get("content-length", "0") or 0)
+                while len(buf) < length:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    with self._lock:
+                        self.bytes_received += len(chunk)
+                    buf += chunk
+                buf = buf[length:]
+                with self._lock:
+                    self.requests.append((method, target, headers))
+                body = f"hello from {self.name}: {method} {target} host={headers.get('host', '')}\n"
+                payload = body.encode() + b"x" * self.body_size
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                    + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+                    + payload
+                )
+        except (OSError, ssl.SSLError, ValueError):
+            return
+        finally:
+            conn.close()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.accepted = 0
+            self.bytes_received = 0
+            self.requests.clear()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.sock.close()
+        with self._lock:
+            for c in self._conns:
+                with contextlib.suppress(OSError):
+                    c.close()
+        self._thread.join(WAIT)
+
+
+# -- a real gate in a background thread ----------------------------------------------------------
+
+
+class RunningGate:
+    """The real gate (mitmproxy + addons + core) on 127.0.0.1:<ephemeral>, in its own thread and loop,
+    so blocking clients (curl, pip, git) can be driven from the test thread."""
+
+    def __init__(
+        self,
+        policy_path: Path,
+        nameservers: Sequence[str],
+        sinks: Sequence[Sink] = (),
+        *,
+        resolver_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        from proxy.loader import load_policy
+
+        self.policy_path = policy_path
+        self.policy = load_policy(policy_path)
+        self.memory = MemorySink()
+        self.emitter = Emitter([self.memory, *sinks])
+        self.nameservers = list(nameservers)
+        self.resolver_kwargs = resolver_kwargs or {}
+        self.port = 0
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="gate", daemon=True)
+
+    def start(self) -> RunningGate:
+        self._thread.start()
+        if not self._ready.wait(WAIT * 2):
+            raise RuntimeError("gate did not start")
+        if self._error is not None:
+            raise RuntimeError("gate failed to start") from self._error
+        return self
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # surfaced to the test thread
+            self._error = exc
+            self._ready.set()
+
+    async def _main(self) -> None:
+        from addons.master import Gate, GateConfig
+        from proxy.resolver import Resolver
+
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        resolver = Resolver(nameservers=self.nameservers, **self.resolver_kwargs)
+        self.gate = Gate(
+            GateConfig(listen_host="127.0.0.1", listen_port=0),
+            lambda: self.policy,
+            self.emitter,
+            resolver,
+        )
+        await self.gate.start()
+        self.port = self.gate.listen_address[1]
+        self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await self.gate.stop()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def decisions(self) -> list[Decision]:
+        return list(self.memory.decisions)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(WAIT * 2)
+
+
+# -- curl ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class CurlResult:
+    returncode: int
+    status: int
+    headers: dict[str, str]
+    body: str
+    stderr: str
+
+
+def curl(
+    url: str,
+    proxy: str | None,
+    *args: str,
+    cacert: Path | None = None,
+    timeout: float = WAIT,
+) -> CurlResult:
+    """Run the real curl binary; returns exit code, final HTTP status, headers (lower-case) and body."""
+    cmd = ["curl", "-sS", "--max-time", str(timeout), "-D", "-", "-o", "-"]
+    if proxy is not None:
+        cmd += ["--proxy", proxy]
+    else:
+        cmd += ["--noproxy", "*"]
+    if cacert is not None:
+        cmd += ["--cacert", str(cacert)]
+    cmd += [*args, url]
+    proc = subprocess.run(cmd, capture_output=True, timeout=timeout + 5, env=_clean_env())
+    out = proc.stdout.decode("utf-8", "replace")
+    status, headers, body = 0, {}, out
+    blocks = out.split("\r\n\r\n")
+    # The last header block (after CONNECT's "200 Connection established") holds the final status.
+    idx = 0
+    while idx < len(blocks) and blocks[idx].startswith("HTTP/"):
+        lines = blocks[idx].split("\r\n")
+        status = int(lines[0].split(" ")[1])
+        headers = {}
+        for line in lines[1:]:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+        idx += 1
+    body = "\r\n\r\n".join(blocks[idx:])
+    return CurlResult(
+        proc.returncode, status, headers, body, proc.stderr.decode("utf-8", "replace")
+    )
+
+
+def _clean_env() -> dict[str, str]:
+    """curl must only use the proxy a test passes explicitly, never one from the environment."""
+    import os
+
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+    }
