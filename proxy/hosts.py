@@ -91,7 +91,11 @@ def _canonical(raw: str) -> str | IPv4Address | IPv6Address:
 
 
 def _reject_unicode_controls(raw: str) -> None:
-    """Control, format-less separators and whitespace never belong in a name, in any script."""
+    """Controls, separators and whitespace never belong in a name, in any script.
+
+    Format characters (Cf) are left to UTS #46, which drops the invisible ones (soft hyphen, zero
+    width space) exactly as browsers do and rejects the rest (bidi overrides).
+    """
     for ch in raw:
         cat = unicodedata.category(ch)
         if cat in ("Cc", "Cs", "Zs", "Zl", "Zp") or (ch.isascii() and ch.isspace()):

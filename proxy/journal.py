@@ -48,6 +48,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,11 +139,11 @@ def _error_kind(exc: OSError) -> str:
 _journaled = threading.local()
 
 
-def last_journaled_id() -> str | None:
-    """The decision id the journal last wrote *on this thread* (the OTel sink uses it to know whether the
-    journal follower will export a decision, or it must export it itself because the journal failed)."""
-    value: str | None = getattr(_journaled, "id", None)
-    return value
+def last_journaled() -> object:
+    """The decision (or event attributes) the journal last wrote *on this thread*, or None after a
+    failed write. The OTel sink uses it to know whether the journal follower will export an item or it
+    must export it itself because the journal could not write it."""
+    return getattr(_journaled, "obj", None)
 
 
 class Journal:
@@ -234,14 +235,15 @@ class Journal:
 
     def record(self, decision: Decision) -> None:
         self.append({"event": DECISION_EVENT, **decision.to_dict()})
-        _journaled.id = decision.id
+        _journaled.obj = decision
 
     def event(self, name: str, attributes: dict[str, Any]) -> None:
-        self.append({**attributes, "event": name})
+        self.append({"ts": time.time(), **attributes, "event": name})
+        _journaled.obj = attributes
 
     def append(self, fields: dict[str, Any]) -> dict[str, Any]:
         """Write one chained record synchronously; raise AuditUnavailable if it is not on disk."""
-        _journaled.id = None
+        _journaled.obj = None
         with self._lock:
             if self._closed:
                 raise AuditUnavailable(f"{self.path}: journal is closed")

@@ -454,9 +454,9 @@ def _describe(node: Node | None) -> str:
     if node is None:
         return "nothing"
     if isinstance(node, MappingNode):
-        return "a mapping"
+        return "a mapping" if node.tag == _MAP_TAG else f"a mapping tagged {node.tag}"
     if isinstance(node, SequenceNode):
-        return "a list"
+        return "a list" if node.tag == _SEQ_TAG else f"a list tagged {node.tag}"
     name = _TYPE_NAMES.get(node.tag, f"a value tagged {node.tag}")
     value = str(node.value)
     shown = value if len(value) <= 40 else value[:40] + "..."

@@ -24,7 +24,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -182,7 +182,9 @@ class ReliableExporter(LogRecordProcessor):
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self.max_backoff = max_backoff
-        self.backlog = lambda: 0  # records waiting elsewhere (the journal), for the depth gauge
+        self.backlog: Callable[[], int] = (
+            _nothing  # records waiting elsewhere (the journal), for the depth gauge
+        )
         self._queue: collections.deque[ReadableLogRecord] = collections.deque()
         self._inflight: list[ReadableLogRecord] = []
         self._cond = threading.Condition()
@@ -243,7 +245,9 @@ class ReliableExporter(LogRecordProcessor):
 
     def _update_gauge_locked(self) -> None:
         if self.metrics is not None:
-            self.metrics.otlp_queue_depth.set(len(self._queue) + len(self._inflight) + self.backlog())
+            self.metrics.otlp_queue_depth.set(
+                len(self._queue) + len(self._inflight) + self.backlog()
+            )
 
     def _deliver(self) -> None:
         backoff = 0.1
@@ -264,9 +268,15 @@ class ReliableExporter(LogRecordProcessor):
                 return
             if self.metrics is not None:
                 self.metrics.otlp_export_failures.inc()
-            log.warning("OTLP export of %d events failed; retrying in %.1fs", len(self._inflight), backoff)
-            if self._stop.wait(backoff) and self._abandon():
-                return
+            log.warning(
+                "OTLP export of %d events failed; retrying in %.1fs", len(self._inflight), backoff
+            )
+            if self._stop.is_set():
+                if self._abandon():
+                    return
+                time.sleep(min(backoff, 0.2))
+            else:
+                self._stop.wait(backoff)
             backoff = min(backoff * 2, self.max_backoff)
             if self.metrics is not None:
                 self.metrics.otlp_retries.inc()
@@ -309,13 +319,17 @@ class ReliableExporter(LogRecordProcessor):
         self._thread.join(timeout + 1)
         self._abandon_remaining()
         try:
-            self.exporter.shutdown()
+            self.exporter.shutdown()  # type: ignore[no-untyped-call]
         except Exception:
             log.exception("OTLP exporter shutdown failed")
 
     def _abandon_remaining(self) -> None:
         self._deadline = 0.0
         self._abandon()
+
+
+def _nothing() -> int:
+    return 0
 
 
 def _readable(record: ReadWriteLogRecord) -> ReadableLogRecord:
@@ -349,7 +363,11 @@ def resolve_endpoint(
         endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
     if not endpoint:
         return None
-    raw = protocol or env.get("OTEL_EXPORTER_OTLP_LOGS_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+    raw = (
+        protocol
+        or env.get("OTEL_EXPORTER_OTLP_LOGS_PROTOCOL")
+        or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+    )
     if raw is None:
         parts = urlsplit(endpoint if "://" in endpoint else f"//{endpoint}")
         raw = "grpc" if parts.port == 4317 else "http"
@@ -369,14 +387,19 @@ def resolve_endpoint(
     return endpoint, chosen
 
 
-def make_exporter(endpoint: str, protocol: Protocol, timeout: float | None = None) -> LogRecordExporter:
+def make_exporter(
+    endpoint: str, protocol: Protocol, timeout: float | None = None
+) -> LogRecordExporter:
     """The SDK's own OTLP exporter; headers, TLS and compression come from the standard variables."""
     if timeout is None and not (
-        os.environ.get("OTEL_EXPORTER_OTLP_LOGS_TIMEOUT") or os.environ.get("OTEL_EXPORTER_OTLP_TIMEOUT")
+        os.environ.get("OTEL_EXPORTER_OTLP_LOGS_TIMEOUT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_TIMEOUT")
     ):
         timeout = DEFAULT_EXPORT_TIMEOUT
     if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter as GrpcExporter
+        from opentelemetry.exporter.otlp.proto.grpc._log_exporter import (
+            OTLPLogExporter as GrpcExporter,
+        )
 
         insecure = True if urlsplit(endpoint).scheme == "http" else None
         exporter: LogRecordExporter = GrpcExporter(

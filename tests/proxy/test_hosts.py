@@ -70,6 +70,9 @@ assert len(NAME_253) == 253 and len(NAME_254) == 254
         # fullwidth compatibility forms map to the ASCII name they look like
         (FW_PYPI, "pypi.org"),
         ("\u212a.example", "k.example"),  # KELVIN SIGN folds to k
+        # invisible format characters are dropped by UTS #46, as browsers do: same destination
+        ("pay\u00adpal.com", "paypal.com"),
+        ("pay\u200bpal.com", "paypal.com"),
     ],
 )
 def test_valid_names(raw: str, expected: str) -> None:

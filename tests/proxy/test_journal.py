@@ -230,9 +230,9 @@ def test_full_tmpfs_denies_then_recovers(tmp_path: Path) -> None:
     )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount tmpfs here: {proc.stderr.strip()}")
+    metrics = Metrics()
+    journal = Journal(mnt / "audit.jsonl", fsync="always", metrics=metrics)
     try:
-        metrics = Metrics()
-        journal = Journal(mnt / "audit.jsonl", fsync="always", metrics=metrics)
         emitter = Emitter(write_ahead=[journal], audit_required=True)
         assert emitter.emit(decision(0)).decision is Verdict.ALLOW
         filler = mnt / "filler"
@@ -253,7 +253,9 @@ def test_full_tmpfs_denies_then_recovers(tmp_path: Path) -> None:
         report = verify([mnt / "audit.jsonl"])
         assert report.ok and report.records == allowed + 2, report.problems
     finally:
-        subprocess.run(["umount", str(mnt)], timeout=10, check=False)
+        journal.close()
+        if subprocess.run(["umount", str(mnt)], timeout=10, check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], timeout=10, check=False)
 
 
 def test_follower_reads_across_rotation_without_loss_or_duplicates(tmp_path: Path) -> None:

@@ -1,0 +1,238 @@
+"""Wiring of the evidence sinks (journal, metrics, OTel) behind the single Emitter, from CLI flags.
+
+The CLI calls :func:`add_evidence_arguments` on the ``serve`` (and ``run``) parser and :func:`build_emitter`
+with the parsed arguments; the gate then calls ``evidence.emitter.emit`` for every decision and the
+``evidence.metrics`` / ``evidence.connection_*`` methods for facts that are not decisions.
+
+The journal is the only write-ahead sink: under ``--audit-required`` an allow it cannot record becomes a
+deny. Metrics and OTel are best effort and can never change a decision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy import __version__
+from proxy.decision import Decision, Kind
+from proxy.emit import Emitter, Sink
+from proxy.journal import DEFAULT_FSYNC, DEFAULT_MAX_BYTES, FSYNC_POLICIES, Journal
+from proxy.metrics import Metrics
+from proxy.otel import CLOSED_EVENT, OtelSink, make_exporter, resolve_endpoint
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METRICS = "127.0.0.1:9464"
+
+
+class EvidenceError(ValueError):
+    """A bad evidence flag; the message names the flag."""
+
+
+def add_evidence_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("evidence (audit journal, OpenTelemetry, Prometheus)")
+    group.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="export an OTel event per decision to this OTLP collector "
+        "(default: $OTEL_EXPORTER_OTLP_LOGS_ENDPOINT / $OTEL_EXPORTER_OTLP_ENDPOINT; off if unset)",
+    )
+    group.add_argument(
+        "--otlp-protocol",
+        choices=("grpc", "http"),
+        help="OTLP transport (default: $OTEL_EXPORTER_OTLP_PROTOCOL, else grpc for port 4317, "
+        "else http/protobuf)",
+    )
+    group.add_argument(
+        "--journal", metavar="FILE", help="append every decision to this hash-chained audit journal"
+    )
+    group.add_argument(
+        "--journal-fsync",
+        choices=FSYNC_POLICIES,
+        default=DEFAULT_FSYNC,
+        help="when journal writes are flushed to disk (default: %(default)s, at most 0.25 s later)",
+    )
+    group.add_argument(
+        "--journal-max-bytes",
+        metavar="N",
+        type=int,
+        default=DEFAULT_MAX_BYTES,
+        help="rotate the journal when it would grow past N bytes (default: %(default)s)",
+    )
+    group.add_argument(
+        "--audit-required",
+        action="store_true",
+        help="deny new connections while the journal cannot be written",
+    )
+    group.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        default=DEFAULT_METRICS,
+        help="serve Prometheus /metrics here (default: %(default)s)",
+    )
+    group.add_argument(
+        "--no-metrics", action="store_true", help="do not serve Prometheus metrics at all"
+    )
+
+
+def parse_hostport(value: str, flag: str = "--metrics") -> tuple[str, int]:
+    host, sep, port_text = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise EvidenceError(f"{flag} wants HOST:PORT (e.g. 127.0.0.1:9464, [::1]:9464): {value!r}")
+    return host, int(port_text)
+
+
+@dataclass
+class Evidence:
+    """Everything that turns decisions into evidence, with one lifecycle (``start``/``close``)."""
+
+    emitter: Emitter
+    metrics: Metrics
+    journal: Journal | None = None
+    otel: OtelSink | None = None
+    metrics_listen: tuple[str, int] | None = None
+    metrics_address: tuple[str, int] | None = (
+        None  # where /metrics is actually served, once started
+    )
+    base_sinks: list[Sink] = field(default_factory=list)
+
+    def start(self) -> None:
+        """Bind the metrics listener (the journal and exporter are already running)."""
+        if self.metrics_listen is not None and self.metrics_address is None:
+            self.metrics_address = self.metrics.start(*self.metrics_listen)
+            log.info("metrics on http://%s:%d/metrics", *self.metrics_address)
+
+    def emit(self, decision: Decision) -> Decision:
+        """Shorthand for ``emitter.emit``: enforce the decision this returns."""
+        return self.emitter.emit(decision)
+
+    def connection_opened(self, kind: Kind | str = Kind.CONNECT) -> None:
+        self.metrics.connection_opened(kind)
+
+    def connection_closed(
+        self,
+        decision: Decision,
+        *,
+        bytes_out: int,
+        bytes_in: int,
+        duration: float,
+    ) -> None:
+        """Pair of :meth:`connection_opened`: metrics plus an ``egress.connection.closed`` event
+        (journal and OTel) carrying bytes each way and the duration in seconds."""
+        self.metrics.connection_closed(
+            decision.kind,
+            rule=decision.rule,
+            bytes_out=bytes_out,
+            bytes_in=bytes_in,
+            duration=duration,
+        )
+        attributes: dict[str, Any] = {
+            "egress.decision.id": decision.id,
+            "egress.kind": str(decision.kind),
+            "server.address": decision.host,
+            "egress.bytes.out": int(bytes_out),
+            "egress.bytes.in": int(bytes_in),
+            "egress.connection.duration": float(duration),
+        }
+        optional = {
+            "server.port": decision.port,
+            "egress.rule": decision.rule,
+            "egress.sandbox.id": decision.sandbox_id,
+            "client.address": decision.client,
+        }
+        attributes.update({k: v for k, v in optional.items() if v is not None})
+        self.emitter.event(CLOSED_EVENT, attributes)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Flush and stop everything; safe to call twice."""
+        if self.otel is not None:
+            self.otel.close(timeout)
+        for sink in self.base_sinks:
+            try:
+                sink.close()
+            except Exception:
+                log.exception("closing sink %r failed", sink)
+        if self.journal is not None:
+            self.journal.close()
+        self.metrics.stop()
+        self.metrics_address = None
+
+    def __enter__(self) -> Evidence:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def build_emitter(
+    args: argparse.Namespace,
+    base_sinks: Iterable[Sink] = (),
+    *,
+    env: Mapping[str, str] | None = None,
+    export_timeout: float | None = None,
+) -> Evidence:
+    """The Emitter for these flags: journal write-ahead, then metrics, ``base_sinks`` and OTel.
+
+    Raises :class:`EvidenceError` for a bad flag. Nothing listens until ``Evidence.start()``.
+    """
+    env = os.environ if env is None else env
+    metrics = Metrics(version=__version__)
+    listen: tuple[str, int] | None = None
+    if not getattr(args, "no_metrics", False) and getattr(args, "metrics", None):
+        listen = parse_hostport(str(args.metrics))
+        try:
+            loopback = ipaddress.ip_address(listen[0]).is_loopback
+        except ValueError:
+            loopback = listen[0] == "localhost"
+        if not loopback:
+            log.warning(
+                "--metrics %s is not loopback: make sure no sandbox can reach it", args.metrics
+            )
+    journal: Journal | None = None
+    journal_path = getattr(args, "journal", None)
+    if journal_path:
+        try:
+            journal = Journal(
+                journal_path,
+                fsync=getattr(args, "journal_fsync", DEFAULT_FSYNC),
+                max_bytes=int(getattr(args, "journal_max_bytes", DEFAULT_MAX_BYTES)),
+                metrics=metrics,
+            )
+        except ValueError as exc:
+            raise EvidenceError(str(exc)) from exc
+    audit_required = bool(getattr(args, "audit_required", False))
+    if audit_required and journal is None:
+        raise EvidenceError("--audit-required needs --journal FILE")
+    otel: OtelSink | None = None
+    try:
+        target = resolve_endpoint(
+            getattr(args, "otlp_endpoint", None), getattr(args, "otlp_protocol", None), env
+        )
+    except ValueError as exc:
+        raise EvidenceError(str(exc)) from exc
+    if target is not None:
+        exporter = make_exporter(target[0], target[1], timeout=export_timeout)
+        otel = OtelSink(exporter, version=__version__, metrics=metrics, journal=journal)
+        log.info("exporting decision events to %s over OTLP/%s", *target)
+    base = list(base_sinks)
+    sinks: list[Sink] = [metrics, *base]
+    if otel is not None:
+        sinks.append(otel)
+    emitter = Emitter(
+        sinks, write_ahead=[journal] if journal is not None else [], audit_required=audit_required
+    )
+    return Evidence(
+        emitter=emitter,
+        metrics=metrics,
+        journal=journal,
+        otel=otel,
+        metrics_listen=listen,
+        base_sinks=base,
+    )

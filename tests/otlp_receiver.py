@@ -1,0 +1,220 @@
+"""Real OTLP log receivers for tests: gRPC (grpcio + opentelemetry-proto's LogsService) and HTTP/protobuf.
+
+Both listen on 127.0.0.1 with a port chosen by the kernel on first start, and can be stopped and started
+again on the *same* port, so tests can take the collector away and bring it back under a running exporter.
+Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import gzip
+import threading
+import time
+import zlib
+from concurrent import futures
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import grpc
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+
+def any_value(value: AnyValue) -> Any:
+    kind = value.WhichOneof("value")
+    if kind is None:
+        return None
+    if kind == "array_value":
+        return [any_value(v) for v in value.array_value.values]
+    if kind == "kvlist_value":
+        return {kv.key: any_value(kv.value) for kv in value.kvlist_value.values}
+    return getattr(value, kind)
+
+
+@dataclass
+class Received:
+    """One log record as the collector saw it."""
+
+    event_name: str
+    attributes: dict[str, Any]
+    resource: dict[str, Any]
+    body: Any
+    severity_text: str
+    time_unix_nano: int
+    scope: str
+
+
+@dataclass
+class _Store:
+    records: list[Received] = field(default_factory=list)
+    requests: int = 0
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def add(self, request: logs_service_pb2.ExportLogsServiceRequest) -> None:
+        found: list[Received] = []
+        for rl in request.resource_logs:
+            resource = {kv.key: any_value(kv.value) for kv in rl.resource.attributes}
+            for sl in rl.scope_logs:
+                for rec in sl.log_records:
+                    found.append(
+                        Received(
+                            event_name=rec.event_name,
+                            attributes={kv.key: any_value(kv.value) for kv in rec.attributes},
+                            resource=resource,
+                            body=any_value(rec.body),
+                            severity_text=rec.severity_text,
+                            time_unix_nano=rec.time_unix_nano,
+                            scope=sl.scope.name,
+                        )
+                    )
+        with self.cond:
+            self.requests += 1
+            self.records.extend(found)
+            self.cond.notify_all()
+
+
+class _Receiver:
+    def __init__(self) -> None:
+        self.port = 0
+        self._store = _Store()
+
+    @property
+    def records(self) -> list[Received]:
+        with self._store.cond:
+            return list(self._store.records)
+
+    @property
+    def requests(self) -> int:
+        with self._store.cond:
+            return self._store.requests
+
+    def wait_for(self, count: int, timeout: float = 15.0) -> list[Received]:
+        """Bounded wait until at least ``count`` records arrived; returns all records."""
+        deadline = time.monotonic() + timeout
+        with self._store.cond:
+            while len(self._store.records) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._store.cond.wait(remaining)
+            return list(self._store.records)
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> _Receiver:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class _LogsServicer(logs_service_pb2_grpc.LogsServiceServicer):  # type: ignore[misc]
+    def __init__(self, store: _Store) -> None:
+        self.store = store
+
+    def Export(  # noqa: N802 (the gRPC method name)
+        self, request: logs_service_pb2.ExportLogsServiceRequest, context: Any
+    ) -> logs_service_pb2.ExportLogsServiceResponse:
+        self.store.add(request)
+        return logs_service_pb2.ExportLogsServiceResponse()
+
+
+class GrpcReceiver(_Receiver):
+    protocol = "grpc"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._server: grpc.Server | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        if self._server is not None:
+            return
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_LogsServicer(self._store), server)
+        bound = server.add_insecure_port(f"127.0.0.1:{self.port}")
+        if bound == 0:
+            raise RuntimeError(f"gRPC receiver could not bind 127.0.0.1:{self.port}")
+        self.port = bound
+        server.start()
+        self._server = server
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop(grace=None).wait(10)
+            self._server = None
+
+
+class _HttpHandler(BaseHTTPRequestHandler):
+    store: _Store
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        length = int(self.headers.get("Content-Length", "0"))
+        data = self.rfile.read(length)
+        encoding = self.headers.get("Content-Encoding", "")
+        if encoding == "gzip":
+            data = gzip.decompress(data)
+        elif encoding == "deflate":
+            data = zlib.decompress(data)
+        if self.path != "/v1/logs":
+            self.send_error(404)
+            return
+        request = logs_service_pb2.ExportLogsServiceRequest()
+        request.ParseFromString(data)
+        self.store.add(request)
+        body = logs_service_pb2.ExportLogsServiceResponse().SerializeToString()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class HttpReceiver(_Receiver):
+    protocol = "http"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        if self._server is not None:
+            return
+        handler = type("Handler", (_HttpHandler,), {"store": self._store})
+        server = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
+        server.daemon_threads = True
+        self.port = server.server_address[1]
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+        self._thread.daemon = True
+        self._thread.start()
+        self._server = server
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None

@@ -1,0 +1,283 @@
+"""OTel decision events through the SDK's real OTLP exporters to real receivers on loopback."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from proxy.decision import Decision, Kind, Reason, Verdict
+from proxy.emit import Emitter
+from proxy.journal import Journal
+from proxy.metrics import Metrics
+from proxy.otel import (
+    CLOSED_EVENT,
+    OtelSink,
+    decision_attributes,
+    make_exporter,
+    resolve_endpoint,
+    scrub_host,
+    scrub_text,
+    scrub_url,
+)
+from tests.otlp_receiver import GrpcReceiver, HttpReceiver
+
+Receiver = GrpcReceiver | HttpReceiver
+
+
+def allow(i: int = 0) -> Decision:
+    return Decision(
+        decision=Verdict.ALLOW,
+        reason=Reason.ALLOWED_BY_RULE,
+        rule="pypi",
+        kind=Kind.CONNECT,
+        host=f"h{i}.pypi.org",
+        port=443,
+        policy_version="abc123",
+        mode="enforce",
+        client="127.0.0.1",
+        sandbox_id="sb-1",
+        address="203.0.113.7",
+    )
+
+
+def deny_http() -> Decision:
+    return Decision(
+        decision=Verdict.DENY,
+        reason=Reason.NO_MATCHING_RULE,
+        rule=None,
+        kind=Kind.HTTP,
+        host="user:hunter2@evil.example",
+        port=80,
+        policy_version="abc123",
+        mode="enforce",
+        method="POST",
+        path="/upload?token=s3cr3t&name=x#frag",
+        client="127.0.0.1",
+    )
+
+
+def dns_query() -> Decision:
+    return Decision(
+        decision=Verdict.DENY,
+        reason=Reason.NO_MATCHING_RULE,
+        rule=None,
+        kind=Kind.DNS,
+        host="exfil-data.attacker.example",
+        port=None,
+        policy_version="abc123",
+        mode="enforce",
+        qtype="TXT",
+    )
+
+
+# -- pure scrubbing and configuration ----------------------------------------------------------------
+
+
+def test_scrub_escapes_control_characters_and_caps_length() -> None:
+    assert scrub_text("a\nb\r\x00c\x7f\x85") == "a\\x0ab\\x0d\\x00c\\x7f\\x85"
+    capped = scrub_text("x" * 1000)
+    assert len(capped) == 256 and capped.endswith("...")
+
+
+def test_scrub_url_drops_userinfo_query_values_and_fragment() -> None:
+    assert scrub_url("/a/b?token=s3cr3t&q=1#frag") == ("/a/b", "token=&q=")
+    path, query = scrub_url("http://user:pw@host.example:8080/x?k=v")
+    assert path == "http://host.example:8080/x" and query == "k="
+    assert scrub_url("/plain") == ("/plain", None)
+    assert scrub_host("user:pw@h.example") == "h.example"
+
+
+def test_decision_attribute_names() -> None:
+    attrs = decision_attributes(deny_http().to_dict())
+    assert attrs["server.address"] == "evil.example"
+    assert attrs["server.port"] == 80
+    assert attrs["http.request.method"] == "POST"
+    assert attrs["url.path"] == "/upload"
+    assert attrs["url.query"] == "token=&name="
+    assert attrs["client.address"] == "127.0.0.1"
+    assert attrs["egress.decision"] == "deny"
+    assert attrs["egress.reason"] == "no-matching-rule"
+    assert attrs["egress.policy.version"] == "abc123"
+    assert attrs["egress.mode"] == "enforce"
+    assert attrs["network.protocol.name"] == "http"
+    assert "egress.rule" not in attrs
+    assert "s3cr3t" not in repr(attrs) and "hunter2" not in repr(attrs)
+    a = decision_attributes(allow().to_dict())
+    assert a["egress.rule"] == "pypi"
+    assert a["egress.sandbox.id"] == "sb-1"
+    assert a["egress.resolved_address"] == "203.0.113.7"
+    d = decision_attributes(dns_query().to_dict())
+    assert d["dns.question.name"] == "exfil-data.attacker.example"
+    assert d["network.protocol.name"] == "dns"
+    sni = decision_attributes(allow().with_(kind=Kind.TLS, sni="h0.pypi.org").to_dict())
+    assert sni["tls.client.server_name"] == "h0.pypi.org"
+
+
+def test_endpoint_resolution_from_flags_and_environment() -> None:
+    assert resolve_endpoint(None, None, env={}) is None
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}
+    assert resolve_endpoint(None, None, env=env) == ("http://c:4317", "grpc")
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
+    assert resolve_endpoint(None, None, env=env) == ("http://c:4318/v1/logs", "http")
+    env = {"OTEL_EXPORTER_OTLP_LOGS_ENDPOINT": "http://c:9/custom", "OTEL_EXPORTER_OTLP_ENDPOINT": "x"}
+    assert resolve_endpoint(None, "http", env=env) == ("http://c:9/custom", "http")
+    # flags win over the environment
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+    assert resolve_endpoint("http://d:4318", "http", env=env) == ("http://d:4318/v1/logs", "http")
+    assert resolve_endpoint("http://d:4318/v1/logs", None, env={}) == ("http://d:4318/v1/logs", "http")
+    with pytest.raises(ValueError, match="--otlp-protocol"):
+        resolve_endpoint("http://d:1", "thrift", env={})
+
+
+# -- against real receivers --------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["grpc", "http"])
+def receiver(request: pytest.FixtureRequest) -> Iterator[Receiver]:
+    rx: Receiver = GrpcReceiver() if request.param == "grpc" else HttpReceiver()
+    rx.start()
+    try:
+        yield rx
+    finally:
+        rx.stop()
+
+
+def make_sink(rx: Receiver, metrics: Metrics, **kw: object) -> OtelSink:
+    endpoint, protocol = resolve_endpoint(rx.endpoint, rx.protocol, env={}) or ("", "grpc")
+    exporter = make_exporter(endpoint, protocol, timeout=1.0)
+    return OtelSink(
+        exporter,
+        version="9.9.9",
+        metrics=metrics,
+        flush_interval=0.05,
+        max_backoff=0.3,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_allow_deny_and_dns_events_arrive(receiver: Receiver) -> None:
+    metrics = Metrics()
+    sink = make_sink(receiver, metrics)
+    emitter = Emitter(sinks=[sink])
+    sent = [allow(), deny_http(), dns_query()]
+    for d in sent:
+        emitter.emit(d)
+    emitter.event(
+        CLOSED_EVENT,
+        {"egress.decision.id": sent[0].id, "egress.bytes.out": 120, "egress.bytes.in": 4096,
+         "egress.duration": 1.25, "server.address": "h0.pypi.org"},
+    )  # fmt: skip
+    try:
+        got = receiver.wait_for(4, timeout=15)
+    finally:
+        sink.close()
+    assert len(got) == 4
+    decisions = [r for r in got if r.event_name == "egress.decision"]
+    assert [r.attributes["egress.decision.id"] for r in decisions] == [d.id for d in sent]
+    for r in got:
+        assert r.resource["service.name"] == "agent-egress"
+        assert r.resource["service.version"] == "9.9.9"
+        assert r.resource["host.name"]
+    a, h, d = decisions
+    assert a.attributes["egress.decision"] == "allow" and a.attributes["server.port"] == 443
+    assert a.time_unix_nano == int(sent[0].ts * 1e9)
+    assert h.attributes["url.query"] == "token=&name="
+    assert h.attributes["server.address"] == "evil.example"
+    assert d.attributes["dns.question.name"] == "exfil-data.attacker.example"
+    everything = repr([r.attributes for r in got]) + repr([r.body for r in got])
+    assert "s3cr3t" not in everything and "hunter2" not in everything
+    (closed,) = [r for r in got if r.event_name == CLOSED_EVENT]
+    assert closed.attributes["egress.bytes.in"] == 4096
+    assert closed.attributes["egress.duration"] == 1.25
+    assert metrics.otlp_exported._value.get() == 4
+
+
+def _wait(predicate: object, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.parametrize("with_journal", [False, True], ids=["memory", "journal"])
+def test_collector_outage_loses_nothing_and_duplicates_nothing(
+    receiver: Receiver, tmp_path: Path, with_journal: bool
+) -> None:
+    metrics = Metrics()
+    journal = Journal(tmp_path / "audit.jsonl", metrics=metrics) if with_journal else None
+    sink = make_sink(receiver, metrics, journal=journal)
+    emitter = Emitter(sinks=[sink], write_ahead=[journal] if journal else [])
+    before, during = 5, 40
+    ids: list[str] = []
+    try:
+        for i in range(before):
+            ids.append(emitter.emit(allow(i)).id)
+        assert len(receiver.wait_for(before, timeout=15)) == before
+        assert sink.flush(5)
+        receiver.stop()
+        for i in range(during):
+            ids.append(emitter.emit(allow(100 + i)).id)
+        # the exporter really saw the collector gone (and keeps the events)
+        assert _wait(lambda: metrics.otlp_export_failures._value.get() >= 1, 15)
+        assert metrics.otlp_queue_depth._value.get() > 0
+        receiver.start()  # same port
+        got = receiver.wait_for(before + during, timeout=20)
+        assert sink.flush(10)
+        time.sleep(0.3)  # a duplicate would have arrived by now
+        got = receiver.records
+    finally:
+        sink.close()
+        if journal is not None:
+            journal.close()
+    received_ids = [r.attributes["egress.decision.id"] for r in got]
+    assert len(received_ids) == before + during
+    assert len(set(received_ids)) == before + during
+    assert set(received_ids) == set(ids)
+    assert metrics.otlp_retries._value.get() >= 1
+    assert metrics.otlp_dropped.labels(reason="queue_full")._value.get() == 0
+    assert metrics.otlp_queue_depth._value.get() == 0
+    if with_journal:
+        assert {r.attributes["egress.journal.seq"] for r in got} == set(range(1, 46))
+
+
+def test_full_memory_queue_drops_are_counted_not_silent(receiver: Receiver) -> None:
+    metrics = Metrics()
+    receiver.stop()
+    sink = make_sink(receiver, metrics, max_queue=5, batch_size=5)
+    ids = [allow(i) for i in range(30)]
+    try:
+        for d in ids:
+            sink.record(d)
+        dropped = metrics.otlp_dropped.labels(reason="queue_full")._value.get()
+        assert dropped >= 20
+        receiver.start()
+        assert sink.flush(15)
+        got = receiver.records
+    finally:
+        sink.close()
+    assert len(got) + dropped == len(ids)
+    assert len({r.attributes["egress.decision.id"] for r in got}) == len(got)
+
+
+def test_decisions_the_journal_could_not_write_are_still_exported(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    metrics = Metrics()
+    broken = tmp_path / "dir"
+    broken.mkdir()
+    journal = Journal(broken, metrics=metrics)  # a directory: every write fails
+    sink = make_sink(receiver, metrics, journal=journal)
+    emitter = Emitter(sinks=[sink], write_ahead=[journal], audit_required=True)
+    out = emitter.emit(allow())
+    try:
+        got = receiver.wait_for(1, timeout=15)
+    finally:
+        sink.close()
+        journal.close()
+    assert out.reason is Reason.AUDIT_UNAVAILABLE
+    assert [r.attributes["egress.reason"] for r in got] == ["audit-unavailable"]
