@@ -48,6 +48,18 @@ class Destinations(Protocol):
     async def destination(self, host: Any, port: int, allow_internal: Any) -> Destination: ...
 
 
+class Observer(Protocol):
+    """Facts that are not decisions (``proxy.evidence.Evidence`` implements this)."""
+
+    def connection_opened(self, kind: Kind | str = ...) -> None: ...
+
+    def connection_closed(
+        self, decision: Decision, *, bytes_out: int, bytes_in: int, duration: float
+    ) -> None: ...
+
+    def observe_latency(self, kind: Kind, seconds: float) -> None: ...
+
+
 @dataclass(slots=True)
 class ClientState:
     """What the gate knows about one client connection, kept for the connection's lifetime."""
@@ -55,6 +67,9 @@ class ClientState:
     sandbox_id: str | None
     started: float = field(default_factory=time.monotonic)
     tunnel: Decision | None = None  # the allowed CONNECT decision, once there is one
+    opened: Decision | None = None  # the decision a counted upstream connection was opened under
+    bytes_out: int = 0  # client -> upstream, counted by the tunnel relay layer
+    bytes_in: int = 0
     pinned: dict[tuple[str, int], str] = field(default_factory=dict)  # (host, port) -> checked ip
     checked: set[tuple[str, int]] = field(default_factory=set)  # (ip, port) pairs we may dial
 
@@ -69,10 +84,10 @@ class GateAddon:
         destinations: Destinations,
         *,
         sandbox_id: str | None = None,
-        metrics: Any | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self._policy = policy
-        self.metrics = metrics
+        self.observer = observer
         self.emitter = emitter
         self.destinations = destinations
         self.default_sandbox_id = sandbox_id
@@ -86,18 +101,28 @@ class GateAddon:
 
     def client_disconnected(self, client: connection.Client) -> None:
         state = self.clients.pop(client.id, None)
-        if state is not None and state.tunnel is not None:
+        if state is None or state.opened is None:
+            return
+        duration = time.monotonic() - state.started
+        if self.observer is not None:
+            self.observer.connection_closed(
+                state.opened, bytes_out=state.bytes_out, bytes_in=state.bytes_in, duration=duration
+            )
+        else:
             self.emitter.event(
                 "egress.connection.closed",
                 {
-                    "decision_id": state.tunnel.id,
-                    "host": state.tunnel.host,
-                    "port": state.tunnel.port,
-                    "rule": state.tunnel.rule,
-                    "sandbox_id": state.sandbox_id,
-                    "duration_s": round(time.monotonic() - state.started, 6),
+                    "egress.decision.id": state.opened.id,
+                    "server.address": state.opened.host,
+                    "server.port": state.opened.port,
+                    "egress.bytes.out": state.bytes_out,
+                    "egress.bytes.in": state.bytes_in,
+                    "egress.connection.duration": duration,
                 },
             )
+
+    def state_of(self, client: connection.Client) -> ClientState:
+        return self._state(client)
 
     def _state(self, client: connection.Client) -> ClientState:
         state = self.clients.get(client.id)
@@ -120,8 +145,15 @@ class GateAddon:
         decision = await self._decide_and_pin(request, state)
         if decision.allowed:
             state.tunnel = decision
+            self._opened(state, decision)
         else:
             flow.response = refusal_response(decision)
+
+    def _opened(self, state: ClientState, decision: Decision) -> None:
+        if state.opened is None:
+            state.opened = decision
+            if self.observer is not None:
+                self.observer.connection_opened(decision.kind)
 
     # -- plain HTTP ----------------------------------------------------------------------------
 
@@ -146,6 +178,9 @@ class GateAddon:
         if not decision.allowed:
             flow.response = refusal_response(decision)
             return
+        self._opened(state, decision)
+        if content_length := flow.request.headers.get("content-length", ""):
+            state.bytes_out += int(content_length) if content_length.isdigit() else 0
         if decision.address is not None:
             # Pin by rewriting only the dial target; the Host header the client sent stays intact.
             # mitmproxy reuses upstream connections keyed by (host, port), so keep-alive keeps working.
@@ -181,8 +216,15 @@ class GateAddon:
 
     # -- shared decision path ------------------------------------------------------------------
 
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        state = self.clients.get(flow.client_conn.id)
+        if state is not None and flow.response is not None:
+            length = flow.response.headers.get("content-length", "")
+            state.bytes_in += int(length) if length.isdigit() else 0
+
     async def _decide_and_pin(self, request: Request, state: ClientState) -> Decision:
         """Policy first, then the destination check, then the emitter; returns what must be enforced."""
+        started = time.perf_counter()
         policy = self._policy()
         decision = decide(request, policy)
         if decision.allowed and request.port is not None:
@@ -204,8 +246,11 @@ class GateAddon:
             else:
                 decision = decision.with_(address=dest.address)
         decision = self.emitter.emit(decision)
+        if self.observer is not None:
+            self.observer.observe_latency(request.kind, time.perf_counter() - started)
         if decision.allowed and decision.address is not None and request.port is not None:
             state.pinned[(decision.host, request.port)] = decision.address
+            state.pinned[(_lower(request.host), request.port)] = decision.address
             state.checked.add((decision.address, request.port))
         return decision
 

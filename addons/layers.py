@@ -25,7 +25,7 @@ from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.layers.modes import HttpProxy
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
-from addons.gate import GateAddon
+from addons.gate import ClientState, GateAddon
 from proxy.decision import Decision, Reason
 
 ECH_EXTENSION = 0xFE0D  # encrypted_client_hello (RFC 9849); hides the real SNI from the gate
@@ -42,6 +42,23 @@ class CloseLayer(layer.Layer):
     def _handle_event(self, event: events.Event) -> Generator[commands.Command, Any, None]:
         if isinstance(event, events.Start):
             yield commands.CloseConnection(self.context.client)
+
+
+class CountingTCPLayer(layers.TCPLayer):
+    """Passthrough relay (no interception, no per-message hooks) that counts bytes each way for the
+    connection-closed evidence: one length addition per chunk on the hot path."""
+
+    def __init__(self, context: Context, state: ClientState) -> None:
+        super().__init__(context, ignore=True)
+        self.state = state
+
+    def handle_event(self, event: events.Event) -> Generator[commands.Command, Any, None]:
+        if isinstance(event, events.DataReceived):
+            if event.connection is self.context.client:
+                self.state.bytes_out += len(event.data)
+            else:
+                self.state.bytes_in += len(event.data)
+        yield from super().handle_event(event)
 
 
 class GateLayers(NextLayer):
@@ -79,7 +96,7 @@ class GateLayers(NextLayer):
             if len(data) < 4 and b"SSH-".startswith(data):
                 return None
             if data.startswith(b"SSH-"):
-                return layers.TCPLayer(context, ignore=True)
+                return CountingTCPLayer(context, self.gate.state_of(context.client))
             return self._refuse(context, tunnel, Reason.NOT_TLS, "port 22 tunnels must carry SSH")
         if len(data) < 3 and data[:1] == b"\x16":
             return None
@@ -105,7 +122,7 @@ class GateLayers(NextLayer):
         decision = self.gate.decide_tunnel_contents(context.client, tunnel, sni=hello.sni)
         if not decision.allowed:
             return CloseLayer(context)
-        return layers.TCPLayer(context, ignore=True)
+        return CountingTCPLayer(context, self.gate.state_of(context.client))
 
     def _refuse(
         self, context: Context, tunnel: Decision, reason: Reason, detail: str

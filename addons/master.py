@@ -19,7 +19,7 @@ from mitmproxy import exceptions, options
 from mitmproxy.addons import errorcheck, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
-from addons.gate import Destinations, GateAddon, current_sandbox
+from addons.gate import Destinations, GateAddon, Observer, current_sandbox
 from addons.layers import GateLayers
 from proxy.emit import Emitter
 from proxy.policy import Policy
@@ -68,12 +68,12 @@ class Gate:
         emitter: Emitter,
         destinations: Destinations,
         *,
-        metrics: Any | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.config = config
         self.emitter = emitter
         self.addon = GateAddon(
-            policy, emitter, destinations, sandbox_id=config.sandbox_id, metrics=metrics
+            policy, emitter, destinations, sandbox_id=config.sandbox_id, observer=observer
         )
         self.master: Master | None = None
         self._task: asyncio.Task[None] | None = None

@@ -205,9 +205,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
-    from proxy.audit import verify_main
+    from proxy.audit import run
 
-    return verify_main(args.files)
+    return run(args.files)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

@@ -36,7 +36,10 @@ def steps(proxy: str) -> list[Step]:
             "the cloud metadata service",
             [*curl, *fmt, "http://169.254.169.254/latest/meta-data/"],
         ),
-        Step("an allowed host on a port its rule does not list", [*curl, *fmt, "https://pypi.org:8443/"]),
+        Step(
+            "an allowed host on a port its rule does not list",
+            [*curl, *fmt, "https://pypi.org:8443/"],
+        ),
         Step(
             "domain fronting: CONNECT to pypi.org, TLS SNI naming another host",
             [
@@ -56,7 +59,9 @@ def _table(decisions: Sequence[Decision]) -> str:
         where = d.host if d.port is None else f"{d.host}:{d.port}"
         rows.append((str(d.decision), str(d.kind), where, d.rule or "-", str(d.reason)))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+    return "\n".join(
+        "  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows
+    )
 
 
 async def _demo() -> int:
@@ -71,7 +76,9 @@ async def _demo() -> int:
     host, port = gate.listen_address
     proxy = f"http://{host}:{port}"
     print(f"agent-egress demo: gate on {proxy}")
-    print(f"policy {path} (version {policy.version}, {len(policy.rules)} rules, mode {policy.mode})\n")
+    print(
+        f"policy {path} (version {policy.version}, {len(policy.rules)} rules, mode {policy.mode})\n"
+    )
     try:
         for step in steps(proxy):
             print(f"# {step.title}")
@@ -85,7 +92,9 @@ async def _demo() -> int:
             refused = [d for d in new if not d.allowed]
             if refused:
                 d = refused[0]
-                print(f"  -> refused by the gate: {d.reason}" + (f" ({d.detail})" if d.detail else ""))
+                print(
+                    f"  -> refused by the gate: {d.reason}" + (f" ({d.detail})" if d.detail else "")
+                )
             elif new:
                 status = out.decode().strip() or "no response"
                 extra = "" if proc.returncode == 0 else f"; curl: {err.decode().strip()}"
@@ -95,7 +104,9 @@ async def _demo() -> int:
             print()
     finally:
         await gate.stop()
-    print("Decisions recorded (under `egress serve` each is also a JSON log line, and with evidence")
+    print(
+        "Decisions recorded (under `egress serve` each is also a JSON log line, and with evidence"
+    )
     print("flags an OTel event, an audit journal record and a metric):")
     print(_table(list(memory.decisions)))
     return 0

@@ -178,7 +178,7 @@ class DnsGate:
                 rule=decision.rule,
             )
             return self._refused(query, refusal)
-        good, bad = list(lookup.addresses), []
+        good, bad = check_addresses(lookup.addresses, policy.allow_internal)
         if bad and not good:
             address, why = bad[0]
             refusal = refuse(

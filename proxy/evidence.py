@@ -115,6 +115,10 @@ class Evidence:
     def connection_opened(self, kind: Kind | str = Kind.CONNECT) -> None:
         self.metrics.connection_opened(kind)
 
+    def observe_latency(self, kind: Kind | str, seconds: float) -> None:
+        """Time from a hook receiving a request to its decision being recorded (incl. DNS)."""
+        self.metrics.observe_decision_latency(kind, seconds)
+
     def connection_closed(
         self,
         decision: Decision,

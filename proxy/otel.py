@@ -460,6 +460,7 @@ class OtelSink:
         self.journal = journal
         self._follower: JournalFollower | None = None
         self._stop = threading.Event()
+        self._closed = False
         self._thread: threading.Thread | None = None
         if journal is not None:
             self._follower = journal.follow()
@@ -479,12 +480,18 @@ class OtelSink:
         self._emit_event(name, attributes, time.time())
 
     def close(self, timeout: float = 5.0) -> None:
+        """Deliver what is pending (bounded by ``timeout``), then stop; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + timeout
+        self.flush(timeout)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
         if self._follower is not None:
             self._follower.close()
-        self.processor.close(timeout)
+        self.processor.close(max(0.1, deadline - time.monotonic()))
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Bounded wait until everything recorded so far (journal backlog included) was exported."""

@@ -59,20 +59,33 @@ def serve_main(args: argparse.Namespace) -> int:
 
 async def _serve(args: argparse.Namespace, policy: Policy, listen: tuple[str, int]) -> int:
     from addons.master import Gate, GateConfig
-    from proxy.evidence import build_emitter
+    from proxy.evidence import EvidenceError, build_emitter
     from proxy.resolver import Resolver
 
     path = Path(args.policy) if args.policy else default_policy_path()
-    evidence = build_emitter(args, [decision_log_sink(args.decision_log)])
-    holder = PolicyHolder(path, policy, on_reload=evidence.policy_reloaded)
-    evidence.policy_loaded(policy)
+    try:
+        evidence = build_emitter(args, [decision_log_sink(args.decision_log)])
+    except EvidenceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+    def on_reload(result: str, current: Policy) -> None:
+        if result == "success":
+            evidence.metrics.policy_loaded(
+                current.version, [r.name for r in current.rules], current.mode
+            )
+        else:
+            evidence.metrics.policy_reload_failed()
+
+    holder = PolicyHolder(path, policy, on_reload=on_reload)
+    evidence.metrics.policy_loaded(policy.version, [r.name for r in policy.rules], policy.mode)
     resolver = Resolver(nameservers=args.nameserver)
     gate = Gate(
         GateConfig(listen_host=listen[0], listen_port=listen[1]),
         holder,
         evidence.emitter,
         resolver,
-        metrics=evidence.metrics,
+        observer=evidence,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -80,7 +93,7 @@ async def _serve(args: argparse.Namespace, policy: Policy, listen: tuple[str, in
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, holder.reload)
     try:
-        await evidence.start()
+        evidence.start()
         await gate.start()
         host, port = gate.listen_address
         info: dict[str, Any] = {
@@ -95,5 +108,5 @@ async def _serve(args: argparse.Namespace, policy: Policy, listen: tuple[str, in
         log.warning("shutting down")
     finally:
         await gate.stop()
-        await evidence.close()
+        evidence.close()
     return 0

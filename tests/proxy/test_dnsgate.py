@@ -290,7 +290,9 @@ def test_internal_answers_are_stripped(env: GateEnv) -> None:
         ("AAAA", ["::ffff:127.0.0.1", "fd00:ec2::254"]),
     ],
 )
-def test_all_internal_is_empty_answer_and_deny(env: GateEnv, rdtype: str, values: list[str]) -> None:
+def test_all_internal_is_empty_answer_and_deny(
+    env: GateEnv, rdtype: str, values: list[str]
+) -> None:
     env.fake.set("inside.allowed.test", rdtype, values)
     response = env.query("inside.allowed.test", rdtype)
     assert response.rcode() == dns.rcode.NOERROR
@@ -513,7 +515,7 @@ def test_policy_is_read_per_query(fake: FakeDns, tmp_path: Path) -> None:
     async def main() -> list[int]:
         gate = DnsGate(lambda: current[0], Resolver([fake.nameserver]), Emitter([sink]))
         wire = dns.message.make_query("r.allowed.test", "A").to_wire()
-        rcodes = []
+        rcodes: list[int] = []
         for policy in (allow, deny_all):
             current[0] = policy
             reply = await gate.handle(wire, "10.9.9.9", "udp")

@@ -41,7 +41,9 @@ def dest(resolver: Resolver, host: object, allow_internal: tuple[object, ...] = 
     return asyncio.run(resolver.destination(host, 443, allow_internal))  # type: ignore[arg-type]
 
 
-def refused(resolver: Resolver, host: object, allow_internal: tuple[object, ...] = ()) -> DestinationRefused:
+def refused(
+    resolver: Resolver, host: object, allow_internal: tuple[object, ...] = ()
+) -> DestinationRefused:
     with pytest.raises(DestinationRefused) as info:
         dest(resolver, host, allow_internal)
     return info.value
@@ -369,7 +371,9 @@ def test_concurrent_lookups_share_one_query(fake: FakeDns) -> None:
 
     async def many() -> list[Destination]:
         resolver = make(fake)
-        return await asyncio.gather(*(resolver.destination("busy.test", 443, ()) for _ in range(20)))
+        return await asyncio.gather(
+            *(resolver.destination("busy.test", 443, ()) for _ in range(20))
+        )
 
     results = asyncio.run(many())
     assert {d.address for d in results} == {"203.0.113.9"}

@@ -1,0 +1,371 @@
+"""``egress run -- CMD``: run a command whose only network route is the gate.
+
+Order matters for failing closed: the policy is loaded and the sandbox is built (listeners inside,
+checked) *before* anything else; the command is released only once the gate serves those listeners.
+Any failure before that point tears the sandbox down and the command never runs (exit 125).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from proxy.emit import Emitter, JsonLineSink, Sink
+from proxy.sandbox import (
+    DEFAULT_DNS_PORT,
+    DEFAULT_PROXY_PORT,
+    EXIT_SETUP_FAILED,
+    SANDBOX_LOOPBACK,
+)
+from proxy.sandbox.env import ProxyAddress, proxy_environment
+from proxy.sandbox.namespace import Listener, Sandbox, SandboxError, SandboxSpec, exit_code
+from proxy.sandbox.summary import SummarySink
+
+log = logging.getLogger("egress.run")
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+NO_ISOLATION_WARNING = """\
+egress: WARNING: --no-isolation: the command runs WITHOUT a network namespace.
+egress: WARNING: HTTP(S)_PROXY is only a request: anything that ignores it reaches the network directly.
+egress: WARNING: use this for debugging only, never for untrusted code."""
+
+
+class RunError(Exception):
+    """Set-up failed before the command ran."""
+
+
+@dataclass
+class RunOptions:
+    argv: Sequence[str]
+    policy_path: Path | None = None
+    proxy_url: str | None = None
+    sandbox_id: str | None = None
+    quiet: bool = False
+    isolation: bool = True
+    nameservers: Sequence[str] | None = None
+    decision_log: str | None = None  # a file, "-" for stderr, None for none (the summary suffices)
+    proxy_port: int = DEFAULT_PROXY_PORT
+    dns_port: int | None = DEFAULT_DNS_PORT
+    dns_target: tuple[str, int] | None = None  # joined mode: where to relay DNS (unset: no DNS)
+    env: dict[str, str] | None = None
+    cwd: str | None = None
+    stdin: int | IO[Any] | None = None
+    stdout: int | IO[Any] | None = None
+    stderr: int | IO[Any] | None = None
+    sinks: Sequence[Sink] = ()
+    evidence: Callable[[list[Sink]], Any] | None = None  # build_emitter from the lead's evidence
+    on_ready: Callable[[Sandbox], None] | None = None  # tests/doctor: the sandbox is about to run
+    summary: SummarySink = field(default_factory=SummarySink)
+
+    def __post_init__(self) -> None:
+        if self.sandbox_id is None:
+            self.sandbox_id = new_sandbox_id()
+
+
+def new_sandbox_id() -> str:
+    return f"sbx-{secrets.token_hex(4)}"
+
+
+def _err(message: str) -> None:
+    sys.stderr.write(f"egress run: {message}\n")
+    sys.stderr.flush()
+
+
+def run(options: RunOptions) -> int:
+    """Run the command; return its exit status (128+N if killed by signal N, 125 if set-up failed)."""
+    if not options.argv:
+        _err("no command given (usage: egress run [OPTIONS] -- CMD [ARGS...])")
+        return EXIT_SETUP_FAILED
+    policy: Any = None
+    if options.proxy_url is None:
+        try:
+            policy = _load_policy(options.policy_path)
+        except RunError as exc:
+            _err(f"{exc}; the command was not run")
+            return EXIT_SETUP_FAILED
+    if not options.isolation:
+        sys.stderr.write(NO_ISOLATION_WARNING + "\n")
+        return _run_unisolated(options, policy)
+    tty = _foreground_tty()
+    listeners = [Listener("proxy", "tcp", options.proxy_port)]
+    with_dns = options.dns_port is not None and (
+        options.proxy_url is None or options.dns_target is not None
+    )
+    if with_dns:
+        assert options.dns_port is not None
+        listeners += [
+            Listener("dns-udp", "udp", options.dns_port),
+            Listener("dns-tcp", "tcp", options.dns_port),
+        ]
+    inside = SANDBOX_LOOPBACK
+    if options.proxy_url is not None:
+        try:
+            upstream = ProxyAddress.parse(options.proxy_url)
+        except ValueError as exc:
+            _err(f"{exc}; the command was not run")
+            return EXIT_SETUP_FAILED
+        address = ProxyAddress(inside, options.proxy_port, upstream.username, upstream.password)
+    else:
+        upstream = None
+        address = ProxyAddress(inside, options.proxy_port)
+    env = proxy_environment(
+        options.env if options.env is not None else os.environ,
+        address,
+        sandbox_id=options.sandbox_id,
+    )
+    spec = SandboxSpec(
+        argv=list(options.argv), env=env, listeners=listeners, cwd=options.cwd, foreground_tty=tty
+    )
+    try:
+        sandbox = Sandbox.spawn(
+            spec, stdin=options.stdin, stdout=options.stdout, stderr=options.stderr
+        )
+    except SandboxError as exc:
+        _err(f"cannot isolate the command, so it was not run: {exc}")
+        return EXIT_SETUP_FAILED
+    try:
+        if upstream is not None:
+            code = _run_joined(options, sandbox, upstream)
+        else:
+            code = asyncio.run(_run_private(options, sandbox, policy))
+    finally:
+        sandbox.close_sockets()
+        if sandbox.returncode is None and sandbox.proc.poll() is None:
+            sandbox.kill()
+        _restore_tty(tty)
+    return code
+
+
+def _load_policy(path: Path | None) -> Any:
+    from proxy.loader import load_policy
+    from proxy.policy import PolicyError
+
+    if path is None:
+        from proxy.presets import preset_path
+
+        path = preset_path("default")
+    try:
+        return load_policy(path)
+    except PolicyError as exc:
+        problems = "; ".join(str(p) for p in exc.problems[:5])
+        raise RunError(f"policy {path} does not load: {problems}") from None
+    except OSError as exc:
+        raise RunError(f"cannot read policy {path}: {exc.strerror or exc}") from None
+
+
+def _sinks(options: RunOptions) -> list[Sink]:
+    sinks: list[Sink] = [options.summary, *options.sinks]
+    if options.decision_log == "-":
+        sinks.append(JsonLineSink(stream=sys.stderr))
+    elif options.decision_log:
+        sinks.append(JsonLineSink(path=options.decision_log))
+    return sinks
+
+
+async def _start_gate(options: RunOptions, policy: Any, emitter: Emitter, metrics: Any) -> Any:
+    from addons.master import Gate, GateConfig
+    from proxy.resolver import Resolver
+
+    resolver = Resolver(nameservers=list(options.nameservers) if options.nameservers else None)
+    gate = Gate(
+        GateConfig(listen_host="127.0.0.1", listen_port=0, sandbox_id=options.sandbox_id),
+        lambda: policy,
+        emitter,
+        resolver,
+        metrics=metrics,
+    )
+    await gate.start()
+    return gate, resolver
+
+
+async def _run_private(options: RunOptions, sandbox: Sandbox, policy: Any) -> int:
+    """The gate runs in this process and accepts on the sandbox's own listeners: no relay."""
+    from proxy.dnsgate import DnsGate
+
+    evidence = options.evidence(_sinks(options)) if options.evidence else None
+    emitter: Emitter = evidence.emitter if evidence else Emitter(_sinks(options))
+    metrics = evidence.metrics if evidence else None
+    gate: Any = None
+    dns: DnsGate | None = None
+    try:
+        if evidence is not None:
+            await evidence.start()
+        gate, resolver = await _start_gate(options, policy, emitter, metrics)
+        await gate.add_listener(sandbox.sockets["proxy"], sandbox_id=options.sandbox_id)
+        if "dns-udp" in sandbox.sockets:
+            dns = DnsGate(lambda: policy, resolver, emitter, sandbox_id=options.sandbox_id)
+            await dns.serve_udp(sock=sandbox.sockets["dns-udp"])
+            await dns.serve_tcp(sock=sandbox.sockets["dns-tcp"])
+    except Exception as exc:
+        log.debug("gate start-up failed", exc_info=True)
+        sandbox.abort()
+        _err(f"the gate did not start, so the command was not run: {exc}")
+        await _stop(gate, dns, evidence, emitter)
+        return EXIT_SETUP_FAILED
+    try:
+        if options.on_ready:
+            options.on_ready(sandbox)
+        sandbox.start()
+        code = await _wait(sandbox)
+    finally:
+        await _stop(gate, dns, evidence, emitter)
+    if not options.quiet:
+        sys.stderr.write(options.summary.render(str(options.sandbox_id)) + "\n")
+    return code
+
+
+async def _stop(gate: Any, dns: Any, evidence: Any, emitter: Emitter) -> None:
+    if dns is not None:
+        dns.close()
+        with contextlib.suppress(Exception):
+            await dns.wait_closed()
+    if gate is not None:
+        with contextlib.suppress(Exception):
+            await gate.stop()
+    if evidence is not None:
+        with contextlib.suppress(Exception):
+            await evidence.close()
+    else:
+        emitter.close()
+
+
+async def _wait(sandbox: Sandbox) -> int:
+    """Wait for the sandbox to exit, forwarding the launcher's signals to it."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    pidfd = os.pidfd_open(sandbox.pid)
+    loop.add_reader(pidfd, lambda: done.done() or done.set_result(None))
+    for sig in FORWARDED_SIGNALS:
+        loop.add_signal_handler(sig, sandbox.send_signal, sig)
+    try:
+        await done
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        for sig in FORWARDED_SIGNALS:
+            loop.remove_signal_handler(sig)
+    return sandbox.wait(10)
+
+
+def _run_joined(options: RunOptions, sandbox: Sandbox, upstream: ProxyAddress) -> int:
+    """A shared gate elsewhere: relay the sandbox's listeners to it from the host namespace."""
+    from proxy.sandbox.bridge import Relay
+
+    relays = [Relay(sandbox.sockets["proxy"], (upstream.host, upstream.port)).start()]
+    if options.dns_target is not None and "dns-tcp" in sandbox.sockets:
+        relays.append(Relay(sandbox.sockets["dns-tcp"], options.dns_target).start())
+        relays.append(_udp_relay(sandbox.sockets["dns-udp"], options.dns_target))
+    previous = {sig: signal.getsignal(sig) for sig in FORWARDED_SIGNALS}
+    try:
+        for sig in FORWARDED_SIGNALS:
+            signal.signal(sig, lambda s, _f: sandbox.send_signal(s))
+        if options.on_ready:
+            options.on_ready(sandbox)
+        sandbox.start()
+        code = sandbox.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for relay in relays:
+            relay.close()
+    if not options.quiet:
+        stats = relays[0].stats
+        sys.stderr.write(
+            f"egress: sandbox {options.sandbox_id}: {stats.accepted} connection(s) relayed to the "
+            f"gate at {upstream.hostport}"
+            + (f", {stats.refused} over the connection limit" if stats.refused else "")
+            + (f", {stats.failed} could not reach it" if stats.failed else "")
+            + "; its decision log has the details\n"
+        )
+    return code
+
+
+def _udp_relay(sock: Any, target: tuple[str, int]) -> Any:
+    from proxy.sandbox.bridge import UdpRelay
+
+    return UdpRelay(sock, target).start()
+
+
+def _run_unisolated(options: RunOptions, policy: Any) -> int:
+    """--no-isolation: the same gate and environment, no namespace. Loudly not a boundary."""
+    import subprocess
+
+    if options.proxy_url is not None:
+        address = ProxyAddress.parse(options.proxy_url)
+        env = proxy_environment(options.env or os.environ, address, sandbox_id=options.sandbox_id)
+        proc = subprocess.Popen(list(options.argv), env=env, cwd=options.cwd)
+        return _wait_plain(proc)
+    return asyncio.run(_run_unisolated_private(options, policy))
+
+
+async def _run_unisolated_private(options: RunOptions, policy: Any) -> int:
+    emitter = Emitter(_sinks(options))
+    gate, _ = await _start_gate(options, policy, emitter, None)
+    try:
+        host, port = gate.listen_address
+        env = proxy_environment(
+            options.env or os.environ, ProxyAddress(host, port), sandbox_id=options.sandbox_id
+        )
+        proc = await asyncio.create_subprocess_exec(
+            *options.argv,
+            env=env,
+            cwd=options.cwd,
+            stdin=options.stdin,
+            stdout=options.stdout,
+            stderr=options.stderr,
+        )
+        loop = asyncio.get_running_loop()
+        for sig in FORWARDED_SIGNALS:
+            loop.add_signal_handler(sig, proc.send_signal, sig)
+        status = await proc.wait()
+    finally:
+        await gate.stop()
+        emitter.close()
+    if not options.quiet:
+        sys.stderr.write(options.summary.render(str(options.sandbox_id)) + "\n")
+        sys.stderr.write("egress: WARNING: this run was NOT isolated (--no-isolation)\n")
+    return exit_code(status)
+
+
+def _wait_plain(proc: Any) -> int:
+    previous = {sig: signal.getsignal(sig) for sig in FORWARDED_SIGNALS}
+    try:
+        for sig in FORWARDED_SIGNALS:
+            signal.signal(sig, lambda s, _f: proc.send_signal(s))
+        return exit_code(proc.wait())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _foreground_tty() -> int | None:
+    """The terminal fd to give the command, if we run in the terminal's foreground process group."""
+    for fd in (0, 1, 2):
+        try:
+            if os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp():
+                return fd
+        except OSError:
+            continue
+    return None
+
+
+def _restore_tty(fd: int | None) -> None:
+    """Take the terminal back from the command's (now empty) process group."""
+    if fd is None:
+        return
+    previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    try:
+        with contextlib.suppress(OSError):
+            os.tcsetpgrp(fd, os.getpgrp())
+    finally:
+        signal.signal(signal.SIGTTOU, previous)
