@@ -31,6 +31,7 @@ from proxy.decision import Decision, Kind, Reason, Request, Verdict
 from proxy.emit import Emitter
 from proxy.engine import decide, refuse
 from proxy.hosts import InvalidHost, canonical_host
+from proxy.identity import Identities
 from proxy.policy import Policy
 from proxy.resolver import Destination, DestinationRefused
 
@@ -65,6 +66,8 @@ class ClientState:
     """What the gate knows about one client connection, kept for the connection's lifetime."""
 
     sandbox_id: str | None
+    policy: Callable[[], Policy] | None = None  # per-sandbox policy once the client is identified
+    authenticated: bool = False  # attributed by its listener or by a valid proxy credential
     started: float = field(default_factory=time.monotonic)
     tunnel: Decision | None = None  # the allowed CONNECT decision, once there is one
     opened: Decision | None = None  # the decision a counted upstream connection was opened under
@@ -85,9 +88,13 @@ class GateAddon:
         *,
         sandbox_id: str | None = None,
         observer: Observer | None = None,
+        identities: Identities | None = None,
+        sandbox_policies: dict[str, Callable[[], Policy]] | None = None,
     ) -> None:
         self._policy = policy
         self.observer = observer
+        self.identities = identities
+        self.sandbox_policies = sandbox_policies or {}
         self.emitter = emitter
         self.destinations = destinations
         self.default_sandbox_id = sandbox_id
@@ -96,8 +103,42 @@ class GateAddon:
     # -- connection lifecycle ------------------------------------------------------------------
 
     def client_connected(self, client: connection.Client) -> None:
-        sandbox = current_sandbox.get() or self.default_sandbox_id
-        self.clients[client.id] = ClientState(sandbox_id=sandbox)
+        listener_sandbox = current_sandbox.get()
+        sandbox = listener_sandbox or self.default_sandbox_id
+        self.clients[client.id] = ClientState(
+            sandbox_id=sandbox,
+            policy=self.sandbox_policies.get(sandbox) if sandbox else None,
+            authenticated=listener_sandbox is not None,
+        )
+
+    def policy_for(self, state: ClientState) -> Policy:
+        return (state.policy or self._policy)()
+
+    def _identify(self, flow: http.HTTPFlow, state: ClientState) -> bool:
+        """On a shared gate every request must prove its sandbox with a proxy credential. The header is
+        always removed so a credential never travels upstream (threat 12)."""
+        header = flow.request.headers.pop("proxy-authorization", None)
+        if self.identities is None or state.authenticated:
+            return True
+        sandbox = self.identities.authenticate(header)
+        if sandbox is None:
+            return False
+        if state.sandbox_id is not None and state.sandbox_id != sandbox.id:
+            return False  # one connection, one identity: no switching mid-connection
+        state.sandbox_id = sandbox.id
+        state.policy = self.sandbox_policies.get(sandbox.id)
+        return True
+
+    def _auth_refusal(self, flow: http.HTTPFlow, request: Request, state: ClientState) -> None:
+        decision = self.emitter.emit(
+            refuse(
+                request,
+                self.policy_for(state),
+                Reason.PROXY_AUTH_REQUIRED,
+                "this shared gate needs a per-sandbox credential (HTTPS_PROXY=http://ID:TOKEN@host:port)",
+            )
+        )
+        flow.response = refusal_response(decision, status=407)
 
     def client_disconnected(self, client: connection.Client) -> None:
         state = self.clients.pop(client.id, None)
@@ -134,6 +175,7 @@ class GateAddon:
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         state = self._state(flow.client_conn)
+        identified = self._identify(flow, state)
         request = Request(
             kind=Kind.CONNECT,
             host=flow.request.host,
@@ -142,6 +184,9 @@ class GateAddon:
             client=_peer(flow.client_conn),
             sandbox_id=state.sandbox_id,
         )
+        if not identified:
+            self._auth_refusal(flow, request, state)
+            return
         decision = await self._decide_and_pin(request, state)
         if decision.allowed:
             state.tunnel = decision
@@ -160,6 +205,7 @@ class GateAddon:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         strip_egress_headers(flow.request.headers)
         state = self._state(flow.client_conn)
+        identified = self._identify(flow, state)
         request = Request(
             kind=Kind.HTTP,
             host=flow.request.host,
@@ -169,10 +215,13 @@ class GateAddon:
             client=_peer(flow.client_conn),
             sandbox_id=state.sandbox_id,
         )
+        if not identified:
+            self._auth_refusal(flow, request, state)
+            return
         problem = self._http_framing_problem(flow, state)
         if problem is not None:
             reason, detail = problem
-            decision = self.emitter.emit(refuse(request, self._policy(), reason, detail))
+            decision = self.emitter.emit(refuse(request, self.policy_for(state), reason, detail))
         else:
             decision = await self._decide_and_pin(request, state)
         if not decision.allowed:
@@ -225,7 +274,7 @@ class GateAddon:
     async def _decide_and_pin(self, request: Request, state: ClientState) -> Decision:
         """Policy first, then the destination check, then the emitter; returns what must be enforced."""
         started = time.perf_counter()
-        policy = self._policy()
+        policy = self.policy_for(state)
         decision = decide(request, policy)
         if decision.allowed and request.port is not None:
             try:
@@ -302,7 +351,7 @@ class GateAddon:
             client=_peer(client),
             sandbox_id=state.sandbox_id,
         )
-        policy = self._policy()
+        policy = self.policy_for(state)
         if violation is not None:
             decision = refuse(request, policy, violation[0], violation[1], rule=tunnel.rule)
         else:

@@ -22,6 +22,7 @@ from mitmproxy.master import Master
 from addons.gate import Destinations, GateAddon, Observer, current_sandbox
 from addons.layers import GateLayers
 from proxy.emit import Emitter
+from proxy.identity import Identities
 from proxy.policy import Policy
 
 log = logging.getLogger(__name__)
@@ -69,11 +70,19 @@ class Gate:
         destinations: Destinations,
         *,
         observer: Observer | None = None,
+        identities: Identities | None = None,
+        sandbox_policies: dict[str, Callable[[], Policy]] | None = None,
     ) -> None:
         self.config = config
         self.emitter = emitter
         self.addon = GateAddon(
-            policy, emitter, destinations, sandbox_id=config.sandbox_id, observer=observer
+            policy,
+            emitter,
+            destinations,
+            sandbox_id=config.sandbox_id,
+            observer=observer,
+            identities=identities,
+            sandbox_policies=sandbox_policies,
         )
         self.master: Master | None = None
         self._task: asyncio.Task[None] | None = None

@@ -57,16 +57,15 @@ def refusal_text(decision: Decision) -> str:
     return "\n".join(lines) + "\n"
 
 
-def refusal_response(decision: Decision) -> http.Response:
-    return http.Response.make(
-        403,
-        refusal_text(decision),
-        {
-            "Content-Type": "text/plain; charset=utf-8",
-            "X-Egress-Decision": str(decision.decision),
-            "X-Egress-Rule": decision.rule or "-",
-            "X-Egress-Reason": str(decision.reason),
-            "X-Egress-Decision-Id": decision.id,
-            "Cache-Control": "no-store",
-        },
-    )
+def refusal_response(decision: Decision, status: int = 403) -> http.Response:
+    headers = {
+        "Content-Type": "text/plain; charset=utf-8",
+        "X-Egress-Decision": str(decision.decision),
+        "X-Egress-Rule": decision.rule or "-",
+        "X-Egress-Reason": str(decision.reason),
+        "X-Egress-Decision-Id": decision.id,
+        "Cache-Control": "no-store",
+    }
+    if status == 407:
+        headers["Proxy-Authenticate"] = 'Basic realm="agent-egress"'
+    return http.Response.make(status, refusal_text(decision), headers)

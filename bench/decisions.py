@@ -164,12 +164,12 @@ def main() -> int:
     gc.unfreeze()
 
     header = ("policy", "decisions/s", "p50 us", "p99 us", "p99 vs 10 rules")
-    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
-    for r in [header, *rows]:
+    widths = [max(len(line[c]) for line in [header, *rows]) for c in range(len(header))]
+    for line in [header, *rows]:
         print(
             "  ".join(
                 cell.rjust(w) if c else cell.ljust(w)
-                for c, (cell, w) in enumerate(zip(r, widths, strict=True))
+                for c, (cell, w) in enumerate(zip(line, widths, strict=True))
             )
         )
     verdict = "ok" if worst_p99 <= TARGET_P99_US else "OVER TARGET"

@@ -50,8 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help=f"proxy listener (default {DEFAULT_LISTEN})",
     )
+    serve.add_argument(
+        "--sandboxes",
+        metavar="FILE",
+        default=None,
+        help="shared gate: require a per-sandbox proxy credential listed in FILE (see `egress token`)",
+    )
     _gate_args(serve)
     serve.set_defaults(func=_cmd_serve)
+
+    token = sub.add_parser(
+        "token",
+        help="create a sandbox credential for a shared gate's --sandboxes file",
+        description="Print a new random token for sandbox ID and the line to add to the --sandboxes file.",
+    )
+    token.add_argument("sandbox_id", metavar="ID")
+    token.set_defaults(func=_cmd_token)
 
     check = sub.add_parser(
         "check",
@@ -208,6 +222,21 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
     from proxy.audit import run
 
     return run(args.files)
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    from proxy.identity import SANDBOX_ID, new_token, token_digest
+
+    if not SANDBOX_ID.match(args.sandbox_id):
+        print(f"error: sandbox id must match {SANDBOX_ID.pattern}", file=sys.stderr)
+        return EXIT_ERROR
+    token = new_token()
+    print(f"token: {token}")
+    print(f"proxy URL for the sandbox: http://{args.sandbox_id}:{token}@GATE_HOST:3128")
+    print("add to the --sandboxes file:")
+    print(f"  - id: {args.sandbox_id}")
+    print(f"    token_sha256: {token_digest(token)}")
+    return EXIT_OK
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

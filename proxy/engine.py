@@ -41,13 +41,30 @@ _GRANT_HINT = "a human can grant access by adding a rule to the egress policy"
 
 
 def render_host(raw: object) -> str:
-    """A form of untrusted input that is safe in logs, headers and metric labels: ASCII, no control
-    characters, bounded length. Used only for hosts that failed canonicalisation."""
+    """A form of untrusted input that is safe in logs, headers and metric labels: printable ASCII,
+    unambiguous escapes (a backslash is doubled), at most MAX_RENDERED_HOST characters plus "...".
+    Used only for hosts that failed canonicalisation, so its cost is off the hot path."""
     text = raw if isinstance(raw, str) else repr(raw)
-    cut = len(text) > MAX_RENDERED_HOST
-    escaped = text[:MAX_RENDERED_HOST].encode("ascii", "backslashreplace").decode("ascii")
-    escaped = "".join(c if " " <= c < "\x7f" else f"\\x{ord(c):02x}" for c in escaped)
-    return escaped + "..." if cut else escaped
+    out: list[str] = []
+    used = 0
+    for ch in text:
+        piece = _escape(ch)
+        if used + len(piece) > MAX_RENDERED_HOST:
+            return "".join(out) + "..."
+        out.append(piece)
+        used += len(piece)
+    return "".join(out)
+
+
+def _escape(ch: str) -> str:
+    if " " <= ch < "\x7f":
+        return "\\\\" if ch == "\\" else ch
+    code = ord(ch)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
 
 
 def _where(host: str, port: int | None) -> str:
@@ -74,13 +91,14 @@ def decide(request: Request, policy: Policy) -> Decision:
     host = target if isinstance(target, str) else str(target)
 
     # (2) TLS: the name in the ClientHello must be the name the tunnel was allowed for.
-    if request.kind is Kind.TLS:
+    # `==`, not `is`: a kind passed as the plain string 'tls' must not skip the SNI checks.
+    if request.kind == Kind.TLS:
         refusal = _check_sni(request.sni, host, is_name)
         if refusal is not None:
             reason, detail = refusal
             return _make(request, policy, Verdict.DENY, reason, None, host, detail)
 
-    dns = request.kind is Kind.DNS
+    dns = request.kind == Kind.DNS
     # A missing port on a non-DNS request matches no listed port (fail closed), only deny-all rules.
     port = None if dns else (request.port if request.port is not None else 0)
     shown_port = None if dns else request.port

@@ -53,6 +53,33 @@ class HostPattern:
         return _PREFIX[self.kind] + self.base
 
 
+# Suffixes under which anyone can get a name, missing from publicsuffix2's bundled (2019-12) copy
+# of the Public Suffix List because they were added later. A wildcard over any of them would allow
+# every tenant of the platform, attackers included.
+EXTRA_PUBLIC_SUFFIXES = frozenset(
+    {
+        "codeberg.page",
+        "deno.dev",
+        "fly.dev",
+        "hf.space",
+        "loca.lt",
+        "netlify.app",
+        "ngrok-free.app",
+        "ngrok-free.dev",
+        "ngrok.app",
+        "ngrok.dev",
+        "pages.dev",
+        "r2.dev",
+        "replit.app",
+        "replit.dev",
+        "streamlit.app",
+        "surge.sh",
+        "up.railway.app",
+        "vercel.app",
+    }
+)
+
+
 @functools.cache
 def _public_suffixes() -> object:
     # publicsuffix2 ships with mitmproxy, so the list costs no new dependency; it is parsed once (~70 ms)
@@ -68,6 +95,8 @@ def is_public_suffix(name: str) -> bool:
     Unknown single labels count as public suffixes (the list's implicit ``*`` rule): ``*.internal`` is as
     wide as ``*.com`` from a policy's point of view.
     """
+    if name in EXTRA_PUBLIC_SUFFIXES:
+        return True
     psl = _public_suffixes()
     suffix: str | None = psl.get_tld(name, wildcard=True, strict=False)  # type: ignore[attr-defined]
     return suffix is None or suffix == name
@@ -105,6 +134,12 @@ def parse_host_pattern(text: str) -> HostPattern:
 
 @dataclass(frozen=True, slots=True)
 class Rule:
+    """One allow or deny rule, as loaded. ``ports=None`` means every port.
+
+    The loader gives allow rules ``{443}`` and deny rules ``None`` when the file lists no ports; code
+    that builds rules directly must pass ``ports=None`` for a deny-every-port rule itself.
+    """
+
     name: str
     action: Action = Action.ALLOW
     hosts: tuple[HostPattern, ...] = ()

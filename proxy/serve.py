@@ -18,6 +18,7 @@ from typing import Any
 
 from proxy.cli import EXIT_ERROR, default_policy_path, load_policy_or_exit
 from proxy.emit import JsonLineSink, Sink
+from proxy.identity import Identities, IdentityError
 from proxy.policy import Policy
 from proxy.reload import PolicyHolder
 
@@ -57,6 +58,19 @@ def serve_main(args: argparse.Namespace) -> int:
         return EXIT_ERROR
 
 
+def load_sandboxes(path: str | None) -> tuple[Identities | None, dict[str, PolicyHolder]]:
+    """Identities for a shared gate and a policy holder for each sandbox that names its own policy."""
+    if path is None:
+        return None, {}
+    identities = Identities.load(Path(path))
+    holders: dict[str, PolicyHolder] = {}
+    for sandbox in identities.by_id.values():
+        if sandbox.policy is not None:
+            own: Policy = load_policy_or_exit(str(sandbox.policy))  # type: ignore[assignment]
+            holders[sandbox.id] = PolicyHolder(sandbox.policy, own)
+    return identities, holders
+
+
 async def _serve(args: argparse.Namespace, policy: Policy, listen: tuple[str, int]) -> int:
     from addons.master import Gate, GateConfig
     from proxy.evidence import EvidenceError, build_emitter
@@ -79,6 +93,19 @@ async def _serve(args: argparse.Namespace, policy: Policy, listen: tuple[str, in
 
     holder = PolicyHolder(path, policy, on_reload=on_reload)
     evidence.metrics.policy_loaded(policy.version, [r.name for r in policy.rules], policy.mode)
+    try:
+        identities, sandbox_policies = load_sandboxes(args.sandboxes)
+    except (IdentityError, SystemExit) as exc:
+        if isinstance(exc, IdentityError):
+            print(f"error: {exc}", file=sys.stderr)
+        evidence.close()
+        return EXIT_ERROR
+    holders = [holder, *sandbox_policies.values()]
+
+    def reload_all() -> None:
+        for each in holders:
+            each.reload()
+
     resolver = Resolver(nameservers=args.nameserver)
     gate = Gate(
         GateConfig(listen_host=listen[0], listen_port=listen[1]),
@@ -86,12 +113,14 @@ async def _serve(args: argparse.Namespace, policy: Policy, listen: tuple[str, in
         evidence.emitter,
         resolver,
         observer=evidence,
+        identities=identities,
+        sandbox_policies=dict(sandbox_policies),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, holder.reload)
+    loop.add_signal_handler(signal.SIGHUP, reload_all)
     try:
         evidence.start()
         await gate.start()
@@ -102,6 +131,7 @@ async def _serve(args: argparse.Namespace, policy: Policy, listen: tuple[str, in
             "version": policy.version,
             "rules": len(policy.rules),
             "mode": str(policy.mode),
+            "sandboxes": len(identities.by_id) if identities else "any",
         }
         log.warning("agent-egress gate ready %s", " ".join(f"{k}={v}" for k, v in info.items()))
         await stop.wait()

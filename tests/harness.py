@@ -226,6 +226,7 @@ class RunningGate:
         sinks: Sequence[Sink] = (),
         *,
         resolver_kwargs: dict[str, Any] | None = None,
+        gate_kwargs: dict[str, Any] | None = None,
     ) -> None:
         from proxy.loader import load_policy
 
@@ -235,6 +236,7 @@ class RunningGate:
         self.emitter = Emitter([self.memory, *sinks])
         self.nameservers = list(nameservers)
         self.resolver_kwargs = resolver_kwargs or {}
+        self.gate_kwargs = gate_kwargs or {}
         self.port = 0
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -269,6 +271,7 @@ class RunningGate:
             lambda: self.policy,
             self.emitter,
             resolver,
+            **self.gate_kwargs,
         )
         await self.gate.start()
         self.port = self.gate.listen_address[1]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import secrets
@@ -172,7 +173,7 @@ def _sinks(options: RunOptions) -> list[Sink]:
     return sinks
 
 
-async def _start_gate(options: RunOptions, policy: Any, emitter: Emitter, metrics: Any) -> Any:
+async def _start_gate(options: RunOptions, policy: Any, emitter: Emitter, observer: Any) -> Any:
     from addons.master import Gate, GateConfig
     from proxy.resolver import Resolver
 
@@ -182,7 +183,7 @@ async def _start_gate(options: RunOptions, policy: Any, emitter: Emitter, metric
         lambda: policy,
         emitter,
         resolver,
-        metrics=metrics,
+        observer=observer,
     )
     await gate.start()
     return gate, resolver
@@ -194,13 +195,12 @@ async def _run_private(options: RunOptions, sandbox: Sandbox, policy: Any) -> in
 
     evidence = options.evidence(_sinks(options)) if options.evidence else None
     emitter: Emitter = evidence.emitter if evidence else Emitter(_sinks(options))
-    metrics = evidence.metrics if evidence else None
     gate: Any = None
     dns: DnsGate | None = None
     try:
         if evidence is not None:
-            await evidence.start()
-        gate, resolver = await _start_gate(options, policy, emitter, metrics)
+            await _maybe_await(evidence.start())
+        gate, resolver = await _start_gate(options, policy, emitter, evidence)
         await gate.add_listener(sandbox.sockets["proxy"], sandbox_id=options.sandbox_id)
         if "dns-udp" in sandbox.sockets:
             dns = DnsGate(lambda: policy, resolver, emitter, sandbox_id=options.sandbox_id)
@@ -234,9 +234,14 @@ async def _stop(gate: Any, dns: Any, evidence: Any, emitter: Emitter) -> None:
             await gate.stop()
     if evidence is not None:
         with contextlib.suppress(Exception):
-            await evidence.close()
+            await _maybe_await(evidence.close())
     else:
         emitter.close()
+
+
+async def _maybe_await(result: Any) -> None:
+    if inspect.isawaitable(result):
+        await result
 
 
 async def _wait(sandbox: Sandbox) -> int:

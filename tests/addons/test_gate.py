@@ -339,3 +339,57 @@ def _read_body(sock: socket.socket, head: bytes) -> bytes:
             break
         rest += chunk
     return rest
+
+
+# -- shared gate: per-sandbox identities ----------------------------------------------------------------
+
+
+def test_shared_gate_requires_a_sandbox_credential_and_applies_its_policy(
+    write_policy: Callable[[str], Path],
+    start_gate: Callable[..., RunningGate],
+    fake_dns: FakeDns,
+    http_upstream: Upstream,
+    tmp_path: Path,
+) -> None:
+    from proxy.identity import Identities, token_digest
+    from proxy.loader import load_policy
+
+    fake_dns.set("allowed.test", "A", ["127.0.0.1"])
+    port = http_upstream.port
+    open_policy = _policy(write_policy, port)
+    closed = write_policy("version: 1\nrules:\n  - name: nothing\n    hosts: [nothing.test]\n")
+    sandboxes = tmp_path / "sandboxes.yaml"
+    sandboxes.write_text(
+        "version: 1\nsandboxes:\n"
+        f"  - id: alpha\n    token_sha256: {token_digest('tok-a')}\n"
+        f"  - id: beta\n    token_sha256: {token_digest('tok-b')}\n    policy: {closed.name}\n"
+    )
+    beta_policy = load_policy(closed)
+    gate = start_gate(
+        open_policy,
+        gate_kwargs={
+            "identities": Identities.load(sandboxes),
+            "sandbox_policies": {"beta": lambda: beta_policy},
+        },
+    )
+    url = f"http://allowed.test:{port}/x"
+
+    anonymous = curl(url, gate.url)
+    assert anonymous.status == 407
+    assert anonymous.headers["x-egress-reason"] == "proxy-auth-required"
+    forged = curl(url, gate.url, "--proxy-user", "alpha:tok-b")
+    assert forged.status == 407
+    assert http_upstream.accepted == 0
+
+    alpha = curl(url, gate.url, "--proxy-user", "alpha:tok-a")
+    assert alpha.status == 200
+    assert _last(gate, "http").sandbox_id == "alpha"
+    (_, _, headers) = http_upstream.requests[-1]
+    assert "proxy-authorization" not in headers  # the credential never travels upstream
+
+    beta = curl(url, gate.url, "--proxy-user", "beta:tok-b")
+    assert beta.status == 403  # beta's own policy does not list allowed.test
+    decision = _last(gate, "http")
+    assert (decision.sandbox_id, decision.reason) == ("beta", Reason.NO_MATCHING_RULE)
+    assert decision.policy_version == beta_policy.version
+    assert http_upstream.accepted == 1

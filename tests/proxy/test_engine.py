@@ -194,7 +194,7 @@ def test_invalid_host_is_rendered_safely(policy: Policy) -> None:
     assert decision.reason is Reason.INVALID_HOST
     assert decision.host.isascii() and decision.host.isprintable()
     assert "\n" not in decision.host and "\r" not in decision.host
-    assert len(decision.host) <= 260 * 6
+    assert len(decision.host) <= 256 + 3
     assert decision.host.endswith("...")
     assert decision.detail is not None and "\n" not in decision.detail
     assert json.loads(json.dumps(decision.to_dict()))["host"] == decision.host
@@ -209,10 +209,15 @@ def test_invalid_host_is_rendered_safely(policy: Policy) -> None:
         ("del\x7f", "del\\x7f"),
         ("ü", "\\xfc"),
         ("\u202e", "\\u202e"),
+        ("back\\slash", "back\\\\slash"),
+        ("\U0001f600", "\\U0001f600"),
         ("x" * 300, "x" * 256 + "..."),
+        ("x" * 256, "x" * 256),
+        ("\n" * 100, "\\x0a" * 64 + "..."),
+        (b"bytes", "b'bytes'"),
     ],
 )
-def test_render_host(raw: str, shown: str) -> None:
+def test_render_host(raw: object, shown: str) -> None:
     assert render_host(raw) == shown
 
 
@@ -244,6 +249,13 @@ def test_tls(policy: Policy, host: str, sni: str | None, reason: Reason, rule: s
     assert decision.decision is (
         Verdict.ALLOW if reason is Reason.ALLOWED_BY_RULE else Verdict.DENY
     )
+
+
+def test_kind_given_as_plain_string_is_still_checked(policy: Policy) -> None:
+    request = Request("tls", "pypi.org", 443, sni="evil.com")  # type: ignore[arg-type]
+    assert decide(request, policy).reason is Reason.SNI_MISMATCH
+    dns = Request("dns", "github.com", None)  # type: ignore[arg-type]
+    assert decide(dns, policy).reason is Reason.ALLOWED_BY_RULE
 
 
 def test_sni_is_not_checked_for_other_kinds(policy: Policy) -> None:

@@ -49,7 +49,11 @@ def test_flags_and_defaults() -> None:
         "--journal", "/tmp/j", "--journal-fsync", "always", "--journal-max-bytes", "4096",
         "--audit-required", "--metrics", "[::1]:9999", "--no-metrics",
     )  # fmt: skip
-    assert (args.otlp_protocol, args.journal_fsync, args.journal_max_bytes) == ("grpc", "always", 4096)
+    assert (args.otlp_protocol, args.journal_fsync, args.journal_max_bytes) == (
+        "grpc",
+        "always",
+        4096,
+    )
     assert args.audit_required and args.no_metrics and args.metrics == "[::1]:9999"
     with pytest.raises(SystemExit):
         parse("--otlp-protocol", "thrift")
@@ -88,8 +92,8 @@ def test_everything_on_end_to_end(tmp_path: Path) -> None:
             with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as resp:
                 body = resp.read().decode()
             assert (
-                'egress_decisions_total{decision="allow",rule="pypi",reason="allowed-by-rule",'
-                'kind="connect"} 1.0' in body
+                'egress_decisions_total{decision="allow",kind="connect",reason="allowed-by-rule",'
+                'rule="pypi"} 1.0' in body
             )
             assert 'egress_bytes_total{direction="in",rule="pypi"} 2000.0' in body
             assert "egress_journal_writes_total 2.0" in body
@@ -147,6 +151,8 @@ def test_audit_required_denies_when_the_journal_is_unwritable(tmp_path: Path) ->
         evidence.close()
     assert out.decision is Verdict.DENY and out.reason is Reason.AUDIT_UNAVAILABLE
     assert (
-        evidence.metrics.registry.get_sample_value("egress_journal_errors_total", {"error": "other"})
+        evidence.metrics.registry.get_sample_value(
+            "egress_journal_errors_total", {"error": "other"}
+        )
         == 1
     )

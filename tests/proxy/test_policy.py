@@ -53,7 +53,8 @@ INVALID = [
     ("**.co.uk", "public suffix 'co.uk'"),
     ("*.github.io", "public suffix 'github.io'"),
     ("*.s3.amazonaws.com", "public suffix 's3.amazonaws.com'"),
-    ("*.internal", "public suffix 'internal'"),  # unknown TLDs count as public suffixes
+    ("*.internal", "public suffix 'internal'"),
+    ("**.pages.dev", "public suffix 'pages.dev'"),  # unknown TLDs count as public suffixes
     ("*.xn--p1ai", "public suffix 'xn--p1ai'"),
     ("*.рф", "public suffix 'xn--p1ai'"),
     ("a*.b.com", "only allowed as a whole leading label"),
@@ -97,6 +98,9 @@ def test_invalid_patterns(text: str, message: str) -> None:
         ("pythonhosted.org", False),
         ("user.github.io", False),
         ("archive.ubuntu.com", False),
+        ("pages.dev", True),  # newer than the bundled list: from the embedded supplement
+        ("vercel.app", True),
+        ("project.pages.dev", False),
     ],
 )
 def test_public_suffix(name: str, public: bool) -> None:

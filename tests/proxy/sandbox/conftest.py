@@ -1,0 +1,196 @@
+"""Real parts for the sandbox tests: counting listeners on the host's loopback, a stand-in gate,
+and a way to run Python probes inside a real sandbox."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from proxy.sandbox.namespace import Listener, Sandbox, SandboxSpec
+
+WAIT = 10.0
+
+
+class CountingTcp:
+    """A TCP listener on the host's 127.0.0.1 that counts accepted connections."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.bind((host, 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.port: int = self.sock.getsockname()[1]
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(WAIT)
+        self.sock.close()
+
+
+class CountingUdp:
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.sock.settimeout(0.2)
+        self.port: int = self.sock.getsockname()[1]
+        self.received = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                _, addr = self.sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.received += 1
+            with contextlib.suppress(OSError):
+                self.sock.sendto(b"answer", addr)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(WAIT)
+        self.sock.close()
+
+
+@pytest.fixture
+def host_tcp() -> Iterator[CountingTcp]:
+    server = CountingTcp()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def host_udp() -> Iterator[CountingUdp]:
+    server = CountingUdp()
+    yield server
+    server.stop()
+
+
+class StandIn:
+    """A stand-in gate: answers every connection on the sandbox's proxy listener with a marker."""
+
+    def __init__(self, sock: socket.socket, marker: bytes) -> None:
+        self.sock = sock
+        self.marker = marker
+        self.accepted = 0
+        self.sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            with conn:
+                conn.sendall(self.marker)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(WAIT)
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+    netns: int
+    helper_pid: int
+    data: dict[str, object] = field(default_factory=dict)
+
+
+LISTENERS = [
+    Listener("proxy", "tcp", 3128),
+    Listener("dns-udp", "udp", 53),
+    Listener("dns-tcp", "tcp", 53),
+]
+
+
+def run_in_sandbox(
+    argv: list[str],
+    *,
+    marker: bytes = b"stand-in gate\n",
+    env: dict[str, str] | None = None,
+    timeout: float = WAIT,
+) -> Result:
+    """Run argv in a real sandbox with a stand-in gate on its proxy listener; capture its output."""
+    spec = SandboxSpec(
+        argv=argv, env=env if env is not None else dict(os.environ), listeners=LISTENERS
+    )
+    sandbox = Sandbox.spawn(spec, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stand_in = StandIn(sandbox.sockets["proxy"], marker)
+    try:
+        sandbox.start()
+        out, err = sandbox.proc.communicate(timeout=timeout)
+        code = sandbox.wait(timeout)
+    finally:
+        stand_in.stop()
+        sandbox.close_sockets()
+        if sandbox.proc.poll() is None:
+            sandbox.kill()
+    result = Result(code, out.decode(), err.decode(), sandbox.netns_inode, sandbox.pid)
+    for line in result.stdout.splitlines():
+        if line.startswith("{"):
+            result.data = json.loads(line)
+    return result
+
+
+def probe(code: str, **kwargs: object) -> Result:
+    """Run a Python snippet inside the sandbox; it prints one JSON object as its last act."""
+    return run_in_sandbox([sys.executable, "-I", "-c", code], **kwargs)  # type: ignore[arg-type]
+
+
+def processes_in_netns(inode: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if os.stat(f"/proc/{entry}/ns/net").st_ino == inode:
+                found.append(int(entry))
+    return found
+
+
+@pytest.fixture
+def sandbox_runner() -> Callable[..., Result]:
+    return run_in_sandbox
+
+
+PYTHON_ACCESSIBLE: Path | None = None
