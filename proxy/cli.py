@@ -12,8 +12,12 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from proxy import __version__
+
+if TYPE_CHECKING:
+    from proxy.policy import Policy
 
 DEFAULT_LISTEN = "127.0.0.1:3128"
 DEFAULT_METRICS = "127.0.0.1:9464"
@@ -49,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_LISTEN,
         metavar="HOST:PORT",
         help=f"proxy listener (default {DEFAULT_LISTEN})",
+    )
+    serve.add_argument(
+        "--dns-listen",
+        metavar="HOST:PORT",
+        default=None,
+        help="also answer DNS (UDP and TCP) for sandboxes: allowed names only, nothing else is "
+        "ever queried upstream (default: off)",
     )
     serve.add_argument(
         "--sandboxes",
@@ -138,7 +149,7 @@ def _gate_args(parser: argparse.ArgumentParser) -> None:
     add_evidence_arguments(parser)
 
 
-def load_policy_or_exit(path: str | None) -> object:
+def load_policy_or_exit(path: str | None) -> Policy:
     from proxy.loader import load_policy
     from proxy.policy import PolicyError
 
@@ -204,7 +215,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     decision = decide(
         Request(kind=Kind(kind), host=host, port=port, method=method, path=path),
-        policy,  # type: ignore[arg-type]
+        policy,
     )
     if args.json:
         print(json.dumps(decision.to_dict(), ensure_ascii=True))

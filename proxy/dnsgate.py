@@ -25,6 +25,9 @@ Answers, by case (every query is exactly one decision, emitted through the share
 - Malformed packets: FORMERR when a header can be read, else dropped; responses and non-QUERY opcodes
   are dropped / NOTIMP. None of these reach upstream or carry a name to decide on.
 
+The upstream query is built afresh by the resolver: only the question name and type leave the box,
+never the client's id, flags or EDNS options (ECS, cookies, padding), which could carry data too.
+
 When the query uses EDNS, refusals carry an Extended DNS Error (RFC 8914) with the decision id and
 reason, so ``dig`` shows a human why. Sizes and concurrency are bounded (threat 13).
 """

@@ -68,7 +68,9 @@ def _escape(ch: str) -> str:
 
 
 def _where(host: str, port: int | None) -> str:
-    return host if port is None else f"{host}:{port}"
+    if port is None:
+        return host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def decide(request: Request, policy: Policy) -> Decision:

@@ -41,6 +41,7 @@ shorter chain. Compare the last ``seq`` with an external anchor (the exported OT
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -70,19 +71,33 @@ DECISION_EVENT = "egress.decision"
 _ROTATED = re.compile(r"^(?P<base>.+)\.(?P<index>\d{6,})$")
 
 
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+
+
 def canonical(body: dict[str, Any]) -> str:
-    """The exact text that is hashed: stable across Python versions and machines."""
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+    """The exact text that is hashed: sorted keys, no spaces, ASCII only (control characters and
+    non-ASCII escaped, so a hostile host name cannot forge a line)."""
+    return _ENCODER.encode(body)
 
 
 def record_hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(canonical(body).encode("ascii")).hexdigest()
 
 
+def _with_hash(text: str, digest: str) -> str:
+    return f'{text[:-1]}{"," if len(text) > 2 else ""}"hash":"{digest}"}}\n'
+
+
 def render(body: dict[str, Any], digest: str) -> str:
     """The line as written: the canonical body with ``hash`` appended last, newline-terminated."""
-    text = canonical(body)
-    return f'{text[:-1]}{"," if len(text) > 2 else ""}"hash":"{digest}"}}\n'
+    return _with_hash(canonical(body), digest)
+
+
+def seal(body: dict[str, Any]) -> tuple[str, bytes]:
+    """(hash, line) of a record, encoding it once."""
+    text = canonical(body).encode("ascii")
+    digest = hashlib.sha256(text).hexdigest()
+    return digest, _with_hash(text.decode("ascii"), digest).encode("ascii")
 
 
 def rotated_name(path: Path, index: int) -> Path:
@@ -144,6 +159,20 @@ def last_journaled() -> object:
     failed write. The OTel sink uses it to know whether the journal follower will export an item or it
     must export it itself because the journal could not write it."""
     return getattr(_journaled, "obj", None)
+
+
+DECISION_FIELDS = tuple(f.name for f in dataclasses.fields(Decision))
+
+
+def decision_fields(decision: Decision) -> dict[str, Any]:
+    """``Decision.to_dict()`` without ``asdict``'s deep copy (enums are str subclasses: JSON writes their
+    values), since this runs on the proxy's event loop for every decision."""
+    out = {}
+    for name in DECISION_FIELDS:
+        value = getattr(decision, name)
+        if value is not None:
+            out[name] = value
+    return out
 
 
 class Journal:
@@ -234,7 +263,7 @@ class Journal:
     # -- sink protocol -----------------------------------------------------------------------------
 
     def record(self, decision: Decision) -> None:
-        self.append({"event": DECISION_EVENT, **decision.to_dict()})
+        self.append({"event": DECISION_EVENT, **decision_fields(decision)})
         _journaled.obj = decision
 
     def event(self, name: str, attributes: dict[str, Any]) -> None:
@@ -258,8 +287,7 @@ class Journal:
             body = {k: v for k, v in fields.items() if k not in ("seq", "prev", "hash")}
             body["seq"] = self.seq + 1
             body["prev"] = self.prev
-            digest = record_hash(body)
-            data = render(body, digest).encode("ascii")
+            digest, data = seal(body)
             try:
                 self._write(data)
             except OSError as exc:

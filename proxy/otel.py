@@ -39,7 +39,13 @@ from opentelemetry.sdk._logs.export import LogRecordExporter, LogRecordExportRes
 from opentelemetry.sdk.resources import Resource
 
 from proxy.decision import Decision
-from proxy.journal import DECISION_EVENT, Journal, JournalFollower, last_journaled
+from proxy.journal import (
+    DECISION_EVENT,
+    Journal,
+    JournalFollower,
+    decision_fields,
+    last_journaled,
+)
 from proxy.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -57,7 +63,10 @@ _CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
 
 def scrub_text(value: object, limit: int = MAX_TEXT) -> str:
     """Escape control characters (so a value cannot forge log lines) and cap the length."""
-    text = str(value).translate(_CONTROL)
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit and text.isascii() and text.isprintable():
+        return text  # the common case, without building a new string
+    text = text.translate(_CONTROL)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -268,6 +277,10 @@ class ReliableExporter(LogRecordProcessor):
                 return
             if self.metrics is not None:
                 self.metrics.otlp_export_failures.inc()
+            with self._cond:
+                self._inflight = []
+                self._cond.notify_all()
+            return
             log.warning(
                 "OTLP export of %d events failed; retrying in %.1fs", len(self._inflight), backoff
             )
@@ -472,7 +485,7 @@ class OtelSink:
     def record(self, decision: Decision) -> None:
         if self.journal is not None and last_journaled() is decision:
             return  # the journal follower exports it from disk
-        self._emit_decision(decision.to_dict())
+        self._emit_decision(decision_fields(decision))
 
     def event(self, name: str, attributes: dict[str, Any]) -> None:
         if self.journal is not None and last_journaled() is attributes:
@@ -537,9 +550,19 @@ class OtelSink:
 
     def _follow(self) -> None:
         assert self._follower is not None
+        last_error = 0.0
         while not self._stop.is_set():
             room = self.processor.room()
-            records = self._follower.read(limit=min(room, 512)) if room > 0 else []
+            try:
+                records = self._follower.read(limit=min(room, 512)) if room > 0 else []
+            except OSError as exc:  # the journal's own errors are counted by the journal
+                if time.monotonic() - last_error > 30:
+                    log.error(
+                        "OTLP export cannot read the journal %s: %s", self._follower.path, exc
+                    )
+                    last_error = time.monotonic()
+                self._stop.wait(0.5)
+                continue
             for rec in records:
                 try:
                     if rec.get("event", DECISION_EVENT) == DECISION_EVENT:

@@ -43,7 +43,7 @@ def serve_main(args: argparse.Namespace) -> int:
     from addons.master import parse_listen
 
     configure_logging()
-    policy: Policy = load_policy_or_exit(args.policy)  # type: ignore[assignment]
+    policy = load_policy_or_exit(args.policy)
     try:
         listen = parse_listen(args.listen)
     except ValueError as exc:
@@ -66,13 +66,14 @@ def load_sandboxes(path: str | None) -> tuple[Identities | None, dict[str, Polic
     holders: dict[str, PolicyHolder] = {}
     for sandbox in identities.by_id.values():
         if sandbox.policy is not None:
-            own: Policy = load_policy_or_exit(str(sandbox.policy))  # type: ignore[assignment]
+            own = load_policy_or_exit(str(sandbox.policy))
             holders[sandbox.id] = PolicyHolder(sandbox.policy, own)
     return identities, holders
 
 
 async def _serve(args: argparse.Namespace, policy: Policy, listen: tuple[str, int]) -> int:
-    from addons.master import Gate, GateConfig
+    from addons.master import Gate, GateConfig, parse_listen
+    from proxy.dnsgate import DnsGate
     from proxy.evidence import EvidenceError, build_emitter
     from proxy.resolver import Resolver
 
@@ -121,9 +122,15 @@ async def _serve(args: argparse.Namespace, policy: Policy, listen: tuple[str, in
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_all)
+    dns_gate: DnsGate | None = None
     try:
         evidence.start()
         await gate.start()
+        if args.dns_listen:
+            dns_gate = DnsGate(holder, resolver, evidence.emitter)
+            dns_host, dns_port = parse_listen(args.dns_listen)
+            bound = await dns_gate.serve_udp(host=dns_host, port=dns_port)
+            await dns_gate.serve_tcp(host=dns_host, port=bound[1])
         host, port = gate.listen_address
         info: dict[str, Any] = {
             "listen": f"{host}:{port}",
@@ -133,10 +140,15 @@ async def _serve(args: argparse.Namespace, policy: Policy, listen: tuple[str, in
             "mode": str(policy.mode),
             "sandboxes": len(identities.by_id) if identities else "any",
         }
+        if dns_gate is not None:
+            info["dns"] = f"{bound[0]}:{bound[1]}"
         log.warning("agent-egress gate ready %s", " ".join(f"{k}={v}" for k, v in info.items()))
         await stop.wait()
         log.warning("shutting down")
     finally:
+        if dns_gate is not None:
+            dns_gate.close()
+            await dns_gate.wait_closed()
         await gate.stop()
         evidence.close()
     return 0

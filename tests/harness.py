@@ -215,6 +215,28 @@ class Upstream:
 # -- a real gate in a background thread ----------------------------------------------------------
 
 
+class LoopbackFence:
+    """Test-only guard around the real resolver: a destination off loopback is refused here.
+
+    Tests must never send traffic off this machine, even when a regression breaks the gate's own
+    internal-address checks (NAT64/6to4 forms would otherwise be dialled). A refusal by the fence has a
+    distinct detail, so a test that expects ``internal-address`` still fails loudly on a regression."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def destination(self, host: Any, port: int, allow_internal: Any) -> Any:
+        from proxy.decision import Reason
+        from proxy.resolver import DestinationRefused
+
+        dest = await self.inner.destination(host, port, allow_internal)
+        if not ipaddress.ip_address(dest.address).is_loopback:
+            raise DestinationRefused(
+                Reason.DNS_FAILURE, f"test fence: {dest.address} is not loopback", dest.address
+            )
+        return dest
+
+
 class RunningGate:
     """The real gate (mitmproxy + addons + core) on 127.0.0.1:<ephemeral>, in its own thread and loop,
     so blocking clients (curl, pip, git) can be driven from the test thread."""
@@ -270,7 +292,7 @@ class RunningGate:
             GateConfig(listen_host="127.0.0.1", listen_port=0),
             lambda: self.policy,
             self.emitter,
-            resolver,
+            LoopbackFence(resolver),
             **self.gate_kwargs,
         )
         await self.gate.start()
@@ -325,7 +347,8 @@ def curl(
     cmd += [*args, url]
     proc = subprocess.run(cmd, capture_output=True, timeout=timeout + 5, env=_clean_env())
     out = proc.stdout.decode("utf-8", "replace")
-    status, headers, body = 0, {}, out
+    status, body = 0, out
+    headers: dict[str, str] = {}
     blocks = out.split("\r\n\r\n")
     # The last header block (after CONNECT's "200 Connection established") holds the final status.
     idx = 0

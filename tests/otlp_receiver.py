@@ -75,9 +75,15 @@ class _Store:
 
 
 class _Receiver:
+    protocol = ""
+
     def __init__(self) -> None:
         self.port = 0
         self._store = _Store()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     @property
     def records(self) -> list[Received]:
@@ -122,7 +128,7 @@ class _LogsServicer(logs_service_pb2_grpc.LogsServiceServicer):  # type: ignore[
     def __init__(self, store: _Store) -> None:
         self.store = store
 
-    def Export(  # noqa: N802 (the gRPC method name)
+    def Export(
         self, request: logs_service_pb2.ExportLogsServiceRequest, context: Any
     ) -> logs_service_pb2.ExportLogsServiceResponse:
         self.store.add(request)
@@ -136,15 +142,13 @@ class GrpcReceiver(_Receiver):
         super().__init__()
         self._server: grpc.Server | None = None
 
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
     def start(self) -> None:
         if self._server is not None:
             return
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_LogsServicer(self._store), server)
+        logs_service_pb2_grpc.add_LogsServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            _LogsServicer(self._store), server
+        )
         bound = server.add_insecure_port(f"127.0.0.1:{self.port}")
         if bound == 0:
             raise RuntimeError(f"gRPC receiver could not bind 127.0.0.1:{self.port}")
@@ -161,7 +165,7 @@ class GrpcReceiver(_Receiver):
 class _HttpHandler(BaseHTTPRequestHandler):
     store: _Store
 
-    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length", "0"))
         data = self.rfile.read(length)
         encoding = self.headers.get("Content-Encoding", "")
@@ -194,10 +198,6 @@ class HttpReceiver(_Receiver):
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
     def start(self) -> None:
         if self._server is not None:
             return
@@ -218,3 +218,22 @@ class HttpReceiver(_Receiver):
         if self._thread is not None:
             self._thread.join(10)
             self._thread = None
+
+
+def main() -> None:
+    """``python -m tests.otlp_receiver [grpc|http]``: serve in this process (e.g. for a benchmark), print
+    the endpoint, and stop when stdin closes; then print how many records arrived."""
+    import sys
+
+    rx: _Receiver = GrpcReceiver() if sys.argv[1:] == ["grpc"] else HttpReceiver()
+    rx.start()
+    print(f"{rx.endpoint}", flush=True)
+    try:
+        sys.stdin.read()
+    finally:
+        rx.stop()
+        print(len(rx.records), flush=True)
+
+
+if __name__ == "__main__":
+    main()

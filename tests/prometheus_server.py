@@ -78,8 +78,7 @@ class PrometheusServer:
         for _attempt in range(3):  # the free port may be taken between probe and bind
             self.port = free_port()
             data = self.workdir / f"data-{self.port}"
-            log = open(self.log_path, "ab")
-            try:
+            with open(self.log_path, "ab") as log:
                 self.proc = subprocess.Popen(
                     [
                         self.binary,
@@ -92,8 +91,6 @@ class PrometheusServer:
                     stderr=subprocess.STDOUT,
                     cwd=self.workdir,
                 )
-            finally:
-                log.close()
             if self._wait_ready(timeout):
                 return
             self.stop()

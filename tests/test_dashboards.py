@@ -56,7 +56,11 @@ def known_names() -> set[str]:
 
 def concrete(expr: str) -> str:
     """Grafana variables replaced so Prometheus can evaluate the expression."""
-    return expr.replace("$__rate_interval", "1m").replace("$__interval", "1m").replace("$instance", ".*")
+    return (
+        expr.replace("$__rate_interval", "1m")
+        .replace("$__interval", "1m")
+        .replace("$instance", ".*")
+    )
 
 
 # -- static checks ---------------------------------------------------------------------------------
@@ -72,7 +76,7 @@ def test_dashboard_is_well_formed() -> None:
         for target in panel["targets"]:
             assert target["expr"].strip() and target["refId"]
         pos = panel["gridPos"]
-        assert 0 <= pos["x"] and pos["x"] + pos["w"] <= 24
+        assert pos["x"] >= 0 and pos["x"] + pos["w"] <= 24
 
 
 def test_dashboard_queries_name_only_defined_metrics() -> None:
@@ -137,7 +141,10 @@ def test_alerts_fire_when_they_should_and_not_otherwise(tmp_path: Path) -> None:
             {
                 "interval": "1m",
                 "input_series": [
-                    {"series": 'egress_decisions_total{instance="g",decision="deny"}', "values": spike},
+                    {
+                        "series": 'egress_decisions_total{instance="g",decision="deny"}',
+                        "values": spike,
+                    },
                     {
                         "series": 'egress_journal_errors_total{instance="g",error="disk_full"}',
                         "values": "0 0 1 1 1",

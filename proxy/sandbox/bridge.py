@@ -15,10 +15,10 @@ launcher; excess connections are closed at once).
 from __future__ import annotations
 
 import contextlib
-import selectors
 import fcntl
 import logging
 import os
+import selectors
 import socket
 import threading
 from dataclasses import dataclass, field

@@ -141,7 +141,10 @@ def connect_main(args: argparse.Namespace) -> int:
         print(f"egress connect: the gate refused {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as exc:
-        print(f"egress connect: cannot open a tunnel to {args.host}:{args.port}: {exc}", file=sys.stderr)
+        print(
+            f"egress connect: cannot open a tunnel to {args.host}:{args.port}: {exc}",
+            file=sys.stderr,
+        )
         return 1
     with sock:
         relay_stdio(sock)

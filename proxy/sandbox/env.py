@@ -159,7 +159,8 @@ def proxy_environment(
         ):
             env[name] = ca_bundle
     if sandbox_id is not None:
-        env["EGRESS_SANDBOX_ID"] = sandbox_id  # informational only: identity comes from the listener
+        env["EGRESS_SANDBOX_ID"] = (
+            sandbox_id  # informational only: identity comes from the listener
+        )
     env["EGRESS_PROXY"] = url
     return env
-

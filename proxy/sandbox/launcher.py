@@ -66,6 +66,7 @@ class RunOptions:
     sinks: Sequence[Sink] = ()
     evidence: Callable[[list[Sink]], Any] | None = None  # build_emitter from the lead's evidence
     on_ready: Callable[[Sandbox], None] | None = None  # tests/doctor: the sandbox is about to run
+    on_gate: Callable[[Any], None] | None = None  # doctor: the private gate is serving
     summary: SummarySink = field(default_factory=SummarySink)
 
     def __post_init__(self) -> None:
@@ -206,6 +207,8 @@ async def _run_private(options: RunOptions, sandbox: Sandbox, policy: Any) -> in
             dns = DnsGate(lambda: policy, resolver, emitter, sandbox_id=options.sandbox_id)
             await dns.serve_udp(sock=sandbox.sockets["dns-udp"])
             await dns.serve_tcp(sock=sandbox.sockets["dns-tcp"])
+        if options.on_gate:
+            options.on_gate(gate)
     except Exception as exc:
         log.debug("gate start-up failed", exc_info=True)
         sandbox.abort()
@@ -213,10 +216,7 @@ async def _run_private(options: RunOptions, sandbox: Sandbox, policy: Any) -> in
         await _stop(gate, dns, evidence, emitter)
         return EXIT_SETUP_FAILED
     try:
-        if options.on_ready:
-            options.on_ready(sandbox)
-        sandbox.start()
-        code = await _wait(sandbox)
+        code = await _start_and_wait(sandbox, options.on_ready)
     finally:
         await _stop(gate, dns, evidence, emitter)
     if not options.quiet:
@@ -244,15 +244,26 @@ async def _maybe_await(result: Any) -> None:
         await result
 
 
-async def _wait(sandbox: Sandbox) -> int:
-    """Wait for the sandbox to exit, forwarding the launcher's signals to it."""
+async def _start_and_wait(
+    sandbox: Sandbox, on_ready: Callable[[Sandbox], None] | None = None
+) -> int:
+    """Release the command, wait for the sandbox to exit, forwarding our signals to it meanwhile
+    (handlers go in first: a signal right after the command starts must not kill only us)."""
     loop = asyncio.get_running_loop()
     done = loop.create_future()
+
+    def exited() -> None:
+        if not done.done():
+            done.set_result(None)
+
     pidfd = os.pidfd_open(sandbox.pid)
-    loop.add_reader(pidfd, lambda: done.done() or done.set_result(None))
+    loop.add_reader(pidfd, exited)
     for sig in FORWARDED_SIGNALS:
         loop.add_signal_handler(sig, sandbox.send_signal, sig)
     try:
+        if on_ready:
+            on_ready(sandbox)
+        sandbox.start()
         await done
     finally:
         loop.remove_reader(pidfd)

@@ -28,6 +28,7 @@ then waits for one byte: ``G`` runs the command, anything else or EOF exits with
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -204,12 +205,20 @@ class Sandbox:
         self.started = True
 
     def abort(self) -> None:
-        """Tear down without running the command."""
+        """Tear down without running the command.
+
+        Closing the control socket makes init exit by itself; the helper exits only after reaping
+        init, and init's exit reaps everything in its PID namespace, so once ``abort`` returns
+        nothing of the sandbox is left (SIGKILL is only the fallback).
+        """
         if self._ctl is not None:
             self._ctl.close()
             self._ctl = None
         self.close_sockets()
-        self.returncode = _reap(self.proc)
+        try:
+            self.returncode = exit_code(self.proc.wait(10))
+        except subprocess.TimeoutExpired:
+            self.returncode = _reap(self.proc)
 
     def close_sockets(self) -> None:
         """Close the listeners (whoever served them may already have: closing twice is harmless)."""
@@ -218,10 +227,8 @@ class Sandbox:
 
     def send_signal(self, sig: int) -> None:
         if self.proc.returncode is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(sig)
-            except ProcessLookupError:
-                pass
 
     def wait(self, timeout: float | None = None) -> int:
         status = self.proc.wait(timeout)
@@ -451,10 +458,8 @@ def _setup_mounts(config: dict[str, Any]) -> str:
             _umount(scratch)
     except OSError as exc:
         raise _SetupFailed(f"cannot bind-mount the sandbox's /etc/resolv.conf: {exc}") from exc
-    try:
+    with contextlib.suppress(OSError):  # read-only is a nicety: no other nameserver has a route
         _mount(None, "/etc/resolv.conf", None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY)
-    except OSError:
-        pass  # read-only is a nicety: any other nameserver has no route anyway
     return "bound"
 
 
@@ -467,37 +472,43 @@ def _loopback_up() -> None:
 
 def _listeners(config: dict[str, Any]) -> list[socket.socket]:
     made: list[socket.socket] = []
-    try:
-        for name, kind, port in config["listeners"]:
-            sock_type = socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM
-            sock = socket.socket(socket.AF_INET, sock_type)
-            made.append(sock)
-            # No SO_REUSEPORT: nothing inside may bind a second socket to the gate's port.
-            sock.bind(("127.0.0.1", int(port)))
-            if sock_type == socket.SOCK_STREAM:
-                sock.listen(1024)
-    except OSError as exc:
-        for sock in made:
-            sock.close()
-        raise _SetupFailed(f"cannot create the {name} listener inside the sandbox: {exc}") from exc
+    for name, kind, port in config["listeners"]:
+        try:
+            made.append(_listener(kind, int(port)))
+        except OSError as exc:
+            for sock in made:
+                sock.close()
+            raise _SetupFailed(
+                f"cannot create the {name} listener inside the sandbox: {exc}"
+            ) from exc
     return made
 
 
-def _fail(ctl: socket.socket, error: str, hint: str = "") -> None:
+def _listener(kind: str, port: int) -> socket.socket:
+    sock_type = socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM
+    sock = socket.socket(socket.AF_INET, sock_type)
     try:
-        ctl.sendall(json.dumps({"ok": False, "error": error, "hint": hint}).encode())
+        # No SO_REUSEPORT: nothing inside may bind a second socket to the gate's port.
+        sock.bind(("127.0.0.1", port))
+        if sock_type == socket.SOCK_STREAM:
+            sock.listen(1024)
     except OSError:
-        pass
+        sock.close()
+        raise
+    return sock
+
+
+def _fail(ctl: socket.socket, error: str, hint: str = "") -> None:
+    with contextlib.suppress(OSError):
+        ctl.sendall(json.dumps({"ok": False, "error": error, "hint": hint}).encode())
     os._exit(_EXIT_SETUP_FAILED)
 
 
 def _helper_main(config: dict[str, Any]) -> None:
     ctl = socket.socket(fileno=int(config["ctl"]))
     os.set_inheritable(ctl.fileno(), False)
-    try:
+    with contextlib.suppress(OSError):
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
     if os.getppid() != int(config["parent"]):
         os._exit(_EXIT_SETUP_FAILED)  # the launcher is already gone
     try:
@@ -521,17 +532,13 @@ def _helper_main(config: dict[str, Any]) -> None:
 
 
 def _forward(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _init_main(config: dict[str, Any], ctl: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
     try:
         resolv = _setup_mounts(config)
         _loopback_up()
@@ -580,13 +587,12 @@ def _init_main(config: dict[str, Any], ctl: socket.socket) -> None:
 
 def _drop_privileges() -> None:
     """Whatever uid we run as inside, the command gets no capabilities and cannot gain any."""
-    last = int(open("/proc/sys/kernel/cap_last_cap").read())
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
     for cap in range(last + 1):
         _prctl(_PR_CAPBSET_DROP, cap)
-    try:
+    with contextlib.suppress(OSError):  # kernels before 4.3 have no ambient set
         _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
-    except OSError:
-        pass  # kernels before 4.3 have no ambient set
     _prctl(_PR_SET_NO_NEW_PRIVS, 1)
 
 
@@ -600,10 +606,8 @@ def _exec_command(config: dict[str, Any]) -> None:
         tty = config.get("tty")
         if tty is not None:
             signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-            try:
+            with contextlib.suppress(OSError):
                 os.tcsetpgrp(int(tty), os.getpgrp())
-            except OSError:
-                pass
             signal.signal(signal.SIGTTOU, signal.SIG_DFL)
         _drop_privileges()
     except OSError as exc:

@@ -9,7 +9,9 @@ the allowed upstream listens on 127.0.0.2 (opened by ``allow_internal: [127.0.0.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -93,7 +95,9 @@ def scheme(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def pair(scheme: str, test_ca: LocalCA) -> Iterator[Pair]:
-    p = _pair(f"{scheme}-upstream", "127.0.0.2", "127.0.0.1", test_ca if scheme == "https" else None)
+    p = _pair(
+        f"{scheme}-upstream", "127.0.0.2", "127.0.0.1", test_ca if scheme == "https" else None
+    )
     yield p
     p.upstream.stop()
     p.canary.stop()
@@ -119,7 +123,9 @@ def pair6(scheme: str, test_ca: LocalCA) -> Iterator[Pair]:
 
 
 def _policy(write_policy: Callable[[str], Path], port: int, allow_internal: list[str]) -> Path:
-    opened = f"allow_internal: [{', '.join(repr(n) for n in allow_internal)}]" if allow_internal else ""
+    opened = (
+        f"allow_internal: [{', '.join(repr(n) for n in allow_internal)}]" if allow_internal else ""
+    )
     return write_policy(
         f"""
         version: 1
@@ -140,23 +146,39 @@ def _policy(write_policy: Callable[[str], Path], port: int, allow_internal: list
 def gate_with(
     write_policy: Callable[[str], Path], start_gate: Callable[..., RunningGate]
 ) -> Callable[..., RunningGate]:
-    def make(port: int, allow_internal: list[str], **resolver_kwargs: object) -> RunningGate:
-        policy = _policy(write_policy, port, allow_internal)
+    def make(
+        port: int, allow_internal: list[str] | None = None, **resolver_kwargs: object
+    ) -> RunningGate:
+        policy = _policy(write_policy, port, allow_internal or [])
         return start_gate(policy, resolver_kwargs=resolver_kwargs)
 
     return make
 
 
 def _fetch(gate: RunningGate, scheme: str, port: int, test_ca: LocalCA, *more: str) -> list[int]:
-    """Fetch ``NAME`` through the gate with curl; returns the status of each response (0 = none)."""
-    urls = [f"{scheme}://{NAME}:{port}/{i}" for i in range(1 + len(more))]
-    args: list[str] = ["-w", "\\nSTATUS=%{http_code}\\n"]
-    for url in urls[1:]:
-        args += ["-o", "-", url]
-    result = curl(urls[0], gate.url, *args, cacert=test_ca.ca_path)
-    out = result.body + result.stderr
-    statuses = [int(part.split("\n", 1)[0]) for part in out.split("STATUS=")[1:]]
-    return statuses or [result.status]
+    """Fetch ``NAME`` through the gate with real curl, several URLs on one connection where curl can
+    reuse it; returns one status per URL: the HTTP status, or the CONNECT status when the tunnel was
+    refused (0 when there was neither)."""
+    urls = [f"{scheme}://{NAME}:{port}/{path}" for path in ("first", *more)]
+    cmd = [
+        "curl",
+        "-s",
+        "--max-time",
+        str(WAIT),
+        "--proxy",
+        gate.url,
+        "--cacert",
+        str(test_ca.ca_path),
+    ]
+    for url in urls:
+        cmd += ["-o", os.devnull, "-w", "%{http_code} %{http_connect}\\n", url]
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    proc = subprocess.run(cmd, capture_output=True, timeout=WAIT + 5, env=env, text=True)
+    statuses = []
+    for line in proc.stdout.splitlines():
+        code, connect = (int(x) for x in line.split())
+        statuses.append(code if code else connect)
+    return statuses
 
 
 def _destination_decisions(gate: RunningGate) -> list[Decision]:
@@ -190,7 +212,7 @@ def test_mixed_answers_never_reach_the_unopened_address(
     test_ca: LocalCA,
 ) -> None:
     # TTL 0 and no floor: every request resolves again and the fake shuffles the record order.
-    fake_dns.set(NAME, "A", ["127.0.0.1", "127.0.0.2", "127.0.0.1"[:-1] + "3"], ttl=0)
+    fake_dns.set(NAME, "A", ["127.0.0.1", "127.0.0.2", "127.0.0.3"], ttl=0)
     gate = gate_with(pair.port, ["127.0.0.2/32"], min_ttl=0)
     for _ in range(4):
         assert _fetch(gate, scheme, pair.port, test_ca) == [200]
@@ -244,7 +266,7 @@ def test_name_resolving_to_internal_is_refused_with_zero_connections(
     for rdtype, values in INTERNAL_ANSWERS[case].items():
         fake_dns.set(NAME, rdtype, values)
     gate = gate_with(pair.port, ["127.0.0.2/32"])  # only the upstream's address is open
-    assert _fetch(gate, scheme, pair.port, test_ca) == [403] if scheme == "http" else True
+    assert _fetch(gate, scheme, pair.port, test_ca) == [403]
     assert pair.untouched()
     (decision,) = _destination_decisions(gate)
     assert (decision.decision, decision.reason) == (Verdict.DENY, Reason.INTERNAL_ADDRESS)
@@ -290,7 +312,11 @@ def test_dns_failure_is_refused_never_allowed(
 
 
 def test_refusal_reaches_curl_as_403(
-    gate_with: Callable[..., RunningGate], fake_dns: FakeDns, pair: Pair, scheme: str, test_ca: LocalCA
+    gate_with: Callable[..., RunningGate],
+    fake_dns: FakeDns,
+    pair: Pair,
+    scheme: str,
+    test_ca: LocalCA,
 ) -> None:
     fake_dns.set(NAME, "A", ["127.0.0.1"])
     gate = gate_with(pair.port, ["127.0.0.2/32"])

@@ -235,6 +235,7 @@ TLS_CASES = [
     ("pypi.org", "pypi.org\x00", Reason.SNI_MISMATCH, None),
     ("pypi.org", "203.0.113.9", Reason.SNI_MISMATCH, None),
     ("203.0.113.9", "pypi.org", Reason.SNI_MISMATCH, None),
+    ("203.0.113.9", "203.0.113.9", Reason.SNI_MISMATCH, None),  # SNI must never carry an address
     ("203.0.113.9", None, Reason.ALLOWED_BY_RULE, "cache-net"),
     ("example.net", None, Reason.SNI_MISSING, None),  # SNI checks come before the rule lookup
     ("example.net", "example.net", Reason.NO_MATCHING_RULE, None),
@@ -377,6 +378,7 @@ DETAILS = [
     ("github.com", 22, "github.com:22 is denied by rule 'no-ssh'"),
     ("example.net", 443, "no rule allows host example.net:443"),
     ("198.51.100.1", 443, "no rule allows address 198.51.100.1:443"),
+    ("[2001:DB8:9::1]", 443, "no rule allows address [2001:db8:9::1]:443"),
     ("pypi.org", 443, "pypi.org:443 allowed by rule 'pypi'"),
 ]
 

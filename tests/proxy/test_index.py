@@ -40,6 +40,7 @@ RULES = [
     host_rule("twin-2", "twin.example.net", ports="8080"),
     host_rule("any-deny", "**.bad.example.com", action=Action.DENY, ports=None),
     host_rule("ssh-deny", "a.example.com", action=Action.DENY, ports="22"),
+    host_rule("sub-deny", "*.nope.example.com", action=Action.DENY, ports=None),
 ]
 
 
@@ -64,6 +65,8 @@ NAME_CASES = [
     ("twin.example.net", 8080, None, "twin-2", "twin-1"),
     ("bad.example.com", 443, "any-deny", None, None),
     ("x.bad.example.com", 1, "any-deny", None, None),
+    ("nope.example.com", 443, None, "sub", "sub"),  # a `*.` deny does not cover its apex either
+    ("x.nope.example.com", 443, "sub-deny", None, None),
     ("example.com.evil.net", 443, None, None, None),
     ("evilexample.com", 443, None, None, None),
     ("com", 443, None, None, None),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -55,7 +56,7 @@ def test_records_are_hash_chained_and_verifiable(tmp_path: Path) -> None:
     records = lines(path)
     assert [r["seq"] for r in records] == [1, 2, 3]
     assert records[0]["prev"] == GENESIS
-    for before, after in zip(records, records[1:], strict=False):
+    for before, after in itertools.pairwise(records):
         assert after["prev"] == before["hash"]
     for r in records:
         body = {k: v for k, v in r.items() if k != "hash"}
@@ -98,7 +99,7 @@ def test_rotation_keeps_the_chain(tmp_path: Path) -> None:
     assert len(files) >= 3
     assert files[0] == rotated_name(path, 1)
     assert files[-1] == path
-    for older, newer in zip(files, files[1:], strict=False):
+    for older, newer in itertools.pairwise(files):
         assert lines(newer)[0]["prev"] == lines(older)[-1]["hash"]
         assert older.stat().st_size <= 2048
     assert sum(len(lines(f)) for f in files) == 40

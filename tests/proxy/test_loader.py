@@ -557,3 +557,6 @@ def test_version_changes_with_any_loaded_file(tmp_path: Path) -> None:
     top.write_text(POLICY + "# a comment\n", encoding="utf-8")
     after_top = load_policy(top).version
     assert len({before, after_include, after_top}) == 3
+    same_length = POLICY.replace("a.example.com", "z.example.com") + "# a comment\n"
+    top.write_text(same_length, encoding="utf-8")
+    assert load_policy(top).version not in {before, after_include, after_top}

@@ -190,12 +190,13 @@ def test_allow_deny_and_dns_events_arrive(receiver: Receiver) -> None:
         assert r.resource["service.name"] == "agent-egress"
         assert r.resource["service.version"] == "9.9.9"
         assert r.resource["host.name"]
-    a, h, d = decisions
-    assert a.attributes["egress.decision"] == "allow" and a.attributes["server.port"] == 443
-    assert a.time_unix_nano == int(sent[0].ts * 1e9)
-    assert h.attributes["url.query"] == "token=&name="
-    assert h.attributes["server.address"] == "evil.example"
-    assert d.attributes["dns.question.name"] == "exfil-data.attacker.example"
+    got_allow, got_http, got_dns = decisions
+    assert got_allow.attributes["egress.decision"] == "allow"
+    assert got_allow.attributes["server.port"] == 443
+    assert got_allow.time_unix_nano == int(sent[0].ts * 1e9)
+    assert got_http.attributes["url.query"] == "token=&name="
+    assert got_http.attributes["server.address"] == "evil.example"
+    assert got_dns.attributes["dns.question.name"] == "exfil-data.attacker.example"
     everything = repr([r.attributes for r in got]) + repr([r.body for r in got])
     assert "s3cr3t" not in everything and "hunter2" not in everything
     (closed,) = [r for r in got if r.event_name == CLOSED_EVENT]
@@ -218,7 +219,9 @@ def test_collector_outage_loses_nothing_and_duplicates_nothing(
     receiver: Receiver, tmp_path: Path, with_journal: bool
 ) -> None:
     metrics = Metrics()
-    journal = Journal(tmp_path / "audit.jsonl", metrics=metrics) if with_journal else None
+    journal = (
+        Journal(tmp_path / "audit.jsonl", metrics=metrics, max_bytes=4096) if with_journal else None
+    )
     sink = make_sink(receiver, metrics, journal=journal)
     emitter = Emitter(sinks=[sink], write_ahead=[journal] if journal else [])
     before, during = 5, 40

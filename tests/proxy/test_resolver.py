@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv6Address
 
+import dns.resolver
 import pytest
 
 from proxy.decision import Reason
@@ -244,6 +245,15 @@ def test_nodata_is_dns_failure(fake: FakeDns) -> None:
 
 def test_no_nameservers_is_dns_failure() -> None:
     assert refused(Resolver([]), "pypi.test").reason is Reason.DNS_FAILURE
+
+
+def test_missing_system_configuration_fails_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_config(self: object, filename: object) -> None:
+        raise dns.resolver.NoResolverConfiguration("no nameservers")  # type: ignore[no-untyped-call]
+
+    monkeypatch.setattr(dns.resolver.BaseResolver, "read_resolv_conf", no_config)
+    resolver = Resolver()  # the system's configuration, which is unusable here
+    assert refused(resolver, "pypi.test").reason is Reason.DNS_FAILURE
 
 
 def test_unreachable_nameserver_is_dns_failure() -> None:

@@ -12,7 +12,6 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
@@ -191,6 +190,3 @@ def processes_in_netns(inode: int) -> list[int]:
 @pytest.fixture
 def sandbox_runner() -> Callable[..., Result]:
     return run_in_sandbox
-
-
-PYTHON_ACCESSIBLE: Path | None = None

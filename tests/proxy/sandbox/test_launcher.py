@@ -1,0 +1,302 @@
+"""`egress run` end to end: the real CLI, the real gate, real curl inside a real sandbox.
+
+The upstreams and the DNS server run on the host's loopback; the gate (in the launcher, in the host's
+network namespace) may reach them because the test policy allows 127.0.0.0/8. The sandbox can reach
+them only through the gate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.dnsfake import FakeDns
+from tests.harness import RunningGate, Upstream
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
+
+REPO = Path(__file__).resolve().parents[3]
+WAIT = 30.0
+
+
+def egress(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # type: ignore[call-overload, no-any-return]
+        [sys.executable, "-m", "proxy.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        env=_env(),
+        **kwargs,
+    )
+
+
+def _env() -> dict[str, str]:
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+    }
+
+
+POLICY = """
+version: 1
+allow_internal: [127.0.0.0/8]
+rules:
+  - name: test-allowed
+    hosts: [allowed.test]
+    ports: [{port}]
+"""
+
+
+@pytest.fixture
+def world(
+    write_policy: Callable[[str], Path], fake_dns: FakeDns, http_upstream: Upstream
+) -> Iterator[tuple[Path, FakeDns, Upstream]]:
+    for name in ("allowed.test", "evil.test"):
+        fake_dns.set(name, "A", ["127.0.0.1"])
+        fake_dns.set(name, "AAAA", [])
+    yield write_policy(POLICY.format(port=http_upstream.port)), fake_dns, http_upstream
+
+
+def test_allowed_works_refused_gets_403_and_bypass_finds_no_route(
+    world: tuple[Path, FakeDns, Upstream], tmp_path: Path
+) -> None:
+    policy, dns, upstream = world
+    log = tmp_path / "decisions.jsonl"
+    port = upstream.port
+    script = f"""
+curl -sS -m 10 http://allowed.test:{port}/ok; echo "allowed=$?"
+curl -sS -m 10 -o /dev/null -w '%{{http_code}}\\n' http://evil.test:{port}/no; echo "refused=$?"
+curl -sS -m 5 --noproxy '*' http://127.0.0.1:{port}/bypass; echo "bypass=$?"
+unset HTTP_PROXY http_proxy ALL_PROXY all_proxy
+curl -sS -m 5 http://127.0.0.1:{port}/unset; echo "unset=$?"
+"""
+    result = egress(
+        "run",
+        "--policy",
+        str(policy),
+        "--nameserver",
+        dns.nameserver,
+        "--sandbox-id",
+        "sbx-test-1",
+        "--decision-log",
+        str(log),
+        "--",
+        "sh",
+        "-c",
+        script,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "hello from http-upstream: GET /ok" in out
+    assert "allowed=0" in out
+    assert "403\nrefused=0" in out
+    assert "bypass=7" in out and "unset=7" in out  # curl: couldn't connect
+    assert upstream.accepted == 1  # only the allowed request arrived
+    assert [r[1] for r in upstream.requests] == ["/ok"]
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    decisions = [r for r in records if r["event"] == "egress.decision"]
+    assert decisions and all(d["sandbox_id"] == "sbx-test-1" for d in decisions)
+    assert {d["host"] for d in decisions if d["decision"] == "deny"} == {"evil.test"}
+    assert "sandbox sbx-test-1: 1 request(s) allowed, 1 refused" in result.stderr
+    assert f"refused evil.test:{port}: no-matching-rule" in result.stderr
+
+
+def test_dns_inside_is_the_dns_gate(world: tuple[Path, FakeDns, Upstream]) -> None:
+    policy, dns, _ = world
+    probe = """
+import json, socket
+out = {}
+for name in ("allowed.test", "evil.test"):
+    try:
+        out[name] = sorted({a[4][0] for a in socket.getaddrinfo(name, 80, socket.AF_INET)})
+    except socket.gaierror as exc:
+        out[name] = "gaierror"
+print(json.dumps(out))
+"""
+    result = egress(
+        "run", "--policy", str(policy), "--nameserver", dns.nameserver, "--quiet", "--",
+        sys.executable, "-I", "-c", probe,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"allowed.test": ["127.0.0.1"], "evil.test": "gaierror"}
+    assert dns.count("evil.test") == 0  # a refused name never produces an upstream query
+    assert dns.count("allowed.test") >= 1
+    assert result.stderr == ""  # --quiet
+
+
+@pytest.mark.parametrize(("script", "code"), [("exit 3", 3), ("kill -KILL $$", 137)])
+def test_exit_status(world: tuple[Path, FakeDns, Upstream], script: str, code: int) -> None:
+    policy, dns, _ = world
+    result = egress("run", "--policy", str(policy), "--quiet", "--", "sh", "-c", script)
+    assert result.returncode == code, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("sig", "script", "code"),
+    [
+        (signal.SIGTERM, "trap 'echo got-term; exit 42' TERM", 42),
+        (signal.SIGINT, "trap - INT", 130),
+    ],
+)
+def test_signals_are_forwarded(
+    world: tuple[Path, FakeDns, Upstream], sig: int, script: str, code: int
+) -> None:
+    policy, _, _ = world
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy.cli", "run", "--policy", str(policy), "--quiet", "--",
+         "sh", "-c", f"{script}; echo ready; while :; do sleep 0.05; done"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        proc.send_signal(sig)
+        assert proc.wait(WAIT) == code
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_invalid_policy_fails_closed(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nrules: [{name: x, hosts: [a.test], nonsense: 1}]\n")
+    marker = tmp_path / "ran"
+    result = egress("run", "--policy", str(bad), "--", "touch", str(marker))
+    assert result.returncode == 125
+    assert "was not run" in result.stderr and "bad.yaml" in result.stderr
+    assert not marker.exists()
+
+
+def test_no_user_namespaces_fails_closed_with_a_hint(
+    world: tuple[Path, FakeDns, Upstream], tmp_path: Path
+) -> None:
+    """The kernel refusing namespaces (here: max_user_namespaces = 0 in an outer namespace) must
+    stop the command, say why and what to do."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("unshare is not installed")
+    policy, _, _ = world
+    marker = tmp_path / "ran"
+    inner = (
+        "echo 0 > /proc/sys/user/max_user_namespaces && exec "
+        f"{sys.executable} -m proxy.cli run --policy {policy} -- touch {marker}"
+    )
+    result = subprocess.run(
+        [unshare, "-U", "-r", "sh", "-c", inner],
+        cwd=REPO, capture_output=True, text=True, timeout=WAIT, env=_env(),
+    )  # fmt: skip
+    assert result.returncode == 125, result.stderr
+    assert "cannot isolate the command, so it was not run" in result.stderr
+    assert "max_user_namespaces" in result.stderr
+    assert not marker.exists()
+
+
+def test_no_isolation_warns_loudly(world: tuple[Path, FakeDns, Upstream]) -> None:
+    policy, _, _ = world
+    result = egress("run", "--policy", str(policy), "--no-isolation", "--", "true")
+    assert result.returncode == 0
+    assert "WARNING: --no-isolation" in result.stderr
+    assert "NOT isolated" in result.stderr
+
+
+def test_joining_a_running_gate(
+    world: tuple[Path, FakeDns, Upstream], start_gate: Callable[..., RunningGate]
+) -> None:
+    policy, _, upstream = world
+    gate = start_gate(policy)
+    port = upstream.port
+    script = f"""
+curl -sS -m 10 http://allowed.test:{port}/joined; echo "allowed=$?"
+curl -sS -m 10 -o /dev/null -w '%{{http_code}}\\n' http://evil.test:{port}/; echo "refused=$?"
+curl -sS -m 5 --noproxy '*' http://127.0.0.1:{gate.port}/; echo "gate-direct=$?"
+"""
+    result = egress("run", "--proxy", gate.url, "--", "sh", "-c", script)
+    assert result.returncode == 0, result.stderr
+    assert "hello from http-upstream: GET /joined" in result.stdout
+    assert "403\nrefused=0" in result.stdout
+    assert "gate-direct=7" in result.stdout  # the gate's host port itself is not reachable inside
+    assert "2 connection(s) relayed" in result.stderr
+    assert [d.host for d in gate.decisions if not d.allowed] == ["evil.test"]
+
+
+def test_unprivileged_user(world: tuple[Path, FakeDns, Upstream]) -> None:
+    """The whole `egress run` as uid 65534 with no capabilities: user namespaces do the work.
+
+    The interpreter lives under /root (mode 0700 here), so a private mount namespace first puts a
+    world-readable tmpfs over /root with the interpreter bound back in: nothing on the host changes.
+    """
+    for tool in ("unshare", "setpriv", "mount"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+    if os.geteuid() != 0:
+        pytest.skip("already unprivileged: the other tests cover this path")
+    _, dns, upstream = world
+    shared = Path(tempfile.mkdtemp(prefix="egress-unpriv-"))
+    try:
+        shared.chmod(0o777)
+        policy = shared / "policy.yaml"
+        policy.write_text(POLICY.format(port=upstream.port))
+        policy.chmod(0o644)
+        real = Path(sys.executable).resolve()
+        root_parts = real.parts[:3] if real.parts[1] == "root" else None
+        binds = ""
+        if root_parts is not None:
+            hidden = Path(*root_parts)  # e.g. /root/.pyenv
+            binds = (
+                f"mkdir -p {shared}/mnt && mount --bind {hidden} {shared}/mnt && "
+                f"mount -t tmpfs -o mode=755 egress-test /root && mkdir -p {hidden} && "
+                f"mount --move {shared}/mnt {hidden} && "
+            )
+        script = (
+            f"mount --make-rprivate / && {binds}"
+            f"exec setpriv --reuid=65534 --regid=65534 --clear-groups "
+            f"env HOME={shared} {sys.executable} -m proxy.cli run --policy {policy} "
+            f"--nameserver {dns.nameserver} -- sh -c "
+            f"'id -u; curl -sS -m 10 http://allowed.test:{upstream.port}/nobody; "
+            f"curl -sS -m 5 --noproxy \"*\" http://127.0.0.1:{upstream.port}/; echo bypass=$?'"
+        )
+        result = subprocess.run(
+            ["unshare", "-m", "sh", "-c", script],
+            cwd=REPO, capture_output=True, text=True, timeout=WAIT, env=_env(),
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+    if result.returncode == 125 and "user namespaces are not allowed" in result.stderr:
+        pytest.skip("this kernel forbids unprivileged user namespaces (failed closed as required)")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "65534"
+    assert "hello from http-upstream: GET /nobody" in result.stdout
+    assert "bypass=7" in result.stdout
+    assert upstream.accepted == 1
+
+
+def test_nothing_left_behind(world: tuple[Path, FakeDns, Upstream], tmp_path: Path) -> None:
+    policy, _, _ = world
+    before_mounts = Path("/proc/self/mountinfo").read_text()
+    result = egress(
+        "run", "--policy", str(policy), "--quiet", "--",
+        "sh", "-c", "sleep 300 & echo $(readlink /proc/self/ns/net)",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    inode = int(result.stdout.strip().split("[")[1].rstrip("]"))
+    deadline = time.monotonic() + 10
+    from tests.proxy.sandbox.conftest import processes_in_netns
+
+    while processes_in_netns(inode) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert processes_in_netns(inode) == []
+    assert Path("/proc/self/mountinfo").read_text() == before_mounts

@@ -1,0 +1,178 @@
+"""``egress serve`` as a real process: readiness, DNS gate, SIGHUP reload (good and broken), SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import dns.message
+import dns.query
+import dns.rcode
+import pytest
+
+from tests.dnsfake import FakeDns
+
+EGRESS = shutil.which("egress", path=str(Path(sys.executable).parent)) or "egress"
+CLEAN_ENV = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+
+POLICY = """\
+version: 1
+rules:
+  - name: pkgs
+    hosts: [pkgs.test]
+"""
+
+
+class Serve:
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [EGRESS, "serve", "--listen", "127.0.0.1:0", "--no-metrics", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=CLEAN_ENV,
+        )
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        self.info: dict[str, str] = {}
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self.ready.wait(30):
+            self.stop()
+            raise AssertionError("egress serve did not become ready:\n" + "".join(self.lines))
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if "gate ready" in line:
+                self.info = dict(
+                    part.split("=", 1)
+                    for part in line.split("gate ready", 1)[1].split()
+                    if "=" in part
+                )
+                self.ready.set()
+
+    @property
+    def port(self) -> int:
+        return int(self.info["listen"].rsplit(":", 1)[1])
+
+    def wait_for_line(self, text: str, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(text in line for line in self.lines):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"no log line containing {text!r}:\n" + "".join(self.lines))
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def policy(tmp_path: Path) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY)
+    return path
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeDns]:
+    with FakeDns() as server:
+        server.set("pkgs.test", "A", ["203.0.113.7"])
+        server.set("other.test", "A", ["203.0.113.8"])
+        yield server
+
+
+def status(port: int, url: str) -> str:
+    result = subprocess.run(
+        ["curl", "-sS", "--max-time", "10", "--proxy", f"http://127.0.0.1:{port}",
+         "-o", "/dev/null", "-w", "%{http_code}", url],
+        capture_output=True, text=True, timeout=20, env=CLEAN_ENV,
+    )  # fmt: skip
+    return result.stdout
+
+
+def test_serve_decides_logs_and_stops_cleanly_on_sigterm(policy: Path, tmp_path: Path) -> None:
+    log = tmp_path / "decisions.jsonl"
+    serve = Serve(
+        "--policy", str(policy), "--decision-log", str(log), "--nameserver", "127.0.0.1:9"
+    )
+    try:
+        assert status(serve.port, "http://denied.example/") == "403"
+    finally:
+        assert serve.stop() == 0
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    decisions = [r for r in records if r.get("event") == "egress.decision"]
+    assert [(r["host"], r["reason"]) for r in decisions] == [("denied.example", "no-matching-rule")]
+
+
+def test_dns_listener_answers_allowed_names_and_leaks_nothing(policy: Path, fake: FakeDns) -> None:
+    serve = Serve(
+        "--policy", str(policy), "--dns-listen", "127.0.0.1:0", "--nameserver", fake.nameserver
+    )
+    try:
+        host, port = serve.info["dns"].rsplit(":", 1)
+        allowed = dns.query.udp(
+            dns.message.make_query("pkgs.test", "A"), host, port=int(port), timeout=5
+        )
+        assert [r.to_text() for rrset in allowed.answer for r in rrset] == ["203.0.113.7"]
+        fake.reset_queries()
+        refused = dns.query.tcp(
+            dns.message.make_query("secret-data.other.test", "A"), host, port=int(port), timeout=5
+        )
+        assert refused.rcode() == dns.rcode.NXDOMAIN
+        txt = dns.query.udp(
+            dns.message.make_query("pkgs.test", "TXT"), host, port=int(port), timeout=5
+        )
+        assert txt.rcode() == dns.rcode.REFUSED
+        assert fake.queries == []  # neither the refused name nor the TXT query went upstream
+    finally:
+        assert serve.stop() == 0
+
+
+def test_sighup_reloads_and_a_broken_reload_keeps_the_old_policy(
+    policy: Path, fake: FakeDns
+) -> None:
+    serve = Serve("--policy", str(policy), "--nameserver", fake.nameserver)
+    try:
+        assert status(serve.port, "http://other.test/") == "403"
+        policy.write_text(POLICY + "  - name: other\n    hosts: [other.test]\n    ports: [80]\n")
+        serve.proc.send_signal(signal.SIGHUP)
+        serve.wait_for_line("policy reloaded")
+        # other.test is allowed now: the refusal no longer comes from the policy but from the upstream
+        # being unreachable (203.0.113.8 is a documentation address), i.e. not a 403.
+        assert status(serve.port, "http://other.test/") != "403"
+        policy.write_text("version: 1\nrules:\n  - name: everything\n    hosts: ['*']\n")
+        serve.proc.send_signal(signal.SIGHUP)
+        serve.wait_for_line("policy reload failed")
+        # The broken file must not have widened (or replaced) anything: pkgs/other rules still apply.
+        assert status(serve.port, "http://denied.example/") == "403"
+        assert any("policy.yaml:4" in line for line in serve.lines)
+    finally:
+        assert serve.stop() == 0
+
+
+def test_startup_fails_closed_on_a_broken_policy(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("version: 1\nrules:\n  - name: x\n    hosts: [ok.test]\n    ports: [0]\n")
+    result = subprocess.run(
+        [EGRESS, "serve", "--policy", str(broken), "--listen", "127.0.0.1:0", "--no-metrics"],
+        capture_output=True, text=True, timeout=30, env=CLEAN_ENV,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "broken.yaml:5" in result.stderr

@@ -1,0 +1,250 @@
+"""Attacks on the real gate: real mitmproxy on loopback, raw sockets and curl, counting upstreams and a
+counting DNS server. Shared attack helpers live here so every test file speaks the same wire.
+
+Every refusal is proven three ways, as ``shared/notes/threats.md`` demands: the client is refused, the
+counting upstream accepted zero connections (and the DNS server saw zero queries where a name was
+involved), and a decision with the expected reason was recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import socket
+import ssl
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+
+from proxy.decision import Decision
+from tests.harness import WAIT, RunningGate
+
+__all__ = [
+    "CountingListener",
+    "Reply",
+    "client_hello",
+    "exchange",
+    "fresh_decisions",
+    "random_loopback",
+]
+
+
+@dataclass
+class Reply:
+    """What the gate sent back on one raw connection, and whether it closed it."""
+
+    data: bytes
+    closed: bool
+
+    @property
+    def head(self) -> bytes:
+        return self.data.split(b"\r\n\r\n", 1)[0]
+
+    @property
+    def status(self) -> int:
+        """Status of the *last* response head in the reply (after a CONNECT's 200), 0 if none."""
+        heads = [
+            part for part in self.data.split(b"\r\n\r\n") if part.startswith(b"HTTP/1.1 ")
+        ]
+        return int(heads[-1].split(b" ")[1]) if heads else 0
+
+    def statuses(self) -> list[int]:
+        return [
+            int(part.split(b" ")[1])
+            for part in self.data.split(b"\r\n")
+            if part.startswith(b"HTTP/1.1 ") and part[9:12].isdigit()
+        ]
+
+    def header(self, name: str) -> str | None:
+        """A header of the last response head, case-insensitive."""
+        heads = [
+            part for part in self.data.split(b"\r\n\r\n") if part.startswith(b"HTTP/1.1 ")
+        ]
+        if not heads:
+            return None
+        for line in heads[-1].split(b"\r\n")[1:]:
+            key, _, value = line.partition(b":")
+            if key.strip().lower() == name.lower().encode():
+                return value.strip().decode("latin-1")
+        return None
+
+
+def exchange(
+    gate: RunningGate,
+    first: bytes,
+    then: bytes | None = None,
+    *,
+    responses: int = 1,
+    idle: float = 0.8,
+) -> Reply:
+    """Send ``first`` to the gate; once its reply head arrived, send ``then`` (tunnel contents).
+
+    Reads until ``responses`` complete HTTP responses arrived (a CONNECT's ``200 Connection
+    established`` does not count), the gate closes the connection, or it stays silent for ``idle``
+    seconds. Every wait is bounded.
+    """
+    sock = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
+    data = b""
+    closed = False
+    try:
+        sock.sendall(first)
+        if then is not None:
+            sock.settimeout(WAIT)
+            while b"\r\n\r\n" not in data:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return Reply(data, True)
+                data += chunk
+            with contextlib.suppress(OSError):
+                sock.sendall(then)
+        sock.settimeout(idle)
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline and _complete_responses(data) < responses:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            except ConnectionResetError:
+                closed = True
+                break
+            if not chunk:
+                closed = True
+                break
+            data += chunk
+    finally:
+        sock.close()
+    return Reply(data, closed)
+
+
+def _complete_responses(data: bytes) -> int:
+    """How many complete HTTP/1.1 responses ``data`` holds; tunnel bytes after a CONNECT 200 end it."""
+    count, pos = 0, 0
+    while data.startswith(b"HTTP/1.1 ", pos):
+        end = data.find(b"\r\n\r\n", pos)
+        if end < 0:
+            break
+        head = data[pos:end]
+        if head.startswith(b"HTTP/1.1 200 Connection established"):
+            pos = end + 4
+            continue
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            key, _, value = line.partition(b":")
+            if key.strip().lower() == b"content-length" and value.strip().isdigit():
+                length = int(value)
+        if len(data) < end + 4 + length:
+            break
+        count += 1
+        pos = end + 4 + length
+    return count
+
+
+def fresh_decisions(gate: RunningGate, before: int) -> list[Decision]:
+    return gate.decisions[before:]
+
+
+def client_hello(server_hostname: str | None, extra_extension: bytes = b"") -> bytes:
+    """A real ClientHello from Python's ssl, optionally with one more extension appended."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    record = outgoing.read()
+    if not extra_extension:
+        return record
+    # record(5) | handshake type(1) len(3) | version(2) random(32) | sid | suites | compression | exts
+    body = bytearray(record[9:])
+    pos = 34
+    pos += 1 + body[pos]
+    pos += 2 + struct.unpack("!H", body[pos : pos + 2])[0]
+    pos += 1 + body[pos]
+    ext_len = struct.unpack("!H", body[pos : pos + 2])[0]
+    body[pos : pos + 2] = struct.pack("!H", ext_len + len(extra_extension))
+    body += extra_extension
+    handshake = b"\x01" + len(body).to_bytes(3, "big") + bytes(body)
+    return record[:3] + struct.pack("!H", len(handshake)) + handshake
+
+
+def random_loopback() -> str:
+    """A random 127.x.y.z, so fixed-port listeners (80, 22) do not collide with parallel runs."""
+    rng = random.SystemRandom()
+    return f"127.{rng.randint(1, 254)}.{rng.randint(1, 254)}.{rng.randint(2, 254)}"
+
+
+@dataclass
+class CountingListener:
+    """A loopback listener on a *fixed* port (80, 22) that counts accepts and bytes.
+
+    ``tests.harness.Upstream`` binds ephemeral ports only; tunnel handling in the gate is keyed on the
+    well-known ports, so these attacks need a canary on exactly those. Speaks just enough HTTP/1.1 to
+    answer each request head with 200 naming the request line and Host it saw.
+    """
+
+    host: str
+    port: int
+    accepted: int = 0
+    bytes_received: int = 0
+    heads: list[bytes] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((self.host, self.port))  # PermissionError / EADDRINUSE: caller skips
+        self._sock.listen(64)
+        self._sock.settimeout(0.2)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._conns: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self.accepted += 1
+                self._conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(WAIT)
+        buf = b""
+        try:
+            for _ in range(100):
+                while b"\r\n\r\n" not in buf:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    with self._lock:
+                        self.bytes_received += len(chunk)
+                    buf += chunk
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                with self._lock:
+                    self.heads.append(head)
+                line = head.split(b"\r\n", 1)[0]
+                body = b"canary saw: " + line + b"\n"
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
+        except OSError:
+            return
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._sock.close()
+        with self._lock:
+            for conn in self._conns:
+                with contextlib.suppress(OSError):
+                    conn.close()
+        self._thread.join(WAIT)

@@ -1,0 +1,356 @@
+"""Threat classes 1 and 2: host spellings and IP literals, through CONNECT and absolute-form URLs.
+
+Class 1 attacks aim at a disagreement between what the gate matches and what a resolver, curl or the
+upstream reads. Class 2 writes internal addresses in every spelling a C library, curl or a browser
+accepts, against a policy whose ``cidrs`` allow *every* address and that has no ``allow_internal``: the
+only thing between the sandbox and loopback or the metadata service is the gate's address check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from proxy.decision import Reason, Verdict
+from tests.dnsfake import FakeDns
+from tests.harness import RunningGate, Upstream
+from tests.security import client_hello, exchange, fresh_decisions
+
+pytestmark = pytest.mark.timeout(60)
+
+
+# -- class 1: host spelling ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def name_gate(
+    write_policy: Callable[[str], Path],
+    start_gate: Callable[..., RunningGate],
+    fake_dns: FakeDns,
+    http_upstream: Upstream,
+    tls_upstream: Upstream,
+) -> RunningGate:
+    for name in ("allowed.test", "evil.test", "allowed.test.evil.test", "evilallowed.test"):
+        fake_dns.set(name, "A", ["127.0.0.1"])
+    return start_gate(
+        write_policy(
+            f"""
+            version: 1
+            allow_internal: [127.0.0.0/8]
+            rules:
+              - name: only-allowed
+                hosts: [allowed.test]
+                ports: [{http_upstream.port}, {tls_upstream.port}]
+            """
+        )
+    )
+
+
+LONG_NAME = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 62])  # 254 octets: one over the limit
+
+# (authority host, expected reason) for spellings mitmproxy parses and the gate must refuse itself.
+DECIDED_SPELLINGS = [
+    ("allowed.test.evil.test", Reason.NO_MATCHING_RULE),  # suffix trap
+    ("evilallowed.test", Reason.NO_MATCHING_RULE),  # suffix trap without a dot
+    ("xn--llowed-2nf.test", Reason.NO_MATCHING_RULE),  # homoglyph: Cyrillic a, as punycode
+    ("-allowed.test", Reason.INVALID_HOST),  # leading hyphen
+    ("allowed-.test", Reason.INVALID_HOST),  # trailing hyphen
+    (LONG_NAME, Reason.INVALID_HOST),  # 254 octets: the gate's limit is 253
+    ("xn--zz.test", Reason.INVALID_HOST),  # punycode that does not decode
+]
+
+# Spellings mitmproxy's HTTP parser already rejects with 400 before any hook runs.
+PARSER_REJECTED = [
+    "allowed%2etest",  # percent-encoded dot
+    "evil.test@allowed.test",  # userinfo
+    "allowed.test@evil.test",
+    "allowed.test\x00.evil.test",  # NUL
+    "allowed.test\r.evil.test",  # lone CR
+    "allowed..test",  # empty label
+    "a" * 64 + ".test",  # label over 63
+    ".".join(["a" * 63] * 4) + ".test",  # name over 255
+    "allowed.test\x1b",  # control character
+    "allowed\u0430.test",  # raw UTF-8 in the authority
+]
+
+
+@pytest.mark.parametrize(("host", "reason"), DECIDED_SPELLINGS, ids=lambda v: str(v)[:24])
+def test_connect_with_hostile_spelling_is_refused_before_dns(
+    name_gate: RunningGate,
+    fake_dns: FakeDns,
+    tls_upstream: Upstream,
+    host: str,
+    reason: Reason,
+) -> None:
+    fake_dns.reset_queries()
+    before = len(name_gate.decisions)
+    reply = exchange(name_gate, f"CONNECT {host}:{tls_upstream.port} HTTP/1.1\r\n\r\n".encode())
+    assert reply.status == 403, reply.data[:200]
+    assert reply.header("x-egress-reason") == reason
+    assert tls_upstream.accepted == 0
+    assert fake_dns.queries == []
+    (decision,) = fresh_decisions(name_gate, before)
+    assert (decision.kind, decision.decision, decision.reason) == ("connect", Verdict.DENY, reason)
+
+
+@pytest.mark.parametrize(("host", "reason"), DECIDED_SPELLINGS, ids=lambda v: str(v)[:24])
+def test_absolute_form_with_hostile_spelling_is_refused_before_dns(
+    name_gate: RunningGate,
+    fake_dns: FakeDns,
+    http_upstream: Upstream,
+    host: str,
+    reason: Reason,
+) -> None:
+    fake_dns.reset_queries()
+    before = len(name_gate.decisions)
+    authority = f"{host}:{http_upstream.port}"
+    reply = exchange(
+        name_gate, f"GET http://{authority}/x HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode()
+    )
+    assert reply.status == 403, reply.data[:200]
+    assert http_upstream.accepted == 0
+    assert fake_dns.queries == []
+    (decision,) = fresh_decisions(name_gate, before)
+    assert (decision.kind, decision.decision, decision.reason) == ("http", Verdict.DENY, reason)
+
+
+@pytest.mark.parametrize("host", PARSER_REJECTED, ids=lambda v: repr(v)[:24])
+def test_unparseable_authority_never_reaches_dns_or_upstream(
+    name_gate: RunningGate,
+    fake_dns: FakeDns,
+    http_upstream: Upstream,
+    tls_upstream: Upstream,
+    host: str,
+) -> None:
+    """mitmproxy's parser refuses these with 400 before the gate sees them. Nothing may leak and
+    nothing may be recorded as allowed. (No decision is recorded either: see docs/threats.md.)"""
+    fake_dns.reset_queries()
+    before = len(name_gate.decisions)
+    connect = exchange(
+        name_gate, f"CONNECT {host}:{tls_upstream.port} HTTP/1.1\r\n\r\n".encode("utf-8")
+    )
+    authority = f"{host}:{http_upstream.port}"
+    plain = exchange(
+        name_gate, f"GET http://{authority}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode("utf-8")
+    )
+    for reply in (connect, plain):
+        assert reply.status in (400, 403), reply.data[:200]
+    assert tls_upstream.accepted == 0 and http_upstream.accepted == 0
+    assert fake_dns.queries == []
+    assert not [d for d in fresh_decisions(name_gate, before) if d.allowed]
+
+
+def test_case_and_trailing_dot_are_one_host_and_still_pinned(
+    name_gate: RunningGate, tls_upstream: Upstream
+) -> None:
+    """Control for the spellings above: the canonical form of a legitimate spelling is allowed, the
+    decision names the canonical host, and the tunnel reaches the checked address."""
+    before = len(name_gate.decisions)
+    reply = exchange(
+        name_gate,
+        f"CONNECT ALLOWED.Test.:{tls_upstream.port} HTTP/1.1\r\n\r\n".encode(),
+        client_hello("Allowed.TEST"),
+    )
+    assert reply.data.startswith(b"HTTP/1.1 200")
+    assert b"\x16\x03" in reply.data  # the upstream's ServerHello came back
+    connect, tls = fresh_decisions(name_gate, before)
+    assert (connect.host, connect.decision, connect.address) == (
+        "allowed.test",
+        Verdict.ALLOW,
+        "127.0.0.1",
+    )
+    assert tls.decision is Verdict.ALLOW
+    assert tls_upstream.accepted == 1
+
+
+# -- class 2: IP literals against a policy whose cidrs allow everything ------------------------------
+
+
+@pytest.fixture
+def upstream6() -> Upstream:
+    try:
+        server = Upstream("v6-upstream", host="::1")
+    except OSError as exc:  # pragma: no cover - machines without IPv6 loopback
+        pytest.skip(f"no IPv6 loopback: {exc}")
+    yield server  # type: ignore[misc]
+    server.stop()
+
+
+@pytest.fixture
+def everything_gate(
+    write_policy: Callable[[str], Path],
+    start_gate: Callable[..., RunningGate],
+    http_upstream: Upstream,
+    upstream6: Upstream,
+) -> RunningGate:
+    return start_gate(
+        write_policy(
+            f"""
+            version: 1
+            rules:
+              - name: every-address
+                cidrs: ["0.0.0.0/0", "::/0"]
+                ports: [{http_upstream.port}, {upstream6.port}, 443]
+              - name: doc-range
+                cidrs: [203.0.113.0/24]
+                ports: [443]
+            """
+        )
+    )
+
+
+# (spelling as written in the authority, canonical address the decision must name)
+INTERNAL_LITERALS = [
+    ("127.0.0.1", "127.0.0.1"),
+    ("2130706433", "127.0.0.1"),  # decimal
+    ("0x7f000001", "127.0.0.1"),  # hex
+    ("0X7F000001", "127.0.0.1"),
+    ("0177.0.0.1", "127.0.0.1"),  # octal
+    ("127.000.000.001", "127.0.0.1"),
+    ("127.1", "127.0.0.1"),  # short
+    ("127.0.1", "127.0.0.1"),
+    ("0x7f.1", "127.0.0.1"),  # mixed
+    ("0", "0.0.0.0"),
+    ("0.0.0.0", "0.0.0.0"),
+    ("[::1]", "::1"),
+    ("[::]", "::"),
+    ("[::ffff:127.0.0.1]", "127.0.0.1"),  # IPv4-mapped, dotted
+    ("[::ffff:7f00:1]", "127.0.0.1"),  # IPv4-mapped, hex
+    ("[0:0:0:0:0:ffff:127.0.0.1]", "127.0.0.1"),
+    ("[::127.0.0.1]", "::7f00:1"),  # IPv4-compatible
+    ("[64:ff9b::7f00:1]", "64:ff9b::7f00:1"),  # NAT64 of loopback
+    ("[2002:7f00:1::]", "2002:7f00:1::"),  # 6to4 of loopback
+    ("169.254.169.254", "169.254.169.254"),
+    ("2852039166", "169.254.169.254"),
+    ("0xa9fea9fe", "169.254.169.254"),
+    ("0251.0376.0251.0376", "169.254.169.254"),
+    ("[::ffff:169.254.169.254]", "169.254.169.254"),
+    ("[::ffff:a9fe:a9fe]", "169.254.169.254"),
+    ("[64:ff9b::a9fe:a9fe]", "64:ff9b::a9fe:a9fe"),
+    ("[2002:a9fe:a9fe::]", "2002:a9fe:a9fe::"),
+    ("[2001::5601:5601]", "2001::5601:5601"),  # Teredo whose client is 169.254.169.254
+    ("[fd00:ec2::254]", "fd00:ec2::254"),  # AWS metadata over IPv6
+    ("10.0.0.1", "10.0.0.1"),
+    ("100.64.0.1", "100.64.0.1"),
+]
+
+
+def _literal_port(spelling: str, http_upstream: Upstream, upstream6: Upstream) -> int:
+    return upstream6.port if spelling.startswith("[") else http_upstream.port
+
+
+@pytest.mark.parametrize(("spelling", "canonical"), INTERNAL_LITERALS, ids=lambda v: str(v))
+def test_internal_literal_via_connect_is_refused(
+    everything_gate: RunningGate,
+    fake_dns: FakeDns,
+    http_upstream: Upstream,
+    upstream6: Upstream,
+    spelling: str,
+    canonical: str,
+) -> None:
+    port = _literal_port(spelling, http_upstream, upstream6)
+    before = len(everything_gate.decisions)
+    reply = exchange(everything_gate, f"CONNECT {spelling}:{port} HTTP/1.1\r\n\r\n".encode())
+    assert reply.status == 403, reply.data[:200]
+    assert reply.header("x-egress-reason") == "internal-address"
+    assert http_upstream.accepted == 0 and upstream6.accepted == 0
+    assert fake_dns.queries == []
+    (decision,) = fresh_decisions(everything_gate, before)
+    assert (decision.decision, decision.reason, decision.host) == (
+        Verdict.DENY,
+        Reason.INTERNAL_ADDRESS,
+        canonical,
+    )
+
+
+@pytest.mark.parametrize(("spelling", "canonical"), INTERNAL_LITERALS, ids=lambda v: str(v))
+def test_internal_literal_via_absolute_url_is_refused(
+    everything_gate: RunningGate,
+    fake_dns: FakeDns,
+    http_upstream: Upstream,
+    upstream6: Upstream,
+    spelling: str,
+    canonical: str,
+) -> None:
+    port = _literal_port(spelling, http_upstream, upstream6)
+    before = len(everything_gate.decisions)
+    authority = f"{spelling}:{port}"
+    reply = exchange(
+        everything_gate, f"GET http://{authority}/ HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode()
+    )
+    assert reply.status == 403, reply.data[:200]
+    assert reply.header("x-egress-reason") == "internal-address"
+    assert http_upstream.accepted == 0 and upstream6.accepted == 0
+    assert fake_dns.queries == []
+    (decision,) = fresh_decisions(everything_gate, before)
+    assert (decision.decision, decision.reason, decision.host) == (
+        Verdict.DENY,
+        Reason.INTERNAL_ADDRESS,
+        canonical,
+    )
+
+
+@pytest.mark.parametrize("spelling", ["[::1%lo]", "[fe80::1%25lo]", "[::ffff:127.0.0.1%1]"])
+def test_ipv6_zone_ids_are_refused(
+    everything_gate: RunningGate,
+    http_upstream: Upstream,
+    upstream6: Upstream,
+    spelling: str,
+) -> None:
+    before = len(everything_gate.decisions)
+    reply = exchange(
+        everything_gate, f"CONNECT {spelling}:{upstream6.port} HTTP/1.1\r\n\r\n".encode()
+    )
+    assert reply.status in (400, 403)
+    assert http_upstream.accepted == 0 and upstream6.accepted == 0
+    assert all(
+        d.reason == Reason.INVALID_HOST and not d.allowed
+        for d in fresh_decisions(everything_gate, before)
+    )
+
+
+@pytest.mark.parametrize(
+    "spelling", ["203.0.113.5", "3405803781", "0xcb007105", "[::ffff:203.0.113.5]", "203.0.28933"]
+)
+def test_documentation_range_literal_is_matched_by_cidrs_in_any_spelling(
+    everything_gate: RunningGate, spelling: str
+) -> None:
+    """cidrs match the canonical address whatever the spelling; documentation ranges are not
+    internal. Only the CONNECT is sent: under lazy connecting nothing is dialled until tunnel data
+    arrives, so no packet leaves loopback."""
+    before = len(everything_gate.decisions)
+    reply = exchange(everything_gate, f"CONNECT {spelling}:443 HTTP/1.1\r\n\r\n".encode(), idle=0.2)
+    assert reply.data.startswith(b"HTTP/1.1 200")
+    (decision,) = fresh_decisions(everything_gate, before)
+    assert (decision.decision, decision.host, decision.address) == (
+        Verdict.ALLOW,
+        "203.0.113.5",
+        "203.0.113.5",
+    )
+    assert decision.rule in ("doc-range", "every-address")
+
+
+def test_nat64_form_of_an_allowed_address_is_not_that_address(
+    write_policy: Callable[[str], Path], start_gate: Callable[..., RunningGate]
+) -> None:
+    """A cidrs rule for 203.0.113.0/24 opens IPv4 (and IPv4-mapped, the same socket address) only;
+    the NAT64 or 6to4 spelling is a different destination the policy did not list."""
+    gate = start_gate(
+        write_policy(
+            """
+            version: 1
+            rules:
+              - name: doc-range
+                cidrs: [203.0.113.0/24]
+                ports: [443]
+            """
+        )
+    )
+    for spelling in ("[64:ff9b::cb00:7105]", "[2002:cb00:7105::]", "127.0.0.1", "[::1]"):
+        before = len(gate.decisions)
+        reply = exchange(gate, f"CONNECT {spelling}:443 HTTP/1.1\r\n\r\n".encode())
+        assert reply.status == 403, spelling
+        (decision,) = fresh_decisions(gate, before)
+        assert decision.reason == Reason.NO_MATCHING_RULE, spelling
