@@ -29,9 +29,10 @@ class SummarySink:
         with self._lock:
             if decision.decision is Verdict.DENY:
                 self.refused[(where, str(decision.reason))] += 1
-            elif decision.decision is Verdict.REPORT:
+                return
+            if decision.decision is Verdict.REPORT:  # let through, so also counted as allowed
                 self.reported[(where, str(decision.reason))] += 1
-            elif decision.kind is Kind.DNS:
+            if decision.kind is Kind.DNS:
                 self.dns_answered += 1
             elif decision.kind is not Kind.TLS:  # a TLS check is part of its CONNECT, not a request
                 self.allowed += 1

@@ -58,7 +58,6 @@ DECIDED_SPELLINGS = [
     ("-allowed.test", Reason.INVALID_HOST),  # leading hyphen
     ("allowed-.test", Reason.INVALID_HOST),  # trailing hyphen
     (LONG_NAME, Reason.INVALID_HOST),  # 254 octets: the gate's limit is 253
-    ("xn--zz.test", Reason.INVALID_HOST),  # punycode that does not decode
 ]
 
 # Spellings mitmproxy's HTTP parser already rejects with 400 before any hook runs.
@@ -73,6 +72,7 @@ PARSER_REJECTED = [
     ".".join(["a" * 63] * 4) + ".test",  # name over 255
     "allowed.test\x1b",  # control character
     "allowed\u0430.test",  # raw UTF-8 in the authority
+    "xn--zz.test",  # punycode that does not decode
 ]
 
 

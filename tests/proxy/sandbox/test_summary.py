@@ -1,0 +1,45 @@
+"""The exit summary agrees with the decisions and cannot write escape sequences to a terminal."""
+
+from __future__ import annotations
+
+from proxy.decision import Decision, Kind, Reason, Verdict
+from proxy.sandbox.summary import MAX_LISTED, SummarySink
+
+
+def d(verdict: Verdict, host: str, kind: Kind = Kind.CONNECT, reason: Reason = Reason.ALLOWED_BY_RULE,
+      port: int | None = 443) -> Decision:  # fmt: skip
+    return Decision(verdict, reason, None, kind, host, port, "v1", "enforce", qtype="A")
+
+
+def test_counts_and_lists_refusals() -> None:
+    s = SummarySink()
+    s.record(d(Verdict.ALLOW, "pypi.org"))
+    s.record(d(Verdict.ALLOW, "pypi.org", Kind.TLS))  # part of the CONNECT: not a second request
+    s.record(d(Verdict.ALLOW, "pypi.org", Kind.DNS, port=None))
+    for _ in range(3):
+        s.record(d(Verdict.DENY, "evil.example", reason=Reason.NO_MATCHING_RULE))
+    s.record(d(Verdict.DENY, "evil.example", Kind.DNS, Reason.NO_MATCHING_RULE, port=None))
+    s.record(d(Verdict.REPORT, "maybe.example", reason=Reason.NO_MATCHING_RULE))
+    text = s.render("sbx-1")
+    lines = text.splitlines()
+    assert lines[0] == "egress: sandbox sbx-1: 2 request(s) allowed, 4 refused, 1 DNS answer(s)"
+    assert "  refused evil.example:443: no-matching-rule (x3)" in lines
+    assert "  refused evil.example (DNS A): no-matching-rule" in lines
+    assert "  would refuse maybe.example:443: no-matching-rule" in lines
+
+
+def test_hostile_names_are_escaped() -> None:
+    s = SummarySink()
+    s.record(d(Verdict.DENY, "\x1b[2Jevil\nhost", reason=Reason.INVALID_HOST))
+    text = s.render("sbx")
+    assert "\x1b" not in text and text.count("\n") == 1
+    assert "\\x1b[2Jevil\\x0ahost" in text
+
+
+def test_long_lists_are_bounded() -> None:
+    s = SummarySink()
+    for i in range(MAX_LISTED + 5):
+        s.record(d(Verdict.DENY, f"h{i}.example", reason=Reason.NO_MATCHING_RULE))
+    text = s.render("sbx")
+    assert "... and 5 more refused destination(s)" in text
+    assert len(text.splitlines()) == MAX_LISTED + 2
