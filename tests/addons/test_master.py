@@ -1,0 +1,77 @@
+"""The embedded master: lazy-only, extra listeners attribute decisions to their sandbox."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from mitmproxy import exceptions
+
+from addons.master import parse_listen
+from tests.dnsfake import FakeDns
+from tests.harness import RunningGate, Upstream, curl
+
+
+def test_parse_listen() -> None:
+    assert parse_listen("127.0.0.1:3128") == ("127.0.0.1", 3128)
+    assert parse_listen("[::1]:0") == ("::1", 0)
+    assert parse_listen(":8080") == ("127.0.0.1", 8080)
+    for bad in ("3128", "host:", "host:99999", "host:12a"):
+        with pytest.raises(ValueError, match="--listen"):
+            parse_listen(bad)
+
+
+@pytest.fixture
+def gate(
+    write_policy: Callable[[str], Path],
+    start_gate: Callable[..., RunningGate],
+    fake_dns: FakeDns,
+    http_upstream: Upstream,
+) -> RunningGate:
+    fake_dns.set("allowed.test", "A", ["127.0.0.1"])
+    return start_gate(
+        write_policy(
+            f"""
+            version: 1
+            allow_internal: [127.0.0.0/8]
+            rules:
+              - name: t
+                hosts: [allowed.test]
+                ports: [{http_upstream.port}]
+            """
+        )
+    )
+
+
+def _on_gate_loop(gate: RunningGate, coro: object) -> object:
+    assert gate._loop is not None
+    return asyncio.run_coroutine_threadsafe(coro, gate._loop).result(10)  # type: ignore[arg-type]
+
+
+def test_switching_to_eager_is_refused_at_runtime(gate: RunningGate) -> None:
+    master = gate.gate.master
+    assert master is not None
+    with pytest.raises(exceptions.OptionsError, match="lazy"):
+        master.options.update(connection_strategy="eager")
+    assert master.options.connection_strategy == "lazy"
+
+
+def test_extra_listener_attributes_decisions_to_its_sandbox(
+    gate: RunningGate, http_upstream: Upstream
+) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    _on_gate_loop(gate, gate.gate.add_listener(listener, sandbox_id="sbx-7"))
+
+    via_sandbox = curl(f"http://allowed.test:{http_upstream.port}/a", f"http://127.0.0.1:{port}")
+    assert via_sandbox.status == 200
+    assert gate.decisions[-1].sandbox_id == "sbx-7"
+
+    via_main = curl(f"http://allowed.test:{http_upstream.port}/b", gate.url)
+    assert via_main.status == 200
+    assert gate.decisions[-1].sandbox_id is None
