@@ -3,7 +3,8 @@
 "off": the Emitter with the JSON decision log sink (to /dev/null), which the gate has anyway.
 "on": that plus the write-ahead journal (fsync=interval, rotation at 64 MiB), Prometheus metrics and
 OTLP/HTTP export to a real receiver running in a *separate process* on loopback (so its CPU does not count
-against the gate's).
+against the gate's). With a journal the OTLP encoding itself also runs in the export process
+(``python -m proxy.otel``), so what is measured here is what the gate's own event loop pays.
 
 The number that matters for issue 5 is new tunnels/s through the real proxy with telemetry on >= 0.9x off;
 that bench runs through mitmproxy and lives elsewhere. This one isolates the per-decision cost of the

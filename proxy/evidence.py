@@ -23,7 +23,7 @@ from proxy.decision import Decision, Kind
 from proxy.emit import Emitter, Sink
 from proxy.journal import DEFAULT_FSYNC, DEFAULT_MAX_BYTES, FSYNC_POLICIES, Journal
 from proxy.metrics import Metrics
-from proxy.otel import CLOSED_EVENT, OtelSink, make_exporter, resolve_endpoint
+from proxy.otel import CLOSED_EVENT, OtelSink, resolve_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +222,9 @@ def build_emitter(
     except ValueError as exc:
         raise EvidenceError(str(exc)) from exc
     if target is not None:
-        exporter = make_exporter(target[0], target[1], timeout=export_timeout)
-        otel = OtelSink(exporter, version=__version__, metrics=metrics, journal=journal)
+        otel = OtelSink(
+            target, timeout=export_timeout, version=__version__, metrics=metrics, journal=journal
+        )
         log.info("exporting decision events to %s over OTLP/%s", *target)
     base = list(base_sinks)
     sinks: list[Sink] = [metrics, *base]

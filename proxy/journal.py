@@ -33,6 +33,9 @@ and raises :class:`proxy.emit.AuditUnavailable`; the Emitter turns allows into d
 is freed. Paths are recorded as received: the journal is local evidence (mode 0600); the OTel export
 scrubs secrets before anything leaves the host.
 
+After a crash in the middle of a write, the next start removes the partial last line (that record never
+completed, so its connection never went ahead) and continues the chain from the last complete record.
+
 Known limit of any hash chain: deleting whole lines from the *end* of the newest file leaves a valid,
 shorter chain. Compare the last ``seq`` with an external anchor (the exported OTel events carry
 ``egress.journal.seq``) to detect that.
@@ -133,6 +136,8 @@ def _last_line(path: Path, window: int = 1024 * 1024) -> dict[str, Any] | None:
             lines = f.read().split(b"\n")[:-1]  # what follows the final newline is torn or empty
     except FileNotFoundError:
         return None
+    except IsADirectoryError:
+        return None
     for raw in reversed(lines):
         try:
             obj = json.loads(raw)
@@ -203,6 +208,8 @@ class Journal:
         self._size = 0
         self._dirty = False
         self._closed = False
+        self._failing_since: float | None = None
+        self._last_error_log = 0.0
         self.seq, self.prev = 0, GENESIS
         self._resumed = False
         try:
@@ -234,9 +241,32 @@ class Journal:
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self._size = self._drop_torn_tail(fd)
+        except OSError:
+            os.close(fd)
+            raise
         self._fd = fd
-        self._size = os.fstat(fd).st_size
+
+    def _drop_torn_tail(self, fd: int) -> int:
+        """Remove a partial last line left by a crash or power loss in the middle of a write.
+
+        Such a record never finished, so ``record()`` never returned and its connection never went ahead
+        (write-ahead, like any WAL recovery). Left in place it would swallow the next record into one
+        unparseable line."""
+        size = os.fstat(fd).st_size
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return size
+        start = max(0, size - 1024 * 1024)
+        keep = start + os.pread(fd, size - start, start).rfind(b"\n") + 1
+        os.ftruncate(fd, keep)
+        log.warning(
+            "audit journal %s: removed a torn last line (%d bytes) left by an interrupted write",
+            self.path,
+            size - keep,
+        )
+        return keep
 
     def _next_index(self) -> int:
         indexes = [rotation_index(p) for p in journal_files(self.path)]
@@ -292,10 +322,26 @@ class Journal:
                 self._write(data)
             except OSError as exc:
                 self._count_error(exc)
-                log.error(
-                    "audit journal %s: write of seq %d failed: %s", self.path, body["seq"], exc
-                )
+                now = time.monotonic()
+                if self._failing_since is None or now - self._last_error_log >= 10:
+                    log.error(
+                        "audit journal %s: write of seq %d failed (%s); every write fails until "
+                        "this is fixed",
+                        self.path,
+                        body["seq"],
+                        exc,
+                    )
+                    self._last_error_log = now
+                if self._failing_since is None:
+                    self._failing_since = now
                 raise AuditUnavailable(f"{self.path}: {exc.strerror or exc}") from exc
+            if self._failing_since is not None:
+                log.warning(
+                    "audit journal %s: writing again after %.1f s of failures",
+                    self.path,
+                    time.monotonic() - self._failing_since,
+                )
+                self._failing_since = None
             self.seq, self.prev = body["seq"], digest
             if self.metrics is not None:
                 self.metrics.journal_writes.inc()
@@ -363,9 +409,16 @@ class Journal:
         finally:
             os.close(fd)
 
-    def follow(self) -> JournalFollower:
-        """A reader positioned exactly after the last written record (no gap, no overlap)."""
+    def follow(self, after_seq: int | None = None) -> JournalFollower:
+        """A reader positioned exactly after record ``after_seq`` (default: the last one written), so
+        nothing is read twice and nothing written from now on is missed."""
         with self._lock:
+            if after_seq is not None and after_seq < self.seq:
+                found = locate(self.path, after_seq)
+                if found is not None:
+                    path, offset = found
+                    return JournalFollower(self.path, offset=offset, seq=after_seq, start=path)
+                log.error("journal %s: no record after seq %d to resume from", self.path, after_seq)
             return JournalFollower(self.path, offset=self._size, seq=self.seq)
 
     def close(self) -> None:
@@ -398,13 +451,28 @@ class JournalFollower:
 
     CHUNK = 256 * 1024
 
-    def __init__(self, path: Path, *, offset: int = 0, seq: int = 0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        offset: int = 0,
+        seq: int = 0,
+        start: Path | None = None,
+        fd: int | None = None,
+    ) -> None:
+        """Reads ``start`` (default: the active file ``path``), or the already open ``fd``, from
+        ``offset``; opened now, so the offset belongs to the file it was measured on."""
         self.path = path
         self.seq = seq  # last seq handed out
         self._fd: int | None = None
         self._pos: _Position | None = None
         self._start_offset = offset
-        self._ensure_open()  # now, under the journal's lock: the offset belongs to *this* file
+        if fd is not None:
+            self._fd = fd
+            self._pos = _Position(os.fstat(fd).st_ino, offset)
+            self._start_offset = 0
+        else:
+            self._ensure_open(start)
 
     def _ensure_open(self, path: Path | None = None) -> bool:
         if self._fd is not None:
@@ -481,6 +549,24 @@ class JournalFollower:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def locate(path: Path, after_seq: int) -> tuple[Path, int] | None:
+    """(file, byte offset) of the first record with a seq above ``after_seq``, or None."""
+    for candidate in journal_files(path):
+        last = _last_line(candidate)
+        if last is None or int(last["seq"]) <= after_seq:
+            continue
+        offset = 0
+        for _, raw in iter_lines(candidate):
+            try:
+                seq = int(json.loads(raw)["seq"])
+            except (ValueError, KeyError, TypeError):
+                seq = -1
+            if seq > after_seq:
+                return candidate, offset
+            offset += len(raw)
+    return None
 
 
 def iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:

@@ -68,7 +68,8 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
         self._lock = threading.Lock()
-        self._policy_rules: frozenset[str] | None = None
+        self._policy_rules: frozenset[str] | None = None  # union of _rule_sets
+        self._rule_sets: dict[str, frozenset[str]] = {}  # "" = the main policy, else a sandbox id
         self._seen_rules: set[str] = set()
         self._policy_version: str | None = None
         self._server: Any = None
@@ -163,7 +164,9 @@ class Metrics:
             registry=r,
         )
         self.otlp_queue_depth = Gauge(
-            "egress_otlp_queue_depth", "Log records waiting to be exported.", registry=r
+            "egress_otlp_queue_depth",
+            "Events waiting for export (in memory plus the journal backlog).",
+            registry=r,
         )
         self.active_sandboxes = Gauge(
             "egress_active_sandboxes", "Sandboxes currently attached to the gate.", registry=r
@@ -254,8 +257,8 @@ class Metrics:
     def policy_loaded(self, version: str, rule_names: Iterable[str], mode: str = "enforce") -> None:
         """A policy went into force: its rule names become the only accepted rule label values."""
         names = frozenset(n for n in rule_names if n)
+        self._set_rules("", names)
         with self._lock:
-            self._policy_rules = names
             self._policy_version = version
         self.policy_info.clear()  # one series only: the version label changes on every reload
         self.policy_info.labels(
@@ -263,6 +266,16 @@ class Metrics:
         ).set(1)
         self.policy_rules.set(len(names))
         self.policy_reloads.labels(result="ok").inc()
+
+    def sandbox_policy_loaded(self, sandbox_id: str, rule_names: Iterable[str]) -> None:
+        """A sandbox's own policy (shared gate): its rule names are accepted as labels too. Call again
+        on its reloads; the sandbox id itself never becomes a label value."""
+        self._set_rules(sandbox_id or "-", frozenset(n for n in rule_names if n))
+
+    def _set_rules(self, source: str, names: frozenset[str]) -> None:
+        with self._lock:
+            self._rule_sets[source] = names
+            self._policy_rules = frozenset().union(*self._rule_sets.values())
 
     def policy_reload_failed(self) -> None:
         """The new policy was rejected; the old one stays in force (and stays in ``policy_info``)."""

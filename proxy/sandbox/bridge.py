@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 _F_SETPIPE_SZ = 1031
-_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_MORE", 4)
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1)  # not SPLICE_F_MORE: it corks the socket
 
 
 @dataclass

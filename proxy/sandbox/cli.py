@@ -22,6 +22,12 @@ def sandbox_id(text: str) -> str:
     return text
 
 
+def port_number(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a port 1-65535")
+    return int(text)
+
+
 def host_port(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -58,6 +64,13 @@ def register(subparsers: Any) -> None:
         help="with --proxy: the running gate's DNS gate (default: no DNS inside the sandbox)",
     )
     run.add_argument(
+        "--gate-socket",
+        metavar="PATH",
+        default=None,
+        help="hand the sandbox to a gate on this machine through its Unix socket (no relay; "
+        "a credential, if the gate needs one, is read from $EGRESS_SANDBOX_TOKEN)",
+    )
+    run.add_argument(
         "--sandbox-id", type=sandbox_id, default=None, help="id carried on every decision"
     )
     run.add_argument("--quiet", action="store_true", help="no summary at exit")
@@ -68,7 +81,7 @@ def register(subparsers: Any) -> None:
     )
     run.add_argument(
         "--proxy-port",
-        type=int,
+        type=port_number,
         default=DEFAULT_PROXY_PORT,
         help=f"the proxy port inside the sandbox (default {DEFAULT_PROXY_PORT})",
     )
@@ -125,6 +138,7 @@ def _add_evidence(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import os
     from pathlib import Path
 
     from proxy.sandbox.launcher import RunOptions, run
@@ -137,6 +151,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         policy_path=Path(args.policy) if args.policy else None,
         proxy_url=args.proxy,
         dns_target=args.dns,
+        gate_socket=args.gate_socket,
+        token=os.environ.get("EGRESS_SANDBOX_TOKEN") or None,
         sandbox_id=args.sandbox_id,
         quiet=args.quiet,
         isolation=not args.no_isolation,

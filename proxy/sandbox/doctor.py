@@ -134,7 +134,9 @@ class _StubDns:
             if name != UPSTREAM_NAME:
                 response.set_rcode(dns.rcode.NXDOMAIN)
             elif question.rdtype == dns.rdatatype.A:
-                response.answer.append(dns.rrset.from_text(question.name, 60, "IN", "A", "127.0.0.1"))
+                response.answer.append(
+                    dns.rrset.from_text(question.name, 60, "IN", "A", "127.0.0.1")
+                )
             with contextlib.suppress(OSError):
                 self.sock.sendto(response.to_wire(), addr)
 
@@ -261,7 +263,12 @@ def evaluate(obs: dict[str, Any], canaries: dict[str, int], stub_queries: list[s
             f"{obs['routes4']} / {obs['routes6']}",
             obs["routes4"] == 0 and obs["routes6"] == 0,
         ),
-        row("direct TCP out (192.0.2.1:443)", "no route", obs["tcp_out"], obs["tcp_out"] in unreachable),
+        row(
+            "direct TCP out (192.0.2.1:443)",
+            "no route",
+            obs["tcp_out"],
+            obs["tcp_out"] in unreachable,
+        ),
         row(
             "metadata address (169.254.169.254)",
             "no route",
@@ -303,7 +310,11 @@ def evaluate(obs: dict[str, Any], canaries: dict[str, int], stub_queries: list[s
     ]
     resolvers = obs["outside_resolvers"]
     if resolvers:
-        leaked = {ns: r for ns, r in resolvers.items() if r.startswith(("NOERROR", "NXDOMAIN", "SERV", "REF"))}
+        leaked = {
+            ns: r
+            for ns, r in resolvers.items()
+            if r.startswith(("NOERROR", "NXDOMAIN", "SERV", "REF"))
+        }
         checks.append(
             row(
                 "host's resolvers (" + ",".join(resolvers) + ")",
@@ -367,14 +378,15 @@ def run_doctor() -> tuple[list[Check], str]:
     stub = _StubDns()
     workdir = tempfile.mkdtemp(prefix="egress-doctor-")
     read_fd, write_fd = os.pipe()
+    stack = contextlib.ExitStack()
     try:
         policy = Path(workdir) / "doctor.yaml"
         policy.write_text(
             "version: 1\nallow_internal: [127.0.0.1/32]\nrules:\n"
             f"  - name: doctor-upstream\n    hosts: [{UPSTREAM_NAME}]\n    ports: [{upstream.port}]\n"
         )
-        output = tempfile.TemporaryFile(dir=workdir)
-        errors = tempfile.TemporaryFile(dir=workdir)
+        output = stack.enter_context(tempfile.TemporaryFile(dir=workdir))  # noqa: SIM115
+        errors = stack.enter_context(tempfile.TemporaryFile(dir=workdir))  # noqa: SIM115
         targets = {
             "proxy_port": DEFAULT_PROXY_PORT,
             "tcp_canary": tcp.port,
@@ -414,6 +426,7 @@ def run_doctor() -> tuple[list[Check], str]:
         counts = {"tcp": tcp.hits, "tcp6": tcp6.hits, "udp": udp.hits, "upstream": upstream.hits}
         return evaluate(observations, counts, stub.queries), ""
     finally:
+        stack.close()
         os.close(read_fd)
         with contextlib.suppress(OSError):
             os.close(write_fd)

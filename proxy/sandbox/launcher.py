@@ -7,7 +7,6 @@ Any failure before that point tears the sandbox down and the command never runs 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import inspect
 import logging
@@ -58,6 +57,8 @@ class RunOptions:
     proxy_port: int = DEFAULT_PROXY_PORT
     dns_port: int | None = DEFAULT_DNS_PORT
     dns_target: tuple[str, int] | None = None  # joined mode: where to relay DNS (unset: no DNS)
+    gate_socket: str | None = None  # hand the listeners to a local gate (no relay)
+    token: str | None = None  # the sandbox's credential for a gate that requires one
     env: dict[str, str] | None = None
     cwd: str | None = None
     stdin: int | IO[Any] | None = None
@@ -89,7 +90,10 @@ def run(options: RunOptions) -> int:
         _err("no command given (usage: egress run [OPTIONS] -- CMD [ARGS...])")
         return EXIT_SETUP_FAILED
     policy: Any = None
-    if options.proxy_url is None:
+    if options.proxy_url is not None and options.gate_socket is not None:
+        _err("--proxy and --gate-socket are alternatives; the command was not run")
+        return EXIT_SETUP_FAILED
+    if options.proxy_url is None and options.gate_socket is None:
         try:
             policy = _load_policy(options.policy_path)
         except RunError as exc:
@@ -98,11 +102,15 @@ def run(options: RunOptions) -> int:
     if not options.isolation:
         sys.stderr.write(NO_ISOLATION_WARNING + "\n")
         return _run_unisolated(options, policy)
+    problem = _stdio_problem()
+    if problem:
+        _err(f"{problem}; the command was not run")
+        return EXIT_SETUP_FAILED
     tty = _foreground_tty()
     listeners = [Listener("proxy", "tcp", options.proxy_port)]
     with_dns = options.dns_port is not None and (
         options.proxy_url is None or options.dns_target is not None
-    )
+    )  # a gate we hand off to decides itself whether it serves DNS
     if with_dns:
         assert options.dns_port is not None
         listeners += [
@@ -120,11 +128,9 @@ def run(options: RunOptions) -> int:
     else:
         upstream = None
         address = ProxyAddress(inside, options.proxy_port)
-    env = proxy_environment(
-        options.env if options.env is not None else os.environ,
-        address,
-        sandbox_id=options.sandbox_id,
-    )
+    base = dict(options.env if options.env is not None else os.environ)
+    base.pop("EGRESS_SANDBOX_TOKEN", None)  # the launcher's to present, not the sandbox's to read
+    env = proxy_environment(base, address, sandbox_id=options.sandbox_id)
     spec = SandboxSpec(
         argv=list(options.argv), env=env, listeners=listeners, cwd=options.cwd, foreground_tty=tty
     )
@@ -135,16 +141,23 @@ def run(options: RunOptions) -> int:
     except SandboxError as exc:
         _err(f"cannot isolate the command, so it was not run: {exc}")
         return EXIT_SETUP_FAILED
+    summary = ""
     try:
-        if upstream is not None:
-            code = _run_joined(options, sandbox, upstream)
+        if options.gate_socket is not None:
+            code, summary = _run_handed_off(options, sandbox, options.gate_socket)
+        elif upstream is not None:
+            code, summary = _run_joined(options, sandbox, upstream)
         else:
-            code = asyncio.run(_run_private(options, sandbox, policy))
+            import asyncio
+
+            code, summary = asyncio.run(_run_private(options, sandbox, policy))
     finally:
         sandbox.close_sockets()
         if sandbox.returncode is None and sandbox.proc.poll() is None:
             sandbox.kill()
-        _restore_tty(tty)
+        _restore_tty(tty)  # first: a background process writing to a TOSTOP terminal would stop
+    if summary and not options.quiet:
+        sys.stderr.write(summary + "\n")
     return code
 
 
@@ -174,13 +187,19 @@ def _sinks(options: RunOptions) -> list[Sink]:
     return sinks
 
 
-async def _start_gate(options: RunOptions, policy: Any, emitter: Emitter, observer: Any) -> Any:
+async def _start_gate(
+    options: RunOptions, policy: Any, emitter: Emitter, observer: Any, *, host_listener_id: bool
+) -> Any:
+    """The gate also listens on an ephemeral host-loopback port (Gate always does). Only with
+    --no-isolation is that port the sandbox's; otherwise a connection there is some other local
+    process and must not be attributed to the sandbox (threat 12)."""
     from addons.master import Gate, GateConfig
     from proxy.resolver import Resolver
 
     resolver = Resolver(nameservers=list(options.nameservers) if options.nameservers else None)
+    default_id = options.sandbox_id if host_listener_id else None
     gate = Gate(
-        GateConfig(listen_host="127.0.0.1", listen_port=0, sandbox_id=options.sandbox_id),
+        GateConfig(listen_host="127.0.0.1", listen_port=0, sandbox_id=default_id),
         lambda: policy,
         emitter,
         resolver,
@@ -190,18 +209,23 @@ async def _start_gate(options: RunOptions, policy: Any, emitter: Emitter, observ
     return gate, resolver
 
 
-async def _run_private(options: RunOptions, sandbox: Sandbox, policy: Any) -> int:
-    """The gate runs in this process and accepts on the sandbox's own listeners: no relay."""
+async def _run_private(options: RunOptions, sandbox: Sandbox, policy: Any) -> tuple[int, str]:
+    """The gate runs in this process and accepts on the sandbox's own listeners: no relay.
+    Returns the exit status and the summary to print."""
     from proxy.dnsgate import DnsGate
 
-    evidence = options.evidence(_sinks(options)) if options.evidence else None
-    emitter: Emitter = evidence.emitter if evidence else Emitter(_sinks(options))
+    evidence: Any = None
+    emitter: Emitter | None = None
     gate: Any = None
     dns: DnsGate | None = None
     try:
+        evidence = options.evidence(_sinks(options)) if options.evidence else None
+        emitter = evidence.emitter if evidence else Emitter(_sinks(options))
         if evidence is not None:
             await _maybe_await(evidence.start())
-        gate, resolver = await _start_gate(options, policy, emitter, evidence)
+        gate, resolver = await _start_gate(
+            options, policy, emitter, evidence, host_listener_id=True
+        )
         await gate.add_listener(sandbox.sockets["proxy"], sandbox_id=options.sandbox_id)
         if "dns-udp" in sandbox.sockets:
             dns = DnsGate(lambda: policy, resolver, emitter, sandbox_id=options.sandbox_id)
@@ -214,17 +238,15 @@ async def _run_private(options: RunOptions, sandbox: Sandbox, policy: Any) -> in
         sandbox.abort()
         _err(f"the gate did not start, so the command was not run: {exc}")
         await _stop(gate, dns, evidence, emitter)
-        return EXIT_SETUP_FAILED
+        return EXIT_SETUP_FAILED, ""
     try:
         code = await _start_and_wait(sandbox, options.on_ready)
     finally:
         await _stop(gate, dns, evidence, emitter)
-    if not options.quiet:
-        sys.stderr.write(options.summary.render(str(options.sandbox_id)) + "\n")
-    return code
+    return code, options.summary.render(str(options.sandbox_id))
 
 
-async def _stop(gate: Any, dns: Any, evidence: Any, emitter: Emitter) -> None:
+async def _stop(gate: Any, dns: Any, evidence: Any, emitter: Emitter | None) -> None:
     if dns is not None:
         dns.close()
         with contextlib.suppress(Exception):
@@ -235,7 +257,7 @@ async def _stop(gate: Any, dns: Any, evidence: Any, emitter: Emitter) -> None:
     if evidence is not None:
         with contextlib.suppress(Exception):
             await _maybe_await(evidence.close())
-    else:
+    elif emitter is not None:
         emitter.close()
 
 
@@ -249,6 +271,8 @@ async def _start_and_wait(
 ) -> int:
     """Release the command, wait for the sandbox to exit, forwarding our signals to it meanwhile
     (handlers go in first: a signal right after the command starts must not kill only us)."""
+    import asyncio
+
     loop = asyncio.get_running_loop()
     done = loop.create_future()
 
@@ -273,7 +297,7 @@ async def _start_and_wait(
     return sandbox.wait(10)
 
 
-def _run_joined(options: RunOptions, sandbox: Sandbox, upstream: ProxyAddress) -> int:
+def _run_joined(options: RunOptions, sandbox: Sandbox, upstream: ProxyAddress) -> tuple[int, str]:
     """A shared gate elsewhere: relay the sandbox's listeners to it from the host namespace."""
     from proxy.sandbox.bridge import Relay
 
@@ -294,16 +318,47 @@ def _run_joined(options: RunOptions, sandbox: Sandbox, upstream: ProxyAddress) -
             signal.signal(sig, handler)
         for relay in relays:
             relay.close()
-    if not options.quiet:
-        stats = relays[0].stats
-        sys.stderr.write(
-            f"egress: sandbox {options.sandbox_id}: {stats.accepted} connection(s) relayed to the "
-            f"gate at {upstream.hostport}"
-            + (f", {stats.refused} over the connection limit" if stats.refused else "")
-            + (f", {stats.failed} could not reach it" if stats.failed else "")
-            + "; its decision log has the details\n"
+    stats = relays[0].stats
+    summary = (
+        f"egress: sandbox {options.sandbox_id}: {stats.accepted} connection(s) relayed to the "
+        f"gate at {upstream.hostport}"
+        + (f", {stats.refused} over the connection limit" if stats.refused else "")
+        + (f", {stats.failed} could not reach it" if stats.failed else "")
+        + "; its decision log has the details"
+    )
+    return code, summary
+
+
+def _run_handed_off(options: RunOptions, sandbox: Sandbox, path: str) -> tuple[int, str]:
+    """A gate on this machine takes the sandbox's listeners itself (see handoff.py): no relay."""
+    from proxy.sandbox.handoff import HandoffError, hand_off
+
+    try:
+        conn, accepted = hand_off(
+            path, str(options.sandbox_id), sandbox.sockets, token=options.token
         )
-    return code
+    except HandoffError as exc:
+        sandbox.abort()
+        _err(f"{exc}; the command was not run")
+        return EXIT_SETUP_FAILED, ""
+    sandbox.close_sockets()  # the gate holds its own copies now
+    previous = {sig: signal.getsignal(sig) for sig in FORWARDED_SIGNALS}
+    try:
+        for sig in FORWARDED_SIGNALS:
+            signal.signal(sig, lambda s, _f: sandbox.send_signal(s))
+        if options.on_ready:
+            options.on_ready(sandbox)
+        sandbox.start()
+        code = sandbox.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        conn.close()  # the gate closes this sandbox's listeners
+    summary = (
+        f"egress: sandbox {options.sandbox_id}: served by the gate at {path} "
+        f"({', '.join(accepted)}); its decision log has the details"
+    )
+    return code, summary
 
 
 def _udp_relay(sock: Any, target: tuple[str, int]) -> Any:
@@ -321,17 +376,21 @@ def _run_unisolated(options: RunOptions, policy: Any) -> int:
         env = proxy_environment(options.env or os.environ, address, sandbox_id=options.sandbox_id)
         proc = subprocess.Popen(list(options.argv), env=env, cwd=options.cwd)
         return _wait_plain(proc)
+    import asyncio
+
     return asyncio.run(_run_unisolated_private(options, policy))
 
 
 async def _run_unisolated_private(options: RunOptions, policy: Any) -> int:
     emitter = Emitter(_sinks(options))
-    gate, _ = await _start_gate(options, policy, emitter, None)
+    gate, _ = await _start_gate(options, policy, emitter, None, host_listener_id=True)
     try:
         host, port = gate.listen_address
         env = proxy_environment(
             options.env or os.environ, ProxyAddress(host, port), sandbox_id=options.sandbox_id
         )
+        import asyncio
+
         proc = await asyncio.create_subprocess_exec(
             *options.argv,
             env=env,
@@ -362,6 +421,32 @@ def _wait_plain(proc: Any) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _stdio_problem(fds: Sequence[int] = (0, 1, 2)) -> str | None:
+    """The command inherits our stdin/stdout/stderr. Those may be sockets (an agent harness, inetd),
+    which keep the network namespace they were made in: a connected stream is only a channel to its
+    peer, but an unconnected or datagram IP socket could send anywhere the host can. Refuse those."""
+    import socket
+    import stat
+
+    for fd in fds:
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        with sock:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            if sock.type != socket.SOCK_STREAM:
+                return f"fd {fd} is a {sock.type.name} IP socket, which could send past the sandbox"
+            try:
+                sock.getpeername()
+            except OSError:
+                return f"fd {fd} is an unconnected IP socket, which could reach past the sandbox"
+    return None
 
 
 def _foreground_tty() -> int | None:

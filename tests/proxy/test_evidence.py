@@ -156,3 +156,42 @@ def test_audit_required_denies_when_the_journal_is_unwritable(tmp_path: Path) ->
         )
         == 1
     )
+
+
+FILE_SIZE_CHILD = """
+import argparse, resource, sys
+sys.path.insert(0, sys.argv[2])
+from proxy.decision import Decision, Kind, Reason, Verdict
+from proxy.evidence import add_evidence_arguments, build_emitter
+
+parser = argparse.ArgumentParser()
+add_evidence_arguments(parser)
+args = parser.parse_args(["--journal", sys.argv[1], "--audit-required", "--no-metrics"])
+evidence = build_emitter(args, env={})
+resource.setrlimit(resource.RLIMIT_FSIZE, (1500, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+reasons = []
+for i in range(20):
+    d = Decision(decision=Verdict.ALLOW, reason=Reason.ALLOWED_BY_RULE, rule="r", kind=Kind.CONNECT,
+                 host=f"h{i}.example", port=443, policy_version="v", mode="enforce")
+    reasons.append(str(evidence.emit(d).reason))
+evidence.close()
+print(reasons[0], reasons[-1])
+"""
+
+
+def test_gate_survives_the_file_size_limit_and_denies(tmp_path: Path) -> None:
+    """RLIMIT_FSIZE's SIGXFSZ must not kill the gate (CPython ignores it at startup, and nothing here
+    may undo that): the write fails with EFBIG and --audit-required denies."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-c", FILE_SIZE_CHILD, str(tmp_path / "audit.jsonl"), str(root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, f"killed or failed ({proc.returncode}): {proc.stderr[-2000:]}"
+    assert proc.stdout.split() == ["allowed-by-rule", "audit-unavailable"]

@@ -278,3 +278,23 @@ def test_follower_reads_across_rotation_without_loss_or_duplicates(tmp_path: Pat
     follower.close()
     assert len(journal_files(path)) > 2
     assert seen == list(range(2, 62))
+
+
+def test_torn_last_line_from_a_crash_is_removed_on_restart(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    journal = Journal(path)
+    for i in range(3):
+        journal.record(decision(i))
+    journal.close()
+    with open(path, "ab") as f:
+        f.write(b'{"decision":"allow","event":"egress.decision","host":"torn.exa')  # power cut
+    assert not verify([path]).ok
+    journal = Journal(path)
+    assert journal.seq == 3
+    survivor = decision(99)
+    journal.record(survivor)
+    journal.close()
+    report = verify([path])
+    assert report.ok and report.records == 4, report.problems
+    assert lines(path)[-1]["id"] == survivor.id
+    assert "torn.exa" not in path.read_text()

@@ -174,3 +174,14 @@ def test_real_prometheus_scrapes_the_counters(tmp_path: Path) -> None:
             assert prom.value('up{job="agent-egress"}') == 1
     finally:
         m.stop()
+
+
+def test_sandbox_policies_add_their_rule_names() -> None:
+    m = Metrics()
+    m.policy_loaded("v1", ["pypi"])
+    m.sandbox_policy_loaded("sb-1", ["npm"])
+    m.policy_loaded("v2", ["github"])  # a reload of the main policy keeps the sandbox's rules
+    assert m.rule_label("npm") == "npm"
+    assert m.rule_label("github") == "github"
+    assert m.rule_label("pypi") == "other"
+    assert "sb-1" not in m.exposition().decode()

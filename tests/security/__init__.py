@@ -13,9 +13,12 @@ import random
 import socket
 import ssl
 import struct
+import textwrap
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from proxy.decision import Decision
 from tests.harness import WAIT, RunningGate
@@ -26,8 +29,18 @@ __all__ = [
     "client_hello",
     "exchange",
     "fresh_decisions",
+    "parse_responses",
     "random_loopback",
+    "start_gate_with",
 ]
+
+
+def start_gate_with(directory: Path, policy: str, nameserver: str, **kwargs: Any) -> RunningGate:
+    """A real gate on ``policy`` (YAML text), for module-scoped fixtures: starting and stopping a gate
+    costs ~0.5 s, so attack tables share one gate and reset the counters between cases."""
+    path = directory / "policy.yaml"
+    path.write_text(textwrap.dedent(policy))
+    return RunningGate(path, [nameserver], **kwargs).start()
 
 
 @dataclass
@@ -44,23 +57,20 @@ class Reply:
     @property
     def status(self) -> int:
         """Status of the *last* response head in the reply (after a CONNECT's 200), 0 if none."""
-        heads = [
-            part for part in self.data.split(b"\r\n\r\n") if part.startswith(b"HTTP/1.1 ")
-        ]
+        heads = [part for part in self.data.split(b"\r\n\r\n") if part.startswith(b"HTTP/1.1 ")]
         return int(heads[-1].split(b" ")[1]) if heads else 0
 
     def statuses(self) -> list[int]:
-        return [
-            int(part.split(b" ")[1])
-            for part in self.data.split(b"\r\n")
-            if part.startswith(b"HTTP/1.1 ") and part[9:12].isdigit()
-        ]
+        return [status for status, _, _ in parse_responses(self.data)]
+
+    def tunnel_bytes(self) -> bytes:
+        """What came back after a CONNECT's 200 (the upstream's side of the tunnel)."""
+        marker = b"HTTP/1.1 200 Connection established\r\n\r\n"
+        return self.data.split(marker, 1)[1] if marker in self.data else b""
 
     def header(self, name: str) -> str | None:
         """A header of the last response head, case-insensitive."""
-        heads = [
-            part for part in self.data.split(b"\r\n\r\n") if part.startswith(b"HTTP/1.1 ")
-        ]
+        heads = [part for part in self.data.split(b"\r\n\r\n") if part.startswith(b"HTTP/1.1 ")]
         if not heads:
             return None
         for line in heads[-1].split(b"\r\n")[1:]:
@@ -117,15 +127,19 @@ def exchange(
     return Reply(data, closed)
 
 
-def _complete_responses(data: bytes) -> int:
-    """How many complete HTTP/1.1 responses ``data`` holds; tunnel bytes after a CONNECT 200 end it."""
-    count, pos = 0, 0
+def parse_responses(data: bytes) -> list[tuple[int, bytes, bytes]]:
+    """Complete HTTP/1.1 responses in ``data`` as (status, head, body), CONNECT's 200 included;
+    parsing stops at the first thing that is not a response (tunnel bytes)."""
+    out: list[tuple[int, bytes, bytes]] = []
+    pos = 0
     while data.startswith(b"HTTP/1.1 ", pos):
         end = data.find(b"\r\n\r\n", pos)
         if end < 0:
             break
         head = data[pos:end]
+        status = int(head[9:12])
         if head.startswith(b"HTTP/1.1 200 Connection established"):
+            out.append((status, head, b""))
             pos = end + 4
             continue
         length = 0
@@ -135,9 +149,17 @@ def _complete_responses(data: bytes) -> int:
                 length = int(value)
         if len(data) < end + 4 + length:
             break
-        count += 1
+        out.append((status, head, data[end + 4 : end + 4 + length]))
         pos = end + 4 + length
-    return count
+    return out
+
+
+def _complete_responses(data: bytes) -> int:
+    return sum(
+        1
+        for _, head, _ in parse_responses(data)
+        if not head.startswith(b"HTTP/1.1 200 Connection established")
+    )
 
 
 def fresh_decisions(gate: RunningGate, before: int) -> list[Decision]:
@@ -232,9 +254,7 @@ class CountingListener:
                     self.heads.append(head)
                 line = head.split(b"\r\n", 1)[0]
                 body = b"canary saw: " + line + b"\n"
-                conn.sendall(
-                    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-                )
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         except OSError:
             return
         finally:

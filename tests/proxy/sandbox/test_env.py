@@ -86,7 +86,8 @@ def test_parse(url: str, expected: ProxyAddress) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["https://gate:3128", "socks5://gate:1080", "http://gate", "http://gate:1/x", "http://:3"]
+    "url",
+    ["https://gate:3128", "socks5://gate:1080", "http://gate", "http://gate:1/x", "http://:3"],
 )
 def test_parse_rejects(url: str) -> None:
     with pytest.raises(ValueError):

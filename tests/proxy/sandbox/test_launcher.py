@@ -7,6 +7,7 @@ them only through the gate.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -138,7 +139,7 @@ print(json.dumps(out))
 
 @pytest.mark.parametrize(("script", "code"), [("exit 3", 3), ("kill -KILL $$", 137)])
 def test_exit_status(world: tuple[Path, FakeDns, Upstream], script: str, code: int) -> None:
-    policy, dns, _ = world
+    policy, _, _ = world
     result = egress("run", "--policy", str(policy), "--quiet", "--", "sh", "-c", script)
     assert result.returncode == code, result.stderr
 
@@ -266,7 +267,7 @@ def test_unprivileged_user(world: tuple[Path, FakeDns, Upstream]) -> None:
             f"env HOME={shared} {sys.executable} -m proxy.cli run --policy {policy} "
             f"--nameserver {dns.nameserver} -- sh -c "
             f"'id -u; curl -sS -m 10 http://allowed.test:{upstream.port}/nobody; "
-            f"curl -sS -m 5 --noproxy \"*\" http://127.0.0.1:{upstream.port}/; echo bypass=$?'"
+            f'curl -sS -m 5 --noproxy "*" http://127.0.0.1:{upstream.port}/; echo bypass=$?\''
         )
         result = subprocess.run(
             ["unshare", "-m", "sh", "-c", script],
@@ -300,3 +301,184 @@ def test_nothing_left_behind(world: tuple[Path, FakeDns, Upstream], tmp_path: Pa
         time.sleep(0.05)
     assert processes_in_netns(inode) == []
     assert Path("/proc/self/mountinfo").read_text() == before_mounts
+
+
+def test_terminal_is_passed_through_and_ctrl_c_reaches_only_the_command(
+    world: tuple[Path, FakeDns, Upstream],
+) -> None:
+    """Under a terminal the command is the foreground process group: it reads the terminal, and
+    Ctrl-C reaches it exactly once (the launcher is not in that group, so it forwards nothing)."""
+    import pty
+    import select
+
+    policy, _, _ = world
+    script = (
+        "n=0; trap 'n=$((n+1))' INT; tty; echo READY; read x; echo GOT:$x; "
+        "i=0; while [ $i -lt 30 ]; do sleep 0.05; i=$((i+1)); done; exit $((40+n))"
+    )
+    pid, master = pty.fork()
+    if pid == 0:  # the child: a session leader whose controlling terminal is the pty
+        os.chdir(REPO)
+        os.execve(
+            sys.executable,
+            [sys.executable, "-m", "proxy.cli", "run", "--policy", str(policy), "--", "sh", "-c", script],
+            _env(),
+        )  # fmt: skip
+    output = b""
+
+    def read_until(token: bytes, timeout: float = WAIT) -> None:
+        nonlocal output
+        deadline = time.monotonic() + timeout
+        while token not in output and time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:
+                    return
+                if not chunk:
+                    return
+                output += chunk
+
+    try:
+        read_until(b"READY")
+        assert b"/dev/pts/" in output  # the command has a terminal
+        os.write(master, b"hello\n")
+        read_until(b"GOT:hello")
+        time.sleep(0.2)
+        os.write(master, b"\x03")  # Ctrl-C
+        read_until(b"egress: sandbox")  # the launcher got the terminal back and printed its summary
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 41, output.decode(errors="replace")
+    finally:
+        with contextlib.suppress(ChildProcessError, ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(master)
+
+
+def test_stdio_ip_socket_that_could_send_anywhere_is_refused(
+    world: tuple[Path, FakeDns, Upstream], tmp_path: Path
+) -> None:
+    import socket
+
+    policy, _, _ = world
+    marker = tmp_path / "ran"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        result = egress("run", "--policy", str(policy), "--", "touch", str(marker), stdin=udp)
+    assert result.returncode == 125
+    assert "fd 0 is a SOCK_DGRAM IP socket" in result.stderr
+    assert not marker.exists()
+    a, b = socket.socketpair()  # a connected local stream (an agent harness) is fine
+    with a, b:
+        result = egress("run", "--policy", str(policy), "--quiet", "--", "true", stdin=a)
+    assert result.returncode == 0, result.stderr
+
+
+def test_joined_mode_relays_dns_to_the_given_dns_gate(
+    world: tuple[Path, FakeDns, Upstream], start_gate: Callable[..., RunningGate]
+) -> None:
+    """--dns relays the sandbox's 127.0.0.1:53 (UDP and TCP) to the shared gate's DNS gate; here a
+    programmed DNS server stands in for it, so the answer proves the path."""
+    policy, dns, _ = world
+    dns.set("relayed.test", "A", ["192.0.2.77"])
+    gate = start_gate(policy)
+    probe = (
+        "import socket; print(sorted({a[4][0] for a in socket.getaddrinfo('relayed.test', 80, "
+        "socket.AF_INET)}))"
+    )
+    host, port = dns.address
+    result = egress(
+        "run", "--proxy", gate.url, "--dns", f"{host}:{port}", "--quiet", "--",
+        sys.executable, "-I", "-c", probe,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['192.0.2.77']"
+    assert dns.count("relayed.test") >= 1
+
+
+def test_bad_evidence_flags_fail_closed(
+    world: tuple[Path, FakeDns, Upstream], tmp_path: Path
+) -> None:
+    policy, _, _ = world
+    marker = tmp_path / "ran"
+    result = egress("run", "--policy", str(policy), "--audit-required", "--", "touch", str(marker))
+    assert result.returncode == 125
+    assert "--journal" in result.stderr and "was not run" in result.stderr
+    assert not marker.exists()
+
+
+def test_a_killed_launcher_takes_the_sandbox_with_it(world: tuple[Path, FakeDns, Upstream]) -> None:
+    """SIGKILL gives the launcher no chance to clean up: the kernel must (PDEATHSIG chain, then the
+    PID namespace)."""
+    from tests.proxy.sandbox.conftest import processes_in_netns
+
+    policy, _, _ = world
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy.cli", "run", "--policy", str(policy), "--quiet", "--",
+         "sh", "-c", "readlink /proc/self/ns/net; sleep 300 & sleep 300"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        inode = int(line.strip().split("[")[1].rstrip("]"))
+        assert len(processes_in_netns(inode)) >= 3  # init, sh, two sleeps
+        proc.kill()
+        proc.wait(WAIT)
+        deadline = time.monotonic() + 10
+        while processes_in_netns(inode) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert processes_in_netns(inode) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_the_private_gates_host_port_is_not_attributed_to_the_sandbox(
+    world: tuple[Path, FakeDns, Upstream], tmp_path: Path
+) -> None:
+    """The gate always has a host-loopback listener too; a local process using it is not the
+    sandbox, so its decisions must not carry the sandbox's id."""
+    policy, dns, upstream = world
+    log = tmp_path / "decisions.jsonl"
+    port_file = tmp_path / "gate-port"
+
+    # The library's hooks expose the gate's host port; a thread uses it from the host while the
+    # sandbox runs (the hooks run on the gate's event loop, which must not block).
+    import threading
+    import urllib.request
+
+    from proxy.sandbox.launcher import RunOptions, run
+
+    done = tmp_path / "done"
+    statuses: list[int] = []
+
+    def on_gate(gate: object) -> None:
+        port_file.write_text(str(gate.listen_address[1]))  # type: ignore[attr-defined]
+
+    def from_host() -> None:
+        try:
+            proxy = {"http": f"http://127.0.0.1:{port_file.read_text()}"}
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler(proxy))
+            url = f"http://allowed.test:{upstream.port}/from-host"
+            with opener.open(url, timeout=10) as response:
+                statuses.append(response.status)
+        finally:
+            done.touch()
+
+    waiter = f"i=0; while [ ! -e {done} ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done"
+    code = run(
+        RunOptions(
+            argv=["sh", "-c", waiter], policy_path=policy, nameservers=[dns.nameserver],
+            sandbox_id="sbx-own", quiet=True, decision_log=str(log), on_gate=on_gate,
+            on_ready=lambda _s: threading.Thread(target=from_host, daemon=True).start(),
+        )
+    )  # fmt: skip
+    assert statuses == [200]
+    assert code == 0
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    decisions = [r for r in records if r["event"] == "egress.decision"]
+    assert [d.get("path") for d in decisions] == ["/from-host"]
+    assert "sandbox_id" not in decisions[0]

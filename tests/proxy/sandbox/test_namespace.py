@@ -158,7 +158,7 @@ print(json.dumps(out))
     assert result.returncode == 0, result.stderr
     assert result.data["outside"] == "OSError:101"
     assert result.data["mapped"] == "OSError:101"
-    assert result.data["host_loopback"].startswith("ConnectionRefusedError")
+    assert str(result.data["host_loopback"]).startswith("ConnectionRefusedError")
     assert host6.accepted == 0
 
 

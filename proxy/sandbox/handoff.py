@@ -1,0 +1,315 @@
+"""Hand a sandbox's listeners to a gate running in another process: joined mode without a relay.
+
+``egress run --proxy URL`` must relay every byte through the launcher, because the gate is elsewhere.
+When the gate runs on the same machine it can do better: the launcher passes the listening sockets it
+received from the sandbox (created inside the sandbox's network namespace) to the gate over a Unix
+socket (``SCM_RIGHTS``), and the gate accepts on them itself, exactly as the private in-process gate
+does. No relay, no copy, and the sandbox's identity comes from the listener, not from anything the
+sandbox sends.
+
+Who may hand off: the Unix socket is created mode 0600 (only the gate's user, and root, can connect),
+and the gate checks the peer's uid (``SO_PEERCRED``) against ``allowed_uids``. A gate with per-sandbox
+credentials (``--sandboxes``) additionally requires the sandbox's token, so a local user cannot claim
+another sandbox's identity. Every listener is checked to be a listening socket of the expected type in
+a network namespace other than the gate's own.
+
+Lifetime: the launcher keeps its Unix connection open while the sandbox runs. When it closes (the
+sandbox ended, or the launcher died), the gate closes that sandbox's listeners, which also releases
+the sandbox's network namespace.
+
+Wire format: the launcher sends one JSON object ``{"version": 1, "sandbox_id": ..., "token": ...,
+"listeners": [names]}`` with the fds attached in that order; the gate answers one JSON object
+``{"ok": true, "accepted": [names]}`` or ``{"ok": false, "error": ...}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import stat
+import struct
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE = 16384
+KINDS = {"proxy": socket.SOCK_STREAM, "dns-udp": socket.SOCK_DGRAM, "dns-tcp": socket.SOCK_STREAM}
+
+Detach = Callable[[], Awaitable[None]]
+Attach = Callable[[str, dict[str, socket.socket]], Awaitable[Detach]]
+Authenticate = Callable[[str, str | None], str | None]  # (claimed id, token) -> proven id or None
+
+
+class HandoffError(Exception):
+    """The gate refused the hand-off (or could not be reached); the message says why."""
+
+
+# -- launcher side ------------------------------------------------------------------------------
+
+
+def hand_off(
+    path: str,
+    sandbox_id: str,
+    sockets: dict[str, socket.socket],
+    *,
+    token: str | None = None,
+    timeout: float = 10.0,
+) -> tuple[socket.socket, list[str]]:
+    """Give the listeners to the gate at ``path``; returns the connection to keep open for the
+    sandbox's lifetime, and the listener names the gate took."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(timeout)
+    try:
+        conn.connect(path)
+        names = list(sockets)
+        message = {
+            "version": PROTOCOL_VERSION,
+            "sandbox_id": sandbox_id,
+            "token": token,
+            "listeners": names,
+        }
+        socket.send_fds(conn, [json.dumps(message).encode()], [sockets[n].fileno() for n in names])
+        raw = conn.recv(MAX_MESSAGE)
+        if not raw:
+            raise HandoffError("the gate closed the connection without answering")
+        reply = json.loads(raw)
+        if not reply.get("ok"):
+            raise HandoffError(str(reply.get("error") or "refused"))
+        conn.settimeout(None)
+        return conn, [str(n) for n in reply.get("accepted", [])]
+    except (OSError, ValueError) as exc:
+        conn.close()
+        raise HandoffError(f"cannot hand the sandbox to the gate at {path}: {exc}") from exc
+    except BaseException:
+        conn.close()
+        raise
+
+
+# -- gate side ----------------------------------------------------------------------------------
+
+
+def peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def check_listener(sock: socket.socket, name: str, own_netns: int) -> None:
+    """Raise HandoffError unless ``sock`` is a loopback listener of the right kind that lives in a
+    network namespace other than ours (a sandbox's)."""
+    from proxy.sandbox.namespace import socket_netns_inode
+
+    kind = KINDS.get(name)
+    if kind is None:
+        raise HandoffError(f"unknown listener {name!r}")
+    if sock.family != socket.AF_INET or sock.type != kind:
+        raise HandoffError(f"the {name} listener has the wrong socket type")
+    if sock.getsockname()[0] != "127.0.0.1":
+        raise HandoffError(f"the {name} listener is not bound to 127.0.0.1")
+    if kind == socket.SOCK_STREAM and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise HandoffError(f"the {name} listener is not listening")
+    try:
+        where = socket_netns_inode(sock)
+    except OSError as exc:
+        raise HandoffError(f"cannot check the {name} listener's network namespace: {exc}") from exc
+    if where == own_netns:
+        raise HandoffError(f"the {name} listener is in the gate's own network namespace")
+
+
+class HandoffServer:
+    """Accepts sandbox listeners on a Unix socket and serves them through ``attach``."""
+
+    def __init__(
+        self,
+        path: str,
+        attach: Attach,
+        *,
+        allowed_uids: Iterable[int] | None = None,
+        authenticate: Authenticate | None = None,
+        mode: int = 0o600,
+        max_sandboxes: int = 256,
+    ) -> None:
+        self.path = path
+        self.attach = attach
+        self.allowed_uids = set(allowed_uids) if allowed_uids is not None else {os.geteuid(), 0}
+        self.authenticate = authenticate
+        self.mode = mode
+        self.max_sandboxes = max_sandboxes
+        self.attached: dict[str, int] = {}  # sandbox id -> live hand-offs (for tests and metrics)
+        self._sock: socket.socket | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._own_netns = os.stat("/proc/self/ns/net").st_ino
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                os.unlink(self.path)  # a stale socket from a previous run
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # no window in which the socket is connectable by others
+        try:
+            sock.bind(self.path)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, self.mode)
+        sock.listen(64)
+        sock.setblocking(False)
+        self._sock = sock
+        self._spawn(self._accept_loop(sock))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError:
+                return
+            if sum(self.attached.values()) >= self.max_sandboxes:
+                self._reply(conn, {"ok": False, "error": "too many sandboxes on this gate"})
+                conn.close()
+                continue
+            self._spawn(self._serve(conn))
+
+    @staticmethod
+    def _reply(conn: socket.socket, obj: dict[str, Any]) -> None:
+        with contextlib.suppress(OSError):
+            conn.setblocking(True)
+            conn.settimeout(5)
+            conn.sendall(json.dumps(obj).encode())
+
+    async def _serve(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        received: list[socket.socket] = []
+        detach: Detach | None = None
+        sandbox_id = "?"
+        try:
+            try:
+                conn.settimeout(10)
+                msg, fds, _, _ = await loop.run_in_executor(
+                    None, socket.recv_fds, conn, MAX_MESSAGE, len(KINDS)
+                )
+                received = [socket.socket(fileno=fd) for fd in fds]
+                uid = peer_uid(conn)  # read first, so the refusal reaches the launcher
+                if uid not in self.allowed_uids:
+                    raise HandoffError(f"uid {uid} may not hand sandboxes to this gate")
+                request = json.loads(msg)
+                if request.get("version") != PROTOCOL_VERSION:
+                    raise HandoffError(f"unsupported hand-off version {request.get('version')!r}")
+                names = request.get("listeners")
+                if (
+                    not isinstance(names, list)
+                    or len(names) != len(received)
+                    or "proxy" not in names
+                ):
+                    raise HandoffError("the listeners do not match their names")
+                sandbox_id = self._identify(request)
+                sockets = dict(zip(names, received, strict=True))
+                for name, sock in sockets.items():
+                    check_listener(sock, name, self._own_netns)
+                detach = await self.attach(sandbox_id, sockets)
+            except (HandoffError, ValueError, OSError) as exc:
+                log.warning("refused a sandbox hand-off (%s): %s", sandbox_id, exc)
+                self._reply(conn, {"ok": False, "error": str(exc)})
+                for sock in received:
+                    sock.close()
+                return
+            self.attached[sandbox_id] = self.attached.get(sandbox_id, 0) + 1
+            self._reply(conn, {"ok": True, "accepted": list(sockets)})
+            log.info("sandbox %s handed over %s", sandbox_id, ", ".join(sockets))
+            conn.setblocking(False)
+            with contextlib.suppress(OSError):
+                while await loop.sock_recv(conn, 1):  # anything but EOF is ignored
+                    pass
+        finally:
+            if detach is not None:
+                with contextlib.suppress(Exception):
+                    await detach()
+                self.attached[sandbox_id] -= 1
+                if not self.attached[sandbox_id]:
+                    del self.attached[sandbox_id]
+                log.info("sandbox %s ended; its listeners are closed", sandbox_id)
+            conn.close()
+
+    def _identify(self, request: dict[str, Any]) -> str:
+        from proxy.sandbox.cli import SANDBOX_ID
+
+        claimed = request.get("sandbox_id")
+        if not isinstance(claimed, str) or not SANDBOX_ID.fullmatch(claimed):
+            raise HandoffError("invalid sandbox id")
+        if self.authenticate is None:
+            return claimed
+        token = request.get("token")
+        proven = self.authenticate(claimed, token if isinstance(token, str) else None)
+        if proven is None:
+            raise HandoffError(f"sandbox {claimed}: missing or wrong credential")
+        return proven
+
+    async def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+
+
+def gate_attacher(gate: Any, dns_gate_for: Callable[[str], Any] | None = None) -> Attach:
+    """``attach`` for a running :class:`addons.master.Gate` (and a DnsGate factory, per sandbox)."""
+
+    async def attach(sandbox_id: str, sockets: dict[str, socket.socket]) -> Detach:
+        server = await gate.add_listener(sockets["proxy"], sandbox_id=sandbox_id)
+        if server is None:  # Gate.add_listener predating its return value: it appended it last
+            server = gate._extra[-1]
+        dns = None
+        try:
+            if dns_gate_for is not None and "dns-udp" in sockets and "dns-tcp" in sockets:
+                dns = dns_gate_for(sandbox_id)
+                await dns.serve_udp(sock=sockets["dns-udp"])
+                await dns.serve_tcp(sock=sockets["dns-tcp"])
+            else:
+                for name in ("dns-udp", "dns-tcp"):
+                    if name in sockets:
+                        sockets[name].close()
+        except BaseException:
+            server.close()
+            raise
+
+        async def detach() -> None:
+            server.close()
+            with contextlib.suppress(ValueError, AttributeError):
+                gate._extra.remove(server)
+            if dns is not None:
+                dns.close()
+                await dns.wait_closed()
+
+        return detach
+
+    return attach
+
+
+def identities_authenticator(identities: Any) -> Authenticate:
+    """Check a hand-off's token the same way the gate checks a proxy credential."""
+    import base64
+
+    def authenticate(claimed: str, token: str | None) -> str | None:
+        if token is None:
+            return None
+        header = "Basic " + base64.b64encode(f"{claimed}:{token}".encode()).decode()
+        sandbox = identities.authenticate(header)
+        return str(sandbox.id) if sandbox is not None and sandbox.id == claimed else None
+
+    return authenticate

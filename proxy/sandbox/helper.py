@@ -1,0 +1,343 @@
+"""The sandbox helper: runs as a script in a fresh interpreter and builds the sandbox from inside.
+
+``python -I -S helper.py CONFIG``: stdlib only, no site, no environment influence; it must not import
+anything from this package (it is not importable from the script) and stays small because its start-up
+is part of every ``egress run``. See ``namespace.py`` for the design and the protocol.
+
+Process tree: launcher -> this helper (new user/net/mount namespaces; relays signals and the exit
+status) -> init (PID 1 of a new PID namespace: mounts, listeners, handshake, reaps) -> the command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+from typing import Any
+
+_EXIT_SETUP_FAILED = 125  # kept in sync by hand with proxy/sandbox/__init__.py
+_EXIT_NOT_EXECUTABLE = 126
+_EXIT_NOT_FOUND = 127
+
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
+_MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 0x20, 0x1000, 0x4000, 1 << 18
+_MNT_DETACH = 2
+_PR_SET_PDEATHSIG, _PR_CAPBSET_DROP, _PR_SET_NO_NEW_PRIVS = 1, 24, 38
+_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+_SIOCGIFFLAGS, _SIOCSIFFLAGS = 0x8913, 0x8914
+_IFF_UP = 0x1
+_FORWARDED = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+
+
+def own_netns_inode() -> int:
+    return os.stat("/proc/self/ns/net").st_ino
+
+
+class _SetupFailed(Exception):
+    def __init__(self, error: str, hint: str = "") -> None:
+        super().__init__(error)
+        self.error = error
+        self.hint = hint
+
+
+_libc: Any = None
+
+
+def _c() -> Any:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.mount.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_ulong,
+            ctypes.c_void_p,
+        ]
+        _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        _libc.prctl.argtypes = [ctypes.c_int, *([ctypes.c_ulong] * 4)]
+    return _libc
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int) -> None:
+    enc = os.fsencode
+    rc = _c().mount(
+        enc(source) if source else None, enc(target), enc(fstype) if fstype else None, flags, None
+    )
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {target}: {os.strerror(err)}")
+
+
+def _umount(target: str) -> None:
+    if _c().umount2(os.fsencode(target), _MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"umount {target}: {os.strerror(err)}")
+
+
+def _prctl(option: int, arg: int = 0, arg3: int = 0) -> None:
+    if _c().prctl(option, arg, arg3, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _userns_hint(err: int) -> str:
+    if err == errno.ENOSPC:
+        return (
+            "the user namespace limit is reached: raise /proc/sys/user/max_user_namespaces "
+            "(it may be 0), or run egress as root"
+        )
+    return (
+        "unprivileged user namespaces are not allowed here. Check "
+        "/proc/sys/kernel/unprivileged_userns_clone (Debian: must be 1), "
+        "/proc/sys/kernel/apparmor_restrict_unprivileged_userns (Ubuntu >= 23.10: 0, or an AppArmor "
+        "profile allowing userns for this Python), /proc/sys/user/max_user_namespaces (> 0); inside a "
+        "container allow unshare (Docker: --security-opt seccomp=unconfined, or "
+        "--cap-add SYS_ADMIN); or run egress as root. Use --no-isolation only if you accept that the "
+        "command can bypass the gate"
+    )
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _enter_namespaces(config: dict[str, Any]) -> None:
+    """unshare user+net+mount+PID and map our own uid and gid to themselves."""
+    uid, gid = os.geteuid(), os.getegid()
+    flags = os.CLONE_NEWUSER | os.CLONE_NEWNET | os.CLONE_NEWNS | os.CLONE_NEWPID
+    try:
+        os.unshare(flags)
+    except OSError as exc:
+        raise _SetupFailed(
+            f"cannot create the sandbox namespaces (unshare: {exc.strerror})",
+            _userns_hint(exc.errno or 0),
+        ) from exc
+    try:
+        # One id each, mapped to itself: a process may map its own ids without privilege in the
+        # parent namespace, so root and unprivileged users take the same path.
+        _write("/proc/self/setgroups", "deny\n")
+        _write("/proc/self/uid_map", f"{uid} {uid} 1\n")
+        _write("/proc/self/gid_map", f"{gid} {gid} 1\n")
+    except OSError as exc:
+        raise _SetupFailed(f"cannot write the user namespace id maps: {exc}") from exc
+    if own_netns_inode() == int(config["netns"]):
+        raise _SetupFailed("unshare(CLONE_NEWNET) left us in the host's network namespace")
+
+
+def _setup_mounts(config: dict[str, Any]) -> str:
+    """Private mount tree, a fresh /proc for the new PID namespace, our resolv.conf."""
+    try:
+        _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
+    except OSError as exc:
+        raise _SetupFailed(f"cannot make the sandbox's mounts private: {exc}") from exc
+    try:
+        _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    except OSError as exc:
+        raise _SetupFailed(
+            f"cannot mount a private /proc in the sandbox: {exc}",
+            "the host /proc must be fully visible (no masked paths, e.g. Docker without "
+            "--security-opt systempaths=unconfined); without it processes inside could reach host "
+            "processes",
+        ) from exc
+    text = config.get("resolv_conf")
+    if not text:
+        return "unchanged"
+    if not os.path.exists("/etc/resolv.conf"):
+        return "absent (glibc then uses 127.0.0.1)"
+    # A bind source must live in our mount namespace (a memfd does not): write the file on a small
+    # tmpfs mounted briefly over /tmp, bind it, then detach the tmpfs. Nothing touches the disk.
+    scratch = next(d for d in ("/tmp", "/mnt", "/run", "/var/tmp", "/dev") if os.path.isdir(d))
+    try:
+        _mount("egress", scratch, "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+        try:
+            path = os.path.join(scratch, "resolv.conf")
+            _write(path, text)
+            os.chmod(path, 0o444)
+            _mount(path, "/etc/resolv.conf", None, _MS_BIND)
+        finally:
+            _umount(scratch)
+    except OSError as exc:
+        raise _SetupFailed(f"cannot bind-mount the sandbox's /etc/resolv.conf: {exc}") from exc
+    with contextlib.suppress(OSError):  # read-only is a nicety: no other nameserver has a route
+        _mount(None, "/etc/resolv.conf", None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY)
+    return "bound"
+
+
+def _loopback_up() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifreq = struct.pack("16sh22x", b"lo", 0)
+        flags = struct.unpack("16sh22x", fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, ifreq))[1]
+        fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS, struct.pack("16sh22x", b"lo", flags | _IFF_UP))
+
+
+def _listeners(config: dict[str, Any]) -> list[socket.socket]:
+    made: list[socket.socket] = []
+    for name, kind, port in config["listeners"]:
+        try:
+            made.append(_listener(kind, int(port)))
+        except OSError as exc:
+            for sock in made:
+                sock.close()
+            raise _SetupFailed(
+                f"cannot create the {name} listener inside the sandbox: {exc}"
+            ) from exc
+    return made
+
+
+def _listener(kind: str, port: int) -> socket.socket:
+    sock_type = socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM
+    sock = socket.socket(socket.AF_INET, sock_type)
+    try:
+        # No SO_REUSEPORT: nothing inside may bind a second socket to the gate's port.
+        sock.bind(("127.0.0.1", port))
+        if sock_type == socket.SOCK_STREAM:
+            sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _fail(ctl: socket.socket, error: str, hint: str = "") -> None:
+    with contextlib.suppress(OSError):
+        ctl.sendall(json.dumps({"ok": False, "error": error, "hint": hint}).encode())
+    os._exit(_EXIT_SETUP_FAILED)
+
+
+def _helper_main(config: dict[str, Any]) -> None:
+    ctl = socket.socket(fileno=int(config["ctl"]))
+    os.set_inheritable(ctl.fileno(), False)
+    with contextlib.suppress(OSError):
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != int(config["parent"]):
+        os._exit(_EXIT_SETUP_FAILED)  # the launcher is already gone
+    try:
+        _enter_namespaces(config)
+    except _SetupFailed as exc:
+        _fail(ctl, exc.error, exc.hint)
+    pid = os.fork()  # the child is PID 1 of the new PID namespace
+    if pid == 0:
+        try:
+            _init_main(config, ctl)
+        finally:
+            os._exit(_EXIT_SETUP_FAILED)
+    ctl.close()
+    for sig in _FORWARDED:
+        signal.signal(sig, lambda s, _f: _forward(pid, s))
+    while True:
+        _, status = os.waitpid(pid, 0)
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            code = os.waitstatus_to_exitcode(status)
+            os._exit(128 - code if code < 0 else code)
+
+
+def _forward(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _init_main(config: dict[str, Any], ctl: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    try:
+        resolv = _setup_mounts(config)
+        _loopback_up()
+        socks = _listeners(config)
+    except _SetupFailed as exc:
+        _fail(ctl, exc.error, exc.hint)
+    except OSError as exc:
+        _fail(ctl, f"cannot set up the sandbox: {exc}")
+    info = {"ok": True, "netns": own_netns_inode(), "resolv_conf": resolv}
+    socket.send_fds(ctl, [json.dumps(info).encode()], [s.fileno() for s in socks])
+    for s in socks:
+        s.close()
+    ctl.settimeout(None)
+    try:
+        go = ctl.recv(1)
+    except OSError:
+        go = b""
+    ctl.close()
+    if go != b"G":
+        os._exit(_EXIT_SETUP_FAILED)
+    pending: list[int] = []
+    child = 0
+
+    def on_signal(sig: int, _frame: object) -> None:
+        if child:
+            try:
+                os.kill(-child, sig)  # the command's whole process group, as a terminal would
+            except ProcessLookupError:
+                _forward(child, sig)
+        else:
+            pending.append(sig)
+
+    for sig in _FORWARDED:
+        signal.signal(sig, on_signal)
+    child = os.fork()
+    if child == 0:
+        _exec_command(config)
+    if pending:
+        os.kill(-child, pending[0])
+    while True:  # reap everything; leave when the command exits (the kernel kills the rest)
+        pid, status = os.waitpid(-1, 0)
+        if pid == child:
+            code = os.waitstatus_to_exitcode(status)
+            os._exit(128 - code if code < 0 else code)
+
+
+def _drop_privileges() -> None:
+    """Whatever uid we run as inside, the command gets no capabilities and cannot gain any."""
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        _prctl(_PR_CAPBSET_DROP, cap)
+    with contextlib.suppress(OSError):  # kernels before 4.3 have no ambient set
+        _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
+    _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+
+
+def _exec_command(config: dict[str, Any]) -> None:
+    argv: list[str] = config["argv"]
+    try:
+        for sig in (*_FORWARDED, signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(sig, signal.SIG_DFL)  # Python ignores SIGPIPE; the command must not
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        os.setpgid(0, 0)
+        tty = config.get("tty")
+        if tty is not None:
+            signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+            with contextlib.suppress(OSError):
+                os.tcsetpgrp(int(tty), os.getpgrp())
+            signal.signal(signal.SIGTTOU, signal.SIG_DFL)
+        _drop_privileges()
+    except OSError as exc:
+        sys.stderr.write(f"egress run: cannot drop privileges for the command: {exc}\n")
+        os._exit(_EXIT_SETUP_FAILED)
+    try:
+        os.execvp(argv[0], argv)
+    except FileNotFoundError:
+        sys.stderr.write(f"egress run: {argv[0]}: command not found\n")
+        os._exit(_EXIT_NOT_FOUND)
+    except OSError as exc:
+        sys.stderr.write(f"egress run: {argv[0]}: {exc.strerror}\n")
+        os._exit(_EXIT_NOT_EXECUTABLE)
+
+
+if __name__ == "__main__":
+    _helper_main(json.loads(sys.argv[1]))

@@ -1,0 +1,150 @@
+"""The relay used when joining a running gate: byte-exact, bounded, and it cuts connections on close."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+
+import pytest
+
+from proxy.sandbox.bridge import Relay, UdpRelay
+
+WAIT = 10.0
+
+
+class Echo:
+    """TCP server that echoes everything and counts connections."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self._stop = threading.Event()
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(1 << 16):
+                conn.sendall(data)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.sock.close()
+
+
+@pytest.fixture
+def echo() -> object:
+    server = Echo()
+    yield server
+    server.stop()
+
+
+def listener() -> socket.socket:
+    sock = socket.create_server(("127.0.0.1", 0))
+    return sock
+
+
+def test_bulk_bytes_arrive_intact_both_ways(echo: Echo) -> None:
+    relay = Relay(listener(), ("127.0.0.1", echo.port)).start()
+    payload = os.urandom(8 << 20)
+    try:
+        client = socket.create_connection(relay.listener.getsockname(), timeout=WAIT)
+        got = hashlib.sha256()
+        received = 0
+
+        def reader() -> None:
+            nonlocal received
+            while received < len(payload):
+                chunk = client.recv(1 << 20)
+                if not chunk:
+                    break
+                got.update(chunk)
+                received += len(chunk)
+
+        t = threading.Thread(target=reader)
+        t.start()
+        client.sendall(payload)
+        t.join(WAIT)
+        client.close()
+        assert received == len(payload)
+        assert got.digest() == hashlib.sha256(payload).digest()
+    finally:
+        relay.close()
+    assert relay.stats.accepted == 1
+    assert relay.stats.bytes_up == len(payload)
+
+
+def test_connection_limit_closes_the_excess(echo: Echo) -> None:
+    relay = Relay(listener(), ("127.0.0.1", echo.port), max_connections=1).start()
+    try:
+        first = socket.create_connection(relay.listener.getsockname(), timeout=WAIT)
+        first.sendall(b"ping")
+        assert first.recv(4) == b"ping"
+        second = socket.create_connection(relay.listener.getsockname(), timeout=WAIT)
+        assert second.recv(4) == b""  # closed at once
+        assert relay.stats.refused == 1
+        assert echo.accepted == 1
+        first.close()
+        second.close()
+    finally:
+        relay.close()
+
+
+def test_unreachable_gate_closes_the_client() -> None:
+    dead = socket.create_server(("127.0.0.1", 0))
+    port = dead.getsockname()[1]
+    dead.close()
+    relay = Relay(listener(), ("127.0.0.1", port)).start()
+    try:
+        client = socket.create_connection(relay.listener.getsockname(), timeout=WAIT)
+        assert client.recv(10) == b""
+        client.close()
+    finally:
+        relay.close()
+    assert relay.stats.failed == 1
+
+
+def test_close_cuts_open_connections(echo: Echo) -> None:
+    relay = Relay(listener(), ("127.0.0.1", echo.port)).start()
+    client = socket.create_connection(relay.listener.getsockname(), timeout=WAIT)
+    client.sendall(b"x")
+    assert client.recv(1) == b"x"
+    relay.close()
+    assert client.recv(10) == b""
+    client.close()
+
+
+def test_udp_relay_round_trip() -> None:
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    server.settimeout(WAIT)
+    inside = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    inside.bind(("127.0.0.1", 0))
+    relay = UdpRelay(inside, server.getsockname()).start()
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.settimeout(WAIT)
+    try:
+        client.sendto(b"query", inside.getsockname())
+        data, addr = server.recvfrom(100)
+        assert data == b"query"
+        server.sendto(b"answer", addr)
+        assert client.recv(100) == b"answer"
+    finally:
+        relay.close()
+        client.close()
+        server.close()

@@ -1,0 +1,182 @@
+"""Handing a sandbox's listeners to a gate in another process over a Unix socket (no relay)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.sandbox.handoff import (
+    HandoffError,
+    HandoffServer,
+    check_listener,
+    gate_attacher,
+    hand_off,
+)
+from tests.dnsfake import FakeDns
+from tests.harness import RunningGate, Upstream
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
+REPO = Path(__file__).resolve().parents[3]
+WAIT = 30.0
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env.update(extra)
+    return env
+
+
+class Handoff:
+    """A HandoffServer running on a RunningGate's own event loop."""
+
+    def __init__(self, gate: RunningGate, path: Path, **kwargs: Any) -> None:
+        assert gate._loop is not None
+        self.loop = gate._loop
+        self.server = HandoffServer(str(path), gate_attacher(gate.gate), **kwargs)
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(WAIT)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(WAIT)
+
+
+@pytest.fixture
+def world(
+    write_policy: Callable[[str], Path],
+    fake_dns: FakeDns,
+    http_upstream: Upstream,
+    start_gate: Callable[..., RunningGate],
+    tmp_path: Path,
+) -> Iterator[tuple[RunningGate, Path, Upstream]]:
+    fake_dns.set("allowed.test", "A", ["127.0.0.1"])
+    fake_dns.set("evil.test", "A", ["127.0.0.1"])
+    policy = write_policy(
+        f"""
+        version: 1
+        allow_internal: [127.0.0.0/8]
+        rules:
+          - name: test-allowed
+            hosts: [allowed.test]
+            ports: [{http_upstream.port}]
+        """
+    )
+    yield start_gate(policy), tmp_path / "gate.sock", http_upstream
+
+
+def _run(sock: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "run", "--gate-socket", str(sock), *args],
+        cwd=REPO, capture_output=True, text=True, timeout=WAIT, env=_env(**env),
+    )  # fmt: skip
+
+
+def test_the_gate_serves_the_sandbox_listener_itself(
+    world: tuple[RunningGate, Path, Upstream],
+) -> None:
+    gate, path, upstream = world
+    handoff = Handoff(gate, path)
+    try:
+        assert (path.stat().st_mode & 0o777) == 0o600
+        script = (
+            f"curl -sS -m 10 http://allowed.test:{upstream.port}/handed; echo allowed=$?; "
+            f"curl -sS -m 10 -o /dev/null -w '%{{http_code}}\\n' http://evil.test:{upstream.port}/; "
+            f"curl -sS -m 5 --noproxy '*' http://127.0.0.1:{gate.port}/; echo direct=$?; "
+            f"env | grep -c EGRESS_SANDBOX_TOKEN"
+        )
+        result = _run(path, "--sandbox-id", "sbx-handed", "--", "sh", "-c", script,
+                      EGRESS_SANDBOX_TOKEN="not-for-the-sandbox")  # fmt: skip
+        assert result.returncode == 1, result.stderr  # grep -c found no token inside
+        assert "hello from http-upstream: GET /handed" in result.stdout
+        assert "403" in result.stdout and "direct=7" in result.stdout
+        assert "served by the gate at" in result.stderr
+        decisions = [d for d in gate.decisions if d.kind in ("http", "connect")]
+        assert {d.sandbox_id for d in decisions} == {"sbx-handed"}
+        assert [d.host for d in decisions if not d.allowed] == ["evil.test"]
+        deadline = time.monotonic() + 10
+        while handoff.server.attached and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert handoff.server.attached == {}  # detached when the sandbox ended
+    finally:
+        handoff.close()
+    assert not path.exists()
+
+
+def test_a_uid_that_is_not_allowed_is_refused_and_nothing_runs(
+    world: tuple[RunningGate, Path, Upstream], tmp_path: Path
+) -> None:
+    gate, path, _ = world
+    handoff = Handoff(gate, path, allowed_uids={123456})
+    marker = tmp_path / "ran"
+    try:
+        result = _run(path, "--", "touch", str(marker))
+    finally:
+        handoff.close()
+    assert result.returncode == 125
+    assert "may not hand sandboxes to this gate" in result.stderr
+    assert not marker.exists()
+
+
+def test_a_required_credential_is_checked(
+    world: tuple[RunningGate, Path, Upstream], tmp_path: Path
+) -> None:
+    gate, path, _ = world
+    handoff = Handoff(gate, path, authenticate=lambda sid, token: sid if token == "right" else None)
+    marker = tmp_path / "ran"
+    try:
+        wrong = _run(path, "--sandbox-id", "sbx-a", "--", "touch", str(marker),
+                     EGRESS_SANDBOX_TOKEN="wrong")  # fmt: skip
+        assert wrong.returncode == 125 and "wrong credential" in wrong.stderr
+        assert not marker.exists()
+        right = _run(path, "--sandbox-id", "sbx-a", "--quiet", "--", "touch", str(marker),
+                     EGRESS_SANDBOX_TOKEN="right")  # fmt: skip
+        assert right.returncode == 0, right.stderr
+        assert marker.exists()
+    finally:
+        handoff.close()
+
+
+def test_a_host_namespace_listener_is_refused(world: tuple[RunningGate, Path, Upstream]) -> None:
+    """Only sandbox listeners: a socket in the gate's own namespace would serve the whole host."""
+    gate, path, _ = world
+    handoff = Handoff(gate, path)
+    host_listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        with pytest.raises(HandoffError, match="gate's own network namespace"):
+            hand_off(str(path), "sbx-x", {"proxy": host_listener})
+        assert handoff.server.attached == {}
+    finally:
+        host_listener.close()
+        handoff.close()
+
+
+def test_check_listener_rejects_wrong_kinds() -> None:
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    unbound = socket.socket()
+    try:
+        with pytest.raises(HandoffError, match="wrong socket type"):
+            check_listener(udp, "proxy", 0)
+        with pytest.raises(HandoffError, match="unknown listener"):
+            check_listener(udp, "admin", 0)
+        with pytest.raises(HandoffError, match="not listening"):
+            unbound.bind(("127.0.0.1", 0))
+            check_listener(unbound, "proxy", 0)
+    finally:
+        udp.close()
+        unbound.close()
+
+
+def test_no_gate_socket_fails_closed(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    result = _run(tmp_path / "missing.sock", "--", "touch", str(marker))
+    assert result.returncode == 125
+    assert "cannot hand the sandbox to the gate" in result.stderr
+    assert not marker.exists()

@@ -1,0 +1,237 @@
+"""Real clients inside a real sandbox, through the real gate: pip from a TLS package index and git
+over smart HTTP (`git http-backend`), both served on the host's loopback.
+
+They use nothing but the environment `egress run` sets: pip finds the gate through PIP_PROXY /
+HTTPS_PROXY, git through http_proxy.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.server
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import zipfile
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from tests.dnsfake import FakeDns
+from tests.harness import LocalCA
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+
+
+def _policy(write_policy: Callable[[str], Path], port: int) -> Path:
+    return write_policy(
+        f"""
+        version: 1
+        allow_internal: [127.0.0.0/8]
+        rules:
+          - name: local-index
+            hosts: [allowed.test]
+            ports: [{port}]
+        """
+    )
+
+
+def _egress_run(policy: Path, dns: FakeDns, script: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "run", "--policy", str(policy), "--nameserver",
+         dns.nameserver, "--", "sh", "-c", script],
+        cwd=REPO, capture_output=True, text=True, timeout=100, env=_env(),
+    )  # fmt: skip
+
+
+class _Server:
+    def __init__(self, handler: Callable[..., http.server.BaseHTTPRequestHandler]) -> None:
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.port = self.httpd.server_address[1]
+        self.requests = 0
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def start(self) -> _Server:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _wheel(directory: Path) -> Path:
+    """A minimal pure-Python wheel: egress_demo_pkg 1.0 with VALUE = 42."""
+    files = {
+        "egress_demo_pkg/__init__.py": b"VALUE = 42\n",
+        "egress_demo_pkg-1.0.dist-info/METADATA": (
+            b"Metadata-Version: 2.1\nName: egress-demo-pkg\nVersion: 1.0\n"
+        ),
+        "egress_demo_pkg-1.0.dist-info/WHEEL": (
+            b"Wheel-Version: 1.0\nGenerator: egress-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
+    }
+    record = []
+    for name, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{name},sha256={digest},{len(data)}")
+    record.append("egress_demo_pkg-1.0.dist-info/RECORD,,")
+    path = directory / "egress_demo_pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+        zf.writestr("egress_demo_pkg-1.0.dist-info/RECORD", "\n".join(record) + "\n")
+    return path
+
+
+@pytest.fixture
+def tls_index(tmp_path: Path, test_ca: LocalCA) -> Iterator[_Server]:
+    root = tmp_path / "index"
+    (root / "packages").mkdir(parents=True)
+    wheel = _wheel(root / "packages")
+    sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    project = root / "simple" / "egress-demo-pkg"
+    project.mkdir(parents=True)
+    (project / "index.html").write_text(
+        f'<html><body><a href="../../packages/{wheel.name}#sha256={sha}">{wheel.name}</a>'
+        "</body></html>\n"
+    )
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = _Server(handler)
+    server.httpd.socket = test_ca.server_context().wrap_socket(
+        server.httpd.socket, server_side=True
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_pip_installs_from_a_tls_index_through_the_gate(
+    tls_index: _Server,
+    test_ca: LocalCA,
+    fake_dns: FakeDns,
+    write_policy: Callable[[str], Path],
+    tmp_path: Path,
+) -> None:
+    fake_dns.set("allowed.test", "A", ["127.0.0.1"])
+    target = tmp_path / "site"
+    script = (
+        f"{sys.executable} -m pip install --no-cache-dir --disable-pip-version-check -q "
+        f"--index-url https://allowed.test:{tls_index.port}/simple/ --cert {test_ca.ca_path} "
+        f"--target {target} egress-demo-pkg && "
+        f'{sys.executable} -c \'import sys; sys.path.insert(0, "{target}"); '
+        'import egress_demo_pkg; print("value", egress_demo_pkg.VALUE)\''
+    )
+    result = _egress_run(_policy(write_policy, tls_index.port), fake_dns, script)
+    assert result.returncode == 0, result.stderr
+    assert "value 42" in result.stdout
+    summary = re.search(r"(\d+) request\(s\) allowed, 0 refused", result.stderr)
+    assert summary and int(summary.group(1)) >= 2, result.stderr  # the index page and the wheel
+
+
+class _GitBackend(http.server.BaseHTTPRequestHandler):
+    """Smart HTTP through `git http-backend` as CGI (the way a web server runs it)."""
+
+    project_root = ""
+
+    def do_GET(self) -> None:
+        self._cgi()
+
+    def do_POST(self) -> None:
+        self._cgi()
+
+    def _cgi(self) -> None:
+        path, _, query = self.path.partition("?")
+        if "://" in path:  # absolute-form (from a proxy): keep only the path
+            path = "/" + path.split("://", 1)[1].split("/", 1)[1]
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        env = {
+            "GIT_PROJECT_ROOT": self.project_root,
+            "GIT_HTTP_EXPORT_ALL": "1",
+            "PATH_INFO": path,
+            "QUERY_STRING": query,
+            "REQUEST_METHOD": self.command,
+            "CONTENT_TYPE": self.headers.get("Content-Type", ""),
+            "CONTENT_LENGTH": str(len(body)),
+            "GIT_PROTOCOL": self.headers.get("Git-Protocol", ""),
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        }
+        proc = subprocess.run(
+            ["git", "http-backend"], input=body, capture_output=True, env=env, timeout=30
+        )
+        head, _, payload = proc.stdout.partition(b"\r\n\r\n")
+        status = 200
+        headers = []
+        for line in head.decode("latin-1").split("\r\n"):
+            key, _, value = line.partition(":")
+            if key.lower() == "status":
+                status = int(value.strip().split()[0])
+            elif key:
+                headers.append((key, value.strip()))
+        self.send_response(status)
+        for key, value in headers:
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def git_server(tmp_path: Path) -> Iterator[_Server]:
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    work = tmp_path / "work"
+    work.mkdir()
+    git = [
+        "git",
+        "-c",
+        "user.name=t",
+        "-c",
+        "user.email=t@example.invalid",
+        "-c",
+        "init.defaultBranch=main",
+    ]
+    subprocess.run([*git, "init", "-q", str(work)], check=True)
+    (work / "README").write_text("hello through the gate\n")
+    subprocess.run([*git, "-C", str(work), "add", "README"], check=True)
+    subprocess.run([*git, "-C", str(work), "commit", "-q", "-m", "first"], check=True)
+    bare = tmp_path / "repos" / "demo.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(bare)], check=True)
+    handler = type("Handler", (_GitBackend,), {"project_root": str(bare.parent)})
+    server = _Server(handler).start()
+    yield server
+    server.stop()
+
+
+def test_git_clone_over_smart_http_through_the_gate(
+    git_server: _Server,
+    fake_dns: FakeDns,
+    write_policy: Callable[[str], Path],
+    tmp_path: Path,
+) -> None:
+    fake_dns.set("allowed.test", "A", ["127.0.0.1"])
+    dest = tmp_path / "clone"
+    script = (
+        f"git clone -q http://allowed.test:{git_server.port}/demo.git {dest} && cat {dest}/README; "
+        f"git ls-remote http://evil.test:{git_server.port}/demo.git >/dev/null 2>&1; echo evil=$?"
+    )
+    result = _egress_run(_policy(write_policy, git_server.port), fake_dns, script)
+    assert result.returncode == 0, result.stderr
+    assert "hello through the gate" in result.stdout
+    assert "evil=128" in result.stdout
+    assert f"refused evil.test:{git_server.port}: no-matching-rule" in result.stderr
