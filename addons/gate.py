@@ -17,6 +17,7 @@ Where each kind of traffic is decided:
 from __future__ import annotations
 
 import contextvars
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from addons.refusal import refusal_response, strip_egress_headers
 from proxy.decision import Decision, Kind, Reason, Request, Verdict
 from proxy.emit import Emitter
 from proxy.engine import decide, refuse
-from proxy.hosts import InvalidHost, canonical_host
+from proxy.hosts import InvalidHost, canonical_host, split_authority
 from proxy.identity import Identities
 from proxy.policy import Policy
 from proxy.resolver import Destination, DestinationRefused
@@ -67,7 +68,7 @@ class ClientState:
 
     sandbox_id: str | None
     policy: Callable[[], Policy] | None = None  # per-sandbox policy once the client is identified
-    authenticated: bool = False  # attributed by its listener or by a valid proxy credential
+    authenticated: bool = False  # attributed by the per-sandbox listener that accepted it
     started: float = field(default_factory=time.monotonic)
     tunnel: Decision | None = None  # the allowed CONNECT decision, once there is one
     opened: Decision | None = None  # the decision a counted upstream connection was opened under
@@ -99,6 +100,25 @@ class GateAddon:
         self.destinations = destinations
         self.default_sandbox_id = sandbox_id
         self.clients: dict[str, ClientState] = {}
+        # The gate's own listeners (proxy, DNS, metrics): never a destination.
+        self.own_endpoints: set[tuple[str, int]] = set()
+
+    def protect_endpoint(self, host: str, port: int) -> None:
+        """Never dial one of the gate's own listeners, even where the policy opens loopback
+        (threat 10: reaching the proxy through itself, or its metrics/admin ports)."""
+        self.own_endpoints.add((host, port))
+
+    def _own_endpoint(self, address: str, port: int) -> bool:
+        for host, own_port in self.own_endpoints:
+            if own_port != port:
+                continue
+            if host == address:
+                return True
+            if host in ("0.0.0.0", "::", "") and ipaddress.ip_address(address).is_private:
+                return True  # a wildcard listener answers on every local (and so internal) address
+            if ipaddress.ip_address(address).is_loopback and ipaddress.ip_address(host).is_loopback:
+                return True
+        return False
 
     # -- connection lifecycle ------------------------------------------------------------------
 
@@ -118,8 +138,14 @@ class GateAddon:
         """On a shared gate every request must prove its sandbox with a proxy credential. The header is
         always removed so a credential never travels upstream (threat 12)."""
         header = flow.request.headers.pop("proxy-authorization", None)
-        if self.identities is None or state.authenticated:
+        if self.identities is None:
             return True
+        if header is None:
+            # Plain HTTP carries the credential on every request (as Basic proxy auth does);
+            # requests inside a CONNECT tunnel inherit the identity the CONNECT proved.
+            return state.authenticated or (
+                state.tunnel is not None and state.sandbox_id is not None
+            )
         sandbox = self.identities.authenticate(header)
         if sandbox is None:
             return False
@@ -225,6 +251,11 @@ class GateAddon:
         else:
             decision = await self._decide_and_pin(request, state)
         if not decision.allowed:
+            if flow.request.stream:
+                # mitmproxy already chose to stream this large body and cannot answer before reading
+                # it; close the connection instead of letting the client hang (the decision stands).
+                flow.kill()
+                return
             flow.response = refusal_response(decision)
             return
         self._opened(state, decision)
@@ -238,29 +269,35 @@ class GateAddon:
     def _http_framing_problem(
         self, flow: http.HTTPFlow, state: ClientState
     ) -> tuple[Reason, str] | None:
-        """Refuse requests whose target is ambiguous: the authority an HTTP request names must be the one
-        it is routed to (threat 5). Inside a port-80 tunnel that is the CONNECT host."""
+        """Refuse requests whose target is ambiguous: every authority an HTTP request names (its Host
+        header, an absolute-form target inside a port-80 tunnel) must be the one it is routed to, or a
+        server could route it elsewhere than the gate decided (threat 5)."""
         req = flow.request
-        if state.tunnel is not None and req.authority == "" and not req.host_header:
-            return None  # HTTP/1.0 inside a tunnel without Host: routed to the CONNECT host anyway
         if req.scheme != "http":
             return (
                 Reason.UNSUPPORTED,
                 f"scheme {req.scheme!r} is not proxied as plain HTTP; use CONNECT",
             )
-        header = req.host_header
-        if header is None:
-            return None
-        try:
-            header_host = _authority_host(header)
-            same = canonical_host(header_host) == canonical_host(req.host)
-        except (InvalidHost, ValueError):
-            return Reason.HOST_MISMATCH, "the Host header is not a valid host name"
-        if not same:
-            return (
-                Reason.HOST_MISMATCH,
-                f"the Host header names {_safe(header)!s} but the request is routed to {req.host}",
-            )
+        hosts = req.headers.get_all("host")
+        if len(hosts) > 1:
+            return Reason.HOST_MISMATCH, f"{len(hosts)} Host headers; send exactly one"
+        named: list[tuple[str, str]] = []
+        if req.host_header is not None:
+            named.append((req.host_header, "Host header"))
+        if req.authority:  # only left set for absolute-form targets inside a tunnel
+            named.append((req.authority, "request target"))
+        for value, what in named:
+            try:
+                host, port = split_authority(value, req.port)
+                same = canonical_host(host) == canonical_host(req.host) and port == req.port
+            except (InvalidHost, ValueError):
+                return Reason.HOST_MISMATCH, f"the {what} is not a valid host[:port]"
+            if not same:
+                return (
+                    Reason.HOST_MISMATCH,
+                    f"the {what} names {_safe(value)} but the request is routed to "
+                    f"{req.host}:{req.port}",
+                )
         return None
 
     # -- shared decision path ------------------------------------------------------------------
@@ -294,6 +331,12 @@ class GateAddon:
                 )
             else:
                 decision = decision.with_(address=dest.address)
+                if self._own_endpoint(dest.address, request.port):
+                    decision = decision.with_(
+                        decision=Verdict.DENY,
+                        reason=Reason.INTERNAL_ADDRESS,
+                        detail=f"{dest.address}:{request.port} is this gate's own listener",
+                    )
         decision = self.emitter.emit(decision)
         if self.observer is not None:
             self.observer.observe_latency(request.kind, time.perf_counter() - started)
@@ -381,18 +424,6 @@ def _is_ip(host: str) -> bool:
         return not isinstance(canonical_host(host), str)
     except InvalidHost:
         return False
-
-
-def _authority_host(authority: str) -> str:
-    """The host part of a Host header value (``host``, ``host:port``, ``[v6]:port``)."""
-    if authority.startswith("["):
-        end = authority.find("]")
-        if end < 0:
-            raise ValueError("unterminated IPv6 literal")
-        return authority[1:end]
-    if authority.count(":") == 1:
-        return authority.split(":", 1)[0]
-    return authority
 
 
 def _safe(text: str, limit: int = 200) -> str:

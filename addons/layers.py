@@ -22,6 +22,7 @@ from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import HTTPMode
+from mitmproxy.proxy.layers.http._http1 import Http1Server, make_error_response
 from mitmproxy.proxy.layers.modes import HttpProxy
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
@@ -34,6 +35,7 @@ MAX_CLIENT_HELLO = (
 )  # a ClientHello larger than this is not a real client; refuse, don't buffer
 SSH_PORT = 22
 PLAIN_HTTP_PORT = 80
+MAX_REQUEST_HEAD = 64 * 1024  # request line + headers; mitmproxy itself has no bound (threat 13)
 
 
 class CloseLayer(layer.Layer):
@@ -42,6 +44,28 @@ class CloseLayer(layer.Layer):
     def _handle_event(self, event: events.Event) -> Generator[commands.Command, Any, None]:
         if isinstance(event, events.Start):
             yield commands.CloseConnection(self.context.client)
+
+
+class BoundedHttp1Server(Http1Server):
+    """mitmproxy's HTTP/1 server side, refusing request heads larger than MAX_REQUEST_HEAD.
+
+    Upstream buffers an unterminated head forever ("FIXME: protect against header size DoS"), so one
+    client could grow the gate's memory without limit."""
+
+    def read_headers(self, event: events.ConnectionEvent) -> Generator[commands.Command, Any, None]:
+        yield from super().read_headers(event)
+        if self.state == self.read_headers and len(self.buf) > MAX_REQUEST_HEAD:
+            yield commands.SendData(self.conn, make_error_response(431, "request head too large"))
+            yield commands.CloseConnection(self.conn)
+            self.state = self.done
+
+
+def bounded_http(layer_: layers.HttpLayer) -> layers.HttpLayer:
+    """Preset the client-side HTTP/1 connection of an HttpLayer to the bounded one (HttpLayer keeps a
+    preset connection instead of creating its own)."""
+    if layer_.context.client.alpn in (None, b"", b"http/1.1"):
+        layer_.connections[layer_.context.client] = BoundedHttp1Server(layer_.context.fork())
+    return layer_
 
 
 class CountingTCPLayer(layers.TCPLayer):
@@ -78,6 +102,8 @@ class GateLayers(NextLayer):
                 nextlayer.layer = CloseLayer(context)
                 return
             super().next_layer(nextlayer)
+            if isinstance(nextlayer.layer, layers.HttpLayer):
+                bounded_http(nextlayer.layer)
             return
         tunnel = self.gate.tunnel_of(context.client)
         if tunnel is None or context.server.address is None:
@@ -91,7 +117,7 @@ class GateLayers(NextLayer):
             return None
         port = tunnel.port
         if port == PLAIN_HTTP_PORT:
-            return layers.HttpLayer(context, HTTPMode.transparent)
+            return bounded_http(layers.HttpLayer(context, HTTPMode.transparent))
         if port == SSH_PORT:
             if len(data) < 4 and b"SSH-".startswith(data):
                 return None

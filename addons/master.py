@@ -117,7 +117,9 @@ class Gate:
             if self._task.done():
                 await self._task
                 raise RuntimeError("the proxy stopped during start-up; see the log above")
-            if self.proxyserver.listen_addrs():
+            if addrs := self.proxyserver.listen_addrs():
+                for addr in addrs:
+                    self.addon.protect_endpoint(str(addr[0]), int(addr[1]))
                 return
             await asyncio.sleep(0.02)
         raise RuntimeError("the proxy listener did not come up within 10 s")

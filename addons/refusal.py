@@ -10,6 +10,7 @@ from __future__ import annotations
 from mitmproxy import http
 
 from proxy.decision import Decision, Reason
+from proxy.engine import render_host
 
 EGRESS_HEADER_PREFIX = "x-egress-"
 
@@ -17,16 +18,20 @@ _POLICY_REASONS = {Reason.NO_MATCHING_RULE, Reason.PORT_NOT_ALLOWED}
 
 
 def strip_egress_headers(headers: http.Headers) -> None:
-    """Client-sent ``X-Egress-*`` headers could forge a decision upstream or in logs: drop them all."""
-    for name in [k for k in headers if k.lower().startswith(EGRESS_HEADER_PREFIX)]:
+    """Client-sent ``X-Egress-*`` headers could forge a decision upstream or in logs: drop them all,
+    including the ``X_Egress_*`` spelling that CGI/WSGI servers map to the same variable."""
+    for name in [
+        k for k in headers if k.lower().replace("_", "-").startswith(EGRESS_HEADER_PREFIX)
+    ]:
         del headers[name]
 
 
 def refusal_text(decision: Decision) -> str:
     target = decision.host if decision.port is None else f"{decision.host}:{decision.port}"
-    what = f"{(decision.method or str(decision.kind)).upper()} {target}"
+    # Method and path come from the client: escape them so no control character reaches a terminal.
+    what = f"{render_host((decision.method or str(decision.kind)).upper())} {target}"
     if decision.path:
-        what += f" {decision.path}"
+        what += f" {render_host(decision.path)}"
     lines = [
         "agent-egress refused this request.",
         "",

@@ -171,8 +171,10 @@ class _Loader:
         self.file(root, resolved, shown, (*stack, resolved), top=top)
 
     def compose(self, text: str, shown: str) -> Node | None:
-        loader = yaml.SafeLoader(text)
+        loader: yaml.SafeLoader | None = None
         try:
+            # Inside the try: the reader rejects control characters while it is being constructed.
+            loader = yaml.SafeLoader(text)
             root = loader.get_single_node()
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
@@ -184,7 +186,8 @@ class _Loader:
             self.problems.append(Problem(shown, None, None, None, f"invalid YAML: {exc}"))
             return None
         finally:
-            loader.dispose()
+            if loader is not None:
+                loader.dispose()
         if root is None:
             self.problems.append(
                 Problem(shown, None, None, None, "empty file; a policy starts with 'version: 1'")

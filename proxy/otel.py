@@ -70,6 +70,8 @@ Protocol = Literal["grpc", "http"]
 MAX_TEXT = 256
 MAX_PATH = 1024
 DEFAULT_EXPORT_TIMEOUT = 5.0
+STARTUP_TIMEOUT = 15.0
+STAT_KEYS = ("exported", "failures", "retries", *(f"dropped_{r}" for r in OTLP_DROP_REASONS))
 _CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
 
 
@@ -215,6 +217,8 @@ class ReliableExporter(LogRecordProcessor):
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._last_drop_log = -1e9
+        # plain totals beside the metrics: the export process reports these to the gate cheaply
+        self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
         self._thread = threading.Thread(target=self._run, name="otlp-export", daemon=True)
         self._thread.start()
 
@@ -228,13 +232,27 @@ class ReliableExporter(LogRecordProcessor):
     def shutdown(self) -> None:
         self.close()
 
+    def count(self, key: str, n: int = 1) -> None:
+        """Add to a total and to its Prometheus counter."""
+        self.stats[key] += n
+        m = self.metrics
+        if m is None:
+            return
+        if key == "exported":
+            m.otlp_exported.inc(n)
+        elif key == "failures":
+            m.otlp_export_failures.inc(n)
+        elif key == "retries":
+            m.otlp_retries.inc(n)
+        else:
+            m.otlp_dropped.labels(reason=key.removeprefix("dropped_")).inc(n)
+
     # queue
     def offer(self, record: ReadableLogRecord) -> bool:
         with self._cond:
             if len(self._queue) >= self.max_queue or self._stop.is_set():
                 reason = "shutdown" if self._stop.is_set() else "queue_full"
-                if self.metrics is not None:
-                    self.metrics.otlp_dropped.labels(reason=reason).inc()
+                self.count(f"dropped_{reason}")
                 now = time.monotonic()
                 if now - self._last_drop_log >= 10:  # counted every time, logged now and then
                     self._last_drop_log = now
@@ -292,8 +310,7 @@ class ReliableExporter(LogRecordProcessor):
                 log.exception("OTLP exporter raised")
                 result = LogRecordExportResult.FAILURE
             if result is LogRecordExportResult.SUCCESS:
-                if self.metrics is not None:
-                    self.metrics.otlp_exported.inc(len(self._inflight))
+                self.count("exported", len(self._inflight))
                 try:
                     self.on_exported(self._inflight)
                 except Exception:
@@ -303,8 +320,7 @@ class ReliableExporter(LogRecordProcessor):
                     self._cond.notify_all()
                 self.update_gauge()
                 return
-            if self.metrics is not None:
-                self.metrics.otlp_export_failures.inc()
+            self.count("failures")
             if backoff >= self.max_backoff or backoff == 0.1:  # first failure, then at the cap
                 log.warning(
                     "OTLP export of %d events failed; retrying every %.1fs at most",
@@ -318,8 +334,7 @@ class ReliableExporter(LogRecordProcessor):
             else:
                 self._stop.wait(backoff)
             backoff = min(backoff * 2, self.max_backoff)
-            if self.metrics is not None:
-                self.metrics.otlp_retries.inc()
+            self.count("retries")
 
     def _abandon(self) -> bool:
         """During close, stop retrying once the flush deadline passed; what is left is counted."""
@@ -332,8 +347,8 @@ class ReliableExporter(LogRecordProcessor):
             self._cond.notify_all()
         # records read from the journal stay there and are sent after the next start
         lost = sum(1 for rec in left if journal_seq(rec) is None)
-        if lost and self.metrics is not None:
-            self.metrics.otlp_dropped.labels(reason="shutdown").inc(lost)
+        if lost:
+            self.count("dropped_shutdown", lost)
         if left:
             log.error(
                 "OTLP exporter shut down with %d events undelivered: %d kept in the journal for "
@@ -619,8 +634,7 @@ class JournalExporter:
                 try:
                     self.events.journal_record(rec)
                 except Exception:
-                    if self.metrics is not None:
-                        self.metrics.otlp_dropped.labels(reason="encode").inc()
+                    self.processor.count("dropped_encode")
                     log.exception("journal record seq %s could not become an event", rec.get("seq"))
             if not records:
                 self._stop.wait(0.05)
@@ -682,9 +696,14 @@ class _ExportProcess:
         self._proc: subprocess.Popen[str] | None = None
         self._stopping = threading.Event()
         self.on_status: Callable[[], None] = _nothing_to_do
+        self.ready = threading.Event()
         self._start_child()
         self._thread = threading.Thread(target=self._supervise, name="otlp-process", daemon=True)
         self._thread.start()
+        # Start-up (imports, connecting) happens before the gate says it is ready, not under load.
+        if not self.ready.wait(STARTUP_TIMEOUT):
+            log.error("OTLP export process not ready after %.0f s; events wait in the journal",
+                      STARTUP_TIMEOUT)  # fmt: skip
 
     def _start_child(self) -> None:
         cursor = read_cursor(self.cursor)
@@ -731,6 +750,7 @@ class _ExportProcess:
                 return
 
     def _apply(self, status: dict[str, Any]) -> None:
+        self.ready.set()
         seq = status.get("exported_seq")
         if isinstance(seq, int) and seq > self.exported_seq:
             self.exported_seq = seq
@@ -877,19 +897,8 @@ class OtelSink:
 # -- the export process -----------------------------------------------------------------------------
 
 
-def _status(exporter: JournalExporter, metrics: Metrics) -> dict[str, Any]:
-    def value(name: str, **labels: str) -> float:
-        return metrics.registry.get_sample_value(name, labels) or 0.0
-
-    status: dict[str, Any] = {
-        "exported_seq": exporter.exported_seq,
-        "exported": value("egress_otlp_exported_records_total"),
-        "failures": value("egress_otlp_export_failures_total"),
-        "retries": value("egress_otlp_retries_total"),
-    }
-    for reason in OTLP_DROP_REASONS:
-        status[f"dropped_{reason}"] = value("egress_otlp_dropped_records_total", reason=reason)
-    return status
+def _status(exporter: JournalExporter) -> dict[str, Any]:
+    return {"exported_seq": exporter.exported_seq, **exporter.processor.stats}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -907,15 +916,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--flush-interval", type=float, default=0.2)
     parser.add_argument("--max-backoff", type=float, default=5.0)
     parser.add_argument("--close-timeout", type=float, default=5.0)
+    parser.add_argument("--nice", type=int, default=10)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="agent-egress otlp export: %(message)s")
-    metrics = Metrics()
+    # Export may lag, proxying may not: on a busy host the scheduler serves the gate first and this
+    # process catches up from the journal when there is CPU to spare (queue depth shows the lag).
+    with contextlib.suppress(OSError):
+        os.nice(args.nice)
     exporter = JournalExporter(
         args.journal,
         make_exporter(args.endpoint, args.protocol, timeout=args.timeout),
         after_seq=args.after_seq,
         version=args.version,
-        metrics=metrics,
+        metrics=None,  # totals go to the gate as JSON; its registry has the metrics
         max_queue=args.max_queue,
         batch_size=int(args.batch_size),
         flush_interval=args.flush_interval,
@@ -926,17 +939,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def report() -> None:
         with out_lock:
-            sys.stdout.write(json.dumps(_status(exporter, metrics)) + "\n")
+            sys.stdout.write(json.dumps(_status(exporter)) + "\n")
             sys.stdout.flush()
 
     def reporter() -> None:
         last: dict[str, Any] = {}
-        while not done.wait(0.05):
-            status = _status(exporter, metrics)
+        while not done.wait(0.1):
+            status = _status(exporter)
             if status != last:
                 report()
                 last = status
 
+    report()  # the first line tells the gate the export process is up
     thread = threading.Thread(target=reporter, name="otlp-status", daemon=True)
     thread.start()
     close_timeout = float(args.close_timeout)

@@ -40,7 +40,7 @@ class PolicyHolder:
             log.error("policy reload failed; keeping version %s in force", self._policy.version)
             self._notify("error")
             return False
-        except OSError as exc:
+        except Exception as exc:  # anything unexpected is a failed reload, never a half-applied one
             log.error("policy reload failed (%s); keeping version %s", exc, self._policy.version)
             self._notify("error")
             return False

@@ -131,6 +131,10 @@ async def _serve(args: argparse.Namespace, policy: Policy, listen: tuple[str, in
             dns_host, dns_port = parse_listen(args.dns_listen)
             bound = await dns_gate.serve_udp(host=dns_host, port=dns_port)
             await dns_gate.serve_tcp(host=dns_host, port=bound[1])
+        if evidence.metrics_address is not None:
+            gate.addon.protect_endpoint(*evidence.metrics_address)
+        if dns_gate is not None:
+            gate.addon.protect_endpoint(bound[0], bound[1])
         host, port = gate.listen_address
         info: dict[str, Any] = {
             "listen": f"{host}:{port}",

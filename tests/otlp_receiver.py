@@ -47,31 +47,52 @@ class Received:
 
 @dataclass
 class _Store:
-    records: list[Received] = field(default_factory=list)
-    requests: int = 0
+    """Keeps the requests as received and decodes them only when a test looks, so a receiver that
+    shares a process with a load generator (the tunnels benchmark) costs it almost nothing."""
+
+    requests_seen: list[logs_service_pb2.ExportLogsServiceRequest] = field(default_factory=list)
+    count: int = 0
+    decoded: list[Received] = field(default_factory=list)
+    decoded_requests: int = 0
     cond: threading.Condition = field(default_factory=threading.Condition)
 
     def add(self, request: logs_service_pb2.ExportLogsServiceRequest) -> None:
-        found: list[Received] = []
-        for rl in request.resource_logs:
-            resource = {kv.key: any_value(kv.value) for kv in rl.resource.attributes}
-            for sl in rl.scope_logs:
-                for rec in sl.log_records:
-                    found.append(
-                        Received(
-                            event_name=rec.event_name,
-                            attributes={kv.key: any_value(kv.value) for kv in rec.attributes},
-                            resource=resource,
-                            body=any_value(rec.body),
-                            severity_text=rec.severity_text,
-                            time_unix_nano=rec.time_unix_nano,
-                            scope=sl.scope.name,
-                        )
-                    )
+        n = sum(len(sl.log_records) for rl in request.resource_logs for sl in rl.scope_logs)
         with self.cond:
-            self.requests += 1
-            self.records.extend(found)
+            self.requests_seen.append(request)
+            self.count += n
             self.cond.notify_all()
+
+    @property
+    def requests(self) -> int:
+        return len(self.requests_seen)
+
+    def records(self) -> list[Received]:
+        """All records so far, decoded (call with ``cond`` held)."""
+        for request in self.requests_seen[self.decoded_requests :]:
+            self.decoded.extend(_decode(request))
+        self.decoded_requests = len(self.requests_seen)
+        return list(self.decoded)
+
+
+def _decode(request: logs_service_pb2.ExportLogsServiceRequest) -> list[Received]:
+    found: list[Received] = []
+    for rl in request.resource_logs:
+        resource = {kv.key: any_value(kv.value) for kv in rl.resource.attributes}
+        for sl in rl.scope_logs:
+            for rec in sl.log_records:
+                found.append(
+                    Received(
+                        event_name=rec.event_name,
+                        attributes={kv.key: any_value(kv.value) for kv in rec.attributes},
+                        resource=resource,
+                        body=any_value(rec.body),
+                        severity_text=rec.severity_text,
+                        time_unix_nano=rec.time_unix_nano,
+                        scope=sl.scope.name,
+                    )
+                )
+    return found
 
 
 class _Receiver:
@@ -88,7 +109,13 @@ class _Receiver:
     @property
     def records(self) -> list[Received]:
         with self._store.cond:
-            return list(self._store.records)
+            return self._store.records()
+
+    @property
+    def count(self) -> int:
+        """How many records arrived (cheap: nothing is decoded)."""
+        with self._store.cond:
+            return self._store.count
 
     @property
     def requests(self) -> int:
@@ -99,12 +126,12 @@ class _Receiver:
         """Bounded wait until at least ``count`` records arrived; returns all records."""
         deadline = time.monotonic() + timeout
         with self._store.cond:
-            while len(self._store.records) < count:
+            while self._store.count < count:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._store.cond.wait(remaining)
-            return list(self._store.records)
+            return self._store.records()
 
     def start(self) -> None:
         raise NotImplementedError
@@ -232,7 +259,7 @@ def main() -> None:
         sys.stdin.read()
     finally:
         rx.stop()
-        print(len(rx.records), flush=True)
+        print(rx.count, flush=True)
 
 
 if __name__ == "__main__":

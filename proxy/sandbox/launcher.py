@@ -8,10 +8,8 @@ Any failure before that point tears the sandbox down and the command never runs 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import os
-import secrets
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -76,7 +74,7 @@ class RunOptions:
 
 
 def new_sandbox_id() -> str:
-    return f"sbx-{secrets.token_hex(4)}"
+    return f"sbx-{os.urandom(4).hex()}"
 
 
 def _err(message: str) -> None:
@@ -100,9 +98,12 @@ def run(options: RunOptions) -> int:
             _err(f"{exc}; the command was not run")
             return EXIT_SETUP_FAILED
     if not options.isolation:
+        if options.gate_socket is not None:
+            _err("--gate-socket hands over a sandbox: it needs isolation; the command was not run")
+            return EXIT_SETUP_FAILED
         sys.stderr.write(NO_ISOLATION_WARNING + "\n")
         return _run_unisolated(options, policy)
-    problem = _stdio_problem()
+    problem = _stdio_problem(_stdio_fds(options))
     if problem:
         _err(f"{problem}; the command was not run")
         return EXIT_SETUP_FAILED
@@ -224,7 +225,7 @@ async def _run_private(options: RunOptions, sandbox: Sandbox, policy: Any) -> tu
         if evidence is not None:
             await _maybe_await(evidence.start())
         gate, resolver = await _start_gate(
-            options, policy, emitter, evidence, host_listener_id=True
+            options, policy, emitter, evidence, host_listener_id=False
         )
         await gate.add_listener(sandbox.sockets["proxy"], sandbox_id=options.sandbox_id)
         if "dns-udp" in sandbox.sockets:
@@ -262,6 +263,8 @@ async def _stop(gate: Any, dns: Any, evidence: Any, emitter: Emitter | None) -> 
 
 
 async def _maybe_await(result: Any) -> None:
+    import inspect
+
     if inspect.isawaitable(result):
         await result
 
@@ -421,6 +424,21 @@ def _wait_plain(proc: Any) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _stdio_fds(options: RunOptions) -> list[int]:
+    """The descriptors the command will get as stdin/stdout/stderr (pipes we create are ours)."""
+    fds = []
+    for default, given in enumerate((options.stdin, options.stdout, options.stderr)):
+        if given is None:
+            fds.append(default)
+        elif isinstance(given, int):
+            if given >= 0:  # subprocess.PIPE / DEVNULL are negative: made by us, harmless
+                fds.append(given)
+        else:
+            with contextlib.suppress(AttributeError, OSError, ValueError):
+                fds.append(given.fileno())
+    return fds
 
 
 def _stdio_problem(fds: Sequence[int] = (0, 1, 2)) -> str | None:

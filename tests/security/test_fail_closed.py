@@ -11,7 +11,6 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-import yaml
 
 from proxy.decision import Reason, Verdict
 from proxy.policy import Policy
@@ -110,21 +109,9 @@ def _broken_edits(port: int) -> dict[str, str | None]:
     }
 
 
-_F9 = pytest.mark.xfail(
-    strict=True,
-    raises=yaml.YAMLError,
-    reason="finding F9: a control character in a policy file makes load_policy raise "
-    "yaml.reader.ReaderError instead of PolicyError (proxy/loader.py compose() builds the "
-    "SafeLoader outside its try); PolicyHolder.reload() then raises instead of returning False",
-)
-
-
 @pytest.mark.parametrize(
     "edit",
-    [
-        pytest.param(name, marks=_F9) if name in ("binary", "control-char") else name
-        for name in _broken_edits(1)
-    ],
+    list(_broken_edits(1)),
     ids=str,
 )
 def test_broken_reload_keeps_the_running_policy(

@@ -193,11 +193,6 @@ def test_host_header_in_another_spelling_of_the_same_host_is_allowed(
     assert plain.accepted == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding F1: only the first of several Host headers is checked "
-    "(addons/gate.py _http_framing_problem); the upstream may route on another one",
-)
 def test_duplicate_host_headers_are_refused(
     gate: RunningGate, dns: FakeDns, plain: Upstream
 ) -> None:
@@ -214,11 +209,6 @@ def test_duplicate_host_headers_are_refused(
     assert decision.reason == Reason.HOST_MISMATCH
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding F1: _authority_host() keeps what precedes the first ':' and ignores the rest, "
-    "so 'Host: allowed.test:<junk>' passes unchecked",
-)
 @pytest.mark.parametrize("suffix", [":1", ":80, evil.test", ":x@evil.test"])
 def test_host_header_port_part_must_be_a_port_equal_to_the_url_port(
     gate: RunningGate, plain: Upstream, suffix: str
@@ -295,12 +285,6 @@ def test_port80_tunnel_refuses_a_nested_connect(gate: RunningGate, web80: Counti
     assert listener.accepted == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding F2: inside a port-80 tunnel an absolute-form target naming another host is "
-    "relayed verbatim when Host names the tunnel host; servers must route on the absolute URI "
-    "(RFC 9112 3.2.2)",
-)
 def test_port80_tunnel_refuses_absolute_form_naming_another_host(
     gate: RunningGate, web80: CountingListener
 ) -> None:
@@ -449,11 +433,6 @@ def test_client_sent_egress_headers_are_stripped_inside_port80_tunnels(
     assert b"egress" not in head.lower()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding F5 (low): X_Egress_* (underscore) is not stripped; CGI/WSGI servers map it to "
-    "the same variable as X-Egress-*",
-)
 def test_underscore_spelling_of_egress_headers_is_stripped(
     gate: RunningGate, plain: Upstream
 ) -> None:

@@ -208,12 +208,6 @@ def test_other_sandboxs_credential_inside_a_port80_tunnel_is_refused(
     assert web80.heads == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding F10 (functional, fails closed): on a shared gate, requests inside an "
-    "authenticated CONNECT tunnel to port 80 are refused 407 because they carry no credential "
-    "(addons/gate.py _identify does not treat the authenticated tunnel as identified)",
-)
 def test_requests_inside_an_authenticated_port80_tunnel_are_served(
     gate: RunningGate, web80: CountingListener
 ) -> None:

@@ -178,11 +178,6 @@ def test_refusal_text_never_gains_lines_and_headers_stay_printable(
     assert all(0x20 <= b < 0x7F for b in head.replace(b"\r\n", b""))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding F4 (low): the 403 body echoes the client's method and path raw "
-    "(addons/refusal.py refusal_text), so ESC sequences, NUL and DEL reach the agent's terminal",
-)
 @pytest.mark.parametrize(
     "raw",
     [r for r, _, _ in HOSTILE_REQUESTS if r != HOSTILE_REQUESTS[2][0]],

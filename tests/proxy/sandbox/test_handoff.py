@@ -180,3 +180,20 @@ def test_no_gate_socket_fails_closed(tmp_path: Path) -> None:
     assert result.returncode == 125
     assert "cannot hand the sandbox to the gate" in result.stderr
     assert not marker.exists()
+
+
+def test_identities_authenticator_uses_the_gate_credentials(tmp_path: Path) -> None:
+    from proxy.identity import Identities, token_digest
+    from proxy.sandbox.handoff import identities_authenticator
+
+    path = tmp_path / "sandboxes.yaml"
+    path.write_text(
+        "version: 1\nsandboxes:\n"
+        f"  - id: sbx-a\n    token_sha256: {token_digest('tok-a')}\n"
+        f"  - id: sbx-b\n    token_sha256: {token_digest('tok-b')}\n"
+    )
+    check = identities_authenticator(Identities.load(path))
+    assert check("sbx-a", "tok-a") == "sbx-a"
+    assert check("sbx-a", "tok-b") is None  # b's token does not prove a
+    assert check("sbx-c", "tok-a") is None
+    assert check("sbx-a", None) is None

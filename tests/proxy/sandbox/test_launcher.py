@@ -233,8 +233,8 @@ curl -sS -m 5 --noproxy '*' http://127.0.0.1:{gate.port}/; echo "gate-direct=$?"
     assert [d.host for d in gate.decisions if not d.allowed] == ["evil.test"]
 
 
-def test_unprivileged_user(world: tuple[Path, FakeDns, Upstream]) -> None:
-    """The whole `egress run` as uid 65534 with no capabilities: user namespaces do the work.
+def _as_nobody(shared: Path, argv: str) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` (shell words) as uid/gid 65534 with no capabilities and no groups.
 
     The interpreter lives under /root (mode 0700 here), so a private mount namespace first puts a
     world-readable tmpfs over /root with the interpreter bound back in: nothing on the host changes.
@@ -244,6 +244,35 @@ def test_unprivileged_user(world: tuple[Path, FakeDns, Upstream]) -> None:
             pytest.skip(f"{tool} is not installed")
     if os.geteuid() != 0:
         pytest.skip("already unprivileged: the other tests cover this path")
+    real = Path(sys.executable).resolve()
+    binds = ""
+    if real.parts[1] == "root":
+        hidden = Path(*real.parts[:3])  # e.g. /root/.pyenv
+        binds = (
+            f"mkdir -p {shared}/mnt && mount --bind {hidden} {shared}/mnt && "
+            f"mount -t tmpfs -o mode=755 egress-test /root && mkdir -p {hidden} && "
+            f"mount --move {shared}/mnt {hidden} && "
+        )
+    script = (
+        f"mount --make-rprivate / && {binds}"
+        f"exec setpriv --reuid=65534 --regid=65534 --clear-groups env HOME={shared} {argv}"
+    )
+    return subprocess.run(
+        ["unshare", "-m", "sh", "-c", script],
+        cwd=REPO, capture_output=True, text=True, timeout=WAIT, env=_env(),
+    )  # fmt: skip
+
+
+def _forbidden(result: subprocess.CompletedProcess[str]) -> bool:
+    """A kernel without unprivileged user namespaces: the required behaviour is failing closed."""
+    if result.returncode in (1, 125) and "user namespace" in result.stderr:
+        assert "65534" not in result.stdout  # the command did not run
+        return True
+    return False
+
+
+def test_unprivileged_user(world: tuple[Path, FakeDns, Upstream]) -> None:
+    """The whole `egress run` as uid 65534 with no capabilities: user namespaces do the work."""
     _, dns, upstream = world
     shared = Path(tempfile.mkdtemp(prefix="egress-unpriv-"))
     try:
@@ -251,38 +280,37 @@ def test_unprivileged_user(world: tuple[Path, FakeDns, Upstream]) -> None:
         policy = shared / "policy.yaml"
         policy.write_text(POLICY.format(port=upstream.port))
         policy.chmod(0o644)
-        real = Path(sys.executable).resolve()
-        root_parts = real.parts[:3] if real.parts[1] == "root" else None
-        binds = ""
-        if root_parts is not None:
-            hidden = Path(*root_parts)  # e.g. /root/.pyenv
-            binds = (
-                f"mkdir -p {shared}/mnt && mount --bind {hidden} {shared}/mnt && "
-                f"mount -t tmpfs -o mode=755 egress-test /root && mkdir -p {hidden} && "
-                f"mount --move {shared}/mnt {hidden} && "
-            )
-        script = (
-            f"mount --make-rprivate / && {binds}"
-            f"exec setpriv --reuid=65534 --regid=65534 --clear-groups "
-            f"env HOME={shared} {sys.executable} -m proxy.cli run --policy {policy} "
+        result = _as_nobody(
+            shared,
+            f"{sys.executable} -m proxy.cli run --policy {policy} "
             f"--nameserver {dns.nameserver} -- sh -c "
             f"'id -u; curl -sS -m 10 http://allowed.test:{upstream.port}/nobody; "
-            f'curl -sS -m 5 --noproxy "*" http://127.0.0.1:{upstream.port}/; echo bypass=$?\''
+            f'curl -sS -m 5 --noproxy "*" http://127.0.0.1:{upstream.port}/; echo bypass=$?\'',
         )
-        result = subprocess.run(
-            ["unshare", "-m", "sh", "-c", script],
-            cwd=REPO, capture_output=True, text=True, timeout=WAIT, env=_env(),
-        )  # fmt: skip
     finally:
         shutil.rmtree(shared, ignore_errors=True)
-    if result.returncode == 125 and "user namespaces are not allowed" in result.stderr:
-        pytest.skip("this kernel forbids unprivileged user namespaces (failed closed as required)")
+    if _forbidden(result):
+        return
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "65534"
     assert "hello from http-upstream: GET /nobody" in result.stdout
     assert "bypass=7" in result.stdout
     assert upstream.accepted == 1
+
+
+def test_doctor_unprivileged() -> None:
+    shared = Path(tempfile.mkdtemp(prefix="egress-unpriv-"))
+    try:
+        shared.chmod(0o777)
+        result = _as_nobody(shared, f"{sys.executable} -m proxy.cli doctor --json")
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+    if _forbidden(result):
+        return
+    report = json.loads(result.stdout)
+    assert report["ok"] is True, result.stdout
+    assert result.returncode == 0
 
 
 def test_nothing_left_behind(world: tuple[Path, FakeDns, Upstream], tmp_path: Path) -> None:
@@ -482,3 +510,76 @@ def test_the_private_gates_host_port_is_not_attributed_to_the_sandbox(
     decisions = [r for r in records if r["event"] == "egress.decision"]
     assert [d.get("path") for d in decisions] == ["/from-host"]
     assert "sandbox_id" not in decisions[0]
+
+
+def test_shared_gate_identifies_the_sandbox_by_its_credential(
+    world: tuple[Path, FakeDns, Upstream], tmp_path: Path
+) -> None:
+    """`egress serve --sandboxes`: the launcher carries the credential from --proxy into the tools'
+    proxy URL; without it (or with another sandbox's id) the gate refuses with 407."""
+    import threading
+
+    from proxy.identity import token_digest
+
+    policy, dns, upstream = world
+    sandboxes = tmp_path / "sandboxes.yaml"
+    sandboxes.write_text(
+        f"version: 1\nsandboxes:\n  - id: sbx-cred\n    token_sha256: {token_digest('s3cret')}\n"
+    )
+    log = tmp_path / "decisions.jsonl"
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "proxy.cli", "serve", "--policy", str(policy), "--listen",
+         "127.0.0.1:0", "--sandboxes", str(sandboxes), "--no-metrics", "--decision-log", str(log),
+         "--nameserver", dns.nameserver],
+        cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=_env(),
+    )  # fmt: skip
+    try:
+        assert serve.stderr is not None
+        port = 0
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            line = serve.stderr.readline()
+            if "gate ready" in line:
+                port = int(line.split("listen=", 1)[1].split()[0].rsplit(":", 1)[1])
+                break
+            if not line:
+                break
+        assert port, "egress serve did not start"
+        threading.Thread(target=serve.stderr.read, daemon=True).start()
+        curl = f"curl -sS -m 10 -o /dev/null -w '%{{http_code}}\\n' http://allowed.test:{upstream.port}/"
+        good = egress("run", "--quiet", "--proxy", f"http://sbx-cred:s3cret@127.0.0.1:{port}",
+                      "--", "sh", "-c", curl)  # fmt: skip
+        anonymous = egress("run", "--quiet", "--proxy", f"http://127.0.0.1:{port}",
+                           "--", "sh", "-c", curl)  # fmt: skip
+        wrong = egress("run", "--quiet", "--proxy", f"http://sbx-cred:guess@127.0.0.1:{port}",
+                       "--", "sh", "-c", curl)  # fmt: skip
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            serve.wait(15)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            serve.wait()
+    assert good.stdout.strip() == "200", good.stderr
+    assert anonymous.stdout.strip() == "407"
+    assert wrong.stdout.strip() == "407"
+    decisions = [json.loads(x) for x in log.read_text().splitlines()]
+    allowed = [
+        d for d in decisions if d.get("event") == "egress.decision" and d["decision"] == "allow"
+    ]
+    assert [d.get("sandbox_id") for d in allowed] == ["sbx-cred"]
+
+
+def test_stdio_fds_checked_are_the_commands(tmp_path: Path) -> None:
+    import socket
+
+    from proxy.sandbox.launcher import RunOptions, _stdio_fds, _stdio_problem
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, open(os.devnull) as null:
+        options = RunOptions(argv=["true"], stdin=null, stdout=subprocess.PIPE, stderr=udp)
+        fds = _stdio_fds(options)
+        assert fds == [null.fileno(), udp.fileno()]
+        assert (
+            _stdio_problem(fds)
+            == f"fd {udp.fileno()} is a SOCK_DGRAM IP socket, which could send past the sandbox"
+        )
