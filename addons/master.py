@@ -131,9 +131,12 @@ class Gate:
             raise RuntimeError("the gate is not listening")
         return str(addrs[0][0]), int(addrs[0][1])
 
-    async def add_listener(self, sock: socket.socket, sandbox_id: str | None = None) -> None:
+    async def add_listener(
+        self, sock: socket.socket, sandbox_id: str | None = None
+    ) -> asyncio.Server:
         """Serve proxy clients accepted on a pre-bound listening socket (e.g. one created inside a
-        sandbox's network namespace), attributing every decision they cause to ``sandbox_id``."""
+        sandbox's network namespace), attributing every decision they cause to ``sandbox_id``.
+        Returns the server; pass it to :meth:`remove_listener` when the sandbox ends."""
         instance = next(iter(self.proxyserver.servers))
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -141,7 +144,14 @@ class Gate:
             await instance.handle_stream(reader, writer)
 
         sock.setblocking(False)
-        self._extra.append(await asyncio.start_server(handle, sock=sock))
+        server = await asyncio.start_server(handle, sock=sock)
+        self._extra.append(server)
+        return server
+
+    def remove_listener(self, server: asyncio.Server) -> None:
+        server.close()
+        if server in self._extra:
+            self._extra.remove(server)
 
     async def stop(self) -> None:
         for server in self._extra:

@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
         "ever queried upstream (default: off)",
     )
     serve.add_argument(
+        "--handoff-socket",
+        metavar="PATH",
+        default=None,
+        help="accept sandbox listeners from `egress run --gate-socket PATH` on this Unix socket "
+        "(mode 0600; the gate then serves each sandbox without a relay)",
+    )
+    serve.add_argument(
         "--sandboxes",
         metavar="FILE",
         default=None,

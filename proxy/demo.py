@@ -1,8 +1,11 @@
 """``make demo``: one minute that shows what the gate does, on the shipped default allowlist.
 
-It starts a private gate, sends a few requests a newcomer recognises through it with curl, and prints the
-decisions they produced. The allowed request really goes to the package index (it is allowlisted, so the
-gate lets it through); every refused one is stopped at the gate, so nothing leaves the machine for it.
+It runs a few commands a newcomer recognises inside ``egress run`` (a sandbox whose only route is a private
+gate): a package download that is allowed, requests that are refused, and a ``--noproxy`` bypass attempt
+that finds no route at all; ``egress run`` then prints its summary. The allowed requests really go to the
+package index (it is allowlisted); every refused one is stopped at the gate or finds no route, so nothing
+leaves the machine for it. Where network namespaces are unavailable the demo says so and shows the gate
+on its own instead.
 """
 
 from __future__ import annotations
@@ -112,10 +115,56 @@ async def _demo() -> int:
     return 0
 
 
+SANDBOX_SCRIPT = r"""
+if [ -t 1 ]; then b=$(printf '\033[1m'); n=$(printf '\033[0m'); else b=; n=; fi
+say() { printf '\n%s# %s%s\n$ %s\n' "$b" "$1" "$n" "$2"; }
+say "an allowed package index" "curl https://pypi.org/simple/six/"
+curl -sS -o /dev/null --max-time 20 -w 'HTTP %{http_code}\n' https://pypi.org/simple/six/
+say "a package download (pip honours the proxy the sandbox sets)" "pip download six"
+"$PYTHON" -m pip download --isolated --no-deps --no-cache-dir --disable-pip-version-check \
+    --index-url https://pypi.org/simple -d "$(mktemp -d)" six 2>&1 | tail -n 2
+say "a host that is not on the allowlist" "curl https://example.com/"
+curl -sS -o /dev/null --max-time 20 https://example.com/ 2>&1
+say "the cloud metadata service" "curl http://169.254.169.254/latest/meta-data/"
+curl -sS --max-time 20 http://169.254.169.254/latest/meta-data/ | head -n 4
+say "ignoring the proxy: there is no route at all" "curl --noproxy '*' https://pypi.org/"
+curl -sS -o /dev/null --max-time 5 --noproxy '*' https://pypi.org/ 2>&1 || true
+say "raw DNS to an outside resolver" "python: socket.sendto(..., ('192.0.2.53', 53))"
+"$PYTHON" -c "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+try: s.sendto(b'x', ('192.0.2.53', 53)); print('sent?!')
+except OSError as e: print('refused by the kernel:', e.strerror)"
+printf '\n'
+"""
+
+
+def _sandbox_demo() -> int | None:
+    """Run the demo inside ``egress run``; None when no sandbox can be created here."""
+    import os
+
+    egress = shutil.which("egress", path=os.path.dirname(sys.executable)) or "egress"
+    policy = preset_path("default")
+    print(f"agent-egress demo: `egress run --policy {policy} -- sh -c ...`")
+    print("(a sandbox whose only route is a private gate on the default allowlist)")
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env["PYTHON"] = sys.executable
+    proc = subprocess.run(
+        [egress, "run", "--policy", str(policy), "--", "sh", "-c", SANDBOX_SCRIPT],
+        env=env,
+        timeout=300,
+    )
+    if proc.returncode == 125:  # the sandbox could not be set up; egress run said why
+        return None
+    return 0
+
+
 def main() -> int:
     if shutil.which("curl") is None:
         print("make demo needs curl (apt-get install curl)", file=sys.stderr)
         return 2
+    result = _sandbox_demo()
+    if result is not None:
+        return result
+    print("\nNo sandbox here, so showing the gate on its own (clients that honour HTTPS_PROXY):\n")
     return asyncio.run(_demo())
 
 

@@ -253,6 +253,12 @@ class DnsGate:
         name = server.sockets[0].getsockname()
         return name[0], name[1]
 
+    def close_tcp_servers(self) -> None:
+        """Stop the TCP listeners only (used when the paired UDP port could not be bound)."""
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
+
     def close(self) -> None:
         """Stop accepting and cancel every query in flight."""
         for server in self._servers:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.cli import EXIT_ERROR, default_policy_path, load_policy_or_exit
+from proxy.dnsgate import DnsGate
 from proxy.emit import JsonLineSink, Sink
 from proxy.identity import Identities, IdentityError
 from proxy.policy import Policy
@@ -58,6 +59,21 @@ def serve_main(args: argparse.Namespace) -> int:
         return EXIT_ERROR
 
 
+async def _serve_dns(dns_gate: DnsGate, host: str, port: int) -> tuple[str, int]:
+    """UDP and TCP on one port. With port 0 the UDP port's TCP twin may be taken: try a few."""
+    for attempt in range(20):
+        tcp = await dns_gate.serve_tcp(host=host, port=port)
+        try:
+            await dns_gate.serve_udp(host=host, port=tcp[1])
+        except OSError:
+            if port != 0 or attempt == 19:
+                raise
+            dns_gate.close_tcp_servers()
+            continue
+        return tcp
+    raise OSError("no free port for the DNS listener")
+
+
 def load_sandboxes(path: str | None) -> tuple[Identities | None, dict[str, PolicyHolder]]:
     """Identities for a shared gate and a policy holder for each sandbox that names its own policy."""
     if path is None:
@@ -73,9 +89,9 @@ def load_sandboxes(path: str | None) -> tuple[Identities | None, dict[str, Polic
 
 async def _serve(args: argparse.Namespace, policy: Policy, listen: tuple[str, int]) -> int:
     from addons.master import Gate, GateConfig, parse_listen
-    from proxy.dnsgate import DnsGate
     from proxy.evidence import EvidenceError, build_emitter
     from proxy.resolver import Resolver
+    from proxy.sandbox.handoff import HandoffServer, gate_attacher, identities_authenticator
 
     path = Path(args.policy) if args.policy else default_policy_path()
     try:
@@ -123,14 +139,25 @@ async def _serve(args: argparse.Namespace, policy: Policy, listen: tuple[str, in
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_all)
     dns_gate: DnsGate | None = None
+    handoff: HandoffServer | None = None
     try:
         evidence.start()
         await gate.start()
         if args.dns_listen:
             dns_gate = DnsGate(holder, resolver, evidence.emitter)
-            dns_host, dns_port = parse_listen(args.dns_listen)
-            bound = await dns_gate.serve_udp(host=dns_host, port=dns_port)
-            await dns_gate.serve_tcp(host=dns_host, port=bound[1])
+            bound = await _serve_dns(dns_gate, *parse_listen(args.dns_listen))
+        if args.handoff_socket:
+
+            def dns_for(sandbox_id: str) -> DnsGate:
+                policy_of = sandbox_policies.get(sandbox_id, holder)
+                return DnsGate(policy_of, resolver, evidence.emitter, sandbox_id=sandbox_id)
+
+            handoff = HandoffServer(
+                args.handoff_socket,
+                gate_attacher(gate, dns_for),
+                authenticate=identities_authenticator(identities) if identities else None,
+            )
+            await handoff.start()
         if evidence.metrics_address is not None:
             gate.addon.protect_endpoint(*evidence.metrics_address)
         if dns_gate is not None:
@@ -150,6 +177,8 @@ async def _serve(args: argparse.Namespace, policy: Policy, listen: tuple[str, in
         await stop.wait()
         log.warning("shutting down")
     finally:
+        if handoff is not None:
+            await handoff.close()
         if dns_gate is not None:
             dns_gate.close()
             await dns_gate.wait_closed()

@@ -272,8 +272,6 @@ def gate_attacher(gate: Any, dns_gate_for: Callable[[str], Any] | None = None) -
 
     async def attach(sandbox_id: str, sockets: dict[str, socket.socket]) -> Detach:
         server = await gate.add_listener(sockets["proxy"], sandbox_id=sandbox_id)
-        if server is None:  # Gate.add_listener predating its return value: it appended it last
-            server = gate._extra[-1]
         dns = None
         try:
             if dns_gate_for is not None and "dns-udp" in sockets and "dns-tcp" in sockets:
@@ -289,9 +287,7 @@ def gate_attacher(gate: Any, dns_gate_for: Callable[[str], Any] | None = None) -
             raise
 
         async def detach() -> None:
-            server.close()
-            with contextlib.suppress(ValueError, AttributeError):
-                gate._extra.remove(server)
+            gate.remove_listener(server)
             if dns is not None:
                 dns.close()
                 await dns.wait_closed()

@@ -176,3 +176,44 @@ def test_startup_fails_closed_on_a_broken_policy(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert "broken.yaml:5" in result.stderr
+
+
+def test_handoff_socket_serves_egress_run_sandboxes_without_a_relay(
+    tmp_path: Path, fake: FakeDns
+) -> None:
+    from tests.harness import Upstream
+
+    upstream = Upstream("handoff-upstream")
+    fake.set("local.test", "A", ["127.0.0.1"])
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "version: 1\nallow_internal: [127.0.0.0/8]\nrules:\n"
+        f"  - name: local\n    hosts: [local.test]\n    ports: [{upstream.port}]\n"
+    )
+    sock = tmp_path / "gate.sock"
+    log = tmp_path / "decisions.jsonl"
+    serve = Serve(
+        "--policy", str(policy), "--nameserver", fake.nameserver,
+        "--handoff-socket", str(sock), "--decision-log", str(log),
+    )  # fmt: skip
+    try:
+        run = subprocess.run(
+            [EGRESS, "run", "--gate-socket", str(sock), "--sandbox-id", "sbx-handoff", "--quiet",
+             "--", "sh", "-c",
+             f"curl -sS --max-time 10 http://local.test:{upstream.port}/in; "
+             f"curl -sS --max-time 5 -o /dev/null -w ' %{{http_code}}' http://evil.test/; "
+             f"curl -sS --max-time 3 --noproxy '*' http://127.0.0.1:{upstream.port}/direct "
+             "|| echo ' no-route'"],
+            capture_output=True, text=True, timeout=60, env=CLEAN_ENV,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        assert "hello from handoff-upstream: GET /in" in run.stdout
+        assert " 403" in run.stdout and "no-route" in run.stdout
+        assert [target for _, target, _ in upstream.requests] == ["/in"]  # /direct never arrived
+    finally:
+        assert serve.stop() == 0
+        upstream.stop()
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    decisions = [r for r in records if r.get("event") == "egress.decision"]
+    assert {r.get("sandbox_id") for r in decisions} == {"sbx-handoff"}
+    assert sorted(r["reason"] for r in decisions) == ["allowed-by-rule", "no-matching-rule"]

@@ -576,7 +576,7 @@ def test_stdio_fds_checked_are_the_commands(tmp_path: Path) -> None:
     from proxy.sandbox.launcher import RunOptions, _stdio_fds, _stdio_problem
 
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, open(os.devnull) as null:
-        options = RunOptions(argv=["true"], stdin=null, stdout=subprocess.PIPE, stderr=udp)
+        options = RunOptions(argv=["true"], stdin=null, stdout=subprocess.PIPE, stderr=udp.fileno())
         fds = _stdio_fds(options)
         assert fds == [null.fileno(), udp.fileno()]
         assert (
