@@ -80,7 +80,9 @@ async def _load(proxy_port: int, target_port: int, seconds: float) -> tuple[int,
     return ok, failed
 
 
-def _start_gate(policy: Path, extra: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], int]:
+def _start_gate(
+    policy: Path, extra: list[str], env: dict[str, str]
+) -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(
         [_egress(), "serve", "--policy", str(policy), "--listen", "127.0.0.1:0", *extra],
         stderr=subprocess.PIPE,
