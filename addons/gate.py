@@ -16,6 +16,7 @@ Where each kind of traffic is decided:
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import ipaddress
 import logging
@@ -61,6 +62,8 @@ class Observer(Protocol):
 
     def observe_latency(self, kind: Kind, seconds: float) -> None: ...
 
+    def active_sandboxes(self, count: int) -> None: ...
+
 
 @dataclass(slots=True)
 class ClientState:
@@ -102,6 +105,23 @@ class GateAddon:
         self.clients: dict[str, ClientState] = {}
         # The gate's own listeners (proxy, DNS, metrics): never a destination.
         self.own_endpoints: set[tuple[str, int]] = set()
+        self._live_sandboxes: collections.Counter[str] = collections.Counter()
+
+    def _sandbox_joined(self, sandbox_id: str | None) -> None:
+        if sandbox_id is not None:
+            self._live_sandboxes[sandbox_id] += 1
+            self._report_sandboxes()
+
+    def _sandbox_left(self, sandbox_id: str | None) -> None:
+        if sandbox_id is not None and self._live_sandboxes[sandbox_id] > 0:
+            self._live_sandboxes[sandbox_id] -= 1
+            if not self._live_sandboxes[sandbox_id]:
+                del self._live_sandboxes[sandbox_id]
+            self._report_sandboxes()
+
+    def _report_sandboxes(self) -> None:
+        if self.observer is not None:
+            self.observer.active_sandboxes(len(self._live_sandboxes))
 
     def protect_endpoint(self, host: str, port: int) -> None:
         """Never dial one of the gate's own listeners, even where the policy opens loopback
@@ -130,6 +150,7 @@ class GateAddon:
             policy=self.sandbox_policies.get(sandbox) if sandbox else None,
             authenticated=listener_sandbox is not None,
         )
+        self._sandbox_joined(sandbox)
 
     def policy_for(self, state: ClientState) -> Policy:
         return (state.policy or self._policy)()
@@ -151,7 +172,9 @@ class GateAddon:
             return False
         if state.sandbox_id is not None and state.sandbox_id != sandbox.id:
             return False  # one connection, one identity: no switching mid-connection
-        state.sandbox_id = sandbox.id
+        if state.sandbox_id is None:
+            state.sandbox_id = sandbox.id
+            self._sandbox_joined(sandbox.id)
         state.policy = self.sandbox_policies.get(sandbox.id)
         return True
 
@@ -168,7 +191,10 @@ class GateAddon:
 
     def client_disconnected(self, client: connection.Client) -> None:
         state = self.clients.pop(client.id, None)
-        if state is None or state.opened is None:
+        if state is None:
+            return
+        self._sandbox_left(state.sandbox_id)
+        if state.opened is None:
             return
         duration = time.monotonic() - state.started
         if self.observer is not None:

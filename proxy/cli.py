@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from proxy.policy import Policy
 
 DEFAULT_LISTEN = "127.0.0.1:3128"
-DEFAULT_METRICS = "127.0.0.1:9464"
+
 EXIT_OK, EXIT_DENY, EXIT_ERROR = 0, 1, 2
 
 
@@ -116,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Detect edited, removed, reordered or truncated records; exit 1 naming where.",
     )
     verify.add_argument("files", nargs="+", metavar="FILE")
+    verify.add_argument(
+        "--allow-missing-start",
+        action="store_true",
+        help="the oldest files were archived: do not require the chain to start at its first record",
+    )
     verify.set_defaults(func=_cmd_audit_verify)
 
     try:
@@ -151,7 +156,7 @@ def _gate_args(parser: argparse.ArgumentParser) -> None:
         metavar="IP[:PORT]",
         help="DNS server for destination checks (repeatable; default: the system's resolv.conf)",
     )
-    from proxy.evidence import add_evidence_arguments
+    from proxy.evidence_args import add_evidence_arguments
 
     add_evidence_arguments(parser)
 
@@ -239,7 +244,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
     from proxy.audit import run
 
-    return run(args.files)
+    return run(args.files, require_genesis=not args.allow_missing_start)
 
 
 def _cmd_token(args: argparse.Namespace) -> int:

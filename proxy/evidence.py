@@ -21,63 +21,17 @@ from typing import Any
 from proxy import __version__
 from proxy.decision import Decision, Kind
 from proxy.emit import Emitter, Sink
-from proxy.journal import DEFAULT_FSYNC, DEFAULT_MAX_BYTES, FSYNC_POLICIES, Journal
+from proxy.evidence_args import DEFAULT_FSYNC, DEFAULT_MAX_BYTES
+from proxy.evidence_args import add_evidence_arguments as add_evidence_arguments  # re-export
+from proxy.journal import Journal
 from proxy.metrics import Metrics
 from proxy.otel import CLOSED_EVENT, OtelSink, resolve_endpoint
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METRICS = "127.0.0.1:9464"
-
 
 class EvidenceError(ValueError):
     """A bad evidence flag; the message names the flag."""
-
-
-def add_evidence_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("evidence (audit journal, OpenTelemetry, Prometheus)")
-    group.add_argument(
-        "--otlp-endpoint",
-        metavar="URL",
-        help="export an OTel event per decision to this OTLP collector "
-        "(default: $OTEL_EXPORTER_OTLP_LOGS_ENDPOINT / $OTEL_EXPORTER_OTLP_ENDPOINT; off if unset)",
-    )
-    group.add_argument(
-        "--otlp-protocol",
-        choices=("grpc", "http"),
-        help="OTLP transport (default: $OTEL_EXPORTER_OTLP_PROTOCOL, else grpc for port 4317, "
-        "else http/protobuf)",
-    )
-    group.add_argument(
-        "--journal", metavar="FILE", help="append every decision to this hash-chained audit journal"
-    )
-    group.add_argument(
-        "--journal-fsync",
-        choices=FSYNC_POLICIES,
-        default=DEFAULT_FSYNC,
-        help="when journal writes are flushed to disk (default: %(default)s, at most 0.25 s later)",
-    )
-    group.add_argument(
-        "--journal-max-bytes",
-        metavar="N",
-        type=int,
-        default=DEFAULT_MAX_BYTES,
-        help="rotate the journal when it would grow past N bytes (default: %(default)s)",
-    )
-    group.add_argument(
-        "--audit-required",
-        action="store_true",
-        help="deny new connections while the journal cannot be written",
-    )
-    group.add_argument(
-        "--metrics",
-        metavar="HOST:PORT",
-        default=DEFAULT_METRICS,
-        help="serve Prometheus /metrics here (default: %(default)s)",
-    )
-    group.add_argument(
-        "--no-metrics", action="store_true", help="do not serve Prometheus metrics at all"
-    )
 
 
 def parse_hostport(value: str, flag: str = "--metrics") -> tuple[str, int]:
@@ -114,6 +68,10 @@ class Evidence:
 
     def connection_opened(self, kind: Kind | str = Kind.CONNECT) -> None:
         self.metrics.connection_opened(kind)
+
+    def active_sandboxes(self, count: int) -> None:
+        """Sandboxes with at least one live connection to this gate."""
+        self.metrics.set_active_sandboxes(count)
 
     def observe_latency(self, kind: Kind | str, seconds: float) -> None:
         """Time from a hook receiving a request to its decision being recorded (incl. DNS)."""

@@ -56,19 +56,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from proxy.decision import Decision
 from proxy.emit import AuditUnavailable
+from proxy.evidence_args import DEFAULT_FSYNC, DEFAULT_MAX_BYTES, FSYNC_POLICIES, FsyncPolicy
 from proxy.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-FsyncPolicy = Literal["always", "interval", "never"]
-FSYNC_POLICIES: tuple[FsyncPolicy, ...] = ("always", "interval", "never")
-DEFAULT_FSYNC: FsyncPolicy = "interval"
 DEFAULT_FSYNC_INTERVAL = 0.25
-DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 GENESIS = "0" * 64
 DECISION_EVENT = "egress.decision"
 _ROTATED = re.compile(r"^(?P<base>.+)\.(?P<index>\d{6,})$")
@@ -127,25 +124,32 @@ def journal_files(path: Path) -> list[Path]:
     return files
 
 
-def _last_line(path: Path, window: int = 1024 * 1024) -> dict[str, Any] | None:
-    """The last complete, parseable record of a file; a torn final line (crash mid-write) is skipped."""
+def _last_line(path: Path, window: int = 64 * 1024) -> dict[str, Any] | None:
+    """The last complete, parseable record of a file; a torn final line (crash mid-write) is skipped.
+
+    Reads backwards in a growing window, so a huge journal costs little and a huge record still works.
+    """
     try:
         with open(path, "rb") as f:
             size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - window))
-            lines = f.read().split(b"\n")[:-1]  # what follows the final newline is torn or empty
-    except FileNotFoundError:
+            while True:
+                begin = max(0, size - window)
+                f.seek(begin)
+                lines = f.read(size - begin).split(b"\n")[:-1]  # after the last newline: torn/empty
+                if begin > 0:
+                    lines = lines[1:]  # the window starts inside a line: never trust that piece
+                for raw in reversed(lines):
+                    try:
+                        obj = json.loads(raw)
+                    except ValueError:
+                        continue
+                    if isinstance(obj, dict) and "seq" in obj and "hash" in obj:
+                        return obj
+                if begin == 0:
+                    return None
+                window *= 4
+    except (FileNotFoundError, IsADirectoryError):
         return None
-    except IsADirectoryError:
-        return None
-    for raw in reversed(lines):
-        try:
-            obj = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(obj, dict) and "seq" in obj and "hash" in obj:
-            return obj
-    return None
 
 
 def _error_kind(exc: OSError) -> str:
@@ -258,8 +262,14 @@ class Journal:
         size = os.fstat(fd).st_size
         if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
             return size
-        start = max(0, size - 1024 * 1024)
-        keep = start + os.pread(fd, size - start, start).rfind(b"\n") + 1
+        window = 64 * 1024
+        while True:
+            start = max(0, size - window)
+            newline = os.pread(fd, size - start, start).rfind(b"\n")
+            if newline >= 0 or start == 0:
+                break
+            window *= 4
+        keep = start + newline + 1
         os.ftruncate(fd, keep)
         log.warning(
             "audit journal %s: removed a torn last line (%d bytes) left by an interrupted write",
@@ -501,18 +511,24 @@ class JournalFollower:
 
     def _read_lines(self, limit: int) -> list[dict[str, Any]]:
         assert self._fd is not None and self._pos is not None
-        data = os.pread(self._fd, self.CHUNK, self._pos.offset)
-        end = data.rfind(b"\n")
+        size = self.CHUNK
+        while True:  # a record longer than a chunk (a huge URL path) must not stall the reader
+            data = os.pread(self._fd, size, self._pos.offset)
+            end = data.rfind(b"\n")
+            if end >= 0 or len(data) < size:
+                break
+            size *= 2
         if end < 0:
             return []
         out: list[dict[str, Any]] = []
         consumed = 0
         for raw in data[: end + 1].split(b"\n")[:-1]:
+            start = self._pos.offset + consumed
             consumed += len(raw) + 1
             try:
                 obj = json.loads(raw)
             except ValueError:
-                log.error("journal follower: unparseable line at %s offset %d", self.path, consumed)
+                log.error("journal follower: unparseable line at %s byte %d", self.path, start)
                 continue
             if isinstance(obj, dict):
                 out.append(obj)

@@ -118,6 +118,8 @@ async def _serve(args: argparse.Namespace, policy: Policy, listen: tuple[str, in
         evidence.close()
         return EXIT_ERROR
     holders = [holder, *sandbox_policies.values()]
+    for sandbox_id, own in sandbox_policies.items():
+        evidence.metrics.sandbox_policy_loaded(sandbox_id, [r.name for r in own().rules])
 
     def reload_all() -> None:
         for each in holders:

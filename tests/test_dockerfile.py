@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy import cli
+from proxy import cli, evidence_args
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -55,14 +55,16 @@ def test_cmd_arguments_parse_with_the_real_cli() -> None:
     host, port = args.listen.rsplit(":", 1)
     assert host == "0.0.0.0"  # reachable from other containers on the sandbox network
     assert int(port) == int(cli.DEFAULT_LISTEN.rsplit(":", 1)[1])
-    assert int(args.metrics.rsplit(":", 1)[1]) == int(cli.DEFAULT_METRICS.rsplit(":", 1)[1])
+    assert int(args.metrics.rsplit(":", 1)[1]) == int(
+        evidence_args.DEFAULT_METRICS.rsplit(":", 1)[1]
+    )
 
 
 def test_exposed_ports_match_the_code_defaults() -> None:
     exposed = {int(p.split("/")[0]) for p in _one("EXPOSE").split()}
     assert exposed == {
         int(cli.DEFAULT_LISTEN.rsplit(":", 1)[1]),
-        int(cli.DEFAULT_METRICS.rsplit(":", 1)[1]),
+        int(evidence_args.DEFAULT_METRICS.rsplit(":", 1)[1]),
     }
 
 

@@ -128,7 +128,7 @@ def register(subparsers: Any) -> None:
 def _add_evidence(parser: argparse.ArgumentParser) -> None:
     """The lead's shared evidence options (journal, OTel, metrics), when that module exists."""
     try:
-        from proxy.evidence import add_evidence_arguments  # type: ignore[import-not-found,unused-ignore]
+        from proxy.evidence_args import add_evidence_arguments
     except ImportError:
         return
     add_evidence_arguments(parser)

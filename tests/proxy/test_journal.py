@@ -298,3 +298,43 @@ def test_torn_last_line_from_a_crash_is_removed_on_restart(tmp_path: Path) -> No
     assert report.ok and report.records == 4, report.problems
     assert lines(path)[-1]["id"] == survivor.id
     assert "torn.exa" not in path.read_text()
+
+
+def test_follower_reads_records_longer_than_its_read_chunk(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    journal = Journal(path)
+    follower = journal.follow()
+    huge = decision().with_(kind=Kind.HTTP, method="GET", path="/" + "a" * 600_000)
+    journal.record(huge)
+    journal.record(decision(1))
+    journal.close()
+    got = follower.read(limit=10)
+    follower.close()
+    assert [r["id"] for r in got] == [huge.id, json.loads(path.read_text().splitlines()[1])["id"]]
+
+
+def test_restart_after_a_record_larger_than_the_tail_window(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    journal = Journal(path)
+    journal.record(decision(0))
+    journal.record(decision().with_(kind=Kind.HTTP, path="/" + "b" * 300_000))
+    journal.close()
+    again = Journal(path)
+    assert again.seq == 2
+    again.record(decision(2))
+    again.close()
+    assert verify([path]).ok
+
+
+def test_a_torn_tail_longer_than_the_window_is_removed_exactly(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    journal = Journal(path)
+    journal.record(decision(0))
+    journal.close()
+    with open(path, "ab") as f:
+        f.write(b'{"path":"/' + b"c" * 200_000)  # torn in the middle of a huge record
+    again = Journal(path)
+    again.record(decision(1))
+    again.close()
+    report = verify([path])
+    assert report.ok and report.records == 2, report.problems

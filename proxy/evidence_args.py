@@ -1,0 +1,72 @@
+"""The evidence flags, kept apart from the sinks they configure.
+
+Every ``egress`` command builds its parser before doing anything; importing the sinks here would load
+OpenTelemetry and prometheus-client (~100 ms) even for ``egress --help`` or ``egress run -- true``.
+This module imports nothing but argparse, and the sinks import their defaults from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Literal
+
+__all__ = [
+    "DEFAULT_FSYNC",
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_METRICS",
+    "FSYNC_POLICIES",
+    "FsyncPolicy",
+    "add_evidence_arguments",
+]
+
+DEFAULT_METRICS = "127.0.0.1:9464"
+FsyncPolicy = Literal["always", "interval", "never"]
+FSYNC_POLICIES: tuple[FsyncPolicy, ...] = ("always", "interval", "never")
+DEFAULT_FSYNC: FsyncPolicy = "interval"
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+
+
+def add_evidence_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("evidence (audit journal, OpenTelemetry, Prometheus)")
+    group.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="export an OTel event per decision to this OTLP collector "
+        "(default: $OTEL_EXPORTER_OTLP_LOGS_ENDPOINT / $OTEL_EXPORTER_OTLP_ENDPOINT; off if unset)",
+    )
+    group.add_argument(
+        "--otlp-protocol",
+        choices=("grpc", "http"),
+        help="OTLP transport (default: $OTEL_EXPORTER_OTLP_PROTOCOL, else grpc for port 4317, "
+        "else http/protobuf)",
+    )
+    group.add_argument(
+        "--journal", metavar="FILE", help="append every decision to this hash-chained audit journal"
+    )
+    group.add_argument(
+        "--journal-fsync",
+        choices=FSYNC_POLICIES,
+        default=DEFAULT_FSYNC,
+        help="when journal writes are flushed to disk (default: %(default)s, at most 0.25 s later)",
+    )
+    group.add_argument(
+        "--journal-max-bytes",
+        metavar="N",
+        type=int,
+        default=DEFAULT_MAX_BYTES,
+        help="rotate the journal when it would grow past N bytes (default: %(default)s)",
+    )
+    group.add_argument(
+        "--audit-required",
+        action="store_true",
+        help="deny new connections while the journal cannot be written",
+    )
+    group.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        default=DEFAULT_METRICS,
+        help="serve Prometheus /metrics here (default: %(default)s)",
+    )
+    group.add_argument(
+        "--no-metrics", action="store_true", help="do not serve Prometheus metrics at all"
+    )
