@@ -165,12 +165,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _evidence_builder(args: argparse.Namespace) -> Any:
-    try:
-        from proxy.evidence import build_emitter  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        return None
+    """Deferred: only a private gate needs the sinks, and importing them (OpenTelemetry,
+    prometheus-client) costs ~100 ms that `egress run --proxy ... -- CMD` should not pay."""
 
     def build(sinks: list[Any]) -> Any:
+        from proxy.evidence import build_emitter
+
         return build_emitter(args, sinks)
 
     return build
