@@ -16,6 +16,7 @@ Where each kind of traffic is decided:
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextvars
 import ipaddress
@@ -38,6 +39,9 @@ from proxy.policy import Policy
 from proxy.resolver import Destination, DestinationRefused
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 512
+DEFAULT_REQUEST_DEADLINE = 30.0  # seconds for a request head, or a tunnel's first bytes
 
 # Set by the listener that accepted a connection (a per-sandbox socket), read once in client_connected.
 current_sandbox: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -73,6 +77,8 @@ class ClientState:
     policy: Callable[[], Policy] | None = None  # per-sandbox policy once the client is identified
     authenticated: bool = False  # attributed by the per-sandbox listener that accepted it
     started: float = field(default_factory=time.monotonic)
+    limit_key: str = ""  # what the per-client connection cap counts (sandbox id or peer address)
+    deadline: asyncio.TimerHandle | None = None  # closes the connection if it stays silent
     tunnel: Decision | None = None  # the allowed CONNECT decision, once there is one
     opened: Decision | None = None  # the decision a counted upstream connection was opened under
     bytes_out: int = 0  # client -> upstream, counted by the tunnel relay layer
@@ -94,8 +100,15 @@ class GateAddon:
         observer: Observer | None = None,
         identities: Identities | None = None,
         sandbox_policies: dict[str, Callable[[], Policy]] | None = None,
+        max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+        request_deadline: float = DEFAULT_REQUEST_DEADLINE,
     ) -> None:
         self._policy = policy
+        self.max_connections_per_client = max_connections_per_client
+        self.request_deadline = request_deadline
+        self._per_client: collections.Counter[str] = collections.Counter()
+        # Set by the master: mitmproxy's handler per client id, used to close silent connections.
+        self.connection_handlers: dict[Any, Any] = {}
         self.observer = observer
         self.identities = identities
         self.sandbox_policies = sandbox_policies or {}
@@ -145,12 +158,69 @@ class GateAddon:
     def client_connected(self, client: connection.Client) -> None:
         listener_sandbox = current_sandbox.get()
         sandbox = listener_sandbox or self.default_sandbox_id
-        self.clients[client.id] = ClientState(
+        peer = client.peername[0] if client.peername else "?"
+        state = self.clients[client.id] = ClientState(
             sandbox_id=sandbox,
             policy=self.sandbox_policies.get(sandbox) if sandbox else None,
             authenticated=listener_sandbox is not None,
+            limit_key=f"sandbox:{sandbox}" if listener_sandbox else f"peer:{peer}",
         )
         self._sandbox_joined(sandbox)
+        self._per_client[state.limit_key] += 1
+        if self._per_client[state.limit_key] > self.max_connections_per_client:
+            # Threat 13: one sandbox cannot exhaust the gate's sockets and memory for the others.
+            client.error = "egress: too many connections from this client"
+            self._refuse_connection(
+                client,
+                state,
+                Reason.CONNECTION_LIMIT,
+                f"more than {self.max_connections_per_client} concurrent connections from this client",
+            )
+            return
+        self._arm_deadline(client, state)
+
+    def _arm_deadline(self, client: connection.Client, state: ClientState) -> None:
+        """A connection must deliver a complete request head (and a tunnel its first bytes) within
+        ``request_deadline`` seconds; a silent or dribbling one is closed (slowloris, threat 13)."""
+        if state.deadline is not None:
+            state.deadline.cancel()
+        if self.request_deadline > 0:
+            state.deadline = asyncio.get_running_loop().call_later(
+                self.request_deadline, self._deadline_passed, client
+            )
+
+    def request_started(self, client: connection.Client) -> None:
+        state = self.clients.get(client.id)
+        if state is not None and state.deadline is not None:
+            state.deadline.cancel()
+            state.deadline = None
+
+    def _deadline_passed(self, client: connection.Client) -> None:
+        state = self.clients.get(client.id)
+        handler = self.connection_handlers.get(client.id)
+        if state is None or handler is None:
+            return
+        state.deadline = None
+        self._refuse_connection(
+            client,
+            state,
+            Reason.REQUEST_TIMEOUT,
+            f"no complete request within {self.request_deadline:g} s; the connection was closed",
+        )
+        handler.close_connection(handler.client)
+
+    def _refuse_connection(
+        self, client: connection.Client, state: ClientState, reason: Reason, detail: str
+    ) -> None:
+        tunnel = state.tunnel
+        request = Request(
+            kind=Kind.TLS if tunnel else Kind.CONNECT,
+            host=tunnel.host if tunnel else "-",
+            port=tunnel.port if tunnel else None,
+            client=_peer(client),
+            sandbox_id=state.sandbox_id,
+        )
+        self.emitter.emit(refuse(request, self.policy_for(state), reason, detail))
 
     def policy_for(self, state: ClientState) -> Policy:
         return (state.policy or self._policy)()
@@ -193,6 +263,11 @@ class GateAddon:
         state = self.clients.pop(client.id, None)
         if state is None:
             return
+        if state.deadline is not None:
+            state.deadline.cancel()
+        self._per_client[state.limit_key] -= 1
+        if self._per_client[state.limit_key] <= 0:
+            del self._per_client[state.limit_key]
         self._sandbox_left(state.sandbox_id)
         if state.opened is None:
             return
@@ -226,6 +301,7 @@ class GateAddon:
     # -- CONNECT -------------------------------------------------------------------------------
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
+        self.request_started(flow.client_conn)
         state = self._state(flow.client_conn)
         identified = self._identify(flow, state)
         request = Request(
@@ -243,6 +319,7 @@ class GateAddon:
         if decision.allowed:
             state.tunnel = decision
             self._opened(state, decision)
+            self._arm_deadline(flow.client_conn, state)  # now for the tunnel's first bytes
         else:
             flow.response = refusal_response(decision)
 
@@ -255,6 +332,7 @@ class GateAddon:
     # -- plain HTTP ----------------------------------------------------------------------------
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self.request_started(flow.client_conn)
         strip_egress_headers(flow.request.headers)
         state = self._state(flow.client_conn)
         identified = self._identify(flow, state)
@@ -281,6 +359,9 @@ class GateAddon:
                 # mitmproxy already chose to stream this large body and cannot answer before reading
                 # it; close the connection instead of letting the client hang (the decision stands).
                 flow.kill()
+                handler = self.connection_handlers.get(flow.client_conn.id)
+                if handler is not None:
+                    handler.close_connection(handler.client)
                 return
             flow.response = refusal_response(decision)
             return

@@ -110,6 +110,8 @@ class GateLayers(NextLayer):
             nextlayer.layer = CloseLayer(context)  # a stack we did not plan for: fail closed
             return
         nextlayer.layer = self._tunnel_layer(context, tunnel, data)
+        if nextlayer.layer is not None:
+            self.gate.request_started(context.client)
 
     def _tunnel_layer(self, context: Context, tunnel: Decision, data: bytes) -> layer.Layer | None:
         """The layer for a tunnel's first bytes, or None to wait for more of them."""

@@ -19,7 +19,14 @@ from mitmproxy import exceptions, options
 from mitmproxy.addons import errorcheck, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
-from addons.gate import Destinations, GateAddon, Observer, current_sandbox
+from addons.gate import (
+    DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+    DEFAULT_REQUEST_DEADLINE,
+    Destinations,
+    GateAddon,
+    Observer,
+    current_sandbox,
+)
 from addons.layers import GateLayers
 from proxy.emit import Emitter
 from proxy.identity import Identities
@@ -48,6 +55,8 @@ class GateConfig:
     sandbox_id: str | None = None
     stream_large_bodies: str = "256k"
     body_size_limit: str | None = None
+    max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+    request_deadline: float = DEFAULT_REQUEST_DEADLINE
 
 
 def parse_listen(spec: str) -> tuple[str, int]:
@@ -83,6 +92,8 @@ class Gate:
             observer=observer,
             identities=identities,
             sandbox_policies=sandbox_policies,
+            max_connections_per_client=config.max_connections_per_client,
+            request_deadline=config.request_deadline,
         )
         self.master: Master | None = None
         self._task: asyncio.Task[None] | None = None
@@ -96,6 +107,7 @@ class Gate:
         )
         master = Master(opts)
         self.proxyserver = proxyserver.Proxyserver()
+        self.addon.connection_handlers = self.proxyserver.connections
         master.addons.add(
             self.proxyserver,
             GateLayers(self.addon),

@@ -69,6 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
         "(mode 0600; the gate then serves each sandbox without a relay)",
     )
     serve.add_argument(
+        "--max-connections-per-client",
+        type=int,
+        default=512,
+        metavar="N",
+        help="concurrent connections one client (sandbox or address) may hold (default %(default)s)",
+    )
+    serve.add_argument(
+        "--request-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="a connection must send a complete request head, and a tunnel its first bytes, within "
+        "this time or it is closed (default %(default)s; 0 disables)",
+    )
+    serve.add_argument(
         "--sandboxes",
         metavar="FILE",
         default=None,

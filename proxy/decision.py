@@ -46,6 +46,8 @@ class Reason(StrEnum):
     DNS_TYPE_REFUSED = "dns-type-refused"
     AUDIT_UNAVAILABLE = "audit-unavailable"
     PROXY_AUTH_REQUIRED = "proxy-auth-required"
+    CONNECTION_LIMIT = "connection-limit"
+    REQUEST_TIMEOUT = "request-timeout"
     UNSUPPORTED = "unsupported"
 
 

@@ -127,7 +127,12 @@ async def _serve(args: argparse.Namespace, policy: Policy, listen: tuple[str, in
 
     resolver = Resolver(nameservers=args.nameserver)
     gate = Gate(
-        GateConfig(listen_host=listen[0], listen_port=listen[1]),
+        GateConfig(
+            listen_host=listen[0],
+            listen_port=listen[1],
+            max_connections_per_client=args.max_connections_per_client,
+            request_deadline=args.request_timeout,
+        ),
         holder,
         evidence.emitter,
         resolver,

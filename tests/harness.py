@@ -249,6 +249,7 @@ class RunningGate:
         *,
         resolver_kwargs: dict[str, Any] | None = None,
         gate_kwargs: dict[str, Any] | None = None,
+        config: dict[str, Any] | None = None,
     ) -> None:
         from proxy.loader import load_policy
 
@@ -259,6 +260,7 @@ class RunningGate:
         self.nameservers = list(nameservers)
         self.resolver_kwargs = resolver_kwargs or {}
         self.gate_kwargs = gate_kwargs or {}
+        self.config = config or {}
         self.port = 0
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -289,7 +291,7 @@ class RunningGate:
         self._stop = asyncio.Event()
         resolver = Resolver(nameservers=self.nameservers, **self.resolver_kwargs)
         self.gate = Gate(
-            GateConfig(listen_host="127.0.0.1", listen_port=0),
+            GateConfig(listen_host="127.0.0.1", listen_port=0, **self.config),
             lambda: self.policy,
             self.emitter,
             LoopbackFence(resolver),

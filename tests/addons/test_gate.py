@@ -393,3 +393,74 @@ def test_shared_gate_requires_a_sandbox_credential_and_applies_its_policy(
     assert (decision.sandbox_id, decision.reason) == ("beta", Reason.NO_MATCHING_RULE)
     assert decision.policy_version == beta_policy.version
     assert http_upstream.accepted == 1
+
+
+# -- resource limits (threat 13) --------------------------------------------------------------------
+
+
+def _limited_gate(
+    write_policy: Callable[[str], Path], fake_dns: FakeDns, port: int, **config: object
+) -> RunningGate:
+    fake_dns.set("allowed.test", "A", ["127.0.0.1"])
+    return RunningGate(_policy(write_policy, port), [fake_dns.nameserver], config=config).start()
+
+
+def _is_closed(sock: socket.socket, wait: float) -> bool:
+    sock.settimeout(wait)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_connections_per_client_are_capped_and_recorded(
+    write_policy: Callable[[str], Path], fake_dns: FakeDns, http_upstream: Upstream
+) -> None:
+    gate = _limited_gate(write_policy, fake_dns, http_upstream.port, max_connections_per_client=4)
+    try:
+        held = [socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT) for _ in range(4)]
+        extra = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
+        assert _is_closed(extra, WAIT)
+        assert not _is_closed(held[0], 0.2)
+        refused = [d for d in gate.decisions if d.reason == Reason.CONNECTION_LIMIT]
+        assert len(refused) == 1 and refused[0].decision == Verdict.DENY
+        held.pop().close()
+        for _ in range(10):  # bounded: the gate notices the close within moments
+            if (
+                curl(f"http://allowed.test:{http_upstream.port}/", gate.url, timeout=2).status
+                == 200
+            ):
+                break
+        else:
+            raise AssertionError("a freed slot was never reusable")
+        for sock in [*held, extra]:
+            sock.close()
+    finally:
+        gate.stop()
+    assert http_upstream.accepted == 1
+
+
+def test_silent_and_dribbling_connections_are_closed_at_the_deadline(
+    write_policy: Callable[[str], Path], fake_dns: FakeDns, tls_upstream: Upstream
+) -> None:
+    gate = _limited_gate(write_policy, fake_dns, tls_upstream.port, request_deadline=0.5)
+    try:
+        dribble = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
+        dribble.sendall(b"GET http://allowed.test/ HTTP/1.1\r\nX-Slow: ")
+        silent_tunnel, head = _connect(gate, f"allowed.test:{tls_upstream.port}")
+        assert head.startswith(b"HTTP/1.1 200")
+        assert _is_closed(dribble, WAIT)
+        assert _is_closed(silent_tunnel, WAIT)
+        dribble.close()
+        silent_tunnel.close()
+        timeouts = [d for d in gate.decisions if d.reason == Reason.REQUEST_TIMEOUT]
+        assert len(timeouts) == 2
+        assert {d.kind for d in timeouts} == {"connect", "tls"}
+        # A client that does its work in time is untouched by the deadline.
+        ok = curl(f"https://allowed.test:{tls_upstream.port}/", gate.url, "-k")
+        assert ok.status == 200
+    finally:
+        gate.stop()
+    assert tls_upstream.accepted == 1  # the silent tunnel never opened an upstream connection

@@ -325,9 +325,10 @@ def test_small_body_to_a_denied_host_gets_the_refusal(gate: RunningGate) -> None
 
 @pytest.mark.xfail(
     strict=True,
-    reason="finding F8: a refused request whose body exceeds stream_large_bodies (256k) crashes "
-    "mitmproxy's HTTP layer (NotImplementedError: Can't set a response and enable streaming at "
-    "the same time); the client gets neither a 403 nor a close and hangs until tcp_timeout (600 s)",
+    reason="finding F8 (partly fixed): a refused request whose body exceeds stream_large_bodies is now "
+    "killed and its connection closed through mitmproxy's handler, which ends it at once while the client "
+    "is still sending; when the whole body was queued before the gate read the head, mitmproxy keeps the "
+    "client socket open after its close and the client waits until tcp_timeout (600 s)",
 )
 def test_large_body_to_a_denied_host_is_refused_promptly(gate: RunningGate) -> None:
     reply = _post_denied(gate, 1024 * 1024, wait=2.0)
