@@ -197,8 +197,7 @@ class GateAddon:
 
     def _deadline_passed(self, client: connection.Client) -> None:
         state = self.clients.get(client.id)
-        handler = self.connection_handlers.get(client.id)
-        if state is None or handler is None:
+        if state is None or client.id not in self.connection_handlers:
             return
         state.deadline = None
         self._refuse_connection(
@@ -207,7 +206,16 @@ class GateAddon:
             Reason.REQUEST_TIMEOUT,
             f"no complete request within {self.request_deadline:g} s; the connection was closed",
         )
-        handler.close_connection(handler.client)
+        self._close_client_transport(client)
+
+    def _close_client_transport(self, client: connection.Client) -> None:
+        """Close the client's socket itself. Cancelling mitmproxy's reader task instead races with
+        the event it is processing (the cancellation can be swallowed and the socket stays open)."""
+        handler = self.connection_handlers.get(client.id)
+        io = handler.transports.get(handler.client) if handler is not None else None
+        writer = getattr(io, "writer", None)
+        if writer is not None and not writer.is_closing():
+            writer.close()
 
     def _refuse_connection(
         self, client: connection.Client, state: ClientState, reason: Reason, detail: str
@@ -359,9 +367,7 @@ class GateAddon:
                 # mitmproxy already chose to stream this large body and cannot answer before reading
                 # it; close the connection instead of letting the client hang (the decision stands).
                 flow.kill()
-                handler = self.connection_handlers.get(flow.client_conn.id)
-                if handler is not None:
-                    handler.close_connection(handler.client)
+                self._close_client_transport(flow.client_conn)
                 return
             flow.response = refusal_response(decision)
             return

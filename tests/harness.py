@@ -12,6 +12,7 @@ import datetime
 import ipaddress
 import socket
 import ssl
+import struct
 import subprocess
 import threading
 from collections.abc import Sequence
@@ -112,6 +113,7 @@ class Upstream:
         tls: ssl.SSLContext | None = None,
         host: str = "127.0.0.1",
         body_size: int = 0,
+        port: int = 0,
     ) -> None:
         self.name = name
         self.tls = tls
@@ -119,7 +121,7 @@ class Upstream:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, 0))
+        self.sock.bind((host, port))  # a fixed port (80, 22) raises PermissionError/EADDRINUSE
         self.sock.listen(128)
         self.sock.settimeout(0.2)
         self.port: int = self.sock.getsockname()[1]
@@ -127,6 +129,7 @@ class Upstream:
         self.accepted = 0
         self.bytes_received = 0
         self.requests: list[tuple[str, str, dict[str, str]]] = []  # (method, target, headers)
+        self.heads: list[bytes] = []  # raw request heads, exactly as received
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -167,6 +170,8 @@ class Upstream:
                         self.bytes_received += len(chunk)
                     buf += chunk
                 head, buf = buf.split(b"\r\n\r\n", 1)
+                with self._lock:
+                    self.heads.append(head)
                 lines = head.decode("latin-1").split("\r\n")
                 method, target, _ = [*lines[0].split(" "), "", ""][:3]
                 headers = {}
@@ -201,6 +206,7 @@ class Upstream:
             self.accepted = 0
             self.bytes_received = 0
             self.requests.clear()
+            self.heads.clear()
 
     def stop(self) -> None:
         self._stop.set()
@@ -210,6 +216,31 @@ class Upstream:
                 with contextlib.suppress(OSError):
                     c.close()
         self._thread.join(WAIT)
+
+
+def client_hello(server_hostname: str | None, extra_extension: bytes = b"") -> bytes:
+    """A real ClientHello from Python's ssl, optionally with one more extension appended."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    record = outgoing.read()
+    if not extra_extension:
+        return record
+    # record(5) | handshake type(1) len(3) | version(2) random(32) | sid | suites | compression | exts
+    body = bytearray(record[9:])
+    pos = 34
+    pos += 1 + body[pos]
+    pos += 2 + struct.unpack("!H", body[pos : pos + 2])[0]
+    pos += 1 + body[pos]
+    ext_len = struct.unpack("!H", body[pos : pos + 2])[0]
+    body[pos : pos + 2] = struct.pack("!H", ext_len + len(extra_extension))
+    body += extra_extension
+    handshake = b"\x01" + len(body).to_bytes(3, "big") + bytes(body)
+    return record[:3] + struct.pack("!H", len(handshake)) + handshake
 
 
 # -- a real gate in a background thread ----------------------------------------------------------

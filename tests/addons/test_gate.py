@@ -17,7 +17,7 @@ import pytest
 
 from proxy.decision import Decision, Reason, Verdict
 from tests.dnsfake import FakeDns
-from tests.harness import WAIT, LocalCA, RunningGate, Upstream, curl
+from tests.harness import WAIT, LocalCA, RunningGate, Upstream, client_hello, curl
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -273,35 +273,12 @@ def test_plain_bytes_in_tls_tunnel_are_refused(
     assert _last(gate, "tls").reason == Reason.NOT_TLS
 
 
-def _client_hello(server_hostname: str, extra_extension: bytes = b"") -> bytes:
-    """A real ClientHello from Python's ssl, optionally with one more extension appended."""
-    ctx = ssl.create_default_context()
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
-    with pytest.raises(ssl.SSLWantReadError):
-        obj.do_handshake()
-    record = outgoing.read()
-    if not extra_extension:
-        return record
-    # record(5) | handshake type(1) len(3) | version(2) random(32) | sid | suites | compression | exts
-    body = bytearray(record[9:])
-    pos = 34
-    pos += 1 + body[pos]
-    pos += 2 + struct.unpack("!H", body[pos : pos + 2])[0]
-    pos += 1 + body[pos]
-    ext_len = struct.unpack("!H", body[pos : pos + 2])[0]
-    body[pos : pos + 2] = struct.pack("!H", ext_len + len(extra_extension))
-    body += extra_extension
-    handshake = b"\x01" + len(body).to_bytes(3, "big") + bytes(body)
-    return record[:3] + struct.pack("!H", len(handshake)) + handshake
-
-
 def test_encrypted_client_hello_is_refused(
     gate_for: Callable[..., RunningGate], tls_upstream: Upstream
 ) -> None:
     gate = gate_for(tls_upstream.port)
     ech = struct.pack("!HH", 0xFE0D, 4) + b"\x00\x00\x01\x02"
-    hello = _client_hello("allowed.test", ech)
+    hello = client_hello("allowed.test", ech)
     sock, head = _connect(gate, f"allowed.test:{tls_upstream.port}")
     assert head.startswith(b"HTTP/1.1 200")
     sock.sendall(hello)
@@ -318,7 +295,7 @@ def test_same_hello_without_ech_is_allowed(
     gate = gate_for(tls_upstream.port)
     sock, head = _connect(gate, f"allowed.test:{tls_upstream.port}")
     assert head.startswith(b"HTTP/1.1 200")
-    sock.sendall(_client_hello("allowed.test"))
+    sock.sendall(client_hello("allowed.test"))
     sock.settimeout(WAIT)
     reply = sock.recv(5)
     sock.close()

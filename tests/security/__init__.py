@@ -11,17 +11,14 @@ from __future__ import annotations
 import contextlib
 import random
 import socket
-import ssl
-import struct
 import textwrap
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from proxy.decision import Decision
-from tests.harness import WAIT, RunningGate
+from tests.harness import WAIT, RunningGate, Upstream, client_hello
 
 __all__ = [
     "CountingListener",
@@ -166,105 +163,13 @@ def fresh_decisions(gate: RunningGate, before: int) -> list[Decision]:
     return gate.decisions[before:]
 
 
-def client_hello(server_hostname: str | None, extra_extension: bytes = b"") -> bytes:
-    """A real ClientHello from Python's ssl, optionally with one more extension appended."""
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
-    with contextlib.suppress(ssl.SSLWantReadError):
-        obj.do_handshake()
-    record = outgoing.read()
-    if not extra_extension:
-        return record
-    # record(5) | handshake type(1) len(3) | version(2) random(32) | sid | suites | compression | exts
-    body = bytearray(record[9:])
-    pos = 34
-    pos += 1 + body[pos]
-    pos += 2 + struct.unpack("!H", body[pos : pos + 2])[0]
-    pos += 1 + body[pos]
-    ext_len = struct.unpack("!H", body[pos : pos + 2])[0]
-    body[pos : pos + 2] = struct.pack("!H", ext_len + len(extra_extension))
-    body += extra_extension
-    handshake = b"\x01" + len(body).to_bytes(3, "big") + bytes(body)
-    return record[:3] + struct.pack("!H", len(handshake)) + handshake
-
-
 def random_loopback() -> str:
     """A random 127.x.y.z, so fixed-port listeners (80, 22) do not collide with parallel runs."""
     rng = random.SystemRandom()
     return f"127.{rng.randint(1, 254)}.{rng.randint(1, 254)}.{rng.randint(2, 254)}"
 
 
-@dataclass
-class CountingListener:
-    """A loopback listener on a *fixed* port (80, 22) that counts accepts and bytes.
-
-    ``tests.harness.Upstream`` binds ephemeral ports only; tunnel handling in the gate is keyed on the
-    well-known ports, so these attacks need a canary on exactly those. Speaks just enough HTTP/1.1 to
-    answer each request head with 200 naming the request line and Host it saw.
-    """
-
-    host: str
-    port: int
-    accepted: int = 0
-    bytes_received: int = 0
-    heads: list[bytes] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((self.host, self.port))  # PermissionError / EADDRINUSE: caller skips
-        self._sock.listen(64)
-        self._sock.settimeout(0.2)
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._conns: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._lock:
-                self.accepted += 1
-                self._conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        conn.settimeout(WAIT)
-        buf = b""
-        try:
-            for _ in range(100):
-                while b"\r\n\r\n" not in buf:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    with self._lock:
-                        self.bytes_received += len(chunk)
-                    buf += chunk
-                head, buf = buf.split(b"\r\n\r\n", 1)
-                with self._lock:
-                    self.heads.append(head)
-                line = head.split(b"\r\n", 1)[0]
-                body = b"canary saw: " + line + b"\n"
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        except OSError:
-            return
-        finally:
-            conn.close()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._sock.close()
-        with self._lock:
-            for conn in self._conns:
-                with contextlib.suppress(OSError):
-                    conn.close()
-        self._thread.join(WAIT)
+def CountingListener(host: str, port: int) -> Upstream:
+    """A canary on a *fixed* port (80, 22): tunnel handling in the gate is keyed on the well-known
+    ports, so these attacks need a counting upstream on exactly those."""
+    return Upstream("canary", host=host, port=port)
