@@ -300,6 +300,21 @@ async def _start_and_wait(
     return sandbox.wait(10)
 
 
+def _start_forwarding_signals(options: RunOptions, sandbox: Sandbox) -> int:
+    """Start the command and wait for it, forwarding our signals to it meanwhile."""
+    previous = {sig: signal.getsignal(sig) for sig in FORWARDED_SIGNALS}
+    try:
+        for sig in FORWARDED_SIGNALS:
+            signal.signal(sig, lambda s, _f: sandbox.send_signal(s))
+        if options.on_ready:
+            options.on_ready(sandbox)
+        sandbox.start()
+        return sandbox.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _run_joined(options: RunOptions, sandbox: Sandbox, upstream: ProxyAddress) -> tuple[int, str]:
     """A shared gate elsewhere: relay the sandbox's listeners to it from the host namespace."""
     from proxy.sandbox.bridge import Relay
@@ -308,17 +323,9 @@ def _run_joined(options: RunOptions, sandbox: Sandbox, upstream: ProxyAddress) -
     if options.dns_target is not None and "dns-tcp" in sandbox.sockets:
         relays.append(Relay(sandbox.sockets["dns-tcp"], options.dns_target).start())
         relays.append(_udp_relay(sandbox.sockets["dns-udp"], options.dns_target))
-    previous = {sig: signal.getsignal(sig) for sig in FORWARDED_SIGNALS}
     try:
-        for sig in FORWARDED_SIGNALS:
-            signal.signal(sig, lambda s, _f: sandbox.send_signal(s))
-        if options.on_ready:
-            options.on_ready(sandbox)
-        sandbox.start()
-        code = sandbox.wait()
+        code = _start_forwarding_signals(options, sandbox)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         for relay in relays:
             relay.close()
     stats = relays[0].stats
@@ -345,17 +352,9 @@ def _run_handed_off(options: RunOptions, sandbox: Sandbox, path: str) -> tuple[i
         _err(f"{exc}; the command was not run")
         return EXIT_SETUP_FAILED, ""
     sandbox.close_sockets()  # the gate holds its own copies now
-    previous = {sig: signal.getsignal(sig) for sig in FORWARDED_SIGNALS}
     try:
-        for sig in FORWARDED_SIGNALS:
-            signal.signal(sig, lambda s, _f: sandbox.send_signal(s))
-        if options.on_ready:
-            options.on_ready(sandbox)
-        sandbox.start()
-        code = sandbox.wait()
+        code = _start_forwarding_signals(options, sandbox)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         conn.close()  # the gate closes this sandbox's listeners
     summary = (
         f"egress: sandbox {options.sandbox_id}: served by the gate at {path} "
