@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import ssl
 import statistics
@@ -36,15 +35,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench._serve import egress_command, start_serve, stop_serve
+
 ROUNDS = 5
 SIZE_MB = 128
 LATENCY_RUNS = 10
 TARGET_RATIO = 0.9
 TARGET_ADDED_MS = 250.0
-
-
-def _egress() -> list[str]:
-    return [sys.executable, "-m", "proxy.cli"]
 
 
 class _BulkUpstream:
@@ -112,25 +109,6 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
 
 
-def _start_serve(policy: Path) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen(
-        [*_egress(), "serve", "--policy", str(policy), "--listen", "127.0.0.1:0", "--no-metrics",
-         "--decision-log", os.devnull],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=_env(),
-    )  # fmt: skip
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if "gate ready" in line:
-            threading.Thread(target=proc.stderr.read, daemon=True).start()
-            return proc, int(line.split("listen=", 1)[1].split()[0].rsplit(":", 1)[1])
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError("egress serve did not start")
-
-
 GATE_WITH_HANDOFF = r"""
 import asyncio, sys
 from addons.master import Gate, GateConfig
@@ -187,23 +165,25 @@ def main(*_: Any) -> int:
             "version: 1\nallow_internal: [127.0.0.0/8]\nrules:\n"
             f"  - name: bench\n    cidrs: [127.0.0.1/32]\n    ports: [{upstream.port}]\n"
         )
-        serve, gate_port = _start_serve(policy)
+        serve, gate_port = start_serve(
+            policy, "--no-metrics", "--decision-log", os.devnull, env=_env()
+        )
         gate = f"http://127.0.0.1:{gate_port}"
         handoff_sock = root / "gate.sock"
         handoff, handoff_port = _start_handoff_gate(policy, handoff_sock)
         curl = _curl(upstream.port)
-        run = [*_egress(), "run", "--quiet", "--policy", str(policy)]
+        run = [*egress_command(), "run", "--quiet", "--policy", str(policy)]
         # Inside, NO_PROXY lists 127.0.0.1 (the sandbox's own loopback): name the proxy explicitly.
         inside = [*curl[:1], "--noproxy", "", "--proxy", "http://127.0.0.1:3128", *curl[1:]]
         configs = {
             "serve, host curl": [*curl[:1], "--proxy", gate, *curl[1:]],
-            "run --proxy": [*_egress(), "run", "--quiet", "--proxy", gate, "--", *inside],
+            "run --proxy": [*egress_command(), "run", "--quiet", "--proxy", gate, "--", *inside],
             "run --no-isolation": [*run, "--no-isolation", "--", *curl[:1], "--noproxy", "",
                                    *curl[1:]],
             "run": [*run, "--", *inside],
             "handoff gate, host curl": [*curl[:1], "--proxy", f"http://127.0.0.1:{handoff_port}",
                                         *curl[1:]],
-            "run --gate-socket": [*_egress(), "run", "--quiet", "--gate-socket", str(handoff_sock),
+            "run --gate-socket": [*egress_command(), "run", "--quiet", "--gate-socket", str(handoff_sock),
                                   "--", *inside],
         }  # fmt: skip
         rates: dict[str, list[float]] = {name: [] for name in configs}
@@ -212,19 +192,15 @@ def main(*_: Any) -> int:
                 for name, argv in configs.items():
                     rates[name].append(_mb_per_s(_run(argv)))
             direct = [_timed(["true"]) for _ in range(LATENCY_RUNS)]
-            joined = [_timed([*_egress(), "run", "--quiet", "--proxy", gate, "--", "true"])
+            joined = [_timed([*egress_command(), "run", "--quiet", "--proxy", gate, "--", "true"])
                       for _ in range(LATENCY_RUNS)]  # fmt: skip
             private = [_timed([*run, "--", "true"]) for _ in range(3)]
-            handed = [_timed([*_egress(), "run", "--quiet", "--gate-socket", str(handoff_sock),
+            handed = [_timed([*egress_command(), "run", "--quiet", "--gate-socket", str(handoff_sock),
                               "--", "true"]) for _ in range(LATENCY_RUNS)]  # fmt: skip
         finally:
             handoff.kill()
             handoff.wait(10)
-            serve.send_signal(signal.SIGTERM)
-            try:
-                serve.wait(15)
-            except subprocess.TimeoutExpired:
-                serve.kill()
+            stop_serve(serve)
             upstream.stop()
 
     med = {name: statistics.median(values) for name, values in rates.items()}

@@ -13,24 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import signal
 import ssl
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from bench._serve import clean_env, start_serve, stop_serve
+
 ROUNDS = 3
 SECONDS_PER_ROUND = 4.0
 CONCURRENCY = 16
-
-
-def _egress() -> str:
-    return shutil.which("egress", path=str(Path(sys.executable).parent)) or "egress"
 
 
 async def _upstream(ctx: ssl.SSLContext) -> tuple[asyncio.Server, int]:
@@ -80,41 +75,6 @@ async def _load(proxy_port: int, target_port: int, seconds: float) -> tuple[int,
     return ok, failed
 
 
-def _start_gate(
-    policy: Path, extra: list[str], env: dict[str, str]
-) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen(
-        [_egress(), "serve", "--policy", str(policy), "--listen", "127.0.0.1:0", *extra],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if "gate ready" in line:
-            # Drain stderr in the background so the gate never blocks on a full pipe.
-            import threading
-
-            threading.Thread(target=proc.stderr.read, daemon=True).start()
-            return proc, int(line.split("listen=", 1)[1].split()[0].rsplit(":", 1)[1])
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError("egress serve did not start")
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-
-
 async def _run() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from tests.harness import LocalCA
@@ -131,7 +91,7 @@ async def _run() -> int:
         )
         receiver = GrpcReceiver()
         receiver.start()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        env = clean_env()
         configs: dict[str, list[str]] = {
             "telemetry off": ["--no-metrics", "--decision-log", os.devnull],
             "telemetry on": [
@@ -152,7 +112,7 @@ async def _run() -> int:
         try:
             for _ in range(ROUNDS):
                 for name, extra in configs.items():
-                    proc, proxy_port = _start_gate(policy, extra, env)
+                    proc, proxy_port = start_serve(policy, *extra, env=env)
                     try:
                         await _load(proxy_port, port, 0.5)  # warm-up
                         started = time.perf_counter()
@@ -160,7 +120,7 @@ async def _run() -> int:
                         rates[name].append(ok / (time.perf_counter() - started))
                         failures[name] += failed
                     finally:
-                        _stop(proc)
+                        stop_serve(proc)
         finally:
             receiver.stop()
             server.close()

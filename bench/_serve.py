@@ -1,0 +1,61 @@
+"""Starting and stopping a real ``egress serve`` process for the benchmarks (not a benchmark itself:
+the leading underscore keeps ``python -m bench`` from running it)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+
+def egress_command() -> list[str]:
+    return [sys.executable, "-m", "proxy.cli"]
+
+
+def clean_env() -> dict[str, str]:
+    """The benchmark's own environment minus proxy and OTel settings that would change what runs."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if "proxy" not in k.lower() and not k.startswith("OTEL_")
+    }
+
+
+def start_serve(
+    policy: Path, *extra: str, env: Mapping[str, str] | None = None
+) -> tuple[subprocess.Popen[str], int]:
+    """``egress serve`` on an ephemeral loopback port; returns the process and the proxy port."""
+    proc = subprocess.Popen(
+        [*egress_command(), "serve", "--policy", str(policy), "--listen", "127.0.0.1:0", *extra],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=dict(env) if env is not None else clean_env(),
+    )
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if "gate ready" in line:
+            # Drain stderr in the background so the gate never blocks on a full pipe.
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
+            return proc, int(line.split("listen=", 1)[1].split()[0].rsplit(":", 1)[1])
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    proc.wait(5)
+    raise RuntimeError("egress serve did not start")
+
+
+def stop_serve(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
