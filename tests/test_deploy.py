@@ -78,6 +78,21 @@ def test_compose_sandbox_points_at_the_gate_for_proxy_and_dns(compose: dict[str,
     assert compose["services"]["sandbox"]["dns"] == [gate_ip]
 
 
+def test_compose_metrics_are_not_reachable_from_the_sandbox_network(
+    compose: dict[str, Any],
+) -> None:
+    """Compose cannot filter ports inside a network: /metrics must be bound to the gate's address on
+    `outside`, never to 0.0.0.0 or an address on the sandbox network."""
+    gate = compose["services"]["gate"]
+    args = serve_args(gate["command"])
+    host = args.metrics.rsplit(":", 1)[0]
+    assert host == gate["networks"]["outside"]["ipv4_address"]
+    outside = compose["networks"]["outside"]["ipam"]["config"][0]["subnet"]
+    sandbox = compose["networks"]["sandbox"]["ipam"]["config"][0]["subnet"]
+    assert ipaddress.ip_address(host) in ipaddress.ip_network(outside)
+    assert ipaddress.ip_address(host) not in ipaddress.ip_network(sandbox)
+
+
 # -- kubernetes ----------------------------------------------------------------------------------
 
 
