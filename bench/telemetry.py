@@ -10,7 +10,8 @@ The number that matters for issue 5 is new tunnels/s through the real proxy with
 that bench runs through mitmproxy and lives elsewhere. This one isolates the per-decision cost of the
 evidence sinks, so the printed overhead in microseconds can be compared with the proxy's per-tunnel cost
 (roughly 1-2 ms on these machines): an overhead of 100 us per decision is a 0.9x-1.0x ratio there.
-It also checks that every decision reached the collector exactly once.
+It also checks that every decision reached the collector exactly once, and reports the export process's
+own CPU per decision (read from /proc): that is the CPU the host spends on OTLP besides the gate.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from proxy.decision import Decision, Kind, Reason, Verdict
 from proxy.emit import Emitter, JsonLineSink
-from proxy.evidence import add_evidence_arguments, build_emitter
+from proxy.evidence import Evidence, add_evidence_arguments, build_emitter
 
 DECISIONS = 20_000
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +52,21 @@ def _rate(emitter: Emitter, decisions: list[Decision]) -> float:
     for d in decisions:
         emitter.emit(d)
     return len(decisions) / (time.perf_counter() - started)
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User+system CPU of a running process, from /proc (Linux); None elsewhere or once it exited."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _export_pid(evidence: Evidence) -> int | None:
+    process = evidence.otel.process if evidence.otel is not None else None
+    proc = process._proc if process is not None else None
+    return proc.pid if proc is not None else None
 
 
 def main() -> int:
@@ -80,11 +96,16 @@ def main() -> int:
             evidence = build_emitter(args, [JsonLineSink(stream=devnull)], env={})
             evidence.start()
             try:
+                pid = _export_pid(evidence)
+                cpu_before = _cpu_seconds(pid) if pid is not None else None
                 on_rate = _rate(evidence.emitter, decisions)
                 drain_started = time.perf_counter()
                 assert evidence.otel is not None
                 drained = evidence.otel.flush(60)
                 drain = time.perf_counter() - drain_started
+                cpu_after = _cpu_seconds(pid) if pid is not None else None
+                if _export_pid(evidence) != pid:  # restarted meanwhile: the numbers mean nothing
+                    cpu_before = cpu_after = None
             finally:
                 evidence.close()
         receiver.stdin.close()
@@ -109,6 +130,9 @@ def main() -> int:
     print(
         f"OTLP backlog drained after the run in {drain:.2f} s; receiver got {received} of {DECISIONS}"
     )
+    if cpu_before is not None and cpu_after is not None:
+        export_us = (cpu_after - cpu_before) / DECISIONS * 1e6
+        print(f"export process CPU per decision (journal -> OTLP/HTTP):  {export_us:10.1f} us")
     if not drained or received != DECISIONS:
         print("FAIL: not every decision reached the collector exactly once", file=sys.stderr)
         return 1

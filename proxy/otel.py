@@ -232,9 +232,8 @@ class LogEncoder:
         self.scope = InstrumentationScope(SCOPE_NAME, version)
         self._resource_pb = _encode_resource(self.resource)
         self._scope_pb = _encode_instrumentation_scope(self.scope)
-        limits = (
-            LogRecordLimits()
-        )  # OTEL_LOGRECORD_ATTRIBUTE_{COUNT,VALUE_LENGTH}_LIMIT, as the SDK
+        # OTEL_LOGRECORD_ATTRIBUTE_{COUNT,VALUE_LENGTH}_LIMIT and their fallbacks, read as the SDK does
+        limits = LogRecordLimits()
         self.max_attributes: int | None = limits.max_log_record_attributes
         self.max_length: int | None = limits.max_log_record_attribute_length
 
@@ -975,10 +974,11 @@ class OtelSink:
 
     With a journal, the export runs in a separate process (``python -m proxy.otel``) that follows the
     journal file: the gate's own cost per decision is then just the journal write, and the exporter's
-    CPU (the SDK's protobuf encoding costs tens of microseconds per event) does not compete with the
-    proxy for the GIL. Anything the journal failed to write is emitted in-process, so a full disk does
-    not also silence the telemetry. Without a journal everything is exported in-process from a bounded
-    memory queue.
+    CPU (about 20 us per event: JSON parsing, scrubbing, protobuf encoding, sending) does not compete
+    with the proxy for the GIL. Anything the journal failed to write is exported in-process, so a full
+    disk does not also silence the telemetry. Without a journal everything is exported in-process from
+    a bounded memory queue; the gate's event loop then pays only for queueing a dict, the encoding
+    runs on the export thread.
     """
 
     def __init__(
@@ -1128,7 +1128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _ns(ts: object) -> int:
-    seconds = float(ts) if isinstance(ts, int | float) else time.time()
+    seconds = float(ts) if isinstance(ts, (int, float)) else time.time()
     return int(seconds * 1e9)
 
 

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from opentelemetry._logs import SeverityNumber
+from opentelemetry.exporter.otlp.proto.common._log_encoder import encode_logs
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
+    ExportLogsServiceRequest,
+    ExportLogsServiceResponse,
+)
+from opentelemetry.sdk._logs import LoggerProvider
+from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
 
 from proxy.decision import Decision, Kind, Reason, Verdict
 from proxy.emit import Emitter
@@ -16,8 +28,11 @@ from proxy.journal import Journal
 from proxy.metrics import Metrics
 from proxy.otel import (
     CLOSED_EVENT,
+    LogEncoder,
     OtelSink,
     decision_attributes,
+    event_attributes,
+    make_resource,
     resolve_endpoint,
     scrub_host,
     scrub_text,
@@ -375,3 +390,175 @@ def test_the_export_process_is_gone_after_close(receiver: Receiver, tmp_path: Pa
     sink.close()
     journal.close()
     assert proc.poll() is not None
+
+
+# -- the direct OTLP encoding ------------------------------------------------------------------------
+
+
+def _sdk_request(records: list[dict[str, object]], version: str) -> ExportLogsServiceRequest:
+    """What the SDK's logs API plus ``encode_logs`` send for these records (the pre-LogEncoder path)."""
+    exporter = InMemoryLogRecordExporter()  # type: ignore[no-untyped-call]
+    provider = LoggerProvider(resource=make_resource(version), shutdown_on_exit=False)
+    provider.add_log_record_processor(SimpleLogRecordProcessor(exporter))
+    logger = provider.get_logger("agent-egress", version)
+    for rec in records:
+        if rec.get("event", "egress.decision") == "egress.decision":
+            attrs = decision_attributes(rec)
+            allowed = str(rec.get("decision")) == "allow"
+            logger.emit(
+                timestamp=int(float(rec["ts"]) * 1e9),  # type: ignore[arg-type]
+                severity_number=SeverityNumber.INFO if allowed else SeverityNumber.WARN,
+                severity_text="INFO" if allowed else "WARN",
+                body=(
+                    f"{attrs.get('egress.decision', '?')} {attrs.get('egress.kind', '?')} "
+                    f"{attrs.get('server.address', '?')}:{attrs.get('server.port', '-')} "
+                    f"({attrs.get('egress.reason', '?')})"
+                ),
+                attributes=attrs,
+                event_name="egress.decision",
+            )
+        else:
+            logger.emit(
+                timestamp=int(float(rec["ts"]) * 1e9),  # type: ignore[arg-type]
+                severity_number=SeverityNumber.INFO,
+                severity_text="INFO",
+                attributes=event_attributes(rec),
+                event_name=scrub_text(str(rec["event"]), 64),
+            )
+    request = encode_logs(exporter.get_finished_logs())
+    provider.shutdown()
+    return request
+
+
+def _without_observed_time(request: ExportLogsServiceRequest) -> bytes:
+    for rl in request.resource_logs:
+        for sl in rl.scope_logs:
+            for rec in sl.log_records:
+                assert rec.observed_time_unix_nano > 0
+                rec.observed_time_unix_nano = 0
+    return bytes(request.SerializeToString(deterministic=True))
+
+
+ENCODING_CASES: list[dict[str, object]] = [
+    {"event": "egress.decision", **allow().to_dict(), "seq": 1, "prev": "0" * 64, "hash": "a" * 64},
+    {"event": "egress.decision", **deny_http().to_dict(), "seq": 2},
+    dns_query().to_dict(),  # in-process: no event key, no seq, enum values
+    allow().with_(kind=Kind.TLS, sni="h0.pypi.org\r\n").to_dict(),
+    {"ts": 1.5, "event": CLOSED_EVENT, "seq": 5, "egress.bytes.in": 4096, "egress.ok": True,
+     "egress.connection.duration": 0.25, "server.address": "u:pw@h.example", "": "empty key",
+     "long": "x" * 300, "k\x00": "v\x01"},
+    {"ts": 2.5, "event": "odd\nname", **{f"a{i}": i for i in range(200)}},  # past the count limit
+    {"ts": 3.5, "event": CLOSED_EVENT, "too.big": 2**70, "fine": 1},  # an int64 overflow
+]  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:Log record attributes were dropped")
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"OTEL_LOGRECORD_ATTRIBUTE_VALUE_LENGTH_LIMIT": "10", "OTEL_RESOURCE_ATTRIBUTES": "a=b"},
+        {"OTEL_LOGRECORD_ATTRIBUTE_COUNT_LIMIT": "5"},
+        {"OTEL_ATTRIBUTE_COUNT_LIMIT": "0"},
+    ],
+    ids=["defaults", "length-limit", "count-limit", "no-attributes"],
+)
+def test_direct_encoding_sends_what_the_sdk_logs_api_would(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    records = [json.loads(json.dumps(r, default=str)) for r in ENCODING_CASES[:2]]
+    records += ENCODING_CASES[2:]
+    encoded = LogEncoder("9.9.9").encode(records)
+    assert (encoded.records, encoded.failed) == (len(records), 0)
+    expected = _sdk_request(records, "9.9.9")
+    assert _without_observed_time(encoded.request) == _without_observed_time(expected)
+
+
+def test_a_record_that_cannot_be_encoded_is_dropped_and_counted(receiver: Receiver) -> None:
+    """A negative timestamp does not fit OTLP's unsigned field: that record is counted as an encode
+    drop, and the rest of its batch is still delivered (not retried forever)."""
+    encoded = LogEncoder("1").encode([allow(1).to_dict(), allow(2).with_(ts=-5.0).to_dict()])
+    assert (encoded.records, encoded.failed) == (1, 1)
+    metrics = Metrics()
+    sink = make_sink(receiver, metrics)
+    good = [allow(i) for i in range(3)]
+    try:
+        sink.record(good[0])
+        sink.record(allow(99).with_(ts=-5.0))
+        for d in good[1:]:
+            sink.record(d)
+        assert sink.flush(15)
+        got = receiver.records
+    finally:
+        sink.close()
+    assert [r.attributes["egress.decision.id"] for r in got] == [d.id for d in good]
+    assert metrics.otlp_dropped.labels(reason="encode")._value.get() == 1
+    assert metrics.otlp_exported._value.get() == 3
+    assert metrics.otlp_export_failures._value.get() == 0
+
+
+class _CapturingHandler(BaseHTTPRequestHandler):
+    seen: list[tuple[dict[str, str], bytes]]
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.seen.append(({k.lower(): v for k, v in self.headers.items()}, body))
+        reply = ExportLogsServiceResponse().SerializeToString()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("with_journal", [False, True], ids=["memory", "journal"])
+def test_standard_exporter_variables_still_apply(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_journal: bool
+) -> None:
+    """Headers and compression come from OTEL_EXPORTER_OTLP_LOGS_* through the SDK's own transport,
+    in the gate process and in the export process alike."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_LOGS_HEADERS", "x-tenant=sandbox-fleet")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_LOGS_COMPRESSION", "gzip")
+    handler: type[_CapturingHandler] = type("Handler", (_CapturingHandler,), {"seen": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    metrics = Metrics()
+    journal = Journal(tmp_path / "audit.jsonl", metrics=metrics) if with_journal else None
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}/v1/logs"
+        sink = OtelSink(
+            (endpoint, "http"), timeout=1.0, version="1", metrics=metrics, journal=journal
+        )
+        emitter = Emitter(sinks=[sink], write_ahead=[journal] if journal else [])
+        d = emitter.emit(allow())
+        try:
+            assert sink.flush(15)
+        finally:
+            sink.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+        if journal is not None:
+            journal.close()
+    ((headers, body),) = handler.seen
+    assert headers["x-tenant"] == "sandbox-fleet"
+    assert headers["content-encoding"] == "gzip"
+    request = ExportLogsServiceRequest.FromString(gzip.decompress(body))
+    (rec,) = request.resource_logs[0].scope_logs[0].log_records
+    assert {kv.key: kv.value.string_value for kv in rec.attributes}["egress.decision.id"] == d.id
+    assert request.resource_logs[0].scope_logs[0].scope.name == "agent-egress"
+
+
+def test_otel_sdk_disabled_turns_export_off() -> None:
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_SDK_DISABLED": "true"}
+    assert resolve_endpoint(None, None, env=env) is None
+    assert resolve_endpoint("http://d:4318", "http", env=env) is None
+    env["OTEL_SDK_DISABLED"] = "false"
+    assert resolve_endpoint(None, None, env=env) == ("http://c:4317", "grpc")
