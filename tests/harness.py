@@ -100,6 +100,44 @@ class LocalCA:
 # -- counting upstream -------------------------------------------------------------------------
 
 
+class Canary:
+    """A TCP listener that only counts accepted connections (and closes them): any connection here
+    is a leak. ``port=0`` picks an ephemeral port."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.sock.bind((host, port))
+        except OSError:
+            self.sock.close()
+            raise
+        self.sock.listen(16)
+        self.sock.settimeout(0.1)
+        self.port: int = self.sock.getsockname()[1]
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(WAIT)
+        self.sock.close()
+
+
 class Upstream:
     """A loopback HTTP/1.1 server (optionally TLS) that counts accepted connections and bytes.
 

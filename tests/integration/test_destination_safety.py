@@ -12,7 +12,6 @@ import contextlib
 import os
 import socket
 import subprocess
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,47 +20,11 @@ import pytest
 
 from proxy.decision import Decision, Reason, Verdict
 from tests.dnsfake import FakeDns
-from tests.harness import WAIT, LocalCA, RunningGate, Upstream, curl
+from tests.harness import WAIT, Canary, LocalCA, RunningGate, Upstream, curl
 
 pytestmark = pytest.mark.timeout(90)
 
 NAME = "allowed.test"  # in the test CA's certificate, so TLS through the tunnel verifies
-
-
-class Canary:
-    """A TCP listener that only counts: any connection here is a leak."""
-
-    def __init__(self, host: str, port: int) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self.sock.bind((host, port))
-        except OSError:
-            self.sock.close()
-            raise
-        self.sock.listen(16)
-        self.sock.settimeout(0.1)
-        self.accepted = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted += 1
-            conn.close()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(WAIT)
-        self.sock.close()
 
 
 @dataclass

@@ -16,40 +16,14 @@ from dataclasses import dataclass, field
 import pytest
 
 from proxy.sandbox.namespace import Listener, Sandbox, SandboxSpec
+from tests.harness import Canary
 
 WAIT = 10.0
 
 
-class CountingTcp:
-    """A TCP listener on the host's 127.0.0.1 that counts accepted connections."""
-
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.bind((host, 0))
-        self.sock.listen(16)
-        self.sock.settimeout(0.2)
-        self.port: int = self.sock.getsockname()[1]
-        self.accepted = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted += 1
-            conn.close()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(WAIT)
-        self.sock.close()
+def CountingTcp(host: str = "127.0.0.1") -> Canary:
+    """A TCP listener on the host side that counts accepted connections."""
+    return Canary(host)
 
 
 class CountingUdp:
