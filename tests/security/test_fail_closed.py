@@ -47,13 +47,6 @@ def dns() -> Iterator[FakeDns]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def plain() -> Iterator[Upstream]:
-    server = Upstream("plain")
-    yield server
-    server.stop()
-
-
 @pytest.fixture(autouse=True)
 def _reset(dns: FakeDns, plain: Upstream) -> None:
     dns.reset_queries()

@@ -19,7 +19,7 @@ import pytest
 
 from proxy.decision import Reason, Verdict
 from tests.dnsfake import FakeDns
-from tests.harness import LocalCA, RunningGate, Upstream
+from tests.harness import RunningGate, Upstream
 from tests.security import (
     CountingListener,
     client_hello,
@@ -43,21 +43,7 @@ def dns() -> Iterator[FakeDns]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def plain() -> Iterator[Upstream]:
-    server = Upstream("plain")
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def tls(test_ca: LocalCA) -> Iterator[Upstream]:
-    server = Upstream("tls", tls=test_ca.server_context())
-    yield server
-    server.stop()
-
-
-def _listener(port: int) -> Iterator[CountingListener]:
+def _listener(port: int) -> Iterator[Upstream]:
     try:
         listener = CountingListener(WEB_IP, port)
     except OSError as exc:
@@ -67,12 +53,12 @@ def _listener(port: int) -> Iterator[CountingListener]:
 
 
 @pytest.fixture(scope="module")
-def web80() -> Iterator[CountingListener]:
+def web80() -> Iterator[Upstream]:
     yield from _listener(80)
 
 
 @pytest.fixture(scope="module")
-def ssh22() -> Iterator[CountingListener]:
+def ssh22() -> Iterator[Upstream]:
     yield from _listener(22)
 
 
@@ -106,7 +92,7 @@ def _reset(dns: FakeDns, plain: Upstream, tls: Upstream) -> None:
     tls.reset()
 
 
-def _reset_listener(listener: CountingListener) -> CountingListener:
+def _reset_listener(listener: Upstream) -> Upstream:
     listener.accepted = 0
     listener.bytes_received = 0
     listener.heads.clear()
@@ -257,7 +243,7 @@ def test_https_scheme_in_absolute_form_is_not_proxied_as_plain_http(
 
 
 def test_port80_tunnel_checks_every_request_host(
-    gate: RunningGate, dns: FakeDns, web80: CountingListener
+    gate: RunningGate, dns: FakeDns, web80: Upstream
 ) -> None:
     listener = _reset_listener(web80)
     before = len(gate.decisions)
@@ -278,7 +264,7 @@ def test_port80_tunnel_checks_every_request_host(
     ]
 
 
-def test_port80_tunnel_refuses_a_nested_connect(gate: RunningGate, web80: CountingListener) -> None:
+def test_port80_tunnel_refuses_a_nested_connect(gate: RunningGate, web80: Upstream) -> None:
     listener = _reset_listener(web80)
     reply = exchange(gate, _connect("web.test", 80), _connect("evil.test", 443))
     assert reply.status in (400, 403)
@@ -286,7 +272,7 @@ def test_port80_tunnel_refuses_a_nested_connect(gate: RunningGate, web80: Counti
 
 
 def test_port80_tunnel_refuses_absolute_form_naming_another_host(
-    gate: RunningGate, web80: CountingListener
+    gate: RunningGate, web80: Upstream
 ) -> None:
     listener = _reset_listener(web80)
     before = len(gate.decisions)
@@ -345,9 +331,7 @@ def test_incomplete_client_hello_is_never_relayed(gate: RunningGate, tls: Upstre
     [client_hello("web.test"), b"GET / HTTP/1.1\r\nHost: web.test\r\n\r\n", b"\x00" * 8],
     ids=["tls", "http", "zeros"],
 )
-def test_port22_tunnel_must_carry_ssh(
-    gate: RunningGate, ssh22: CountingListener, payload: bytes
-) -> None:
+def test_port22_tunnel_must_carry_ssh(gate: RunningGate, ssh22: Upstream, payload: bytes) -> None:
     listener = _reset_listener(ssh22)
     before = len(gate.decisions)
     reply = exchange(gate, _connect("web.test", 22), payload)
@@ -357,9 +341,7 @@ def test_port22_tunnel_must_carry_ssh(
     assert (last.kind, last.reason) == ("tls", Reason.NOT_TLS)
 
 
-def test_port22_tunnel_with_ssh_banner_is_relayed(
-    gate: RunningGate, ssh22: CountingListener
-) -> None:
+def test_port22_tunnel_with_ssh_banner_is_relayed(gate: RunningGate, ssh22: Upstream) -> None:
     """Control for the port-22 table: an SSH identification string goes through untouched."""
     listener = _reset_listener(ssh22)
     exchange(gate, _connect("web.test", 22), b"SSH-2.0-OpenSSH_9.6\r\n", idle=0.3)
@@ -421,7 +403,7 @@ def test_client_sent_egress_headers_never_reach_the_upstream(
 
 
 def test_client_sent_egress_headers_are_stripped_inside_port80_tunnels(
-    gate: RunningGate, web80: CountingListener
+    gate: RunningGate, web80: Upstream
 ) -> None:
     listener = _reset_listener(web80)
     exchange(
@@ -458,7 +440,7 @@ def test_proxy_credentials_are_not_forwarded_upstream(gate: RunningGate, plain: 
 
 
 def test_proxy_credentials_are_not_forwarded_inside_port80_tunnels(
-    gate: RunningGate, web80: CountingListener
+    gate: RunningGate, web80: Upstream
 ) -> None:
     listener = _reset_listener(web80)
     exchange(

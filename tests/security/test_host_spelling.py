@@ -15,7 +15,7 @@ import pytest
 
 from proxy.decision import Reason, Verdict
 from tests.dnsfake import FakeDns
-from tests.harness import LocalCA, RunningGate, Upstream
+from tests.harness import RunningGate, Upstream
 from tests.security import client_hello, exchange, fresh_decisions, start_gate_with
 
 pytestmark = pytest.mark.timeout(60)
@@ -30,20 +30,6 @@ def dns() -> Iterator[FakeDns]:
         for name in ("allowed.test", "evil.test", "allowed.test.evil.test", "evilallowed.test"):
             server.set(name, "A", ["127.0.0.1"])
         yield server
-
-
-@pytest.fixture(scope="module")
-def plain() -> Iterator[Upstream]:
-    server = Upstream("plain")
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def tls(test_ca: LocalCA) -> Iterator[Upstream]:
-    server = Upstream("tls", tls=test_ca.server_context())
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -38,13 +38,6 @@ def dns() -> Iterator[FakeDns]:
 
 
 @pytest.fixture(scope="module")
-def plain() -> Iterator[Upstream]:
-    server = Upstream("plain")
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def gate(
     tmp_path_factory: pytest.TempPathFactory, dns: FakeDns, plain: Upstream
 ) -> Iterator[RunningGate]:
@@ -178,7 +171,7 @@ def test_narrow_sandbox_gets_its_own_policy_not_the_default(
 
 
 @pytest.fixture(scope="module")
-def web80() -> Iterator[CountingListener]:
+def web80() -> Iterator[Upstream]:
     try:
         listener = CountingListener(WEB_IP, 80)
     except OSError as exc:
@@ -196,7 +189,7 @@ def _port80_tunnel(gate: RunningGate, inner: bytes) -> list[int]:
 
 
 def test_other_sandboxs_credential_inside_a_port80_tunnel_is_refused(
-    gate: RunningGate, web80: CountingListener
+    gate: RunningGate, web80: Upstream
 ) -> None:
     web80.heads.clear()
     inner = (
@@ -209,7 +202,7 @@ def test_other_sandboxs_credential_inside_a_port80_tunnel_is_refused(
 
 
 def test_requests_inside_an_authenticated_port80_tunnel_are_served(
-    gate: RunningGate, web80: CountingListener
+    gate: RunningGate, web80: Upstream
 ) -> None:
     web80.heads.clear()
     statuses = _port80_tunnel(gate, b"GET / HTTP/1.1\r\nHost: web.test\r\n\r\n")

@@ -17,7 +17,7 @@ import pytest
 
 from proxy.emit import JsonLineSink
 from tests.dnsfake import FakeDns
-from tests.harness import LocalCA, RunningGate, Upstream
+from tests.harness import RunningGate, Upstream
 from tests.security import client_hello, exchange, fresh_decisions, parse_responses, start_gate_with
 
 pytestmark = pytest.mark.timeout(60)
@@ -30,13 +30,6 @@ def dns() -> Iterator[FakeDns]:
     with FakeDns() as server:
         server.set("allowed.test", "A", ["127.0.0.1"])
         yield server
-
-
-@pytest.fixture(scope="module")
-def tls(test_ca: LocalCA) -> Iterator[Upstream]:
-    server = Upstream("tls", tls=test_ca.server_context())
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

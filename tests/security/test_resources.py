@@ -16,7 +16,7 @@ import pytest
 from proxy.decision import Reason, Verdict
 from proxy.loader import load_policy
 from tests.dnsfake import FakeDns
-from tests.harness import WAIT, LocalCA, RunningGate, Upstream
+from tests.harness import WAIT, RunningGate, Upstream
 from tests.security import client_hello, exchange, fresh_decisions, start_gate_with
 
 pytestmark = pytest.mark.timeout(60)
@@ -28,20 +28,6 @@ def dns() -> Iterator[FakeDns]:
         for name in ("allowed.test", "evil.test", "localhost", "gate.test"):
             server.set(name, "A", ["127.0.0.1"])
         yield server
-
-
-@pytest.fixture(scope="module")
-def plain() -> Iterator[Upstream]:
-    server = Upstream("plain")
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def tls(test_ca: LocalCA) -> Iterator[Upstream]:
-    server = Upstream("tls", tls=test_ca.server_context())
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
