@@ -57,7 +57,7 @@ class CountingUdp:
 
 
 @pytest.fixture
-def host_tcp() -> Iterator[CountingTcp]:
+def host_tcp() -> Iterator[Canary]:
     server = CountingTcp()
     yield server
     server.stop()

@@ -26,6 +26,7 @@ from proxy.sandbox.namespace import (
     own_netns_inode,
     socket_netns_inode,
 )
+from tests.harness import Canary
 from tests.proxy.sandbox.conftest import (
     LISTENERS,
     WAIT,
@@ -78,7 +79,7 @@ print(json.dumps({"got": got, "ifaces": [n for _, n in socket.if_nameindex()],
     assert "nameserver" not in str(result.data["resolv"]).replace("nameserver 127.0.0.1", "")
 
 
-def test_host_loopback_tcp_is_unreachable(host_tcp: CountingTcp) -> None:
+def test_host_loopback_tcp_is_unreachable(host_tcp: Canary) -> None:
     result = probe(
         f"""
 import json, socket
@@ -97,7 +98,7 @@ print(json.dumps(out))
     assert host_tcp.accepted == 0
 
 
-def test_curl_noproxy_to_host_loopback_fails(host_tcp: CountingTcp) -> None:
+def test_curl_noproxy_to_host_loopback_fails(host_tcp: Canary) -> None:
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
     result = run_in_sandbox(
@@ -180,7 +181,7 @@ print(json.dumps({k: status[k].strip() for k in ("CapEff", "CapPrm", "CapBnd", "
     }
 
 
-def test_tampering_from_inside_opens_nothing(host_tcp: CountingTcp) -> None:
+def test_tampering_from_inside_opens_nothing(host_tcp: Canary) -> None:
     """ip route / ip link / a nested user namespace with CAP_NET_ADMIN / a new resolv.conf: none of
     them gives a route to the host."""
     ip = shutil.which("ip")
