@@ -32,7 +32,7 @@ from mitmproxy.proxy import server_hooks
 from addons.refusal import refusal_response, strip_egress_headers
 from proxy.decision import Decision, Kind, Reason, Request, Verdict
 from proxy.emit import Emitter
-from proxy.engine import decide, refuse
+from proxy.engine import decide, refuse, render_host
 from proxy.hosts import InvalidHost, canonical_host, split_authority
 from proxy.identity import Identities
 from proxy.policy import Policy
@@ -298,9 +298,6 @@ class GateAddon:
             )
 
     def state_of(self, client: connection.Client) -> ClientState:
-        return self._state(client)
-
-    def _state(self, client: connection.Client) -> ClientState:
         state = self.clients.get(client.id)
         if state is None:  # hooks for a connection we never saw connect: track it from now on
             state = self.clients[client.id] = ClientState(sandbox_id=self.default_sandbox_id)
@@ -310,7 +307,7 @@ class GateAddon:
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         self.request_started(flow.client_conn)
-        state = self._state(flow.client_conn)
+        state = self.state_of(flow.client_conn)
         identified = self._identify(flow, state)
         request = Request(
             kind=Kind.CONNECT,
@@ -342,7 +339,7 @@ class GateAddon:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         self.request_started(flow.client_conn)
         strip_egress_headers(flow.request.headers)
-        state = self._state(flow.client_conn)
+        state = self.state_of(flow.client_conn)
         identified = self._identify(flow, state)
         request = Request(
             kind=Kind.HTTP,
@@ -408,7 +405,7 @@ class GateAddon:
             if not same:
                 return (
                     Reason.HOST_MISMATCH,
-                    f"the {what} names {_safe(value)} but the request is routed to "
+                    f"the {what} names {render_host(value)} but the request is routed to "
                     f"{req.host}:{req.port}",
                 )
         return None
@@ -498,7 +495,7 @@ class GateAddon:
     ) -> Decision:
         """Decide the first bytes of a tunnel: a protocol violation found by the layer decider, or the
         ClientHello's SNI checked against the CONNECT host by the engine."""
-        state = self._state(client)
+        state = self.state_of(client)
         request = Request(
             kind=Kind.TLS,
             host=tunnel.host,
@@ -537,7 +534,3 @@ def _is_ip(host: str) -> bool:
         return not isinstance(canonical_host(host), str)
     except InvalidHost:
         return False
-
-
-def _safe(text: str, limit: int = 200) -> str:
-    return text[:limit].encode("unicode_escape").decode("ascii")
