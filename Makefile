@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m proxy.demo
+	$(PY) -m proxy.app.demo
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

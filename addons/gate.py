@@ -1,8 +1,8 @@
 """The gate: adapts mitmproxy hook events to the pure decision core and enforces what it returns.
 
-Every hook follows the same shape: build a plain :class:`proxy.decision.Request`, ask
-:func:`proxy.engine.decide`, check the destination (resolve, refuse internal addresses, pin), pass the
-decision through the single :class:`proxy.emit.Emitter` (which may still turn it into a deny when the audit
+Every hook follows the same shape: build a plain :class:`proxy.core.decision.Request`, ask
+:func:`proxy.core.engine.decide`, check the destination (resolve, refuse internal addresses, pin), pass the
+decision through the single :class:`proxy.evidence.emit.Emitter` (which may still turn it into a deny when the audit
 journal cannot be written), then enforce the decision the emitter returned.
 
 Where each kind of traffic is decided:
@@ -30,13 +30,13 @@ from mitmproxy import connection, http
 from mitmproxy.proxy import server_hooks
 
 from addons.refusal import refusal_response, strip_egress_headers
-from proxy.decision import Decision, Kind, Reason, Request, Verdict
-from proxy.emit import Emitter
-from proxy.engine import decide, refuse, render_host
-from proxy.hosts import InvalidHost, canonical_host, split_authority
-from proxy.identity import Identities
-from proxy.policy import Policy
-from proxy.resolver import Destination, DestinationRefused
+from proxy.core.decision import Decision, Kind, Reason, Request, Verdict
+from proxy.core.engine import decide, refuse, render_host
+from proxy.core.hosts import InvalidHost, canonical_host, split_authority
+from proxy.destinations.resolver import Destination, DestinationRefused
+from proxy.evidence.emit import Emitter
+from proxy.policy.identities import Identities
+from proxy.policy.model import Policy
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Destinations(Protocol):
 
 
 class Observer(Protocol):
-    """Facts that are not decisions (``proxy.evidence.Evidence`` implements this)."""
+    """Facts that are not decisions (``proxy.evidence.wiring.Evidence`` implements this)."""
 
     def connection_opened(self, kind: Kind | str = ...) -> None: ...
 

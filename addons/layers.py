@@ -27,7 +27,7 @@ from mitmproxy.proxy.layers.modes import HttpProxy
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
 from addons.gate import ClientState, GateAddon
-from proxy.decision import Decision, Reason
+from proxy.core.decision import Decision, Reason
 
 ECH_EXTENSION = 0xFE0D  # encrypted_client_hello (RFC 9849); hides the real SNI from the gate
 MAX_CLIENT_HELLO = (

@@ -28,9 +28,9 @@ from addons.gate import (
     current_sandbox,
 )
 from addons.layers import GateLayers
-from proxy.emit import Emitter
-from proxy.identity import Identities
-from proxy.policy import Policy
+from proxy.evidence.emit import Emitter
+from proxy.policy.identities import Identities
+from proxy.policy.model import Policy
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from proxy.decision import Decision, Reason
-from proxy.engine import render_host
+from proxy.core.decision import Decision, Reason
+from proxy.core.engine import render_host
 
 EGRESS_HEADER_PREFIX = "x-egress-"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def egress_command() -> list[str]:
-    return [sys.executable, "-m", "proxy.cli"]
+    return [sys.executable, "-m", "proxy.app.cli"]
 
 
 def clean_env() -> dict[str, str]:

@@ -21,9 +21,9 @@ import sys
 import time
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
-from proxy.decision import Kind, Request
-from proxy.engine import decide
-from proxy.policy import Action, HostPattern, IPNetwork, Mode, PatternKind, Policy, Rule
+from proxy.core.decision import Kind, Request
+from proxy.core.engine import decide
+from proxy.policy.model import Action, HostPattern, IPNetwork, Mode, PatternKind, Policy, Rule
 
 SIZES = (10, 10_000, 100_000)
 SAMPLES = 40_000

@@ -112,9 +112,9 @@ def _env() -> dict[str, str]:
 GATE_WITH_HANDOFF = r"""
 import asyncio, sys
 from addons.master import Gate, GateConfig
-from proxy.emit import Emitter
-from proxy.loader import load_policy
-from proxy.resolver import Resolver
+from proxy.evidence.emit import Emitter
+from proxy.policy.loader import load_policy
+from proxy.destinations.resolver import Resolver
 from proxy.sandbox.handoff import HandoffServer, gate_attacher
 
 async def main():

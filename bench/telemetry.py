@@ -4,7 +4,7 @@
 "on": that plus the write-ahead journal (fsync=interval, rotation at 64 MiB), Prometheus metrics and
 OTLP/HTTP export to a real receiver running in a *separate process* on loopback (so its CPU does not count
 against the gate's). With a journal the OTLP encoding itself also runs in the export process
-(``python -m proxy.otel``), so what is measured here is what the gate's own event loop pays.
+(``python -m proxy.evidence.otel.export``), so what is measured here is what the gate's own event loop pays.
 
 The number that matters for issue 5 is new tunnels/s through the real proxy with telemetry on >= 0.9x off;
 that bench runs through mitmproxy and lives elsewhere. This one isolates the per-decision cost of the
@@ -24,9 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from proxy.decision import Decision, Kind, Reason, Verdict
-from proxy.emit import Emitter, JsonLineSink
-from proxy.evidence import Evidence, add_evidence_arguments, build_emitter
+from proxy.core.decision import Decision, Kind, Reason, Verdict
+from proxy.evidence.emit import Emitter, JsonLineSink
+from proxy.evidence.wiring import Evidence, add_evidence_arguments, build_emitter
 
 DECISIONS = 20_000
 ROOT = Path(__file__).resolve().parents[1]

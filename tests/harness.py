@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from proxy.decision import Decision
-from proxy.emit import Emitter, MemorySink, Sink
+from proxy.core.decision import Decision
+from proxy.evidence.emit import Emitter, MemorySink, Sink
 
 WAIT = 10.0  # upper bound for any single wait in the harness
 
@@ -295,8 +295,8 @@ class LoopbackFence:
         self.inner = inner
 
     async def destination(self, host: Any, port: int, allow_internal: Any) -> Any:
-        from proxy.decision import Reason
-        from proxy.resolver import DestinationRefused
+        from proxy.core.decision import Reason
+        from proxy.destinations.resolver import DestinationRefused
 
         dest = await self.inner.destination(host, port, allow_internal)
         if not ipaddress.ip_address(dest.address).is_loopback:
@@ -320,7 +320,7 @@ class RunningGate:
         gate_kwargs: dict[str, Any] | None = None,
         config: dict[str, Any] | None = None,
     ) -> None:
-        from proxy.loader import load_policy
+        from proxy.policy.loader import load_policy
 
         self.policy_path = policy_path
         self.policy = load_policy(policy_path)
@@ -354,7 +354,7 @@ class RunningGate:
 
     async def _main(self) -> None:
         from addons.master import Gate, GateConfig
-        from proxy.resolver import Resolver
+        from proxy.destinations.resolver import Resolver
 
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.decision import Decision, Kind, Reason, Verdict
-from proxy.emit import Emitter
-from proxy.metrics import Metrics
+from proxy.core.decision import Decision, Kind, Reason, Verdict
+from proxy.evidence.emit import Emitter
+from proxy.evidence.metrics import Metrics
 from tests.prometheus_server import PrometheusServer, require_binary
 
 ROOT = Path(__file__).resolve().parents[1]

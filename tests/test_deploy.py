@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.cli import DEFAULT_LISTEN, build_parser
+from proxy.app.cli import DEFAULT_LISTEN, build_parser
 from proxy.sandbox import DEFAULT_DNS_PORT, DEFAULT_PROXY_PORT
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"

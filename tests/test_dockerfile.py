@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy import cli, evidence_args
+from proxy.app import cli
+from proxy.evidence import flags as evidence_args
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -46,7 +47,7 @@ def test_entrypoint_is_the_console_script_serve() -> None:
     entrypoint = json.loads(_one("ENTRYPOINT"))
     assert entrypoint == ["egress", "serve"]
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["egress"] == "proxy.cli:main"
+    assert scripts["egress"] == "proxy.app.cli:main"
 
 
 def test_cmd_arguments_parse_with_the_real_cli() -> None:
@@ -89,7 +90,7 @@ def test_presets_dir_in_image_is_where_the_code_looks() -> None:
     assert match, "EGRESS_PRESETS_DIR must point at the copied allowlists"
     workdir = _one("WORKDIR")
     assert match.group(1) == f"{workdir}/allowlists"
-    from proxy import presets
+    from proxy.policy import presets
 
     assert "EGRESS_PRESETS_DIR" in Path(presets.__file__).read_text()
 

@@ -241,7 +241,7 @@ class HandoffServer:
             conn.close()
 
     def _identify(self, request: dict[str, Any]) -> str:
-        from proxy.sandbox.cli import SANDBOX_ID
+        from proxy.app.sandbox_cli import SANDBOX_ID
 
         claimed = request.get("sandbox_id")
         if not isinstance(claimed, str) or not SANDBOX_ID.fullmatch(claimed):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from proxy.emit import Emitter, JsonLineSink, Sink
+from proxy.evidence.emit import Emitter, JsonLineSink, Sink
 from proxy.sandbox import (
     DEFAULT_DNS_PORT,
     DEFAULT_PROXY_PORT,
@@ -163,11 +163,11 @@ def run(options: RunOptions) -> int:
 
 
 def _load_policy(path: Path | None) -> Any:
-    from proxy.loader import load_policy
-    from proxy.policy import PolicyError
+    from proxy.policy.loader import load_policy
+    from proxy.policy.model import PolicyError
 
     if path is None:
-        from proxy.presets import preset_path
+        from proxy.policy.presets import preset_path
 
         path = preset_path("default")
     try:
@@ -195,7 +195,7 @@ async def _start_gate(
     --no-isolation is that port the sandbox's; otherwise a connection there is some other local
     process and must not be attributed to the sandbox (threat 12)."""
     from addons.master import Gate, GateConfig
-    from proxy.resolver import Resolver
+    from proxy.destinations.resolver import Resolver
 
     resolver = Resolver(nameservers=list(options.nameservers) if options.nameservers else None)
     default_id = options.sandbox_id if host_listener_id else None
@@ -213,7 +213,7 @@ async def _start_gate(
 async def _run_private(options: RunOptions, sandbox: Sandbox, policy: Any) -> tuple[int, str]:
     """The gate runs in this process and accepts on the sandbox's own listeners: no relay.
     Returns the exit status and the summary to print."""
-    from proxy.dnsgate import DnsGate
+    from proxy.destinations.dnsgate import DnsGate
 
     evidence: Any = None
     emitter: Emitter | None = None

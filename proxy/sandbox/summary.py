@@ -11,7 +11,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
-from proxy.decision import Decision, Kind, Verdict
+from proxy.core.decision import Decision, Kind, Verdict
 
 MAX_LISTED = 20  # refused destinations listed by name; the rest are counted
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.decision import Decision, Reason, Verdict
+from proxy.core.decision import Decision, Reason, Verdict
 from tests.dnsfake import FakeDns
 from tests.harness import WAIT, LocalCA, RunningGate, Upstream, client_hello, curl
 
@@ -328,8 +328,8 @@ def test_shared_gate_requires_a_sandbox_credential_and_applies_its_policy(
     http_upstream: Upstream,
     tmp_path: Path,
 ) -> None:
-    from proxy.identity import Identities, token_digest
-    from proxy.loader import load_policy
+    from proxy.policy.identities import Identities, token_digest
+    from proxy.policy.loader import load_policy
 
     fake_dns.set("allowed.test", "A", ["127.0.0.1"])
     port = http_upstream.port

@@ -5,7 +5,7 @@ from __future__ import annotations
 from mitmproxy import http
 
 from addons.refusal import refusal_response, refusal_text, strip_egress_headers
-from proxy.decision import Decision, Kind, Reason, Verdict
+from proxy.core.decision import Decision, Kind, Reason, Verdict
 
 
 def denied(reason: Reason, **fields: object) -> Decision:

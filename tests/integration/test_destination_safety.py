@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.decision import Decision, Reason, Verdict
+from proxy.core.decision import Decision, Reason, Verdict
 from tests.dnsfake import FakeDns
 from tests.harness import WAIT, Canary, LocalCA, RunningGate, Upstream, curl
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from proxy.decision import Decision
+from proxy.core.decision import Decision
 from tests.harness import WAIT, RunningGate, Upstream, client_hello
 
 __all__ = [

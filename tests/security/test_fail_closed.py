@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.decision import Reason, Verdict
-from proxy.policy import Policy
-from proxy.reload import PolicyHolder
+from proxy.core.decision import Reason, Verdict
+from proxy.policy.model import Policy
+from proxy.policy.reload import PolicyHolder
 from tests.dnsfake import FakeDns
 from tests.harness import RunningGate, Upstream
 from tests.security import exchange, fresh_decisions, start_gate_with

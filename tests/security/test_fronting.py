@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.decision import Reason, Verdict
+from proxy.core.decision import Reason, Verdict
 from tests.dnsfake import FakeDns
 from tests.harness import RunningGate, Upstream
 from tests.security import (

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.decision import Reason, Verdict
+from proxy.core.decision import Reason, Verdict
 from tests.dnsfake import FakeDns
 from tests.harness import RunningGate, Upstream
 from tests.security import client_hello, exchange, fresh_decisions, start_gate_with

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.decision import Reason
+from proxy.core.decision import Reason
 from tests.dnsfake import FakeDns
 from tests.harness import RunningGate, Upstream
 from tests.security import (
@@ -41,8 +41,8 @@ def dns() -> Iterator[FakeDns]:
 def gate(
     tmp_path_factory: pytest.TempPathFactory, dns: FakeDns, plain: Upstream
 ) -> Iterator[RunningGate]:
-    from proxy.identity import Identities, token_digest
-    from proxy.loader import load_policy
+    from proxy.policy.identities import Identities, token_digest
+    from proxy.policy.loader import load_policy
 
     directory: Path = tmp_path_factory.mktemp("identities")
     closed = directory / "closed.yaml"

@@ -2,7 +2,7 @@
 
 Everything a client controls and a decision records (method, path, Host header, SNI) is sent with
 quotes, newlines, JSON fragments and terminal control sequences. The decision log
-(:class:`proxy.emit.JsonLineSink`) must keep exactly one JSON object per decision with the hostile value
+(:class:`proxy.evidence.emit.JsonLineSink`) must keep exactly one JSON object per decision with the hostile value
 intact but escaped; the 403 an agent (and a human reading its transcript) sees must not carry raw
 control characters or extra lines.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.emit import JsonLineSink
+from proxy.evidence.emit import JsonLineSink
 from tests.dnsfake import FakeDns
 from tests.harness import RunningGate, Upstream
 from tests.security import client_hello, exchange, fresh_decisions, parse_responses, start_gate_with

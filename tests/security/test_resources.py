@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.decision import Reason, Verdict
-from proxy.loader import load_policy
+from proxy.core.decision import Reason, Verdict
+from proxy.policy.loader import load_policy
 from tests.dnsfake import FakeDns
 from tests.harness import WAIT, RunningGate, Upstream
 from tests.security import client_hello, exchange, fresh_decisions, start_gate_with

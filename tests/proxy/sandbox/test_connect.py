@@ -110,7 +110,7 @@ def test_proxy_from_env_prefers_egress_proxy() -> None:
 
 def _connect(gate: RunningGate, port: int, data: bytes) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "connect", "allowed.test", str(port), "--proxy", gate.url],
+        [sys.executable, "-m", "proxy.app.cli", "connect", "allowed.test", str(port), "--proxy", gate.url],
         input=data, capture_output=True, timeout=WAIT, cwd=REPO,
     )  # fmt: skip
 
@@ -124,7 +124,7 @@ def test_stdio_through_the_gate(
     fake_dns.set("allowed.test", "A", [fake_ssh.host])
     gate = start_gate(_policy(write_policy, 22))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy.cli", "connect", "allowed.test", "22", "--proxy", gate.url],
+        [sys.executable, "-m", "proxy.app.cli", "connect", "allowed.test", "22", "--proxy", gate.url],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
     )  # fmt: skip
     try:
@@ -171,7 +171,7 @@ def test_git_ssh_command_tunnels_ssh_through_the_gate_from_inside_a_sandbox(
     )
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     result = subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "run", "--policy", str(policy), "--nameserver",
+        [sys.executable, "-m", "proxy.app.cli", "run", "--policy", str(policy), "--nameserver",
          fake_dns.nameserver, "--", "sh", "-c", script],
         capture_output=True, text=True, timeout=WAIT * 2, cwd=REPO, env=env,
     )  # fmt: skip

@@ -43,7 +43,7 @@ COUNTS = {"tcp": 0, "tcp6": 0, "udp": 0, "upstream": 1}
 @pytest.mark.timeout(60)
 def test_doctor_passes_on_this_machine() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "doctor", "--json"],
+        [sys.executable, "-m", "proxy.app.cli", "doctor", "--json"],
         cwd=REPO, capture_output=True, text=True, timeout=45,
     )  # fmt: skip
     report = json.loads(result.stdout)

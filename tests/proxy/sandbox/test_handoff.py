@@ -73,7 +73,7 @@ def world(
 
 def _run(sock: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "run", "--gate-socket", str(sock), *args],
+        [sys.executable, "-m", "proxy.app.cli", "run", "--gate-socket", str(sock), *args],
         cwd=REPO, capture_output=True, text=True, timeout=WAIT, env=_env(**env),
     )  # fmt: skip
 
@@ -183,7 +183,7 @@ def test_no_gate_socket_fails_closed(tmp_path: Path) -> None:
 
 
 def test_identities_authenticator_uses_the_gate_credentials(tmp_path: Path) -> None:
-    from proxy.identity import Identities, token_digest
+    from proxy.policy.identities import Identities, token_digest
     from proxy.sandbox.handoff import identities_authenticator
 
     path = tmp_path / "sandboxes.yaml"

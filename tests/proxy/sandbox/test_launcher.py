@@ -32,7 +32,7 @@ WAIT = 30.0
 
 def egress(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(  # type: ignore[call-overload, no-any-return]
-        [sys.executable, "-m", "proxy.cli", *args],
+        [sys.executable, "-m", "proxy.app.cli", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -156,7 +156,7 @@ def test_signals_are_forwarded(
 ) -> None:
     policy, _, _ = world
     proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy.cli", "run", "--policy", str(policy), "--quiet", "--",
+        [sys.executable, "-m", "proxy.app.cli", "run", "--policy", str(policy), "--quiet", "--",
          "sh", "-c", f"{script}; echo ready; while :; do sleep 0.05; done"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
     )  # fmt: skip
@@ -193,7 +193,7 @@ def test_no_user_namespaces_fails_closed_with_a_hint(
     marker = tmp_path / "ran"
     inner = (
         "echo 0 > /proc/sys/user/max_user_namespaces && exec "
-        f"{sys.executable} -m proxy.cli run --policy {policy} -- touch {marker}"
+        f"{sys.executable} -m proxy.app.cli run --policy {policy} -- touch {marker}"
     )
     result = subprocess.run(
         [unshare, "-U", "-r", "sh", "-c", inner],
@@ -282,7 +282,7 @@ def test_unprivileged_user(world: tuple[Path, FakeDns, Upstream]) -> None:
         policy.chmod(0o644)
         result = _as_nobody(
             shared,
-            f"{sys.executable} -m proxy.cli run --policy {policy} "
+            f"{sys.executable} -m proxy.app.cli run --policy {policy} "
             f"--nameserver {dns.nameserver} -- sh -c "
             f"'id -u; curl -sS -m 10 http://allowed.test:{upstream.port}/nobody; "
             f'curl -sS -m 5 --noproxy "*" http://127.0.0.1:{upstream.port}/; echo bypass=$?\'',
@@ -303,7 +303,7 @@ def test_doctor_unprivileged() -> None:
     shared = Path(tempfile.mkdtemp(prefix="egress-unpriv-"))
     try:
         shared.chmod(0o777)
-        result = _as_nobody(shared, f"{sys.executable} -m proxy.cli doctor --json")
+        result = _as_nobody(shared, f"{sys.executable} -m proxy.app.cli doctor --json")
     finally:
         shutil.rmtree(shared, ignore_errors=True)
     if _forbidden(result):
@@ -349,7 +349,7 @@ def test_terminal_is_passed_through_and_ctrl_c_reaches_only_the_command(
         os.chdir(REPO)
         os.execve(
             sys.executable,
-            [sys.executable, "-m", "proxy.cli", "run", "--policy", str(policy), "--", "sh", "-c", script],
+            [sys.executable, "-m", "proxy.app.cli", "run", "--policy", str(policy), "--", "sh", "-c", script],
             _env(),
         )  # fmt: skip
     output = b""
@@ -443,7 +443,7 @@ def test_a_killed_launcher_takes_the_sandbox_with_it(world: tuple[Path, FakeDns,
 
     policy, _, _ = world
     proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy.cli", "run", "--policy", str(policy), "--quiet", "--",
+        [sys.executable, "-m", "proxy.app.cli", "run", "--policy", str(policy), "--quiet", "--",
          "sh", "-c", "readlink /proc/self/ns/net; sleep 300 & sleep 300"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
     )  # fmt: skip
@@ -519,7 +519,7 @@ def test_shared_gate_identifies_the_sandbox_by_its_credential(
     proxy URL; without it (or with another sandbox's id) the gate refuses with 407."""
     import threading
 
-    from proxy.identity import token_digest
+    from proxy.policy.identities import token_digest
 
     policy, dns, upstream = world
     sandboxes = tmp_path / "sandboxes.yaml"
@@ -528,7 +528,7 @@ def test_shared_gate_identifies_the_sandbox_by_its_credential(
     )
     log = tmp_path / "decisions.jsonl"
     serve = subprocess.Popen(
-        [sys.executable, "-m", "proxy.cli", "serve", "--policy", str(policy), "--listen",
+        [sys.executable, "-m", "proxy.app.cli", "serve", "--policy", str(policy), "--listen",
          "127.0.0.1:0", "--sandboxes", str(sandboxes), "--no-metrics", "--decision-log", str(log),
          "--nameserver", dns.nameserver],
         cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=_env(),

@@ -49,7 +49,7 @@ def _policy(write_policy: Callable[[str], Path], port: int) -> Path:
 
 def _egress_run(policy: Path, dns: FakeDns, script: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "run", "--policy", str(policy), "--nameserver",
+        [sys.executable, "-m", "proxy.app.cli", "run", "--policy", str(policy), "--nameserver",
          dns.nameserver, "--", "sh", "-c", script],
         cwd=REPO, capture_output=True, text=True, timeout=100, env=_env(),
     )  # fmt: skip

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from proxy.decision import Decision, Kind, Reason, Verdict
+from proxy.core.decision import Decision, Kind, Reason, Verdict
 from proxy.sandbox.summary import MAX_LISTED, SummarySink
 
 

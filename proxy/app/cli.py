@@ -1,0 +1,294 @@
+"""The ``egress`` command line.
+
+Heavy imports (mitmproxy, OpenTelemetry, dnspython) happen inside the command that needs them, so
+``egress --help``, ``egress lint`` and ``egress check`` stay fast enough to run in editors and CI hooks.
+Exit codes are part of the interface: 0 success/allow, 1 deny or problems found, 2 usage or load error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from proxy import __version__
+
+if TYPE_CHECKING:
+    from proxy.policy.model import Policy
+
+DEFAULT_LISTEN = "127.0.0.1:3128"
+
+EXIT_OK, EXIT_DENY, EXIT_ERROR = 0, 1, 2
+
+
+def default_policy_path() -> Path:
+    from proxy.policy.presets import preset_path
+
+    return preset_path("default")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="egress",
+        description=(
+            "agent-egress: a default-deny network gate for autonomous coding agents. "
+            "Allowlisted package registries and source hosts are reachable; everything else is refused "
+            "with a reason, and every decision is recorded."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"agent-egress {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the gate as an HTTP(S) proxy",
+        description="Run the gate as a standalone HTTP proxy (point clients at it with HTTPS_PROXY).",
+    )
+    _policy_arg(serve)
+    serve.add_argument(
+        "--listen",
+        default=DEFAULT_LISTEN,
+        metavar="HOST:PORT",
+        help=f"proxy listener (default {DEFAULT_LISTEN})",
+    )
+    serve.add_argument(
+        "--dns-listen",
+        metavar="HOST:PORT",
+        default=None,
+        help="also answer DNS (UDP and TCP) for sandboxes: allowed names only, nothing else is "
+        "ever queried upstream (default: off)",
+    )
+    serve.add_argument(
+        "--handoff-socket",
+        metavar="PATH",
+        default=None,
+        help="accept sandbox listeners from `egress run --gate-socket PATH` on this Unix socket "
+        "(mode 0600; the gate then serves each sandbox without a relay)",
+    )
+    serve.add_argument(
+        "--max-connections-per-client",
+        type=int,
+        default=512,
+        metavar="N",
+        help="concurrent connections one client (sandbox or address) may hold (default %(default)s)",
+    )
+    serve.add_argument(
+        "--request-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="a connection must send a complete request head, and a tunnel its first bytes, within "
+        "this time or it is closed (default %(default)s; 0 disables)",
+    )
+    serve.add_argument(
+        "--sandboxes",
+        metavar="FILE",
+        default=None,
+        help="shared gate: require a per-sandbox proxy credential listed in FILE (see `egress token`)",
+    )
+    _gate_args(serve)
+    serve.set_defaults(func=_cmd_serve)
+
+    token = sub.add_parser(
+        "token",
+        help="create a sandbox credential for a shared gate's --sandboxes file",
+        description="Print a new random token for sandbox ID and the line to add to the --sandboxes file.",
+    )
+    token.add_argument("sandbox_id", metavar="ID")
+    token.set_defaults(func=_cmd_token)
+
+    check = sub.add_parser(
+        "check",
+        help="print the policy decision for a URL or HOST[:PORT] (no network access)",
+        description=(
+            "Decide a destination against the policy without touching the network. "
+            "Exit 0 allow (or report), 1 deny, 2 error. DNS-based checks (internal addresses) are applied "
+            "by the running gate, not here."
+        ),
+    )
+    _policy_arg(check)
+    check.add_argument("--method", default=None, help="HTTP method for URL targets (default GET)")
+    check.add_argument("--json", action="store_true", help="print the decision as JSON")
+    check.add_argument("target", help="https://host/path, http://host:port/path or HOST[:PORT]")
+    check.set_defaults(func=_cmd_check)
+
+    lint = sub.add_parser(
+        "lint",
+        help="validate policy files and print every problem",
+        description="Validate policy files; prints every problem as FILE:LINE: rule, key, message.",
+    )
+    lint.add_argument("files", nargs="+", metavar="FILE")
+    lint.set_defaults(func=_cmd_lint)
+
+    audit = sub.add_parser("audit", help="audit journal tools")
+    audit_sub = audit.add_subparsers(dest="audit_command", metavar="SUBCOMMAND", required=True)
+    verify = audit_sub.add_parser(
+        "verify",
+        help="verify the hash chain of audit journal files",
+        description="Detect edited, removed, reordered or truncated records; exit 1 naming where.",
+    )
+    verify.add_argument("files", nargs="+", metavar="FILE")
+    verify.add_argument(
+        "--allow-missing-start",
+        action="store_true",
+        help="the oldest files were archived: do not require the chain to start at its first record",
+    )
+    verify.set_defaults(func=_cmd_audit_verify)
+
+    try:
+        from proxy.app.sandbox_cli import register
+    except ImportError:  # the launcher is optional on platforms without it
+        pass
+    else:
+        register(sub)
+    return parser
+
+
+def _policy_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--policy",
+        metavar="FILE",
+        default=None,
+        help="policy YAML (default: the shipped allowlists/default.yaml)",
+    )
+
+
+def _gate_args(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every command that runs a gate (serve, run)."""
+    parser.add_argument(
+        "--decision-log",
+        metavar="FILE",
+        default=None,
+        help="append one JSON line per decision to FILE (default: stderr)",
+    )
+    parser.add_argument(
+        "--nameserver",
+        action="append",
+        default=None,
+        metavar="IP[:PORT]",
+        help="DNS server for destination checks (repeatable; default: the system's resolv.conf)",
+    )
+    from proxy.evidence.flags import add_evidence_arguments
+
+    add_evidence_arguments(parser)
+
+
+def load_policy_or_exit(path: str | None) -> Policy:
+    from proxy.policy.loader import load_policy
+    from proxy.policy.model import PolicyError
+
+    target = Path(path) if path else default_policy_path()
+    try:
+        return load_policy(target)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        print(f"error: refusing to load {target}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        raise SystemExit(EXIT_ERROR) from None
+    except OSError as exc:
+        print(f"error: cannot read policy {target}: {exc.strerror or exc}", file=sys.stderr)
+        raise SystemExit(EXIT_ERROR) from None
+
+
+def _cmd_lint(args: argparse.Namespace) -> int:
+    from proxy.policy.loader import lint_files
+
+    problems = lint_files([Path(f) for f in args.files])
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} problem(s) in {len(args.files)} file(s)", file=sys.stderr)
+        return EXIT_DENY
+    print(f"ok: {len(args.files)} file(s)", file=sys.stderr)
+    return EXIT_OK
+
+
+def parse_target(target: str, method: str | None) -> tuple[str, str, int, str | None, str | None]:
+    """(kind, host, port, method, path) for ``egress check``; raises ValueError naming the problem."""
+    from urllib.parse import urlsplit
+
+    from proxy.core.hosts import split_authority
+
+    if "://" in target:
+        parts = urlsplit(target)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https"):
+            raise ValueError(f"unsupported scheme {parts.scheme!r} (use http or https)")
+        default_port = 443 if scheme == "https" else 80
+        if "@" in parts.netloc:
+            raise ValueError("URLs with user information are refused")
+        host, port = split_authority(parts.netloc, default_port)
+        path = parts.path or "/"
+        if scheme == "https":
+            return "connect", host, port, "CONNECT", None
+        return "http", host, port, (method or "GET").upper(), path
+    host, port = split_authority(target, 443)
+    return "connect", host, port, "CONNECT", None
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from proxy.core.decision import Kind, Request
+    from proxy.core.engine import decide
+    from proxy.core.hosts import InvalidHost
+
+    policy = load_policy_or_exit(args.policy)
+    try:
+        kind, host, port, method, path = parse_target(args.target, args.method)
+    except (ValueError, InvalidHost) as exc:
+        print(f"error: {args.target!r}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    decision = decide(
+        Request(kind=Kind(kind), host=host, port=port, method=method, path=path),
+        policy,
+    )
+    if args.json:
+        print(json.dumps(decision.to_dict(), ensure_ascii=True))
+    else:
+        where = f"{decision.host}:{decision.port}"
+        print(
+            f"{decision.decision.upper()} {where} rule={decision.rule or '-'} reason={decision.reason}"
+        )
+        if decision.detail:
+            print(f"  {decision.detail}")
+    return EXIT_OK if decision.allowed else EXIT_DENY
+
+
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    from proxy.evidence.journal.verify import run
+
+    return run(args.files, require_genesis=not args.allow_missing_start)
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    from proxy.policy.identities import SANDBOX_ID, new_token, token_digest
+
+    if not SANDBOX_ID.match(args.sandbox_id):
+        print(f"error: sandbox id must match {SANDBOX_ID.pattern}", file=sys.stderr)
+        return EXIT_ERROR
+    token = new_token()
+    print(f"token: {token}")
+    print(f"proxy URL for the sandbox: http://{args.sandbox_id}:{token}@GATE_HOST:3128")
+    print("add to the --sandboxes file:")
+    print(f"  - id: {args.sandbox_id}")
+    print(f"    token_sha256: {token_digest(token)}")
+    return EXIT_OK
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from proxy.app.serve import serve_main
+
+    return serve_main(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,188 @@
+"""The ``run``, ``doctor`` and ``connect`` subcommands, registered into the lead's ``egress`` parser.
+
+Only argparse is imported here; everything heavy is imported by the command that runs, so
+``egress --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Any
+
+SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def sandbox_id(text: str) -> str:
+    """Sandbox ids go into every decision, log line and metric: keep them short and plain."""
+    if not SANDBOX_ID.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return text
+
+
+def port_number(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a port 1-65535")
+    return int(text)
+
+
+def host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def register(subparsers: Any) -> None:
+    """Add ``run``, ``doctor`` and ``connect`` to ``egress``'s subparsers (``add_subparsers()``)."""
+    from proxy.sandbox import DEFAULT_DNS_PORT, DEFAULT_PROXY_PORT
+
+    run = subparsers.add_parser(
+        "run",
+        help="run a command whose only network route is the gate",
+        description=(
+            "Run CMD in its own network namespace holding only loopback. The gate's proxy "
+            f"(127.0.0.1:{DEFAULT_PROXY_PORT}) and DNS gate (127.0.0.1:{DEFAULT_DNS_PORT}) are the "
+            "only things it can reach; proxy variables for common tools are set. Exits with CMD's "
+            "status (128+N if killed by signal N, 125 if the sandbox could not be set up)."
+        ),
+    )
+    run.add_argument("--policy", metavar="FILE", default=None, help="policy YAML (default preset)")
+    run.add_argument(
+        "--proxy",
+        metavar="URL",
+        default=None,
+        help="join a running gate (http://[ID:TOKEN@]HOST:PORT) instead of starting a private one",
+    )
+    run.add_argument(
+        "--dns",
+        metavar="HOST:PORT",
+        type=host_port,
+        default=None,
+        help="with --proxy: the running gate's DNS gate (default: no DNS inside the sandbox)",
+    )
+    run.add_argument(
+        "--gate-socket",
+        metavar="PATH",
+        default=None,
+        help="hand the sandbox to a gate on this machine through its Unix socket (no relay; "
+        "a credential, if the gate needs one, is read from $EGRESS_SANDBOX_TOKEN)",
+    )
+    run.add_argument(
+        "--sandbox-id", type=sandbox_id, default=None, help="id carried on every decision"
+    )
+    run.add_argument("--quiet", action="store_true", help="no summary at exit")
+    run.add_argument(
+        "--no-isolation",
+        action="store_true",
+        help="DANGEROUS: no network namespace; the command can bypass the gate (debugging only)",
+    )
+    run.add_argument(
+        "--proxy-port",
+        type=port_number,
+        default=DEFAULT_PROXY_PORT,
+        help=f"the proxy port inside the sandbox (default {DEFAULT_PROXY_PORT})",
+    )
+    run.add_argument(
+        "--decision-log",
+        metavar="FILE",
+        default=None,
+        help="append one JSON line per decision to FILE ('-' for stderr; default: summary only)",
+    )
+    run.add_argument(
+        "--nameserver",
+        action="append",
+        default=None,
+        metavar="IP[:PORT]",
+        help="DNS server for destination checks (repeatable; default: the system's resolv.conf)",
+    )
+    _add_evidence(run)
+    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    run.set_defaults(func=_cmd_run)
+
+    doctor = subparsers.add_parser(
+        "doctor",
+        help="prove that the sandbox's only route is the gate (enforcement self-test)",
+        description=(
+            "Start a sandbox and check from inside that direct TCP, UDP and IPv6, outside resolvers "
+            "and the host's loopback services are unreachable, and that the gate path works. Sends "
+            "nothing off this machine. Exits 1 on any gap."
+        ),
+    )
+    doctor.add_argument("--json", action="store_true", help="print the results as JSON")
+    doctor.set_defaults(func=_cmd_doctor)
+
+    connect = subparsers.add_parser(
+        "connect",
+        help="stdio-to-CONNECT helper (ssh ProxyCommand, git://)",
+        description="Open a CONNECT tunnel through the gate and relay stdin/stdout over it.",
+    )
+    from proxy.sandbox.connect import add_arguments
+
+    add_arguments(connect)
+    connect.set_defaults(func=_cmd_connect)
+
+
+def _add_evidence(parser: argparse.ArgumentParser) -> None:
+    """The lead's shared evidence options (journal, OTel, metrics), when that module exists."""
+    try:
+        from proxy.evidence.flags import add_evidence_arguments
+    except ImportError:
+        return
+    add_evidence_arguments(parser)
+    # A private gate per run: several runs at once must not fight over one metrics port, so
+    # metrics are served only when asked for with --metrics.
+    parser.set_defaults(metrics=None)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from proxy.sandbox.launcher import RunOptions, run
+
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    options = RunOptions(
+        argv=cmd,
+        policy_path=Path(args.policy) if args.policy else None,
+        proxy_url=args.proxy,
+        dns_target=args.dns,
+        gate_socket=args.gate_socket,
+        token=os.environ.get("EGRESS_SANDBOX_TOKEN") or None,
+        sandbox_id=args.sandbox_id,
+        quiet=args.quiet,
+        isolation=not args.no_isolation,
+        nameservers=args.nameserver,
+        decision_log=args.decision_log,
+        proxy_port=args.proxy_port,
+        evidence=_evidence_builder(args),
+    )
+    return run(options)
+
+
+def _evidence_builder(args: argparse.Namespace) -> Any:
+    """Deferred: only a private gate needs the sinks, and importing them (OpenTelemetry,
+    prometheus-client) costs ~100 ms that `egress run --proxy ... -- CMD` should not pay."""
+
+    def build(sinks: list[Any]) -> Any:
+        from proxy.evidence.wiring import build_emitter
+
+        return build_emitter(args, sinks)
+
+    return build
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from proxy.sandbox.doctor import doctor_main
+
+    return doctor_main(json_output=args.json)
+
+
+def _cmd_connect(args: argparse.Namespace) -> int:
+    from proxy.sandbox.connect import connect_main
+
+    return connect_main(args)

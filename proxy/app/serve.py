@@ -1,0 +1,194 @@
+"""``egress serve``: the standalone gate process.
+
+Start-up fails closed: a policy that does not load, a listener that cannot bind or an evidence sink that
+cannot be opened stops the process with exit 2 and a message, rather than running a gate that enforces
+or records less than configured. SIGINT/SIGTERM stop it cleanly; SIGHUP reloads the policy (a failed
+reload keeps the old policy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from proxy.app.cli import EXIT_ERROR, default_policy_path, load_policy_or_exit
+from proxy.destinations.dnsgate import DnsGate
+from proxy.evidence.emit import JsonLineSink, Sink
+from proxy.policy.identities import Identities, IdentityError
+from proxy.policy.model import Policy
+from proxy.policy.reload import PolicyHolder
+
+log = logging.getLogger("egress")
+
+
+def configure_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # mitmproxy logs every client connect/disconnect at INFO: noise next to our decision lines.
+    logging.getLogger("mitmproxy").setLevel(logging.WARNING)
+
+
+def decision_log_sink(path: str | None) -> Sink:
+    return JsonLineSink(path=path) if path else JsonLineSink(stream=sys.stderr)
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    from addons.master import parse_listen
+
+    configure_logging()
+    policy = load_policy_or_exit(args.policy)
+    try:
+        listen = parse_listen(args.listen)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        return asyncio.run(_serve(args, policy, listen))
+    except KeyboardInterrupt:
+        return 0
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+async def _serve_dns(dns_gate: DnsGate, host: str, port: int) -> tuple[str, int]:
+    """UDP and TCP on one port. With port 0 the UDP port's TCP twin may be taken: try a few."""
+    for attempt in range(20):
+        tcp = await dns_gate.serve_tcp(host=host, port=port)
+        try:
+            await dns_gate.serve_udp(host=host, port=tcp[1])
+        except OSError:
+            if port != 0 or attempt == 19:
+                raise
+            dns_gate.close_tcp_servers()
+            continue
+        return tcp
+    raise OSError("no free port for the DNS listener")
+
+
+def load_sandboxes(path: str | None) -> tuple[Identities | None, dict[str, PolicyHolder]]:
+    """Identities for a shared gate and a policy holder for each sandbox that names its own policy."""
+    if path is None:
+        return None, {}
+    identities = Identities.load(Path(path))
+    holders: dict[str, PolicyHolder] = {}
+    for sandbox in identities.by_id.values():
+        if sandbox.policy is not None:
+            own = load_policy_or_exit(str(sandbox.policy))
+            holders[sandbox.id] = PolicyHolder(sandbox.policy, own)
+    return identities, holders
+
+
+async def _serve(args: argparse.Namespace, policy: Policy, listen: tuple[str, int]) -> int:
+    from addons.master import Gate, GateConfig, parse_listen
+    from proxy.destinations.resolver import Resolver
+    from proxy.evidence.wiring import EvidenceError, build_emitter
+    from proxy.sandbox.handoff import HandoffServer, gate_attacher, identities_authenticator
+
+    path = Path(args.policy) if args.policy else default_policy_path()
+    try:
+        evidence = build_emitter(args, [decision_log_sink(args.decision_log)])
+    except EvidenceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+    def on_reload(result: str, current: Policy) -> None:
+        if result == "success":
+            evidence.metrics.policy_loaded(
+                current.version, [r.name for r in current.rules], current.mode
+            )
+        else:
+            evidence.metrics.policy_reload_failed()
+
+    holder = PolicyHolder(path, policy, on_reload=on_reload)
+    evidence.metrics.policy_loaded(policy.version, [r.name for r in policy.rules], policy.mode)
+    try:
+        identities, sandbox_policies = load_sandboxes(args.sandboxes)
+    except (IdentityError, SystemExit) as exc:
+        if isinstance(exc, IdentityError):
+            print(f"error: {exc}", file=sys.stderr)
+        evidence.close()
+        return EXIT_ERROR
+    holders = [holder, *sandbox_policies.values()]
+    for sandbox_id, own in sandbox_policies.items():
+        evidence.metrics.sandbox_policy_loaded(sandbox_id, [r.name for r in own().rules])
+
+    def reload_all() -> None:
+        for each in holders:
+            each.reload()
+
+    resolver = Resolver(nameservers=args.nameserver)
+    gate = Gate(
+        GateConfig(
+            listen_host=listen[0],
+            listen_port=listen[1],
+            max_connections_per_client=args.max_connections_per_client,
+            request_deadline=args.request_timeout,
+        ),
+        holder,
+        evidence.emitter,
+        resolver,
+        observer=evidence,
+        identities=identities,
+        sandbox_policies=dict(sandbox_policies),
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_all)
+    dns_gate: DnsGate | None = None
+    handoff: HandoffServer | None = None
+    try:
+        evidence.start()
+        await gate.start()
+        if args.dns_listen:
+            dns_gate = DnsGate(holder, resolver, evidence.emitter)
+            bound = await _serve_dns(dns_gate, *parse_listen(args.dns_listen))
+        if args.handoff_socket:
+
+            def dns_for(sandbox_id: str) -> DnsGate:
+                policy_of = sandbox_policies.get(sandbox_id, holder)
+                return DnsGate(policy_of, resolver, evidence.emitter, sandbox_id=sandbox_id)
+
+            handoff = HandoffServer(
+                args.handoff_socket,
+                gate_attacher(gate, dns_for),
+                authenticate=identities_authenticator(identities) if identities else None,
+            )
+            await handoff.start()
+        if evidence.metrics_address is not None:
+            gate.addon.protect_endpoint(*evidence.metrics_address)
+        if dns_gate is not None:
+            gate.addon.protect_endpoint(bound[0], bound[1])
+        host, port = gate.listen_address
+        info: dict[str, Any] = {
+            "listen": f"{host}:{port}",
+            "policy": str(path),
+            "version": policy.version,
+            "rules": len(policy.rules),
+            "mode": str(policy.mode),
+            "sandboxes": len(identities.by_id) if identities else "any",
+        }
+        if dns_gate is not None:
+            info["dns"] = f"{bound[0]}:{bound[1]}"
+        log.warning("agent-egress gate ready %s", " ".join(f"{k}={v}" for k, v in info.items()))
+        await stop.wait()
+        log.warning("shutting down")
+    finally:
+        if handoff is not None:
+            await handoff.close()
+        if dns_gate is not None:
+            dns_gate.close()
+            await dns_gate.wait_closed()
+        await gate.stop()
+        evidence.close()
+    return 0

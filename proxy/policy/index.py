@@ -1,0 +1,200 @@
+"""The compiled form of a policy's rules: lookups whose cost depends on the request, not the rule count.
+
+Host patterns live in one dict keyed by their canonical base name. A lookup walks the suffixes of the
+requested name (``a.b.example.com``, ``b.example.com``, ``example.com``, ``com``): one dict probe per
+label, most specific first, so the first hit found is also the rule to report. CIDRs live in one dict of
+masked network integers per (family, prefix length); a lookup probes only the prefix lengths that occur,
+longest first. Neither path looks at a rule that cannot match, and no pattern is ever a regex.
+
+Within one key several rules may apply; a ``_Slot`` answers "which rule covers this port" with one more
+dict probe. Ties (same key) go to the rule loaded first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from ipaddress import IPv4Address, IPv6Address
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxy.policy.model import Rule
+
+ANY_PORT = None  # DNS questions: no port to check, any allow rule for the name answers
+
+
+class _Slot:
+    """The rules of one action that share one key (a pattern, or a network)."""
+
+    __slots__ = ("any_port", "by_port", "first")
+
+    def __init__(self) -> None:
+        self.first: Rule | None = None
+        self.any_port: Rule | None = None
+        self.by_port: dict[int, Rule] = {}
+
+    def add(self, rule: Rule) -> None:
+        if self.first is None:
+            self.first = rule
+        if rule.ports is None:
+            if self.any_port is None:
+                self.any_port = rule
+            return
+        for port in rule.ports:
+            self.by_port.setdefault(port, rule)
+
+    def allowing(self, port: int | None) -> Rule | None:
+        """The allow rule covering ``port``; ``None`` (DNS) is covered by any rule."""
+        if port is None:
+            return self.first
+        return self.by_port.get(port) or self.any_port
+
+    def denying(self, port: int | None) -> Rule | None:
+        """The deny rule covering ``port``; ``None`` (DNS) only by rules that deny every port.
+
+        A deny rule for ``github.com`` port 22 must not stop the name resolving for port 443.
+        """
+        if port is None:
+            return self.any_port
+        return self.by_port.get(port) or self.any_port
+
+
+class _NameNode:
+    """Everything keyed by one canonical name: exact, ``*.`` and ``**.`` slots for deny and allow."""
+
+    __slots__ = ("exact_allow", "exact_deny", "sub_allow", "sub_deny", "tree_allow", "tree_deny")
+
+    def __init__(self) -> None:
+        self.exact_deny: _Slot | None = None
+        self.exact_allow: _Slot | None = None
+        self.sub_deny: _Slot | None = None
+        self.sub_allow: _Slot | None = None
+        self.tree_deny: _Slot | None = None
+        self.tree_allow: _Slot | None = None
+
+
+class _NetNode:
+    __slots__ = ("allow", "deny")
+
+    def __init__(self) -> None:
+        self.deny: _Slot | None = None
+        self.allow: _Slot | None = None
+
+
+class Match:
+    """The outcome of one lookup; ``deny`` wins, then ``allow``, then ``nearest`` explains a port miss."""
+
+    __slots__ = ("allow", "deny", "nearest")
+
+    def __init__(self, deny: Rule | None, allow: Rule | None, nearest: Rule | None) -> None:
+        self.deny = deny
+        self.allow = allow
+        self.nearest = nearest  # most specific allow rule matching the host on any port
+
+
+class RuleIndex:
+    """Built once per policy; every method is read-only, so one index serves all threads."""
+
+    __slots__ = ("_names", "_nets4", "_nets6", "size")
+
+    def __init__(self, rules: Iterable[Rule]) -> None:
+        self._names: dict[str, _NameNode] = {}
+        nets: dict[tuple[int, int, int], _NetNode] = {}  # (version, prefixlen, network int)
+        self.size = 0
+        for rule in rules:
+            self.size += 1
+            deny = rule.action == "deny"
+            for pattern in rule.hosts:
+                node = self._names.get(pattern.base)
+                if node is None:
+                    node = self._names[pattern.base] = _NameNode()
+                attr = f"{pattern.kind}_{'deny' if deny else 'allow'}"
+                slot: _Slot | None = getattr(node, attr)
+                if slot is None:
+                    slot = _Slot()
+                    setattr(node, attr, slot)
+                slot.add(rule)
+            for net in rule.cidrs:
+                key = (net.version, net.prefixlen, int(net.network_address))
+                netnode = nets.get(key)
+                if netnode is None:
+                    netnode = nets[key] = _NetNode()
+                if deny:
+                    netnode.deny = netnode.deny or _Slot()
+                    netnode.deny.add(rule)
+                else:
+                    netnode.allow = netnode.allow or _Slot()
+                    netnode.allow.add(rule)
+        self._nets4 = _levels(nets, 4, 32)
+        self._nets6 = _levels(nets, 6, 128)
+
+    def match_name(self, name: str, port: int | None) -> Match:
+        """Rules for a canonical host name; walks its suffixes, most specific first."""
+        names = self._names
+        deny = allow = nearest = None
+        node = names.get(name)
+        if node is not None:
+            # The name itself: exact patterns first, then ``**.name`` (which includes its apex).
+            for dslot in (node.exact_deny, node.tree_deny):
+                if dslot is not None and deny is None:
+                    deny = dslot.denying(port)
+            if deny is not None:
+                return Match(deny, None, None)
+            for aslot in (node.exact_allow, node.tree_allow):
+                if aslot is not None:
+                    if nearest is None:
+                        nearest = aslot.first
+                    if allow is None:
+                        allow = aslot.allowing(port)
+        dot = name.find(".")
+        while dot >= 0:
+            suffix = name[dot + 1 :]
+            dot = name.find(".", dot + 1)
+            node = names.get(suffix)
+            if node is None:
+                continue
+            for dslot in (node.sub_deny, node.tree_deny):
+                if dslot is not None:
+                    deny = dslot.denying(port)
+                    if deny is not None:
+                        return Match(deny, None, None)
+            if allow is None:
+                for aslot in (node.sub_allow, node.tree_allow):
+                    if aslot is not None:
+                        if nearest is None:
+                            nearest = aslot.first
+                        if allow is None:
+                            allow = aslot.allowing(port)
+        return Match(None, allow, nearest)
+
+    def match_address(self, address: IPv4Address | IPv6Address, port: int | None) -> Match:
+        """Rules for an IP literal; only CIDR rules can match, longest prefix first."""
+        value = int(address)
+        levels = self._nets4 if address.version == 4 else self._nets6
+        allow = nearest = None
+        for mask, table in levels:
+            node = table.get(value & mask)
+            if node is None:
+                continue
+            if node.deny is not None:
+                deny = node.deny.denying(port)
+                if deny is not None:
+                    return Match(deny, None, None)
+            if node.allow is not None and allow is None:
+                if nearest is None:
+                    nearest = node.allow.first
+                allow = node.allow.allowing(port)
+        return Match(None, allow, nearest)
+
+
+def _levels(
+    nets: dict[tuple[int, int, int], _NetNode], version: int, bits: int
+) -> tuple[tuple[int, dict[int, _NetNode]], ...]:
+    """(mask, {network int: node}) for each prefix length present, longest prefix first."""
+    tables: dict[int, dict[int, _NetNode]] = {}
+    for (v, prefixlen, network), node in nets.items():
+        if v == version:
+            tables.setdefault(prefixlen, {})[network] = node
+    full = (1 << bits) - 1
+    return tuple(
+        (full ^ ((1 << (bits - plen)) - 1), tables[plen]) for plen in sorted(tables, reverse=True)
+    )

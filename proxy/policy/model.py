@@ -1,0 +1,201 @@
+"""The policy model: rules, host patterns and the problems that stop a policy from loading.
+
+Everything here is immutable and already canonical (punycode, lower case, networks without host bits) so
+the engine never re-interprets what a user wrote: a pattern is checked once, at load, and from then on is
+a dictionary key. ``Policy`` compiles its index when it is built, so a Policy that exists is always ready
+to answer ``decide`` in time independent of its size.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from enum import StrEnum
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from pathlib import Path
+
+from proxy.core.hosts import InvalidHost, canonical_host
+from proxy.policy.index import RuleIndex
+
+IPNetwork = IPv4Network | IPv6Network
+IPAddress = IPv4Address | IPv6Address
+
+DEFAULT_PORTS: frozenset[int] = frozenset({443})
+
+
+class Action(StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+class Mode(StrEnum):
+    ENFORCE = "enforce"
+    REPORT = (
+        "report"  # policy denials are recorded but traffic proceeds; safety refusals still deny
+    )
+
+
+class PatternKind(StrEnum):
+    EXACT = "exact"  # example.com: that name only
+    SUB = "sub"  # *.example.com: any subdomain at any depth, not the apex
+    TREE = "tree"  # **.example.com: the apex and any subdomain
+
+
+_PREFIX = {PatternKind.EXACT: "", PatternKind.SUB: "*.", PatternKind.TREE: "**."}
+
+
+@dataclass(frozen=True, slots=True)
+class HostPattern:
+    kind: PatternKind
+    base: str  # canonical host name (punycode, lower case, no trailing dot)
+
+    def __str__(self) -> str:
+        return _PREFIX[self.kind] + self.base
+
+
+# Suffixes under which anyone can get a name, missing from publicsuffix2's bundled (2019-12) copy
+# of the Public Suffix List because they were added later. A wildcard over any of them would allow
+# every tenant of the platform, attackers included.
+EXTRA_PUBLIC_SUFFIXES = frozenset(
+    {
+        "codeberg.page",
+        "deno.dev",
+        "fly.dev",
+        "hf.space",
+        "loca.lt",
+        "netlify.app",
+        "ngrok-free.app",
+        "ngrok-free.dev",
+        "ngrok.app",
+        "ngrok.dev",
+        "pages.dev",
+        "r2.dev",
+        "replit.app",
+        "replit.dev",
+        "streamlit.app",
+        "surge.sh",
+        "up.railway.app",
+        "vercel.app",
+    }
+)
+
+
+@functools.cache
+def _public_suffixes() -> object:
+    # publicsuffix2 ships with mitmproxy, so the list costs no new dependency; it is parsed once (~70 ms)
+    # and only when a wildcard pattern is actually checked.
+    from publicsuffix2 import PublicSuffixList  # type: ignore[import-untyped]
+
+    return PublicSuffixList(idna=True)
+
+
+def is_public_suffix(name: str) -> bool:
+    """True for names anyone can register below (com, co.uk, github.io) and for unknown TLDs.
+
+    Unknown single labels count as public suffixes (the list's implicit ``*`` rule): ``*.internal`` is as
+    wide as ``*.com`` from a policy's point of view.
+    """
+    if name in EXTRA_PUBLIC_SUFFIXES:
+        return True
+    psl = _public_suffixes()
+    suffix: str | None = psl.get_tld(name, wildcard=True, strict=False)  # type: ignore[attr-defined]
+    return suffix is None or suffix == name
+
+
+def parse_host_pattern(text: str) -> HostPattern:
+    """Check and canonicalise one entry of a rule's ``hosts``; ValueError says what is wrong with it."""
+    raw = text.strip()
+    if raw in ("*", "**", "*.", "**."):
+        raise ValueError(f"{text!r} matches every host; list the hosts instead")
+    if raw.startswith("**."):
+        kind, rest = PatternKind.TREE, raw[3:]
+    elif raw.startswith("*."):
+        kind, rest = PatternKind.SUB, raw[2:]
+    else:
+        kind, rest = PatternKind.EXACT, raw
+    if "*" in rest:
+        raise ValueError(
+            f"{text!r}: '*' is only allowed as a whole leading label ('*.example.com' or "
+            "'**.example.com')"
+        )
+    try:
+        base = canonical_host(rest)
+    except InvalidHost as exc:
+        raise ValueError(f"{text!r} is not a valid host name: {exc}") from None
+    if not isinstance(base, str):
+        raise ValueError(f"{text!r} is an IP address; IP destinations are matched by 'cidrs' only")
+    if kind is not PatternKind.EXACT and is_public_suffix(base):
+        raise ValueError(
+            f"{text!r} would match every site under the public suffix {base!r}; "
+            "list the sites instead"
+        )
+    return HostPattern(kind, base)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One allow or deny rule, as loaded. ``ports=None`` means every port.
+
+    The loader gives allow rules ``{443}`` and deny rules ``None`` when the file lists no ports; code
+    that builds rules directly must pass ``ports=None`` for a deny-every-port rule itself.
+    """
+
+    name: str
+    action: Action = Action.ALLOW
+    hosts: tuple[HostPattern, ...] = ()
+    cidrs: tuple[IPNetwork, ...] = ()
+    ports: frozenset[int] | None = (
+        DEFAULT_PORTS  # None: every port (only deny rules may omit ports)
+    )
+    file: str = ""
+    line: int = 0
+    description: str | None = None
+
+    def ports_text(self) -> str:
+        if self.ports is None:
+            return "every port"
+        return ", ".join(str(p) for p in sorted(self.ports))
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One reason a policy file cannot be loaded, located precisely enough to fix without searching."""
+
+    file: str
+    line: int | None
+    rule: str | None
+    key: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        parts = [where]
+        if self.rule is not None:
+            parts.append(
+                f"rule {self.rule}" if self.rule.startswith("#") else f"rule '{self.rule}'"
+            )
+        if self.key is not None:
+            parts.append(f"key '{self.key}'")
+        parts.append(self.message)
+        return ": ".join(parts)
+
+
+class PolicyError(Exception):
+    """A policy that failed to load; carries every problem found, not just the first."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems) or "invalid policy")
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    version: str
+    mode: Mode
+    rules: tuple[Rule, ...]
+    allow_internal: tuple[IPNetwork, ...] = ()
+    files: tuple[Path, ...] = ()
+    index: RuleIndex = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "index", RuleIndex(self.rules))

@@ -1,0 +1,528 @@
+"""The DNS gate over real UDP and TCP sockets, with dnspython as the client and a counting upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import textwrap
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import dns.asyncquery
+import dns.edns
+import dns.flags
+import dns.message
+import dns.name
+import dns.query
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import pytest
+
+from proxy.core.decision import Decision, Kind, Reason, Verdict
+from proxy.destinations.dnsgate import DnsGate
+from proxy.destinations.resolver import Resolver
+from proxy.evidence.emit import AuditUnavailable, Emitter, Sink
+from proxy.policy.loader import load_policy
+from proxy.policy.model import Policy
+from tests.dnsfake import FakeDns
+
+T = TypeVar("T")
+WAIT = 5.0
+
+POLICY = """\
+version: 1
+mode: {mode}
+rules:
+  - name: allowed
+    hosts: ["**.allowed.test", "gone.test"]
+    ports: [443]
+"""
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.decisions: list[Decision] = []
+
+    def record(self, decision: Decision) -> None:
+        self.decisions.append(decision)
+
+    def close(self) -> None:
+        pass
+
+
+class BrokenJournal:
+    def record(self, decision: Decision) -> None:
+        raise AuditUnavailable("disk full")
+
+    def close(self) -> None:
+        pass
+
+
+class GateEnv:
+    """A real DnsGate on pre-bound loopback sockets, its loop in a thread, upstream = FakeDns."""
+
+    def __init__(
+        self,
+        fake: FakeDns,
+        policy: Policy,
+        write_ahead: tuple[Sink, ...] = (),
+        **gate_kwargs: Any,
+    ) -> None:
+        self.fake = fake
+        self.sink = ListSink()
+        self.emitter = Emitter([self.sink], write_ahead=write_ahead, audit_required=True)
+        self.resolver = Resolver([fake.nameserver], timeout=0.5, min_ttl=5, max_ttl=300)
+        self.gate = DnsGate(lambda: policy, self.resolver, self.emitter, "sbx-1", **gate_kwargs)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("127.0.0.1", 0))
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        tcp.bind(("127.0.0.1", 0))
+        self.udp = self.run(self.gate.serve_udp(sock=udp))
+        self.tcp = self.run(self.gate.serve_tcp(sock=tcp))
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(WAIT)
+
+    def query(
+        self, name: str | dns.name.Name, rdtype: str, transport: str = "udp", **kw: Any
+    ) -> dns.message.Message:
+        q = dns.message.make_query(name, rdtype, **kw)
+        if transport == "udp":
+            return dns.query.udp(q, self.udp[0], port=self.udp[1], timeout=WAIT)
+        return dns.query.tcp(q, self.tcp[0], port=self.tcp[1], timeout=WAIT)
+
+    @property
+    def decisions(self) -> list[Decision]:
+        return list(self.sink.decisions)
+
+    def close(self) -> None:
+        async def stop() -> None:
+            self.gate.close()
+            await self.gate.wait_closed()
+
+        self.run(stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(WAIT)
+        self.loop.close()
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeDns]:
+    with FakeDns() as server:
+        yield server
+
+
+@pytest.fixture
+def make_env(fake: FakeDns, tmp_path: Path) -> Iterator[Callable[..., GateEnv]]:
+    envs: list[GateEnv] = []
+
+    def make(mode: str = "enforce", **kwargs: Any) -> GateEnv:
+        path = tmp_path / f"policy-{len(envs)}.yaml"
+        path.write_text(textwrap.dedent(POLICY.format(mode=mode)))
+        env = GateEnv(fake, load_policy(path), **kwargs)
+        envs.append(env)
+        return env
+
+    yield make
+    for env in envs:
+        env.close()
+
+
+@pytest.fixture
+def env(make_env: Callable[..., GateEnv]) -> GateEnv:
+    return make_env()
+
+
+def addresses(response: dns.message.Message) -> list[str]:
+    return sorted(rd.to_text() for rrset in response.answer for rd in rrset)
+
+
+def only(decisions: list[Decision]) -> Decision:
+    assert len(decisions) == 1, decisions
+    return decisions[0]
+
+
+TRANSPORTS = ["udp", "tcp"]
+
+
+# --- names the policy does not allow: nothing goes upstream -------------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_unlisted_name_is_nxdomain_without_upstream_query(env: GateEnv, transport: str) -> None:
+    name = f"{os.urandom(8).hex()}.attacker.test"
+    env.fake.set(name, "A", ["203.0.113.66"])
+    response = env.query(name, "A", transport)
+    assert response.rcode() == dns.rcode.NXDOMAIN
+    assert response.answer == []
+    assert env.fake.queries == []
+    d = only(env.decisions)
+    assert (d.decision, d.reason, d.kind, d.host, d.qtype) == (
+        Verdict.DENY,
+        Reason.NO_MATCHING_RULE,
+        Kind.DNS,
+        name,
+        "A",
+    )
+    assert d.sandbox_id == "sbx-1" and d.client == "127.0.0.1"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("qtype", ["TXT", "ANY", "NULL", "MX", "SRV", "NS", "SOA", "PTR", "CAA"])
+@pytest.mark.parametrize("name", ["www.allowed.test", "exfil-data.attacker.test"])
+def test_other_types_are_refused_without_upstream_query(
+    env: GateEnv, transport: str, qtype: str, name: str
+) -> None:
+    env.fake.set(name, "TXT", ["secret"])
+    response = env.query(name, qtype, transport)
+    assert response.rcode() == dns.rcode.REFUSED
+    assert response.answer == []
+    assert env.fake.queries == []
+    d = only(env.decisions)
+    assert (d.decision, d.reason, d.host, d.qtype) == (
+        Verdict.DENY,
+        Reason.DNS_TYPE_REFUSED,
+        name,
+        qtype,
+    )
+
+
+def test_non_internet_class_is_refused(env: GateEnv) -> None:
+    q = dns.message.make_query("version.bind", "TXT", rdclass=dns.rdataclass.CH)
+    response = dns.query.udp(q, env.udp[0], port=env.udp[1], timeout=WAIT)
+    assert response.rcode() == dns.rcode.REFUSED
+    assert env.fake.queries == []
+    assert only(env.decisions).reason is Reason.DNS_TYPE_REFUSED
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize(
+    "labels",
+    [
+        [b"bad label", b"allowed", b"test"],
+        [b"nul\x00", b"allowed", b"test"],
+        [b"dot.inside", b"allowed", b"test"],
+        [b"-lead", b"allowed", b"test"],
+        [b"127", b"0", b"0", b"1"],
+        [b"169", b"254", b"169", b"254"],
+    ],
+)
+def test_invalid_names_are_refused_without_upstream_query(
+    env: GateEnv, transport: str, labels: list[bytes]
+) -> None:
+    name = dns.name.Name([*labels, b""])
+    response = env.query(name, "A", transport)
+    assert response.rcode() == dns.rcode.REFUSED
+    assert env.fake.queries == []
+    d = only(env.decisions)
+    assert (d.decision, d.reason) == (Verdict.DENY, Reason.INVALID_HOST)
+    assert "\x00" not in d.host and "\n" not in d.host
+
+
+def test_refusal_carries_extended_dns_error(env: GateEnv) -> None:
+    response = env.query("x.attacker.test", "A", use_edns=0)
+    (ede,) = [o for o in response.options if isinstance(o, dns.edns.EDEOption)]
+    assert ede.code == dns.edns.EDECode.BLOCKED
+    d = only(env.decisions)
+    assert ede.text is not None and d.id in ede.text and "no-matching-rule" in ede.text
+
+
+# --- allowed names: real answers, checked ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_allowed_name_gets_real_answer(env: GateEnv, transport: str) -> None:
+    env.fake.set("pkg.allowed.test", "A", ["203.0.113.10", "198.51.100.10"])
+    response = env.query("PKG.Allowed.Test", "A", transport)
+    assert response.rcode() == dns.rcode.NOERROR
+    assert addresses(response) == ["198.51.100.10", "203.0.113.10"]
+    assert response.answer[0].name == dns.name.from_text("PKG.Allowed.Test")
+    assert env.fake.queries == [("pkg.allowed.test", "A", "udp")]
+    d = only(env.decisions)
+    assert (d.decision, d.reason, d.rule, d.host, d.qtype) == (
+        Verdict.ALLOW,
+        Reason.ALLOWED_BY_RULE,
+        "allowed",
+        "pkg.allowed.test",
+        "A",
+    )
+
+
+def test_aaaa_answer(env: GateEnv) -> None:
+    env.fake.set("v6.allowed.test", "AAAA", ["2001:db8::1"])
+    response = env.query("v6.allowed.test", "AAAA")
+    assert addresses(response) == ["2001:db8::1"]
+    assert env.fake.queries == [("v6.allowed.test", "AAAA", "udp")]
+
+
+def test_cname_chain_is_flattened_to_addresses(env: GateEnv) -> None:
+    env.fake.set("cdn.allowed.test", "CNAME", ["edge.elsewhere.test."])
+    env.fake.set("edge.elsewhere.test", "A", ["203.0.113.20"])
+    response = env.query("cdn.allowed.test", "A")
+    assert [rrset.rdtype for rrset in response.answer] == [dns.rdatatype.A]
+    assert addresses(response) == ["203.0.113.20"]
+    assert "elsewhere" not in response.to_text()
+
+
+def test_internal_answers_are_stripped(env: GateEnv) -> None:
+    env.fake.set("mixed.allowed.test", "A", ["10.0.0.1", "203.0.113.10", "169.254.169.254"])
+    response = env.query("mixed.allowed.test", "A")
+    assert addresses(response) == ["203.0.113.10"]
+    d = only(env.decisions)
+    assert d.decision is Verdict.ALLOW
+    assert d.detail is not None and "10.0.0.1" in d.detail and "169.254.169.254" in d.detail
+
+
+@pytest.mark.parametrize(
+    ("rdtype", "values"),
+    [
+        ("A", ["127.0.0.1"]),
+        ("A", ["169.254.169.254", "10.1.1.1"]),
+        ("AAAA", ["64:ff9b::a9fe:a9fe"]),  # NAT64 of the metadata address
+        ("AAAA", ["2002:7f00:1::1"]),  # 6to4 of loopback
+        ("AAAA", ["::ffff:127.0.0.1", "fd00:ec2::254"]),
+    ],
+)
+def test_all_internal_is_empty_answer_and_deny(
+    env: GateEnv, rdtype: str, values: list[str]
+) -> None:
+    env.fake.set("inside.allowed.test", rdtype, values)
+    response = env.query("inside.allowed.test", rdtype)
+    assert response.rcode() == dns.rcode.NOERROR
+    assert response.answer == []
+    d = only(env.decisions)
+    assert (d.decision, d.reason) == (Verdict.DENY, Reason.INTERNAL_ADDRESS)
+    assert d.address in values
+
+
+def test_cname_into_internal_is_denied(env: GateEnv) -> None:
+    env.fake.set("web.allowed.test", "CNAME", ["db.corp.test."])
+    env.fake.set("db.corp.test", "A", ["192.168.10.5"])
+    response = env.query("web.allowed.test", "A")
+    assert response.answer == []
+    assert only(env.decisions).reason is Reason.INTERNAL_ADDRESS
+
+
+def test_allowed_name_that_does_not_exist_is_nxdomain(env: GateEnv) -> None:
+    response = env.query("gone.test", "A")
+    assert response.rcode() == dns.rcode.NXDOMAIN
+    assert env.fake.count("gone.test") == 1
+    assert only(env.decisions).decision is Verdict.ALLOW
+
+
+@pytest.mark.parametrize("qtype", ["HTTPS", "SVCB", "CNAME"])
+def test_https_svcb_cname_are_answered_empty_without_upstream(env: GateEnv, qtype: str) -> None:
+    env.fake.set("svc.allowed.test", "HTTPS", ['1 . alpn="h2" ech="AEX+DQBB"'])
+    env.fake.set("svc.allowed.test", "CNAME", ["elsewhere.test."])
+    response = env.query("svc.allowed.test", qtype)
+    assert response.rcode() == dns.rcode.NOERROR
+    assert response.answer == []
+    assert env.fake.queries == []
+    d = only(env.decisions)
+    assert (d.decision, d.qtype) == (Verdict.ALLOW, qtype)
+
+
+def test_https_for_unlisted_name_is_nxdomain(env: GateEnv) -> None:
+    response = env.query("x.attacker.test", "HTTPS")
+    assert response.rcode() == dns.rcode.NXDOMAIN
+    assert env.fake.queries == []
+
+
+@pytest.mark.parametrize(("upstream_ttl", "expected"), [(0, 5), (60, 60), (86400, 300)])
+def test_ttl_is_clamped(env: GateEnv, upstream_ttl: int, expected: int) -> None:
+    env.fake.set("ttl.allowed.test", "A", ["203.0.113.3"], ttl=upstream_ttl)
+    response = env.query("ttl.allowed.test", "A")
+    assert response.answer[0].ttl == expected
+
+
+# --- upstream failures: deny, never allow --------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("failure", ["timeout", "servfail"])
+def test_upstream_failure_is_servfail_and_deny(env: GateEnv, transport: str, failure: str) -> None:
+    getattr(env.fake, failure)("down.allowed.test")
+    response = env.query("down.allowed.test", "A", transport)
+    assert response.rcode() == dns.rcode.SERVFAIL
+    assert response.answer == []
+    d = only(env.decisions)
+    assert (d.decision, d.reason, d.rule) == (Verdict.DENY, Reason.DNS_FAILURE, "allowed")
+    assert env.fake.count("down.allowed.test") >= 1
+
+
+def test_audit_unavailable_withholds_the_answer(make_env: Callable[..., GateEnv]) -> None:
+    env = make_env(write_ahead=(BrokenJournal(),))
+    env.fake.set("pkg.allowed.test", "A", ["203.0.113.10"])
+    response = env.query("pkg.allowed.test", "A")
+    assert response.rcode() == dns.rcode.REFUSED
+    assert response.answer == []
+    assert only(env.decisions).reason is Reason.AUDIT_UNAVAILABLE
+
+
+# --- report mode learns names but keeps the safety refusals -------------------------------------
+
+
+def test_report_mode_answers_unlisted_names_but_still_refuses_types_and_internal(
+    make_env: Callable[..., GateEnv],
+) -> None:
+    env = make_env(mode="report")
+    env.fake.set("new.attacker.test", "A", ["203.0.113.77"])
+    env.fake.set("meta.attacker.test", "A", ["169.254.169.254"])
+    assert addresses(env.query("new.attacker.test", "A")) == ["203.0.113.77"]
+    assert env.query("new.attacker.test", "TXT").rcode() == dns.rcode.REFUSED
+    assert env.query("meta.attacker.test", "A").answer == []
+    verdicts = [(d.decision, d.reason) for d in env.decisions]
+    assert verdicts == [
+        (Verdict.REPORT, Reason.NO_MATCHING_RULE),
+        (Verdict.DENY, Reason.DNS_TYPE_REFUSED),
+        (Verdict.DENY, Reason.INTERNAL_ADDRESS),
+    ]
+    assert ("new.attacker.test", "TXT", "udp") not in env.fake.queries
+
+
+# --- transport details ---------------------------------------------------------------------------
+
+
+def test_several_queries_on_one_tcp_connection(env: GateEnv) -> None:
+    env.fake.set("a.allowed.test", "A", ["203.0.113.1"])
+    env.fake.set("b.allowed.test", "A", ["203.0.113.2"])
+    with socket.create_connection(env.tcp, timeout=WAIT) as sock:
+        for name, want in [("a.allowed.test", "203.0.113.1"), ("b.allowed.test", "203.0.113.2")]:
+            q = dns.message.make_query(name, "A")
+            assert addresses(dns.query.tcp(q, env.tcp[0], timeout=WAIT, sock=sock)) == [want]
+        q = dns.message.make_query("evil.attacker.test", "A")
+        assert dns.query.tcp(q, env.tcp[0], timeout=WAIT, sock=sock).rcode() == dns.rcode.NXDOMAIN
+    assert len(env.decisions) == 3
+
+
+def test_tcp_idle_connection_is_closed(make_env: Callable[..., GateEnv]) -> None:
+    env = make_env(tcp_idle_timeout=0.3)
+    with socket.create_connection(env.tcp, timeout=WAIT) as sock:
+        assert sock.recv(1) == b""  # closed by the gate, not by our timeout
+
+
+def test_oversized_tcp_frame_closes_connection(env: GateEnv) -> None:
+    with socket.create_connection(env.tcp, timeout=WAIT) as sock:
+        sock.sendall(b"\xff\xff" + b"\x00" * 100)
+        assert sock.recv(1) == b""
+    assert env.decisions == []
+
+
+def test_tcp_connection_limit(make_env: Callable[..., GateEnv]) -> None:
+    env = make_env(max_tcp_connections=2)
+    env.fake.set("a.allowed.test", "A", ["203.0.113.1"])
+    held = [socket.create_connection(env.tcp, timeout=WAIT) for _ in range(2)]
+    try:
+        q = dns.message.make_query("a.allowed.test", "A")
+        # the two held connections are registered before the third arrives
+        assert addresses(dns.query.tcp(q, env.tcp[0], timeout=WAIT, sock=held[0])) == [
+            "203.0.113.1"
+        ]
+        with socket.create_connection(env.tcp, timeout=WAIT) as extra:
+            assert extra.recv(1) == b""
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_large_udp_answer_is_truncated_and_complete_over_tcp(
+    make_env: Callable[..., GateEnv],
+) -> None:
+    env = make_env(max_answers=40)
+    many = [f"2001:db8::{i:x}" for i in range(1, 31)]
+    env.fake.set("big.allowed.test", "AAAA", many)
+    udp = env.query("big.allowed.test", "AAAA")
+    assert udp.flags & dns.flags.TC
+    assert udp.answer == []
+    tcp = env.query("big.allowed.test", "AAAA", "tcp")
+    assert len(addresses(tcp)) == 30
+
+
+def test_malformed_query_gets_formerr_and_no_upstream(env: GateEnv) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(WAIT)
+        sock.sendto(b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\xff\xff", env.udp)
+        reply = dns.message.from_wire(sock.recv(4096))
+        assert reply.id == 0x1234 and reply.rcode() == dns.rcode.FORMERR
+        sock.sendto(b"\x00\x01junk", env.udp)  # too short for a header: dropped
+        sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            sock.recv(4096)
+    assert env.fake.queries == []
+    assert env.decisions == []
+
+
+def test_responses_are_not_answered(env: GateEnv) -> None:
+    q = dns.message.make_query("a.allowed.test", "A")
+    q.flags |= dns.flags.QR
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.3)
+        sock.sendto(q.to_wire(), env.udp)
+        with pytest.raises(TimeoutError):
+            sock.recv(4096)
+    assert env.fake.queries == []
+
+
+def test_two_questions_are_formerr(env: GateEnv) -> None:
+    q = dns.message.make_query("a.allowed.test", "A")
+    q.question.append(dns.message.make_query("x.attacker.test", "A").question[0])
+    response = dns.query.udp(q, env.udp[0], port=env.udp[1], timeout=WAIT)
+    assert response.rcode() == dns.rcode.FORMERR
+    assert env.fake.queries == []
+
+
+def test_serve_on_host_and_port(fake: FakeDns, tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(POLICY.format(mode="enforce"))
+    policy = load_policy(path)
+    sink = ListSink()
+    fake.set("h.allowed.test", "A", ["203.0.113.4"])
+
+    async def main() -> tuple[list[str], list[str]]:
+        gate = DnsGate(lambda: policy, Resolver([fake.nameserver], timeout=0.5), Emitter([sink]))
+        udp = await gate.serve_udp(host="127.0.0.1", port=0)
+        tcp = await gate.serve_tcp(host="127.0.0.1", port=0)
+        try:
+            q = dns.message.make_query("h.allowed.test", "A")
+            r1 = await dns.asyncquery.udp(q, udp[0], port=udp[1], timeout=WAIT)
+            r2 = await dns.asyncquery.tcp(q, tcp[0], port=tcp[1], timeout=WAIT)
+            return addresses(r1), addresses(r2)
+        finally:
+            gate.close()
+            await gate.wait_closed()
+
+    assert asyncio.run(main()) == (["203.0.113.4"], ["203.0.113.4"])
+    assert len(sink.decisions) == 2
+
+
+def test_policy_is_read_per_query(fake: FakeDns, tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(POLICY.format(mode="enforce"))
+    allow = load_policy(path)
+    path.write_text("version: 1\nrules: []\n")
+    deny_all = load_policy(path)
+    current = [allow]
+    sink = ListSink()
+    fake.set("r.allowed.test", "A", ["203.0.113.4"])
+
+    async def main() -> list[int]:
+        gate = DnsGate(lambda: current[0], Resolver([fake.nameserver]), Emitter([sink]))
+        wire = dns.message.make_query("r.allowed.test", "A").to_wire()
+        rcodes: list[int] = []
+        for policy in (allow, deny_all):
+            current[0] = policy
+            reply = await gate.handle(wire, "10.9.9.9", "udp")
+            assert reply is not None
+            rcodes.append(dns.message.from_wire(reply).rcode())
+        return rcodes
+
+    assert asyncio.run(main()) == [dns.rcode.NOERROR, dns.rcode.NXDOMAIN]
+    assert [d.client for d in sink.decisions] == ["10.9.9.9", "10.9.9.9"]
+    assert fake.count("r.allowed.test") == 1

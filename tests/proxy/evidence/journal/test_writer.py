@@ -1,0 +1,340 @@
+"""The audit journal: chained, rotated, write-ahead, and failing closed on a full disk."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from proxy.core.decision import Decision, Kind, Reason, Verdict
+from proxy.evidence.emit import AuditUnavailable, Emitter
+from proxy.evidence.journal.verify import verify
+from proxy.evidence.journal.writer import (
+    GENESIS,
+    Journal,
+    journal_files,
+    record_hash,
+    rotated_name,
+)
+from proxy.evidence.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parents[4]
+
+
+def decision(i: int = 0, verdict: Verdict = Verdict.ALLOW) -> Decision:
+    return Decision(
+        decision=verdict,
+        reason=Reason.ALLOWED_BY_RULE if verdict is Verdict.ALLOW else Reason.NO_MATCHING_RULE,
+        rule="pypi" if verdict is Verdict.ALLOW else None,
+        kind=Kind.CONNECT,
+        host=f"host{i}.example",
+        port=443,
+        policy_version="v1",
+        mode="enforce",
+        client="127.0.0.1",
+    )
+
+
+def lines(path: Path) -> list[dict[str, object]]:
+    return [json.loads(raw) for raw in path.read_text().splitlines()]
+
+
+def test_records_are_hash_chained_and_verifiable(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    journal = Journal(path, fsync="always")
+    ids = [decision(i) for i in range(3)]
+    for d in ids:
+        journal.record(d)
+    journal.close()
+    records = lines(path)
+    assert [r["seq"] for r in records] == [1, 2, 3]
+    assert records[0]["prev"] == GENESIS
+    for before, after in itertools.pairwise(records):
+        assert after["prev"] == before["hash"]
+    for r in records:
+        body = {k: v for k, v in r.items() if k != "hash"}
+        assert record_hash(body) == r["hash"]
+        assert r["event"] == "egress.decision"
+    assert [r["id"] for r in records] == [d.id for d in ids]
+    assert verify([path]).ok
+    assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+def test_record_is_on_disk_before_emit_returns(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    journal = Journal(path, fsync="never")
+    emitter = Emitter(write_ahead=[journal], audit_required=True)
+    d = decision()
+    returned = emitter.emit(d)
+    assert returned.decision is Verdict.ALLOW
+    # read through a separate file description: the line reached the kernel before emit returned
+    assert d.id in path.read_text()
+    journal.close()
+
+
+def test_hostile_host_cannot_forge_lines(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    journal = Journal(path)
+    journal.record(decision().with_(host='evil\n{"seq":99,"forged":true}\r\x00'))
+    journal.close()
+    assert len(path.read_bytes().splitlines()) == 1
+    assert verify([path]).ok
+
+
+def test_rotation_keeps_the_chain(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    metrics = Metrics()
+    journal = Journal(path, max_bytes=2048, metrics=metrics)
+    for i in range(40):
+        journal.record(decision(i))
+    journal.close()
+    files = journal_files(path)
+    assert len(files) >= 3
+    assert files[0] == rotated_name(path, 1)
+    assert files[-1] == path
+    for older, newer in itertools.pairwise(files):
+        assert lines(newer)[0]["prev"] == lines(older)[-1]["hash"]
+        assert older.stat().st_size <= 2048
+    assert sum(len(lines(f)) for f in files) == 40
+    report = verify(files)
+    assert report.ok and report.records == 40, report.problems
+    assert metrics.journal_rotations._value.get() == len(files) - 1
+    assert metrics.journal_writes._value.get() == 40
+
+
+def test_restart_continues_the_chain(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    first = Journal(path, max_bytes=2048)
+    for i in range(20):
+        first.record(decision(i))
+    first.close()
+    second = Journal(path, max_bytes=2048)
+    assert second.seq == 20
+    second.record(decision(99))
+    second.close()
+    report = verify(journal_files(path))
+    assert report.ok and report.last_seq == 21, report.problems
+
+
+@pytest.mark.parametrize("policy", ["always", "interval", "never"])
+def test_every_fsync_policy_writes_a_valid_journal(tmp_path: Path, policy: str) -> None:
+    path = tmp_path / "audit.jsonl"
+    journal = Journal(path, fsync=policy, fsync_interval=0.01)  # type: ignore[arg-type]
+    for i in range(5):
+        journal.record(decision(i))
+    journal.sync()
+    journal.close()
+    assert verify([path]).records == 5
+
+
+def test_bad_settings_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--journal-fsync"):
+        Journal(tmp_path / "j", fsync="sometimes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="--journal-max-bytes"):
+        Journal(tmp_path / "j", max_bytes=10)
+
+
+def test_unwritable_journal_denies_under_audit_required(tmp_path: Path) -> None:
+    target = tmp_path / "is-a-directory"
+    target.mkdir()  # even root cannot open a directory for writing
+    metrics = Metrics()
+    journal = Journal(target, metrics=metrics)
+    with pytest.raises(AuditUnavailable):
+        journal.record(decision())
+    strict = Emitter(write_ahead=[journal], sinks=[metrics], audit_required=True)
+    out = strict.emit(decision())
+    assert out.decision is Verdict.DENY
+    assert out.reason is Reason.AUDIT_UNAVAILABLE
+    lenient = Emitter(write_ahead=[journal], audit_required=False)
+    assert lenient.emit(decision()).decision is Verdict.ALLOW
+    assert metrics.journal_errors.labels(error="other")._value.get() == 3
+    journal.close()
+
+
+DISK_FULL_CHILD = textwrap.dedent(
+    """
+    import json, resource, signal, sys
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[2])
+    from proxy.evidence.journal.verify import verify
+    from proxy.core.decision import Decision, Kind, Reason, Verdict
+    from proxy.evidence.emit import Emitter
+    from proxy.evidence.journal.writer import Journal
+    from proxy.evidence.metrics import Metrics
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+    path = Path(sys.argv[1])
+    metrics = Metrics()
+    journal = Journal(path, fsync="always", metrics=metrics)
+    emitter = Emitter(write_ahead=[journal], audit_required=True)
+    def d(i):
+        return Decision(decision=Verdict.ALLOW, reason=Reason.ALLOWED_BY_RULE, rule="r",
+                        kind=Kind.CONNECT, host=f"h{i}.example", port=443,
+                        policy_version="v", mode="enforce")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2000, hard))  # the "disk" holds 2000 bytes
+    verdicts = [str(emitter.emit(d(i)).reason) for i in range(30)]
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # space is freed
+    after = str(emitter.emit(d(100)).decision)
+    journal.close()
+    report = verify([path])
+    print(json.dumps({
+        "reasons": verdicts, "after": after, "size": path.stat().st_size,
+        "ok": report.ok, "records": report.records, "problems": [str(p) for p in report.problems],
+        "errors": metrics.journal_errors.labels(error="disk_full")._value.get(),
+    }))
+    """
+)
+
+
+def test_disk_full_denies_then_recovers(tmp_path: Path) -> None:
+    """A real file-size limit (RLIMIT_FSIZE) in a child process: writes fail with EFBIG."""
+    path = tmp_path / "audit.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-c", DISK_FULL_CHILD, str(path), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    reasons = result["reasons"]
+    assert reasons[0] == "allowed-by-rule"
+    assert "audit-unavailable" in reasons
+    first_denied = reasons.index("audit-unavailable")
+    assert all(r == "audit-unavailable" for r in reasons[first_denied:])
+    assert result["errors"] == len(reasons) - first_denied
+    assert result["after"] == "allow"  # recovered once space was available again
+    # no torn line was left behind: the chain is intact and holds exactly the allowed records
+    assert result["ok"], result["problems"]
+    assert result["records"] == first_denied + 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="needs root")
+def test_full_tmpfs_denies_then_recovers(tmp_path: Path) -> None:
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs here: {proc.stderr.strip()}")
+    metrics = Metrics()
+    journal = Journal(mnt / "audit.jsonl", fsync="always", metrics=metrics)
+    try:
+        emitter = Emitter(write_ahead=[journal], audit_required=True)
+        assert emitter.emit(decision(0)).decision is Verdict.ALLOW
+        filler = mnt / "filler"
+        with open(filler, "wb") as f, pytest.raises(OSError):
+            for _ in range(1000):
+                f.write(b"x" * 4096)
+                f.flush()
+        # the journal's last page may still have room: keep going until the disk really is full
+        verdicts = [emitter.emit(decision(i)) for i in range(1, 40)]
+        denied = verdicts[-1]
+        assert denied.decision is Verdict.DENY and denied.reason is Reason.AUDIT_UNAVAILABLE
+        allowed = sum(1 for v in verdicts if v.allowed)
+        assert allowed < 20
+        assert metrics.journal_errors.labels(error="disk_full")._value.get() >= 1
+        filler.unlink()
+        assert emitter.emit(decision(99)).decision is Verdict.ALLOW
+        journal.close()
+        report = verify([mnt / "audit.jsonl"])
+        assert report.ok and report.records == allowed + 2, report.problems
+    finally:
+        journal.close()
+        if subprocess.run(["umount", str(mnt)], timeout=10, check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], timeout=10, check=False)
+
+
+def test_follower_reads_across_rotation_without_loss_or_duplicates(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    journal = Journal(path, max_bytes=2048)
+    journal.record(decision(-1))  # before the follower: must not be read
+    follower = journal.follow()
+    seen: list[int] = []
+    for i in range(60):
+        journal.record(decision(i))
+        if i % 7 == 0:
+            seen += [int(r["seq"]) for r in follower.read(limit=5)]  # type: ignore[call-overload]
+    for _ in range(100):
+        batch = follower.read(limit=5)
+        if not batch:
+            break
+        seen += [int(r["seq"]) for r in batch]  # type: ignore[call-overload]
+    journal.close()
+    follower.close()
+    assert len(journal_files(path)) > 2
+    assert seen == list(range(2, 62))
+
+
+def test_torn_last_line_from_a_crash_is_removed_on_restart(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    journal = Journal(path)
+    for i in range(3):
+        journal.record(decision(i))
+    journal.close()
+    with open(path, "ab") as f:
+        f.write(b'{"decision":"allow","event":"egress.decision","host":"torn.exa')  # power cut
+    assert not verify([path]).ok
+    journal = Journal(path)
+    assert journal.seq == 3
+    survivor = decision(99)
+    journal.record(survivor)
+    journal.close()
+    report = verify([path])
+    assert report.ok and report.records == 4, report.problems
+    assert lines(path)[-1]["id"] == survivor.id
+    assert "torn.exa" not in path.read_text()
+
+
+def test_follower_reads_records_longer_than_its_read_chunk(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    journal = Journal(path)
+    follower = journal.follow()
+    huge = decision().with_(kind=Kind.HTTP, method="GET", path="/" + "a" * 600_000)
+    journal.record(huge)
+    journal.record(decision(1))
+    journal.close()
+    got = follower.read(limit=10)
+    follower.close()
+    assert [r["id"] for r in got] == [huge.id, json.loads(path.read_text().splitlines()[1])["id"]]
+
+
+def test_restart_after_a_record_larger_than_the_tail_window(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    journal = Journal(path)
+    journal.record(decision(0))
+    journal.record(decision().with_(kind=Kind.HTTP, path="/" + "b" * 300_000))
+    journal.close()
+    again = Journal(path)
+    assert again.seq == 2
+    again.record(decision(2))
+    again.close()
+    assert verify([path]).ok
+
+
+def test_a_torn_tail_longer_than_the_window_is_removed_exactly(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    journal = Journal(path)
+    journal.record(decision(0))
+    journal.close()
+    with open(path, "ab") as f:
+        f.write(b'{"path":"/' + b"c" * 200_000)  # torn in the middle of a huge record
+    again = Journal(path)
+    again.record(decision(1))
+    again.close()
+    report = verify([path])
+    assert report.ok and report.records == 2, report.problems
