@@ -1,14 +1,12 @@
 """Chooses the protocol layer for every connection, so nothing the gate did not look at is ever relayed.
 
 This replaces mitmproxy's NextLayer addon (it subclasses it for the one case it handles well: the explicit
-proxy's first layer). Inside an allowed CONNECT tunnel the first bytes decide:
+proxy's first layer). Inside an allowed CONNECT tunnel the core's classifier
+(:func:`proxy.core.firstbytes.classify`) and the checkpoint decide the first bytes; this module only
+maps the answer to a layer: HTTP on port 80 (each request is then decided by the gate), a byte-counting
+passthrough relay for an admitted ClientHello or SSH banner, a closing layer for a refusal.
 
-- port 80: plain HTTP, parsed so each request's Host is checked against the CONNECT host;
-- port 22: must start with an SSH identification string (git over ssh), then relayed untouched;
-- anything else must be a TLS ClientHello whose SNI names the CONNECT host and which carries no
-  Encrypted Client Hello; it is then relayed untouched (passthrough, no interception, no CA needed).
-
-Everything else, including any stack shape we did not plan for, gets a layer that closes the client
+Everything else, including any stack shape nobody planned for, gets a layer that closes the client
 connection: an unknown case fails closed instead of falling through to mitmproxy's defaults.
 """
 
@@ -24,17 +22,11 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.layers.http._http1 import Http1Server, make_error_response
 from mitmproxy.proxy.layers.modes import HttpProxy
-from mitmproxy.proxy.layers.tls import parse_client_hello
 
-from addons.gate import ClientState, GateAddon
-from proxy.core.decision import Decision, Reason
+from addons.gate import GateAddon
+from proxy.core.connections import Connection
+from proxy.core.firstbytes import Protocol, classify
 
-ECH_EXTENSION = 0xFE0D  # encrypted_client_hello (RFC 9849); hides the real SNI from the gate
-MAX_CLIENT_HELLO = (
-    64 * 1024
-)  # a ClientHello larger than this is not a real client; refuse, don't buffer
-SSH_PORT = 22
-PLAIN_HTTP_PORT = 80
 MAX_REQUEST_HEAD = 64 * 1024  # request line + headers; mitmproxy itself has no bound (threat 13)
 
 
@@ -72,7 +64,7 @@ class CountingTCPLayer(layers.TCPLayer):
     """Passthrough relay (no interception, no per-message hooks) that counts bytes each way for the
     connection-closed evidence: one length addition per chunk on the hot path."""
 
-    def __init__(self, context: Context, state: ClientState) -> None:
+    def __init__(self, context: Context, state: Connection) -> None:
         super().__init__(context, ignore=True)
         self.state = state
 
@@ -99,7 +91,7 @@ class GateLayers(NextLayer):
             if starts_like_tls_record(data):
                 # TLS to the proxy itself (a "secure web proxy") is not offered: no certificates to
                 # present, and a client speaking it would otherwise reach mitmproxy's TLS layers.
-                nextlayer.layer = CloseLayer(context)
+                nextlayer.layer = self._close(context)
                 return
             super().next_layer(nextlayer)
             if isinstance(nextlayer.layer, layers.HttpLayer):
@@ -107,53 +99,25 @@ class GateLayers(NextLayer):
             return
         tunnel = self.gate.tunnel_of(context.client)
         if tunnel is None or context.server.address is None:
-            nextlayer.layer = CloseLayer(context)  # a stack we did not plan for: fail closed
+            nextlayer.layer = self._close(context)  # a stack nobody planned for: fail closed
             return
-        nextlayer.layer = self._tunnel_layer(context, tunnel, data)
-        if nextlayer.layer is not None:
-            self.gate.request_started(context.client)
+        nextlayer.layer = self._tunnel_layer(context, tunnel.port, data)
 
-    def _tunnel_layer(self, context: Context, tunnel: Decision, data: bytes) -> layer.Layer | None:
+    def _tunnel_layer(self, context: Context, port: int | None, data: bytes) -> layer.Layer | None:
         """The layer for a tunnel's first bytes, or None to wait for more of them."""
-        if not data:
+        first = classify(port, data)
+        if first.protocol is Protocol.WAIT:
             return None
-        port = tunnel.port
-        if port == PLAIN_HTTP_PORT:
+        decision = self.gate.admit_tunnel(context.client, first)
+        if first.protocol is Protocol.HTTP:
             return bounded_http(layers.HttpLayer(context, HTTPMode.transparent))
-        if port == SSH_PORT:
-            if len(data) < 4 and b"SSH-".startswith(data):
-                return None
-            if data.startswith(b"SSH-"):
-                return CountingTCPLayer(context, self.gate.state_of(context.client))
-            return self._refuse(context, tunnel, Reason.NOT_TLS, "port 22 tunnels must carry SSH")
-        if len(data) < 3 and data[:1] == b"\x16":
-            return None
-        if not starts_like_tls_record(data):
-            return self._refuse(
-                context, tunnel, Reason.NOT_TLS, f"the tunnel to port {port} must start with TLS"
-            )
-        try:
-            hello = parse_client_hello(data)
-        except ValueError:
-            return self._refuse(context, tunnel, Reason.NOT_TLS, "malformed TLS ClientHello")
-        if hello is None:
-            if len(data) > MAX_CLIENT_HELLO:
-                return self._refuse(context, tunnel, Reason.NOT_TLS, "oversized TLS ClientHello")
-            return None
-        if any(ext_type == ECH_EXTENSION for ext_type, _ in hello.extensions):
-            return self._refuse(
-                context,
-                tunnel,
-                Reason.ECH_REFUSED,
-                "Encrypted Client Hello hides the destination; disable ECH for this client",
-            )
-        decision = self.gate.decide_tunnel_contents(context.client, tunnel, sni=hello.sni)
-        if not decision.allowed:
-            return CloseLayer(context)
-        return CountingTCPLayer(context, self.gate.state_of(context.client))
+        if decision is not None and not decision.allowed:
+            return self._close(context)
+        return CountingTCPLayer(context, self.gate.connection_of(context.client))
 
-    def _refuse(
-        self, context: Context, tunnel: Decision, reason: Reason, detail: str
-    ) -> layer.Layer:
-        self.gate.decide_tunnel_contents(context.client, tunnel, violation=(reason, detail))
+    def _close(self, context: Context) -> layer.Layer:
+        """Close the client at once. The layer's CloseConnection alone cancels mitmproxy's reader
+        task, which can be swallowed while the client keeps sending (the socket then stays open);
+        closing the transport as well cannot be."""
+        self.gate.close_client(context.client)
         return CloseLayer(context)

@@ -19,17 +19,13 @@ from mitmproxy import exceptions, options
 from mitmproxy.addons import errorcheck, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
-from addons.gate import (
-    DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
-    DEFAULT_REQUEST_DEADLINE,
-    Destinations,
-    GateAddon,
-    Observer,
-    current_sandbox,
-)
+from addons.gate import DEFAULT_REQUEST_DEADLINE, GateAddon, current_sandbox
 from addons.layers import GateLayers
-from proxy.evidence.emit import Emitter
-from proxy.policy.identities import Identities
+from proxy.core.checkpoint import Authenticator, Checkpoint, DecisionSink, Destinations
+from proxy.core.connections import DEFAULT_MAX_CONNECTIONS_PER_CLIENT, Connections, Observer
+from proxy.core.destination import DestinationCheck, NameResolver
+from proxy.core.hosts import parse_endpoint
+from proxy.destinations.local import OwnEndpoints
 from proxy.policy.model import Policy
 
 log = logging.getLogger(__name__)
@@ -60,41 +56,49 @@ class GateConfig:
 
 
 def parse_listen(spec: str) -> tuple[str, int]:
-    """``HOST:PORT``, ``[v6]:PORT`` or ``:PORT``; raises ValueError naming the problem."""
-    host, sep, port = spec.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"--listen {spec!r}: expected HOST:PORT with a port 0-65535")
-    host = host.strip("[]") or "127.0.0.1"
-    return host, int(port)
+    """``HOST:PORT``, ``[v6]:PORT`` or ``:PORT`` (loopback); raises ValueError naming the problem."""
+    try:
+        return parse_endpoint(spec, default_host="127.0.0.1", any_port=True)
+    except ValueError as exc:
+        raise ValueError(f"--listen {spec!r}: {exc}") from None
 
 
 class Gate:
-    """The running gate: mitmproxy master plus the gate addon, startable inside any asyncio loop."""
+    """The running gate: mitmproxy master plus the gate addon, startable inside any asyncio loop.
+
+    ``resolver`` turns names into addresses; the checkpoint screens and pins them. ``destinations``
+    replaces that screening step as a whole (tests wrap it in a fence that keeps traffic on loopback)."""
 
     def __init__(
         self,
         config: GateConfig,
         policy: Callable[[], Policy],
-        emitter: Emitter,
-        destinations: Destinations,
+        emitter: DecisionSink,
+        resolver: NameResolver,
         *,
+        destinations: Destinations | None = None,
         observer: Observer | None = None,
-        identities: Identities | None = None,
+        identities: Authenticator | None = None,
         sandbox_policies: dict[str, Callable[[], Policy]] | None = None,
     ) -> None:
         self.config = config
         self.emitter = emitter
-        self.addon = GateAddon(
+        self.own = OwnEndpoints()
+        self.checkpoint = Checkpoint(
             policy,
             emitter,
-            destinations,
-            sandbox_id=config.sandbox_id,
-            observer=observer,
+            destinations or DestinationCheck(resolver),
+            connections=Connections(
+                max_per_client=config.max_connections_per_client,
+                default_sandbox_id=config.sandbox_id,
+                sandbox_policies=sandbox_policies,
+                observer=observer,
+            ),
             identities=identities,
-            sandbox_policies=sandbox_policies,
-            max_connections_per_client=config.max_connections_per_client,
-            request_deadline=config.request_deadline,
+            own=self.own,
+            observer=observer,
         )
+        self.addon = GateAddon(self.checkpoint, request_deadline=config.request_deadline)
         self.master: Master | None = None
         self._task: asyncio.Task[None] | None = None
         self._extra: list[asyncio.Server] = []
@@ -131,10 +135,15 @@ class Gate:
                 raise RuntimeError("the proxy stopped during start-up; see the log above")
             if addrs := self.proxyserver.listen_addrs():
                 for addr in addrs:
-                    self.addon.protect_endpoint(str(addr[0]), int(addr[1]))
+                    self.protect_endpoint(str(addr[0]), int(addr[1]))
                 return
             await asyncio.sleep(0.02)
         raise RuntimeError("the proxy listener did not come up within 10 s")
+
+    def protect_endpoint(self, host: str, port: int) -> None:
+        """Never dial one of the gate's own listeners (proxy, DNS, metrics, admin), on any address
+        of this host, even where the policy opens internal ranges (threat 10)."""
+        self.own.add(host, port)
 
     @property
     def listen_address(self) -> tuple[str, int]:

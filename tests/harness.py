@@ -296,10 +296,10 @@ class LoopbackFence:
 
     async def destination(self, host: Any, port: int, allow_internal: Any) -> Any:
         from proxy.core.decision import Reason
-        from proxy.destinations.resolver import DestinationRefused
+        from proxy.core.destination import DestinationRefused
 
         dest = await self.inner.destination(host, port, allow_internal)
-        if not ipaddress.ip_address(dest.address).is_loopback:
+        if dest.address is None or not ipaddress.ip_address(dest.address).is_loopback:
             raise DestinationRefused(
                 Reason.DNS_FAILURE, f"test fence: {dest.address} is not loopback", dest.address
             )
@@ -354,6 +354,7 @@ class RunningGate:
 
     async def _main(self) -> None:
         from addons.master import Gate, GateConfig
+        from proxy.core.destination import DestinationCheck
         from proxy.destinations.resolver import Resolver
 
         self._loop = asyncio.get_running_loop()
@@ -363,7 +364,8 @@ class RunningGate:
             GateConfig(listen_host="127.0.0.1", listen_port=0, **self.config),
             lambda: self.policy,
             self.emitter,
-            LoopbackFence(resolver),
+            resolver,
+            destinations=LoopbackFence(DestinationCheck(resolver)),
             **self.gate_kwargs,
         )
         await self.gate.start()

@@ -166,9 +166,9 @@ async def _serve(args: argparse.Namespace, policy: Policy, listen: tuple[str, in
             )
             await handoff.start()
         if evidence.metrics_address is not None:
-            gate.addon.protect_endpoint(*evidence.metrics_address)
+            gate.protect_endpoint(*evidence.metrics_address)
         if dns_gate is not None:
-            gate.addon.protect_endpoint(bound[0], bound[1])
+            gate.protect_endpoint(bound[0], bound[1])
         host, port = gate.listen_address
         info: dict[str, Any] = {
             "listen": f"{host}:{port}",

@@ -14,11 +14,13 @@ Host names are matched only by host patterns and IP literals only by ``cidrs``: 
 address. DNS questions have no port; they match allow rules on any port, and deny rules only when the
 deny rule covers every port (denying ``github.com:22`` must not stop ``github.com`` resolving).
 
-Report mode exists to learn an allowlist from real traffic, not to switch safety off. Only the three
-*policy* outcomes (``no-matching-rule``, ``denied-by-rule``, ``port-not-allowed``) become ``report``
-(traffic proceeds, the would-be denial is recorded). Safety and protocol refusals (``invalid-host``,
-``sni-*``, ECH, not-TLS, internal addresses, DNS failures, an unavailable audit trail, ...) stay ``deny``
-in every mode: no policy setting turns them into an allow.
+Report mode exists to learn what an allowlist is missing, not to switch safety off. Only the two
+outcomes that mean "the allowlist does not cover this" (``no-matching-rule``, ``port-not-allowed``)
+become ``report``: traffic proceeds and the would-be denial is recorded. An explicit deny rule is a
+decision a security engineer already took, so ``denied-by-rule`` holds in every mode (its detail says
+so in report mode). Safety and protocol refusals (``invalid-host``, ``sni-*``, ECH, not-TLS, internal
+addresses, DNS failures, an unavailable audit trail, ...) stay ``deny`` in every mode too: no policy
+setting turns them into an allow.
 
 ``decide`` does no I/O, keeps no state and costs the same for 10 rules as for 100,000 (see
 ``proxy/index.py`` and ``bench/decisions.py``).
@@ -28,43 +30,14 @@ from __future__ import annotations
 
 from proxy.core.decision import Decision, Kind, Reason, Request, Verdict
 from proxy.core.hosts import InvalidHost, canonical_host
-from proxy.policy.model import Mode, Policy, Rule
+from proxy.core.text import escape
+from proxy.policy.model import Mode, Policy
 
-MAX_RENDERED_HOST = 256
-
-# The reasons report mode may turn into REPORT; everything else is a safety refusal and stays DENY.
-POLICY_REASONS = frozenset(
-    {Reason.NO_MATCHING_RULE, Reason.DENIED_BY_RULE, Reason.PORT_NOT_ALLOWED}
-)
+# The reasons report mode turns into REPORT: the allowlist does not cover the request. Everything else
+# (explicit deny rules, safety refusals) stays DENY in every mode.
+REPORTABLE_REASONS = frozenset({Reason.NO_MATCHING_RULE, Reason.PORT_NOT_ALLOWED})
 
 _GRANT_HINT = "a human can grant access by adding a rule to the egress policy"
-
-
-def render_host(raw: object) -> str:
-    """A form of untrusted input that is safe in logs, headers and metric labels: printable ASCII,
-    unambiguous escapes (a backslash is doubled), at most MAX_RENDERED_HOST characters plus "...".
-    Used only for hosts that failed canonicalisation, so its cost is off the hot path."""
-    text = raw if isinstance(raw, str) else repr(raw)
-    out: list[str] = []
-    used = 0
-    for ch in text:
-        piece = _escape(ch)
-        if used + len(piece) > MAX_RENDERED_HOST:
-            return "".join(out) + "..."
-        out.append(piece)
-        used += len(piece)
-    return "".join(out)
-
-
-def _escape(ch: str) -> str:
-    if " " <= ch < "\x7f":
-        return "\\\\" if ch == "\\" else ch
-    code = ord(ch)
-    if code < 0x100:
-        return f"\\x{code:02x}"
-    if code < 0x10000:
-        return f"\\u{code:04x}"
-    return f"\\U{code:08x}"
 
 
 def _where(host: str, port: int | None) -> str:
@@ -79,7 +52,7 @@ def decide(request: Request, policy: Policy) -> Decision:
     try:
         target = canonical_host(request.host)
     except (InvalidHost, TypeError) as exc:
-        shown = render_host(request.host)
+        shown = escape(request.host)
         return _make(
             request,
             policy,
@@ -87,7 +60,7 @@ def decide(request: Request, policy: Policy) -> Decision:
             Reason.INVALID_HOST,
             None,
             shown,
-            f"'{shown}' is not a valid destination host ({render_host(str(exc))})",
+            f"'{shown}' is not a valid destination host ({escape(str(exc))})",
         )
     is_name = isinstance(target, str)
     host = target if isinstance(target, str) else str(target)
@@ -112,14 +85,10 @@ def decide(request: Request, policy: Policy) -> Decision:
     # (3) Deny beats allow, whatever the specificity.
     if match.deny is not None:
         rule = match.deny
-        return _policy_refusal(
-            request,
-            policy,
-            Reason.DENIED_BY_RULE,
-            rule.name,
-            host,
-            f"{_where(host, shown_port)} is denied by rule '{rule.name}'",
-        )
+        detail = f"{_where(host, shown_port)} is denied by rule '{rule.name}'"
+        if policy.mode is Mode.REPORT:
+            detail += " (explicit deny rules are enforced in report mode too)"
+        return _make(request, policy, Verdict.DENY, Reason.DENIED_BY_RULE, rule.name, host, detail)
     # (4) The most specific allow rule that lists the port.
     if match.allow is not None:
         rule = match.allow
@@ -141,7 +110,7 @@ def decide(request: Request, policy: Policy) -> Decision:
             rule.name,
             host,
             f"{_where(host, shown_port)} matches rule '{rule.name}' but the rule allows "
-            f"{_ports_phrase(rule)}; {_GRANT_HINT}",
+            f"{rule.ports_text()}; {_GRANT_HINT}",
         )
     # (5) Default deny.
     what = "host" if is_name else "address"
@@ -166,7 +135,7 @@ def refuse(
         target = canonical_host(request.host)
         host = target if isinstance(target, str) else str(target)
     except (InvalidHost, TypeError):
-        host = render_host(request.host)
+        host = escape(request.host)
     return _make(request, policy, Verdict.DENY, reason, rule, host, detail)
 
 
@@ -180,24 +149,17 @@ def _check_sni(sni: str | None, host: str, is_name: bool) -> tuple[Reason, str] 
         return None
     if not is_name:
         return Reason.SNI_MISMATCH, (
-            f"the TLS ClientHello names '{render_host(sni)}' but the tunnel is to the address {host}"
+            f"the TLS ClientHello names '{escape(sni)}' but the tunnel is to the address {host}"
         )
     try:
         sni_host = canonical_host(sni)
     except (InvalidHost, TypeError):
-        return Reason.SNI_MISMATCH, f"the TLS server name '{render_host(sni)}' is not a valid host"
+        return Reason.SNI_MISMATCH, f"the TLS server name '{escape(sni)}' is not a valid host"
     if sni_host != host:
         return Reason.SNI_MISMATCH, (
-            f"the TLS server name '{render_host(str(sni_host))}' does not match the tunnel host {host}"
+            f"the TLS server name '{escape(str(sni_host))}' does not match the tunnel host {host}"
         )
     return None
-
-
-def _ports_phrase(rule: Rule) -> str:
-    if rule.ports is None:
-        return "every port"
-    ports = sorted(rule.ports)
-    return ("port " if len(ports) == 1 else "ports ") + ", ".join(str(p) for p in ports)
 
 
 def _policy_refusal(
@@ -237,4 +199,4 @@ def _make(
     )
 
 
-__all__ = ["POLICY_REASONS", "decide", "refuse", "render_host"]
+__all__ = ["REPORTABLE_REASONS", "decide", "refuse"]

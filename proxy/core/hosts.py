@@ -18,7 +18,7 @@ from ipaddress import IPv4Address, IPv6Address
 
 import idna
 
-__all__ = ["InvalidHost", "canonical_host", "split_authority"]
+__all__ = ["InvalidHost", "canonical_host", "parse_endpoint", "split_authority"]
 
 _MAX_NAME = 253  # octets, without the trailing dot (RFC 1035 255 on the wire)
 _MAX_LABEL = 63
@@ -221,11 +221,15 @@ def _ipv6(text: str) -> IPv4Address | IPv6Address:
 # --- authority -------------------------------------------------------------------------------------
 
 
-def split_authority(authority: str, default_port: int) -> tuple[str, int]:
-    """Split ``host``, ``host:port``, ``[v6]``, ``[v6]:port`` or a bare IPv6 address.
+def split_authority(
+    authority: str, default_port: int, *, bare_ipv6: bool = True
+) -> tuple[str, int]:
+    """Split ``host``, ``host:port``, ``[v6]``, ``[v6]:port`` or (with ``bare_ipv6``) a bare IPv6 address.
 
     Returns the host part verbatim (brackets kept, not canonicalised: pass it to canonical_host) and
-    the port. Userinfo and anything but 1..65535 in ASCII digits are refused, never ignored.
+    the port. Userinfo and anything but 1..65535 in ASCII digits are refused, never ignored. URLs and
+    Host headers never carry a bare IPv6 address (``http://2001::1/`` is not ``[2001::1]:80``), so they
+    are parsed with ``bare_ipv6=False``; only a command line's ``HOST[:PORT]`` may use that form.
     """
     if not authority:
         raise InvalidHost("empty authority")
@@ -244,12 +248,44 @@ def split_authority(authority: str, default_port: int) -> tuple[str, int]:
     colons = authority.count(":")
     if colons == 0:
         return authority, default_port
-    if colons > 1:  # bare IPv6 without brackets cannot carry a port
-        return authority, default_port
+    if colons > 1:
+        if not bare_ipv6:
+            raise InvalidHost("an IPv6 address here must be in brackets: [v6] or [v6]:port")
+        return authority, default_port  # bare IPv6 without brackets cannot carry a port
     host, _, port = authority.partition(":")
     if not host:
         raise InvalidHost("empty host")
     return host, _port(port)
+
+
+def parse_endpoint(
+    spec: str,
+    *,
+    default_host: str | None = None,
+    default_port: int | None = None,
+    any_port: bool = False,
+) -> tuple[str, int]:
+    """A listening or server address from configuration: ``HOST:PORT``, ``[v6]:PORT``, ``v6``, ``:PORT``
+    (with ``default_host``) or ``HOST`` (with ``default_port``) -> (host without brackets, port).
+
+    ``any_port`` also accepts port 0 (a listener on an ephemeral port). Raises InvalidHost (a
+    ValueError) naming the problem."""
+    text = spec.strip()
+    if text.startswith(":") and text.count(":") == 1:
+        if default_host is None:
+            raise InvalidHost(f"{spec!r}: a host is required")
+        text = (f"[{default_host}]" if ":" in default_host else default_host) + text
+    if any_port and (text.endswith(":0") and not text.endswith("::0")):
+        host, _ = split_authority(text[:-2], 0)
+        port = 0
+    else:
+        sentinel = -1
+        host, port = split_authority(text, sentinel)
+        if port == sentinel:
+            if default_port is None:
+                raise InvalidHost(f"{spec!r}: expected HOST:PORT")
+            port = default_port
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host, port
 
 
 def _port(text: str) -> int:

@@ -52,9 +52,10 @@ import dns.rdatatype
 import dns.rrset
 
 from proxy.core.decision import Decision, Kind, Reason, Request
+from proxy.core.destination import screen
 from proxy.core.engine import decide, refuse
 from proxy.core.hosts import InvalidHost, canonical_host
-from proxy.destinations.resolver import Resolver, check_addresses
+from proxy.destinations.resolver import Resolver
 from proxy.evidence.emit import Emitter
 from proxy.policy.model import Policy
 
@@ -181,7 +182,7 @@ class DnsGate:
                 rule=decision.rule,
             )
             return self._refused(query, refusal)
-        good, bad = check_addresses(lookup.addresses, policy.allow_internal)
+        good, bad = screen(lookup.addresses, policy.allow_internal)
         if bad and not good:
             address, why = bad[0]
             refusal = refuse(

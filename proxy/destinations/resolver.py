@@ -1,17 +1,9 @@
-"""Resolve, check, pin: the only way a destination name becomes an address the gate connects to.
+"""Names to addresses for the gate: dnspython's async resolver behind a bounded, TTL-clamped cache.
 
-An allowlisted name is only as safe as the addresses it resolves to. Every address of every answer is
-checked against the internal ranges (``proxy.core.addresses``) unless the policy's ``allow_internal`` opens
-them on purpose; internal answers are dropped, and a name with nothing but internal answers is refused.
-
-DNS rebinding is defeated by *pinning*, not by caching: callers connect only to
-:attr:`Destination.address`, which is one of the addresses checked in the very call that returned it.
-Nothing ever resolves the name a second time between the check and the connect, so a name whose next
-answer (TTL 0) is ``127.0.0.1`` can change what the *next* call returns - which is checked again - but
-never what this one connects to.
-
-Failures never widen access: NXDOMAIN, SERVFAIL, timeouts, empty answers and a missing resolver
-configuration all raise :class:`DestinationRefused` with reason ``dns-failure``.
+Answers are returned unscreened: :class:`proxy.core.destination.DestinationCheck` screens every address
+and pins one, and the DNS gate screens what it answers. Failures never widen access: NXDOMAIN, SERVFAIL,
+timeouts, empty answers and a missing resolver configuration all come back as an empty answer with the
+failure explained, which the callers refuse with reason ``dns-failure``.
 """
 
 from __future__ import annotations
@@ -23,7 +15,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Literal
 
 import dns.asyncresolver
@@ -32,45 +23,13 @@ import dns.name
 import dns.nameserver
 import dns.resolver
 
-from proxy.core.addresses import check_address
-from proxy.core.decision import Reason
-from proxy.core.hosts import InvalidHost, canonical_host
+from proxy.core.destination import Answers
 
-__all__ = [
-    "Destination",
-    "DestinationRefused",
-    "Lookup",
-    "Network",
-    "Resolver",
-    "check_addresses",
-    "parse_nameserver",
-]
+__all__ = ["Lookup", "Resolver", "parse_nameserver"]
 
 log = logging.getLogger(__name__)
 
-Network = IPv4Network | IPv6Network
-IPAddress = IPv4Address | IPv6Address
 RdType = Literal["A", "AAAA"]
-
-
-class DestinationRefused(Exception):
-    """The destination must not be connected to; ``reason`` is the decision's reason code."""
-
-    def __init__(self, reason: Reason, detail: str, address: str | None = None) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-        self.address = address
-
-
-@dataclass(frozen=True, slots=True)
-class Destination:
-    """A checked destination. Connect to ``address`` and nothing else (that is the pin)."""
-
-    host: str  # canonical name, or the address text for IP literals
-    port: int
-    address: str  # the checked address to connect to (IPv4 preferred)
-    addresses: tuple[str, ...]  # every acceptable checked address, ``address`` first
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,29 +69,8 @@ def parse_nameserver(entry: str) -> tuple[str, int]:
     return host, port
 
 
-def check_addresses(
-    addresses: Sequence[str], allow_internal: Sequence[Network]
-) -> tuple[list[str], list[tuple[str, str]]]:
-    """Split answers into (acceptable, [(internal address, range)]); unparseable answers are refused."""
-    good: list[str] = []
-    bad: list[tuple[str, str]] = []
-    for text in addresses:
-        try:
-            ip = ipaddress.ip_address(text)
-        except ValueError:
-            bad.append((text, "not an IP address"))
-            continue
-        why = check_address(ip, allow_internal)
-        if why is None:
-            good.append(text)
-        else:
-            bad.append((text, why))
-    return good, bad
-
-
 class Resolver:
-    """dnspython's async resolver behind a bounded, TTL-clamped cache, answering one question: which
-    checked address may this connection go to?
+    """dnspython's async resolver behind a bounded, TTL-clamped cache.
 
     ``nameservers`` None reads the system's ``/etc/resolv.conf``; a missing or empty configuration
     leaves no nameservers, so every lookup fails (closed). Search domains are never applied: the
@@ -178,43 +116,11 @@ class Resolver:
         self._dns.lifetime = timeout
         self._dns.timeout = timeout
 
-    async def destination(
-        self, host: str | IPAddress, port: int, allow_internal: Sequence[Network]
-    ) -> Destination:
-        """Resolve (unless ``host`` is an IP literal), check every address, pick the one to connect to.
-
-        Raises :class:`DestinationRefused` (``internal-address``, ``dns-failure`` or ``invalid-host``).
-        """
-        if isinstance(host, str):
-            try:
-                host = canonical_host(host)
-            except InvalidHost as exc:
-                raise DestinationRefused(Reason.INVALID_HOST, f"invalid host: {exc}") from None
-        if not isinstance(host, str):
-            return self._literal(host, port, allow_internal)
-        v4, v6 = await asyncio.gather(self.lookup(host, "A"), self.lookup(host, "AAAA"))
+    async def resolve(self, name: str) -> Answers:
+        """A and AAAA for a canonical name, unscreened; an empty answer carries the failure."""
+        v4, v6 = await asyncio.gather(self.lookup(name, "A"), self.lookup(name, "AAAA"))
         answers = (*v4.addresses, *v6.addresses)
-        if not answers:
-            raise DestinationRefused(Reason.DNS_FAILURE, _failure_detail(host, v4, v6))
-        good, bad = check_addresses(answers, allow_internal)
-        if not good:
-            address, why = bad[0]
-            raise DestinationRefused(
-                Reason.INTERNAL_ADDRESS, f"{host} resolves to {address} ({why})", address
-            )
-        if bad:
-            log.info("%s: dropped internal answers %s", host, ", ".join(a for a, _ in bad))
-        pinned = list(dict.fromkeys(_connectable(a) for a in good))  # ordered, without duplicates
-        return Destination(host=host, port=port, address=pinned[0], addresses=tuple(pinned))
-
-    def _literal(self, ip: IPAddress, port: int, allow_internal: Sequence[Network]) -> Destination:
-        address = _connectable(str(ip))
-        why = check_address(ip, allow_internal)
-        if why is not None:
-            raise DestinationRefused(
-                Reason.INTERNAL_ADDRESS, f"{ip} is an internal address ({why})", address
-            )
-        return Destination(host=str(ip), port=port, address=address, addresses=(address,))
+        return Answers(answers, None if answers else _failure_detail(name, v4, v6))
 
     async def lookup(self, name: str, rdtype: RdType) -> Lookup:
         """The (cached) upstream answer for a canonical name, unchecked: callers must check it.
@@ -272,14 +178,6 @@ class Resolver:
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return lookup
-
-
-def _connectable(text: str) -> str:
-    """IPv4-mapped IPv6 answers connect as the IPv4 they are (they were checked as that too)."""
-    ip = ipaddress.ip_address(text)
-    if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
 
 
 def _failure_detail(host: str, v4: Lookup, v6: Lookup) -> str:

@@ -152,9 +152,11 @@ class Rule:
     description: str | None = None
 
     def ports_text(self) -> str:
+        """The ports as refusal messages phrase them: ``port 443``, ``ports 80, 443``, ``every port``."""
         if self.ports is None:
             return "every port"
-        return ", ".join(str(p) for p in sorted(self.ports))
+        ports = sorted(self.ports)
+        return ("port " if len(ports) == 1 else "ports ") + ", ".join(str(p) for p in ports)
 
 
 @dataclass(frozen=True, slots=True)

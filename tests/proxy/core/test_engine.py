@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from proxy.core.decision import Kind, Reason, Request, Verdict
-from proxy.core.engine import POLICY_REASONS, decide, refuse, render_host
+from proxy.core.engine import REPORTABLE_REASONS, decide, refuse
 from proxy.policy.loader import load_policy
 from proxy.policy.model import Mode, Policy
 
@@ -200,27 +200,6 @@ def test_invalid_host_is_rendered_safely(policy: Policy) -> None:
     assert json.loads(json.dumps(decision.to_dict()))["host"] == decision.host
 
 
-@pytest.mark.parametrize(
-    ("raw", "shown"),
-    [
-        ("a\nb", "a\\x0ab"),
-        ("tab\there", "tab\\x09here"),
-        ("nul\x00", "nul\\x00"),
-        ("del\x7f", "del\\x7f"),
-        ("ü", "\\xfc"),
-        ("\u202e", "\\u202e"),
-        ("back\\slash", "back\\\\slash"),
-        ("\U0001f600", "\\U0001f600"),
-        ("x" * 300, "x" * 256 + "..."),
-        ("x" * 256, "x" * 256),
-        ("\n" * 100, "\\x0a" * 64 + "..."),
-        (b"bytes", "b'bytes'"),
-    ],
-)
-def test_render_host(raw: object, shown: str) -> None:
-    assert render_host(raw) == shown
-
-
 # --- TLS: SNI checks come before rules -----------------------------------------------------------
 
 TLS_CASES = [
@@ -300,7 +279,7 @@ REPORT_CASES = [
     (Kind.CONNECT, "pypi.org", 443, None, Verdict.ALLOW, Reason.ALLOWED_BY_RULE),
     (Kind.CONNECT, "example.net", 443, None, Verdict.REPORT, Reason.NO_MATCHING_RULE),
     (Kind.CONNECT, "pypi.org", 22, None, Verdict.REPORT, Reason.PORT_NOT_ALLOWED),
-    (Kind.CONNECT, "github.com", 22, None, Verdict.REPORT, Reason.DENIED_BY_RULE),
+    (Kind.CONNECT, "github.com", 22, None, Verdict.DENY, Reason.DENIED_BY_RULE),
     (Kind.CONNECT, "bad\r\nhost", 443, None, Verdict.DENY, Reason.INVALID_HOST),
     (Kind.TLS, "pypi.org", 443, "evil.com", Verdict.DENY, Reason.SNI_MISMATCH),
     (Kind.TLS, "pypi.org", 443, None, Verdict.DENY, Reason.SNI_MISSING),
@@ -330,12 +309,20 @@ def test_report_mode_only_relaxes_policy_reasons(
     assert strict.decision is (Verdict.ALLOW if reason is Reason.ALLOWED_BY_RULE else Verdict.DENY)
 
 
-def test_policy_reasons_are_exactly_the_three() -> None:
-    assert {
-        Reason.NO_MATCHING_RULE,
+def test_report_mode_relaxes_exactly_the_allowlist_gaps() -> None:
+    """Explicit deny rules are decisions already taken: they hold in report mode."""
+    assert {Reason.NO_MATCHING_RULE, Reason.PORT_NOT_ALLOWED} == REPORTABLE_REASONS
+
+
+def test_explicit_deny_rule_holds_in_report_mode_and_says_so(tmp_path: Path) -> None:
+    report = make_policy(tmp_path, mode="report")
+    decision = decide(Request(Kind.CONNECT, "github.com", 22), report)
+    assert (decision.decision, decision.reason, decision.mode) == (
+        Verdict.DENY,
         Reason.DENIED_BY_RULE,
-        Reason.PORT_NOT_ALLOWED,
-    } == POLICY_REASONS
+        "report",
+    )
+    assert decision.detail is not None and "enforced in report mode" in decision.detail
 
 
 # --- decision contents -----------------------------------------------------------------------------

@@ -13,7 +13,8 @@ import dns.resolver
 import pytest
 
 from proxy.core.decision import Reason
-from proxy.destinations.resolver import Destination, DestinationRefused, Resolver, parse_nameserver
+from proxy.core.destination import Destination, DestinationCheck, DestinationRefused
+from proxy.destinations.resolver import Resolver, parse_nameserver
 from tests.dnsfake import FakeDns
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
@@ -39,7 +40,7 @@ def make(fake: FakeDns, **kwargs: object) -> Resolver:
 
 
 def dest(resolver: Resolver, host: object, allow_internal: tuple[object, ...] = ()) -> Destination:
-    return asyncio.run(resolver.destination(host, 443, allow_internal))  # type: ignore[arg-type]
+    return asyncio.run(DestinationCheck(resolver).destination(host, 443, allow_internal))  # type: ignore[arg-type]
 
 
 def refused(
@@ -382,7 +383,7 @@ def test_concurrent_lookups_share_one_query(fake: FakeDns) -> None:
     async def many() -> list[Destination]:
         resolver = make(fake)
         return await asyncio.gather(
-            *(resolver.destination("busy.test", 443, ()) for _ in range(20))
+            *(DestinationCheck(resolver).destination("busy.test", 443, ()) for _ in range(20))
         )
 
     results = asyncio.run(many())

@@ -140,7 +140,8 @@ def test_policy_error_carries_every_problem() -> None:
 
 
 def test_rule_ports_text() -> None:
-    assert Rule("r", ports=frozenset({443, 80})).ports_text() == "80, 443"
+    assert Rule("r", ports=frozenset({443, 80})).ports_text() == "ports 80, 443"
+    assert Rule("r", ports=frozenset({443})).ports_text() == "port 443"
     assert Rule("r", Action.DENY, ports=None).ports_text() == "every port"
 
 

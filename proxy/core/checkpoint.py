@@ -1,0 +1,317 @@
+"""The admission order: every connection, request and tunnel a sandbox opens passes here, in this order.
+
+At connection open (:meth:`Checkpoint.connected`):
+
+0. **limits** - more concurrent connections from one client (sandbox, or peer address) than the cap is
+   ``connection-limit``.
+
+For each CONNECT and each plain-HTTP request (:meth:`Checkpoint.admit`):
+
+1. **identity** - on a shared gate, the request must prove its sandbox with a proxy credential
+   (``proxy-auth-required``); requests inside a tunnel inherit the tunnel's identity, and one connection
+   never switches identity. From here on the sandbox's own policy applies.
+2. **framing** - a problem the adapter's pure classifiers found (a Host header or absolute-form target
+   naming another authority, an unsupported scheme) is refused with its own reason.
+3. **policy** - :func:`proxy.core.engine.decide`: canonical host, deny rules, allow rules and ports,
+   default deny; report mode turns only the policy refusals into ``report``.
+4. **destination** - an allowed host is resolved (hosts file, then DNS) and every address screened
+   against the internal ranges; one screened address is pinned (``internal-address``, ``dns-failure``).
+5. **self** - the pinned address and port must not be one of the gate's own listeners, on any address
+   of this host (``internal-address``): the gate never dials itself.
+6. **audit** - the decision is recorded; the write-ahead journal can still turn an allow into
+   ``audit-unavailable``. What the emitter returns is what is enforced.
+7. **pin** - only the screened address may then be dialled for this connection (:meth:`dial_target`).
+
+For the first bytes inside an allowed tunnel (:meth:`Checkpoint.admit_tunnel`): the pure classifier
+(:mod:`proxy.core.firstbytes`) refuses anything but the protocol the port calls for; a TLS ClientHello's
+server name is decided by the policy against the tunnel's host (``sni-missing``, ``sni-mismatch``); then
+audit as above. A refused tunnel forgets its pinned destination.
+
+Nothing here imports mitmproxy: adapters translate hook events into these calls and enforce the
+returned decision.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from proxy.core.connections import Connection, Connections, Observer
+from proxy.core.decision import Decision, Kind, Reason, Request, Verdict
+from proxy.core.destination import Destination, DestinationRefused, Network
+from proxy.core.engine import decide, refuse
+from proxy.core.firstbytes import FirstBytes
+from proxy.core.firstbytes import Protocol as FirstProtocol
+from proxy.core.framing import Problem
+from proxy.core.hosts import InvalidHost, canonical_host
+from proxy.policy.model import Policy
+
+
+class Destinations(Protocol):
+    """Resolve and screen a destination (:class:`proxy.core.destination.DestinationCheck`)."""
+
+    async def destination(
+        self, host: Any, port: int, allow_internal: Sequence[Network]
+    ) -> Destination: ...
+
+
+class DecisionSink(Protocol):
+    """Records a decision and returns the one to enforce (:class:`proxy.evidence.emit.Emitter`)."""
+
+    def emit(self, decision: Decision) -> Decision: ...
+
+    def event(self, name: str, attributes: dict[str, Any]) -> None: ...
+
+
+class SelfCheck(Protocol):
+    """Whether an address and port reach one of the gate's own listeners."""
+
+    def is_self(self, address: str, port: int) -> bool: ...
+
+
+class Identified(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+class Authenticator(Protocol):
+    def authenticate(self, header: str | None) -> Identified | None: ...
+
+
+SHARED_GATE_HINT = (
+    "this shared gate needs a per-sandbox credential (HTTPS_PROXY=http://ID:TOKEN@host:port)"
+)
+
+
+class Checkpoint:
+    def __init__(
+        self,
+        policy: Callable[[], Policy],
+        emitter: DecisionSink,
+        destinations: Destinations,
+        *,
+        connections: Connections | None = None,
+        identities: Authenticator | None = None,
+        own: SelfCheck | None = None,
+        observer: Observer | None = None,
+    ) -> None:
+        self._policy = policy
+        self.emitter = emitter
+        self.destinations = destinations
+        self.connections = connections or Connections(observer=observer)
+        self.identities = identities
+        self.own = own
+        self.observer = observer
+
+    def policy_for(self, conn: Connection) -> Policy:
+        return (conn.policy or self._policy)()
+
+    # -- connections ------------------------------------------------------------------------------
+
+    def connected(
+        self, cid: str, peer: str | None, listener_sandbox: str | None = None
+    ) -> tuple[Connection, Decision | None]:
+        """(0) limits: the connection and, when it is over the per-client cap, its refusal."""
+        conn = self.connections.open(cid, peer, listener_sandbox)
+        if not conn.over_limit:
+            return conn, None
+        limit = self.connections.max_per_client
+        return conn, self.refuse_connection(
+            conn,
+            Reason.CONNECTION_LIMIT,
+            f"more than {limit} concurrent connections from this client",
+        )
+
+    def disconnected(self, cid: str) -> None:
+        conn = self.connections.close(cid)
+        if conn is None or conn.opened is None:
+            return
+        duration = time.monotonic() - conn.started
+        if self.observer is not None:
+            self.observer.connection_closed(
+                conn.opened, bytes_out=conn.bytes_out, bytes_in=conn.bytes_in, duration=duration
+            )
+        else:
+            self.emitter.event(
+                "egress.connection.closed",
+                {
+                    "egress.decision.id": conn.opened.id,
+                    "server.address": conn.opened.host,
+                    "server.port": conn.opened.port,
+                    "egress.bytes.out": conn.bytes_out,
+                    "egress.bytes.in": conn.bytes_in,
+                    "egress.connection.duration": duration,
+                },
+            )
+
+    def refuse_connection(self, conn: Connection, reason: Reason, detail: str) -> Decision:
+        """A refusal of the connection as a whole (over the cap, silent past its deadline)."""
+        tunnel = conn.tunnel
+        request = Request(
+            kind=Kind.TLS if tunnel else Kind.CONNECT,
+            host=tunnel.host if tunnel else "-",
+            port=tunnel.port if tunnel else None,
+            client=conn.peer,
+            sandbox_id=conn.sandbox_id,
+        )
+        return self.emitter.emit(refuse(request, self.policy_for(conn), reason, detail))
+
+    def opened(self, conn: Connection, decision: Decision) -> None:
+        self.connections.opened(conn, decision)
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    async def admit(
+        self,
+        conn: Connection,
+        request: Request,
+        *,
+        credential: str | None = None,
+        problem: Problem | None = None,
+    ) -> Decision:
+        """Admit a CONNECT or plain-HTTP request, in the order of the module docstring."""
+        started = time.perf_counter()
+        # (1) identity
+        if not self._identify(conn, credential):
+            request = self._attributed(conn, request)
+            return self.emitter.emit(
+                refuse(request, self.policy_for(conn), Reason.PROXY_AUTH_REQUIRED, SHARED_GATE_HINT)
+            )
+        request = self._attributed(conn, request)
+        policy = self.policy_for(conn)
+        # (2) framing
+        if problem is not None:
+            return self.emitter.emit(refuse(request, policy, problem[0], problem[1]))
+        # (3) policy
+        decision = decide(request, policy)
+        # (4) destination and (5) self
+        if decision.allowed and request.port is not None:
+            decision = await self._destination(decision, request.port, policy)
+        # (6) audit
+        decision = self.emitter.emit(decision)
+        if self.observer is not None:
+            self.observer.observe_latency(request.kind, time.perf_counter() - started)
+        # (7) pin
+        if decision.allowed and decision.address is not None and request.port is not None:
+            conn.pinned[(decision.host, request.port)] = decision.address
+            conn.checked.add((decision.address, request.port))
+            if request.kind is Kind.CONNECT:
+                conn.tunnel = decision
+        return decision
+
+    def _identify(self, conn: Connection, credential: str | None) -> bool:
+        if self.identities is None:
+            return True
+        if credential is None:
+            # Plain HTTP carries the credential on every request (as Basic proxy auth does);
+            # requests inside a CONNECT tunnel inherit the identity the CONNECT proved.
+            return conn.authenticated or (conn.tunnel is not None and conn.sandbox_id is not None)
+        sandbox = self.identities.authenticate(credential)
+        if sandbox is None:
+            return False
+        if conn.sandbox_id is not None and conn.sandbox_id != sandbox.id:
+            return False  # one connection, one identity: no switching mid-connection
+        self.connections.identified(conn, sandbox.id)
+        return True
+
+    @staticmethod
+    def _attributed(conn: Connection, request: Request) -> Request:
+        if request.client == conn.peer and request.sandbox_id == conn.sandbox_id:
+            return request
+        return Request(
+            request.kind,
+            request.host,
+            request.port,
+            request.method,
+            request.path,
+            request.sni,
+            conn.peer,
+            conn.sandbox_id,
+            request.qtype,
+        )
+
+    async def _destination(self, decision: Decision, port: int, policy: Policy) -> Decision:
+        try:
+            dest = await self.destinations.destination(
+                canonical_host(decision.host), port, policy.allow_internal
+            )
+        except DestinationRefused as exc:
+            return decision.with_(
+                decision=Verdict.DENY, reason=exc.reason, detail=exc.detail, address=exc.address
+            )
+        except InvalidHost as exc:  # the engine canonicalised already; never trust that silently
+            return decision.with_(
+                decision=Verdict.DENY, reason=Reason.INVALID_HOST, detail=str(exc)
+            )
+        if dest.address is None:
+            return decision
+        if self.own is not None and self.own.is_self(dest.address, port):
+            return decision.with_(
+                decision=Verdict.DENY,
+                reason=Reason.INTERNAL_ADDRESS,
+                address=dest.address,
+                detail=f"{_where(dest.address, port)} is this gate's own listener",
+            )
+        return decision.with_(address=dest.address)
+
+    # -- tunnels ----------------------------------------------------------------------------------
+
+    def admit_tunnel(self, conn: Connection, first: FirstBytes) -> Decision | None:
+        """Decide a tunnel's first bytes; None means relay without a further decision (SSH banner,
+        or HTTP whose requests are decided one by one). Call only with a settled classification."""
+        tunnel = conn.tunnel
+        if tunnel is None:
+            raise ValueError("admit_tunnel needs an admitted CONNECT")
+        if first.protocol in (FirstProtocol.SSH, FirstProtocol.HTTP):
+            return None
+        request = Request(
+            kind=Kind.TLS,
+            host=tunnel.host,
+            port=tunnel.port,
+            sni=first.sni,
+            client=conn.peer,
+            sandbox_id=conn.sandbox_id,
+        )
+        policy = self.policy_for(conn)
+        if first.protocol is FirstProtocol.TLS:
+            decision = decide(request, policy)
+            if decision.allowed:
+                decision = decision.with_(address=tunnel.address)
+        else:
+            reason = first.reason or Reason.NOT_TLS
+            decision = refuse(request, policy, reason, first.detail, rule=tunnel.rule)
+        decision = self.emitter.emit(decision)
+        if not decision.allowed:
+            conn.forget_destinations()
+        return decision
+
+    # -- the dial ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def dial_target(conn: Connection, host: str, port: int) -> str | None:
+        """The address to dial for ``host:port`` on this connection, or None: not admitted."""
+        try:
+            target = canonical_host(host)
+        except InvalidHost:
+            return None
+        key = target if isinstance(target, str) else str(target)
+        pinned = conn.pinned.get((key, port))
+        if pinned is not None:
+            return pinned
+        if (key, port) in conn.checked:
+            return key
+        return None
+
+
+def _where(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+__all__ = [
+    "Authenticator",
+    "Checkpoint",
+    "DecisionSink",
+    "Destinations",
+    "SelfCheck",
+]

@@ -1,0 +1,155 @@
+"""What the gate knows about each client connection, and the per-client connection cap.
+
+Plain state, no I/O: the checkpoint reads and updates it, the adapters create and drop it as clients
+connect and disconnect. A connection is attributed to a sandbox either by the listener that accepted it
+(a per-sandbox socket: ``authenticated``) or by the credential its first request proves.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from proxy.core.decision import Decision, Kind
+from proxy.policy.model import Policy
+
+DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 512
+
+
+class Observer(Protocol):
+    """Facts that are not decisions (``proxy.evidence.wiring.Evidence`` implements this)."""
+
+    def connection_opened(self, kind: Kind | str = ...) -> None: ...
+
+    def connection_closed(
+        self, decision: Decision, *, bytes_out: int, bytes_in: int, duration: float
+    ) -> None: ...
+
+    def observe_latency(self, kind: Kind, seconds: float) -> None: ...
+
+    def active_sandboxes(self, count: int) -> None: ...
+
+
+@dataclass(slots=True)
+class Connection:
+    """One client connection, for its lifetime."""
+
+    peer: str | None
+    sandbox_id: str | None
+    policy: Callable[[], Policy] | None = None  # per-sandbox policy once the client is identified
+    authenticated: bool = False  # attributed by the per-sandbox listener that accepted it
+    limit_key: str = ""  # what the per-client connection cap counts (sandbox id or peer address)
+    over_limit: bool = False
+    started: float = field(default_factory=time.monotonic)
+    tunnel: Decision | None = None  # the allowed CONNECT decision, once there is one
+    opened: Decision | None = None  # the decision a counted upstream connection was opened under
+    bytes_out: int = 0  # client -> upstream
+    bytes_in: int = 0
+    pinned: dict[tuple[str, int], str] = field(default_factory=dict)  # (host, port) -> checked ip
+    checked: set[tuple[str, int]] = field(
+        default_factory=set
+    )  # (ip, port) pairs that may be dialled
+
+    def forget_destinations(self) -> None:
+        """A refused tunnel: nothing may be dialled for this connection any more."""
+        self.pinned.clear()
+        self.checked.clear()
+        self.tunnel = None
+
+
+class Connections:
+    """Live connections: per-client counts for the cap, and the set of active sandboxes."""
+
+    def __init__(
+        self,
+        *,
+        max_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+        default_sandbox_id: str | None = None,
+        sandbox_policies: dict[str, Callable[[], Policy]] | None = None,
+        observer: Observer | None = None,
+    ) -> None:
+        self.max_per_client = max_per_client
+        self.default_sandbox_id = default_sandbox_id
+        self.sandbox_policies = sandbox_policies or {}
+        self.observer = observer
+        self._by_id: dict[str, Connection] = {}
+        self._per_client: collections.Counter[str] = collections.Counter()
+        self._live_sandboxes: collections.Counter[str] = collections.Counter()
+
+    def open(self, cid: str, peer: str | None, listener_sandbox: str | None) -> Connection:
+        """Track a new connection; ``over_limit`` says whether it exceeds the per-client cap."""
+        sandbox = listener_sandbox or self.default_sandbox_id
+        conn = self._by_id[cid] = Connection(
+            peer=peer,
+            sandbox_id=sandbox,
+            policy=self.sandbox_policies.get(sandbox) if sandbox else None,
+            authenticated=listener_sandbox is not None,
+            limit_key=f"sandbox:{sandbox}" if listener_sandbox else f"peer:{_host_of(peer)}",
+        )
+        self._joined(sandbox)
+        self._per_client[conn.limit_key] += 1
+        conn.over_limit = self._per_client[conn.limit_key] > self.max_per_client
+        return conn
+
+    def get(self, cid: str) -> Connection | None:
+        return self._by_id.get(cid)
+
+    def state_of(self, cid: str, peer: str | None = None) -> Connection:
+        """Hooks for a connection that was never seen connecting are tracked from now on."""
+        conn = self._by_id.get(cid)
+        if conn is None:
+            conn = self._by_id[cid] = Connection(peer=peer, sandbox_id=self.default_sandbox_id)
+        return conn
+
+    def identified(self, conn: Connection, sandbox_id: str) -> None:
+        """A shared gate's client proved its sandbox: from now on, its policy applies."""
+        if conn.sandbox_id is None:
+            conn.sandbox_id = sandbox_id
+            self._joined(sandbox_id)
+        conn.policy = self.sandbox_policies.get(sandbox_id)
+
+    def close(self, cid: str) -> Connection | None:
+        conn = self._by_id.pop(cid, None)
+        if conn is None:
+            return None
+        if conn.limit_key:
+            self._per_client[conn.limit_key] -= 1
+            if self._per_client[conn.limit_key] <= 0:
+                del self._per_client[conn.limit_key]
+        self._left(conn.sandbox_id)
+        return conn
+
+    def opened(self, conn: Connection, decision: Decision) -> None:
+        """An upstream connection is about to be made under ``decision`` (counted once)."""
+        if conn.opened is None:
+            conn.opened = decision
+            if self.observer is not None:
+                self.observer.connection_opened(decision.kind)
+
+    def _joined(self, sandbox_id: str | None) -> None:
+        if sandbox_id is not None:
+            self._live_sandboxes[sandbox_id] += 1
+            self._report_sandboxes()
+
+    def _left(self, sandbox_id: str | None) -> None:
+        if sandbox_id is not None and self._live_sandboxes[sandbox_id] > 0:
+            self._live_sandboxes[sandbox_id] -= 1
+            if not self._live_sandboxes[sandbox_id]:
+                del self._live_sandboxes[sandbox_id]
+            self._report_sandboxes()
+
+    def _report_sandboxes(self) -> None:
+        if self.observer is not None:
+            self.observer.active_sandboxes(len(self._live_sandboxes))
+
+
+def _host_of(peer: str | None) -> str:
+    if not peer:
+        return "?"
+    return peer.rsplit(":", 1)[0]
+
+
+__all__ = ["DEFAULT_MAX_CONNECTIONS_PER_CLIENT", "Connection", "Connections", "Observer"]

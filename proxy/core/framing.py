@@ -1,0 +1,60 @@
+"""Refuse HTTP requests whose destination is ambiguous, before any policy step looks at them.
+
+A request is routed to one host and port (its URL authority, or the CONNECT tunnel it travels in).
+Every other place it names an authority - the Host header, an absolute-form target inside a tunnel -
+must name the same one, or a server or intermediary could route it elsewhere than the gate decided
+(threat 5). Pure: plain strings in, an optional (reason, detail) out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from proxy.core.decision import Reason
+from proxy.core.hosts import InvalidHost, canonical_host, split_authority
+from proxy.core.text import escape
+
+Problem = tuple[Reason, str]
+
+
+def framing_problem(
+    scheme: str,
+    routed_host: str,
+    routed_port: int,
+    host_headers: Sequence[str],
+    named_authority: str | None = None,
+) -> Problem | None:
+    """``named_authority`` is an absolute-form request target's authority, when the request had one."""
+    if scheme != "http":
+        return (
+            Reason.UNSUPPORTED,
+            f"scheme {escape(scheme)!r} is not proxied as plain HTTP; use CONNECT",
+        )
+    if len(host_headers) > 1:
+        return Reason.HOST_MISMATCH, f"{len(host_headers)} Host headers; send exactly one"
+    named = [(value, "Host header") for value in host_headers]
+    if named_authority:
+        named.append((named_authority, "request target"))
+    return authority_problem(routed_host, routed_port, named)
+
+
+def authority_problem(
+    routed_host: str, routed_port: int, named: Sequence[tuple[str, str]]
+) -> Problem | None:
+    """Each (authority, what) in ``named`` must be ``routed_host:routed_port``."""
+    for value, what in named:
+        try:
+            host, port = split_authority(value, routed_port, bare_ipv6=False)
+            same = canonical_host(host) == canonical_host(routed_host) and port == routed_port
+        except InvalidHost:
+            return Reason.HOST_MISMATCH, f"the {what} is not a valid host[:port]"
+        if not same:
+            return (
+                Reason.HOST_MISMATCH,
+                f"the {what} names {escape(value)} but the request is routed to "
+                f"{escape(routed_host)}:{routed_port}",
+            )
+    return None
+
+
+__all__ = ["Problem", "authority_problem", "framing_problem"]
