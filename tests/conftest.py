@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tests.dnsfake import FakeDns
 from tests.harness import LocalCA, RunningGate, Upstream
+
+# Property tests are reproducible in the suite (a fixed derivation of examples, no example database);
+# `HYPOTHESIS_PROFILE=explore` searches afresh with random seeds.
+settings.register_profile("suite", derandomize=True, database=None, deadline=None)
+settings.register_profile("explore", deadline=None, max_examples=5000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
 TEST_NAMES = ["allowed.test", "other.test", "evil.test", "sub.allowed.test", "127.0.0.1"]
 

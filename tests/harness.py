@@ -361,7 +361,7 @@ class RunningGate:
         self._stop = asyncio.Event()
         resolver = Resolver(nameservers=self.nameservers, **self.resolver_kwargs)
         self.gate = Gate(
-            GateConfig(listen_host="127.0.0.1", listen_port=0, **self.config),
+            GateConfig(**{"listen_host": "127.0.0.1", "listen_port": 0, **self.config}),
             lambda: self.policy,
             self.emitter,
             resolver,

@@ -8,7 +8,6 @@ Exit codes are part of the interface: 0 success/allow, 1 deny or problems found,
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -102,17 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser(
         "check",
-        help="print the policy decision for a URL or HOST[:PORT] (no network access)",
+        help="print the gate's decision for a URL or HOST[:PORT] without running a gate",
         description=(
-            "Decide a destination against the policy without touching the network. "
-            "Exit 0 allow (or report), 1 deny, 2 error. DNS-based checks (internal addresses) are applied "
-            "by the running gate, not here."
+            "Decide a destination the way the gate would, without a gate: the policy, internal "
+            "addresses in every IP spelling, the gate's own listeners (--listen). A host name's "
+            "addresses are checked only with --resolve (the output says when a verdict depends on "
+            "DNS). Exit 0 allow (or report), 1 deny, 2 error."
         ),
     )
     _policy_arg(check)
-    check.add_argument("--method", default=None, help="HTTP method for URL targets (default GET)")
-    check.add_argument("--json", action="store_true", help="print the decision as JSON")
-    check.add_argument("target", help="https://host/path, http://host:port/path or HOST[:PORT]")
+    _check_args(check)
     check.set_defaults(func=_cmd_check)
 
     lint = sub.add_parser(
@@ -154,6 +152,34 @@ def _policy_arg(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="policy YAML (default: the shipped allowlists/default.yaml)",
     )
+
+
+def _check_args(check: argparse.ArgumentParser) -> None:
+    check.add_argument(
+        "--method", default=None, help="HTTP method for http:// targets (default GET)"
+    )
+    check.add_argument("--json", action="store_true", help="print the decision as JSON")
+    check.add_argument(
+        "--resolve",
+        action="store_true",
+        help="resolve a host name like the gate does and screen its addresses (uses the network: "
+        "DNS only)",
+    )
+    check.add_argument(
+        "--nameserver",
+        action="append",
+        default=None,
+        metavar="IP[:PORT]",
+        help="DNS server for --resolve (repeatable; default: the system's resolv.conf)",
+    )
+    check.add_argument(
+        "--listen",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a listener of the gate being dry-run (repeatable): destinations reaching it are refused",
+    )
+    check.add_argument("target", help="https://host/path, http://host:port/path or HOST[:PORT]")
 
 
 def _gate_args(parser: argparse.ArgumentParser) -> None:
@@ -206,54 +232,10 @@ def _cmd_lint(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def parse_target(target: str, method: str | None) -> tuple[str, str, int, str | None, str | None]:
-    """(kind, host, port, method, path) for ``egress check``; raises ValueError naming the problem."""
-    from urllib.parse import urlsplit
-
-    from proxy.core.hosts import split_authority
-
-    if "://" in target:
-        parts = urlsplit(target)
-        scheme = parts.scheme.lower()
-        if scheme not in ("http", "https"):
-            raise ValueError(f"unsupported scheme {parts.scheme!r} (use http or https)")
-        default_port = 443 if scheme == "https" else 80
-        if "@" in parts.netloc:
-            raise ValueError("URLs with user information are refused")
-        host, port = split_authority(parts.netloc, default_port)
-        path = parts.path or "/"
-        if scheme == "https":
-            return "connect", host, port, "CONNECT", None
-        return "http", host, port, (method or "GET").upper(), path
-    host, port = split_authority(target, 443)
-    return "connect", host, port, "CONNECT", None
-
-
 def _cmd_check(args: argparse.Namespace) -> int:
-    from proxy.core.decision import Kind, Request
-    from proxy.core.engine import decide
-    from proxy.core.hosts import InvalidHost
+    from proxy.app.check import run
 
-    policy = load_policy_or_exit(args.policy)
-    try:
-        kind, host, port, method, path = parse_target(args.target, args.method)
-    except (ValueError, InvalidHost) as exc:
-        print(f"error: {args.target!r}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    decision = decide(
-        Request(kind=Kind(kind), host=host, port=port, method=method, path=path),
-        policy,
-    )
-    if args.json:
-        print(json.dumps(decision.to_dict(), ensure_ascii=True))
-    else:
-        where = f"{decision.host}:{decision.port}"
-        print(
-            f"{decision.decision.upper()} {where} rule={decision.rule or '-'} reason={decision.reason}"
-        )
-        if decision.detail:
-            print(f"  {decision.detail}")
-    return EXIT_OK if decision.allowed else EXIT_DENY
+    return run(args, load_policy_or_exit(args.policy))
 
 
 def _cmd_audit_verify(args: argparse.Namespace) -> int:

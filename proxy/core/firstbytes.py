@@ -203,10 +203,9 @@ def _server_name(value: bytes) -> str | None:
             continue  # only host_name (0) is defined; others carry nothing the gate routes on
         if found is not None:
             raise _Malformed("more than one server name")
-        try:
-            found = name.decode("ascii")
-        except UnicodeDecodeError:
-            raise _Malformed("server name is not ASCII") from None
+        if not all(0x21 <= byte < 0x7F for byte in name):
+            raise _Malformed("server name is not printable ASCII")
+        found = name.decode("ascii")
     return found or None
 
 

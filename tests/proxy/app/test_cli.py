@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from proxy import __version__
-from proxy.app.cli import parse_target
 
 EGRESS = shutil.which("egress", path=str(Path(sys.executable).parent)) or "egress"
 
@@ -105,9 +104,3 @@ def test_lint_passes_every_shipped_preset() -> None:
     presets = sorted(str(p) for p in (Path(__file__).parents[3] / "allowlists").glob("*.yaml"))
     result = run("lint", *presets)
     assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_parse_target_forms() -> None:
-    assert parse_target("https://pypi.org/x", None) == ("connect", "pypi.org", 443, "CONNECT", None)
-    assert parse_target("http://h:8080/p?q=1", "post") == ("http", "h", 8080, "POST", "/p")
-    assert parse_target("[::1]:22", None) == ("connect", "[::1]", 22, "CONNECT", None)

@@ -13,7 +13,7 @@ from ipaddress import IPv4Address, IPv6Address
 import pytest
 
 from proxy.core import hosts
-from proxy.core.hosts import InvalidHost, canonical_host, split_authority
+from proxy.core.hosts import InvalidHost, canonical_host, parse_endpoint, split_authority
 
 LOOPBACK = IPv4Address("127.0.0.1")
 # Fullwidth look-alikes, escaped so a reader sees what the bytes are.
@@ -432,3 +432,46 @@ def test_bracketed_name_is_not_unwrapped() -> None:
     raw, _ = split_authority("[evil.com]:443", 443)
     with pytest.raises(InvalidHost, match="invalid IPv6 literal"):
         canonical_host(raw)
+
+
+# --- parse_endpoint ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "kwargs", "expected"),
+    [
+        ("127.0.0.1:3128", {}, ("127.0.0.1", 3128)),
+        ("[::1]:53", {}, ("::1", 53)),
+        (":9464", {"default_host": "127.0.0.1"}, ("127.0.0.1", 9464)),
+        (":53", {"default_host": "::1"}, ("::1", 53)),
+        ("8.8.8.8", {"default_port": 53}, ("8.8.8.8", 53)),
+        ("2001:db8::53", {"default_port": 53}, ("2001:db8::53", 53)),
+        ("0.0.0.0:0", {"any_port": True}, ("0.0.0.0", 0)),
+        ("[::]:0", {"any_port": True}, ("::", 0)),
+        ("gate.internal:3128", {}, ("gate.internal", 3128)),
+    ],
+)
+def test_parse_endpoint(spec: str, kwargs: dict[str, object], expected: tuple[str, int]) -> None:
+    assert parse_endpoint(spec, **kwargs) == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("spec", "kwargs", "reason"),
+    [
+        ("127.0.0.1:0", {}, "not from 1 to 65535"),
+        ("127.0.0.1", {}, "expected HOST:PORT"),
+        (":53", {}, "a host is required"),
+        ("h:x", {}, "not a number"),
+        ("u@h:1", {}, "userinfo"),
+        ("[::1:53", {}, "without closing"),
+    ],
+)
+def test_parse_endpoint_invalid(spec: str, kwargs: dict[str, object], reason: str) -> None:
+    with pytest.raises(InvalidHost, match=re.escape(reason)):
+        parse_endpoint(spec, **kwargs)  # type: ignore[arg-type]
+
+
+def test_urls_never_carry_a_bare_ipv6_address() -> None:
+    with pytest.raises(InvalidHost, match="brackets"):
+        split_authority("2001::1", 80, bare_ipv6=False)
+    assert split_authority("[2001::1]", 80, bare_ipv6=False) == ("[2001::1]", 80)

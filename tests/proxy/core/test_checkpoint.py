@@ -1,0 +1,233 @@
+"""The admission order, step by step, with in-memory stand-ins for the resolver and the journal.
+
+Each test pins one property of the order: a step that refuses stops every later step (no lookup for a
+refused name, no dial for a refused tunnel), and only what the audit step returns is enforced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.core.checkpoint import Checkpoint
+from proxy.core.connections import Connection, Connections
+from proxy.core.decision import Decision, Kind, Reason, Request, Verdict
+from proxy.core.destination import Destination, DestinationRefused
+from proxy.core.firstbytes import HTTP, SSH, FirstBytes, Protocol
+from proxy.destinations.local import OwnEndpoints
+from proxy.evidence.emit import Emitter, MemorySink
+from proxy.policy.loader import load_policy
+from proxy.policy.model import Policy
+
+POLICY = """
+version: 1
+rules:
+  - name: pypi
+    hosts: [pypi.test]
+  - name: gate-port
+    hosts: [self.test]
+    ports: [3128]
+"""
+
+
+@dataclass
+class Lookups:
+    """Destinations that resolve every name to one address and remember what was asked."""
+
+    answers: dict[str, str] = field(default_factory=lambda: {"pypi.test": "203.0.113.10"})
+    asked: list[str] = field(default_factory=list)
+
+    async def destination(self, host: Any, port: int, allow_internal: Sequence[Any]) -> Destination:
+        self.asked.append(str(host))
+        address = self.answers.get(str(host))
+        if address is None:
+            raise DestinationRefused(Reason.DNS_FAILURE, f"{host} does not exist (NXDOMAIN)")
+        return Destination(str(host), port, address, (address,))
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    id: str
+
+
+class Tokens:
+    def authenticate(self, header: str | None) -> Sandbox | None:
+        return {"good-a": Sandbox("a"), "good-b": Sandbox("b")}.get(header or "")
+
+
+class FailingJournal:
+    """A write-ahead sink that can never record (a full disk)."""
+
+    def record(self, decision: Decision) -> None:
+        from proxy.evidence.emit import AuditUnavailable
+
+        raise AuditUnavailable("disk full")
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def policy(tmp_path: Path) -> Policy:
+    path = tmp_path / "p.yaml"
+    path.write_text(POLICY)
+    return load_policy(path)
+
+
+def make(policy: Policy, **kwargs: Any) -> tuple[Checkpoint, Lookups, MemorySink]:
+    lookups = Lookups()
+    memory = MemorySink()
+    emitter = kwargs.pop("emitter", None) or Emitter([memory])
+    return Checkpoint(lambda: policy, emitter, lookups, **kwargs), lookups, memory
+
+
+def admit(checkpoint: Checkpoint, conn: Connection, request: Request, **kwargs: Any) -> Decision:
+    return asyncio.run(checkpoint.admit(conn, request, **kwargs))
+
+
+CONNECT = Request(Kind.CONNECT, "pypi.test", 443, "CONNECT")
+
+
+def test_allowed_connect_is_resolved_pinned_and_recorded(policy: Policy) -> None:
+    checkpoint, _, memory = make(policy)
+    conn = Connection(peer="127.0.0.1:5000", sandbox_id="sbx")
+    decision = admit(checkpoint, conn, CONNECT)
+    assert (decision.decision, decision.address) == (Verdict.ALLOW, "203.0.113.10")
+    assert (decision.client, decision.sandbox_id) == ("127.0.0.1:5000", "sbx")
+    assert list(memory.decisions) == [decision]
+    assert conn.tunnel == decision
+    assert checkpoint.dial_target(conn, "PyPI.test.", 443) == "203.0.113.10"
+    assert checkpoint.dial_target(conn, "203.0.113.10", 443) == "203.0.113.10"
+    assert checkpoint.dial_target(conn, "pypi.test", 8443) is None
+    assert checkpoint.dial_target(conn, "other.test", 443) is None
+
+
+def test_a_refused_name_is_never_looked_up(policy: Policy) -> None:
+    checkpoint, lookups, _ = make(policy)
+    conn = Connection(peer=None, sandbox_id=None)
+    decision = admit(checkpoint, conn, Request(Kind.CONNECT, "evil.test", 443))
+    assert decision.reason is Reason.NO_MATCHING_RULE
+    assert lookups.asked == []
+    assert checkpoint.dial_target(conn, "evil.test", 443) is None
+
+
+def test_identity_comes_before_policy(policy: Policy) -> None:
+    checkpoint, lookups, _ = make(policy, identities=Tokens())
+    conn = Connection(peer=None, sandbox_id=None)
+    decision = admit(checkpoint, conn, CONNECT, credential=None)
+    assert decision.reason is Reason.PROXY_AUTH_REQUIRED
+    assert lookups.asked == []
+    decision = admit(checkpoint, conn, CONNECT, credential="forged")
+    assert decision.reason is Reason.PROXY_AUTH_REQUIRED
+
+
+def test_one_connection_never_switches_identity(policy: Policy) -> None:
+    checkpoint, _, _ = make(policy, identities=Tokens())
+    conn = Connection(peer=None, sandbox_id=None)
+    assert admit(checkpoint, conn, CONNECT, credential="good-a").allowed
+    assert conn.sandbox_id == "a"
+    switched = admit(checkpoint, conn, CONNECT, credential="good-b")
+    assert switched.reason is Reason.PROXY_AUTH_REQUIRED and switched.sandbox_id == "a"
+
+
+def test_requests_inside_a_proven_tunnel_inherit_its_identity(policy: Policy) -> None:
+    checkpoint, _, _ = make(policy, identities=Tokens())
+    conn = Connection(peer=None, sandbox_id=None)
+    assert admit(checkpoint, conn, CONNECT, credential="good-a").allowed
+    inner = admit(checkpoint, conn, Request(Kind.HTTP, "pypi.test", 443, "GET", "/"))
+    assert inner.sandbox_id == "a" and inner.reason is not Reason.PROXY_AUTH_REQUIRED
+
+
+def test_a_framing_problem_is_refused_before_policy(policy: Policy) -> None:
+    checkpoint, lookups, _ = make(policy)
+    conn = Connection(peer=None, sandbox_id=None)
+    request = Request(Kind.HTTP, "pypi.test", 443, "GET", "/")
+    decision = admit(checkpoint, conn, request, problem=(Reason.HOST_MISMATCH, "Host says evil"))
+    assert (decision.decision, decision.reason) == (Verdict.DENY, Reason.HOST_MISMATCH)
+    assert lookups.asked == []
+
+
+def test_a_refused_destination_is_denied_with_its_reason(policy: Policy) -> None:
+    checkpoint, lookups, _ = make(policy)
+    lookups.answers.clear()
+    conn = Connection(peer=None, sandbox_id=None)
+    decision = admit(checkpoint, conn, CONNECT)
+    assert (decision.decision, decision.reason) == (Verdict.DENY, Reason.DNS_FAILURE)
+    assert conn.pinned == {} and conn.tunnel is None
+
+
+def test_the_gates_own_listener_is_never_admitted(policy: Policy) -> None:
+    own = OwnEndpoints(
+        [("0.0.0.0", 3128)], addresses=lambda: {ipaddress.ip_address("198.51.100.9")}
+    )
+    checkpoint, lookups, _ = make(policy, own=own)
+    lookups.answers["self.test"] = "198.51.100.9"
+    conn = Connection(peer=None, sandbox_id=None)
+    decision = admit(checkpoint, conn, Request(Kind.CONNECT, "self.test", 3128))
+    assert (decision.decision, decision.reason) == (Verdict.DENY, Reason.INTERNAL_ADDRESS)
+    assert decision.detail is not None and "own listener" in decision.detail
+    assert checkpoint.dial_target(conn, "self.test", 3128) is None
+
+
+def test_only_what_the_audit_step_returns_is_enforced(policy: Policy) -> None:
+    emitter = Emitter(write_ahead=[FailingJournal()], audit_required=True)
+    checkpoint, _, _ = make(policy, emitter=emitter)
+    conn = Connection(peer=None, sandbox_id=None)
+    decision = admit(checkpoint, conn, CONNECT)
+    assert (decision.decision, decision.reason) == (Verdict.DENY, Reason.AUDIT_UNAVAILABLE)
+    assert checkpoint.dial_target(conn, "pypi.test", 443) is None
+
+
+def admitted_tunnel(policy: Policy) -> tuple[Checkpoint, Connection, MemorySink]:
+    checkpoint, _, memory = make(policy)
+    conn = Connection(peer=None, sandbox_id=None)
+    assert admit(checkpoint, conn, CONNECT).allowed
+    return checkpoint, conn, memory
+
+
+def test_a_tunnel_whose_hello_names_another_host_forgets_its_destination(policy: Policy) -> None:
+    checkpoint, conn, _ = admitted_tunnel(policy)
+    decision = checkpoint.admit_tunnel(conn, FirstBytes(Protocol.TLS, sni="evil.test"))
+    assert decision is not None and decision.reason is Reason.SNI_MISMATCH
+    assert checkpoint.dial_target(conn, "pypi.test", 443) is None and conn.tunnel is None
+
+
+def test_a_tunnel_whose_hello_names_its_host_keeps_the_pinned_address(policy: Policy) -> None:
+    checkpoint, conn, _ = admitted_tunnel(policy)
+    decision = checkpoint.admit_tunnel(conn, FirstBytes(Protocol.TLS, sni="pypi.test"))
+    assert decision is not None and decision.allowed and decision.address == "203.0.113.10"
+    assert checkpoint.dial_target(conn, "pypi.test", 443) == "203.0.113.10"
+
+
+def test_a_refused_classification_is_recorded_with_the_tunnels_rule(policy: Policy) -> None:
+    checkpoint, conn, memory = admitted_tunnel(policy)
+    first = FirstBytes(Protocol.REFUSE, reason=Reason.NOT_TLS, detail="plain bytes")
+    decision = checkpoint.admit_tunnel(conn, first)
+    assert decision is not None and (decision.reason, decision.rule) == (Reason.NOT_TLS, "pypi")
+    assert memory.decisions[-1] == decision
+
+
+@pytest.mark.parametrize("first", [SSH, HTTP])
+def test_ssh_and_http_tunnels_need_no_further_decision(policy: Policy, first: FirstBytes) -> None:
+    checkpoint, conn, memory = admitted_tunnel(policy)
+    assert checkpoint.admit_tunnel(conn, first) is None
+    assert len(memory.decisions) == 1
+
+
+def test_the_connection_cap_is_per_client(policy: Policy) -> None:
+    checkpoint, _, memory = make(policy, connections=Connections(max_per_client=2))
+    results = [checkpoint.connected(f"c{i}", "10.0.0.1:1000", None)[1] for i in range(3)]
+    assert results[:2] == [None, None]
+    refused = results[2]
+    assert refused is not None and refused.reason is Reason.CONNECTION_LIMIT
+    assert checkpoint.connected("other", "10.0.0.2:1000", None)[1] is None
+    checkpoint.disconnected("c2")  # the refused one is closed by the adapter
+    checkpoint.disconnected("c0")
+    assert checkpoint.connected("c3", "10.0.0.1:1001", None)[1] is None
+    assert [d.reason for d in memory.decisions] == [Reason.CONNECTION_LIMIT]

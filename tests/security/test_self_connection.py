@@ -1,0 +1,131 @@
+"""The gate never dials itself: not through a public address of its own host behind a wildcard listener,
+not through the unspecified address, whatever the policy opens (threat 10).
+
+Each case runs a real ``egress serve`` inside a network namespace this test creates, with addresses
+outside every private range on the namespace's loopback interface, and a policy that allows them. One
+request through the gate must produce exactly one decision (a refusal): a nested request through the
+gate's own listener would have produced more.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
+
+EGRESS = shutil.which("egress", path=str(Path(sys.executable).parent)) or "egress"
+
+DRIVER = r"""
+import json, os, signal, socket, subprocess, sys, time
+egress, policy, log, listen, target, addresses = sys.argv[1:7]
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+for address in addresses.split(","):
+    subprocess.run(["ip", "addr", "add", address, "dev", "lo"], check=True)
+port = int(listen.rsplit(":", 1)[1])
+local = "::1" if listen.startswith("[") else "127.0.0.1"  # asyncio binds "::" IPv6-only
+gate = subprocess.Popen(
+    [egress, "serve", "--policy", policy, "--listen", listen, "--decision-log", log, "--no-metrics",
+     "--nameserver", "127.0.0.1:9"],
+    stdout=subprocess.DEVNULL, stderr=open(log + ".stderr", "w"),
+)
+try:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection((local, port), 1).close()
+            break
+        except OSError:
+            if gate.poll() is not None or time.monotonic() > deadline:
+                sys.exit("the gate did not start: " + open(log + ".stderr").read())
+            time.sleep(0.05)
+    host = target.rsplit(":", 1)[0]
+    with socket.create_connection((local, port), 10) as sock:
+        sock.sendall(f"GET http://{target}/ HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        sock.settimeout(10)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    time.sleep(0.3)  # a nested connection, if any, would be decided meanwhile
+finally:
+    gate.send_signal(signal.SIGTERM)
+    gate.wait(10)
+print(json.dumps({"head": data.split(b"\r\n\r\n")[0].decode("latin-1")}))
+"""
+
+
+def run_case(
+    tmp_path: Path, policy: str, listen: str, target: str, addresses: str
+) -> tuple[str, list[dict[str, object]]]:
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None:
+        pytest.skip("needs root, unshare and ip to create a network namespace")
+    policy_path = tmp_path / "policy.yaml"
+    policy_path.write_text(textwrap.dedent(policy))
+    log = tmp_path / "decisions.jsonl"
+    result = subprocess.run(
+        ["unshare", "-n", sys.executable, "-c", DRIVER, EGRESS, str(policy_path), str(log), listen,
+         target, addresses],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    head = json.loads(result.stdout.strip().splitlines()[-1])["head"]
+    decisions = [json.loads(line) for line in log.read_text().splitlines()]
+    return head, [d for d in decisions if d.get("event") == "egress.decision"]
+
+
+@pytest.mark.parametrize(
+    ("listen", "target", "addresses", "cidrs"),
+    [
+        ("0.0.0.0:38128", "8.8.9.100:38128", "8.8.9.100/32", '["8.8.9.0/24"]'),
+        (
+            "[::]:38128",
+            "[2a00:1450:4001::100]:38128",
+            "2a00:1450:4001::100/128",
+            '["2a00:1450:4001::/48"]',
+        ),
+    ],
+    ids=["v4-wildcard", "v6-wildcard"],
+)
+def test_a_public_address_of_the_gates_own_host_is_refused(
+    tmp_path: Path, listen: str, target: str, addresses: str, cidrs: str
+) -> None:
+    policy = f"""
+    version: 1
+    rules:
+      - name: this-host-range
+        cidrs: {cidrs}
+        ports: [38128]
+    """
+    head, decisions = run_case(tmp_path, policy, listen, target, addresses)
+    assert head.startswith("HTTP/1.1 403"), head
+    assert "X-Egress-Reason: internal-address" in head
+    assert len(decisions) == 1, decisions  # no nested request through the gate itself
+    assert "own listener" in str(decisions[0]["detail"])
+
+
+@pytest.mark.parametrize("target", ["0.0.0.0:38128", "0:38128", "[::]:38128"])
+def test_the_unspecified_address_is_this_host(tmp_path: Path, target: str) -> None:
+    policy = """
+    version: 1
+    allow_internal: [0.0.0.0/8, "::/128"]
+    rules:
+      - name: everything
+        cidrs: [0.0.0.0/0, "::/0"]
+        ports: [38128]
+    """
+    head, decisions = run_case(tmp_path, policy, "0.0.0.0:38128", target, "192.0.2.1/32")
+    assert head.startswith("HTTP/1.1 403"), head
+    assert "X-Egress-Reason: internal-address" in head
+    assert len(decisions) == 1, decisions
