@@ -57,6 +57,7 @@ async def check(
     *,
     resolve: bool = False,
     nameservers: list[str] | None = None,
+    hosts_file: str | None = "/etc/hosts",
     listeners: list[tuple[str, int]] | None = None,
 ) -> Decision:
     """The decision the gate would make for ``request``; resolves only with ``resolve``."""
@@ -64,7 +65,7 @@ async def check(
     if resolve:
         from proxy.destinations.resolver import Resolver
 
-        names = Resolver(nameservers=nameservers)
+        names = Resolver(nameservers=nameservers, hosts_file=hosts_file)
     own = None
     if listeners:
         from proxy.destinations.local import OwnEndpoints
@@ -88,6 +89,7 @@ def run(args: argparse.Namespace, policy: Policy) -> int:
             request,
             resolve=args.resolve,
             nameservers=args.nameserver,
+            hosts_file=args.hosts_file or None,
             listeners=listeners,
         )
     )

@@ -172,6 +172,7 @@ def _check_args(check: argparse.ArgumentParser) -> None:
         metavar="IP[:PORT]",
         help="DNS server for --resolve (repeatable; default: the system's resolv.conf)",
     )
+    _hosts_file_arg(check)
     check.add_argument(
         "--listen",
         action="append",
@@ -180,6 +181,16 @@ def _check_args(check: argparse.ArgumentParser) -> None:
         help="a listener of the gate being dry-run (repeatable): destinations reaching it are refused",
     )
     check.add_argument("target", help="https://host/path, http://host:port/path or HOST[:PORT]")
+
+
+def _hosts_file_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--hosts-file",
+        metavar="FILE",
+        default="/etc/hosts",
+        help="names in this file are resolved from it before DNS, re-read when it changes "
+        "(default %(default)s; '' for none)",
+    )
 
 
 def _gate_args(parser: argparse.ArgumentParser) -> None:
@@ -197,6 +208,7 @@ def _gate_args(parser: argparse.ArgumentParser) -> None:
         metavar="IP[:PORT]",
         help="DNS server for destination checks (repeatable; default: the system's resolv.conf)",
     )
+    _hosts_file_arg(parser)
     from proxy.evidence.flags import add_evidence_arguments
 
     add_evidence_arguments(parser)

@@ -125,7 +125,7 @@ async def _serve(args: argparse.Namespace, policy: Policy, listen: tuple[str, in
         for each in holders:
             each.reload()
 
-    resolver = Resolver(nameservers=args.nameserver)
+    resolver = Resolver(nameservers=args.nameserver, hosts_file=args.hosts_file or None)
     gate = Gate(
         GateConfig(
             listen_host=listen[0],

@@ -24,6 +24,8 @@ import dns.nameserver
 import dns.resolver
 
 from proxy.core.destination import Answers
+from proxy.core.hosts import parse_endpoint
+from proxy.destinations.hostsfile import DEFAULT_HOSTS_FILE, HostsFile
 
 __all__ = ["Lookup", "Resolver", "parse_nameserver"]
 
@@ -50,22 +52,13 @@ class _Entry:
 
 
 def parse_nameserver(entry: str) -> tuple[str, int]:
-    """``ip``, ``ip:port``, ``v6`` or ``[v6]:port`` -> (ip, port); anything else is a ValueError."""
-    text = entry.strip()
-    host, port = text, 53
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0 or (text[end + 1 :] and not text[end + 1 :].startswith(":")):
-            raise ValueError(f"bad nameserver {entry!r}: expected [v6]:port")
-        host = text[1:end]
-        if text[end + 1 :]:
-            port = int(text[end + 2 :])
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-        port = int(port_text)
-    ipaddress.ip_address(host)  # nameservers are addresses: a name here would need DNS to find DNS
-    if not 0 < port < 65536:
-        raise ValueError(f"bad nameserver {entry!r}: port out of range")
+    """``ip``, ``ip:port``, ``v6`` or ``[v6]:port`` -> (ip, port); anything else is a ValueError.
+    Nameservers are addresses: a name here would need DNS to find DNS."""
+    host, port = parse_endpoint(entry, default_port=53)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"bad nameserver {entry!r}: not an IP address") from None
     return host, port
 
 
@@ -74,7 +67,8 @@ class Resolver:
 
     ``nameservers`` None reads the system's ``/etc/resolv.conf``; a missing or empty configuration
     leaves no nameservers, so every lookup fails (closed). Search domains are never applied: the
-    policy allowed this exact name, not ``name.corp.example``.
+    policy allowed this exact name, not ``name.corp.example``. ``hosts_file`` (``/etc/hosts`` by
+    default, None for none) is consulted first: a name it lists is answered from it alone.
     """
 
     def __init__(
@@ -87,6 +81,7 @@ class Resolver:
         *,
         negative_ttl: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        hosts_file: str | None = DEFAULT_HOSTS_FILE,
     ) -> None:
         if not 0 <= min_ttl <= max_ttl:
             raise ValueError("need 0 <= min_ttl <= max_ttl")
@@ -96,6 +91,7 @@ class Resolver:
         self.negative_ttl = negative_ttl
         self.cache_size = cache_size
         self._clock = clock
+        self.hosts = HostsFile(hosts_file, clock=clock) if hosts_file else None
         self._cache: OrderedDict[tuple[str, RdType], _Entry] = OrderedDict()
         self._inflight: dict[tuple[str, RdType], asyncio.Task[Lookup]] = {}
         if nameservers is None:
@@ -127,6 +123,10 @@ class Resolver:
 
         Concurrent lookups of one question share a single upstream query.
         """
+        if self.hosts is not None:
+            listed = self.hosts.lookup(name)
+            if listed is not None:
+                return Lookup(listed[0] if rdtype == "A" else listed[1], self.min_ttl)
         key = (name, rdtype)
         entry = self._cache.get(key)
         now = self._clock()

@@ -217,3 +217,59 @@ def test_handoff_socket_serves_egress_run_sandboxes_without_a_relay(
     decisions = [r for r in records if r.get("event") == "egress.decision"]
     assert {r.get("sandbox_id") for r in decisions} == {"sbx-handoff"}
     assert sorted(r["reason"] for r in decisions) == ["allowed-by-rule", "no-matching-rule"]
+
+
+def test_localhost_and_hosts_file_names_work_without_a_nameserver(tmp_path: Path) -> None:
+    """A rule for ``localhost`` (and for a name a container gets from its hosts file) works with
+    the system's configuration: the gate reads the hosts file before DNS, and its DNS gate answers
+    allowed names from it; the internal-address check still applies to what the file says."""
+    from tests.harness import Upstream
+
+    upstream = Upstream("local")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n127.0.0.1 mirror.internal\n10.1.1.1 inside.internal\n")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "version: 1\nallow_internal: [127.0.0.0/8]\nrules:\n"
+        f"  - name: local\n    hosts: [localhost, mirror.internal, inside.internal]\n"
+        f"    ports: [{upstream.port}]\n"
+    )
+    serve = Serve(
+        "--policy", str(policy), "--hosts-file", str(hosts), "--dns-listen", "127.0.0.1:0"
+    )
+    try:
+        assert status(serve.port, f"http://localhost:{upstream.port}/") == "200"
+        assert status(serve.port, f"http://mirror.internal:{upstream.port}/") == "200"
+        assert upstream.accepted >= 1
+        before = upstream.accepted
+        assert status(serve.port, f"http://inside.internal:{upstream.port}/") == "403"
+        assert upstream.accepted == before
+        host, port = serve.info["dns"].rsplit(":", 1)
+        answer = dns.query.udp(
+            dns.message.make_query("mirror.internal", "A"), host, port=int(port), timeout=5
+        )
+        assert [r.to_text() for rrset in answer.answer for r in rrset] == ["127.0.0.1"]
+    finally:
+        assert serve.stop() == 0
+        upstream.stop()
+
+
+def test_the_default_hosts_file_serves_localhost(tmp_path: Path) -> None:
+    """No --nameserver and no --hosts-file: ``localhost`` comes from /etc/hosts."""
+    from tests.harness import Upstream
+
+    if "localhost" not in Path("/etc/hosts").read_text():
+        pytest.skip("this machine's /etc/hosts does not name localhost")
+    upstream = Upstream("local")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "version: 1\nallow_internal: [127.0.0.0/8, '::1/128']\nrules:\n"
+        f"  - name: local\n    hosts: [localhost]\n    ports: [{upstream.port}]\n"
+    )
+    serve = Serve("--policy", str(policy))
+    try:
+        assert status(serve.port, f"http://localhost:{upstream.port}/") == "200"
+        assert upstream.accepted >= 1
+    finally:
+        assert serve.stop() == 0
+        upstream.stop()
