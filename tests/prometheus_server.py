@@ -20,7 +20,9 @@ from typing import Any
 
 import pytest
 
-INSTALL_HINT = "run scripts/install-test-deps (make test does): it installs the Debian packages the tests use"
+INSTALL_HINT = (
+    "run scripts/install-test-deps (make test does): it installs the Debian packages the tests use"
+)
 
 
 def require_binary(name: str) -> str:

@@ -32,7 +32,9 @@ WAIT = 30.0
 
 
 def image_user() -> int:
-    match = re.search(r"^USER\s+(\d+)\s*$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    match = re.search(
+        r"^USER\s+(\d+)(?::\d+)?\s*$", (ROOT / "Dockerfile").read_text(), re.MULTILINE
+    )
     assert match, "the Dockerfile must switch to a numeric non-root USER"
     return int(match.group(1))
 
