@@ -13,7 +13,7 @@ find_python = $(shell for c in python3.13 python3.12 \
 	$$(ls -d $$HOME/.pyenv/versions/3.13*/bin/python3.13 $$HOME/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | sort -rV); do \
 	if "$$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1; then echo "$$c"; break; fi; done)
 
-.PHONY: demo test lint bench lock clean venv
+.PHONY: demo test test-deps lint bench lock clean venv
 
 venv: $(STAMP)
 
@@ -30,7 +30,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) -m proxy.app.demo
 
-test: $(STAMP)
+# Debian packages and the deployment validators the tests need: installed when missing (as root),
+# otherwise named with the command that installs them. A no-op check when everything is present.
+test-deps: $(STAMP)
+	@PYTHON=$(PY) scripts/install-test-deps
+
+test: $(STAMP) test-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -46,4 +51,4 @@ lock:
 	$(PY) -m pip freeze --exclude-editable | grep -v '^agent-egress' > constraints.txt
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-tools .pytest_cache .mypy_cache .ruff_cache

@@ -53,6 +53,9 @@ class GateConfig:
     body_size_limit: str | None = None
     max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
     request_deadline: float = DEFAULT_REQUEST_DEADLINE
+    # mitmproxy's confdir (its TLS layer creates CA files there at start-up); None keeps its
+    # ~/.mitmproxy, which a container with a read-only root and no home cannot write.
+    confdir: str | None = None
 
 
 def parse_listen(spec: str) -> tuple[str, int]:
@@ -108,6 +111,8 @@ class Gate:
             mode=["regular"],
             listen_host=self.config.listen_host,
             listen_port=self.config.listen_port,
+            # before the addons are added: TlsConfig creates its CA in confdir as it is configured
+            **({"confdir": self.config.confdir} if self.config.confdir else {}),
         )
         master = Master(opts)
         self.proxyserver = proxyserver.Proxyserver()

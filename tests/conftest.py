@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +20,16 @@ from tests.harness import LocalCA, RunningGate, Upstream
 settings.register_profile("suite", derandomize=True, database=None, deadline=None)
 settings.register_profile("explore", deadline=None, max_examples=5000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every `egress serve` a test starts keeps its state (mitmproxy's CA) in a temporary directory,
+    never in the home of whoever runs the tests. Set before collection: modules copy os.environ."""
+    if "EGRESS_STATE_DIR" not in os.environ:
+        path = tempfile.mkdtemp(prefix="egress-test-state-")
+        os.environ["EGRESS_STATE_DIR"] = path
+        config.add_cleanup(lambda: shutil.rmtree(path, ignore_errors=True))
+
 
 TEST_NAMES = ["allowed.test", "other.test", "evil.test", "sub.allowed.test", "127.0.0.1"]
 

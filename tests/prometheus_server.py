@@ -2,7 +2,7 @@
 
 It gets a generated scrape config and its own storage in a temporary directory, is waited for with a
 bounded readiness loop, queried through its HTTP API and stopped by PID. The binaries are a hard
-requirement (CI installs them): a missing one fails the test with the fix, it never skips.
+requirement (make test installs them): a missing one fails the test with the fix, it never skips.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from typing import Any
 
 import pytest
 
-INSTALL_HINT = "install it: apt-get install -y prometheus (CI's .ci/run does this)"
+INSTALL_HINT = (
+    "run scripts/install-test-deps (make test does): it installs the Debian packages the tests use"
+)
 
 
 def require_binary(name: str) -> str:

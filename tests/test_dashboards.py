@@ -24,6 +24,7 @@ from tests.prometheus_server import PrometheusServer, require_binary
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "dashboards" / "agent-egress.json"
 ALERTS = ROOT / "dashboards" / "alerts.yaml"
+ALERT_TESTS = ROOT / "dashboards" / "alerts_test.yaml"
 METRIC = re.compile(r"\begress_[a-z0-9_]+\b")
 BUILTIN_METRICS = {"up"}
 
@@ -125,124 +126,66 @@ def test_promtool_checks_the_rules() -> None:
     assert f"SUCCESS: {len(alert_rules())} rules found" in proc.stdout
 
 
-def _alert(name: str, labels: dict[str, str], annotations: dict[str, str]) -> dict[str, Any]:
-    return {"exp_labels": labels, "exp_annotations": annotations}
-
-
-def test_alerts_fire_when_they_should_and_not_otherwise(tmp_path: Path) -> None:
-    """``promtool test rules`` against synthetic series: each alert fires on its failure, and a steady
-    deny rate (no spike) raises nothing."""
+def test_alert_unit_tests_pass() -> None:
+    """``promtool test rules`` on dashboards/alerts_test.yaml: the deny-spike alert fires on sustained
+    6x, 12x and 30x spikes over a non-zero baseline and keeps firing while they last, stays quiet on
+    daily and weekly rhythms, and every other alert fires on its failure."""
     promtool = require_binary("promtool")
-    spike = "0x60 60+60x15"  # quiet for an hour, then 1 deny/s
-    tests = {
-        "rule_files": [str(ALERTS)],
-        "evaluation_interval": "1m",
-        "tests": [
-            {
-                "interval": "1m",
-                "input_series": [
-                    {
-                        "series": 'egress_decisions_total{instance="g",decision="deny"}',
-                        "values": spike,
-                    },
-                    {
-                        "series": 'egress_journal_errors_total{instance="g",error="disk_full"}',
-                        "values": "0 0 1 1 1",
-                    },
-                    {
-                        "series": 'egress_policy_reloads_total{instance="g",result="error"}',
-                        "values": "0 1 1 1",
-                    },
-                    {
-                        "series": 'egress_otlp_dropped_records_total{instance="g",reason="queue_full"}',
-                        "values": "0 0 0 3 3",
-                    },
-                ],
-                "alert_rule_test": [
-                    {
-                        "eval_time": "3m",
-                        "alertname": "EgressJournalErrors",
-                        "exp_alerts": [
-                            _alert(
-                                "EgressJournalErrors",
-                                {"severity": "critical", "instance": "g", "error": "disk_full"},
-                                {
-                                    "summary": "Audit journal write errors (disk_full) on g",
-                                    "description": "Free disk space / fix permissions; the journal "
-                                    "retries on every decision.",
-                                },
-                            )
-                        ],
-                    },
-                    {"eval_time": "1m", "alertname": "EgressJournalErrors", "exp_alerts": []},
-                    {
-                        "eval_time": "3m",
-                        "alertname": "EgressPolicyReloadFailed",
-                        "exp_alerts": [
-                            _alert(
-                                "EgressPolicyReloadFailed",
-                                {"severity": "warning", "instance": "g"},
-                                {
-                                    "summary": "Policy reload rejected on g; the previous policy "
-                                    "is still in force"
-                                },
-                            )
-                        ],
-                    },
-                    {
-                        "eval_time": "4m",
-                        "alertname": "EgressOtlpEventsDropped",
-                        "exp_alerts": [
-                            _alert(
-                                "EgressOtlpEventsDropped",
-                                {"severity": "critical", "instance": "g", "reason": "queue_full"},
-                                {"summary": "Decision events dropped (queue_full) on g"},
-                            )
-                        ],
-                    },
-                    {"eval_time": "55m", "alertname": "EgressDenySpike", "exp_alerts": []},
-                    {
-                        "eval_time": "70m",
-                        "alertname": "EgressDenySpike",
-                        "exp_alerts": [
-                            _alert(
-                                "EgressDenySpike",
-                                {"severity": "warning", "instance": "g"},
-                                {
-                                    "summary": "Deny rate spike on g",
-                                    "description": "1.00 denies/s, more than 5x the last hour's "
-                                    "average. Check the egress.decision events (egress.reason, "
-                                    "egress.sandbox.id) for the sandbox and destination.",
-                                },
-                            )
-                        ],
-                    },
-                ],
-            },
-            {
-                "interval": "1m",
-                "input_series": [
-                    {
-                        "series": 'egress_decisions_total{instance="g",decision="deny"}',
-                        "values": "0+60x150",  # a steady 1 deny/s is not a spike
-                    }
-                ],
-                "alert_rule_test": [
-                    {"eval_time": "140m", "alertname": "EgressDenySpike", "exp_alerts": []}
-                ],
-            },
-        ],
-    }
-    spec = tmp_path / "alerts_test.yaml"
-    spec.write_text(yaml.safe_dump(tests, sort_keys=False))
     proc = subprocess.run(
-        [promtool, "test", "rules", str(spec)],
+        [promtool, "test", "rules", str(ALERT_TESTS)],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SUCCESS" in proc.stdout
+
+
+def test_alert_unit_tests_cover_every_alert_and_each_spike_size() -> None:
+    spec = yaml.safe_load(ALERT_TESTS.read_text())
+    assert spec["rule_files"] == [ALERTS.name]
+    tested = {
+        case["alertname"]
+        for group in spec["tests"]
+        for case in group["alert_rule_test"]
+        if case["exp_alerts"]
+    }
+    quiet = {
+        case["alertname"]
+        for group in spec["tests"]
+        for case in group["alert_rule_test"]
+        if not case["exp_alerts"]
+    }
+    important = {r["alert"] for r in alert_rules()} - {
+        "EgressMetricsDown",
+        "EgressOtlpExportFailing",
+        "EgressOtlpBacklog",
+        "EgressAuditUnavailableDenies",
+    }
+    assert important <= tested
+    assert "EgressDenySpike" in quiet
+    spiking = {
+        series["series"]
+        for group in spec["tests"]
+        for series in group["input_series"]
+        if 'decision="deny"' in series["series"]
+    }
+    assert {'instance="g6"', 'instance="g12"', 'instance="g30"'} <= {
+        re.search(r'instance="\w+"', s).group(0)  # type: ignore[union-attr]
+        for s in spiking
+    }
+
+
+def test_info_metric_panels_are_tables_of_labels() -> None:
+    """An info metric's value is always 1: its panel must show the labels, as an instant table."""
+    for panel in panels(dashboard()):
+        for target in panel["targets"]:
+            if re.search(r"egress_\w+_info\b", target["expr"]):
+                assert panel["type"] == "table", panel["title"]
+                assert target.get("format") == "table" and target.get("instant") is True, panel[
+                    "title"
+                ]
 
 
 # -- against a real Prometheus ---------------------------------------------------------------------

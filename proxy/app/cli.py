@@ -83,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
         "this time or it is closed (default %(default)s; 0 disables)",
     )
     serve.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        default=None,
+        help="writable directory for the gate's own files (mitmproxy's CA); created if missing "
+        "(default: $EGRESS_STATE_DIR, else $XDG_STATE_HOME/agent-egress, "
+        "else ~/.local/state/agent-egress)",
+    )
+    serve.add_argument(
         "--sandboxes",
         metavar="FILE",
         default=None,

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from proxy.app import statedir
 from proxy.app.cli import EXIT_ERROR, default_policy_path, load_policy_or_exit
 from proxy.destinations.dnsgate import DnsGate
 from proxy.evidence.emit import JsonLineSink, Sink
@@ -51,7 +52,13 @@ def serve_main(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     try:
-        return asyncio.run(_serve(args, policy, listen))
+        chosen = Path(args.state_dir) if args.state_dir else statedir.default_state_dir()
+        state_dir = statedir.prepare_state_dir(chosen)
+    except statedir.StateDirError as exc:
+        print(f"error: {exc} (--state-dir / ${statedir.ENV_VAR} must be writable)", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        return asyncio.run(_serve(args, policy, listen, state_dir))
     except KeyboardInterrupt:
         return 0
     except OSError as exc:
@@ -87,7 +94,9 @@ def load_sandboxes(path: str | None) -> tuple[Identities | None, dict[str, Polic
     return identities, holders
 
 
-async def _serve(args: argparse.Namespace, policy: Policy, listen: tuple[str, int]) -> int:
+async def _serve(
+    args: argparse.Namespace, policy: Policy, listen: tuple[str, int], state_dir: Path
+) -> int:
     from addons.master import Gate, GateConfig, parse_listen
     from proxy.destinations.resolver import Resolver
     from proxy.evidence.wiring import EvidenceError, build_emitter
@@ -132,6 +141,7 @@ async def _serve(args: argparse.Namespace, policy: Policy, listen: tuple[str, in
             listen_port=listen[1],
             max_connections_per_client=args.max_connections_per_client,
             request_deadline=args.request_timeout,
+            confdir=str(statedir.mitmproxy_confdir(state_dir)),
         ),
         holder,
         evidence.emitter,
@@ -176,6 +186,7 @@ async def _serve(args: argparse.Namespace, policy: Policy, listen: tuple[str, in
             "version": policy.version,
             "rules": len(policy.rules),
             "mode": str(policy.mode),
+            "state": str(state_dir),
             "sandboxes": len(identities.by_id) if identities else "any",
         }
         if dns_gate is not None:

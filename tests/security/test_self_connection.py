@@ -59,7 +59,11 @@ try:
     time.sleep(0.3)  # a nested connection, if any, would be decided meanwhile
 finally:
     gate.send_signal(signal.SIGTERM)
-    gate.wait(10)
+    try:
+        gate.wait(30)
+    except subprocess.TimeoutExpired:
+        gate.kill()
+        gate.wait(10)
 print(json.dumps({"head": data.split(b"\r\n\r\n")[0].decode("latin-1")}))
 """
 

@@ -1,0 +1,71 @@
+"""The gate's state directory: everything it writes besides the journal and the decision log.
+
+Today that is mitmproxy's ``confdir`` (the CA files its TLS layer creates at start-up); the interception CA
+will live there too. Containers run the gate as an unprivileged user with a read-only root file system and
+no writable home, so the directory is explicit (``--state-dir``, ``$EGRESS_STATE_DIR``; an emptyDir, tmpfs
+or volume in the deployments) instead of an implicit ``~/.mitmproxy``. It is prepared before anything
+listens: a directory that cannot be created or written stops start-up with its name, rather than a gate
+that dies later inside mitmproxy.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+ENV_VAR = "EGRESS_STATE_DIR"
+CONFDIR_NAME = "mitmproxy"
+_APP = "agent-egress"
+
+
+class StateDirError(Exception):
+    """The state directory cannot be determined, created or written."""
+
+
+def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """``$EGRESS_STATE_DIR``, else ``$XDG_STATE_HOME/agent-egress``, else ``~/.local/state/agent-egress``
+    (the XDG base-directory default; a relative ``XDG_STATE_HOME`` is invalid there and ignored)."""
+    env = os.environ if environ is None else environ
+    if explicit := env.get(ENV_VAR):
+        return Path(explicit)
+    xdg = env.get("XDG_STATE_HOME", "")
+    if os.path.isabs(xdg):
+        return Path(xdg) / _APP
+    home = env.get("HOME") or _passwd_home()
+    if not home or not os.path.isabs(home):
+        raise StateDirError(
+            f"no state directory: HOME is not set; pass --state-dir or set {ENV_VAR}"
+        )
+    return Path(home) / ".local" / "state" / _APP
+
+
+def _passwd_home() -> str | None:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_dir
+    except KeyError:
+        return None
+
+
+def prepare_state_dir(path: Path) -> Path:
+    """Create ``path`` and its mitmproxy confdir (mode 0700: the CA key lives there) if needed and prove
+    both writable with a real write. Returns the absolute state directory."""
+    path = path.absolute()
+    confdir = path / CONFDIR_NAME
+    for directory in (path, confdir):
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=directory)
+            os.close(fd)
+            os.unlink(probe)
+        except FileExistsError:
+            raise StateDirError(f"state directory {directory}: not a directory") from None
+        except OSError as exc:
+            raise StateDirError(f"state directory {directory}: {exc.strerror or exc}") from None
+    return path
+
+
+def mitmproxy_confdir(state_dir: Path) -> Path:
+    return state_dir / CONFDIR_NAME
