@@ -263,10 +263,13 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
-    from proxy.policy.identities import SANDBOX_ID, new_token, token_digest
+    from proxy.core.sandbox_id import check_sandbox_id
+    from proxy.policy.identities import new_token, token_digest
 
-    if not SANDBOX_ID.match(args.sandbox_id):
-        print(f"error: sandbox id must match {SANDBOX_ID.pattern}", file=sys.stderr)
+    try:
+        check_sandbox_id(args.sandbox_id)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     token = new_token()
     print(f"token: {token}")

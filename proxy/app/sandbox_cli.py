@@ -7,19 +7,16 @@ Only argparse is imported here; everything heavy is imported by the command that
 from __future__ import annotations
 
 import argparse
-import re
 from typing import Any
-
-SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def sandbox_id(text: str) -> str:
-    """Sandbox ids go into every decision, log line and metric: keep them short and plain."""
-    if not SANDBOX_ID.fullmatch(text):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )
-    return text
+    from proxy.core.sandbox_id import check_sandbox_id
+
+    try:
+        return check_sandbox_id(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def port_number(text: str) -> int:

@@ -107,6 +107,20 @@ def test_lint_passes_every_shipped_preset() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_token_prints_a_credential_for_a_valid_id() -> None:
+    result = run("token", "agent-7")
+    assert result.returncode == 0, result.stderr
+    assert "  - id: agent-7\n    token_sha256: " in result.stdout
+
+
+@pytest.mark.parametrize("bad", ["agent-7\n", "a b", "", ".x", "x" * 65])
+def test_token_refuses_an_invalid_id(bad: str) -> None:
+    result = run("token", bad)
+    assert result.returncode == 2
+    assert "is not a sandbox id" in result.stderr
+    assert "token_sha256" not in result.stdout
+
+
 def test_parse_target_forms() -> None:
     assert parse_target("https://pypi.org/x", None) == ("connect", "pypi.org", 443, "CONNECT", None)
     assert parse_target("http://h:8080/p?q=1", "post") == ("http", "h", 8080, "POST", "/p")

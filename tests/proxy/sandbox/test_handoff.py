@@ -157,6 +157,25 @@ def test_a_host_namespace_listener_is_refused(world: tuple[RunningGate, Path, Up
         handoff.close()
 
 
+def test_a_malformed_sandbox_id_is_refused(world: tuple[RunningGate, Path, Upstream]) -> None:
+    """The claimed id is checked before anything else about the hand-off; a trailing newline is
+    not part of a valid id (``$`` would have let it through)."""
+    gate, path, _ = world
+    handoff = Handoff(gate, path)
+    host_listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        for bad in ("agent-7\n", "a b", "", "-x", "x" * 65):
+            with pytest.raises(HandoffError, match="invalid sandbox id"):
+                hand_off(str(path), bad, {"proxy": host_listener})
+        # The same request with a valid id gets past the id check (and fails on the listener).
+        with pytest.raises(HandoffError, match="gate's own network namespace"):
+            hand_off(str(path), "agent-7", {"proxy": host_listener})
+        assert handoff.server.attached == {}
+    finally:
+        host_listener.close()
+        handoff.close()
+
+
 def test_check_listener_rejects_wrong_kinds() -> None:
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.bind(("127.0.0.1", 0))
