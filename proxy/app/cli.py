@@ -2,7 +2,7 @@
 
 Heavy imports (mitmproxy, OpenTelemetry, dnspython) happen inside the command that needs them, so
 ``egress --help``, ``egress lint`` and ``egress check`` stay fast enough to run in editors and CI hooks.
-Exit codes are part of the interface: 0 success/allow, 1 deny or problems found, 2 usage or load error.
+Exit codes (``proxy/app/exits.py``) are part of the interface.
 """
 
 from __future__ import annotations
@@ -12,22 +12,11 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from proxy import __version__
-
-if TYPE_CHECKING:
-    from proxy.policy.model import Policy
+from proxy.app.exits import EXIT_DENY, EXIT_OK, fail
 
 DEFAULT_LISTEN = "127.0.0.1:3128"
-
-EXIT_OK, EXIT_DENY, EXIT_ERROR = 0, 1, 2
-
-
-def default_policy_path() -> Path:
-    from proxy.policy.presets import preset_path
-
-    return preset_path("default")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,23 +165,6 @@ def _gate_args(parser: argparse.ArgumentParser) -> None:
     add_evidence_arguments(parser)
 
 
-def load_policy_or_exit(path: str | None) -> Policy:
-    from proxy.policy.loader import load_policy
-    from proxy.policy.model import PolicyError
-
-    target = Path(path) if path else default_policy_path()
-    try:
-        return load_policy(target)
-    except PolicyError as exc:
-        for problem in exc.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        print(f"error: refusing to load {target}: {len(exc.problems)} problem(s)", file=sys.stderr)
-        raise SystemExit(EXIT_ERROR) from None
-    except OSError as exc:
-        print(f"error: cannot read policy {target}: {exc.strerror or exc}", file=sys.stderr)
-        raise SystemExit(EXIT_ERROR) from None
-
-
 def _cmd_lint(args: argparse.Namespace) -> int:
     from proxy.policy.loader import lint_files
 
@@ -233,13 +205,17 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from proxy.core.decision import Kind, Request
     from proxy.core.engine import decide
     from proxy.core.hosts import InvalidHost
+    from proxy.policy.loader import load_policy_file
+    from proxy.policy.model import PolicyError
 
-    policy = load_policy_or_exit(args.policy)
+    try:
+        policy = load_policy_file(args.policy)
+    except PolicyError as exc:
+        return fail(*exc.lines())
     try:
         kind, host, port, method, path = parse_target(args.target, args.method)
     except (ValueError, InvalidHost) as exc:
-        print(f"error: {args.target!r}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return fail(f"{args.target!r}: {exc}")
     decision = decide(
         Request(kind=Kind(kind), host=host, port=port, method=method, path=path),
         policy,
@@ -269,8 +245,7 @@ def _cmd_token(args: argparse.Namespace) -> int:
     try:
         check_sandbox_id(args.sandbox_id)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return fail(str(exc))
     token = new_token()
     print(f"token: {token}")
     print(f"proxy URL for the sandbox: http://{args.sandbox_id}:{token}@GATE_HOST:3128")

@@ -38,10 +38,6 @@ egress: WARNING: HTTP(S)_PROXY is only a request: anything that ignores it reach
 egress: WARNING: use this for debugging only, never for untrusted code."""
 
 
-class RunError(Exception):
-    """Set-up failed before the command ran."""
-
-
 @dataclass
 class RunOptions:
     argv: Sequence[str]
@@ -92,10 +88,16 @@ def run(options: RunOptions) -> int:
         _err("--proxy and --gate-socket are alternatives; the command was not run")
         return EXIT_SETUP_FAILED
     if options.proxy_url is None and options.gate_socket is None:
+        from proxy.policy.loader import load_policy_file
+        from proxy.policy.model import PolicyError
+
         try:
-            policy = _load_policy(options.policy_path)
-        except RunError as exc:
-            _err(f"{exc}; the command was not run")
+            policy = load_policy_file(options.policy_path)
+        except PolicyError as exc:
+            *problems, verdict = exc.lines()
+            for line in problems:
+                _err(line)
+            _err(f"{verdict}; the command was not run")
             return EXIT_SETUP_FAILED
     if not options.isolation:
         if options.gate_socket is not None:
@@ -160,23 +162,6 @@ def run(options: RunOptions) -> int:
     if summary and not options.quiet:
         sys.stderr.write(summary + "\n")
     return code
-
-
-def _load_policy(path: Path | None) -> Any:
-    from proxy.policy.loader import load_policy
-    from proxy.policy.model import PolicyError
-
-    if path is None:
-        from proxy.policy.presets import preset_path
-
-        path = preset_path("default")
-    try:
-        return load_policy(path)
-    except PolicyError as exc:
-        problems = "; ".join(str(p) for p in exc.problems[:5])
-        raise RunError(f"policy {path} does not load: {problems}") from None
-    except OSError as exc:
-        raise RunError(f"cannot read policy {path}: {exc.strerror or exc}") from None
 
 
 def _sinks(options: RunOptions) -> list[Sink]:

@@ -77,6 +77,7 @@ def test_check_errors_exit_2(policy: Path, tmp_path: Path) -> None:
     result = run("check", "--policy", str(broken), "pypi.org")
     assert result.returncode == 2
     assert "broken.yaml:4" in result.stderr
+    assert f"error: refusing to load {broken}: 1 problem(s)" in result.stderr
 
 
 def test_lint_reports_every_problem_with_location(tmp_path: Path) -> None:

@@ -178,6 +178,34 @@ def test_startup_fails_closed_on_a_broken_policy(tmp_path: Path) -> None:
     assert "broken.yaml:5" in result.stderr
 
 
+def test_startup_fails_closed_on_a_broken_sandboxes_file_or_sandbox_policy(
+    tmp_path: Path, policy: Path
+) -> None:
+    digest = "a" * 64
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("version: 1\nrules:\n  - name: x\n    hosts: [ok.test]\n    ports: [0]\n")
+    own_policy = tmp_path / "own.yaml"
+    own_policy.write_text(
+        f"version: 1\nsandboxes:\n  - id: agent-7\n    token_sha256: {digest}\n"
+        "    policy: broken.yaml\n"
+    )
+    bad_id = tmp_path / "bad-id.yaml"
+    bad_id.write_text(f'version: 1\nsandboxes:\n  - id: "agent-7\\n"\n    token_sha256: {digest}\n')
+    for sandboxes, expected in (
+        (own_policy, [f"{broken.name}:5", f"refusing to load {broken}: 1 problem(s)"]),
+        (bad_id, ["'id' must be"]),
+    ):
+        result = subprocess.run(
+            [EGRESS, "serve", "--policy", str(policy), "--listen", "127.0.0.1:0", "--no-metrics",
+             "--sandboxes", str(sandboxes)],
+            capture_output=True, text=True, timeout=30, env=CLEAN_ENV,
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        assert "gate ready" not in result.stderr
+        for text in expected:
+            assert text in result.stderr
+
+
 def test_handoff_socket_serves_egress_run_sandboxes_without_a_relay(
     tmp_path: Path, fake: FakeDns
 ) -> None:

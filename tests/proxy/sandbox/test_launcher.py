@@ -178,6 +178,7 @@ def test_invalid_policy_fails_closed(tmp_path: Path) -> None:
     result = egress("run", "--policy", str(bad), "--", "touch", str(marker))
     assert result.returncode == 125
     assert "was not run" in result.stderr and "bad.yaml" in result.stderr
+    assert "bad.yaml:2: rule 'x': key 'nonsense'" in result.stderr  # every problem, located
     assert not marker.exists()
 
 
