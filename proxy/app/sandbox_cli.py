@@ -138,6 +138,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
+    from proxy.app.private_gate import start_private_gate
     from proxy.sandbox.launcher import RunOptions, run
 
     cmd = list(args.cmd)
@@ -157,6 +158,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         decision_log=args.decision_log,
         proxy_port=args.proxy_port,
         evidence=_evidence_builder(args),
+        gate=start_private_gate,
     )
     return run(options)
 
@@ -174,9 +176,10 @@ def _evidence_builder(args: argparse.Namespace) -> Any:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
+    from proxy.app.private_gate import start_private_gate
     from proxy.sandbox.doctor import doctor_main
 
-    return doctor_main(json_output=args.json)
+    return doctor_main(start_private_gate, json_output=args.json)
 
 
 def _cmd_connect(args: argparse.Namespace) -> int:

@@ -23,7 +23,10 @@ import textwrap
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from proxy.sandbox.private_gate import GateStarter, PrivateGate
 
 UPSTREAM_NAME = "upstream.egress-doctor.test"
 REFUSED_NAME = "refused.egress-doctor.test"
@@ -366,8 +369,9 @@ def evaluate(obs: dict[str, Any], canaries: dict[str, int], stub_queries: list[s
     return checks
 
 
-def run_doctor() -> tuple[list[Check], str]:
-    """Build the sandbox, run the probe, return the rows (and any set-up error text)."""
+def run_doctor(start_gate: GateStarter) -> tuple[list[Check], str]:
+    """Build the sandbox with a private gate, run the probe, return the rows (and any set-up error
+    text). The probe reads its targets on stdin once the gate is up: the gate's port is one."""
     from proxy.sandbox import DEFAULT_PROXY_PORT
     from proxy.sandbox.launcher import RunOptions, run
 
@@ -399,7 +403,7 @@ def run_doctor() -> tuple[list[Check], str]:
             "resolvers": host_resolvers(),
         }
 
-        def on_gate(gate: Any) -> None:
+        def on_gate(gate: PrivateGate) -> None:
             targets["gate_port"] = gate.listen_address[1]
             os.write(write_fd, (json.dumps(targets) + "\n").encode())
             os.close(write_fd)
@@ -414,6 +418,7 @@ def run_doctor() -> tuple[list[Check], str]:
             stdout=output,
             stderr=errors,
             on_gate=on_gate,
+            gate=start_gate,
         )
         code = run(options)
         output.seek(0)
@@ -451,11 +456,11 @@ def render(checks: list[Check]) -> str:
     return "\n".join(lines)
 
 
-def doctor_main(json_output: bool = False) -> int:
+def doctor_main(start_gate: GateStarter, json_output: bool = False) -> int:
     import logging
 
     logging.getLogger("mitmproxy").setLevel(logging.ERROR)
-    checks, error = run_doctor()
+    checks, error = run_doctor(start_gate)
     if error:
         if json_output:
             print(json.dumps({"ok": False, "error": error}))
