@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from proxy.sandbox.namespace import Listener, Sandbox, SandboxSpec
-from tests.harness import Canary
+from tests.harness import Canary, LoopbackServer
 
 WAIT = 10.0
 
@@ -70,33 +70,15 @@ def host_udp() -> Iterator[CountingUdp]:
     server.stop()
 
 
-class StandIn:
+class StandIn(LoopbackServer):
     """A stand-in gate: answers every connection on the sandbox's proxy listener with a marker."""
 
     def __init__(self, sock: socket.socket, marker: bytes) -> None:
-        self.sock = sock
         self.marker = marker
-        self.accepted = 0
-        self.sock.settimeout(0.2)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
+        super().__init__(sock=sock, name="stand-in-gate")
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted += 1
-            with conn:
-                conn.sendall(self.marker)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(WAIT)
+    def handle(self, conn: socket.socket) -> None:
+        conn.sendall(self.marker)
 
 
 @dataclass

@@ -8,7 +8,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,54 +16,31 @@ import pytest
 from proxy.sandbox.connect import connect_request, proxy_from_env
 from proxy.sandbox.env import ProxyAddress
 from tests.dnsfake import FakeDns
-from tests.harness import RunningGate
+from tests.harness import LoopbackServer, RunningGate
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parents[3]
 WAIT = 20.0
 
 
-class FakeSsh:
+class FakeSsh(LoopbackServer):
     """Sends an SSH banner and records the first line the client sends back.
 
     The gate passes non-TLS tunnel contents only on port 22 (and only if they are SSH), so this
     listens on port 22 of a random 127/8 address: no clash with a real sshd or a parallel run."""
 
     def __init__(self) -> None:
-        self.host = (
-            f"127.{random.randint(1, 254)}.{random.randint(0, 255)}.{random.randint(1, 254)}"
-        )
+        host = f"127.{random.randint(1, 254)}.{random.randint(0, 255)}.{random.randint(1, 254)}"
+        self.client_banners: list[bytes] = []
         try:
-            self.sock = socket.create_server((self.host, 22))
+            super().__init__(host, 22, name="fake-ssh")
         except PermissionError:
             pytest.skip("binding port 22 needs root")
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.accepted = 0
-        self.client_banners: list[bytes] = []
-        self._stop = threading.Event()
-        threading.Thread(target=self._loop, daemon=True).start()
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted += 1
-            with conn:
-                conn.settimeout(5)
-                try:
-                    conn.sendall(b"SSH-2.0-egress-test\r\n")
-                    self.client_banners.append(conn.recv(200).split(b"\r\n")[0])
-                except OSError:
-                    pass
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.sock.close()
+    def handle(self, conn: socket.socket) -> None:
+        conn.settimeout(5)
+        conn.sendall(b"SSH-2.0-egress-test\r\n")
+        self.client_banners.append(conn.recv(200).split(b"\r\n")[0])
 
 
 @pytest.fixture
