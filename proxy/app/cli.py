@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proxy import __version__
+from proxy.app.arguments import add_gate_options, add_policy_option
 from proxy.app.exits import EXIT_DENY, EXIT_OK, fail
 
 DEFAULT_LISTEN = "127.0.0.1:3128"
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the gate as an HTTP(S) proxy",
         description="Run the gate as a standalone HTTP proxy (point clients at it with HTTPS_PROXY).",
     )
-    _policy_arg(serve)
+    add_policy_option(serve)
     serve.add_argument(
         "--listen",
         default=DEFAULT_LISTEN,
@@ -78,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="shared gate: require a per-sandbox proxy credential listed in FILE (see `egress token`)",
     )
-    _gate_args(serve)
+    add_gate_options(
+        serve, decision_log="append one JSON line per decision to FILE (default: stderr)"
+    )
     serve.set_defaults(func=_cmd_serve)
 
     token = sub.add_parser(
@@ -98,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
             "by the running gate, not here."
         ),
     )
-    _policy_arg(check)
+    add_policy_option(check)
     check.add_argument("--method", default=None, help="HTTP method for URL targets (default GET)")
     check.add_argument("--json", action="store_true", help="print the decision as JSON")
     check.add_argument("target", help="https://host/path, http://host:port/path or HOST[:PORT]")
@@ -127,42 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.set_defaults(func=_cmd_audit_verify)
 
-    try:
-        from proxy.app.sandbox_cli import register
-    except ImportError:  # the launcher is optional on platforms without it
-        pass
-    else:
-        register(sub)
+    from proxy.app.sandbox_cli import register
+
+    register(sub)
     return parser
-
-
-def _policy_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--policy",
-        metavar="FILE",
-        default=None,
-        help="policy YAML (default: the shipped allowlists/default.yaml)",
-    )
-
-
-def _gate_args(parser: argparse.ArgumentParser) -> None:
-    """Options shared by every command that runs a gate (serve, run)."""
-    parser.add_argument(
-        "--decision-log",
-        metavar="FILE",
-        default=None,
-        help="append one JSON line per decision to FILE (default: stderr)",
-    )
-    parser.add_argument(
-        "--nameserver",
-        action="append",
-        default=None,
-        metavar="IP[:PORT]",
-        help="DNS server for destination checks (repeatable; default: the system's resolv.conf)",
-    )
-    from proxy.evidence.flags import add_evidence_arguments
-
-    add_evidence_arguments(parser)
 
 
 def _cmd_lint(args: argparse.Namespace) -> int:

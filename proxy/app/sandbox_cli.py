@@ -1,4 +1,4 @@
-"""The ``run``, ``doctor`` and ``connect`` subcommands, registered into the lead's ``egress`` parser.
+"""The ``run``, ``doctor`` and ``connect`` subcommands of ``egress``: the sandbox's side of the CLI.
 
 Only argparse is imported here; everything heavy is imported by the command that runs, so
 ``egress --help`` stays fast.
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 from typing import Any
+
+from proxy.app.arguments import add_gate_options, add_policy_option
 
 
 def sandbox_id(text: str) -> str:
@@ -46,7 +48,7 @@ def register(subparsers: Any) -> None:
             "status (128+N if killed by signal N, 125 if the sandbox could not be set up)."
         ),
     )
-    run.add_argument("--policy", metavar="FILE", default=None, help="policy YAML (default preset)")
+    add_policy_option(run)
     run.add_argument(
         "--proxy",
         metavar="URL",
@@ -82,20 +84,14 @@ def register(subparsers: Any) -> None:
         default=DEFAULT_PROXY_PORT,
         help=f"the proxy port inside the sandbox (default {DEFAULT_PROXY_PORT})",
     )
-    run.add_argument(
-        "--decision-log",
-        metavar="FILE",
-        default=None,
-        help="append one JSON line per decision to FILE ('-' for stderr; default: summary only)",
+    add_gate_options(
+        run,
+        decision_log="append one JSON line per decision to FILE ('-' for stderr; default: summary "
+        "only)",
     )
-    run.add_argument(
-        "--nameserver",
-        action="append",
-        default=None,
-        metavar="IP[:PORT]",
-        help="DNS server for destination checks (repeatable; default: the system's resolv.conf)",
-    )
-    _add_evidence(run)
+    # A private gate per run: several runs at once must not fight over one metrics port, so
+    # metrics are served only when asked for with --metrics.
+    run.set_defaults(metrics=None)
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     run.set_defaults(func=_cmd_run)
 
@@ -120,18 +116,6 @@ def register(subparsers: Any) -> None:
 
     add_arguments(connect)
     connect.set_defaults(func=_cmd_connect)
-
-
-def _add_evidence(parser: argparse.ArgumentParser) -> None:
-    """The lead's shared evidence options (journal, OTel, metrics), when that module exists."""
-    try:
-        from proxy.evidence.flags import add_evidence_arguments
-    except ImportError:
-        return
-    add_evidence_arguments(parser)
-    # A private gate per run: several runs at once must not fight over one metrics port, so
-    # metrics are served only when asked for with --metrics.
-    parser.set_defaults(metrics=None)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
