@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._serve import egress_command, start_serve, stop_serve
-from tests.harness import LoopbackServer
+from tests.harness import LoopbackServer, recv_head
 
 ROUNDS = 5
 SIZE_MB = 128
@@ -55,12 +55,8 @@ class _BulkUpstream(LoopbackServer):
         chunk = memoryview(bytes(1 << 20))
         raw.settimeout(30)
         with self.ctx.wrap_socket(raw, server_side=True) as conn:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                data = conn.recv(4096)
-                if not data:
-                    return
-                head += data
+            if b"\r\n\r\n" not in recv_head(conn):
+                return
             conn.sendall(
                 f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n".encode()
             )

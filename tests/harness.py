@@ -214,15 +214,12 @@ class Upstream(LoopbackServer):
         raw.settimeout(WAIT)
         conn = raw if self.tls is None else self.tls.wrap_socket(raw, server_side=True)
         with conn:
-            buf = b""
+            buf: bytes | None = b""
             for _ in range(10_000):  # bounded number of requests per connection
-                while b"\r\n\r\n" not in buf:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    with self._lock:
-                        self.bytes_received += len(chunk)
-                    buf += chunk
+                while buf is not None and b"\r\n\r\n" not in buf:
+                    buf = self._more(conn, buf)
+                if buf is None:
+                    return
                 head, buf = buf.split(b"\r\n\r\n", 1)
                 with self._lock:
                     self.heads.append(head)
@@ -233,13 +230,10 @@ class Upstream(LoopbackServer):
                     k, _, v = line.partition(":")
                     headers[k.strip().lower()] = v.strip()
                 length = int(headers.get("content-length", "0") or 0)
-                while len(buf) < length:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    with self._lock:
-                        self.bytes_received += len(chunk)
-                    buf += chunk
+                while buf is not None and len(buf) < length:
+                    buf = self._more(conn, buf)
+                if buf is None:
+                    return
                 buf = buf[length:]
                 with self._lock:
                     self.requests.append((method, target, headers))
@@ -251,12 +245,33 @@ class Upstream(LoopbackServer):
                     + payload
                 )
 
+    def _more(self, conn: socket.socket, buf: bytes) -> bytes | None:
+        """``buf`` and what arrives next, counted; None once the client has closed."""
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        with self._lock:
+            self.bytes_received += len(chunk)
+        return buf + chunk
+
     def reset(self) -> None:
         with self._lock:
             self.accepted = 0
             self.bytes_received = 0
             self.requests.clear()
             self.heads.clear()
+
+
+def recv_head(conn: socket.socket, limit: int = 65536) -> bytes:
+    """Bytes up to and including the blank line ending an HTTP head (less if the peer closes first,
+    at most about ``limit``); anything after it that arrived in the same read is included too."""
+    head = b""
+    while b"\r\n\r\n" not in head and len(head) < limit:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    return head
 
 
 def client_hello(server_hostname: str | None, extra_extension: bytes = b"") -> bytes:

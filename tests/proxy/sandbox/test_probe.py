@@ -21,7 +21,7 @@ import pytest
 from proxy.sandbox import probe
 from proxy.sandbox.doctor import PROBE
 from tests.dnsfake import FakeDns
-from tests.harness import WAIT, Canary, LoopbackServer
+from tests.harness import WAIT, Canary, LoopbackServer, recv_head
 
 
 class ClosingHttp(LoopbackServer):
@@ -35,13 +35,7 @@ class ClosingHttp(LoopbackServer):
 
     def handle(self, conn: socket.socket) -> None:
         conn.settimeout(WAIT)
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = conn.recv(4096)
-            if not chunk:
-                return
-            head += chunk
-        self.heads.append(head)
+        self.heads.append(recv_head(conn))
         conn.sendall(
             b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
             % (len(self.body), self.body)
