@@ -11,12 +11,12 @@ start-up is not in these numbers. Configurations, alternated within each round:
   for the in-namespace listener),
 - ``run``: curl inside a sandbox with the private gate accepting on the listener created inside the
   sandbox's namespace (no relay at all),
-- ``handoff gate, host curl``: a gate process with a hand-off socket (what ``egress serve`` becomes
-  with ``proxy/sandbox/handoff.py`` wired in) used directly from the host,
+- ``handoff gate, host curl``: a gate process with a hand-off socket (as ``egress serve
+  --handoff-socket`` runs it) used directly from the host,
 - ``run --gate-socket``: curl inside a sandbox whose listener was handed to that gate process.
 
 Start-up: wall time of ``egress run --proxy URL -- true`` against a running gate, minus ``true`` run
-directly, median of LATENCY_RUNS. Targets (issue 4): throughput >= 0.9x, added latency <= 250 ms.
+directly, median of LATENCY_RUNS. Targets: throughput >= 0.9x, added latency <= 250 ms.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The `register(subparsers)` contract with the lead's `egress` parser."""
+"""The sandbox commands (`run`, `doctor`, `connect`) as `register(subparsers)` adds them to `egress`."""
 
 from __future__ import annotations
 
