@@ -434,7 +434,7 @@ def curl(
     if cacert is not None:
         cmd += ["--cacert", str(cacert)]
     cmd += [*args, url]
-    proc = subprocess.run(cmd, capture_output=True, timeout=timeout + 5, env=_clean_env())
+    proc = subprocess.run(cmd, capture_output=True, timeout=timeout + 5, env=clean_env())
     out = proc.stdout.decode("utf-8", "replace")
     status, body = 0, out
     headers: dict[str, str] = {}
@@ -455,12 +455,11 @@ def curl(
     )
 
 
-def _clean_env() -> dict[str, str]:
-    """curl must only use the proxy a test passes explicitly, never one from the environment."""
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any proxy setting, plus ``extra``: a client or an
+    ``egress`` under test must use only the proxy the test gives it."""
     import os
 
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
-    }
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env.update(extra)
+    return env

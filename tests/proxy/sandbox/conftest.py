@@ -1,5 +1,5 @@
 """Real parts for the sandbox tests: counting listeners on the host's loopback, a stand-in gate,
-and a way to run Python probes inside a real sandbox."""
+a way to run Python probes inside a real sandbox, and ``egress`` run as a user runs it."""
 
 from __future__ import annotations
 
@@ -12,13 +12,52 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
 from proxy.sandbox.namespace import Listener, Sandbox, SandboxSpec
-from tests.harness import Canary, LoopbackServer
+from tests.dnsfake import FakeDns
+from tests.harness import Canary, LoopbackServer, Upstream, clean_env
 
 WAIT = 10.0
+REPO = Path(__file__).resolve().parents[3]
+EGRESS_WAIT = 30.0
+
+
+def egress(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """``egress ARGS`` in a subprocess, from the repository, without this process's proxy settings."""
+    return subprocess.run(  # type: ignore[call-overload, no-any-return]
+        [sys.executable, "-m", "proxy.app.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=EGRESS_WAIT,
+        env=clean_env(),
+        **kwargs,
+    )
+
+
+WORLD_POLICY = """
+version: 1
+allow_internal: [127.0.0.0/8]
+rules:
+  - name: test-allowed
+    hosts: [allowed.test]
+    ports: [{port}]
+"""
+
+
+@pytest.fixture
+def world(
+    write_policy: Callable[[str], Path], fake_dns: FakeDns, http_upstream: Upstream
+) -> Iterator[tuple[Path, FakeDns, Upstream]]:
+    """A policy allowing ``allowed.test`` (and only it) on the upstream's port; both names resolve
+    to loopback, where the test policy opens internal addresses."""
+    for name in ("allowed.test", "evil.test"):
+        fake_dns.set(name, "A", ["127.0.0.1"])
+        fake_dns.set(name, "AAAA", [])
+    yield write_policy(WORLD_POLICY.format(port=http_upstream.port)), fake_dns, http_upstream
 
 
 def CountingTcp(host: str = "127.0.0.1") -> Canary:

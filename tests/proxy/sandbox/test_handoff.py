@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import subprocess
 import sys
@@ -22,17 +21,11 @@ from proxy.sandbox.handoff import (
     hand_off,
 )
 from tests.dnsfake import FakeDns
-from tests.harness import RunningGate, Upstream
+from tests.harness import RunningGate, Upstream, clean_env
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
 REPO = Path(__file__).resolve().parents[3]
 WAIT = 30.0
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    env.update(extra)
-    return env
 
 
 class Handoff:
@@ -74,7 +67,7 @@ def world(
 def _run(sock: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "proxy.app.cli", "run", "--gate-socket", str(sock), *args],
-        cwd=REPO, capture_output=True, text=True, timeout=WAIT, env=_env(**env),
+        cwd=REPO, capture_output=True, text=True, timeout=WAIT, env=clean_env(**env),
     )  # fmt: skip
 
 

@@ -24,14 +24,10 @@ from pathlib import Path
 import pytest
 
 from tests.dnsfake import FakeDns
-from tests.harness import LocalCA
+from tests.harness import LocalCA, clean_env
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
 REPO = Path(__file__).resolve().parents[3]
-
-
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
 
 
 def _policy(write_policy: Callable[[str], Path], port: int) -> Path:
@@ -51,7 +47,7 @@ def _egress_run(policy: Path, dns: FakeDns, script: str) -> subprocess.Completed
     return subprocess.run(
         [sys.executable, "-m", "proxy.app.cli", "run", "--policy", str(policy), "--nameserver",
          dns.nameserver, "--", "sh", "-c", script],
-        cwd=REPO, capture_output=True, text=True, timeout=100, env=_env(),
+        cwd=REPO, capture_output=True, text=True, timeout=100, env=clean_env(),
     )  # fmt: skip
 
 

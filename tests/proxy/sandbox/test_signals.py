@@ -1,14 +1,21 @@
-"""The one signal forwarder, in a child interpreter: a signal that is not forwarded kills it, which
-must not take the test run with it."""
+"""The one signal forwarder, in a child interpreter (a signal that is not forwarded kills it, which
+must not take the test run with it), and through `egress run` to a command in a real sandbox."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[3]
+import pytest
+
+from tests.dnsfake import FakeDns
+from tests.harness import Upstream, clean_env
+from tests.proxy.sandbox.conftest import EGRESS_WAIT, REPO
+
+WAIT = EGRESS_WAIT
 
 
 def run(code: str) -> subprocess.CompletedProcess[str]:
@@ -78,3 +85,32 @@ def test_signals_are_forwarded_while_an_asyncio_loop_waits() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "SIGTERM"
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    ("sig", "script", "code"),
+    [
+        (signal.SIGTERM, "trap 'echo got-term; exit 42' TERM", 42),
+        (signal.SIGINT, "trap - INT", 130),
+    ],
+)
+def test_signals_are_forwarded(
+    world: tuple[Path, FakeDns, Upstream], sig: int, script: str, code: int
+) -> None:
+    policy, _, _ = world
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy.app.cli", "run", "--policy", str(policy), "--quiet", "--",
+         "sh", "-c", f"{script}; echo ready; while :; do sleep 0.05; done"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env(),
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        proc.send_signal(sig)
+        assert proc.wait(WAIT) == code
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
