@@ -48,6 +48,12 @@ rules:
 """
 
 
+def allowed_test_policy(write_policy: Callable[[str], Path], port: int) -> Path:
+    """A policy file allowing ``allowed.test`` on ``port`` only, with loopback opened (the test
+    servers live there)."""
+    return write_policy(WORLD_POLICY.format(port=port))
+
+
 @pytest.fixture
 def world(
     write_policy: Callable[[str], Path], fake_dns: FakeDns, http_upstream: Upstream
@@ -57,7 +63,7 @@ def world(
     for name in ("allowed.test", "evil.test"):
         fake_dns.set(name, "A", ["127.0.0.1"])
         fake_dns.set(name, "AAAA", [])
-    yield write_policy(WORLD_POLICY.format(port=http_upstream.port)), fake_dns, http_upstream
+    yield allowed_test_policy(write_policy, http_upstream.port), fake_dns, http_upstream
 
 
 def CountingTcp(host: str = "127.0.0.1") -> Canary:

@@ -17,6 +17,7 @@ from proxy.sandbox.connect import connect_request, proxy_from_env
 from proxy.sandbox.env import ProxyAddress
 from tests.dnsfake import FakeDns
 from tests.harness import LoopbackServer, RunningGate
+from tests.proxy.sandbox.conftest import allowed_test_policy
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parents[3]
@@ -48,19 +49,6 @@ def fake_ssh() -> Iterator[FakeSsh]:
     server = FakeSsh()
     yield server
     server.stop()
-
-
-def _policy(write_policy: Callable[[str], Path], port: int) -> Path:
-    return write_policy(
-        f"""
-        version: 1
-        allow_internal: [127.0.0.0/8]
-        rules:
-          - name: git-ssh
-            hosts: [allowed.test]
-            ports: [{port}]
-        """
-    )
 
 
 def test_connect_request_format() -> None:
@@ -98,7 +86,7 @@ def test_stdio_through_the_gate(
     fake_ssh: FakeSsh,
 ) -> None:
     fake_dns.set("allowed.test", "A", [fake_ssh.host])
-    gate = start_gate(_policy(write_policy, 22))
+    gate = start_gate(allowed_test_policy(write_policy, 22))
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy.app.cli", "connect", "allowed.test", "22", "--proxy", gate.url],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
@@ -125,7 +113,7 @@ def test_refused_port_exits_1_with_the_reason(
     fake_ssh: FakeSsh,
 ) -> None:
     fake_dns.set("allowed.test", "A", [fake_ssh.host])
-    gate = start_gate(_policy(write_policy, 443))  # the rule does not list port 22
+    gate = start_gate(allowed_test_policy(write_policy, 443))  # the rule does not list port 22
     result = _connect(gate, 22, b"")
     assert result.returncode == 1
     assert b"refused allowed.test" in result.stderr and b"403" in result.stderr
@@ -139,7 +127,7 @@ def test_git_ssh_command_tunnels_ssh_through_the_gate_from_inside_a_sandbox(
     if shutil.which("ssh") is None:
         pytest.skip("ssh is not installed")
     fake_dns.set("allowed.test", "A", [fake_ssh.host])
-    policy = _policy(write_policy, 22)
+    policy = allowed_test_policy(write_policy, 22)
     script = (
         'eval "$GIT_SSH_COMMAND -p 22 -o BatchMode=yes -o ConnectTimeout=10 '
         '-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null git@allowed.test true"; '
