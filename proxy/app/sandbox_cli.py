@@ -7,9 +7,12 @@ Only argparse is imported here; everything heavy is imported by the command that
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.app.arguments import add_gate_options, add_policy_option
+
+if TYPE_CHECKING:
+    from proxy.sandbox.private_gate import GateRequest, PrivateGate
 
 
 def sandbox_id(text: str) -> str:
@@ -122,7 +125,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from proxy.app.private_gate import start_private_gate
     from proxy.sandbox.launcher import RunOptions, run
 
     cmd = list(args.cmd)
@@ -142,9 +144,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         decision_log=args.decision_log,
         proxy_port=args.proxy_port,
         evidence=_evidence_builder(args),
-        gate=start_private_gate,
+        gate=_start_private_gate,
     )
     return run(options)
+
+
+async def _start_private_gate(request: GateRequest) -> PrivateGate:
+    """Imported only when a private gate starts: the joined modes never load the gate."""
+    from proxy.app.private_gate import start_private_gate
+
+    return await start_private_gate(request)
 
 
 def _evidence_builder(args: argparse.Namespace) -> Any:

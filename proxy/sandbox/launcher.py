@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from proxy.core.sandbox_id import check_sandbox_id
 from proxy.evidence.emit import Emitter, JsonLineSink, Sink
@@ -26,10 +26,12 @@ from proxy.sandbox import (
 )
 from proxy.sandbox.env import ProxyAddress, proxy_environment
 from proxy.sandbox.namespace import Listener, Sandbox, SandboxError, SandboxSpec, exit_code
-from proxy.sandbox.private_gate import GateRequest, GateStarter, PrivateGate
 from proxy.sandbox.signals import forwarding_signals
 from proxy.sandbox.stdio import foreground_tty, restore_tty, stdio_fds, stdio_problem
 from proxy.sandbox.summary import SummarySink
+
+if TYPE_CHECKING:  # a private gate's types: the joined modes do not import them
+    from proxy.sandbox.private_gate import GateStarter, PrivateGate
 
 log = logging.getLogger("egress.run")
 
@@ -189,6 +191,8 @@ def _sinks(options: RunOptions) -> list[Sink]:
 async def _run_private(options: RunOptions, sandbox: Sandbox, policy: Any) -> tuple[int, str]:
     """The gate runs in this process and accepts on the sandbox's own listeners: no relay.
     Returns the exit status and the summary to print."""
+    from proxy.sandbox.private_gate import GateRequest
+
     assert options.gate is not None
     evidence: Any = None
     emitter: Emitter | None = None
@@ -342,6 +346,8 @@ def _run_unisolated(options: RunOptions, policy: Any) -> int:
 
 async def _run_unisolated_private(options: RunOptions, policy: Any) -> int:
     import asyncio
+
+    from proxy.sandbox.private_gate import GateRequest
 
     assert options.gate is not None
     emitter = Emitter(_sinks(options))
