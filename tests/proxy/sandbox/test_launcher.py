@@ -430,3 +430,23 @@ def test_shared_gate_identifies_the_sandbox_by_its_credential(
         d for d in decisions if d.get("event") == "egress.decision" and d["decision"] == "allow"
     ]
     assert [d.get("sandbox_id") for d in allowed] == ["sbx-cred"]
+
+
+def test_a_library_caller_without_a_gate_or_with_a_bad_id_runs_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The launcher as a library fails closed too: a private gate needs a starter, and an id is
+    checked by the same rule as everywhere else (a trailing newline is not part of it)."""
+    from proxy.app.private_gate import start_private_gate
+    from proxy.sandbox.launcher import RunOptions, run
+
+    marker = tmp_path / "ran"
+    assert run(RunOptions(argv=["touch", str(marker)], quiet=True)) == 125
+    bad_id = RunOptions(
+        argv=["touch", str(marker)], sandbox_id="agent-7\n", gate=start_private_gate
+    )
+    assert run(bad_id) == 125
+    assert not marker.exists()
+    err = capsys.readouterr().err
+    assert "no gate to start" in err
+    assert "'agent-7\\n' is not a sandbox id" in err
