@@ -10,7 +10,7 @@ p99 ratio to the 10-rule policy: flat ratios are the point. The request set repe
 ``canonical_host``'s cache is warm (as for real traffic to a few registries); the ``cold names`` row
 uses a fresh host name for every call to show the uncached cost.
 
-Target (issue 2): p99 <= 20 us per decision at 100,000 rules.
+Target: p99 <= 20 us per decision at 100,000 rules.
 """
 
 from __future__ import annotations

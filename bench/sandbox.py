@@ -11,17 +11,16 @@ start-up is not in these numbers. Configurations, alternated within each round:
   for the in-namespace listener),
 - ``run``: curl inside a sandbox with the private gate accepting on the listener created inside the
   sandbox's namespace (no relay at all),
-- ``handoff gate, host curl``: a gate process with a hand-off socket (what ``egress serve`` becomes
-  with ``proxy/sandbox/handoff.py`` wired in) used directly from the host,
+- ``handoff gate, host curl``: a gate process with a hand-off socket (as ``egress serve
+  --handoff-socket`` runs it) used directly from the host,
 - ``run --gate-socket``: curl inside a sandbox whose listener was handed to that gate process.
 
 Start-up: wall time of ``egress run --proxy URL -- true`` against a running gate, minus ``true`` run
-directly, median of LATENCY_RUNS. Targets (issue 4): throughput >= 0.9x, added latency <= 250 ms.
+directly, median of LATENCY_RUNS. Targets: throughput >= 0.9x, added latency <= 250 ms.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import socket
@@ -30,12 +29,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from bench._serve import egress_command, start_serve, stop_serve
+from tests.harness import LoopbackServer, recv_head
 
 ROUNDS = 5
 SIZE_MB = 128
@@ -44,49 +43,25 @@ TARGET_RATIO = 0.9
 TARGET_ADDED_MS = 250.0
 
 
-class _BulkUpstream:
+class _BulkUpstream(LoopbackServer):
     """HTTPS server that answers every request with SIZE_MB of zeros."""
 
     def __init__(self, ctx: ssl.SSLContext) -> None:
         self.ctx = ctx
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port: int = self.sock.getsockname()[1]
-        self._stop = threading.Event()
-        threading.Thread(target=self._loop, daemon=True).start()
+        super().__init__(threaded=True, name="bulk-upstream")
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, raw: socket.socket) -> None:
+    def handle(self, raw: socket.socket) -> None:
         size = SIZE_MB << 20
         chunk = memoryview(bytes(1 << 20))
-        with contextlib.suppress(OSError, ssl.SSLError):
-            raw.settimeout(30)
-            conn = self.ctx.wrap_socket(raw, server_side=True)
-            with conn:
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    data = conn.recv(4096)
-                    if not data:
-                        return
-                    head += data
-                conn.sendall(
-                    f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n".encode()
-                )
-                for _ in range(SIZE_MB):
-                    conn.sendall(chunk)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.sock.close()
+        raw.settimeout(30)
+        with self.ctx.wrap_socket(raw, server_side=True) as conn:
+            if b"\r\n\r\n" not in recv_head(conn):
+                return
+            conn.sendall(
+                f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n".encode()
+            )
+            for _ in range(SIZE_MB):
+                conn.sendall(chunk)
 
 
 def _curl(port: int) -> list[str]:

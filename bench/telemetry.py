@@ -6,8 +6,8 @@ OTLP/HTTP export to a real receiver running in a *separate process* on loopback 
 against the gate's). With a journal the OTLP encoding itself also runs in the export process
 (``python -m proxy.evidence.otel.export``), so what is measured here is what the gate's own event loop pays.
 
-The number that matters for issue 5 is new tunnels/s through the real proxy with telemetry on >= 0.9x off;
-that bench runs through mitmproxy and lives elsewhere. This one isolates the per-decision cost of the
+The target is new tunnels/s through the real proxy with telemetry on >= 0.9x off, which
+``bench/tunnels.py`` measures through mitmproxy. This one isolates the per-decision cost of the
 evidence sinks, so the printed overhead in microseconds can be compared with the proxy's per-tunnel cost
 (roughly 1-2 ms on these machines): an overhead of 100 us per decision is a 0.9x-1.0x ratio there.
 It also checks that every decision reached the collector exactly once, and reports the export process's

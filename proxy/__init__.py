@@ -1,6 +1,8 @@
-"""agent-egress core: policy, decisions, destination checks, telemetry, CLI and launcher.
+"""agent-egress: everything that is not a mitmproxy adapter, a package per layer (core, policy,
+destinations, evidence, sandbox, app).
 
-Nothing in this package imports mitmproxy; the adapters live in ``addons/``.
+Only ``proxy.app``, which wires the program together, imports mitmproxy or the adapters in ``addons/``
+(``tests/test_architecture.py`` holds every other module to that).
 """
 
 __version__ = "0.1.0"

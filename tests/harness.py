@@ -100,28 +100,52 @@ class LocalCA:
 # -- counting upstream -------------------------------------------------------------------------
 
 
-class Canary:
-    """A TCP listener that only counts accepted connections (and closes them): any connection here
-    is a leak. ``port=0`` picks an ephemeral port."""
+class LoopbackServer:
+    """A TCP listener on loopback whose accept loop runs in a thread, for tests and benchmarks.
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self.sock.bind((host, port))
-        except OSError:
-            self.sock.close()
-            raise
-        self.sock.listen(16)
-        self.sock.settimeout(0.1)
-        self.port: int = self.sock.getsockname()[1]
+    It counts accepted connections and gives each to :meth:`handle` (in a thread of its own when
+    ``threaded``), closing it afterwards; a subclass says what serving means. It binds ``host:port``
+    (``port=0``: ephemeral; a fixed port may raise PermissionError or EADDRINUSE), or serves a
+    listening socket it is given, such as one made inside a sandbox, which then stays open on
+    :meth:`stop` for its owner to close. :meth:`stop` closes the connections still being served."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        sock: socket.socket | None = None,
+        threaded: bool = False,
+        backlog: int = 16,
+        name: str = "loopback-server",
+    ) -> None:
+        self._owns_sock = sock is None
+        if sock is None:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError:
+                sock.close()
+                raise
+            sock.listen(backlog)
+        sock.settimeout(0.1)  # how often the accept loop looks at the stop flag
+        self.sock = sock
+        self.host = host
+        self.port: int = sock.getsockname()[1]
+        self.threaded = threaded
         self.accepted = 0
+        self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._conns: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept_loop, name=name, daemon=True)
         self._thread.start()
 
-    def _loop(self) -> None:
+    def handle(self, conn: socket.socket) -> None:
+        """Serve one accepted connection; it is closed when this returns. Default: nothing."""
+
+    def _accept_loop(self) -> None:
         while not self._stop.is_set():
             try:
                 conn, _ = self.sock.accept()
@@ -129,16 +153,41 @@ class Canary:
                 continue
             except OSError:
                 return
-            self.accepted += 1
+            with self._lock:
+                self.accepted += 1
+                self._conns.append(conn)
+            if self.threaded:
+                threading.Thread(target=self._serve_one, args=(conn,), daemon=True).start()
+            else:
+                self._serve_one(conn)
+
+    def _serve_one(self, conn: socket.socket) -> None:
+        try:
+            self.handle(conn)
+        except (OSError, ssl.SSLError, ValueError):
+            pass
+        finally:
             conn.close()
+            with self._lock:
+                self._conns.remove(conn)
 
     def stop(self) -> None:
         self._stop.set()
+        if self._owns_sock:
+            self.sock.close()
+        with self._lock:
+            for conn in self._conns:
+                with contextlib.suppress(OSError):
+                    conn.close()
         self._thread.join(WAIT)
-        self.sock.close()
 
 
-class Upstream:
+class Canary(LoopbackServer):
+    """A TCP listener that only counts accepted connections (and closes them): any connection here
+    is a leak. ``port=0`` picks an ephemeral port."""
+
+
+class Upstream(LoopbackServer):
     """A loopback HTTP/1.1 server (optionally TLS) that counts accepted connections and bytes.
 
     It answers every request with 200 and a body naming itself and the Host header it saw, keeping the
@@ -156,57 +205,21 @@ class Upstream:
         self.name = name
         self.tls = tls
         self.body_size = body_size
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))  # a fixed port (80, 22) raises PermissionError/EADDRINUSE
-        self.sock.listen(128)
-        self.sock.settimeout(0.2)
-        self.port: int = self.sock.getsockname()[1]
-        self.host = host
-        self.accepted = 0
         self.bytes_received = 0
         self.requests: list[tuple[str, str, dict[str, str]]] = []  # (method, target, headers)
         self.heads: list[bytes] = []  # raw request heads, exactly as received
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._conns: list[socket.socket] = []
-        self._thread = threading.Thread(
-            target=self._accept_loop, name=f"upstream-{name}", daemon=True
-        )
-        self._thread.start()
+        super().__init__(host, port, threaded=True, backlog=128, name=f"upstream-{name}")
 
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._lock:
-                self.accepted += 1
-                self._conns.append(conn)
-            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self._threads.append(t)
-            t.start()
-
-    def _serve(self, raw: socket.socket) -> None:
-        conn: socket.socket = raw
-        conn.settimeout(WAIT)
-        try:
-            if self.tls is not None:
-                conn = self.tls.wrap_socket(raw, server_side=True)
-            buf = b""
+    def handle(self, raw: socket.socket) -> None:
+        raw.settimeout(WAIT)
+        conn = raw if self.tls is None else self.tls.wrap_socket(raw, server_side=True)
+        with conn:
+            buf: bytes | None = b""
             for _ in range(10_000):  # bounded number of requests per connection
-                while b"\r\n\r\n" not in buf:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    with self._lock:
-                        self.bytes_received += len(chunk)
-                    buf += chunk
+                while buf is not None and b"\r\n\r\n" not in buf:
+                    buf = self._more(conn, buf)
+                if buf is None:
+                    return
                 head, buf = buf.split(b"\r\n\r\n", 1)
                 with self._lock:
                     self.heads.append(head)
@@ -217,13 +230,10 @@ class Upstream:
                     k, _, v = line.partition(":")
                     headers[k.strip().lower()] = v.strip()
                 length = int(headers.get("content-length", "0") or 0)
-                while len(buf) < length:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    with self._lock:
-                        self.bytes_received += len(chunk)
-                    buf += chunk
+                while buf is not None and len(buf) < length:
+                    buf = self._more(conn, buf)
+                if buf is None:
+                    return
                 buf = buf[length:]
                 with self._lock:
                     self.requests.append((method, target, headers))
@@ -234,10 +244,15 @@ class Upstream:
                     + f"Content-Length: {len(payload)}\r\n\r\n".encode()
                     + payload
                 )
-        except (OSError, ssl.SSLError, ValueError):
-            return
-        finally:
-            conn.close()
+
+    def _more(self, conn: socket.socket, buf: bytes) -> bytes | None:
+        """``buf`` and what arrives next, counted; None once the client has closed."""
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        with self._lock:
+            self.bytes_received += len(chunk)
+        return buf + chunk
 
     def reset(self) -> None:
         with self._lock:
@@ -246,14 +261,17 @@ class Upstream:
             self.requests.clear()
             self.heads.clear()
 
-    def stop(self) -> None:
-        self._stop.set()
-        self.sock.close()
-        with self._lock:
-            for c in self._conns:
-                with contextlib.suppress(OSError):
-                    c.close()
-        self._thread.join(WAIT)
+
+def recv_head(conn: socket.socket, limit: int = 65536) -> bytes:
+    """Bytes up to and including the blank line ending an HTTP head (less if the peer closes first,
+    at most about ``limit``); anything after it that arrived in the same read is included too."""
+    head = b""
+    while b"\r\n\r\n" not in head and len(head) < limit:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    return head
 
 
 def client_hello(server_hostname: str | None, extra_extension: bytes = b"") -> bytes:
@@ -418,7 +436,7 @@ def curl(
     if cacert is not None:
         cmd += ["--cacert", str(cacert)]
     cmd += [*args, url]
-    proc = subprocess.run(cmd, capture_output=True, timeout=timeout + 5, env=_clean_env())
+    proc = subprocess.run(cmd, capture_output=True, timeout=timeout + 5, env=clean_env())
     out = proc.stdout.decode("utf-8", "replace")
     status, body = 0, out
     headers: dict[str, str] = {}
@@ -439,12 +457,11 @@ def curl(
     )
 
 
-def _clean_env() -> dict[str, str]:
-    """curl must only use the proxy a test passes explicitly, never one from the environment."""
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any proxy setting, plus ``extra``: a client or an
+    ``egress`` under test must use only the proxy the test gives it."""
     import os
 
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
-    }
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env.update(extra)
+    return env

@@ -1,0 +1,1 @@
+"""The program: the ``egress`` commands, ``egress serve`` and the demo, wired from every layer."""

@@ -2,7 +2,7 @@
 
 Heavy imports (mitmproxy, OpenTelemetry, dnspython) happen inside the command that needs them, so
 ``egress --help``, ``egress lint`` and ``egress check`` stay fast enough to run in editors and CI hooks.
-Exit codes are part of the interface: 0 success/allow, 1 deny or problems found, 2 usage or load error.
+Exit codes (``proxy/app/exits.py``) are part of the interface.
 """
 
 from __future__ import annotations
@@ -11,22 +11,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from proxy import __version__
-
-if TYPE_CHECKING:
-    from proxy.policy.model import Policy
+from proxy.app.arguments import add_check_options, add_gate_options, add_policy_option
+from proxy.app.exits import EXIT_DENY, EXIT_OK, fail
 
 DEFAULT_LISTEN = "127.0.0.1:3128"
-
-EXIT_OK, EXIT_DENY, EXIT_ERROR = 0, 1, 2
-
-
-def default_policy_path() -> Path:
-    from proxy.policy.presets import preset_path
-
-    return preset_path("default")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the gate as an HTTP(S) proxy",
         description="Run the gate as a standalone HTTP proxy (point clients at it with HTTPS_PROXY).",
     )
-    _policy_arg(serve)
+    add_policy_option(serve)
     serve.add_argument(
         "--listen",
         default=DEFAULT_LISTEN,
@@ -96,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="shared gate: require a per-sandbox proxy credential listed in FILE (see `egress token`)",
     )
-    _gate_args(serve)
+    add_gate_options(
+        serve, decision_log="append one JSON line per decision to FILE (default: stderr)"
+    )
     serve.set_defaults(func=_cmd_serve)
 
     token = sub.add_parser(
@@ -117,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
             "DNS). Exit 0 allow (or report), 1 deny, 2 error."
         ),
     )
-    _policy_arg(check)
-    _check_args(check)
+    add_policy_option(check)
+    add_check_options(check)
     check.set_defaults(func=_cmd_check)
 
     lint = sub.add_parser(
@@ -144,99 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.set_defaults(func=_cmd_audit_verify)
 
-    try:
-        from proxy.app.sandbox_cli import register
-    except ImportError:  # the launcher is optional on platforms without it
-        pass
-    else:
-        register(sub)
+    from proxy.app.sandbox_cli import register
+
+    register(sub)
     return parser
-
-
-def _policy_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--policy",
-        metavar="FILE",
-        default=None,
-        help="policy YAML (default: the shipped allowlists/default.yaml)",
-    )
-
-
-def _check_args(check: argparse.ArgumentParser) -> None:
-    check.add_argument(
-        "--method", default=None, help="HTTP method for http:// targets (default GET)"
-    )
-    check.add_argument("--json", action="store_true", help="print the decision as JSON")
-    check.add_argument(
-        "--resolve",
-        action="store_true",
-        help="resolve a host name like the gate does and screen its addresses (uses the network: "
-        "DNS only)",
-    )
-    check.add_argument(
-        "--nameserver",
-        action="append",
-        default=None,
-        metavar="IP[:PORT]",
-        help="DNS server for --resolve (repeatable; default: the system's resolv.conf)",
-    )
-    _hosts_file_arg(check)
-    check.add_argument(
-        "--listen",
-        action="append",
-        default=[],
-        metavar="HOST:PORT",
-        help="a listener of the gate being dry-run (repeatable): destinations reaching it are refused",
-    )
-    check.add_argument("target", help="https://host/path, http://host:port/path or HOST[:PORT]")
-
-
-def _hosts_file_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--hosts-file",
-        metavar="FILE",
-        default="/etc/hosts",
-        help="names in this file are resolved from it before DNS, re-read when it changes "
-        "(default %(default)s; '' for none)",
-    )
-
-
-def _gate_args(parser: argparse.ArgumentParser) -> None:
-    """Options shared by every command that runs a gate (serve, run)."""
-    parser.add_argument(
-        "--decision-log",
-        metavar="FILE",
-        default=None,
-        help="append one JSON line per decision to FILE (default: stderr)",
-    )
-    parser.add_argument(
-        "--nameserver",
-        action="append",
-        default=None,
-        metavar="IP[:PORT]",
-        help="DNS server for destination checks (repeatable; default: the system's resolv.conf)",
-    )
-    _hosts_file_arg(parser)
-    from proxy.evidence.flags import add_evidence_arguments
-
-    add_evidence_arguments(parser)
-
-
-def load_policy_or_exit(path: str | None) -> Policy:
-    from proxy.policy.loader import load_policy
-    from proxy.policy.model import PolicyError
-
-    target = Path(path) if path else default_policy_path()
-    try:
-        return load_policy(target)
-    except PolicyError as exc:
-        for problem in exc.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        print(f"error: refusing to load {target}: {len(exc.problems)} problem(s)", file=sys.stderr)
-        raise SystemExit(EXIT_ERROR) from None
-    except OSError as exc:
-        print(f"error: cannot read policy {target}: {exc.strerror or exc}", file=sys.stderr)
-        raise SystemExit(EXIT_ERROR) from None
 
 
 def _cmd_lint(args: argparse.Namespace) -> int:
@@ -254,8 +157,14 @@ def _cmd_lint(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from proxy.app.check import run
+    from proxy.policy.loader import load_policy_file
+    from proxy.policy.model import PolicyError
 
-    return run(args, load_policy_or_exit(args.policy))
+    try:
+        policy = load_policy_file(args.policy)
+    except PolicyError as exc:
+        return fail(*exc.lines())
+    return run(args, policy)
 
 
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
@@ -265,11 +174,13 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
-    from proxy.policy.identities import SANDBOX_ID, new_token, token_digest
+    from proxy.core.sandbox_id import check_sandbox_id
+    from proxy.policy.identities import new_token, token_digest
 
-    if not SANDBOX_ID.match(args.sandbox_id):
-        print(f"error: sandbox id must match {SANDBOX_ID.pattern}", file=sys.stderr)
-        return EXIT_ERROR
+    try:
+        check_sandbox_id(args.sandbox_id)
+    except ValueError as exc:
+        return fail(str(exc))
     token = new_token()
     print(f"token: {token}")
     print(f"proxy URL for the sandbox: http://{args.sandbox_id}:{token}@GATE_HOST:3128")

@@ -1,4 +1,4 @@
-"""The ``run``, ``doctor`` and ``connect`` subcommands, registered into the lead's ``egress`` parser.
+"""The ``run``, ``doctor`` and ``connect`` subcommands of ``egress``: the sandbox's side of the CLI.
 
 Only argparse is imported here; everything heavy is imported by the command that runs, so
 ``egress --help`` stays fast.
@@ -7,19 +7,21 @@ Only argparse is imported here; everything heavy is imported by the command that
 from __future__ import annotations
 
 import argparse
-import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+from proxy.app.arguments import add_gate_options, add_policy_option
+
+if TYPE_CHECKING:
+    from proxy.sandbox.private_gate import GateRequest, PrivateGate
 
 
 def sandbox_id(text: str) -> str:
-    """Sandbox ids go into every decision, log line and metric: keep them short and plain."""
-    if not SANDBOX_ID.fullmatch(text):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )
-    return text
+    from proxy.core.sandbox_id import check_sandbox_id
+
+    try:
+        return check_sandbox_id(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def port_number(text: str) -> int:
@@ -49,7 +51,7 @@ def register(subparsers: Any) -> None:
             "status (128+N if killed by signal N, 125 if the sandbox could not be set up)."
         ),
     )
-    run.add_argument("--policy", metavar="FILE", default=None, help="policy YAML (default preset)")
+    add_policy_option(run)
     run.add_argument(
         "--proxy",
         metavar="URL",
@@ -85,20 +87,14 @@ def register(subparsers: Any) -> None:
         default=DEFAULT_PROXY_PORT,
         help=f"the proxy port inside the sandbox (default {DEFAULT_PROXY_PORT})",
     )
-    run.add_argument(
-        "--decision-log",
-        metavar="FILE",
-        default=None,
-        help="append one JSON line per decision to FILE ('-' for stderr; default: summary only)",
+    add_gate_options(
+        run,
+        decision_log="append one JSON line per decision to FILE ('-' for stderr; default: summary "
+        "only)",
     )
-    run.add_argument(
-        "--nameserver",
-        action="append",
-        default=None,
-        metavar="IP[:PORT]",
-        help="DNS server for destination checks (repeatable; default: the system's resolv.conf)",
-    )
-    _add_evidence(run)
+    # A private gate per run: several runs at once must not fight over one metrics port, so
+    # metrics are served only when asked for with --metrics.
+    run.set_defaults(metrics=None)
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     run.set_defaults(func=_cmd_run)
 
@@ -125,18 +121,6 @@ def register(subparsers: Any) -> None:
     connect.set_defaults(func=_cmd_connect)
 
 
-def _add_evidence(parser: argparse.ArgumentParser) -> None:
-    """The lead's shared evidence options (journal, OTel, metrics), when that module exists."""
-    try:
-        from proxy.evidence.flags import add_evidence_arguments
-    except ImportError:
-        return
-    add_evidence_arguments(parser)
-    # A private gate per run: several runs at once must not fight over one metrics port, so
-    # metrics are served only when asked for with --metrics.
-    parser.set_defaults(metrics=None)
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
@@ -157,11 +141,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         isolation=not args.no_isolation,
         nameservers=args.nameserver,
+        hosts_file=args.hosts_file or None,
         decision_log=args.decision_log,
         proxy_port=args.proxy_port,
         evidence=_evidence_builder(args),
+        gate=_start_private_gate,
     )
     return run(options)
+
+
+async def _start_private_gate(request: GateRequest) -> PrivateGate:
+    """Imported only when a private gate starts: the joined modes never load the gate."""
+    from proxy.app.private_gate import start_private_gate
+
+    return await start_private_gate(request)
 
 
 def _evidence_builder(args: argparse.Namespace) -> Any:
@@ -177,9 +170,10 @@ def _evidence_builder(args: argparse.Namespace) -> Any:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
+    from proxy.app.private_gate import start_private_gate
     from proxy.sandbox.doctor import doctor_main
 
-    return doctor_main(json_output=args.json)
+    return doctor_main(start_private_gate, json_output=args.json)
 
 
 def _cmd_connect(args: argparse.Namespace) -> int:

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from proxy.app import statedir
-from proxy.app.cli import EXIT_ERROR, default_policy_path, load_policy_or_exit
+from proxy.app.exits import fail
 from proxy.destinations.dnsgate import DnsGate
 from proxy.evidence.emit import JsonLineSink, Sink
 from proxy.policy.identities import Identities, IdentityError
-from proxy.policy.model import Policy
+from proxy.policy.loader import load_policy_file, policy_file
+from proxy.policy.model import Policy, PolicyError
 from proxy.policy.reload import PolicyHolder
 
 log = logging.getLogger("egress")
@@ -45,25 +46,25 @@ def serve_main(args: argparse.Namespace) -> int:
     from addons.master import parse_listen
 
     configure_logging()
-    policy = load_policy_or_exit(args.policy)
+    try:
+        policy = load_policy_file(args.policy)
+    except PolicyError as exc:
+        return fail(*exc.lines())
     try:
         listen = parse_listen(args.listen)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return fail(str(exc))
     try:
         chosen = Path(args.state_dir) if args.state_dir else statedir.default_state_dir()
         state_dir = statedir.prepare_state_dir(chosen)
     except statedir.StateDirError as exc:
-        print(f"error: {exc} (--state-dir / ${statedir.ENV_VAR} must be writable)", file=sys.stderr)
-        return EXIT_ERROR
+        return fail(f"{exc} (--state-dir / ${statedir.ENV_VAR} must be writable)")
     try:
         return asyncio.run(_serve(args, policy, listen, state_dir))
     except KeyboardInterrupt:
         return 0
     except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return fail(str(exc))
 
 
 async def _serve_dns(dns_gate: DnsGate, host: str, port: int) -> tuple[str, int]:
@@ -82,14 +83,15 @@ async def _serve_dns(dns_gate: DnsGate, host: str, port: int) -> tuple[str, int]
 
 
 def load_sandboxes(path: str | None) -> tuple[Identities | None, dict[str, PolicyHolder]]:
-    """Identities for a shared gate and a policy holder for each sandbox that names its own policy."""
+    """Identities for a shared gate and a policy holder for each sandbox that names its own policy;
+    IdentityError or PolicyError when any of them does not load."""
     if path is None:
         return None, {}
     identities = Identities.load(Path(path))
     holders: dict[str, PolicyHolder] = {}
     for sandbox in identities.by_id.values():
         if sandbox.policy is not None:
-            own = load_policy_or_exit(str(sandbox.policy))
+            own = load_policy_file(sandbox.policy)
             holders[sandbox.id] = PolicyHolder(sandbox.policy, own)
     return identities, holders
 
@@ -102,12 +104,11 @@ async def _serve(
     from proxy.evidence.wiring import EvidenceError, build_emitter
     from proxy.sandbox.handoff import HandoffServer, gate_attacher, identities_authenticator
 
-    path = Path(args.policy) if args.policy else default_policy_path()
+    path = policy_file(args.policy)
     try:
         evidence = build_emitter(args, [decision_log_sink(args.decision_log)])
     except EvidenceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return fail(str(exc))
 
     def on_reload(result: str, current: Policy) -> None:
         if result == "success":
@@ -121,11 +122,9 @@ async def _serve(
     evidence.metrics.policy_loaded(policy.version, [r.name for r in policy.rules], policy.mode)
     try:
         identities, sandbox_policies = load_sandboxes(args.sandboxes)
-    except (IdentityError, SystemExit) as exc:
-        if isinstance(exc, IdentityError):
-            print(f"error: {exc}", file=sys.stderr)
+    except (IdentityError, PolicyError) as exc:
         evidence.close()
-        return EXIT_ERROR
+        return fail(*exc.lines()) if isinstance(exc, PolicyError) else fail(str(exc))
     holders = [holder, *sandbox_policies.values()]
     for sandbox_id, own in sandbox_policies.items():
         evidence.metrics.sandbox_policy_loaded(sandbox_id, [r.name for r in own().rules])
@@ -186,8 +185,8 @@ async def _serve(
             "version": policy.version,
             "rules": len(policy.rules),
             "mode": str(policy.mode),
-            "state": str(state_dir),
             "sandboxes": len(identities.by_id) if identities else "any",
+            "state": str(state_dir),
         }
         if dns_gate is not None:
             info["dns"] = f"{bound[0]}:{bound[1]}"

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+from proxy.core.sandbox_id import SANDBOX_ID_RULE, is_sandbox_id
 
 
 class IdentityError(ValueError):
@@ -76,8 +76,8 @@ class Identities:
             if unknown:
                 raise IdentityError(f"{where}: unknown key(s) {sorted(unknown)}")
             sid, digest = entry.get("id"), entry.get("token_sha256")
-            if not isinstance(sid, str) or not SANDBOX_ID.match(sid):
-                raise IdentityError(f"{where}: 'id' must match {SANDBOX_ID.pattern}")
+            if not isinstance(sid, str) or not is_sandbox_id(sid):
+                raise IdentityError(f"{where}: 'id' must be {SANDBOX_ID_RULE}, not {sid!r}")
             if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
                 raise IdentityError(
                     f"{where} ({sid}): 'token_sha256' must be 64 lower-case hex digits"

@@ -61,8 +61,24 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
     loader = _Loader()
     loader.load_top(Path(path))
     if loader.problems:
-        raise PolicyError(loader.problems)
+        raise PolicyError(loader.problems, str(path))
     return loader.policy()
+
+
+def policy_file(path: str | os.PathLike[str] | None) -> Path:
+    """The file a command runs with: the one it was given, or the shipped default preset."""
+    return Path(path) if path else preset_path("default")
+
+
+def load_policy_file(path: str | os.PathLike[str] | None) -> Policy:
+    """:func:`load_policy` for a command: the default preset when no file is given, and every
+    failure, an unreadable path included, as a PolicyError whose ``lines()`` say why."""
+    target = policy_file(path)
+    try:
+        return load_policy(target)
+    except OSError as exc:
+        problem = Problem(str(target), None, None, None, f"cannot read: {exc.strerror or exc}")
+        raise PolicyError([problem], str(target)) from None
 
 
 def lint_files(paths: Iterable[str | os.PathLike[str]]) -> list[Problem]:

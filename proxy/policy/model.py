@@ -185,9 +185,15 @@ class Problem:
 class PolicyError(Exception):
     """A policy that failed to load; carries every problem found, not just the first."""
 
-    def __init__(self, problems: list[Problem]) -> None:
+    def __init__(self, problems: list[Problem], path: str | None = None) -> None:
         self.problems = list(problems)
+        self.path = path  # the file that was asked for (problems may be in files it includes)
         super().__init__("\n".join(str(p) for p in self.problems) or "invalid policy")
+
+    def lines(self) -> list[str]:
+        """What every command and log shows: each problem on a line, then the verdict on the file."""
+        refused = f"refusing to load {self.path}" if self.path else "refusing to load the policy"
+        return [*(str(p) for p in self.problems), f"{refused}: {len(self.problems)} problem(s)"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,8 +35,8 @@ class PolicyHolder:
         try:
             new = load_policy(self.path)
         except PolicyError as exc:
-            for problem in exc.problems:
-                log.error("policy reload rejected: %s", problem)
+            for line in exc.lines():
+                log.error("policy reload rejected: %s", line)
             log.error("policy reload failed; keeping version %s in force", self._policy.version)
             self._notify("error")
             return False

@@ -19,12 +19,15 @@ import os
 import socket
 import sys
 import tempfile
-import textwrap
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+if TYPE_CHECKING:
+    from proxy.sandbox.private_gate import GateStarter, PrivateGate
+
+PROBE = Path(__file__).with_name("probe.py")  # run inside the sandbox as a script (stdlib only)
 UPSTREAM_NAME = "upstream.egress-doctor.test"
 REFUSED_NAME = "refused.egress-doctor.test"
 MARKER = "egress-doctor-upstream"
@@ -144,97 +147,6 @@ class _StubDns:
         self._stop.set()
         self._thread.join(_WAIT)
         self.sock.close()
-
-
-# The probe runs inside the sandbox (stdlib only). It reads its targets as one JSON line on stdin,
-# written once the gate is up, and prints one JSON object of observations.
-PROBE = textwrap.dedent(
-    r"""
-    import json, os, socket, struct, sys
-    t = json.loads(sys.stdin.readline())
-    out = {}
-
-    def tcp(family, addr):
-        s = socket.socket(family, socket.SOCK_STREAM)
-        s.settimeout(3)
-        try:
-            s.connect(addr)
-            return "connected"
-        except OSError as exc:
-            return errname(exc)
-        finally:
-            s.close()
-
-    def errname(exc):
-        import errno
-        if isinstance(exc, TimeoutError) or isinstance(exc, socket.timeout):
-            return "timeout"
-        return errno.errorcode.get(exc.errno or 0, type(exc).__name__)
-
-    def dns_query(server, name, family=socket.AF_INET):
-        q = struct.pack(">HHHHHH", 0x4567, 0x0100, 1, 0, 0, 0)
-        q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
-        q += struct.pack(">HH", 1, 1)
-        s = socket.socket(family, socket.SOCK_DGRAM)
-        s.settimeout(2)
-        try:
-            s.connect(server)  # connected: an ICMP port-unreachable comes back as ECONNREFUSED
-            s.send(q)
-            data = s.recv(4096)
-        except OSError as exc:
-            return errname(exc)
-        finally:
-            s.close()
-        rcode = data[3] & 0x0F
-        answers = struct.unpack(">H", data[6:8])[0]
-        names = {0: "NOERROR", 2: "SERVFAIL", 3: "NXDOMAIN", 5: "REFUSED"}
-        result = names.get(rcode, "rcode%d" % rcode)
-        if rcode == 0 and answers and data[-6:-4] == b"\x00\x04":
-            result += " " + socket.inet_ntoa(data[-4:])
-        return result
-
-    def http_via_proxy(url):
-        s = socket.create_connection(("127.0.0.1", t["proxy_port"]), timeout=5)
-        host = url.split("/")[2]
-        s.sendall(("GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % (url, host)).encode())
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        s.close()
-        status = data.split(b" ", 2)[1].decode() if data.startswith(b"HTTP/") else "?"
-        return status, t["marker"] in data.decode("latin-1")
-
-    out["interfaces"] = [n for _, n in socket.if_nameindex()]
-    out["routes4"] = len(open("/proc/net/route").read().splitlines()[1:])
-    out["routes6"] = len([l for l in open("/proc/net/ipv6_route").read().splitlines() if not l.rstrip().endswith("lo")])
-    out["tcp_out"] = tcp(socket.AF_INET, ("192.0.2.1", 443))
-    out["tcp_metadata"] = tcp(socket.AF_INET, ("169.254.169.254", 80))
-    out["tcp_host_loopback"] = tcp(socket.AF_INET, ("127.0.0.1", t["tcp_canary"]))
-    out["tcp_gate_host_port"] = tcp(socket.AF_INET, ("127.0.0.1", t["gate_port"]))
-    out["tcp6_out"] = tcp(socket.AF_INET6, ("2001:db8::1", 443))
-    out["tcp6_host_loopback"] = tcp(socket.AF_INET6, ("::1", t["tcp6_canary"]))
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        u.sendto(b"x", ("192.0.2.1", 443))
-        out["udp_out"] = "sent"
-    except OSError as exc:
-        out["udp_out"] = errname(exc)
-    u.close()
-    out["udp_host_loopback"] = dns_query(("127.0.0.1", t["udp_canary"]), "x.test")
-    out["outside_resolvers"] = {ns: dns_query((ns, 53), "example.com", socket.AF_INET6 if ":" in ns else socket.AF_INET) for ns in t["resolvers"]}
-    out["resolv_conf"] = sorted(l.split()[1] for l in open("/etc/resolv.conf") if l.startswith("nameserver"))
-    out["dns_gate_allowed"] = dns_query(("127.0.0.1", 53), t["upstream_name"])
-    out["dns_gate_refused"] = dns_query(("127.0.0.1", 53), t["refused_name"])
-    out["proxy_allowed"] = http_via_proxy("http://%s:%d/" % (t["upstream_name"], t["upstream_port"]))
-    out["proxy_refused"] = http_via_proxy("http://%s:%d/" % (t["refused_name"], t["upstream_port"]))
-    status = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines() if ":" in l)
-    out["caps"] = {k: status[k].strip() for k in ("CapEff", "CapBnd", "NoNewPrivs")}
-    print(json.dumps(out))
-    """
-)
 
 
 def host_resolvers(path: str = "/etc/resolv.conf") -> list[str]:
@@ -366,8 +278,9 @@ def evaluate(obs: dict[str, Any], canaries: dict[str, int], stub_queries: list[s
     return checks
 
 
-def run_doctor() -> tuple[list[Check], str]:
-    """Build the sandbox, run the probe, return the rows (and any set-up error text)."""
+def run_doctor(start_gate: GateStarter) -> tuple[list[Check], str]:
+    """Build the sandbox with a private gate, run the probe, return the rows (and any set-up error
+    text). The probe reads its targets on stdin once the gate is up: the gate's port is one."""
     from proxy.sandbox import DEFAULT_PROXY_PORT
     from proxy.sandbox.launcher import RunOptions, run
 
@@ -399,13 +312,13 @@ def run_doctor() -> tuple[list[Check], str]:
             "resolvers": host_resolvers(),
         }
 
-        def on_gate(gate: Any) -> None:
+        def on_gate(gate: PrivateGate) -> None:
             targets["gate_port"] = gate.listen_address[1]
             os.write(write_fd, (json.dumps(targets) + "\n").encode())
             os.close(write_fd)
 
         options = RunOptions(
-            argv=[sys.executable, "-I", "-c", PROBE],
+            argv=[sys.executable, "-I", str(PROBE)],
             policy_path=policy,
             sandbox_id="egress-doctor",
             quiet=True,
@@ -414,6 +327,7 @@ def run_doctor() -> tuple[list[Check], str]:
             stdout=output,
             stderr=errors,
             on_gate=on_gate,
+            gate=start_gate,
         )
         code = run(options)
         output.seek(0)
@@ -451,11 +365,11 @@ def render(checks: list[Check]) -> str:
     return "\n".join(lines)
 
 
-def doctor_main(json_output: bool = False) -> int:
+def doctor_main(start_gate: GateStarter, json_output: bool = False) -> int:
     import logging
 
     logging.getLogger("mitmproxy").setLevel(logging.ERROR)
-    checks, error = run_doctor()
+    checks, error = run_doctor(start_gate)
     if error:
         if json_output:
             print(json.dumps({"ok": False, "error": error}))

@@ -35,6 +35,8 @@ import struct
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+from proxy.core.sandbox_id import is_sandbox_id
+
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
@@ -241,10 +243,8 @@ class HandoffServer:
             conn.close()
 
     def _identify(self, request: dict[str, Any]) -> str:
-        from proxy.app.sandbox_cli import SANDBOX_ID
-
         claimed = request.get("sandbox_id")
-        if not isinstance(claimed, str) or not SANDBOX_ID.fullmatch(claimed):
+        if not isinstance(claimed, str) or not is_sandbox_id(claimed):
             raise HandoffError("invalid sandbox id")
         if self.authenticate is None:
             return claimed

@@ -10,13 +10,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
+from proxy.core.sandbox_id import check_sandbox_id
 from proxy.evidence.emit import Emitter, JsonLineSink, Sink
 from proxy.sandbox import (
     DEFAULT_DNS_PORT,
@@ -26,20 +26,19 @@ from proxy.sandbox import (
 )
 from proxy.sandbox.env import ProxyAddress, proxy_environment
 from proxy.sandbox.namespace import Listener, Sandbox, SandboxError, SandboxSpec, exit_code
+from proxy.sandbox.signals import forwarding_signals
+from proxy.sandbox.stdio import foreground_tty, restore_tty, stdio_fds, stdio_problem
 from proxy.sandbox.summary import SummarySink
 
-log = logging.getLogger("egress.run")
+if TYPE_CHECKING:  # a private gate's types: the joined modes do not import them
+    from proxy.sandbox.private_gate import GateStarter, PrivateGate
 
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+log = logging.getLogger("egress.run")
 
 NO_ISOLATION_WARNING = """\
 egress: WARNING: --no-isolation: the command runs WITHOUT a network namespace.
 egress: WARNING: HTTP(S)_PROXY is only a request: anything that ignores it reaches the network directly.
 egress: WARNING: use this for debugging only, never for untrusted code."""
-
-
-class RunError(Exception):
-    """Set-up failed before the command ran."""
 
 
 @dataclass
@@ -51,21 +50,26 @@ class RunOptions:
     quiet: bool = False
     isolation: bool = True
     nameservers: Sequence[str] | None = None
+    hosts_file: str | None = "/etc/hosts"
+    state_dir: str | None = None
     decision_log: str | None = None  # a file, "-" for stderr, None for none (the summary suffices)
     proxy_port: int = DEFAULT_PROXY_PORT
     dns_port: int | None = DEFAULT_DNS_PORT
     dns_target: tuple[str, int] | None = None  # joined mode: where to relay DNS (unset: no DNS)
     gate_socket: str | None = None  # hand the listeners to a local gate (no relay)
     token: str | None = None  # the sandbox's credential for a gate that requires one
+    gate: GateStarter | None = None  # starts the private gate (without --proxy / --gate-socket)
     env: dict[str, str] | None = None
     cwd: str | None = None
     stdin: int | IO[Any] | None = None
     stdout: int | IO[Any] | None = None
     stderr: int | IO[Any] | None = None
     sinks: Sequence[Sink] = ()
-    evidence: Callable[[list[Sink]], Any] | None = None  # build_emitter from the lead's evidence
+    # The evidence sinks (journal, OTel, metrics) around the given ones, for a private gate; a
+    # callable so that they are imported and opened only when one starts.
+    evidence: Callable[[list[Sink]], Any] | None = None
     on_ready: Callable[[Sandbox], None] | None = None  # tests/doctor: the sandbox is about to run
-    on_gate: Callable[[Any], None] | None = None  # doctor: the private gate is serving
+    on_gate: Callable[[PrivateGate], None] | None = None  # doctor: the private gate is serving
     summary: SummarySink = field(default_factory=SummarySink)
 
     def __post_init__(self) -> None:
@@ -87,15 +91,30 @@ def run(options: RunOptions) -> int:
     if not options.argv:
         _err("no command given (usage: egress run [OPTIONS] -- CMD [ARGS...])")
         return EXIT_SETUP_FAILED
-    policy: Any = None
+    try:
+        check_sandbox_id(str(options.sandbox_id))
+    except ValueError as exc:
+        _err(f"{exc}; the command was not run")
+        return EXIT_SETUP_FAILED
     if options.proxy_url is not None and options.gate_socket is not None:
         _err("--proxy and --gate-socket are alternatives; the command was not run")
         return EXIT_SETUP_FAILED
-    if options.proxy_url is None and options.gate_socket is None:
+    policy: Any = None
+    private = options.proxy_url is None and options.gate_socket is None
+    if private:
+        if options.gate is None:
+            _err("no gate to start (RunOptions.gate is unset); the command was not run")
+            return EXIT_SETUP_FAILED
+        from proxy.policy.loader import load_policy_file
+        from proxy.policy.model import PolicyError
+
         try:
-            policy = _load_policy(options.policy_path)
-        except RunError as exc:
-            _err(f"{exc}; the command was not run")
+            policy = load_policy_file(options.policy_path)
+        except PolicyError as exc:
+            *problems, verdict = exc.lines()
+            for line in problems:
+                _err(line)
+            _err(f"{verdict}; the command was not run")
             return EXIT_SETUP_FAILED
     if not options.isolation:
         if options.gate_socket is not None:
@@ -103,11 +122,11 @@ def run(options: RunOptions) -> int:
             return EXIT_SETUP_FAILED
         sys.stderr.write(NO_ISOLATION_WARNING + "\n")
         return _run_unisolated(options, policy)
-    problem = _stdio_problem(_stdio_fds(options))
+    problem = stdio_problem(stdio_fds(options.stdin, options.stdout, options.stderr))
     if problem:
         _err(f"{problem}; the command was not run")
         return EXIT_SETUP_FAILED
-    tty = _foreground_tty()
+    tty = foreground_tty()
     listeners = [Listener("proxy", "tcp", options.proxy_port)]
     with_dns = options.dns_port is not None and (
         options.proxy_url is None or options.dns_target is not None
@@ -156,27 +175,10 @@ def run(options: RunOptions) -> int:
         sandbox.close_sockets()
         if sandbox.returncode is None and sandbox.proc.poll() is None:
             sandbox.kill()
-        _restore_tty(tty)  # first: a background process writing to a TOSTOP terminal would stop
+        restore_tty(tty)  # first: a background process writing to a TOSTOP terminal would stop
     if summary and not options.quiet:
         sys.stderr.write(summary + "\n")
     return code
-
-
-def _load_policy(path: Path | None) -> Any:
-    from proxy.policy.loader import load_policy
-    from proxy.policy.model import PolicyError
-
-    if path is None:
-        from proxy.policy.presets import preset_path
-
-        path = preset_path("default")
-    try:
-        return load_policy(path)
-    except PolicyError as exc:
-        problems = "; ".join(str(p) for p in exc.problems[:5])
-        raise RunError(f"policy {path} does not load: {problems}") from None
-    except OSError as exc:
-        raise RunError(f"cannot read policy {path}: {exc.strerror or exc}") from None
 
 
 def _sinks(options: RunOptions) -> list[Sink]:
@@ -188,70 +190,48 @@ def _sinks(options: RunOptions) -> list[Sink]:
     return sinks
 
 
-async def _start_gate(
-    options: RunOptions, policy: Any, emitter: Emitter, observer: Any, *, host_listener_id: bool
-) -> Any:
-    """The gate also listens on an ephemeral host-loopback port (Gate always does). Only with
-    --no-isolation is that port the sandbox's; otherwise a connection there is some other local
-    process and must not be attributed to the sandbox (threat 12)."""
-    from addons.master import Gate, GateConfig
-    from proxy.destinations.resolver import Resolver
-
-    resolver = Resolver(nameservers=list(options.nameservers) if options.nameservers else None)
-    default_id = options.sandbox_id if host_listener_id else None
-    gate = Gate(
-        GateConfig(listen_host="127.0.0.1", listen_port=0, sandbox_id=default_id),
-        lambda: policy,
-        emitter,
-        resolver,
-        observer=observer,
-    )
-    await gate.start()
-    return gate, resolver
-
-
 async def _run_private(options: RunOptions, sandbox: Sandbox, policy: Any) -> tuple[int, str]:
     """The gate runs in this process and accepts on the sandbox's own listeners: no relay.
     Returns the exit status and the summary to print."""
-    from proxy.destinations.dnsgate import DnsGate
+    from proxy.sandbox.private_gate import GateRequest
 
+    assert options.gate is not None
     evidence: Any = None
     emitter: Emitter | None = None
-    gate: Any = None
-    dns: DnsGate | None = None
+    gate: PrivateGate | None = None
     try:
         evidence = options.evidence(_sinks(options)) if options.evidence else None
         emitter = evidence.emitter if evidence else Emitter(_sinks(options))
         if evidence is not None:
             await _maybe_await(evidence.start())
-        gate, resolver = await _start_gate(
-            options, policy, emitter, evidence, host_listener_id=False
+        gate = await options.gate(
+            GateRequest(
+                policy,
+                emitter,
+                evidence,
+                options.nameservers,
+                str(options.sandbox_id),
+                hosts_file=options.hosts_file,
+                state_dir=options.state_dir,
+                sockets=sandbox.sockets,
+            )
         )
-        await gate.add_listener(sandbox.sockets["proxy"], sandbox_id=options.sandbox_id)
-        if "dns-udp" in sandbox.sockets:
-            dns = DnsGate(lambda: policy, resolver, emitter, sandbox_id=options.sandbox_id)
-            await dns.serve_udp(sock=sandbox.sockets["dns-udp"])
-            await dns.serve_tcp(sock=sandbox.sockets["dns-tcp"])
         if options.on_gate:
             options.on_gate(gate)
     except Exception as exc:
         log.debug("gate start-up failed", exc_info=True)
         sandbox.abort()
         _err(f"the gate did not start, so the command was not run: {exc}")
-        await _stop(gate, dns, evidence, emitter)
+        await _stop(gate, evidence, emitter)
         return EXIT_SETUP_FAILED, ""
     try:
         code = await _start_and_wait(sandbox, options.on_ready)
     finally:
-        await _stop(gate, dns, evidence, emitter)
+        await _stop(gate, evidence, emitter)
     return code, options.summary.render(str(options.sandbox_id))
 
 
-async def _stop(gate: Any, dns: Any, evidence: Any, emitter: Emitter | None) -> None:
-    if dns is not None:
-        dns.close()
-        with contextlib.suppress(Exception):
-            await dns.wait_closed()
+async def _stop(gate: PrivateGate | None, evidence: Any, emitter: Emitter | None) -> None:
     if gate is not None:
         with contextlib.suppress(Exception):
             await gate.stop()
@@ -272,8 +252,7 @@ async def _maybe_await(result: Any) -> None:
 async def _start_and_wait(
     sandbox: Sandbox, on_ready: Callable[[Sandbox], None] | None = None
 ) -> int:
-    """Release the command, wait for the sandbox to exit, forwarding our signals to it meanwhile
-    (handlers go in first: a signal right after the command starts must not kill only us)."""
+    """Release the command and wait for the sandbox to exit without blocking the gate's loop."""
     import asyncio
 
     loop = asyncio.get_running_loop()
@@ -285,50 +264,41 @@ async def _start_and_wait(
 
     pidfd = os.pidfd_open(sandbox.pid)
     loop.add_reader(pidfd, exited)
-    for sig in FORWARDED_SIGNALS:
-        loop.add_signal_handler(sig, sandbox.send_signal, sig)
     try:
-        if on_ready:
-            on_ready(sandbox)
-        sandbox.start()
-        await done
+        with forwarding_signals(sandbox.send_signal):
+            if on_ready:
+                on_ready(sandbox)
+            sandbox.start()
+            await done
     finally:
         loop.remove_reader(pidfd)
         os.close(pidfd)
-        for sig in FORWARDED_SIGNALS:
-            loop.remove_signal_handler(sig)
     return sandbox.wait(10)
 
 
-def _start_forwarding_signals(options: RunOptions, sandbox: Sandbox) -> int:
-    """Start the command and wait for it, forwarding our signals to it meanwhile."""
-    previous = {sig: signal.getsignal(sig) for sig in FORWARDED_SIGNALS}
-    try:
-        for sig in FORWARDED_SIGNALS:
-            signal.signal(sig, lambda s, _f: sandbox.send_signal(s))
+def _start_and_wait_blocking(options: RunOptions, sandbox: Sandbox) -> int:
+    with forwarding_signals(sandbox.send_signal):
         if options.on_ready:
             options.on_ready(sandbox)
         sandbox.start()
         return sandbox.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _run_joined(options: RunOptions, sandbox: Sandbox, upstream: ProxyAddress) -> tuple[int, str]:
     """A shared gate elsewhere: relay the sandbox's listeners to it from the host namespace."""
-    from proxy.sandbox.bridge import Relay
+    from proxy.sandbox.bridge import Relay, UdpRelay
 
-    relays = [Relay(sandbox.sockets["proxy"], (upstream.host, upstream.port)).start()]
+    proxy = Relay(sandbox.sockets["proxy"], (upstream.host, upstream.port)).start()
+    relays: list[Relay | UdpRelay] = [proxy]
     if options.dns_target is not None and "dns-tcp" in sandbox.sockets:
         relays.append(Relay(sandbox.sockets["dns-tcp"], options.dns_target).start())
-        relays.append(_udp_relay(sandbox.sockets["dns-udp"], options.dns_target))
+        relays.append(UdpRelay(sandbox.sockets["dns-udp"], options.dns_target).start())
     try:
-        code = _start_forwarding_signals(options, sandbox)
+        code = _start_and_wait_blocking(options, sandbox)
     finally:
         for relay in relays:
             relay.close()
-    stats = relays[0].stats
+    stats = proxy.stats
     summary = (
         f"egress: sandbox {options.sandbox_id}: {stats.accepted} connection(s) relayed to the "
         f"gate at {upstream.hostport}"
@@ -353,7 +323,7 @@ def _run_handed_off(options: RunOptions, sandbox: Sandbox, path: str) -> tuple[i
         return EXIT_SETUP_FAILED, ""
     sandbox.close_sockets()  # the gate holds its own copies now
     try:
-        code = _start_forwarding_signals(options, sandbox)
+        code = _start_and_wait_blocking(options, sandbox)
     finally:
         conn.close()  # the gate closes this sandbox's listeners
     summary = (
@@ -361,12 +331,6 @@ def _run_handed_off(options: RunOptions, sandbox: Sandbox, path: str) -> tuple[i
         f"({', '.join(accepted)}); its decision log has the details"
     )
     return code, summary
-
-
-def _udp_relay(sock: Any, target: tuple[str, int]) -> Any:
-    from proxy.sandbox.bridge import UdpRelay
-
-    return UdpRelay(sock, target).start()
 
 
 def _run_unisolated(options: RunOptions, policy: Any) -> int:
@@ -377,22 +341,37 @@ def _run_unisolated(options: RunOptions, policy: Any) -> int:
         address = ProxyAddress.parse(options.proxy_url)
         env = proxy_environment(options.env or os.environ, address, sandbox_id=options.sandbox_id)
         proc = subprocess.Popen(list(options.argv), env=env, cwd=options.cwd)
-        return _wait_plain(proc)
+        with forwarding_signals(proc.send_signal):
+            return exit_code(proc.wait())
     import asyncio
 
     return asyncio.run(_run_unisolated_private(options, policy))
 
 
 async def _run_unisolated_private(options: RunOptions, policy: Any) -> int:
+    import asyncio
+
+    from proxy.sandbox.private_gate import GateRequest
+
+    assert options.gate is not None
     emitter = Emitter(_sinks(options))
-    gate, _ = await _start_gate(options, policy, emitter, None, host_listener_id=True)
+    gate = await options.gate(
+        GateRequest(
+            policy,
+            emitter,
+            None,
+            options.nameservers,
+            str(options.sandbox_id),
+            hosts_file=options.hosts_file,
+            state_dir=options.state_dir,
+            host_listener_is_sandbox=True,
+        )
+    )
     try:
         host, port = gate.listen_address
         env = proxy_environment(
             options.env or os.environ, ProxyAddress(host, port), sandbox_id=options.sandbox_id
         )
-        import asyncio
-
         proc = await asyncio.create_subprocess_exec(
             *options.argv,
             env=env,
@@ -401,10 +380,8 @@ async def _run_unisolated_private(options: RunOptions, policy: Any) -> int:
             stdout=options.stdout,
             stderr=options.stderr,
         )
-        loop = asyncio.get_running_loop()
-        for sig in FORWARDED_SIGNALS:
-            loop.add_signal_handler(sig, proc.send_signal, sig)
-        status = await proc.wait()
+        with forwarding_signals(proc.send_signal):
+            status = await proc.wait()
     finally:
         await gate.stop()
         emitter.close()
@@ -412,78 +389,3 @@ async def _run_unisolated_private(options: RunOptions, policy: Any) -> int:
         sys.stderr.write(options.summary.render(str(options.sandbox_id)) + "\n")
         sys.stderr.write("egress: WARNING: this run was NOT isolated (--no-isolation)\n")
     return exit_code(status)
-
-
-def _wait_plain(proc: Any) -> int:
-    previous = {sig: signal.getsignal(sig) for sig in FORWARDED_SIGNALS}
-    try:
-        for sig in FORWARDED_SIGNALS:
-            signal.signal(sig, lambda s, _f: proc.send_signal(s))
-        return exit_code(proc.wait())
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _stdio_fds(options: RunOptions) -> list[int]:
-    """The descriptors the command will get as stdin/stdout/stderr (pipes we create are ours)."""
-    fds = []
-    for default, given in enumerate((options.stdin, options.stdout, options.stderr)):
-        if given is None:
-            fds.append(default)
-        elif isinstance(given, int):
-            if given >= 0:  # subprocess.PIPE / DEVNULL are negative: made by us, harmless
-                fds.append(given)
-        else:
-            with contextlib.suppress(AttributeError, OSError, ValueError):
-                fds.append(given.fileno())
-    return fds
-
-
-def _stdio_problem(fds: Sequence[int] = (0, 1, 2)) -> str | None:
-    """The command inherits our stdin/stdout/stderr. Those may be sockets (an agent harness, inetd),
-    which keep the network namespace they were made in: a connected stream is only a channel to its
-    peer, but an unconnected or datagram IP socket could send anywhere the host can. Refuse those."""
-    import socket
-    import stat
-
-    for fd in fds:
-        try:
-            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-                continue
-            sock = socket.socket(fileno=os.dup(fd))
-        except OSError:
-            continue
-        with sock:
-            if sock.family not in (socket.AF_INET, socket.AF_INET6):
-                continue
-            if sock.type != socket.SOCK_STREAM:
-                return f"fd {fd} is a {sock.type.name} IP socket, which could send past the sandbox"
-            try:
-                sock.getpeername()
-            except OSError:
-                return f"fd {fd} is an unconnected IP socket, which could reach past the sandbox"
-    return None
-
-
-def _foreground_tty() -> int | None:
-    """The terminal fd to give the command, if we run in the terminal's foreground process group."""
-    for fd in (0, 1, 2):
-        try:
-            if os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp():
-                return fd
-        except OSError:
-            continue
-    return None
-
-
-def _restore_tty(fd: int | None) -> None:
-    """Take the terminal back from the command's (now empty) process group."""
-    if fd is None:
-        return
-    previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-    try:
-        with contextlib.suppress(OSError):
-            os.tcsetpgrp(fd, os.getpgrp())
-    finally:
-        signal.signal(signal.SIGTTOU, previous)

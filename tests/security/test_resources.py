@@ -311,7 +311,7 @@ def test_small_body_to_a_denied_host_gets_the_refusal(gate: RunningGate) -> None
 
 @pytest.mark.parametrize("size", [1024 * 1024, 8 * 1024 * 1024], ids=["1MiB", "8MiB"])
 def test_large_body_to_a_denied_host_is_refused_promptly(gate: RunningGate, size: int) -> None:
-    """F8: mitmproxy streams bodies over 256 KiB and cannot answer before reading them, so the gate
+    """mitmproxy streams bodies over 256 KiB and cannot answer before reading them, so the gate
     kills the refused flow and closes the client's socket itself. 1 MiB may sit whole in socket
     buffers before the gate reads the head; 8 MiB cannot, so the client is still sending. Either way
     the client must see the close promptly, not hang until tcp_timeout."""

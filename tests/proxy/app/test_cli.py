@@ -76,6 +76,7 @@ def test_check_errors_exit_2(policy: Path, tmp_path: Path) -> None:
     result = run("check", "--policy", str(broken), "pypi.org")
     assert result.returncode == 2
     assert "broken.yaml:4" in result.stderr
+    assert f"error: refusing to load {broken}: 1 problem(s)" in result.stderr
 
 
 def test_lint_reports_every_problem_with_location(tmp_path: Path) -> None:
@@ -104,3 +105,17 @@ def test_lint_passes_every_shipped_preset() -> None:
     presets = sorted(str(p) for p in (Path(__file__).parents[3] / "allowlists").glob("*.yaml"))
     result = run("lint", *presets)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_token_prints_a_credential_for_a_valid_id() -> None:
+    result = run("token", "agent-7")
+    assert result.returncode == 0, result.stderr
+    assert "  - id: agent-7\n    token_sha256: " in result.stdout
+
+
+@pytest.mark.parametrize("bad", ["agent-7\n", "a b", "", ".x", "x" * 65])
+def test_token_refuses_an_invalid_id(bad: str) -> None:
+    result = run("token", bad)
+    assert result.returncode == 2
+    assert "is not a sandbox id" in result.stderr
+    assert "token_sha256" not in result.stdout

@@ -1,4 +1,4 @@
-"""The `register(subparsers)` contract with the lead's `egress` parser."""
+"""The sandbox commands (`run`, `doctor`, `connect`) as `register(subparsers)` adds them to `egress`."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_run_joined_arguments() -> None:
     assert args.proxy == "http://gate:3128" and args.dns == ("10.0.0.2", 53)
 
 
-@pytest.mark.parametrize("bad", ["a b", "../x", "", "x" * 65, "-x", "sbx\n1"])
+@pytest.mark.parametrize("bad", ["a b", "../x", "", "x" * 65, "-x", "sbx\n1", "agent-7\n"])
 def test_sandbox_id_is_validated(bad: str) -> None:
     with pytest.raises(SystemExit):
         parser().parse_args(["run", "--sandbox-id", bad, "--", "true"])

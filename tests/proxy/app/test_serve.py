@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -19,9 +18,9 @@ import dns.rcode
 import pytest
 
 from tests.dnsfake import FakeDns
+from tests.harness import clean_env
 
 EGRESS = shutil.which("egress", path=str(Path(sys.executable).parent)) or "egress"
-CLEAN_ENV = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
 
 POLICY = """\
 version: 1
@@ -38,7 +37,7 @@ class Serve:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            env=CLEAN_ENV,
+            env=clean_env(),
         )
         self.lines: list[str] = []
         self.ready = threading.Event()
@@ -102,7 +101,7 @@ def status(port: int, url: str) -> str:
     result = subprocess.run(
         ["curl", "-sS", "--max-time", "10", "--proxy", f"http://127.0.0.1:{port}",
          "-o", "/dev/null", "-w", "%{http_code}", url],
-        capture_output=True, text=True, timeout=20, env=CLEAN_ENV,
+        capture_output=True, text=True, timeout=20, env=clean_env(),
     )  # fmt: skip
     return result.stdout
 
@@ -172,10 +171,38 @@ def test_startup_fails_closed_on_a_broken_policy(tmp_path: Path) -> None:
     broken.write_text("version: 1\nrules:\n  - name: x\n    hosts: [ok.test]\n    ports: [0]\n")
     result = subprocess.run(
         [EGRESS, "serve", "--policy", str(broken), "--listen", "127.0.0.1:0", "--no-metrics"],
-        capture_output=True, text=True, timeout=30, env=CLEAN_ENV,
+        capture_output=True, text=True, timeout=30, env=clean_env(),
     )  # fmt: skip
     assert result.returncode == 2
     assert "broken.yaml:5" in result.stderr
+
+
+def test_startup_fails_closed_on_a_broken_sandboxes_file_or_sandbox_policy(
+    tmp_path: Path, policy: Path
+) -> None:
+    digest = "a" * 64
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("version: 1\nrules:\n  - name: x\n    hosts: [ok.test]\n    ports: [0]\n")
+    own_policy = tmp_path / "own.yaml"
+    own_policy.write_text(
+        f"version: 1\nsandboxes:\n  - id: agent-7\n    token_sha256: {digest}\n"
+        "    policy: broken.yaml\n"
+    )
+    bad_id = tmp_path / "bad-id.yaml"
+    bad_id.write_text(f'version: 1\nsandboxes:\n  - id: "agent-7\\n"\n    token_sha256: {digest}\n')
+    for sandboxes, expected in (
+        (own_policy, [f"{broken.name}:5", f"refusing to load {broken}: 1 problem(s)"]),
+        (bad_id, ["'id' must be"]),
+    ):
+        result = subprocess.run(
+            [EGRESS, "serve", "--policy", str(policy), "--listen", "127.0.0.1:0", "--no-metrics",
+             "--sandboxes", str(sandboxes)],
+            capture_output=True, text=True, timeout=30, env=clean_env(),
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        assert "gate ready" not in result.stderr
+        for text in expected:
+            assert text in result.stderr
 
 
 def test_handoff_socket_serves_egress_run_sandboxes_without_a_relay(
@@ -204,7 +231,7 @@ def test_handoff_socket_serves_egress_run_sandboxes_without_a_relay(
              f"curl -sS --max-time 5 -o /dev/null -w ' %{{http_code}}' http://evil.test/; "
              f"curl -sS --max-time 3 --noproxy '*' http://127.0.0.1:{upstream.port}/direct "
              "|| echo ' no-route'"],
-            capture_output=True, text=True, timeout=60, env=CLEAN_ENV,
+            capture_output=True, text=True, timeout=60, env=clean_env(),
         )  # fmt: skip
         assert run.returncode == 0, run.stderr
         assert "hello from handoff-upstream: GET /in" in run.stdout

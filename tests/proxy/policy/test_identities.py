@@ -60,6 +60,11 @@ def test_anything_else_is_refused(identities: Identities, header: str | None) ->
         ("version: 1\nsandboxes: []\n", "non-empty"),
         ("version: 1\nsandboxes:\n  - id: a\n    token_sha256: abc\n", "64 lower-case hex"),
         ("version: 1\nsandboxes:\n  - id: 'a b'\n    token_sha256: " + "a" * 64 + "\n", "'id'"),
+        # "$" matches before a trailing newline: the id must be matched whole.
+        (
+            'version: 1\nsandboxes:\n  - id: "agent-7\\n"\n    token_sha256: ' + "a" * 64 + "\n",
+            r"'id' must be .*, not 'agent-7\\n'",
+        ),
         (
             "version: 1\nsandboxes:\n  - id: a\n    token_sha256: " + "a" * 64 + "\n    role: x\n",
             "unknown key",

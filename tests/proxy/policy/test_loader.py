@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.policy.loader import lint_files, load_policy
+from proxy.policy.loader import lint_files, load_policy, load_policy_file, policy_file
 from proxy.policy.model import Action, Mode, PolicyError, Problem
 
 
@@ -334,6 +334,26 @@ def test_non_utf8_file_is_refused(tmp_path: Path) -> None:
 def test_missing_file_is_a_problem_not_a_crash(tmp_path: Path) -> None:
     (problem,) = problems_of(tmp_path / "absent.yaml")
     assert str(problem).startswith("absent.yaml: cannot read absent.yaml:")
+
+
+def test_a_command_without_a_policy_runs_with_the_default_preset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EGRESS_PRESETS_DIR", str(tmp_path))
+    write(tmp_path, "default.yaml", "version: 1\nrules:\n  - name: only\n    hosts: [a.test]\n")
+    assert policy_file(None) == tmp_path / "default.yaml"
+    assert policy_file("own.yaml") == Path("own.yaml")
+    assert [r.name for r in load_policy_file(None).rules] == ["only"]
+
+
+def test_load_policy_file_names_the_file_it_refused(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(PolicyError) as info:
+        load_policy_file(missing)
+    assert info.value.path == str(missing)
+    *problems, verdict = info.value.lines()
+    assert len(problems) == 1 and "cannot read" in problems[0]
+    assert verdict == f"refusing to load {missing}: 1 problem(s)"
 
 
 def test_duplicate_rule_names_across_files(tmp_path: Path) -> None:

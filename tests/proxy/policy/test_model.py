@@ -139,6 +139,19 @@ def test_policy_error_carries_every_problem() -> None:
     assert str(error) == "a.yaml:1: key 'version': one\nb.yaml:2: rule 'r': two"
 
 
+def test_policy_error_lines_are_every_problem_then_the_verdict() -> None:
+    problems = [
+        Problem("a.yaml", 1, None, "version", "one"),
+        Problem("b.yaml", 2, "r", None, "two"),
+    ]
+    assert PolicyError(problems, "a.yaml").lines() == [
+        "a.yaml:1: key 'version': one",
+        "b.yaml:2: rule 'r': two",
+        "refusing to load a.yaml: 2 problem(s)",
+    ]
+    assert PolicyError(problems[:1]).lines()[-1] == "refusing to load the policy: 1 problem(s)"
+
+
 def test_rule_ports_text() -> None:
     assert Rule("r", ports=frozenset({443, 80})).ports_text() == "ports 80, 443"
     assert Rule("r", ports=frozenset({443})).ports_text() == "port 443"

@@ -1,5 +1,5 @@
 """Real parts for the sandbox tests: counting listeners on the host's loopback, a stand-in gate,
-and a way to run Python probes inside a real sandbox."""
+a way to run Python probes inside a real sandbox, and ``egress`` run as a user runs it."""
 
 from __future__ import annotations
 
@@ -12,13 +12,58 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
 from proxy.sandbox.namespace import Listener, Sandbox, SandboxSpec
-from tests.harness import Canary
+from tests.dnsfake import FakeDns
+from tests.harness import Canary, LoopbackServer, Upstream, clean_env
 
 WAIT = 10.0
+REPO = Path(__file__).resolve().parents[3]
+EGRESS_WAIT = 30.0
+
+
+def egress(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """``egress ARGS`` in a subprocess, from the repository, without this process's proxy settings."""
+    return subprocess.run(  # type: ignore[call-overload, no-any-return]
+        [sys.executable, "-m", "proxy.app.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=EGRESS_WAIT,
+        env=clean_env(),
+        **kwargs,
+    )
+
+
+WORLD_POLICY = """
+version: 1
+allow_internal: [127.0.0.0/8]
+rules:
+  - name: test-allowed
+    hosts: [allowed.test]
+    ports: [{port}]
+"""
+
+
+def allowed_test_policy(write_policy: Callable[[str], Path], port: int) -> Path:
+    """A policy file allowing ``allowed.test`` on ``port`` only, with loopback opened (the test
+    servers live there)."""
+    return write_policy(WORLD_POLICY.format(port=port))
+
+
+@pytest.fixture
+def world(
+    write_policy: Callable[[str], Path], fake_dns: FakeDns, http_upstream: Upstream
+) -> Iterator[tuple[Path, FakeDns, Upstream]]:
+    """A policy allowing ``allowed.test`` (and only it) on the upstream's port; both names resolve
+    to loopback, where the test policy opens internal addresses."""
+    for name in ("allowed.test", "evil.test"):
+        fake_dns.set(name, "A", ["127.0.0.1"])
+        fake_dns.set(name, "AAAA", [])
+    yield allowed_test_policy(write_policy, http_upstream.port), fake_dns, http_upstream
 
 
 def CountingTcp(host: str = "127.0.0.1") -> Canary:
@@ -70,33 +115,15 @@ def host_udp() -> Iterator[CountingUdp]:
     server.stop()
 
 
-class StandIn:
+class StandIn(LoopbackServer):
     """A stand-in gate: answers every connection on the sandbox's proxy listener with a marker."""
 
     def __init__(self, sock: socket.socket, marker: bytes) -> None:
-        self.sock = sock
         self.marker = marker
-        self.accepted = 0
-        self.sock.settimeout(0.2)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
+        super().__init__(sock=sock, name="stand-in-gate")
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted += 1
-            with conn:
-                conn.sendall(self.marker)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(WAIT)
+    def handle(self, conn: socket.socket) -> None:
+        conn.sendall(self.marker)
 
 
 @dataclass

@@ -10,41 +10,20 @@ import threading
 import pytest
 
 from proxy.sandbox.bridge import Relay, UdpRelay
+from tests.harness import LoopbackServer
 
 WAIT = 10.0
 
 
-class Echo:
+class Echo(LoopbackServer):
     """TCP server that echoes everything and counts connections."""
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.accepted = 0
-        self._stop = threading.Event()
-        threading.Thread(target=self._loop, daemon=True).start()
+        super().__init__(threaded=True, name="echo")
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted += 1
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(1 << 16):
-                conn.sendall(data)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.sock.close()
+    def handle(self, conn: socket.socket) -> None:
+        while data := conn.recv(1 << 16):
+            conn.sendall(data)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,54 +16,32 @@ import pytest
 from proxy.sandbox.connect import connect_request, proxy_from_env
 from proxy.sandbox.env import ProxyAddress
 from tests.dnsfake import FakeDns
-from tests.harness import RunningGate
+from tests.harness import LoopbackServer, RunningGate
+from tests.proxy.sandbox.conftest import allowed_test_policy
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parents[3]
 WAIT = 20.0
 
 
-class FakeSsh:
+class FakeSsh(LoopbackServer):
     """Sends an SSH banner and records the first line the client sends back.
 
     The gate passes non-TLS tunnel contents only on port 22 (and only if they are SSH), so this
     listens on port 22 of a random 127/8 address: no clash with a real sshd or a parallel run."""
 
     def __init__(self) -> None:
-        self.host = (
-            f"127.{random.randint(1, 254)}.{random.randint(0, 255)}.{random.randint(1, 254)}"
-        )
+        host = f"127.{random.randint(1, 254)}.{random.randint(0, 255)}.{random.randint(1, 254)}"
+        self.client_banners: list[bytes] = []
         try:
-            self.sock = socket.create_server((self.host, 22))
+            super().__init__(host, 22, name="fake-ssh")
         except PermissionError:
             pytest.skip("binding port 22 needs root")
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.accepted = 0
-        self.client_banners: list[bytes] = []
-        self._stop = threading.Event()
-        threading.Thread(target=self._loop, daemon=True).start()
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted += 1
-            with conn:
-                conn.settimeout(5)
-                try:
-                    conn.sendall(b"SSH-2.0-egress-test\r\n")
-                    self.client_banners.append(conn.recv(200).split(b"\r\n")[0])
-                except OSError:
-                    pass
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.sock.close()
+    def handle(self, conn: socket.socket) -> None:
+        conn.settimeout(5)
+        conn.sendall(b"SSH-2.0-egress-test\r\n")
+        self.client_banners.append(conn.recv(200).split(b"\r\n")[0])
 
 
 @pytest.fixture
@@ -72,19 +49,6 @@ def fake_ssh() -> Iterator[FakeSsh]:
     server = FakeSsh()
     yield server
     server.stop()
-
-
-def _policy(write_policy: Callable[[str], Path], port: int) -> Path:
-    return write_policy(
-        f"""
-        version: 1
-        allow_internal: [127.0.0.0/8]
-        rules:
-          - name: git-ssh
-            hosts: [allowed.test]
-            ports: [{port}]
-        """
-    )
 
 
 def test_connect_request_format() -> None:
@@ -122,7 +86,7 @@ def test_stdio_through_the_gate(
     fake_ssh: FakeSsh,
 ) -> None:
     fake_dns.set("allowed.test", "A", [fake_ssh.host])
-    gate = start_gate(_policy(write_policy, 22))
+    gate = start_gate(allowed_test_policy(write_policy, 22))
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy.app.cli", "connect", "allowed.test", "22", "--proxy", gate.url],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
@@ -149,7 +113,7 @@ def test_refused_port_exits_1_with_the_reason(
     fake_ssh: FakeSsh,
 ) -> None:
     fake_dns.set("allowed.test", "A", [fake_ssh.host])
-    gate = start_gate(_policy(write_policy, 443))  # the rule does not list port 22
+    gate = start_gate(allowed_test_policy(write_policy, 443))  # the rule does not list port 22
     result = _connect(gate, 22, b"")
     assert result.returncode == 1
     assert b"refused allowed.test" in result.stderr and b"403" in result.stderr
@@ -163,7 +127,7 @@ def test_git_ssh_command_tunnels_ssh_through_the_gate_from_inside_a_sandbox(
     if shutil.which("ssh") is None:
         pytest.skip("ssh is not installed")
     fake_dns.set("allowed.test", "A", [fake_ssh.host])
-    policy = _policy(write_policy, 22)
+    policy = allowed_test_policy(write_policy, 22)
     script = (
         'eval "$GIT_SSH_COMMAND -p 22 -o BatchMode=yes -o ConnectTimeout=10 '
         '-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null git@allowed.test true"; '

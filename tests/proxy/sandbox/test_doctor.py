@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from proxy.app.private_gate import start_private_gate
 from proxy.sandbox import doctor
 from proxy.sandbox.doctor import REFUSED_NAME, evaluate, host_resolvers, render
 
@@ -107,8 +108,8 @@ def test_doctor_main_exits_1_on_a_gap(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     obs = {**GOOD, "tcp_out": "connected"}
-    monkeypatch.setattr(doctor, "run_doctor", lambda: (evaluate(obs, COUNTS, []), ""))
-    assert doctor.doctor_main() == 1
+    monkeypatch.setattr(doctor, "run_doctor", lambda _start: (evaluate(obs, COUNTS, []), ""))
+    assert doctor.doctor_main(start_private_gate) == 1
     out = capsys.readouterr().out
     assert "GAP" in out and "NOT a boundary" in out
 
@@ -116,8 +117,8 @@ def test_doctor_main_exits_1_on_a_gap(
 def test_doctor_main_exits_1_when_the_sandbox_cannot_be_built(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(doctor, "run_doctor", lambda: ([], "cannot isolate"))
-    assert doctor.doctor_main(json_output=True) == 1
+    monkeypatch.setattr(doctor, "run_doctor", lambda _start: ([], "cannot isolate"))
+    assert doctor.doctor_main(start_private_gate, json_output=True) == 1
     assert json.loads(capsys.readouterr().out) == {"ok": False, "error": "cannot isolate"}
 
 

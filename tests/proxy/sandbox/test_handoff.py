@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import subprocess
 import sys
@@ -22,17 +21,11 @@ from proxy.sandbox.handoff import (
     hand_off,
 )
 from tests.dnsfake import FakeDns
-from tests.harness import RunningGate, Upstream
+from tests.harness import RunningGate, Upstream, clean_env
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
 REPO = Path(__file__).resolve().parents[3]
 WAIT = 30.0
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    env.update(extra)
-    return env
 
 
 class Handoff:
@@ -74,7 +67,7 @@ def world(
 def _run(sock: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "proxy.app.cli", "run", "--gate-socket", str(sock), *args],
-        cwd=REPO, capture_output=True, text=True, timeout=WAIT, env=_env(**env),
+        cwd=REPO, capture_output=True, text=True, timeout=WAIT, env=clean_env(**env),
     )  # fmt: skip
 
 
@@ -151,6 +144,25 @@ def test_a_host_namespace_listener_is_refused(world: tuple[RunningGate, Path, Up
     try:
         with pytest.raises(HandoffError, match="gate's own network namespace"):
             hand_off(str(path), "sbx-x", {"proxy": host_listener})
+        assert handoff.server.attached == {}
+    finally:
+        host_listener.close()
+        handoff.close()
+
+
+def test_a_malformed_sandbox_id_is_refused(world: tuple[RunningGate, Path, Upstream]) -> None:
+    """The claimed id is checked before anything else about the hand-off; a trailing newline is
+    not part of a valid id (``$`` would have let it through)."""
+    gate, path, _ = world
+    handoff = Handoff(gate, path)
+    host_listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        for bad in ("agent-7\n", "a b", "", "-x", "x" * 65):
+            with pytest.raises(HandoffError, match="invalid sandbox id"):
+                hand_off(str(path), bad, {"proxy": host_listener})
+        # The same request with a valid id gets past the id check (and fails on the listener).
+        with pytest.raises(HandoffError, match="gate's own network namespace"):
+            hand_off(str(path), "agent-7", {"proxy": host_listener})
         assert handoff.server.attached == {}
     finally:
         host_listener.close()

@@ -7,7 +7,6 @@ them only through the gate.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -16,58 +15,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.dnsfake import FakeDns
-from tests.harness import RunningGate, Upstream
+from tests.harness import RunningGate, Upstream, clean_env
+from tests.proxy.sandbox.conftest import EGRESS_WAIT, REPO, WORLD_POLICY, egress
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
 
-REPO = Path(__file__).resolve().parents[3]
-WAIT = 30.0
-
-
-def egress(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(  # type: ignore[call-overload, no-any-return]
-        [sys.executable, "-m", "proxy.app.cli", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-        env=_env(),
-        **kwargs,
-    )
-
-
-def _env() -> dict[str, str]:
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
-    }
-
-
-POLICY = """
-version: 1
-allow_internal: [127.0.0.0/8]
-rules:
-  - name: test-allowed
-    hosts: [allowed.test]
-    ports: [{port}]
-"""
-
-
-@pytest.fixture
-def world(
-    write_policy: Callable[[str], Path], fake_dns: FakeDns, http_upstream: Upstream
-) -> Iterator[tuple[Path, FakeDns, Upstream]]:
-    for name in ("allowed.test", "evil.test"):
-        fake_dns.set(name, "A", ["127.0.0.1"])
-        fake_dns.set(name, "AAAA", [])
-    yield write_policy(POLICY.format(port=http_upstream.port)), fake_dns, http_upstream
+WAIT = EGRESS_WAIT
 
 
 def test_allowed_works_refused_gets_403_and_bypass_finds_no_route(
@@ -144,33 +103,6 @@ def test_exit_status(world: tuple[Path, FakeDns, Upstream], script: str, code: i
     assert result.returncode == code, result.stderr
 
 
-@pytest.mark.parametrize(
-    ("sig", "script", "code"),
-    [
-        (signal.SIGTERM, "trap 'echo got-term; exit 42' TERM", 42),
-        (signal.SIGINT, "trap - INT", 130),
-    ],
-)
-def test_signals_are_forwarded(
-    world: tuple[Path, FakeDns, Upstream], sig: int, script: str, code: int
-) -> None:
-    policy, _, _ = world
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy.app.cli", "run", "--policy", str(policy), "--quiet", "--",
-         "sh", "-c", f"{script}; echo ready; while :; do sleep 0.05; done"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline() == b"ready\n"
-        proc.send_signal(sig)
-        assert proc.wait(WAIT) == code
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
 def test_invalid_policy_fails_closed(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("version: 1\nrules: [{name: x, hosts: [a.test], nonsense: 1}]\n")
@@ -178,6 +110,7 @@ def test_invalid_policy_fails_closed(tmp_path: Path) -> None:
     result = egress("run", "--policy", str(bad), "--", "touch", str(marker))
     assert result.returncode == 125
     assert "was not run" in result.stderr and "bad.yaml" in result.stderr
+    assert "bad.yaml:2: rule 'x': key 'nonsense'" in result.stderr  # every problem, located
     assert not marker.exists()
 
 
@@ -197,7 +130,7 @@ def test_no_user_namespaces_fails_closed_with_a_hint(
     )
     result = subprocess.run(
         [unshare, "-U", "-r", "sh", "-c", inner],
-        cwd=REPO, capture_output=True, text=True, timeout=WAIT, env=_env(),
+        cwd=REPO, capture_output=True, text=True, timeout=WAIT, env=clean_env(),
     )  # fmt: skip
     assert result.returncode == 125, result.stderr
     assert "cannot isolate the command, so it was not run" in result.stderr
@@ -255,11 +188,12 @@ def _as_nobody(shared: Path, argv: str) -> subprocess.CompletedProcess[str]:
         )
     script = (
         f"mount --make-rprivate / && {binds}"
-        f"exec setpriv --reuid=65534 --regid=65534 --clear-groups env HOME={shared} {argv}"
+        f"exec setpriv --reuid=65534 --regid=65534 --clear-groups "
+        f"env -u EGRESS_STATE_DIR -u XDG_STATE_HOME HOME={shared} {argv}"
     )
     return subprocess.run(
         ["unshare", "-m", "sh", "-c", script],
-        cwd=REPO, capture_output=True, text=True, timeout=WAIT, env=_env(),
+        cwd=REPO, capture_output=True, text=True, timeout=WAIT, env=clean_env(),
     )  # fmt: skip
 
 
@@ -278,7 +212,7 @@ def test_unprivileged_user(world: tuple[Path, FakeDns, Upstream]) -> None:
     try:
         shared.chmod(0o777)
         policy = shared / "policy.yaml"
-        policy.write_text(POLICY.format(port=upstream.port))
+        policy.write_text(WORLD_POLICY.format(port=upstream.port))
         policy.chmod(0o644)
         result = _as_nobody(
             shared,
@@ -331,78 +265,6 @@ def test_nothing_left_behind(world: tuple[Path, FakeDns, Upstream], tmp_path: Pa
     assert Path("/proc/self/mountinfo").read_text() == before_mounts
 
 
-def test_terminal_is_passed_through_and_ctrl_c_reaches_only_the_command(
-    world: tuple[Path, FakeDns, Upstream],
-) -> None:
-    """Under a terminal the command is the foreground process group: it reads the terminal, and
-    Ctrl-C reaches it exactly once (the launcher is not in that group, so it forwards nothing)."""
-    import pty
-    import select
-
-    policy, _, _ = world
-    script = (
-        "n=0; trap 'n=$((n+1))' INT; tty; echo READY; read x; echo GOT:$x; "
-        "i=0; while [ $i -lt 30 ]; do sleep 0.05; i=$((i+1)); done; exit $((40+n))"
-    )
-    pid, master = pty.fork()
-    if pid == 0:  # the child: a session leader whose controlling terminal is the pty
-        os.chdir(REPO)
-        os.execve(
-            sys.executable,
-            [sys.executable, "-m", "proxy.app.cli", "run", "--policy", str(policy), "--", "sh", "-c", script],
-            _env(),
-        )  # fmt: skip
-    output = b""
-
-    def read_until(token: bytes, timeout: float = WAIT) -> None:
-        nonlocal output
-        deadline = time.monotonic() + timeout
-        while token not in output and time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 0.2)
-            if ready:
-                try:
-                    chunk = os.read(master, 4096)
-                except OSError:
-                    return
-                if not chunk:
-                    return
-                output += chunk
-
-    try:
-        read_until(b"READY")
-        assert b"/dev/pts/" in output  # the command has a terminal
-        os.write(master, b"hello\n")
-        read_until(b"GOT:hello")
-        time.sleep(0.2)
-        os.write(master, b"\x03")  # Ctrl-C
-        read_until(b"egress: sandbox")  # the launcher got the terminal back and printed its summary
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 41, output.decode(errors="replace")
-    finally:
-        with contextlib.suppress(ChildProcessError, ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        os.close(master)
-
-
-def test_stdio_ip_socket_that_could_send_anywhere_is_refused(
-    world: tuple[Path, FakeDns, Upstream], tmp_path: Path
-) -> None:
-    import socket
-
-    policy, _, _ = world
-    marker = tmp_path / "ran"
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        result = egress("run", "--policy", str(policy), "--", "touch", str(marker), stdin=udp)
-    assert result.returncode == 125
-    assert "fd 0 is a SOCK_DGRAM IP socket" in result.stderr
-    assert not marker.exists()
-    a, b = socket.socketpair()  # a connected local stream (an agent harness) is fine
-    with a, b:
-        result = egress("run", "--policy", str(policy), "--quiet", "--", "true", stdin=a)
-    assert result.returncode == 0, result.stderr
-
-
 def test_joined_mode_relays_dns_to_the_given_dns_gate(
     world: tuple[Path, FakeDns, Upstream], start_gate: Callable[..., RunningGate]
 ) -> None:
@@ -445,7 +307,7 @@ def test_a_killed_launcher_takes_the_sandbox_with_it(world: tuple[Path, FakeDns,
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy.app.cli", "run", "--policy", str(policy), "--quiet", "--",
          "sh", "-c", "readlink /proc/self/ns/net; sleep 300 & sleep 300"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env(),
     )  # fmt: skip
     try:
         assert proc.stdout is not None
@@ -478,6 +340,7 @@ def test_the_private_gates_host_port_is_not_attributed_to_the_sandbox(
     import threading
     import urllib.request
 
+    from proxy.app.private_gate import start_private_gate
     from proxy.sandbox.launcher import RunOptions, run
 
     done = tmp_path / "done"
@@ -501,7 +364,7 @@ def test_the_private_gates_host_port_is_not_attributed_to_the_sandbox(
         RunOptions(
             argv=["sh", "-c", waiter], policy_path=policy, nameservers=[dns.nameserver],
             sandbox_id="sbx-own", quiet=True, decision_log=str(log), on_gate=on_gate,
-            on_ready=lambda _s: threading.Thread(target=from_host, daemon=True).start(),
+            gate=start_private_gate, on_ready=lambda _s: threading.Thread(target=from_host, daemon=True).start(),
         )
     )  # fmt: skip
     assert statuses == [200]
@@ -531,7 +394,7 @@ def test_shared_gate_identifies_the_sandbox_by_its_credential(
         [sys.executable, "-m", "proxy.app.cli", "serve", "--policy", str(policy), "--listen",
          "127.0.0.1:0", "--sandboxes", str(sandboxes), "--no-metrics", "--decision-log", str(log),
          "--nameserver", dns.nameserver],
-        cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=_env(),
+        cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=clean_env(),
     )  # fmt: skip
     try:
         assert serve.stderr is not None
@@ -570,16 +433,21 @@ def test_shared_gate_identifies_the_sandbox_by_its_credential(
     assert [d.get("sandbox_id") for d in allowed] == ["sbx-cred"]
 
 
-def test_stdio_fds_checked_are_the_commands(tmp_path: Path) -> None:
-    import socket
+def test_a_library_caller_without_a_gate_or_with_a_bad_id_runs_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The launcher as a library fails closed too: a private gate needs a starter, and an id is
+    checked by the same rule as everywhere else (a trailing newline is not part of it)."""
+    from proxy.app.private_gate import start_private_gate
+    from proxy.sandbox.launcher import RunOptions, run
 
-    from proxy.sandbox.launcher import RunOptions, _stdio_fds, _stdio_problem
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, open(os.devnull) as null:
-        options = RunOptions(argv=["true"], stdin=null, stdout=subprocess.PIPE, stderr=udp.fileno())
-        fds = _stdio_fds(options)
-        assert fds == [null.fileno(), udp.fileno()]
-        assert (
-            _stdio_problem(fds)
-            == f"fd {udp.fileno()} is a SOCK_DGRAM IP socket, which could send past the sandbox"
-        )
+    marker = tmp_path / "ran"
+    assert run(RunOptions(argv=["touch", str(marker)], quiet=True)) == 125
+    bad_id = RunOptions(
+        argv=["touch", str(marker)], sandbox_id="agent-7\n", gate=start_private_gate
+    )
+    assert run(bad_id) == 125
+    assert not marker.exists()
+    err = capsys.readouterr().err
+    assert "no gate to start" in err
+    assert "'agent-7\\n' is not a sandbox id" in err

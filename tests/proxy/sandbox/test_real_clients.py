@@ -24,34 +24,18 @@ from pathlib import Path
 import pytest
 
 from tests.dnsfake import FakeDns
-from tests.harness import LocalCA
+from tests.harness import LocalCA, clean_env
+from tests.proxy.sandbox.conftest import allowed_test_policy
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
 REPO = Path(__file__).resolve().parents[3]
-
-
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-
-
-def _policy(write_policy: Callable[[str], Path], port: int) -> Path:
-    return write_policy(
-        f"""
-        version: 1
-        allow_internal: [127.0.0.0/8]
-        rules:
-          - name: local-index
-            hosts: [allowed.test]
-            ports: [{port}]
-        """
-    )
 
 
 def _egress_run(policy: Path, dns: FakeDns, script: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "proxy.app.cli", "run", "--policy", str(policy), "--nameserver",
          dns.nameserver, "--", "sh", "-c", script],
-        cwd=REPO, capture_output=True, text=True, timeout=100, env=_env(),
+        cwd=REPO, capture_output=True, text=True, timeout=100, env=clean_env(),
     )  # fmt: skip
 
 
@@ -133,7 +117,7 @@ def test_pip_installs_from_a_tls_index_through_the_gate(
         f'{sys.executable} -c \'import sys; sys.path.insert(0, "{target}"); '
         'import egress_demo_pkg; print("value", egress_demo_pkg.VALUE)\''
     )
-    result = _egress_run(_policy(write_policy, tls_index.port), fake_dns, script)
+    result = _egress_run(allowed_test_policy(write_policy, tls_index.port), fake_dns, script)
     assert result.returncode == 0, result.stderr
     assert "value 42" in result.stdout
     summary = re.search(r"(\d+) request\(s\) allowed, 0 refused", result.stderr)
@@ -230,7 +214,7 @@ def test_git_clone_over_smart_http_through_the_gate(
         f"git clone -q http://allowed.test:{git_server.port}/demo.git {dest} && cat {dest}/README; "
         f"git ls-remote http://evil.test:{git_server.port}/demo.git >/dev/null 2>&1; echo evil=$?"
     )
-    result = _egress_run(_policy(write_policy, git_server.port), fake_dns, script)
+    result = _egress_run(allowed_test_policy(write_policy, git_server.port), fake_dns, script)
     assert result.returncode == 0, result.stderr
     assert "hello through the gate" in result.stdout
     assert "evil=128" in result.stdout

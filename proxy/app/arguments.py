@@ -1,0 +1,72 @@
+"""Options more than one ``egress`` command takes, declared once. Only argparse (and the argparse-only
+evidence flags) is imported here, so ``egress --help`` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_policy_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--policy",
+        metavar="FILE",
+        default=None,
+        help="policy YAML (default: the shipped allowlists/default.yaml)",
+    )
+
+
+def add_gate_options(parser: argparse.ArgumentParser, *, decision_log: str) -> None:
+    """Options of every command that runs a gate (serve, run): where decision lines go, which DNS
+    server checks destinations, and the evidence sinks (journal, OTel, metrics)."""
+    from proxy.evidence.flags import add_evidence_arguments
+
+    parser.add_argument("--decision-log", metavar="FILE", default=None, help=decision_log)
+    parser.add_argument(
+        "--nameserver",
+        action="append",
+        default=None,
+        metavar="IP[:PORT]",
+        help="DNS server for destination checks (repeatable; default: the system's resolv.conf)",
+    )
+    add_hosts_file_option(parser)
+    add_evidence_arguments(parser)
+
+
+def add_hosts_file_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--hosts-file",
+        metavar="FILE",
+        default="/etc/hosts",
+        help="names in this file are resolved from it before DNS, re-read when it changes "
+        "(default %(default)s; '' for none)",
+    )
+
+
+def add_check_options(check: argparse.ArgumentParser) -> None:
+    """``egress check``: what to decide, and how much of the gate's context to apply."""
+    check.add_argument(
+        "--method", default=None, help="HTTP method for http:// targets (default GET)"
+    )
+    check.add_argument("--json", action="store_true", help="print the decision as JSON")
+    check.add_argument(
+        "--resolve",
+        action="store_true",
+        help="resolve a host name like the gate does and screen its addresses (uses the network: "
+        "DNS only)",
+    )
+    check.add_argument(
+        "--nameserver",
+        action="append",
+        default=None,
+        metavar="IP[:PORT]",
+        help="DNS server for --resolve (repeatable; default: the system's resolv.conf)",
+    )
+    add_hosts_file_option(check)
+    check.add_argument(
+        "--listen",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a listener of the gate being dry-run (repeatable): destinations reaching it are refused",
+    )
+    check.add_argument("target", help="https://host/path, http://host:port/path or HOST[:PORT]")
