@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit
 
+from proxy.core.hosts import parse_endpoint
+
 NO_PROXY = "localhost,127.0.0.1,::1"  # the sandbox's own loopback: reachable without the gate
 
 # Names a user may have set to route around the gate; all are replaced or removed.
@@ -58,14 +60,13 @@ class ProxyAddress:
             raise ValueError(f"proxy URL {url!r}: only http:// proxies are supported")
         if parts.path not in ("", "/") or parts.query or parts.fragment:
             raise ValueError(f"proxy URL {url!r}: expected http://HOST:PORT with no path")
+        hostport = parts.netloc.rpartition("@")[2]
         try:
-            port = parts.port
+            host, port = parse_endpoint(hostport)
         except ValueError as exc:
             raise ValueError(f"proxy URL {url!r}: {exc}") from None
-        if not parts.hostname or port is None:
-            raise ValueError(f"proxy URL {url!r}: expected http://HOST:PORT")
         return cls(
-            host=parts.hostname,
+            host=host,
             port=port,
             username=unquote(parts.username) if parts.username is not None else None,
             password=unquote(parts.password) if parts.password is not None else None,

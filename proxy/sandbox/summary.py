@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from proxy.core.decision import Decision, Kind, Verdict
+from proxy.core.text import escape
 
 MAX_LISTED = 20  # refused destinations listed by name; the rest are counted
 
@@ -58,12 +59,7 @@ class SummarySink:
 
 
 def _where(decision: Decision) -> str:
-    host = _safe(decision.host)
+    host = escape(decision.host, 120)
     if decision.kind is Kind.DNS:
-        return f"{host} (DNS {_safe(decision.qtype or '?')})"
+        return f"{host} (DNS {escape(decision.qtype or '?', 120)})"
     return f"{host}:{decision.port}" if decision.port is not None else host
-
-
-def _safe(text: str, limit: int = 120) -> str:
-    clean = "".join(c if c.isprintable() and c.isascii() else f"\\x{ord(c):02x}" for c in text)
-    return clean if len(clean) <= limit else clean[:limit] + "..."
