@@ -69,13 +69,12 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from proxy.core.decision import Decision
+from proxy.evidence.journal.follower import follow_after
 from proxy.evidence.journal.writer import (
     DECISION_EVENT,
     Journal,
-    JournalFollower,
     decision_fields,
     last_journaled,
-    locate,
 )
 from proxy.evidence.metrics import OTLP_DROP_REASONS, Metrics
 
@@ -808,22 +807,6 @@ class JournalExporter:
         self.follower.close()
         self.processor.close(max(0.1, deadline - time.monotonic()))
         write_cursor(self.cursor, self.exported_seq)
-
-
-def follow_after(path: Path, after_seq: int) -> JournalFollower:
-    """A follower that will hand out every record with a seq above ``after_seq`` (it may also hand out
-    a few at or below it, which the caller skips), across rotations and without a gap."""
-    try:
-        fd: int | None = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        fd = None
-    size = os.fstat(fd).st_size if fd is not None else 0
-    found = locate(path, after_seq)  # after the fstat: a record it misses was appended after `size`
-    if found is not None:
-        if fd is not None:
-            os.close(fd)
-        return JournalFollower(path, offset=found[1], seq=after_seq, start=found[0])
-    return JournalFollower(path, offset=size, seq=after_seq, fd=fd)
 
 
 class _ExportProcess:
