@@ -90,12 +90,14 @@ def load_sandboxes(path: str | None) -> tuple[Identities | None, dict[str, Polic
 async def _serve(args: argparse.Namespace, policy: Policy, listen: tuple[str, int]) -> int:
     from addons.master import Gate, GateConfig, parse_listen
     from proxy.destinations.resolver import Resolver
-    from proxy.evidence.wiring import EvidenceError, build_emitter
+    from proxy.evidence.wiring import EvidenceConfig, EvidenceError, build_emitter
     from proxy.sandbox.handoff import HandoffServer, gate_attacher, identities_authenticator
 
     path = Path(args.policy) if args.policy else default_policy_path()
     try:
-        evidence = build_emitter(args, [decision_log_sink(args.decision_log)])
+        evidence = build_emitter(
+            EvidenceConfig.from_args(args), [decision_log_sink(args.decision_log)]
+        )
     except EvidenceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR

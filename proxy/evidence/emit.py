@@ -12,10 +12,11 @@ import logging
 import sys
 import threading
 from collections import deque
-from collections.abc import Iterable
-from typing import IO, Any, Protocol
+from collections.abc import Callable, Iterable
+from typing import IO, Any, Protocol, runtime_checkable
 
 from proxy.core.decision import Decision, Reason, Verdict
+from proxy.evidence.record import decision_record
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,21 @@ class EventSink(Protocol):
     def event(self, name: str, attributes: dict[str, Any]) -> None: ...
 
 
+@runtime_checkable
+class JournalReader(Protocol):
+    """A best-effort sink that also reads the write-ahead journal (the OTLP exporter).
+
+    It exports what the journal holds from the journal, so the Emitter tells it with every decision and
+    event whether all write-ahead sinks recorded it; it then handles in-process only what they did not.
+    """
+
+    def record_journaled(self, decision: Decision, journaled: bool) -> None: ...
+
+    def event_journaled(self, name: str, attributes: dict[str, Any], journaled: bool) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class JsonLineSink:
     """One JSON object per line. ``json.dumps`` escapes control characters, so hostile host names
     cannot forge extra lines (threat 15)."""
@@ -52,7 +68,7 @@ class JsonLineSink:
         self._lock = threading.Lock()
 
     def record(self, decision: Decision) -> None:
-        self.write({"event": "egress.decision", **decision.to_dict()})
+        self.write(decision_record(decision))
 
     def event(self, name: str, attributes: dict[str, Any]) -> None:
         self.write({"event": name, **attributes})
@@ -90,7 +106,8 @@ class Emitter:
 
     Write-ahead sinks may raise :class:`AuditUnavailable`. With ``audit_required`` that turns an allow
     into a deny (reason ``audit-unavailable``); without it the failure is logged and counted by the
-    sink itself and the decision stands.
+    sink itself and the decision stands. Best-effort sinks see the decision that stands and can never
+    change it; a :class:`JournalReader` is also told whether the write-ahead sinks recorded it.
     """
 
     def __init__(
@@ -103,12 +120,17 @@ class Emitter:
         self.write_ahead: list[Sink] = list(write_ahead)
         self.sinks: list[Sink] = list(sinks)
         self.audit_required = audit_required
+        self._record = [(sink, _recorder(sink)) for sink in self.sinks]
+        self._event = [(sink, handler) for sink in self.sinks if (handler := _eventer(sink))]
+        self._event_write_ahead = [getattr(sink, "event", None) for sink in self.write_ahead]
 
     def emit(self, decision: Decision) -> Decision:
+        journaled = bool(self.write_ahead)
         for sink in self.write_ahead:
             try:
                 sink.record(decision)
             except AuditUnavailable as exc:
+                journaled = False
                 if self.audit_required and decision.allowed:
                     decision = decision.with_(
                         decision=Verdict.DENY,
@@ -119,21 +141,28 @@ class Emitter:
                     log.error(
                         "audit journal write failed, proceeding (not --audit-required): %s", exc
                     )
-        for sink in self.sinks:
+        for sink, record in self._record:
             try:
-                sink.record(decision)
+                record(decision, journaled)
             except Exception:  # a best-effort sink must never break enforcement
                 log.exception("decision sink %r failed", sink)
         return decision
 
     def event(self, name: str, attributes: dict[str, Any]) -> None:
         """Non-decision events (connection closed): best effort, never blocks enforcement."""
-        for sink in [*self.write_ahead, *self.sinks]:
-            handler = getattr(sink, "event", None)
+        journaled = bool(self.write_ahead)
+        for sink, handler in zip(self.write_ahead, self._event_write_ahead, strict=True):
             if handler is None:
+                journaled = False
                 continue
             try:
                 handler(name, attributes)
+            except Exception:
+                journaled = False
+                log.exception("event sink %r failed", sink)
+        for sink, deliver in self._event:
+            try:
+                deliver(name, attributes, journaled)
             except Exception:
                 log.exception("event sink %r failed", sink)
 
@@ -143,3 +172,20 @@ class Emitter:
                 sink.close()
             except Exception:
                 log.exception("closing sink %r failed", sink)
+
+
+def _recorder(sink: Sink) -> Callable[[Decision, bool], None]:
+    if isinstance(sink, JournalReader):
+        return sink.record_journaled
+    record = sink.record
+    return lambda decision, journaled: record(decision)
+
+
+def _eventer(sink: Sink) -> Callable[[str, dict[str, Any], bool], None] | None:
+    if isinstance(sink, JournalReader):
+        return sink.event_journaled
+    handler: Callable[[str, dict[str, Any]], None] | None = getattr(sink, "event", None)
+    if handler is None:
+        return None
+    event = handler
+    return lambda name, attributes, journaled: event(name, attributes)

@@ -38,7 +38,6 @@ completed, so its connection never went ahead) and continues the chain from the 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import logging
 import os
@@ -49,16 +48,21 @@ from typing import Any
 
 from proxy.core.decision import Decision
 from proxy.evidence.emit import AuditUnavailable
-from proxy.evidence.flags import DEFAULT_FSYNC, DEFAULT_MAX_BYTES, FSYNC_POLICIES, FsyncPolicy
+from proxy.evidence.flags import (
+    DEFAULT_FSYNC,
+    DEFAULT_MAX_BYTES,
+    FsyncPolicy,
+    check_journal_settings,
+)
 from proxy.evidence.journal.chain import CHAIN_KEYS, GENESIS, seal
 from proxy.evidence.journal.files import journal_files, last_record, rotated_name, rotation_index
 from proxy.evidence.journal.follower import JournalFollower
 from proxy.evidence.metrics import Metrics
+from proxy.evidence.record import decision_record
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FSYNC_INTERVAL = 0.25
-DECISION_EVENT = "egress.decision"
 
 
 def _error_kind(exc: OSError) -> str:
@@ -67,30 +71,6 @@ def _error_kind(exc: OSError) -> str:
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return "permission"
     return "other"
-
-
-_journaled = threading.local()
-
-
-def last_journaled() -> object:
-    """The decision (or event attributes) the journal last wrote *on this thread*, or None after a
-    failed write. The OTel sink uses it to know whether the journal follower will export an item or it
-    must export it itself because the journal could not write it."""
-    return getattr(_journaled, "obj", None)
-
-
-DECISION_FIELDS = tuple(f.name for f in dataclasses.fields(Decision))
-
-
-def decision_fields(decision: Decision) -> dict[str, Any]:
-    """``Decision.to_dict()`` without ``asdict``'s deep copy (enums are str subclasses: JSON writes their
-    values), since this runs on the proxy's event loop for every decision."""
-    out = {}
-    for name in DECISION_FIELDS:
-        value = getattr(decision, name)
-        if value is not None:
-            out[name] = value
-    return out
 
 
 class Journal:
@@ -105,12 +85,7 @@ class Journal:
         max_bytes: int = DEFAULT_MAX_BYTES,
         metrics: Metrics | None = None,
     ) -> None:
-        if fsync not in FSYNC_POLICIES:
-            raise ValueError(
-                f"--journal-fsync must be one of {', '.join(FSYNC_POLICIES)}: {fsync!r}"
-            )
-        if max_bytes < 1024:
-            raise ValueError(f"--journal-max-bytes must be at least 1024: {max_bytes}")
+        check_journal_settings(fsync, max_bytes)
         self.path = Path(path)
         self.fsync = fsync
         self.fsync_interval = fsync_interval
@@ -212,16 +187,13 @@ class Journal:
     # -- sink protocol -----------------------------------------------------------------------------
 
     def record(self, decision: Decision) -> None:
-        self.append({"event": DECISION_EVENT, **decision_fields(decision)})
-        _journaled.obj = decision
+        self.append(decision_record(decision))
 
     def event(self, name: str, attributes: dict[str, Any]) -> None:
         self.append({"ts": time.time(), **attributes, "event": name})
-        _journaled.obj = attributes
 
     def append(self, fields: dict[str, Any]) -> dict[str, Any]:
         """Write one chained record synchronously; raise AuditUnavailable if it is not on disk."""
-        _journaled.obj = None
         with self._lock:
             if self._closed:
                 raise AuditUnavailable(f"{self.path}: journal is closed")

@@ -26,18 +26,13 @@ from proxy.core.decision import Decision, Kind, Reason, Verdict
 from proxy.evidence.emit import Emitter
 from proxy.evidence.journal.writer import Journal
 from proxy.evidence.metrics import Metrics
-from proxy.evidence.otel.export import (
-    CLOSED_EVENT,
-    LogEncoder,
-    OtelSink,
-    decision_attributes,
-    event_attributes,
-    make_resource,
-    resolve_endpoint,
-    scrub_host,
-    scrub_text,
-    scrub_url,
-)
+from proxy.evidence.otel.attributes import attributes
+from proxy.evidence.otel.encoder import LogEncoder, make_resource
+from proxy.evidence.otel.endpoint import resolve_endpoint
+from proxy.evidence.otel.retry_queue import QueueLimits
+from proxy.evidence.otel.scrub import scrub_host, scrub_text, scrub_url
+from proxy.evidence.otel.sink import OtelSink
+from proxy.evidence.record import CLOSED_EVENT
 from tests.otlp_receiver import GrpcReceiver, HttpReceiver
 
 Receiver = GrpcReceiver | HttpReceiver
@@ -107,7 +102,7 @@ def test_scrub_url_drops_userinfo_query_values_and_fragment() -> None:
 
 
 def test_decision_attribute_names() -> None:
-    attrs = decision_attributes(deny_http().to_dict())
+    attrs = attributes(deny_http().to_dict())
     assert attrs["server.address"] == "evil.example"
     assert attrs["server.port"] == 80
     assert attrs["http.request.method"] == "POST"
@@ -121,14 +116,14 @@ def test_decision_attribute_names() -> None:
     assert attrs["network.protocol.name"] == "http"
     assert "egress.rule" not in attrs
     assert "s3cr3t" not in repr(attrs) and "hunter2" not in repr(attrs)
-    a = decision_attributes(allow().to_dict())
+    a = attributes(allow().to_dict())
     assert a["egress.rule"] == "pypi"
     assert a["egress.sandbox.id"] == "sb-1"
-    assert a["egress.resolved_address"] == "203.0.113.7"
-    d = decision_attributes(dns_query().to_dict())
+    assert a["network.peer.address"] == "203.0.113.7"
+    d = attributes(dns_query().to_dict())
     assert d["dns.question.name"] == "exfil-data.attacker.example"
     assert d["network.protocol.name"] == "dns"
-    sni = decision_attributes(allow().with_(kind=Kind.TLS, sni="h0.pypi.org").to_dict())
+    sni = attributes(allow().with_(kind=Kind.TLS, sni="h0.pypi.org").to_dict())
     assert sni["tls.client.server_name"] == "h0.pypi.org"
 
 
@@ -170,17 +165,14 @@ def receiver(request: pytest.FixtureRequest) -> Iterator[Receiver]:
         rx.stop()
 
 
-def make_sink(rx: Receiver, metrics: Metrics, **kw: object) -> OtelSink:
+def make_sink(
+    rx: Receiver, metrics: Metrics, journal: Journal | None = None, **kw: object
+) -> OtelSink:
     target = resolve_endpoint(rx.endpoint, rx.protocol, env={})
     assert target is not None
+    limits = QueueLimits(flush_interval=0.05, max_backoff=0.3, **kw)  # type: ignore[arg-type]
     return OtelSink(
-        target,
-        timeout=1.0,
-        version="9.9.9",
-        metrics=metrics,
-        flush_interval=0.05,
-        max_backoff=0.3,
-        **kw,  # type: ignore[arg-type]
+        target, timeout=1.0, version="9.9.9", metrics=metrics, journal=journal, limits=limits
     )
 
 
@@ -403,7 +395,7 @@ def _sdk_request(records: list[dict[str, object]], version: str) -> ExportLogsSe
     logger = provider.get_logger("agent-egress", version)
     for rec in records:
         if rec.get("event", "egress.decision") == "egress.decision":
-            attrs = decision_attributes(rec)
+            attrs = attributes(rec)
             allowed = str(rec.get("decision")) == "allow"
             logger.emit(
                 timestamp=int(float(rec["ts"]) * 1e9),  # type: ignore[arg-type]
@@ -422,7 +414,7 @@ def _sdk_request(records: list[dict[str, object]], version: str) -> ExportLogsSe
                 timestamp=int(float(rec["ts"]) * 1e9),  # type: ignore[arg-type]
                 severity_number=SeverityNumber.INFO,
                 severity_text="INFO",
-                attributes=event_attributes(rec),
+                attributes=attributes(rec),
                 event_name=scrub_text(str(rec["event"]), 64),
             )
     request = encode_logs(exporter.get_finished_logs())
