@@ -70,11 +70,11 @@ class HttpTransport:
         self.compression = settings.compression
         self._requests = requests
         self._session = requests.Session()
-        self._session.verify = settings.certificate or True
+        # per request, so REQUESTS_CA_BUNDLE in the environment cannot replace the configured CA
+        self._verify: str | bool = settings.certificate or True
+        self._cert: str | tuple[str, str] | None = settings.client_certificate
         if settings.client_certificate and settings.client_key:
-            self._session.cert = (settings.client_certificate, settings.client_key)
-        elif settings.client_certificate:
-            self._session.cert = settings.client_certificate
+            self._cert = (settings.client_certificate, settings.client_key)
         self._headers = {"content-type": "application/x-protobuf", "user-agent": user_agent}
         self._headers.update(settings.headers)
         if self.compression != "none":
@@ -88,7 +88,12 @@ class HttpTransport:
             data = zlib.compress(data)
         try:
             response = self._session.post(
-                self.endpoint, data=data, headers=self._headers, timeout=self.timeout
+                self.endpoint,
+                data=data,
+                headers=self._headers,
+                timeout=self.timeout,
+                verify=self._verify,
+                cert=self._cert,
             )
         except self._requests.RequestException as exc:
             raise ExportFailed(f"{self.endpoint}: {exc}") from exc
