@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from proxy.core.decision import Decision, Kind, Reason, Verdict
+from proxy.core.decision import Kind, Reason, Verdict
 from proxy.evidence.emit import JsonLineSink
 from proxy.evidence.flags import DEFAULT_FSYNC, add_evidence_arguments
 from proxy.evidence.journal.verify import verify
 from proxy.evidence.wiring import EvidenceConfig, EvidenceError, build_emitter
 from tests.otlp_receiver import GrpcReceiver, HttpReceiver
+from tests.proxy.evidence.decisions import allow
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -29,20 +30,6 @@ def config(*argv: str, env: dict[str, str] | None = None) -> EvidenceConfig:
     short export timeout so a test never waits long for a collector."""
     env = {"OTEL_EXPORTER_OTLP_TIMEOUT": "1", **(env or {})}
     return EvidenceConfig.from_args(parse(*argv), env=env)
-
-
-def allow() -> Decision:
-    return Decision(
-        decision=Verdict.ALLOW,
-        reason=Reason.ALLOWED_BY_RULE,
-        rule="pypi",
-        kind=Kind.CONNECT,
-        host="pypi.org",
-        port=443,
-        policy_version="v1",
-        mode="enforce",
-        sandbox_id="sb",
-    )
 
 
 def test_flags_and_defaults() -> None:

@@ -12,7 +12,7 @@ from proxy.evidence.journal.files import (
     rotation_index,
 )
 from proxy.evidence.journal.writer import Journal
-from tests.proxy.evidence.journal.test_writer import decision
+from tests.proxy.evidence.decisions import allow
 
 
 def test_rotated_names_sort_by_number_and_the_active_file_comes_last(tmp_path: Path) -> None:
@@ -36,7 +36,7 @@ def test_last_record_skips_a_torn_tail(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     journal = Journal(path)
     for i in range(3):
-        journal.record(decision(i))
+        journal.record(allow(i))
     journal.close()
     with open(path, "ab") as f:
         f.write(b'{"seq":4,"prev":"')
@@ -49,7 +49,7 @@ def test_locate_finds_the_file_and_offset_after_a_seq(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     journal = Journal(path, max_bytes=2048)
     for i in range(40):
-        journal.record(decision(i))
+        journal.record(allow(i))
     journal.close()
     found = locate(path, 20)
     assert found is not None

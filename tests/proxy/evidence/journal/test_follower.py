@@ -9,17 +9,17 @@ from proxy.core.decision import Kind
 from proxy.evidence.journal.files import journal_files
 from proxy.evidence.journal.follower import follow_after
 from proxy.evidence.journal.writer import Journal
-from tests.proxy.evidence.journal.test_writer import decision
+from tests.proxy.evidence.decisions import allow
 
 
 def test_follower_reads_across_rotation_without_loss_or_duplicates(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     journal = Journal(path, max_bytes=2048)
-    journal.record(decision(-1))  # before the follower: must not be read
+    journal.record(allow(-1))  # before the follower: must not be read
     follower = journal.follow()
     seen: list[int] = []
     for i in range(60):
-        journal.record(decision(i))
+        journal.record(allow(i))
         if i % 7 == 0:
             seen += [int(r["seq"]) for r in follower.read(limit=5)]  # type: ignore[call-overload]
     for _ in range(100):
@@ -37,9 +37,9 @@ def test_follower_reads_records_longer_than_its_read_chunk(tmp_path: Path) -> No
     path = tmp_path / "audit.jsonl"
     journal = Journal(path)
     follower = journal.follow()
-    huge = decision().with_(kind=Kind.HTTP, method="GET", path="/" + "a" * 600_000)
+    huge = allow().with_(kind=Kind.HTTP, method="GET", path="/" + "a" * 600_000)
     journal.record(huge)
-    journal.record(decision(1))
+    journal.record(allow(1))
     journal.close()
     got = follower.read(limit=10)
     follower.close()
@@ -50,7 +50,7 @@ def test_follow_after_resumes_exactly_after_a_seq_in_a_rotated_file(tmp_path: Pa
     path = tmp_path / "audit.jsonl"
     journal = Journal(path, max_bytes=2048)
     for i in range(40):
-        journal.record(decision(i))
+        journal.record(allow(i))
     journal.close()
     assert len(journal_files(path)) > 2
     follower = follow_after(path, 7)
@@ -68,10 +68,10 @@ def test_follow_after_the_last_record_waits_for_new_ones(tmp_path: Path) -> None
     path = tmp_path / "audit.jsonl"
     journal = Journal(path)
     for i in range(3):
-        journal.record(decision(i))
+        journal.record(allow(i))
     follower = follow_after(path, 3)
     assert follower.read() == []
-    journal.record(decision(99))
+    journal.record(allow(99))
     journal.close()
     assert [r["seq"] for r in follower.read()] == [4]
     follower.close()
