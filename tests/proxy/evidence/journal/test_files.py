@@ -11,8 +11,7 @@ from proxy.evidence.journal.files import (
     rotated_name,
     rotation_index,
 )
-from proxy.evidence.journal.writer import Journal
-from tests.proxy.evidence.decisions import allow
+from tests.proxy.evidence.journal.journals import write_journal
 
 
 def test_rotated_names_sort_by_number_and_the_active_file_comes_last(tmp_path: Path) -> None:
@@ -34,10 +33,7 @@ def test_rotated_names_sort_by_number_and_the_active_file_comes_last(tmp_path: P
 
 def test_last_record_skips_a_torn_tail(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
-    journal = Journal(path)
-    for i in range(3):
-        journal.record(allow(i))
-    journal.close()
+    write_journal(path, 3)
     with open(path, "ab") as f:
         f.write(b'{"seq":4,"prev":"')
     last = last_record(path, window=64)  # a window smaller than a record: it must grow
@@ -47,10 +43,7 @@ def test_last_record_skips_a_torn_tail(tmp_path: Path) -> None:
 
 def test_locate_finds_the_file_and_offset_after_a_seq(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
-    journal = Journal(path, max_bytes=2048)
-    for i in range(40):
-        journal.record(allow(i))
-    journal.close()
+    write_journal(path, 40, max_bytes=2048)
     found = locate(path, 20)
     assert found is not None
     file, offset = found

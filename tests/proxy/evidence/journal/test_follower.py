@@ -10,6 +10,7 @@ from proxy.evidence.journal.files import journal_files
 from proxy.evidence.journal.follower import follow_after
 from proxy.evidence.journal.writer import Journal
 from tests.proxy.evidence.decisions import allow
+from tests.proxy.evidence.journal.journals import read_all, write_journal
 
 
 def test_follower_reads_across_rotation_without_loss_or_duplicates(tmp_path: Path) -> None:
@@ -22,11 +23,7 @@ def test_follower_reads_across_rotation_without_loss_or_duplicates(tmp_path: Pat
         journal.record(allow(i))
         if i % 7 == 0:
             seen += [int(r["seq"]) for r in follower.read(limit=5)]  # type: ignore[call-overload]
-    for _ in range(100):
-        batch = follower.read(limit=5)
-        if not batch:
-            break
-        seen += [int(r["seq"]) for r in batch]  # type: ignore[call-overload]
+    seen += read_all(follower)
     journal.close()
     follower.close()
     assert len(journal_files(path)) > 2
@@ -48,27 +45,17 @@ def test_follower_reads_records_longer_than_its_read_chunk(tmp_path: Path) -> No
 
 def test_follow_after_resumes_exactly_after_a_seq_in_a_rotated_file(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
-    journal = Journal(path, max_bytes=2048)
-    for i in range(40):
-        journal.record(allow(i))
-    journal.close()
-    assert len(journal_files(path)) > 2
+    assert len(write_journal(path, 40, max_bytes=2048)) > 2
     follower = follow_after(path, 7)
-    seen: list[int] = []
-    for _ in range(100):
-        batch = follower.read(limit=5)
-        if not batch:
-            break
-        seen += [int(r["seq"]) for r in batch]  # type: ignore[call-overload]
+    seen = read_all(follower)
     follower.close()
     assert [s for s in seen if s > 7] == list(range(8, 41))
 
 
 def test_follow_after_the_last_record_waits_for_new_ones(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
+    write_journal(path, 3)
     journal = Journal(path)
-    for i in range(3):
-        journal.record(allow(i))
     follower = follow_after(path, 3)
     assert follower.read() == []
     journal.record(allow(99))

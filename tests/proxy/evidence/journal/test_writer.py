@@ -21,6 +21,7 @@ from proxy.evidence.journal.verify import verify
 from proxy.evidence.journal.writer import Journal
 from proxy.evidence.metrics import Metrics
 from tests.proxy.evidence.decisions import allow
+from tests.proxy.evidence.journal.journals import write_journal
 
 ROOT = Path(__file__).resolve().parents[4]
 
@@ -94,10 +95,7 @@ def test_rotation_keeps_the_chain(tmp_path: Path) -> None:
 
 def test_restart_continues_the_chain(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
-    first = Journal(path, max_bytes=2048)
-    for i in range(20):
-        first.record(allow(i))
-    first.close()
+    write_journal(path, 20, max_bytes=2048)
     second = Journal(path, max_bytes=2048)
     assert second.seq == 20
     second.record(allow(99))
@@ -244,10 +242,7 @@ def test_full_tmpfs_denies_then_recovers(tmp_path: Path) -> None:
 
 def test_torn_last_line_from_a_crash_is_removed_on_restart(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
-    journal = Journal(path)
-    for i in range(3):
-        journal.record(allow(i))
-    journal.close()
+    write_journal(path, 3)
     with open(path, "ab") as f:
         f.write(b'{"decision":"allow","event":"egress.decision","host":"torn.exa')  # power cut
     assert not verify([path]).ok

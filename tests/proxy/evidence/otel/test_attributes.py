@@ -80,7 +80,7 @@ def test_events_with_attribute_names_as_keys_keep_them_scrubbed() -> None:
 
 
 def test_every_field_has_its_attribute_and_key_order_does_not_matter() -> None:
-    record = {name: f"v-{name}" for name in ATTRIBUTE_NAMES}
+    record: dict[str, object] = {name: f"v-{name}" for name in ATTRIBUTE_NAMES}
     record.update(port=443, seq=1, bytes_out=1, bytes_in=2, duration=0.5, kind="http")
     attrs = attributes(record)
     assert set(ATTRIBUTE_NAMES.values()) <= attrs.keys()

@@ -45,10 +45,17 @@ def protocol(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+def _serving(rx: Receiver) -> Iterator[Receiver]:
+    rx.start()
+    try:
+        yield rx
+    finally:
+        rx.stop()
+
+
 @pytest.fixture
 def collector(protocol: str) -> Iterator[Receiver]:
-    with _receiver(protocol) as rx:
-        yield rx
+    yield from _serving(_receiver(protocol))
 
 
 def _target(rx: Receiver) -> tuple[str, str]:
@@ -126,8 +133,7 @@ def test_standard_exporter_variables_apply_in_the_gate_and_the_export_process(
 
 @pytest.fixture
 def tls_collector(protocol: str, test_ca: LocalCA) -> Iterator[Receiver]:
-    with _receiver(protocol, (test_ca.cert_path, test_ca.key_path)) as rx:
-        yield rx
+    yield from _serving(_receiver(protocol, (test_ca.cert_path, test_ca.key_path)))
 
 
 def test_tls_collector_is_verified_with_the_configured_ca(
@@ -176,11 +182,12 @@ def test_the_gate_imports_no_private_opentelemetry_module() -> None:
     offenders = []
     for path in sorted((ROOT / "proxy").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = []
             if isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
             elif isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
+            else:
+                continue
             for name in names:
                 parts = name.split(".")
                 if parts[0] == "opentelemetry" and (
