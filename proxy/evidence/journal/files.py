@@ -26,15 +26,21 @@ def rotation_index(path: Path) -> int | None:
     return int(m.group("index")) if m else None
 
 
-def journal_files(path: Path) -> list[Path]:
-    """The rotated files of the journal at ``path`` (oldest first) followed by the active file."""
+def rotated_files(path: Path) -> list[tuple[int, Path]]:
+    """(rotation number, file) of the journal at ``path``, oldest first. A rotated file keeps its
+    name for good, unlike the active file."""
     rotated: list[tuple[int, Path]] = []
     if path.parent.is_dir():
         for candidate in path.parent.iterdir():
             m = _ROTATED.match(candidate.name)
             if m and m.group("base") == path.name:
                 rotated.append((int(m.group("index")), candidate))
-    files = [p for _, p in sorted(rotated)]
+    return sorted(rotated)
+
+
+def journal_files(path: Path) -> list[Path]:
+    """The rotated files of the journal at ``path`` (oldest first) followed by the active file."""
+    files = [p for _, p in rotated_files(path)]
     if path.exists():
         files.append(path)
     return files

@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from proxy.evidence.journal.files import journal_files, locate
+from proxy.evidence.journal.files import locate, rotated_files
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +66,31 @@ class JournalFollower:
         self._start_offset = 0
         return True
 
-    def _successor(self) -> Path:
-        """The file written after the one just finished: several rotations may have happened since."""
+    def _open_successor(self) -> bool:
+        """Open the file written after the one just finished (several rotations may have happened
+        since): the lowest-numbered rotated file after it, else the active file. Rotated names are
+        stable; the active name is not, so after opening it the rotations are listed again, and if the
+        file opened may have come after one, that one is read first."""
         assert self._pos is not None
-        files = journal_files(self.path)
-        for i, candidate in enumerate(files[:-1]):
-            try:
-                if candidate.stat().st_ino == self._pos.ino:
-                    return files[i + 1]
-            except FileNotFoundError:
-                continue
+        for _ in range(50):
+            rotated = rotated_files(self.path)
+            ours = next((i for i, p in rotated if _inode(p) == self._pos.ino), None)
+            if ours is not None:
+                later = [p for i, p in rotated if i > ours]
+                fd = _open(later[0] if later else self.path)
+                if (
+                    fd is not None
+                    and not later
+                    and any(i > ours for i, _ in rotated_files(self.path))
+                ):
+                    os.close(fd)  # rotated meanwhile: this may be a newer file
+                    continue
+                if fd is not None:
+                    self._fd, self._pos = fd, _Position(os.fstat(fd).st_ino, 0)
+                    return True
+            time.sleep(0.01)  # a rotation is under way: look again
         log.error("journal follower: %s was rotated away before it was read", self.path)
-        return self.path
+        return self._ensure_open()
 
     def _read_lines(self, limit: int) -> list[dict[str, Any]]:
         assert self._fd is not None and self._pos is not None
@@ -114,10 +128,9 @@ class JournalFollower:
         if not out and self._rotated():
             out = self._read_lines(limit)  # the rest of the old file first
             if not out:
-                successor = self._successor()
                 os.close(self._fd)  # type: ignore[arg-type]
                 self._fd = None
-                if self._ensure_open(successor):
+                if self._open_successor():
                     return self.read(limit)
         if out:
             self.seq = int(out[-1].get("seq", self.seq))
@@ -134,6 +147,20 @@ class JournalFollower:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _open(path: Path) -> int | None:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
 
 
 def follow_after(path: Path, after_seq: int) -> JournalFollower:

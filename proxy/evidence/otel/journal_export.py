@@ -90,7 +90,8 @@ class JournalExporter:
         while time.monotonic() < deadline and self.processor.depth() > 0:
             time.sleep(0.02)
         self._stop.set()
-        self._thread.join(timeout)
-        self.follower.close()
+        self._thread.join(max(timeout, 1.0))
+        if not self._thread.is_alive():  # never close the file under a read in progress
+            self.follower.close()
         self.processor.close(max(0.1, deadline - time.monotonic()))
         write_cursor(self.cursor, self.exported_seq)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from proxy.core.decision import Kind
+from proxy.evidence.journal import follower as follower_module
 from proxy.evidence.journal.files import journal_files
 from proxy.evidence.journal.follower import follow_after
 from proxy.evidence.journal.writer import Journal
@@ -62,3 +65,35 @@ def test_follow_after_the_last_record_waits_for_new_ones(tmp_path: Path) -> None
     journal.close()
     assert [r["seq"] for r in follower.read()] == [4]
     follower.close()
+
+
+def test_a_rotation_while_moving_to_the_next_file_skips_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next file is the active one when the follower lists the files; the gate rotates it before
+    the follower opens that name. The follower must read the renamed file, not the new one."""
+    path = tmp_path / "audit.jsonl"
+    journal = Journal(path, max_bytes=2048)
+    for i in range(6):
+        journal.record(allow(i))
+    files = journal_files(path)
+    assert len(files) == 2  # FILE.000001 (1-4) and the active FILE (5-6)
+    follower = follow_after(path, 0)
+    assert [r["seq"] for r in follower.read(limit=4)] == [1, 2, 3, 4]
+
+    listed = follower_module.rotated_files
+    rotate_once = [True]
+
+    def list_then_rotate(p: Path) -> list[tuple[int, Path]]:
+        found = listed(p)
+        if rotate_once.pop() if rotate_once else False:
+            for i in range(6, 9):  # FILE (5-8) becomes FILE.000002, a new FILE starts at 9
+                journal.record(allow(i))
+        return found
+
+    monkeypatch.setattr(follower_module, "rotated_files", list_then_rotate)
+    seen = read_all(follower)
+    journal.close()
+    follower.close()
+    assert len(journal_files(path)) == 3
+    assert seen == [5, 6, 7, 8, 9]
