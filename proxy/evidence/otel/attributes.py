@@ -11,12 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.evidence.otel.scrub import scrub_host, scrub_text, scrub_url
-from proxy.evidence.record import ATTRIBUTE_NAMES, NOT_ATTRIBUTES, Record
+from proxy.evidence.record import ATTRIBUTE_NAMES, DECISION_EVENT, NOT_ATTRIBUTES, Record
 
-_NUMBERS = frozenset({"port", "seq", "bytes_out", "bytes_in", "duration"})
-_PROTOCOL_NAME = {"connect": "http", "http": "http", "dns": "dns", "tls": "tls"}
+_TEXT, _NUMBER, _HOST, _PATH = range(4)
+_SHAPE = {"port": _NUMBER, "seq": _NUMBER, "bytes_out": _NUMBER, "bytes_in": _NUMBER,
+          "duration": _NUMBER, "host": _HOST, "path": _PATH}  # fmt: skip
+_TABLE = tuple((field, name, _SHAPE.get(field, _TEXT)) for field, name in ATTRIBUTE_NAMES.items())
 _KNOWN = NOT_ATTRIBUTES | ATTRIBUTE_NAMES.keys()
-_TABLE = tuple(ATTRIBUTE_NAMES.items())
+_PROTOCOL_NAME = {"connect": "http", "http": "http", "dns": "dns", "tls": "tls"}
 
 
 def attributes(record: Record) -> dict[str, Any]:
@@ -24,29 +26,29 @@ def attributes(record: Record) -> dict[str, Any]:
     journal line)."""
     out: dict[str, Any] = {}
     get = record.get
-    for field, name in _TABLE:
+    for field, name, shape in _TABLE:
         value = get(field)
         if value is None:
             continue
-        if field in _NUMBERS:
+        if shape == _TEXT:
+            out[name] = scrub_text(value)
+        elif shape == _NUMBER:
             if isinstance(value, int | float):
                 out[name] = value
-        elif field == "host":
+        elif shape == _HOST:
             out[name] = scrub_host(value)
-        elif field == "path":
+        else:
             out[name], query = scrub_url(str(value))
             if query is not None:
                 out["url.query"] = query
-        else:
-            out[name] = scrub_text(value)
     kind = get("kind")
     if kind == "dns" and "server.address" in out:
         out["dns.question.name"] = out["server.address"]
     if kind in _PROTOCOL_NAME:
         out["network.protocol.name"] = _PROTOCOL_NAME[kind]
-    if (
-        not record.keys() <= _KNOWN
-    ):  # keys outside the table (other events, older journals) keep their names
+    # Decisions hold table fields only (a test keeps Decision so); other events may carry keys
+    # outside the table (as journals of earlier versions do), which keep their names.
+    if get("event", DECISION_EVENT) != DECISION_EVENT and not record.keys() <= _KNOWN:
         for key, value in record.items():
             if key in _KNOWN or value is None:
                 continue

@@ -18,7 +18,7 @@ _CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
 
 def scrub_text(value: object, limit: int = MAX_TEXT) -> str:
     """Escape control characters and cap the length."""
-    text = str(value)
+    text = value if isinstance(value, str) else str(value)
     if len(text) <= limit and text.isascii() and text.isprintable():
         return text  # the common case, without building a new string
     text = text.translate(_CONTROL)
