@@ -12,7 +12,7 @@ import logging
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import IO, Any, Protocol, runtime_checkable
 
 from proxy.core.decision import Decision, Reason, Verdict
@@ -120,8 +120,10 @@ class Emitter:
         self.write_ahead: list[Sink] = list(write_ahead)
         self.sinks: list[Sink] = list(sinks)
         self.audit_required = audit_required
-        self._record = [(sink, _recorder(sink)) for sink in self.sinks]
-        self._event = [(sink, handler) for sink in self.sinks if (handler := _eventer(sink))]
+        # checked once here, not per decision: which sinks read the journal, which take events
+        self._readers = [s for s in self.sinks if isinstance(s, JournalReader)]
+        self._plain = [s for s in self.sinks if not isinstance(s, JournalReader)]
+        self._event_sinks: list[Any] = [s for s in self._plain if hasattr(s, "event")]
         self._event_write_ahead = [getattr(sink, "event", None) for sink in self.write_ahead]
 
     def emit(self, decision: Decision) -> Decision:
@@ -141,11 +143,16 @@ class Emitter:
                     log.error(
                         "audit journal write failed, proceeding (not --audit-required): %s", exc
                     )
-        for sink, record in self._record:
+        for sink in self._plain:
             try:
-                record(decision, journaled)
+                sink.record(decision)
             except Exception:  # a best-effort sink must never break enforcement
                 log.exception("decision sink %r failed", sink)
+        for reader in self._readers:
+            try:
+                reader.record_journaled(decision, journaled)
+            except Exception:
+                log.exception("decision sink %r failed", reader)
         return decision
 
     def event(self, name: str, attributes: dict[str, Any]) -> None:
@@ -160,11 +167,16 @@ class Emitter:
             except Exception:
                 journaled = False
                 log.exception("event sink %r failed", sink)
-        for sink, deliver in self._event:
+        for sink in self._event_sinks:
             try:
-                deliver(name, attributes, journaled)
+                sink.event(name, attributes)
             except Exception:
                 log.exception("event sink %r failed", sink)
+        for reader in self._readers:
+            try:
+                reader.event_journaled(name, attributes, journaled)
+            except Exception:
+                log.exception("event sink %r failed", reader)
 
     def close(self) -> None:
         for sink in [*self.write_ahead, *self.sinks]:
@@ -172,20 +184,3 @@ class Emitter:
                 sink.close()
             except Exception:
                 log.exception("closing sink %r failed", sink)
-
-
-def _recorder(sink: Sink) -> Callable[[Decision, bool], None]:
-    if isinstance(sink, JournalReader):
-        return sink.record_journaled
-    record = sink.record
-    return lambda decision, journaled: record(decision)
-
-
-def _eventer(sink: Sink) -> Callable[[str, dict[str, Any], bool], None] | None:
-    if isinstance(sink, JournalReader):
-        return sink.event_journaled
-    handler: Callable[[str, dict[str, Any]], None] | None = getattr(sink, "event", None)
-    if handler is None:
-        return None
-    event = handler
-    return lambda name, attributes, journaled: event(name, attributes)
