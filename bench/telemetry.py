@@ -4,7 +4,7 @@
 "on": that plus the write-ahead journal (fsync=interval, rotation at 64 MiB), Prometheus metrics and
 OTLP/HTTP export to a real receiver running in a *separate process* on loopback (so its CPU does not count
 against the gate's). With a journal the OTLP encoding itself also runs in the export process
-(``python -m proxy.evidence.otel.export``), so what is measured here is what the gate's own event loop pays.
+(``python -m proxy.evidence.otel``), so what is measured here is what the gate's own event loop pays.
 
 The target is new tunnels/s through the real proxy with telemetry on >= 0.9x off, which
 ``bench/tunnels.py`` measures through mitmproxy. This one isolates the per-decision cost of the
@@ -26,7 +26,8 @@ from pathlib import Path
 
 from proxy.core.decision import Decision, Kind, Reason, Verdict
 from proxy.evidence.emit import Emitter, JsonLineSink
-from proxy.evidence.wiring import Evidence, add_evidence_arguments, build_emitter
+from proxy.evidence.flags import add_evidence_arguments
+from proxy.evidence.wiring import Evidence, EvidenceConfig, build_emitter
 
 DECISIONS = 20_000
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +94,8 @@ def main() -> int:
                 ["--journal", str(Path(tmp) / "audit.jsonl"), "--audit-required",
                  "--otlp-endpoint", endpoint, "--otlp-protocol", "http", "--metrics", "127.0.0.1:0"]
             )  # fmt: skip
-            evidence = build_emitter(args, [JsonLineSink(stream=devnull)], env={})
+            config = EvidenceConfig.from_args(args, env={})
+            evidence = build_emitter(config, [JsonLineSink(stream=devnull)])
             evidence.start()
             try:
                 pid = _export_pid(evidence)

@@ -2,18 +2,21 @@
 
 Both listen on 127.0.0.1 with a port chosen by the kernel on first start, and can be stopped and started
 again on the *same* port, so tests can take the collector away and bring it back under a running exporter.
-Every wait is bounded.
+With ``tls=(cert, key)`` they serve TLS only. They keep the headers (gRPC metadata) of every request, so
+tests can check what an exporter sent besides the records. Every wait is bounded.
 """
 
 from __future__ import annotations
 
 import gzip
+import ssl
 import threading
 import time
 import zlib
 from concurrent import futures
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -51,15 +54,19 @@ class _Store:
     shares a process with a load generator (the tunnels benchmark) costs it almost nothing."""
 
     requests_seen: list[logs_service_pb2.ExportLogsServiceRequest] = field(default_factory=list)
+    headers_seen: list[dict[str, str]] = field(default_factory=list)  # lower-case names
     count: int = 0
     decoded: list[Received] = field(default_factory=list)
     decoded_requests: int = 0
     cond: threading.Condition = field(default_factory=threading.Condition)
 
-    def add(self, request: logs_service_pb2.ExportLogsServiceRequest) -> None:
+    def add(
+        self, request: logs_service_pb2.ExportLogsServiceRequest, headers: dict[str, str]
+    ) -> None:
         n = sum(len(sl.log_records) for rl in request.resource_logs for sl in rl.scope_logs)
         with self.cond:
             self.requests_seen.append(request)
+            self.headers_seen.append(headers)
             self.count += n
             self.cond.notify_all()
 
@@ -98,13 +105,22 @@ def _decode(request: logs_service_pb2.ExportLogsServiceRequest) -> list[Received
 class _Receiver:
     protocol = ""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: tuple[Path, Path] | None = None) -> None:
         self.port = 0
+        self.tls = tls  # (certificate chain, private key) to serve TLS with
         self._store = _Store()
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def raw_requests(
+        self,
+    ) -> list[tuple[dict[str, str], logs_service_pb2.ExportLogsServiceRequest]]:
+        """(headers, request) of every request, as received."""
+        with self._store.cond:
+            return list(zip(self._store.headers_seen, self._store.requests_seen, strict=True))
 
     @property
     def records(self) -> list[Received]:
@@ -158,15 +174,15 @@ class _LogsServicer(logs_service_pb2_grpc.LogsServiceServicer):  # type: ignore[
     def Export(
         self, request: logs_service_pb2.ExportLogsServiceRequest, context: Any
     ) -> logs_service_pb2.ExportLogsServiceResponse:
-        self.store.add(request)
+        self.store.add(request, {k.lower(): v for k, v in context.invocation_metadata()})
         return logs_service_pb2.ExportLogsServiceResponse()
 
 
 class GrpcReceiver(_Receiver):
     protocol = "grpc"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, tls: tuple[Path, Path] | None = None) -> None:
+        super().__init__(tls)
         self._server: grpc.Server | None = None
 
     def start(self) -> None:
@@ -176,7 +192,12 @@ class GrpcReceiver(_Receiver):
         logs_service_pb2_grpc.add_LogsServiceServicer_to_server(  # type: ignore[no-untyped-call]
             _LogsServicer(self._store), server
         )
-        bound = server.add_insecure_port(f"127.0.0.1:{self.port}")
+        if self.tls is None:
+            bound = server.add_insecure_port(f"127.0.0.1:{self.port}")
+        else:
+            chain, key = (p.read_bytes() for p in self.tls)
+            credentials = grpc.ssl_server_credentials([(key, chain)])
+            bound = server.add_secure_port(f"127.0.0.1:{self.port}", credentials)
         if bound == 0:
             raise RuntimeError(f"gRPC receiver could not bind 127.0.0.1:{self.port}")
         self.port = bound
@@ -205,7 +226,7 @@ class _HttpHandler(BaseHTTPRequestHandler):
             return
         request = logs_service_pb2.ExportLogsServiceRequest()
         request.ParseFromString(data)
-        self.store.add(request)
+        self.store.add(request, {k.lower(): v for k, v in self.headers.items()})
         body = logs_service_pb2.ExportLogsServiceResponse().SerializeToString()
         self.send_response(200)
         self.send_header("Content-Type", "application/x-protobuf")
@@ -220,8 +241,8 @@ class _HttpHandler(BaseHTTPRequestHandler):
 class HttpReceiver(_Receiver):
     protocol = "http"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, tls: tuple[Path, Path] | None = None) -> None:
+        super().__init__(tls)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -231,6 +252,10 @@ class HttpReceiver(_Receiver):
         handler = type("Handler", (_HttpHandler,), {"store": self._store})
         server = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
         server.daemon_threads = True
+        if self.tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*self.tls)
+            server.socket = context.wrap_socket(server.socket, server_side=True)
         self.port = server.server_address[1]
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
         self._thread.daemon = True

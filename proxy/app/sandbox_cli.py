@@ -164,9 +164,9 @@ def _evidence_builder(args: argparse.Namespace) -> Any:
     prometheus-client) costs ~100 ms that `egress run --proxy ... -- CMD` should not pay."""
 
     def build(sinks: list[Any]) -> Any:
-        from proxy.evidence.wiring import build_emitter
+        from proxy.evidence.wiring import EvidenceConfig, build_emitter
 
-        return build_emitter(args, sinks)
+        return build_emitter(EvidenceConfig.from_args(args), sinks)
 
     return build
 

@@ -101,12 +101,14 @@ async def _serve(
 ) -> int:
     from addons.master import Gate, GateConfig, parse_listen
     from proxy.destinations.resolver import Resolver
-    from proxy.evidence.wiring import EvidenceError, build_emitter
+    from proxy.evidence.wiring import EvidenceConfig, EvidenceError, build_emitter
     from proxy.sandbox.handoff import HandoffServer, gate_attacher, identities_authenticator
 
     path = policy_file(args.policy)
     try:
-        evidence = build_emitter(args, [decision_log_sink(args.decision_log)])
+        evidence = build_emitter(
+            EvidenceConfig.from_args(args), [decision_log_sink(args.decision_log)]
+        )
     except EvidenceError as exc:
         return fail(str(exc))
 

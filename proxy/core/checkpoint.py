@@ -61,7 +61,9 @@ class DecisionSink(Protocol):
 
     def emit(self, decision: Decision) -> Decision: ...
 
-    def event(self, name: str, attributes: dict[str, Any]) -> None: ...
+    def connection_closed(
+        self, opened: Decision, *, bytes_out: int, bytes_in: int, duration: float
+    ) -> None: ...
 
 
 class SelfCheck(Protocol):
@@ -127,23 +129,13 @@ class Checkpoint:
         conn = self.connections.close(cid)
         if conn is None or conn.opened is None:
             return
-        duration = time.monotonic() - conn.started
-        if self.observer is not None:
-            self.observer.connection_closed(
-                conn.opened, bytes_out=conn.bytes_out, bytes_in=conn.bytes_in, duration=duration
-            )
-        else:
-            self.emitter.event(
-                "egress.connection.closed",
-                {
-                    "egress.decision.id": conn.opened.id,
-                    "server.address": conn.opened.host,
-                    "server.port": conn.opened.port,
-                    "egress.bytes.out": conn.bytes_out,
-                    "egress.bytes.in": conn.bytes_in,
-                    "egress.connection.duration": duration,
-                },
-            )
+        # The observer (metrics and evidence) records it; without one, the decision sinks do.
+        (self.observer or self.emitter).connection_closed(
+            conn.opened,
+            bytes_out=conn.bytes_out,
+            bytes_in=conn.bytes_in,
+            duration=time.monotonic() - conn.started,
+        )
 
     def refuse_connection(self, conn: Connection, reason: Reason, detail: str) -> Decision:
         """A refusal of the connection as a whole (over the cap, silent past its deadline)."""

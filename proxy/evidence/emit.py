@@ -13,9 +13,10 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Iterable
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, runtime_checkable
 
 from proxy.core.decision import Decision, Reason, Verdict
+from proxy.evidence.record import connection_closed, decision_record
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,21 @@ class EventSink(Protocol):
     def event(self, name: str, attributes: dict[str, Any]) -> None: ...
 
 
+@runtime_checkable
+class JournalReader(Protocol):
+    """A best-effort sink that also reads the write-ahead journal (the OTLP exporter).
+
+    It exports what the journal holds from the journal, so the Emitter tells it with every decision and
+    event whether all write-ahead sinks recorded it; it then handles in-process only what they did not.
+    """
+
+    def record_journaled(self, decision: Decision, journaled: bool) -> None: ...
+
+    def event_journaled(self, name: str, attributes: dict[str, Any], journaled: bool) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class JsonLineSink:
     """One JSON object per line. ``json.dumps`` escapes control characters, so hostile host names
     cannot forge extra lines (threat 15)."""
@@ -52,7 +68,7 @@ class JsonLineSink:
         self._lock = threading.Lock()
 
     def record(self, decision: Decision) -> None:
-        self.write({"event": "egress.decision", **decision.to_dict()})
+        self.write(decision_record(decision))
 
     def event(self, name: str, attributes: dict[str, Any]) -> None:
         self.write({"event": name, **attributes})
@@ -90,7 +106,8 @@ class Emitter:
 
     Write-ahead sinks may raise :class:`AuditUnavailable`. With ``audit_required`` that turns an allow
     into a deny (reason ``audit-unavailable``); without it the failure is logged and counted by the
-    sink itself and the decision stands.
+    sink itself and the decision stands. Best-effort sinks see the decision that stands and can never
+    change it; a :class:`JournalReader` is also told whether the write-ahead sinks recorded it.
     """
 
     def __init__(
@@ -103,12 +120,19 @@ class Emitter:
         self.write_ahead: list[Sink] = list(write_ahead)
         self.sinks: list[Sink] = list(sinks)
         self.audit_required = audit_required
+        # checked once here, not per decision: which sinks read the journal, which take events
+        self._readers = [s for s in self.sinks if isinstance(s, JournalReader)]
+        self._plain = [s for s in self.sinks if not isinstance(s, JournalReader)]
+        self._event_sinks: list[Any] = [s for s in self._plain if hasattr(s, "event")]
+        self._event_write_ahead = [getattr(sink, "event", None) for sink in self.write_ahead]
 
     def emit(self, decision: Decision) -> Decision:
+        journaled = bool(self.write_ahead)
         for sink in self.write_ahead:
             try:
                 sink.record(decision)
             except AuditUnavailable as exc:
+                journaled = False
                 if self.audit_required and decision.allowed:
                     decision = decision.with_(
                         decision=Verdict.DENY,
@@ -119,23 +143,48 @@ class Emitter:
                     log.error(
                         "audit journal write failed, proceeding (not --audit-required): %s", exc
                     )
-        for sink in self.sinks:
+        for sink in self._plain:
             try:
                 sink.record(decision)
             except Exception:  # a best-effort sink must never break enforcement
                 log.exception("decision sink %r failed", sink)
+        for reader in self._readers:
+            try:
+                reader.record_journaled(decision, journaled)
+            except Exception:
+                log.exception("decision sink %r failed", reader)
         return decision
+
+    def connection_closed(
+        self, opened: Decision, *, bytes_out: int, bytes_in: int, duration: float
+    ) -> None:
+        """The ``egress.connection.closed`` event of a connection ``opened`` allowed."""
+        self.event(
+            *connection_closed(opened, bytes_out=bytes_out, bytes_in=bytes_in, duration=duration)
+        )
 
     def event(self, name: str, attributes: dict[str, Any]) -> None:
         """Non-decision events (connection closed): best effort, never blocks enforcement."""
-        for sink in [*self.write_ahead, *self.sinks]:
-            handler = getattr(sink, "event", None)
+        journaled = bool(self.write_ahead)
+        for sink, handler in zip(self.write_ahead, self._event_write_ahead, strict=True):
             if handler is None:
+                journaled = False
                 continue
             try:
                 handler(name, attributes)
             except Exception:
+                journaled = False
                 log.exception("event sink %r failed", sink)
+        for sink in self._event_sinks:
+            try:
+                sink.event(name, attributes)
+            except Exception:
+                log.exception("event sink %r failed", sink)
+        for reader in self._readers:
+            try:
+                reader.event_journaled(name, attributes, journaled)
+            except Exception:
+                log.exception("event sink %r failed", reader)
 
     def close(self) -> None:
         for sink in [*self.write_ahead, *self.sinks]:

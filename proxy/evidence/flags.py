@@ -15,8 +15,10 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "DEFAULT_METRICS",
     "FSYNC_POLICIES",
+    "MIN_JOURNAL_BYTES",
     "FsyncPolicy",
     "add_evidence_arguments",
+    "check_journal_settings",
 ]
 
 DEFAULT_METRICS = "127.0.0.1:9464"
@@ -24,6 +26,15 @@ FsyncPolicy = Literal["always", "interval", "never"]
 FSYNC_POLICIES: tuple[FsyncPolicy, ...] = ("always", "interval", "never")
 DEFAULT_FSYNC: FsyncPolicy = "interval"
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+MIN_JOURNAL_BYTES = 1024
+
+
+def check_journal_settings(fsync: str, max_bytes: int) -> None:
+    """ValueError naming the flag, for the journal and the evidence config alike."""
+    if fsync not in FSYNC_POLICIES:
+        raise ValueError(f"--journal-fsync must be one of {', '.join(FSYNC_POLICIES)}: {fsync!r}")
+    if max_bytes < MIN_JOURNAL_BYTES:
+        raise ValueError(f"--journal-max-bytes must be at least {MIN_JOURNAL_BYTES}: {max_bytes}")
 
 
 def add_evidence_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,8 +1,9 @@
-"""Wiring of the evidence sinks (journal, metrics, OTel) behind the single Emitter, from CLI flags.
+"""Wiring of the evidence sinks (journal, metrics, OTel) behind the single Emitter.
 
-The CLI calls :func:`add_evidence_arguments` on the ``serve`` (and ``run``) parser and :func:`build_emitter`
-with the parsed arguments; the gate then calls ``evidence.emitter.emit`` for every decision and the
-``evidence.metrics`` / ``evidence.connection_*`` methods for facts that are not decisions.
+The CLI adds :func:`proxy.evidence.flags.add_evidence_arguments` to its parser and calls
+``build_emitter(EvidenceConfig.from_args(args), sinks)``; the gate then calls ``evidence.emitter.emit``
+for every decision and the ``evidence.metrics`` / ``evidence.connection_*`` methods for facts that are
+not decisions.
 
 The journal is the only write-ahead sink: under ``--audit-required`` an allow it cannot record becomes a
 deny. Metrics and OTel are best effort and can never change a decision.
@@ -10,36 +11,22 @@ deny. Metrics and OTel are best effort and can never change a decision.
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import logging
-import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from proxy import __version__
 from proxy.core.decision import Decision, Kind
+from proxy.evidence.config import EvidenceConfig, EvidenceError
 from proxy.evidence.emit import Emitter, Sink
-from proxy.evidence.flags import DEFAULT_FSYNC, DEFAULT_MAX_BYTES
-from proxy.evidence.flags import add_evidence_arguments as add_evidence_arguments  # re-export
 from proxy.evidence.journal.writer import Journal
 from proxy.evidence.metrics import Metrics
-from proxy.evidence.otel.export import CLOSED_EVENT, OtelSink, resolve_endpoint
+from proxy.evidence.otel.sink import OtelSink
+
+__all__ = ["Evidence", "EvidenceConfig", "EvidenceError", "build_emitter"]
 
 log = logging.getLogger(__name__)
-
-
-class EvidenceError(ValueError):
-    """A bad evidence flag; the message names the flag."""
-
-
-def parse_hostport(value: str, flag: str = "--metrics") -> tuple[str, int]:
-    host, sep, port_text = value.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
-        raise EvidenceError(f"{flag} wants HOST:PORT (e.g. 127.0.0.1:9464, [::1]:9464): {value!r}")
-    return host, int(port_text)
 
 
 @dataclass
@@ -94,22 +81,9 @@ class Evidence:
             bytes_in=bytes_in,
             duration=duration,
         )
-        attributes: dict[str, Any] = {
-            "egress.decision.id": decision.id,
-            "egress.kind": str(decision.kind),
-            "server.address": decision.host,
-            "egress.bytes.out": int(bytes_out),
-            "egress.bytes.in": int(bytes_in),
-            "egress.connection.duration": float(duration),
-        }
-        optional = {
-            "server.port": decision.port,
-            "egress.rule": decision.rule,
-            "egress.sandbox.id": decision.sandbox_id,
-            "client.address": decision.client,
-        }
-        attributes.update({k: v for k, v in optional.items() if v is not None})
-        self.emitter.event(CLOSED_EVENT, attributes)
+        self.emitter.connection_closed(
+            decision, bytes_out=bytes_out, bytes_in=bytes_in, duration=duration
+        )
 
     def close(self, timeout: float = 5.0) -> None:
         """Flush and stop everything; safe to call twice."""
@@ -133,63 +107,41 @@ class Evidence:
         self.close()
 
 
-def build_emitter(
-    args: argparse.Namespace,
-    base_sinks: Iterable[Sink] = (),
-    *,
-    env: Mapping[str, str] | None = None,
-    export_timeout: float | None = None,
-) -> Evidence:
-    """The Emitter for these flags: journal write-ahead, then metrics, ``base_sinks`` and OTel.
+def build_emitter(config: EvidenceConfig, base_sinks: Iterable[Sink] = ()) -> Evidence:
+    """The Emitter for ``config``: journal write-ahead, then metrics, ``base_sinks`` and OTel.
 
-    Raises :class:`EvidenceError` for a bad flag. Nothing listens until ``Evidence.start()``.
+    Nothing listens until ``Evidence.start()``.
     """
-    env = os.environ if env is None else env
     metrics = Metrics(version=__version__)
-    listen: tuple[str, int] | None = None
-    if not getattr(args, "no_metrics", False) and getattr(args, "metrics", None):
-        listen = parse_hostport(str(args.metrics))
-        try:
-            loopback = ipaddress.ip_address(listen[0]).is_loopback
-        except ValueError:
-            loopback = listen[0] == "localhost"
-        if not loopback:
-            log.warning(
-                "--metrics %s is not loopback: make sure no sandbox can reach it", args.metrics
-            )
+    listen = config.metrics_listen
+    if listen is not None and not _is_loopback(listen[0]):
+        log.warning("--metrics %s:%d is not loopback: make sure no sandbox can reach it", *listen)
     journal: Journal | None = None
-    journal_path = getattr(args, "journal", None)
-    if journal_path:
-        try:
-            journal = Journal(
-                journal_path,
-                fsync=getattr(args, "journal_fsync", DEFAULT_FSYNC),
-                max_bytes=int(getattr(args, "journal_max_bytes", DEFAULT_MAX_BYTES)),
-                metrics=metrics,
-            )
-        except ValueError as exc:
-            raise EvidenceError(str(exc)) from exc
-    audit_required = bool(getattr(args, "audit_required", False))
-    if audit_required and journal is None:
-        raise EvidenceError("--audit-required needs --journal FILE")
+    if config.journal is not None:
+        journal = Journal(
+            config.journal,
+            fsync=config.journal_fsync,
+            max_bytes=config.journal_max_bytes,
+            metrics=metrics,
+        )
     otel: OtelSink | None = None
-    try:
-        target = resolve_endpoint(
-            getattr(args, "otlp_endpoint", None), getattr(args, "otlp_protocol", None), env
-        )
-    except ValueError as exc:
-        raise EvidenceError(str(exc)) from exc
-    if target is not None:
+    if config.otlp is not None:
         otel = OtelSink(
-            target, timeout=export_timeout, version=__version__, metrics=metrics, journal=journal
+            config.otlp,
+            settings=config.otlp_settings,
+            version=__version__,
+            metrics=metrics,
+            journal=journal,
         )
-        log.info("exporting decision events to %s over OTLP/%s", *target)
+        log.info("exporting decision events to %s over OTLP/%s", *config.otlp)
     base = list(base_sinks)
     sinks: list[Sink] = [metrics, *base]
     if otel is not None:
         sinks.append(otel)
     emitter = Emitter(
-        sinks, write_ahead=[journal] if journal is not None else [], audit_required=audit_required
+        sinks,
+        write_ahead=[journal] if journal is not None else [],
+        audit_required=config.audit_required,
     )
     return Evidence(
         emitter=emitter,
@@ -199,3 +151,10 @@ def build_emitter(
         metrics_listen=listen,
         base_sinks=base,
     )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

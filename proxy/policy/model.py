@@ -13,9 +13,13 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from proxy.core.hosts import InvalidHost, canonical_host
 from proxy.policy.index import RuleIndex
+
+if TYPE_CHECKING:
+    from publicsuffixlist import PublicSuffixList
 
 IPNetwork = IPv4Network | IPv6Network
 IPAddress = IPv4Address | IPv6Address
@@ -53,40 +57,19 @@ class HostPattern:
         return _PREFIX[self.kind] + self.base
 
 
-# Suffixes under which anyone can get a name, missing from publicsuffix2's bundled (2019-12) copy
-# of the Public Suffix List because they were added later. A wildcard over any of them would allow
-# every tenant of the platform, attackers included.
-EXTRA_PUBLIC_SUFFIXES = frozenset(
-    {
-        "codeberg.page",
-        "deno.dev",
-        "fly.dev",
-        "hf.space",
-        "loca.lt",
-        "netlify.app",
-        "ngrok-free.app",
-        "ngrok-free.dev",
-        "ngrok.app",
-        "ngrok.dev",
-        "pages.dev",
-        "r2.dev",
-        "replit.app",
-        "replit.dev",
-        "streamlit.app",
-        "surge.sh",
-        "up.railway.app",
-        "vercel.app",
-    }
-)
+# Names under which anyone can get a subdomain that the Public Suffix List does not (yet) carry. A
+# wildcard over one of them would allow every tenant of the service, attackers included. Remove an entry
+# once the list has it (a test says when).
+UNLISTED_PUBLIC_SUFFIXES = frozenset({"loca.lt"})  # localtunnel
 
 
 @functools.cache
-def _public_suffixes() -> object:
-    # publicsuffix2 ships with mitmproxy, so the list costs no new dependency; it is parsed once (~70 ms)
-    # and only when a wildcard pattern is actually checked.
-    from publicsuffix2 import PublicSuffixList  # type: ignore[import-untyped]
+def _public_suffixes() -> PublicSuffixList:
+    """The maintained Public Suffix List (``publicsuffixlist`` ships a recent copy), with its private
+    section (github.io, pages.dev, ...). Parsed once (~70 ms), and only when a wildcard is checked."""
+    from publicsuffixlist import PublicSuffixList
 
-    return PublicSuffixList(idna=True)
+    return PublicSuffixList()
 
 
 def is_public_suffix(name: str) -> bool:
@@ -95,11 +78,7 @@ def is_public_suffix(name: str) -> bool:
     Unknown single labels count as public suffixes (the list's implicit ``*`` rule): ``*.internal`` is as
     wide as ``*.com`` from a policy's point of view.
     """
-    if name in EXTRA_PUBLIC_SUFFIXES:
-        return True
-    psl = _public_suffixes()
-    suffix: str | None = psl.get_tld(name, wildcard=True, strict=False)  # type: ignore[attr-defined]
-    return suffix is None or suffix == name
+    return name in UNLISTED_PUBLIC_SUFFIXES or bool(_public_suffixes().is_public(name))
 
 
 def parse_host_pattern(text: str) -> HostPattern:

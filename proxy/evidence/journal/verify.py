@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from proxy.evidence.journal.writer import GENESIS, iter_lines, record_hash, render, rotation_index
+from proxy.evidence.journal.chain import GENESIS, record_hash, render
+from proxy.evidence.journal.files import iter_lines, rotation_index
 
 EXIT_OK = 0
 EXIT_TAMPERED = 1

@@ -8,13 +8,9 @@ from typing import Any
 
 import pytest
 
-from proxy.core.decision import Decision, Kind, Reason, Verdict
+from proxy.core.decision import Decision, Reason, Verdict
 from proxy.evidence.emit import AuditUnavailable, Emitter, JsonLineSink, MemorySink
-
-
-def decision(verdict: Verdict = Verdict.ALLOW, host: str = "pypi.org") -> Decision:
-    reason = Reason.ALLOWED_BY_RULE if verdict is Verdict.ALLOW else Reason.NO_MATCHING_RULE
-    return Decision(verdict, reason, "pypi", Kind.CONNECT, host, 443, "v1", "enforce")
+from tests.proxy.evidence.decisions import allow, deny
 
 
 class BrokenJournal:
@@ -40,7 +36,7 @@ class ExplodingSink:
 def test_audit_required_turns_an_unrecordable_allow_into_a_deny() -> None:
     memory = MemorySink()
     emitter = Emitter([memory], write_ahead=[BrokenJournal()], audit_required=True)
-    out = emitter.emit(decision())
+    out = emitter.emit(allow())
     assert (out.decision, out.reason) == (Verdict.DENY, Reason.AUDIT_UNAVAILABLE)
     assert "disk full" in (out.detail or "")
     assert list(memory.decisions) == [out]  # the other sinks record what is enforced
@@ -50,7 +46,7 @@ def test_without_audit_required_the_failure_is_loud_but_the_decision_stands(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     emitter = Emitter([], write_ahead=[BrokenJournal()], audit_required=False)
-    original = decision()
+    original = allow()
     assert emitter.emit(original) is original
     assert "audit journal write failed" in caplog.text
 
@@ -58,7 +54,7 @@ def test_without_audit_required_the_failure_is_loud_but_the_decision_stands(
 def test_denies_stay_denies_and_a_failing_best_effort_sink_changes_nothing() -> None:
     memory = MemorySink()
     emitter = Emitter([ExplodingSink(), memory], write_ahead=[BrokenJournal()], audit_required=True)
-    denied = decision(Verdict.DENY)
+    denied = deny()
     out = emitter.emit(denied)
     assert out.reason == Reason.NO_MATCHING_RULE  # not rewritten: it was never going to proceed
     assert list(memory.decisions) == [out]
@@ -67,7 +63,7 @@ def test_denies_stay_denies_and_a_failing_best_effort_sink_changes_nothing() -> 
 def test_json_line_sink_writes_one_line_per_decision_even_for_hostile_values() -> None:
     stream = io.StringIO()
     sink = JsonLineSink(stream=stream)
-    sink.record(decision(host='evil\n{"decision":"allow"}\r\x00'))
+    sink.record(allow(host='evil\n{"decision":"allow"}\r\x00'))
     sink.event("egress.connection.closed", {"server.address": "a\nb"})
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2
@@ -76,3 +72,66 @@ def test_json_line_sink_writes_one_line_per_decision_even_for_hostile_values() -
         first["host"] == 'evil\n{"decision":"allow"}\r\x00' and first["event"] == "egress.decision"
     )
     assert all(" " <= ch <= "~" for ch in stream.getvalue().replace("\n", ""))
+
+
+class JournalCopy:
+    """A write-ahead sink that records decisions and events, or fails like a full disk."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+
+    def record(self, d: Decision) -> None:
+        if self.fail:
+            raise AuditUnavailable("disk full")
+
+    def event(self, name: str, attributes: dict[str, Any]) -> None:
+        if self.fail:
+            raise AuditUnavailable("disk full")
+
+    def close(self) -> None:
+        pass
+
+
+class Reader:
+    """A JournalReader: keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.told: list[tuple[str, bool]] = []
+
+    def record_journaled(self, decision: Decision, journaled: bool) -> None:
+        self.told.append((str(decision.reason), journaled))
+
+    def event_journaled(self, name: str, attributes: dict[str, Any], journaled: bool) -> None:
+        self.told.append((name, journaled))
+
+    def record(self, decision: Decision) -> None:
+        raise AssertionError("a JournalReader is told whether the journal recorded it")
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("write_ahead", "expected"),
+    [
+        ([], False),  # no journal: nothing is journaled
+        ([JournalCopy()], True),
+        ([JournalCopy(fail=True)], False),
+        ([JournalCopy(), JournalCopy(fail=True)], False),  # only what every journal holds
+    ],
+)
+def test_journal_readers_are_told_what_the_journal_recorded(
+    write_ahead: list[JournalCopy], expected: bool
+) -> None:
+    reader = Reader()
+    emitter = Emitter([reader], write_ahead=write_ahead, audit_required=False)
+    emitter.emit(allow())
+    emitter.event("egress.connection.closed", {"id": "x"})
+    assert reader.told == [("allowed-by-rule", expected), ("egress.connection.closed", expected)]
+
+
+def test_a_reader_gets_the_deny_the_journal_could_not_record() -> None:
+    reader = Reader()
+    emitter = Emitter([reader], write_ahead=[JournalCopy(fail=True)], audit_required=True)
+    assert emitter.emit(allow()).reason is Reason.AUDIT_UNAVAILABLE
+    assert reader.told == [("audit-unavailable", False)]

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from proxy.core.decision import Decision, Kind, Reason, Verdict
+from proxy.core.decision import Kind, Reason, Verdict
 from proxy.evidence.emit import JsonLineSink
+from proxy.evidence.flags import DEFAULT_FSYNC, add_evidence_arguments
 from proxy.evidence.journal.verify import verify
-from proxy.evidence.journal.writer import DEFAULT_FSYNC
-from proxy.evidence.wiring import EvidenceError, add_evidence_arguments, build_emitter
+from proxy.evidence.wiring import EvidenceConfig, EvidenceError, build_emitter
 from tests.otlp_receiver import GrpcReceiver, HttpReceiver
+from tests.proxy.evidence.decisions import allow
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -24,18 +25,11 @@ def parse(*argv: str) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
-def allow() -> Decision:
-    return Decision(
-        decision=Verdict.ALLOW,
-        reason=Reason.ALLOWED_BY_RULE,
-        rule="pypi",
-        kind=Kind.CONNECT,
-        host="pypi.org",
-        port=443,
-        policy_version="v1",
-        mode="enforce",
-        sandbox_id="sb",
-    )
+def config(*argv: str, env: dict[str, str] | None = None) -> EvidenceConfig:
+    """The config these flags give in an environment with no OTEL_* variables but ``env``, with a
+    short export timeout so a test never waits long for a collector."""
+    env = {"OTEL_EXPORTER_OTLP_TIMEOUT": "1", **(env or {})}
+    return EvidenceConfig.from_args(parse(*argv), env=env)
 
 
 def test_flags_and_defaults() -> None:
@@ -61,25 +55,31 @@ def test_flags_and_defaults() -> None:
 
 def test_bad_combinations_are_refused(tmp_path: Path) -> None:
     with pytest.raises(EvidenceError, match="--audit-required needs --journal"):
-        build_emitter(parse("--audit-required", "--no-metrics"), env={})
+        config("--audit-required", "--no-metrics")
     with pytest.raises(EvidenceError, match="--metrics wants HOST:PORT"):
-        build_emitter(parse("--metrics", "9464"), env={})
+        config("--metrics", "9464")
     with pytest.raises(EvidenceError, match="--journal-max-bytes"):
-        build_emitter(
-            parse("--journal", str(tmp_path / "j"), "--journal-max-bytes", "5", "--no-metrics"),
-            env={},
+        config("--journal", str(tmp_path / "j"), "--journal-max-bytes", "5", "--no-metrics")
+    with pytest.raises(EvidenceError, match="--otlp-protocol"):
+        config("--otlp-endpoint", "http://127.0.0.1:1", env={"OTEL_EXPORTER_OTLP_PROTOCOL": "x"})
+    with pytest.raises(EvidenceError, match="OTEL_EXPORTER_OTLP_LOGS_COMPRESSION"):
+        config(
+            "--otlp-endpoint",
+            "http://127.0.0.1:1",
+            env={"OTEL_EXPORTER_OTLP_LOGS_COMPRESSION": "brotli"},
         )
+    assert not list(tmp_path.iterdir())  # refused before anything was opened
 
 
 def test_everything_on_end_to_end(tmp_path: Path) -> None:
     journal = tmp_path / "audit.jsonl"
     log = io.StringIO()
     with GrpcReceiver() as rx:
-        args = parse(
+        settings = config(
             "--journal", str(journal), "--audit-required",
             "--otlp-endpoint", rx.endpoint, "--otlp-protocol", "grpc", "--metrics", "127.0.0.1:0",
         )  # fmt: skip
-        evidence = build_emitter(args, [JsonLineSink(stream=log)], env={}, export_timeout=1.0)
+        evidence = build_emitter(settings, [JsonLineSink(stream=log)])
         evidence.start()
         try:
             assert evidence.metrics_address is not None
@@ -118,7 +118,7 @@ def test_standard_environment_variables_configure_export(tmp_path: Path) -> None
             "OTEL_EXPORTER_OTLP_ENDPOINT": rx.endpoint,
             "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
         }
-        evidence = build_emitter(parse("--no-metrics"), env=env, export_timeout=1.0)
+        evidence = build_emitter(config("--no-metrics", env=env))
         evidence.start()
         try:
             assert evidence.metrics_address is None
@@ -131,7 +131,7 @@ def test_standard_environment_variables_configure_export(tmp_path: Path) -> None
 
 
 def test_no_endpoint_means_no_export() -> None:
-    evidence = build_emitter(parse("--no-metrics"), env={})
+    evidence = build_emitter(config("--no-metrics"))
     try:
         assert evidence.otel is None
         assert evidence.emit(allow()).allowed
@@ -143,7 +143,7 @@ def test_audit_required_denies_when_the_journal_is_unwritable(tmp_path: Path) ->
     directory = tmp_path / "journal-is-a-dir"
     directory.mkdir()
     evidence = build_emitter(
-        parse("--journal", str(directory), "--audit-required", "--no-metrics"), env={}
+        config("--journal", str(directory), "--audit-required", "--no-metrics")
     )
     try:
         out = evidence.emit(allow())
@@ -162,12 +162,13 @@ FILE_SIZE_CHILD = """
 import argparse, resource, sys
 sys.path.insert(0, sys.argv[2])
 from proxy.core.decision import Decision, Kind, Reason, Verdict
-from proxy.evidence.wiring import add_evidence_arguments, build_emitter
+from proxy.evidence.flags import add_evidence_arguments
+from proxy.evidence.wiring import EvidenceConfig, build_emitter
 
 parser = argparse.ArgumentParser()
 add_evidence_arguments(parser)
 args = parser.parse_args(["--journal", sys.argv[1], "--audit-required", "--no-metrics"])
-evidence = build_emitter(args, env={})
+evidence = build_emitter(EvidenceConfig.from_args(args, env={}))
 resource.setrlimit(resource.RLIMIT_FSIZE, (1500, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 reasons = []
 for i in range(20):

@@ -7,6 +7,7 @@ from ipaddress import ip_network
 import pytest
 
 from proxy.policy.model import (
+    UNLISTED_PUBLIC_SUFFIXES,
     Action,
     HostPattern,
     Mode,
@@ -98,13 +99,41 @@ def test_invalid_patterns(text: str, message: str) -> None:
         ("pythonhosted.org", False),
         ("user.github.io", False),
         ("archive.ubuntu.com", False),
-        ("pages.dev", True),  # newer than the bundled list: from the embedded supplement
+        ("pages.dev", True),
         ("vercel.app", True),
         ("project.pages.dev", False),
+        ("xn--fiqs8s", True),  # a TLD in punycode, as hosts are canonicalised
+        ("internal", True),  # unknown TLD
     ],
 )
 def test_public_suffix(name: str, public: bool) -> None:
     assert is_public_suffix(name) is public
+
+
+# Shared-hosting suffixes a wildcard must never cover; the first list of them had to be kept by hand.
+SHARED_HOSTING = [
+    "codeberg.page", "deno.dev", "fly.dev", "hf.space", "loca.lt", "netlify.app", "ngrok-free.app",
+    "ngrok-free.dev", "ngrok.app", "ngrok.dev", "pages.dev", "r2.dev", "replit.app", "replit.dev",
+    "streamlit.app", "surge.sh", "up.railway.app", "vercel.app",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("suffix", SHARED_HOSTING)
+@pytest.mark.parametrize("wildcard", ["*.", "**."])
+def test_wildcards_over_shared_hosting_suffixes_are_refused(suffix: str, wildcard: str) -> None:
+    with pytest.raises(ValueError, match="public suffix") as info:
+        parse_host_pattern(wildcard + suffix)
+    assert repr(suffix) in str(info.value)
+    # one site's own names stay expressible (two labels down: replit.dev's list entry is *.replit.dev)
+    assert parse_host_pattern(f"{wildcard}www.site.{suffix}").base == f"www.site.{suffix}"
+
+
+def test_the_unlisted_suffixes_are_only_those_the_maintained_list_lacks() -> None:
+    """When the Public Suffix List gains one of them, its entry here is dead weight: remove it."""
+    from publicsuffixlist import PublicSuffixList
+
+    psl = PublicSuffixList()
+    assert [name for name in sorted(UNLISTED_PUBLIC_SUFFIXES) if psl.is_public(name)] == []
 
 
 def test_pattern_str_round_trips() -> None:

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from proxy.core.decision import Decision, Kind, Reason, Verdict
+from proxy.evidence.journal.chain import record_hash, render
+from proxy.evidence.journal.files import journal_files, rotated_name
 from proxy.evidence.journal.verify import EXIT_OK, EXIT_TAMPERED, EXIT_UNREADABLE, run, verify
-from proxy.evidence.journal.writer import Journal, journal_files, record_hash, render, rotated_name
+from proxy.evidence.journal.writer import Journal
 
 
 def make_journal(path: Path, count: int, max_bytes: int = 64 * 1024 * 1024) -> list[Path]:

@@ -13,33 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from proxy.core.decision import Decision, Kind, Reason, Verdict
+from proxy.core.decision import Kind, Reason, Verdict
 from proxy.evidence.emit import AuditUnavailable, Emitter
+from proxy.evidence.journal.chain import GENESIS, record_hash
+from proxy.evidence.journal.files import journal_files, rotated_name
 from proxy.evidence.journal.verify import verify
-from proxy.evidence.journal.writer import (
-    GENESIS,
-    Journal,
-    journal_files,
-    record_hash,
-    rotated_name,
-)
+from proxy.evidence.journal.writer import Journal
 from proxy.evidence.metrics import Metrics
+from tests.proxy.evidence.decisions import allow
+from tests.proxy.evidence.journal.journals import write_journal
 
 ROOT = Path(__file__).resolve().parents[4]
-
-
-def decision(i: int = 0, verdict: Verdict = Verdict.ALLOW) -> Decision:
-    return Decision(
-        decision=verdict,
-        reason=Reason.ALLOWED_BY_RULE if verdict is Verdict.ALLOW else Reason.NO_MATCHING_RULE,
-        rule="pypi" if verdict is Verdict.ALLOW else None,
-        kind=Kind.CONNECT,
-        host=f"host{i}.example",
-        port=443,
-        policy_version="v1",
-        mode="enforce",
-        client="127.0.0.1",
-    )
 
 
 def lines(path: Path) -> list[dict[str, object]]:
@@ -49,7 +33,7 @@ def lines(path: Path) -> list[dict[str, object]]:
 def test_records_are_hash_chained_and_verifiable(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     journal = Journal(path, fsync="always")
-    ids = [decision(i) for i in range(3)]
+    ids = [allow(i) for i in range(3)]
     for d in ids:
         journal.record(d)
     journal.close()
@@ -71,7 +55,7 @@ def test_record_is_on_disk_before_emit_returns(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     journal = Journal(path, fsync="never")
     emitter = Emitter(write_ahead=[journal], audit_required=True)
-    d = decision()
+    d = allow()
     returned = emitter.emit(d)
     assert returned.decision is Verdict.ALLOW
     # read through a separate file description: the line reached the kernel before emit returned
@@ -82,7 +66,7 @@ def test_record_is_on_disk_before_emit_returns(tmp_path: Path) -> None:
 def test_hostile_host_cannot_forge_lines(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     journal = Journal(path)
-    journal.record(decision().with_(host='evil\n{"seq":99,"forged":true}\r\x00'))
+    journal.record(allow().with_(host='evil\n{"seq":99,"forged":true}\r\x00'))
     journal.close()
     assert len(path.read_bytes().splitlines()) == 1
     assert verify([path]).ok
@@ -93,7 +77,7 @@ def test_rotation_keeps_the_chain(tmp_path: Path) -> None:
     metrics = Metrics()
     journal = Journal(path, max_bytes=2048, metrics=metrics)
     for i in range(40):
-        journal.record(decision(i))
+        journal.record(allow(i))
     journal.close()
     files = journal_files(path)
     assert len(files) >= 3
@@ -111,13 +95,10 @@ def test_rotation_keeps_the_chain(tmp_path: Path) -> None:
 
 def test_restart_continues_the_chain(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
-    first = Journal(path, max_bytes=2048)
-    for i in range(20):
-        first.record(decision(i))
-    first.close()
+    write_journal(path, 20, max_bytes=2048)
     second = Journal(path, max_bytes=2048)
     assert second.seq == 20
-    second.record(decision(99))
+    second.record(allow(99))
     second.close()
     report = verify(journal_files(path))
     assert report.ok and report.last_seq == 21, report.problems
@@ -128,7 +109,7 @@ def test_every_fsync_policy_writes_a_valid_journal(tmp_path: Path, policy: str) 
     path = tmp_path / "audit.jsonl"
     journal = Journal(path, fsync=policy, fsync_interval=0.01)  # type: ignore[arg-type]
     for i in range(5):
-        journal.record(decision(i))
+        journal.record(allow(i))
     journal.sync()
     journal.close()
     assert verify([path]).records == 5
@@ -147,13 +128,13 @@ def test_unwritable_journal_denies_under_audit_required(tmp_path: Path) -> None:
     metrics = Metrics()
     journal = Journal(target, metrics=metrics)
     with pytest.raises(AuditUnavailable):
-        journal.record(decision())
+        journal.record(allow())
     strict = Emitter(write_ahead=[journal], sinks=[metrics], audit_required=True)
-    out = strict.emit(decision())
+    out = strict.emit(allow())
     assert out.decision is Verdict.DENY
     assert out.reason is Reason.AUDIT_UNAVAILABLE
     lenient = Emitter(write_ahead=[journal], audit_required=False)
-    assert lenient.emit(decision()).decision is Verdict.ALLOW
+    assert lenient.emit(allow()).decision is Verdict.ALLOW
     assert metrics.journal_errors.labels(error="other")._value.get() == 3
     journal.close()
 
@@ -235,21 +216,21 @@ def test_full_tmpfs_denies_then_recovers(tmp_path: Path) -> None:
     journal = Journal(mnt / "audit.jsonl", fsync="always", metrics=metrics)
     try:
         emitter = Emitter(write_ahead=[journal], audit_required=True)
-        assert emitter.emit(decision(0)).decision is Verdict.ALLOW
+        assert emitter.emit(allow(0)).decision is Verdict.ALLOW
         filler = mnt / "filler"
         with open(filler, "wb") as f, pytest.raises(OSError):
             for _ in range(1000):
                 f.write(b"x" * 4096)
                 f.flush()
         # the journal's last page may still have room: keep going until the disk really is full
-        verdicts = [emitter.emit(decision(i)) for i in range(1, 40)]
+        verdicts = [emitter.emit(allow(i)) for i in range(1, 40)]
         denied = verdicts[-1]
         assert denied.decision is Verdict.DENY and denied.reason is Reason.AUDIT_UNAVAILABLE
         allowed = sum(1 for v in verdicts if v.allowed)
         assert allowed < 20
         assert metrics.journal_errors.labels(error="disk_full")._value.get() >= 1
         filler.unlink()
-        assert emitter.emit(decision(99)).decision is Verdict.ALLOW
+        assert emitter.emit(allow(99)).decision is Verdict.ALLOW
         journal.close()
         report = verify([mnt / "audit.jsonl"])
         assert report.ok and report.records == allowed + 2, report.problems
@@ -259,39 +240,15 @@ def test_full_tmpfs_denies_then_recovers(tmp_path: Path) -> None:
             subprocess.run(["umount", "-l", str(mnt)], timeout=10, check=False)
 
 
-def test_follower_reads_across_rotation_without_loss_or_duplicates(tmp_path: Path) -> None:
-    path = tmp_path / "audit.jsonl"
-    journal = Journal(path, max_bytes=2048)
-    journal.record(decision(-1))  # before the follower: must not be read
-    follower = journal.follow()
-    seen: list[int] = []
-    for i in range(60):
-        journal.record(decision(i))
-        if i % 7 == 0:
-            seen += [int(r["seq"]) for r in follower.read(limit=5)]  # type: ignore[call-overload]
-    for _ in range(100):
-        batch = follower.read(limit=5)
-        if not batch:
-            break
-        seen += [int(r["seq"]) for r in batch]  # type: ignore[call-overload]
-    journal.close()
-    follower.close()
-    assert len(journal_files(path)) > 2
-    assert seen == list(range(2, 62))
-
-
 def test_torn_last_line_from_a_crash_is_removed_on_restart(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
-    journal = Journal(path)
-    for i in range(3):
-        journal.record(decision(i))
-    journal.close()
+    write_journal(path, 3)
     with open(path, "ab") as f:
         f.write(b'{"decision":"allow","event":"egress.decision","host":"torn.exa')  # power cut
     assert not verify([path]).ok
     journal = Journal(path)
     assert journal.seq == 3
-    survivor = decision(99)
+    survivor = allow(99)
     journal.record(survivor)
     journal.close()
     report = verify([path])
@@ -300,28 +257,15 @@ def test_torn_last_line_from_a_crash_is_removed_on_restart(tmp_path: Path) -> No
     assert "torn.exa" not in path.read_text()
 
 
-def test_follower_reads_records_longer_than_its_read_chunk(tmp_path: Path) -> None:
-    path = tmp_path / "audit.jsonl"
-    journal = Journal(path)
-    follower = journal.follow()
-    huge = decision().with_(kind=Kind.HTTP, method="GET", path="/" + "a" * 600_000)
-    journal.record(huge)
-    journal.record(decision(1))
-    journal.close()
-    got = follower.read(limit=10)
-    follower.close()
-    assert [r["id"] for r in got] == [huge.id, json.loads(path.read_text().splitlines()[1])["id"]]
-
-
 def test_restart_after_a_record_larger_than_the_tail_window(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     journal = Journal(path)
-    journal.record(decision(0))
-    journal.record(decision().with_(kind=Kind.HTTP, path="/" + "b" * 300_000))
+    journal.record(allow(0))
+    journal.record(allow().with_(kind=Kind.HTTP, path="/" + "b" * 300_000))
     journal.close()
     again = Journal(path)
     assert again.seq == 2
-    again.record(decision(2))
+    again.record(allow(2))
     again.close()
     assert verify([path]).ok
 
@@ -329,12 +273,12 @@ def test_restart_after_a_record_larger_than_the_tail_window(tmp_path: Path) -> N
 def test_a_torn_tail_longer_than_the_window_is_removed_exactly(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     journal = Journal(path)
-    journal.record(decision(0))
+    journal.record(allow(0))
     journal.close()
     with open(path, "ab") as f:
         f.write(b'{"path":"/' + b"c" * 200_000)  # torn in the middle of a huge record
     again = Journal(path)
-    again.record(decision(1))
+    again.record(allow(1))
     again.close()
     report = verify([path])
     assert report.ok and report.records == 2, report.problems

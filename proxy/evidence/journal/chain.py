@@ -1,0 +1,48 @@
+"""The journal's hash chain: the exact bytes of a record and the hash that links it to the one before.
+
+Every line carries ``seq`` (1, 2, 3, ... with no gaps), ``prev`` (the hash of the previous line, 64 zeros
+for the first) and ``hash``: SHA-256 over the canonical JSON of the line without ``hash`` (sorted keys, no
+spaces, ASCII only). Editing, removing or reordering a line breaks the chain. The writer and
+``egress audit verify`` both use these functions, so what is written is what is checked.
+
+Known limit of any hash chain: deleting whole lines from the *end* of the newest file leaves a valid,
+shorter chain. Compare the last ``seq`` with an external anchor (the exported OTel events carry
+``egress.journal.seq``) to detect that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+GENESIS = "0" * 64
+CHAIN_KEYS = ("seq", "prev", "hash")
+
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+
+
+def canonical(body: dict[str, Any]) -> str:
+    """The exact text that is hashed. ASCII only: control characters and non-ASCII are escaped, so a
+    hostile host name cannot forge a line."""
+    return _ENCODER.encode(body)
+
+
+def record_hash(body: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical(body).encode("ascii")).hexdigest()
+
+
+def _with_hash(text: str, digest: str) -> str:
+    return f'{text[:-1]}{"," if len(text) > 2 else ""}"hash":"{digest}"}}\n'
+
+
+def render(body: dict[str, Any], digest: str) -> str:
+    """The line as written: the canonical body with ``hash`` appended last, newline-terminated."""
+    return _with_hash(canonical(body), digest)
+
+
+def seal(body: dict[str, Any]) -> tuple[str, bytes]:
+    """(hash, line) of a record, encoding it once: this runs for every decision."""
+    text = canonical(body).encode("ascii")
+    digest = hashlib.sha256(text).hexdigest()
+    return digest, _with_hash(text.decode("ascii"), digest).encode("ascii")

@@ -1,0 +1,73 @@
+"""A record's OTel attributes, severity and body, named as :data:`proxy.evidence.record.ATTRIBUTE_NAMES`
+says and scrubbed on the way (:mod:`proxy.evidence.otel.scrub`).
+
+Decisions and events go through the same mapping, so a fact has one attribute name whichever event
+carries it. Attributes come out in the table's order whatever the order of the record's keys, so an
+event exported from the journal is the same as one exported in-process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.evidence.otel.scrub import scrub_host, scrub_text, scrub_url
+from proxy.evidence.record import ATTRIBUTE_NAMES, DECISION_EVENT, NOT_ATTRIBUTES, Record
+
+_TEXT, _NUMBER, _HOST, _PATH = range(4)
+_SHAPE = {"port": _NUMBER, "seq": _NUMBER, "bytes_out": _NUMBER, "bytes_in": _NUMBER,
+          "duration": _NUMBER, "host": _HOST, "path": _PATH}  # fmt: skip
+_TABLE = tuple((field, name, _SHAPE.get(field, _TEXT)) for field, name in ATTRIBUTE_NAMES.items())
+_KNOWN = NOT_ATTRIBUTES | ATTRIBUTE_NAMES.keys()
+_PROTOCOL_NAME = {"connect": "http", "http": "http", "dns": "dns", "tls": "tls"}
+
+
+def attributes(record: Record) -> dict[str, Any]:
+    """The attributes of a decision or event record (``Decision.to_dict()``, an event's fields, or a
+    journal line)."""
+    out: dict[str, Any] = {}
+    get = record.get
+    for field, name, shape in _TABLE:
+        value = get(field)
+        if value is None:
+            continue
+        if shape == _TEXT:
+            out[name] = scrub_text(value)
+        elif shape == _NUMBER:
+            if isinstance(value, int | float):
+                out[name] = value
+        elif shape == _HOST:
+            out[name] = scrub_host(value)
+        else:
+            out[name], query = scrub_url(str(value))
+            if query is not None:
+                out["url.query"] = query
+    kind = get("kind")
+    if kind == "dns" and "server.address" in out:
+        out["dns.question.name"] = out["server.address"]
+    if kind in _PROTOCOL_NAME:
+        out["network.protocol.name"] = _PROTOCOL_NAME[kind]
+    # Decisions hold table fields only (a test keeps Decision so); other events may carry keys
+    # outside the table (as journals of earlier versions do), which keep their names.
+    if get("event", DECISION_EVENT) != DECISION_EVENT and not record.keys() <= _KNOWN:
+        for key, value in record.items():
+            if key in _KNOWN or value is None:
+                continue
+            name = scrub_text(key, 64)
+            if isinstance(value, bool | int | float):
+                out[name] = value
+            else:
+                out[name] = scrub_host(value) if name == "server.address" else scrub_text(value)
+    return out
+
+
+def is_allow(record: Record) -> bool:
+    return record.get("decision") == "allow"
+
+
+def decision_body(attrs: dict[str, Any]) -> str:
+    """One readable line for collectors that show only the body."""
+    return (
+        f"{attrs.get('egress.decision', '?')} {attrs.get('egress.kind', '?')} "
+        f"{attrs.get('server.address', '?')}:{attrs.get('server.port', '-')} "
+        f"({attrs.get('egress.reason', '?')})"
+    )

@@ -1,0 +1,102 @@
+"""The Emitter's OTel sink: every decision and connection-closed event becomes an OTLP log record.
+
+With a journal, the export process (:mod:`proxy.evidence.otel.supervisor`) sends what the journal holds,
+so the gate's own cost per decision is the journal write; the exporter's CPU (JSON parsing, scrubbing,
+encoding, sending) does not compete with the proxy for the GIL. The Emitter says with every decision
+whether the journal recorded it: what it did not (a full disk) is exported in-process, so losing the
+journal does not also silence the telemetry. Without a journal everything is exported in-process from a
+bounded memory queue; the event loop then pays only for queueing a dict.
+
+Export failures, retries, drops and queue depth are Prometheus metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from proxy.core.decision import Decision
+from proxy.evidence.journal.writer import Journal
+from proxy.evidence.metrics import Metrics
+from proxy.evidence.otel.encoder import LogEncoder
+from proxy.evidence.otel.endpoint import Protocol
+from proxy.evidence.otel.retry_queue import DEFAULT_LIMITS, QueueLimits, ReliableExporter
+from proxy.evidence.otel.settings import ExporterSettings
+from proxy.evidence.otel.supervisor import ExportProcess
+from proxy.evidence.otel.transport import make_transport
+from proxy.evidence.record import decision_record
+
+log = logging.getLogger(__name__)
+
+
+class OtelSink:
+    """A best-effort sink and :class:`proxy.evidence.emit.JournalReader`."""
+
+    def __init__(
+        self,
+        target: tuple[str, Protocol],
+        *,
+        settings: ExporterSettings | None = None,
+        timeout: float | None = None,
+        version: str = "0",
+        metrics: Metrics | None = None,
+        journal: Journal | None = None,
+        limits: QueueLimits = DEFAULT_LIMITS,
+    ) -> None:
+        """``settings`` default to the standard variables (``timeout`` overriding theirs)."""
+        if settings is None:
+            settings = ExporterSettings.from_env(timeout=timeout)
+        self.metrics = metrics
+        self.journal = journal
+        self.processor = ReliableExporter(
+            make_transport(*target, settings, version), LogEncoder(version), metrics, limits
+        )
+        self._closed = False
+        self.process: ExportProcess | None = None
+        if journal is not None:
+            self.process = ExportProcess(
+                journal,
+                target,
+                timeout=settings.timeout,
+                version=version,
+                metrics=metrics,
+                limits=limits,
+            )
+            self.processor.backlog = self.process.backlog
+            self.process.on_status = self.processor.update_gauge
+
+    def record_journaled(self, decision: Decision, journaled: bool) -> None:
+        if journaled and self.journal is not None:
+            return  # the export process sends it from the journal
+        self.processor.offer(decision_record(decision))
+
+    def event_journaled(self, name: str, attributes: dict[str, Any], journaled: bool) -> None:
+        if journaled and self.journal is not None:
+            return
+        self.processor.offer({"ts": time.time(), **attributes, "event": name})
+
+    def record(self, decision: Decision) -> None:
+        """Export ``decision`` in-process (it is not in the journal)."""
+        self.record_journaled(decision, False)
+
+    def event(self, name: str, attributes: dict[str, Any]) -> None:
+        self.event_journaled(name, attributes, False)
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Bounded wait until everything recorded so far (journal backlog included) was exported."""
+        deadline = time.monotonic() + timeout
+        if self.process is not None and not self.process.flush(timeout):
+            return False
+        return self.processor.flush(max(0.0, deadline - time.monotonic()))
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Deliver what is pending (bounded by ``timeout``), then stop; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + timeout
+        self.flush(timeout)
+        if self.process is not None:
+            self.process.close(max(0.1, deadline - time.monotonic()))
+        self.processor.close(max(0.1, deadline - time.monotonic()))

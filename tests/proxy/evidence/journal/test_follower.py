@@ -1,0 +1,99 @@
+"""Following a journal while it is written: in order, across rotations, never a partial line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from proxy.core.decision import Kind
+from proxy.evidence.journal import follower as follower_module
+from proxy.evidence.journal.files import journal_files
+from proxy.evidence.journal.follower import follow_after
+from proxy.evidence.journal.writer import Journal
+from tests.proxy.evidence.decisions import allow
+from tests.proxy.evidence.journal.journals import read_all, write_journal
+
+
+def test_follower_reads_across_rotation_without_loss_or_duplicates(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    journal = Journal(path, max_bytes=2048)
+    journal.record(allow(-1))  # before the follower: must not be read
+    follower = journal.follow()
+    seen: list[int] = []
+    for i in range(60):
+        journal.record(allow(i))
+        if i % 7 == 0:
+            seen += [int(r["seq"]) for r in follower.read(limit=5)]  # type: ignore[call-overload]
+    seen += read_all(follower)
+    journal.close()
+    follower.close()
+    assert len(journal_files(path)) > 2
+    assert seen == list(range(2, 62))
+
+
+def test_follower_reads_records_longer_than_its_read_chunk(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    journal = Journal(path)
+    follower = journal.follow()
+    huge = allow().with_(kind=Kind.HTTP, method="GET", path="/" + "a" * 600_000)
+    journal.record(huge)
+    journal.record(allow(1))
+    journal.close()
+    got = follower.read(limit=10)
+    follower.close()
+    assert [r["id"] for r in got] == [huge.id, json.loads(path.read_text().splitlines()[1])["id"]]
+
+
+def test_follow_after_resumes_exactly_after_a_seq_in_a_rotated_file(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    assert len(write_journal(path, 40, max_bytes=2048)) > 2
+    follower = follow_after(path, 7)
+    seen = read_all(follower)
+    follower.close()
+    assert [s for s in seen if s > 7] == list(range(8, 41))
+
+
+def test_follow_after_the_last_record_waits_for_new_ones(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    write_journal(path, 3)
+    journal = Journal(path)
+    follower = follow_after(path, 3)
+    assert follower.read() == []
+    journal.record(allow(99))
+    journal.close()
+    assert [r["seq"] for r in follower.read()] == [4]
+    follower.close()
+
+
+def test_a_rotation_while_moving_to_the_next_file_skips_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next file is the active one when the follower lists the files; the gate rotates it before
+    the follower opens that name. The follower must read the renamed file, not the new one."""
+    path = tmp_path / "audit.jsonl"
+    journal = Journal(path, max_bytes=2048)
+    for i in range(6):
+        journal.record(allow(i))
+    files = journal_files(path)
+    assert len(files) == 2  # FILE.000001 (1-4) and the active FILE (5-6)
+    follower = follow_after(path, 0)
+    assert [r["seq"] for r in follower.read(limit=4)] == [1, 2, 3, 4]
+
+    listed = follower_module.rotated_files
+    rotate_once = [True]
+
+    def list_then_rotate(p: Path) -> list[tuple[int, Path]]:
+        found = listed(p)
+        if rotate_once.pop() if rotate_once else False:
+            for i in range(6, 9):  # FILE (5-8) becomes FILE.000002, a new FILE starts at 9
+                journal.record(allow(i))
+        return found
+
+    monkeypatch.setattr(follower_module, "rotated_files", list_then_rotate)
+    seen = read_all(follower)
+    journal.close()
+    follower.close()
+    assert len(journal_files(path)) == 3
+    assert seen == [5, 6, 7, 8, 9]

@@ -1,0 +1,134 @@
+"""Decisions and events through the sink to real OTLP receivers: nothing lost, nothing twice."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from proxy.core.decision import Reason
+from proxy.evidence.emit import Emitter
+from proxy.evidence.journal.writer import Journal
+from proxy.evidence.metrics import Metrics
+from proxy.evidence.record import CLOSED_EVENT, connection_closed
+from tests.proxy.evidence.decisions import allow, deny_http, dns_query
+from tests.proxy.evidence.otel.receivers import Receiver, make_sink, wait_until
+
+
+def test_allow_deny_and_dns_events_arrive(receiver: Receiver) -> None:
+    metrics = Metrics()
+    sink = make_sink(receiver, metrics)
+    emitter = Emitter(sinks=[sink])
+    sent = [allow(), deny_http(), dns_query()]
+    for d in sent:
+        emitter.emit(d)
+    emitter.event(*connection_closed(sent[0], bytes_out=120, bytes_in=4096, duration=1.25))
+    try:
+        got = receiver.wait_for(4, timeout=15)
+    finally:
+        sink.close()
+    assert len(got) == 4
+    decisions = [r for r in got if r.event_name == "egress.decision"]
+    assert [r.attributes["egress.decision.id"] for r in decisions] == [d.id for d in sent]
+    for r in got:
+        assert r.resource["service.name"] == "agent-egress"
+        assert r.resource["service.version"] == "9.9.9"
+        assert r.resource["host.name"]
+    got_allow, got_http, got_dns = decisions
+    assert got_allow.attributes["egress.decision"] == "allow"
+    assert got_allow.attributes["server.port"] == 443
+    assert got_allow.time_unix_nano == int(sent[0].ts * 1e9)
+    assert got_http.attributes["url.query"] == "token=&name="
+    assert got_http.attributes["server.address"] == "evil.example"
+    assert got_dns.attributes["dns.question.name"] == "exfil-data.attacker.example"
+    everything = repr([r.attributes for r in got]) + repr([r.body for r in got])
+    assert "s3cr3t" not in everything and "hunter2" not in everything
+    (closed,) = [r for r in got if r.event_name == CLOSED_EVENT]
+    assert closed.attributes["egress.decision.id"] == sent[0].id
+    assert closed.attributes["server.address"] == "h0.pypi.org"
+    assert closed.attributes["egress.bytes.out"] == 120
+    assert closed.attributes["egress.bytes.in"] == 4096
+    assert closed.attributes["egress.connection.duration"] == 1.25
+    assert metrics.otlp_exported._value.get() == 4
+
+
+@pytest.mark.parametrize("with_journal", [False, True], ids=["memory", "journal"])
+def test_collector_outage_loses_nothing_and_duplicates_nothing(
+    receiver: Receiver, tmp_path: Path, with_journal: bool
+) -> None:
+    metrics = Metrics()
+    journal = (
+        Journal(tmp_path / "audit.jsonl", metrics=metrics, max_bytes=4096) if with_journal else None
+    )
+    sink = make_sink(receiver, metrics, journal=journal)
+    emitter = Emitter(sinks=[sink], write_ahead=[journal] if journal else [])
+    before, during = 5, 40
+    ids: list[str] = []
+    try:
+        for i in range(before):
+            ids.append(emitter.emit(allow(i)).id)
+        assert len(receiver.wait_for(before, timeout=15)) == before
+        assert sink.flush(5)
+        receiver.stop()
+        for i in range(during):
+            ids.append(emitter.emit(allow(100 + i)).id)
+        # the exporter really saw the collector gone (and keeps the events)
+        assert wait_until(lambda: metrics.otlp_export_failures._value.get() >= 1, 15)
+        assert metrics.otlp_queue_depth._value.get() > 0
+        receiver.start()  # same port
+        got = receiver.wait_for(before + during, timeout=20)
+        assert sink.flush(10)
+        time.sleep(0.3)  # a duplicate would have arrived by now
+        got = receiver.records
+    finally:
+        sink.close()
+        if journal is not None:
+            journal.close()
+    received_ids = [r.attributes["egress.decision.id"] for r in got]
+    assert len(received_ids) == before + during
+    assert len(set(received_ids)) == before + during
+    assert set(received_ids) == set(ids)
+    assert metrics.otlp_retries._value.get() >= 1
+    assert metrics.otlp_dropped.labels(reason="queue_full")._value.get() == 0
+    assert metrics.otlp_queue_depth._value.get() == 0
+    if with_journal:
+        assert {r.attributes["egress.journal.seq"] for r in got} == set(range(1, 46))
+
+
+def test_full_memory_queue_drops_are_counted_not_silent(receiver: Receiver) -> None:
+    metrics = Metrics()
+    receiver.stop()
+    sink = make_sink(receiver, metrics, max_queue=5, batch_size=5)
+    ids = [allow(i) for i in range(30)]
+    try:
+        for d in ids:
+            sink.record(d)
+        dropped = metrics.otlp_dropped.labels(reason="queue_full")._value.get()
+        assert dropped >= 20
+        receiver.start()
+        assert sink.flush(15)
+        got = receiver.records
+    finally:
+        sink.close()
+    assert len(got) + dropped == len(ids)
+    assert len({r.attributes["egress.decision.id"] for r in got}) == len(got)
+
+
+def test_decisions_the_journal_could_not_write_are_still_exported(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    metrics = Metrics()
+    broken = tmp_path / "dir"
+    broken.mkdir()
+    journal = Journal(broken, metrics=metrics)  # a directory: every write fails
+    sink = make_sink(receiver, metrics, journal=journal)
+    emitter = Emitter(sinks=[sink], write_ahead=[journal], audit_required=True)
+    out = emitter.emit(allow())
+    try:
+        got = receiver.wait_for(1, timeout=15)
+    finally:
+        sink.close()
+        journal.close()
+    assert out.reason is Reason.AUDIT_UNAVAILABLE
+    assert [r.attributes["egress.reason"] for r in got] == ["audit-unavailable"]
