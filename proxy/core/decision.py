@@ -47,7 +47,10 @@ class Reason(StrEnum):
     AUDIT_UNAVAILABLE = "audit-unavailable"
     PROXY_AUTH_REQUIRED = "proxy-auth-required"
     CONNECTION_LIMIT = "connection-limit"
+    RATE_LIMIT = "rate-limit"
     REQUEST_TIMEOUT = "request-timeout"
+    REQUEST_TOO_LARGE = "request-too-large"
+    BAD_REQUEST = "bad-request"
     UNSUPPORTED = "unsupported"
 
 

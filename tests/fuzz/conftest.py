@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.core.limits import Limits
 from tests.dnsfake import FakeDns
 from tests.fuzz.frontdoor import ALLOWED, Target, wrongly_allowed
 from tests.harness import Canary, LocalCA, RunningGate, Upstream
@@ -56,7 +57,13 @@ def make_world(directory: Path) -> Iterator[World]:
                 """
             )
         )
-        gate = RunningGate(policy, [dns.nameserver], config={"max_connections_per_client": 4096})
+        gate = RunningGate(
+            policy,
+            [dns.nameserver],
+            config={
+                "limits": Limits(max_connections_per_client=4096, new_connections_burst=100_000)
+            },
+        )
         gate.start()
         try:
             yield World(gate, dns, canary, Target(gate.port, (tls.port, plain.port), canary.port))
