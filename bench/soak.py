@@ -4,7 +4,7 @@ audit journal on, watching the gate's memory and file descriptors and counting t
 It answers three questions a long-running gate must get right: does memory grow with the number of
 connections served (RSS sampled every 10 % of the run), does any connection leak a descriptor
 (``/proc/<pid>/fd`` before and after), and is every decision in the journal exactly once (decision
-records counted against the requests sent, ids unique). ``python -m bench.soak [N]``; the suite runs a
+records counted across the journal's rotated files against the requests sent, ids unique). ``python -m bench.soak [N]``; the suite runs a
 small N in tests/test_soak.py, ``make bench`` a large one.
 """
 
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench._serve import start_serve, stop_serve
+from proxy.evidence.journal.files import journal_files
 
 ALLOWED, REFUSED = "allowed.test", "refused.test"
 
@@ -129,7 +130,8 @@ def soak(connections: int, directory: Path) -> SoakResult:
     finally:
         stop_serve(proc)
     ids: set[str] = set()
-    for line in journal.read_text().splitlines():
+    lines = (line for part in journal_files(journal) for line in part.read_text().splitlines())
+    for line in lines:
         record = json.loads(line)
         if record.get("event") == "egress.decision":
             result.decisions += 1
