@@ -45,6 +45,7 @@ class Connection:
     over_limit: bool = False
     started: float = field(default_factory=time.monotonic)
     tunnel: Decision | None = None  # the allowed CONNECT decision, once there is one
+    inspected: bool = False  # the tunnel's requests are read one by one (TLS terminated)
     opened: Decision | None = None  # the decision a counted upstream connection was opened under
     bytes_out: int = 0  # client -> upstream
     bytes_in: int = 0
@@ -58,6 +59,7 @@ class Connection:
         self.pinned.clear()
         self.checked.clear()
         self.tunnel = None
+        self.inspected = False
 
 
 class Connections:
