@@ -19,9 +19,11 @@ def strip_egress_headers(headers: http.Headers) -> None:
         del headers[name]
 
 
-def refusal_response(decision: Decision) -> http.Response:
-    """407 asks for the shared gate's credential; every other refusal is a 403."""
-    status = 407 if decision.reason is Reason.PROXY_AUTH_REQUIRED else 403
+def refusal_response(decision: Decision, status: int | None = None) -> http.Response:
+    """407 asks for the shared gate's credential; every other refusal is a 403 unless ``status``
+    says otherwise (421 for an HTTP/2 request naming another authority)."""
+    if status is None:
+        status = 407 if decision.reason is Reason.PROXY_AUTH_REQUIRED else 403
     headers = {
         "Content-Type": "text/plain; charset=utf-8",
         "X-Egress-Decision": str(decision.decision),

@@ -307,6 +307,7 @@ class Checkpoint:
             conn.sandbox_id,
             request.qtype,
             request.http,
+            request.query,
         )
 
     async def _destination(self, decision: Decision, port: int, policy: Policy) -> Decision:

@@ -75,6 +75,7 @@ class Request:
     sandbox_id: str | None = None
     qtype: str | None = None
     http: HttpHead | None = None  # what the request step reads (HTTP and inspected requests)
+    query: str | None = None  # the query as recorded (values scrubbed unless configured)
 
 
 def new_id() -> str:
@@ -102,6 +103,7 @@ class Decision:
     qtype: str | None = None
     address: str | None = None  # the checked address actually connected to, once known
     detail: str | None = None  # human-readable explanation for the refusal message
+    query: str | None = None  # the request's query as recorded: values scrubbed unless configured
     id: str = field(default_factory=new_id)
     ts: float = field(default_factory=time.time)
 

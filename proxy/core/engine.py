@@ -246,6 +246,7 @@ def _make(
         request.qtype,
         None,
         detail,
+        request.query,
     )
 
 

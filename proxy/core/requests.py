@@ -46,6 +46,7 @@ class HttpHead:
     upgrade: str | None = None  # the Upgrade header
     body_size: int | None = 0  # declared size; None when unknown (chunked, HTTP/2 without length)
     content_type: str | None = None
+    content_encoding: str | None = None  # a compressed body is not read (no decompression bombs)
     body: bytes | None = None  # the held body, once read
     body_overflow: bool = False  # the body was longer than HOLD_LIMIT (and not held)
 
@@ -55,6 +56,12 @@ class HttpHead:
     @property
     def body_read(self) -> bool:
         return self.body is not None or self.body_overflow
+
+    @property
+    def readable_body(self) -> bytes | None:
+        """The held body when a parser may read it: not past the limit, not compressed."""
+        encoding = (self.content_encoding or "identity").strip().lower()
+        return self.body if encoding == "identity" else None
 
 
 class Outcome(Enum):
@@ -83,8 +90,10 @@ class _Match(Enum):
 def judge(rules: RequestRules, head: HttpHead) -> Judgement:
     """Decide ``head`` against ``rules`` (see the module docstring for the order)."""
     verdict = _judge(rules, head)
-    too_long = (head.body_size is not None and head.body_size > HOLD_LIMIT) or head.body_overflow
-    if too_long and (verdict is BODY or verdict.reason is Reason.REQUEST_NOT_ALLOWED):
+    announced = head.body_size is not None and head.body_size > HOLD_LIMIT
+    if (announced and verdict is BODY) or (
+        head.body_overflow and verdict.reason is Reason.REQUEST_NOT_ALLOWED
+    ):
         return _refuse(
             Reason.REQUEST_TOO_LARGE,
             f"a rule must read this request's body, which is longer than the {HOLD_LIMIT} bytes "
@@ -134,7 +143,8 @@ def _judge(rules: RequestRules, head: HttpHead) -> Judgement:
         # A form body can carry ``_method``; read it before letting a POST through.
         if not head.body_read:
             return BODY
-        found = () if head.body is None else form_methods(head.body, head.content_type or "")
+        body = head.readable_body
+        found = None if body is None else form_methods(body, head.content_type or "")
         if found is None:
             return _refuse(Reason.AMBIGUOUS_REQUEST, "an HTML form body that cannot be read")
         for each in found:
@@ -241,8 +251,8 @@ def _body_match(c: RequestConditions, head: HttpHead, *, deny: bool) -> _Match:
         return _Match.YES
     if not head.body_read:
         return _Match.BODY
-    body = head.body
-    if body is None:  # too long to hold: unreadable
+    body = head.readable_body
+    if body is None:  # too long to hold, or compressed: unreadable
         return _Match.YES if deny else _Match.NO
     if c.graphql_operations is not None:
         found = graphql_operations(body)

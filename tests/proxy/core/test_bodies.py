@@ -79,8 +79,8 @@ def test_forms_carry_method_overrides() -> None:
     assert form_methods(b"a=1&&&=", urlencoded) is None  # unreadable
     assert form_methods(b"\xff", urlencoded) is None
     multipart = (
-        b"--XX\r\nContent-Disposition: form-data; name=\"title\"\r\n\r\nhello\r\n"
-        b"--XX\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--XX--\r\n"
+        b'--XX\r\nContent-Disposition: form-data; name="title"\r\n\r\nhello\r\n'
+        b'--XX\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n--XX--\r\n'
     )
     assert form_methods(multipart, "multipart/form-data; boundary=XX") == ("DELETE",)
     assert form_methods(b"garbage", "multipart/form-data; boundary=XX") is None

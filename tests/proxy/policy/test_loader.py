@@ -648,7 +648,10 @@ REQUEST_PROBLEMS = [
     ("paths: ['/a/../b']", "key 'paths': '/a/../b': dot segments never match"),
     ("paths: ['/a%2fb']", "key 'paths': '/a%2fb': paths are written decoded"),
     ("paths: ['/a/**b']", "key 'paths': '/a/**b': '**' must be a whole segment"),
-    ("paths_case: upper\n    paths: [/a]", "key 'paths_case': 'upper' is not sensitive or insensitive"),
+    (
+        "paths_case: upper\n    paths: [/a]",
+        "key 'paths_case': 'upper' is not sensitive or insensitive",
+    ),
     ("paths_case: insensitive", "key 'paths_case': needs 'paths'"),
     ("query: {service: []}", "key 'query': an empty list matches nothing"),
     ("query: {}", "key 'query': an empty mapping matches everything"),
@@ -658,7 +661,10 @@ REQUEST_PROBLEMS = [
     ("websocket: yes please", "key 'websocket': expected true or false"),
     ("max_request_bytes: -1", "key 'max_request_bytes': must be >= 0"),
     ("max_request_bytes: 1k", "key 'max_request_bytes': expected an integer"),
-    ("graphql_operations: [mutations]", "key 'graphql_operations': 'mutations' is not an operation"),
+    (
+        "graphql_operations: [mutations]",
+        "key 'graphql_operations': 'mutations' is not an operation",
+    ),
     ("json_body: {operation: [1]}", "key 'json_body': expected a string, got an integer"),
     ("inspect: 1", "key 'inspect': expected true or false"),
     ("methods: [GET]\n    ports: [22, 443]", "key 'ports': port 22 carries SSH"),
