@@ -19,9 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from typing import Any
-
 from dataclasses import replace
+from typing import Any
 
 from mitmproxy import connection, http, tls
 from mitmproxy.proxy import server_hooks

@@ -461,7 +461,7 @@ def test_a_websocket_upgrade_passes_only_where_a_rule_allows_it(
         "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
         "Sec-WebSocket-Version": "13",
     }
-    status, reply, _ = tunnel.request("GET", "/socket", headers=upgrade)
+    status, _, _ = tunnel.request("GET", "/socket", headers=upgrade)
     assert status == 200  # this upstream does not speak WebSocket; the upgrade request reached it
     assert [(t, h.get("upgrade")) for _, t, h in upstream.requests] == [("/socket", "websocket")]
 
