@@ -34,4 +34,8 @@ def refusal_response(decision: Decision, status: int | None = None) -> http.Resp
     }
     if status == 407:
         headers["Proxy-Authenticate"] = 'Basic realm="agent-egress"'
-    return http.Response.make(status, refusal_text(decision), headers)
+    response = http.Response.make(status, refusal_text(decision), headers)
+    # Clients that print only the status line (pip, npm, requests' raise_for_status) then still
+    # say who refused and why; HTTP/2 has no reason phrase and drops it.
+    response.reason = f"{response.reason} by agent-egress ({decision.reason})"
+    return response

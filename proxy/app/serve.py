@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.app import statedir
+from proxy.app.ca import CaError, Inspection, ensure_ca
 from proxy.app.exits import fail
 from proxy.destinations.dnsgate import DnsGate
 from proxy.evidence.emit import JsonLineSink, Sink
@@ -59,6 +60,18 @@ def serve_main(args: argparse.Namespace) -> int:
         state_dir = statedir.prepare_state_dir(chosen)
     except statedir.StateDirError as exc:
         return fail(f"{exc} (--state-dir / ${statedir.ENV_VAR} must be writable)")
+    inspection = Inspection.from_args(args)
+    try:
+        inspection.check()
+        ca = ensure_ca(statedir.mitmproxy_confdir(state_dir), args.ca_cert, args.ca_key)
+    except CaError as exc:
+        return fail(f"inspection CA: {exc}")
+    if policy.reads_requests:
+        log.warning(
+            "the policy inspects requests: clients must trust the gate's CA %s "
+            "(`egress ca export`)",
+            ca.cert,
+        )
     try:
         return asyncio.run(_serve(args, policy, listen, state_dir))
     except KeyboardInterrupt:
@@ -141,6 +154,8 @@ async def _serve(
             max_connections_per_client=args.max_connections_per_client,
             request_deadline=args.request_timeout,
             confdir=str(statedir.mitmproxy_confdir(state_dir)),
+            upstream_ca=args.upstream_ca,
+            query_values=args.record_query_values,
         ),
         holder,
         evidence.emitter,

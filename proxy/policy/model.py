@@ -245,3 +245,8 @@ class Policy:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "index", RuleIndex(self.rules))
+
+    @property
+    def reads_requests(self) -> bool:
+        """Some host's requests are read (its TLS terminated): clients must trust the gate's CA."""
+        return any(rule.reads_requests for rule in self.rules)
