@@ -84,7 +84,16 @@ def add_hosts_file_option(parser: argparse.ArgumentParser) -> None:
 def add_check_options(check: argparse.ArgumentParser) -> None:
     """``egress check``: what to decide, and how much of the gate's context to apply."""
     check.add_argument(
-        "--method", default=None, help="HTTP method for http:// targets (default GET)"
+        "--method",
+        default=None,
+        help="HTTP method of the request (default GET); decided against request rules for http:// "
+        "URLs and for https:// URLs whose host the policy inspects",
+    )
+    check.add_argument(
+        "--data",
+        metavar="TEXT|@FILE",
+        default=None,
+        help="the request body, for rules that read it (GraphQL documents, LFS batch requests)",
     )
     check.add_argument("--json", action="store_true", help="print the decision as JSON")
     check.add_argument(

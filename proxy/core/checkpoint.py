@@ -252,15 +252,11 @@ class Checkpoint:
         if self.observer is not None and started:
             self.observer.observe_latency(request.kind, time.perf_counter() - started)
         # (7) pin
-        if (
-            decision.allowed
-            and decision.address is not None
-            and request.port is not None
-            and request.kind is not Kind.REQUEST
-        ):
-            conn.pinned[(decision.host, request.port)] = decision.address
-            conn.checked.add((decision.address, request.port))
-            if request.kind is Kind.CONNECT:
+        if decision.allowed and request.port is not None and request.kind is not Kind.REQUEST:
+            if decision.address is not None:
+                conn.pinned[(decision.host, request.port)] = decision.address
+                conn.checked.add((decision.address, request.port))
+            if request.kind is Kind.CONNECT:  # without an address (a dry run), nothing is dialled
                 conn.tunnel = decision
                 conn.inspected = self._inspects(self.policy_for(conn), decision, request.port)
         return decision
