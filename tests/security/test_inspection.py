@@ -585,3 +585,22 @@ def test_many_concurrent_tunnels_stay_correct(
     assert errors == []
     assert all(m == "GET" for m, _, _ in upstream.requests)
     assert len(upstream.requests) == 24
+
+
+def test_decisions_record_query_names_not_values(gate: RunningGate, tunnel: Tunnel) -> None:
+    """URLs carry tokens: by default a decision keeps the path and the query's names only."""
+    status, _, _ = tunnel.request("GET", "/myorg/r?token=s3cr3t&page=2")
+    assert status == 200
+    allowed = last_request_decision(gate)
+    assert (allowed.path, allowed.query) == ("/myorg/r", "token=&page=")  # type: ignore[attr-defined]
+    status, _, body = tunnel.request("DELETE", "/myorg/r?token=s3cr3t")
+    assert status == 403 and b"s3cr3t" not in body
+    refused = last_request_decision(gate)
+    assert "s3cr3t" not in str(refused.to_dict())  # type: ignore[attr-defined]
+
+
+def test_query_values_are_kept_only_when_configured() -> None:
+    from addons.gate import _shown_query
+
+    assert _shown_query("service=git-upload-pack&flag", False) == "service=&flag"
+    assert _shown_query("service=git-upload-pack&flag", True) == "service=git-upload-pack&flag"

@@ -134,7 +134,7 @@ def scrub_url(target: str) -> tuple[str, str | None]:
 
 # -- attribute mapping ------------------------------------------------------------------------------
 
-_PROTOCOL_NAME = {"connect": "http", "http": "http", "dns": "dns", "tls": "tls"}
+_PROTOCOL_NAME = {"connect": "http", "http": "http", "request": "http", "dns": "dns", "tls": "tls"}
 _DIRECT = {  # decision field -> attribute name, for strings that need only scrub_text
     "decision": "egress.decision",
     "rule": "egress.rule",
@@ -174,6 +174,8 @@ def decision_attributes(fields: Mapping[str, Any]) -> dict[str, Any]:
         out["url.path"], query = scrub_url(str(path))
         if query is not None:
             out["url.query"] = query
+    if fields.get("query") is not None:  # recorded apart from the path (values already scrubbed)
+        out["url.query"] = scrub_text(fields["query"], MAX_PATH)
     if kind in _PROTOCOL_NAME:
         out["network.protocol.name"] = _PROTOCOL_NAME[kind]
     if isinstance(fields.get("seq"), int):

@@ -562,3 +562,27 @@ def test_otel_sdk_disabled_turns_export_off() -> None:
     assert resolve_endpoint("http://d:4318", "http", env=env) is None
     env["OTEL_SDK_DISABLED"] = "false"
     assert resolve_endpoint(None, None, env=env) == ("http://c:4317", "grpc")
+
+
+def test_request_decisions_carry_method_path_and_the_recorded_query() -> None:
+    from proxy.evidence.otel.export import decision_attributes
+
+    refused = Decision(
+        decision=Verdict.DENY,
+        reason=Reason.REQUEST_NOT_ALLOWED,
+        rule=None,
+        kind=Kind.REQUEST,
+        host="github.com",
+        port=443,
+        policy_version="abc123",
+        mode="enforce",
+        method="GET",
+        path="/o/r.git/info/refs",
+        query="service=\nx",
+    )
+    attributes = decision_attributes(refused.to_dict())
+    assert attributes["http.request.method"] == "GET"
+    assert attributes["url.path"] == "/o/r.git/info/refs"
+    assert attributes["url.query"] == "service=\\x0ax"
+    assert attributes["egress.kind"] == "request"
+    assert attributes["network.protocol.name"] == "http"
