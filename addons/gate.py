@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+from collections.abc import Awaitable
 from dataclasses import replace
 from typing import Any
 
@@ -184,11 +185,16 @@ class GateAddon:
             return
         self._enforce(flow, conn, request, outcome)
 
-    async def request(self, flow: http.HTTPFlow) -> None:
-        """The body of a held request has arrived (nothing of it was sent): decide it now."""
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """The body of a held request has arrived (nothing of it was sent): decide it now. Most
+        requests were decided at their head: no coroutine for them."""
         pending: Request | None = flow.metadata.pop(_PENDING, None)
         if pending is None or pending.http is None or flow.response is not None:
-            return
+            return None
+        return self._decide_body(flow, pending)
+
+    async def _decide_body(self, flow: http.HTTPFlow, pending: Request) -> None:
+        assert pending.http is not None
         flow.metadata.pop(HELD, None)
         conn = self._conn(flow.client_conn)
         if flow.metadata.pop(OVERFLOW, False):
@@ -270,13 +276,36 @@ class GateAddon:
         return self._conn(client)
 
 
+_HEAD_FIELDS = frozenset(
+    {
+        *(name.encode() for name in OVERRIDE_HEADERS),
+        b"upgrade",
+        b"content-length",
+        b"transfer-encoding",
+        b"content-type",
+        b"content-encoding",
+    }
+)
+
+
 def _head(req: http.Request) -> HttpHead:
-    """What the request step reads from a request head."""
-    overrides = tuple(v for name in OVERRIDE_HEADERS for v in req.headers.get_all(name))
-    upgrade = req.headers.get("upgrade")
-    length = req.headers.get("content-length")
+    """What the request step reads from a request head, in one pass over the header fields."""
+    found: dict[bytes, list[bytes]] = {}
+    for name, value in req.headers.fields:
+        key = name.lower()
+        if key in _HEAD_FIELDS:
+            found.setdefault(key, []).append(value)
+
+    def first(key: bytes) -> str | None:
+        values = found.get(key)
+        return values[0].decode("latin-1") if values else None
+
+    overrides = tuple(
+        v.decode("latin-1") for name in OVERRIDE_HEADERS for v in found.get(name.encode(), ())
+    )
+    length = first(b"content-length")
     size: int | None
-    if "transfer-encoding" in req.headers:
+    if b"transfer-encoding" in found:
         size = None  # chunked: known only once read
     elif length is not None:
         size = int(length) if length.isdigit() else None
@@ -286,10 +315,10 @@ def _head(req: http.Request) -> HttpHead:
         req.method,
         req.path,
         overrides,
-        upgrade,
+        first(b"upgrade"),
         size,
-        req.headers.get("content-type"),
-        content_encoding=req.headers.get("content-encoding"),
+        first(b"content-type"),
+        first(b"content-encoding"),
     )
 
 

@@ -32,6 +32,7 @@ from proxy.policy.index import RequestRules
 from proxy.policy.model import RequestConditions, Rule
 
 HOLD_LIMIT = 1024 * 1024  # bytes of body held back to decide a body-dependent rule
+MAX_JUDGED = 1024  # request heads remembered per host's rules (keep-alive traffic repeats)
 OVERRIDE_HEADERS = ("x-http-method-override", "x-method-override", "x-http-method")
 _TOKEN = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_!#$%&'*+.^`|~")
 
@@ -88,7 +89,22 @@ class _Match(Enum):
 
 
 def judge(rules: RequestRules, head: HttpHead) -> Judgement:
-    """Decide ``head`` against ``rules`` (see the module docstring for the order)."""
+    """Decide ``head`` against ``rules`` (see the module docstring for the order). Pure, so the
+    answer for a head without a body is remembered with the rules it was judged against."""
+    if head.body is not None or head.body_overflow:
+        return _judge_head(rules, head)
+    cache = rules.judged
+    found = cache.get(head)
+    if isinstance(found, Judgement):
+        return found
+    verdict = _judge_head(rules, head)
+    if len(cache) >= MAX_JUDGED:
+        cache.clear()
+    cache[head] = verdict
+    return verdict
+
+
+def _judge_head(rules: RequestRules, head: HttpHead) -> Judgement:
     verdict = _judge(rules, head)
     announced = head.body_size is not None and head.body_size > HOLD_LIMIT
     if (announced and verdict is BODY) or (

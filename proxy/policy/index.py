@@ -98,13 +98,15 @@ class Match:
 
 class RequestRules:
     """The rules that decide requests to one host and port: conditional deny rules, then every allow
-    rule (with or without conditions), each in policy order."""
+    rule (with or without conditions), each in policy order. ``judged`` caches the request step's
+    answers for request heads seen before (see :func:`proxy.core.requests.judge`)."""
 
-    __slots__ = ("allow", "deny")
+    __slots__ = ("allow", "deny", "judged")
 
     def __init__(self, deny: tuple[Rule, ...], allow: tuple[Rule, ...]) -> None:
         self.deny = deny
         self.allow = allow
+        self.judged: dict[object, object] = {}
 
 
 _MAX_CACHED = 8192
