@@ -70,7 +70,8 @@ class GateConfig:
     # mitmproxy's confdir (its TLS layer creates CA files there at start-up); None keeps its
     # ~/.mitmproxy, which a container with a read-only root and no home cannot write.
     confdir: str | None = None
-    # Extra CAs (PEM) trusted for upstream certificates of inspected tunnels, besides the system's.
+    # The CAs (PEM) inspected tunnels' upstreams are verified against (the app layer passes the
+    # system's, plus any extra); None: mitmproxy's default (certifi's bundle).
     upstream_ca: str | None = None
     query_values: bool = False  # record query values in decisions (off: URLs carry tokens)
 

@@ -198,6 +198,24 @@ def write_bundle(directory: Path, gate_cert: Path, extra: Path | None = None) ->
     return bundle
 
 
+def upstream_trust(directory: Path, extra: str | None) -> str | None:
+    """What the gate verifies inspected upstreams against: the system's CAs, plus ``extra``.
+
+    mitmproxy loads a configured file *instead of* its default store, so an extra bundle is
+    combined with the system's into ``directory/upstream-trust.pem``."""
+    system = system_bundle()
+    if extra is None:
+        return str(system) if system is not None else None
+    parts = [system.read_bytes()] if system is not None else []
+    try:
+        parts.append(Path(extra).read_bytes())
+        combined = directory / "upstream-trust.pem"
+        _write(combined, b"\n".join(p.rstrip(b"\n") + b"\n" for p in parts), 0o644)
+    except OSError as exc:
+        raise CaError(f"--upstream-ca {extra}: {exc.strerror or exc}") from None
+    return str(combined)
+
+
 # -- the gate's options -------------------------------------------------------------------------------
 
 
@@ -234,4 +252,12 @@ class Inspection:
             raise CaError("--ca-cert and --ca-key go together")
 
 
-__all__ = ["CaError", "CaFiles", "Inspection", "ensure_ca", "system_bundle", "write_bundle"]
+__all__ = [
+    "CaError",
+    "CaFiles",
+    "Inspection",
+    "ensure_ca",
+    "system_bundle",
+    "upstream_trust",
+    "write_bundle",
+]

@@ -45,7 +45,7 @@ async def start_private_gate(
     the sandbox only when the request says that listener is the command's (--no-isolation)."""
     from addons.master import Gate, GateConfig
     from proxy.app import statedir
-    from proxy.app.ca import ensure_ca
+    from proxy.app.ca import ensure_ca, upstream_trust
     from proxy.destinations.dnsgate import DnsGate
     from proxy.destinations.resolver import Resolver
 
@@ -59,13 +59,14 @@ async def start_private_gate(
     state = statedir.prepare_state_dir(Path(chosen) if chosen else statedir.default_state_dir())
     confdir = statedir.mitmproxy_confdir(state)
     ensure_ca(confdir, inspection.ca_cert, inspection.ca_key)
+    trust = upstream_trust(confdir, inspection.upstream_ca)
     gate = Gate(
         GateConfig(
             listen_host="127.0.0.1",
             listen_port=0,
             sandbox_id=request.sandbox_id if request.host_listener_is_sandbox else None,
             confdir=str(confdir),
-            upstream_ca=inspection.upstream_ca,
+            upstream_ca=trust,
             query_values=inspection.query_values,
         ),
         lambda: request.policy,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.app import statedir
-from proxy.app.ca import CaError, Inspection, ensure_ca
+from proxy.app.ca import CaError, Inspection, ensure_ca, upstream_trust
 from proxy.app.exits import fail
 from proxy.destinations.dnsgate import DnsGate
 from proxy.evidence.emit import JsonLineSink, Sink
@@ -64,6 +64,7 @@ def serve_main(args: argparse.Namespace) -> int:
     try:
         inspection.check()
         ca = ensure_ca(statedir.mitmproxy_confdir(state_dir), args.ca_cert, args.ca_key)
+        args.upstream_trust = upstream_trust(ca.confdir, args.upstream_ca)
     except CaError as exc:
         return fail(f"inspection CA: {exc}")
     if policy.reads_requests:
@@ -154,7 +155,7 @@ async def _serve(
             max_connections_per_client=args.max_connections_per_client,
             request_deadline=args.request_timeout,
             confdir=str(statedir.mitmproxy_confdir(state_dir)),
-            upstream_ca=args.upstream_ca,
+            upstream_ca=args.upstream_trust,
             query_values=args.record_query_values,
         ),
         holder,

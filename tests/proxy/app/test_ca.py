@@ -158,3 +158,18 @@ def test_egress_ca_commands(tmp_path: Path) -> None:
     installed = egress("ca", "init", "--ca-cert", str(cert), "--ca-key", str(key), state=state)
     assert installed.returncode == 0 and "installed" in installed.stderr
     assert path.read_bytes() == cert.read_bytes()
+
+
+def test_an_extra_upstream_ca_adds_to_the_system_store(tmp_path: Path) -> None:
+    from proxy.app.ca import upstream_trust
+
+    cert, _ = make_ca(tmp_path / "in")
+    system = system_bundle()
+    assert upstream_trust(tmp_path, None) == (str(system) if system else None)
+    combined = Path(str(upstream_trust(tmp_path, str(cert))))
+    text = combined.read_text()
+    assert cert.read_text().strip() in text
+    if system is not None:
+        assert system.read_text().strip()[:200] in text  # not instead of the system's CAs
+    with pytest.raises(CaError, match="--upstream-ca"):
+        upstream_trust(tmp_path, str(tmp_path / "missing.pem"))
