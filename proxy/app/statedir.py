@@ -2,10 +2,10 @@
 
 That is mitmproxy's ``confdir``, which holds the inspection CA (:mod:`proxy.app.ca`: its key never
 leaves the gate; ``egress run`` hides this directory from the sandbox). Containers run the gate as an
-unprivileged user with a read-only root file system and no writable home, so the directory is explicit (``--state-dir``, ``$EGRESS_STATE_DIR``; an emptyDir, tmpfs
-or volume in the deployments) instead of an implicit ``~/.mitmproxy``. It is prepared before anything
-listens: a directory that cannot be created or written stops start-up with its name, rather than a gate
-that dies later inside mitmproxy.
+unprivileged user with a read-only root file system and no writable home, so the directory is explicit
+(``--state-dir``, ``$EGRESS_STATE_DIR``; an emptyDir, tmpfs or volume in the deployments) instead of an
+implicit ``~/.mitmproxy``. It is prepared before anything listens: a directory that cannot be created
+or written stops start-up with its name, rather than a gate that dies later inside mitmproxy.
 """
 
 from __future__ import annotations
