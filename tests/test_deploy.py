@@ -506,7 +506,9 @@ def test_every_replica_issues_from_one_ca_secret_only_the_gate_reads(overlay: Do
     mounts = {m["mountPath"]: m for m in gate_container(overlay)["volumeMounts"]}
     mount = mounts[str(Path(args.ca_key).parent)]
     assert mount["readOnly"] is True
-    volumes = {v["name"]: v for v in gate_deployment(overlay)["spec"]["template"]["spec"]["volumes"]}
+    volumes = {
+        v["name"]: v for v in gate_deployment(overlay)["spec"]["template"]["spec"]["volumes"]
+    }
     secret = volumes[mount["name"]]["secret"]
     assert secret["secretName"] == "agent-egress-ca"
     assert secret["defaultMode"] == 0o440  # owner and the gate's group (fsGroup) only

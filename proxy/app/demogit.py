@@ -147,8 +147,11 @@ def make_repository(
     return bare
 
 
-def throwaway_tls(directory: Path, names: Sequence[str]) -> tuple[Path, ssl.SSLContext]:
-    """A CA (its certificate written to ``directory/ca.pem``) and a server context for ``names``."""
+def throwaway_ca(
+    directory: Path, names: Sequence[str], lifetime: datetime.timedelta = datetime.timedelta(days=2)
+) -> tuple[Path, Path, Path]:
+    """A new CA and one leaf certificate for ``names`` (host names or IP addresses), written to
+    ``directory`` as ``ca.pem``, ``leaf.pem`` and ``leaf.key``; returns those three paths."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -156,15 +159,15 @@ def throwaway_tls(directory: Path, names: Sequence[str]) -> tuple[Path, ssl.SSLC
 
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "agent-egress demo CA")])
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "agent-egress test CA")])
     ca = (
         x509.CertificateBuilder()
         .subject_name(ca_name)
         .issuer_name(ca_name)
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + lifetime)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
@@ -181,26 +184,31 @@ def throwaway_tls(directory: Path, names: Sequence[str]) -> tuple[Path, ssl.SSLC
         .issuer_name(ca_name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + lifetime)
         .add_extension(x509.SubjectAlternativeName(alt), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     directory.mkdir(parents=True, exist_ok=True)
-    ca_path = directory / "ca.pem"
-    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    chain = directory / "server.pem"
-    chain.write_bytes(
+    paths = directory / "ca.pem", directory / "leaf.pem", directory / "leaf.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        + leaf.public_bytes(serialization.Encoding.PEM)
     )
+    return paths
+
+
+def throwaway_tls(directory: Path, names: Sequence[str]) -> tuple[Path, ssl.SSLContext]:
+    """:func:`throwaway_ca`'s CA certificate and a server context presenting its leaf."""
+    ca, cert, key = throwaway_ca(directory, names, datetime.timedelta(days=1))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(chain)
-    return ca_path, context
+    context.load_cert_chain(cert, key)
+    return ca, context
 
 
-__all__ = ["GitServer", "make_repository", "throwaway_tls"]
+__all__ = ["GitServer", "make_repository", "throwaway_ca", "throwaway_tls"]

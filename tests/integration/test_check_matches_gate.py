@@ -23,7 +23,7 @@ from proxy.core.decision import Decision, Kind, Reason, Request
 from proxy.core.requests import HttpHead
 from proxy.policy.loader import load_policy
 from tests.dnsfake import FakeDns
-from tests.harness import WAIT, RunningGate
+from tests.harness import WAIT, RunningGate, recv_head
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -207,13 +207,7 @@ def live_request(
     with socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT) as raw:
         if parts.scheme == "https":
             raw.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = raw.recv(4096)
-                if not chunk:
-                    break
-                head += chunk
-            if not head.startswith(b"HTTP/1.1 200"):
+            if not recv_head(raw).startswith(b"HTTP/1.1 200"):
                 return gate.decisions[before:][0]
             context = ssl.create_default_context(cafile=str(ca))
             try:
@@ -228,12 +222,7 @@ def live_request(
             sock = raw
             line = f"{method} http://{authority}{target} HTTP/1.1\r\nHost: {authority}\r\n"
         sock.sendall(f"{line}Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
-        reply = b""
-        while b"\r\n\r\n" not in reply:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            reply += chunk
+        recv_head(sock)
     fresh = [d for d in gate.decisions[before:] if d.kind in (Kind.REQUEST, Kind.HTTP)]
     return fresh[-1] if fresh else gate.decisions[before:][-1]
 
