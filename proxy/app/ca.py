@@ -239,8 +239,10 @@ class Inspection:
             query_values=bool(getattr(args, "record_query_values", False)),
         )
 
-    def check(self) -> None:
-        """Files named on the command line must exist before anything starts."""
+    def check(self, *, issuing: bool = True) -> None:
+        """Files named on the command line must exist before anything starts. A gate that issues
+        certificates needs the key with a supplied certificate; a sandbox joining a gate elsewhere
+        only trusts that gate's certificate (``issuing=False``)."""
         for flag, value in (
             ("--ca-cert", self.ca_cert),
             ("--ca-key", self.ca_key),
@@ -248,7 +250,7 @@ class Inspection:
         ):
             if value is not None and not os.path.isfile(value):
                 raise CaError(f"{flag} {value}: no such file")
-        if (self.ca_cert is None) != (self.ca_key is None):
+        if issuing and (self.ca_cert is None) != (self.ca_key is None):
             raise CaError("--ca-cert and --ca-key go together")
 
 

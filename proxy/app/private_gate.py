@@ -101,7 +101,7 @@ def sandbox_trust(inspection: Inspection) -> TrustSetup:
         from proxy.app.ca import ensure_ca, write_bundle
 
         try:
-            inspection.check()
+            inspection.check(issuing=policy is not None)
             hidden: list[str] = []
             chosen = inspection.state_dir
             if policy is not None:  # a private gate: its state directory holds its CA key

@@ -604,3 +604,56 @@ def test_query_values_are_kept_only_when_configured() -> None:
 
     assert _shown_query("service=git-upload-pack&flag", False) == "service=&flag"
     assert _shown_query("service=git-upload-pack&flag", True) == "service=git-upload-pack&flag"
+
+
+def chunked(body: bytes, size: int = 65536) -> bytes:
+    pieces = [body[i : i + size] for i in range(0, len(body), size)]
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+def test_a_held_body_of_unknown_length_is_bounded_and_never_sent(
+    gate: RunningGate, gate_ca: Path, upstream: Upstream
+) -> None:
+    """An LFS batch must be read to be decided. Sent chunked and longer than the gate holds, it is
+    refused as too large; nothing reaches the upstream, not even its head."""
+    from proxy.core.requests import HOLD_LIMIT
+
+    tunnel = Tunnel(gate, gate_ca, "allowed.test", upstream.port)
+    padding = b" " * (HOLD_LIMIT + 100_000)
+    body = b'{"operation": "download", "objects": []' + padding + b"}"
+    try:
+        status, reply, _ = tunnel.request(
+            "POST",
+            "/org/repo.git/info/lfs/objects/batch",
+            chunked(body),
+            {"Transfer-Encoding": "chunked"},
+        )
+    finally:
+        tunnel.close()
+    assert (status, reply.get("x-egress-reason")) == (403, "request-too-large")
+    assert upstream.accepted == 0
+
+
+def test_a_held_chunked_body_within_the_limit_is_decided_then_sent_whole(
+    tunnel: Tunnel, upstream: Upstream
+) -> None:
+    body = b'{"operation": "download", "objects": []}'
+    status, _, _ = tunnel.request(
+        "POST",
+        "/org/repo.git/info/lfs/objects/batch",
+        chunked(body, 7),
+        {"Transfer-Encoding": "chunked"},
+    )
+    assert status == 200
+    posts = [h for h in upstream.heads if h.startswith(b"POST ")]  # the body is forwarded chunked
+    assert [h.split(b" ")[1] for h in posts] == [b"/org/repo.git/info/lfs/objects/batch"]
+    assert upstream.bytes_received >= len(body)
+    upload = b'{"operation": "upload", "objects": []}'
+    status, reply, _ = tunnel.request(
+        "POST",
+        "/org/repo.git/info/lfs/objects/batch",
+        chunked(upload, 5),
+        {"Transfer-Encoding": "chunked"},
+    )
+    assert (status, reply.get("x-egress-reason")) == (403, "request-not-allowed")
+    assert len([h for h in upstream.heads if h.startswith(b"POST ")]) == 1

@@ -173,3 +173,41 @@ def test_an_extra_upstream_ca_adds_to_the_system_store(tmp_path: Path) -> None:
         assert system.read_text().strip()[:200] in text  # not instead of the system's CAs
     with pytest.raises(CaError, match="--upstream-ca"):
         upstream_trust(tmp_path, str(tmp_path / "missing.pem"))
+
+
+def test_the_sandbox_trusts_the_gate_only_when_it_inspects_and_never_sees_the_key(
+    tmp_path: Path,
+) -> None:
+    from proxy.app.ca import Inspection
+    from proxy.app.private_gate import sandbox_trust
+    from proxy.policy.loader import load_policy
+
+    def policy(text: str) -> object:
+        path = tmp_path / "p.yaml"
+        path.write_text("version: 1\nrules:\n  - name: r\n    hosts: [a.test]\n" + text)
+        return load_policy(path)
+
+    state = tmp_path / "state"
+    setup = sandbox_trust(Inspection(state_dir=str(state)))
+    inspecting = setup(policy("    methods: [GET]\n"))  # type: ignore[arg-type]
+    assert inspecting is not None and inspecting.bundle is not None
+    assert str(state.absolute()) in inspecting.hidden
+    bundle = Path(inspecting.bundle).read_text()
+    assert (state / "mitmproxy" / "mitmproxy-ca-cert.pem").read_text().strip() in bundle
+    assert "PRIVATE KEY" not in bundle
+    inspecting.cleanup()
+    assert not Path(inspecting.bundle).exists()
+    plain = setup(policy(""))  # type: ignore[arg-type]
+    assert plain is not None and plain.bundle is None and str(state.absolute()) in plain.hidden
+    # joining a gate elsewhere: its certificate only, and a supplied key is hidden too
+    cert, key = make_ca(tmp_path / "in")
+    joined = sandbox_trust(Inspection(state_dir=str(state), ca_cert=str(cert)))(None)
+    assert joined is not None and joined.bundle is not None
+    assert cert.read_text().strip() in Path(joined.bundle).read_text()
+    joined.cleanup()
+    private = sandbox_trust(Inspection(state_dir=str(state), ca_cert=str(cert), ca_key=str(key)))
+    supplied = private(policy("    methods: [GET]\n"))  # type: ignore[arg-type]
+    assert supplied is not None and str(key) in supplied.hidden
+    supplied.cleanup()
+    with pytest.raises(ValueError, match="go together"):
+        sandbox_trust(Inspection(state_dir=str(state), ca_cert=str(cert)))(policy(""))  # type: ignore[arg-type]
