@@ -9,7 +9,9 @@ Rows, each for both names:
 
 - new connections/s: CONNECT, TLS handshake, one small GET, close (CONCURRENCY clients);
 - keep-alive requests/s: KEEPALIVE_CLIENTS connections, small GETs back to back;
-- bulk MB/s: curl downloading BULK_MB over one connection (curl's own speed);
+- bulk MB/s: curl downloading BULK_MB over one connection (curl's own speed), over HTTP/1.1 as the
+  upstream speaks it (like for like: the target's row), and inspected once more over HTTP/2 between
+  curl and the gate (mitmproxy frames HTTP/2 in Python: slower);
 - the gate's peak RSS while curl downloads 1 GiB through the inspected name (sampled every 50 ms).
 
 Targets: inspected bulk >= 0.5x passthrough; keep-alive inspected >= 1,000 requests/s.
@@ -143,10 +145,12 @@ async def _keepalive(proxy: int, name: str, port: int, ctx: ssl.SSLContext) -> f
     return done / elapsed
 
 
-def _curl(proxy: int, name: str, port: int, size: int, cafile: Path) -> float:
+def _curl(
+    proxy: int, name: str, port: int, size: int, cafile: Path, version: str = "--http1.1"
+) -> float:
     """Bytes/s of one download, curl's own measure (setup excluded)."""
     out = subprocess.run(
-        ["curl", "-sS", "-o", "/dev/null", "--proxy", f"http://127.0.0.1:{proxy}",
+        ["curl", "-sS", "-o", "/dev/null", version, "--proxy", f"http://127.0.0.1:{proxy}",
          "--cacert", str(cafile), "-w", "%{speed_download} %{size_download}",
          f"https://{name}:{port}/bulk/{size}"],
         capture_output=True, text=True, timeout=600, env=clean_env(), check=True,
@@ -221,6 +225,7 @@ def _run() -> int:
                 row["new"] = asyncio.run(_new_connections(proxy, name, port, ctx))
                 row["keepalive"] = asyncio.run(_keepalive(proxy, name, port, ctx))
                 row["bulk"] = _curl(proxy, name, port, BULK_MB << 20, trust) / 2**20
+            h2 = _curl(proxy, "inspect.test", port, BULK_MB << 20, trust, "--http2") / 2**20
             before, peak, speed = _peak_rss(
                 proc.pid, lambda: _curl(proxy, "inspect.test", port, RSS_MB << 20, trust)
             )
@@ -238,6 +243,10 @@ def _run() -> int:
     ):
         ratio = inspected[key] / passthrough[key] if passthrough[key] else 0.0
         print(f"  {label:<26} {passthrough[key]:>12.0f} {inspected[key]:>12.0f} {ratio:>6.2f}x")
+    print(
+        f"  {'bulk MB/s, client HTTP/2':<26} {'':>12} {h2:>12.0f} "
+        f"{h2 / passthrough['bulk'] if passthrough['bulk'] else 0:>6.2f}x"
+    )
     print(
         f"  gate RSS, {RSS_MB} MiB inspected download: {before:.0f} MiB before, "
         f"{peak:.0f} MiB peak ({speed / 2**20:.0f} MB/s)"
