@@ -6,7 +6,10 @@ kind of traffic reaches the checkpoint:
 - a new client connection in ``client_connected`` (the per-client cap);
 - CONNECT tunnels in ``http_connect``, before any upstream connection exists (connection_strategy=lazy);
 - the first bytes inside an allowed tunnel in ``next_layer`` (see :mod:`addons.layers`);
-- plain-HTTP requests in ``requestheaders``, before the body is read;
+- HTTP requests - plain, or inside an inspected tunnel - in ``requestheaders``, before the body is
+  read; a request whose rules must read its body is held (:class:`addons.layers.GateStream` keeps it
+  bounded and unsent) and decided in ``request``, before any upstream connection exists for it;
+- an inspected tunnel's upstream that fails certificate verification in ``tls_failed_server``;
 - ``server_connect`` is the last line: it lets mitmproxy dial only an address the checkpoint pinned for
   that client connection. Anything else is vetoed, so a path nobody foresaw fails closed.
 """
@@ -16,22 +19,32 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+from collections.abc import Awaitable
+from dataclasses import replace
 from typing import Any
 
-from mitmproxy import connection, http
+from mitmproxy import connection, http, tls
 from mitmproxy.proxy import server_hooks
 
 from addons.refusal import refusal_response, strip_egress_headers
 from proxy.core.checkpoint import Checkpoint
 from proxy.core.connections import Connection
 from proxy.core.decision import Decision, Kind, Reason, Request
+from proxy.core.engine import BodyNeeded
 from proxy.core.firstbytes import FirstBytes
-from proxy.core.framing import framing_problem, head_problem
+from proxy.core.framing import Problem, authority_problem, framing_problem, head_problem
 from proxy.core.hosts import InvalidHost, canonical_host
 from proxy.core.limits import Limits
+from proxy.core.requests import HOLD_LIMIT, OVERRIDE_HEADERS, HttpHead
+from proxy.core.text import escape
 
 log = logging.getLogger(__name__)
 
+
+# flow.metadata keys shared with addons.layers.GateStream
+HELD = "egress.held"  # the byte limit of a request body held back until the gate decides
+OVERFLOW = "egress.overflow"  # the held body went past that limit (and was dropped)
+_PENDING = "egress.pending"  # the Request waiting for its body
 
 # Set by the listener that accepted a connection (a per-sandbox socket), read once in client_connected.
 current_sandbox: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -43,10 +56,15 @@ class GateAddon:
     """mitmproxy addon enforcing the checkpoint's decisions on CONNECT, tunnels and plain HTTP."""
 
     def __init__(
-        self, checkpoint: Checkpoint, *, request_deadline: float = Limits().request_timeout
+        self,
+        checkpoint: Checkpoint,
+        *,
+        request_deadline: float = Limits().request_timeout,
+        query_values: bool = False,
     ) -> None:
         self.checkpoint = checkpoint
         self.request_deadline = request_deadline
+        self.query_values = query_values  # record query values in decisions (URLs carry tokens)
         # Set by the master: mitmproxy's handler per client id, used to close silent connections.
         self.connection_handlers: dict[Any, Any] = {}
         self._deadlines: dict[str, asyncio.TimerHandle] = {}
@@ -132,7 +150,7 @@ class GateAddon:
         self.checkpoint.opened(conn, decision)
         self._arm_deadline(flow.client_conn)  # now for the tunnel's first bytes
 
-    # -- plain HTTP ----------------------------------------------------------------------------
+    # -- HTTP requests -------------------------------------------------------------------------
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         self.request_started(flow.client_conn)
@@ -140,26 +158,80 @@ class GateAddon:
         strip_egress_headers(req.headers)
         conn = self._conn(flow.client_conn)
         credential = req.headers.pop("proxy-authorization", None)
-        request = Request(Kind.HTTP, req.host, req.port, req.method, req.path.split("?", 1)[0])
-        problem = head_problem(req.method, req.path, req.headers.fields) or framing_problem(
-            req.scheme,
-            req.host,
-            req.port,
-            req.headers.get_all("host"),
-            req.authority or None,  # only left set for absolute-form targets inside a tunnel
-        )
-        decision = await self.checkpoint.admit(
-            conn, request, credential=credential, problem=problem
-        )
-        if not decision.allowed:
-            if req.stream:
-                # mitmproxy already chose to stream this large body and cannot answer before reading
-                # it; close the connection instead of letting the client hang (the decision stands).
-                flow.kill()
-                self.close_client(flow.client_conn)
-                return
-            flow.response = refusal_response(decision)
+        path, _, query = req.path.partition("?")
+        shown_query = _shown_query(query, self.query_values) if query else None
+        tunnel = conn.tunnel
+        if conn.inspected and tunnel is not None and flow.client_conn.tls_established:
+            # Inside an inspected tunnel: the tunnel's host, identity and pinned address; the
+            # request must name that host (a proxy credential here is the origin's business: dropped).
+            request = Request(
+                Kind.REQUEST,
+                tunnel.host,
+                tunnel.port,
+                req.method,
+                path,
+                http=_head(req),
+                query=shown_query,
+            )
+            problem = head_problem(req.method, req.path, req.headers.fields)
+            outcome = await self.checkpoint.admit_request(
+                conn, request, problem=problem or _inspected_framing(req, tunnel)
+            )
+        else:
+            request = Request(
+                Kind.HTTP, req.host, req.port, req.method, path, http=_head(req), query=shown_query
+            )
+            problem = head_problem(req.method, req.path, req.headers.fields) or framing_problem(
+                req.scheme,
+                req.host,
+                req.port,
+                req.headers.get_all("host"),
+                req.authority or None,  # only left set for absolute-form targets inside a tunnel
+            )
+            outcome = await self.checkpoint.admit_request(
+                conn, request, credential=credential, problem=problem
+            )
+        if isinstance(outcome, BodyNeeded):
+            # Held, bounded and unsent (GateStream) until ``request`` decides with the body.
+            req.stream = False
+            flow.metadata[HELD] = HOLD_LIMIT
+            flow.metadata[_PENDING] = request
             return
+        self._enforce(flow, conn, request, outcome)
+
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """The body of a held request has arrived (nothing of it was sent): decide it now. Most
+        requests were decided at their head: no coroutine for them."""
+        pending: Request | None = flow.metadata.pop(_PENDING, None)
+        if pending is None or pending.http is None or flow.response is not None:
+            return None
+        return self._decide_body(flow, pending)
+
+    async def _decide_body(self, flow: http.HTTPFlow, pending: Request) -> None:
+        assert pending.http is not None
+        flow.metadata.pop(HELD, None)
+        conn = self._conn(flow.client_conn)
+        if flow.metadata.pop(OVERFLOW, False):
+            head = pending.http.with_body(None, overflow=True)
+        else:
+            head = pending.http.with_body(flow.request.raw_content or b"")
+        decision = await self.checkpoint.admit_body(conn, replace(pending, http=head))
+        self._enforce(flow, conn, pending, decision)
+
+    def _enforce(
+        self, flow: http.HTTPFlow, conn: Connection, request: Request, decision: Decision
+    ) -> None:
+        req = flow.request
+        if not decision.allowed:
+            # A body still to come is read and dropped (GateStream), never streamed upstream.
+            req.stream = False
+            status = None
+            if decision.reason is Reason.HOST_MISMATCH and req.is_http2:
+                status = 421  # Misdirected Request: this connection cannot serve that authority
+            flow.response = refusal_response(decision, status)
+            return
+        if request.kind is Kind.REQUEST:
+            return  # the tunnel's upstream is already pinned, and counted
         self.checkpoint.opened(conn, decision)
         if content_length := req.headers.get("content-length", ""):
             conn.bytes_out += int(content_length) if content_length.isdigit() else 0
@@ -173,6 +245,15 @@ class GateAddon:
         if conn is not None and flow.response is not None:
             length = flow.response.headers.get("content-length", "")
             conn.bytes_in += int(length) if length.isdigit() else 0
+
+    def tls_failed_server(self, data: tls.TlsData) -> None:
+        """An inspected tunnel's upstream did not verify: a refusal on record, never a fallback."""
+        conn = self.checkpoint.connections.get(data.context.client.id)
+        if conn is None or conn.tunnel is None:
+            return
+        self.checkpoint.refuse_upstream(
+            conn, f"TLS to the upstream failed: {escape(data.conn.error or 'handshake failed')}"
+        )
 
     # -- the choke point -----------------------------------------------------------------------
 
@@ -207,6 +288,75 @@ class GateAddon:
 
     def connection_of(self, client: connection.Client) -> Connection:
         return self._conn(client)
+
+
+_HEAD_FIELDS = frozenset(
+    {
+        *(name.encode() for name in OVERRIDE_HEADERS),
+        b"upgrade",
+        b"content-length",
+        b"transfer-encoding",
+        b"content-type",
+        b"content-encoding",
+    }
+)
+
+
+def _head(req: http.Request) -> HttpHead:
+    """What the request step reads from a request head, in one pass over the header fields."""
+    found: dict[bytes, list[bytes]] = {}
+    for name, value in req.headers.fields:
+        key = name.lower()
+        if key in _HEAD_FIELDS:
+            found.setdefault(key, []).append(value)
+
+    def first(key: bytes) -> str | None:
+        values = found.get(key)
+        return values[0].decode("latin-1") if values else None
+
+    overrides = tuple(
+        v.decode("latin-1") for name in OVERRIDE_HEADERS for v in found.get(name.encode(), ())
+    )
+    length = first(b"content-length")
+    size: int | None
+    if b"transfer-encoding" in found:
+        size = None  # chunked: known only once read
+    elif length is not None:
+        size = int(length) if length.isdigit() else None
+    else:
+        size = None if req.is_http2 or req.is_http3 else 0  # HTTP/1 without either has no body
+    return HttpHead(
+        req.method,
+        req.path,
+        overrides,
+        first(b"upgrade"),
+        size,
+        first(b"content-type"),
+        first(b"content-encoding"),
+    )
+
+
+def _inspected_framing(req: http.Request, tunnel: Decision) -> Problem | None:
+    """Every authority a request inside an inspected tunnel names (Host, HTTP/2 ``:authority``, an
+    absolute-form target) must be the tunnel's host and port; it must name one."""
+    hosts = req.headers.get_all("host")
+    if len(hosts) > 1:
+        return Reason.HOST_MISMATCH, f"{len(hosts)} Host headers; send exactly one"
+    named = [(value, "Host header") for value in hosts]
+    if req.authority:
+        named.append((req.authority, ":authority" if req.is_http2 else "request target"))
+    if not named:
+        return Reason.HOST_MISMATCH, "the request names no host (no Host header or :authority)"
+    return authority_problem(tunnel.host, tunnel.port or 443, named)
+
+
+def _shown_query(query: str, values: bool) -> str:
+    """The query as decisions record it: parameter names only unless values are configured."""
+    if values:
+        return query
+    return "&".join(
+        part.partition("=")[0] + ("=" if "=" in part else "") for part in query.split("&")
+    )
 
 
 def _peer(client: connection.Client) -> str | None:

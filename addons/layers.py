@@ -4,10 +4,15 @@ This replaces mitmproxy's NextLayer addon (it subclasses it for the one case it 
 proxy's first layer). Inside an allowed CONNECT tunnel the core's classifier
 (:func:`proxy.core.firstbytes.classify`) and the checkpoint decide the first bytes; this module only
 maps the answer to a layer: HTTP on port 80 (each request is then decided by the gate), a byte-counting
-passthrough relay for an admitted ClientHello or SSH banner, a closing layer for a refusal.
+passthrough relay for an admitted ClientHello or SSH banner, a closing layer for a refusal, and for a
+tunnel the checkpoint marked *inspected*: mitmproxy's TLS layers (terminating the client's TLS, opening
+verified TLS upstream) with an HTTP layer inside, so each request comes back to the gate.
 
 Everything else, including any stack shape nobody planned for, gets a layer that closes the client
 connection: an unknown case fails closed instead of falling through to mitmproxy's defaults.
+
+The HTTP layers use :class:`GateStream`: a request body the gate holds to decide (or refused) is
+bounded and never switched to streaming, so nothing of it can reach an upstream before the decision.
 """
 
 from __future__ import annotations
@@ -19,15 +24,18 @@ from mitmproxy.addons.next_layer import NextLayer
 from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.context import Context
-from mitmproxy.proxy.layers.http import HTTPMode
+from mitmproxy.proxy.layers.http import HTTPMode, HttpStream
 from mitmproxy.proxy.layers.http._http1 import Http1Server, make_error_response
 from mitmproxy.proxy.layers.modes import HttpProxy
+from mitmproxy.proxy.layers.tls import ClientTLSLayer, ServerTLSLayer
 
-from addons.gate import GateAddon
+from addons.gate import HELD, OVERFLOW, GateAddon
 from proxy.core.connections import Connection
-from proxy.core.decision import Reason
+from proxy.core.decision import Decision, Reason
 from proxy.core.firstbytes import Protocol, classify
 from proxy.core.framing import MAX_REQUEST_HEAD
+
+INSPECTED_ALPNS = (None, b"", b"http/1.1", b"h2")  # what a client may negotiate with the gate
 
 
 class CloseLayer(layer.Layer):
@@ -63,7 +71,7 @@ class BoundedHttp1Server(Http1Server):
         if self.state == self.read_headers and len(self.buf) > MAX_REQUEST_HEAD:
             self.gate.refuse_head(
                 self.context.client,
-                Reason.REQUEST_TOO_LARGE,
+                Reason.HEAD_TOO_LARGE,
                 f"the request head is larger than {MAX_REQUEST_HEAD} bytes",
             )
             yield commands.SendData(self.conn, make_error_response(431, "request head too large"))
@@ -77,6 +85,44 @@ def bounded_http(layer_: layers.HttpLayer, gate: GateAddon) -> layers.HttpLayer:
     if layer_.context.client.alpn in (None, b"", b"http/1.1"):
         layer_.connections[layer_.context.client] = BoundedHttp1Server(layer_.context.fork(), gate)
     return layer_
+
+
+class GateStream(HttpStream):
+    """mitmproxy's per-request stream, except for request bodies the gate holds or refused.
+
+    Upstream switches any body past ``stream_large_bodies`` to streaming, which opens the upstream
+    connection and sends the head. A held body (``flow.metadata[HELD]`` = the byte limit) is buffered
+    up to its limit and then only counted (``OVERFLOW``); a refused request's body is read and dropped.
+    Either way nothing is streamed before the gate has decided, and memory stays bounded."""
+
+    def check_body_size(self, request: bool) -> layer.CommandGenerator[bool]:
+        flow = getattr(self, "flow", None)
+        if request and flow is not None:
+            limit = flow.metadata.get(HELD)
+            if flow.response is not None or limit is not None:
+                if limit is None:
+                    self.request_body_buf.clear()
+                elif len(self.request_body_buf) > limit:
+                    flow.metadata[OVERFLOW] = True
+                    self.request_body_buf.clear()
+                return False
+        return (yield from super().check_body_size(request))
+
+
+class GateHttpLayer(layers.HttpLayer):
+    """mitmproxy's HTTP layer with :class:`GateStream` streams."""
+
+    def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
+        self.streams[stream_id] = GateStream(self.context.fork(), stream_id)
+        yield from self.event_to_child(self.streams[stream_id], events.Start())
+
+
+def gate_http(context: Context, mode: HTTPMode, gate: GateAddon) -> layers.HttpLayer:
+    return bounded_http(GateHttpLayer(context, mode), gate)
+
+
+class InspectedClientTLS(ClientTLSLayer):
+    """The client side of an inspected tunnel; the HTTP layer inside it is chosen only under this."""
 
 
 class CountingTCPLayer(layers.TCPLayer):
@@ -112,27 +158,49 @@ class GateLayers(NextLayer):
                 # present, and a client speaking it would otherwise reach mitmproxy's TLS layers.
                 nextlayer.layer = self._close(context)
                 return
-            super().next_layer(nextlayer)
-            if isinstance(nextlayer.layer, layers.HttpLayer):
-                bounded_http(nextlayer.layer, self.gate)
+            nextlayer.layer = gate_http(context, HTTPMode.regular, self.gate)
             return
         tunnel = self.gate.tunnel_of(context.client)
         if tunnel is None or context.server.address is None:
             nextlayer.layer = self._close(context)  # a stack nobody planned for: fail closed
             return
-        nextlayer.layer = self._tunnel_layer(context, tunnel.port, data)
+        if isinstance(context.layers[-1], InspectedClientTLS):
+            nextlayer.layer = self._inspected_http(context)
+            return
+        nextlayer.layer = self._tunnel_layer(context, tunnel, data)
 
-    def _tunnel_layer(self, context: Context, port: int | None, data: bytes) -> layer.Layer | None:
+    def _tunnel_layer(self, context: Context, tunnel: Decision, data: bytes) -> layer.Layer | None:
         """The layer for a tunnel's first bytes, or None to wait for more of them."""
-        first = classify(port, data)
+        first = classify(tunnel.port, data)
         if first.protocol is Protocol.WAIT:
             return None
         decision = self.gate.admit_tunnel(context.client, first)
         if first.protocol is Protocol.HTTP:
-            return bounded_http(layers.HttpLayer(context, HTTPMode.transparent), self.gate)
+            return gate_http(context, HTTPMode.transparent, self.gate)
         if decision is not None and not decision.allowed:
             return self._close(context)
-        return CountingTCPLayer(context, self.gate.connection_of(context.client))
+        state = self.gate.connection_of(context.client)
+        if state.inspected and first.protocol is Protocol.TLS:
+            return self._intercept(context, tunnel)
+        return CountingTCPLayer(context, state)
+
+    @staticmethod
+    def _intercept(context: Context, tunnel: Decision) -> layer.Layer:
+        """Terminate the client's TLS (a certificate for the tunnel's host from the gate's CA) and
+        open verified TLS upstream, to the tunnel's pinned address, naming the tunnel's host."""
+        if tunnel.address is not None and tunnel.port is not None:
+            context.server.address = (tunnel.address, tunnel.port)
+        context.server.sni = tunnel.host
+        server_tls = ServerTLSLayer(context)
+        server_tls.child_layer = InspectedClientTLS(context)
+        return server_tls
+
+    def _inspected_http(self, context: Context) -> layer.Layer:
+        """Inside an inspected tunnel only HTTP/1.1 or HTTP/2 is spoken; its requests are decided
+        one by one by the gate."""
+        if not context.client.tls_established or context.client.alpn not in INSPECTED_ALPNS:
+            return self._close(context)
+        return gate_http(context, HTTPMode.transparent, self.gate)
 
     def _close(self, context: Context) -> layer.Layer:
         """Close the client at once. The layer's CloseConnection alone cancels mitmproxy's reader

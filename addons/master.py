@@ -46,6 +46,20 @@ class LazyOnly:
             )
 
 
+class VerifiedUpstreams:
+    """Refuses to run with upstream certificate verification off: an inspected tunnel would then
+    carry the sandbox's requests to whoever answers (threat 14)."""
+
+    def configure(self, updated: set[str]) -> None:
+        from mitmproxy import ctx
+
+        if ctx.options.ssl_insecure:
+            raise exceptions.OptionsError(
+                "agent-egress never runs with ssl_insecure: upstream certificates are always "
+                "verified (add a trust bundle with ssl_verify_upstream_trusted_ca instead)"
+            )
+
+
 @dataclass(frozen=True)
 class GateConfig:
     listen_host: str = "127.0.0.1"
@@ -57,6 +71,10 @@ class GateConfig:
     # mitmproxy's confdir (its TLS layer creates CA files there at start-up); None keeps its
     # ~/.mitmproxy, which a container with a read-only root and no home cannot write.
     confdir: str | None = None
+    # The CAs (PEM) inspected tunnels' upstreams are verified against (the app layer passes the
+    # system's, plus any extra); None: mitmproxy's default (certifi's bundle).
+    upstream_ca: str | None = None
+    query_values: bool = False  # record query values in decisions (off: URLs carry tokens)
 
 
 def parse_listen(spec: str) -> tuple[str, int]:
@@ -116,7 +134,11 @@ class Gate:
             own=self.own,
             observer=observer,
         )
-        self.addon = GateAddon(self.checkpoint, request_deadline=config.limits.request_timeout)
+        self.addon = GateAddon(
+            self.checkpoint,
+            request_deadline=config.limits.request_timeout,
+            query_values=config.query_values,
+        )
         self.master: Master | None = None
         self._task: asyncio.Task[None] | None = None
         self._extra: list[asyncio.Server] = []
@@ -143,10 +165,13 @@ class Gate:
             "connection_strategy": "lazy",
             "stream_large_bodies": self.config.stream_large_bodies,
             "body_size_limit": self.config.body_size_limit,
+            "ssl_insecure": False,
+            "ssl_verify_upstream_trusted_ca": self.config.upstream_ca,
         }
         opts.update(**updates)
-        # Added last: its configure() sees the final options and rejects any later switch to eager.
-        master.addons.add(LazyOnly())
+        # Added last: their configure() sees the final options and rejects any later switch to
+        # eager connections or unverified upstreams.
+        master.addons.add(LazyOnly(), VerifiedUpstreams())
         self.master = master
         self._task = asyncio.create_task(master.run(), name="egress-master")
         for _ in range(500):  # bounded: ~10 s for the listener to come up

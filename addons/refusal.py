@@ -8,7 +8,11 @@ from proxy.core.decision import Decision, Reason
 from proxy.core.refusal import refusal_text
 
 EGRESS_HEADER_PREFIX = "x-egress-"
-_STATUS = {Reason.PROXY_AUTH_REQUIRED: 407, Reason.REQUEST_TOO_LARGE: 431, Reason.BAD_REQUEST: 400}
+_STATUS = {
+    Reason.PROXY_AUTH_REQUIRED: 407,
+    Reason.HEAD_TOO_LARGE: 431,
+    Reason.BAD_REQUEST: 400,
+}
 
 
 def strip_egress_headers(headers: http.Headers) -> None:
@@ -20,10 +24,12 @@ def strip_egress_headers(headers: http.Headers) -> None:
         del headers[name]
 
 
-def refusal_response(decision: Decision) -> http.Response:
-    """407 asks for the shared gate's credential, 431 says the head was too large; every other
-    refusal is a 403."""
-    status = _STATUS.get(decision.reason, 403)
+def refusal_response(decision: Decision, status: int | None = None) -> http.Response:
+    """407 asks for the shared gate's credential, 431 says the head was too large, 400 that it did
+    not parse; every other refusal is a 403 unless ``status`` says otherwise (421 for an HTTP/2
+    request naming another authority)."""
+    if status is None:
+        status = _STATUS.get(decision.reason, 403)
     headers = {
         "Content-Type": "text/plain; charset=utf-8",
         "X-Egress-Decision": str(decision.decision),
@@ -34,4 +40,8 @@ def refusal_response(decision: Decision) -> http.Response:
     }
     if status == 407:
         headers["Proxy-Authenticate"] = 'Basic realm="agent-egress"'
-    return http.Response.make(status, refusal_text(decision), headers)
+    response = http.Response.make(status, refusal_text(decision), headers)
+    # Clients that print only the status line (pip, npm, requests' raise_for_status) then still
+    # say who refused and why; HTTP/2 has no reason phrase and drops it.
+    response.reason = f"{response.reason} by agent-egress ({decision.reason})"
+    return response

@@ -494,3 +494,39 @@ def test_the_shipped_policy_loads(tmp_path: Path) -> None:
 
     policy = load_policy(K8S / "base" / "policy.yaml")
     assert policy.rules
+
+
+# -- kubernetes: the inspection CA -------------------------------------------------------------------
+
+
+def test_every_replica_issues_from_one_ca_secret_only_the_gate_reads(overlay: Docs) -> None:
+    args = gate_args(overlay)
+    assert args.ca_cert and args.ca_key
+    assert Path(args.ca_cert).parent == Path(args.ca_key).parent
+    mounts = {m["mountPath"]: m for m in gate_container(overlay)["volumeMounts"]}
+    mount = mounts[str(Path(args.ca_key).parent)]
+    assert mount["readOnly"] is True
+    volumes = {
+        v["name"]: v for v in gate_deployment(overlay)["spec"]["template"]["spec"]["volumes"]
+    }
+    secret = volumes[mount["name"]]["secret"]
+    assert secret["secretName"] == "agent-egress-ca"
+    assert secret["defaultMode"] == 0o440  # owner and the gate's group (fsGroup) only
+    assert "optional" not in secret  # no Secret, no gate: never a CA per replica
+    assert (Path(args.ca_cert).name, Path(args.ca_key).name) == ("tls.crt", "tls.key")
+    assert args.state_dir not in str(Path(args.ca_key).parent)
+
+
+def test_the_sample_sandbox_trusts_the_gate_ca_certificate_only(sandbox_example: Docs) -> None:
+    pod = one(sandbox_example, "Pod", "agent-sandbox-example", SANDBOX_NS)["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "secret" not in str(volumes)  # the sandbox never mounts the CA's Secret
+    assert volumes["gate-ca"]["configMap"]["name"] == "agent-egress-ca-cert"
+    [init] = pod["initContainers"]
+    assert "/etc/egress-ca/ca.crt" in " ".join(init["command"])
+    [agent] = pod["containers"]
+    env = {e["name"]: e.get("value") for e in agent["env"]}
+    for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "GIT_SSL_CAINFO", "NODE_EXTRA_CA_CERTS"):
+        assert env[name] == "/trust/ca-bundle.pem"
+    mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
+    assert mounts["/trust"]["readOnly"] is True

@@ -30,7 +30,46 @@ def add_gate_options(parser: argparse.ArgumentParser, *, decision_log: str) -> N
         help="DNS server for destination checks (repeatable; default: the system's resolv.conf)",
     )
     add_hosts_file_option(parser)
+    add_inspection_options(parser)
     add_evidence_arguments(parser)
+
+
+def add_state_dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        default=None,
+        help="writable directory for the gate's own files (its inspection CA); created if missing "
+        "(default: $EGRESS_STATE_DIR, else $XDG_STATE_HOME/agent-egress, "
+        "else ~/.local/state/agent-egress)",
+    )
+
+
+def add_inspection_options(parser: argparse.ArgumentParser) -> None:
+    """Where the gate's state (its inspection CA) lives, and how inspected traffic is handled."""
+    add_state_dir_option(parser)
+    parser.add_argument(
+        "--ca-cert",
+        metavar="FILE",
+        default=None,
+        help="inspection CA certificate (PEM) to issue from instead of the one in the state "
+        "directory; with --ca-key (e.g. a Kubernetes Secret shared by replicas)",
+    )
+    parser.add_argument(
+        "--ca-key", metavar="FILE", default=None, help="the private key of --ca-cert (PEM)"
+    )
+    parser.add_argument(
+        "--upstream-ca",
+        metavar="FILE",
+        default=None,
+        help="extra CA certificates (PEM) trusted for upstreams of inspected hosts, besides the "
+        "system's; upstream certificates are always verified",
+    )
+    parser.add_argument(
+        "--record-query-values",
+        action="store_true",
+        help="record query parameter values in decisions (default: names only; URLs carry tokens)",
+    )
 
 
 def add_hosts_file_option(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +85,16 @@ def add_hosts_file_option(parser: argparse.ArgumentParser) -> None:
 def add_check_options(check: argparse.ArgumentParser) -> None:
     """``egress check``: what to decide, and how much of the gate's context to apply."""
     check.add_argument(
-        "--method", default=None, help="HTTP method for http:// targets (default GET)"
+        "--method",
+        default=None,
+        help="HTTP method of the request (default GET); decided against request rules for http:// "
+        "URLs and for https:// URLs whose host the policy inspects",
+    )
+    check.add_argument(
+        "--data",
+        metavar="TEXT|@FILE",
+        default=None,
+        help="the request body, for rules that read it (GraphQL documents, LFS batch requests)",
     )
     check.add_argument("--json", action="store_true", help="print the decision as JSON")
     check.add_argument(

@@ -6,6 +6,11 @@ the policy, internal-address screening of IP literals in every spelling, the gat
 ``--listen``), report mode never relaxing a safety refusal. Whether a *name* is safe depends on what it
 resolves to; without ``--resolve`` the output says so, and with it the name is resolved like the gate
 resolves it (``--nameserver``) and its addresses are screened.
+
+Request rules are decided too, the way the gate decides them: an ``https://`` URL to a host whose rules
+read requests is a CONNECT, its ClientHello, then the request (``--method``, the URL's path and query,
+and ``--data`` for rules that read the body) inside the inspected tunnel; an ``http://`` URL is one
+plain request.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import argparse
 import asyncio
 import json
 import sys
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,7 +28,11 @@ from proxy.core.checkpoint import Checkpoint
 from proxy.core.connections import Connection
 from proxy.core.decision import Decision, Kind, Request
 from proxy.core.destination import DestinationCheck
+from proxy.core.engine import BodyNeeded
+from proxy.core.firstbytes import FirstBytes
+from proxy.core.firstbytes import Protocol as FirstProtocol
 from proxy.core.hosts import InvalidHost, canonical_host, parse_endpoint, split_authority
+from proxy.core.requests import HttpHead
 from proxy.core.text import escape
 from proxy.evidence.emit import Emitter
 from proxy.policy.model import Policy
@@ -51,6 +62,12 @@ def parse_target(target: str, method: str | None) -> tuple[str, str, int, str | 
     return "connect", host, port, "CONNECT", None
 
 
+def request_target(target: str) -> str:
+    """The origin-form target (path and query) of a URL, as a client sends it."""
+    parts = urlsplit(target)
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+
 async def check(
     policy: Policy,
     request: Request,
@@ -59,8 +76,13 @@ async def check(
     nameservers: list[str] | None = None,
     hosts_file: str | None = "/etc/hosts",
     listeners: list[tuple[str, int]] | None = None,
+    body: bytes | None = None,
 ) -> Decision:
-    """The decision the gate would make for ``request``; resolves only with ``resolve``."""
+    """The decision the gate would make for ``request``; resolves only with ``resolve``.
+
+    A ``Kind.REQUEST`` is decided as the gate decides a request inside an inspected tunnel: the
+    CONNECT first (whose decision is the answer when it is refused, or when the host is not
+    inspected), its ClientHello, then the request, with ``body`` where a rule reads it."""
     names: Any = None
     if resolve:
         from proxy.destinations.resolver import Resolver
@@ -72,7 +94,26 @@ async def check(
 
         own = OwnEndpoints(listeners)
     checkpoint = Checkpoint(lambda: policy, Emitter(), DestinationCheck(names), own=own)
-    return await checkpoint.admit(Connection(peer=None, sandbox_id=None), request)
+    conn = Connection(peer=None, sandbox_id=None)
+    if request.kind in (Kind.HTTP, Kind.REQUEST) and request.http is None:
+        head = HttpHead(request.method or "GET", request.path or "/", body_size=len(body or b""))
+        request = replace(request, http=head)
+    if request.kind is Kind.REQUEST:
+        tunnel = await checkpoint.admit(
+            conn, Request(Kind.CONNECT, request.host, request.port, "CONNECT")
+        )
+        if not tunnel.allowed or not conn.inspected:
+            return tunnel
+        sni = tunnel.host if _is_name(tunnel.host) else None
+        hello = checkpoint.admit_tunnel(conn, FirstBytes(FirstProtocol.TLS, sni=sni))
+        if hello is not None and not hello.allowed:
+            return hello
+    outcome = await checkpoint.admit_request(conn, request)
+    if isinstance(outcome, BodyNeeded):
+        assert request.http is not None
+        held = replace(request, http=request.http.with_body(body or b""))
+        return await checkpoint.admit_body(conn, held)
+    return outcome
 
 
 def run(args: argparse.Namespace, policy: Policy) -> int:
@@ -82,7 +123,27 @@ def run(args: argparse.Namespace, policy: Policy) -> int:
     except ValueError as exc:  # InvalidHost is a ValueError
         print(f"error: {escape(args.target)!r}: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    try:
+        body = _body(args.data)
+    except OSError as exc:
+        print(f"error: --data: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     request = Request(kind=Kind(kind), host=host, port=port, method=method, path=path)
+    if kind in ("http", "connect") and "://" in args.target:
+        # The request as the gate sees it: plain, or inside the tunnel when the host is inspected.
+        target = request_target(args.target)
+        method = (args.method or "GET").upper()
+        head = HttpHead(method, target, body_size=len(body or b""))
+        path, _, query = target.partition("?")
+        request = Request(
+            Kind.HTTP if kind == "http" else Kind.REQUEST,
+            host,
+            port,
+            method,
+            path,
+            http=head,
+            query=query or None,
+        )
     decision = asyncio.run(
         check(
             policy,
@@ -91,6 +152,7 @@ def run(args: argparse.Namespace, policy: Policy) -> int:
             nameservers=args.nameserver,
             hosts_file=args.hosts_file or None,
             listeners=listeners,
+            body=body,
         )
     )
     unresolved = decision.allowed and decision.address is None and _is_name(decision.host)
@@ -100,6 +162,8 @@ def run(args: argparse.Namespace, policy: Policy) -> int:
         print(json.dumps(out, ensure_ascii=True))
     else:
         where = f"{decision.host}:{decision.port}"
+        if decision.kind in (Kind.HTTP, Kind.REQUEST) and decision.method:
+            where = f"{escape(decision.method)} {where}{escape(decision.path or '')}"
         print(
             f"{decision.decision.upper()} {where} rule={decision.rule or '-'} reason={decision.reason}"
         )
@@ -107,12 +171,34 @@ def run(args: argparse.Namespace, policy: Policy) -> int:
             print(f"  {decision.detail}")
         if decision.address is not None and decision.allowed:
             print(f"  address: {decision.address}")
+        if request.kind is Kind.REQUEST and decision.kind is Kind.CONNECT and decision.allowed:
+            print(
+                "  not inspected: no rule for this host reads requests, so the tunnel carries any "
+                "request (method and path are not decided)"
+            )
+        if body is None and not decision.allowed and _reads_body(request, policy):
+            print("  a rule for this request reads its body: give it with --data TEXT|@FILE")
         if unresolved:
             print(
                 f"  depends on DNS: the gate resolves {decision.host} and refuses it if every "
                 "address is internal; run with --resolve to check that too"
             )
     return EXIT_OK if decision.allowed else EXIT_DENY
+
+
+def _reads_body(request: Request, policy: Policy) -> bool:
+    from proxy.core.engine import decide_request
+
+    return request.http is not None and isinstance(decide_request(request, policy), BodyNeeded)
+
+
+def _body(data: str | None) -> bytes | None:
+    """``--data TEXT`` or ``--data @FILE``."""
+    if data is None:
+        return None
+    if data.startswith("@"):
+        return Path(data[1:]).read_bytes()
+    return data.encode()
 
 
 def _is_name(host: str) -> bool:
@@ -122,4 +208,4 @@ def _is_name(host: str) -> bool:
         return False
 
 
-__all__ = ["check", "parse_target", "run"]
+__all__ = ["check", "parse_target", "request_target", "run"]

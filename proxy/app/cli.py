@@ -18,6 +18,7 @@ from proxy.app.arguments import (
     add_gate_options,
     add_limit_options,
     add_policy_option,
+    add_state_dir_option,
 )
 from proxy.app.exits import EXIT_DENY, EXIT_OK, fail
 
@@ -64,14 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_limit_options(serve)
     serve.add_argument(
-        "--state-dir",
-        metavar="DIR",
-        default=None,
-        help="writable directory for the gate's own files (mitmproxy's CA); created if missing "
-        "(default: $EGRESS_STATE_DIR, else $XDG_STATE_HOME/agent-egress, "
-        "else ~/.local/state/agent-egress)",
-    )
-    serve.add_argument(
         "--sandboxes",
         metavar="FILE",
         default=None,
@@ -111,6 +104,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lint.add_argument("files", nargs="+", metavar="FILE")
     lint.set_defaults(func=_cmd_lint)
+
+    ca = sub.add_parser(
+        "ca",
+        help="the inspection CA: where it is, its certificate, or create/install it",
+        description=(
+            "The gate terminates TLS only for hosts whose rules read requests, with certificates "
+            "from its own CA. Clients must trust that CA (`egress run` sets that up itself)."
+        ),
+    )
+    ca_sub = ca.add_subparsers(dest="ca_command", metavar="SUBCOMMAND", required=True)
+    for name, text in (
+        ("path", "print the path of the CA certificate (PEM)"),
+        ("export", "print the CA certificate (PEM) to stdout, for clients to trust"),
+        ("init", "create the CA in the state directory, or install --ca-cert/--ca-key there"),
+    ):
+        command = ca_sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        add_state_dir_option(command)
+        if name == "init":
+            command.add_argument("--ca-cert", metavar="FILE", default=None, help="CA certificate")
+            command.add_argument("--ca-key", metavar="FILE", default=None, help="its private key")
+        command.set_defaults(func=_cmd_ca)
 
     audit = sub.add_parser("audit", help="audit journal tools")
     audit_sub = audit.add_subparsers(dest="audit_command", metavar="SUBCOMMAND", required=True)
@@ -156,6 +170,32 @@ def _cmd_check(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         return fail(*exc.lines())
     return run(args, policy)
+
+
+def _cmd_ca(args: argparse.Namespace) -> int:
+    from proxy.app import statedir
+    from proxy.app.ca import CaError, CaFiles, ensure_ca
+
+    try:
+        chosen = Path(args.state_dir) if args.state_dir else statedir.default_state_dir()
+        if args.ca_command == "init":
+            state = statedir.prepare_state_dir(chosen)
+            existed = CaFiles(statedir.mitmproxy_confdir(state)).exists()
+            files = ensure_ca(statedir.mitmproxy_confdir(state), args.ca_cert, args.ca_key)
+            verb = "installed" if args.ca_cert else ("exists" if existed else "created")
+            print(files.cert)
+            print(f"inspection CA {verb}: {files.cert}", file=sys.stderr)
+            return EXIT_OK
+        files = CaFiles(statedir.mitmproxy_confdir(chosen.absolute()))
+        if not files.exists():
+            return fail(f"no inspection CA in {files.confdir}; create one with `egress ca init`")
+        if args.ca_command == "path":
+            print(files.cert)
+        else:
+            sys.stdout.write(files.cert.read_text())
+        return EXIT_OK
+    except (CaError, statedir.StateDirError, OSError) as exc:
+        return fail(str(exc))
 
 
 def _cmd_audit_verify(args: argparse.Namespace) -> int:

@@ -7,10 +7,16 @@ when this module is imported: ``egress run --proxy`` and ``--gate-socket`` never
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from proxy.sandbox.private_gate import GateRequest, PrivateGate
+from proxy.app.ca import CaError, Inspection
+from proxy.sandbox.private_gate import GateRequest, PrivateGate, Trust, TrustSetup
+
+if TYPE_CHECKING:
+    from proxy.policy.model import Policy
 
 
 class _Running:
@@ -32,11 +38,14 @@ class _Running:
             await self.gate.stop()
 
 
-async def start_private_gate(request: GateRequest) -> PrivateGate:
+async def start_private_gate(
+    request: GateRequest, inspection: Inspection | None = None
+) -> PrivateGate:
     """Serve the sandbox's listeners; the gate's own host-loopback listener attributes decisions to
     the sandbox only when the request says that listener is the command's (--no-isolation)."""
     from addons.master import Gate, GateConfig
     from proxy.app import statedir
+    from proxy.app.ca import ensure_ca, upstream_trust
     from proxy.destinations.dnsgate import DnsGate
     from proxy.destinations.resolver import Resolver
 
@@ -45,14 +54,20 @@ async def start_private_gate(request: GateRequest) -> PrivateGate:
         nameservers=list(request.nameservers) if request.nameservers else None,
         hosts_file=request.hosts_file,
     )
-    chosen = Path(request.state_dir) if request.state_dir else statedir.default_state_dir()
-    state = statedir.prepare_state_dir(chosen)
+    inspection = inspection or Inspection()
+    chosen = request.state_dir or inspection.state_dir
+    state = statedir.prepare_state_dir(Path(chosen) if chosen else statedir.default_state_dir())
+    confdir = statedir.mitmproxy_confdir(state)
+    ensure_ca(confdir, inspection.ca_cert, inspection.ca_key)
+    trust = upstream_trust(confdir, inspection.upstream_ca)
     gate = Gate(
         GateConfig(
             listen_host="127.0.0.1",
             listen_port=0,
             sandbox_id=request.sandbox_id if request.host_listener_is_sandbox else None,
-            confdir=str(statedir.mitmproxy_confdir(state)),
+            confdir=str(confdir),
+            upstream_ca=trust,
+            query_values=inspection.query_values,
         ),
         lambda: request.policy,
         request.emitter,
@@ -74,3 +89,48 @@ async def start_private_gate(request: GateRequest) -> PrivateGate:
         await running.stop()
         raise
     return running
+
+
+def sandbox_trust(inspection: Inspection) -> TrustSetup:
+    """What ``egress run`` sets up before the sandbox starts: the state directory (and a supplied CA
+    key) hidden from it always, and, when the policy inspects anything (or a joined gate's CA is
+    given with --ca-cert), a CA bundle to trust: the system's CAs plus the gate's."""
+
+    def setup(policy: Policy | None) -> Trust:
+        from proxy.app import statedir
+        from proxy.app.ca import ensure_ca, write_bundle
+
+        try:
+            inspection.check(issuing=policy is not None)
+            hidden: list[str] = []
+            chosen = inspection.state_dir
+            if policy is not None:  # a private gate: its state directory holds its CA key
+                state = statedir.prepare_state_dir(
+                    Path(chosen) if chosen else statedir.default_state_dir()
+                )
+                hidden.append(str(state))
+                files = ensure_ca(
+                    statedir.mitmproxy_confdir(state), inspection.ca_cert, inspection.ca_key
+                )
+                gate_cert = files.cert if policy.reads_requests else None
+            else:
+                with contextlib.suppress(statedir.StateDirError):
+                    state = Path(chosen) if chosen else statedir.default_state_dir()
+                    if state.is_dir():
+                        hidden.append(str(state))
+                gate_cert = Path(inspection.ca_cert) if inspection.ca_cert else None
+            if inspection.ca_key is not None:
+                hidden.append(inspection.ca_key)
+            if gate_cert is None:
+                return Trust(bundle=None, hidden=tuple(hidden))
+            directory = tempfile.mkdtemp(prefix="egress-trust-")
+            bundle = write_bundle(Path(directory), gate_cert)
+        except (CaError, statedir.StateDirError, OSError) as exc:
+            raise ValueError(f"cannot set up the sandbox's trust in the gate's CA: {exc}") from exc
+        return Trust(
+            bundle=str(bundle),
+            hidden=tuple(hidden),
+            cleanup=lambda: shutil.rmtree(directory, ignore_errors=True),
+        )
+
+    return setup

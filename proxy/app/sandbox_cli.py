@@ -127,6 +127,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
+    from proxy.app.ca import Inspection
+    from proxy.app.private_gate import sandbox_trust
     from proxy.sandbox.launcher import RunOptions, run
 
     cmd = list(args.cmd)
@@ -147,16 +149,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
         decision_log=args.decision_log,
         proxy_port=args.proxy_port,
         evidence=_evidence_builder(args),
-        gate=_start_private_gate,
+        gate=_private_gate_starter(Inspection.from_args(args)),
+        trust=sandbox_trust(Inspection.from_args(args)),
+        state_dir=args.state_dir,
     )
     return run(options)
 
 
-async def _start_private_gate(request: GateRequest) -> PrivateGate:
-    """Imported only when a private gate starts: the joined modes never load the gate."""
-    from proxy.app.private_gate import start_private_gate
+def _private_gate_starter(inspection: Any) -> Any:
+    async def start(request: GateRequest) -> PrivateGate:
+        """Imported only when a private gate starts: the joined modes never load the gate."""
+        from proxy.app.private_gate import start_private_gate
 
-    return await start_private_gate(request)
+        return await start_private_gate(request, inspection)
+
+    return start
 
 
 def _evidence_builder(args: argparse.Namespace) -> Any:

@@ -18,6 +18,7 @@ from typing import Any
 
 from proxy.app import statedir
 from proxy.app.arguments import limits_from
+from proxy.app.ca import CaError, Inspection, ensure_ca, upstream_trust
 from proxy.app.exits import fail
 from proxy.destinations.dnsgate import DnsGate
 from proxy.evidence.emit import JsonLineSink, Sink
@@ -61,6 +62,19 @@ def serve_main(args: argparse.Namespace) -> int:
         state_dir = statedir.prepare_state_dir(chosen)
     except statedir.StateDirError as exc:
         return fail(f"{exc} (--state-dir / ${statedir.ENV_VAR} must be writable)")
+    inspection = Inspection.from_args(args)
+    try:
+        inspection.check()
+        ca = ensure_ca(statedir.mitmproxy_confdir(state_dir), args.ca_cert, args.ca_key)
+        args.upstream_trust = upstream_trust(ca.confdir, args.upstream_ca)
+    except CaError as exc:
+        return fail(f"inspection CA: {exc}")
+    if policy.reads_requests:
+        log.warning(
+            "the policy inspects requests: clients must trust the gate's CA %s "
+            "(`egress ca export`)",
+            ca.cert,
+        )
     try:
         return asyncio.run(_serve(args, policy, listen, state_dir))
     except KeyboardInterrupt:
@@ -144,6 +158,8 @@ async def _serve(
             listen_port=listen[1],
             limits=limits_from(args),
             confdir=str(statedir.mitmproxy_confdir(state_dir)),
+            upstream_ca=args.upstream_trust,
+            query_values=args.record_query_values,
         ),
         holder,
         evidence.emitter,

@@ -1,11 +1,11 @@
 """The gate's state directory: everything it writes besides the journal and the decision log.
 
-Today that is mitmproxy's ``confdir`` (the CA files its TLS layer creates at start-up); the interception CA
-will live there too. Containers run the gate as an unprivileged user with a read-only root file system and
-no writable home, so the directory is explicit (``--state-dir``, ``$EGRESS_STATE_DIR``; an emptyDir, tmpfs
-or volume in the deployments) instead of an implicit ``~/.mitmproxy``. It is prepared before anything
-listens: a directory that cannot be created or written stops start-up with its name, rather than a gate
-that dies later inside mitmproxy.
+That is mitmproxy's ``confdir``, which holds the inspection CA (:mod:`proxy.app.ca`: its key never
+leaves the gate; ``egress run`` hides this directory from the sandbox). Containers run the gate as an
+unprivileged user with a read-only root file system and no writable home, so the directory is explicit
+(``--state-dir``, ``$EGRESS_STATE_DIR``; an emptyDir, tmpfs or volume in the deployments) instead of an
+implicit ``~/.mitmproxy``. It is prepared before anything listens: a directory that cannot be created
+or written stops start-up with its name, rather than a gate that dies later inside mitmproxy.
 """
 
 from __future__ import annotations

@@ -6,18 +6,26 @@ At connection open (:meth:`Checkpoint.connected`):
    address until a credential names the sandbox) is ``connection-limit``; more new connections per
    second than a client's rate is ``rate-limit`` (:mod:`proxy.core.limits`).
 
-For each CONNECT and each plain-HTTP request (:meth:`Checkpoint.admit`):
+For each CONNECT and each HTTP request - plain, or inside an inspected tunnel (:meth:`Checkpoint.admit`,
+:meth:`Checkpoint.admit_request`):
 
 1. **identity** - on a shared gate, the request must prove its sandbox with a proxy credential
    (``proxy-auth-required``); requests inside a tunnel inherit the tunnel's identity, and one connection
    never switches identity. From here on the sandbox's own policy and connection cap apply
    (``connection-limit``).
-2. **framing** - a problem the adapter's pure classifiers found (a Host header or absolute-form target
-   naming another authority, an unsupported scheme) is refused with its own reason.
-3. **policy** - :func:`proxy.core.engine.decide`: canonical host, deny rules, allow rules and ports,
-   default deny; report mode turns only the policy refusals into ``report``.
+2. **framing** - a problem the adapter's pure classifiers found (a Host header, HTTP/2 ``:authority`` or
+   absolute-form target naming another authority than the request is routed to - inside an inspected
+   tunnel, the tunnel's host -, an unsupported scheme) is refused with its own reason.
+3. **policy** - :func:`proxy.core.engine.decide_request`: canonical host, deny rules, allow rules and
+   ports, default deny; then, on a host whose rules read requests, the request step
+   (:mod:`proxy.core.requests`: canonical target, method overrides, request conditions). Report mode
+   turns only the policy refusals into ``report``. A CONNECT to such a host is marked *inspected* here,
+   once: its TLS is terminated and each request inside comes back to this step. A rule that must read
+   the body makes the answer :data:`BODY_NEEDED`: nothing is recorded or sent yet; the adapter holds
+   the body (bounded) and :meth:`Checkpoint.admit_body` takes the request on from this step.
 4. **destination** - an allowed host is resolved (hosts file, then DNS) and every address screened
    against the internal ranges; one screened address is pinned (``internal-address``, ``dns-failure``).
+   A request inside a tunnel is not resolved again: it goes to the tunnel's pinned address.
 5. **self** - the pinned address and port must not be one of the gate's own listeners, on any address
    of this host (``internal-address``): the gate never dials itself.
 6. **audit** - the decision is recorded; the write-ahead journal can still turn an allow into
@@ -25,9 +33,11 @@ For each CONNECT and each plain-HTTP request (:meth:`Checkpoint.admit`):
 7. **pin** - only the screened address may then be dialled for this connection (:meth:`dial_target`).
 
 For the first bytes inside an allowed tunnel (:meth:`Checkpoint.admit_tunnel`): the pure classifier
-(:mod:`proxy.core.firstbytes`) refuses anything but the protocol the port calls for; a TLS ClientHello's
-server name is decided by the policy against the tunnel's host (``sni-missing``, ``sni-mismatch``); then
-audit as above. A refused tunnel forgets its pinned destination.
+(:mod:`proxy.core.firstbytes`) refuses anything but the protocol the port calls for (an inspected tunnel
+carries TLS or, on port 80, HTTP); a TLS ClientHello's server name is decided by the policy against the
+tunnel's host (``sni-missing``, ``sni-mismatch``, ``ech-refused``); then audit as above. A refused tunnel
+forgets its pinned destination. An upstream whose certificate does not verify for an inspected tunnel is
+a refusal too (:meth:`Checkpoint.refuse_upstream`, ``upstream-tls-failed``), never a fallback.
 
 Nothing here imports mitmproxy: adapters translate hook events into these calls and enforce the
 returned decision.
@@ -42,7 +52,7 @@ from typing import Any, Protocol
 from proxy.core.connections import Connection, Connections, Observer
 from proxy.core.decision import Decision, Kind, Reason, Request, Verdict
 from proxy.core.destination import Destination, DestinationRefused, Network
-from proxy.core.engine import decide, refuse
+from proxy.core.engine import BODY_NEEDED, BodyNeeded, decide, decide_request, refuse
 from proxy.core.firstbytes import FirstBytes
 from proxy.core.firstbytes import Protocol as FirstProtocol
 from proxy.core.framing import Problem
@@ -159,7 +169,25 @@ class Checkpoint:
         credential: str | None = None,
         problem: Problem | None = None,
     ) -> Decision:
-        """Admit a CONNECT or plain-HTTP request, in the order of the module docstring."""
+        """Admit a CONNECT or an HTTP request, in the order of the module docstring. A request whose
+        rules must read its body is refused here: adapters that can hold bodies call
+        :meth:`admit_request`."""
+        outcome = await self.admit_request(conn, request, credential=credential, problem=problem)
+        if isinstance(outcome, BodyNeeded):
+            request = self._attributed(conn, request)
+            return self._finish(conn, request, decide(request, self.policy_for(conn)), 0.0)
+        return outcome
+
+    async def admit_request(
+        self,
+        conn: Connection,
+        request: Request,
+        *,
+        credential: str | None = None,
+        problem: Problem | None = None,
+    ) -> Decision | BodyNeeded:
+        """:meth:`admit`, or BODY_NEEDED (nothing recorded yet): hold the body, then call
+        :meth:`admit_body` before anything of the request is sent upstream."""
         started = time.perf_counter()
         # (1) identity
         if not self._identify(conn, credential):
@@ -171,25 +199,70 @@ class Checkpoint:
         policy = self.policy_for(conn)
         if conn.refusal is not None:  # the proven sandbox is over its own connection cap
             return self.emitter.emit(refuse(request, policy, *conn.refusal))
+        if request.kind is Kind.REQUEST and (conn.tunnel is None or not conn.inspected):
+            detail = "a request inside a tunnel that was not admitted for inspection"
+            return self.emitter.emit(refuse(request, policy, Reason.UNSUPPORTED, detail))
         # (2) framing
         if problem is not None:
             return self.emitter.emit(refuse(request, policy, problem[0], problem[1]))
-        # (3) policy
-        decision = decide(request, policy)
-        # (4) destination and (5) self
-        if decision.allowed and request.port is not None:
+        # (3) policy, with the request step
+        outcome = decide_request(request, policy)
+        if isinstance(outcome, BodyNeeded):
+            return BODY_NEEDED
+        return await self._from_destination(conn, request, outcome, started)
+
+    async def admit_body(self, conn: Connection, request: Request) -> Decision:
+        """Step (3) again for a request whose body is now held (``request.http.body``, or
+        ``body_overflow``), then steps 4-7. Identity and framing were admitted with its head."""
+        started = time.perf_counter()
+        request = self._attributed(conn, request)
+        if request.http is None or not request.http.body_read:
+            raise ValueError("admit_body needs a request whose body was read")
+        # (3) policy, with the body: decide() refuses anything that still wants more.
+        decision = decide(request, self.policy_for(conn))
+        return await self._from_destination(conn, request, decision, started)
+
+    async def _from_destination(
+        self, conn: Connection, request: Request, decision: Decision, started: float
+    ) -> Decision:
+        policy = self.policy_for(conn)
+        # (4) destination and (5) self; a request inside a tunnel goes where the tunnel is pinned.
+        if request.kind is Kind.REQUEST:
+            tunnel = conn.tunnel
+            if decision.allowed and tunnel is not None:
+                decision = decision.with_(address=tunnel.address)
+        elif decision.allowed and request.port is not None:
             decision = await self._destination(decision, request.port, policy)
+        return self._finish(conn, request, decision, started)
+
+    def _finish(
+        self, conn: Connection, request: Request, decision: Decision, started: float
+    ) -> Decision:
         # (6) audit
         decision = self.emitter.emit(decision)
-        if self.observer is not None:
+        if self.observer is not None and started:
             self.observer.observe_latency(request.kind, time.perf_counter() - started)
         # (7) pin
-        if decision.allowed and decision.address is not None and request.port is not None:
-            conn.pinned[(decision.host, request.port)] = decision.address
-            conn.checked.add((decision.address, request.port))
-            if request.kind is Kind.CONNECT:
+        if decision.allowed and request.port is not None and request.kind is not Kind.REQUEST:
+            if decision.address is not None:
+                conn.pinned[(decision.host, request.port)] = decision.address
+                conn.checked.add((decision.address, request.port))
+            if request.kind is Kind.CONNECT:  # without an address (a dry run), nothing is dialled
                 conn.tunnel = decision
+                conn.inspected = self._inspects(self.policy_for(conn), decision, request.port)
         return decision
+
+    @staticmethod
+    def _inspects(policy: Policy, decision: Decision, port: int) -> bool:
+        """(3, at CONNECT) the tunnel's requests are read when any rule for its host and port reads
+        requests; decided once, for the tunnel's life."""
+        try:
+            host = canonical_host(decision.host)
+        except InvalidHost:
+            return False
+        if not isinstance(host, str):
+            return False
+        return policy.index.request_rules(host, port) is not None
 
     def _identify(self, conn: Connection, credential: str | None) -> bool:
         if self.identities is None:
@@ -220,6 +293,8 @@ class Checkpoint:
             conn.peer,
             conn.sandbox_id,
             request.qtype,
+            request.http,
+            request.query,
         )
 
     async def _destination(self, decision: Decision, port: int, policy: Policy) -> Decision:
@@ -254,7 +329,9 @@ class Checkpoint:
         tunnel = conn.tunnel
         if tunnel is None:
             raise ValueError("admit_tunnel needs an admitted CONNECT")
-        if first.protocol in (FirstProtocol.SSH, FirstProtocol.HTTP):
+        if first.protocol is FirstProtocol.HTTP or (
+            first.protocol is FirstProtocol.SSH and not conn.inspected
+        ):
             return None
         request = Request(
             kind=Kind.TLS,
@@ -269,6 +346,9 @@ class Checkpoint:
             decision = decide(request, policy)
             if decision.allowed:
                 decision = decision.with_(address=tunnel.address)
+        elif first.protocol is FirstProtocol.SSH:
+            detail = "this tunnel's requests are inspected, so it must carry TLS, not SSH"
+            decision = refuse(request, policy, Reason.NOT_TLS, detail, rule=tunnel.rule)
         else:
             reason = first.reason or Reason.NOT_TLS
             decision = refuse(request, policy, reason, first.detail, rule=tunnel.rule)
@@ -276,6 +356,24 @@ class Checkpoint:
         if not decision.allowed:
             conn.forget_destinations()
         return decision
+
+    def refuse_upstream(self, conn: Connection, detail: str) -> Decision:
+        """The upstream of an inspected tunnel failed TLS verification: recorded as a refusal, and
+        nothing more is dialled for this connection (there is no fallback to passthrough)."""
+        tunnel = conn.tunnel
+        request = Request(
+            kind=Kind.TLS,
+            host=tunnel.host if tunnel else "-",
+            port=tunnel.port if tunnel else None,
+            client=conn.peer,
+            sandbox_id=conn.sandbox_id,
+        )
+        rule = tunnel.rule if tunnel else None
+        decision = refuse(
+            request, self.policy_for(conn), Reason.UPSTREAM_TLS_FAILED, detail, rule=rule
+        )
+        conn.forget_destinations()
+        return self.emitter.emit(decision)
 
     # -- the dial ---------------------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ class Connection:
     refusal: tuple[Reason, str] | None = None  # a limit this connection is over
     started: float = field(default_factory=time.monotonic)
     tunnel: Decision | None = None  # the allowed CONNECT decision, once there is one
+    inspected: bool = False  # the tunnel's requests are read one by one (TLS terminated)
     opened: Decision | None = None  # the decision a counted upstream connection was opened under
     bytes_out: int = 0  # client -> upstream
     bytes_in: int = 0
@@ -59,6 +60,7 @@ class Connection:
         self.pinned.clear()
         self.checked.clear()
         self.tunnel = None
+        self.inspected = False
 
 
 class Connections:

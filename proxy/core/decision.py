@@ -10,7 +10,10 @@ import os
 import time
 from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from proxy.core.requests import HttpHead
 
 
 class Kind(StrEnum):
@@ -20,6 +23,7 @@ class Kind(StrEnum):
     HTTP = "http"  # a plain-HTTP request (host, port, method, path)
     DNS = "dns"  # a DNS question (host = qname, qtype)
     TLS = "tls"  # a ClientHello inside an allowed tunnel (host = CONNECT host, sni)
+    REQUEST = "request"  # an HTTP request inside an inspected (TLS-terminated) tunnel
 
 
 class Verdict(StrEnum):
@@ -49,9 +53,15 @@ class Reason(StrEnum):
     CONNECTION_LIMIT = "connection-limit"
     RATE_LIMIT = "rate-limit"
     REQUEST_TIMEOUT = "request-timeout"
-    REQUEST_TOO_LARGE = "request-too-large"
-    BAD_REQUEST = "bad-request"
+    HEAD_TOO_LARGE = "head-too-large"  # request line, header count or head over the caps
+    BAD_REQUEST = "bad-request"  # a head the HTTP parser refused
     UNSUPPORTED = "unsupported"
+    REQUEST_NOT_ALLOWED = "request-not-allowed"  # the host reads requests; no rule allows this one
+    AMBIGUOUS_REQUEST = (
+        "ambiguous-request"  # a target, override or upgrade servers read differently
+    )
+    REQUEST_TOO_LARGE = "request-too-large"  # a body a rule must read is longer than is held
+    UPSTREAM_TLS_FAILED = "upstream-tls-failed"  # the upstream's certificate did not verify
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +77,8 @@ class Request:
     client: str | None = None
     sandbox_id: str | None = None
     qtype: str | None = None
+    http: HttpHead | None = None  # what the request step reads (HTTP and inspected requests)
+    query: str | None = None  # the query as recorded (values scrubbed unless configured)
 
 
 def new_id() -> str:
@@ -94,6 +106,7 @@ class Decision:
     qtype: str | None = None
     address: str | None = None  # the checked address actually connected to, once known
     detail: str | None = None  # human-readable explanation for the refusal message
+    query: str | None = None  # the request's query as recorded: values scrubbed unless configured
     id: str = field(default_factory=new_id)
     ts: float = field(default_factory=time.time)
 

@@ -7,7 +7,9 @@ The order, written down once in ``decide``:
    IP-literal destination must carry none (``sni-mismatch``);
 3. a deny rule matching the host (and the port, if the rule lists ports) is ``denied-by-rule``;
 4. an allow rule matching host and port allows (the most specific one is named); allow rules matching
-   the host on other ports only are ``port-not-allowed``;
+   the host on other ports only are ``port-not-allowed``; an HTTP request to a host whose rules read
+   requests then goes through the request step (:mod:`proxy.core.requests`), which names the
+   request rule that allowed or refused it (request refusals hold in report mode too);
 5. anything else is ``no-matching-rule``.
 
 Host names are matched only by host patterns and IP literals only by ``cidrs``: a wildcard never covers an
@@ -15,7 +17,7 @@ address. DNS questions have no port; they match allow rules on any port, and den
 deny rule covers every port (denying ``github.com:22`` must not stop ``github.com`` resolving).
 
 Report mode exists to learn what an allowlist is missing, not to switch safety off. Only the two
-outcomes that mean "the allowlist does not cover this" (``no-matching-rule``, ``port-not-allowed``)
+outcomes that mean "the allowlist does not cover this host" (``no-matching-rule``, ``port-not-allowed``)
 become ``report``: traffic proceeds and the would-be denial is recorded. An explicit deny rule is a
 decision a security engineer already took, so ``denied-by-rule`` holds in every mode (its detail says
 so in report mode). Safety and protocol refusals (``invalid-host``, ``sni-*``, ECH, not-TLS, internal
@@ -30,12 +32,23 @@ from __future__ import annotations
 
 from proxy.core.decision import Decision, Kind, Reason, Request, Verdict
 from proxy.core.hosts import InvalidHost, canonical_host
+from proxy.core.requests import Outcome, judge
 from proxy.core.text import escape
 from proxy.policy.model import Mode, Policy
 
 # The reasons report mode turns into REPORT: the allowlist does not cover the request. Everything else
 # (explicit deny rules, safety refusals) stays DENY in every mode.
 REPORTABLE_REASONS = frozenset({Reason.NO_MATCHING_RULE, Reason.PORT_NOT_ALLOWED})
+
+
+class BodyNeeded:
+    """The request step cannot decide before it has read the (bounded) body."""
+
+    __slots__ = ()
+
+
+BODY_NEEDED = BodyNeeded()
+_HTTP_KINDS = (Kind.HTTP, Kind.REQUEST)
 
 _GRANT_HINT = "a human can grant access by adding a rule to the egress policy"
 
@@ -47,7 +60,22 @@ def _where(host: str, port: int | None) -> str:
 
 
 def decide(request: Request, policy: Policy) -> Decision:
-    """Decide one request against one policy. Pure: same inputs, same verdict, reason and rule."""
+    """Decide one request against one policy. Pure: same inputs, same verdict, reason and rule.
+
+    A request whose decision needs its body is refused here; :func:`decide_request` asks for it."""
+    outcome = decide_request(request, policy)
+    if isinstance(outcome, BodyNeeded):
+        return refuse(
+            request,
+            policy,
+            Reason.REQUEST_NOT_ALLOWED,
+            "a rule for this host must read the request body, which was not given",
+        )
+    return outcome
+
+
+def decide_request(request: Request, policy: Policy) -> Decision | BodyNeeded:
+    """:func:`decide`, or BODY_NEEDED when the request step must first read the request body."""
     # (1) Canonicalise: every later step sees only the canonical form.
     try:
         target = canonical_host(request.host)
@@ -89,9 +117,31 @@ def decide(request: Request, policy: Policy) -> Decision:
         if policy.mode is Mode.REPORT:
             detail += " (explicit deny rules are enforced in report mode too)"
         return _make(request, policy, Verdict.DENY, Reason.DENIED_BY_RULE, rule.name, host, detail)
-    # (4) The most specific allow rule that lists the port.
+    # (4) The most specific allow rule that lists the port; then, for an HTTP request on a host whose
+    # rules read requests, the request step.
     if match.allow is not None:
         rule = match.allow
+        if (
+            request.http is not None
+            and is_name
+            and port is not None
+            and request.kind in _HTTP_KINDS
+        ):
+            rules = policy.index.request_rules(host, port)
+            if rules is not None:
+                judged = judge(rules, request.http)
+                if judged.outcome is Outcome.BODY:
+                    return BODY_NEEDED
+                name = judged.rule.name if judged.rule is not None else None
+                if judged.outcome is Outcome.ALLOW:
+                    return _make(
+                        request, policy, Verdict.ALLOW, judged.reason, name, host, judged.detail
+                    )
+                # Request rules make an otherwise open host read-only: they hold in report mode too.
+                detail = judged.detail
+                if policy.mode is Mode.REPORT:
+                    detail += " (request rules are enforced in report mode too)"
+                return _make(request, policy, Verdict.DENY, judged.reason, name, host, detail)
         return _make(
             request,
             policy,
@@ -196,7 +246,8 @@ def _make(
         request.qtype,
         None,
         detail,
+        request.query,
     )
 
 
-__all__ = ["REPORTABLE_REASONS", "decide", "refuse"]
+__all__ = ["BODY_NEEDED", "REPORTABLE_REASONS", "BodyNeeded", "decide", "decide_request", "refuse"]

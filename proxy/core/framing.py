@@ -27,11 +27,11 @@ def head_problem(method: str, target: str, fields: Sequence[tuple[bytes, bytes]]
     never measured while incomplete, so its size is checked here too."""
     line = len(method) + len(target) + 10
     if line > MAX_REQUEST_LINE:
-        return Reason.REQUEST_TOO_LARGE, f"the request line is longer than {MAX_REQUEST_LINE} bytes"
+        return Reason.HEAD_TOO_LARGE, f"the request line is longer than {MAX_REQUEST_LINE} bytes"
     if len(fields) > MAX_HEADERS:
-        return Reason.REQUEST_TOO_LARGE, f"{len(fields)} header fields; at most {MAX_HEADERS}"
+        return Reason.HEAD_TOO_LARGE, f"{len(fields)} header fields; at most {MAX_HEADERS}"
     if line + sum(len(name) + len(value) + 4 for name, value in fields) > MAX_REQUEST_HEAD:
-        return Reason.REQUEST_TOO_LARGE, f"the request head is larger than {MAX_REQUEST_HEAD} bytes"
+        return Reason.HEAD_TOO_LARGE, f"the request head is larger than {MAX_REQUEST_HEAD} bytes"
     return None
 
 

@@ -7,7 +7,7 @@ tricks and asks instead. Everything that came from the client is escaped.
 
 from __future__ import annotations
 
-from proxy.core.decision import Decision
+from proxy.core.decision import Decision, Reason
 from proxy.core.engine import REPORTABLE_REASONS
 from proxy.core.text import escape
 
@@ -38,6 +38,21 @@ def refusal_text(decision: Decision) -> str:
             "    - name: <purpose>",
             f"      hosts: [{decision.host}]",
             f"      ports: [{port}]",
+            "",
+            "then reload the gate (`egress lint` checks the file first).",
+        ]
+    elif decision.reason is Reason.REQUEST_NOT_ALLOWED:
+        method = escape((decision.method or "GET").upper())
+        lines += [
+            "This host is reachable, but only for the requests its rules list (for example, read",
+            "access without push or publish). If this request is needed, ask a human to review and",
+            "add a request rule, e.g.:",
+            "",
+            "  rules:",
+            "    - name: <purpose>",
+            f"      hosts: [{decision.host}]",
+            f"      methods: [{method}]",
+            f'      paths: ["{escape(decision.path or "/")}"]',
             "",
             "then reload the gate (`egress lint` checks the file first).",
         ]

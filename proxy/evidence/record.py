@@ -36,6 +36,7 @@ ATTRIBUTE_NAMES: Mapping[str, str] = {
     "mode": "egress.mode",
     "method": "http.request.method",
     "path": "url.path",  # and url.query (names only): see proxy.evidence.otel.attributes
+    "query": "url.query",  # a request's query, recorded apart from its path (values scrubbed)
     "sni": "tls.client.server_name",
     "client": "client.address",
     "sandbox_id": "egress.sandbox.id",

@@ -8,6 +8,11 @@ longest first. Neither path looks at a rule that cannot match, and no pattern is
 
 Within one key several rules may apply; a ``_Slot`` answers "which rule covers this port" with one more
 dict probe. Ties (same key) go to the rule loaded first.
+
+Request rules (rules with request conditions, or ``inspect``) are found through the same host walk:
+:meth:`RuleIndex.request_rules` collects every rule covering a host and port into a short
+:class:`RequestRules` (cached per host and port), or None when no rule there reads requests. Deny rules
+with request conditions refuse only the requests they match, so the host lookups above never see them.
 """
 
 from __future__ import annotations
@@ -91,19 +96,46 @@ class Match:
         self.nearest = nearest  # most specific allow rule matching the host on any port
 
 
+class RequestRules:
+    """The rules that decide requests to one host and port: conditional deny rules, then every allow
+    rule (with or without conditions), each in policy order. ``judged`` caches the request step's
+    answers for request heads seen before (see :func:`proxy.core.requests.judge`)."""
+
+    __slots__ = ("allow", "deny", "judged")
+
+    def __init__(self, deny: tuple[Rule, ...], allow: tuple[Rule, ...]) -> None:
+        self.deny = deny
+        self.allow = allow
+        self.judged: dict[object, object] = {}
+
+
+_MAX_CACHED = 8192
+_NO_RULES = RequestRules((), ())  # cached "nothing here reads requests"
+
+
 class RuleIndex:
     """Built once per policy; every method is read-only, so one index serves all threads."""
 
-    __slots__ = ("_names", "_nets4", "_nets6", "size")
+    __slots__ = ("_by_name", "_cache", "_names", "_nets4", "_nets6", "size")
 
     def __init__(self, rules: Iterable[Rule]) -> None:
         self._names: dict[str, _NameNode] = {}
         nets: dict[tuple[int, int, int], _NetNode] = {}  # (version, prefixlen, network int)
         self.size = 0
-        for rule in rules:
+        ordered = list(rules)
+        # Only a policy with request rules pays for the per-name lists they are looked up in.
+        reads = any(rule.reads_requests for rule in ordered)
+        self._by_name: dict[str, list[tuple[str, int, Rule]]] | None = {} if reads else None
+        self._cache: dict[tuple[str, int], RequestRules] = {}
+        for order, rule in enumerate(ordered):
             self.size += 1
             deny = rule.action == "deny"
-            for pattern in rule.hosts:
+            if self._by_name is not None:
+                for pattern in rule.hosts:
+                    entry = (str(pattern.kind), order, rule)
+                    self._by_name.setdefault(pattern.base, []).append(entry)
+            # A deny rule with request conditions refuses matching requests only, never a whole host.
+            for pattern in () if deny and rule.request is not None else rule.hosts:
                 node = self._names.get(pattern.base)
                 if node is None:
                     node = self._names[pattern.base] = _NameNode()
@@ -165,6 +197,44 @@ class RuleIndex:
                         if allow is None:
                             allow = aslot.allowing(port)
         return Match(None, allow, nearest)
+
+    def request_rules(self, name: str, port: int) -> RequestRules | None:
+        """The rules deciding requests to a canonical host name and port, or None when no rule there
+        reads requests (the host is then decided as a whole, and its TLS is not terminated)."""
+        if self._by_name is None:
+            return None
+        key = (name, port)
+        found = self._cache.get(key)
+        if found is None:
+            found = self._collect(name, port)
+            if len(self._cache) >= _MAX_CACHED:
+                self._cache.clear()
+            self._cache[key] = found
+        return None if found is _NO_RULES else found
+
+    def _collect(self, name: str, port: int) -> RequestRules:
+        assert self._by_name is not None
+        hits: list[tuple[int, Rule]] = []
+        for kind, order, rule in self._by_name.get(name, ()):
+            if kind != "sub":
+                hits.append((order, rule))
+        dot = name.find(".")
+        while dot >= 0:
+            for kind, order, rule in self._by_name.get(name[dot + 1 :], ()):
+                if kind != "exact":
+                    hits.append((order, rule))
+            dot = name.find(".", dot + 1)
+        covering = [
+            rule
+            for _, rule in sorted(dict(hits).items())
+            if rule.ports is None or port in rule.ports
+        ]
+        # SSH (port 22) cannot be read: only a rule naming port 22 itself (refused at load) reads it.
+        if not any(r.reads_requests and (port != 22 or r.ports) for r in covering):
+            return _NO_RULES
+        deny = tuple(r for r in covering if r.action == "deny" and r.request is not None)
+        allow = tuple(r for r in covering if r.action != "deny")
+        return RequestRules(deny, allow)
 
     def match_address(self, address: IPv4Address | IPv6Address, port: int | None) -> Match:
         """Rules for an IP literal; only CIDR rules can match, longest prefix first."""

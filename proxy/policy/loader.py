@@ -23,8 +23,10 @@ from pathlib import Path
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from proxy.core.paths import PathGlob, compile_glob
 from proxy.policy.model import (
     DEFAULT_PORTS,
+    GRAPHQL_OPERATIONS,
     Action,
     HostPattern,
     IPNetwork,
@@ -32,6 +34,7 @@ from proxy.policy.model import (
     Policy,
     PolicyError,
     Problem,
+    RequestConditions,
     Rule,
     parse_host_pattern,
 )
@@ -39,7 +42,25 @@ from proxy.policy.presets import is_preset_name, preset_path, presets_dir
 
 SCHEMA_VERSION = 1
 TOP_KEYS = frozenset({"version", "mode", "include", "rules", "allow_internal", "description"})
-RULE_KEYS = frozenset({"name", "action", "hosts", "cidrs", "ports", "description", "comment"})
+REQUEST_KEYS = frozenset(
+    {
+        "methods",
+        "paths",
+        "paths_case",
+        "query",
+        "websocket",
+        "max_request_bytes",
+        "graphql_operations",
+        "json_body",
+    }
+)
+RULE_KEYS = frozenset(
+    {"name", "action", "hosts", "cidrs", "ports", "description", "comment", "inspect"}
+    | REQUEST_KEYS
+)
+# An HTTP method or override: an RFC 9110 token.
+METHOD = re.compile(r"^[A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]{0,31}$")
+QUERY_NAME = re.compile(r"^[A-Za-z0-9._~!$'()*+,:@/-]{1,128}$")
 # Rule names end up in response headers, log lines and metric labels: keep them boring.
 RULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -371,6 +392,31 @@ class _Loader:
             self.problem(where, node, "a rule needs 'hosts' or 'cidrs'")
         elif not hosts and not cidrs and len(self.problems) == before:
             self.problem(where, node, "a rule needs at least one entry in 'hosts' or 'cidrs'")
+        request = self.request_conditions(where, node, fields, action)
+        inspect = False
+        if "inspect" in fields:
+            inspect = bool(self.boolean(where.at("inspect"), fields["inspect"]))
+            if inspect and action is Action.DENY and request is None:
+                self.problem(
+                    where.at("inspect"),
+                    fields["inspect"],
+                    "a deny rule without request conditions refuses the whole host; "
+                    "there are no requests to inspect",
+                )
+        if (request is not None or inspect) and "cidrs" in fields:
+            self.problem(
+                where,
+                node,
+                "request conditions and 'inspect' apply to host names; an IP destination has no "
+                "name to issue a certificate for (use 'hosts')",
+            )
+        if (request is not None or inspect) and "ports" in fields and ports and 22 in ports:
+            self.problem(
+                where.at("ports"),
+                fields.get("ports", node),
+                "port 22 carries SSH, whose requests the gate cannot read; put SSH in its own "
+                "rule without request conditions",
+            )
         if len(self.problems) != before or name is None:
             return None
         return Rule(
@@ -382,7 +428,149 @@ class _Loader:
             file=here.file,
             line=node.start_mark.line + 1,
             description=description,
+            request=request,
+            inspect=inspect,
         )
+
+    def request_conditions(
+        self, where: _Where, node: Node, fields: dict[str, Node], action: Action
+    ) -> RequestConditions | None:
+        if not REQUEST_KEYS & fields.keys():
+            return None
+        methods: frozenset[str] | None = None
+        if "methods" in fields:
+            methods = frozenset(self.methods(where.at("methods"), fields["methods"]))
+        insensitive = False
+        if "paths_case" in fields:
+            text = self.string(where.at("paths_case"), fields["paths_case"])
+            if text not in (None, "sensitive", "insensitive"):
+                self.problem(
+                    where.at("paths_case"),
+                    fields["paths_case"],
+                    f"{text!r} is not sensitive or insensitive",
+                )
+            insensitive = text == "insensitive"
+            if "paths" not in fields:
+                self.problem(where.at("paths_case"), fields["paths_case"], "needs 'paths'")
+        paths: tuple[PathGlob, ...] | None = None
+        if "paths" in fields:
+            globs: list[PathGlob] = []
+            for item in self.nonempty(where.at("paths"), fields["paths"]):
+                text = self.string(where.at("paths"), item)
+                if text is None:
+                    continue
+                try:
+                    globs.append(compile_glob(text, insensitive=insensitive))
+                except ValueError as exc:
+                    self.problem(where.at("paths"), item, str(exc))
+            paths = tuple(globs)
+        query = self.string_sets(where.at("query"), fields.get("query"), QUERY_NAME, "parameter")
+        websocket: bool | None = None
+        if "websocket" in fields:
+            websocket = self.boolean(where.at("websocket"), fields["websocket"])
+        limit: int | None = None
+        if "max_request_bytes" in fields:
+            limit = self.integer(where.at("max_request_bytes"), fields["max_request_bytes"])
+            if limit is not None and limit < 0:
+                self.problem(
+                    where.at("max_request_bytes"), fields["max_request_bytes"], "must be >= 0"
+                )
+            if action is Action.DENY:
+                self.problem(
+                    where.at("max_request_bytes"),
+                    fields["max_request_bytes"],
+                    "a size limit narrows what an allow rule allows; a deny rule cannot use it",
+                )
+        operations: frozenset[str] | None = None
+        if "graphql_operations" in fields:
+            found: set[str] = set()
+            for item in self.nonempty(where.at("graphql_operations"), fields["graphql_operations"]):
+                text = self.string(where.at("graphql_operations"), item)
+                if text is None:
+                    continue
+                if text not in GRAPHQL_OPERATIONS:
+                    self.problem(
+                        where.at("graphql_operations"),
+                        item,
+                        f"{text!r} is not an operation type (query, mutation, subscription)",
+                    )
+                found.add(text)
+            operations = frozenset(found)
+        json_body = self.string_sets(
+            where.at("json_body"), fields.get("json_body"), QUERY_NAME, "field"
+        )
+        return RequestConditions(
+            methods=methods,
+            paths=paths,
+            query=query,
+            websocket=websocket,
+            max_request_bytes=limit,
+            graphql_operations=operations,
+            json_body=json_body,
+        )
+
+    def methods(self, where: _Where, node: Node) -> list[str]:
+        out: list[str] = []
+        for item in self.nonempty(where, node):
+            text = self.string(where, item)
+            if text is None:
+                continue
+            if not METHOD.fullmatch(text):
+                self.problem(where, item, f"{text!r} is not an HTTP method")
+                continue
+            if text != text.upper():
+                self.problem(where, item, f"{text!r}: write methods in upper case ({text.upper()})")
+            out.append(text.upper())
+        return out
+
+    def nonempty(self, where: _Where, node: Node) -> list[Node]:
+        items = self.sequence(where, node)
+        if not items and isinstance(node, SequenceNode):
+            self.problem(where, node, "an empty list matches nothing; list values or drop the key")
+        return items
+
+    def string_sets(
+        self, where: _Where, node: Node | None, name_pattern: re.Pattern[str], what: str
+    ) -> tuple[tuple[str, frozenset[str]], ...]:
+        """``{name: value}`` or ``{name: [value, ...]}``: each name must have one of its values."""
+        if node is None:
+            return ()
+        if not isinstance(node, MappingNode) or node.tag != _MAP_TAG:
+            self.problem(
+                where, node, f"expected a mapping of {what} to value(s), got {_describe(node)}"
+            )
+            return ()
+        out: list[tuple[str, frozenset[str]]] = []
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = _scalar_str(key_node)
+            if key is None or not name_pattern.fullmatch(key):
+                self.problem(where, key_node, f"{_describe(key_node)} is not a {what} name")
+                continue
+            if key.lower() in seen:
+                self.problem(
+                    where, key_node, f"duplicate {what} {key!r} (first on line {seen[key.lower()]})"
+                )
+                continue
+            seen[key.lower()] = key_node.start_mark.line + 1
+            if isinstance(value_node, SequenceNode):
+                values = [self.string(where, item) for item in self.nonempty(where, value_node)]
+            else:
+                values = [self.string(where, value_node)]
+            accepted = frozenset(v for v in values if v is not None)
+            if accepted:
+                out.append((key, accepted))
+        if not node.value:
+            self.problem(where, node, "an empty mapping matches everything; drop the key")
+        return tuple(out)
+
+    def boolean(self, where: _Where, node: Node) -> bool | None:
+        if isinstance(node, ScalarNode) and node.tag == "tag:yaml.org,2002:bool":
+            value = yaml.SafeLoader("").construct_object(node)
+            if isinstance(value, bool):
+                return value
+        self.problem(where, node, f"expected true or false, got {_describe(node)}")
+        return None
 
     # -- typed values ---------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from proxy.core.hosts import InvalidHost, canonical_host
+from proxy.core.paths import PathGlob
 from proxy.policy.index import RuleIndex
 
 if TYPE_CHECKING:
@@ -111,12 +112,42 @@ def parse_host_pattern(text: str) -> HostPattern:
     return HostPattern(kind, base)
 
 
+GRAPHQL_OPERATIONS = frozenset({"query", "mutation", "subscription"})
+
+
+@dataclass(frozen=True, slots=True)
+class RequestConditions:
+    """What a rule asks of each HTTP request on its hosts; a request matches when all of them hold.
+
+    ``None`` (or empty) means "not a condition". Values are canonical: methods upper case, globs
+    compiled, query and JSON values as sets of accepted strings.
+    """
+
+    methods: frozenset[str] | None = None
+    paths: tuple[PathGlob, ...] | None = None
+    query: tuple[tuple[str, frozenset[str]], ...] = ()
+    websocket: bool | None = None  # None: plain requests only (an upgrade needs websocket: true)
+    max_request_bytes: int | None = None
+    graphql_operations: frozenset[str] | None = None
+    json_body: tuple[tuple[str, frozenset[str]], ...] = ()
+
+    @property
+    def reads_body(self) -> bool:
+        """The rule cannot be decided from the request head alone."""
+        return self.graphql_operations is not None or bool(self.json_body)
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     """One allow or deny rule, as loaded. ``ports=None`` means every port.
 
     The loader gives allow rules ``{443}`` and deny rules ``None`` when the file lists no ports; code
     that builds rules directly must pass ``ports=None`` for a deny-every-port rule itself.
+
+    ``request`` holds the rule's request conditions. A rule with conditions, or with ``inspect``, makes
+    the gate read every request to its hosts (TLS is terminated for them): a deny rule with conditions
+    then refuses only the requests it matches, and an allow rule allows only those. On such a host a
+    rule without conditions allows every request.
     """
 
     name: str
@@ -129,6 +160,13 @@ class Rule:
     file: str = ""
     line: int = 0
     description: str | None = None
+    request: RequestConditions | None = None
+    inspect: bool = False
+
+    @property
+    def reads_requests(self) -> bool:
+        """Requests to this rule's hosts are read one by one (TLS terminated)."""
+        return self.request is not None or self.inspect
 
     def ports_text(self) -> str:
         """The ports as refusal messages phrase them: ``port 443``, ``ports 80, 443``, ``every port``."""
@@ -186,3 +224,8 @@ class Policy:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "index", RuleIndex(self.rules))
+
+    @property
+    def reads_requests(self) -> bool:
+        """Some host's requests are read (its TLS terminated): clients must trust the gate's CA."""
+        return any(rule.reads_requests for rule in self.rules)

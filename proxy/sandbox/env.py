@@ -23,6 +23,29 @@ from proxy.core.hosts import parse_endpoint
 
 NO_PROXY = "localhost,127.0.0.1,::1"  # the sandbox's own loopback: reachable without the gate
 
+# Where tools look for the CA file to trust: OpenSSL users (Go, Ruby, Python's ssl, uv, rustls with
+# native roots) read SSL_CERT_FILE; the rest have their own names.
+CA_BUNDLE_VARIABLES = (
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",  # requests (pip's vendored copy too), poetry, pdm
+    "CURL_CA_BUNDLE",  # curl, and requests as a fallback
+    "PIP_CERT",
+    "NODE_EXTRA_CA_CERTS",  # node, npm, pnpm, yarn, bun (added to their built-in roots)
+    "npm_config_cafile",  # npm and pnpm when a .npmrc sets its own cafile
+    "YARN_CA_FILE_PATH",  # yarn >= 2
+    "GIT_SSL_CAINFO",
+    "CARGO_HTTP_CAINFO",
+    "BUNDLE_SSL_CA_CERT",  # bundler
+    "DENO_CERT",
+    "COMPOSER_CAFILE",
+    "HEX_CACERTS_PATH",  # mix / hex
+    "AWS_CA_BUNDLE",
+    "CLOUDSDK_CORE_CUSTOM_CA_CERTS_FILE",  # gcloud
+    "HTTPLIB2_CA_CERTS",
+    "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",
+    "NIX_SSL_CERT_FILE",
+)
+
 # Names a user may have set to route around the gate; all are replaced or removed.
 _STANDARD = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "ftp_proxy", "rsync_proxy")
 
@@ -146,18 +169,10 @@ def proxy_environment(
         env["CLOUDSDK_PROXY_USERNAME"] = proxy.username
         env["CLOUDSDK_PROXY_PASSWORD"] = proxy.password or ""
     if ca_bundle:
-        for name in (
-            "SSL_CERT_FILE",
-            "REQUESTS_CA_BUNDLE",
-            "CURL_CA_BUNDLE",
-            "PIP_CERT",
-            "NODE_EXTRA_CA_CERTS",
-            "GIT_SSL_CAINFO",
-            "CARGO_HTTP_CAINFO",
-            "AWS_CA_BUNDLE",
-            "CLOUDSDK_CORE_CUSTOM_CA_CERTS_FILE",
-            "npm_config_cafile",
-        ):
+        # The bundle holds the system's CAs too, so tools that replace their trust store with it
+        # (rather than adding to it) keep trusting everything else. Java reads a truststore of its
+        # own and is not covered (see docs/inspection.md).
+        for name in CA_BUNDLE_VARIABLES:
             env[name] = ca_bundle
     if sandbox_id is not None:
         env["EGRESS_SANDBOX_ID"] = (

@@ -179,6 +179,21 @@ def _setup_mounts(config: dict[str, Any]) -> str:
     return "bound"
 
 
+def _hide(paths: list[str]) -> None:
+    """Cover each path with an empty read-only mount: a directory with a tmpfs, a file with
+    /dev/null. The command cannot undo it (no capabilities, no_new_privs)."""
+    for path in paths:
+        try:
+            if os.path.isdir(path):
+                flags = _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
+                _mount("egress-hidden", path, "tmpfs", flags)
+            elif os.path.lexists(path):
+                _mount("/dev/null", path, None, _MS_BIND)
+                _mount(None, path, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY)
+        except OSError as exc:
+            raise _SetupFailed(f"cannot hide {path} from the sandbox: {exc}") from exc
+
+
 def _loopback_up() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         ifreq = struct.pack("16sh22x", b"lo", 0)
@@ -257,6 +272,7 @@ def _init_main(config: dict[str, Any], ctl: socket.socket) -> None:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     try:
         resolv = _setup_mounts(config)
+        _hide(config.get("hide") or [])
         _loopback_up()
         socks = _listeners(config)
     except _SetupFailed as exc:

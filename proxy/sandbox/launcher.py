@@ -31,7 +31,7 @@ from proxy.sandbox.stdio import foreground_tty, restore_tty, stdio_fds, stdio_pr
 from proxy.sandbox.summary import SummarySink
 
 if TYPE_CHECKING:  # a private gate's types: the joined modes do not import them
-    from proxy.sandbox.private_gate import GateStarter, PrivateGate
+    from proxy.sandbox.private_gate import GateStarter, PrivateGate, Trust, TrustSetup
 
 log = logging.getLogger("egress.run")
 
@@ -59,6 +59,7 @@ class RunOptions:
     gate_socket: str | None = None  # hand the listeners to a local gate (no relay)
     token: str | None = None  # the sandbox's credential for a gate that requires one
     gate: GateStarter | None = None  # starts the private gate (without --proxy / --gate-socket)
+    trust: TrustSetup | None = None  # the CA bundle and hidden paths when the gate reads TLS
     env: dict[str, str] | None = None
     cwd: str | None = None
     stdin: int | IO[Any] | None = None
@@ -116,12 +117,28 @@ def run(options: RunOptions) -> int:
                 _err(line)
             _err(f"{verdict}; the command was not run")
             return EXIT_SETUP_FAILED
+    trust: Trust | None = None
+    if options.trust is not None:
+        try:
+            trust = options.trust(policy)
+        except ValueError as exc:
+            _err(f"{exc}; the command was not run")
+            return EXIT_SETUP_FAILED
+    try:
+        return _run_with(options, policy, trust)
+    finally:
+        if trust is not None:
+            trust.cleanup()
+
+
+def _run_with(options: RunOptions, policy: Any, trust: Trust | None) -> int:
+    bundle = trust.bundle if trust is not None else None
     if not options.isolation:
         if options.gate_socket is not None:
             _err("--gate-socket hands over a sandbox: it needs isolation; the command was not run")
             return EXIT_SETUP_FAILED
         sys.stderr.write(NO_ISOLATION_WARNING + "\n")
-        return _run_unisolated(options, policy)
+        return _run_unisolated(options, policy, bundle)
     problem = stdio_problem(stdio_fds(options.stdin, options.stdout, options.stderr))
     if problem:
         _err(f"{problem}; the command was not run")
@@ -150,9 +167,14 @@ def run(options: RunOptions) -> int:
         address = ProxyAddress(inside, options.proxy_port)
     base = dict(options.env if options.env is not None else os.environ)
     base.pop("EGRESS_SANDBOX_TOKEN", None)  # the launcher's to present, not the sandbox's to read
-    env = proxy_environment(base, address, sandbox_id=options.sandbox_id)
+    env = proxy_environment(base, address, sandbox_id=options.sandbox_id, ca_bundle=bundle)
     spec = SandboxSpec(
-        argv=list(options.argv), env=env, listeners=listeners, cwd=options.cwd, foreground_tty=tty
+        argv=list(options.argv),
+        env=env,
+        listeners=listeners,
+        cwd=options.cwd,
+        foreground_tty=tty,
+        hidden=tuple(trust.hidden) if trust is not None else (),
     )
     try:
         sandbox = Sandbox.spawn(
@@ -333,22 +355,24 @@ def _run_handed_off(options: RunOptions, sandbox: Sandbox, path: str) -> tuple[i
     return code, summary
 
 
-def _run_unisolated(options: RunOptions, policy: Any) -> int:
+def _run_unisolated(options: RunOptions, policy: Any, bundle: str | None) -> int:
     """--no-isolation: the same gate and environment, no namespace. Loudly not a boundary."""
     import subprocess
 
     if options.proxy_url is not None:
         address = ProxyAddress.parse(options.proxy_url)
-        env = proxy_environment(options.env or os.environ, address, sandbox_id=options.sandbox_id)
+        env = proxy_environment(
+            options.env or os.environ, address, sandbox_id=options.sandbox_id, ca_bundle=bundle
+        )
         proc = subprocess.Popen(list(options.argv), env=env, cwd=options.cwd)
         with forwarding_signals(proc.send_signal):
             return exit_code(proc.wait())
     import asyncio
 
-    return asyncio.run(_run_unisolated_private(options, policy))
+    return asyncio.run(_run_unisolated_private(options, policy, bundle))
 
 
-async def _run_unisolated_private(options: RunOptions, policy: Any) -> int:
+async def _run_unisolated_private(options: RunOptions, policy: Any, bundle: str | None) -> int:
     import asyncio
 
     from proxy.sandbox.private_gate import GateRequest
@@ -370,7 +394,10 @@ async def _run_unisolated_private(options: RunOptions, policy: Any) -> int:
     try:
         host, port = gate.listen_address
         env = proxy_environment(
-            options.env or os.environ, ProxyAddress(host, port), sandbox_id=options.sandbox_id
+            options.env or os.environ,
+            ProxyAddress(host, port),
+            sandbox_id=options.sandbox_id,
+            ca_bundle=bundle,
         )
         proc = await asyncio.create_subprocess_exec(
             *options.argv,

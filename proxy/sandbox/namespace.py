@@ -82,6 +82,9 @@ class SandboxSpec:
     cwd: str | None = None
     handshake_timeout: float = 20.0
     foreground_tty: int | None = None  # fd of the terminal to hand to the command, if any
+    # Paths the command must not read (the gate's state directory with its CA key): each is covered
+    # by an empty read-only mount inside the sandbox, or the command does not run.
+    hidden: Sequence[str] = ()
 
 
 def own_netns_inode() -> int:
@@ -149,6 +152,7 @@ class Sandbox:
             "parent": os.getpid(),
             "tty": spec.foreground_tty,
             "netns": own_netns_inode(),
+            "hide": [os.path.abspath(path) for path in spec.hidden],
         }
         try:
             proc = subprocess.Popen(

@@ -45,3 +45,18 @@ class PrivateGate(Protocol):
 
 # Starts a gate serving ``request.sockets``; raises (having released what it took) if it cannot.
 GateStarter = Callable[[GateRequest], Awaitable[PrivateGate]]
+
+
+@dataclass(frozen=True)
+class Trust:
+    """What the sandbox needs when the gate reads its TLS: a CA bundle to trust (system CAs plus
+    the gate's), and the paths it must not read (where the CA key lives)."""
+
+    bundle: str | None  # None: nothing is inspected, the sandbox keeps its own trust store
+    hidden: Sequence[str] = ()
+    cleanup: Callable[[], None] = lambda: None
+
+
+# Given the private gate's policy (None when joining a gate elsewhere): the trust the sandbox needs.
+# Raises ValueError naming the problem when it cannot be set up (the command then does not run).
+TrustSetup = Callable[["Policy | None"], Trust | None]

@@ -59,6 +59,15 @@ def test_switching_to_eager_is_refused_at_runtime(gate: RunningGate) -> None:
     assert master.options.connection_strategy == "lazy"
 
 
+def test_turning_upstream_verification_off_is_refused_at_runtime(gate: RunningGate) -> None:
+    master = gate.gate.master
+    assert master is not None
+    assert master.options.ssl_insecure is False
+    with pytest.raises(exceptions.OptionsError, match="ssl_insecure"):
+        master.options.update(ssl_insecure=True)
+    assert master.options.ssl_insecure is False
+
+
 def test_extra_listener_attributes_decisions_to_its_sandbox(
     gate: RunningGate, http_upstream: Upstream
 ) -> None:

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from proxy.app.check import check, parse_target
-from proxy.core.decision import Decision, Kind, Request
+from proxy.app.check import check, parse_target, request_target
+from proxy.core.decision import Decision, Kind, Reason, Request
+from proxy.core.requests import HttpHead
 from proxy.policy.loader import load_policy
 from tests.dnsfake import FakeDns
-from tests.harness import WAIT, RunningGate
+from tests.harness import WAIT, RunningGate, recv_head
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -139,3 +140,155 @@ def test_the_cli_gives_the_same_answer(fake_dns: FakeDns, tmp_path: Path) -> Non
     )
     assert result.returncode == 1, result.stderr
     assert json.loads(result.stdout)["reason"] == "internal-address"
+
+
+# -- request rules ---------------------------------------------------------------------------------
+
+REQUEST_POLICY = """
+version: 1
+allow_internal: [127.0.0.0/8]
+rules:
+  - name: read
+    hosts: [allowed.test]
+    methods: [GET, HEAD]
+    paths: ["/myorg/**"]
+    paths_case: insensitive
+  - name: graphql
+    hosts: [allowed.test]
+    methods: [POST]
+    paths: [/graphql]
+    graphql_operations: [query]
+  - name: no-push
+    action: deny
+    hosts: [allowed.test]
+    query: {service: git-receive-pack}
+  - name: plain-read
+    hosts: [plain.test]
+    ports: [80]
+    methods: [GET]
+  - name: passthrough
+    hosts: [open.test]
+"""
+
+# (method, URL, body)
+REQUEST_TARGETS: list[tuple[str, str, bytes | None]] = [
+    ("GET", "https://allowed.test/myorg/repo", None),
+    ("GET", "https://allowed.test/MyOrg/repo?x=1", None),
+    ("DELETE", "https://allowed.test/myorg/repo", None),
+    ("GET", "https://allowed.test/other/repo", None),
+    ("GET", "https://allowed.test/myorg/../other", None),
+    ("GET", "https://allowed.test/myorg/%2e%2e/other", None),
+    ("GET", "https://allowed.test/myorg/repo?_method=DELETE", None),
+    ("GET", "https://allowed.test/myorg/r/info/refs?service=git-receive-pack", None),
+    ("POST", "https://allowed.test/graphql", b'{"query": "{ viewer { login } }"}'),
+    ("POST", "https://allowed.test/graphql", b'{"query": "mutation { x }"}'),
+    ("POST", "https://allowed.test/graphql", b"not json"),
+    ("PUT", "https://open.test/anything", b"x"),
+    ("GET", "https://nowhere.test/x", None),
+    ("GET", "http://plain.test/anything", None),
+    ("POST", "http://plain.test/anything", b"x"),
+]
+
+
+def live_request(
+    gate: RunningGate, ca: Path, method: str, url: str, body: bytes | None
+) -> Decision:
+    """Send one request through the gate as a client would (inside TLS to the gate for https);
+    return the last decision it recorded."""
+    import ssl
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    authority = f"{parts.hostname}:{port}"
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    payload = body or b""
+    before = len(gate.decisions)
+    with socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT) as raw:
+        if parts.scheme == "https":
+            raw.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+            if not recv_head(raw).startswith(b"HTTP/1.1 200"):
+                return gate.decisions[before:][0]
+            context = ssl.create_default_context(cafile=str(ca))
+            try:
+                sock: socket.socket = context.wrap_socket(raw, server_hostname=parts.hostname)
+            except (
+                ssl.SSLError,
+                OSError,
+            ):  # not inspected: relayed to an upstream that is not there
+                return gate.decisions[before:][-1]
+            line = f"{method} {target} HTTP/1.1\r\nHost: {authority}\r\n"
+        else:
+            sock = raw
+            line = f"{method} http://{authority}{target} HTTP/1.1\r\nHost: {authority}\r\n"
+        sock.sendall(f"{line}Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        recv_head(sock)
+    fresh = [d for d in gate.decisions[before:] if d.kind in (Kind.REQUEST, Kind.HTTP)]
+    return fresh[-1] if fresh else gate.decisions[before:][-1]
+
+
+def test_check_and_the_gate_agree_on_request_rules(
+    fake_dns: FakeDns,
+    write_policy: Callable[[str], Path],
+    start_gate: Callable[..., RunningGate],
+    tmp_path: Path,
+) -> None:
+    for name in ("allowed.test", "plain.test", "open.test"):
+        fake_dns.set(name, "A", ["127.0.0.1"])
+    path = write_policy(REQUEST_POLICY)
+    confdir = tmp_path / "state"
+    gate = start_gate(path, config={"confdir": str(confdir)})
+    ca = confdir / "mitmproxy-ca-cert.pem"
+    policy = load_policy(path)
+    reasons = set()
+    for method, url, body in REQUEST_TARGETS:
+        _, host, port, _, _ = parse_target(url, method)
+        target = request_target(url)
+        request = Request(
+            Kind.HTTP if url.startswith("http://") else Kind.REQUEST,
+            host,
+            port,
+            method,
+            target.partition("?")[0],
+            http=HttpHead(method, target, body_size=len(body or b"")),
+        )
+        dry = asyncio.run(
+            check(policy, request, resolve=True, nameservers=[fake_dns.nameserver], body=body)
+        )
+        real = live_request(gate, ca, method, url, body)
+        assert (dry.decision, dry.reason, dry.rule) == (real.decision, real.reason, real.rule), (
+            method,
+            url,
+            dry.detail,
+            real.detail,
+        )
+        reasons.add(dry.reason)
+    # the table reaches every outcome of the request step
+    assert {
+        Reason.ALLOWED_BY_RULE,
+        Reason.REQUEST_NOT_ALLOWED,
+        Reason.AMBIGUOUS_REQUEST,
+        Reason.DENIED_BY_RULE,
+        Reason.NO_MATCHING_RULE,
+    } <= reasons
+
+
+def test_the_cli_decides_request_rules(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(REQUEST_POLICY)
+    base = ["--policy", str(path), "--json"]
+    ok = subprocess.run(
+        [EGRESS, "check", *base, "https://allowed.test/myorg/x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert (json.loads(ok.stdout)["kind"], json.loads(ok.stdout)["rule"]) == ("request", "read")
+    push = subprocess.run(
+        [EGRESS, "check", *base, "--method", "POST", "--data", '{"query": "mutation { x }"}',
+         "https://allowed.test/graphql"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert push.returncode == 1
+    assert json.loads(push.stdout)["reason"] == "request-not-allowed"

@@ -116,7 +116,7 @@ def test_oversized_heads_are_refused_and_recorded(
     gate = gate_with(write_policy, fake_dns, plain, Limits())
     try:
         assert get(gate.port, plain.port, extra).startswith(status)
-        (refusal,) = reasons(gate, Reason.REQUEST_TOO_LARGE)
+        (refusal,) = reasons(gate, Reason.HEAD_TOO_LARGE)
         assert refusal.decision is Verdict.DENY
     finally:
         gate.stop()
@@ -135,7 +135,7 @@ def test_an_overlong_request_line_is_refused(
                 f"Host: allowed.test:{plain.port}\r\n\r\n".encode()
             )
             assert recv_head(sock).startswith(b"HTTP/1.1 431")
-        assert reasons(gate, Reason.REQUEST_TOO_LARGE)
+        assert reasons(gate, Reason.HEAD_TOO_LARGE)
     finally:
         gate.stop()
     assert plain.accepted == 0

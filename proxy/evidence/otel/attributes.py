@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.evidence.otel.scrub import scrub_host, scrub_text, scrub_url
+from proxy.evidence.otel.scrub import MAX_PATH, scrub_host, scrub_text, scrub_url
 from proxy.evidence.record import ATTRIBUTE_NAMES, DECISION_EVENT, NOT_ATTRIBUTES, Record
 
-_TEXT, _NUMBER, _HOST, _PATH = range(4)
+_TEXT, _NUMBER, _HOST, _PATH, _QUERY = range(5)
 _SHAPE = {"port": _NUMBER, "seq": _NUMBER, "bytes_out": _NUMBER, "bytes_in": _NUMBER,
-          "duration": _NUMBER, "host": _HOST, "path": _PATH}  # fmt: skip
+          "duration": _NUMBER, "host": _HOST, "path": _PATH, "query": _QUERY}  # fmt: skip
 _TABLE = tuple((field, name, _SHAPE.get(field, _TEXT)) for field, name in ATTRIBUTE_NAMES.items())
 _KNOWN = NOT_ATTRIBUTES | ATTRIBUTE_NAMES.keys()
-_PROTOCOL_NAME = {"connect": "http", "http": "http", "dns": "dns", "tls": "tls"}
+_PROTOCOL_NAME = {"connect": "http", "http": "http", "request": "http", "dns": "dns", "tls": "tls"}
 
 
 def attributes(record: Record) -> dict[str, Any]:
@@ -37,6 +37,8 @@ def attributes(record: Record) -> dict[str, Any]:
                 out[name] = value
         elif shape == _HOST:
             out[name] = scrub_host(value)
+        elif shape == _QUERY:
+            out[name] = scrub_text(value, MAX_PATH)
         else:
             out[name], query = scrub_url(str(value))
             if query is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -234,3 +234,153 @@ def test_the_connection_cap_is_per_client(policy: Policy) -> None:
     checkpoint.disconnected("c0")
     assert checkpoint.connected("c3", "10.0.0.1:1001", None)[1] is None
     assert [d.reason for d in memory.decisions] == [Reason.CONNECTION_LIMIT]
+
+
+# -- requests inside inspected tunnels ------------------------------------------------------------
+
+INSPECTING = """
+version: 1
+rules:
+  - name: read
+    hosts: [pypi.test]
+    methods: [GET]
+  - name: lfs
+    hosts: [pypi.test]
+    methods: [POST]
+    paths: [/batch]
+    json_body: {operation: download}
+  - name: plain
+    hosts: [plain.test]
+  - name: ssh-too
+    hosts: [pypi.test]
+    ports: [22]
+"""
+
+
+@pytest.fixture
+def inspecting(tmp_path: Path) -> Policy:
+    path = tmp_path / "inspecting.yaml"
+    path.write_text(INSPECTING)
+    return load_policy(path)
+
+
+def inside(method: str, target: str, **head: Any) -> Request:
+    from proxy.core.requests import HttpHead
+
+    http = HttpHead(method, target, **head)
+    return Request(Kind.REQUEST, "pypi.test", 443, method, target, http=http)
+
+
+def test_a_connect_is_marked_inspected_once_from_the_policy(inspecting: Policy) -> None:
+    checkpoint, _, _ = make(inspecting)
+    conn = Connection(peer=None, sandbox_id=None)
+    assert admit(checkpoint, conn, CONNECT).allowed and conn.inspected
+    other = Connection(peer=None, sandbox_id=None)
+    checkpoint_plain, lookups, _ = make(inspecting)
+    lookups.answers["plain.test"] = "203.0.113.11"
+    assert admit(checkpoint_plain, other, Request(Kind.CONNECT, "plain.test", 443)).allowed
+    assert not other.inspected
+    refused = Connection(peer=None, sandbox_id=None)
+    assert not admit(checkpoint, refused, Request(Kind.CONNECT, "evil.test", 443)).allowed
+    assert not refused.inspected and refused.tunnel is None
+
+
+def test_requests_inside_go_to_the_tunnels_address_without_a_new_lookup(
+    inspecting: Policy,
+) -> None:
+    checkpoint, lookups, memory = make(inspecting)
+    conn = Connection(peer="127.0.0.1:1", sandbox_id="sbx")
+    admit(checkpoint, conn, CONNECT)
+    asked = list(lookups.asked)
+    lookups.answers["pypi.test"] = "203.0.113.99"  # a rebinding answer must not matter
+    decision = asyncio.run(checkpoint.admit_request(conn, inside("GET", "/simple/")))
+    assert isinstance(decision, Decision)
+    assert (decision.kind, decision.rule, decision.address) == (
+        Kind.REQUEST,
+        "read",
+        "203.0.113.10",
+    )
+    assert (decision.client, decision.sandbox_id) == ("127.0.0.1:1", "sbx")
+    assert lookups.asked == asked and memory.decisions[-1] == decision
+    refused = asyncio.run(checkpoint.admit_request(conn, inside("DELETE", "/x")))
+    assert isinstance(refused, Decision) and refused.reason is Reason.REQUEST_NOT_ALLOWED
+
+
+def test_a_request_outside_an_inspected_tunnel_is_refused(inspecting: Policy) -> None:
+    checkpoint, _, _ = make(inspecting)
+    conn = Connection(peer=None, sandbox_id=None)
+    decision = asyncio.run(checkpoint.admit_request(conn, inside("GET", "/")))
+    assert isinstance(decision, Decision) and decision.reason is Reason.UNSUPPORTED
+
+
+def test_framing_is_checked_before_the_request_rules(inspecting: Policy) -> None:
+    checkpoint, _, _ = make(inspecting)
+    conn = Connection(peer=None, sandbox_id=None)
+    admit(checkpoint, conn, CONNECT)
+    problem = (Reason.HOST_MISMATCH, "the :authority names evil.test")
+    decision = asyncio.run(checkpoint.admit_request(conn, inside("GET", "/"), problem=problem))
+    assert isinstance(decision, Decision) and decision.reason is Reason.HOST_MISMATCH
+
+
+def test_a_body_rule_records_nothing_until_the_body_is_held(inspecting: Policy) -> None:
+    from proxy.core.engine import BODY_NEEDED
+
+    checkpoint, _, memory = make(inspecting)
+    conn = Connection(peer=None, sandbox_id=None)
+    admit(checkpoint, conn, CONNECT)
+    before = len(memory.decisions)
+    request = inside("POST", "/batch", body_size=30)
+    assert asyncio.run(checkpoint.admit_request(conn, request)) is BODY_NEEDED
+    assert len(memory.decisions) == before
+    assert request.http is not None
+    upload = request.http.with_body(b'{"operation": "upload"}')
+    refused = asyncio.run(checkpoint.admit_body(conn, replace(request, http=upload)))
+    assert refused.reason is Reason.REQUEST_NOT_ALLOWED and memory.decisions[-1] == refused
+    download = request.http.with_body(b'{"operation": "download"}')
+    allowed = asyncio.run(checkpoint.admit_body(conn, replace(request, http=download)))
+    assert allowed.rule == "lfs" and allowed.address == "203.0.113.10"
+    # admit() cannot hold bodies: it refuses what needs one
+    assert admit(checkpoint, conn, request).reason is Reason.REQUEST_NOT_ALLOWED
+
+
+def test_ssh_in_an_inspected_tunnel_is_refused(tmp_path: Path) -> None:
+    from proxy.core.firstbytes import SSH
+
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "version: 1\nrules:\n  - name: any-port\n    hosts: [pypi.test]\n    ports: [443, 2222]\n"
+        "    methods: [GET]\n"
+    )
+    checkpoint, _, _ = make(load_policy(path))
+    conn = Connection(peer=None, sandbox_id=None)
+    assert admit(checkpoint, conn, Request(Kind.CONNECT, "pypi.test", 2222)).allowed
+    assert conn.inspected
+    decision = checkpoint.admit_tunnel(conn, SSH)
+    assert decision is not None and decision.reason is Reason.NOT_TLS
+    assert conn.tunnel is None and checkpoint.dial_target(conn, "pypi.test", 2222) is None
+
+
+def test_an_upstream_that_fails_tls_is_refused_and_nothing_more_is_dialled(
+    inspecting: Policy,
+) -> None:
+    checkpoint, _, memory = make(inspecting)
+    conn = Connection(peer=None, sandbox_id=None)
+    admit(checkpoint, conn, CONNECT)
+    decision = checkpoint.refuse_upstream(conn, "certificate verify failed")
+    assert (decision.kind, decision.reason, decision.rule) == (
+        Kind.TLS,
+        Reason.UPSTREAM_TLS_FAILED,
+        "read",
+    )
+    assert memory.decisions[-1] == decision
+    assert checkpoint.dial_target(conn, "pypi.test", 443) is None
+    refused = asyncio.run(checkpoint.admit_request(conn, inside("GET", "/")))
+    assert isinstance(refused, Decision) and not refused.allowed
+
+
+def test_requests_in_an_inspected_tunnel_inherit_its_identity(inspecting: Policy) -> None:
+    checkpoint, _, _ = make(inspecting, identities=Tokens())
+    conn = Connection(peer=None, sandbox_id=None)
+    assert admit(checkpoint, conn, CONNECT, credential="good-a").allowed
+    decision = asyncio.run(checkpoint.admit_request(conn, inside("GET", "/")))
+    assert isinstance(decision, Decision) and decision.allowed and decision.sandbox_id == "a"

@@ -31,3 +31,17 @@ def test_client_controlled_method_and_path_are_escaped() -> None:
     text = refusal_text(denied(Reason.NO_MATCHING_RULE, method="G\x1b[2JET", path="/a\x00b\x7f"))
     assert "\x1b" not in text and "\x00" not in text and "\x7f" not in text
     assert "\\x1b" in text
+
+
+def test_request_refusals_suggest_the_request_rule_a_human_could_add() -> None:
+    text = refusal_text(
+        denied(Reason.REQUEST_NOT_ALLOWED, kind=Kind.REQUEST, method="put", path="/pkg\x1b")
+    )
+    assert "PUT evil.test:80 /pkg\\x1b" in text and "\x1b" not in text
+    assert "methods: [PUT]" in text and 'paths: ["/pkg\\x1b"]' in text
+    assert "only for the requests its rules list" in text
+
+
+def test_ambiguous_requests_suggest_nothing() -> None:
+    text = refusal_text(denied(Reason.AMBIGUOUS_REQUEST, kind=Kind.REQUEST, path="/a/../b"))
+    assert "methods: [" not in text and "report the decision id" in text

@@ -185,3 +185,19 @@ def test_sandbox_policies_add_their_rule_names() -> None:
     assert m.rule_label("github") == "github"
     assert m.rule_label("pypi") == "other"
     assert "sb-1" not in m.exposition().decode()
+
+
+def test_request_decisions_have_their_own_bounded_kind() -> None:
+    m = Metrics()
+    m.policy_loaded("v1", ["github"])
+    emitter = Emitter(sinks=[m])
+    emitter.emit(dec(Verdict.ALLOW, "github", Kind.REQUEST))
+    refused = dec(Verdict.DENY, None, Kind.REQUEST, reason=Reason.REQUEST_NOT_ALLOWED)
+    emitter.emit(refused.with_(method="PUT", path="/secret/path", query="token="))
+    labels = {"decision": "deny", "rule": "none", "reason": "request-not-allowed"}
+    assert sample(m, "egress_decisions_total", **labels, kind="request") == 1.0
+    assert sample(m, "egress_decisions_total", decision="allow", rule="github", reason="allowed-by-rule", kind="request") == 1.0  # fmt: skip
+    m.observe_decision_latency(Kind.REQUEST, 0.0001)
+    assert sample(m, "egress_decision_latency_seconds_count", kind="request") == 1.0
+    text = m.exposition().decode()
+    assert "/secret/path" not in text and "PUT" not in text and "token" not in text

@@ -162,3 +162,62 @@ def test_address_lookup_probes_only_present_prefix_lengths() -> None:
     CountingDict.probes = 0
     assert index.match_address(IPv4Address("10.3.4.5"), 443).allow is rules[3 * 256 + 4]
     assert CountingDict.probes == 2
+
+
+# -- request rules --------------------------------------------------------------------------------
+
+
+def _reading(rule: Rule, **conditions: Any) -> Rule:
+    from dataclasses import replace
+
+    from proxy.policy.model import RequestConditions
+
+    return replace(rule, request=RequestConditions(**conditions))
+
+
+def test_request_rules_collect_every_level_in_policy_order() -> None:
+    wide = host_rule("wide", "**.example.com")  # no conditions: allows any request
+    reads = _reading(host_rule("reads", "api.example.com"), methods=frozenset({"GET"}))
+    sub = _reading(host_rule("sub-reads", "*.example.com"), methods=frozenset({"HEAD"}))
+    no_post = _reading(
+        host_rule("no-post", "**.example.com", action=Action.DENY, ports=None),
+        methods=frozenset({"POST"}),
+    )
+    other_port = _reading(host_rule("other-port", "api.example.com", ports="8443"))
+    index = RuleIndex([wide, reads, sub, no_post, other_port])
+    found = index.request_rules("api.example.com", 443)
+    assert found is not None
+    assert [r.name for r in found.deny] == ["no-post"]
+    assert [r.name for r in found.allow] == ["wide", "reads", "sub-reads"]
+    assert index.request_rules("api.example.com", 443) is found  # cached
+    # the apex: only the ``**.`` rules cover it, and one of them (the deny) reads requests
+    apex = index.request_rules("example.com", 443)
+    assert apex is not None and [r.name for r in apex.allow] == ["wide"]
+    assert index.request_rules("unrelated.org", 443) is None
+
+
+def test_a_deny_rule_with_conditions_never_denies_a_host() -> None:
+    no_post = _reading(
+        host_rule("no-post", "api.example.com", action=Action.DENY, ports=None),
+        methods=frozenset({"POST"}),
+    )
+    index = RuleIndex([host_rule("api", "api.example.com"), no_post])
+    match = index.match_name("api.example.com", 443)
+    assert match.deny is None and match.allow is not None and match.allow.name == "api"
+    assert index.match_name("api.example.com", None).deny is None  # DNS too
+
+
+def test_ssh_is_never_read_by_a_rule_for_every_port() -> None:
+    no_post = _reading(
+        host_rule("no-post", "github.com", action=Action.DENY, ports=None),
+        methods=frozenset({"POST"}),
+    )
+    index = RuleIndex([host_rule("gh", "github.com", ports="22,443"), no_post])
+    assert index.request_rules("github.com", 443) is not None
+    assert index.request_rules("github.com", 22) is None
+
+
+def test_policies_without_request_rules_build_no_request_lists() -> None:
+    index = RuleIndex(RULES)
+    assert index.request_rules("a.example.com", 443) is None
+    assert index._by_name is None

@@ -146,7 +146,8 @@ RULE_PROBLEMS = [
     (
         "  - name: pypi\n    hosts: [pypi.org]\n    prots: [443]\n",
         "p.yaml:5: rule 'pypi': key 'prots': unknown key (expected one of: action, cidrs, comment, "
-        "description, hosts, name, ports)",
+        "description, graphql_operations, hosts, inspect, json_body, max_request_bytes, methods, "
+        "name, paths, paths_case, ports, query, websocket)",
     ),
     (
         "  - name: pypi\n    hosts: [pypi.org]\n    hosts: [evil.com]\n",
@@ -580,3 +581,130 @@ def test_version_changes_with_any_loaded_file(tmp_path: Path) -> None:
     same_length = POLICY.replace("a.example.com", "z.example.com") + "# a comment\n"
     top.write_text(same_length, encoding="utf-8")
     assert load_policy(top).version not in {before, after_include, after_top}
+
+
+# --- request conditions ---------------------------------------------------------------------------
+
+
+def test_request_conditions_load_canonical(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "p.yaml",
+        """
+        version: 1
+        rules:
+          - name: git
+            hosts: [github.com]
+            methods: [GET, HEAD]
+            paths: ["/*/*/info/refs", "/myorg/**"]
+            paths_case: insensitive
+            query: {service: git-upload-pack, flavor: [a, b]}
+          - name: lfs
+            hosts: [github.com]
+            methods: [POST]
+            json_body: {operation: download}
+            max_request_bytes: 65536
+          - name: graphql
+            hosts: [api.github.com]
+            graphql_operations: [query]
+            websocket: false
+          - name: audit-only
+            hosts: [example.com]
+            inspect: true
+          - name: no-gists
+            action: deny
+            hosts: [api.github.com]
+            paths: [/gists]
+          - name: plain
+            hosts: [pypi.org]
+        """,
+    )
+    git, lfs, graphql, audit, gists, plain = load_policy(path).rules
+    assert git.request is not None and git.reads_requests
+    assert git.request.methods == frozenset({"GET", "HEAD"})
+    assert [str(g) for g in git.request.paths or ()] == ["/*/*/info/refs", "/myorg/**"]
+    assert all(g.insensitive for g in git.request.paths or ())
+    assert git.request.query == (
+        ("service", frozenset({"git-upload-pack"})),
+        ("flavor", frozenset({"a", "b"})),
+    )
+    assert lfs.request is not None and lfs.request.reads_body
+    assert lfs.request.max_request_bytes == 65536
+    assert lfs.request.json_body == (("operation", frozenset({"download"})),)
+    assert graphql.request is not None
+    assert graphql.request.graphql_operations == frozenset({"query"})
+    assert graphql.request.websocket is False
+    assert audit.request is None and audit.inspect and audit.reads_requests
+    assert gists.ports is None and gists.request is not None
+    assert plain.request is None and not plain.reads_requests
+
+
+REQUEST_PROBLEMS = [
+    ("methods: []", "key 'methods': an empty list matches nothing"),
+    ("methods: [get]", "key 'methods': 'get': write methods in upper case (GET)"),
+    ("methods: ['GET /']", "key 'methods': 'GET /' is not an HTTP method"),
+    ("methods: GET", "key 'methods': expected a list, got a string"),
+    ("paths: [evil/**]", "key 'paths': 'evil/**': a path starts with '/'"),
+    ("paths: ['/a/../b']", "key 'paths': '/a/../b': dot segments never match"),
+    ("paths: ['/a%2fb']", "key 'paths': '/a%2fb': paths are written decoded"),
+    ("paths: ['/a/**b']", "key 'paths': '/a/**b': '**' must be a whole segment"),
+    (
+        "paths_case: upper\n    paths: [/a]",
+        "key 'paths_case': 'upper' is not sensitive or insensitive",
+    ),
+    ("paths_case: insensitive", "key 'paths_case': needs 'paths'"),
+    ("query: {service: []}", "key 'query': an empty list matches nothing"),
+    ("query: {}", "key 'query': an empty mapping matches everything"),
+    ("query: [service]", "key 'query': expected a mapping of parameter to value(s)"),
+    ("query: {service: a, SERVICE: b}", "key 'query': duplicate parameter 'SERVICE'"),
+    ("query: {'a b': c}", "key 'query': a string ('a b') is not a parameter name"),
+    ("websocket: yes please", "key 'websocket': expected true or false"),
+    ("max_request_bytes: -1", "key 'max_request_bytes': must be >= 0"),
+    ("max_request_bytes: 1k", "key 'max_request_bytes': expected an integer"),
+    (
+        "graphql_operations: [mutations]",
+        "key 'graphql_operations': 'mutations' is not an operation",
+    ),
+    ("json_body: {operation: [1]}", "key 'json_body': expected a string, got an integer"),
+    ("inspect: 1", "key 'inspect': expected true or false"),
+    ("methods: [GET]\n    ports: [22, 443]", "key 'ports': port 22 carries SSH"),
+]
+
+
+@pytest.mark.parametrize(("line", "expected"), REQUEST_PROBLEMS)
+def test_request_condition_problems_name_file_line_rule_and_key(
+    tmp_path: Path, line: str, expected: str
+) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(f"version: 1\nrules:\n  - name: r\n    hosts: [a.test]\n    {line}\n")
+    problems = problems_of(path)
+    assert len(problems) == 1, [str(p) for p in problems]
+    assert str(problems[0]).startswith("p.yaml:"), str(problems[0])
+    assert f"rule 'r': {expected}" in str(problems[0])
+    assert problems[0].line is not None and problems[0].line >= 4
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected"),
+    [
+        (
+            "  - name: r\n    action: deny\n    hosts: [a.test]\n    max_request_bytes: 5\n",
+            "key 'max_request_bytes': a size limit narrows what an allow rule allows",
+        ),
+        (
+            "  - name: r\n    action: deny\n    hosts: [a.test]\n    inspect: true\n",
+            "key 'inspect': a deny rule without request conditions refuses the whole host",
+        ),
+        (
+            "  - name: r\n    cidrs: [203.0.113.0/24]\n    methods: [GET]\n",
+            "request conditions and 'inspect' apply to host names",
+        ),
+    ],
+)
+def test_request_conditions_that_cannot_work_are_refused(
+    tmp_path: Path, rule: str, expected: str
+) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text("version: 1\nrules:\n" + rule)
+    problems = problems_of(path)
+    assert any(expected in str(p) for p in problems), [str(p) for p in problems]

@@ -10,9 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.server
-import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -24,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.dnsfake import FakeDns
+from tests.gitserver import GitServer, make_repository
 from tests.harness import LocalCA, clean_env
 from tests.proxy.sandbox.conftest import allowed_test_policy
 
@@ -124,86 +123,16 @@ def test_pip_installs_from_a_tls_index_through_the_gate(
     assert summary and int(summary.group(1)) >= 2, result.stderr  # the index page and the wheel
 
 
-class _GitBackend(http.server.BaseHTTPRequestHandler):
-    """Smart HTTP through `git http-backend` as CGI (the way a web server runs it)."""
-
-    project_root = ""
-
-    def do_GET(self) -> None:
-        self._cgi()
-
-    def do_POST(self) -> None:
-        self._cgi()
-
-    def _cgi(self) -> None:
-        path, _, query = self.path.partition("?")
-        if "://" in path:  # absolute-form (from a proxy): keep only the path
-            path = "/" + path.split("://", 1)[1].split("/", 1)[1]
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
-        env = {
-            "GIT_PROJECT_ROOT": self.project_root,
-            "GIT_HTTP_EXPORT_ALL": "1",
-            "PATH_INFO": path,
-            "QUERY_STRING": query,
-            "REQUEST_METHOD": self.command,
-            "CONTENT_TYPE": self.headers.get("Content-Type", ""),
-            "CONTENT_LENGTH": str(len(body)),
-            "GIT_PROTOCOL": self.headers.get("Git-Protocol", ""),
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        }
-        proc = subprocess.run(
-            ["git", "http-backend"], input=body, capture_output=True, env=env, timeout=30
-        )
-        head, _, payload = proc.stdout.partition(b"\r\n\r\n")
-        status = 200
-        headers = []
-        for line in head.decode("latin-1").split("\r\n"):
-            key, _, value = line.partition(":")
-            if key.lower() == "status":
-                status = int(value.strip().split()[0])
-            elif key:
-                headers.append((key, value.strip()))
-        self.send_response(status)
-        for key, value in headers:
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
-def git_server(tmp_path: Path) -> Iterator[_Server]:
-    if shutil.which("git") is None:
-        pytest.skip("git is not installed")
-    work = tmp_path / "work"
-    work.mkdir()
-    git = [
-        "git",
-        "-c",
-        "user.name=t",
-        "-c",
-        "user.email=t@example.invalid",
-        "-c",
-        "init.defaultBranch=main",
-    ]
-    subprocess.run([*git, "init", "-q", str(work)], check=True)
-    (work / "README").write_text("hello through the gate\n")
-    subprocess.run([*git, "-C", str(work), "add", "README"], check=True)
-    subprocess.run([*git, "-C", str(work), "commit", "-q", "-m", "first"], check=True)
-    bare = tmp_path / "repos" / "demo.git"
-    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(bare)], check=True)
-    handler = type("Handler", (_GitBackend,), {"project_root": str(bare.parent)})
-    server = _Server(handler).start()
+def git_server(tmp_path: Path) -> Iterator[GitServer]:
+    bare = make_repository(tmp_path)
+    server = GitServer(bare.parent)
     yield server
     server.stop()
 
 
 def test_git_clone_over_smart_http_through_the_gate(
-    git_server: _Server,
+    git_server: GitServer,
     fake_dns: FakeDns,
     write_policy: Callable[[str], Path],
     tmp_path: Path,

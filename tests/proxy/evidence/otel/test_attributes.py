@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from proxy.core.decision import Kind
+from proxy.core.decision import Decision, Kind, Reason, Verdict
 from proxy.evidence.otel.attributes import attributes
 from proxy.evidence.record import ATTRIBUTE_NAMES, connection_closed
 from tests.proxy.evidence.decisions import allow, deny_http, dns_query
@@ -92,3 +92,25 @@ def test_numbers_stay_numbers_and_text_in_number_fields_is_left_out() -> None:
     attrs = attributes({"port": "443; DROP", "seq": 5, "duration": 0.25, "host": "h.example"})
     assert "server.port" not in attrs
     assert attrs["egress.journal.seq"] == 5 and attrs["egress.connection.duration"] == 0.25
+
+
+def test_request_decisions_carry_method_path_and_the_recorded_query() -> None:
+    refused = Decision(
+        decision=Verdict.DENY,
+        reason=Reason.REQUEST_NOT_ALLOWED,
+        rule=None,
+        kind=Kind.REQUEST,
+        host="github.com",
+        port=443,
+        policy_version="abc123",
+        mode="enforce",
+        method="GET",
+        path="/o/r.git/info/refs",
+        query="service=\nx",
+    )
+    out = attributes(refused.to_dict())
+    assert out["http.request.method"] == "GET"
+    assert out["url.path"] == "/o/r.git/info/refs"
+    assert out["url.query"] == "service=\\x0ax"
+    assert out["egress.kind"] == "request"
+    assert out["network.protocol.name"] == "http"

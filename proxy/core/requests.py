@@ -1,0 +1,308 @@
+"""The request step: one HTTP request against the request rules of its host, as a pure function.
+
+The order, for a request on a host whose rules read requests (see :meth:`RuleIndex.request_rules`):
+
+1. the target must be readable (:mod:`proxy.core.paths`), or ``ambiguous-request``;
+2. an ``Upgrade`` other than WebSocket is ``ambiguous-request`` (its protocol would not be judged);
+3. the methods to judge are the request method and every method-override it carries
+   (``X-HTTP-Method-Override``, ``X-Method-Override``, ``X-HTTP-Method``, a ``_method`` query parameter,
+   and an HTML form's ``_method`` field): servers act on the override, so each must be allowed;
+4. for each method, a deny rule whose conditions match is ``denied-by-rule`` (deny beats allow, as for
+   hosts); then the first allow rule in policy order whose conditions match allows it;
+5. nothing allows it: ``request-not-allowed`` (``ambiguous-request`` when only an ambiguous path stood
+   in the way).
+
+A condition that needs the body (GraphQL operations, a JSON field, a form's ``_method``, a size limit
+on a body of unknown length) makes the answer :data:`BODY` until the body is given: the adapter then
+holds it, bounded by :data:`HOLD_LIMIT`, and asks again before anything is sent upstream. Where a
+condition cannot be read (an ambiguous path, an unreadable body) an allow rule does not match and a
+deny rule does: doubt never allows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import Enum
+
+from proxy.core.bodies import form_methods, graphql_operations, is_form, json_field
+from proxy.core.decision import Reason
+from proxy.core.paths import Target, Unreadable, parse_target
+from proxy.core.text import escape
+from proxy.policy.index import RequestRules
+from proxy.policy.model import RequestConditions, Rule
+
+HOLD_LIMIT = 1024 * 1024  # bytes of body held back to decide a body-dependent rule
+MAX_JUDGED = 1024  # request heads remembered per host's rules (keep-alive traffic repeats)
+OVERRIDE_HEADERS = ("x-http-method-override", "x-method-override", "x-http-method")
+_TOKEN = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_!#$%&'*+.^`|~")
+
+
+@dataclass(frozen=True, slots=True)
+class HttpHead:
+    """What the request step reads from one request, as plain values (untrusted)."""
+
+    method: str
+    target: str  # origin-form: /path?query, exactly as sent
+    overrides: tuple[str, ...] = ()  # values of the method-override headers
+    upgrade: str | None = None  # the Upgrade header
+    body_size: int | None = 0  # declared size; None when unknown (chunked, HTTP/2 without length)
+    content_type: str | None = None
+    content_encoding: str | None = None  # a compressed body is not read (no decompression bombs)
+    body: bytes | None = None  # the held body, once read
+    body_overflow: bool = False  # the body was longer than HOLD_LIMIT (and not held)
+
+    def with_body(self, body: bytes | None, overflow: bool = False) -> HttpHead:
+        return replace(self, body=body, body_overflow=overflow)
+
+    @property
+    def body_read(self) -> bool:
+        return self.body is not None or self.body_overflow
+
+    @property
+    def readable_body(self) -> bytes | None:
+        """The held body when a parser may read it: not past the limit, not compressed."""
+        encoding = (self.content_encoding or "identity").strip().lower()
+        return self.body if encoding == "identity" else None
+
+
+class Outcome(Enum):
+    ALLOW = "allow"
+    DENY = "deny"
+    BODY = "body"  # cannot be decided before the body is held
+
+
+@dataclass(frozen=True, slots=True)
+class Judgement:
+    outcome: Outcome
+    reason: Reason
+    rule: Rule | None
+    detail: str
+
+
+BODY = Judgement(Outcome.BODY, Reason.REQUEST_NOT_ALLOWED, None, "the decision needs the body")
+
+
+class _Match(Enum):
+    NO = 0
+    YES = 1
+    BODY = 2
+
+
+def judge(rules: RequestRules, head: HttpHead) -> Judgement:
+    """Decide ``head`` against ``rules`` (see the module docstring for the order). Pure, so the
+    answer for a head without a body is remembered with the rules it was judged against."""
+    if head.body is not None or head.body_overflow:
+        return _judge_head(rules, head)
+    cache = rules.judged
+    found = cache.get(head)
+    if isinstance(found, Judgement):
+        return found
+    verdict = _judge_head(rules, head)
+    if len(cache) >= MAX_JUDGED:
+        cache.clear()
+    cache[head] = verdict
+    return verdict
+
+
+def _judge_head(rules: RequestRules, head: HttpHead) -> Judgement:
+    verdict = _judge(rules, head)
+    announced = head.body_size is not None and head.body_size > HOLD_LIMIT
+    if (announced and verdict is BODY) or (
+        head.body_overflow and verdict.reason is Reason.REQUEST_NOT_ALLOWED
+    ):
+        return _refuse(
+            Reason.REQUEST_TOO_LARGE,
+            f"a rule must read this request's body, which is longer than the {HOLD_LIMIT} bytes "
+            "the gate holds to decide it",
+        )
+    return verdict
+
+
+def _judge(rules: RequestRules, head: HttpHead) -> Judgement:
+    try:
+        target = parse_target(head.target)
+    except Unreadable as exc:
+        return _refuse(Reason.AMBIGUOUS_REQUEST, f"unreadable request target: {exc}")
+    websocket = False
+    if head.upgrade is not None:
+        if head.upgrade.strip().lower() != "websocket":
+            return _refuse(
+                Reason.AMBIGUOUS_REQUEST,
+                f"'Upgrade: {escape(head.upgrade)}' is not supported here (only WebSocket is)",
+            )
+        websocket = True
+    method = head.method.upper()
+    overrides, problem = _overrides(head, target)
+    if problem is not None:
+        return _refuse(Reason.AMBIGUOUS_REQUEST, problem)
+    first: Judgement | None = None
+    waiting = False
+    for each in (method, *overrides):
+        verdict = _judge_method(rules, each, target, websocket, head)
+        if verdict.outcome is Outcome.DENY:
+            if each != method:
+                verdict = _refuse(
+                    verdict.reason,
+                    f"the request overrides its method {escape(method)} with {escape(each)}: "
+                    + verdict.detail,
+                    verdict.rule,
+                )
+            return verdict
+        if verdict.outcome is Outcome.BODY:
+            waiting = True
+        if first is None:
+            first = verdict
+    if waiting:
+        return BODY
+    assert first is not None
+    if method == "POST" and is_form(head.content_type) and head.body_size != 0:
+        # A form body can carry ``_method``; read it before letting a POST through.
+        if not head.body_read:
+            return BODY
+        body = head.readable_body
+        found = None if body is None else form_methods(body, head.content_type or "")
+        if found is None:
+            return _refuse(Reason.AMBIGUOUS_REQUEST, "an HTML form body that cannot be read")
+        for each in found:
+            if each not in overrides and each != method:
+                return _judge(rules, replace(head, overrides=(*head.overrides, each)))
+    return first
+
+
+def _overrides(head: HttpHead, target: Target) -> tuple[tuple[str, ...], str | None]:
+    values = [v for v in head.overrides]
+    values += [v if v is not None else "" for v in target.query.values("_method")]
+    out: list[str] = []
+    for value in values:
+        method = value.strip().upper()
+        if not method or not set(method) <= _TOKEN:
+            return (), f"an unreadable method override {escape(value)!r}"
+        if method not in out:
+            out.append(method)
+    return tuple(out), None
+
+
+def _judge_method(
+    rules: RequestRules, method: str, target: Target, websocket: bool, head: HttpHead
+) -> Judgement:
+    pending = False
+    for rule in rules.deny:
+        found = _matches(rule, method, target, websocket, head, deny=True)
+        if found is _Match.YES:
+            return _refuse(
+                Reason.DENIED_BY_RULE,
+                f"{_what(method, target)} is denied by rule '{rule.name}'",
+                rule,
+            )
+        pending = pending or found is _Match.BODY
+    ambiguous = False
+    allowed: Rule | None = None
+    for rule in rules.allow:
+        found = _matches(rule, method, target, websocket, head, deny=False)
+        if found is _Match.YES:
+            allowed = rule
+            break
+        if found is _Match.BODY:
+            pending = True
+        elif rule.request is not None and rule.request.paths and target.path is None:
+            ambiguous = True
+    if pending:
+        return BODY
+    if allowed is not None:
+        return Judgement(
+            Outcome.ALLOW,
+            Reason.ALLOWED_BY_RULE,
+            allowed,
+            f"{_what(method, target)} allowed by rule '{allowed.name}'",
+        )
+    if ambiguous:
+        return _refuse(
+            Reason.AMBIGUOUS_REQUEST,
+            f"the path has no canonical form ({target.problem}), so no path rule can allow it",
+        )
+    return _refuse(
+        Reason.REQUEST_NOT_ALLOWED,
+        f"no rule allows {_what(method, target)}{' (WebSocket)' if websocket else ''} on this host",
+    )
+
+
+def _matches(
+    rule: Rule, method: str, target: Target, websocket: bool, head: HttpHead, *, deny: bool
+) -> _Match:
+    c = rule.request
+    if c is None:
+        return _Match.YES  # no conditions: every request (an inspect-only rule)
+    if c.methods is not None and method not in c.methods:
+        return _Match.NO
+    if (c.websocket is True) != websocket:
+        return _Match.NO
+    if c.paths is not None:
+        if target.path is None:
+            if not deny:
+                return _Match.NO
+        elif not any(glob.matches(target.path) for glob in c.paths):
+            return _Match.NO
+    for name, accepted in c.query:
+        values = target.query.values(name)
+        if deny:
+            if not any(v in accepted for v in values if v is not None):
+                return _Match.NO
+        elif len(values) != 1 or values[0] not in accepted:
+            return _Match.NO  # absent, repeated (servers pick different copies) or another value
+    return _body_match(c, head, deny=deny)
+
+
+def _body_match(c: RequestConditions, head: HttpHead, *, deny: bool) -> _Match:
+    if c.max_request_bytes is not None:
+        size = head.body_size
+        if size is None and head.body_read:
+            size = None if head.body is None else len(head.body)
+            if size is None:
+                return _Match.NO  # longer than we hold: longer than any limit we can check
+        if size is None:
+            return _Match.BODY
+        if size > c.max_request_bytes:
+            return _Match.NO
+    if not c.reads_body:
+        return _Match.YES
+    if not head.body_read:
+        return _Match.BODY
+    body = head.readable_body
+    if body is None:  # too long to hold, or compressed: unreadable
+        return _Match.YES if deny else _Match.NO
+    if c.graphql_operations is not None:
+        found = graphql_operations(body)
+        if found is None:
+            return _Match.YES if deny else _Match.NO
+        if deny and not (found & c.graphql_operations):
+            return _Match.NO
+        if not deny and not found <= c.graphql_operations:
+            return _Match.NO
+    for key, accepted in c.json_body:
+        value = json_field(body, key)
+        if value is None:
+            if not deny:
+                return _Match.NO
+        elif value not in accepted:
+            return _Match.NO
+    return _Match.YES
+
+
+def _what(method: str, target: Target) -> str:
+    path = target.path if target.path is not None else target.raw_path
+    return f"{escape(method)} {escape(path)}"
+
+
+def _refuse(reason: Reason, detail: str, rule: Rule | None = None) -> Judgement:
+    return Judgement(Outcome.DENY, reason, rule, detail)
+
+
+__all__ = [
+    "BODY",
+    "HOLD_LIMIT",
+    "OVERRIDE_HEADERS",
+    "HttpHead",
+    "Judgement",
+    "Outcome",
+    "judge",
+]

@@ -1,0 +1,298 @@
+"""The request step on a read-only GitHub-like policy: a table of requests and what each must get.
+
+Every refusal row is an exfiltration or evasion attempt (threat classes 11 and 16); every allow row is
+what a real read-only client sends. The properties check that spelling never changes the answer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.core.decision import Kind, Reason, Request, Verdict
+from proxy.core.engine import BODY_NEEDED, decide, decide_request
+from proxy.core.requests import HOLD_LIMIT, HttpHead
+from proxy.policy.loader import load_policy
+from proxy.policy.model import Policy
+
+POLICY = """
+version: 1
+mode: {mode}
+rules:
+  - name: git-discovery
+    hosts: [github.test]
+    methods: [GET]
+    paths: ["/*/*/info/refs"]
+    paths_case: insensitive
+    query: {{service: git-upload-pack}}
+  - name: git-fetch
+    hosts: [github.test]
+    methods: [POST]
+    paths: ["/*/*/git-upload-pack"]
+    paths_case: insensitive
+  - name: lfs-download
+    hosts: [github.test]
+    methods: [POST]
+    paths: ["/*/*/info/lfs/objects/batch"]
+    json_body: {{operation: download}}
+  - name: pages
+    hosts: [github.test]
+    methods: [GET, HEAD]
+    paths: ["/myorg/**"]
+    paths_case: insensitive
+  - name: graphql-read
+    hosts: [api.github.test]
+    methods: [POST]
+    paths: [/graphql]
+    graphql_operations: [query]
+  - name: api-read
+    hosts: [api.github.test]
+    methods: [GET, HEAD]
+  - name: no-gists
+    action: deny
+    hosts: [api.github.test]
+    paths: ["/gists", "/gists/**"]
+  - name: uploads-small
+    hosts: [upload.test]
+    methods: [PUT]
+    max_request_bytes: 100
+  - name: socket
+    hosts: [ws.test]
+    methods: [GET]
+    paths: [/socket]
+    websocket: true
+  - name: ws-pages
+    hosts: [ws.test]
+    methods: [GET]
+  - name: mixed-read
+    hosts: [mixed.test]
+    methods: [GET]
+  - name: mixed-open
+    hosts: [mixed.test]
+  - name: audited
+    hosts: [audited.test]
+    inspect: true
+  - name: plain
+    hosts: [plain.test]
+"""
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory: pytest.TempPathFactory) -> Policy:
+    path = tmp_path_factory.mktemp("requests") / "policy.yaml"
+    path.write_text(POLICY.format(mode="enforce"))
+    return load_policy(path)
+
+
+def ask(
+    policy: Policy, host: str, method: str, target: str, **head: object
+) -> tuple[Verdict, Reason, str | None]:
+    request = Request(
+        Kind.REQUEST, host, 443, method, target, http=HttpHead(method, target, **head)
+    )  # type: ignore[arg-type]
+    decision = decide(request, policy)
+    return decision.decision, decision.reason, decision.rule
+
+
+ALLOW, DENY = Verdict.ALLOW, Verdict.DENY
+GQL_QUERY = json.dumps({"query": "query { viewer { login } }"}).encode()
+GQL_MUTATION = json.dumps({"query": "mutation { createGist(input: {}) { id } }"}).encode()
+
+# fmt: off
+TABLE: list[tuple[str, str, str, dict[str, object], Verdict, Reason, str | None]] = [
+    # git clone and fetch
+    ("github.test", "GET", "/org/repo/info/refs?service=git-upload-pack", {}, ALLOW, Reason.ALLOWED_BY_RULE, "git-discovery"),
+    ("github.test", "GET", "/Org/Repo.git/info/refs?service=git-upload-pack", {}, ALLOW, Reason.ALLOWED_BY_RULE, "git-discovery"),
+    ("github.test", "GET", "/org/repo/info/refs?service=git%2Dupload-pack", {}, ALLOW, Reason.ALLOWED_BY_RULE, "git-discovery"),
+    ("github.test", "POST", "/org/repo.git/git-upload-pack", {"body_size": 200}, ALLOW, Reason.ALLOWED_BY_RULE, "git-fetch"),
+    # git push: discovery and the pack
+    ("github.test", "GET", "/org/repo/info/refs?service=git-receive-pack", {}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("github.test", "POST", "/org/repo.git/git-receive-pack", {"body_size": 200}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("github.test", "POST", "/org/repo.git/git-receive-pack", {"body_size": None}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    # parameters repeated, absent, or in another case: servers pick different copies
+    ("github.test", "GET", "/org/repo/info/refs?service=git-upload-pack&service=git-receive-pack", {}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("github.test", "GET", "/org/repo/info/refs?service=git-upload-pack;service=git-receive-pack", {}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("github.test", "GET", "/org/repo/info/refs?service=git-upload-pack&SERVICE=git-receive-pack", {}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("github.test", "GET", "/org/repo/info/refs", {}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    # path tricks
+    ("github.test", "GET", "/myorg/repo/blob/main/README.md", {}, ALLOW, Reason.ALLOWED_BY_RULE, "pages"),
+    ("github.test", "GET", "/MyOrg/repo", {}, ALLOW, Reason.ALLOWED_BY_RULE, "pages"),
+    ("github.test", "GET", "/myorg/../evil/repo", {}, DENY, Reason.AMBIGUOUS_REQUEST, None),
+    ("github.test", "GET", "/myorg/%2e%2e/evil/repo", {}, DENY, Reason.AMBIGUOUS_REQUEST, None),
+    ("github.test", "GET", "/myorg%2f..%2fevil/repo", {}, DENY, Reason.AMBIGUOUS_REQUEST, None),
+    ("github.test", "GET", "/myorg\\..\\evil", {}, DENY, Reason.AMBIGUOUS_REQUEST, None),
+    ("github.test", "GET", "/myorg//evil", {}, DENY, Reason.AMBIGUOUS_REQUEST, None),
+    ("github.test", "GET", "/myorg;/../evil", {}, DENY, Reason.AMBIGUOUS_REQUEST, None),
+    ("github.test", "GET", "/myorg/%00", {}, DENY, Reason.AMBIGUOUS_REQUEST, None),
+    ("github.test", "GET", "/evil/repo", {}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    # method overrides: the server acts on the override
+    ("github.test", "GET", "/myorg/repo", {"overrides": ("DELETE",)}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("github.test", "GET", "/myorg/repo?_method=DELETE", {}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("github.test", "GET", "/myorg/repo?_METHOD=put", {}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("github.test", "GET", "/myorg/repo", {"overrides": ("head",)}, ALLOW, Reason.ALLOWED_BY_RULE, "pages"),
+    ("github.test", "GET", "/myorg/repo", {"overrides": ("DEL ETE",)}, DENY, Reason.AMBIGUOUS_REQUEST, None),
+    ("github.test", "GET", "/myorg/repo?_method", {}, DENY, Reason.AMBIGUOUS_REQUEST, None),
+    ("github.test", "get", "/myorg/repo", {}, ALLOW, Reason.ALLOWED_BY_RULE, "pages"),
+    # LFS: the body decides
+    ("github.test", "POST", "/org/repo.git/info/lfs/objects/batch", {"body_size": 30, "body": b'{"operation": "download"}'}, ALLOW, Reason.ALLOWED_BY_RULE, "lfs-download"),
+    ("github.test", "POST", "/org/repo.git/info/lfs/objects/batch", {"body_size": 30, "body": b'{"operation": "upload"}'}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("github.test", "POST", "/org/repo.git/info/lfs/objects/batch", {"body_size": 60, "body": b'{"operation": "download", "operation": "upload"}'}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("github.test", "POST", "/org/repo.git/info/lfs/objects/batch", {"body_size": 3, "body": b"{{{"}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("github.test", "POST", "/org/repo.git/info/lfs/objects/batch", {"body_size": HOLD_LIMIT + 1}, DENY, Reason.REQUEST_TOO_LARGE, None),
+    ("github.test", "POST", "/org/repo.git/info/lfs/objects/batch", {"body_size": None, "body_overflow": True}, DENY, Reason.REQUEST_TOO_LARGE, None),
+    # GraphQL: queries only, parsed
+    ("api.github.test", "POST", "/graphql", {"body_size": 50, "body": GQL_QUERY}, ALLOW, Reason.ALLOWED_BY_RULE, "graphql-read"),
+    ("api.github.test", "POST", "/graphql", {"body_size": 50, "body": GQL_MUTATION}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("api.github.test", "POST", "/graphql", {"body_size": 50, "body": b'{"query": "query { a } mutation { b }"}'}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("api.github.test", "POST", "/graphql", {"body_size": 50, "body": b'[{"query": "{ a }"}, {"query": "mutation { b }"}]'}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("api.github.test", "POST", "/graphql", {"body_size": 50, "body": b'{"query": "{ a }", "query": "mutation { b }"}'}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("api.github.test", "POST", "/graphql", {"body_size": 50, "body": b'{"extensions": {"persistedQuery": {"sha256Hash": "ab"}}}'}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("api.github.test", "POST", "/graphql", {"body_size": 50, "body": b'{"query": "mutation"}'}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("api.github.test", "POST", "/graphql", {"body_size": 50, "body": b'{"query": "# mutation {\\n{ a }"}'}, ALLOW, Reason.ALLOWED_BY_RULE, "graphql-read"),
+    # REST: reads yes, writes no, a deny rule with conditions beats the allow rule
+    ("api.github.test", "GET", "/repos/o/r", {}, ALLOW, Reason.ALLOWED_BY_RULE, "api-read"),
+    ("api.github.test", "DELETE", "/repos/o/r", {}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("api.github.test", "PATCH", "/repos/o/r", {"body_size": 10}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("api.github.test", "GET", "/gists", {}, DENY, Reason.DENIED_BY_RULE, "no-gists"),
+    ("api.github.test", "GET", "/gists/abc", {}, DENY, Reason.DENIED_BY_RULE, "no-gists"),
+    ("api.github.test", "GET", "/gists/./abc", {}, DENY, Reason.DENIED_BY_RULE, "no-gists"),  # doubt denies
+    ("api.github.test", "GET", "/user/../gists", {}, DENY, Reason.DENIED_BY_RULE, "no-gists"),
+    ("api.github.test", "POST", "/user", {"content_type": "application/x-www-form-urlencoded", "body_size": 14, "body": b"_method=DELETE"}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    # sizes
+    ("upload.test", "PUT", "/f", {"body_size": 100}, ALLOW, Reason.ALLOWED_BY_RULE, "uploads-small"),
+    ("upload.test", "PUT", "/f", {"body_size": 101}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("upload.test", "PUT", "/f", {"body_size": None, "body": b"x" * 100}, ALLOW, Reason.ALLOWED_BY_RULE, "uploads-small"),
+    ("upload.test", "PUT", "/f", {"body_size": None, "body": b"x" * 101}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("upload.test", "PUT", "/f", {"body_size": None, "body_overflow": True}, DENY, Reason.REQUEST_TOO_LARGE, None),
+    # WebSocket only where a rule says so
+    ("ws.test", "GET", "/socket", {"upgrade": "websocket"}, ALLOW, Reason.ALLOWED_BY_RULE, "socket"),
+    ("ws.test", "GET", "/socket", {"upgrade": "WebSocket"}, ALLOW, Reason.ALLOWED_BY_RULE, "socket"),
+    ("ws.test", "GET", "/other", {"upgrade": "websocket"}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("ws.test", "GET", "/other", {}, ALLOW, Reason.ALLOWED_BY_RULE, "ws-pages"),
+    ("ws.test", "GET", "/socket", {"upgrade": "h2c"}, DENY, Reason.AMBIGUOUS_REQUEST, None),
+    # a rule without request conditions allows every request, WebSocket included
+    ("mixed.test", "DELETE", "/anything", {}, ALLOW, Reason.ALLOWED_BY_RULE, "mixed-open"),
+    ("mixed.test", "GET", "/chat", {"upgrade": "websocket"}, ALLOW, Reason.ALLOWED_BY_RULE, "mixed-open"),
+    ("mixed.test", "GET", "/a", {}, ALLOW, Reason.ALLOWED_BY_RULE, "mixed-read"),
+    ("audited.test", "POST", "/x/../y", {"body_size": 5}, ALLOW, Reason.ALLOWED_BY_RULE, "audited"),
+    ("audited.test", "GET", "/chat", {"upgrade": "websocket"}, ALLOW, Reason.ALLOWED_BY_RULE, "audited"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(
+    ("host", "method", "target", "head", "verdict", "reason", "rule"),
+    TABLE,
+    ids=[f"{row[1]} {row[0]}{row[2][:60]}" for row in TABLE],
+)
+def test_request_table(
+    policy: Policy,
+    host: str,
+    method: str,
+    target: str,
+    head: dict[str, object],
+    verdict: Verdict,
+    reason: Reason,
+    rule: str | None,
+) -> None:
+    assert ask(policy, host, method, target, **head) == (verdict, reason, rule)
+
+
+def test_unread_bodies_are_asked_for_before_anything_is_decided(policy: Policy) -> None:
+    def request(host: str, target: str, method: str = "POST", **head: object) -> Request:
+        http = HttpHead(method, target, **head)  # type: ignore[arg-type]
+        return Request(Kind.REQUEST, host, 443, method, target, http=http)
+
+    assert (
+        decide_request(request("github.test", "/o/r/info/lfs/objects/batch", body_size=30), policy)
+        is BODY_NEEDED
+    )
+    assert (
+        decide_request(request("api.github.test", "/graphql", body_size=30), policy) is BODY_NEEDED
+    )
+    assert (
+        decide_request(request("upload.test", "/f", "PUT", body_size=None), policy) is BODY_NEEDED
+    )
+    form = "application/x-www-form-urlencoded"
+    assert (
+        decide_request(request("audited.test", "/f", body_size=9, content_type=form), policy)
+        is BODY_NEEDED
+    )
+    # decide() refuses what it cannot decide without the body: a caller that cannot hold bodies fails closed.
+    refused = decide(request("api.github.test", "/graphql", body_size=30), policy)
+    assert (refused.decision, refused.reason) == (Verdict.DENY, Reason.REQUEST_NOT_ALLOWED)
+
+
+def test_a_host_without_request_rules_is_decided_as_a_whole(policy: Policy) -> None:
+    assert ask(policy, "plain.test", "DELETE", "/a/../b%2f") == (
+        ALLOW,
+        Reason.ALLOWED_BY_RULE,
+        "plain",
+    )
+    assert policy.index.request_rules("plain.test", 443) is None
+    assert policy.index.request_rules("github.test", 443) is not None
+    assert policy.index.request_rules("github.test", 8443) is None  # no rule on that port
+
+
+def test_a_deny_rule_with_conditions_does_not_deny_the_host(policy: Policy) -> None:
+    tunnel = decide(Request(Kind.CONNECT, "api.github.test", 443), policy)
+    assert (tunnel.decision, tunnel.rule) == (ALLOW, "graphql-read")
+
+
+def test_request_rules_hold_in_report_mode(tmp_path: Path) -> None:
+    path = tmp_path / "report.yaml"
+    path.write_text(POLICY.format(mode="report"))
+    report = load_policy(path)
+    for target, reason in (
+        ("/org/repo/info/refs?service=git-receive-pack", Reason.REQUEST_NOT_ALLOWED),
+        ("/myorg/../evil", Reason.AMBIGUOUS_REQUEST),
+    ):
+        request = Request(
+            Kind.REQUEST, "github.test", 443, "GET", target, http=HttpHead("GET", target)
+        )
+        decision = decide(request, report)
+        assert (decision.decision, decision.reason) == (Verdict.DENY, reason)
+        assert decision.detail is not None and "report mode too" in decision.detail
+
+
+# -- properties --------------------------------------------------------------------------------------
+
+UNRESERVED = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_~"
+
+
+def respell(text: str, data: st.DataObject) -> str:
+    return "".join(
+        f"%{ord(ch):02X}" if ch in UNRESERVED and data.draw(st.booleans()) else ch for ch in text
+    )
+
+
+@given(
+    st.sampled_from([row for row in TABLE if "%" not in row[2] and "\\" not in row[2]]),
+    st.data(),
+)
+def test_equivalent_spellings_decide_alike(
+    policy: Policy,
+    row: tuple[str, str, str, dict[str, object], Verdict, Reason, str | None],
+    data: st.DataObject,
+) -> None:
+    host, method, target, head, verdict, reason, rule = row
+    assert ask(policy, host, method, respell(target, data), **head) == (verdict, reason, rule)
+
+
+@given(
+    st.lists(
+        st.sampled_from(["..", ".", "%2e%2e", "%2e", "", "%2f", "%5c", "\\", ";a", "evil", "x"]),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_no_spelling_leaving_the_allowed_tree_is_allowed(policy: Policy, parts: list[str]) -> None:
+    target = "/myorg/" + "/".join(parts)
+    verdict, _, _ = ask(policy, "github.test", "GET", target)
+    if verdict is ALLOW:  # only plain names, and an empty last segment (a trailing slash)
+        assert all(part in ("evil", "x") for part in parts[:-1]), target
+        assert parts[-1] in ("evil", "x", ""), target
