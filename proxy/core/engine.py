@@ -7,7 +7,9 @@ The order, written down once in ``decide``:
    IP-literal destination must carry none (``sni-mismatch``);
 3. a deny rule matching the host (and the port, if the rule lists ports) is ``denied-by-rule``;
 4. an allow rule matching host and port allows (the most specific one is named); allow rules matching
-   the host on other ports only are ``port-not-allowed``;
+   the host on other ports only are ``port-not-allowed``; when the most specific rule is an ``ask``
+   rule the answer is ``ask`` (``approval-pending``), which nothing enforces as it stands: the
+   checkpoint holds the request until an approval turns it into an allow or a deny;
 5. anything else is ``no-matching-rule``.
 
 Host names are matched only by host patterns and IP literals only by ``cidrs``: a wildcard never covers an
@@ -31,7 +33,7 @@ from __future__ import annotations
 from proxy.core.decision import Decision, Kind, Reason, Request, Verdict
 from proxy.core.hosts import InvalidHost, canonical_host
 from proxy.core.text import escape
-from proxy.policy.model import Mode, Policy
+from proxy.policy.model import Action, Mode, Policy
 
 # The reasons report mode turns into REPORT: the allowlist does not cover the request. Everything else
 # (explicit deny rules, safety refusals) stays DENY in every mode.
@@ -92,6 +94,17 @@ def decide(request: Request, policy: Policy) -> Decision:
     # (4) The most specific allow rule that lists the port.
     if match.allow is not None:
         rule = match.allow
+        if rule.action is Action.ASK:
+            # Explicit like a deny rule, so report mode does not wave it through either.
+            return _make(
+                request,
+                policy,
+                Verdict.ASK,
+                Reason.APPROVAL_PENDING,
+                rule.name,
+                host,
+                f"{_where(host, shown_port)} needs an approval (rule '{rule.name}')",
+            )
         return _make(
             request,
             policy,

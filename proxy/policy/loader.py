@@ -24,7 +24,9 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from proxy.policy.model import (
+    DEFAULT_ASK_TIMEOUT,
     DEFAULT_PORTS,
+    MAX_ASK_TIMEOUT,
     Action,
     HostPattern,
     IPNetwork,
@@ -32,6 +34,7 @@ from proxy.policy.model import (
     Policy,
     PolicyError,
     Problem,
+    Review,
     Rule,
     parse_host_pattern,
 )
@@ -39,7 +42,10 @@ from proxy.policy.presets import is_preset_name, preset_path, presets_dir
 
 SCHEMA_VERSION = 1
 TOP_KEYS = frozenset({"version", "mode", "include", "rules", "allow_internal", "description"})
-RULE_KEYS = frozenset({"name", "action", "hosts", "cidrs", "ports", "description", "comment"})
+RULE_KEYS = frozenset(
+    {"name", "action", "hosts", "cidrs", "ports", "description", "comment", "timeout", "review"}
+)
+ASK_KEYS = frozenset({"timeout", "review"})  # meaningful on ask rules only
 # Rule names end up in response headers, log lines and metric labels: keep them boring.
 RULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -322,8 +328,11 @@ class _Loader:
                     action = Action(text)
                 except ValueError:
                     self.problem(
-                        where.at("action"), fields["action"], f"{text!r} is not allow or deny"
+                        where.at("action"),
+                        fields["action"],
+                        f"{text!r} is not allow, deny or ask",
                     )
+        timeout, review = self.ask_settings(where, fields, action)
 
         hosts: list[HostPattern] = []
         for item in self.sequence(where.at("hosts"), fields.get("hosts")):
@@ -341,7 +350,7 @@ class _Loader:
             if net is not None:
                 cidrs.append(net)
 
-        ports: frozenset[int] | None = DEFAULT_PORTS if action is Action.ALLOW else None
+        ports: frozenset[int] | None = DEFAULT_PORTS if action is not Action.DENY else None
         if "ports" in fields:
             items = self.sequence(where.at("ports"), fields["ports"])
             if not items and isinstance(fields["ports"], SequenceNode):
@@ -382,7 +391,41 @@ class _Loader:
             file=here.file,
             line=node.start_mark.line + 1,
             description=description,
+            timeout=timeout,
+            review=review,
         )
+
+    def ask_settings(
+        self, where: _Where, fields: dict[str, Node], action: Action
+    ) -> tuple[int, Review]:
+        """``timeout`` (seconds) and ``review`` (human or auto) of an ask rule; on any other rule they
+        would suggest a wait that never happens, so they are refused there."""
+        timeout, review = DEFAULT_ASK_TIMEOUT, Review.HUMAN
+        for key in sorted(ASK_KEYS & fields.keys()):
+            if action is not Action.ASK:
+                self.problem(where.at(key), fields[key], "only 'action: ask' rules take this key")
+        if action is not Action.ASK:
+            return timeout, review
+        if "timeout" in fields:
+            value = self.integer(where.at("timeout"), fields["timeout"])
+            if value is not None and not 1 <= value <= MAX_ASK_TIMEOUT:
+                self.problem(
+                    where.at("timeout"),
+                    fields["timeout"],
+                    f"{value} is not a timeout (1-{MAX_ASK_TIMEOUT} seconds)",
+                )
+            elif value is not None:
+                timeout = value
+        if "review" in fields:
+            text = self.string(where.at("review"), fields["review"])
+            if text is not None:
+                try:
+                    review = Review(text)
+                except ValueError:
+                    self.problem(
+                        where.at("review"), fields["review"], f"{text!r} is not human or auto"
+                    )
+        return timeout, review
 
     # -- typed values ---------------------------------------------------------------------------
 

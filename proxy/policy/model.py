@@ -30,6 +30,18 @@ DEFAULT_PORTS: frozenset[int] = frozenset({443})
 class Action(StrEnum):
     ALLOW = "allow"
     DENY = "deny"
+    ASK = "ask"  # hold the request until a person (or, with ``review: auto``, the reviewer) answers
+
+
+class Review(StrEnum):
+    """Who may answer an ``ask`` rule: only a person, or also the automated reviewer."""
+
+    HUMAN = "human"
+    AUTO = "auto"
+
+
+DEFAULT_ASK_TIMEOUT = 60  # seconds an ask rule holds a request before refusing it
+MAX_ASK_TIMEOUT = 3600
 
 
 class Mode(StrEnum):
@@ -129,6 +141,8 @@ class Rule:
     file: str = ""
     line: int = 0
     description: str | None = None
+    timeout: int = DEFAULT_ASK_TIMEOUT  # ask rules: seconds to wait for an answer
+    review: Review = Review.HUMAN  # ask rules: whether the automated reviewer may answer
 
     def ports_text(self) -> str:
         """The ports as refusal messages phrase them: ``port 443``, ``ports 80, 443``, ``every port``."""

@@ -146,7 +146,7 @@ RULE_PROBLEMS = [
     (
         "  - name: pypi\n    hosts: [pypi.org]\n    prots: [443]\n",
         "p.yaml:5: rule 'pypi': key 'prots': unknown key (expected one of: action, cidrs, comment, "
-        "description, hosts, name, ports)",
+        "description, hosts, name, ports, review, timeout)",
     ),
     (
         "  - name: pypi\n    hosts: [pypi.org]\n    hosts: [evil.com]\n",
@@ -154,7 +154,7 @@ RULE_PROBLEMS = [
     ),
     (
         "  - name: pypi\n    action: permit\n    hosts: [pypi.org]\n",
-        "p.yaml:4: rule 'pypi': key 'action': 'permit' is not allow or deny",
+        "p.yaml:4: rule 'pypi': key 'action': 'permit' is not allow, deny or ask",
     ),
     (
         "  - name: pypi\n    hosts: pypi.org\n",
@@ -580,3 +580,65 @@ def test_version_changes_with_any_loaded_file(tmp_path: Path) -> None:
     same_length = POLICY.replace("a.example.com", "z.example.com") + "# a comment\n"
     top.write_text(same_length, encoding="utf-8")
     assert load_policy(top).version not in {before, after_include, after_top}
+
+
+def test_ask_rules_take_a_timeout_and_a_review_mode(tmp_path: Path) -> None:
+    from proxy.policy.model import DEFAULT_ASK_TIMEOUT, Review
+
+    path = write(
+        tmp_path,
+        "p.yaml",
+        """\
+        version: 1
+        rules:
+          - name: push
+            action: ask
+            hosts: [github.com]
+            timeout: 30
+            review: auto
+          - name: apis
+            action: ask
+            hosts: ["*.example.com"]
+        """,
+    )
+    push, apis = load_policy(path).rules
+    assert (push.action, push.timeout, push.review, push.ports) == (
+        Action.ASK,
+        30,
+        Review.AUTO,
+        frozenset({443}),
+    )
+    assert (apis.timeout, apis.review) == (DEFAULT_ASK_TIMEOUT, Review.HUMAN)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            "  - name: a\n    hosts: [a.test]\n    timeout: 30\n",
+            "p.yaml:5: rule 'a': key 'timeout': only 'action: ask' rules take this key",
+        ),
+        (
+            "  - name: a\n    action: deny\n    hosts: [a.test]\n    review: auto\n",
+            "p.yaml:6: rule 'a': key 'review': only 'action: ask' rules take this key",
+        ),
+        (
+            "  - name: a\n    action: ask\n    hosts: [a.test]\n    timeout: 0\n",
+            "p.yaml:6: rule 'a': key 'timeout': 0 is not a timeout (1-3600 seconds)",
+        ),
+        (
+            "  - name: a\n    action: ask\n    hosts: [a.test]\n    timeout: 1.5\n",
+            "p.yaml:6: rule 'a': key 'timeout': expected an integer",
+        ),
+        (
+            "  - name: a\n    action: ask\n    hosts: [a.test]\n    review: model\n",
+            "p.yaml:6: rule 'a': key 'review': 'model' is not human or auto",
+        ),
+    ],
+)
+def test_ask_settings_are_checked(tmp_path: Path, body: str, expected: str) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text("version: 1\nrules:\n" + body, encoding="utf-8")
+    problems = problems_of(path)
+    assert len(problems) == 1, [str(p) for p in problems]
+    assert str(problems[0]).startswith(expected)
