@@ -338,7 +338,7 @@ def test_no_one_is_asked_about_a_destination_the_gate_refuses(ask_policy: Policy
 
 
 def test_an_approved_tunnel_keeps_its_answer_for_its_client_hello(ask_policy: Policy) -> None:
-    checkpoint, lookups, memory = make(ask_policy, approvals=Approver())
+    checkpoint, lookups, _ = make(ask_policy, approvals=Approver())
     lookups.answers["api.test"] = "203.0.113.20"
     conn = Connection(peer="127.0.0.1:5000", sandbox_id="sbx")
     admit(checkpoint, conn, Request(Kind.CONNECT, "api.test", 443, "CONNECT"))
