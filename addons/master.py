@@ -21,7 +21,13 @@ from mitmproxy.master import Master
 
 from addons.gate import DEFAULT_REQUEST_DEADLINE, GateAddon, current_sandbox
 from addons.layers import GateLayers
-from proxy.core.checkpoint import Authenticator, Checkpoint, DecisionSink, Destinations
+from proxy.core.checkpoint import (
+    Approver,
+    Authenticator,
+    Checkpoint,
+    DecisionSink,
+    Destinations,
+)
 from proxy.core.connections import DEFAULT_MAX_CONNECTIONS_PER_CLIENT, Connections, Observer
 from proxy.core.destination import DestinationCheck, NameResolver
 from proxy.core.hosts import parse_endpoint
@@ -83,6 +89,7 @@ class Gate:
         observer: Observer | None = None,
         identities: Authenticator | None = None,
         sandbox_policies: dict[str, Callable[[], Policy]] | None = None,
+        approvals: Approver | None = None,
     ) -> None:
         self.config = config
         self.emitter = emitter
@@ -100,6 +107,7 @@ class Gate:
             identities=identities,
             own=self.own,
             observer=observer,
+            approvals=approvals,
         )
         self.addon = GateAddon(self.checkpoint, request_deadline=config.request_deadline)
         self.master: Master | None = None
