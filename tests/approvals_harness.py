@@ -7,7 +7,6 @@ through the real ``egress approve``/``deny`` commands and the admin API.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
