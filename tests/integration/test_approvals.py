@@ -311,3 +311,61 @@ def test_the_event_stream_shows_pending_approvals_and_their_answers(
     kinds = [body.get("decision") for name, body in events if name == "decision"]
     assert "ask" in kinds
     stream.close()
+
+
+def test_two_replicas_share_approvals_and_session_grants_through_redis(
+    tmp_path: Path, names: FakeDns, http_upstream: Upstream, tls_upstream: Upstream
+) -> None:
+    from tests.redis_server import RedisServer
+
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    redis = RedisServer(directory).start()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        POLICY.format(port=http_upstream.port, tls_port=tls_upstream.port, timeout=30)
+    )
+    replicas: list[ApprovalGate] = []
+    try:
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+            replicas.append(
+                ApprovalGate(
+                    policy,
+                    names.nameserver,
+                    tmp_path / name,
+                    "--state",
+                    redis.url,
+                    "--approved-file",
+                    str(tmp_path / "shared-approved.yaml"),
+                )
+            )
+        a, b = replicas
+        # Held on a, shown and answered on b; identical requests through b join it.
+        on_a = fetch(api(http_upstream), a.proxy)
+        [pending] = b.wait_pending()
+        on_b = fetch(api(http_upstream), b.proxy)
+        deadline = time.monotonic() + 20
+        while sum(d["decision"] == "ask" for d in b.decisions()) < 1:
+            assert time.monotonic() < deadline, "the request through b was not held"
+            time.sleep(0.1)
+        assert [p["id"] for p in a.pending()] == [pending["id"]]  # one approval for both
+        assert http_upstream.accepted == 0
+        assert b.egress("approve", pending["id"], "--session", who="bob").returncode == 0
+        assert on_a.result().status == 200 and on_b.result().status == 200
+        # The session grant holds on both replicas.
+        for replica in (a, b):
+            assert curl(api(http_upstream, "/later"), replica.proxy).status == 200
+            assert replica.decisions()[-1]["grant"] == "session"
+        # A denial given through a reaches a request held on b.
+        held = fetch(f"https://allowed.test:{tls_upstream.port}/", b.proxy)
+        [second] = a.wait_pending()
+        assert a.egress("deny", second["id"]).returncode == 0
+        refused = held.result()
+        assert refused.status == 403 and refused.headers["x-egress-reason"] == "approval-denied"
+        assert b.decisions()[-1]["reason"] == "approval-denied"
+        assert tls_upstream.accepted == 0
+    finally:
+        for replica in replicas:
+            replica.stop()
+        redis.stop()
