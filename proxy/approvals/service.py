@@ -111,6 +111,7 @@ class Approvals:
             metrics=metrics,
         )
         self.decisions = DecisionFeed()
+        self.notices_json = False
         self.admin: AdminServer | None = None
         self.admin_address: tuple[str, int] | None = None
 
@@ -172,3 +173,42 @@ class Approvals:
         if self.webhook is not None:
             await self.webhook.close()
         await self.broker.close()
+
+
+def private_approvals(
+    state_dir: Path,
+    sandbox_id: str,
+    *,
+    as_json: bool = False,
+    metrics: ApprovalMetrics | None = None,
+) -> tuple[Approvals, Path]:
+    """Approvals for a gate serving one sandbox (``egress run``): state in memory (it ends with the
+    sandbox, and so do its session grants), persisted grants in the state directory's approved.yaml,
+    and an admin listener on host loopback (not in the sandbox's network namespace) with a token
+    made for this run, in a 0600 file named for the person running it. Returns the approvals and
+    that token file; :class:`TerminalNotices` tell the terminal how to answer."""
+    import getpass
+    import os
+    import secrets
+
+    from proxy.approvals.tokens import NAME, Admin, digest
+
+    token = secrets.token_urlsafe(32)
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "local"
+    name = user if NAME.fullmatch(user) else "local"
+    token_file = state_dir / f"admin-token-{sandbox_id}"
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(token + "\n")
+    config = ApprovalsConfig(
+        state="memory",
+        approved_file=state_dir / "approved.yaml",
+        admin_listen=("127.0.0.1", 0),
+        admin_tokens=AdminTokens([Admin(name, digest(token))]),
+    )
+    approvals = Approvals(config, metrics=metrics)
+    approvals.notices_json = as_json
+    return approvals, token_file
