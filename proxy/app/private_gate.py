@@ -105,7 +105,7 @@ async def _start_approvals(request: GateRequest, state: Path) -> tuple[Any, Path
         metrics=getattr(request.observer, "metrics", None),
     )
     try:
-        await approvals.start()
+        await approvals.start(lambda: request.policy)
     except BaseException:
         token_file.unlink(missing_ok=True)
         raise

@@ -171,7 +171,7 @@ async def _serve(
     try:
         evidence.start()
         try:
-            await approvals.start()
+            await approvals.start(holder)
         except ApprovalsError as exc:
             return fail(str(exc))
         approvals_started = True

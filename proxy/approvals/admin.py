@@ -10,6 +10,9 @@ endpoints, so no policy can route a sandbox to it). Every request needs ``Author
     POST /v1/approvals/ID/approve            {"scope": "once|session|persist", "reason": "..."}
     POST /v1/approvals/ID/deny               {"reason": "..."}
     GET  /v1/events[?decisions=1]            text/event-stream
+    GET  /v1/sandboxes                       {"sandboxes": [{"sandbox_id", "allowed", "refused",
+                                              "asked", "last"}, ...]}  (this replica's, latest first)
+    GET  /v1/policy                          {"version", "mode", "files", "rules": [...]}
 
 Answers: 200 ``{"approval": ...}``; 400 bad input; 401 missing or wrong token; 404 no such approval;
 409 not open any more (``{"error", "approval"}``: someone answered first, or it expired); 422 the scope
@@ -28,7 +31,7 @@ import contextlib
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import tornado.httpserver
@@ -38,8 +41,10 @@ import tornado.web
 
 from proxy.approvals.broker import Broker, Unavailable
 from proxy.approvals.model import NotOpen, Scope
+from proxy.approvals.reviewer import RecentDecisions
 from proxy.approvals.tokens import AdminTokens
 from proxy.core.decision import Decision
+from proxy.policy.model import Policy, Rule
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +100,15 @@ class _Base(tornado.web.RequestHandler):
         tokens: AdminTokens,
         decisions: DecisionFeed,
         stopping: asyncio.Event,
+        recent: RecentDecisions,
+        policy: Callable[[], Policy] | None,
     ) -> None:
         self.broker = broker
         self.tokens = tokens
         self.decisions = decisions
         self.stopping = stopping
+        self.recent = recent
+        self.policy = policy
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json; charset=utf-8")
@@ -144,6 +153,43 @@ class Approvals(_Base):
     async def get(self) -> None:
         pending = await self.broker.pending()
         self.reply({"approvals": [a.to_json() for a in pending]})
+
+
+class Sandboxes(_Base):
+    def get(self) -> None:
+        self.reply({"sandboxes": self.recent.sandboxes()})
+
+
+class PolicyView(_Base):
+    def get(self) -> None:
+        if self.policy is None:
+            self.fail(404, "this gate does not share its policy here")
+            return
+        policy = self.policy()
+        self.reply(
+            {
+                "version": policy.version,
+                "mode": str(policy.mode),
+                "files": [str(f) for f in policy.files],
+                "rules": [_rule(r) for r in policy.rules],
+            }
+        )
+
+
+def _rule(rule: Rule) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "name": rule.name,
+        "action": str(rule.action),
+        "hosts": [str(h) for h in rule.hosts],
+        "cidrs": [str(c) for c in rule.cidrs],
+        "ports": sorted(rule.ports) if rule.ports is not None else None,
+        "file": rule.file,
+        "line": rule.line,
+        "description": rule.description,
+    }
+    if rule.action == "ask":
+        out.update(timeout=rule.timeout, review=str(rule.review))
+    return out
 
 
 class OneApproval(_Base):
@@ -259,7 +305,13 @@ class AdminServer:
     """The admin listener on the running event loop."""
 
     def __init__(
-        self, broker: Broker, tokens: AdminTokens, decisions: DecisionFeed | None = None
+        self,
+        broker: Broker,
+        tokens: AdminTokens,
+        decisions: DecisionFeed | None = None,
+        *,
+        recent: RecentDecisions | None = None,
+        policy: Callable[[], Policy] | None = None,
     ) -> None:
         self.decisions = decisions or DecisionFeed()
         self.stopping = asyncio.Event()
@@ -268,6 +320,8 @@ class AdminServer:
             "tokens": tokens,
             "decisions": self.decisions,
             "stopping": self.stopping,
+            "recent": recent or RecentDecisions(),
+            "policy": policy,
         }
         self.app = tornado.web.Application(
             [
@@ -276,6 +330,8 @@ class AdminServer:
                 (rf"/v1/approvals/{ID}", OneApproval, args),
                 (rf"/v1/approvals/{ID}/(approve|deny)", Answer, args),
                 (r"/v1/events", Events, args),
+                (r"/v1/sandboxes", Sandboxes, args),
+                (r"/v1/policy", PolicyView, args),
             ],
             default_handler_class=_NotFound,
             default_handler_args=args,

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from proxy.approvals.model import Advice, Approval, Scope, clip
-from proxy.core.decision import Decision
+from proxy.core.decision import Decision, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +46,14 @@ _LINE = re.compile(r"^\s*(allow|deny|escalate)\b[\s:,-]*(.*)$", re.IGNORECASE)
 
 
 class RecentDecisions:
-    """A decision sink remembering each sandbox's last few decisions, for the reviewer's context."""
+    """A decision sink remembering each sandbox's last few decisions (the reviewer's context) and its
+    counts (the admin API's sandbox list), for the most recently active sandboxes only."""
 
     def __init__(self) -> None:
         self._by_sandbox: collections.OrderedDict[str, collections.deque[dict[str, Any]]] = (
             collections.OrderedDict()
         )
+        self._counts: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
     def record(self, decision: Decision) -> None:
@@ -66,12 +68,32 @@ class RecentDecisions:
             "method": clip(decision.method, 16),
             "path": clip(decision.path, 256),
         }
+        outcome = (
+            "asked"
+            if decision.decision is Verdict.ASK
+            else ("allowed" if decision.allowed else "refused")
+        )
         with self._lock:
             recent = self._by_sandbox.pop(sandbox, None) or collections.deque(maxlen=RECENT)
             recent.append(entry)
             self._by_sandbox[sandbox] = recent
+            counts = self._counts.setdefault(
+                sandbox, {"allowed": 0, "refused": 0, "asked": 0, "last": 0.0}
+            )
+            counts[outcome] += 1
+            counts["last"] = entry["ts"]
             while len(self._by_sandbox) > RECENT_SANDBOXES:
-                self._by_sandbox.popitem(last=False)
+                gone, _ = self._by_sandbox.popitem(last=False)
+                self._counts.pop(gone, None)
+
+    def sandboxes(self) -> list[dict[str, Any]]:
+        """Each sandbox seen lately: decisions allowed, refused and asked, and the last one's time;
+        most recently active first."""
+        with self._lock:
+            return [
+                {"sandbox_id": sandbox, **self._counts[sandbox]}
+                for sandbox in reversed(self._by_sandbox)
+            ]
 
     def of(self, sandbox: str) -> list[dict[str, Any]]:
         with self._lock:

@@ -8,7 +8,7 @@ that cannot be bound stops the gate before it serves anything (:class:`Approvals
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,7 +145,8 @@ class Approvals:
             ]
         return []
 
-    async def start(self) -> None:
+    async def start(self, policy: Callable[[], Policy] | None = None) -> None:
+        """Open the store and bind the admin listener; ``policy`` is what ``/v1/policy`` shows."""
         try:
             await self.broker.start()
         except Exception as exc:
@@ -154,7 +155,13 @@ class Approvals:
             if self.config.admin_tokens is None:
                 await self.close()
                 raise ApprovalsError("--admin needs --admin-tokens FILE")
-            self.admin = AdminServer(self.broker, self.config.admin_tokens, self.decisions)
+            self.admin = AdminServer(
+                self.broker,
+                self.config.admin_tokens,
+                self.decisions,
+                recent=self.recent,
+                policy=policy,
+            )
             try:
                 self.admin_address = await self.admin.start(*self.config.admin_listen)
             except OSError as exc:

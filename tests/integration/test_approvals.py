@@ -369,3 +369,33 @@ def test_two_replicas_share_approvals_and_session_grants_through_redis(
         for replica in replicas:
             replica.stop()
         redis.stop()
+
+
+def test_the_admin_api_shows_sandboxes_and_the_policy_in_force(
+    start: Callable[..., ApprovalGate], http_upstream: Upstream
+) -> None:
+    gate = start(timeout=2)
+    assert curl(f"http://nowhere.test:{http_upstream.port}/", gate.proxy).status == 403
+    assert curl(api(http_upstream), gate.proxy, timeout=20).status == 403  # asked, timed out
+    session = requests.Session()
+    session.trust_env = False
+    headers = {"Authorization": f"Bearer {gate.token_files['alice'].read_text().strip()}"}
+    whoami = session.get(f"{gate.admin}/v1/whoami", headers=headers, timeout=10).json()
+    assert whoami == {"name": "alice"}
+    [sandbox] = session.get(f"{gate.admin}/v1/sandboxes", headers=headers, timeout=10).json()[
+        "sandboxes"
+    ]
+    assert (sandbox["sandbox_id"], sandbox["allowed"], sandbox["refused"], sandbox["asked"]) == (
+        "-",
+        0,
+        2,
+        1,
+    )
+    policy = session.get(f"{gate.admin}/v1/policy", headers=headers, timeout=10).json()
+    rules = {r["name"]: r for r in policy["rules"]}
+    assert rules["ask-api"]["action"] == "ask" and rules["ask-api"]["timeout"] == 2
+    assert rules["never"]["action"] == "deny" and rules["never"]["ports"] is None
+    assert len(policy["version"]) == 16 and policy["mode"] == "enforce"
+    unknown = session.get(f"{gate.admin}/v2/anything", headers=headers, timeout=10)
+    assert unknown.status_code == 404
+    assert session.get(f"{gate.admin}/v1/sandboxes", timeout=10).status_code == 401
