@@ -189,7 +189,7 @@ async def _serve(
 
             handoff = HandoffServer(
                 args.handoff_socket,
-                gate_attacher(gate, dns_for),
+                approvals.ending_sessions(gate_attacher(gate, dns_for)),
                 authenticate=identities_authenticator(identities) if identities else None,
             )
             await handoff.start()

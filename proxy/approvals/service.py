@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from proxy.approvals.admin import AdminServer, DecisionFeed
 from proxy.approvals.broker import DEFAULT_SESSION_TTL, ApprovalMetrics, Broker, Notifier
@@ -172,6 +173,26 @@ class Approvals:
             self.webhook.admin_url = self.admin_base()
         if self.overlay is not None:
             self.overlay.policy()  # say at start-up if the file is broken
+
+    def ending_sessions(self, attach: Any) -> Any:
+        """Wrap a hand-off ``attach`` so that a sandbox's session grants end when it detaches (the
+        sandbox is gone; a new one with the same id asks again)."""
+
+        async def attach_sandbox(sandbox_id: str, sockets: Any) -> Any:
+            detach = await attach(sandbox_id, sockets)
+
+            async def detach_sandbox() -> None:
+                try:
+                    await detach()
+                finally:
+                    try:
+                        await self.broker.store.end_session(sandbox_id)
+                    except Exception:
+                        log.exception("could not end the session grants of %s", sandbox_id)
+
+            return detach_sandbox
+
+        return attach_sandbox
 
     async def close(self) -> None:
         if self.admin is not None:

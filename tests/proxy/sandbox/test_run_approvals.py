@@ -127,3 +127,43 @@ def test_egress_run_says_how_to_answer_and_the_sandbox_cannot_reach_the_answer_d
     assert http_upstream.accepted == 1
     decided = run.wait_line(lambda text: "approval-decided" in text or " approved by " in text)
     assert "approved" in decided
+
+
+def test_a_session_grant_ends_with_the_sandbox_handed_to_a_shared_gate(
+    write_policy: Callable[[str], Path],
+    fake_dns: FakeDns,
+    http_upstream: Upstream,
+    tmp_path: Path,
+) -> None:
+    from tests.approvals_harness import ApprovalGate
+
+    fake_dns.set("api.test", "A", ["127.0.0.1"])
+    policy = write_policy(
+        POLICY.format(port=http_upstream.port).replace("timeout: 30", "timeout: 4")
+    )
+    sock = tmp_path / "gate.sock"
+    directory = tmp_path / "gate"
+    directory.mkdir()
+    gate = ApprovalGate(policy, fake_dns.nameserver, directory, "--handoff-socket", str(sock))
+    inside = (
+        f"curl -sS --max-time 30 -o /dev/null -w '%{{http_code}}\\n' http://api.test:{http_upstream.port}/1; "
+        f"curl -sS --max-time 30 -o /dev/null -w '%{{http_code}}\\n' http://api.test:{http_upstream.port}/2"
+    )
+    try:
+        first = Run("--gate-socket", str(sock), "--sandbox-id", "sbx-session", "--quiet",
+                    "--", "sh", "-c", inside)  # fmt: skip
+        [pending] = gate.wait_pending()
+        assert pending["sandbox_id"] == "sbx-session"
+        assert gate.egress("approve", pending["id"], "--session").returncode == 0
+        code, out = first.finish()
+        assert (code, out.split()) == (0, ["200", "200"])  # the second one under the grant
+        # The sandbox ended: the same id in a new sandbox asks again (and nobody answers).
+        second = Run("--gate-socket", str(sock), "--sandbox-id", "sbx-session", "--quiet",
+                     "--", "sh", "-c", inside.split(";")[0])  # fmt: skip
+        code, out = second.finish()
+        assert (code, out.split()) == (0, ["403"])
+        reasons = [d["reason"] for d in gate.decisions()]
+        assert reasons[-1] == "approval-timeout"
+        assert http_upstream.accepted == 2
+    finally:
+        gate.stop()
