@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from proxy.core.checkpoint import Checkpoint
 from proxy.core.connections import Connection
-from proxy.core.decision import Decision, Kind, Request
+from proxy.core.decision import Decision, Kind, Reason, Request, Verdict
 from proxy.core.destination import DestinationCheck
 from proxy.core.hosts import InvalidHost, canonical_host, parse_endpoint, split_authority
 from proxy.core.text import escape
@@ -71,8 +71,24 @@ async def check(
         from proxy.destinations.local import OwnEndpoints
 
         own = OwnEndpoints(listeners)
-    checkpoint = Checkpoint(lambda: policy, Emitter(), DestinationCheck(names), own=own)
-    return await checkpoint.admit(Connection(peer=None, sandbox_id=None), request)
+    would_ask = _WouldAsk()
+    checkpoint = Checkpoint(
+        lambda: policy, Emitter(), DestinationCheck(names), own=own, approvals=would_ask
+    )
+    decision = await checkpoint.admit(Connection(peer=None, sandbox_id=None), request)
+    return would_ask.asked or decision
+
+
+class _WouldAsk:
+    """The approver of a dry run: notes that the gate would hold the request for an approval (after
+    every check before it passed), and answers nothing."""
+
+    def __init__(self) -> None:
+        self.asked: Decision | None = None
+
+    async def answer(self, decision: Decision, rule: Any, record: Any) -> Decision:
+        self.asked = decision
+        return decision.with_(decision=Verdict.DENY, reason=Reason.APPROVAL_UNAVAILABLE)
 
 
 def run(args: argparse.Namespace, policy: Policy) -> int:
