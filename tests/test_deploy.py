@@ -510,7 +510,7 @@ def test_kind_replicas_share_an_approval_store_only_they_reach(rendered: dict[st
     # the gate may reach the store ...
     gate_policy = one(docs, "NetworkPolicy", "agent-egress-gate", GATE_NS)["spec"]
     assert any(
-        peer["podSelector"]["matchLabels"].items() <= store_labels.items()
+        peer["podSelector"].get("matchLabels", {None: None}).items() <= store_labels.items()
         and {"protocol": "TCP", "port": int(port)} in rule["ports"]
         for rule in gate_policy["egress"]
         for peer in rule["to"]
@@ -520,7 +520,9 @@ def test_kind_replicas_share_an_approval_store_only_they_reach(rendered: dict[st
     [store_policy] = [
         p["spec"]
         for p in of_kind(docs, "NetworkPolicy")
-        if p["spec"]["podSelector"]["matchLabels"].items() <= store_labels.items()
+        if p["metadata"]["namespace"] == namespace
+        and p["spec"]["podSelector"].get("matchLabels")
+        and p["spec"]["podSelector"]["matchLabels"].items() <= store_labels.items()
     ]
     assert set(store_policy["policyTypes"]) == {"Ingress", "Egress"}
     assert store_policy["egress"] == []
