@@ -14,11 +14,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from proxy.approvals.private import NotPrivate, read_private
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 NAME_RULE = "1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit"
@@ -47,17 +48,10 @@ class AdminTokens:
     @classmethod
     def load(cls, path: Path) -> AdminTokens:
         try:
-            mode = path.stat().st_mode
-        except OSError as exc:
-            raise TokenError(f"{path}: cannot read admin tokens: {exc.strerror or exc}") from None
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise TokenError(
-                f"{path}: mode {stat.S_IMODE(mode):04o} lets other users read or change the admin "
-                f"tokens; run chmod 600 {path}"
-            )
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+            data = yaml.safe_load(read_private(path, "admin tokens").decode("utf-8"))
+        except NotPrivate as exc:
+            raise TokenError(str(exc)) from None
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise TokenError(f"{path}: cannot read admin tokens: {exc}") from None
         if not isinstance(data, dict) or data.get("version") != 1:
             raise TokenError(f"{path}: expected a mapping with 'version: 1'")

@@ -20,14 +20,13 @@ import hashlib
 import hmac
 import json
 import logging
-import stat
 import time
-from pathlib import Path
 from typing import Any
 
 import tornado.httpclient
 
 from proxy.approvals.model import Approval
+from proxy.approvals.private import NotPrivate, read_private
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +46,10 @@ class WebhookError(ValueError):
 
 def load_secret(path: str) -> bytes:
     """The shared secret, from a file only the gate's user can read."""
-    target = Path(path)
     try:
-        mode = target.stat().st_mode
-        secret = target.read_bytes().strip()
-    except OSError as exc:
-        raise WebhookError(f"{path}: cannot read the webhook secret: {exc.strerror}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise WebhookError(
-            f"{path}: mode {stat.S_IMODE(mode):04o} lets other users read the webhook secret; "
-            f"run chmod 600 {path}"
-        )
+        secret = read_private(path, "webhook secret").strip()
+    except NotPrivate as exc:
+        raise WebhookError(str(exc)) from None
     if len(secret) < 16:
         raise WebhookError(f"{path}: the webhook secret must be at least 16 bytes")
     return secret
