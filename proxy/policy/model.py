@@ -41,7 +41,9 @@ class Review(StrEnum):
 
 
 DEFAULT_ASK_TIMEOUT = 60  # seconds an ask rule holds a request before refusing it
-MAX_ASK_TIMEOUT = 3600
+# A held connection is idle to mitmproxy, which closes connections idle for its tcp_timeout (600 s):
+# a longer wait would end with a closed connection instead of a clear approval-timeout.
+MAX_ASK_TIMEOUT = 540
 
 
 class Mode(StrEnum):

@@ -624,7 +624,11 @@ def test_ask_rules_take_a_timeout_and_a_review_mode(tmp_path: Path) -> None:
         ),
         (
             "  - name: a\n    action: ask\n    hosts: [a.test]\n    timeout: 0\n",
-            "p.yaml:6: rule 'a': key 'timeout': 0 is not a timeout (1-3600 seconds)",
+            "p.yaml:6: rule 'a': key 'timeout': 0 is not a timeout (1-540 seconds)",
+        ),
+        (
+            "  - name: a\n    action: ask\n    hosts: [a.test]\n    timeout: 541\n",
+            "p.yaml:6: rule 'a': key 'timeout': 541 is not a timeout (1-540 seconds)",
         ),
         (
             "  - name: a\n    action: ask\n    hosts: [a.test]\n    timeout: 1.5\n",
