@@ -399,3 +399,62 @@ def test_the_admin_api_shows_sandboxes_and_the_policy_in_force(
     unknown = session.get(f"{gate.admin}/v2/anything", headers=headers, timeout=10)
     assert unknown.status_code == 404
     assert session.get(f"{gate.admin}/v1/sandboxes", timeout=10).status_code == 401
+
+
+def test_egress_approvals_watch_follows_new_approvals_and_their_answers(
+    start: Callable[..., ApprovalGate], http_upstream: Upstream
+) -> None:
+    import subprocess
+    import sys
+    import threading
+
+    from tests.approvals_harness import REPO
+    from tests.harness import clean_env
+
+    gate = start()
+    env = clean_env(
+        EGRESS_ADMIN_URL=gate.admin, EGRESS_ADMIN_TOKEN_FILE=str(gate.token_files["alice"])
+    )
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "proxy.app.cli", "approvals", "--watch", "--json"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    lines: list[dict[str, object]] = []
+
+    def read() -> None:
+        assert watch.stdout is not None
+        for line in watch.stdout:
+            lines.append(json.loads(line))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+
+    def wait_for(count: int) -> None:
+        deadline = time.monotonic() + 20
+        while len(lines) < count:
+            assert time.monotonic() < deadline, lines
+            time.sleep(0.05)
+
+    try:
+        wait_for(1)
+        assert lines[0] == {"event": "snapshot", "approvals": []}
+        held = fetch(api(http_upstream), gate.proxy)
+        wait_for(2)
+        pending = lines[1]
+        assert pending["event"] == "approval" and pending["change"] == "pending"
+        approval = pending["approval"]
+        assert isinstance(approval, dict)
+        assert gate.egress("deny", str(approval["id"]), "--reason", "no").returncode == 0
+        wait_for(3)
+        decided = lines[2]["approval"]
+        assert isinstance(decided, dict)
+        assert (lines[2]["change"], decided["state"], decided["reason"]) == (
+            "decided",
+            "denied",
+            "no",
+        )
+        assert held.result().status == 403
+    finally:
+        watch.terminate()
+        watch.wait(10)
+        reader.join(10)

@@ -87,24 +87,58 @@ def test_the_admin_api_is_refused_through_the_gate_even_where_the_policy_opens_i
 
 
 @pytest.mark.netns
-def test_the_admin_api_cannot_be_reached_from_inside_a_sandbox_joined_to_the_gate(
-    shared: Shared,
+def test_neither_the_admin_api_nor_the_webhook_target_is_reachable_from_inside_a_sandbox(
+    tmp_path: Path, fake_dns: FakeDns, plain: Upstream, tls: Upstream
 ) -> None:
-    admin = f"http://127.0.0.1:{shared.admin_port}/v1/approvals"
-    token = shared.gate.token_files["alice"].read_text().strip()
-    script = (
-        f"curl -sS --max-time 5 --noproxy '' --proxy \"$http_proxy\" -o /dev/null "
-        f"-H 'Authorization: Bearer {token}' -w 'through-gate %{{http_code}}\\n' {admin}; "
-        f"curl -sS --max-time 3 --noproxy '*' {admin} >/dev/null 2>&1 || echo 'direct unreachable'"
-    )
-    run = subprocess.run(
-        [sys.executable, "-m", "proxy.app.cli", "run", "--quiet",
-         "--proxy", shared.proxy("sbx-a"), "--", "sh", "-c", script],
-        capture_output=True, text=True, timeout=60, env=clean_env(),
+    """The policy opens loopback on the admin port; the webhook receiver (which the gate calls)
+    is on loopback too, with no rule for it. A sandbox holding a valid admin token reaches neither,
+    through the gate or around it."""
+    from tests.integration.test_approval_answerers import Receiver
+
+    receiver = Receiver()
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"a shared secret of some length")
+    secret.chmod(0o600)
+    admin_port = free_port()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY.format(port=plain.port, other_port=tls.port, admin_port=admin_port))
+    directory = tmp_path / "gate"
+    directory.mkdir()
+    gate = ApprovalGate(
+        policy, fake_dns.nameserver, directory,
+        "--approval-webhook", receiver.url, "--approval-webhook-secret", str(secret),
+        admin_port=admin_port,
     )  # fmt: skip
+    admin = f"http://127.0.0.1:{admin_port}/v1/approvals"
+    token = gate.token_files["alice"].read_text().strip()
+    through = "curl -sS --max-time 5 --noproxy '' --proxy \"$http_proxy\" -o /dev/null"
+    direct = "curl -sS --max-time 3 --noproxy '*' -o /dev/null"
+    script = (
+        f"{through} -H 'Authorization: Bearer {token}' -w 'admin-through-gate %{{http_code}}\\n' "
+        f"{admin}; "
+        f"{direct} {admin} 2>/dev/null || echo 'admin-direct unreachable'; "
+        f"{through} -w 'webhook-through-gate %{{http_code}}\\n' -d '{{}}' {receiver.url}; "
+        f"{direct} -d '{{}}' {receiver.url} 2>/dev/null || echo 'webhook-direct unreachable'"
+    )
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "proxy.app.cli", "run", "--quiet",
+             "--proxy", gate.proxy, "--", "sh", "-c", script],
+            capture_output=True, text=True, timeout=60, env=clean_env(),
+        )  # fmt: skip
+    finally:
+        gate.stop()
+        receiver.stop()
     assert run.returncode == 0, run.stderr
-    # Even holding a valid admin token, the sandbox reaches neither way.
-    assert run.stdout.splitlines() == ["through-gate 403", "direct unreachable"]
+    assert run.stdout.splitlines() == [
+        "admin-through-gate 403",
+        "admin-direct unreachable",
+        "webhook-through-gate 403",
+        "webhook-direct unreachable",
+    ]
+    assert receiver.requests == 0
+    reasons = [d["reason"] for d in gate.decisions()]
+    assert reasons == ["internal-address", "port-not-allowed"]  # no rule for the receiver
 
 
 def test_forged_approval_headers_do_not_answer_anything(shared: Shared, plain: Upstream) -> None:
