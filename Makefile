@@ -13,7 +13,7 @@ find_python = $(shell for c in python3.13 python3.12 \
 	$$(ls -d $$HOME/.pyenv/versions/3.13*/bin/python3.13 $$HOME/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | sort -rV); do \
 	if "$$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1; then echo "$$c"; break; fi; done)
 
-.PHONY: demo test test-deps lint bench lock clean venv
+.PHONY: demo test test-deps lint bench fuzz lock clean venv
 
 venv: $(STAMP)
 
@@ -45,6 +45,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# The front-door and DNS-gate fuzzers for 10 minutes each with a fresh seed (the suite runs them for
+# 40 s on a fixed one). FUZZ_SEED / FUZZ_SECONDS replay or lengthen a run.
+fuzz: $(STAMP) test-deps
+	$(PY) -m tests.fuzz
 
 # Regenerate the pinned constraints from the current venv (after changing pyproject.toml).
 lock:

@@ -26,12 +26,12 @@ from proxy.core.checkpoint import Checkpoint
 from proxy.core.connections import Connection
 from proxy.core.decision import Decision, Kind, Reason, Request
 from proxy.core.firstbytes import FirstBytes
-from proxy.core.framing import framing_problem
+from proxy.core.framing import framing_problem, head_problem
 from proxy.core.hosts import InvalidHost, canonical_host
+from proxy.core.limits import Limits
 
 log = logging.getLogger(__name__)
 
-DEFAULT_REQUEST_DEADLINE = 30.0  # seconds for a request head, or a tunnel's first bytes
 
 # Set by the listener that accepted a connection (a per-sandbox socket), read once in client_connected.
 current_sandbox: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -43,7 +43,7 @@ class GateAddon:
     """mitmproxy addon enforcing the checkpoint's decisions on CONNECT, tunnels and plain HTTP."""
 
     def __init__(
-        self, checkpoint: Checkpoint, *, request_deadline: float = DEFAULT_REQUEST_DEADLINE
+        self, checkpoint: Checkpoint, *, request_deadline: float = Limits().request_timeout
     ) -> None:
         self.checkpoint = checkpoint
         self.request_deadline = request_deadline
@@ -80,6 +80,19 @@ class GateAddon:
 
     def request_started(self, client: connection.Client) -> None:
         self._cancel_deadline(client)
+
+    def head_started(self, client: connection.Client) -> None:
+        """The first bytes of a request head: the whole head must follow within the deadline, on
+        every request of a keep-alive connection (a connection's first head is already timed from
+        its start)."""
+        if client.id not in self._deadlines:
+            self._arm_deadline(client)
+
+    def refuse_head(self, client: connection.Client, reason: Reason, detail: str) -> None:
+        """A request head mitmproxy's parser or the head cap refused before any hook saw it."""
+        conn = self.checkpoint.connections.get(client.id)
+        if conn is not None:
+            self.checkpoint.refuse_connection(conn, reason, detail)
 
     def _deadline_passed(self, client: connection.Client) -> None:
         self._deadlines.pop(client.id, None)
@@ -128,7 +141,7 @@ class GateAddon:
         conn = self._conn(flow.client_conn)
         credential = req.headers.pop("proxy-authorization", None)
         request = Request(Kind.HTTP, req.host, req.port, req.method, req.path.split("?", 1)[0])
-        problem = framing_problem(
+        problem = head_problem(req.method, req.path, req.headers.fields) or framing_problem(
             req.scheme,
             req.host,
             req.port,

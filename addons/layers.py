@@ -25,9 +25,9 @@ from mitmproxy.proxy.layers.modes import HttpProxy
 
 from addons.gate import GateAddon
 from proxy.core.connections import Connection
+from proxy.core.decision import Reason
 from proxy.core.firstbytes import Protocol, classify
-
-MAX_REQUEST_HEAD = 64 * 1024  # request line + headers; mitmproxy itself has no bound (threat 13)
+from proxy.core.framing import MAX_REQUEST_HEAD
 
 
 class CloseLayer(layer.Layer):
@@ -39,24 +39,43 @@ class CloseLayer(layer.Layer):
 
 
 class BoundedHttp1Server(Http1Server):
-    """mitmproxy's HTTP/1 server side, refusing request heads larger than MAX_REQUEST_HEAD.
+    """mitmproxy's HTTP/1 server side with the gate's view of request heads: each head is timed from
+    its first byte, a head over MAX_REQUEST_HEAD is refused (upstream buffers an unterminated head
+    forever: "FIXME: protect against header size DoS"), and every head the parser refuses is a
+    recorded decision, not only a 400 on the wire."""
 
-    Upstream buffers an unterminated head forever ("FIXME: protect against header size DoS"), so one
-    client could grow the gate's memory without limit."""
+    def __init__(self, context: Context, gate: GateAddon) -> None:
+        super().__init__(context)
+        self.gate = gate
+
+    def _handle_event(self, event: events.Event) -> Generator[commands.Command, Any, None]:
+        starts_a_head = isinstance(event, events.DataReceived) and self.state == self.read_headers
+        if starts_a_head and not self.buf:
+            self.gate.head_started(self.context.client)
+        yield from super()._handle_event(event)
 
     def read_headers(self, event: events.ConnectionEvent) -> Generator[commands.Command, Any, None]:
-        yield from super().read_headers(event)
+        for command in super().read_headers(event):
+            if isinstance(command, commands.SendData) and command.data.startswith(b"HTTP/1.1 400"):
+                detail = command.data.split(b"\r\n\r\n", 1)[-1][:200].decode("ascii", "replace")
+                self.gate.refuse_head(self.context.client, Reason.BAD_REQUEST, detail.strip())
+            yield command
         if self.state == self.read_headers and len(self.buf) > MAX_REQUEST_HEAD:
+            self.gate.refuse_head(
+                self.context.client,
+                Reason.REQUEST_TOO_LARGE,
+                f"the request head is larger than {MAX_REQUEST_HEAD} bytes",
+            )
             yield commands.SendData(self.conn, make_error_response(431, "request head too large"))
             yield commands.CloseConnection(self.conn)
             self.state = self.done
 
 
-def bounded_http(layer_: layers.HttpLayer) -> layers.HttpLayer:
+def bounded_http(layer_: layers.HttpLayer, gate: GateAddon) -> layers.HttpLayer:
     """Preset the client-side HTTP/1 connection of an HttpLayer to the bounded one (HttpLayer keeps a
     preset connection instead of creating its own)."""
     if layer_.context.client.alpn in (None, b"", b"http/1.1"):
-        layer_.connections[layer_.context.client] = BoundedHttp1Server(layer_.context.fork())
+        layer_.connections[layer_.context.client] = BoundedHttp1Server(layer_.context.fork(), gate)
     return layer_
 
 
@@ -95,7 +114,7 @@ class GateLayers(NextLayer):
                 return
             super().next_layer(nextlayer)
             if isinstance(nextlayer.layer, layers.HttpLayer):
-                bounded_http(nextlayer.layer)
+                bounded_http(nextlayer.layer, self.gate)
             return
         tunnel = self.gate.tunnel_of(context.client)
         if tunnel is None or context.server.address is None:
@@ -110,7 +129,7 @@ class GateLayers(NextLayer):
             return None
         decision = self.gate.admit_tunnel(context.client, first)
         if first.protocol is Protocol.HTTP:
-            return bounded_http(layers.HttpLayer(context, HTTPMode.transparent))
+            return bounded_http(layers.HttpLayer(context, HTTPMode.transparent), self.gate)
         if decision is not None and not decision.allowed:
             return self._close(context)
         return CountingTCPLayer(context, self.gate.connection_of(context.client))

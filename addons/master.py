@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mitmproxy import exceptions, options
 from mitmproxy.addons import errorcheck, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
-from addons.gate import DEFAULT_REQUEST_DEADLINE, GateAddon, current_sandbox
+from addons.gate import GateAddon, current_sandbox
 from addons.layers import GateLayers
 from proxy.core.checkpoint import (
     Approver,
@@ -28,9 +29,10 @@ from proxy.core.checkpoint import (
     DecisionSink,
     Destinations,
 )
-from proxy.core.connections import DEFAULT_MAX_CONNECTIONS_PER_CLIENT, Connections, Observer
+from proxy.core.connections import Connections, Observer
 from proxy.core.destination import DestinationCheck, NameResolver
 from proxy.core.hosts import parse_endpoint
+from proxy.core.limits import Limits
 from proxy.destinations.local import OwnEndpoints
 from proxy.policy.model import Policy
 
@@ -57,8 +59,7 @@ class GateConfig:
     sandbox_id: str | None = None
     stream_large_bodies: str = "256k"
     body_size_limit: str | None = None
-    max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
-    request_deadline: float = DEFAULT_REQUEST_DEADLINE
+    limits: Limits = field(default_factory=Limits)
     # mitmproxy's confdir (its TLS layer creates CA files there at start-up); None keeps its
     # ~/.mitmproxy, which a container with a read-only root and no home cannot write.
     confdir: str | None = None
@@ -70,6 +71,20 @@ def parse_listen(spec: str) -> tuple[str, int]:
         return parse_endpoint(spec, default_host="127.0.0.1", any_port=True)
     except ValueError as exc:
         raise ValueError(f"--listen {spec!r}: {exc}") from None
+
+
+def raise_descriptor_limit() -> int:
+    """Raise this process's open-file limit to its hard limit and return it: the whole-gate
+    connection cap is fitted to it, so running out of descriptors refuses instead of stalling."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            log.warning("cannot raise the open-file limit from %d to %d", soft, wanted)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
 class Gate:
@@ -99,7 +114,7 @@ class Gate:
             emitter,
             destinations or DestinationCheck(resolver),
             connections=Connections(
-                max_per_client=config.max_connections_per_client,
+                limits=config.limits.fitted(raise_descriptor_limit()),
                 default_sandbox_id=config.sandbox_id,
                 sandbox_policies=sandbox_policies,
                 observer=observer,
@@ -109,7 +124,7 @@ class Gate:
             observer=observer,
             approvals=approvals,
         )
-        self.addon = GateAddon(self.checkpoint, request_deadline=config.request_deadline)
+        self.addon = GateAddon(self.checkpoint, request_deadline=config.limits.request_timeout)
         self.master: Master | None = None
         self._task: asyncio.Task[None] | None = None
         self._extra: list[asyncio.Server] = []

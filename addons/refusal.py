@@ -8,6 +8,7 @@ from proxy.core.decision import Decision, Reason
 from proxy.core.refusal import refusal_text
 
 EGRESS_HEADER_PREFIX = "x-egress-"
+_STATUS = {Reason.PROXY_AUTH_REQUIRED: 407, Reason.REQUEST_TOO_LARGE: 431, Reason.BAD_REQUEST: 400}
 
 
 def strip_egress_headers(headers: http.Headers) -> None:
@@ -20,8 +21,9 @@ def strip_egress_headers(headers: http.Headers) -> None:
 
 
 def refusal_response(decision: Decision) -> http.Response:
-    """407 asks for the shared gate's credential; every other refusal is a 403."""
-    status = 407 if decision.reason is Reason.PROXY_AUTH_REQUIRED else 403
+    """407 asks for the shared gate's credential, 431 says the head was too large; every other
+    refusal is a 403."""
+    status = _STATUS.get(decision.reason, 403)
     headers = {
         "Content-Type": "text/plain; charset=utf-8",
         "X-Egress-Decision": str(decision.decision),

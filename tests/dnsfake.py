@@ -61,8 +61,10 @@ def _rdtype(rdtype: str | dns.rdatatype.RdataType) -> dns.rdatatype.RdataType:
 class FakeDns:
     """A DNS server on ``127.0.0.1`` (UDP and TCP on the same ephemeral port) that tests program."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self._host = host
+        self._port = port  # 0: ephemeral; a fixed one lets a test restart "the same" server
+        self._garbage = False
         self._lock = threading.Lock()
         self._records: dict[tuple[dns.name.Name, dns.rdatatype.RdataType], _Entry] = {}
         self._servfail: set[dns.name.Name] = set()
@@ -104,6 +106,11 @@ class FakeDns:
         with self._lock:
             self._servfail.add(_name(name))
 
+    def garbage(self, on: bool = True) -> None:
+        """Answer every query with bytes that are not its answer (a broken or hostile upstream):
+        malformed packets, another query's id, a response to another question."""
+        self._garbage = on
+
     def timeout(self, name: str) -> None:
         """Never answer queries for ``name`` (they are still counted)."""
         with self._lock:
@@ -144,7 +151,7 @@ class FakeDns:
         family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
         for _ in range(50):  # TCP must share the UDP port (truncation fallback); retry on collision
             udp = socket.socket(family, socket.SOCK_DGRAM)
-            udp.bind((self._host, 0))
+            udp.bind((self._host, self._port))
             tcp = socket.socket(family, socket.SOCK_STREAM)
             tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
@@ -253,6 +260,8 @@ class FakeDns:
             )
             if question.name in self._timeout:
                 return None
+            if self._garbage:
+                return _garbage(query, len(self._queries))
             response = dns.message.make_response(query, recursion_available=True)
             if question.name in self._servfail:
                 response.set_rcode(dns.rcode.SERVFAIL)
@@ -303,6 +312,22 @@ def _rrset(
             text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
         rrset.add(dns.rdata.from_text(dns.rdataclass.IN, rdtype, text), ttl)
     return rrset
+
+
+def _garbage(query: dns.message.Message, n: int) -> bytes:
+    """The n-th of a few kinds of wrong answer to ``query``."""
+    kind = n % 4
+    if kind == 0:
+        return bytes((query.id >> 8, query.id & 0xFF)) + b"\x81\x80\xff\xff" + b"\x00" * 7
+    if kind == 1:
+        wrong = dns.message.make_response(query)
+        wrong.id = (query.id + 1) & 0xFFFF
+        return wrong.to_wire()
+    if kind == 2:
+        other = dns.message.make_response(dns.message.make_query("other.test", "A"))
+        other.id = query.id
+        return other.to_wire()
+    return b"\x00"
 
 
 def _recv_exactly(conn: socket.socket, size: int) -> bytes | None:

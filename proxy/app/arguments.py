@@ -4,6 +4,7 @@ evidence flags) is imported here, so ``egress --help`` stays fast."""
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
 def add_policy_option(parser: argparse.ArgumentParser) -> None:
@@ -70,3 +71,74 @@ def add_check_options(check: argparse.ArgumentParser) -> None:
         help="a listener of the gate being dry-run (repeatable): destinations reaching it are refused",
     )
     check.add_argument("target", help="https://host/path, http://host:port/path or HOST[:PORT]")
+
+
+def add_limit_options(parser: argparse.ArgumentParser) -> None:
+    """The gate's resource limits (``proxy.core.limits.Limits``); defaults are the documented ones."""
+    from proxy.core.limits import Limits
+
+    defaults = Limits()
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=defaults.max_connections,
+        metavar="N",
+        help="concurrent connections the whole gate holds; also fitted to the open-file limit "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-connections-per-client",
+        type=int,
+        default=defaults.max_connections_per_client,
+        metavar="N",
+        help="concurrent connections one client (sandbox or address) may hold (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-new-connections-per-second",
+        type=float,
+        default=defaults.new_connections_per_second,
+        metavar="RATE",
+        help="new connections per second one client may open, sustained (default %(default)s; "
+        "0 disables)",
+    )
+    parser.add_argument(
+        "--new-connections-burst",
+        type=int,
+        default=defaults.new_connections_burst,
+        metavar="N",
+        help="new connections one client may open at once above that rate (default %(default)s)",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=defaults.request_timeout,
+        metavar="SECONDS",
+        help="every request head, and a tunnel's first bytes, must arrive within this time or the "
+        "connection is closed (default %(default)s; 0 disables)",
+    )
+
+
+def limits_from(args: argparse.Namespace) -> Any:
+    """The ``Limits`` the options above describe; ValueError names a bad one."""
+    from proxy.core.limits import Limits
+
+    for flag, value in (
+        ("--max-connections", args.max_connections),
+        ("--max-connections-per-client", args.max_connections_per_client),
+        ("--new-connections-burst", args.new_connections_burst),
+    ):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, not {value}")
+    for flag, number in (
+        ("--max-new-connections-per-second", args.max_new_connections_per_second),
+        ("--request-timeout", args.request_timeout),
+    ):
+        if number < 0:
+            raise ValueError(f"{flag} must not be negative, not {number:g}")
+    return Limits(
+        max_connections=args.max_connections,
+        max_connections_per_client=args.max_connections_per_client,
+        new_connections_per_second=args.max_new_connections_per_second,
+        new_connections_burst=args.new_connections_burst,
+        request_timeout=args.request_timeout,
+    )

@@ -14,7 +14,12 @@ from pathlib import Path
 
 from proxy import __version__
 from proxy.app import approvals_cli
-from proxy.app.arguments import add_check_options, add_gate_options, add_policy_option
+from proxy.app.arguments import (
+    add_check_options,
+    add_gate_options,
+    add_limit_options,
+    add_policy_option,
+)
 from proxy.app.exits import EXIT_DENY, EXIT_OK, fail
 
 DEFAULT_LISTEN = "127.0.0.1:3128"
@@ -58,21 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept sandbox listeners from `egress run --gate-socket PATH` on this Unix socket "
         "(mode 0600; the gate then serves each sandbox without a relay)",
     )
-    serve.add_argument(
-        "--max-connections-per-client",
-        type=int,
-        default=512,
-        metavar="N",
-        help="concurrent connections one client (sandbox or address) may hold (default %(default)s)",
-    )
-    serve.add_argument(
-        "--request-timeout",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="a connection must send a complete request head, and a tunnel its first bytes, within "
-        "this time or it is closed (default %(default)s; 0 disables)",
-    )
+    add_limit_options(serve)
     serve.add_argument(
         "--state-dir",
         metavar="DIR",

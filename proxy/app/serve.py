@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.app import statedir
+from proxy.app.arguments import limits_from
 from proxy.app.exits import fail
 from proxy.destinations.dnsgate import DnsGate
 from proxy.evidence.emit import JsonLineSink, Sink
@@ -52,6 +53,7 @@ def serve_main(args: argparse.Namespace) -> int:
         return fail(*exc.lines())
     try:
         listen = parse_listen(args.listen)
+        limits_from(args)  # validated before anything starts
     except ValueError as exc:
         return fail(str(exc))
     try:
@@ -148,8 +150,7 @@ async def _serve(
         GateConfig(
             listen_host=listen[0],
             listen_port=listen[1],
-            max_connections_per_client=args.max_connections_per_client,
-            request_deadline=args.request_timeout,
+            limits=limits_from(args),
             confdir=str(statedir.mitmproxy_confdir(state_dir)),
         ),
         holder,

@@ -2,14 +2,16 @@
 
 At connection open (:meth:`Checkpoint.connected`):
 
-0. **limits** - more concurrent connections from one client (sandbox, or peer address) than the cap is
-   ``connection-limit``.
+0. **limits** - more concurrent connections than the gate's cap or one client's cap (sandbox, or peer
+   address until a credential names the sandbox) is ``connection-limit``; more new connections per
+   second than a client's rate is ``rate-limit`` (:mod:`proxy.core.limits`).
 
 For each CONNECT and each plain-HTTP request (:meth:`Checkpoint.admit`):
 
 1. **identity** - on a shared gate, the request must prove its sandbox with a proxy credential
    (``proxy-auth-required``); requests inside a tunnel inherit the tunnel's identity, and one connection
-   never switches identity. From here on the sandbox's own policy applies.
+   never switches identity. From here on the sandbox's own policy and connection cap apply
+   (``connection-limit``).
 2. **framing** - a problem the adapter's pure classifiers found (a Host header or absolute-form target
    naming another authority, an unsupported scheme) is refused with its own reason.
 3. **policy** - :func:`proxy.core.engine.decide`: canonical host, deny rules, allow rules and ports,
@@ -138,16 +140,11 @@ class Checkpoint:
     def connected(
         self, cid: str, peer: str | None, listener_sandbox: str | None = None
     ) -> tuple[Connection, Decision | None]:
-        """(0) limits: the connection and, when it is over the per-client cap, its refusal."""
+        """(0) limits: the connection and, when it is over a limit, its refusal."""
         conn = self.connections.open(cid, peer, listener_sandbox)
-        if not conn.over_limit:
+        if conn.refusal is None:
             return conn, None
-        limit = self.connections.max_per_client
-        return conn, self.refuse_connection(
-            conn,
-            Reason.CONNECTION_LIMIT,
-            f"more than {limit} concurrent connections from this client",
-        )
+        return conn, self.refuse_connection(conn, *conn.refusal)
 
     def disconnected(self, cid: str) -> None:
         conn = self.connections.close(cid)
@@ -196,6 +193,8 @@ class Checkpoint:
             )
         request = self._attributed(conn, request)
         policy = self.policy_for(conn)
+        if conn.refusal is not None:  # the proven sandbox is over its own connection cap
+            return self.emitter.emit(refuse(request, policy, *conn.refusal))
         # (2) framing
         if problem is not None:
             return self.emitter.emit(refuse(request, policy, problem[0], problem[1]))

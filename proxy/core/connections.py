@@ -1,8 +1,10 @@
-"""What the gate knows about each client connection, and the per-client connection cap.
+"""What the gate knows about each client connection, and the connection limits that apply to it.
 
 Plain state, no I/O: the checkpoint reads and updates it, the adapters create and drop it as clients
 connect and disconnect. A connection is attributed to a sandbox either by the listener that accepted it
-(a per-sandbox socket: ``authenticated``) or by the credential its first request proves.
+(a per-sandbox socket: ``authenticated``) or by the credential its first request proves; until then its
+address is the client it counts against. Once a credential proves the sandbox, the connection counts
+against that sandbox instead, so sandboxes sharing one address do not share one cap.
 """
 
 from __future__ import annotations
@@ -13,10 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from proxy.core.decision import Decision, Kind
+from proxy.core.decision import Decision, Kind, Reason
+from proxy.core.limits import Limits, RateLimiter
 from proxy.policy.model import Policy
-
-DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 512
 
 
 class Observer(Protocol):
@@ -41,8 +42,8 @@ class Connection:
     sandbox_id: str | None
     policy: Callable[[], Policy] | None = None  # per-sandbox policy once the client is identified
     authenticated: bool = False  # attributed by the per-sandbox listener that accepted it
-    limit_key: str = ""  # what the per-client connection cap counts (sandbox id or peer address)
-    over_limit: bool = False
+    limit_key: str = ""  # what the per-client limits count (sandbox id or peer address)
+    refusal: tuple[Reason, str] | None = None  # a limit this connection is over
     started: float = field(default_factory=time.monotonic)
     tunnel: Decision | None = None  # the allowed CONNECT decision, once there is one
     opened: Decision | None = None  # the decision a counted upstream connection was opened under
@@ -66,12 +67,15 @@ class Connections:
     def __init__(
         self,
         *,
-        max_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+        limits: Limits | None = None,
         default_sandbox_id: str | None = None,
         sandbox_policies: dict[str, Callable[[], Policy]] | None = None,
         observer: Observer | None = None,
     ) -> None:
-        self.max_per_client = max_per_client
+        self.limits = limits or Limits()
+        self._rate = RateLimiter(
+            self.limits.new_connections_per_second, self.limits.new_connections_burst
+        )
         self.default_sandbox_id = default_sandbox_id
         self.sandbox_policies = sandbox_policies or {}
         self.observer = observer
@@ -80,7 +84,7 @@ class Connections:
         self._live_sandboxes: collections.Counter[str] = collections.Counter()
 
     def open(self, cid: str, peer: str | None, listener_sandbox: str | None) -> Connection:
-        """Track a new connection; ``over_limit`` says whether it exceeds the per-client cap."""
+        """Track a new connection; ``refusal`` says which limit, if any, it is over."""
         sandbox = listener_sandbox or self.default_sandbox_id
         conn = self._by_id[cid] = Connection(
             peer=peer,
@@ -91,7 +95,24 @@ class Connections:
         )
         self._joined(sandbox)
         self._per_client[conn.limit_key] += 1
-        conn.over_limit = self._per_client[conn.limit_key] > self.max_per_client
+        limits = self.limits
+        if len(self._by_id) > limits.max_connections:
+            conn.refusal = (
+                Reason.CONNECTION_LIMIT,
+                f"the gate holds its maximum of {limits.max_connections} connections",
+            )
+        elif self._per_client[conn.limit_key] > limits.max_connections_per_client:
+            conn.refusal = (
+                Reason.CONNECTION_LIMIT,
+                f"more than {limits.max_connections_per_client} concurrent connections from "
+                "this client",
+            )
+        elif not self._rate.allow(conn.limit_key):
+            conn.refusal = (
+                Reason.RATE_LIMIT,
+                f"more than {limits.new_connections_per_second:g} new connections per second "
+                f"(burst {limits.new_connections_burst}) from this client",
+            )
         return conn
 
     def get(self, cid: str) -> Connection | None:
@@ -105,22 +126,37 @@ class Connections:
         return conn
 
     def identified(self, conn: Connection, sandbox_id: str) -> None:
-        """A shared gate's client proved its sandbox: from now on, its policy applies."""
+        """A shared gate's client proved its sandbox: from now on its policy applies, and the
+        connection counts against the sandbox's cap instead of its address's."""
         if conn.sandbox_id is None:
             conn.sandbox_id = sandbox_id
             self._joined(sandbox_id)
         conn.policy = self.sandbox_policies.get(sandbox_id)
+        key = f"sandbox:{sandbox_id}"
+        if conn.limit_key != key:
+            self._uncount(conn.limit_key)
+            conn.limit_key = key
+            self._per_client[key] += 1
+            if self._per_client[key] > self.limits.max_connections_per_client:
+                conn.refusal = (
+                    Reason.CONNECTION_LIMIT,
+                    f"more than {self.limits.max_connections_per_client} concurrent connections "
+                    f"from sandbox {sandbox_id}",
+                )
 
     def close(self, cid: str) -> Connection | None:
         conn = self._by_id.pop(cid, None)
         if conn is None:
             return None
         if conn.limit_key:
-            self._per_client[conn.limit_key] -= 1
-            if self._per_client[conn.limit_key] <= 0:
-                del self._per_client[conn.limit_key]
+            self._uncount(conn.limit_key)
         self._left(conn.sandbox_id)
         return conn
+
+    def _uncount(self, key: str) -> None:
+        self._per_client[key] -= 1
+        if self._per_client[key] <= 0:
+            del self._per_client[key]
 
     def opened(self, conn: Connection, decision: Decision) -> None:
         """An upstream connection is about to be made under ``decision`` (counted once)."""
@@ -152,4 +188,4 @@ def _host_of(peer: str | None) -> str:
     return peer.rsplit(":", 1)[0]
 
 
-__all__ = ["DEFAULT_MAX_CONNECTIONS_PER_CLIENT", "Connection", "Connections", "Observer"]
+__all__ = ["Connection", "Connections", "Observer"]

@@ -50,7 +50,10 @@ class Reason(StrEnum):
     AUDIT_UNAVAILABLE = "audit-unavailable"
     PROXY_AUTH_REQUIRED = "proxy-auth-required"
     CONNECTION_LIMIT = "connection-limit"
+    RATE_LIMIT = "rate-limit"
     REQUEST_TIMEOUT = "request-timeout"
+    REQUEST_TOO_LARGE = "request-too-large"
+    BAD_REQUEST = "bad-request"
     UNSUPPORTED = "unsupported"
     APPROVAL_PENDING = "approval-pending"  # held: an ask rule matched, waiting for an answer
     APPROVAL_GRANTED = "approval-granted"  # a person or reviewer allowed it, or a grant covers it

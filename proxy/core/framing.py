@@ -16,6 +16,24 @@ from proxy.core.text import escape
 
 Problem = tuple[Reason, str]
 
+MAX_REQUEST_HEAD = 64 * 1024  # request line and headers, buffered before they are complete
+MAX_REQUEST_LINE = 8 * 1024
+MAX_HEADERS = 100
+
+
+def head_problem(method: str, target: str, fields: Sequence[tuple[bytes, bytes]]) -> Problem | None:
+    """A complete request head over the caps: one client must not make the gate parse, log and
+    forward arbitrarily many or long fields (threat 13). A head that arrived whole in one read was
+    never measured while incomplete, so its size is checked here too."""
+    line = len(method) + len(target) + 10
+    if line > MAX_REQUEST_LINE:
+        return Reason.REQUEST_TOO_LARGE, f"the request line is longer than {MAX_REQUEST_LINE} bytes"
+    if len(fields) > MAX_HEADERS:
+        return Reason.REQUEST_TOO_LARGE, f"{len(fields)} header fields; at most {MAX_HEADERS}"
+    if line + sum(len(name) + len(value) + 4 for name, value in fields) > MAX_REQUEST_HEAD:
+        return Reason.REQUEST_TOO_LARGE, f"the request head is larger than {MAX_REQUEST_HEAD} bytes"
+    return None
+
 
 def framing_problem(
     scheme: str,
@@ -57,4 +75,12 @@ def authority_problem(
     return None
 
 
-__all__ = ["Problem", "authority_problem", "framing_problem"]
+__all__ = [
+    "MAX_HEADERS",
+    "MAX_REQUEST_HEAD",
+    "MAX_REQUEST_LINE",
+    "Problem",
+    "authority_problem",
+    "framing_problem",
+    "head_problem",
+]

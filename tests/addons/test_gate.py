@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from proxy.core.decision import Decision, Reason, Verdict
+from proxy.core.limits import Limits
 from tests.dnsfake import FakeDns
 from tests.harness import WAIT, LocalCA, RunningGate, Upstream, client_hello, curl
 
@@ -395,7 +396,9 @@ def _is_closed(sock: socket.socket, wait: float) -> bool:
 def test_connections_per_client_are_capped_and_recorded(
     write_policy: Callable[[str], Path], fake_dns: FakeDns, http_upstream: Upstream
 ) -> None:
-    gate = _limited_gate(write_policy, fake_dns, http_upstream.port, max_connections_per_client=4)
+    gate = _limited_gate(
+        write_policy, fake_dns, http_upstream.port, limits=Limits(max_connections_per_client=4)
+    )
     try:
         held = [socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT) for _ in range(4)]
         extra = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
@@ -422,7 +425,9 @@ def test_connections_per_client_are_capped_and_recorded(
 def test_silent_and_dribbling_connections_are_closed_at_the_deadline(
     write_policy: Callable[[str], Path], fake_dns: FakeDns, tls_upstream: Upstream
 ) -> None:
-    gate = _limited_gate(write_policy, fake_dns, tls_upstream.port, request_deadline=0.5)
+    gate = _limited_gate(
+        write_policy, fake_dns, tls_upstream.port, limits=Limits(request_timeout=0.5)
+    )
     try:
         dribble = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
         dribble.sendall(b"GET http://allowed.test/ HTTP/1.1\r\nX-Slow: ")

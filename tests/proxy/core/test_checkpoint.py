@@ -20,6 +20,7 @@ from proxy.core.connections import Connection, Connections
 from proxy.core.decision import Decision, Kind, Reason, Request, Verdict
 from proxy.core.destination import Destination, DestinationRefused
 from proxy.core.firstbytes import HTTP, SSH, FirstBytes, Protocol
+from proxy.core.limits import Limits
 from proxy.destinations.local import OwnEndpoints
 from proxy.evidence.emit import Emitter, MemorySink
 from proxy.policy.loader import load_policy
@@ -221,7 +222,9 @@ def test_ssh_and_http_tunnels_need_no_further_decision(policy: Policy, first: Fi
 
 
 def test_the_connection_cap_is_per_client(policy: Policy) -> None:
-    checkpoint, _, memory = make(policy, connections=Connections(max_per_client=2))
+    checkpoint, _, memory = make(
+        policy, connections=Connections(limits=Limits(max_connections_per_client=2))
+    )
     results = [checkpoint.connected(f"c{i}", "10.0.0.1:1000", None)[1] for i in range(3)]
     assert results[:2] == [None, None]
     refused = results[2]
