@@ -22,7 +22,13 @@ from mitmproxy.master import Master
 
 from addons.gate import GateAddon, current_sandbox
 from addons.layers import GateLayers
-from proxy.core.checkpoint import Authenticator, Checkpoint, DecisionSink, Destinations
+from proxy.core.checkpoint import (
+    Approver,
+    Authenticator,
+    Checkpoint,
+    DecisionSink,
+    Destinations,
+)
 from proxy.core.connections import Connections, Observer
 from proxy.core.destination import DestinationCheck, NameResolver
 from proxy.core.hosts import parse_endpoint
@@ -116,6 +122,7 @@ class Gate:
         observer: Observer | None = None,
         identities: Authenticator | None = None,
         sandbox_policies: dict[str, Callable[[], Policy]] | None = None,
+        approvals: Approver | None = None,
     ) -> None:
         self.config = config
         self.emitter = emitter
@@ -133,6 +140,7 @@ class Gate:
             identities=identities,
             own=self.own,
             observer=observer,
+            approvals=approvals,
         )
         self.addon = GateAddon(
             self.checkpoint,

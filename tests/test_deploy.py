@@ -530,3 +530,40 @@ def test_the_sample_sandbox_trusts_the_gate_ca_certificate_only(sandbox_example:
         assert env[name] == "/trust/ca-bundle.pem"
     mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
     assert mounts["/trust"]["readOnly"] is True
+
+
+def test_kind_replicas_share_an_approval_store_only_they_reach(rendered: dict[str, Path]) -> None:
+    docs = _load(rendered["overlays/kind"].read_text())
+    state = gate_args(docs).state
+    assert state.startswith("redis://")
+    host, port = state.removeprefix("redis://").split("/", 1)[0].rsplit(":", 1)
+    name, namespace = host.split(".")[:2]
+    service = one(docs, "Service", name, namespace)
+    assert int(port) in {p["port"] for p in service["spec"]["ports"]}
+    store_labels = one(docs, "Deployment", name, namespace)["spec"]["template"]["metadata"][
+        "labels"
+    ]
+    # the gate may reach the store ...
+    gate_policy = one(docs, "NetworkPolicy", "agent-egress-gate", GATE_NS)["spec"]
+    assert any(
+        peer["podSelector"].get("matchLabels", {None: None}).items() <= store_labels.items()
+        and {"protocol": "TCP", "port": int(port)} in rule["ports"]
+        for rule in gate_policy["egress"]
+        for peer in rule["to"]
+        if "podSelector" in peer and "namespaceSelector" not in peer
+    )
+    # ... and only the gate: the store's own policy admits the gate's pods and sends nothing
+    [store_policy] = [
+        p["spec"]
+        for p in of_kind(docs, "NetworkPolicy")
+        if p["metadata"]["namespace"] == namespace
+        and p["spec"]["podSelector"].get("matchLabels")
+        and p["spec"]["podSelector"]["matchLabels"].items() <= store_labels.items()
+    ]
+    assert set(store_policy["policyTypes"]) == {"Ingress", "Egress"}
+    assert store_policy["egress"] == []
+    [rule] = store_policy["ingress"]
+    assert [peer["podSelector"]["matchLabels"] for peer in rule["from"]] == [
+        {"app.kubernetes.io/name": "agent-egress-gate"}
+    ]
+    assert namespace == GATE_NS  # a podSelector-only peer means this namespace: the gate's

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 from proxy.core.checkpoint import Checkpoint
 from proxy.core.connections import Connection
-from proxy.core.decision import Decision, Kind, Request
+from proxy.core.decision import Decision, Kind, Reason, Request, Verdict
 from proxy.core.destination import DestinationCheck
 from proxy.core.engine import BodyNeeded
 from proxy.core.firstbytes import FirstBytes
@@ -93,7 +93,15 @@ async def check(
         from proxy.destinations.local import OwnEndpoints
 
         own = OwnEndpoints(listeners)
-    checkpoint = Checkpoint(lambda: policy, Emitter(), DestinationCheck(names), own=own)
+    would_ask = _WouldAsk()
+    checkpoint = Checkpoint(
+        lambda: policy, Emitter(), DestinationCheck(names), own=own, approvals=would_ask
+    )
+    decision = await _admit(checkpoint, request, body)
+    return would_ask.asked or decision
+
+
+async def _admit(checkpoint: Checkpoint, request: Request, body: bytes | None) -> Decision:
     conn = Connection(peer=None, sandbox_id=None)
     if request.kind in (Kind.HTTP, Kind.REQUEST) and request.http is None:
         head = HttpHead(request.method or "GET", request.path or "/", body_size=len(body or b""))
@@ -114,6 +122,18 @@ async def check(
         held = replace(request, http=request.http.with_body(body or b""))
         return await checkpoint.admit_body(conn, held)
     return outcome
+
+
+class _WouldAsk:
+    """The approver of a dry run: notes that the gate would hold the request for an approval (after
+    every check before it passed), and answers nothing."""
+
+    def __init__(self) -> None:
+        self.asked: Decision | None = None
+
+    async def answer(self, decision: Decision, rule: Any, record: Any) -> Decision:
+        self.asked = decision
+        return decision.with_(decision=Verdict.DENY, reason=Reason.APPROVAL_UNAVAILABLE)
 
 
 def run(args: argparse.Namespace, policy: Policy) -> int:

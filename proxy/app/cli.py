@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proxy import __version__
+from proxy.app import approvals_cli
 from proxy.app.arguments import (
     add_check_options,
     add_gate_options,
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_gate_options(
         serve, decision_log="append one JSON line per decision to FILE (default: stderr)"
     )
+    approvals_cli.add_serve_options(serve)
     serve.set_defaults(func=_cmd_serve)
 
     token = sub.add_parser(
@@ -144,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     from proxy.app.sandbox_cli import register
 
     register(sub)
+    approvals_cli.register(sub)
     return parser
 
 

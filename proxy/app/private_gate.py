@@ -23,6 +23,8 @@ class _Running:
     def __init__(self, gate: Any) -> None:
         self.gate = gate
         self.dns: Any = None
+        self.approvals: Any = None
+        self.token_file: Path | None = None
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -36,6 +38,12 @@ class _Running:
                 await self.dns.wait_closed()
         with contextlib.suppress(Exception):
             await self.gate.stop()
+        if self.approvals is not None:
+            with contextlib.suppress(Exception):
+                await self.approvals.close()
+        if self.token_file is not None:
+            with contextlib.suppress(OSError):
+                self.token_file.unlink()
 
 
 async def start_private_gate(
@@ -60,6 +68,7 @@ async def start_private_gate(
     confdir = statedir.mitmproxy_confdir(state)
     ensure_ca(confdir, inspection.ca_cert, inspection.ca_key)
     trust = upstream_trust(confdir, inspection.upstream_ca)
+    approvals, token_file = await _start_approvals(request, state)
     gate = Gate(
         GateConfig(
             listen_host="127.0.0.1",
@@ -73,9 +82,13 @@ async def start_private_gate(
         request.emitter,
         resolver,
         observer=request.observer,
+        approvals=approvals.broker if approvals is not None else None,
     )
     running = _Running(gate)
+    running.approvals, running.token_file = approvals, token_file
     try:
+        if approvals is not None and approvals.admin_address is not None:
+            gate.protect_endpoint(*approvals.admin_address)
         await gate.start()
         if "proxy" in sockets:
             await gate.add_listener(sockets["proxy"], sandbox_id=request.sandbox_id)
@@ -134,3 +147,30 @@ def sandbox_trust(inspection: Inspection) -> TrustSetup:
         )
 
     return setup
+
+
+async def _start_approvals(request: GateRequest, state: Path) -> tuple[Any, Path | None]:
+    """Approvals when the policy has ask rules (else None: nothing can ask)."""
+    from proxy.policy.model import Action
+
+    if not any(rule.action is Action.ASK for rule in request.policy.rules):
+        return None, None
+    from proxy.approvals.service import private_approvals
+    from proxy.approvals.terminal import TerminalNotices
+
+    approvals, token_file = private_approvals(
+        state,
+        request.sandbox_id,
+        as_json=request.json_notices,
+        metrics=getattr(request.observer, "metrics", None),
+    )
+    try:
+        await approvals.start(lambda: request.policy)
+    except BaseException:
+        token_file.unlink(missing_ok=True)
+        raise
+    base = approvals.admin_base()
+    approvals.broker.notifiers.append(
+        TerminalNotices(base or "-", str(token_file), as_json=request.json_notices)
+    )
+    return approvals, token_file

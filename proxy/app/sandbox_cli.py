@@ -79,6 +79,12 @@ def register(subparsers: Any) -> None:
     )
     run.add_argument("--quiet", action="store_true", help="no summary at exit")
     run.add_argument(
+        "--json",
+        action="store_true",
+        help="announce pending approvals (ask rules) as JSON lines on stderr, with the commands "
+        "that answer them",
+    )
+    run.add_argument(
         "--no-isolation",
         action="store_true",
         help="DANGEROUS: no network namespace; the command can bypass the gate (debugging only)",
@@ -148,6 +154,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         hosts_file=args.hosts_file or None,
         decision_log=args.decision_log,
         proxy_port=args.proxy_port,
+        json=args.json,
         evidence=_evidence_builder(args),
         gate=_private_gate_starter(Inspection.from_args(args)),
         trust=sandbox_trust(Inspection.from_args(args)),

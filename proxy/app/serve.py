@@ -116,17 +116,25 @@ async def _serve(
     args: argparse.Namespace, policy: Policy, listen: tuple[str, int], state_dir: Path
 ) -> int:
     from addons.master import Gate, GateConfig, parse_listen
+    from proxy.app.approvals_cli import approvals_config
+    from proxy.approvals.service import Approvals, ApprovalsError
     from proxy.destinations.resolver import Resolver
     from proxy.evidence.wiring import EvidenceConfig, EvidenceError, build_emitter
     from proxy.sandbox.handoff import HandoffServer, gate_attacher, identities_authenticator
 
     path = policy_file(args.policy)
     try:
+        approvals = Approvals(approvals_config(args, state_dir))
+    except ApprovalsError as exc:
+        return fail(str(exc))
+    try:
         evidence = build_emitter(
-            EvidenceConfig.from_args(args), [decision_log_sink(args.decision_log)]
+            EvidenceConfig.from_args(args),
+            [decision_log_sink(args.decision_log), *approvals.sinks()],
         )
     except EvidenceError as exc:
         return fail(str(exc))
+    approvals.broker.metrics = evidence.metrics
 
     def on_reload(result: str, current: Policy) -> None:
         if result == "success":
@@ -167,6 +175,7 @@ async def _serve(
         observer=evidence,
         identities=identities,
         sandbox_policies=dict(sandbox_policies),
+        approvals=approvals.broker,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -175,8 +184,16 @@ async def _serve(
     loop.add_signal_handler(signal.SIGHUP, reload_all)
     dns_gate: DnsGate | None = None
     handoff: HandoffServer | None = None
+    approvals_started = False
     try:
         evidence.start()
+        try:
+            await approvals.start(holder)
+        except ApprovalsError as exc:
+            return fail(str(exc))
+        approvals_started = True
+        if approvals.admin_address is not None:
+            gate.protect_endpoint(*approvals.admin_address)
         await gate.start()
         if args.dns_listen:
             dns_gate = DnsGate(holder, resolver, evidence.emitter)
@@ -189,7 +206,7 @@ async def _serve(
 
             handoff = HandoffServer(
                 args.handoff_socket,
-                gate_attacher(gate, dns_for),
+                approvals.ending_sessions(gate_attacher(gate, dns_for)),
                 authenticate=identities_authenticator(identities) if identities else None,
             )
             await handoff.start()
@@ -209,6 +226,9 @@ async def _serve(
         }
         if dns_gate is not None:
             info["dns"] = f"{bound[0]}:{bound[1]}"
+        info.update(approvals.describe())
+        for warning in approvals.warnings([policy, *(p() for p in sandbox_policies.values())]):
+            log.warning("%s", warning)
         log.warning("agent-egress gate ready %s", " ".join(f"{k}={v}" for k, v in info.items()))
         await stop.wait()
         log.warning("shutting down")
@@ -219,5 +239,7 @@ async def _serve(
             dns_gate.close()
             await dns_gate.wait_closed()
         await gate.stop()
+        if approvals_started:
+            await approvals.close()
         evidence.close()
     return 0

@@ -28,9 +28,16 @@ For each CONNECT and each HTTP request - plain, or inside an inspected tunnel (:
    A request inside a tunnel is not resolved again: it goes to the tunnel's pinned address.
 5. **self** - the pinned address and port must not be one of the gate's own listeners, on any address
    of this host (``internal-address``): the gate never dials itself.
-6. **audit** - the decision is recorded; the write-ahead journal can still turn an allow into
+6. **ask** - an ``ask`` rule's decision, having passed every refusal above (no one is ever asked about
+   a destination the gate would refuse anyway), is held: the :class:`Approver` answers it from a grant
+   (session, persisted) or opens (or joins) a pending approval and waits for a person, the reviewer or
+   the rule's timeout. Its ``ask`` event is recorded while it waits; the answer is an allow
+   (``approval-granted``) or a deny (``approval-denied``, ``approval-timeout``, ``approval-limit``,
+   ``approval-unavailable``). Nothing is dialled while it is held, and an ask that comes back
+   unresolved, or an approver that fails, refuses.
+7. **audit** - the decision is recorded; the write-ahead journal can still turn an allow into
    ``audit-unavailable``. What the emitter returns is what is enforced.
-7. **pin** - only the screened address may then be dialled for this connection (:meth:`dial_target`).
+8. **pin** - only the screened address may then be dialled for this connection (:meth:`dial_target`).
 
 For the first bytes inside an allowed tunnel (:meth:`Checkpoint.admit_tunnel`): the pure classifier
 (:mod:`proxy.core.firstbytes`) refuses anything but the protocol the port calls for (an inspected tunnel
@@ -45,6 +52,7 @@ returned decision.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -57,7 +65,9 @@ from proxy.core.firstbytes import FirstBytes
 from proxy.core.firstbytes import Protocol as FirstProtocol
 from proxy.core.framing import Problem
 from proxy.core.hosts import InvalidHost, canonical_host
-from proxy.policy.model import Policy
+from proxy.policy.model import Policy, Rule
+
+log = logging.getLogger(__name__)
 
 
 class Destinations(Protocol):
@@ -82,6 +92,18 @@ class SelfCheck(Protocol):
     """Whether an address and port reach one of the gate's own listeners."""
 
     def is_self(self, address: str, port: int) -> bool: ...
+
+
+class Approver(Protocol):
+    """Answers a held ``ask`` decision (:class:`proxy.approvals.broker.Broker`).
+
+    ``record`` records the ``ask`` event (verdict ASK, with the approval id) while the request waits;
+    the returned decision is the answer: the same request, now ALLOW or DENY.
+    """
+
+    async def answer(
+        self, decision: Decision, rule: Rule | None, record: Callable[[Decision], Decision]
+    ) -> Decision: ...
 
 
 class Identified(Protocol):
@@ -109,6 +131,7 @@ class Checkpoint:
         identities: Authenticator | None = None,
         own: SelfCheck | None = None,
         observer: Observer | None = None,
+        approvals: Approver | None = None,
     ) -> None:
         self._policy = policy
         self.emitter = emitter
@@ -117,6 +140,7 @@ class Checkpoint:
         self.identities = identities
         self.own = own
         self.observer = observer
+        self.approvals = approvals
 
     def policy_for(self, conn: Connection) -> Policy:
         return (conn.policy or self._policy)()
@@ -213,7 +237,7 @@ class Checkpoint:
 
     async def admit_body(self, conn: Connection, request: Request) -> Decision:
         """Step (3) again for a request whose body is now held (``request.http.body``, or
-        ``body_overflow``), then steps 4-7. Identity and framing were admitted with its head."""
+        ``body_overflow``), then steps 4-8. Identity and framing were admitted with its head."""
         started = time.perf_counter()
         request = self._attributed(conn, request)
         if request.http is None or not request.http.body_read:
@@ -229,20 +253,24 @@ class Checkpoint:
         # (4) destination and (5) self; a request inside a tunnel goes where the tunnel is pinned.
         if request.kind is Kind.REQUEST:
             tunnel = conn.tunnel
-            if decision.allowed and tunnel is not None:
+            if _screened(decision) and tunnel is not None:
                 decision = decision.with_(address=tunnel.address)
-        elif decision.allowed and request.port is not None:
+        elif _screened(decision) and request.port is not None:
             decision = await self._destination(decision, request.port, policy)
+        # (6) ask
+        if decision.decision is Verdict.ASK:
+            decision = await self._ask(decision, policy)
+            started = 0.0  # a person's wait is not decision latency
         return self._finish(conn, request, decision, started)
 
     def _finish(
         self, conn: Connection, request: Request, decision: Decision, started: float
     ) -> Decision:
-        # (6) audit
+        # (7) audit
         decision = self.emitter.emit(decision)
         if self.observer is not None and started:
             self.observer.observe_latency(request.kind, time.perf_counter() - started)
-        # (7) pin
+        # (8) pin
         if decision.allowed and request.port is not None and request.kind is not Kind.REQUEST:
             if decision.address is not None:
                 conn.pinned[(decision.host, request.port)] = decision.address
@@ -263,6 +291,38 @@ class Checkpoint:
         if not isinstance(host, str):
             return False
         return policy.index.request_rules(host, port) is not None
+
+    async def _ask(self, decision: Decision, policy: Policy) -> Decision:
+        """(6) ask: the approver's answer, or a refusal whenever there is none to be had."""
+        if self.approvals is None:
+            return decision.with_(
+                decision=Verdict.DENY,
+                reason=Reason.APPROVAL_UNAVAILABLE,
+                detail=f"{decision.detail}; this gate has no approvals configured, so no one "
+                "can answer",
+            )
+        rule = next((r for r in policy.rules if r.name == decision.rule), None)
+        try:
+            answer = await self.approvals.answer(decision, rule, self.emitter.emit)
+        except Exception as exc:  # a failing approver never lets anything through
+            log.exception("approval of %s failed", decision.id)
+            answer = decision.with_(
+                decision=Verdict.DENY,
+                reason=Reason.APPROVAL_UNAVAILABLE,
+                detail=f"the approval could not be completed: {type(exc).__name__}",
+            )
+        if answer.decision is Verdict.ASK or (answer.host, answer.port, answer.kind) != (
+            decision.host,
+            decision.port,
+            decision.kind,
+        ):
+            # Unresolved, or an answer about something else: never enforce it as an allow.
+            return decision.with_(
+                decision=Verdict.DENY,
+                reason=Reason.APPROVAL_UNAVAILABLE,
+                detail="the approval returned no answer for this request",
+            )
+        return answer
 
     def _identify(self, conn: Connection, credential: str | None) -> bool:
         if self.identities is None:
@@ -344,6 +404,15 @@ class Checkpoint:
         policy = self.policy_for(conn)
         if first.protocol is FirstProtocol.TLS:
             decision = decide(request, policy)
+            if decision.decision is Verdict.ASK:
+                # The CONNECT was answered already: its ClientHello is checked for the name only.
+                decision = decision.with_(
+                    decision=tunnel.decision,
+                    reason=tunnel.reason,
+                    approval=tunnel.approval,
+                    decided_by=tunnel.decided_by,
+                    grant=tunnel.grant,
+                )
             if decision.allowed:
                 decision = decision.with_(address=tunnel.address)
         elif first.protocol is FirstProtocol.SSH:
@@ -397,7 +466,14 @@ def _where(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
+def _screened(decision: Decision) -> bool:
+    """Decisions whose destination is resolved and screened: allows, and asks (before anyone is
+    asked, so that a grant can never reach an address the gate refuses)."""
+    return decision.allowed or decision.decision is Verdict.ASK
+
+
 __all__ = [
+    "Approver",
     "Authenticator",
     "Checkpoint",
     "DecisionSink",

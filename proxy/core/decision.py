@@ -30,6 +30,9 @@ class Verdict(StrEnum):
     ALLOW = "allow"
     DENY = "deny"
     REPORT = "report"  # report mode: allowed, but enforce mode would have denied
+    # An ``ask`` rule matched: never enforceable by itself. The checkpoint holds the request until an
+    # approval turns it into ALLOW or DENY; anything that meets an unresolved ASK refuses it.
+    ASK = "ask"
 
 
 class Reason(StrEnum):
@@ -62,6 +65,12 @@ class Reason(StrEnum):
     )
     REQUEST_TOO_LARGE = "request-too-large"  # a body a rule must read is longer than is held
     UPSTREAM_TLS_FAILED = "upstream-tls-failed"  # the upstream's certificate did not verify
+    APPROVAL_PENDING = "approval-pending"  # held: an ask rule matched, waiting for an answer
+    APPROVAL_GRANTED = "approval-granted"  # a person or reviewer allowed it, or a grant covers it
+    APPROVAL_DENIED = "approval-denied"
+    APPROVAL_TIMEOUT = "approval-timeout"
+    APPROVAL_LIMIT = "approval-limit"  # too many pending approvals (this sandbox, or the gate)
+    APPROVAL_UNAVAILABLE = "approval-unavailable"  # nobody can be asked (no approvals, store down)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,13 +116,16 @@ class Decision:
     address: str | None = None  # the checked address actually connected to, once known
     detail: str | None = None  # human-readable explanation for the refusal message
     query: str | None = None  # the request's query as recorded: values scrubbed unless configured
+    approval: str | None = None  # the approval an ask rule opened (or the grant that answered it)
+    decided_by: str | None = None  # who answered an approval: a person's name, reviewer, timeout
+    grant: str | None = None  # the scope of an approval's answer: once, session or persist
     id: str = field(default_factory=new_id)
     ts: float = field(default_factory=time.time)
 
     @property
     def allowed(self) -> bool:
-        """Report-mode decisions let traffic through: only DENY blocks."""
-        return self.decision is not Verdict.DENY
+        """Report-mode decisions let traffic through; DENY blocks, and so does an ASK nobody resolved."""
+        return self.decision is Verdict.ALLOW or self.decision is Verdict.REPORT
 
     def with_(self, **changes: Any) -> Decision:
         """A copy with fields changed (e.g. a later destination check turning allow into deny)."""

@@ -9,7 +9,10 @@ The order, written down once in ``decide``:
 4. an allow rule matching host and port allows (the most specific one is named); allow rules matching
    the host on other ports only are ``port-not-allowed``; an HTTP request to a host whose rules read
    requests then goes through the request step (:mod:`proxy.core.requests`), which names the
-   request rule that allowed or refused it (request refusals hold in report mode too);
+   request rule that allowed or refused it (request refusals hold in report mode too); when the rule
+   that matched (a host's rule, or a request rule) is an ``ask`` rule the answer is ``ask``
+   (``approval-pending``), which nothing enforces as it stands: the checkpoint holds the request until
+   an approval turns it into an allow or a deny;
 5. anything else is ``no-matching-rule``.
 
 Host names are matched only by host patterns and IP literals only by ``cidrs``: a wildcard never covers an
@@ -34,7 +37,7 @@ from proxy.core.decision import Decision, Kind, Reason, Request, Verdict
 from proxy.core.hosts import InvalidHost, canonical_host
 from proxy.core.requests import Outcome, judge
 from proxy.core.text import escape
-from proxy.policy.model import Mode, Policy
+from proxy.policy.model import Action, Mode, Policy
 
 # The reasons report mode turns into REPORT: the allowlist does not cover the request. Everything else
 # (explicit deny rules, safety refusals) stays DENY in every mode.
@@ -137,11 +140,27 @@ def decide_request(request: Request, policy: Policy) -> Decision | BodyNeeded:
                     return _make(
                         request, policy, Verdict.ALLOW, judged.reason, name, host, judged.detail
                     )
+                if judged.outcome is Outcome.ASK:
+                    return _make(
+                        request, policy, Verdict.ASK, judged.reason, name, host, judged.detail
+                    )
                 # Request rules make an otherwise open host read-only: they hold in report mode too.
                 detail = judged.detail
                 if policy.mode is Mode.REPORT:
                     detail += " (request rules are enforced in report mode too)"
                 return _make(request, policy, Verdict.DENY, judged.reason, name, host, detail)
+        if rule.action is Action.ASK and not rule.reads_requests:
+            # Explicit like a deny rule, so report mode does not wave it through either. An ask rule
+            # with request conditions asks per request, inside the tunnel (above).
+            return _make(
+                request,
+                policy,
+                Verdict.ASK,
+                Reason.APPROVAL_PENDING,
+                rule.name,
+                host,
+                f"{_where(host, shown_port)} needs an approval (rule '{rule.name}')",
+            )
         return _make(
             request,
             policy,

@@ -68,6 +68,7 @@ class HttpHead:
 class Outcome(Enum):
     ALLOW = "allow"
     DENY = "deny"
+    ASK = "ask"  # an ask rule matched: the checkpoint holds the request for an approval
     BODY = "body"  # cannot be decided before the body is held
 
 
@@ -150,8 +151,8 @@ def _judge(rules: RequestRules, head: HttpHead) -> Judgement:
             return verdict
         if verdict.outcome is Outcome.BODY:
             waiting = True
-        if first is None:
-            first = verdict
+        if first is None or (verdict.outcome is Outcome.ASK and first.outcome is Outcome.ALLOW):
+            first = verdict  # every method must be allowed: one that needs an approval asks
     if waiting:
         return BODY
     assert first is not None
@@ -208,6 +209,13 @@ def _judge_method(
             ambiguous = True
     if pending:
         return BODY
+    if allowed is not None and allowed.action == "ask":
+        return Judgement(
+            Outcome.ASK,
+            Reason.APPROVAL_PENDING,
+            allowed,
+            f"{_what(method, target)} needs an approval (rule '{allowed.name}')",
+        )
     if allowed is not None:
         return Judgement(
             Outcome.ALLOW,

@@ -31,6 +31,8 @@ DIRECTIONS = ("out", "in")  # out: sandbox -> upstream, in: upstream -> sandbox
 RELOAD_RESULTS = ("ok", "error")
 JOURNAL_ERRORS = ("disk_full", "permission", "other")
 OTLP_DROP_REASONS = ("queue_full", "shutdown", "encode")
+APPROVAL_OUTCOMES = ("granted", "denied", "timeout", "limit")
+APPROVAL_DECIDERS = ("person", "reviewer", "timeout", "gate")
 
 _KINDS = frozenset(str(k) for k in Kind)
 _VERDICTS = frozenset(str(v) for v in Verdict)
@@ -51,6 +53,7 @@ _LATENCY_BUCKETS = (
     0.5,
 )
 _DURATION_BUCKETS = (0.01, 0.1, 0.5, 1, 5, 15, 60, 300, 1800, 7200)
+_APPROVAL_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 900, 3600)
 
 
 def _closed(value: object, allowed: frozenset[str] | tuple[str, ...]) -> str:
@@ -171,6 +174,25 @@ class Metrics:
         self.active_sandboxes = Gauge(
             "egress_active_sandboxes", "Sandboxes currently attached to the gate.", registry=r
         )
+        self.approvals_pending = Gauge(
+            "egress_approvals_pending",
+            "Approvals this gate opened that are waiting for an answer.",
+            registry=r,
+        )
+        self.approvals = Counter(
+            "egress_approvals",
+            "Approvals this gate opened, by outcome (granted|denied|timeout|limit: refused as too "
+            "many) and who decided (person|reviewer|timeout|gate).",
+            ["outcome", "decided_by"],
+            registry=r,
+        )
+        self.approval_wait = Histogram(
+            "egress_approval_wait_seconds",
+            "Time from an approval opening to its outcome, by outcome.",
+            ["outcome"],
+            buckets=_APPROVAL_BUCKETS,
+            registry=r,
+        )
         for reason in JOURNAL_ERRORS:
             self.journal_errors.labels(error=reason)
         for result in RELOAD_RESULTS:
@@ -283,6 +305,20 @@ class Metrics:
 
     def set_active_sandboxes(self, count: int) -> None:
         self.active_sandboxes.set(count)
+
+    def approval_opened(self) -> None:
+        self.approvals_pending.inc()
+
+    def approval_closed(self, outcome: str, decided_by: str, seconds: float | None) -> None:
+        """An approval this gate opened ended (``seconds`` after opening), or one was refused before
+        it opened (``seconds`` None: over the pending limits)."""
+        label = _closed(outcome, APPROVAL_OUTCOMES)
+        self.approvals.labels(
+            outcome=label, decided_by=_closed(decided_by, APPROVAL_DECIDERS)
+        ).inc()
+        if seconds is not None:
+            self.approvals_pending.dec()
+            self.approval_wait.labels(outcome=label).observe(max(seconds, 0.0))
 
     # -- exposition --------------------------------------------------------------------------------
 

@@ -25,8 +25,10 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from proxy.core.paths import PathGlob, compile_glob
 from proxy.policy.model import (
+    DEFAULT_ASK_TIMEOUT,
     DEFAULT_PORTS,
     GRAPHQL_OPERATIONS,
+    MAX_ASK_TIMEOUT,
     Action,
     HostPattern,
     IPNetwork,
@@ -35,6 +37,7 @@ from proxy.policy.model import (
     PolicyError,
     Problem,
     RequestConditions,
+    Review,
     Rule,
     parse_host_pattern,
 )
@@ -54,9 +57,11 @@ REQUEST_KEYS = frozenset(
         "json_body",
     }
 )
-RULE_KEYS = frozenset(
-    {"name", "action", "hosts", "cidrs", "ports", "description", "comment", "inspect"}
+ASK_KEYS = frozenset({"timeout", "review"})  # meaningful on ask rules only
+RULE_KEYS = (
+    frozenset({"name", "action", "hosts", "cidrs", "ports", "description", "comment", "inspect"})
     | REQUEST_KEYS
+    | ASK_KEYS
 )
 # An HTTP method or override: an RFC 9110 token.
 METHOD = re.compile(r"^[A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]{0,31}$")
@@ -343,8 +348,11 @@ class _Loader:
                     action = Action(text)
                 except ValueError:
                     self.problem(
-                        where.at("action"), fields["action"], f"{text!r} is not allow or deny"
+                        where.at("action"),
+                        fields["action"],
+                        f"{text!r} is not allow, deny or ask",
                     )
+        timeout, review = self.ask_settings(where, fields, action)
 
         hosts: list[HostPattern] = []
         for item in self.sequence(where.at("hosts"), fields.get("hosts")):
@@ -362,7 +370,7 @@ class _Loader:
             if net is not None:
                 cidrs.append(net)
 
-        ports: frozenset[int] | None = DEFAULT_PORTS if action is Action.ALLOW else None
+        ports: frozenset[int] | None = DEFAULT_PORTS if action is not Action.DENY else None
         if "ports" in fields:
             items = self.sequence(where.at("ports"), fields["ports"])
             if not items and isinstance(fields["ports"], SequenceNode):
@@ -430,6 +438,8 @@ class _Loader:
             description=description,
             request=request,
             inspect=inspect,
+            timeout=timeout,
+            review=review,
         )
 
     def request_conditions(
@@ -571,6 +581,38 @@ class _Loader:
                 return value
         self.problem(where, node, f"expected true or false, got {_describe(node)}")
         return None
+
+    def ask_settings(
+        self, where: _Where, fields: dict[str, Node], action: Action
+    ) -> tuple[int, Review]:
+        """``timeout`` (seconds) and ``review`` (human or auto) of an ask rule; on any other rule they
+        would suggest a wait that never happens, so they are refused there."""
+        timeout, review = DEFAULT_ASK_TIMEOUT, Review.HUMAN
+        for key in sorted(ASK_KEYS & fields.keys()):
+            if action is not Action.ASK:
+                self.problem(where.at(key), fields[key], "only 'action: ask' rules take this key")
+        if action is not Action.ASK:
+            return timeout, review
+        if "timeout" in fields:
+            value = self.integer(where.at("timeout"), fields["timeout"])
+            if value is not None and not 1 <= value <= MAX_ASK_TIMEOUT:
+                self.problem(
+                    where.at("timeout"),
+                    fields["timeout"],
+                    f"{value} is not a timeout (1-{MAX_ASK_TIMEOUT} seconds)",
+                )
+            elif value is not None:
+                timeout = value
+        if "review" in fields:
+            text = self.string(where.at("review"), fields["review"])
+            if text is not None:
+                try:
+                    review = Review(text)
+                except ValueError:
+                    self.problem(
+                        where.at("review"), fields["review"], f"{text!r} is not human or auto"
+                    )
+        return timeout, review
 
     # -- typed values ---------------------------------------------------------------------------
 

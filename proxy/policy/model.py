@@ -31,6 +31,20 @@ DEFAULT_PORTS: frozenset[int] = frozenset({443})
 class Action(StrEnum):
     ALLOW = "allow"
     DENY = "deny"
+    ASK = "ask"  # hold the request until a person (or, with ``review: auto``, the reviewer) answers
+
+
+class Review(StrEnum):
+    """Who may answer an ``ask`` rule: only a person, or also the automated reviewer."""
+
+    HUMAN = "human"
+    AUTO = "auto"
+
+
+DEFAULT_ASK_TIMEOUT = 60  # seconds an ask rule holds a request before refusing it
+# A held connection is idle to mitmproxy, which closes connections idle for its tcp_timeout (600 s):
+# a longer wait would end with a closed connection instead of a clear approval-timeout.
+MAX_ASK_TIMEOUT = 540
 
 
 class Mode(StrEnum):
@@ -167,6 +181,9 @@ class Rule:
     def reads_requests(self) -> bool:
         """Requests to this rule's hosts are read one by one (TLS terminated)."""
         return self.request is not None or self.inspect
+
+    timeout: int = DEFAULT_ASK_TIMEOUT  # ask rules: seconds to wait for an answer
+    review: Review = Review.HUMAN  # ask rules: whether the automated reviewer may answer
 
     def ports_text(self) -> str:
         """The ports as refusal messages phrase them: ``port 443``, ``ports 80, 443``, ``every port``."""

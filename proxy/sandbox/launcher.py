@@ -54,6 +54,7 @@ class RunOptions:
     state_dir: str | None = None
     decision_log: str | None = None  # a file, "-" for stderr, None for none (the summary suffices)
     proxy_port: int = DEFAULT_PROXY_PORT
+    json: bool = False  # announce pending approvals as JSON lines
     dns_port: int | None = DEFAULT_DNS_PORT
     dns_target: tuple[str, int] | None = None  # joined mode: where to relay DNS (unset: no DNS)
     gate_socket: str | None = None  # hand the listeners to a local gate (no relay)
@@ -236,6 +237,7 @@ async def _run_private(options: RunOptions, sandbox: Sandbox, policy: Any) -> tu
                 hosts_file=options.hosts_file,
                 state_dir=options.state_dir,
                 sockets=sandbox.sockets,
+                json_notices=options.json,
             )
         )
         if options.on_gate:
@@ -389,6 +391,7 @@ async def _run_unisolated_private(options: RunOptions, policy: Any, bundle: str 
             hosts_file=options.hosts_file,
             state_dir=options.state_dir,
             host_listener_is_sandbox=True,
+            json_notices=options.json,
         )
     )
     try:

@@ -32,6 +32,8 @@ class GateRequest:
     # The gate always listens on host loopback too. Only under --no-isolation is that listener the
     # command's; otherwise whatever connects there is some other local process (threat 12).
     host_listener_is_sandbox: bool = False
+    # Pending approvals are announced on stderr with the command that answers them; True: as JSON.
+    json_notices: bool = False
 
 
 class PrivateGate(Protocol):

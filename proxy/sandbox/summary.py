@@ -26,6 +26,8 @@ class SummarySink:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record(self, decision: Decision) -> None:
+        if decision.decision is Verdict.ASK:
+            return  # held for an approval: its outcome is recorded (and counted) when it comes
         where = _where(decision)
         with self._lock:
             if decision.decision is Verdict.DENY:

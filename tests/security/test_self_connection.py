@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(240)]
 
 EGRESS = shutil.which("egress", path=str(Path(sys.executable).parent)) or "egress"
 
@@ -47,9 +47,9 @@ try:
                 sys.exit("the gate did not start: " + open(log + ".stderr").read())
             time.sleep(0.05)
     host = target.rsplit(":", 1)[0]
-    with socket.create_connection((local, port), 10) as sock:
+    with socket.create_connection((local, port), 30) as sock:
         sock.sendall(f"GET http://{target}/ HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-        sock.settimeout(10)
+        sock.settimeout(30)
         data = b""
         while b"\r\n\r\n" not in data:
             chunk = sock.recv(65536)
@@ -81,10 +81,13 @@ def run_case(
          target, addresses],
         capture_output=True,
         text=True,
-        timeout=90,
+        timeout=180,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    gate_log = Path(str(log) + ".stderr")
+    gate_err = gate_log.read_text() if gate_log.exists() else ""
+    assert result.returncode == 0, result.stderr + gate_err
     head = json.loads(result.stdout.strip().splitlines()[-1])["head"]
+    assert head, f"no answer from the gate: {gate_err}"
     decisions = [json.loads(line) for line in log.read_text().splitlines()]
     return head, [d for d in decisions if d.get("event") == "egress.decision"]
 
@@ -132,4 +135,4 @@ def test_the_unspecified_address_is_this_host(tmp_path: Path, target: str) -> No
     head, decisions = run_case(tmp_path, policy, "0.0.0.0:38128", target, "192.0.2.1/32")
     assert head.startswith("HTTP/1.1 403"), head
     assert "X-Egress-Reason: internal-address" in head
-    assert len(decisions) == 1, decisions
+    assert len(decisions) == 1, (decisions, head)

@@ -197,3 +197,19 @@ def test_parse_target_refuses_what_the_gate_refuses(target: str) -> None:
     with pytest.raises(ValueError):
         parse_target(target, None)
     assert run(target).returncode == 2
+
+
+def test_an_ask_rule_is_reported_as_ask_after_the_same_checks_as_the_gate(tmp_path: Path) -> None:
+    path = tmp_path / "ask.yaml"
+    path.write_text(
+        "version: 1\nrules:\n  - name: asked\n    action: ask\n    hosts: [api.test]\n"
+        "    cidrs: [127.0.0.0/8, 203.0.113.0/24]\n"
+    )
+    asked = run("--policy", str(path), "api.test")
+    assert asked.returncode == 1  # not allowed until someone answers
+    assert asked.stdout.startswith("ASK api.test:443 rule=asked reason=approval-pending")
+    public = run("--policy", str(path), "--json", "203.0.113.9")
+    assert json.loads(public.stdout)["decision"] == "ask"
+    # an internal literal is refused before anyone would be asked
+    internal = run("--policy", str(path), "--json", "127.0.0.1")
+    assert json.loads(internal.stdout)["reason"] == "internal-address"

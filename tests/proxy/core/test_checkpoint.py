@@ -384,3 +384,123 @@ def test_requests_in_an_inspected_tunnel_inherit_its_identity(inspecting: Policy
     assert admit(checkpoint, conn, CONNECT, credential="good-a").allowed
     decision = asyncio.run(checkpoint.admit_request(conn, inside("GET", "/")))
     assert isinstance(decision, Decision) and decision.allowed and decision.sandbox_id == "a"
+
+
+# -- (6) ask ------------------------------------------------------------------------------------
+
+ASK_POLICY = """
+version: 1
+rules:
+  - name: ask-api
+    action: ask
+    hosts: [api.test, inside.test]
+  - name: ask-self
+    action: ask
+    hosts: [self.test]
+    ports: [3128]
+"""
+
+
+class Approver:
+    """Records what it was asked; answers with ``verdict`` (or raises, or leaves the ask open)."""
+
+    def __init__(self, verdict: Verdict | None = Verdict.ALLOW, fail: bool = False) -> None:
+        self.verdict = verdict
+        self.fail = fail
+        self.asked: list[tuple[Decision, str | None]] = []
+
+    async def answer(self, decision: Decision, rule: Any, record: Any) -> Decision:
+        self.asked.append((decision, rule.name if rule else None))
+        record(decision.with_(approval="a1"))
+        if self.fail:
+            raise RuntimeError("store unreachable")
+        if self.verdict is None:
+            return decision
+        reason = (
+            Reason.APPROVAL_GRANTED if self.verdict is Verdict.ALLOW else Reason.APPROVAL_DENIED
+        )
+        return decision.with_(
+            decision=self.verdict, reason=reason, approval="a1", decided_by="alice", grant="once"
+        )
+
+
+@pytest.fixture
+def ask_policy(tmp_path: Path) -> Policy:
+    path = tmp_path / "ask.yaml"
+    path.write_text(ASK_POLICY)
+    return load_policy(path)
+
+
+def test_an_ask_is_held_recorded_then_answered_and_pinned(ask_policy: Policy) -> None:
+    approver = Approver()
+    checkpoint, lookups, memory = make(ask_policy, approvals=approver)
+    lookups.answers["api.test"] = "203.0.113.20"
+    conn = Connection(peer="127.0.0.1:5000", sandbox_id="sbx")
+    decision = admit(checkpoint, conn, Request(Kind.CONNECT, "api.test", 443, "CONNECT"))
+    assert (decision.decision, decision.reason, decision.decided_by) == (
+        Verdict.ALLOW,
+        Reason.APPROVAL_GRANTED,
+        "alice",
+    )
+    [(asked, rule)] = approver.asked
+    # asked only after the destination was screened, with the checked address and the rule
+    assert (asked.decision, asked.address, rule) == (Verdict.ASK, "203.0.113.20", "ask-api")
+    assert [d.decision for d in memory.decisions] == [Verdict.ASK, Verdict.ALLOW]
+    assert checkpoint.dial_target(conn, "api.test", 443) == "203.0.113.20"
+
+
+@pytest.mark.parametrize(
+    ("approver", "reason"),
+    [
+        (None, Reason.APPROVAL_UNAVAILABLE),
+        (Approver(fail=True), Reason.APPROVAL_UNAVAILABLE),
+        (Approver(verdict=None), Reason.APPROVAL_UNAVAILABLE),  # came back unresolved
+        (Approver(verdict=Verdict.DENY), Reason.APPROVAL_DENIED),
+    ],
+)
+def test_an_ask_without_an_allow_refuses_and_dials_nothing(
+    ask_policy: Policy, approver: Approver | None, reason: Reason
+) -> None:
+    checkpoint, lookups, memory = make(ask_policy, approvals=approver)
+    lookups.answers["api.test"] = "203.0.113.20"
+    conn = Connection(peer="127.0.0.1:5000", sandbox_id="sbx")
+    decision = admit(checkpoint, conn, Request(Kind.CONNECT, "api.test", 443, "CONNECT"))
+    assert (decision.decision, decision.reason) == (Verdict.DENY, reason)
+    assert memory.decisions[-1] == decision
+    assert checkpoint.dial_target(conn, "api.test", 443) is None
+    assert conn.tunnel is None
+
+
+def test_no_one_is_asked_about_a_destination_the_gate_refuses(ask_policy: Policy) -> None:
+    approver = Approver()
+    own = OwnEndpoints([("127.0.0.1", 3128)])
+    checkpoint, lookups, memory = make(ask_policy, approvals=approver, own=own)
+    lookups.answers["self.test"] = "127.0.0.1"
+    conn = Connection(peer="127.0.0.1:5000", sandbox_id="sbx")
+    refused = [
+        admit(checkpoint, conn, Request(Kind.CONNECT, host, port, "CONNECT"))
+        for host, port in (("inside.test", 443), ("self.test", 3128), ("api.test\n", 443))
+    ]
+    assert [d.reason for d in refused] == [
+        Reason.DNS_FAILURE,
+        Reason.INTERNAL_ADDRESS,
+        Reason.INVALID_HOST,
+    ]
+    assert approver.asked == []
+    assert all(d.decision is Verdict.DENY for d in memory.decisions)
+
+
+def test_an_approved_tunnel_keeps_its_answer_for_its_client_hello(ask_policy: Policy) -> None:
+    checkpoint, lookups, _ = make(ask_policy, approvals=Approver())
+    lookups.answers["api.test"] = "203.0.113.20"
+    conn = Connection(peer="127.0.0.1:5000", sandbox_id="sbx")
+    admit(checkpoint, conn, Request(Kind.CONNECT, "api.test", 443, "CONNECT"))
+    hello = checkpoint.admit_tunnel(conn, FirstBytes(Protocol.TLS, sni="api.test"))
+    assert hello is not None
+    assert (hello.decision, hello.reason, hello.approval) == (
+        Verdict.ALLOW,
+        Reason.APPROVAL_GRANTED,
+        "a1",
+    )
+    fronted = checkpoint.admit_tunnel(conn, FirstBytes(Protocol.TLS, sni="other.test"))
+    assert fronted is not None and fronted.reason is Reason.SNI_MISMATCH

@@ -409,3 +409,57 @@ def test_refuse_always_denies(tmp_path: Path, mode: str | None) -> None:
 def test_refuse_renders_an_invalid_host(policy: Policy) -> None:
     decision = refuse(Request(Kind.HTTP, "a\nb", 80), policy, Reason.HOST_MISMATCH, "Host differs")
     assert decision.host == "a\\x0ab"
+
+
+ASK_POLICY = """
+version: 1
+rules:
+  - name: apis
+    action: ask
+    hosts: ["**.api.test"]
+  - name: open-api
+    hosts: [open.api.test]
+  - name: blocked
+    action: deny
+    hosts: [blocked.api.test]
+  - name: asked-first
+    action: ask
+    hosts: [both.test]
+  - name: allowed-second
+    hosts: [both.test]
+"""
+
+
+@pytest.mark.parametrize("mode", [None, "report"])
+@pytest.mark.parametrize(
+    ("host", "port", "verdict", "reason", "rule"),
+    [
+        ("x.api.test", 443, Verdict.ASK, Reason.APPROVAL_PENDING, "apis"),
+        ("api.test", 443, Verdict.ASK, Reason.APPROVAL_PENDING, "apis"),
+        ("open.api.test", 443, Verdict.ALLOW, Reason.ALLOWED_BY_RULE, "open-api"),
+        ("blocked.api.test", 443, Verdict.DENY, Reason.DENIED_BY_RULE, "blocked"),
+        ("both.test", 443, Verdict.ASK, Reason.APPROVAL_PENDING, "asked-first"),
+    ],
+)
+def test_ask_rules_ask_where_they_are_the_most_specific_match(
+    tmp_path: Path,
+    mode: str | None,
+    host: str,
+    port: int,
+    verdict: Verdict,
+    reason: Reason,
+    rule: str,
+) -> None:
+    policy = make_policy(tmp_path, ASK_POLICY, mode)
+    decision = decide(Request(Kind.CONNECT, host, port), policy)
+    assert (decision.decision, decision.reason, decision.rule) == (verdict, reason, rule)
+
+
+def test_an_ask_is_never_enforceable_as_it_stands(tmp_path: Path) -> None:
+    policy = make_policy(tmp_path, ASK_POLICY)
+    for kind, port in ((Kind.CONNECT, 443), (Kind.HTTP, 443), (Kind.DNS, None)):
+        decision = decide(Request(kind, "x.api.test", port), policy)
+        assert decision.decision is Verdict.ASK
+        assert not decision.allowed
+    wrong_port = decide(Request(Kind.CONNECT, "x.api.test", 8443), policy)
+    assert (wrong_port.decision, wrong_port.reason) == (Verdict.DENY, Reason.PORT_NOT_ALLOWED)

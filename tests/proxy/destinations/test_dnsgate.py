@@ -526,3 +526,24 @@ def test_policy_is_read_per_query(fake: FakeDns, tmp_path: Path) -> None:
     assert asyncio.run(main()) == [dns.rcode.NOERROR, dns.rcode.NXDOMAIN]
     assert [d.client for d in sink.decisions] == ["10.9.9.9", "10.9.9.9"]
     assert fake.count("r.allowed.test") == 1
+
+
+def test_a_name_under_an_ask_rule_is_not_answered_before_anyone_said_yes(
+    fake: FakeDns, tmp_path: Path
+) -> None:
+    """An unanswered ask is not an allow: no upstream query (no DNS channel out under a wildcard
+    ask rule), REFUSED, and the ask recorded as the decision."""
+    path = tmp_path / "ask.yaml"
+    path.write_text(
+        "version: 1\nrules:\n  - name: asked\n    action: ask\n    hosts: ['**.asked.test']\n"
+    )
+    fake.set("data-123.asked.test", "A", ["203.0.113.5"])
+    env = GateEnv(fake, load_policy(path))
+    try:
+        response = env.query("data-123.asked.test", "A")
+        assert response.rcode() == dns.rcode.REFUSED
+        assert fake.queries == []
+        decision = only(env.decisions)
+        assert (decision.decision, decision.rule) == (Verdict.ASK, "asked")
+    finally:
+        env.close()

@@ -147,7 +147,7 @@ RULE_PROBLEMS = [
         "  - name: pypi\n    hosts: [pypi.org]\n    prots: [443]\n",
         "p.yaml:5: rule 'pypi': key 'prots': unknown key (expected one of: action, cidrs, comment, "
         "description, graphql_operations, hosts, inspect, json_body, max_request_bytes, methods, "
-        "name, paths, paths_case, ports, query, websocket)",
+        "name, paths, paths_case, ports, query, review, timeout, websocket)",
     ),
     (
         "  - name: pypi\n    hosts: [pypi.org]\n    hosts: [evil.com]\n",
@@ -155,7 +155,7 @@ RULE_PROBLEMS = [
     ),
     (
         "  - name: pypi\n    action: permit\n    hosts: [pypi.org]\n",
-        "p.yaml:4: rule 'pypi': key 'action': 'permit' is not allow or deny",
+        "p.yaml:4: rule 'pypi': key 'action': 'permit' is not allow, deny or ask",
     ),
     (
         "  - name: pypi\n    hosts: pypi.org\n",
@@ -708,3 +708,69 @@ def test_request_conditions_that_cannot_work_are_refused(
     path.write_text("version: 1\nrules:\n" + rule)
     problems = problems_of(path)
     assert any(expected in str(p) for p in problems), [str(p) for p in problems]
+
+
+def test_ask_rules_take_a_timeout_and_a_review_mode(tmp_path: Path) -> None:
+    from proxy.policy.model import DEFAULT_ASK_TIMEOUT, Review
+
+    path = write(
+        tmp_path,
+        "p.yaml",
+        """\
+        version: 1
+        rules:
+          - name: push
+            action: ask
+            hosts: [github.com]
+            timeout: 30
+            review: auto
+          - name: apis
+            action: ask
+            hosts: ["*.example.com"]
+        """,
+    )
+    push, apis = load_policy(path).rules
+    assert (push.action, push.timeout, push.review, push.ports) == (
+        Action.ASK,
+        30,
+        Review.AUTO,
+        frozenset({443}),
+    )
+    assert (apis.timeout, apis.review) == (DEFAULT_ASK_TIMEOUT, Review.HUMAN)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            "  - name: a\n    hosts: [a.test]\n    timeout: 30\n",
+            "p.yaml:5: rule 'a': key 'timeout': only 'action: ask' rules take this key",
+        ),
+        (
+            "  - name: a\n    action: deny\n    hosts: [a.test]\n    review: auto\n",
+            "p.yaml:6: rule 'a': key 'review': only 'action: ask' rules take this key",
+        ),
+        (
+            "  - name: a\n    action: ask\n    hosts: [a.test]\n    timeout: 0\n",
+            "p.yaml:6: rule 'a': key 'timeout': 0 is not a timeout (1-540 seconds)",
+        ),
+        (
+            "  - name: a\n    action: ask\n    hosts: [a.test]\n    timeout: 541\n",
+            "p.yaml:6: rule 'a': key 'timeout': 541 is not a timeout (1-540 seconds)",
+        ),
+        (
+            "  - name: a\n    action: ask\n    hosts: [a.test]\n    timeout: 1.5\n",
+            "p.yaml:6: rule 'a': key 'timeout': expected an integer",
+        ),
+        (
+            "  - name: a\n    action: ask\n    hosts: [a.test]\n    review: model\n",
+            "p.yaml:6: rule 'a': key 'review': 'model' is not human or auto",
+        ),
+    ],
+)
+def test_ask_settings_are_checked(tmp_path: Path, body: str, expected: str) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text("version: 1\nrules:\n" + body, encoding="utf-8")
+    problems = problems_of(path)
+    assert len(problems) == 1, [str(p) for p in problems]
+    assert str(problems[0]).startswith(expected)

@@ -43,3 +43,14 @@ def test_long_lists_are_bounded() -> None:
     text = s.render("sbx")
     assert "... and 5 more refused destination(s)" in text
     assert len(text.splitlines()) == MAX_LISTED + 2
+
+
+def test_a_held_request_counts_once_by_its_outcome() -> None:
+    s = SummarySink()
+    s.record(d(Verdict.ASK, "api.example", reason=Reason.APPROVAL_PENDING))
+    s.record(d(Verdict.ALLOW, "api.example", reason=Reason.APPROVAL_GRANTED))
+    s.record(d(Verdict.ASK, "api.example", reason=Reason.APPROVAL_PENDING))
+    s.record(d(Verdict.DENY, "api.example", reason=Reason.APPROVAL_TIMEOUT))
+    lines = s.render("sbx-1").splitlines()
+    assert lines[0] == "egress: sandbox sbx-1: 1 request(s) allowed, 1 refused, 0 DNS answer(s)"
+    assert "  refused api.example:443: approval-timeout" in lines

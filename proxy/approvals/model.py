@@ -1,0 +1,240 @@
+"""The plain values of approvals: what was asked, the pending approval, its answer and the grants.
+
+Everything a sandbox sent (host, path, method) is data here and stays data: it is escaped wherever it is
+shown and never interpreted. What an approval covers is fixed when it opens (:class:`Subject`): the host
+and port of a host rule, plus the method and path of a request rule. An answer can only narrow that,
+never widen it, and a grant covers exactly one subject.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+from proxy.core.decision import Decision, Kind
+
+
+class Scope(StrEnum):
+    """How far an approval reaches: this request, this sandbox for a while, or a policy amendment."""
+
+    ONCE = "once"
+    SESSION = "session"
+    PERSIST = "persist"
+
+
+class State(StrEnum):
+    PENDING = "pending"
+    APPROVED = "approved"
+    DENIED = "denied"
+    EXPIRED = "expired"
+
+
+class Advice(StrEnum):
+    """What the automated reviewer answered."""
+
+    ALLOW = "allow"
+    DENY = "deny"
+    ESCALATE = "escalate"
+
+
+ANONYMOUS = "-"  # the sandbox of clients a gate cannot tell apart (no sandbox identities)
+REVIEWER = "reviewer"  # decided_by of the automated reviewer's answers
+TIMEOUT = "timeout"  # decided_by of an approval nobody answered in time
+MAX_REASON = 500  # characters of a reason kept (a person's, the reviewer's)
+
+# Kinds whose rules decide a host and port as a whole: their approval covers host:port. Any other kind
+# (a request read under inspection) is decided per request, and its approval covers method and path too.
+HOST_KINDS = frozenset({Kind.CONNECT, Kind.HTTP, Kind.TLS})
+
+
+def new_approval_id() -> str:
+    """64 random bits as 16 hex digits: short enough to type, and every use is authenticated anyway."""
+    return secrets.token_hex(8)
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """Exactly what one approval or grant is about. Two requests with the same subject share one
+    pending approval; a grant applies to requests with its subject only."""
+
+    sandbox: str
+    host: str
+    port: int
+    method: str | None = None
+    path: str | None = None
+
+    @classmethod
+    def of(cls, decision: Decision, *, per_request: bool = False) -> Subject:
+        """The subject of an ``ask`` decision. ``per_request``: the asking rule reads requests, so
+        the approval is about this method and path only (a push, not every request to the host)."""
+        per_request = per_request or decision.kind not in HOST_KINDS
+        return cls(
+            sandbox=decision.sandbox_id or ANONYMOUS,
+            host=decision.host,
+            port=decision.port if decision.port is not None else 0,
+            method=decision.method.upper() if per_request and decision.method else None,
+            path=decision.path if per_request else None,
+        )
+
+    @property
+    def key(self) -> str:
+        """A fixed-length key for stores (the fields are client data of any length)."""
+        text = json.dumps([self.sandbox, self.host, self.port, self.method, self.path])
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+    def covers(self, other: Subject) -> bool:
+        return self == other
+
+    def describe(self) -> str:
+        where = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        if self.method is None:
+            return where
+        return f"{self.method} {where}{self.path or ''}"
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    """One pending (or decided) approval, as stored and as the admin API shows it."""
+
+    id: str
+    subject: Subject
+    kind: str  # the request kind that asked (connect, http, ...)
+    rule: str | None
+    review: str  # human | auto: whether the reviewer may answer
+    policy_version: str
+    created: float
+    deadline: float
+    client: str | None = None
+    detail: str | None = None
+    state: State = State.PENDING
+    scope: Scope | None = None  # of an approval that was approved
+    decided_by: str | None = None
+    reason: str | None = None
+    decided: float | None = None
+    advice: Advice | None = None  # the reviewer's answer, when it gave one
+    advice_reason: str | None = None
+
+    @classmethod
+    def open(
+        cls, decision: Decision, subject: Subject, review: str, timeout: float, now: float
+    ) -> Approval:
+        return cls(
+            id=new_approval_id(),
+            subject=subject,
+            kind=str(decision.kind),
+            rule=decision.rule,
+            review=review,
+            policy_version=decision.policy_version,
+            created=now,
+            deadline=now + timeout,
+            client=decision.client,
+            detail=decision.detail,
+        )
+
+    def is_open(self, now: float | None = None) -> bool:
+        """Still answerable: pending and before its deadline."""
+        return self.state is State.PENDING and (now or time.time()) < self.deadline
+
+    def decide(
+        self, state: State, decided_by: str, reason: str | None, scope: Scope | None, now: float
+    ) -> Approval:
+        return replace(
+            self,
+            state=state,
+            decided_by=decided_by,
+            reason=clip(reason),
+            scope=scope,
+            decided=now,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The approval as the admin API, the event stream and the webhook send it."""
+        out = asdict(self)
+        out.pop("subject")
+        out.update(
+            sandbox_id=self.subject.sandbox,
+            host=self.subject.host,
+            port=self.subject.port,
+            method=self.subject.method,
+            path=self.subject.path,
+            what=self.subject.describe(),
+        )
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Approval:
+        subject = Subject(
+            sandbox=str(data["sandbox_id"]),
+            host=str(data["host"]),
+            port=int(data["port"]),
+            method=data.get("method"),
+            path=data.get("path"),
+        )
+        return cls(
+            id=str(data["id"]),
+            subject=subject,
+            kind=str(data["kind"]),
+            rule=data.get("rule"),
+            review=str(data["review"]),
+            policy_version=str(data["policy_version"]),
+            created=float(data["created"]),
+            deadline=float(data["deadline"]),
+            client=data.get("client"),
+            detail=data.get("detail"),
+            state=State(data.get("state", State.PENDING)),
+            scope=Scope(data["scope"]) if data.get("scope") else None,
+            decided_by=data.get("decided_by"),
+            reason=data.get("reason"),
+            decided=data.get("decided"),
+            advice=Advice(data["advice"]) if data.get("advice") else None,
+            advice_reason=data.get("advice_reason"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A session grant: this subject (one sandbox) is allowed without asking until ``expires``."""
+
+    subject: Subject
+    approval: str  # the approval that granted it
+    decided_by: str
+    expires: float
+    created: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["subject"] = asdict(self.subject)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Grant:
+        return cls(
+            subject=Subject(**data["subject"]),
+            approval=str(data["approval"]),
+            decided_by=str(data["decided_by"]),
+            expires=float(data["expires"]),
+            created=float(data["created"]),
+        )
+
+
+class NotOpen(Exception):
+    """The approval was answered, expired or never existed; carries its current state if any."""
+
+    def __init__(self, approval: Approval | None) -> None:
+        self.approval = approval
+        state = approval.state if approval is not None else "unknown"
+        if approval is not None and approval.state is State.PENDING:
+            state = State.EXPIRED
+        super().__init__(f"approval is {state}")
+
+
+def clip(text: str | None, limit: int = MAX_REASON) -> str | None:
+    if text is None:
+        return None
+    text = "".join(ch if ch.isprintable() else " " for ch in str(text))
+    return text[:limit]

@@ -1,0 +1,31 @@
+"""What an approval is about: host and port for host rules, plus method and path for request rules."""
+
+from __future__ import annotations
+
+from proxy.approvals.model import Subject
+from proxy.core.decision import Decision, Kind, Reason, Verdict
+
+
+def ask(kind: Kind, sandbox: str | None = "sbx-1") -> Decision:
+    return Decision(
+        Verdict.ASK, Reason.APPROVAL_PENDING, "r", kind, "api.test", 443, "v", "enforce",
+        method="post", path="/repo.git/git-receive-pack", sandbox_id=sandbox,
+    )  # fmt: skip
+
+
+def test_host_rules_ask_about_host_and_port() -> None:
+    for kind in (Kind.CONNECT, Kind.HTTP):
+        assert Subject.of(ask(kind)) == Subject("sbx-1", "api.test", 443)
+    assert Subject.of(ask(Kind.CONNECT, None)).sandbox == "-"
+
+
+def test_request_rules_ask_about_one_method_and_path() -> None:
+    subject = Subject.of(ask(Kind.HTTP), per_request=True)
+    assert subject == Subject("sbx-1", "api.test", 443, "POST", "/repo.git/git-receive-pack")
+    assert subject.key != Subject.of(ask(Kind.HTTP)).key
+    assert subject.describe() == "POST api.test:443/repo.git/git-receive-pack"
+
+
+def test_keys_are_fixed_length_whatever_the_client_sent() -> None:
+    long = Subject("sbx-1", "a" * 200, 443, "GET", "/" + "x" * 10_000)
+    assert len(long.key) == 32 and long.key != Subject("sbx-1", "a" * 200, 443).key

@@ -1,0 +1,76 @@
+"""A real ``redis-server`` (the Debian package) on loopback, for tests: a free port, no persistence,
+waited for with a bounded readiness loop, stopped by PID. A missing binary fails the test with the fix
+(make test installs it); it never skips."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.prometheus_server import free_port, require_binary
+
+
+class RedisServer:
+    def __init__(self, workdir: Path) -> None:
+        self.binary = require_binary("redis-server")
+        self.workdir = workdir
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        for _ in range(5):  # a free port can be taken between choosing and binding it
+            self.port = free_port()
+            log = self.workdir / f"redis-{self.port}.log"
+            self.proc = subprocess.Popen(
+                [self.binary, "--bind", "127.0.0.1", "--port", str(self.port),
+                 "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
+                 "--protected-mode", "yes", "--daemonize", "no", "--logfile", str(log)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            if self._ready():
+                return self
+            self.stop()
+        raise RuntimeError("redis-server did not start")
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(64).startswith(b"+PONG"):
+                        return True
+            except OSError:
+                pass
+            time.sleep(0.05)
+        return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = RedisServer(directory).start()
+    yield server
+    server.stop()
