@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(mode 0600; the gate then serves each sandbox without a relay)",
     )
     serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="gate processes sharing the listening address (SO_REUSEPORT), one core each; a worker "
+        "that dies is started again (default %(default)s)",
+    )
+    serve.add_argument(
         "--max-connections-per-client",
         type=int,
         default=512,

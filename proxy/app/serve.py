@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import copy
 import logging
+import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -59,12 +63,78 @@ def serve_main(args: argparse.Namespace) -> int:
         state_dir = statedir.prepare_state_dir(chosen)
     except statedir.StateDirError as exc:
         return fail(f"{exc} (--state-dir / ${statedir.ENV_VAR} must be writable)")
+    workers = getattr(args, "workers", 1)
+    if workers < 1:
+        return fail(f"--workers {workers}: expected 1 or more")
     try:
+        if workers > 1:
+            return _serve_workers(args, policy, listen, state_dir, workers)
         return asyncio.run(_serve(args, policy, listen, state_dir))
     except KeyboardInterrupt:
         return 0
     except OSError as exc:
         return fail(str(exc))
+
+
+def _serve_workers(
+    args: argparse.Namespace,
+    policy: Policy,
+    listen: tuple[str, int],
+    state_dir: Path,
+    workers: int,
+) -> int:
+    """Fork ``workers`` gates sharing the listening address (see :mod:`proxy.app.workers`)."""
+    import addons.master  # noqa: F401 - imported once here, shared by every fork
+    import proxy.evidence.wiring  # noqa: F401
+    from proxy.app.workers import (
+        Supervisor,
+        per_worker_cap,
+        reuseport_sockets,
+        worker_file,
+        worker_metrics,
+    )
+
+    sockets = reuseport_sockets(listen[0], listen[1], workers)
+    address = sockets[0].getsockname()
+    in_force = [
+        policy
+    ]  # the last version every worker was told to load: a restarted one starts there
+
+    def body(index: int, sock: socket.socket, ready_fd: int) -> int:
+        mine = copy.copy(args)
+        mine.journal = worker_file(args.journal, index)
+        mine.metrics = worker_metrics(args.metrics, index)
+        mine.max_connections_per_client = per_worker_cap(args.max_connections_per_client, workers)
+        if index:  # one DNS listener and one hand-off socket per gate: the first worker's
+            mine.dns_listen = None
+            mine.handoff_socket = None
+        return asyncio.run(
+            _serve(mine, in_force[0], listen, state_dir, listen_socket=sock, ready_fd=ready_fd)
+        )
+
+    def check_reload() -> bool:
+        try:
+            new = load_policy_file(args.policy)
+        except PolicyError as exc:
+            for line in exc.lines():
+                log.error("policy reload rejected: %s", line)
+            log.error("policy reload failed; every worker keeps the policy in force")
+            return False
+        log.warning("policy version %s: reloading %d workers", new.version, workers)
+        in_force[0] = new
+        return True
+
+    def ready() -> None:
+        log.warning(
+            "agent-egress gate ready listen=%s:%s workers=%d policy=%s version=%s",
+            address[0],
+            address[1],
+            workers,
+            policy_file(args.policy),
+            policy.version,
+        )
+
+    return Supervisor(sockets, body, check_reload).run(ready)
 
 
 async def _serve_dns(dns_gate: DnsGate, host: str, port: int) -> tuple[str, int]:
@@ -97,8 +167,16 @@ def load_sandboxes(path: str | None) -> tuple[Identities | None, dict[str, Polic
 
 
 async def _serve(
-    args: argparse.Namespace, policy: Policy, listen: tuple[str, int], state_dir: Path
+    args: argparse.Namespace,
+    policy: Policy,
+    listen: tuple[str, int],
+    state_dir: Path,
+    *,
+    listen_socket: socket.socket | None = None,
+    ready_fd: int | None = None,
 ) -> int:
+    """One gate. As a worker (``listen_socket`` set) it accepts on that shared socket, and says it is
+    ready by writing one byte to ``ready_fd`` instead of logging the ready line."""
     from addons.master import Gate, GateConfig, parse_listen
     from proxy.destinations.resolver import Resolver
     from proxy.evidence.wiring import EvidenceError, build_emitter
@@ -136,8 +214,9 @@ async def _serve(
     resolver = Resolver(nameservers=args.nameserver, hosts_file=args.hosts_file or None)
     gate = Gate(
         GateConfig(
-            listen_host=listen[0],
-            listen_port=listen[1],
+            # a worker's own mitmproxy listener is an unused ephemeral port on loopback
+            listen_host="127.0.0.1" if listen_socket else listen[0],
+            listen_port=0 if listen_socket else listen[1],
             max_connections_per_client=args.max_connections_per_client,
             request_deadline=args.request_timeout,
             confdir=str(statedir.mitmproxy_confdir(state_dir)),
@@ -159,6 +238,10 @@ async def _serve(
     try:
         evidence.start()
         await gate.start()
+        if listen_socket is not None:
+            await gate.add_listener(listen_socket)
+            shared = listen_socket.getsockname()
+            gate.protect_endpoint(str(shared[0]), int(shared[1]))
         if args.dns_listen:
             dns_gate = DnsGate(holder, resolver, evidence.emitter)
             bound = await _serve_dns(dns_gate, *parse_listen(args.dns_listen))
@@ -179,6 +262,8 @@ async def _serve(
         if dns_gate is not None:
             gate.protect_endpoint(bound[0], bound[1])
         host, port = gate.listen_address
+        if listen_socket is not None:
+            host, port = listen_socket.getsockname()[:2]
         info: dict[str, Any] = {
             "listen": f"{host}:{port}",
             "policy": str(path),
@@ -190,7 +275,13 @@ async def _serve(
         }
         if dns_gate is not None:
             info["dns"] = f"{bound[0]}:{bound[1]}"
-        log.warning("agent-egress gate ready %s", " ".join(f"{k}={v}" for k, v in info.items()))
+        ready = " ".join(f"{k}={v}" for k, v in info.items())
+        if ready_fd is None:
+            log.warning("agent-egress gate ready %s", ready)
+        else:
+            log.info("worker %d ready %s", os.getpid(), ready)
+            with contextlib.suppress(OSError):  # a restarted worker has nobody waiting
+                os.write(ready_fd, b"R")
         await stop.wait()
         log.warning("shutting down")
     finally:
