@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +70,29 @@ def serve_main(args: argparse.Namespace) -> int:
     try:
         if workers > 1:
             return _serve_workers(args, policy, listen, state_dir, workers)
-        return asyncio.run(_serve(args, policy, listen, state_dir))
+        return _run(_serve(args, policy, listen, state_dir))
     except KeyboardInterrupt:
         return 0
     except OSError as exc:
         return fail(str(exc))
+
+
+def _run(main: Coroutine[Any, Any, int]) -> int:
+    if os.environ.get("EGRESS_EXPERIMENT_UVLOOP") == "1":
+        import uvloop
+
+        class _Loop(uvloop.Loop):  # type: ignore[misc]
+            def set_task_factory(self, factory: Any) -> None:
+                if factory is not None:
+                    inner = factory
+
+                    def factory(loop: Any, coro: Any, *, eager_start: Any = None, **kw: Any) -> Any:
+                        return inner(loop, coro, **kw)
+
+                super().set_task_factory(factory)
+
+        return asyncio.run(main, loop_factory=_Loop)
+    return asyncio.run(main)
 
 
 def _serve_workers(
@@ -108,7 +127,7 @@ def _serve_workers(
         if index:  # one DNS listener and one hand-off socket per gate: the first worker's
             mine.dns_listen = None
             mine.handoff_socket = None
-        return asyncio.run(
+        return _run(
             _serve(mine, in_force[0], listen, state_dir, listen_socket=sock, ready_fd=ready_fd)
         )
 

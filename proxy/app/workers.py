@@ -45,7 +45,9 @@ def reuseport_sockets(host: str, port: int, count: int) -> list[socket.socket]:
     made: list[socket.socket] = []
     try:
         for _ in range(count):
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            # proto spelled out: asyncio sets TCP_NODELAY on accepted sockets only when it is TCP,
+            # and with 0 every small response waited out delayed ACKs (~40 ms per request)
+            sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
             made.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

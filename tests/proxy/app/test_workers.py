@@ -35,6 +35,7 @@ def test_reuseport_sockets_share_one_port() -> None:
         ports = {s.getsockname()[1] for s in socks}
         assert len(ports) == 1
         assert all(s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) for s in socks)
+        assert all(s.proto == socket.IPPROTO_TCP for s in socks)  # asyncio then sets TCP_NODELAY
     finally:
         for s in socks:
             s.close()
