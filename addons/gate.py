@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import time
 from typing import Any
 
 from mitmproxy import connection, http
@@ -36,6 +37,11 @@ DEFAULT_REQUEST_DEADLINE = 30.0  # seconds for a request head, or a tunnel's fir
 # Set by the listener that accepted a connection (a per-sandbox socket), read once in client_connected.
 current_sandbox: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "egress_sandbox", default=None
+)
+# When the connection was accepted (time.monotonic()), if before mitmproxy saw it: the request
+# deadline counts from then, not from when mitmproxy took it over.
+accepted_at: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "egress_accepted_at", default=None
 )
 
 
@@ -58,19 +64,23 @@ class GateAddon:
         if refusal is not None:
             client.error = "egress: too many connections from this client"
             return
-        self._arm_deadline(client)
+        self._arm_deadline(client, since=accepted_at.get())
 
     def client_disconnected(self, client: connection.Client) -> None:
         self._cancel_deadline(client)
         self.checkpoint.disconnected(client.id)
 
-    def _arm_deadline(self, client: connection.Client) -> None:
+    def _arm_deadline(self, client: connection.Client, since: float | None = None) -> None:
         """A connection must deliver a complete request head (and a tunnel its first bytes) within
-        ``request_deadline`` seconds; a silent or dribbling one is closed (slowloris, threat 13)."""
+        ``request_deadline`` seconds (of ``since``, if given); a silent or dribbling one is closed
+        (slowloris, threat 13)."""
         self._cancel_deadline(client)
         if self.request_deadline > 0:
+            delay = self.request_deadline
+            if since is not None:
+                delay = max(0.0, delay - (time.monotonic() - since))
             self._deadlines[client.id] = asyncio.get_running_loop().call_later(
-                self.request_deadline, self._deadline_passed, client
+                delay, self._deadline_passed, client
             )
 
     def _cancel_deadline(self, client: connection.Client) -> None:

@@ -19,8 +19,9 @@ from mitmproxy import exceptions, options
 from mitmproxy.addons import errorcheck, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
-from addons.gate import DEFAULT_REQUEST_DEADLINE, GateAddon, current_sandbox
+from addons.gate import DEFAULT_REQUEST_DEADLINE, GateAddon, accepted_at, current_sandbox
 from addons.layers import GateLayers
+from addons.tunnels import TunnelFrontEnd
 from proxy.core.checkpoint import Authenticator, Checkpoint, DecisionSink, Destinations
 from proxy.core.connections import DEFAULT_MAX_CONNECTIONS_PER_CLIENT, Connections, Observer
 from proxy.core.destination import DestinationCheck, NameResolver
@@ -102,15 +103,28 @@ class Gate:
             observer=observer,
         )
         self.addon = GateAddon(self.checkpoint, request_deadline=config.request_deadline)
+        self.tunnels = TunnelFrontEnd(
+            self.checkpoint, request_deadline=config.request_deadline, handoff=self._to_mitmproxy
+        )
         self.master: Master | None = None
         self._task: asyncio.Task[None] | None = None
-        self._extra: list[asyncio.Server] = []
+        self._extra: list[asyncio.Task[None]] = []
+        self._listener: socket.socket | None = None
 
-    async def start(self) -> None:
+    async def start(self, listener: socket.socket | None = None) -> None:
+        """Listen on ``listener`` if given (pre-bound, e.g. shared by workers), else on the configured
+        address."""
+        # The gate's listener is its own socket, served by the tunnel front end (which passes what it
+        # does not take to mitmproxy); mitmproxy's own listener is an ephemeral loopback port.
+        self._listener = listener or socket.create_server(
+            (self.config.listen_host, self.config.listen_port),
+            family=socket.AF_INET6 if ":" in self.config.listen_host else socket.AF_INET,
+            backlog=1024,
+        )
         opts = options.Options(
             mode=["regular"],
-            listen_host=self.config.listen_host,
-            listen_port=self.config.listen_port,
+            listen_host="127.0.0.1",
+            listen_port=0,
             # before the addons are added: TlsConfig creates its CA in confdir as it is configured
             **({"confdir": self.config.confdir} if self.config.confdir else {}),
         )
@@ -141,6 +155,9 @@ class Gate:
             if addrs := self.proxyserver.listen_addrs():
                 for addr in addrs:
                     self.protect_endpoint(str(addr[0]), int(addr[1]))
+                own = self._listener.getsockname()
+                self.protect_endpoint(str(own[0]), int(own[1]))
+                await self.add_listener(self._listener, self.config.sandbox_id)
                 return
             await asyncio.sleep(0.02)
         raise RuntimeError("the proxy listener did not come up within 10 s")
@@ -152,37 +169,42 @@ class Gate:
 
     @property
     def listen_address(self) -> tuple[str, int]:
-        addrs = self.proxyserver.listen_addrs()
-        if not addrs:
+        if self._listener is None or self._listener.fileno() < 0:
             raise RuntimeError("the gate is not listening")
-        return str(addrs[0][0]), int(addrs[0][1])
+        addr = self._listener.getsockname()
+        return str(addr[0]), int(addr[1])
 
     async def add_listener(
         self, sock: socket.socket, sandbox_id: str | None = None
-    ) -> asyncio.Server:
+    ) -> asyncio.Task[None]:
         """Serve proxy clients accepted on a pre-bound listening socket (e.g. one created inside a
         sandbox's network namespace), attributing every decision they cause to ``sandbox_id``.
-        Returns the server; pass it to :meth:`remove_listener` when the sandbox ends."""
+        Returns the accept task; pass it to :meth:`remove_listener` when the sandbox ends."""
+        task = asyncio.get_running_loop().create_task(self.tunnels.serve(sock, sandbox_id))
+        task.listener = sock  # type: ignore[attr-defined]
+        self._extra.append(task)
+        return task
+
+    async def _to_mitmproxy(
+        self, sock: socket.socket, sandbox_id: str | None, accepted: float
+    ) -> None:
+        """A connection the tunnel front end does not take: mitmproxy's layers serve it."""
         instance = next(iter(self.proxyserver.servers))
+        current_sandbox.set(sandbox_id)
+        accepted_at.set(accepted)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        await instance.handle_stream(reader, writer)
 
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            current_sandbox.set(sandbox_id)
-            await instance.handle_stream(reader, writer)
-
-        sock.setblocking(False)
-        server = await asyncio.start_server(handle, sock=sock)
-        self._extra.append(server)
-        return server
-
-    def remove_listener(self, server: asyncio.Server) -> None:
-        server.close()
+    def remove_listener(self, server: asyncio.Task[None]) -> None:
+        listener: socket.socket = server.listener  # type: ignore[attr-defined]
+        listener.close()
+        server.cancel()
         if server in self._extra:
             self._extra.remove(server)
 
     async def stop(self) -> None:
-        for server in self._extra:
-            server.close()
-        self._extra.clear()
+        for server in list(self._extra):
+            self.remove_listener(server)
         if self.master is not None and self._task is not None:
             self.master.shutdown()
             try:

@@ -20,6 +20,22 @@ def strip_egress_headers(headers: http.Headers) -> None:
 
 
 def refusal_response(decision: Decision) -> http.Response:
+    status, headers = refusal_head(decision)
+    return http.Response.make(status, refusal_text(decision), headers)
+
+
+def refusal_bytes(decision: Decision, *, close: bool = True) -> bytes:
+    """The same refusal as one HTTP/1.1 response (the tunnel front end)."""
+    status, headers = refusal_head(decision)
+    body = refusal_text(decision).encode()
+    reason = "Proxy Authentication Required" if status == 407 else "Forbidden"
+    lines = [f"HTTP/1.1 {status} {reason}"]
+    lines += [f"{name}: {_header_safe(value)}" for name, value in headers.items()]
+    lines += [f"Content-Length: {len(body)}", *(["Connection: close"] if close else []), "", ""]
+    return "\r\n".join(lines).encode() + body
+
+
+def refusal_head(decision: Decision) -> tuple[int, dict[str, str]]:
     """407 asks for the shared gate's credential; every other refusal is a 403."""
     status = 407 if decision.reason is Reason.PROXY_AUTH_REQUIRED else 403
     headers = {
@@ -32,4 +48,9 @@ def refusal_response(decision: Decision) -> http.Response:
     }
     if status == 407:
         headers["Proxy-Authenticate"] = 'Basic realm="agent-egress"'
-    return http.Response.make(status, refusal_text(decision), headers)
+    return status, headers
+
+
+def _header_safe(value: str) -> str:
+    """No control character may end a header line early (mitmproxy's Headers refuse them too)."""
+    return "".join(c if " " <= c < "\x7f" else "?" for c in value)

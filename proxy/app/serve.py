@@ -233,9 +233,8 @@ async def _serve(
     resolver = Resolver(nameservers=args.nameserver, hosts_file=args.hosts_file or None)
     gate = Gate(
         GateConfig(
-            # a worker's own mitmproxy listener is an unused ephemeral port on loopback
-            listen_host="127.0.0.1" if listen_socket else listen[0],
-            listen_port=0 if listen_socket else listen[1],
+            listen_host=listen[0],
+            listen_port=listen[1],
             max_connections_per_client=args.max_connections_per_client,
             request_deadline=args.request_timeout,
             confdir=str(statedir.mitmproxy_confdir(state_dir)),
@@ -256,11 +255,7 @@ async def _serve(
     handoff: HandoffServer | None = None
     try:
         evidence.start()
-        await gate.start()
-        if listen_socket is not None:
-            await gate.add_listener(listen_socket)
-            shared = listen_socket.getsockname()
-            gate.protect_endpoint(str(shared[0]), int(shared[1]))
+        await gate.start(listen_socket)
         if args.dns_listen:
             dns_gate = DnsGate(holder, resolver, evidence.emitter)
             bound = await _serve_dns(dns_gate, *parse_listen(args.dns_listen))
@@ -281,8 +276,6 @@ async def _serve(
         if dns_gate is not None:
             gate.protect_endpoint(bound[0], bound[1])
         host, port = gate.listen_address
-        if listen_socket is not None:
-            host, port = listen_socket.getsockname()[:2]
         info: dict[str, Any] = {
             "listen": f"{host}:{port}",
             "policy": str(path),

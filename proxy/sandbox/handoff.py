@@ -283,7 +283,7 @@ def gate_attacher(gate: Any, dns_gate_for: Callable[[str], Any] | None = None) -
                     if name in sockets:
                         sockets[name].close()
         except BaseException:
-            server.close()
+            gate.remove_listener(server)
             raise
 
         async def detach() -> None:

@@ -1,0 +1,301 @@
+"""CONNECT tunnels that end in a passthrough relay, served without mitmproxy's layers.
+
+Most of what a sandbox does is a CONNECT to a registry or source host, a TLS ClientHello, and bytes
+relayed untouched. mitmproxy spends ~3 ms of CPU on such a tunnel (a connection handler, an HTTP layer,
+a dozen hook dispatches, a TCP layer with an event per chunk); this front end spends a fraction of that.
+It makes exactly the checkpoint calls the mitmproxy adapter makes, in the same order, and enforces the
+answers the same way: :meth:`Checkpoint.connected` at accept (the per-client cap), ``admit`` for the
+CONNECT (identity, policy, destination, self, audit, pin), ``admit_tunnel`` for the first bytes (the core
+classifier and the SNI check), ``dial_target`` before the only upstream connect, and ``disconnected``
+with the byte counts once both sides are closed.
+
+Which connections it takes is decided from a peek at the first bytes, before anything is consumed: a
+complete ``CONNECT host:port`` request line to a port whose tunnel is not plain HTTP. Everything else
+(plain-HTTP requests, tunnels to port 80 whose requests are decided one by one, anything unusual) is
+handed to mitmproxy untouched, with the time already spent counted against its request deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+
+from mitmproxy.net.http import http1
+
+from addons.layers import MAX_REQUEST_HEAD
+from addons.refusal import refusal_bytes
+from proxy.core.checkpoint import Checkpoint
+from proxy.core.connections import Connection
+from proxy.core.decision import Kind, Reason, Request
+from proxy.core.firstbytes import MAX_CLIENT_HELLO, PLAIN_HTTP_PORT, Protocol, classify
+
+log = logging.getLogger(__name__)
+
+PEEK = 4096
+CONNECT_PREFIX = b"CONNECT "
+CONNECT_TIMEOUT = 30.0
+MAX_REFUSALS_PER_CONNECTION = 100_000  # bounds the loop; each refusal is decided and recorded
+CHUNK = 256 * 1024
+ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+HEAD_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\n"
+    b"Connection: close\r\n\r\n"
+)
+
+# Hands a connection the front end does not take to mitmproxy: (socket, sandbox id, accepted at).
+Handoff = Callable[[socket.socket, str | None, float], Awaitable[None]]
+
+
+def takes(head: bytes) -> bool:
+    """Whether a peeked request starts with a complete CONNECT line to a non-HTTP port."""
+    if not head.startswith(CONNECT_PREFIX):
+        return False
+    line, sep, _ = head.partition(b"\r\n")
+    if not sep:
+        return False
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        return False
+    _, sep, port = parts[1].rpartition(b":")
+    return bool(sep) and port.isdigit() and int(port) != PLAIN_HTTP_PORT
+
+
+class _Closed(Exception):
+    """The client went away or broke the protocol; nothing more to answer."""
+
+
+class TunnelFrontEnd:
+    def __init__(self, checkpoint: Checkpoint, *, request_deadline: float, handoff: Handoff):
+        self.checkpoint = checkpoint
+        self.request_deadline = request_deadline
+        self.handoff = handoff
+        self._ids = itertools.count(1)
+        self.tunnels = 0  # taken by this front end (tests read it)
+
+    async def serve(self, listener: socket.socket, sandbox_id: str | None) -> None:
+        """Accept on ``listener`` until it is closed."""
+        loop = asyncio.get_running_loop()
+        listener.setblocking(False)
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                try:
+                    conn, _ = await loop.sock_accept(listener)
+                except OSError:
+                    if listener.fileno() < 0:
+                        return
+                    await asyncio.sleep(0.05)  # EMFILE and friends: back off, keep serving
+                    continue
+                task = loop.create_task(self._connection(conn, sandbox_id))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        finally:
+            for task in list(tasks):
+                task.cancel()
+
+    async def _connection(self, sock: socket.socket, sandbox_id: str | None) -> None:
+        accepted = time.monotonic()
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            peer = sock.getpeername()
+        except OSError:
+            sock.close()
+            return
+        cid = f"t{next(self._ids)}"
+        conn, refusal = self.checkpoint.connected(cid, f"{peer[0]}:{peer[1]}", sandbox_id)
+        if refusal is not None:
+            self.checkpoint.disconnected(cid)
+            sock.close()
+            return
+        handed = False
+        try:
+            head = await self._peek(sock, conn, accepted)
+            if head is None:
+                return
+            if not takes(head):
+                # mitmproxy counts this connection itself from here on
+                self.checkpoint.disconnected(cid)
+                cid = ""
+                handed = True
+                await self.handoff(sock, sandbox_id, accepted)
+                return
+            self.tunnels += 1
+            await self._tunnel(sock, conn, accepted)
+        except (_Closed, OSError, TimeoutError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            if cid:
+                self.checkpoint.disconnected(cid)
+            if not handed:
+                sock.close()
+
+    def _remaining(self, since: float) -> float | None:
+        if self.request_deadline <= 0:
+            return None
+        return max(0.0, self.request_deadline - (time.monotonic() - since))
+
+    def _timed_out(self, conn: Connection) -> _Closed:
+        self.checkpoint.refuse_connection(
+            conn,
+            Reason.REQUEST_TIMEOUT,
+            f"no complete request within {self.request_deadline:g} s; the connection was closed",
+        )
+        return _Closed()
+
+    async def _peek(self, sock: socket.socket, conn: Connection, since: float) -> bytes | None:
+        """The first bytes, not consumed: once a request line is complete, or anything that cannot
+        start a CONNECT has arrived. None when the client closed first."""
+        loop = asyncio.get_running_loop()
+        while True:
+            ready: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(sock.fileno(), _settle, ready)
+            try:
+                await asyncio.wait_for(ready, self._remaining(since))
+            except TimeoutError:
+                raise self._timed_out(conn) from None
+            finally:
+                loop.remove_reader(sock.fileno())
+            head = sock.recv(PEEK, socket.MSG_PEEK)
+            if not head:
+                return None
+            if (
+                b"\r\n" in head
+                or len(head) >= PEEK
+                or not (CONNECT_PREFIX.startswith(head) or head.startswith(CONNECT_PREFIX))
+            ):
+                return head
+            await asyncio.sleep(0.001)  # a request line in pieces: look again shortly
+
+    async def _tunnel(self, sock: socket.socket, conn: Connection, since: float) -> None:
+        reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_REQUEST_HEAD)
+        try:
+            await self._admit_and_relay(reader, writer, conn, since)
+        finally:
+            writer.close()
+
+    async def _admit_and_relay(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        conn: Connection,
+        since: float,
+    ) -> None:
+        for _ in range(MAX_REFUSALS_PER_CONNECTION):
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self._remaining(since))
+            except TimeoutError:
+                raise self._timed_out(conn) from None
+            except asyncio.LimitOverrunError:
+                writer.write(HEAD_TOO_LARGE)
+                raise _Closed() from None
+            parsed = _parse_connect(head)
+            if parsed is None:
+                writer.write(BAD_REQUEST)
+                raise _Closed()
+            host, port, credential = parsed
+            request = Request(Kind.CONNECT, host, port, "CONNECT")
+            decision = await self.checkpoint.admit(conn, request, credential=credential)
+            if decision.allowed:
+                break
+            # As on the mitmproxy path, the connection stays open for the client's next request.
+            writer.write(refusal_bytes(decision, close=False))
+            await writer.drain()
+            since = time.monotonic()
+        else:
+            raise _Closed()
+        self.checkpoint.opened(conn, decision)
+        writer.write(ESTABLISHED)
+        first = await self._first_bytes(reader, conn, port)
+        tunnel = conn.tunnel
+        verdict = self.checkpoint.admit_tunnel(conn, classify(port, first))
+        if tunnel is None or (verdict is not None and not verdict.allowed):
+            raise _Closed()
+        target = self.checkpoint.dial_target(conn, tunnel.host, port)
+        if target is None:
+            log.error("refused to dial %s:%s: not checked by the gate", tunnel.host, port)
+            raise _Closed()
+        up_reader, up_writer = await asyncio.wait_for(
+            asyncio.open_connection(target, port, limit=CHUNK), CONNECT_TIMEOUT
+        )
+        try:
+            up_writer.write(first)
+            conn.bytes_out += len(first)
+            await _relay(reader, writer, up_reader, up_writer, conn)
+        finally:
+            up_writer.close()
+
+    async def _first_bytes(
+        self, reader: asyncio.StreamReader, conn: Connection, port: int
+    ) -> bytes:
+        """Read until the classifier has an answer (bounded by its own caps and the deadline)."""
+        data = b""
+        started = time.monotonic()
+        while classify(port, data).protocol is Protocol.WAIT:
+            if len(data) > MAX_CLIENT_HELLO + 64 * 1024:  # classify refuses long before this
+                raise _Closed()
+            try:
+                more = await asyncio.wait_for(reader.read(CHUNK), self._remaining(started))
+            except TimeoutError:
+                raise self._timed_out(conn) from None
+            if not more:
+                raise _Closed()
+            data += more
+        return data
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _parse_connect(head: bytes) -> tuple[str, int, str | None] | None:
+    """(host, port, Proxy-Authorization) from a CONNECT request head, or None when it is malformed,
+    parsed by the same mitmproxy helper that parses it on the mitmproxy path."""
+    lines = head.split(b"\r\n")[:-2]
+    try:
+        request = http1.read_request_head(lines)
+    except ValueError:
+        return None
+    if request.method.upper() != "CONNECT" or not request.host or not request.port:
+        return None
+    return request.host, request.port, request.headers.get("proxy-authorization")
+
+
+async def _relay(
+    client_r: asyncio.StreamReader,
+    client_w: asyncio.StreamWriter,
+    up_r: asyncio.StreamReader,
+    up_w: asyncio.StreamWriter,
+    conn: Connection,
+) -> None:
+    """Both directions until both have ended; an EOF is passed on as a half-close."""
+
+    async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, outbound: bool) -> None:
+        try:
+            while data := await src.read(CHUNK):
+                if outbound:
+                    conn.bytes_out += len(data)
+                else:
+                    conn.bytes_in += len(data)
+                dst.write(data)
+                await dst.drain()
+            if dst.can_write_eof():
+                dst.write_eof()
+        except OSError:
+            dst.transport.abort()
+            raise
+
+    results = await asyncio.gather(
+        pump(client_r, up_w, True), pump(up_r, client_w, False), return_exceptions=True
+    )
+    if any(isinstance(r, BaseException) for r in results):
+        client_w.transport.abort()
+        up_w.transport.abort()
