@@ -78,21 +78,9 @@ def serve_main(args: argparse.Namespace) -> int:
 
 
 def _run(main: Coroutine[Any, Any, int]) -> int:
-    if os.environ.get("EGRESS_EXPERIMENT_UVLOOP") == "1":
-        import uvloop
+    from proxy.runtime.loop import run
 
-        class _Loop(uvloop.Loop):  # type: ignore[misc]
-            def set_task_factory(self, factory: Any) -> None:
-                if factory is not None:
-                    inner = factory
-
-                    def factory(loop: Any, coro: Any, *, eager_start: Any = None, **kw: Any) -> Any:
-                        return inner(loop, coro, **kw)
-
-                super().set_task_factory(factory)
-
-        return asyncio.run(main, loop_factory=_Loop)
-    return asyncio.run(main)
+    return run(main)
 
 
 def _serve_workers(
