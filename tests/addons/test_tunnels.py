@@ -1,0 +1,158 @@
+"""The tunnel front end: which connections it takes, the bytes it relays (counted exactly, half-closes
+passed on), and that everything else still reaches mitmproxy's layers and their checks."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from addons.tunnels import _parse_connect, takes
+from tests.harness import WAIT, RunningGate, Upstream, client_hello, recv_head
+
+REPLY = b"R" * 100_000
+
+
+class HalfCloseUpstream:
+    """Reads until the client's EOF, then answers with REPLY and closes: works only if the relay
+    passes the client's half-close on and still relays the other direction afterwards."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.received = b""
+        self.accepted = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(WAIT)
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        self.accepted += 1
+        with conn:
+            conn.settimeout(WAIT)
+            while chunk := conn.recv(65536):
+                self.received += chunk
+            conn.sendall(REPLY)
+
+    def stop(self) -> None:
+        self.sock.close()
+        self._thread.join(WAIT)
+
+
+@pytest.fixture
+def half_close() -> Iterator[HalfCloseUpstream]:
+    upstream = HalfCloseUpstream()
+    yield upstream
+    upstream.stop()
+
+
+def _gate(tmp_path: Path, *ports: int) -> RunningGate:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "version: 1\nallow_internal: [127.0.0.0/8]\nrules:\n"
+        f"  - name: local\n    cidrs: [127.0.0.1/32]\n    ports: {list(ports)}\n"
+    )
+    return RunningGate(policy, ["127.0.0.1:9"]).start()
+
+
+def _connect(port: int, target: str) -> tuple[socket.socket, bytes]:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    return sock, recv_head(sock)
+
+
+def _closed_event(gate: RunningGate) -> dict[str, object]:
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        for name, attributes in list(gate.memory.events):
+            if name == "egress.connection.closed":
+                return attributes
+        time.sleep(0.02)
+    raise AssertionError("no connection-closed event")
+
+
+def test_a_tls_tunnel_is_relayed_with_half_close_and_exact_byte_counts(
+    tmp_path: Path, half_close: HalfCloseUpstream
+) -> None:
+    gate = _gate(tmp_path, half_close.port)
+    try:
+        sock, head = _connect(gate.port, f"127.0.0.1:{half_close.port}")
+        assert head.startswith(b"HTTP/1.1 200")
+        hello = client_hello(None)
+        sock.sendall(hello + b"after the hello")
+        sock.shutdown(socket.SHUT_WR)  # the upstream answers only once it has seen this EOF
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+        sock.close()
+        assert reply == REPLY
+        assert half_close.received == hello + b"after the hello"
+        closed = _closed_event(gate)
+        assert closed["egress.bytes.out"] == len(hello) + len(b"after the hello")
+        assert closed["egress.bytes.in"] == len(REPLY)
+        assert gate.gate.tunnels.tunnels == 1  # taken by the front end, not mitmproxy's layers
+    finally:
+        gate.stop()
+
+
+def test_a_refused_hello_dials_nothing(tmp_path: Path, half_close: HalfCloseUpstream) -> None:
+    gate = _gate(tmp_path, half_close.port)
+    try:
+        sock, head = _connect(gate.port, f"127.0.0.1:{half_close.port}")
+        assert head.startswith(b"HTTP/1.1 200")
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: elsewhere\r\n\r\n")  # not TLS on a TLS port
+        assert sock.recv(100) == b""  # closed without an answer
+        sock.close()
+        assert half_close.accepted == 0
+        assert [d.reason for d in gate.decisions][-1] == "not-tls"
+    finally:
+        gate.stop()
+
+
+def test_plain_http_and_port_80_tunnels_go_to_mitmproxys_layers(tmp_path: Path) -> None:
+    upstream = Upstream("plain")
+    gate = _gate(tmp_path, upstream.port, 80)
+    try:
+        sock = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
+        target = f"127.0.0.1:{upstream.port}"
+        sock.sendall(f"GET http://{target}/x HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        assert recv_head(sock).startswith(b"HTTP/1.1 200")
+        sock.close()
+        sock, head = _connect(gate.port, "127.0.0.1:80")
+        sock.close()
+        assert head.startswith(b"HTTP/1.1 200")
+        assert gate.gate.tunnels.tunnels == 0
+        assert [d.kind for d in gate.decisions] == ["http", "connect"]
+    finally:
+        gate.stop()
+        upstream.stop()
+
+
+def test_what_the_front_end_takes() -> None:
+    assert takes(b"CONNECT pypi.org:443 HTTP/1.1\r\n")
+    assert takes(b"CONNECT [::1]:22 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert not takes(b"CONNECT pypi.org:80 HTTP/1.1\r\n")  # its requests are decided one by one
+    assert not takes(b"CONNECT pypi.org:443 HTTP/1.1")  # the line is not complete yet
+    assert not takes(b"GET http://pypi.org/ HTTP/1.1\r\n")
+    assert not takes(b"CONNECT pypi.org:443 HTTP/1.1 extra\r\n")
+
+
+def test_connect_heads_are_parsed_by_mitmproxys_own_parser() -> None:
+    assert _parse_connect(
+        b"CONNECT [::1]:443 HTTP/1.1\r\nProxy-Authorization: Basic x\r\n\r\n"
+    ) == (
+        "::1",
+        443,
+        "Basic x",
+    )
+    assert _parse_connect(b"CONNECT a.test HTTP/1.1\r\n\r\n") is None  # no port
+    assert _parse_connect(b"CONNECT a\x00b.test:443 HTTP/1.1\r\n\r\n") is None
+    assert _parse_connect(b"CONNECT a.test:443 HTTP/1.1\r\nbad header\r\n\r\n") is None
