@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import itertools
 import logging
+import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -41,6 +43,8 @@ CONNECT_PREFIX = b"CONNECT "
 CONNECT_TIMEOUT = 30.0
 MAX_REFUSALS_PER_CONNECTION = 100_000  # bounds the loop; each refusal is decided and recorded
 CHUNK = 256 * 1024
+_F_SETPIPE_SZ = 1031
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 HEAD_TOO_LARGE = (
@@ -175,30 +179,13 @@ class TunnelFrontEnd:
             await asyncio.sleep(0.001)  # a request line in pieces: look again shortly
 
     async def _tunnel(self, sock: socket.socket, conn: Connection, since: float) -> None:
-        reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_REQUEST_HEAD)
-        try:
-            await self._admit_and_relay(reader, writer, conn, since)
-        finally:
-            writer.close()
-
-    async def _admit_and_relay(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        conn: Connection,
-        since: float,
-    ) -> None:
+        loop = asyncio.get_running_loop()
+        buffered = b""
         for _ in range(MAX_REFUSALS_PER_CONNECTION):
-            try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self._remaining(since))
-            except TimeoutError:
-                raise self._timed_out(conn) from None
-            except asyncio.LimitOverrunError:
-                writer.write(HEAD_TOO_LARGE)
-                raise _Closed() from None
+            head, buffered = await self._head(sock, conn, buffered, since)
             parsed = _parse_connect(head)
             if parsed is None:
-                writer.write(BAD_REQUEST)
+                await loop.sock_sendall(sock, BAD_REQUEST)
                 raise _Closed()
             host, port, credential = parsed
             request = Request(Kind.CONNECT, host, port, "CONNECT")
@@ -206,14 +193,13 @@ class TunnelFrontEnd:
             if decision.allowed:
                 break
             # As on the mitmproxy path, the connection stays open for the client's next request.
-            writer.write(refusal_bytes(decision, close=False))
-            await writer.drain()
+            await loop.sock_sendall(sock, refusal_bytes(decision, close=False))
             since = time.monotonic()
         else:
             raise _Closed()
         self.checkpoint.opened(conn, decision)
-        writer.write(ESTABLISHED)
-        first = await self._first_bytes(reader, conn, port)
+        await loop.sock_sendall(sock, ESTABLISHED)
+        first = await self._first_bytes(sock, conn, port, buffered)
         tunnel = conn.tunnel
         verdict = self.checkpoint.admit_tunnel(conn, classify(port, first))
         if tunnel is None or (verdict is not None and not verdict.allowed):
@@ -222,27 +208,51 @@ class TunnelFrontEnd:
         if target is None:
             log.error("refused to dial %s:%s: not checked by the gate", tunnel.host, port)
             raise _Closed()
-        up_reader, up_writer = await asyncio.wait_for(
-            asyncio.open_connection(target, port, limit=CHUNK), CONNECT_TIMEOUT
-        )
+        up = socket.socket(socket.AF_INET6 if ":" in target else socket.AF_INET)
         try:
-            up_writer.write(first)
+            up.setblocking(False)
+            await asyncio.wait_for(loop.sock_connect(up, (target, port)), CONNECT_TIMEOUT)
+            up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await loop.sock_sendall(up, first)
             conn.bytes_out += len(first)
-            await _relay(reader, writer, up_reader, up_writer, conn)
+            await _relay(sock, up, conn)
         finally:
-            up_writer.close()
+            up.close()
+
+    async def _head(
+        self, sock: socket.socket, conn: Connection, buffered: bytes, since: float
+    ) -> tuple[bytes, bytes]:
+        """One request head and what followed it, within the deadline and MAX_REQUEST_HEAD."""
+        loop = asyncio.get_running_loop()
+        while (end := buffered.find(b"\r\n\r\n")) < 0:
+            if len(buffered) > MAX_REQUEST_HEAD:
+                await loop.sock_sendall(sock, HEAD_TOO_LARGE)
+                raise _Closed()
+            try:
+                async with asyncio.timeout(self._remaining(since)):
+                    more = await loop.sock_recv(sock, PEEK)
+            except TimeoutError:
+                raise self._timed_out(conn) from None
+            if not more:
+                raise _Closed()
+            buffered += more
+        if end + 4 > MAX_REQUEST_HEAD:
+            await loop.sock_sendall(sock, HEAD_TOO_LARGE)
+            raise _Closed()
+        return buffered[: end + 4], buffered[end + 4 :]
 
     async def _first_bytes(
-        self, reader: asyncio.StreamReader, conn: Connection, port: int
+        self, sock: socket.socket, conn: Connection, port: int, data: bytes
     ) -> bytes:
         """Read until the classifier has an answer (bounded by its own caps and the deadline)."""
-        data = b""
+        loop = asyncio.get_running_loop()
         started = time.monotonic()
         while classify(port, data).protocol is Protocol.WAIT:
             if len(data) > MAX_CLIENT_HELLO + 64 * 1024:  # classify refuses long before this
                 raise _Closed()
             try:
-                more = await asyncio.wait_for(reader.read(CHUNK), self._remaining(started))
+                async with asyncio.timeout(self._remaining(started)):
+                    more = await loop.sock_recv(sock, CHUNK)
             except TimeoutError:
                 raise self._timed_out(conn) from None
             if not more:
@@ -269,33 +279,114 @@ def _parse_connect(head: bytes) -> tuple[str, int, str | None] | None:
     return request.host, request.port, request.headers.get("proxy-authorization")
 
 
-async def _relay(
-    client_r: asyncio.StreamReader,
-    client_w: asyncio.StreamWriter,
-    up_r: asyncio.StreamReader,
-    up_w: asyncio.StreamWriter,
-    conn: Connection,
-) -> None:
-    """Both directions until both have ended; an EOF is passed on as a half-close."""
+async def _relay(client: socket.socket, upstream: socket.socket, conn: Connection) -> None:
+    """Both directions until both have ended, the bytes moved by the kernel (``splice`` through a
+    pipe, never copied into Python); an EOF is passed on as a half-close. A reset on either side
+    ends both."""
+    loop = asyncio.get_running_loop()
 
-    async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, outbound: bool) -> None:
-        try:
-            while data := await src.read(CHUNK):
-                if outbound:
-                    conn.bytes_out += len(data)
-                else:
-                    conn.bytes_in += len(data)
-                dst.write(data)
-                await dst.drain()
-            if dst.can_write_eof():
-                dst.write_eof()
-        except OSError:
-            dst.transport.abort()
-            raise
+    def outbound(n: int) -> None:
+        conn.bytes_out += n
+
+    def inbound(n: int) -> None:
+        conn.bytes_in += n
 
     results = await asyncio.gather(
-        pump(client_r, up_w, True), pump(up_r, client_w, False), return_exceptions=True
+        _splice(loop, client, upstream, outbound),
+        _splice(loop, upstream, client, inbound),
+        return_exceptions=True,
     )
     if any(isinstance(r, BaseException) for r in results):
-        client_w.transport.abort()
-        up_w.transport.abort()
+        for sock in (client, upstream):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Pipes:
+    """Pipes for splicing, lent per burst and returned empty: a gate holds about as many as it has
+    transfers waiting on a slow receiver, not two per open tunnel (idle tunnels hold none)."""
+
+    def __init__(self, keep: int = 64) -> None:
+        self.keep = keep
+        self._free: list[tuple[int, int]] = []
+
+    def take(self) -> tuple[int, int]:
+        if self._free:
+            return self._free.pop()
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):  # a larger pipe moves more per call; optional
+            fcntl.fcntl(w, _F_SETPIPE_SZ, CHUNK)
+        return r, w
+
+    def give_back(self, pipe: tuple[int, int], empty: bool) -> None:
+        if empty and len(self._free) < self.keep:
+            self._free.append(pipe)
+        else:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+
+_PIPES = _Pipes()
+
+
+async def _splice(
+    loop: asyncio.AbstractEventLoop,
+    src: socket.socket,
+    dst: socket.socket,
+    count: Callable[[int], None],
+) -> None:
+    try:
+        while True:
+            await _ready(loop, loop.add_reader, loop.remove_reader, src)
+            if not await _burst(loop, src, dst, count):
+                break
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        raise
+
+
+async def _burst(
+    loop: asyncio.AbstractEventLoop,
+    src: socket.socket,
+    dst: socket.socket,
+    count: Callable[[int], None],
+) -> bool:
+    """Move what ``src`` has now to ``dst``; False at EOF."""
+    pipe = _PIPES.take()
+    pending = 0
+    try:
+        while True:
+            try:
+                n = os.splice(src.fileno(), pipe[1], CHUNK, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                return True
+            if n == 0:
+                return False
+            count(n)
+            pending = n
+            while pending:
+                try:
+                    pending -= os.splice(pipe[0], dst.fileno(), pending, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    await _ready(loop, loop.add_writer, loop.remove_writer, dst)
+    finally:
+        _PIPES.give_back(pipe, empty=pending == 0)
+
+
+async def _ready(
+    loop: asyncio.AbstractEventLoop,
+    add: Callable[..., None],
+    remove: Callable[[int], object],
+    sock: socket.socket,
+) -> None:
+    fd = sock.fileno()
+    ready: asyncio.Future[None] = loop.create_future()
+    add(fd, _settle, ready)
+    try:
+        await ready
+    finally:
+        remove(fd)
