@@ -80,6 +80,7 @@ class Config:
     proxy: str | None  # the proxy URL as the client sees it
     start: list[str] | None = None  # argv whose wall time is the row's start-up (CMD = true)
     unavailable: str = ""  # why the row could not run (printed as n/a with this reason)
+    gate_pid: int | None = None  # the gate's process (tree), for CPU per tunnel and per MiB
     cases: set[str] = field(default_factory=lambda: set(CASES))
 
 
@@ -386,8 +387,13 @@ def measure_matrix(
                 if config.unavailable or case not in config.cases:
                     continue
                 try:
+                    cpu = cpu_seconds(config.gate_pid)
                     result = run_client(config, case, nginx, sizes)
                     results.add(config.name, case, figure(case, result, sizes))
+                    if config.gate_pid is not None and case in ("parallel", "bulk"):
+                        used = (cpu_seconds(config.gate_pid) - cpu) * 1000
+                        per = sizes.parallel if case == "parallel" else sizes.bulk_mb
+                        results.add(config.name, f"cpu-{case}", used / per)
                     if case == "sequential":
                         results.latency.setdefault(config.name, []).append(percentiles(result))
                 except Exception as exc:
@@ -404,17 +410,31 @@ def measure_matrix(
         log(f"  round {rnd + 1}/{sizes.rounds} done")
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU of a process and its children (the workers), from /proc."""
+    if pid is None:
+        return 0.0
+    import psutil
+
+    proc = psutil.Process(pid)
+    total = sum(proc.cpu_times()[:2])
+    for child in proc.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            total += sum(child.cpu_times()[:2])
+    return total
+
+
 def render_matrix(configs: list[Config], results: Results, direct: str) -> list[str]:
     head = (
         "| same work, one run | start ms | new TLS tunnels/s (seq) | ratio | tunnels/s (16 par) "
         "| ratio | added latency p50 / p99 ms | bulk MB/s | ratio | keep-alive req/s | ratio "
-        "| denial ms |"
+        "| denial ms | gate CPU ms / tunnel | gate CPU ms / MiB |"
     )
-    out = [head, "|---|" + "---:|" * 11]
+    out = [head, "|---|" + "---:|" * 13]
     base_latency = results.latency.get(direct, [])
     for config in configs:
         if config.unavailable:
-            out.append(f"| {config.name} | n/a: {config.unavailable} |" + " |" * 10)
+            out.append(f"| {config.name} | n/a: {config.unavailable} |" + " |" * 12)
             continue
 
         def med(case: str, digits: int = 0, config: Config = config) -> str:
@@ -437,7 +457,8 @@ def render_matrix(configs: list[Config], results: Results, direct: str) -> list[
         out.append(
             f"| {config.name} | {start} | {med('sequential')} | {rat('sequential')} "
             f"| {med('parallel')} | {rat('parallel')} | {added} | {med('bulk')} | {rat('bulk')} "
-            f"| {med('keepalive')} | {rat('keepalive')} | {denial} |"
+            f"| {med('keepalive')} | {rat('keepalive')} | {denial} "
+            f"| {med('cpu-parallel', 2)} | {med('cpu-bulk', 2)} |"
         )
     return out
 
@@ -480,12 +501,24 @@ def run(sizes: Sizes, peers: bool, out: Callable[[str], None] = print) -> int:
             configs = [Config(direct, [], None, start=["true"], cases=set(CASES) - {"denial"})]
             serve1, port1 = start_serve(policy, *QUIET_GATE)
             stops.append(lambda: stop_serve(serve1))
-            configs.append(Config("`egress serve` (HTTPS_PROXY)", [], f"http://127.0.0.1:{port1}"))
+            configs.append(
+                Config(
+                    "`egress serve` (HTTPS_PROXY)",
+                    [],
+                    f"http://127.0.0.1:{port1}",
+                    gate_pid=serve1.pid,
+                )
+            )
             if serve_supports("--workers"):
                 serve2, port2 = start_serve(policy, *QUIET_GATE, "--workers", "2")
                 stops.append(lambda: stop_serve(serve2))
                 configs.append(
-                    Config("`egress serve --workers 2`", [], f"http://127.0.0.1:{port2}")
+                    Config(
+                        "`egress serve --workers 2`",
+                        [],
+                        f"http://127.0.0.1:{port2}",
+                        gate_pid=serve2.pid,
+                    )
                 )
             inside = "http://127.0.0.1:3128"
             run_private = [*egress, "run", "--quiet", "--policy", str(policy), "--"]
@@ -507,13 +540,21 @@ def run(sizes: Sizes, peers: bool, out: Callable[[str], None] = print) -> int:
                     run_handed,
                     inside,
                     start=[*run_handed, "true"],
+                    gate_pid=serve_h.pid,
                 )
             )
             if peers:
                 try:
                     squid = Squid(root / "squid", nginx)
                     stops.append(squid.stop)
-                    configs.append(Config("squid (C++)", [], f"http://127.0.0.1:{squid.port}"))
+                    configs.append(
+                        Config(
+                            "squid (C++)",
+                            [],
+                            f"http://127.0.0.1:{squid.port}",
+                            gate_pid=squid.proc.pid,
+                        )
+                    )
                 except RuntimeError as exc:
                     configs.append(Config("squid (C++)", [], None, unavailable=str(exc)))
                 configs += peer_rows()
