@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 FORMAT = "%{time_total} %{http_code} %{speed_download} %{size_download}\\n"
@@ -43,21 +42,20 @@ def main(spec: dict[str, object]) -> dict[str, object]:
     else:
         raise SystemExit(f"unknown case {case!r}")
     proxy = spec.get("proxy")
+    if proxy == "env":  # a peer's sandbox names its proxy (with its session credential) in the env
+        proxy = os.environ.get("HTTP_PROXY" if case == "keepalive" else "HTTPS_PROXY") or None
+        if proxy is None:
+            raise SystemExit("no proxy in the sandbox's environment")
     route = ["--noproxy", "", "--proxy", str(proxy)] if proxy else ["--noproxy", "*"]
     parallel = int(str(spec.get("parallel", 1)))
     if parallel > 1:
         extra += ["--parallel", "--parallel-immediate", "--parallel-max", str(parallel)]
-    with tempfile.NamedTemporaryFile("w", suffix=".curl", delete=False) as conf:
-        for url in urls:
-            conf.write(f'url = "{url}"\noutput = "/dev/null"\n')
-    argv = ["curl", "-sk", "--max-time", "120", "-w", FORMAT, *route, *extra, "-K", conf.name]
+    conf = "".join(f'url = "{url}"\noutput = "/dev/null"\n' for url in urls)
+    argv = ["curl", "-sk", "--max-time", "120", "-w", FORMAT, *route, *extra, "-K", "-"]
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    try:
-        started = time.perf_counter()
-        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
-        elapsed = time.perf_counter() - started
-    finally:
-        os.unlink(conf.name)
+    started = time.perf_counter()
+    proc = subprocess.run(argv, input=conf, capture_output=True, text=True, env=env, timeout=300)
+    elapsed = time.perf_counter() - started
     times: list[float] = []
     codes: dict[str, int] = {}
     speed = size = 0.0

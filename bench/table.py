@@ -81,6 +81,7 @@ class Config:
     start: list[str] | None = None  # argv whose wall time is the row's start-up (CMD = true)
     unavailable: str = ""  # why the row could not run (printed as n/a with this reason)
     gate_pid: int | None = None  # the gate's process (tree), for CPU per tunnel and per MiB
+    env: dict[str, str] = field(default_factory=dict)  # added to the client's environment
     cases: set[str] = field(default_factory=lambda: set(CASES))
 
 
@@ -109,7 +110,8 @@ def _client_spec(case: str, proxy: str | None, nginx: Nginx, sizes: Sizes) -> di
 def run_client(config: Config, case: str, nginx: Nginx, sizes: Sizes) -> dict[str, object]:
     spec = _client_spec(case, config.proxy, nginx, sizes)
     argv = [*config.prefix, sys.executable, "-I", "-S", CLIENT, json.dumps(spec)]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=clean_env())
+    env = {**clean_env(), **config.env}
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{config.name} / {case}: exit {proc.returncode}: {proc.stderr[-400:]}")
@@ -142,9 +144,11 @@ def percentiles(result: dict[str, object]) -> tuple[float, float]:
     return times[len(times) // 2] * 1000, times[min(len(times) - 1, int(len(times) * 0.99))] * 1000
 
 
-def timed(argv: Sequence[str]) -> float:
+def timed(argv: Sequence[str], env: dict[str, str] | None = None) -> float:
     started = time.perf_counter()
-    proc = subprocess.run(list(argv), capture_output=True, timeout=120, env=clean_env())
+    proc = subprocess.run(
+        list(argv), capture_output=True, timeout=120, env={**clean_env(), **(env or {})}
+    )
     elapsed = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"{list(argv)[:6]} failed: {proc.stderr.decode()[-400:]}")
@@ -402,9 +406,11 @@ def measure_matrix(
         for config in configs:
             if config.start and not config.unavailable:
                 runs = sizes.start_private if "private" in config.name else sizes.start_running
+                if config.proxy == "env":  # a peer: a few runs suffice
+                    runs = sizes.start_private
                 for _ in range(max(1, runs // sizes.rounds)):
                     try:
-                        results.add(config.name, "start", timed(config.start))
+                        results.add(config.name, "start", timed(config.start, config.env))
                     except Exception as exc:
                         results.failed[(config.name, "start")] = str(exc)[:300]
         log(f"  round {rnd + 1}/{sizes.rounds} done")
@@ -636,9 +642,9 @@ def telemetry_configs(
 
 def peer_rows() -> list[Config]:
     """The npm-distributed peers; each row says precisely why it did not run when it cannot."""
-    from bench._peers import codex_row, srt_row
+    from bench._peers import peer_configs
 
-    return [codex_row(), srt_row()]
+    return peer_configs()
 
 
 def main(*_: object) -> int:
