@@ -14,7 +14,6 @@ kind of traffic reaches the checkpoint:
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import time
 from typing import Any
@@ -23,6 +22,7 @@ from mitmproxy import connection, http
 from mitmproxy.proxy import server_hooks
 
 from addons.refusal import refusal_response, strip_egress_headers
+from addons.tunnels import DEFAULT_REQUEST_DEADLINE, accepted_at, current_sandbox
 from proxy.core.checkpoint import Checkpoint
 from proxy.core.connections import Connection
 from proxy.core.decision import Decision, Kind, Reason, Request
@@ -31,18 +31,6 @@ from proxy.core.framing import framing_problem
 from proxy.core.hosts import InvalidHost, canonical_host
 
 log = logging.getLogger(__name__)
-
-DEFAULT_REQUEST_DEADLINE = 30.0  # seconds for a request head, or a tunnel's first bytes
-
-# Set by the listener that accepted a connection (a per-sandbox socket), read once in client_connected.
-current_sandbox: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "egress_sandbox", default=None
-)
-# When the connection was accepted (time.monotonic()), if before mitmproxy saw it: the request
-# deadline counts from then, not from when mitmproxy took it over.
-accepted_at: contextvars.ContextVar[float | None] = contextvars.ContextVar(
-    "egress_accepted_at", default=None
-)
 
 
 class GateAddon:

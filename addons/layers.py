@@ -24,10 +24,9 @@ from mitmproxy.proxy.layers.http._http1 import Http1Server, make_error_response
 from mitmproxy.proxy.layers.modes import HttpProxy
 
 from addons.gate import GateAddon
+from addons.tunnels import MAX_REQUEST_HEAD
 from proxy.core.connections import Connection
 from proxy.core.firstbytes import Protocol, classify
-
-MAX_REQUEST_HEAD = 64 * 1024  # request line + headers; mitmproxy itself has no bound (threat 13)
 
 
 class CloseLayer(layer.Layer):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from mitmproxy import http
+from typing import TYPE_CHECKING
 
 from proxy.core.decision import Decision, Reason
 from proxy.core.refusal import refusal_text
+
+if TYPE_CHECKING:  # mitmproxy is imported only where a response object is made
+    from mitmproxy import http
 
 EGRESS_HEADER_PREFIX = "x-egress-"
 
@@ -20,6 +23,8 @@ def strip_egress_headers(headers: http.Headers) -> None:
 
 
 def refusal_response(decision: Decision) -> http.Response:
+    from mitmproxy import http
+
     status, headers = refusal_head(decision)
     return http.Response.make(status, refusal_text(decision), headers)
 

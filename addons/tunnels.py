@@ -19,24 +19,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import fcntl
 import itertools
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable
 
-from mitmproxy.net.http import http1
-
-from addons.layers import MAX_REQUEST_HEAD
 from addons.refusal import refusal_bytes
 from proxy.core.checkpoint import Checkpoint
 from proxy.core.connections import Connection
 from proxy.core.decision import Kind, Reason, Request
 from proxy.core.firstbytes import MAX_CLIENT_HELLO, PLAIN_HTTP_PORT, Protocol, classify
+from proxy.core.hosts import InvalidHost, split_authority
 
 log = logging.getLogger(__name__)
+
+DEFAULT_REQUEST_DEADLINE = 30.0  # seconds for a request head, or a tunnel's first bytes
+MAX_REQUEST_HEAD = 64 * 1024  # request line + headers; mitmproxy itself has no bound (threat 13)
+
+# Set by the listener that accepted a connection (a per-sandbox socket), read once in client_connected.
+current_sandbox: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "egress_sandbox", default=None
+)
+# When the connection was accepted (time.monotonic()), if before mitmproxy saw it: the request
+# deadline counts from then, not from when mitmproxy took it over.
+accepted_at: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "egress_accepted_at", default=None
+)
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 PEEK = 4096
 CONNECT_PREFIX = b"CONNECT "
@@ -267,16 +281,37 @@ def _settle(future: asyncio.Future[None]) -> None:
 
 
 def _parse_connect(head: bytes) -> tuple[str, int, str | None] | None:
-    """(host, port, Proxy-Authorization) from a CONNECT request head, or None when it is malformed,
-    parsed by the same mitmproxy helper that parses it on the mitmproxy path."""
-    lines = head.split(b"\r\n")[:-2]
+    """(host, port, Proxy-Authorization) from a CONNECT request head, or None when it is malformed:
+    ``CONNECT authority HTTP/1.x``, header lines ``token: value`` without control characters or
+    folding, and an authority with a port read by the one HOST:PORT parser. The host itself is
+    checked by the policy (an invalid one is refused and recorded like any other)."""
+    lines = head.split(b"\r\n")
+    if len(lines) < 3 or lines[-1] or lines[-2]:
+        return None
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[0] != b"CONNECT" or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
+        return None
+    credential: str | None = None
+    for line in lines[1:-2]:
+        name, sep, value = line.partition(b":")
+        value = value.strip(b" \t")
+        if (
+            not sep
+            or not _TOKEN.fullmatch(name)
+            or any((c < 32 and c != 9) or c == 127 for c in value)
+        ):
+            return None
+        if credential is None and name.lower() == b"proxy-authorization":
+            credential = value.decode("latin-1")
     try:
-        request = http1.read_request_head(lines)
-    except ValueError:
+        host, port = split_authority(parts[1].decode("ascii"), -1, bare_ipv6=False)
+    except (InvalidHost, UnicodeDecodeError):
         return None
-    if request.method.upper() != "CONNECT" or not request.host or not request.port:
+    if port < 1:
         return None
-    return request.host, request.port, request.headers.get("proxy-authorization")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, port, credential
 
 
 async def _relay(client: socket.socket, upstream: socket.socket, conn: Connection) -> None:

@@ -61,7 +61,7 @@ async def start_private_gate(request: GateRequest) -> PrivateGate:
     )
     running = _Running(gate)
     try:
-        await gate.start()
+        await gate.start(layers=False)  # mitmproxy starts when a connection first needs it
         if "proxy" in sockets:
             await gate.add_listener(sockets["proxy"], sandbox_id=request.sandbox_id)
         if "dns-udp" in sockets:

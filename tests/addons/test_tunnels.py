@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from addons.tunnels import _parse_connect, takes
+from proxy.core.hosts import InvalidHost, canonical_host
 from tests.harness import WAIT, RunningGate, Upstream, client_hello, recv_head
 
 REPLY = b"R" * 100_000
@@ -145,7 +146,7 @@ def test_what_the_front_end_takes() -> None:
     assert not takes(b"CONNECT pypi.org:443 HTTP/1.1 extra\r\n")
 
 
-def test_connect_heads_are_parsed_by_mitmproxys_own_parser() -> None:
+def test_connect_heads_are_parsed_strictly() -> None:
     assert _parse_connect(
         b"CONNECT [::1]:443 HTTP/1.1\r\nProxy-Authorization: Basic x\r\n\r\n"
     ) == (
@@ -154,5 +155,13 @@ def test_connect_heads_are_parsed_by_mitmproxys_own_parser() -> None:
         "Basic x",
     )
     assert _parse_connect(b"CONNECT a.test HTTP/1.1\r\n\r\n") is None  # no port
-    assert _parse_connect(b"CONNECT a\x00b.test:443 HTTP/1.1\r\n\r\n") is None
     assert _parse_connect(b"CONNECT a.test:443 HTTP/1.1\r\nbad header\r\n\r\n") is None
+    assert _parse_connect(b"CONNECT a.test:443 HTTP/1.1\r\nX: a\x00b\r\n\r\n") is None
+    assert _parse_connect(b"CONNECT a.test:443 HTTP/1.1\r\n folded\r\n\r\n") is None
+    assert _parse_connect(b"CONNECT user@a.test:443 HTTP/1.1\r\n\r\n") is None
+    assert _parse_connect(b"CONNECT a.test:443 HTTP/2\r\n\r\n") is None
+    # The host itself is the policy's to judge: an invalid one is refused and recorded there.
+    parsed = _parse_connect(b"CONNECT a\x00b.test:443 HTTP/1.1\r\n\r\n")
+    assert parsed is not None
+    with pytest.raises(InvalidHost):
+        canonical_host(parsed[0])
