@@ -267,7 +267,7 @@ async def _hold_tunnels(
     gate = asyncio.Semaphore(64)
 
     async def one() -> None:
-        async with gate:
+        async with gate, asyncio.timeout(30):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(f"CONNECT 127.0.0.1:{target} HTTP/1.1\r\n\r\n".encode())
             head = await reader.readuntil(b"\r\n\r\n")
@@ -281,11 +281,17 @@ async def _hold_tunnels(
     return writers
 
 
-def idle_tunnel_memory(policy: Path, nginx: Nginx, count: int, extra: Sequence[str]) -> float:
-    """KiB of gate RSS per idle passthrough tunnel with ``count`` of them held."""
-    proc, port = start_serve(
-        policy, *QUIET_GATE, "--max-connections-per-client", str(count + 100), *extra
-    )
+def idle_workers(count: int) -> int:
+    """Gate processes needed to hold ``count`` tunnels (two sockets each) under the fd limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(1, -(-(2 * count + 1000) // soft))
+
+
+def idle_tunnel_memory(policy: Path, nginx: Nginx, count: int, workers: int) -> float:
+    """KiB of gate RSS (all workers) per idle passthrough tunnel with ``count`` of them held."""
+    cap = str(workers * (count + 100))  # divided between workers, whose shares are uneven
+    extra = ["--workers", str(workers)] if workers > 1 else []
+    proc, port = start_serve(policy, *QUIET_GATE, "--max-connections-per-client", cap, *extra)
     try:
         hello = _client_hello()
 
@@ -493,6 +499,8 @@ def run(sizes: Sizes, peers: bool, out: Callable[[str], None] = print) -> int:
 
     header = machine()
     raise_fd_limit(4 * sizes.idle_tunnels + 4096)
+    # a stopped bench still stops what it started (the finally below)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     stops: list[Callable[[], None]] = []
     with tempfile.TemporaryDirectory(prefix="egress-bench-") as tmp:
         root = Path(tmp)
@@ -572,7 +580,12 @@ def run(sizes: Sizes, peers: bool, out: Callable[[str], None] = print) -> int:
             if receiver is not None:
                 receiver.stop()
             log("  idle tunnels ...")
-            idle = idle_tunnel_memory(policy, nginx, sizes.idle_tunnels, ())
+            workers = idle_workers(sizes.idle_tunnels)
+            try:
+                idle = idle_tunnel_memory(policy, nginx, sizes.idle_tunnels, workers)
+            except Exception as exc:
+                idle = float("nan")
+                results.failed[("idle tunnels", "memory")] = str(exc)[:300]
             log("  decisions and reload ...")
             decisions = decision_rows(sizes.decisions)
             reload_ms = policy_reload_ms(root, sizes.reload_rules, max(3, sizes.rounds))
@@ -592,7 +605,8 @@ def run(sizes: Sizes, peers: bool, out: Callable[[str], None] = print) -> int:
         f"<= {TARGETS['telemetry_cost'] * 100:.0f} % |"
     )
     lines.append(
-        f"| memory per idle passthrough tunnel, {sizes.idle_tunnels:,} held | {idle:.1f} KiB | "
+        f"| memory per idle passthrough tunnel, {sizes.idle_tunnels:,} held"
+        f"{f' ({workers} workers: fd limit)' if workers > 1 else ''} | {idle:.1f} KiB | "
         f"<= {TARGETS['idle_kib']:.0f} KiB |"
     )
     for size, p50, p99 in decisions:
