@@ -619,7 +619,7 @@ def run(sizes: Sizes, peers: bool, out: Callable[[str], None] = print) -> int:
     )
     lines += ["", "Every run (in round order):", ""]
     for (config, case), values in sorted(results.runs.items()):
-        digits = 2 if case == "denial" else 0
+        digits = 2 if case == "denial" or case.startswith("cpu-") else 0
         lines.append(f"- {config} / {case}: " + ", ".join(_fmt(v, digits) for v in values))
     for (config, case), why in sorted(results.failed.items()):
         lines.append(f"- {config} / {case}: FAILED: {why}")
