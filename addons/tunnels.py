@@ -61,6 +61,12 @@ _F_SETPIPE_SZ = 1031
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+_PORT_80_TEXT = b"a tunnel to port 80 must be the first request on its connection\n"
+PORT_80_LATER = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
+    + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_PORT_80_TEXT)
+    + _PORT_80_TEXT
+)
 HEAD_TOO_LARGE = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\n"
     b"Connection: close\r\n\r\n"
@@ -202,6 +208,11 @@ class TunnelFrontEnd:
                 await loop.sock_sendall(sock, BAD_REQUEST)
                 raise _Closed()
             host, port, credential = parsed
+            if port == PLAIN_HTTP_PORT:
+                # A later request on a connection taken here: its requests would need deciding one
+                # by one, which only mitmproxy's layers do. The client can retry on a new connection.
+                await loop.sock_sendall(sock, PORT_80_LATER)
+                raise _Closed()
             request = Request(Kind.CONNECT, host, port, "CONNECT")
             decision = await self.checkpoint.admit(conn, request, credential=credential)
             if decision.allowed:
@@ -215,7 +226,10 @@ class TunnelFrontEnd:
         await loop.sock_sendall(sock, ESTABLISHED)
         first = await self._first_bytes(sock, conn, port, buffered)
         tunnel = conn.tunnel
-        verdict = self.checkpoint.admit_tunnel(conn, classify(port, first))
+        classified = classify(port, first)
+        if classified.protocol is Protocol.HTTP:
+            raise _Closed()  # never relayed raw (see above); unreachable while port 80 is refused
+        verdict = self.checkpoint.admit_tunnel(conn, classified)
         if tunnel is None or (verdict is not None and not verdict.allowed):
             raise _Closed()
         target = self.checkpoint.dial_target(conn, tunnel.host, port)
