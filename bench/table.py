@@ -606,7 +606,7 @@ def run(sizes: Sizes, peers: bool, out: Callable[[str], None] = print) -> int:
         f"| full telemetry (journal + OTLP + metrics) vs off, tunnels/s at 16 parallel | "
         f"{_fmt(_median(tel_on))} vs {_fmt(_median(tel_off))} (cost {cost * 100:.0f} %); "
         f"gate CPU per tunnel {_fmt(_median(cpu_on), 2)} vs {_fmt(_median(cpu_off), 2)} ms "
-        f"(+{cpu_cost * 100:.0f} %) | <= {TARGETS['telemetry_cost'] * 100:.0f} % |"
+        f"({cpu_cost * 100:+.0f} %) | <= {TARGETS['telemetry_cost'] * 100:.0f} % |"
     )
     lines.append(
         f"| memory per idle passthrough tunnel, {sizes.idle_tunnels:,} held"
