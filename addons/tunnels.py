@@ -256,14 +256,7 @@ class TunnelFrontEnd:
             if len(buffered) > MAX_REQUEST_HEAD:
                 await loop.sock_sendall(sock, HEAD_TOO_LARGE)
                 raise _Closed()
-            try:
-                async with asyncio.timeout(self._remaining(since)):
-                    more = await loop.sock_recv(sock, PEEK)
-            except TimeoutError:
-                raise self._timed_out(conn) from None
-            if not more:
-                raise _Closed()
-            buffered += more
+            buffered += await self._recv(sock, conn, PEEK, since)
         if end + 4 > MAX_REQUEST_HEAD:
             await loop.sock_sendall(sock, HEAD_TOO_LARGE)
             raise _Closed()
@@ -273,20 +266,23 @@ class TunnelFrontEnd:
         self, sock: socket.socket, conn: Connection, port: int, data: bytes
     ) -> bytes:
         """Read until the classifier has an answer (bounded by its own caps and the deadline)."""
-        loop = asyncio.get_running_loop()
         started = time.monotonic()
         while classify(port, data).protocol is Protocol.WAIT:
             if len(data) > MAX_CLIENT_HELLO + 64 * 1024:  # classify refuses long before this
                 raise _Closed()
-            try:
-                async with asyncio.timeout(self._remaining(started)):
-                    more = await loop.sock_recv(sock, CHUNK)
-            except TimeoutError:
-                raise self._timed_out(conn) from None
-            if not more:
-                raise _Closed()
-            data += more
+            data += await self._recv(sock, conn, CHUNK, started)
         return data
+
+    async def _recv(self, sock: socket.socket, conn: Connection, size: int, since: float) -> bytes:
+        """What the client sends next, before its deadline (counted from ``since``) passes."""
+        try:
+            async with asyncio.timeout(self._remaining(since)):
+                more = await asyncio.get_running_loop().sock_recv(sock, size)
+        except TimeoutError:
+            raise self._timed_out(conn) from None
+        if not more:
+            raise _Closed()
+        return more
 
 
 def _settle(future: asyncio.Future[None]) -> None:

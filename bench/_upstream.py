@@ -10,17 +10,37 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+from bench._serve import stop_process
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_listening(
+    proc: subprocess.Popen[bytes], name: str, ports: tuple[int, ...], seconds: float
+) -> None:
+    """Until every port on 127.0.0.1 accepts; RuntimeError (with the process's last words) when
+    it exits first or the time runs out."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise RuntimeError(f"{name} exited: {err.strip()[-400:]}")
+        try:
+            for port in ports:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"{name} did not listen within {seconds:.0f} s")
 
 
 class Nginx:
@@ -62,27 +82,13 @@ class Nginx:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise RuntimeError(f"nginx did not start: {err.strip()[-500:]}")
-            try:
-                for port in (self.tls_port, self.http_port):
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.02)
-        self.stop()
-        raise RuntimeError("nginx did not listen within 10 s")
+        try:
+            wait_listening(self.proc, "nginx", (self.tls_port, self.http_port), 10)
+        except RuntimeError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # fast shutdown: the master stops its workers
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)  # SIGTERM: fast shutdown, the master stops its workers
         if self.proc.stderr is not None:
             self.proc.stderr.close()

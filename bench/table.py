@@ -21,7 +21,6 @@ import platform
 import resource
 import shutil
 import signal
-import socket
 import ssl
 import statistics
 import subprocess
@@ -32,8 +31,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench._serve import clean_env, egress_command, start_serve, stop_serve
-from bench._upstream import Nginx, free_port
+from bench._serve import clean_env, egress_command, start_serve, stop_process, stop_serve
+from bench._upstream import Nginx, free_port, wait_listening
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = str(ROOT / "bench" / "_client.py")
@@ -184,26 +183,14 @@ class Squid:
         self.proc = subprocess.Popen(
             [binary, "-N", "-f", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"squid exited: {self.proc.stderr.read().decode()[-400:]}")  # type: ignore[union-attr]
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("squid did not listen within 20 s")
+        try:
+            wait_listening(self.proc, "squid", (self.port,), 20)
+        except RuntimeError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
 
 def write_policy(path: Path, nginx: Nginx) -> None:
