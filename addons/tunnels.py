@@ -175,28 +175,19 @@ class TunnelFrontEnd:
         return _Closed()
 
     async def _peek(self, sock: socket.socket, conn: Connection, since: float) -> bytes | None:
-        """The first bytes, not consumed: once a request line is complete, or anything that cannot
-        start a CONNECT has arrived. None when the client closed first."""
+        """The first bytes, not consumed; None when the client closed first. A request line that
+        arrives in pieces is mitmproxy's (waiting here for the rest would mean polling a socket
+        that stays readable: a slow client could make the gate spin)."""
         loop = asyncio.get_running_loop()
-        while True:
-            ready: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(sock.fileno(), _settle, ready)
-            try:
-                await asyncio.wait_for(ready, self._remaining(since))
-            except TimeoutError:
-                raise self._timed_out(conn) from None
-            finally:
-                loop.remove_reader(sock.fileno())
-            head = sock.recv(PEEK, socket.MSG_PEEK)
-            if not head:
-                return None
-            if (
-                b"\r\n" in head
-                or len(head) >= PEEK
-                or not (CONNECT_PREFIX.startswith(head) or head.startswith(CONNECT_PREFIX))
-            ):
-                return head
-            await asyncio.sleep(0.001)  # a request line in pieces: look again shortly
+        ready: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(sock.fileno(), _settle, ready)
+        try:
+            await asyncio.wait_for(ready, self._remaining(since))
+        except TimeoutError:
+            raise self._timed_out(conn) from None
+        finally:
+            loop.remove_reader(sock.fileno())
+        return sock.recv(PEEK, socket.MSG_PEEK) or None
 
     async def _tunnel(self, sock: socket.socket, conn: Connection, since: float) -> None:
         loop = asyncio.get_running_loop()

@@ -184,3 +184,26 @@ def test_a_port_80_connect_after_a_refusal_is_never_relayed_raw(tmp_path: Path) 
         assert [d.kind for d in gate.decisions] == ["connect"]  # the refusal only
     finally:
         gate.stop()
+
+
+def test_a_request_line_in_pieces_is_still_served(
+    tmp_path: Path, half_close: HalfCloseUpstream
+) -> None:
+    """A CONNECT line that arrives in pieces is left to mitmproxy rather than polled for (whichever
+    path serves it, the tunnel works and is checked)."""
+    gate = _gate(tmp_path, half_close.port)
+    try:
+        sock = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
+        sock.sendall(b"CONN")
+        time.sleep(0.2)
+        sock.sendall(f"ECT 127.0.0.1:{half_close.port} HTTP/1.1\r\n\r\n".encode())
+        assert recv_head(sock).startswith(b"HTTP/1.1 200")
+        hello = client_hello(None)
+        sock.sendall(hello)
+        sock.close()
+        deadline = time.monotonic() + WAIT
+        while half_close.received != hello and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert half_close.received == hello
+    finally:
+        gate.stop()
