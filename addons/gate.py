@@ -17,8 +17,8 @@ kind of traffic reaches the checkpoint:
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
+import time
 from collections.abc import Awaitable
 from dataclasses import replace
 from typing import Any
@@ -27,6 +27,7 @@ from mitmproxy import connection, http, tls
 from mitmproxy.proxy import server_hooks
 
 from addons.refusal import refusal_response, strip_egress_headers
+from addons.tunnels import accepted_at, current_sandbox
 from proxy.core.checkpoint import Checkpoint
 from proxy.core.connections import Connection
 from proxy.core.decision import Decision, Kind, Reason, Request
@@ -45,11 +46,6 @@ log = logging.getLogger(__name__)
 HELD = "egress.held"  # the byte limit of a request body held back until the gate decides
 OVERFLOW = "egress.overflow"  # the held body went past that limit (and was dropped)
 _PENDING = "egress.pending"  # the Request waiting for its body
-
-# Set by the listener that accepted a connection (a per-sandbox socket), read once in client_connected.
-current_sandbox: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "egress_sandbox", default=None
-)
 
 
 class GateAddon:
@@ -72,23 +68,30 @@ class GateAddon:
     # -- connection lifecycle ------------------------------------------------------------------
 
     def client_connected(self, client: connection.Client) -> None:
-        _, refusal = self.checkpoint.connected(client.id, _peer(client), current_sandbox.get())
+        since = accepted_at.get()  # set when the tunnel front end accepted it and handed it on
+        _, refusal = self.checkpoint.connected(
+            client.id, _peer(client), current_sandbox.get(), rated=since is None
+        )
         if refusal is not None:
             client.error = "egress: too many connections from this client"
             return
-        self._arm_deadline(client)
+        self._arm_deadline(client, since=since)
 
     def client_disconnected(self, client: connection.Client) -> None:
         self._cancel_deadline(client)
         self.checkpoint.disconnected(client.id)
 
-    def _arm_deadline(self, client: connection.Client) -> None:
+    def _arm_deadline(self, client: connection.Client, since: float | None = None) -> None:
         """A connection must deliver a complete request head (and a tunnel its first bytes) within
-        ``request_deadline`` seconds; a silent or dribbling one is closed (slowloris, threat 13)."""
+        ``request_deadline`` seconds (of ``since``, if given); a silent or dribbling one is closed
+        (slowloris, threat 13)."""
         self._cancel_deadline(client)
         if self.request_deadline > 0:
+            delay = self.request_deadline
+            if since is not None:
+                delay = max(0.0, delay - (time.monotonic() - since))
             self._deadlines[client.id] = asyncio.get_running_loop().call_later(
-                self.request_deadline, self._deadline_passed, client
+                delay, self._deadline_passed, client
             )
 
     def _cancel_deadline(self, client: connection.Client) -> None:

@@ -1,9 +1,10 @@
-"""Embedded mitmproxy with only the addons the gate needs.
+"""The running gate: its listener served by the tunnel front end, and mitmproxy's layers behind it.
 
-A bare ``Master`` with the proxy server, our layer decider (in place of NextLayer), TLS config and the gate
-measured about +25% new tunnels/s over ``DumpMaster``'s ~34 addons, and nothing else can interfere with
-enforcement. ``connection_strategy`` is forced to ``lazy`` and checked: under ``eager`` mitmproxy dials
-upstream before the gate has decided.
+CONNECT tunnels that end in a passthrough relay are served by :mod:`addons.tunnels`; everything else is
+handed to an embedded mitmproxy with only the addons the gate needs (:mod:`addons.mitm`). That
+mitmproxy is started with the gate (``egress serve``) or, for a gate that should be up at once
+(``egress run``'s private gate), on the first connection that needs it: importing it is most of a
+gate's start-up, and a sandbox that only opens TLS tunnels never needs it.
 """
 
 from __future__ import annotations
@@ -14,14 +15,9 @@ import resource
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mitmproxy import exceptions, options
-from mitmproxy.addons import errorcheck, proxyserver, tlsconfig
-from mitmproxy.master import Master
-
-from addons.gate import GateAddon, current_sandbox
-from addons.layers import GateLayers
+from addons.tunnels import TunnelFrontEnd, accepted_at, current_sandbox
 from proxy.core.checkpoint import (
     Approver,
     Authenticator,
@@ -36,34 +32,10 @@ from proxy.core.limits import Limits
 from proxy.destinations.local import OwnEndpoints
 from proxy.policy.model import Policy
 
+if TYPE_CHECKING:
+    from addons.mitm import Layers
+
 log = logging.getLogger(__name__)
-
-
-class LazyOnly:
-    """Refuses to run unless connection_strategy is lazy (threat 14: never fail open on config)."""
-
-    def configure(self, updated: set[str]) -> None:
-        from mitmproxy import ctx
-
-        if ctx.options.connection_strategy != "lazy":
-            raise exceptions.OptionsError(
-                "agent-egress requires connection_strategy=lazy: under 'eager' mitmproxy connects "
-                "upstream before the gate decides"
-            )
-
-
-class VerifiedUpstreams:
-    """Refuses to run with upstream certificate verification off: an inspected tunnel would then
-    carry the sandbox's requests to whoever answers (threat 14)."""
-
-    def configure(self, updated: set[str]) -> None:
-        from mitmproxy import ctx
-
-        if ctx.options.ssl_insecure:
-            raise exceptions.OptionsError(
-                "agent-egress never runs with ssl_insecure: upstream certificates are always "
-                "verified (add a trust bundle with ssl_verify_upstream_trusted_ca instead)"
-            )
 
 
 @dataclass(frozen=True)
@@ -142,56 +114,57 @@ class Gate:
             observer=observer,
             approvals=approvals,
         )
-        self.addon = GateAddon(
+        self.tunnels = TunnelFrontEnd(
             self.checkpoint,
             request_deadline=config.limits.request_timeout,
-            query_values=config.query_values,
+            handoff=self._to_mitmproxy,
         )
-        self.master: Master | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._extra: list[asyncio.Server] = []
+        self.layers: Layers | None = None
+        self._layers_started: asyncio.Task[Layers] | None = None
+        self._extra: list[asyncio.Task[None]] = []
+        self._listener: socket.socket | None = None
 
-    async def start(self) -> None:
-        opts = options.Options(
-            mode=["regular"],
-            listen_host=self.config.listen_host,
-            listen_port=self.config.listen_port,
-            # before the addons are added: TlsConfig creates its CA in confdir as it is configured
-            **({"confdir": self.config.confdir} if self.config.confdir else {}),
+    @property
+    def master(self) -> Any:
+        """mitmproxy's master, once its layers run (None before)."""
+        return self.layers.master if self.layers is not None else None
+
+    async def start(self, listener: socket.socket | None = None, *, layers: bool = True) -> None:
+        """Listen on ``listener`` if given (pre-bound, e.g. shared by workers), else on the configured
+        address. ``layers=False`` starts mitmproxy's layers only when a connection first needs them."""
+        self._listener = listener or socket.create_server(
+            (self.config.listen_host, self.config.listen_port),
+            family=socket.AF_INET6 if ":" in self.config.listen_host else socket.AF_INET,
+            backlog=1024,
         )
-        master = Master(opts)
-        self.proxyserver = proxyserver.Proxyserver()
-        self.addon.connection_handlers = self.proxyserver.connections
-        master.addons.add(
-            self.proxyserver,
-            GateLayers(self.addon),
-            tlsconfig.TlsConfig(),
-            self.addon,
-            errorcheck.ErrorCheck(),
-        )
-        updates: dict[str, Any] = {
-            "connection_strategy": "lazy",
-            "stream_large_bodies": self.config.stream_large_bodies,
-            "body_size_limit": self.config.body_size_limit,
-            "ssl_insecure": False,
-            "ssl_verify_upstream_trusted_ca": self.config.upstream_ca,
-        }
-        opts.update(**updates)
-        # Added last: their configure() sees the final options and rejects any later switch to
-        # eager connections or unverified upstreams.
-        master.addons.add(LazyOnly(), VerifiedUpstreams())
-        self.master = master
-        self._task = asyncio.create_task(master.run(), name="egress-master")
-        for _ in range(500):  # bounded: ~10 s for the listener to come up
-            if self._task.done():
-                await self._task
-                raise RuntimeError("the proxy stopped during start-up; see the log above")
-            if addrs := self.proxyserver.listen_addrs():
-                for addr in addrs:
-                    self.protect_endpoint(str(addr[0]), int(addr[1]))
-                return
-            await asyncio.sleep(0.02)
-        raise RuntimeError("the proxy listener did not come up within 10 s")
+        own = self._listener.getsockname()
+        self.protect_endpoint(str(own[0]), int(own[1]))
+        if layers:
+            await self._mitmproxy()
+        await self.add_listener(self._listener, self.config.sandbox_id)
+
+    async def _mitmproxy(self) -> Layers:
+        """mitmproxy's layers, started once; concurrent callers wait for the same start. The import
+        runs in a thread so tunnels keep flowing meanwhile."""
+        if self._layers_started is None:
+            self._layers_started = asyncio.get_running_loop().create_task(self._start_layers())
+        return await asyncio.shield(self._layers_started)
+
+    def warm_layers(self) -> None:
+        """Start mitmproxy's layers in the background now, without waiting for them."""
+        if self._layers_started is None:
+            self._layers_started = asyncio.get_running_loop().create_task(self._start_layers())
+
+    async def _start_layers(self) -> Layers:
+        import importlib
+
+        loop = asyncio.get_running_loop()
+        mitm = await loop.run_in_executor(None, importlib.import_module, "addons.mitm")
+        layers: Layers = await mitm.start_layers(self.config, self.checkpoint)
+        for host, port in layers.listen_addrs():
+            self.protect_endpoint(host, port)
+        self.layers = layers
+        return layers
 
     def protect_endpoint(self, host: str, port: int) -> None:
         """Never dial one of the gate's own listeners (proxy, DNS, metrics, admin), on any address
@@ -200,40 +173,48 @@ class Gate:
 
     @property
     def listen_address(self) -> tuple[str, int]:
-        addrs = self.proxyserver.listen_addrs()
-        if not addrs:
+        if self._listener is None or self._listener.fileno() < 0:
             raise RuntimeError("the gate is not listening")
-        return str(addrs[0][0]), int(addrs[0][1])
+        addr = self._listener.getsockname()
+        return str(addr[0]), int(addr[1])
 
     async def add_listener(
         self, sock: socket.socket, sandbox_id: str | None = None
-    ) -> asyncio.Server:
+    ) -> asyncio.Task[None]:
         """Serve proxy clients accepted on a pre-bound listening socket (e.g. one created inside a
         sandbox's network namespace), attributing every decision they cause to ``sandbox_id``.
-        Returns the server; pass it to :meth:`remove_listener` when the sandbox ends."""
-        instance = next(iter(self.proxyserver.servers))
+        Returns the accept task; pass it to :meth:`remove_listener` when the sandbox ends."""
+        task = asyncio.get_running_loop().create_task(self.tunnels.serve(sock, sandbox_id))
+        task.listener = sock  # type: ignore[attr-defined]
+        self._extra.append(task)
+        return task
 
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            current_sandbox.set(sandbox_id)
-            await instance.handle_stream(reader, writer)
+    async def _to_mitmproxy(
+        self, sock: socket.socket, sandbox_id: str | None, accepted: float
+    ) -> None:
+        """A connection the tunnel front end does not take: mitmproxy's layers serve it."""
+        try:
+            layers = await self._mitmproxy()
+        except Exception:
+            sock.close()  # fail closed: no layers, no service
+            log.exception("mitmproxy's layers did not start")
+            return
+        current_sandbox.set(sandbox_id)
+        accepted_at.set(accepted)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        await layers.handle_stream(reader, writer)
 
-        sock.setblocking(False)
-        server = await asyncio.start_server(handle, sock=sock)
-        self._extra.append(server)
-        return server
-
-    def remove_listener(self, server: asyncio.Server) -> None:
-        server.close()
+    def remove_listener(self, server: asyncio.Task[None]) -> None:
+        listener: socket.socket = server.listener  # type: ignore[attr-defined]
+        listener.close()
+        server.cancel()
         if server in self._extra:
             self._extra.remove(server)
 
     async def stop(self) -> None:
-        for server in self._extra:
-            server.close()
-        self._extra.clear()
-        if self.master is not None and self._task is not None:
-            self.master.shutdown()
-            try:
-                await asyncio.wait_for(self._task, timeout=10)
-            except TimeoutError:
-                self._task.cancel()
+        for server in list(self._extra):
+            self.remove_listener(server)
+        if self._layers_started is not None and not self._layers_started.done():
+            self._layers_started.cancel()
+        if self.layers is not None:
+            await self.layers.stop()

@@ -1,11 +1,16 @@
-"""The refusal an HTTP client sees: machine-readable ``X-Egress-*`` headers and the core's text."""
+"""The refusal an HTTP client sees: machine-readable ``X-Egress-*`` headers and the core's text, as a
+mitmproxy response or as raw HTTP/1.1 bytes (the tunnel front end) - the same refusal either way."""
 
 from __future__ import annotations
 
-from mitmproxy import http
+from http import HTTPStatus
+from typing import TYPE_CHECKING
 
 from proxy.core.decision import Decision, Reason
 from proxy.core.refusal import refusal_text
+
+if TYPE_CHECKING:  # mitmproxy is imported only where a response object is made
+    from mitmproxy import http
 
 EGRESS_HEADER_PREFIX = "x-egress-"
 _STATUS = {
@@ -25,9 +30,30 @@ def strip_egress_headers(headers: http.Headers) -> None:
 
 
 def refusal_response(decision: Decision, status: int | None = None) -> http.Response:
-    """407 asks for the shared gate's credential, 431 says the head was too large, 400 that it did
-    not parse; every other refusal is a 403 unless ``status`` says otherwise (421 for an HTTP/2
-    request naming another authority)."""
+    from mitmproxy import http
+
+    status, reason, headers = refusal_head(decision, status)
+    response = http.Response.make(status, refusal_text(decision), headers)
+    response.reason = reason
+    return response
+
+
+def refusal_bytes(decision: Decision, *, close: bool = True) -> bytes:
+    """The same refusal as one HTTP/1.1 response (the tunnel front end)."""
+    status, reason, headers = refusal_head(decision)
+    body = refusal_text(decision).encode()
+    lines = [f"HTTP/1.1 {status} {reason}"]
+    lines += [f"{name}: {_header_safe(value)}" for name, value in headers.items()]
+    lines += [f"Content-Length: {len(body)}", *(["Connection: close"] if close else []), "", ""]
+    return "\r\n".join(lines).encode() + body
+
+
+def refusal_head(decision: Decision, status: int | None = None) -> tuple[int, str, dict[str, str]]:
+    """Status, reason phrase and headers. 407 asks for the shared gate's credential, 431 says the
+    head was too large, 400 that it did not parse; every other refusal is a 403 unless ``status``
+    says otherwise (421 for an HTTP/2 request naming another authority). Clients that print only the
+    status line (pip, npm, requests' raise_for_status) still say who refused and why; HTTP/2 has no
+    reason phrase and drops it."""
     if status is None:
         status = _STATUS.get(decision.reason, 403)
     headers = {
@@ -40,8 +66,13 @@ def refusal_response(decision: Decision, status: int | None = None) -> http.Resp
     }
     if status == 407:
         headers["Proxy-Authenticate"] = 'Basic realm="agent-egress"'
-    response = http.Response.make(status, refusal_text(decision), headers)
-    # Clients that print only the status line (pip, npm, requests' raise_for_status) then still
-    # say who refused and why; HTTP/2 has no reason phrase and drops it.
-    response.reason = f"{response.reason} by agent-egress ({decision.reason})"
-    return response
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Refused"
+    return status, f"{phrase} by agent-egress ({decision.reason})", headers
+
+
+def _header_safe(value: str) -> str:
+    """No control character may end a header line early (mitmproxy's Headers refuse them too)."""
+    return "".join(c if " " <= c < "\x7f" else "?" for c in value)

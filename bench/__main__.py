@@ -1,7 +1,7 @@
-"""Run every benchmark module in this package, in name order, and report which ones failed.
+"""``python -m bench``: the one table (``bench/table.py``); ``python -m bench NAME...``: those modules.
 
-Modules are discovered rather than listed so a new ``bench/<topic>.py`` with a ``main()`` joins
-``make bench`` without touching this file. One failing benchmark does not hide the others' numbers.
+Modules are discovered rather than listed so a new ``bench/<topic>.py`` with a ``main()`` can be run by
+name without touching this file. One failing benchmark does not hide the others' numbers.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def discover() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    wanted = set(argv if argv is not None else sys.argv[1:])
+    wanted = set(argv if argv is not None else sys.argv[1:]) or {"table"}
     failed: list[str] = []
     for name in discover():
         if wanted and name not in wanted:

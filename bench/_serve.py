@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 
 def egress_command() -> list[str]:
@@ -53,7 +54,14 @@ def start_serve(
 
 
 def stop_serve(proc: subprocess.Popen[str]) -> None:
-    proc.send_signal(signal.SIGTERM)
+    stop_process(proc)
+
+
+def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM) -> None:
+    """Stop a process the bench started, by its PID: ``sig``, then SIGKILL after 15 s."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(sig)
     try:
         proc.wait(15)
     except subprocess.TimeoutExpired:

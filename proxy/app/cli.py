@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept sandbox listeners from `egress run --gate-socket PATH` on this Unix socket "
         "(mode 0600; the gate then serves each sandbox without a relay)",
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="gate processes sharing the listening address (SO_REUSEPORT), one core each; a worker "
+        "that dies is started again (default %(default)s)",
+    )
     add_limit_options(serve)
     serve.add_argument(
         "--sandboxes",

@@ -89,7 +89,9 @@ async def start_private_gate(
     try:
         if approvals is not None and approvals.admin_address is not None:
             gate.protect_endpoint(*approvals.admin_address)
-        await gate.start()
+        await gate.start(layers=False)  # mitmproxy starts when a connection first needs it
+        if request.policy.reads_requests:
+            gate.warm_layers()  # ... which an inspected host's first request soon will
         if "proxy" in sockets:
             await gate.add_listener(sockets["proxy"], sandbox_id=request.sandbox_id)
         if "dns-udp" in sockets:

@@ -175,7 +175,21 @@ def _private_gate_starter(inspection: Any) -> Any:
 
 def _evidence_builder(args: argparse.Namespace) -> Any:
     """Deferred: only a private gate needs the sinks, and importing them (OpenTelemetry,
-    prometheus-client) costs ~100 ms that `egress run --proxy ... -- CMD` should not pay."""
+    prometheus-client) costs ~100 ms that `egress run --proxy ... -- CMD` should not pay. None when
+    no sink is asked for (no journal, metrics or OTLP endpoint): the run's summary and decision log
+    need none of them, so a plain run does not import them at all."""
+    import os
+
+    wanted = (
+        args.journal
+        or args.audit_required
+        or (args.metrics and not args.no_metrics)
+        or args.otlp_endpoint
+        or os.environ.get("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
+    if not wanted:
+        return None
 
     def build(sinks: list[Any]) -> Any:
         from proxy.evidence.wiring import EvidenceConfig, build_emitter

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import copy
 import logging
+import os
 import signal
+import socket
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -75,12 +80,91 @@ def serve_main(args: argparse.Namespace) -> int:
             "(`egress ca export`)",
             ca.cert,
         )
+    workers = getattr(args, "workers", 1)
+    if workers < 1:
+        return fail(f"--workers {workers}: expected 1 or more")
+    asks = any(r.action == "ask" for r in policy.rules)
+    if workers > 1 and asks and not str(args.state).startswith(("redis://", "rediss://")):
+        return fail(
+            f"--workers {workers} with ask rules needs approvals every worker shares: "
+            "--state redis://HOST:PORT/DB (a SQLite file belongs to one gate process)"
+        )
     try:
-        return asyncio.run(_serve(args, policy, listen, state_dir))
+        if workers > 1:
+            return _serve_workers(args, policy, listen, state_dir, workers)
+        return _run(_serve(args, policy, listen, state_dir))
     except KeyboardInterrupt:
         return 0
     except OSError as exc:
         return fail(str(exc))
+
+
+def _run(main: Coroutine[Any, Any, int]) -> int:
+    from proxy.runtime.loop import run
+
+    return run(main)
+
+
+def _serve_workers(
+    args: argparse.Namespace,
+    policy: Policy,
+    listen: tuple[str, int],
+    state_dir: Path,
+    workers: int,
+) -> int:
+    """Fork ``workers`` gates sharing the listening address (see :mod:`proxy.app.workers`)."""
+    import addons.master  # noqa: F401 - imported once here, shared by every fork
+    import proxy.evidence.wiring  # noqa: F401
+    from proxy.app.workers import (
+        Supervisor,
+        per_worker_cap,
+        reuseport_sockets,
+        worker_file,
+        worker_metrics,
+    )
+
+    sockets = reuseport_sockets(listen[0], listen[1], workers)
+    address = sockets[0].getsockname()
+    in_force = [
+        policy
+    ]  # the last version every worker was told to load: a restarted one starts there
+
+    def body(index: int, sock: socket.socket, ready_fd: int) -> int:
+        mine = copy.copy(args)
+        mine.journal = worker_file(args.journal, index)
+        mine.metrics = worker_metrics(args.metrics, index)
+        mine.max_connections_per_client = per_worker_cap(args.max_connections_per_client, workers)
+        if index:  # one DNS, hand-off and admin listener per gate: the first worker's
+            mine.dns_listen = None
+            mine.handoff_socket = None
+            mine.admin = None
+        return _run(
+            _serve(mine, in_force[0], listen, state_dir, listen_socket=sock, ready_fd=ready_fd)
+        )
+
+    def check_reload() -> bool:
+        try:
+            new = load_policy_file(args.policy)
+        except PolicyError as exc:
+            for line in exc.lines():
+                log.error("policy reload rejected: %s", line)
+            log.error("policy reload failed; every worker keeps the policy in force")
+            return False
+        log.warning("policy version %s: reloading %d workers", new.version, workers)
+        in_force[0] = new
+        return True
+
+    def ready() -> None:
+        log.warning(
+            "agent-egress gate ready listen=%s:%s workers=%d policy=%s version=%s",
+            address[0],
+            address[1],
+            workers,
+            policy_file(args.policy),
+            policy.version,
+        )
+
+    return Supervisor(sockets, body, check_reload).run(ready)
 
 
 async def _serve_dns(dns_gate: DnsGate, host: str, port: int) -> tuple[str, int]:
@@ -113,8 +197,16 @@ def load_sandboxes(path: str | None) -> tuple[Identities | None, dict[str, Polic
 
 
 async def _serve(
-    args: argparse.Namespace, policy: Policy, listen: tuple[str, int], state_dir: Path
+    args: argparse.Namespace,
+    policy: Policy,
+    listen: tuple[str, int],
+    state_dir: Path,
+    *,
+    listen_socket: socket.socket | None = None,
+    ready_fd: int | None = None,
 ) -> int:
+    """One gate. As a worker (``listen_socket`` set) it accepts on that shared socket, and says it is
+    ready by writing one byte to ``ready_fd`` instead of logging the ready line."""
     from addons.master import Gate, GateConfig, parse_listen
     from proxy.app.approvals_cli import approvals_config
     from proxy.approvals.service import Approvals, ApprovalsError
@@ -194,7 +286,7 @@ async def _serve(
         approvals_started = True
         if approvals.admin_address is not None:
             gate.protect_endpoint(*approvals.admin_address)
-        await gate.start()
+        await gate.start(listen_socket)
         if args.dns_listen:
             dns_gate = DnsGate(holder, resolver, evidence.emitter)
             bound = await _serve_dns(dns_gate, *parse_listen(args.dns_listen))
@@ -229,7 +321,13 @@ async def _serve(
         info.update(approvals.describe())
         for warning in approvals.warnings([policy, *(p() for p in sandbox_policies.values())]):
             log.warning("%s", warning)
-        log.warning("agent-egress gate ready %s", " ".join(f"{k}={v}" for k, v in info.items()))
+        ready = " ".join(f"{k}={v}" for k, v in info.items())
+        if ready_fd is None:
+            log.warning("agent-egress gate ready %s", ready)
+        else:
+            log.info("worker %d ready %s", os.getpid(), ready)
+            with contextlib.suppress(OSError):  # a restarted worker has nobody waiting
+                os.write(ready_fd, b"R")
         await stop.wait()
         log.warning("shutting down")
     finally:

@@ -148,10 +148,17 @@ class Checkpoint:
     # -- connections ------------------------------------------------------------------------------
 
     def connected(
-        self, cid: str, peer: str | None, listener_sandbox: str | None = None
+        self,
+        cid: str,
+        peer: str | None,
+        listener_sandbox: str | None = None,
+        *,
+        rated: bool = True,
     ) -> tuple[Connection, Decision | None]:
-        """(0) limits: the connection and, when it is over a limit, its refusal."""
-        conn = self.connections.open(cid, peer, listener_sandbox)
+        """(0) limits: the connection and, when it is over a limit, its refusal. ``rated=False``
+        for a connection already counted against the new-connection rate (one handed from the
+        tunnel front end to mitmproxy's layers is the same connection)."""
+        conn = self.connections.open(cid, peer, listener_sandbox, rated=rated)
         if conn.refusal is None:
             return conn, None
         return conn, self.refuse_connection(conn, *conn.refusal)
@@ -279,6 +286,21 @@ class Checkpoint:
                 conn.tunnel = decision
                 conn.inspected = self._inspects(self.policy_for(conn), decision, request.port)
         return decision
+
+    def may_inspect(self, conn: Connection, host: str, port: int) -> bool:
+        """Whether a CONNECT to ``host:port`` on ``conn`` could be inspected: by the connection's
+        policy or, while a credential may still name its sandbox, by any sandbox's policy. (Lets a
+        front end that only relays leave such tunnels to an adapter that reads requests.)"""
+        try:
+            name = canonical_host(host)
+        except InvalidHost:
+            return False  # refused by the policy step, by whoever takes it
+        if not isinstance(name, str):
+            return False
+        policies = [self.policy_for(conn)]
+        if conn.policy is None and not conn.authenticated and self.identities is not None:
+            policies += [policy() for policy in self.connections.sandbox_policies.values()]
+        return any(policy.index.request_rules(name, port) is not None for policy in policies)
 
     @staticmethod
     def _inspects(policy: Policy, decision: Decision, port: int) -> bool:

@@ -85,7 +85,9 @@ class Connections:
         self._per_client: collections.Counter[str] = collections.Counter()
         self._live_sandboxes: collections.Counter[str] = collections.Counter()
 
-    def open(self, cid: str, peer: str | None, listener_sandbox: str | None) -> Connection:
+    def open(
+        self, cid: str, peer: str | None, listener_sandbox: str | None, *, rated: bool = True
+    ) -> Connection:
         """Track a new connection; ``refusal`` says which limit, if any, it is over."""
         sandbox = listener_sandbox or self.default_sandbox_id
         conn = self._by_id[cid] = Connection(
@@ -109,7 +111,7 @@ class Connections:
                 f"more than {limits.max_connections_per_client} concurrent connections from "
                 "this client",
             )
-        elif not self._rate.allow(conn.limit_key):
+        elif rated and not self._rate.allow(conn.limit_key):
             conn.refusal = (
                 Reason.RATE_LIMIT,
                 f"more than {limits.new_connections_per_second:g} new connections per second "

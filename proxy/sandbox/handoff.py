@@ -24,7 +24,6 @@ Wire format: the launcher sends one JSON object ``{"version": 1, "sandbox_id": .
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -33,9 +32,12 @@ import socket
 import stat
 import struct
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.core.sandbox_id import is_sandbox_id
+
+if TYPE_CHECKING:
+    import asyncio
 
 log = logging.getLogger(__name__)
 
@@ -165,11 +167,15 @@ class HandoffServer:
         self._spawn(self._accept_loop(sock))
 
     def _spawn(self, coro: Any) -> None:
+        import asyncio  # the gate's side only: `egress run` hands off without loading asyncio
+
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _accept_loop(self, sock: socket.socket) -> None:
+        import asyncio
+
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -190,6 +196,8 @@ class HandoffServer:
             conn.sendall(json.dumps(obj).encode())
 
     async def _serve(self, conn: socket.socket) -> None:
+        import asyncio
+
         loop = asyncio.get_running_loop()
         received: list[socket.socket] = []
         detach: Detach | None = None
@@ -264,6 +272,8 @@ class HandoffServer:
         for task in tasks:
             task.cancel()
         if tasks:
+            import asyncio
+
             await asyncio.wait(tasks, timeout=5)
 
 
@@ -283,7 +293,7 @@ def gate_attacher(gate: Any, dns_gate_for: Callable[[str], Any] | None = None) -
                     if name in sockets:
                         sockets[name].close()
         except BaseException:
-            server.close()
+            gate.remove_listener(server)
             raise
 
         async def detach() -> None:

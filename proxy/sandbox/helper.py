@@ -355,5 +355,11 @@ def _exec_command(config: dict[str, Any]) -> None:
         os._exit(_EXIT_NOT_EXECUTABLE)
 
 
+def run_helper(config: dict[str, Any]) -> None:
+    """Entry point when the launcher forks instead of starting this file as a script; never
+    returns (every path ends in ``os._exit``)."""
+    _helper_main(config)
+
+
 if __name__ == "__main__":
     _helper_main(json.loads(sys.argv[1]))

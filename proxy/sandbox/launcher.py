@@ -191,9 +191,9 @@ def _run_with(options: RunOptions, policy: Any, trust: Trust | None) -> int:
         elif upstream is not None:
             code, summary = _run_joined(options, sandbox, upstream)
         else:
-            import asyncio
+            from proxy.runtime.loop import run as run_loop
 
-            code, summary = asyncio.run(_run_private(options, sandbox, policy))
+            code, summary = run_loop(_run_private(options, sandbox, policy))
     finally:
         sandbox.close_sockets()
         if sandbox.returncode is None and sandbox.proc.poll() is None:
@@ -369,9 +369,9 @@ def _run_unisolated(options: RunOptions, policy: Any, bundle: str | None) -> int
         proc = subprocess.Popen(list(options.argv), env=env, cwd=options.cwd)
         with forwarding_signals(proc.send_signal):
             return exit_code(proc.wait())
-    import asyncio
+    from proxy.runtime.loop import run as run_loop
 
-    return asyncio.run(_run_unisolated_private(options, policy, bundle))
+    return run_loop(_run_unisolated_private(options, policy, bundle))
 
 
 async def _run_unisolated_private(options: RunOptions, policy: Any, bundle: str | None) -> int:

@@ -84,3 +84,51 @@ def test_extra_listener_attributes_decisions_to_its_sandbox(
     via_main = curl(f"http://allowed.test:{http_upstream.port}/b", gate.url)
     assert via_main.status == 200
     assert gate.decisions[-1].sandbox_id is None
+
+
+def test_importing_the_gate_does_not_import_mitmproxy() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, addons.master\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'mitmproxy')\n"
+        "assert not loaded, loaded\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_layers_started_on_demand_serve_the_first_plain_http_request(tmp_path: Path) -> None:
+    from addons.master import Gate, GateConfig
+    from proxy.destinations.resolver import Resolver
+    from proxy.evidence.emit import Emitter, MemorySink
+    from proxy.policy.loader import load_policy
+
+    policy_path = tmp_path / "policy.yaml"
+    policy_path.write_text("version: 1\nrules:\n  - name: t\n    hosts: [allowed.test]\n")
+    policy = load_policy(policy_path)
+    memory = MemorySink()
+
+    async def scenario() -> tuple[bool, bytes, bool]:
+        gate = Gate(
+            GateConfig(listen_port=0, confdir=str(tmp_path / "conf")),
+            lambda: policy,
+            Emitter([memory]),
+            Resolver(nameservers=["127.0.0.1:9"], hosts_file=None),
+        )
+        await gate.start(layers=False)
+        try:
+            before = gate.layers is None
+            reader, writer = await asyncio.open_connection(*gate.listen_address)
+            writer.write(b"GET http://denied.test/ HTTP/1.1\r\nHost: denied.test\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            writer.close()
+            return before, head, gate.layers is not None
+        finally:
+            await gate.stop()
+
+    before, head, after = asyncio.run(scenario())
+    assert before and after
+    assert head.startswith(b"HTTP/1.1 403")
+    assert [(d.kind, d.host) for d in memory.decisions] == [("http", "denied.test")]

@@ -354,3 +354,24 @@ gate = socket.create_connection(("127.0.0.1", 3128), timeout=5).recv(100).decode
 me = socket.create_connection(("127.0.0.1", 7000), timeout=5).recv(100).decode()
 print(json.dumps({"gate": gate, "self": me, "peer_accepts": len(accepted) - 1}), flush=True)
 """
+
+
+def test_the_helper_is_forked_only_from_a_single_threaded_launcher_without_pipes() -> None:
+    """Forking copies only the calling thread: a lock another thread held would stay locked in the
+    helper, so a threaded launcher (and one that needs pipes made) starts the helper as a script."""
+    code = """if True:
+        import subprocess, sys, threading
+        from proxy.sandbox.namespace import _can_fork
+        single = _can_fork(None, sys.stderr, 2)
+        piped = _can_fork(subprocess.PIPE, None, None) or _can_fork(None, subprocess.DEVNULL, None)
+        threading.Thread(target=threading.Event().wait, daemon=True).start()
+        print(single, piped, _can_fork(None, None, None))
+    """
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[3],
+    )
+    assert proc.stdout.split() == ["True", "False", "False"], proc.stderr

@@ -1,0 +1,452 @@
+"""CONNECT tunnels that end in a passthrough relay, served without mitmproxy's layers.
+
+Most of what a sandbox does is a CONNECT to a registry or source host, a TLS ClientHello, and bytes
+relayed untouched. mitmproxy spends ~3 ms of CPU on such a tunnel (a connection handler, an HTTP layer,
+a dozen hook dispatches, a TCP layer with an event per chunk); this front end spends a fraction of that.
+It makes exactly the checkpoint calls the mitmproxy adapter makes, in the same order, and enforces the
+answers the same way: :meth:`Checkpoint.connected` at accept (the per-client cap), ``admit`` for the
+CONNECT (identity, policy, destination, self, audit, pin), ``admit_tunnel`` for the first bytes (the core
+classifier and the SNI check), ``dial_target`` before the only upstream connect, and ``disconnected``
+with the byte counts once both sides are closed.
+
+Which connections it takes is decided from a peek at the first bytes, before anything is consumed: a
+complete ``CONNECT host:port`` request line to a port whose tunnel is not plain HTTP, to a host whose
+requests no rule reads. Everything else (plain-HTTP requests, tunnels to port 80 whose requests are
+decided one by one, tunnels the gate inspects, anything unusual) is handed to mitmproxy untouched, with
+the time already spent counted against its request deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import fcntl
+import itertools
+import logging
+import os
+import re
+import socket
+import time
+from collections.abc import Awaitable, Callable
+
+from addons.refusal import refusal_bytes
+from proxy.core.checkpoint import Checkpoint
+from proxy.core.connections import Connection
+from proxy.core.decision import Kind, Reason, Request
+from proxy.core.firstbytes import MAX_CLIENT_HELLO, PLAIN_HTTP_PORT, Protocol, classify
+from proxy.core.framing import MAX_REQUEST_HEAD, head_problem
+from proxy.core.hosts import InvalidHost, split_authority
+
+log = logging.getLogger(__name__)
+
+# Set by the listener that accepted a connection (a per-sandbox socket), read once in client_connected.
+current_sandbox: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "egress_sandbox", default=None
+)
+# When the connection was accepted (time.monotonic()), if before mitmproxy saw it: the request
+# deadline counts from then, not from when mitmproxy took it over.
+accepted_at: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "egress_accepted_at", default=None
+)
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+PEEK = 4096
+CONNECT_PREFIX = b"CONNECT "
+CONNECT_TIMEOUT = 30.0
+MAX_REFUSALS_PER_CONNECTION = 100_000  # bounds the loop; each refusal is decided and recorded
+CHUNK = 256 * 1024
+_F_SETPIPE_SZ = 1031
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+_PORT_80_TEXT = b"a tunnel to port 80 must be the first request on its connection\n"
+PORT_80_LATER = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
+    + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_PORT_80_TEXT)
+    + _PORT_80_TEXT
+)
+HEAD_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\n"
+    b"Connection: close\r\n\r\n"
+)
+
+# Hands a connection the front end does not take to mitmproxy: (socket, sandbox id, accepted at).
+Handoff = Callable[[socket.socket, str | None, float], Awaitable[None]]
+
+
+def connect_target(head: bytes) -> tuple[str, int] | None:
+    """(host, port) of a peeked request that starts with a complete CONNECT line to a non-HTTP
+    port, else None."""
+    if not head.startswith(CONNECT_PREFIX):
+        return None
+    line, sep, _ = head.partition(b"\r\n")
+    if not sep:
+        return None
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        return None
+    try:
+        host, port = split_authority(parts[1].decode("ascii"), -1, bare_ipv6=False)
+    except (InvalidHost, UnicodeDecodeError):
+        return None
+    if port < 1 or port == PLAIN_HTTP_PORT:
+        return None
+    return host.strip("[]"), port
+
+
+class _Closed(Exception):
+    """The client went away or broke the protocol; nothing more to answer."""
+
+
+class TunnelFrontEnd:
+    def __init__(self, checkpoint: Checkpoint, *, request_deadline: float, handoff: Handoff):
+        self.checkpoint = checkpoint
+        self.request_deadline = request_deadline
+        self.handoff = handoff
+        self._ids = itertools.count(1)
+        self.tunnels = 0  # taken by this front end (tests read it)
+
+    async def serve(self, listener: socket.socket, sandbox_id: str | None) -> None:
+        """Accept on ``listener`` until it is closed."""
+        loop = asyncio.get_running_loop()
+        listener.setblocking(False)
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                try:
+                    conn, _ = await loop.sock_accept(listener)
+                except OSError:
+                    if listener.fileno() < 0:
+                        return
+                    await asyncio.sleep(0.05)  # EMFILE and friends: back off, keep serving
+                    continue
+                task = loop.create_task(self._connection(conn, sandbox_id))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        finally:
+            for task in list(tasks):
+                task.cancel()
+
+    async def _connection(self, sock: socket.socket, sandbox_id: str | None) -> None:
+        accepted = time.monotonic()
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            peer = sock.getpeername()
+        except OSError:
+            sock.close()
+            return
+        cid = f"t{next(self._ids)}"
+        conn, refusal = self.checkpoint.connected(cid, f"{peer[0]}:{peer[1]}", sandbox_id)
+        if refusal is not None:
+            self.checkpoint.disconnected(cid)
+            sock.close()
+            return
+        handed = False
+        try:
+            head = await self._peek(sock, conn, accepted)
+            if head is None:
+                return
+            target = connect_target(head)
+            if target is None or self.checkpoint.may_inspect(conn, *target):
+                # mitmproxy counts this connection itself from here on
+                self.checkpoint.disconnected(cid)
+                cid = ""
+                handed = True
+                await self.handoff(sock, sandbox_id, accepted)
+                return
+            self.tunnels += 1
+            await self._tunnel(sock, conn, accepted)
+        except (_Closed, OSError, TimeoutError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            if cid:
+                self.checkpoint.disconnected(cid)
+            if not handed:
+                sock.close()
+
+    def _remaining(self, since: float) -> float | None:
+        if self.request_deadline <= 0:
+            return None
+        return max(0.0, self.request_deadline - (time.monotonic() - since))
+
+    def _timed_out(self, conn: Connection) -> _Closed:
+        self.checkpoint.refuse_connection(
+            conn,
+            Reason.REQUEST_TIMEOUT,
+            f"no complete request within {self.request_deadline:g} s; the connection was closed",
+        )
+        return _Closed()
+
+    async def _peek(self, sock: socket.socket, conn: Connection, since: float) -> bytes | None:
+        """The first bytes, not consumed; None when the client closed first. A request line that
+        arrives in pieces is mitmproxy's (waiting here for the rest would mean polling a socket
+        that stays readable: a slow client could make the gate spin)."""
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(sock.fileno(), _settle, ready)
+        try:
+            await asyncio.wait_for(ready, self._remaining(since))
+        except TimeoutError:
+            raise self._timed_out(conn) from None
+        finally:
+            loop.remove_reader(sock.fileno())
+        return sock.recv(PEEK, socket.MSG_PEEK) or None
+
+    async def _tunnel(self, sock: socket.socket, conn: Connection, since: float) -> None:
+        loop = asyncio.get_running_loop()
+        buffered = b""
+        for _ in range(MAX_REFUSALS_PER_CONNECTION):
+            head, buffered = await self._head(sock, conn, buffered, since)
+            parsed = _parse_connect(head)
+            if parsed is None:
+                self.checkpoint.refuse_connection(
+                    conn, Reason.BAD_REQUEST, "malformed CONNECT head"
+                )
+                await loop.sock_sendall(sock, BAD_REQUEST)
+                raise _Closed()
+            host, port, credential, fields = parsed
+            if port == PLAIN_HTTP_PORT:
+                # A later request on a connection taken here: its requests would need deciding one
+                # by one, which only mitmproxy's layers do. The client can retry on a new connection.
+                await loop.sock_sendall(sock, PORT_80_LATER)
+                raise _Closed()
+            request = Request(Kind.CONNECT, host, port, "CONNECT")
+            problem = head_problem("CONNECT", f"{host}:{port}", fields)
+            decision = await self.checkpoint.admit(
+                conn, request, credential=credential, problem=problem
+            )
+            if decision.allowed and conn.inspected:
+                # Its requests must be read, which only mitmproxy's layers do; the policy changed
+                # between the peek and the decision. Never relay it raw.
+                raise _Closed()
+            if decision.allowed:
+                break
+            # As on the mitmproxy path, the connection stays open for the client's next request.
+            await loop.sock_sendall(sock, refusal_bytes(decision, close=False))
+            since = time.monotonic()
+        else:
+            raise _Closed()
+        self.checkpoint.opened(conn, decision)
+        await loop.sock_sendall(sock, ESTABLISHED)
+        first = await self._first_bytes(sock, conn, port, buffered)
+        tunnel = conn.tunnel
+        classified = classify(port, first)
+        if classified.protocol is Protocol.HTTP:
+            raise _Closed()  # never relayed raw (see above); unreachable while port 80 is refused
+        verdict = self.checkpoint.admit_tunnel(conn, classified)
+        if tunnel is None or (verdict is not None and not verdict.allowed):
+            raise _Closed()
+        target = self.checkpoint.dial_target(conn, tunnel.host, port)
+        if target is None:
+            log.error("refused to dial %s:%s: not checked by the gate", tunnel.host, port)
+            raise _Closed()
+        up = socket.socket(socket.AF_INET6 if ":" in target else socket.AF_INET)
+        try:
+            up.setblocking(False)
+            await asyncio.wait_for(loop.sock_connect(up, (target, port)), CONNECT_TIMEOUT)
+            up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await loop.sock_sendall(up, first)
+            conn.bytes_out += len(first)
+            await _relay(sock, up, conn)
+        finally:
+            up.close()
+
+    async def _head(
+        self, sock: socket.socket, conn: Connection, buffered: bytes, since: float
+    ) -> tuple[bytes, bytes]:
+        """One request head and what followed it, within the deadline and MAX_REQUEST_HEAD."""
+        while (end := buffered.find(b"\r\n\r\n")) < 0:
+            if len(buffered) > MAX_REQUEST_HEAD:
+                await self._too_large(sock, conn)
+            buffered += await self._recv(sock, conn, PEEK, since)
+        if end + 4 > MAX_REQUEST_HEAD:
+            await self._too_large(sock, conn)
+        return buffered[: end + 4], buffered[end + 4 :]
+
+    async def _too_large(self, sock: socket.socket, conn: Connection) -> None:
+        detail = f"the request head is larger than {MAX_REQUEST_HEAD} bytes"
+        self.checkpoint.refuse_connection(conn, Reason.HEAD_TOO_LARGE, detail)
+        await asyncio.get_running_loop().sock_sendall(sock, HEAD_TOO_LARGE)
+        raise _Closed()
+
+    async def _first_bytes(
+        self, sock: socket.socket, conn: Connection, port: int, data: bytes
+    ) -> bytes:
+        """Read until the classifier has an answer (bounded by its own caps and the deadline)."""
+        started = time.monotonic()
+        while classify(port, data).protocol is Protocol.WAIT:
+            if len(data) > MAX_CLIENT_HELLO + 64 * 1024:  # classify refuses long before this
+                raise _Closed()
+            data += await self._recv(sock, conn, CHUNK, started)
+        return data
+
+    async def _recv(self, sock: socket.socket, conn: Connection, size: int, since: float) -> bytes:
+        """What the client sends next, before its deadline (counted from ``since``) passes."""
+        try:
+            async with asyncio.timeout(self._remaining(since)):
+                more = await asyncio.get_running_loop().sock_recv(sock, size)
+        except TimeoutError:
+            raise self._timed_out(conn) from None
+        if not more:
+            raise _Closed()
+        return more
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _parse_connect(
+    head: bytes,
+) -> tuple[str, int, str | None, list[tuple[bytes, bytes]]] | None:
+    """(host, port, Proxy-Authorization, header fields) from a CONNECT request head, or None when it
+    is malformed:
+    ``CONNECT authority HTTP/1.x``, header lines ``token: value`` without control characters or
+    folding, and an authority with a port read by the one HOST:PORT parser. The host itself is
+    checked by the policy (an invalid one is refused and recorded like any other)."""
+    lines = head.split(b"\r\n")
+    if len(lines) < 3 or lines[-1] or lines[-2]:
+        return None
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[0] != b"CONNECT" or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
+        return None
+    credential: str | None = None
+    fields: list[tuple[bytes, bytes]] = []
+    for line in lines[1:-2]:
+        name, sep, value = line.partition(b":")
+        value = value.strip(b" \t")
+        if (
+            not sep
+            or not _TOKEN.fullmatch(name)
+            or any((c < 32 and c != 9) or c == 127 for c in value)
+        ):
+            return None
+        fields.append((name, value))
+        if credential is None and name.lower() == b"proxy-authorization":
+            credential = value.decode("latin-1")
+    try:
+        host, port = split_authority(parts[1].decode("ascii"), -1, bare_ipv6=False)
+    except (InvalidHost, UnicodeDecodeError):
+        return None
+    if port < 1:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, port, credential, fields
+
+
+async def _relay(client: socket.socket, upstream: socket.socket, conn: Connection) -> None:
+    """Both directions until both have ended, the bytes moved by the kernel (``splice`` through a
+    pipe, never copied into Python); an EOF is passed on as a half-close. A reset on either side
+    ends both."""
+    loop = asyncio.get_running_loop()
+
+    def outbound(n: int) -> None:
+        conn.bytes_out += n
+
+    def inbound(n: int) -> None:
+        conn.bytes_in += n
+
+    results = await asyncio.gather(
+        _splice(loop, client, upstream, outbound),
+        _splice(loop, upstream, client, inbound),
+        return_exceptions=True,
+    )
+    if any(isinstance(r, BaseException) for r in results):
+        for sock in (client, upstream):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Pipes:
+    """Pipes for splicing, lent per burst and returned empty: a gate holds about as many as it has
+    transfers waiting on a slow receiver, not two per open tunnel (idle tunnels hold none)."""
+
+    def __init__(self, keep: int = 64) -> None:
+        self.keep = keep
+        self._free: list[tuple[int, int]] = []
+
+    def take(self) -> tuple[int, int]:
+        if self._free:
+            return self._free.pop()
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):  # a larger pipe moves more per call; optional
+            fcntl.fcntl(w, _F_SETPIPE_SZ, CHUNK)
+        return r, w
+
+    def give_back(self, pipe: tuple[int, int], empty: bool) -> None:
+        if empty and len(self._free) < self.keep:
+            self._free.append(pipe)
+        else:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+
+_PIPES = _Pipes()
+
+
+async def _splice(
+    loop: asyncio.AbstractEventLoop,
+    src: socket.socket,
+    dst: socket.socket,
+    count: Callable[[int], None],
+) -> None:
+    try:
+        while True:
+            await _ready(loop, loop.add_reader, loop.remove_reader, src)
+            if not await _burst(loop, src, dst, count):
+                break
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        raise
+
+
+async def _burst(
+    loop: asyncio.AbstractEventLoop,
+    src: socket.socket,
+    dst: socket.socket,
+    count: Callable[[int], None],
+) -> bool:
+    """Move what ``src`` has now to ``dst``; False at EOF."""
+    pipe = _PIPES.take()
+    pending = 0
+    try:
+        while True:
+            try:
+                n = os.splice(src.fileno(), pipe[1], CHUNK, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                return True
+            if n == 0:
+                return False
+            count(n)
+            pending = n
+            while pending:
+                try:
+                    pending -= os.splice(pipe[0], dst.fileno(), pending, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    await _ready(loop, loop.add_writer, loop.remove_writer, dst)
+    finally:
+        _PIPES.give_back(pipe, empty=pending == 0)
+
+
+async def _ready(
+    loop: asyncio.AbstractEventLoop,
+    add: Callable[..., None],
+    remove: Callable[[int], object],
+    sock: socket.socket,
+) -> None:
+    fd = sock.fileno()
+    ready: asyncio.Future[None] = loop.create_future()
+    add(fd, _settle, ready)
+    try:
+        await ready
+    finally:
+        remove(fd)

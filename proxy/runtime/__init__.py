@@ -1,0 +1,1 @@
+"""What every long-running egress process shares: its event loop."""

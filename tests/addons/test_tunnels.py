@@ -1,0 +1,212 @@
+"""The tunnel front end: which connections it takes, the bytes it relays (counted exactly, half-closes
+passed on), and that everything else still reaches mitmproxy's layers and their checks."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from addons.tunnels import _parse_connect, connect_target
+from proxy.core.hosts import InvalidHost, canonical_host
+from tests.harness import WAIT, RunningGate, Upstream, client_hello, recv_head
+
+REPLY = b"R" * 100_000
+
+
+class HalfCloseUpstream:
+    """Reads until the client's EOF, then answers with REPLY and closes: works only if the relay
+    passes the client's half-close on and still relays the other direction afterwards."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.received = b""
+        self.accepted = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(WAIT)
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        self.accepted += 1
+        with conn:
+            conn.settimeout(WAIT)
+            while chunk := conn.recv(65536):
+                self.received += chunk
+            conn.sendall(REPLY)
+
+    def stop(self) -> None:
+        self.sock.close()
+        self._thread.join(WAIT)
+
+
+@pytest.fixture
+def half_close() -> Iterator[HalfCloseUpstream]:
+    upstream = HalfCloseUpstream()
+    yield upstream
+    upstream.stop()
+
+
+def _gate(tmp_path: Path, *ports: int) -> RunningGate:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "version: 1\nallow_internal: [127.0.0.0/8]\nrules:\n"
+        f"  - name: local\n    cidrs: [127.0.0.1/32]\n    ports: {list(ports)}\n"
+    )
+    return RunningGate(policy, ["127.0.0.1:9"]).start()
+
+
+def _connect(port: int, target: str) -> tuple[socket.socket, bytes]:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    return sock, recv_head(sock)
+
+
+def _closed_event(gate: RunningGate) -> dict[str, object]:
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        for name, attributes in list(gate.memory.events):
+            if name == "egress.connection.closed":
+                return attributes
+        time.sleep(0.02)
+    raise AssertionError("no connection-closed event")
+
+
+def test_a_tls_tunnel_is_relayed_with_half_close_and_exact_byte_counts(
+    tmp_path: Path, half_close: HalfCloseUpstream
+) -> None:
+    gate = _gate(tmp_path, half_close.port)
+    try:
+        sock, head = _connect(gate.port, f"127.0.0.1:{half_close.port}")
+        assert head.startswith(b"HTTP/1.1 200")
+        hello = client_hello(None)
+        sock.sendall(hello + b"after the hello")
+        sock.shutdown(socket.SHUT_WR)  # the upstream answers only once it has seen this EOF
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+        sock.close()
+        assert reply == REPLY
+        assert half_close.received == hello + b"after the hello"
+        closed = _closed_event(gate)
+        assert closed["egress.bytes.out"] == len(hello) + len(b"after the hello")
+        assert closed["egress.bytes.in"] == len(REPLY)
+        assert gate.gate.tunnels.tunnels == 1  # taken by the front end, not mitmproxy's layers
+    finally:
+        gate.stop()
+
+
+def test_a_refused_hello_dials_nothing(tmp_path: Path, half_close: HalfCloseUpstream) -> None:
+    gate = _gate(tmp_path, half_close.port)
+    try:
+        sock, head = _connect(gate.port, f"127.0.0.1:{half_close.port}")
+        assert head.startswith(b"HTTP/1.1 200")
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: elsewhere\r\n\r\n")  # not TLS on a TLS port
+        assert sock.recv(100) == b""  # closed without an answer
+        sock.close()
+        assert half_close.accepted == 0
+        assert [d.reason for d in gate.decisions][-1] == "not-tls"
+    finally:
+        gate.stop()
+
+
+def test_plain_http_and_port_80_tunnels_go_to_mitmproxys_layers(tmp_path: Path) -> None:
+    upstream = Upstream("plain")
+    gate = _gate(tmp_path, upstream.port, 80)
+    try:
+        sock = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
+        target = f"127.0.0.1:{upstream.port}"
+        sock.sendall(f"GET http://{target}/x HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        assert recv_head(sock).startswith(b"HTTP/1.1 200")
+        sock.close()
+        sock, head = _connect(gate.port, "127.0.0.1:80")
+        sock.close()
+        assert head.startswith(b"HTTP/1.1 200")
+        assert gate.gate.tunnels.tunnels == 0
+        assert [d.kind for d in gate.decisions] == ["http", "connect"]
+    finally:
+        gate.stop()
+        upstream.stop()
+
+
+def test_what_the_front_end_takes() -> None:
+    assert connect_target(b"CONNECT pypi.org:443 HTTP/1.1\r\n") == ("pypi.org", 443)
+    assert connect_target(b"CONNECT [::1]:22 HTTP/1.1\r\nHost: x\r\n\r\n") == ("::1", 22)
+    # its requests are decided one by one
+    assert connect_target(b"CONNECT pypi.org:80 HTTP/1.1\r\n") is None
+    assert connect_target(b"CONNECT pypi.org:443 HTTP/1.1") is None  # the line is not complete
+    assert connect_target(b"GET http://pypi.org/ HTTP/1.1\r\n") is None
+    assert connect_target(b"CONNECT pypi.org:443 HTTP/1.1 extra\r\n") is None
+    assert connect_target(b"CONNECT 2001::1:443 HTTP/1.1\r\n") is None  # bare IPv6
+
+
+def test_connect_heads_are_parsed_strictly() -> None:
+    assert _parse_connect(
+        b"CONNECT [::1]:443 HTTP/1.1\r\nProxy-Authorization: Basic x\r\n\r\n"
+    ) == (
+        "::1",
+        443,
+        "Basic x",
+        [(b"Proxy-Authorization", b"Basic x")],
+    )
+    assert _parse_connect(b"CONNECT a.test HTTP/1.1\r\n\r\n") is None  # no port
+    assert _parse_connect(b"CONNECT a.test:443 HTTP/1.1\r\nbad header\r\n\r\n") is None
+    assert _parse_connect(b"CONNECT a.test:443 HTTP/1.1\r\nX: a\x00b\r\n\r\n") is None
+    assert _parse_connect(b"CONNECT a.test:443 HTTP/1.1\r\n folded\r\n\r\n") is None
+    assert _parse_connect(b"CONNECT user@a.test:443 HTTP/1.1\r\n\r\n") is None
+    assert _parse_connect(b"CONNECT a.test:443 HTTP/2\r\n\r\n") is None
+    # The host itself is the policy's to judge: an invalid one is refused and recorded there.
+    parsed = _parse_connect(b"CONNECT a\x00b.test:443 HTTP/1.1\r\n\r\n")
+    assert parsed is not None
+    with pytest.raises(InvalidHost):
+        canonical_host(parsed[0])
+
+
+def test_a_port_80_connect_after_a_refusal_is_never_relayed_raw(tmp_path: Path) -> None:
+    """The front end takes a connection by its first CONNECT; a later CONNECT to port 80 on it would
+    carry requests that must each be decided (Host fronting on a shared address), so it is closed."""
+    gate = _gate(tmp_path, 443, 80)  # 127.0.0.1:80 is allowed: only the front end's rule stops it
+    try:
+        sock = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
+        sock.sendall(b"CONNECT denied.test:443 HTTP/1.1\r\nHost: denied.test:443\r\n\r\n")
+        assert recv_head(sock).startswith(b"HTTP/1.1 403")
+        sock.sendall(b"CONNECT 127.0.0.1:80 HTTP/1.1\r\nHost: 127.0.0.1:80\r\n\r\n")
+        rest = b""
+        while chunk := sock.recv(65536):
+            rest += chunk
+        sock.close()
+        assert rest.startswith(b"HTTP/1.1 400")
+        assert [d.kind for d in gate.decisions] == ["connect"]  # the refusal only
+    finally:
+        gate.stop()
+
+
+def test_a_request_line_in_pieces_is_still_served(
+    tmp_path: Path, half_close: HalfCloseUpstream
+) -> None:
+    """A CONNECT line that arrives in pieces is left to mitmproxy rather than polled for (whichever
+    path serves it, the tunnel works and is checked)."""
+    gate = _gate(tmp_path, half_close.port)
+    try:
+        sock = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
+        sock.sendall(b"CONN")
+        time.sleep(0.2)
+        sock.sendall(f"ECT 127.0.0.1:{half_close.port} HTTP/1.1\r\n\r\n".encode())
+        assert recv_head(sock).startswith(b"HTTP/1.1 200")
+        hello = client_hello(None)
+        sock.sendall(hello)
+        sock.close()
+        deadline = time.monotonic() + WAIT
+        while half_close.received != hello and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert half_close.received == hello
+    finally:
+        gate.stop()
