@@ -186,15 +186,16 @@ class _Session(ApiHandler):
         return self.session is not None and self.session.csrf_matches(presented)
 
     def same_origin(self) -> bool:
-        """False when the browser says the request came from another site. Only the host is compared:
-        behind a TLS proxy the listener sees http while the browser's origin is https."""
+        """False when the browser says the request came from another site. ``Sec-Fetch-Site`` first:
+        under ``Referrer-Policy: no-referrer`` a form post's ``Origin`` is ``null``. Of an origin only
+        the host is compared: behind a TLS proxy the listener sees http, the browser https."""
         fetch_site = self.request.headers.get("Sec-Fetch-Site")
-        if fetch_site is not None and fetch_site not in ("same-origin", "none"):
-            return False
+        if fetch_site is not None:
+            return fetch_site in ("same-origin", "none")
         origin = self.request.headers.get("Origin")
-        if origin is None:
-            return True
-        return origin != "null" and urlsplit(origin).netloc == self.request.host
+        if origin is None or origin == "null":
+            return True  # nothing said: the CSRF token (or the login nonce) decides alone
+        return urlsplit(origin).netloc == self.request.host
 
     def set_session_cookie(self, session_id: str) -> None:
         self.set_cookie(
