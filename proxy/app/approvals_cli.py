@@ -40,7 +40,8 @@ def add_serve_options(serve: argparse.ArgumentParser) -> None:
         "--admin-url",
         metavar="URL",
         default=None,
-        help="how people and chat tools reach the admin API, for the links sent with webhooks "
+        help="how people and chat tools reach the admin API, for the links sent with webhooks; "
+        "https:// (a TLS proxy in front) marks the console's cookies Secure "
         "(default: http://HOST:PORT of --admin)",
     )
     group.add_argument(

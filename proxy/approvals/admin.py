@@ -1,7 +1,8 @@
 """The admin API: JSON over HTTP for people and tools answering approvals, and an event stream.
 
-Served on its own listener (loopback or a management address; the gate registers it as one of its own
-endpoints, so no policy can route a sandbox to it). Every request needs ``Authorization: Bearer TOKEN``
+Served on the admin listener (:mod:`.listener`: loopback or a management address; the gate registers it
+as one of its own endpoints, so no policy can route a sandbox to it), next to the approvals console.
+Every request needs ``Authorization: Bearer TOKEN``
 (:mod:`.tokens`); answers name the token's owner.
 
     GET  /v1/whoami                          {"name": ...}
@@ -30,13 +31,10 @@ import asyncio
 import contextlib
 import json
 import logging
-import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import tornado.httpserver
 import tornado.iostream
-import tornado.netutil
 import tornado.web
 
 from proxy.approvals.broker import Broker, Unavailable
@@ -45,6 +43,7 @@ from proxy.approvals.reviewer import RecentDecisions
 from proxy.approvals.tokens import AdminTokens
 from proxy.core.decision import Decision
 from proxy.policy.model import Policy, Rule
+from proxy.policy.reload import Reload
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +88,7 @@ class DecisionFeed:
             self._queues.discard(queue)
 
 
-class _Base(tornado.web.RequestHandler):
+class ApiHandler(tornado.web.RequestHandler):
     broker: Broker
     tokens: AdminTokens
     who: str
@@ -117,12 +116,19 @@ class _Base(tornado.web.RequestHandler):
         self.clear_header("Server")
 
     def prepare(self) -> None:
-        who = self.tokens.authenticate(self.request.headers.get("Authorization"))
+        who = self.authenticate()
         if who is None:
-            self.set_header("WWW-Authenticate", 'Bearer realm="agent-egress"')
-            self.fail(401, "missing or wrong bearer token")
+            self.refuse()
             return
         self.who = who
+
+    def authenticate(self) -> str | None:
+        """Who sent this request: the owner of its bearer token (the console uses its session)."""
+        return self.tokens.authenticate(self.request.headers.get("Authorization"))
+
+    def refuse(self) -> None:
+        self.set_header("WWW-Authenticate", 'Bearer realm="agent-egress"')
+        self.fail(401, "missing or wrong bearer token")
 
     def fail(self, status: int, message: str, **extra: Any) -> None:
         self.set_status(status)
@@ -144,23 +150,23 @@ class _Base(tornado.web.RequestHandler):
         return data if isinstance(data, dict) else None
 
 
-class WhoAmI(_Base):
+class WhoAmI(ApiHandler):
     def get(self) -> None:
         self.reply({"name": self.who})
 
 
-class Approvals(_Base):
+class Approvals(ApiHandler):
     async def get(self) -> None:
         pending = await self.broker.pending()
         self.reply({"approvals": [a.to_json() for a in pending]})
 
 
-class Sandboxes(_Base):
+class Sandboxes(ApiHandler):
     def get(self) -> None:
         self.reply({"sandboxes": self.recent.sandboxes()})
 
 
-class PolicyView(_Base):
+class PolicyView(ApiHandler):
     def get(self) -> None:
         if self.policy is None:
             self.fail(404, "this gate does not share its policy here")
@@ -171,12 +177,19 @@ class PolicyView(_Base):
                 "version": policy.version,
                 "mode": str(policy.mode),
                 "files": [str(f) for f in policy.files],
-                "rules": [_rule(r) for r in policy.rules],
+                "rules": [rule_json(r) for r in policy.rules],
+                "reload": last_reload(self.policy),
             }
         )
 
 
-def _rule(rule: Rule) -> dict[str, Any]:
+def last_reload(policy: Callable[[], Policy]) -> dict[str, Any] | None:
+    """The last reload of a reloadable policy (``egress serve``'s), or None."""
+    reload = getattr(policy, "last_reload", None)
+    return reload.to_json() if isinstance(reload, Reload) else None
+
+
+def rule_json(rule: Rule) -> dict[str, Any]:
     out: dict[str, Any] = {
         "name": rule.name,
         "action": str(rule.action),
@@ -187,12 +200,17 @@ def _rule(rule: Rule) -> dict[str, Any]:
         "line": rule.line,
         "description": rule.description,
     }
+    if rule.request is not None:
+        if rule.request.methods is not None:
+            out["methods"] = sorted(rule.request.methods)
+        if rule.request.paths is not None:
+            out["paths"] = [str(p) for p in rule.request.paths]
     if rule.action == "ask":
         out.update(timeout=rule.timeout, review=str(rule.review))
     return out
 
 
-class OneApproval(_Base):
+class OneApproval(ApiHandler):
     async def get(self, approval_id: str) -> None:
         approval = await self.broker.get(approval_id)
         if approval is None:
@@ -201,7 +219,7 @@ class OneApproval(_Base):
         self.reply({"approval": approval.to_json()})
 
 
-class Answer(_Base):
+class Answer(ApiHandler):
     async def post(self, approval_id: str, verb: str) -> None:
         body = self.body_json()
         if body is None:
@@ -240,7 +258,7 @@ class Answer(_Base):
         self.reply({"approval": approval.to_json()})
 
 
-class Events(_Base):
+class Events(ApiHandler):
     async def get(self) -> None:
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("X-Accel-Buffering", "no")
@@ -269,10 +287,13 @@ class Events(_Base):
         decisions: asyncio.Queue[dict[str, Any]] | None,
     ) -> None:
         while True:
+            if not self.still_allowed():
+                return
             getters: dict[asyncio.Future[Any], str] = {
                 asyncio.ensure_future(changes.get()): "approval",
-                asyncio.ensure_future(self.stopping.wait()): "stop",
             }
+            for event in self.ending():
+                getters[asyncio.ensure_future(event.wait())] = "stop"
             if decisions is not None:
                 getters[asyncio.ensure_future(decisions.get())] = "decision"
             done, waiting = await asyncio.wait(
@@ -294,6 +315,14 @@ class Events(_Base):
                 else:
                     seq = await self._send(seq, "decision", item)
 
+    def ending(self) -> list[asyncio.Event]:
+        """Events that end the stream at once: the gate stopping (and, for the console, a logout)."""
+        return [self.stopping]
+
+    def still_allowed(self) -> bool:
+        """Checked at every wake-up (an event or the keepalive): no stream outlives its credential."""
+        return True
+
     async def _send(self, seq: int, event: str, body: dict[str, Any]) -> int:
         seq += 1
         self.write(f"id: {seq}\nevent: {event}\ndata: {json.dumps(body)}\n\n")
@@ -301,67 +330,7 @@ class Events(_Base):
         return seq
 
 
-class AdminServer:
-    """The admin listener on the running event loop."""
-
-    def __init__(
-        self,
-        broker: Broker,
-        tokens: AdminTokens,
-        decisions: DecisionFeed | None = None,
-        *,
-        recent: RecentDecisions | None = None,
-        policy: Callable[[], Policy] | None = None,
-    ) -> None:
-        self.decisions = decisions or DecisionFeed()
-        self.stopping = asyncio.Event()
-        args = {
-            "broker": broker,
-            "tokens": tokens,
-            "decisions": self.decisions,
-            "stopping": self.stopping,
-            "recent": recent or RecentDecisions(),
-            "policy": policy,
-        }
-        self.app = tornado.web.Application(
-            [
-                (r"/v1/whoami", WhoAmI, args),
-                (r"/v1/approvals", Approvals, args),
-                (rf"/v1/approvals/{ID}", OneApproval, args),
-                (rf"/v1/approvals/{ID}/(approve|deny)", Answer, args),
-                (r"/v1/events", Events, args),
-                (r"/v1/sandboxes", Sandboxes, args),
-                (r"/v1/policy", PolicyView, args),
-            ],
-            default_handler_class=_NotFound,
-            default_handler_args=args,
-        )
-        self._server: tornado.httpserver.HTTPServer | None = None
-        self.address: tuple[str, int] | None = None
-
-    async def start(self, host: str, port: int) -> tuple[str, int]:
-        sockets = tornado.netutil.bind_sockets(
-            port, host, family=socket.AF_INET6 if ":" in host else socket.AF_INET
-        )
-        server = tornado.httpserver.HTTPServer(
-            self.app, max_body_size=MAX_BODY, max_header_size=MAX_BODY, idle_connection_timeout=60
-        )
-        server.add_sockets(sockets)
-        self._server = server
-        bound = sockets[0].getsockname()
-        self.address = (str(bound[0]), int(bound[1]))
-        return self.address
-
-    async def stop(self) -> None:
-        self.stopping.set()
-        if self._server is not None:
-            self._server.stop()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.close_all_connections(), 5)
-            self._server = None
-
-
-class _NotFound(_Base):
+class NotFound(ApiHandler):
     def prepare(self) -> None:
         super().prepare()
         if not self._finished:

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proxy.approvals.admin import AdminServer, DecisionFeed
+from proxy.approvals.admin import DecisionFeed
 from proxy.approvals.broker import DEFAULT_SESSION_TTL, ApprovalMetrics, Broker, Notifier
+from proxy.approvals.listener import AdminServer
 from proxy.approvals.overlay import Overlay
 from proxy.approvals.reviewer import CommandReviewer, RecentDecisions
 from proxy.approvals.store import Limits, Store
@@ -162,6 +163,7 @@ class Approvals:
                 self.decisions,
                 recent=self.recent,
                 policy=policy,
+                tls_url=(self.config.admin_url or "").startswith("https://"),
             )
             try:
                 self.admin_address = await self.admin.start(*self.config.admin_listen)

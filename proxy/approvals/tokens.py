@@ -77,12 +77,18 @@ class AdminTokens:
         return cls(admins)
 
     def authenticate(self, header: str | None) -> str | None:
-        """The name an ``Authorization: Bearer TOKEN`` value proves, or None. Every entry is compared
-        (in constant time) whatever the token, so timing says nothing about which one nearly matched."""
+        """The name an ``Authorization: Bearer TOKEN`` value proves, or None."""
         if not header:
             return None
         scheme, _, token = header.strip().partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        if scheme.lower() != "bearer":
+            return None
+        return self.name_of(token)
+
+    def name_of(self, token: str) -> str | None:
+        """The name a token proves, or None. Every entry is compared (in constant time) whatever the
+        token, so timing says nothing about which one nearly matched."""
+        if not token.strip():
             return None
         presented = digest(token.strip())
         found: str | None = None

@@ -6,14 +6,48 @@ a broken edit must never widen access, and must never silently narrow it either 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from proxy.policy.loader import load_policy
 from proxy.policy.model import Policy, PolicyError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Reload:
+    """What the last reload did, for the people looking at the policy in force."""
+
+    at: float
+    ok: bool
+    from_version: str
+    to_version: str  # from_version when the reload failed
+    added: tuple[str, ...] = ()  # rule names
+    removed: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.update(added=list(self.added), removed=list(self.removed), changed=list(self.changed))
+        return out
+
+
+def rule_changes(old: Policy, new: Policy) -> tuple[tuple[str, ...], ...]:
+    """Names of the rules added, removed and changed; a rule that only moved to another line or file
+    has not changed."""
+    before = {r.name: dataclasses.replace(r, file="", line=0) for r in old.rules}
+    after = {r.name: dataclasses.replace(r, file="", line=0) for r in new.rules}
+    return (
+        tuple(n for n in after if n not in before),
+        tuple(n for n in before if n not in after),
+        tuple(n for n in after if n in before and after[n] != before[n]),
+    )
 
 
 class PolicyHolder:
@@ -26,6 +60,7 @@ class PolicyHolder:
         self.path = path
         self._policy = policy
         self._on_reload = on_reload
+        self.last_reload: Reload | None = None
 
     def __call__(self) -> Policy:
         return self._policy
@@ -38,19 +73,26 @@ class PolicyHolder:
             for line in exc.lines():
                 log.error("policy reload rejected: %s", line)
             log.error("policy reload failed; keeping version %s in force", self._policy.version)
-            self._notify("error")
+            self._failed()
             return False
         except Exception as exc:  # anything unexpected is a failed reload, never a half-applied one
             log.error("policy reload failed (%s); keeping version %s", exc, self._policy.version)
-            self._notify("error")
+            self._failed()
             return False
         old = self._policy.version
+        added, removed, changed = rule_changes(self._policy, new)
         self._policy = new
+        self.last_reload = Reload(time.time(), True, old, new.version, added, removed, changed)
         log.warning(
             "policy reloaded: version %s -> %s (%d rules)", old, new.version, len(new.rules)
         )
         self._notify("success")
         return True
+
+    def _failed(self) -> None:
+        version = self._policy.version
+        self.last_reload = Reload(time.time(), False, version, version)
+        self._notify("error")
 
     def _notify(self, result: str) -> None:
         if self._on_reload is not None:

@@ -38,3 +38,29 @@ def test_broken_or_missing_file_keeps_the_old_policy(tmp_path: Path) -> None:
     assert holder.reload() is False
     assert holder() is before
     assert seen == ["error", "error", "error"]
+
+
+def test_the_last_reload_names_the_rules_it_added_removed_and_changed(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(GOOD + "  - name: b\n    hosts: [b.test]\n  - name: c\n    hosts: [c.test]\n")
+    holder = PolicyHolder(path, load_policy(path))
+    assert holder.last_reload is None
+    first = holder().version
+    # a: only moved down a line (not a change); b: another host; c: gone; d: new.
+    path.write_text(
+        "version: 1\n\nrules:\n  - name: a\n    hosts: [a.test]\n"
+        "  - name: b\n    hosts: [b2.test]\n  - name: d\n    hosts: [d.test]\n"
+    )
+    assert holder.reload() is True
+    done = holder.last_reload
+    assert done is not None and done.ok
+    assert (done.from_version, done.to_version) == (first, holder().version)
+    assert (done.added, done.removed, done.changed) == (("d",), ("c",), ("b",))
+    assert done.to_json()["added"] == ["d"]
+
+    path.write_text("version: 1\nrules: [")
+    assert holder.reload() is False
+    failed = holder.last_reload
+    assert failed is not None and not failed.ok
+    assert failed.from_version == failed.to_version == holder().version
+    assert (failed.added, failed.removed, failed.changed) == ((), (), ())
