@@ -117,6 +117,7 @@ class Gate:
         self.tunnels = TunnelFrontEnd(
             self.checkpoint,
             request_deadline=config.limits.request_timeout,
+            idle_timeout=config.limits.idle_timeout,
             handoff=self._to_mitmproxy,
         )
         self.layers: Layers | None = None
@@ -204,6 +205,22 @@ class Gate:
         reader, writer = await asyncio.open_connection(sock=sock)
         await layers.handle_stream(reader, writer)
 
+    async def _drain(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        in_flight = self.checkpoint.connections.active
+        while self.checkpoint.connections.active and loop.time() < deadline:
+            await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+        left = self.checkpoint.connections.active
+        if in_flight:
+            log.warning(
+                "drained %d of %d connections in flight; closing %d at the %g s deadline",
+                in_flight - left,
+                in_flight,
+                left,
+                seconds,
+            )
+
     def remove_listener(self, server: asyncio.Task[None]) -> None:
         listener: socket.socket = server.listener  # type: ignore[attr-defined]
         listener.close()
@@ -211,9 +228,17 @@ class Gate:
         if server in self._extra:
             self._extra.remove(server)
 
-    async def stop(self) -> None:
+    async def stop(self, drain: float = 0.0) -> None:
+        """Stop accepting; with ``drain``, let the connections in flight finish for up to that many
+        seconds first (their decisions and byte counts are recorded as they end), then close the
+        rest."""
+        if drain > 0:
+            self.tunnels.draining = True
         for server in list(self._extra):
             self.remove_listener(server)
+        if drain > 0:
+            await self._drain(drain)
+        self.tunnels.cancel_all()
         if self._layers_started is not None and not self._layers_started.done():
             self._layers_started.cancel()
         if self.layers is not None:

@@ -100,12 +100,24 @@ class _Closed(Exception):
 
 
 class TunnelFrontEnd:
-    def __init__(self, checkpoint: Checkpoint, *, request_deadline: float, handoff: Handoff):
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        *,
+        request_deadline: float,
+        handoff: Handoff,
+        idle_timeout: float = 0.0,
+    ):
         self.checkpoint = checkpoint
         self.request_deadline = request_deadline
+        self.idle_timeout = idle_timeout
         self.handoff = handoff
         self._ids = itertools.count(1)
         self.tunnels = 0  # taken by this front end (tests read it)
+        # Connections being served, from every listener: a draining gate waits for them after its
+        # listeners are closed, instead of cutting them off.
+        self.active: set[asyncio.Task[None]] = set()
+        self.draining = False
 
     async def serve(self, listener: socket.socket, sandbox_id: str | None) -> None:
         """Accept on ``listener`` until it is closed."""
@@ -124,9 +136,19 @@ class TunnelFrontEnd:
                 task = loop.create_task(self._connection(conn, sandbox_id))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
+                self.active.add(task)
+                task.add_done_callback(self.active.discard)
         finally:
-            for task in list(tasks):
-                task.cancel()
+            if not self.draining:  # a sandbox that ended: its connections end with it
+                for task in list(tasks):
+                    task.cancel()
+
+    def cancel_all(self) -> int:
+        """End every connection still being served (a drain's deadline passed); how many."""
+        tasks = list(self.active)
+        for task in tasks:
+            task.cancel()
+        return len(tasks)
 
     async def _connection(self, sock: socket.socket, sandbox_id: str | None) -> None:
         accepted = time.monotonic()
@@ -250,9 +272,38 @@ class TunnelFrontEnd:
             up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await loop.sock_sendall(up, first)
             conn.bytes_out += len(first)
-            await _relay(sock, up, conn)
+            await self._relay(sock, up, conn)
         finally:
             up.close()
+
+    async def _relay(self, sock: socket.socket, up: socket.socket, conn: Connection) -> None:
+        """Relay until both sides end, or until the tunnel has moved no byte either way for the
+        idle timeout: then it is closed and the closing recorded (``idle-timeout``)."""
+        if self.idle_timeout <= 0:
+            await _relay(sock, up, conn)
+            return
+        relay = asyncio.ensure_future(_relay(sock, up, conn))
+        try:
+            moved = -1
+            while not relay.done():
+                now = conn.bytes_in + conn.bytes_out
+                if now == moved:
+                    self.checkpoint.refuse_connection(
+                        conn,
+                        Reason.IDLE_TIMEOUT,
+                        f"no byte either way for {self.idle_timeout:g} s; the tunnel was closed",
+                    )
+                    return
+                moved = now
+                await asyncio.wait({relay}, timeout=self.idle_timeout)
+        finally:
+            if not relay.done():
+                relay.cancel()
+                for side in (sock, up):
+                    with contextlib.suppress(OSError):
+                        side.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(asyncio.CancelledError, OSError):
+                    await relay
 
     async def _head(
         self, sock: socket.socket, conn: Connection, buffered: bytes, since: float

@@ -164,6 +164,14 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
         help="every request head, and a tunnel's first bytes, must arrive within this time or the "
         "connection is closed (default %(default)s; 0 disables)",
     )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=defaults.idle_timeout,
+        metavar="SECONDS",
+        help="a relayed tunnel that moves no byte either way for this long is closed and recorded "
+        "(default %(default)s; 0 disables)",
+    )
 
 
 def limits_from(args: argparse.Namespace) -> Any:
@@ -180,6 +188,7 @@ def limits_from(args: argparse.Namespace) -> Any:
     for flag, number in (
         ("--max-new-connections-per-second", args.max_new_connections_per_second),
         ("--request-timeout", args.request_timeout),
+        ("--idle-timeout", args.idle_timeout),
     ):
         if number < 0:
             raise ValueError(f"{flag} must not be negative, not {number:g}")
@@ -189,4 +198,5 @@ def limits_from(args: argparse.Namespace) -> Any:
         new_connections_per_second=args.max_new_connections_per_second,
         new_connections_burst=args.new_connections_burst,
         request_timeout=args.request_timeout,
+        idle_timeout=args.idle_timeout,
     )

@@ -74,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_limit_options(serve)
     serve.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT stop accepting, let connections in flight finish for up to this long, "
+        "then close the rest, flush the evidence and exit 0 (default %(default)s; 0 closes at once)",
+    )
+    serve.add_argument(
         "--sandboxes",
         metavar="FILE",
         default=None,

@@ -2,8 +2,9 @@
 
 Start-up fails closed: a policy that does not load, a listener that cannot bind or an evidence sink that
 cannot be opened stops the process with exit 2 and a message, rather than running a gate that enforces
-or records less than configured. SIGINT/SIGTERM stop it cleanly; SIGHUP reloads the policy (a failed
-reload keeps the old policy).
+or records less than configured. SIGINT/SIGTERM stop it cleanly: it stops accepting, lets the
+connections in flight finish for up to ``--drain-timeout``, closes the rest, flushes its evidence and
+exits 0. SIGHUP reloads the policy (a failed reload keeps the old policy).
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ def serve_main(args: argparse.Namespace) -> int:
     workers = getattr(args, "workers", 1)
     if workers < 1:
         return fail(f"--workers {workers}: expected 1 or more")
+    if getattr(args, "drain_timeout", 0.0) < 0:
+        return fail(f"--drain-timeout {args.drain_timeout:g}: must not be negative")
     asks = any(r.action == "ask" for r in policy.rules)
     if workers > 1 and asks and not str(args.state).startswith(("redis://", "rediss://")):
         return fail(
@@ -164,7 +167,9 @@ def _serve_workers(
             policy.version,
         )
 
-    return Supervisor(sockets, body, check_reload).run(ready)
+    return Supervisor(sockets, body, check_reload, drain=getattr(args, "drain_timeout", 0.0)).run(
+        ready
+    )
 
 
 async def _serve_dns(dns_gate: DnsGate, host: str, port: int) -> tuple[str, int]:
@@ -336,7 +341,7 @@ async def _serve(
         if dns_gate is not None:
             dns_gate.close()
             await dns_gate.wait_closed()
-        await gate.stop()
+        await gate.stop(drain=getattr(args, "drain_timeout", 0.0) if stop.is_set() else 0.0)
         if approvals_started:
             await approvals.close()
         evidence.close()

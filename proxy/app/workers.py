@@ -96,10 +96,18 @@ Check = Callable[[], bool]  # SIGHUP: True when the policy loads, so the workers
 
 
 class Supervisor:
-    def __init__(self, sockets: list[socket.socket], body: WorkerMain, check_reload: Check) -> None:
+    def __init__(
+        self,
+        sockets: list[socket.socket],
+        body: WorkerMain,
+        check_reload: Check,
+        *,
+        drain: float = 0.0,
+    ) -> None:
         self.workers = [_Worker(i, s) for i, s in enumerate(sockets)]
         self.body = body
         self.check_reload = check_reload
+        self.drain = drain  # each worker drains this long on SIGTERM; killed only well after
         self._signals = {signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
 
     def run(self, on_ready: Callable[[], None]) -> int:
@@ -209,7 +217,7 @@ class Supervisor:
         for worker in self.workers:
             if worker.pid:
                 _kill(worker.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + self.drain + 15
         for worker in self.workers:
             while worker.pid:
                 pid, _ = os.waitpid(worker.pid, os.WNOHANG)

@@ -119,6 +119,11 @@ class Connections:
             )
         return conn
 
+    @property
+    def active(self) -> int:
+        """Connections open now (over every listener, mitmproxy's included)."""
+        return len(self._by_id)
+
     def get(self, cid: str) -> Connection | None:
         return self._by_id.get(cid)
 

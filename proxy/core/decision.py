@@ -56,6 +56,7 @@ class Reason(StrEnum):
     CONNECTION_LIMIT = "connection-limit"
     RATE_LIMIT = "rate-limit"
     REQUEST_TIMEOUT = "request-timeout"
+    IDLE_TIMEOUT = "idle-timeout"
     HEAD_TOO_LARGE = "head-too-large"  # request line, header count or head over the caps
     BAD_REQUEST = "bad-request"  # a head the HTTP parser refused
     UNSUPPORTED = "unsupported"

@@ -3,7 +3,7 @@
 Limits exist so that one sandbox (or whatever hijacked it) cannot take the gate away from the others
 (threat 13): a concurrent-connection cap per client and for the whole gate, a cap on new connections
 per second per client, and deadlines on silent connections. Every refusal they cause is a decision
-with its own reason (``connection-limit``, ``rate-limit``, ``request-timeout``).
+with its own reason (``connection-limit``, ``rate-limit``, ``request-timeout``, ``idle-timeout``).
 
 The whole-gate cap is fitted to the file descriptors the process may open: each admitted connection can
 hold two (client and upstream), and a reserve stays free for the journal, DNS and the listeners. A gate
@@ -27,6 +27,7 @@ class Limits:
     new_connections_per_second: float = 500.0  # per client, sustained; 0 disables
     new_connections_burst: int = 1_000  # per client, above the sustained rate
     request_timeout: float = 30.0  # every request head, and a tunnel's first bytes; 0 disables
+    idle_timeout: float = 900.0  # a relayed tunnel with no bytes either way; 0 disables
 
     def fitted(self, descriptors: int) -> Limits:
         """These limits with the whole-gate cap no larger than ``descriptors`` can carry."""

@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import socket
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,15 +349,64 @@ def _run_handed_off(options: RunOptions, sandbox: Sandbox, path: str) -> tuple[i
         _err(f"{exc}; the command was not run")
         return EXIT_SETUP_FAILED, ""
     sandbox.close_sockets()  # the gate holds its own copies now
+    watch = GateWatch(conn, sandbox, path)
     try:
         code = _start_and_wait_blocking(options, sandbox)
     finally:
-        conn.close()  # the gate closes this sandbox's listeners
+        watch.done()  # and closing the connection makes the gate close this sandbox's listeners
+    if watch.lost:
+        return (
+            EXIT_SETUP_FAILED,
+            f"egress: sandbox {options.sandbox_id}: the gate at {path} went away",
+        )
     summary = (
         f"egress: sandbox {options.sandbox_id}: served by the gate at {path} "
         f"({', '.join(accepted)}); its decision log has the details"
     )
     return code, summary
+
+
+class GateWatch:
+    """Notices a hand-off gate that goes away while the sandbox runs.
+
+    The listeners then live in no process any more, so the sandbox has no route (connections to its
+    proxy are refused): nothing leaks. But nothing records either, so the command is stopped
+    (SIGTERM, then SIGKILL after a grace period) and ``egress run`` says so and exits 125 rather than
+    let an agent carry on unobserved. The gate never writes on the connection after its answer:
+    end-of-file (or an error) on it means the gate process is gone."""
+
+    GRACE = 10.0
+
+    def __init__(self, conn: socket.socket, sandbox: Sandbox, path: str) -> None:
+        self.conn = conn
+        self.sandbox = sandbox
+        self.path = path
+        self.lost = False
+        self._ending = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="gate-watch", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        with contextlib.suppress(OSError):
+            while self.conn.recv(1):  # bounded by the gate's end: it never writes
+                pass
+        if self._ending.is_set():
+            return
+        self.lost = True
+        _err(
+            f"the gate at {self.path} went away while the sandbox ran: the sandbox has had no "
+            "network route since, and nothing records its actions; stopping the command"
+        )
+        self.sandbox.send_signal(signal.SIGTERM)
+        if not self._ending.wait(self.GRACE):
+            self.sandbox.send_signal(signal.SIGKILL)
+
+    def done(self) -> None:
+        self._ending.set()
+        with contextlib.suppress(OSError):
+            self.conn.shutdown(socket.SHUT_RDWR)
+        self._thread.join(5)
+        self.conn.close()
 
 
 def _run_unisolated(options: RunOptions, policy: Any, bundle: str | None) -> int:

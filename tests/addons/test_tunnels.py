@@ -97,8 +97,8 @@ def test_a_tls_tunnel_is_relayed_with_half_close_and_exact_byte_counts(
         assert reply == REPLY
         assert half_close.received == hello + b"after the hello"
         closed = _closed_event(gate)
-        assert closed["egress.bytes.out"] == len(hello) + len(b"after the hello")
-        assert closed["egress.bytes.in"] == len(REPLY)
+        assert closed["bytes_out"] == len(hello) + len(b"after the hello")
+        assert closed["bytes_in"] == len(REPLY)
         assert gate.gate.tunnels.tunnels == 1  # taken by the front end, not mitmproxy's layers
     finally:
         gate.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import shutil
 import socket
@@ -337,3 +338,35 @@ def test_out_of_file_descriptors_refuses_and_recovers(tmp_path: Path, plain: Ups
         gate.terminate()
         gate.wait(15)
     assert "connection-limit" in log.read_text()
+
+
+def test_an_idle_relayed_tunnel_is_closed_and_recorded(
+    write_policy: Callable[[str], Path], fake_dns: FakeDns, tmp_path: Path
+) -> None:
+    import ssl
+
+    from tests.harness import LocalCA
+
+    ca = LocalCA(tmp_path, ["allowed.test"])
+    tls = Upstream("tls", tls=ca.server_context())
+    gate = gate_with(write_policy, fake_dns, tls, Limits(idle_timeout=0.5))
+    try:
+        raw = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
+        raw.sendall(f"CONNECT allowed.test:{tls.port} HTTP/1.1\r\n\r\n".encode())
+        assert recv_head(raw).startswith(b"HTTP/1.1 200")
+        client = ssl.create_default_context(cafile=str(ca.ca_path))
+        conn = client.wrap_socket(raw, server_hostname="allowed.test")
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+        assert recv_head(conn).startswith(b"HTTP/1.1 200")  # traffic keeps it open
+        assert not reasons(gate, Reason.IDLE_TIMEOUT)
+        # Then silence both ways: the gate closes it (within two idle periods) and says why.
+        conn.settimeout(WAIT)
+        with contextlib.suppress(ConnectionResetError, ssl.SSLError):
+            assert conn.recv(1) == b""
+        conn.close()
+        (idle,) = reasons(gate, Reason.IDLE_TIMEOUT)
+        assert idle.decision is Verdict.DENY and idle.host == "allowed.test"
+    finally:
+        gate.stop()
+        tls.stop()
+    assert tls.accepted == 1

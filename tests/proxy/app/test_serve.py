@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ import dns.rcode
 import pytest
 
 from tests.dnsfake import FakeDns
-from tests.harness import clean_env
+from tests.harness import WAIT, LoopbackServer, clean_env
 
 EGRESS = shutil.which("egress", path=str(Path(sys.executable).parent)) or "egress"
 
@@ -300,3 +301,136 @@ def test_the_default_hosts_file_serves_localhost(tmp_path: Path) -> None:
     finally:
         assert serve.stop() == 0
         upstream.stop()
+
+
+class HeldUpstream(LoopbackServer):
+    """Answers each request only once the test releases it: a request kept in flight on demand."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.arrived = threading.Event()
+        super().__init__(threaded=True, name="held-upstream")
+
+    def handle(self, conn: socket.socket) -> None:
+        conn.settimeout(WAIT)
+        head = b""
+        while b"\r\n\r\n" not in head and len(head) < 65536:
+            more = conn.recv(4096)
+            if not more:
+                return
+            head += more
+        self.arrived.set()
+        if self.release.wait(WAIT * 3):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\nheld")
+
+
+def _drain_policy(tmp_path: Path, upstream: HeldUpstream) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "version: 1\nallow_internal: [127.0.0.0/8]\nrules:\n"
+        f"  - name: held\n    cidrs: [127.0.0.1/32]\n    ports: [{upstream.port}]\n"
+    )
+    return path
+
+
+def _refuses_connections(port: int) -> bool:
+    for _ in range(100):  # bounded: 5 s
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except ConnectionRefusedError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_sigterm_stops_accepting_and_drains_requests_in_flight(tmp_path: Path) -> None:
+    upstream = HeldUpstream()
+    log = tmp_path / "decisions.jsonl"
+    serve = Serve(
+        "--policy", str(_drain_policy(tmp_path, upstream)), "--decision-log", str(log),
+        "--drain-timeout", "30", "--nameserver", "127.0.0.1:9", "--hosts-file", "",
+    )  # fmt: skip
+    curl = subprocess.Popen(
+        ["curl", "-sS", "--max-time", "60", "--proxy", f"http://127.0.0.1:{serve.port}",
+         "-o", "-", "-w", " %{http_code}", f"http://127.0.0.1:{upstream.port}/"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
+    )  # fmt: skip
+    try:
+        assert upstream.arrived.wait(WAIT)
+        serve.proc.send_signal(signal.SIGTERM)
+        assert _refuses_connections(serve.port)  # no new connection once draining
+        assert serve.proc.poll() is None  # still serving the one in flight
+        upstream.release.set()
+        out, err = curl.communicate(timeout=30)
+        assert out == "held 200", err
+        assert serve.proc.wait(30) == 0
+    finally:
+        curl.kill()
+        curl.wait()
+        serve.stop()
+        upstream.stop()
+    assert any("drained 1 of 1 connections" in line for line in serve.lines), serve.lines
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["decision"] for r in records if r.get("event") == "egress.decision"] == ["allow"]
+
+
+def test_a_drain_ends_at_its_deadline_and_the_gate_still_exits_cleanly(tmp_path: Path) -> None:
+    upstream = HeldUpstream()
+    serve = Serve(
+        "--policy", str(_drain_policy(tmp_path, upstream)), "--drain-timeout", "0.5",
+        "--nameserver", "127.0.0.1:9", "--hosts-file", "",
+    )  # fmt: skip
+    curl = subprocess.Popen(
+        ["curl", "-sS", "--max-time", "60", "--proxy", f"http://127.0.0.1:{serve.port}",
+         "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{upstream.port}/"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
+    )  # fmt: skip
+    try:
+        assert upstream.arrived.wait(WAIT)
+        serve.proc.send_signal(signal.SIGTERM)
+        assert serve.proc.wait(30) == 0
+        out, _ = curl.communicate(timeout=30)
+        assert out != "200"  # cut off at the deadline, never answered
+    finally:
+        upstream.release.set()
+        curl.kill()
+        curl.wait()
+        serve.stop()
+        upstream.stop()
+    assert any("closing 1 at the 0.5 s deadline" in line for line in serve.lines), serve.lines
+
+
+def test_a_gate_killed_under_a_running_sandbox_stops_it_and_egress_run_says_so(
+    tmp_path: Path,
+) -> None:
+    import psutil
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    sock = tmp_path / "gate.sock"
+    serve = Serve(
+        "--policy", str(policy), "--handoff-socket", str(sock), "--nameserver", "127.0.0.1:9"
+    )
+    run = subprocess.Popen(
+        [EGRESS, "run", "--gate-socket", str(sock), "--sandbox-id", "sbx-orphan", "--",
+         "sh", "-c", "echo started $$; exec sleep 120"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
+    )  # fmt: skip
+    try:
+        assert run.stdout is not None
+        line = run.stdout.readline()
+        assert line.startswith("started"), line
+        gate = psutil.Process(serve.proc.pid)
+        served = [
+            c for c in psutil.Process(run.pid).children(recursive=True) if c.name() == "sleep"
+        ]
+        assert len(served) == 1
+        gate.kill()  # SIGKILL: no goodbye to the sandbox
+        _, err = run.communicate(timeout=60)
+        assert run.returncode == 125, err
+        assert "went away while the sandbox ran" in err and "no network route" in err
+        assert not served[0].is_running() or served[0].status() == psutil.STATUS_ZOMBIE
+    finally:
+        run.kill()
+        run.wait()
+        serve.stop()
