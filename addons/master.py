@@ -151,6 +151,10 @@ class Gate:
             self._layers_started = asyncio.get_running_loop().create_task(self._start_layers())
         return await asyncio.shield(self._layers_started)
 
+    def warm_layers_on_first_connection(self) -> None:
+        """Start mitmproxy's layers in the background once the first client connects."""
+        self.tunnels.on_first_connection = self.warm_layers
+
     def warm_layers(self) -> None:
         """Start mitmproxy's layers in the background now, without waiting for them."""
         if self._layers_started is None:

@@ -118,6 +118,7 @@ class TunnelFrontEnd:
         # listeners are closed, instead of cutting them off.
         self.active: set[asyncio.Task[None]] = set()
         self.draining = False
+        self.on_first_connection: Callable[[], None] | None = None
 
     async def serve(self, listener: socket.socket, sandbox_id: str | None) -> None:
         """Accept on ``listener`` until it is closed."""
@@ -133,6 +134,9 @@ class TunnelFrontEnd:
                         return
                     await asyncio.sleep(0.05)  # EMFILE and friends: back off, keep serving
                     continue
+                if self.on_first_connection is not None:
+                    first, self.on_first_connection = self.on_first_connection, None
+                    first()
                 task = loop.create_task(self._connection(conn, sandbox_id))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)

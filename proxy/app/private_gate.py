@@ -91,7 +91,10 @@ async def start_private_gate(
             gate.protect_endpoint(*approvals.admin_address)
         await gate.start(layers=False)  # mitmproxy starts when a connection first needs it
         if request.policy.reads_requests:
-            gate.warm_layers()  # ... which an inspected host's first request soon will
+            # ... which an inspected host's first request soon will: start them at the sandbox's
+            # first connection, not now, so a command that never connects (and exits at once)
+            # does not wait for an import it never needed.
+            gate.warm_layers_on_first_connection()
         if "proxy" in sockets:
             await gate.add_listener(sockets["proxy"], sandbox_id=request.sandbox_id)
         if "dns-udp" in sockets:

@@ -132,3 +132,52 @@ def test_layers_started_on_demand_serve_the_first_plain_http_request(tmp_path: P
     assert before and after
     assert head.startswith(b"HTTP/1.1 403")
     assert [(d.kind, d.host) for d in memory.decisions] == [("http", "denied.test")]
+
+
+def test_warming_waits_for_the_first_connection(tmp_path: Path) -> None:
+    """A gate asked to warm mitmproxy's layers on the first connection does not start them before
+    one arrives (a command that never connects never pays for them), and does start them on the
+    first connection of any kind, a raw tunnel included."""
+    from addons.master import Gate, GateConfig
+    from proxy.destinations.resolver import Resolver
+    from proxy.evidence.emit import Emitter, MemorySink
+    from proxy.policy.loader import load_policy
+
+    policy_path = tmp_path / "policy.yaml"
+    policy_path.write_text("version: 1\nrules:\n  - name: t\n    hosts: [allowed.test]\n")
+    policy = load_policy(policy_path)
+
+    async def scenario() -> tuple[bool, bool]:
+        gate = Gate(
+            GateConfig(listen_port=0, confdir=str(tmp_path / "conf")),
+            lambda: policy,
+            Emitter([MemorySink()]),
+            Resolver(nameservers=["127.0.0.1:9"], hosts_file=None),
+        )
+        await gate.start(layers=False)
+        gate.warm_layers_on_first_connection()
+        try:
+            await asyncio.sleep(0.2)
+            idle = gate._layers_started is None
+            _, writer = await asyncio.open_connection(*gate.listen_address)
+            writer.write(b"CONNECT denied.test:443 HTTP/1.1\r\n\r\n")
+            await writer.drain()
+            assert gate._layers_started is not None or await _eventually(
+                lambda: gate._layers_started is not None
+            )
+            await asyncio.wait_for(asyncio.shield(gate._layers_started), 60)
+            writer.close()
+            return idle, gate.layers is not None
+        finally:
+            await gate.stop()
+
+    idle, started = asyncio.run(scenario())
+    assert idle and started
+
+
+async def _eventually(check: Callable[[], bool]) -> bool:
+    for _ in range(200):  # bounded: 10 s
+        if check():
+            return True
+        await asyncio.sleep(0.05)
+    return False
