@@ -5,8 +5,9 @@ read differently (``Content-Length`` and ``Transfer-Encoding`` together, two len
 HTTP/1.0 does not have, a folded or mis-spelled framing header) lets a second request ride inside the
 first one's body: the gate judges an allowed read, an upstream that frames by ``Content-Length`` (as the
 counting upstream here does) then reads a write the gate never saw. Every such head must be refused
-before any upstream connection exists, inside an inspected tunnel, in a port-80 tunnel and as plain
-HTTP alike.
+before any upstream connection exists, inside an inspected tunnel and as plain HTTP alike. Over HTTP/2
+the same request is a stream whose ``content-length`` disagrees with its DATA (or that carries a
+``transfer-encoding``): translated to HTTP/1 for the upstream, it would be the same desync.
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.events
+import hyperframe.frame
 import pytest
 
-from proxy.core.decision import Verdict
+from proxy.core.decision import Kind, Verdict
 from tests.dnsfake import FakeDns
 from tests.harness import WAIT, LocalCA, RunningGate, Upstream, recv_head
 from tests.security import exchange, fresh_decisions, start_gate_with
@@ -198,3 +203,85 @@ def test_chunked_http10_request_is_refused(gate: RunningGate, plain: Upstream) -
     )
     reply = exchange(gate, data)
     assert_nothing_smuggled(gate, plain, before, reply.data)
+
+
+# -- HTTP/2 streams whose length disagrees with their data -----------------------------------------
+
+
+def h2_exchange(
+    gate: RunningGate, port: int, extra: list[tuple[str, str]], body: bytes
+) -> list[h2.events.Event]:
+    """One HTTP/2 GET /read/x in an inspected tunnel, with ``extra`` header fields and ``body`` as
+    DATA; the events the client saw until the gate closed or went quiet (bounded)."""
+    raw = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
+    raw.sendall(f"CONNECT allowed.test:{port} HTTP/1.1\r\n\r\n".encode())
+    assert recv_head(raw).startswith(b"HTTP/1.1 200"), "the tunnel was not admitted"
+    ca = Path(gate.config["confdir"]) / "mitmproxy-ca-cert.pem"
+    context = ssl.create_default_context(cafile=str(ca))
+    context.set_alpn_protocols(["h2"])
+    sock = context.wrap_socket(raw, server_hostname="allowed.test")
+    assert sock.selected_alpn_protocol() == "h2"
+    # The client's own checks are off: it must be able to send what a hostile client sends.
+    config = h2.config.H2Configuration(
+        client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False
+    )
+    client = h2.connection.H2Connection(config)
+    client.initiate_connection()
+    fields = [
+        (":method", "GET"),
+        (":scheme", "https"),
+        (":authority", f"allowed.test:{port}"),
+        (":path", "/read/x"),
+        *extra,
+    ]
+    client.send_headers(1, fields, end_stream=not body)
+    wire = client.data_to_send()
+    if body:  # framed by hand: the client library would refuse to send a length that lies
+        wire += hyperframe.frame.DataFrame(1, data=body, flags=["END_STREAM"]).serialize()
+    seen: list[h2.events.Event] = []
+    try:
+        sock.sendall(wire)
+        sock.settimeout(1.5)
+        for _ in range(64):
+            data = sock.recv(65536)
+            if not data:
+                break
+            seen += client.receive_data(data)
+            if any(
+                isinstance(e, h2.events.StreamEnded | h2.events.ConnectionTerminated) for e in seen
+            ):
+                break
+            sock.sendall(client.data_to_send())
+    except (TimeoutError, ConnectionResetError, ssl.SSLError):
+        pass
+    finally:
+        sock.close()
+    return seen
+
+
+H2_ATTACKS = [
+    ("length-zero", [("content-length", "0")], SMUGGLED),
+    ("length-short", [("content-length", "3")], SMUGGLED),
+    ("transfer-encoding", [("transfer-encoding", "chunked")], _chunked(SMUGGLED)),
+]
+
+
+def test_control_an_http2_read_reaches_the_upstream(gate: RunningGate, tls: Upstream) -> None:
+    seen = h2_exchange(gate, tls.port, [], b"")
+    statuses = [
+        dict(e.headers).get(b":status") for e in seen if isinstance(e, h2.events.ResponseReceived)
+    ]
+    assert statuses == [b"200"]
+    assert [(m, t) for m, t, _ in tls.requests] == [("GET", "/read/x")]
+
+
+@pytest.mark.parametrize(("name", "extra", "body"), H2_ATTACKS, ids=[a[0] for a in H2_ATTACKS])
+def test_an_http2_stream_whose_length_lies_never_reaches_the_upstream(
+    gate: RunningGate, tls: Upstream, name: str, extra: list[tuple[str, str]], body: bytes
+) -> None:
+    before = len(gate.decisions)
+    seen = h2_exchange(gate, tls.port, extra, body)
+    assert not [e for e in seen if isinstance(e, h2.events.ResponseReceived)]
+    assert [e for e in seen if isinstance(e, h2.events.ConnectionTerminated)], seen
+    assert tls.accepted == 0 and tls.bytes_received == 0, tls.requests
+    assert not [d for d in fresh_decisions(gate, before) if d.kind == Kind.REQUEST and d.allowed]
