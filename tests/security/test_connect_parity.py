@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.core.decision import Kind, Verdict
+from proxy.core.decision import Kind, Reason, Verdict
 from tests.dnsfake import FakeDns
 from tests.harness import WAIT, RunningGate, Upstream, client_hello
 from tests.security import fresh_decisions, start_gate_with
@@ -165,3 +165,76 @@ def test_both_connect_parsers_decide_a_spelling_alike(
             assert reply.startswith((b"HTTP/1.1 4", b"HTTP/1.0 4")), (path, reply[:200])
             assert tls.accepted == 0 and tls.bytes_received == 0, path
             assert not [d for d in decided if d.allowed], path
+
+
+# -- a later CONNECT the front end cannot serve ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def inspecting_gate(
+    tmp_path_factory: pytest.TempPathFactory, dns: FakeDns, tls: Upstream
+) -> Iterator[RunningGate]:
+    directory = tmp_path_factory.mktemp("parity-inspected")
+    running = start_gate_with(
+        directory,
+        f"""
+        version: 1
+        allow_internal: [127.0.0.0/8]
+        rules:
+          - name: reads
+            hosts: [allowed.test]
+            ports: [{tls.port}]
+            methods: [GET]
+          - name: web
+            hosts: [allowed.test]
+            ports: [80]
+        """,
+        dns.nameserver,
+        config={"confdir": str(directory / "state")},
+    )
+    yield running
+    running.stop()
+
+
+@pytest.mark.parametrize("port", ["tls", "80"])
+def test_a_later_connect_whose_requests_are_read_is_refused_not_recorded_as_allowed(
+    inspecting_gate: RunningGate, dns: FakeDns, tls: Upstream, port: str
+) -> None:
+    """The front end relays raw tunnels only; a tunnel whose requests must be read (an inspected
+    host, port 80) asked for on a connection it already serves is refused with a reason and a
+    record, before anything is looked up - never recorded as allowed and then cut off."""
+    number = tls.port if port == "tls" else 80
+    dns.reset_queries()
+    tls.reset()
+    front_end_tunnels = inspecting_gate.gate.tunnels.tunnels
+    before = len(inspecting_gate.decisions)
+    sock = socket.create_connection(("127.0.0.1", inspecting_gate.port), timeout=WAIT)
+    try:
+        sock.settimeout(2.0)
+        sock.sendall(TO_FRONT_END)
+        assert _read_head(sock).startswith(b"HTTP/1.1 403")
+        sock.sendall(f"CONNECT allowed.test:{number} HTTP/1.1\r\n\r\n".encode())
+        reply = _read_head(sock)
+    finally:
+        sock.close()
+    assert inspecting_gate.gate.tunnels.tunnels == front_end_tunnels + 1
+    assert reply.startswith(b"HTTP/1.1 403"), reply[:200]
+    assert b"first request on its connection" in reply
+    assert dns.queries == []
+    assert tls.accepted == 0
+    decided = [d for d in fresh_decisions(inspecting_gate, before) if d.host == "allowed.test"]
+    assert [(d.decision, d.reason) for d in decided] == [(Verdict.DENY, Reason.UNSUPPORTED)]
+
+
+def test_control_a_first_connect_whose_requests_are_read_is_served(
+    inspecting_gate: RunningGate, tls: Upstream
+) -> None:
+    front_end_tunnels = inspecting_gate.gate.tunnels.tunnels
+    sock = socket.create_connection(("127.0.0.1", inspecting_gate.port), timeout=WAIT)
+    try:
+        sock.settimeout(2.0)
+        sock.sendall(f"CONNECT allowed.test:{tls.port} HTTP/1.1\r\n\r\n".encode())
+        assert _read_head(sock).startswith(b"HTTP/1.1 200")
+    finally:
+        sock.close()
+    assert inspecting_gate.gate.tunnels.tunnels == front_end_tunnels  # mitmproxy's, to inspect
