@@ -176,7 +176,9 @@ class GateAddon:
                 http=_head(req),
                 query=shown_query,
             )
-            problem = head_problem(req.method, req.path, req.headers.fields)
+            problem = _refused_by_parser(flow) or head_problem(
+                req.method, req.path, req.headers.fields
+            )
             outcome = await self.checkpoint.admit_request(
                 conn, request, problem=problem or _inspected_framing(req, tunnel)
             )
@@ -184,12 +186,17 @@ class GateAddon:
             request = Request(
                 Kind.HTTP, req.host, req.port, req.method, path, http=_head(req), query=shown_query
             )
-            problem = head_problem(req.method, req.path, req.headers.fields) or framing_problem(
-                req.scheme,
-                req.host,
-                req.port,
-                req.headers.get_all("host"),
-                req.authority or None,  # only left set for absolute-form targets inside a tunnel
+            problem = (
+                _refused_by_parser(flow)
+                or head_problem(req.method, req.path, req.headers.fields)
+                or framing_problem(
+                    req.scheme,
+                    req.host,
+                    req.port,
+                    req.headers.get_all("host"),
+                    req.authority
+                    or None,  # only left set for absolute-form targets inside a tunnel
+                )
             )
             outcome = await self.checkpoint.admit_request(
                 conn, request, credential=credential, problem=problem
@@ -337,6 +344,16 @@ def _head(req: http.Request) -> HttpHead:
         first(b"content-type"),
         first(b"content-encoding"),
     )
+
+
+def _refused_by_parser(flow: http.HTTPFlow) -> Problem | None:
+    """mitmproxy shows the hook a request it has already refused (ambiguous framing - two lengths,
+    a length and a transfer coding -, a bad scheme) and then answers 400 itself: recorded as the
+    refusal it is, never as an allow (threat 16, request smuggling)."""
+    if flow.error is None:
+        return None
+    said = flow.error.msg.partition(", refusing")[0]
+    return Reason.BAD_REQUEST, f"the request head was refused as malformed: {escape(said)}"
 
 
 def _inspected_framing(req: http.Request, tunnel: Decision) -> Problem | None:

@@ -48,6 +48,21 @@ class VerifiedUpstreams:
             )
 
 
+class ValidatedHeaders:
+    """Refuses to run without mitmproxy's inbound header validation: it is what refuses a request
+    whose body length parsers read differently (two lengths, a length and a transfer coding), which
+    would let a second request ride past the request rules in the first one's body (threat 16)."""
+
+    def configure(self, updated: set[str]) -> None:
+        from mitmproxy import ctx
+
+        if not ctx.options.validate_inbound_headers:
+            raise exceptions.OptionsError(
+                "agent-egress never runs without validate_inbound_headers: ambiguous request "
+                "framing would let requests be smuggled past the request rules"
+            )
+
+
 class Layers:
     """A running master; its own listener is an ephemeral loopback port nobody is told about."""
 
@@ -98,11 +113,12 @@ async def start_layers(config: Any, checkpoint: Checkpoint) -> Layers:
         stream_large_bodies=config.stream_large_bodies,
         body_size_limit=config.body_size_limit,
         ssl_insecure=False,
+        validate_inbound_headers=True,
         ssl_verify_upstream_trusted_ca=config.upstream_ca,
     )
     # Added last: their configure() sees the final options and rejects any later switch to
-    # eager connections or unverified upstreams.
-    master.addons.add(LazyOnly(), VerifiedUpstreams())
+    # eager connections, unverified upstreams or unvalidated request heads.
+    master.addons.add(LazyOnly(), VerifiedUpstreams(), ValidatedHeaders())
     task = asyncio.create_task(master.run(), name="egress-master")
     for _ in range(500):  # bounded: ~10 s for the listener to come up
         if task.done():

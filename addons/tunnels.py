@@ -35,7 +35,7 @@ from proxy.core.checkpoint import Checkpoint
 from proxy.core.connections import Connection
 from proxy.core.decision import Kind, Reason, Request
 from proxy.core.firstbytes import MAX_CLIENT_HELLO, PLAIN_HTTP_PORT, Protocol, classify
-from proxy.core.framing import MAX_REQUEST_HEAD, head_problem
+from proxy.core.framing import MAX_REQUEST_HEAD, Problem, head_problem
 from proxy.core.hosts import InvalidHost, split_authority
 
 log = logging.getLogger(__name__)
@@ -60,12 +60,6 @@ _F_SETPIPE_SZ = 1031
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-_PORT_80_TEXT = b"a tunnel to port 80 must be the first request on its connection\n"
-PORT_80_LATER = (
-    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
-    + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_PORT_80_TEXT)
-    + _PORT_80_TEXT
-)
 HEAD_TOO_LARGE = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\n"
     b"Connection: close\r\n\r\n"
@@ -193,6 +187,17 @@ class TunnelFrontEnd:
             if not handed:
                 sock.close()
 
+    def _not_here(self, conn: Connection, host: str, port: int) -> Problem | None:
+        """A later CONNECT on a connection taken here whose requests must be read one by one (port
+        80, or a host the gate inspects): only mitmproxy's layers do that, so it is refused before
+        anything is looked up or recorded as allowed; the client can open a new connection."""
+        if port != PLAIN_HTTP_PORT and not self.checkpoint.may_inspect(conn, host, port):
+            return None
+        return Reason.UNSUPPORTED, (
+            "a tunnel whose requests the gate reads must be the first request on its connection; "
+            "open a new connection for it"
+        )
+
     def _remaining(self, since: float) -> float | None:
         if self.request_deadline <= 0:
             return None
@@ -234,13 +239,10 @@ class TunnelFrontEnd:
                 await loop.sock_sendall(sock, BAD_REQUEST)
                 raise _Closed()
             host, port, credential, fields = parsed
-            if port == PLAIN_HTTP_PORT:
-                # A later request on a connection taken here: its requests would need deciding one
-                # by one, which only mitmproxy's layers do. The client can retry on a new connection.
-                await loop.sock_sendall(sock, PORT_80_LATER)
-                raise _Closed()
             request = Request(Kind.CONNECT, host, port, "CONNECT")
-            problem = head_problem("CONNECT", f"{host}:{port}", fields)
+            problem = head_problem("CONNECT", f"{host}:{port}", fields) or self._not_here(
+                conn, host, port
+            )
             decision = await self.checkpoint.admit(
                 conn, request, credential=credential, problem=problem
             )

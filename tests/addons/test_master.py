@@ -68,6 +68,15 @@ def test_turning_upstream_verification_off_is_refused_at_runtime(gate: RunningGa
     assert master.options.ssl_insecure is False
 
 
+def test_turning_header_validation_off_is_refused_at_runtime(gate: RunningGate) -> None:
+    master = gate.gate.master
+    assert master is not None
+    assert master.options.validate_inbound_headers is True
+    with pytest.raises(exceptions.OptionsError, match="validate_inbound_headers"):
+        master.options.update(validate_inbound_headers=False)
+    assert master.options.validate_inbound_headers is True
+
+
 def test_extra_listener_attributes_decisions_to_its_sandbox(
     gate: RunningGate, http_upstream: Upstream
 ) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from addons.tunnels import _parse_connect, connect_target
+from proxy.core.decision import Reason, Verdict
 from proxy.core.hosts import InvalidHost, canonical_host
 from tests.harness import WAIT, RunningGate, Upstream, client_hello, recv_head
 
@@ -172,19 +173,21 @@ def test_connect_heads_are_parsed_strictly() -> None:
 
 def test_a_port_80_connect_after_a_refusal_is_never_relayed_raw(tmp_path: Path) -> None:
     """The front end takes a connection by its first CONNECT; a later CONNECT to port 80 on it would
-    carry requests that must each be decided (Host fronting on a shared address), so it is closed."""
+    carry requests that must each be decided (Host fronting on a shared address), so it is refused
+    (and recorded) before anything is looked up; a new connection gets it."""
     gate = _gate(tmp_path, 443, 80)  # 127.0.0.1:80 is allowed: only the front end's rule stops it
     try:
         sock = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
         sock.sendall(b"CONNECT denied.test:443 HTTP/1.1\r\nHost: denied.test:443\r\n\r\n")
         assert recv_head(sock).startswith(b"HTTP/1.1 403")
         sock.sendall(b"CONNECT 127.0.0.1:80 HTTP/1.1\r\nHost: 127.0.0.1:80\r\n\r\n")
-        rest = b""
-        while chunk := sock.recv(65536):
-            rest += chunk
+        rest = recv_head(sock)
         sock.close()
-        assert rest.startswith(b"HTTP/1.1 400")
-        assert [d.kind for d in gate.decisions] == ["connect"]  # the refusal only
+        assert rest.startswith(b"HTTP/1.1 403")
+        assert b"first request on its connection" in rest
+        assert [(d.kind, d.decision, d.reason) for d in gate.decisions][1:] == [
+            ("connect", Verdict.DENY, Reason.UNSUPPORTED)
+        ]
     finally:
         gate.stop()
 

@@ -471,6 +471,38 @@ def test_an_ask_without_an_allow_refuses_and_dials_nothing(
     assert conn.tunnel is None
 
 
+class Elsewhere(Approver):
+    """Answers with an allow about something other than what it was asked."""
+
+    def __init__(self, **changes: Any) -> None:
+        super().__init__()
+        self.changes = changes
+
+    async def answer(self, decision: Decision, rule: Any, record: Any) -> Decision:
+        answer = await super().answer(decision, rule, record)
+        return answer.with_(**self.changes)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"host": "evil.test"}, {"port": 8443}, {"kind": Kind.HTTP}],
+    ids=["host", "port", "kind"],
+)
+def test_an_allow_about_another_request_is_never_enforced(
+    ask_policy: Policy, changes: dict[str, Any]
+) -> None:
+    checkpoint, lookups, memory = make(ask_policy, approvals=Elsewhere(**changes))
+    lookups.answers["api.test"] = "203.0.113.20"
+    conn = Connection(peer="127.0.0.1:5000", sandbox_id="sbx")
+    decision = admit(checkpoint, conn, Request(Kind.CONNECT, "api.test", 443, "CONNECT"))
+    assert (decision.decision, decision.reason) == (Verdict.DENY, Reason.APPROVAL_UNAVAILABLE)
+    assert memory.decisions[-1] == decision
+    assert checkpoint.dial_target(conn, "api.test", 443) is None
+    assert checkpoint.dial_target(conn, "evil.test", 443) is None
+    assert checkpoint.dial_target(conn, "api.test", 8443) is None
+    assert conn.tunnel is None
+
+
 def test_no_one_is_asked_about_a_destination_the_gate_refuses(ask_policy: Policy) -> None:
     approver = Approver()
     own = OwnEndpoints([("127.0.0.1", 3128)])
