@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import socket
@@ -369,7 +370,8 @@ def test_sigterm_stops_accepting_and_drains_requests_in_flight(tmp_path: Path) -
         curl.wait()
         serve.stop()
         upstream.stop()
-    assert any("drained 1 of 1 connections" in line for line in serve.lines), serve.lines
+    # Every connection in flight was drained (a probe that raced the listener's close counts too).
+    assert any(re.search(r"drained (\d+) of \1 connections", line) for line in serve.lines), serve.lines
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["decision"] for r in records if r.get("event") == "egress.decision"] == ["allow"]
 
