@@ -60,6 +60,7 @@ REQUEST_KEYS = frozenset(
 ASK_KEYS = frozenset({"timeout", "review"})  # meaningful on ask rules only
 RULE_KEYS = (
     frozenset({"name", "action", "hosts", "cidrs", "ports", "description", "comment", "inspect"})
+    | {"mode"}
     | REQUEST_KEYS
     | ASK_KEYS
 )
@@ -425,6 +426,7 @@ class _Loader:
                 "port 22 carries SSH, whose requests the gate cannot read; put SSH in its own "
                 "rule without request conditions",
             )
+        rule_mode = self.rule_mode(where.at("mode"), fields.get("mode"), action)
         if len(self.problems) != before or name is None:
             return None
         return Rule(
@@ -440,7 +442,26 @@ class _Loader:
             inspect=inspect,
             timeout=timeout,
             review=review,
+            mode=rule_mode,
         )
+
+    def rule_mode(self, where: _Where, node: Node | None, action: Action) -> Mode | None:
+        """A rule's own ``mode`` (None: the policy's). An ask rule is always a question to a person:
+        reporting it would let the request through unasked."""
+        if node is None:
+            return None
+        text = self.string(where, node)
+        if text is None:
+            return None
+        try:
+            mode = Mode(text)
+        except ValueError:
+            self.problem(where, node, f"{text!r} is not a mode (enforce or report)")
+            return None
+        if action is Action.ASK:
+            self.problem(where, node, "an ask rule asks in every mode; drop 'mode' here")
+            return None
+        return mode
 
     def request_conditions(
         self, where: _Where, node: Node, fields: dict[str, Node], action: Action

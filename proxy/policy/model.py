@@ -184,6 +184,10 @@ class Rule:
 
     timeout: int = DEFAULT_ASK_TIMEOUT  # ask rules: seconds to wait for an answer
     review: Review = Review.HUMAN  # ask rules: whether the automated reviewer may answer
+    # The rule's own mode; None follows the policy's. ``report`` on a deny rule records what it would
+    # refuse instead of refusing it; on an allow rule it reports the gaps it is nearest to (other
+    # ports, requests no request rule allows). See docs/lifecycle.md.
+    mode: Mode | None = None
 
     def ports_text(self) -> str:
         """The ports as refusal messages phrase them: ``port 443``, ``ports 80, 443``, ``every port``."""
