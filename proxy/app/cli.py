@@ -22,6 +22,7 @@ from proxy.app.arguments import (
     add_state_dir_option,
 )
 from proxy.app.exits import EXIT_DENY, EXIT_OK, fail
+from proxy.app.lifecycle_args import add_lifecycle_options
 
 DEFAULT_LISTEN = "127.0.0.1:3128"
 
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve, decision_log="append one JSON line per decision to FILE (default: stderr)"
     )
     approvals_cli.add_serve_options(serve)
+    add_lifecycle_options(serve)
     serve.set_defaults(func=_cmd_serve)
 
     token = sub.add_parser(

@@ -243,13 +243,9 @@ async def _serve(
     except (IdentityError, PolicyError) as exc:
         evidence.close()
         return fail(*exc.lines()) if isinstance(exc, PolicyError) else fail(str(exc))
-    holders = [holder, *sandbox_policies.values()]
     for sandbox_id, own in sandbox_policies.items():
         evidence.metrics.sandbox_policy_loaded(sandbox_id, [r.name for r in own().rules])
-
-    def reload_all() -> None:
-        for each in holders:
-            each.reload()
+    live = live_reload(args, holder, sandbox_policies, evidence)
 
     resolver = Resolver(nameservers=args.nameserver, hosts_file=args.hosts_file or None)
     gate = Gate(
@@ -273,7 +269,15 @@ async def _serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload_all() -> None:
+        task = loop.create_task(live.reload("signal"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     loop.add_signal_handler(signal.SIGHUP, reload_all)
+    watching: asyncio.Task[None] | None = None
     dns_gate: DnsGate | None = None
     handoff: HandoffServer | None = None
     approvals_started = False
@@ -287,6 +291,8 @@ async def _serve(
         if approvals.admin_address is not None:
             gate.protect_endpoint(*approvals.admin_address)
         await gate.start(listen_socket)
+        if args.watch_interval > 0:
+            watching = loop.create_task(live.run(stop))
         if args.dns_listen:
             dns_gate = DnsGate(holder, resolver, evidence.emitter)
             bound = await _serve_dns(dns_gate, *parse_listen(args.dns_listen))
@@ -331,6 +337,9 @@ async def _serve(
         await stop.wait()
         log.warning("shutting down")
     finally:
+        stop.set()
+        if watching is not None:
+            await watching
         if handoff is not None:
             await handoff.close()
         if dns_gate is not None:
@@ -341,3 +350,38 @@ async def _serve(
             await approvals.close()
         evidence.close()
     return 0
+
+
+def live_reload(
+    args: argparse.Namespace,
+    holder: PolicyHolder,
+    sandbox_policies: dict[str, PolicyHolder],
+    evidence: Any,
+) -> Any:
+    """The gate's live reload: every policy holder, the overlay and hosts file watched, outcomes
+    reported as events, metrics and ``/healthz`` (see :mod:`proxy.app.live_reload`)."""
+    from proxy.app.live_reload import LiveReload
+
+    extra: list[Path] = []
+    if getattr(args, "approved_file", None):
+        extra.append(Path(args.approved_file))
+    if getattr(args, "hosts_file", None):
+        extra.append(Path(args.hosts_file))
+    holders: dict[str | None, PolicyHolder] = {None: holder}
+    holders.update(sandbox_policies)
+
+    def sandbox_outcome(sandbox_id: str, own: PolicyHolder) -> None:
+        if own.stale:
+            evidence.metrics.policy_reload_failed()
+        else:
+            evidence.metrics.sandbox_policy_loaded(sandbox_id, [r.name for r in own().rules])
+
+    live = LiveReload(
+        holders,
+        event=evidence.emitter.event,
+        extra_paths=lambda: extra,
+        interval=getattr(args, "watch_interval", 0.5) or 0.5,
+        sandbox_outcome=sandbox_outcome,
+    )
+    evidence.metrics.health = live.health
+    return live

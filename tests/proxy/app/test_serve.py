@@ -31,9 +31,10 @@ rules:
 
 
 class Serve:
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, metrics: bool = False) -> None:
+        quiet = [] if metrics else ["--no-metrics"]
         self.proc = subprocess.Popen(
-            [EGRESS, "serve", "--listen", "127.0.0.1:0", "--no-metrics", *args],
+            [EGRESS, "serve", "--listen", "127.0.0.1:0", *quiet, *args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
