@@ -48,7 +48,7 @@ class LiveReload:
         self._event = event
         self._extra = extra_paths
         self._on_change = on_change  # e.g. re-read the approvals overlay
-        self._installed = installed  # e.g. close tunnels the new policy no longer allows
+        self.installed = installed  # e.g. close tunnels the new policy no longer allows
         self.interval = interval
         self._sandbox_outcome = (
             sandbox_outcome  # metrics for sandbox policies (no on_reload of theirs)
@@ -92,9 +92,9 @@ class LiveReload:
             return  # a watched file was touched, nothing the policy reads changed
         holder.install(new, time.monotonic() - started)
         self._report(key, holder, trigger)
-        if self._installed is not None:
+        if self.installed is not None:
             try:
-                await self._installed(key, new)
+                await self.installed(key, new)
             except Exception:
                 log.exception("after-reload step failed")
 

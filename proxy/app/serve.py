@@ -265,6 +265,8 @@ async def _serve(
         sandbox_policies=dict(sandbox_policies),
         approvals=approvals.broker,
     )
+    if getattr(args, "recheck_on_reload", False):
+        live.installed = tunnel_recheck(gate)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -385,3 +387,16 @@ def live_reload(
     )
     evidence.metrics.health = live.health
     return live
+
+
+def tunnel_recheck(gate: Any) -> Any:
+    """``--recheck-on-reload``: after each reload, close the tunnels the new policy refuses."""
+    from proxy.core.recheck import recheck
+
+    async def after(_sandbox: str | None, _policy: Policy) -> None:
+        checkpoint = gate.checkpoint
+        closed = recheck(checkpoint.connections, checkpoint.policy_for, checkpoint.emitter.emit)
+        if closed:
+            log.warning("policy reload closed %d tunnel(s) it no longer allows", len(closed))
+
+    return after
