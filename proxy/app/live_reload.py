@@ -21,7 +21,7 @@ from typing import Any
 
 from proxy.evidence.record import Event, policy_reload
 from proxy.policy.model import Policy
-from proxy.policy.reload import PolicyHolder
+from proxy.policy.reload import Changes, PolicyHolder
 from proxy.policy.watch import DEFAULT_INTERVAL, Watcher, watch
 
 log = logging.getLogger("egress")
@@ -82,15 +82,21 @@ class LiveReload:
 
     async def _reload_one(self, key: str | None, holder: PolicyHolder, trigger: str) -> None:
         started = time.monotonic()
+
+        def prepare() -> tuple[Policy, Changes]:
+            new = holder.prepare()
+            return new, holder.changes(new)
+
         try:
-            new = await asyncio.to_thread(holder.prepare)
+            new, changes = await asyncio.to_thread(prepare)
         except Exception as exc:
             holder.refused(exc, time.monotonic() - started)
             self._report(key, holder, trigger)
             return
         if new.version == holder().version and not holder.stale:
             return  # a watched file was touched, nothing the policy reads changed
-        holder.install(new, time.monotonic() - started)
+        # Only this runs on the loop; reloads are serialised, so ``changes`` is still current.
+        holder.install(new, time.monotonic() - started, changes)
         self._report(key, holder, trigger)
         if self.installed is not None:
             try:

@@ -62,6 +62,11 @@ def host_changes(old: Policy, new: Policy) -> tuple[tuple[str, ...], tuple[str, 
     return tuple(sorted(after - before)), tuple(sorted(before - after))
 
 
+Changes = tuple[
+    tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...]
+]  # rules added, removed, changed; hosts added, removed
+
+
 def rule_changes(old: Policy, new: Policy) -> tuple[tuple[str, ...], ...]:
     """Names of the rules added, removed and changed; a rule that only moved to another line or file
     has not changed."""
@@ -128,11 +133,15 @@ class PolicyHolder:
         )
         self._notify("error")
 
-    def install(self, new: Policy, seconds: float = 0.0) -> Reload:
-        """Swap ``new`` in (one reference assignment) and record what changed."""
+    def changes(self, new: Policy) -> Changes:
+        """What ``new`` changes against the policy in force (O(rules): compute it off the loop)."""
+        return (*rule_changes(self._policy, new), *host_changes(self._policy, new))
+
+    def install(self, new: Policy, seconds: float = 0.0, changes: Changes | None = None) -> Reload:
+        """Swap ``new`` in (one reference assignment) and record what changed; ``changes`` from
+        :meth:`changes`, computed beforehand, keeps the event loop's share to the assignment."""
         old = self._policy
-        added, removed, changed = rule_changes(old, new)
-        hosts_added, hosts_removed = host_changes(old, new)
+        added, removed, changed, hosts_added, hosts_removed = changes or self.changes(new)
         self._policy = new
         done = Reload(
             time.time(),
