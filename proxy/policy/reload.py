@@ -67,7 +67,9 @@ Changes = tuple[
 ]  # rules added, removed, changed; hosts added, removed
 
 
-def rule_changes(old: Policy, new: Policy) -> tuple[tuple[str, ...], ...]:
+def rule_changes(
+    old: Policy, new: Policy
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
     """Names of the rules added, removed and changed; a rule that only moved to another line or file
     has not changed."""
     before = {r.name: dataclasses.replace(r, file="", line=0) for r in old.rules}
