@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_policy_option(check)
     add_check_options(check)
+    add_lifecycle_options(check, watch=False)
     check.set_defaults(func=_cmd_check)
 
     lint = sub.add_parser(
@@ -115,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validate policy files; prints every problem as FILE:LINE: rule, key, message.",
     )
     lint.add_argument("files", nargs="+", metavar="FILE")
+    lint.add_argument(
+        "--managed",
+        metavar="FILE",
+        default=None,
+        help="also check each file against this managed policy (the organisation's ceiling)",
+    )
     lint.set_defaults(func=_cmd_lint)
 
     ca = sub.add_parser(
@@ -164,6 +171,10 @@ def _cmd_lint(args: argparse.Namespace) -> int:
     from proxy.policy.loader import lint_files
 
     problems = lint_files([Path(f) for f in args.files])
+    if args.managed and not problems:
+        from proxy.policy.managed import managed_lint
+
+        problems = managed_lint(args.managed, [Path(f) for f in args.files])
     for problem in problems:
         print(problem)
     if problems:
@@ -175,11 +186,12 @@ def _cmd_lint(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from proxy.app.check import run
-    from proxy.policy.loader import load_policy_file
+    from proxy.app.lifecycle_args import managed_policy_path
+    from proxy.policy.managed import load_effective
     from proxy.policy.model import PolicyError
 
     try:
-        policy = load_policy_file(args.policy)
+        policy = load_effective(args.policy, managed_policy_path(args))
     except PolicyError as exc:
         return fail(*exc.lines())
     return run(args, policy)

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import copy
+import functools
 import logging
 import os
 import signal
@@ -25,10 +26,12 @@ from proxy.app import statedir
 from proxy.app.arguments import limits_from
 from proxy.app.ca import CaError, Inspection, ensure_ca, upstream_trust
 from proxy.app.exits import fail
+from proxy.app.lifecycle_args import managed_policy_path
 from proxy.destinations.dnsgate import DnsGate
 from proxy.evidence.emit import JsonLineSink, Sink
 from proxy.policy.identities import Identities, IdentityError
-from proxy.policy.loader import load_policy_file, policy_file
+from proxy.policy.loader import policy_file
+from proxy.policy.managed import load_effective, load_with_ceiling
 from proxy.policy.model import Policy, PolicyError
 from proxy.policy.reload import PolicyHolder
 
@@ -54,7 +57,7 @@ def serve_main(args: argparse.Namespace) -> int:
 
     configure_logging()
     try:
-        policy = load_policy_file(args.policy)
+        policy = load_effective(args.policy, managed_policy_path(args))
     except PolicyError as exc:
         return fail(*exc.lines())
     try:
@@ -144,7 +147,7 @@ def _serve_workers(
 
     def check_reload() -> bool:
         try:
-            new = load_policy_file(args.policy)
+            new = load_effective(args.policy, managed_policy_path(args))
         except PolicyError as exc:
             for line in exc.lines():
                 log.error("policy reload rejected: %s", line)
@@ -182,17 +185,22 @@ async def _serve_dns(dns_gate: DnsGate, host: str, port: int) -> tuple[str, int]
     raise OSError("no free port for the DNS listener")
 
 
-def load_sandboxes(path: str | None) -> tuple[Identities | None, dict[str, PolicyHolder]]:
-    """Identities for a shared gate and a policy holder for each sandbox that names its own policy;
-    IdentityError or PolicyError when any of them does not load."""
+def load_sandboxes(
+    path: str | None, managed: str | None = None
+) -> tuple[Identities | None, dict[str, PolicyHolder]]:
+    """Identities for a shared gate and a policy holder for each sandbox that names its own policy
+    (under the managed ceiling too, when there is one); IdentityError or PolicyError when any of
+    them does not load."""
     if path is None:
         return None, {}
     identities = Identities.load(Path(path))
     holders: dict[str, PolicyHolder] = {}
     for sandbox in identities.by_id.values():
         if sandbox.policy is not None:
-            own = load_policy_file(sandbox.policy)
-            holders[sandbox.id] = PolicyHolder(sandbox.policy, own)
+            own = load_effective(sandbox.policy, managed)
+            holders[sandbox.id] = PolicyHolder(
+                sandbox.policy, own, load=functools.partial(load_with_ceiling, managed_path=managed)
+            )
     return identities, holders
 
 
@@ -236,10 +244,16 @@ async def _serve(
         else:
             evidence.metrics.policy_reload_failed()
 
-    holder = PolicyHolder(path, policy, on_reload=on_reload)
+    managed = managed_policy_path(args)
+    holder = PolicyHolder(
+        path,
+        policy,
+        on_reload=on_reload,
+        load=functools.partial(load_with_ceiling, managed_path=managed),
+    )
     evidence.metrics.policy_loaded(policy.version, [r.name for r in policy.rules], policy.mode)
     try:
-        identities, sandbox_policies = load_sandboxes(args.sandboxes)
+        identities, sandbox_policies = load_sandboxes(args.sandboxes, managed)
     except (IdentityError, PolicyError) as exc:
         evidence.close()
         return fail(*exc.lines()) if isinstance(exc, PolicyError) else fail(str(exc))
@@ -324,6 +338,8 @@ async def _serve(
             "sandboxes": len(identities.by_id) if identities else "any",
             "state": str(state_dir),
         }
+        if managed:
+            info["managed"] = managed
         if dns_gate is not None:
             info["dns"] = f"{bound[0]}:{bound[1]}"
         info.update(approvals.describe())

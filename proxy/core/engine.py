@@ -32,7 +32,9 @@ every mode: no policy setting turns them into an allow.
 A rule's own ``mode`` overrides the policy's for the refusals that rule is responsible for: the port
 gaps of the rule nearest to a host, the requests no request rule allows on the host of the allow rule
 that matched, and the deny rule's own matches. ``no-matching-rule`` has no rule and follows the policy.
-The decision's ``mode`` is the mode that applied.
+The decision's ``mode`` is the mode that applied. Under a managed ceiling (``Policy.ceiling``,
+:mod:`proxy.policy.managed`) a ``report`` the managed policy would not allow is a ``deny``: report mode
+learns inside the organisation's bounds, never past them.
 
 ``decide`` does no I/O, keeps no state and costs the same for 10 rules as for 100,000 (see
 ``proxy/index.py`` and ``bench/decisions.py``).
@@ -310,6 +312,12 @@ def _make(
     detail: str,
     mode: Mode | None = None,
 ) -> Decision:
+    if verdict is Verdict.REPORT and policy.ceiling is not None:
+        # Report mode learns inside the managed ceiling only: what it would not allow is refused.
+        outside = decide(request, policy.ceiling)
+        if not outside.allowed:
+            verdict = Verdict.DENY
+            detail += f"; outside the managed policy ({outside.reason})"
     # Positional construction: keyword arguments cost ~50% more on this hot path.
     return Decision(
         verdict,

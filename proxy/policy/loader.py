@@ -83,9 +83,13 @@ _TYPE_NAMES = {
 _IPV4_MAPPED = IPv6Network("::ffff:0:0/96")
 
 
-def load_policy(path: str | os.PathLike[str]) -> Policy:
-    """Load a policy and everything it includes; raises PolicyError listing every problem found."""
+def load_policy(path: str | os.PathLike[str], *, managed: bool = False) -> Policy:
+    """Load a policy and everything it includes; raises PolicyError listing every problem found.
+
+    ``managed``: the file is a managed policy, whose top level may hold a ``managed:`` section
+    (read by :mod:`proxy.policy.managed`; the loader only lets it through)."""
     loader = _Loader()
+    loader.managed = managed
     loader.load_top(Path(path))
     if loader.problems:
         raise PolicyError(loader.problems, str(path))
@@ -151,6 +155,7 @@ class _Loader:
         self.rule_sites: dict[str, str] = {}
         self.allow_internal: list[IPNetwork] = []
         self.mode: Mode = Mode.ENFORCE
+        self.managed = False  # the top file may carry a managed: section
 
     # -- results --------------------------------------------------------------------------------
 
@@ -241,7 +246,8 @@ class _Loader:
         self, root: Node, path: Path, shown: str, stack: tuple[Path, ...], *, top: bool
     ) -> None:
         here = _Where(shown)
-        fields = self.mapping(here, root, TOP_KEYS, "a policy file")
+        keys = TOP_KEYS | {"managed"} if top and self.managed else TOP_KEYS
+        fields = self.mapping(here, root, keys, "a policy file")
         if fields is None:
             return
         version = fields.get("version")

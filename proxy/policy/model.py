@@ -242,6 +242,9 @@ class Policy:
     allow_internal: tuple[IPNetwork, ...] = ()
     files: tuple[Path, ...] = ()
     index: RuleIndex = field(init=False, repr=False, compare=False)
+    # The managed policy this one was checked against (proxy.policy.managed): a ``report`` decision
+    # it would not allow is a denial, so report mode never widens past the organisation's ceiling.
+    ceiling: Policy | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "index", RuleIndex(self.rules))
