@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proxy import __version__
-from proxy.app import approvals_cli
+from proxy.app import approvals_cli, learn_cli
 from proxy.app.arguments import (
     add_check_options,
     add_gate_options,
@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     approvals_cli.add_serve_options(serve)
     add_lifecycle_options(serve)
     serve.set_defaults(func=_cmd_serve)
+    learn_cli.add_commands(sub)
 
     token = sub.add_parser(
         "token",

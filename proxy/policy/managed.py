@@ -356,39 +356,64 @@ def _first_file(policy: Policy) -> str:
     return display_path(policy.files[0]) if policy.files else "the local policy"
 
 
-def _rule_problems(rule: Rule, managed: Managed) -> list[Problem]:
-    out: list[Problem] = []
+@dataclass(frozen=True)
+class Gap:
+    """Part of a rule another policy does not cover: a host pattern or network on a port (0: the
+    rule lists none), and why not (naming the nearest rule), when one came close."""
+
+    rule: Rule
+    key: str  # hosts | cidrs
+    target: str
+    port: int
+    why: str | None
+
+    @property
+    def where(self) -> str:
+        return f"{self.target} port {self.port}" if self.port else self.target
+
+
+def rule_gaps(rule: Rule, managed: Managed) -> list[Gap]:
+    """What of an allow or ask ``rule`` the managed (or any other) policy does not cover."""
+    out: list[Gap] = []
     ports = sorted(rule.ports) if rule.ports is not None else [0]
     ceiling = managed.ceiling
     for pattern in rule.hosts:
+        gap = None
         for piece in _pieces(pattern):
             matches = [m for m in ceiling if any(_pattern_covered(piece, h) for h in m.hosts)]
             for port in ports:
                 ok, why = _covering(rule, str(pattern), port, managed, matches)
                 if not ok:
-                    out.append(_uncovered(rule, "hosts", str(pattern), port, managed, why))
+                    gap = Gap(rule, "hosts", str(pattern), port, why)
                     break
-            else:
-                continue
-            break
+            if gap is not None:
+                break
+        if gap is not None:
+            out.append(gap)
     for net in rule.cidrs:
         matches = [m for m in ceiling if any(_net_covered(net, c) for c in m.cidrs)]
         for port in ports:
             ok, why = _covering(rule, str(net), port, managed, matches)
             if not ok:
-                out.append(_uncovered(rule, "cidrs", str(net), port, managed, why))
+                out.append(Gap(rule, "cidrs", str(net), port, why))
                 break
     return out
 
 
-def _uncovered(
-    rule: Rule, key: str, target: str, port: int, managed: Managed, why: str | None
-) -> Problem:
-    where = f"{target} port {port}" if port else target
-    message = why or f"no rule of the managed policy {managed.path} allows {where}"
-    return Problem(
-        rule.file, rule.line, rule.name, key, f"{where} is outside the managed ceiling: {message}"
-    )
+def _rule_problems(rule: Rule, managed: Managed) -> list[Problem]:
+    out: list[Problem] = []
+    for gap in rule_gaps(rule, managed):
+        message = gap.why or f"no rule of the managed policy {managed.path} allows {gap.where}"
+        out.append(
+            Problem(
+                rule.file,
+                rule.line,
+                rule.name,
+                gap.key,
+                f"{gap.where} is outside the managed ceiling: {message}",
+            )
+        )
+    return out
 
 
 def effective(local: Policy, managed: Managed) -> Policy:
