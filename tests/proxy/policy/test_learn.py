@@ -73,7 +73,7 @@ def test_ip_literals_are_flagged_and_internal_ones_never_proposed(tmp_path: Path
             rec("93.184.216.34"),
             rec("10.0.0.5", decision="allow", reason="allowed-by-rule"),
             rec("::1", decision="allow", reason="allowed-by-rule"),
-        ],  # fmt: skip
+        ],
     )
     assert "IP LITERAL" in text and "93.184.216.34/32" in text
     assert "10.0.0.5" not in text.split("version: 1")[1] and "never proposed: 10.0.0.5" in text
@@ -91,10 +91,10 @@ def test_requests_become_methods_and_path_prefixes(tmp_path: Path) -> None:
             method="POST",
             path="/graphql",
             reason="request-not-allowed",
-        ),  # fmt: skip
+        ),
         rec("api.example.com", 443),
     ]
-    text, policy = proposal(tmp_path, records)
+    _, policy = proposal(tmp_path, records)
     rules = {r.name: r for r in policy.rules}
     conditions = {(tuple(sorted(r.request.methods or ())), tuple(g.text for g in r.request.paths or ()))
                   for r in rules.values() if r.request is not None}  # fmt: skip
