@@ -199,3 +199,33 @@ def test_sighup_still_reloads_without_watching(tmp_path: Path) -> None:
         assert reloads(log)[0]["trigger"] == "signal"
     finally:
         serve.stop()
+
+
+def test_a_watched_reload_cannot_widen_past_the_managed_ceiling(tmp_path: Path) -> None:
+    managed = tmp_path / "org.yaml"
+    managed.write_text("version: 1\nrules:\n  - name: org\n    hosts: [pkgs.test, more.test]\n")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(ONE)
+    log = tmp_path / "decisions.jsonl"
+    serve = Serve(
+        "--policy", str(policy), "--decision-log", str(log), "--nameserver", "127.0.0.1:9",
+        "--managed-policy", str(managed), "--watch-interval", "0.1",
+    )  # fmt: skip
+    try:
+        atomic_write(policy, ONE + "  - name: wide\n    hosts: [evil.example]\n")
+        wait_for(lambda: len(reloads(log)) == 1, "the refused reload")
+        (event,) = reloads(log)
+        assert event["result"] == "error"
+        assert any(
+            "rule 'wide'" in p and "outside the managed ceiling" in p for p in event["problems"]
+        )
+        assert reason_for(serve, log, "evil.example") == "no-matching-rule"
+        # the organisation narrows its ceiling below the local policy: refused too
+        atomic_write(policy, ONE)
+        wait_for(lambda: len(reloads(log)) == 2, "the good reload")
+        atomic_write(managed, "version: 1\nrules:\n  - name: org\n    hosts: [other.test]\n")
+        wait_for(lambda: len(reloads(log)) == 3, "the refused ceiling change")
+        assert reloads(log)[2]["result"] == "error"
+        assert reason_for(serve, log, "pkgs.test") != "no-matching-rule"
+    finally:
+        serve.stop()
