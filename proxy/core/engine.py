@@ -169,23 +169,16 @@ def decide_request(request: Request, policy: Policy) -> Decision | BodyNeeded:
                 # A request no rule allows is a gap in the allowlist: report mode reports it. An
                 # explicit request deny rule holds unless it is itself in report mode; an ambiguous
                 # request is a safety refusal.
-                mode = _mode_of(judged.rule if judged.rule is not None else rule, policy)
-                if judged.reason is Reason.REQUEST_NOT_ALLOWED and mode is Mode.REPORT:
-                    return _make(
-                        request,
-                        policy,
-                        Verdict.REPORT,
-                        judged.reason,
-                        name,
-                        host,
-                        judged.detail,
-                        mode,
-                    )
-                if (
+                gap = judged.reason is Reason.REQUEST_NOT_ALLOWED
+                trial = (
                     judged.reason is Reason.DENIED_BY_RULE
                     and judged.rule is not None
                     and judged.rule.mode is Mode.REPORT
-                ):
+                )
+                if trial or (gap and _mode_of(judged.rule or rule, policy) is Mode.REPORT):
+                    suffix = (
+                        " (the rule is in report mode: recorded, not enforced)" if trial else ""
+                    )
                     return _make(
                         request,
                         policy,
@@ -193,7 +186,7 @@ def decide_request(request: Request, policy: Policy) -> Decision | BodyNeeded:
                         judged.reason,
                         name,
                         host,
-                        judged.detail + " (the rule is in report mode: recorded, not enforced)",
+                        judged.detail + suffix,
                         Mode.REPORT,
                     )
                 detail = judged.detail

@@ -102,20 +102,19 @@ def load_managed(path: str | os.PathLike[str]) -> Managed:
             Problem(shown, None, None, "mode", "a managed policy is enforced; drop 'mode: report'")
         )
     if policy is not None:
-        for rule in policy.rules:
-            if rule.mode is Mode.REPORT:
-                problems.append(
-                    Problem(
-                        rule.file,
-                        rule.line,
-                        rule.name,
-                        "mode",
-                        "a managed rule is enforced; drop 'mode: report'",
-                    )
-                )
+        problems += _reporting_rules(policy, "a managed rule is enforced; drop 'mode: report'")
     if problems or policy is None:
         raise PolicyError(problems, shown)
     return Managed(policy, shown, forbid)
+
+
+def _reporting_rules(policy: Policy, message: str) -> list[Problem]:
+    """A problem for each rule of ``policy`` in report mode."""
+    return [
+        Problem(rule.file, rule.line, rule.name, "mode", message)
+        for rule in policy.rules
+        if rule.mode is Mode.REPORT
+    ]
 
 
 def _managed_section(text: str, shown: str) -> tuple[frozenset[str], list[Problem]]:
@@ -302,17 +301,9 @@ def ceiling_problems(local: Policy, managed: Managed) -> list[Problem]:
                     f"report mode is forbidden by the managed policy {mpath}",
                 )
             )
-        for rule in local.rules:
-            if rule.mode is Mode.REPORT:
-                problems.append(
-                    Problem(
-                        rule.file,
-                        rule.line,
-                        rule.name,
-                        "mode",
-                        f"report mode is forbidden by the managed policy {mpath}",
-                    )
-                )
+        problems += _reporting_rules(
+            local, f"report mode is forbidden by the managed policy {mpath}"
+        )
     for net in local.allow_internal:
         if "allow-internal" in forbid:
             problems.append(
