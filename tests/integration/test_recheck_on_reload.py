@@ -26,7 +26,7 @@ def rule(name: str, host: str, port: int) -> str:
 
 @pytest.fixture(scope="module")
 def ca(tmp_path_factory: pytest.TempPathFactory) -> LocalCA:
-    return LocalCA(tmp_path_factory.mktemp("ca"), ["kept.test", "dropped.test"])
+    return LocalCA(tmp_path_factory.mktemp("ca"), ["kept.test", "dropped.test", "insp.test"])
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +39,12 @@ def upstream(ca: LocalCA) -> Iterator[Upstream]:
 @pytest.fixture(scope="module")
 def dns() -> Iterator[FakeDns]:
     with FakeDns() as server:
-        for name in ("kept.test", "dropped.test"):
+        for name in ("kept.test", "dropped.test", "insp.test"):
             server.set(name, "A", ["127.0.0.1"])
         yield server
 
 
-def open_tunnel(gate: RunningGate, ca: LocalCA, host: str, port: int) -> ssl.SSLSocket:
+def open_tunnel(gate: RunningGate, ca: LocalCA | Path, host: str, port: int) -> ssl.SSLSocket:
     raw = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
     raw.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
     head = b""
@@ -53,7 +53,8 @@ def open_tunnel(gate: RunningGate, ca: LocalCA, host: str, port: int) -> ssl.SSL
         assert chunk, head
         head += chunk
     assert head.startswith(b"HTTP/1.1 200"), head
-    context = ssl.create_default_context(cafile=str(ca.ca_path))
+    context = ssl.create_default_context(cafile=str(ca if isinstance(ca, Path) else ca.ca_path))
+    context.set_alpn_protocols(["http/1.1"])
     tls = context.wrap_socket(raw, server_hostname=host)
     assert get(tls, host) == 200
     return tls
@@ -66,11 +67,19 @@ def get(tls: ssl.SSLSocket, host: str) -> int:
 
 
 def closed(tls: ssl.SSLSocket) -> bool:
+    """The gate ended the connection: reading reaches EOF or an error (a live one keeps answering
+    and then idles until the timeout)."""
+    tls.settimeout(3.0)
     try:
         tls.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        return tls.recv(65536) == b""
+        for _ in range(100):  # bounded: leftovers of earlier responses, then EOF
+            if tls.recv(65536) == b"":
+                return True
+    except TimeoutError:
+        return False
     except (OSError, ssl.SSLError):
         return True
+    return False
 
 
 def run_recheck(gate: RunningGate) -> list[object]:
@@ -125,5 +134,32 @@ def test_without_recheck_admitted_tunnels_keep_running(
         gate.policy = load_policy(path)
         assert get(tunnel, "dropped.test") == 200
         tunnel.close()
+    finally:
+        gate.stop()
+
+
+def test_recheck_closes_an_inspected_tunnel_too(
+    tmp_path: Path, ca: LocalCA, upstream: Upstream, dns: FakeDns
+) -> None:
+    path = tmp_path / "policy.yaml"
+    inspected = (
+        f"  - name: insp\n    hosts: [insp.test]\n    ports: [{upstream.port}]\n    inspect: true\n"
+    )
+    path.write_text(RULES + inspected)
+    confdir = tmp_path / "state"
+    gate = RunningGate(
+        path,
+        [dns.nameserver],
+        config={"confdir": str(confdir), "upstream_ca": str(ca.ca_path)},
+    ).start()
+    try:
+        tunnel = open_tunnel(gate, confdir / "mitmproxy-ca-cert.pem", "insp.test", upstream.port)
+        path.write_text(RULES + rule("other", "kept.test", upstream.port))
+        gate.policy = load_policy(path)
+        before = len(gate.decisions)
+        assert len(run_recheck(gate)) == 1
+        fresh = gate.decisions[before:]
+        assert [(d.decision, d.host) for d in fresh] == [(Verdict.DENY, "insp.test")]
+        assert closed(tunnel)
     finally:
         gate.stop()
