@@ -117,6 +117,17 @@ def _is_journal(path: Path) -> bool:
     return False
 
 
+def _chains(journals: list[Path]) -> list[list[Path]]:
+    """Journal files grouped by chain: an active file with its rotated files (``FILE.000001``...)."""
+    from proxy.evidence.journal.files import rotation_index
+
+    groups: dict[Path, list[Path]] = {}
+    for path in journals:
+        base = path.with_suffix("") if rotation_index(path) is not None else path
+        groups.setdefault(base, []).append(path)
+    return list(groups.values())
+
+
 def _cmd_learn(args: argparse.Namespace) -> int:
     from proxy.evidence.journal.verify import verify
     from proxy.policy.learn import observe, propose, render
@@ -140,12 +151,13 @@ def _cmd_learn(args: argparse.Namespace) -> int:
     header = ["Proposed by `egress learn`: review every entry before enforcing it."]
     journals = [p for p in paths if _is_journal(p)]
     broken = False
-    if journals:
-        report = verify(journals, require_genesis=False)
+    for chain in _chains(journals):  # each journal (a worker's, a replica's) is its own chain
+        report = verify(chain, require_genesis=False)
         if report.problems:
             broken = True
             header.append(
-                "WARNING: the audit journal's hash chain is BROKEN; records may be forged:"
+                f"WARNING: the audit journal {chain[-1]}: hash chain is BROKEN; records may be "
+                "forged:"
             )
             header += [f"  {p}" for p in report.problems[:20]]
             for problem in report.problems:

@@ -129,3 +129,15 @@ def test_learn_says_when_the_journal_chain_is_broken(
     assert result.returncode == 1
     assert "journal chain broken" in result.stderr
     assert "hash chain is BROKEN" in result.stdout
+
+
+def test_two_journals_are_two_chains_each_verified(
+    recorded: tuple[Path, int, int], tmp_path: Path
+) -> None:
+    journal, _, _ = recorded
+    first, second = tmp_path / "audit.jsonl.w0", tmp_path / "audit.jsonl.w1"
+    first.write_bytes(journal.read_bytes())
+    second.write_bytes(journal.read_bytes())
+    result = egress("learn", str(first), str(second))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("Journal hash chain verified") == 2
