@@ -307,7 +307,7 @@ async def _serve(
         if approvals.admin_address is not None:
             gate.protect_endpoint(*approvals.admin_address)
         await gate.start(listen_socket)
-        if args.watch_interval > 0:
+        if getattr(args, "watch_interval", 0.5) > 0:
             watching = loop.create_task(live.run(stop))
         if args.dns_listen:
             dns_gate = DnsGate(holder, resolver, evidence.emitter)

@@ -229,3 +229,22 @@ def test_a_watched_reload_cannot_widen_past_the_managed_ceiling(tmp_path: Path) 
         assert reason_for(serve, log, "pkgs.test") != "no-matching-rule"
     finally:
         serve.stop()
+
+
+def test_the_admin_listener_serves_healthz_too(tmp_path: Path) -> None:
+    from tests.approvals_harness import ApprovalGate
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(ONE)
+    gate = ApprovalGate(policy, "127.0.0.1:9", tmp_path, "--watch-interval", "0.1")
+    try:
+        base = gate.admin.rstrip("/")
+        code, body = get(f"{base}/healthz")
+        assert code == 200 and json.loads(body)["status"] == "ok"
+        policy.write_text(BROKEN)
+        wait_for(lambda: json.loads(get(f"{base}/healthz")[1])["status"] == "stale", "stale")
+        health = json.loads(get(f"{base}/healthz")[1])
+        assert any("rule 'wide'" in p for p in health["problems"])
+        assert get(f"{base}/healthz?strict")[0] == 503
+    finally:
+        gate.stop()
