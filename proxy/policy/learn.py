@@ -253,7 +253,7 @@ def propose(
                     "  # Prefer the host name if there is one; review before allowing an address.",
                     f"  - name: {name}",
                     f"    description: learned; IP literal {host}",
-                    f"    cidrs: [{net}]",
+                    f'    cidrs: ["{net}"]',
                     f"    ports: [{', '.join(str(p) for p in sorted(ports))}]",
                 ]
             )
@@ -300,7 +300,7 @@ def propose(
                 "    hosts:",
             ]
             for host in sorted(members):
-                lines.append(f"      - {host}  # {_total(hosts[host].values()).comment()}")
+                lines.append(f'      - "{host}"  # {_total(hosts[host].values()).comment()}')
             lines.append(f"    ports: [{', '.join(str(p) for p in port_set)}]")
             blocks.append("\n".join(lines))
     # request rules: per host and port, prefixes grouped by their method sets
@@ -316,7 +316,7 @@ def propose(
             lines = [
                 f"  # requests to {host}:{port} ({total.comment()})",
                 f"  - name: {_rule_name(f'{host}-requests', used)}",
-                f"    hosts: [{host}]",
+                f'    hosts: ["{host}"]',
                 f"    ports: [{port}]",
                 f"    methods: [{', '.join(methods)}]",
                 "    paths:",

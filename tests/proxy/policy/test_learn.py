@@ -125,3 +125,9 @@ def test_registrable_domains() -> None:
     assert registrable("x.github.io") == "x.github.io"
     assert registrable("github.io") is None and registrable("com") is None
     assert registrable("192.0.2.1") is None
+
+
+def test_ipv6_literals_load(tmp_path: Path) -> None:
+    text, policy = proposal(tmp_path, [rec("fd00::1"), rec("[2606:4700::1111]")])
+    assert [str(c) for r in policy.rules for c in r.cidrs] == ["2606:4700::1111/128"]
+    assert "never proposed: fd00::1" in text
