@@ -2,8 +2,9 @@
 
 Start-up fails closed: a policy that does not load, a listener that cannot bind or an evidence sink that
 cannot be opened stops the process with exit 2 and a message, rather than running a gate that enforces
-or records less than configured. SIGINT/SIGTERM stop it cleanly; SIGHUP reloads the policy (a failed
-reload keeps the old policy).
+or records less than configured; so does a managed policy (``--managed-policy``) that does not load or
+that the local policy exceeds. SIGINT/SIGTERM stop it cleanly; edited policy files and SIGHUP reload the
+policy (a failed reload keeps the old policy and says so: :mod:`proxy.app.live_reload`).
 """
 
 from __future__ import annotations
