@@ -106,7 +106,7 @@ def test_a_broken_edit_keeps_the_last_good_policy_and_says_so_everywhere(
     serve, policy, log = gate
     metrics = metrics_address(serve)
     assert get(f"http://{metrics}/healthz")[0] == 200
-    policy.write_text(BROKEN)
+    atomic_write(policy, BROKEN)
     wait_for(lambda: len(reloads(log)) == 1, "the refused reload event")
     (event,) = reloads(log)
     assert event["result"] == "error"
@@ -138,7 +138,7 @@ def test_a_deleted_policy_file_keeps_the_last_good_policy(gate: tuple[Serve, Pat
     assert event["result"] == "error" and "cannot read" in " ".join(event["problems"])
     assert reason_for(serve, log, "more.test") == "no-matching-rule"
     assert reason_for(serve, log, "pkgs.test") != "no-matching-rule"
-    policy.write_text(TWO)
+    atomic_write(policy, TWO)
     wait_for(lambda: len(reloads(log)) == 2, "the reload once the file is back")
     assert reloads(log)[1]["result"] == "ok"
 
@@ -241,7 +241,7 @@ def test_the_admin_listener_serves_healthz_too(tmp_path: Path) -> None:
         base = gate.admin.rstrip("/")
         code, body = get(f"{base}/healthz")
         assert code == 200 and json.loads(body)["status"] == "ok"
-        policy.write_text(BROKEN)
+        atomic_write(policy, BROKEN)
         wait_for(lambda: json.loads(get(f"{base}/healthz")[1])["status"] == "stale", "stale")
         health = json.loads(get(f"{base}/healthz")[1])
         assert any("rule 'wide'" in p for p in health["problems"])
