@@ -248,3 +248,42 @@ def test_the_admin_listener_serves_healthz_too(tmp_path: Path) -> None:
         assert get(f"{base}/healthz?strict")[0] == 503
     finally:
         gate.stop()
+
+
+def test_reloads_appear_on_the_admin_event_stream(tmp_path: Path) -> None:
+    import requests
+
+    from tests.approvals_harness import ApprovalGate
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(ONE)
+    gate = ApprovalGate(policy, "127.0.0.1:9", tmp_path, "--watch-interval", "0.1")
+    session = requests.Session()
+    session.trust_env = False
+    try:
+        token = gate.token_files["alice"].read_text().strip()
+        stream = session.get(
+            f"{gate.admin}/v1/events?decisions=1",
+            headers={"Authorization": f"Bearer {token}"},
+            stream=True,
+            timeout=(5, 30),
+        )
+        lines = stream.iter_lines(decode_unicode=True)
+        kind = ""
+        for line in lines:  # the snapshot: the stream is subscribed from here on
+            if line.startswith("data:"):
+                break
+        atomic_write(policy, BROKEN)
+        seen: list[dict[str, Any]] = []
+        for line in lines:
+            if line.startswith("event:"):
+                kind = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and kind == "policy":
+                seen.append(json.loads(line.split(":", 1)[1]))
+                break
+        stream.close()
+        assert seen and seen[0]["result"] == "error"
+        assert any("rule 'wide'" in p for p in seen[0]["problems"])
+    finally:
+        session.close()
+        gate.stop()
