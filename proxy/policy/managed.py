@@ -290,41 +290,18 @@ def ceiling_problems(local: Policy, managed: Managed) -> list[Problem]:
     mpath = managed.path
     forbid = managed.forbid
     if "report-mode" in forbid:
+        forbidden = f"report mode is forbidden by the managed policy {mpath}"
         if local.mode is Mode.REPORT:
-            source = str(local.files[0]) if local.files else "the local policy"
-            problems.append(
-                Problem(
-                    display_path(Path(source)),
-                    None,
-                    None,
-                    "mode",
-                    f"report mode is forbidden by the managed policy {mpath}",
-                )
-            )
-        problems += _reporting_rules(
-            local, f"report mode is forbidden by the managed policy {mpath}"
-        )
+            problems.append(Problem(_first_file(local), None, None, "mode", forbidden))
+        problems += _reporting_rules(local, forbidden)
     for net in local.allow_internal:
         if "allow-internal" in forbid:
-            problems.append(
-                Problem(
-                    _first_file(local),
-                    None,
-                    None,
-                    "allow_internal",
-                    f"{net}: allow_internal is forbidden by the managed policy {mpath}",
-                )
-            )
+            why = f"{net}: allow_internal is forbidden by the managed policy {mpath}"
         elif not any(_net_covered(net, m) for m in managed.policy.allow_internal):
-            problems.append(
-                Problem(
-                    _first_file(local),
-                    None,
-                    None,
-                    "allow_internal",
-                    f"{net} is not inside the managed policy's allow_internal ({mpath})",
-                )
-            )
+            why = f"{net} is not inside the managed policy's allow_internal ({mpath})"
+        else:
+            continue
+        problems.append(Problem(_first_file(local), None, None, "allow_internal", why))
     names = {r.name: r for r in managed.policy.rules}
     for rule in local.rules:
         if rule.name in names:
