@@ -17,6 +17,7 @@ kind of traffic reaches the checkpoint:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable
@@ -151,6 +152,7 @@ class GateAddon:
             flow.response = refusal_response(decision)
             return
         self.checkpoint.opened(conn, decision)
+        conn.closer = functools.partial(self.close_client, flow.client_conn)
         self._arm_deadline(flow.client_conn)  # now for the tunnel's first bytes
 
     # -- HTTP requests -------------------------------------------------------------------------

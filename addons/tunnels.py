@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import contextvars
 import fcntl
+import functools
 import itertools
 import logging
 import os
@@ -278,6 +279,7 @@ class TunnelFrontEnd:
             up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await loop.sock_sendall(up, first)
             conn.bytes_out += len(first)
+            conn.closer = functools.partial(_shut, sock, up)
             await self._relay(sock, up, conn)
         finally:
             up.close()
@@ -394,6 +396,13 @@ def _parse_connect(
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, port, credential, fields
+
+
+def _shut(*socks: socket.socket) -> None:
+    """End a relayed tunnel from outside (a reload no longer allows it): both splices see EOF."""
+    for sock in socks:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 async def _relay(client: socket.socket, upstream: socket.socket, conn: Connection) -> None:

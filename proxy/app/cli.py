@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proxy import __version__
-from proxy.app import approvals_cli
+from proxy.app import approvals_cli, learn_cli
 from proxy.app.arguments import (
     add_check_options,
     add_gate_options,
@@ -22,6 +22,7 @@ from proxy.app.arguments import (
     add_state_dir_option,
 )
 from proxy.app.exits import EXIT_DENY, EXIT_OK, fail
+from proxy.app.lifecycle_args import add_lifecycle_options
 
 DEFAULT_LISTEN = "127.0.0.1:3128"
 
@@ -91,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
         serve, decision_log="append one JSON line per decision to FILE (default: stderr)"
     )
     approvals_cli.add_serve_options(serve)
+    add_lifecycle_options(serve)
     serve.set_defaults(func=_cmd_serve)
+    learn_cli.add_commands(sub)
 
     token = sub.add_parser(
         "token",
@@ -113,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_policy_option(check)
     add_check_options(check)
+    add_lifecycle_options(check, watch=False)
     check.set_defaults(func=_cmd_check)
 
     lint = sub.add_parser(
@@ -121,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validate policy files; prints every problem as FILE:LINE: rule, key, message.",
     )
     lint.add_argument("files", nargs="+", metavar="FILE")
+    lint.add_argument(
+        "--managed",
+        metavar="FILE",
+        default=None,
+        help="also check each file against this managed policy (the organisation's ceiling)",
+    )
     lint.set_defaults(func=_cmd_lint)
 
     ca = sub.add_parser(
@@ -170,6 +180,10 @@ def _cmd_lint(args: argparse.Namespace) -> int:
     from proxy.policy.loader import lint_files
 
     problems = lint_files([Path(f) for f in args.files])
+    if args.managed and not problems:
+        from proxy.policy.managed import managed_lint
+
+        problems = managed_lint(args.managed, [Path(f) for f in args.files])
     for problem in problems:
         print(problem)
     if problems:
@@ -181,11 +195,12 @@ def _cmd_lint(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from proxy.app.check import run
-    from proxy.policy.loader import load_policy_file
+    from proxy.app.lifecycle_args import managed_policy_path
+    from proxy.policy.managed import load_effective
     from proxy.policy.model import PolicyError
 
     try:
-        policy = load_policy_file(args.policy)
+        policy = load_effective(args.policy, managed_policy_path(args))
     except PolicyError as exc:
         return fail(*exc.lines())
     return run(args, policy)

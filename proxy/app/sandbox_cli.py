@@ -10,6 +10,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from proxy.app.arguments import add_gate_options, add_policy_option
+from proxy.app.lifecycle_args import add_lifecycle_options, managed_policy_path
 
 if TYPE_CHECKING:
     from proxy.sandbox.private_gate import GateRequest, PrivateGate
@@ -54,6 +55,7 @@ def register(subparsers: Any) -> None:
         ),
     )
     add_policy_option(run)
+    add_lifecycle_options(run, watch=False)
     run.add_argument(
         "--proxy",
         metavar="URL",
@@ -159,6 +161,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         gate=_private_gate_starter(Inspection.from_args(args)),
         trust=sandbox_trust(Inspection.from_args(args)),
         state_dir=args.state_dir,
+        managed_policy=managed_policy_path(args),
     )
     return run(options)
 

@@ -2,9 +2,11 @@
 
 Start-up fails closed: a policy that does not load, a listener that cannot bind or an evidence sink that
 cannot be opened stops the process with exit 2 and a message, rather than running a gate that enforces
-or records less than configured. SIGINT/SIGTERM stop it cleanly: it stops accepting, lets the
-connections in flight finish for up to ``--drain-timeout``, closes the rest, flushes its evidence and
-exits 0. SIGHUP reloads the policy (a failed reload keeps the old policy).
+or records less than configured; so does a managed policy (``--managed-policy``) that does not load or
+that the local policy exceeds. SIGINT/SIGTERM stop it cleanly: it stops accepting, lets the connections
+in flight finish for up to ``--drain-timeout``, closes the rest, flushes its evidence and exits 0.
+Edited policy files and SIGHUP reload the policy (a failed reload keeps the old policy and says so:
+:mod:`proxy.app.live_reload`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import copy
+import functools
 import logging
 import os
 import signal
@@ -26,10 +29,12 @@ from proxy.app import statedir
 from proxy.app.arguments import limits_from
 from proxy.app.ca import CaError, Inspection, ensure_ca, upstream_trust
 from proxy.app.exits import fail
+from proxy.app.lifecycle_args import managed_policy_path
 from proxy.destinations.dnsgate import DnsGate
 from proxy.evidence.emit import JsonLineSink, Sink
 from proxy.policy.identities import Identities, IdentityError
-from proxy.policy.loader import load_policy_file, policy_file
+from proxy.policy.loader import policy_file
+from proxy.policy.managed import load_effective, load_with_ceiling
 from proxy.policy.model import Policy, PolicyError
 from proxy.policy.reload import PolicyHolder
 
@@ -55,7 +60,7 @@ def serve_main(args: argparse.Namespace) -> int:
 
     configure_logging()
     try:
-        policy = load_policy_file(args.policy)
+        policy = load_effective(args.policy, managed_policy_path(args))
     except PolicyError as exc:
         return fail(*exc.lines())
     try:
@@ -147,7 +152,7 @@ def _serve_workers(
 
     def check_reload() -> bool:
         try:
-            new = load_policy_file(args.policy)
+            new = load_effective(args.policy, managed_policy_path(args))
         except PolicyError as exc:
             for line in exc.lines():
                 log.error("policy reload rejected: %s", line)
@@ -187,17 +192,22 @@ async def _serve_dns(dns_gate: DnsGate, host: str, port: int) -> tuple[str, int]
     raise OSError("no free port for the DNS listener")
 
 
-def load_sandboxes(path: str | None) -> tuple[Identities | None, dict[str, PolicyHolder]]:
-    """Identities for a shared gate and a policy holder for each sandbox that names its own policy;
-    IdentityError or PolicyError when any of them does not load."""
+def load_sandboxes(
+    path: str | None, managed: str | None = None
+) -> tuple[Identities | None, dict[str, PolicyHolder]]:
+    """Identities for a shared gate and a policy holder for each sandbox that names its own policy
+    (under the managed ceiling too, when there is one); IdentityError or PolicyError when any of
+    them does not load."""
     if path is None:
         return None, {}
     identities = Identities.load(Path(path))
     holders: dict[str, PolicyHolder] = {}
     for sandbox in identities.by_id.values():
         if sandbox.policy is not None:
-            own = load_policy_file(sandbox.policy)
-            holders[sandbox.id] = PolicyHolder(sandbox.policy, own)
+            own = load_effective(sandbox.policy, managed)
+            holders[sandbox.id] = PolicyHolder(
+                sandbox.policy, own, load=functools.partial(load_with_ceiling, managed_path=managed)
+            )
     return identities, holders
 
 
@@ -241,20 +251,22 @@ async def _serve(
         else:
             evidence.metrics.policy_reload_failed()
 
-    holder = PolicyHolder(path, policy, on_reload=on_reload)
+    managed = managed_policy_path(args)
+    holder = PolicyHolder(
+        path,
+        policy,
+        on_reload=on_reload,
+        load=functools.partial(load_with_ceiling, managed_path=managed),
+    )
     evidence.metrics.policy_loaded(policy.version, [r.name for r in policy.rules], policy.mode)
     try:
-        identities, sandbox_policies = load_sandboxes(args.sandboxes)
+        identities, sandbox_policies = load_sandboxes(args.sandboxes, managed)
     except (IdentityError, PolicyError) as exc:
         evidence.close()
         return fail(*exc.lines()) if isinstance(exc, PolicyError) else fail(str(exc))
-    holders = [holder, *sandbox_policies.values()]
     for sandbox_id, own in sandbox_policies.items():
         evidence.metrics.sandbox_policy_loaded(sandbox_id, [r.name for r in own().rules])
-
-    def reload_all() -> None:
-        for each in holders:
-            each.reload()
+    live = live_reload(args, holder, sandbox_policies, evidence)
 
     resolver = Resolver(nameservers=args.nameserver, hosts_file=args.hosts_file or None)
     gate = Gate(
@@ -274,11 +286,21 @@ async def _serve(
         sandbox_policies=dict(sandbox_policies),
         approvals=approvals.broker,
     )
+    if getattr(args, "recheck_on_reload", False):
+        live.installed = tunnel_recheck(gate)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload_all() -> None:
+        task = loop.create_task(live.reload("signal"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     loop.add_signal_handler(signal.SIGHUP, reload_all)
+    watching: asyncio.Task[None] | None = None
     dns_gate: DnsGate | None = None
     handoff: HandoffServer | None = None
     approvals_started = False
@@ -292,6 +314,8 @@ async def _serve(
         if approvals.admin_address is not None:
             gate.protect_endpoint(*approvals.admin_address)
         await gate.start(listen_socket)
+        if getattr(args, "watch_interval", 0.5) > 0:
+            watching = loop.create_task(live.run(stop))
         if args.dns_listen:
             dns_gate = DnsGate(holder, resolver, evidence.emitter)
             bound = await _serve_dns(dns_gate, *parse_listen(args.dns_listen))
@@ -321,6 +345,8 @@ async def _serve(
             "sandboxes": len(identities.by_id) if identities else "any",
             "state": str(state_dir),
         }
+        if managed:
+            info["managed"] = managed
         if dns_gate is not None:
             info["dns"] = f"{bound[0]}:{bound[1]}"
         info.update(approvals.describe())
@@ -336,6 +362,9 @@ async def _serve(
         await stop.wait()
         log.warning("shutting down")
     finally:
+        stop.set()
+        if watching is not None:
+            await watching
         if handoff is not None:
             await handoff.close()
         if dns_gate is not None:
@@ -346,3 +375,51 @@ async def _serve(
             await approvals.close()
         evidence.close()
     return 0
+
+
+def live_reload(
+    args: argparse.Namespace,
+    holder: PolicyHolder,
+    sandbox_policies: dict[str, PolicyHolder],
+    evidence: Any,
+) -> Any:
+    """The gate's live reload: every policy holder, the overlay and hosts file watched, outcomes
+    reported as events, metrics and ``/healthz`` (see :mod:`proxy.app.live_reload`)."""
+    from proxy.app.live_reload import LiveReload
+
+    extra: list[Path] = []
+    if getattr(args, "approved_file", None):
+        extra.append(Path(args.approved_file))
+    if getattr(args, "hosts_file", None):
+        extra.append(Path(args.hosts_file))
+    holders: dict[str | None, PolicyHolder] = {None: holder}
+    holders.update(sandbox_policies)
+
+    def sandbox_outcome(sandbox_id: str, own: PolicyHolder) -> None:
+        if own.stale:
+            evidence.metrics.policy_reload_failed()
+        else:
+            evidence.metrics.sandbox_policy_loaded(sandbox_id, [r.name for r in own().rules])
+
+    live = LiveReload(
+        holders,
+        event=evidence.emitter.event,
+        extra_paths=lambda: extra,
+        interval=getattr(args, "watch_interval", 0.5) or 0.5,
+        sandbox_outcome=sandbox_outcome,
+    )
+    evidence.metrics.health = live.health
+    return live
+
+
+def tunnel_recheck(gate: Any) -> Any:
+    """``--recheck-on-reload``: after each reload, close the tunnels the new policy refuses."""
+    from proxy.core.recheck import recheck
+
+    async def after(_sandbox: str | None, _policy: Policy) -> None:
+        checkpoint = gate.checkpoint
+        closed = recheck(checkpoint.connections, checkpoint.policy_for, checkpoint.emitter.emit)
+        if closed:
+            log.warning("policy reload closed %d tunnel(s) it no longer allows", len(closed))
+
+    return after

@@ -42,6 +42,7 @@ from proxy.approvals.model import NotOpen, Scope
 from proxy.approvals.reviewer import RecentDecisions
 from proxy.approvals.tokens import AdminTokens
 from proxy.core.decision import Decision
+from proxy.evidence.record import POLICY_RELOAD_EVENT
 from proxy.policy.model import Policy, Rule
 from proxy.policy.reload import Reload
 
@@ -66,6 +67,12 @@ class DecisionFeed:
             return
         record = decision.to_dict()
         self._loop.call_soon_threadsafe(self._publish, record)
+
+    def event(self, name: str, attributes: dict[str, Any]) -> None:
+        """Policy reloads join the stream (as ``policy`` events); other events stay out of it."""
+        if name != POLICY_RELOAD_EVENT or not self._queues or self._loop is None:
+            return
+        self._loop.call_soon_threadsafe(self._publish, {"event": name, **attributes})
 
     def _publish(self, record: dict[str, Any]) -> None:
         for queue in list(self._queues):
@@ -312,6 +319,8 @@ class Events(ApiHandler):
                 if getters[task] == "approval":
                     body = {"change": str(item.type), "approval": item.approval.to_json()}
                     seq = await self._send(seq, "approval", body)
+                elif item.get("event") == POLICY_RELOAD_EVENT:
+                    seq = await self._send(seq, "policy", item)
                 else:
                     seq = await self._send(seq, "decision", item)
 

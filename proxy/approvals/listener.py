@@ -70,6 +70,7 @@ class AdminServer:
                 (r"/v1/events", Events, args),
                 (r"/v1/sandboxes", Sandboxes, args),
                 (r"/v1/policy", PolicyView, args),
+                (r"/healthz", Health, {"policy": policy}),
                 *console.routes(args),
             ],
             default_handler_class=NotFound,
@@ -99,3 +100,25 @@ class AdminServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.close_all_connections(), 5)
             self._server = None
+
+
+class Health(tornado.web.RequestHandler):
+    """``/healthz`` without a token (probes carry none): ``ok``, or ``stale`` with the version in
+    force when the last policy reload was refused; ``?strict`` answers 503 while stale. It says
+    nothing a sandbox could use: the listener is one of the gate's own endpoints, never routed."""
+
+    def initialize(self, policy: Callable[[], Policy] | None) -> None:
+        self.policy = policy
+
+    def get(self) -> None:
+        stale = bool(getattr(self.policy, "stale", False))
+        body: dict[str, object] = {"status": "stale" if stale else "ok"}
+        if self.policy is not None:
+            body["policy_version"] = self.policy().version
+            last = getattr(self.policy, "last_reload", None)
+            if stale and last is not None:
+                body["problems"] = list(last.problems)
+        if stale and "strict" in self.request.arguments:
+            self.set_status(503)
+        self.set_header("Cache-Control", "no-store")
+        self.write(body)

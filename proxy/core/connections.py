@@ -54,6 +54,8 @@ class Connection:
     checked: set[tuple[str, int]] = field(
         default_factory=set
     )  # (ip, port) pairs that may be dialled
+    # Set by the front end relaying an admitted tunnel: closes it (``--recheck-on-reload``).
+    closer: Callable[[], None] | None = None
 
     def forget_destinations(self) -> None:
         """A refused tunnel: nothing may be dialled for this connection any more."""
@@ -126,6 +128,10 @@ class Connections:
 
     def get(self, cid: str) -> Connection | None:
         return self._by_id.get(cid)
+
+    def live(self) -> list[Connection]:
+        """Every open connection, as a list taken now (closing some while iterating is safe)."""
+        return list(self._by_id.values())
 
     def state_of(self, cid: str, peer: str | None = None) -> Connection:
         """Hooks for a connection that was never seen connecting are tracked from now on."""

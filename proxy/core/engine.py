@@ -19,13 +19,22 @@ Host names are matched only by host patterns and IP literals only by ``cidrs``: 
 address. DNS questions have no port; they match allow rules on any port, and deny rules only when the
 deny rule covers every port (denying ``github.com:22`` must not stop ``github.com`` resolving).
 
-Report mode exists to learn what an allowlist is missing, not to switch safety off. Only the two
-outcomes that mean "the allowlist does not cover this host" (``no-matching-rule``, ``port-not-allowed``)
-become ``report``: traffic proceeds and the would-be denial is recorded. An explicit deny rule is a
-decision a security engineer already took, so ``denied-by-rule`` holds in every mode (its detail says
-so in report mode). Safety and protocol refusals (``invalid-host``, ``sni-*``, ECH, not-TLS, internal
-addresses, DNS failures, an unavailable audit trail, ...) stay ``deny`` in every mode too: no policy
-setting turns them into an allow.
+Report mode exists to learn what an allowlist is missing, not to switch safety off. Only the outcomes
+that mean "the allowlist does not cover this" (``no-matching-rule``, ``port-not-allowed`` and, on a host
+whose requests are read, ``request-not-allowed``) become ``report``: traffic proceeds and the would-be
+denial is recorded, so a team can learn a host's request rules the way it learns its hosts. An explicit
+deny rule is a decision a security engineer already took, so ``denied-by-rule`` holds in a report-mode
+policy (its detail says so), unless that deny rule itself says ``mode: report`` (trying a new deny rule
+out before enforcing it). Safety and protocol refusals (``invalid-host``, ``sni-*``, ECH, not-TLS,
+ambiguous requests, internal addresses, DNS failures, an unavailable audit trail, ...) stay ``deny`` in
+every mode: no policy setting turns them into an allow.
+
+A rule's own ``mode`` overrides the policy's for the refusals that rule is responsible for: the port
+gaps of the rule nearest to a host, the requests no request rule allows on the host of the allow rule
+that matched, and the deny rule's own matches. ``no-matching-rule`` has no rule and follows the policy.
+The decision's ``mode`` is the mode that applied. Under a managed ceiling (``Policy.ceiling``,
+:mod:`proxy.policy.managed`) a ``report`` the managed policy would not allow is a ``deny``: report mode
+learns inside the organisation's bounds, never past them.
 
 ``decide`` does no I/O, keeps no state and costs the same for 10 rules as for 100,000 (see
 ``proxy/index.py`` and ``bench/decisions.py``).
@@ -37,11 +46,13 @@ from proxy.core.decision import Decision, Kind, Reason, Request, Verdict
 from proxy.core.hosts import InvalidHost, canonical_host
 from proxy.core.requests import Outcome, judge
 from proxy.core.text import escape
-from proxy.policy.model import Action, Mode, Policy
+from proxy.policy.model import Action, Mode, Policy, Rule
 
 # The reasons report mode turns into REPORT: the allowlist does not cover the request. Everything else
 # (explicit deny rules, safety refusals) stays DENY in every mode.
-REPORTABLE_REASONS = frozenset({Reason.NO_MATCHING_RULE, Reason.PORT_NOT_ALLOWED})
+REPORTABLE_REASONS = frozenset(
+    {Reason.NO_MATCHING_RULE, Reason.PORT_NOT_ALLOWED, Reason.REQUEST_NOT_ALLOWED}
+)
 
 
 class BodyNeeded:
@@ -117,6 +128,17 @@ def decide_request(request: Request, policy: Policy) -> Decision | BodyNeeded:
     if match.deny is not None:
         rule = match.deny
         detail = f"{_where(host, shown_port)} is denied by rule '{rule.name}'"
+        if rule.mode is Mode.REPORT:
+            return _make(
+                request,
+                policy,
+                Verdict.REPORT,
+                Reason.DENIED_BY_RULE,
+                rule.name,
+                host,
+                detail + " (the rule is in report mode: recorded, not enforced)",
+                Mode.REPORT,
+            )
         if policy.mode is Mode.REPORT:
             detail += " (explicit deny rules are enforced in report mode too)"
         return _make(request, policy, Verdict.DENY, Reason.DENIED_BY_RULE, rule.name, host, detail)
@@ -144,10 +166,32 @@ def decide_request(request: Request, policy: Policy) -> Decision | BodyNeeded:
                     return _make(
                         request, policy, Verdict.ASK, judged.reason, name, host, judged.detail
                     )
-                # Request rules make an otherwise open host read-only: they hold in report mode too.
+                # A request no rule allows is a gap in the allowlist: report mode reports it. An
+                # explicit request deny rule holds unless it is itself in report mode; an ambiguous
+                # request is a safety refusal.
+                gap = judged.reason is Reason.REQUEST_NOT_ALLOWED
+                trial = (
+                    judged.reason is Reason.DENIED_BY_RULE
+                    and judged.rule is not None
+                    and judged.rule.mode is Mode.REPORT
+                )
+                if trial or (gap and _mode_of(judged.rule or rule, policy) is Mode.REPORT):
+                    suffix = (
+                        " (the rule is in report mode: recorded, not enforced)" if trial else ""
+                    )
+                    return _make(
+                        request,
+                        policy,
+                        Verdict.REPORT,
+                        judged.reason,
+                        name,
+                        host,
+                        judged.detail + suffix,
+                        Mode.REPORT,
+                    )
                 detail = judged.detail
                 if policy.mode is Mode.REPORT:
-                    detail += " (request rules are enforced in report mode too)"
+                    detail += " (request deny rules are enforced in report mode too)"
                 return _make(request, policy, Verdict.DENY, judged.reason, name, host, detail)
         if rule.action is Action.ASK and not rule.reads_requests:
             # Explicit like a deny rule, so report mode does not wave it through either. An ask rule
@@ -180,6 +224,7 @@ def decide_request(request: Request, policy: Policy) -> Decision | BodyNeeded:
             host,
             f"{_where(host, shown_port)} matches rule '{rule.name}' but the rule allows "
             f"{rule.ports_text()}; {_GRANT_HINT}",
+            _mode_of(rule, policy),
         )
     # (5) Default deny.
     what = "host" if is_name else "address"
@@ -231,11 +276,23 @@ def _check_sni(sni: str | None, host: str, is_name: bool) -> tuple[Reason, str] 
     return None
 
 
+def _mode_of(rule: Rule, policy: Policy) -> Mode:
+    """The mode that applies to a refusal ``rule`` is responsible for."""
+    return rule.mode if rule.mode is not None else policy.mode
+
+
 def _policy_refusal(
-    request: Request, policy: Policy, reason: Reason, rule: str | None, host: str, detail: str
+    request: Request,
+    policy: Policy,
+    reason: Reason,
+    rule: str | None,
+    host: str,
+    detail: str,
+    mode: Mode | None = None,
 ) -> Decision:
-    verdict = Verdict.REPORT if policy.mode is Mode.REPORT else Verdict.DENY
-    return _make(request, policy, verdict, reason, rule, host, detail)
+    applied = policy.mode if mode is None else mode
+    verdict = Verdict.REPORT if applied is Mode.REPORT else Verdict.DENY
+    return _make(request, policy, verdict, reason, rule, host, detail, applied)
 
 
 def _make(
@@ -246,7 +303,14 @@ def _make(
     rule: str | None,
     host: str,
     detail: str,
+    mode: Mode | None = None,
 ) -> Decision:
+    if verdict is Verdict.REPORT and policy.ceiling is not None:
+        # Report mode learns inside the managed ceiling only: what it would not allow is refused.
+        outside = decide(request, policy.ceiling)
+        if not outside.allowed:
+            verdict = Verdict.DENY
+            detail += f"; outside the managed policy ({outside.reason})"
     # Positional construction: keyword arguments cost ~50% more on this hot path.
     return Decision(
         verdict,
@@ -256,7 +320,7 @@ def _make(
         host,
         request.port,
         policy.version,
-        policy.mode.value,
+        policy.mode.value if mode is None else mode.value,
         request.method,
         request.path,
         request.sni,

@@ -29,7 +29,7 @@ def refusal_text(decision: Decision) -> str:
         "This sandbox's network is restricted by policy. Do not try to work around it (other proxies,",
         "direct connections, other ports, DNS tricks): those paths are blocked and every attempt is recorded.",
     ]
-    if decision.reason in REPORTABLE_REASONS:
+    if decision.reason in REPORTABLE_REASONS and decision.reason is not Reason.REQUEST_NOT_ALLOWED:
         port = decision.port or 443
         lines += [
             "If this access is needed, ask a human to review and add a rule to the allowlist, e.g.:",

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
 from proxy.core.decision import Decision, Kind, Reason, Verdict
@@ -77,6 +77,8 @@ class Metrics:
         self._policy_version: str | None = None
         self._server: Any = None
         self._thread: threading.Thread | None = None
+        # What ``/healthz`` on the metrics listener answers: (healthy, details). None: always healthy.
+        self.health: Callable[[], tuple[bool, dict[str, Any]]] | None = None
 
         self.build_info = Gauge(
             "egress_build_info", "Build of the running gate (always 1).", ["version"], registry=r
@@ -124,6 +126,16 @@ class Metrics:
             "egress_policy_reloads",
             "Policy (re)loads by result (ok|error).",
             ["result"],
+            registry=r,
+        )
+        self.policy_reload_failures = Counter(
+            "egress_policy_reload_failures",
+            "Policy reloads refused (the last good policy stays in force; see /healthz).",
+            registry=r,
+        )
+        self.policy_stale = Gauge(
+            "egress_policy_stale",
+            "1 while the last reload was refused: the files on disk are not what is enforced.",
             registry=r,
         )
         self.policy_info = Gauge(
@@ -288,6 +300,7 @@ class Metrics:
         ).set(1)
         self.policy_rules.set(len(names))
         self.policy_reloads.labels(result="ok").inc()
+        self.policy_stale.set(0)
 
     def sandbox_policy_loaded(self, sandbox_id: str, rule_names: Iterable[str]) -> None:
         """A sandbox's own policy (shared gate): its rule names are accepted as labels too. Call again
@@ -302,6 +315,8 @@ class Metrics:
     def policy_reload_failed(self) -> None:
         """The new policy was rejected; the old one stays in force (and stays in ``policy_info``)."""
         self.policy_reloads.labels(result="error").inc()
+        self.policy_reload_failures.inc()
+        self.policy_stale.set(1)
 
     def set_active_sandboxes(self, count: int) -> None:
         self.active_sandboxes.set(count)
@@ -338,10 +353,13 @@ class Metrics:
         return out
 
     def start(self, host: str = "127.0.0.1", port: int = 9464) -> tuple[str, int]:
-        """Serve ``/metrics`` on its own listener; returns the bound address (port 0 picks one)."""
+        """Serve ``/metrics`` and ``/healthz`` on their own listener; returns the bound address (port
+        0 picks one)."""
         if self._server is not None:
             raise RuntimeError("metrics listener already started")
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        from proxy.evidence.health import serve_metrics
+
+        server, thread = serve_metrics(host, port, self.registry, lambda: self.health)
         self._server, self._thread = server, thread
         bound = server.server_address
         return str(bound[0]), int(bound[1])

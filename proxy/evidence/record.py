@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from proxy.core.decision import Decision
+from proxy.policy.reload import Reload
 
 DECISION_EVENT = "egress.decision"
 CLOSED_EVENT = "egress.connection.closed"
@@ -86,3 +87,36 @@ def connection_closed(opened: Decision, *, bytes_out: int, bytes_in: int, durati
     fields["bytes_in"] = int(bytes_in)
     fields["duration"] = float(duration)
     return Event(CLOSED_EVENT, fields)
+
+
+POLICY_RELOAD_EVENT = "egress.policy.reload"
+
+
+def policy_reload(
+    done: Reload, *, trigger: str, files: list[str], sandbox_id: str | None = None
+) -> Event:
+    """The ``egress.policy.reload`` event: a reload went into force (``result: ok``, with the rules
+    and hosts it added and removed) or was refused (``result: error``, with the problems, file:line:
+    rule first; ``policy_version`` is then the version still in force)."""
+    fields: dict[str, Any] = {
+        "ts": done.at,
+        "result": "ok" if done.ok else "error",
+        "trigger": trigger,
+        "policy_version": done.to_version,
+        "from_version": done.from_version,
+        "files": files,
+    }
+    if sandbox_id is not None:
+        fields["sandbox_id"] = sandbox_id
+    if done.ok:
+        fields.update(
+            rules_added=list(done.added),
+            rules_removed=list(done.removed),
+            rules_changed=list(done.changed),
+            hosts_added=list(done.hosts_added),
+            hosts_removed=list(done.hosts_removed),
+            seconds=round(done.seconds, 6),
+        )
+    else:
+        fields["problems"] = list(done.problems)
+    return Event(POLICY_RELOAD_EVENT, fields)

@@ -60,6 +60,7 @@ REQUEST_KEYS = frozenset(
 ASK_KEYS = frozenset({"timeout", "review"})  # meaningful on ask rules only
 RULE_KEYS = (
     frozenset({"name", "action", "hosts", "cidrs", "ports", "description", "comment", "inspect"})
+    | {"mode"}
     | REQUEST_KEYS
     | ASK_KEYS
 )
@@ -82,9 +83,13 @@ _TYPE_NAMES = {
 _IPV4_MAPPED = IPv6Network("::ffff:0:0/96")
 
 
-def load_policy(path: str | os.PathLike[str]) -> Policy:
-    """Load a policy and everything it includes; raises PolicyError listing every problem found."""
+def load_policy(path: str | os.PathLike[str], *, managed: bool = False) -> Policy:
+    """Load a policy and everything it includes; raises PolicyError listing every problem found.
+
+    ``managed``: the file is a managed policy, whose top level may hold a ``managed:`` section
+    (read by :mod:`proxy.policy.managed`; the loader only lets it through)."""
     loader = _Loader()
+    loader.managed = managed
     loader.load_top(Path(path))
     if loader.problems:
         raise PolicyError(loader.problems, str(path))
@@ -150,6 +155,7 @@ class _Loader:
         self.rule_sites: dict[str, str] = {}
         self.allow_internal: list[IPNetwork] = []
         self.mode: Mode = Mode.ENFORCE
+        self.managed = False  # the top file may carry a managed: section
 
     # -- results --------------------------------------------------------------------------------
 
@@ -240,7 +246,8 @@ class _Loader:
         self, root: Node, path: Path, shown: str, stack: tuple[Path, ...], *, top: bool
     ) -> None:
         here = _Where(shown)
-        fields = self.mapping(here, root, TOP_KEYS, "a policy file")
+        keys = TOP_KEYS | {"managed"} if top and self.managed else TOP_KEYS
+        fields = self.mapping(here, root, keys, "a policy file")
         if fields is None:
             return
         version = fields.get("version")
@@ -425,6 +432,7 @@ class _Loader:
                 "port 22 carries SSH, whose requests the gate cannot read; put SSH in its own "
                 "rule without request conditions",
             )
+        rule_mode = self.rule_mode(where.at("mode"), fields.get("mode"), action)
         if len(self.problems) != before or name is None:
             return None
         return Rule(
@@ -440,7 +448,26 @@ class _Loader:
             inspect=inspect,
             timeout=timeout,
             review=review,
+            mode=rule_mode,
         )
+
+    def rule_mode(self, where: _Where, node: Node | None, action: Action) -> Mode | None:
+        """A rule's own ``mode`` (None: the policy's). An ask rule is always a question to a person:
+        reporting it would let the request through unasked."""
+        if node is None:
+            return None
+        text = self.string(where, node)
+        if text is None:
+            return None
+        try:
+            mode = Mode(text)
+        except ValueError:
+            self.problem(where, node, f"{text!r} is not a mode (enforce or report)")
+            return None
+        if action is Action.ASK:
+            self.problem(where, node, "an ask rule asks in every mode; drop 'mode' here")
+            return None
+        return mode
 
     def request_conditions(
         self, where: _Where, node: Node, fields: dict[str, Node], action: Action

@@ -184,6 +184,10 @@ class Rule:
 
     timeout: int = DEFAULT_ASK_TIMEOUT  # ask rules: seconds to wait for an answer
     review: Review = Review.HUMAN  # ask rules: whether the automated reviewer may answer
+    # The rule's own mode; None follows the policy's. ``report`` on a deny rule records what it would
+    # refuse instead of refusing it; on an allow rule it reports the gaps it is nearest to (other
+    # ports, requests no request rule allows). See docs/lifecycle.md.
+    mode: Mode | None = None
 
     def ports_text(self) -> str:
         """The ports as refusal messages phrase them: ``port 443``, ``ports 80, 443``, ``every port``."""
@@ -238,6 +242,9 @@ class Policy:
     allow_internal: tuple[IPNetwork, ...] = ()
     files: tuple[Path, ...] = ()
     index: RuleIndex = field(init=False, repr=False, compare=False)
+    # The managed policy this one was checked against (proxy.policy.managed): a ``report`` decision
+    # it would not allow is a denial, so report mode never widens past the organisation's ceiling.
+    ceiling: Policy | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "index", RuleIndex(self.rules))

@@ -76,6 +76,7 @@ class RunOptions:
     on_ready: Callable[[Sandbox], None] | None = None  # tests/doctor: the sandbox is about to run
     on_gate: Callable[[PrivateGate], None] | None = None  # doctor: the private gate is serving
     summary: SummarySink = field(default_factory=SummarySink)
+    managed_policy: str | None = None  # the organisation's ceiling (proxy.policy.managed)
 
     def __post_init__(self) -> None:
         if self.sandbox_id is None:
@@ -110,11 +111,11 @@ def run(options: RunOptions) -> int:
         if options.gate is None:
             _err("no gate to start (RunOptions.gate is unset); the command was not run")
             return EXIT_SETUP_FAILED
-        from proxy.policy.loader import load_policy_file
+        from proxy.policy.managed import load_effective
         from proxy.policy.model import PolicyError
 
         try:
-            policy = load_policy_file(options.policy_path)
+            policy = load_effective(options.policy_path, options.managed_policy)
         except PolicyError as exc:
             *problems, verdict = exc.lines()
             for line in problems:

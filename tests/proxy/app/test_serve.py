@@ -33,9 +33,10 @@ rules:
 
 
 class Serve:
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, metrics: bool = False) -> None:
+        quiet = [] if metrics else ["--no-metrics"]
         self.proc = subprocess.Popen(
-            [EGRESS, "serve", "--listen", "127.0.0.1:0", "--no-metrics", *args],
+            [EGRESS, "serve", "--listen", "127.0.0.1:0", *quiet, *args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -371,7 +372,9 @@ def test_sigterm_stops_accepting_and_drains_requests_in_flight(tmp_path: Path) -
         serve.stop()
         upstream.stop()
     # Every connection in flight was drained (a probe that raced the listener's close counts too).
-    assert any(re.search(r"drained (\d+) of \1 connections", line) for line in serve.lines), serve.lines
+    assert any(re.search(r"drained (\d+) of \1 connections", line) for line in serve.lines), (
+        serve.lines
+    )
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["decision"] for r in records if r.get("event") == "egress.decision"] == ["allow"]
 

@@ -310,8 +310,78 @@ def test_report_mode_only_relaxes_policy_reasons(
 
 
 def test_report_mode_relaxes_exactly_the_allowlist_gaps() -> None:
-    """Explicit deny rules are decisions already taken: they hold in report mode."""
-    assert {Reason.NO_MATCHING_RULE, Reason.PORT_NOT_ALLOWED} == REPORTABLE_REASONS
+    """Explicit deny rules are decisions already taken: they hold in report mode. A request no
+    request rule allows is a gap in the allowlist like a host or a port, so a team can learn request
+    rules in report mode too (ambiguous requests stay safety refusals)."""
+    assert {
+        Reason.NO_MATCHING_RULE,
+        Reason.PORT_NOT_ALLOWED,
+        Reason.REQUEST_NOT_ALLOWED,
+    } == REPORTABLE_REASONS
+
+
+RULE_MODES = """
+version: 1
+mode: {mode}
+rules:
+  - name: learning
+    hosts: [learn.example]
+    mode: report
+  - name: strict
+    hosts: [strict.example]
+    mode: enforce
+  - name: plain
+    hosts: [plain.example]
+  - name: trial-deny
+    action: deny
+    hosts: [plain.example]
+    ports: [8080]
+    mode: report
+  - name: held-deny
+    action: deny
+    hosts: [plain.example]
+    ports: [22]
+"""
+
+RULE_MODE_CASES = [
+    # policy mode, host, port, verdict, reason, decision mode
+    ("enforce", "learn.example", 8443, Verdict.REPORT, Reason.PORT_NOT_ALLOWED, "report"),
+    ("enforce", "learn.example", 443, Verdict.ALLOW, Reason.ALLOWED_BY_RULE, "enforce"),
+    ("enforce", "strict.example", 8443, Verdict.DENY, Reason.PORT_NOT_ALLOWED, "enforce"),
+    ("enforce", "plain.example", 8443, Verdict.DENY, Reason.PORT_NOT_ALLOWED, "enforce"),
+    ("enforce", "plain.example", 8080, Verdict.REPORT, Reason.DENIED_BY_RULE, "report"),
+    ("enforce", "plain.example", 22, Verdict.DENY, Reason.DENIED_BY_RULE, "enforce"),
+    ("enforce", "other.example", 443, Verdict.DENY, Reason.NO_MATCHING_RULE, "enforce"),
+    ("report", "strict.example", 8443, Verdict.DENY, Reason.PORT_NOT_ALLOWED, "enforce"),
+    ("report", "plain.example", 8443, Verdict.REPORT, Reason.PORT_NOT_ALLOWED, "report"),
+    ("report", "plain.example", 22, Verdict.DENY, Reason.DENIED_BY_RULE, "report"),
+    ("report", "other.example", 443, Verdict.REPORT, Reason.NO_MATCHING_RULE, "report"),
+]
+
+
+@pytest.mark.parametrize(("mode", "host", "port", "verdict", "reason", "applied"), RULE_MODE_CASES)
+def test_a_rules_own_mode_decides_the_refusals_it_is_responsible_for(
+    tmp_path: Path,
+    mode: str,
+    host: str,
+    port: int,
+    verdict: Verdict,
+    reason: Reason,
+    applied: str,
+) -> None:
+    path = tmp_path / "modes.yaml"
+    path.write_text(RULE_MODES.format(mode=mode))
+    decision = decide(Request(Kind.CONNECT, host, port), load_policy(path))
+    assert (decision.decision, decision.reason, decision.mode) == (verdict, reason, applied)
+
+
+def test_a_rule_in_report_mode_never_relaxes_safety_refusals(tmp_path: Path) -> None:
+    path = tmp_path / "modes.yaml"
+    path.write_text(RULE_MODES.format(mode="enforce"))
+    policy = load_policy(path)
+    for sni, reason in (("evil.example", Reason.SNI_MISMATCH), (None, Reason.SNI_MISSING)):
+        decision = decide(Request(Kind.TLS, "learn.example", 443, sni=sni), policy)
+        assert (decision.decision, decision.reason) == (Verdict.DENY, reason)
 
 
 def test_explicit_deny_rule_holds_in_report_mode_and_says_so(tmp_path: Path) -> None:

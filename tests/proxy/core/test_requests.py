@@ -243,20 +243,57 @@ def test_a_deny_rule_with_conditions_does_not_deny_the_host(policy: Policy) -> N
     assert (tunnel.decision, tunnel.rule) == (ALLOW, "graphql-read")
 
 
-def test_request_rules_hold_in_report_mode(tmp_path: Path) -> None:
+def test_report_mode_reports_requests_no_rule_allows_but_not_ambiguous_ones(tmp_path: Path) -> None:
+    """A team learns a host's request rules in report mode: a request no rule allows goes through
+    and is recorded; an ambiguous request and an explicit request deny rule still refuse."""
     path = tmp_path / "report.yaml"
     path.write_text(POLICY.format(mode="report"))
     report = load_policy(path)
-    for target, reason in (
-        ("/org/repo/info/refs?service=git-receive-pack", Reason.REQUEST_NOT_ALLOWED),
-        ("/myorg/../evil", Reason.AMBIGUOUS_REQUEST),
-    ):
-        request = Request(
-            Kind.REQUEST, "github.test", 443, "GET", target, http=HttpHead("GET", target)
-        )
+    cases = (
+        (
+            "github.test",
+            "/org/repo/info/refs?service=git-receive-pack",
+            Verdict.REPORT,
+            Reason.REQUEST_NOT_ALLOWED,
+        ),
+        ("github.test", "/myorg/../evil", Verdict.DENY, Reason.AMBIGUOUS_REQUEST),
+        ("api.github.test", "/gists", Verdict.DENY, Reason.DENIED_BY_RULE),
+    )
+    for host, target, verdict, reason in cases:
+        request = Request(Kind.REQUEST, host, 443, "GET", target, http=HttpHead("GET", target))
         decision = decide(request, report)
-        assert (decision.decision, decision.reason) == (Verdict.DENY, reason)
-        assert decision.detail is not None and "report mode too" in decision.detail
+        assert (decision.decision, decision.reason, decision.mode) == (verdict, reason, "report")
+        if verdict is Verdict.DENY:
+            assert decision.detail is not None and "report mode too" in decision.detail
+        enforced = decide(request, load_policy(_enforce(tmp_path)))
+        assert (enforced.decision, enforced.reason) == (Verdict.DENY, reason)
+
+
+def _enforce(tmp_path: Path) -> Path:
+    path = tmp_path / "enforce.yaml"
+    path.write_text(POLICY.format(mode="enforce"))
+    return path
+
+
+def test_a_rule_in_report_mode_reports_only_its_own_host_requests(tmp_path: Path) -> None:
+    path = tmp_path / "rule.yaml"
+    path.write_text(
+        "version: 1\nrules:\n"
+        "  - {name: learning, hosts: [learn.test], methods: [GET], mode: report}\n"
+        "  - {name: strict, hosts: [strict.test], methods: [GET]}\n"
+        "  - {name: trial-deny, action: deny, hosts: [learn.test], methods: [DELETE], mode: report}\n"
+    )
+    policy = load_policy(path)
+
+    def post(host: str, method: str = "POST") -> tuple[Verdict, Reason, str]:
+        d = decide(
+            Request(Kind.REQUEST, host, 443, method, "/x", http=HttpHead(method, "/x")), policy
+        )
+        return d.decision, d.reason, d.mode
+
+    assert post("learn.test") == (Verdict.REPORT, Reason.REQUEST_NOT_ALLOWED, "report")
+    assert post("strict.test") == (Verdict.DENY, Reason.REQUEST_NOT_ALLOWED, "enforce")
+    assert post("learn.test", "DELETE") == (Verdict.REPORT, Reason.DENIED_BY_RULE, "report")
 
 
 # -- properties --------------------------------------------------------------------------------------

@@ -146,7 +146,7 @@ RULE_PROBLEMS = [
     (
         "  - name: pypi\n    hosts: [pypi.org]\n    prots: [443]\n",
         "p.yaml:5: rule 'pypi': key 'prots': unknown key (expected one of: action, cidrs, comment, "
-        "description, graphql_operations, hosts, inspect, json_body, max_request_bytes, methods, "
+        "description, graphql_operations, hosts, inspect, json_body, max_request_bytes, methods, mode, "
         "name, paths, paths_case, ports, query, review, timeout, websocket)",
     ),
     (
@@ -774,3 +774,25 @@ def test_ask_settings_are_checked(tmp_path: Path, body: str, expected: str) -> N
     problems = problems_of(path)
     assert len(problems) == 1, [str(p) for p in problems]
     assert str(problems[0]).startswith(expected)
+
+
+def test_a_rule_mode_is_read_and_checked(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "version: 1\nrules:\n"
+        "  - {name: a, hosts: [a.example], mode: report}\n"
+        "  - {name: b, hosts: [b.example], mode: enforce}\n"
+        "  - {name: c, hosts: [c.example]}\n"
+    )
+    modes = {r.name: r.mode for r in load_policy(path).rules}
+    assert modes == {"a": Mode.REPORT, "b": Mode.ENFORCE, "c": None}
+    path.write_text(
+        "version: 1\nrules:\n"
+        "  - {name: a, hosts: [a.example], mode: audit}\n"
+        "  - {name: b, action: ask, hosts: [b.example], mode: report}\n"
+    )
+    problems = [str(p) for p in problems_of(path)]
+    assert problems == [
+        "p.yaml:3: rule 'a': key 'mode': 'audit' is not a mode (enforce or report)",
+        "p.yaml:4: rule 'b': key 'mode': an ask rule asks in every mode; drop 'mode' here",
+    ]

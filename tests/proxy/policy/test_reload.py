@@ -64,3 +64,30 @@ def test_the_last_reload_names_the_rules_it_added_removed_and_changed(tmp_path: 
     assert failed is not None and not failed.ok
     assert failed.from_version == failed.to_version == holder().version
     assert (failed.added, failed.removed, failed.changed) == ((), (), ())
+
+
+def test_prepare_changes_nothing_and_install_records_rules_and_hosts(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(GOOD)
+    holder = PolicyHolder(path, load_policy(path))
+    before = holder()
+    path.write_text("version: 1\nrules:\n  - name: b\n    hosts: [b.test, '*.c.test']\n")
+    new = holder.prepare()
+    assert holder() is before
+    done = holder.install(new)
+    assert holder() is new and not holder.stale
+    assert (done.added, done.removed) == (("b",), ("a",))
+    assert (done.hosts_added, done.hosts_removed) == (("*.c.test", "b.test"), ("a.test",))
+
+
+def test_a_refused_reload_is_stale_counted_and_names_file_line_and_rule(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(GOOD)
+    holder = PolicyHolder(path, load_policy(path))
+    path.write_text(GOOD + "  - name: wide\n    hosts: ['*.com']\n")
+    assert holder.reload() is False
+    assert holder.stale and holder.failures == 1
+    assert holder.last_reload is not None
+    assert any(":6: rule 'wide': key 'hosts'" in p for p in holder.last_reload.problems)
+    path.write_text(GOOD)
+    assert holder.reload() is True and not holder.stale

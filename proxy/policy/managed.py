@@ -1,0 +1,452 @@
+"""The managed ceiling: an organisation's policy that a local (team) policy may only narrow.
+
+The managed file is an ordinary policy file with one more top-level section, ``managed:``::
+
+    version: 1
+    managed:
+      forbid: [report-mode, allow-internal, inspection-opt-out]
+    allow_internal: [10.20.0.0/16]     # the ranges a local allow_internal may name (a ceiling too)
+    rules:
+      - name: registries               # allow and ask rules: the ceiling
+        hosts: ["**.pypi.org", files.pythonhosted.org]
+      - name: no-paste                 # deny rules: always enforced, whatever the local policy says
+        action: deny
+        hosts: ["**.pastebin.com"]
+
+What the gate enforces (the *effective* policy) is the local policy's rules plus every managed deny
+rule, so a managed deny always wins (deny beats allow in the decision order). At load, every local
+``allow`` and ``ask`` rule must be *covered*: each of its hosts, networks and ports lies inside one
+managed rule, an ``ask`` may sit under a managed ``allow`` or ``ask`` but a local ``allow`` only under a
+managed ``allow`` (it would skip the question), and where the managed rule reads requests (request
+conditions) the local rule must have conditions at least as narrow. A rule that is not covered stops the
+load with a problem naming the local file, line and rule and the managed file, line and rule nearest to
+it. Approvals answer ``ask`` rules only, so they can never grant beyond the ceiling either.
+
+Report mode must not widen past the ceiling: a local ``report`` decision (policy or rule mode) that the
+managed policy would not allow is a denial (see :func:`proxy.core.engine` and ``Policy.ceiling``).
+
+``forbid`` closes three doors: ``report-mode`` (no ``mode: report`` in the local policy, top level or
+rule), ``allow-internal`` (no local ``allow_internal`` at all; without it, local ranges must lie inside
+the managed ``allow_internal``) and ``inspection-opt-out`` (a local rule under a managed rule that reads
+requests, ``inspect: true`` included, must read requests too). The managed file itself must be in
+enforce mode. The effective version is a hash over both layers' versions, so every decision names both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network
+from pathlib import Path
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from proxy.policy.loader import display_path, load_policy
+from proxy.policy.model import (
+    Action,
+    HostPattern,
+    IPNetwork,
+    Mode,
+    PatternKind,
+    Policy,
+    PolicyError,
+    Problem,
+    RequestConditions,
+    Rule,
+)
+
+FORBIDDABLE = ("report-mode", "allow-internal", "inspection-opt-out")
+MANAGED_KEYS = frozenset({"forbid", "description"})
+
+
+@dataclass(frozen=True)
+class Managed:
+    """A loaded managed policy: its rules (as a Policy, enforce mode) and what it forbids."""
+
+    policy: Policy
+    path: str
+    forbid: frozenset[str]
+
+    @property
+    def denies(self) -> tuple[Rule, ...]:
+        return tuple(r for r in self.policy.rules if r.action is Action.DENY)
+
+    @property
+    def ceiling(self) -> tuple[Rule, ...]:
+        return tuple(r for r in self.policy.rules if r.action is not Action.DENY)
+
+
+def load_managed(path: str | os.PathLike[str]) -> Managed:
+    """Load the managed policy; PolicyError (every problem) when it does not load, is unreadable, or
+    asks for report mode itself. The ``managed:`` section is read here and hidden from the loader."""
+    target = Path(path)
+    shown = display_path(target.resolve()) if target.exists() else str(target)
+    try:
+        text = target.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise PolicyError(
+            [Problem(shown, None, None, None, f"cannot read the managed policy: {reason}")], shown
+        ) from None
+    forbid, problems = _managed_section(text, shown)
+    policy: Policy | None = None
+    try:
+        policy = load_policy(target, managed=True)
+    except PolicyError as exc:
+        problems += exc.problems
+    if policy is not None and policy.mode is not Mode.ENFORCE:
+        problems.append(
+            Problem(shown, None, None, "mode", "a managed policy is enforced; drop 'mode: report'")
+        )
+    if policy is not None:
+        problems += _reporting_rules(policy, "a managed rule is enforced; drop 'mode: report'")
+    if problems or policy is None:
+        raise PolicyError(problems, shown)
+    return Managed(policy, shown, forbid)
+
+
+def _reporting_rules(policy: Policy, message: str) -> list[Problem]:
+    """A problem for each rule of ``policy`` in report mode."""
+    return [
+        Problem(rule.file, rule.line, rule.name, "mode", message)
+        for rule in policy.rules
+        if rule.mode is Mode.REPORT
+    ]
+
+
+def _managed_section(text: str, shown: str) -> tuple[frozenset[str], list[Problem]]:
+    """(forbid, problems) from the managed file's ``managed:`` mapping."""
+    problems: list[Problem] = []
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return frozenset(), problems  # the loader reports the syntax error with its line
+    if not isinstance(root, MappingNode):
+        return frozenset(), problems
+    section: tuple[Node, Node] | None = None
+    for key, value in root.value:
+        if isinstance(key, ScalarNode) and key.value == "managed":
+            section = (key, value)
+    if section is None:
+        return frozenset(), problems
+    key, value = section
+    forbid: set[str] = set()
+    if not isinstance(value, MappingNode):
+        problems.append(
+            Problem(shown, key.start_mark.line + 1, None, "managed", "expected a mapping")
+        )
+    else:
+        for k, v in value.value:
+            name = k.value if isinstance(k, ScalarNode) else None
+            line = k.start_mark.line + 1
+            if name not in MANAGED_KEYS:
+                problems.append(
+                    Problem(
+                        shown,
+                        line,
+                        None,
+                        f"managed.{name}",
+                        f"unknown key (expected one of: {', '.join(sorted(MANAGED_KEYS))})",
+                    )
+                )
+                continue
+            if name != "forbid":
+                continue
+            items = v.value if isinstance(v, SequenceNode) else None
+            if items is None:
+                problems.append(Problem(shown, line, None, "managed.forbid", "expected a list"))
+                continue
+            for item in items:
+                word = item.value if isinstance(item, ScalarNode) else None
+                if word not in FORBIDDABLE:
+                    problems.append(
+                        Problem(
+                            shown,
+                            item.start_mark.line + 1,
+                            None,
+                            "managed.forbid",
+                            f"{word!r} is not one of: {', '.join(FORBIDDABLE)}",
+                        )
+                    )
+                else:
+                    forbid.add(word)
+    return frozenset(forbid), problems
+
+
+# -- coverage ---------------------------------------------------------------------------------------
+
+
+def _name_in(name: str, base: str) -> bool:
+    return name == base or name.endswith("." + base)
+
+
+def _pattern_covered(local: HostPattern, managed: HostPattern) -> bool:
+    """Every name ``local`` matches, ``managed`` matches."""
+    lb, mb = local.base, managed.base
+    if managed.kind is PatternKind.EXACT:
+        return local.kind is PatternKind.EXACT and lb == mb
+    if managed.kind is PatternKind.SUB:  # strict subdomains of mb
+        if local.kind is PatternKind.EXACT:
+            return lb != mb and _name_in(lb, mb)
+        if local.kind is PatternKind.SUB:
+            return _name_in(lb, mb)
+        return lb != mb and _name_in(lb, mb)  # TREE: its apex must be a strict subdomain
+    return _name_in(lb, mb)  # managed TREE covers the apex and everything below
+
+
+def _pieces(pattern: HostPattern) -> list[HostPattern]:
+    """A ``**.`` pattern is its apex and its subdomains: each may be covered by a different rule."""
+    if pattern.kind is PatternKind.TREE:
+        return [
+            HostPattern(PatternKind.EXACT, pattern.base),
+            HostPattern(PatternKind.SUB, pattern.base),
+        ]
+    return [pattern]
+
+
+def _net_covered(local: IPNetwork, managed: IPNetwork) -> bool:
+    if isinstance(local, IPv4Network) and isinstance(managed, IPv4Network):
+        return local.subnet_of(managed)
+    if isinstance(local, IPv6Network) and isinstance(managed, IPv6Network):
+        return local.subnet_of(managed)
+    return False
+
+
+def conditions_narrower(local: RequestConditions | None, managed: RequestConditions) -> str | None:
+    """None when every request ``local`` allows, ``managed`` allows too; else what is wider."""
+    if local is None:
+        return "the managed rule allows only some requests; this rule allows every request"
+    if managed.methods is not None and (
+        local.methods is None or not local.methods <= managed.methods
+    ):
+        return f"methods must be among {sorted(managed.methods)}"
+    if managed.paths is not None:
+        allowed = {(g.text, g.insensitive) for g in managed.paths}
+        if local.paths is None or any((g.text, g.insensitive) not in allowed for g in local.paths):
+            return f"paths must be among {[g.text for g in managed.paths]}"
+    for what, mine, theirs in (
+        ("query", local.query, managed.query),
+        ("json_body", local.json_body, managed.json_body),
+    ):
+        have = dict(mine)
+        for name, accepted in theirs:
+            if name not in have or not have[name] <= accepted:
+                return f"{what} must require {name} in {sorted(accepted)}"
+    if managed.graphql_operations is not None and (
+        local.graphql_operations is None
+        or not local.graphql_operations <= managed.graphql_operations
+    ):
+        return f"graphql_operations must be among {sorted(managed.graphql_operations)}"
+    if bool(local.websocket) != bool(managed.websocket):
+        return "websocket must match the managed rule"
+    if managed.max_request_bytes is not None and (
+        local.max_request_bytes is None or local.max_request_bytes > managed.max_request_bytes
+    ):
+        return f"max_request_bytes must be at most {managed.max_request_bytes}"
+    return None
+
+
+def _where(rule: Rule) -> str:
+    return f"{rule.file}:{rule.line} rule '{rule.name}'"
+
+
+def _covering(
+    local: Rule, target: str, port: int, managed: Managed, matches: Iterable[Rule]
+) -> tuple[bool, str | None]:
+    """(covered, why not, naming the nearest managed rule) for one host piece or network and port."""
+    nearest: str | None = None
+    for m in matches:
+        if m.ports is not None and port not in m.ports:
+            nearest = nearest or (
+                f"the managed {_where(m)} covers {target} on {m.ports_text()} only"
+            )
+            continue
+        if local.action is Action.ALLOW and m.action is Action.ASK:
+            nearest = nearest or (
+                f"the managed {_where(m)} asks for {target}: a local rule may ask too, not allow"
+            )
+            continue
+        if m.request is not None:
+            wider = conditions_narrower(local.request, m.request)
+            if wider is not None:
+                nearest = nearest or f"the managed {_where(m)} reads requests to {target}: {wider}"
+                continue
+        if m.inspect and not local.reads_requests and "inspection-opt-out" in managed.forbid:
+            nearest = nearest or (
+                f"the managed {_where(m)} inspects {target} and forbids inspection opt-outs: "
+                "add 'inspect: true' (or request conditions)"
+            )
+            continue
+        return True, None
+    return False, nearest
+
+
+def ceiling_problems(local: Policy, managed: Managed) -> list[Problem]:
+    """Every way ``local`` is wider than ``managed`` allows, each naming both places."""
+    problems: list[Problem] = []
+    mpath = managed.path
+    forbid = managed.forbid
+    if "report-mode" in forbid:
+        forbidden = f"report mode is forbidden by the managed policy {mpath}"
+        if local.mode is Mode.REPORT:
+            problems.append(Problem(_first_file(local), None, None, "mode", forbidden))
+        problems += _reporting_rules(local, forbidden)
+    for net in local.allow_internal:
+        if "allow-internal" in forbid:
+            why = f"{net}: allow_internal is forbidden by the managed policy {mpath}"
+        elif not any(_net_covered(net, m) for m in managed.policy.allow_internal):
+            why = f"{net} is not inside the managed policy's allow_internal ({mpath})"
+        else:
+            continue
+        problems.append(Problem(_first_file(local), None, None, "allow_internal", why))
+    names = {r.name: r for r in managed.policy.rules}
+    for rule in local.rules:
+        if rule.name in names:
+            problems.append(
+                Problem(
+                    rule.file,
+                    rule.line,
+                    rule.name,
+                    "name",
+                    f"the managed {_where(names[rule.name])} has this name; rename the local rule",
+                )
+            )
+        if rule.action is Action.DENY:
+            continue
+        problems += _rule_problems(rule, managed)
+    return problems
+
+
+def _first_file(policy: Policy) -> str:
+    return display_path(policy.files[0]) if policy.files else "the local policy"
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Part of a rule another policy does not cover: a host pattern or network on a port (0: the
+    rule lists none), and why not (naming the nearest rule), when one came close."""
+
+    rule: Rule
+    key: str  # hosts | cidrs
+    target: str
+    port: int
+    why: str | None
+
+    @property
+    def where(self) -> str:
+        return f"{self.target} port {self.port}" if self.port else self.target
+
+
+def rule_gaps(rule: Rule, managed: Managed) -> list[Gap]:
+    """What of an allow or ask ``rule`` the managed (or any other) policy does not cover."""
+    out: list[Gap] = []
+    ports = sorted(rule.ports) if rule.ports is not None else [0]
+    ceiling = managed.ceiling
+    for pattern in rule.hosts:
+        gap = None
+        for piece in _pieces(pattern):
+            matches = [m for m in ceiling if any(_pattern_covered(piece, h) for h in m.hosts)]
+            for port in ports:
+                ok, why = _covering(rule, str(pattern), port, managed, matches)
+                if not ok:
+                    gap = Gap(rule, "hosts", str(pattern), port, why)
+                    break
+            if gap is not None:
+                break
+        if gap is not None:
+            out.append(gap)
+    for net in rule.cidrs:
+        matches = [m for m in ceiling if any(_net_covered(net, c) for c in m.cidrs)]
+        for port in ports:
+            ok, why = _covering(rule, str(net), port, managed, matches)
+            if not ok:
+                out.append(Gap(rule, "cidrs", str(net), port, why))
+                break
+    return out
+
+
+def _rule_problems(rule: Rule, managed: Managed) -> list[Problem]:
+    out: list[Problem] = []
+    for gap in rule_gaps(rule, managed):
+        message = gap.why or f"no rule of the managed policy {managed.path} allows {gap.where}"
+        out.append(
+            Problem(
+                rule.file,
+                rule.line,
+                rule.name,
+                gap.key,
+                f"{gap.where} is outside the managed ceiling: {message}",
+            )
+        )
+    return out
+
+
+def effective(local: Policy, managed: Managed) -> Policy:
+    """The policy the gate enforces: local rules plus the managed deny rules, a version covering
+    both layers, both layers' files (all watched for reloads), and the ceiling report mode obeys."""
+    digest = hashlib.sha256(f"{managed.policy.version}\n{local.version}".encode()).hexdigest()
+    return Policy(
+        version=digest[:16],
+        mode=local.mode,
+        rules=(*local.rules, *managed.denies),
+        allow_internal=local.allow_internal,
+        files=(*local.files, *managed.policy.files),
+        ceiling=managed.policy,
+    )
+
+
+def load_with_ceiling(
+    path: str | os.PathLike[str], managed_path: str | os.PathLike[str] | None
+) -> Policy:
+    """The local policy, checked against and combined with the managed one (when given); raises
+    PolicyError naming every problem in either. The managed file is read again each time: a reload
+    re-checks the ceiling as it is now."""
+    if managed_path is None:
+        return load_policy(path)
+    managed = load_managed(managed_path)
+    try:
+        local = load_policy(path)
+    except OSError as exc:
+        shown = str(path)
+        raise PolicyError(
+            [Problem(shown, None, None, None, f"cannot read: {exc.strerror or exc}")], shown
+        ) from None
+    problems = ceiling_problems(local, managed)
+    if problems:
+        raise PolicyError(problems, str(path))
+    return effective(local, managed)
+
+
+def load_effective(
+    path: str | os.PathLike[str] | None, managed_path: str | os.PathLike[str] | None
+) -> Policy:
+    """:func:`load_with_ceiling` for a command: the shipped default preset when no local file is
+    given (it must fit under the ceiling too), and every failure as a PolicyError."""
+    from proxy.policy.loader import policy_file
+
+    target = policy_file(path)
+    try:
+        return load_with_ceiling(target, managed_path)
+    except OSError as exc:
+        problem = Problem(str(target), None, None, None, f"cannot read: {exc.strerror or exc}")
+        raise PolicyError([problem], str(target)) from None
+
+
+def managed_lint(managed_path: str | os.PathLike[str], paths: Iterable[Path]) -> list[Problem]:
+    """``egress lint --managed``: the managed file's own problems, then every local file's ways
+    past the ceiling (each naming both files, lines and rules)."""
+    try:
+        managed = load_managed(managed_path)
+    except PolicyError as exc:
+        return list(exc.problems)
+    problems: list[Problem] = []
+    for path in paths:
+        try:
+            local = load_policy(path)
+        except (PolicyError, OSError):
+            continue  # lint_files has reported it
+        problems += ceiling_problems(local, managed)
+    return problems

@@ -1,0 +1,258 @@
+"""The managed ceiling: managed denies always win, a local policy may only narrow, report mode and
+approvals stay inside it, and every refusal names both files, lines and rules."""
+
+from __future__ import annotations
+
+import functools
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from proxy.core.decision import Kind, Reason, Request, Verdict
+from proxy.core.engine import decide
+from proxy.core.requests import HttpHead
+from proxy.policy.managed import load_effective, load_managed, load_with_ceiling, managed_lint
+from proxy.policy.model import PolicyError
+from proxy.policy.reload import PolicyHolder
+
+MANAGED = """\
+version: 1
+managed:
+  forbid: [allow-internal]
+rules:
+  - name: org-pypi
+    hosts: ["**.pypi.org", files.pythonhosted.org]
+    ports: [443]
+  - name: org-github
+    hosts: [api.github.com]
+    methods: [GET, HEAD]
+  - name: org-ask
+    action: ask
+    hosts: [uploads.example.com]
+  - name: org-no-paste
+    action: deny
+    hosts: ["**.pastebin.com"]
+  - name: org-no-test-pypi
+    action: deny
+    hosts: [test.pypi.org]
+"""
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.fixture
+def managed(tmp_path: Path) -> Path:
+    return write(tmp_path, "managed.yaml", MANAGED)
+
+
+def problems(local: Path, managed: Path) -> list[str]:
+    with pytest.raises(PolicyError) as caught:
+        load_with_ceiling(local, managed)
+    return [str(p) for p in caught.value.problems]
+
+
+def test_a_narrower_local_policy_loads_with_the_managed_denies_and_a_combined_version(
+    tmp_path: Path, managed: Path
+) -> None:
+    local = write(
+        tmp_path,
+        "local.yaml",
+        """\
+        version: 1
+        rules:
+          - name: pypi
+            hosts: [pypi.org, "*.pypi.org"]
+          - name: gh-read
+            hosts: [api.github.com]
+            methods: [GET]
+          - name: uploads
+            action: ask
+            hosts: [uploads.example.com]
+        """,
+    )
+    policy = load_with_ceiling(local, managed)
+    assert [r.name for r in policy.rules][-2:] == ["org-no-paste", "org-no-test-pypi"]
+    from proxy.policy.loader import load_policy
+
+    assert policy.version not in (load_policy(local).version, load_managed(managed).policy.version)
+    assert {f.name for f in policy.files} == {"local.yaml", "managed.yaml"}
+    # the managed deny wins over the local allow of *.pypi.org
+    denied = decide(Request(Kind.CONNECT, "test.pypi.org", 443), policy)
+    assert (denied.decision, denied.rule) == (Verdict.DENY, "org-no-test-pypi")
+    allowed = decide(Request(Kind.CONNECT, "www.pypi.org", 443), policy)
+    assert allowed.decision is Verdict.ALLOW
+    # a managed deny rule holds whatever local rules say, and the ask stays an ask
+    ask = decide(Request(Kind.CONNECT, "uploads.example.com", 443), policy)
+    assert ask.decision is Verdict.ASK
+
+
+def test_a_local_allow_outside_the_ceiling_names_both_files_lines_and_rules(
+    tmp_path: Path, managed: Path
+) -> None:
+    local = write(
+        tmp_path,
+        "local.yaml",
+        """\
+        version: 1
+        rules:
+          - name: ok
+            hosts: [pypi.org]
+          - name: anything
+            hosts: [evil.example]
+          - name: other-port
+            hosts: [pypi.org]
+            ports: [8443]
+          - name: skip-the-question
+            hosts: [uploads.example.com]
+          - name: gh-write
+            hosts: [api.github.com]
+            methods: [GET, POST]
+          - name: gh-all
+            hosts: [api.github.com]
+          - name: wider-tree
+            hosts: ["**.pythonhosted.org"]
+        """,
+    )
+    found = problems(local, managed)
+    assert len(found) == 6, found
+    joined = "\n".join(found)
+    assert (
+        "local.yaml:5: rule 'anything': key 'hosts': evil.example port 443 is outside the "
+        in joined
+    )
+    assert "no rule of the managed policy" in joined and "managed.yaml" in joined
+    assert "local.yaml:7: rule 'other-port': key 'hosts': pypi.org port 8443 is outside" in joined
+    assert "managed.yaml:5 rule 'org-pypi' covers pypi.org on port 443 only" in joined
+    assert "rule 'skip-the-question'" in joined and "a local rule may ask too, not allow" in joined
+    assert "rule 'gh-write'" in joined and "methods must be among ['GET', 'HEAD']" in joined
+    assert "rule 'gh-all'" in joined and "this rule allows every request" in joined
+    assert "rule 'wider-tree'" in joined
+
+
+def test_the_managed_file_can_forbid_report_mode_internal_ranges_and_inspection_opt_outs(
+    tmp_path: Path,
+) -> None:
+    managed = write(
+        tmp_path,
+        "managed.yaml",
+        """\
+        version: 1
+        managed:
+          forbid: [report-mode, allow-internal, inspection-opt-out]
+        rules:
+          - name: audited
+            hosts: [registry.example]
+            inspect: true
+        """,
+    )
+    local = write(
+        tmp_path,
+        "local.yaml",
+        """\
+        version: 1
+        mode: report
+        allow_internal: [10.0.0.0/8]
+        rules:
+          - name: registry
+            hosts: [registry.example]
+          - name: learning
+            hosts: [registry.example]
+            inspect: true
+            mode: report
+        """,
+    )
+    joined = "\n".join(problems(local, managed))
+    assert "key 'mode': report mode is forbidden by the managed policy" in joined
+    assert "local.yaml:7: rule 'learning': key 'mode': report mode is forbidden" in joined
+    assert "10.0.0.0/8: allow_internal is forbidden by the managed policy" in joined
+    assert "rule 'registry'" in joined and "forbids inspection opt-outs" in joined
+
+
+def test_local_internal_ranges_must_lie_inside_the_managed_ones(tmp_path: Path) -> None:
+    managed = write(
+        tmp_path,
+        "managed.yaml",
+        "version: 1\nallow_internal: [10.20.0.0/16]\nrules:\n  - {name: a, hosts: [a.example]}\n",
+    )
+    inside = write(tmp_path, "in.yaml", "version: 1\nallow_internal: [10.20.1.0/24]\nrules: []\n")
+    outside = write(tmp_path, "out.yaml", "version: 1\nallow_internal: [10.0.0.0/8]\nrules: []\n")
+    assert load_with_ceiling(inside, managed).allow_internal
+    assert any("10.0.0.0/8 is not inside" in p for p in problems(outside, managed))
+
+
+def test_report_mode_learns_inside_the_ceiling_only(tmp_path: Path, managed: Path) -> None:
+    local = write(tmp_path, "local.yaml", "version: 1\nmode: report\nrules: []\n")
+    policy = load_with_ceiling(local, managed)
+    inside = decide(Request(Kind.CONNECT, "www.pypi.org", 443), policy)
+    assert (inside.decision, inside.reason) == (Verdict.REPORT, Reason.NO_MATCHING_RULE)
+    outside = decide(Request(Kind.CONNECT, "evil.example", 443), policy)
+    assert (outside.decision, outside.reason) == (Verdict.DENY, Reason.NO_MATCHING_RULE)
+    assert outside.detail is not None and "outside the managed policy" in outside.detail
+    denied = decide(Request(Kind.CONNECT, "x.pastebin.com", 443), policy)
+    assert (denied.decision, denied.reason) == (Verdict.DENY, Reason.DENIED_BY_RULE)
+    dns = decide(Request(Kind.DNS, "evil.example", None, qtype="A"), policy)
+    assert dns.decision is Verdict.DENY
+    # a request the managed rule's conditions refuse stays refused in report mode
+    local.write_text(
+        "version: 1\nmode: report\nrules:\n  - {name: gh, hosts: [api.github.com], methods: [GET]}\n"
+    )
+    policy = load_with_ceiling(local, managed)
+    post = Request(Kind.REQUEST, "api.github.com", 443, "POST", "/x", http=HttpHead("POST", "/x"))
+    assert decide(post, policy).decision is Verdict.DENY
+    head = Request(Kind.REQUEST, "api.github.com", 443, "HEAD", "/x", http=HttpHead("HEAD", "/x"))
+    assert decide(head, policy).decision is Verdict.REPORT
+
+
+def test_a_managed_file_that_does_not_load_refuses_everything(tmp_path: Path) -> None:
+    local = write(tmp_path, "local.yaml", "version: 1\nrules: []\n")
+    bad = {
+        "syntax.yaml": "version: 1\nrules: [\n",
+        "report.yaml": "version: 1\nmode: report\nrules: []\n",
+        "rule-report.yaml": "version: 1\nrules:\n  - {name: a, hosts: [a.example], mode: report}\n",
+        "forbid.yaml": "version: 1\nmanaged:\n  forbid: [everything]\nrules: []\n",
+        "key.yaml": "version: 1\nmanaged:\n  colour: red\nrules: []\n",
+    }
+    for name, text in bad.items():
+        path = write(tmp_path, name, text)
+        with pytest.raises(PolicyError) as caught:
+            load_with_ceiling(local, path)
+        assert all(name in str(p) for p in caught.value.problems), (name, caught.value.problems)
+    with pytest.raises(PolicyError, match="cannot read the managed policy"):
+        load_with_ceiling(local, tmp_path / "missing.yaml")
+    # the managed: section belongs to managed files only
+    with pytest.raises(PolicyError, match="key 'managed': unknown key"):
+        load_effective(
+            write(tmp_path, "m-local.yaml", "version: 1\nmanaged: {}\nrules: []\n"), None
+        )
+
+
+def test_a_reload_cannot_widen_past_the_ceiling_nor_survive_a_narrower_one(
+    tmp_path: Path, managed: Path
+) -> None:
+    local = write(tmp_path, "local.yaml", "version: 1\nrules:\n  - {name: p, hosts: [pypi.org]}\n")
+    holder = PolicyHolder(
+        local,
+        load_with_ceiling(local, managed),
+        load=functools.partial(load_with_ceiling, managed_path=managed),
+    )
+    before = holder()
+    local.write_text("version: 1\nrules:\n  - {name: p, hosts: [pypi.org, evil.example]}\n")
+    assert holder.reload() is False and holder() is before
+    local.write_text("version: 1\nrules:\n  - {name: p, hosts: [pypi.org]}\n")
+    managed.write_text(MANAGED.replace('"**.pypi.org", ', ""))  # the organisation narrows
+    assert holder.reload() is False and holder() is before
+    assert holder.last_reload is not None
+    assert any("rule 'p'" in p and "outside the managed" in p for p in holder.last_reload.problems)
+    managed.write_text(MANAGED)
+    assert holder.reload() is True
+
+
+def test_lint_with_managed_reports_the_same_problems(tmp_path: Path, managed: Path) -> None:
+    local = write(tmp_path, "local.yaml", "version: 1\nrules:\n  - {name: e, hosts: [e.example]}\n")
+    found = [str(p) for p in managed_lint(managed, [local])]
+    assert len(found) == 1 and "rule 'e'" in found[0] and "managed" in found[0]
