@@ -10,6 +10,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from proxy.app.arguments import add_gate_options, add_policy_option
+from proxy.app.credentials import add_credentials_option
 
 if TYPE_CHECKING:
     from proxy.sandbox.private_gate import GateRequest, PrivateGate
@@ -77,6 +78,7 @@ def register(subparsers: Any) -> None:
     run.add_argument(
         "--sandbox-id", type=sandbox_id, default=None, help="id carried on every decision"
     )
+    add_credentials_option(run)
     run.add_argument("--quiet", action="store_true", help="no summary at exit")
     run.add_argument(
         "--json",
@@ -134,6 +136,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from proxy.app.ca import Inspection
+    from proxy.app.credentials import sandbox_credentials
     from proxy.app.private_gate import sandbox_trust
     from proxy.sandbox.launcher import RunOptions, run
 
@@ -159,6 +162,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         gate=_private_gate_starter(Inspection.from_args(args)),
         trust=sandbox_trust(Inspection.from_args(args)),
         state_dir=args.state_dir,
+        credentials=sandbox_credentials(args.credentials),
     )
     return run(options)
 

@@ -32,9 +32,11 @@ import secrets
 import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 from urllib.parse import unquote_to_bytes
 
 from proxy.core.decision import Kind
+from proxy.core.hosts import InvalidHost, canonical_host
 from proxy.core.paths import PathGlob, Unreadable, parse_target
 
 # Token formats whose shape tools check (longest prefix first). A real value starting with one of
@@ -168,6 +170,11 @@ class Credentials:
     def bound_to(self, host: str, port: int | None, sandbox_id: str | None) -> tuple[str, ...]:
         """Names of the credentials issued to ``sandbox_id`` that may go to ``host:port``."""
         issued = {name for name, sandbox in self.issued.values() if sandbox == sandbox_id}
+        try:
+            canonical = canonical_host(host)
+        except InvalidHost:
+            return ()
+        host = canonical if isinstance(canonical, str) else str(canonical)
         return tuple(
             name
             for name, binding in self.bindings.items()
@@ -365,6 +372,16 @@ def _where(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class Vault(Protocol):
+    """Where the adapter gets real values (:class:`proxy.credentials.store.CredentialStore`)."""
+
+    def credentials(self) -> Credentials: ...
+
+    def value(self, name: str) -> str: ...
+
+    def scrub_pairs(self, sandbox_id: str | None) -> list[tuple[str, str]]: ...
+
+
 # -- the swap (the adapter calls these with the real value) --------------------------------------
 
 
@@ -451,6 +468,7 @@ __all__ = [
     "Found",
     "Judged",
     "Scrubber",
+    "Vault",
     "judge",
     "placeholder_for",
     "scrub_text",
