@@ -14,6 +14,7 @@ from pathlib import Path
 
 from proxy import __version__
 from proxy.app import approvals_cli
+from proxy.app import credentials as credentials_cli
 from proxy.app.arguments import (
     add_check_options,
     add_gate_options,
@@ -83,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         serve, decision_log="append one JSON line per decision to FILE (default: stderr)"
     )
     approvals_cli.add_serve_options(serve)
+    credentials_cli.add_credentials_option(serve)
     serve.set_defaults(func=_cmd_serve)
+    credentials_cli.register(sub)
 
     token = sub.add_parser(
         "token",

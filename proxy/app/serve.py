@@ -246,10 +246,23 @@ async def _serve(
     holders = [holder, *sandbox_policies.values()]
     for sandbox_id, own in sandbox_policies.items():
         evidence.metrics.sandbox_policy_loaded(sandbox_id, [r.name for r in own().rules])
+    credentials = None
+    if getattr(args, "credentials", None):
+        from proxy.app.credentials import serve_store
+
+        try:
+            ids = list(identities.by_id) if identities else []
+            credentials = serve_store(args.credentials, policy, state_dir, ids)
+        except ValueError as exc:
+            evidence.close()
+            return fail(*str(exc).splitlines())
+        evidence.metrics.credentials_loaded(credentials.names)
 
     def reload_all() -> None:
         for each in holders:
             each.reload()
+        if credentials is not None:  # a command source runs again, a file is read again
+            credentials.refresh()
 
     resolver = Resolver(nameservers=args.nameserver, hosts_file=args.hosts_file or None)
     gate = Gate(
@@ -268,6 +281,7 @@ async def _serve(
         identities=identities,
         sandbox_policies=dict(sandbox_policies),
         approvals=approvals.broker,
+        credentials=credentials,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

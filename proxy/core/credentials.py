@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import re
 import secrets
 import string
@@ -62,19 +63,26 @@ KNOWN_PREFIXES = (
     "sk-",
 )
 GENERIC_PREFIX = "egress-ph-"
-MIN_RANDOM = 24  # random characters in a placeholder, at least (>= 142 bits in base62)
+MIN_RANDOM = 20  # random characters in a placeholder, at least (>= 119 bits in base62)
 _ALNUM = string.ascii_letters + string.digits
 
 
-def placeholder_for(real: str) -> str:
-    """A fresh placeholder shaped like ``real``: its known prefix (or :data:`GENERIC_PREFIX`), the
-    same length when that leaves :data:`MIN_RANDOM` random characters (longer otherwise), and the
-    alphabet of its random part (letters and digits, plus ``_`` and ``-`` when it has them)."""
+def placeholder_for(real: str, seed: bytes | None = None) -> str:
+    """A placeholder shaped like ``real``: its known prefix (or :data:`GENERIC_PREFIX`), the same
+    length when that leaves :data:`MIN_RANDOM` random characters (longer otherwise), and the
+    alphabet of its random part (letters and digits, plus ``_`` and ``-`` when it has them).
+
+    Random (``secrets``) unless a ``seed`` is given: a shared gate's replicas derive the same
+    placeholder from a keyed seed (an HMAC the sandbox cannot compute), so none has to store it."""
     prefix = next((p for p in KNOWN_PREFIXES if real.startswith(p)), GENERIC_PREFIX)
     body = real[len(prefix) :] if prefix != GENERIC_PREFIX else real
     alphabet = _ALNUM + "".join(c for c in "_-" if c in body)
     count = max(len(real) - len(prefix), MIN_RANDOM)
-    return prefix + "".join(secrets.choice(alphabet) for _ in range(count))
+    if seed is None:
+        return prefix + "".join(secrets.choice(alphabet) for _ in range(count))
+    stream = hashlib.shake_256(seed).digest(4 * count)
+    picks = (int.from_bytes(stream[4 * i : 4 * i + 4], "big") % len(alphabet) for i in range(count))
+    return prefix + "".join(alphabet[i] for i in picks)
 
 
 @dataclass(frozen=True, slots=True)

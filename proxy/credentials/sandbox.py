@@ -52,7 +52,7 @@ class Provided:
         return out
 
 
-def provide(store: CredentialStore, sandbox_id: str, credentials_file: str) -> Provided:
+def provide(store: CredentialStore, sandbox_id: str | None, credentials_file: str) -> Provided:
     """Issue this sandbox's placeholders and say what its environment and mounts must be."""
     placeholders = store.issue(sandbox_id)
     env: dict[str, str] = {}

@@ -9,9 +9,13 @@ response echoing the old token shows its placeholder too.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import os
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 from proxy.core.credentials import Credentials, placeholder_for
 from proxy.credentials.loader import Declaration
@@ -75,13 +79,18 @@ class CredentialStore:
             kept.insert(0, before)
             del kept[KEPT_VALUES:]
 
-    def issue(self, sandbox_id: str | None) -> dict[str, str]:
-        """Fresh placeholders for every credential, for one sandbox: name -> placeholder."""
+    def issue(self, sandbox_id: str | None, key: bytes | None = None) -> dict[str, str]:
+        """Placeholders for every credential, for one sandbox: name -> placeholder. Random, or
+        with ``key`` derived from it, the sandbox id and the name (the same on every replica)."""
         out = {}
         for name in self.declarations:
             placeholder = self._credentials.placeholder(name, sandbox_id)
             if placeholder is None:
-                placeholder = placeholder_for(self.value(name))
+                seed = None
+                if key is not None:
+                    message = f"{sandbox_id or ''}\0{name}".encode()
+                    seed = hmac.new(key, message, hashlib.sha256).digest()
+                placeholder = placeholder_for(self.value(name), seed)
                 self._credentials.issue(name, sandbox_id, placeholder)
             out[name] = placeholder
         return out
@@ -101,4 +110,26 @@ class CredentialStore:
         return [self.value(name) for name in self.declarations]
 
 
-__all__ = ["CredentialStore"]
+KEY_FILE = "credentials.key"
+
+
+def placeholder_key(state_dir: Path) -> bytes:
+    """The key a shared gate derives placeholders with, from its state directory (created once,
+    mode 0600; replicas share it as they share the CA). A key others can read is refused."""
+    path = state_dir / KEY_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(os.urandom(32))
+    if os.stat(path).st_mode & 0o077:
+        raise OSError(f"{path} is readable by group or others; chmod 600 it")
+    key = path.read_bytes()
+    if len(key) < 32:
+        raise OSError(f"{path} holds fewer than 32 bytes")
+    return key
+
+
+__all__ = ["KEY_FILE", "CredentialStore", "placeholder_key"]
