@@ -61,6 +61,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, Protocol
 
 from proxy.core.connections import Connection, Connections, Observer
@@ -278,8 +279,10 @@ class Checkpoint:
     ) -> Decision:
         """(3b) credentials: a use names the credential; a misuse refuses, in any mode."""
         declared = self.credentials() if self.credentials is not None else None
-        if declared is None or carried is None or not declared.issued:
+        if declared is None or not declared.issued:
             return decision
+        # The host itself (a CONNECT's too) is searched as well: a placeholder is never a name.
+        carried = replace(carried or Carried(target=""), authority=decision.host)
         found = declared.scan(carried)
         if not found:
             return decision

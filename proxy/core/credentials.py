@@ -131,6 +131,7 @@ class Carried:
     headers: tuple[tuple[str, str], ...] = ()
     target: str = "/"
     body: bytes | None = None
+    authority: str = ""  # the host the request names (a CONNECT's too): never a carrier
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +220,11 @@ class Credentials:
             if decoded is not None:
                 found += [Found(m, f"basic:{key}") for m in pattern.findall(decoded)]
         found += _scan_target(pattern, carried.target)
+        if carried.authority:  # host names are case-insensitive (and canonically lower case)
+            lowered = {p.lower(): p for p in self.issued}
+            folded = re.compile(pattern.pattern, re.IGNORECASE)
+            for hit in folded.findall(carried.authority):
+                found.append(Found(lowered.get(hit.lower(), hit), "url"))
         if carried.body:
             body_pattern = self._body_pattern()
             assert body_pattern is not None
@@ -296,6 +302,11 @@ def judge(
         return Judged(tuple(names), True, detail)
 
     values = {name.lower(): value for name, value in headers}
+    if "upgrade" in values:
+        return misuse(
+            f"credential '{names[0]}' is never sent on a protocol upgrade (WebSocket messages "
+            "are not read, so an echo could not be scrubbed)"
+        )
     swaps: list[tuple[str, str]] = []
     for each in found:
         name, issued_to = credentials.issued[each.placeholder]

@@ -206,3 +206,15 @@ def test_the_scrubber_catches_values_split_anywhere(
 
 def test_scrub_text() -> None:
     assert scrub_text("a REAL b REALLY", [("REAL", "ph")]) == "a ph b phLY"
+
+
+def test_a_placeholder_in_the_host_name_is_found_whatever_its_case() -> None:
+    credentials = _credentials()
+    found = credentials.scan(Carried((), "", authority=f"{PH.lower()}.evil.example"))
+    assert [(f.placeholder, f.where) for f in found] == [(PH, "url")]
+
+
+def test_never_on_a_protocol_upgrade() -> None:
+    carried = Carried((("authorization", f"Bearer {PH}"), ("upgrade", "websocket")), "/repos/x")
+    judged = _judge(_credentials(), carried)
+    assert judged is not None and judged.misuse and "upgrade" in judged.detail  # type: ignore[attr-defined]
