@@ -304,3 +304,25 @@ def test_no_output_channel_ever_holds_a_real_value(
         assert text, name
         for secret in (GITHUB_TOKEN, NPM_TOKEN, BASIC.split()[1]):
             assert secret not in text, f"a real value in {name}"
+
+
+def test_a_broken_credentials_file_or_a_joined_gate_never_runs_the_command(
+    world: World, tmp_path: Path
+) -> None:
+    marker = tmp_path / "ran"
+    text = world.credentials.read_text().replace("allowed.test:", "nowhere.test:", 1)
+    world.credentials.write_text(text)
+    result = world.run(f"touch {marker}")
+    assert result.returncode == 125 and not marker.exists()
+    assert (
+        f"{world.credentials}:7: credential 'github': key 'hosts': nowhere.test:" in result.stderr
+    )
+    assert str(world.policy) in result.stderr
+    joined = subprocess.run(
+        [sys.executable, "-m", "proxy.app.cli", "run", "--proxy", "http://127.0.0.1:9",
+         "--credentials", str(world.credentials), "--", "touch", str(marker)],
+        cwd=REPO, capture_output=True, text=True, timeout=60, env=world.env(),
+    )  # fmt: skip
+    assert joined.returncode == 125 and not marker.exists()
+    assert "--credentials needs this command's own isolated gate" in joined.stderr
+    assert GITHUB_TOKEN not in result.stderr + joined.stderr
