@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import ssl
 from pathlib import Path
 
 import yaml
 
-from tests.harness import WAIT, Upstream
+from tests.harness import Upstream
 
 # Shaped like real tokens: the placeholders the gate issues must keep these prefixes and lengths.
 GITHUB_TOKEN = "ghp_" + "R3alGithubTokenValue0123456789abcdefg"[:36]
@@ -25,40 +24,16 @@ class EchoUpstream(Upstream):
         self.bodies: list[bytes] = []
         super().__init__(name, tls=tls)
 
-    def handle(self, raw: socket.socket) -> None:
-        raw.settimeout(WAIT)
-        conn = raw if self.tls is None else self.tls.wrap_socket(raw, server_side=True)
-        with conn:
-            buf: bytes | None = b""
-            for _ in range(1000):
-                while buf is not None and b"\r\n\r\n" not in buf:
-                    buf = self._more(conn, buf)
-                if buf is None:
-                    return
-                head, buf = buf.split(b"\r\n\r\n", 1)
-                lines = head.decode("latin-1").split("\r\n")
-                method, target, _ = [*lines[0].split(" "), "", ""][:3]
-                headers = {}
-                for line in lines[1:]:
-                    k, _, v = line.partition(":")
-                    headers[k.strip().lower()] = v.strip()
-                length = int(headers.get("content-length", "0") or 0)
-                while buf is not None and len(buf) < length:
-                    buf = self._more(conn, buf)
-                if buf is None:
-                    return
-                body, buf = buf[:length], buf[length:]
-                with self._lock:
-                    self.heads.append(head)
-                    self.requests.append((method, target, headers))
-                    self.bodies.append(body)
-                echo = headers.get("authorization", "-")
-                payload = f"{self.name} saw authorization={echo} target={target}\n".encode()
-                conn.sendall(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
-                    + f"X-Echo: {echo}\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
-                    + payload
-                )
+    def answer(self, method: str, target: str, headers: dict[str, str], body: bytes) -> bytes:
+        with self._lock:
+            self.bodies.append(body)
+        echo = headers.get("authorization", "-")
+        payload = f"{self.name} saw authorization={echo} target={target}\n".encode()
+        return (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+            + f"X-Echo: {echo}\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
 
 
 def write_credentials(directory: Path, credentials: list[dict[str, object]]) -> Path:

@@ -377,14 +377,7 @@ def _carrier_text(where: str) -> str:
 
 
 def _delivery_text(delivery: Delivery) -> str:
-    parts = []
-    if delivery.header is not None:
-        parts.append(f"the {delivery.header} header")
-    if delivery.basic:
-        parts.append("HTTP Basic credentials")
-    if delivery.query is not None:
-        parts.append(f"the query parameter {delivery.query}")
-    return " or ".join(parts)
+    return " or ".join(_carrier_text(carrier) for carrier in sorted(delivery.carriers()))
 
 
 def _where(host: str, port: int) -> str:
