@@ -173,6 +173,7 @@ def test_curl_with_the_placeholder_reaches_the_bound_host_with_the_real_token(
     assert f"saw authorization=Bearer {npm}" in result.stdout
     assert GITHUB_TOKEN not in result.stdout + result.stderr
     assert NPM_TOKEN not in result.stdout + result.stderr
+    assert "credentials added by the gate: github (x1), npm (x1)" in result.stderr
     uses = [d for d in world.decisions() if d.get("credential")]
     assert [(d["credential"], d["decision"]) for d in uses] == [
         ("github", "allow"),
