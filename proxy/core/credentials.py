@@ -163,12 +163,13 @@ class Credentials:
     issued: dict[str, tuple[str, str | None]] = field(default_factory=dict)
     _pattern: re.Pattern[str] | None = field(default=None, repr=False)
     _bytes_pattern: re.Pattern[bytes] | None = field(default=None, repr=False)
+    _folded: tuple[re.Pattern[str], dict[str, str]] | None = field(default=None, repr=False)
 
     def issue(self, name: str, sandbox_id: str | None, placeholder: str) -> None:
         if name not in self.bindings:
             raise KeyError(name)
         self.issued[placeholder] = (name, sandbox_id)
-        self._pattern = self._bytes_pattern = None
+        self._pattern = self._bytes_pattern = self._folded = None
 
     def placeholder(self, name: str, sandbox_id: str | None) -> str | None:
         for value, (issued_name, sandbox) in self.issued.items():
@@ -204,6 +205,14 @@ class Credentials:
             self._bytes_pattern = re.compile(b"|".join(re.escape(p.encode()) for p in ordered))
         return self._bytes_pattern
 
+    def _folded_pattern(self) -> tuple[re.Pattern[str], dict[str, str]]:
+        if self._folded is None:
+            pattern = self._text_pattern()
+            assert pattern is not None
+            lowered = {p.lower(): p for p in self.issued}
+            self._folded = (re.compile(pattern.pattern, re.IGNORECASE), lowered)
+        return self._folded
+
     def scan(self, carried: Carried) -> list[Found]:
         """Every placeholder in the request: header values (and the decoded credentials of a
         ``Basic`` header), the target (raw and percent-decoded, and per query parameter), the held
@@ -221,8 +230,7 @@ class Credentials:
                 found += [Found(m, f"basic:{key}") for m in pattern.findall(decoded)]
         found += _scan_target(pattern, carried.target)
         if carried.authority:  # host names are case-insensitive (and canonically lower case)
-            lowered = {p.lower(): p for p in self.issued}
-            folded = re.compile(pattern.pattern, re.IGNORECASE)
+            folded, lowered = self._folded_pattern()
             for hit in folded.findall(carried.authority):
                 found.append(Found(lowered.get(hit.lower(), hit), "url"))
         if carried.body:
