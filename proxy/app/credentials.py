@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -178,8 +179,11 @@ def _cmd_env(args: argparse.Namespace) -> int:
     except (ValueError, statedir.StateDirError) as exc:
         return fail(*str(exc).splitlines())
     provided = provide(store, args.sandbox_id, os.path.abspath(args.file))
-    for name, value in provided.apply_to({}).items():
+    no_npm = replace(provided, npm_tokens={})  # npm's lines go in a file, not the environment
+    for name, value in no_npm.apply_to({}).items():
         print(f"{name}={value}")
+    for prefix, value in provided.npm_tokens.items():
+        print(f"# for the sandbox's .npmrc: {prefix}:_authToken={value}")
     return EXIT_OK
 
 

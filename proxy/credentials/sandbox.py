@@ -5,8 +5,10 @@
 - ``git: true``: a credential helper for each bound host, given through ``GIT_CONFIG_*`` (command
   scope, read last, no file written): it resets any helper configured before it for that URL and
   answers ``username`` and the placeholder, so ``git clone https://HOST/...`` authenticates;
-- ``npmrc: true``: ``npm_config_//HOST/:_authToken`` (npm reads per-registry tokens from the
-  environment), so npm sends ``Authorization: Bearer PLACEHOLDER``;
+- ``npmrc: true``: a private copy of the user's npm configuration with ``//HOST/:_authToken=
+  PLACEHOLDER`` for each bound host, named by ``NPM_CONFIG_USERCONFIG`` (npm's own per-registry
+  variables, ``npm_config_//HOST/:_authToken``, are not valid shell names: every shell drops them
+  before npm would see them), so npm sends ``Authorization: Bearer PLACEHOLDER``;
 - removed: the variables the gate reads values from, and any other variable whose value contains a
   real value (a ``GITHUB_TOKEN`` inherited from the user's shell): the sandbox never holds one;
 - hidden (an empty read-only mount over each): the credentials file and every ``file:`` source.
@@ -14,10 +16,13 @@
 
 from __future__ import annotations
 
+import os
 import shlex
+import shutil
 import sys
+import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from proxy.credentials.store import CredentialStore
 
@@ -31,6 +36,14 @@ class Provided:
     env: Mapping[str, str]
     unset: tuple[str, ...]
     hidden: tuple[str, ...]
+    npm_tokens: Mapping[str, str] = field(default_factory=dict)  # "//host[:port]/" -> placeholder
+    _directory: list[str] = field(default_factory=list)
+
+    def cleanup(self) -> None:
+        """Remove the files written for the sandbox (its npm configuration)."""
+        for directory in self._directory:
+            shutil.rmtree(directory, ignore_errors=True)
+        self._directory.clear()
 
     def apply_to(self, env: Mapping[str, str]) -> dict[str, str]:
         """``env`` without any real value or source variable, with the placeholders set."""
@@ -39,7 +52,7 @@ class Provided:
         for name, value in env.items():
             if name in self.unset:
                 continue
-            if any(secret in value for secret in secrets):
+            if name not in self.env and any(secret in value for secret in secrets):
                 sys.stderr.write(
                     f"egress run: {name} held a credential's real value; it is not passed to the "
                     "sandbox\n"
@@ -48,8 +61,30 @@ class Provided:
             out[name] = value
         for name, value in _git_config(out, self).items():
             out[name] = value
+        if self.npm_tokens:
+            out["NPM_CONFIG_USERCONFIG"] = self._npmrc(out)
+            out.pop("npm_config_userconfig", None)
         out.update(self.env)
         return out
+
+    def _npmrc(self, env: Mapping[str, str]) -> str:
+        """The user's npm configuration plus this sandbox's registry tokens, in a private file."""
+        given = env.get("NPM_CONFIG_USERCONFIG") or env.get("npm_config_userconfig")
+        source = given or os.path.join(env.get("HOME", os.path.expanduser("~")), ".npmrc")
+        try:
+            with open(source, encoding="utf-8") as handle:
+                lines = handle.read().splitlines()
+        except (OSError, UnicodeDecodeError):
+            lines = []
+        keys = {f"{prefix}:_authtoken" for prefix in self.npm_tokens}
+        kept = [line for line in lines if line.split("=", 1)[0].strip().lower() not in keys]
+        kept += [f"{prefix}:_authToken={value}" for prefix, value in self.npm_tokens.items()]
+        directory = tempfile.mkdtemp(prefix="egress-credentials-")
+        self._directory.append(directory)
+        path = os.path.join(directory, "npmrc")
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+            handle.write("\n".join(kept) + "\n")
+        return path
 
 
 def provide(store: CredentialStore, sandbox_id: str | None, credentials_file: str) -> Provided:
@@ -57,6 +92,7 @@ def provide(store: CredentialStore, sandbox_id: str | None, credentials_file: st
     placeholders = store.issue(sandbox_id)
     env: dict[str, str] = {}
     unset: list[str] = []
+    npm: dict[str, str] = {}
     hidden = [credentials_file]
     for name, declaration in store.declarations.items():
         placeholder = placeholders[name]
@@ -69,8 +105,9 @@ def provide(store: CredentialStore, sandbox_id: str | None, credentials_file: st
             hidden.append(source.path)
         if declaration.npmrc:
             for host, port in sorted(declaration.binding.hosts):
-                env[f"npm_config_//{_authority(host, port)}/:_authToken"] = placeholder
-    return Provided(store, placeholders, env, tuple(unset), tuple(dict.fromkeys(hidden)))
+                npm[f"//{_authority(host, port)}/"] = placeholder
+    hidden_paths = tuple(dict.fromkeys(hidden))
+    return Provided(store, placeholders, env, tuple(unset), hidden_paths, npm)
 
 
 def _git_config(env: Mapping[str, str], provided: Provided) -> dict[str, str]:

@@ -150,6 +150,8 @@ def run(options: RunOptions) -> int:
     finally:
         if trust is not None:
             trust.cleanup()
+        if provided is not None:
+            provided.cleanup()
 
 
 def _run_with(

@@ -111,13 +111,20 @@ def test_what_the_sandbox_gets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert provided.hidden == ("/etc/egress/credentials.yaml", str(npm_path))
     env = provided.apply_to(
         {"EGRESS_TEST_GH": TOKEN, "OLD": f"Bearer {TOKEN}", "GIT_CONFIG_COUNT": "1",
-         "GIT_CONFIG_KEY_0": "a.b", "GIT_CONFIG_VALUE_0": "c", "PATH": "/bin"}
+         "GIT_CONFIG_KEY_0": "a.b", "GIT_CONFIG_VALUE_0": "c", "PATH": "/bin",
+         "HOME": str(tmp_path)}
     )  # fmt: skip
     assert "EGRESS_TEST_GH" not in env and "OLD" not in env and env["PATH"] == "/bin"
     ph = provided.placeholders["github"]
     assert env["GH_TOKEN"] == ph and env["NPM_TOKEN"] == provided.placeholders["npm"]
-    assert env["npm_config_//github.com/:_authToken"] == provided.placeholders["npm"]
-    assert env["npm_config_//ghe.example:8443/:_authToken"] == provided.placeholders["npm"]
+    npmrc = Path(env["NPM_CONFIG_USERCONFIG"]).read_text().splitlines()
+    assert npmrc == [
+        f"//ghe.example:8443/:_authToken={provided.placeholders['npm']}",
+        f"//github.com/:_authToken={provided.placeholders['npm']}",
+    ]
+    assert os.stat(env["NPM_CONFIG_USERCONFIG"]).st_mode & 0o777 == 0o600
+    provided.cleanup()
+    assert not Path(env["NPM_CONFIG_USERCONFIG"]).exists()
     assert env["GIT_CONFIG_COUNT"] == "5" and env["GIT_CONFIG_KEY_0"] == "a.b"
     keys = [env[f"GIT_CONFIG_KEY_{i}"] for i in range(1, 5)]
     assert keys == [

@@ -163,6 +163,7 @@ def test_curl_with_the_placeholder_reaches_the_bound_host_with_the_real_token(
     assert npm.startswith("npm_") and len(npm) == len(NPM_TOKEN) and npm != NPM_TOKEN
     assert values["github"] == gh and values["copy"] == "unset"
     assert "MY_COPY held a credential's real value" in result.stderr
+    assert "GITHUB_TOKEN held" not in result.stderr  # declared: it holds the placeholder now
     # the upstream received the real values ...
     got = [headers["authorization"] for _, _, headers in bound.requests]
     assert got == [f"token {GITHUB_TOKEN}", f"Bearer {NPM_TOKEN}"]
@@ -327,3 +328,19 @@ def test_a_broken_credentials_file_or_a_joined_gate_never_runs_the_command(
     assert joined.returncode == 125 and not marker.exists()
     assert "--credentials needs this command's own isolated gate" in joined.stderr
     assert GITHUB_TOKEN not in result.stderr + joined.stderr
+
+
+def test_npm_sends_the_placeholder_from_its_registry_token_and_the_registry_gets_the_real_one(
+    world: World, bound: EchoUpstream, tmp_path: Path
+) -> None:
+    registry = f"https://allowed.test:{world.bound}/"
+    (tmp_path / ".npmrc").write_text("fund=false\n")  # the user's own settings are kept
+    script = (
+        f"cd {tmp_path} && HOME={tmp_path} npm config get fund && "
+        f"HOME={tmp_path} npm whoami --registry {registry}; echo npm=$?"
+    )
+    result = world.run(script)
+    assert "npm=" in result.stdout, result.stderr
+    assert result.stdout.startswith("false"), result.stdout
+    assert [h.get("authorization") for _, _, h in bound.requests] == [f"Bearer {NPM_TOKEN}"]
+    assert NPM_TOKEN not in result.stdout + result.stderr
