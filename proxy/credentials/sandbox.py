@@ -93,7 +93,7 @@ def provide(store: CredentialStore, sandbox_id: str | None, credentials_file: st
     env: dict[str, str] = {}
     unset: list[str] = []
     npm: dict[str, str] = {}
-    hidden = [credentials_file]
+    hidden = [credentials_file, os.path.realpath(credentials_file)]
     for name, declaration in store.declarations.items():
         placeholder = placeholders[name]
         for variable in declaration.env:
@@ -102,7 +102,7 @@ def provide(store: CredentialStore, sandbox_id: str | None, credentials_file: st
         if source.kind == "env" and source.env is not None and source.env not in declaration.env:
             unset.append(source.env)
         if source.kind == "file" and source.path is not None:
-            hidden.append(source.path)
+            hidden += [source.path, os.path.realpath(source.path)]  # a symlink and its target
         if declaration.npmrc:
             for host, port in sorted(declaration.binding.hosts):
                 npm[f"//{_authority(host, port)}/"] = placeholder
