@@ -375,3 +375,28 @@ def test_a_body_held_for_a_rule_is_searched_before_anything_is_sent(
     assert len(other.requests) == 1 and setup.placeholder.encode() not in b"".join(other.bodies)
     decision = _last_misuse(setup)
     assert decision.rule == "held-body" and "not evil.test" in (decision.detail or "")
+
+
+@pytest.mark.parametrize("http", ["--http1.1", "--http2"])
+def test_a_use_over_either_http_version_is_swapped_and_its_echo_scrubbed(
+    setup: Setup, bound: EchoUpstream, http: str
+) -> None:
+    url = f"https://allowed.test:{setup.ports['bound']}/api/v"
+    result = setup.curl(url, http, "-H", f"Authorization: token {setup.placeholder}")
+    assert result.status == 200, result
+    assert bound.requests[-1][2]["authorization"] == f"token {GITHUB_TOKEN}"
+    assert result.headers["x-echo"] == f"token {setup.placeholder}"
+    assert GITHUB_TOKEN not in result.body + json.dumps(result.headers)
+
+
+def test_every_response_from_a_bound_host_is_scrubbed_not_only_swapped_ones(
+    setup: Setup, bound: EchoUpstream
+) -> None:
+    """A service may store a header it was sent and show it later: here the upstream is made to
+    show the real value without any placeholder in the request."""
+    url = f"https://allowed.test:{setup.ports['bound']}/api/stored"
+    result = setup.curl(url, "-H", f"Authorization: stored {GITHUB_TOKEN}")
+    assert result.status == 200, result
+    assert bound.requests[-1][2]["authorization"] == f"stored {GITHUB_TOKEN}"
+    assert result.headers["x-echo"] == f"stored {setup.placeholder}"
+    assert GITHUB_TOKEN not in result.body
