@@ -162,14 +162,13 @@ class Credentials:
     # placeholder -> (credential name, sandbox id it was issued to; None: any client of this gate)
     issued: dict[str, tuple[str, str | None]] = field(default_factory=dict)
     _pattern: re.Pattern[str] | None = field(default=None, repr=False)
-    _bytes_pattern: re.Pattern[bytes] | None = field(default=None, repr=False)
     _folded: tuple[re.Pattern[str], dict[str, str]] | None = field(default=None, repr=False)
 
     def issue(self, name: str, sandbox_id: str | None, placeholder: str) -> None:
         if name not in self.bindings:
             raise KeyError(name)
         self.issued[placeholder] = (name, sandbox_id)
-        self._pattern = self._bytes_pattern = self._folded = None
+        self._pattern = self._folded = None
 
     def placeholder(self, name: str, sandbox_id: str | None) -> str | None:
         for value, (issued_name, sandbox) in self.issued.items():
@@ -198,12 +197,6 @@ class Credentials:
             ordered = sorted(self.issued, key=len, reverse=True)
             self._pattern = re.compile("|".join(re.escape(p) for p in ordered))
         return self._pattern
-
-    def _body_pattern(self) -> re.Pattern[bytes] | None:
-        if self._bytes_pattern is None and self.issued:
-            ordered = sorted(self.issued, key=len, reverse=True)
-            self._bytes_pattern = re.compile(b"|".join(re.escape(p.encode()) for p in ordered))
-        return self._bytes_pattern
 
     def _folded_pattern(self) -> tuple[re.Pattern[str], dict[str, str]]:
         if self._folded is None:
@@ -234,12 +227,21 @@ class Credentials:
             for hit in folded.findall(carried.authority):
                 found.append(Found(lowered.get(hit.lower(), hit), "url"))
         if carried.body:
-            body_pattern = self._body_pattern()
-            assert body_pattern is not None
-            hits = set(body_pattern.findall(carried.body))
-            hits |= set(body_pattern.findall(_percent_decoded(carried.body)))
-            found += [Found(hit.decode(), "body") for hit in sorted(hits)]
+            found += self._scan_body(carried.body)
         return found
+
+    def _scan_body(self, body: bytes) -> list[Found]:
+        """One substring search per placeholder (C speed on a held body, unlike an alternation),
+        on the body and on its percent-decoded form."""
+        texts = [body]
+        decoded = _percent_decoded(body)
+        if decoded is not body:
+            texts.append(decoded)
+        return [
+            Found(placeholder, "body")
+            for placeholder in sorted(self.issued)
+            if any(placeholder.encode() in text for text in texts)
+        ]
 
 
 def _scan_target(pattern: re.Pattern[str], target: str) -> list[Found]:
