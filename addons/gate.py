@@ -27,10 +27,12 @@ from typing import Any
 from mitmproxy import connection, http, tls
 from mitmproxy.proxy import server_hooks
 
+from addons import credentials as creds
 from addons.refusal import refusal_response, strip_egress_headers
 from addons.tunnels import accepted_at, current_sandbox
 from proxy.core.checkpoint import Checkpoint
 from proxy.core.connections import Connection
+from proxy.core.credentials import Carried, Vault
 from proxy.core.decision import Decision, Kind, Reason, Request
 from proxy.core.engine import BodyNeeded
 from proxy.core.firstbytes import FirstBytes
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 HELD = "egress.held"  # the byte limit of a request body held back until the gate decides
 OVERFLOW = "egress.overflow"  # the held body went past that limit (and was dropped)
 _PENDING = "egress.pending"  # the Request waiting for its body
+_ADMITTED = "egress.admitted"  # the allow a request's head got (its buffered body is checked too)
 
 
 class GateAddon:
@@ -58,8 +61,10 @@ class GateAddon:
         *,
         request_deadline: float = Limits().request_timeout,
         query_values: bool = False,
+        credentials: Vault | None = None,
     ) -> None:
         self.checkpoint = checkpoint
+        self.credentials = credentials  # the real values behind this gate's placeholders
         self.request_deadline = request_deadline
         self.query_values = query_values  # record query values in decisions (URLs carry tokens)
         # Set by the master: mitmproxy's handler per client id, used to close silent connections.
@@ -182,7 +187,10 @@ class GateAddon:
                 req.method, req.path, req.headers.fields
             )
             outcome = await self.checkpoint.admit_request(
-                conn, request, problem=problem or _inspected_framing(req, tunnel)
+                conn,
+                request,
+                problem=problem or _inspected_framing(req, tunnel),
+                carried=self._carried(req),
             )
         else:
             request = Request(
@@ -201,7 +209,7 @@ class GateAddon:
                 )
             )
             outcome = await self.checkpoint.admit_request(
-                conn, request, credential=credential, problem=problem
+                conn, request, credential=credential, problem=problem, carried=self._carried(req)
             )
         if isinstance(outcome, BodyNeeded):
             # Held, bounded and unsent (GateStream) until ``request`` decides with the body.
@@ -215,6 +223,8 @@ class GateAddon:
         """The body of a held request has arrived (nothing of it was sent): decide it now. Most
         requests were decided at their head: no coroutine for them."""
         pending: Request | None = flow.metadata.pop(_PENDING, None)
+        if pending is None and self.credentials is not None:
+            self._check_body(flow)
         if pending is None or pending.http is None or flow.response is not None:
             return None
         return self._decide_body(flow, pending)
@@ -227,7 +237,9 @@ class GateAddon:
             head = pending.http.with_body(None, overflow=True)
         else:
             head = pending.http.with_body(flow.request.raw_content or b"")
-        decision = await self.checkpoint.admit_body(conn, replace(pending, http=head))
+        decision = await self.checkpoint.admit_body(
+            conn, replace(pending, http=head), carried=self._carried(flow.request, head.body)
+        )
         self._enforce(flow, conn, pending, decision)
 
     def _enforce(
@@ -242,6 +254,8 @@ class GateAddon:
                 status = 421  # Misdirected Request: this connection cannot serve that authority
             flow.response = refusal_response(decision, status)
             return
+        if self.credentials is not None:
+            self._credentials(flow, conn, decision)
         if request.kind is Kind.REQUEST:
             return  # the tunnel's upstream is already pinned, and counted
         self.checkpoint.opened(conn, decision)
@@ -257,6 +271,42 @@ class GateAddon:
         if conn is not None and flow.response is not None:
             length = flow.response.headers.get("content-length", "")
             conn.bytes_in += int(length) if length.isdigit() else 0
+        if self.credentials is not None and conn is not None:
+            creds.scrub_response(flow, self.credentials, conn.sandbox_id)
+
+    # -- credentials (the checkpoint's step 3b decides; these only apply it) ---------------------
+
+    def _carried(self, req: http.Request, body: bytes | None = None) -> Carried | None:
+        if self.credentials is None:
+            return None
+        return creds.carried(req, body)
+
+    def _credentials(self, flow: http.HTTPFlow, conn: Connection, decision: Decision) -> None:
+        """An admitted request: swap in the credential it uses; on a bound host, scrub what comes
+        back; remember the allow so that a body buffered later is checked for placeholders."""
+        assert self.credentials is not None
+        flow.metadata[_ADMITTED] = decision
+        if decision.credential:
+            creds.swap(flow, self.credentials, conn.sandbox_id, decision.credential)
+        tunnel = conn.tunnel
+        if decision.kind is Kind.REQUEST and tunnel is not None:
+            bound = self.credentials.credentials().bound_to(
+                decision.host, tunnel.port, conn.sandbox_id
+            )
+            if bound:
+                creds.prepare_scrub(flow)
+
+    def _check_body(self, flow: http.HTTPFlow) -> None:
+        """A body buffered (not streamed) after its head was admitted: refused if it carries a
+        placeholder; nothing of the request has been sent yet."""
+        admitted: Decision | None = flow.metadata.pop(_ADMITTED, None)
+        body = flow.request.raw_content
+        if admitted is None or flow.response is not None or flow.request.stream or not body:
+            return
+        conn = self._conn(flow.client_conn)
+        refusal = self.checkpoint.credential_body(conn, admitted, body)
+        if refusal is not None:
+            flow.response = refusal_response(refusal)
 
     def tls_failed_server(self, data: tls.TlsData) -> None:
         """An inspected tunnel's upstream did not verify: a refusal on record, never a fallback."""

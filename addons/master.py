@@ -26,6 +26,7 @@ from proxy.core.checkpoint import (
     Destinations,
 )
 from proxy.core.connections import Connections, Observer
+from proxy.core.credentials import Vault
 from proxy.core.destination import DestinationCheck, NameResolver
 from proxy.core.hosts import parse_endpoint
 from proxy.core.limits import Limits
@@ -95,8 +96,10 @@ class Gate:
         identities: Authenticator | None = None,
         sandbox_policies: dict[str, Callable[[], Policy]] | None = None,
         approvals: Approver | None = None,
+        credentials: Vault | None = None,
     ) -> None:
         self.config = config
+        self.credentials = credentials
         self.emitter = emitter
         self.own = OwnEndpoints()
         self.checkpoint = Checkpoint(
@@ -113,6 +116,7 @@ class Gate:
             own=self.own,
             observer=observer,
             approvals=approvals,
+            credentials=credentials.credentials if credentials is not None else None,
         )
         self.tunnels = TunnelFrontEnd(
             self.checkpoint,
@@ -165,7 +169,9 @@ class Gate:
 
         loop = asyncio.get_running_loop()
         mitm = await loop.run_in_executor(None, importlib.import_module, "addons.mitm")
-        layers: Layers = await mitm.start_layers(self.config, self.checkpoint)
+        layers: Layers = await mitm.start_layers(
+            self.config, self.checkpoint, credentials=self.credentials
+        )
         for host, port in layers.listen_addrs():
             self.protect_endpoint(host, port)
         self.layers = layers

@@ -19,6 +19,7 @@ from mitmproxy.master import Master
 from addons.gate import GateAddon
 from addons.layers import GateLayers
 from proxy.core.checkpoint import Checkpoint
+from proxy.core.credentials import Vault
 
 
 class LazyOnly:
@@ -88,12 +89,15 @@ class Layers:
             self._task.cancel()
 
 
-async def start_layers(config: Any, checkpoint: Checkpoint) -> Layers:
+async def start_layers(
+    config: Any, checkpoint: Checkpoint, *, credentials: Vault | None = None
+) -> Layers:
     """Start the master for ``config`` (an :class:`addons.master.GateConfig`)."""
     addon = GateAddon(
         checkpoint,
         request_deadline=config.limits.request_timeout,
         query_values=config.query_values,
+        credentials=credentials,
     )
     opts = options.Options(
         mode=["regular"],

@@ -186,16 +186,20 @@ class Upstream(LoopbackServer):
                     buf = self._more(conn, buf)
                 if buf is None:
                     return
-                buf = buf[length:]
+                body, buf = buf[:length], buf[length:]
                 with self._lock:
                     self.requests.append((method, target, headers))
-                body = f"hello from {self.name}: {method} {target} host={headers.get('host', '')}\n"
-                payload = body.encode() + b"x" * self.body_size
-                conn.sendall(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
-                    + f"Content-Length: {len(payload)}\r\n\r\n".encode()
-                    + payload
-                )
+                conn.sendall(self.answer(method, target, headers, body))
+
+    def answer(self, method: str, target: str, headers: dict[str, str], body: bytes) -> bytes:
+        """The response to one request (subclasses may answer otherwise)."""
+        text = f"hello from {self.name}: {method} {target} host={headers.get('host', '')}\n"
+        payload = text.encode() + b"x" * self.body_size
+        return (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+            + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
 
     def _more(self, conn: socket.socket, buf: bytes) -> bytes | None:
         """``buf`` and what arrives next, counted; None once the client has closed."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from proxy import __version__
 from proxy.app import approvals_cli, learn_cli
+from proxy.app import credentials as credentials_cli
 from proxy.app.arguments import (
     add_check_options,
     add_gate_options,
@@ -93,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     approvals_cli.add_serve_options(serve)
     add_lifecycle_options(serve)
+    credentials_cli.add_credentials_option(serve)
     serve.set_defaults(func=_cmd_serve)
     learn_cli.add_commands(sub)
+    credentials_cli.register(sub)
 
     token = sub.add_parser(
         "token",

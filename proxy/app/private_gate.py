@@ -83,7 +83,11 @@ async def start_private_gate(
         resolver,
         observer=request.observer,
         approvals=approvals.broker if approvals is not None else None,
+        credentials=request.credentials,
     )
+    metrics = getattr(request.observer, "metrics", None)
+    if request.credentials is not None and metrics is not None:
+        metrics.credentials_loaded(request.credentials.names)
     running = _Running(gate)
     running.approvals, running.token_file = approvals, token_file
     try:

@@ -10,6 +10,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from proxy.app.arguments import add_gate_options, add_policy_option
+from proxy.app.credentials import add_credentials_option
 from proxy.app.lifecycle_args import add_lifecycle_options, managed_policy_path
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ def register(subparsers: Any) -> None:
     run.add_argument(
         "--sandbox-id", type=sandbox_id, default=None, help="id carried on every decision"
     )
+    add_credentials_option(run)
     run.add_argument("--quiet", action="store_true", help="no summary at exit")
     run.add_argument(
         "--json",
@@ -136,6 +138,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from proxy.app.ca import Inspection
+    from proxy.app.credentials import sandbox_credentials
     from proxy.app.private_gate import sandbox_trust
     from proxy.sandbox.launcher import RunOptions, run
 
@@ -162,6 +165,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         trust=sandbox_trust(Inspection.from_args(args)),
         state_dir=args.state_dir,
         managed_policy=managed_policy_path(args),
+        credentials=sandbox_credentials(args.credentials),
     )
     return run(options)
 

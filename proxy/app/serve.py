@@ -267,6 +267,17 @@ async def _serve(
     for sandbox_id, own in sandbox_policies.items():
         evidence.metrics.sandbox_policy_loaded(sandbox_id, [r.name for r in own().rules])
     live = live_reload(args, holder, sandbox_policies, evidence)
+    credentials = None
+    if getattr(args, "credentials", None):
+        from proxy.app.credentials import serve_store
+
+        try:
+            ids = list(identities.by_id) if identities else []
+            credentials = serve_store(args.credentials, policy, state_dir, ids)
+        except ValueError as exc:
+            evidence.close()
+            return fail(*str(exc).splitlines())
+        evidence.metrics.credentials_loaded(credentials.names)
 
     resolver = Resolver(nameservers=args.nameserver, hosts_file=args.hosts_file or None)
     gate = Gate(
@@ -285,6 +296,7 @@ async def _serve(
         identities=identities,
         sandbox_policies=dict(sandbox_policies),
         approvals=approvals.broker,
+        credentials=credentials,
     )
     if getattr(args, "recheck_on_reload", False):
         live.installed = tunnel_recheck(gate)
@@ -295,6 +307,8 @@ async def _serve(
     reloads: set[asyncio.Task[None]] = set()
 
     def reload_all() -> None:
+        if credentials is not None:  # a command source runs again, a file is read again
+            credentials.refresh()
         task = loop.create_task(live.reload("signal"))
         reloads.add(task)
         task.add_done_callback(reloads.discard)

@@ -23,6 +23,12 @@ For each CONNECT and each HTTP request - plain, or inside an inspected tunnel (:
    once: its TLS is terminated and each request inside comes back to this step. A rule that must read
    the body makes the answer :data:`BODY_NEEDED`: nothing is recorded or sent yet; the adapter holds
    the body (bounded) and :meth:`Checkpoint.admit_body` takes the request on from this step.
+3b. **credentials** - every placeholder of a declared credential the request carries (header values
+   and Basic credentials, the URL, a held body; :mod:`proxy.core.credentials`) is judged: issued to
+   this sandbox, bound to this host and port, inside an inspected tunnel, only where its declaration
+   sends it and within its request rules is a *use* (the decision names the credential and the
+   adapter swaps in the real value); anything else is ``credential-misuse``, refused whatever the
+   policy or mode said, so nothing is sent. A request without placeholders passes unchanged.
 4. **destination** - an allowed host is resolved (hosts file, then DNS) and every address screened
    against the internal ranges; one screened address is pinned (``internal-address``, ``dns-failure``).
    A request inside a tunnel is not resolved again: it goes to the tunnel's pinned address.
@@ -55,10 +61,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, Protocol
 
 from proxy.core.connections import Connection, Connections, Observer
-from proxy.core.decision import Decision, Kind, Reason, Request, Verdict
+from proxy.core.credentials import Carried, Credentials, judge
+from proxy.core.decision import Decision, Kind, Reason, Request, Verdict, new_id
 from proxy.core.destination import Destination, DestinationRefused, Network
 from proxy.core.engine import BODY_NEEDED, BodyNeeded, decide, decide_request, refuse
 from proxy.core.firstbytes import FirstBytes
@@ -132,8 +140,10 @@ class Checkpoint:
         own: SelfCheck | None = None,
         observer: Observer | None = None,
         approvals: Approver | None = None,
+        credentials: Callable[[], Credentials | None] | None = None,
     ) -> None:
         self._policy = policy
+        self.credentials = credentials
         self.emitter = emitter
         self.destinations = destinations
         self.connections = connections or Connections(observer=observer)
@@ -199,14 +209,18 @@ class Checkpoint:
         *,
         credential: str | None = None,
         problem: Problem | None = None,
+        carried: Carried | None = None,
     ) -> Decision:
         """Admit a CONNECT or an HTTP request, in the order of the module docstring. A request whose
         rules must read its body is refused here: adapters that can hold bodies call
         :meth:`admit_request`."""
-        outcome = await self.admit_request(conn, request, credential=credential, problem=problem)
+        outcome = await self.admit_request(
+            conn, request, credential=credential, problem=problem, carried=carried
+        )
         if isinstance(outcome, BodyNeeded):
             request = self._attributed(conn, request)
-            return self._finish(conn, request, decide(request, self.policy_for(conn)), 0.0)
+            decision = self._credentials(conn, decide(request, self.policy_for(conn)), carried)
+            return self._finish(conn, request, decision, 0.0)
         return outcome
 
     async def admit_request(
@@ -216,6 +230,7 @@ class Checkpoint:
         *,
         credential: str | None = None,
         problem: Problem | None = None,
+        carried: Carried | None = None,
     ) -> Decision | BodyNeeded:
         """:meth:`admit`, or BODY_NEEDED (nothing recorded yet): hold the body, then call
         :meth:`admit_body` before anything of the request is sent upstream."""
@@ -240,9 +255,13 @@ class Checkpoint:
         outcome = decide_request(request, policy)
         if isinstance(outcome, BodyNeeded):
             return BODY_NEEDED
+        # (3b) credentials
+        outcome = self._credentials(conn, outcome, carried)
         return await self._from_destination(conn, request, outcome, started)
 
-    async def admit_body(self, conn: Connection, request: Request) -> Decision:
+    async def admit_body(
+        self, conn: Connection, request: Request, *, carried: Carried | None = None
+    ) -> Decision:
         """Step (3) again for a request whose body is now held (``request.http.body``, or
         ``body_overflow``), then steps 4-8. Identity and framing were admitted with its head."""
         started = time.perf_counter()
@@ -251,7 +270,60 @@ class Checkpoint:
             raise ValueError("admit_body needs a request whose body was read")
         # (3) policy, with the body: decide() refuses anything that still wants more.
         decision = decide(request, self.policy_for(conn))
+        # (3b) credentials, with the held body
+        decision = self._credentials(conn, decision, carried)
         return await self._from_destination(conn, request, decision, started)
+
+    def _credentials(
+        self, conn: Connection, decision: Decision, carried: Carried | None
+    ) -> Decision:
+        """(3b) credentials: a use names the credential; a misuse refuses, in any mode."""
+        declared = self.credentials() if self.credentials is not None else None
+        if declared is None or not declared.issued:
+            return decision
+        # The host itself (a CONNECT's too) is searched as well: a placeholder is never a name.
+        carried = replace(carried or Carried(target=""), authority=decision.host)
+        found = declared.scan(carried)
+        if not found:
+            return decision
+        try:
+            judged = judge(
+                declared,
+                found,
+                kind=decision.kind,
+                host=_bare(decision.host),
+                port=decision.port,
+                method=decision.method,
+                target=carried.target,
+                sandbox_id=conn.sandbox_id,
+                headers=carried.headers,
+            )
+        except Exception:  # a credential step that fails never lets a placeholder through
+            log.exception("the credential step failed for %s", decision.id)
+            return decision.with_(
+                decision=Verdict.DENY,
+                reason=Reason.CREDENTIAL_MISUSE,
+                detail="the request carries a credential placeholder the gate could not judge",
+            )
+        if judged is None:
+            return decision
+        if judged.misuse:
+            return decision.with_(
+                decision=Verdict.DENY,
+                reason=Reason.CREDENTIAL_MISUSE,
+                detail=judged.detail,
+                credential=judged.label,
+            )
+        return decision.with_(credential=judged.label)
+
+    def credential_body(self, conn: Connection, admitted: Decision, body: bytes) -> Decision | None:
+        """(3b) for a body buffered after its request was admitted at the head (no rule held it):
+        a refusal, recorded as a decision of its own, when the body carries a placeholder (no
+        credential is ever sent in a body); else None. Nothing of the request was sent yet."""
+        decision = self._credentials(conn, admitted, Carried(target="/", body=body))
+        if decision.allowed:
+            return None
+        return self.emitter.emit(decision.with_(id=new_id(), ts=time.time()))
 
     async def _from_destination(
         self, conn: Connection, request: Request, decision: Decision, started: float
@@ -482,6 +554,15 @@ class Checkpoint:
         if (key, port) in conn.checked:
             return key
         return None
+
+
+def _bare(host: str) -> str:
+    """The canonical form of a decision's host (as bindings store it)."""
+    try:
+        name = canonical_host(host)
+    except InvalidHost:
+        return host
+    return name if isinstance(name, str) else str(name)
 
 
 def _where(address: str, port: int) -> str:

@@ -72,6 +72,7 @@ class Reason(StrEnum):
     APPROVAL_TIMEOUT = "approval-timeout"
     APPROVAL_LIMIT = "approval-limit"  # too many pending approvals (this sandbox, or the gate)
     APPROVAL_UNAVAILABLE = "approval-unavailable"  # nobody can be asked (no approvals, store down)
+    CREDENTIAL_MISUSE = "credential-misuse"  # a credential's placeholder where it is never sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +121,7 @@ class Decision:
     approval: str | None = None  # the approval an ask rule opened (or the grant that answered it)
     decided_by: str | None = None  # who answered an approval: a person's name, reviewer, timeout
     grant: str | None = None  # the scope of an approval's answer: once, session or persist
+    credential: str | None = None  # declared credential name(s) used or misused, never a value
     id: str = field(default_factory=new_id)
     ts: float = field(default_factory=time.time)
 

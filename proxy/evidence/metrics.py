@@ -205,6 +205,16 @@ class Metrics:
             buckets=_APPROVAL_BUCKETS,
             registry=r,
         )
+        self.credential_uses = Counter(
+            "egress_credential_uses",
+            "Requests that carried a declared credential's placeholder, by credential name (only "
+            "names from the credentials file; anything else is 'other') and outcome (used: the "
+            "real value was sent; misuse: refused as credential-misuse; refused: refused for "
+            "another reason).",
+            ["credential", "outcome"],
+            registry=r,
+        )
+        self._credential_names: frozenset[str] = frozenset()
         for reason in JOURNAL_ERRORS:
             self.journal_errors.labels(error=reason)
         for result in RELOAD_RESULTS:
@@ -245,6 +255,24 @@ class Metrics:
         ).inc()
         if kind == Kind.DNS:
             self.dns_queries.labels(decision=verdict).inc()
+        if decision.credential:
+            self._credential_used(decision)
+
+    def credentials_loaded(self, names: Iterable[str]) -> None:
+        """The declared credential names: the only values the ``credential`` label takes."""
+        self._credential_names = frozenset(names)
+        for name in self._credential_names:
+            for outcome in ("used", "misuse"):
+                self.credential_uses.labels(credential=name, outcome=outcome)
+
+    def _credential_used(self, decision: Decision) -> None:
+        if decision.reason is Reason.CREDENTIAL_MISUSE:
+            outcome = "misuse"
+        else:
+            outcome = "used" if decision.allowed else "refused"
+        for name in decision.credential.split(",") if decision.credential else ():
+            label = name if name in self._credential_names else OTHER
+            self.credential_uses.labels(credential=label, outcome=outcome).inc()
 
     def close(self) -> None:
         self.stop()

@@ -47,6 +47,7 @@ ATTRIBUTE_NAMES: Mapping[str, str] = {
     "approval": "egress.approval.id",
     "decided_by": "egress.approval.decided_by",
     "grant": "egress.approval.grant",
+    "credential": "egress.credential",
     "seq": "egress.journal.seq",
     "bytes_out": "egress.bytes.out",
     "bytes_in": "egress.bytes.in",

@@ -34,6 +34,7 @@ from proxy.sandbox.stdio import foreground_tty, restore_tty, stdio_fds, stdio_pr
 from proxy.sandbox.summary import SummarySink
 
 if TYPE_CHECKING:  # a private gate's types: the joined modes do not import them
+    from proxy.credentials.sandbox import Provided
     from proxy.sandbox.private_gate import GateStarter, PrivateGate, Trust, TrustSetup
 
 log = logging.getLogger("egress.run")
@@ -64,6 +65,9 @@ class RunOptions:
     token: str | None = None  # the sandbox's credential for a gate that requires one
     gate: GateStarter | None = None  # starts the private gate (without --proxy / --gate-socket)
     trust: TrustSetup | None = None  # the CA bundle and hidden paths when the gate reads TLS
+    # Credentials the sandbox gets placeholders for (private gate only): given the policy and the
+    # sandbox id, what to set, remove and hide; raises ValueError (lines to print) when they fail.
+    credentials: Callable[[Any, str], Provided] | None = None
     env: dict[str, str] | None = None
     cwd: str | None = None
     stdin: int | IO[Any] | None = None
@@ -129,14 +133,34 @@ def run(options: RunOptions) -> int:
         except ValueError as exc:
             _err(f"{exc}; the command was not run")
             return EXIT_SETUP_FAILED
+    provided: Provided | None = None
+    if options.credentials is not None:
+        if not private or not options.isolation:
+            _err(
+                "--credentials needs this command's own isolated gate (not --proxy, --gate-socket "
+                "or --no-isolation: there the command could read the real values); the command "
+                "was not run"
+            )
+            return EXIT_SETUP_FAILED
+        try:
+            provided = options.credentials(policy, str(options.sandbox_id))
+        except ValueError as exc:
+            for line in str(exc).splitlines():
+                _err(line)
+            _err("the command was not run")
+            return EXIT_SETUP_FAILED
     try:
-        return _run_with(options, policy, trust)
+        return _run_with(options, policy, trust, provided)
     finally:
         if trust is not None:
             trust.cleanup()
+        if provided is not None:
+            provided.cleanup()
 
 
-def _run_with(options: RunOptions, policy: Any, trust: Trust | None) -> int:
+def _run_with(
+    options: RunOptions, policy: Any, trust: Trust | None, provided: Provided | None = None
+) -> int:
     bundle = trust.bundle if trust is not None else None
     if not options.isolation:
         if options.gate_socket is not None:
@@ -173,13 +197,17 @@ def _run_with(options: RunOptions, policy: Any, trust: Trust | None) -> int:
     base = dict(options.env if options.env is not None else os.environ)
     base.pop("EGRESS_SANDBOX_TOKEN", None)  # the launcher's to present, not the sandbox's to read
     env = proxy_environment(base, address, sandbox_id=options.sandbox_id, ca_bundle=bundle)
+    hidden = tuple(trust.hidden) if trust is not None else ()
+    if provided is not None:  # placeholders in, real values and their sources out of reach
+        env = provided.apply_to(env)
+        hidden += tuple(provided.hidden)
     spec = SandboxSpec(
         argv=list(options.argv),
         env=env,
         listeners=listeners,
         cwd=options.cwd,
         foreground_tty=tty,
-        hidden=tuple(trust.hidden) if trust is not None else (),
+        hidden=hidden,
     )
     try:
         sandbox = Sandbox.spawn(
@@ -197,7 +225,7 @@ def _run_with(options: RunOptions, policy: Any, trust: Trust | None) -> int:
         else:
             from proxy.runtime.loop import run as run_loop
 
-            code, summary = run_loop(_run_private(options, sandbox, policy))
+            code, summary = run_loop(_run_private(options, sandbox, policy, provided))
     finally:
         sandbox.close_sockets()
         if sandbox.returncode is None and sandbox.proc.poll() is None:
@@ -217,7 +245,9 @@ def _sinks(options: RunOptions) -> list[Sink]:
     return sinks
 
 
-async def _run_private(options: RunOptions, sandbox: Sandbox, policy: Any) -> tuple[int, str]:
+async def _run_private(
+    options: RunOptions, sandbox: Sandbox, policy: Any, provided: Provided | None = None
+) -> tuple[int, str]:
     """The gate runs in this process and accepts on the sandbox's own listeners: no relay.
     Returns the exit status and the summary to print."""
     from proxy.sandbox.private_gate import GateRequest
@@ -242,6 +272,7 @@ async def _run_private(options: RunOptions, sandbox: Sandbox, policy: Any) -> tu
                 state_dir=options.state_dir,
                 sockets=sandbox.sockets,
                 json_notices=options.json,
+                credentials=provided.store if provided is not None else None,
             )
         )
         if options.on_gate:

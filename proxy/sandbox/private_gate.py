@@ -34,6 +34,8 @@ class GateRequest:
     host_listener_is_sandbox: bool = False
     # Pending approvals are announced on stderr with the command that answers them; True: as JSON.
     json_notices: bool = False
+    # The credentials the gate swaps in for this sandbox's placeholders (a CredentialStore), or None.
+    credentials: Any = None
 
 
 class PrivateGate(Protocol):

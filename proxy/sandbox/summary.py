@@ -23,6 +23,7 @@ class SummarySink:
     dns_answered: int = 0
     reported: Counter[tuple[str, str]] = field(default_factory=Counter)
     refused: Counter[tuple[str, str]] = field(default_factory=Counter)
+    credentials: Counter[str] = field(default_factory=Counter)  # credential names added upstream
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record(self, decision: Decision) -> None:
@@ -35,6 +36,8 @@ class SummarySink:
                 return
             if decision.decision is Verdict.REPORT:  # let through, so also counted as allowed
                 self.reported[(where, str(decision.reason))] += 1
+            if decision.credential:
+                self.credentials.update(decision.credential.split(","))
             if decision.kind is Kind.DNS:
                 self.dns_answered += 1
             elif decision.kind is not Kind.TLS:  # a TLS check is part of its CONNECT, not a request
@@ -50,6 +53,11 @@ class SummarySink:
                 f"egress: sandbox {sandbox_id}: {self.allowed} request(s) allowed, "
                 f"{refused_total} refused, {self.dns_answered} DNS answer(s)"
             ]
+            if self.credentials:
+                used = ", ".join(
+                    f"{escape(n, 64)} (x{c})" for n, c in sorted(self.credentials.items())
+                )
+                lines.append(f"  credentials added by the gate: {used}")
             for title, table in (("refused", self.refused), ("would refuse", self.reported)):
                 items = table.most_common()
                 for (where, reason), count in items[:MAX_LISTED]:

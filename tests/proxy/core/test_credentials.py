@@ -1,0 +1,220 @@
+"""The pure credential step: placeholder shapes, finding placeholders, judging uses and misuse,
+the swap helpers and the chunk-safe scrubber."""
+
+from __future__ import annotations
+
+import base64
+import string
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.core.credentials import (
+    GENERIC_PREFIX,
+    MIN_RANDOM,
+    Binding,
+    Carried,
+    Credentials,
+    Delivery,
+    Scrubber,
+    judge,
+    placeholder_for,
+    scrub_text,
+    swap_header,
+    swap_query,
+)
+from proxy.core.decision import Kind
+from proxy.core.paths import compile_glob
+
+
+@pytest.mark.parametrize(
+    ("real", "prefix"),
+    [
+        ("ghp_" + "a1B2" * 9, "ghp_"),
+        ("github_pat_" + "11ABCDE_" + "x" * 74, "github_pat_"),
+        ("glpat-" + "Ab3_-" * 4, "glpat-"),
+        ("npm_" + "Z" * 36, "npm_"),
+        ("pypi-" + "AgEIcHlwaS5vcmc" * 10, "pypi-"),
+        ("sk-proj-" + "q" * 48, "sk-proj-"),
+        ("sk-" + "k" * 48, "sk-"),
+        ("some-opaque-api-key-1234567890", GENERIC_PREFIX),
+    ],
+)
+def test_placeholders_keep_the_prefix_length_and_alphabet(real: str, prefix: str) -> None:
+    placeholder = placeholder_for(real)
+    assert placeholder.startswith(prefix) and placeholder != real
+    assert len(placeholder) == max(len(real), len(prefix) + MIN_RANDOM)
+    body = real[len(prefix) :] if prefix != GENERIC_PREFIX else real
+    allowed = set(string.ascii_letters + string.digits) | ({"_", "-"} & set(body))
+    assert set(placeholder[len(prefix) :]) <= allowed
+
+
+def test_placeholders_are_random_and_never_short() -> None:
+    assert placeholder_for("ghp_" + "a" * 36) != placeholder_for("ghp_" + "a" * 36)
+    short = placeholder_for("pw")
+    assert short.startswith(GENERIC_PREFIX) and len(short) == len(GENERIC_PREFIX) + MIN_RANDOM
+
+
+PH = "ghp_" + "P" * 36
+OTHER_PH = "npm_" + "Q" * 36
+
+
+def _credentials(**delivery: object) -> Credentials:
+    github = Binding(
+        "github",
+        frozenset({("api.example", 443)}),
+        Delivery(**{"header": "authorization", **delivery}),  # type: ignore[arg-type]
+        methods=frozenset({"GET"}),
+        paths=(compile_glob("/repos/**"),),
+    )
+    npm = Binding("npm", frozenset({("registry.example", 443)}), Delivery(header="authorization"))
+    credentials = Credentials({"github": github, "npm": npm})
+    credentials.issue("github", "sbx-1", PH)
+    credentials.issue("npm", "sbx-1", OTHER_PH)
+    return credentials
+
+
+def _judge(
+    credentials: Credentials,
+    carried: Carried,
+    *,
+    host: str = "api.example",
+    kind: Kind = Kind.REQUEST,
+    method: str = "GET",
+    sandbox: str = "sbx-1",
+) -> object:
+    return judge(
+        credentials,
+        credentials.scan(carried),
+        kind=kind,
+        host=host,
+        port=443,
+        method=method,
+        target=carried.target,
+        sandbox_id=sandbox,
+        headers=carried.headers,
+    )
+
+
+def test_no_placeholder_no_answer() -> None:
+    credentials = _credentials()
+    assert _judge(credentials, Carried((("authorization", "Bearer other"),), "/repos/x")) is None
+
+
+def test_a_use() -> None:
+    judged = _judge(_credentials(), Carried((("Authorization", f"token {PH}"),), "/repos/a/b"))
+    assert judged is not None and not judged.misuse  # type: ignore[attr-defined]
+    assert judged.label == "github" and judged.swaps == (("github", PH),)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("carried", "kwargs", "expected"),
+    [
+        (Carried((("authorization", f"Bearer {PH}"),), "/repos/x"), {"host": "evil.example"},
+         "bound to api.example:443, not evil.example:443"),
+        (Carried((("authorization", f"Bearer {PH}"),), "/repos/x"), {"kind": Kind.HTTP},
+         "plain HTTP"),
+        (Carried((("authorization", f"Bearer {PH}"),), "/repos/x"), {"method": "POST"},
+         "only sent with GET"),
+        (Carried((("authorization", f"Bearer {PH}"),), "/gists"), {}, "not sent to this path"),
+        (Carried((("authorization", f"Bearer {PH}"),), "/repos/%2e%2e/gists"), {},
+         "no canonical form"),
+        (Carried((("authorization", f"Bearer {PH}"),), "/repos/x"), {"sandbox": "sbx-2"},
+         "another sandbox"),
+        (Carried((("x-note", PH),), "/repos/x"), {}, "the x-note header"),
+        (Carried((), f"/repos/x?q={PH}"), {}, "the query parameter q"),
+        (Carried((), f"/repos/{PH}"), {}, "the URL"),
+        (Carried((), "/repos/x", f"a={PH}".encode()), {}, "the request body"),
+        (Carried((), "/repos/x", f"a=%{ord(PH[0]):02x}{PH[1:]}".encode()), {}, "request body"),
+        (Carried((("authorization", f"Bearer {OTHER_PH}"),), "/repos/x"), {},
+         "bound to registry.example:443"),
+    ],
+)  # fmt: skip
+def test_misuse(carried: Carried, kwargs: dict[str, object], expected: str) -> None:
+    judged = _judge(_credentials(), carried, **kwargs)  # type: ignore[arg-type]
+    assert judged is not None and judged.misuse  # type: ignore[attr-defined]
+    assert expected in judged.detail  # type: ignore[attr-defined]
+    assert PH not in judged.detail  # type: ignore[attr-defined]
+
+
+def test_encoded_and_double_encoded_urls_are_found() -> None:
+    encoded = "".join(f"%{ord(c):02x}" for c in PH)
+    twice = encoded.replace("%", "%25")
+    for target in (f"/x?t={encoded}", f"/x?t={twice}", f"/{encoded}"):
+        assert _credentials().scan(Carried((), target)), target
+
+
+def test_basic_credentials_are_decoded() -> None:
+    value = "Basic " + base64.b64encode(f"x-access-token:{PH}".encode()).decode()
+    found = _credentials().scan(Carried((("Authorization", value),), "/"))
+    assert [f.where for f in found] == ["basic:authorization"]
+    assert _judge(_credentials(), Carried((("Authorization", value),), "/repos/x")).misuse  # type: ignore[union-attr]
+    judged = _judge(_credentials(basic=True), Carried((("Authorization", value),), "/repos/x"))
+    assert judged is not None and not judged.misuse  # type: ignore[attr-defined]
+
+
+def test_formats_constrain_the_header_shape() -> None:
+    credentials = _credentials(formats=("Bearer {}",))
+    ok = _judge(credentials, Carried((("authorization", f"Bearer {PH}"),), "/repos/x"))
+    bad = _judge(credentials, Carried((("authorization", f"Bearer {PH} {PH}"),), "/repos/x"))
+    assert not ok.misuse and bad.misuse  # type: ignore[union-attr]
+
+
+def test_query_delivery() -> None:
+    credentials = _credentials(header=None, query="access_token")
+    judged = _judge(credentials, Carried((), f"/repos/x?access_token={PH}&page=2"))
+    assert judged is not None and not judged.misuse  # type: ignore[attr-defined]
+    assert swap_query(f"/r?access_token={PH}&page=2", "access_token", PH, "real/+=") == (
+        "/r?access_token=real%2F%2B%3D&page=2"
+    )
+    assert _judge(credentials, Carried((), f"/repos/x?other={PH}")).misuse  # type: ignore[union-attr]
+
+
+def test_swap_header() -> None:
+    assert swap_header(f"token {PH}", "header:", PH, "REAL") == "token REAL"
+    basic = "Basic " + base64.b64encode(f"u:{PH}".encode()).decode()
+    swapped = swap_header(basic, "basic:", PH, "REAL")
+    assert base64.b64decode(swapped.split()[1]) == b"u:REAL"
+
+
+def test_bound_to() -> None:
+    credentials = _credentials()
+    assert credentials.bound_to("API.example.", 443, "sbx-1") == ("github",)
+    assert credentials.bound_to("api.example", 443, "sbx-2") == ()
+    assert credentials.bound_to("api.example", 8443, "sbx-1") == ()
+
+
+REAL = b"ghp_REALREALREALREALREALREALREALREAL1234"
+
+
+@given(st.binary(max_size=200), st.binary(max_size=200), st.lists(st.integers(1, 60), max_size=20))
+def test_the_scrubber_catches_values_split_anywhere(
+    before: bytes, after: bytes, cuts: list[int]
+) -> None:
+    data = before + REAL + after + REAL
+    scrubber = Scrubber([(REAL, b"PLACEHOLDER")])
+    out, position = b"", 0
+    for cut in cuts:
+        out += scrubber(data[position : position + cut])
+        position += cut
+    out += scrubber(data[position:]) + scrubber(b"")
+    expected = (before + REAL + after + REAL).replace(REAL, b"PLACEHOLDER")
+    assert REAL not in out
+    assert out == expected
+
+
+def test_scrub_text() -> None:
+    assert scrub_text("a REAL b REALLY", [("REAL", "ph")]) == "a ph b phLY"
+
+
+def test_a_placeholder_in_the_host_name_is_found_whatever_its_case() -> None:
+    credentials = _credentials()
+    found = credentials.scan(Carried((), "", authority=f"{PH.lower()}.evil.example"))
+    assert [(f.placeholder, f.where) for f in found] == [(PH, "url")]
+
+
+def test_never_on_a_protocol_upgrade() -> None:
+    carried = Carried((("authorization", f"Bearer {PH}"), ("upgrade", "websocket")), "/repos/x")
+    judged = _judge(_credentials(), carried)
+    assert judged is not None and judged.misuse and "upgrade" in judged.detail  # type: ignore[attr-defined]

