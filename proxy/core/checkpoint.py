@@ -23,6 +23,12 @@ For each CONNECT and each HTTP request - plain, or inside an inspected tunnel (:
    once: its TLS is terminated and each request inside comes back to this step. A rule that must read
    the body makes the answer :data:`BODY_NEEDED`: nothing is recorded or sent yet; the adapter holds
    the body (bounded) and :meth:`Checkpoint.admit_body` takes the request on from this step.
+3a. **process** - when the gate can see the sandbox's processes (``egress run``), the connection's
+   client socket is attributed to its process once, before its first decision, so every decision
+   names it (:mod:`proxy.attribution`). A rule bound to executables then allows only a process
+   running one of them (:mod:`proxy.core.executables`): an unknown process is
+   ``process-unattributed``, another executable ``executable-not-allowed``. Nothing is resolved for
+   either. (The tunnel's ClientHello is decided by the same rule for the same process.)
 4. **destination** - an allowed host is resolved (hosts file, then DNS) and every address screened
    against the internal ranges; one screened address is pinned (``internal-address``, ``dns-failure``).
    A request inside a tunnel is not resolved again: it goes to the tunnel's pinned address.
@@ -61,6 +67,7 @@ from proxy.core.connections import Connection, Connections, Observer
 from proxy.core.decision import Decision, Kind, Reason, Request, Verdict
 from proxy.core.destination import Destination, DestinationRefused, Network
 from proxy.core.engine import BODY_NEEDED, BodyNeeded, decide, decide_request, refuse
+from proxy.core.executables import BoundRules, ProcessFacts, check_executables
 from proxy.core.firstbytes import FirstBytes
 from proxy.core.firstbytes import Protocol as FirstProtocol
 from proxy.core.framing import Problem
@@ -106,6 +113,14 @@ class Approver(Protocol):
     ) -> Decision: ...
 
 
+class Processes(Protocol):
+    """Who owns a client socket (:class:`proxy.attribution.procfs.SandboxProcesses`)."""
+
+    def attribute(self, peer: str) -> ProcessFacts | None: ...
+
+    def forget(self, peer: str | None) -> None: ...
+
+
 class Identified(Protocol):
     @property
     def id(self) -> str: ...
@@ -132,8 +147,11 @@ class Checkpoint:
         own: SelfCheck | None = None,
         observer: Observer | None = None,
         approvals: Approver | None = None,
+        processes: Processes | None = None,
     ) -> None:
         self._policy = policy
+        self.processes = processes
+        self._bound = BoundRules()
         self.emitter = emitter
         self.destinations = destinations
         self.connections = connections or Connections(observer=observer)
@@ -165,6 +183,8 @@ class Checkpoint:
 
     def disconnected(self, cid: str) -> None:
         conn = self.connections.close(cid)
+        if conn is not None and self.processes is not None:
+            self.processes.forget(conn.peer)
         if conn is None or conn.opened is None:
             return
         # The observer (metrics and evidence) records it; without one, the decision sinks do.
@@ -206,7 +226,9 @@ class Checkpoint:
         outcome = await self.admit_request(conn, request, credential=credential, problem=problem)
         if isinstance(outcome, BodyNeeded):
             request = self._attributed(conn, request)
-            return self._finish(conn, request, decide(request, self.policy_for(conn)), 0.0)
+            policy = self.policy_for(conn)
+            decision = self._process(conn, policy, decide(request, policy))
+            return self._finish(conn, request, decision, 0.0)
         return outcome
 
     async def admit_request(
@@ -228,6 +250,7 @@ class Checkpoint:
             )
         request = self._attributed(conn, request)
         policy = self.policy_for(conn)
+        self._attribute(conn)
         if conn.refusal is not None:  # the proven sandbox is over its own connection cap
             return self.emitter.emit(refuse(request, policy, *conn.refusal))
         if request.kind is Kind.REQUEST and (conn.tunnel is None or not conn.inspected):
@@ -240,6 +263,8 @@ class Checkpoint:
         outcome = decide_request(request, policy)
         if isinstance(outcome, BodyNeeded):
             return BODY_NEEDED
+        # (3a) process
+        outcome = self._process(conn, policy, outcome)
         return await self._from_destination(conn, request, outcome, started)
 
     async def admit_body(self, conn: Connection, request: Request) -> Decision:
@@ -250,7 +275,8 @@ class Checkpoint:
         if request.http is None or not request.http.body_read:
             raise ValueError("admit_body needs a request whose body was read")
         # (3) policy, with the body: decide() refuses anything that still wants more.
-        decision = decide(request, self.policy_for(conn))
+        policy = self.policy_for(conn)
+        decision = self._process(conn, policy, decide(request, policy))  # (3a) process
         return await self._from_destination(conn, request, decision, started)
 
     async def _from_destination(
@@ -286,6 +312,24 @@ class Checkpoint:
                 conn.tunnel = decision
                 conn.inspected = self._inspects(self.policy_for(conn), decision, request.port)
         return decision
+
+    def _attribute(self, conn: Connection) -> None:
+        """(3a) once per connection: the process that owns its client socket, where the gate can
+        see the sandbox's processes. Cached on the connection (and, for evidence, by peer)."""
+        if self.processes is None or conn.attributed or conn.peer is None:
+            return
+        conn.attributed = True
+        conn.process = self.processes.attribute(conn.peer)
+
+    def _process(self, conn: Connection, policy: Policy, decision: Decision) -> Decision:
+        """(3a) a rule bound to executables lets through only their processes."""
+        if decision.rule is None:
+            return decision
+        bound = self._bound.of(policy).get(decision.rule)
+        if not bound:
+            return decision
+        self._attribute(conn)
+        return check_executables(decision, bound, conn.process)
 
     def may_inspect(self, conn: Connection, host: str, port: int) -> bool:
         """Whether a CONNECT to ``host:port`` on ``conn`` could be inspected: by the connection's

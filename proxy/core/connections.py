@@ -13,7 +13,7 @@ import collections
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from proxy.core.decision import Decision, Kind, Reason
 from proxy.core.limits import Limits, RateLimiter
@@ -54,6 +54,8 @@ class Connection:
     checked: set[tuple[str, int]] = field(
         default_factory=set
     )  # (ip, port) pairs that may be dialled
+    process: Any = None  # who owns the client socket (proxy.attribution), once looked up
+    attributed: bool = False  # looked up (process stays None when it could not be found)
 
     def forget_destinations(self) -> None:
         """A refused tunnel: nothing may be dialled for this connection any more."""

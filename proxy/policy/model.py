@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from proxy.core.hosts import InvalidHost, canonical_host
 from proxy.core.paths import PathGlob
+from proxy.policy.executables import Executable
 from proxy.policy.index import RuleIndex
 
 if TYPE_CHECKING:
@@ -184,6 +185,9 @@ class Rule:
 
     timeout: int = DEFAULT_ASK_TIMEOUT  # ask rules: seconds to wait for an answer
     review: Review = Review.HUMAN  # ask rules: whether the automated reviewer may answer
+    # Only connections whose process runs one of these files (proxy.policy.executables): empty
+    # means any process.
+    executables: tuple[Executable, ...] = ()
 
     def ports_text(self) -> str:
         """The ports as refusal messages phrase them: ``port 443``, ``ports 80, 443``, ``every port``."""

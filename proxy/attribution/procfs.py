@@ -1,0 +1,162 @@
+"""Finding the process behind a sandbox's connection in ``/proc``.
+
+The gate accepts on a listener that lives in the sandbox's network namespace, so the client's socket
+is in that namespace's TCP table, readable as ``/proc/<pid>/net/tcp`` of any process inside it (the
+sandbox helper, whose host pid the launcher knows). Its line gives the socket's inode; the owner is
+the sandbox process with an fd linking to ``socket:[inode]``. The processes searched are exactly the
+helper's descendants (every process of the sandbox's PID namespace is one: orphans are reparented to
+its init), walked through ``/proc/<pid>/task/<tid>/children``, bounded by MAX_PROCESSES.
+
+Only the kernel's answers are used: ``exe`` is the ``/proc/<pid>/exe`` link (and the file identity
+behind it), never ``comm`` or ``argv[0]``, which a process sets itself. Cost: one table read and one
+fd scan of the sandbox's processes per connection (``bench/attribution.py`` prints it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Iterator
+
+from proxy.attribution.argv import scrub_argv
+from proxy.attribution.process import Attribution, ProcEntry, build
+from proxy.attribution.procnet import find_inode
+
+log = logging.getLogger(__name__)
+
+MAX_PROCESSES = (
+    4096  # a sandbox with more is searched this far, then the connection is unattributed
+)
+MAX_CMDLINE = 64 * 1024
+
+
+class SandboxProcesses:
+    """Attributes connections accepted on the sandbox's listener ``gate`` (its address inside the
+    sandbox) to the sandbox's processes, under the helper at host pid ``root``.
+
+    ``attribute(peer)`` keeps its answer for the peer until ``forget(peer)``; evidence for later
+    decisions of the same connection reads it with ``known(peer)``."""
+
+    def __init__(self, root: int, gate: tuple[str, int], proc: str = "/proc") -> None:
+        self.root = root
+        self.gate = gate
+        self.proc = proc
+        self._known: dict[str, Attribution] = {}
+        self._lock = threading.Lock()
+
+    def attribute(self, peer: str) -> Attribution | None:
+        """The owner of the client socket whose address is ``peer`` (``host:port``), or None when it
+        cannot be found (the socket closed, the owner exited, /proc unreadable)."""
+        try:
+            found = self._attribute(peer)
+        except (OSError, ValueError):
+            log.debug("attribution of %s failed", peer, exc_info=True)
+            found = None
+        if found is not None:
+            with self._lock:
+                self._known[peer] = found
+        return found
+
+    def known(self, peer: str | None) -> Attribution | None:
+        if peer is None:
+            return None
+        return self._known.get(peer)
+
+    def forget(self, peer: str | None) -> None:
+        if peer is not None:
+            with self._lock:
+                self._known.pop(peer, None)
+
+    def _attribute(self, peer: str) -> Attribution | None:
+        host, _, port = peer.rpartition(":")
+        local = (host.strip("[]"), int(port))
+        name = "tcp6" if ":" in local[0] else "tcp"
+        with open(f"{self.proc}/{self.root}/net/{name}", encoding="ascii") as table:
+            inode = find_inode(table, local, self.gate)
+        if inode is None:
+            return None
+        link = f"socket:[{inode}]"
+        owners: list[ProcEntry] = []
+        entries: dict[int, ProcEntry] = {}
+        for pid in self._descendants():
+            if self._owns(pid, link):
+                entry = self._entry(pid)
+                if entry is not None:
+                    owners.append(entry)
+        for owner in owners:
+            self._ancestors(owner, entries)
+        return build(owners, entries)
+
+    def _descendants(self) -> Iterator[int]:
+        queue = [self.root]
+        seen = 0
+        while queue and seen < MAX_PROCESSES:
+            pid = queue.pop()
+            seen += 1
+            if pid != self.root:
+                yield pid
+            with contextlib.suppress(OSError):
+                for tid in os.listdir(f"{self.proc}/{pid}/task"):
+                    with (
+                        contextlib.suppress(OSError),
+                        open(f"{self.proc}/{pid}/task/{tid}/children", encoding="ascii") as f,
+                    ):
+                        queue.extend(int(c) for c in f.read().split())
+
+    def _owns(self, pid: int, link: str) -> bool:
+        base = f"{self.proc}/{pid}/fd"
+        try:
+            fds = os.listdir(base)
+        except OSError:
+            return False
+        for fd in fds:
+            try:
+                if os.readlink(f"{base}/{fd}") == link:
+                    return True
+            except OSError:
+                continue
+        return False
+
+    def _ancestors(self, entry: ProcEntry, entries: dict[int, ProcEntry]) -> None:
+        entries[entry.host_pid] = entry
+        current = entry
+        for _ in range(64):
+            if current.pid == 1 or current.host_ppid == self.root:
+                return
+            parent = entries.get(current.host_ppid) or self._entry(current.host_ppid)
+            if parent is None:
+                return
+            entries[parent.host_pid] = parent
+            current = parent
+
+    def _entry(self, pid: int) -> ProcEntry | None:
+        base = f"{self.proc}/{pid}"
+        try:
+            ppid, nspid = _status(base)
+            exe = os.readlink(f"{base}/exe")
+            st = os.stat(f"{base}/exe")
+            with open(f"{base}/cmdline", "rb") as f:
+                raw = f.read(MAX_CMDLINE)
+        except OSError:
+            return None
+        argv = [a.decode("utf-8", "backslashreplace") for a in raw.split(b"\0")]
+        if argv and argv[-1] == "":
+            argv.pop()
+        return ProcEntry(pid, ppid, nspid, exe, scrub_argv(argv), (st.st_dev, st.st_ino))
+
+
+def _status(base: str) -> tuple[int, int]:
+    """(PPid, the pid in the innermost PID namespace) from ``status``."""
+    ppid = nspid = -1
+    with open(f"{base}/status", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.startswith("PPid:"):
+                ppid = int(line.split()[1])
+            elif line.startswith("NSpid:"):
+                nspid = int(line.split()[-1])
+                break
+    if ppid < 0 or nspid < 0:
+        raise ValueError(f"{base}/status has no PPid or NSpid")
+    return ppid, nspid
