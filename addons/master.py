@@ -24,6 +24,7 @@ from proxy.core.checkpoint import (
     Checkpoint,
     DecisionSink,
     Destinations,
+    Processes,
 )
 from proxy.core.connections import Connections, Observer
 from proxy.core.destination import DestinationCheck, NameResolver
@@ -95,6 +96,7 @@ class Gate:
         identities: Authenticator | None = None,
         sandbox_policies: dict[str, Callable[[], Policy]] | None = None,
         approvals: Approver | None = None,
+        processes: Processes | None = None,
     ) -> None:
         self.config = config
         self.emitter = emitter
@@ -113,6 +115,7 @@ class Gate:
             own=self.own,
             observer=observer,
             approvals=approvals,
+            processes=processes,
         )
         self.tunnels = TunnelFrontEnd(
             self.checkpoint,

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proxy import __version__
-from proxy.app import approvals_cli
+from proxy.app import approvals_cli, context_cli
 from proxy.app.arguments import (
     add_check_options,
     add_gate_options,
@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register(sub)
     approvals_cli.register(sub)
+    context_cli.register(sub)
     return parser
 
 

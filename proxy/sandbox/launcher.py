@@ -73,6 +73,9 @@ class RunOptions:
     on_ready: Callable[[Sandbox], None] | None = None  # tests/doctor: the sandbox is about to run
     on_gate: Callable[[PrivateGate], None] | None = None  # doctor: the private gate is serving
     summary: SummarySink = field(default_factory=SummarySink)
+    summary_format: str = "text"  # or "json": one JSON object on stderr at exit
+    context: dict[str, str] = field(default_factory=dict)  # --context KEY=VALUE
+    traceparent: str | None = None  # the agent's W3C trace context (validated by the CLI)
 
     def __post_init__(self) -> None:
         if self.sandbox_id is None:
@@ -238,6 +241,9 @@ async def _run_private(options: RunOptions, sandbox: Sandbox, policy: Any) -> tu
                 state_dir=options.state_dir,
                 sockets=sandbox.sockets,
                 json_notices=options.json,
+                sandbox_pid=sandbox.pid,
+                proxy_port=options.proxy_port,
+                facts=sandbox_facts(options),
             )
         )
         if options.on_gate:
@@ -252,7 +258,34 @@ async def _run_private(options: RunOptions, sandbox: Sandbox, policy: Any) -> tu
         code = await _start_and_wait(sandbox, options.on_ready)
     finally:
         await _stop(gate, evidence, emitter)
-    return code, options.summary.render(str(options.sandbox_id))
+    return code, render_summary(options)
+
+
+def render_summary(options: RunOptions) -> str:
+    if options.summary_format == "json":
+        return options.summary.render_json(str(options.sandbox_id))
+    return options.summary.render(str(options.sandbox_id))
+
+
+def sandbox_facts(options: RunOptions) -> Any:
+    """The launching user, the --context and the TRACEPARENT every decision of this run carries."""
+    import pwd
+
+    from proxy.attribution.stamp import SandboxFacts
+    from proxy.attribution.traceparent import InvalidTraceparent, parse
+
+    uid = os.getuid()
+    try:
+        name: str | None = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = None
+    trace = None
+    if options.traceparent:
+        try:
+            trace = parse(options.traceparent)
+        except InvalidTraceparent as exc:
+            _err(f"warning: TRACEPARENT ignored: {exc}")
+    return SandboxFacts(uid, name, dict(options.context), trace)
 
 
 async def _stop(gate: PrivateGate | None, evidence: Any, emitter: Emitter | None) -> None:
@@ -392,6 +425,7 @@ async def _run_unisolated_private(options: RunOptions, policy: Any, bundle: str 
             state_dir=options.state_dir,
             host_listener_is_sandbox=True,
             json_notices=options.json,
+            facts=sandbox_facts(options),
         )
     )
     try:
@@ -416,6 +450,6 @@ async def _run_unisolated_private(options: RunOptions, policy: Any, bundle: str 
         await gate.stop()
         emitter.close()
     if not options.quiet:
-        sys.stderr.write(options.summary.render(str(options.sandbox_id)) + "\n")
+        sys.stderr.write(render_summary(options) + "\n")
         sys.stderr.write("egress: WARNING: this run was NOT isolated (--no-isolation)\n")
     return exit_code(status)

@@ -34,6 +34,12 @@ class GateRequest:
     host_listener_is_sandbox: bool = False
     # Pending approvals are announced on stderr with the command that answers them; True: as JSON.
     json_notices: bool = False
+    # Attribution: the sandbox helper's host pid (its processes and network namespace are searched
+    # for each connection's owner) and the proxy port inside; None under --no-isolation.
+    sandbox_pid: int | None = None
+    proxy_port: int = 0
+    # What every decision carries (proxy.attribution.stamp.SandboxFacts): user, context, trace.
+    facts: Any = None
 
 
 class PrivateGate(Protocol):
