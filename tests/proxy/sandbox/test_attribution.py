@@ -140,12 +140,12 @@ def test_context_updates_from_the_host_and_never_from_inside(
     attack = (
         "import socket, json\n"
         "try:\n"
-        "    s = socket.socket(socket.AF_UNIX); s.connect(%r)\n"
+        "    s = socket.socket(socket.AF_UNIX); s.connect(CHANNEL)\n"
         "    s.sendall(json.dumps({'version': 1, 'set': {'task': 'evil'}}).encode() + b'\\n')\n"
         "    print('inside:', s.recv(4096))\n"
         "except OSError as exc:\n"
         "    print('inside: unreachable', exc.errno)\n"
-    ) % str(channel)
+    ).replace("CHANNEL", repr(str(channel)))
     script = f"""
 curl -sS -m 10 -o /dev/null {url}/before
 {PYTHON} -c "$ATTACK"
