@@ -25,7 +25,7 @@ def parse_pair(text: str) -> tuple[str, str]:
 
 
 def check_pair(key: str, value: str) -> tuple[str, str]:
-    if not KEY.match(key):
+    if not KEY.fullmatch(key):
         raise ValueError(
             f"{key[:80]!r}: a context key is a letter then up to 63 letters, digits, '_', '.', '-'"
         )
