@@ -125,7 +125,11 @@ def _attribution(request: GateRequest) -> tuple[Any, Any, Any]:
     facts = request.facts or SandboxFacts(os.getuid(), None)
     processes = None
     if request.sandbox_pid is not None and "proxy" in request.sockets:
-        processes = SandboxProcesses(request.sandbox_pid, (SANDBOX_LOOPBACK, request.proxy_port))
+        processes = SandboxProcesses(
+            request.sandbox_pid,
+            (SANDBOX_LOOPBACK, request.proxy_port),
+            diag=request.sockets.get("diag"),
+        )
     return Stamped(request.emitter, facts, processes), processes, facts
 
 

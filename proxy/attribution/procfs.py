@@ -15,14 +15,18 @@ fd scan of the sandbox's processes per connection (``bench/attribution.py`` prin
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import socket
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 from proxy.attribution.argv import scrub_argv
 from proxy.attribution.process import Attribution, ProcEntry, build
 from proxy.attribution.procnet import find_inode
+from proxy.attribution.sockdiag import DiagUnavailable, SockDiag
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +40,24 @@ class SandboxProcesses:
     """Attributes connections accepted on the sandbox's listener ``gate`` (its address inside the
     sandbox) to the sandbox's processes, under the helper at host pid ``root``.
 
-    ``attribute(peer)`` keeps its answer for the peer until ``forget(peer)``; evidence for later
-    decisions of the same connection reads it with ``known(peer)``."""
+    ``attribute(peer)`` only looks up (from any thread). The checkpoint ``remember``s the answer for
+    the connection's peer until the connection closes (``forget``); the evidence stamp reads it
+    with ``known(peer)``. A lookup whose connection closed first is never remembered."""
 
-    def __init__(self, root: int, gate: tuple[str, int], proc: str = "/proc") -> None:
+    def __init__(
+        self,
+        root: int,
+        gate: tuple[str, int],
+        proc: str = "/proc",
+        diag: socket.socket | None = None,
+    ) -> None:
         self.root = root
+        self.diag = SockDiag(diag) if diag is not None else None
         self.gate = gate
         self.proc = proc
         self._known: dict[str, Attribution] = {}
         self._lock = threading.Lock()
+        self._diag_lock = threading.Lock()
 
     def attribute(self, peer: str) -> Attribution | None:
         """The owner of the client socket whose address is ``peer`` (``host:port``), or None when it
@@ -54,10 +67,12 @@ class SandboxProcesses:
         except (OSError, ValueError):
             log.debug("attribution of %s failed", peer, exc_info=True)
             found = None
+        return found
+
+    def remember(self, peer: str, found: Any) -> None:
         if found is not None:
             with self._lock:
                 self._known[peer] = found
-        return found
 
     def known(self, peer: str | None) -> Attribution | None:
         if peer is None:
@@ -72,9 +87,7 @@ class SandboxProcesses:
     def _attribute(self, peer: str) -> Attribution | None:
         host, _, port = peer.rpartition(":")
         local = (host.strip("[]"), int(port))
-        name = "tcp6" if ":" in local[0] else "tcp"
-        with open(f"{self.proc}/{self.root}/net/{name}", encoding="ascii") as table:
-            inode = find_inode(table, local, self.gate)
+        inode = self._inode(local)
         if inode is None:
             return None
         link = f"socket:[{inode}]"
@@ -88,6 +101,20 @@ class SandboxProcesses:
         for owner in owners:
             self._ancestors(owner, entries)
         return build(owners, entries)
+
+    def _inode(self, local: tuple[str, int]) -> int | None:
+        """The client socket's inode: an exact lookup through sock_diag when the sandbox handed
+        over its netlink socket, else a scan of the sandbox's TCP table."""
+        if self.diag is not None:
+            with self._diag_lock:  # one request and its answer at a time on the one socket
+                try:
+                    return self.diag.inode(local, self.gate)
+                except DiagUnavailable:
+                    log.warning("sock_diag unavailable; reading the TCP table instead")
+                    self.diag = None
+        name = "tcp6" if ":" in local[0] else "tcp"
+        with open(f"{self.proc}/{self.root}/net/{name}", encoding="ascii") as table:
+            return find_inode(table.read().splitlines(), local, self.gate)
 
     def _descendants(self) -> Iterator[int]:
         queue = [self.root]
@@ -141,10 +168,17 @@ class SandboxProcesses:
                 raw = f.read(MAX_CMDLINE)
         except OSError:
             return None
-        argv = [a.decode("utf-8", "backslashreplace") for a in raw.split(b"\0")]
-        if argv and argv[-1] == "":
-            argv.pop()
-        return ProcEntry(pid, ppid, nspid, exe, scrub_argv(argv), (st.st_dev, st.st_ino))
+        return ProcEntry(pid, ppid, nspid, exe, _argv(raw), (st.st_dev, st.st_ino))
+
+
+@functools.lru_cache(maxsize=256)
+def _argv(raw: bytes) -> tuple[str, ...]:
+    """A command line as recorded: scrubbed once per distinct command line (the same shell is the
+    parent of many connections' processes)."""
+    argv = [a.decode("utf-8", "backslashreplace") for a in raw.split(b"\0")]
+    if argv and argv[-1] == "":
+        argv.pop()
+    return scrub_argv(argv)
 
 
 def _status(base: str) -> tuple[int, int]:

@@ -52,19 +52,47 @@ def parse_line(line: str) -> SocketEntry | None:
         return None
 
 
+def encode_address(host: str, port: int) -> str:
+    """The inverse of :func:`decode_address`: how the kernel prints ``host:port`` (an IPv4 address
+    in a ``tcp6`` table is printed IPv4-mapped)."""
+    address = ipaddress.ip_address(host.strip("[]"))
+    raw = address.packed
+    words = "".join(
+        int.from_bytes(raw[i : i + 4], "big").to_bytes(4, sys.byteorder).hex().upper()
+        for i in range(0, len(raw), 4)
+    )
+    return f"{words}:{port:04X}"
+
+
 def find_inode(lines: Iterable[str], local: tuple[str, int], remote: tuple[str, int]) -> int | None:
     """The inode of the established socket whose local end is ``local`` and remote end ``remote``
     (the client's socket: local is the peer the gate accepted, remote the gate's listener). None
-    when there is none, or when the inode is 0 (a socket already closed by its owner)."""
+    when there is none, or when the inode is 0 (a socket already closed by its owner).
+
+    Lines are matched on the kernel's own spelling of the 4-tuple and state (a string search, so a
+    table of thousands of sockets costs one pass in C), then parsed in full to confirm."""
     want_local = (_canonical(local[0]), local[1])
     want_remote = (_canonical(remote[0]), remote[1])
+    needles = {
+        f" {encode_address(*want_local)} {encode_address(*want_remote)} {ESTABLISHED:02X} ",
+        f" {_mapped(want_local)} {_mapped(want_remote)} {ESTABLISHED:02X} ",
+    }
     for line in lines:
+        if not any(needle in line for needle in needles):
+            continue
         entry = parse_line(line)
         if entry is None or entry.state != ESTABLISHED:
             continue
         if entry.local == want_local and entry.remote == want_remote:
             return entry.inode or None
     return None
+
+
+def _mapped(end: tuple[str, int]) -> str:
+    address = ipaddress.ip_address(end[0])
+    if isinstance(address, ipaddress.IPv4Address):
+        return encode_address(f"::ffff:{address}", end[1])
+    return encode_address(*end)
 
 
 def _canonical(host: str) -> str:

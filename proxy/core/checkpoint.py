@@ -58,6 +58,7 @@ returned decision.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -118,6 +119,8 @@ class Processes(Protocol):
 
     def attribute(self, peer: str) -> ProcessFacts | None: ...
 
+    def remember(self, peer: str, found: ProcessFacts | None) -> None: ...
+
     def forget(self, peer: str | None) -> None: ...
 
 
@@ -177,6 +180,7 @@ class Checkpoint:
         for a connection already counted against the new-connection rate (one handed from the
         tunnel front end to mitmproxy's layers is the same connection)."""
         conn = self.connections.open(cid, peer, listener_sandbox, rated=rated)
+        self._start_lookup(conn)
         if conn.refusal is None:
             return conn, None
         return conn, self.refuse_connection(conn, *conn.refusal)
@@ -250,7 +254,7 @@ class Checkpoint:
             )
         request = self._attributed(conn, request)
         policy = self.policy_for(conn)
-        self._attribute(conn)
+        await self._attribute(conn)
         if conn.refusal is not None:  # the proven sandbox is over its own connection cap
             return self.emitter.emit(refuse(request, policy, *conn.refusal))
         if request.kind is Kind.REQUEST and (conn.tunnel is None or not conn.inspected):
@@ -313,13 +317,35 @@ class Checkpoint:
                 conn.inspected = self._inspects(self.policy_for(conn), decision, request.port)
         return decision
 
-    def _attribute(self, conn: Connection) -> None:
-        """(3a) once per connection: the process that owns its client socket, where the gate can
-        see the sandbox's processes. Cached on the connection (and, for evidence, by peer)."""
+    def _start_lookup(self, conn: Connection) -> None:
+        """(3a) starts, in a worker thread, as the connection opens: the lookup reads /proc, and
+        runs while the client sends its request instead of after it, off the event loop."""
+        if self.processes is None or conn.peer is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (a synchronous caller): looked up when the first request comes
+        conn.lookup = loop.run_in_executor(None, self.processes.attribute, conn.peer)
+
+    async def _attribute(self, conn: Connection) -> None:
+        """(3a) once per connection, before its first decision: the process that owns its client
+        socket, where the gate can see the sandbox's processes. Kept on the connection (and, for
+        evidence, by peer). A lookup that fails leaves the process unknown."""
         if self.processes is None or conn.attributed or conn.peer is None:
             return
+        lookup, conn.lookup = conn.lookup, None
+        try:
+            if lookup is None:
+                lookup = asyncio.get_running_loop().run_in_executor(
+                    None, self.processes.attribute, conn.peer
+                )
+            conn.process = await lookup
+        except Exception:
+            log.exception("attributing %s failed", conn.peer)
+            conn.process = None
         conn.attributed = True
-        conn.process = self.processes.attribute(conn.peer)
+        self.processes.remember(conn.peer, conn.process)
 
     def _process(self, conn: Connection, policy: Policy, decision: Decision) -> Decision:
         """(3a) a rule bound to executables lets through only their processes."""
@@ -328,8 +354,8 @@ class Checkpoint:
         bound = self._bound.of(policy).get(decision.rule)
         if not bound:
             return decision
-        self._attribute(conn)
-        return check_executables(decision, bound, conn.process)
+        # Looked up before the request's first step; never attributed means unknown (fails closed).
+        return check_executables(decision, bound, conn.process if conn.attributed else None)
 
     def may_inspect(self, conn: Connection, host: str, port: int) -> bool:
         """Whether a CONNECT to ``host:port`` on ``conn`` could be inspected: by the connection's

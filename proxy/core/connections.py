@@ -56,6 +56,7 @@ class Connection:
     )  # (ip, port) pairs that may be dialled
     process: Any = None  # who owns the client socket (proxy.attribution), once looked up
     attributed: bool = False  # looked up (process stays None when it could not be found)
+    lookup: Any = None  # the lookup under way (an asyncio future), started when it connected
 
     def forget_destinations(self) -> None:
         """A refused tunnel: nothing may be dialled for this connection any more."""

@@ -33,6 +33,7 @@ _PR_SET_PDEATHSIG, _PR_CAPBSET_DROP, _PR_SET_NO_NEW_PRIVS = 1, 24, 38
 _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _SIOCGIFFLAGS, _SIOCSIFFLAGS = 0x8913, 0x8914
 _IFF_UP = 0x1
+_NETLINK_SOCK_DIAG = 4
 _FORWARDED = (
     signal.SIGINT,
     signal.SIGTERM,
@@ -216,6 +217,8 @@ def _listeners(config: dict[str, Any]) -> list[socket.socket]:
 
 
 def _listener(kind: str, port: int) -> socket.socket:
+    if kind == "diag":  # sock_diag, answering about this namespace's sockets (process attribution)
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG)
     sock_type = socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM
     sock = socket.socket(socket.AF_INET, sock_type)
     try:

@@ -158,6 +158,8 @@ def _run_with(options: RunOptions, policy: Any, trust: Trust | None) -> int:
             Listener("dns-udp", "udp", options.dns_port),
             Listener("dns-tcp", "tcp", options.dns_port),
         ]
+    if options.proxy_url is None and options.gate_socket is None:
+        listeners.append(Listener("diag", "diag", 0))  # the private gate attributes connections
     inside = SANDBOX_LOOPBACK
     if options.proxy_url is not None:
         try:

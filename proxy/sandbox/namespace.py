@@ -66,7 +66,8 @@ class SandboxError(Exception):
 
 @dataclass(frozen=True)
 class Listener:
-    """One listener created inside the sandbox: ``tcp`` or ``udp`` on 127.0.0.1:port."""
+    """One listener created inside the sandbox: ``tcp`` or ``udp`` on 127.0.0.1:port; or ``diag``,
+    a sock_diag netlink socket answering about the sandbox's own sockets (port unused)."""
 
     name: str
     kind: str
@@ -383,6 +384,11 @@ def _verify(
             ) from exc
         if where != theirs or where == ours:
             raise SandboxError(f"the {want.name} listener is not inside the sandbox's namespace")
+        if want.kind == "diag":  # the sock_diag socket process attribution asks (not a listener)
+            if sock.family != socket.AF_NETLINK:
+                raise SandboxError(f"the {want.name} socket has the wrong socket type")
+            sockets[want.name] = sock
+            continue
         if sock.family != socket.AF_INET or sock.type != kind:
             raise SandboxError(f"the {want.name} listener has the wrong socket type")
         if sock.getsockname() != ("127.0.0.1", want.port):

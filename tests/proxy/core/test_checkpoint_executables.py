@@ -43,6 +43,9 @@ class Processes:
         self.asked.append(peer)
         return self.answer
 
+    def remember(self, peer: str, found: Facts | None) -> None:
+        pass
+
     def forget(self, peer: str | None) -> None:
         self.forgotten.append(peer)
 
