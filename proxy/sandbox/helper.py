@@ -195,6 +195,28 @@ def _hide(paths: list[str]) -> None:
             raise _SetupFailed(f"cannot hide {path} from the sandbox: {exc}") from exc
 
 
+# statvfs f_flag -> mount flag, for the flags a bind remount must keep (the kernel refuses to
+# clear them on mounts inherited from a more privileged namespace).
+_KEPT = ((2, 0x2), (4, 0x4), (8, 0x8), (1024, 0x400), (2048, 0x800), (4096, 1 << 21))
+
+
+def _freeze(paths: list[str]) -> None:
+    """Make each file read-only inside the sandbox (a read-only bind mount on itself): files that
+    rules are bound to, which a sandbox running as their owner could otherwise rewrite. A mount
+    point cannot be renamed over or unlinked either; the command cannot undo it."""
+    for path in paths:
+        try:
+            kept = 0
+            flags = os.statvfs(path).f_flag
+            for st_flag, ms_flag in _KEPT:
+                if flags & st_flag:
+                    kept |= ms_flag
+            _mount(path, path, None, _MS_BIND)
+            _mount(None, path, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | kept)
+        except OSError as exc:
+            raise _SetupFailed(f"cannot make {path} read-only in the sandbox: {exc}") from exc
+
+
 def _loopback_up() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         ifreq = struct.pack("16sh22x", b"lo", 0)
@@ -276,6 +298,7 @@ def _init_main(config: dict[str, Any], ctl: socket.socket) -> None:
     try:
         resolv = _setup_mounts(config)
         _hide(config.get("hide") or [])
+        _freeze(config.get("freeze") or [])
         _loopback_up()
         socks = _listeners(config)
     except _SetupFailed as exc:

@@ -181,6 +181,7 @@ def _run_with(options: RunOptions, policy: Any, trust: Trust | None) -> int:
         cwd=options.cwd,
         foreground_tty=tty,
         hidden=tuple(trust.hidden) if trust is not None else (),
+        frozen=_bound_executables(policy),
     )
     try:
         sandbox = Sandbox.spawn(
@@ -207,6 +208,14 @@ def _run_with(options: RunOptions, policy: Any, trust: Trust | None) -> int:
     if summary and not options.quiet:
         sys.stderr.write(summary + "\n")
     return code
+
+
+def _bound_executables(policy: Any) -> tuple[str, ...]:
+    """The files the private gate's rules are bound to: the sandbox must not be able to rewrite
+    them, even when it runs as their owner."""
+    if policy is None:
+        return ()
+    return tuple(dict.fromkeys(e.path for rule in policy.rules for e in rule.executables))
 
 
 def _sinks(options: RunOptions) -> list[Sink]:

@@ -86,6 +86,8 @@ class SandboxSpec:
     # Paths the command must not read (the gate's state directory with its CA key): each is covered
     # by an empty read-only mount inside the sandbox, or the command does not run.
     hidden: Sequence[str] = ()
+    # Files made read-only inside the sandbox (executables rules are bound to), or it does not run.
+    frozen: Sequence[str] = ()
 
 
 def own_netns_inode() -> int:
@@ -154,6 +156,7 @@ class Sandbox:
             "tty": spec.foreground_tty,
             "netns": own_netns_inode(),
             "hide": [os.path.abspath(path) for path in spec.hidden],
+            "freeze": [os.path.abspath(path) for path in spec.frozen],
         }
         try:
             proc: subprocess.Popen[bytes] | ForkedHelper

@@ -238,3 +238,26 @@ def test_an_invalid_traceparent_is_ignored_with_a_warning(
     assert "TRACEPARENT ignored" in result.stderr
     decisions = _decisions(log)
     assert decisions and not any("trace_id" in d for d in decisions)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="the sandbox can write root's files only as root")
+def test_a_bound_executable_is_read_only_inside_the_sandbox(
+    world: tuple[Path, FakeDns, Upstream], tmp_path: Path
+) -> None:
+    """A sandbox running as the file's owner could otherwise rewrite the binary the rule trusts."""
+    _, dns, upstream = world
+    tool = tmp_path / "bin" / "tool"
+    tool.parent.mkdir(mode=0o755)
+    tool.write_text("#!/bin/sh\necho genuine\n")
+    tool.chmod(0o755)
+    policy = tmp_path / "bound.yaml"
+    policy.write_text(BOUND_POLICY.format(port=upstream.port, exe=tool))
+    script = f"""
+echo 'echo forged' >> {tool}; echo "append=$?"
+mv {tool} {tool}.old; echo "rename=$?"
+{tool}
+"""
+    result = egress("run", "--policy", str(policy), "--quiet", "--", "sh", "-c", script)
+    assert result.returncode == 0, result.stderr
+    assert "append=0" not in result.stdout and "rename=0" not in result.stdout
+    assert "genuine" in result.stdout and "forged" not in tool.read_text()
