@@ -245,7 +245,7 @@ def test_a_bound_executable_is_read_only_inside_the_sandbox(
     world: tuple[Path, FakeDns, Upstream], tmp_path: Path
 ) -> None:
     """A sandbox running as the file's owner could otherwise rewrite the binary the rule trusts."""
-    _, dns, upstream = world
+    _, _, upstream = world
     tool = tmp_path / "bin" / "tool"
     tool.parent.mkdir(mode=0o755)
     tool.write_text("#!/bin/sh\necho genuine\n")
