@@ -44,6 +44,7 @@ sh -c 'echo "curl $$" >> {pids}; exec curl -sS -m 10 -o /dev/null {url}/curl'
 open("{pids}", "a").write(f"python {{os.getpid()}}\\n")
 urllib.request.urlopen("{url}/python", timeout=10).read()'
 sh -c 'echo "git $$" >> {pids}; exec git ls-remote {url}/repo.git' >/dev/null 2>&1
+sh -c 'echo "tunnel $$" >> {pids}; exec curl -sS -m 10 -o /dev/null -p {url}/tunnel' 2>/dev/null
 true
 """
 
@@ -78,11 +79,16 @@ def test_each_decision_names_its_process_and_the_chain_reaches_the_command(
         assert d["user_id"] == os.getuid() and d["user_name"]
         assert "trace_id" not in d
     assert python["parents"] == [curl["parents"][-1]]  # python is the command's own child
+    # A CONNECT tunnel (the tunnel front end, not mitmproxy's layers): the CONNECT and the check
+    # of its first bytes (plain HTTP where TLS is due: refused) both name the process.
+    tunnel = [d for d in _decisions(log) if d["kind"] in ("connect", "tls")]
+    assert [(d["kind"], d["decision"]) for d in tunnel] == [("connect", "allow"), ("tls", "deny")]
+    assert {(d["pid"], d["exe"]) for d in tunnel} == {(seen["tunnel"], "/usr/bin/curl")}
     summary = json.loads(result.stderr.strip().splitlines()[-1])
     exes = {p["exe"]: p for p in summary["processes"]}
-    assert exes["/usr/bin/curl"]["allowed"] == 1 and exes["/usr/bin/curl"]["pids"] == [seen["curl"]]
+    assert exes["/usr/bin/curl"]["pids"] == sorted([seen["curl"], seen["tunnel"]])
     assert exes[GIT_HTTP]["reasons"] == {"allowed-by-rule": exes[GIT_HTTP]["allowed"]}
-    assert summary["refused"] == 0
+    assert summary["refused"] == 1  # the tunnel's plain-HTTP first bytes
 
 
 BOUND_POLICY = """
