@@ -321,6 +321,12 @@ async def _serve(
         info.update(approvals.describe())
         for warning in approvals.warnings([policy, *(p() for p in sandbox_policies.values())]):
             log.warning("%s", warning)
+        for rule in unattributable_rules([policy, *(p() for p in sandbox_policies.values())]):
+            log.warning(
+                "%s:%d: rule '%s' is bound to executables, which only `egress run` can see: this "
+                "gate refuses every connection it matches (process-unattributed)",
+                rule.file, rule.line, rule.name,
+            )  # fmt: skip
         ready = " ".join(f"{k}={v}" for k, v in info.items())
         if ready_fd is None:
             log.warning("agent-egress gate ready %s", ready)
@@ -341,3 +347,8 @@ async def _serve(
             await approvals.close()
         evidence.close()
     return 0
+
+
+def unattributable_rules(policies: list[Any]) -> list[Any]:
+    """Rules bound to executables in policies served where no process can be named."""
+    return [rule for policy in policies for rule in policy.rules if rule.executables]
