@@ -138,8 +138,7 @@ async def _context_channel(state: Path, sandbox_id: str, facts: Any) -> Any:
     from proxy.attribution.channel import ContextChannel, socket_path
 
     channel = ContextChannel(socket_path(state, sandbox_id), facts)
-    await channel.start()
-    return channel
+    return channel if await channel.start() else None
 
 
 def sandbox_trust(inspection: Inspection) -> TrustSetup:

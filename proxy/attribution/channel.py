@@ -41,6 +41,16 @@ def socket_path(state_dir: Path, sandbox_id: str) -> Path:
     return state_dir / "run" / f"{sandbox_id}.sock"
 
 
+def _alive(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 def _netns(pid: int | str) -> str:
     return os.readlink(f"/proc/{pid}/ns/net")
 
@@ -52,22 +62,33 @@ class ContextChannel:
         self.uids = {os.getuid(), 0}
         self._server: asyncio.AbstractServer | None = None
 
-    async def start(self) -> None:
+    async def start(self) -> bool:
+        """Listen; False (and a warning) when a running gate already serves this sandbox id."""
         self.path.parent.mkdir(mode=0o700, exist_ok=True)
         os.chmod(self.path.parent, 0o700)
+        if _alive(self.path):
+            log.warning(
+                "another gate serves sandbox id %s's context channel (%s); `egress context` "
+                "reaches that one, not this run",
+                self.path.stem,
+                self.path,
+            )
+            return False
         with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+            self.path.unlink()  # left behind by a gate that died
         old = os.umask(0o177)
         try:
             self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
         finally:
             os.umask(old)
+        return True
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await self._server.wait_closed()
+        if self._server is None:
+            return  # never listened: the socket there is another gate's
+        self._server.close()
+        with contextlib.suppress(Exception):
+            await self._server.wait_closed()
         with contextlib.suppress(OSError):
             self.path.unlink()
 
@@ -87,13 +108,12 @@ class ContextChannel:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            # The request is read (bounded) before the answer, so even a refused caller gets one.
+            line = await asyncio.wait_for(reader.readline(), TIMEOUT)
             refusal = self.refusal(writer.get_extra_info("socket"))
-            answer: dict[str, Any]
-            if refusal is not None:
-                answer = {"ok": False, "error": refusal}
-            else:
-                line = await asyncio.wait_for(reader.readline(), TIMEOUT)
-                answer = self._apply(line)
+            answer: dict[str, Any] = (
+                {"ok": False, "error": refusal} if refusal is not None else self._apply(line)
+            )
             writer.write(json.dumps(answer).encode() + b"\n")
             await writer.drain()
         except (OSError, TimeoutError, ValueError):
@@ -127,7 +147,8 @@ def send(path: Path, updates: dict[str, str], unset: list[str]) -> dict[str, str
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(TIMEOUT)
             sock.connect(str(path))
-            sock.sendall(message)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(message)  # a gate that refused early has answered already
             data = b""
             while not data.endswith(b"\n") and len(data) <= MAX_MESSAGE:
                 chunk = sock.recv(4096)

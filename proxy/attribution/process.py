@@ -49,7 +49,9 @@ def build(owners: list[ProcEntry], table: Mapping[int, ProcEntry]) -> Attributio
     owners = sorted(owners, key=lambda e: e.host_pid)
     first = owners[0]
     chain = parent_chain(first, table)
-    ids = frozenset(e.exe_id for e in owners if e.exe_id is not None)
+    # Every owner's file identity, or none at all when one is unknown (a bound rule then refuses).
+    known = all(e.exe_id is not None for e in owners)
+    ids = frozenset(e.exe_id for e in owners if e.exe_id is not None) if known else frozenset()
     return Attribution(
         pid=first.pid,
         host_pid=first.host_pid,
@@ -57,7 +59,7 @@ def build(owners: list[ProcEntry], table: Mapping[int, ProcEntry]) -> Attributio
         argv=first.argv,
         ppid=table[first.host_ppid].pid if first.host_ppid in table else None,
         parents=chain,
-        exe_ids=ids if len(ids) == len(owners) else frozenset(),
+        exe_ids=ids,
         exes=frozenset(e.exe for e in owners),
     )
 

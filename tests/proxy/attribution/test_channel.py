@@ -65,3 +65,19 @@ def test_a_caller_in_another_network_namespace_is_refused(
 def test_no_gate_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ChannelError, match="cannot reach the sandbox's gate"):
         send(socket_path(tmp_path, "sbx-none"), {"a": "b"}, [])
+
+
+def test_a_second_gate_with_the_same_id_leaves_the_first_ones_channel(tmp_path: Path) -> None:
+    path = socket_path(tmp_path, "sbx-1")
+    first, second = SandboxFacts(0, None, {"n": "1"}), SandboxFacts(0, None, {"n": "2"})
+
+    async def main() -> object:
+        one, two = ContextChannel(path, first), ContextChannel(path, second)
+        assert await one.start()
+        assert not await two.start()
+        await two.close()  # closes nothing of the first's
+        answer = await asyncio.to_thread(send, path, {"k": "v"}, [])
+        await one.close()
+        return answer
+
+    assert asyncio.run(main()) == {"n": "1", "k": "v"}

@@ -116,3 +116,13 @@ def test_context_pairs_are_checked_and_bounded() -> None:
     assert merged({"a": "1", "b": "2"}, [("a", ""), ("c", "3")], ["b"]) == {"c": "3"}
     with pytest.raises(ValueError):
         merged({}, [(f"k{i}", "v") for i in range(MAX_KEYS + 1)])
+
+
+def test_processes_sharing_a_socket_and_a_binary_keep_their_identity() -> None:
+    """A forked child inherits its parent's socket: same file, two owners, one identity."""
+    parent = ProcEntry(10, 9, 3, "/usr/bin/git", ("git",), (1, 2))
+    child = ProcEntry(11, 10, 4, "/usr/bin/git", ("git",), (1, 2))
+    shared = build([parent, child], {10: parent, 11: child})
+    assert shared is not None and shared.exe_ids == {(1, 2)}
+    unknown = build([parent, ProcEntry(12, 10, 5, "/usr/bin/git", ("git",), None)], {10: parent})
+    assert unknown is not None and unknown.exe_ids == frozenset()
