@@ -29,8 +29,8 @@ class ProcEntry:
 
 @dataclass(frozen=True, slots=True)
 class Attribution:
-    """Who owns a client socket. ``owners`` > 1 when the socket is shared (inherited or passed):
-    the first owner is recorded, and an executable-bound rule needs every owner to match."""
+    """Who owns a client socket. A socket can be shared (inherited or passed): the newest owner is
+    recorded, and an executable-bound rule needs every owner to match (a ``complete`` search)."""
 
     pid: int
     host_pid: int
@@ -40,13 +40,17 @@ class Attribution:
     parents: tuple[str, ...]  # "PID EXE", the parent first, up to the sandbox's command
     exe_ids: frozenset[tuple[int, int]]  # every owner's executable file identity
     exes: frozenset[str]  # every owner's executable path
+    complete: bool = False  # every owner was searched for (else the search stopped at the first)
 
 
-def build(owners: list[ProcEntry], table: Mapping[int, ProcEntry]) -> Attribution | None:
-    """The attribution of a socket owned by ``owners`` (host pids in ``table``), or None."""
+def build(
+    owners: list[ProcEntry], table: Mapping[int, ProcEntry], *, complete: bool = False
+) -> Attribution | None:
+    """The attribution of a socket owned by ``owners`` (host pids in ``table``), or None. The
+    newest owner (highest host pid) is the one recorded."""
     if not owners:
         return None
-    owners = sorted(owners, key=lambda e: e.host_pid)
+    owners = sorted(owners, key=lambda e: e.host_pid, reverse=True)
     first = owners[0]
     chain = parent_chain(first, table)
     # Every owner's file identity, or none at all when one is unknown (a bound rule then refuses).
@@ -61,6 +65,7 @@ def build(owners: list[ProcEntry], table: Mapping[int, ProcEntry]) -> Attributio
         parents=chain,
         exe_ids=ids,
         exes=frozenset(e.exe for e in owners),
+        complete=complete,
     )
 
 

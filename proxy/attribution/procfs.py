@@ -14,7 +14,6 @@ fd scan of the sandbox's processes per connection (``bench/attribution.py`` prin
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -59,11 +58,14 @@ class SandboxProcesses:
         self._lock = threading.Lock()
         self._diag_lock = threading.Lock()
 
-    def attribute(self, peer: str) -> Attribution | None:
+    def attribute(self, peer: str, *, every_owner: bool = False) -> Attribution | None:
         """The owner of the client socket whose address is ``peer`` (``host:port``), or None when it
-        cannot be found (the socket closed, the owner exited, /proc unreadable)."""
+        cannot be found (the socket closed, the owner exited, /proc unreadable).
+
+        The newest processes are searched first and the search stops at the first owner, unless
+        ``every_owner`` (what a rule bound to executables needs: ``complete`` says it was done)."""
         try:
-            found = self._attribute(peer)
+            found = self._attribute(peer, every_owner)
         except (OSError, ValueError):
             log.debug("attribution of %s failed", peer, exc_info=True)
             found = None
@@ -84,7 +86,7 @@ class SandboxProcesses:
             with self._lock:
                 self._known.pop(peer, None)
 
-    def _attribute(self, peer: str) -> Attribution | None:
+    def _attribute(self, peer: str, every_owner: bool) -> Attribution | None:
         host, _, port = peer.rpartition(":")
         local = (host.strip("[]"), int(port))
         inode = self._inode(local)
@@ -93,14 +95,16 @@ class SandboxProcesses:
         link = f"socket:[{inode}]"
         owners: list[ProcEntry] = []
         entries: dict[int, ProcEntry] = {}
-        for pid in self._descendants():
+        for pid in sorted(self._descendants(), reverse=True):
             if self._owns(pid, link):
                 entry = self._entry(pid)
                 if entry is not None:
                     owners.append(entry)
+                    if not every_owner:
+                        break
         for owner in owners:
             self._ancestors(owner, entries)
-        return build(owners, entries)
+        return build(owners, entries, complete=every_owner)
 
     def _inode(self, local: tuple[str, int]) -> int | None:
         """The client socket's inode: an exact lookup through sock_diag when the sandbox handed
@@ -124,13 +128,22 @@ class SandboxProcesses:
             seen += 1
             if pid != self.root:
                 yield pid
-            with contextlib.suppress(OSError):
-                for tid in os.listdir(f"{self.proc}/{pid}/task"):
-                    with (
-                        contextlib.suppress(OSError),
-                        open(f"{self.proc}/{pid}/task/{tid}/children", encoding="ascii") as f,
-                    ):
-                        queue.extend(int(c) for c in f.read().split())
+            queue.extend(self._children(pid))
+
+    def _children(self, pid: int) -> list[int]:
+        """Children of every thread of ``pid`` (a child is listed under the thread that forked it).
+        ``task``'s link count is 2 + threads: a single-threaded process needs one read."""
+        base = f"{self.proc}/{pid}/task"
+        try:
+            tids = [str(pid)] if os.stat(base).st_nlink <= 3 else os.listdir(base)
+        except OSError:
+            return []
+        found: list[int] = []
+        for tid in tids:
+            data = _read(f"{base}/{tid}/children")
+            if data:
+                found.extend(int(c) for c in data.split())
+        return found
 
     def _owns(self, pid: int, link: str) -> bool:
         base = f"{self.proc}/{pid}/fd"
@@ -169,6 +182,20 @@ class SandboxProcesses:
         except OSError:
             return None
         return ProcEntry(pid, ppid, nspid, exe, _argv(raw), (st.st_dev, st.st_ino))
+
+
+def _read(path: str) -> bytes:
+    """A small /proc file's bytes (b"" when it is gone): raw os calls, no buffered file object."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    try:
+        return os.read(fd, 65536)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
 
 
 @functools.lru_cache(maxsize=256)

@@ -59,6 +59,7 @@ returned decision.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -117,7 +118,7 @@ class Approver(Protocol):
 class Processes(Protocol):
     """Who owns a client socket (:class:`proxy.attribution.procfs.SandboxProcesses`)."""
 
-    def attribute(self, peer: str) -> ProcessFacts | None: ...
+    def attribute(self, peer: str, *, every_owner: bool = False) -> ProcessFacts | None: ...
 
     def remember(self, peer: str, found: ProcessFacts | None) -> None: ...
 
@@ -231,7 +232,7 @@ class Checkpoint:
         if isinstance(outcome, BodyNeeded):
             request = self._attributed(conn, request)
             policy = self.policy_for(conn)
-            decision = self._process(conn, policy, decide(request, policy))
+            decision = await self._process(conn, policy, decide(request, policy))
             return self._finish(conn, request, decision, 0.0)
         return outcome
 
@@ -268,7 +269,7 @@ class Checkpoint:
         if isinstance(outcome, BodyNeeded):
             return BODY_NEEDED
         # (3a) process
-        outcome = self._process(conn, policy, outcome)
+        outcome = await self._process(conn, policy, outcome)
         return await self._from_destination(conn, request, outcome, started)
 
     async def admit_body(self, conn: Connection, request: Request) -> Decision:
@@ -280,7 +281,7 @@ class Checkpoint:
             raise ValueError("admit_body needs a request whose body was read")
         # (3) policy, with the body: decide() refuses anything that still wants more.
         policy = self.policy_for(conn)
-        decision = self._process(conn, policy, decide(request, policy))  # (3a) process
+        decision = await self._process(conn, policy, decide(request, policy))  # (3a) process
         return await self._from_destination(conn, request, decision, started)
 
     async def _from_destination(
@@ -347,15 +348,27 @@ class Checkpoint:
         conn.attributed = True
         self.processes.remember(conn.peer, conn.process)
 
-    def _process(self, conn: Connection, policy: Policy, decision: Decision) -> Decision:
-        """(3a) a rule bound to executables lets through only their processes."""
+    async def _process(self, conn: Connection, policy: Policy, decision: Decision) -> Decision:
+        """(3a) a rule bound to executables lets through only their processes: every process that
+        holds the socket, so the lookup that stopped at the first owner is completed here, once."""
         if decision.rule is None:
             return decision
         bound = self._bound.of(policy).get(decision.rule)
         if not bound:
             return decision
-        # Looked up before the request's first step; never attributed means unknown (fails closed).
-        return check_executables(decision, bound, conn.process if conn.attributed else None)
+        process = conn.process if conn.attributed else None  # never looked up: unknown, refused
+        if process is not None and not process.complete and self.processes is not None:
+            peer = conn.peer or ""
+            try:
+                process = await asyncio.get_running_loop().run_in_executor(
+                    None, functools.partial(self.processes.attribute, peer, every_owner=True)
+                )
+            except Exception:
+                log.exception("attributing %s failed", peer)
+                process = None
+            conn.process = process
+            self.processes.remember(peer, process)
+        return check_executables(decision, bound, process)
 
     def may_inspect(self, conn: Connection, host: str, port: int) -> bool:
         """Whether a CONNECT to ``host:port`` on ``conn`` could be inspected: by the connection's

@@ -30,6 +30,9 @@ class ProcessFacts(Protocol):
     @property
     def exe_ids(self) -> frozenset[tuple[int, int]]: ...
 
+    @property
+    def complete(self) -> bool: ...  # every owner was found, not only the first
+
 
 class BoundRules:
     """Rule name -> its executables, for the policies seen lately (policies change only on reload;
@@ -58,7 +61,7 @@ def check_executables(
     if not bound or not (decision.allowed or decision.decision is Verdict.ASK):
         return decision
     names = ", ".join(e.path for e in bound)
-    if process is None or not process.exes:
+    if process is None or not process.exes or not process.complete:
         return decision.with_(
             decision=Verdict.DENY,
             reason=Reason.PROCESS_UNATTRIBUTED,

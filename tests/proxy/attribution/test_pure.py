@@ -80,8 +80,8 @@ def test_the_chain_stops_at_the_sandboxs_command() -> None:
 
 def test_a_shared_socket_records_every_owner_and_a_deep_tree_is_cut() -> None:
     table = {n: _entry(n, n - 1, n - 99, f"/bin/p{n}") for n in range(100, 140)}
-    shared = build([table[139], table[120]], table)
-    assert shared is not None and shared.host_pid == 120
+    shared = build([table[120], table[139]], table, complete=True)
+    assert shared is not None and shared.host_pid == 139 and shared.complete  # the newest
     assert shared.exes == {"/bin/p139", "/bin/p120"} and len(shared.exe_ids) == 2
     deep = build([table[139]], table)
     assert deep is not None and len(deep.parents) == MAX_CHAIN + 1 and deep.parents[-1] == "..."

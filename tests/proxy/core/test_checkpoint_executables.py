@@ -31,6 +31,7 @@ GIT_ID = (os.stat(GIT).st_dev, os.stat(GIT).st_ino)
 class Facts:
     exes: frozenset[str]
     exe_ids: frozenset[tuple[int, int]]
+    complete: bool = True
 
 
 @dataclass
@@ -39,9 +40,11 @@ class Processes:
     asked: list[str] = field(default_factory=list)
     forgotten: list[str | None] = field(default_factory=list)
 
-    def attribute(self, peer: str) -> Facts | None:
-        self.asked.append(peer)
-        return self.answer
+    def attribute(self, peer: str, *, every_owner: bool = False) -> Facts | None:
+        self.asked.append(peer + (" every owner" if every_owner else ""))
+        if self.answer is None:
+            return None
+        return Facts(self.answer.exes, self.answer.exe_ids, every_owner)
 
     def remember(self, peer: str, found: Facts | None) -> None:
         pass
@@ -66,7 +69,11 @@ def _run(tmp_path: Path, answer: Facts | None, host: str = "pypi.test") -> tuple
 def test_the_bound_executable_is_allowed(tmp_path: Path) -> None:
     decision, _, processes, _ = _run(tmp_path, Facts(frozenset({GIT}), frozenset({GIT_ID})))
     assert decision.decision is Verdict.ALLOW  # type: ignore[attr-defined]
-    assert processes.asked == ["127.0.0.1:5000"]  # type: ignore[attr-defined]  # once per connection
+    # First the quick lookup (as the connection opened), then once every owner, for the bound rule.
+    assert processes.asked == [  # type: ignore[attr-defined]
+        "127.0.0.1:5000",
+        "127.0.0.1:5000 every owner",
+    ]
     assert processes.forgotten == ["127.0.0.1:5000"]  # type: ignore[attr-defined]
 
 
