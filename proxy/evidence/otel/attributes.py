@@ -16,7 +16,7 @@ from proxy.evidence.record import ATTRIBUTE_NAMES, DECISION_EVENT, NOT_ATTRIBUTE
 _TEXT, _NUMBER, _HOST, _PATH, _QUERY, _LIST, _MAP = range(7)
 _SHAPE = {"port": _NUMBER, "seq": _NUMBER, "bytes_out": _NUMBER, "bytes_in": _NUMBER,
           "duration": _NUMBER, "host": _HOST, "path": _PATH, "query": _QUERY,
-          "pid": _NUMBER, "host_pid": _NUMBER, "ppid": _NUMBER, "user_id": _NUMBER,
+          "pid": _NUMBER, "host_pid": _NUMBER, "ppid": _NUMBER,
           "argv": _LIST, "parents": _LIST, "context": _MAP}  # fmt: skip
 MAX_LIST = 64  # items of a list attribute (argv is bounded before it gets here too)
 _TABLE = tuple((field, name, _SHAPE.get(field, _TEXT)) for field, name in ATTRIBUTE_NAMES.items())

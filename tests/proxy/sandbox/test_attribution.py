@@ -224,7 +224,7 @@ def test_traceparent_links_every_decision_to_the_agents_trace(
         assert r.attributes["egress.trace.parent_span_id"] == PARENT_SPAN
         assert r.attributes["process.executable.path"] == "/usr/bin/curl"
         assert isinstance(r.attributes["process.pid"], int)
-        assert r.attributes["user.id"] == os.getuid()
+        assert r.attributes["user.id"] == str(os.getuid())  # a string, as the conventions say
         assert r.attributes["process.command_args"][0] == "curl"
 
 

@@ -88,6 +88,7 @@ def test_every_field_has_its_attribute_and_key_order_does_not_matter() -> None:
     assert set(ATTRIBUTE_NAMES.values()) - {"egress.context"} <= attrs.keys()
     assert attrs["egress.context.task"] == "T-1"
     assert attrs["process.command_args"] == ["git", "fetch"] and attrs["process.pid"] == 7
+    assert attrs["user.id"] == "1000"  # user.id is a string in the semantic conventions
     reordered = dict(reversed(list(record.items())))
     assert list(attributes(reordered).items()) == list(attrs.items())
 
