@@ -20,20 +20,12 @@ import pytest
 from tests.dnsfake import FakeDns
 from tests.harness import Upstream, clean_env
 from tests.proxy.sandbox.conftest import EGRESS_WAIT, REPO
+from tests.proxy.sandbox.test_attribution import BOUND_POLICY as POLICY
+from tests.proxy.sandbox.test_attribution import GIT_HTTP
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
 
-GIT_HTTP = "/usr/lib/git-core/git-remote-http"
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
-POLICY = """
-version: 1
-allow_internal: [127.0.0.0/8]
-rules:
-  - name: git-only
-    hosts: [allowed.test]
-    ports: [{port}]
-    executables: [{exe}]
-"""
 
 
 @pytest.fixture
