@@ -24,6 +24,7 @@ from proxy.core.checkpoint import (
     Checkpoint,
     DecisionSink,
     Destinations,
+    Processes,
 )
 from proxy.core.connections import Connections, Observer
 from proxy.core.credentials import Vault
@@ -97,6 +98,7 @@ class Gate:
         sandbox_policies: dict[str, Callable[[], Policy]] | None = None,
         approvals: Approver | None = None,
         credentials: Vault | None = None,
+        processes: Processes | None = None,
     ) -> None:
         self.config = config
         self.credentials = credentials
@@ -117,6 +119,7 @@ class Gate:
             observer=observer,
             approvals=approvals,
             credentials=credentials.credentials if credentials is not None else None,
+            processes=processes,
         )
         self.tunnels = TunnelFrontEnd(
             self.checkpoint,

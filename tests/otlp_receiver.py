@@ -46,6 +46,8 @@ class Received:
     severity_text: str
     time_unix_nano: int
     scope: str
+    trace_id: str = ""  # hex; empty when the record carries no trace context
+    span_id: str = ""
 
 
 @dataclass
@@ -97,6 +99,8 @@ def _decode(request: logs_service_pb2.ExportLogsServiceRequest) -> list[Received
                         severity_text=rec.severity_text,
                         time_unix_nano=rec.time_unix_nano,
                         scope=sl.scope.name,
+                        trace_id=rec.trace_id.hex(),
+                        span_id=rec.span_id.hex(),
                     )
                 )
     return found

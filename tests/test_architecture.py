@@ -224,6 +224,18 @@ def test_nothing_below_the_app_layer_imports_it(tree: tuple[set[str], list[Impor
     assert not found, "\n".join(f"{imp}: {imp.module} imports {imp.target}" for imp in found)
 
 
+def test_the_pure_layers_never_read_processes(tree: tuple[set[str], list[Import]]) -> None:
+    """Attribution reads /proc; the core and the policy only see its answers (through a Protocol),
+    so the admission order stays pure and testable without a sandbox."""
+    found = [
+        imp
+        for imp in tree[1]
+        if is_within(imp.target, "proxy.attribution")
+        and (is_within(imp.module, "proxy.core") or is_within(imp.module, "proxy.policy"))
+    ]
+    assert not found, "\n".join(f"{imp}: {imp.module} imports {imp.target}" for imp in found)
+
+
 # -- the checks themselves, on trees made to fail them ---------------------------------------------
 
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proxy import __version__
-from proxy.app import approvals_cli, learn_cli
+from proxy.app import approvals_cli, context_cli, learn_cli
 from proxy.app import credentials as credentials_cli
 from proxy.app.arguments import (
     add_check_options,
@@ -176,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register(sub)
     approvals_cli.register(sub)
+    context_cli.register(sub)
     return parser
 
 

@@ -25,6 +25,7 @@ class _Running:
         self.dns: Any = None
         self.approvals: Any = None
         self.token_file: Path | None = None
+        self.channel: Any = None
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -41,6 +42,9 @@ class _Running:
         if self.approvals is not None:
             with contextlib.suppress(Exception):
                 await self.approvals.close()
+        if self.channel is not None:
+            with contextlib.suppress(Exception):
+                await self.channel.close()
         if self.token_file is not None:
             with contextlib.suppress(OSError):
                 self.token_file.unlink()
@@ -69,6 +73,7 @@ async def start_private_gate(
     ensure_ca(confdir, inspection.ca_cert, inspection.ca_key)
     trust = upstream_trust(confdir, inspection.upstream_ca)
     approvals, token_file = await _start_approvals(request, state)
+    emitter, processes, facts = _attribution(request)
     gate = Gate(
         GateConfig(
             listen_host="127.0.0.1",
@@ -79,11 +84,12 @@ async def start_private_gate(
             query_values=inspection.query_values,
         ),
         lambda: request.policy,
-        request.emitter,
+        emitter,
         resolver,
         observer=request.observer,
         approvals=approvals.broker if approvals is not None else None,
         credentials=request.credentials,
+        processes=processes,
     )
     metrics = getattr(request.observer, "metrics", None)
     if request.credentials is not None and metrics is not None:
@@ -91,6 +97,7 @@ async def start_private_gate(
     running = _Running(gate)
     running.approvals, running.token_file = approvals, token_file
     try:
+        running.channel = await _context_channel(state, request.sandbox_id, facts)
         if approvals is not None and approvals.admin_address is not None:
             gate.protect_endpoint(*approvals.admin_address)
         await gate.start(layers=False)  # mitmproxy starts when a connection first needs it
@@ -103,7 +110,7 @@ async def start_private_gate(
             await gate.add_listener(sockets["proxy"], sandbox_id=request.sandbox_id)
         if "dns-udp" in sockets:
             running.dns = DnsGate(
-                lambda: request.policy, resolver, request.emitter, sandbox_id=request.sandbox_id
+                lambda: request.policy, resolver, emitter, sandbox_id=request.sandbox_id
             )
             await running.dns.serve_udp(sock=sockets["dns-udp"])
             await running.dns.serve_tcp(sock=sockets["dns-tcp"])
@@ -111,6 +118,34 @@ async def start_private_gate(
         await running.stop()
         raise
     return running
+
+
+def _attribution(request: GateRequest) -> tuple[Any, Any, Any]:
+    """The emitter that stamps user, context, trace and process on every decision, and the
+    sandbox's process lookup (only with a sandbox to search: not under --no-isolation)."""
+    import os
+
+    from proxy.attribution.procfs import SandboxProcesses
+    from proxy.attribution.stamp import SandboxFacts, Stamped
+    from proxy.sandbox import SANDBOX_LOOPBACK
+
+    facts = request.facts or SandboxFacts(os.getuid(), None)
+    processes = None
+    if request.sandbox_pid is not None and "proxy" in request.sockets:
+        processes = SandboxProcesses(
+            request.sandbox_pid,
+            (SANDBOX_LOOPBACK, request.proxy_port),
+            diag=request.sockets.get("diag"),
+        )
+    return Stamped(request.emitter, facts, processes), processes, facts
+
+
+async def _context_channel(state: Path, sandbox_id: str, facts: Any) -> Any:
+    """``egress context SANDBOX key=value`` reaches this gate here (host side only)."""
+    from proxy.attribution.channel import ContextChannel, socket_path
+
+    channel = ContextChannel(socket_path(state, sandbox_id), facts)
+    return channel if await channel.start() else None
 
 
 def sandbox_trust(inspection: Inspection) -> TrustSetup:

@@ -83,6 +83,22 @@ def register(subparsers: Any) -> None:
     add_credentials_option(run)
     run.add_argument("--quiet", action="store_true", help="no summary at exit")
     run.add_argument(
+        "--summary",
+        choices=("text", "json"),
+        default="text",
+        help="the summary at exit (stderr): text, or one JSON object with allowed and refused "
+        "counts and reasons per process and per destination",
+    )
+    run.add_argument(
+        "--context",
+        action="append",
+        default=[],
+        type=_context_pair,
+        metavar="KEY=VALUE",
+        help="agent context every decision carries (task=T, session=S, ...); repeatable; change "
+        "it while the sandbox runs with `egress context SANDBOX KEY=VALUE`",
+    )
+    run.add_argument(
         "--json",
         action="store_true",
         help="announce pending approvals (ask rules) as JSON lines on stderr, with the commands "
@@ -166,8 +182,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         managed_policy=managed_policy_path(args),
         credentials=sandbox_credentials(args.credentials),
+        summary_format=args.summary,
+        context=dict(args.context),
+        traceparent=os.environ.get("TRACEPARENT") or None,
     )
     return run(options)
+
+
+def _context_pair(text: str) -> tuple[str, str]:
+    from proxy.app.context_cli import context_pair
+
+    return context_pair(text)
 
 
 def _private_gate_starter(inspection: Any) -> Any:

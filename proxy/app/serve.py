@@ -366,6 +366,12 @@ async def _serve(
         info.update(approvals.describe())
         for warning in approvals.warnings([policy, *(p() for p in sandbox_policies.values())]):
             log.warning("%s", warning)
+        for rule in unattributable_rules([policy, *(p() for p in sandbox_policies.values())]):
+            log.warning(
+                "%s:%d: rule '%s' is bound to executables, which only `egress run` can see: this "
+                "gate refuses every connection it matches (process-unattributed)",
+                rule.file, rule.line, rule.name,
+            )  # fmt: skip
         ready = " ".join(f"{k}={v}" for k, v in info.items())
         if ready_fd is None:
             log.warning("agent-egress gate ready %s", ready)
@@ -437,3 +443,8 @@ def tunnel_recheck(gate: Any) -> Any:
             log.warning("policy reload closed %d tunnel(s) it no longer allows", len(closed))
 
     return after
+
+
+def unattributable_rules(policies: list[Any]) -> list[Any]:
+    """Rules bound to executables in policies served where no process can be named."""
+    return [rule for policy in policies for rule in policy.rules if rule.executables]

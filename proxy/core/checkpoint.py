@@ -23,6 +23,12 @@ For each CONNECT and each HTTP request - plain, or inside an inspected tunnel (:
    once: its TLS is terminated and each request inside comes back to this step. A rule that must read
    the body makes the answer :data:`BODY_NEEDED`: nothing is recorded or sent yet; the adapter holds
    the body (bounded) and :meth:`Checkpoint.admit_body` takes the request on from this step.
+3a. **process** - when the gate can see the sandbox's processes (``egress run``), the connection's
+   client socket is attributed to its process once, before its first decision, so every decision
+   names it (:mod:`proxy.attribution`). A rule bound to executables then allows only a process
+   running one of them (:mod:`proxy.core.executables`): an unknown process is
+   ``process-unattributed``, another executable ``executable-not-allowed``. Nothing is resolved for
+   either. (The tunnel's ClientHello is decided by the same rule for the same process.)
 3b. **credentials** - every placeholder of a declared credential the request carries (header values
    and Basic credentials, the URL, a held body; :mod:`proxy.core.credentials`) is judged: issued to
    this sandbox, bound to this host and port, inside an inspected tunnel, only where its declaration
@@ -58,6 +64,8 @@ returned decision.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -69,6 +77,7 @@ from proxy.core.credentials import Carried, Credentials, judge
 from proxy.core.decision import Decision, Kind, Reason, Request, Verdict, new_id
 from proxy.core.destination import Destination, DestinationRefused, Network
 from proxy.core.engine import BODY_NEEDED, BodyNeeded, decide, decide_request, refuse
+from proxy.core.executables import BoundRules, ProcessFacts, check_executables
 from proxy.core.firstbytes import FirstBytes
 from proxy.core.firstbytes import Protocol as FirstProtocol
 from proxy.core.framing import Problem
@@ -114,6 +123,16 @@ class Approver(Protocol):
     ) -> Decision: ...
 
 
+class Processes(Protocol):
+    """Who owns a client socket (:class:`proxy.attribution.procfs.SandboxProcesses`)."""
+
+    def attribute(self, peer: str, *, every_owner: bool = False) -> ProcessFacts | None: ...
+
+    def remember(self, peer: str, found: ProcessFacts | None) -> None: ...
+
+    def forget(self, peer: str | None) -> None: ...
+
+
 class Identified(Protocol):
     @property
     def id(self) -> str: ...
@@ -141,9 +160,12 @@ class Checkpoint:
         observer: Observer | None = None,
         approvals: Approver | None = None,
         credentials: Callable[[], Credentials | None] | None = None,
+        processes: Processes | None = None,
     ) -> None:
         self._policy = policy
         self.credentials = credentials
+        self.processes = processes
+        self._bound = BoundRules()
         self.emitter = emitter
         self.destinations = destinations
         self.connections = connections or Connections(observer=observer)
@@ -169,12 +191,15 @@ class Checkpoint:
         for a connection already counted against the new-connection rate (one handed from the
         tunnel front end to mitmproxy's layers is the same connection)."""
         conn = self.connections.open(cid, peer, listener_sandbox, rated=rated)
+        self._start_lookup(conn)
         if conn.refusal is None:
             return conn, None
         return conn, self.refuse_connection(conn, *conn.refusal)
 
     def disconnected(self, cid: str) -> None:
         conn = self.connections.close(cid)
+        if conn is not None and self.processes is not None:
+            self.processes.forget(conn.peer)
         if conn is None or conn.opened is None:
             return
         # The observer (metrics and evidence) records it; without one, the decision sinks do.
@@ -219,7 +244,9 @@ class Checkpoint:
         )
         if isinstance(outcome, BodyNeeded):
             request = self._attributed(conn, request)
-            decision = self._credentials(conn, decide(request, self.policy_for(conn)), carried)
+            policy = self.policy_for(conn)
+            decision = await self._process(conn, policy, decide(request, policy))
+            decision = self._credentials(conn, decision, carried)
             return self._finish(conn, request, decision, 0.0)
         return outcome
 
@@ -243,6 +270,7 @@ class Checkpoint:
             )
         request = self._attributed(conn, request)
         policy = self.policy_for(conn)
+        await self._attribute(conn)
         if conn.refusal is not None:  # the proven sandbox is over its own connection cap
             return self.emitter.emit(refuse(request, policy, *conn.refusal))
         if request.kind is Kind.REQUEST and (conn.tunnel is None or not conn.inspected):
@@ -255,6 +283,8 @@ class Checkpoint:
         outcome = decide_request(request, policy)
         if isinstance(outcome, BodyNeeded):
             return BODY_NEEDED
+        # (3a) process
+        outcome = await self._process(conn, policy, outcome)
         # (3b) credentials
         outcome = self._credentials(conn, outcome, carried)
         return await self._from_destination(conn, request, outcome, started)
@@ -269,7 +299,8 @@ class Checkpoint:
         if request.http is None or not request.http.body_read:
             raise ValueError("admit_body needs a request whose body was read")
         # (3) policy, with the body: decide() refuses anything that still wants more.
-        decision = decide(request, self.policy_for(conn))
+        policy = self.policy_for(conn)
+        decision = await self._process(conn, policy, decide(request, policy))  # (3a) process
         # (3b) credentials, with the held body
         decision = self._credentials(conn, decision, carried)
         return await self._from_destination(conn, request, decision, started)
@@ -358,6 +389,58 @@ class Checkpoint:
                 conn.tunnel = decision
                 conn.inspected = self._inspects(self.policy_for(conn), decision, request.port)
         return decision
+
+    def _start_lookup(self, conn: Connection) -> None:
+        """(3a) starts, in a worker thread, as the connection opens: the lookup reads /proc, and
+        runs while the client sends its request instead of after it, off the event loop."""
+        if self.processes is None or conn.peer is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (a synchronous caller): looked up when the first request comes
+        conn.lookup = loop.run_in_executor(None, self.processes.attribute, conn.peer)
+
+    async def _attribute(self, conn: Connection) -> None:
+        """(3a) once per connection, before its first decision: the process that owns its client
+        socket, where the gate can see the sandbox's processes. Kept on the connection (and, for
+        evidence, by peer). A lookup that fails leaves the process unknown."""
+        if self.processes is None or conn.attributed or conn.peer is None:
+            return
+        lookup, conn.lookup = conn.lookup, None
+        try:
+            if lookup is None:
+                lookup = asyncio.get_running_loop().run_in_executor(
+                    None, self.processes.attribute, conn.peer
+                )
+            conn.process = await lookup
+        except Exception:
+            log.exception("attributing %s failed", conn.peer)
+            conn.process = None
+        conn.attributed = True
+        self.processes.remember(conn.peer, conn.process)
+
+    async def _process(self, conn: Connection, policy: Policy, decision: Decision) -> Decision:
+        """(3a) a rule bound to executables lets through only their processes: every process that
+        holds the socket, so the lookup that stopped at the first owner is completed here, once."""
+        if decision.rule is None:
+            return decision
+        bound = self._bound.of(policy).get(decision.rule)
+        if not bound:
+            return decision
+        process = conn.process if conn.attributed else None  # never looked up: unknown, refused
+        if process is not None and not process.complete and self.processes is not None:
+            peer = conn.peer or ""
+            try:
+                process = await asyncio.get_running_loop().run_in_executor(
+                    None, functools.partial(self.processes.attribute, peer, every_owner=True)
+                )
+            except Exception:
+                log.exception("attributing %s failed", peer)
+                process = None
+            conn.process = process
+            self.processes.remember(peer, process)
+        return check_executables(decision, bound, process)
 
     def may_inspect(self, conn: Connection, host: str, port: int) -> bool:
         """Whether a CONNECT to ``host:port`` on ``conn`` could be inspected: by the connection's

@@ -13,7 +13,7 @@ import collections
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from proxy.core.decision import Decision, Kind, Reason
 from proxy.core.limits import Limits, RateLimiter
@@ -56,6 +56,9 @@ class Connection:
     )  # (ip, port) pairs that may be dialled
     # Set by the front end relaying an admitted tunnel: closes it (``--recheck-on-reload``).
     closer: Callable[[], None] | None = None
+    process: Any = None  # who owns the client socket (proxy.attribution), once looked up
+    attributed: bool = False  # looked up (process stays None when it could not be found)
+    lookup: Any = None  # the lookup under way (an asyncio future), started when it connected
 
     def forget_destinations(self) -> None:
         """A refused tunnel: nothing may be dialled for this connection any more."""

@@ -13,6 +13,8 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from proxy.core.requests import HttpHead
 
 
@@ -73,6 +75,8 @@ class Reason(StrEnum):
     APPROVAL_LIMIT = "approval-limit"  # too many pending approvals (this sandbox, or the gate)
     APPROVAL_UNAVAILABLE = "approval-unavailable"  # nobody can be asked (no approvals, store down)
     CREDENTIAL_MISUSE = "credential-misuse"  # a credential's placeholder where it is never sent
+    EXECUTABLE_NOT_ALLOWED = "executable-not-allowed"  # the rule is bound to other executables
+    PROCESS_UNATTRIBUTED = "process-unattributed"  # bound rule, and no process could be named
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +126,20 @@ class Decision:
     decided_by: str | None = None  # who answered an approval: a person's name, reviewer, timeout
     grant: str | None = None  # the scope of an approval's answer: once, session or persist
     credential: str | None = None  # declared credential name(s) used or misused, never a value
+    # Who caused it (``egress run``: the sandbox process owning the client socket; see
+    # proxy.attribution), the agent's context, and the trace it belongs to.
+    pid: int | None = None  # in the sandbox's PID namespace
+    host_pid: int | None = None
+    exe: str | None = None  # the kernel's /proc/PID/exe
+    argv: tuple[str, ...] | None = None  # bounded, secrets scrubbed
+    ppid: int | None = None
+    parents: tuple[str, ...] | None = None  # "PID EXE", nearest first, up to the sandbox's command
+    context: Mapping[str, str] | None = None  # egress run --context / egress context
+    user_id: int | None = None  # the user who launched the sandbox
+    user_name: str | None = None
+    trace_id: str | None = None  # from the launcher's TRACEPARENT
+    span_id: str | None = None  # this decision's own span
+    parent_span_id: str | None = None  # the TRACEPARENT's span
     id: str = field(default_factory=new_id)
     ts: float = field(default_factory=time.time)
 

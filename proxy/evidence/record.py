@@ -48,15 +48,27 @@ ATTRIBUTE_NAMES: Mapping[str, str] = {
     "decided_by": "egress.approval.decided_by",
     "grant": "egress.approval.grant",
     "credential": "egress.credential",
+    "pid": "process.pid",
+    "host_pid": "egress.process.host_pid",
+    "exe": "process.executable.path",
+    "argv": "process.command_args",
+    "ppid": "process.parent_pid",
+    "parents": "egress.process.parents",
+    "context": "egress.context",  # one attribute per key: egress.context.<key>
+    "user_id": "user.id",
+    "user_name": "user.name",
+    "parent_span_id": "egress.trace.parent_span_id",
     "seq": "egress.journal.seq",
     "bytes_out": "egress.bytes.out",
     "bytes_in": "egress.bytes.in",
     "duration": "egress.connection.duration",
 }
 """Field -> OTel attribute. ``ts`` is the record's timestamp and ``event`` its event name, not
-attributes; ``prev`` and ``hash`` belong to the journal's chain only."""
+attributes; ``prev`` and ``hash`` belong to the journal's chain only; ``trace_id`` and ``span_id``
+fill the log record's trace context."""
 
-NOT_ATTRIBUTES = frozenset({"ts", "event", "prev", "hash"})
+NOT_ATTRIBUTES = frozenset({"ts", "event", "prev", "hash", "trace_id", "span_id"})
+"""``trace_id`` and ``span_id`` are the OTLP log record's own trace context fields."""
 
 
 class Event(NamedTuple):

@@ -24,6 +24,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from proxy.core.paths import PathGlob, compile_glob
+from proxy.policy.executables import Executable, check_executable
 from proxy.policy.model import (
     DEFAULT_ASK_TIMEOUT,
     DEFAULT_PORTS,
@@ -60,7 +61,7 @@ REQUEST_KEYS = frozenset(
 ASK_KEYS = frozenset({"timeout", "review"})  # meaningful on ask rules only
 RULE_KEYS = (
     frozenset({"name", "action", "hosts", "cidrs", "ports", "description", "comment", "inspect"})
-    | {"mode"}
+    | {"mode", "executables"}
     | REQUEST_KEYS
     | ASK_KEYS
 )
@@ -433,6 +434,7 @@ class _Loader:
                 "rule without request conditions",
             )
         rule_mode = self.rule_mode(where.at("mode"), fields.get("mode"), action)
+        executables = self.executables(where, fields, action)
         if len(self.problems) != before or name is None:
             return None
         return Rule(
@@ -449,6 +451,7 @@ class _Loader:
             timeout=timeout,
             review=review,
             mode=rule_mode,
+            executables=executables,
         )
 
     def rule_mode(self, where: _Where, node: Node | None, action: Action) -> Mode | None:
@@ -468,6 +471,36 @@ class _Loader:
             self.problem(where, node, "an ask rule asks in every mode; drop 'mode' here")
             return None
         return mode
+
+    def executables(
+        self, where: _Where, fields: dict[str, Node], action: Action
+    ) -> tuple[Executable, ...]:
+        """``executables``: files whose processes alone the rule lets through (checked as
+        :func:`proxy.policy.executables.check_executable` says)."""
+        if "executables" not in fields:
+            return ()
+        node = fields["executables"]
+        if action is Action.DENY:
+            self.problem(
+                where.at("executables"),
+                node,
+                "a deny rule applies to every process; binding it to executables would let the "
+                "others through",
+            )
+            return ()
+        items = self.sequence(where.at("executables"), node)
+        if not items:
+            self.problem(where.at("executables"), node, "empty list matches no process")
+        found: list[Executable] = []
+        for item in items:
+            text = self.string(where.at("executables"), item)
+            if text is None:
+                continue
+            try:
+                found.append(check_executable(text))
+            except ValueError as exc:
+                self.problem(where.at("executables"), item, str(exc))
+        return tuple(dict.fromkeys(found))
 
     def request_conditions(
         self, where: _Where, node: Node, fields: dict[str, Node], action: Action

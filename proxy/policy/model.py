@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from proxy.core.hosts import InvalidHost, canonical_host
 from proxy.core.paths import PathGlob
+from proxy.policy.executables import Executable
 from proxy.policy.index import RuleIndex
 
 if TYPE_CHECKING:
@@ -188,6 +189,9 @@ class Rule:
     # refuse instead of refusing it; on an allow rule it reports the gaps it is nearest to (other
     # ports, requests no request rule allows). See docs/lifecycle.md.
     mode: Mode | None = None
+    # Only connections whose process runs one of these files (proxy.policy.executables): empty
+    # means any process.
+    executables: tuple[Executable, ...] = ()
 
     def ports_text(self) -> str:
         """The ports as refusal messages phrase them: ``port 443``, ``ports 80, 443``, ``every port``."""

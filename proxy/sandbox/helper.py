@@ -33,6 +33,7 @@ _PR_SET_PDEATHSIG, _PR_CAPBSET_DROP, _PR_SET_NO_NEW_PRIVS = 1, 24, 38
 _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _SIOCGIFFLAGS, _SIOCSIFFLAGS = 0x8913, 0x8914
 _IFF_UP = 0x1
+_NETLINK_SOCK_DIAG = 4
 _FORWARDED = (
     signal.SIGINT,
     signal.SIGTERM,
@@ -194,6 +195,28 @@ def _hide(paths: list[str]) -> None:
             raise _SetupFailed(f"cannot hide {path} from the sandbox: {exc}") from exc
 
 
+# statvfs f_flag -> mount flag, for the flags a bind remount must keep (the kernel refuses to
+# clear them on mounts inherited from a more privileged namespace).
+_KEPT = ((2, 0x2), (4, 0x4), (8, 0x8), (1024, 0x400), (2048, 0x800), (4096, 1 << 21))
+
+
+def _freeze(paths: list[str]) -> None:
+    """Make each file read-only inside the sandbox (a read-only bind mount on itself): files that
+    rules are bound to, which a sandbox running as their owner could otherwise rewrite. A mount
+    point cannot be renamed over or unlinked either; the command cannot undo it."""
+    for path in paths:
+        try:
+            kept = 0
+            flags = os.statvfs(path).f_flag
+            for st_flag, ms_flag in _KEPT:
+                if flags & st_flag:
+                    kept |= ms_flag
+            _mount(path, path, None, _MS_BIND)
+            _mount(None, path, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | kept)
+        except OSError as exc:
+            raise _SetupFailed(f"cannot make {path} read-only in the sandbox: {exc}") from exc
+
+
 def _loopback_up() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         ifreq = struct.pack("16sh22x", b"lo", 0)
@@ -216,6 +239,8 @@ def _listeners(config: dict[str, Any]) -> list[socket.socket]:
 
 
 def _listener(kind: str, port: int) -> socket.socket:
+    if kind == "diag":  # sock_diag, answering about this namespace's sockets (process attribution)
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG)
     sock_type = socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM
     sock = socket.socket(socket.AF_INET, sock_type)
     try:
@@ -273,6 +298,7 @@ def _init_main(config: dict[str, Any], ctl: socket.socket) -> None:
     try:
         resolv = _setup_mounts(config)
         _hide(config.get("hide") or [])
+        _freeze(config.get("freeze") or [])
         _loopback_up()
         socks = _listeners(config)
     except _SetupFailed as exc:

@@ -81,6 +81,9 @@ class RunOptions:
     on_gate: Callable[[PrivateGate], None] | None = None  # doctor: the private gate is serving
     summary: SummarySink = field(default_factory=SummarySink)
     managed_policy: str | None = None  # the organisation's ceiling (proxy.policy.managed)
+    summary_format: str = "text"  # or "json": one JSON object on stderr at exit
+    context: dict[str, str] = field(default_factory=dict)  # --context KEY=VALUE
+    traceparent: str | None = None  # the agent's W3C trace context (validated by the CLI)
 
     def __post_init__(self) -> None:
         if self.sandbox_id is None:
@@ -183,6 +186,8 @@ def _run_with(
             Listener("dns-udp", "udp", options.dns_port),
             Listener("dns-tcp", "tcp", options.dns_port),
         ]
+    if options.proxy_url is None and options.gate_socket is None:
+        listeners.append(Listener("diag", "diag", 0))  # the private gate attributes connections
     inside = SANDBOX_LOOPBACK
     if options.proxy_url is not None:
         try:
@@ -208,6 +213,7 @@ def _run_with(
         cwd=options.cwd,
         foreground_tty=tty,
         hidden=hidden,
+        frozen=_bound_executables(policy),
     )
     try:
         sandbox = Sandbox.spawn(
@@ -234,6 +240,14 @@ def _run_with(
     if summary and not options.quiet:
         sys.stderr.write(summary + "\n")
     return code
+
+
+def _bound_executables(policy: Any) -> tuple[str, ...]:
+    """The files the private gate's rules are bound to: the sandbox must not be able to rewrite
+    them, even when it runs as their owner."""
+    if policy is None:
+        return ()
+    return tuple(dict.fromkeys(e.path for rule in policy.rules for e in rule.executables))
 
 
 def _sinks(options: RunOptions) -> list[Sink]:
@@ -273,6 +287,9 @@ async def _run_private(
                 sockets=sandbox.sockets,
                 json_notices=options.json,
                 credentials=provided.store if provided is not None else None,
+                sandbox_pid=sandbox.pid,
+                proxy_port=options.proxy_port,
+                facts=sandbox_facts(options),
             )
         )
         if options.on_gate:
@@ -287,7 +304,34 @@ async def _run_private(
         code = await _start_and_wait(sandbox, options.on_ready)
     finally:
         await _stop(gate, evidence, emitter)
-    return code, options.summary.render(str(options.sandbox_id))
+    return code, render_summary(options)
+
+
+def render_summary(options: RunOptions) -> str:
+    if options.summary_format == "json":
+        return options.summary.render_json(str(options.sandbox_id))
+    return options.summary.render(str(options.sandbox_id))
+
+
+def sandbox_facts(options: RunOptions) -> Any:
+    """The launching user, the --context and the TRACEPARENT every decision of this run carries."""
+    import pwd
+
+    from proxy.attribution.stamp import SandboxFacts
+    from proxy.attribution.traceparent import InvalidTraceparent, parse
+
+    uid = os.getuid()
+    try:
+        name: str | None = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = None
+    trace = None
+    if options.traceparent:
+        try:
+            trace = parse(options.traceparent)
+        except InvalidTraceparent as exc:
+            _err(f"warning: TRACEPARENT ignored: {exc}")
+    return SandboxFacts(uid, name, dict(options.context), trace)
 
 
 async def _stop(gate: PrivateGate | None, evidence: Any, emitter: Emitter | None) -> None:
@@ -476,6 +520,7 @@ async def _run_unisolated_private(options: RunOptions, policy: Any, bundle: str 
             state_dir=options.state_dir,
             host_listener_is_sandbox=True,
             json_notices=options.json,
+            facts=sandbox_facts(options),
         )
     )
     try:
@@ -500,6 +545,6 @@ async def _run_unisolated_private(options: RunOptions, policy: Any, bundle: str 
         await gate.stop()
         emitter.close()
     if not options.quiet:
-        sys.stderr.write(options.summary.render(str(options.sandbox_id)) + "\n")
+        sys.stderr.write(render_summary(options) + "\n")
         sys.stderr.write("egress: WARNING: this run was NOT isolated (--no-isolation)\n")
     return exit_code(status)

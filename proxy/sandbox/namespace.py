@@ -66,7 +66,8 @@ class SandboxError(Exception):
 
 @dataclass(frozen=True)
 class Listener:
-    """One listener created inside the sandbox: ``tcp`` or ``udp`` on 127.0.0.1:port."""
+    """One listener created inside the sandbox: ``tcp`` or ``udp`` on 127.0.0.1:port; or ``diag``,
+    a sock_diag netlink socket answering about the sandbox's own sockets (port unused)."""
 
     name: str
     kind: str
@@ -85,6 +86,8 @@ class SandboxSpec:
     # Paths the command must not read (the gate's state directory with its CA key): each is covered
     # by an empty read-only mount inside the sandbox, or the command does not run.
     hidden: Sequence[str] = ()
+    # Files made read-only inside the sandbox (executables rules are bound to), or it does not run.
+    frozen: Sequence[str] = ()
 
 
 def own_netns_inode() -> int:
@@ -153,6 +156,7 @@ class Sandbox:
             "tty": spec.foreground_tty,
             "netns": own_netns_inode(),
             "hide": [os.path.abspath(path) for path in spec.hidden],
+            "freeze": [os.path.abspath(path) for path in spec.frozen],
         }
         try:
             proc: subprocess.Popen[bytes] | ForkedHelper
@@ -383,6 +387,11 @@ def _verify(
             ) from exc
         if where != theirs or where == ours:
             raise SandboxError(f"the {want.name} listener is not inside the sandbox's namespace")
+        if want.kind == "diag":  # the sock_diag socket process attribution asks (not a listener)
+            if sock.family != socket.AF_NETLINK:
+                raise SandboxError(f"the {want.name} socket has the wrong socket type")
+            sockets[want.name] = sock
+            continue
         if sock.family != socket.AF_INET or sock.type != kind:
             raise SandboxError(f"the {want.name} listener has the wrong socket type")
         if sock.getsockname() != ("127.0.0.1", want.port):

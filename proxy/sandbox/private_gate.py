@@ -36,6 +36,12 @@ class GateRequest:
     json_notices: bool = False
     # The credentials the gate swaps in for this sandbox's placeholders (a CredentialStore), or None.
     credentials: Any = None
+    # Attribution: the sandbox helper's host pid (its processes and network namespace are searched
+    # for each connection's owner) and the proxy port inside; None under --no-isolation.
+    sandbox_pid: int | None = None
+    proxy_port: int = 0
+    # What every decision carries (proxy.attribution.stamp.SandboxFacts): user, context, trace.
+    facts: Any = None
 
 
 class PrivateGate(Protocol):

@@ -7,14 +7,40 @@ a hostile name must not be able to write escape sequences to the user's terminal
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from proxy.core.decision import Decision, Kind, Verdict
 from proxy.core.text import escape
 
 MAX_LISTED = 20  # refused destinations listed by name; the rest are counted
+MAX_TALLIES = 1000  # processes / destinations tallied one by one in the JSON summary; then "other"
+MAX_PIDS = 20
+OTHER = "(other)"
+UNKNOWN = "(unattributed)"
+
+
+@dataclass
+class Tally:
+    allowed: int = 0
+    refused: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+    pids: set[int] = field(default_factory=set)
+
+    def add(self, decision: Decision) -> None:
+        if decision.decision is Verdict.DENY:
+            self.refused += 1
+        else:
+            self.allowed += 1
+        self.reasons[str(decision.reason)] += 1
+        if decision.pid is not None and len(self.pids) < MAX_PIDS:
+            self.pids.add(decision.pid)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"allowed": self.allowed, "refused": self.refused, "reasons": dict(self.reasons)}
 
 
 @dataclass
@@ -24,6 +50,8 @@ class SummarySink:
     reported: Counter[tuple[str, str]] = field(default_factory=Counter)
     refused: Counter[tuple[str, str]] = field(default_factory=Counter)
     credentials: Counter[str] = field(default_factory=Counter)  # credential names added upstream
+    processes: dict[str, Tally] = field(default_factory=dict)  # by executable
+    destinations: dict[str, Tally] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record(self, decision: Decision) -> None:
@@ -31,6 +59,9 @@ class SummarySink:
             return  # held for an approval: its outcome is recorded (and counted) when it comes
         where = _where(decision)
         with self._lock:
+            if decision.kind is not Kind.TLS or decision.decision is Verdict.DENY:
+                _tally(self.processes, decision.exe or UNKNOWN, decision)
+                _tally(self.destinations, where, decision)
             if decision.decision is Verdict.DENY:
                 self.refused[(where, str(decision.reason))] += 1
                 return
@@ -66,6 +97,35 @@ class SummarySink:
                 if len(items) > MAX_LISTED:
                     lines.append(f"  ... and {len(items) - MAX_LISTED} more {title} destination(s)")
         return "\n".join(lines)
+
+    def render_json(self, sandbox_id: str) -> str:
+        """One JSON object: totals, then per process (by executable) and per destination, allowed
+        and refused counts with their reasons."""
+        with self._lock:
+            out = {
+                "sandbox_id": sandbox_id,
+                "allowed": self.allowed,
+                "refused": sum(self.refused.values()),
+                "dns_answered": self.dns_answered,
+                "processes": [
+                    {"exe": exe, "pids": sorted(t.pids), **t.as_dict()}
+                    for exe, t in sorted(self.processes.items())
+                ],
+                "destinations": [
+                    {"destination": where, **t.as_dict()}
+                    for where, t in sorted(self.destinations.items())
+                ],
+            }
+        return json.dumps(out, sort_keys=False)
+
+
+def _tally(table: dict[str, Tally], key: str, decision: Decision) -> None:
+    tally = table.get(key)
+    if tally is None:
+        if len(table) >= MAX_TALLIES:
+            key = OTHER
+        tally = table.setdefault(key, Tally())
+    tally.add(decision)
 
 
 def _where(decision: Decision) -> str:

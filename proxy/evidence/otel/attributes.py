@@ -13,9 +13,12 @@ from typing import Any
 from proxy.evidence.otel.scrub import MAX_PATH, scrub_host, scrub_text, scrub_url
 from proxy.evidence.record import ATTRIBUTE_NAMES, DECISION_EVENT, NOT_ATTRIBUTES, Record
 
-_TEXT, _NUMBER, _HOST, _PATH, _QUERY = range(5)
+_TEXT, _NUMBER, _HOST, _PATH, _QUERY, _LIST, _MAP = range(7)
 _SHAPE = {"port": _NUMBER, "seq": _NUMBER, "bytes_out": _NUMBER, "bytes_in": _NUMBER,
-          "duration": _NUMBER, "host": _HOST, "path": _PATH, "query": _QUERY}  # fmt: skip
+          "duration": _NUMBER, "host": _HOST, "path": _PATH, "query": _QUERY,
+          "pid": _NUMBER, "host_pid": _NUMBER, "ppid": _NUMBER,
+          "argv": _LIST, "parents": _LIST, "context": _MAP}  # fmt: skip
+MAX_LIST = 64  # items of a list attribute (argv is bounded before it gets here too)
 _TABLE = tuple((field, name, _SHAPE.get(field, _TEXT)) for field, name in ATTRIBUTE_NAMES.items())
 _KNOWN = NOT_ATTRIBUTES | ATTRIBUTE_NAMES.keys()
 _PROTOCOL_NAME = {"connect": "http", "http": "http", "request": "http", "dns": "dns", "tls": "tls"}
@@ -39,6 +42,13 @@ def attributes(record: Record) -> dict[str, Any]:
             out[name] = scrub_host(value)
         elif shape == _QUERY:
             out[name] = scrub_text(value, MAX_PATH)
+        elif shape == _LIST:
+            if isinstance(value, list | tuple):
+                out[name] = [scrub_text(item) for item in value[:MAX_LIST]]
+        elif shape == _MAP:
+            if isinstance(value, dict):
+                for key, item in list(value.items())[:MAX_LIST]:
+                    out[f"{name}.{scrub_text(key, 64)}"] = scrub_text(item)
         else:
             out[name], query = scrub_url(str(value))
             if query is not None:

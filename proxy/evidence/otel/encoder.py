@@ -165,6 +165,7 @@ class LogEncoder:
             msg.severity_number, msg.severity_text = SEVERITY_NUMBER_INFO, "INFO"
             msg.body.SetInParent()  # the SDK sends an empty body value for a record without one
             msg.event_name = scrub_text(event, 64)
+        _trace_context(msg, record)
         msg.time_unix_nano = _ns(record.get("ts"))
         msg.observed_time_unix_nano = time.time_ns()
         self._attributes(msg, attrs)
@@ -205,3 +206,18 @@ class LogEncoder:
 def _ns(ts: object) -> int:
     seconds = float(ts) if isinstance(ts, int | float) else time.time()
     return int(seconds * 1e9)
+
+
+def _trace_context(msg: PbLogRecord, record: Record) -> None:
+    """A record caused inside an agent's trace carries its trace id and its own span id (the
+    launcher's TRACEPARENT was validated on the way in; anything malformed here is left out)."""
+    trace_id, span_id = record.get("trace_id"), record.get("span_id")
+    if not (isinstance(trace_id, str) and isinstance(span_id, str)):
+        return
+    try:
+        trace, span = bytes.fromhex(trace_id), bytes.fromhex(span_id)
+    except ValueError:
+        return
+    if len(trace) == 16 and len(span) == 8:
+        msg.trace_id, msg.span_id = trace, span
+        msg.flags = 1  # sampled: the caller chose to trace this

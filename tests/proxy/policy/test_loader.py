@@ -146,7 +146,7 @@ RULE_PROBLEMS = [
     (
         "  - name: pypi\n    hosts: [pypi.org]\n    prots: [443]\n",
         "p.yaml:5: rule 'pypi': key 'prots': unknown key (expected one of: action, cidrs, comment, "
-        "description, graphql_operations, hosts, inspect, json_body, max_request_bytes, methods, mode, "
+        "description, executables, graphql_operations, hosts, inspect, json_body, max_request_bytes, methods, mode, "
         "name, paths, paths_case, ports, query, review, timeout, websocket)",
     ),
     (

@@ -54,3 +54,34 @@ def test_a_held_request_counts_once_by_its_outcome() -> None:
     lines = s.render("sbx-1").splitlines()
     assert lines[0] == "egress: sandbox sbx-1: 1 request(s) allowed, 1 refused, 0 DNS answer(s)"
     assert "  refused api.example:443: approval-timeout" in lines
+
+
+def test_the_json_summary_counts_per_process_and_destination() -> None:
+    import json
+
+    from proxy.core.decision import Decision, Kind, Reason, Verdict
+    from proxy.sandbox.summary import SummarySink
+
+    def decision(verdict: Verdict, reason: Reason, exe: str | None, pid: int | None) -> Decision:
+        return Decision(
+            verdict, reason, "r", Kind.CONNECT, "h.test", 443, "v", "enforce", exe=exe, pid=pid
+        )
+
+    sink = SummarySink()
+    sink.record(decision(Verdict.ALLOW, Reason.ALLOWED_BY_RULE, "/usr/bin/git", 5))
+    sink.record(decision(Verdict.DENY, Reason.EXECUTABLE_NOT_ALLOWED, "/usr/bin/curl", 7))
+    sink.record(decision(Verdict.DENY, Reason.PROCESS_UNATTRIBUTED, None, None))
+    out = json.loads(sink.render_json("sbx-1"))
+    assert (out["sandbox_id"], out["allowed"], out["refused"]) == ("sbx-1", 1, 2)
+    assert out["processes"] == [
+        {"exe": "(unattributed)", "pids": [], "allowed": 0, "refused": 1,
+         "reasons": {"process-unattributed": 1}},
+        {"exe": "/usr/bin/curl", "pids": [7], "allowed": 0, "refused": 1,
+         "reasons": {"executable-not-allowed": 1}},
+        {"exe": "/usr/bin/git", "pids": [5], "allowed": 1, "refused": 0,
+         "reasons": {"allowed-by-rule": 1}},
+    ]  # fmt: skip
+    assert out["destinations"] == [
+        {"destination": "h.test:443", "allowed": 1, "refused": 2,
+         "reasons": {"allowed-by-rule": 1, "executable-not-allowed": 1, "process-unattributed": 1}}
+    ]  # fmt: skip

@@ -82,8 +82,13 @@ def test_events_with_attribute_names_as_keys_keep_them_scrubbed() -> None:
 def test_every_field_has_its_attribute_and_key_order_does_not_matter() -> None:
     record: dict[str, object] = {name: f"v-{name}" for name in ATTRIBUTE_NAMES}
     record.update(port=443, seq=1, bytes_out=1, bytes_in=2, duration=0.5, kind="http")
+    record.update(pid=7, host_pid=4242, ppid=2, user_id=1000, argv=["git", "fetch"])
+    record.update(parents=["2 /usr/bin/sh"], context={"task": "T-1"})
     attrs = attributes(record)
-    assert set(ATTRIBUTE_NAMES.values()) <= attrs.keys()
+    assert set(ATTRIBUTE_NAMES.values()) - {"egress.context"} <= attrs.keys()
+    assert attrs["egress.context.task"] == "T-1"
+    assert attrs["process.command_args"] == ["git", "fetch"] and attrs["process.pid"] == 7
+    assert attrs["user.id"] == "1000"  # user.id is a string in the semantic conventions
     reordered = dict(reversed(list(record.items())))
     assert list(attributes(reordered).items()) == list(attrs.items())
 

@@ -1,0 +1,223 @@
+"""Finding the process behind a sandbox's connection in ``/proc``.
+
+The gate accepts on a listener that lives in the sandbox's network namespace, so the client's socket
+is in that namespace's TCP table, readable as ``/proc/<pid>/net/tcp`` of any process inside it (the
+sandbox helper, whose host pid the launcher knows). Its line gives the socket's inode; the owner is
+the sandbox process with an fd linking to ``socket:[inode]``. The processes searched are exactly the
+helper's descendants (every process of the sandbox's PID namespace is one: orphans are reparented to
+its init), walked through ``/proc/<pid>/task/<tid>/children``, bounded by MAX_PROCESSES.
+
+Only the kernel's answers are used: ``exe`` is the ``/proc/<pid>/exe`` link (and the file identity
+behind it), never ``comm`` or ``argv[0]``, which a process sets itself. Cost: one table read and one
+fd scan of the sandbox's processes per connection (``bench/attribution.py`` prints it).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from proxy.attribution.argv import scrub_argv
+from proxy.attribution.process import Attribution, ProcEntry, build
+from proxy.attribution.procnet import find_inode
+from proxy.attribution.sockdiag import DiagUnavailable, SockDiag
+
+log = logging.getLogger(__name__)
+
+MAX_PROCESSES = (
+    4096  # a sandbox with more is searched this far, then the connection is unattributed
+)
+MAX_CMDLINE = 64 * 1024
+
+
+class SandboxProcesses:
+    """Attributes connections accepted on the sandbox's listener ``gate`` (its address inside the
+    sandbox) to the sandbox's processes, under the helper at host pid ``root``.
+
+    ``attribute(peer)`` only looks up (from any thread). The checkpoint ``remember``s the answer for
+    the connection's peer until the connection closes (``forget``); the evidence stamp reads it
+    with ``known(peer)``. A lookup whose connection closed first is never remembered."""
+
+    def __init__(
+        self,
+        root: int,
+        gate: tuple[str, int],
+        proc: str = "/proc",
+        diag: socket.socket | None = None,
+    ) -> None:
+        self.root = root
+        self.diag = SockDiag(diag) if diag is not None else None
+        self.gate = gate
+        self.proc = proc
+        self._known: dict[str, Attribution] = {}
+        self._lock = threading.Lock()
+        self._diag_lock = threading.Lock()
+
+    def attribute(self, peer: str, *, every_owner: bool = False) -> Attribution | None:
+        """The owner of the client socket whose address is ``peer`` (``host:port``), or None when it
+        cannot be found (the socket closed, the owner exited, /proc unreadable).
+
+        The newest processes are searched first and the search stops at the first owner, unless
+        ``every_owner`` (what a rule bound to executables needs: ``complete`` says it was done)."""
+        try:
+            found = self._attribute(peer, every_owner)
+        except (OSError, ValueError):
+            log.debug("attribution of %s failed", peer, exc_info=True)
+            found = None
+        return found
+
+    def remember(self, peer: str, found: Any) -> None:
+        if found is not None:
+            with self._lock:
+                self._known[peer] = found
+
+    def known(self, peer: str | None) -> Attribution | None:
+        if peer is None:
+            return None
+        return self._known.get(peer)
+
+    def forget(self, peer: str | None) -> None:
+        if peer is not None:
+            with self._lock:
+                self._known.pop(peer, None)
+
+    def _attribute(self, peer: str, every_owner: bool) -> Attribution | None:
+        host, _, port = peer.rpartition(":")
+        local = (host.strip("[]"), int(port))
+        inode = self._inode(local)
+        if inode is None:
+            return None
+        link = f"socket:[{inode}]"
+        owners: list[ProcEntry] = []
+        entries: dict[int, ProcEntry] = {}
+        for pid in sorted(self._descendants(), reverse=True):
+            if self._owns(pid, link):
+                entry = self._entry(pid)
+                if entry is not None:
+                    owners.append(entry)
+                    if not every_owner:
+                        break
+        for owner in owners:
+            self._ancestors(owner, entries)
+        return build(owners, entries, complete=every_owner)
+
+    def _inode(self, local: tuple[str, int]) -> int | None:
+        """The client socket's inode: an exact lookup through sock_diag when the sandbox handed
+        over its netlink socket, else a scan of the sandbox's TCP table."""
+        if self.diag is not None:
+            with self._diag_lock:  # one request and its answer at a time on the one socket
+                try:
+                    return self.diag.inode(local, self.gate)
+                except DiagUnavailable:
+                    log.warning("sock_diag unavailable; reading the TCP table instead")
+                    self.diag = None
+        name = "tcp6" if ":" in local[0] else "tcp"
+        with open(f"{self.proc}/{self.root}/net/{name}", encoding="ascii") as table:
+            return find_inode(table.read().splitlines(), local, self.gate)
+
+    def _descendants(self) -> Iterator[int]:
+        queue = [self.root]
+        seen = 0
+        while queue and seen < MAX_PROCESSES:
+            pid = queue.pop()
+            seen += 1
+            if pid != self.root:
+                yield pid
+            queue.extend(self._children(pid))
+
+    def _children(self, pid: int) -> list[int]:
+        """Children of every thread of ``pid`` (a child is listed under the thread that forked it).
+        ``task``'s link count is 2 + threads: a single-threaded process needs one read."""
+        base = f"{self.proc}/{pid}/task"
+        try:
+            tids = [str(pid)] if os.stat(base).st_nlink <= 3 else os.listdir(base)
+        except OSError:
+            return []
+        found: list[int] = []
+        for tid in tids:
+            data = _read(f"{base}/{tid}/children")
+            if data:
+                found.extend(int(c) for c in data.split())
+        return found
+
+    def _owns(self, pid: int, link: str) -> bool:
+        base = f"{self.proc}/{pid}/fd"
+        try:
+            fds = os.listdir(base)
+        except OSError:
+            return False
+        for fd in fds:
+            try:
+                if os.readlink(f"{base}/{fd}") == link:
+                    return True
+            except OSError:
+                continue
+        return False
+
+    def _ancestors(self, entry: ProcEntry, entries: dict[int, ProcEntry]) -> None:
+        entries[entry.host_pid] = entry
+        current = entry
+        for _ in range(64):
+            if current.pid == 1 or current.host_ppid == self.root:
+                return
+            parent = entries.get(current.host_ppid) or self._entry(current.host_ppid)
+            if parent is None:
+                return
+            entries[parent.host_pid] = parent
+            current = parent
+
+    def _entry(self, pid: int) -> ProcEntry | None:
+        base = f"{self.proc}/{pid}"
+        try:
+            ppid, nspid = _status(base)
+            exe = os.readlink(f"{base}/exe")
+            st = os.stat(f"{base}/exe")
+            with open(f"{base}/cmdline", "rb") as f:
+                raw = f.read(MAX_CMDLINE)
+        except OSError:
+            return None
+        return ProcEntry(pid, ppid, nspid, exe, _argv(raw), (st.st_dev, st.st_ino))
+
+
+def _read(path: str) -> bytes:
+    """A small /proc file's bytes (b"" when it is gone): raw os calls, no buffered file object."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    try:
+        return os.read(fd, 65536)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
+
+
+@functools.lru_cache(maxsize=256)
+def _argv(raw: bytes) -> tuple[str, ...]:
+    """A command line as recorded: scrubbed once per distinct command line (the same shell is the
+    parent of many connections' processes)."""
+    argv = [a.decode("utf-8", "backslashreplace") for a in raw.split(b"\0")]
+    if argv and argv[-1] == "":
+        argv.pop()
+    return scrub_argv(argv)
+
+
+def _status(base: str) -> tuple[int, int]:
+    """(PPid, the pid in the innermost PID namespace) from ``status``."""
+    ppid = nspid = -1
+    with open(f"{base}/status", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.startswith("PPid:"):
+                ppid = int(line.split()[1])
+            elif line.startswith("NSpid:"):
+                nspid = int(line.split()[-1])
+                break
+    if ppid < 0 or nspid < 0:
+        raise ValueError(f"{base}/status has no PPid or NSpid")
+    return ppid, nspid
