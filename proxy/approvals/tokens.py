@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from proxy.approvals.private import NotPrivate, read_private
+from proxy.policy import listfile
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 NAME_RULE = "1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit"
@@ -53,14 +54,7 @@ class AdminTokens:
             raise TokenError(str(exc)) from None
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise TokenError(f"{path}: cannot read admin tokens: {exc}") from None
-        if not isinstance(data, dict) or data.get("version") != 1:
-            raise TokenError(f"{path}: expected a mapping with 'version: 1'")
-        unknown = set(data) - {"version", "admins"}
-        if unknown:
-            raise TokenError(f"{path}: unknown key(s) {sorted(unknown)}")
-        entries = data.get("admins")
-        if not isinstance(entries, list) or not entries:
-            raise TokenError(f"{path}: 'admins' must be a non-empty list")
+        entries = listfile.entries(data, path, "admins", TokenError)
         admins: list[Admin] = []
         for index, entry in enumerate(entries):
             where = f"{path}: admins[{index}]"

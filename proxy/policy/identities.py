@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from proxy.core.sandbox_id import SANDBOX_ID_RULE, is_sandbox_id
+from proxy.policy import listfile
 
 
 class IdentityError(ValueError):
@@ -59,14 +60,7 @@ class Identities:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError) as exc:
             raise IdentityError(f"{path}: cannot read identities: {exc}") from exc
-        if not isinstance(data, dict) or data.get("version") != 1:
-            raise IdentityError(f"{path}: expected a mapping with 'version: 1'")
-        unknown = set(data) - {"version", "sandboxes"}
-        if unknown:
-            raise IdentityError(f"{path}: unknown key(s) {sorted(unknown)}")
-        entries = data.get("sandboxes")
-        if not isinstance(entries, list) or not entries:
-            raise IdentityError(f"{path}: 'sandboxes' must be a non-empty list")
+        entries = listfile.entries(data, path, "sandboxes", IdentityError)
         sandboxes: list[Sandbox] = []
         for index, entry in enumerate(entries):
             where = f"{path}: sandboxes[{index}]"
