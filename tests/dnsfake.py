@@ -17,7 +17,7 @@ import selectors
 import socket
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -101,6 +101,11 @@ class FakeDns:
             raise ValueError("set_sequence needs at least one answer")
         with self._lock:
             self._records[(_name(name), _rdtype(rdtype))] = _Entry([list(a) for a in answers], ttl)
+
+    def loopback(self, *names: str) -> None:
+        """Answer each of ``names`` with 127.0.0.1 (A): the usual test upstream on this host."""
+        for name in names:
+            self.set(name, "A", ["127.0.0.1"])
 
     def servfail(self, name: str) -> None:
         with self._lock:
@@ -338,3 +343,11 @@ def _recv_exactly(conn: socket.socket, size: int) -> bytes | None:
             return None
         buf += chunk
     return buf
+
+
+def loopback_dns(*names: str) -> Iterator[FakeDns]:
+    """A running FakeDns answering ``names`` with 127.0.0.1, as a pytest fixture body:
+    ``yield from loopback_dns("allowed.test", ...)``."""
+    with FakeDns() as server:
+        server.loopback(*names)
+        yield server

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import signal
 import socket
 import ssl
 import struct
@@ -216,6 +217,18 @@ class Upstream(LoopbackServer):
             self.bytes_received = 0
             self.requests.clear()
             self.heads.clear()
+
+
+def terminate(proc: subprocess.Popen[Any], grace: float = 15.0) -> int:
+    """Stop ``proc`` as a supervisor would: SIGTERM, ``grace`` seconds to exit, then SIGKILL."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
 
 
 def recv_head(conn: socket.socket, limit: int = 65536) -> bytes:

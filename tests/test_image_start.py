@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Upstream
+from tests.harness import Upstream, terminate
 from tests.prometheus_server import require_binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,14 +121,7 @@ class ReadOnlyGate:
         return Path(f"/proc/{self.proc.pid}/root") / path.relative_to("/")
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
+        return terminate(self.proc)
 
 
 def curl_status(proxy: str, url: str, what: str = "%{http_code}") -> str:

@@ -14,7 +14,7 @@ import pytest
 from proxy.core.decision import Kind, Verdict
 from proxy.core.recheck import recheck
 from proxy.policy.loader import load_policy
-from tests.dnsfake import FakeDns
+from tests.dnsfake import FakeDns, loopback_dns
 from tests.harness import WAIT, LocalCA, RunningGate, Upstream
 
 RULES = "version: 1\nallow_internal: [127.0.0.0/8]\nrules:\n"
@@ -38,10 +38,7 @@ def upstream(ca: LocalCA) -> Iterator[Upstream]:
 
 @pytest.fixture(scope="module")
 def dns() -> Iterator[FakeDns]:
-    with FakeDns() as server:
-        for name in ("kept.test", "dropped.test", "insp.test"):
-            server.set(name, "A", ["127.0.0.1"])
-        yield server
+    yield from loopback_dns("kept.test", "dropped.test", "insp.test")
 
 
 def open_tunnel(gate: RunningGate, ca: LocalCA | Path, host: str, port: int) -> ssl.SSLSocket:

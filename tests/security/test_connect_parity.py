@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from proxy.core.decision import Kind, Reason, Verdict
-from tests.dnsfake import FakeDns
+from tests.dnsfake import FakeDns, loopback_dns
 from tests.harness import WAIT, RunningGate, Upstream, client_hello
 from tests.security import fresh_decisions, start_gate_with
 
@@ -61,10 +61,7 @@ SPELLINGS = [
 
 @pytest.fixture(scope="module")
 def dns() -> Iterator[FakeDns]:
-    with FakeDns() as server:
-        for name in ("allowed.test", "evil.test", "allowed.test.evil.test"):
-            server.set(name, "A", ["127.0.0.1"])
-        yield server
+    yield from loopback_dns("allowed.test", "evil.test", "allowed.test.evil.test")
 
 
 @pytest.fixture(scope="module")

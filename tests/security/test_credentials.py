@@ -26,7 +26,7 @@ from proxy.credentials.loader import load_credentials
 from proxy.credentials.store import CredentialStore
 from proxy.policy.loader import load_policy
 from tests.credentials_harness import GITHUB_TOKEN, EchoUpstream, write_credentials
-from tests.dnsfake import FakeDns
+from tests.dnsfake import FakeDns, loopback_dns
 from tests.harness import WAIT, LocalCA, LoopbackServer, RunningGate, curl, recv_head
 from tests.security import start_gate_with
 
@@ -97,10 +97,7 @@ class ChunkyEcho(LoopbackServer):
 
 @pytest.fixture(scope="module")
 def dns() -> Iterator[FakeDns]:
-    with FakeDns() as server:
-        for name in ("allowed.test", "other.test", "evil.test"):
-            server.set(name, "A", ["127.0.0.1"])
-        yield server
+    yield from loopback_dns("allowed.test", "other.test", "evil.test")
 
 
 @pytest.fixture(scope="module")

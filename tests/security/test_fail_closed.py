@@ -40,8 +40,7 @@ class HeldGate(RunningGate):
 @pytest.fixture(scope="module")
 def dns() -> Iterator[FakeDns]:
     with FakeDns() as server:
-        for name in ("allowed.test", "evil.test"):
-            server.set(name, "A", ["127.0.0.1"])
+        server.loopback("allowed.test", "evil.test")
         server.timeout("silent.test")
         server.servfail("failing.test")
         yield server

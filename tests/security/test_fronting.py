@@ -37,8 +37,7 @@ WEB_IP = random_loopback()
 @pytest.fixture(scope="module")
 def dns() -> Iterator[FakeDns]:
     with FakeDns() as server:
-        for name in ("allowed.test", "evil.test", "sub.allowed.test", "evilallowed.test"):
-            server.set(name, "A", ["127.0.0.1"])
+        server.loopback("allowed.test", "evil.test", "sub.allowed.test", "evilallowed.test")
         server.set("web.test", "A", [WEB_IP])
         yield server
 

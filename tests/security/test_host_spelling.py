@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from proxy.core.decision import Reason, Verdict
-from tests.dnsfake import FakeDns
+from tests.dnsfake import FakeDns, loopback_dns
 from tests.harness import RunningGate, Upstream
 from tests.security import client_hello, exchange, fresh_decisions, start_gate_with
 
@@ -26,10 +26,9 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture(scope="module")
 def dns() -> Iterator[FakeDns]:
-    with FakeDns() as server:
-        for name in ("allowed.test", "evil.test", "allowed.test.evil.test", "evilallowed.test"):
-            server.set(name, "A", ["127.0.0.1"])
-        yield server
+    yield from loopback_dns(
+        "allowed.test", "evil.test", "allowed.test.evil.test", "evilallowed.test"
+    )
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from proxy.core.decision import Kind, Reason, Verdict
-from tests.dnsfake import FakeDns
+from tests.dnsfake import FakeDns, loopback_dns
 from tests.harness import WAIT, LocalCA, LoopbackServer, RunningGate, Upstream, curl, recv_head
 from tests.security import start_gate_with
 
@@ -107,10 +107,7 @@ def names() -> list[str]:
 
 @pytest.fixture(scope="module")
 def dns(names: list[str]) -> Iterator[FakeDns]:
-    with FakeDns() as server:
-        for name in names:
-            server.set(name, "A", ["127.0.0.1"])
-        yield server
+    yield from loopback_dns(*names)
 
 
 @pytest.fixture(scope="module")

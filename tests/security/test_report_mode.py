@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from proxy.core.decision import Reason, Verdict
-from tests.dnsfake import FakeDns
+from tests.dnsfake import FakeDns, loopback_dns
 from tests.harness import RunningGate, Upstream
 from tests.security import client_hello, exchange, fresh_decisions, start_gate_with
 
@@ -27,10 +27,7 @@ ECH = struct.pack("!HH", 0xFE0D, 4) + b"\x00\x00\x01\x02"
 
 @pytest.fixture(scope="module")
 def dns() -> Iterator[FakeDns]:
-    with FakeDns() as server:
-        for name in ("unlisted.test", "other.test", "denied.test"):
-            server.set(name, "A", ["127.0.0.1"])
-        yield server
+    yield from loopback_dns("unlisted.test", "other.test", "denied.test")
 
 
 @pytest.fixture(scope="module")

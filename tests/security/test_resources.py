@@ -15,7 +15,7 @@ import pytest
 
 from proxy.core.decision import Reason, Verdict
 from proxy.policy.loader import load_policy
-from tests.dnsfake import FakeDns
+from tests.dnsfake import FakeDns, loopback_dns
 from tests.harness import WAIT, RunningGate, Upstream
 from tests.security import client_hello, exchange, fresh_decisions, start_gate_with
 
@@ -24,10 +24,7 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture(scope="module")
 def dns() -> Iterator[FakeDns]:
-    with FakeDns() as server:
-        for name in ("allowed.test", "evil.test", "localhost", "gate.test"):
-            server.set(name, "A", ["127.0.0.1"])
-        yield server
+    yield from loopback_dns("allowed.test", "evil.test", "localhost", "gate.test")
 
 
 @pytest.fixture(scope="module")

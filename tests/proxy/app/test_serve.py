@@ -20,7 +20,7 @@ import dns.rcode
 import pytest
 
 from tests.dnsfake import FakeDns
-from tests.harness import WAIT, LoopbackServer, clean_env
+from tests.harness import WAIT, LoopbackServer, clean_env, terminate
 
 EGRESS = shutil.which("egress", path=str(Path(sys.executable).parent)) or "egress"
 
@@ -75,14 +75,7 @@ class Serve:
         raise AssertionError(f"no log line containing {text!r}:\n" + "".join(self.lines))
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
+        return terminate(self.proc)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.dnsfake import FakeDns
-from tests.harness import RunningGate, Upstream, clean_env
+from tests.harness import RunningGate, Upstream, clean_env, terminate
 from tests.proxy.sandbox.conftest import EGRESS_WAIT, REPO, WORLD_POLICY, egress
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
@@ -417,12 +416,7 @@ def test_shared_gate_identifies_the_sandbox_by_its_credential(
         wrong = egress("run", "--quiet", "--proxy", f"http://sbx-cred:guess@127.0.0.1:{port}",
                        "--", "sh", "-c", curl)  # fmt: skip
     finally:
-        serve.send_signal(signal.SIGTERM)
-        try:
-            serve.wait(15)
-        except subprocess.TimeoutExpired:
-            serve.kill()
-            serve.wait()
+        terminate(serve)
     assert good.stdout.strip() == "200", good.stderr
     assert anonymous.stdout.strip() == "407"
     assert wrong.stdout.strip() == "407"
