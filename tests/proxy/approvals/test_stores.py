@@ -39,6 +39,16 @@ def fresh(clock: Clock, host: str = "api.test", sandbox: str = "sbx-1") -> Appro
     return Approval.open(decision, Subject.of(decision), "human", 60, clock())
 
 
+async def approve_for_session(store: Store, clock: Clock) -> tuple[Approval, Grant]:
+    """Open a fresh approval and answer it for the session (a grant alice gave for 100 s)."""
+    opened = await store.open(fresh(clock), Limits())
+    assert opened is not None
+    approval = opened[0]
+    grant = Grant(approval.subject, approval.id, "alice", clock() + 100)
+    await store.decide(approval.id, State.APPROVED, "alice", None, Scope.SESSION, grant)
+    return approval, grant
+
+
 @pytest.fixture(params=["sqlite", "redis"])
 def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
@@ -161,11 +171,7 @@ def test_a_deadline_ends_an_approval_and_no_answer_is_taken_after_it(make_store:
 
 def test_session_grants_cover_their_subject_only_and_expire(make_store: Any) -> None:
     async def body(store: Store, clock: Clock) -> None:
-        opened = await store.open(fresh(clock), Limits())
-        assert opened is not None
-        approval = opened[0]
-        grant = Grant(approval.subject, approval.id, "alice", clock() + 100)
-        await store.decide(approval.id, State.APPROVED, "alice", None, Scope.SESSION, grant)
+        _, grant = await approve_for_session(store, clock)
         same = Subject.of(ask())
         assert await store.grant_for(same) == grant
         assert await store.grant_for(Subject.of(ask(port=8443))) is None
@@ -181,11 +187,7 @@ def test_session_grants_cover_their_subject_only_and_expire(make_store: Any) -> 
 
 def test_a_sandbox_that_ends_loses_its_session_grants(make_store: Any) -> None:
     async def body(store: Store, clock: Clock) -> None:
-        opened = await store.open(fresh(clock), Limits())
-        assert opened is not None
-        approval = opened[0]
-        grant = Grant(approval.subject, approval.id, "alice", clock() + 100)
-        await store.decide(approval.id, State.APPROVED, "alice", None, Scope.SESSION, grant)
+        approval, _ = await approve_for_session(store, clock)
         await store.end_session("sbx-1")
         assert await store.grant_for(approval.subject) is None
 
