@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.core.decision import Decision
-from tests.harness import WAIT, RunningGate, Upstream, client_hello
+from tests.harness import WAIT, LocalCA, RunningGate, Upstream, client_hello
 
 __all__ = [
     "CountingListener",
@@ -38,6 +38,11 @@ def start_gate_with(directory: Path, policy: str, nameserver: str, **kwargs: Any
     path = directory / "policy.yaml"
     path.write_text(textwrap.dedent(policy))
     return RunningGate(path, [nameserver], **kwargs).start()
+
+
+def inspecting(directory: Path, ca: LocalCA) -> dict[str, Any]:
+    """The gate config of a gate that inspects: its CA in ``directory``/state, trusting ``ca``'s upstreams."""
+    return {"confdir": str(directory / "state"), "upstream_ca": str(ca.ca_path)}
 
 
 @dataclass

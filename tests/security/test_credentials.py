@@ -28,7 +28,7 @@ from proxy.policy.loader import load_policy
 from tests.credentials_harness import GITHUB_TOKEN, EchoUpstream, write_credentials
 from tests.dnsfake import FakeDns, loopback_dns
 from tests.harness import WAIT, LocalCA, LoopbackServer, RunningGate, curl, recv_head
-from tests.security import start_gate_with
+from tests.security import inspecting, start_gate_with
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -179,7 +179,7 @@ def setup(
         directory,
         policy,
         dns.nameserver,
-        config={"confdir": str(directory / "state"), "upstream_ca": str(test_ca.ca_path)},
+        config=inspecting(directory, test_ca),
         gate_kwargs={"credentials": store},
     )
     yield Setup(gate, store, {"bound": bound.port, "other": other.port})

@@ -22,7 +22,7 @@ import pytest
 from proxy.core.decision import Kind, Reason, Verdict
 from tests.dnsfake import FakeDns, loopback_dns
 from tests.harness import WAIT, LocalCA, LoopbackServer, RunningGate, Upstream, curl, recv_head
-from tests.security import start_gate_with
+from tests.security import inspecting, start_gate_with
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -155,7 +155,7 @@ def gate(
         directory,
         POLICY.format(port=upstream.port, bad_port=untrusted.port, redirect_port=redirect.port),
         dns.nameserver,
-        config={"confdir": str(directory / "state"), "upstream_ca": str(test_ca.ca_path)},
+        config=inspecting(directory, test_ca),
     )
     yield running
     running.stop()

@@ -26,7 +26,7 @@ import pytest
 from proxy.core.decision import Kind, Verdict
 from tests.dnsfake import FakeDns
 from tests.harness import WAIT, LocalCA, RunningGate, Upstream, recv_head
-from tests.security import exchange, fresh_decisions, start_gate_with
+from tests.security import exchange, fresh_decisions, inspecting, start_gate_with
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -105,7 +105,7 @@ def gate(
         directory,
         POLICY.format(tls_port=tls.port, plain_port=plain.port),
         dns.nameserver,
-        config={"confdir": str(directory / "state"), "upstream_ca": str(test_ca.ca_path)},
+        config=inspecting(directory, test_ca),
     )
     yield running
     running.stop()
