@@ -13,7 +13,7 @@ import pytest
 from hypothesis import settings
 
 from tests.dnsfake import FakeDns
-from tests.harness import LocalCA, RunningGate, Upstream
+from tests.harness import LocalCA, RunningGate, Upstream, serving
 
 # Property tests are reproducible in the suite (a fixed derivation of examples, no example database);
 # `HYPOTHESIS_PROFILE=explore` searches afresh with random seeds.
@@ -47,16 +47,12 @@ def test_ca(tmp_path_factory: pytest.TempPathFactory) -> LocalCA:
 
 @pytest.fixture
 def tls_upstream(test_ca: LocalCA) -> Iterator[Upstream]:
-    server = Upstream("tls-upstream", tls=test_ca.server_context())
-    yield server
-    server.stop()
+    yield from serving(Upstream("tls-upstream", tls=test_ca.server_context()))
 
 
 @pytest.fixture
 def http_upstream() -> Iterator[Upstream]:
-    server = Upstream("http-upstream")
-    yield server
-    server.stop()
+    yield from serving(Upstream("http-upstream"))
 
 
 @pytest.fixture

@@ -15,10 +15,10 @@ import ssl
 import struct
 import subprocess
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from proxy.core.decision import Decision
 from proxy.evidence.emit import Emitter, MemorySink, Sink
@@ -217,6 +217,19 @@ class Upstream(LoopbackServer):
             self.bytes_received = 0
             self.requests.clear()
             self.heads.clear()
+
+
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+def serving[S: Stoppable](server: S) -> Iterator[S]:
+    """The body of a fixture that serves ``server`` and stops it at teardown:
+    ``yield from serving(Upstream("plain"))``."""
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def terminate(proc: subprocess.Popen[Any], grace: float = 15.0) -> int:

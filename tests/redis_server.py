@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import serving
 from tests.prometheus_server import free_port, require_binary
 
 
@@ -71,6 +72,4 @@ class RedisServer:
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     directory = tmp_path / "redis"
     directory.mkdir()
-    server = RedisServer(directory).start()
-    yield server
-    server.stop()
+    yield from serving(RedisServer(directory).start())

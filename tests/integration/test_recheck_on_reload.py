@@ -15,7 +15,7 @@ from proxy.core.decision import Kind, Verdict
 from proxy.core.recheck import recheck
 from proxy.policy.loader import load_policy
 from tests.dnsfake import FakeDns, loopback_dns
-from tests.harness import WAIT, LocalCA, RunningGate, Upstream
+from tests.harness import WAIT, LocalCA, RunningGate, Upstream, serving
 
 RULES = "version: 1\nallow_internal: [127.0.0.0/8]\nrules:\n"
 
@@ -31,9 +31,7 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> LocalCA:
 
 @pytest.fixture(scope="module")
 def upstream(ca: LocalCA) -> Iterator[Upstream]:
-    server = Upstream("tls", tls=ca.server_context())
-    yield server
-    server.stop()
+    yield from serving(Upstream("tls", tls=ca.server_context()))
 
 
 @pytest.fixture(scope="module")

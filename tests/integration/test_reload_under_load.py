@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.dnsfake import FakeDns
-from tests.harness import Upstream
+from tests.harness import Upstream, serving
 from tests.integration.test_live_reload import reloads, wait_for
 from tests.proxy.app.test_serve import Serve
 
@@ -32,9 +32,7 @@ def policy_text(port: int, extra: int) -> str:
 
 @pytest.fixture
 def upstream() -> Iterator[Upstream]:
-    server = Upstream("load")
-    yield server
-    server.stop()
+    yield from serving(Upstream("load"))
 
 
 class Load:

@@ -7,18 +7,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.harness import LocalCA, Upstream
+from tests.harness import LocalCA, Upstream, serving
 
 
 @pytest.fixture(scope="module")
 def plain() -> Iterator[Upstream]:
-    server = Upstream("plain")
-    yield server
-    server.stop()
+    yield from serving(Upstream("plain"))
 
 
 @pytest.fixture(scope="module")
 def tls(test_ca: LocalCA) -> Iterator[Upstream]:
-    server = Upstream("tls", tls=test_ca.server_context())
-    yield server
-    server.stop()
+    yield from serving(Upstream("tls", tls=test_ca.server_context()))

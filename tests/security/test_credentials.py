@@ -27,7 +27,7 @@ from proxy.credentials.store import CredentialStore
 from proxy.policy.loader import load_policy
 from tests.credentials_harness import GITHUB_TOKEN, EchoUpstream, write_credentials
 from tests.dnsfake import FakeDns, loopback_dns
-from tests.harness import WAIT, LocalCA, LoopbackServer, RunningGate, curl, recv_head
+from tests.harness import WAIT, LocalCA, LoopbackServer, RunningGate, curl, recv_head, serving
 from tests.security import inspecting, start_gate_with
 
 pytestmark = pytest.mark.timeout(120)
@@ -102,30 +102,22 @@ def dns() -> Iterator[FakeDns]:
 
 @pytest.fixture(scope="module")
 def bound(test_ca: LocalCA) -> Iterator[EchoUpstream]:
-    server = EchoUpstream("bound", tls=test_ca.server_context())
-    yield server
-    server.stop()
+    yield from serving(EchoUpstream("bound", tls=test_ca.server_context()))
 
 
 @pytest.fixture(scope="module")
 def other(test_ca: LocalCA) -> Iterator[EchoUpstream]:
-    server = EchoUpstream("other", tls=test_ca.server_context())
-    yield server
-    server.stop()
+    yield from serving(EchoUpstream("other", tls=test_ca.server_context()))
 
 
 @pytest.fixture(scope="module")
 def chunky(test_ca: LocalCA) -> Iterator[ChunkyEcho]:
-    server = ChunkyEcho(test_ca.server_context())
-    yield server
-    server.stop()
+    yield from serving(ChunkyEcho(test_ca.server_context()))
 
 
 @pytest.fixture(scope="module")
 def packed(test_ca: LocalCA) -> Iterator[ChunkyEcho]:
-    server = ChunkyEcho(test_ca.server_context(), packed=True)
-    yield server
-    server.stop()
+    yield from serving(ChunkyEcho(test_ca.server_context(), packed=True))
 
 
 class Setup:

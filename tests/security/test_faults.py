@@ -11,7 +11,7 @@ import pytest
 
 from proxy.core.decision import Reason, Verdict
 from tests.dnsfake import FakeDns
-from tests.harness import RunningGate, Upstream
+from tests.harness import RunningGate, Upstream, serving
 from tests.security import exchange, fresh_decisions, start_gate_with
 
 pytestmark = pytest.mark.timeout(90)
@@ -21,9 +21,7 @@ RESOLVER = {"timeout": 0.5, "negative_ttl": 0.2, "min_ttl": 0.5, "max_ttl": 1}
 
 @pytest.fixture
 def plain() -> Iterator[Upstream]:
-    server = Upstream("plain")
-    yield server
-    server.stop()
+    yield from serving(Upstream("plain"))
 
 
 def policy(port: int) -> str:

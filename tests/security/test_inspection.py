@@ -21,7 +21,16 @@ import pytest
 
 from proxy.core.decision import Kind, Reason, Verdict
 from tests.dnsfake import FakeDns, loopback_dns
-from tests.harness import WAIT, LocalCA, LoopbackServer, RunningGate, Upstream, curl, recv_head
+from tests.harness import (
+    WAIT,
+    LocalCA,
+    LoopbackServer,
+    RunningGate,
+    Upstream,
+    curl,
+    recv_head,
+    serving,
+)
 from tests.security import inspecting, start_gate_with
 
 pytestmark = pytest.mark.timeout(90)
@@ -112,33 +121,27 @@ def dns(names: list[str]) -> Iterator[FakeDns]:
 
 @pytest.fixture(scope="module")
 def upstream(test_ca: LocalCA) -> Iterator[Upstream]:
-    server = Upstream("inspected", tls=test_ca.server_context())
-    yield server
-    server.stop()
+    yield from serving(Upstream("inspected", tls=test_ca.server_context()))
 
 
 @pytest.fixture(scope="module")
 def untrusted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
     """An upstream whose certificate comes from a CA nobody trusts."""
     rogue = LocalCA(tmp_path_factory.mktemp("rogue"), ["untrusted.test"])
-    server = Upstream("untrusted", tls=rogue.server_context())
-    yield server
-    server.stop()
+    yield from serving(Upstream("untrusted", tls=rogue.server_context()))
 
 
 @pytest.fixture(scope="module")
 def canary(test_ca: LocalCA) -> Iterator[Upstream]:
     """evil.test's upstream: a redirect points here, and nothing may ever arrive."""
-    server = Upstream("evil-canary", tls=test_ca.server_context())
-    yield server
-    server.stop()
+    yield from serving(Upstream("evil-canary", tls=test_ca.server_context()))
 
 
 @pytest.fixture(scope="module")
 def redirect(test_ca: LocalCA, canary: Upstream) -> Iterator[RedirectUpstream]:
-    server = RedirectUpstream(test_ca.server_context(), f"https://evil.test:{canary.port}/loot")
-    yield server
-    server.stop()
+    yield from serving(
+        RedirectUpstream(test_ca.server_context(), f"https://evil.test:{canary.port}/loot")
+    )
 
 
 @pytest.fixture(scope="module")

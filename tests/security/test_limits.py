@@ -21,7 +21,7 @@ from proxy.core.decision import Decision, Reason, Verdict
 from proxy.core.limits import Limits
 from proxy.policy.identities import Identities, token_digest
 from tests.dnsfake import FakeDns
-from tests.harness import WAIT, RunningGate, Upstream, recv_head
+from tests.harness import WAIT, RunningGate, Upstream, recv_head, serving
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -30,9 +30,7 @@ EGRESS = shutil.which("egress", path=str(Path(sys.executable).parent)) or "egres
 
 @pytest.fixture
 def plain() -> Iterator[Upstream]:
-    server = Upstream("plain")
-    yield server
-    server.stop()
+    yield from serving(Upstream("plain"))
 
 
 def gate_with(

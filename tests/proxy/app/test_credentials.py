@@ -14,7 +14,7 @@ import yaml
 
 from tests.credentials_harness import EchoUpstream, write_credentials
 from tests.dnsfake import FakeDns
-from tests.harness import LocalCA, clean_env
+from tests.harness import LocalCA, clean_env, serving
 from tests.proxy.app.test_serve import EGRESS, Serve
 
 pytestmark = pytest.mark.timeout(120)
@@ -24,9 +24,7 @@ ROTATED = "glpat-" + "SecondRealTokenVal01"
 
 @pytest.fixture
 def upstream(test_ca: LocalCA) -> Iterator[EchoUpstream]:
-    server = EchoUpstream("gitlab", tls=test_ca.server_context())
-    yield server
-    server.stop()
+    yield from serving(EchoUpstream("gitlab", tls=test_ca.server_context()))
 
 
 @pytest.fixture

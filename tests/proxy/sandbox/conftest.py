@@ -18,7 +18,7 @@ import pytest
 
 from proxy.sandbox.namespace import Listener, Sandbox, SandboxSpec
 from tests.dnsfake import FakeDns
-from tests.harness import Canary, LoopbackServer, Upstream, clean_env
+from tests.harness import Canary, LoopbackServer, Upstream, clean_env, serving
 
 WAIT = 10.0
 REPO = Path(__file__).resolve().parents[3]
@@ -103,16 +103,12 @@ class CountingUdp:
 
 @pytest.fixture
 def host_tcp() -> Iterator[Canary]:
-    server = CountingTcp()
-    yield server
-    server.stop()
+    yield from serving(CountingTcp())
 
 
 @pytest.fixture
 def host_udp() -> Iterator[CountingUdp]:
-    server = CountingUdp()
-    yield server
-    server.stop()
+    yield from serving(CountingUdp())
 
 
 class StandIn(LoopbackServer):

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from proxy.sandbox.bridge import Relay, UdpRelay
-from tests.harness import LoopbackServer
+from tests.harness import LoopbackServer, serving
 
 WAIT = 10.0
 
@@ -28,9 +28,7 @@ class Echo(LoopbackServer):
 
 @pytest.fixture
 def echo() -> object:
-    server = Echo()
-    yield server
-    server.stop()
+    yield from serving(Echo())
 
 
 def listener() -> socket.socket:

@@ -16,7 +16,7 @@ import pytest
 from proxy.sandbox.connect import connect_request, proxy_from_env
 from proxy.sandbox.env import ProxyAddress
 from tests.dnsfake import FakeDns
-from tests.harness import LoopbackServer, RunningGate
+from tests.harness import LoopbackServer, RunningGate, serving
 from tests.proxy.sandbox.conftest import allowed_test_policy
 
 pytestmark = pytest.mark.timeout(60)
@@ -46,9 +46,7 @@ class FakeSsh(LoopbackServer):
 
 @pytest.fixture
 def fake_ssh() -> Iterator[FakeSsh]:
-    server = FakeSsh()
-    yield server
-    server.stop()
+    yield from serving(FakeSsh())
 
 
 def test_connect_request_format() -> None:

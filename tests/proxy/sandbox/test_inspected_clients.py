@@ -21,7 +21,7 @@ import yaml
 
 from tests.dnsfake import FakeDns
 from tests.gitserver import GIT, GitServer, make_repository
-from tests.harness import LocalCA, Upstream, clean_env
+from tests.harness import LocalCA, Upstream, clean_env, serving
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(180)]
 REPO = Path(__file__).resolve().parents[3]
@@ -65,9 +65,7 @@ def dns(fake_dns: FakeDns) -> FakeDns:
 @pytest.fixture
 def git_tls(tmp_path: Path, test_ca: LocalCA) -> Iterator[GitServer]:
     bare = make_repository(tmp_path / "git", "myorg/demo.git")
-    server = GitServer(bare.parent.parent, tls=test_ca.server_context())
-    yield server
-    server.stop()
+    yield from serving(GitServer(bare.parent.parent, tls=test_ca.server_context()))
 
 
 def test_git_clone_and_fetch_work_and_push_is_refused_with_the_reason(
@@ -99,9 +97,7 @@ def test_git_clone_and_fetch_work_and_push_is_refused_with_the_reason(
 
 @pytest.fixture
 def registry(test_ca: LocalCA) -> Iterator[Upstream]:
-    server = Upstream("registry", tls=test_ca.server_context())
-    yield server
-    server.stop()
+    yield from serving(Upstream("registry", tls=test_ca.server_context()))
 
 
 def test_npm_publish_is_refused_and_npm_says_why(

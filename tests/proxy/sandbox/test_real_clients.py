@@ -23,7 +23,7 @@ import pytest
 
 from tests.dnsfake import FakeDns
 from tests.gitserver import GitServer, make_repository
-from tests.harness import LocalCA, clean_env
+from tests.harness import LocalCA, clean_env, serving
 from tests.proxy.sandbox.conftest import allowed_test_policy
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
@@ -126,9 +126,7 @@ def test_pip_installs_from_a_tls_index_through_the_gate(
 @pytest.fixture
 def git_server(tmp_path: Path) -> Iterator[GitServer]:
     bare = make_repository(tmp_path)
-    server = GitServer(bare.parent)
-    yield server
-    server.stop()
+    yield from serving(GitServer(bare.parent))
 
 
 def test_git_clone_over_smart_http_through_the_gate(

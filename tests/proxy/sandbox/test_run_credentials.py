@@ -30,7 +30,7 @@ from tests.credentials_harness import (
 )
 from tests.dnsfake import FakeDns
 from tests.gitserver import make_repository
-from tests.harness import LocalCA, clean_env
+from tests.harness import LocalCA, clean_env, serving
 from tests.otlp_receiver import GrpcReceiver
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(180)]
@@ -48,24 +48,18 @@ def dns(fake_dns: FakeDns) -> FakeDns:
 
 @pytest.fixture
 def bound(test_ca: LocalCA) -> Iterator[EchoUpstream]:
-    server = EchoUpstream("bound", tls=test_ca.server_context())
-    yield server
-    server.stop()
+    yield from serving(EchoUpstream("bound", tls=test_ca.server_context()))
 
 
 @pytest.fixture
 def other(test_ca: LocalCA) -> Iterator[EchoUpstream]:
-    server = EchoUpstream("other", tls=test_ca.server_context())
-    yield server
-    server.stop()
+    yield from serving(EchoUpstream("other", tls=test_ca.server_context()))
 
 
 @pytest.fixture
 def git_auth(tmp_path: Path, test_ca: LocalCA) -> Iterator[AuthGitServer]:
     bare = make_repository(tmp_path / "git", "myorg/demo.git")
-    server = AuthGitServer(bare.parent.parent, test_ca.server_context(), BASIC)
-    yield server
-    server.stop()
+    yield from serving(AuthGitServer(bare.parent.parent, test_ca.server_context(), BASIC))
 
 
 class World:
