@@ -14,11 +14,14 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.policy.identities import new_token, token_digest
 from tests.harness import CurlResult, clean_env, curl
 from tests.proxy.app.test_serve import Serve
+
+if TYPE_CHECKING:
+    import requests
 
 REPO = Path(__file__).resolve().parents[1]
 WAIT = 20.0
@@ -94,6 +97,16 @@ class ApprovalGate:
             return []
         records = [json.loads(line) for line in self.log.read_text().splitlines() if line]
         return [r for r in records if r.get("event") == "egress.decision"]
+
+    def event_stream(self, session: requests.Session, who: str = "alice") -> requests.Response:
+        """The admin API's event stream (approvals, reloads and decisions), opened as ``who``."""
+        token = self.token_files[who].read_text().strip()
+        return session.get(
+            f"{self.admin}/v1/events?decisions=1",
+            headers={"Authorization": f"Bearer {token}"},
+            stream=True,
+            timeout=(5, 30),
+        )
 
     def stop(self) -> int:
         return self.serve.stop()

@@ -267,13 +267,7 @@ def test_the_event_stream_shows_pending_approvals_and_their_answers(
     gate = start()
     session = requests.Session()
     session.trust_env = False
-    token = gate.token_files["alice"].read_text().strip()
-    stream = session.get(
-        f"{gate.admin}/v1/events?decisions=1",
-        headers={"Authorization": f"Bearer {token}"},
-        stream=True,
-        timeout=(5, 30),
-    )
+    stream = gate.event_stream(session)
     assert stream.status_code == 200
     assert stream.headers["Content-Type"].startswith("text/event-stream")
     lines = stream.iter_lines(decode_unicode=True)

@@ -261,13 +261,7 @@ def test_reloads_appear_on_the_admin_event_stream(tmp_path: Path) -> None:
     session = requests.Session()
     session.trust_env = False
     try:
-        token = gate.token_files["alice"].read_text().strip()
-        stream = session.get(
-            f"{gate.admin}/v1/events?decisions=1",
-            headers={"Authorization": f"Bearer {token}"},
-            stream=True,
-            timeout=(5, 30),
-        )
+        stream = gate.event_stream(session)
         lines = stream.iter_lines(decode_unicode=True)
         kind = ""
         for line in lines:  # the snapshot: the stream is subscribed from here on

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from proxy.evidence.emit import JsonLineSink
-from tests.dnsfake import FakeDns
+from tests.dnsfake import FakeDns, loopback_dns
 from tests.harness import RunningGate, Upstream
 from tests.security import client_hello, exchange, fresh_decisions, parse_responses, start_gate_with
 
@@ -27,9 +27,7 @@ FORGED = '"}\n{"event":"egress.decision","decision":"allow","host":"evil.test"}'
 
 @pytest.fixture(scope="module")
 def dns() -> Iterator[FakeDns]:
-    with FakeDns() as server:
-        server.set("allowed.test", "A", ["127.0.0.1"])
-        yield server
+    yield from loopback_dns("allowed.test")
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import hyperframe.frame
 import pytest
 
 from proxy.core.decision import Kind, Verdict
-from tests.dnsfake import FakeDns
+from tests.dnsfake import FakeDns, loopback_dns
 from tests.harness import WAIT, LocalCA, RunningGate, Upstream, recv_head
 from tests.security import exchange, fresh_decisions, inspecting, start_gate_with
 
@@ -87,9 +87,7 @@ def attack(target: str, authority: str, extra: bytes, body: bytes, version: str 
 
 @pytest.fixture(scope="module")
 def dns() -> Iterator[FakeDns]:
-    with FakeDns() as server:
-        server.set("allowed.test", "A", ["127.0.0.1"])
-        yield server
+    yield from loopback_dns("allowed.test")
 
 
 @pytest.fixture(scope="module")
