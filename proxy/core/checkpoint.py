@@ -28,7 +28,8 @@ For each CONNECT and each HTTP request - plain, or inside an inspected tunnel (:
    names it (:mod:`proxy.attribution`). A rule bound to executables then allows only a process
    running one of them (:mod:`proxy.core.executables`): an unknown process is
    ``process-unattributed``, another executable ``executable-not-allowed``. Nothing is resolved for
-   either. (The tunnel's ClientHello is decided by the same rule for the same process.)
+   either. (The tunnel's ClientHello is decided by the same rule for the same process.) Under a
+   managed ceiling, a ``report`` is held to the executables of the managed rule that allows it.
 3b. **credentials** - every placeholder of a declared credential the request carries (header values
    and Basic credentials, the URL, a held body; :mod:`proxy.core.credentials`) is judged: issued to
    this sandbox, bound to this host and port, inside an inspected tunnel, only where its declaration
@@ -77,7 +78,7 @@ from proxy.core.credentials import Carried, Credentials, judge
 from proxy.core.decision import Decision, Kind, Reason, Request, Verdict, new_id
 from proxy.core.destination import Destination, DestinationRefused, Network
 from proxy.core.engine import BODY_NEEDED, BodyNeeded, decide, decide_request, refuse
-from proxy.core.executables import BoundRules, ProcessFacts, check_executables
+from proxy.core.executables import BoundRules, ProcessFacts, bindings, check_bindings
 from proxy.core.firstbytes import FirstBytes
 from proxy.core.firstbytes import Protocol as FirstProtocol
 from proxy.core.framing import Problem
@@ -245,7 +246,7 @@ class Checkpoint:
         if isinstance(outcome, BodyNeeded):
             request = self._attributed(conn, request)
             policy = self.policy_for(conn)
-            decision = await self._process(conn, policy, decide(request, policy))
+            decision = await self._process(conn, policy, request, decide(request, policy))
             decision = self._credentials(conn, decision, carried)
             return self._finish(conn, request, decision, 0.0)
         return outcome
@@ -284,7 +285,7 @@ class Checkpoint:
         if isinstance(outcome, BodyNeeded):
             return BODY_NEEDED
         # (3a) process
-        outcome = await self._process(conn, policy, outcome)
+        outcome = await self._process(conn, policy, request, outcome)
         # (3b) credentials
         outcome = self._credentials(conn, outcome, carried)
         return await self._from_destination(conn, request, outcome, started)
@@ -300,7 +301,8 @@ class Checkpoint:
             raise ValueError("admit_body needs a request whose body was read")
         # (3) policy, with the body: decide() refuses anything that still wants more.
         policy = self.policy_for(conn)
-        decision = await self._process(conn, policy, decide(request, policy))  # (3a) process
+        decision = decide(request, policy)
+        decision = await self._process(conn, policy, request, decision)  # (3a) process
         # (3b) credentials, with the held body
         decision = self._credentials(conn, decision, carried)
         return await self._from_destination(conn, request, decision, started)
@@ -420,13 +422,14 @@ class Checkpoint:
         conn.attributed = True
         self.processes.remember(conn.peer, conn.process)
 
-    async def _process(self, conn: Connection, policy: Policy, decision: Decision) -> Decision:
+    async def _process(
+        self, conn: Connection, policy: Policy, request: Request, decision: Decision
+    ) -> Decision:
         """(3a) a rule bound to executables lets through only their processes: every process that
-        holds the socket, so the lookup that stopped at the first owner is completed here, once."""
-        if decision.rule is None:
-            return decision
-        bound = self._bound.of(policy).get(decision.rule)
-        if not bound:
+        holds the socket, so the lookup that stopped at the first owner is completed here, once.
+        A report under a managed ceiling is held to the managed rule's executables."""
+        held = bindings(self._bound, policy, request, decision)
+        if not held:
             return decision
         process = conn.process if conn.attributed else None  # never looked up: unknown, refused
         if process is not None and not process.complete and self.processes is not None:
@@ -440,7 +443,7 @@ class Checkpoint:
                 process = None
             conn.process = process
             self.processes.remember(peer, process)
-        return check_executables(decision, bound, process)
+        return check_bindings(decision, held, process)
 
     def may_inspect(self, conn: Connection, host: str, port: int) -> bool:
         """Whether a CONNECT to ``host:port`` on ``conn`` could be inspected: by the connection's
