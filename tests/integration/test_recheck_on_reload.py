@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.core.decision import Kind, Verdict
+from proxy.core.decision import Kind, Reason, Verdict
 from proxy.core.recheck import recheck
 from proxy.policy.loader import load_policy
 from tests.dnsfake import FakeDns
@@ -161,5 +161,32 @@ def test_recheck_closes_an_inspected_tunnel_too(
         fresh = gate.decisions[before:]
         assert [(d.decision, d.host) for d in fresh] == [(Verdict.DENY, "insp.test")]
         assert closed(tunnel)
+    finally:
+        gate.stop()
+
+
+def test_recheck_closes_a_tunnel_whose_rule_is_now_bound_to_executables(
+    tmp_path: Path, ca: LocalCA, upstream: Upstream, dns: FakeDns
+) -> None:
+    """A gate that cannot see processes refuses every connection a bound rule matches; a reload
+    that binds the rule of an open tunnel closes it too, and nothing more reaches the upstream."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(RULES + rule("kept", "kept.test", upstream.port))
+    gate = RunningGate(path, [dns.nameserver]).start()
+    try:
+        tunnel = open_tunnel(gate, ca, "kept.test", upstream.port)
+        path.write_text(
+            RULES + rule("kept", "kept.test", upstream.port) + "    executables: [/usr/bin/git]\n"
+        )
+        gate.policy = load_policy(path)
+        before = len(gate.decisions)
+        assert len(run_recheck(gate)) == 1
+        fresh = gate.decisions[before:]
+        assert [(d.decision, d.reason) for d in fresh] == [
+            (Verdict.DENY, Reason.PROCESS_UNATTRIBUTED)
+        ]
+        requests = len(upstream.requests)
+        assert closed(tunnel)
+        assert len(upstream.requests) == requests
     finally:
         gate.stop()
