@@ -47,7 +47,8 @@ For each CONNECT and each HTTP request - plain, or inside an inspected tunnel (:
    the rule's timeout. Its ``ask`` event is recorded while it waits; the answer is an allow
    (``approval-granted``) or a deny (``approval-denied``, ``approval-timeout``, ``approval-limit``,
    ``approval-unavailable``). Nothing is dialled while it is held, and an ask that comes back
-   unresolved, or an approver that fails, refuses.
+   unresolved, or an approver that fails, refuses. A policy reloaded while it was held decides it
+   again (steps 3 and 3a): an allow stands only if the new policy still allows or asks.
 7. **audit** - the decision is recorded; the write-ahead journal can still turn an allow into
    ``audit-unavailable``. What the emitter returns is what is enforced.
 8. **pin** - only the screened address may then be dialled for this connection (:meth:`dial_target`).
@@ -373,7 +374,29 @@ class Checkpoint:
         if decision.decision is Verdict.ASK:
             decision = await self._ask(decision, policy)
             started = 0.0  # a person's wait is not decision latency
+            if decision.allowed:
+                decision = await self._reloaded_while_held(conn, request, decision, policy)
         return self._finish(conn, request, decision, started)
+
+    async def _reloaded_while_held(
+        self, conn: Connection, request: Request, answer: Decision, asked: Policy
+    ) -> Decision:
+        """(6) a policy reloaded while the request was held: the answer was given under the old
+        policy, so it stands only where the policy now in force still allows or asks (steps 3 and
+        3a again); otherwise the new policy's refusal is what is enforced."""
+        now = self.policy_for(conn)
+        if now is asked:
+            return answer
+        again = await self._process(conn, now, request, decide(request, now))
+        if again.allowed or again.decision is Verdict.ASK:
+            return answer
+        return again.with_(
+            approval=answer.approval,
+            decided_by=answer.decided_by,
+            grant=answer.grant,
+            detail=f"{again.detail}; the policy was reloaded while this request was held for "
+            "approval, and the approval does not answer the policy now in force",
+        )
 
     def _finish(
         self, conn: Connection, request: Request, decision: Decision, started: float
