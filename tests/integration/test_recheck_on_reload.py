@@ -4,6 +4,7 @@ closed and recorded; one it still allows keeps running; without recheck nothing 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from proxy.core.decision import Kind, Reason, Verdict
 from proxy.core.recheck import recheck
 from proxy.policy.loader import load_policy
 from tests.dnsfake import FakeDns
-from tests.harness import WAIT, LocalCA, RunningGate, Upstream
+from tests.harness import WAIT, LocalCA, RunningGate, Upstream, client_hello
 
 RULES = "version: 1\nallow_internal: [127.0.0.0/8]\nrules:\n"
 
@@ -188,5 +189,44 @@ def test_recheck_closes_a_tunnel_whose_rule_is_now_bound_to_executables(
         requests = len(upstream.requests)
         assert closed(tunnel)
         assert len(upstream.requests) == requests
+    finally:
+        gate.stop()
+
+
+def test_recheck_closes_a_tunnel_still_waiting_for_its_first_bytes(
+    tmp_path: Path, ca: LocalCA, upstream: Upstream, dns: FakeDns
+) -> None:
+    """A tunnel admitted before the reload whose client has not yet sent its ClientHello is
+    rechecked too: the reload binds its rule to executables, and nothing reaches the upstream when
+    the ClientHello comes (decided alone, it names an allowed host)."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(RULES + rule("kept", "kept.test", upstream.port))
+    gate = RunningGate(path, [dns.nameserver]).start()
+    try:
+        raw = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
+        host = f"kept.test:{upstream.port}"
+        raw.sendall(f"CONNECT {host} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = raw.recv(4096)
+            assert chunk, head
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 200"), head
+        accepted = upstream.accepted
+        path.write_text(
+            RULES + rule("kept", "kept.test", upstream.port) + "    executables: [/usr/bin/git]\n"
+        )
+        gate.policy = load_policy(path)
+        assert len(run_recheck(gate)) == 1
+        raw.settimeout(3.0)
+        with contextlib.suppress(OSError):
+            raw.sendall(client_hello("kept.test"))
+        try:
+            rest = raw.recv(4096)
+        except OSError:
+            rest = b""
+        assert rest == b""
+        assert upstream.accepted == accepted
+        raw.close()
     finally:
         gate.stop()
