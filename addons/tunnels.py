@@ -259,6 +259,9 @@ class TunnelFrontEnd:
         else:
             raise _Closed()
         self.checkpoint.opened(conn, decision)
+        # Admitted from here on: a recheck after a reload may end it while its first bytes come
+        # (it then clears the closer, and nothing is dialled or sent).
+        conn.closer = functools.partial(_shut, sock)
         await loop.sock_sendall(sock, ESTABLISHED)
         first = await self._first_bytes(sock, conn, port, buffered)
         tunnel = conn.tunnel
@@ -266,7 +269,7 @@ class TunnelFrontEnd:
         if classified.protocol is Protocol.HTTP:
             raise _Closed()  # never relayed raw (see above); unreachable while port 80 is refused
         verdict = self.checkpoint.admit_tunnel(conn, classified)
-        if tunnel is None or (verdict is not None and not verdict.allowed):
+        if tunnel is None or (verdict is not None and not verdict.allowed) or conn.closer is None:
             raise _Closed()
         target = self.checkpoint.dial_target(conn, tunnel.host, port)
         if target is None:
@@ -276,6 +279,8 @@ class TunnelFrontEnd:
         try:
             up.setblocking(False)
             await asyncio.wait_for(loop.sock_connect(up, (target, port)), CONNECT_TIMEOUT)
+            if conn.closer is None:  # closed by a recheck while it was dialled
+                raise _Closed()
             up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await loop.sock_sendall(up, first)
             conn.bytes_out += len(first)

@@ -5,7 +5,9 @@ identity aside, every step the gate takes without the network is taken here too 
 the policy, internal-address screening of IP literals in every spelling, the gate's own listeners (with
 ``--listen``), report mode never relaxing a safety refusal. Whether a *name* is safe depends on what it
 resolves to; without ``--resolve`` the output says so, and with it the name is resolved like the gate
-resolves it (``--nameserver``) and its addresses are screened.
+resolves it (``--nameserver``) and its addresses are screened. It sees no process either: a rule bound
+to executables (or a report the managed policy allows only for some) is refused, as a gate that cannot
+see processes refuses it, and the output says that ``egress run`` decides by the process.
 
 Request rules are decided too, the way the gate decides them: an ``https://`` URL to a host whose rules
 read requests is a CONNECT, its ClientHello, then the request (``--method``, the URL's path and query,
@@ -176,9 +178,13 @@ def run(args: argparse.Namespace, policy: Policy) -> int:
         )
     )
     unresolved = decision.allowed and decision.address is None and _is_name(decision.host)
+    # A dry run sees no process: a rule bound to executables refuses here as a gate that cannot
+    # see processes does, and says what `egress run` would decide instead.
+    by_process = decision.reason is Reason.PROCESS_UNATTRIBUTED
     if args.json:
         out = decision.to_dict()
         out["depends_on_dns"] = unresolved
+        out["depends_on_process"] = by_process
         print(json.dumps(out, ensure_ascii=True))
     else:
         where = f"{decision.host}:{decision.port}"
@@ -198,6 +204,11 @@ def run(args: argparse.Namespace, policy: Policy) -> int:
             )
         if body is None and not decision.allowed and _reads_body(request, policy):
             print("  a rule for this request reads its body: give it with --data TEXT|@FILE")
+        if by_process:
+            print(
+                "  depends on the process: egress check sees none, so it refuses as `egress serve` "
+                "does; under `egress run` only a process running one of those executables passes"
+            )
         if unresolved:
             print(
                 f"  depends on DNS: the gate resolves {decision.host} and refuses it if every "

@@ -28,7 +28,8 @@ For each CONNECT and each HTTP request - plain, or inside an inspected tunnel (:
    names it (:mod:`proxy.attribution`). A rule bound to executables then allows only a process
    running one of them (:mod:`proxy.core.executables`): an unknown process is
    ``process-unattributed``, another executable ``executable-not-allowed``. Nothing is resolved for
-   either. (The tunnel's ClientHello is decided by the same rule for the same process.)
+   either. (The tunnel's ClientHello is decided by the same rule for the same process.) Under a
+   managed ceiling, a ``report`` is held to the executables of the managed rule that allows it.
 3b. **credentials** - every placeholder of a declared credential the request carries (header values
    and Basic credentials, the URL, a held body; :mod:`proxy.core.credentials`) is judged: issued to
    this sandbox, bound to this host and port, inside an inspected tunnel, only where its declaration
@@ -46,7 +47,8 @@ For each CONNECT and each HTTP request - plain, or inside an inspected tunnel (:
    the rule's timeout. Its ``ask`` event is recorded while it waits; the answer is an allow
    (``approval-granted``) or a deny (``approval-denied``, ``approval-timeout``, ``approval-limit``,
    ``approval-unavailable``). Nothing is dialled while it is held, and an ask that comes back
-   unresolved, or an approver that fails, refuses.
+   unresolved, or an approver that fails, refuses. A policy reloaded while it was held decides it
+   again (steps 3 and 3a): an allow stands only if the new policy still allows or asks.
 7. **audit** - the decision is recorded; the write-ahead journal can still turn an allow into
    ``audit-unavailable``. What the emitter returns is what is enforced.
 8. **pin** - only the screened address may then be dialled for this connection (:meth:`dial_target`).
@@ -77,7 +79,7 @@ from proxy.core.credentials import Carried, Credentials, judge
 from proxy.core.decision import Decision, Kind, Reason, Request, Verdict, new_id
 from proxy.core.destination import Destination, DestinationRefused, Network
 from proxy.core.engine import BODY_NEEDED, BodyNeeded, decide, decide_request, refuse
-from proxy.core.executables import BoundRules, ProcessFacts, check_executables
+from proxy.core.executables import BoundRules, ProcessFacts, bindings, check_bindings
 from proxy.core.firstbytes import FirstBytes
 from proxy.core.firstbytes import Protocol as FirstProtocol
 from proxy.core.framing import Problem
@@ -245,7 +247,7 @@ class Checkpoint:
         if isinstance(outcome, BodyNeeded):
             request = self._attributed(conn, request)
             policy = self.policy_for(conn)
-            decision = await self._process(conn, policy, decide(request, policy))
+            decision = await self._process(conn, policy, request, decide(request, policy))
             decision = self._credentials(conn, decision, carried)
             return self._finish(conn, request, decision, 0.0)
         return outcome
@@ -284,7 +286,7 @@ class Checkpoint:
         if isinstance(outcome, BodyNeeded):
             return BODY_NEEDED
         # (3a) process
-        outcome = await self._process(conn, policy, outcome)
+        outcome = await self._process(conn, policy, request, outcome)
         # (3b) credentials
         outcome = self._credentials(conn, outcome, carried)
         return await self._from_destination(conn, request, outcome, started)
@@ -300,7 +302,8 @@ class Checkpoint:
             raise ValueError("admit_body needs a request whose body was read")
         # (3) policy, with the body: decide() refuses anything that still wants more.
         policy = self.policy_for(conn)
-        decision = await self._process(conn, policy, decide(request, policy))  # (3a) process
+        decision = decide(request, policy)
+        decision = await self._process(conn, policy, request, decision)  # (3a) process
         # (3b) credentials, with the held body
         decision = self._credentials(conn, decision, carried)
         return await self._from_destination(conn, request, decision, started)
@@ -371,7 +374,29 @@ class Checkpoint:
         if decision.decision is Verdict.ASK:
             decision = await self._ask(decision, policy)
             started = 0.0  # a person's wait is not decision latency
+            if decision.allowed:
+                decision = await self._reloaded_while_held(conn, request, decision, policy)
         return self._finish(conn, request, decision, started)
+
+    async def _reloaded_while_held(
+        self, conn: Connection, request: Request, answer: Decision, asked: Policy
+    ) -> Decision:
+        """(6) a policy reloaded while the request was held: the answer was given under the old
+        policy, so it stands only where the policy now in force still allows or asks (steps 3 and
+        3a again); otherwise the new policy's refusal is what is enforced."""
+        now = self.policy_for(conn)
+        if now is asked:
+            return answer
+        again = await self._process(conn, now, request, decide(request, now))
+        if again.allowed or again.decision is Verdict.ASK:
+            return answer
+        return again.with_(
+            approval=answer.approval,
+            decided_by=answer.decided_by,
+            grant=answer.grant,
+            detail=f"{again.detail}; the policy was reloaded while this request was held for "
+            "approval, and the approval does not answer the policy now in force",
+        )
 
     def _finish(
         self, conn: Connection, request: Request, decision: Decision, started: float
@@ -420,13 +445,14 @@ class Checkpoint:
         conn.attributed = True
         self.processes.remember(conn.peer, conn.process)
 
-    async def _process(self, conn: Connection, policy: Policy, decision: Decision) -> Decision:
+    async def _process(
+        self, conn: Connection, policy: Policy, request: Request, decision: Decision
+    ) -> Decision:
         """(3a) a rule bound to executables lets through only their processes: every process that
-        holds the socket, so the lookup that stopped at the first owner is completed here, once."""
-        if decision.rule is None:
-            return decision
-        bound = self._bound.of(policy).get(decision.rule)
-        if not bound:
+        holds the socket, so the lookup that stopped at the first owner is completed here, once.
+        A report under a managed ceiling is held to the managed rule's executables."""
+        held = bindings(self._bound, policy, request, decision)
+        if not held:
             return decision
         process = conn.process if conn.attributed else None  # never looked up: unknown, refused
         if process is not None and not process.complete and self.processes is not None:
@@ -440,7 +466,7 @@ class Checkpoint:
                 process = None
             conn.process = process
             self.processes.remember(peer, process)
-        return check_executables(decision, bound, process)
+        return check_bindings(decision, held, process)
 
     def may_inspect(self, conn: Connection, host: str, port: int) -> bool:
         """Whether a CONNECT to ``host:port`` on ``conn`` could be inspected: by the connection's

@@ -9,6 +9,10 @@ to a broader rule - so binding a rule never widens what other processes may reac
 Every owner of the client socket must match, by path and by file identity (device and inode when
 the policy loaded): a socket shared with, or passed to, another process proves nothing about who
 writes to it.
+
+Under a managed ceiling, a ``report`` (a gap report mode lets through) is held to the executables of
+the managed rule that allows it: report mode learns inside the organisation's bounds, and a managed
+rule bound to git bounds what other processes may reach through a gap (:func:`bindings`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-from proxy.core.decision import Decision, Reason, Verdict
+from proxy.core.decision import Decision, Reason, Request, Verdict
+from proxy.core.engine import decide
+from proxy.core.text import escape
 from proxy.policy.executables import Executable
 from proxy.policy.model import Policy
 
@@ -53,29 +59,67 @@ class BoundRules:
         return table
 
 
-def check_executables(
-    decision: Decision, bound: tuple[Executable, ...], process: ProcessFacts | None
+def bindings(
+    tables: BoundRules, policy: Policy, request: Request, decision: Decision
+) -> list[tuple[str, tuple[Executable, ...]]]:
+    """Each rule whose executables ``decision`` is held to, as refusals name it, with those
+    executables: its own rule's and, for a ``report`` under a managed ceiling, the managed rule's
+    that allows the request. Empty: any process."""
+    out: list[tuple[str, tuple[Executable, ...]]] = []
+    if decision.rule is not None:
+        own = tables.of(policy).get(decision.rule)
+        if own:
+            out.append((f"rule '{decision.rule}'", own))
+    ceiling = policy.ceiling
+    if decision.decision is Verdict.REPORT and ceiling is not None:
+        outside = decide(request, ceiling)
+        if outside.rule is not None:
+            managed = tables.of(ceiling).get(outside.rule)
+            if managed:
+                out.append((f"the managed policy's rule '{outside.rule}'", managed))
+    return out
+
+
+def check_bindings(
+    decision: Decision,
+    held: list[tuple[str, tuple[Executable, ...]]],
+    process: ProcessFacts | None,
 ) -> Decision:
-    """(3a) ``decision`` as it stands, or its refusal when its rule is bound and the process is not
-    one of ``bound``. Only decisions a rule let through (or would ask about) are checked."""
+    """(3a) ``decision``, or the refusal of the first of ``held`` (see :func:`bindings`) that the
+    process does not satisfy."""
+    for named, bound in held:
+        decision = check_executables(decision, bound, process, named)
+    return decision
+
+
+def check_executables(
+    decision: Decision,
+    bound: tuple[Executable, ...],
+    process: ProcessFacts | None,
+    rule: str | None = None,
+) -> Decision:
+    """(3a) ``decision`` as it stands, or its refusal when its rule (or ``rule``, the one that
+    binds it, as :func:`bindings` names it) is bound and the process is not one of ``bound``. Only
+    decisions a rule let through (or would ask about) are checked."""
     if not bound or not (decision.allowed or decision.decision is Verdict.ASK):
         return decision
+    named = rule or f"rule '{decision.rule}'"
     names = ", ".join(e.path for e in bound)
     if process is None or not process.exes or not process.complete:
         return decision.with_(
             decision=Verdict.DENY,
             reason=Reason.PROCESS_UNATTRIBUTED,
-            detail=f"rule '{decision.rule}' allows only {names}, and the process that opened "
+            detail=f"{named} allows only {names}, and the process that opened "
             "this connection could not be identified",
         )
     paths = {e.path for e in bound}
     identities = {e.identity for e in bound}
     if process.exes <= paths and process.exe_ids and process.exe_ids <= identities:
         return decision
-    shown = ", ".join(sorted(process.exes))
+    # The path is the sandbox's to choose (a file named with control characters): escaped.
+    shown = ", ".join(escape(exe) for exe in sorted(process.exes))
     return decision.with_(
         decision=Verdict.DENY,
         reason=Reason.EXECUTABLE_NOT_ALLOWED,
-        detail=f"rule '{decision.rule}' allows only {names}; this connection's process runs "
-        f"{shown}",
+        detail=f"{named} allows only {names}; this connection's process runs {shown}",
     )

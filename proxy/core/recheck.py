@@ -3,9 +3,13 @@
 By default a tunnel admitted before a reload keeps running (a reload must not cut a download in two),
 and requests inside *inspected* tunnels are decided one by one against the live policy anyway. With
 recheck, each open tunnel's CONNECT is decided again, purely, against the policy that now applies to its
-connection; one the new policy refuses (a ``report`` still passes, and an ``ask`` keeps the answer it
-already had) is recorded as a decision - the new policy's reason, its detail saying the tunnel was
-closed - and then closed through the closer its front end registered.
+connection, with step 3a (:mod:`proxy.core.executables`): a rule now bound to executables keeps
+only a tunnel whose process was named and runs one of them (a gate that cannot see processes closes
+them all, as it refuses every new one). One the new policy refuses (a ``report`` still passes, and an
+``ask`` keeps the answer it already had: a tunnel a person approved stays, one no one was asked
+about is closed, since a recheck asks no one) is recorded as a decision - the new policy's reason,
+its detail saying the tunnel was closed - and then closed through the closer its front end
+registered.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import contextlib
 from collections.abc import Callable
 
 from proxy.core.connections import Connections
-from proxy.core.decision import Decision, Kind, Request, Verdict
+from proxy.core.decision import Decision, Kind, Reason, Request, Verdict
 from proxy.core.engine import decide
+from proxy.core.executables import BoundRules, bindings, check_bindings
 from proxy.policy.model import Policy
 
 
@@ -26,6 +31,7 @@ def recheck(
 ) -> list[Decision]:
     """Close every relayed tunnel the policy now refuses; returns the decisions recorded."""
     closed: list[Decision] = []
+    tables = BoundRules()
     for conn in connections.live():
         tunnel, closer = conn.tunnel, conn.closer
         if tunnel is None or closer is None or tunnel.port is None:
@@ -38,8 +44,20 @@ def recheck(
             client=conn.peer,
             sandbox_id=conn.sandbox_id,
         )
-        decision = decide(request, policy_for(conn))
-        if decision.allowed or decision.decision is Verdict.ASK:
+        policy = policy_for(conn)
+        decision = decide(request, policy)
+        process = conn.process if conn.attributed else None
+        decision = check_bindings(decision, bindings(tables, policy, request, decision), process)
+        if decision.decision is Verdict.ASK:
+            if tunnel.reason is Reason.APPROVAL_GRANTED:
+                continue
+            decision = decision.with_(
+                decision=Verdict.DENY,
+                reason=Reason.APPROVAL_UNAVAILABLE,
+                detail=f"{decision.detail}; this tunnel was never approved, and a recheck asks "
+                "no one (a new connection asks)",
+            )
+        if decision.allowed:
             continue
         detail = f"tunnel closed after a policy reload: {decision.detail or decision.reason}"
         closed.append(record(decision.with_(detail=detail)))

@@ -17,13 +17,15 @@ What the gate enforces (the *effective* policy) is the local policy's rules plus
 rule, so a managed deny always wins (deny beats allow in the decision order). At load, every local
 ``allow`` and ``ask`` rule must be *covered*: each of its hosts, networks and ports lies inside one
 managed rule, an ``ask`` may sit under a managed ``allow`` or ``ask`` but a local ``allow`` only under a
-managed ``allow`` (it would skip the question), and where the managed rule reads requests (request
-conditions) the local rule must have conditions at least as narrow. A rule that is not covered stops the
-load with a problem naming the local file, line and rule and the managed file, line and rule nearest to
-it. Approvals answer ``ask`` rules only, so they can never grant beyond the ceiling either.
+managed ``allow`` (it would skip the question), under a managed rule bound to executables a local
+rule must be bound to some of them (the same files), and where the managed rule reads requests
+(request conditions) the local rule must have conditions at least as narrow. A rule that is not
+covered stops the load with a problem naming the local file, line and rule and the managed file, line
+and rule nearest to it. Approvals answer ``ask`` rules only, so they can never grant beyond the ceiling either.
 
 Report mode must not widen past the ceiling: a local ``report`` decision (policy or rule mode) that the
-managed policy would not allow is a denial (see :func:`proxy.core.engine` and ``Policy.ceiling``).
+managed policy would not allow is a denial (see :func:`proxy.core.engine` and ``Policy.ceiling``), and
+one the managed policy allows only for some executables is held to them (checkpoint step 3a).
 
 ``forbid`` closes three doors: ``report-mode`` (no ``mode: report`` in the local policy, top level or
 rule), ``allow-internal`` (no local ``allow_internal`` at all; without it, local ranges must lie inside
@@ -267,6 +269,15 @@ def _covering(
         if local.action is Action.ALLOW and m.action is Action.ASK:
             nearest = nearest or (
                 f"the managed {_where(m)} asks for {target}: a local rule may ask too, not allow"
+            )
+            continue
+        if m.executables and not (
+            local.executables and set(local.executables) <= set(m.executables)
+        ):
+            only = ", ".join(e.path for e in m.executables)
+            nearest = nearest or (
+                f"the managed {_where(m)} allows {target} only for {only}: bind this rule to "
+                "those executables (or some of them)"
             )
             continue
         if m.request is not None:

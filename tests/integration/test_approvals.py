@@ -8,6 +8,7 @@ a connection to it.
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -452,3 +453,28 @@ def test_egress_approvals_watch_follows_new_approvals_and_their_answers(
         watch.terminate()
         watch.wait(10)
         reader.join(10)
+
+
+@pytest.mark.parametrize("kind", ["request", "connect"])
+def test_a_request_held_when_the_gate_stops_is_never_sent(
+    start: Callable[..., ApprovalGate],
+    http_upstream: Upstream,
+    tls_upstream: Upstream,
+    test_ca: LocalCA,
+    kind: str,
+) -> None:
+    """SIGTERM while a request waits for a person: the drain ends at its deadline, the request is
+    cut off unanswered, and nothing reaches the upstream (plain HTTP through mitmproxy's layers, a
+    CONNECT through the tunnel front end)."""
+    gate = start("--drain-timeout", "0.5")
+    if kind == "request":
+        upstream, held = http_upstream, fetch(api(http_upstream), gate.proxy)
+    else:
+        url = f"https://allowed.test:{tls_upstream.port}/tls"
+        upstream, held = tls_upstream, fetch(url, gate.proxy, "--cacert", str(test_ca.ca_path))
+    gate.wait_pending()
+    gate.serve.proc.send_signal(signal.SIGTERM)
+    assert gate.serve.proc.wait(30) == 0
+    assert held.result().status != 200
+    assert upstream.accepted == 0 and upstream.requests == []
+    assert "approval-granted" not in [d["reason"] for d in gate.decisions()]

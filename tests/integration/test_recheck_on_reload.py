@@ -4,6 +4,7 @@ closed and recorded; one it still allows keeps running; without recheck nothing 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 from collections.abc import Iterator
@@ -11,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from proxy.core.decision import Kind, Verdict
+from proxy.core.decision import Kind, Reason, Verdict
 from proxy.core.recheck import recheck
 from proxy.policy.loader import load_policy
 from tests.dnsfake import FakeDns, loopback_dns
-from tests.harness import WAIT, LocalCA, RunningGate, Upstream, serving
+from tests.harness import WAIT, LocalCA, RunningGate, Upstream, client_hello, serving
 
 RULES = "version: 1\nallow_internal: [127.0.0.0/8]\nrules:\n"
 
@@ -156,5 +157,71 @@ def test_recheck_closes_an_inspected_tunnel_too(
         fresh = gate.decisions[before:]
         assert [(d.decision, d.host) for d in fresh] == [(Verdict.DENY, "insp.test")]
         assert closed(tunnel)
+    finally:
+        gate.stop()
+
+
+def test_recheck_closes_a_tunnel_whose_rule_is_now_bound_to_executables(
+    tmp_path: Path, ca: LocalCA, upstream: Upstream, dns: FakeDns
+) -> None:
+    """A gate that cannot see processes refuses every connection a bound rule matches; a reload
+    that binds the rule of an open tunnel closes it too, and nothing more reaches the upstream."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(RULES + rule("kept", "kept.test", upstream.port))
+    gate = RunningGate(path, [dns.nameserver]).start()
+    try:
+        tunnel = open_tunnel(gate, ca, "kept.test", upstream.port)
+        path.write_text(
+            RULES + rule("kept", "kept.test", upstream.port) + "    executables: [/usr/bin/git]\n"
+        )
+        gate.policy = load_policy(path)
+        before = len(gate.decisions)
+        assert len(run_recheck(gate)) == 1
+        fresh = gate.decisions[before:]
+        assert [(d.decision, d.reason) for d in fresh] == [
+            (Verdict.DENY, Reason.PROCESS_UNATTRIBUTED)
+        ]
+        requests = len(upstream.requests)
+        assert closed(tunnel)
+        assert len(upstream.requests) == requests
+    finally:
+        gate.stop()
+
+
+def test_recheck_closes_a_tunnel_still_waiting_for_its_first_bytes(
+    tmp_path: Path, ca: LocalCA, upstream: Upstream, dns: FakeDns
+) -> None:
+    """A tunnel admitted before the reload whose client has not yet sent its ClientHello is
+    rechecked too: the reload binds its rule to executables, and nothing reaches the upstream when
+    the ClientHello comes (decided alone, it names an allowed host)."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(RULES + rule("kept", "kept.test", upstream.port))
+    gate = RunningGate(path, [dns.nameserver]).start()
+    try:
+        raw = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
+        host = f"kept.test:{upstream.port}"
+        raw.sendall(f"CONNECT {host} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = raw.recv(4096)
+            assert chunk, head
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 200"), head
+        accepted = upstream.accepted
+        path.write_text(
+            RULES + rule("kept", "kept.test", upstream.port) + "    executables: [/usr/bin/git]\n"
+        )
+        gate.policy = load_policy(path)
+        assert len(run_recheck(gate)) == 1
+        raw.settimeout(3.0)
+        with contextlib.suppress(OSError):
+            raw.sendall(client_hello("kept.test"))
+        try:
+            rest = raw.recv(4096)
+        except OSError:
+            rest = b""
+        assert rest == b""
+        assert upstream.accepted == accepted
+        raw.close()
     finally:
         gate.stop()

@@ -113,3 +113,52 @@ curl -sS -m 10 -o /dev/null -H 'traceparent: {other}' -H 'X-Egress-Context: task
     decisions = [r for r in records if r["event"] == "egress.decision" and r.get("path") == "/x"]
     assert decisions and all(d["trace_id"] == TRACE for d in decisions)
     assert all("context" not in d for d in decisions)
+
+
+MANAGED_BOUND = """
+version: 1
+allow_internal: [127.0.0.0/8]
+rules:
+  - name: org-git
+    hosts: [allowed.test]
+    ports: [{port}]
+    executables: [{exe}]
+"""
+
+
+@pytest.mark.skipif(not os.path.exists(GIT_HTTP), reason="git's HTTP transport is not installed")
+def test_report_mode_under_a_managed_rule_bound_to_git_does_not_let_curl_through(
+    fake_dns: FakeDns, http_upstream: Upstream, tmp_path: Path
+) -> None:
+    """A team's report-mode policy learns inside the organisation's ceiling: where the managed
+    policy lets only git reach a host, a gap report mode would let through is refused to curl
+    (nothing reaches the upstream), and a local rule letting every process reach it does not load."""
+    fake_dns.set("allowed.test", "A", ["127.0.0.1"])
+    fake_dns.set("allowed.test", "AAAA", [])
+    managed = tmp_path / "managed.yaml"
+    managed.write_text(MANAGED_BOUND.format(port=http_upstream.port, exe=GIT_HTTP))
+    local = tmp_path / "local.yaml"
+    local.write_text("version: 1\nmode: report\nallow_internal: [127.0.0.0/8]\nrules: []\n")
+    log = tmp_path / "decisions.jsonl"
+    url = f"http://allowed.test:{http_upstream.port}"
+    before = http_upstream.accepted
+    script = f"curl -sS -m 10 -o /dev/null {url}/gap || true\n"
+    _run(local, fake_dns, log, script, EGRESS_MANAGED_POLICY=str(managed))
+    assert http_upstream.requests == [] and http_upstream.accepted == before
+    assert ("/usr/bin/curl", "executable-not-allowed") in _refusals(log)
+    # control: git itself is let through the same gap (reported, and it reaches the upstream)
+    _run(local, fake_dns, log, f"git ls-remote {url}/r.git >/dev/null 2>&1\ntrue\n",
+         EGRESS_MANAGED_POLICY=str(managed))  # fmt: skip
+    assert http_upstream.requests, "git's request never arrived"
+    # a local rule that lets every process reach the host is past the ceiling: nothing runs
+    local.write_text(
+        "version: 1\nallow_internal: [127.0.0.0/8]\nrules:\n  - name: wide\n"
+        f"    hosts: [allowed.test]\n    ports: [{http_upstream.port}]\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy.app.cli", "run", "--policy", str(local), "--nameserver",
+         fake_dns.nameserver, "--managed-policy", str(managed), "--quiet", "--", "true"],
+        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=EGRESS_WAIT,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "rule 'wide'" in result.stderr and f"only for {GIT_HTTP}" in result.stderr

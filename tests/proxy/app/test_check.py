@@ -213,3 +213,22 @@ def test_an_ask_rule_is_reported_as_ask_after_the_same_checks_as_the_gate(tmp_pa
     # an internal literal is refused before anyone would be asked
     internal = run("--policy", str(path), "--json", "127.0.0.1")
     assert json.loads(internal.stdout)["reason"] == "internal-address"
+
+
+def test_check_never_reports_what_a_managed_rule_binds_to_executables(tmp_path: Path) -> None:
+    """Report mode under a managed rule bound to git: the dry run sees no process, so it refuses
+    (as a gate that cannot see processes does) and says it depends on the process."""
+    managed = tmp_path / "managed.yaml"
+    managed.write_text(
+        "version: 1\nrules:\n  - {name: org-git, hosts: [pypi.test], executables: [/usr/bin/git]}\n"
+    )
+    local = tmp_path / "local.yaml"
+    local.write_text("version: 1\nmode: report\nrules: []\n")
+    common = ("--policy", str(local), "--managed-policy", str(managed))
+    result = run(*common, "--json", "pypi.test:443")
+    assert result.returncode == 1, result.stdout + result.stderr
+    out = json.loads(result.stdout)
+    assert (out["decision"], out["reason"]) == ("deny", "process-unattributed")
+    assert out["depends_on_process"] is True
+    text = run(*common, "pypi.test:443")
+    assert text.returncode == 1 and "depends on the process" in text.stdout

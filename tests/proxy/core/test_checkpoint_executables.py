@@ -12,6 +12,7 @@ from proxy.core.connections import Connection
 from proxy.core.decision import Kind, Reason, Request, Verdict
 from proxy.evidence.emit import Emitter, MemorySink
 from proxy.policy.loader import load_policy
+from proxy.policy.managed import load_with_ceiling
 from tests.proxy.core.test_checkpoint import Lookups
 
 GIT = "/usr/bin/git"
@@ -121,3 +122,91 @@ def test_without_a_process_lookup_a_bound_rule_refuses(tmp_path: Path) -> None:
         checkpoint.admit(conn, Request(Kind.CONNECT, "pypi.test", 443, "CONNECT"))
     )
     assert decision.reason is Reason.PROCESS_UNATTRIBUTED
+
+
+def _under_ceiling(tmp_path: Path, answer: Facts | None, host: str) -> tuple[object, Lookups]:
+    managed = tmp_path / "managed.yaml"
+    managed.write_text(
+        f"version: 1\nrules:\n  - {{name: org-git, hosts: [pypi.test], executables: [{GIT}]}}\n"
+        "  - {name: org-open, hosts: [other.test]}\n"
+    )
+    local = tmp_path / "local.yaml"
+    local.write_text("version: 1\nmode: report\nrules: []\n")
+    policy = load_with_ceiling(local, managed)
+    lookups = Lookups(answers={"pypi.test": "203.0.113.10", "other.test": "203.0.113.11"})
+    checkpoint = Checkpoint(
+        lambda: policy, Emitter([MemorySink()]), lookups, processes=Processes(answer)
+    )
+    conn = checkpoint.connections.open("c1", "127.0.0.1:5000", "sbx")
+    decision = asyncio.run(checkpoint.admit(conn, Request(Kind.CONNECT, host, 443, "CONNECT")))
+    return decision, lookups
+
+
+def test_report_mode_under_a_ceiling_bound_to_executables_holds_other_processes(
+    tmp_path: Path,
+) -> None:
+    """Report mode learns inside the managed policy: a gap it lets through to a host the managed
+    policy allows only for git is refused to curl, before anything is resolved."""
+    curl = Facts(frozenset({"/usr/bin/curl"}), frozenset({(1, 2)}))
+    decision, lookups = _under_ceiling(tmp_path, curl, "pypi.test")
+    assert decision.decision is Verdict.DENY  # type: ignore[attr-defined]
+    assert decision.reason is Reason.EXECUTABLE_NOT_ALLOWED  # type: ignore[attr-defined]
+    assert "managed policy's rule 'org-git'" in decision.detail  # type: ignore[attr-defined]
+    assert lookups.asked == []
+    decision, lookups = _under_ceiling(tmp_path, None, "pypi.test")
+    assert decision.reason is Reason.PROCESS_UNATTRIBUTED  # type: ignore[attr-defined]
+    assert lookups.asked == []
+
+
+def test_control_report_mode_under_a_ceiling_lets_the_bound_executable_and_open_hosts(
+    tmp_path: Path,
+) -> None:
+    git = Facts(frozenset({GIT}), frozenset({GIT_ID}))
+    decision, lookups = _under_ceiling(tmp_path, git, "pypi.test")
+    assert decision.decision is Verdict.REPORT  # type: ignore[attr-defined]
+    assert lookups.asked == ["pypi.test"]
+    decision, _ = _under_ceiling(tmp_path, None, "other.test")
+    assert decision.decision is Verdict.REPORT  # type: ignore[attr-defined]
+
+
+def test_an_executable_named_with_control_characters_is_escaped_in_the_refusal(
+    tmp_path: Path,
+) -> None:
+    """The sandbox names its own files: the path it runs is shown escaped."""
+    hostile = "/tmp/x\n\x1b[2Jforged: allow"
+    decision, *_ = _run(tmp_path, Facts(frozenset({hostile}), frozenset({(1, 2)})))
+    assert decision.reason is Reason.EXECUTABLE_NOT_ALLOWED  # type: ignore[attr-defined]
+    assert "\n" not in decision.detail and "\x1b" not in decision.detail  # type: ignore[attr-defined]
+    assert "/tmp/x\\x0a\\x1b[2Jforged: allow" in decision.detail  # type: ignore[attr-defined]
+
+
+def test_a_report_is_held_to_its_own_rule_and_to_the_managed_rule_that_allows_it(
+    tmp_path: Path,
+) -> None:
+    """A port gap of a local rule bound to git, on a port the managed policy opens only to curl:
+    git passes its own rule's binding, not the managed one."""
+    managed = tmp_path / "managed.yaml"
+    managed.write_text(
+        f"version: 1\nrules:\n  - {{name: org-git, hosts: [pypi.test], executables: [{GIT}]}}\n"
+        "  - {name: org-curl, hosts: [pypi.test], ports: [8443], executables: [/usr/bin/curl]}\n"
+    )
+    local = tmp_path / "local.yaml"
+    local.write_text(
+        f"version: 1\nmode: report\nrules:\n  - {{name: g, hosts: [pypi.test], executables: [{GIT}]}}\n"
+    )
+    policy = load_with_ceiling(local, managed)
+    lookups = Lookups()
+    git = Facts(frozenset({GIT}), frozenset({GIT_ID}))
+    checkpoint = Checkpoint(
+        lambda: policy, Emitter([MemorySink()]), lookups, processes=Processes(git)
+    )
+    conn = checkpoint.connections.open("c1", "127.0.0.1:5000", "sbx")
+    request = Request(Kind.CONNECT, "pypi.test", 8443, "CONNECT")
+    decision = asyncio.run(checkpoint.admit(conn, request))
+    assert decision.reason is Reason.EXECUTABLE_NOT_ALLOWED
+    assert "managed policy's rule 'org-curl'" in (decision.detail or "")
+    assert lookups.asked == []
+    allowed = asyncio.run(
+        checkpoint.admit(conn, Request(Kind.CONNECT, "pypi.test", 443, "CONNECT"))
+    )
+    assert allowed.decision is Verdict.ALLOW  # control: its own port

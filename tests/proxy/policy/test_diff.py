@@ -43,3 +43,14 @@ def test_opens_and_closes_hosts_ports_requests_denies_mode(tmp_path: Path) -> No
     assert "opens: allow_internal 10.0.0.0/8" in text
     assert not any(line.startswith("closes: pypi.org") for line in lines)
     assert diff_policies(old, old) == []
+
+
+def test_unbinding_a_rule_from_its_executables_opens_its_hosts(tmp_path: Path) -> None:
+    bound = "version: 1\nrules:\n  - {name: g, hosts: [git.example], executables: [/usr/bin/git]}\n"
+    old = load(tmp_path, "old.yaml", bound)
+    new = load(tmp_path, "new.yaml", "version: 1\nrules:\n  - {name: g, hosts: [git.example]}\n")
+    lines = diff_policies(old, new)
+    assert any(
+        line.startswith("opens: git.example port 443") and "/usr/bin/git" in line for line in lines
+    ), lines
+    assert not any(line.startswith("opens") for line in diff_policies(new, old))  # binding narrows

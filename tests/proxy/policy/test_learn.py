@@ -131,3 +131,36 @@ def test_ipv6_literals_load(tmp_path: Path) -> None:
     text, policy = proposal(tmp_path, [rec("fd00::1"), rec("[2606:4700::1111]")])
     assert [str(c) for r in policy.rules for c in r.cidrs] == ["2606:4700::1111/128"]
     assert "never proposed: fd00::1" in text
+
+
+def test_refusals_of_the_process_credential_and_ceiling_steps_are_never_proposed(
+    tmp_path: Path,
+) -> None:
+    """A refusal keeps the policy reason it overrode only in the verdict: a report the managed
+    policy refused, a process a bound rule refused, a credential misused - none is a gap."""
+    records = [
+        rec(
+            "outside.example",
+            decision="deny",
+            reason="no-matching-rule",
+            detail="...; outside the managed policy (no-matching-rule)",
+        ),
+        rec("git.example", decision="deny", reason="executable-not-allowed", exe="/usr/bin/curl"),
+        rec("git.example", decision="deny", reason="process-unattributed"),
+        rec(
+            "paste.example",
+            kind="request",
+            method="POST",
+            path="/x",
+            decision="deny",
+            reason="credential-misuse",
+            credential="github",
+        ),
+        rec("pypi.org"),  # control: a gap report mode let through
+    ]
+    text, policy = proposal(tmp_path, records)
+    assert allowed(policy, "pypi.org")
+    for host in ("outside.example", "git.example", "paste.example"):
+        assert host not in text and not allowed(policy, host)
+    for reason in ("executable-not-allowed", "process-unattributed", "credential-misuse"):
+        assert f"decision(s) {reason}" in text

@@ -256,3 +256,39 @@ def test_lint_with_managed_reports_the_same_problems(tmp_path: Path, managed: Pa
     local = write(tmp_path, "local.yaml", "version: 1\nrules:\n  - {name: e, hosts: [e.example]}\n")
     found = [str(p) for p in managed_lint(managed, [local])]
     assert len(found) == 1 and "rule 'e'" in found[0] and "managed" in found[0]
+
+
+BOUND_MANAGED = """
+version: 1
+rules:
+  - name: org-git
+    hosts: [git.example.com]
+    executables: [/usr/bin/git]
+"""
+
+
+def test_a_managed_rule_bound_to_executables_binds_the_local_rules_under_it(
+    tmp_path: Path,
+) -> None:
+    """An organisation that lets only git reach a host is not widened by a local rule that lets
+    every process reach it, nor one bound to another executable."""
+    bound = write(tmp_path, "managed.yaml", BOUND_MANAGED)
+    local = write(
+        tmp_path, "local.yaml", "version: 1\nrules:\n  - {name: g, hosts: [git.example.com]}\n"
+    )
+    found = problems(local, bound)
+    assert len(found) == 1 and "rule 'g'" in found[0] and "only for /usr/bin/git" in found[0]
+    local.write_text(
+        "version: 1\nrules:\n  - {name: g, hosts: [git.example.com], executables: [/usr/bin/curl]}\n"
+    )
+    assert len(problems(local, bound)) == 1
+    local.write_text(
+        "version: 1\nrules:\n"
+        "  - {name: g, hosts: [git.example.com], executables: [/usr/bin/git, /usr/bin/curl]}\n"
+    )
+    assert len(problems(local, bound)) == 1
+    local.write_text(
+        "version: 1\nrules:\n  - {name: g, hosts: [git.example.com], executables: [/usr/bin/git]}\n"
+    )
+    assert load_with_ceiling(local, bound).rules[0].name == "g"
+    assert [str(p) for p in managed_lint(bound, [local])] == []

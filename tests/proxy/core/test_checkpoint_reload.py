@@ -1,0 +1,97 @@
+"""A policy reloaded while a request is held for an approval: the answer was given under the old
+policy, and is enforced only where the policy now in force still allows or asks."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.core.checkpoint import Checkpoint
+from proxy.core.connections import Connection
+from proxy.core.decision import Decision, Kind, Reason, Request, Verdict
+from proxy.evidence.emit import Emitter, MemorySink
+from proxy.policy.loader import load_policy
+from proxy.policy.model import Policy
+from tests.proxy.core.test_checkpoint import ASK_POLICY, Approver, Lookups
+
+GIT = "/usr/bin/git"
+
+
+class Reloading(Approver):
+    """Grants the request, after the policy was replaced while it was held."""
+
+    def __init__(self, holder: dict[str, Policy], new: Policy) -> None:
+        super().__init__()
+        self.holder, self.new = holder, new
+
+    async def answer(self, decision: Decision, rule: Any, record: Any) -> Decision:
+        self.holder["policy"] = self.new  # what a live reload does while a person decides
+        return await super().answer(decision, rule, record)
+
+
+def load(tmp_path: Path, name: str, text: str) -> Policy:
+    path = tmp_path / name
+    path.write_text(text)
+    return load_policy(path)
+
+
+def held(old: Policy, new: Policy) -> tuple[Decision, Checkpoint, Connection, MemorySink]:
+    holder = {"policy": old}
+    memory = MemorySink()
+    lookups = Lookups(answers={"api.test": "203.0.113.20"})
+    checkpoint = Checkpoint(
+        lambda: holder["policy"], Emitter([memory]), lookups, approvals=Reloading(holder, new)
+    )
+    conn = Connection(peer="127.0.0.1:5000", sandbox_id="sbx")
+    request = Request(Kind.CONNECT, "api.test", 443, "CONNECT")
+    return asyncio.run(checkpoint.admit(conn, request)), checkpoint, conn, memory
+
+
+@pytest.mark.parametrize(
+    ("new", "reason"),
+    [
+        ("version: 1\nrules: []\n", Reason.NO_MATCHING_RULE),
+        (
+            "version: 1\nrules:\n  - {name: api, hosts: [api.test]}\n"
+            "  - {name: no-api, action: deny, hosts: [api.test]}\n",
+            Reason.DENIED_BY_RULE,
+        ),
+        (
+            f"version: 1\nrules:\n  - {{name: ask-api, action: ask, hosts: [api.test], "
+            f"executables: [{GIT}]}}\n",
+            Reason.PROCESS_UNATTRIBUTED,
+        ),
+    ],
+    ids=["rule-removed", "denied", "bound-to-executables"],
+)
+def test_an_approval_given_across_a_reload_that_refuses_the_request_dials_nothing(
+    tmp_path: Path, new: str, reason: Reason
+) -> None:
+    old = load(tmp_path, "old.yaml", ASK_POLICY)
+    decision, checkpoint, conn, memory = held(old, load(tmp_path, "new.yaml", new))
+    assert (decision.decision, decision.reason) == (Verdict.DENY, reason)
+    assert decision.approval == "a1" and decision.decided_by == "alice"
+    assert "reloaded while this request was held" in (decision.detail or "")
+    assert memory.decisions[-1] == decision
+    assert checkpoint.dial_target(conn, "api.test", 443) is None
+    assert conn.tunnel is None
+
+
+@pytest.mark.parametrize(
+    "new",
+    [
+        ASK_POLICY + "  - {name: more, hosts: [more.test]}\n",
+        "version: 1\nrules:\n  - {name: a, hosts: [api.test]}\n",
+    ],
+    ids=["still-asks", "now-allows"],
+)
+def test_control_an_approval_across_a_reload_that_still_covers_it_stands(
+    tmp_path: Path, new: str
+) -> None:
+    old = load(tmp_path, "old.yaml", ASK_POLICY)
+    decision, checkpoint, conn, _ = held(old, load(tmp_path, "new.yaml", new))
+    assert (decision.decision, decision.reason) == (Verdict.ALLOW, Reason.APPROVAL_GRANTED)
+    assert checkpoint.dial_target(conn, "api.test", 443) == "203.0.113.20"
