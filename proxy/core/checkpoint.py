@@ -35,7 +35,8 @@ For each CONNECT and each HTTP request - plain, or inside an inspected tunnel (:
    this sandbox, bound to this host and port, inside an inspected tunnel, only where its declaration
    sends it and within its request rules is a *use* (the decision names the credential and the
    adapter swaps in the real value); anything else is ``credential-misuse``, refused whatever the
-   policy or mode said, so nothing is sent. A request without placeholders passes unchanged.
+   policy or mode said, so nothing is sent. A request that is only reported (report mode) proceeds
+   without the real value. A request without placeholders passes unchanged.
 4. **destination** - an allowed host is resolved (hosts file, then DNS) and every address screened
    against the internal ranges; one screened address is pinned (``internal-address``, ``dns-failure``).
    A request inside a tunnel is not resolved again: it goes to the tunnel's pinned address.
@@ -347,6 +348,14 @@ class Checkpoint:
                 reason=Reason.CREDENTIAL_MISUSE,
                 detail=judged.detail,
                 credential=judged.label,
+            )
+        if decision.decision is Verdict.REPORT:
+            # Only reported (enforce mode would refuse it): it may proceed for the trial, but never
+            # with the real value - report mode must not hand out a credential's authority for a
+            # request the policy does not allow. The placeholder goes to its own host unchanged.
+            return decision.with_(
+                detail=f"{decision.detail}; credential {judged.label} not added: the request is "
+                "only reported"
             )
         return decision.with_(credential=judged.label)
 

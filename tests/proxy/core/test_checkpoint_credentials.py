@@ -11,6 +11,7 @@ from proxy.core.checkpoint import Checkpoint
 from proxy.core.connections import Connection
 from proxy.core.credentials import Binding, Carried, Credentials, Delivery
 from proxy.core.decision import Kind, Reason, Request, Verdict
+from proxy.core.requests import HttpHead
 from proxy.evidence.emit import Emitter, MemorySink
 from proxy.policy.loader import load_policy
 from proxy.policy.model import Policy
@@ -93,3 +94,34 @@ def test_a_buffered_body_is_checked_after_the_head(tmp_path: Path) -> None:
     refusal = checkpoint.credential_body(conn, admitted, f"x={PH}".encode())  # type: ignore[arg-type]
     assert refusal is not None and refusal.reason is Reason.CREDENTIAL_MISUSE
     assert refusal.id != admitted.id and memory.decisions[-1] is refusal  # type: ignore[attr-defined]
+
+
+def test_a_request_that_is_only_reported_never_gets_the_real_value(tmp_path: Path) -> None:
+    """Report mode lets a request the policy does not allow proceed, for the trial; the credential
+    is added only to what the policy allows, so report mode never lends a token's authority."""
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "version: 1\nmode: report\nrules:\n"
+        "  - name: api-reads\n    hosts: [api.test]\n    methods: [GET]\n"
+    )
+    policy: Policy = load_policy(path)
+    credentials = Credentials(
+        {"gh": Binding("gh", frozenset({("api.test", 443)}), Delivery(header="authorization"))}
+    )
+    credentials.issue("gh", "sbx", PH)
+    lookups = Lookups(answers={"api.test": "203.0.113.1"})
+    checkpoint = Checkpoint(
+        lambda: policy, Emitter([MemorySink()]), lookups, credentials=lambda: credentials
+    )
+    conn = tunnel(checkpoint, "api.test")
+    carried = Carried((("Authorization", f"Bearer {PH}"),), "/x")
+
+    def head(method: str) -> Request:
+        return Request(Kind.REQUEST, "api.test", 443, method, "/x", http=HttpHead(method, "/x"))
+
+    read = asyncio.run(checkpoint.admit(conn, head("GET"), carried=carried))
+    assert read.decision is Verdict.ALLOW and read.credential == "gh"
+    write = asyncio.run(checkpoint.admit(conn, head("POST"), carried=carried))
+    assert write.decision is Verdict.REPORT
+    assert write.credential is None  # nothing to swap in: the placeholder goes as it is
+    assert "not added" in write.detail
