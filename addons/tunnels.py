@@ -21,11 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import fcntl
 import functools
 import itertools
 import logging
-import os
 import re
 import socket
 import time
@@ -35,9 +33,16 @@ from addons.refusal import refusal_bytes
 from proxy.core.checkpoint import Checkpoint
 from proxy.core.connections import Connection
 from proxy.core.decision import Kind, Reason, Request
-from proxy.core.firstbytes import MAX_CLIENT_HELLO, PLAIN_HTTP_PORT, Protocol, classify
+from proxy.core.firstbytes import (
+    MAX_CLIENT_HELLO,
+    PLAIN_HTTP_PORT,
+    FirstBytes,
+    Protocol,
+    classify,
+)
 from proxy.core.framing import MAX_REQUEST_HEAD, Problem, head_problem
 from proxy.core.hosts import InvalidHost, split_authority
+from proxy.runtime.splice import CHUNK, relay
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +61,6 @@ PEEK = 4096
 CONNECT_PREFIX = b"CONNECT "
 CONNECT_TIMEOUT = 30.0
 MAX_REFUSALS_PER_CONNECTION = 100_000  # bounds the loop; each refusal is decided and recorded
-CHUNK = 256 * 1024
-_F_SETPIPE_SZ = 1031
-_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 HEAD_TOO_LARGE = (
@@ -263,9 +265,8 @@ class TunnelFrontEnd:
         # (it then clears the closer, and nothing is dialled or sent).
         conn.closer = functools.partial(_shut, sock)
         await loop.sock_sendall(sock, ESTABLISHED)
-        first = await self._first_bytes(sock, conn, port, buffered)
+        first, classified = await self._first_bytes(sock, conn, port, buffered)
         tunnel = conn.tunnel
-        classified = classify(port, first)
         if classified.protocol is Protocol.HTTP:
             raise _Closed()  # never relayed raw (see above); unreachable while port 80 is refused
         verdict = self.checkpoint.admit_tunnel(conn, classified)
@@ -338,14 +339,15 @@ class TunnelFrontEnd:
 
     async def _first_bytes(
         self, sock: socket.socket, conn: Connection, port: int, data: bytes
-    ) -> bytes:
-        """Read until the classifier has an answer (bounded by its own caps and the deadline)."""
+    ) -> tuple[bytes, FirstBytes]:
+        """Read until the classifier has an answer (bounded by its own caps and the deadline);
+        the bytes and that answer."""
         started = time.monotonic()
-        while classify(port, data).protocol is Protocol.WAIT:
+        while (classified := classify(port, data)).protocol is Protocol.WAIT:
             if len(data) > MAX_CLIENT_HELLO + 64 * 1024:  # classify refuses long before this
                 raise _Closed()
             data += await self._recv(sock, conn, CHUNK, started)
-        return data
+        return data, classified
 
     async def _recv(self, sock: socket.socket, conn: Connection, size: int, since: float) -> bytes:
         """What the client sends next, before its deadline (counted from ``since``) passes."""
@@ -410,11 +412,8 @@ def _shut(*socks: socket.socket) -> None:
             sock.shutdown(socket.SHUT_RDWR)
 
 
-async def _relay(client: socket.socket, upstream: socket.socket, conn: Connection) -> None:
-    """Both directions until both have ended, the bytes moved by the kernel (``splice`` through a
-    pipe, never copied into Python); an EOF is passed on as a half-close. A reset on either side
-    ends both."""
-    loop = asyncio.get_running_loop()
+def _relay(client: socket.socket, upstream: socket.socket, conn: Connection) -> Awaitable[None]:
+    """Both directions relayed by the kernel until both have ended, counted on the connection."""
 
     def outbound(n: int) -> None:
         conn.bytes_out += n
@@ -422,102 +421,4 @@ async def _relay(client: socket.socket, upstream: socket.socket, conn: Connectio
     def inbound(n: int) -> None:
         conn.bytes_in += n
 
-    results = await asyncio.gather(
-        _splice(loop, client, upstream, outbound),
-        _splice(loop, upstream, client, inbound),
-        return_exceptions=True,
-    )
-    if any(isinstance(r, BaseException) for r in results):
-        for sock in (client, upstream):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-
-class _Pipes:
-    """Pipes for splicing, lent per burst and returned empty: a gate holds about as many as it has
-    transfers waiting on a slow receiver, not two per open tunnel (idle tunnels hold none)."""
-
-    def __init__(self, keep: int = 64) -> None:
-        self.keep = keep
-        self._free: list[tuple[int, int]] = []
-
-    def take(self) -> tuple[int, int]:
-        if self._free:
-            return self._free.pop()
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        with contextlib.suppress(OSError):  # a larger pipe moves more per call; optional
-            fcntl.fcntl(w, _F_SETPIPE_SZ, CHUNK)
-        return r, w
-
-    def give_back(self, pipe: tuple[int, int], empty: bool) -> None:
-        if empty and len(self._free) < self.keep:
-            self._free.append(pipe)
-        else:
-            os.close(pipe[0])
-            os.close(pipe[1])
-
-
-_PIPES = _Pipes()
-
-
-async def _splice(
-    loop: asyncio.AbstractEventLoop,
-    src: socket.socket,
-    dst: socket.socket,
-    count: Callable[[int], None],
-) -> None:
-    try:
-        while True:
-            await _ready(loop, loop.add_reader, loop.remove_reader, src)
-            if not await _burst(loop, src, dst, count):
-                break
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
-    except OSError:
-        for sock in (src, dst):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        raise
-
-
-async def _burst(
-    loop: asyncio.AbstractEventLoop,
-    src: socket.socket,
-    dst: socket.socket,
-    count: Callable[[int], None],
-) -> bool:
-    """Move what ``src`` has now to ``dst``; False at EOF."""
-    pipe = _PIPES.take()
-    pending = 0
-    try:
-        while True:
-            try:
-                n = os.splice(src.fileno(), pipe[1], CHUNK, flags=_SPLICE_FLAGS)
-            except BlockingIOError:
-                return True
-            if n == 0:
-                return False
-            count(n)
-            pending = n
-            while pending:
-                try:
-                    pending -= os.splice(pipe[0], dst.fileno(), pending, flags=_SPLICE_FLAGS)
-                except BlockingIOError:
-                    await _ready(loop, loop.add_writer, loop.remove_writer, dst)
-    finally:
-        _PIPES.give_back(pipe, empty=pending == 0)
-
-
-async def _ready(
-    loop: asyncio.AbstractEventLoop,
-    add: Callable[..., None],
-    remove: Callable[[int], object],
-    sock: socket.socket,
-) -> None:
-    fd = sock.fileno()
-    ready: asyncio.Future[None] = loop.create_future()
-    add(fd, _settle, ready)
-    try:
-        await ready
-    finally:
-        remove(fd)
+    return relay(client, upstream, outbound, inbound)

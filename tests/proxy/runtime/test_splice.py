@@ -1,0 +1,182 @@
+"""The kernel relay of admitted tunnels, over real TCP sockets on loopback, on both event loops:
+exact bytes and counts both ways, half-closes passed on, a receiver that stops reading (the writer
+path), a reset ending both sides, and cancellation leaving no callback behind."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from proxy.runtime.loop import loop_factory
+from proxy.runtime.splice import relay
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+def _pair() -> tuple[socket.socket, socket.socket]:
+    """A connected TCP pair on loopback (splice needs real sockets, as the gate has)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        a = socket.create_connection(server.getsockname())
+        b, _ = server.accept()
+    return a, b
+
+
+class Tunnel:
+    """client <-> [gate_client | relay | gate_up] <-> upstream; the test holds both ends."""
+
+    def __init__(self) -> None:
+        self.client, self.gate_client = _pair()
+        self.gate_up, self.upstream = _pair()
+        for sock in (self.gate_client, self.gate_up):
+            sock.setblocking(False)
+        self.out = 0
+        self.inn = 0
+
+    def counted(self) -> tuple[Callable[[int], None], Callable[[int], None]]:
+        def outbound(n: int) -> None:
+            self.out += n
+
+        def inbound(n: int) -> None:
+            self.inn += n
+
+        return outbound, inbound
+
+    def close(self) -> None:
+        for sock in (self.client, self.gate_client, self.gate_up, self.upstream):
+            sock.close()
+
+
+def _run(choice: str, main: Any) -> Any:
+    return asyncio.run(main, loop_factory=loop_factory(choice))
+
+
+async def _recv_all(sock: socket.socket) -> bytes:
+    loop = asyncio.get_running_loop()
+    chunks = []
+    while data := await loop.sock_recv(sock, 1 << 16):
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_bytes_and_half_closes_both_ways_with_exact_counts(choice: str) -> None:
+    t = Tunnel()
+    up_payload = os.urandom(3 << 20)  # larger than a pipe and a socket buffer: several bursts
+    down_payload = os.urandom(1 << 20)
+
+    async def main() -> tuple[bytes, bytes]:
+        loop = asyncio.get_running_loop()
+        for sock in (t.client, t.upstream):
+            sock.setblocking(False)
+        task = asyncio.ensure_future(relay(t.gate_client, t.gate_up, *t.counted()))
+
+        async def client_side() -> bytes:
+            await loop.sock_sendall(t.client, up_payload)
+            t.client.shutdown(socket.SHUT_WR)  # half-close: the answer still comes
+            return await _recv_all(t.client)
+
+        async def upstream_side() -> bytes:
+            got = await _recv_all(t.upstream)  # ends at the client's half-close
+            await loop.sock_sendall(t.upstream, down_payload)
+            t.upstream.shutdown(socket.SHUT_WR)
+            return got
+
+        got_down, got_up = await asyncio.gather(client_side(), upstream_side())
+        await asyncio.wait_for(task, 10)
+        return got_up, got_down
+
+    try:
+        got_up, got_down = _run(choice, main())
+    finally:
+        t.close()
+    assert got_up == up_payload
+    assert got_down == down_payload
+    assert (t.out, t.inn) == (len(up_payload), len(down_payload))
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_a_receiver_that_stops_reading_holds_the_relay_without_losing_bytes(choice: str) -> None:
+    t = Tunnel()
+    payload = os.urandom(8 << 20)  # far beyond what the (small) socket buffers and a pipe hold
+    t.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+    t.gate_client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
+
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+        for sock in (t.client, t.upstream):
+            sock.setblocking(False)
+        task = asyncio.ensure_future(relay(t.gate_client, t.gate_up, *t.counted()))
+        sender = asyncio.ensure_future(loop.sock_sendall(t.upstream, payload))
+        await asyncio.sleep(0.2)  # the client reads nothing yet: the relay must wait to write
+        assert not sender.done()
+        assert t.inn < len(payload)
+        received = bytearray()
+
+        async def receive() -> None:
+            while len(received) < len(payload):
+                received.extend(await loop.sock_recv(t.client, 1 << 16))
+
+        await asyncio.wait_for(receive(), 30)
+        await sender
+        t.upstream.shutdown(socket.SHUT_WR)
+        t.client.shutdown(socket.SHUT_WR)
+        await asyncio.wait_for(task, 10)
+        return bytes(received)
+
+    try:
+        assert _run(choice, main()) == payload
+    finally:
+        t.close()
+    assert t.inn == len(payload)
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_a_reset_on_one_side_ends_both(choice: str) -> None:
+    t = Tunnel()
+
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+        t.client.setblocking(False)
+        task = asyncio.ensure_future(relay(t.gate_client, t.gate_up, *t.counted()))
+        await loop.sock_sendall(t.client, b"hello")
+        t.upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        t.upstream.setblocking(False)
+        assert await loop.sock_recv(t.upstream, 5) == b"hello"
+        t.upstream.close()  # with SO_LINGER 0: a reset
+        await asyncio.wait_for(task, 10)
+        return await asyncio.wait_for(_recv_all(t.client), 10)
+
+    try:
+        with contextlib.suppress(ConnectionResetError):
+            assert _run(choice, main()) == b""
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_cancelling_leaves_no_callback_on_the_sockets(choice: str) -> None:
+    t = Tunnel()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(relay(t.gate_client, t.gate_up, *t.counted()))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        # Nothing is registered for either fd any more: registering anew must not replace a
+        # callback of the relay, and removing reports there was none.
+        for fd in (t.gate_client.fileno(), t.gate_up.fileno()):
+            assert not loop.remove_reader(fd)
+            assert not loop.remove_writer(fd)
+
+    try:
+        _run(choice, main())
+    finally:
+        t.close()
