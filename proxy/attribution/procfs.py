@@ -177,23 +177,32 @@ class SandboxProcesses:
             ppid, nspid = _status(base)
             exe = os.readlink(f"{base}/exe")
             st = os.stat(f"{base}/exe")
-            with open(f"{base}/cmdline", "rb") as f:
-                raw = f.read(MAX_CMDLINE)
+            raw = _read(f"{base}/cmdline", MAX_CMDLINE, missing_ok=False)
         except OSError:
             return None
         return ProcEntry(pid, ppid, nspid, exe, _argv(raw), (st.st_dev, st.st_ino))
 
 
-def _read(path: str) -> bytes:
-    """A small /proc file's bytes (b"" when it is gone): raw os calls, no buffered file object."""
+def _read(path: str, limit: int = 65536, *, missing_ok: bool = True) -> bytes:
+    """A small /proc file's bytes (b"" when it is gone, unless ``missing_ok`` is False): raw os
+    calls, no buffered file object (this runs several times per connection)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        return b""
+        if missing_ok:
+            return b""
+        raise
     try:
-        return os.read(fd, 65536)
+        chunks = []
+        size = 0
+        while size < limit and (chunk := os.read(fd, limit - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
     except OSError:
-        return b""
+        if missing_ok:
+            return b""
+        raise
     finally:
         os.close(fd)
 
@@ -210,14 +219,24 @@ def _argv(raw: bytes) -> tuple[str, ...]:
 
 def _status(base: str) -> tuple[int, int]:
     """(PPid, the pid in the innermost PID namespace) from ``status``."""
-    ppid = nspid = -1
-    with open(f"{base}/status", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if line.startswith("PPid:"):
-                ppid = int(line.split()[1])
-            elif line.startswith("NSpid:"):
-                nspid = int(line.split()[-1])
-                break
-    if ppid < 0 or nspid < 0:
+    data = _read(f"{base}/status", missing_ok=False)
+    ppid = _field(data, b"\nPPid:")
+    nspid = _field(data, b"\nNSpid:", last=True)
+    if ppid is None or nspid is None:
         raise ValueError(f"{base}/status has no PPid or NSpid")
     return ppid, nspid
+
+
+def _field(data: bytes, name: bytes, *, last: bool = False) -> int | None:
+    """The (first or last) number on a ``status`` line, or None when the line is missing."""
+    start = data.find(name)
+    if start < 0:
+        return None
+    end = data.find(b"\n", start + 1)
+    values = data[start + len(name) : end if end >= 0 else len(data)].split()
+    if not values:
+        return None
+    try:
+        return int(values[-1] if last else values[0])
+    except ValueError:
+        return None
