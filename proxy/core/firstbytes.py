@@ -16,6 +16,8 @@ not borrowed, so that these bounds are checked on the headers and the core stays
 
 from __future__ import annotations
 
+import re
+import struct
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -72,6 +74,10 @@ def classify(port: int | None, data: bytes) -> FirstBytes:
             return WAIT
         return _refuse("port 22 tunnels must carry SSH")
     return _client_hello(port, data)
+
+
+_EXTENSION_HEADER = struct.Struct(">HH")  # extension type, value length
+_PRINTABLE = re.compile(rb"[\x21-\x7e]*")
 
 
 class _Malformed(Exception):
@@ -160,15 +166,24 @@ def _parse_hello(body: bytes) -> FirstBytes:
         raise _Malformed("no compression methods")
     if reader.done():
         return FirstBytes(Protocol.TLS)  # no extensions at all: no server name
-    extensions = _Reader(reader.vector(2))
+    extensions = reader.vector(2)
     if not reader.done():
         raise _Malformed("bytes after the extensions")
     seen: set[int] = set()
     sni: str | None = None
     alpn: tuple[bytes, ...] = ()
-    while not extensions.done():
-        kind = extensions.number(2)
-        value = extensions.vector(2)
+    # The extension list is walked with plain offsets (it runs once per tunnel, on the path
+    # between the ClientHello and the upstream connect); each header is bounds-checked first.
+    pos, end = 0, len(extensions)
+    while pos < end:
+        if pos + 4 > end:
+            raise _Malformed("truncated")
+        kind, size = _EXTENSION_HEADER.unpack_from(extensions, pos)
+        pos += 4
+        if pos + size > end:
+            raise _Malformed("truncated")
+        value = extensions[pos : pos + size]
+        pos += size
         if kind in seen:
             raise _Malformed(f"extension {kind} appears twice")
         seen.add(kind)
@@ -203,7 +218,7 @@ def _server_name(value: bytes) -> str | None:
             continue  # only host_name (0) is defined; others carry nothing the gate routes on
         if found is not None:
             raise _Malformed("more than one server name")
-        if not all(0x21 <= byte < 0x7F for byte in name):
+        if not _PRINTABLE.fullmatch(name):
             raise _Malformed("server name is not printable ASCII")
         found = name.decode("ascii")
     return found or None
