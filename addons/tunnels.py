@@ -42,6 +42,7 @@ from proxy.core.firstbytes import (
 )
 from proxy.core.framing import MAX_REQUEST_HEAD, Problem, head_problem
 from proxy.core.hosts import InvalidHost, split_authority
+from proxy.runtime import sockio
 from proxy.runtime.splice import CHUNK, relay
 
 log = logging.getLogger(__name__)
@@ -218,19 +219,14 @@ class TunnelFrontEnd:
         """The first bytes, not consumed; None when the client closed first. A request line that
         arrives in pieces is mitmproxy's (waiting here for the rest would mean polling a socket
         that stays readable: a slow client could make the gate spin)."""
-        loop = asyncio.get_running_loop()
-        ready: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(sock.fileno(), _settle, ready)
         try:
-            await asyncio.wait_for(ready, self._remaining(since))
+            async with asyncio.timeout(self._remaining(since)):
+                await sockio.readable(sock)
         except TimeoutError:
             raise self._timed_out(conn) from None
-        finally:
-            loop.remove_reader(sock.fileno())
         return sock.recv(PEEK, socket.MSG_PEEK) or None
 
     async def _tunnel(self, sock: socket.socket, conn: Connection, since: float) -> None:
-        loop = asyncio.get_running_loop()
         buffered = b""
         for _ in range(MAX_REFUSALS_PER_CONNECTION):
             head, buffered = await self._head(sock, conn, buffered, since)
@@ -239,7 +235,7 @@ class TunnelFrontEnd:
                 self.checkpoint.refuse_connection(
                     conn, Reason.BAD_REQUEST, "malformed CONNECT head"
                 )
-                await loop.sock_sendall(sock, BAD_REQUEST)
+                await sockio.send_all(sock, BAD_REQUEST)
                 raise _Closed()
             host, port, credential, fields = parsed
             request = Request(Kind.CONNECT, host, port, "CONNECT")
@@ -256,7 +252,7 @@ class TunnelFrontEnd:
             if decision.allowed:
                 break
             # As on the mitmproxy path, the connection stays open for the client's next request.
-            await loop.sock_sendall(sock, refusal_bytes(decision, close=False))
+            await sockio.send_all(sock, refusal_bytes(decision, close=False))
             since = time.monotonic()
         else:
             raise _Closed()
@@ -264,7 +260,7 @@ class TunnelFrontEnd:
         # Admitted from here on: a recheck after a reload may end it while its first bytes come
         # (it then clears the closer, and nothing is dialled or sent).
         conn.closer = functools.partial(_shut, sock)
-        await loop.sock_sendall(sock, ESTABLISHED)
+        await sockio.send_all(sock, ESTABLISHED)
         first, classified = await self._first_bytes(sock, conn, port, buffered)
         tunnel = conn.tunnel
         if classified.protocol is Protocol.HTTP:
@@ -279,11 +275,12 @@ class TunnelFrontEnd:
         up = socket.socket(socket.AF_INET6 if ":" in target else socket.AF_INET)
         try:
             up.setblocking(False)
-            await asyncio.wait_for(loop.sock_connect(up, (target, port)), CONNECT_TIMEOUT)
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await sockio.connect(up, (target, port))
             if conn.closer is None:  # closed by a recheck while it was dialled
                 raise _Closed()
             up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await loop.sock_sendall(up, first)
+            await sockio.send_all(up, first)
             conn.bytes_out += len(first)
             conn.closer = functools.partial(_shut, sock, up)
             await self._relay(sock, up, conn)
@@ -334,7 +331,7 @@ class TunnelFrontEnd:
     async def _too_large(self, sock: socket.socket, conn: Connection) -> None:
         detail = f"the request head is larger than {MAX_REQUEST_HEAD} bytes"
         self.checkpoint.refuse_connection(conn, Reason.HEAD_TOO_LARGE, detail)
-        await asyncio.get_running_loop().sock_sendall(sock, HEAD_TOO_LARGE)
+        await sockio.send_all(sock, HEAD_TOO_LARGE)
         raise _Closed()
 
     async def _first_bytes(
@@ -353,17 +350,12 @@ class TunnelFrontEnd:
         """What the client sends next, before its deadline (counted from ``since``) passes."""
         try:
             async with asyncio.timeout(self._remaining(since)):
-                more = await asyncio.get_running_loop().sock_recv(sock, size)
+                more = await sockio.recv(sock, size)
         except TimeoutError:
             raise self._timed_out(conn) from None
         if not more:
             raise _Closed()
         return more
-
-
-def _settle(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 def _parse_connect(

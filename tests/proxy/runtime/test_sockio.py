@@ -1,0 +1,120 @@
+"""Socket calls that try the system call first and wait only when it would block: real loopback
+sockets on both event loops."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from typing import Any
+
+import pytest
+
+from proxy.runtime import sockio
+from proxy.runtime.loop import loop_factory
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+def _run(choice: str, main: Any) -> Any:
+    return asyncio.run(main, loop_factory=loop_factory(choice))
+
+
+def _pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        a = socket.create_connection(server.getsockname())
+        b, _ = server.accept()
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_recv_waits_for_data_and_reports_eof(choice: str) -> None:
+    a, b = _pair()
+
+    async def main() -> tuple[bytes, bytes]:
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.05, b.send, b"late")
+        first = await asyncio.wait_for(sockio.recv(a, 100), 10)
+        b.shutdown(socket.SHUT_WR)
+        return first, await asyncio.wait_for(sockio.recv(a, 100), 10)
+
+    try:
+        assert _run(choice, main()) == (b"late", b"")
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_send_all_waits_for_a_full_buffer_and_sends_everything(choice: str) -> None:
+    a, b = _pair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 14)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 14)
+    payload = os.urandom(4 << 20)
+
+    async def main() -> bytes:
+        sender = asyncio.ensure_future(sockio.send_all(a, payload))
+        await asyncio.sleep(0.05)
+        assert not sender.done()  # the buffers are full: it waits, it does not drop
+        got = bytearray()
+
+        async def receive() -> None:
+            while len(got) < len(payload):
+                got.extend(await sockio.recv(b, 1 << 16))
+
+        await asyncio.wait_for(receive(), 30)
+        await asyncio.wait_for(sender, 10)
+        return bytes(got)
+
+    try:
+        assert _run(choice, main()) == payload
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_connect_reaches_a_listener_and_reports_a_refusal(choice: str) -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+    address = server.getsockname()
+    closed = socket.create_server(("127.0.0.1", 0))
+    refused = closed.getsockname()
+    closed.close()
+
+    async def main() -> None:
+        ok = socket.socket()
+        ok.setblocking(False)
+        try:
+            await asyncio.wait_for(sockio.connect(ok, address), 10)
+            assert ok.getpeername() == address
+        finally:
+            ok.close()
+        bad = socket.socket()
+        bad.setblocking(False)
+        try:
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.wait_for(sockio.connect(bad, refused), 10)
+        finally:
+            bad.close()
+
+    try:
+        _run(choice, main())
+    finally:
+        server.close()
+
+
+def test_connect_never_resolves_a_name() -> None:
+    """Only the address the gate checked and pinned is dialled: a name is an error, not a lookup."""
+
+    async def main() -> None:
+        sock = socket.socket()
+        sock.setblocking(False)
+        try:
+            with pytest.raises(OSError):
+                await sockio.connect(sock, ("localhost", 80))
+        finally:
+            sock.close()
+
+    asyncio.run(main())
