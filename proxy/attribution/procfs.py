@@ -165,11 +165,22 @@ class SandboxProcesses:
         for _ in range(64):
             if current.pid == 1 or current.host_ppid == self.root:
                 return
-            parent = entries.get(current.host_ppid) or self._entry(current.host_ppid)
+            parent = entries.get(current.host_ppid) or self._parent(current.host_ppid)
             if parent is None:
                 return
             entries[parent.host_pid] = parent
             current = parent
+
+    def _parent(self, pid: int) -> ProcEntry | None:
+        """A parent as the chain records it: its pids and executable path (``"PID EXE"``); its
+        command line and file identity are only ever read for a socket's owners."""
+        base = f"{self.proc}/{pid}"
+        try:
+            ppid, nspid = _status(base)
+            exe = os.readlink(f"{base}/exe")
+        except OSError:
+            return None
+        return ProcEntry(pid, ppid, nspid, exe, ())
 
     def _entry(self, pid: int) -> ProcEntry | None:
         base = f"{self.proc}/{pid}"
@@ -185,7 +196,8 @@ class SandboxProcesses:
 
 def _read(path: str, limit: int = 65536, *, missing_ok: bool = True) -> bytes:
     """A small /proc file's bytes (b"" when it is gone, unless ``missing_ok`` is False): raw os
-    calls, no buffered file object (this runs several times per connection)."""
+    calls, no buffered file object (this runs several times per connection). One read: procfs
+    hands over up to ``limit`` bytes of these files in a single call."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -193,12 +205,7 @@ def _read(path: str, limit: int = 65536, *, missing_ok: bool = True) -> bytes:
             return b""
         raise
     try:
-        chunks = []
-        size = 0
-        while size < limit and (chunk := os.read(fd, limit - size)):
-            chunks.append(chunk)
-            size += len(chunk)
-        return b"".join(chunks)
+        return os.read(fd, limit)
     except OSError:
         if missing_ok:
             return b""
