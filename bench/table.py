@@ -81,10 +81,14 @@ class Config:
     unavailable: str = ""  # why the row could not run (printed as n/a with this reason)
     gate_pid: int | None = None  # the gate's process (tree), for CPU per tunnel and per MiB
     env: dict[str, str] = field(default_factory=dict)  # added to the client's environment
-    cases: set[str] = field(default_factory=lambda: set(CASES))
+    cases: set[str] = field(default_factory=lambda: set(CASES) - {"inspected"})
+    # case -> (prefix, proxy) where a case runs elsewhere (the inspected download: a gate whose
+    # policy reads the upstream's requests)
+    overrides: dict[str, tuple[list[str], str | None]] = field(default_factory=dict)
 
 
-CASES = ("sequential", "parallel", "bulk", "keepalive", "denial")
+CASES = ("sequential", "parallel", "bulk", "inspected", "keepalive", "denial")
+INSPECTED_HOST = "inspect.test"  # resolved by the gates' hosts file; its rule reads requests
 
 
 def _client_spec(case: str, proxy: str | None, nginx: Nginx, sizes: Sizes) -> dict[str, object]:
@@ -99,6 +103,8 @@ def _client_spec(case: str, proxy: str | None, nginx: Nginx, sizes: Sizes) -> di
         spec.update(case="tunnels", n=sizes.parallel, parallel=PARALLEL)
     elif case == "bulk":
         spec.update(case="bulk")
+    elif case == "inspected":
+        spec.update(case="bulk", host=INSPECTED_HOST)
     elif case == "keepalive":
         spec.update(case="keepalive", n=sizes.keepalive)
     else:
@@ -107,8 +113,9 @@ def _client_spec(case: str, proxy: str | None, nginx: Nginx, sizes: Sizes) -> di
 
 
 def run_client(config: Config, case: str, nginx: Nginx, sizes: Sizes) -> dict[str, object]:
-    spec = _client_spec(case, config.proxy, nginx, sizes)
-    argv = [*config.prefix, sys.executable, "-I", "-S", CLIENT, json.dumps(spec)]
+    prefix, proxy = config.overrides.get(case, (config.prefix, config.proxy))
+    spec = _client_spec(case, proxy, nginx, sizes)
+    argv = [*prefix, sys.executable, "-I", "-S", CLIENT, json.dumps(spec)]
     env = {**clean_env(), **config.env}
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -131,7 +138,7 @@ def figure(case: str, result: dict[str, object], sizes: Sizes) -> float:
         if codes.get("200", 0) != expected:
             raise RuntimeError(f"{case}: expected {expected} answers of 200, got {codes}")
         return expected / elapsed
-    if case == "bulk":
+    if case in ("bulk", "inspected"):
         if int(float(str(result["size"]))) != sizes.bulk_mb << 20:
             raise RuntimeError(f"bulk: short transfer ({result['size']} bytes)")
         return float(str(result["speed"])) / 1e6
@@ -197,6 +204,17 @@ def write_policy(path: Path, nginx: Nginx) -> None:
     path.write_text(
         "version: 1\nallow_internal: [127.0.0.0/8]\nrules:\n"
         f"  - name: bench\n    cidrs: [127.0.0.1/32]\n    ports: [{nginx.tls_port}, {nginx.http_port}]\n"
+    )
+
+
+def write_inspected_policy(path: Path, hosts: Path, nginx: Nginx) -> None:
+    """A policy whose one rule reads requests (GET only): its tunnels are TLS-terminated by the gate,
+    every request decided, the upstream verified against the bench CA."""
+    hosts.write_text(f"127.0.0.1 {INSPECTED_HOST}\n")
+    path.write_text(
+        "version: 1\nallow_internal: [127.0.0.0/8]\nrules:\n"
+        f"  - name: inspected\n    hosts: [{INSPECTED_HOST}]\n    ports: [{nginx.tls_port}]\n"
+        "    methods: [GET]\n"
     )
 
 
@@ -390,8 +408,9 @@ class Results:
     def add(self, config: str, case: str, value: float) -> None:
         self.runs.setdefault((config, case), []).append(value)
 
-    def ratio(self, config: str, case: str, base: str) -> float:
-        mine, theirs = self.runs.get((config, case), []), self.runs.get((base, case), [])
+    def ratio(self, config: str, case: str, base: str, base_case: str = "") -> float:
+        mine = self.runs.get((config, case), [])
+        theirs = self.runs.get((base, base_case or case), [])
         pairs = [a / b for a, b in zip(mine, theirs, strict=False) if b]
         return _median(pairs)
 
@@ -402,7 +421,9 @@ def measure_matrix(
     for rnd in range(sizes.rounds):
         for case in CASES:
             for config in configs:
-                if config.unavailable or case not in config.cases:
+                if config.unavailable or (
+                    case not in config.cases and case not in config.overrides
+                ):
                     continue
                 try:
                     cpu = cpu_seconds(config.gate_pid)
@@ -447,23 +468,23 @@ def cpu_seconds(pid: int | None) -> float:
 def render_matrix(configs: list[Config], results: Results, direct: str) -> list[str]:
     head = (
         "| same work, one run | start ms | new TLS tunnels/s (seq) | ratio | tunnels/s (16 par) "
-        "| ratio | added latency p50 / p99 ms | bulk MB/s | ratio | keep-alive req/s | ratio "
-        "| denial ms | gate CPU ms / tunnel | gate CPU ms / MiB |"
+        "| ratio | added latency p50 / p99 ms | bulk MB/s | ratio | inspected bulk MB/s | ratio "
+        "| keep-alive req/s | ratio | denial ms | gate CPU ms / tunnel | gate CPU ms / MiB |"
     )
-    out = [head, "|---|" + "---:|" * 13]
+    out = [head, "|---|" + "---:|" * 15]
     base_latency = results.latency.get(direct, [])
     for config in configs:
         if config.unavailable:
-            out.append(f"| {config.name} | n/a: {config.unavailable} |" + " |" * 12)
+            out.append(f"| {config.name} | n/a: {config.unavailable} |" + " |" * 14)
             continue
 
         def med(case: str, digits: int = 0, config: Config = config) -> str:
             return _fmt(_median(results.runs.get((config.name, case), [])), digits)
 
-        def rat(case: str, config: Config = config) -> str:
+        def rat(case: str, config: Config = config, base: str = "") -> str:
             if config.name == direct:
                 return "1.00"
-            return _fmt(results.ratio(config.name, case, direct), 2)
+            return _fmt(results.ratio(config.name, case, direct, base or case), 2)
 
         lat = results.latency.get(config.name, [])
         if config.name == direct or not lat or not base_latency:
@@ -474,9 +495,13 @@ def render_matrix(configs: list[Config], results: Results, direct: str) -> list[
             added = f"{p50:.2f} / {p99:.2f}"
         start = med("start", 0) if config.start else NA
         denial = med("denial", 2) if config.proxy else NA
+        has_inspected = "inspected" in config.overrides
+        inspected = med("inspected") if has_inspected else NA
+        inspected_ratio = rat("inspected", base="bulk") if has_inspected else NA
         out.append(
             f"| {config.name} | {start} | {med('sequential')} | {rat('sequential')} "
             f"| {med('parallel')} | {rat('parallel')} | {added} | {med('bulk')} | {rat('bulk')} "
+            f"| {inspected} | {inspected_ratio} "
             f"| {med('keepalive')} | {rat('keepalive')} | {denial} "
             f"| {med('cpu-parallel', 2)} | {med('cpu-bulk', 2)} |"
         )
@@ -513,14 +538,29 @@ def run(sizes: Sizes, peers: bool, out: Callable[[str], None] = print) -> int:
     with tempfile.TemporaryDirectory(prefix="egress-bench-") as tmp:
         root = Path(tmp)
         try:
-            ca = LocalCA(root / "ca", ["127.0.0.1"])
+            ca = LocalCA(root / "ca", ["127.0.0.1", INSPECTED_HOST])
             nginx = Nginx(root / "nginx", ca.cert_path, ca.key_path, sizes.bulk_mb << 20)
             stops.append(nginx.stop)
             policy = root / "policy.yaml"
             write_policy(policy, nginx)
             egress = egress_command()
             direct = "no proxy (the limit)"
-            configs = [Config(direct, [], None, start=["true"], cases=set(CASES) - {"denial"})]
+            configs = [
+                Config(direct, [], None, start=["true"], cases=set(CASES) - {"denial", "inspected"})
+            ]
+            # The inspected download goes through gates of their own (a policy that reads requests
+            # changes what a gate starts with), verifying the upstream against the bench CA.
+            inspected_policy, hosts = root / "inspected.yaml", root / "hosts"
+            write_inspected_policy(inspected_policy, hosts, nginx)
+            inspecting = (
+                "--hosts-file", str(hosts), "--upstream-ca", str(ca.ca_path),
+                "--state-dir", str(root / "state"),
+            )  # fmt: skip
+            handoff_i = root / "gate-inspected.sock"
+            serve_i, port_i = start_serve(
+                inspected_policy, *QUIET_GATE, *inspecting, "--handoff-socket", str(handoff_i)
+            )
+            stops.append(lambda: stop_serve(serve_i))
             serve1, port1 = start_serve(policy, *QUIET_GATE)
             stops.append(lambda: stop_serve(serve1))
             configs.append(
@@ -529,6 +569,7 @@ def run(sizes: Sizes, peers: bool, out: Callable[[str], None] = print) -> int:
                     [],
                     f"http://127.0.0.1:{port1}",
                     gate_pid=serve1.pid,
+                    overrides={"inspected": ([], f"http://127.0.0.1:{port_i}")},
                 )
             )
             if serve_supports("--workers"):
@@ -544,18 +585,23 @@ def run(sizes: Sizes, peers: bool, out: Callable[[str], None] = print) -> int:
                 )
             inside = "http://127.0.0.1:3128"
             run_private = [*egress, "run", "--quiet", "--policy", str(policy), "--"]
+            run_inspected = [
+                *egress, "run", "--quiet", "--policy", str(inspected_policy), *inspecting, "--",
+            ]  # fmt: skip
             configs.append(
                 Config(
                     "`egress run` (private gate)",
                     run_private,
                     inside,
                     start=[*run_private, "true"],
+                    overrides={"inspected": (run_inspected, inside)},
                 )
             )
             handoff = root / "gate.sock"
             serve_h, _ = start_serve(policy, *QUIET_GATE, "--handoff-socket", str(handoff))
             stops.append(lambda: stop_serve(serve_h))
             run_handed = [*egress, "run", "--quiet", "--gate-socket", str(handoff), "--"]
+            run_handed_i = [*egress, "run", "--quiet", "--gate-socket", str(handoff_i), "--"]
             configs.append(
                 Config(
                     "`egress run --gate-socket` (running gate)",
@@ -563,6 +609,7 @@ def run(sizes: Sizes, peers: bool, out: Callable[[str], None] = print) -> int:
                     inside,
                     start=[*run_handed, "true"],
                     gate_pid=serve_h.pid,
+                    overrides={"inspected": (run_handed_i, inside)},
                 )
             )
             if peers:
