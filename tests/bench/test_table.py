@@ -47,6 +47,11 @@ def test_the_quick_bench_produces_every_row() -> None:
         assert sum(line.startswith(row) for line in out.splitlines()) == 1, row
     rows = [line for line in out.splitlines() if line.startswith(ROWS)]
     assert all("n/a" not in line for line in rows)
+    header = next(line for line in out.splitlines() if line.startswith("| same work"))
+    column = [c.strip() for c in header.split("|")].index("inspected bulk MB/s")
+    for line in rows:
+        if "egress" in line and "--workers" not in line:  # measured through an inspecting gate
+            assert float([c.strip() for c in line.split("|")][column].replace(",", "")) > 0, line
     assert "FAILED" not in out
     if os.geteuid() == 0:  # the idle-tunnel case raises its own fd limit; it did not fall short
         assert "| memory per idle passthrough tunnel, 200 held |" in out
