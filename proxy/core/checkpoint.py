@@ -68,6 +68,7 @@ returned decision.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import logging
 import time
@@ -168,6 +169,7 @@ class Checkpoint:
         self._policy = policy
         self.credentials = credentials
         self.processes = processes
+        self._lookup_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._bound = BoundRules()
         self.emitter = emitter
         self.destinations = destinations
@@ -433,7 +435,17 @@ class Checkpoint:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # no loop (a synchronous caller): looked up when the first request comes
-        conn.lookup = loop.run_in_executor(None, self.processes.attribute, conn.peer)
+        conn.lookup = loop.run_in_executor(self._pool(), self.processes.attribute, conn.peer)
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        """One thread for every lookup: they are /proc system calls, which gain nothing from
+        running side by side on a gate's few cores, while several threads contending with the event
+        loop for the interpreter lock cost a hand-off on every call."""
+        if self._lookup_pool is None:
+            self._lookup_pool = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="egress-attribution"
+            )
+        return self._lookup_pool
 
     async def _attribute(self, conn: Connection) -> None:
         """(3a) once per connection, before its first decision: the process that owns its client
@@ -445,7 +457,7 @@ class Checkpoint:
         try:
             if lookup is None:
                 lookup = asyncio.get_running_loop().run_in_executor(
-                    None, self.processes.attribute, conn.peer
+                    self._pool(), self.processes.attribute, conn.peer
                 )
             conn.process = await lookup
         except Exception:
@@ -468,7 +480,8 @@ class Checkpoint:
             peer = conn.peer or ""
             try:
                 process = await asyncio.get_running_loop().run_in_executor(
-                    None, functools.partial(self.processes.attribute, peer, every_owner=True)
+                    self._pool(),
+                    functools.partial(self.processes.attribute, peer, every_owner=True),
                 )
             except Exception:
                 log.exception("attributing %s failed", peer)
