@@ -42,7 +42,8 @@ def refusal_bytes(decision: Decision, *, close: bool = True) -> bytes:
     body = refusal_text(decision).encode()
     lines = [f"HTTP/1.1 {status} {reason}"]
     lines += [f"{name}: {_header_safe(value)}" for name, value in headers.items()]
-    lines += [f"Content-Length: {len(body)}", *(["Connection: close"] if close else []), "", ""]
+    # spelled as mitmproxy's responses spell it: the same refusal, byte for byte, from either path
+    lines += [f"content-length: {len(body)}", *(["Connection: close"] if close else []), "", ""]
     return "\r\n".join(lines).encode() + body
 
 
