@@ -157,18 +157,17 @@ def _plain_host(host: str) -> bool:
 
 
 def response_head_problem(head: bytes) -> str | None:
-    """What makes a response head ambiguous where h11 would accept it; None if it is clean."""
-    if b"\n" in head.replace(b"\r\n", b"") or b"\r" in head.replace(b"\r\n", b""):
+    """What makes a response head - or the start of one, still incomplete - ambiguous where h11
+    would accept it; None if it is clean so far. Read on the raw bytes: h11 merges repeated
+    ``Content-Length`` fields before anyone sees them."""
+    lines = head.removesuffix(b"\r").split(b"\r\n")
+    if any(b"\n" in line or b"\r" in line for line in lines):
         return "a bare LF or CR in the response head"
-    if b"\r\n " in head or b"\r\n\t" in head:
+    if any(line[:1] in (b" ", b"\t") for line in lines[1:]):
         return "a folded line in the response head"
     if b"\x00" in head:
         return "a NUL byte in the response head"
-    return None
-
-
-def _framing_problem(response: h11.Response | h11.InformationalResponse) -> str | None:
-    names = [name.lower() for name, _ in response.headers.raw_items()]
+    names = [line.partition(b":")[0].strip().lower() for line in lines[1:]]
     lengths = names.count(b"content-length")
     if lengths > 1:
         return "more than one Content-Length in the response"
@@ -227,7 +226,8 @@ class PlainHttp:
         self.request_deadline = request_deadline
         self.keepalive_idle = idle_timeout if idle_timeout > 0 else KEEPALIVE_IDLE
         self.query_values = query_values
-        self.served = 0  # requests served here (tests read it)
+        self.decided = 0  # requests decided here (tests read it)
+        self.served = 0  # of which sent upstream
 
     def takes(self, conn: Connection, head: PlainHead) -> bool:
         """Whether this path may decide ``head`` on ``conn``: no request rules could read it and no
@@ -326,6 +326,7 @@ class PlainHttp:
         decision = await self.checkpoint.admit(
             conn, request, credential=head.credential, problem=problem
         )
+        self.decided += 1
         if not decision.allowed:
             refusal = refusal_bytes(decision, close=False)
             if head.method == "HEAD":  # a response to HEAD has no body (as mitmproxy sends it)
@@ -373,6 +374,10 @@ class PlainHttp:
             if parser.their_state is h11.SEND_RESPONSE:
                 # A response head (final or 1xx): checked whole before h11 reads it.
                 end = pending.find(b"\r\n\r\n")
+                problem = response_head_problem(pending[: end + 2] if end >= 0 else pending)
+                if problem is not None:
+                    log.warning("closed: %s from %s:%s", problem, upstream.key[0], upstream.key[1])
+                    raise _Closed()
                 if end < 0:
                     if len(pending) > MAX_RESPONSE_HEAD:
                         raise _Closed()
@@ -381,10 +386,6 @@ class PlainHttp:
                         raise _Closed()
                     pending += more
                     continue
-                problem = response_head_problem(pending[: end + 4])
-                if problem is not None:
-                    log.warning("closed: %s from %s:%s", problem, upstream.key[0], upstream.key[1])
-                    raise _Closed()
                 parser.receive_data(pending[: end + 4])
                 pending = pending[end + 4 :]
             elif pending:
@@ -396,10 +397,6 @@ class PlainHttp:
                 parser.receive_data(more)  # b"" is the upstream's EOF
                 continue
             if isinstance(event, (h11.InformationalResponse, h11.Response)):
-                problem = _framing_problem(event)
-                if problem is not None:
-                    log.warning("closed: %s from %s:%s", problem, upstream.key[0], upstream.key[1])
-                    raise _Closed()
                 names = {name.lower() for name, _ in event.headers.raw_items()}
                 if isinstance(event, h11.Response):
                     chunked = b"transfer-encoding" in names
