@@ -284,6 +284,10 @@ class PlainHttp:
     async def _next(self, sock: socket.socket, conn: Connection) -> tuple[float, bytes]:
         """(when the next request's first byte came, a peek at it); b"" when the client closed.
         A connection idle past the keep-alive limit is closed and the closing recorded."""
+        try:  # a request already there (pipelined, or quick): no waiting machinery
+            return time.monotonic(), sock.recv(PEEK, socket.MSG_PEEK)
+        except BlockingIOError:
+            pass
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = loop.create_future()
         loop.add_reader(sock.fileno(), _settle, ready)
@@ -366,6 +370,7 @@ class PlainHttp:
         wire += [name + b": " + value for name, value in fields]
         await loop.sock_sendall(upstream.sock, b"\r\n".join(wire) + b"\r\n\r\n")
         pending = b""  # received, not yet given to h11
+        out = bytearray()  # for the client: sent in one write per read from the upstream
         chunked = False
         until_eof = False
         closes = head.close
@@ -381,6 +386,9 @@ class PlainHttp:
                 if end < 0:
                     if len(pending) > MAX_RESPONSE_HEAD:
                         raise _Closed()
+                    if out:
+                        await loop.sock_sendall(sock, out)
+                        out.clear()
                     more = await _recv(upstream.sock)
                     if not more:
                         raise _Closed()
@@ -393,6 +401,9 @@ class PlainHttp:
                 pending = b""
             event = parser.next_event()
             if event is h11.NEED_DATA:
+                if out:
+                    await loop.sock_sendall(sock, out)
+                    out.clear()
                 more = await _recv(upstream.sock)
                 parser.receive_data(more)  # b"" is the upstream's EOF
                 continue
@@ -409,18 +420,19 @@ class PlainHttp:
                     closes = closes or until_eof or _closes(event)
                     length = _content_length(event)
                     conn.bytes_in += length
-                await loop.sock_sendall(sock, _response_head(event))
+                out += _response_head(event)
             elif isinstance(event, h11.Data):
                 data = bytes(event.data)
                 if chunked and data:
                     data = b"%x\r\n%s\r\n" % (len(data), data)
-                await loop.sock_sendall(sock, data)
+                out += data
             elif isinstance(event, h11.EndOfMessage):
                 if chunked:
                     trailers = b"".join(
                         n + b": " + v + b"\r\n" for n, v in event.headers.raw_items()
                     )
-                    await loop.sock_sendall(sock, b"0\r\n" + trailers + b"\r\n")
+                    out += b"0\r\n" + trailers + b"\r\n"
+                await loop.sock_sendall(sock, out)
                 if pending or parser.trailing_data[0]:
                     log.warning("closed: bytes after the response from %s", upstream.key[0])
                     raise _Closed()
@@ -463,7 +475,10 @@ async def _consume(sock: socket.socket, size: int) -> None:
     for _ in range(size + 1):
         if not left:
             return
-        got = await loop.sock_recv(sock, left)
+        try:
+            got = sock.recv(left)
+        except BlockingIOError:
+            got = await loop.sock_recv(sock, left)
         if not got:
             raise _Closed()
         left -= len(got)
@@ -471,6 +486,10 @@ async def _consume(sock: socket.socket, size: int) -> None:
 
 
 async def _recv(sock: socket.socket) -> bytes:
+    try:  # what has arrived already: no waiting machinery
+        return sock.recv(CHUNK)
+    except BlockingIOError:
+        pass
     return await asyncio.wait_for(
         asyncio.get_running_loop().sock_recv(sock, CHUNK), UPSTREAM_TIMEOUT
     )
