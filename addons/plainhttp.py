@@ -44,6 +44,7 @@ import h11
 from addons.refusal import refusal_bytes
 from proxy.core.checkpoint import Checkpoint
 from proxy.core.connections import Connection
+from proxy.core.credentials import Carried
 from proxy.core.decision import Kind, Reason
 from proxy.core.hosts import InvalidHost, canonical_host
 from proxy.core.httpheads import http_request, is_egress_header, plain_problem
@@ -79,7 +80,7 @@ class PlainHead:
 
     size: int  # bytes, up to and including the blank line
     method: str
-    host: str  # the URL's host, lower-case (as mitmproxy's parser gives it)
+    host: str  # the URL's host, in its canonical spelling (lower-case)
     port: int
     target: str  # origin-form, what the upstream is sent
     fields: tuple[tuple[bytes, bytes], ...]  # without X-Egress-* and Proxy-Authorization
@@ -100,7 +101,7 @@ def read_head(data: bytes) -> PlainHead | None:
     url = _URL.fullmatch(parts[1])
     if url is None or b"//" in url["path"] or b";" in url["path"]:
         return None
-    host = url["host"].decode("ascii").lower()
+    host = url["host"].decode("ascii")
     port = int(url["port"] or b"80")
     if port > 65535 or not _plain_host(host):
         return None
@@ -327,8 +328,16 @@ class PlainHttp:
             head.fields,
             [v.decode("ascii") for k, v in head.fields if k.lower() == b"host"],
         )
+        carried = None
+        if self.checkpoint.credentials is not None:
+            # Only heads without issued credentials get here, but a reload may issue one while
+            # this request is decided: the credential step then still sees every placeholder.
+            carried = Carried(
+                tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in head.fields),
+                head.target,
+            )
         decision = await self.checkpoint.admit(
-            conn, request, credential=head.credential, problem=problem
+            conn, request, credential=head.credential, problem=problem, carried=carried
         )
         self.decided += 1
         if not decision.allowed:
@@ -337,8 +346,10 @@ class PlainHttp:
                 refusal = refusal[: refusal.index(b"\r\n\r\n") + 4]
             await loop.sock_sendall(sock, refusal)
             return upstream, not head.close
-        if conn.inspected:
-            raise _Closed()  # never: a plain connection has no tunnel; fail closed if it had
+        if conn.inspected or decision.credential:
+            # Never on this path (no tunnel; no credential is added outside an inspected one);
+            # were it otherwise, only mitmproxy's flows could apply it: fail closed.
+            raise _Closed()
         self.checkpoint.opened(conn, decision)
         target = self.checkpoint.dial_target(conn, head.host, head.port)
         if target is None:
@@ -352,10 +363,11 @@ class PlainHttp:
             upstream = await _dial(sock, target, head.port, key)
         self.served += 1
         keep = await self._exchange(sock, conn, head, upstream)
-        if upstream.h11.our_state is not h11.DONE or upstream.h11.their_state is not h11.DONE:
+        try:
+            upstream.h11.start_next_cycle()  # raises unless both sides may go on
+        except h11.LocalProtocolError:
             upstream.close()
             return None, keep
-        upstream.h11.start_next_cycle()
         return upstream, keep
 
     async def _exchange(

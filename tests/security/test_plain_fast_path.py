@@ -55,12 +55,15 @@ class Scripted(LoopbackServer):
 
     def __init__(self) -> None:
         self.reply = b""
+        self.close_after = False  # close once the reply is sent (a body delimited by the close)
         super().__init__(threaded=True, name="upstream-scripted")
 
     def handle(self, conn: socket.socket) -> None:
         conn.settimeout(WAIT)
         if recv_head(conn):
             conn.sendall(self.reply)
+            if self.close_after:
+                return
             conn.settimeout(2.0)
             try:  # stay open until the gate closes (it must, where the reply was ambiguous)
                 while conn.recv(4096):
@@ -141,6 +144,7 @@ def _reset(origin_a: Origin, origin_b: Origin, scripted: Scripted, dns: FakeDns)
     origin_a.reset()
     origin_b.reset()
     scripted.accepted = 0
+    scripted.close_after = False
     dns.reset_queries()
 
 
@@ -411,6 +415,39 @@ def test_a_chunked_response_is_relayed_whole(gate: RunningGate, scripted: Script
             break
         decoded, rest = decoded + rest[: int(size, 16)], rest[int(size, 16) + 2 :]
     assert decoded == b"abcde"
+
+
+@pytest.mark.parametrize(
+    "reply,close_after",
+    [
+        (b"HTTP/1.1 200 OK\r\n\r\nuntil the upstream closes", True),
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 3\r\n\r\nabc", False),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nabc", False),
+    ],
+    ids=["body-until-close", "connection-close", "http-1.0"],
+)
+def test_a_response_that_ends_the_upstream_connection_ends_the_client_connection(
+    gate: RunningGate, scripted: Scripted, reply: bytes, close_after: bool
+) -> None:
+    """As mitmproxy does: the client connection closes after the response, and the pipelined
+    request behind it is never decided."""
+    scripted.reply, scripted.close_after = reply, close_after
+    fast = decided(gate)
+    answer = exchange(
+        gate, get("raw.test", scripted.port) + get("raw.test", scripted.port, "/2"), responses=2
+    )
+    assert answer.closed
+    assert answer.data.startswith(reply.split(b"\r\n", 1)[0])
+    assert answer.data.endswith(reply.rsplit(b"\n", 1)[1])
+    assert decided(gate) == fast + 1 and scripted.accepted == 1
+
+
+def test_a_switch_of_protocols_nobody_asked_for_closes_the_connection(
+    gate: RunningGate, scripted: Scripted
+) -> None:
+    scripted.reply = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\nRAW BYTES"
+    answer = exchange(gate, get("raw.test", scripted.port))
+    assert answer.closed and b"RAW BYTES" not in answer.data
 
 
 # -- parity: the same requests through the front end and through mitmproxy ---------------------
