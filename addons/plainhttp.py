@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import re
 import socket
@@ -61,16 +62,16 @@ CHUNK = 256 * 1024
 METHODS = frozenset({b"GET", b"HEAD"})
 BAD_GATEWAY = b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELDS = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e]*\r\n)*")
 _URL = re.compile(
     rb"http://(?P<host>[A-Za-z0-9.\-]+)(?::(?P<port>[1-9][0-9]{0,4}))?"
     rb"(?P<path>/[A-Za-z0-9\-._~!$&'()*+,=:@/%]*)(?:\?(?P<query>[A-Za-z0-9\-._~!$&'()*+,;=:@/%?]+))?"
 )
-_VALUE = re.compile(rb"[\t\x20-\x7e]*")
 # Fields that announce a body or another protocol, or that only mitmproxy's flows handle.
 _NOT_HERE = frozenset(
     {b"content-length", b"transfer-encoding", b"upgrade", b"expect", b"http2-settings"}
 )
+_FRAMING = re.compile(rb"\r\n(content-length|transfer-encoding)[ \t]*:")
 _CONNECTION_TOKENS = frozenset({"close", "keep-alive"})
 
 
@@ -94,8 +95,12 @@ def read_head(data: bytes) -> PlainHead | None:
     end = data.find(b"\r\n\r\n")
     if end < 0:
         return None
-    lines = data[:end].split(b"\r\n")
-    parts = lines[0].split(b" ")
+    line_end = data.find(b"\r\n")
+    # every field line at once: a token, a colon, printable ASCII or tabs, CRLF (no folding, no
+    # space before the colon, no control byte, no bare CR or LF)
+    if not _FIELDS.fullmatch(data, line_end + 2, end + 2):
+        return None
+    parts = data[:line_end].split(b" ")
     if len(parts) != 3 or parts[0] not in METHODS or parts[2] != b"HTTP/1.1":
         return None
     url = _URL.fullmatch(parts[1])
@@ -110,10 +115,8 @@ def read_head(data: bytes) -> PlainHead | None:
     credential: str | None = None
     hosts = 0
     close = False
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not _TOKEN.fullmatch(name) or not _VALUE.fullmatch(value):
-            return None  # folding, a space before the colon, a control byte, non-ASCII
+    for line in data[line_end + 2 : end].split(b"\r\n") if end > line_end else ():
+        name, _, value = line.partition(b":")
         value = value.strip(b" \t")
         key = name.lower()
         if key in _NOT_HERE:
@@ -130,7 +133,7 @@ def read_head(data: bytes) -> PlainHead | None:
                 return None
             credential = value.decode("ascii")
             continue
-        if is_egress_header(name.decode("ascii")):
+        if key[:1] == b"x" and is_egress_header(name.decode("ascii")):
             continue
         fields.append((name, value))
     if hosts != 1:
@@ -147,6 +150,7 @@ def read_head(data: bytes) -> PlainHead | None:
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def _plain_host(host: str) -> bool:
     """A host name or dotted IPv4 address in its canonical spelling; every other spelling (numeric
     tricks, trailing dots, empty labels) is mitmproxy's to parse."""
@@ -161,18 +165,19 @@ def response_head_problem(head: bytes) -> str | None:
     """What makes a response head - or the start of one, still incomplete - ambiguous where h11
     would accept it; None if it is clean so far. Read on the raw bytes: h11 merges repeated
     ``Content-Length`` fields before anyone sees them."""
-    lines = head.removesuffix(b"\r").split(b"\r\n")
-    if any(b"\n" in line or b"\r" in line for line in lines):
+    head = head.removesuffix(b"\r")
+    lone = head.replace(b"\r\n", b"")
+    if b"\n" in lone or b"\r" in lone:
         return "a bare LF or CR in the response head"
-    if any(line[:1] in (b" ", b"\t") for line in lines[1:]):
+    if b"\r\n " in head or b"\r\n\t" in head:
         return "a folded line in the response head"
     if b"\x00" in head:
         return "a NUL byte in the response head"
-    names = [line.partition(b":")[0].strip().lower() for line in lines[1:]]
-    lengths = names.count(b"content-length")
+    framing = _FRAMING.findall(head.lower())
+    lengths = framing.count(b"content-length")
     if lengths > 1:
         return "more than one Content-Length in the response"
-    if lengths and b"transfer-encoding" in names:
+    if lengths and b"transfer-encoding" in framing:
         return "both Content-Length and Transfer-Encoding in the response"
     return None
 
