@@ -169,8 +169,9 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=defaults.idle_timeout,
         metavar="SECONDS",
-        help="a relayed tunnel that moves no byte either way for this long is closed and recorded "
-        "(default %(default)s; 0 disables)",
+        help="a relayed tunnel that moves no byte either way for this long, or a kept-alive "
+        "plain-HTTP connection with no request for this long, is closed and recorded "
+        "(default %(default)s; 0 disables it for tunnels)",
     )
 
 

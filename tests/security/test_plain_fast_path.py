@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -518,3 +519,31 @@ def _read_response(sock: socket.socket, *, head_only: bool) -> bytes:
         assert chunk, "the gate closed the connection"
         body += chunk
     return head + b"\r\n\r\n" + body
+
+
+def test_a_kept_alive_connection_with_no_next_request_is_closed_and_recorded(
+    tmp_path: Path, dns: FakeDns, origin_a: Origin
+) -> None:
+    from proxy.core.limits import Limits
+
+    policy = POLICY.format(a=origin_a.port, b=1, raw=2)
+    running = start_gate_with(
+        tmp_path, policy, dns.nameserver, config={"limits": Limits(idle_timeout=0.3)}
+    )
+    try:
+        sock = socket.create_connection(("127.0.0.1", running.port), timeout=WAIT)
+        with sock:
+            sock.sendall(get("a.test", origin_a.port))
+            assert recv_head(sock).startswith(b"HTTP/1.1 200")
+            sock.settimeout(WAIT)
+            rest = b""
+            for _ in range(64):  # the body, then the close
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                rest += chunk
+            assert not chunk, "the idle connection was not closed"
+        assert [d.reason for d in running.decisions][-1] == "idle-timeout"
+        assert decided(running) == 1
+    finally:
+        running.stop()
