@@ -547,3 +547,30 @@ def test_a_kept_alive_connection_with_no_next_request_is_closed_and_recorded(
         assert decided(running) == 1
     finally:
         running.stop()
+
+
+def test_a_hand_over_mid_connection_is_not_counted_as_a_new_connection(
+    tmp_path: Path, dns: FakeDns, origin_a: Origin
+) -> None:
+    """One new connection per client allowed: the request handed to mitmproxy after two served
+    ones is on the same connection, so it is not refused by the new-connection rate."""
+    from proxy.core.limits import Limits
+
+    limits = Limits(new_connections_per_second=0.001, new_connections_burst=1)
+    policy = POLICY.format(a=origin_a.port, b=1, raw=2)
+    running = start_gate_with(tmp_path, policy, dns.nameserver, config={"limits": limits})
+    try:
+        post = (
+            f"POST http://a.test:{origin_a.port}/p HTTP/1.1\r\nHost: a.test:{origin_a.port}\r\n"
+            "Content-Length: 2\r\n\r\nok"
+        ).encode()
+        sequence = get("a.test", origin_a.port, "/1") + get("a.test", origin_a.port, "/2") + post
+        reply = exchange(running, sequence, responses=3)
+        assert reply.statuses() == [200, 200, 200]
+        assert decided(running) == 2
+        assert "rate-limit" not in [d.reason for d in running.decisions]
+        # and the rate is enforced: a second connection is refused
+        exchange(running, get("a.test", origin_a.port, "/3"))
+        assert [d.reason for d in running.decisions][-1] == "rate-limit"
+    finally:
+        running.stop()
