@@ -132,7 +132,6 @@ class Gate:
             handoff=self._to_mitmproxy,
             plain=PlainHttp(
                 self.checkpoint,
-                request_deadline=config.limits.request_timeout,
                 idle_timeout=config.limits.idle_timeout,
                 query_values=config.query_values,
             )

@@ -224,12 +224,10 @@ class PlainHttp:
         self,
         checkpoint: Checkpoint,
         *,
-        request_deadline: float,
         idle_timeout: float,
         query_values: bool = False,
     ) -> None:
         self.checkpoint = checkpoint
-        self.request_deadline = request_deadline
         self.keepalive_idle = idle_timeout if idle_timeout > 0 else KEEPALIVE_IDLE
         self.query_values = query_values
         self.decided = 0  # requests decided here (tests read it)
@@ -347,7 +345,7 @@ class PlainHttp:
         self.decided += 1
         if not decision.allowed:
             refusal = refusal_bytes(decision, close=False)
-            if head.method == "HEAD":  # a response to HEAD has no body (as mitmproxy sends it)
+            if head.method == "HEAD":  # a response to HEAD has no body (docs/plain-http.md)
                 refusal = refusal[: refusal.index(b"\r\n\r\n") + 4]
             await loop.sock_sendall(sock, refusal)
             return upstream, not head.close

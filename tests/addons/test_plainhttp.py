@@ -159,7 +159,7 @@ class _Checkpoint:
 def test_requests_with_credentials_in_play_or_request_rules_go_to_mitmproxy(
     issued: bool | None, inspected: bool, taken: bool
 ) -> None:
-    plain = PlainHttp(_Checkpoint(issued, inspected), request_deadline=30, idle_timeout=0)  # type: ignore[arg-type]
+    plain = PlainHttp(_Checkpoint(issued, inspected), idle_timeout=0)  # type: ignore[arg-type]
     head = read_head(b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n")
     assert head is not None
     assert plain.takes(Connection(peer=None, sandbox_id=None), head) is taken
