@@ -175,6 +175,15 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_front_end_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--plain-http-via-mitmproxy",
+        action="store_true",
+        help="serve every plain-HTTP request through mitmproxy's layers, not the front end's own "
+        "keep-alive path (same decisions, slower; see docs/plain-http.md)",
+    )
+
+
 def limits_from(args: argparse.Namespace) -> Any:
     """The ``Limits`` the options above describe; ValueError names a bad one."""
     from proxy.core.limits import Limits
