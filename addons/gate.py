@@ -36,10 +36,12 @@ from proxy.core.credentials import Carried, Vault
 from proxy.core.decision import Decision, Kind, Reason, Request
 from proxy.core.engine import BodyNeeded
 from proxy.core.firstbytes import FirstBytes
-from proxy.core.framing import Problem, authority_problem, framing_problem, head_problem
+from proxy.core.framing import Problem, authority_problem, head_problem
 from proxy.core.hosts import InvalidHost, canonical_host
+from proxy.core.httpheads import http_request, plain_problem
+from proxy.core.httpheads import shown_query as _shown_query  # noqa: F401 (kept importable here)
 from proxy.core.limits import Limits
-from proxy.core.requests import HOLD_LIMIT, OVERRIDE_HEADERS, HttpHead
+from proxy.core.requests import HOLD_LIMIT
 from proxy.core.text import escape
 
 log = logging.getLogger(__name__)
@@ -168,21 +170,11 @@ class GateAddon:
         strip_egress_headers(req.headers)
         conn = self._conn(flow.client_conn)
         credential = req.headers.pop("proxy-authorization", None)
-        path, _, query = req.path.partition("?")
-        shown_query = _shown_query(query, self.query_values) if query else None
         tunnel = conn.tunnel
         if conn.inspected and tunnel is not None and flow.client_conn.tls_established:
             # Inside an inspected tunnel: the tunnel's host, identity and pinned address; the
             # request must name that host (a proxy credential here is the origin's business: dropped).
-            request = Request(
-                Kind.REQUEST,
-                tunnel.host,
-                tunnel.port,
-                req.method,
-                path,
-                http=_head(req),
-                query=shown_query,
-            )
+            request = self._request(Kind.REQUEST, tunnel.host, tunnel.port, req)
             problem = _refused_by_parser(flow) or head_problem(
                 req.method, req.path, req.headers.fields
             )
@@ -193,20 +185,16 @@ class GateAddon:
                 carried=self._carried(req),
             )
         else:
-            request = Request(
-                Kind.HTTP, req.host, req.port, req.method, path, http=_head(req), query=shown_query
-            )
-            problem = (
-                _refused_by_parser(flow)
-                or head_problem(req.method, req.path, req.headers.fields)
-                or framing_problem(
-                    req.scheme,
-                    req.host,
-                    req.port,
-                    req.headers.get_all("host"),
-                    req.authority
-                    or None,  # only left set for absolute-form targets inside a tunnel
-                )
+            request = self._request(Kind.HTTP, req.host, req.port, req)
+            problem = _refused_by_parser(flow) or plain_problem(
+                req.method,
+                req.path,
+                req.scheme,
+                req.host,
+                req.port,
+                req.headers.fields,
+                req.headers.get_all("host"),
+                req.authority or None,  # only left set for absolute-form targets inside a tunnel
             )
             outcome = await self.checkpoint.admit_request(
                 conn, request, credential=credential, problem=problem, carried=self._carried(req)
@@ -218,6 +206,18 @@ class GateAddon:
             flow.metadata[_PENDING] = request
             return
         self._enforce(flow, conn, request, outcome)
+
+    def _request(self, kind: Kind, host: str, port: int | None, req: http.Request) -> Request:
+        return http_request(
+            kind,
+            host,
+            port,
+            req.method,
+            req.path,
+            req.headers.fields,
+            query_values=self.query_values,
+            multiplexed=req.is_http2 or req.is_http3,
+        )
 
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         """The body of a held request has arrived (nothing of it was sent): decide it now. Most
@@ -352,52 +352,6 @@ class GateAddon:
         return self._conn(client)
 
 
-_HEAD_FIELDS = frozenset(
-    {
-        *(name.encode() for name in OVERRIDE_HEADERS),
-        b"upgrade",
-        b"content-length",
-        b"transfer-encoding",
-        b"content-type",
-        b"content-encoding",
-    }
-)
-
-
-def _head(req: http.Request) -> HttpHead:
-    """What the request step reads from a request head, in one pass over the header fields."""
-    found: dict[bytes, list[bytes]] = {}
-    for name, value in req.headers.fields:
-        key = name.lower()
-        if key in _HEAD_FIELDS:
-            found.setdefault(key, []).append(value)
-
-    def first(key: bytes) -> str | None:
-        values = found.get(key)
-        return values[0].decode("latin-1") if values else None
-
-    overrides = tuple(
-        v.decode("latin-1") for name in OVERRIDE_HEADERS for v in found.get(name.encode(), ())
-    )
-    length = first(b"content-length")
-    size: int | None
-    if b"transfer-encoding" in found:
-        size = None  # chunked: known only once read
-    elif length is not None:
-        size = int(length) if length.isdigit() else None
-    else:
-        size = None if req.is_http2 or req.is_http3 else 0  # HTTP/1 without either has no body
-    return HttpHead(
-        req.method,
-        req.path,
-        overrides,
-        first(b"upgrade"),
-        size,
-        first(b"content-type"),
-        first(b"content-encoding"),
-    )
-
-
 def _refused_by_parser(flow: http.HTTPFlow) -> Problem | None:
     """mitmproxy shows the hook a request it has already refused (ambiguous framing - two lengths,
     a length and a transfer coding -, a bad scheme) and then answers 400 itself: recorded as the
@@ -420,15 +374,6 @@ def _inspected_framing(req: http.Request, tunnel: Decision) -> Problem | None:
     if not named:
         return Reason.HOST_MISMATCH, "the request names no host (no Host header or :authority)"
     return authority_problem(tunnel.host, tunnel.port or 443, named)
-
-
-def _shown_query(query: str, values: bool) -> str:
-    """The query as decisions record it: parameter names only unless values are configured."""
-    if values:
-        return query
-    return "&".join(
-        part.partition("=")[0] + ("=" if "=" in part else "") for part in query.split("&")
-    )
 
 
 def _peer(client: connection.Client) -> str | None:

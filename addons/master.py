@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from addons.plainhttp import PlainHttp
 from addons.tunnels import TunnelFrontEnd, accepted_at, current_sandbox
 from proxy.core.checkpoint import (
     Approver,
@@ -55,6 +56,9 @@ class GateConfig:
     # system's, plus any extra); None: mitmproxy's default (certifi's bundle).
     upstream_ca: str | None = None
     query_values: bool = False  # record query values in decisions (off: URLs carry tokens)
+    # Serve the plain-HTTP requests the front end can serve exactly as mitmproxy would
+    # (addons.plainhttp); off: every plain-HTTP connection goes to mitmproxy's layers.
+    fast_plain_http: bool = True
 
 
 def parse_listen(spec: str) -> tuple[str, int]:
@@ -126,6 +130,13 @@ class Gate:
             request_deadline=config.limits.request_timeout,
             idle_timeout=config.limits.idle_timeout,
             handoff=self._to_mitmproxy,
+            plain=PlainHttp(
+                self.checkpoint,
+                idle_timeout=config.limits.idle_timeout,
+                query_values=config.query_values,
+            )
+            if config.fast_plain_http
+            else None,
         )
         self.layers: Layers | None = None
         self._layers_started: asyncio.Task[Layers] | None = None

@@ -7,12 +7,12 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 from proxy.core.decision import Decision, Reason
+from proxy.core.httpheads import is_egress_header
 from proxy.core.refusal import refusal_text
 
 if TYPE_CHECKING:  # mitmproxy is imported only where a response object is made
     from mitmproxy import http
 
-EGRESS_HEADER_PREFIX = "x-egress-"
 _STATUS = {
     Reason.PROXY_AUTH_REQUIRED: 407,
     Reason.HEAD_TOO_LARGE: 431,
@@ -23,9 +23,7 @@ _STATUS = {
 def strip_egress_headers(headers: http.Headers) -> None:
     """Client-sent ``X-Egress-*`` headers could forge a decision upstream or in logs: drop them all,
     including the ``X_Egress_*`` spelling that CGI/WSGI servers map to the same variable."""
-    for name in [
-        k for k in headers if k.lower().replace("_", "-").startswith(EGRESS_HEADER_PREFIX)
-    ]:
+    for name in [k for k in headers if is_egress_header(k)]:
         del headers[name]
 
 
@@ -44,7 +42,8 @@ def refusal_bytes(decision: Decision, *, close: bool = True) -> bytes:
     body = refusal_text(decision).encode()
     lines = [f"HTTP/1.1 {status} {reason}"]
     lines += [f"{name}: {_header_safe(value)}" for name, value in headers.items()]
-    lines += [f"Content-Length: {len(body)}", *(["Connection: close"] if close else []), "", ""]
+    # spelled as mitmproxy's responses spell it: the same refusal, byte for byte, from either path
+    lines += [f"content-length: {len(body)}", *(["Connection: close"] if close else []), "", ""]
     return "\r\n".join(lines).encode() + body
 
 

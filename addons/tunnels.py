@@ -29,6 +29,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 
+from addons.plainhttp import Outcome, PlainHttp, read_head
 from addons.refusal import refusal_bytes
 from proxy.core.checkpoint import Checkpoint
 from proxy.core.connections import Connection
@@ -105,11 +106,13 @@ class TunnelFrontEnd:
         request_deadline: float,
         handoff: Handoff,
         idle_timeout: float = 0.0,
+        plain: PlainHttp | None = None,
     ):
         self.checkpoint = checkpoint
         self.request_deadline = request_deadline
         self.idle_timeout = idle_timeout
         self.handoff = handoff
+        self.plain = plain  # serves the plain-HTTP requests it can serve exactly as mitmproxy would
         self._ids = itertools.count(1)
         self.tunnels = 0  # taken by this front end (tests read it)
         # Connections being served, from every listener: a draining gate waits for them after its
@@ -174,6 +177,12 @@ class TunnelFrontEnd:
             if head is None:
                 return
             target = connect_target(head)
+            plain = read_head(head) if target is None and self.plain is not None else None
+            if plain is not None and self.plain is not None and self.plain.takes(conn, plain):
+                outcome, accepted = await self.plain.serve(sock, conn, plain, accepted)
+                if outcome is Outcome.DONE:
+                    return
+                target = None  # the next request is mitmproxy's; nothing of it was consumed
             if target is None or self.checkpoint.may_inspect(conn, *target):
                 # mitmproxy counts this connection itself from here on
                 self.checkpoint.disconnected(cid)

@@ -169,8 +169,18 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=defaults.idle_timeout,
         metavar="SECONDS",
-        help="a relayed tunnel that moves no byte either way for this long is closed and recorded "
-        "(default %(default)s; 0 disables)",
+        help="a relayed tunnel that moves no byte either way for this long, or a kept-alive "
+        "plain-HTTP connection with no request for this long, is closed and recorded "
+        "(default %(default)s; 0 disables it for tunnels)",
+    )
+
+
+def add_front_end_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--plain-http-via-mitmproxy",
+        action="store_true",
+        help="serve every plain-HTTP request through mitmproxy's layers, not the front end's own "
+        "keep-alive path (same decisions, slower; see docs/plain-http.md)",
     )
 
 

@@ -17,6 +17,7 @@ from proxy.app import approvals_cli, context_cli, learn_cli
 from proxy.app import credentials as credentials_cli
 from proxy.app.arguments import (
     add_check_options,
+    add_front_end_options,
     add_gate_options,
     add_limit_options,
     add_policy_option,
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         "that dies is started again (default %(default)s)",
     )
     add_limit_options(serve)
+    add_front_end_options(serve)
     serve.add_argument(
         "--drain-timeout",
         type=float,

@@ -288,6 +288,7 @@ async def _serve(
             confdir=str(statedir.mitmproxy_confdir(state_dir)),
             upstream_ca=args.upstream_trust,
             query_values=args.record_query_values,
+            fast_plain_http=not getattr(args, "plain_http_via_mitmproxy", False),
         ),
         holder,
         evidence.emitter,

@@ -130,7 +130,11 @@ def test_layers_started_on_demand_serve_the_first_plain_http_request(tmp_path: P
         try:
             before = gate.layers is None
             reader, writer = await asyncio.open_connection(*gate.listen_address)
-            writer.write(b"GET http://denied.test/ HTTP/1.1\r\nHost: denied.test\r\n\r\n")
+            # a request with a body: mitmproxy's (the front end serves only bodiless ones)
+            writer.write(
+                b"POST http://denied.test/ HTTP/1.1\r\nHost: denied.test\r\n"
+                b"Content-Length: 0\r\n\r\n"
+            )
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
             writer.close()
             return before, head, gate.layers is not None

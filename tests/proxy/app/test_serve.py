@@ -432,3 +432,30 @@ def test_a_gate_killed_under_a_running_sandbox_stops_it_and_egress_run_says_so(
         run.kill()
         run.wait()
         serve.stop()
+
+
+@pytest.mark.parametrize("via_mitmproxy", [False, True])
+def test_plain_http_can_be_sent_through_mitmproxys_layers(
+    policy: Path, via_mitmproxy: bool
+) -> None:
+    """``--plain-http-via-mitmproxy`` turns the front end's plain-HTTP path off. Told apart by the
+    refusal of a HEAD: the front end sends its head only, mitmproxy's layers the text as well."""
+    flag = ["--plain-http-via-mitmproxy"] if via_mitmproxy else []
+    serve = Serve("--policy", str(policy), "--nameserver", "127.0.0.1:9", *flag)
+    try:
+        with socket.create_connection(("127.0.0.1", serve.port), timeout=WAIT) as sock:
+            sock.sendall(b"HEAD http://denied.example/ HTTP/1.1\r\nHost: denied.example\r\n\r\n")
+            sock.settimeout(1.0)
+            data = b""
+            for _ in range(16):  # bounded: until the gate goes quiet
+                try:
+                    chunk = sock.recv(65536)
+                except TimeoutError:
+                    break
+                if not chunk:
+                    break
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 403")
+        assert (b"agent-egress refused this request" in data) is via_mitmproxy
+    finally:
+        assert serve.stop() == 0

@@ -1,0 +1,132 @@
+"""What the checkpoint is given for one HTTP request head, from plain values.
+
+Both adapters that serve HTTP requests - mitmproxy's layers (:mod:`addons.gate`) and the gate's own
+plain-HTTP path (:mod:`addons.plainhttp`) - read a head into the same :class:`Request` and the same
+framing problem here, so a request is decided the same way whichever serves it. Pure: no I/O, no
+mitmproxy; header fields are ``(name, value)`` byte pairs as parsed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from proxy.core.decision import Kind, Request
+from proxy.core.framing import Problem, framing_problem, head_problem
+from proxy.core.requests import OVERRIDE_HEADERS, HttpHead
+
+Fields = Sequence[tuple[bytes, bytes]]
+
+EGRESS_HEADER_PREFIX = "x-egress-"
+
+_HEAD_FIELDS = frozenset(
+    {
+        *(name.encode() for name in OVERRIDE_HEADERS),
+        b"upgrade",
+        b"content-length",
+        b"transfer-encoding",
+        b"content-type",
+        b"content-encoding",
+    }
+)
+
+
+def is_egress_header(name: str) -> bool:
+    """A client-sent ``X-Egress-*`` header could forge a decision upstream or in logs; the
+    ``X_Egress_*`` spelling counts too (CGI/WSGI servers map both to the same variable)."""
+    return name.lower().replace("_", "-").startswith(EGRESS_HEADER_PREFIX)
+
+
+def http_head(method: str, target: str, fields: Fields, *, multiplexed: bool = False) -> HttpHead:
+    """What the request step reads from a request head, in one pass over the header fields.
+    ``multiplexed``: HTTP/2 or HTTP/3, where a request without a length may still have a body."""
+    found: dict[bytes, list[bytes]] = {}
+    for name, value in fields:
+        key = name.lower()
+        if key in _HEAD_FIELDS:
+            found.setdefault(key, []).append(value)
+
+    def first(key: bytes) -> str | None:
+        values = found.get(key)
+        return values[0].decode("latin-1") if values else None
+
+    overrides = tuple(
+        v.decode("latin-1") for name in OVERRIDE_HEADERS for v in found.get(name.encode(), ())
+    )
+    length = first(b"content-length")
+    size: int | None
+    if b"transfer-encoding" in found:
+        size = None  # chunked: known only once read
+    elif length is not None:
+        size = int(length) if length.isdigit() else None
+    else:
+        size = None if multiplexed else 0  # HTTP/1 without either has no body
+    return HttpHead(
+        method,
+        target,
+        overrides,
+        first(b"upgrade"),
+        size,
+        first(b"content-type"),
+        first(b"content-encoding"),
+    )
+
+
+def shown_query(query: str, values: bool) -> str:
+    """The query as decisions record it: parameter names only unless values are configured."""
+    if values:
+        return query
+    return "&".join(
+        part.partition("=")[0] + ("=" if "=" in part else "") for part in query.split("&")
+    )
+
+
+def http_request(
+    kind: Kind,
+    host: str,
+    port: int | None,
+    method: str,
+    target: str,
+    fields: Fields,
+    *,
+    query_values: bool,
+    multiplexed: bool = False,
+) -> Request:
+    """The request the checkpoint decides for a head whose origin-form target is ``target``."""
+    path, _, query = target.partition("?")
+    return Request(
+        kind,
+        host,
+        port,
+        method,
+        path,
+        http=http_head(method, target, fields, multiplexed=multiplexed),
+        query=shown_query(query, query_values) if query else None,
+    )
+
+
+def plain_problem(
+    method: str,
+    target: str,
+    scheme: str,
+    host: str,
+    port: int,
+    fields: Fields,
+    host_headers: Sequence[str],
+    named_authority: str | None = None,
+) -> Problem | None:
+    """Step (2) for a plain (proxied, not tunnelled) request: the head's size caps, then every
+    authority it names against the one it is routed to."""
+    return head_problem(method, target, fields) or framing_problem(
+        scheme, host, port, host_headers, named_authority
+    )
+
+
+__all__ = [
+    "EGRESS_HEADER_PREFIX",
+    "Fields",
+    "http_head",
+    "http_request",
+    "is_egress_header",
+    "plain_problem",
+    "shown_query",
+]

@@ -1,0 +1,165 @@
+"""Which plain-HTTP heads the front end takes, read exactly as mitmproxy reads them; response heads
+it refuses to parse; and the per-request conditions that send a request to mitmproxy instead."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from mitmproxy.net.http.http1 import read_request_head
+
+from addons.plainhttp import PlainHttp, read_head, response_head_problem
+from proxy.core.connections import Connection
+
+TAKEN = [
+    b"GET http://example.org/ HTTP/1.1\r\nHost: example.org\r\n\r\n",
+    b"GET http://example.org:8080/a/b?x=1&y HTTP/1.1\r\nHost: Example.org:8080\r\n\r\n",
+    b"HEAD http://10.1.2.3/x HTTP/1.1\r\nhost: 10.1.2.3\r\nAccept: */*\r\n\r\n",
+    b"GET http://a.test/p?q=http://b/ HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
+    b"GET http://a.test/~u/%41 HTTP/1.1\r\nHost: a.test\r\nX-Egress-Rule: forged\r\n"
+    b"Proxy-Authorization: Basic eDp5\r\nUser-Agent: a b\t c\r\n\r\n",
+]
+
+
+def _mitmproxy(raw: bytes) -> tuple[str, str, int, str, list[tuple[bytes, bytes]]]:
+    lines = raw.split(b"\r\n\r\n")[0].split(b"\r\n")
+    request = read_request_head([line + b"\r\n" for line in lines])
+    return request.method, request.host, request.port, request.path, list(request.headers.fields)
+
+
+@pytest.mark.parametrize("raw", TAKEN)
+def test_a_taken_head_reads_as_mitmproxy_reads_it(raw: bytes) -> None:
+    head = read_head(raw + b"GET next")
+    assert head is not None and head.size == len(raw)
+    method, host, port, path, fields = _mitmproxy(raw)
+    assert (head.method, head.host, head.port, head.target) == (method, host, port, path)
+    # the same fields, less the gate's own headers and the proxy credential
+    kept = [f for f in fields if not f[0].lower().startswith((b"x-egress", b"proxy-auth"))]
+    assert list(head.fields) == kept
+
+
+@given(
+    st.from_regex(r"[a-z][a-z0-9]{0,10}(\.[a-z][a-z0-9]{0,10}){0,3}", fullmatch=True),
+    st.integers(1, 65535),
+    st.from_regex(r"(/[A-Za-z0-9._~!$&'()*+,=:@%-]{0,12}){1,4}", fullmatch=True),
+    st.lists(
+        st.tuples(
+            st.from_regex(r"X-[A-Za-z0-9-]{1,10}", fullmatch=True),
+            st.from_regex(r"[!-~]([ -~]{0,20}[!-~])?", fullmatch=True),
+        ),
+        max_size=5,
+    ),
+)
+def test_every_taken_head_reads_as_mitmproxy_reads_it(
+    host: str, port: int, path: str, extra: list[tuple[str, str]]
+) -> None:
+    lines = [f"GET http://{host}:{port}{path} HTTP/1.1", f"Host: {host}:{port}"]
+    lines += [f"{name}: {value}" for name, value in extra]
+    raw = ("\r\n".join(lines) + "\r\n\r\n").encode()
+    head = read_head(raw)
+    if head is None:
+        return  # mitmproxy's to serve: always safe
+    method, m_host, m_port, m_path, fields = _mitmproxy(raw)
+    assert (head.method, head.host, head.port, head.target) == (method, m_host, m_port, m_path)
+    kept = [f for f in fields if not f[0].lower().startswith(b"x-egress")]
+    assert list(head.fields) == kept
+
+
+NOT_TAKEN = {
+    "incomplete": b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\n",
+    "post": b"POST http://a.test/ HTTP/1.1\r\nHost: a.test\r\nContent-Length: 0\r\n\r\n",
+    "length": b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nContent-Length: 0\r\n\r\n",
+    "chunked": b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n",
+    "te-spaced": b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding : chunked\r\n\r\n",
+    "upgrade": b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\n\r\n",
+    "connection-upgrade": b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\n\r\n",
+    "expect": b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nExpect: 100-continue\r\n\r\n",
+    "fold": b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nX: a\r\n b\r\n\r\n",
+    "bare-lf": b"GET http://a.test/ HTTP/1.1\nHost: a.test\r\n\r\n",
+    "bare-cr": b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\rX: y\r\n\r\n",
+    "no-host": b"GET http://a.test/ HTTP/1.1\r\n\r\n",
+    "two-hosts": b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n",
+    "two-credentials": b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\n"
+    b"Proxy-Authorization: a\r\nProxy-Authorization: b\r\n\r\n",
+    "http10": b"GET http://a.test/ HTTP/1.0\r\nHost: a.test\r\n\r\n",
+    "origin-form": b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n",
+    "https": b"GET https://a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n",
+    "userinfo": b"GET http://u@a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n",
+    "decimal-ip": b"GET http://2130706433/ HTTP/1.1\r\nHost: 2130706433\r\n\r\n",
+    "short-ip": b"GET http://127.1/ HTTP/1.1\r\nHost: 127.1\r\n\r\n",
+    "trailing-dot": b"GET http://a.test./ HTTP/1.1\r\nHost: a.test.\r\n\r\n",
+    "empty-label": b"GET http://a..test/ HTTP/1.1\r\nHost: a..test\r\n\r\n",
+    "upper-case-host": b"GET http://A.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n",
+    "ipv6": b"GET http://[::1]/ HTTP/1.1\r\nHost: [::1]\r\n\r\n",
+    "port-zero": b"GET http://a.test:0/ HTTP/1.1\r\nHost: a.test:0\r\n\r\n",
+    "leading-zero-port": b"GET http://a.test:080/ HTTP/1.1\r\nHost: a.test:080\r\n\r\n",
+    "big-port": b"GET http://a.test:70000/ HTTP/1.1\r\nHost: a.test:70000\r\n\r\n",
+    "no-path": b"GET http://a.test HTTP/1.1\r\nHost: a.test\r\n\r\n",
+    "double-slash": b"GET http://a.test//x HTTP/1.1\r\nHost: a.test\r\n\r\n",
+    "params": b"GET http://a.test/x;y HTTP/1.1\r\nHost: a.test\r\n\r\n",
+    "fragment": b"GET http://a.test/x#y HTTP/1.1\r\nHost: a.test\r\n\r\n",
+    "empty-query": b"GET http://a.test/x? HTTP/1.1\r\nHost: a.test\r\n\r\n",
+    "backslash": b"GET http://a.test/a\\b HTTP/1.1\r\nHost: a.test\r\n\r\n",
+    "two-spaces": b"GET  http://a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n",
+    "non-ascii": b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nX: \xc3\xa9\r\n\r\n",
+    "nul": b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nX: a\x00\r\n\r\n",
+    "lower-method": b"get http://a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n",
+    "http2-settings": b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nHTTP2-Settings: x\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("raw", NOT_TAKEN.values(), ids=NOT_TAKEN.keys())
+def test_an_unusual_head_is_left_to_mitmproxy(raw: bytes) -> None:
+    assert read_head(raw) is None
+
+
+AMBIGUOUS_HEADS = {
+    "bare-lf": b"HTTP/1.1 200 OK\nContent-Length: 1\r\n",
+    "bare-cr": b"HTTP/1.1 200 OK\rContent-Length: 1\r\n",
+    "fold": b"HTTP/1.1 200 OK\r\nX: a\r\n b\r\n",
+    "nul": b"HTTP/1.1 200 OK\r\nX: a\x00\r\n",
+    "two-lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\ncontent-length: 1\r\n",
+    "length-and-coding": b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n",
+}
+
+
+@pytest.mark.parametrize("head", AMBIGUOUS_HEADS.values(), ids=AMBIGUOUS_HEADS.keys())
+def test_an_ambiguous_response_head_is_named(head: bytes) -> None:
+    assert response_head_problem(head) is not None
+
+
+def test_a_clean_response_head_in_pieces_is_not_refused_early() -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX: y\r\n"
+    for cut in range(len(head) + 1):
+        assert response_head_problem(head[:cut]) is None, head[:cut]
+
+
+@dataclass
+class _Declared:
+    issued: bool
+
+
+class _Checkpoint:
+    def __init__(self, issued: bool | None, inspected: bool) -> None:
+        self.credentials: Any = None if issued is None else (lambda: _Declared(issued))
+        self._inspected = inspected
+        self.identities = None
+
+    def may_inspect(self, conn: Connection, host: str, port: int) -> bool:
+        return self._inspected
+
+
+@pytest.mark.parametrize(
+    "issued,inspected,taken",
+    [(None, False, True), (False, False, True), (True, False, False), (None, True, False)],
+)
+def test_requests_with_credentials_in_play_or_request_rules_go_to_mitmproxy(
+    issued: bool | None, inspected: bool, taken: bool
+) -> None:
+    plain = PlainHttp(_Checkpoint(issued, inspected), idle_timeout=0)  # type: ignore[arg-type]
+    head = read_head(b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    assert head is not None
+    assert plain.takes(Connection(peer=None, sandbox_id=None), head) is taken

@@ -1,0 +1,61 @@
+"""The one reading of an HTTP request head that both adapters hand the checkpoint."""
+
+from __future__ import annotations
+
+from proxy.core.decision import Kind, Reason
+from proxy.core.httpheads import (
+    http_head,
+    http_request,
+    is_egress_header,
+    plain_problem,
+    shown_query,
+)
+
+
+def test_the_declared_body_size() -> None:
+    assert http_head("GET", "/", []).body_size == 0
+    assert http_head("GET", "/", [], multiplexed=True).body_size is None
+    assert http_head("POST", "/", [(b"Content-Length", b"12")]).body_size == 12
+    assert http_head("POST", "/", [(b"content-length", b"+12")]).body_size is None
+    chunked = [(b"Transfer-Encoding", b"chunked"), (b"Content-Length", b"3")]
+    assert http_head("POST", "/", chunked).body_size is None
+
+
+def test_overrides_and_upgrade_are_read_whatever_their_spelling() -> None:
+    head = http_head(
+        "POST",
+        "/x",
+        [
+            (b"X-HTTP-Method-Override", b"DELETE"),
+            (b"UPGRADE", b"websocket"),
+            (b"X-Method-Override", b"PUT"),
+        ],
+    )
+    assert head.overrides == ("DELETE", "PUT") and head.upgrade == "websocket"
+
+
+def test_a_query_is_recorded_by_names_unless_values_are_asked_for() -> None:
+    assert shown_query("token=abc&flag&x=1", False) == "token=&flag&x="
+    assert shown_query("token=abc", True) == "token=abc"
+    request = http_request(Kind.HTTP, "a.test", 80, "GET", "/p?token=abc", [], query_values=False)
+    assert (request.path, request.query, request.http and request.http.target) == (
+        "/p",
+        "token=",
+        "/p?token=abc",
+    )
+
+
+def test_the_gates_own_headers_in_every_spelling() -> None:
+    assert is_egress_header("X-Egress-Rule") and is_egress_header("x_egress_decision")
+    assert not is_egress_header("X-Egressive")
+
+
+def test_the_framing_step_for_a_plain_request() -> None:
+    assert (
+        plain_problem("GET", "/", "http", "a.test", 80, [(b"Host", b"a.test")], ["a.test"]) is None
+    )
+    mismatch = plain_problem("GET", "/", "http", "a.test", 80, [], ["b.test"])
+    assert mismatch is not None and mismatch[0] is Reason.HOST_MISMATCH
+    many = [(b"X-%d" % i, b"1") for i in range(101)]
+    too_many = plain_problem("GET", "/", "http", "a.test", 80, many, ["a.test"])
+    assert too_many is not None and too_many[0] is Reason.HEAD_TOO_LARGE
