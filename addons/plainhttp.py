@@ -49,6 +49,7 @@ from proxy.core.credentials import Carried
 from proxy.core.decision import Kind, Reason
 from proxy.core.hosts import InvalidHost, canonical_host
 from proxy.core.httpheads import http_request, is_egress_header, plain_problem
+from proxy.runtime import sockio
 
 log = logging.getLogger(__name__)
 
@@ -292,11 +293,9 @@ class PlainHttp:
             return time.monotonic(), sock.recv(PEEK, socket.MSG_PEEK)
         except BlockingIOError:
             pass
-        loop = asyncio.get_running_loop()
-        ready: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(sock.fileno(), _settle, ready)
         try:
-            await asyncio.wait_for(ready, self.keepalive_idle)
+            async with asyncio.timeout(self.keepalive_idle):
+                await sockio.readable(sock)
         except TimeoutError:
             self.checkpoint.refuse_connection(
                 conn,
@@ -304,15 +303,12 @@ class PlainHttp:
                 f"no request for {self.keepalive_idle:g} s on a kept-alive connection; closed",
             )
             raise _Closed() from None
-        finally:
-            loop.remove_reader(sock.fileno())
         return time.monotonic(), sock.recv(PEEK, socket.MSG_PEEK)
 
     async def _request(
         self, sock: socket.socket, conn: Connection, head: PlainHead, upstream: _Upstream | None
     ) -> tuple[_Upstream | None, bool]:
         """Decide and serve one request whose head was consumed; (upstream kept, keep the client)."""
-        loop = asyncio.get_running_loop()
         request = http_request(
             Kind.HTTP,
             head.host,
@@ -347,7 +343,7 @@ class PlainHttp:
             refusal = refusal_bytes(decision, close=False)
             if head.method == "HEAD":  # a response to HEAD has no body (docs/plain-http.md)
                 refusal = refusal[: refusal.index(b"\r\n\r\n") + 4]
-            await loop.sock_sendall(sock, refusal)
+            await sockio.send_all(sock, refusal)
             return upstream, not head.close
         if conn.inspected or decision.credential:
             # Never on this path (no tunnel; no credential is added outside an inspected one);
@@ -377,13 +373,12 @@ class PlainHttp:
         self, sock: socket.socket, conn: Connection, head: PlainHead, upstream: _Upstream
     ) -> bool:
         """Send the request, relay its response; whether the client connection stays open."""
-        loop = asyncio.get_running_loop()
         fields = list(head.fields)
         upstream.h11.send(h11.Request(method=head.method, target=head.target, headers=fields))
         upstream.h11.send(h11.EndOfMessage())
         wire = [f"{head.method} {head.target} HTTP/1.1".encode()]
         wire += [name + b": " + value for name, value in fields]
-        await loop.sock_sendall(upstream.sock, b"\r\n".join(wire) + b"\r\n\r\n")
+        await sockio.send_all(upstream.sock, b"\r\n".join(wire) + b"\r\n\r\n")
         pending = b""  # received, not yet given to h11
         out = bytearray()  # for the client: sent in one write per read from the upstream
         chunked = False
@@ -402,7 +397,7 @@ class PlainHttp:
                     if len(pending) > MAX_RESPONSE_HEAD:
                         raise _Closed()
                     if out:
-                        await loop.sock_sendall(sock, out)
+                        await sockio.send_all(sock, out)
                         out.clear()
                     more = await _recv(upstream.sock)
                     if not more:
@@ -417,7 +412,7 @@ class PlainHttp:
             event = parser.next_event()
             if event is h11.NEED_DATA:
                 if out:
-                    await loop.sock_sendall(sock, out)
+                    await sockio.send_all(sock, out)
                     out.clear()
                 more = await _recv(upstream.sock)
                 parser.receive_data(more)  # b"" is the upstream's EOF
@@ -447,7 +442,7 @@ class PlainHttp:
                         n + b": " + v + b"\r\n" for n, v in event.headers.raw_items()
                     )
                     out += b"0\r\n" + trailers + b"\r\n"
-                await loop.sock_sendall(sock, out)
+                await sockio.send_all(sock, out)
                 if pending or parser.trailing_data[0]:
                     log.warning("closed: bytes after the response from %s", upstream.key[0])
                     raise _Closed()
@@ -485,15 +480,11 @@ def _response_head(event: h11.Response | h11.InformationalResponse) -> bytes:
 
 async def _consume(sock: socket.socket, size: int) -> None:
     """Take the ``size`` bytes of a head that was peeked (already in the socket's buffer)."""
-    loop = asyncio.get_running_loop()
     left = size
     for _ in range(size + 1):
         if not left:
             return
-        try:
-            got = sock.recv(left)
-        except BlockingIOError:
-            got = await loop.sock_recv(sock, left)
+        got = await sockio.recv(sock, left)
         if not got:
             raise _Closed()
         left -= len(got)
@@ -501,35 +492,25 @@ async def _consume(sock: socket.socket, size: int) -> None:
 
 
 async def _recv(sock: socket.socket) -> bytes:
-    try:  # what has arrived already: no waiting machinery
-        return sock.recv(CHUNK)
-    except BlockingIOError:
-        pass
-    return await asyncio.wait_for(
-        asyncio.get_running_loop().sock_recv(sock, CHUNK), UPSTREAM_TIMEOUT
-    )
+    async with asyncio.timeout(UPSTREAM_TIMEOUT):  # what has arrived already is taken at once
+        return await sockio.recv(sock, CHUNK)
 
 
 async def _dial(
     client: socket.socket, target: str, port: int, key: tuple[str, int, str]
 ) -> _Upstream:
-    loop = asyncio.get_running_loop()
     up = socket.socket(socket.AF_INET6 if ":" in target else socket.AF_INET)
     try:
         up.setblocking(False)
-        await asyncio.wait_for(loop.sock_connect(up, (target, port)), CONNECT_TIMEOUT)
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            await sockio.connect(up, (target, port))
         up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (OSError, TimeoutError):
         up.close()
         with contextlib.suppress(OSError):
-            await loop.sock_sendall(client, BAD_GATEWAY)
+            await sockio.send_all(client, BAD_GATEWAY)
         raise _Closed() from None
     return _Upstream(up, key)
-
-
-def _settle(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 __all__ = ["Outcome", "PlainHead", "PlainHttp", "read_head", "response_head_problem"]

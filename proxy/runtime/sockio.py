@@ -55,7 +55,7 @@ async def recv(sock: socket.socket, size: int) -> bytes:
             await readable(sock)
 
 
-async def send_all(sock: socket.socket, data: bytes) -> None:
+async def send_all(sock: socket.socket, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
     while view:
         try:
