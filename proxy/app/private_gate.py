@@ -7,8 +7,6 @@ when this module is imported: ``egress run --proxy`` and ``--gate-socket`` never
 from __future__ import annotations
 
 import contextlib
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -148,6 +146,12 @@ async def _context_channel(state: Path, sandbox_id: str, facts: Any) -> Any:
     return channel if await channel.start() else None
 
 
+def _remove(directory: str) -> None:
+    import shutil
+
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 def sandbox_trust(inspection: Inspection) -> TrustSetup:
     """What ``egress run`` sets up before the sandbox starts: the state directory (and a supplied CA
     key) hidden from it always, and, when the policy inspects anything (or a joined gate's CA is
@@ -180,6 +184,8 @@ def sandbox_trust(inspection: Inspection) -> TrustSetup:
                 hidden.append(inspection.ca_key)
             if gate_cert is None:
                 return Trust(bundle=None, hidden=tuple(hidden))
+            import tempfile
+
             directory = tempfile.mkdtemp(prefix="egress-trust-")
             bundle = write_bundle(Path(directory), gate_cert)
         except (CaError, statedir.StateDirError, OSError) as exc:
@@ -187,7 +193,7 @@ def sandbox_trust(inspection: Inspection) -> TrustSetup:
         return Trust(
             bundle=str(bundle),
             hidden=tuple(hidden),
-            cleanup=lambda: shutil.rmtree(directory, ignore_errors=True),
+            cleanup=lambda: _remove(directory),
         )
 
     return setup

@@ -41,8 +41,16 @@ def host_port(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
-def register(subparsers: Any) -> None:
-    """Add ``run``, ``doctor`` and ``connect`` to ``egress``'s subparsers (``add_subparsers()``)."""
+def run_parser(prog: str = "egress") -> argparse.ArgumentParser:
+    """``egress`` with its ``run`` command only: what ``egress run`` parses its arguments with, so
+    that starting a sandbox builds (and imports) nothing the other commands need."""
+    parser = argparse.ArgumentParser(prog=prog)
+    add_run(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    return parser
+
+
+def add_run(subparsers: Any) -> None:
+    """Add ``run`` to ``egress``'s subparsers."""
     from proxy.sandbox import DEFAULT_DNS_PORT, DEFAULT_PROXY_PORT
 
     run = subparsers.add_parser(
@@ -126,6 +134,10 @@ def register(subparsers: Any) -> None:
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     run.set_defaults(func=_cmd_run)
 
+
+def register(subparsers: Any) -> None:
+    """Add ``run``, ``doctor`` and ``connect`` to ``egress``'s subparsers (``add_subparsers()``)."""
+    add_run(subparsers)
     doctor = subparsers.add_parser(
         "doctor",
         help="prove that the sandbox's only route is the gate (enforcement self-test)",

@@ -8,7 +8,6 @@ Any failure before that point tears the sandbox down and the command never runs 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 import socket
@@ -16,11 +15,9 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from proxy.core.sandbox_id import check_sandbox_id
-from proxy.evidence.emit import Emitter, JsonLineSink, Sink
 from proxy.sandbox import (
     DEFAULT_DNS_PORT,
     DEFAULT_PROXY_PORT,
@@ -31,13 +28,15 @@ from proxy.sandbox.env import ProxyAddress, proxy_environment
 from proxy.sandbox.namespace import Listener, Sandbox, SandboxError, SandboxSpec, exit_code
 from proxy.sandbox.signals import forwarding_signals
 from proxy.sandbox.stdio import foreground_tty, restore_tty, stdio_fds, stdio_problem
-from proxy.sandbox.summary import SummarySink
 
-if TYPE_CHECKING:  # a private gate's types: the joined modes do not import them
+if TYPE_CHECKING:  # a private gate's types: the joined modes do not import them (nor the evidence
+    # and summary modules, which load the policy model: see tests/proxy/sandbox/test_startup.py)
+    from pathlib import Path
+
     from proxy.credentials.sandbox import Provided
+    from proxy.evidence.emit import Emitter, Sink
     from proxy.sandbox.private_gate import GateStarter, PrivateGate, Trust, TrustSetup
-
-log = logging.getLogger("egress.run")
+    from proxy.sandbox.summary import SummarySink
 
 NO_ISOLATION_WARNING = """\
 egress: WARNING: --no-isolation: the command runs WITHOUT a network namespace.
@@ -79,7 +78,7 @@ class RunOptions:
     evidence: Callable[[list[Sink]], Any] | None = None
     on_ready: Callable[[Sandbox], None] | None = None  # tests/doctor: the sandbox is about to run
     on_gate: Callable[[PrivateGate], None] | None = None  # doctor: the private gate is serving
-    summary: SummarySink = field(default_factory=SummarySink)
+    summary: SummarySink | None = None  # the private gate's decision counts (made on start)
     managed_policy: str | None = None  # the organisation's ceiling (proxy.policy.managed)
     summary_format: str = "text"  # or "json": one JSON object on stderr at exit
     context: dict[str, str] = field(default_factory=dict)  # --context KEY=VALUE
@@ -250,8 +249,18 @@ def _bound_executables(policy: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(e.path for rule in policy.rules for e in rule.executables))
 
 
+def _summary(options: RunOptions) -> SummarySink:
+    if options.summary is None:
+        from proxy.sandbox.summary import SummarySink
+
+        options.summary = SummarySink()
+    return options.summary
+
+
 def _sinks(options: RunOptions) -> list[Sink]:
-    sinks: list[Sink] = [options.summary, *options.sinks]
+    from proxy.evidence.emit import JsonLineSink
+
+    sinks: list[Sink] = [_summary(options), *options.sinks]
     if options.decision_log == "-":
         sinks.append(JsonLineSink(stream=sys.stderr))
     elif options.decision_log:
@@ -264,6 +273,7 @@ async def _run_private(
 ) -> tuple[int, str]:
     """The gate runs in this process and accepts on the sandbox's own listeners: no relay.
     Returns the exit status and the summary to print."""
+    from proxy.evidence.emit import Emitter
     from proxy.sandbox.private_gate import GateRequest
 
     assert options.gate is not None
@@ -295,7 +305,9 @@ async def _run_private(
         if options.on_gate:
             options.on_gate(gate)
     except Exception as exc:
-        log.debug("gate start-up failed", exc_info=True)
+        import logging
+
+        logging.getLogger("egress.run").debug("gate start-up failed", exc_info=True)
         sandbox.abort()
         _err(f"the gate did not start, so the command was not run: {exc}")
         await _stop(gate, evidence, emitter)
@@ -309,8 +321,8 @@ async def _run_private(
 
 def render_summary(options: RunOptions) -> str:
     if options.summary_format == "json":
-        return options.summary.render_json(str(options.sandbox_id))
-    return options.summary.render(str(options.sandbox_id))
+        return _summary(options).render_json(str(options.sandbox_id))
+    return _summary(options).render(str(options.sandbox_id))
 
 
 def sandbox_facts(options: RunOptions) -> Any:
@@ -505,6 +517,7 @@ def _run_unisolated(options: RunOptions, policy: Any, bundle: str | None) -> int
 async def _run_unisolated_private(options: RunOptions, policy: Any, bundle: str | None) -> int:
     import asyncio
 
+    from proxy.evidence.emit import Emitter
     from proxy.sandbox.private_gate import GateRequest
 
     assert options.gate is not None

@@ -34,13 +34,15 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from proxy.sandbox import EXIT_SETUP_FAILED
+
+if TYPE_CHECKING:  # imported where used: a launch that forks the helper never loads subprocess
+    import subprocess
 
 HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helper.py")
 _SIOCGSKNS = 0x894C
@@ -163,6 +165,8 @@ class Sandbox:
             if _can_fork(stdin, stdout, stderr):
                 proc = ForkedHelper.start(config, spec, (stdin, stdout, stderr), child.fileno())
             else:
+                import subprocess
+
                 proc = subprocess.Popen(
                     [sys.executable, "-I", "-S", HELPER, json.dumps(config)],
                     env=dict(spec.env),
@@ -206,6 +210,8 @@ class Sandbox:
             self._ctl.close()
             self._ctl = None
         self.close_sockets()
+        import subprocess
+
         try:
             self.returncode = exit_code(self.proc.wait(10))
         except subprocess.TimeoutExpired:
@@ -303,13 +309,21 @@ class ForkedHelper:
             _, status = os.waitpid(self.pid, 0)
             self.returncode = os.waitstatus_to_exitcode(status)
             return self.returncode
-        import time
+        if (code := self.poll()) is not None:
+            return code
+        import select
 
-        deadline = time.monotonic() + timeout
-        while (code := self.poll()) is None:
-            if time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(["egress-sandbox-helper"], timeout)
-            time.sleep(0.002)
+        pidfd = os.pidfd_open(self.pid)  # readable once the helper has exited: no polling
+        try:
+            waiter = select.poll()
+            waiter.register(pidfd, select.POLLIN)
+            waiter.poll(max(0, int(timeout * 1000)))
+        finally:
+            os.close(pidfd)
+        if (code := self.poll()) is None:
+            import subprocess
+
+            raise subprocess.TimeoutExpired(["egress-sandbox-helper"], timeout)
         return code
 
     def send_signal(self, sig: int) -> None:
@@ -326,6 +340,8 @@ def exit_code(status: int) -> int:
 
 
 def _reap(proc: subprocess.Popen[bytes] | ForkedHelper) -> int:
+    import subprocess
+
     if proc.poll() is None:
         proc.kill()
     try:
