@@ -270,11 +270,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     if words[:1] == ["run"]:  # the sandbox launcher: its own parser and imports only
-        from proxy.app.sandbox_cli import run_parser
+        from proxy.app.sandbox_cli import run_command
 
-        parser = run_parser(prog="egress")
-    else:
-        parser = build_parser()
+        return run_command(words, leave=argv is None)
+    parser = build_parser()
     args = parser.parse_args(words)
     result: int = args.func(args)
     return result

@@ -175,10 +175,8 @@ def sandbox_trust(inspection: Inspection) -> TrustSetup:
                 )
                 gate_cert = files.cert if policy.reads_requests else None
             else:
-                with contextlib.suppress(statedir.StateDirError):
-                    state = Path(chosen) if chosen else statedir.default_state_dir()
-                    if state.is_dir():
-                        hidden.append(str(state))
+                if (existing := statedir.existing_state_dir(chosen)) is not None:
+                    hidden.append(str(existing))
                 gate_cert = Path(inspection.ca_cert) if inspection.ca_cert else None
             if inspection.ca_key is not None:
                 hidden.append(inspection.ca_key)

@@ -7,6 +7,9 @@ Only argparse is imported here; everything heavy is imported by the command that
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 from proxy.app.arguments import add_gate_options, add_policy_option
@@ -15,6 +18,7 @@ from proxy.app.lifecycle_args import add_lifecycle_options, managed_policy_path
 
 if TYPE_CHECKING:
     from proxy.sandbox.private_gate import GateRequest, PrivateGate
+    from proxy.sandbox.trust import Trust, TrustSetup
 
 
 def sandbox_id(text: str) -> str:
@@ -161,21 +165,55 @@ def register(subparsers: Any) -> None:
     connect.set_defaults(func=_cmd_connect)
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    import os
-    from pathlib import Path
+def run_command(words: list[str], *, leave: bool = False) -> int:
+    """``egress run``: parse, run, and with ``leave`` (the process's own entry point) end a run that
+    joined a gate without the interpreter's teardown (see :func:`_leave`)."""
+    args = run_parser().parse_args(words)
+    code: int = args.func(args)
+    if leave and _joins(args):
+        _leave(code)
+    return code
 
-    from proxy.app.ca import Inspection
+
+def _joins(args: argparse.Namespace) -> bool:
+    """The sandbox joins a gate elsewhere (--gate-socket, --proxy): this process runs no gate."""
+    return args.gate_socket is not None or args.proxy is not None
+
+
+def _leave(code: int) -> None:
+    """Exit now: freeing every module and object at interpreter exit costs ~10 ms, as much as the
+    hand-off itself. Only for a launcher that joined a gate: it has closed what it opened (the
+    sandbox's sockets, its connection to the gate), registers no exit handler and leaves no thread
+    but daemons; if some other thread still runs, the normal exit (which waits for it) is kept."""
+    threading = sys.modules.get("threading")
+    if threading is not None and any(
+        t.is_alive() and not t.daemon and t is not threading.main_thread()
+        for t in threading.enumerate()
+    ):
+        return
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
     from proxy.app.credentials import sandbox_credentials
-    from proxy.app.private_gate import sandbox_trust
     from proxy.sandbox.launcher import RunOptions, run
 
+    if _joins(args) and not (args.ca_cert or args.ca_key or args.upstream_ca):
+        trust: Any = _joined_trust(args.state_dir)  # no CA to trust: no CA code to load
+    else:
+        from proxy.app.ca import Inspection
+        from proxy.app.private_gate import sandbox_trust
+
+        trust = sandbox_trust(Inspection.from_args(args))
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     options = RunOptions(
         argv=cmd,
-        policy_path=Path(args.policy) if args.policy else None,
+        policy_path=_path(args.policy),
         proxy_url=args.proxy,
         dns_target=args.dns,
         gate_socket=args.gate_socket,
@@ -189,8 +227,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         proxy_port=args.proxy_port,
         json=args.json,
         evidence=_evidence_builder(args),
-        gate=_private_gate_starter(Inspection.from_args(args)),
-        trust=sandbox_trust(Inspection.from_args(args)),
+        gate=None if _joins(args) else _private_gate_starter(args),
+        trust=trust,
         state_dir=args.state_dir,
         managed_policy=managed_policy_path(args),
         credentials=sandbox_credentials(args.credentials),
@@ -207,7 +245,33 @@ def _context_pair(text: str) -> tuple[str, str]:
     return context_pair(text)
 
 
-def _private_gate_starter(inspection: Any) -> Any:
+def _path(text: str | None) -> Any:
+    if text is None:
+        return None
+    from pathlib import Path
+
+    return Path(text)
+
+
+def _joined_trust(state_dir: str | None) -> TrustSetup:
+    """A sandbox joining a gate elsewhere with no CA named: it trusts nothing new, and this user's own
+    gate state (its CA key), if any, stays hidden from it."""
+
+    def setup(_policy: object) -> Trust:
+        from proxy.app.statedir import existing_state_dir
+        from proxy.sandbox.trust import Trust
+
+        found = existing_state_dir(state_dir)
+        return Trust(bundle=None, hidden=(str(found),) if found is not None else ())
+
+    return setup
+
+
+def _private_gate_starter(args: argparse.Namespace) -> Any:
+    from proxy.app.ca import Inspection
+
+    inspection = Inspection.from_args(args)
+
     async def start(request: GateRequest) -> PrivateGate:
         """Imported only when a private gate starts: the joined modes never load the gate."""
         from proxy.app.private_gate import start_private_gate
@@ -222,7 +286,6 @@ def _evidence_builder(args: argparse.Namespace) -> Any:
     prometheus-client) costs ~100 ms that `egress run --proxy ... -- CMD` should not pay. None when
     no sink is asked for (no journal, metrics or OTLP endpoint): the run's summary and decision log
     need none of them, so a plain run does not import them at all."""
-    import os
 
     wanted = (
         args.journal

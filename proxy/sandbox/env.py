@@ -15,7 +15,7 @@ import os
 import shlex
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 NO_PROXY = "localhost,127.0.0.1,::1"  # the sandbox's own loopback: reachable without the gate
 
@@ -46,8 +46,7 @@ CA_BUNDLE_VARIABLES = (
 _STANDARD = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "ftp_proxy", "rsync_proxy")
 
 
-@dataclass(frozen=True)
-class ProxyAddress:
+class ProxyAddress(NamedTuple):
     """Where the sandbox reaches the gate, plus an optional per-sandbox credential."""
 
     host: str

@@ -14,7 +14,6 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
 from proxy.core.sandbox_id import check_sandbox_id
@@ -44,49 +43,85 @@ egress: WARNING: HTTP(S)_PROXY is only a request: anything that ignores it reach
 egress: WARNING: use this for debugging only, never for untrusted code."""
 
 
-@dataclass
 class RunOptions:
-    argv: Sequence[str]
-    policy_path: Path | None = None
-    proxy_url: str | None = None
-    sandbox_id: str | None = None
-    quiet: bool = False
-    isolation: bool = True
-    nameservers: Sequence[str] | None = None
-    hosts_file: str | None = "/etc/hosts"
-    state_dir: str | None = None
-    decision_log: str | None = None  # a file, "-" for stderr, None for none (the summary suffices)
-    proxy_port: int = DEFAULT_PROXY_PORT
-    json: bool = False  # announce pending approvals as JSON lines
-    dns_port: int | None = DEFAULT_DNS_PORT
-    dns_target: tuple[str, int] | None = None  # joined mode: where to relay DNS (unset: no DNS)
-    gate_socket: str | None = None  # hand the listeners to a local gate (no relay)
-    token: str | None = None  # the sandbox's credential for a gate that requires one
-    gate: GateStarter | None = None  # starts the private gate (without --proxy / --gate-socket)
-    trust: TrustSetup | None = None  # the CA bundle and hidden paths when the gate reads TLS
-    # Credentials the sandbox gets placeholders for (private gate only): given the policy and the
-    # sandbox id, what to set, remove and hide; raises ValueError (lines to print) when they fail.
-    credentials: Callable[[Any, str], Provided] | None = None
-    env: dict[str, str] | None = None
-    cwd: str | None = None
-    stdin: int | IO[Any] | None = None
-    stdout: int | IO[Any] | None = None
-    stderr: int | IO[Any] | None = None
-    sinks: Sequence[Sink] = ()
-    # The evidence sinks (journal, OTel, metrics) around the given ones, for a private gate; a
-    # callable so that they are imported and opened only when one starts.
-    evidence: Callable[[list[Sink]], Any] | None = None
-    on_ready: Callable[[Sandbox], None] | None = None  # tests/doctor: the sandbox is about to run
-    on_gate: Callable[[PrivateGate], None] | None = None  # doctor: the private gate is serving
-    summary: SummarySink | None = None  # the private gate's decision counts (made on start)
-    managed_policy: str | None = None  # the organisation's ceiling (proxy.policy.managed)
-    summary_format: str = "text"  # or "json": one JSON object on stderr at exit
-    context: dict[str, str] = field(default_factory=dict)  # --context KEY=VALUE
-    traceparent: str | None = None  # the agent's W3C trace context (validated by the CLI)
+    """How to run one command. A plain class, not a dataclass: a launch that hands the sandbox to a
+    running gate imports neither dataclasses nor inspect (~10 ms of every `egress run`)."""
 
-    def __post_init__(self) -> None:
-        if self.sandbox_id is None:
-            self.sandbox_id = new_sandbox_id()
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        policy_path: Path | None = None,
+        proxy_url: str | None = None,
+        sandbox_id: str | None = None,
+        quiet: bool = False,
+        isolation: bool = True,
+        nameservers: Sequence[str] | None = None,
+        hosts_file: str | None = "/etc/hosts",
+        state_dir: str | None = None,
+        decision_log: str | None = None,
+        proxy_port: int = DEFAULT_PROXY_PORT,
+        json: bool = False,
+        dns_port: int | None = DEFAULT_DNS_PORT,
+        dns_target: tuple[str, int] | None = None,
+        gate_socket: str | None = None,
+        token: str | None = None,
+        gate: GateStarter | None = None,
+        trust: TrustSetup | None = None,
+        credentials: Callable[[Any, str], Provided] | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: int | IO[Any] | None = None,
+        stdout: int | IO[Any] | None = None,
+        stderr: int | IO[Any] | None = None,
+        sinks: Sequence[Sink] = (),
+        evidence: Callable[[list[Sink]], Any] | None = None,
+        on_ready: Callable[[Sandbox], None] | None = None,
+        on_gate: Callable[[PrivateGate], None] | None = None,
+        summary: SummarySink | None = None,
+        managed_policy: str | None = None,
+        summary_format: str = "text",
+        context: dict[str, str] | None = None,
+        traceparent: str | None = None,
+    ) -> None:
+        self.argv = argv
+        self.policy_path = policy_path
+        self.proxy_url = proxy_url
+        self.sandbox_id: str | None = sandbox_id if sandbox_id is not None else new_sandbox_id()
+        self.quiet = quiet
+        self.isolation = isolation
+        self.nameservers = nameservers
+        self.hosts_file = hosts_file
+        self.state_dir = state_dir
+        # A file, "-" for stderr, None for none (the summary suffices).
+        self.decision_log = decision_log
+        self.proxy_port = proxy_port
+        self.json = json  # announce pending approvals as JSON lines
+        self.dns_port = dns_port
+        self.dns_target = dns_target  # joined mode: where to relay DNS (unset: no DNS)
+        self.gate_socket = gate_socket  # hand the listeners to a local gate (no relay)
+        self.token = token  # the sandbox's credential for a gate that requires one
+        self.gate = gate  # starts the private gate (without --proxy / --gate-socket)
+        self.trust = trust  # the CA bundle and hidden paths when the gate reads TLS
+        # Credentials the sandbox gets placeholders for (private gate only): given the policy and the
+        # sandbox id, what to set, remove and hide; raises ValueError (lines to print) when they fail.
+        self.credentials = credentials
+        self.env = env
+        self.cwd = cwd
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self.sinks = sinks
+        # The evidence sinks (journal, OTel, metrics) around the given ones, for a private gate; a
+        # callable so that they are imported and opened only when one starts.
+        self.evidence = evidence
+        self.on_ready = on_ready  # tests/doctor: the sandbox is about to run
+        self.on_gate = on_gate  # doctor: the private gate is serving
+        self.summary = summary  # the private gate's decision counts (made on start)
+        self.managed_policy = managed_policy  # the organisation's ceiling (proxy.policy.managed)
+        self.summary_format = summary_format  # or "json": one JSON object on stderr at exit
+        self.context: dict[str, str] = context if context is not None else {}  # --context KEY=VALUE
+        self.traceparent = traceparent  # the agent's W3C trace context (validated by the CLI)
 
 
 def new_sandbox_id() -> str:

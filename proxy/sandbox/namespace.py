@@ -36,8 +36,7 @@ import signal
 import socket
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from proxy.sandbox import EXIT_SETUP_FAILED
 
@@ -66,8 +65,7 @@ class SandboxError(Exception):
         return f"{text}\n  hint: {self.hint}" if self.hint else text
 
 
-@dataclass(frozen=True)
-class Listener:
+class Listener(NamedTuple):  # NamedTuple, not a dataclass: `egress run` does not import dataclasses
     """One listener created inside the sandbox: ``tcp`` or ``udp`` on 127.0.0.1:port; or ``diag``,
     a sock_diag netlink socket answering about the sandbox's own sockets (port unused)."""
 
@@ -76,8 +74,7 @@ class Listener:
     port: int
 
 
-@dataclass
-class SandboxSpec:
+class SandboxSpec(NamedTuple):
     argv: Sequence[str]
     env: Mapping[str, str]
     listeners: Sequence[Listener] = ()
