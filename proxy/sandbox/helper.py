@@ -58,8 +58,9 @@ _libc: Any = None
 
 
 def _c() -> Any:
-    """libc, for the calls os does not wrap. ctypes is imported here, in the helper process, so
-    that the launcher does not load it (a launcher that hands off never calls libc itself)."""
+    """libc, for the calls os does not wrap. The launcher loads it just before it forks the helper
+    (ForkedHelper.start): importing ctypes in the forked child costs several times more (every page
+    it touches is copied)."""
     global _libc
     if _libc is None:
         import ctypes

@@ -273,6 +273,7 @@ class ForkedHelper:
 
         fds = [s if isinstance(s, int) or s is None else s.fileno() for s in streams]
         env = dict(spec.env)
+        helper._c()  # libc (ctypes) loaded here, not in the child: see helper._c
         pid = os.fork()
         if pid == 0:  # the helper: nothing here may return into the launcher's code
             try:
