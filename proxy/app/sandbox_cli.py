@@ -170,7 +170,7 @@ def run_command(words: list[str], *, leave: bool = False) -> int:
     joined a gate without the interpreter's teardown (see :func:`_leave`)."""
     args = run_parser().parse_args(words)
     code: int = args.func(args)
-    if leave and _joins(args):
+    if leave and (_joins(args) or not _evidence_wanted(args)):
         _leave(code)
     return code
 
@@ -181,10 +181,12 @@ def _joins(args: argparse.Namespace) -> bool:
 
 
 def _leave(code: int) -> None:
-    """Exit now: freeing every module and object at interpreter exit costs ~10 ms, as much as the
-    hand-off itself. Only for a launcher that joined a gate: it has closed what it opened (the
-    sandbox's sockets, its connection to the gate), registers no exit handler and leaves no thread
-    but daemons; if some other thread still runs, the normal exit (which waits for it) is kept."""
+    """Exit now: freeing every module and object at interpreter exit costs ~10 ms after a hand-off
+    (as much as the hand-off itself) and ~100 ms after a private gate. Only when nothing is left to
+    flush: the launcher has closed what it opened (the sandbox's sockets, its connection to the gate,
+    the private gate with its decision log), and no evidence sink (journal, OTLP, metrics) was asked
+    for, whose libraries flush at exit. If a thread other than a daemon still runs, the normal exit
+    (which waits for it) is kept."""
     threading = sys.modules.get("threading")
     if threading is not None and any(
         t.is_alive() and not t.daemon and t is not threading.main_thread()
@@ -281,13 +283,9 @@ def _private_gate_starter(args: argparse.Namespace) -> Any:
     return start
 
 
-def _evidence_builder(args: argparse.Namespace) -> Any:
-    """Deferred: only a private gate needs the sinks, and importing them (OpenTelemetry,
-    prometheus-client) costs ~100 ms that `egress run --proxy ... -- CMD` should not pay. None when
-    no sink is asked for (no journal, metrics or OTLP endpoint): the run's summary and decision log
-    need none of them, so a plain run does not import them at all."""
-
-    wanted = (
+def _evidence_wanted(args: argparse.Namespace) -> bool:
+    """A journal, metrics or an OTLP endpoint is asked for (flags or the OTel environment)."""
+    return bool(
         args.journal
         or args.audit_required
         or (args.metrics and not args.no_metrics)
@@ -295,7 +293,14 @@ def _evidence_builder(args: argparse.Namespace) -> Any:
         or os.environ.get("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT")
         or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     )
-    if not wanted:
+
+
+def _evidence_builder(args: argparse.Namespace) -> Any:
+    """Deferred: only a private gate needs the sinks, and importing them (OpenTelemetry,
+    prometheus-client) costs ~100 ms that `egress run --proxy ... -- CMD` should not pay. None when
+    no sink is asked for (no journal, metrics or OTLP endpoint): the run's summary and decision log
+    need none of them, so a plain run does not import them at all."""
+    if not _evidence_wanted(args):
         return None
 
     def build(sinks: list[Any]) -> Any:
