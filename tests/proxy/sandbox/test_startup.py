@@ -128,3 +128,22 @@ def _options(parser: argparse.ArgumentParser) -> list[tuple[object, ...]]:
 def test_egress_run_parses_exactly_as_the_full_command_line_does() -> None:
     """`egress run` builds only its own parser; it must accept the same options as `egress`."""
     assert _options(run_parser()) == _options(build_parser())
+
+
+def test_a_private_run_leaves_only_after_its_decision_log_and_summary_are_written(
+    write_policy: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """A private gate's launcher also skips the interpreter's teardown: every decision it made is
+    in the decision log and the summary is printed before the process ends."""
+    policy = write_policy("version: 1\nrules: []\n")
+    log = tmp_path / "decisions.jsonl"
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy.app.cli", "run", "--policy", str(policy), "--decision-log",
+         str(log), "--", "curl", "-sS", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}",
+         "http://refused.test/"],
+        cwd=REPO, capture_output=True, text=True, timeout=WAIT, env=clean_env(),
+    )  # fmt: skip
+    assert out.stdout == "403", out.stderr
+    decisions = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [d["host"] for d in decisions if d["decision"] == "deny"] == ["refused.test"]
+    assert "1 refused" in out.stderr
