@@ -240,6 +240,7 @@ def _run_with(
     if provided is not None:  # placeholders in, real values and their sources out of reach
         env = provided.apply_to(env)
         hidden += tuple(provided.hidden)
+    private = upstream is None and options.gate_socket is None
     spec = SandboxSpec(
         argv=list(options.argv),
         env=env,
@@ -251,7 +252,11 @@ def _run_with(
     )
     try:
         sandbox = Sandbox.spawn(
-            spec, stdin=options.stdin, stdout=options.stdout, stderr=options.stderr
+            spec,
+            stdin=options.stdin,
+            stdout=options.stdout,
+            stderr=options.stderr,
+            meanwhile=_load_private_gate_modules if private else None,
         )
     except SandboxError as exc:
         _err(f"cannot isolate the command, so it was not run: {exc}")
@@ -274,6 +279,14 @@ def _run_with(
     if summary and not options.quiet:
         sys.stderr.write(summary + "\n")
     return code
+
+
+def _load_private_gate_modules() -> None:
+    """What a private gate's launcher imports next (the event loop, the evidence path), loaded while
+    the helper builds the sandbox rather than after."""
+    import proxy.evidence.emit
+    import proxy.runtime.loop
+    import proxy.sandbox.summary  # noqa: F401
 
 
 def _bound_executables(policy: Any) -> tuple[str, ...]:

@@ -35,7 +35,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from proxy.sandbox import EXIT_SETUP_FAILED
@@ -144,7 +144,10 @@ class Sandbox:
         stdin: int | IO[Any] | None = None,
         stdout: int | IO[Any] | None = None,
         stderr: int | IO[Any] | None = None,
+        meanwhile: Callable[[], object] | None = None,
     ) -> Sandbox:
+        """``meanwhile`` runs in the launcher while the helper builds the sandbox (on another core):
+        work the launcher needs next anyway, such as loading the private gate's modules."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         config = {
             "argv": list(spec.argv),
@@ -180,6 +183,8 @@ class Sandbox:
         finally:
             child.close()
         try:
+            if meanwhile is not None:
+                meanwhile()
             info, sockets = _handshake(parent, spec, proc)
         except BaseException:
             parent.close()
