@@ -31,7 +31,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench._serve import clean_env, egress_command, start_serve, stop_process, stop_serve
+from bench._serve import (
+    byte_compile,
+    clean_env,
+    egress_command,
+    start_serve,
+    stop_process,
+    stop_serve,
+)
 from bench._upstream import Nginx, free_port, wait_listening
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -531,6 +538,7 @@ def run(sizes: Sizes, peers: bool, out: Callable[[str], None] = print) -> int:
         print(line, file=sys.stderr, flush=True)
 
     header = machine()
+    byte_compile()
     raise_fd_limit(4 * sizes.idle_tunnels + 4096)
     # a stopped bench still stops what it started (the finally below)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

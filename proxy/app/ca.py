@@ -13,14 +13,12 @@ the sandbox's trust bundle and hides the state directory (and a supplied key) fr
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # imported where used: `egress run` loads this module on every start
+if TYPE_CHECKING:  # imported where used (datetime, tempfile too): `egress run` loads this module
     from cryptography import x509
 
 BASENAME = "mitmproxy"  # mitmproxy's CONF_BASENAME: the names its TLS layer loads
@@ -120,6 +118,8 @@ def install(files: CaFiles, cert_path: Path, key_path: Path) -> None:
 
 
 def _check_ca(cert: x509.Certificate, where: Path) -> None:
+    import datetime
+
     from cryptography import x509
 
     try:
@@ -134,6 +134,8 @@ def _check_ca(cert: x509.Certificate, where: Path) -> None:
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
+    import tempfile
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.fchmod(fd, mode)

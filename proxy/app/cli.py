@@ -13,23 +13,25 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proxy import __version__
-from proxy.app import approvals_cli, context_cli, learn_cli
-from proxy.app import credentials as credentials_cli
-from proxy.app.arguments import (
-    add_check_options,
-    add_front_end_options,
-    add_gate_options,
-    add_limit_options,
-    add_policy_option,
-    add_state_dir_option,
-)
 from proxy.app.exits import EXIT_DENY, EXIT_OK, fail
-from proxy.app.lifecycle_args import add_lifecycle_options
 
 DEFAULT_LISTEN = "127.0.0.1:3128"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Imported here, not at the top: `egress run` (main's fast path) never builds this tree.
+    from proxy.app import approvals_cli, context_cli, learn_cli
+    from proxy.app import credentials as credentials_cli
+    from proxy.app.arguments import (
+        add_check_options,
+        add_front_end_options,
+        add_gate_options,
+        add_limit_options,
+        add_policy_option,
+        add_state_dir_option,
+    )
+    from proxy.app.lifecycle_args import add_lifecycle_options
+
     parser = argparse.ArgumentParser(
         prog="egress",
         description=(
@@ -268,8 +270,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["run"]:  # the sandbox launcher: its own parser and imports only
+        from proxy.app.sandbox_cli import run_command
+
+        return run_command(words, leave=argv is None)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(words)
     result: int = args.func(args)
     return result
 

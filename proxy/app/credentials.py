@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Iterable
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -179,6 +178,8 @@ def _cmd_env(args: argparse.Namespace) -> int:
     except (ValueError, statedir.StateDirError) as exc:
         return fail(*str(exc).splitlines())
     provided = provide(store, args.sandbox_id, os.path.abspath(args.file))
+    from dataclasses import replace
+
     no_npm = replace(provided, npm_tokens={})  # npm's lines go in a file, not the environment
     for name, value in no_npm.apply_to({}).items():
         print(f"{name}={value}")

@@ -7,8 +7,6 @@ when this module is imported: ``egress run --proxy`` and ``--gate-socket`` never
 from __future__ import annotations
 
 import contextlib
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -148,6 +146,12 @@ async def _context_channel(state: Path, sandbox_id: str, facts: Any) -> Any:
     return channel if await channel.start() else None
 
 
+def _remove(directory: str) -> None:
+    import shutil
+
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 def sandbox_trust(inspection: Inspection) -> TrustSetup:
     """What ``egress run`` sets up before the sandbox starts: the state directory (and a supplied CA
     key) hidden from it always, and, when the policy inspects anything (or a joined gate's CA is
@@ -171,15 +175,15 @@ def sandbox_trust(inspection: Inspection) -> TrustSetup:
                 )
                 gate_cert = files.cert if policy.reads_requests else None
             else:
-                with contextlib.suppress(statedir.StateDirError):
-                    state = Path(chosen) if chosen else statedir.default_state_dir()
-                    if state.is_dir():
-                        hidden.append(str(state))
+                if (existing := statedir.existing_state_dir(chosen)) is not None:
+                    hidden.append(str(existing))
                 gate_cert = Path(inspection.ca_cert) if inspection.ca_cert else None
             if inspection.ca_key is not None:
                 hidden.append(inspection.ca_key)
             if gate_cert is None:
                 return Trust(bundle=None, hidden=tuple(hidden))
+            import tempfile
+
             directory = tempfile.mkdtemp(prefix="egress-trust-")
             bundle = write_bundle(Path(directory), gate_cert)
         except (CaError, statedir.StateDirError, OSError) as exc:
@@ -187,7 +191,7 @@ def sandbox_trust(inspection: Inspection) -> TrustSetup:
         return Trust(
             bundle=str(bundle),
             hidden=tuple(hidden),
-            cleanup=lambda: shutil.rmtree(directory, ignore_errors=True),
+            cleanup=lambda: _remove(directory),
         )
 
     return setup

@@ -7,6 +7,9 @@ Only argparse is imported here; everything heavy is imported by the command that
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 from proxy.app.arguments import add_gate_options, add_policy_option
@@ -15,6 +18,7 @@ from proxy.app.lifecycle_args import add_lifecycle_options, managed_policy_path
 
 if TYPE_CHECKING:
     from proxy.sandbox.private_gate import GateRequest, PrivateGate
+    from proxy.sandbox.trust import Trust, TrustSetup
 
 
 def sandbox_id(text: str) -> str:
@@ -41,8 +45,16 @@ def host_port(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
-def register(subparsers: Any) -> None:
-    """Add ``run``, ``doctor`` and ``connect`` to ``egress``'s subparsers (``add_subparsers()``)."""
+def run_parser(prog: str = "egress") -> argparse.ArgumentParser:
+    """``egress`` with its ``run`` command only: what ``egress run`` parses its arguments with, so
+    that starting a sandbox builds (and imports) nothing the other commands need."""
+    parser = argparse.ArgumentParser(prog=prog)
+    add_run(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    return parser
+
+
+def add_run(subparsers: Any) -> None:
+    """Add ``run`` to ``egress``'s subparsers."""
     from proxy.sandbox import DEFAULT_DNS_PORT, DEFAULT_PROXY_PORT
 
     run = subparsers.add_parser(
@@ -126,6 +138,10 @@ def register(subparsers: Any) -> None:
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     run.set_defaults(func=_cmd_run)
 
+
+def register(subparsers: Any) -> None:
+    """Add ``run``, ``doctor`` and ``connect`` to ``egress``'s subparsers (``add_subparsers()``)."""
+    add_run(subparsers)
     doctor = subparsers.add_parser(
         "doctor",
         help="prove that the sandbox's only route is the gate (enforcement self-test)",
@@ -149,21 +165,57 @@ def register(subparsers: Any) -> None:
     connect.set_defaults(func=_cmd_connect)
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    import os
-    from pathlib import Path
+def run_command(words: list[str], *, leave: bool = False) -> int:
+    """``egress run``: parse, run, and with ``leave`` (the process's own entry point) end a run that
+    joined a gate without the interpreter's teardown (see :func:`_leave`)."""
+    args = run_parser().parse_args(words)
+    code: int = args.func(args)
+    if leave and (_joins(args) or not _evidence_wanted(args)):
+        _leave(code)
+    return code
 
-    from proxy.app.ca import Inspection
+
+def _joins(args: argparse.Namespace) -> bool:
+    """The sandbox joins a gate elsewhere (--gate-socket, --proxy): this process runs no gate."""
+    return args.gate_socket is not None or args.proxy is not None
+
+
+def _leave(code: int) -> None:
+    """Exit now: freeing every module and object at interpreter exit costs ~10 ms after a hand-off
+    (as much as the hand-off itself) and ~100 ms after a private gate. Only when nothing is left to
+    flush: the launcher has closed what it opened (the sandbox's sockets, its connection to the gate,
+    the private gate with its decision log), and no evidence sink (journal, OTLP, metrics) was asked
+    for, whose libraries flush at exit. If a thread other than a daemon still runs, the normal exit
+    (which waits for it) is kept."""
+    threading = sys.modules.get("threading")
+    if threading is not None and any(
+        t.is_alive() and not t.daemon and t is not threading.main_thread()
+        for t in threading.enumerate()
+    ):
+        return
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
     from proxy.app.credentials import sandbox_credentials
-    from proxy.app.private_gate import sandbox_trust
     from proxy.sandbox.launcher import RunOptions, run
 
+    if _joins(args) and not (args.ca_cert or args.ca_key or args.upstream_ca):
+        trust: Any = _joined_trust(args.state_dir)  # no CA to trust: no CA code to load
+    else:
+        from proxy.app.ca import Inspection
+        from proxy.app.private_gate import sandbox_trust
+
+        trust = sandbox_trust(Inspection.from_args(args))
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     options = RunOptions(
         argv=cmd,
-        policy_path=Path(args.policy) if args.policy else None,
+        policy_path=_path(args.policy),
         proxy_url=args.proxy,
         dns_target=args.dns,
         gate_socket=args.gate_socket,
@@ -177,8 +229,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         proxy_port=args.proxy_port,
         json=args.json,
         evidence=_evidence_builder(args),
-        gate=_private_gate_starter(Inspection.from_args(args)),
-        trust=sandbox_trust(Inspection.from_args(args)),
+        gate=None if _joins(args) else _private_gate_starter(args),
+        trust=trust,
         state_dir=args.state_dir,
         managed_policy=managed_policy_path(args),
         credentials=sandbox_credentials(args.credentials),
@@ -195,7 +247,33 @@ def _context_pair(text: str) -> tuple[str, str]:
     return context_pair(text)
 
 
-def _private_gate_starter(inspection: Any) -> Any:
+def _path(text: str | None) -> Any:
+    if text is None:
+        return None
+    from pathlib import Path
+
+    return Path(text)
+
+
+def _joined_trust(state_dir: str | None) -> TrustSetup:
+    """A sandbox joining a gate elsewhere with no CA named: it trusts nothing new, and this user's own
+    gate state (its CA key), if any, stays hidden from it."""
+
+    def setup(_policy: object) -> Trust:
+        from proxy.app.statedir import existing_state_dir
+        from proxy.sandbox.trust import Trust
+
+        found = existing_state_dir(state_dir)
+        return Trust(bundle=None, hidden=(str(found),) if found is not None else ())
+
+    return setup
+
+
+def _private_gate_starter(args: argparse.Namespace) -> Any:
+    from proxy.app.ca import Inspection
+
+    inspection = Inspection.from_args(args)
+
     async def start(request: GateRequest) -> PrivateGate:
         """Imported only when a private gate starts: the joined modes never load the gate."""
         from proxy.app.private_gate import start_private_gate
@@ -205,14 +283,9 @@ def _private_gate_starter(inspection: Any) -> Any:
     return start
 
 
-def _evidence_builder(args: argparse.Namespace) -> Any:
-    """Deferred: only a private gate needs the sinks, and importing them (OpenTelemetry,
-    prometheus-client) costs ~100 ms that `egress run --proxy ... -- CMD` should not pay. None when
-    no sink is asked for (no journal, metrics or OTLP endpoint): the run's summary and decision log
-    need none of them, so a plain run does not import them at all."""
-    import os
-
-    wanted = (
+def _evidence_wanted(args: argparse.Namespace) -> bool:
+    """A journal, metrics or an OTLP endpoint is asked for (flags or the OTel environment)."""
+    return bool(
         args.journal
         or args.audit_required
         or (args.metrics and not args.no_metrics)
@@ -220,7 +293,14 @@ def _evidence_builder(args: argparse.Namespace) -> Any:
         or os.environ.get("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT")
         or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     )
-    if not wanted:
+
+
+def _evidence_builder(args: argparse.Namespace) -> Any:
+    """Deferred: only a private gate needs the sinks, and importing them (OpenTelemetry,
+    prometheus-client) costs ~100 ms that `egress run --proxy ... -- CMD` should not pay. None when
+    no sink is asked for (no journal, metrics or OTLP endpoint): the run's summary and decision log
+    need none of them, so a plain run does not import them at all."""
+    if not _evidence_wanted(args):
         return None
 
     def build(sinks: list[Any]) -> Any:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -42,6 +41,16 @@ def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
     return Path(home) / ".local" / "state" / _APP
 
 
+def existing_state_dir(chosen: str | None = None) -> Path | None:
+    """The state directory (``chosen``, else the default) if it exists: a sandbox that joins a gate
+    elsewhere must not read this user's own gate state (its CA key) either. None if there is none."""
+    try:
+        state = Path(chosen) if chosen else default_state_dir()
+    except StateDirError:
+        return None
+    return state if state.is_dir() else None
+
+
 def _passwd_home() -> str | None:
     try:
         return pwd.getpwuid(os.getuid()).pw_dir
@@ -57,6 +66,8 @@ def prepare_state_dir(path: Path) -> Path:
     for directory in (path, confdir):
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            import tempfile
+
             fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=directory)
             os.close(fd)
             os.unlink(probe)

@@ -9,6 +9,7 @@ high-entropy strings. Git object names (40 or 64 hex digits) stay: their entropy
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import Counter
@@ -22,15 +23,22 @@ _SECRET_NAME = (
     r"(?:pass(?:word|wd)?|pwd|secret|token|api[-_]?key|apikey|access[-_]?key|auth|authorization"
     r"|credentials?|private[-_]?key|client[-_]?secret|session|cookie)"
 )
-_KNOWN_PREFIX = re.compile(
+# Pattern sources, compiled once on first use (_rx): every gate start imports this module, and
+# compiling them all costs ~5 ms that a run with no connection never needs.
+_KNOWN_PREFIX = (
     r"(?:gh[pousr]_|github_pat_|glpat-|xox[abprs]-|sk-|sk_live_|rk_live_|AKIA|ASIA|AIza|npm_|pypi-"
     r"|hf_|eyJ)[A-Za-z0-9_\-.=]{8,}"
 )
-_KEY_VALUE = re.compile(rf"(?i)([A-Za-z0-9_.\-]*{_SECRET_NAME}[A-Za-z0-9_.\-]*\s*[=:]\s*)(\S+)")
-_OPTION = re.compile(rf"(?i)^--?[A-Za-z0-9_\-]*{_SECRET_NAME}[A-Za-z0-9_\-]*$")
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/@\s]+@")
-_HEADER = re.compile(r"(?i)^((?:proxy-)?authorization|cookie|x-api-key|private-token)\s*:.*$")
-_WORD = re.compile(r"[A-Za-z0-9+/_\-=.]{32,}")
+_KEY_VALUE = rf"(?i)([A-Za-z0-9_.\-]*{_SECRET_NAME}[A-Za-z0-9_.\-]*\s*[=:]\s*)(\S+)"
+_OPTION = rf"(?i)^--?[A-Za-z0-9_\-]*{_SECRET_NAME}[A-Za-z0-9_\-]*$"
+_USERINFO = r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/@\s]+@"
+_HEADER = r"(?i)^((?:proxy-)?authorization|cookie|x-api-key|private-token)\s*:.*$"
+_WORD = r"[A-Za-z0-9+/_\-=.]{32,}"
+
+
+@functools.cache
+def _rx(source: str) -> re.Pattern[str]:
+    return re.compile(source)
 
 
 def scrub_argv(argv: Sequence[str]) -> tuple[str, ...]:
@@ -43,7 +51,7 @@ def scrub_argv(argv: Sequence[str]) -> tuple[str, ...]:
             out.append(SCRUBBED)
             secret_next = False
             continue
-        if _OPTION.match(arg):
+        if _rx(_OPTION).match(arg):
             secret_next = True
             out.append(arg)
             continue
@@ -55,12 +63,12 @@ def scrub_argv(argv: Sequence[str]) -> tuple[str, ...]:
 
 def scrub_text(text: str) -> str:
     """One argument with anything secret-looking replaced."""
-    if _HEADER.match(text):
-        return _HEADER.sub(lambda m: f"{m.group(1)}: {SCRUBBED}", text)
-    text = _USERINFO.sub(lambda m: f"{m.group(1)}{SCRUBBED}@", text)
-    text = _KNOWN_PREFIX.sub(SCRUBBED, text)
-    text = _KEY_VALUE.sub(lambda m: m.group(1) + SCRUBBED, text)
-    return _WORD.sub(lambda m: SCRUBBED if _looks_random(m.group(0)) else m.group(0), text)
+    if _rx(_HEADER).match(text):
+        return _rx(_HEADER).sub(lambda m: f"{m.group(1)}: {SCRUBBED}", text)
+    text = _rx(_USERINFO).sub(lambda m: f"{m.group(1)}{SCRUBBED}@", text)
+    text = _rx(_KNOWN_PREFIX).sub(SCRUBBED, text)
+    text = _rx(_KEY_VALUE).sub(lambda m: m.group(1) + SCRUBBED, text)
+    return _rx(_WORD).sub(lambda m: SCRUBBED if _looks_random(m.group(0)) else m.group(0), text)
 
 
 def _looks_random(word: str) -> bool:

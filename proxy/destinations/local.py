@@ -16,13 +16,15 @@ import socket
 from collections.abc import Callable, Iterable
 from ipaddress import IPv4Address, IPv6Address
 
-import psutil
-
 IPAddress = IPv4Address | IPv6Address
 
 
 def host_addresses() -> set[IPAddress]:
-    """Every address on every interface of this host (network namespace), IPv4 and IPv6."""
+    """Every address on every interface of this host (network namespace), IPv4 and IPv6. psutil is
+    imported here, on the first destination that could be the gate: importing it costs every gate
+    start (each `egress run` with its own gate) ~10 ms."""
+    import psutil
+
     found: set[IPAddress] = set()
     for entries in psutil.net_if_addrs().values():
         for entry in entries:

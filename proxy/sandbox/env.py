@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
-from urllib.parse import quote, unquote, urlsplit
-
-from proxy.core.hosts import parse_endpoint
+from typing import NamedTuple
 
 NO_PROXY = "localhost,127.0.0.1,::1"  # the sandbox's own loopback: reachable without the gate
 
@@ -50,8 +46,7 @@ CA_BUNDLE_VARIABLES = (
 _STANDARD = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "ftp_proxy", "rsync_proxy")
 
 
-@dataclass(frozen=True)
-class ProxyAddress:
+class ProxyAddress(NamedTuple):
     """Where the sandbox reaches the gate, plus an optional per-sandbox credential."""
 
     host: str
@@ -70,6 +65,8 @@ class ProxyAddress:
     def _userinfo(self) -> str:
         if self.username is None:
             return ""
+        from urllib.parse import quote  # imported when used: every `egress run` loads this module
+
         user = quote(self.username, safe="")
         if self.password is None:
             return f"{user}@"
@@ -78,6 +75,10 @@ class ProxyAddress:
     @classmethod
     def parse(cls, url: str) -> ProxyAddress:
         """``http://[user[:pass]@]host:port``; raises ValueError naming the problem."""
+        from urllib.parse import unquote, urlsplit
+
+        from proxy.core.hosts import parse_endpoint
+
         parts = urlsplit(url if "://" in url else f"http://{url}")
         if parts.scheme != "http":
             raise ValueError(f"proxy URL {url!r}: only http:// proxies are supported")
@@ -106,6 +107,8 @@ def connect_command() -> str:
     script = os.path.join(os.path.dirname(sys.executable), "egress")
     if os.access(script, os.X_OK):
         return f"{shlex.quote(script)} connect"
+    import shutil
+
     found = shutil.which("egress")
     if found:
         return f"{shlex.quote(found)} connect"

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import socket
 import stat
@@ -38,8 +37,7 @@ from proxy.core.sandbox_id import is_sandbox_id
 
 if TYPE_CHECKING:
     import asyncio
-
-log = logging.getLogger(__name__)
+    import logging
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE = 16384
@@ -96,6 +94,12 @@ def hand_off(
 
 
 # -- gate side ----------------------------------------------------------------------------------
+
+
+def _log() -> logging.Logger:
+    import logging  # the gate's side only: the launcher hands off without loading logging
+
+    return logging.getLogger(__name__)
 
 
 def peer_uid(conn: socket.socket) -> int:
@@ -228,14 +232,14 @@ class HandoffServer:
                     check_listener(sock, name, self._own_netns)
                 detach = await self.attach(sandbox_id, sockets)
             except (HandoffError, ValueError, OSError) as exc:
-                log.warning("refused a sandbox hand-off (%s): %s", sandbox_id, exc)
+                _log().warning("refused a sandbox hand-off (%s): %s", sandbox_id, exc)
                 self._reply(conn, {"ok": False, "error": str(exc)})
                 for sock in received:
                     sock.close()
                 return
             self.attached[sandbox_id] = self.attached.get(sandbox_id, 0) + 1
             self._reply(conn, {"ok": True, "accepted": list(sockets)})
-            log.info("sandbox %s handed over %s", sandbox_id, ", ".join(sockets))
+            _log().info("sandbox %s handed over %s", sandbox_id, ", ".join(sockets))
             conn.setblocking(False)
             with contextlib.suppress(OSError):
                 while await loop.sock_recv(conn, 1):  # anything but EOF is ignored
@@ -247,7 +251,7 @@ class HandoffServer:
                 self.attached[sandbox_id] -= 1
                 if not self.attached[sandbox_id]:
                     del self.attached[sandbox_id]
-                log.info("sandbox %s ended; its listeners are closed", sandbox_id)
+                _log().info("sandbox %s ended; its listeners are closed", sandbox_id)
             conn.close()
 
     def _identify(self, request: dict[str, Any]) -> str:

@@ -11,7 +11,6 @@ status) -> init (PID 1 of a new PID namespace: mounts, listeners, handshake, rea
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import json
@@ -59,8 +58,13 @@ _libc: Any = None
 
 
 def _c() -> Any:
+    """libc, for the calls os does not wrap. The launcher loads it just before it forks the helper
+    (ForkedHelper.start): importing ctypes in the forked child costs several times more (every page
+    it touches is copied)."""
     global _libc
     if _libc is None:
+        import ctypes
+
         _libc = ctypes.CDLL(None, use_errno=True)
         _libc.mount.argtypes = [
             ctypes.c_char_p,
@@ -74,25 +78,31 @@ def _c() -> Any:
     return _libc
 
 
+def _errno() -> int:
+    import ctypes
+
+    return ctypes.get_errno()
+
+
 def _mount(source: str | None, target: str, fstype: str | None, flags: int) -> None:
     enc = os.fsencode
     rc = _c().mount(
         enc(source) if source else None, enc(target), enc(fstype) if fstype else None, flags, None
     )
     if rc != 0:
-        err = ctypes.get_errno()
+        err = _errno()
         raise OSError(err, f"mount {target}: {os.strerror(err)}")
 
 
 def _umount(target: str) -> None:
     if _c().umount2(os.fsencode(target), _MNT_DETACH) != 0:
-        err = ctypes.get_errno()
+        err = _errno()
         raise OSError(err, f"umount {target}: {os.strerror(err)}")
 
 
 def _prctl(option: int, arg: int = 0, arg3: int = 0) -> None:
     if _c().prctl(option, arg, arg3, 0, 0) != 0:
-        err = ctypes.get_errno()
+        err = _errno()
         raise OSError(err, os.strerror(err))
 
 

@@ -8,19 +8,15 @@ Any failure before that point tears the sandbox down and the command never runs 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from proxy.core.sandbox_id import check_sandbox_id
-from proxy.evidence.emit import Emitter, JsonLineSink, Sink
 from proxy.sandbox import (
     DEFAULT_DNS_PORT,
     DEFAULT_PROXY_PORT,
@@ -31,13 +27,15 @@ from proxy.sandbox.env import ProxyAddress, proxy_environment
 from proxy.sandbox.namespace import Listener, Sandbox, SandboxError, SandboxSpec, exit_code
 from proxy.sandbox.signals import forwarding_signals
 from proxy.sandbox.stdio import foreground_tty, restore_tty, stdio_fds, stdio_problem
-from proxy.sandbox.summary import SummarySink
 
-if TYPE_CHECKING:  # a private gate's types: the joined modes do not import them
+if TYPE_CHECKING:  # a private gate's types: the joined modes do not import them (nor the evidence
+    # and summary modules, which load the policy model: see tests/proxy/sandbox/test_startup.py)
+    from pathlib import Path
+
     from proxy.credentials.sandbox import Provided
+    from proxy.evidence.emit import Emitter, Sink
     from proxy.sandbox.private_gate import GateStarter, PrivateGate, Trust, TrustSetup
-
-log = logging.getLogger("egress.run")
+    from proxy.sandbox.summary import SummarySink
 
 NO_ISOLATION_WARNING = """\
 egress: WARNING: --no-isolation: the command runs WITHOUT a network namespace.
@@ -45,49 +43,85 @@ egress: WARNING: HTTP(S)_PROXY is only a request: anything that ignores it reach
 egress: WARNING: use this for debugging only, never for untrusted code."""
 
 
-@dataclass
 class RunOptions:
-    argv: Sequence[str]
-    policy_path: Path | None = None
-    proxy_url: str | None = None
-    sandbox_id: str | None = None
-    quiet: bool = False
-    isolation: bool = True
-    nameservers: Sequence[str] | None = None
-    hosts_file: str | None = "/etc/hosts"
-    state_dir: str | None = None
-    decision_log: str | None = None  # a file, "-" for stderr, None for none (the summary suffices)
-    proxy_port: int = DEFAULT_PROXY_PORT
-    json: bool = False  # announce pending approvals as JSON lines
-    dns_port: int | None = DEFAULT_DNS_PORT
-    dns_target: tuple[str, int] | None = None  # joined mode: where to relay DNS (unset: no DNS)
-    gate_socket: str | None = None  # hand the listeners to a local gate (no relay)
-    token: str | None = None  # the sandbox's credential for a gate that requires one
-    gate: GateStarter | None = None  # starts the private gate (without --proxy / --gate-socket)
-    trust: TrustSetup | None = None  # the CA bundle and hidden paths when the gate reads TLS
-    # Credentials the sandbox gets placeholders for (private gate only): given the policy and the
-    # sandbox id, what to set, remove and hide; raises ValueError (lines to print) when they fail.
-    credentials: Callable[[Any, str], Provided] | None = None
-    env: dict[str, str] | None = None
-    cwd: str | None = None
-    stdin: int | IO[Any] | None = None
-    stdout: int | IO[Any] | None = None
-    stderr: int | IO[Any] | None = None
-    sinks: Sequence[Sink] = ()
-    # The evidence sinks (journal, OTel, metrics) around the given ones, for a private gate; a
-    # callable so that they are imported and opened only when one starts.
-    evidence: Callable[[list[Sink]], Any] | None = None
-    on_ready: Callable[[Sandbox], None] | None = None  # tests/doctor: the sandbox is about to run
-    on_gate: Callable[[PrivateGate], None] | None = None  # doctor: the private gate is serving
-    summary: SummarySink = field(default_factory=SummarySink)
-    managed_policy: str | None = None  # the organisation's ceiling (proxy.policy.managed)
-    summary_format: str = "text"  # or "json": one JSON object on stderr at exit
-    context: dict[str, str] = field(default_factory=dict)  # --context KEY=VALUE
-    traceparent: str | None = None  # the agent's W3C trace context (validated by the CLI)
+    """How to run one command. A plain class, not a dataclass: a launch that hands the sandbox to a
+    running gate imports neither dataclasses nor inspect (~10 ms of every `egress run`)."""
 
-    def __post_init__(self) -> None:
-        if self.sandbox_id is None:
-            self.sandbox_id = new_sandbox_id()
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        policy_path: Path | None = None,
+        proxy_url: str | None = None,
+        sandbox_id: str | None = None,
+        quiet: bool = False,
+        isolation: bool = True,
+        nameservers: Sequence[str] | None = None,
+        hosts_file: str | None = "/etc/hosts",
+        state_dir: str | None = None,
+        decision_log: str | None = None,
+        proxy_port: int = DEFAULT_PROXY_PORT,
+        json: bool = False,
+        dns_port: int | None = DEFAULT_DNS_PORT,
+        dns_target: tuple[str, int] | None = None,
+        gate_socket: str | None = None,
+        token: str | None = None,
+        gate: GateStarter | None = None,
+        trust: TrustSetup | None = None,
+        credentials: Callable[[Any, str], Provided] | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: int | IO[Any] | None = None,
+        stdout: int | IO[Any] | None = None,
+        stderr: int | IO[Any] | None = None,
+        sinks: Sequence[Sink] = (),
+        evidence: Callable[[list[Sink]], Any] | None = None,
+        on_ready: Callable[[Sandbox], None] | None = None,
+        on_gate: Callable[[PrivateGate], None] | None = None,
+        summary: SummarySink | None = None,
+        managed_policy: str | None = None,
+        summary_format: str = "text",
+        context: dict[str, str] | None = None,
+        traceparent: str | None = None,
+    ) -> None:
+        self.argv = argv
+        self.policy_path = policy_path
+        self.proxy_url = proxy_url
+        self.sandbox_id: str | None = sandbox_id if sandbox_id is not None else new_sandbox_id()
+        self.quiet = quiet
+        self.isolation = isolation
+        self.nameservers = nameservers
+        self.hosts_file = hosts_file
+        self.state_dir = state_dir
+        # A file, "-" for stderr, None for none (the summary suffices).
+        self.decision_log = decision_log
+        self.proxy_port = proxy_port
+        self.json = json  # announce pending approvals as JSON lines
+        self.dns_port = dns_port
+        self.dns_target = dns_target  # joined mode: where to relay DNS (unset: no DNS)
+        self.gate_socket = gate_socket  # hand the listeners to a local gate (no relay)
+        self.token = token  # the sandbox's credential for a gate that requires one
+        self.gate = gate  # starts the private gate (without --proxy / --gate-socket)
+        self.trust = trust  # the CA bundle and hidden paths when the gate reads TLS
+        # Credentials the sandbox gets placeholders for (private gate only): given the policy and the
+        # sandbox id, what to set, remove and hide; raises ValueError (lines to print) when they fail.
+        self.credentials = credentials
+        self.env = env
+        self.cwd = cwd
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self.sinks = sinks
+        # The evidence sinks (journal, OTel, metrics) around the given ones, for a private gate; a
+        # callable so that they are imported and opened only when one starts.
+        self.evidence = evidence
+        self.on_ready = on_ready  # tests/doctor: the sandbox is about to run
+        self.on_gate = on_gate  # doctor: the private gate is serving
+        self.summary = summary  # the private gate's decision counts (made on start)
+        self.managed_policy = managed_policy  # the organisation's ceiling (proxy.policy.managed)
+        self.summary_format = summary_format  # or "json": one JSON object on stderr at exit
+        self.context: dict[str, str] = context if context is not None else {}  # --context KEY=VALUE
+        self.traceparent = traceparent  # the agent's W3C trace context (validated by the CLI)
 
 
 def new_sandbox_id() -> str:
@@ -206,6 +240,7 @@ def _run_with(
     if provided is not None:  # placeholders in, real values and their sources out of reach
         env = provided.apply_to(env)
         hidden += tuple(provided.hidden)
+    private = upstream is None and options.gate_socket is None
     spec = SandboxSpec(
         argv=list(options.argv),
         env=env,
@@ -217,7 +252,11 @@ def _run_with(
     )
     try:
         sandbox = Sandbox.spawn(
-            spec, stdin=options.stdin, stdout=options.stdout, stderr=options.stderr
+            spec,
+            stdin=options.stdin,
+            stdout=options.stdout,
+            stderr=options.stderr,
+            meanwhile=_load_private_gate_modules if private else None,
         )
     except SandboxError as exc:
         _err(f"cannot isolate the command, so it was not run: {exc}")
@@ -242,6 +281,14 @@ def _run_with(
     return code
 
 
+def _load_private_gate_modules() -> None:
+    """What a private gate's launcher imports next (the event loop, the evidence path), loaded while
+    the helper builds the sandbox rather than after."""
+    import proxy.evidence.emit
+    import proxy.runtime.loop
+    import proxy.sandbox.summary  # noqa: F401
+
+
 def _bound_executables(policy: Any) -> tuple[str, ...]:
     """The files the private gate's rules are bound to: the sandbox must not be able to rewrite
     them, even when it runs as their owner."""
@@ -250,8 +297,18 @@ def _bound_executables(policy: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(e.path for rule in policy.rules for e in rule.executables))
 
 
+def _summary(options: RunOptions) -> SummarySink:
+    if options.summary is None:
+        from proxy.sandbox.summary import SummarySink
+
+        options.summary = SummarySink()
+    return options.summary
+
+
 def _sinks(options: RunOptions) -> list[Sink]:
-    sinks: list[Sink] = [options.summary, *options.sinks]
+    from proxy.evidence.emit import JsonLineSink
+
+    sinks: list[Sink] = [_summary(options), *options.sinks]
     if options.decision_log == "-":
         sinks.append(JsonLineSink(stream=sys.stderr))
     elif options.decision_log:
@@ -264,6 +321,7 @@ async def _run_private(
 ) -> tuple[int, str]:
     """The gate runs in this process and accepts on the sandbox's own listeners: no relay.
     Returns the exit status and the summary to print."""
+    from proxy.evidence.emit import Emitter
     from proxy.sandbox.private_gate import GateRequest
 
     assert options.gate is not None
@@ -295,7 +353,9 @@ async def _run_private(
         if options.on_gate:
             options.on_gate(gate)
     except Exception as exc:
-        log.debug("gate start-up failed", exc_info=True)
+        import logging
+
+        logging.getLogger("egress.run").debug("gate start-up failed", exc_info=True)
         sandbox.abort()
         _err(f"the gate did not start, so the command was not run: {exc}")
         await _stop(gate, evidence, emitter)
@@ -309,8 +369,8 @@ async def _run_private(
 
 def render_summary(options: RunOptions) -> str:
     if options.summary_format == "json":
-        return options.summary.render_json(str(options.sandbox_id))
-    return options.summary.render(str(options.sandbox_id))
+        return _summary(options).render_json(str(options.sandbox_id))
+    return _summary(options).render(str(options.sandbox_id))
 
 
 def sandbox_facts(options: RunOptions) -> Any:
@@ -505,6 +565,7 @@ def _run_unisolated(options: RunOptions, policy: Any, bundle: str | None) -> int
 async def _run_unisolated_private(options: RunOptions, policy: Any, bundle: str | None) -> int:
     import asyncio
 
+    from proxy.evidence.emit import Emitter
     from proxy.sandbox.private_gate import GateRequest
 
     assert options.gate is not None

@@ -34,13 +34,14 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import IO, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from proxy.sandbox import EXIT_SETUP_FAILED
+
+if TYPE_CHECKING:  # imported where used: a launch that forks the helper never loads subprocess
+    import subprocess
 
 HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helper.py")
 _SIOCGSKNS = 0x894C
@@ -64,8 +65,7 @@ class SandboxError(Exception):
         return f"{text}\n  hint: {self.hint}" if self.hint else text
 
 
-@dataclass(frozen=True)
-class Listener:
+class Listener(NamedTuple):  # NamedTuple, not a dataclass: `egress run` does not import dataclasses
     """One listener created inside the sandbox: ``tcp`` or ``udp`` on 127.0.0.1:port; or ``diag``,
     a sock_diag netlink socket answering about the sandbox's own sockets (port unused)."""
 
@@ -74,8 +74,7 @@ class Listener:
     port: int
 
 
-@dataclass
-class SandboxSpec:
+class SandboxSpec(NamedTuple):
     argv: Sequence[str]
     env: Mapping[str, str]
     listeners: Sequence[Listener] = ()
@@ -145,7 +144,10 @@ class Sandbox:
         stdin: int | IO[Any] | None = None,
         stdout: int | IO[Any] | None = None,
         stderr: int | IO[Any] | None = None,
+        meanwhile: Callable[[], object] | None = None,
     ) -> Sandbox:
+        """``meanwhile`` runs in the launcher while the helper builds the sandbox (on another core):
+        work the launcher needs next anyway, such as loading the private gate's modules."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         config = {
             "argv": list(spec.argv),
@@ -163,6 +165,8 @@ class Sandbox:
             if _can_fork(stdin, stdout, stderr):
                 proc = ForkedHelper.start(config, spec, (stdin, stdout, stderr), child.fileno())
             else:
+                import subprocess
+
                 proc = subprocess.Popen(
                     [sys.executable, "-I", "-S", HELPER, json.dumps(config)],
                     env=dict(spec.env),
@@ -179,6 +183,8 @@ class Sandbox:
         finally:
             child.close()
         try:
+            if meanwhile is not None:
+                meanwhile()
             info, sockets = _handshake(parent, spec, proc)
         except BaseException:
             parent.close()
@@ -206,6 +212,8 @@ class Sandbox:
             self._ctl.close()
             self._ctl = None
         self.close_sockets()
+        import subprocess
+
         try:
             self.returncode = exit_code(self.proc.wait(10))
         except subprocess.TimeoutExpired:
@@ -270,6 +278,7 @@ class ForkedHelper:
 
         fds = [s if isinstance(s, int) or s is None else s.fileno() for s in streams]
         env = dict(spec.env)
+        helper._c()  # libc (ctypes) loaded here, not in the child: see helper._c
         pid = os.fork()
         if pid == 0:  # the helper: nothing here may return into the launcher's code
             try:
@@ -303,13 +312,21 @@ class ForkedHelper:
             _, status = os.waitpid(self.pid, 0)
             self.returncode = os.waitstatus_to_exitcode(status)
             return self.returncode
-        import time
+        if (code := self.poll()) is not None:
+            return code
+        import select
 
-        deadline = time.monotonic() + timeout
-        while (code := self.poll()) is None:
-            if time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(["egress-sandbox-helper"], timeout)
-            time.sleep(0.002)
+        pidfd = os.pidfd_open(self.pid)  # readable once the helper has exited: no polling
+        try:
+            waiter = select.poll()
+            waiter.register(pidfd, select.POLLIN)
+            waiter.poll(max(0, int(timeout * 1000)))
+        finally:
+            os.close(pidfd)
+        if (code := self.poll()) is None:
+            import subprocess
+
+            raise subprocess.TimeoutExpired(["egress-sandbox-helper"], timeout)
         return code
 
     def send_signal(self, sig: int) -> None:
@@ -326,6 +343,8 @@ def exit_code(status: int) -> int:
 
 
 def _reap(proc: subprocess.Popen[bytes] | ForkedHelper) -> int:
+    import subprocess
+
     if proc.poll() is None:
         proc.kill()
     try:

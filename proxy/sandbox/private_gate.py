@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from proxy.sandbox.trust import Trust, TrustSetup
+
 if TYPE_CHECKING:
     from proxy.evidence.emit import Emitter
     from proxy.policy.model import Policy
@@ -57,16 +59,4 @@ class PrivateGate(Protocol):
 GateStarter = Callable[[GateRequest], Awaitable[PrivateGate]]
 
 
-@dataclass(frozen=True)
-class Trust:
-    """What the sandbox needs when the gate reads its TLS: a CA bundle to trust (system CAs plus
-    the gate's), and the paths it must not read (where the CA key lives)."""
-
-    bundle: str | None  # None: nothing is inspected, the sandbox keeps its own trust store
-    hidden: Sequence[str] = ()
-    cleanup: Callable[[], None] = lambda: None
-
-
-# Given the private gate's policy (None when joining a gate elsewhere): the trust the sandbox needs.
-# Raises ValueError naming the problem when it cannot be set up (the command then does not run).
-TrustSetup = Callable[["Policy | None"], Trust | None]
+__all__ = ["GateRequest", "GateStarter", "PrivateGate", "Trust", "TrustSetup"]

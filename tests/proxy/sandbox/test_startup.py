@@ -1,0 +1,149 @@
+"""What starting a sandbox costs: a launch that hands its sandbox to a running gate loads no gate code.
+
+Every ``egress run`` pays for each module it imports (dataclasses alone is ~10 ms here, the policy
+loader with YAML, dnspython or mitmproxy far more), so the hand-off path is held to the modules it
+needs. Measured by the modules a real launch has loaded, never by time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from proxy.app.cli import build_parser
+from proxy.app.sandbox_cli import run_parser
+from proxy.sandbox.handoff import HandoffServer, gate_attacher
+from tests.harness import RunningGate, clean_env
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
+REPO = Path(__file__).resolve().parents[3]
+WAIT = 30.0
+
+# Modules a hand-off launch must not load: the policy, evidence and gate stacks, and the standard
+# library modules that only they need.
+GATE_ONLY = (
+    "yaml",
+    "dns",
+    "mitmproxy",
+    "addons",
+    "cryptography",
+    "psutil",
+    "uvloop",
+    "asyncio",
+    "ssl",
+    "logging",
+    "dataclasses",
+    "inspect",
+    "subprocess",
+    "tempfile",
+    "proxy.policy",
+    "proxy.evidence.emit",
+    "proxy.evidence.record",
+    "proxy.destinations",
+    "proxy.core.decision",
+    "proxy.app.ca",
+    "proxy.app.private_gate",
+    "proxy.sandbox.private_gate",
+    "proxy.sandbox.summary",
+    "proxy.sandbox.connect",
+    "proxy.app.approvals_cli",
+    "proxy.app.learn_cli",
+)
+
+# Runs `egress run` in-process (main() with arguments returns instead of leaving) and prints the
+# exit status and every module then loaded.
+LAUNCH = """
+import json, sys
+from proxy.app.cli import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
+"""
+
+
+@pytest.fixture
+def gate_socket(
+    write_policy: Callable[[str], Path],
+    start_gate: Callable[..., RunningGate],
+    tmp_path: Path,
+) -> Iterator[Path]:
+    gate = start_gate(write_policy("version: 1\nrules: []\n"))
+    assert gate._loop is not None
+    path = tmp_path / "gate.sock"
+    server = HandoffServer(str(path), gate_attacher(gate.gate))
+    asyncio.run_coroutine_threadsafe(server.start(), gate._loop).result(WAIT)
+    try:
+        yield path
+    finally:
+        asyncio.run_coroutine_threadsafe(server.close(), gate._loop).result(WAIT)
+
+
+def _loaded(name: str, modules: list[str]) -> bool:
+    return any(m == name or m.startswith(name + ".") for m in modules)
+
+
+def test_a_hand_off_launch_loads_no_gate_code(gate_socket: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", LAUNCH, "run", "--quiet", "--gate-socket", str(gate_socket),
+         "--", "sh", "-c", "exit 3"],
+        cwd=REPO, capture_output=True, text=True, timeout=WAIT, env=clean_env(),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result["code"] == 3  # the command really ran in a sandbox the gate served
+    modules = result["modules"]
+    assert "proxy.sandbox.handoff" in modules and "proxy.sandbox.launcher" in modules
+    assert [name for name in GATE_ONLY if _loaded(name, modules)] == []
+
+
+def test_a_hand_off_launch_ends_with_the_commands_status_and_its_summary(
+    gate_socket: Path,
+) -> None:
+    """The launcher leaves without the interpreter's teardown: what it wrote still arrives."""
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy.app.cli", "run", "--gate-socket", str(gate_socket),
+         "--", "sh", "-c", "echo inside; exit 7"],
+        cwd=REPO, capture_output=True, text=True, timeout=WAIT, env=clean_env(),
+    )  # fmt: skip
+    assert out.returncode == 7
+    assert out.stdout == "inside\n"
+    assert "served by the gate at" in out.stderr
+
+
+def _options(parser: argparse.ArgumentParser) -> list[tuple[object, ...]]:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    run = sub.choices["run"]
+    return sorted(
+        (tuple(a.option_strings), a.dest, repr(a.default), a.nargs, a.type, a.choices)  # type: ignore[misc]
+        for a in run._actions
+    )
+
+
+def test_egress_run_parses_exactly_as_the_full_command_line_does() -> None:
+    """`egress run` builds only its own parser; it must accept the same options as `egress`."""
+    assert _options(run_parser()) == _options(build_parser())
+
+
+def test_a_private_run_leaves_only_after_its_decision_log_and_summary_are_written(
+    write_policy: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """A private gate's launcher also skips the interpreter's teardown: every decision it made is
+    in the decision log and the summary is printed before the process ends."""
+    policy = write_policy("version: 1\nrules: []\n")
+    log = tmp_path / "decisions.jsonl"
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy.app.cli", "run", "--policy", str(policy), "--decision-log",
+         str(log), "--", "curl", "-sS", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}",
+         "http://refused.test/"],
+        cwd=REPO, capture_output=True, text=True, timeout=WAIT, env=clean_env(),
+    )  # fmt: skip
+    assert out.stdout == "403", out.stderr
+    decisions = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [d["host"] for d in decisions if d["decision"] == "deny"] == ["refused.test"]
+    assert "1 refused" in out.stderr
