@@ -420,13 +420,11 @@ class PlainHttp:
             if isinstance(event, (h11.InformationalResponse, h11.Response)):
                 names = {name.lower() for name, _ in event.headers.raw_items()}
                 if isinstance(event, h11.Response):
-                    chunked = b"transfer-encoding" in names
-                    until_eof = (
-                        b"content-length" not in names
-                        and not chunked
-                        and head.method != "HEAD"
-                        and event.status_code not in (204, 304)
-                    )
+                    # A response to HEAD, a 204 and a 304 have no body whatever their head
+                    # announces (h11 frames them so): nothing of a body is added for them either.
+                    bodied = head.method != "HEAD" and event.status_code not in (204, 304)
+                    chunked = bodied and b"transfer-encoding" in names
+                    until_eof = bodied and b"content-length" not in names and not chunked
                     closes = closes or until_eof or _closes(event)
                     length = _content_length(event)
                     conn.bytes_in += length

@@ -574,3 +574,43 @@ def test_a_hand_over_mid_connection_is_not_counted_as_a_new_connection(
         assert [d.reason for d in running.decisions][-1] == "rate-limit"
     finally:
         running.stop()
+
+
+# -- responses without a body that announce a chunked one ----------------------------------------
+
+
+def _until(sock: socket.socket, marker: bytes) -> bytes:
+    """What arrives until ``marker`` has (or the gate closes; every wait bounded)."""
+    data = b""
+    sock.settimeout(WAIT)
+    for _ in range(256):
+        if marker in data:
+            break
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize(
+    "method,status",
+    [("HEAD", "200 OK"), ("GET", "204 No Content"), ("GET", "304 Not Modified")],
+    ids=["head", "204", "304"],
+)
+def test_a_bodiless_response_announcing_chunks_gets_no_body_from_the_gate(
+    gate: RunningGate, scripted: Scripted, origin_a: Origin, method: str, status: str
+) -> None:
+    """A response to HEAD, a 204 and a 304 have no body whatever their head says (RFC 9112 6.3):
+    the gate must not add a last chunk of its own, which the client would read as the start of
+    the next response (here another host's)."""
+    scripted.reply = f"HTTP/1.1 {status}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+    fast = decided(gate)
+    sock = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
+    with sock:
+        sock.sendall(get("raw.test", scripted.port, method=method) + get("a.test", origin_a.port))
+        data = _until(sock, b"hello from a")
+    assert decided(gate) == fast + 2
+    first, _, rest = data.partition(b"\r\n\r\n")
+    assert first.startswith(f"HTTP/1.1 {status}".encode())
+    assert rest.startswith(b"HTTP/1.1 200 OK\r\n"), f"bytes between the responses: {rest[:40]!r}"
