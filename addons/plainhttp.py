@@ -343,7 +343,7 @@ class PlainHttp:
             refusal = refusal_bytes(decision, close=False)
             if head.method == "HEAD":  # a response to HEAD has no body (docs/plain-http.md)
                 refusal = refusal[: refusal.index(b"\r\n\r\n") + 4]
-            await sockio.send_all(sock, refusal)
+            await self._send(sock, conn, refusal)
             return upstream, not head.close
         if conn.inspected or decision.credential:
             # Never on this path (no tunnel; no credential is added outside an inspected one);
@@ -359,7 +359,7 @@ class PlainHttp:
             upstream.close()
             upstream = None
         if upstream is None:
-            upstream = await _dial(sock, target, head.port, key)
+            upstream = await _dial(sock, target, head.port, key, self.keepalive_idle)
         self.served += 1
         keep = await self._exchange(sock, conn, head, upstream)
         try:
@@ -368,6 +368,20 @@ class PlainHttp:
             upstream.close()
             return None, keep
         return upstream, keep
+
+    async def _send(self, sock: socket.socket, conn: Connection, data: bytes | bytearray) -> None:
+        """To the client. One that takes no byte for the keep-alive limit would hold its
+        connection and an upstream for ever (as a relayed tunnel that moves no byte would): it
+        is closed and the closing recorded."""
+        try:
+            await sockio.send_all(sock, data, stall=self.keepalive_idle)
+        except TimeoutError:
+            self.checkpoint.refuse_connection(
+                conn,
+                Reason.IDLE_TIMEOUT,
+                f"the client took no byte of its response for {self.keepalive_idle:g} s; closed",
+            )
+            raise _Closed() from None
 
     async def _exchange(
         self, sock: socket.socket, conn: Connection, head: PlainHead, upstream: _Upstream
@@ -378,7 +392,9 @@ class PlainHttp:
         upstream.h11.send(h11.EndOfMessage())
         wire = [f"{head.method} {head.target} HTTP/1.1".encode()]
         wire += [name + b": " + value for name, value in fields]
-        await sockio.send_all(upstream.sock, b"\r\n".join(wire) + b"\r\n\r\n")
+        await sockio.send_all(
+            upstream.sock, b"\r\n".join(wire) + b"\r\n\r\n", stall=UPSTREAM_TIMEOUT
+        )
         pending = b""  # received, not yet given to h11
         out = bytearray()  # for the client: sent in one write per read from the upstream
         chunked = False
@@ -397,7 +413,7 @@ class PlainHttp:
                     if len(pending) > MAX_RESPONSE_HEAD:
                         raise _Closed()
                     if out:
-                        await sockio.send_all(sock, out)
+                        await self._send(sock, conn, out)
                         out.clear()
                     more = await _recv(upstream.sock)
                     if not more:
@@ -412,7 +428,7 @@ class PlainHttp:
             event = parser.next_event()
             if event is h11.NEED_DATA:
                 if out:
-                    await sockio.send_all(sock, out)
+                    await self._send(sock, conn, out)
                     out.clear()
                 more = await _recv(upstream.sock)
                 parser.receive_data(more)  # b"" is the upstream's EOF
@@ -420,13 +436,11 @@ class PlainHttp:
             if isinstance(event, (h11.InformationalResponse, h11.Response)):
                 names = {name.lower() for name, _ in event.headers.raw_items()}
                 if isinstance(event, h11.Response):
-                    chunked = b"transfer-encoding" in names
-                    until_eof = (
-                        b"content-length" not in names
-                        and not chunked
-                        and head.method != "HEAD"
-                        and event.status_code not in (204, 304)
-                    )
+                    # A response to HEAD, a 204 and a 304 have no body whatever their head
+                    # announces (h11 frames them so): nothing of a body is added for them either.
+                    bodied = head.method != "HEAD" and event.status_code not in (204, 304)
+                    chunked = bodied and b"transfer-encoding" in names
+                    until_eof = bodied and b"content-length" not in names and not chunked
                     closes = closes or until_eof or _closes(event)
                     length = _content_length(event)
                     conn.bytes_in += length
@@ -442,7 +456,7 @@ class PlainHttp:
                         n + b": " + v + b"\r\n" for n, v in event.headers.raw_items()
                     )
                     out += b"0\r\n" + trailers + b"\r\n"
-                await sockio.send_all(sock, out)
+                await self._send(sock, conn, out)
                 if pending or parser.trailing_data[0]:
                     log.warning("closed: bytes after the response from %s", upstream.key[0])
                     raise _Closed()
@@ -497,7 +511,7 @@ async def _recv(sock: socket.socket) -> bytes:
 
 
 async def _dial(
-    client: socket.socket, target: str, port: int, key: tuple[str, int, str]
+    client: socket.socket, target: str, port: int, key: tuple[str, int, str], stall: float
 ) -> _Upstream:
     up = socket.socket(socket.AF_INET6 if ":" in target else socket.AF_INET)
     try:
@@ -508,7 +522,7 @@ async def _dial(
     except (OSError, TimeoutError):
         up.close()
         with contextlib.suppress(OSError):
-            await sockio.send_all(client, BAD_GATEWAY)
+            await sockio.send_all(client, BAD_GATEWAY, stall=stall)
         raise _Closed() from None
     return _Upstream(up, key)
 

@@ -29,7 +29,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 
-from addons.plainhttp import Outcome, PlainHttp, read_head
+from addons.plainhttp import KEEPALIVE_IDLE, Outcome, PlainHttp, read_head
 from addons.refusal import refusal_bytes
 from proxy.core.checkpoint import Checkpoint
 from proxy.core.connections import Connection
@@ -244,7 +244,7 @@ class TunnelFrontEnd:
                 self.checkpoint.refuse_connection(
                     conn, Reason.BAD_REQUEST, "malformed CONNECT head"
                 )
-                await sockio.send_all(sock, BAD_REQUEST)
+                await self._send(sock, conn, BAD_REQUEST)
                 raise _Closed()
             host, port, credential, fields = parsed
             request = Request(Kind.CONNECT, host, port, "CONNECT")
@@ -261,7 +261,7 @@ class TunnelFrontEnd:
             if decision.allowed:
                 break
             # As on the mitmproxy path, the connection stays open for the client's next request.
-            await sockio.send_all(sock, refusal_bytes(decision, close=False))
+            await self._send(sock, conn, refusal_bytes(decision, close=False))
             since = time.monotonic()
         else:
             raise _Closed()
@@ -269,7 +269,7 @@ class TunnelFrontEnd:
         # Admitted from here on: a recheck after a reload may end it while its first bytes come
         # (it then clears the closer, and nothing is dialled or sent).
         conn.closer = functools.partial(_shut, sock)
-        await sockio.send_all(sock, ESTABLISHED)
+        await self._send(sock, conn, ESTABLISHED)
         first, classified = await self._first_bytes(sock, conn, port, buffered)
         tunnel = conn.tunnel
         if classified.protocol is Protocol.HTTP:
@@ -337,10 +337,23 @@ class TunnelFrontEnd:
             await self._too_large(sock, conn)
         return buffered[: end + 4], buffered[end + 4 :]
 
+    async def _send(self, sock: socket.socket, conn: Connection, data: bytes) -> None:
+        """To the client. Refused requests keep the connection open, so a client can pipeline them
+        and never read a refusal: a client that takes no byte for the idle timeout (600 s if that
+        is 0) is closed and the closing recorded, instead of holding its connection for ever."""
+        stall = self.idle_timeout if self.idle_timeout > 0 else KEEPALIVE_IDLE
+        try:
+            await sockio.send_all(sock, data, stall=stall)
+        except TimeoutError:
+            self.checkpoint.refuse_connection(
+                conn, Reason.IDLE_TIMEOUT, f"the client took no byte for {stall:g} s; closed"
+            )
+            raise _Closed() from None
+
     async def _too_large(self, sock: socket.socket, conn: Connection) -> None:
         detail = f"the request head is larger than {MAX_REQUEST_HEAD} bytes"
         self.checkpoint.refuse_connection(conn, Reason.HEAD_TOO_LARGE, detail)
-        await sockio.send_all(sock, HEAD_TOO_LARGE)
+        await self._send(sock, conn, HEAD_TOO_LARGE)
         raise _Closed()
 
     async def _first_bytes(

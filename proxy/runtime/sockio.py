@@ -55,13 +55,18 @@ async def recv(sock: socket.socket, size: int) -> bytes:
             await readable(sock)
 
 
-async def send_all(sock: socket.socket, data: bytes | bytearray | memoryview) -> None:
+async def send_all(
+    sock: socket.socket, data: bytes | bytearray | memoryview, *, stall: float | None = None
+) -> None:
+    """All of ``data``; ``stall``: TimeoutError once the peer has taken no byte for that long (a
+    peer that stops reading would otherwise hold the sender for ever)."""
     view = memoryview(data)
     while view:
         try:
             sent = sock.send(view)
         except (BlockingIOError, InterruptedError):
-            await writable(sock)
+            async with asyncio.timeout(stall):
+                await writable(sock)
             continue
         view = view[sent:]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -574,3 +575,101 @@ def test_a_hand_over_mid_connection_is_not_counted_as_a_new_connection(
         assert [d.reason for d in running.decisions][-1] == "rate-limit"
     finally:
         running.stop()
+
+
+# -- responses without a body that announce a chunked one ----------------------------------------
+
+
+def _until(sock: socket.socket, marker: bytes) -> bytes:
+    """What arrives until ``marker`` has (or the gate closes; every wait bounded)."""
+    data = b""
+    sock.settimeout(WAIT)
+    for _ in range(256):
+        if marker in data:
+            break
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize(
+    "method,status",
+    [("HEAD", "200 OK"), ("GET", "204 No Content"), ("GET", "304 Not Modified")],
+    ids=["head", "204", "304"],
+)
+def test_a_bodiless_response_announcing_chunks_gets_no_body_from_the_gate(
+    gate: RunningGate, scripted: Scripted, origin_a: Origin, method: str, status: str
+) -> None:
+    """A response to HEAD, a 204 and a 304 have no body whatever their head says (RFC 9112 6.3):
+    the gate must not add a last chunk of its own, which the client would read as the start of
+    the next response (here another host's)."""
+    scripted.reply = f"HTTP/1.1 {status}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+    fast = decided(gate)
+    sock = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
+    with sock:
+        sock.sendall(get("raw.test", scripted.port, method=method) + get("a.test", origin_a.port))
+        data = _until(sock, b"hello from a")
+    assert decided(gate) == fast + 2
+    first, _, rest = data.partition(b"\r\n\r\n")
+    assert first.startswith(f"HTTP/1.1 {status}".encode())
+    assert rest.startswith(b"HTTP/1.1 200 OK\r\n"), f"bytes between the responses: {rest[:40]!r}"
+
+
+# -- a client that never reads ------------------------------------------------------------------
+
+
+class Flood(LoopbackServer):
+    """An upstream answering with an endless body; says how its connection ended."""
+
+    def __init__(self) -> None:
+        self.ended = threading.Event()
+        self.how = ""
+        super().__init__(threaded=True, name="upstream-flood")
+
+    def handle(self, conn: socket.socket) -> None:
+        conn.settimeout(WAIT)
+        block = b"x" * 65536
+        try:
+            if not recv_head(conn):
+                return
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000000\r\n\r\n")
+            for _ in range(16384):  # at most 1 GiB: the gate stops taking long before
+                conn.sendall(block)
+            self.how = "all sent"
+        except TimeoutError:
+            self.how = "stalled"
+        except OSError:
+            self.how = "closed by the gate"
+        finally:
+            self.ended.set()
+
+
+def test_a_client_that_never_reads_its_response_is_closed_after_the_idle_timeout(
+    tmp_path: Path, dns: FakeDns
+) -> None:
+    """A sandbox that asks for a large response and never reads it must not hold a client
+    connection and an upstream connection for ever: as a relayed tunnel that moves no byte, it is
+    closed after the idle timeout and the closing recorded."""
+    from proxy.core.limits import Limits
+
+    flood = Flood()
+    policy = POLICY.format(a=1, b=2, raw=flood.port)
+    running = start_gate_with(
+        tmp_path, policy, dns.nameserver, config={"limits": Limits(idle_timeout=0.3)}
+    )
+    try:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(WAIT)
+        with sock:
+            sock.connect(("127.0.0.1", running.port))
+            sock.sendall(get("raw.test", flood.port))
+            assert flood.ended.wait(3 * WAIT), "the upstream is still sending"
+            assert flood.how == "closed by the gate", flood.how
+        assert decided(running) == 1
+        assert [d.reason for d in running.decisions][-1] == "idle-timeout"
+    finally:
+        running.stop()
+        flood.stop()

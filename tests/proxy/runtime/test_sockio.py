@@ -118,3 +118,20 @@ def test_connect_never_resolves_a_name() -> None:
             sock.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_send_all_to_a_peer_that_stops_reading_ends_after_the_stall_limit(choice: str) -> None:
+    a, b = _pair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+
+    async def main() -> None:
+        await sockio.send_all(a, b"x" * (64 * 1024 * 1024), stall=0.05)  # b never reads
+
+    try:
+        with pytest.raises(TimeoutError):
+            _run(choice, main())
+    finally:
+        a.close()
+        b.close()
