@@ -2,12 +2,15 @@
 a field changed, several times per connection.
 
 The ``__init__`` a frozen dataclass gets sets every field through ``object.__setattr__`` (its own
-``__setattr__`` refuses), which costs about as much as the rest of a decision together for a class of
-forty fields. :func:`fast_init` replaces it with one that has the same signature, defaults and default
-factories but writes each slot through the slot's own descriptor, and :func:`replace` copies an instance
-with some fields changed without going through keyword arguments for every field, as
-``dataclasses.replace`` does. Instances stay frozen: assigning to a field still raises
-``FrozenInstanceError``.
+``__setattr__`` refuses), which for a class of forty fields costs more than the rest of a decision
+together. :func:`fast_init` replaces it with one of the same signature, defaults and default factories
+that fills the slots while the instance is, for the length of ``__init__``, of a plain twin class with
+the same slots (so each field is an ordinary attribute store), and gives it back its frozen class before
+it returns. Where the interpreter refuses that (a class whose layout a twin cannot share) each slot is
+written through its descriptor instead. :class:`Replacer` copies an instance with some fields changed
+without passing every field by keyword, as ``dataclasses.replace`` does. Outside ``__init__`` instances
+are what the dataclass makes them: frozen (assigning a field raises ``FrozenInstanceError``), equal,
+hashed and printed the same.
 """
 
 from __future__ import annotations
@@ -43,17 +46,20 @@ def fast_init[T](cls: type[T]) -> type[T]:
         raise TypeError(f"{cls.__name__} is not a frozen slots dataclass")
     if hasattr(cls, "__post_init__"):
         raise TypeError(f"{cls.__name__} has __post_init__, which fast_init does not call")
-    signature: list[str] = []
-    body: list[str] = []
-    namespace: dict[str, Any] = {"_FACTORY": _FACTORY}
     fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    namespace: dict[str, Any] = {
+        "_FACTORY": _FACTORY,
+        "_cls": cls,
+        "_setattr": object.__setattr__,
+        "_original": cls.__init__,
+    }
+    signature: list[str] = []
+    values: list[str] = []
     for index, f in enumerate(fields):
         if not f.init or f.kw_only:
             raise TypeError(f"{cls.__name__}.{f.name}: only plain fields are supported")
-        slot = cls.__dict__.get(f.name)
-        if not isinstance(slot, types.MemberDescriptorType):
+        if not isinstance(cls.__dict__.get(f.name), types.MemberDescriptorType):
             raise TypeError(f"{cls.__name__}.{f.name} is not a slot")
-        namespace[f"_set{index}"] = slot.__set__
         value = f.name
         if f.default is not dataclasses.MISSING:
             namespace[f"_default{index}"] = f.default
@@ -64,9 +70,25 @@ def fast_init[T](cls: type[T]) -> type[T]:
             value = f"_factory{index}() if {f.name} is _FACTORY else {f.name}"
         else:
             signature.append(f.name)
-        body.append(f"    _set{index}(self, {value})")
+        values.append(value)
     if any(f.name in namespace or f.name == "self" for f in fields):
         raise TypeError(f"{cls.__name__}: a field name clashes with fast_init's own names")
+    names = [f.name for f in fields]
+    twin = _twin(cls)
+    if twin is not None:
+        namespace["_twin"] = twin
+        # A subclass keeps the dataclass's own way: the twin would turn it into ``cls``.
+        body = [
+            "    if self.__class__ is not _cls:",
+            f"        return _original(self, {', '.join(names)})",
+            "    _setattr(self, '__class__', _twin)",
+            *(f"    self.{name} = {value}" for name, value in zip(names, values, strict=True)),
+            "    _setattr(self, '__class__', _cls)",
+        ]
+    else:
+        for index, name in enumerate(names):
+            namespace[f"_set{index}"] = cls.__dict__[name].__set__
+        body = [f"    _set{index}(self, {value})" for index, value in enumerate(values)]
     source = f"def __init__(self, {', '.join(signature)}):\n" + "\n".join(body) + "\n"
     exec(source, namespace)  # the same technique dataclasses uses to build __init__
     init: Callable[..., None] = namespace["__init__"]
@@ -78,6 +100,21 @@ def fast_init[T](cls: type[T]) -> type[T]:
     ORIGINAL_INIT[cls] = original
     cls.__init__ = init  # type: ignore[method-assign]
     return cls
+
+
+def _twin(cls: type[Any]) -> type[Any] | None:
+    """A plain class with exactly ``cls``'s slots that an instance of ``cls`` may take the class of
+    and give it back (the interpreter checks the layouts match), or None."""
+    if cls.__bases__ != (object,):
+        return None
+    twin = type(f"_{cls.__name__}Fields", (), {"__slots__": cls.__slots__})
+    probe = object.__new__(cls)
+    try:
+        object.__setattr__(probe, "__class__", twin)
+        object.__setattr__(probe, "__class__", cls)
+    except TypeError:
+        return None
+    return twin
 
 
 class Replacer:

@@ -148,3 +148,48 @@ def test_replacer_copies_every_field() -> None:
     replace = Replacer(Pair)
     assert replace(Pair(1), {"b": "c"}) == Pair(1, "c")
     assert replace(Pair(1, "x"), {}) == Pair(1, "x")
+
+
+def test_a_class_whose_layout_no_twin_shares_is_built_slot_by_slot() -> None:
+    class Base:
+        __slots__ = ("base",)
+
+    @fast_init
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Derived(Base):
+        a: int
+        b: str = "b"
+
+    made = Derived(1)
+    assert (made.a, made.b, type(made)) == (1, "b", Derived)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.a = 2  # type: ignore[misc]
+
+
+def test_a_subclass_keeps_its_own_class() -> None:
+    @fast_init
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Parent:
+        a: int
+
+    class Child(Parent):
+        __slots__ = ()
+
+    child = Child(1)
+    assert type(child) is Child and child.a == 1
+    assert type(Parent(2)) is Parent
+
+
+def test_a_failing_default_factory_fails_the_construction() -> None:
+    def broken() -> str:
+        raise RuntimeError("no id")
+
+    @fast_init
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class WithFactory:
+        a: int
+        b: str = dataclasses.field(default_factory=broken)
+
+    with pytest.raises(RuntimeError):
+        WithFactory(1)
+    assert WithFactory(1, "given").b == "given"
