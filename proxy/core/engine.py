@@ -42,6 +42,8 @@ learns inside the organisation's bounds, never past them.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from proxy.core.decision import Decision, Kind, Reason, Request, Verdict
 from proxy.core.hosts import InvalidHost, canonical_host
 from proxy.core.requests import Outcome, judge
@@ -65,6 +67,33 @@ BODY_NEEDED = BodyNeeded()
 _HTTP_KINDS = (Kind.HTTP, Kind.REQUEST)
 
 _GRANT_HINT = "a human can grant access by adding a rule to the egress policy"
+
+
+_MODE_TEXT = {mode: mode.value for mode in Mode}
+
+
+@lru_cache(maxsize=4096)
+def _destination(raw: str) -> tuple[str, tuple[int, int] | None]:
+    """(canonical host as text, (IP version, integer value) for an IP literal) of a request's host
+    string; cached like ``canonical_host`` itself, so an address is not formatted again for every
+    decision."""
+    target = canonical_host(raw)
+    if isinstance(target, str):
+        return target, None
+    return str(target), (target.version, int(target))
+
+
+_PORTS_TEXT: dict[frozenset[int] | None, str] = {}
+
+
+def _ports_text(rule: Rule) -> str:
+    """``rule.ports_text()``, kept per port set (policies have few distinct ones)."""
+    text = _PORTS_TEXT.get(rule.ports)
+    if text is None:
+        if len(_PORTS_TEXT) >= 1024:
+            _PORTS_TEXT.clear()
+        text = _PORTS_TEXT[rule.ports] = rule.ports_text()
+    return text
 
 
 def _where(host: str, port: int | None) -> str:
@@ -92,7 +121,7 @@ def decide_request(request: Request, policy: Policy) -> Decision | BodyNeeded:
     """:func:`decide`, or BODY_NEEDED when the request step must first read the request body."""
     # (1) Canonicalise: every later step sees only the canonical form.
     try:
-        target = canonical_host(request.host)
+        host, address = _destination(request.host)
     except (InvalidHost, TypeError) as exc:
         shown = escape(request.host)
         return _make(
@@ -104,8 +133,7 @@ def decide_request(request: Request, policy: Policy) -> Decision | BodyNeeded:
             shown,
             f"'{shown}' is not a valid destination host ({escape(str(exc))})",
         )
-    is_name = isinstance(target, str)
-    host = target if isinstance(target, str) else str(target)
+    is_name = address is None
 
     # (2) TLS: the name in the ClientHello must be the name the tunnel was allowed for.
     # `==`, not `is`: a kind passed as the plain string 'tls' must not skip the SNI checks.
@@ -119,10 +147,10 @@ def decide_request(request: Request, policy: Policy) -> Decision | BodyNeeded:
     # A missing port on a non-DNS request matches no listed port (fail closed), only deny-all rules.
     port = None if dns else (request.port if request.port is not None else 0)
     shown_port = None if dns else request.port
-    if isinstance(target, str):
-        match = policy.index.match_name(target, port)
+    if address is None:
+        match = policy.index.match_name(host, port)
     else:
-        match = policy.index.match_address(target, port)
+        match = policy.index.match_value(*address, port)
 
     # (3) Deny beats allow, whatever the specificity.
     if match.deny is not None:
@@ -223,7 +251,7 @@ def decide_request(request: Request, policy: Policy) -> Decision | BodyNeeded:
             rule.name,
             host,
             f"{_where(host, shown_port)} matches rule '{rule.name}' but the rule allows "
-            f"{rule.ports_text()}; {_GRANT_HINT}",
+            f"{_ports_text(rule)}; {_GRANT_HINT}",
             _mode_of(rule, policy),
         )
     # (5) Default deny.
@@ -246,8 +274,7 @@ def refuse(
     Always DENY, in report mode too: these are safety refusals, not policy outcomes.
     """
     try:
-        target = canonical_host(request.host)
-        host = target if isinstance(target, str) else str(target)
+        host = _destination(request.host)[0]
     except (InvalidHost, TypeError):
         host = escape(request.host)
     return _make(request, policy, Verdict.DENY, reason, rule, host, detail)
@@ -320,7 +347,7 @@ def _make(
         host,
         request.port,
         policy.version,
-        policy.mode.value if mode is None else mode.value,
+        _MODE_TEXT[policy.mode if mode is None else mode],
         request.method,
         request.path,
         request.sni,

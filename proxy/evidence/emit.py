@@ -7,16 +7,18 @@ not the one they passed in: a write-ahead sink (the audit journal) that cannot r
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import sys
 import threading
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import IO, Any, Protocol, runtime_checkable
 
 from proxy.core.decision import Decision, Reason, Verdict
-from proxy.evidence.record import connection_closed, decision_record
+from proxy.evidence.journal.chain import canonical
+from proxy.evidence.record import connection_closed
+from proxy.evidence.serialised import Serialised, serialise_decision, serialise_event
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,15 @@ class EventSink(Protocol):
     def event(self, name: str, attributes: dict[str, Any]) -> None: ...
 
 
+class SerialisedSink(Protocol):
+    """Optional extension: sinks that write records as text (the journal, the JSON log) take them
+    encoded once by the Emitter for all of them (:mod:`proxy.evidence.serialised`)."""
+
+    def record_serialised(self, decision: Decision, serialised: Serialised) -> None: ...
+
+    def event_serialised(self, serialised: Serialised) -> None: ...
+
+
 @runtime_checkable
 class JournalReader(Protocol):
     """A best-effort sink that also reads the write-ahead journal (the OTLP exporter).
@@ -55,33 +66,52 @@ class JournalReader(Protocol):
 
 
 class JsonLineSink:
-    """One JSON object per line. ``json.dumps`` escapes control characters, so hostile host names
-    cannot forge extra lines (threat 15)."""
+    """One JSON object per line (sorted keys, compact, ASCII only: the journal's encoding of the same
+    record, see :mod:`proxy.evidence.serialised`). Control characters are escaped, so hostile host
+    names cannot forge extra lines (threat 15). A file is appended to with one ``write`` per line, as
+    the line is recorded."""
 
     def __init__(self, stream: IO[str] | None = None, path: str | None = None) -> None:
         self._owned = path is not None
-        self._stream: IO[str] = (
-            open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - lives as long as the sink
-            if path
-            else (stream or sys.stderr)
-        )
+        self._fd: int | None = None
+        self._stream: IO[str] | None = None
+        if path:
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        else:
+            self._stream = stream or sys.stderr
         self._lock = threading.Lock()
 
     def record(self, decision: Decision) -> None:
-        self.write(decision_record(decision))
+        self.write_line(serialise_decision(decision).line())
+
+    def record_serialised(self, decision: Decision, serialised: Serialised) -> None:
+        """:meth:`record`, with the decision encoded once for every sink (the Emitter's path)."""
+        self.write_line(serialised.line())
 
     def event(self, name: str, attributes: dict[str, Any]) -> None:
         self.write({"event": name, **attributes})
 
+    def event_serialised(self, serialised: Serialised) -> None:
+        self.write_line(serialised.line())
+
     def write(self, obj: dict[str, Any]) -> None:
-        line = json.dumps(obj, ensure_ascii=True, separators=(",", ":"), default=str)
+        self.write_line((canonical(obj) + "\n").encode("ascii"))
+
+    def write_line(self, line: bytes) -> None:
         with self._lock:
-            self._stream.write(line + "\n")
-            self._stream.flush()
+            if self._fd is not None:
+                view = memoryview(line)
+                while view:  # a regular file takes it whole unless the disk is full (then: raise)
+                    view = view[os.write(self._fd, view) :]
+            elif self._stream is not None:
+                self._stream.write(line.decode("ascii"))
+                self._stream.flush()
 
     def close(self) -> None:
-        if self._owned:
-            self._stream.close()
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 class MemorySink:
@@ -99,6 +129,12 @@ class MemorySink:
 
     def close(self) -> None:
         pass
+
+
+def _serialised(sink: object, method: str) -> Callable[..., None] | None:
+    """The sink's method taking a :class:`Serialised` record, if it has one."""
+    found = getattr(sink, method, None)
+    return found if callable(found) else None
 
 
 class Emitter:
@@ -125,12 +161,33 @@ class Emitter:
         self._plain = [s for s in self.sinks if not isinstance(s, JournalReader)]
         self._event_sinks: list[Any] = [s for s in self._plain if hasattr(s, "event")]
         self._event_write_ahead = [getattr(sink, "event", None) for sink in self.write_ahead]
+        # Sinks that write the record as text take it encoded once (SerialisedSink), the others
+        # the decision.
+        self._write_ahead_calls = [
+            (s, _serialised(s, "record_serialised")) for s in self.write_ahead
+        ]
+        self._plain_calls = [(s, _serialised(s, "record_serialised")) for s in self._plain]
+        self._event_serialised_write_ahead = [
+            _serialised(s, "event_serialised") for s in self.write_ahead
+        ]
+        self._event_serialised_sinks = [
+            _serialised(s, "event_serialised") for s in self._event_sinks
+        ]
+        self._events_take_serialised = any(
+            [*self._event_serialised_write_ahead, *self._event_serialised_sinks]
+        )
 
     def emit(self, decision: Decision) -> Decision:
         journaled = bool(self.write_ahead)
-        for sink in self.write_ahead:
+        serialised: Serialised | None = None
+        for sink, takes_serialised in self._write_ahead_calls:
             try:
-                sink.record(decision)
+                if takes_serialised is None:
+                    sink.record(decision)
+                else:
+                    if serialised is None:
+                        serialised = serialise_decision(decision)
+                    takes_serialised(decision, serialised)
             except AuditUnavailable as exc:
                 journaled = False
                 if self.audit_required and decision.allowed:
@@ -139,13 +196,19 @@ class Emitter:
                         reason=Reason.AUDIT_UNAVAILABLE,
                         detail=f"the audit journal cannot be written: {exc}",
                     )
+                    serialised = None  # what the other sinks record is the deny
                 else:
                     log.error(
                         "audit journal write failed, proceeding (not --audit-required): %s", exc
                     )
-        for sink in self._plain:
+        for sink, takes_serialised in self._plain_calls:
             try:
-                sink.record(decision)
+                if takes_serialised is None:
+                    sink.record(decision)
+                else:
+                    if serialised is None:
+                        serialised = serialise_decision(decision)
+                    takes_serialised(decision, serialised)
             except Exception:  # a best-effort sink must never break enforcement
                 log.exception("decision sink %r failed", sink)
         for reader in self._readers:
@@ -166,18 +229,36 @@ class Emitter:
     def event(self, name: str, attributes: dict[str, Any]) -> None:
         """Non-decision events (connection closed): best effort, never blocks enforcement."""
         journaled = bool(self.write_ahead)
-        for sink, handler in zip(self.write_ahead, self._event_write_ahead, strict=True):
+        # Encoded once when the journal and the log record the same fields (the event has its ts).
+        shared: Serialised | None = None
+        if self._events_take_serialised:
+            try:
+                shared = serialise_event(name, attributes)
+            except Exception:  # each sink then encodes (and fails) on its own
+                log.exception("event %s could not be encoded", name)
+        for sink, handler, fast in zip(
+            self.write_ahead,
+            self._event_write_ahead,
+            self._event_serialised_write_ahead,
+            strict=True,
+        ):
             if handler is None:
                 journaled = False
                 continue
             try:
-                handler(name, attributes)
+                if shared is not None and fast is not None:
+                    fast(shared)
+                else:
+                    handler(name, attributes)
             except Exception:
                 journaled = False
                 log.exception("event sink %r failed", sink)
-        for sink in self._event_sinks:
+        for sink, fast in zip(self._event_sinks, self._event_serialised_sinks, strict=True):
             try:
-                sink.event(name, attributes)
+                if shared is not None and fast is not None:
+                    fast(shared)
+                else:
+                    sink.event(name, attributes)
             except Exception:
                 log.exception("event sink %r failed", sink)
         for reader in self._readers:

@@ -56,6 +56,15 @@ _DURATION_BUCKETS = (0.01, 0.1, 0.5, 1, 5, 15, 60, 300, 1800, 7200)
 _APPROVAL_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 900, 3600)
 
 
+MAX_CACHED_CHILDREN = 4096
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    if len(cache) >= MAX_CACHED_CHILDREN:
+        cache.clear()
+    cache[key] = value
+
+
 def _closed(value: object, allowed: frozenset[str] | tuple[str, ...]) -> str:
     text = str(value) if value is not None else NONE
     return text if text in allowed else OTHER
@@ -77,6 +86,13 @@ class Metrics:
         self._policy_version: str | None = None
         self._server: Any = None
         self._thread: threading.Thread | None = None
+        # Label children by the raw values they are looked up with: ``labels()`` checks and converts
+        # its arguments on every call, a dict probe does not (this runs for every decision). Keys are
+        # closed sets and the loaded rule names; each cache is bounded all the same (_remember).
+        self._decision_children: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+        self._closed_children: dict[tuple[Any, ...], tuple[Any, Any, Any, Any]] = {}
+        self._latency_children: dict[Any, Any] = {}
+        self._active_children: dict[Any, Any] = {}
         # What ``/healthz`` on the metrics listener answers: (healthy, details). None: always healthy.
         self.health: Callable[[], tuple[bool, dict[str, Any]]] | None = None
 
@@ -245,18 +261,29 @@ class Metrics:
     # -- sink protocol ---------------------------------------------------------------------------
 
     def record(self, decision: Decision) -> None:
+        key = (decision.decision, decision.rule, decision.reason, decision.kind)
+        found = self._decision_children.get(key)
+        if found is None:
+            found = self._decision_labels(decision)
+            _remember(self._decision_children, key, found)
+        decisions, dns = found
+        decisions.inc()
+        if dns is not None:
+            dns.inc()
+        if decision.credential:
+            self._credential_used(decision)
+
+    def _decision_labels(self, decision: Decision) -> tuple[Any, Any]:
         verdict = _closed(decision.decision, _VERDICTS)
         kind = _closed(decision.kind, _KINDS)
-        self.decisions.labels(
+        decisions = self.decisions.labels(
             decision=verdict,
             rule=self.rule_label(decision.rule),
             reason=_closed(decision.reason, _REASONS),
             kind=kind,
-        ).inc()
-        if kind == Kind.DNS:
-            self.dns_queries.labels(decision=verdict).inc()
-        if decision.credential:
-            self._credential_used(decision)
+        )
+        dns = self.dns_queries.labels(decision=verdict) if kind == Kind.DNS else None
+        return decisions, dns
 
     def credentials_loaded(self, names: Iterable[str]) -> None:
         """The declared credential names: the only values the ``credential`` label takes."""
@@ -280,7 +307,11 @@ class Metrics:
     # -- non-decision facts the gate reports -------------------------------------------------------
 
     def observe_decision_latency(self, kind: Kind | str, seconds: float) -> None:
-        self.decision_latency.labels(kind=_closed(kind, _KINDS)).observe(max(seconds, 0.0))
+        child = self._latency_children.get(kind)
+        if child is None:
+            child = self.decision_latency.labels(kind=_closed(kind, _KINDS))
+            _remember(self._latency_children, kind, child)
+        child.observe(max(seconds, 0.0))
 
     @contextmanager
     def time_decision(self, kind: Kind | str) -> Iterator[None]:
@@ -291,7 +322,11 @@ class Metrics:
             self.observe_decision_latency(kind, time.perf_counter() - start)
 
     def connection_opened(self, kind: Kind | str = Kind.CONNECT) -> None:
-        self.active_connections.labels(kind=_closed(kind, _KINDS)).inc()
+        child = self._active_children.get(kind)
+        if child is None:
+            child = self.active_connections.labels(kind=_closed(kind, _KINDS))
+            _remember(self._active_children, kind, child)
+        child.inc()
 
     def connection_closed(
         self,
@@ -303,11 +338,26 @@ class Metrics:
         duration: float | None = None,
     ) -> None:
         """Pairs with :meth:`connection_opened`; bytes and duration are optional."""
-        k = _closed(kind, _KINDS)
-        self.active_connections.labels(kind=k).dec()
-        self.add_bytes(rule, bytes_out=bytes_out, bytes_in=bytes_in)
+        key = (kind, rule)
+        found = self._closed_children.get(key)
+        if found is None:
+            k = _closed(kind, _KINDS)
+            label = self.rule_label(rule)
+            found = (
+                self.active_connections.labels(kind=k),
+                self.bytes.labels(direction="out", rule=label),
+                self.bytes.labels(direction="in", rule=label),
+                self.connection_duration.labels(kind=k),
+            )
+            _remember(self._closed_children, key, found)
+        active, out, into, lifetime = found
+        active.dec()
+        if bytes_out > 0:
+            out.inc(bytes_out)
+        if bytes_in > 0:
+            into.inc(bytes_in)
         if duration is not None:
-            self.connection_duration.labels(kind=k).observe(max(duration, 0.0))
+            lifetime.observe(max(duration, 0.0))
 
     def add_bytes(self, rule: str | None, *, bytes_out: int = 0, bytes_in: int = 0) -> None:
         label = self.rule_label(rule)
@@ -339,6 +389,9 @@ class Metrics:
         with self._lock:
             self._rule_sets[source] = names
             self._policy_rules = frozenset().union(*self._rule_sets.values())
+            # the rule label of a rule name may have changed: look the children up again
+            self._decision_children.clear()
+            self._closed_children.clear()
 
     def policy_reload_failed(self) -> None:
         """The new policy was rejected; the old one stays in force (and stays in ``policy_info``)."""

@@ -238,8 +238,11 @@ class RuleIndex:
 
     def match_address(self, address: IPv4Address | IPv6Address, port: int | None) -> Match:
         """Rules for an IP literal; only CIDR rules can match, longest prefix first."""
-        value = int(address)
-        levels = self._nets4 if address.version == 4 else self._nets6
+        return self.match_value(address.version, int(address), port)
+
+    def match_value(self, version: int, value: int, port: int | None) -> Match:
+        """:meth:`match_address` for an address given as its IP version and integer value."""
+        levels = self._nets4 if version == 4 else self._nets6
         allow = nearest = None
         for mask, table in levels:
             node = table.get(value & mask)

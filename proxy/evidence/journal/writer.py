@@ -54,11 +54,11 @@ from proxy.evidence.flags import (
     FsyncPolicy,
     check_journal_settings,
 )
-from proxy.evidence.journal.chain import CHAIN_KEYS, GENESIS, seal
+from proxy.evidence.journal.chain import CHAIN_KEYS, GENESIS, seal_text
 from proxy.evidence.journal.files import journal_files, last_record, rotated_name, rotation_index
 from proxy.evidence.journal.follower import JournalFollower
 from proxy.evidence.metrics import Metrics
-from proxy.evidence.record import decision_record
+from proxy.evidence.serialised import Serialised, serialise_decision
 
 log = logging.getLogger(__name__)
 
@@ -187,13 +187,30 @@ class Journal:
     # -- sink protocol -----------------------------------------------------------------------------
 
     def record(self, decision: Decision) -> None:
-        self.append(decision_record(decision))
+        self.record_serialised(decision, serialise_decision(decision))
+
+    def record_serialised(self, decision: Decision, serialised: Serialised) -> None:
+        """:meth:`record` of a decision the Emitter built once for every sink; the text written is
+        kept on it for the decision log."""
+        self.event_serialised(serialised)
 
     def event(self, name: str, attributes: dict[str, Any]) -> None:
         self.append({"ts": time.time(), **attributes, "event": name})
 
+    def event_serialised(self, serialised: Serialised) -> None:
+        """A record the Emitter built once (an event with its own ``ts``, or a decision)."""
+        body = dict(serialised.fields)
+        body.pop("hash", None)  # seq and prev are set below
+        serialised.hashed = self._append(body)
+
     def append(self, fields: dict[str, Any]) -> dict[str, Any]:
         """Write one chained record synchronously; raise AuditUnavailable if it is not on disk."""
+        body = {k: v for k, v in fields.items() if k not in CHAIN_KEYS}
+        self._append(body)
+        return body
+
+    def _append(self, body: dict[str, Any]) -> bytes:
+        """Chain ``body`` (gains seq, prev and hash) and write it; returns the hashed text."""
         with self._lock:
             if self._closed:
                 raise AuditUnavailable(f"{self.path}: journal is closed")
@@ -205,10 +222,9 @@ class Journal:
                 raise AuditUnavailable(
                     f"{self.path}: cannot read the existing journal: {exc}"
                 ) from exc
-            body = {k: v for k, v in fields.items() if k not in CHAIN_KEYS}
             body["seq"] = self.seq + 1
             body["prev"] = self.prev
-            digest, data = seal(body)
+            digest, text, data = seal_text(body)
             try:
                 self._write(data)
             except OSError as exc:
@@ -237,7 +253,7 @@ class Journal:
             if self.metrics is not None:
                 self.metrics.journal_writes.inc()
             body["hash"] = digest
-            return body
+            return text
 
     def _count_error(self, exc: OSError) -> None:
         if self.metrics is not None:

@@ -70,6 +70,7 @@ class ReliableExporter:
         self._inflight: list[Record] = []
         self._cond = threading.Condition()
         self._stop = threading.Event()
+        self._flushers = 0  # callers of flush() waiting: partial batches go out at once
         self._last_drop_log = -1e9
         # plain totals beside the metrics: the export process reports these to the gate cheaply
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
@@ -135,8 +136,19 @@ class ReliableExporter:
     def _run(self) -> None:
         while True:
             with self._cond:
-                if not self._queue and not self._stop.is_set():
-                    self._cond.wait(self.flush_interval)
+                # A partial batch waits up to flush_interval for more (as the SDK's batch processor
+                # does), also right after a send: under steady load each request then carries what
+                # arrived in that interval instead of the few records that came during the last send.
+                wait_until = time.monotonic() + self.flush_interval
+                while (
+                    len(self._queue) < self.batch_size
+                    and not self._flushers
+                    and not self._stop.is_set()
+                ):
+                    remaining = wait_until - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
                 if not self._queue:
                     self._update_gauge_locked()
                     if self._stop.is_set():
@@ -236,12 +248,16 @@ class ReliableExporter:
         """Wait (bounded) until everything queued so far was exported."""
         deadline = time.monotonic() + timeout
         with self._cond:
+            self._flushers += 1  # no partial batch waits for more while someone waits for it
             self._cond.notify_all()
-            while self._queue or self._inflight:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(min(remaining, 0.05))
+            try:
+                while self._queue or self._inflight:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._cond.wait(min(remaining, 0.05))
+            finally:
+                self._flushers -= 1
         return True
 
     def close(self, timeout: float = 5.0) -> None:
