@@ -303,7 +303,11 @@ def idle_tunnel_memory(policy: Path, nginx: Nginx, count: int, workers: int) -> 
     """KiB of gate RSS (all workers) per idle passthrough tunnel with ``count`` of them held."""
     cap = str(workers * (count + 100))  # divided between workers, whose shares are uneven
     extra = ["--workers", str(workers)] if workers > 1 else []
-    proc, port = start_serve(policy, *QUIET_GATE, "--max-connections-per-client", cap, *extra)
+    # One client opens every tunnel, faster than the default new-connection rate allows a client.
+    rate = ("--max-new-connections-per-second", "100000", "--new-connections-burst", str(count * 2))
+    proc, port = start_serve(
+        policy, *QUIET_GATE, "--max-connections-per-client", cap, *rate, *extra
+    )
     try:
         hello = _client_hello()
 
