@@ -161,8 +161,9 @@ async def relay(
     outbound: Callable[[int], None],
     inbound: Callable[[int], None],
 ) -> None:
-    """Both directions until both have ended; an error on either side ends both. Cancelling it
-    unregisters both directions and shuts both sockets down (the caller closes them)."""
+    """Both directions until both have ended; an error on either side shuts both sockets down and
+    ends both. Cancelling it unregisters both directions; the caller shuts down and closes the
+    sockets."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     remaining = 2
