@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import h11
 
+from addons.clientsend import send_to_client
 from addons.refusal import refusal_bytes
 from proxy.core.checkpoint import Checkpoint
 from proxy.core.connections import Connection
@@ -373,15 +374,10 @@ class PlainHttp:
         """To the client. One that takes no byte for the keep-alive limit would hold its
         connection and an upstream for ever (as a relayed tunnel that moves no byte would): it
         is closed and the closing recorded."""
-        try:
-            await sockio.send_all(sock, data, stall=self.keepalive_idle)
-        except TimeoutError:
-            self.checkpoint.refuse_connection(
-                conn,
-                Reason.IDLE_TIMEOUT,
-                f"the client took no byte of its response for {self.keepalive_idle:g} s; closed",
-            )
-            raise _Closed() from None
+        if not await send_to_client(
+            self.checkpoint, conn, sock, data, stall=self.keepalive_idle, what=" of its response"
+        ):
+            raise _Closed()
 
     async def _exchange(
         self, sock: socket.socket, conn: Connection, head: PlainHead, upstream: _Upstream
@@ -506,8 +502,7 @@ async def _consume(sock: socket.socket, size: int) -> None:
 
 
 async def _recv(sock: socket.socket) -> bytes:
-    async with asyncio.timeout(UPSTREAM_TIMEOUT):  # what has arrived already is taken at once
-        return await sockio.recv(sock, CHUNK)
+    return await sockio.recv(sock, CHUNK, timeout=UPSTREAM_TIMEOUT)
 
 
 async def _dial(

@@ -29,6 +29,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 
+from addons.clientsend import send_to_client
 from addons.plainhttp import KEEPALIVE_IDLE, Outcome, PlainHttp, read_head
 from addons.refusal import refusal_bytes
 from proxy.core.checkpoint import Checkpoint
@@ -342,13 +343,8 @@ class TunnelFrontEnd:
         and never read a refusal: a client that takes no byte for the idle timeout (600 s if that
         is 0) is closed and the closing recorded, instead of holding its connection for ever."""
         stall = self.idle_timeout if self.idle_timeout > 0 else KEEPALIVE_IDLE
-        try:
-            await sockio.send_all(sock, data, stall=stall)
-        except TimeoutError:
-            self.checkpoint.refuse_connection(
-                conn, Reason.IDLE_TIMEOUT, f"the client took no byte for {stall:g} s; closed"
-            )
-            raise _Closed() from None
+        if not await send_to_client(self.checkpoint, conn, sock, data, stall=stall):
+            raise _Closed()
 
     async def _too_large(self, sock: socket.socket, conn: Connection) -> None:
         detail = f"the request head is larger than {MAX_REQUEST_HEAD} bytes"
@@ -371,8 +367,7 @@ class TunnelFrontEnd:
     async def _recv(self, sock: socket.socket, conn: Connection, size: int, since: float) -> bytes:
         """What the client sends next, before its deadline (counted from ``since``) passes."""
         try:
-            async with asyncio.timeout(self._remaining(since)):
-                more = await sockio.recv(sock, size)
+            more = await sockio.recv(sock, size, timeout=self._remaining(since))
         except TimeoutError:
             raise self._timed_out(conn) from None
         if not more:

@@ -46,13 +46,18 @@ async def _wait(sock: socket.socket, *, write: bool) -> None:
             loop.remove_reader(fd)
 
 
-async def recv(sock: socket.socket, size: int) -> bytes:
-    """Up to ``size`` bytes; b"" at EOF."""
+async def recv(sock: socket.socket, size: int, *, timeout: float | None = None) -> bytes:
+    """Up to ``size`` bytes; b"" at EOF. ``timeout``: TimeoutError when nothing has come that
+    long after the first wait began (what has already arrived is taken without the timer)."""
+    deadline: float | None = None
     while True:
         try:
             return sock.recv(size)
         except (BlockingIOError, InterruptedError):
-            await readable(sock)
+            if deadline is None and timeout is not None:
+                deadline = asyncio.get_running_loop().time() + timeout
+            async with asyncio.timeout_at(deadline):
+                await readable(sock)
 
 
 async def send_all(

@@ -135,3 +135,22 @@ def test_send_all_to_a_peer_that_stops_reading_ends_after_the_stall_limit(choice
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_recv_takes_what_has_arrived_and_times_out_only_waiting(choice: str) -> None:
+    a, b = _pair()
+
+    async def main() -> bytes:
+        b.send(b"here")
+        await asyncio.sleep(0.05)
+        got = await sockio.recv(a, 100, timeout=0)  # already there: no timer involved
+        with pytest.raises(TimeoutError):
+            await sockio.recv(a, 100, timeout=0.05)  # nothing more comes
+        return got
+
+    try:
+        assert _run(choice, main()) == b"here"
+    finally:
+        a.close()
+        b.close()
