@@ -47,6 +47,7 @@ CENSUS_AGE = (
     0.25  # seconds a walk is reused for (bounds a pid counter that wrapped to the same value)
 )
 INLINE_PROCESSES = 64  # a kept walk this small is searched on the caller's thread (no hand-off)
+INLINE_FDS = 512  # ... as long as the fd tables it reads stay this small in all
 
 
 class Census(NamedTuple):
@@ -110,7 +111,9 @@ class SandboxProcesses:
         if census is None or len(census.pids) > INLINE_PROCESSES:
             raise BlockingIOError("the sandbox's process tree must be walked")
         try:
-            return self._attribute(peer, census, False)
+            return self._attribute(peer, census, False, INLINE_FDS)
+        except BlockingIOError:
+            raise
         except (OSError, ValueError):
             log.debug("attribution of %s failed", peer, exc_info=True)
             return None
@@ -130,7 +133,11 @@ class SandboxProcesses:
             with self._lock:
                 self._known.pop(peer, None)
 
-    def _attribute(self, peer: str, census: Census, every_owner: bool) -> Attribution | None:
+    def _attribute(
+        self, peer: str, census: Census, every_owner: bool, fds: int | None = None
+    ) -> Attribution | None:
+        """The search itself; with ``fds``, BlockingIOError once more fd table entries than that
+        would be read (a process with a huge fd table is searched off the event loop)."""
         host, _, port = peer.rpartition(":")
         local = (host.strip("[]"), int(port))
         inode = self._inode(local)
@@ -139,8 +146,9 @@ class SandboxProcesses:
         link = f"socket:[{inode}]"
         owners: list[ProcEntry] = []
         entries: dict[int, ProcEntry] = {}
+        budget = [fds]
         for pid in census.pids:
-            if self._owns(pid, link):
+            if self._owns(pid, link, budget):
                 entry = self._entry(pid, census.sandbox_pids)
                 if entry is not None:
                     owners.append(entry)
@@ -220,14 +228,20 @@ class SandboxProcesses:
                 found.extend(int(c) for c in data.split())
         return found
 
-    def _owns(self, pid: int, link: str) -> bool:
+    def _owns(self, pid: int, link: str, budget: list[int | None]) -> bool:
         """Whether ``pid`` has an fd on ``link``. The highest fds first: a socket just connected
-        is usually the newest descriptor of its process."""
+        is usually the newest descriptor of its process. ``budget[0]``, when set, is what is left
+        of the fd entries the caller allows (BlockingIOError past it)."""
         base = f"{self.proc}/{pid}/fd"
         try:
             fds = sorted(os.listdir(base), key=_number, reverse=True)
         except (OSError, ValueError):
             return False
+        left = budget[0]
+        if left is not None:
+            if len(fds) > left:
+                raise BlockingIOError(f"{base} holds too many fds to read on the event loop")
+            budget[0] = left - len(fds)
         for fd in fds:
             try:
                 if os.readlink(f"{base}/{fd}") == link:

@@ -226,3 +226,17 @@ def test_a_command_name_with_parentheses_and_spaces_does_not_move_the_parent(
     (proc.base / "203" / "stat").write_text("203 (a) S 999 (b) S 1) S 202 203 203 0 -1\n")
     found = lookups.attribute_now(PEER)
     assert found is not None and found.ppid == 2
+
+
+def test_a_huge_fd_table_is_searched_off_the_callers_thread(
+    proc: FakeProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lookups = _lookups(proc)
+    assert lookups.attribute(PEER) is not None
+    for fd in range(10, 20):
+        (proc.base / "203" / "fd" / str(fd)).symlink_to(f"pipe:[{fd}]")
+    monkeypatch.setattr(procfs, "INLINE_FDS", 8)
+    with pytest.raises(BlockingIOError):
+        lookups.attribute_now(PEER)
+    found = lookups.attribute(PEER)  # the worker thread's search has no such bound
+    assert found is not None and found.host_pid == 203
