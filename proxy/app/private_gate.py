@@ -24,6 +24,7 @@ class _Running:
         self.approvals: Any = None
         self.token_file: Path | None = None
         self.channel: Any = None
+        self.processes: Any = None
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -46,6 +47,8 @@ class _Running:
         if self.token_file is not None:
             with contextlib.suppress(OSError):
                 self.token_file.unlink()
+        if self.processes is not None:
+            self.processes.close()
 
 
 async def start_private_gate(
@@ -94,6 +97,7 @@ async def start_private_gate(
         metrics.credentials_loaded(request.credentials.names)
     running = _Running(gate)
     running.approvals, running.token_file = approvals, token_file
+    running.processes = processes
     try:
         running.channel = await _context_channel(state, request.sandbox_id, facts)
         if approvals is not None and approvals.admin_address is not None:

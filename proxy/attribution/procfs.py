@@ -8,8 +8,17 @@ helper's descendants (every process of the sandbox's PID namespace is one: orpha
 its init), walked through ``/proc/<pid>/task/<tid>/children``, bounded by MAX_PROCESSES.
 
 Only the kernel's answers are used: ``exe`` is the ``/proc/<pid>/exe`` link (and the file identity
-behind it), never ``comm`` or ``argv[0]``, which a process sets itself. Cost: one table read and one
-fd scan of the sandbox's processes per connection (``bench/attribution.py`` prints it).
+behind it), never ``comm`` or ``argv[0]``, which a process sets itself. Cost: one sock_diag request
+and one fd scan of the sandbox's processes per connection (``bench/attribution.py`` prints it).
+
+The walk of the process tree is kept (a :class:`Census`) while no process has been created on the
+host since it was taken: the last pid the kernel allocated (``/proc/loadavg``, in the gate's PID
+namespace, of which the sandbox's is a child, so every fork inside moves it) is read before the
+walk and compared on each lookup, for at most CENSUS_AGE seconds. A process that exited since
+only fails its fd scan; a new one, or a reused pid, needs an allocation, which moves the counter.
+What a process is (executable, command line, parent) is read afresh on every lookup: ``exec`` and
+reparenting allocate no pid. A search for every owner (what a rule bound to executables needs)
+always walks the tree anew.
 """
 
 from __future__ import annotations
@@ -19,8 +28,9 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from proxy.attribution.argv import scrub_argv
 from proxy.attribution.process import Attribution, ProcEntry, build
@@ -33,6 +43,21 @@ MAX_PROCESSES = (
     4096  # a sandbox with more is searched this far, then the connection is unattributed
 )
 MAX_CMDLINE = 64 * 1024
+CENSUS_AGE = (
+    0.25  # seconds a walk is reused for (bounds a pid counter that wrapped to the same value)
+)
+INLINE_PROCESSES = 64  # a kept walk this small is searched on the caller's thread (no hand-off)
+INLINE_FDS = 512  # ... as long as the fd tables it reads stay this small in all
+
+
+class Census(NamedTuple):
+    """One walk of the sandbox's process tree: its host pids, newest first, and the pid each has in
+    the sandbox (learnt as the lookups read them: fixed for a process's life)."""
+
+    counter: bytes  # the host's last allocated pid when the walk began
+    taken: float  # time.monotonic() when the walk began
+    pids: tuple[int, ...]
+    sandbox_pids: dict[int, int]
 
 
 class SandboxProcesses:
@@ -57,6 +82,11 @@ class SandboxProcesses:
         self._known: dict[str, Attribution] = {}
         self._lock = threading.Lock()
         self._diag_lock = threading.Lock()
+        self._census: Census | None = None
+        try:  # /proc/loadavg, kept open: one pread per lookup (none: every lookup walks)
+            self._counter_fd: int | None = os.open(f"{proc}/loadavg", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._counter_fd = None
 
     def attribute(self, peer: str, *, every_owner: bool = False) -> Attribution | None:
         """The owner of the client socket whose address is ``peer`` (``host:port``), or None when it
@@ -65,11 +95,28 @@ class SandboxProcesses:
         The newest processes are searched first and the search stops at the first owner, unless
         ``every_owner`` (what a rule bound to executables needs: ``complete`` says it was done)."""
         try:
-            found = self._attribute(peer, every_owner)
+            census = self._walk() if every_owner else self._kept() or self._walk()
+            found = self._attribute(peer, census, every_owner)
         except (OSError, ValueError):
             log.debug("attribution of %s failed", peer, exc_info=True)
             found = None
         return found
+
+    def attribute_now(self, peer: str) -> Attribution | None:
+        """``attribute(peer)`` when it needs no walk of the process tree (a kept census of at most
+        INLINE_PROCESSES processes): a few system calls, cheaper on the caller's thread than a
+        hand-off to a worker. Raises BlockingIOError when it would walk: call ``attribute`` in a
+        worker thread instead."""
+        census = self._kept()
+        if census is None or len(census.pids) > INLINE_PROCESSES:
+            raise BlockingIOError("the sandbox's process tree must be walked")
+        try:
+            return self._attribute(peer, census, False, INLINE_FDS)
+        except BlockingIOError:
+            raise
+        except (OSError, ValueError):
+            log.debug("attribution of %s failed", peer, exc_info=True)
+            return None
 
     def remember(self, peer: str, found: Any) -> None:
         if found is not None:
@@ -86,7 +133,11 @@ class SandboxProcesses:
             with self._lock:
                 self._known.pop(peer, None)
 
-    def _attribute(self, peer: str, every_owner: bool) -> Attribution | None:
+    def _attribute(
+        self, peer: str, census: Census, every_owner: bool, fds: int | None = None
+    ) -> Attribution | None:
+        """The search itself; with ``fds``, BlockingIOError once more fd table entries than that
+        would be read (a process with a huge fd table is searched off the event loop)."""
         host, _, port = peer.rpartition(":")
         local = (host.strip("[]"), int(port))
         inode = self._inode(local)
@@ -95,16 +146,48 @@ class SandboxProcesses:
         link = f"socket:[{inode}]"
         owners: list[ProcEntry] = []
         entries: dict[int, ProcEntry] = {}
-        for pid in sorted(self._descendants(), reverse=True):
-            if self._owns(pid, link):
-                entry = self._entry(pid)
+        budget = [fds]
+        for pid in census.pids:
+            if self._owns(pid, link, budget):
+                entry = self._entry(pid, census.sandbox_pids)
                 if entry is not None:
                     owners.append(entry)
                     if not every_owner:
                         break
         for owner in owners:
-            self._ancestors(owner, entries)
+            self._ancestors(owner, entries, census.sandbox_pids)
         return build(owners, entries, complete=every_owner)
+
+    def _kept(self) -> Census | None:
+        """The last walk, while no pid has been allocated on the host since it began."""
+        census = self._census
+        if census is None or time.monotonic() - census.taken > CENSUS_AGE:
+            return None
+        return census if self._counter() == census.counter else None
+
+    def _walk(self) -> Census:
+        """A new walk of the tree (kept for later lookups when the pid counter is readable). The
+        counter is read first: a process created during the walk moves it past the one recorded."""
+        counter, taken = self._counter(), time.monotonic()
+        census = Census(counter, taken, tuple(sorted(self._descendants(), reverse=True)), {})
+        self._census = census if counter else None
+        return census
+
+    def _counter(self) -> bytes:
+        """The last pid the kernel allocated in the gate's PID namespace, or b"" when unknown."""
+        if self._counter_fd is None:
+            return b""
+        try:
+            fields = os.pread(self._counter_fd, 128, 0).split()
+        except OSError:
+            return b""
+        return fields[4] if len(fields) == 5 else b""
+
+    def close(self) -> None:
+        """Releases the kept ``/proc/loadavg`` descriptor (later lookups walk every time)."""
+        fd, self._counter_fd = self._counter_fd, None
+        if fd is not None:
+            os.close(fd)
 
     def _inode(self, local: tuple[str, int]) -> int | None:
         """The client socket's inode: an exact lookup through sock_diag when the sandbox handed
@@ -145,12 +228,20 @@ class SandboxProcesses:
                 found.extend(int(c) for c in data.split())
         return found
 
-    def _owns(self, pid: int, link: str) -> bool:
+    def _owns(self, pid: int, link: str, budget: list[int | None]) -> bool:
+        """Whether ``pid`` has an fd on ``link``. The highest fds first: a socket just connected
+        is usually the newest descriptor of its process. ``budget[0]``, when set, is what is left
+        of the fd entries the caller allows (BlockingIOError past it)."""
         base = f"{self.proc}/{pid}/fd"
         try:
-            fds = os.listdir(base)
-        except OSError:
+            fds = sorted(os.listdir(base), key=_number, reverse=True)
+        except (OSError, ValueError):
             return False
+        left = budget[0]
+        if left is not None:
+            if len(fds) > left:
+                raise BlockingIOError(f"{base} holds too many fds to read on the event loop")
+            budget[0] = left - len(fds)
         for fd in fds:
             try:
                 if os.readlink(f"{base}/{fd}") == link:
@@ -159,33 +250,35 @@ class SandboxProcesses:
                 continue
         return False
 
-    def _ancestors(self, entry: ProcEntry, entries: dict[int, ProcEntry]) -> None:
+    def _ancestors(
+        self, entry: ProcEntry, entries: dict[int, ProcEntry], sandbox_pids: dict[int, int]
+    ) -> None:
         entries[entry.host_pid] = entry
         current = entry
         for _ in range(64):
             if current.pid == 1 or current.host_ppid == self.root:
                 return
-            parent = entries.get(current.host_ppid) or self._parent(current.host_ppid)
+            parent = entries.get(current.host_ppid) or self._parent(current.host_ppid, sandbox_pids)
             if parent is None:
                 return
             entries[parent.host_pid] = parent
             current = parent
 
-    def _parent(self, pid: int) -> ProcEntry | None:
+    def _parent(self, pid: int, sandbox_pids: dict[int, int]) -> ProcEntry | None:
         """A parent as the chain records it: its pids and executable path (``"PID EXE"``); its
         command line and file identity are only ever read for a socket's owners."""
         base = f"{self.proc}/{pid}"
         try:
-            ppid, nspid = _status(base)
+            ppid, nspid = _pids(base, sandbox_pids, pid)
             exe = os.readlink(f"{base}/exe")
         except OSError:
             return None
         return ProcEntry(pid, ppid, nspid, exe, ())
 
-    def _entry(self, pid: int) -> ProcEntry | None:
+    def _entry(self, pid: int, sandbox_pids: dict[int, int]) -> ProcEntry | None:
         base = f"{self.proc}/{pid}"
         try:
-            ppid, nspid = _status(base)
+            ppid, nspid = _pids(base, sandbox_pids, pid)
             exe = os.readlink(f"{base}/exe")
             st = os.stat(f"{base}/exe")
             raw = _read(f"{base}/cmdline", MAX_CMDLINE, missing_ok=False)
@@ -222,6 +315,32 @@ def _argv(raw: bytes) -> tuple[str, ...]:
     if argv and argv[-1] == "":
         argv.pop()
     return scrub_argv(argv)
+
+
+def _number(name: str) -> int:
+    return int(name)
+
+
+def _pids(base: str, sandbox_pids: dict[int, int], pid: int) -> tuple[int, int]:
+    """(parent's host pid, pid in the sandbox): the parent read afresh (a process is reparented
+    when its parent exits), the sandbox pid from ``status`` once per process and census (``stat``,
+    which has the parent, is the cheaper file)."""
+    nspid = sandbox_pids.get(pid)
+    if nspid is None:
+        ppid, nspid = _status(base)
+        sandbox_pids[pid] = nspid
+        return ppid, nspid
+    return _stat_ppid(base), nspid
+
+
+def _stat_ppid(base: str) -> int:
+    """The parent's pid from ``stat`` (the field after the state, which follows the command name in
+    parentheses: the name may hold spaces and parentheses, so the last ")" ends it)."""
+    data = _read(f"{base}/stat", 4096, missing_ok=False)
+    fields = data[data.rfind(b")") + 1 :].split()
+    if len(fields) < 2:
+        raise ValueError(f"{base}/stat has no parent pid")
+    return int(fields[1])
 
 
 def _status(base: str) -> tuple[int, int]:

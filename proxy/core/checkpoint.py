@@ -132,6 +132,11 @@ class Processes(Protocol):
 
     def attribute(self, peer: str, *, every_owner: bool = False) -> ProcessFacts | None: ...
 
+    def attribute_now(self, peer: str) -> ProcessFacts | None:
+        """``attribute(peer)`` when it is cheap enough for the event loop; BlockingIOError when
+        it is not."""
+        ...
+
     def remember(self, peer: str, found: ProcessFacts | None) -> None: ...
 
     def forget(self, peer: str | None) -> None: ...
@@ -427,15 +432,26 @@ class Checkpoint:
         return decision
 
     def _start_lookup(self, conn: Connection) -> None:
-        """(3a) starts, in a worker thread, as the connection opens: the lookup reads /proc, and
-        runs while the client sends its request instead of after it, off the event loop."""
+        """(3a) starts as the connection opens, so it runs while the client sends its request
+        instead of after it: done at once when the sandbox's processes are already known (a few
+        /proc reads, cheaper than a hand-off to a thread), else in a worker thread, off the event
+        loop, as it walks the process tree."""
         if self.processes is None or conn.peer is None:
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # no loop (a synchronous caller): looked up when the first request comes
-        conn.lookup = loop.run_in_executor(self._pool(), self.processes.attribute, conn.peer)
+        try:
+            conn.process = self.processes.attribute_now(conn.peer)
+        except BlockingIOError:
+            conn.lookup = loop.run_in_executor(self._pool(), self.processes.attribute, conn.peer)
+            return
+        except Exception:
+            log.exception("attributing %s failed", conn.peer)
+            conn.process = None
+        conn.attributed = True
+        self.processes.remember(conn.peer, conn.process)
 
     def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
         """One thread for every lookup: they are /proc system calls, which gain nothing from

@@ -47,6 +47,9 @@ class Processes:
             return None
         return Facts(self.answer.exes, self.answer.exe_ids, every_owner)
 
+    def attribute_now(self, peer: str) -> Facts | None:
+        raise BlockingIOError  # the walk is left to a worker thread
+
     def remember(self, peer: str, found: Facts | None) -> None:
         pass
 

@@ -1,0 +1,242 @@
+"""The process lookup against a /proc tree laid out as the kernel does (files and links in a
+temporary directory): which walks are kept, and what is always read afresh."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy.attribution import procfs
+from proxy.attribution.procfs import SandboxProcesses
+
+GATE = ("127.0.0.1", 3128)
+PEER = "127.0.0.1:58412"  # 0100007F:E42C in the table below
+INODE = 5146133
+TCP = """\
+  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:0C38 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 5146105 1
+   3: 0100007F:E42C 0100007F:0C38 01 00000000:00000000 00:00000000 00000000     0        0 5146133 1
+"""
+ROOT = 100  # the sandbox helper (host pid); 201 is the sandbox's init, 202 its command
+PYTHON = os.path.realpath(sys.executable)
+
+
+class FakeProc:
+    """A /proc with the helper, its init, the command and whatever processes a test adds."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.counter = 300
+        (base / str(ROOT) / "net").mkdir(parents=True)
+        (base / str(ROOT) / "net" / "tcp").write_text(TCP)
+        self.process(ROOT, 1, 0, "/usr/bin/python3")
+        self.process(201, ROOT, 1, "/usr/bin/python3")
+        self.process(202, 201, 2, "/bin/sh")
+        self.write_counter()
+
+    def write_counter(self) -> None:
+        (self.base / "loadavg").write_text(f"0.00 0.01 0.05 1/123 {self.counter}\n")
+
+    def fork(self) -> None:
+        """What a fork anywhere on the host does to the kernel's pid counter."""
+        self.counter += 1
+        self.write_counter()
+
+    def process(self, pid: int, ppid: int, nspid: int, exe: str, comm: str = "x") -> None:
+        d = self.base / str(pid)
+        (d / "task" / str(pid)).mkdir(parents=True, exist_ok=True)
+        (d / "fd").mkdir(exist_ok=True)
+        (d / "status").write_text(f"Name:\t{comm}\nPPid:\t{ppid}\nNSpid:\t{pid}\t{nspid}\n")
+        (d / "stat").write_text(f"{pid} ({comm}) S {ppid} {pid} {pid} 0 -1\n")
+        (d / "cmdline").write_bytes(os.fsencode(exe) + b"\0")
+        self.relink(pid, exe)
+        if ppid in (ROOT, 201, 202) or (self.base / str(ppid)).exists():
+            children = self.base / str(ppid) / "task" / str(ppid) / "children"
+            listed = children.read_text().split() if children.exists() else []
+            children.write_text(" ".join([*listed, str(pid)]) + " ")
+
+    def relink(self, pid: int, exe: str) -> None:
+        """``exe`` points at a real file (its identity is read); the path recorded is the link's."""
+        link = self.base / str(pid) / "exe"
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(exe if os.path.exists(exe) else PYTHON)
+
+    def holds(self, pid: int, fd: int, inode: int = INODE) -> None:
+        (self.base / str(pid) / "fd" / str(fd)).symlink_to(f"socket:[{inode}]")
+
+    def reparent(self, pid: int, ppid: int) -> None:
+        stat = self.base / str(pid) / "stat"
+        fields = stat.read_text().split()
+        fields[3] = str(ppid)
+        stat.write_text(" ".join(fields) + "\n")
+        status = self.base / str(pid) / "status"
+        status.write_text(status.read_text().replace("PPid:\t", f"PPid:\t{ppid}\nOld:\t"))
+
+
+@pytest.fixture
+def proc(tmp_path: Path) -> FakeProc:
+    fake = FakeProc(tmp_path)
+    fake.process(203, 202, 3, "/usr/bin/curl")
+    fake.holds(203, 5)
+    return fake
+
+
+def _lookups(fake: FakeProc) -> SandboxProcesses:
+    return SandboxProcesses(ROOT, GATE, proc=str(fake.base))
+
+
+def test_the_owner_and_its_parents_are_found(proc: FakeProc) -> None:
+    found = _lookups(proc).attribute(PEER)
+    assert found is not None
+    assert (found.pid, found.host_pid, found.ppid) == (3, 203, 2)
+    assert found.exe == os.readlink(proc.base / "203" / "exe")
+    assert found.argv == ("/usr/bin/curl",)
+    assert found.parents == (f"2 {os.readlink(proc.base / '202' / 'exe')}",)
+
+
+def test_a_kept_walk_answers_on_the_callers_thread_while_no_pid_was_allocated(
+    proc: FakeProc,
+) -> None:
+    lookups = _lookups(proc)
+    with pytest.raises(BlockingIOError):  # nothing walked yet: the caller hands it to a thread
+        lookups.attribute_now(PEER)
+    assert lookups.attribute(PEER) is not None
+    # The tree is not read again: with the children lists gone, the kept walk still answers.
+    for children in proc.base.glob("*/task/*/children"):
+        children.unlink()
+    found = lookups.attribute_now(PEER)
+    assert found is not None and found.host_pid == 203
+    proc.fork()  # a pid allocated anywhere: the walk is stale, and now finds nothing
+    with pytest.raises(BlockingIOError):
+        lookups.attribute_now(PEER)
+    assert lookups.attribute(PEER) is None
+
+
+def test_a_process_created_after_the_walk_is_found_once_the_counter_moves(
+    proc: FakeProc,
+) -> None:
+    lookups = _lookups(proc)
+    assert lookups.attribute(PEER).host_pid == 203  # type: ignore[union-attr]
+    proc.process(204, 203, 4, "/usr/bin/git")  # a child that inherited the socket
+    proc.holds(204, 7)
+    proc.fork()
+    found = lookups.attribute(PEER)
+    assert found is not None and (found.host_pid, found.pid) == (204, 4)  # the newest owner
+
+
+def test_what_a_process_is_is_read_afresh_under_a_kept_walk(proc: FakeProc) -> None:
+    """``exec`` and reparenting allocate no pid: the executable, command line and parent are
+    read on every lookup, never taken from the kept walk."""
+    lookups = _lookups(proc)
+    first = lookups.attribute(PEER)
+    assert first is not None and first.ppid == 2
+    proc.relink(203, "/bin/sh")  # the process exec'd another program
+    (proc.base / "203" / "cmdline").write_bytes(b"sh\0-c\0true\0")
+    proc.reparent(203, 201)  # its parent exited: init adopted it
+    again = lookups.attribute_now(PEER)
+    assert again is not None
+    assert again.exe == os.readlink(proc.base / "203" / "exe") != first.exe
+    assert again.argv == ("sh", "-c", "true")
+    assert (again.ppid, again.parents) == (1, ())
+
+
+def test_a_search_for_every_owner_always_walks_the_tree(proc: FakeProc) -> None:
+    """What a rule bound to executables decides on never rests on a kept walk: here a process
+    appears without the counter moving (which the kernel never does), and is still found."""
+    lookups = _lookups(proc)
+    assert lookups.attribute(PEER) is not None
+    proc.process(204, 202, 4, "/usr/bin/git")
+    proc.holds(204, 9)
+    every = lookups.attribute(PEER, every_owner=True)
+    assert every is not None and every.complete
+    assert every.exes == {
+        os.readlink(proc.base / "203" / "exe"),
+        os.readlink(proc.base / "204" / "exe"),
+    }
+
+
+def test_a_kept_walk_expires(proc: FakeProc, monkeypatch: pytest.MonkeyPatch) -> None:
+    lookups = _lookups(proc)
+    assert lookups.attribute(PEER) is not None
+    monkeypatch.setattr(procfs, "CENSUS_AGE", -1.0)
+    with pytest.raises(BlockingIOError):
+        lookups.attribute_now(PEER)
+
+
+def test_a_large_sandbox_is_searched_off_the_callers_thread(
+    proc: FakeProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lookups = _lookups(proc)
+    assert lookups.attribute(PEER) is not None
+    monkeypatch.setattr(procfs, "INLINE_PROCESSES", 2)  # the walk holds 3 processes
+    with pytest.raises(BlockingIOError):
+        lookups.attribute_now(PEER)
+
+
+def test_without_the_pid_counter_every_lookup_walks(proc: FakeProc) -> None:
+    (proc.base / "loadavg").unlink()
+    lookups = _lookups(proc)
+    assert lookups.attribute(PEER) is not None
+    with pytest.raises(BlockingIOError):
+        lookups.attribute_now(PEER)
+    (proc.base / "loadavg").write_text("garbage\n")
+    lookups.close()
+    with pytest.raises(BlockingIOError):
+        lookups.attribute_now(PEER)
+
+
+def test_an_unreadable_counter_is_never_a_kept_walk(proc: FakeProc) -> None:
+    (proc.base / "loadavg").write_text("0.00 0.01\n")  # not the kernel's five fields
+    lookups = _lookups(proc)
+    assert lookups.attribute(PEER) is not None
+    with pytest.raises(BlockingIOError):
+        lookups.attribute_now(PEER)
+
+
+def test_the_newest_descriptor_is_read_first(proc: FakeProc) -> None:
+    for fd in range(10, 40):
+        (proc.base / "203" / "fd" / str(fd)).symlink_to(f"pipe:[{fd}]")
+    proc.holds(203, 41)
+    (proc.base / "203" / "fd" / "5").unlink()
+    read: list[str] = []
+    real = os.readlink
+
+    def readlink(path: str) -> str:
+        read.append(path)
+        return real(path)
+
+    lookups = _lookups(proc)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(procfs.os, "readlink", readlink)
+        found = lookups.attribute(PEER)
+    assert found is not None and found.host_pid == 203
+    fds = [p.rsplit("/", 1)[1] for p in read if "/fd/" in p]
+    assert fds == ["41"]
+
+
+def test_a_command_name_with_parentheses_and_spaces_does_not_move_the_parent(
+    proc: FakeProc,
+) -> None:
+    lookups = _lookups(proc)
+    assert lookups.attribute(PEER) is not None
+    (proc.base / "203" / "stat").write_text("203 (a) S 999 (b) S 1) S 202 203 203 0 -1\n")
+    found = lookups.attribute_now(PEER)
+    assert found is not None and found.ppid == 2
+
+
+def test_a_huge_fd_table_is_searched_off_the_callers_thread(
+    proc: FakeProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lookups = _lookups(proc)
+    assert lookups.attribute(PEER) is not None
+    for fd in range(10, 20):
+        (proc.base / "203" / "fd" / str(fd)).symlink_to(f"pipe:[{fd}]")
+    monkeypatch.setattr(procfs, "INLINE_FDS", 8)
+    with pytest.raises(BlockingIOError):
+        lookups.attribute_now(PEER)
+    found = lookups.attribute(PEER)  # the worker thread's search has no such bound
+    assert found is not None and found.host_pid == 203
