@@ -305,7 +305,12 @@ class PlainHttp:
             pass
         try:
             async with asyncio.timeout(self.keepalive_idle):
-                await watch.readable()
+                for _ in range(sockio.MAX_WAKEUPS):  # a stale wake-up finds nothing yet: wait again
+                    await watch.readable()
+                    try:
+                        return time.monotonic(), sock.recv(PEEK, socket.MSG_PEEK)
+                    except (BlockingIOError, InterruptedError):
+                        continue
         except TimeoutError:
             self.checkpoint.refuse_connection(
                 conn,
@@ -313,7 +318,7 @@ class PlainHttp:
                 f"no request for {self.keepalive_idle:g} s on a kept-alive connection; closed",
             )
             raise _Closed() from None
-        return time.monotonic(), sock.recv(PEEK, socket.MSG_PEEK)
+        raise _Closed()
 
     async def _request(
         self, sock: socket.socket, conn: Connection, head: PlainHead, upstream: _Upstream | None

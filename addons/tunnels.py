@@ -236,10 +236,14 @@ class TunnelFrontEnd:
         that stays readable: a slow client could make the gate spin)."""
         try:
             async with asyncio.timeout(self._remaining(since)):
-                await watch.readable()
+                for _ in range(sockio.MAX_WAKEUPS):  # a stale wake-up finds nothing yet: wait again
+                    try:
+                        return sock.recv(PEEK, socket.MSG_PEEK) or None
+                    except (BlockingIOError, InterruptedError):
+                        await watch.readable()
         except TimeoutError:
             raise self._timed_out(conn) from None
-        return sock.recv(PEEK, socket.MSG_PEEK) or None
+        raise _Closed()
 
     async def _tunnel(
         self, sock: socket.socket, conn: Connection, since: float, watch: sockio.Watch

@@ -14,6 +14,10 @@ import asyncio
 import errno
 import socket
 
+# Waits for one read through a Watch: each real readiness brings data (or EOF), and at most one
+# stale wake-up precedes it, so a read that still blocks after this many is given up.
+MAX_WAKEUPS = 64
+
 
 def _settle(future: asyncio.Future[None]) -> None:
     if not future.done():
@@ -36,7 +40,11 @@ class Watch:
     wait registers again. The owner calls :meth:`close` before the socket is closed or handed to
     another reader (a stale registration must never outlive its descriptor, whose number the next
     socket may take), or :meth:`hand_over` when the next reader of the descriptor registers its
-    own callback at once (it replaces this one's on the same poll handle)."""
+    own callback at once (it replaces this one's on the same poll handle).
+
+    A wake-up may be stale: asyncio's selector loop queues a readiness callback, and the owner may
+    have read the data and begun a new wait before it runs. Callers retry their read (as
+    :func:`recv` does) and wait again when it would still block."""
 
     __slots__ = ("_fd", "_loop", "_registered", "_waiter")
 
