@@ -198,6 +198,7 @@ class _Upstream:
 
     def __init__(self, sock: socket.socket, key: tuple[str, int, str]) -> None:
         self.sock = sock
+        self.watch = sockio.Watch(sock)  # one registration for every response read
         self.key = key
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
 
@@ -215,7 +216,11 @@ class _Upstream:
             log.warning("upstream %s:%s sent bytes nobody asked for; not reused", key[2], key[1])
         return False
 
+    async def recv(self) -> bytes:
+        return await sockio.recv(self.sock, CHUNK, timeout=UPSTREAM_TIMEOUT, watch=self.watch)
+
     def close(self) -> None:
+        self.watch.close()
         self.sock.close()
 
 
@@ -250,16 +255,18 @@ class PlainHttp:
         conn: Connection,
         first: PlainHead,
         accepted: float,
+        watch: sockio.Watch,
     ) -> tuple[Outcome, float]:
         """Serve requests from ``first`` on until the connection ends or a request is not this
-        path's; then (HANDOFF, when its first byte was seen) for mitmproxy's deadline."""
+        path's; then (HANDOFF, when its first byte was seen) for mitmproxy's deadline. ``watch``
+        is the client socket's, kept by the caller."""
         upstream: _Upstream | None = None
         head: PlainHead | None = first
         since = accepted
         try:
             for _ in range(MAX_REQUESTS):
                 if head is None:
-                    since, data = await self._next(sock, conn)
+                    since, data = await self._next(sock, conn, watch)
                     if not data:
                         return Outcome.DONE, since
                     head = read_head(data)
@@ -268,7 +275,7 @@ class PlainHttp:
                             # One connection, one identity: mitmproxy would count it as new.
                             return Outcome.DONE, since
                         return Outcome.HANDOFF, since
-                await _consume(sock, head.size)
+                await _consume(sock, head.size, watch)
                 upstream, keep = await self._request(sock, conn, head, upstream)
                 if not keep:
                     return Outcome.DONE, since
@@ -287,7 +294,9 @@ class PlainHttp:
             and not conn.authenticated
         )
 
-    async def _next(self, sock: socket.socket, conn: Connection) -> tuple[float, bytes]:
+    async def _next(
+        self, sock: socket.socket, conn: Connection, watch: sockio.Watch
+    ) -> tuple[float, bytes]:
         """(when the next request's first byte came, a peek at it); b"" when the client closed.
         A connection idle past the keep-alive limit is closed and the closing recorded."""
         try:  # a request already there (pipelined, or quick): no waiting machinery
@@ -296,7 +305,12 @@ class PlainHttp:
             pass
         try:
             async with asyncio.timeout(self.keepalive_idle):
-                await sockio.readable(sock)
+                for _ in range(sockio.MAX_WAKEUPS):  # a stale wake-up finds nothing yet: wait again
+                    await watch.readable()
+                    try:
+                        return time.monotonic(), sock.recv(PEEK, socket.MSG_PEEK)
+                    except (BlockingIOError, InterruptedError):
+                        continue
         except TimeoutError:
             self.checkpoint.refuse_connection(
                 conn,
@@ -304,7 +318,7 @@ class PlainHttp:
                 f"no request for {self.keepalive_idle:g} s on a kept-alive connection; closed",
             )
             raise _Closed() from None
-        return time.monotonic(), sock.recv(PEEK, socket.MSG_PEEK)
+        raise _Closed()
 
     async def _request(
         self, sock: socket.socket, conn: Connection, head: PlainHead, upstream: _Upstream | None
@@ -411,7 +425,7 @@ class PlainHttp:
                     if out:
                         await self._send(sock, conn, out)
                         out.clear()
-                    more = await _recv(upstream.sock)
+                    more = await upstream.recv()
                     if not more:
                         raise _Closed()
                     pending += more
@@ -426,7 +440,7 @@ class PlainHttp:
                 if out:
                     await self._send(sock, conn, out)
                     out.clear()
-                more = await _recv(upstream.sock)
+                more = await upstream.recv()
                 parser.receive_data(more)  # b"" is the upstream's EOF
                 continue
             if isinstance(event, (h11.InformationalResponse, h11.Response)):
@@ -488,21 +502,17 @@ def _response_head(event: h11.Response | h11.InformationalResponse) -> bytes:
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-async def _consume(sock: socket.socket, size: int) -> None:
+async def _consume(sock: socket.socket, size: int, watch: sockio.Watch) -> None:
     """Take the ``size`` bytes of a head that was peeked (already in the socket's buffer)."""
     left = size
     for _ in range(size + 1):
         if not left:
             return
-        got = await sockio.recv(sock, left)
+        got = await sockio.recv(sock, left, watch=watch)
         if not got:
             raise _Closed()
         left -= len(got)
     raise _Closed()
-
-
-async def _recv(sock: socket.socket) -> bytes:
-    return await sockio.recv(sock, CHUNK, timeout=UPSTREAM_TIMEOUT)
 
 
 async def _dial(

@@ -173,14 +173,15 @@ class TunnelFrontEnd:
             sock.close()
             return
         handed = False
+        watch = sockio.Watch(sock)  # one registration for every wait on the client
         try:
-            head = await self._peek(sock, conn, accepted)
+            head = await self._peek(sock, conn, accepted, watch)
             if head is None:
                 return
             target = connect_target(head)
             plain = read_head(head) if target is None and self.plain is not None else None
             if plain is not None and self.plain is not None and self.plain.takes(conn, plain):
-                outcome, accepted = await self.plain.serve(sock, conn, plain, accepted)
+                outcome, accepted = await self.plain.serve(sock, conn, plain, accepted, watch)
                 if outcome is Outcome.DONE:
                     return
                 target = None  # the next request is mitmproxy's; nothing of it was consumed
@@ -189,13 +190,15 @@ class TunnelFrontEnd:
                 self.checkpoint.disconnected(cid)
                 cid = ""
                 handed = True
+                watch.close()  # mitmproxy's transport reads the socket from here on
                 await self.handoff(sock, sandbox_id, accepted)
                 return
             self.tunnels += 1
-            await self._tunnel(sock, conn, accepted)
+            await self._tunnel(sock, conn, accepted, watch)
         except (_Closed, OSError, TimeoutError, asyncio.IncompleteReadError):
             pass
         finally:
+            watch.close()
             if cid:
                 self.checkpoint.disconnected(cid)
             if not handed:
@@ -225,21 +228,29 @@ class TunnelFrontEnd:
         )
         return _Closed()
 
-    async def _peek(self, sock: socket.socket, conn: Connection, since: float) -> bytes | None:
+    async def _peek(
+        self, sock: socket.socket, conn: Connection, since: float, watch: sockio.Watch
+    ) -> bytes | None:
         """The first bytes, not consumed; None when the client closed first. A request line that
         arrives in pieces is mitmproxy's (waiting here for the rest would mean polling a socket
         that stays readable: a slow client could make the gate spin)."""
         try:
             async with asyncio.timeout(self._remaining(since)):
-                await sockio.readable(sock)
+                for _ in range(sockio.MAX_WAKEUPS):  # a stale wake-up finds nothing yet: wait again
+                    try:
+                        return sock.recv(PEEK, socket.MSG_PEEK) or None
+                    except (BlockingIOError, InterruptedError):
+                        await watch.readable()
         except TimeoutError:
             raise self._timed_out(conn) from None
-        return sock.recv(PEEK, socket.MSG_PEEK) or None
+        raise _Closed()
 
-    async def _tunnel(self, sock: socket.socket, conn: Connection, since: float) -> None:
+    async def _tunnel(
+        self, sock: socket.socket, conn: Connection, since: float, watch: sockio.Watch
+    ) -> None:
         buffered = b""
         for _ in range(MAX_REFUSALS_PER_CONNECTION):
-            head, buffered = await self._head(sock, conn, buffered, since)
+            head, buffered = await self._head(sock, conn, buffered, since, watch)
             parsed = _parse_connect(head)
             if parsed is None:
                 self.checkpoint.refuse_connection(
@@ -271,7 +282,7 @@ class TunnelFrontEnd:
         # (it then clears the closer, and nothing is dialled or sent).
         conn.closer = functools.partial(_shut, sock)
         await self._send(sock, conn, ESTABLISHED)
-        first, classified = await self._first_bytes(sock, conn, port, buffered)
+        first, classified = await self._first_bytes(sock, conn, port, buffered, watch)
         tunnel = conn.tunnel
         if classified.protocol is Protocol.HTTP:
             raise _Closed()  # never relayed raw (see above); unreachable while port 80 is refused
@@ -293,17 +304,19 @@ class TunnelFrontEnd:
             await sockio.send_all(up, first)
             conn.bytes_out += len(first)
             conn.closer = functools.partial(_shut, sock, up)
-            await self._relay(sock, up, conn)
+            await self._relay(sock, up, conn, watch)
         finally:
             up.close()
 
-    async def _relay(self, sock: socket.socket, up: socket.socket, conn: Connection) -> None:
+    async def _relay(
+        self, sock: socket.socket, up: socket.socket, conn: Connection, watch: sockio.Watch
+    ) -> None:
         """Relay until both sides end, or until the tunnel has moved no byte either way for the
         idle timeout: then it is closed and the closing recorded (``idle-timeout``)."""
         if self.idle_timeout <= 0:
-            await _relay(sock, up, conn)
+            await _relay(sock, up, conn, watch)
             return
-        relay = asyncio.ensure_future(_relay(sock, up, conn))
+        relay = asyncio.ensure_future(_relay(sock, up, conn, watch))
         try:
             moved = -1
             while not relay.done():
@@ -327,13 +340,18 @@ class TunnelFrontEnd:
                     await relay
 
     async def _head(
-        self, sock: socket.socket, conn: Connection, buffered: bytes, since: float
+        self,
+        sock: socket.socket,
+        conn: Connection,
+        buffered: bytes,
+        since: float,
+        watch: sockio.Watch,
     ) -> tuple[bytes, bytes]:
         """One request head and what followed it, within the deadline and MAX_REQUEST_HEAD."""
         while (end := buffered.find(b"\r\n\r\n")) < 0:
             if len(buffered) > MAX_REQUEST_HEAD:
                 await self._too_large(sock, conn)
-            buffered += await self._recv(sock, conn, PEEK, since)
+            buffered += await self._recv(sock, conn, PEEK, since, watch)
         if end + 4 > MAX_REQUEST_HEAD:
             await self._too_large(sock, conn)
         return buffered[: end + 4], buffered[end + 4 :]
@@ -353,7 +371,7 @@ class TunnelFrontEnd:
         raise _Closed()
 
     async def _first_bytes(
-        self, sock: socket.socket, conn: Connection, port: int, data: bytes
+        self, sock: socket.socket, conn: Connection, port: int, data: bytes, watch: sockio.Watch
     ) -> tuple[bytes, FirstBytes]:
         """Read until the classifier has an answer (bounded by its own caps and the deadline);
         the bytes and that answer."""
@@ -361,13 +379,15 @@ class TunnelFrontEnd:
         while (classified := classify(port, data)).protocol is Protocol.WAIT:
             if len(data) > MAX_CLIENT_HELLO + 64 * 1024:  # classify refuses long before this
                 raise _Closed()
-            data += await self._recv(sock, conn, CHUNK, started)
+            data += await self._recv(sock, conn, CHUNK, started, watch)
         return data, classified
 
-    async def _recv(self, sock: socket.socket, conn: Connection, size: int, since: float) -> bytes:
+    async def _recv(
+        self, sock: socket.socket, conn: Connection, size: int, since: float, watch: sockio.Watch
+    ) -> bytes:
         """What the client sends next, before its deadline (counted from ``since``) passes."""
         try:
-            more = await sockio.recv(sock, size, timeout=self._remaining(since))
+            more = await sockio.recv(sock, size, timeout=self._remaining(since), watch=watch)
         except TimeoutError:
             raise self._timed_out(conn) from None
         if not more:
@@ -421,8 +441,11 @@ def _shut(*socks: socket.socket) -> None:
             sock.shutdown(socket.SHUT_RDWR)
 
 
-def _relay(client: socket.socket, upstream: socket.socket, conn: Connection) -> Awaitable[None]:
-    """Both directions relayed by the kernel until both have ended, counted on the connection."""
+def _relay(
+    client: socket.socket, upstream: socket.socket, conn: Connection, watch: sockio.Watch
+) -> Awaitable[None]:
+    """Both directions relayed by the kernel until both have ended, counted on the connection;
+    the relay's reader for the client takes over the registration of its ``watch``."""
 
     def outbound(n: int) -> None:
         conn.bytes_out += n
@@ -430,4 +453,4 @@ def _relay(client: socket.socket, upstream: socket.socket, conn: Connection) -> 
     def inbound(n: int) -> None:
         conn.bytes_in += n
 
-    return relay(client, upstream, outbound, inbound)
+    return relay(client, upstream, outbound, inbound, client_watch=watch)

@@ -21,6 +21,8 @@ import os
 import socket
 from collections.abc import Callable
 
+from proxy.runtime.sockio import Watch
+
 log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
@@ -160,10 +162,13 @@ async def relay(
     upstream: socket.socket,
     outbound: Callable[[int], None],
     inbound: Callable[[int], None],
+    *,
+    client_watch: Watch | None = None,
 ) -> None:
     """Both directions until both have ended; an error on either side shuts both sockets down and
     ends both. Cancelling it unregisters both directions; the caller shuts down and closes the
-    sockets."""
+    sockets. ``client_watch``: the client's registration, which the relay's reader replaces (on
+    the same poll handle) as it registers."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     remaining = 2
@@ -187,6 +192,8 @@ async def relay(
     pumps: list[_Pump] = []
     try:
         pumps.append(_Pump(loop, client, upstream, outbound, finished))
+        if client_watch is not None:
+            client_watch.hand_over()
         pumps.append(_Pump(loop, upstream, client, inbound, finished))
         await done
     finally:

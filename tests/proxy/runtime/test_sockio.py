@@ -154,3 +154,113 @@ def test_recv_takes_what_has_arrived_and_times_out_only_waiting(choice: str) -> 
     finally:
         a.close()
         b.close()
+
+
+def _counting(loop: asyncio.AbstractEventLoop) -> list[str]:
+    """Records the loop's reader registrations (the instance attribute shadows the method)."""
+    calls: list[str] = []
+    add, remove = loop.add_reader, loop.remove_reader
+
+    def add_reader(fd: int, callback: Any, *args: Any) -> None:
+        calls.append("add")
+        add(fd, callback, *args)
+
+    def remove_reader(fd: int) -> bool:
+        calls.append("remove")
+        return remove(fd)
+
+    loop.add_reader = add_reader  # type: ignore[method-assign]
+    loop.remove_reader = remove_reader  # type: ignore[method-assign]
+    return calls
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_a_watch_registers_once_for_successive_waits(choice: str) -> None:
+    a, b = _pair()
+
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        calls = _counting(loop)
+        watch = sockio.Watch(a)
+        for n in range(3):
+            loop.call_later(0.01, b.send, b"%d" % n)
+            assert await asyncio.wait_for(sockio.recv(a, 10, watch=watch), 10) == b"%d" % n
+        watch.close()
+        watch.close()  # idempotent
+        assert not loop.remove_reader(a.fileno())  # nothing left registered
+        return calls
+
+    try:
+        assert _run(choice, main()) == ["add", "remove", "remove"]
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_readiness_nobody_waits_for_unregisters_instead_of_spinning(choice: str) -> None:
+    a, b = _pair()
+
+    async def main() -> tuple[list[str], int]:
+        loop = asyncio.get_running_loop()
+        watch = sockio.Watch(a)
+        loop.call_later(0.01, b.send, b"x")
+        await asyncio.wait_for(watch.readable(), 10)
+        calls = _counting(loop)
+        # Still readable (nothing was read) and nobody waits: one call, which unregisters.
+        turns = 0
+        for _ in range(20):
+            await asyncio.sleep(0)
+            turns += 1
+        assert not loop.remove_reader(a.fileno())
+        await asyncio.wait_for(watch.readable(), 10)  # registers again, ready at once
+        watch.close()
+        return calls, turns
+
+    try:
+        calls, turns = _run(choice, main())
+        assert calls == ["remove", "remove", "add", "remove"] and turns == 20
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_a_wait_that_timed_out_leaves_no_waiter_behind(choice: str) -> None:
+    a, b = _pair()
+
+    async def main() -> bytes:
+        watch = sockio.Watch(a)
+        with pytest.raises(TimeoutError):
+            await sockio.recv(a, 10, timeout=0.01, watch=watch)
+        b.send(b"late")
+        for _ in range(5):
+            await asyncio.sleep(0)  # the readiness finds no waiter: unregistered
+        got = await asyncio.wait_for(sockio.recv(a, 10, watch=watch), 10)
+        watch.close()
+        return got
+
+    try:
+        assert _run(choice, main()) == b"late"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_one_wait_at_a_time_on_a_watch() -> None:
+    a, b = _pair()
+
+    async def main() -> None:
+        watch = sockio.Watch(a)
+        first = asyncio.ensure_future(watch.readable())
+        await asyncio.sleep(0)
+        with pytest.raises(RuntimeError):
+            await watch.readable()
+        first.cancel()
+        watch.close()
+
+    try:
+        _run("uvloop", main())
+    finally:
+        a.close()
+        b.close()

@@ -180,3 +180,36 @@ def test_cancelling_leaves_no_callback_on_the_sockets(choice: str) -> None:
         _run(choice, main())
     finally:
         t.close()
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_the_relay_takes_over_the_clients_watch_and_leaves_nothing_behind(choice: str) -> None:
+    t = Tunnel()
+
+    async def main() -> bytes:
+        from proxy.runtime import sockio
+
+        loop = asyncio.get_running_loop()
+        t.client.setblocking(False)
+        watch = sockio.Watch(t.gate_client)
+        loop.call_later(0.01, t.client.send, b"hello")
+        assert await asyncio.wait_for(sockio.recv(t.gate_client, 10, watch=watch), 10) == b"hello"
+        task = asyncio.ensure_future(
+            relay(t.gate_client, t.gate_up, *t.counted(), client_watch=watch)
+        )
+        await asyncio.sleep(0.01)
+        watch.close()  # the registration is the relay's now: this must not remove it
+        t.client.sendall(b"world")
+        t.upstream.setblocking(False)
+        got = await asyncio.wait_for(loop.sock_recv(t.upstream, 10), 10)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        for fd in (t.gate_client.fileno(), t.gate_up.fileno()):
+            assert not loop.remove_reader(fd)
+        return got
+
+    try:
+        assert _run(choice, main()) == b"world"
+    finally:
+        t.close()
