@@ -125,19 +125,20 @@ class TunnelFrontEnd:
 
     async def serve(self, listener: socket.socket, sandbox_id: str | None) -> None:
         """Accept on ``listener`` until it is closed (after :meth:`stop_serving`). The listener
-        stays registered with the loop between connections (a :class:`sockio.Watch`), and every
-        connection already queued is taken before the next wait."""
+        stays registered with the loop between connections (a :class:`sockio.Watch`)."""
         loop = asyncio.get_running_loop()
         listener.setblocking(False)
         tasks: set[asyncio.Task[None]] = set()
         watch = self._listening[listener] = sockio.Watch(listener)
         try:
             while True:
+                # Level-triggered: with more connections queued, the wait returns at once (one
+                # accept per wake-up, and no accept that only says "none left").
+                await watch.readable()
                 try:
                     conn, _ = listener.accept()
                 except (BlockingIOError, InterruptedError):
-                    await watch.readable()
-                    continue
+                    continue  # a stale wake-up
                 except OSError:
                     if listener.fileno() < 0:
                         return
