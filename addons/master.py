@@ -247,6 +247,7 @@ class Gate:
 
     def remove_listener(self, server: asyncio.Task[None]) -> None:
         listener: socket.socket = server.listener  # type: ignore[attr-defined]
+        self.tunnels.stop_serving(listener)  # unregistered before its descriptor is closed
         listener.close()
         server.cancel()
         if server in self._extra:

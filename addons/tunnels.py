@@ -121,16 +121,24 @@ class TunnelFrontEnd:
         self.active: set[asyncio.Task[None]] = set()
         self.draining = False
         self.on_first_connection: Callable[[], None] | None = None
+        self._listening: dict[socket.socket, sockio.Watch] = {}
 
     async def serve(self, listener: socket.socket, sandbox_id: str | None) -> None:
-        """Accept on ``listener`` until it is closed."""
+        """Accept on ``listener`` until it is closed (after :meth:`stop_serving`). The listener
+        stays registered with the loop between connections (a :class:`sockio.Watch`)."""
         loop = asyncio.get_running_loop()
         listener.setblocking(False)
         tasks: set[asyncio.Task[None]] = set()
+        watch = self._listening[listener] = sockio.Watch(listener)
         try:
             while True:
+                # Level-triggered: with more connections queued, the wait returns at once (one
+                # accept per wake-up, and no accept that only says "none left").
+                await watch.readable()
                 try:
-                    conn, _ = await loop.sock_accept(listener)
+                    conn, _ = listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    continue  # a stale wake-up
                 except OSError:
                     if listener.fileno() < 0:
                         return
@@ -145,9 +153,17 @@ class TunnelFrontEnd:
                 self.active.add(task)
                 task.add_done_callback(self.active.discard)
         finally:
+            self.stop_serving(listener)
             if not self.draining:  # a sandbox that ended: its connections end with it
                 for task in list(tasks):
                     task.cancel()
+
+    def stop_serving(self, listener: socket.socket) -> None:
+        """Unregister ``listener`` from the loop: before it is closed (its descriptor's number may
+        be the next socket's), and again, harmlessly, as its accept loop ends."""
+        watch = self._listening.pop(listener, None)
+        if watch is not None:
+            watch.close()
 
     def cancel_all(self) -> int:
         """End every connection still being served (a drain's deadline passed); how many."""

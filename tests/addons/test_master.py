@@ -194,3 +194,29 @@ async def _eventually(check: Callable[[], bool]) -> bool:
             return True
         await asyncio.sleep(0.05)
     return False
+
+
+def test_a_removed_listener_is_unregistered_before_its_descriptor_is_closed(
+    gate: RunningGate, http_upstream: Upstream
+) -> None:
+    """The accept loop keeps its listener registered between connections: removing it must
+    unregister it first, so the descriptor's number can serve the next socket."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    fd, port = listener.fileno(), listener.getsockname()[1]
+    server = _on_gate_loop(gate, gate.gate.add_listener(listener, sandbox_id="sbx-8"))
+    for n in range(3):  # several connections, one registration
+        got = curl(f"http://allowed.test:{http_upstream.port}/{n}", f"http://127.0.0.1:{port}")
+        assert got.status == 200
+
+    async def remove() -> bool:
+        loop = asyncio.get_running_loop()
+        gate.gate.remove_listener(server)  # type: ignore[arg-type]
+        assert listener.fileno() == -1
+        # Before the accept loop has even seen its cancellation, nothing is registered for the
+        # number any more (removing finds nothing).
+        return not loop.remove_reader(fd)
+
+    assert _on_gate_loop(gate, remove())
+    assert listener not in gate.gate.tunnels._listening
