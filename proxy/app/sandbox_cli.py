@@ -10,13 +10,15 @@ import argparse
 import contextlib
 import os
 import sys
-from typing import TYPE_CHECKING, Any
 
 from proxy.app.arguments import add_gate_options, add_policy_option
 from proxy.app.credentials import add_credentials_option
 from proxy.app.lifecycle_args import add_lifecycle_options, managed_policy_path
 
+TYPE_CHECKING = False  # typing's constant without importing typing: see docs/startup.md
 if TYPE_CHECKING:
+    from typing import Any
+
     from proxy.sandbox.private_gate import GateRequest, PrivateGate
     from proxy.sandbox.trust import Trust, TrustSetup
 

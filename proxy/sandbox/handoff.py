@@ -31,13 +31,14 @@ import socket
 import stat
 import struct
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any
 
 from proxy.core.sandbox_id import is_sandbox_id
 
+TYPE_CHECKING = False  # typing's constant without importing typing: see docs/startup.md
 if TYPE_CHECKING:
     import asyncio
     import logging
+    from typing import Any
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE = 16384

@@ -19,7 +19,10 @@ import signal
 import socket
 import struct
 import sys
-from typing import Any
+
+TYPE_CHECKING = False  # typing's constant without importing typing (stdlib only, run with -S)
+if TYPE_CHECKING:
+    from typing import Any
 
 _EXIT_SETUP_FAILED = 125  # kept in sync by hand with proxy/sandbox/__init__.py
 _EXIT_NOT_EXECUTABLE = 126
