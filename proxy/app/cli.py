@@ -7,7 +7,6 @@ Exit codes (``proxy/app/exits.py``) are part of the interface.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from proxy import __version__
@@ -15,6 +14,7 @@ from proxy.app.exits import EXIT_DENY, EXIT_OK, fail
 
 TYPE_CHECKING = False  # typing's constant without importing typing: see docs/startup.md
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Sequence
 
 DEFAULT_LISTEN = "127.0.0.1:3128"
@@ -22,6 +22,8 @@ DEFAULT_LISTEN = "127.0.0.1:3128"
 
 def build_parser() -> argparse.ArgumentParser:
     # Imported here, not at the top: `egress run` (main's fast path) never builds this tree.
+    import argparse
+
     from proxy.app import approvals_cli, context_cli, learn_cli
     from proxy.app import credentials as credentials_cli
     from proxy.app.arguments import (

@@ -6,11 +6,11 @@ command then does not start. See docs/credentials.md.
 
 from __future__ import annotations
 
-import argparse
 import os
 
 TYPE_CHECKING = False  # typing's constant without importing typing: see docs/startup.md
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Iterable
     from pathlib import Path
     from typing import Any

@@ -46,6 +46,12 @@ GATE_ONLY = (
     "typing",
     "pathlib",
     "threading",
+    "argparse",  # an everyday command line is read without it (proxy/app/run_args.py)
+    "gettext",
+    "locale",
+    "shutil",
+    "bz2",
+    "lzma",
     "proxy.policy",
     "proxy.evidence.emit",
     "proxy.evidence.record",
