@@ -316,7 +316,7 @@ class ForkedHelper:
 
         fds = [s if isinstance(s, int) or s is None else s.fileno() for s in streams]
         env = dict(spec.env)
-        helper._c()  # libc (ctypes) loaded here, not in the child: see helper._c
+        helper.preload()  # libc (ctypes) loaded here, not in the children: see helper.preload
         pid = os.fork()
         if pid == 0:  # the helper: nothing here may return into the launcher's code
             try:
@@ -329,9 +329,7 @@ class ForkedHelper:
                             os.close(int(name))
                 if spec.cwd:
                     os.chdir(spec.cwd)
-                os.environ.clear()
-                os.environ.update(env)
-                helper.run_helper(config)
+                helper.run_helper(config, env)  # env goes to the command's execve
             finally:
                 os._exit(EXIT_SETUP_FAILED)
         return cls(pid)
