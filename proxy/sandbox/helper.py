@@ -134,8 +134,14 @@ def _userns_hint(err: int) -> str:
 
 
 def _write(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
+    """The whole text in one write(2), as the id maps require, with no file object around it."""
+    data = text.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        if os.write(fd, data) != len(data):
+            raise OSError(errno.EIO, f"short write to {path}")
+    finally:
+        os.close(fd)
 
 
 def _enter_namespaces(config: dict[str, Any]) -> None:
