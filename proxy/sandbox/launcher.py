@@ -241,9 +241,10 @@ def _run_with(
         env = provided.apply_to(env)
         hidden += tuple(provided.hidden)
     private = upstream is None and options.gate_socket is None
-    meanwhile = _load_private_gate_modules if private else None
     if options.gate_socket is not None:
-        meanwhile = _load_handoff_module
+        # Before the fork, not while the helper works: after it, every page the import writes is
+        # copied first (the helper and init share them until they exit).
+        import proxy.sandbox.handoff  # noqa: F401
     spec = SandboxSpec(
         argv=list(options.argv),
         env=env,
@@ -259,7 +260,7 @@ def _run_with(
             stdin=options.stdin,
             stdout=options.stdout,
             stderr=options.stderr,
-            meanwhile=meanwhile,
+            meanwhile=_load_private_gate_modules if private else None,
         )
     except SandboxError as exc:
         _err(f"cannot isolate the command, so it was not run: {exc}")
@@ -290,11 +291,6 @@ def _load_private_gate_modules() -> None:
     import proxy.evidence.emit
     import proxy.runtime.loop
     import proxy.sandbox.summary  # noqa: F401
-
-
-def _load_handoff_module() -> None:
-    """The hand-off client, loaded while the helper builds the sandbox rather than after."""
-    import proxy.sandbox.handoff  # noqa: F401
 
 
 def _bound_executables(policy: Any) -> tuple[str, ...]:
