@@ -17,14 +17,20 @@ find_python = $(shell for c in python3.13 python3.12 \
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+# The checkout is installed editable as a plain path entry (setuptools' "compat" mode, as a wheel
+# install has no import hook either): the default mode adds an import hook that loads pathlib, glob and
+# re when the interpreter starts, ~13 ms of every `egress` command, `egress run` included
+# (docs/startup.md). Should a setuptools release drop that mode, the default one is installed instead.
+$(STAMP): pyproject.toml constraints.txt Makefile
 	@if ! $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1; then \
 		base="$(find_python)"; \
 		if [ -z "$$base" ]; then echo "error: need python3.13 or python3.12 on PATH (or under ~/.pyenv/versions)" >&2; exit 2; fi; \
 		echo "bootstrapping $(VENV) with $$base"; rm -rf $(VENV); "$$base" -m venv $(VENV); \
 	fi
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	PYTHONWARNINGS="ignore:Compat editable installs" $(PY) -m pip install -q -c constraints.txt \
+		-e '.[dev]' --config-settings editable_mode=compat \
+		|| $(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
 demo: $(STAMP)

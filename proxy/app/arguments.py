@@ -4,7 +4,10 @@ evidence flags) is imported here, so ``egress --help`` stays fast."""
 from __future__ import annotations
 
 import argparse
-from typing import Any
+
+TYPE_CHECKING = False  # typing's constant without importing typing: see docs/startup.md
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def add_policy_option(parser: argparse.ArgumentParser) -> None:

@@ -7,19 +7,23 @@ Exit codes (``proxy/app/exits.py``) are part of the interface.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from collections.abc import Sequence
-from pathlib import Path
 
 from proxy import __version__
 from proxy.app.exits import EXIT_DENY, EXIT_OK, fail
+
+TYPE_CHECKING = False  # typing's constant without importing typing: see docs/startup.md
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Sequence
 
 DEFAULT_LISTEN = "127.0.0.1:3128"
 
 
 def build_parser() -> argparse.ArgumentParser:
     # Imported here, not at the top: `egress run` (main's fast path) never builds this tree.
+    import argparse
+
     from proxy.app import approvals_cli, context_cli, learn_cli
     from proxy.app import credentials as credentials_cli
     from proxy.app.arguments import (
@@ -185,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_lint(args: argparse.Namespace) -> int:
+    from pathlib import Path  # here, not at the top: `egress run` does not load pathlib
+
     from proxy.policy.loader import lint_files
 
     problems = lint_files([Path(f) for f in args.files])
@@ -215,6 +221,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_ca(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from proxy.app import statedir
     from proxy.app.ca import CaError, CaFiles, ensure_ca
 

@@ -30,19 +30,11 @@ def register(subparsers: Any) -> None:
     context.set_defaults(func=_cmd_context)
 
 
-def context_pair(text: str) -> tuple[str, str]:
-    from proxy.attribution.context import parse_pair
-
-    try:
-        return parse_pair(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _cmd_context(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from proxy.app import statedir
+    from proxy.app.run_args import context_pair  # KEY=VALUE as `egress run --context` reads it
     from proxy.attribution.channel import ChannelError, send, socket_path
     from proxy.core.sandbox_id import check_sandbox_id
 

@@ -6,13 +6,15 @@ command then does not start. See docs/credentials.md.
 
 from __future__ import annotations
 
-import argparse
 import os
-from collections.abc import Iterable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
+TYPE_CHECKING = False  # typing's constant without importing typing: see docs/startup.md
 if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Iterable
+    from pathlib import Path
+    from typing import Any
+
     from proxy.credentials.sandbox import Provided
     from proxy.credentials.store import CredentialStore
     from proxy.policy.model import Policy
@@ -162,6 +164,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_env(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from proxy.app import statedir
     from proxy.app.exits import EXIT_OK, fail
     from proxy.credentials.sandbox import provide

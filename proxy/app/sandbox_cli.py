@@ -1,60 +1,44 @@
 """The ``run``, ``doctor`` and ``connect`` subcommands of ``egress``: the sandbox's side of the CLI.
 
-Only argparse is imported here; everything heavy is imported by the command that runs, so
-``egress --help`` stays fast.
+Nothing heavy is imported here, not even argparse: ``egress run`` reads an everyday command line
+without it (:mod:`proxy.app.run_args`), and everything else is imported by the command that runs.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
-from typing import TYPE_CHECKING, Any
 
-from proxy.app.arguments import add_gate_options, add_policy_option
-from proxy.app.credentials import add_credentials_option
-from proxy.app.lifecycle_args import add_lifecycle_options, managed_policy_path
+from proxy.app.run_args import context_pair, host_port, port_number, read_run, sandbox_id
 
+TYPE_CHECKING = False  # typing's constant without importing typing: see docs/startup.md
 if TYPE_CHECKING:
+    import argparse
+    from typing import Any
+
     from proxy.sandbox.private_gate import GateRequest, PrivateGate
     from proxy.sandbox.trust import Trust, TrustSetup
-
-
-def sandbox_id(text: str) -> str:
-    from proxy.core.sandbox_id import check_sandbox_id
-
-    try:
-        return check_sandbox_id(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def port_number(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a port 1-65535")
-    return int(text)
-
-
-def host_port(text: str) -> tuple[str, int]:
-    from proxy.core.hosts import parse_endpoint
-
-    try:
-        return parse_endpoint(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
 def run_parser(prog: str = "egress") -> argparse.ArgumentParser:
     """``egress`` with its ``run`` command only: what ``egress run`` parses its arguments with, so
     that starting a sandbox builds (and imports) nothing the other commands need."""
+    import argparse
+
     parser = argparse.ArgumentParser(prog=prog)
     add_run(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
     return parser
 
 
 def add_run(subparsers: Any) -> None:
-    """Add ``run`` to ``egress``'s subparsers."""
+    """Add ``run`` to ``egress``'s subparsers. A new option also goes into
+    :data:`proxy.app.run_args.OPTIONS` (tests/proxy/app/test_run_args.py says so)."""
+    import argparse
+
+    from proxy.app.arguments import add_gate_options, add_policy_option
+    from proxy.app.credentials import add_credentials_option
+    from proxy.app.lifecycle_args import add_lifecycle_options
     from proxy.sandbox import DEFAULT_DNS_PORT, DEFAULT_PROXY_PORT
 
     run = subparsers.add_parser(
@@ -105,7 +89,7 @@ def add_run(subparsers: Any) -> None:
         "--context",
         action="append",
         default=[],
-        type=_context_pair,
+        type=context_pair,
         metavar="KEY=VALUE",
         help="agent context every decision carries (task=T, session=S, ...); repeatable; change "
         "it while the sandbox runs with `egress context SANDBOX KEY=VALUE`",
@@ -168,7 +152,13 @@ def register(subparsers: Any) -> None:
 def run_command(words: list[str], *, leave: bool = False) -> int:
     """``egress run``: parse, run, and with ``leave`` (the process's own entry point) end a run that
     joined a gate without the interpreter's teardown (see :func:`_leave`)."""
-    args = run_parser().parse_args(words)
+    values = read_run(words)
+    if values is not None:  # an everyday command line: argparse would read it the same way
+        from types import SimpleNamespace
+
+        args: argparse.Namespace = SimpleNamespace(**values, func=_cmd_run)  # type: ignore[assignment]
+    else:
+        args = run_parser().parse_args(words)
     code: int = args.func(args)
     if leave and (_joins(args) or not _evidence_wanted(args)):
         _leave(code)
@@ -201,6 +191,7 @@ def _leave(code: int) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from proxy.app.credentials import sandbox_credentials
+    from proxy.app.lifecycle_args import managed_policy_path
     from proxy.sandbox.launcher import RunOptions, run
 
     if _joins(args) and not (args.ca_cert or args.ca_key or args.upstream_ca):
@@ -239,12 +230,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         traceparent=os.environ.get("TRACEPARENT") or None,
     )
     return run(options)
-
-
-def _context_pair(text: str) -> tuple[str, str]:
-    from proxy.app.context_cli import context_pair
-
-    return context_pair(text)
 
 
 def _path(text: str | None) -> Any:

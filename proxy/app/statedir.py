@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import os
 import pwd
-from collections.abc import Mapping
-from pathlib import Path
+
+TYPE_CHECKING = False  # typing's constant without importing typing: see docs/startup.md
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from pathlib import Path
 
 ENV_VAR = "EGRESS_STATE_DIR"
 CONFDIR_NAME = "mitmproxy"
@@ -27,28 +30,35 @@ class StateDirError(Exception):
 def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
     """``$EGRESS_STATE_DIR``, else ``$XDG_STATE_HOME/agent-egress``, else ``~/.local/state/agent-egress``
     (the XDG base-directory default; a relative ``XDG_STATE_HOME`` is invalid there and ignored)."""
-    env = os.environ if environ is None else environ
+    from pathlib import Path
+
+    return Path(_default_state_dir(os.environ if environ is None else environ))
+
+
+def _default_state_dir(env: Mapping[str, str]) -> str:
+    """:func:`default_state_dir` as a string: `egress run` decides what to hide with it without
+    importing pathlib (docs/startup.md)."""
     if explicit := env.get(ENV_VAR):
-        return Path(explicit)
+        return explicit
     xdg = env.get("XDG_STATE_HOME", "")
     if os.path.isabs(xdg):
-        return Path(xdg) / _APP
+        return os.path.join(xdg, _APP)
     home = env.get("HOME") or _passwd_home()
     if not home or not os.path.isabs(home):
         raise StateDirError(
             f"no state directory: HOME is not set; pass --state-dir or set {ENV_VAR}"
         )
-    return Path(home) / ".local" / "state" / _APP
+    return os.path.join(home, ".local", "state", _APP)
 
 
-def existing_state_dir(chosen: str | None = None) -> Path | None:
+def existing_state_dir(chosen: str | None = None) -> str | None:
     """The state directory (``chosen``, else the default) if it exists: a sandbox that joins a gate
     elsewhere must not read this user's own gate state (its CA key) either. None if there is none."""
     try:
-        state = Path(chosen) if chosen else default_state_dir()
+        state = chosen if chosen else _default_state_dir(os.environ)
     except StateDirError:
         return None
-    return state if state.is_dir() else None
+    return state if os.path.isdir(state) else None
 
 
 def _passwd_home() -> str | None:

@@ -8,7 +8,10 @@ This module imports nothing but argparse, and the sinks import their defaults fr
 from __future__ import annotations
 
 import argparse
-from typing import Literal
+
+TYPE_CHECKING = False  # typing's constant without importing typing: see docs/startup.md
+if TYPE_CHECKING:
+    from typing import Literal
 
 __all__ = [
     "DEFAULT_FSYNC",
@@ -22,7 +25,10 @@ __all__ = [
 ]
 
 DEFAULT_METRICS = "127.0.0.1:9464"
-FsyncPolicy = Literal["always", "interval", "never"]
+if TYPE_CHECKING:
+    FsyncPolicy = Literal["always", "interval", "never"]
+else:
+    FsyncPolicy = str  # at run time only a name: `egress run` does not import typing
 FSYNC_POLICIES: tuple[FsyncPolicy, ...] = ("always", "interval", "never")
 DEFAULT_FSYNC: FsyncPolicy = "interval"
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024

@@ -14,8 +14,10 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-from collections.abc import Mapping
-from typing import NamedTuple
+
+TYPE_CHECKING = False  # typing's constant without importing typing: see docs/startup.md
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 NO_PROXY = "localhost,127.0.0.1,::1"  # the sandbox's own loopback: reachable without the gate
 
@@ -46,13 +48,34 @@ CA_BUNDLE_VARIABLES = (
 _STANDARD = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "ftp_proxy", "rsync_proxy")
 
 
-class ProxyAddress(NamedTuple):
-    """Where the sandbox reaches the gate, plus an optional per-sandbox credential."""
+class ProxyAddress:
+    """Where the sandbox reaches the gate, plus an optional per-sandbox credential. A plain value
+    class: every `egress run` builds one, and a NamedTuple would import typing (docs/startup.md)."""
 
-    host: str
-    port: int
-    username: str | None = None
-    password: str | None = None
+    __slots__ = ("host", "password", "port", "username")
+
+    def __init__(
+        self, host: str, port: int, username: str | None = None, password: str | None = None
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.username = username
+        self.password = password
+
+    def _fields(self) -> tuple[str, int, str | None, str | None]:
+        return (self.host, self.port, self.username, self.password)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ProxyAddress):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        user = "" if self.username is None else f", username={self.username!r}, password=..."
+        return f"ProxyAddress(host={self.host!r}, port={self.port!r}{user})"
 
     @property
     def hostport(self) -> str:

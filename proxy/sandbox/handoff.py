@@ -31,16 +31,18 @@ import socket
 import stat
 import struct
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any
 
 from proxy.core.sandbox_id import is_sandbox_id
 
+TYPE_CHECKING = False  # typing's constant without importing typing: see docs/startup.md
 if TYPE_CHECKING:
     import asyncio
     import logging
+    from typing import Any
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE = 16384
+REQUEST_TIMEOUT = 10.0  # for the launcher's message once it has connected
 KINDS = {"proxy": socket.SOCK_STREAM, "dns-udp": socket.SOCK_DGRAM, "dns-tcp": socket.SOCK_STREAM}
 
 Detach = Callable[[], Awaitable[None]]
@@ -208,10 +210,7 @@ class HandoffServer:
         sandbox_id = "?"
         try:
             try:
-                conn.settimeout(10)
-                msg, fds, _, _ = await loop.run_in_executor(
-                    None, socket.recv_fds, conn, MAX_MESSAGE, len(KINDS)
-                )
+                msg, fds = await _receive_request(conn)
                 received = [socket.socket(fileno=fd) for fd in fds]
                 uid = peer_uid(conn)  # read first, so the refusal reaches the launcher
                 if uid not in self.allowed_uids:
@@ -279,6 +278,36 @@ class HandoffServer:
             import asyncio
 
             await asyncio.wait(tasks, timeout=5)
+
+
+async def _receive_request(conn: socket.socket) -> tuple[bytes, list[int]]:
+    """The launcher's one message and its descriptors, read on the loop (no thread): it has usually
+    arrived with the connection; otherwise wait until it does, at most REQUEST_TIMEOUT seconds."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    conn.setblocking(False)
+    deadline = loop.time() + REQUEST_TIMEOUT
+    while True:
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(conn, MAX_MESSAGE, len(KINDS))
+            return msg, fds
+        except (BlockingIOError, InterruptedError):
+            pass
+        readable: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(conn.fileno(), _resolve, readable)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await readable
+        except TimeoutError:
+            raise HandoffError(f"no request within {REQUEST_TIMEOUT:g} s") from None
+        finally:
+            loop.remove_reader(conn.fileno())
+
+
+def _resolve(future: Any) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def gate_attacher(gate: Any, dns_gate_for: Callable[[str], Any] | None = None) -> Attach:

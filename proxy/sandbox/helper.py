@@ -19,7 +19,10 @@ import signal
 import socket
 import struct
 import sys
-from typing import Any
+
+TYPE_CHECKING = False  # typing's constant without importing typing (stdlib only, run with -S)
+if TYPE_CHECKING:
+    from typing import Any
 
 _EXIT_SETUP_FAILED = 125  # kept in sync by hand with proxy/sandbox/__init__.py
 _EXIT_NOT_EXECUTABLE = 126
@@ -57,10 +60,17 @@ class _SetupFailed(Exception):
 _libc: Any = None
 
 
+def preload() -> None:
+    """What the helper, init and the command's process would otherwise import after the fork: the
+    launcher loads it just before it forks the helper (ForkedHelper.start). Importing in a forked
+    child costs several times more (every page it touches is copied), and three processes would."""
+    import warnings  # noqa: F401 - os.execvp's PATH search imports it in the command's process
+
+    _c()
+
+
 def _c() -> Any:
-    """libc, for the calls os does not wrap. The launcher loads it just before it forks the helper
-    (ForkedHelper.start): importing ctypes in the forked child costs several times more (every page
-    it touches is copied)."""
+    """libc, for the calls os does not wrap (loaded before the fork: see :func:`preload`)."""
     global _libc
     if _libc is None:
         import ctypes
@@ -124,8 +134,14 @@ def _userns_hint(err: int) -> str:
 
 
 def _write(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
+    """The whole text in one write(2), as the id maps require, with no file object around it."""
+    data = text.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        if os.write(fd, data) != len(data):
+            raise OSError(errno.EIO, f"short write to {path}")
+    finally:
+        os.close(fd)
 
 
 def _enter_namespaces(config: dict[str, Any]) -> None:
@@ -270,7 +286,7 @@ def _fail(ctl: socket.socket, error: str, hint: str = "") -> None:
     os._exit(_EXIT_SETUP_FAILED)
 
 
-def _helper_main(config: dict[str, Any]) -> None:
+def _helper_main(config: dict[str, Any], env: dict[str, str] | None = None) -> None:
     ctl = socket.socket(fileno=int(config["ctl"]))
     os.set_inheritable(ctl.fileno(), False)
     with contextlib.suppress(OSError):
@@ -284,7 +300,7 @@ def _helper_main(config: dict[str, Any]) -> None:
     pid = os.fork()  # the child is PID 1 of the new PID namespace
     if pid == 0:
         try:
-            _init_main(config, ctl)
+            _init_main(config, ctl, env)
         finally:
             os._exit(_EXIT_SETUP_FAILED)
     ctl.close()
@@ -302,7 +318,7 @@ def _forward(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
-def _init_main(config: dict[str, Any], ctl: socket.socket) -> None:
+def _init_main(config: dict[str, Any], ctl: socket.socket, env: dict[str, str] | None) -> None:
     with contextlib.suppress(OSError):
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     try:
@@ -319,6 +335,13 @@ def _init_main(config: dict[str, Any], ctl: socket.socket) -> None:
     socket.send_fds(ctl, [json.dumps(info).encode()], [s.fileno() for s in socks])
     for s in socks:
         s.close()
+    # While the launcher checks the listeners and hands them to the gate: the command's process
+    # inherits what init gives up here (it must not start with any capability it could keep).
+    try:
+        _drop_privileges()
+        dropped = ""
+    except OSError as exc:
+        dropped = f"egress run: cannot drop privileges for the command: {exc}\n"
     ctl.settimeout(None)
     try:
         go = ctl.recv(1)
@@ -326,6 +349,9 @@ def _init_main(config: dict[str, Any], ctl: socket.socket) -> None:
         go = b""
     ctl.close()
     if go != b"G":
+        os._exit(_EXIT_SETUP_FAILED)
+    if dropped:
+        sys.stderr.write(dropped)
         os._exit(_EXIT_SETUP_FAILED)
     pending: list[int] = []
     child = 0
@@ -343,7 +369,7 @@ def _init_main(config: dict[str, Any], ctl: socket.socket) -> None:
         signal.signal(sig, on_signal)
     child = os.fork()
     if child == 0:
-        _exec_command(config)
+        _exec_command(config, env)
     if pending:
         os.kill(-child, pending[0])
     while True:  # reap everything; leave when the command exits (the kernel kills the rest)
@@ -354,7 +380,9 @@ def _init_main(config: dict[str, Any], ctl: socket.socket) -> None:
 
 
 def _drop_privileges() -> None:
-    """Whatever uid we run as inside, the command gets no capabilities and cannot gain any."""
+    """Whatever uid we run as inside, the command gets no capabilities and cannot gain any: init
+    empties its capability bounding set and ambient set and sets no_new_privs before it forks the
+    command, whose process inherits all three (and keeps them across ``execve``)."""
     with open("/proc/sys/kernel/cap_last_cap") as f:
         last = int(f.read())
     for cap in range(last + 1):
@@ -364,7 +392,9 @@ def _drop_privileges() -> None:
     _prctl(_PR_SET_NO_NEW_PRIVS, 1)
 
 
-def _exec_command(config: dict[str, Any]) -> None:
+def _exec_command(config: dict[str, Any], env: dict[str, str] | None) -> None:
+    """In the command's process (a fork of init, without capabilities since init dropped them):
+    signals as a fresh process has them, its own process group, the terminal, then ``execvp``."""
     argv: list[str] = config["argv"]
     try:
         for sig in (*_FORWARDED, signal.SIGPIPE, signal.SIGXFSZ):
@@ -377,12 +407,14 @@ def _exec_command(config: dict[str, Any]) -> None:
             with contextlib.suppress(OSError):
                 os.tcsetpgrp(int(tty), os.getpgrp())
             signal.signal(signal.SIGTTOU, signal.SIG_DFL)
-        _drop_privileges()
     except OSError as exc:
-        sys.stderr.write(f"egress run: cannot drop privileges for the command: {exc}\n")
+        sys.stderr.write(f"egress run: cannot prepare the command's process: {exc}\n")
         os._exit(_EXIT_SETUP_FAILED)
     try:
-        os.execvp(argv[0], argv)
+        if env is None:  # run as a script: its environment is the command's
+            os.execvp(argv[0], argv)
+        else:
+            os.execvpe(argv[0], argv, env)
     except FileNotFoundError:
         sys.stderr.write(f"egress run: {argv[0]}: command not found\n")
         os._exit(_EXIT_NOT_FOUND)
@@ -391,10 +423,11 @@ def _exec_command(config: dict[str, Any]) -> None:
         os._exit(_EXIT_NOT_EXECUTABLE)
 
 
-def run_helper(config: dict[str, Any]) -> None:
-    """Entry point when the launcher forks instead of starting this file as a script; never
-    returns (every path ends in ``os._exit``)."""
-    _helper_main(config)
+def run_helper(config: dict[str, Any], env: dict[str, str]) -> None:
+    """Entry point when the launcher forks instead of starting this file as a script: ``env`` is the
+    command's environment (not this process's, left as it is); never returns (every path ends in
+    ``os._exit``)."""
+    _helper_main(config, env)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,6 @@ import os
 import signal
 import socket
 import sys
-import threading
-from collections.abc import Callable, Sequence
-from typing import IO, TYPE_CHECKING, Any
 
 from proxy.core.sandbox_id import check_sandbox_id
 from proxy.sandbox import (
@@ -28,9 +25,12 @@ from proxy.sandbox.namespace import Listener, Sandbox, SandboxError, SandboxSpec
 from proxy.sandbox.signals import forwarding_signals
 from proxy.sandbox.stdio import foreground_tty, restore_tty, stdio_fds, stdio_problem
 
+TYPE_CHECKING = False  # typing's constant without importing typing: see docs/startup.md
 if TYPE_CHECKING:  # a private gate's types: the joined modes do not import them (nor the evidence
     # and summary modules, which load the policy model: see tests/proxy/sandbox/test_startup.py)
+    from collections.abc import Callable, Sequence
     from pathlib import Path
+    from typing import IO, Any
 
     from proxy.credentials.sandbox import Provided
     from proxy.evidence.emit import Emitter, Sink
@@ -241,6 +241,10 @@ def _run_with(
         env = provided.apply_to(env)
         hidden += tuple(provided.hidden)
     private = upstream is None and options.gate_socket is None
+    if options.gate_socket is not None:
+        # Before the fork, not while the helper works: after it, every page the import writes is
+        # copied first (the helper and init share them until they exit).
+        import proxy.sandbox.handoff  # noqa: F401
     spec = SandboxSpec(
         argv=list(options.argv),
         env=env,
@@ -487,7 +491,11 @@ def _run_handed_off(options: RunOptions, sandbox: Sandbox, path: str) -> tuple[i
     sandbox.close_sockets()  # the gate holds its own copies now
     watch = GateWatch(conn, sandbox, path)
     try:
-        code = _start_and_wait_blocking(options, sandbox)
+        with forwarding_signals(sandbox.send_signal):
+            if options.on_ready:
+                options.on_ready(sandbox)
+            sandbox.start()
+            code = watch.wait()
     finally:
         watch.done()  # and closing the connection makes the gate close this sandbox's listeners
     if watch.lost:
@@ -503,13 +511,17 @@ def _run_handed_off(options: RunOptions, sandbox: Sandbox, path: str) -> tuple[i
 
 
 class GateWatch:
-    """Notices a hand-off gate that goes away while the sandbox runs.
+    """Waits for the sandbox while watching for a hand-off gate that goes away.
 
     The listeners then live in no process any more, so the sandbox has no route (connections to its
     proxy are refused): nothing leaks. But nothing records either, so the command is stopped
     (SIGTERM, then SIGKILL after a grace period) and ``egress run`` says so and exits 125 rather than
     let an agent carry on unobserved. The gate never writes on the connection after its answer:
-    end-of-file (or an error) on it means the gate process is gone."""
+    end-of-file (or an error) on it means the gate process is gone.
+
+    One ``poll`` in the launcher's own thread waits for both the sandbox's end (its helper's pidfd)
+    and the gate's: no thread to start and join on every run (docs/startup.md). Signals forwarded
+    to the command interrupt it and it resumes (PEP 475)."""
 
     GRACE = 10.0
 
@@ -518,30 +530,53 @@ class GateWatch:
         self.sandbox = sandbox
         self.path = path
         self.lost = False
-        self._ending = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="gate-watch", daemon=True)
-        self._thread.start()
 
-    def _watch(self) -> None:
-        with contextlib.suppress(OSError):
-            while self.conn.recv(1):  # bounded by the gate's end: it never writes
-                pass
-        if self._ending.is_set():
-            return
+    def wait(self) -> int:
+        """The sandbox's exit status, once its helper has exited."""
+        import select
+        import time
+
+        pidfd = os.pidfd_open(self.sandbox.pid)  # readable once the helper has exited
+        try:
+            waiter = select.poll()
+            waiter.register(pidfd, select.POLLIN)
+            waiter.register(self.conn, select.POLLIN)
+            kill_at: float | None = None
+            while True:
+                timeout = None if kill_at is None else max(0.0, kill_at - time.monotonic()) * 1000
+                ready = {fd for fd, _ in waiter.poll(timeout)}
+                if pidfd in ready:
+                    break
+                if self.conn.fileno() in ready and not self._gate_alive():
+                    waiter.unregister(self.conn)
+                    self._lose()
+                    kill_at = time.monotonic() + self.GRACE
+                elif kill_at is not None and time.monotonic() >= kill_at:
+                    self.sandbox.send_signal(signal.SIGKILL)
+                    kill_at = None
+        finally:
+            os.close(pidfd)
+        return self.sandbox.wait()
+
+    def _gate_alive(self) -> bool:
+        """The connection is readable: end-of-file or an error means the gate is gone (it never
+        writes; a byte it did send would be ignored)."""
+        try:
+            return bool(self.conn.recv(1))
+        except OSError:
+            return False
+
+    def _lose(self) -> None:
         self.lost = True
         _err(
             f"the gate at {self.path} went away while the sandbox ran: the sandbox has had no "
             "network route since, and nothing records its actions; stopping the command"
         )
         self.sandbox.send_signal(signal.SIGTERM)
-        if not self._ending.wait(self.GRACE):
-            self.sandbox.send_signal(signal.SIGKILL)
 
     def done(self) -> None:
-        self._ending.set()
         with contextlib.suppress(OSError):
             self.conn.shutdown(socket.SHUT_RDWR)
-        self._thread.join(5)
         self.conn.close()
 
 

@@ -35,13 +35,14 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from proxy.sandbox import EXIT_SETUP_FAILED
 
+TYPE_CHECKING = False  # typing's constant without importing typing: see docs/startup.md
 if TYPE_CHECKING:  # imported where used: a launch that forks the helper never loads subprocess
     import subprocess
+    from collections.abc import Callable, Mapping, Sequence
+    from typing import IO, Any
 
 HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helper.py")
 _SIOCGSKNS = 0x894C
@@ -65,28 +66,65 @@ class SandboxError(Exception):
         return f"{text}\n  hint: {self.hint}" if self.hint else text
 
 
-class Listener(NamedTuple):  # NamedTuple, not a dataclass: `egress run` does not import dataclasses
+# Plain classes, neither dataclasses nor NamedTuples: `egress run` imports neither dataclasses (with
+# inspect) nor typing (docs/startup.md).
+
+
+class Listener:
     """One listener created inside the sandbox: ``tcp`` or ``udp`` on 127.0.0.1:port; or ``diag``,
     a sock_diag netlink socket answering about the sandbox's own sockets (port unused)."""
 
-    name: str
-    kind: str
-    port: int
+    __slots__ = ("kind", "name", "port")
+
+    def __init__(self, name: str, kind: str, port: int) -> None:
+        self.name = name
+        self.kind = kind
+        self.port = port
+
+    def __repr__(self) -> str:
+        return f"Listener({self.name!r}, {self.kind!r}, {self.port!r})"
 
 
-class SandboxSpec(NamedTuple):
-    argv: Sequence[str]
-    env: Mapping[str, str]
-    listeners: Sequence[Listener] = ()
-    resolv_conf: str | None = RESOLV_CONF
-    cwd: str | None = None
-    handshake_timeout: float = 20.0
-    foreground_tty: int | None = None  # fd of the terminal to hand to the command, if any
-    # Paths the command must not read (the gate's state directory with its CA key): each is covered
-    # by an empty read-only mount inside the sandbox, or the command does not run.
-    hidden: Sequence[str] = ()
-    # Files made read-only inside the sandbox (executables rules are bound to), or it does not run.
-    frozen: Sequence[str] = ()
+class SandboxSpec:
+    """What to build and run: the command, its environment, the listeners to create inside."""
+
+    __slots__ = (
+        "argv",
+        "cwd",
+        "env",
+        "foreground_tty",
+        "frozen",
+        "handshake_timeout",
+        "hidden",
+        "listeners",
+        "resolv_conf",
+    )
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        listeners: Sequence[Listener] = (),
+        resolv_conf: str | None = RESOLV_CONF,
+        cwd: str | None = None,
+        handshake_timeout: float = 20.0,
+        foreground_tty: int | None = None,
+        hidden: Sequence[str] = (),
+        frozen: Sequence[str] = (),
+    ) -> None:
+        self.argv = argv
+        self.env = env
+        self.listeners = listeners
+        self.resolv_conf = resolv_conf
+        self.cwd = cwd
+        self.handshake_timeout = handshake_timeout
+        self.foreground_tty = foreground_tty  # fd of the terminal to hand to the command, if any
+        # Paths the command must not read (the gate's state directory with its CA key): each is
+        # covered by an empty read-only mount inside the sandbox, or the command does not run.
+        self.hidden = hidden
+        # Files made read-only inside the sandbox (executables rules are bound to), or it does not
+        # run.
+        self.frozen = frozen
 
 
 def own_netns_inode() -> int:
@@ -278,22 +316,18 @@ class ForkedHelper:
 
         fds = [s if isinstance(s, int) or s is None else s.fileno() for s in streams]
         env = dict(spec.env)
-        helper._c()  # libc (ctypes) loaded here, not in the child: see helper._c
+        helper.preload()  # libc (ctypes) loaded here, not in the children: see helper.preload
         pid = os.fork()
         if pid == 0:  # the helper: nothing here may return into the launcher's code
             try:
                 for target, fd in enumerate(fds):
                     if fd is not None and fd != target:
                         os.dup2(fd, target)
-                for name in os.listdir("/proc/self/fd"):  # as close_fds=True would
-                    if int(name) > 2 and int(name) != keep:
-                        with contextlib.suppress(OSError):
-                            os.close(int(name))
+                os.closerange(3, keep)  # as close_fds=True would (close_range(2): no listing)
+                os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
                 if spec.cwd:
                     os.chdir(spec.cwd)
-                os.environ.clear()
-                os.environ.update(env)
-                helper.run_helper(config)
+                helper.run_helper(config, env)  # env goes to the command's execve
             finally:
                 os._exit(EXIT_SETUP_FAILED)
         return cls(pid)

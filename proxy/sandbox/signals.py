@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from collections.abc import Callable, Iterator
+
+TYPE_CHECKING = False  # typing's constant without importing typing: see docs/startup.md
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 

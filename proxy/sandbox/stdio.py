@@ -7,10 +7,13 @@ import os
 import signal
 import socket
 import stat
-from collections.abc import Sequence
-from typing import IO, Any
 
-Stdio = int | IO[Any] | None
+TYPE_CHECKING = False  # typing's constant without importing typing: see docs/startup.md
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import IO, Any
+
+    Stdio = int | IO[Any] | None
 
 
 def stdio_fds(stdin: Stdio, stdout: Stdio, stderr: Stdio) -> list[int]:

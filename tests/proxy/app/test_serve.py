@@ -419,9 +419,13 @@ def test_a_gate_killed_under_a_running_sandbox_stops_it_and_egress_run_says_so(
         line = run.stdout.readline()
         assert line.startswith("started"), line
         gate = psutil.Process(serve.proc.pid)
-        served = [
-            c for c in psutil.Process(run.pid).children(recursive=True) if c.name() == "sleep"
-        ]
+        served: list[psutil.Process] = []
+        deadline = time.monotonic() + WAIT
+        while not served and time.monotonic() < deadline:  # the shell execs sleep after the echo
+            served = [
+                c for c in psutil.Process(run.pid).children(recursive=True) if c.name() == "sleep"
+            ]
+            time.sleep(0 if served else 0.02)
         assert len(served) == 1
         gate.kill()  # SIGKILL: no goodbye to the sandbox
         _, err = run.communicate(timeout=60)

@@ -209,3 +209,35 @@ def test_identities_authenticator_uses_the_gate_credentials(tmp_path: Path) -> N
     assert check("sbx-a", "tok-b") is None  # b's token does not prove a
     assert check("sbx-c", "tok-a") is None
     assert check("sbx-a", None) is None
+
+
+def test_a_request_that_comes_late_is_read_and_one_that_never_comes_is_refused(
+    world: tuple[RunningGate, Path, Upstream], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gate reads the launcher's message on its loop: whether it arrives with the connection
+    or after a pause, and it gives up (refusing) on a client that connects and says nothing."""
+    import json
+
+    from proxy.sandbox import handoff as module
+
+    monkeypatch.setattr(module, "REQUEST_TIMEOUT", 1.0)
+    gate, path, _ = world
+    handoff = Handoff(gate, path)
+    try:
+        with socket.socket(socket.AF_UNIX) as silent:
+            silent.settimeout(WAIT)
+            silent.connect(str(path))
+            assert json.loads(silent.recv(module.MAX_MESSAGE)) == {
+                "ok": False,
+                "error": "no request within 1 s",
+            }
+        with socket.socket(socket.AF_UNIX) as late:
+            late.settimeout(WAIT)
+            late.connect(str(path))
+            time.sleep(0.3)  # the gate is waiting for the message now
+            late.sendall(json.dumps({"version": 1, "sandbox_id": "a b", "listeners": []}).encode())
+            reply = json.loads(late.recv(module.MAX_MESSAGE))
+            assert reply == {"ok": False, "error": "the listeners do not match their names"}
+        assert handoff.server.attached == {}
+    finally:
+        handoff.close()
