@@ -35,12 +35,19 @@ def wait_listening(
             err = proc.stderr.read().decode() if proc.stderr else ""
             raise RuntimeError(f"{name} exited: {err.strip()[-400:]}")
         try:
-            for port in ports:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
+            if all(_accepts(port) for port in ports):
+                return
         except OSError:
-            time.sleep(0.02)
+            pass
+        time.sleep(0.02)
     raise RuntimeError(f"{name} did not listen within {seconds:.0f} s")
+
+
+def _accepts(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:``port``. A connect to an ephemeral-range port nobody
+    listens on can pick that port as its own source and connect to itself: that is not a server."""
+    with socket.create_connection(("127.0.0.1", port), timeout=1) as probe:
+        return bool(probe.getsockname() != probe.getpeername())
 
 
 class Nginx:

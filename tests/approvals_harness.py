@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from proxy.policy.identities import new_token, token_digest
-from tests.harness import CurlResult, clean_env, curl
+from tests.harness import CurlResult, clean_env, curl, written_lines
 from tests.proxy.app.test_serve import Serve
 
 if TYPE_CHECKING:
@@ -93,9 +93,7 @@ class ApprovalGate:
         raise AssertionError(f"expected {count} pending approval(s), found {self.pending()}")
 
     def decisions(self) -> list[dict[str, Any]]:
-        if not self.log.exists():
-            return []
-        records = [json.loads(line) for line in self.log.read_text().splitlines() if line]
+        records = [json.loads(line) for line in written_lines(self.log) if line]
         return [r for r in records if r.get("event") == "egress.decision"]
 
     def event_stream(self, session: requests.Session, who: str = "alice") -> requests.Response:

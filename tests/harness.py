@@ -447,3 +447,13 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env.update(extra)
     return env
+
+
+def written_lines(path: Path) -> list[str]:
+    """The complete lines of a log another process is appending to (a decision log, a journal).
+    The gate writes each line with one ``write``, but a reader can still see part of a write in
+    progress: a last line without its newline is left for the next read, never parsed half-written."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    return text[: text.rfind("\n") + 1].splitlines()

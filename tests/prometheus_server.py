@@ -7,6 +7,7 @@ requirement (make test installs them): a missing one fails the test with the fix
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 import socket
@@ -109,6 +110,10 @@ class PrometheusServer:
                     if resp.status == 200:
                         return True
             except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            except http.client.HTTPException:
+                # Not an HTTP answer: the probe connected to itself (the port is in the ephemeral
+                # range and nothing listened on it yet), so it read back its own request.
                 pass
             time.sleep(0.1)
         return False

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.harness import written_lines
 from tests.proxy.app.test_serve import Serve, status
 
 ONE = "version: 1\nrules:\n  - name: pkgs\n    hosts: [pkgs.test]\n"
@@ -22,9 +23,8 @@ BROKEN = ONE + "  - name: wide\n    hosts: ['*.com']\n"
 
 
 def records(log: Path) -> list[dict[str, Any]]:
-    if not log.exists():
-        return []
-    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    """What the running gate has written to ``log`` so far (polled while it writes)."""
+    return [json.loads(line) for line in written_lines(log) if line.strip()]
 
 
 def reloads(log: Path) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.netns, pytest.mark.timeout(240)]
 EGRESS = shutil.which("egress", path=str(Path(sys.executable).parent)) or "egress"
 
 DRIVER = r"""
-import json, os, signal, socket, subprocess, sys, time
+import json, signal, socket, subprocess, sys, threading
 egress, policy, log, listen, target, addresses = sys.argv[1:7]
 subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 for address in addresses.split(","):
@@ -34,19 +34,26 @@ local = "::1" if listen.startswith("[") else "127.0.0.1"  # asyncio binds "::" I
 gate = subprocess.Popen(
     [egress, "serve", "--policy", policy, "--listen", listen, "--decision-log", log, "--no-metrics",
      "--nameserver", "127.0.0.1:9"],
-    stdout=subprocess.DEVNULL, stderr=open(log + ".stderr", "w"),
+    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
 )
+# Ready is the gate's own "gate ready" line (its listener is bound by then), never a probe connection:
+# the port is in the ephemeral range, so a connect while nothing listens on it can pick it as its own
+# source port and connect to itself, and the request that follows is then refused.
+ready = threading.Event()
+started = []
+def copy_stderr():
+    with open(log + ".stderr", "w") as out:
+        for line in gate.stderr:
+            out.write(line)
+            out.flush()
+            if "gate ready" in line and not started:
+                started.append(line)
+                ready.set()
+    ready.set()  # the gate exited
+threading.Thread(target=copy_stderr, daemon=True).start()
 try:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection((local, port), 1).close()
-            break
-        except OSError:
-            if gate.poll() is not None or time.monotonic() > deadline:
-                sys.exit("the gate did not start: " + open(log + ".stderr").read())
-            time.sleep(0.05)
-    host = target.rsplit(":", 1)[0]
+    if not ready.wait(60) or not started:
+        sys.exit("the gate did not start: " + open(log + ".stderr").read())
     with socket.create_connection((local, port), 30) as sock:
         sock.sendall(f"GET http://{target}/ HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
         sock.settimeout(30)
@@ -56,7 +63,8 @@ try:
             if not chunk:
                 break
             data += chunk
-    time.sleep(0.3)  # a nested connection, if any, would be decided meanwhile
+    # No grace period: a nested request through the gate's own listener would be decided before
+    # this answer could arrive, and the log is read only after the gate has stopped.
 finally:
     gate.send_signal(signal.SIGTERM)
     try:

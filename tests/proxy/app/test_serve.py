@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import dns.message
@@ -33,10 +33,14 @@ rules:
 
 
 class Serve:
-    def __init__(self, *args: str, metrics: bool = False) -> None:
+    """``egress serve`` on a port it picks itself, ready once it says so (its "gate ready" line):
+    never a probe connection, which to a port nobody listens on yet can connect to itself.
+    ``wrapper`` runs it under another command (``prlimit ...``)."""
+
+    def __init__(self, *args: str, metrics: bool = False, wrapper: Sequence[str] = ()) -> None:
         quiet = [] if metrics else ["--no-metrics"]
         self.proc = subprocess.Popen(
-            [EGRESS, "serve", "--listen", "127.0.0.1:0", *quiet, *args],
+            [*wrapper, EGRESS, "serve", "--listen", "127.0.0.1:0", *quiet, *args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
