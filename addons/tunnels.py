@@ -310,8 +310,13 @@ class TunnelFrontEnd:
             log.error("refused to dial %s:%s: not checked by the gate", tunnel.host, port)
             raise _Closed()
         up = socket.socket(socket.AF_INET6 if ":" in target else socket.AF_INET)
+        up_watch: sockio.Watch | None = None
         try:
             up.setblocking(False)
+            # Registered for reading before the connect waits to write: one poll handle for the
+            # connect and the relay's reader, instead of one each.
+            up_watch = sockio.Watch(up)
+            up_watch.arm()
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 await sockio.connect(up, (target, port))
             if conn.closer is None:  # closed by a recheck while it was dialled
@@ -320,19 +325,26 @@ class TunnelFrontEnd:
             await sockio.send_all(up, first)
             conn.bytes_out += len(first)
             conn.closer = functools.partial(_shut, sock, up)
-            await self._relay(sock, up, conn, watch)
+            await self._relay(sock, up, conn, watch, up_watch)
         finally:
+            if up_watch is not None:
+                up_watch.close()
             up.close()
 
     async def _relay(
-        self, sock: socket.socket, up: socket.socket, conn: Connection, watch: sockio.Watch
+        self,
+        sock: socket.socket,
+        up: socket.socket,
+        conn: Connection,
+        watch: sockio.Watch,
+        up_watch: sockio.Watch,
     ) -> None:
         """Relay until both sides end, or until the tunnel has moved no byte either way for the
         idle timeout: then it is closed and the closing recorded (``idle-timeout``)."""
         if self.idle_timeout <= 0:
-            await _relay(sock, up, conn, watch)
+            await _relay(sock, up, conn, watch, up_watch)
             return
-        relay = asyncio.ensure_future(_relay(sock, up, conn, watch))
+        relay = asyncio.ensure_future(_relay(sock, up, conn, watch, up_watch))
         try:
             moved = -1
             while not relay.done():
@@ -458,10 +470,14 @@ def _shut(*socks: socket.socket) -> None:
 
 
 def _relay(
-    client: socket.socket, upstream: socket.socket, conn: Connection, watch: sockio.Watch
+    client: socket.socket,
+    upstream: socket.socket,
+    conn: Connection,
+    watch: sockio.Watch,
+    up_watch: sockio.Watch,
 ) -> Awaitable[None]:
     """Both directions relayed by the kernel until both have ended, counted on the connection;
-    the relay's reader for the client takes over the registration of its ``watch``."""
+    the relay's readers take over the registrations of the sockets' watches."""
 
     def outbound(n: int) -> None:
         conn.bytes_out += n
@@ -469,4 +485,4 @@ def _relay(
     def inbound(n: int) -> None:
         conn.bytes_in += n
 
-    return relay(client, upstream, outbound, inbound, client_watch=watch)
+    return relay(client, upstream, outbound, inbound, client_watch=watch, upstream_watch=up_watch)

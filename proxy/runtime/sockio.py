@@ -67,13 +67,18 @@ class Watch:
         if self._waiter is not None:
             raise RuntimeError("one wait at a time on a watched socket")
         waiter = self._waiter = self._loop.create_future()
-        if not self._registered:
-            self._loop.add_reader(self._fd, self._ready)
-            self._registered = True
+        self.arm()
         try:
             await waiter
         finally:
             self._waiter = None
+
+    def arm(self) -> None:
+        """Register now, before the first wait: a socket about to wait for another event (an
+        upstream's connect) then keeps this registration's poll handle for its reader."""
+        if not self._registered:
+            self._loop.add_reader(self._fd, self._ready)
+            self._registered = True
 
     def close(self) -> None:
         """Unregister (idempotent). Before the socket is closed or given to another reader."""

@@ -164,11 +164,12 @@ async def relay(
     inbound: Callable[[int], None],
     *,
     client_watch: Watch | None = None,
+    upstream_watch: Watch | None = None,
 ) -> None:
     """Both directions until both have ended; an error on either side shuts both sockets down and
     ends both. Cancelling it unregisters both directions; the caller shuts down and closes the
-    sockets. ``client_watch``: the client's registration, which the relay's reader replaces (on
-    the same poll handle) as it registers."""
+    sockets. ``client_watch``, ``upstream_watch``: the sockets' registrations, which the relay's
+    readers replace (on the same poll handles) as they register."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     remaining = 2
@@ -195,6 +196,8 @@ async def relay(
         if client_watch is not None:
             client_watch.hand_over()
         pumps.append(_Pump(loop, upstream, client, inbound, finished))
+        if upstream_watch is not None:
+            upstream_watch.hand_over()
         await done
     finally:
         for pump in pumps:

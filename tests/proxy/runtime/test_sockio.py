@@ -264,3 +264,31 @@ def test_one_wait_at_a_time_on_a_watch() -> None:
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_an_armed_watch_keeps_its_registration_through_a_connect(choice: str) -> None:
+    """An upstream registered for reading before its connect waits to write: the connect's
+    writer comes and goes beside that registration, and the first read needs no new one."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+
+        async def main() -> tuple[list[str], bytes]:
+            loop = asyncio.get_running_loop()
+            up = socket.socket()
+            up.setblocking(False)
+            try:
+                watch = sockio.Watch(up)
+                watch.arm()
+                calls = _counting(loop)
+                await asyncio.wait_for(sockio.connect(up, server.getsockname()), 10)
+                peer, _ = server.accept()
+                with peer:
+                    loop.call_later(0.02, peer.sendall, b"first")  # the read has to wait
+                    got = await asyncio.wait_for(sockio.recv(up, 10, watch=watch), 10)
+                watch.close()
+                return calls, got
+            finally:
+                up.close()
+
+        calls, got = _run(choice, main())
+        assert got == b"first" and calls == ["remove"]  # no add_reader: only the close

@@ -194,14 +194,21 @@ def test_the_relay_takes_over_the_clients_watch_and_leaves_nothing_behind(choice
         watch = sockio.Watch(t.gate_client)
         loop.call_later(0.01, t.client.send, b"hello")
         assert await asyncio.wait_for(sockio.recv(t.gate_client, 10, watch=watch), 10) == b"hello"
+        up_watch = sockio.Watch(t.gate_up)
+        up_watch.arm()
         task = asyncio.ensure_future(
-            relay(t.gate_client, t.gate_up, *t.counted(), client_watch=watch)
+            relay(
+                t.gate_client, t.gate_up, *t.counted(), client_watch=watch, upstream_watch=up_watch
+            )
         )
         await asyncio.sleep(0.01)
-        watch.close()  # the registration is the relay's now: this must not remove it
+        watch.close()  # the registrations are the relay's now: these must not remove them
+        up_watch.close()
         t.client.sendall(b"world")
         t.upstream.setblocking(False)
         got = await asyncio.wait_for(loop.sock_recv(t.upstream, 10), 10)
+        t.upstream.sendall(b"back")
+        assert await asyncio.wait_for(loop.sock_recv(t.client, 10), 10) == b"back"
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
