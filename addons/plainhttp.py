@@ -299,18 +299,10 @@ class PlainHttp:
     ) -> tuple[float, bytes]:
         """(when the next request's first byte came, a peek at it); b"" when the client closed.
         A connection idle past the keep-alive limit is closed and the closing recorded."""
-        try:  # a request already there (pipelined, or quick): no waiting machinery
-            return time.monotonic(), sock.recv(PEEK, socket.MSG_PEEK)
-        except BlockingIOError:
-            pass
-        try:
-            async with asyncio.timeout(self.keepalive_idle):
-                for _ in range(sockio.MAX_WAKEUPS):  # a stale wake-up finds nothing yet: wait again
-                    await watch.readable()
-                    try:
-                        return time.monotonic(), sock.recv(PEEK, socket.MSG_PEEK)
-                    except (BlockingIOError, InterruptedError):
-                        continue
+        try:  # a request already there (pipelined, or quick) is taken without a timer
+            data = await sockio.recv(
+                sock, PEEK, timeout=self.keepalive_idle, watch=watch, flags=socket.MSG_PEEK
+            )
         except TimeoutError:
             self.checkpoint.refuse_connection(
                 conn,
@@ -318,7 +310,7 @@ class PlainHttp:
                 f"no request for {self.keepalive_idle:g} s on a kept-alive connection; closed",
             )
             raise _Closed() from None
-        raise _Closed()
+        return time.monotonic(), data
 
     async def _request(
         self, sock: socket.socket, conn: Connection, head: PlainHead, upstream: _Upstream | None

@@ -251,15 +251,12 @@ class TunnelFrontEnd:
         arrives in pieces is mitmproxy's (waiting here for the rest would mean polling a socket
         that stays readable: a slow client could make the gate spin)."""
         try:
-            async with asyncio.timeout(self._remaining(since)):
-                for _ in range(sockio.MAX_WAKEUPS):  # a stale wake-up finds nothing yet: wait again
-                    try:
-                        return sock.recv(PEEK, socket.MSG_PEEK) or None
-                    except (BlockingIOError, InterruptedError):
-                        await watch.readable()
+            first = await sockio.recv(
+                sock, PEEK, timeout=self._remaining(since), watch=watch, flags=socket.MSG_PEEK
+            )
         except TimeoutError:
             raise self._timed_out(conn) from None
-        raise _Closed()
+        return first or None
 
     async def _tunnel(
         self, sock: socket.socket, conn: Connection, since: float, watch: sockio.Watch

@@ -14,10 +14,6 @@ import asyncio
 import errno
 import socket
 
-# Waits for one read through a Watch: each real readiness brings data (or EOF), and at most one
-# stale wake-up precedes it, so a read that still blocks after this many is given up.
-MAX_WAKEUPS = 64
-
 
 def _settle(future: asyncio.Future[None]) -> None:
     if not future.done():
@@ -43,8 +39,8 @@ class Watch:
     own callback at once (it replaces this one's on the same poll handle).
 
     A wake-up may be stale: asyncio's selector loop queues a readiness callback, and the owner may
-    have read the data and begun a new wait before it runs. Callers retry their read (as
-    :func:`recv` does) and wait again when it would still block."""
+    have read the data and begun a new wait before it runs. Callers read through :func:`recv`,
+    which reads again after every wake-up and waits again when it would still block."""
 
     __slots__ = ("_fd", "_loop", "_registered", "_waiter")
 
@@ -113,15 +109,21 @@ async def _wait(sock: socket.socket, *, write: bool) -> None:
 
 
 async def recv(
-    sock: socket.socket, size: int, *, timeout: float | None = None, watch: Watch | None = None
+    sock: socket.socket,
+    size: int,
+    *,
+    timeout: float | None = None,
+    watch: Watch | None = None,
+    flags: int = 0,
 ) -> bytes:
     """Up to ``size`` bytes; b"" at EOF. ``timeout``: TimeoutError when nothing has come that
     long after the first wait began (what has already arrived is taken without the timer).
-    ``watch``: the socket's :class:`Watch`, when its owner keeps one."""
+    ``watch``: the socket's :class:`Watch`, when its owner keeps one. ``flags``: ``recv(2)``'s
+    (``MSG_PEEK`` to look without consuming)."""
     deadline: float | None = None
     while True:
         try:
-            return sock.recv(size)
+            return sock.recv(size, flags)
         except (BlockingIOError, InterruptedError):
             if deadline is None and timeout is not None:
                 deadline = asyncio.get_running_loop().time() + timeout
