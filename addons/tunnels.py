@@ -310,12 +310,10 @@ class TunnelFrontEnd:
         up_watch: sockio.Watch | None = None
         try:
             up.setblocking(False)
-            # Registered for reading before the connect waits to write: one poll handle for the
+            # A connect that must wait registers for reading first: one poll handle for the
             # connect and the relay's reader, instead of one each.
             up_watch = sockio.Watch(up)
-            up_watch.arm()
-            async with asyncio.timeout(CONNECT_TIMEOUT):
-                await sockio.connect(up, (target, port))
+            await sockio.connect(up, (target, port), timeout=CONNECT_TIMEOUT, watch=up_watch)
             if conn.closer is None:  # closed by a recheck while it was dialled
                 raise _Closed()
             up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -337,32 +335,34 @@ class TunnelFrontEnd:
         up_watch: sockio.Watch,
     ) -> None:
         """Relay until both sides end, or until the tunnel has moved no byte either way for the
-        idle timeout: then it is closed and the closing recorded (``idle-timeout``)."""
+        idle timeout: then it is closed and the closing recorded (``idle-timeout``). The idle
+        check is a timer on the loop, not a task beside the relay (one task per tunnel)."""
         if self.idle_timeout <= 0:
             await _relay(sock, up, conn, watch, up_watch)
             return
-        relay = asyncio.ensure_future(_relay(sock, up, conn, watch, up_watch))
-        try:
-            moved = -1
-            while not relay.done():
-                now = conn.bytes_in + conn.bytes_out
-                if now == moved:
-                    self.checkpoint.refuse_connection(
-                        conn,
-                        Reason.IDLE_TIMEOUT,
-                        f"no byte either way for {self.idle_timeout:g} s; the tunnel was closed",
-                    )
-                    return
+        loop = asyncio.get_running_loop()
+        moved = conn.bytes_in + conn.bytes_out
+        timer: asyncio.TimerHandle
+
+        def check() -> None:
+            nonlocal moved, timer
+            now = conn.bytes_in + conn.bytes_out
+            if now != moved:
                 moved = now
-                await asyncio.wait({relay}, timeout=self.idle_timeout)
+                timer = loop.call_later(self.idle_timeout, check)
+                return
+            self.checkpoint.refuse_connection(
+                conn,
+                Reason.IDLE_TIMEOUT,
+                f"no byte either way for {self.idle_timeout:g} s; the tunnel was closed",
+            )
+            _shut(sock, up)  # both directions read their end: the relay returns
+
+        timer = loop.call_later(self.idle_timeout, check)
+        try:
+            await _relay(sock, up, conn, watch, up_watch)
         finally:
-            if not relay.done():
-                relay.cancel()
-                for side in (sock, up):
-                    with contextlib.suppress(OSError):
-                        side.shutdown(socket.SHUT_RDWR)
-                with contextlib.suppress(asyncio.CancelledError, OSError):
-                    await relay
+            timer.cancel()
 
     async def _head(
         self,

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import select
 import socket
 import struct
+from collections.abc import Callable
+from typing import TypeVar
 
 SOCK_DIAG_BY_FAMILY = 20
 NLMSG_ERROR = 2
@@ -30,6 +33,8 @@ _TAIL = struct.Struct("=IIIII")  # expires, rqueue, wqueue, uid, inode
 NO_COOKIE = 0xFFFFFFFF
 TCP_ESTABLISHED = 1
 MAX_ANSWER = 8192
+_T = TypeVar("_T")
+TIMEOUT_MS = 1000  # for an answer; the kernel answers within the request's send
 
 
 class DiagUnavailable(OSError):
@@ -78,19 +83,35 @@ def answer(data: bytes, seq: int) -> int | None:
 
 
 class SockDiag:
-    """Exact-tuple lookups on a NETLINK_SOCK_DIAG socket (created inside the sandbox)."""
+    """Exact-tuple lookups on a NETLINK_SOCK_DIAG socket (created inside the sandbox).
+
+    The socket is non-blocking and polled only when a call would block: the kernel queues its
+    answer before the request's ``send`` returns, and a socket with a timeout would poll before
+    every call (two system calls more per lookup)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.sock.settimeout(1.0)
+        self.sock.setblocking(False)
         self._seq = 0
+
+    def _call(self, events: int, call: Callable[[], _T]) -> _T:
+        """``call`` now, or once the socket is ready, within TIMEOUT_MS (TimeoutError)."""
+        try:
+            return call()
+        except BlockingIOError:
+            pass
+        poller = select.poll()
+        poller.register(self.sock, events)
+        if not poller.poll(TIMEOUT_MS):
+            raise TimeoutError(f"no sock_diag answer within {TIMEOUT_MS} ms")
+        return call()
 
     def inode(self, local: tuple[str, int], remote: tuple[str, int]) -> int | None:
         self._seq = (self._seq + 1) & 0x7FFFFFFF
         message, _ = request(self._seq, local, remote)
-        self.sock.send(message)
+        self._call(select.POLLOUT, lambda: self.sock.send(message))
         for _ in range(8):  # skip answers to earlier, timed-out requests
-            data = self.sock.recv(MAX_ANSWER)
+            data = self._call(select.POLLIN, lambda: self.sock.recv(MAX_ANSWER))
             try:
                 return answer(data, self._seq)
             except ValueError:

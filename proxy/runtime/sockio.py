@@ -150,12 +150,38 @@ async def send_all(
         view = view[sent:]
 
 
-async def connect(sock: socket.socket, address: tuple[str, int]) -> None:
-    """Connect a non-blocking socket to a numeric address (a name is refused, never resolved)."""
+async def connect(
+    sock: socket.socket,
+    address: tuple[str, int],
+    *,
+    timeout: float | None = None,
+    watch: Watch | None = None,
+) -> None:
+    """Connect a non-blocking socket to a numeric address (a name is refused, never resolved).
+
+    A loopback or same-host handshake completes inside ``connect(2)`` (the peer's SYN-ACK is
+    processed as the call returns), which still says EINPROGRESS: the socket is asked whether it
+    is connected before the event loop is, and waits only when it is not. ``timeout`` bounds that
+    wait (TimeoutError); ``watch``, the socket's read registration, is armed before it so the wait
+    and the socket's later reader share one poll handle."""
     socket.inet_pton(sock.family, address[0])  # OSError for anything but an address
     err = sock.connect_ex(address)
     if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY):
-        await writable(sock)
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if not err and not _connected(sock):
+            if watch is not None:
+                watch.arm()
+            async with asyncio.timeout(timeout):
+                await writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
         raise OSError(err, f"connect to {address[0]}:{address[1]}: {errno.errorcode.get(err, err)}")
+
+
+def _connected(sock: socket.socket) -> bool:
+    """Whether the handshake is complete: only a connected socket has a peer."""
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True

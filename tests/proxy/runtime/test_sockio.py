@@ -292,3 +292,72 @@ def test_an_armed_watch_keeps_its_registration_through_a_connect(choice: str) ->
 
         calls, got = _run(choice, main())
         assert got == b"first" and calls == ["remove"]  # no add_reader: only the close
+
+
+def _counting_writers(loop: asyncio.AbstractEventLoop) -> list[str]:
+    """Records the loop's writer registrations (as :func:`_counting` does for readers)."""
+    calls: list[str] = []
+    add = loop.add_writer
+
+    def add_writer(fd: int, callback: Any, *args: Any) -> None:
+        calls.append("add-writer")
+        add(fd, callback, *args)
+
+    loop.add_writer = add_writer  # type: ignore[method-assign]
+    return calls
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_a_handshake_done_within_the_call_is_not_waited_for(choice: str) -> None:
+    """A loopback handshake completes inside connect(2), which still says EINPROGRESS: the
+    socket is asked before the loop is, so nothing is registered and no turn of the loop passes."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+
+        async def main() -> tuple[list[str], list[str]]:
+            loop = asyncio.get_running_loop()
+            up = socket.socket()
+            up.setblocking(False)
+            try:
+                watch = sockio.Watch(up)
+                readers, writers = _counting(loop), _counting_writers(loop)
+                await asyncio.wait_for(sockio.connect(up, server.getsockname(), watch=watch), 10)
+                assert up.getpeername() == server.getsockname()
+                return readers, writers
+            finally:
+                up.close()
+
+        readers, writers = _run(choice, main())
+        assert readers == [] and writers == []
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_a_connect_that_must_wait_arms_its_watch_and_is_bounded(choice: str) -> None:
+    """A listener whose accept queue is full drops the SYN: the connect waits, with the socket's
+    read registration armed first (one poll handle for the wait and the later reader), and ends
+    with TimeoutError at its bound instead of the kernel's minutes of retries."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    queued = socket.socket()
+    queued.setblocking(False)
+    queued.connect_ex(full.getsockname())  # fills the queue; never accepted
+
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        up = socket.socket()
+        up.setblocking(False)
+        try:
+            watch = sockio.Watch(up)
+            readers = _counting(loop)
+            with pytest.raises(TimeoutError):
+                await sockio.connect(up, full.getsockname(), timeout=0.2, watch=watch)
+            watch.close()
+            return readers
+        finally:
+            up.close()
+
+    try:
+        assert _run(choice, main()) == ["add", "remove"]
+    finally:
+        queued.close()
+        full.close()
