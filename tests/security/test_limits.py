@@ -374,3 +374,51 @@ def test_an_idle_relayed_tunnel_is_closed_and_recorded(
         gate.stop()
         tls.stop()
     assert tls.accepted == 1
+
+
+def test_a_tunnel_whose_client_stops_reading_is_ended_at_the_idle_timeout(
+    write_policy: Callable[[str], Path], fake_dns: FakeDns, tmp_path: Path
+) -> None:
+    """The relay stalls writing to a client that reads nothing (its buffers full, no byte moving
+    either way): the idle timeout ends the tunnel for good - recorded, the client's side closed,
+    and the relay itself finished (its connection's closing is recorded) - instead of holding the
+    connection and the upstream for ever."""
+    import ssl
+
+    from tests.harness import LocalCA
+
+    ca = LocalCA(tmp_path, ["allowed.test"])
+    tls = Upstream("tls", tls=ca.server_context(), body_size=64 << 20)
+    gate = gate_with(write_policy, fake_dns, tls, Limits(idle_timeout=0.5))
+    try:
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # backs up at once
+        raw.settimeout(WAIT)
+        raw.connect(("127.0.0.1", gate.port))
+        raw.sendall(f"CONNECT allowed.test:{tls.port} HTTP/1.1\r\n\r\n".encode())
+        assert recv_head(raw).startswith(b"HTTP/1.1 200")
+        client = ssl.create_default_context(cafile=str(ca.ca_path))
+        conn = client.wrap_socket(raw, server_hostname="allowed.test")
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+        # Read nothing more: the 64 MiB body fills every buffer on the way and stops moving.
+        deadline = time.monotonic() + WAIT
+        while not reasons(gate, Reason.IDLE_TIMEOUT):
+            assert time.monotonic() < deadline, "a stalled tunnel was never ended"
+            time.sleep(0.05)
+        (idle,) = reasons(gate, Reason.IDLE_TIMEOUT)
+        assert idle.host == "allowed.test"
+        while not [n for n, _ in gate.memory.events if n == "egress.connection.closed"]:
+            assert time.monotonic() < deadline, "the relay of an ended tunnel never finished"
+            time.sleep(0.05)
+        got = 0
+        with contextlib.suppress(ConnectionResetError, ssl.SSLError):
+            for _ in range(10_000):  # what was buffered, then the end
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                got += len(chunk)
+        assert got < 64 << 20  # ended, not relayed to the end
+        conn.close()
+    finally:
+        gate.stop()
+        tls.stop()
