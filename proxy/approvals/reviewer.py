@@ -74,12 +74,19 @@ class RecentDecisions:
             else ("allowed" if decision.allowed else "refused")
         )
         with self._lock:
-            recent = self._by_sandbox.pop(sandbox, None) or collections.deque(maxlen=RECENT)
+            recent = self._by_sandbox.get(sandbox)
+            if recent is None:
+                recent = self._by_sandbox[sandbox] = collections.deque(maxlen=RECENT)
+                counts = self._counts[sandbox] = {
+                    "allowed": 0,
+                    "refused": 0,
+                    "asked": 0,
+                    "last": 0.0,
+                }
+            else:
+                self._by_sandbox.move_to_end(sandbox)  # the most recently active last
+                counts = self._counts[sandbox]
             recent.append(entry)
-            self._by_sandbox[sandbox] = recent
-            counts = self._counts.setdefault(
-                sandbox, {"allowed": 0, "refused": 0, "asked": 0, "last": 0.0}
-            )
             counts[outcome] += 1
             counts["last"] = entry["ts"]
             while len(self._by_sandbox) > RECENT_SANDBOXES:

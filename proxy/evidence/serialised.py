@@ -7,7 +7,7 @@ covers. Without a journal (or for a record the journal could not write) the log 
 JSON of the fields alone. Both are sorted-key, compact, ASCII-only JSON
 (:func:`proxy.evidence.journal.chain.canonical`).
 
-A decision is written straight from its fields (:mod:`proxy.evidence.decision_json`, the same bytes):
+A decision is written straight from its fields (:mod:`proxy.evidence.record_json`, the same bytes):
 its dict is built only for a sink that asks for ``fields``.
 """
 
@@ -17,9 +17,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from proxy.core.decision import Decision
-from proxy.evidence.decision_json import decision_text
 from proxy.evidence.journal.chain import canonical
 from proxy.evidence.record import decision_record
+from proxy.evidence.record_json import decision_text, event_text
 
 
 class Serialised:
@@ -40,6 +40,9 @@ class Serialised:
     def chained(self, seq: int, prev: str) -> bytes:
         """The journal's text of this record: its canonical JSON with ``seq`` and ``prev`` (a
         ``hash`` field among the fields is left out; the journal appends the real one)."""
+        fast = event_text(self._fields, seq, prev)  # None unless a connection-closed event
+        if fast is not None:
+            return fast.encode("ascii")
         body = dict(self._fields)
         body.pop("hash", None)
         body["seq"] = seq
@@ -50,7 +53,10 @@ class Serialised:
         """The record as one JSON line (newline-terminated ASCII)."""
         if self.hashed is not None:
             return self.hashed + b"\n"
-        return (canonical(self._fields) + "\n").encode("ascii")
+        text = event_text(self._fields, None, None)
+        if text is None:
+            text = canonical(self._fields)
+        return (text + "\n").encode("ascii")
 
 
 class SerialisedDecision(Serialised):

@@ -16,13 +16,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.core.decision import Decision, Kind, Reason, Verdict
-from proxy.evidence.decision_json import decision_text
 from proxy.evidence.emit import Emitter, JsonLineSink
 from proxy.evidence.journal.chain import canonical, record_hash, render
 from proxy.evidence.journal.verify import verify
 from proxy.evidence.journal.writer import Journal
-from proxy.evidence.record import decision_record
-from proxy.evidence.serialised import serialise_decision
+from proxy.evidence.record import connection_closed, decision_record
+from proxy.evidence.record_json import CLOSED_KEYS, decision_text, event_text
+from proxy.evidence.serialised import serialise_decision, serialise_event
 from tests.proxy.evidence.decisions import allow, deny_http
 
 
@@ -118,3 +118,39 @@ def test_the_journal_line_is_what_the_verifier_recomputes(
     body = {**decision_record(decision), "seq": 1, "prev": "0" * 64}
     assert path.read_bytes() == render(body, record_hash(body)).encode("ascii")
     assert verify([path]).ok
+
+
+@settings(max_examples=300)
+@given(
+    body=st.dictionaries(
+        st.sampled_from(sorted(CLOSED_KEYS)) | st.sampled_from(["seq", "prev", "hash", "other"]),
+        ODD,
+    ),
+    seq=st.none() | st.integers(min_value=1),
+    prev=st.none() | HOSTILE_TEXT,
+)
+def test_an_event_is_written_as_the_general_encoder_writes_it(
+    body: dict[str, Any], seq: int | None, prev: str | None
+) -> None:
+    text = event_text(body, seq, prev)
+    if not body.keys() <= CLOSED_KEYS:
+        assert text is None
+        return
+    expected = dict(body)
+    if seq is not None:
+        expected["seq"] = seq
+    if prev is not None:
+        expected["prev"] = prev
+    assert text == canonical(expected)
+
+
+def test_a_connection_closed_event_takes_the_compiled_path() -> None:
+    name, fields = connection_closed(
+        allow(host="evil\n{}"), bytes_out=1, bytes_in=2, duration=float("nan")
+    )
+    body = {**fields, "event": name}
+    assert event_text(body, 7, "0" * 64) == canonical({**body, "seq": 7, "prev": "0" * 64})
+    shared = serialise_event(name, fields)
+    assert shared is not None
+    assert shared.line() == (canonical(body) + "\n").encode()
+    assert shared.chained(7, "0" * 64) == canonical({**body, "seq": 7, "prev": "0" * 64}).encode()
