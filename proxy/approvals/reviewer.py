@@ -47,10 +47,13 @@ _LINE = re.compile(r"^\s*(allow|deny|escalate)\b[\s:,-]*(.*)$", re.IGNORECASE)
 
 class RecentDecisions:
     """A decision sink remembering each sandbox's last few decisions (the reviewer's context) and its
-    counts (the admin API's sandbox list), for the most recently active sandboxes only."""
+    counts (the admin API's sandbox list), for the most recently active sandboxes only.
+
+    Every decision passes here and few are ever read, so a decision is kept as it is and turned into
+    the reviewer's clipped summary only when it is read (:meth:`of`)."""
 
     def __init__(self) -> None:
-        self._by_sandbox: collections.OrderedDict[str, collections.deque[dict[str, Any]]] = (
+        self._by_sandbox: collections.OrderedDict[str, collections.deque[Decision]] = (
             collections.OrderedDict()
         )
         self._counts: dict[str, dict[str, Any]] = {}
@@ -58,16 +61,6 @@ class RecentDecisions:
 
     def record(self, decision: Decision) -> None:
         sandbox = decision.sandbox_id or "-"
-        entry = {
-            "ts": round(decision.ts, 3),
-            "decision": str(decision.decision),
-            "reason": str(decision.reason),
-            "kind": str(decision.kind),
-            "host": clip(decision.host, 256),
-            "port": decision.port,
-            "method": clip(decision.method, 16),
-            "path": clip(decision.path, 256),
-        }
         outcome = (
             "asked"
             if decision.decision is Verdict.ASK
@@ -86,9 +79,9 @@ class RecentDecisions:
             else:
                 self._by_sandbox.move_to_end(sandbox)  # the most recently active last
                 counts = self._counts[sandbox]
-            recent.append(entry)
+            recent.append(decision)
             counts[outcome] += 1
-            counts["last"] = entry["ts"]
+            counts["last"] = decision.ts
             while len(self._by_sandbox) > RECENT_SANDBOXES:
                 gone, _ = self._by_sandbox.popitem(last=False)
                 self._counts.pop(gone, None)
@@ -98,16 +91,35 @@ class RecentDecisions:
         most recently active first."""
         with self._lock:
             return [
-                {"sandbox_id": sandbox, **self._counts[sandbox]}
+                {
+                    "sandbox_id": sandbox,
+                    **self._counts[sandbox],
+                    "last": round(self._counts[sandbox]["last"], 3),
+                }
                 for sandbox in reversed(self._by_sandbox)
             ]
 
     def of(self, sandbox: str) -> list[dict[str, Any]]:
         with self._lock:
-            return list(self._by_sandbox.get(sandbox, ()))
+            decisions = list(self._by_sandbox.get(sandbox, ()))
+        return [_summary(decision) for decision in decisions]
 
     def close(self) -> None:
         pass
+
+
+def _summary(decision: Decision) -> dict[str, Any]:
+    """A decision as the reviewer is shown it: what, where and why, clipped and printable."""
+    return {
+        "ts": round(decision.ts, 3),
+        "decision": str(decision.decision),
+        "reason": str(decision.reason),
+        "kind": str(decision.kind),
+        "host": clip(decision.host, 256),
+        "port": decision.port,
+        "method": clip(decision.method, 16),
+        "path": clip(decision.path, 256),
+    }
 
 
 def review_input(approval: Approval, recent: list[dict[str, Any]]) -> dict[str, Any]:
