@@ -61,6 +61,7 @@ class RecentDecisions:
 
     def record(self, decision: Decision) -> None:
         sandbox = decision.sandbox_id or "-"
+        last = round(decision.ts, 3)
         outcome = (
             "asked"
             if decision.decision is Verdict.ASK
@@ -81,7 +82,7 @@ class RecentDecisions:
                 counts = self._counts[sandbox]
             recent.append(decision)
             counts[outcome] += 1
-            counts["last"] = decision.ts
+            counts["last"] = last
             while len(self._by_sandbox) > RECENT_SANDBOXES:
                 gone, _ = self._by_sandbox.popitem(last=False)
                 self._counts.pop(gone, None)
@@ -91,11 +92,7 @@ class RecentDecisions:
         most recently active first."""
         with self._lock:
             return [
-                {
-                    "sandbox_id": sandbox,
-                    **self._counts[sandbox],
-                    "last": round(self._counts[sandbox]["last"], 3),
-                }
+                {"sandbox_id": sandbox, **self._counts[sandbox]}
                 for sandbox in reversed(self._by_sandbox)
             ]
 
