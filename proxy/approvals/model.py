@@ -234,7 +234,11 @@ class NotOpen(Exception):
 
 
 def clip(text: str | None, limit: int = MAX_REASON) -> str | None:
+    """At most ``limit`` characters, each one that is not printable replaced by a space (the reviewer
+    and the admin API show these; every decision passes here, so a printable text is taken as is)."""
     if text is None:
         return None
-    text = "".join(ch if ch.isprintable() else " " for ch in str(text))
-    return text[:limit]
+    text = str(text)[:limit]
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else " " for ch in text)

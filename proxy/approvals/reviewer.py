@@ -47,10 +47,13 @@ _LINE = re.compile(r"^\s*(allow|deny|escalate)\b[\s:,-]*(.*)$", re.IGNORECASE)
 
 class RecentDecisions:
     """A decision sink remembering each sandbox's last few decisions (the reviewer's context) and its
-    counts (the admin API's sandbox list), for the most recently active sandboxes only."""
+    counts (the admin API's sandbox list), for the most recently active sandboxes only.
+
+    Every decision passes here and few are ever read, so a decision is kept as it is and turned into
+    the reviewer's clipped summary only when it is read (:meth:`of`)."""
 
     def __init__(self) -> None:
-        self._by_sandbox: collections.OrderedDict[str, collections.deque[dict[str, Any]]] = (
+        self._by_sandbox: collections.OrderedDict[str, collections.deque[Decision]] = (
             collections.OrderedDict()
         )
         self._counts: dict[str, dict[str, Any]] = {}
@@ -58,30 +61,28 @@ class RecentDecisions:
 
     def record(self, decision: Decision) -> None:
         sandbox = decision.sandbox_id or "-"
-        entry = {
-            "ts": round(decision.ts, 3),
-            "decision": str(decision.decision),
-            "reason": str(decision.reason),
-            "kind": str(decision.kind),
-            "host": clip(decision.host, 256),
-            "port": decision.port,
-            "method": clip(decision.method, 16),
-            "path": clip(decision.path, 256),
-        }
+        last = round(decision.ts, 3)
         outcome = (
             "asked"
             if decision.decision is Verdict.ASK
             else ("allowed" if decision.allowed else "refused")
         )
         with self._lock:
-            recent = self._by_sandbox.pop(sandbox, None) or collections.deque(maxlen=RECENT)
-            recent.append(entry)
-            self._by_sandbox[sandbox] = recent
-            counts = self._counts.setdefault(
-                sandbox, {"allowed": 0, "refused": 0, "asked": 0, "last": 0.0}
-            )
+            recent = self._by_sandbox.get(sandbox)
+            if recent is None:
+                recent = self._by_sandbox[sandbox] = collections.deque(maxlen=RECENT)
+                counts = self._counts[sandbox] = {
+                    "allowed": 0,
+                    "refused": 0,
+                    "asked": 0,
+                    "last": 0.0,
+                }
+            else:
+                self._by_sandbox.move_to_end(sandbox)  # the most recently active last
+                counts = self._counts[sandbox]
+            recent.append(decision)
             counts[outcome] += 1
-            counts["last"] = entry["ts"]
+            counts["last"] = last
             while len(self._by_sandbox) > RECENT_SANDBOXES:
                 gone, _ = self._by_sandbox.popitem(last=False)
                 self._counts.pop(gone, None)
@@ -97,10 +98,25 @@ class RecentDecisions:
 
     def of(self, sandbox: str) -> list[dict[str, Any]]:
         with self._lock:
-            return list(self._by_sandbox.get(sandbox, ()))
+            decisions = list(self._by_sandbox.get(sandbox, ()))
+        return [_summary(decision) for decision in decisions]
 
     def close(self) -> None:
         pass
+
+
+def _summary(decision: Decision) -> dict[str, Any]:
+    """A decision as the reviewer is shown it: what, where and why, clipped and printable."""
+    return {
+        "ts": round(decision.ts, 3),
+        "decision": str(decision.decision),
+        "reason": str(decision.reason),
+        "kind": str(decision.kind),
+        "host": clip(decision.host, 256),
+        "port": decision.port,
+        "method": clip(decision.method, 16),
+        "path": clip(decision.path, 256),
+    }
 
 
 def review_input(approval: Approval, recent: list[dict[str, Any]]) -> dict[str, Any]:

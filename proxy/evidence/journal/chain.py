@@ -54,7 +54,12 @@ def seal(body: dict[str, Any]) -> tuple[str, bytes]:
 def seal_text(body: dict[str, Any]) -> tuple[str, bytes, bytes]:
     """(hash, hashed text, line) of a record: the text is the line without its ``hash``, which the
     decision log writes as it is (:mod:`proxy.evidence.serialised`)."""
-    text = canonical(body).encode("ascii")
+    return seal_encoded(canonical(body).encode("ascii"))
+
+
+def seal_encoded(text: bytes) -> tuple[str, bytes, bytes]:
+    """:func:`seal_text` of a record already encoded: ``text`` is its canonical JSON, chain fields
+    (``seq``, ``prev``) included."""
     digest = hashlib.sha256(text).hexdigest()
     return (
         digest,

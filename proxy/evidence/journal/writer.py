@@ -54,7 +54,7 @@ from proxy.evidence.flags import (
     FsyncPolicy,
     check_journal_settings,
 )
-from proxy.evidence.journal.chain import CHAIN_KEYS, GENESIS, seal_text
+from proxy.evidence.journal.chain import CHAIN_KEYS, GENESIS, seal_encoded, seal_text
 from proxy.evidence.journal.files import journal_files, last_record, rotated_name, rotation_index
 from proxy.evidence.journal.follower import JournalFollower
 from proxy.evidence.metrics import Metrics
@@ -199,9 +199,7 @@ class Journal:
 
     def event_serialised(self, serialised: Serialised) -> None:
         """A record the Emitter built once (an event with its own ``ts``, or a decision)."""
-        body = dict(serialised.fields)
-        body.pop("hash", None)  # seq and prev are set below
-        serialised.hashed = self._append(body)
+        serialised.hashed = self._append(serialised)
 
     def append(self, fields: dict[str, Any]) -> dict[str, Any]:
         """Write one chained record synchronously; raise AuditUnavailable if it is not on disk."""
@@ -209,8 +207,8 @@ class Journal:
         self._append(body)
         return body
 
-    def _append(self, body: dict[str, Any]) -> bytes:
-        """Chain ``body`` (gains seq, prev and hash) and write it; returns the hashed text."""
+    def _append(self, record: dict[str, Any] | Serialised) -> bytes:
+        """Chain ``record`` (a dict gains seq, prev and hash) and write it; returns the hashed text."""
         with self._lock:
             if self._closed:
                 raise AuditUnavailable(f"{self.path}: journal is closed")
@@ -222,9 +220,13 @@ class Journal:
                 raise AuditUnavailable(
                     f"{self.path}: cannot read the existing journal: {exc}"
                 ) from exc
-            body["seq"] = self.seq + 1
-            body["prev"] = self.prev
-            digest, text, data = seal_text(body)
+            seq = self.seq + 1
+            if isinstance(record, Serialised):
+                digest, text, data = seal_encoded(record.chained(seq, self.prev))
+            else:
+                record["seq"] = seq
+                record["prev"] = self.prev
+                digest, text, data = seal_text(record)
             try:
                 self._write(data)
             except OSError as exc:
@@ -235,7 +237,7 @@ class Journal:
                         "audit journal %s: write of seq %d failed (%s); every write fails until "
                         "this is fixed",
                         self.path,
-                        body["seq"],
+                        seq,
                         exc,
                     )
                     self._last_error_log = now
@@ -249,10 +251,11 @@ class Journal:
                     time.monotonic() - self._failing_since,
                 )
                 self._failing_since = None
-            self.seq, self.prev = body["seq"], digest
+            self.seq, self.prev = seq, digest
             if self.metrics is not None:
                 self.metrics.journal_writes.inc()
-            body["hash"] = digest
+            if not isinstance(record, Serialised):
+                record["hash"] = digest
             return text
 
     def _count_error(self, exc: OSError) -> None:

@@ -71,3 +71,36 @@ def test_sandbox_data_stays_in_its_own_fields_and_is_bounded() -> None:
     path = given["sandbox"]["recent_decisions"][0]["path"]
     assert "\n" not in path and len(path) == 256
     assert recent.of("other") == []
+
+
+def test_recent_decisions_are_summarised_clipped_and_printable_when_read() -> None:
+    recent = RecentDecisions()
+    hostile = Decision(
+        decision=Verdict.DENY,
+        reason=Reason.NO_MATCHING_RULE,
+        rule=None,
+        kind=Kind.HTTP,
+        host="evil\n.example" + "x" * 300,
+        port=80,
+        policy_version="v",
+        mode="enforce",
+        method="GET\r",
+        path="/a\x1bb",
+        sandbox_id="sbx-2",
+        ts=1000.12345,
+    )
+    recent.record(hostile)
+    (entry,) = recent.of("sbx-2")
+    assert entry == {
+        "ts": 1000.123,
+        "decision": "deny",
+        "reason": "no-matching-rule",
+        "kind": "http",
+        "host": ("evil .example" + "x" * 300)[:256],
+        "port": 80,
+        "method": "GET ",
+        "path": "/a b",
+    }
+    assert recent.sandboxes() == [
+        {"sandbox_id": "sbx-2", "allowed": 0, "refused": 1, "asked": 0, "last": 1000.123}
+    ]
