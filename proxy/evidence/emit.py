@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import sys
 import threading
 from collections import deque
@@ -70,37 +69,30 @@ class JsonLineSink:
     """One JSON object per line (sorted keys, compact, ASCII only: the journal's encoding of the same
     record, see :mod:`proxy.evidence.serialised`). Control characters are escaped, so hostile host
     names cannot forge extra lines (threat 15). A file is appended to with one ``write`` per line, as
-    the line is recorded. A log to ``/dev/null`` (how a quiet gate turns the log off) writes nothing
-    and so encodes nothing."""
+    the line is recorded."""
 
     def __init__(self, stream: IO[str] | None = None, path: str | None = None) -> None:
         self._owned = path is not None
         self._fd: int | None = None
         self._stream: IO[str] | None = None
-        self.discards = False
         if path:
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
-            self.discards = _is_null_device(self._fd)
         else:
             self._stream = stream or sys.stderr
         self._lock = threading.Lock()
 
     def record(self, decision: Decision) -> None:
-        if not self.discards:
-            self.write_line(serialise_decision(decision).line())
+        self.write_line(serialise_decision(decision).line())
 
     def record_serialised(self, decision: Decision, serialised: Serialised) -> None:
         """:meth:`record`, with the decision encoded once for every sink (the Emitter's path)."""
-        if not self.discards:
-            self.write_line(serialised.line())
+        self.write_line(serialised.line())
 
     def event(self, name: str, attributes: dict[str, Any]) -> None:
-        if not self.discards:
-            self.write({"event": name, **attributes})
+        self.write({"event": name, **attributes})
 
     def event_serialised(self, serialised: Serialised) -> None:
-        if not self.discards:
-            self.write_line(serialised.line())
+        self.write_line(serialised.line())
 
     def write(self, obj: dict[str, Any]) -> None:
         self.write_line((canonical(obj) + "\n").encode("ascii"))
@@ -120,15 +112,6 @@ class JsonLineSink:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
-
-
-def _is_null_device(fd: int) -> bool:
-    """Whether ``fd`` is the null device, which discards whatever is written to it."""
-    try:
-        opened = os.fstat(fd)
-        return stat.S_ISCHR(opened.st_mode) and opened.st_rdev == os.stat(os.devnull).st_rdev
-    except OSError:
-        return False
 
 
 class MemorySink:

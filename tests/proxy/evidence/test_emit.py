@@ -135,19 +135,3 @@ def test_a_reader_gets_the_deny_the_journal_could_not_record() -> None:
     emitter = Emitter([reader], write_ahead=[JournalCopy(fail=True)], audit_required=True)
     assert emitter.emit(allow()).reason is Reason.AUDIT_UNAVAILABLE
     assert reader.told == [("audit-unavailable", False)]
-
-
-def test_a_log_to_the_null_device_encodes_nothing(tmp_path: Any) -> None:
-    class Unencodable:
-        def __str__(self) -> str:
-            raise AssertionError("encoded although the log discards it")
-
-    quiet = JsonLineSink(path="/dev/null")
-    regular = JsonLineSink(path=str(tmp_path / "decisions.jsonl"))
-    assert quiet.discards and not regular.discards
-    emitter = Emitter([quiet])
-    emitter.emit(allow(detail=Unencodable()))
-    emitter.event("egress.other", {"ts": 1.0, "x": Unencodable()})
-    quiet.record(allow(detail=Unencodable()))
-    emitter.close()
-    regular.close()
