@@ -50,6 +50,7 @@ from proxy.core.checkpoint import Checkpoint
 from proxy.core.connections import Connection
 from proxy.core.credentials import Carried
 from proxy.core.decision import Kind, Reason
+from proxy.core.frozen import fast_init
 from proxy.core.hosts import InvalidHost, canonical_host
 from proxy.core.httpheads import http_request, is_egress_header, plain_problem
 from proxy.core.responseframing import read_response_head
@@ -80,6 +81,7 @@ _FRAMING = re.compile(rb"\r\n(content-length|transfer-encoding)[ \t]*:")
 _CONNECTION_TOKENS = frozenset({"close", "keep-alive"})
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class PlainHead:
     """A request head this path serves, as mitmproxy would have parsed it."""
@@ -395,24 +397,22 @@ class PlainHttp:
         await sockio.send_all(upstream.sock, _request_bytes(head), stall=UPSTREAM_TIMEOUT)
         pending = b""
         for _ in range(MAX_RESPONSE_HEAD + 1):  # every read adds a byte at least
-            # The response head, checked whole (and every start of it) before anyone reads it.
-            end = pending.find(b"\r\n\r\n")
-            problem = response_head_problem(pending[: end + 2] if end >= 0 else pending)
-            if problem is not None:
-                log.warning("closed: %s from %s:%s", problem, upstream.key[0], upstream.key[1])
-                raise _Closed()
-            if end >= 0:
-                break
-            if len(pending) > MAX_RESPONSE_HEAD:
-                raise _Closed()
             more = await upstream.recv()
             if not more:
                 raise _Closed()
             pending += more
+            end = pending.find(b"\r\n\r\n")
+            if end >= 0:
+                break
+            self._check_response_head(pending, upstream)  # every start of it, as it comes
+            if len(pending) > MAX_RESPONSE_HEAD:
+                raise _Closed()
         else:
             raise _Closed()
+        # A head the narrow reader takes is one the raw checks pass (its grammar is stricter).
         response = read_response_head(pending, end, head.method)
         if response is None:
+            self._check_response_head(pending[: end + 2], upstream)
             return await self._exchange_h11(sock, conn, head, upstream, pending)
         conn.bytes_in += response.announced
         # The body is counted through: ``length`` bytes, and not one more.
@@ -436,6 +436,14 @@ class PlainHttp:
         upstream.idle = response.keep_alive and not head.close
         return not (head.close or response.closes)
 
+    @staticmethod
+    def _check_response_head(head: bytes, upstream: _Upstream) -> None:
+        """Close both connections on an ambiguous response head (or start of one)."""
+        problem = response_head_problem(head)
+        if problem is not None:
+            log.warning("closed: %s from %s:%s", problem, upstream.key[0], upstream.key[1])
+            raise _Closed()
+
     async def _exchange_h11(
         self,
         sock: socket.socket,
@@ -457,10 +465,7 @@ class PlainHttp:
             if parser.their_state is h11.SEND_RESPONSE:
                 # A response head (final or 1xx): checked whole before h11 reads it.
                 end = pending.find(b"\r\n\r\n")
-                problem = response_head_problem(pending[: end + 2] if end >= 0 else pending)
-                if problem is not None:
-                    log.warning("closed: %s from %s:%s", problem, upstream.key[0], upstream.key[1])
-                    raise _Closed()
+                self._check_response_head(pending[: end + 2] if end >= 0 else pending, upstream)
                 if end < 0:
                     if len(pending) > MAX_RESPONSE_HEAD:
                         raise _Closed()

@@ -20,12 +20,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from proxy.core.frozen import fast_init
+
 _STATUS = re.compile(rb"HTTP/1\.[01] [2-5][0-9][0-9] [\t\x20-\x7e]*")
-_FIELDS = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e]*\r\n)*")
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_FIELDS = re.compile(rb"(?:" + _TOKEN + rb":[\t\x20-\x7e]*\r\n)*")
+# the same fields, each already spelled as h11 re-serialises it ("name: value", no padding)
+_PLAIN_FIELDS = re.compile(rb"(?:" + _TOKEN + rb": (?:[!-~](?:[\t -~]*[!-~])?)?\r\n)*")
 _LENGTH = re.compile(rb"[0-9]{1,20}")  # h11 refuses more digits
 _NO_BODY = frozenset({204, 304})
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ResponseHead:
     """A final response head and the framing of what follows it."""
@@ -42,27 +48,31 @@ def read_response_head(data: bytes, end: int, method: str) -> ResponseHead | Non
     """The response head at the start of ``data`` (``end``: where its ``\\r\\n\\r\\n`` begins) to a
     ``method`` request, or None when it is h11's to read."""
     line_end = data.find(b"\r\n")
-    if not _STATUS.fullmatch(data, 0, line_end) or not _FIELDS.fullmatch(
-        data, line_end + 2, end + 2
-    ):
+    if not _STATUS.fullmatch(data, 0, line_end):
         return None
-    status = int(data[9:12])
-    lines = [data[:line_end]]
+    plain = _PLAIN_FIELDS.fullmatch(data, line_end + 2, end + 2) is not None
+    if not plain and not _FIELDS.fullmatch(data, line_end + 2, end + 2):
+        return None
+    # Every line is "token:value" now, so a field is found by its name after a line end.
+    block = data[line_end : end + 2].lower()  # from the status line's CRLF
+    if b"\r\ntransfer-encoding:" in block:
+        return None
     length: int | None = None
-    tokens: set[bytes] = set()
-    for line in data[line_end + 2 : end].split(b"\r\n") if end > line_end else ():
-        name, _, value = line.partition(b":")
-        value = value.strip(b" \t")
-        key = name.lower()
-        if key == b"content-length":
-            if length is not None or not _LENGTH.fullmatch(value):
-                return None
-            length = int(value)
-        elif key == b"transfer-encoding":
+    at = block.find(b"\r\ncontent-length:")
+    if at >= 0:
+        if block.find(b"\r\ncontent-length:", at + 2) >= 0:
             return None
-        elif key == b"connection":
-            tokens.update(token.strip().lower() for token in value.split(b","))
-        lines.append(name + b": " + value)
+        value = block[at + 17 : block.index(b"\r\n", at + 2)].strip(b" \t")
+        if not _LENGTH.fullmatch(value):
+            return None
+        length = int(value)
+    tokens: set[bytes] = set()
+    at = block.find(b"\r\nconnection:")
+    while at >= 0:
+        value = block[at + 13 : block.index(b"\r\n", at + 2)]
+        tokens.update(token.strip() for token in value.split(b","))
+        at = block.find(b"\r\nconnection:", at + 2)
+    status = int(data[9:12])
     bodied = method != "HEAD" and status not in _NO_BODY
     if bodied and length is None:
         return None  # delimited by the close
@@ -73,15 +83,24 @@ def read_response_head(data: bytes, end: int, method: str) -> ResponseHead | Non
         closes = False
     else:
         closes = not version_11
-    lines.append(b"\r\n")
     return ResponseHead(
-        head=b"\r\n".join(lines),
-        size=end + 4,
-        length=(length or 0) if bodied else 0,
-        announced=length or 0,
-        closes=closes,
-        keep_alive=version_11 and b"close" not in tokens,
+        data[: end + 4] if plain else _plain(data, line_end, end),
+        end + 4,
+        (length or 0) if bodied else 0,
+        length or 0,
+        closes,
+        version_11 and b"close" not in tokens,
     )
+
+
+def _plain(data: bytes, line_end: int, end: int) -> bytes:
+    """The head with each field as ``name: value``, its padding dropped (as h11 reads it)."""
+    lines = [data[:line_end]]
+    for line in data[line_end + 2 : end].split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        lines.append(name + b": " + value.strip(b" \t"))
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines)
 
 
 __all__ = ["ResponseHead", "read_response_head"]

@@ -248,3 +248,31 @@ def test_every_head_it_takes_is_framed_as_h11_frames_it(response: tuple[bytes, s
         int(v) for n, v in response_event.headers.raw_items() if n.lower() == b"content-length"
     ]
     assert head.announced == (lengths[0] if lengths else 0)
+
+
+@settings(max_examples=1000)
+@given(responses() | plain_responses())
+def test_every_head_it_takes_passes_the_raw_checks(response: tuple[bytes, str]) -> None:
+    """The front end skips the raw checks for a head the reader takes: its grammar must be the
+    stricter of the two."""
+    raw, method = response
+    end = raw.find(b"\r\n\r\n")
+    if read_response_head(raw, end, method) is not None:
+        assert response_head_problem(raw[: end + 2]) is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"HTTP/1.1 200 OK\nContent-Length: 1\r\n\r\nx",
+        b"HTTP/1.1 200 OK\rContent-Length: 1\r\n\r\nx",
+        b"HTTP/1.1 200 OK\r\nX: a\r\n b\r\nContent-Length: 1\r\n\r\nx",
+        b"HTTP/1.1 200 OK\r\nX: a\x00\r\nContent-Length: 1\r\n\r\nx",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\ncontent-length: 1\r\n\r\nx",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\nx",
+        b"HTTP/1.1 200 OK\r\nX: a\rb\r\nContent-Length: 1\r\n\r\nx",
+    ],
+)
+def test_no_ambiguous_head_is_taken(raw: bytes) -> None:
+    assert response_head_problem(raw[: raw.find(b"\r\n\r\n") + 2]) is not None
+    assert _read(raw) is None and _read(raw, "HEAD") is None
