@@ -224,12 +224,6 @@ class _Upstream:
     async def recv(self) -> bytes:
         return await sockio.recv(self.sock, CHUNK, timeout=UPSTREAM_TIMEOUT, watch=self.watch)
 
-    async def answered(self) -> None:
-        """Until the answer to a request just sent starts to come (or the upstream closes): waited
-        for before the first read, which could only fail."""
-        deadline = asyncio.get_running_loop().time() + UPSTREAM_TIMEOUT
-        await self.watch.readable_until(deadline)
-
     def close(self) -> None:
         self.watch.close()
         self.sock.close()
@@ -401,7 +395,6 @@ class PlainHttp:
         ``upstream.idle`` says afterwards whether its connection may carry the next request."""
         upstream.idle = False
         await sockio.send_all(upstream.sock, _request_bytes(head), stall=UPSTREAM_TIMEOUT)
-        await upstream.answered()
         pending = b""
         for _ in range(MAX_RESPONSE_HEAD + 1):  # every read adds a byte at least
             more = await upstream.recv()
