@@ -111,13 +111,16 @@ def read_head(data: bytes) -> PlainHead | None:
     if len(parts) != 3 or parts[0] not in METHODS or parts[2] != b"HTTP/1.1":
         return None
     url = _URL.fullmatch(parts[1])
-    if url is None or b"//" in url["path"] or b";" in url["path"]:
+    if url is None:
         return None
-    host = url["host"].decode("ascii")
-    port = int(url["port"] or b"80")
+    raw_host, raw_port, path, query = url.group("host", "port", "path", "query")
+    if b"//" in path or b";" in path:
+        return None
+    host = raw_host.decode("ascii")
+    port = int(raw_port) if raw_port else 80
     if port > 65535 or not _plain_host(host):
         return None
-    target = url["path"] + (b"?" + url["query"] if url["query"] else b"")
+    target = path + b"?" + query if query else path
     fields: list[tuple[bytes, bytes]] = []
     credential: str | None = None
     hosts = 0

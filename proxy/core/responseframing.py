@@ -25,8 +25,8 @@ from proxy.core.frozen import fast_init
 _STATUS = re.compile(rb"HTTP/1\.[01] [2-5][0-9][0-9] [\t\x20-\x7e]*")
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _FIELDS = re.compile(rb"(?:" + _TOKEN + rb":[\t\x20-\x7e]*\r\n)*")
-# the same fields, each already spelled as h11 re-serialises it ("name: value", no padding)
-_PLAIN_FIELDS = re.compile(rb"(?:" + _TOKEN + rb": (?:[!-~](?:[\t -~]*[!-~])?)?\r\n)*")
+# the same fields, each spelled as h11 re-serialises it ("name: value") but for trailing padding
+_PLAIN_FIELDS = re.compile(rb"(?:" + _TOKEN + rb": [!-~][\t -~]*\r\n)*")
 _LENGTH = re.compile(rb"[0-9]{1,20}")  # h11 refuses more digits
 _NO_BODY = frozenset({204, 304})
 
@@ -50,7 +50,11 @@ def read_response_head(data: bytes, end: int, method: str) -> ResponseHead | Non
     line_end = data.find(b"\r\n")
     if not _STATUS.fullmatch(data, 0, line_end):
         return None
-    plain = _PLAIN_FIELDS.fullmatch(data, line_end + 2, end + 2) is not None
+    plain = (
+        _PLAIN_FIELDS.fullmatch(data, line_end + 2, end + 2) is not None
+        and data.find(b" \r\n", line_end + 2, end + 2) < 0
+        and data.find(b"\t\r\n", line_end + 2, end + 2) < 0
+    )
     if not plain and not _FIELDS.fullmatch(data, line_end + 2, end + 2):
         return None
     # Every line is "token:value" now, so a field is found by its name after a line end.
@@ -70,7 +74,7 @@ def read_response_head(data: bytes, end: int, method: str) -> ResponseHead | Non
     at = block.find(b"\r\nconnection:")
     while at >= 0:
         value = block[at + 13 : block.index(b"\r\n", at + 2)]
-        tokens.update(token.strip() for token in value.split(b","))
+        tokens.update(map(bytes.strip, value.split(b",")))
         at = block.find(b"\r\nconnection:", at + 2)
     status = int(data[9:12])
     bodied = method != "HEAD" and status not in _NO_BODY
