@@ -94,6 +94,7 @@ class PlainHead:
     fields: tuple[tuple[bytes, bytes], ...]  # without X-Egress-* and Proxy-Authorization
     credential: str | None  # Proxy-Authorization, for the identity step
     close: bool  # the client asked to close after this request
+    host_header: str  # the one Host header's value, for the framing step
 
 
 def read_head(data: bytes) -> PlainHead | None:
@@ -123,7 +124,7 @@ def read_head(data: bytes) -> PlainHead | None:
     target = path + b"?" + query if query else path
     fields: list[tuple[bytes, bytes]] = []
     credential: str | None = None
-    hosts = 0
+    hosts: list[bytes] = []
     close = False
     for line in data[line_end + 2 : end].split(b"\r\n") if end > line_end else ():
         name, _, value = line.partition(b":")
@@ -132,7 +133,7 @@ def read_head(data: bytes) -> PlainHead | None:
         if key in _NOT_HERE:
             return None
         if key == b"host":
-            hosts += 1
+            hosts.append(value)
         elif key == b"connection":
             tokens = {t.strip().lower() for t in value.decode("ascii").split(",")}
             if not tokens <= _CONNECTION_TOKENS:
@@ -146,7 +147,7 @@ def read_head(data: bytes) -> PlainHead | None:
         if key[:1] == b"x" and is_egress_header(name.decode("ascii")):
             continue
         fields.append((name, value))
-    if hosts != 1:
+    if len(hosts) != 1:
         return None
     return PlainHead(
         end + 4,
@@ -157,6 +158,7 @@ def read_head(data: bytes) -> PlainHead | None:
         tuple(fields),
         credential,
         close,
+        hosts[0].decode("ascii"),
     )
 
 
@@ -340,7 +342,7 @@ class PlainHttp:
             head.host,
             head.port,
             head.fields,
-            [v.decode("ascii") for k, v in head.fields if k.lower() == b"host"],
+            [head.host_header],
         )
         carried = None
         if self.checkpoint.credentials is not None:

@@ -40,6 +40,7 @@ def test_a_taken_head_reads_as_mitmproxy_reads_it(raw: bytes) -> None:
     # the same fields, less the gate's own headers and the proxy credential
     kept = [f for f in fields if not f[0].lower().startswith((b"x-egress", b"proxy-auth"))]
     assert list(head.fields) == kept
+    assert [head.host_header.encode()] == [v for k, v in fields if k.lower() == b"host"]
 
 
 @given(
