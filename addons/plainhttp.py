@@ -571,6 +571,11 @@ def _response_head(event: h11.Response | h11.InformationalResponse) -> bytes:
 async def _consume(sock: socket.socket, size: int, watch: sockio.Watch) -> None:
     """Take the ``size`` bytes of a head that was peeked (already in the socket's buffer)."""
     left = size
+    with contextlib.suppress(BlockingIOError, InterruptedError):
+        got = sock.recv(left)  # without a wait: a peeked head is all there
+        if not got:
+            raise _Closed()
+        left -= len(got)
     for _ in range(size + 1):
         if not left:
             return
