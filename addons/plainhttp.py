@@ -22,12 +22,13 @@ dropped, ``Proxy-Authorization`` is taken for the identity step, the framing ste
 :meth:`Checkpoint.dial_target`. One upstream connection is kept per client connection while the
 host, port and pinned address stay the same.
 
-Every response head is first checked on its raw bytes for what h11 leaves out: a bare LF or CR, a
-folded line, two ``Content-Length`` fields or a length and a transfer coding together close both
-connections (fail closed). A plain head with a stated length or no body is then framed by
+A plain response head with a stated length or no body is framed by
 :func:`proxy.core.responseframing.read_response_head` (exactly as h11 would frame it) and its body
-counted through; every other response is read with h11 (a strict sans-IO parser). Any byte past the
-end of a response closes both connections: a request boundary is never guessed.
+counted through. Every other response is read with h11 (a strict sans-IO parser) after checks h11
+leaves out, on the raw head (the narrow reader's grammar is stricter than they are): a bare LF or
+CR, a folded line, two ``Content-Length`` fields or a length and a transfer coding together close
+both connections (fail closed). Any byte past the end of a response closes both connections: a
+request boundary is never guessed.
 """
 
 from __future__ import annotations
