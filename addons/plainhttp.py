@@ -22,10 +22,13 @@ dropped, ``Proxy-Authorization`` is taken for the identity step, the framing ste
 :meth:`Checkpoint.dial_target`. One upstream connection is kept per client connection while the
 host, port and pinned address stay the same.
 
-Responses are read with h11 (a strict sans-IO parser) plus checks h11 leaves out: a response head
-with a bare LF or CR, a folded line, two ``Content-Length`` fields or a length and a transfer coding
-together, or any byte past the end of a response, closes both connections (fail closed): a request
-boundary is never guessed.
+A plain response head with a stated length or no body is framed by
+:func:`proxy.core.responseframing.read_response_head` (exactly as h11 would frame it) and its body
+counted through. Every other response is read with h11 (a strict sans-IO parser) after checks h11
+leaves out, on the raw head (the narrow reader's grammar is stricter than they are): a bare LF or
+CR, a folded line, two ``Content-Length`` fields or a length and a transfer coding together close
+both connections (fail closed). Any byte past the end of a response closes both connections: a
+request boundary is never guessed.
 """
 
 from __future__ import annotations
@@ -48,8 +51,10 @@ from proxy.core.checkpoint import Checkpoint
 from proxy.core.connections import Connection
 from proxy.core.credentials import Carried
 from proxy.core.decision import Kind, Reason
+from proxy.core.frozen import fast_init
 from proxy.core.hosts import InvalidHost, canonical_host
 from proxy.core.httpheads import http_request, is_egress_header, plain_problem
+from proxy.core.responseframing import read_response_head
 from proxy.runtime import sockio
 
 log = logging.getLogger(__name__)
@@ -77,6 +82,7 @@ _FRAMING = re.compile(rb"\r\n(content-length|transfer-encoding)[ \t]*:")
 _CONNECTION_TOKENS = frozenset({"close", "keep-alive"})
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class PlainHead:
     """A request head this path serves, as mitmproxy would have parsed it."""
@@ -89,6 +95,7 @@ class PlainHead:
     fields: tuple[tuple[bytes, bytes], ...]  # without X-Egress-* and Proxy-Authorization
     credential: str | None  # Proxy-Authorization, for the identity step
     close: bool  # the client asked to close after this request
+    host_header: str  # the one Host header's value, for the framing step
 
 
 def read_head(data: bytes) -> PlainHead | None:
@@ -106,16 +113,19 @@ def read_head(data: bytes) -> PlainHead | None:
     if len(parts) != 3 or parts[0] not in METHODS or parts[2] != b"HTTP/1.1":
         return None
     url = _URL.fullmatch(parts[1])
-    if url is None or b"//" in url["path"] or b";" in url["path"]:
+    if url is None:
         return None
-    host = url["host"].decode("ascii")
-    port = int(url["port"] or b"80")
+    raw_host, raw_port, path, query = url.group("host", "port", "path", "query")
+    if b"//" in path or b";" in path:
+        return None
+    host = raw_host.decode("ascii")
+    port = int(raw_port) if raw_port else 80
     if port > 65535 or not _plain_host(host):
         return None
-    target = url["path"] + (b"?" + url["query"] if url["query"] else b"")
+    target = path + b"?" + query if query else path
     fields: list[tuple[bytes, bytes]] = []
     credential: str | None = None
-    hosts = 0
+    hosts: list[bytes] = []
     close = False
     for line in data[line_end + 2 : end].split(b"\r\n") if end > line_end else ():
         name, _, value = line.partition(b":")
@@ -124,7 +134,7 @@ def read_head(data: bytes) -> PlainHead | None:
         if key in _NOT_HERE:
             return None
         if key == b"host":
-            hosts += 1
+            hosts.append(value)
         elif key == b"connection":
             tokens = {t.strip().lower() for t in value.decode("ascii").split(",")}
             if not tokens <= _CONNECTION_TOKENS:
@@ -138,7 +148,7 @@ def read_head(data: bytes) -> PlainHead | None:
         if key[:1] == b"x" and is_egress_header(name.decode("ascii")):
             continue
         fields.append((name, value))
-    if hosts != 1:
+    if len(hosts) != 1:
         return None
     return PlainHead(
         end + 4,
@@ -149,6 +159,7 @@ def read_head(data: bytes) -> PlainHead | None:
         tuple(fields),
         credential,
         close,
+        hosts[0].decode("ascii"),
     )
 
 
@@ -194,17 +205,17 @@ class _Closed(Exception):
 
 
 class _Upstream:
-    """One upstream connection and the h11 state of its exchanges."""
+    """One upstream connection, and whether it may carry the next request."""
 
     def __init__(self, sock: socket.socket, key: tuple[str, int, str]) -> None:
         self.sock = sock
         self.watch = sockio.Watch(sock)  # one registration for every response read
         self.key = key
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
+        self.idle = True  # no exchange under way, and every one so far left it open
 
     def reusable(self, key: tuple[str, int, str]) -> bool:
         """Same destination, the last exchange complete, and nothing unasked-for waiting."""
-        if key != self.key or self.h11.our_state is not h11.IDLE:
+        if key != self.key or not self.idle:
             return False
         try:
             waiting = self.sock.recv(1, socket.MSG_PEEK)
@@ -332,7 +343,7 @@ class PlainHttp:
             head.host,
             head.port,
             head.fields,
-            [v.decode("ascii") for k, v in head.fields if k.lower() == b"host"],
+            [head.host_header],
         )
         carried = None
         if self.checkpoint.credentials is not None:
@@ -369,9 +380,7 @@ class PlainHttp:
             upstream = await _dial(sock, target, head.port, key, self.keepalive_idle)
         self.served += 1
         keep = await self._exchange(sock, conn, head, upstream)
-        try:
-            upstream.h11.start_next_cycle()  # raises unless both sides may go on
-        except h11.LocalProtocolError:
+        if not upstream.idle:
             upstream.close()
             return None, keep
         return upstream, keep
@@ -388,29 +397,81 @@ class PlainHttp:
     async def _exchange(
         self, sock: socket.socket, conn: Connection, head: PlainHead, upstream: _Upstream
     ) -> bool:
-        """Send the request, relay its response; whether the client connection stays open."""
-        fields = list(head.fields)
-        upstream.h11.send(h11.Request(method=head.method, target=head.target, headers=fields))
-        upstream.h11.send(h11.EndOfMessage())
-        wire = [f"{head.method} {head.target} HTTP/1.1".encode()]
-        wire += [name + b": " + value for name, value in fields]
-        await sockio.send_all(
-            upstream.sock, b"\r\n".join(wire) + b"\r\n\r\n", stall=UPSTREAM_TIMEOUT
-        )
-        pending = b""  # received, not yet given to h11
+        """Send the request, relay its response; whether the client connection stays open.
+        ``upstream.idle`` says afterwards whether its connection may carry the next request."""
+        upstream.idle = False
+        await sockio.send_all(upstream.sock, _request_bytes(head), stall=UPSTREAM_TIMEOUT)
+        pending = b""
+        for _ in range(MAX_RESPONSE_HEAD + 1):  # every read adds a byte at least
+            more = await upstream.recv()
+            if not more:
+                raise _Closed()
+            pending += more
+            end = pending.find(b"\r\n\r\n")
+            if end >= 0:
+                break
+            self._check_response_head(pending, upstream)  # every start of it, as it comes
+            if len(pending) > MAX_RESPONSE_HEAD:
+                raise _Closed()
+        else:
+            raise _Closed()
+        # A head the narrow reader takes is one the raw checks pass (its grammar is stricter).
+        response = read_response_head(pending, end, head.method)
+        if response is None:
+            self._check_response_head(pending[: end + 2], upstream)
+            return await self._exchange_h11(sock, conn, head, upstream, pending)
+        conn.bytes_in += response.announced
+        # The body is counted through: ``length`` bytes, and not one more.
+        received = len(pending) - response.size
+        extra = received > response.length
+        left = max(response.length - received, 0)
+        out = response.head + pending[response.size : response.size + response.length]
+        while left > 0:
+            await self._send(sock, conn, out)
+            out = await upstream.recv()
+            if not out:
+                raise _Closed()  # cut short
+            if len(out) > left:
+                extra = True
+                out = out[:left]
+            left -= len(out)
+        await self._send(sock, conn, out)
+        if extra:
+            log.warning("closed: bytes after the response from %s", upstream.key[0])
+            raise _Closed()
+        upstream.idle = response.keep_alive and not head.close
+        return not (head.close or response.closes)
+
+    @staticmethod
+    def _check_response_head(head: bytes, upstream: _Upstream) -> None:
+        """Close both connections on an ambiguous response head (or start of one)."""
+        problem = response_head_problem(head)
+        if problem is not None:
+            log.warning("closed: %s from %s:%s", problem, upstream.key[0], upstream.key[1])
+            raise _Closed()
+
+    async def _exchange_h11(
+        self,
+        sock: socket.socket,
+        conn: Connection,
+        head: PlainHead,
+        upstream: _Upstream,
+        pending: bytes,
+    ) -> bool:
+        """:meth:`_exchange` for a response :func:`read_response_head` leaves to h11 (an
+        informational response, a chunked body or one delimited by the close, an unusual
+        spelling); ``pending``: what was received, a whole response head first."""
+        parser = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
+        parser.send(h11.Request(method=head.method, target=head.target, headers=list(head.fields)))
+        parser.send(h11.EndOfMessage())
         out = bytearray()  # for the client: sent in one write per read from the upstream
         chunked = False
-        until_eof = False
         closes = head.close
         while True:
-            parser = upstream.h11
             if parser.their_state is h11.SEND_RESPONSE:
                 # A response head (final or 1xx): checked whole before h11 reads it.
                 end = pending.find(b"\r\n\r\n")
-                problem = response_head_problem(pending[: end + 2] if end >= 0 else pending)
-                if problem is not None:
-                    log.warning("closed: %s from %s:%s", problem, upstream.key[0], upstream.key[1])
-                    raise _Closed()
+                self._check_response_head(pending[: end + 2] if end >= 0 else pending, upstream)
                 if end < 0:
                     if len(pending) > MAX_RESPONSE_HEAD:
                         raise _Closed()
@@ -462,9 +523,23 @@ class PlainHttp:
                 if pending or parser.trailing_data[0]:
                     log.warning("closed: bytes after the response from %s", upstream.key[0])
                     raise _Closed()
+                try:
+                    parser.start_next_cycle()  # raises unless both sides may go on
+                except h11.LocalProtocolError:
+                    return not closes
+                upstream.idle = True
                 return not closes
             else:  # ConnectionClosed, PAUSED: a response cut short or out of turn
                 raise _Closed()
+
+
+def _request_bytes(head: PlainHead) -> bytes:
+    """The request in origin form, with the client's fields in their order and spelling (a head
+    :func:`read_head` took is valid HTTP/1.1 as it is: no validation left to do)."""
+    lines = [f"{head.method} {head.target} HTTP/1.1".encode()]
+    lines += [name + b": " + value for name, value in head.fields]
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines)
 
 
 def _closes(response: h11.Response) -> bool:
@@ -497,6 +572,11 @@ def _response_head(event: h11.Response | h11.InformationalResponse) -> bytes:
 async def _consume(sock: socket.socket, size: int, watch: sockio.Watch) -> None:
     """Take the ``size`` bytes of a head that was peeked (already in the socket's buffer)."""
     left = size
+    with contextlib.suppress(BlockingIOError, InterruptedError):
+        got = sock.recv(left)  # without a wait: a peeked head is all there
+        if not got:
+            raise _Closed()
+        left -= len(got)
     for _ in range(size + 1):
         if not left:
             return

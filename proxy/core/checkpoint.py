@@ -690,17 +690,26 @@ class Checkpoint:
     @staticmethod
     def dial_target(conn: Connection, host: str, port: int) -> str | None:
         """The address to dial for ``host:port`` on this connection, or None: not admitted."""
-        try:
-            target = canonical_host(host)
-        except InvalidHost:
+        key = _dial_key(host)
+        if key is None:
             return None
-        key = target if isinstance(target, str) else str(target)
         pinned = conn.pinned.get((key, port))
         if pinned is not None:
             return pinned
         if (key, port) in conn.checked:
             return key
         return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _dial_key(host: str) -> str | None:
+    """The canonical spelling ``dial_target`` looks ``host`` up by (None: not a valid host); a
+    pure function of the host, asked on every request of a kept-alive connection."""
+    try:
+        target = canonical_host(host)
+    except InvalidHost:
+        return None
+    return target if isinstance(target, str) else str(target)
 
 
 def _bare(host: str) -> str:

@@ -16,6 +16,7 @@ and the caller says that its verdict depends on DNS.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -127,12 +128,24 @@ class DestinationCheck:
 
 
 def literal_destination(ip: IPAddress, port: int, allow_internal: Sequence[Network]) -> Destination:
+    ranges = allow_internal if isinstance(allow_internal, tuple) else tuple(allow_internal)
+    screened = _literal(ip, port, ranges)
+    if isinstance(screened, Destination):
+        return screened
+    raise DestinationRefused(Reason.INTERNAL_ADDRESS, *screened)
+
+
+@functools.lru_cache(maxsize=4096)
+def _literal(
+    ip: IPAddress, port: int, allow_internal: tuple[Network, ...]
+) -> Destination | tuple[str, str]:
+    """A literal's screening is a pure function of the address and the ranges the policy opens
+    (a reload that changes them asks anew), and a kept-alive connection to an address asks it on
+    every request: answered once. A refusal is (detail, address), raised afresh each time."""
     address = connectable(str(ip))
     why = check_address(ip, allow_internal)
     if why is not None:
-        raise DestinationRefused(
-            Reason.INTERNAL_ADDRESS, f"{ip} is an internal address ({why})", address
-        )
+        return f"{ip} is an internal address ({why})", address
     return Destination(host=str(ip), port=port, address=address, addresses=(address,))
 
 

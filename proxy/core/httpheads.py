@@ -18,6 +18,7 @@ Fields = Sequence[tuple[bytes, bytes]]
 
 EGRESS_HEADER_PREFIX = "x-egress-"
 
+_OVERRIDE_KEYS = tuple(name.encode() for name in OVERRIDE_HEADERS)
 _HEAD_FIELDS = frozenset(
     {
         *(name.encode() for name in OVERRIDE_HEADERS),
@@ -49,8 +50,10 @@ def http_head(method: str, target: str, fields: Fields, *, multiplexed: bool = F
         values = found.get(key)
         return values[0].decode("latin-1") if values else None
 
-    overrides = tuple(
-        v.decode("latin-1") for name in OVERRIDE_HEADERS for v in found.get(name.encode(), ())
+    overrides = (
+        tuple(v.decode("latin-1") for key in _OVERRIDE_KEYS for v in found.get(key, ()))
+        if found
+        else ()
     )
     length = first(b"content-length")
     size: int | None

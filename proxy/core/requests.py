@@ -26,6 +26,7 @@ from enum import Enum
 
 from proxy.core.bodies import form_methods, graphql_operations, is_form, json_field
 from proxy.core.decision import Reason
+from proxy.core.frozen import fast_init
 from proxy.core.paths import Target, Unreadable, parse_target
 from proxy.core.text import escape
 from proxy.policy.index import RequestRules
@@ -63,6 +64,9 @@ class HttpHead:
         """The held body when a parser may read it: not past the limit, not compressed."""
         encoding = (self.content_encoding or "identity").strip().lower()
         return self.body if encoding == "identity" else None
+
+
+fast_init(HttpHead)  # one per HTTP request
 
 
 class Outcome(Enum):

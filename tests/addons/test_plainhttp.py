@@ -6,12 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import h11
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from mitmproxy.net.http.http1 import read_request_head
 
-from addons.plainhttp import PlainHttp, read_head, response_head_problem
+from addons.plainhttp import PlainHttp, _request_bytes, read_head, response_head_problem
 from proxy.core.connections import Connection
 
 TAKEN = [
@@ -39,6 +40,7 @@ def test_a_taken_head_reads_as_mitmproxy_reads_it(raw: bytes) -> None:
     # the same fields, less the gate's own headers and the proxy credential
     kept = [f for f in fields if not f[0].lower().startswith((b"x-egress", b"proxy-auth"))]
     assert list(head.fields) == kept
+    assert [head.host_header.encode()] == [v for k, v in fields if k.lower() == b"host"]
 
 
 @given(
@@ -163,3 +165,36 @@ def test_requests_with_credentials_in_play_or_request_rules_go_to_mitmproxy(
     head = read_head(b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n")
     assert head is not None
     assert plain.takes(Connection(peer=None, sandbox_id=None), head) is taken
+
+
+@given(
+    st.sampled_from(["GET", "HEAD"]),
+    st.from_regex(r"[a-z][a-z0-9]{0,10}(\.[a-z][a-z0-9]{0,10}){0,3}", fullmatch=True),
+    st.from_regex(
+        r"(/[A-Za-z0-9._~!$&'()*+,=:@%-]{0,12}){1,4}(\?[A-Za-z0-9=&%/?]{1,8})?", fullmatch=True
+    ),
+    st.lists(
+        st.tuples(
+            st.from_regex(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,10}", fullmatch=True),
+            st.from_regex(r"[ \t]{0,2}[ -~\t]{0,20}[ \t]{0,2}", fullmatch=True),
+        ),
+        max_size=6,
+    ),
+)
+def test_what_is_sent_upstream_is_the_head_h11_would_read(
+    method: str, host: str, path: str, extra: list[tuple[str, str]]
+) -> None:
+    """The request goes upstream without h11: every head the front end takes must be one h11
+    accepts and reads back as the same method, target and fields."""
+    lines = [f"{method} http://{host}{path} HTTP/1.1", f"Host: {host}"]
+    lines += [f"{name}:{value}" for name, value in extra]
+    head = read_head(("\r\n".join(lines) + "\r\n\r\n").encode())
+    if head is None:
+        return
+    server = h11.Connection(h11.SERVER)
+    server.receive_data(_request_bytes(head))
+    request = server.next_event()
+    assert isinstance(request, h11.Request)
+    assert (request.method.decode(), request.target.decode()) == (head.method, head.target)
+    assert list(request.headers.raw_items()) == list(head.fields)
+    assert isinstance(server.next_event(), h11.EndOfMessage)  # and no body
