@@ -51,6 +51,7 @@ from proxy.core.checkpoint import Checkpoint
 from proxy.core.connections import Connection
 from proxy.core.credentials import Carried
 from proxy.core.decision import Kind, Reason
+from proxy.core.fieldlines import FIELD_LINES
 from proxy.core.frozen import fast_init
 from proxy.core.hosts import InvalidHost, canonical_host
 from proxy.core.httpheads import http_request, is_egress_header, plain_problem
@@ -69,7 +70,6 @@ CHUNK = 256 * 1024
 METHODS = frozenset({b"GET", b"HEAD"})
 BAD_GATEWAY = b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
-_FIELDS = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e]*\r\n)*")
 _URL = re.compile(
     rb"http://(?P<host>[A-Za-z0-9.\-]+)(?::(?P<port>[1-9][0-9]{0,4}))?"
     rb"(?P<path>/[A-Za-z0-9\-._~!$&'()*+,=:@/%]*)(?:\?(?P<query>[A-Za-z0-9\-._~!$&'()*+,;=:@/%?]+))?"
@@ -107,7 +107,7 @@ def read_head(data: bytes) -> PlainHead | None:
     line_end = data.find(b"\r\n")
     # every field line at once: a token, a colon, printable ASCII or tabs, CRLF (no folding, no
     # space before the colon, no control byte, no bare CR or LF)
-    if not _FIELDS.fullmatch(data, line_end + 2, end + 2):
+    if not FIELD_LINES.fullmatch(data, line_end + 2, end + 2):
         return None
     parts = data[:line_end].split(b" ")
     if len(parts) != 3 or parts[0] not in METHODS or parts[2] != b"HTTP/1.1":

@@ -24,7 +24,6 @@ import contextvars
 import functools
 import itertools
 import logging
-import re
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -35,6 +34,7 @@ from addons.refusal import refusal_bytes
 from proxy.core.checkpoint import Checkpoint
 from proxy.core.connections import Connection
 from proxy.core.decision import Kind, Reason, Request
+from proxy.core.fieldlines import TOKEN_RE
 from proxy.core.firstbytes import (
     MAX_CLIENT_HELLO,
     PLAIN_HTTP_PORT,
@@ -58,7 +58,6 @@ current_sandbox: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 accepted_at: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "egress_accepted_at", default=None
 )
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 PEEK = 4096
 CONNECT_PREFIX = b"CONNECT "
@@ -441,7 +440,7 @@ def _parse_connect(
         value = value.strip(b" \t")
         if (
             not sep
-            or not _TOKEN.fullmatch(name)
+            or not TOKEN_RE.fullmatch(name)
             or any((c < 32 and c != 9) or c == 127 for c in value)
         ):
             return None

@@ -20,13 +20,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from proxy.core.fieldlines import FIELD_LINES, TOKEN
 from proxy.core.frozen import fast_init
 
 _STATUS = re.compile(rb"HTTP/1\.[01] [2-5][0-9][0-9] [\t\x20-\x7e]*")
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_FIELDS = re.compile(rb"(?:" + _TOKEN + rb":[\t\x20-\x7e]*\r\n)*")
 # the same fields, each spelled as h11 re-serialises it ("name: value") but for trailing padding
-_PLAIN_FIELDS = re.compile(rb"(?:" + _TOKEN + rb": [!-~][\t -~]*\r\n)*")
+_PLAIN_FIELDS = re.compile(rb"(?:" + TOKEN + rb": [!-~][\t -~]*\r\n)*")
 _LENGTH = re.compile(rb"[0-9]{1,20}")  # h11 refuses more digits
 _NO_BODY = frozenset({204, 304})
 
@@ -55,7 +54,7 @@ def read_response_head(data: bytes, end: int, method: str) -> ResponseHead | Non
         and data.find(b" \r\n", line_end + 2, end + 2) < 0
         and data.find(b"\t\r\n", line_end + 2, end + 2) < 0
     )
-    if not plain and not _FIELDS.fullmatch(data, line_end + 2, end + 2):
+    if not plain and not FIELD_LINES.fullmatch(data, line_end + 2, end + 2):
         return None
     # Every line is "token:value" now, so a field is found by its name after a line end.
     block = data[line_end : end + 2].lower()  # from the status line's CRLF
