@@ -42,8 +42,7 @@ import re
 import socket
 import time
 from dataclasses import dataclass
-
-import h11
+from typing import TYPE_CHECKING
 
 from addons.clientsend import send_to_client
 from addons.refusal import refusal_bytes
@@ -57,6 +56,9 @@ from proxy.core.hosts import InvalidHost, canonical_host
 from proxy.core.httpheads import http_request, is_egress_header, plain_problem
 from proxy.core.responseframing import read_response_head
 from proxy.runtime import sockio
+
+if TYPE_CHECKING:
+    import h11
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +294,7 @@ class PlainHttp:
                     return Outcome.DONE, since
                 head = None
             return Outcome.DONE, since
-        except (_Closed, OSError, TimeoutError, h11.ProtocolError):
+        except (_Closed, OSError, TimeoutError):
             return Outcome.DONE, since
         finally:
             if upstream is not None:
@@ -460,7 +462,24 @@ class PlainHttp:
     ) -> bool:
         """:meth:`_exchange` for a response :func:`read_response_head` leaves to h11 (an
         informational response, a chunked body or one delimited by the close, an unusual
-        spelling); ``pending``: what was received, a whole response head first."""
+        spelling); ``pending``: what was received, a whole response head first. h11 is imported
+        here, at the first such response: not on the start-up path of every gate."""
+        global h11
+        import h11
+
+        try:
+            return await self._relay_h11(sock, conn, head, upstream, pending)
+        except h11.ProtocolError:
+            raise _Closed() from None
+
+    async def _relay_h11(
+        self,
+        sock: socket.socket,
+        conn: Connection,
+        head: PlainHead,
+        upstream: _Upstream,
+        pending: bytes,
+    ) -> bool:
         parser = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
         parser.send(h11.Request(method=head.method, target=head.target, headers=list(head.fields)))
         parser.send(h11.EndOfMessage())

@@ -89,9 +89,17 @@ def _compile() -> Callable[[Decision, int | None, str | None], str]:
     return made
 
 
-decision_text = _compile()
-"""``decision_text(decision, seq, prev)``: ``canonical(decision_record(decision))``, with ``seq`` and
-``prev`` in it unless they are None (the journal's record; the decision log's without a journal)."""
+_decision_text: Callable[[Decision, int | None, str | None], str] | None = None
+
+
+def decision_text(decision: Decision, seq: int | None, prev: str | None) -> str:
+    """``canonical(decision_record(decision))``, with ``seq`` and ``prev`` in it unless they are None
+    (the journal's record; the decision log's without a journal). Compiled at the first record, not
+    at import: ``egress run`` imports this module before every sandbox starts."""
+    global _decision_text
+    if _decision_text is None:
+        _decision_text = _compile()
+    return _decision_text(decision, seq, prev)
 
 
 _ABSENT = object()
@@ -150,12 +158,16 @@ def _compile_dict(known: frozenset[str]) -> Callable[[dict[str, Any], int | None
     return made
 
 
-_closed_text = _compile_dict(CLOSED_KEYS)
+_closed_text: Callable[[dict[str, Any], int | None, str | None], str] | None = None
 
 
 def event_text(body: dict[str, Any], seq: int | None, prev: str | None) -> str | None:
     """``canonical(body)`` with ``seq`` and ``prev`` set (unless None) for a dict whose keys are all
-    in :data:`CLOSED_KEYS` (None for any other: the caller uses the general encoder)."""
+    in :data:`CLOSED_KEYS` (None for any other: the caller uses the general encoder). Compiled at
+    the first event."""
+    global _closed_text
     if body.keys() <= CLOSED_KEYS:
+        if _closed_text is None:
+            _closed_text = _compile_dict(CLOSED_KEYS)
         return _closed_text(body, seq, prev)
     return None
