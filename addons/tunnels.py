@@ -350,12 +350,14 @@ class TunnelFrontEnd:
                 moved = now
                 timer = loop.call_later(self.idle_timeout, check)
                 return
-            self.checkpoint.refuse_connection(
-                conn,
-                Reason.IDLE_TIMEOUT,
-                f"no byte either way for {self.idle_timeout:g} s; the tunnel was closed",
-            )
-            _shut(sock, up)  # both directions read their end: the relay returns
+            try:
+                self.checkpoint.refuse_connection(
+                    conn,
+                    Reason.IDLE_TIMEOUT,
+                    f"no byte either way for {self.idle_timeout:g} s; the tunnel was closed",
+                )
+            finally:  # closed even when the record fails (the loop's handler logs the error)
+                _shut(sock, up)  # both directions read their end: the relay returns
 
         timer = loop.call_later(self.idle_timeout, check)
         try:

@@ -69,12 +69,17 @@ class Watch:
 
     async def readable(self) -> None:
         """Until the socket has something to read (data, EOF or an error)."""
+        self._one_at_a_time()
         self._deadline = math.inf
         await self._wait()
 
-    async def _wait(self) -> None:
+    def _one_at_a_time(self) -> None:
+        """Before a wait touches the deadline: a second wait must never move the first's."""
         if self._waiter is not None:
             raise RuntimeError("one wait at a time on a watched socket")
+
+    async def _wait(self) -> None:
+        self._one_at_a_time()
         waiter = self._waiter = self._loop.create_future()
         self.arm()
         try:
@@ -84,6 +89,7 @@ class Watch:
 
     async def readable_until(self, deadline: float) -> None:
         """:meth:`readable`, or TimeoutError once the loop's clock reaches ``deadline``."""
+        self._one_at_a_time()
         self._deadline = deadline
         if self._timer is None or self._timer_at > deadline:
             self._schedule(deadline)

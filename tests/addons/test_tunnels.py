@@ -213,3 +213,58 @@ def test_a_request_line_in_pieces_is_still_served(
         assert half_close.received == hello
     finally:
         gate.stop()
+
+
+class _Counted:
+    bytes_in = 0
+    bytes_out = 0
+
+
+class _FailingRecords:
+    """A checkpoint whose record of the idle closing raises (a failing write-ahead sink)."""
+
+    def __init__(self) -> None:
+        self.refusals = 0
+
+    def refuse_connection(self, conn: object, reason: Reason, detail: str) -> None:
+        self.refusals += 1
+        raise RuntimeError("the journal's sink failed")
+
+
+def test_an_idle_tunnel_is_closed_even_when_recording_the_closing_fails() -> None:
+    """The idle check runs as a timer on the loop: an error while recording the closing must not
+    leave the tunnel relaying with no idle limit (fail closed)."""
+    import asyncio
+
+    from addons.tunnels import TunnelFrontEnd
+    from proxy.runtime import sockio
+
+    client, client_peer = socket.socketpair()
+    up, up_peer = socket.socketpair()
+    for sock in (client, client_peer, up, up_peer):
+        sock.setblocking(False)
+    records = _FailingRecords()
+    errors: list[object] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, context: errors.append(context.get("exception")))
+        front = TunnelFrontEnd(
+            records,  # type: ignore[arg-type]
+            request_deadline=5,
+            handoff=None,  # type: ignore[arg-type]
+            idle_timeout=0.2,
+        )
+        watches = sockio.Watch(client), sockio.Watch(up)
+        await asyncio.wait_for(front._relay(client, up, _Counted(), *watches), WAIT)  # type: ignore[arg-type]
+
+    try:
+        asyncio.run(main())
+        assert records.refusals == 1
+        assert [type(e) for e in errors] == [RuntimeError]  # logged by the loop, not swallowed
+        client_peer.setblocking(True)
+        client_peer.settimeout(WAIT)
+        assert client_peer.recv(1) == b""  # the client's side was shut
+    finally:
+        for sock in (client, client_peer, up, up_peer):
+            sock.close()

@@ -267,6 +267,30 @@ def test_one_wait_at_a_time_on_a_watch() -> None:
 
 
 @pytest.mark.parametrize("choice", LOOPS)
+def test_a_refused_second_wait_leaves_the_first_waits_deadline(choice: str) -> None:
+    """A second wait on a watched socket is refused before it touches anything: the first wait
+    still ends at its own deadline (a deadline moved to "never" would hold it for ever)."""
+    a, b = _pair()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        watch = sockio.Watch(a)
+        first = asyncio.ensure_future(watch.readable_until(loop.time() + 0.2))
+        await asyncio.sleep(0)
+        with pytest.raises(RuntimeError):
+            await watch.readable()
+        done, _ = await asyncio.wait({first}, timeout=10)
+        assert first in done and isinstance(first.exception(), TimeoutError)
+        watch.close()
+
+    try:
+        _run(choice, main())
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("choice", LOOPS)
 def test_an_armed_watch_keeps_its_registration_through_a_connect(choice: str) -> None:
     """An upstream registered for reading before its connect waits to write: the connect's
     writer comes and goes beside that registration, and the first read needs no new one."""
