@@ -419,9 +419,13 @@ class PlainHttp:
             raise _Closed()
         # A head the narrow reader takes is one the raw checks pass (its grammar is stricter).
         response = read_response_head(pending, end, head.method)
-        if response is None:
-            self._check_response_head(pending[: end + 2], upstream)
-            return await self._exchange_h11(sock, conn, head, upstream, pending)
+        if response is None:  # h11's to read; its loop checks the raw head first
+            import h11  # here, not at start-up: only the rarer response shapes need it
+
+            try:
+                return await self._exchange_h11(sock, conn, head, upstream, pending)
+            except h11.ProtocolError:
+                raise _Closed() from None
         conn.bytes_in += response.announced
         # The body is counted through: ``length`` bytes, and not one more.
         received = len(pending) - response.size
@@ -462,24 +466,10 @@ class PlainHttp:
     ) -> bool:
         """:meth:`_exchange` for a response :func:`read_response_head` leaves to h11 (an
         informational response, a chunked body or one delimited by the close, an unusual
-        spelling); ``pending``: what was received, a whole response head first. h11 is imported
-        here, at the first such response: not on the start-up path of every gate."""
-        global h11
+        spelling); ``pending``: what was received, a whole response head first. Raises
+        h11.ProtocolError where h11 refuses what the upstream sent."""
         import h11
 
-        try:
-            return await self._relay_h11(sock, conn, head, upstream, pending)
-        except h11.ProtocolError:
-            raise _Closed() from None
-
-    async def _relay_h11(
-        self,
-        sock: socket.socket,
-        conn: Connection,
-        head: PlainHead,
-        upstream: _Upstream,
-        pending: bytes,
-    ) -> bool:
         parser = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
         parser.send(h11.Request(method=head.method, target=head.target, headers=list(head.fields)))
         parser.send(h11.EndOfMessage())
