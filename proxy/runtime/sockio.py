@@ -79,7 +79,6 @@ class Watch:
             raise RuntimeError("one wait at a time on a watched socket")
 
     async def _wait(self) -> None:
-        self._one_at_a_time()
         waiter = self._waiter = self._loop.create_future()
         self.arm()
         try:
@@ -176,14 +175,13 @@ async def recv(
         except (BlockingIOError, InterruptedError):
             if deadline is None and timeout is not None:
                 deadline = asyncio.get_running_loop().time() + timeout
-            if watch is not None and deadline is not None:
-                await watch.readable_until(deadline)  # the watch's one timer
-                continue
-            async with asyncio.timeout_at(deadline):
-                if watch is None:
+            if watch is None:
+                async with asyncio.timeout_at(deadline):
                     await readable(sock)
-                else:
-                    await watch.readable()
+            elif deadline is None:
+                await watch.readable()
+            else:
+                await watch.readable_until(deadline)  # the watch's one timer
 
 
 async def send_all(
