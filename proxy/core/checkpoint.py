@@ -713,12 +713,9 @@ def _dial_key(host: str) -> str | None:
 
 
 def _bare(host: str) -> str:
-    """The canonical form of a decision's host (as bindings store it)."""
-    try:
-        name = canonical_host(host)
-    except InvalidHost:
-        return host
-    return name if isinstance(name, str) else str(name)
+    """The canonical form of a decision's host (as bindings store it); an invalid one as it is."""
+    key = _dial_key(host)
+    return host if key is None else key
 
 
 def _where(address: str, port: int) -> str:
