@@ -3,8 +3,8 @@
 A decision is the record written most often (two per new TLS tunnel, one per plain-HTTP request), and
 building its dict (``Decision.to_dict``) then encoding it with the general encoder (which sorts the keys
 of every record) costs more than the rest of its evidence together. The field names are fixed, so their
-sorted order is known once, at import: :func:`decision_text` visits the fields in that order and writes
-each value as :func:`proxy.evidence.journal.chain.canonical` would. The result is byte for byte the
+sorted order is compiled once, at the first record: :func:`decision_text` visits the fields in that
+order and writes each value as :func:`proxy.evidence.journal.chain.canonical` would. The result is byte for byte the
 canonical JSON of ``decision_record(decision)`` (plus ``seq`` and ``prev`` for the journal), which is
 what the journal hashes and ``egress audit verify`` recomputes; a property test holds the two equal for
 arbitrary decisions, hostile strings and odd value types included.
