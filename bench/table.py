@@ -462,6 +462,48 @@ def measure_matrix(
         log(f"  round {rnd + 1}/{sizes.rounds} done")
 
 
+def per_user_gate_row(
+    root: Path, egress: list[str], policy: Path, inside: str, stops: list[Callable[[], None]]
+) -> Config:
+    """`egress run --reuse-gate`: the per-user gate started once here (as a first run would), so
+    the row measures every later run, handed to it with the run's own policy."""
+    from proxy.sandbox import usergate
+
+    name = "`egress run --reuse-gate` (per-user gate)"
+    runtime = root / "run"
+    runtime.mkdir(mode=0o700)
+    env = {"XDG_RUNTIME_DIR": str(runtime), "EGRESS_STATE_DIR": str(root / "user-gate-state")}
+    try:
+        directory = usergate.private_dir(usergate.gate_dir(env))
+        pid = usergate.start(directory, environ={**clean_env(), **env})
+    except usergate.UserGateError as exc:
+        return Config(name, [], None, unavailable=str(exc))
+    stops.append(lambda: stop_pid(pid))
+    run_reused = [*egress, "run", "--quiet", "--reuse-gate", "--policy", str(policy), "--"]
+    return Config(name, run_reused, inside, start=[*run_reused, "true"], gate_pid=pid, env=env)
+
+
+def stop_pid(pid: int) -> None:
+    """SIGTERM, then SIGKILL after 10 s: a process this bench started but does not parent."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+        except ChildProcessError:  # not (or no longer) this process's child
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
 def cpu_seconds(pid: int | None) -> float:
     """User + system CPU of a process and its children (the workers), from /proc."""
     if pid is None:
@@ -624,6 +666,7 @@ def run(sizes: Sizes, peers: bool, out: Callable[[str], None] = print) -> int:
                     overrides={"inspected": (run_handed_i, inside)},
                 )
             )
+            configs.append(per_user_gate_row(root, egress, policy, inside, stops))
             if peers:
                 try:
                     squid = Squid(root / "squid", nginx)

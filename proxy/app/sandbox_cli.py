@@ -74,6 +74,14 @@ def add_run(subparsers: Any) -> None:
         "a credential, if the gate needs one, is read from $EGRESS_SANDBOX_TOKEN)",
     )
     run.add_argument(
+        "--reuse-gate",
+        action="store_true",
+        help="hand the sandbox to this user's shared gate (started on first use, exits when idle) "
+        "instead of starting a gate for this run; the run keeps its own policy. Runs the shared "
+        "gate cannot serve as their own gate would (other options, ask rules, rules bound to "
+        "executables) start their own. Also $EGRESS_REUSE_GATE=1",
+    )
+    run.add_argument(
         "--sandbox-id", type=sandbox_id, default=None, help="id carried on every decision"
     )
     add_credentials_option(run)
@@ -197,16 +205,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if _joins(args) and not (args.ca_cert or args.ca_key or args.upstream_ca):
         trust: Any = _joined_trust(args.state_dir)  # no CA to trust: no CA code to load
     else:
-        from proxy.app.ca import Inspection
-        from proxy.app.private_gate import sandbox_trust
-
-        trust = sandbox_trust(Inspection.from_args(args))
+        trust = _own_trust(args)
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     options = RunOptions(
         argv=cmd,
-        policy_path=_path(args.policy),
+        policy_path=args.policy,  # a str: loading takes one, and pathlib stays off this path
         proxy_url=args.proxy,
         dns_target=args.dns,
         gate_socket=args.gate_socket,
@@ -228,16 +233,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
         summary_format=args.summary,
         context=dict(args.context),
         traceparent=os.environ.get("TRACEPARENT") or None,
+        reuse_gate=_reusable(args),
     )
     return run(options)
 
 
-def _path(text: str | None) -> Any:
-    if text is None:
-        return None
-    from pathlib import Path
+# What a run may ask for and still be served by this user's shared gate: its policy, ceiling, id,
+# proxy port and summary. Any other option has a value only a gate of its own can honour.
+_REUSABLE = frozenset({"policy", "managed_policy", "sandbox_id", "quiet", "summary", "proxy_port"})
 
-    return Path(text)
+
+def _reusable(args: argparse.Namespace) -> bool:
+    """--reuse-gate (or $EGRESS_REUSE_GATE) for a run with nothing the shared gate cannot serve."""
+    from proxy.app.run_args import DEFAULTS
+    from proxy.sandbox.usergate import wanted
+
+    if not wanted(bool(getattr(args, "reuse_gate", False))):
+        return False
+    if _evidence_wanted(args) or os.environ.get("TRACEPARENT"):
+        return False
+    return all(
+        getattr(args, dest, default) == default
+        for dest, default in DEFAULTS.items()
+        if dest not in _REUSABLE and dest != "reuse_gate"
+    )
 
 
 def _joined_trust(state_dir: str | None) -> TrustSetup:
@@ -254,16 +273,26 @@ def _joined_trust(state_dir: str | None) -> TrustSetup:
     return setup
 
 
+def _own_trust(args: argparse.Namespace) -> TrustSetup:
+    """The trust set-up of a run with its own gate, its CA code imported only when it is set up: a
+    run that a per-user gate serves never loads it."""
+
+    def setup(policy: Any) -> Trust | None:
+        from proxy.app.ca import Inspection
+        from proxy.app.private_gate import sandbox_trust
+
+        return sandbox_trust(Inspection.from_args(args))(policy)
+
+    return setup
+
+
 def _private_gate_starter(args: argparse.Namespace) -> Any:
-    from proxy.app.ca import Inspection
-
-    inspection = Inspection.from_args(args)
-
     async def start(request: GateRequest) -> PrivateGate:
         """Imported only when a private gate starts: the joined modes never load the gate."""
+        from proxy.app.ca import Inspection
         from proxy.app.private_gate import start_private_gate
 
-        return await start_private_gate(request, inspection)
+        return await start_private_gate(request, Inspection.from_args(args))
 
     return start
 

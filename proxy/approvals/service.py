@@ -180,12 +180,12 @@ class Approvals:
         """Wrap a hand-off ``attach`` so that a sandbox's session grants end when it detaches (the
         sandbox is gone; a new one with the same id asks again)."""
 
-        async def attach_sandbox(sandbox_id: str, sockets: Any) -> Any:
-            detach = await attach(sandbox_id, sockets)
+        async def attach_sandbox(sandbox_id: str, sockets: Any, request: Any = None) -> Any:
+            detach = await attach(sandbox_id, sockets, request)
 
-            async def detach_sandbox() -> None:
+            async def detach_sandbox() -> Any:
                 try:
-                    await detach()
+                    return await detach()
                 finally:
                     try:
                         await self.broker.store.end_session(sandbox_id)

@@ -19,7 +19,11 @@ the sandbox's network namespace.
 
 Wire format: the launcher sends one JSON object ``{"version": 1, "sandbox_id": ..., "token": ...,
 "listeners": [names]}`` with the fds attached in that order; the gate answers one JSON object
-``{"ok": true, "accepted": [names]}`` or ``{"ok": false, "error": ...}``.
+``{"ok": true, "accepted": [names]}`` or ``{"ok": false, "error": ...}``. A gate that takes each
+run's own policy (``egress run --reuse-gate``, :mod:`proxy.app.user_gate`) also reads a ``check``
+message first, ``{"version": 1, "check": {...}}``, answered before the sandbox is built, and when the
+launcher half-closes the connection at the sandbox's end it writes one closing JSON object (the run's
+summary) before it closes its side.
 """
 
 from __future__ import annotations
@@ -45,9 +49,12 @@ MAX_MESSAGE = 16384
 REQUEST_TIMEOUT = 10.0  # for the launcher's message once it has connected
 KINDS = {"proxy": socket.SOCK_STREAM, "dns-udp": socket.SOCK_DGRAM, "dns-tcp": socket.SOCK_STREAM}
 
-Detach = Callable[[], Awaitable[None]]
-Attach = Callable[[str, dict[str, socket.socket]], Awaitable[Detach]]
+# A detach may return the closing message for the launcher (None: nothing to say).
+Detach = Callable[[], Awaitable["dict[str, Any] | None"]]
+# (proven sandbox id, listeners by name, the launcher's whole request) -> detach
+Attach = Callable[[str, dict[str, socket.socket], "dict[str, Any]"], Awaitable[Detach]]
 Authenticate = Callable[[str, str | None], str | None]  # (claimed id, token) -> proven id or None
+Check = Callable[["dict[str, Any]"], "dict[str, Any]"]  # a check message's body -> the answer
 
 
 class HandoffError(Exception):
@@ -142,16 +149,19 @@ class HandoffServer:
         *,
         allowed_uids: Iterable[int] | None = None,
         authenticate: Authenticate | None = None,
+        check: Check | None = None,
         mode: int = 0o600,
         max_sandboxes: int = 256,
     ) -> None:
         self.path = path
         self.attach = attach
+        self.check = check  # answers a launcher's check message (None: such a message is refused)
         self.allowed_uids = set(allowed_uids) if allowed_uids is not None else {os.geteuid(), 0}
         self.authenticate = authenticate
         self.mode = mode
         self.max_sandboxes = max_sandboxes
         self.attached: dict[str, int] = {}  # sandbox id -> live hand-offs (for tests and metrics)
+        self.serving = 0  # launcher connections open now (checking, handing off or attached)
         self._sock: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._own_netns = os.stat("/proc/self/ns/net").st_ino
@@ -208,16 +218,24 @@ class HandoffServer:
         received: list[socket.socket] = []
         detach: Detach | None = None
         sandbox_id = "?"
+        self.serving += 1
         try:
             try:
-                msg, fds = await _receive_request(conn)
-                received = [socket.socket(fileno=fd) for fd in fds]
-                uid = peer_uid(conn)  # read first, so the refusal reaches the launcher
-                if uid not in self.allowed_uids:
-                    raise HandoffError(f"uid {uid} may not hand sandboxes to this gate")
-                request = json.loads(msg)
-                if request.get("version") != PROTOCOL_VERSION:
-                    raise HandoffError(f"unsupported hand-off version {request.get('version')!r}")
+                request, received = await self._request(conn)
+                if "check" in request:  # answered, then the hand-off itself follows
+                    for sock in received:
+                        sock.close()
+                    received = []
+                    body = request["check"]
+                    if self.check is None or not isinstance(body, dict):
+                        raise HandoffError("this gate takes no check message")
+                    # in a thread: loading a policy must not stall the sandboxes already served
+                    self._reply(conn, await asyncio.to_thread(self.check, body))
+                    request, received = await self._request(conn)
+                    if not request:
+                        return  # the launcher went another way (its own gate) after the check
+                    if "check" in request:
+                        raise HandoffError("one check message per connection")
                 names = request.get("listeners")
                 if (
                     not isinstance(names, list)
@@ -229,7 +247,7 @@ class HandoffServer:
                 sockets = dict(zip(names, received, strict=True))
                 for name, sock in sockets.items():
                     check_listener(sock, name, self._own_netns)
-                detach = await self.attach(sandbox_id, sockets)
+                detach = await self.attach(sandbox_id, sockets, request)
             except (HandoffError, ValueError, OSError) as exc:
                 _log().warning("refused a sandbox hand-off (%s): %s", sandbox_id, exc)
                 self._reply(conn, {"ok": False, "error": str(exc)})
@@ -245,13 +263,42 @@ class HandoffServer:
                     pass
         finally:
             if detach is not None:
-                with contextlib.suppress(Exception):
-                    await detach()
+                closing = None
+                try:
+                    closing = await detach()
+                except Exception:
+                    _log().exception("sandbox %s: detaching failed", sandbox_id)
+                if closing is not None:
+                    await _say(conn, closing)
                 self.attached[sandbox_id] -= 1
                 if not self.attached[sandbox_id]:
                     del self.attached[sandbox_id]
                 _log().info("sandbox %s ended; its listeners are closed", sandbox_id)
             conn.close()
+            self.serving -= 1
+
+    async def _request(self, conn: socket.socket) -> tuple[dict[str, Any], list[socket.socket]]:
+        """The launcher's next message (checked: its sender's uid, its version) and the sockets it
+        carried, which the caller owns (closed by it on a refusal); an empty message at the
+        connection's end."""
+        msg, fds = await _receive_request(conn)
+        received = [socket.socket(fileno=fd) for fd in fds]
+        if not msg and not received:
+            return {}, []  # the launcher closed the connection
+        try:
+            uid = peer_uid(conn)  # read first, so the refusal reaches the launcher
+            if uid not in self.allowed_uids:
+                raise HandoffError(f"uid {uid} may not hand sandboxes to this gate")
+            request = json.loads(msg)
+            if not isinstance(request, dict):
+                raise HandoffError("the request is not a JSON object")
+            if request.get("version") != PROTOCOL_VERSION:
+                raise HandoffError(f"unsupported hand-off version {request.get('version')!r}")
+        except BaseException:
+            for sock in received:
+                sock.close()
+            raise
+        return request, received
 
     def _identify(self, request: dict[str, Any]) -> str:
         claimed = request.get("sandbox_id")
@@ -267,10 +314,11 @@ class HandoffServer:
 
     async def close(self) -> None:
         if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+            # The name first: a successor bound to the same path must not lose its socket to us.
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
+            self._sock.close()
+            self._sock = None
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -305,6 +353,17 @@ async def _receive_request(conn: socket.socket) -> tuple[bytes, list[int]]:
             loop.remove_reader(conn.fileno())
 
 
+async def _say(conn: socket.socket, message: dict[str, Any]) -> None:
+    """The closing message, on the loop and bounded: a launcher that stopped reading cannot hold
+    the gate."""
+    import asyncio
+
+    with contextlib.suppress(OSError, TimeoutError):
+        conn.setblocking(False)
+        async with asyncio.timeout(5):
+            await asyncio.get_running_loop().sock_sendall(conn, json.dumps(message).encode())
+
+
 def _resolve(future: Any) -> None:
     if not future.done():
         future.set_result(None)
@@ -313,7 +372,9 @@ def _resolve(future: Any) -> None:
 def gate_attacher(gate: Any, dns_gate_for: Callable[[str], Any] | None = None) -> Attach:
     """``attach`` for a running :class:`addons.master.Gate` (and a DnsGate factory, per sandbox)."""
 
-    async def attach(sandbox_id: str, sockets: dict[str, socket.socket]) -> Detach:
+    async def attach(
+        sandbox_id: str, sockets: dict[str, socket.socket], _request: dict[str, Any] | None = None
+    ) -> Detach:
         server = await gate.add_listener(sockets["proxy"], sandbox_id=sandbox_id)
         dns = None
         try:
@@ -334,6 +395,7 @@ def gate_attacher(gate: Any, dns_gate_for: Callable[[str], Any] | None = None) -
             if dns is not None:
                 dns.close()
                 await dns.wait_closed()
+            return None
 
         return detach
 

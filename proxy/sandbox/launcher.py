@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # a private gate's types: the joined modes do not import them
     from proxy.evidence.emit import Emitter, Sink
     from proxy.sandbox.private_gate import GateStarter, PrivateGate, Trust, TrustSetup
     from proxy.sandbox.summary import SummarySink
+    from proxy.sandbox.usergate import Session
 
 NO_ISOLATION_WARNING = """\
 egress: WARNING: --no-isolation: the command runs WITHOUT a network namespace.
@@ -51,7 +52,7 @@ class RunOptions:
         self,
         argv: Sequence[str],
         *,
-        policy_path: Path | None = None,
+        policy_path: str | Path | None = None,
         proxy_url: str | None = None,
         sandbox_id: str | None = None,
         quiet: bool = False,
@@ -83,6 +84,7 @@ class RunOptions:
         summary_format: str = "text",
         context: dict[str, str] | None = None,
         traceparent: str | None = None,
+        reuse_gate: bool = False,
     ) -> None:
         self.argv = argv
         self.policy_path = policy_path
@@ -122,6 +124,9 @@ class RunOptions:
         self.summary_format = summary_format  # or "json": one JSON object on stderr at exit
         self.context: dict[str, str] = context if context is not None else {}  # --context KEY=VALUE
         self.traceparent = traceparent  # the agent's W3C trace context (validated by the CLI)
+        # Hand the sandbox to this user's shared gate when it can serve the run as a private gate
+        # would (proxy.sandbox.usergate); the caller sets it only for runs with nothing else to serve.
+        self.reuse_gate = reuse_gate
 
 
 def new_sandbox_id() -> str:
@@ -148,6 +153,13 @@ def run(options: RunOptions) -> int:
         return EXIT_SETUP_FAILED
     policy: Any = None
     private = options.proxy_url is None and options.gate_socket is None
+    session: Session | None = None
+    if private and options.reuse_gate and options.isolation and options.credentials is None:
+        reused = _user_gate(options)
+        if isinstance(reused, int):
+            return reused
+        session = reused
+        private = session is None
     if private:
         if options.gate is None:
             _err("no gate to start (RunOptions.gate is unset); the command was not run")
@@ -164,10 +176,15 @@ def run(options: RunOptions) -> int:
             _err(f"{verdict}; the command was not run")
             return EXIT_SETUP_FAILED
     trust: Trust | None = None
-    if options.trust is not None:
+    if options.trust is not None or session is not None:
         try:
-            trust = options.trust(policy)
+            if session is not None:
+                trust = session.trust()
+            elif options.trust is not None:
+                trust = options.trust(policy)
         except ValueError as exc:
+            if session is not None:
+                session.close()
             _err(f"{exc}; the command was not run")
             return EXIT_SETUP_FAILED
     provided: Provided | None = None
@@ -187,7 +204,7 @@ def run(options: RunOptions) -> int:
             _err("the command was not run")
             return EXIT_SETUP_FAILED
     try:
-        return _run_with(options, policy, trust, provided)
+        return _run_with(options, policy, trust, provided, session)
     finally:
         if trust is not None:
             trust.cleanup()
@@ -195,8 +212,41 @@ def run(options: RunOptions) -> int:
             provided.cleanup()
 
 
+def _user_gate(options: RunOptions) -> Session | int | None:
+    """This user's gate, checked to serve the run's policy; None: start a private gate instead; an
+    exit status: the policy does not load (the gate's lines say where), so nothing runs."""
+    from proxy.sandbox.usergate import UserGateError, open_session, policy_check
+
+    check = policy_check(
+        str(options.policy_path) if options.policy_path is not None else None,
+        options.managed_policy,
+    )
+    try:
+        session = open_session(check)
+    except UserGateError as exc:
+        if not options.quiet:
+            _err(f"{exc}; this run starts its own gate")
+        return None
+    answer = session.answer
+    if answer.get("ok"):
+        return session
+    session.close()
+    lines = answer.get("error")
+    if isinstance(lines, list) and lines:
+        *problems, verdict = (str(line) for line in lines)
+        for line in problems:
+            _err(line)
+        _err(f"{verdict}; the command was not run")
+        return EXIT_SETUP_FAILED
+    return None  # a fallback: the shared gate cannot serve this policy as a private gate would
+
+
 def _run_with(
-    options: RunOptions, policy: Any, trust: Trust | None, provided: Provided | None = None
+    options: RunOptions,
+    policy: Any,
+    trust: Trust | None,
+    provided: Provided | None = None,
+    session: Session | None = None,
 ) -> int:
     bundle = trust.bundle if trust is not None else None
     if not options.isolation:
@@ -220,7 +270,7 @@ def _run_with(
             Listener("dns-udp", "udp", options.dns_port),
             Listener("dns-tcp", "tcp", options.dns_port),
         ]
-    if options.proxy_url is None and options.gate_socket is None:
+    if options.proxy_url is None and options.gate_socket is None and session is None:
         listeners.append(Listener("diag", "diag", 0))  # the private gate attributes connections
     inside = SANDBOX_LOOPBACK
     if options.proxy_url is not None:
@@ -236,11 +286,11 @@ def _run_with(
     base = dict(options.env if options.env is not None else os.environ)
     base.pop("EGRESS_SANDBOX_TOKEN", None)  # the launcher's to present, not the sandbox's to read
     env = proxy_environment(base, address, sandbox_id=options.sandbox_id, ca_bundle=bundle)
-    hidden = tuple(trust.hidden) if trust is not None else ()
+    hidden = tuple(trust.hidden) if trust is not None else ()  # a per-user gate's socket among them
     if provided is not None:  # placeholders in, real values and their sources out of reach
         env = provided.apply_to(env)
         hidden += tuple(provided.hidden)
-    private = upstream is None and options.gate_socket is None
+    private = upstream is None and options.gate_socket is None and session is None
     if options.gate_socket is not None:
         # Before the fork, not while the helper works: after it, every page the import writes is
         # copied first (the helper and init share them until they exit).
@@ -267,7 +317,9 @@ def _run_with(
         return EXIT_SETUP_FAILED
     summary = ""
     try:
-        if options.gate_socket is not None:
+        if session is not None:
+            code, summary = _run_reused(options, sandbox, session)
+        elif options.gate_socket is not None:
             code, summary = _run_handed_off(options, sandbox, options.gate_socket)
         elif upstream is not None:
             code, summary = _run_joined(options, sandbox, upstream)
@@ -507,6 +559,44 @@ def _run_handed_off(options: RunOptions, sandbox: Sandbox, path: str) -> tuple[i
         f"egress: sandbox {options.sandbox_id}: served by the gate at {path} "
         f"({', '.join(accepted)}); its decision log has the details"
     )
+    return code, summary
+
+
+def _run_reused(options: RunOptions, sandbox: Sandbox, session: Session) -> tuple[int, str]:
+    """This user's gate takes the sandbox's listeners with the run's own policy, and sends the
+    run's summary back when the sandbox has ended."""
+    from proxy.sandbox.handoff import HandoffError
+
+    try:
+        session.hand_off(
+            str(options.sandbox_id),
+            sandbox.sockets,
+            None if options.quiet else options.summary_format,
+        )
+    except HandoffError as exc:
+        session.close()
+        sandbox.abort()
+        _err(f"{exc}; the command was not run")
+        return EXIT_SETUP_FAILED, ""
+    sandbox.close_sockets()  # the gate holds its own copies now
+    watch = GateWatch(session.conn, sandbox, session.path)
+    summary = ""
+    try:
+        with forwarding_signals(sandbox.send_signal):
+            if options.on_ready:
+                options.on_ready(sandbox)
+            sandbox.start()
+            code = watch.wait()
+    finally:
+        if watch.lost:
+            session.close()
+        else:
+            summary = session.finish()  # the half-close ends the sandbox's service there
+    if watch.lost:
+        return (
+            EXIT_SETUP_FAILED,
+            f"egress: sandbox {options.sandbox_id}: the gate at {session.path} went away",
+        )
     return code, summary
 
 

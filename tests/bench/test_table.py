@@ -20,6 +20,7 @@ ROWS = (
     "| `egress serve --workers 2` |",
     "| `egress run` (private gate) |",
     "| `egress run --gate-socket` (running gate) |",
+    "| `egress run --reuse-gate` (per-user gate) |",
 )
 GATE_CASES = (
     "| full telemetry (journal + OTLP + metrics) vs off",
@@ -50,7 +51,9 @@ def test_the_quick_bench_produces_every_row() -> None:
     header = next(line for line in out.splitlines() if line.startswith("| same work"))
     column = [c.strip() for c in header.split("|")].index("inspected bulk MB/s")
     for line in rows:
-        if "egress" in line and "--workers" not in line:  # measured through an inspecting gate
+        # measured through an inspecting gate (not the per-user gate's row: the bench's inspected
+        # policy needs a hosts file and an upstream CA, options a run with a gate of its own takes)
+        if "egress" in line and "--workers" not in line and "--reuse-gate" not in line:
             assert float([c.strip() for c in line.split("|")][column].replace(",", "")) > 0, line
     assert "FAILED" not in out
     if os.geteuid() == 0:  # the idle-tunnel case raises its own fd limit; it did not fall short

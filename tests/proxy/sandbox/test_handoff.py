@@ -241,3 +241,52 @@ def test_a_request_that_comes_late_is_read_and_one_that_never_comes_is_refused(
         assert handoff.server.attached == {}
     finally:
         handoff.close()
+
+
+def test_a_check_message_is_answered_once_and_only_by_a_gate_that_takes_it(
+    world: tuple[RunningGate, Path, Upstream], tmp_path: Path
+) -> None:
+    """The per-user gate's check comes before the hand-off on the same connection: a gate without
+    a check refuses it, and a second check on one connection is refused."""
+    import json
+
+    from proxy.sandbox import handoff as module
+
+    gate, path, _ = world
+
+    def ask(conn: socket.socket, message: dict[str, Any]) -> dict[str, Any]:
+        conn.sendall(json.dumps(message).encode())
+        answer: dict[str, Any] = json.loads(conn.recv(module.MAX_MESSAGE))
+        return answer
+
+    plain = Handoff(gate, path)
+    try:
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.settimeout(WAIT)
+            conn.connect(str(path))
+            assert ask(conn, {"version": 1, "check": {}}) == {
+                "ok": False,
+                "error": "this gate takes no check message",
+            }
+    finally:
+        plain.close()
+    checking = Handoff(gate, path, check=lambda body: {"ok": True, "echo": body})
+    try:
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.settimeout(WAIT)
+            conn.connect(str(path))
+            assert ask(conn, {"version": 1, "check": {"x": 1}}) == {"ok": True, "echo": {"x": 1}}
+            assert ask(conn, {"version": 1, "check": {"x": 2}}) == {
+                "ok": False,
+                "error": "one check message per connection",
+            }
+        with socket.socket(socket.AF_UNIX) as conn:  # checked, then gone: nothing is attached
+            conn.settimeout(WAIT)
+            conn.connect(str(path))
+            assert ask(conn, {"version": 1, "check": {}})["ok"] is True
+        deadline = time.monotonic() + 10
+        while checking.server.serving and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert checking.server.serving == 0 and checking.server.attached == {}
+    finally:
+        checking.close()

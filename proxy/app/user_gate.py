@@ -1,0 +1,285 @@
+"""The per-user gate, gate side: serves sandboxes handed over by ``egress run --reuse-gate``, each
+with the policy its own run named (:mod:`proxy.sandbox.usergate` says who starts it and who may use
+it).
+
+Nothing is served that a run did not name. The gate's own TCP listener (which every gate has) serves
+no sandbox and its policy has no rule, so anything that connects to it is refused. A sandbox's
+policy is loaded (from the files its launcher named, under the managed ceiling it named) when the
+launcher checks it and again when the listeners arrive, and it holds for that sandbox's whole life:
+like a private gate, this gate does not reload a run's policy while the run lasts. The files are
+read again whenever one of them changed (inode, size or modification time), else the loaded policy
+is reused. A policy this gate cannot serve as a private gate would is answered with a fallback, and
+the run starts its own gate: ask rules (their approvals belong to the run's terminal) and rules
+bound to executables (this gate cannot see the sandbox's processes).
+
+When a run's launcher half-closes its connection (the sandbox has ended), the gate writes back the
+run's summary, counted from that sandbox's decisions only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from proxy.core.decision import Decision
+from proxy.policy.model import Action, Mode, Policy, PolicyError
+from proxy.sandbox.handoff import Detach, HandoffError
+from proxy.sandbox.summary import SummarySink
+from proxy.sandbox.usergate import CODE, IDLE_EXIT, PID_NAME, SOCKET_NAME, private_dir
+
+log = logging.getLogger("egress.user-gate")
+
+# The gate's own listener serves nobody: no rule, so every connection to it is refused.
+NOBODY = Policy(version="per-user-gate: no sandbox", mode=Mode.ENFORCE, rules=())
+IDLE_CHECK = 1.0  # seconds between looks at whether the gate is idle
+
+
+class Unservable(Exception):
+    """This gate cannot serve the policy as a private gate would: the run should start its own."""
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    policy: Policy
+    signature: tuple[tuple[str, int, int, int], ...]  # every file read: path, inode, size, mtime
+
+
+def _signature(paths: list[Path]) -> tuple[tuple[str, int, int, int], ...]:
+    out = []
+    for path in paths:
+        info = os.stat(path)
+        out.append((str(path), info.st_ino, info.st_size, info.st_mtime_ns))
+    return tuple(out)
+
+
+class RunPolicies:
+    """The policies of the runs this gate serves: loaded per run, cached while their files are
+    unchanged, registered for a sandbox while it is attached."""
+
+    def __init__(self, gate: Any, inner_attach: Any, trust: dict[str, Any] | None = None) -> None:
+        self.gate = gate
+        self.inner_attach = inner_attach
+        # For the launcher: the state directory to hide, the CA files a sandbox trusts.
+        self.trust = trust or {}
+        self.summaries: dict[str, SummarySink] = {}
+        self._cache: dict[tuple[str | None, str | None], _Loaded] = {}
+        self._lock = threading.Lock()  # checks load in threads
+
+    def load(self, body: dict[str, Any]) -> Policy:
+        """The run's policy; PolicyError when it does not load, Unservable when this gate cannot
+        serve it, HandoffError when the request is malformed."""
+        if body.get("code") != CODE:
+            raise Unservable(f"the running gate is another installation ({CODE})")
+        local, managed = body.get("path"), body.get("managed")
+        for name, value in (("path", local), ("managed", managed)):
+            if value is not None and (not isinstance(value, str) or not os.path.isabs(value)):
+                raise HandoffError(f"the policy's {name} must be an absolute path")
+        key = (local, managed)
+        with self._lock:
+            cached = self._cache.get(key)
+            if cached is not None:
+                try:
+                    if _signature([Path(p) for p, *_ in cached.signature]) == cached.signature:
+                        return cached.policy
+                except OSError:
+                    pass  # a file is gone: load again, which says so
+            policy = self._load_files(local, managed)
+            files = list(policy.files) + (list(policy.ceiling.files) if policy.ceiling else [])
+            try:
+                self._cache[key] = _Loaded(policy, _signature(files))
+            except OSError:
+                self._cache.pop(key, None)
+            if len(self._cache) > 64:  # bounded: the oldest entry goes
+                self._cache.pop(next(iter(self._cache)))
+        _servable(policy)
+        return policy
+
+    @staticmethod
+    def _load_files(local: str | None, managed: str | None) -> Policy:
+        from proxy.policy.managed import load_effective
+
+        return load_effective(local, managed)
+
+    def check(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The answer to a launcher's check: whether this gate serves the run's policy, and whether
+        the sandbox must trust the gate's CA."""
+        try:
+            policy = self.load(body)
+        except PolicyError as exc:
+            return {"ok": False, "error": exc.lines()}
+        except Unservable as exc:
+            return {"ok": False, "fallback": str(exc)}
+        except (HandoffError, OSError) as exc:
+            return {"ok": False, "fallback": str(exc)}
+        return {"ok": True, "inspects": policy.reads_requests, **self.trust}
+
+    async def attach(
+        self, sandbox_id: str, sockets: dict[str, socket.socket], request: dict[str, Any]
+    ) -> Detach:
+        body = request.get("policy")
+        if not isinstance(body, dict):
+            raise HandoffError("the hand-off names no policy")
+        try:
+            policy = await asyncio.to_thread(self.load, body)
+        except PolicyError as exc:
+            raise HandoffError("; ".join(exc.lines())) from None
+        except Unservable as exc:
+            raise HandoffError(str(exc)) from None
+        policies = self.gate.checkpoint.connections.sandbox_policies
+        if sandbox_id in policies:
+            raise HandoffError(f"sandbox {sandbox_id} is already served by this gate")
+        fmt = request.get("summary")
+        summary = SummarySink()
+        policies[sandbox_id] = lambda: policy
+        self.summaries[sandbox_id] = summary
+        if policy.reads_requests:
+            self.gate.warm_layers_on_first_connection()
+        try:
+            inner = await self.inner_attach(sandbox_id, sockets, request)
+        except BaseException:
+            del policies[sandbox_id]
+            del self.summaries[sandbox_id]
+            raise
+
+        async def detach() -> dict[str, Any] | None:
+            try:
+                await inner()
+            finally:
+                policies.pop(sandbox_id, None)  # a connection still open keeps its own reference
+                self.summaries.pop(sandbox_id, None)
+            if fmt == "json":
+                return {"summary": summary.render_json(sandbox_id)}
+            if fmt == "text":
+                return {"summary": summary.render(sandbox_id)}
+            return None
+
+        return detach
+
+
+class Summaries:
+    """A sink that counts each decision in the summary of the sandbox it belongs to."""
+
+    def __init__(self, by_sandbox: dict[str, SummarySink]) -> None:
+        self.by_sandbox = by_sandbox
+
+    def record(self, decision: Decision) -> None:
+        summary = self.by_sandbox.get(decision.sandbox_id or "")
+        if summary is not None:
+            summary.record(decision)
+
+    def close(self) -> None:
+        pass
+
+
+def _servable(policy: Policy) -> None:
+    for rule in policy.rules:
+        where = f"{rule.file}:{rule.line}: rule '{rule.name}'"
+        if rule.action is Action.ASK:
+            raise Unservable(f"{where} asks for approvals, which need the run's own gate")
+        if rule.executables:
+            raise Unservable(f"{where} is bound to executables, which need the run's own gate")
+
+
+async def serve(directory: str, ready_fd: int | None, idle: float) -> int:
+    from addons.master import Gate, GateConfig
+    from proxy.app import statedir
+    from proxy.app.ca import ensure_ca, system_bundle, upstream_trust
+    from proxy.destinations.dnsgate import DnsGate
+    from proxy.destinations.resolver import Resolver
+    from proxy.evidence.emit import Emitter
+    from proxy.sandbox.handoff import HandoffServer, gate_attacher
+
+    state = statedir.prepare_state_dir(statedir.default_state_dir())
+    confdir = statedir.mitmproxy_confdir(state)
+    ca = ensure_ca(confdir)
+    system = system_bundle()
+    trust = {"state": str(state), "trust": [str(p) for p in (system, ca.cert) if p is not None]}
+    summaries: dict[str, SummarySink] = {}
+    emitter = Emitter([Summaries(summaries)])
+    resolver = Resolver()
+    gate = Gate(
+        GateConfig(
+            listen_host="127.0.0.1",
+            listen_port=0,
+            confdir=str(confdir),
+            upstream_ca=upstream_trust(confdir, None),
+        ),
+        lambda: NOBODY,
+        emitter,
+        resolver,
+    )
+    policies = gate.checkpoint.connections.sandbox_policies
+
+    def dns_for(sandbox_id: str) -> DnsGate:
+        return DnsGate(policies.get(sandbox_id, lambda: NOBODY), resolver, emitter, sandbox_id)
+
+    runs = RunPolicies(gate, gate_attacher(gate, dns_for), trust)
+    runs.summaries = summaries
+    handoff = HandoffServer(os.path.join(directory, SOCKET_NAME), runs.attach, check=runs.check)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await gate.start(layers=False)
+        await handoff.start()
+        log.warning("per-user gate ready: pid %d, %s", os.getpid(), handoff.path)
+        if ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, b"R")
+                os.close(ready_fd)
+        await _until_idle(handoff, idle, stop)
+    finally:
+        await handoff.close()
+        await gate.stop()
+        emitter.close()
+    return 0
+
+
+async def _until_idle(handoff: Any, idle: float, stop: asyncio.Event) -> None:
+    """Returns on a stop signal, or once no launcher has been connected for ``idle`` seconds."""
+    loop = asyncio.get_running_loop()
+    quiet_since = loop.time()
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(IDLE_CHECK):
+                await stop.wait()
+        if handoff.serving:
+            quiet_since = loop.time()
+        elif loop.time() - quiet_since >= idle:
+            log.warning("no sandbox for %g s: exiting", idle)
+            return
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m proxy.app.user_gate")
+    parser.add_argument("--dir", required=True, help="the gate's private directory")
+    parser.add_argument("--ready-fd", type=int, default=None, help="write R here once ready")
+    parser.add_argument("--idle-exit", type=float, default=IDLE_EXIT, help="seconds idle")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    from proxy.runtime.loop import run
+
+    directory = private_dir(args.dir)
+    pid_file = os.path.join(directory, PID_NAME)
+    with open(pid_file, "w") as out:
+        out.write(f"{os.getpid()}\n")
+    try:
+        return run(serve(directory, args.ready_fd, args.idle_exit))
+    finally:
+        with contextlib.suppress(OSError):
+            if Path(pid_file).read_text().strip() == str(os.getpid()):
+                os.unlink(pid_file)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

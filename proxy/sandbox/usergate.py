@@ -1,0 +1,329 @@
+"""The per-user gate, launcher side: ``egress run --reuse-gate`` hands its sandbox to one gate per user.
+
+A private gate costs every ``egress run`` its start (~250-300 ms of imports and policy loading on a
+2-core machine); a harness that wraps each tool call in ``egress run`` pays it each time. With
+``--reuse-gate`` (or ``EGRESS_REUSE_GATE=1``) the first run starts a gate for this user
+(:mod:`proxy.app.user_gate`), and every run hands its sandbox's listeners to it over a Unix socket
+(:mod:`proxy.sandbox.handoff`): each later run costs the hand-off path. The gate exits after an idle
+period with no sandbox attached.
+
+Each run keeps its own policy: the launcher names its policy file (and managed ceiling) in a check
+message before the sandbox is built, and the gate loads it, answers whether it reads requests (the
+sandbox must then trust the gate's CA) and serves that sandbox's listeners with it alone. A run the
+shared gate cannot serve exactly as a private gate would (ask rules, rules bound to executables, any
+option beyond the policy and the summary) gets a private gate, as without the flag.
+
+Who may use the gate: its directory is ``$XDG_RUNTIME_DIR/agent-egress`` (else
+``/tmp/agent-egress-UID``), created 0700 and refused unless it is a directory this user owns that
+nobody else can enter; the socket is 0600 and the gate checks the peer's uid (``SO_PEERCRED``).
+The launcher checks the gate's uid too, so a socket another user planted is never handed a sandbox.
+The directory is hidden inside every sandbox (a tmpfs over it): a sandboxed process, which runs as
+the same user, cannot reach the socket to hand over listeners of its own with a wider policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import stat
+
+from proxy.sandbox.handoff import MAX_MESSAGE, PROTOCOL_VERSION, HandoffError, peer_uid
+
+TYPE_CHECKING = False  # typing's constant without importing typing: see docs/startup.md
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
+
+    from proxy.sandbox.trust import Trust
+
+ENV_VAR = "EGRESS_REUSE_GATE"
+# The installation a launcher and a gate run: a gate from another one (an upgrade since it started)
+# is not handed sandboxes.
+CODE = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))  # the `proxy` package
+SOCKET_NAME = "gate.sock"
+LOCK_NAME = "start.lock"
+LOG_NAME = "gate.log"
+PID_NAME = "gate.pid"
+IDLE_EXIT = 300.0  # seconds with no sandbox attached before the gate exits
+START_TIMEOUT = 30.0  # for a new gate to say it is ready
+ANSWER_TIMEOUT = 10.0  # for the gate's answer to a check or a hand-off
+CLOSING_TIMEOUT = 5.0  # for the run's summary once the sandbox has ended
+
+
+class UserGateError(Exception):
+    """The per-user gate cannot be used (its directory is unsafe, it did not start, it answered
+    nonsense); the run gets a private gate instead, and the message says why."""
+
+
+def wanted(flag: bool, environ: Mapping[str, str] | None = None) -> bool:
+    """``--reuse-gate``, or ``EGRESS_REUSE_GATE=1`` for a harness that cannot change the command."""
+    env = os.environ if environ is None else environ
+    return flag or env.get(ENV_VAR, "") in ("1", "yes", "true")
+
+
+def gate_dir(environ: Mapping[str, str] | None = None) -> str:
+    env = os.environ if environ is None else environ
+    base = env.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(base):
+        return os.path.join(base, "agent-egress")
+    return f"/tmp/agent-egress-{os.geteuid()}"
+
+
+def private_dir(path: str) -> str:
+    """``path``, created 0700 if missing; UserGateError unless it is a real directory owned by this
+    user with no access for anyone else (a directory planted by another user is never trusted)."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    try:
+        info = os.lstat(path)
+    except OSError as exc:
+        raise UserGateError(f"{path}: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise UserGateError(f"{path}: not a directory")
+    if info.st_uid != os.geteuid():
+        raise UserGateError(f"{path}: owned by uid {info.st_uid}, not {os.geteuid()}")
+    if info.st_mode & 0o077:
+        raise UserGateError(f"{path}: mode {stat.S_IMODE(info.st_mode):o}, expected 700")
+    return path
+
+
+class Session:
+    """One run's connection to the per-user gate: the check's answer, then the hand-off, then the
+    run's summary when the sandbox ends."""
+
+    def __init__(
+        self, conn: socket.socket, directory: str, check: dict[str, Any], answer: dict[str, Any]
+    ) -> None:
+        self.conn = conn
+        self.directory = directory
+        self.path = os.path.join(directory, SOCKET_NAME)
+        self.check = check  # what the run asked for: its policy files
+        self.answer = answer
+
+    def trust(self) -> Trust:
+        """What the sandbox trusts and cannot read: the gate's state directory (its CA key) and this
+        directory (the socket) hidden always; when the run's policy reads requests, a bundle of the
+        system's CAs and the gate's, written for this run."""
+        from proxy.sandbox.trust import Trust
+
+        hidden = [self.directory]
+        state = self.answer.get("state")
+        if isinstance(state, str) and os.path.isabs(state):
+            hidden.append(state)
+        parts = self.answer.get("trust") if self.answer.get("inspects") else None
+        if not isinstance(parts, list) or not parts:
+            return Trust(bundle=None, hidden=tuple(hidden))
+        try:
+            folder = _private_temp_dir()
+            bundle = os.path.join(folder, "ca-bundle.pem")
+            with open(bundle, "wb") as out:
+                for part in parts:
+                    with open(str(part), "rb") as source:
+                        out.write(source.read().rstrip(b"\n") + b"\n")
+            os.chmod(bundle, 0o644)
+        except (OSError, TypeError) as exc:
+            raise ValueError(f"cannot set up the sandbox's trust in the gate's CA: {exc}") from exc
+        return Trust(bundle=bundle, hidden=tuple(hidden), cleanup=lambda: _remove(folder))
+
+    def hand_off(
+        self, sandbox_id: str, sockets: dict[str, socket.socket], summary: str | None
+    ) -> list[str]:
+        """Give the listeners to the gate; the names it took. ``summary``: "text", "json" or None
+        (none wanted): the format of the closing message."""
+        names = list(sockets)
+        message = {
+            "version": PROTOCOL_VERSION,
+            "sandbox_id": sandbox_id,
+            "listeners": names,
+            "policy": self.check,
+            "summary": summary,
+        }
+        try:
+            socket.send_fds(
+                self.conn, [json.dumps(message).encode()], [sockets[n].fileno() for n in names]
+            )
+            reply = _answer(self.conn)
+        except (OSError, ValueError) as exc:
+            raise HandoffError(
+                f"cannot hand the sandbox to the gate at {self.path}: {exc}"
+            ) from exc
+        if not reply.get("ok"):
+            raise HandoffError(str(reply.get("error") or "refused"))
+        self.conn.settimeout(None)
+        return [str(n) for n in reply.get("accepted", [])]
+
+    def finish(self) -> str:
+        """The sandbox has ended: say so (half-close) and read the run's summary ("" if the gate
+        sent none in time)."""
+        out = b""
+        try:
+            self.conn.shutdown(socket.SHUT_WR)
+            self.conn.settimeout(CLOSING_TIMEOUT)
+            while len(out) <= MAX_MESSAGE * 16:
+                more = self.conn.recv(MAX_MESSAGE)
+                if not more:
+                    break
+                out += more
+            closing = json.loads(out) if out else {}
+        except (OSError, ValueError):
+            return ""
+        finally:
+            self.close()
+        text = closing.get("summary") if isinstance(closing, dict) else None
+        return text if isinstance(text, str) else ""
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.close()
+
+
+def policy_check(policy: str | None, managed: str | None) -> dict[str, Any]:
+    """The check message's body: the run's policy files, absolute (the gate has its own working
+    directory), and the installation asking."""
+    return {
+        "path": os.path.abspath(policy) if policy is not None else None,
+        "managed": os.path.abspath(managed) if managed is not None else None,
+        "code": CODE,
+    }
+
+
+def open_session(check: dict[str, Any], environ: Mapping[str, str] | None = None) -> Session:
+    """Connect to this user's gate (starting it when none runs) and ask it about this run's policy
+    (``check``: :func:`policy_check`). UserGateError when no gate can be used."""
+    directory = private_dir(gate_dir(environ))
+    path = os.path.join(directory, SOCKET_NAME)
+    problem = "no answer"
+    for _attempt in range(2):  # a gate that was exiting as it idled out gets one successor
+        conn = _connect(path)
+        if conn is None:
+            conn = _start_and_connect(directory, path)
+        try:
+            owner = peer_uid(conn)
+            if owner != os.geteuid():
+                raise UserGateError(f"the gate at {path} runs as uid {owner}, not {os.geteuid()}")
+            conn.settimeout(ANSWER_TIMEOUT)
+            conn.sendall(json.dumps({"version": PROTOCOL_VERSION, "check": check}).encode())
+            return Session(conn, directory, check, _answer(conn))
+        except UserGateError:
+            conn.close()
+            raise
+        except (OSError, ValueError) as exc:
+            conn.close()
+            problem = str(exc) or type(exc).__name__
+    raise UserGateError(f"the gate at {path} did not answer: {problem}")
+
+
+def _private_temp_dir() -> str:
+    """A new 0700 directory under the temporary directory (``tempfile.mkdtemp``'s contract, without
+    importing tempfile on every run's path: docs/startup.md)."""
+    base = os.environ.get("TMPDIR") or "/tmp"
+    for _attempt in range(100):
+        path = os.path.join(base, f"egress-trust-{os.urandom(6).hex()}")
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no unused directory name under {base}")
+
+
+def _remove(folder: str) -> None:
+    for name in os.listdir(folder):
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(folder, name))
+    with contextlib.suppress(OSError):
+        os.rmdir(folder)
+
+
+def _answer(conn: socket.socket) -> dict[str, Any]:
+    raw = conn.recv(MAX_MESSAGE)
+    if not raw:
+        raise ConnectionResetError("the gate closed the connection without answering")
+    reply = json.loads(raw)
+    if not isinstance(reply, dict):
+        raise ValueError("the gate's answer is not a JSON object")
+    return reply
+
+
+def _connect(path: str) -> socket.socket | None:
+    """A connection to a running gate, or None when none listens there."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.settimeout(ANSWER_TIMEOUT)
+        conn.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        conn.close()
+        return None
+    except OSError as exc:
+        conn.close()
+        raise UserGateError(f"cannot reach the gate at {path}: {exc}") from None
+    return conn
+
+
+def _start_and_connect(directory: str, path: str) -> socket.socket:
+    """Start the gate, unless another launcher did while this one waited for the lock."""
+    import fcntl
+
+    lock = os.open(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        conn = _connect(path)
+        if conn is None:
+            start(directory)
+            conn = _connect(path)
+        if conn is None:
+            raise UserGateError(f"the gate started but does not listen at {path}")
+        return conn
+    finally:
+        os.close(lock)  # and the lock with it
+
+
+def start(directory: str, idle: float = IDLE_EXIT, environ: Mapping[str, str] | None = None) -> int:
+    """Start a gate serving ``directory`` in its own session (it outlives this run); its pid, once
+    it said it is ready. Its log goes to ``directory/gate.log``; ``environ``: its environment (this
+    process's by default)."""
+    import select
+    import subprocess
+    import sys
+
+    ready, signal_ready = os.pipe()
+    log = os.open(os.path.join(directory, LOG_NAME), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "proxy.app.user_gate",
+                "--dir",
+                directory,
+                "--ready-fd",
+                str(signal_ready),
+                "--idle-exit",
+                f"{idle:g}",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            pass_fds=(signal_ready,),
+            start_new_session=True,
+            env=dict(environ) if environ is not None else None,
+        )
+        os.close(signal_ready)
+        signal_ready = -1
+        waiter = select.poll()
+        waiter.register(ready, select.POLLIN)
+        said = os.read(ready, 1) if waiter.poll(START_TIMEOUT * 1000) else b""
+    finally:
+        os.close(ready)
+        if signal_ready >= 0:
+            os.close(signal_ready)
+        os.close(log)
+    if said != b"R":
+        with contextlib.suppress(OSError):
+            proc.kill()
+        raise UserGateError(
+            f"the per-user gate did not start; its log is {os.path.join(directory, LOG_NAME)}"
+        )
+    return proc.pid

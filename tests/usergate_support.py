@@ -1,0 +1,90 @@
+"""A private runtime directory for ``egress run --reuse-gate`` tests, and the per-user gate in it
+stopped by its pid afterwards."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from tests.harness import clean_env
+
+REPO = Path(__file__).resolve().parents[1]
+WAIT = 30.0
+
+
+class UserGateWorld:
+    """``XDG_RUNTIME_DIR`` and the gate's state directory, both short-lived and short-named (a Unix
+    socket's path has at most 107 bytes)."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="eg-", dir="/tmp"))
+        self.runtime = self.root / "run"
+        self.runtime.mkdir(mode=0o700)
+        self.state = self.root / "state"
+        self.directory = self.runtime / "agent-egress"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return clean_env(
+            XDG_RUNTIME_DIR=str(self.runtime), EGRESS_STATE_DIR=str(self.state), **extra
+        )
+
+    def run(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = WAIT
+    ) -> subprocess.CompletedProcess[str]:
+        """``egress run ARGS`` (the caller gives --reuse-gate, or sets it in ``env``)."""
+        return subprocess.run(
+            [sys.executable, "-m", "proxy.app.cli", "run", *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env if env is not None else self.env(),
+        )
+
+    def gate_pid(self) -> int | None:
+        try:
+            return int((self.directory / "gate.pid").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def stop(self) -> None:
+        pid = self.gate_pid()
+        if pid is not None and alive(pid):
+            os.kill(pid, signal.SIGTERM)
+            if not wait_gone(pid, 10.0):
+                os.kill(pid, signal.SIGKILL)
+                wait_gone(pid, 10.0)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie nobody has reaped yet has exited)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def wait_gone(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.05)
+    return not alive(pid)
+
+
+def world() -> Iterator[UserGateWorld]:
+    made = UserGateWorld()
+    try:
+        yield made
+    finally:
+        made.stop()
