@@ -417,6 +417,10 @@ class PlainHttp:
                 raise _Closed()
         else:
             raise _Closed()
+        if end + 4 > MAX_RESPONSE_HEAD:  # the bound holds for a head that came in one read, too
+            log.warning("closed: a response head over %d bytes from %s", MAX_RESPONSE_HEAD,
+                        upstream.key[0])  # fmt: skip
+            raise _Closed()
         # A head the narrow reader takes is one the raw checks pass (its grammar is stricter).
         response = read_response_head(pending, end, head.method)
         if response is None:  # h11's to read; its loop checks the raw head first
@@ -481,6 +485,8 @@ class PlainHttp:
                 # A response head (final or 1xx): checked whole before h11 reads it.
                 end = pending.find(b"\r\n\r\n")
                 self._check_response_head(pending[: end + 2] if end >= 0 else pending, upstream)
+                if end + 4 > MAX_RESPONSE_HEAD:  # whole or not, over the bound (a 1xx's too)
+                    raise _Closed()
                 if end < 0:
                     if len(pending) > MAX_RESPONSE_HEAD:
                         raise _Closed()

@@ -381,6 +381,31 @@ def test_an_ambiguous_response_closes_the_connection_before_anything_reaches_the
     assert answer.data == b"", f"forwarded part of an ambiguous response: {answer.data!r}"
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n",  # the narrow reader's shape
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n",  # h11's
+    ],
+    ids=["stated-length", "chunked"],
+)
+def test_a_response_head_over_the_bound_is_refused_even_when_it_comes_in_one_read(
+    gate: RunningGate, scripted: Scripted, shape: bytes
+) -> None:
+    """A head over MAX_RESPONSE_HEAD (64 KiB) that arrives in a single segment: nothing of it
+    reaches the client, and the connection closes (as for a head that comes in pieces)."""
+    from addons.plainhttp import MAX_RESPONSE_HEAD
+
+    filler = b"X-Pad: " + b"a" * 1000 + b"\r\n"
+    fields = filler * (MAX_RESPONSE_HEAD // len(filler) + 2)
+    body = b"ok" if b"Content-Length" in shape else b"2\r\nok\r\n0\r\n\r\n"
+    scripted.reply = shape + fields + b"\r\n" + body
+    assert len(scripted.reply) < 128 * 1024  # within one read of the upstream
+    answer = exchange(gate, get("raw.test", scripted.port))
+    assert answer.closed
+    assert answer.data == b"", f"forwarded part of an oversize head: {answer.data[:80]!r}"
+
+
 def test_bytes_after_a_complete_response_close_the_connection(
     gate: RunningGate, scripted: Scripted
 ) -> None:

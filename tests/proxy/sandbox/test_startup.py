@@ -111,6 +111,30 @@ def test_a_hand_off_launch_loads_no_gate_code(gate_socket: Path) -> None:
     assert [name for name in GATE_ONLY if _loaded(name, modules)] == []
 
 
+def test_a_run_the_per_user_gate_serves_loads_no_gate_code(
+    write_policy: Callable[[str], Path],
+) -> None:
+    """--reuse-gate, once the gate runs: the launcher loads what a hand-off loads, no more (the
+    first run, which starts the gate, may load subprocess)."""
+    from tests.usergate_support import world
+
+    policy = write_policy("version: 1\nrules: []\n")
+    for made in world():
+        first = made.run("--quiet", "--reuse-gate", "--policy", str(policy), "--", "true")
+        assert first.returncode == 0, first.stderr
+        out = subprocess.run(
+            [sys.executable, "-c", LAUNCH, "run", "--quiet", "--reuse-gate", "--policy", str(policy),
+             "--", "sh", "-c", "exit 3"],
+            cwd=REPO, capture_output=True, text=True, timeout=WAIT, env=made.env(),
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout.splitlines()[-1])
+        assert result["code"] == 3
+        modules = result["modules"]
+        assert "proxy.sandbox.usergate" in modules
+        assert [name for name in GATE_ONLY if _loaded(name, modules)] == []
+
+
 def test_a_hand_off_launch_ends_with_the_commands_status_and_its_summary(
     gate_socket: Path,
 ) -> None:
