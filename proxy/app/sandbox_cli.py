@@ -239,8 +239,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 # What a run may ask for and still be served by this user's shared gate: its policy, ceiling, id,
-# proxy port and summary. Any other option has a value only a gate of its own can honour.
-_REUSABLE = frozenset({"policy", "managed_policy", "sandbox_id", "quiet", "summary", "proxy_port"})
+# context, proxy port and summary. Any other option has a value only a gate of its own can honour.
+_REUSABLE = frozenset(
+    {"policy", "managed_policy", "sandbox_id", "context", "quiet", "summary", "proxy_port"}
+)
 
 
 def _reusable(args: argparse.Namespace) -> bool:
@@ -250,7 +252,7 @@ def _reusable(args: argparse.Namespace) -> bool:
 
     if not wanted(bool(getattr(args, "reuse_gate", False))):
         return False
-    if _evidence_wanted(args) or os.environ.get("TRACEPARENT"):
+    if _evidence_wanted(args):
         return False
     return all(
         getattr(args, dest, default) == default

@@ -9,8 +9,13 @@ launcher checks it and again when the listeners arrive, and it holds for that sa
 like a private gate, this gate does not reload a run's policy while the run lasts. The files are
 read again whenever one of them changed (inode, size or modification time), else the loaded policy
 is reused. A policy this gate cannot serve as a private gate would is answered with a fallback, and
-the run starts its own gate: ask rules (their approvals belong to the run's terminal) and rules
-bound to executables (this gate cannot see the sandbox's processes).
+the run starts its own gate: ask rules (their approvals belong to the run's terminal).
+
+Each sandbox's processes are seen as a private gate sees them: through the sandbox's own sock_diag
+socket and under its helper's pid, both handed over with the listeners and checked to be in the
+sandbox's network namespace; so decisions name the process, and rules bound to executables hold. The
+executables such rules name are returned by the check, and the launcher makes them read-only inside
+the sandbox (as for a private gate); a hand-off whose policy binds any other file is refused.
 
 When a run's launcher half-closes its connection (the sandbox has ended), the gate writes back the
 run's summary, counted from that sandbox's decisions only.
@@ -30,9 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from proxy.attribution.stamp import SandboxFacts, Stamped
 from proxy.core.decision import Decision
 from proxy.policy.model import Action, Mode, Policy, PolicyError
 from proxy.sandbox.handoff import Detach, HandoffError
+from proxy.sandbox.launcher import bound_executables
 from proxy.sandbox.summary import SummarySink
 from proxy.sandbox.usergate import CODE, IDLE_EXIT, PID_NAME, SOCKET_NAME, private_dir
 
@@ -65,12 +72,20 @@ class RunPolicies:
     """The policies of the runs this gate serves: loaded per run, cached while their files are
     unchanged, registered for a sandbox while it is attached."""
 
-    def __init__(self, gate: Any, inner_attach: Any, trust: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        gate: Any,
+        inner_attach: Any,
+        trust: dict[str, Any] | None = None,
+        state: Path | None = None,
+    ) -> None:
         self.gate = gate
         self.inner_attach = inner_attach
         # For the launcher: the state directory to hide, the CA files a sandbox trusts.
         self.trust = trust or {}
+        self.state = state  # where `egress context SANDBOX` finds a run's channel (None: none)
         self.summaries: dict[str, SummarySink] = {}
+        self.stamps: dict[str, Stamped] = {}  # each sandbox's facts and processes
         self._cache: dict[tuple[str | None, str | None], _Loaded] = {}
         self._lock = threading.Lock()  # checks load in threads
 
@@ -120,7 +135,12 @@ class RunPolicies:
             return {"ok": False, "fallback": str(exc)}
         except (HandoffError, OSError) as exc:
             return {"ok": False, "fallback": str(exc)}
-        return {"ok": True, "inspects": policy.reads_requests, **self.trust}
+        return {
+            "ok": True,
+            "inspects": policy.reads_requests,
+            "frozen": list(bound_executables(policy)),
+            **self.trust,
+        }
 
     async def attach(
         self, sandbox_id: str, sockets: dict[str, socket.socket], request: dict[str, Any]
@@ -134,28 +154,57 @@ class RunPolicies:
             raise HandoffError("; ".join(exc.lines())) from None
         except Unservable as exc:
             raise HandoffError(str(exc)) from None
-        policies = self.gate.checkpoint.connections.sandbox_policies
+        frozen = request.get("frozen")
+        unfrozen = set(bound_executables(policy)) - set(frozen if isinstance(frozen, list) else [])
+        if unfrozen:  # the policy changed since the check: the sandbox could rewrite these
+            raise HandoffError(
+                f"the policy binds {', '.join(sorted(unfrozen))}, which the sandbox was not built "
+                "to keep read-only (the policy changed since the check?)"
+            )
+        checkpoint = self.gate.checkpoint
+        policies = checkpoint.connections.sandbox_policies
         if sandbox_id in policies:
             raise HandoffError(f"sandbox {sandbox_id} is already served by this gate")
+        facts = _facts(request)
+        processes = _processes(sockets, request)
         fmt = request.get("summary")
         summary = SummarySink()
         policies[sandbox_id] = lambda: policy
         self.summaries[sandbox_id] = summary
+        self.stamps[sandbox_id] = Stamped(None, facts, processes)
+        if processes is not None:
+            checkpoint.sandbox_processes[sandbox_id] = processes
+        channel = None
+
+        def forget() -> None:
+            policies.pop(sandbox_id, None)  # a connection still open keeps its own reference
+            self.summaries.pop(sandbox_id, None)
+            self.stamps.pop(sandbox_id, None)
+            checkpoint.sandbox_processes.pop(sandbox_id, None)
+            if processes is not None:
+                processes.close()
+
         if policy.reads_requests:
             self.gate.warm_layers_on_first_connection()
         try:
+            if facts.trace is None and request.get("traceparent"):
+                request["gate_warnings"].append("TRACEPARENT ignored: not a W3C traceparent")
+            if self.state is not None:
+                channel = await _context_channel(self.state, sandbox_id, facts)
             inner = await self.inner_attach(sandbox_id, sockets, request)
         except BaseException:
-            del policies[sandbox_id]
-            del self.summaries[sandbox_id]
+            forget()
+            if channel is not None:
+                await channel.close()
             raise
 
         async def detach() -> dict[str, Any] | None:
             try:
                 await inner()
             finally:
-                policies.pop(sandbox_id, None)  # a connection still open keeps its own reference
-                self.summaries.pop(sandbox_id, None)
+                forget()
+                if channel is not None:
+                    await channel.close()
             if fmt == "json":
                 return {"summary": summary.render_json(sandbox_id)}
             if fmt == "text":
@@ -163,6 +212,87 @@ class RunPolicies:
             return None
 
         return detach
+
+
+def _facts(request: dict[str, Any]) -> SandboxFacts:
+    """Who runs the sandbox (the kernel's uid for the launcher), its context and its trace."""
+    import pwd
+
+    from proxy.attribution.context import merged
+    from proxy.attribution.traceparent import InvalidTraceparent, parse
+
+    uid = int(request["peer_uid"])
+    try:
+        name: str | None = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = None
+    raw = request.get("context") or {}
+    if not isinstance(raw, dict):
+        raise HandoffError("the context is not an object")
+    try:
+        context = merged({}, [(str(k), str(v)) for k, v in raw.items()])
+    except ValueError as exc:
+        raise HandoffError(f"context: {exc}") from None
+    trace = None
+    text = request.get("traceparent")
+    if isinstance(text, str) and text:
+        with contextlib.suppress(InvalidTraceparent):
+            trace = parse(text)
+    return SandboxFacts(uid, name, context, trace)
+
+
+def _processes(sockets: dict[str, socket.socket], request: dict[str, Any]) -> Any:
+    """The sandbox's processes, seen through its own sock_diag socket under the helper's pid, when
+    the launcher handed both over; the diag socket, the listener and the pid must all be in the one
+    sandbox's network namespace. None: nothing is attributed (rules bound to executables refuse)."""
+    from proxy.attribution.procfs import SandboxProcesses
+    from proxy.sandbox import SANDBOX_LOOPBACK
+    from proxy.sandbox.handoff import DIAG
+    from proxy.sandbox.namespace import socket_netns_inode
+
+    diag = sockets.pop(DIAG, None)
+    pid = request.get("sandbox_pid")
+    if diag is None:
+        return None
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
+        diag.close()
+        raise HandoffError("the diag socket came without the sandbox's pid")
+    listener = sockets["proxy"]
+    try:
+        theirs = socket_netns_inode(listener)
+        same = socket_netns_inode(diag) == theirs == os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError as exc:
+        diag.close()
+        raise HandoffError(f"cannot check the sandbox's pid {pid}: {exc}") from None
+    if not same:
+        diag.close()
+        raise HandoffError(f"pid {pid} and the diag socket are not in the sandbox's namespace")
+    return SandboxProcesses(pid, (SANDBOX_LOOPBACK, listener.getsockname()[1]), diag=diag)
+
+
+async def _context_channel(state: Path, sandbox_id: str, facts: SandboxFacts) -> Any:
+    """``egress context SANDBOX key=value`` reaches the run's facts here, as on a private gate."""
+    from proxy.attribution.channel import ContextChannel, socket_path
+
+    channel = ContextChannel(socket_path(state, sandbox_id), facts)
+    return channel if await channel.start() else None
+
+
+class Stamps:
+    """The gate's emitter: each decision gets the facts and process of its own sandbox (a decision
+    of no attached sandbox goes on as it is) before the sinks see it."""
+
+    def __init__(self, inner: Any, by_sandbox: dict[str, Stamped]) -> None:
+        self.inner = inner
+        self.by_sandbox = by_sandbox
+
+    def emit(self, decision: Decision) -> Decision:
+        stamp = self.by_sandbox.get(decision.sandbox_id or "")
+        result: Decision = self.inner.emit(stamp.stamp(decision) if stamp else decision)
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 class Summaries:
@@ -185,8 +315,6 @@ def _servable(policy: Policy) -> None:
         where = f"{rule.file}:{rule.line}: rule '{rule.name}'"
         if rule.action is Action.ASK:
             raise Unservable(f"{where} asks for approvals, which need the run's own gate")
-        if rule.executables:
-            raise Unservable(f"{where} is bound to executables, which need the run's own gate")
 
 
 async def serve(directory: str, ready_fd: int | None, idle: float) -> int:
@@ -204,7 +332,8 @@ async def serve(directory: str, ready_fd: int | None, idle: float) -> int:
     system = system_bundle()
     trust = {"state": str(state), "trust": [str(p) for p in (system, ca.cert) if p is not None]}
     summaries: dict[str, SummarySink] = {}
-    emitter = Emitter([Summaries(summaries)])
+    stamps: dict[str, Stamped] = {}
+    emitter: Any = Stamps(Emitter([Summaries(summaries)]), stamps)
     resolver = Resolver()
     gate = Gate(
         GateConfig(
@@ -222,8 +351,8 @@ async def serve(directory: str, ready_fd: int | None, idle: float) -> int:
     def dns_for(sandbox_id: str) -> DnsGate:
         return DnsGate(policies.get(sandbox_id, lambda: NOBODY), resolver, emitter, sandbox_id)
 
-    runs = RunPolicies(gate, gate_attacher(gate, dns_for), trust)
-    runs.summaries = summaries
+    runs = RunPolicies(gate, gate_attacher(gate, dns_for), trust, state)
+    runs.summaries, runs.stamps = summaries, stamps
     handoff = HandoffServer(os.path.join(directory, SOCKET_NAME), runs.attach, check=runs.check)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -23,9 +23,10 @@ For each CONNECT and each HTTP request - plain, or inside an inspected tunnel (:
    once: its TLS is terminated and each request inside comes back to this step. A rule that must read
    the body makes the answer :data:`BODY_NEEDED`: nothing is recorded or sent yet; the adapter holds
    the body (bounded) and :meth:`Checkpoint.admit_body` takes the request on from this step.
-3a. **process** - when the gate can see the sandbox's processes (``egress run``), the connection's
-   client socket is attributed to its process once, before its first decision, so every decision
-   names it (:mod:`proxy.attribution`). A rule bound to executables then allows only a process
+3a. **process** - when the gate can see the sandbox's processes (``egress run``; on a gate serving
+   several sandboxes, those of the connection's own sandbox), the connection's client socket is
+   attributed to its process once, before its first decision, so every decision names it
+   (:mod:`proxy.attribution`). A rule bound to executables then allows only a process
    running one of them (:mod:`proxy.core.executables`): an unknown process is
    ``process-unattributed``, another executable ``executable-not-allowed``. Nothing is resolved for
    either. (The tunnel's ClientHello is decided by the same rule for the same process.) Under a
@@ -174,6 +175,9 @@ class Checkpoint:
         self._policy = policy
         self.credentials = credentials
         self.processes = processes
+        # A gate serving several sandboxes sees each one's processes apart (peers repeat: every
+        # sandbox has its own loopback); a connection of a sandbox not listed has none to see.
+        self.sandbox_processes: dict[str, Processes] = {}
         self._lookup_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._bound = BoundRules()
         self.emitter = emitter
@@ -206,10 +210,18 @@ class Checkpoint:
             return conn, None
         return conn, self.refuse_connection(conn, *conn.refusal)
 
+    def processes_of(self, conn: Connection) -> Processes | None:
+        """Whose processes the connection's client may be: its sandbox's, where the gate serves
+        several, else the gate's one sandbox's (or nobody's)."""
+        if self.sandbox_processes and conn.sandbox_id is not None:
+            return self.sandbox_processes.get(conn.sandbox_id)
+        return self.processes
+
     def disconnected(self, cid: str) -> None:
         conn = self.connections.close(cid)
-        if conn is not None and self.processes is not None:
-            self.processes.forget(conn.peer)
+        processes = self.processes_of(conn) if conn is not None else None
+        if conn is not None and processes is not None:
+            processes.forget(conn.peer)
         if conn is None or conn.opened is None:
             return
         # The observer (metrics and evidence) records it; without one, the decision sinks do.
@@ -436,22 +448,23 @@ class Checkpoint:
         instead of after it: done at once when the sandbox's processes are already known (a few
         /proc reads, cheaper than a hand-off to a thread), else in a worker thread, off the event
         loop, as it walks the process tree."""
-        if self.processes is None or conn.peer is None:
+        processes = self.processes_of(conn)
+        if processes is None or conn.peer is None:
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # no loop (a synchronous caller): looked up when the first request comes
         try:
-            conn.process = self.processes.attribute_now(conn.peer)
+            conn.process = processes.attribute_now(conn.peer)
         except BlockingIOError:
-            conn.lookup = loop.run_in_executor(self._pool(), self.processes.attribute, conn.peer)
+            conn.lookup = loop.run_in_executor(self._pool(), processes.attribute, conn.peer)
             return
         except Exception:
             log.exception("attributing %s failed", conn.peer)
             conn.process = None
         conn.attributed = True
-        self.processes.remember(conn.peer, conn.process)
+        processes.remember(conn.peer, conn.process)
 
     def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
         """One thread for every lookup: they are /proc system calls, which gain nothing from
@@ -467,20 +480,21 @@ class Checkpoint:
         """(3a) once per connection, before its first decision: the process that owns its client
         socket, where the gate can see the sandbox's processes. Kept on the connection (and, for
         evidence, by peer). A lookup that fails leaves the process unknown."""
-        if self.processes is None or conn.attributed or conn.peer is None:
+        processes = self.processes_of(conn)
+        if processes is None or conn.attributed or conn.peer is None:
             return
         lookup, conn.lookup = conn.lookup, None
         try:
             if lookup is None:
                 lookup = asyncio.get_running_loop().run_in_executor(
-                    self._pool(), self.processes.attribute, conn.peer
+                    self._pool(), processes.attribute, conn.peer
                 )
             conn.process = await lookup
         except Exception:
             log.exception("attributing %s failed", conn.peer)
             conn.process = None
         conn.attributed = True
-        self.processes.remember(conn.peer, conn.process)
+        processes.remember(conn.peer, conn.process)
 
     async def _process(
         self, conn: Connection, policy: Policy, request: Request, decision: Decision
@@ -492,18 +506,19 @@ class Checkpoint:
         if not held:
             return decision
         process = conn.process if conn.attributed else None  # never looked up: unknown, refused
-        if process is not None and not process.complete and self.processes is not None:
+        processes = self.processes_of(conn)
+        if process is not None and not process.complete and processes is not None:
             peer = conn.peer or ""
             try:
                 process = await asyncio.get_running_loop().run_in_executor(
                     self._pool(),
-                    functools.partial(self.processes.attribute, peer, every_owner=True),
+                    functools.partial(processes.attribute, peer, every_owner=True),
                 )
             except Exception:
                 log.exception("attributing %s failed", peer)
                 process = None
             conn.process = process
-            self.processes.remember(peer, process)
+            processes.remember(peer, process)
         return check_bindings(decision, held, process)
 
     def may_inspect(self, conn: Connection, host: str, port: int) -> bool:

@@ -48,6 +48,11 @@ PROTOCOL_VERSION = 1
 MAX_MESSAGE = 16384
 REQUEST_TIMEOUT = 10.0  # for the launcher's message once it has connected
 KINDS = {"proxy": socket.SOCK_STREAM, "dns-udp": socket.SOCK_DGRAM, "dns-tcp": socket.SOCK_STREAM}
+# Not a listener: the sock_diag socket a gate that attributes processes asks about the sandbox's
+# sockets through (created inside the sandbox's network namespace, like the listeners).
+DIAG = "diag"
+NETLINK_SOCK_DIAG = 4  # linux/netlink.h
+MAX_FDS = len(KINDS) + 1
 
 # A detach may return the closing message for the launcher (None: nothing to say).
 Detach = Callable[[], Awaitable["dict[str, Any] | None"]]
@@ -118,10 +123,13 @@ def peer_uid(conn: socket.socket) -> int:
 
 
 def check_listener(sock: socket.socket, name: str, own_netns: int) -> None:
-    """Raise HandoffError unless ``sock`` is a loopback listener of the right kind that lives in a
-    network namespace other than ours (a sandbox's)."""
-    from proxy.sandbox.namespace import socket_netns_inode
-
+    """Raise HandoffError unless ``sock`` is a loopback listener of the right kind (or the sandbox's
+    sock_diag socket) that lives in a network namespace other than ours (a sandbox's)."""
+    if name == DIAG:
+        if sock.family != socket.AF_NETLINK or sock.proto != NETLINK_SOCK_DIAG:
+            raise HandoffError("the diag socket is not a sock_diag netlink socket")
+        _check_netns(sock, name, own_netns)
+        return
     kind = KINDS.get(name)
     if kind is None:
         raise HandoffError(f"unknown listener {name!r}")
@@ -131,6 +139,12 @@ def check_listener(sock: socket.socket, name: str, own_netns: int) -> None:
         raise HandoffError(f"the {name} listener is not bound to 127.0.0.1")
     if kind == socket.SOCK_STREAM and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
         raise HandoffError(f"the {name} listener is not listening")
+    _check_netns(sock, name, own_netns)
+
+
+def _check_netns(sock: socket.socket, name: str, own_netns: int) -> None:
+    from proxy.sandbox.namespace import socket_netns_inode
+
     try:
         where = socket_netns_inode(sock)
     except OSError as exc:
@@ -247,6 +261,7 @@ class HandoffServer:
                 sockets = dict(zip(names, received, strict=True))
                 for name, sock in sockets.items():
                     check_listener(sock, name, self._own_netns)
+                request["gate_warnings"] = []  # the attach's to fill, whatever the message said
                 detach = await self.attach(sandbox_id, sockets, request)
             except (HandoffError, ValueError, OSError) as exc:
                 _log().warning("refused a sandbox hand-off (%s): %s", sandbox_id, exc)
@@ -255,7 +270,10 @@ class HandoffServer:
                     sock.close()
                 return
             self.attached[sandbox_id] = self.attached.get(sandbox_id, 0) + 1
-            self._reply(conn, {"ok": True, "accepted": list(sockets)})
+            reply: dict[str, Any] = {"ok": True, "accepted": list(sockets)}
+            if request["gate_warnings"]:
+                reply["warnings"] = request["gate_warnings"]
+            self._reply(conn, reply)
             _log().info("sandbox %s handed over %s", sandbox_id, ", ".join(sockets))
             conn.setblocking(False)
             with contextlib.suppress(OSError):
@@ -294,6 +312,7 @@ class HandoffServer:
                 raise HandoffError("the request is not a JSON object")
             if request.get("version") != PROTOCOL_VERSION:
                 raise HandoffError(f"unsupported hand-off version {request.get('version')!r}")
+            request["peer_uid"] = uid  # the kernel's word, whatever the message said
         except BaseException:
             for sock in received:
                 sock.close()
@@ -338,7 +357,7 @@ async def _receive_request(conn: socket.socket) -> tuple[bytes, list[int]]:
     deadline = loop.time() + REQUEST_TIMEOUT
     while True:
         try:
-            msg, fds, _flags, _addr = socket.recv_fds(conn, MAX_MESSAGE, len(KINDS))
+            msg, fds, _flags, _addr = socket.recv_fds(conn, MAX_MESSAGE, MAX_FDS)
             return msg, fds
         except (BlockingIOError, InterruptedError):
             pass
@@ -375,6 +394,8 @@ def gate_attacher(gate: Any, dns_gate_for: Callable[[str], Any] | None = None) -
     async def attach(
         sandbox_id: str, sockets: dict[str, socket.socket], _request: dict[str, Any] | None = None
     ) -> Detach:
+        if DIAG in sockets:  # this gate attributes nothing
+            sockets.pop(DIAG).close()
         server = await gate.add_listener(sockets["proxy"], sandbox_id=sandbox_id)
         dns = None
         try:

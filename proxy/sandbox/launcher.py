@@ -270,8 +270,9 @@ def _run_with(
             Listener("dns-udp", "udp", options.dns_port),
             Listener("dns-tcp", "tcp", options.dns_port),
         ]
-    if options.proxy_url is None and options.gate_socket is None and session is None:
-        listeners.append(Listener("diag", "diag", 0))  # the private gate attributes connections
+    if options.proxy_url is None and options.gate_socket is None:
+        # the private gate, or this user's, attributes connections to the sandbox's processes
+        listeners.append(Listener("diag", "diag", 0))
     inside = SANDBOX_LOOPBACK
     if options.proxy_url is not None:
         try:
@@ -302,7 +303,7 @@ def _run_with(
         cwd=options.cwd,
         foreground_tty=tty,
         hidden=hidden,
-        frozen=_bound_executables(policy),
+        frozen=bound_executables(policy) if session is None else session.frozen,
     )
     try:
         sandbox = Sandbox.spawn(
@@ -345,9 +346,9 @@ def _load_private_gate_modules() -> None:
     import proxy.sandbox.summary  # noqa: F401
 
 
-def _bound_executables(policy: Any) -> tuple[str, ...]:
-    """The files the private gate's rules are bound to: the sandbox must not be able to rewrite
-    them, even when it runs as their owner."""
+def bound_executables(policy: Any) -> tuple[str, ...]:
+    """The files a policy's rules are bound to: the sandbox must not be able to rewrite them, even
+    when it runs as their owner."""
     if policy is None:
         return ()
     return tuple(dict.fromkeys(e.path for rule in policy.rules for e in rule.executables))
@@ -568,10 +569,13 @@ def _run_reused(options: RunOptions, sandbox: Sandbox, session: Session) -> tupl
     from proxy.sandbox.handoff import HandoffError
 
     try:
-        session.hand_off(
+        warnings = session.hand_off(
             str(options.sandbox_id),
             sandbox.sockets,
             None if options.quiet else options.summary_format,
+            sandbox_pid=sandbox.pid,
+            context=dict(options.context),
+            traceparent=options.traceparent,
         )
     except HandoffError as exc:
         session.close()
@@ -579,6 +583,8 @@ def _run_reused(options: RunOptions, sandbox: Sandbox, session: Session) -> tupl
         _err(f"{exc}; the command was not run")
         return EXIT_SETUP_FAILED, ""
     sandbox.close_sockets()  # the gate holds its own copies now
+    for warning in warnings:
+        _err(f"warning: {warning}")
     watch = GateWatch(session.conn, sandbox, session.path)
     summary = ""
     try:

@@ -9,9 +9,10 @@ period with no sandbox attached.
 
 Each run keeps its own policy: the launcher names its policy file (and managed ceiling) in a check
 message before the sandbox is built, and the gate loads it, answers whether it reads requests (the
-sandbox must then trust the gate's CA) and serves that sandbox's listeners with it alone. A run the
-shared gate cannot serve exactly as a private gate would (ask rules, rules bound to executables, any
-option beyond the policy and the summary) gets a private gate, as without the flag.
+sandbox must then trust the gate's CA) and serves that sandbox's listeners with it alone, seeing the
+sandbox's processes through its own sock_diag socket as a private gate does. A run the shared gate
+cannot serve exactly as a private gate would (ask rules; options that name the run's own evidence,
+secrets, CA or resolver) gets a private gate, as without the flag.
 
 Who may use the gate: its directory is ``$XDG_RUNTIME_DIR/agent-egress`` (else
 ``/tmp/agent-egress-UID``), created 0700 and refused unless it is a directory this user owns that
@@ -102,6 +103,12 @@ class Session:
         self.check = check  # what the run asked for: its policy files
         self.answer = answer
 
+    @property
+    def frozen(self) -> tuple[str, ...]:
+        """The files the run's policy binds rules to: read-only inside the sandbox."""
+        paths = self.answer.get("frozen")
+        return tuple(str(p) for p in paths) if isinstance(paths, list) else ()
+
     def trust(self) -> Trust:
         """What the sandbox trusts and cannot read: the gate's state directory (its CA key) and this
         directory (the socket) hidden always; when the run's policy reads requests, a bundle of the
@@ -128,10 +135,19 @@ class Session:
         return Trust(bundle=bundle, hidden=tuple(hidden), cleanup=lambda: _remove(folder))
 
     def hand_off(
-        self, sandbox_id: str, sockets: dict[str, socket.socket], summary: str | None
+        self,
+        sandbox_id: str,
+        sockets: dict[str, socket.socket],
+        summary: str | None,
+        *,
+        sandbox_pid: int | None = None,
+        context: dict[str, str] | None = None,
+        traceparent: str | None = None,
     ) -> list[str]:
-        """Give the listeners to the gate; the names it took. ``summary``: "text", "json" or None
-        (none wanted): the format of the closing message."""
+        """Give the listeners (and the sandbox's sock_diag socket) to the gate; the warnings it
+        had. ``summary``: "text", "json" or None (none wanted), the closing message's format;
+        ``sandbox_pid``: the sandbox helper's pid, under which the gate finds its processes;
+        ``context`` and ``traceparent``: what every decision of the run carries."""
         names = list(sockets)
         message = {
             "version": PROTOCOL_VERSION,
@@ -139,6 +155,10 @@ class Session:
             "listeners": names,
             "policy": self.check,
             "summary": summary,
+            "frozen": list(self.frozen),  # what the sandbox was built to keep read-only
+            "sandbox_pid": sandbox_pid,
+            "context": context or {},
+            "traceparent": traceparent,
         }
         try:
             socket.send_fds(
@@ -152,7 +172,8 @@ class Session:
         if not reply.get("ok"):
             raise HandoffError(str(reply.get("error") or "refused"))
         self.conn.settimeout(None)
-        return [str(n) for n in reply.get("accepted", [])]
+        warnings = reply.get("warnings")
+        return [str(w) for w in warnings] if isinstance(warnings, list) else []
 
     def finish(self) -> str:
         """The sandbox has ended: say so (half-close) and read the run's summary ("" if the gate

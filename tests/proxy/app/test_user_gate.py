@@ -29,7 +29,13 @@ def _write(tmp_path: Path, text: str, name: str = "p.yaml") -> Path:
 
 def test_a_policy_it_serves_is_answered_with_what_the_sandbox_must_trust(tmp_path: Path) -> None:
     answer = _runs().check(policy_check(str(_write(tmp_path, ALLOWING)), None))
-    assert answer == {"ok": True, "inspects": False, "state": "/s", "trust": ["/ca"]}
+    assert answer == {
+        "ok": True,
+        "inspects": False,
+        "frozen": [],
+        "state": "/s",
+        "trust": ["/ca"],
+    }
     inspecting = _write(tmp_path, "version: 1\ninclude: [github-readonly]\nrules: []\n", "i.yaml")
     answer = _runs().check(policy_check(str(inspecting), None))
     assert answer["ok"] is True and answer["inspects"] is True
@@ -40,20 +46,22 @@ def test_the_default_policy_is_the_shipped_preset() -> None:
     assert answer["ok"] is True
 
 
-@pytest.mark.parametrize(
-    ("rule", "why"),
-    [
-        ("{name: held, action: ask, hosts: [a.test]}", "asks for approvals"),
-        ("{name: git, hosts: [git.test], executables: [/usr/bin/git]}", "bound to executables"),
-    ],
-)
-def test_a_policy_only_a_private_gate_can_serve_falls_back(
-    tmp_path: Path, rule: str, why: str
-) -> None:
-    path = _write(tmp_path, f"version: 1\nrules:\n  - {rule}\n")
+def test_a_policy_with_ask_rules_falls_back_to_a_private_gate(tmp_path: Path) -> None:
+    path = _write(tmp_path, "version: 1\nrules:\n  - {name: held, action: ask, hosts: [a.test]}\n")
     answer = _runs().check(policy_check(str(path), None))
-    assert answer["ok"] is False and why in answer["fallback"]
+    assert answer["ok"] is False and "asks for approvals" in answer["fallback"]
     assert f"{path}:3:" in answer["fallback"]
+
+
+def test_the_files_rules_are_bound_to_are_named_for_the_sandbox_to_keep_read_only(
+    tmp_path: Path,
+) -> None:
+    path = _write(
+        tmp_path,
+        "version: 1\nrules:\n  - {name: git, hosts: [git.test], executables: [/usr/bin/git]}\n",
+    )
+    answer = _runs().check(policy_check(str(path), None))
+    assert answer["ok"] is True and answer["frozen"] == ["/usr/bin/git"]
 
 
 def test_a_broken_policy_is_answered_with_its_lines(tmp_path: Path) -> None:
@@ -146,3 +154,48 @@ def test_a_decision_counts_only_in_its_own_sandboxs_summary() -> None:
     sink.record(decision("sbx-gone", Verdict.DENY))
     assert (mine.allowed, sum(mine.refused.values())) == (1, 0)
     assert (theirs.allowed, sum(theirs.refused.values())) == (0, 1)
+
+
+def test_a_hand_off_whose_policy_binds_a_file_the_sandbox_may_rewrite_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The check named the bound files and the launcher kept them read-only; a policy edited in
+    between to bind another file is refused, and nothing is registered for the sandbox."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from proxy.sandbox.handoff import HandoffError
+
+    path = _write(
+        tmp_path,
+        "version: 1\nrules:\n  - {name: git, hosts: [git.test], executables: [/usr/bin/git]}\n",
+    )
+    policies: dict[str, Any] = {}
+    gate = SimpleNamespace(
+        checkpoint=SimpleNamespace(
+            connections=SimpleNamespace(sandbox_policies=policies), sandbox_processes={}
+        )
+    )
+    runs = RunPolicies(gate=gate, inner_attach=None)
+    request = {
+        "policy": policy_check(str(path), None),
+        "frozen": [],  # what the sandbox was built with
+        "peer_uid": os.getuid(),
+        "gate_warnings": [],
+    }
+    with pytest.raises(HandoffError, match="/usr/bin/git"):
+        asyncio.run(runs.attach("sbx-edited", {}, request))
+    assert policies == {} and runs.summaries == {} and runs.stamps == {}
+
+
+def test_the_runs_facts_come_from_the_kernel_and_a_checked_context() -> None:
+    from proxy.app.user_gate import _facts
+    from proxy.sandbox.handoff import HandoffError
+
+    trace = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+    facts = _facts({"peer_uid": 0, "context": {"task": "t1"}, "traceparent": trace})
+    assert facts.user_id == 0 and dict(facts.context) == {"task": "t1"}
+    assert facts.trace is not None and facts.trace.trace_id == "a" * 32
+    assert _facts({"peer_uid": 0, "traceparent": "not-a-trace"}).trace is None
+    with pytest.raises(HandoffError, match="context"):
+        _facts({"peer_uid": 0, "context": {"bad key": "\x1b[31m"}})

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from tests.usergate_support import UserGateWorld, alive, wait_gone
 from tests.usergate_support import world as make_world
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
+WAIT = 30.0
 
 
 @pytest.fixture
@@ -115,10 +118,10 @@ def test_the_run_line_decides_whether_a_shared_gate_can_serve_it(
     assert reusable("--reuse-gate")
     assert reusable("--reuse-gate", "--policy", "p.yaml", "--summary", "json", "--quiet")
     assert not reusable()
+    assert reusable("--reuse-gate", "--context", "task=t", "--sandbox-id", "sbx-1")
     for other in (
         ["--decision-log", "-"],
         ["--journal", "j"],
-        ["--context", "task=t"],
         ["--nameserver", "127.0.0.1"],
         ["--credentials", "c.yaml"],
         ["--state-dir", "/s"],
@@ -127,8 +130,8 @@ def test_the_run_line_decides_whether_a_shared_gate_can_serve_it(
         assert not reusable("--reuse-gate", *other), other
     monkeypatch.setenv("EGRESS_REUSE_GATE", "1")
     assert reusable()
-    monkeypatch.setenv("TRACEPARENT", "00-" + "1" * 32 + "-" + "2" * 16 + "-01")
-    assert not reusable()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    assert not reusable()  # an evidence sink: the run's own gate exports it
 
 
 # -- runs through one shared gate ----------------------------------------------------------------
@@ -198,33 +201,42 @@ def test_a_broken_policy_stops_the_run_and_names_its_line(
     assert not marker.exists()
 
 
-def test_a_policy_with_ask_rules_gets_its_own_gate(
+def test_a_fallback_answer_gets_the_run_its_own_gate_and_tells_the_shared_one_nothing(
     world: UserGateWorld, write_policy: Callable[[str], Path], http_upstream: Upstream
 ) -> None:
+    """What a gate answers for a policy it cannot serve (ask rules): the launcher builds the
+    sandbox for a gate of its own, and the shared gate never sees its listeners."""
     port = http_upstream.port
-    policy = write_policy(
-        f"""
-        version: 1
-        allow_internal: [127.0.0.0/8, "::1/128"]
-        rules:
-          - name: local-upstream
-            hosts: [localhost]
-            ports: [{port}]
-          - name: ask-elsewhere
-            action: ask
-            hosts: [ask.test]
-        """
-    )
-    result = world.run(
-        "--reuse-gate", "--summary", "json", "--policy", str(policy), "--",
-        "sh", "-c", _fetch(port, "x"),
-    )  # fmt: skip
+    policy = _policy(write_policy, port)
+    private_dir(str(world.directory))
+    fake = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    fake.bind(str(world.directory / "gate.sock"))
+    fake.listen(4)
+    heard: list[bytes] = []
+
+    def answer() -> None:
+        conn, _ = fake.accept()
+        with conn:
+            conn.settimeout(WAIT)
+            heard.append(conn.recv(65536))
+            conn.sendall(json.dumps({"ok": False, "fallback": "ask rules"}).encode())
+            while more := conn.recv(65536):
+                heard.append(more)
+
+    listener = threading.Thread(target=answer, daemon=True)
+    listener.start()
+    try:
+        result = world.run(
+            "--reuse-gate", "--summary", "json", "--policy", str(policy), "--",
+            "sh", "-c", _fetch(port, "x"),
+        )  # fmt: skip
+        listener.join(WAIT)
+    finally:
+        fake.close()
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "200"
-    # served by a gate of its own: only that one sees the sandbox's processes (a shared gate would
-    # count the request as unattributed)
-    summary = json.loads(result.stderr.strip().splitlines()[-1])
-    assert [p["exe"].rsplit("/", 1)[-1] for p in summary["processes"]] == ["curl"]
+    assert [json.loads(m).get("check", {}).get("path") for m in heard] == [str(policy)]
+    assert not listener.is_alive()  # the launcher closed the connection after the answer
 
 
 def test_the_gate_exits_when_idle_and_the_next_run_starts_another(
@@ -285,3 +297,85 @@ out.write(b"C"); out.flush()
 conn.settimeout(20)
 out.write(b"M" if conn.recv(65536) else b"E"); out.flush()
 """
+
+
+def test_the_shared_gate_names_each_runs_processes_and_holds_executable_rules(
+    world: UserGateWorld, write_policy: Callable[[str], Path], http_upstream: Upstream
+) -> None:
+    """Two runs at once, each attributed through its own sandbox (their loopback peers may be the
+    same): curl's run is allowed by a rule bound to curl, python's run is refused by the same
+    rule and reaches nothing."""
+    port = http_upstream.port
+    curl = os.path.realpath("/usr/bin/curl")
+    policy = write_policy(
+        f"""
+        version: 1
+        allow_internal: [127.0.0.0/8, "::1/128"]
+        rules:
+          - name: curl-only
+            hosts: [localhost]
+            ports: [{port}]
+            executables: [{curl}]
+        """
+    )
+    script = (  # a plain proxy request from python, straight to the gate's port in the sandbox
+        "import socket\n"
+        "s = socket.create_connection(('127.0.0.1', 3128), timeout=10)\n"
+        f"s.sendall(b'GET http://localhost:{port}/py HTTP/1.1\\r\\nHost: localhost:{port}\\r\\n"
+        "Connection: close\\r\\n\\r\\n')\n"
+        "print(s.recv(100).split()[1].decode())\n"
+    )
+    before = http_upstream.accepted
+    argv = [sys.executable, "-m", "proxy.app.cli", "run", "--reuse-gate", "--summary", "json"]
+    warm = world.run("--reuse-gate", "--policy", str(policy), "--", "true")
+    assert warm.returncode == 0, warm.stderr
+    runs = [
+        subprocess.Popen(
+            [*argv, "--policy", str(policy), "--", *command],
+            cwd=Path(__file__).resolve().parents[3],
+            env=world.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for command in (
+            ["sh", "-c", _fetch(port, "curl") + "; sleep 0.3"],
+            [sys.executable, "-c", script],
+        )
+    ]
+    (curl_out, curl_err), (py_out, py_err) = [run.communicate(timeout=60) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], (curl_err, py_err)
+    assert curl_out.strip() == "200"
+    assert py_out.strip() == "403"
+    curl_summary = json.loads(curl_err.strip().splitlines()[-1])
+    py_summary = json.loads(py_err.strip().splitlines()[-1])
+    assert [p["exe"] for p in curl_summary["processes"]] == [curl]
+    assert [p["exe"] for p in py_summary["processes"]] == [os.path.realpath(sys.executable)]
+    assert py_summary["processes"][0]["reasons"] == {"executable-not-allowed": 1}
+    assert [t for _m, t, _h in http_upstream.requests][-1:] == ["/curl"]
+    assert http_upstream.accepted == before + 1  # python's request reached nothing
+
+
+def test_a_bound_executable_is_read_only_inside_a_sandbox_the_shared_gate_serves(
+    world: UserGateWorld, tmp_path: Path
+) -> None:
+    """The shared gate named the file in its answer to the check; the sandbox, running as the
+    file's owner, cannot rewrite or replace it."""
+    tool = tmp_path / "bin" / "tool"
+    tool.parent.mkdir(mode=0o755)
+    tool.write_text("#!/bin/sh\necho genuine\n")
+    tool.chmod(0o755)
+    policy = tmp_path / "bound.yaml"
+    policy.write_text(
+        "version: 1\nrules:\n"
+        f"  - {{name: tool-only, hosts: [allowed.test], executables: [{tool}]}}\n"
+    )
+    script = (
+        f"echo 'echo forged' >> {tool}; echo \"append=$?\"; "
+        f'mv {tool} {tool}.old; echo "rename=$?"; {tool}'
+    )
+    result = world.run("--reuse-gate", "--quiet", "--policy", str(policy), "--", "sh", "-c", script)
+    assert result.returncode == 0, result.stderr
+    assert "append=0" not in result.stdout and "rename=0" not in result.stdout
+    assert "genuine" in result.stdout and "forged" not in tool.read_text()
+    assert world.gate_pid() is not None  # served by the shared gate, not a gate of its own
