@@ -41,7 +41,14 @@ from proxy.policy.model import Action, Mode, Policy, PolicyError
 from proxy.sandbox.handoff import Detach, HandoffError
 from proxy.sandbox.launcher import bound_executables
 from proxy.sandbox.summary import SummarySink
-from proxy.sandbox.usergate import CODE, IDLE_EXIT, PID_NAME, SOCKET_NAME, private_dir
+from proxy.sandbox.usergate import (
+    CODE,
+    IDLE_EXIT,
+    PID_NAME,
+    SOCKET_NAME,
+    UserGateError,
+    private_dir,
+)
 
 log = logging.getLogger("egress.user-gate")
 
@@ -317,6 +324,32 @@ def _servable(policy: Policy) -> None:
             raise Unservable(f"{where} asks for approvals, which need the run's own gate")
 
 
+def activated_socket(path: str, environ: dict[str, str] | None = None) -> socket.socket | None:
+    """The listening socket systemd passed (socket activation: ``LISTEN_PID`` is this process,
+    ``LISTEN_FDS=1``, the socket is descriptor 3), checked to be a listening Unix stream socket at
+    ``path`` that only this user can connect to; None when none was passed. ValueError otherwise:
+    a gate started by a unit that does not match refuses to serve rather than guess."""
+    env = os.environ if environ is None else environ
+    if env.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    if env.get("LISTEN_FDS") != "1":
+        raise ValueError(f"LISTEN_FDS={env.get('LISTEN_FDS')!r}: expected one socket")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env.pop(name, None)  # not for the processes this gate may start
+    sock = socket.socket(fileno=3)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        raise ValueError("the activated socket is not a Unix stream socket")
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise ValueError("the activated socket is not listening")
+    bound = sock.getsockname()
+    if bound != path:
+        raise ValueError(f"the activated socket is {bound!r}, not {path} (the unit's ListenStream)")
+    mode = os.stat(path).st_mode & 0o777
+    if mode & 0o077:
+        raise ValueError(f"{path}: mode {mode:o}, expected 600 (the unit's SocketMode=0600)")
+    return sock
+
+
 async def serve(directory: str, ready_fd: int | None, idle: float) -> int:
     from addons.master import Gate, GateConfig
     from proxy.app import statedir
@@ -358,9 +391,10 @@ async def serve(directory: str, ready_fd: int | None, idle: float) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    activated = activated_socket(handoff.path)
     try:
         await gate.start(layers=False)
-        await handoff.start()
+        await handoff.start(activated)
         log.warning("per-user gate ready: pid %d, %s", os.getpid(), handoff.path)
         if ready_fd is not None:
             with contextlib.suppress(OSError):
@@ -398,12 +432,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     from proxy.runtime.loop import run
 
-    directory = private_dir(args.dir)
+    try:
+        directory = private_dir(args.dir)
+    except UserGateError as exc:
+        log.error("%s: the per-user gate does not start", exc)
+        return 2
     pid_file = os.path.join(directory, PID_NAME)
     with open(pid_file, "w") as out:
         out.write(f"{os.getpid()}\n")
     try:
         return run(serve(directory, args.ready_fd, args.idle_exit))
+    except ValueError as exc:  # a socket-activating unit that does not match
+        log.error("%s: the per-user gate does not start", exc)
+        return 2
     finally:
         with contextlib.suppress(OSError):
             if Path(pid_file).read_text().strip() == str(os.getpid()):

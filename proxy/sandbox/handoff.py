@@ -177,21 +177,28 @@ class HandoffServer:
         self.attached: dict[str, int] = {}  # sandbox id -> live hand-offs (for tests and metrics)
         self.serving = 0  # launcher connections open now (checking, handing off or attached)
         self._sock: socket.socket | None = None
+        self._owns_path = True  # the name is ours to remove when we close
         self._tasks: set[asyncio.Task[None]] = set()
         self._own_netns = os.stat("/proc/self/ns/net").st_ino
 
-    async def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                os.unlink(self.path)  # a stale socket from a previous run
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)  # no window in which the socket is connectable by others
-        try:
-            sock.bind(self.path)
-        finally:
-            os.umask(old)
-        os.chmod(self.path, self.mode)
-        sock.listen(64)
+    async def start(self, listening: socket.socket | None = None) -> None:
+        """Listen at ``path``; or accept on ``listening``, a socket already bound there by whoever
+        started this gate (systemd's socket activation), which keeps the name."""
+        if listening is not None:
+            self._owns_path = False
+            sock = listening
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                    os.unlink(self.path)  # a stale socket from a previous run
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old = os.umask(0o177)  # no window in which the socket is connectable by others
+            try:
+                sock.bind(self.path)
+            finally:
+                os.umask(old)
+            os.chmod(self.path, self.mode)
+            sock.listen(64)
         sock.setblocking(False)
         self._sock = sock
         self._spawn(self._accept_loop(sock))
@@ -334,8 +341,9 @@ class HandoffServer:
     async def close(self) -> None:
         if self._sock is not None:
             # The name first: a successor bound to the same path must not lose its socket to us.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+            if self._owns_path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
             self._sock.close()
             self._sock = None
         tasks = list(self._tasks)

@@ -379,3 +379,80 @@ def test_a_bound_executable_is_read_only_inside_a_sandbox_the_shared_gate_serves
     assert "append=0" not in result.stdout and "rename=0" not in result.stdout
     assert "genuine" in result.stdout and "forged" not in tool.read_text()
     assert world.gate_pid() is not None  # served by the shared gate, not a gate of its own
+
+
+def test_a_socket_activated_gate_serves_and_leaves_the_socket_to_its_owner(
+    world: UserGateWorld, write_policy: Callable[[str], Path], http_upstream: Upstream
+) -> None:
+    """As systemd starts it: the listening socket is descriptor 3, named by LISTEN_PID and
+    LISTEN_FDS. Runs are served through it, and at its idle exit the gate leaves the name (the
+    socket is its owner's, who starts the gate again on the next connection)."""
+    port = http_upstream.port
+    policy = _policy(write_policy, port)
+    directory = private_dir(str(world.directory))
+    path = os.path.join(directory, "gate.sock")
+    owner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        owner.bind(path)
+    finally:
+        os.umask(old)
+    owner.listen(8)
+    fd = owner.fileno()
+    gate = subprocess.Popen(
+        [sys.executable, "-c", ACTIVATE, str(fd),
+         "-m", "proxy.app.user_gate", "--dir", directory, "--idle-exit", "2"],
+        cwd=Path(__file__).resolve().parents[3], env=world.env(), pass_fds=(fd,),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        result = world.run(
+            "--reuse-gate", "--policy", str(policy), "--", "sh", "-c", _fetch(port, "s")
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "200"
+        assert "1 request(s) allowed" in result.stderr
+        assert gate.wait(WAIT) == 0, gate.stderr.read() if gate.stderr else ""  # idled out
+        assert os.path.exists(path)  # still the owner's, listening for the next start
+    finally:
+        if gate.poll() is None:
+            gate.kill()
+            gate.wait(WAIT)
+        owner.close()
+
+
+# What systemd does before it runs a socket-activated service: the socket as descriptor 3, and
+# LISTEN_PID / LISTEN_FDS naming it for this very process (exec keeps the pid).
+ACTIVATE = """
+import os, sys
+os.dup2(int(sys.argv[1]), 3)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1")
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
+
+
+def test_an_activated_socket_that_is_not_the_expected_one_is_refused(tmp_path: Path) -> None:
+    from proxy.app.user_gate import activated_socket
+
+    assert activated_socket("/x", {}) is None  # not activated
+    with pytest.raises(ValueError, match="expected one socket"):
+        activated_socket("/x", {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "2"})
+
+
+def test_a_gate_activated_with_a_socket_elsewhere_does_not_start(world: UserGateWorld) -> None:
+    elsewhere = private_dir(str(world.root / "elsewhere"))
+    directory = private_dir(str(world.directory))
+    owner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    owner.bind(os.path.join(elsewhere, "gate.sock"))
+    owner.listen(1)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", ACTIVATE, str(owner.fileno()),
+             "-m", "proxy.app.user_gate", "--dir", directory],
+            cwd=Path(__file__).resolve().parents[3], env=world.env(), pass_fds=(owner.fileno(),),
+            capture_output=True, text=True, timeout=WAIT,
+        )  # fmt: skip
+    finally:
+        owner.close()
+    assert out.returncode == 2
+    assert "ListenStream" in out.stderr and "does not start" in out.stderr
