@@ -247,6 +247,8 @@ _REUSABLE = frozenset(
 
 def _reusable(args: argparse.Namespace) -> bool:
     """--reuse-gate (or $EGRESS_REUSE_GATE) for a run with nothing the shared gate cannot serve."""
+    if not (getattr(args, "reuse_gate", False) or os.environ.get("EGRESS_REUSE_GATE")):
+        return False  # the usual case, decided without importing the per-user gate's module
     from proxy.app.run_args import DEFAULTS
     from proxy.sandbox.usergate import wanted
 

@@ -65,6 +65,8 @@ GATE_ONLY = (
     "proxy.app.approvals_cli",
     "proxy.app.learn_cli",
 )
+# ... and a hand-off to a named gate socket does not load the per-user gate's client either.
+HANDOFF_ONLY = ("proxy.sandbox.usergate",)
 
 # Runs `egress run` in-process (main() with arguments returns instead of leaving) and prints the
 # exit status and every module then loaded.
@@ -108,7 +110,7 @@ def test_a_hand_off_launch_loads_no_gate_code(gate_socket: Path) -> None:
     assert result["code"] == 3  # the command really ran in a sandbox the gate served
     modules = result["modules"]
     assert "proxy.sandbox.handoff" in modules and "proxy.sandbox.launcher" in modules
-    assert [name for name in GATE_ONLY if _loaded(name, modules)] == []
+    assert [name for name in (*GATE_ONLY, *HANDOFF_ONLY) if _loaded(name, modules)] == []
 
 
 def test_a_run_the_per_user_gate_serves_loads_no_gate_code(
