@@ -54,13 +54,27 @@ class UserGateWorld:
         except (OSError, ValueError):
             return None
 
+    def gate_pids(self) -> set[int]:
+        """Every gate serving this world's directory: the one in gate.pid and any other a failed
+        test left (found by its command line in /proc, each stopped by its pid)."""
+        found = {pid} if (pid := self.gate_pid()) is not None else set()
+        needle = f"--dir\0{self.directory}\0".encode()
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    if needle in Path(f"/proc/{entry}/cmdline").read_bytes():
+                        found.add(int(entry))
+                except OSError:
+                    continue
+        return found
+
     def stop(self) -> None:
-        pid = self.gate_pid()
-        if pid is not None and alive(pid):
-            os.kill(pid, signal.SIGTERM)
-            if not wait_gone(pid, 10.0):
-                os.kill(pid, signal.SIGKILL)
-                wait_gone(pid, 10.0)
+        for pid in self.gate_pids():
+            if alive(pid):
+                os.kill(pid, signal.SIGTERM)
+                if not wait_gone(pid, 10.0):
+                    os.kill(pid, signal.SIGKILL)
+                    wait_gone(pid, 10.0)
         shutil.rmtree(self.root, ignore_errors=True)
 
 

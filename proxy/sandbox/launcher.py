@@ -594,10 +594,10 @@ def _run_reused(options: RunOptions, sandbox: Sandbox, session: Session) -> tupl
             sandbox.start()
             code = watch.wait()
     finally:
-        if watch.lost:
-            session.close()
+        if watch.lost or options.quiet:
+            session.close()  # no summary to wait for: closing ends the sandbox's service there
         else:
-            summary = session.finish()  # the half-close ends the sandbox's service there
+            summary = session.finish()  # the half-close ends it, and the summary comes back
     if watch.lost:
         return (
             EXIT_SETUP_FAILED,

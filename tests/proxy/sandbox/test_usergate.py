@@ -456,3 +456,26 @@ def test_a_gate_activated_with_a_socket_elsewhere_does_not_start(world: UserGate
         owner.close()
     assert out.returncode == 2
     assert "ListenStream" in out.stderr and "does not start" in out.stderr
+
+
+def test_first_runs_at_once_start_one_gate(
+    world: UserGateWorld, write_policy: Callable[[str], Path]
+) -> None:
+    policy = write_policy("version: 1\nrules: []\n")
+    argv = [sys.executable, "-m", "proxy.app.cli", "run", "--quiet", "--reuse-gate"]
+    runs = [
+        subprocess.Popen(
+            [*argv, "--policy", str(policy), "--", "true"],
+            cwd=Path(__file__).resolve().parents[3],
+            env=world.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(6)
+    ]
+    outputs = [run.communicate(timeout=90) for run in runs]
+    assert [run.returncode for run in runs] == [0] * 6, outputs
+    assert all("starts its own gate" not in err for _out, err in outputs)
+    log = (world.directory / "gate.log").read_text()
+    assert log.count("per-user gate ready") == 1
