@@ -479,3 +479,19 @@ def test_first_runs_at_once_start_one_gate(
     assert all("starts its own gate" not in err for _out, err in outputs)
     log = (world.directory / "gate.log").read_text()
     assert log.count("per-user gate ready") == 1
+
+
+def test_a_run_whose_policy_inspects_trusts_the_shared_gates_ca_and_cleans_up(
+    world: UserGateWorld,
+) -> None:
+    """The default policy reads requests on some hosts: the sandbox gets a bundle of the system's
+    CAs and the shared gate's own, written for this run and removed after it."""
+    result = world.run(
+        "--reuse-gate", "--quiet", "--", "sh", "-c", 'echo "$SSL_CERT_FILE"; cat "$SSL_CERT_FILE"'
+    )
+    assert result.returncode == 0, result.stderr
+    bundle, _, content = result.stdout.partition("\n")
+    gate_ca = (world.state / "mitmproxy" / "mitmproxy-ca-cert.pem").read_text()
+    assert gate_ca.strip() in content
+    assert content.count("BEGIN CERTIFICATE") > 1  # the system's CAs too
+    assert not os.path.exists(bundle) and not os.path.exists(os.path.dirname(bundle))
