@@ -239,9 +239,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 # What a run may ask for and still be served by this user's shared gate: its policy, ceiling, id,
-# context, proxy port and summary. Any other option has a value only a gate of its own can honour.
+# context, proxy port, summary and a decision log file. Any other option has a value only a gate of
+# its own can honour (a decision log on stderr too: a stalled reader must not stall a shared gate).
 _REUSABLE = frozenset(
-    {"policy", "managed_policy", "sandbox_id", "context", "quiet", "summary", "proxy_port"}
+    {
+        "policy",
+        "managed_policy",
+        "sandbox_id",
+        "context",
+        "quiet",
+        "summary",
+        "proxy_port",
+        "decision_log",
+    }
 )
 
 
@@ -254,7 +264,7 @@ def _reusable(args: argparse.Namespace) -> bool:
 
     if not wanted(bool(getattr(args, "reuse_gate", False))):
         return False
-    if _evidence_wanted(args):
+    if _evidence_wanted(args) or args.decision_log == "-":
         return False
     return all(
         getattr(args, dest, default) == default

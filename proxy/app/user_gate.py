@@ -37,6 +37,7 @@ from typing import Any
 
 from proxy.attribution.stamp import SandboxFacts, Stamped
 from proxy.core.decision import Decision
+from proxy.evidence.emit import JsonLineSink
 from proxy.policy.model import Action, Mode, Policy, PolicyError
 from proxy.sandbox.handoff import Detach, HandoffError
 from proxy.sandbox.launcher import bound_executables
@@ -93,6 +94,7 @@ class RunPolicies:
         self.state = state  # where `egress context SANDBOX` finds a run's channel (None: none)
         self.summaries: dict[str, SummarySink] = {}
         self.stamps: dict[str, Stamped] = {}  # each sandbox's facts and processes
+        self.logs: dict[str, JsonLineSink] = {}  # each sandbox's decision log, if it has one
         self._cache: dict[tuple[str | None, str | None], _Loaded] = {}
         self._lock = threading.Lock()  # checks load in threads
 
@@ -173,7 +175,13 @@ class RunPolicies:
         if sandbox_id in policies:
             raise HandoffError(f"sandbox {sandbox_id} is already served by this gate")
         facts = _facts(request)
-        processes = _processes(sockets, request)
+        log_file = _decision_log(request)
+        try:
+            processes = _processes(sockets, request)
+        except BaseException:
+            if log_file is not None:
+                log_file.close()
+            raise
         fmt = request.get("summary")
         summary = SummarySink()
         policies[sandbox_id] = lambda: policy
@@ -181,6 +189,8 @@ class RunPolicies:
         self.stamps[sandbox_id] = Stamped(None, facts, processes)
         if processes is not None:
             checkpoint.sandbox_processes[sandbox_id] = processes
+        if log_file is not None:
+            self.logs[sandbox_id] = log_file
         channel = None
 
         def forget() -> None:
@@ -190,6 +200,9 @@ class RunPolicies:
             checkpoint.sandbox_processes.pop(sandbox_id, None)
             if processes is not None:
                 processes.close()
+            kept = self.logs.pop(sandbox_id, None)
+            if kept is not None:
+                kept.close()
 
         if policy.reads_requests:
             self.gate.warm_layers_on_first_connection()
@@ -248,6 +261,28 @@ def _facts(request: dict[str, Any]) -> SandboxFacts:
     return SandboxFacts(uid, name, context, trace)
 
 
+def _decision_log(request: dict[str, Any]) -> JsonLineSink | None:
+    """The run's decision log: a regular file its launcher opened for appending (a pipe or a
+    terminal could stall this gate for every run; the launcher leaves those to a gate of its own)."""
+    import fcntl
+    import stat
+
+    fd = request.get("gate_files", {}).pop("decision-log", None)
+    if fd is None:
+        return None
+    try:
+        mode = os.fstat(fd).st_mode
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    except OSError as exc:
+        os.close(fd)
+        raise HandoffError(f"the decision log: {exc}") from None
+    writable = flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR) and flags & os.O_APPEND
+    if not stat.S_ISREG(mode) or not writable:
+        os.close(fd)
+        raise HandoffError("the decision log is not a regular file open for appending")
+    return JsonLineSink(fd=fd)
+
+
 def _processes(sockets: dict[str, socket.socket], request: dict[str, Any]) -> Any:
     """The sandbox's processes, seen through its own sock_diag socket under the helper's pid, when
     the launcher handed both over; the diag socket, the listener and the pid must all be in the one
@@ -300,6 +335,26 @@ class Stamps:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+
+class Logs:
+    """A sink that writes each decision and connection event to its own sandbox's decision log."""
+
+    def __init__(self, by_sandbox: dict[str, JsonLineSink]) -> None:
+        self.by_sandbox = by_sandbox
+
+    def record(self, decision: Decision) -> None:
+        sink = self.by_sandbox.get(decision.sandbox_id or "")
+        if sink is not None:
+            sink.record(decision)
+
+    def event(self, name: str, attributes: dict[str, Any]) -> None:
+        sink = self.by_sandbox.get(str(attributes.get("sandbox_id") or ""))
+        if sink is not None:
+            sink.event(name, attributes)
+
+    def close(self) -> None:
+        pass
 
 
 class Summaries:
@@ -366,7 +421,8 @@ async def serve(directory: str, ready_fd: int | None, idle: float) -> int:
     trust = {"state": str(state), "trust": [str(p) for p in (system, ca.cert) if p is not None]}
     summaries: dict[str, SummarySink] = {}
     stamps: dict[str, Stamped] = {}
-    emitter: Any = Stamps(Emitter([Summaries(summaries)]), stamps)
+    logs: dict[str, JsonLineSink] = {}
+    emitter: Any = Stamps(Emitter([Summaries(summaries), Logs(logs)]), stamps)
     resolver = Resolver()
     gate = Gate(
         GateConfig(
@@ -385,7 +441,7 @@ async def serve(directory: str, ready_fd: int | None, idle: float) -> int:
         return DnsGate(policies.get(sandbox_id, lambda: NOBODY), resolver, emitter, sandbox_id)
 
     runs = RunPolicies(gate, gate_attacher(gate, dns_for), trust, state)
-    runs.summaries, runs.stamps = summaries, stamps
+    runs.summaries, runs.stamps, runs.logs = summaries, stamps, logs
     handoff = HandoffServer(os.path.join(directory, SOCKET_NAME), runs.attach, check=runs.check)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -71,13 +71,16 @@ class JsonLineSink:
     names cannot forge extra lines (threat 15). A file is appended to with one ``write`` per line, as
     the line is recorded."""
 
-    def __init__(self, stream: IO[str] | None = None, path: str | None = None) -> None:
-        self._owned = path is not None
-        self._fd: int | None = None
+    def __init__(
+        self, stream: IO[str] | None = None, path: str | None = None, fd: int | None = None
+    ) -> None:
+        """``fd``: a file already open for appending (handed over by a launcher), owned from now."""
+        self._owned = path is not None or fd is not None
+        self._fd: int | None = fd
         self._stream: IO[str] | None = None
         if path:
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        else:
+        elif fd is None:
             self._stream = stream or sys.stderr
         self._lock = threading.Lock()
 

@@ -52,7 +52,10 @@ KINDS = {"proxy": socket.SOCK_STREAM, "dns-udp": socket.SOCK_DGRAM, "dns-tcp": s
 # sockets through (created inside the sandbox's network namespace, like the listeners).
 DIAG = "diag"
 NETLINK_SOCK_DIAG = 4  # linux/netlink.h
-MAX_FDS = len(KINDS) + 1
+# Files (not sockets) a launcher may hand over after the listeners, named in "files": a gate that
+# takes one pops it from ``request["gate_files"]`` in its attach; the rest are closed.
+FILES = frozenset({"decision-log"})
+MAX_FDS = len(KINDS) + 1 + len(FILES)
 
 # A detach may return the closing message for the launcher (None: nothing to say).
 Detach = Callable[[], Awaitable["dict[str, Any] | None"]]
@@ -236,7 +239,9 @@ class HandoffServer:
         import asyncio
 
         loop = asyncio.get_running_loop()
-        received: list[socket.socket] = []
+        received: list[int] = []  # descriptors not yet owned by a socket object or the attach
+        sockets: dict[str, socket.socket] = {}
+        files: dict[str, int] = {}
         detach: Detach | None = None
         sandbox_id = "?"
         self.serving += 1
@@ -244,8 +249,7 @@ class HandoffServer:
             try:
                 request, received = await self._request(conn)
                 if "check" in request:  # answered, then the hand-off itself follows
-                    for sock in received:
-                        sock.close()
+                    _close_fds(received)
                     received = []
                     body = request["check"]
                     if self.check is None or not isinstance(body, dict):
@@ -258,24 +262,37 @@ class HandoffServer:
                     if "check" in request:
                         raise HandoffError("one check message per connection")
                 names = request.get("listeners")
+                file_names = request.get("files", [])
                 if (
                     not isinstance(names, list)
-                    or len(names) != len(received)
+                    or not isinstance(file_names, list)
+                    or len(names) + len(file_names) != len(received)
                     or "proxy" not in names
+                    or len(set(names)) != len(names)
+                    or len(set(file_names)) != len(file_names)
+                    or not set(file_names) <= FILES
                 ):
                     raise HandoffError("the listeners do not match their names")
                 sandbox_id = self._identify(request)
-                sockets = dict(zip(names, received, strict=True))
+                for name in names:
+                    sockets[name] = socket.socket(fileno=received[0])  # OSError: not a socket
+                    received.pop(0)
+                files.update(zip(file_names, received, strict=True))
+                received = []
                 for name, sock in sockets.items():
                     check_listener(sock, name, self._own_netns)
                 request["gate_warnings"] = []  # the attach's to fill, whatever the message said
+                request["gate_files"] = files  # the attach pops what it keeps
                 detach = await self.attach(sandbox_id, sockets, request)
             except (HandoffError, ValueError, OSError) as exc:
                 _log().warning("refused a sandbox hand-off (%s): %s", sandbox_id, exc)
                 self._reply(conn, {"ok": False, "error": str(exc)})
-                for sock in received:
+                for sock in sockets.values():
                     sock.close()
                 return
+            finally:
+                _close_fds([*received, *files.values()])  # whatever nobody took
+                files.clear()
             self.attached[sandbox_id] = self.attached.get(sandbox_id, 0) + 1
             reply: dict[str, Any] = {"ok": True, "accepted": list(sockets)}
             if request["gate_warnings"]:
@@ -302,12 +319,11 @@ class HandoffServer:
             conn.close()
             self.serving -= 1
 
-    async def _request(self, conn: socket.socket) -> tuple[dict[str, Any], list[socket.socket]]:
-        """The launcher's next message (checked: its sender's uid, its version) and the sockets it
-        carried, which the caller owns (closed by it on a refusal); an empty message at the
+    async def _request(self, conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
+        """The launcher's next message (checked: its sender's uid, its version) and the descriptors
+        it carried, which the caller owns (closed by it on a refusal); an empty message at the
         connection's end."""
-        msg, fds = await _receive_request(conn)
-        received = [socket.socket(fileno=fd) for fd in fds]
+        msg, received = await _receive_request(conn)
         if not msg and not received:
             return {}, []  # the launcher closed the connection
         try:
@@ -321,8 +337,7 @@ class HandoffServer:
                 raise HandoffError(f"unsupported hand-off version {request.get('version')!r}")
             request["peer_uid"] = uid  # the kernel's word, whatever the message said
         except BaseException:
-            for sock in received:
-                sock.close()
+            _close_fds(received)
             raise
         return request, received
 
@@ -378,6 +393,12 @@ async def _receive_request(conn: socket.socket) -> tuple[bytes, list[int]]:
             raise HandoffError(f"no request within {REQUEST_TIMEOUT:g} s") from None
         finally:
             loop.remove_reader(conn.fileno())
+
+
+def _close_fds(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 async def _say(conn: socket.socket, message: dict[str, Any]) -> None:

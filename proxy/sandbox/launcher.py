@@ -568,7 +568,12 @@ def _run_reused(options: RunOptions, sandbox: Sandbox, session: Session) -> tupl
     run's summary back when the sandbox has ended."""
     from proxy.sandbox.handoff import HandoffError
 
+    files: dict[str, int] = {}
     try:
+        if options.decision_log:  # a file (the CLI leaves stderr's log to a gate of its own)
+            files["decision-log"] = os.open(
+                options.decision_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666
+            )
         warnings = session.hand_off(
             str(options.sandbox_id),
             sandbox.sockets,
@@ -576,12 +581,16 @@ def _run_reused(options: RunOptions, sandbox: Sandbox, session: Session) -> tupl
             sandbox_pid=sandbox.pid,
             context=dict(options.context),
             traceparent=options.traceparent,
+            files=files,
         )
-    except HandoffError as exc:
+    except (HandoffError, OSError) as exc:
         session.close()
         sandbox.abort()
         _err(f"{exc}; the command was not run")
         return EXIT_SETUP_FAILED, ""
+    finally:
+        for fd in files.values():  # the gate has its own copy now (or none: refused)
+            os.close(fd)
     sandbox.close_sockets()  # the gate holds its own copies now
     for warning in warnings:
         _err(f"warning: {warning}")

@@ -143,16 +143,20 @@ class Session:
         sandbox_pid: int | None = None,
         context: dict[str, str] | None = None,
         traceparent: str | None = None,
+        files: dict[str, int] | None = None,
     ) -> list[str]:
         """Give the listeners (and the sandbox's sock_diag socket) to the gate; the warnings it
         had. ``summary``: "text", "json" or None (none wanted), the closing message's format;
         ``sandbox_pid``: the sandbox helper's pid, under which the gate finds its processes;
-        ``context`` and ``traceparent``: what every decision of the run carries."""
+        ``context`` and ``traceparent``: what every decision of the run carries; ``files``: open
+        files the gate writes for this run (its decision log)."""
         names = list(sockets)
+        files = files or {}
         message = {
             "version": PROTOCOL_VERSION,
             "sandbox_id": sandbox_id,
             "listeners": names,
+            "files": list(files),
             "policy": self.check,
             "summary": summary,
             "frozen": list(self.frozen),  # what the sandbox was built to keep read-only
@@ -162,7 +166,9 @@ class Session:
         }
         try:
             socket.send_fds(
-                self.conn, [json.dumps(message).encode()], [sockets[n].fileno() for n in names]
+                self.conn,
+                [json.dumps(message).encode()],
+                [*(sockets[n].fileno() for n in names), *files.values()],
             )
             reply = _answer(self.conn)
         except (OSError, ValueError) as exc:

@@ -495,3 +495,50 @@ def test_a_run_whose_policy_inspects_trusts_the_shared_gates_ca_and_cleans_up(
     assert gate_ca.strip() in content
     assert content.count("BEGIN CERTIFICATE") > 1  # the system's CAs too
     assert not os.path.exists(bundle) and not os.path.exists(os.path.dirname(bundle))
+
+
+def test_a_runs_decision_log_file_holds_its_own_decisions_with_process_and_context(
+    world: UserGateWorld,
+    write_policy: Callable[[str], Path],
+    http_upstream: Upstream,
+    tmp_path: Path,
+) -> None:
+    """--decision-log FILE on the shared gate: the launcher opens the file and hands it over; it
+    gets this run's decisions and closing events only, stamped as a private gate stamps them."""
+    port = http_upstream.port
+    policy = _policy(write_policy, port)
+    mine, other = tmp_path / "mine.jsonl", tmp_path / "other.jsonl"
+    first = world.run(
+        "--reuse-gate", "--quiet", "--policy", str(policy), "--decision-log", str(mine),
+        "--context", "task=t-1", "--sandbox-id", "sbx-logged", "--",
+        "sh", "-c", _fetch(port, "one") + "; " + _fetch(port, "two"),
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    second = world.run(
+        "--reuse-gate", "--quiet", "--policy", str(policy), "--decision-log", str(other),
+        "--", "sh", "-c", _fetch(port, "three"),
+    )  # fmt: skip
+    assert second.returncode == 0, second.stderr
+    lines = [json.loads(line) for line in mine.read_text().splitlines()]
+    decisions = [line for line in lines if "decision" in line]
+    assert [d["path"] for d in decisions] == ["/one", "/two"]
+    assert {d["sandbox_id"] for d in lines} == {"sbx-logged"}
+    assert all(d["context"] == {"task": "t-1"} for d in decisions)
+    assert all(d["exe"] == os.path.realpath("/usr/bin/curl") for d in decisions)
+    assert any(line.get("event") == "egress.connection.closed" for line in lines)
+    others = [json.loads(line) for line in other.read_text().splitlines()]
+    assert [d["path"] for d in others if "decision" in d] == ["/three"]
+
+
+def test_a_decision_log_on_stderr_gets_a_gate_of_its_own(
+    world: UserGateWorld, write_policy: Callable[[str], Path], http_upstream: Upstream
+) -> None:
+    port = http_upstream.port
+    policy = _policy(write_policy, port)
+    result = world.run(
+        "--reuse-gate", "--quiet", "--policy", str(policy), "--decision-log", "-", "--",
+        "sh", "-c", _fetch(port, "err"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert '"path":"/err"' in result.stderr
+    assert world.gate_pid() is None  # the shared gate was never asked
