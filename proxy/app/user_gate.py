@@ -7,10 +7,14 @@ no sandbox and its policy has no rule, so anything that connects to it is refuse
 policy is loaded (from the files its launcher named, under the managed ceiling it named) when the
 launcher checks it and again when the listeners arrive, and it holds for that sandbox's whole life:
 like a private gate, this gate does not reload a run's policy while the run lasts. The files are
-read again whenever one of them changed (inode, size or modification time), else the loaded policy
+read again whenever one of them changed (inode, size, modification or change time), else the loaded policy
 is reused. A policy this gate cannot serve as a private gate would is answered with a fallback, and
 the run starts its own gate: ask rules (their approvals belong to the run's terminal) and rules
 bound to executables (this gate cannot see the sandbox's processes).
+
+Only a process in the gate's own network namespace may talk to it (a launcher; never a sandboxed
+process, whichever gate its own run has), and a run that names another presets directory than the
+gate's (``$EGRESS_PRESETS_DIR``) gets its own gate.
 
 When a run's launcher half-closes its connection (the sandbox has ended), the gate writes back the
 run's summary, counted from that sandbox's decisions only.
@@ -34,7 +38,14 @@ from proxy.core.decision import Decision
 from proxy.policy.model import Action, Mode, Policy, PolicyError
 from proxy.sandbox.handoff import Detach, HandoffError
 from proxy.sandbox.summary import SummarySink
-from proxy.sandbox.usergate import CODE, IDLE_EXIT, PID_NAME, SOCKET_NAME, private_dir
+from proxy.sandbox.usergate import (
+    CODE,
+    IDLE_EXIT,
+    PID_NAME,
+    PRESETS_ENV,
+    SOCKET_NAME,
+    private_dir,
+)
 
 log = logging.getLogger("egress.user-gate")
 
@@ -50,14 +61,15 @@ class Unservable(Exception):
 @dataclass(frozen=True)
 class _Loaded:
     policy: Policy
-    signature: tuple[tuple[str, int, int, int], ...]  # every file read: path, inode, size, mtime
+    # every file read: path, inode, size, mtime and ctime (which no one can set back)
+    signature: tuple[tuple[str, int, int, int, int], ...]
 
 
-def _signature(paths: list[Path]) -> tuple[tuple[str, int, int, int], ...]:
+def _signature(paths: list[Path]) -> tuple[tuple[str, int, int, int, int], ...]:
     out = []
     for path in paths:
         info = os.stat(path)
-        out.append((str(path), info.st_ino, info.st_size, info.st_mtime_ns))
+        out.append((str(path), info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns))
     return tuple(out)
 
 
@@ -79,6 +91,11 @@ class RunPolicies:
         serve it, HandoffError when the request is malformed."""
         if body.get("code") != CODE:
             raise Unservable(f"the running gate is another installation ({CODE})")
+        presets = os.environ.get(PRESETS_ENV) or None
+        if body.get("presets") != presets:  # bare include names would resolve elsewhere
+            raise Unservable(
+                f"the running gate resolves presets in {presets or 'the shipped ones'}"
+            )
         local, managed = body.get("path"), body.get("managed")
         for name, value in (("path", local), ("managed", managed)):
             if value is not None and (not isinstance(value, str) or not os.path.isabs(value)):
@@ -224,7 +241,9 @@ async def serve(directory: str, ready_fd: int | None, idle: float) -> int:
 
     runs = RunPolicies(gate, gate_attacher(gate, dns_for), trust)
     runs.summaries = summaries
-    handoff = HandoffServer(os.path.join(directory, SOCKET_NAME), runs.attach, check=runs.check)
+    handoff = HandoffServer(
+        os.path.join(directory, SOCKET_NAME), runs.attach, check=runs.check, launchers_beside=True
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

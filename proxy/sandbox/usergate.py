@@ -17,8 +17,13 @@ Who may use the gate: its directory is ``$XDG_RUNTIME_DIR/agent-egress`` (else
 ``/tmp/agent-egress-UID``), created 0700 and refused unless it is a directory this user owns that
 nobody else can enter; the socket is 0600 and the gate checks the peer's uid (``SO_PEERCRED``).
 The launcher checks the gate's uid too, so a socket another user planted is never handed a sandbox.
-The directory is hidden inside every sandbox (a tmpfs over it): a sandboxed process, which runs as
-the same user, cannot reach the socket to hand over listeners of its own with a wider policy.
+The directory is hidden inside every sandbox (a tmpfs over it), whichever gate serves it: a
+sandboxed process, which runs as the same user, cannot reach the socket to hand over listeners of
+its own with a wider policy. Hiding is by path (a gate started with another ``XDG_RUNTIME_DIR``
+lives elsewhere), so the gate also refuses every peer outside its own network namespace.
+
+The gate is started with ``python -P`` in ``/``: nothing in the directory the first run worked in
+(a repository the agent writes to) can shadow a module the gate imports.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ if TYPE_CHECKING:
     from proxy.sandbox.trust import Trust
 
 ENV_VAR = "EGRESS_REUSE_GATE"
+PRESETS_ENV = "EGRESS_PRESETS_DIR"  # proxy.policy.presets.ENV_VAR, without importing it here
 # The installation a launcher and a gate run: a gate from another one (an upgrade since it started)
 # is not handed sandboxes.
 CODE = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))  # the `proxy` package
@@ -69,6 +75,22 @@ def gate_dir(environ: Mapping[str, str] | None = None) -> str:
     if os.path.isabs(base):
         return os.path.join(base, "agent-egress")
     return f"/tmp/agent-egress-{os.geteuid()}"
+
+
+def hidden_dirs(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The per-user gate directories that exist, to hide in every sandbox (a run with its own gate
+    included): this environment's and the fallback in /tmp."""
+    out: list[str] = []
+    for path in (gate_dir(environ), f"/tmp/agent-egress-{os.geteuid()}"):
+        if path not in out and os.path.isdir(path):
+            out.append(path)
+    return tuple(out)
+
+
+def _presets(environ: Mapping[str, str] | None = None) -> str | None:
+    env = os.environ if environ is None else environ
+    value = env.get(PRESETS_ENV) or None
+    return os.path.abspath(value) if value is not None else None
 
 
 def private_dir(path: str) -> str:
@@ -186,6 +208,7 @@ def policy_check(policy: str | None, managed: str | None) -> dict[str, Any]:
         "path": os.path.abspath(policy) if policy is not None else None,
         "managed": os.path.abspath(managed) if managed is not None else None,
         "code": CODE,
+        "presets": _presets(),  # where bare include names resolve for this run
     }
 
 
@@ -288,12 +311,16 @@ def start(directory: str, idle: float = IDLE_EXIT, environ: Mapping[str, str] | 
     import subprocess
     import sys
 
+    env = dict(os.environ if environ is None else environ)
+    if env.get(PRESETS_ENV):  # the gate works in /: a relative directory means the launcher's
+        env[PRESETS_ENV] = os.path.abspath(env[PRESETS_ENV])
     ready, signal_ready = os.pipe()
     log = os.open(os.path.join(directory, LOG_NAME), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         proc = subprocess.Popen(
             [
                 sys.executable,
+                "-P",  # no working directory on sys.path: see the module's docstring
                 "-m",
                 "proxy.app.user_gate",
                 "--dir",
@@ -308,7 +335,8 @@ def start(directory: str, idle: float = IDLE_EXIT, environ: Mapping[str, str] | 
             stderr=log,
             pass_fds=(signal_ready,),
             start_new_session=True,
-            env=dict(environ) if environ is not None else None,
+            cwd="/",
+            env=env,
         )
         os.close(signal_ready)
         signal_ready = -1

@@ -73,6 +73,7 @@ def _wide(write_policy: Callable[[str], Path], port: int) -> Path:
     [
         pytest.param([], id="run-without-the-flag"),
         pytest.param(["--reuse-gate", "--json"], id="run-that-fell-back"),
+        pytest.param(["--reuse-gate", "--json", "--runtime"], id="run-in-another-runtime-dir"),
     ],
 )
 def test_a_sandbox_with_its_own_gate_cannot_hand_itself_to_the_shared_gate(
@@ -92,10 +93,17 @@ def test_a_sandbox_with_its_own_gate_cannot_hand_itself_to_the_shared_gate(
     assert gate_socket.is_socket()
     script = tmp_path / "escape.py"
     script.write_text(ESCAPE)
+    env = world.env()
+    if "--runtime" in own_gate:  # the gate's directory is not where this run would hide it
+        own_gate = [arg for arg in own_gate if arg != "--runtime"]
+        elsewhere = world.root / "elsewhere"
+        elsewhere.mkdir(mode=0o700)
+        env["XDG_RUNTIME_DIR"] = str(elsewhere)
     before = plain.accepted
     result = world.run(
         *own_gate, "--policy", str(narrow), "--",
         sys.executable, str(script), str(gate_socket), str(wide), CODE, str(plain.port),
+        env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() in ("attack=refused", "attack=FileNotFoundError"), result.stdout
@@ -165,3 +173,24 @@ def test_a_run_is_served_with_its_own_presets_directory(
     )  # fmt: skip
     assert second.stdout == "403", second.stderr
     assert plain.accepted == before
+
+
+def test_a_sandbox_on_the_shared_gate_cannot_read_this_users_own_gate_state(
+    world: UserGateWorld, write_policy: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """The shared gate keeps its state (CA key) in the directory of the run that started it; a later
+    run whose own state directory is another one (its private gates' CA key) hides that one too, as
+    a run with its own gate would."""
+    policy = write_policy("version: 1\nrules: []\n")
+    first = world.run("--reuse-gate", "--policy", str(policy), "--", "true")
+    assert first.returncode == 0, first.stderr
+    own = tmp_path / "own-state"
+    own.mkdir(mode=0o700)
+    (own / "ca-key.pem").write_text("secret\n")
+    env = world.env()
+    env["EGRESS_STATE_DIR"] = str(own)
+    read = world.run(
+        "--reuse-gate", "--policy", str(policy), "--", "cat", str(own / "ca-key.pem"), env=env
+    )  # fmt: skip
+    assert "secret" not in read.stdout
+    assert read.returncode != 0

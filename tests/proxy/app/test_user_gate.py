@@ -146,3 +146,31 @@ def test_a_decision_counts_only_in_its_own_sandboxs_summary() -> None:
     sink.record(decision("sbx-gone", Verdict.DENY))
     assert (mine.allowed, sum(mine.refused.values())) == (1, 0)
     assert (theirs.allowed, sum(theirs.refused.values())) == (0, 1)
+
+
+def test_a_policy_rewritten_in_place_with_its_old_size_and_time_is_read_again(
+    tmp_path: Path,
+) -> None:
+    """The same size, inode and modification time set back (``touch -r``, ``cp -p``): the change
+    time tells, which no one can set back."""
+    path = _write(tmp_path, ALLOWING)
+    runs = _runs()
+    before = os.stat(path)
+    assert any(r.name == "registry" for r in runs.load(policy_check(str(path), None)).rules)
+    with open(path, "r+") as out:  # the same inode, the same size
+        out.write(ALLOWING.replace("registry", "narrowed"))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(path).st_size == before.st_size and os.stat(path).st_ino == before.st_ino
+    assert [r.name for r in runs.load(policy_check(str(path), None)).rules] == ["narrowed"]
+
+
+def test_a_run_naming_another_presets_directory_gets_its_own_gate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _write(tmp_path, ALLOWING)
+    monkeypatch.setenv("EGRESS_PRESETS_DIR", str(tmp_path / "theirs"))
+    check = policy_check(str(path), None)
+    monkeypatch.delenv("EGRESS_PRESETS_DIR")
+    answer = _runs().check(check)
+    assert answer["ok"] is False and "presets" in answer["fallback"]
+    assert _runs().check(policy_check(str(path), None))["ok"] is True
