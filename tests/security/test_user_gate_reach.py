@@ -194,3 +194,99 @@ def test_a_sandbox_on_the_shared_gate_cannot_read_this_users_own_gate_state(
     )  # fmt: skip
     assert "secret" not in read.stdout
     assert read.returncode != 0
+
+
+# Inside a sandbox: a fake per-user gate planted where a later run's launcher will look for one.
+# It takes the sandbox handed to it and writes down what that sandbox sent.
+FAKE_GATE = """
+import json, os, socket, sys
+directory, out = sys.argv[1], sys.argv[2]
+try:
+    os.mkdir(directory, 0o700)
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(os.path.join(directory, "gate.sock"))
+except OSError as exc:
+    open(out + ".ready", "w").write("cannot plant: " + type(exc).__name__)
+    raise SystemExit(0)
+server.listen(1)
+server.settimeout(60)
+open(out + ".ready", "w").write("planted")
+conn, _ = server.accept()
+check = conn.recv(65536)
+conn.sendall(json.dumps({"ok": True, "inspects": False}).encode())
+msg, fds, _flags, _addr = socket.recv_fds(conn, 65536, 8)
+conn.sendall(json.dumps({"ok": True, "accepted": json.loads(msg)["listeners"]}).encode())
+listener = socket.socket(fileno=fds[0])
+listener.settimeout(30)
+victim, _ = listener.accept()
+head = victim.recv(65536)
+open(out, "wb").write(check + b"\\n" + head)
+victim.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: 0\\r\\nConnection: close\\r\\n\\r\\n")
+"""
+
+
+@pytest.mark.parametrize("attacker_runtime", ["same", "elsewhere"])
+def test_a_gate_planted_by_a_sandbox_is_never_handed_a_later_runs_sandbox(
+    world: UserGateWorld,
+    write_policy: Callable[[str], Path],
+    plain: Upstream,
+    tmp_path: Path,
+    attacker_runtime: str,
+) -> None:
+    """A sandbox (of a run with its own gate) creates the per-user gate's directory and a socket in
+    it before any shared gate runs; the next ``--reuse-gate`` run must not hand its sandbox (and
+    its requests, and its summary) to that process."""
+    narrow = write_policy("version: 1\nrules: []\n")
+    wide = _wide(write_policy, plain.port)
+    script = tmp_path / "fake_gate.py"
+    script.write_text(FAKE_GATE)
+    captured = tmp_path / "captured"
+    ready = Path(str(captured) + ".ready")
+    env = world.env()
+    if attacker_runtime == "elsewhere":  # the victim's directory is not where this run looks
+        elsewhere = world.root / "elsewhere"
+        elsewhere.mkdir(mode=0o700)
+        env["XDG_RUNTIME_DIR"] = str(elsewhere)
+    attacker = subprocess.Popen(
+        [sys.executable, "-m", "proxy.app.cli", "run", "--policy", str(narrow), "--",
+         sys.executable, str(script), str(world.directory), str(captured)],
+        cwd=Path(__file__).resolve().parents[2], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        for _ in range(600):
+            if (ready.exists() and ready.read_text()) or attacker.poll() is not None:
+                break
+            import time
+
+            time.sleep(0.05)
+        before = plain.accepted
+        fetch = (
+            f"curl -sS -m 10 --noproxy '' -o /dev/null -w '%{{http_code}}' "
+            f"-H 'Authorization: Bearer victim-secret' http://localhost:{plain.port}/"
+        )
+        victim = world.run("--reuse-gate", "--policy", str(wide), "--", "sh", "-c", fetch)
+        assert not captured.exists(), captured.read_text()
+        assert victim.stdout == "200", victim.stderr
+        assert plain.accepted == before + 1  # through a real gate of its own
+    finally:
+        attacker.kill()
+        attacker.communicate(timeout=30)
+
+
+def test_files_planted_in_the_gates_directory_are_not_followed(
+    world: UserGateWorld, write_policy: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """The directory is this user's, but a sandbox may have made it (under another runtime
+    directory's name): its pid, log and lock names must not be symlinks the gate writes through."""
+    policy = write_policy("version: 1\nrules: []\n")
+    world.directory.mkdir(mode=0o700)
+    targets = {}
+    for name in ("gate.pid", "gate.log", "start.lock"):
+        target = tmp_path / f"precious-{name}"
+        target.write_text("keep me\n")
+        (world.directory / name).symlink_to(target)
+        targets[name] = target
+    world.run("--reuse-gate", "--policy", str(policy), "--", "true")
+    for name, target in targets.items():
+        assert target.read_text() == "keep me\n", name
