@@ -44,6 +44,7 @@ from proxy.sandbox.usergate import (
     PID_NAME,
     PRESETS_ENV,
     SOCKET_NAME,
+    open_private,
     private_dir,
 )
 
@@ -290,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
 
     directory = private_dir(args.dir)
     pid_file = os.path.join(directory, PID_NAME)
-    with open(pid_file, "w") as out:
+    fd = open_private(pid_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)  # never through a symlink
+    with open(fd, "w") as out:
         out.write(f"{os.getpid()}\n")
     try:
         return run(serve(directory, args.ready_fd, args.idle_exit))

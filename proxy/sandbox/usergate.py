@@ -34,7 +34,7 @@ import os
 import socket
 import stat
 
-from proxy.sandbox.handoff import MAX_MESSAGE, PROTOCOL_VERSION, HandoffError, peer_uid
+from proxy.sandbox.handoff import MAX_MESSAGE, PROTOCOL_VERSION, HandoffError, peer_netns, peer_uid
 
 TYPE_CHECKING = False  # typing's constant without importing typing: see docs/startup.md
 if TYPE_CHECKING:
@@ -78,13 +78,26 @@ def gate_dir(environ: Mapping[str, str] | None = None) -> str:
 
 
 def hidden_dirs(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
-    """The per-user gate directories that exist, to hide in every sandbox (a run with its own gate
-    included): this environment's and the fallback in /tmp."""
+    """The per-user gate directories to hide in every sandbox (a run with its own gate included):
+    this environment's, created now if missing (a sandbox must never be the one to create it: it
+    could plant a gate of its own there), and the fallback in /tmp if it exists."""
     out: list[str] = []
-    for path in (gate_dir(environ), f"/tmp/agent-egress-{os.geteuid()}"):
-        if path not in out and os.path.isdir(path):
-            out.append(path)
+    with contextlib.suppress(UserGateError):
+        out.append(private_dir(gate_dir(environ)))
+    fallback = f"/tmp/agent-egress-{os.geteuid()}"
+    if fallback not in out and os.path.isdir(fallback):
+        out.append(fallback)
     return tuple(out)
+
+
+def own_netns() -> int:
+    return os.stat("/proc/self/ns/net").st_ino
+
+
+def open_private(path: str, flags: int) -> int:
+    """A file in the gate's directory, never through a symlink planted there (the directory is this
+    user's, but a sandbox of this user may have made it)."""
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
 
 
 def _presets(environ: Mapping[str, str] | None = None) -> str | None:
@@ -96,8 +109,12 @@ def _presets(environ: Mapping[str, str] | None = None) -> str | None:
 def private_dir(path: str) -> str:
     """``path``, created 0700 if missing; UserGateError unless it is a real directory owned by this
     user with no access for anyone else (a directory planted by another user is never trusted)."""
-    with contextlib.suppress(FileExistsError):
+    try:
         os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:  # XDG_RUNTIME_DIR missing or not ours to write: no shared gate
+        raise UserGateError(f"{path}: {exc.strerror or exc}") from None
     try:
         info = os.lstat(path)
     except OSError as exc:
@@ -226,6 +243,12 @@ def open_session(check: dict[str, Any], environ: Mapping[str, str] | None = None
             owner = peer_uid(conn)
             if owner != os.geteuid():
                 raise UserGateError(f"the gate at {path} runs as uid {owner}, not {os.geteuid()}")
+            try:
+                beside = peer_netns(conn) == own_netns()
+            except OSError as exc:
+                raise UserGateError(f"cannot tell where the gate at {path} runs: {exc}") from None
+            if not beside:  # a process in a sandbox planted it: never hand it a sandbox
+                raise UserGateError(f"the gate at {path} runs in another network namespace")
             conn.settimeout(ANSWER_TIMEOUT)
             conn.sendall(json.dumps({"version": PROTOCOL_VERSION, "check": check}).encode())
             return Session(conn, directory, check, _answer(conn))
@@ -289,7 +312,10 @@ def _start_and_connect(directory: str, path: str) -> socket.socket:
     """Start the gate, unless another launcher did while this one waited for the lock."""
     import fcntl
 
-    lock = os.open(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        lock = open_private(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT)
+    except OSError as exc:
+        raise UserGateError(f"cannot lock {directory}: {exc}") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         conn = _connect(path)
@@ -315,7 +341,12 @@ def start(directory: str, idle: float = IDLE_EXIT, environ: Mapping[str, str] | 
     if env.get(PRESETS_ENV):  # the gate works in /: a relative directory means the launcher's
         env[PRESETS_ENV] = os.path.abspath(env[PRESETS_ENV])
     ready, signal_ready = os.pipe()
-    log = os.open(os.path.join(directory, LOG_NAME), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        log = open_private(
+            os.path.join(directory, LOG_NAME), os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        )
+    except OSError as exc:
+        raise UserGateError(f"cannot write the gate's log in {directory}: {exc}") from None
     try:
         proc = subprocess.Popen(
             [
