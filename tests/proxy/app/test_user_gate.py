@@ -174,3 +174,46 @@ def test_a_run_naming_another_presets_directory_gets_its_own_gate(
     answer = _runs().check(check)
     assert answer["ok"] is False and "presets" in answer["fallback"]
     assert _runs().check(policy_check(str(path), None))["ok"] is True
+
+
+@pytest.mark.parametrize("swapped", ["policy", "include", "managed"])
+def test_a_policy_file_whose_symlink_is_repointed_is_read_again(
+    tmp_path: Path, swapped: str
+) -> None:
+    """Releases deployed by re-pointing a symlink (``ln -sfn``, a ConfigMap's ``..data``): every
+    file read is unchanged, only which file a name leads to is not. The narrower release must be
+    what the next run gets, as its own gate would read it."""
+    old = "version: 1\nrules:\n  - {name: old, hosts: [pypi.org, evil.test]}\n"
+    new = "version: 1\nrules:\n  - {name: new, hosts: [pypi.org]}\n"
+    managed_old = "version: 1\nmanaged: {}\nrules:\n  - {name: m, hosts: [pypi.org, evil.test]}\n"
+    managed_new = "version: 1\nmanaged: {}\nrules:\n  - {name: m, hosts: [pypi.org]}\n"
+    releases = tmp_path / "releases"
+    releases.mkdir()
+    for name, text in (("v1.yaml", old), ("v2.yaml", new), ("m1.yaml", managed_old)):
+        _write(releases, text, name)
+    _write(releases, managed_new, "m2.yaml")
+    config = tmp_path / "config"
+    config.mkdir()
+    if swapped == "include":
+        top = _write(config, "version: 1\ninclude: [team.yaml]\nrules: []\n", "policy.yaml")
+        link = config / "team.yaml"
+    else:
+        top = config / "policy.yaml"
+        link = top if swapped == "policy" else config / "managed.yaml"
+        if swapped == "managed":
+            _write(config, old, "policy.yaml")
+    managed = config / "managed.yaml" if swapped == "managed" else None
+    first, second = ("m1.yaml", "m2.yaml") if swapped == "managed" else ("v1.yaml", "v2.yaml")
+    link.symlink_to(releases / first)
+    runs = _runs()
+    check = policy_check(str(top), str(managed) if managed else None)
+    assert runs.check(check)["ok"] is True
+    staged = config / "staged"
+    staged.symlink_to(releases / second)
+    os.replace(staged, link)  # ln -sfn: the name now leads to the narrower release
+    if swapped == "managed":  # the local policy no longer fits under the ceiling
+        answer = runs.check(check)
+        assert answer["ok"] is False and "evil.test" in " ".join(answer["error"])
+    else:
+        hosts = {str(p) for r in runs.load(check).rules for p in r.hosts}
+        assert hosts == {"pypi.org"}
