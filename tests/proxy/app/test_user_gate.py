@@ -217,3 +217,12 @@ def test_a_policy_file_whose_symlink_is_repointed_is_read_again(
     else:
         hosts = {str(p) for r in runs.load(check).rules for p in r.hosts}
         assert hosts == {"pypi.org"}
+
+
+def test_a_policy_only_a_private_gate_can_serve_falls_back_every_time(tmp_path: Path) -> None:
+    """The second run with the same file (loaded and remembered by the first check) too."""
+    path = _write(tmp_path, "version: 1\nrules:\n  - {name: held, action: ask, hosts: [a.test]}\n")
+    runs = _runs()
+    for _ in range(2):
+        answer = runs.check(policy_check(str(path), None))
+        assert answer["ok"] is False and "asks for approvals" in answer["fallback"]
