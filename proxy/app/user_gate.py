@@ -7,8 +7,9 @@ no sandbox and its policy has no rule, so anything that connects to it is refuse
 policy is loaded (from the files its launcher named, under the managed ceiling it named) when the
 launcher checks it and again when the listeners arrive, and it holds for that sandbox's whole life:
 like a private gate, this gate does not reload a run's policy while the run lasts. The files are
-read again whenever one of them changed (inode, size, modification or change time), else the loaded policy
-is reused. A policy this gate cannot serve as a private gate would is answered with a fallback, and
+read again whenever one of them, a name the run gave (a symlink re-pointed) or a directory holding
+one (an include's symlink re-pointed) changed (inode, size, modification or change time), else the
+loaded policy is reused. A policy this gate cannot serve as a private gate would is answered with a fallback, and
 the run starts its own gate: ask rules (their approvals belong to the run's terminal) and rules
 bound to executables (this gate cannot see the sandbox's processes).
 
@@ -74,6 +75,17 @@ def _signature(paths: list[Path]) -> tuple[tuple[str, int, int, int, int], ...]:
     return tuple(out)
 
 
+def _watched(local: str | None, managed: str | None, policy: Policy) -> list[Path]:
+    """What a remembered policy depends on: every file read (symlinks resolved), the names the run
+    gave (a symlink re-pointed at another release leads elsewhere), and the directory of each (an
+    include's symlink, re-pointed, changes its directory)."""
+    from proxy.policy.loader import policy_file
+
+    named = [policy_file(local)] + ([Path(managed)] if managed is not None else [])
+    files = [*named, *policy.files, *(policy.ceiling.files if policy.ceiling else ())]
+    return list(dict.fromkeys([*files, *(f.parent for f in files)]))
+
+
 class RunPolicies:
     """The policies of the runs this gate serves: loaded per run, cached while their files are
     unchanged, registered for a sandbox while it is attached."""
@@ -103,23 +115,28 @@ class RunPolicies:
                 raise HandoffError(f"the policy's {name} must be an absolute path")
         key = (local, managed)
         with self._lock:
-            cached = self._cache.get(key)
-            if cached is not None:
+            policy = self._cached(key)
+            if policy is None:
+                policy = self._load_files(local, managed)
                 try:
-                    if _signature([Path(p) for p, *_ in cached.signature]) == cached.signature:
-                        return cached.policy
+                    self._cache[key] = _Loaded(policy, _signature(_watched(local, managed, policy)))
                 except OSError:
-                    pass  # a file is gone: load again, which says so
-            policy = self._load_files(local, managed)
-            files = list(policy.files) + (list(policy.ceiling.files) if policy.ceiling else [])
-            try:
-                self._cache[key] = _Loaded(policy, _signature(files))
-            except OSError:
-                self._cache.pop(key, None)
-            if len(self._cache) > 64:  # bounded: the oldest entry goes
-                self._cache.pop(next(iter(self._cache)))
-        _servable(policy)
+                    self._cache.pop(key, None)
+                if len(self._cache) > 64:  # bounded: the oldest entry goes
+                    self._cache.pop(next(iter(self._cache)))
+        _servable(policy)  # a remembered policy too
         return policy
+
+    def _cached(self, key: tuple[str | None, str | None]) -> Policy | None:
+        cached = self._cache.get(key)
+        if cached is None:
+            return None
+        try:
+            if _signature([Path(p) for p, *_ in cached.signature]) == cached.signature:
+                return cached.policy
+        except OSError:
+            pass  # a file is gone: load again, which says so
+        return None
 
     @staticmethod
     def _load_files(local: str | None, managed: str | None) -> Policy:

@@ -338,8 +338,9 @@ def start(directory: str, idle: float = IDLE_EXIT, environ: Mapping[str, str] | 
     import sys
 
     env = dict(os.environ if environ is None else environ)
-    if env.get(PRESETS_ENV):  # the gate works in /: a relative directory means the launcher's
-        env[PRESETS_ENV] = os.path.abspath(env[PRESETS_ENV])
+    for name in (PRESETS_ENV, "EGRESS_STATE_DIR"):  # the gate works in /: relative means ours
+        if env.get(name):
+            env[name] = os.path.abspath(env[name])
     ready, signal_ready = os.pipe()
     try:
         log = open_private(

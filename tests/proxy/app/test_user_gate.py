@@ -226,3 +226,21 @@ def test_a_policy_only_a_private_gate_can_serve_falls_back_every_time(tmp_path: 
     for _ in range(2):
         answer = runs.check(policy_check(str(path), None))
         assert answer["ok"] is False and "asks for approvals" in answer["fallback"]
+
+
+def test_an_unchanged_policy_is_loaded_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _write(tmp_path, ALLOWING)
+    loads = []
+    real = RunPolicies._load_files
+
+    def counting(local: str | None, managed: str | None) -> Any:
+        loads.append(local)
+        return real(local, managed)
+
+    monkeypatch.setattr(RunPolicies, "_load_files", staticmethod(counting))
+    runs = _runs()
+    for _ in range(3):
+        assert runs.check(policy_check(str(path), None))["ok"] is True
+    assert len(loads) == 1
