@@ -244,3 +244,36 @@ def test_an_unchanged_policy_is_loaded_once(
     for _ in range(3):
         assert runs.check(policy_check(str(path), None))["ok"] is True
     assert len(loads) == 1
+
+
+def test_a_policy_that_never_finishes_loading_holds_up_no_other_run(tmp_path: Path) -> None:
+    """A run names a FIFO (or a file on a hung mount): its own check waits, another run's does not."""
+    import threading
+
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    other = _write(tmp_path, ALLOWING)
+    runs = _runs()
+    stuck = threading.Thread(target=runs.check, args=(policy_check(str(fifo), None),), daemon=True)
+    stuck.start()
+    writer = -1
+    for _ in range(3000):  # until the stuck load has the FIFO open: then it waits in read()
+        try:
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            stuck.join(0.01)
+    assert writer >= 0
+    answers: list[dict[str, Any]] = []
+    free = threading.Thread(
+        target=lambda: answers.append(runs.check(policy_check(str(other), None))), daemon=True
+    )
+    try:
+        free.start()
+        free.join(30)
+        assert answers and answers[0]["ok"] is True
+    finally:
+        os.write(writer, ALLOWING.encode())  # let the stuck load finish
+        os.close(writer)
+        stuck.join(30)
+        free.join(30)
