@@ -277,3 +277,28 @@ def test_a_policy_that_never_finishes_loading_holds_up_no_other_run(tmp_path: Pa
         os.close(writer)
         stuck.join(30)
         free.join(30)
+
+
+def test_a_policy_replaced_while_it_loads_is_not_remembered_as_the_new_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file changes after it was read and before its attributes are noted: the remembered
+    policy would be the old one under the new file's attributes, for every later run."""
+    path = _write(tmp_path, ALLOWING)
+    narrowed = "version: 1\nrules: []\n"
+    real = RunPolicies._load_files
+    swapped: list[bool] = []
+
+    def load_then_replace(local: str | None, managed: str | None) -> Any:
+        policy = real(local, managed)
+        if not swapped:
+            swapped.append(True)
+            staged = tmp_path / "staged.yaml"
+            staged.write_text(narrowed)
+            os.replace(staged, path)  # an editor's save, a deploy
+        return policy
+
+    monkeypatch.setattr(RunPolicies, "_load_files", staticmethod(load_then_replace))
+    runs = _runs()
+    assert [r.name for r in runs.load(policy_check(str(path), None)).rules] == ["registry"]
+    assert runs.load(policy_check(str(path), None)).rules == ()
