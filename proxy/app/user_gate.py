@@ -31,6 +31,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,9 @@ log = logging.getLogger("egress.user-gate")
 # The gate's own listener serves nobody: no rule, so every connection to it is refused.
 NOBODY = Policy(version="per-user-gate: no sandbox", mode=Mode.ENFORCE, rules=())
 IDLE_CHECK = 1.0  # seconds between looks at whether the gate is idle
+# A file whose change time is this close to a load (or after it) is not remembered as loaded: its
+# time stamps may be too coarse to tell an edit during the load from one before it.
+RACY_NS = 2_000_000_000
 
 
 class Unservable(Exception):
@@ -114,21 +118,33 @@ class RunPolicies:
             if value is not None and (not isinstance(value, str) or not os.path.isabs(value)):
                 raise HandoffError(f"the policy's {name} must be an absolute path")
         key = (local, managed)
-        with self._lock:
-            policy = self._cached(key)
-            if policy is None:
-                policy = self._load_files(local, managed)
-                try:
-                    self._cache[key] = _Loaded(policy, _signature(_watched(local, managed, policy)))
-                except OSError:
+        # Files are read without the lock: a run whose policy never finishes loading (a FIFO, a
+        # hung mount) holds up its own check only, not every other run's.
+        policy = self._cached(key)
+        if policy is None:
+            started = time.time_ns()
+            policy = self._load_files(local, managed)
+            try:
+                signature = _signature(_watched(local, managed, policy))
+            except OSError:
+                signature = None
+            # A file changed since just before the load may have been read as it was before:
+            # remembered, the old policy would pass for the new file (git's "racily clean").
+            racy = signature is None or any(e[-1] >= started - RACY_NS for e in signature)
+            loaded = None if racy or signature is None else _Loaded(policy, signature)
+            with self._lock:
+                if loaded is None:
                     self._cache.pop(key, None)
+                else:
+                    self._cache[key] = loaded
                 if len(self._cache) > 64:  # bounded: the oldest entry goes
                     self._cache.pop(next(iter(self._cache)))
         _servable(policy)  # a remembered policy too
         return policy
 
     def _cached(self, key: tuple[str | None, str | None]) -> Policy | None:
-        cached = self._cache.get(key)
+        with self._lock:
+            cached = self._cache.get(key)
         if cached is None:
             return None
         try:

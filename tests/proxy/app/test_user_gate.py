@@ -8,12 +8,14 @@ from typing import Any
 
 import pytest
 
+from proxy.app import user_gate
 from proxy.app.user_gate import NOBODY, RunPolicies, Summaries
 from proxy.core.decision import Decision, Kind, Reason, Verdict
 from proxy.policy.model import Mode
 from proxy.sandbox.summary import SummarySink
 from proxy.sandbox.usergate import CODE, policy_check
 
+OLD = 3600 * 10**9  # ns
 ALLOWING = "version: 1\nrules:\n  - {name: registry, hosts: [pypi.org]}\n"
 
 
@@ -93,7 +95,10 @@ def test_a_request_it_cannot_trust_is_not_served(body: dict[str, Any]) -> None:
     assert answer["ok"] is False and answer["fallback"]
 
 
-def test_a_loaded_policy_is_reused_until_its_file_changes(tmp_path: Path) -> None:
+def test_a_loaded_policy_is_reused_until_its_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(user_gate, "RACY_NS", -OLD)  # files written now count as long unchanged
     path = _write(tmp_path, ALLOWING)
     runs = _runs()
     body = policy_check(str(path), None)
@@ -149,11 +154,12 @@ def test_a_decision_counts_only_in_its_own_sandboxs_summary() -> None:
 
 
 def test_a_policy_rewritten_in_place_with_its_old_size_and_time_is_read_again(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The same size, inode and modification time set back (``touch -r``, ``cp -p``): the change
     time tells, which no one can set back."""
     path = _write(tmp_path, ALLOWING)
+    monkeypatch.setattr(user_gate, "RACY_NS", -OLD)  # remembered though written just now
     runs = _runs()
     before = os.stat(path)
     assert any(r.name == "registry" for r in runs.load(policy_check(str(path), None)).rules)
@@ -178,7 +184,7 @@ def test_a_run_naming_another_presets_directory_gets_its_own_gate(
 
 @pytest.mark.parametrize("swapped", ["policy", "include", "managed"])
 def test_a_policy_file_whose_symlink_is_repointed_is_read_again(
-    tmp_path: Path, swapped: str
+    tmp_path: Path, swapped: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Releases deployed by re-pointing a symlink (``ln -sfn``, a ConfigMap's ``..data``): every
     file read is unchanged, only which file a name leads to is not. The narrower release must be
@@ -205,6 +211,7 @@ def test_a_policy_file_whose_symlink_is_repointed_is_read_again(
     managed = config / "managed.yaml" if swapped == "managed" else None
     first, second = ("m1.yaml", "m2.yaml") if swapped == "managed" else ("v1.yaml", "v2.yaml")
     link.symlink_to(releases / first)
+    monkeypatch.setattr(user_gate, "RACY_NS", -OLD)  # remembered though written just now
     runs = _runs()
     check = policy_check(str(top), str(managed) if managed else None)
     assert runs.check(check)["ok"] is True
@@ -240,6 +247,7 @@ def test_an_unchanged_policy_is_loaded_once(
         return real(local, managed)
 
     monkeypatch.setattr(RunPolicies, "_load_files", staticmethod(counting))
+    monkeypatch.setattr(user_gate, "RACY_NS", -OLD)  # files written now count as long unchanged
     runs = _runs()
     for _ in range(3):
         assert runs.check(policy_check(str(path), None))["ok"] is True
