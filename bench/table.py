@@ -467,16 +467,16 @@ def per_user_gate_row(
 ) -> Config:
     """`egress run --reuse-gate`: the per-user gate started once here (as a first run would), so
     the row measures every later run, handed to it with the run's own policy."""
-    from proxy.sandbox import usergate
+    from proxy.sandbox import gatedir, usergate
 
     name = "`egress run --reuse-gate` (per-user gate)"
     runtime = root / "run"
     runtime.mkdir(mode=0o700)
     env = {"XDG_RUNTIME_DIR": str(runtime), "EGRESS_STATE_DIR": str(root / "user-gate-state")}
     try:
-        directory = usergate.private_dir(usergate.gate_dir(env))
+        directory = gatedir.private_dir(gatedir.gate_dir(env))
         pid = usergate.start(directory, environ={**clean_env(), **env})
-    except usergate.UserGateError as exc:
+    except gatedir.UserGateError as exc:
         return Config(name, [], None, unavailable=str(exc))
     stops.append(lambda: stop_pid(pid))
     run_reused = [*egress, "run", "--quiet", "--reuse-gate", "--policy", str(policy), "--"]

@@ -234,8 +234,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
         context=dict(args.context),
         traceparent=os.environ.get("TRACEPARENT") or None,
         reuse_gate=_reusable(args),
+        also_hidden=_own_state(args),
     )
     return run(options)
+
+
+def _own_state(args: argparse.Namespace) -> tuple[str, ...]:
+    """This user's own gate state (its CA key), when a gate elsewhere (the shared one) may serve
+    the run: a private gate hides it anyway, the shared gate hides only its own."""
+    from proxy.app.statedir import existing_state_dir
+
+    if not _reusable(args):
+        return ()
+    found = existing_state_dir(args.state_dir)
+    return (found,) if found is not None else ()
 
 
 # What a run may ask for and still be served by this user's shared gate: its policy, ceiling, id,

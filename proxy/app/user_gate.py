@@ -7,15 +7,20 @@ no sandbox and its policy has no rule, so anything that connects to it is refuse
 policy is loaded (from the files its launcher named, under the managed ceiling it named) when the
 launcher checks it and again when the listeners arrive, and it holds for that sandbox's whole life:
 like a private gate, this gate does not reload a run's policy while the run lasts. The files are
-read again whenever one of them changed (inode, size or modification time), else the loaded policy
-is reused. A policy this gate cannot serve as a private gate would is answered with a fallback, and
-the run starts its own gate: ask rules (their approvals belong to the run's terminal).
+read again whenever one of them, a name the run gave (a symlink re-pointed) or a directory holding
+one (an include's symlink re-pointed) changed (inode, size, modification or change time), else the
+loaded policy is reused. A policy this gate cannot serve as a private gate would is answered with a
+fallback, and the run starts its own gate: ask rules (their approvals belong to the run's terminal).
 
 Each sandbox's processes are seen as a private gate sees them: through the sandbox's own sock_diag
 socket and under its helper's pid, both handed over with the listeners and checked to be in the
 sandbox's network namespace; so decisions name the process, and rules bound to executables hold. The
 executables such rules name are returned by the check, and the launcher makes them read-only inside
 the sandbox (as for a private gate); a hand-off whose policy binds any other file is refused.
+
+Only a process in the gate's own network namespace may talk to it (a launcher; never a sandboxed
+process, whichever gate its own run has), and a run that names another presets directory than the
+gate's (``$EGRESS_PRESETS_DIR``) gets its own gate.
 
 When a run's launcher half-closes its connection (the sandbox has ended), the gate writes back the
 run's summary, counted from that sandbox's decisions only.
@@ -31,6 +36,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +45,7 @@ from proxy.attribution.stamp import SandboxFacts, Stamped
 from proxy.core.decision import Decision
 from proxy.evidence.emit import JsonLineSink
 from proxy.policy.model import Action, Mode, Policy, PolicyError
+from proxy.sandbox.gatedir import UserGateError, private_dir
 from proxy.sandbox.handoff import Detach, HandoffError
 from proxy.sandbox.launcher import bound_executables
 from proxy.sandbox.summary import SummarySink
@@ -46,9 +53,9 @@ from proxy.sandbox.usergate import (
     CODE,
     IDLE_EXIT,
     PID_NAME,
+    PRESETS_ENV,
     SOCKET_NAME,
-    UserGateError,
-    private_dir,
+    open_private,
 )
 
 log = logging.getLogger("egress.user-gate")
@@ -56,6 +63,9 @@ log = logging.getLogger("egress.user-gate")
 # The gate's own listener serves nobody: no rule, so every connection to it is refused.
 NOBODY = Policy(version="per-user-gate: no sandbox", mode=Mode.ENFORCE, rules=())
 IDLE_CHECK = 1.0  # seconds between looks at whether the gate is idle
+# A file whose change time is this close to a load (or after it) is not remembered as loaded: its
+# time stamps may be too coarse to tell an edit during the load from one before it.
+RACY_NS = 2_000_000_000
 
 
 class Unservable(Exception):
@@ -65,15 +75,27 @@ class Unservable(Exception):
 @dataclass(frozen=True)
 class _Loaded:
     policy: Policy
-    signature: tuple[tuple[str, int, int, int], ...]  # every file read: path, inode, size, mtime
+    # every file read: path, inode, size, mtime and ctime (which no one can set back)
+    signature: tuple[tuple[str, int, int, int, int], ...]
 
 
-def _signature(paths: list[Path]) -> tuple[tuple[str, int, int, int], ...]:
+def _signature(paths: list[Path]) -> tuple[tuple[str, int, int, int, int], ...]:
     out = []
     for path in paths:
         info = os.stat(path)
-        out.append((str(path), info.st_ino, info.st_size, info.st_mtime_ns))
+        out.append((str(path), info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns))
     return tuple(out)
+
+
+def _watched(local: str | None, managed: str | None, policy: Policy) -> list[Path]:
+    """What a remembered policy depends on: every file read (symlinks resolved), the names the run
+    gave (a symlink re-pointed at another release leads elsewhere), and the directory of each (an
+    include's symlink, re-pointed, changes its directory)."""
+    from proxy.policy.loader import policy_file
+
+    named = [policy_file(local)] + ([Path(managed)] if managed is not None else [])
+    files = [*named, *policy.files, *(policy.ceiling.files if policy.ceiling else ())]
+    return list(dict.fromkeys([*files, *(f.parent for f in files)]))
 
 
 class RunPolicies:
@@ -103,29 +125,51 @@ class RunPolicies:
         serve it, HandoffError when the request is malformed."""
         if body.get("code") != CODE:
             raise Unservable(f"the running gate is another installation ({CODE})")
+        presets = os.environ.get(PRESETS_ENV) or None
+        if body.get("presets") != presets:  # bare include names would resolve elsewhere
+            raise Unservable(
+                f"the running gate resolves presets in {presets or 'the shipped ones'}"
+            )
         local, managed = body.get("path"), body.get("managed")
         for name, value in (("path", local), ("managed", managed)):
             if value is not None and (not isinstance(value, str) or not os.path.isabs(value)):
                 raise HandoffError(f"the policy's {name} must be an absolute path")
         key = (local, managed)
+        # Files are read without the lock: a run whose policy never finishes loading (a FIFO, a
+        # hung mount) holds up its own check only, not every other run's.
+        policy = self._cached(key)
+        if policy is None:
+            started = time.time_ns()
+            policy = self._load_files(local, managed)
+            try:
+                signature = _signature(_watched(local, managed, policy))
+            except OSError:
+                signature = None
+            # A file changed since just before the load may have been read as it was before:
+            # remembered, the old policy would pass for the new file (git's "racily clean").
+            racy = signature is None or any(e[-1] >= started - RACY_NS for e in signature)
+            loaded = None if racy or signature is None else _Loaded(policy, signature)
+            with self._lock:
+                if loaded is None:
+                    self._cache.pop(key, None)
+                else:
+                    self._cache[key] = loaded
+                if len(self._cache) > 64:  # bounded: the oldest entry goes
+                    self._cache.pop(next(iter(self._cache)))
+        _servable(policy)  # a remembered policy too
+        return policy
+
+    def _cached(self, key: tuple[str | None, str | None]) -> Policy | None:
         with self._lock:
             cached = self._cache.get(key)
-            if cached is not None:
-                try:
-                    if _signature([Path(p) for p, *_ in cached.signature]) == cached.signature:
-                        return cached.policy
-                except OSError:
-                    pass  # a file is gone: load again, which says so
-            policy = self._load_files(local, managed)
-            files = list(policy.files) + (list(policy.ceiling.files) if policy.ceiling else [])
-            try:
-                self._cache[key] = _Loaded(policy, _signature(files))
-            except OSError:
-                self._cache.pop(key, None)
-            if len(self._cache) > 64:  # bounded: the oldest entry goes
-                self._cache.pop(next(iter(self._cache)))
-        _servable(policy)
-        return policy
+        if cached is None:
+            return None
+        try:
+            if _signature([Path(p) for p, *_ in cached.signature]) == cached.signature:
+                return cached.policy
+        except OSError:
+            pass  # a file is gone: load again, which says so
+        return None
 
     @staticmethod
     def _load_files(local: str | None, managed: str | None) -> Policy:
@@ -442,7 +486,9 @@ async def serve(directory: str, ready_fd: int | None, idle: float) -> int:
 
     runs = RunPolicies(gate, gate_attacher(gate, dns_for), trust, state)
     runs.summaries, runs.stamps, runs.logs = summaries, stamps, logs
-    handoff = HandoffServer(os.path.join(directory, SOCKET_NAME), runs.attach, check=runs.check)
+    handoff = HandoffServer(
+        os.path.join(directory, SOCKET_NAME), runs.attach, check=runs.check, launchers_beside=True
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -494,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s: the per-user gate does not start", exc)
         return 2
     pid_file = os.path.join(directory, PID_NAME)
-    with open(pid_file, "w") as out:
+    fd = open_private(pid_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)  # never through a symlink
+    with open(fd, "w") as out:
         out.write(f"{os.getpid()}\n")
     try:
         return run(serve(directory, args.ready_fd, args.idle_exit))

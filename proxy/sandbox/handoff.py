@@ -125,6 +125,48 @@ def peer_uid(conn: socket.socket) -> int:
     return int(uid)
 
 
+_SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5
+
+
+def peer_netns(conn: socket.socket) -> int:
+    """The network namespace (its inode) of the process that connected ``conn``. OSError when it
+    cannot be told: the process is not visible here, or it has gone.
+
+    With ``SO_PEERPIDFD`` the answer is about that very process: a process that connected, passed
+    the connection on and exited cannot have its pid taken by another (a launcher's, in the gate's
+    namespace) in between. Older kernels: ``SO_PEERCRED``'s pid."""
+    try:
+        pidfd = conn.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD)
+    except OSError:
+        pidfd = -1
+    if pidfd < 0:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, _uid, _gid = struct.unpack("3i", creds)
+        if pid <= 0:
+            raise ProcessLookupError("the peer's process is not visible from the gate")
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    try:
+        pid = _pidfd_pid(pidfd)
+        inode = os.stat(f"/proc/{pid}/ns/net").st_ino
+        if _pidfd_pid(pidfd) != pid:  # it exited while we looked: the pid may be another's now
+            raise ProcessLookupError("the peer's process has exited")
+        return inode
+    finally:
+        os.close(pidfd)
+
+
+def _pidfd_pid(pidfd: int) -> int:
+    """The pid (in our PID namespace) of the process a pidfd refers to, while it runs."""
+    with open(f"/proc/self/fdinfo/{pidfd}") as info:
+        for line in info:
+            if line.startswith("Pid:"):
+                pid = int(line.split()[1])
+                if pid > 0:
+                    return pid
+                break
+    raise ProcessLookupError("the peer's process has exited or is not visible from the gate")
+
+
 def check_listener(sock: socket.socket, name: str, own_netns: int) -> None:
     """Raise HandoffError unless ``sock`` is a loopback listener of the right kind (or the sandbox's
     sock_diag socket) that lives in a network namespace other than ours (a sandbox's)."""
@@ -167,12 +209,16 @@ class HandoffServer:
         allowed_uids: Iterable[int] | None = None,
         authenticate: Authenticate | None = None,
         check: Check | None = None,
+        launchers_beside: bool = False,
         mode: int = 0o600,
         max_sandboxes: int = 256,
     ) -> None:
         self.path = path
         self.attach = attach
         self.check = check  # answers a launcher's check message (None: such a message is refused)
+        # Only a process in the gate's own network namespace may hand over: a launcher always is,
+        # a sandboxed process never (a gate whose socket any process of its user can reach).
+        self.launchers_beside = launchers_beside
         self.allowed_uids = set(allowed_uids) if allowed_uids is not None else {os.geteuid(), 0}
         self.authenticate = authenticate
         self.mode = mode
@@ -330,6 +376,16 @@ class HandoffServer:
             uid = peer_uid(conn)  # read first, so the refusal reaches the launcher
             if uid not in self.allowed_uids:
                 raise HandoffError(f"uid {uid} may not hand sandboxes to this gate")
+            if self.launchers_beside:
+                try:
+                    beside = peer_netns(conn) == self._own_netns
+                except OSError as exc:
+                    raise HandoffError(f"cannot tell where the launcher runs: {exc}") from None
+                if not beside:
+                    raise HandoffError(
+                        "a process in another network namespace (a sandbox's) "
+                        "may not hand sandboxes to this gate"
+                    )
             request = json.loads(msg)
             if not isinstance(request, dict):
                 raise HandoffError("the request is not a JSON object")

@@ -85,6 +85,7 @@ class RunOptions:
         context: dict[str, str] | None = None,
         traceparent: str | None = None,
         reuse_gate: bool = False,
+        also_hidden: Sequence[str] = (),
     ) -> None:
         self.argv = argv
         self.policy_path = policy_path
@@ -127,6 +128,9 @@ class RunOptions:
         # Hand the sandbox to this user's shared gate when it can serve the run as a private gate
         # would (proxy.sandbox.usergate); the caller sets it only for runs with nothing else to serve.
         self.reuse_gate = reuse_gate
+        # More paths the sandbox must not see whichever gate serves it (this user's own gate state
+        # when the shared gate, whose state is elsewhere, serves the run).
+        self.also_hidden = tuple(also_hidden)
 
 
 def new_sandbox_id() -> str:
@@ -215,7 +219,8 @@ def run(options: RunOptions) -> int:
 def _user_gate(options: RunOptions) -> Session | int | None:
     """This user's gate, checked to serve the run's policy; None: start a private gate instead; an
     exit status: the policy does not load (the gate's lines say where), so nothing runs."""
-    from proxy.sandbox.usergate import UserGateError, open_session, policy_check
+    from proxy.sandbox.gatedir import UserGateError
+    from proxy.sandbox.usergate import open_session, policy_check
 
     check = policy_check(
         str(options.policy_path) if options.policy_path is not None else None,
@@ -239,6 +244,14 @@ def _user_gate(options: RunOptions) -> Session | int | None:
         _err(f"{verdict}; the command was not run")
         return EXIT_SETUP_FAILED
     return None  # a fallback: the shared gate cannot serve this policy as a private gate would
+
+
+def _user_gate_dirs() -> tuple[str, ...]:
+    """The per-user gate's directories: hidden in every sandbox, not only those the shared gate
+    serves (a sandbox of a run with its own gate runs as the same user while that gate lives)."""
+    from proxy.sandbox.gatedir import hidden_dirs
+
+    return hidden_dirs()
 
 
 def _run_with(
@@ -288,6 +301,8 @@ def _run_with(
     base.pop("EGRESS_SANDBOX_TOKEN", None)  # the launcher's to present, not the sandbox's to read
     env = proxy_environment(base, address, sandbox_id=options.sandbox_id, ca_bundle=bundle)
     hidden = tuple(trust.hidden) if trust is not None else ()  # a per-user gate's socket among them
+    more = (*_user_gate_dirs(), *options.also_hidden)  # whichever gate serves the sandbox
+    hidden += tuple(dict.fromkeys(d for d in more if d not in hidden))
     if provided is not None:  # placeholders in, real values and their sources out of reach
         env = provided.apply_to(env)
         hidden += tuple(provided.hidden)

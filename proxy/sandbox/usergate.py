@@ -18,8 +18,13 @@ Who may use the gate: its directory is ``$XDG_RUNTIME_DIR/agent-egress`` (else
 ``/tmp/agent-egress-UID``), created 0700 and refused unless it is a directory this user owns that
 nobody else can enter; the socket is 0600 and the gate checks the peer's uid (``SO_PEERCRED``).
 The launcher checks the gate's uid too, so a socket another user planted is never handed a sandbox.
-The directory is hidden inside every sandbox (a tmpfs over it): a sandboxed process, which runs as
-the same user, cannot reach the socket to hand over listeners of its own with a wider policy.
+The directory is hidden inside every sandbox (a tmpfs over it), whichever gate serves it: a
+sandboxed process, which runs as the same user, cannot reach the socket to hand over listeners of
+its own with a wider policy. Hiding is by path (a gate started with another ``XDG_RUNTIME_DIR``
+lives elsewhere), so the gate also refuses every peer outside its own network namespace.
+
+The gate is started with ``python -P`` in ``/``: nothing in the directory the first run worked in
+(a repository the agent writes to) can shadow a module the gate imports.
 """
 
 from __future__ import annotations
@@ -28,9 +33,9 @@ import contextlib
 import json
 import os
 import socket
-import stat
 
-from proxy.sandbox.handoff import MAX_MESSAGE, PROTOCOL_VERSION, HandoffError, peer_uid
+from proxy.sandbox.gatedir import UserGateError, gate_dir, private_dir
+from proxy.sandbox.handoff import MAX_MESSAGE, PROTOCOL_VERSION, HandoffError, peer_netns, peer_uid
 
 TYPE_CHECKING = False  # typing's constant without importing typing: see docs/startup.md
 if TYPE_CHECKING:
@@ -40,6 +45,7 @@ if TYPE_CHECKING:
     from proxy.sandbox.trust import Trust
 
 ENV_VAR = "EGRESS_REUSE_GATE"
+PRESETS_ENV = "EGRESS_PRESETS_DIR"  # proxy.policy.presets.ENV_VAR, without importing it here
 # The installation a launcher and a gate run: a gate from another one (an upgrade since it started)
 # is not handed sandboxes.
 CODE = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))  # the `proxy` package
@@ -53,41 +59,26 @@ ANSWER_TIMEOUT = 10.0  # for the gate's answer to a check or a hand-off
 CLOSING_TIMEOUT = 5.0  # for the run's summary once the sandbox has ended
 
 
-class UserGateError(Exception):
-    """The per-user gate cannot be used (its directory is unsafe, it did not start, it answered
-    nonsense); the run gets a private gate instead, and the message says why."""
-
-
 def wanted(flag: bool, environ: Mapping[str, str] | None = None) -> bool:
     """``--reuse-gate``, or ``EGRESS_REUSE_GATE=1`` for a harness that cannot change the command."""
     env = os.environ if environ is None else environ
     return flag or env.get(ENV_VAR, "") in ("1", "yes", "true")
 
 
-def gate_dir(environ: Mapping[str, str] | None = None) -> str:
+def own_netns() -> int:
+    return os.stat("/proc/self/ns/net").st_ino
+
+
+def open_private(path: str, flags: int) -> int:
+    """A file in the gate's directory, never through a symlink planted there (the directory is this
+    user's, but a sandbox of this user may have made it)."""
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+
+
+def _presets(environ: Mapping[str, str] | None = None) -> str | None:
     env = os.environ if environ is None else environ
-    base = env.get("XDG_RUNTIME_DIR", "")
-    if os.path.isabs(base):
-        return os.path.join(base, "agent-egress")
-    return f"/tmp/agent-egress-{os.geteuid()}"
-
-
-def private_dir(path: str) -> str:
-    """``path``, created 0700 if missing; UserGateError unless it is a real directory owned by this
-    user with no access for anyone else (a directory planted by another user is never trusted)."""
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(path, 0o700)
-    try:
-        info = os.lstat(path)
-    except OSError as exc:
-        raise UserGateError(f"{path}: {exc.strerror or exc}") from None
-    if not stat.S_ISDIR(info.st_mode):
-        raise UserGateError(f"{path}: not a directory")
-    if info.st_uid != os.geteuid():
-        raise UserGateError(f"{path}: owned by uid {info.st_uid}, not {os.geteuid()}")
-    if info.st_mode & 0o077:
-        raise UserGateError(f"{path}: mode {stat.S_IMODE(info.st_mode):o}, expected 700")
-    return path
+    value = env.get(PRESETS_ENV) or None
+    return os.path.abspath(value) if value is not None else None
 
 
 class Session:
@@ -213,6 +204,7 @@ def policy_check(policy: str | None, managed: str | None) -> dict[str, Any]:
         "path": os.path.abspath(policy) if policy is not None else None,
         "managed": os.path.abspath(managed) if managed is not None else None,
         "code": CODE,
+        "presets": _presets(),  # where bare include names resolve for this run
     }
 
 
@@ -230,6 +222,12 @@ def open_session(check: dict[str, Any], environ: Mapping[str, str] | None = None
             owner = peer_uid(conn)
             if owner != os.geteuid():
                 raise UserGateError(f"the gate at {path} runs as uid {owner}, not {os.geteuid()}")
+            try:
+                beside = peer_netns(conn) == own_netns()
+            except OSError as exc:
+                raise UserGateError(f"cannot tell where the gate at {path} runs: {exc}") from None
+            if not beside:  # a process in a sandbox planted it: never hand it a sandbox
+                raise UserGateError(f"the gate at {path} runs in another network namespace")
             conn.settimeout(ANSWER_TIMEOUT)
             conn.sendall(json.dumps({"version": PROTOCOL_VERSION, "check": check}).encode())
             return Session(conn, directory, check, _answer(conn))
@@ -293,7 +291,10 @@ def _start_and_connect(directory: str, path: str) -> socket.socket:
     """Start the gate, unless another launcher did while this one waited for the lock."""
     import fcntl
 
-    lock = os.open(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        lock = open_private(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT)
+    except OSError as exc:
+        raise UserGateError(f"cannot lock {directory}: {exc}") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         conn = _connect(path)
@@ -315,12 +316,22 @@ def start(directory: str, idle: float = IDLE_EXIT, environ: Mapping[str, str] | 
     import subprocess
     import sys
 
+    env = dict(os.environ if environ is None else environ)
+    for name in (PRESETS_ENV, "EGRESS_STATE_DIR"):  # the gate works in /: relative means ours
+        if env.get(name):
+            env[name] = os.path.abspath(env[name])
     ready, signal_ready = os.pipe()
-    log = os.open(os.path.join(directory, LOG_NAME), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        log = open_private(
+            os.path.join(directory, LOG_NAME), os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        )
+    except OSError as exc:
+        raise UserGateError(f"cannot write the gate's log in {directory}: {exc}") from None
     try:
         proc = subprocess.Popen(
             [
                 sys.executable,
+                "-P",  # no working directory on sys.path: see the module's docstring
                 "-m",
                 "proxy.app.user_gate",
                 "--dir",
@@ -335,7 +346,8 @@ def start(directory: str, idle: float = IDLE_EXIT, environ: Mapping[str, str] | 
             stderr=log,
             pass_fds=(signal_ready,),
             start_new_session=True,
-            env=dict(environ) if environ is not None else None,
+            cwd="/",
+            env=env,
         )
         os.close(signal_ready)
         signal_ready = -1

@@ -8,12 +8,14 @@ from typing import Any
 
 import pytest
 
+from proxy.app import user_gate
 from proxy.app.user_gate import NOBODY, RunPolicies, Summaries
 from proxy.core.decision import Decision, Kind, Reason, Verdict
 from proxy.policy.model import Mode
 from proxy.sandbox.summary import SummarySink
 from proxy.sandbox.usergate import CODE, policy_check
 
+OLD = 3600 * 10**9  # ns
 ALLOWING = "version: 1\nrules:\n  - {name: registry, hosts: [pypi.org]}\n"
 
 
@@ -101,7 +103,10 @@ def test_a_request_it_cannot_trust_is_not_served(body: dict[str, Any]) -> None:
     assert answer["ok"] is False and answer["fallback"]
 
 
-def test_a_loaded_policy_is_reused_until_its_file_changes(tmp_path: Path) -> None:
+def test_a_loaded_policy_is_reused_until_its_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(user_gate, "RACY_NS", -OLD)  # files written now count as long unchanged
     path = _write(tmp_path, ALLOWING)
     runs = _runs()
     body = policy_check(str(path), None)
@@ -199,3 +204,162 @@ def test_the_runs_facts_come_from_the_kernel_and_a_checked_context() -> None:
     assert _facts({"peer_uid": 0, "traceparent": "not-a-trace"}).trace is None
     with pytest.raises(HandoffError, match="context"):
         _facts({"peer_uid": 0, "context": {"bad key": "\x1b[31m"}})
+
+
+def test_a_policy_rewritten_in_place_with_its_old_size_and_time_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same size, inode and modification time set back (``touch -r``, ``cp -p``): the change
+    time tells, which no one can set back."""
+    path = _write(tmp_path, ALLOWING)
+    monkeypatch.setattr(user_gate, "RACY_NS", -OLD)  # remembered though written just now
+    runs = _runs()
+    before = os.stat(path)
+    assert any(r.name == "registry" for r in runs.load(policy_check(str(path), None)).rules)
+    with open(path, "r+") as out:  # the same inode, the same size
+        out.write(ALLOWING.replace("registry", "narrowed"))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(path).st_size == before.st_size and os.stat(path).st_ino == before.st_ino
+    assert [r.name for r in runs.load(policy_check(str(path), None)).rules] == ["narrowed"]
+
+
+def test_a_run_naming_another_presets_directory_gets_its_own_gate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _write(tmp_path, ALLOWING)
+    monkeypatch.setenv("EGRESS_PRESETS_DIR", str(tmp_path / "theirs"))
+    check = policy_check(str(path), None)
+    monkeypatch.delenv("EGRESS_PRESETS_DIR")
+    answer = _runs().check(check)
+    assert answer["ok"] is False and "presets" in answer["fallback"]
+    assert _runs().check(policy_check(str(path), None))["ok"] is True
+
+
+@pytest.mark.parametrize("swapped", ["policy", "include", "managed"])
+def test_a_policy_file_whose_symlink_is_repointed_is_read_again(
+    tmp_path: Path, swapped: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Releases deployed by re-pointing a symlink (``ln -sfn``, a ConfigMap's ``..data``): every
+    file read is unchanged, only which file a name leads to is not. The narrower release must be
+    what the next run gets, as its own gate would read it."""
+    old = "version: 1\nrules:\n  - {name: old, hosts: [pypi.org, evil.test]}\n"
+    new = "version: 1\nrules:\n  - {name: new, hosts: [pypi.org]}\n"
+    managed_old = "version: 1\nmanaged: {}\nrules:\n  - {name: m, hosts: [pypi.org, evil.test]}\n"
+    managed_new = "version: 1\nmanaged: {}\nrules:\n  - {name: m, hosts: [pypi.org]}\n"
+    releases = tmp_path / "releases"
+    releases.mkdir()
+    for name, text in (("v1.yaml", old), ("v2.yaml", new), ("m1.yaml", managed_old)):
+        _write(releases, text, name)
+    _write(releases, managed_new, "m2.yaml")
+    config = tmp_path / "config"
+    config.mkdir()
+    if swapped == "include":
+        top = _write(config, "version: 1\ninclude: [team.yaml]\nrules: []\n", "policy.yaml")
+        link = config / "team.yaml"
+    else:
+        top = config / "policy.yaml"
+        link = top if swapped == "policy" else config / "managed.yaml"
+        if swapped == "managed":
+            _write(config, old, "policy.yaml")
+    managed = config / "managed.yaml" if swapped == "managed" else None
+    first, second = ("m1.yaml", "m2.yaml") if swapped == "managed" else ("v1.yaml", "v2.yaml")
+    link.symlink_to(releases / first)
+    monkeypatch.setattr(user_gate, "RACY_NS", -OLD)  # remembered though written just now
+    runs = _runs()
+    check = policy_check(str(top), str(managed) if managed else None)
+    assert runs.check(check)["ok"] is True
+    staged = config / "staged"
+    staged.symlink_to(releases / second)
+    os.replace(staged, link)  # ln -sfn: the name now leads to the narrower release
+    if swapped == "managed":  # the local policy no longer fits under the ceiling
+        answer = runs.check(check)
+        assert answer["ok"] is False and "evil.test" in " ".join(answer["error"])
+    else:
+        hosts = {str(p) for r in runs.load(check).rules for p in r.hosts}
+        assert hosts == {"pypi.org"}
+
+
+def test_a_policy_only_a_private_gate_can_serve_falls_back_every_time(tmp_path: Path) -> None:
+    """The second run with the same file (loaded and remembered by the first check) too."""
+    path = _write(tmp_path, "version: 1\nrules:\n  - {name: held, action: ask, hosts: [a.test]}\n")
+    runs = _runs()
+    for _ in range(2):
+        answer = runs.check(policy_check(str(path), None))
+        assert answer["ok"] is False and "asks for approvals" in answer["fallback"]
+
+
+def test_an_unchanged_policy_is_loaded_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _write(tmp_path, ALLOWING)
+    loads = []
+    real = RunPolicies._load_files
+
+    def counting(local: str | None, managed: str | None) -> Any:
+        loads.append(local)
+        return real(local, managed)
+
+    monkeypatch.setattr(RunPolicies, "_load_files", staticmethod(counting))
+    monkeypatch.setattr(user_gate, "RACY_NS", -OLD)  # files written now count as long unchanged
+    runs = _runs()
+    for _ in range(3):
+        assert runs.check(policy_check(str(path), None))["ok"] is True
+    assert len(loads) == 1
+
+
+def test_a_policy_that_never_finishes_loading_holds_up_no_other_run(tmp_path: Path) -> None:
+    """A run names a FIFO (or a file on a hung mount): its own check waits, another run's does not."""
+    import threading
+
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    other = _write(tmp_path, ALLOWING)
+    runs = _runs()
+    stuck = threading.Thread(target=runs.check, args=(policy_check(str(fifo), None),), daemon=True)
+    stuck.start()
+    writer = -1
+    for _ in range(3000):  # until the stuck load has the FIFO open: then it waits in read()
+        try:
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            stuck.join(0.01)
+    assert writer >= 0
+    answers: list[dict[str, Any]] = []
+    free = threading.Thread(
+        target=lambda: answers.append(runs.check(policy_check(str(other), None))), daemon=True
+    )
+    try:
+        free.start()
+        free.join(30)
+        assert answers and answers[0]["ok"] is True
+    finally:
+        os.write(writer, ALLOWING.encode())  # let the stuck load finish
+        os.close(writer)
+        stuck.join(30)
+        free.join(30)
+
+
+def test_a_policy_replaced_while_it_loads_is_not_remembered_as_the_new_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file changes after it was read and before its attributes are noted: the remembered
+    policy would be the old one under the new file's attributes, for every later run."""
+    path = _write(tmp_path, ALLOWING)
+    narrowed = "version: 1\nrules: []\n"
+    real = RunPolicies._load_files
+    swapped: list[bool] = []
+
+    def load_then_replace(local: str | None, managed: str | None) -> Any:
+        policy = real(local, managed)
+        if not swapped:
+            swapped.append(True)
+            staged = tmp_path / "staged.yaml"
+            staged.write_text(narrowed)
+            os.replace(staged, path)  # an editor's save, a deploy
+        return policy
+
+    monkeypatch.setattr(RunPolicies, "_load_files", staticmethod(load_then_replace))
+    runs = _runs()
+    assert [r.name for r in runs.load(policy_check(str(path), None)).rules] == ["registry"]
+    assert runs.load(policy_check(str(path), None)).rules == ()

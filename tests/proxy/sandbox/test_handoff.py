@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import subprocess
 import sys
@@ -290,3 +291,39 @@ def test_a_check_message_is_answered_once_and_only_by_a_gate_that_takes_it(
         assert checking.server.serving == 0 and checking.server.attached == {}
     finally:
         checking.close()
+
+
+def test_a_connection_whose_process_has_exited_is_from_nowhere(tmp_path: Path) -> None:
+    """A process connects, passes the connection on and exits: where it ran can no longer be told,
+    and its pid may be another process's by now (the gate must not ask that one)."""
+    import multiprocessing
+
+    from proxy.sandbox.handoff import peer_netns
+
+    path = str(tmp_path / "s.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(1)
+    ours, theirs = socket.socketpair()
+
+    def connect_and_pass_on() -> None:
+        conn = socket.socket(socket.AF_UNIX)
+        conn.connect(path)
+        socket.send_fds(theirs, [b"x"], [conn.fileno()])
+        theirs.recv(1)  # exits once told to
+
+    child = multiprocessing.get_context("fork").Process(target=connect_and_pass_on)
+    child.start()
+    accepted, _ = server.accept()
+    _msg, fds, _flags, _addr = socket.recv_fds(ours, 1, 1)
+    assert peer_netns(accepted) == os.stat("/proc/self/ns/net").st_ino  # while it runs
+    ours.sendall(b"x")
+    child.join(30)
+    try:
+        with pytest.raises(OSError):
+            peer_netns(accepted)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        for sock in (accepted, server, ours, theirs):
+            sock.close()

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from proxy.sandbox import usergate
-from proxy.sandbox.usergate import UserGateError, gate_dir, private_dir, wanted
+from proxy.sandbox.gatedir import UserGateError, gate_dir, private_dir
+from proxy.sandbox.usergate import wanted
 from tests.harness import Upstream
 from tests.usergate_support import UserGateWorld, alive, wait_gone
 from tests.usergate_support import world as make_world
