@@ -45,8 +45,9 @@ from proxy.attribution.stamp import SandboxFacts, Stamped
 from proxy.core.decision import Decision
 from proxy.evidence.emit import JsonLineSink
 from proxy.policy.model import Action, Mode, Policy, PolicyError
+from proxy.runtime.threads import in_daemon_thread
 from proxy.sandbox.gatedir import UserGateError, private_dir
-from proxy.sandbox.handoff import Detach, HandoffError
+from proxy.sandbox.handoff import CHECK_TIMEOUT, Detach, HandoffError
 from proxy.sandbox.launcher import bound_executables
 from proxy.sandbox.summary import SummarySink
 from proxy.sandbox.usergate import (
@@ -202,7 +203,9 @@ class RunPolicies:
         if not isinstance(body, dict):
             raise HandoffError("the hand-off names no policy")
         try:
-            policy = await asyncio.to_thread(self.load, body)
+            policy = await in_daemon_thread(self.load, body, timeout=CHECK_TIMEOUT)
+        except TimeoutError:
+            raise HandoffError(f"the policy did not load within {CHECK_TIMEOUT:g} s") from None
         except PolicyError as exc:
             raise HandoffError("; ".join(exc.lines())) from None
         except Unservable as exc:

@@ -12,9 +12,11 @@ in load order, so the same files give the same version on every machine and in e
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv6Network, ip_network
@@ -95,6 +97,19 @@ def load_policy(path: str | os.PathLike[str], *, managed: bool = False) -> Polic
     if loader.problems:
         raise PolicyError(loader.problems, str(path))
     return loader.policy()
+
+
+def read_regular(path: str | os.PathLike[str]) -> bytes:
+    """A policy file's bytes. Only a regular file is read: a FIFO or a device named as a policy (or
+    an include) would leave the reader waiting for ever, and a gate with it (OSError instead)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as stream:
+            return stream.read()
+    finally:
+        os.close(fd)
 
 
 def policy_file(path: str | os.PathLike[str] | None) -> Path:
@@ -203,7 +218,7 @@ class _Loader:
         self.loaded.add(resolved)
         shown = display_path(resolved)
         try:
-            data = resolved.read_bytes()
+            data = read_regular(resolved)
         except OSError as exc:
             where = origin or _Where(shown)
             self.problem(where, origin_node, f"cannot read {shown}: {exc.strerror or exc}")

@@ -46,7 +46,7 @@ from pathlib import Path
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from proxy.policy.loader import display_path, load_policy
+from proxy.policy.loader import display_path, load_policy, read_regular
 from proxy.policy.model import (
     Action,
     HostPattern,
@@ -87,7 +87,7 @@ def load_managed(path: str | os.PathLike[str]) -> Managed:
     target = Path(path)
     shown = display_path(target.resolve()) if target.exists() else str(target)
     try:
-        text = target.read_text(encoding="utf-8")
+        text = read_regular(target).decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise PolicyError(

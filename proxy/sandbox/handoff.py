@@ -47,6 +47,9 @@ if TYPE_CHECKING:
 PROTOCOL_VERSION = 1
 MAX_MESSAGE = 16384
 REQUEST_TIMEOUT = 10.0  # for the launcher's message once it has connected
+# For the gate to load a run's policy (a file on a hung mount never loads): under the launcher's
+# wait for an answer (proxy.sandbox.usergate.ANSWER_TIMEOUT), so it hears why.
+CHECK_TIMEOUT = 8.0
 KINDS = {"proxy": socket.SOCK_STREAM, "dns-udp": socket.SOCK_DGRAM, "dns-tcp": socket.SOCK_STREAM}
 # Not a listener: the sock_diag socket a gate that attributes processes asks about the sandbox's
 # sockets through (created inside the sandbox's network namespace, like the listeners).
@@ -301,7 +304,15 @@ class HandoffServer:
                     if self.check is None or not isinstance(body, dict):
                         raise HandoffError("this gate takes no check message")
                     # in a thread: loading a policy must not stall the sandboxes already served
-                    self._reply(conn, await asyncio.to_thread(self.check, body))
+                    from proxy.runtime.threads import in_daemon_thread
+
+                    try:
+                        answer = await in_daemon_thread(self.check, body, timeout=CHECK_TIMEOUT)
+                    except TimeoutError:
+                        raise HandoffError(
+                            f"the policy did not load within {CHECK_TIMEOUT:g} s"
+                        ) from None
+                    self._reply(conn, answer)
                     request, received = await self._request(conn)
                     if not request:
                         return  # the launcher went another way (its own gate) after the check

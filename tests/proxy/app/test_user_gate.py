@@ -307,24 +307,30 @@ def test_an_unchanged_policy_is_loaded_once(
     assert len(loads) == 1
 
 
-def test_a_policy_that_never_finishes_loading_holds_up_no_other_run(tmp_path: Path) -> None:
-    """A run names a FIFO (or a file on a hung mount): its own check waits, another run's does not."""
+def test_a_policy_that_never_finishes_loading_holds_up_no_other_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run whose policy is on a hung mount: its own check waits, another run's does not. (A FIFO
+    named as a policy is refused outright: see the next test.)"""
     import threading
 
-    fifo = tmp_path / "fifo.yaml"
-    os.mkfifo(fifo)
+    hung = _write(tmp_path, ALLOWING, "hung.yaml")
     other = _write(tmp_path, ALLOWING)
+    release = threading.Event()
+    started = threading.Event()
+    real = RunPolicies._load_files
+
+    def loading(local: str | None, managed: str | None) -> Any:
+        if local == str(hung):
+            started.set()
+            release.wait(30)
+        return real(local, managed)
+
+    monkeypatch.setattr(RunPolicies, "_load_files", staticmethod(loading))
     runs = _runs()
-    stuck = threading.Thread(target=runs.check, args=(policy_check(str(fifo), None),), daemon=True)
+    stuck = threading.Thread(target=runs.check, args=(policy_check(str(hung), None),), daemon=True)
     stuck.start()
-    writer = -1
-    for _ in range(3000):  # until the stuck load has the FIFO open: then it waits in read()
-        try:
-            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            break
-        except OSError:
-            stuck.join(0.01)
-    assert writer >= 0
+    assert started.wait(30)
     answers: list[dict[str, Any]] = []
     free = threading.Thread(
         target=lambda: answers.append(runs.check(policy_check(str(other), None))), daemon=True
@@ -334,10 +340,16 @@ def test_a_policy_that_never_finishes_loading_holds_up_no_other_run(tmp_path: Pa
         free.join(30)
         assert answers and answers[0]["ok"] is True
     finally:
-        os.write(writer, ALLOWING.encode())  # let the stuck load finish
-        os.close(writer)
+        release.set()
         stuck.join(30)
         free.join(30)
+
+
+def test_a_fifo_named_as_a_policy_is_refused_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    answer = _runs().check(policy_check(str(fifo), None))  # returns: nothing waits for a writer
+    assert answer["ok"] is False and "not a regular file" in " ".join(answer["error"])
 
 
 def test_a_policy_replaced_while_it_loads_is_not_remembered_as_the_new_one(

@@ -796,3 +796,21 @@ def test_a_rule_mode_is_read_and_checked(tmp_path: Path) -> None:
         "p.yaml:3: rule 'a': key 'mode': 'audit' is not a mode (enforce or report)",
         "p.yaml:4: rule 'b': key 'mode': an ask rule asks in every mode; drop 'mode' here",
     ]
+
+
+def test_a_policy_or_include_that_is_not_a_regular_file_is_refused_without_waiting(
+    tmp_path: Path,
+) -> None:
+    """A FIFO would block the reader until someone writes to it (and a gate with it)."""
+    import os
+
+    from proxy.policy.loader import PolicyError, load_policy
+
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(PolicyError, match="not a regular file"):
+        load_policy(fifo)
+    top = tmp_path / "top.yaml"
+    top.write_text(f"version: 1\ninclude: [{fifo}]\nrules: []\n")
+    with pytest.raises(PolicyError, match="not a regular file"):
+        load_policy(top)
