@@ -54,9 +54,9 @@ from proxy.sandbox.usergate import (
     CODE,
     IDLE_EXIT,
     PID_NAME,
-    PRESETS_ENV,
     SOCKET_NAME,
     open_private,
+    shaping,
 )
 
 log = logging.getLogger("egress.user-gate")
@@ -126,11 +126,13 @@ class RunPolicies:
         serve it, HandoffError when the request is malformed."""
         if body.get("code") != CODE:
             raise Unservable(f"the running gate is another installation ({CODE})")
-        presets = os.environ.get(PRESETS_ENV) or None
-        if body.get("presets") != presets:  # bare include names would resolve elsewhere
-            raise Unservable(
-                f"the running gate resolves presets in {presets or 'the shipped ones'}"
-            )
+        ours = shaping()
+        if body.get("env") != ours:  # bare include names, upstream trust, loop: another gate's
+            sent = body.get("env")
+            theirs: dict[str, Any] = sent if isinstance(sent, dict) else {}
+            differ = sorted(set(ours.items()) ^ {(str(k), str(v)) for k, v in theirs.items()})
+            names = ", ".join(dict.fromkeys(str(name) for name, _ in differ)) or "settings"
+            raise Unservable(f"the running gate was started with other {names}")
         local, managed = body.get("path"), body.get("managed")
         for name, value in (("path", local), ("managed", managed)):
             if value is not None and (not isinstance(value, str) or not os.path.isabs(value)):

@@ -75,10 +75,20 @@ def open_private(path: str, flags: int) -> int:
     return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
 
 
-def _presets(environ: Mapping[str, str] | None = None) -> str | None:
+# What in the environment shapes how a gate serves: where bare include names resolve, what it
+# trusts upstream (read by OpenSSL), its event loop. A run whose values differ from the running
+# gate's gets a gate of its own; paths are compared absolute (the gate works in /).
+SHAPING = (PRESETS_ENV, "SSL_CERT_FILE", "SSL_CERT_DIR", "EGRESS_EVENT_LOOP")
+_PATHS = frozenset({PRESETS_ENV, "SSL_CERT_FILE", "SSL_CERT_DIR"})
+
+
+def shaping(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     env = os.environ if environ is None else environ
-    value = env.get(PRESETS_ENV) or None
-    return os.path.abspath(value) if value is not None else None
+    return {
+        name: os.path.abspath(env[name]) if name in _PATHS else env[name]
+        for name in SHAPING
+        if env.get(name)
+    }
 
 
 class Session:
@@ -204,7 +214,7 @@ def policy_check(policy: str | None, managed: str | None) -> dict[str, Any]:
         "path": os.path.abspath(policy) if policy is not None else None,
         "managed": os.path.abspath(managed) if managed is not None else None,
         "code": CODE,
-        "presets": _presets(),  # where bare include names resolve for this run
+        "env": shaping(),  # what this run's own gate would be started with
     }
 
 
@@ -317,9 +327,9 @@ def start(directory: str, idle: float = IDLE_EXIT, environ: Mapping[str, str] | 
     import sys
 
     env = dict(os.environ if environ is None else environ)
-    for name in (PRESETS_ENV, "EGRESS_STATE_DIR"):  # the gate works in /: relative means ours
-        if env.get(name):
-            env[name] = os.path.abspath(env[name])
+    env.update(shaping(env))  # the gate works in /: a relative path means the launcher's
+    if env.get("EGRESS_STATE_DIR"):
+        env["EGRESS_STATE_DIR"] = os.path.abspath(env["EGRESS_STATE_DIR"])
     ready, signal_ready = os.pipe()
     try:
         log = open_private(
@@ -332,6 +342,7 @@ def start(directory: str, idle: float = IDLE_EXIT, environ: Mapping[str, str] | 
             [
                 sys.executable,
                 "-P",  # no working directory on sys.path: see the module's docstring
+                "-E",  # nor PYTHONPATH or other PYTHON* settings of the first run
                 "-m",
                 "proxy.app.user_gate",
                 "--dir",

@@ -231,8 +231,22 @@ def test_a_run_naming_another_presets_directory_gets_its_own_gate(
     check = policy_check(str(path), None)
     monkeypatch.delenv("EGRESS_PRESETS_DIR")
     answer = _runs().check(check)
-    assert answer["ok"] is False and "presets" in answer["fallback"]
+    assert answer["ok"] is False and "EGRESS_PRESETS_DIR" in answer["fallback"]
     assert _runs().check(policy_check(str(path), None))["ok"] is True
+
+
+@pytest.mark.parametrize("name", ["SSL_CERT_FILE", "SSL_CERT_DIR", "EGRESS_EVENT_LOOP"])
+def test_a_run_whose_environment_would_start_another_gate_gets_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """What the gate trusts upstream (OpenSSL reads these) or which loop it runs on is fixed when
+    it starts: a run that would have its own gate start otherwise is not served by this one."""
+    path = _write(tmp_path, ALLOWING)
+    monkeypatch.setenv(name, "asyncio" if name == "EGRESS_EVENT_LOOP" else str(tmp_path / "ca"))
+    check = policy_check(str(path), None)
+    monkeypatch.delenv(name)
+    answer = _runs().check(check)
+    assert answer["ok"] is False and name in answer["fallback"]
 
 
 @pytest.mark.parametrize("swapped", ["policy", "include", "managed"])
