@@ -362,11 +362,14 @@ def _load_private_gate_modules() -> None:
 
 
 def bound_executables(policy: Any) -> tuple[str, ...]:
-    """The files a policy's rules are bound to: the sandbox must not be able to rewrite them, even
-    when it runs as their owner."""
+    """The files a policy's rules are bound to, and its managed ceiling's (a report is held to the
+    managed rule's executables): the sandbox must not be able to rewrite them, even when it runs as
+    their owner."""
     if policy is None:
         return ()
-    return tuple(dict.fromkeys(e.path for rule in policy.rules for e in rule.executables))
+    ceiling = policy.ceiling.rules if policy.ceiling is not None else ()
+    rules = (*policy.rules, *ceiling)
+    return tuple(dict.fromkeys(e.path for rule in rules for e in rule.executables))
 
 
 def _summary(options: RunOptions) -> SummarySink:
