@@ -246,7 +246,7 @@ class RunPolicies:
             policies.pop(sandbox_id, None)  # a connection still open keeps its own reference
             self.summaries.pop(sandbox_id, None)
             self.stamps.pop(sandbox_id, None)
-            checkpoint.sandbox_processes.pop(sandbox_id, None)
+            checkpoint.release_sandbox(sandbox_id)
             if processes is not None:
                 processes.close()
             kept = self.logs.pop(sandbox_id, None)

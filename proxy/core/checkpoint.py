@@ -179,6 +179,9 @@ class Checkpoint:
         # sandbox has its own loopback); a connection of a sandbox not listed has none to see.
         self.sandbox_processes: dict[str, Processes] = {}
         self._lookup_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        # ... each with a lookup thread of its own: one sandbox's slow lookups (its processes and
+        # fd tables are its own to grow) hold up none of another's connections.
+        self._sandbox_pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
         self._bound = BoundRules()
         self.emitter = emitter
         self.destinations = destinations
@@ -216,6 +219,14 @@ class Checkpoint:
         if self.sandbox_processes and conn.sandbox_id is not None:
             return self.sandbox_processes.get(conn.sandbox_id)
         return self.processes
+
+    def release_sandbox(self, sandbox_id: str) -> None:
+        """A sandbox of a gate serving several has gone: its processes are no longer looked up, and
+        its lookup thread ends once the lookups it has begun are done."""
+        self.sandbox_processes.pop(sandbox_id, None)
+        pool = self._sandbox_pools.pop(sandbox_id, None)
+        if pool is not None:
+            pool.shutdown(wait=False)
 
     def disconnected(self, cid: str) -> None:
         conn = self.connections.close(cid)
@@ -458,7 +469,7 @@ class Checkpoint:
         try:
             conn.process = processes.attribute_now(conn.peer)
         except BlockingIOError:
-            conn.lookup = loop.run_in_executor(self._pool(), processes.attribute, conn.peer)
+            conn.lookup = loop.run_in_executor(self._pool(conn), processes.attribute, conn.peer)
             return
         except Exception:
             log.exception("attributing %s failed", conn.peer)
@@ -466,10 +477,19 @@ class Checkpoint:
         conn.attributed = True
         processes.remember(conn.peer, conn.process)
 
-    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+    def _pool(self, conn: Connection | None = None) -> concurrent.futures.ThreadPoolExecutor:
         """One thread for every lookup: they are /proc system calls, which gain nothing from
         running side by side on a gate's few cores, while several threads contending with the event
-        loop for the interpreter lock cost a hand-off on every call."""
+        loop for the interpreter lock cost a hand-off on every call. On a gate serving several
+        sandboxes, one thread per sandbox (:meth:`release_sandbox` ends it)."""
+        sandbox = conn.sandbox_id if conn is not None else None
+        if sandbox is not None and sandbox in self.sandbox_processes:
+            pool = self._sandbox_pools.get(sandbox)
+            if pool is None:
+                pool = self._sandbox_pools[sandbox] = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix=f"egress-attribution-{sandbox}"
+                )
+            return pool
         if self._lookup_pool is None:
             self._lookup_pool = concurrent.futures.ThreadPoolExecutor(
                 1, thread_name_prefix="egress-attribution"
@@ -487,7 +507,7 @@ class Checkpoint:
         try:
             if lookup is None:
                 lookup = asyncio.get_running_loop().run_in_executor(
-                    self._pool(), processes.attribute, conn.peer
+                    self._pool(conn), processes.attribute, conn.peer
                 )
             conn.process = await lookup
         except Exception:
@@ -511,7 +531,7 @@ class Checkpoint:
             peer = conn.peer or ""
             try:
                 process = await asyncio.get_running_loop().run_in_executor(
-                    self._pool(),
+                    self._pool(conn),
                     functools.partial(processes.attribute, peer, every_owner=True),
                 )
             except Exception:
