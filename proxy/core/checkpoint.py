@@ -208,6 +208,7 @@ class Checkpoint:
         for a connection already counted against the new-connection rate (one handed from the
         tunnel front end to mitmproxy's layers is the same connection)."""
         conn = self.connections.open(cid, peer, listener_sandbox, rated=rated)
+        conn.processes = self.processes_of(conn)
         self._start_lookup(conn)
         if conn.refusal is None:
             return conn, None
@@ -215,7 +216,9 @@ class Checkpoint:
 
     def processes_of(self, conn: Connection) -> Processes | None:
         """Whose processes the connection's client may be: its sandbox's, where the gate serves
-        several, else the gate's one sandbox's (or nobody's)."""
+        several (as when it connected), else the gate's one sandbox's (or nobody's)."""
+        if conn.processes is not None:
+            return conn.processes  # type: ignore[no-any-return]
         if self.sandbox_processes and conn.sandbox_id is not None:
             return self.sandbox_processes.get(conn.sandbox_id)
         return self.processes

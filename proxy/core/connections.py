@@ -56,6 +56,9 @@ class Connection:
     )  # (ip, port) pairs that may be dialled
     # Set by the front end relaying an admitted tunnel: closes it (``--recheck-on-reload``).
     closer: Callable[[], None] | None = None
+    # Whose processes the client may be, fixed when it connects (a gate serving several sandboxes:
+    # the sandbox's own, never those of a later sandbox with the same id).
+    processes: Any = None
     process: Any = None  # who owns the client socket (proxy.attribution), once looked up
     attributed: bool = False  # looked up (process stays None when it could not be found)
     lookup: Any = None  # the lookup under way (an asyncio future), started when it connected
