@@ -13,6 +13,7 @@ Structures (linux/inet_diag.h, linux/netlink.h): ``nlmsghdr`` then ``inet_diag_r
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import select
@@ -41,16 +42,23 @@ class DiagUnavailable(OSError):
     """The kernel could not answer (no sock_diag support): the caller falls back to /proc."""
 
 
+@functools.lru_cache(maxsize=1024)
+def _address(text: str) -> tuple[int, bytes]:
+    """An address's family and its bytes as sock_diag takes them (padded to 16). Cached: a sandbox's
+    connections come from a few addresses, and parsing one costs more than the lookup's send."""
+    address = ipaddress.ip_address(text)
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+    return family, address.packed.ljust(16, b"\0")
+
+
 def request(seq: int, local: tuple[str, int], remote: tuple[str, int]) -> tuple[bytes, int]:
     """The request for the socket whose local end is ``local`` and remote end ``remote``; and
     the address family it asks about."""
-    src, dst = ipaddress.ip_address(local[0]), ipaddress.ip_address(remote[0])
-    family = socket.AF_INET if src.version == 4 else socket.AF_INET6
+    family, src = _address(local[0])
+    _, dst = _address(remote[0])
     body = (
         _REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, 1 << TCP_ESTABLISHED)
-        + _SOCKID.pack(
-            local[1], remote[1], src.packed.ljust(16, b"\0"), dst.packed.ljust(16, b"\0"), 0
-        )
+        + _SOCKID.pack(local[1], remote[1], src, dst, 0)
         + _COOKIE.pack(NO_COOKIE, NO_COOKIE)
     )
     header = _HEADER.pack(_HEADER.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, seq, 0)
