@@ -562,11 +562,7 @@ def _run_handed_off(options: RunOptions, sandbox: Sandbox, path: str) -> tuple[i
     sandbox.close_sockets()  # the gate holds its own copies now
     watch = GateWatch(conn, sandbox, path)
     try:
-        with forwarding_signals(sandbox.send_signal):
-            if options.on_ready:
-                options.on_ready(sandbox)
-            sandbox.start()
-            code = watch.wait()
+        code = _release_and_wait(options, sandbox, watch)
     finally:
         watch.done()  # and closing the connection makes the gate close this sandbox's listeners
     if watch.lost:
@@ -579,6 +575,16 @@ def _run_handed_off(options: RunOptions, sandbox: Sandbox, path: str) -> tuple[i
         f"({', '.join(accepted)}); its decision log has the details"
     )
     return code, summary
+
+
+def _release_and_wait(options: RunOptions, sandbox: Sandbox, watch: GateWatch) -> int:
+    """Start the command of a sandbox a gate elsewhere now serves; its exit status (``watch``
+    stops it if that gate goes away)."""
+    with forwarding_signals(sandbox.send_signal):
+        if options.on_ready:
+            options.on_ready(sandbox)
+        sandbox.start()
+        return watch.wait()
 
 
 def _run_reused(options: RunOptions, sandbox: Sandbox, session: Session) -> tuple[int, str]:
@@ -615,11 +621,7 @@ def _run_reused(options: RunOptions, sandbox: Sandbox, session: Session) -> tupl
     watch = GateWatch(session.conn, sandbox, session.path)
     summary = ""
     try:
-        with forwarding_signals(sandbox.send_signal):
-            if options.on_ready:
-                options.on_ready(sandbox)
-            sandbox.start()
-            code = watch.wait()
+        code = _release_and_wait(options, sandbox, watch)
     finally:
         if watch.lost or options.quiet:
             session.close()  # no summary to wait for: closing ends the sandbox's service there

@@ -17,27 +17,10 @@ from pathlib import Path
 import pytest
 
 from tests.harness import Upstream
-from tests.usergate_support import UserGateWorld
+from tests.usergate_support import ESCAPE, UserGateWorld
 from tests.usergate_support import world as make_world
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
-
-# Inside the sandbox: a listener of its own, handed to the shared gate with an allow-all policy.
-ATTACK = """
-import json, os, socket, sys
-path, policy = sys.argv[1], sys.argv[2]
-own = socket.create_server(("127.0.0.1", 0))
-try:
-    conn = socket.socket(socket.AF_UNIX)
-    conn.connect(path)
-except OSError as exc:
-    print("attack=" + type(exc).__name__)
-    raise SystemExit(0)
-message = {"version": 1, "sandbox_id": "sbx-evil", "listeners": ["proxy"],
-           "policy": {"path": policy, "managed": None, "code": sys.argv[3]}, "summary": None}
-socket.send_fds(conn, [json.dumps(message).encode()], [own.fileno()])
-print("attack=" + conn.recv(65536).decode())
-"""
 
 
 @pytest.fixture
@@ -66,12 +49,12 @@ def test_a_sandbox_cannot_reach_the_shared_gate_to_widen_its_policy(
         """
     )
     script = tmp_path / "attack.py"
-    script.write_text(ATTACK)
+    script.write_text(ESCAPE)
     gate_socket = world.directory / "gate.sock"
     before = plain.accepted
     result = world.run(
         "--reuse-gate", "--policy", str(narrow), "--",
-        sys.executable, str(script), str(gate_socket), str(wide), CODE,
+        sys.executable, str(script), str(gate_socket), str(wide), CODE, str(port),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "attack=FileNotFoundError"

@@ -20,34 +20,10 @@ from pathlib import Path
 import pytest
 
 from tests.harness import Upstream
-from tests.usergate_support import UserGateWorld
+from tests.usergate_support import ESCAPE, UserGateWorld
 from tests.usergate_support import world as make_world
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
-
-# Inside the sandbox: a listener of its own, handed to the shared gate with an allow-all policy,
-# then a request through it. Prints "attack=<what happened>".
-ESCAPE = """
-import json, socket, sys
-path, policy, code, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-own = socket.create_server(("127.0.0.1", 0))
-try:
-    conn = socket.socket(socket.AF_UNIX)
-    conn.connect(path)
-except OSError as exc:
-    print("attack=" + type(exc).__name__)
-    raise SystemExit(0)
-message = {"version": 1, "sandbox_id": "sbx-evil", "listeners": ["proxy"],
-           "policy": {"path": policy, "managed": None, "code": code}, "summary": None}
-socket.send_fds(conn, [json.dumps(message).encode()], [own.fileno()])
-reply = json.loads(conn.recv(65536) or b"{}")
-if not reply.get("ok"):
-    print("attack=refused")
-    raise SystemExit(0)
-client = socket.create_connection(own.getsockname(), timeout=10)
-client.sendall(f"GET http://localhost:{port}/ HTTP/1.1\\r\\nHost: localhost:{port}\\r\\n\\r\\n".encode())
-print("attack=" + client.recv(65536).split(b"\\r\\n", 1)[0].decode())
-"""
 
 
 @pytest.fixture
