@@ -19,8 +19,9 @@ executables such rules name are returned by the check, and the launcher makes th
 the sandbox (as for a private gate); a hand-off whose policy binds any other file is refused.
 
 Only a process in the gate's own network namespace may talk to it (a launcher; never a sandboxed
-process, whichever gate its own run has), and a run that names another presets directory than the
-gate's (``$EGRESS_PRESETS_DIR``) gets its own gate.
+process, whichever gate its own run has), and a run whose environment would start a gate
+differently (:data:`proxy.sandbox.usergate.SHAPING`: its presets directory, the CA files OpenSSL
+reads, the event loop) gets its own gate.
 
 When a run's launcher half-closes its connection (the sandbox has ended), the gate writes back the
 run's summary, counted from that sandbox's decisions only.
