@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tests.harness import clean_env
@@ -42,6 +42,23 @@ print("attack=" + client.recv(65536).split(b"\\r\\n", 1)[0].decode())
 """
 
 WAIT = 30.0
+
+
+def loopback_policy(write_policy: Callable[[str], Path], port: int, *, allow: bool = True) -> Path:
+    """A policy allowing ``localhost:port`` (a loopback upstream; internal addresses opened for
+    it), or, with ``allow=False``, allowing nothing on the same terms."""
+    rules = f"""
+          - name: local-upstream
+            hosts: [localhost]
+            ports: [{port}]
+    """
+    return write_policy(
+        f"""
+        version: 1
+        allow_internal: [127.0.0.0/8, "::1/128"]
+        rules:{rules if allow else " []"}
+        """
+    )
 
 
 class UserGateWorld:

@@ -59,6 +59,7 @@ async def start_private_gate(
     from addons.master import Gate, GateConfig
     from proxy.app import statedir
     from proxy.app.ca import ensure_ca, upstream_trust
+    from proxy.attribution.channel import open_channel
     from proxy.destinations.dnsgate import DnsGate
     from proxy.destinations.resolver import Resolver
 
@@ -99,7 +100,7 @@ async def start_private_gate(
     running.approvals, running.token_file = approvals, token_file
     running.processes = processes
     try:
-        running.channel = await _context_channel(state, request.sandbox_id, facts)
+        running.channel = await open_channel(state, request.sandbox_id, facts)
         if approvals is not None and approvals.admin_address is not None:
             gate.protect_endpoint(*approvals.admin_address)
         await gate.start(layers=False)  # mitmproxy starts when a connection first needs it
@@ -140,14 +141,6 @@ def _attribution(request: GateRequest) -> tuple[Any, Any, Any]:
             diag=request.sockets.get("diag"),
         )
     return Stamped(request.emitter, facts, processes), processes, facts
-
-
-async def _context_channel(state: Path, sandbox_id: str, facts: Any) -> Any:
-    """``egress context SANDBOX key=value`` reaches this gate here (host side only)."""
-    from proxy.attribution.channel import ContextChannel, socket_path
-
-    channel = ContextChannel(socket_path(state, sandbox_id), facts)
-    return channel if await channel.start() else None
 
 
 def _remove(directory: str) -> None:

@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from proxy.attribution.stamp import SandboxFacts, Stamped
+from proxy.attribution.channel import open_channel
+from proxy.attribution.stamp import SandboxFacts, Stamped, user_name
 from proxy.core.decision import Decision
 from proxy.evidence.emit import JsonLineSink
 from proxy.policy.model import Action, Mode, Policy, PolicyError
@@ -110,15 +111,15 @@ class RunPolicies:
         inner_attach: Any,
         trust: dict[str, Any] | None = None,
         state: Path | None = None,
+        attached: dict[str, Run] | None = None,
     ) -> None:
         self.gate = gate
         self.inner_attach = inner_attach
         # For the launcher: the state directory to hide, the CA files a sandbox trusts.
         self.trust = trust or {}
         self.state = state  # where `egress context SANDBOX` finds a run's channel (None: none)
-        self.summaries: dict[str, SummarySink] = {}
-        self.stamps: dict[str, Stamped] = {}  # each sandbox's facts and processes
-        self.logs: dict[str, JsonLineSink] = {}  # each sandbox's decision log, if it has one
+        # The attached sandboxes' own evidence, shared with the gate's emitter and sinks.
+        self.attached: dict[str, Run] = attached if attached is not None else {}
         self._cache: dict[tuple[str | None, str | None], _Loaded] = {}
         self._lock = threading.Lock()  # checks load in threads
 
@@ -151,8 +152,8 @@ class RunPolicies:
                 signature = None
             # A file changed since just before the load may have been read as it was before:
             # remembered, the old policy would pass for the new file (git's "racily clean").
-            racy = signature is None or any(e[-1] >= started - RACY_NS for e in signature)
-            loaded = None if racy or signature is None else _Loaded(policy, signature)
+            settled = signature is not None and all(e[-1] < started - RACY_NS for e in signature)
+            loaded = _Loaded(policy, signature) if settled and signature is not None else None
             with self._lock:
                 if loaded is None:
                     self._cache.pop(key, None)
@@ -233,26 +234,23 @@ class RunPolicies:
                 log_file.close()
             raise
         fmt = request.get("summary")
-        summary = SummarySink()
+        run = Run(SummarySink(), Stamped(None, facts, processes), log_file)
         policies[sandbox_id] = lambda: policy
-        self.summaries[sandbox_id] = summary
-        self.stamps[sandbox_id] = Stamped(None, facts, processes)
+        self.attached[sandbox_id] = run
         if processes is not None:
             checkpoint.sandbox_processes[sandbox_id] = processes
-        if log_file is not None:
-            self.logs[sandbox_id] = log_file
         channel = None
 
-        def forget() -> None:
+        async def forget() -> None:
             policies.pop(sandbox_id, None)  # a connection still open keeps its own reference
-            self.summaries.pop(sandbox_id, None)
-            self.stamps.pop(sandbox_id, None)
+            self.attached.pop(sandbox_id, None)
             checkpoint.release_sandbox(sandbox_id)
             if processes is not None:
                 processes.close()
-            kept = self.logs.pop(sandbox_id, None)
-            if kept is not None:
-                kept.close()
+            if log_file is not None:
+                log_file.close()
+            if channel is not None:
+                await channel.close()
 
         if policy.reads_requests:
             self.gate.warm_layers_on_first_connection()
@@ -260,21 +258,18 @@ class RunPolicies:
             if facts.trace is None and request.get("traceparent"):
                 request["gate_warnings"].append("TRACEPARENT ignored: not a W3C traceparent")
             if self.state is not None:
-                channel = await _context_channel(self.state, sandbox_id, facts)
+                channel = await open_channel(self.state, sandbox_id, facts)
             inner = await self.inner_attach(sandbox_id, sockets, request)
         except BaseException:
-            forget()
-            if channel is not None:
-                await channel.close()
+            await forget()
             raise
 
         async def detach() -> dict[str, Any] | None:
             try:
                 await inner()
             finally:
-                forget()
-                if channel is not None:
-                    await channel.close()
+                await forget()
+            summary = run.summary
             if fmt == "json":
                 return {"summary": summary.render_json(sandbox_id)}
             if fmt == "text":
@@ -286,16 +281,10 @@ class RunPolicies:
 
 def _facts(request: dict[str, Any]) -> SandboxFacts:
     """Who runs the sandbox (the kernel's uid for the launcher), its context and its trace."""
-    import pwd
-
     from proxy.attribution.context import merged
     from proxy.attribution.traceparent import InvalidTraceparent, parse
 
     uid = int(request["peer_uid"])
-    try:
-        name: str | None = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        name = None
     raw = request.get("context") or {}
     if not isinstance(raw, dict):
         raise HandoffError("the context is not an object")
@@ -308,7 +297,7 @@ def _facts(request: dict[str, Any]) -> SandboxFacts:
     if isinstance(text, str) and text:
         with contextlib.suppress(InvalidTraceparent):
             trace = parse(text)
-    return SandboxFacts(uid, name, context, trace)
+    return SandboxFacts(uid, user_name(uid), context, trace)
 
 
 def _decision_log(request: dict[str, Any]) -> JsonLineSink | None:
@@ -362,61 +351,53 @@ def _processes(sockets: dict[str, socket.socket], request: dict[str, Any]) -> An
     return SandboxProcesses(pid, (SANDBOX_LOOPBACK, listener.getsockname()[1]), diag=diag)
 
 
-async def _context_channel(state: Path, sandbox_id: str, facts: SandboxFacts) -> Any:
-    """``egress context SANDBOX key=value`` reaches the run's facts here, as on a private gate."""
-    from proxy.attribution.channel import ContextChannel, socket_path
+class Run:
+    """What one attached sandbox has of its own: its summary, the facts and process lookup every
+    decision of it is stamped with, and its decision log (None: it asked for none)."""
 
-    channel = ContextChannel(socket_path(state, sandbox_id), facts)
-    return channel if await channel.start() else None
+    __slots__ = ("log", "stamp", "summary")
+
+    def __init__(self, summary: SummarySink, stamp: Stamped, log: JsonLineSink | None) -> None:
+        self.summary = summary
+        self.stamp = stamp
+        self.log = log
 
 
 class Stamps:
     """The gate's emitter: each decision gets the facts and process of its own sandbox (a decision
     of no attached sandbox goes on as it is) before the sinks see it."""
 
-    def __init__(self, inner: Any, by_sandbox: dict[str, Stamped]) -> None:
+    def __init__(self, inner: Any, attached: dict[str, Run]) -> None:
         self.inner = inner
-        self.by_sandbox = by_sandbox
+        self.attached = attached
 
     def emit(self, decision: Decision) -> Decision:
-        stamp = self.by_sandbox.get(decision.sandbox_id or "")
-        result: Decision = self.inner.emit(stamp.stamp(decision) if stamp else decision)
+        run = self.attached.get(decision.sandbox_id or "")
+        result: Decision = self.inner.emit(run.stamp.stamp(decision) if run else decision)
         return result
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
 
-class Logs:
-    """A sink that writes each decision and connection event to its own sandbox's decision log."""
+class RunSinks:
+    """A sink that counts each decision in its own sandbox's summary, and writes it and each
+    connection event to that sandbox's decision log when it has one."""
 
-    def __init__(self, by_sandbox: dict[str, JsonLineSink]) -> None:
-        self.by_sandbox = by_sandbox
+    def __init__(self, attached: dict[str, Run]) -> None:
+        self.attached = attached
 
     def record(self, decision: Decision) -> None:
-        sink = self.by_sandbox.get(decision.sandbox_id or "")
-        if sink is not None:
-            sink.record(decision)
+        run = self.attached.get(decision.sandbox_id or "")
+        if run is not None:
+            run.summary.record(decision)
+            if run.log is not None:
+                run.log.record(decision)
 
     def event(self, name: str, attributes: dict[str, Any]) -> None:
-        sink = self.by_sandbox.get(str(attributes.get("sandbox_id") or ""))
-        if sink is not None:
-            sink.event(name, attributes)
-
-    def close(self) -> None:
-        pass
-
-
-class Summaries:
-    """A sink that counts each decision in the summary of the sandbox it belongs to."""
-
-    def __init__(self, by_sandbox: dict[str, SummarySink]) -> None:
-        self.by_sandbox = by_sandbox
-
-    def record(self, decision: Decision) -> None:
-        summary = self.by_sandbox.get(decision.sandbox_id or "")
-        if summary is not None:
-            summary.record(decision)
+        run = self.attached.get(str(attributes.get("sandbox_id") or ""))
+        if run is not None and run.log is not None:
+            run.log.event(name, attributes)
 
     def close(self) -> None:
         pass
@@ -469,10 +450,8 @@ async def serve(directory: str, ready_fd: int | None, idle: float) -> int:
     ca = ensure_ca(confdir)
     system = system_bundle()
     trust = {"state": str(state), "trust": [str(p) for p in (system, ca.cert) if p is not None]}
-    summaries: dict[str, SummarySink] = {}
-    stamps: dict[str, Stamped] = {}
-    logs: dict[str, JsonLineSink] = {}
-    emitter: Any = Stamps(Emitter([Summaries(summaries), Logs(logs)]), stamps)
+    attached: dict[str, Run] = {}
+    emitter: Any = Stamps(Emitter([RunSinks(attached)]), attached)
     resolver = Resolver()
     gate = Gate(
         GateConfig(
@@ -490,8 +469,7 @@ async def serve(directory: str, ready_fd: int | None, idle: float) -> int:
     def dns_for(sandbox_id: str) -> DnsGate:
         return DnsGate(policies.get(sandbox_id, lambda: NOBODY), resolver, emitter, sandbox_id)
 
-    runs = RunPolicies(gate, gate_attacher(gate, dns_for), trust, state)
-    runs.summaries, runs.stamps, runs.logs = summaries, stamps, logs
+    runs = RunPolicies(gate, gate_attacher(gate, dns_for), trust, state, attached)
     handoff = HandoffServer(
         os.path.join(directory, SOCKET_NAME), runs.attach, check=runs.check, launchers_beside=True
     )

@@ -41,6 +41,15 @@ def socket_path(state_dir: Path, sandbox_id: str) -> Path:
     return state_dir / "run" / f"{sandbox_id}.sock"
 
 
+async def open_channel(
+    state_dir: Path, sandbox_id: str, facts: SandboxFacts
+) -> ContextChannel | None:
+    """The sandbox's context channel, listening; None when another running gate already serves
+    that sandbox id (it warned)."""
+    channel = ContextChannel(socket_path(state_dir, sandbox_id), facts)
+    return channel if await channel.start() else None
+
+
 def _alive(path: Path) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(1.0)

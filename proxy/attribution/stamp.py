@@ -35,6 +35,16 @@ class SandboxFacts:
             self.context = dict(context)
 
 
+def user_name(uid: int) -> str | None:
+    """The account name of ``uid``, or None when it has none."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
 class Stamped:
     """A decision sink in front of ``inner`` (the emitter) that adds the sandbox's facts. Everything
     else (events, close, connection_closed, ...) is the inner emitter's."""

@@ -96,11 +96,7 @@ def hand_off(
             "token": token,
             "listeners": names,
         }
-        socket.send_fds(conn, [json.dumps(message).encode()], [sockets[n].fileno() for n in names])
-        raw = conn.recv(MAX_MESSAGE)
-        if not raw:
-            raise HandoffError("the gate closed the connection without answering")
-        reply = json.loads(raw)
+        reply = send_message(conn, message, [sockets[n].fileno() for n in names])
         if not reply.get("ok"):
             raise HandoffError(str(reply.get("error") or "refused"))
         conn.settimeout(None)
@@ -111,6 +107,19 @@ def hand_off(
     except BaseException:
         conn.close()
         raise
+
+
+def send_message(conn: socket.socket, message: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+    """Send one launcher message (with ``fds`` attached) and read the gate's one answer: OSError
+    when the gate closed without answering, ValueError when the answer is not a JSON object."""
+    socket.send_fds(conn, [json.dumps(message).encode()], fds)
+    raw = conn.recv(MAX_MESSAGE)
+    if not raw:
+        raise ConnectionResetError("the gate closed the connection without answering")
+    reply = json.loads(raw)
+    if not isinstance(reply, dict):
+        raise ValueError("the gate's answer is not a JSON object")
+    return reply
 
 
 # -- gate side ----------------------------------------------------------------------------------

@@ -450,23 +450,17 @@ def render_summary(options: RunOptions) -> str:
 
 def sandbox_facts(options: RunOptions) -> Any:
     """The launching user, the --context and the TRACEPARENT every decision of this run carries."""
-    import pwd
-
-    from proxy.attribution.stamp import SandboxFacts
+    from proxy.attribution.stamp import SandboxFacts, user_name
     from proxy.attribution.traceparent import InvalidTraceparent, parse
 
     uid = os.getuid()
-    try:
-        name: str | None = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        name = None
     trace = None
     if options.traceparent:
         try:
             trace = parse(options.traceparent)
         except InvalidTraceparent as exc:
             _err(f"warning: TRACEPARENT ignored: {exc}")
-    return SandboxFacts(uid, name, dict(options.context), trace)
+    return SandboxFacts(uid, user_name(uid), dict(options.context), trace)
 
 
 async def _stop(gate: PrivateGate | None, evidence: Any, emitter: Emitter | None) -> None:

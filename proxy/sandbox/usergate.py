@@ -35,7 +35,14 @@ import os
 import socket
 
 from proxy.sandbox.gatedir import UserGateError, gate_dir, private_dir
-from proxy.sandbox.handoff import MAX_MESSAGE, PROTOCOL_VERSION, HandoffError, peer_netns, peer_uid
+from proxy.sandbox.handoff import (
+    MAX_MESSAGE,
+    PROTOCOL_VERSION,
+    HandoffError,
+    peer_netns,
+    peer_uid,
+    send_message,
+)
 
 TYPE_CHECKING = False  # typing's constant without importing typing: see docs/startup.md
 if TYPE_CHECKING:
@@ -166,12 +173,9 @@ class Session:
             "traceparent": traceparent,
         }
         try:
-            socket.send_fds(
-                self.conn,
-                [json.dumps(message).encode()],
-                [*(sockets[n].fileno() for n in names), *files.values()],
+            reply = send_message(
+                self.conn, message, [*(sockets[n].fileno() for n in names), *files.values()]
             )
-            reply = _answer(self.conn)
         except (OSError, ValueError) as exc:
             raise HandoffError(
                 f"cannot hand the sandbox to the gate at {self.path}: {exc}"
@@ -239,8 +243,8 @@ def open_session(check: dict[str, Any], environ: Mapping[str, str] | None = None
             if not beside:  # a process in a sandbox planted it: never hand it a sandbox
                 raise UserGateError(f"the gate at {path} runs in another network namespace")
             conn.settimeout(ANSWER_TIMEOUT)
-            conn.sendall(json.dumps({"version": PROTOCOL_VERSION, "check": check}).encode())
-            return Session(conn, directory, check, _answer(conn))
+            answer = send_message(conn, {"version": PROTOCOL_VERSION, "check": check}, [])
+            return Session(conn, directory, check, answer)
         except UserGateError:
             conn.close()
             raise
@@ -270,16 +274,6 @@ def _remove(folder: str) -> None:
             os.unlink(os.path.join(folder, name))
     with contextlib.suppress(OSError):
         os.rmdir(folder)
-
-
-def _answer(conn: socket.socket) -> dict[str, Any]:
-    raw = conn.recv(MAX_MESSAGE)
-    if not raw:
-        raise ConnectionResetError("the gate closed the connection without answering")
-    reply = json.loads(raw)
-    if not isinstance(reply, dict):
-        raise ValueError("the gate's answer is not a JSON object")
-    return reply
 
 
 def _connect(path: str) -> socket.socket | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import Upstream
-from tests.usergate_support import ESCAPE, UserGateWorld
+from tests.usergate_support import ESCAPE, UserGateWorld, loopback_policy
 from tests.usergate_support import world as make_world
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
@@ -38,16 +38,7 @@ def test_a_sandbox_cannot_reach_the_shared_gate_to_widen_its_policy(
 
     port = plain.port
     narrow = write_policy("version: 1\nrules: []\n")
-    wide = write_policy(
-        f"""
-        version: 1
-        allow_internal: [127.0.0.0/8, "::1/128"]
-        rules:
-          - name: anything
-            hosts: [localhost]
-            ports: [{port}]
-        """
-    )
+    wide = loopback_policy(write_policy, port)
     script = tmp_path / "attack.py"
     script.write_text(ESCAPE)
     gate_socket = world.directory / "gate.sock"
@@ -71,16 +62,7 @@ def test_a_runs_summary_counts_no_other_runs_decisions(
 ) -> None:
     """Two runs at once on one gate: each summary holds its own requests only."""
     port = plain.port
-    policy = write_policy(
-        f"""
-        version: 1
-        allow_internal: [127.0.0.0/8, "::1/128"]
-        rules:
-          - name: upstream
-            hosts: [localhost]
-            ports: [{port}]
-        """
-    )
+    policy = loopback_policy(write_policy, port)
     warm = world.run("--reuse-gate", "--policy", str(policy), "--", "true")
     assert warm.returncode == 0, warm.stderr
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import Upstream
-from tests.usergate_support import ESCAPE, UserGateWorld
+from tests.usergate_support import ESCAPE, UserGateWorld, loopback_policy
 from tests.usergate_support import world as make_world
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
@@ -29,19 +29,6 @@ pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
 @pytest.fixture
 def world() -> Iterator[UserGateWorld]:
     yield from make_world()
-
-
-def _wide(write_policy: Callable[[str], Path], port: int) -> Path:
-    return write_policy(
-        f"""
-        version: 1
-        allow_internal: [127.0.0.0/8, "::1/128"]
-        rules:
-          - name: anything
-            hosts: [localhost]
-            ports: [{port}]
-        """
-    )
 
 
 @pytest.mark.parametrize(
@@ -62,7 +49,7 @@ def test_a_sandbox_with_its_own_gate_cannot_hand_itself_to_the_shared_gate(
     from proxy.sandbox.usergate import CODE
 
     narrow = write_policy("version: 1\nrules: []\n")
-    wide = _wide(write_policy, plain.port)
+    wide = loopback_policy(write_policy, plain.port)
     warm = world.run("--reuse-gate", "--policy", str(narrow), "--", "true")
     assert warm.returncode == 0, warm.stderr
     gate_socket = world.directory / "gate.sock"
@@ -213,7 +200,7 @@ def test_a_gate_planted_by_a_sandbox_is_never_handed_a_later_runs_sandbox(
     it before any shared gate runs; the next ``--reuse-gate`` run must not hand its sandbox (and
     its requests, and its summary) to that process."""
     narrow = write_policy("version: 1\nrules: []\n")
-    wide = _wide(write_policy, plain.port)
+    wide = loopback_policy(write_policy, plain.port)
     script = tmp_path / "fake_gate.py"
     script.write_text(FAKE_GATE)
     captured = tmp_path / "captured"

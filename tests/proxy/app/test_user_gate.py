@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from proxy.app import user_gate
-from proxy.app.user_gate import NOBODY, RunPolicies, Summaries
+from proxy.app.user_gate import NOBODY, Run, RunPolicies, RunSinks
+from proxy.attribution.stamp import SandboxFacts, Stamped
 from proxy.core.decision import Decision, Kind, Reason, Verdict
 from proxy.policy.model import Mode
 from proxy.sandbox.summary import SummarySink
@@ -138,7 +139,13 @@ def test_the_gates_own_listener_serves_nobody() -> None:
 
 def test_a_decision_counts_only_in_its_own_sandboxs_summary() -> None:
     mine, theirs = SummarySink(), SummarySink()
-    sink = Summaries({"sbx-mine": mine, "sbx-theirs": theirs})
+    facts = SandboxFacts(0, None)
+    sink = RunSinks(
+        {
+            "sbx-mine": Run(mine, Stamped(None, facts), None),
+            "sbx-theirs": Run(theirs, Stamped(None, facts), None),
+        }
+    )
 
     def decision(sandbox: str | None, verdict: Verdict) -> Decision:
         return Decision(
@@ -190,7 +197,7 @@ def test_a_hand_off_whose_policy_binds_a_file_the_sandbox_may_rewrite_is_refused
     }
     with pytest.raises(HandoffError, match="/usr/bin/git"):
         asyncio.run(runs.attach("sbx-edited", {}, request))
-    assert policies == {} and runs.summaries == {} and runs.stamps == {}
+    assert policies == {} and runs.attached == {}
 
 
 def test_the_runs_facts_come_from_the_kernel_and_a_checked_context() -> None:

@@ -17,7 +17,7 @@ from proxy.sandbox import usergate
 from proxy.sandbox.gatedir import UserGateError, gate_dir, private_dir
 from proxy.sandbox.usergate import wanted
 from tests.harness import Upstream
-from tests.usergate_support import UserGateWorld, alive, wait_gone
+from tests.usergate_support import UserGateWorld, alive, loopback_policy, wait_gone
 from tests.usergate_support import world as make_world
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
@@ -27,21 +27,6 @@ WAIT = 30.0
 @pytest.fixture
 def world() -> Iterator[UserGateWorld]:
     yield from make_world()
-
-
-def _policy(write_policy: Callable[[str], Path], port: int, *, allow: bool = True) -> Path:
-    rules = f"""
-          - name: local-upstream
-            hosts: [localhost]
-            ports: [{port}]
-    """
-    return write_policy(
-        f"""
-        version: 1
-        allow_internal: [127.0.0.0/8, "::1/128"]
-        rules:{rules if allow else " []"}
-        """
-    )
 
 
 def _fetch(port: int, path: str) -> str:
@@ -142,8 +127,8 @@ def test_runs_share_one_gate_and_each_keeps_its_own_policy(
     world: UserGateWorld, write_policy: Callable[[str], Path], http_upstream: Upstream
 ) -> None:
     port = http_upstream.port
-    allowing = _policy(write_policy, port)
-    refusing = _policy(write_policy, port, allow=False)
+    allowing = loopback_policy(write_policy, port)
+    refusing = loopback_policy(write_policy, port, allow=False)
 
     first = world.run(
         "--reuse-gate", "--policy", str(allowing), "--", "sh", "-c", _fetch(port, "a")
@@ -178,7 +163,7 @@ def test_runs_share_one_gate_and_each_keeps_its_own_policy(
 def test_the_command_sees_no_gate_socket_and_no_gate_state(
     world: UserGateWorld, write_policy: Callable[[str], Path], http_upstream: Upstream
 ) -> None:
-    policy = _policy(write_policy, http_upstream.port)
+    policy = loopback_policy(write_policy, http_upstream.port)
     directory, state = world.directory, world.state
     script = (
         f"ls -A {directory} | wc -l; ls -A {state} 2>/dev/null | wc -l; "
@@ -208,7 +193,7 @@ def test_a_fallback_answer_gets_the_run_its_own_gate_and_tells_the_shared_one_no
     """What a gate answers for a policy it cannot serve (ask rules): the launcher builds the
     sandbox for a gate of its own, and the shared gate never sees its listeners."""
     port = http_upstream.port
-    policy = _policy(write_policy, port)
+    policy = loopback_policy(write_policy, port)
     private_dir(str(world.directory))
     fake = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     fake.bind(str(world.directory / "gate.sock"))
@@ -243,7 +228,7 @@ def test_a_fallback_answer_gets_the_run_its_own_gate_and_tells_the_shared_one_no
 def test_the_gate_exits_when_idle_and_the_next_run_starts_another(
     world: UserGateWorld, write_policy: Callable[[str], Path], http_upstream: Upstream
 ) -> None:
-    policy = _policy(write_policy, http_upstream.port)
+    policy = loopback_policy(write_policy, http_upstream.port)
     pid = usergate.start(str(private_dir(str(world.directory))), idle=1.0, environ=world.env())
     assert wait_gone(pid, 20.0)
     assert not (world.directory / "gate.sock").exists()
@@ -259,7 +244,7 @@ def test_a_socket_served_by_another_user_is_never_handed_a_sandbox(
     if os.geteuid() != 0:
         pytest.skip("needs root to listen as another user")
     port = http_upstream.port
-    policy = _policy(write_policy, port)
+    policy = loopback_policy(write_policy, port)
     private_dir(str(world.directory))
     path = str(world.directory / "gate.sock")
     # bound as us in our directory, then listening as nobody: SO_PEERCRED then says 65534
@@ -389,7 +374,7 @@ def test_a_socket_activated_gate_serves_and_leaves_the_socket_to_its_owner(
     LISTEN_FDS. Runs are served through it, and at its idle exit the gate leaves the name (the
     socket is its owner's, who starts the gate again on the next connection)."""
     port = http_upstream.port
-    policy = _policy(write_policy, port)
+    policy = loopback_policy(write_policy, port)
     directory = private_dir(str(world.directory))
     path = os.path.join(directory, "gate.sock")
     owner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -507,7 +492,7 @@ def test_a_runs_decision_log_file_holds_its_own_decisions_with_process_and_conte
     """--decision-log FILE on the shared gate: the launcher opens the file and hands it over; it
     gets this run's decisions and closing events only, stamped as a private gate stamps them."""
     port = http_upstream.port
-    policy = _policy(write_policy, port)
+    policy = loopback_policy(write_policy, port)
     mine, other = tmp_path / "mine.jsonl", tmp_path / "other.jsonl"
     first = world.run(
         "--reuse-gate", "--quiet", "--policy", str(policy), "--decision-log", str(mine),
@@ -535,7 +520,7 @@ def test_a_decision_log_on_stderr_gets_a_gate_of_its_own(
     world: UserGateWorld, write_policy: Callable[[str], Path], http_upstream: Upstream
 ) -> None:
     port = http_upstream.port
-    policy = _policy(write_policy, port)
+    policy = loopback_policy(write_policy, port)
     result = world.run(
         "--reuse-gate", "--quiet", "--policy", str(policy), "--decision-log", "-", "--",
         "sh", "-c", _fetch(port, "err"),
