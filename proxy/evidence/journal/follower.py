@@ -19,6 +19,8 @@ from proxy.evidence.journal.files import locate, rotated_files
 
 log = logging.getLogger(__name__)
 
+_DECODER = json.JSONDecoder()  # json.loads's own decoder, called on text directly
+
 
 @dataclass
 class _Position:
@@ -103,13 +105,21 @@ class JournalFollower:
             size *= 2
         if end < 0:
             return []
+        chunk = data[: end + 1]
+        # A journal is ASCII (its encoding escapes the rest): decoded once, a character is a byte,
+        # and each line parses without json.loads's per-call detection of the bytes' encoding.
+        ascii_text = chunk.decode("ascii") if chunk.isascii() else None
+        lines: list[str] | list[bytes] = (
+            ascii_text.split("\n") if ascii_text is not None else chunk.split(b"\n")
+        )
+        parse = _DECODER.decode if ascii_text is not None else json.loads
         out: list[dict[str, Any]] = []
         consumed = 0
-        for raw in data[: end + 1].split(b"\n")[:-1]:
+        for raw in lines[:-1]:
             start = self._pos.offset + consumed
             consumed += len(raw) + 1
             try:
-                obj = json.loads(raw)
+                obj = parse(raw)  # type: ignore[arg-type]
             except ValueError:
                 log.error("journal follower: unparseable line at %s byte %d", self.path, start)
                 continue

@@ -24,13 +24,29 @@ _KNOWN = NOT_ATTRIBUTES | ATTRIBUTE_NAMES.keys()
 _PROTOCOL_NAME = {"connect": "http", "http": "http", "request": "http", "dns": "dns", "tls": "tls"}
 
 
+_Plan = tuple[tuple[str, str, int], ...]
+_PLANS: dict[tuple[str, ...], _Plan] = {}  # the table's entries a record of these keys holds
+_MAX_PLANS = 256  # records come in a handful of shapes; emptied whole when full
+
+
+def _plan(keys: tuple[str, ...]) -> _Plan:
+    plan = _PLANS.get(keys)
+    if plan is None:
+        present = set(keys)
+        plan = tuple(entry for entry in _TABLE if entry[0] in present)
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[keys] = plan
+    return plan
+
+
 def attributes(record: Record) -> dict[str, Any]:
     """The attributes of a decision or event record (``Decision.to_dict()``, an event's fields, or a
     journal line)."""
     out: dict[str, Any] = {}
     get = record.get
-    for field, name, shape in _TABLE:
-        value = get(field)
+    for field, name, shape in _plan(tuple(record)):  # the table's order, its fields present only
+        value = record[field]
         if value is None:
             continue
         if shape == _TEXT:

@@ -184,7 +184,7 @@ class ReliableExporter:
             ok, why = True, ""
             try:
                 if encoded is not None:
-                    self.transport.send(encoded.request)
+                    self.transport.send(encoded.payload)
             except ExportFailed as exc:
                 ok, why = False, str(exc)
             except Exception:  # a transport bug must not kill the export thread

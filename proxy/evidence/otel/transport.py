@@ -1,7 +1,8 @@
-"""Sending one prebuilt OTLP request to the collector, over gRPC or HTTP/protobuf.
+"""Sending one prebuilt, serialised OTLP request to the collector, over gRPC or HTTP/protobuf.
 
-Built on public APIs only: the ``LogsService`` stub that ``opentelemetry-proto`` generates, a ``grpc``
-channel, and an HTTP POST (``requests``) of the serialized message with the headers OTLP/HTTP requires.
+Built on public APIs only: ``LogsService.Export`` called on a ``grpc`` channel with the method path
+from ``opentelemetry-proto``'s descriptor (the generated stub would serialise a message again), and an
+HTTP POST (``requests``) of the serialised message with the headers OTLP/HTTP requires.
 The SDK's exporters are not used because they take SDK log records, not a request, and reusing them
 meant overriding their private methods, which change between minor releases. What they read from the
 environment is read here by :mod:`proxy.evidence.otel.settings`.
@@ -19,7 +20,9 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
-    ExportLogsServiceRequest,
+    DESCRIPTOR as LOGS_SERVICE,
+)
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
     ExportLogsServiceResponse,
 )
 
@@ -28,14 +31,17 @@ from proxy.evidence.otel.settings import ExporterSettings
 
 log = logging.getLogger(__name__)
 
+# "/opentelemetry.proto.collector.logs.v1.LogsService/Export", from the proto's own descriptor
+EXPORT_METHOD = "/{}/Export".format(LOGS_SERVICE.services_by_name["LogsService"].full_name)
+
 
 class ExportFailed(Exception):
     """The collector did not take the batch (unreachable, refused, timed out); worth retrying."""
 
 
 class Transport(Protocol):
-    def send(self, request: ExportLogsServiceRequest) -> None:
-        """Deliver the request or raise :class:`ExportFailed`."""
+    def send(self, payload: bytes) -> None:
+        """Deliver the serialised request or raise :class:`ExportFailed`."""
 
     def shutdown(self) -> None: ...
 
@@ -80,8 +86,8 @@ class HttpTransport:
         if self.compression != "none":
             self._headers["content-encoding"] = self.compression
 
-    def send(self, request: ExportLogsServiceRequest) -> None:
-        data = request.SerializeToString()
+    def send(self, payload: bytes) -> None:
+        data = payload
         if self.compression == "gzip":
             data = gzip.compress(data, compresslevel=6)
         elif self.compression == "deflate":
@@ -116,10 +122,8 @@ class GrpcTransport:
 
     def __init__(self, endpoint: str, settings: ExporterSettings, user_agent: str) -> None:
         import grpc
-        from opentelemetry.proto.collector.logs.v1.logs_service_pb2_grpc import LogsServiceStub
 
         self._grpc = grpc
-        self._stub_class: Any = LogsServiceStub
         parts = urlsplit(endpoint)
         self.target = parts.netloc if parts.scheme in ("http", "https") else endpoint
         if parts.scheme == "https":
@@ -138,7 +142,7 @@ class GrpcTransport:
         }[settings.compression]
         self._credentials = _credentials(grpc, settings) if secure else None
         self._channel: Any = None
-        self._stub: Any = None
+        self._export: Any = None
         self._connect()
 
     def _connect(self) -> None:
@@ -151,12 +155,18 @@ class GrpcTransport:
             self._channel = grpc.secure_channel(
                 self.target, self._credentials, options=self._options, compression=self._compression
             )
-        self._stub = self._stub_class(self._channel)
+        # LogsService.Export taking the request already serialised (no request serializer): the
+        # method's path and response type are the generated stub's
+        self._export = self._channel.unary_unary(
+            EXPORT_METHOD,
+            request_serializer=None,
+            response_deserializer=ExportLogsServiceResponse.FromString,
+        )
 
-    def send(self, request: ExportLogsServiceRequest) -> None:
+    def send(self, payload: bytes) -> None:
         grpc = self._grpc
         try:
-            response = self._stub.Export(request, metadata=self._metadata, timeout=self.timeout)
+            response = self._export(payload, metadata=self._metadata, timeout=self.timeout)
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
             if code == grpc.StatusCode.UNAVAILABLE:

@@ -97,3 +97,28 @@ def test_a_rotation_while_moving_to_the_next_file_skips_nothing(
     follower.close()
     assert len(journal_files(path)) == 3
     assert seen == [5, 6, 7, 8, 9]
+
+
+@pytest.mark.parametrize("odd", ["ascii", "utf-8"])
+def test_a_line_that_does_not_parse_is_skipped_and_the_offsets_stay_exact(
+    tmp_path: Path, odd: str
+) -> None:
+    """The gate's own lines are ASCII, read as text at once; a file with other bytes in it (written
+    by hand, or damaged) is read line by line as bytes, and in both cases an unparseable line is
+    reported and skipped without moving any later record's boundary."""
+    path = tmp_path / "audit.jsonl"
+    bad = b"{not json\n" if odd == "ascii" else '{"x": "caf\u00e9" broken\n'.encode()
+    good = [
+        json.dumps({"seq": i, "v": "\u00e9" if odd == "utf-8" else "e"}).encode() for i in (1, 2)
+    ]
+    path.write_bytes(good[0] + b"\n" + bad + good[1] + b"\n" + b'{"seq": 3}')  # 3: partial
+    follower = follower_module.JournalFollower(path)
+    first = follower.read(limit=10)
+    with path.open("ab") as f:
+        f.write(b"\n")
+    second = follower.read(limit=10)
+    follower.close()
+    assert [r["seq"] for r in first] == [1, 2]
+    assert [r["seq"] for r in second] == [3]
+    if odd == "utf-8":
+        assert first[0]["v"] == "\u00e9"

@@ -23,7 +23,8 @@ class FlakyCollector:
         self.ids: list[str] = []
         self.lock = threading.Lock()
 
-    def send(self, request: ExportLogsServiceRequest) -> None:
+    def send(self, payload: bytes) -> None:
+        request = ExportLogsServiceRequest.FromString(payload)
         with self.lock:
             if self.failures > 0:
                 self.failures -= 1

@@ -92,7 +92,7 @@ def test_requests_and_headers_match_the_sdk_exporters(
     sdk_emit(provider, "9.9.9", record)
     provider.shutdown()
     ours = make_transport(endpoint, protocol, ExporterSettings.from_env(), "9.9.9")  # type: ignore[arg-type]
-    ours.send(LogEncoder("9.9.9").encode([record]).request)
+    ours.send(LogEncoder("9.9.9").encode([record]).payload)
     ours.shutdown()
     assert collector.wait_for(2, timeout=15)
     (sdk_headers, sdk_request), (our_headers, our_request) = collector.raw_requests
@@ -143,10 +143,10 @@ def test_tls_collector_is_verified_with_the_configured_ca(
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/nonexistent/bundle.pem")
     endpoint, protocol = _target(tls_collector)
     assert endpoint.startswith("https://")
-    request = LogEncoder("1").encode([decision_record(allow())]).request
+    payload = LogEncoder("1").encode([decision_record(allow())]).payload
     trusting = ExporterSettings.from_env({"OTEL_EXPORTER_OTLP_CERTIFICATE": str(test_ca.ca_path)})
     transport = make_transport(endpoint, protocol, trusting, "1")  # type: ignore[arg-type]
-    transport.send(request)
+    transport.send(payload)
     transport.shutdown()
     assert tls_collector.count == 1
 
@@ -155,10 +155,10 @@ def test_an_untrusted_collector_gets_nothing(tls_collector: Receiver) -> None:
     """Without the CA that signed the collector's certificate, nothing is sent: the batch stays
     queued (ExportFailed is retried), it never goes to an unverified peer."""
     endpoint, protocol = _target(tls_collector)
-    request = LogEncoder("1").encode([decision_record(allow())]).request
+    payload = LogEncoder("1").encode([decision_record(allow())]).payload
     transport = make_transport(endpoint, protocol, ExporterSettings(timeout=2.0), "1")  # type: ignore[arg-type]
     with pytest.raises(ExportFailed):
-        transport.send(request)
+        transport.send(payload)
     transport.shutdown()
     time.sleep(0.2)
     assert tls_collector.count == 0
@@ -172,7 +172,7 @@ def test_a_refusing_collector_is_a_failure_not_a_delivery(collector: Receiver) -
     collector.stop()
     try:
         with pytest.raises(ExportFailed):
-            transport.send(LogEncoder("1").encode([decision_record(allow())]).request)
+            transport.send(LogEncoder("1").encode([decision_record(allow())]).payload)
     finally:
         transport.shutdown()
 
@@ -198,6 +198,5 @@ def test_the_gate_imports_no_private_opentelemetry_module() -> None:
 
 
 def test_gzip_bodies_decompress_to_the_request() -> None:
-    request = LogEncoder("1").encode([decision_record(allow())]).request
-    data = request.SerializeToString()
+    data = LogEncoder("1").encode([decision_record(allow())]).payload
     assert gzip.decompress(gzip.compress(data, compresslevel=6)) == data
