@@ -329,6 +329,9 @@ async def _serve(
         if approvals.admin_address is not None:
             gate.protect_endpoint(*approvals.admin_address)
         await gate.start(listen_socket)
+        resolver.warm()  # dnspython, in the background: a service's first lookup need not wait
+        if args.dns_listen or args.handoff_socket:
+            DnsGate.warm()
         if getattr(args, "watch_interval", 0.5) > 0:
             watching = loop.create_task(live.run(stop))
         if args.dns_listen:

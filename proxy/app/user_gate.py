@@ -481,6 +481,8 @@ async def serve(directory: str, ready_fd: int | None, idle: float) -> int:
     try:
         await gate.start(layers=False)
         await handoff.start(activated)
+        resolver.warm()  # dnspython, in the background: it outlives this run, others will need it
+        DnsGate.warm()
         log.warning("per-user gate ready: pid %d, %s", os.getpid(), handoff.path)
         if ready_fd is not None:
             with contextlib.suppress(OSError):

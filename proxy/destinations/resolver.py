@@ -1,5 +1,9 @@
 """Names to addresses for the gate: dnspython's async resolver behind a bounded, TTL-clamped cache.
 
+dnspython itself (:mod:`proxy.destinations.dnsquery`) is imported at the first name asked upstream, in
+a thread, or at start with :meth:`Resolver.warm`: a private gate's start does not wait for it, and a
+run that connects to no name (or only to names in the hosts file) never pays for it.
+
 Answers are returned unscreened: :class:`proxy.core.destination.DestinationCheck` screens every address
 and pins one, and the DNS gate screens what it answers. Failures never widen access: NXDOMAIN, SERVFAIL,
 timeouts, empty answers and a missing resolver configuration all come back as an empty answer with the
@@ -15,21 +19,21 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
-
-import dns.asyncresolver
-import dns.exception
-import dns.name
-import dns.nameserver
-import dns.resolver
+from typing import TYPE_CHECKING, Any, Literal
 
 from proxy.core.destination import Answers
 from proxy.core.hosts import parse_endpoint
 from proxy.destinations.hostsfile import DEFAULT_HOSTS_FILE, HostsFile
+from proxy.runtime.lazy import LazyImport
+
+if TYPE_CHECKING:
+    import dns.asyncresolver
 
 __all__ = ["Lookup", "Resolver", "parse_nameserver"]
 
 log = logging.getLogger(__name__)
+
+DNSQUERY = LazyImport("proxy.destinations.dnsquery")
 
 RdType = Literal["A", "AAAA"]
 
@@ -94,23 +98,17 @@ class Resolver:
         self.hosts = HostsFile(hosts_file, clock=clock) if hosts_file else None
         self._cache: OrderedDict[tuple[str, RdType], _Entry] = OrderedDict()
         self._inflight: dict[tuple[str, RdType], asyncio.Task[Lookup]] = {}
-        if nameservers is None:
-            try:
-                self._dns = dns.asyncresolver.Resolver(configure=True)
-            except dns.resolver.NoResolverConfiguration as exc:
-                log.error("no usable resolver configuration (%s): every lookup will fail", exc)
-                self._dns = dns.asyncresolver.Resolver(configure=False)
-                self._dns.nameservers = []
-        else:
-            self._dns = dns.asyncresolver.Resolver(configure=False)
-            servers: list[str | dns.nameserver.Nameserver] = []
-            for entry in nameservers:
-                host, port = parse_nameserver(entry)
-                servers.append(dns.nameserver.Do53Nameserver(host, port))
-            self._dns.nameservers = servers
-        self._dns.cache = None  # our own cache below applies the floor/ceiling and the size bound
-        self._dns.lifetime = timeout
-        self._dns.timeout = timeout
+        # parsed now, so a bad nameserver stops the gate at start; dnspython's resolver is built
+        # with them at the first upstream question
+        self._nameservers = (
+            None if nameservers is None else [parse_nameserver(entry) for entry in nameservers]
+        )
+        self._dns: dns.asyncresolver.Resolver | None = None
+
+    def warm(self) -> None:
+        """Import dnspython now, in the background (a long-running gate's first lookup then does
+        not wait for it). Needs the running loop."""
+        DNSQUERY.warm()
 
     async def resolve(self, name: str) -> Answers:
         """A and AAAA for a canonical name, unscreened; an empty answer carries the failure."""
@@ -148,26 +146,22 @@ class Resolver:
 
     async def _query(self, name: str, rdtype: RdType) -> Lookup:
         try:
-            qname = dns.name.from_text(name)  # absolute: no search list
-            answer = await self._dns.resolve(
-                qname, rdtype, raise_on_no_answer=False, lifetime=self.timeout, search=False
-            )
-        except dns.resolver.NXDOMAIN:
-            return self._store(name, rdtype, Lookup((), self.negative_ttl, nxdomain=True))
-        except dns.resolver.NoNameservers as exc:
-            failure = f"every nameserver failed (SERVFAIL or refused): {exc}"
-            return self._store(name, rdtype, Lookup((), self.negative_ttl, failure=failure))
-        except dns.exception.Timeout:
-            failure = f"no answer within {self.timeout:g}s"
-            return self._store(name, rdtype, Lookup((), self.negative_ttl, failure=failure))
-        except Exception as exc:  # YXDOMAIN, bad names, malformed answers, socket errors: closed
-            failure = f"{type(exc).__name__}: {exc}"
-            return self._store(name, rdtype, Lookup((), self.negative_ttl, failure=failure))
-        if answer.rrset is None:  # NODATA: the name exists without this type
-            return self._store(name, rdtype, Lookup((), self.negative_ttl))
-        addresses = tuple(rdata.address for rdata in answer.rrset)
-        ttl = min(max(float(answer.chaining_result.minimum_ttl), self.min_ttl), self.max_ttl)
-        return self._store(name, rdtype, Lookup(addresses, ttl))
+            dnsquery: Any = await DNSQUERY.load()
+        except Exception as exc:  # not cached: the next question imports again
+            log.error("resolver: dnspython could not be imported: %s", exc)
+            return Lookup((), 0.0, failure=f"the resolver could not start: {exc}")
+        if self._dns is None:
+            self._dns = dnsquery.upstream(self._nameservers, self.timeout)
+        lookup: Lookup = await dnsquery.ask(
+            self._dns,
+            name,
+            rdtype,
+            timeout=self.timeout,
+            negative_ttl=self.negative_ttl,
+            min_ttl=self.min_ttl,
+            max_ttl=self.max_ttl,
+        )
+        return self._store(name, rdtype, lookup)
 
     def _store(self, name: str, rdtype: RdType, lookup: Lookup) -> Lookup:
         if self.cache_size <= 0 or lookup.ttl <= 0:

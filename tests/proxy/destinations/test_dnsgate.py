@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import dns.asyncquery
 import dns.edns
+import dns.exception
 import dns.flags
 import dns.message
 import dns.name
@@ -547,3 +548,24 @@ def test_a_name_under_an_ask_rule_is_not_answered_before_anyone_said_yes(
         assert (decision.decision, decision.rule) == (Verdict.ASK, "asked")
     finally:
         env.close()
+
+
+def test_when_dnspython_cannot_be_imported_no_query_is_answered(
+    make_env: Callable[..., GateEnv], fake: FakeDns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answering side is imported at the first query; if that fails, the gate answers nothing
+    (the client times out: never an unchecked answer) and asks nothing upstream. Once the import
+    works, the next query is answered."""
+    from proxy.destinations import dnsgate
+    from proxy.runtime.lazy import LazyImport
+
+    fake.set("pypi.allowed.test", "A", ["93.184.216.34"])
+    monkeypatch.setattr(dnsgate, "ANSWERS", LazyImport("proxy.destinations.no_such"))
+    env = make_env()
+    query = dns.message.make_query("pypi.allowed.test", "A")
+    with pytest.raises(dns.exception.Timeout):
+        dns.query.udp(query, env.udp[0], port=env.udp[1], timeout=1.0)
+    assert fake.count() == 0 and env.decisions == []
+    monkeypatch.setattr(dnsgate, "ANSWERS", LazyImport("proxy.destinations.dnsanswer"))
+    answer = env.query("pypi.allowed.test", "A")
+    assert [r.to_text() for rrset in answer.answer for r in rrset] == ["93.184.216.34"]

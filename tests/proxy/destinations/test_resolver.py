@@ -425,3 +425,23 @@ def test_ipv6_nameserver(fake: FakeDns) -> None:
         assert dest(resolver, "six.test").address == "203.0.113.6"
     finally:
         server.stop()
+
+
+def test_when_dnspython_cannot_be_imported_lookups_fail_closed_and_are_not_cached(
+    fake: FakeDns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dnspython is imported at the first upstream question; if that import fails, the connection is
+    refused (dns-failure), nothing is asked upstream, and the failure is not kept: once the import
+    works, the same name resolves."""
+    from proxy.destinations import resolver as resolver_module
+    from proxy.runtime.lazy import LazyImport
+
+    fake.set("pypi.org", "A", ["93.184.216.34"])
+    resolver = make(fake)
+    monkeypatch.setattr(resolver_module, "DNSQUERY", LazyImport("proxy.destinations.no_such"))
+    refusal = refused(resolver, "pypi.org")
+    assert refusal.reason == Reason.DNS_FAILURE
+    assert "could not start" in str(refusal)
+    assert fake.count() == 0
+    monkeypatch.setattr(resolver_module, "DNSQUERY", LazyImport("proxy.destinations.dnsquery"))
+    assert str(dest(resolver, "pypi.org").address) == "93.184.216.34"

@@ -1,0 +1,106 @@
+"""A module imported off the loop once, whoever asks first; a failed import fails its callers and is
+tried again by the next."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from proxy.runtime.lazy import LazyImport
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture
+def module_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def _write(directory: Path, name: str, body: str) -> None:
+    (directory / f"{name}.py").write_text(textwrap.dedent(body))
+    sys.modules.pop(name, None)
+
+
+def test_concurrent_callers_share_one_import_in_another_thread(module_dir: Path) -> None:
+    name = "egress_lazy_probe_shared"
+    _write(
+        module_dir,
+        name,
+        """
+        import threading, time
+        IMPORTED_IN = threading.current_thread().name
+        time.sleep(0.2)  # long enough for every caller to arrive while it runs
+        """,
+    )
+    lazy = LazyImport(name)
+
+    async def main() -> list[object]:
+        return list(await asyncio.gather(*(lazy.load() for _ in range(5))))
+
+    try:
+        modules = asyncio.run(main())
+        assert all(m is modules[0] for m in modules)
+        assert getattr(modules[0], "IMPORTED_IN") != "MainThread"
+    finally:
+        sys.modules.pop(name, None)
+
+
+def test_a_failed_import_raises_and_the_next_load_tries_again(module_dir: Path) -> None:
+    name = "egress_lazy_probe_retry"
+    _write(module_dir, name, "raise RuntimeError('not yet')\n")
+    lazy = LazyImport(name)
+
+    async def main() -> object:
+        with pytest.raises(RuntimeError, match="not yet"):
+            await lazy.load()
+        _write(module_dir, name, "VALUE = 7\n")
+        return await lazy.load()
+
+    try:
+        assert getattr(asyncio.run(main()), "VALUE") == 7
+    finally:
+        sys.modules.pop(name, None)
+
+
+def test_a_cancelled_caller_does_not_cancel_the_import_others_wait_for(module_dir: Path) -> None:
+    name = "egress_lazy_probe_cancel"
+    _write(module_dir, name, "import time\ntime.sleep(0.2)\nVALUE = 1\n")
+    lazy = LazyImport(name)
+
+    async def main() -> object:
+        first = asyncio.ensure_future(lazy.load())
+        second = asyncio.ensure_future(lazy.load())
+        await asyncio.sleep(0.05)
+        first.cancel()
+        return await second
+
+    try:
+        assert getattr(asyncio.run(main()), "VALUE") == 1
+    finally:
+        sys.modules.pop(name, None)
+
+
+def test_starting_a_gate_imports_no_dnspython() -> None:
+    """A private gate's start does not wait for dnspython: the modules it imports to start (the
+    gate, its resolver and DNS gate) leave it to the first name asked."""
+    probe = textwrap.dedent(
+        """
+        import sys
+        import addons.master, proxy.app.private_gate
+        import proxy.destinations.dnsgate, proxy.destinations.resolver
+        proxy.destinations.resolver.Resolver(["127.0.0.1:53"])
+        loaded = sorted(m for m in sys.modules if m == "dns" or m.startswith("dns."))
+        print(loaded)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
