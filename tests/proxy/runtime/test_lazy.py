@@ -46,7 +46,7 @@ def test_concurrent_callers_share_one_import_in_another_thread(module_dir: Path)
     try:
         modules = asyncio.run(main())
         assert all(m is modules[0] for m in modules)
-        assert getattr(modules[0], "IMPORTED_IN") != "MainThread"
+        assert modules[0].IMPORTED_IN != "MainThread"
     finally:
         sys.modules.pop(name, None)
 
@@ -63,7 +63,7 @@ def test_a_failed_import_raises_and_the_next_load_tries_again(module_dir: Path) 
         return await lazy.load()
 
     try:
-        assert getattr(asyncio.run(main()), "VALUE") == 7
+        assert asyncio.run(main()).VALUE == 7
     finally:
         sys.modules.pop(name, None)
 
@@ -81,7 +81,7 @@ def test_a_cancelled_caller_does_not_cancel_the_import_others_wait_for(module_di
         return await second
 
     try:
-        assert getattr(asyncio.run(main()), "VALUE") == 1
+        assert asyncio.run(main()).VALUE == 1
     finally:
         sys.modules.pop(name, None)
 
