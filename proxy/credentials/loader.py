@@ -25,6 +25,7 @@ from proxy.core.credentials import Binding, Delivery
 from proxy.core.hosts import InvalidHost, canonical_host, parse_endpoint
 from proxy.core.paths import PathGlob, compile_glob
 from proxy.credentials.sources import Source
+from proxy.policy import yamlnodes
 from proxy.policy.model import Policy
 
 SCHEMA_VERSION = 1
@@ -142,7 +143,7 @@ class _Loader:
 
     def load(self, text: str, policy: Policy | None) -> list[Declaration]:
         try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
+            root = yamlnodes.compose(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = mark.line + 1 if mark is not None else None
@@ -404,7 +405,7 @@ class _Loader:
         if node is None:
             return default
         if isinstance(node, ScalarNode) and node.tag == "tag:yaml.org,2002:bool":
-            return bool(yaml.safe_load(node.value))
+            return bool(yamlnodes.scalar(node))
         self.problem(node, name, key, "expected true or false")
         return default
 

@@ -26,6 +26,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from proxy.core.paths import PathGlob, compile_glob
+from proxy.policy import yamlnodes
 from proxy.policy.executables import Executable, check_executable
 from proxy.policy.model import (
     DEFAULT_ASK_TIMEOUT,
@@ -235,11 +236,9 @@ class _Loader:
         self.file(root, resolved, shown, (*stack, resolved), top=top)
 
     def compose(self, text: str, shown: str) -> Node | None:
-        loader: yaml.SafeLoader | None = None
         try:
             # Inside the try: the reader rejects control characters while it is being constructed.
-            loader = yaml.SafeLoader(text)
-            root = loader.get_single_node()
+            root = yamlnodes.compose(text)
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             line = None if mark is None else mark.line + 1
@@ -249,9 +248,6 @@ class _Loader:
         except yaml.YAMLError as exc:
             self.problems.append(Problem(shown, None, None, None, f"invalid YAML: {exc}"))
             return None
-        finally:
-            if loader is not None:
-                loader.dispose()
         if root is None:
             self.problems.append(
                 Problem(shown, None, None, None, "empty file; a policy starts with 'version: 1'")
@@ -651,7 +647,7 @@ class _Loader:
 
     def boolean(self, where: _Where, node: Node) -> bool | None:
         if isinstance(node, ScalarNode) and node.tag == "tag:yaml.org,2002:bool":
-            value = yaml.SafeLoader("").construct_object(node)
+            value = yamlnodes.scalar(node)
             if isinstance(value, bool):
                 return value
         self.problem(where, node, f"expected true or false, got {_describe(node)}")
@@ -731,7 +727,7 @@ class _Loader:
     def integer(self, where: _Where, node: Node) -> int | None:
         if isinstance(node, ScalarNode) and node.tag == "tag:yaml.org,2002:int":
             try:
-                value = yaml.SafeLoader("").construct_object(node)
+                value = yamlnodes.scalar(node)
             except (yaml.YAMLError, ValueError):
                 value = None
             if type(value) is int:

@@ -46,6 +46,7 @@ from pathlib import Path
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from proxy.policy import yamlnodes
 from proxy.policy.loader import display_path, load_policy, read_regular
 from proxy.policy.model import (
     Action,
@@ -123,7 +124,7 @@ def _managed_section(text: str, shown: str) -> tuple[frozenset[str], list[Proble
     """(forbid, problems) from the managed file's ``managed:`` mapping."""
     problems: list[Problem] = []
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yamlnodes.compose(text)
     except yaml.YAMLError:
         return frozenset(), problems  # the loader reports the syntax error with its line
     if not isinstance(root, MappingNode):

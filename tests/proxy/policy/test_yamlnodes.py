@@ -1,0 +1,69 @@
+"""libyaml composes what PyYAML's own parser composes (nodes, tags, values, lines) for every shipped
+allowlist, and refuses what it refuses, as a YAML error with a line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from proxy.policy import yamlnodes
+
+ROOT = Path(__file__).resolve().parents[3]
+SHIPPED = sorted((ROOT / "allowlists").rglob("*.yaml"))
+
+
+def _tree(node: Node | None) -> object:
+    if node is None:
+        return None
+    where = (node.tag, node.start_mark.line, node.start_mark.column)
+    if isinstance(node, ScalarNode):  # (style: libyaml says "" for plain where PyYAML says None)
+        return (*where, node.value, node.style or None)
+    if isinstance(node, SequenceNode):
+        return (*where, [_tree(n) for n in node.value])
+    assert isinstance(node, MappingNode)
+    return (*where, [(_tree(k), _tree(v)) for k, v in node.value])
+
+
+def _pure(text: str) -> Node | None:
+    loader = yaml.SafeLoader(text)
+    try:
+        root: Node | None = loader.get_single_node()
+        return root
+    finally:
+        loader.dispose()
+
+
+def test_the_fast_parser_is_libyaml_here() -> None:
+    """The development and CI machines have PyYAML with libyaml; elsewhere the pure parser is the
+    fallback, and these tests compare it with itself."""
+    assert yaml.__with_libyaml__
+    assert yamlnodes.SafeLoader is yaml.CSafeLoader
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.relative_to(ROOT).as_posix() for p in SHIPPED])
+def test_every_shipped_allowlist_composes_to_the_same_nodes_and_lines(path: Path) -> None:
+    text = path.read_text(encoding="utf-8")
+    assert _tree(yamlnodes.compose(text)) == _tree(_pure(text))
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a: \x07b\n", "a: b\x00\n", "a: \x1b[31m\n", "a: \ud800\n", "a: 1\n---\nb: 2\n", "a: [1, 2\n"],
+    ids=["bell", "nul", "escape", "lone-surrogate", "two-documents", "unclosed-flow"],
+)
+def test_what_pyyaml_refuses_is_refused_as_a_yaml_error(text: str) -> None:
+    with pytest.raises(yaml.YAMLError):
+        _pure(text)
+    with pytest.raises(yaml.YAMLError):
+        yamlnodes.compose(text)
+
+
+@pytest.mark.parametrize("value", ["true", "False", "yes", "0x1F", "0o17", "1_000", "-3", "+7"])
+def test_scalars_read_as_the_safe_schema_reads_them(value: str) -> None:
+    node = yamlnodes.compose(f"v: {value}\n")
+    assert isinstance(node, MappingNode)
+    scalar = node.value[0][1]
+    assert yamlnodes.scalar(scalar) == yaml.safe_load(f"v: {value}\n")["v"]
