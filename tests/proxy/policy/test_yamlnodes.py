@@ -3,6 +3,8 @@ allowlist, and refuses what it refuses, as a YAML error with a line."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from proxy.policy import yamlnodes
+from proxy.policy.loader import PolicyError, load_policy
 
 ROOT = Path(__file__).resolve().parents[3]
 SHIPPED = sorted((ROOT / "allowlists").rglob("*.yaml"))
@@ -67,3 +70,45 @@ def test_scalars_read_as_the_safe_schema_reads_them(value: str) -> None:
     assert isinstance(node, MappingNode)
     scalar = node.value[0][1]
     assert yamlnodes.scalar(scalar) == yaml.safe_load(f"v: {value}\n")["v"]
+
+
+_DEEP = "version: 1\nrules:\n  - host: " + "[" * 200_000 + "]" * 200_000 + "\n"
+
+
+def test_deep_nesting_is_a_yaml_error_with_its_line_not_a_crash() -> None:
+    """libyaml's composer recurses in C once per level: this many levels took the process down
+    (SIGSEGV) and the pure one raises RecursionError. Run in a child so a crash fails the test."""
+    code = (
+        "import sys, yaml\n"
+        "from proxy.policy import yamlnodes\n"
+        "try:\n"
+        "    yamlnodes.compose(sys.stdin.read())\n"
+        "except yaml.MarkedYAMLError as exc:\n"
+        "    print(exc.problem, exc.problem_mark.line + 1)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], input=_DEEP, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-500:]
+    assert done.stdout.split() == [*f"nested deeper than {yamlnodes.MAX_DEPTH} levels".split(), "3"]
+
+
+@pytest.mark.parametrize("loader", [yaml.SafeLoader, yamlnodes.SafeLoader], ids=["pure", "fast"])
+def test_nesting_up_to_the_limit_composes_with_either_parser(
+    loader: type[yaml.SafeLoader], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(yamlnodes, "SafeLoader", loader)
+    depth = yamlnodes.MAX_DEPTH - 1  # inside the root mapping
+    root = yamlnodes.compose("a: " + "[" * depth + "]" * depth + "\n")
+    assert isinstance(root, MappingNode)
+    with pytest.raises(yaml.MarkedYAMLError, match="nested deeper"):
+        yamlnodes.compose("a: " + "[" * 2000 + "]" * 2000 + "\n")  # RecursionError in pure before
+
+
+def test_a_deeply_nested_policy_is_refused_with_its_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "deep.yaml"
+    path.write_text("version: 1\nrules:\n  - host: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path)
+    (problem,) = caught.value.problems
+    assert problem.line == 3 and "nested deeper" in problem.message
