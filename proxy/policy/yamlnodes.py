@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import yaml
 from yaml.constructor import SafeConstructor
-from yaml.nodes import Node
+from yaml.nodes import Node, ScalarNode
 
 SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 MAX_DEPTH = 64  # nested mappings and lists; a policy uses fewer than ten
@@ -65,6 +65,15 @@ def _check_depth(text: str) -> None:
                 depth -= 1
     finally:
         loader.dispose()
+
+
+def boolean(node: Node) -> bool | None:
+    """A ``!!bool`` scalar's value; None for any other node, and for a tag written by hand on a
+    value that is not a boolean (``!!bool maybe``, which the safe constructor meets with KeyError)."""
+    if not isinstance(node, ScalarNode) or node.tag != "tag:yaml.org,2002:bool":
+        return None
+    value = SafeConstructor.bool_values.get(str(node.value).lower())
+    return value if isinstance(value, bool) else None
 
 
 def scalar(node: Node) -> object:

@@ -112,3 +112,27 @@ def test_a_deeply_nested_policy_is_refused_with_its_file_and_line(tmp_path: Path
         load_policy(path)
     (problem,) = caught.value.problems
     assert problem.line == 3 and "nested deeper" in problem.message
+
+
+@pytest.mark.parametrize("text", ["!!bool maybe", "!!bool ''", "!!bool 1", "!!bool [x]"])
+def test_a_bool_tag_on_what_is_not_a_boolean_is_a_problem_with_its_line(
+    tmp_path: Path, text: str
+) -> None:
+    """The safe constructor meets ``!!bool maybe`` with KeyError, which escaped the loader."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        f"version: 1\nrules:\n  - name: a\n    hosts: [a.example]\n    inspect: {text}\n"
+    )
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path)
+    (problem,) = caught.value.problems
+    assert problem.line == 5 and "expected true or false" in problem.message
+
+
+@pytest.mark.parametrize("text", ["true", "True", "yes", "on", "false", "No", "OFF", "!!bool on"])
+def test_booleans_read_as_the_safe_schema_reads_them(text: str) -> None:
+    node = yamlnodes.compose(f"v: {text}\n")
+    assert isinstance(node, MappingNode)
+    value = node.value[0][1]
+    expected = yaml.safe_load(f"v: {text}\n")["v"]
+    assert yamlnodes.boolean(value) == (expected if isinstance(expected, bool) else None)
