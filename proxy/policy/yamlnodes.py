@@ -11,6 +11,11 @@ Nesting is bounded (:data:`MAX_DEPTH`) before anything is composed: both compose
 level, libyaml's in C without Python's recursion limit, so some tens of thousands of ``[`` crash the
 process (SIGSEGV) and the pure one raises RecursionError, neither a YAML error with a line. The depth
 is read from libyaml's event stream, which is iterative; a policy nests a handful of levels.
+
+A byte order mark (U+FEFF, invisible in an editor) anywhere but at the very start is refused too:
+libyaml skips one that starts a line (or follows the opening one) as if it were not written, while
+PyYAML's own parser reads it as part of the text, so the same file would compose to different structures on machines with and without
+libyaml (``rules:\n<U+FEFF>  - name: x`` is a list of rules to one, a null and a key to the other).
 """
 
 from __future__ import annotations
@@ -35,6 +40,14 @@ def compose(text: str) -> Node | None:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise yaml.YAMLError(f"the text is not valid Unicode: {exc.reason}") from None
+    stray = text.find("\ufeff", 1)
+    if stray > 0:
+        line = sum(text.count(c, 0, stray) for c in "\n\x85\u2028\u2029")
+        line += text.count("\r", 0, stray) - text.count("\r\n", 0, stray)
+        mark = yaml.error.Mark("<unicode string>", stray, line, 0, None, 0)
+        raise yaml.scanner.ScannerError(
+            None, None, "a byte order mark (U+FEFF) past the start", mark
+        )
     _check_depth(text)
     loader = SafeLoader(text)
     try:

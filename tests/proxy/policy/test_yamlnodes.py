@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from proxy.policy import yamlnodes
@@ -136,3 +138,60 @@ def test_booleans_read_as_the_safe_schema_reads_them(text: str) -> None:
     value = node.value[0][1]
     expected = yaml.safe_load(f"v: {text}\n")["v"]
     assert yamlnodes.boolean(value) == (expected if isinstance(expected, bool) else None)
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("rules:\n\ufeff  - name: x\n", 2),  # libyaml: a list of rules; PyYAML: a null and a key
+        ("a: 1\r\n\ufeffb: 2\n", 2),
+        ("a: 1\n\n\ufeff- b\n", 3),
+        ("a: 1\u2028\ufeffb: 2\n", 2),
+        ("a: [x,\n\ufeffy]\n", 2),
+        ("\ufeff\ufeffa: 1\n", 1),
+        ("a: 'x\ufeff'\n", 1),
+    ],
+)
+def test_a_byte_order_mark_past_the_start_is_refused_with_its_line(text: str, line: int) -> None:
+    """libyaml skips a BOM at the start of any line, PyYAML's parser reads it as text: the same file
+    would be two different policies (or one and an error) with and without libyaml."""
+    with pytest.raises(yaml.MarkedYAMLError, match="byte order mark") as caught:
+        yamlnodes.compose(text)
+    assert caught.value.problem_mark is not None
+    assert caught.value.problem_mark.line + 1 == line
+
+
+def test_a_byte_order_mark_opening_the_text_is_read_as_both_parsers_read_it() -> None:
+    text = "\ufeffversion: 1\nrules: []\n"
+    assert _tree(yamlnodes.compose(text)) == _tree(_pure(text))
+
+
+_PIECES = ["a", "b: ", "- ", "? ", ": ", "\n", "  ", "    ", "[", "]", "{", "}", ", ", "#c", "'q'",
+           '"d"', "&x ", "*x", "<<: ", "!!str ", "|\n", ">\n", "\t", "\r\n", "\x85", "\u2028",
+           "\u2029", "\ufeff", "\xa0", "---\n", "...\n", "1", "true", "~", "\\"]  # fmt: skip
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=24).map("".join))
+def test_what_both_parsers_compose_they_compose_alike(text: str) -> None:
+    """Where libyaml and PyYAML's own parser both accept a text, they read the same structure,
+    values and lines (libyaml accepts some tabs PyYAML refuses, and refuses some texts it takes)."""
+    results = []
+    for compose in (yamlnodes.compose, _pure):
+        try:
+            results.append(_semantic(compose(text)))
+        except yaml.YAMLError:
+            results.append(None)
+    if None not in results:
+        assert results[0] == results[1]
+
+
+def _semantic(node: Node | None) -> object:
+    if node is None:
+        return ()
+    if isinstance(node, ScalarNode):  # (an empty value's mark differs: it is where nothing is)
+        return (node.tag, None if node.value == "" else node.start_mark.line, node.value)
+    if isinstance(node, SequenceNode):
+        return (node.tag, node.start_mark.line, [_semantic(n) for n in node.value])
+    assert isinstance(node, MappingNode)
+    return (node.tag, node.start_mark.line, [(_semantic(k), _semantic(v)) for k, v in node.value])
