@@ -404,8 +404,9 @@ class _Loader:
     def _bool(self, node: Node | None, name: str | None, key: str, *, default: bool) -> bool:
         if node is None:
             return default
-        if isinstance(node, ScalarNode) and node.tag == "tag:yaml.org,2002:bool":
-            return bool(yamlnodes.scalar(node))
+        value = yamlnodes.boolean(node)  # (None too for "!!bool maybe")
+        if value is not None:
+            return value
         self.problem(node, name, key, "expected true or false")
         return default
 

@@ -151,7 +151,11 @@ class Resolver:
             log.error("resolver: dnspython could not be imported: %s", exc)
             return Lookup((), 0.0, failure=f"the resolver could not start: {exc}")
         if self._dns is None:
-            self._dns = dnsquery.upstream(self._nameservers, self.timeout)
+            try:  # reads resolv.conf: ValueError for a bad nameserver line, UnicodeDecodeError...
+                self._dns = dnsquery.upstream(self._nameservers, self.timeout)
+            except Exception as exc:  # not cached: the next question reads it again
+                log.error("resolver: no usable resolver configuration: %s", exc)
+                return Lookup((), 0.0, failure=f"the resolver could not start: {exc}")
         lookup: Lookup = await dnsquery.ask(
             self._dns,
             name,

@@ -646,10 +646,9 @@ class _Loader:
         return tuple(out)
 
     def boolean(self, where: _Where, node: Node) -> bool | None:
-        if isinstance(node, ScalarNode) and node.tag == "tag:yaml.org,2002:bool":
-            value = yamlnodes.scalar(node)
-            if isinstance(value, bool):
-                return value
+        value = yamlnodes.boolean(node)  # (None too for "!!bool maybe")
+        if value is not None:
+            return value
         self.problem(where, node, f"expected true or false, got {_describe(node)}")
         return None
 

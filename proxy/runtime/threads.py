@@ -8,6 +8,7 @@ call does not hold the exit, and the caller bounds its wait.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -31,9 +32,14 @@ async def in_daemon_thread[T](work: Callable[..., T], *args: Any, timeout: float
         try:
             result = work(*args)
         except BaseException as exc:  # handed to the caller, whatever it is
-            loop.call_soon_threadsafe(settle, None, exc)
+            deliver(None, exc)
         else:
-            loop.call_soon_threadsafe(settle, result, None)
+            deliver(result, None)
+
+    def deliver(result: Any, error: BaseException | None) -> None:
+        # RuntimeError: the loop closed meanwhile (a gate stopped), nobody waits for the result
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, result, error)
 
     threading.Thread(target=run, name="egress-blocking", daemon=True).start()
     async with asyncio.timeout(timeout):

@@ -102,6 +102,7 @@ def test_a_host_the_policy_does_not_inspect_names_both_files(
         (("{env: GH_REAL}", "{env: GH_REAL, file: /x}"), "expected one of"),
         (("format: \"Bearer {}\"", "format: Bearer"), "needs one '{}'"),
         (("npmrc: true", "npmrc: yes please"), "expected true or false"),
+        (("npmrc: true", "npmrc: !!bool maybe"), "expected true or false"),
         (("  - name: npm", "  - name: github"), "declared twice"),
         (("[NPM_TOKEN]", "[GH_TOKEN]"), "already set for credential 'github'"),
         (("  - name: npm", "  - name: 'bad name'"), "a name of letters"),

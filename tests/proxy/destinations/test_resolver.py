@@ -8,6 +8,7 @@ import socket
 import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv6Address
+from pathlib import Path
 
 import dns.resolver
 import pytest
@@ -444,4 +445,34 @@ def test_when_dnspython_cannot_be_imported_lookups_fail_closed_and_are_not_cache
     assert "could not start" in str(refusal)
     assert fake.count() == 0
     monkeypatch.setattr(resolver_module, "DNSQUERY", LazyImport("proxy.destinations.dnsquery"))
+    assert str(dest(resolver, "pypi.org").address) == "93.184.216.34"
+
+
+def test_a_resolver_configuration_that_cannot_be_read_refuses_as_a_dns_failure(
+    fake: FakeDns, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """dnspython's resolver is built at the first upstream question, after the gate started; a
+    resolv.conf it cannot read (``nameserver foo``: ValueError, a stray byte: UnicodeDecodeError)
+    is a dns-failure refusal like a missing one, not an exception out of the destination check.
+    It is not kept: a repaired configuration answers the next question."""
+    import dns.asyncresolver
+
+    from proxy.destinations import dnsquery
+
+    fake.set("pypi.org", "A", ["93.184.216.34"])
+    bad = tmp_path / "resolv.conf"
+    real_upstream = dnsquery.upstream
+
+    def upstream(nameservers: object, timeout: float) -> dns.asyncresolver.Resolver:
+        return dns.asyncresolver.Resolver(filename=str(bad), configure=True)
+
+    resolver = make(fake)
+    monkeypatch.setattr(dnsquery, "upstream", upstream)
+    for content in (b"nameserver foo\n", b"\xff\xfe\n"):
+        bad.write_bytes(content)
+        refusal = refused(resolver, "pypi.org")
+        assert refusal.reason == Reason.DNS_FAILURE
+        assert "could not start" in str(refusal)
+    assert fake.count() == 0
+    monkeypatch.setattr(dnsquery, "upstream", real_upstream)
     assert str(dest(resolver, "pypi.org").address) == "93.184.216.34"

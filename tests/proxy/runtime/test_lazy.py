@@ -104,3 +104,51 @@ def test_starting_a_gate_imports_no_dnspython() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_loop_closed_during_the_import_leaves_no_thread_error_and_a_new_loop_loads(
+    module_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gate that stops while its warm-up import runs: the import thread finishes after the loop
+    closed, quietly (no "Exception in thread" on the way out), and a later loop loads the module."""
+    import threading
+    import types
+
+    name = "egress_lazy_probe_closed"
+    release = threading.Event()
+    holder = types.ModuleType("egress_lazy_probe_release")
+    holder.release = release  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "egress_lazy_probe_release", holder)
+    _write(
+        module_dir,
+        name,
+        """
+        import egress_lazy_probe_release
+        egress_lazy_probe_release.release.wait(30)
+        VALUE = 3
+        """,
+    )
+    errors: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
+    lazy = LazyImport(name)
+    before = set(threading.enumerate())
+
+    async def warm_and_stop() -> None:
+        lazy.warm()
+        await asyncio.sleep(0)
+
+    try:
+        asyncio.run(warm_and_stop())  # the loop closes with the import still running
+        (importing,) = set(threading.enumerate()) - before
+        release.set()
+        importing.join(30)
+        assert not importing.is_alive()
+        assert errors == []
+
+        async def load() -> object:
+            return await lazy.load()
+
+        assert asyncio.run(load()).VALUE == 3  # type: ignore[attr-defined]
+    finally:
+        release.set()
+        sys.modules.pop(name, None)
