@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from proxy.approvals.private import NotPrivate, read_private
-from proxy.policy import listfile
+from proxy.policy import listfile, yamlnodes
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 NAME_RULE = "1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit"
@@ -49,7 +49,7 @@ class AdminTokens:
     @classmethod
     def load(cls, path: Path) -> AdminTokens:
         try:
-            data = yaml.safe_load(read_private(path, "admin tokens").decode("utf-8"))
+            data = yamlnodes.safe_load(read_private(path, "admin tokens").decode("utf-8"))
         except NotPrivate as exc:
             raise TokenError(str(exc)) from None
         except (yaml.YAMLError, UnicodeDecodeError) as exc:

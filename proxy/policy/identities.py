@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from proxy.core.sandbox_id import SANDBOX_ID_RULE, is_sandbox_id
-from proxy.policy import listfile
+from proxy.policy import listfile, yamlnodes
 
 
 class IdentityError(ValueError):
@@ -57,7 +57,7 @@ class Identities:
     @classmethod
     def load(cls, path: Path) -> Identities:
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = yamlnodes.safe_load(path.read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError) as exc:
             raise IdentityError(f"{path}: cannot read identities: {exc}") from exc
         entries = listfile.entries(data, path, "sandboxes", IdentityError)

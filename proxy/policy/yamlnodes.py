@@ -80,6 +80,13 @@ def _check_depth(text: str) -> None:
         loader.dispose()
 
 
+def safe_load(text: str) -> object:
+    """``yaml.safe_load`` with :func:`compose`'s checks (nesting, byte order marks, Unicode): for
+    the small configuration files that are read whole (identities, admin tokens)."""
+    root = compose(text)
+    return None if root is None else SafeConstructor().construct_document(root)
+
+
 def boolean(node: Node) -> bool | None:
     """A ``!!bool`` scalar's value; None for any other node, and for a tag written by hand on a
     value that is not a boolean (``!!bool maybe``, which the safe constructor meets with KeyError)."""

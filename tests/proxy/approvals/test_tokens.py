@@ -55,6 +55,8 @@ def test_a_file_others_can_read_or_change_is_refused(tmp_path: Path, mode: int) 
             "duplicate",
         ),
         (f"version: 1\nadmins:\n  - name: a\n    token: {'a' * 64}\n", "expected a mapping"),
+        # nested past the YAML bound: an error naming the file, not a recursion out of the loader
+        ("version: 1\nadmins: " + "[" * 5000 + "]" * 5000 + "\n", "nested deeper"),
     ],
 )
 def test_problems_name_the_file_and_entry(tmp_path: Path, text: str, message: str) -> None:

@@ -73,6 +73,8 @@ def test_anything_else_is_refused(identities: Identities, header: str | None) ->
             "version: 1\nsandboxes:\n" + ("  - id: a\n    token_sha256: " + "a" * 64 + "\n") * 2,
             "duplicate",
         ),
+        # nested past the YAML bound: an error naming the file, not a recursion out of the loader
+        ("version: 1\nsandboxes: " + "[" * 5000 + "]" * 5000 + "\n", "nested deeper"),
     ],
 )
 def test_bad_files_refuse_to_load_naming_the_entry(tmp_path: Path, text: str, message: str) -> None:
