@@ -508,14 +508,6 @@ async def _start_and_wait(
     return sandbox.wait(10)
 
 
-def _start_and_wait_blocking(options: RunOptions, sandbox: Sandbox) -> int:
-    with forwarding_signals(sandbox.send_signal):
-        if options.on_ready:
-            options.on_ready(sandbox)
-        sandbox.start()
-        return sandbox.wait()
-
-
 def _run_joined(options: RunOptions, sandbox: Sandbox, upstream: ProxyAddress) -> tuple[int, str]:
     """A shared gate elsewhere: relay the sandbox's listeners to it from the host namespace."""
     from proxy.sandbox.bridge import Relay, UdpRelay
@@ -526,7 +518,7 @@ def _run_joined(options: RunOptions, sandbox: Sandbox, upstream: ProxyAddress) -
         relays.append(Relay(sandbox.sockets["dns-tcp"], options.dns_target).start())
         relays.append(UdpRelay(sandbox.sockets["dns-udp"], options.dns_target).start())
     try:
-        code = _start_and_wait_blocking(options, sandbox)
+        code = _release_and_wait(options, sandbox, sandbox.wait)
     finally:
         for relay in relays:
             relay.close()
@@ -556,7 +548,7 @@ def _run_handed_off(options: RunOptions, sandbox: Sandbox, path: str) -> tuple[i
     sandbox.close_sockets()  # the gate holds its own copies now
     watch = GateWatch(conn, sandbox, path)
     try:
-        code = _release_and_wait(options, sandbox, watch)
+        code = _release_and_wait(options, sandbox, watch.wait)
     finally:
         watch.done()  # and closing the connection makes the gate close this sandbox's listeners
     if watch.lost:
@@ -571,14 +563,14 @@ def _run_handed_off(options: RunOptions, sandbox: Sandbox, path: str) -> tuple[i
     return code, summary
 
 
-def _release_and_wait(options: RunOptions, sandbox: Sandbox, watch: GateWatch) -> int:
-    """Start the command of a sandbox a gate elsewhere now serves; its exit status (``watch``
-    stops it if that gate goes away)."""
+def _release_and_wait(options: RunOptions, sandbox: Sandbox, wait: Callable[[], int]) -> int:
+    """Start the command of a sandbox a gate elsewhere now serves; its exit status, from ``wait``
+    (``sandbox.wait``, or a ``GateWatch``'s, which stops the sandbox if that gate goes away)."""
     with forwarding_signals(sandbox.send_signal):
         if options.on_ready:
             options.on_ready(sandbox)
         sandbox.start()
-        return watch.wait()
+        return wait()
 
 
 def _run_reused(options: RunOptions, sandbox: Sandbox, session: Session) -> tuple[int, str]:
@@ -615,7 +607,7 @@ def _run_reused(options: RunOptions, sandbox: Sandbox, session: Session) -> tupl
     watch = GateWatch(session.conn, sandbox, session.path)
     summary = ""
     try:
-        code = _release_and_wait(options, sandbox, watch)
+        code = _release_and_wait(options, sandbox, watch.wait)
     finally:
         if watch.lost or options.quiet:
             session.close()  # no summary to wait for: closing ends the sandbox's service there
