@@ -53,13 +53,19 @@ class Quick(Blocking):
         return None
 
 
-def test_one_sandboxs_slow_lookups_do_not_hold_up_anothers(tmp_path: Path) -> None:
+def _checkpoint(tmp_path: Path, **sandboxes: Blocking) -> Checkpoint:
+    """A checkpoint allowing pypi.test, serving these sandboxes' processes."""
     path = tmp_path / "p.yaml"
     path.write_text("version: 1\nrules:\n  - {name: open, hosts: [pypi.test]}\n")
     policy = load_policy(path)
     checkpoint = Checkpoint(lambda: policy, Emitter([MemorySink()]), Lookups())
+    checkpoint.sandbox_processes.update(sandboxes)
+    return checkpoint
+
+
+def test_one_sandboxs_slow_lookups_do_not_hold_up_anothers(tmp_path: Path) -> None:
     slow, quick = Blocking(), Quick()
-    checkpoint.sandbox_processes.update({"slow": slow, "quick": quick})
+    checkpoint = _checkpoint(tmp_path, slow=slow, quick=quick)
 
     async def scenario() -> Verdict:
         checkpoint.connected("c-slow", "127.0.0.1:5000", "slow")
@@ -85,12 +91,8 @@ def test_one_sandboxs_slow_lookups_do_not_hold_up_anothers(tmp_path: Path) -> No
 def test_a_connection_is_looked_up_only_among_its_own_sandboxs_processes(tmp_path: Path) -> None:
     """Peers repeat across sandboxes (each has its own loopback): the same client address in two
     sandboxes is asked of each sandbox's own processes."""
-    path = tmp_path / "p.yaml"
-    path.write_text("version: 1\nrules:\n  - {name: open, hosts: [pypi.test]}\n")
-    policy = load_policy(path)
-    checkpoint = Checkpoint(lambda: policy, Emitter([MemorySink()]), Lookups())
     a, b = Quick(), Quick()
-    checkpoint.sandbox_processes.update({"a": a, "b": b})
+    checkpoint = _checkpoint(tmp_path, a=a, b=b)
 
     async def scenario() -> None:
         for cid, sandbox in (("c1", "a"), ("c2", "b"), ("c3", "b")):

@@ -7,6 +7,7 @@ import asyncio
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,21 +17,29 @@ from proxy.runtime.lazy import LazyImport
 ROOT = Path(__file__).resolve().parents[3]
 
 
+Write = Callable[[str, str], None]
+
+
 @pytest.fixture
-def module_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Write]:
+    """Writes a probe module importable by name (again, as a fresh module); every probe written
+    is forgotten by the interpreter after the test."""
     monkeypatch.syspath_prepend(str(tmp_path))
-    return tmp_path
+    names: set[str] = set()
+
+    def write_module(name: str, body: str) -> None:
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(body))
+        sys.modules.pop(name, None)
+        names.add(name)
+
+    yield write_module
+    for name in names:
+        sys.modules.pop(name, None)
 
 
-def _write(directory: Path, name: str, body: str) -> None:
-    (directory / f"{name}.py").write_text(textwrap.dedent(body))
-    sys.modules.pop(name, None)
-
-
-def test_concurrent_callers_share_one_import_in_another_thread(module_dir: Path) -> None:
+def test_concurrent_callers_share_one_import_in_another_thread(write: Write) -> None:
     name = "egress_lazy_probe_shared"
-    _write(
-        module_dir,
+    write(
         name,
         """
         import threading, time
@@ -43,34 +52,28 @@ def test_concurrent_callers_share_one_import_in_another_thread(module_dir: Path)
     async def main() -> list[object]:
         return list(await asyncio.gather(*(lazy.load() for _ in range(5))))
 
-    try:
-        modules = asyncio.run(main())
-        assert all(m is modules[0] for m in modules)
-        assert modules[0].IMPORTED_IN != "MainThread"
-    finally:
-        sys.modules.pop(name, None)
+    modules = asyncio.run(main())
+    assert all(m is modules[0] for m in modules)
+    assert modules[0].IMPORTED_IN != "MainThread"
 
 
-def test_a_failed_import_raises_and_the_next_load_tries_again(module_dir: Path) -> None:
+def test_a_failed_import_raises_and_the_next_load_tries_again(write: Write) -> None:
     name = "egress_lazy_probe_retry"
-    _write(module_dir, name, "raise RuntimeError('not yet')\n")
+    write(name, "raise RuntimeError('not yet')\n")
     lazy = LazyImport(name)
 
     async def main() -> object:
         with pytest.raises(RuntimeError, match="not yet"):
             await lazy.load()
-        _write(module_dir, name, "VALUE = 7\n")
+        write(name, "VALUE = 7\n")
         return await lazy.load()
 
-    try:
-        assert asyncio.run(main()).VALUE == 7
-    finally:
-        sys.modules.pop(name, None)
+    assert asyncio.run(main()).VALUE == 7
 
 
-def test_a_cancelled_caller_does_not_cancel_the_import_others_wait_for(module_dir: Path) -> None:
+def test_a_cancelled_caller_does_not_cancel_the_import_others_wait_for(write: Write) -> None:
     name = "egress_lazy_probe_cancel"
-    _write(module_dir, name, "import time\ntime.sleep(0.2)\nVALUE = 1\n")
+    write(name, "import time\ntime.sleep(0.2)\nVALUE = 1\n")
     lazy = LazyImport(name)
 
     async def main() -> object:
@@ -80,10 +83,7 @@ def test_a_cancelled_caller_does_not_cancel_the_import_others_wait_for(module_di
         first.cancel()
         return await second
 
-    try:
-        assert asyncio.run(main()).VALUE == 1
-    finally:
-        sys.modules.pop(name, None)
+    assert asyncio.run(main()).VALUE == 1
 
 
 def test_starting_a_gate_imports_no_dnspython() -> None:
@@ -107,7 +107,7 @@ def test_starting_a_gate_imports_no_dnspython() -> None:
 
 
 def test_a_loop_closed_during_the_import_leaves_no_thread_error_and_a_new_loop_loads(
-    module_dir: Path, monkeypatch: pytest.MonkeyPatch
+    write: Write, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A gate that stops while its warm-up import runs: the import thread finishes after the loop
     closed, quietly (no "Exception in thread" on the way out), and a later loop loads the module."""
@@ -119,8 +119,7 @@ def test_a_loop_closed_during_the_import_leaves_no_thread_error_and_a_new_loop_l
     holder = types.ModuleType("egress_lazy_probe_release")
     holder.release = release  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "egress_lazy_probe_release", holder)
-    _write(
-        module_dir,
+    write(
         name,
         """
         import egress_lazy_probe_release
@@ -151,4 +150,3 @@ def test_a_loop_closed_during_the_import_leaves_no_thread_error_and_a_new_loop_l
         assert asyncio.run(load()).VALUE == 3  # type: ignore[attr-defined]
     finally:
         release.set()
-        sys.modules.pop(name, None)
