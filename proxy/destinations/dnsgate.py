@@ -85,9 +85,23 @@ class DnsGate:
                 module = await ANSWERS.load()
             except Exception:
                 log.exception("DNS gate: dnspython could not be imported; no query is answered")
+                self._unread(client)
                 return None
             answerer = self._answerer = module.Answerer(self)
         return await answerer.handle(wire, client, transport)
+
+    def _unread(self, client: str) -> None:
+        """The refusal of a query that could not be read (its parser would not load): recorded
+        without a name, so the audit trail shows that queries came and why none was answered."""
+        from proxy.core.decision import Kind, Reason, Request
+        from proxy.core.engine import refuse
+
+        request = Request(kind=Kind.DNS, host="", client=client, sandbox_id=self.sandbox_id)
+        detail = "the DNS gate could not load its DNS parser (dnspython): the query was not read"
+        try:
+            self.emitter.emit(refuse(request, self.policy(), Reason.DNS_FAILURE, detail))
+        except Exception:  # the query stays unanswered either way
+            log.exception("DNS gate: the refusal of an unread query could not be recorded")
 
     @staticmethod
     def warm() -> None:

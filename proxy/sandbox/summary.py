@@ -129,7 +129,7 @@ def _tally(table: dict[str, Tally], key: str, decision: Decision) -> None:
 
 
 def _where(decision: Decision) -> str:
-    host = escape(decision.host, 120)
+    host = escape(decision.host, 120) or "(unread)"  # a DNS query the gate could not parse
     if decision.kind is Kind.DNS:
         return f"{host} (DNS {escape(decision.qtype or '?', 120)})"
     return f"{host}:{decision.port}" if decision.port is not None else host

@@ -554,8 +554,9 @@ def test_when_dnspython_cannot_be_imported_no_query_is_answered(
     make_env: Callable[..., GateEnv], fake: FakeDns, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The answering side is imported at the first query; if that fails, the gate answers nothing
-    (the client times out: never an unchecked answer) and asks nothing upstream. Once the import
-    works, the next query is answered."""
+    (the client times out: never an unchecked answer), asks nothing upstream and records a
+    refusal without a name (the query could not be read). Once the import works, the next query
+    is answered."""
     from proxy.destinations import dnsgate
     from proxy.runtime.lazy import LazyImport
 
@@ -565,7 +566,14 @@ def test_when_dnspython_cannot_be_imported_no_query_is_answered(
     query = dns.message.make_query("pypi.allowed.test", "A")
     with pytest.raises(dns.exception.Timeout):
         dns.query.udp(query, env.udp[0], port=env.udp[1], timeout=1.0)
-    assert fake.count() == 0 and env.decisions == []
+    assert fake.count() == 0
+    [refusal] = env.decisions
+    assert (refusal.decision, refusal.reason, refusal.kind) == (
+        Verdict.DENY,
+        Reason.DNS_FAILURE,
+        Kind.DNS,
+    )
+    assert refusal.host == "" and "could not load its DNS parser" in (refusal.detail or "")
     monkeypatch.setattr(dnsgate, "ANSWERS", LazyImport("proxy.destinations.dnsanswer"))
     answer = env.query("pypi.allowed.test", "A")
     assert [r.to_text() for rrset in answer.answer for r in rrset] == ["93.184.216.34"]

@@ -36,6 +36,13 @@ def test_hostile_names_are_escaped() -> None:
     assert "\\x1b[2Jevil\\x0ahost" in text
 
 
+def test_a_query_the_gate_could_not_read_is_listed_without_a_name() -> None:
+    s = SummarySink()
+    unread = Decision(Verdict.DENY, Reason.DNS_FAILURE, None, Kind.DNS, "", None, "v1", "enforce")
+    s.record(unread)
+    assert "  refused (unread) (DNS ?): dns-failure" in s.render("sbx").splitlines()
+
+
 def test_long_lists_are_bounded() -> None:
     s = SummarySink()
     for i in range(MAX_LISTED + 5):
