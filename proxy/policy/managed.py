@@ -17,9 +17,10 @@ What the gate enforces (the *effective* policy) is the local policy's rules plus
 rule, so a managed deny always wins (deny beats allow in the decision order). At load, every local
 ``allow`` and ``ask`` rule must be *covered*: each of its hosts, networks and ports lies inside one
 managed rule, an ``ask`` may sit under a managed ``allow`` or ``ask`` but a local ``allow`` only under a
-managed ``allow`` (it would skip the question), under a managed rule bound to executables a local
-rule must be bound to some of them (the same files), and where the managed rule reads requests
-(request conditions) the local rule must have conditions at least as narrow. A rule that is not
+managed ``allow`` (it would skip the question), an ``ask`` under a managed ``ask`` that a person answers
+may not hand the question to the automated reviewer (``review: auto``), under a managed rule bound to
+executables a local rule must be bound to some of them (the same files), and where the managed rule
+reads requests (request conditions) the local rule must have conditions at least as narrow. A rule that is not
 covered stops the load with a problem naming the local file, line and rule and the managed file, line
 and rule nearest to it. Approvals answer ``ask`` rules only, so they can never grant beyond the ceiling either.
 
@@ -58,6 +59,7 @@ from proxy.policy.model import (
     PolicyError,
     Problem,
     RequestConditions,
+    Review,
     Rule,
 )
 
@@ -270,6 +272,12 @@ def _covering(
         if local.action is Action.ALLOW and m.action is Action.ASK:
             nearest = nearest or (
                 f"the managed {_where(m)} asks for {target}: a local rule may ask too, not allow"
+            )
+            continue
+        if m.action is Action.ASK and m.review is Review.HUMAN and local.review is not Review.HUMAN:
+            nearest = nearest or (
+                f"the managed {_where(m)} asks a person about {target}: a local rule may not let "
+                "the automated reviewer answer (drop 'review: auto')"
             )
             continue
         if m.executables and not (

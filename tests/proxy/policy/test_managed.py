@@ -292,3 +292,44 @@ def test_a_managed_rule_bound_to_executables_binds_the_local_rules_under_it(
     )
     assert load_with_ceiling(local, bound).rules[0].name == "g"
     assert [str(p) for p in managed_lint(bound, [local])] == []
+
+
+def test_a_local_ask_cannot_hand_a_managed_human_question_to_the_reviewer(
+    tmp_path: Path, managed: Path
+) -> None:
+    """The managed ``org-ask`` rule asks a person (``review`` defaults to human): a local ask rule
+    under it that lets the automated reviewer answer would let a program (one that reads
+    sandbox-controlled request data) grant what the organisation wanted a person to decide."""
+    local = write(
+        tmp_path,
+        "local.yaml",
+        """\
+        version: 1
+        rules:
+          - name: uploads-auto
+            action: ask
+            review: auto
+            hosts: [uploads.example.com]
+        """,
+    )
+    found = problems(local, managed)
+    assert len(found) == 1, found
+    assert "rule 'uploads-auto'" in found[0]
+    assert "managed.yaml:11 rule 'org-ask' asks a person" in found[0]
+    # asking a person, as the managed rule does, loads; so does review: auto under a managed allow
+    write(
+        tmp_path,
+        "local.yaml",
+        """\
+        version: 1
+        rules:
+          - name: uploads-human
+            action: ask
+            hosts: [uploads.example.com]
+          - name: pypi-auto
+            action: ask
+            review: auto
+            hosts: [pypi.org]
+        """,
+    )
+    assert load_with_ceiling(local, managed).rules[0].name == "uploads-human"
