@@ -133,7 +133,9 @@ class _WouldAsk:
     def __init__(self) -> None:
         self.asked: Decision | None = None
 
-    async def answer(self, decision: Decision, rule: Any, record: Any) -> Decision:
+    async def answer(
+        self, decision: Decision, rule: Any, record: Any, *, methods: tuple[str, ...] = ()
+    ) -> Decision:
         self.asked = decision
         return decision.with_(decision=Verdict.DENY, reason=Reason.APPROVAL_UNAVAILABLE)
 

@@ -133,10 +133,15 @@ class Broker:
     # -- the checkpoint's side ----------------------------------------------------------------------
 
     async def answer(
-        self, decision: Decision, rule: Rule | None, record: Callable[[Decision], Decision]
+        self,
+        decision: Decision,
+        rule: Rule | None,
+        record: Callable[[Decision], Decision],
+        *,
+        methods: tuple[str, ...] = (),
     ) -> Decision:
         """:class:`proxy.core.checkpoint.Approver`: the held ``ask`` decision, answered."""
-        subject = Subject.of(decision, per_request=_reads_requests(rule))
+        subject = Subject.of(decision, per_request=_reads_requests(rule), methods=methods)
         # (1) grants
         grant = await self.store.grant_for(subject)
         if grant is not None:

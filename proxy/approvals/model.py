@@ -12,6 +12,7 @@ import hashlib
 import json
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -69,15 +70,19 @@ class Subject:
     path: str | None = None
 
     @classmethod
-    def of(cls, decision: Decision, *, per_request: bool = False) -> Subject:
+    def of(
+        cls, decision: Decision, *, per_request: bool = False, methods: Sequence[str] = ()
+    ) -> Subject:
         """The subject of an ``ask`` decision. ``per_request``: the asking rule reads requests, so
-        the approval is about this method and path only (a push, not every request to the host)."""
+        the approval is about this method and path only (a push, not every request to the host).
+        ``methods``: every method the request was judged as (its own first, then the overrides it
+        carries); the approval is about what the server will do, so an override is part of it."""
         per_request = per_request or decision.kind not in HOST_KINDS
         return cls(
             sandbox=decision.sandbox_id or ANONYMOUS,
             host=decision.host,
             port=decision.port if decision.port is not None else 0,
-            method=decision.method.upper() if per_request and decision.method else None,
+            method=_method(decision.method, methods) if per_request else None,
             path=decision.path if per_request else None,
         )
 
@@ -95,6 +100,17 @@ class Subject:
         if self.method is None:
             return where
         return f"{self.method} {where}{self.path or ''}"
+
+
+def _method(method: str | None, judged: Sequence[str]) -> str | None:
+    """The method an approval names: the request's own, or - when it overrides it - the overriding
+    methods and what it was sent as (``DELETE (sent as PATCH)``). Never a bare token then, so it
+    can neither equal nor join the approval or grant of a request sent with that method."""
+    own = method.upper() if method else None
+    others = [m.upper() for m in judged if m.upper() != own]
+    if not others:
+        return own
+    return f"{'/'.join(others)} (sent as {own or '-'})"
 
 
 @dataclass(frozen=True, slots=True)

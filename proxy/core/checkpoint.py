@@ -87,6 +87,7 @@ from proxy.core.firstbytes import FirstBytes
 from proxy.core.firstbytes import Protocol as FirstProtocol
 from proxy.core.framing import Problem
 from proxy.core.hosts import InvalidHost, canonical_host
+from proxy.core.requests import judged_methods
 from proxy.policy.model import Policy, Rule
 
 log = logging.getLogger(__name__)
@@ -120,11 +121,18 @@ class Approver(Protocol):
     """Answers a held ``ask`` decision (:class:`proxy.approvals.broker.Broker`).
 
     ``record`` records the ``ask`` event (verdict ASK, with the approval id) while the request waits;
-    the returned decision is the answer: the same request, now ALLOW or DENY.
+    the returned decision is the answer: the same request, now ALLOW or DENY. ``methods``: every
+    method an HTTP request was judged as (its own, then its method overrides), which the answer
+    must be about.
     """
 
     async def answer(
-        self, decision: Decision, rule: Rule | None, record: Callable[[Decision], Decision]
+        self,
+        decision: Decision,
+        rule: Rule | None,
+        record: Callable[[Decision], Decision],
+        *,
+        methods: tuple[str, ...] = (),
     ) -> Decision: ...
 
 
@@ -414,7 +422,7 @@ class Checkpoint:
             decision = await self._destination(decision, request.port, policy)
         # (6) ask
         if decision.decision is Verdict.ASK:
-            decision = await self._ask(decision, policy)
+            decision = await self._ask(decision, policy, request)
             started = 0.0  # a person's wait is not decision latency
             if decision.allowed:
                 decision = await self._reloaded_while_held(conn, request, decision, policy)
@@ -571,7 +579,7 @@ class Checkpoint:
             return False
         return policy.index.request_rules(host, port) is not None
 
-    async def _ask(self, decision: Decision, policy: Policy) -> Decision:
+    async def _ask(self, decision: Decision, policy: Policy, request: Request) -> Decision:
         """(6) ask: the approver's answer, or a refusal whenever there is none to be had."""
         if self.approvals is None:
             return decision.with_(
@@ -582,7 +590,8 @@ class Checkpoint:
             )
         rule = next((r for r in policy.rules if r.name == decision.rule), None)
         try:
-            answer = await self.approvals.answer(decision, rule, self.emitter.emit)
+            methods = judged_methods(request.http) if request.http is not None else ()
+            answer = await self.approvals.answer(decision, rule, self.emitter.emit, methods=methods)
         except Exception as exc:  # a failing approver never lets anything through
             log.exception("approval of %s failed", decision.id)
             answer = decision.with_(

@@ -21,6 +21,7 @@ deny rule does: doubt never allows.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 from enum import Enum
 
@@ -300,6 +301,25 @@ def _body_match(c: RequestConditions, head: HttpHead, *, deny: bool) -> _Match:
     return _Match.YES
 
 
+def judged_methods(head: HttpHead) -> tuple[str, ...]:
+    """Every method the request step judged ``head`` as: its own, then each override (headers, a
+    ``_method`` parameter, a held form's ``_method`` field) that names another. The server acts on
+    an override, so what an approval of this request is about is all of them, not the method the
+    request line shows (:class:`proxy.approvals.model.Subject`)."""
+    method = head.method.upper()
+    named = list(head.overrides)
+    with contextlib.suppress(Unreadable):  # refused by the request step; the headers still count
+        named += [v or "" for v in parse_target(head.target).query.values("_method")]
+    body = head.readable_body
+    if body is not None and method == "POST" and is_form(head.content_type):
+        named += form_methods(body, head.content_type or "") or ()
+    found: list[str] = [method]
+    for each in (value.strip().upper() for value in named):
+        if each and each not in found:
+            found.append(each)
+    return tuple(found)
+
+
 def _what(method: str, target: Target) -> str:
     path = target.path if target.path is not None else target.raw_path
     return f"{escape(method)} {escape(path)}"
@@ -317,4 +337,5 @@ __all__ = [
     "Judgement",
     "Outcome",
     "judge",
+    "judged_methods",
 ]

@@ -26,6 +26,19 @@ def test_request_rules_ask_about_one_method_and_path() -> None:
     assert subject.describe() == "POST api.test:443/repo.git/git-receive-pack"
 
 
+def test_an_overridden_method_is_part_of_what_is_asked() -> None:
+    """The server acts on a method override: the approval names it, and never equals (nor joins,
+    nor is answered by the grant of) a request sent with the method of its request line alone."""
+    plain = Subject.of(ask(Kind.HTTP), per_request=True)
+    assert Subject.of(ask(Kind.HTTP), per_request=True, methods=("POST",)) == plain
+    overridden = Subject.of(ask(Kind.HTTP), per_request=True, methods=("POST", "delete"))
+    assert overridden.method == "DELETE (sent as POST)"
+    assert overridden.key != plain.key
+    assert overridden.describe().startswith("DELETE (sent as POST) api.test:443/")
+    # host rules ask about host and port whatever the method
+    assert Subject.of(ask(Kind.HTTP), methods=("POST", "DELETE")) == Subject.of(ask(Kind.HTTP))
+
+
 def test_keys_are_fixed_length_whatever_the_client_sent() -> None:
     long = Subject("sbx-1", "a" * 200, 443, "GET", "/" + "x" * 10_000)
     assert len(long.key) == 32 and long.key != Subject("sbx-1", "a" * 200, 443).key

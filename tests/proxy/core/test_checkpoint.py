@@ -409,7 +409,9 @@ class Approver:
         self.fail = fail
         self.asked: list[tuple[Decision, str | None]] = []
 
-    async def answer(self, decision: Decision, rule: Any, record: Any) -> Decision:
+    async def answer(
+        self, decision: Decision, rule: Any, record: Any, *, methods: tuple[str, ...] = ()
+    ) -> Decision:
         self.asked.append((decision, rule.name if rule else None))
         record(decision.with_(approval="a1"))
         if self.fail:
@@ -478,7 +480,9 @@ class Elsewhere(Approver):
         super().__init__()
         self.changes = changes
 
-    async def answer(self, decision: Decision, rule: Any, record: Any) -> Decision:
+    async def answer(
+        self, decision: Decision, rule: Any, record: Any, *, methods: tuple[str, ...] = ()
+    ) -> Decision:
         answer = await super().answer(decision, rule, record)
         return answer.with_(**self.changes)
 

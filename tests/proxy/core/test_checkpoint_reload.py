@@ -27,7 +27,9 @@ class Reloading(Approver):
         super().__init__()
         self.holder, self.new = holder, new
 
-    async def answer(self, decision: Decision, rule: Any, record: Any) -> Decision:
+    async def answer(
+        self, decision: Decision, rule: Any, record: Any, *, methods: tuple[str, ...] = ()
+    ) -> Decision:
         self.holder["policy"] = self.new  # what a live reload does while a person decides
         return await super().answer(decision, rule, record)
 

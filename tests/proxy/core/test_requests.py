@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from proxy.core.decision import Kind, Reason, Request, Verdict
 from proxy.core.engine import BODY_NEEDED, decide, decide_request
-from proxy.core.requests import HOLD_LIMIT, HttpHead
+from proxy.core.requests import HOLD_LIMIT, HttpHead, judged_methods
 from proxy.policy.loader import load_policy
 from proxy.policy.model import Policy
 
@@ -333,3 +333,14 @@ def test_no_spelling_leaving_the_allowed_tree_is_allowed(policy: Policy, parts: 
     if verdict is ALLOW:  # only plain names, and an empty last segment (a trailing slash)
         assert all(part in ("evil", "x") for part in parts[:-1]), target
         assert parts[-1] in ("evil", "x", ""), target
+
+
+def test_judged_methods_are_the_request_line_then_every_override() -> None:
+    assert judged_methods(HttpHead("get", "/x")) == ("GET",)
+    head = HttpHead("PATCH", "/x?_method=delete", overrides=("put", "PATCH", "DELETE"))
+    assert judged_methods(head) == ("PATCH", "PUT", "DELETE")
+    form = HttpHead(
+        "POST", "/x", body_size=14, content_type="application/x-www-form-urlencoded"
+    ).with_body(b"_method=DELETE")
+    assert judged_methods(form) == ("POST", "DELETE")
+    assert judged_methods(HttpHead("GET", "/%zz", overrides=("POST",))) == ("GET", "POST")
