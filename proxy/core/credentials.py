@@ -34,7 +34,7 @@ import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
-from urllib.parse import unquote_to_bytes
+from urllib.parse import quote, unquote_to_bytes
 
 from proxy.core.decision import Kind
 from proxy.core.hosts import InvalidHost, canonical_host
@@ -436,6 +436,43 @@ def swap_query(target: str, name: str, placeholder: str, real: str) -> str:
     return f"{path}?{'&'.join(parts)}"
 
 
+def encoded_echoes(real: str, placeholder: str) -> list[tuple[str, str]]:
+    """(encoded real value, the placeholder encoded alike) for the encodings the swap itself puts a
+    real value in, which an echo hands back as they are: Basic credentials' base64 (standard and
+    URL-safe, at each of the three offsets a user name can put the value at) and a query
+    parameter's percent-encoding. In base64, only the characters made of the value's bits alone
+    are replaced (a user name shares the first and last with it): at most a few bits of its first
+    and last character remain, never the value. The replacement has the same length, so an echo
+    keeps its shape."""
+    out: list[tuple[str, str]] = []
+    quoted = quote(real, safe="")
+    if quoted != real:
+        out.append((quoted, quote(placeholder, safe="")))
+    raw, fake = real.encode("latin-1", "replace"), placeholder.encode("latin-1", "replace")
+    for offset in range(3):
+        core = _base64_core(raw, offset)
+        if not core:
+            continue
+        stand_in = (_base64_core(fake, offset) + "A" * len(core))[: len(core)]
+        out.append((core, stand_in))
+        urlsafe = core.translate(_URLSAFE)
+        if urlsafe != core:
+            out.append((urlsafe, stand_in.translate(_URLSAFE)))
+    return out
+
+
+_URLSAFE = str.maketrans("+/", "-_")
+
+
+def _base64_core(data: bytes, offset: int) -> str:
+    """The base64 characters of ``data`` encoded ``offset`` bytes into a longer string that are
+    made of ``data``'s bits only: the same whatever comes before and after it."""
+    encoded = base64.b64encode(b"\0" * offset + data + b"\0\0").decode("ascii")
+    first = -(-8 * offset // 6)  # the first character whose 6 bits all lie in data
+    end = 8 * (offset + len(data)) // 6
+    return encoded[first:end]
+
+
 class Scrubber:
     """Replaces real values by their placeholders in a response body fed in chunks, however the
     chunks split a value: it holds back the last ``longest - 1`` bytes until more arrive (or
@@ -491,6 +528,7 @@ __all__ = [
     "Judged",
     "Scrubber",
     "Vault",
+    "encoded_echoes",
     "judge",
     "placeholder_for",
     "scrub_text",

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from proxy.core.credentials import Credentials, placeholder_for
+from proxy.core.credentials import Credentials, encoded_echoes, placeholder_for
 from proxy.credentials.loader import Declaration
 from proxy.credentials.sources import SourceError
 
@@ -97,13 +97,14 @@ class CredentialStore:
 
     def scrub_pairs(self, sandbox_id: str | None) -> list[tuple[str, str]]:
         """(real value, placeholder) for every value of every credential, current and earlier: what
-        a response to this sandbox must not show."""
+        a response to this sandbox must not show. Then the same in the encodings the swap puts a
+        value in (Basic credentials' base64, a query's percent-encoding), which an echo returns."""
         pairs = []
         for name in self.declarations:
             placeholder = self._credentials.placeholder(name, sandbox_id) or "[credential]"
             for value in [self.value(name), *self._earlier[name]]:
                 pairs.append((value, placeholder))
-        return pairs
+        return pairs + [echo for real, fake in pairs for echo in encoded_echoes(real, fake)]
 
     def secret_values(self) -> list[str]:
         """Every value this gate holds (to keep them out of the sandbox's environment)."""

@@ -389,3 +389,41 @@ def test_every_response_from_a_bound_host_is_scrubbed_not_only_swapped_ones(
     assert bound.requests[-1][2]["authorization"] == f"stored {GITHUB_TOKEN}"
     assert result.headers["x-echo"] == f"stored {setup.placeholder}"
     assert GITHUB_TOKEN not in result.body
+
+
+def _real_in_base64(text: str) -> bool:
+    """Whether any base64 (standard or URL-safe) run in ``text`` decodes to bytes holding the real
+    value, or more than its first or last few characters."""
+    import re
+
+    middle = GITHUB_TOKEN[3:-3].encode()
+    for run in re.findall(r"[A-Za-z0-9+/_=-]{8,}", text):
+        for start in range(4):
+            chunk = run[start:]
+            chunk = chunk[: len(chunk) - len(chunk) % 4]
+            for decode in (base64.b64decode, base64.urlsafe_b64decode):
+                try:
+                    if middle in decode(chunk + "=="):
+                        return True
+                except ValueError:
+                    continue
+    return False
+
+
+@pytest.mark.parametrize("user", ["x", "xy", "x-access-token"])
+def test_an_echo_of_basic_credentials_does_not_reveal_the_real_value(
+    setup: Setup, bound: EchoUpstream, user: str
+) -> None:
+    """The gate put the real value inside Basic credentials, base64-encoded: a bound host that
+    echoes the header (or stored it and shows it later) must not hand that encoding back. Each
+    user name puts the value at another offset of the base64 groups."""
+    url = f"https://allowed.test:{setup.ports['bound']}/api/git"
+    result = setup.curl(url, "-u", f"{user}:{setup.placeholder}")
+    assert result.status == 200, result
+    sent = bound.requests[-1][2]["authorization"]
+    assert base64.b64decode(sent.split()[1]).decode() == f"{user}:{GITHUB_TOKEN}"
+    shown = result.body + json.dumps(result.headers)
+    assert _real_in_base64(sent) and not _real_in_base64(shown), shown
+    # what came back still reads as Basic credentials: the user, then the placeholder's middle
+    echoed = base64.b64decode(result.headers["x-echo"].split()[1]).decode("latin-1")
+    assert echoed.startswith(f"{user}:") and setup.placeholder[3:-3] in echoed

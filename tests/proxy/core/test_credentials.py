@@ -18,6 +18,7 @@ from proxy.core.credentials import (
     Credentials,
     Delivery,
     Scrubber,
+    encoded_echoes,
     judge,
     placeholder_for,
     scrub_text,
@@ -218,3 +219,17 @@ def test_never_on_a_protocol_upgrade() -> None:
     carried = Carried((("authorization", f"Bearer {PH}"), ("upgrade", "websocket")), "/repos/x")
     judged = _judge(_credentials(), carried)
     assert judged is not None and judged.misuse and "upgrade" in judged.detail  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("user", ["", "x", "xy", "xyz", "x-access-token"])
+def test_encoded_echoes_hide_a_value_inside_basic_credentials_at_every_offset(user: str) -> None:
+    real = "ghp_" + "R3alGithubTokenValue0123456789abcd+/"
+    fake = placeholder_for(real)
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        sent = encode(f"{user}:{real}".encode()).decode()
+        echoed = scrub_text(sent, encoded_echoes(real, fake))
+        decoded = base64.b64decode(echoed.translate(str.maketrans("-_", "+/")))
+        assert real[2:-2].encode() not in decoded and decoded.startswith(f"{user}:".encode())
+        assert fake[2:-2].encode() in decoded and len(echoed) == len(sent)
+    quoted = encoded_echoes(real, fake)[0]
+    assert quoted == (real.replace("+", "%2B").replace("/", "%2F"), fake)

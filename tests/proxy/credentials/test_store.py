@@ -3,6 +3,7 @@ value), a changed file picked up on use, commands re-run on refresh, old values 
 
 from __future__ import annotations
 
+import base64
 import os
 import sys
 from pathlib import Path
@@ -42,7 +43,11 @@ def test_a_changed_file_is_picked_up_and_the_old_value_still_scrubbed(tmp_path: 
     rotated = "ghp_" + "U" * 36
     path.write_text(rotated + "\n" + " " * 3)  # another size: a new stamp
     assert store.value("github") == rotated
-    assert store.scrub_pairs("sbx-1") == [(rotated, placeholder), (TOKEN, placeholder)]
+    pairs = store.scrub_pairs("sbx-1")
+    assert pairs[:2] == [(rotated, placeholder), (TOKEN, placeholder)]
+    # then both values' encoded forms (Basic credentials' base64), each to the placeholder's
+    encoded = base64.b64encode(f"me:{TOKEN}".encode()).decode()
+    assert any(real in encoded for real, _ in pairs[2:])
     path.unlink()  # gone: the last good value stays
     assert store.value("github") == rotated
 
