@@ -60,20 +60,24 @@ def json_field(body: bytes, key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def graphql_operations(body: bytes) -> frozenset[str] | None:
+def graphql_operations(body: bytes, url_documents: Iterable[str] = ()) -> frozenset[str] | None:
     """Every operation type (query, mutation, subscription) the JSON request body asks for.
 
     A body may be one request object or a batch (a list of them); each must carry its document in
-    ``query``. A request without one (a persisted-query hash) could run anything: None."""
+    ``query``. A request without one (a persisted-query hash) could run anything: None.
+    ``url_documents``: the values of the URL's ``query`` parameter, which express-graphql and the
+    servers modelled on it run *instead of* the body's document: each is judged as well."""
     document = json_document(body)
     requests = document if isinstance(document, list) else [document]
     if not requests:
         return None
-    found: set[str] = set()
+    texts: list[object] = list(url_documents)
     for request in requests:
         if not isinstance(request, dict):
             return None
-        text = request.get("query")
+        texts.append(request.get("query"))
+    found: set[str] = set()
+    for text in texts:
         if not isinstance(text, str):
             return None
         kinds = _operations(text)

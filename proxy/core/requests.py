@@ -262,10 +262,10 @@ def _matches(
                 return _Match.NO
         elif len(values) != 1 or values[0] not in accepted:
             return _Match.NO  # absent, repeated (servers pick different copies) or another value
-    return _body_match(c, head, deny=deny)
+    return _body_match(c, head, target, deny=deny)
 
 
-def _body_match(c: RequestConditions, head: HttpHead, *, deny: bool) -> _Match:
+def _body_match(c: RequestConditions, head: HttpHead, target: Target, *, deny: bool) -> _Match:
     if c.max_request_bytes is not None:
         size = head.body_size
         if size is None and head.body_read:
@@ -284,7 +284,7 @@ def _body_match(c: RequestConditions, head: HttpHead, *, deny: bool) -> _Match:
     if body is None:  # too long to hold, or compressed: unreadable
         return _Match.YES if deny else _Match.NO
     if c.graphql_operations is not None:
-        found = graphql_operations(body)
+        found = graphql_operations(body, [v or "" for v in target.query.values("query")])
         if found is None:
             return _Match.YES if deny else _Match.NO
         if deny and not (found & c.graphql_operations):

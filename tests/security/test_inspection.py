@@ -319,6 +319,14 @@ def test_read_requests_reach_the_upstream_over_one_kept_alive_connection(
             {"Content-Type": "application/json"},
             Reason.REQUEST_NOT_ALLOWED,
         ),
+        (
+            # express-graphql and its kin run the URL's query before the body's
+            "POST",
+            "/graphql?query=mutation%20%7B%20createGist(input%3A%20%7B%7D)%20%7B%20id%20%7D%20%7D",
+            json.dumps({"query": "{ viewer { login } }"}).encode(),
+            {"Content-Type": "application/json"},
+            Reason.REQUEST_NOT_ALLOWED,
+        ),
         ("PUT", "/myorg/repo/contents/x", b"data", {}, Reason.REQUEST_NOT_ALLOWED),
         ("DELETE", "/myorg/repo", b"", {}, Reason.REQUEST_NOT_ALLOWED),
         ("POST", "/gists", b"{}", {}, Reason.REQUEST_NOT_ALLOWED),
@@ -332,6 +340,7 @@ def test_read_requests_reach_the_upstream_over_one_kept_alive_connection(
         "lfs-upload",
         "lfs-duplicate-key",
         "graphql-mutation",
+        "graphql-mutation-in-the-url",
         "rest-put",
         "rest-delete",
         "gist",

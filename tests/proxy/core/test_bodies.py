@@ -84,3 +84,12 @@ def test_forms_carry_method_overrides() -> None:
     )
     assert form_methods(multipart, "multipart/form-data; boundary=XX") == ("DELETE",)
     assert form_methods(b"garbage", "multipart/form-data; boundary=XX") is None
+
+
+def test_a_graphql_document_in_the_url_is_judged_with_the_body() -> None:
+    """express-graphql reads ``?query=`` before the body's document: both are judged."""
+    body = json.dumps({"query": "{ viewer { login } }"}).encode()
+    assert graphql_operations(body) == {"query"}
+    assert graphql_operations(body, ["mutation { createGist { id } }"]) == {"query", "mutation"}
+    assert graphql_operations(body, ["{ a }"]) == {"query"}
+    assert graphql_operations(body, [""]) is None  # not a document: could be anything
