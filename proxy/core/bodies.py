@@ -2,8 +2,9 @@
 
 A body is judged only when a rule needs it (GraphQL operations, a JSON field such as Git LFS's batch
 ``operation``, an HTML form's ``_method``). Whatever a parser cannot read unambiguously - invalid JSON,
-a key given twice (parsers disagree on which copy wins), a GraphQL document that does not parse -
-answers None: an allow rule then does not match and a deny rule does.
+a key given twice (parsers disagree on which copy wins), two keys differing only in case (Go's
+decoder takes them for one), a GraphQL document that does not parse - answers None: an allow rule
+then does not match and a deny rule does.
 """
 
 from __future__ import annotations
@@ -38,7 +39,19 @@ def json_document(body: bytes) -> Any | None:
         value = json.loads(body, object_pairs_hook=_no_duplicates)
     except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError and _Duplicate
         return None
+    if _folded_duplicates(value):
+        return None
     return value if _depth(value) <= MAX_JSON_DEPTH else None
+
+
+def _folded_duplicates(value: Any) -> bool:
+    """Whether the top-level object (or one in a top-level batch), whose keys the rules read, has
+    two keys that differ only in case: Go's encoding/json (Gitea's LFS, gqlgen) matches keys to a
+    struct's fields case-insensitively, and the last one wins - not the copy read here."""
+    for each in value if isinstance(value, list) else [value]:
+        if isinstance(each, dict) and len({key.casefold() for key in each}) != len(each):
+            return True
+    return False
 
 
 def _depth(value: Any, level: int = 0) -> int:

@@ -320,6 +320,22 @@ def test_read_requests_reach_the_upstream_over_one_kept_alive_connection(
             Reason.REQUEST_NOT_ALLOWED,
         ),
         (
+            # Go's encoding/json (Gitea, lfs-test-server, gqlgen) matches keys case-insensitively
+            # and the last one wins
+            "POST",
+            "/org/repo.git/info/lfs/objects/batch",
+            b'{"operation": "download", "objects": [], "Operation": "upload"}',
+            {"Content-Type": "application/vnd.git-lfs+json"},
+            Reason.REQUEST_NOT_ALLOWED,
+        ),
+        (
+            "POST",
+            "/graphql",
+            b'{"query": "{ viewer { login } }", "QUERY": "mutation { createGist { id } }"}',
+            {"Content-Type": "application/json"},
+            Reason.REQUEST_NOT_ALLOWED,
+        ),
+        (
             # express-graphql and its kin run the URL's query before the body's
             "POST",
             "/graphql?query=mutation%20%7B%20createGist(input%3A%20%7B%7D)%20%7B%20id%20%7D%20%7D",
@@ -340,6 +356,8 @@ def test_read_requests_reach_the_upstream_over_one_kept_alive_connection(
         "lfs-upload",
         "lfs-duplicate-key",
         "graphql-mutation",
+        "lfs-upload-in-another-case",
+        "graphql-mutation-in-another-case",
         "graphql-mutation-in-the-url",
         "rest-put",
         "rest-delete",

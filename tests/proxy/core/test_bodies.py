@@ -93,3 +93,14 @@ def test_a_graphql_document_in_the_url_is_judged_with_the_body() -> None:
     assert graphql_operations(body, ["mutation { createGist { id } }"]) == {"query", "mutation"}
     assert graphql_operations(body, ["{ a }"]) == {"query"}
     assert graphql_operations(body, [""]) is None  # not a document: could be anything
+
+
+def test_keys_differing_only_in_case_are_unreadable() -> None:
+    """Go's encoding/json folds case (Kelvin sign and long s included) and the last copy wins."""
+    assert json_field(b'{"operation": "download", "Operation": "upload"}', "operation") is None
+    assert json_field('{"objects": [], "\u212aey": 1, "key": 2}'.encode(), "objects") is None
+    assert graphql_operations(b'[{"query": "{ a }", "QUERY": "mutation { b }"}]') is None
+    # nested objects are data the rules do not read
+    assert json_field(b'{"operation": "download", "x": {"a": 1, "A": 2}}', "operation") == (
+        "download"
+    )
