@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from proxy.approvals.model import Advice, Approval, Scope, clip
+from proxy.core.bodies import json_document
 from proxy.core.decision import Decision, Verdict
 
 log = logging.getLogger(__name__)
@@ -152,10 +153,15 @@ def parse_answer(output: bytes) -> tuple[Advice, str, Scope]:
     except UnicodeDecodeError:
         return Advice.ESCALATE, "reviewer output is not UTF-8", Scope.ONCE
     if text.startswith("{"):
-        try:
-            data = json.loads(text)
-        except ValueError:
-            return Advice.ESCALATE, "reviewer output is not valid JSON", Scope.ONCE
+        # Read as request bodies are: a key given twice (JSON readers disagree on which copy
+        # wins; a reviewer quoting sandbox data unescaped writes one) is no answer.
+        data = json_document(text.encode("utf-8"))
+        if data is None:
+            return (
+                Advice.ESCALATE,
+                "reviewer output is not valid JSON, or gives a key twice",
+                Scope.ONCE,
+            )
         if not isinstance(data, dict):
             return Advice.ESCALATE, "reviewer output is not a JSON object", Scope.ONCE
         word, reason, scope = data.get("decision"), data.get("reason"), data.get("scope", "once")
