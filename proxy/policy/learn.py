@@ -39,6 +39,8 @@ from proxy.core.decision import Kind, Request, Verdict
 from proxy.core.engine import decide
 from proxy.core.hosts import InvalidHost, canonical_host
 from proxy.core.requests import HttpHead
+from proxy.core.text import escape
+from proxy.policy.loader import METHOD
 
 if TYPE_CHECKING:
     from proxy.policy.model import Policy
@@ -150,7 +152,13 @@ def observe(
         if not isinstance(port, int) or kind == Kind.TLS:
             continue
         if kind in (Kind.REQUEST, Kind.HTTP) and isinstance(record.get("method"), str):
-            key = (name, port, str(record["method"]).upper(), path_prefix(record.get("path")))
+            method = str(record["method"]).upper()
+            if not METHOD.fullmatch(method):
+                # the sandbox's word, not a method a rule can name: YAML syntax, or a list
+                # ("GET, DELETE") that would propose a method nobody sent
+                out.skipped[f"{method!r} on {name}:{port}"] = "it is not an HTTP method"
+                continue
+            key = (name, port, method, path_prefix(record.get("path")))
             out.requests.setdefault(key, Seen()).add(ts)
             continue
         out.tunnels.setdefault((name, port), Seen()).add(ts)
@@ -328,7 +336,7 @@ def propose(
     for name, s in sorted(seen.dns_only.items()):
         notes.append(f"seen in DNS only, not proposed: {name} ({s.comment()})")
     for target, why in sorted(seen.skipped.items()):
-        notes.append(f"never proposed: {target}: {why}")
+        notes.append(f"never proposed: {escape(target)}: {why}")
     for reason, count in sorted(seen.refused.items()):
         notes.append(f"refused and not proposed: {count} decision(s) {reason}")
     return Proposal(blocks, notes, len(blocks))

@@ -164,3 +164,20 @@ def test_refusals_of_the_process_credential_and_ceiling_steps_are_never_proposed
         assert host not in text and not allowed(policy, host)
     for reason in ("executable-not-allowed", "process-unattributed", "credential-misuse"):
         assert f"decision(s) {reason}" in text
+
+
+def test_a_method_that_is_not_an_http_method_is_never_proposed(tmp_path: Path) -> None:
+    """Methods are the sandbox's words: one that reads as YAML (``'X``, ``*X``) must not break the
+    proposal, and one that reads as a list (``GET, DELETE``) must not slip a method nobody sent
+    into it. Only RFC 9110 methods are proposed; the others are named in the notes."""
+    sent = ("GET", "GET, DELETE", "'X", "*X", "&A", "|X", "get]", "X\nmode: report")
+    records = [
+        rec("api.example.com", kind="request", method=m, path="/x/y", reason="request-not-allowed")
+        for m in sent
+    ]
+    text, policy = proposal(tmp_path, records)
+    methods = {m for r in policy.rules if r.request is not None for m in r.request.methods or ()}
+    assert methods == {"GET"}, text
+    assert policy.mode.value == "enforce"
+    assert "'GET, DELETE' on api.example.com:443: it is not an HTTP method" in text
+    assert "\nmode: report" not in text  # the notes are comments, one line each
