@@ -135,7 +135,7 @@ def review_input(approval: Approval, recent: list[dict[str, Any]]) -> dict[str, 
             "kind": approval.kind,
             "host": clip(subject.host, 256),
             "port": subject.port,
-            "method": clip(subject.method, 16),
+            "method": clip(subject.method, 256),  # with its overrides: DELETE (sent as PATCH)
             "path": clip(subject.path, 2048),
         },
         "sandbox": {

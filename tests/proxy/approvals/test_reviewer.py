@@ -136,3 +136,14 @@ def test_recent_decisions_are_summarised_clipped_and_printable_when_read() -> No
     assert recent.sandboxes() == [
         {"sandbox_id": "sbx-2", "allowed": 0, "refused": 1, "asked": 0, "last": 1000.123}
     ]
+
+
+def test_the_reviewer_sees_every_method_a_request_overrides_its_own_with() -> None:
+    decision = Decision(
+        Verdict.ASK, Reason.APPROVAL_PENDING, "r", Kind.REQUEST, "api.test", 443, "v", "enforce",
+        method="POST", path="/repos/o/r", sandbox_id="sbx-1",
+    )  # fmt: skip
+    methods = ("POST", "OPTIONS", "HEAD", "GET", "DELETE")
+    subject = Subject.of(decision, methods=methods)
+    given = review_input(Approval.open(decision, subject, "auto", 60, 1000.0), [])
+    assert given["request"]["method"] == "OPTIONS/HEAD/GET/DELETE (sent as POST)"
