@@ -23,6 +23,9 @@ from tests.proxy.app.test_serve import Serve
 if TYPE_CHECKING:
     import requests
 
+    from tests.dnsfake import FakeDns
+    from tests.harness import Upstream
+
 REPO = Path(__file__).resolve().parents[1]
 WAIT = 20.0
 
@@ -133,3 +136,18 @@ class Background:
 
 def fetch(url: str, proxy: str, *args: str, timeout: float = WAIT + 10) -> Background:
     return Background(lambda: curl(url, proxy, *args, timeout=timeout))
+
+
+def repo_gate(tmp_path: Path, fake_dns: FakeDns, upstream: Upstream, policy: str) -> ApprovalGate:
+    """An :class:`ApprovalGate` whose ``policy`` (formatted with ``port``, the upstream's) governs
+    ``repo.test``, which resolves to the loopback upstream."""
+    fake_dns.set("repo.test", "A", ["127.0.0.1"])
+    path = tmp_path / "policy.yaml"
+    path.write_text(policy.format(port=upstream.port))
+    directory = tmp_path / "gate"
+    directory.mkdir()
+    return ApprovalGate(path, fake_dns.nameserver, directory)
+
+
+def repo_url(upstream: Upstream, path: str) -> str:
+    return f"http://repo.test:{upstream.port}{path}"

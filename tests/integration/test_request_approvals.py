@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.approvals_harness import ApprovalGate, fetch
+from tests.approvals_harness import ApprovalGate, fetch, repo_gate
+from tests.approvals_harness import repo_url as url
 from tests.dnsfake import FakeDns
-from tests.harness import Upstream, curl
+from tests.harness import Upstream, curl, serving
 
 POLICY = """
 version: 1
@@ -32,18 +33,7 @@ rules:
 
 @pytest.fixture
 def gate(tmp_path: Path, fake_dns: FakeDns, http_upstream: Upstream) -> Iterator[ApprovalGate]:
-    fake_dns.set("repo.test", "A", ["127.0.0.1"])
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY.format(port=http_upstream.port))
-    directory = tmp_path / "gate"
-    directory.mkdir()
-    running = ApprovalGate(policy, fake_dns.nameserver, directory)
-    yield running
-    running.stop()
-
-
-def url(upstream: Upstream, path: str) -> str:
-    return f"http://repo.test:{upstream.port}{path}"
+    yield from serving(repo_gate(tmp_path, fake_dns, http_upstream, POLICY))
 
 
 def test_reads_pass_a_push_waits_and_a_grant_covers_only_that_request(
