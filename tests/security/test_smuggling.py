@@ -77,6 +77,29 @@ ATTACKS = [
     ("unknown-coding", b"Transfer-Encoding: xchunked\r\n", _chunked(SMUGGLED)),
     ("space-before-colon", b"Transfer-Encoding : chunked\r\n", _chunked(SMUGGLED)),
     ("folded-coding", b"Transfer-Encoding:\r\n chunked\r\n", _chunked(SMUGGLED)),
+    # A continuation line (obs-fold) is part of the field above it for the gate's parser; an
+    # upstream that reads it as a field of its own reads a length of 0 and the body as a request.
+    (
+        "folded-length",
+        b"Content-Length: %d\r\nX-Pad: 1\r\n Content-Length: 0\r\n" % len(SMUGGLED),
+        SMUGGLED,
+    ),
+    (
+        "folded-tab-length",
+        b"Content-Length: %d\r\nX-Pad: 1\r\n\tContent-Length: 0\r\n" % len(SMUGGLED),
+        SMUGGLED,
+    ),
+    # A bare CR or a NUL inside a value ends the field for some parsers (RFC 9110 5.5).
+    (
+        "cr-in-value",
+        b"Content-Length: %d\r\nX-Pad: 1\rContent-Length: 0\r\n" % len(SMUGGLED),
+        SMUGGLED,
+    ),
+    (
+        "nul-in-value",
+        b"Content-Length: %d\r\nX-Pad: 1\x00\r\n" % len(SMUGGLED),
+        SMUGGLED,
+    ),
 ]
 
 
