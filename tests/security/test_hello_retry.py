@@ -12,16 +12,28 @@ ClientHello and nothing after it, and the refusal was recorded.
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from proxy.core.decision import Kind, Reason, Verdict
 from proxy.core.firstbytes import Protocol, classify
 from tests.dnsfake import FakeDns
-from tests.harness import WAIT, LoopbackServer, RunningGate, client_hello, recv_head, server_hello
+from tests.harness import (
+    WAIT,
+    LocalCA,
+    LoopbackServer,
+    RunningGate,
+    Upstream,
+    client_hello,
+    recv_head,
+    server_hello,
+    serving,
+)
 from tests.security import fresh_decisions, start_gate_with
 
 pytestmark = pytest.mark.timeout(60)
@@ -237,3 +249,45 @@ def test_control_bytes_after_the_hello_go_on_once_the_server_has_not_asked_again
         sock.close()
     assert reply == server_hello() and not closed
     assert _received(upstream) == FIRST + CCS + APP_DATA
+
+
+@pytest.fixture(scope="module")
+def p256_only(test_ca: LocalCA) -> Iterator[Upstream]:
+    """A real TLS server that takes only P-256 key shares: a client that offers an X25519 share
+    first (OpenSSL's default) is asked again."""
+    context = test_ca.server_context()
+    context.set_ecdh_curve("prime256v1")
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    yield from serving(Upstream("p256", tls=context))
+
+
+@pytest.mark.parametrize("in_pieces", PATHS, ids=PATH_IDS)
+def test_control_a_real_client_asked_again_by_a_real_server_completes_its_request(
+    tmp_path: Path, test_ca: LocalCA, p256_only: Upstream, in_pieces: bool
+) -> None:
+    p256_only.reset()
+    with FakeDns() as dns:
+        dns.loopback("allowed.test")
+        gate = start_gate_with(
+            tmp_path,
+            f"""
+            version: 1
+            allow_internal: [127.0.0.0/8]
+            rules:
+              - name: allowed
+                hosts: [allowed.test]
+                ports: [{p256_only.port}]
+            """,
+            dns.nameserver,
+        )
+        try:
+            raw = _tunnel(gate, p256_only.port, in_pieces=in_pieces)
+            context = ssl.create_default_context(cafile=str(test_ca.ca_path))
+            with context.wrap_socket(raw, server_hostname="allowed.test") as tls:
+                tls.sendall(b"GET /retried HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+                assert recv_head(tls).startswith(b"HTTP/1.1 200")
+            tls_decisions = [d for d in gate.decisions if d.kind == Kind.TLS]
+        finally:
+            gate.stop()
+    assert [(m, t) for m, t, _ in p256_only.requests] == [("GET", "/retried")]
+    assert [d.decision for d in tls_decisions] == [Verdict.ALLOW, Verdict.ALLOW]  # asked again
