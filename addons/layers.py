@@ -61,7 +61,20 @@ class BoundedHttp1Server(Http1Server):
         starts_a_head = isinstance(event, events.DataReceived) and self.state == self.read_headers
         if starts_a_head and not self.buf:
             self.gate.head_started(self.context.client)
-        yield from super()._handle_event(event)
+        try:
+            yield from super()._handle_event(event)
+        except NotImplementedError:
+            # mitmproxy's HTTP/1 reader raises this for a chunked request body that ends in
+            # trailer fields, and the connection then hangs with nobody reading it: refused and
+            # closed instead (nothing after the trailers is read or sent).
+            self.gate.refuse_head(
+                self.context.client,
+                Reason.BAD_REQUEST,
+                "trailer fields after a chunked request body are not supported",
+            )
+            yield commands.SendData(self.conn, make_error_response(400, "request trailers"))
+            yield commands.CloseConnection(self.conn)
+            self.state = self.done
 
     def read_headers(self, event: events.ConnectionEvent) -> Generator[commands.Command, Any, None]:
         for command in super().read_headers(event):
