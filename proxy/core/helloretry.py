@@ -50,14 +50,13 @@ def asks_again(data: bytes) -> bool | None:
 
 
 def second_hello(port: int | None, data: bytes) -> FirstBytes:
-    """The client's bytes after a HelloRetryRequest: ChangeCipherSpec records skipped, then a
-    second ClientHello, classified as the first one was (its ``size`` counts the skipped records)."""
-    skipped = 0
-    while data.startswith(_CHANGE_CIPHER_SPEC, skipped):
-        skipped += len(_CHANGE_CIPHER_SPEC)
+    """The client's bytes after a HelloRetryRequest: one ChangeCipherSpec record skipped (a
+    client sends at most one, RFC 8446 D.4), then a second ClientHello, classified as the first one
+    was (its ``size`` counts the skipped record)."""
+    if len(data) < len(_CHANGE_CIPHER_SPEC) and _CHANGE_CIPHER_SPEC.startswith(data):
+        return WAIT  # nothing yet, or part of the ChangeCipherSpec
+    skipped = len(_CHANGE_CIPHER_SPEC) if data.startswith(_CHANGE_CIPHER_SPEC) else 0
     rest = data[skipped:]
-    if len(rest) < len(_CHANGE_CIPHER_SPEC) and _CHANGE_CIPHER_SPEC.startswith(rest):
-        return WAIT  # nothing yet, or part of one more ChangeCipherSpec
     second = classify(port, rest)
     if second.protocol is Protocol.TLS:
         return FirstBytes(Protocol.TLS, second.sni, second.alpn, size=skipped + second.size)

@@ -70,3 +70,8 @@ def test_a_hello_record_with_more_handshake_bytes_is_refused() -> None:
     coalesced = HELLO[:3] + len(record).to_bytes(2, "big") + record
     refused = classify(443, coalesced)
     assert refused.protocol is Protocol.REFUSE and refused.reason is Reason.NOT_TLS
+
+
+def test_only_one_change_cipher_spec_comes_before_the_second_hello() -> None:
+    refused = second_hello(443, CCS + CCS + HELLO)
+    assert refused.protocol is Protocol.REFUSE
