@@ -291,3 +291,20 @@ def test_control_a_real_client_asked_again_by_a_real_server_completes_its_reques
             gate.stop()
     assert [(m, t) for m, t, _ in p256_only.requests] == [("GET", "/retried")]
     assert [d.decision for d in tls_decisions] == [Verdict.ALLOW, Verdict.ALLOW]  # asked again
+
+
+def test_both_hellos_pipelined_with_the_connect_are_held_and_refused(
+    gate: RunningGate, upstream: RetryingServer
+) -> None:
+    """The CONNECT, both hellos and application data in one write, before any answer."""
+    before = len(gate.decisions)
+    sock = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
+    try:
+        connect = f"CONNECT allowed.test:{upstream.port} HTTP/1.1\r\n\r\n".encode()
+        sock.sendall(connect + FIRST + CCS + FRONTED + APP_DATA)
+        reply, closed = _read_all(sock)
+    finally:
+        sock.close()
+    assert closed and reply.startswith(b"HTTP/1.1 200")
+    assert _received(upstream) == FIRST
+    assert fresh_decisions(gate, before)[-1].reason == Reason.SNI_MISMATCH
