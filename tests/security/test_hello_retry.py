@@ -143,6 +143,18 @@ def _read_all(sock: socket.socket) -> tuple[bytes, bool]:
     return data, False
 
 
+def _send_through(
+    gate: RunningGate, port: int, data: bytes, *, in_pieces: bool
+) -> tuple[bytes, bool]:
+    """``data`` through an admitted tunnel in one write; what came back and whether it closed."""
+    sock = _tunnel(gate, port, in_pieces=in_pieces)
+    try:
+        sock.sendall(data)
+        return _read_all(sock)
+    finally:
+        sock.close()
+
+
 def _received(upstream: RetryingServer) -> bytes:
     deadline = time.monotonic() + WAIT
     while time.monotonic() < deadline and not upstream.received:
@@ -189,12 +201,7 @@ def test_a_second_hello_sent_with_the_first_is_held_and_refused(
 ) -> None:
     """Both hellos in one write: the server would read the second once it has asked for it."""
     before = len(gate.decisions)
-    sock = _tunnel(gate, upstream.port, in_pieces=in_pieces)
-    try:
-        sock.sendall(FIRST + CCS + FRONTED)
-        _, closed = _read_all(sock)
-    finally:
-        sock.close()
+    _, closed = _send_through(gate, upstream.port, FIRST + CCS + FRONTED, in_pieces=in_pieces)
     assert closed
     assert _received(upstream) == FIRST
     assert fresh_decisions(gate, before)[-1].reason == Reason.SNI_MISMATCH
@@ -208,12 +215,7 @@ def test_a_hello_with_a_second_hello_in_its_record_is_refused(
     record = FIRST[5:] + FRONTED[5:]
     coalesced = FIRST[:3] + len(record).to_bytes(2, "big") + record
     before = len(gate.decisions)
-    sock = _tunnel(gate, upstream.port, in_pieces=in_pieces)
-    try:
-        sock.sendall(coalesced)
-        _, closed = _read_all(sock)
-    finally:
-        sock.close()
+    _, closed = _send_through(gate, upstream.port, coalesced, in_pieces=in_pieces)
     assert closed
     assert upstream.accepted == 0
     assert fresh_decisions(gate, before)[-1].reason == Reason.NOT_TLS
@@ -224,12 +226,9 @@ def test_control_a_second_hello_for_the_same_host_is_relayed(
     gate: RunningGate, upstream: RetryingServer, in_pieces: bool
 ) -> None:
     before = len(gate.decisions)
-    sock = _tunnel(gate, upstream.port, in_pieces=in_pieces)
-    try:
-        sock.sendall(FIRST + CCS + SAME + APP_DATA)
-        reply, closed = _read_all(sock)
-    finally:
-        sock.close()
+    reply, closed = _send_through(
+        gate, upstream.port, FIRST + CCS + SAME + APP_DATA, in_pieces=in_pieces
+    )
     assert reply == server_hello(retry=True) and not closed
     assert _received(upstream) == FIRST + CCS + SAME + APP_DATA
     tls = [d for d in fresh_decisions(gate, before) if d.kind == Kind.TLS]
@@ -241,12 +240,7 @@ def test_control_bytes_after_the_hello_go_on_once_the_server_has_not_asked_again
     gate: RunningGate, upstream: RetryingServer, in_pieces: bool
 ) -> None:
     upstream.retry = False
-    sock = _tunnel(gate, upstream.port, in_pieces=in_pieces)
-    try:
-        sock.sendall(FIRST + CCS + APP_DATA)
-        reply, closed = _read_all(sock)
-    finally:
-        sock.close()
+    reply, closed = _send_through(gate, upstream.port, FIRST + CCS + APP_DATA, in_pieces=in_pieces)
     assert reply == server_hello() and not closed
     assert _received(upstream) == FIRST + CCS + APP_DATA
 
