@@ -32,8 +32,9 @@ from mitmproxy.proxy.layers.tls import ClientTLSLayer, ServerTLSLayer
 from addons.gate import HELD, OVERFLOW, GateAddon
 from proxy.core.connections import Connection
 from proxy.core.decision import Decision, Reason
-from proxy.core.firstbytes import Protocol, classify
+from proxy.core.firstbytes import MAX_CLIENT_HELLO, Protocol, classify
 from proxy.core.framing import MAX_REQUEST_HEAD
+from proxy.core.helloretry import asks_again, second_hello
 
 INSPECTED_ALPNS = (None, b"", b"http/1.1", b"h2")  # what a client may negotiate with the gate
 
@@ -60,7 +61,20 @@ class BoundedHttp1Server(Http1Server):
         starts_a_head = isinstance(event, events.DataReceived) and self.state == self.read_headers
         if starts_a_head and not self.buf:
             self.gate.head_started(self.context.client)
-        yield from super()._handle_event(event)
+        try:
+            yield from super()._handle_event(event)
+        except NotImplementedError:
+            # mitmproxy's HTTP/1 reader raises this for a chunked request body that ends in
+            # trailer fields, and the connection then hangs with nobody reading it: refused and
+            # closed instead (nothing after the trailers is read or sent).
+            self.gate.refuse_head(
+                self.context.client,
+                Reason.BAD_REQUEST,
+                "trailer fields after a chunked request body are not supported",
+            )
+            yield commands.SendData(self.conn, make_error_response(400, "request trailers"))
+            yield commands.CloseConnection(self.conn)
+            self.state = self.done
 
     def read_headers(self, event: events.ConnectionEvent) -> Generator[commands.Command, Any, None]:
         for command in super().read_headers(event):
@@ -127,11 +141,30 @@ class InspectedClientTLS(ClientTLSLayer):
 
 class CountingTCPLayer(layers.TCPLayer):
     """Passthrough relay (no interception, no per-message hooks) that counts bytes each way for the
-    connection-closed evidence: one length addition per chunk on the hot path."""
+    connection-closed evidence: one length addition per chunk on the hot path.
 
-    def __init__(self, context: Context, state: Connection) -> None:
+    A TLS tunnel's client bytes after its ClientHello (``hello_size`` bytes) are held until the
+    server's first handshake message shows whether it asks for a second ClientHello, which is then
+    decided as the first was (:mod:`proxy.core.helloretry`)."""
+
+    def __init__(
+        self,
+        context: Context,
+        state: Connection,
+        *,
+        gate: GateAddon | None = None,
+        port: int | None = None,
+        hello_size: int = 0,
+    ) -> None:
         super().__init__(context, ignore=True)
         self.state = state
+        self.gate = gate
+        self.port = port
+        self.hello_left = hello_size  # client bytes of the first ClientHello not yet relayed
+        self.watching = gate is not None and hello_size > 0
+        self.retry = False  # the server asked for a second ClientHello
+        self.reply = b""  # the server's first bytes, until they say whether it did
+        self.held = b""  # client bytes after the ClientHello, not yet relayed
 
     def handle_event(self, event: events.Event) -> Generator[commands.Command, Any, None]:
         if isinstance(event, events.DataReceived):
@@ -140,6 +173,73 @@ class CountingTCPLayer(layers.TCPLayer):
             else:
                 self.state.bytes_in += len(event.data)
         yield from super().handle_event(event)
+
+    def relay_messages(self, event: events.Event) -> Generator[commands.Command, Any, None]:
+        """As mitmproxy's, once the upstream is open (events that came while it was being opened
+        are replayed here in order), while watching for a second ClientHello."""
+        if not self.watching:
+            yield from super().relay_messages(event)
+        elif isinstance(event, events.DataReceived):
+            yield from self._watched(event, event.connection is self.context.client)
+        elif isinstance(event, events.ConnectionClosed) and event.connection is self.context.client:
+            yield from self._close()  # ended before its handshake was through: nothing held goes
+        else:
+            yield from super().relay_messages(event)
+
+    def _watched(
+        self, event: events.DataReceived, from_client: bool
+    ) -> Generator[commands.Command, Any, None]:
+        data = event.data
+        if from_client:
+            if self.hello_left:
+                hello, data = data[: self.hello_left], data[self.hello_left :]
+                self.hello_left -= len(hello)
+                yield from super().relay_messages(events.DataReceived(self.context.client, hello))
+            self.held += data
+            if self.retry:
+                yield from self._second()
+            return
+        yield from super().relay_messages(event)  # the server's bytes go on as they come
+        if self.retry:
+            return
+        self.reply += data
+        asked = asks_again(self.reply)
+        if asked is None:
+            return
+        self.reply = b""
+        if not asked:
+            yield from self._release()
+            return
+        self.retry = True
+        if self.gate is not None:
+            self.gate.head_started(self.context.client)  # the second hello is timed as a head
+        yield from self._second()
+
+    def _second(self) -> Generator[commands.Command, Any, None]:
+        second = second_hello(self.port, self.held)
+        if second.protocol is Protocol.WAIT:
+            if len(self.held) > MAX_CLIENT_HELLO + 64 * 1024:  # classify refuses long before
+                yield from self._close()
+            return
+        assert self.gate is not None
+        decision = self.gate.admit_tunnel(self.context.client, second)
+        if decision is not None and not decision.allowed:
+            yield from self._close()
+            return
+        yield from self._release()
+
+    def _release(self) -> Generator[commands.Command, Any, None]:
+        self.watching = False
+        held, self.held = self.held, b""
+        if held:
+            yield from super().relay_messages(events.DataReceived(self.context.client, held))
+
+    def _close(self) -> Generator[commands.Command, Any, None]:
+        self.watching = False
+        self.held = b""
+        self._handle_event = self.done
+        yield commands.CloseConnection(self.context.server)
+        yield commands.CloseConnection(self.context.client)
 
 
 class GateLayers(NextLayer):
@@ -182,6 +282,10 @@ class GateLayers(NextLayer):
         state = self.gate.connection_of(context.client)
         if state.inspected and first.protocol is Protocol.TLS:
             return self._intercept(context, tunnel)
+        if first.protocol is Protocol.TLS:
+            return CountingTCPLayer(
+                context, state, gate=self.gate, port=tunnel.port, hello_size=first.size
+            )
         return CountingTCPLayer(context, state)
 
     @staticmethod

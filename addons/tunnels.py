@@ -43,6 +43,7 @@ from proxy.core.firstbytes import (
     classify,
 )
 from proxy.core.framing import MAX_REQUEST_HEAD, Problem, head_problem
+from proxy.core.helloretry import asks_again, second_hello
 from proxy.core.hosts import InvalidHost, split_authority
 from proxy.runtime import sockio
 from proxy.runtime.splice import CHUNK, relay
@@ -316,14 +317,55 @@ class TunnelFrontEnd:
             if conn.closer is None:  # closed by a recheck while it was dialled
                 raise _Closed()
             up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await sockio.send_all(up, first)
-            conn.bytes_out += len(first)
             conn.closer = functools.partial(_shut, sock, up)
+            if classified.protocol is Protocol.TLS:
+                # Only the ClientHello goes before the server has answered it (proxy.core.helloretry).
+                hello, rest = first[: classified.size], first[classified.size :]
+                await sockio.send_all(up, hello)
+                conn.bytes_out += len(hello)
+                first = await self._second_hello(sock, up, conn, port, rest, watch, up_watch)
+            if first:
+                await sockio.send_all(up, first)
+                conn.bytes_out += len(first)
             await self._relay(sock, up, conn, watch, up_watch)
         finally:
             if up_watch is not None:
                 up_watch.close()
             up.close()
+
+    async def _second_hello(
+        self,
+        sock: socket.socket,
+        up: socket.socket,
+        conn: Connection,
+        port: int,
+        held: bytes,
+        watch: sockio.Watch,
+        up_watch: sockio.Watch,
+    ) -> bytes:
+        """The server's first bytes go to the client; the client's bytes after its ClientHello wait
+        until they show whether the server asks for a second ClientHello, which is then decided
+        as the first was. Returns the client bytes to send on (the second hello included)."""
+        stall = self.idle_timeout if self.idle_timeout > 0 else KEEPALIVE_IDLE
+        reply = b""
+        while (retry := asks_again(reply)) is None:
+            more = await sockio.recv(up, CHUNK, timeout=stall, watch=up_watch)
+            if not more:
+                raise _Closed()  # the server ended it before answering
+            reply += more
+        conn.bytes_in += len(reply)
+        await self._send(sock, conn, reply)
+        if not retry:
+            return held
+        started = time.monotonic()
+        while (second := second_hello(port, held)).protocol is Protocol.WAIT:
+            if len(held) > MAX_CLIENT_HELLO + 64 * 1024:  # classify refuses long before this
+                raise _Closed()
+            held += await self._recv(sock, conn, CHUNK, started, watch)
+        verdict = self.checkpoint.admit_tunnel(conn, second)
+        if (verdict is not None and not verdict.allowed) or conn.closer is None:
+            raise _Closed()
+        return held
 
     async def _relay(
         self,

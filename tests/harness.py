@@ -281,6 +281,23 @@ def client_hello(server_hostname: str | None, extra_extension: bytes = b"") -> b
     return record[:3] + struct.pack("!H", len(handshake)) + handshake
 
 
+def server_hello(*, retry: bool = False) -> bytes:
+    """A TLS 1.3 ServerHello record (TLS_AES_128_GCM_SHA256, x25519); with ``retry``, a
+    HelloRetryRequest (RFC 8446 4.1.3: the same message with its fixed random)."""
+    from proxy.core.helloretry import RETRY_RANDOM
+
+    random = RETRY_RANDOM if retry else bytes(range(32))
+    versions = b"\x00\x2b\x00\x02\x03\x04"
+    key_share = b"\x00\x33\x00\x02\x00\x1d"  # the group the client must send a share for
+    extensions = versions + key_share
+    body = (
+        b"\x03\x03" + random + b"\x00" + b"\x13\x01" + b"\x00"
+        + struct.pack("!H", len(extensions)) + extensions
+    )  # fmt: skip
+    handshake = b"\x02" + len(body).to_bytes(3, "big") + body
+    return b"\x16\x03\x03" + struct.pack("!H", len(handshake)) + handshake
+
+
 # -- a real gate in a background thread ----------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from proxy.core.decision import Reason
@@ -50,6 +50,9 @@ class FirstBytes:
     alpn: tuple[bytes, ...] = ()
     reason: Reason | None = None  # set when protocol is REFUSE
     detail: str = ""
+    # TLS: the bytes of the records that carried the ClientHello (what follows them is not part of
+    # it: held until the server has answered, see proxy.core.helloretry)
+    size: int = field(default=0, compare=False)
 
 
 WAIT = FirstBytes(Protocol.WAIT)
@@ -111,10 +114,15 @@ def _client_hello(port: int | None, data: bytes) -> FirstBytes:
             if needed > MAX_CLIENT_HELLO:
                 return _refuse(f"oversized TLS ClientHello ({needed} bytes announced)")
         if needed is not None and len(handshake) >= needed:
+            if len(handshake) > needed:
+                # Another handshake message in the ClientHello's record (a second ClientHello the
+                # server would read after asking for one): no client sends anything there.
+                return _refuse("malformed TLS ClientHello: more handshake bytes in its record")
             try:
-                return _parse_hello(bytes(handshake[4:needed]))
+                hello = _parse_hello(bytes(handshake[4:needed]))
             except _Malformed as exc:
                 return _refuse(f"malformed TLS ClientHello: {exc}")
+            return replace(hello, size=offset) if hello.protocol is Protocol.TLS else hello
         if offset >= len(data):
             return WAIT
 

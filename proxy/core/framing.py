@@ -8,6 +8,7 @@ must name the same one, or a server or intermediary could route it elsewhere tha
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from proxy.core.decision import Reason
@@ -19,18 +20,31 @@ Problem = tuple[Reason, str]
 MAX_REQUEST_HEAD = 64 * 1024  # request line and headers, buffered before they are complete
 MAX_REQUEST_LINE = 8 * 1024
 MAX_HEADERS = 100
+# A field value holding one of these (mitmproxy keeps an obs-fold's CRLF in the value it forwards)
+# ends the field early for parsers that split there, and the rest of the line becomes a field of its
+# own - a second Content-Length, say - that the gate never judged (RFC 9110 5.5: reject, threat 16).
+_LINE_BREAK = re.compile(rb"[\r\n\x00]")
 
 
 def head_problem(method: str, target: str, fields: Sequence[tuple[bytes, bytes]]) -> Problem | None:
     """A complete request head over the caps: one client must not make the gate parse, log and
     forward arbitrarily many or long fields (threat 13). A head that arrived whole in one read was
-    never measured while incomplete, so its size is checked here too."""
+    never measured while incomplete, so its size is checked here too. A field value with a line
+    break or NUL in it is refused: the upstream may read it as two fields."""
     line = len(method) + len(target) + 10
     if line > MAX_REQUEST_LINE:
         return Reason.HEAD_TOO_LARGE, f"the request line is longer than {MAX_REQUEST_LINE} bytes"
     if len(fields) > MAX_HEADERS:
         return Reason.HEAD_TOO_LARGE, f"{len(fields)} header fields; at most {MAX_HEADERS}"
-    if line + sum(len(name) + len(value) + 4 for name, value in fields) > MAX_REQUEST_HEAD:
+    size = line
+    for name, value in fields:
+        size += len(name) + len(value) + 4
+        if _LINE_BREAK.search(value) is not None:
+            return Reason.BAD_REQUEST, (
+                f"header field {escape(name.decode('latin-1'))!r} has a CR, LF or NUL in its value "
+                "(a folded line); send each field on one line"
+            )
+    if size > MAX_REQUEST_HEAD:
         return Reason.HEAD_TOO_LARGE, f"the request head is larger than {MAX_REQUEST_HEAD} bytes"
     return None
 

@@ -14,14 +14,19 @@ import pytest
 from addons.tunnels import _parse_connect, connect_target
 from proxy.core.decision import Reason, Verdict
 from proxy.core.hosts import InvalidHost, canonical_host
-from tests.harness import WAIT, RunningGate, Upstream, client_hello, recv_head
+from tests.harness import WAIT, RunningGate, Upstream, client_hello, recv_head, server_hello
 
 REPLY = b"R" * 100_000
+HELLO = client_hello(None)
+
+
+SERVER_HELLO = server_hello()
 
 
 class HalfCloseUpstream:
-    """Reads until the client's EOF, then answers with REPLY and closes: works only if the relay
-    passes the client's half-close on and still relays the other direction afterwards."""
+    """Answers a whole ClientHello with a ServerHello, reads until the client's EOF, then answers
+    with REPLY and closes: works only if the relay passes the client's half-close on and still
+    relays the other direction afterwards."""
 
     def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
@@ -40,8 +45,12 @@ class HalfCloseUpstream:
         self.accepted += 1
         with conn:
             conn.settimeout(WAIT)
+            answered = False
             while chunk := conn.recv(65536):
                 self.received += chunk
+                if not answered and len(self.received) >= len(HELLO):
+                    conn.sendall(SERVER_HELLO)  # the bytes after the hello wait for this
+                    answered = True
             conn.sendall(REPLY)
 
     def stop(self) -> None:
@@ -88,18 +97,18 @@ def test_a_tls_tunnel_is_relayed_with_half_close_and_exact_byte_counts(
     try:
         sock, head = _connect(gate.port, f"127.0.0.1:{half_close.port}")
         assert head.startswith(b"HTTP/1.1 200")
-        hello = client_hello(None)
+        hello = HELLO
         sock.sendall(hello + b"after the hello")
         sock.shutdown(socket.SHUT_WR)  # the upstream answers only once it has seen this EOF
         reply = b""
         while chunk := sock.recv(65536):
             reply += chunk
         sock.close()
-        assert reply == REPLY
+        assert reply == SERVER_HELLO + REPLY
         assert half_close.received == hello + b"after the hello"
         closed = _closed_event(gate)
         assert closed["bytes_out"] == len(hello) + len(b"after the hello")
-        assert closed["bytes_in"] == len(REPLY)
+        assert closed["bytes_in"] == len(SERVER_HELLO) + len(REPLY)
         assert gate.gate.tunnels.tunnels == 1  # taken by the front end, not mitmproxy's layers
     finally:
         gate.stop()

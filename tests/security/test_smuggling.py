@@ -77,6 +77,29 @@ ATTACKS = [
     ("unknown-coding", b"Transfer-Encoding: xchunked\r\n", _chunked(SMUGGLED)),
     ("space-before-colon", b"Transfer-Encoding : chunked\r\n", _chunked(SMUGGLED)),
     ("folded-coding", b"Transfer-Encoding:\r\n chunked\r\n", _chunked(SMUGGLED)),
+    # A continuation line (obs-fold) is part of the field above it for the gate's parser; an
+    # upstream that reads it as a field of its own reads a length of 0 and the body as a request.
+    (
+        "folded-length",
+        b"Content-Length: %d\r\nX-Pad: 1\r\n Content-Length: 0\r\n" % len(SMUGGLED),
+        SMUGGLED,
+    ),
+    (
+        "folded-tab-length",
+        b"Content-Length: %d\r\nX-Pad: 1\r\n\tContent-Length: 0\r\n" % len(SMUGGLED),
+        SMUGGLED,
+    ),
+    # A bare CR or a NUL inside a value ends the field for some parsers (RFC 9110 5.5).
+    (
+        "cr-in-value",
+        b"Content-Length: %d\r\nX-Pad: 1\rContent-Length: 0\r\n" % len(SMUGGLED),
+        SMUGGLED,
+    ),
+    (
+        "nul-in-value",
+        b"Content-Length: %d\r\nX-Pad: 1\x00\r\n" % len(SMUGGLED),
+        SMUGGLED,
+    ),
 ]
 
 
@@ -283,3 +306,31 @@ def test_an_http2_stream_whose_length_lies_never_reaches_the_upstream(
     assert [e for e in seen if isinstance(e, h2.events.ConnectionTerminated)], seen
     assert tls.accepted == 0 and tls.bytes_received == 0, tls.requests
     assert not [d for d in fresh_decisions(gate, before) if d.kind == Kind.REQUEST and d.allowed]
+
+
+TRAILERS = b"Transfer-Encoding: chunked\r\n", b"3\r\nabc\r\n0\r\nX-Egress-Decision: allow\r\n\r\n"
+
+
+@pytest.mark.parametrize("inspected", [False, True], ids=["plain", "inspected"])
+def test_a_chunked_body_with_trailers_is_refused_not_left_hanging(
+    gate: RunningGate, tls: Upstream, plain: Upstream, inspected: bool
+) -> None:
+    """mitmproxy's HTTP/1 reader cannot take trailer fields: the request is refused and the
+    connection closed, instead of a connection nobody reads and a request recorded as allowed but
+    never sent."""
+    before = len(gate.decisions)
+    upstream = tls if inspected else plain
+    authority = f"allowed.test:{upstream.port}"
+    if inspected:
+        sock = inspected_tunnel(gate, tls.port)
+        try:
+            sock.sendall(attack("/read/x", authority, *TRAILERS))
+            reply = read_reply(sock)
+        finally:
+            sock.close()
+    else:
+        reply = exchange(gate, attack(f"http://{authority}/read/x", authority, *TRAILERS)).data
+    assert reply.startswith(b"HTTP/1.1 400"), reply[:200]
+    assert upstream.accepted == 0 and upstream.bytes_received == 0
+    reasons = [d.reason for d in fresh_decisions(gate, before) if d.decision is Verdict.DENY]
+    assert "bad-request" in reasons

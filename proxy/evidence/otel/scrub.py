@@ -2,7 +2,8 @@
 
 The journal keeps what was received (it is local evidence, mode 0600); everything exported over OTLP
 passes through here first: userinfo is stripped, query *values* are dropped (names kept), every string
-is length-capped and control characters are escaped, so a value cannot forge lines in a collector's
+is length-capped and control characters (and every other character that is not printable: line
+separators, bidi and format characters) are escaped, so a value cannot forge lines in a collector's
 text output.
 """
 
@@ -22,7 +23,17 @@ def scrub_text(value: object, limit: int = MAX_TEXT) -> str:
     if len(text) <= limit and text.isascii() and text.isprintable():
         return text  # the common case, without building a new string
     text = text.translate(_CONTROL)
+    if not text.isprintable():
+        # Line and paragraph separators, bidi overrides and other invisible format characters
+        # break or reorder lines in a viewer as a newline would (a process's argv is the
+        # sandbox's to choose); a lone surrogate could not be encoded at all.
+        text = "".join(ch if ch.isprintable() else _escaped(ch) for ch in text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _escaped(ch: str) -> str:
+    code = ord(ch)
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def scrub_host(host: object) -> str:

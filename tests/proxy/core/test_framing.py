@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.core.decision import Reason
-from proxy.core.framing import framing_problem
+from proxy.core.framing import framing_problem, head_problem
 
 
 @pytest.mark.parametrize(
@@ -48,3 +48,18 @@ def test_another_authority_is_refused(hosts: list[str], authority: str | None, d
 def test_only_plain_http_is_proxied_as_http() -> None:
     problem = framing_problem("https", "allowed.test", 443, ["allowed.test"])
     assert problem is not None and problem[0] is Reason.UNSUPPORTED
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"1\r\n Content-Length: 0", b"1\r\n\tx", b"1\rContent-Length: 0", b"1\nx", b"a\x00b"],
+    ids=["obs-fold", "tab-fold", "bare-cr", "bare-lf", "nul"],
+)
+def test_a_field_value_with_a_line_break_or_nul_is_refused(value: bytes) -> None:
+    problem = head_problem("GET", "/", [(b"Host", b"a.test"), (b"X-Pad", value)])
+    assert problem is not None and problem[0] is Reason.BAD_REQUEST
+    assert "X-Pad" in problem[1]
+
+
+def test_tabs_and_visible_bytes_in_a_field_value_pass() -> None:
+    assert head_problem("GET", "/", [(b"X-A", b"a\tb c~\x80\xff")]) is None

@@ -119,3 +119,11 @@ def test_request_decisions_carry_method_path_and_the_recorded_query() -> None:
     assert out["url.query"] == "service=\\x0ax"
     assert out["egress.kind"] == "request"
     assert out["network.protocol.name"] == "http"
+
+
+def test_a_hostile_argv_cannot_break_lines_in_exported_attributes() -> None:
+    """A sandboxed process chooses its own argv: what it puts there leaves the host printable."""
+    record = {"event": "egress.decision", "kind": "connect", "argv": ["sh", "x\u2028forged\u202e"]}
+    args = attributes(record)["process.command_args"]
+    assert args == ["sh", "x\\u2028forged\\u202e"]
+    assert all(arg.isprintable() for arg in args)

@@ -22,3 +22,16 @@ def test_scrub_url_drops_userinfo_query_values_and_fragment() -> None:
 def test_scrub_query_keeps_names_only() -> None:
     assert scrub_query("a=1&token=s3cr3t&&flag") == "a=&token=&flag="
     assert scrub_query("") == ""
+
+
+def test_scrub_escapes_separators_and_format_characters_but_keeps_printable_unicode() -> None:
+    # U+2028/2029 end a line in many viewers; U+202E reverses what follows; U+200B hides.
+    assert scrub_text("a\u2028b\u2029c\u202ed\u200be") == "a\\u2028b\\u2029c\\u202ed\\u200be"
+    assert scrub_text("\U000e0001x") == "\\U000e0001x"
+    assert scrub_text("pypi.org/é/中") == "pypi.org/é/中"
+
+
+def test_a_lone_surrogate_is_escaped_so_the_value_can_be_encoded() -> None:
+    scrubbed = scrub_text("bin/\udc80x")
+    assert scrubbed == "bin/\\udc80x"
+    scrubbed.encode("utf-8")
