@@ -20,11 +20,20 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import Any
 
+from mitmproxy import flow
 from mitmproxy.addons.next_layer import NextLayer
 from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.context import Context
-from mitmproxy.proxy.layers.http import HTTPMode, HttpStream
+from mitmproxy.proxy.layers.http import HTTPMode, HttpStream, SendHttp
+from mitmproxy.proxy.layers.http._events import (
+    ErrorCode,
+    RequestData,
+    RequestEndOfMessage,
+    RequestProtocolError,
+    RequestTrailers,
+    ResponseProtocolError,
+)
 from mitmproxy.proxy.layers.http._http1 import Http1Server, make_error_response
 from mitmproxy.proxy.layers.modes import HttpProxy
 from mitmproxy.proxy.layers.tls import ClientTLSLayer, ServerTLSLayer
@@ -102,12 +111,24 @@ def bounded_http(layer_: layers.HttpLayer, gate: GateAddon) -> layers.HttpLayer:
 
 
 class GateStream(HttpStream):
-    """mitmproxy's per-request stream, except for request bodies the gate holds or refused.
+    """mitmproxy's per-request stream, except for request bodies the gate holds or refused, request
+    trailers, and HTTP/2 bodies sent on over HTTP/1.
 
     Upstream switches any body past ``stream_large_bodies`` to streaming, which opens the upstream
     connection and sends the head. A held body (``flow.metadata[HELD]`` = the byte limit) is buffered
     up to its limit and then only counted (``OVERFLOW``); a refused request's body is read and dropped.
-    Either way nothing is streamed before the gate has decided, and memory stays bounded."""
+    Either way nothing is streamed before the gate has decided, and memory stays bounded.
+
+    Trailer fields after a request body arrive once the request has been decided; they would carry
+    what its head may not (``X-Egress-*``, ``Proxy-Authorization``, a method override, a
+    placeholder): the request is refused as ``bad-request``, as HTTP/1 trailers are, and an upstream
+    that already has its head never sees it end. An HTTP/2 request need not state its body's length;
+    sent on over HTTP/1 without one, its body would be read by the upstream as further requests the
+    gate never judged: it gets its length (buffered) or the chunked coding (streamed)."""
+
+    def __init__(self, context: Context, stream_id: int, gate: GateAddon) -> None:
+        super().__init__(context, stream_id)
+        self.gate = gate
 
     def check_body_size(self, request: bool) -> layer.CommandGenerator[bool]:
         flow = getattr(self, "flow", None)
@@ -122,17 +143,64 @@ class GateStream(HttpStream):
                 return False
         return (yield from super().check_body_size(request))
 
+    def state_consume_request_body(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, RequestTrailers):
+            yield from self._refuse_trailers(streamed=False)
+            return
+        yield from super().state_consume_request_body(event)
+
+    def state_stream_request_body(
+        self, event: RequestData | RequestEndOfMessage
+    ) -> layer.CommandGenerator[None]:
+        if isinstance(event, RequestTrailers):
+            yield from self._refuse_trailers(streamed=True)
+            return
+        yield from super().state_stream_request_body(event)
+
+    def _refuse_trailers(self, *, streamed: bool) -> layer.CommandGenerator[None]:
+        detail = "trailer fields after a request body are not supported"
+        self.gate.refuse_head(self.context.client, Reason.BAD_REQUEST, detail)
+        self.flow.error = flow.Error(detail)
+        yield SendHttp(
+            ResponseProtocolError(self.stream_id, detail, ErrorCode.GENERIC_CLIENT_ERROR),
+            self.context.client,
+        )
+        self.client_state = self.state_errored
+        if streamed:  # the upstream has the head (and some body): it must not see the request end
+            yield SendHttp(
+                RequestProtocolError(self.stream_id, detail, ErrorCode.GENERIC_CLIENT_ERROR),
+                self.context.server,
+            )
+            self.server_state = self.state_errored
+        self.flow.live = False
+
+    def make_server_connection(self) -> layer.CommandGenerator[bool]:
+        ok = yield from super().make_server_connection()
+        request = self.flow.request
+        if ok and (request.is_http2 or request.is_http3) and self.context.server.alpn != b"h2":
+            framed = "content-length" in request.headers or "transfer-encoding" in request.headers
+            if not framed and self.client_state == self.state_done:  # the whole body is here
+                if request.raw_content:
+                    request.headers["content-length"] = str(len(request.raw_content))
+            elif not framed:  # streamed from here on
+                request.headers["transfer-encoding"] = "chunked"
+        return ok
+
 
 class GateHttpLayer(layers.HttpLayer):
     """mitmproxy's HTTP layer with :class:`GateStream` streams."""
 
+    def __init__(self, context: Context, mode: HTTPMode, gate: GateAddon) -> None:
+        super().__init__(context, mode)
+        self.gate = gate
+
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
-        self.streams[stream_id] = GateStream(self.context.fork(), stream_id)
+        self.streams[stream_id] = GateStream(self.context.fork(), stream_id, self.gate)
         yield from self.event_to_child(self.streams[stream_id], events.Start())
 
 
 def gate_http(context: Context, mode: HTTPMode, gate: GateAddon) -> layers.HttpLayer:
-    return bounded_http(GateHttpLayer(context, mode), gate)
+    return bounded_http(GateHttpLayer(context, mode, gate), gate)
 
 
 class InspectedClientTLS(ClientTLSLayer):

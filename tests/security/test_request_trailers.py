@@ -1,0 +1,259 @@
+"""Threat classes 12, 16 and 18: fields a client sends after a request body (HTTP/2 trailers).
+
+Request headers are judged and cleaned before anything is sent: client ``X-Egress-*`` fields and
+``Proxy-Authorization`` are dropped, method overrides are judged by the request step, a credential
+placeholder is judged by the credential step. Trailers come after the body, when the request has
+been decided; passed on, they would carry exactly what the head may not (an HTTP/1 upstream reads
+them as fields of the request). HTTP/1 requests with trailers are refused (mitmproxy's reader
+cannot take them); HTTP/2 requests with trailers are refused the same way, as ``bad-request``,
+and the upstream never receives a complete request with them.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+import pytest
+
+from proxy.core.decision import Verdict
+from tests.dnsfake import FakeDns, loopback_dns
+from tests.harness import WAIT, LocalCA, LoopbackServer, RunningGate, Upstream, recv_head, serving
+from tests.security import fresh_decisions, inspecting, start_gate_with
+
+pytestmark = pytest.mark.timeout(90)
+
+POLICY = """
+version: 1
+allow_internal: [127.0.0.0/8]
+rules:
+  - name: writes
+    hosts: [allowed.test]
+    ports: [{port}, {tls_port}]
+    methods: [GET, POST]
+    paths: ["/api/**"]
+"""
+
+SMALL = b"abc"  # buffered by the gate before it is sent
+LARGE = b"x" * (300 * 1024)  # past stream_large_bodies (256k): streamed as it comes
+
+
+class RecordingUpstream(LoopbackServer):
+    """A TLS upstream that records every byte of what it receives (chunked trailers included) and
+    answers 200 once a request has ended."""
+
+    def __init__(self, tls: ssl.SSLContext) -> None:
+        self.tls = tls
+        self.received = b""
+        self.lock = threading.Lock()
+        super().__init__(threaded=True, name="recording-upstream")
+
+    def reset(self) -> None:
+        with self.lock:
+            self.received = b""
+            self.accepted = 0
+
+    def handle(self, conn: socket.socket) -> None:
+        conn.settimeout(WAIT)
+        with self.tls.wrap_socket(conn, server_side=True) as tls_conn:
+            data = b""
+            for _ in range(10_000):  # bounded
+                try:
+                    chunk = tls_conn.recv(65536)
+                except (OSError, ssl.SSLError):
+                    break
+                if not chunk:
+                    break
+                data += chunk
+                with self.lock:
+                    self.received += chunk
+                if _complete(data):
+                    tls_conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    data = b""
+
+
+def _complete(data: bytes) -> bool:
+    """Whether ``data`` holds a whole request: its head, then as much body as it announced."""
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    fields = {}
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        fields[name.strip().lower()] = value.strip().lower()
+    if fields.get(b"transfer-encoding") == b"chunked":
+        return body.endswith(b"\r\n\r\n") and (body.startswith(b"0\r\n") or b"\r\n0\r\n" in body)
+    return len(body) >= int(fields.get(b"content-length", b"0") or 0)
+
+
+@pytest.fixture(scope="module")
+def dns() -> Iterator[FakeDns]:
+    yield from loopback_dns("allowed.test")
+
+
+@pytest.fixture(scope="module")
+def upstream(test_ca: LocalCA) -> Iterator[RecordingUpstream]:
+    yield from serving(RecordingUpstream(test_ca.server_context()))
+
+
+@pytest.fixture(scope="module")
+def gate(
+    tmp_path_factory: pytest.TempPathFactory,
+    dns: FakeDns,
+    upstream: RecordingUpstream,
+    tls: Upstream,
+    test_ca: LocalCA,
+) -> Iterator[RunningGate]:
+    directory = tmp_path_factory.mktemp("trailers")
+    running = start_gate_with(
+        directory,
+        POLICY.format(port=upstream.port, tls_port=tls.port),
+        dns.nameserver,
+        config=inspecting(directory, test_ca),
+    )
+    yield running
+    running.stop()
+
+
+@pytest.fixture(autouse=True)
+def _reset(upstream: RecordingUpstream, tls: Upstream) -> None:
+    upstream.reset()
+    tls.reset()
+
+
+_OVER = (h2.events.StreamEnded, h2.events.StreamReset, h2.events.ConnectionTerminated)
+
+
+def h2_post(
+    gate: RunningGate, port: int, body: bytes, trailers: list[tuple[str, str]]
+) -> list[h2.events.Event]:
+    """One HTTP/2 POST /api/x in an inspected tunnel whose body is followed by ``trailers`` (none:
+    the body ends the stream); the events the client saw until its stream ended (bounded)."""
+    raw = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
+    raw.sendall(f"CONNECT allowed.test:{port} HTTP/1.1\r\n\r\n".encode())
+    assert recv_head(raw).startswith(b"HTTP/1.1 200"), "the tunnel was not admitted"
+    ca = Path(gate.config["confdir"]) / "mitmproxy-ca-cert.pem"
+    context = ssl.create_default_context(cafile=str(ca))
+    context.set_alpn_protocols(["h2"])
+    sock = context.wrap_socket(raw, server_hostname="allowed.test")
+    assert sock.selected_alpn_protocol() == "h2"
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**24})
+    client.increment_flow_control_window(2**24)
+    head = [
+        (":method", "POST"),
+        (":scheme", "https"),
+        (":authority", f"allowed.test:{port}"),
+        (":path", "/api/x"),
+    ]
+    client.send_headers(1, head)
+    seen: list[h2.events.Event] = []
+    pending, ended = body, False
+    try:
+        sock.settimeout(2.0)
+        for _ in range(10_000):  # bounded: send what the window allows, then read what comes
+            while pending and (
+                size := min(
+                    len(pending),
+                    client.local_flow_control_window(1),
+                    client.max_outbound_frame_size,
+                )
+            ):
+                client.send_data(1, pending[:size])
+                pending = pending[size:]
+            if not pending and not ended:
+                ended = True
+                if trailers:
+                    client.send_headers(1, trailers, end_stream=True)
+                else:
+                    client.end_stream(1)
+            sock.sendall(client.data_to_send())
+            data = sock.recv(65536)
+            if not data:
+                break
+            seen += client.receive_data(data)
+            if any(isinstance(e, _OVER) for e in seen):
+                break
+    except (TimeoutError, ConnectionResetError, ssl.SSLError, h2.exceptions.ProtocolError):
+        pass
+    finally:
+        sock.close()
+    return seen
+
+
+def statuses(seen: list[h2.events.Event]) -> list[bytes | None]:
+    return [
+        dict(e.headers).get(b":status") for e in seen if isinstance(e, h2.events.ResponseReceived)
+    ]
+
+
+@pytest.mark.parametrize("body", [SMALL, LARGE], ids=["buffered", "streamed"])
+def test_control_an_http2_post_without_trailers_reaches_the_upstream(
+    gate: RunningGate, upstream: RecordingUpstream, body: bytes
+) -> None:
+    seen = h2_post(gate, upstream.port, body, [])
+    assert statuses(seen) == [b"200"], (seen, upstream.received[:300])
+    assert upstream.received.startswith(b"POST /api/x HTTP/1.1\r\n")
+
+
+SMUGGLED = b"DELETE /api/y HTTP/1.1\r\nHost: allowed.test\r\nContent-Length: 0\r\n\r\n"
+
+
+def test_an_http2_body_without_a_length_is_not_read_as_requests_by_an_http1_upstream(
+    gate: RunningGate, tls: Upstream
+) -> None:
+    """HTTP/2 frames a body by its stream; HTTP/1 by Content-Length or chunks. A body sent on to an
+    HTTP/1 upstream without either would be read there as the next request (here a DELETE the
+    gate never judged)."""
+    seen = h2_post(gate, tls.port, SMUGGLED, [])
+    assert statuses(seen) == [b"200"], seen
+    assert [(m, t) for m, t, _ in tls.requests] == [("POST", "/api/x")]
+    assert tls.requests[0][2].get("content-length") == str(len(SMUGGLED))
+
+
+def test_a_streamed_http2_body_without_a_length_goes_chunked_to_an_http1_upstream(
+    gate: RunningGate, upstream: RecordingUpstream
+) -> None:
+    seen = h2_post(gate, upstream.port, LARGE, [])
+    assert statuses(seen) == [b"200"], seen
+    head = upstream.received.partition(b"\r\n\r\n")[0].lower()
+    assert b"\r\ntransfer-encoding: chunked" in head, head
+    assert upstream.received.endswith(b"\r\n0\r\n\r\n")
+
+
+TRAILERS = [
+    ("x-egress-decision", "forged-allow"),
+    ("x_egress_rule", "forged"),
+    ("proxy-authorization", "Basic c2J4LW90aGVyOnRva2Vu"),
+    ("x-http-method-override", "DELETE"),
+]
+
+
+@pytest.mark.parametrize("body", [SMALL, LARGE], ids=["buffered", "streamed"])
+@pytest.mark.parametrize("field", TRAILERS, ids=[name for name, _ in TRAILERS])
+def test_http2_request_trailers_are_refused_and_never_reach_the_upstream(
+    gate: RunningGate, upstream: RecordingUpstream, body: bytes, field: tuple[str, str]
+) -> None:
+    before = len(gate.decisions)
+    seen = h2_post(gate, upstream.port, body, [field])
+    assert b"200" not in statuses(seen), seen
+    received = upstream.received.lower()
+    assert field[0].encode() not in received and field[1].lower().encode() not in received
+    # whatever of a streamed body went on, the upstream never saw the request end
+    assert b"\r\n0\r\n" not in received
+    if body is SMALL:
+        assert upstream.accepted == 0 and received == b""
+        assert statuses(seen) == [b"400"], seen
+    fresh = fresh_decisions(gate, before)
+    refused = [d for d in fresh if d.decision is Verdict.DENY]
+    assert [d.reason for d in refused] == ["bad-request"], fresh
+    assert "trailer" in (refused[0].detail or "")
