@@ -5,7 +5,8 @@ A Unix socket ``<state dir>/run/<sandbox id>.sock``, mode 0600 in a 0700 directo
 directory is covered by an empty mount inside the sandbox, so the sandbox cannot even name the
 socket; and because the sandbox's processes run as the launching user, the gate does not stop at
 the peer's uid (``SO_PEERCRED``: the gate's own, or root): the peer process must also be in the gate's
-own network namespace, which no sandboxed process is. Nothing the sandbox sends through the proxy
+own network namespace, which no sandboxed process is (read through the connecting process's pidfd,
+as the listener hand-off does: :mod:`proxy.attribution.peer`). Nothing the sandbox sends through the proxy
 can change its context.
 
 Wire format: one JSON line ``{"version": 1, "set": {"key": "value"}, "unset": ["key"]}``; the answer is
@@ -20,11 +21,11 @@ import json
 import logging
 import os
 import socket
-import struct
 from pathlib import Path
 from typing import Any
 
 from proxy.attribution.context import merged
+from proxy.attribution.peer import peer_netns, peer_uid
 from proxy.attribution.stamp import SandboxFacts
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,6 @@ def _alive(path: Path) -> bool:
         except OSError:
             return False
     return True
-
-
-def _netns(pid: int | str) -> str:
-    return os.readlink(f"/proc/{pid}/ns/net")
 
 
 class ContextChannel:
@@ -103,13 +100,11 @@ class ContextChannel:
 
     def refusal(self, sock: socket.socket) -> str | None:
         """Why this peer may not change the context, or None."""
-        pid, uid, _ = struct.unpack(
-            "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-        )
+        uid = peer_uid(sock)
         if uid not in self.uids:
             return f"uid {uid} may not change this sandbox's context"
         try:
-            if _netns(pid) != _netns("self"):
+            if peer_netns(sock) != os.stat("/proc/self/ns/net").st_ino:
                 return "only processes outside the sandbox may change its context"
         except OSError:
             return "the caller's network namespace could not be checked"

@@ -33,9 +33,9 @@ import json
 import os
 import socket
 import stat
-import struct
 from collections.abc import Awaitable, Callable, Iterable
 
+from proxy.attribution.peer import peer_netns, peer_uid
 from proxy.core.sandbox_id import is_sandbox_id
 
 TYPE_CHECKING = False  # typing's constant without importing typing: see docs/startup.md
@@ -129,54 +129,6 @@ def _log() -> logging.Logger:
     import logging  # the gate's side only: the launcher hands off without loading logging
 
     return logging.getLogger(__name__)
-
-
-def peer_uid(conn: socket.socket) -> int:
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
-
-
-_SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5
-
-
-def peer_netns(conn: socket.socket) -> int:
-    """The network namespace (its inode) of the process that connected ``conn``. OSError when it
-    cannot be told: the process is not visible here, or it has gone.
-
-    With ``SO_PEERPIDFD`` the answer is about that very process: a process that connected, passed
-    the connection on and exited cannot have its pid taken by another (a launcher's, in the gate's
-    namespace) in between. Older kernels: ``SO_PEERCRED``'s pid."""
-    try:
-        pidfd = conn.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD)
-    except OSError:
-        pidfd = -1
-    if pidfd < 0:
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, _uid, _gid = struct.unpack("3i", creds)
-        if pid <= 0:
-            raise ProcessLookupError("the peer's process is not visible from the gate")
-        return os.stat(f"/proc/{pid}/ns/net").st_ino
-    try:
-        pid = _pidfd_pid(pidfd)
-        inode = os.stat(f"/proc/{pid}/ns/net").st_ino
-        if _pidfd_pid(pidfd) != pid:  # it exited while we looked: the pid may be another's now
-            raise ProcessLookupError("the peer's process has exited")
-        return inode
-    finally:
-        os.close(pidfd)
-
-
-def _pidfd_pid(pidfd: int) -> int:
-    """The pid (in our PID namespace) of the process a pidfd refers to, while it runs."""
-    with open(f"/proc/self/fdinfo/{pidfd}") as info:
-        for line in info:
-            if line.startswith("Pid:"):
-                pid = int(line.split()[1])
-                if pid > 0:
-                    return pid
-                break
-    raise ProcessLookupError("the peer's process has exited or is not visible from the gate")
 
 
 def check_listener(sock: socket.socket, name: str, own_netns: int) -> None:

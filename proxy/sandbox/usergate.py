@@ -34,13 +34,12 @@ import json
 import os
 import socket
 
+from proxy.attribution.peer import peer_netns, peer_uid
 from proxy.sandbox.gatedir import UserGateError, gate_dir, private_dir
 from proxy.sandbox.handoff import (
     MAX_MESSAGE,
     PROTOCOL_VERSION,
     HandoffError,
-    peer_netns,
-    peer_uid,
     send_message,
 )
 

@@ -298,7 +298,7 @@ def test_a_connection_whose_process_has_exited_is_from_nowhere(tmp_path: Path) -
     and its pid may be another process's by now (the gate must not ask that one)."""
     import multiprocessing
 
-    from proxy.sandbox.handoff import peer_netns
+    from proxy.attribution.peer import peer_netns
 
     path = str(tmp_path / "s.sock")
     server = socket.socket(socket.AF_UNIX)
