@@ -17,6 +17,7 @@ bounded and never switched to streaming, so nothing of it can reach an upstream 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Generator
 from typing import Any
 
@@ -232,7 +233,7 @@ class CountingTCPLayer(layers.TCPLayer):
         self.watching = gate is not None and hello_size > 0
         self.retry = False  # the server asked for a second ClientHello
         self.reply = b""  # the server's first bytes, until they say whether it did
-        self.held = b""  # client bytes after the ClientHello, not yet relayed
+        self.held = bytearray()  # client bytes after the ClientHello, not yet relayed (in place)
 
     def handle_event(self, event: events.Event) -> Generator[commands.Command, Any, None]:
         if isinstance(event, events.DataReceived):
@@ -298,13 +299,13 @@ class CountingTCPLayer(layers.TCPLayer):
 
     def _release(self) -> Generator[commands.Command, Any, None]:
         self.watching = False
-        held, self.held = self.held, b""
+        held, self.held = bytes(self.held), bytearray()
         if held:
             yield from super().relay_messages(events.DataReceived(self.context.client, held))
 
     def _close(self) -> Generator[commands.Command, Any, None]:
         self.watching = False
-        self.held = b""
+        self.held = bytearray()
         self._handle_event = self.done
         yield commands.CloseConnection(self.context.server)
         yield commands.CloseConnection(self.context.client)
@@ -314,14 +315,19 @@ class GateLayers(NextLayer):
     def __init__(self, gate: GateAddon) -> None:
         super().__init__()
         self.gate = gate
+        # A tunnel's client bytes so far, per undecided layer: (events read, bytes). mitmproxy's
+        # ``data_client()`` joins every event again on each one, so a hello sent a byte at a time
+        # would cost quadratic time; here each event is read once.
+        self._gathered: weakref.WeakKeyDictionary[layer.NextLayer, tuple[int, bytearray]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         if nextlayer.layer:
             return
         context = nextlayer.context
-        data = nextlayer.data_client()
         if len(context.layers) == 1 and isinstance(context.layers[0], HttpProxy):
-            if starts_like_tls_record(data):
+            if starts_like_tls_record(nextlayer.data_client()):
                 # TLS to the proxy itself (a "secure web proxy") is not offered: no certificates to
                 # present, and a client speaking it would otherwise reach mitmproxy's TLS layers.
                 nextlayer.layer = self._close(context)
@@ -335,9 +341,26 @@ class GateLayers(NextLayer):
         if isinstance(context.layers[-1], InspectedClientTLS):
             nextlayer.layer = self._inspected_http(context)
             return
-        nextlayer.layer = self._tunnel_layer(context, tunnel, data)
+        nextlayer.layer = self._tunnel_layer(context, tunnel, self._client_data(nextlayer))
+        if nextlayer.layer is not None:
+            self._gathered.pop(nextlayer, None)
 
-    def _tunnel_layer(self, context: Context, tunnel: Decision, data: bytes) -> layer.Layer | None:
+    def _client_data(self, nextlayer: layer.NextLayer) -> bytearray:
+        """The client's bytes on an undecided layer, read from the events not read before."""
+        read, data = self._gathered.get(nextlayer, (0, bytearray()))
+        pending = nextlayer.events
+        if len(pending) < read:  # not expected: start again rather than miss a byte
+            read, data = 0, bytearray()
+        client = nextlayer.context.client
+        for event in pending[read:]:
+            if isinstance(event, events.DataReceived) and event.connection == client:
+                data += event.data
+        self._gathered[nextlayer] = (len(pending), data)
+        return data
+
+    def _tunnel_layer(
+        self, context: Context, tunnel: Decision, data: bytearray
+    ) -> layer.Layer | None:
         """The layer for a tunnel's first bytes, or None to wait for more of them."""
         first = classify(tunnel.port, data)
         if first.protocol is Protocol.WAIT:

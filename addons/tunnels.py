@@ -358,14 +358,15 @@ class TunnelFrontEnd:
         if not retry:
             return held
         started = time.monotonic()
-        while (second := second_hello(port, held)).protocol is Protocol.WAIT:
-            if len(held) > MAX_CLIENT_HELLO + 64 * 1024:  # classify refuses long before this
+        buffer = bytearray(held)  # grown in place: a hello sent byte by byte costs linear time
+        while (second := second_hello(port, buffer)).protocol is Protocol.WAIT:
+            if len(buffer) > MAX_CLIENT_HELLO + 64 * 1024:  # classify refuses long before this
                 raise _Closed()
-            held += await self._recv(sock, conn, CHUNK, started, watch)
+            buffer += await self._recv(sock, conn, CHUNK, started, watch)
         verdict = self.checkpoint.admit_tunnel(conn, second)
         if (verdict is not None and not verdict.allowed) or conn.closer is None:
             raise _Closed()
-        return held
+        return bytes(buffer)
 
     async def _relay(
         self,
@@ -444,11 +445,12 @@ class TunnelFrontEnd:
         """Read until the classifier has an answer (bounded by its own caps and the deadline);
         the bytes and that answer."""
         started = time.monotonic()
-        while (classified := classify(port, data)).protocol is Protocol.WAIT:
-            if len(data) > MAX_CLIENT_HELLO + 64 * 1024:  # classify refuses long before this
+        buffer = bytearray(data)  # grown in place: a hello sent byte by byte costs linear time
+        while (classified := classify(port, buffer)).protocol is Protocol.WAIT:
+            if len(buffer) > MAX_CLIENT_HELLO + 64 * 1024:  # classify refuses long before this
                 raise _Closed()
-            data += await self._recv(sock, conn, CHUNK, started, watch)
-        return data, classified
+            buffer += await self._recv(sock, conn, CHUNK, started, watch)
+        return bytes(buffer), classified
 
     async def _recv(
         self, sock: socket.socket, conn: Connection, size: int, since: float, watch: sockio.Watch

@@ -35,6 +35,9 @@ _HANDSHAKE = 0x16
 _CLIENT_HELLO = 0x01
 
 
+Bytes = bytes | bytearray | memoryview  # a buffer classify reads in place
+
+
 class Protocol(StrEnum):
     WAIT = "wait"  # not enough bytes yet
     REFUSE = "refuse"
@@ -64,19 +67,24 @@ def _refuse(detail: str, reason: Reason = Reason.NOT_TLS) -> FirstBytes:
     return FirstBytes(Protocol.REFUSE, reason=reason, detail=detail)
 
 
-def classify(port: int | None, data: bytes) -> FirstBytes:
-    """Classify a tunnel's first bytes for a tunnel to ``port``."""
-    if not data:
+def classify(port: int | None, data: Bytes, start: int = 0) -> FirstBytes:
+    """Classify a tunnel's first bytes (``data`` from ``start``) for a tunnel to ``port``.
+
+    A client may send its hello a byte at a time: until the records it announced are complete,
+    this walks only their headers (at most MAX_HELLO_RECORDS) and copies nothing of the buffer, so
+    waiting costs the same whatever has been buffered, and the hello is assembled and parsed once."""
+    if len(data) <= start:
         return WAIT
     if port == PLAIN_HTTP_PORT:
         return HTTP
     if port == SSH_PORT:
-        if data.startswith(b"SSH-"):
+        head = bytes(data[start : start + 4])
+        if head == b"SSH-":
             return SSH
-        if len(data) < 4 and b"SSH-".startswith(data):
+        if len(head) < 4 and b"SSH-".startswith(head):
             return WAIT
         return _refuse("port 22 tunnels must carry SSH")
-    return _client_hello(port, data)
+    return _client_hello(port, data, start)
 
 
 _EXTENSION_HEADER = struct.Struct(">HH")  # extension type, value length
@@ -87,42 +95,47 @@ class _Malformed(Exception):
     pass
 
 
-def _client_hello(port: int | None, data: bytes) -> FirstBytes:
-    if data[0] != _HANDSHAKE:
+def _client_hello(port: int | None, data: Bytes, start: int) -> FirstBytes:
+    if data[start] != _HANDSHAKE:
         return _refuse(f"the tunnel to port {port} must start with TLS")
-    handshake = bytearray()
-    offset = 0
-    records = 0
+    spans: list[tuple[int, int]] = []  # (offset, bytes present) of each record's payload
+    header = b""  # the handshake message's first 4 bytes, once they are here
+    have = 0  # handshake bytes buffered so far
+    offset = start
     needed: int | None = None  # total handshake bytes, once its header is known
     while True:
         if len(data) - offset < 5:
-            return _partial_record(port, data[offset:])
+            return _partial_record(port, bytes(data[offset:]))
         if data[offset] != _HANDSHAKE or data[offset + 1] != 0x03:
             return _refuse("malformed TLS ClientHello: not a handshake record")
         length = int.from_bytes(data[offset + 3 : offset + 5], "big")
         if length == 0 or length > MAX_RECORD:
             return _refuse(f"malformed TLS ClientHello: record length {length}")
-        records += 1
-        if records > MAX_HELLO_RECORDS:
+        if len(spans) >= MAX_HELLO_RECORDS:
             return _refuse(f"TLS ClientHello split over more than {MAX_HELLO_RECORDS} records")
-        handshake += data[offset + 5 : offset + 5 + length]
+        present = min(length, len(data) - offset - 5)
+        spans.append((offset + 5, present))
+        if len(header) < 4:
+            header += bytes(data[offset + 5 : offset + 5 + min(present, 4 - len(header))])
+        have += present
         offset += 5 + length
-        if needed is None and len(handshake) >= 4:
-            if handshake[0] != _CLIENT_HELLO:
+        if needed is None and len(header) >= 4:
+            if header[0] != _CLIENT_HELLO:
                 return _refuse("the first TLS handshake message is not a ClientHello")
-            needed = 4 + int.from_bytes(handshake[1:4], "big")
+            needed = 4 + int.from_bytes(header[1:4], "big")
             if needed > MAX_CLIENT_HELLO:
                 return _refuse(f"oversized TLS ClientHello ({needed} bytes announced)")
-        if needed is not None and len(handshake) >= needed:
-            if len(handshake) > needed:
+        if needed is not None and have >= needed:
+            if have > needed:
                 # Another handshake message in the ClientHello's record (a second ClientHello the
                 # server would read after asking for one): no client sends anything there.
                 return _refuse("malformed TLS ClientHello: more handshake bytes in its record")
+            handshake = b"".join(bytes(data[at : at + size]) for at, size in spans)
             try:
-                hello = _parse_hello(bytes(handshake[4:needed]))
+                hello = _parse_hello(handshake[4:needed])
             except _Malformed as exc:
                 return _refuse(f"malformed TLS ClientHello: {exc}")
-            return replace(hello, size=offset) if hello.protocol is Protocol.TLS else hello
+            return replace(hello, size=offset - start) if hello.protocol is Protocol.TLS else hello
         if offset >= len(data):
             return WAIT
 

@@ -49,15 +49,14 @@ def asks_again(data: bytes) -> bool | None:
     return False
 
 
-def second_hello(port: int | None, data: bytes) -> FirstBytes:
+def second_hello(port: int | None, data: bytes | bytearray) -> FirstBytes:
     """The client's bytes after a HelloRetryRequest: one ChangeCipherSpec record skipped (a
     client sends at most one, RFC 8446 D.4), then a second ClientHello, classified as the first one
     was (its ``size`` counts the skipped record)."""
     if len(data) < len(_CHANGE_CIPHER_SPEC) and _CHANGE_CIPHER_SPEC.startswith(data):
         return WAIT  # nothing yet, or part of the ChangeCipherSpec
     skipped = len(_CHANGE_CIPHER_SPEC) if data.startswith(_CHANGE_CIPHER_SPEC) else 0
-    rest = data[skipped:]
-    second = classify(port, rest)
+    second = classify(port, data, skipped)  # read in place: waiting copies nothing
     if second.protocol is Protocol.TLS:
         return FirstBytes(Protocol.TLS, second.sni, second.alpn, size=skipped + second.size)
     if second.protocol in (Protocol.WAIT, Protocol.REFUSE):

@@ -183,3 +183,56 @@ def test_a_mutated_hello_we_accept_is_one_mitmproxy_reads_the_same(
         assert ours.sni is not None and theirs.sni is None
         with pytest.raises(InvalidHost):
             canonical_host(ours.sni)
+
+
+class CountingBytes(bytes):
+    """Bytes that count how many bytes are read out of them (indexing and slicing), so the cost of
+    classifying a buffer is measured in bytes read, not in time."""
+
+    read = 0
+
+    def __getitem__(self, key: object) -> object:  # type: ignore[override]
+        out = super().__getitem__(key)  # type: ignore[call-overload]
+        CountingBytes.read += len(out) if isinstance(out, bytes) else 1
+        return out
+
+
+def big_hello() -> bytes:
+    """A ~60 KB ClientHello (one large unknown extension), in 16 KiB records."""
+    hello = with_extension(0xFFAA, b"\x00" * (60 * 1024))
+    return records(hello[5:], 16 * 1024)
+
+
+def test_a_hello_sent_a_byte_at_a_time_costs_linear_time() -> None:
+    """Every read of a dribbling client classifies the whole buffer again; while the records are
+    incomplete that must cost only their headers, so the total is linear in the hello's size
+    (re-reading the buffer each time reads ~1.8 GB for this hello)."""
+    data = big_hello()
+    assert len(data) > 60 * 1024
+    CountingBytes.read = 0
+    most = 0
+    for cut in range(1, len(data)):
+        before = CountingBytes.read
+        assert classify(443, CountingBytes(data[:cut])).protocol is Protocol.WAIT
+        most = max(most, CountingBytes.read - before)
+    assert most <= 16 * MAX_HELLO_RECORDS, (
+        most
+    )  # a few bytes per record header, whatever is buffered
+    whole = classify(443, CountingBytes(data))
+    assert whole.protocol is Protocol.TLS and whole.sni == "pypi.org" and whole.size == len(data)
+    # linear: a bounded cost per read, and the whole hello read about once when it is complete
+    assert CountingBytes.read <= (most + 2) * len(data), CountingBytes.read
+
+
+def test_a_buffer_is_read_in_place_from_an_offset() -> None:
+    """The adapters grow one bytearray and the second hello is read after a ChangeCipherSpec:
+    both classify as the bytes themselves do."""
+    data = records(HELLO[5:], 100)
+    for buffer in (bytearray(data), memoryview(data)):
+        assert classify(443, buffer) == classify(443, data)
+        assert classify(443, buffer).size == len(data)
+    shifted = b"\x14\x03\x03\x00\x01\x01" + data
+    assert classify(443, shifted, 6) == classify(443, data)
+    assert classify(443, shifted, 6).size == len(data)
+    assert classify(443, shifted[:-1], 6).protocol is Protocol.WAIT
+    assert classify(443, shifted, len(shifted)).protocol is Protocol.WAIT
