@@ -17,6 +17,8 @@ bounded and never switched to streaming, so nothing of it can reach an upstream 
 
 from __future__ import annotations
 
+import html
+import re
 import weakref
 from collections.abc import Generator
 from typing import Any
@@ -45,6 +47,7 @@ from proxy.core.decision import Decision, Reason
 from proxy.core.firstbytes import MAX_CLIENT_HELLO, Protocol, classify
 from proxy.core.framing import MAX_REQUEST_HEAD
 from proxy.core.helloretry import asks_again, second_hello
+from proxy.core.text import escape
 
 INSPECTED_ALPNS = (None, b"", b"http/1.1", b"h2")  # what a client may negotiate with the gate
 
@@ -89,8 +92,8 @@ class BoundedHttp1Server(Http1Server):
     def read_headers(self, event: events.ConnectionEvent) -> Generator[commands.Command, Any, None]:
         for command in super().read_headers(event):
             if isinstance(command, commands.SendData) and command.data.startswith(b"HTTP/1.1 400"):
-                detail = command.data.split(b"\r\n\r\n", 1)[-1][:200].decode("ascii", "replace")
-                self.gate.refuse_head(self.context.client, Reason.BAD_REQUEST, detail.strip())
+                detail = parser_refusal(command.data)
+                self.gate.refuse_head(self.context.client, Reason.BAD_REQUEST, detail)
             yield command
         if self.state == self.read_headers and len(self.buf) > MAX_REQUEST_HEAD:
             self.gate.refuse_head(
@@ -101,6 +104,17 @@ class BoundedHttp1Server(Http1Server):
             yield commands.SendData(self.conn, make_error_response(431, "request head too large"))
             yield commands.CloseConnection(self.conn)
             self.state = self.done
+
+
+_PARSER_MESSAGE = re.compile(rb"<p>(.*?)</p>", re.DOTALL)
+
+
+def parser_refusal(response: bytes) -> str:
+    """The detail recorded for a 400 mitmproxy's parser answered: the message of its HTML error
+    page, unescaped, on one line and escaped (it quotes what the client sent)."""
+    found = _PARSER_MESSAGE.search(response.partition(b"\r\n\r\n")[2])
+    said = html.unescape(found.group(1).decode("utf-8", "replace")) if found else "unreadable"
+    return f"the request head was refused as malformed: {escape(' '.join(said.split()), 200)}"
 
 
 def bounded_http(layer_: layers.HttpLayer, gate: GateAddon) -> layers.HttpLayer:

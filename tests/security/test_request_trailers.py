@@ -27,7 +27,7 @@ import pytest
 from proxy.core.decision import Verdict
 from tests.dnsfake import FakeDns, loopback_dns
 from tests.harness import WAIT, LocalCA, LoopbackServer, RunningGate, Upstream, recv_head, serving
-from tests.security import fresh_decisions, inspecting, start_gate_with
+from tests.security import exchange, fresh_decisions, inspecting, start_gate_with
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -53,16 +53,21 @@ class RecordingUpstream(LoopbackServer):
     def __init__(self, tls: ssl.SSLContext) -> None:
         self.tls = tls
         self.received = b""
+        self.generation = 0
         self.lock = threading.Lock()
         super().__init__(threaded=True, name="recording-upstream")
 
     def reset(self) -> None:
+        """Forget what came so far; bytes still arriving on an earlier test's connection are
+        not counted."""
         with self.lock:
             self.received = b""
             self.accepted = 0
+            self.generation += 1
 
     def handle(self, conn: socket.socket) -> None:
         conn.settimeout(WAIT)
+        generation = self.generation
         with self.tls.wrap_socket(conn, server_side=True) as tls_conn:
             data = b""
             for _ in range(10_000):  # bounded
@@ -74,7 +79,8 @@ class RecordingUpstream(LoopbackServer):
                     break
                 data += chunk
                 with self.lock:
-                    self.received += chunk
+                    if generation == self.generation:
+                        self.received += chunk
                 if _complete(data):
                     tls_conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                     data = b""
@@ -257,3 +263,18 @@ def test_http2_request_trailers_are_refused_and_never_reach_the_upstream(
     refused = [d for d in fresh if d.decision is Verdict.DENY]
     assert [d.reason for d in refused] == ["bad-request"], fresh
     assert "trailer" in (refused[0].detail or "")
+
+
+def test_a_head_mitmproxys_parser_refuses_is_recorded_on_one_line(gate: RunningGate) -> None:
+    """The 400 mitmproxy's parser answers carries an HTML page; the decision records its message
+    (which quotes the client's bytes) on one escaped line."""
+    before = len(gate.decisions)
+    reply = exchange(
+        gate, b"GET http://allowed.test/ HTTP/1.1\r\nHost: allowed.test\r\n\x1b[31m\r\n\r\n"
+    )
+    assert reply.data.startswith(b"HTTP/1.1 400"), reply.data[:200]
+    refused = [d for d in fresh_decisions(gate, before) if d.decision is Verdict.DENY]
+    assert [d.reason for d in refused] == ["bad-request"], refused
+    detail = refused[0].detail or ""
+    assert detail.startswith("the request head was refused as malformed: "), detail
+    assert "\n" not in detail and "<" not in detail and "\x1b" not in detail, detail
