@@ -159,7 +159,8 @@ class GateStream(HttpStream):
         return (yield from super().check_body_size(request))
 
     def state_consume_request_body(self, event: events.Event) -> layer.CommandGenerator[None]:
-        if isinstance(event, RequestTrailers):
+        if isinstance(event, RequestTrailers) and self.flow.response is None:
+            # (a request already refused sends nothing upstream: its refusal stands alone)
             yield from self._refuse_trailers(streamed=False)
             return
         yield from super().state_consume_request_body(event)

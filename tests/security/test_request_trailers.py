@@ -139,7 +139,11 @@ _OVER = (h2.events.StreamEnded, h2.events.StreamReset, h2.events.ConnectionTermi
 
 
 def h2_post(
-    gate: RunningGate, port: int, body: bytes, trailers: list[tuple[str, str]]
+    gate: RunningGate,
+    port: int,
+    body: bytes,
+    trailers: list[tuple[str, str]],
+    path: str = "/api/x",
 ) -> list[h2.events.Event]:
     """One HTTP/2 POST /api/x in an inspected tunnel whose body is followed by ``trailers`` (none:
     the body ends the stream); the events the client saw until its stream ended (bounded)."""
@@ -159,7 +163,7 @@ def h2_post(
         (":method", "POST"),
         (":scheme", "https"),
         (":authority", f"allowed.test:{port}"),
-        (":path", "/api/x"),
+        (":path", path),
     ]
     client.send_headers(1, head)
     seen: list[h2.events.Event] = []
@@ -278,3 +282,14 @@ def test_a_head_mitmproxys_parser_refuses_is_recorded_on_one_line(gate: RunningG
     detail = refused[0].detail or ""
     assert detail.startswith("the request head was refused as malformed: "), detail
     assert "\n" not in detail and "<" not in detail and "\x1b" not in detail, detail
+
+
+def test_a_refused_request_with_trailers_is_recorded_once(
+    gate: RunningGate, upstream: RecordingUpstream
+) -> None:
+    before = len(gate.decisions)
+    seen = h2_post(gate, upstream.port, SMALL, [TRAILERS[0]], path="/elsewhere")
+    assert statuses(seen) == [b"403"], seen
+    assert upstream.accepted == 0 and upstream.received == b""
+    refused = [d for d in fresh_decisions(gate, before) if d.decision is Verdict.DENY]
+    assert len(refused) == 1 and refused[0].reason != "bad-request", refused
