@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import random
 import socket
+import ssl
 import textwrap
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.core.decision import Decision
-from tests.harness import WAIT, LocalCA, RunningGate, Upstream, client_hello
+from tests.harness import WAIT, LocalCA, RunningGate, Upstream, client_hello, recv_head
 
 __all__ = [
     "CountingListener",
@@ -26,6 +27,7 @@ __all__ = [
     "client_hello",
     "exchange",
     "fresh_decisions",
+    "inspected_h2",
     "parse_responses",
     "random_loopback",
     "start_gate_with",
@@ -162,6 +164,19 @@ def _complete_responses(data: bytes) -> int:
         for _, head, _ in parse_responses(data)
         if not head.startswith(b"HTTP/1.1 200 Connection established")
     )
+
+
+def inspected_h2(gate: RunningGate, host: str, port: int) -> ssl.SSLSocket:
+    """A tunnel to ``host:port`` that the gate inspects, with HTTP/2 negotiated with the gate."""
+    raw = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
+    raw.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\n\r\n".encode())
+    assert recv_head(raw).startswith(b"HTTP/1.1 200"), "the tunnel was not admitted"
+    ca = Path(gate.config["confdir"]) / "mitmproxy-ca-cert.pem"
+    context = ssl.create_default_context(cafile=str(ca))
+    context.set_alpn_protocols(["h2"])
+    sock = context.wrap_socket(raw, server_hostname=host)
+    assert sock.selected_alpn_protocol() == "h2"
+    return sock
 
 
 def fresh_decisions(gate: RunningGate, before: int) -> list[Decision]:

@@ -15,7 +15,6 @@ import socket
 import ssl
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import h2.config
 import h2.connection
@@ -26,8 +25,8 @@ import pytest
 
 from proxy.core.decision import Verdict
 from tests.dnsfake import FakeDns, loopback_dns
-from tests.harness import WAIT, LocalCA, LoopbackServer, RunningGate, Upstream, recv_head, serving
-from tests.security import exchange, fresh_decisions, inspecting, start_gate_with
+from tests.harness import WAIT, LocalCA, LoopbackServer, RunningGate, Upstream, serving
+from tests.security import exchange, fresh_decisions, inspected_h2, inspecting, start_gate_with
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -147,14 +146,7 @@ def h2_post(
 ) -> list[h2.events.Event]:
     """One HTTP/2 POST /api/x in an inspected tunnel whose body is followed by ``trailers`` (none:
     the body ends the stream); the events the client saw until its stream ended (bounded)."""
-    raw = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
-    raw.sendall(f"CONNECT allowed.test:{port} HTTP/1.1\r\n\r\n".encode())
-    assert recv_head(raw).startswith(b"HTTP/1.1 200"), "the tunnel was not admitted"
-    ca = Path(gate.config["confdir"]) / "mitmproxy-ca-cert.pem"
-    context = ssl.create_default_context(cafile=str(ca))
-    context.set_alpn_protocols(["h2"])
-    sock = context.wrap_socket(raw, server_hostname="allowed.test")
-    assert sock.selected_alpn_protocol() == "h2"
+    sock = inspected_h2(gate, "allowed.test", port)
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     client.initiate_connection()
     client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**24})

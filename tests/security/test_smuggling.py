@@ -26,7 +26,7 @@ import pytest
 from proxy.core.decision import Kind, Verdict
 from tests.dnsfake import FakeDns, loopback_dns
 from tests.harness import WAIT, LocalCA, RunningGate, Upstream, recv_head
-from tests.security import exchange, fresh_decisions, inspecting, start_gate_with
+from tests.security import exchange, fresh_decisions, inspected_h2, inspecting, start_gate_with
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -234,14 +234,7 @@ def h2_exchange(
 ) -> list[h2.events.Event]:
     """One HTTP/2 GET /read/x in an inspected tunnel, with ``extra`` header fields and ``body`` as
     DATA; the events the client saw until the gate closed or went quiet (bounded)."""
-    raw = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
-    raw.sendall(f"CONNECT allowed.test:{port} HTTP/1.1\r\n\r\n".encode())
-    assert recv_head(raw).startswith(b"HTTP/1.1 200"), "the tunnel was not admitted"
-    ca = Path(gate.config["confdir"]) / "mitmproxy-ca-cert.pem"
-    context = ssl.create_default_context(cafile=str(ca))
-    context.set_alpn_protocols(["h2"])
-    sock = context.wrap_socket(raw, server_hostname="allowed.test")
-    assert sock.selected_alpn_protocol() == "h2"
+    sock = inspected_h2(gate, "allowed.test", port)
     # The client's own checks are off: it must be able to send what a hostile client sends.
     config = h2.config.H2Configuration(
         client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False
