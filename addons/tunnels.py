@@ -358,10 +358,11 @@ class TunnelFrontEnd:
         if not retry:
             return held
         started = time.monotonic()
-        buffer = bytearray(held)  # grown in place: a hello sent byte by byte costs linear time
+        buffer: bytes | bytearray = held
         while (second := second_hello(port, buffer)).protocol is Protocol.WAIT:
             if len(buffer) > MAX_CLIENT_HELLO + 64 * 1024:  # classify refuses long before this
                 raise _Closed()
+            buffer = _growable(buffer)
             buffer += await self._recv(sock, conn, CHUNK, started, watch)
         verdict = self.checkpoint.admit_tunnel(conn, second)
         if (verdict is not None and not verdict.allowed) or conn.closer is None:
@@ -445,10 +446,11 @@ class TunnelFrontEnd:
         """Read until the classifier has an answer (bounded by its own caps and the deadline);
         the bytes and that answer."""
         started = time.monotonic()
-        buffer = bytearray(data)  # grown in place: a hello sent byte by byte costs linear time
+        buffer: bytes | bytearray = data
         while (classified := classify(port, buffer)).protocol is Protocol.WAIT:
             if len(buffer) > MAX_CLIENT_HELLO + 64 * 1024:  # classify refuses long before this
                 raise _Closed()
+            buffer = _growable(buffer)
             buffer += await self._recv(sock, conn, CHUNK, started, watch)
         return bytes(buffer), classified
 
@@ -528,3 +530,9 @@ def _relay(
         conn.bytes_in += n
 
     return relay(client, upstream, outbound, inbound, client_watch=watch, upstream_watch=up_watch)
+
+
+def _growable(buffer: bytes | bytearray) -> bytearray:
+    """The buffer a hello that has not all come yet is grown in, in place: a hello sent byte by
+    byte costs linear time. A hello read whole (the usual case) is classified as it came, uncopied."""
+    return buffer if isinstance(buffer, bytearray) else bytearray(buffer)
