@@ -357,17 +357,11 @@ class TunnelFrontEnd:
         await self._send(sock, conn, reply)
         if not retry:
             return held
-        started = time.monotonic()
-        buffer: bytes | bytearray = held
-        while (second := second_hello(port, buffer)).protocol is Protocol.WAIT:
-            if len(buffer) > MAX_CLIENT_HELLO + 64 * 1024:  # classify refuses long before this
-                raise _Closed()
-            buffer = _growable(buffer)
-            buffer += await self._recv(sock, conn, CHUNK, started, watch)
+        held, second = await self._first_bytes(sock, conn, port, held, watch, second_hello)
         verdict = self.checkpoint.admit_tunnel(conn, second)
         if (verdict is not None and not verdict.allowed) or conn.closer is None:
             raise _Closed()
-        return bytes(buffer)
+        return held
 
     async def _relay(
         self,
@@ -441,13 +435,20 @@ class TunnelFrontEnd:
         raise _Closed()
 
     async def _first_bytes(
-        self, sock: socket.socket, conn: Connection, port: int, data: bytes, watch: sockio.Watch
+        self,
+        sock: socket.socket,
+        conn: Connection,
+        port: int,
+        data: bytes,
+        watch: sockio.Watch,
+        read: Callable[[int, bytes | bytearray], FirstBytes] = classify,
     ) -> tuple[bytes, FirstBytes]:
-        """Read until the classifier has an answer (bounded by its own caps and the deadline);
-        the bytes and that answer."""
+        """Read until the classifier (``read``: the first hello's, or the second's after a
+        HelloRetryRequest) has an answer (bounded by its own caps and the deadline); the bytes
+        and that answer."""
         started = time.monotonic()
         buffer: bytes | bytearray = data
-        while (classified := classify(port, buffer)).protocol is Protocol.WAIT:
+        while (classified := read(port, buffer)).protocol is Protocol.WAIT:
             if len(buffer) > MAX_CLIENT_HELLO + 64 * 1024:  # classify refuses long before this
                 raise _Closed()
             buffer = _growable(buffer)
