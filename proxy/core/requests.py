@@ -21,7 +21,6 @@ deny rule does: doubt never allows.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, replace
 from enum import Enum
 
@@ -175,11 +174,18 @@ def _judge(rules: RequestRules, head: HttpHead) -> Judgement:
     return first
 
 
+def _override_values(head: HttpHead, target: Target | None) -> list[str]:
+    """The method overrides a request carries as sent: its override headers, then its ``_method``
+    query parameters (none when its target cannot be read)."""
+    values = list(head.overrides)
+    if target is not None:
+        values += [v if v is not None else "" for v in target.query.values("_method")]
+    return values
+
+
 def _overrides(head: HttpHead, target: Target) -> tuple[tuple[str, ...], str | None]:
-    values = [v for v in head.overrides]
-    values += [v if v is not None else "" for v in target.query.values("_method")]
     out: list[str] = []
-    for value in values:
+    for value in _override_values(head, target):
         method = value.strip().upper()
         if not method or not set(method) <= _TOKEN:
             return (), f"an unreadable method override {escape(value)!r}"
@@ -307,9 +313,11 @@ def judged_methods(head: HttpHead) -> tuple[str, ...]:
     an override, so what an approval of this request is about is all of them, not the method the
     request line shows (:class:`proxy.approvals.model.Subject`)."""
     method = head.method.upper()
-    named = list(head.overrides)
-    with contextlib.suppress(Unreadable):  # refused by the request step; the headers still count
-        named += [v or "" for v in parse_target(head.target).query.values("_method")]
+    try:
+        target: Target | None = parse_target(head.target)
+    except Unreadable:  # refused by the request step; the headers still count
+        target = None
+    named = _override_values(head, target)
     body = head.readable_body
     if body is not None and method == "POST" and is_form(head.content_type):
         named += form_methods(body, head.content_type or "") or ()
