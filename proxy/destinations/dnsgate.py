@@ -72,8 +72,6 @@ class DnsGate:
 
     # --- one query -------------------------------------------------------------------------------
 
-    # --- one query -------------------------------------------------------------------------------
-
     async def handle(self, wire: bytes, client: str, transport: str) -> bytes | None:
         """Answer one query in wire format; None means send nothing (unparseable or not a query,
         or dnspython could not be imported: nothing is answered then)."""
