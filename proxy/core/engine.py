@@ -45,6 +45,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from proxy.core.decision import Decision, Kind, Reason, Request, Verdict
+from proxy.core.frozen import builder
 from proxy.core.hosts import InvalidHost, canonical_host
 from proxy.core.requests import Outcome, judge
 from proxy.core.text import escape
@@ -82,6 +83,8 @@ def _destination(raw: str) -> tuple[str, tuple[int, int] | None]:
         return target, None
     return str(target), (target.version, int(target))
 
+
+_new_decision = builder(Decision)
 
 _PORTS_TEXT: dict[frozenset[int] | None, str] = {}
 
@@ -339,7 +342,7 @@ def _make(
             verdict = Verdict.DENY
             detail += f"; outside the managed policy ({outside.reason})"
     # Positional construction: keyword arguments cost ~50% more on this hot path.
-    return Decision(
+    return _new_decision(
         verdict,
         reason,
         rule,

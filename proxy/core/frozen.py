@@ -7,7 +7,9 @@ together. :func:`fast_init` replaces it with one of the same signature, defaults
 that fills the slots while the instance is, for the length of ``__init__``, of a plain twin class with
 the same slots (so each field is an ordinary attribute store), and gives it back its frozen class before
 it returns. Where the interpreter refuses that (a class whose layout a twin cannot share) each slot is
-written through its descriptor instead. :class:`Replacer` copies an instance with some fields changed
+written through its descriptor instead. :func:`builder` gives the hot paths a function with the same
+parameters that builds an instance as a twin and gives it its class once (each ``__class__``
+assignment checks both layouts, about a fifth of building a decision). :class:`Replacer` copies an instance with some fields changed
 without passing every field by keyword, as ``dataclasses.replace`` does. Outside ``__init__`` instances
 are what the dataclass makes them: frozen (assigning a field raises ``FrozenInstanceError``), equal,
 hashed and printed the same.
@@ -33,6 +35,8 @@ _FACTORY = _Factory()
 
 ORIGINAL_INIT: dict[type[Any], Callable[..., None]] = {}
 """The dataclass-generated ``__init__`` each class had (tests build instances both ways)."""
+
+_BUILDERS: dict[type[Any], Callable[..., Any]] = {}
 
 
 def fast_init[T](cls: type[T]) -> type[T]:
@@ -71,25 +75,38 @@ def fast_init[T](cls: type[T]) -> type[T]:
         else:
             signature.append(f.name)
         values.append(value)
-    if any(f.name in namespace or f.name == "self" for f in fields):
+    # The generated functions' own names all start with "_" (and "self" is the built instance).
+    if any(f.name.startswith("_") or f.name == "self" for f in fields):
         raise TypeError(f"{cls.__name__}: a field name clashes with fast_init's own names")
     names = [f.name for f in fields]
     twin = _twin(cls)
+    stores = [f"    self.{name} = {value}" for name, value in zip(names, values, strict=True)]
     if twin is not None:
         namespace["_twin"] = twin
+        namespace["_new"] = object.__new__
+        build = [
+            f"def _build({', '.join(signature)}):",
+            "    self = _new(_twin)",
+            *stores,
+            "    _setattr(self, '__class__', _cls)",
+            "    return self",
+        ]
         # A subclass keeps the dataclass's own way: the twin would turn it into ``cls``.
         body = [
             "    if self.__class__ is not _cls:",
             f"        return _original(self, {', '.join(names)})",
             "    _setattr(self, '__class__', _twin)",
-            *(f"    self.{name} = {value}" for name, value in zip(names, values, strict=True)),
+            *stores,
             "    _setattr(self, '__class__', _cls)",
         ]
     else:
         for index, name in enumerate(names):
             namespace[f"_set{index}"] = cls.__dict__[name].__set__
         body = [f"    _set{index}(self, {value})" for index, value in enumerate(values)]
+        namespace["_make"] = cls
+        build = [f"def _build({', '.join(signature)}):", f"    return _make({', '.join(names)})"]
     source = f"def __init__(self, {', '.join(signature)}):\n" + "\n".join(body) + "\n"
+    source += "\n".join(build) + "\n"
     exec(source, namespace)  # the same technique dataclasses uses to build __init__
     init: Callable[..., None] = namespace["__init__"]
     original = cls.__init__
@@ -98,8 +115,18 @@ def fast_init[T](cls: type[T]) -> type[T]:
     init.__doc__ = original.__doc__
     init.__annotations__ = dict(original.__annotations__)
     ORIGINAL_INIT[cls] = original
+    _BUILDERS[cls] = namespace["_build"]
     cls.__init__ = init  # type: ignore[method-assign]
     return cls
+
+
+def builder[T](cls: type[T]) -> Callable[..., T]:
+    """A function taking ``cls``'s arguments that returns exactly what ``cls(...)`` would, built
+    with one class check instead of two; for the few places that build one per request."""
+    try:
+        return _BUILDERS[cls]
+    except KeyError:
+        raise TypeError(f"{cls.__name__} was not given fast_init") from None
 
 
 def _twin(cls: type[Any]) -> type[Any] | None:
@@ -117,13 +144,21 @@ def _twin(cls: type[Any]) -> type[Any] | None:
     return twin
 
 
+def _getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
+    """Every named attribute as a tuple (``attrgetter`` of one name gives the value, not a 1-tuple)."""
+    if len(names) > 1:
+        return attrgetter(*names)
+    return lambda obj: tuple(getattr(obj, name) for name in names)
+
+
 class Replacer:
     """``dataclasses.replace`` for one fast_init class: a copy with some fields changed."""
 
     def __init__(self, cls: type[Any]) -> None:
         names = tuple(f.name for f in dataclasses.fields(cls))
         self._cls = cls
-        self._values = attrgetter(*names)
+        self._build = builder(cls)
+        self._values = _getter(names)
         self._index = {name: i for i, name in enumerate(names)}
 
     def __call__[T](self, obj: T, changes: dict[str, Any]) -> T:
@@ -134,5 +169,8 @@ class Replacer:
             if at is None:  # let dataclasses say what is wrong, as replace() would
                 return dataclasses.replace(obj, **changes)  # type: ignore[type-var]
             values[at] = value
-        made: T = self._cls(*values)
-        return made
+        if type(obj) is not self._cls:  # a subclass is built by its own class
+            made: T = type(obj)(*values)
+            return made
+        built: T = self._build(*values)
+        return built

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.core.decision import Decision, Kind, Reason, Request, Verdict
-from proxy.core.frozen import ORIGINAL_INIT, Replacer, fast_init
+from proxy.core.frozen import ORIGINAL_INIT, Replacer, builder, fast_init
 
 TEXT = st.none() | st.text(max_size=20)
 NUMBER = st.none() | st.integers(min_value=-(2**40), max_value=2**40)
@@ -193,3 +193,66 @@ def test_a_failing_default_factory_fails_the_construction() -> None:
     with pytest.raises(RuntimeError):
         WithFactory(1)
     assert WithFactory(1, "given").b == "given"
+
+
+@given(_arguments(Decision))
+def test_the_builder_builds_what_the_class_builds(args: list[Any]) -> None:
+    built = builder(Decision)(*args)
+    assert type(built) is Decision
+    assert built == Decision(*args) == _built_by_dataclass(Decision, args)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.host = "other"  # type: ignore[misc]
+
+
+def test_the_builder_runs_default_factories_and_checks_arguments() -> None:
+    build = builder(Decision)
+    a = build(Verdict.ALLOW, Reason.ALLOWED_BY_RULE, "r", Kind.CONNECT, "h", 443, "v", "enforce")
+    b = build(Verdict.ALLOW, Reason.ALLOWED_BY_RULE, "r", Kind.CONNECT, "h", 443, "v", "enforce")
+    assert a.id != b.id and isinstance(a.ts, float) and a.pid is None
+    with pytest.raises(TypeError):
+        build(Verdict.ALLOW)
+
+
+def test_a_builder_exists_only_for_fast_init_classes() -> None:
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Plain:
+        a: int
+
+    with pytest.raises(TypeError, match="Plain"):
+        builder(Plain)
+
+
+def test_a_class_no_twin_shares_is_built_by_its_class() -> None:
+    class Base:
+        __slots__ = ("base",)
+
+    @fast_init
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Derived(Base):
+        a: int
+        b: str = "b"
+
+    made = builder(Derived)(1)
+    assert (made.a, made.b, type(made)) == (1, "b", Derived)
+
+
+def test_a_subclass_is_copied_as_itself() -> None:
+    @fast_init
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Parent:
+        a: int
+
+    class Child(Parent):
+        __slots__ = ()
+
+    copied = Replacer(Parent)(Child(1), {"a": 2})
+    assert type(copied) is Child and copied.a == 2
+
+
+def test_field_names_of_the_generated_code_are_refused() -> None:
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Clashing:
+        _twin: int
+
+    with pytest.raises(TypeError, match="clashes"):
+        fast_init(Clashing)
