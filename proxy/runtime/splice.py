@@ -108,8 +108,13 @@ class _Pump:
         return True
 
     def _move(self) -> None:
-        """What ``src`` has now, to ``dst``. A short read returns: the reader is level-triggered,
-        so more data calls again (saves a splice that would only say EAGAIN)."""
+        """What ``src`` has now, to ``dst``: read until the source says EAGAIN, EOF or an error.
+
+        Never stop at a short read counting on the reader being called again: uvloop (libuv's
+        poll handle) reports a socket error such as a reset that arrives behind data once, calls
+        the reader that one time and drops the registration, so data followed by a reset would
+        leave the tunnel waiting for ever (two descriptors and a connection slot held, a drain
+        run to its deadline)."""
         if self.pipe is None:
             self.pipe = PIPES.take()
         while True:
@@ -130,9 +135,6 @@ class _Pump:
                 self.loop.remove_reader(self.src)
                 self.loop.add_writer(self.dst, self._writable)
                 self.state = "writing"
-                return
-            if n < CHUNK:
-                self._release()
                 return
 
     def _release(self) -> None:
