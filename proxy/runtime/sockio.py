@@ -14,6 +14,35 @@ import asyncio
 import errno
 import math
 import socket
+from collections.abc import Callable
+from typing import Any
+
+
+def add_reader(
+    loop: asyncio.AbstractEventLoop, fd: int, callback: Callable[..., Any], *args: Any
+) -> None:
+    """``loop.add_reader``, also for a descriptor uvloop has given up on.
+
+    uvloop closes a descriptor's poll handle when the kernel reports an error on it (a reset),
+    after calling its callbacks once, and keeps the closed handle: the next registration of that
+    descriptor raises RuntimeError until it is removed. Removing it first is what asyncio's loop
+    needs no help with."""
+    try:
+        loop.add_reader(fd, callback, *args)
+    except RuntimeError:
+        loop.remove_reader(fd)  # drops the closed handle (a no-op where there is none)
+        loop.add_reader(fd, callback, *args)
+
+
+def add_writer(
+    loop: asyncio.AbstractEventLoop, fd: int, callback: Callable[..., Any], *args: Any
+) -> None:
+    """``loop.add_writer``; see :func:`add_reader`."""
+    try:
+        loop.add_writer(fd, callback, *args)
+    except RuntimeError:
+        loop.remove_writer(fd)
+        loop.add_writer(fd, callback, *args)
 
 
 def _settle(future: asyncio.Future[None]) -> None:
@@ -119,7 +148,7 @@ class Watch:
         """Register now, before the first wait: a socket about to wait for another event (an
         upstream's connect) then keeps this registration's poll handle for its reader."""
         if not self._registered:
-            self._loop.add_reader(self._fd, self._ready)
+            add_reader(self._loop, self._fd, self._ready)
             self._registered = True
 
     def close(self) -> None:
@@ -144,9 +173,9 @@ async def _wait(sock: socket.socket, *, write: bool) -> None:
     fd = sock.fileno()
     ready: asyncio.Future[None] = loop.create_future()
     if write:
-        loop.add_writer(fd, _settle, ready)
+        add_writer(loop, fd, _settle, ready)
     else:
-        loop.add_reader(fd, _settle, ready)
+        add_reader(loop, fd, _settle, ready)
     try:
         await ready
     finally:

@@ -21,7 +21,7 @@ import os
 import socket
 from collections.abc import Callable
 
-from proxy.runtime.sockio import Watch
+from proxy.runtime.sockio import Watch, add_reader, add_writer
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class _Pump:
         self.pipe: tuple[int, int] | None = None
         self.pending = 0  # bytes in the pipe not yet written to dst
         self.state = "reading"
-        loop.add_reader(self.src, self._readable)
+        add_reader(loop, self.src, self._readable)
 
     def _readable(self) -> None:
         try:
@@ -91,7 +91,7 @@ class _Pump:
         try:
             if self._flush():
                 self.loop.remove_writer(self.dst)
-                self.loop.add_reader(self.src, self._readable)
+                add_reader(self.loop, self.src, self._readable)
                 self.state = "reading"
                 self._move()
         except Exception as exc:  # ends the tunnel; the relay logs what is not an OSError
@@ -133,7 +133,7 @@ class _Pump:
             self.pending = n
             if not self._flush():
                 self.loop.remove_reader(self.src)
-                self.loop.add_writer(self.dst, self._writable)
+                add_writer(self.loop, self.dst, self._writable)
                 self.state = "writing"
                 return
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from proxy.runtime.loop import loop_factory
+from proxy.runtime.sockio import Watch, recv
 from proxy.runtime.splice import relay
 
 LOOPS = ["asyncio", "uvloop"]
@@ -178,6 +179,37 @@ def test_data_followed_by_a_reset_is_passed_on_and_ends_the_relay(choice: str) -
         t.client.settimeout(10)
         with contextlib.suppress(ConnectionResetError):
             assert t.client.recv(16) == b"data"
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_a_reset_seen_by_the_clients_watch_still_lets_the_relay_start_and_end(choice: str) -> None:
+    """uvloop closes the poll handle of a descriptor it saw an error on and refuses the next
+    registration of it: the relay's reader must still be registered (and find the reset)."""
+    t = Tunnel()
+
+    async def main() -> None:
+        watch = Watch(t.gate_client)
+        first = asyncio.ensure_future(recv(t.gate_client, 2, watch=watch))
+        await asyncio.sleep(0.05)  # waiting: the watch is registered
+        t.client.sendall(b"hello")
+        t.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        t.client.close()  # a reset behind the data, both seen by the watch's registration
+        assert await asyncio.wait_for(first, 10) == b"he"
+        await asyncio.sleep(0.05)
+        try:
+            await asyncio.wait_for(
+                relay(t.gate_client, t.gate_up, *t.counted(), client_watch=watch), 10
+            )
+        finally:
+            watch.close()
+
+    try:
+        _run(choice, main())
+        assert t.out == 3
+        t.upstream.settimeout(10)
+        assert t.upstream.recv(16) == b"llo"
     finally:
         t.close()
 
