@@ -19,7 +19,10 @@ from bench.table import Config
 
 CACHE = Path.home() / ".cache" / "egress-bench"
 PACKAGES = ("@openai/codex", "@anthropic-ai/sandbox-runtime")
-DEBIAN = {"bwrap": "bubblewrap", "socat": "socat", "rg": "ripgrep"}
+DEBIAN = {"bwrap": "bubblewrap", "socat": "socat", "rg": "ripgrep", "squid": "squid"}
+POLICY_RC = Path(
+    "/usr/sbin/policy-rc.d"
+)  # Debian's hook that keeps installed daemons from starting
 CODEX_CONFIG = """\
 default_permissions = "bench"
 
@@ -46,11 +49,9 @@ def _install() -> str:
     if missing:
         if os.geteuid() != 0 or shutil.which("apt-get") is None:
             return f"needs {' '.join(missing)} (apt-get install {' '.join(missing)})"
-        proc = subprocess.run(
-            ["apt-get", "install", "-y", "-q", *missing], capture_output=True, text=True
-        )
-        if proc.returncode != 0:
-            return f"apt-get install {' '.join(missing)} failed: {proc.stderr.strip()[-200:]}"
+        why = _apt_install(missing)
+        if why:
+            return why
     if shutil.which("npm") is None:
         return "needs npm (apt-get install npm)"
     bins = CACHE / "npm" / "node_modules" / ".bin"
@@ -66,10 +67,43 @@ def _install() -> str:
     return ""
 
 
+_INSTALLED: list[str] = []
+
+
+def install_peers() -> str:
+    """Install the peers once per run (squid's row needs it before the npm rows are built); an
+    empty string, or why they cannot run."""
+    if not _INSTALLED:
+        _INSTALLED.append(_install())
+    return _INSTALLED[0]
+
+
+def _apt_install(packages: list[str]) -> str:
+    """apt-get install, with the packages' daemons (squid's) kept from starting: the bench runs its
+    own squid on loopback and stops it by its PID. An empty string, or why it failed."""
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    created = not POLICY_RC.exists()
+    if created:
+        POLICY_RC.write_text("#!/bin/sh\n# written by the bench while it runs apt-get\nexit 101\n")
+        POLICY_RC.chmod(0o755)
+    try:
+        argv = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:  # a fresh machine's package lists may be stale: read them again
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env)
+            proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+    finally:
+        if created:
+            POLICY_RC.unlink(missing_ok=True)
+    if proc.returncode != 0:
+        return f"apt-get install {' '.join(packages)} failed: {proc.stderr.strip()[-200:]}"
+    return ""
+
+
 def peer_configs() -> list[Config]:
     codex_name = "Codex sandbox + network proxy (Rust)"
     srt_name = "srt (Node, bwrap + socat)"
-    why = _install()
+    why = install_peers()
     if why:
         return [
             Config(codex_name, [], None, unavailable=why),

@@ -668,6 +668,9 @@ def run(sizes: Sizes, peers: bool, out: Callable[[str], None] = print) -> int:
             )
             configs.append(per_user_gate_row(root, egress, policy, inside, stops))
             if peers:
+                from bench._peers import install_peers
+
+                install_peers()  # squid too; a peer that cannot be installed says why in its row
                 try:
                     squid = Squid(root / "squid", nginx)
                     stops.append(squid.stop)
