@@ -20,9 +20,8 @@ from bench.table import Config
 CACHE = Path.home() / ".cache" / "egress-bench"
 PACKAGES = ("@openai/codex", "@anthropic-ai/sandbox-runtime")
 DEBIAN = {"bwrap": "bubblewrap", "socat": "socat", "rg": "ripgrep", "squid": "squid"}
-POLICY_RC = Path(
-    "/usr/sbin/policy-rc.d"
-)  # Debian's hook that keeps installed daemons from starting
+# Debian's hook that keeps installed daemons from starting
+POLICY_RC = Path("/usr/sbin/policy-rc.d")
 CODEX_CONFIG = """\
 default_permissions = "bench"
 

@@ -9,10 +9,10 @@ the same slots (so each field is an ordinary attribute store), and gives it back
 it returns. Where the interpreter refuses that (a class whose layout a twin cannot share) each slot is
 written through its descriptor instead. :func:`builder` gives the hot paths a function with the same
 parameters that builds an instance as a twin and gives it its class once (each ``__class__``
-assignment checks both layouts, about a fifth of building a decision). :class:`Replacer` copies an instance with some fields changed
-without passing every field by keyword, as ``dataclasses.replace`` does. Outside ``__init__`` instances
-are what the dataclass makes them: frozen (assigning a field raises ``FrozenInstanceError``), equal,
-hashed and printed the same.
+assignment checks both layouts, about a fifth of building a decision). :class:`Replacer` copies an
+instance with some fields changed without passing every field by keyword, as ``dataclasses.replace``
+does. Outside ``__init__`` instances are what the dataclass makes them: frozen (assigning a field
+raises ``FrozenInstanceError``), equal, hashed and printed the same.
 """
 
 from __future__ import annotations

@@ -27,22 +27,28 @@ def add_reader(
     after calling its callbacks once, and keeps the closed handle: the next registration of that
     descriptor raises RuntimeError until it is removed. Removing it first is what asyncio's loop
     needs no help with."""
-    try:
-        loop.add_reader(fd, callback, *args)
-    except RuntimeError:
-        loop.remove_reader(fd)  # drops the closed handle (a no-op where there is none)
-        loop.add_reader(fd, callback, *args)
+    _register(loop.add_reader, loop.remove_reader, fd, callback, args)
 
 
 def add_writer(
     loop: asyncio.AbstractEventLoop, fd: int, callback: Callable[..., Any], *args: Any
 ) -> None:
     """``loop.add_writer``; see :func:`add_reader`."""
+    _register(loop.add_writer, loop.remove_writer, fd, callback, args)
+
+
+def _register(
+    add: Callable[..., None],
+    remove: Callable[[int], object],
+    fd: int,
+    callback: Callable[..., Any],
+    args: tuple[Any, ...],
+) -> None:
     try:
-        loop.add_writer(fd, callback, *args)
+        add(fd, callback, *args)
     except RuntimeError:
-        loop.remove_writer(fd)
-        loop.add_writer(fd, callback, *args)
+        remove(fd)  # drops the closed handle (a no-op where there is none)
+        add(fd, callback, *args)
 
 
 def _settle(future: asyncio.Future[None]) -> None:

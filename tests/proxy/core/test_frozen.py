@@ -164,6 +164,8 @@ def test_a_class_whose_layout_no_twin_shares_is_built_slot_by_slot() -> None:
     assert (made.a, made.b, type(made)) == (1, "b", Derived)
     with pytest.raises(dataclasses.FrozenInstanceError):
         made.a = 2  # type: ignore[misc]
+    built = builder(Derived)(1)  # the builder of such a class is the class itself
+    assert (built.a, built.b, type(built)) == (1, "b", Derived)
 
 
 def test_a_subclass_keeps_its_own_class() -> None:
@@ -178,6 +180,8 @@ def test_a_subclass_keeps_its_own_class() -> None:
     child = Child(1)
     assert type(child) is Child and child.a == 1
     assert type(Parent(2)) is Parent
+    copied = Replacer(Parent)(child, {"a": 2})  # and a copy of it too
+    assert type(copied) is Child and copied.a == 2
 
 
 def test_a_failing_default_factory_fails_the_construction() -> None:
@@ -220,33 +224,6 @@ def test_a_builder_exists_only_for_fast_init_classes() -> None:
 
     with pytest.raises(TypeError, match="Plain"):
         builder(Plain)
-
-
-def test_a_class_no_twin_shares_is_built_by_its_class() -> None:
-    class Base:
-        __slots__ = ("base",)
-
-    @fast_init
-    @dataclasses.dataclass(frozen=True, slots=True)
-    class Derived(Base):
-        a: int
-        b: str = "b"
-
-    made = builder(Derived)(1)
-    assert (made.a, made.b, type(made)) == (1, "b", Derived)
-
-
-def test_a_subclass_is_copied_as_itself() -> None:
-    @fast_init
-    @dataclasses.dataclass(frozen=True, slots=True)
-    class Parent:
-        a: int
-
-    class Child(Parent):
-        __slots__ = ()
-
-    copied = Replacer(Parent)(Child(1), {"a": 2})
-    assert type(copied) is Child and copied.a == 2
 
 
 def test_field_names_of_the_generated_code_are_refused() -> None:
