@@ -33,8 +33,11 @@ COPY README.md ./
 COPY proxy ./proxy
 COPY addons ./addons
 COPY allowlists ./allowlists
+# The dataclasses' code table is written next to the installed modules, root-owned as their bytecode
+# is (-P: the installed package, not the copy in /app): docs/startup.md.
 RUN pip install --no-cache-dir --no-deps -c constraints.txt . \
     && pip check \
+    && python -P -m proxy.runtime.codecache \
     && useradd --system --uid 10001 --user-group --no-create-home --home-dir /var/lib/egress \
        --shell /usr/sbin/nologin egress \
     && install -d -o 10001 -g 10001 -m 0700 /var/lib/egress

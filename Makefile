@@ -31,6 +31,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	PYTHONWARNINGS="ignore:Compat editable installs" $(PY) -m pip install -q -c constraints.txt \
 		-e '.[dev]' --config-settings editable_mode=compat \
 		|| $(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m proxy.runtime.codecache
 	@touch $(STAMP)
 
 demo: $(STAMP)

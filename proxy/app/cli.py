@@ -283,6 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from proxy.app.sandbox_cli import run_command
 
         return run_command(words, leave=argv is None)
+    from proxy.runtime import codecache
+
+    codecache.install()
     parser = build_parser()
     args = parser.parse_args(words)
     result: int = args.func(args)

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from operator import attrgetter
 from typing import Any
 
+from proxy.runtime import codecache
+
 
 class _Factory:
     """The default of a parameter whose field has a default factory (shown as in dataclasses)."""
@@ -107,7 +109,7 @@ def fast_init[T](cls: type[T]) -> type[T]:
         build = [f"def _build({', '.join(signature)}):", f"    return _make({', '.join(names)})"]
     source = f"def __init__(self, {', '.join(signature)}):\n" + "\n".join(body) + "\n"
     source += "\n".join(build) + "\n"
-    exec(source, namespace)  # the same technique dataclasses uses to build __init__
+    exec(codecache.compiled(source), namespace)  # as dataclasses builds __init__
     init: Callable[..., None] = namespace["__init__"]
     original = cls.__init__
     init.__qualname__ = original.__qualname__

@@ -31,6 +31,7 @@ from typing import Any
 from proxy.core.decision import Decision, Kind, Reason, Verdict
 from proxy.evidence.journal.chain import canonical
 from proxy.evidence.record import DECISION_EVENT
+from proxy.runtime import codecache
 
 # to_dict writes these as their enum's value, whatever else it writes as given
 _ENUM_FIELDS = frozenset({"decision", "reason", "kind"})
@@ -84,7 +85,8 @@ def _compile() -> Callable[[Decision, int | None, str | None], str]:
         "_int": int.__repr__,
         "_STR_ENUMS": frozenset({Verdict, Reason, Kind}),
     }
-    exec("\n".join(lines), namespace)  # the source is built above from the field names only
+    # The source is built above from the field names only.
+    exec(codecache.compiled("\n".join(lines)), namespace)
     made: Callable[[Decision, int | None, str | None], str] = namespace["decision_text"]
     return made
 
@@ -153,7 +155,8 @@ def _compile_dict(known: frozenset[str]) -> Callable[[dict[str, Any], int | None
         "_esc": encode_basestring_ascii,
         "_int": int.__repr__,
     }
-    exec("\n".join(lines), namespace)  # the source is built above from the key names only
+    # The source is built above from the key names only.
+    exec(codecache.compiled("\n".join(lines)), namespace)
     made: Callable[[dict[str, Any], int | None, str | None], str] = namespace["dict_text"]
     return made
 

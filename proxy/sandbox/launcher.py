@@ -168,6 +168,9 @@ def run(options: RunOptions) -> int:
         if options.gate is None:
             _err("no gate to start (RunOptions.gate is unset); the command was not run")
             return EXIT_SETUP_FAILED
+        from proxy.runtime import codecache
+
+        codecache.install()  # before the policy's and the gate's classes are defined
         from proxy.policy.managed import load_effective
         from proxy.policy.model import PolicyError
 
