@@ -109,10 +109,12 @@ def test_a_class_built_from_the_table_has_the_code_the_compiler_gives_it(
     with isolated():
         codecache.record()
         compiled = define(source)
-        assert codecache.stats == {"hits": 0, "misses": 1}
+        texts = codecache.stats["misses"]  # 1 on CPython 3.13, one per method on 3.12
+        assert texts >= 1
+        assert codecache.stats["hits"] == 0
         codecache._table.update(codecache._recorded or {})
         cached = define(source)
-        assert codecache.stats == {"hits": 1, "misses": 1}
+        assert codecache.stats == {"hits": texts, "misses": texts}
     assert functions(cached) == functions(compiled)
     assert "__init__" in functions(compiled)
     assert [
@@ -128,12 +130,14 @@ def test_this_interpreters_dataclasses_compiles_through_the_table(table: Path) -
     )
     codecache.record()
     first = define(source)
-    assert codecache.stats == {"hits": 0, "misses": 1}
-    assert codecache.write(str(table)) == 1
+    texts = codecache.stats["misses"]
+    assert texts >= 1
+    assert codecache.stats["hits"] == 0
+    assert codecache.write(str(table)) == texts
     codecache._table.clear()
     codecache._table.update(codecache.load(str(table)))
     second = define(source)
-    assert codecache.stats == {"hits": 1, "misses": 1}
+    assert codecache.stats == {"hits": texts, "misses": texts}
     assert second(1, "x") == second(1, "x") != second(2)
     assert repr(second(1, "x")) == repr(first(1, "x")).replace(first.__qualname__, "C")
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -144,8 +148,9 @@ def test_this_interpreters_dataclasses_compiles_through_the_table(table: Path) -
 def test_only_the_packages_own_classes_are_kept(table: Path) -> None:
     codecache.record()
     define("@dataclasses.dataclass\nclass C:\n    a: int\n", module="somebody_else")
+    others = codecache.stats["misses"]
     define("@dataclasses.dataclass\nclass C:\n    a: int\n    b: int = 0\n")
-    assert codecache.write(str(table)) == 1
+    assert codecache.write(str(table)) == codecache.stats["misses"] - others >= 1
 
 
 def test_the_table_is_written_for_its_owner_only_and_read_back(table: Path) -> None:
@@ -153,7 +158,7 @@ def test_the_table_is_written_for_its_owner_only_and_read_back(table: Path) -> N
     define("@dataclasses.dataclass\nclass C:\n    a: int\n")
     old = os.umask(0o077)
     try:
-        assert codecache.write(str(table)) == 1
+        assert codecache.write(str(table)) == codecache.stats["misses"]
     finally:
         os.umask(old)
     assert table.stat().st_mode & 0o777 == 0o644
@@ -196,11 +201,11 @@ def test_a_damaged_entry_is_compiled_instead(table: Path) -> None:
     source = "@dataclasses.dataclass\nclass C:\n    a: int\n"
     codecache.record()
     define(source)
-    text = next(iter(codecache._recorded or {}))
-    codecache._table[text] = b"not marshalled code"
+    texts = codecache.stats["misses"]
+    codecache._table.update(dict.fromkeys(codecache._recorded or {}, b"not marshalled code"))
     cls = define(source)
     assert cls(1) == cls(1)
-    assert codecache.stats["misses"] == 2
+    assert codecache.stats == {"hits": 0, "misses": 2 * texts}
 
 
 def test_after_the_table_is_written_the_gates_modules_compile_no_class(tmp_path: Path) -> None:
