@@ -37,6 +37,7 @@ from proxy.policy.loader import policy_file
 from proxy.policy.managed import load_effective, load_with_ceiling
 from proxy.policy.model import Policy, PolicyError
 from proxy.policy.reload import PolicyHolder
+from proxy.runtime.loop import gate_started
 
 log = logging.getLogger("egress")
 
@@ -377,6 +378,7 @@ async def _serve(
                 rule.file, rule.line, rule.name,
             )  # fmt: skip
         ready = " ".join(f"{k}={v}" for k, v in info.items())
+        gate_started()
         if ready_fd is None:
             log.warning("agent-egress gate ready %s", ready)
         else:

@@ -47,6 +47,7 @@ from proxy.attribution.stamp import SandboxFacts, Stamped, user_name
 from proxy.core.decision import Decision
 from proxy.evidence.emit import JsonLineSink
 from proxy.policy.model import Action, Mode, Policy, PolicyError
+from proxy.runtime.loop import gate_started
 from proxy.runtime.threads import in_daemon_thread
 from proxy.sandbox.gatedir import UserGateError, private_dir
 from proxy.sandbox.handoff import CHECK_TIMEOUT, Detach, HandoffError
@@ -483,6 +484,7 @@ async def serve(directory: str, ready_fd: int | None, idle: float) -> int:
         await handoff.start(activated)
         resolver.warm()  # dnspython, in the background: it outlives this run, others will need it
         DnsGate.warm()
+        gate_started()
         log.warning("per-user gate ready: pid %d, %s", os.getpid(), handoff.path)
         if ready_fd is not None:
             with contextlib.suppress(OSError):

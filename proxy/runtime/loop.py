@@ -14,6 +14,7 @@ tests (``tests/proxy/runtime/test_splice.py``).
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -54,3 +55,18 @@ def loop_factory(choice: str | None = None) -> Callable[[], asyncio.AbstractEven
 
 def run[T](main: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(main, loop_factory=loop_factory())
+
+
+def gate_started() -> None:
+    """Call once a gate serves: what its start allocated (modules, classes, the policy, the gate)
+    lives as long as the process, so it is moved out of the cyclic collector's generations.
+
+    Every full collection walked those objects again while the loop waited: ~105,000 for
+    ``egress serve`` with a small policy (one 48 ms pause every ~2,700 tunnels in the bench's
+    workload), 85,000 more for a 10,000-rule policy (26 ms) and 730,000 for 100,000 rules (250 ms).
+    Memory is still freed by reference counting (a policy's objects hold no cycles); only cyclic
+    garbage made before this call is never collected, and a start makes little. A policy loaded
+    later (a reload) is walked as before: freezing again would also keep for ever the cycles of the
+    connections open at that moment.
+    """
+    gc.freeze()

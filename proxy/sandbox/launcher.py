@@ -490,6 +490,8 @@ async def _start_and_wait(
     """Release the command and wait for the sandbox to exit without blocking the gate's loop."""
     import asyncio
 
+    from proxy.runtime.loop import gate_started
+
     loop = asyncio.get_running_loop()
     done = loop.create_future()
 
@@ -503,6 +505,7 @@ async def _start_and_wait(
         with forwarding_signals(sandbox.send_signal):
             if on_ready:
                 on_ready(sandbox)
+            gate_started()
             sandbox.start()
             await done
     finally:

@@ -4,7 +4,11 @@ asyncio's own when asked for or when uvloop is missing, and an error for a value
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +57,89 @@ def test_the_environment_chooses_and_nonsense_is_refused(monkeypatch: pytest.Mon
 
 async def _loop_name() -> str:
     return type(asyncio.get_running_loop()).__name__
+
+
+ROOT = Path(__file__).resolve().parents[3]
+POLICY = "version: 1\nrules:\n  - name: pkgs\n    hosts: [pkgs.test]\n"
+
+# Reports how many objects gate_started() took out of the collector's generations, and how many
+# a full collection still walks, when the program under test calls it.
+REPORT = (
+    "import gc, sys\n"
+    "import proxy.runtime.loop as loop\n"
+    "started = loop.gate_started\n"
+    "def report():\n"
+    "    started()\n"
+    "    print('frozen', gc.get_freeze_count(), len(gc.get_objects()), file=sys.stderr, flush=True)\n"
+    "loop.gate_started = report\n"
+)
+
+
+def _frozen(stderr: str) -> tuple[int, int]:
+    line = next(line for line in stderr.splitlines() if line.startswith("frozen "))
+    frozen, walked = map(int, line.split()[1:])
+    return frozen, walked
+
+
+def test_gate_started_leaves_full_collections_only_what_comes_after(tmp_path: Path) -> None:
+    """A 10,000-rule policy is ~85,000 objects, each walked by every full collection (~26 ms of the
+    loop's time here, ~250 ms at 100,000 rules) until the gate takes them out."""
+    script = (
+        "import gc, sys\n"
+        "from bench.decisions import build_policy\n"
+        "from proxy.runtime.loop import gate_started\n"
+        "policy = build_policy(10_000)\n"
+        "policy.index\n"
+        "before = len(gc.get_objects())\n"
+        "gate_started()\n"
+        "print(before, gc.get_freeze_count(), len(gc.get_objects()))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    before, frozen, after = map(int, out.stdout.split())
+    assert before > 50_000
+    assert frozen >= before
+    assert after < 100
+
+
+def test_a_private_gate_takes_its_start_up_out_of_full_collections(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    script = REPORT + (
+        "from proxy.app.cli import main\n"
+        f"sys.exit(main(['run', '--quiet', '--policy', {str(policy)!r}, '--', 'true']))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    frozen, walked = _frozen(out.stderr)
+    assert frozen > 20_000  # the modules, the policy and the gate
+    assert walked < 1_000
+
+
+def test_egress_serve_takes_its_start_up_out_of_full_collections(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    argv = ["serve", "--listen", "127.0.0.1:0", "--no-metrics", "--policy", str(policy)]
+    script = REPORT + f"from proxy.app.cli import main\nsys.exit(main({argv!r}))\n"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
+    watchdog = threading.Timer(60, proc.kill)  # a gate that never gets ready ends the read
+    watchdog.start()
+    try:
+        assert proc.stderr is not None
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "gate ready" in line:
+                break
+    finally:
+        watchdog.cancel()
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    frozen, walked = _frozen("".join(lines))
+    assert frozen > 20_000
+    assert walked < 1_000
