@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import struct
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from proxy.core.decision import Reason
@@ -130,12 +130,15 @@ def _client_hello(port: int | None, data: Bytes, start: int) -> FirstBytes:
                 # Another handshake message in the ClientHello's record (a second ClientHello the
                 # server would read after asking for one): no client sends anything there.
                 return _refuse("malformed TLS ClientHello: more handshake bytes in its record")
-            handshake = b"".join(bytes(data[at : at + size]) for at, size in spans)
+            if len(spans) == 1:  # one record (every real client): the body is one slice
+                at = spans[0][0]
+                body = bytes(data[at + 4 : at + needed])
+            else:
+                body = b"".join(bytes(data[at : at + size]) for at, size in spans)[4:needed]
             try:
-                hello = _parse_hello(handshake[4:needed])
+                return _parse_hello(body, offset - start)
             except _Malformed as exc:
                 return _refuse(f"malformed TLS ClientHello: {exc}")
-            return replace(hello, size=offset - start) if hello.protocol is Protocol.TLS else hello
         if offset >= len(data):
             return WAIT
 
@@ -175,36 +178,54 @@ class _Reader:
         return self.pos == len(self.data)
 
 
-def _parse_hello(body: bytes) -> FirstBytes:
-    reader = _Reader(body)
-    reader.take(2 + 32)  # legacy_version, random
-    if len(reader.vector(1)) > 32:
+def _parse_hello(body: bytes, size: int) -> FirstBytes:
+    """The ClientHello's body (after its 4-byte header), carried by ``size`` bytes of records.
+
+    Read with plain offsets, each length bounds-checked before it is used: it runs once per tunnel,
+    between the ClientHello and the upstream connect (a reader object per field cost ~20 µs)."""
+    end = len(body)
+    pos = 2 + 32  # legacy_version, random
+    if pos + 1 > end or pos + 1 + body[pos] > end:
+        raise _Malformed("truncated")
+    if body[pos] > 32:
         raise _Malformed("session id longer than 32 bytes")
-    suites = reader.vector(2)
-    if not suites or len(suites) % 2:
+    pos += 1 + body[pos]
+    if pos + 2 > end:
+        raise _Malformed("truncated")
+    suites = int.from_bytes(body[pos : pos + 2], "big")
+    pos += 2
+    if pos + suites > end:
+        raise _Malformed("truncated")
+    if not suites or suites % 2:
         raise _Malformed("bad cipher suite list")
-    if not reader.vector(1):
+    pos += suites
+    if pos + 1 > end or pos + 1 + body[pos] > end:
+        raise _Malformed("truncated")
+    if not body[pos]:
         raise _Malformed("no compression methods")
-    if reader.done():
-        return FirstBytes(Protocol.TLS)  # no extensions at all: no server name
-    extensions = reader.vector(2)
-    if not reader.done():
+    pos += 1 + body[pos]
+    if pos == end:
+        return FirstBytes(Protocol.TLS, size=size)  # no extensions at all: no server name
+    if pos + 2 > end:
+        raise _Malformed("truncated")
+    length = int.from_bytes(body[pos : pos + 2], "big")
+    pos += 2
+    if pos + length > end:
+        raise _Malformed("truncated")
+    if pos + length != end:
         raise _Malformed("bytes after the extensions")
     seen: set[int] = set()
     sni: str | None = None
     alpn: tuple[bytes, ...] = ()
-    # The extension list is walked with plain offsets (it runs once per tunnel, on the path
-    # between the ClientHello and the upstream connect); each header is bounds-checked first.
-    pos, end = 0, len(extensions)
     while pos < end:
         if pos + 4 > end:
             raise _Malformed("truncated")
-        kind, size = _EXTENSION_HEADER.unpack_from(extensions, pos)
+        kind, length = _EXTENSION_HEADER.unpack_from(body, pos)
         pos += 4
-        if pos + size > end:
+        if pos + length > end:
             raise _Malformed("truncated")
-        value = extensions[pos : pos + size]
-        pos += size
+        value = body[pos : pos + length]
+        pos += length
         if kind in seen:
             raise _Malformed(f"extension {kind} appears twice")
         seen.add(kind)
@@ -217,7 +238,7 @@ def _parse_hello(body: bytes) -> FirstBytes:
             sni = _server_name(value)
         elif kind == ALPN_EXTENSION:
             alpn = _alpn(value)
-    return FirstBytes(Protocol.TLS, sni=sni, alpn=alpn)
+    return FirstBytes(Protocol.TLS, sni=sni, alpn=alpn, size=size)
 
 
 def _inner_list(value: bytes) -> _Reader:
