@@ -51,7 +51,7 @@ from proxy.runtime.loop import gate_started
 from proxy.runtime.threads import in_daemon_thread
 from proxy.sandbox.gatedir import UserGateError, private_dir
 from proxy.sandbox.handoff import CHECK_TIMEOUT, Detach, HandoffError
-from proxy.sandbox.launcher import bound_executables
+from proxy.sandbox.launcher import read_only_files
 from proxy.sandbox.summary import SummarySink
 from proxy.sandbox.usergate import (
     CODE,
@@ -197,7 +197,7 @@ class RunPolicies:
         return {
             "ok": True,
             "inspects": policy.reads_requests,
-            "frozen": list(bound_executables(policy)),
+            "frozen": list(read_only_files(policy)),
             **self.trust,
         }
 
@@ -216,11 +216,11 @@ class RunPolicies:
         except Unservable as exc:
             raise HandoffError(str(exc)) from None
         frozen = request.get("frozen")
-        unfrozen = set(bound_executables(policy)) - set(frozen if isinstance(frozen, list) else [])
+        unfrozen = set(read_only_files(policy)) - set(frozen if isinstance(frozen, list) else [])
         if unfrozen:  # the policy changed since the check: the sandbox could rewrite these
             raise HandoffError(
-                f"the policy binds {', '.join(sorted(unfrozen))}, which the sandbox was not built "
-                "to keep read-only (the policy changed since the check?)"
+                f"the policy needs {', '.join(sorted(unfrozen))} kept read-only, which the sandbox "
+                "was not built to do (the policy changed since the check?)"
             )
         checkpoint = self.gate.checkpoint
         policies = checkpoint.connections.sandbox_policies

@@ -228,8 +228,9 @@ _KEPT = ((2, 0x2), (4, 0x4), (8, 0x8), (1024, 0x400), (2048, 0x800), (4096, 1 <<
 
 def _freeze(paths: list[str]) -> None:
     """Make each file read-only inside the sandbox (a read-only bind mount on itself): files that
-    rules are bound to, which a sandbox running as their owner could otherwise rewrite. A mount
-    point cannot be renamed over or unlinked either; the command cannot undo it."""
+    rules are bound to and the files the run's policy was read from, which a sandbox running as
+    their owner could otherwise rewrite. A mount point cannot be renamed over or unlinked either;
+    the command cannot undo it."""
     for path in paths:
         try:
             kept = 0

@@ -321,7 +321,7 @@ def _run_with(
         cwd=options.cwd,
         foreground_tty=tty,
         hidden=hidden,
-        frozen=bound_executables(policy) if session is None else session.frozen,
+        frozen=_visible(read_only_files(policy) if session is None else session.frozen, hidden),
     )
     try:
         sandbox = Sandbox.spawn(
@@ -364,15 +364,33 @@ def _load_private_gate_modules() -> None:
     import proxy.sandbox.summary  # noqa: F401
 
 
-def bound_executables(policy: Any) -> tuple[str, ...]:
-    """The files a policy's rules are bound to, and its managed ceiling's (a report is held to the
-    managed rule's executables): the sandbox must not be able to rewrite them, even when it runs as
-    their owner."""
+def read_only_files(policy: Any) -> tuple[str, ...]:
+    """What the sandbox must not rewrite, even when it runs as the files' owner: the files the
+    policy's rules and its managed ceiling's rules are bound to (a report is held to the managed
+    rule's executables), and the files the policy was read from (the policy, each include, the
+    ceiling), which a command that rewrote them would widen the next run's policy with."""
     if policy is None:
         return ()
-    ceiling = policy.ceiling.rules if policy.ceiling is not None else ()
-    rules = (*policy.rules, *ceiling)
-    return tuple(dict.fromkeys(e.path for rule in rules for e in rule.executables))
+    ceiling = policy.ceiling
+    rules = (*policy.rules, *(ceiling.rules if ceiling is not None else ()))
+    sources = (*policy.files, *(ceiling.files if ceiling is not None else ()))
+    executables = (e.path for rule in rules for e in rule.executables)
+    return tuple(dict.fromkeys((*executables, *map(str, sources))))
+
+
+def _visible(paths: tuple[str, ...], hidden: tuple[str, ...]) -> tuple[str, ...]:
+    """``paths`` minus those under a hidden path: the sandbox cannot reach those at all."""
+    if not paths or not hidden:
+        return paths
+    covered = tuple(os.path.realpath(h) for h in hidden)
+    return tuple(
+        p
+        for p in paths
+        if not any(
+            (real := os.path.realpath(p)) == h or real.startswith(h.rstrip("/") + "/")
+            for h in covered
+        )
+    )
 
 
 def _summary(options: RunOptions) -> SummarySink:

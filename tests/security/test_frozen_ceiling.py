@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from proxy.policy.managed import load_with_ceiling
-from proxy.sandbox.launcher import bound_executables
+from proxy.sandbox.launcher import read_only_files
 from tests.usergate_support import UserGateWorld
 from tests.usergate_support import world as make_world
 
@@ -43,7 +43,7 @@ def _layers(tmp_path: Path, tool: Path) -> tuple[Path, Path]:
 def test_the_managed_rules_executables_are_among_the_files_kept_read_only(tmp_path: Path) -> None:
     tool = _tool(tmp_path)
     local, managed = _layers(tmp_path, tool)
-    assert str(tool) in bound_executables(load_with_ceiling(local, managed))
+    assert str(tool) in read_only_files(load_with_ceiling(local, managed))
 
 
 @pytest.fixture

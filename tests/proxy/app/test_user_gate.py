@@ -31,11 +31,12 @@ def _write(tmp_path: Path, text: str, name: str = "p.yaml") -> Path:
 
 
 def test_a_policy_it_serves_is_answered_with_what_the_sandbox_must_trust(tmp_path: Path) -> None:
-    answer = _runs().check(policy_check(str(_write(tmp_path, ALLOWING)), None))
+    path = _write(tmp_path, ALLOWING)
+    answer = _runs().check(policy_check(str(path), None))
     assert answer == {
         "ok": True,
         "inspects": False,
-        "frozen": [],
+        "frozen": [str(path.resolve())],  # the policy file: the sandbox must not rewrite it
         "state": "/s",
         "trust": ["/ca"],
     }
@@ -64,7 +65,7 @@ def test_the_files_rules_are_bound_to_are_named_for_the_sandbox_to_keep_read_onl
         "version: 1\nrules:\n  - {name: git, hosts: [git.test], executables: [/usr/bin/git]}\n",
     )
     answer = _runs().check(policy_check(str(path), None))
-    assert answer["ok"] is True and answer["frozen"] == ["/usr/bin/git"]
+    assert answer["ok"] is True and answer["frozen"] == ["/usr/bin/git", str(path.resolve())]
 
 
 def test_a_broken_policy_is_answered_with_its_lines(tmp_path: Path) -> None:

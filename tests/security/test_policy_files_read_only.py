@@ -1,0 +1,99 @@
+"""The files a run's policy was read from are read-only inside its sandbox (threats 10, 20).
+
+A command that runs as the owner of its policy file could otherwise widen the policy of every later
+run: append an allow-all rule to the policy, to a file it includes, or to the managed ceiling, or
+rename one away and put another in its place. A private gate and the per-user gate (which reads the
+files again whenever they change) must both keep the policy, its includes and the ceiling read-only;
+a policy file the sandbox cannot see at all (in a hidden directory) is kept from it as well.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from proxy.policy.managed import load_with_ceiling
+from proxy.sandbox.launcher import read_only_files
+from tests.usergate_support import UserGateWorld
+from tests.usergate_support import world as make_world
+
+WIDER = "\n  - {name: everything, hosts: ['**.test']}\n"
+
+
+def _layers(directory: Path) -> tuple[Path, Path, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    shared = directory / "shared.yaml"
+    shared.write_text("version: 1\nrules:\n  - {name: pkgs, hosts: [allowed.test]}\n")
+    local = directory / "local.yaml"
+    local.write_text("version: 1\ninclude: [shared.yaml]\nrules: []\n")
+    managed = directory / "managed.yaml"
+    managed.write_text("version: 1\nrules:\n  - {name: org, hosts: [allowed.test]}\n")
+    return local, shared, managed
+
+
+def test_the_policy_its_includes_and_the_ceiling_are_among_the_files_kept_read_only(
+    tmp_path: Path,
+) -> None:
+    local, shared, managed = _layers(tmp_path)
+    kept = read_only_files(load_with_ceiling(local, managed))
+    assert {str(local), str(shared), str(managed)} <= set(kept)
+
+
+@pytest.fixture
+def world() -> Iterator[UserGateWorld]:
+    yield from make_world()
+
+
+def _attack(*files: Path) -> str:
+    """Append to each file, then rename it away and put another file in its place."""
+    steps = []
+    for index, path in enumerate(files):
+        steps += [
+            f'printf %s {WIDER!r} >> {path}; echo "append{index}=$?"',
+            f'mv {path} {path}.old; echo "rename{index}=$?"',
+            f'cp /dev/null {path}.new && mv {path}.new {path}; echo "replace{index}=$?"',
+        ]
+    return "; ".join(steps)
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(os.getuid() != 0, reason="the sandbox can write root's files only as root")
+@pytest.mark.parametrize("reuse", [False, True], ids=["own-gate", "per-user-gate"])
+def test_a_command_cannot_rewrite_its_policy_its_includes_or_the_ceiling(
+    world: UserGateWorld, tmp_path: Path, reuse: bool
+) -> None:
+    local, shared, managed = _layers(tmp_path / "policy")
+    before = {path: path.read_text() for path in (local, shared, managed)}
+    flags = ["--reuse-gate"] if reuse else []
+    result = world.run(
+        *flags, "--quiet", "--policy", str(local), "--managed-policy", str(managed),
+        "--", "sh", "-c", _attack(local, shared, managed),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for index in range(3):
+        for step in ("append", "rename", "replace"):
+            assert f"{step}{index}=" in result.stdout, result.stdout
+            assert f"{step}{index}=0" not in result.stdout, result.stdout
+    assert {path: path.read_text() for path in (local, shared, managed)} == before
+    assert not list((tmp_path / "policy").glob("*.old"))
+    assert (world.gate_pid() is not None) == reuse, result.stderr
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(120)
+def test_a_policy_in_a_hidden_directory_runs_and_stays_out_of_reach(
+    world: UserGateWorld,
+) -> None:
+    """The state directory is hidden from the sandbox: a policy kept there is not made read-only
+    (there is nothing to mount it on inside), the run still starts, and the command sees nothing."""
+    local, _, _ = _layers(world.state / "policies")
+    result = world.run(
+        "--quiet", "--policy", str(local), "--",
+        "sh", "-c", f'cat {local} >/dev/null 2>&1; echo "read=$?"',
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "read=0" not in result.stdout, result.stdout
