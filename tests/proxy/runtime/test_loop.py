@@ -103,6 +103,7 @@ def test_gate_started_leaves_full_collections_only_what_comes_after(tmp_path: Pa
     assert after < 100
 
 
+@pytest.mark.netns
 def test_a_private_gate_takes_its_start_up_out_of_full_collections(tmp_path: Path) -> None:
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
