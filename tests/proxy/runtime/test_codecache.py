@@ -231,6 +231,17 @@ def test_after_the_table_is_written_the_gates_modules_compile_no_class(tmp_path:
     assert misses == 0
 
 
+def test_a_table_that_cannot_be_written_is_said_and_stops_nothing(tmp_path: Path) -> None:
+    """``make venv`` and the image build go on: without the table classes compile as before."""
+    (tmp_path / "file").write_text("")
+    path = tmp_path / "file" / "table.bin"  # its directory is a file
+    script = f"from proxy.runtime import codecache; raise SystemExit(codecache.main({str(path)!r}))"
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0
+    assert f"not written, {path}" in out.stderr
+    assert not path.exists()
+
+
 def test_egress_commands_install_the_table() -> None:
     script = (
         "import contextlib, io\n"
