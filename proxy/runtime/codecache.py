@@ -11,18 +11,20 @@ the table holds what the compiler made of each text, compiled with the same flag
 :func:`compiled` serves the code the package generates itself (``proxy.core.frozen``,
 ``proxy.evidence.record_json``) the same way.
 
-``python -m proxy.runtime.codecache`` imports every module of ``proxy`` and ``addons`` and writes the
-table (``make venv`` and the Dockerfile run it) next to the package's bytecode, in
-``proxy/__pycache__``, where it is trusted as that bytecode is: it is read only when root or this user
-owns it and nobody else may write it, and only when this very interpreter wrote it (``sys.version``
-is in its header, the bytecode tag in its name). A missing, stale or unreadable table costs the time it
-was meant to save and nothing else; a class whose text is not in it is compiled as before.
+``python -m proxy.runtime.codecache`` imports every module of ``proxy`` and ``addons`` and writes
+the table (``make venv``, the Dockerfile and ``make bench`` run it) next to the package's bytecode,
+in ``proxy/__pycache__``, where it is trusted as that bytecode is: it is read only when root or this
+user owns it and nobody else may write it, and only when this very interpreter wrote it, at the same
+optimisation level (``sys.version`` and ``-O`` are in its header, the bytecode tag in its name). A
+missing, stale or unreadable table costs the time it was meant to save and nothing else; a class
+whose text is not in it is compiled as before.
 
 ``dataclasses`` calling the name ``exec`` in its own module is how CPython 3.12 and 3.13 build the
 methods, not a documented interface: ``tests/proxy/runtime/test_codecache.py`` fails when this
 interpreter's ``dataclasses`` stops doing so (the table would then just never be used). Only the
-programs' entry points install the table (``egress`` commands, the private gate, the per-user gate),
-so importing the package changes nothing in a host program.
+programs' entry points install the table (``egress`` commands other than ``run``, and ``egress run``
+before a private gate loads its policy), so importing the package changes nothing in a host
+program.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ if TYPE_CHECKING:
 
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILE = os.path.join(_PACKAGE, "__pycache__", f"generated-code.{sys.implementation.cache_tag}.bin")
-_HEADER = f"agent-egress generated code\n{sys.version}\n".encode()
+_HEADER = f"agent-egress generated code\n{sys.version}\n-O{sys.flags.optimize}\n".encode()
 _OWN = ("proxy.", "addons.")
 _CODE = type(compile("", "<string>", "exec"))
 
