@@ -2,14 +2,14 @@
 
 A dataclass gets its ``__init__``, ``__repr__``, ``__eq__``, ``__hash__`` and, frozen, its
 ``__setattr__`` and ``__delattr__`` as source text that ``dataclasses`` compiles with ``exec`` when
-the class is defined: about 1 ms a class on the development VM, most of it the compiler, and a private
-gate defines some forty before its sandbox's command may run. The text depends only on the class's
-fields and options, so what it compiles to can be kept like a module's bytecode: :func:`install` gives
-``dataclasses`` an ``exec`` that takes the code object for a text from a table compiled ahead of time,
-and compiles the text as ``exec`` would when it is not there. The functions are the same either way:
-the table holds what the compiler made of each text, compiled with the same flags.
-:func:`compiled` serves the code the package generates itself (``proxy.core.frozen``,
-``proxy.evidence.record_json``) the same way.
+the class is defined: about 1 ms a class on the development VM, most of it the compiler, and a
+private gate defines some forty before its sandbox's command may run. The text depends only on the
+class's fields and options, so what it compiles to can be kept like a module's bytecode:
+:func:`install` gives ``dataclasses`` an ``exec`` that takes the code object for a text from a
+table compiled ahead of time, and compiles the text as ``exec`` would when it is not there. The
+functions are the same either way: the table holds what the compiler made of each text, compiled
+with the same flags. :func:`compiled` serves the code the package generates itself
+(``proxy.core.frozen``, ``proxy.evidence.record_json``) the same way.
 
 ``python -m proxy.runtime.codecache`` imports every module of ``proxy`` and ``addons`` and writes
 the table (``make venv``, the Dockerfile and ``make bench`` run it) next to the package's bytecode,
