@@ -55,19 +55,13 @@ def load(path: str = FILE) -> dict[str, bytes]:
     """The table at ``path``; empty when there is none, when root or this user does not own it or
     someone else may write it, or when another interpreter wrote it."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return {}
-    try:
-        info = os.fstat(fd)
-        if info.st_uid not in (0, os.geteuid()) or info.st_mode & 0o022:
-            return {}
-        with os.fdopen(os.dup(fd), "rb") as stream:
+        with open(path, "rb") as stream:
+            info = os.fstat(stream.fileno())  # the file read, not whatever the path names later
+            if info.st_uid not in (0, os.geteuid()) or info.st_mode & 0o022:
+                return {}
             data = stream.read()
     except OSError:
         return {}
-    finally:
-        os.close(fd)
     if not data.startswith(_HEADER):
         return {}
     try:
@@ -165,9 +159,7 @@ def warm(path: str = FILE) -> int:
             if not module.name.endswith(".__main__"):
                 try:
                     importlib.import_module(module.name)
-                except (
-                    ImportError
-                ) as exc:  # an optional dependency: its classes compile at run time
+                except ImportError as exc:  # an optional dependency: compiled at run time
                     print(
                         f"proxy.runtime.codecache: {module.name} not imported: {exc}",
                         file=sys.stderr,

@@ -382,15 +382,8 @@ def _visible(paths: tuple[str, ...], hidden: tuple[str, ...]) -> tuple[str, ...]
     """``paths`` minus those under a hidden path: the sandbox cannot reach those at all."""
     if not paths or not hidden:
         return paths
-    covered = tuple(os.path.realpath(h) for h in hidden)
-    return tuple(
-        p
-        for p in paths
-        if not any(
-            (real := os.path.realpath(p)) == h or real.startswith(h.rstrip("/") + "/")
-            for h in covered
-        )
-    )
+    covered = tuple(os.path.realpath(h).rstrip("/") + "/" for h in hidden)
+    return tuple(p for p in paths if not (os.path.realpath(p) + "/").startswith(covered))
 
 
 def _summary(options: RunOptions) -> SummarySink:
