@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from operator import attrgetter
@@ -102,9 +103,25 @@ class Request:
 fast_init(Request)
 
 
+_IDS_PER_READ = 256
+_ids: deque[str] = deque()
+
+
 def new_id() -> str:
-    """128 random bits: unguessable and collision-free across workers without coordination."""
-    return os.urandom(16).hex()
+    """128 random bits: unguessable and collision-free across workers without coordination.
+
+    Drawn from ``os.urandom`` 256 ids at a time (one system call per id cost a tenth of a decision);
+    ``popleft`` hands each one out once across threads, and a forked child drops the parent's unused
+    ones so two workers never share an id."""
+    try:
+        return _ids.popleft()
+    except IndexError:
+        text = os.urandom(16 * _IDS_PER_READ).hex()
+        _ids.extend([text[at : at + 32] for at in range(32, len(text), 32)])
+        return text[:32]
+
+
+os.register_at_fork(after_in_child=_ids.clear)
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,8 +36,9 @@ The decision's ``mode`` is the mode that applied. Under a managed ceiling (``Pol
 :mod:`proxy.policy.managed`) a ``report`` the managed policy would not allow is a ``deny``: report mode
 learns inside the organisation's bounds, never past them.
 
-``decide`` does no I/O, keeps no state and costs the same for 10 rules as for 100,000 (see
-``proxy/index.py`` and ``bench/decisions.py``).
+``decide`` does no I/O and costs the same for 10 rules as for 100,000 (see ``proxy/policy/index.py``
+and ``bench/decisions.py``). The one thing it keeps is each policy's memo of the outcomes it reached
+(:func:`decide_request`): a pure function's answers, dropped with the policy.
 """
 
 from __future__ import annotations
@@ -71,6 +72,12 @@ _GRANT_HINT = "a human can grant access by adding a rule to the egress policy"
 
 
 _MODE_TEXT = {mode: mode.value for mode in Mode}
+
+# What a request's decision is apart from the request's own fields: verdict, reason, rule name,
+# canonical host, detail, mode.
+type _Outcome = tuple[Verdict, Reason, str | None, str, str, str]
+_MAX_OUTCOMES = 4096
+_KEPT_TARGET = 512
 
 
 @lru_cache(maxsize=4096)
@@ -121,13 +128,48 @@ def decide(request: Request, policy: Policy) -> Decision:
 
 
 def decide_request(request: Request, policy: Policy) -> Decision | BodyNeeded:
-    """:func:`decide`, or BODY_NEEDED when the request step must first read the request body."""
+    """:func:`decide`, or BODY_NEEDED when the request step must first read the request body.
+
+    Without a body, a request is decided by its host, kind, port, SNI and HTTP head alone, so that
+    outcome is kept per policy (``RuleIndex.outcomes``, bounded) and the next request with the same
+    values only builds its Decision: traffic goes to a few registries, and the host walk, the request
+    step, the ceiling's decision and the detail text were two thirds of a decision's cost. Kept only
+    with an ``int`` port (``True`` or ``443.0`` find the same rules and print differently) and a
+    short target (a memo of long ones would hold megabytes)."""
+    http = request.http
+    if (type(request.port) is int or request.port is None) and (
+        http is None
+        or (http.body is None and not http.body_overflow and len(http.target) <= _KEPT_TARGET)
+    ):
+        outcomes = policy.index.outcomes
+        key = (request.host, request.kind, request.port, request.sni, http)
+        try:
+            outcome: _Outcome | None = outcomes.get(key)
+            keep = True
+        except TypeError:  # an unhashable host or SNI (refused): decided without the memo
+            outcome, keep = None, False
+        if outcome is not None:
+            return _build(request, policy, outcome)
+        judged = _judge(request, policy)
+        if keep and not isinstance(judged, BodyNeeded):  # (only a request step asks for a body)
+            if len(outcomes) >= _MAX_OUTCOMES:
+                outcomes.clear()
+            outcomes[key] = judged
+    else:
+        judged = _judge(request, policy)
+    if isinstance(judged, BodyNeeded):
+        return judged
+    return _build(request, policy, judged)
+
+
+def _judge(request: Request, policy: Policy) -> _Outcome | BodyNeeded:
+    """The steps of the module's order, up to the Decision's own fields."""
     # (1) Canonicalise: every later step sees only the canonical form.
     try:
         host, address = _destination(request.host)
     except (InvalidHost, TypeError) as exc:
         shown = escape(request.host)
-        return _make(
+        return _outcome(
             request,
             policy,
             Verdict.DENY,
@@ -144,7 +186,7 @@ def decide_request(request: Request, policy: Policy) -> Decision | BodyNeeded:
         refusal = _check_sni(request.sni, host, is_name)
         if refusal is not None:
             reason, detail = refusal
-            return _make(request, policy, Verdict.DENY, reason, None, host, detail)
+            return _outcome(request, policy, Verdict.DENY, reason, None, host, detail)
 
     dns = request.kind == Kind.DNS
     # A missing port on a non-DNS request matches no listed port (fail closed), only deny-all rules.
@@ -160,7 +202,7 @@ def decide_request(request: Request, policy: Policy) -> Decision | BodyNeeded:
         rule = match.deny
         detail = f"{_where(host, shown_port)} is denied by rule '{rule.name}'"
         if rule.mode is Mode.REPORT:
-            return _make(
+            return _outcome(
                 request,
                 policy,
                 Verdict.REPORT,
@@ -172,7 +214,9 @@ def decide_request(request: Request, policy: Policy) -> Decision | BodyNeeded:
             )
         if policy.mode is Mode.REPORT:
             detail += " (explicit deny rules are enforced in report mode too)"
-        return _make(request, policy, Verdict.DENY, Reason.DENIED_BY_RULE, rule.name, host, detail)
+        return _outcome(
+            request, policy, Verdict.DENY, Reason.DENIED_BY_RULE, rule.name, host, detail
+        )
     # (4) The most specific allow rule that lists the port; then, for an HTTP request on a host whose
     # rules read requests, the request step.
     if match.allow is not None:
@@ -190,11 +234,11 @@ def decide_request(request: Request, policy: Policy) -> Decision | BodyNeeded:
                     return BODY_NEEDED
                 name = judged.rule.name if judged.rule is not None else None
                 if judged.outcome is Outcome.ALLOW:
-                    return _make(
+                    return _outcome(
                         request, policy, Verdict.ALLOW, judged.reason, name, host, judged.detail
                     )
                 if judged.outcome is Outcome.ASK:
-                    return _make(
+                    return _outcome(
                         request, policy, Verdict.ASK, judged.reason, name, host, judged.detail
                     )
                 # A request no rule allows is a gap in the allowlist: report mode reports it. An
@@ -210,7 +254,7 @@ def decide_request(request: Request, policy: Policy) -> Decision | BodyNeeded:
                     suffix = (
                         " (the rule is in report mode: recorded, not enforced)" if trial else ""
                     )
-                    return _make(
+                    return _outcome(
                         request,
                         policy,
                         Verdict.REPORT,
@@ -223,11 +267,11 @@ def decide_request(request: Request, policy: Policy) -> Decision | BodyNeeded:
                 detail = judged.detail
                 if policy.mode is Mode.REPORT:
                     detail += " (request deny rules are enforced in report mode too)"
-                return _make(request, policy, Verdict.DENY, judged.reason, name, host, detail)
+                return _outcome(request, policy, Verdict.DENY, judged.reason, name, host, detail)
         if rule.action is Action.ASK and not rule.reads_requests:
             # Explicit like a deny rule, so report mode does not wave it through either. An ask rule
             # with request conditions asks per request, inside the tunnel (above).
-            return _make(
+            return _outcome(
                 request,
                 policy,
                 Verdict.ASK,
@@ -236,7 +280,7 @@ def decide_request(request: Request, policy: Policy) -> Decision | BodyNeeded:
                 host,
                 f"{_where(host, shown_port)} needs an approval (rule '{rule.name}')",
             )
-        return _make(
+        return _outcome(
             request,
             policy,
             Verdict.ALLOW,
@@ -280,7 +324,9 @@ def refuse(
         host = _destination(request.host)[0]
     except (InvalidHost, TypeError):
         host = escape(request.host)
-    return _make(request, policy, Verdict.DENY, reason, rule, host, detail)
+    return _build(
+        request, policy, _outcome(request, policy, Verdict.DENY, reason, rule, host, detail)
+    )
 
 
 def _check_sni(sni: str | None, host: str, is_name: bool) -> tuple[Reason, str] | None:
@@ -319,13 +365,13 @@ def _policy_refusal(
     host: str,
     detail: str,
     mode: Mode | None = None,
-) -> Decision:
+) -> _Outcome:
     applied = policy.mode if mode is None else mode
     verdict = Verdict.REPORT if applied is Mode.REPORT else Verdict.DENY
-    return _make(request, policy, verdict, reason, rule, host, detail, applied)
+    return _outcome(request, policy, verdict, reason, rule, host, detail, applied)
 
 
-def _make(
+def _outcome(
     request: Request,
     policy: Policy,
     verdict: Verdict,
@@ -334,13 +380,18 @@ def _make(
     host: str,
     detail: str,
     mode: Mode | None = None,
-) -> Decision:
+) -> _Outcome:
     if verdict is Verdict.REPORT and policy.ceiling is not None:
         # Report mode learns inside the managed ceiling only: what it would not allow is refused.
         outside = decide(request, policy.ceiling)
         if not outside.allowed:
             verdict = Verdict.DENY
             detail += f"; outside the managed policy ({outside.reason})"
+    return verdict, reason, rule, host, detail, _MODE_TEXT[policy.mode if mode is None else mode]
+
+
+def _build(request: Request, policy: Policy, outcome: _Outcome) -> Decision:
+    verdict, reason, rule, host, detail, mode = outcome
     # Positional construction: keyword arguments cost ~50% more on this hot path.
     return _new_decision(
         verdict,
@@ -350,7 +401,7 @@ def _make(
         host,
         request.port,
         policy.version,
-        _MODE_TEXT[policy.mode if mode is None else mode],
+        mode,
         request.method,
         request.path,
         request.sni,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv6Address
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from proxy.policy.model import Rule
@@ -116,10 +116,13 @@ _NO_RULES = RequestRules((), ())  # cached "nothing here reads requests"
 class RuleIndex:
     """Built once per policy; every method is read-only, so one index serves all threads."""
 
-    __slots__ = ("_by_name", "_cache", "_names", "_nets4", "_nets6", "size")
+    __slots__ = ("_by_name", "_cache", "_names", "_nets4", "_nets6", "outcomes", "size")
 
     def __init__(self, rules: Iterable[Rule]) -> None:
         self._names: dict[str, _NameNode] = {}
+        # proxy.core.engine's memo of this policy's outcomes (a Policy builds its own index, so the
+        # policy's mode and ceiling are fixed for it too).
+        self.outcomes: dict[tuple[object, ...], Any] = {}
         nets: dict[tuple[int, int, int], _NetNode] = {}  # (version, prefixlen, network int)
         self.size = 0
         ordered = list(rules)
