@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
 from proxy.core.decision import Decision, Kind, Reason, Verdict
+from proxy.evidence.otel.drops import OTLP_DROP_REASONS
 
 OTHER = "other"
 NONE = "none"
@@ -30,7 +31,6 @@ MAX_UNKNOWN_RULES = 256
 DIRECTIONS = ("out", "in")  # out: sandbox -> upstream, in: upstream -> sandbox
 RELOAD_RESULTS = ("ok", "error")
 JOURNAL_ERRORS = ("disk_full", "permission", "other")
-OTLP_DROP_REASONS = ("queue_full", "shutdown", "encode")
 APPROVAL_OUTCOMES = ("granted", "denied", "timeout", "limit")
 APPROVAL_DECIDERS = ("person", "reviewer", "timeout", "gate")
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from proxy.core.decision import Decision
-from proxy.policy.reload import Reload
+
+if TYPE_CHECKING:  # the export process reads records and never loads a policy
+    from proxy.policy.reload import Reload
 
 DECISION_EVENT = "egress.decision"
 CLOSED_EVENT = "egress.connection.closed"

@@ -7,9 +7,9 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from proxy.evidence.journal.follower import follow_after
-from proxy.evidence.metrics import Metrics
 from proxy.evidence.otel.cursor import cursor_path, write_cursor
 from proxy.evidence.otel.encoder import LogEncoder
 from proxy.evidence.otel.retry_queue import (
@@ -20,6 +20,9 @@ from proxy.evidence.otel.retry_queue import (
 )
 from proxy.evidence.otel.transport import Transport
 from proxy.evidence.record import Record
+
+if TYPE_CHECKING:  # not imported in the export process (it passes no registry)
+    from proxy.evidence.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

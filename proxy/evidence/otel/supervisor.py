@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from proxy.evidence.journal.writer import Journal
-from proxy.evidence.metrics import OTLP_DROP_REASONS, Metrics
+from proxy.evidence.metrics import Metrics
 from proxy.evidence.otel.cursor import cursor_path, read_cursor
+from proxy.evidence.otel.drops import OTLP_DROP_REASONS
 from proxy.evidence.otel.endpoint import Protocol
 from proxy.evidence.otel.retry_queue import QueueLimits
 
