@@ -346,7 +346,7 @@ def _evidence_builder(args: argparse.Namespace) -> Any:
     def build(sinks: list[Any]) -> Any:
         from proxy.evidence.wiring import EvidenceConfig, build_emitter
 
-        return build_emitter(EvidenceConfig.from_args(args), sinks)
+        return build_emitter(EvidenceConfig.from_args(args), sinks, on_demand=True)
 
     return build
 

@@ -107,10 +107,14 @@ class Evidence:
         self.close()
 
 
-def build_emitter(config: EvidenceConfig, base_sinks: Iterable[Sink] = ()) -> Evidence:
+def build_emitter(
+    config: EvidenceConfig, base_sinks: Iterable[Sink] = (), *, on_demand: bool = False
+) -> Evidence:
     """The Emitter for ``config``: journal write-ahead, then metrics, ``base_sinks`` and OTel.
 
-    Nothing listens until ``Evidence.start()``.
+    Nothing listens until ``Evidence.start()``. ``on_demand`` (a private gate, started for one
+    command): the OTLP exporters start when there is a first record to send, not before the
+    command may run (:class:`proxy.evidence.otel.sink.OtelSink`).
     """
     metrics = Metrics(version=__version__)
     listen = config.metrics_listen
@@ -132,6 +136,7 @@ def build_emitter(config: EvidenceConfig, base_sinks: Iterable[Sink] = ()) -> Ev
             version=__version__,
             metrics=metrics,
             journal=journal,
+            on_demand=on_demand,
         )
         log.info("exporting decision events to %s over OTLP/%s", *config.otlp)
     base = list(base_sinks)

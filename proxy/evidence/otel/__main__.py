@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.evidence.otel.journal_export import JournalExporter
-from proxy.evidence.otel.retry_queue import QueueLimits
-from proxy.evidence.otel.settings import ExporterSettings
+from proxy.evidence.otel.settings import ExporterSettings, QueueLimits
 from proxy.evidence.otel.transport import make_transport
 
 

@@ -12,12 +12,8 @@ from typing import TYPE_CHECKING
 from proxy.evidence.journal.follower import follow_after
 from proxy.evidence.otel.cursor import cursor_path, write_cursor
 from proxy.evidence.otel.encoder import LogEncoder
-from proxy.evidence.otel.retry_queue import (
-    DEFAULT_LIMITS,
-    QueueLimits,
-    ReliableExporter,
-    journal_seq,
-)
+from proxy.evidence.otel.retry_queue import ReliableExporter, journal_seq
+from proxy.evidence.otel.settings import DEFAULT_LIMITS, QueueLimits
 from proxy.evidence.otel.transport import Transport
 from proxy.evidence.record import Record
 

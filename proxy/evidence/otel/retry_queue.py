@@ -13,31 +13,20 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from proxy.evidence.otel.drops import OTLP_DROP_REASONS
-from proxy.evidence.otel.encoder import Encoded, LogEncoder
+from proxy.evidence.otel.settings import DEFAULT_LIMITS, QueueLimits
 from proxy.evidence.otel.transport import ExportFailed, Transport
 from proxy.evidence.record import Record
 
 if TYPE_CHECKING:  # the export process has no registry: its totals go to the gate as JSON
     from proxy.evidence.metrics import Metrics
+    from proxy.evidence.otel.encoder import Encoded, LogEncoder
 
 log = logging.getLogger(__name__)
 
 STAT_KEYS = ("exported", "failures", "retries", *(f"dropped_{r}" for r in OTLP_DROP_REASONS))
-
-
-@dataclass(frozen=True, slots=True)
-class QueueLimits:
-    max_queue: int = 8192  # records waiting, beyond the batch being sent
-    batch_size: int = 512  # records per request
-    flush_interval: float = 0.2  # seconds a partial batch waits for more
-    max_backoff: float = 5.0  # seconds between retries of a failed batch, at most
-
-
-DEFAULT_LIMITS = QueueLimits()
 
 
 def journal_seq(record: Record) -> int | None:

@@ -76,3 +76,16 @@ class ExporterSettings:
             insecure=insecure,
             timeout=timeout,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class QueueLimits:
+    """The export queue's bounds (:class:`proxy.evidence.otel.retry_queue.ReliableExporter`)."""
+
+    max_queue: int = 8192  # records waiting, beyond the batch being sent
+    batch_size: int = 512  # records per request
+    flush_interval: float = 0.2  # seconds a partial batch waits for more
+    max_backoff: float = 5.0  # seconds between retries of a failed batch, at most
+
+
+DEFAULT_LIMITS = QueueLimits()

@@ -13,19 +13,20 @@ Export failures, retries, drops and queue depth are Prometheus metrics.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.core.decision import Decision
 from proxy.evidence.journal.writer import Journal
 from proxy.evidence.metrics import Metrics
-from proxy.evidence.otel.encoder import LogEncoder
 from proxy.evidence.otel.endpoint import Protocol
-from proxy.evidence.otel.retry_queue import DEFAULT_LIMITS, QueueLimits, ReliableExporter
-from proxy.evidence.otel.settings import ExporterSettings
+from proxy.evidence.otel.settings import DEFAULT_LIMITS, ExporterSettings, QueueLimits
 from proxy.evidence.otel.supervisor import ExportProcess
-from proxy.evidence.otel.transport import make_transport
 from proxy.evidence.record import decision_record
+
+if TYPE_CHECKING:
+    from proxy.evidence.otel.retry_queue import ReliableExporter
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +44,23 @@ class OtelSink:
         metrics: Metrics | None = None,
         journal: Journal | None = None,
         limits: QueueLimits = DEFAULT_LIMITS,
+        on_demand: bool = False,
     ) -> None:
-        """``settings`` default to the standard variables (``timeout`` overriding theirs)."""
+        """``settings`` default to the standard variables (``timeout`` overriding theirs).
+
+        ``on_demand`` (with a journal; a private gate's run): the export process starts at the
+        first journaled record and the in-process exporter at the first record the journal could
+        not take, so a run that makes no connection starts neither."""
         if settings is None:
             settings = ExporterSettings.from_env(timeout=timeout)
         self.metrics = metrics
         self.journal = journal
-        self.processor = ReliableExporter(
-            make_transport(*target, settings, version), LogEncoder(version), metrics, limits
-        )
+        self._target = target
+        self._settings = settings
+        self._version = version
+        self._limits = limits
+        self._making = threading.Lock()
+        self._processor: ReliableExporter | None = None
         self._closed = False
         self.process: ExportProcess | None = None
         if journal is not None:
@@ -62,17 +71,52 @@ class OtelSink:
                 version=version,
                 metrics=metrics,
                 limits=limits,
+                on_demand=on_demand,
             )
-            self.processor.backlog = self.process.backlog
-            self.process.on_status = self.processor.update_gauge
+            self.process.on_status = self._update_gauge
+        if journal is None or not on_demand:
+            self.processor  # noqa: B018 (built now: its start-up is not paid under load)
+
+    @property
+    def processor(self) -> ReliableExporter:
+        """The in-process exporter: every record without a journal, and what the journal could not
+        take (a full disk)."""
+        processor = self._processor
+        if processor is None:
+            with self._making:
+                processor = self._processor
+                if processor is None:
+                    # Imported here: an on-demand sink's gate may never load protobuf at all.
+                    from proxy.evidence.otel.encoder import LogEncoder
+                    from proxy.evidence.otel.retry_queue import ReliableExporter
+                    from proxy.evidence.otel.transport import make_transport
+
+                    processor = ReliableExporter(
+                        make_transport(*self._target, self._settings, self._version),
+                        LogEncoder(self._version),
+                        self.metrics,
+                        self._limits,
+                    )
+                    if self.process is not None:
+                        processor.backlog = self.process.backlog
+                    self._processor = processor
+        return processor
+
+    def _update_gauge(self) -> None:
+        if self._processor is not None:
+            self._processor.update_gauge()
+        elif self.metrics is not None and self.process is not None:
+            self.metrics.otlp_queue_depth.set(self.process.backlog())
 
     def record_journaled(self, decision: Decision, journaled: bool) -> None:
-        if journaled and self.journal is not None:
-            return  # the export process sends it from the journal
+        if journaled and self.process is not None:
+            self.process.wanted()  # the export process sends it from the journal
+            return
         self.processor.offer(decision_record(decision))
 
     def event_journaled(self, name: str, attributes: dict[str, Any], journaled: bool) -> None:
-        if journaled and self.journal is not None:
+        if journaled and self.process is not None:
+            self.process.wanted()
             return
         self.processor.offer({"ts": time.time(), **attributes, "event": name})
 
@@ -88,7 +132,9 @@ class OtelSink:
         deadline = time.monotonic() + timeout
         if self.process is not None and not self.process.flush(timeout):
             return False
-        return self.processor.flush(max(0.0, deadline - time.monotonic()))
+        if self._processor is None:
+            return True
+        return self._processor.flush(max(0.0, deadline - time.monotonic()))
 
     def close(self, timeout: float = 5.0) -> None:
         """Deliver what is pending (bounded by ``timeout``), then stop; safe to call twice."""
@@ -99,4 +145,5 @@ class OtelSink:
         self.flush(timeout)
         if self.process is not None:
             self.process.close(max(0.1, deadline - time.monotonic()))
-        self.processor.close(max(0.1, deadline - time.monotonic()))
+        if self._processor is not None:
+            self._processor.close(max(0.1, deadline - time.monotonic()))

@@ -27,7 +27,7 @@ from proxy.evidence.metrics import Metrics
 from proxy.evidence.otel.cursor import cursor_path, read_cursor
 from proxy.evidence.otel.drops import OTLP_DROP_REASONS
 from proxy.evidence.otel.endpoint import Protocol
-from proxy.evidence.otel.retry_queue import QueueLimits
+from proxy.evidence.otel.settings import QueueLimits
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,11 @@ class ExportProcess:
         version: str,
         metrics: Metrics | None,
         limits: QueueLimits,
+        on_demand: bool = False,
     ) -> None:
+        """``on_demand``: start the process only once the journal holds something to export
+        (:meth:`wanted`), without waiting for it; a private gate's run that makes no connection then
+        never pays for it (a third of a second of CPU, and its start on the way to the command)."""
         self.journal = journal
         self.target = target
         self.timeout = timeout
@@ -64,13 +68,32 @@ class ExportProcess:
         self._stopping = threading.Event()
         self.on_status: Callable[[], None] = _nothing_to_do
         self.ready = threading.Event()
-        self._start_child()
-        self._thread = threading.Thread(target=self._supervise, name="otlp-process", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        self._starting = threading.Lock()
+        if on_demand and self.backlog() == 0:
+            return
+        self._launch()
+        if on_demand:
+            return
         # Start-up (imports, connecting) happens before the gate says it is ready, not under load.
         if not self.ready.wait(STARTUP_TIMEOUT):
             log.error("OTLP export process not ready after %.0f s; events wait in the journal",
                       STARTUP_TIMEOUT)  # fmt: skip
+
+    def wanted(self) -> None:
+        """The journal has (or is about to have) a record to export: make sure the process runs.
+        Cheap once started; called for every journaled record of an on-demand process."""
+        if self._thread is None:
+            self._launch()
+
+    def _launch(self) -> None:
+        with self._starting:
+            if self._thread is not None or self._stopping.is_set():
+                return
+            self._start_child()
+            thread = threading.Thread(target=self._supervise, name="otlp-process", daemon=True)
+            thread.start()
+            self._thread = thread
 
     def _start_child(self) -> None:
         cursor = read_cursor(self.cursor)
@@ -145,6 +168,8 @@ class ExportProcess:
 
     def flush(self, timeout: float) -> bool:
         target = self.journal.seq
+        if self.exported_seq < target:
+            self.wanted()
         deadline = time.monotonic() + timeout
         while self.exported_seq < target:
             if time.monotonic() >= deadline:
@@ -154,7 +179,10 @@ class ExportProcess:
 
     def close(self, timeout: float) -> None:
         """The process sends what is pending (bounded), writes the cursor and exits."""
-        self._stopping.set()
+        if self.exported_seq < self.journal.seq:
+            self.wanted()  # an on-demand process that was never needed until now
+        with self._starting:
+            self._stopping.set()
         proc = self._proc
         if proc is None:
             return
@@ -170,7 +198,8 @@ class ExportProcess:
             log.error("OTLP export process did not stop; killing pid %d", proc.pid)
             proc.kill()
             proc.wait(5)
-        self._thread.join(5)
+        if self._thread is not None:
+            self._thread.join(5)
 
 
 def _nothing_to_do() -> None:

@@ -9,7 +9,8 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 
 from proxy.evidence.metrics import Metrics
 from proxy.evidence.otel.encoder import LogEncoder
-from proxy.evidence.otel.retry_queue import QueueLimits, ReliableExporter
+from proxy.evidence.otel.retry_queue import ReliableExporter
+from proxy.evidence.otel.settings import QueueLimits
 from proxy.evidence.otel.transport import ExportFailed
 from proxy.evidence.record import decision_record
 from tests.proxy.evidence.decisions import allow

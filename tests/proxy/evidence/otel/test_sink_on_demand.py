@@ -1,0 +1,128 @@
+"""An on-demand OTel sink (a private gate's, started for one command): the export process starts at
+the first record the journal holds, and the in-process exporter at the first it could not take; a
+run that records nothing starts neither, and nothing recorded is ever left out."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from proxy.evidence.emit import Emitter
+from proxy.evidence.journal.writer import Journal
+from proxy.evidence.metrics import Metrics
+from proxy.evidence.otel.cursor import cursor_path, read_cursor, write_cursor
+from tests.proxy.evidence.decisions import allow
+from tests.proxy.evidence.otel.receivers import Receiver, make_sink
+
+ROOT = Path(__file__).resolve().parents[4]
+
+
+def test_a_run_that_records_nothing_starts_no_exporter(receiver: Receiver, tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "audit.jsonl")
+    sink = make_sink(receiver, Metrics(), journal=journal, on_demand=True)
+    assert sink.process is not None
+    try:
+        assert sink.process._proc is None
+        assert sink.flush(1)
+    finally:
+        sink.close()
+        journal.close()
+    assert sink.process._proc is None and sink._processor is None
+    assert read_cursor(cursor_path(journal.path)) is None  # no export process ever wrote one
+    time.sleep(0.2)
+    assert receiver.records == []
+
+
+def test_the_first_journaled_record_starts_it_and_every_record_arrives_once(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    history = Journal(path)
+    for i in range(4):  # written before OTLP was configured: not sent
+        history.record(allow(1000 + i))
+    history.close()
+    metrics = Metrics()
+    journal = Journal(path, metrics=metrics)
+    sink = make_sink(receiver, metrics, journal=journal, on_demand=True)
+    emitter = Emitter(sinks=[sink], write_ahead=[journal])
+    assert sink.process is not None and sink.process._proc is None
+    try:
+        ids = [emitter.emit(allow(i)).id for i in range(6)]
+        assert sink.process._proc is not None
+        assert sink.flush(20)
+        time.sleep(0.3)
+        got = receiver.records
+    finally:
+        sink.close()
+        journal.close()
+    received = [r.attributes["egress.decision.id"] for r in got]
+    assert sorted(received) == sorted(ids)  # the first included, each once, none of the history
+    assert sink._processor is None  # the journal took every record
+    assert read_cursor(cursor_path(path)) == 4 + 6
+
+
+def test_a_backlog_left_by_an_earlier_run_is_sent_at_once(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    earlier = Journal(path)
+    for i in range(5):
+        earlier.record(allow(i))
+    earlier.close()
+    write_cursor(cursor_path(path), 2)  # the earlier run's collector took the first two
+    journal = Journal(path)
+    sink = make_sink(receiver, Metrics(), journal=journal, on_demand=True)
+    try:
+        assert sink.process is not None and sink.process._proc is not None
+        got = receiver.wait_for(3, timeout=20)
+    finally:
+        sink.close()
+        journal.close()
+    assert {r.attributes["egress.journal.seq"] for r in got} == {3, 4, 5}
+    assert len(got) == 3
+
+
+def test_what_the_journal_could_not_take_is_exported_in_process(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    journal = Journal(tmp_path / "audit.jsonl")
+    sink = make_sink(receiver, Metrics(), journal=journal, on_demand=True)
+    decision = allow(7)
+    try:
+        assert sink._processor is None
+        sink.record_journaled(decision, False)  # as the Emitter says when the journal failed
+        got = receiver.wait_for(1, timeout=15)
+    finally:
+        sink.close()
+        journal.close()
+    assert [r.attributes["egress.decision.id"] for r in got] == [decision.id]
+    assert sink.process is not None and sink.process._proc is None
+
+
+def test_an_on_demand_sink_loads_no_exporter_code_until_it_is_needed(tmp_path: Path) -> None:
+    """The gate of a run that makes no connection never loads protobuf, OpenTelemetry or an HTTP
+    client: about 100 ms of every such run's start."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]);"
+        "from pathlib import Path;"
+        "from proxy.evidence.journal.writer import Journal;"
+        "from proxy.evidence.otel.endpoint import resolve_endpoint;"
+        "from proxy.evidence.otel.sink import OtelSink;"
+        "target = resolve_endpoint('http://127.0.0.1:9/v1/logs', 'http', env={});"
+        "journal = Journal(Path(sys.argv[2]));"
+        "sink = OtelSink(target, journal=journal, on_demand=True);"
+        "sink.close(0.1); journal.close();"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in"
+        " ('google', 'requests', 'grpc', 'urllib3')"
+        " or m.startswith(('opentelemetry.sdk', 'opentelemetry.proto'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT), str(tmp_path / "audit.jsonl")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.strip() == "[]", out.stderr

@@ -1,0 +1,73 @@
+"""`egress run` with a journal and OTLP: the export process starts with the run's first recorded
+decision (real curl through the real gate, a real receiver), every decision arrives once, and a run
+that connects nowhere starts no exporter at all."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from proxy.evidence.otel.cursor import cursor_path, read_cursor
+from tests.dnsfake import FakeDns
+from tests.harness import Upstream
+from tests.otlp_receiver import HttpReceiver
+from tests.proxy.sandbox.conftest import egress
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
+
+
+def test_a_run_that_connects_nowhere_starts_no_exporter(
+    world: tuple[Path, FakeDns, Upstream], tmp_path: Path
+) -> None:
+    policy, dns, _ = world
+    journal = tmp_path / "audit.jsonl"
+    receiver = HttpReceiver()
+    receiver.start()
+    try:
+        result = egress(
+            "run", "--policy", str(policy), "--nameserver", dns.nameserver, "--journal",
+            str(journal), "--otlp-endpoint", receiver.endpoint, "--otlp-protocol", "http",
+            "--quiet", "--", "true",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        time.sleep(0.3)
+        assert receiver.records == []
+    finally:
+        receiver.stop()
+    assert read_cursor(cursor_path(journal)) is None  # the export process writes it when it ends
+
+
+def test_every_decision_of_a_run_reaches_the_collector_once(
+    world: tuple[Path, FakeDns, Upstream], tmp_path: Path
+) -> None:
+    policy, dns, upstream = world
+    journal = tmp_path / "audit.jsonl"
+    url = f"http://allowed.test:{upstream.port}"
+    receiver = HttpReceiver()
+    receiver.start()
+    try:
+        result = egress(
+            "run", "--policy", str(policy), "--nameserver", dns.nameserver, "--journal",
+            str(journal), "--otlp-endpoint", receiver.endpoint, "--otlp-protocol", "http",
+            "--quiet", "--", "sh", "-c",
+            f"curl -sS -m 10 -o /dev/null {url}/a; curl -sS -m 10 -o /dev/null {url}/b;"
+            f" curl -sS -m 10 -o /dev/null http://evil.test:{upstream.port}/c || true",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        records = receiver.wait_for(1, timeout=10)
+        time.sleep(0.3)
+        records = receiver.records
+    finally:
+        receiver.stop()
+    lines = journal.read_text().splitlines()
+    seqs = [r.attributes["egress.journal.seq"] for r in records]
+    assert sorted(seqs) == list(range(1, len(lines) + 1))  # everything journaled, each once
+    paths = {
+        r.attributes.get("url.path"): r.attributes["egress.decision"]
+        for r in records
+        if r.event_name == "egress.decision"
+    }
+    assert paths.get("/a") == paths.get("/b") == "allow"
+    assert read_cursor(cursor_path(journal)) == len(lines)
