@@ -32,6 +32,7 @@ from proxy.evidence.otel.settings import QueueLimits
 log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT = 15.0
+LAUNCH_RETRY = 5.0  # seconds before an on-demand process that could not be started is tried again
 
 
 class ExportProcess:
@@ -70,6 +71,7 @@ class ExportProcess:
         self.ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._starting = threading.Lock()
+        self._retry_at = 0.0
         if on_demand and self.backlog() == 0:
             return
         self._launch()
@@ -82,9 +84,16 @@ class ExportProcess:
 
     def wanted(self) -> None:
         """The journal has (or is about to have) a record to export: make sure the process runs.
-        Cheap once started; called for every journaled record of an on-demand process."""
-        if self._thread is None:
-            self._launch()
+        Cheap once started; called for every journaled record of an on-demand process. A process
+        that cannot be started (no memory, no descriptors) is tried again later: the records wait
+        in the journal, and the caller (the gate's event loop) never sees the error."""
+        if self._thread is None and time.monotonic() >= self._retry_at:
+            try:
+                self._launch()
+            except OSError as exc:
+                self._retry_at = time.monotonic() + LAUNCH_RETRY
+                log.error("OTLP export process cannot be started (%s); events wait in the journal, "
+                          "trying again in %.0f s", exc, LAUNCH_RETRY)  # fmt: skip
 
     def _launch(self) -> None:
         with self._starting:

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from proxy.evidence.emit import Emitter
 from proxy.evidence.journal.writer import Journal
 from proxy.evidence.metrics import Metrics
@@ -126,3 +128,42 @@ def test_an_on_demand_sink_loads_no_exporter_code_until_it_is_needed(tmp_path: P
         check=True,
     )
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_an_export_process_that_cannot_start_is_tried_again_and_loses_nothing(
+    receiver: Receiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Starting it on demand happens on the gate's event loop: a failure there (no descriptors, no
+    memory) must neither reach the decision nor lose the records the journal holds."""
+    from proxy.evidence.otel import supervisor
+
+    real = subprocess.Popen
+    attempts: list[int] = []
+
+    def failing_once(*args: object, **kwargs: object) -> object:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise OSError(24, "Too many open files")
+        return real(*args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(supervisor.subprocess, "Popen", failing_once)
+    monkeypatch.setattr(supervisor, "LAUNCH_RETRY", 0.2)
+    journal = Journal(tmp_path / "audit.jsonl")
+    sink = make_sink(receiver, Metrics(), journal=journal, on_demand=True)
+    emitter = Emitter(sinks=[sink], write_ahead=[journal])
+    try:
+        first = emitter.emit(allow(1))
+        assert first.allowed and sink.process is not None and sink.process._proc is None
+        second = emitter.emit(allow(2))  # within the retry delay: not tried again
+        assert len(attempts) == 1
+        time.sleep(0.3)
+        third = emitter.emit(allow(3))
+        assert sink.process._proc is not None
+        assert sink.flush(20)
+        got = receiver.records
+    finally:
+        sink.close()
+        journal.close()
+    assert sorted(r.attributes["egress.decision.id"] for r in got) == sorted(
+        d.id for d in (first, second, third)
+    )
