@@ -48,7 +48,7 @@ from functools import lru_cache
 from proxy.core.decision import Decision, Kind, Reason, Request, Verdict
 from proxy.core.frozen import builder
 from proxy.core.hosts import InvalidHost, canonical_host
-from proxy.core.requests import Outcome, judge
+from proxy.core.requests import HttpHead, Outcome, judge
 from proxy.core.text import escape
 from proxy.policy.model import Action, Mode, Policy, Rule
 
@@ -77,7 +77,23 @@ _MODE_TEXT = {mode: mode.value for mode in Mode}
 # canonical host, detail, mode.
 type _Outcome = tuple[Verdict, Reason, str | None, str, str, str]
 _MAX_OUTCOMES = 4096
+_KEPT_TEXT = 300  # host and SNI: a name is at most 253 characters
 _KEPT_TARGET = 512
+
+
+def _keepable(head: HttpHead) -> bool:
+    """A head small enough to be a memo key (each kept entry is then a few KiB at most) and whose
+    answer does not depend on a body."""
+    return (
+        head.body is None
+        and not head.body_overflow
+        and not head.overrides
+        and len(head.target) <= _KEPT_TARGET
+        and len(head.method) <= 32
+        and (head.upgrade is None or len(head.upgrade) <= 64)
+        and (head.content_type is None or len(head.content_type) <= 128)
+        and (head.content_encoding is None or len(head.content_encoding) <= 64)
+    )
 
 
 @lru_cache(maxsize=4096)
@@ -135,11 +151,15 @@ def decide_request(request: Request, policy: Policy) -> Decision | BodyNeeded:
     values only builds its Decision: traffic goes to a few registries, and the host walk, the request
     step, the ceiling's decision and the detail text were two thirds of a decision's cost. Kept only
     with an ``int`` port (``True`` or ``443.0`` find the same rules and print differently) and a
-    short target (a memo of long ones would hold megabytes)."""
+    head and names of bounded size (a memo of long ones would hold megabytes), and a host that is
+    a ``str`` (``1`` and ``True`` are equal keys)."""
     http = request.http
-    if (type(request.port) is int or request.port is None) and (
-        http is None
-        or (http.body is None and not http.body_overflow and len(http.target) <= _KEPT_TARGET)
+    if (
+        type(request.host) is str
+        and len(request.host) <= _KEPT_TEXT
+        and (type(request.port) is int or request.port is None)
+        and (request.sni is None or len(request.sni) <= _KEPT_TEXT)
+        and (http is None or _keepable(http))
     ):
         outcomes = policy.index.outcomes
         key = (request.host, request.kind, request.port, request.sni, http)

@@ -114,7 +114,9 @@ _NO_RULES = RequestRules((), ())  # cached "nothing here reads requests"
 
 
 class RuleIndex:
-    """Built once per policy; every method is read-only, so one index serves all threads."""
+    """Built once per policy; every lookup is read-only, so one index serves all threads (the
+    engine's memo beside them, :attr:`outcomes`, is a dict of a pure function's answers: a race
+    at worst computes one twice)."""
 
     __slots__ = ("_by_name", "_cache", "_names", "_nets4", "_nets6", "outcomes", "size")
 

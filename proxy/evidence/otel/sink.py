@@ -22,7 +22,7 @@ from proxy.evidence.journal.writer import Journal
 from proxy.evidence.metrics import Metrics
 from proxy.evidence.otel.endpoint import Protocol
 from proxy.evidence.otel.settings import DEFAULT_LIMITS, ExporterSettings, QueueLimits
-from proxy.evidence.otel.supervisor import ExportProcess
+from proxy.evidence.otel.supervisor import LAUNCH_RETRY, ExportProcess
 from proxy.evidence.record import decision_record
 
 if TYPE_CHECKING:
@@ -61,6 +61,7 @@ class OtelSink:
         self._limits = limits
         self._making = threading.Lock()
         self._processor: ReliableExporter | None = None
+        self._build_retry_at = 0.0
         self._closed = False
         self.process: ExportProcess | None = None
         if journal is not None:
@@ -102,6 +103,22 @@ class OtelSink:
                     self._processor = processor
         return processor
 
+    def _fallback(self) -> ReliableExporter | None:
+        """:attr:`processor`, or None while it cannot be built (then said every few seconds, not
+        for every record: a gate whose journal failed must not also flood its log)."""
+        if self._processor is not None:
+            return self._processor
+        now = time.monotonic()
+        if now < self._build_retry_at:
+            return None
+        try:
+            return self.processor
+        except Exception:
+            self._build_retry_at = now + LAUNCH_RETRY
+            log.exception("the in-process OTLP exporter cannot be built: records the journal did "
+                          "not take are not exported")  # fmt: skip
+            return None
+
     def _update_gauge(self) -> None:
         if self._processor is not None:
             self._processor.update_gauge()
@@ -112,13 +129,17 @@ class OtelSink:
         if journaled and self.process is not None:
             self.process.wanted()  # the export process sends it from the journal
             return
-        self.processor.offer(decision_record(decision))
+        processor = self._fallback()
+        if processor is not None:
+            processor.offer(decision_record(decision))
 
     def event_journaled(self, name: str, attributes: dict[str, Any], journaled: bool) -> None:
         if journaled and self.process is not None:
             self.process.wanted()
             return
-        self.processor.offer({"ts": time.time(), **attributes, "event": name})
+        processor = self._fallback()
+        if processor is not None:
+            processor.offer({"ts": time.time(), **attributes, "event": name})
 
     def record(self, decision: Decision) -> None:
         """Export ``decision`` in-process (it is not in the journal)."""

@@ -24,7 +24,7 @@ from typing import Any
 
 from proxy.evidence.journal.writer import Journal
 from proxy.evidence.metrics import Metrics
-from proxy.evidence.otel.cursor import cursor_path, read_cursor
+from proxy.evidence.otel.cursor import cursor_path, read_cursor, write_cursor
 from proxy.evidence.otel.drops import OTLP_DROP_REASONS
 from proxy.evidence.otel.endpoint import Protocol
 from proxy.evidence.otel.settings import QueueLimits
@@ -88,12 +88,27 @@ class ExportProcess:
         that cannot be started (no memory, no descriptors) is tried again later: the records wait
         in the journal, and the caller (the gate's event loop) never sees the error."""
         if self._thread is None and time.monotonic() >= self._retry_at:
+            self._try_launch()
+
+    def _try_launch(self) -> bool:
+        try:
+            self._launch()
+        except Exception as exc:  # OSError from fork/exec, RuntimeError from a thread
+            self._launch_failed(exc)
+            return False
+        return True
+
+    def _launch_failed(self, exc: BaseException) -> None:
+        self._retry_at = time.monotonic() + LAUNCH_RETRY
+        log.error("OTLP export process cannot be started (%s); events wait in the journal, "
+                  "trying again in %.0f s", exc, LAUNCH_RETRY)  # fmt: skip
+        if read_cursor(self.cursor) is None:
+            # Without a cursor the next gate would take the journal as never exported and start at
+            # its end: say where this one stood, so its records are sent then.
             try:
-                self._launch()
-            except OSError as exc:
-                self._retry_at = time.monotonic() + LAUNCH_RETRY
-                log.error("OTLP export process cannot be started (%s); events wait in the journal, "
-                          "trying again in %.0f s", exc, LAUNCH_RETRY)  # fmt: skip
+                write_cursor(self.cursor, self.exported_seq)
+            except OSError as error:
+                log.error("OTLP export cursor %s cannot be written: %s", self.cursor, error)
 
     def _launch(self) -> None:
         with self._starting:
@@ -101,15 +116,31 @@ class ExportProcess:
                 return
             self._start_child()
             thread = threading.Thread(target=self._supervise, name="otlp-process", daemon=True)
-            thread.start()
+            try:
+                thread.start()
+            except BaseException:
+                self._end_child()  # no supervisor: no child either
+                raise
             self._thread = thread
+
+    def _end_child(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            with contextlib.suppress(OSError):
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
 
     def _start_child(self) -> None:
         cursor = read_cursor(self.cursor)
-        after = max(self.exported_seq, cursor if cursor is not None else 0)
+        after = self.exported_seq
+        if cursor is not None and after < cursor <= self.journal.seq:  # (a cursor past the end is
+            after = cursor  # another journal's: the constructor started at this one's end)
         cmd = [
-            sys.executable, "-m", "proxy.evidence.otel",
-            "--journal", str(self.journal.path),
+            # -P, and "/" as its directory: nothing in the directory the gate was started in (a
+            # repository a sandboxed command writes to) can shadow a module this process imports.
+            sys.executable, "-P", "-m", "proxy.evidence.otel",
+            "--journal", str(self.journal.path.absolute()),
             "--endpoint", self.target[0],
             "--protocol", self.target[1],
             "--after-seq", str(after),
@@ -124,7 +155,7 @@ class ExportProcess:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         self._last = {}
         self._proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd="/"
         )
 
     def _supervise(self) -> None:
@@ -142,11 +173,17 @@ class ExportProcess:
             log.error("OTLP export process exited (%s); restarting it in 1 s", proc.returncode)
             if self._stopping.wait(1.0):
                 return
-            try:
-                self._start_child()
-            except OSError:
-                log.exception("OTLP export process cannot be started")
-                return
+            with self._starting:
+                if self._stopping.is_set():
+                    return
+                try:
+                    self._start_child()
+                except OSError as exc:
+                    # Supervision ends here; the next record to export starts it again.
+                    self._proc = None
+                    self._thread = None
+                    self._launch_failed(exc)
+                    return
 
     def _apply(self, status: dict[str, Any]) -> None:
         self.ready.set()
@@ -177,8 +214,8 @@ class ExportProcess:
 
     def flush(self, timeout: float) -> bool:
         target = self.journal.seq
-        if self.exported_seq < target:
-            self.wanted()
+        if self.exported_seq < target and self._thread is None and not self._try_launch():
+            return False
         deadline = time.monotonic() + timeout
         while self.exported_seq < target:
             if time.monotonic() >= deadline:
@@ -188,8 +225,8 @@ class ExportProcess:
 
     def close(self, timeout: float) -> None:
         """The process sends what is pending (bounded), writes the cursor and exits."""
-        if self.exported_seq < self.journal.seq:
-            self.wanted()  # an on-demand process that was never needed until now
+        if self.exported_seq < self.journal.seq and self._thread is None:
+            self._try_launch()  # needed only now, or failed before: once more, whatever the delay
         with self._starting:
             self._stopping.set()
         proc = self._proc

@@ -178,7 +178,7 @@ def test_requests_differing_in_one_field_are_kept_apart(requests: list[Request])
         ), request
 
 
-def test_every_decision_is_its_own_record(tmp_path: Path) -> None:
+def test_every_decision_is_its_own_record() -> None:
     """A kept outcome builds a new Decision with its own id and time, and the request's own fields."""
     policy = _load(LOCAL)
     first = decide(Request(Kind.CONNECT, "pypi.test", 443, client="10.0.0.2"), policy)

@@ -4,6 +4,8 @@ that connects nowhere starts no exporter at all."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,9 +13,9 @@ import pytest
 
 from proxy.evidence.otel.cursor import cursor_path, read_cursor
 from tests.dnsfake import FakeDns
-from tests.harness import Upstream
+from tests.harness import Upstream, clean_env
 from tests.otlp_receiver import HttpReceiver
-from tests.proxy.sandbox.conftest import egress
+from tests.proxy.sandbox.conftest import EGRESS_WAIT, egress
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
 
@@ -71,3 +73,38 @@ def test_every_decision_of_a_run_reaches_the_collector_once(
     }
     assert paths.get("/a") == paths.get("/b") == "allow"
     assert read_cursor(cursor_path(journal)) == len(lines)
+
+
+def test_the_command_cannot_plant_code_in_the_export_process(
+    world: tuple[Path, FakeDns, Upstream], tmp_path: Path
+) -> None:
+    """The export process starts while the command runs (with its first recorded decision), in the
+    host's namespaces: a module the command writes into the directory the run started in must not
+    shadow one that process imports (it runs with ``-P`` in ``/``)."""
+    policy, dns, upstream = world
+    workdir = tmp_path / "repo"
+    workdir.mkdir()
+    marker = tmp_path / "planted-code-ran"
+    (workdir / "plant.txt").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    modules = "json argparse logging threading contextlib"
+    command = (
+        f"for m in {modules}; do cp plant.txt $m.py; done;"
+        f" curl -sS -m 10 -o /dev/null http://allowed.test:{upstream.port}/a"
+    )
+    receiver = HttpReceiver()
+    receiver.start()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "proxy.app.cli", "run", "--policy", str(policy),
+             "--nameserver", dns.nameserver, "--journal", str(tmp_path / "audit.jsonl"),
+             "--otlp-endpoint", receiver.endpoint, "--otlp-protocol", "http", "--quiet", "--",
+             "sh", "-c", command],
+            cwd=workdir, env=clean_env(), capture_output=True, text=True, timeout=EGRESS_WAIT,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert (workdir / "json.py").exists()  # the command did plant it
+        records = receiver.wait_for(1, timeout=10)
+    finally:
+        receiver.stop()
+    assert records  # the export process ran, and sent the run's decision
+    assert not marker.exists()

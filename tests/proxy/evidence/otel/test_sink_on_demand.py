@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -78,12 +79,13 @@ def test_a_backlog_left_by_an_earlier_run_is_sent_at_once(
     sink = make_sink(receiver, Metrics(), journal=journal, on_demand=True)
     try:
         assert sink.process is not None and sink.process._proc is not None
-        got = receiver.wait_for(3, timeout=20)
+        receiver.wait_for(3, timeout=20)
     finally:
         sink.close()
         journal.close()
-    assert {r.attributes["egress.journal.seq"] for r in got} == {3, 4, 5}
-    assert len(got) == 3
+    time.sleep(0.3)
+    got = receiver.records  # after close: a record sent twice would be here twice
+    assert sorted(r.attributes["egress.journal.seq"] for r in got) == [3, 4, 5]
 
 
 def test_what_the_journal_could_not_take_is_exported_in_process(
@@ -146,8 +148,8 @@ def test_an_export_process_that_cannot_start_is_tried_again_and_loses_nothing(
             raise OSError(24, "Too many open files")
         return real(*args, **kwargs)  # type: ignore[call-overload]
 
-    monkeypatch.setattr(supervisor.subprocess, "Popen", failing_once)
-    monkeypatch.setattr(supervisor, "LAUNCH_RETRY", 0.2)
+    monkeypatch.setattr(subprocess, "Popen", failing_once)
+    monkeypatch.setattr(supervisor, "LAUNCH_RETRY", 1.0)
     journal = Journal(tmp_path / "audit.jsonl")
     sink = make_sink(receiver, Metrics(), journal=journal, on_demand=True)
     emitter = Emitter(sinks=[sink], write_ahead=[journal])
@@ -156,7 +158,7 @@ def test_an_export_process_that_cannot_start_is_tried_again_and_loses_nothing(
         assert first.allowed and sink.process is not None and sink.process._proc is None
         second = emitter.emit(allow(2))  # within the retry delay: not tried again
         assert len(attempts) == 1
-        time.sleep(0.3)
+        time.sleep(1.2)
         third = emitter.emit(allow(3))
         assert sink.process._proc is not None
         assert sink.flush(20)
@@ -167,3 +169,93 @@ def test_an_export_process_that_cannot_start_is_tried_again_and_loses_nothing(
     assert sorted(r.attributes["egress.decision.id"] for r in got) == sorted(
         d.id for d in (first, second, third)
     )
+
+
+def test_records_a_run_could_not_export_are_sent_by_the_next_gate(
+    receiver: Receiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No export process could be started during the whole run (not even at its close): the next
+    gate must send the run's records, not take the journal as never exported and skip them."""
+    path = tmp_path / "audit.jsonl"
+    history = Journal(path)
+    history.record(allow(1000))  # from before OTLP was configured: never sent
+    history.close()
+
+    def failing(*args: object, **kwargs: object) -> object:
+        raise OSError(12, "Cannot allocate memory")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(subprocess, "Popen", failing)
+        journal = Journal(path)
+        sink = make_sink(receiver, Metrics(), journal=journal, on_demand=True)
+        emitter = Emitter(sinks=[sink], write_ahead=[journal])
+        ids = [emitter.emit(allow(i)).id for i in range(3)]
+        sink.close(timeout=1.0)
+        journal.close()
+    assert read_cursor(cursor_path(path)) == 1  # where the failed run stood
+
+    journal = Journal(path)
+    sink = make_sink(receiver, Metrics(), journal=journal, on_demand=True)
+    try:
+        assert sink.process is not None and sink.process._proc is not None  # a backlog: at once
+        receiver.wait_for(3, timeout=20)
+    finally:
+        sink.close()
+        journal.close()
+    time.sleep(0.3)
+    assert sorted(r.attributes["egress.decision.id"] for r in receiver.records) == sorted(ids)
+
+
+def test_a_cursor_past_the_journals_end_skips_nothing(receiver: Receiver, tmp_path: Path) -> None:
+    """A cursor left by another journal at the same path (the file replaced, the cursor not): the
+    new journal is exported from its start of export, not from the old cursor's seq."""
+    path = tmp_path / "audit.jsonl"
+    write_cursor(cursor_path(path), 500)
+    journal = Journal(path)
+    sink = make_sink(receiver, Metrics(), journal=journal, on_demand=True)
+    emitter = Emitter(sinks=[sink], write_ahead=[journal])
+    try:
+        ids = [emitter.emit(allow(i)).id for i in range(2)]
+        receiver.wait_for(2, timeout=20)
+    finally:
+        sink.close()
+        journal.close()
+    assert sorted(r.attributes["egress.decision.id"] for r in receiver.records) == sorted(ids)
+
+
+def test_a_supervisor_that_cannot_start_leaves_no_child(
+    receiver: Receiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process started but its supervising thread could not be: the child is ended (else each
+    later record would start one more, each exporting the same journal)."""
+    from proxy.evidence.otel import supervisor
+
+    started: list[subprocess.Popen[str]] = []
+    real = subprocess.Popen
+
+    def recording(*args: object, **kwargs: object) -> subprocess.Popen[str]:
+        proc: subprocess.Popen[str] = real(*args, **kwargs)  # type: ignore[call-overload]
+        started.append(proc)
+        return proc
+
+    class NoThread(threading.Thread):  # only the supervisor's thread fails to start
+        def start(self) -> None:
+            if self.name == "otlp-process":
+                raise RuntimeError("can't start new thread")
+            super().start()
+
+    monkeypatch.setattr(subprocess, "Popen", recording)
+    monkeypatch.setattr(supervisor.threading, "Thread", NoThread)
+    journal = Journal(tmp_path / "audit.jsonl")
+    sink = make_sink(receiver, Metrics(), journal=journal, on_demand=True)
+    emitter = Emitter(sinks=[sink], write_ahead=[journal])
+    try:
+        for i in range(3):
+            emitter.emit(allow(i))
+        assert len(started) == 1  # tried once, then not again within the retry delay
+        assert started[0].poll() is not None  # and that child is gone
+        assert sink.process is not None and sink.process._proc is None
+    finally:
+        monkeypatch.undo()
+        sink.close()
+        journal.close()
