@@ -81,14 +81,39 @@ _KEPT_TEXT = 300  # host and SNI: a name is at most 253 characters
 _KEPT_TARGET = 512
 
 
+def _key(request: Request) -> tuple[object, ...] | None:
+    """The request's memo key, or None when it is not kept: values of another type than the
+    adapters give (``1`` and ``True`` are equal keys and print differently) or of unbounded size."""
+    host, port, sni, http = request.host, request.port, request.sni, request.http
+    if (
+        type(host) is str
+        and len(host) <= _KEPT_TEXT
+        and (type(port) is int or port is None)
+        and (sni is None or (type(sni) is str and len(sni) <= _KEPT_TEXT))
+        and (http is None or _keepable(http))
+    ):
+        return host, request.kind, port, sni, http
+    return None
+
+
 def _keepable(head: HttpHead) -> bool:
+    try:
+        return _small(head)
+    except TypeError:  # a header value of another type: decided, not kept
+        return False
+
+
+def _small(head: HttpHead) -> bool:
     """A head small enough to be a memo key (each kept entry is then a few KiB at most) and whose
     answer does not depend on a body."""
     return (
-        head.body is None
+        type(head) is HttpHead
+        and head.body is None
         and not head.body_overflow
         and not head.overrides
+        and type(head.target) is str
         and len(head.target) <= _KEPT_TARGET
+        and type(head.method) is str
         and len(head.method) <= 32
         and (head.upgrade is None or len(head.upgrade) <= 64)
         and (head.content_type is None or len(head.content_type) <= 128)
@@ -153,25 +178,17 @@ def decide_request(request: Request, policy: Policy) -> Decision | BodyNeeded:
     with an ``int`` port (``True`` or ``443.0`` find the same rules and print differently) and a
     head and names of bounded size (a memo of long ones would hold megabytes), and a host that is
     a ``str`` (``1`` and ``True`` are equal keys)."""
-    http = request.http
-    if (
-        type(request.host) is str
-        and len(request.host) <= _KEPT_TEXT
-        and (type(request.port) is int or request.port is None)
-        and (request.sni is None or len(request.sni) <= _KEPT_TEXT)
-        and (http is None or _keepable(http))
-    ):
+    key = _key(request)
+    if key is not None:
         outcomes = policy.index.outcomes
-        key = (request.host, request.kind, request.port, request.sni, http)
         try:
             outcome: _Outcome | None = outcomes.get(key)
-            keep = True
-        except TypeError:  # an unhashable host or SNI (refused): decided without the memo
-            outcome, keep = None, False
+        except TypeError:  # an unhashable kind or head field (refused): decided without the memo
+            outcome, key = None, None
         if outcome is not None:
             return _build(request, policy, outcome)
         judged = _judge(request, policy)
-        if keep and not isinstance(judged, BodyNeeded):  # (only a request step asks for a body)
+        if key is not None and not isinstance(judged, BodyNeeded):  # (a request step's answer)
             if len(outcomes) >= _MAX_OUTCOMES:
                 outcomes.clear()
             outcomes[key] = judged

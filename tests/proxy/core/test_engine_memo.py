@@ -249,3 +249,13 @@ def test_the_memo_is_bounded() -> None:
     for n in range(engine._MAX_OUTCOMES + 10):
         decide(Request(Kind.CONNECT, f"h{n}.flood.invalid", 443), policy)
     assert 0 < len(policy.index.outcomes) <= engine._MAX_OUTCOMES
+
+
+def test_values_of_other_types_are_decided_not_kept() -> None:
+    """Requests are untrusted plain values: an SNI of another type is decided as before (refused)
+    and never raises on its way past the memo."""
+    policy = _load(LOCAL)
+    for sni in (123, b"pypi.test"):
+        decision = decide(Request(Kind.TLS, "pypi.test", 443, sni=sni), policy)  # type: ignore[arg-type]
+        assert decision.decision is Verdict.DENY
+    assert policy.index.outcomes == {}
