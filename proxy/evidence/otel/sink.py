@@ -64,6 +64,10 @@ class OtelSink:
         self._build_retry_at = 0.0
         self._closed = False
         self.process: ExportProcess | None = None
+        if journal is None or not on_demand:
+            # Built now, its start-up not paid under load; and before the export process, which a
+            # failure here would otherwise leave running.
+            self.processor  # noqa: B018
         if journal is not None:
             self.process = ExportProcess(
                 journal,
@@ -75,8 +79,8 @@ class OtelSink:
                 on_demand=on_demand,
             )
             self.process.on_status = self._update_gauge
-        if journal is None or not on_demand:
-            self.processor  # noqa: B018 (built now: its start-up is not paid under load)
+            if self._processor is not None:
+                self._processor.backlog = self.process.backlog
 
     @property
     def processor(self) -> ReliableExporter:
