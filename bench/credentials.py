@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 
+from bench.decisions import p50_p99_us
 from proxy.core.credentials import (
     Binding,
     Carried,
@@ -59,9 +60,7 @@ def _time(call: object, samples: int) -> list[int]:
 
 
 def _row(label: str, timings: list[int]) -> str:
-    ordered = sorted(timings)
-    p50 = ordered[len(ordered) // 2] / 1000
-    p99 = ordered[int(len(ordered) * 0.99)] / 1000
+    p50, p99 = p50_p99_us(timings)
     return f"| {label} | {p50:.1f} | {p99:.1f} |"
 
 

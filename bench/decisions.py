@@ -183,11 +183,15 @@ def _time_dict(table: dict[str, int], keys: list[str], samples: int) -> list[int
     return timings
 
 
-def _row(label: str, timings: list[int], base_p99: float | None) -> tuple[str, ...]:
+def p50_p99_us(timings: list[int]) -> tuple[float, float]:
+    """Median and 99th percentile, in microseconds, of timings in nanoseconds."""
     ordered = sorted(timings)
-    p50 = ordered[len(ordered) // 2] / 1000
-    p99 = ordered[int(len(ordered) * 0.99)] / 1000
-    per_s = len(ordered) / (sum(ordered) / 1e9)
+    return ordered[len(ordered) // 2] / 1000, ordered[int(len(ordered) * 0.99)] / 1000
+
+
+def _row(label: str, timings: list[int], base_p99: float | None) -> tuple[str, ...]:
+    p50, p99 = p50_p99_us(timings)
+    per_s = len(timings) / (sum(timings) / 1e9)
     ratio = f"{p99 / base_p99:.2f}x" if base_p99 else "-"
     return (label, f"{per_s:,.0f}", f"{p50:.2f}", f"{p99:.2f}", ratio)
 
@@ -225,11 +229,10 @@ def main() -> int:
         cold = [
             Request(Kind.CONNECT, f"c{n}.x{n % 97}.example.com", 443) for n in range(SAMPLES // 4)
         ]
-        warm = build_requests(SIZES[-1], DISTINCT_REQUESTS)
         rows.append(
             _row(
-                f"{SIZES[-1]:,} rules, not kept",
-                _time_decisions(not_kept(warm, SAMPLES // 4), big, SAMPLES // 4),
+                f"{SIZES[-1]:,} rules, not kept",  # the largest policy's own, warm requests
+                _time_decisions(not_kept(requests, SAMPLES // 4), big, SAMPLES // 4),
                 base_p99,
             )
         )

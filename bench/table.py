@@ -379,13 +379,18 @@ def decision_rows(samples: int) -> list[tuple[str, float, float, bool]]:
     requests (kept outcomes), then at 100,000 rules requests new to the policy's memo."""
     import gc
 
-    from bench.decisions import SIZES, _time_decisions, build_policy, build_requests, not_kept
+    from bench.decisions import (
+        SIZES,
+        _time_decisions,
+        build_policy,
+        build_requests,
+        not_kept,
+        p50_p99_us,
+    )
     from proxy.core.engine import decide
 
     def row(label: str, timings: list[int], target: bool) -> tuple[str, float, float, bool]:
-        ordered = sorted(timings)
-        p50, p99 = ordered[len(ordered) // 2] / 1000, ordered[int(len(ordered) * 0.99)] / 1000
-        return label, p50, p99, target
+        return (label, *p50_p99_us(timings), target)
 
     rows = []
     for size in SIZES:

@@ -97,28 +97,24 @@ def _key(request: Request) -> tuple[object, ...] | None:
 
 
 def _keepable(head: HttpHead) -> bool:
-    try:
-        return _small(head)
-    except TypeError:  # a header value of another type: decided, not kept
-        return False
-
-
-def _small(head: HttpHead) -> bool:
     """A head small enough to be a memo key (each kept entry is then a few KiB at most) and whose
     answer does not depend on a body."""
-    return (
-        type(head) is HttpHead
-        and head.body is None
-        and not head.body_overflow
-        and not head.overrides
-        and type(head.target) is str
-        and len(head.target) <= _KEPT_TARGET
-        and type(head.method) is str
-        and len(head.method) <= 32
-        and (head.upgrade is None or len(head.upgrade) <= 64)
-        and (head.content_type is None or len(head.content_type) <= 128)
-        and (head.content_encoding is None or len(head.content_encoding) <= 64)
-    )
+    try:
+        return (
+            type(head) is HttpHead
+            and head.body is None
+            and not head.body_overflow
+            and not head.overrides
+            and type(head.target) is str
+            and len(head.target) <= _KEPT_TARGET
+            and type(head.method) is str
+            and len(head.method) <= 32
+            and (head.upgrade is None or len(head.upgrade) <= 64)
+            and (head.content_type is None or len(head.content_type) <= 128)
+            and (head.content_encoding is None or len(head.content_encoding) <= 64)
+        )
+    except TypeError:  # a header value of another type: decided, not kept
+        return False
 
 
 @lru_cache(maxsize=4096)
