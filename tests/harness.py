@@ -466,6 +466,24 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def fresh_python(
+    code: str, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> str:
+    """What ``python -c code args`` prints in a new interpreter (which must exit 0): what a fresh
+    process imports, or does, without this test process's modules and threads."""
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+
+
 def written_lines(path: Path) -> list[str]:
     """The complete lines of a log another process is appending to (a decision log, a journal).
     The gate writes each line with one ``write``, but a reader can still see part of a write in

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import clean_env
+from tests.harness import clean_env, fresh_python
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,16 +44,7 @@ def test_a_module_planted_in_the_runs_directory_never_runs_in_the_gate(tmp_path:
 
 
 def _path_after(cwd: Path, code: str, env: dict[str, str]) -> list[str]:
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return list(eval(out.stdout))  # a repr of a list of strings, printed just above
+    return list(eval(fresh_python(code, cwd=cwd, env=env)))  # a repr of a list of strings
 
 
 DROP = (

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 
 import pytest
 
 from proxy.core.decision import Decision, Kind, Reason, Verdict, new_id
+from tests.harness import fresh_python
 
 
 def test_to_dict_omits_unset_fields_and_renders_enums_as_strings() -> None:
@@ -84,10 +83,7 @@ print("".join(new_id() for _ in range(300)))
 def test_a_forked_worker_never_repeats_its_parents_ids() -> None:
     """Ids are read from the system 256 at a time: a child must not hand out the parent's unused
     ones (a process of its own: forking the test runner's threads is not safe)."""
-    done = subprocess.run(
-        [sys.executable, "-c", FORKING], capture_output=True, text=True, timeout=60, check=True
-    )
-    theirs_text, ours_text = done.stdout.split()
+    theirs_text, ours_text = fresh_python(FORKING).split()
     theirs = {theirs_text[at : at + 32] for at in range(0, len(theirs_text), 32)}
     ours = {ours_text[at : at + 32] for at in range(0, len(ours_text), 32)}
     assert len(theirs) == len(ours) == 300

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from proxy.evidence.config import EvidenceConfig, EvidenceError, parse_hostport
 from proxy.evidence.flags import add_evidence_arguments
+from tests.harness import fresh_python
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -79,11 +78,4 @@ def test_the_flags_and_the_config_load_no_exporter() -> None:
         "('opentelemetry', 'grpc', 'google', 'prometheus_client', 'requests')];"
         "print(heavy)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(ROOT)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert out.stdout.strip() == "[]"
+    assert fresh_python(code, str(ROOT)).strip() == "[]"

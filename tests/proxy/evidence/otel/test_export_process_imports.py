@@ -4,9 +4,9 @@ loader with YAML), which was a third of its start-up CPU on the 2 cores it share
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
+
+from tests.harness import fresh_python
 
 ROOT = Path(__file__).resolve().parents[4]
 
@@ -18,11 +18,4 @@ def test_the_export_process_loads_no_registry_and_no_policy_code() -> None:
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('prometheus_client', 'yaml')"
         " or m.startswith(('proxy.policy', 'proxy.evidence.metrics', 'http.server'))))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(ROOT)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert out.stdout.strip() == "[]"
+    assert fresh_python(code, str(ROOT)).strip() == "[]"

@@ -5,7 +5,6 @@ run that records nothing starts neither, and nothing recorded is ever left out."
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from proxy.evidence.emit import Emitter
 from proxy.evidence.journal.writer import Journal
 from proxy.evidence.metrics import Metrics
 from proxy.evidence.otel.cursor import cursor_path, read_cursor, write_cursor
+from tests.harness import fresh_python
 from tests.proxy.evidence.decisions import allow
 from tests.proxy.evidence.otel.receivers import Receiver, make_sink
 
@@ -122,14 +122,7 @@ def test_an_on_demand_sink_loads_no_exporter_code_until_it_is_needed(tmp_path: P
         " ('google', 'requests', 'grpc', 'urllib3')"
         " or m.startswith(('opentelemetry.sdk', 'opentelemetry.proto'))))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(ROOT), str(tmp_path / "audit.jsonl")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert out.stdout.strip() == "[]", out.stderr
+    assert fresh_python(code, str(ROOT), str(tmp_path / "audit.jsonl")).strip() == "[]"
 
 
 def test_an_export_process_that_cannot_start_is_tried_again_and_loses_nothing(
