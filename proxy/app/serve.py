@@ -242,15 +242,15 @@ async def _serve(
         )
     except EvidenceError as exc:
         return fail(str(exc))
-    approvals.broker.metrics = evidence.metrics
+    metrics = evidence.metrics
+    assert metrics is not None  # built whenever the gate is not a private one, on demand
+    approvals.broker.metrics = metrics
 
     def on_reload(result: str, current: Policy) -> None:
         if result == "success":
-            evidence.metrics.policy_loaded(
-                current.version, [r.name for r in current.rules], current.mode
-            )
+            metrics.policy_loaded(current.version, [r.name for r in current.rules], current.mode)
         else:
-            evidence.metrics.policy_reload_failed()
+            metrics.policy_reload_failed()
 
     managed = managed_policy_path(args)
     holder = PolicyHolder(
@@ -259,14 +259,14 @@ async def _serve(
         on_reload=on_reload,
         load=functools.partial(load_with_ceiling, managed_path=managed),
     )
-    evidence.metrics.policy_loaded(policy.version, [r.name for r in policy.rules], policy.mode)
+    metrics.policy_loaded(policy.version, [r.name for r in policy.rules], policy.mode)
     try:
         identities, sandbox_policies = load_sandboxes(args.sandboxes, managed)
     except (IdentityError, PolicyError) as exc:
         evidence.close()
         return fail(*exc.lines()) if isinstance(exc, PolicyError) else fail(str(exc))
     for sandbox_id, own in sandbox_policies.items():
-        evidence.metrics.sandbox_policy_loaded(sandbox_id, [r.name for r in own().rules])
+        metrics.sandbox_policy_loaded(sandbox_id, [r.name for r in own().rules])
     live = live_reload(args, holder, sandbox_policies, evidence)
     credentials = None
     if getattr(args, "credentials", None):
@@ -278,7 +278,7 @@ async def _serve(
         except ValueError as exc:
             evidence.close()
             return fail(*str(exc).splitlines())
-        evidence.metrics.credentials_loaded(credentials.names)
+        metrics.credentials_loaded(credentials.names)
 
     resolver = Resolver(nameservers=args.nameserver, hosts_file=args.hosts_file or None)
     gate = Gate(

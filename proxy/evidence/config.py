@@ -6,11 +6,11 @@ anything is opened or bound. Imports only the standard library, like :mod:`proxy
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from proxy.core.hosts import parse_endpoint
 from proxy.evidence.flags import (
@@ -21,6 +21,9 @@ from proxy.evidence.flags import (
 )
 from proxy.evidence.otel.endpoint import Protocol, resolve_endpoint
 from proxy.evidence.otel.settings import ExporterSettings
+
+if TYPE_CHECKING:
+    import argparse
 
 
 class EvidenceError(ValueError):

@@ -2,15 +2,16 @@
 
 Every ``egress`` command builds its parser before doing anything; importing the sinks here would load
 OpenTelemetry and prometheus-client (~100 ms) even for ``egress --help`` or ``egress run -- true``.
-This module imports nothing but argparse, and the sinks import their defaults from it.
+This module imports nothing at run time (argparse only for annotations: a gate's journal reads its
+defaults here, and `egress run` reads its line without argparse), and the sinks import their
+defaults from it.
 """
 
 from __future__ import annotations
 
-import argparse
-
 TYPE_CHECKING = False  # typing's constant without importing typing: see docs/startup.md
 if TYPE_CHECKING:
+    import argparse
     from typing import Literal
 
 __all__ = [

@@ -15,14 +15,17 @@ import ipaddress
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from proxy import __version__
 from proxy.core.decision import Decision, Kind
 from proxy.evidence.config import EvidenceConfig, EvidenceError
 from proxy.evidence.emit import Emitter, Sink
 from proxy.evidence.journal.writer import Journal
-from proxy.evidence.metrics import Metrics
 from proxy.evidence.otel.sink import OtelSink
+
+if TYPE_CHECKING:
+    from proxy.evidence.metrics import Metrics
 
 __all__ = ["Evidence", "EvidenceConfig", "EvidenceError", "build_emitter"]
 
@@ -34,7 +37,9 @@ class Evidence:
     """Everything that turns decisions into evidence, with one lifecycle (``start``/``close``)."""
 
     emitter: Emitter
-    metrics: Metrics
+    # None: nothing will ever read them (a private gate with no --metrics listener), so no registry
+    # is built and prometheus-client (~50 ms of a run's start) is never imported.
+    metrics: Metrics | None
     journal: Journal | None = None
     otel: OtelSink | None = None
     metrics_listen: tuple[str, int] | None = None
@@ -46,6 +51,7 @@ class Evidence:
     def start(self) -> None:
         """Bind the metrics listener (the journal and exporter are already running)."""
         if self.metrics_listen is not None and self.metrics_address is None:
+            assert self.metrics is not None  # build_emitter makes one whenever there is a listener
             self.metrics_address = self.metrics.start(*self.metrics_listen)
             log.info("metrics on http://%s:%d/metrics", *self.metrics_address)
 
@@ -54,15 +60,18 @@ class Evidence:
         return self.emitter.emit(decision)
 
     def connection_opened(self, kind: Kind | str = Kind.CONNECT) -> None:
-        self.metrics.connection_opened(kind)
+        if self.metrics is not None:
+            self.metrics.connection_opened(kind)
 
     def active_sandboxes(self, count: int) -> None:
         """Sandboxes with at least one live connection to this gate."""
-        self.metrics.set_active_sandboxes(count)
+        if self.metrics is not None:
+            self.metrics.set_active_sandboxes(count)
 
     def observe_latency(self, kind: Kind | str, seconds: float) -> None:
         """Time from a hook receiving a request to its decision being recorded (incl. DNS)."""
-        self.metrics.observe_decision_latency(kind, seconds)
+        if self.metrics is not None:
+            self.metrics.observe_decision_latency(kind, seconds)
 
     def connection_closed(
         self,
@@ -74,13 +83,14 @@ class Evidence:
     ) -> None:
         """Pair of :meth:`connection_opened`: metrics plus an ``egress.connection.closed`` event
         (journal and OTel) carrying bytes each way and the duration in seconds."""
-        self.metrics.connection_closed(
-            decision.kind,
-            rule=decision.rule,
-            bytes_out=bytes_out,
-            bytes_in=bytes_in,
-            duration=duration,
-        )
+        if self.metrics is not None:
+            self.metrics.connection_closed(
+                decision.kind,
+                rule=decision.rule,
+                bytes_out=bytes_out,
+                bytes_in=bytes_in,
+                duration=duration,
+            )
         self.emitter.connection_closed(
             decision, bytes_out=bytes_out, bytes_in=bytes_in, duration=duration
         )
@@ -96,7 +106,8 @@ class Evidence:
                 log.exception("closing sink %r failed", sink)
         if self.journal is not None:
             self.journal.close()
-        self.metrics.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
         self.metrics_address = None
 
     def __enter__(self) -> Evidence:
@@ -114,10 +125,15 @@ def build_emitter(
 
     Nothing listens until ``Evidence.start()``. ``on_demand`` (a private gate, started for one
     command): the OTLP exporters start when there is a first record to send, not before the
-    command may run (:class:`proxy.evidence.otel.sink.OtelSink`).
+    command may run (:class:`proxy.evidence.otel.sink.OtelSink`), and without a ``--metrics``
+    listener no registry is built: nothing could ever read it.
     """
-    metrics = Metrics(version=__version__)
     listen = config.metrics_listen
+    metrics: Metrics | None = None
+    if listen is not None or not on_demand:
+        from proxy.evidence.metrics import Metrics
+
+        metrics = Metrics(version=__version__)
     if listen is not None and not _is_loopback(listen[0]):
         log.warning("--metrics %s:%d is not loopback: make sure no sandbox can reach it", *listen)
     journal: Journal | None = None
@@ -140,7 +156,7 @@ def build_emitter(
         )
         log.info("exporting decision events to %s over OTLP/%s", *config.otlp)
     base = list(base_sinks)
-    sinks: list[Sink] = [metrics, *base]
+    sinks: list[Sink] = [*([metrics] if metrics is not None else []), *base]
     if otel is not None:
         sinks.append(otel)
     emitter = Emitter(

@@ -44,7 +44,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.core.decision import Decision
 from proxy.evidence.emit import AuditUnavailable
@@ -57,8 +57,10 @@ from proxy.evidence.flags import (
 from proxy.evidence.journal.chain import CHAIN_KEYS, GENESIS, seal_encoded, seal_text
 from proxy.evidence.journal.files import journal_files, last_record, rotated_name, rotation_index
 from proxy.evidence.journal.follower import JournalFollower
-from proxy.evidence.metrics import Metrics
 from proxy.evidence.serialised import Serialised, serialise_decision
+
+if TYPE_CHECKING:
+    from proxy.evidence.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

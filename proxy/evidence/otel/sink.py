@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.core.decision import Decision
 from proxy.evidence.journal.writer import Journal
-from proxy.evidence.metrics import Metrics
 from proxy.evidence.otel.endpoint import Protocol
 from proxy.evidence.otel.settings import DEFAULT_LIMITS, ExporterSettings, QueueLimits
 from proxy.evidence.otel.supervisor import LAUNCH_RETRY, ExportProcess
 from proxy.evidence.record import decision_record
 
 if TYPE_CHECKING:
+    from proxy.evidence.metrics import Metrics
     from proxy.evidence.otel.retry_queue import ReliableExporter
 
 log = logging.getLogger(__name__)

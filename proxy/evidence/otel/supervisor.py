@@ -20,14 +20,16 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.evidence.journal.writer import Journal
-from proxy.evidence.metrics import Metrics
 from proxy.evidence.otel.cursor import cursor_path, read_cursor, write_cursor
 from proxy.evidence.otel.drops import OTLP_DROP_REASONS
 from proxy.evidence.otel.endpoint import Protocol
 from proxy.evidence.otel.settings import QueueLimits
+
+if TYPE_CHECKING:
+    from proxy.evidence.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import re
 import socket
 from ipaddress import IPv4Address, IPv6Address
+from pathlib import Path
 
 import pytest
 
 from proxy.core import hosts
 from proxy.core.hosts import InvalidHost, canonical_host, parse_endpoint, split_authority
+from tests.harness import fresh_python
 
 LOOPBACK = IPv4Address("127.0.0.1")
 # Fullwidth look-alikes, escaped so a reader sees what the bytes are.
@@ -475,3 +477,38 @@ def test_urls_never_carry_a_bare_ipv6_address() -> None:
     with pytest.raises(InvalidHost, match="brackets"):
         split_authority("2001::1", 80, bare_ipv6=False)
     assert split_authority("[2001::1]", 80, bare_ipv6=False) == ("[2001::1]", 80)
+
+
+# --- idna, loaded by the first name that needs it ---------------------------------------------------
+
+_ROOT = str(Path(__file__).resolve().parents[3])
+
+
+def test_ascii_names_never_load_idna_and_unicode_names_do() -> None:
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from proxy.core.hosts import canonical_host\n"
+        "print(canonical_host('PyPI.org.'), 'idna' in sys.modules)\n"
+        "print(canonical_host('b\\u00fccher.example'), 'idna' in sys.modules)\n"
+    )
+    assert fresh_python(code, _ROOT).split() == [
+        "pypi.org", "False", "xn--bcher-kva.example", "True"
+    ]  # fmt: skip
+
+
+def test_without_idna_every_name_it_would_check_is_refused() -> None:
+    """Fail closed: a name only IDNA can check is invalid when idna cannot be imported, never
+    passed through unchecked (and never an ImportError out of the decision)."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); sys.modules['idna'] = None\n"
+        "from proxy.core.hosts import InvalidHost, canonical_host\n"
+        "print(canonical_host('pypi.org'))\n"
+        "for name in ('b\\u00fccher.example', 'xn--bcher-kva.example', 'xn--zz.example'):\n"
+        "    try:\n"
+        "        print('allowed', canonical_host(name))\n"
+        "    except InvalidHost as exc:\n"
+        "        print('refused', 'cannot be checked' in str(exc))\n"
+    )
+    assert fresh_python(code, _ROOT).split() == [
+        "pypi.org", "refused", "True", "refused", "True", "refused", "True"
+    ]  # fmt: skip

@@ -15,8 +15,11 @@ from proxy.evidence.emit import JsonLineSink
 from proxy.evidence.flags import DEFAULT_FSYNC, add_evidence_arguments
 from proxy.evidence.journal.verify import verify
 from proxy.evidence.wiring import EvidenceConfig, EvidenceError, build_emitter
+from tests.harness import fresh_python
 from tests.otlp_receiver import GrpcReceiver, HttpReceiver
 from tests.proxy.evidence.decisions import allow
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -137,6 +140,72 @@ def test_no_endpoint_means_no_export() -> None:
         assert evidence.emit(allow()).allowed
     finally:
         evidence.close()
+
+
+def test_a_private_gate_nobody_scrapes_builds_no_registry(tmp_path: Path) -> None:
+    """``egress run`` without ``--metrics``: no registry (nothing could read it), every fact the gate
+    reports is dropped without error, and the journal and the other sinks still take every record."""
+    journal = tmp_path / "audit.jsonl"
+    log = io.StringIO()
+    settings = config("--journal", str(journal), "--audit-required", "--no-metrics")
+    evidence = build_emitter(settings, [JsonLineSink(stream=log)], on_demand=True)
+    evidence.start()
+    try:
+        assert evidence.metrics is None
+        assert evidence.metrics_address is None
+        d = allow()
+        assert evidence.emit(d) is d  # journaled, so allowed under --audit-required
+        evidence.connection_opened(Kind.CONNECT)
+        evidence.active_sandboxes(1)
+        evidence.observe_latency(Kind.CONNECT, 0.001)
+        evidence.connection_closed(d, bytes_out=10, bytes_in=2000, duration=0.75)
+    finally:
+        evidence.close()
+        evidence.close()
+    records = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert [r["event"] for r in records] == ["egress.decision", "egress.connection.closed"]
+    assert verify([journal]).ok
+    assert json.loads(log.getvalue().splitlines()[0])["id"] == d.id
+
+
+def test_a_private_gate_with_a_metrics_listener_serves_them(tmp_path: Path) -> None:
+    evidence = build_emitter(config("--metrics", "127.0.0.1:0"), on_demand=True)
+    evidence.start()
+    try:
+        assert evidence.metrics is not None and evidence.metrics_address is not None
+        evidence.emit(allow())
+        host, port = evidence.metrics_address
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as resp:
+            body = resp.read().decode()
+        assert 'egress_decisions_total{decision="allow"' in body
+    finally:
+        evidence.close()
+
+
+def test_a_shared_gate_keeps_its_registry_without_a_listener() -> None:
+    """``egress serve --no-metrics`` still counts (its reloads and approvals report there)."""
+    evidence = build_emitter(config("--no-metrics"))
+    try:
+        assert evidence.metrics is not None
+    finally:
+        evidence.close()
+
+
+def test_an_unscraped_private_gate_never_imports_prometheus_client(tmp_path: Path) -> None:
+    """prometheus-client (with its HTTP and WSGI servers) is ~50 ms of a run's start: a private gate
+    with a journal but no ``--metrics`` listener must not load it."""
+    code = (
+        "import sys, argparse\n"
+        "sys.path.insert(0, sys.argv[2])\n"
+        "from proxy.evidence.flags import add_evidence_arguments\n"
+        "from proxy.evidence.wiring import EvidenceConfig, build_emitter\n"
+        "p = argparse.ArgumentParser(); add_evidence_arguments(p)\n"
+        "args = p.parse_args(['--journal', sys.argv[1], '--no-metrics'])\n"
+        "e = build_emitter(EvidenceConfig.from_args(args, env={}), on_demand=True)\n"
+        "e.start(); e.close()\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'prometheus_client'))\n"
+    )
+    assert fresh_python(code, str(tmp_path / "audit.jsonl"), str(ROOT)).strip() == "[]"
 
 
 def test_audit_required_denies_when_the_journal_is_unwritable(tmp_path: Path) -> None:
