@@ -6,8 +6,9 @@ browser, ``inet_aton``) must be rejected rather than guessed. Rules follow the W
 where it is stricter than DNS: a name whose last label is a number is an IPv4 literal or nothing.
 
 Plain lower-case ASCII names take a regex fast path; only Unicode input and ``xn--`` labels pay for
-IDNA 2008 (UTS #46) processing, and only they import ``idna`` (its tables are ~5 ms of every gate's
-start). Results are cached: the function is pure on ``str``.
+IDNA 2008 (UTS #46) processing, and only they import ``idna`` here (~5 ms that a gate's start no
+longer pays; dnspython loads it too, at a gate's first DNS question or lookup). Results are cached:
+the function is pure on ``str``.
 """
 
 from __future__ import annotations
@@ -40,11 +41,14 @@ class InvalidHost(ValueError):
     """A destination name or authority that must not be matched, resolved or connected to."""
 
 
+_IDNA_BROKEN = (ImportError, SyntaxError)  # idna missing or damaged (it imports tables lazily too)
+
+
 def _idna() -> ModuleType:
     """``idna``, imported by the first name that needs it; a name it cannot check is refused."""
     try:
         import idna
-    except ImportError as err:
+    except _IDNA_BROKEN as err:
         raise InvalidHost(f"internationalised names cannot be checked here: {err}") from None
     return idna
 
@@ -97,6 +101,8 @@ def _canonical(raw: str) -> str | IPv4Address | IPv6Address:
             name = idna.uts46_remap(raw, std3_rules=False, transitional=False)
         except idna.IDNAError as err:
             raise InvalidHost(f"not a valid internationalised name: {err}") from None
+        except _IDNA_BROKEN as err:
+            raise InvalidHost(f"internationalised names cannot be checked here: {err}") from None
     return _finish(name)
 
 
@@ -146,7 +152,7 @@ def _label_to_ascii(label: str) -> str:
             idna = _idna()
             try:
                 idna.ulabel(label)  # decodes, checks IDNA 2008 and that it is the canonical A-label
-            except (idna.IDNAError, UnicodeError) as err:
+            except (idna.IDNAError, UnicodeError, *_IDNA_BROKEN) as err:
                 raise InvalidHost(f"invalid punycode label {label!r}: {err}") from None
             return label
         _check_ldh_label(label)
@@ -156,7 +162,7 @@ def _label_to_ascii(label: str) -> str:
     idna = _idna()
     try:
         encoded: str = idna.alabel(label).decode("ascii")
-    except (idna.IDNAError, UnicodeError) as err:
+    except (idna.IDNAError, UnicodeError, *_IDNA_BROKEN) as err:
         raise InvalidHost(f"label {label!r} is not valid IDNA 2008: {err}") from None
     if len(encoded) > _MAX_LABEL:
         raise InvalidHost(f"label longer than {_MAX_LABEL} octets after punycode")

@@ -512,3 +512,17 @@ def test_without_idna_every_name_it_would_check_is_refused() -> None:
     assert fresh_python(code, _ROOT).split() == [
         "pypi.org", "refused", "True", "refused", "True", "refused", "True"
     ]  # fmt: skip
+
+
+def test_idna_tables_that_cannot_be_loaded_refuse_the_name() -> None:
+    """idna imports its UTS #46 tables on first use: a damaged install fails there, not at import,
+    and that too is a refused name rather than an error out of the decision."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); sys.modules['idna.uts46data'] = None\n"
+        "from proxy.core.hosts import InvalidHost, canonical_host\n"
+        "try:\n"
+        "    print('allowed', canonical_host('b\\u00fccher.example'))\n"
+        "except InvalidHost as exc:\n"
+        "    print('refused', 'cannot be checked' in str(exc))\n"
+    )
+    assert fresh_python(code, _ROOT).split() == ["refused", "True"]
