@@ -49,8 +49,12 @@ def _idna() -> ModuleType:
     try:
         import idna
     except _IDNA_BROKEN as err:
-        raise InvalidHost(f"internationalised names cannot be checked here: {err}") from None
+        raise _unchecked(err) from None
     return idna
+
+
+def _unchecked(err: Exception) -> InvalidHost:
+    return InvalidHost(f"internationalised names cannot be checked here: {err}")
 
 
 def canonical_host(raw: str) -> str | IPv4Address | IPv6Address:
@@ -102,7 +106,7 @@ def _canonical(raw: str) -> str | IPv4Address | IPv6Address:
         except idna.IDNAError as err:
             raise InvalidHost(f"not a valid internationalised name: {err}") from None
         except _IDNA_BROKEN as err:
-            raise InvalidHost(f"internationalised names cannot be checked here: {err}") from None
+            raise _unchecked(err) from None
     return _finish(name)
 
 
