@@ -134,9 +134,9 @@ def _check_ca(cert: x509.Certificate, where: Path) -> None:
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
-    import tempfile
+    from proxy.runtime.scratch import create_exclusive
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = create_exclusive(path.parent, f".{path.name}.")
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as out:
@@ -187,15 +187,10 @@ def system_bundle() -> Path | None:
 def write_bundle(directory: Path, gate_cert: Path, extra: Path | None = None) -> Path:
     """A PEM bundle: the system's CAs and the gate's CA (and ``extra``), for clients inside the
     sandbox that replace rather than extend their trust store when told about a CA file."""
-    parts: list[bytes] = []
-    system = system_bundle()
-    if system is not None:
-        parts.append(system.read_bytes())
-    for path in (gate_cert, extra):
-        if path is not None:
-            parts.append(path.read_bytes())
-    bundle = directory / "ca-bundle.pem"
-    bundle.write_bytes(b"\n".join(part.rstrip(b"\n") + b"\n" for part in parts))
+    from proxy.sandbox.trust import BUNDLE_NAME, pem_bundle
+
+    bundle = directory / BUNDLE_NAME
+    bundle.write_bytes(pem_bundle(p for p in (system_bundle(), gate_cert, extra) if p is not None))
     bundle.chmod(0o644)
     return bundle
 

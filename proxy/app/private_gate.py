@@ -143,12 +143,6 @@ def _attribution(request: GateRequest) -> tuple[Any, Any, Any]:
     return Stamped(request.emitter, facts, processes), processes, facts
 
 
-def _remove(directory: str) -> None:
-    import shutil
-
-    shutil.rmtree(directory, ignore_errors=True)
-
-
 def sandbox_trust(inspection: Inspection) -> TrustSetup:
     """What ``egress run`` sets up before the sandbox starts: the state directory (and a supplied CA
     key) hidden from it always, and, when the policy inspects anything (or a joined gate's CA is
@@ -156,7 +150,8 @@ def sandbox_trust(inspection: Inspection) -> TrustSetup:
 
     def setup(policy: Policy | None) -> Trust:
         from proxy.app import statedir
-        from proxy.app.ca import ensure_ca, write_bundle
+        from proxy.app.ca import ensure_ca, system_bundle
+        from proxy.sandbox.trust import bundle_trust
 
         try:
             inspection.check(issuing=policy is not None)
@@ -179,17 +174,10 @@ def sandbox_trust(inspection: Inspection) -> TrustSetup:
                 hidden.append(inspection.ca_key)
             if gate_cert is None:
                 return Trust(bundle=None, hidden=tuple(hidden))
-            import tempfile
-
-            directory = tempfile.mkdtemp(prefix="egress-trust-")
-            bundle = write_bundle(Path(directory), gate_cert)
+            system = system_bundle()
+            return bundle_trust([p for p in (system, gate_cert) if p is not None], hidden)
         except (CaError, statedir.StateDirError, OSError) as exc:
             raise ValueError(f"cannot set up the sandbox's trust in the gate's CA: {exc}") from exc
-        return Trust(
-            bundle=str(bundle),
-            hidden=tuple(hidden),
-            cleanup=lambda: _remove(directory),
-        )
 
     return setup
 

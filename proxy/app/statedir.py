@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import pwd
 
+from proxy.runtime.scratch import create_exclusive
+
 TYPE_CHECKING = False  # typing's constant without importing typing: see docs/startup.md
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -76,9 +78,7 @@ def prepare_state_dir(path: Path) -> Path:
     for directory in (path, confdir):
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            import tempfile
-
-            fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=directory)
+            fd, probe = create_exclusive(directory, ".write-probe-")
             os.close(fd)
             os.unlink(probe)
         except FileExistsError:

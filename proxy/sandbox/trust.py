@@ -1,11 +1,16 @@
 """What a sandbox needs from the gate's trust set-up: the CA bundle to trust when the gate reads its
 TLS, and the paths it must not read. A module of its own, with a plain class (no dataclasses, no
 typing), because every ``egress run`` builds one, including a hand-off that imports nothing else of
-the private gate."""
+the private gate.
+
+The bundle a run writes goes to a directory of its own (:mod:`proxy.runtime.scratch`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable
+
+from proxy.runtime.scratch import private_dir, remove_private_dir
 
 TYPE_CHECKING = False  # typing's constant without importing typing: see docs/startup.md
 if TYPE_CHECKING:
@@ -41,3 +46,33 @@ class Trust:
 # Given the private gate's policy (None when joining a gate elsewhere): the trust the sandbox needs.
 # Raises ValueError naming the problem when it cannot be set up (the command then does not run).
 TrustSetup = Callable[["Policy | None"], Trust | None]
+
+
+BUNDLE_NAME = "ca-bundle.pem"
+
+
+def pem_bundle(sources: Iterable[str | os.PathLike[str]]) -> bytes:
+    """The PEM files ``sources``, one after the other, each ending in one newline."""
+    parts = []
+    for source in sources:
+        with open(source, "rb") as pem:
+            parts.append(pem.read().rstrip(b"\n") + b"\n")
+    return b"".join(parts)
+
+
+def bundle_trust(sources: Iterable[str | os.PathLike[str]], hidden: Sequence[str]) -> Trust:
+    """A run's trust with a bundle of ``sources`` (the system's CAs and the gate's), written to a
+    new directory only this user can enter; its ``cleanup`` removes both. OSError when it cannot be
+    written (nothing is left behind)."""
+    folder = private_dir("egress-trust-")
+    try:
+        bundle = os.path.join(folder, BUNDLE_NAME)
+        data = pem_bundle(sources)
+        fd = os.open(bundle, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with open(fd, "wb") as out:
+            out.write(data)
+        os.chmod(bundle, 0o644)  # readable by the sandbox's tools whatever the umask
+    except BaseException:
+        remove_private_dir(folder)
+        raise
+    return Trust(bundle=bundle, hidden=tuple(hidden), cleanup=lambda: remove_private_dir(folder))

@@ -120,7 +120,7 @@ class Session:
         """What the sandbox trusts and cannot read: the gate's state directory (its CA key) and this
         directory (the socket) hidden always; when the run's policy reads requests, a bundle of the
         system's CAs and the gate's, written for this run."""
-        from proxy.sandbox.trust import Trust
+        from proxy.sandbox.trust import Trust, bundle_trust
 
         hidden = [self.directory]
         state = self.answer.get("state")
@@ -130,16 +130,9 @@ class Session:
         if not isinstance(parts, list) or not parts:
             return Trust(bundle=None, hidden=tuple(hidden))
         try:
-            folder = _private_temp_dir()
-            bundle = os.path.join(folder, "ca-bundle.pem")
-            with open(bundle, "wb") as out:
-                for part in parts:
-                    with open(str(part), "rb") as source:
-                        out.write(source.read().rstrip(b"\n") + b"\n")
-            os.chmod(bundle, 0o644)
-        except (OSError, TypeError) as exc:
+            return bundle_trust([str(part) for part in parts], hidden)
+        except OSError as exc:
             raise ValueError(f"cannot set up the sandbox's trust in the gate's CA: {exc}") from exc
-        return Trust(bundle=bundle, hidden=tuple(hidden), cleanup=lambda: _remove(folder))
 
     def hand_off(
         self,
@@ -251,28 +244,6 @@ def open_session(check: dict[str, Any], environ: Mapping[str, str] | None = None
             conn.close()
             problem = str(exc) or type(exc).__name__
     raise UserGateError(f"the gate at {path} did not answer: {problem}")
-
-
-def _private_temp_dir() -> str:
-    """A new 0700 directory under the temporary directory (``tempfile.mkdtemp``'s contract, without
-    importing tempfile on every run's path: docs/startup.md)."""
-    base = os.environ.get("TMPDIR") or "/tmp"
-    for _attempt in range(100):
-        path = os.path.join(base, f"egress-trust-{os.urandom(6).hex()}")
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            continue
-        return path
-    raise FileExistsError(f"no unused directory name under {base}")
-
-
-def _remove(folder: str) -> None:
-    for name in os.listdir(folder):
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join(folder, name))
-    with contextlib.suppress(OSError):
-        os.rmdir(folder)
 
 
 def _connect(path: str) -> socket.socket | None:

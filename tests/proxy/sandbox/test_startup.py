@@ -182,3 +182,26 @@ def test_a_private_run_leaves_only_after_its_decision_log_and_summary_are_writte
     decisions = [json.loads(line) for line in log.read_text().splitlines()]
     assert [d["host"] for d in decisions if d["decision"] == "deny"] == ["refused.test"]
     assert "1 refused" in out.stderr
+
+
+def test_a_private_run_makes_its_scratch_files_without_tempfile(
+    write_policy: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """A private gate proves its state directory writable, creates its CA and, as its policy reads
+    requests, writes the sandbox a CA bundle: with proxy.runtime.scratch, so tempfile, shutil and
+    their compression modules stay unloaded (docs/startup.md)."""
+    policy = write_policy(
+        "version: 1\nrules:\n  - name: read\n    hosts: [a.test]\n    methods: [GET]\n"
+    )
+    inside = 'grep -q "BEGIN CERTIFICATE" "$SSL_CERT_FILE" && exit 3'
+    out = subprocess.run(
+        [sys.executable, "-c", LAUNCH, "run", "--quiet", "--state-dir", str(tmp_path / "state"),
+         "--policy", str(policy), "--", "sh", "-c", inside],
+        cwd=REPO, capture_output=True, text=True, timeout=WAIT, env=clean_env(),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result["code"] == 3  # the bundle was there, holding certificates, inside the sandbox
+    modules = result["modules"]
+    assert "proxy.app.private_gate" in modules and "proxy.runtime.scratch" in modules
+    assert [name for name in ("tempfile", "shutil", "bz2", "lzma") if _loaded(name, modules)] == []

@@ -1,0 +1,58 @@
+"""Scratch files and directories with ``tempfile``'s guarantees, without importing it.
+
+``tempfile`` brings ``shutil`` (with its compression modules) and ``random``: several milliseconds
+of every ``egress run`` that starts its own gate, which proves its state directory writable and may
+write a CA bundle for the sandbox (docs/startup.md). The guarantees kept: a name nobody can predict
+(48 random bits from the kernel), created by this call or not at all (``O_EXCL``, ``mkdir``), never
+through a symbolic link, readable by this user only unless the caller widens it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+ATTEMPTS = 100  # names tried before giving up (each collision is a 1 in 2**48 event)
+
+
+def _name(directory: str, prefix: str) -> str:
+    return os.path.join(directory, f"{prefix}{os.urandom(6).hex()}")
+
+
+def create_exclusive(directory: str | os.PathLike[str], prefix: str) -> tuple[int, str]:
+    """A new file in ``directory`` (mode 0600, opened for writing): its descriptor and its path, as
+    ``tempfile.mkstemp`` returns them. OSError when the directory cannot take one."""
+    base = os.fspath(directory)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _attempt in range(ATTEMPTS):
+        path = _name(base, prefix)
+        try:
+            return os.open(path, flags, 0o600), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no unused file name under {base}")
+
+
+def private_dir(prefix: str) -> str:
+    """A new 0700 directory under ``$TMPDIR`` (else /tmp), as ``tempfile.mkdtemp`` makes one. A
+    ``$TMPDIR`` that does not exist is an error, not a reason to write elsewhere."""
+    base = os.environ.get("TMPDIR") or "/tmp"
+    for _attempt in range(ATTEMPTS):
+        path = _name(base, prefix)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no unused directory name under {base}")
+
+
+def remove_private_dir(folder: str) -> None:
+    """Remove a directory made by :func:`private_dir` and the files in it (it holds no
+    subdirectories); whatever cannot be removed is left."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
+    with contextlib.suppress(OSError):
+        os.rmdir(folder)
