@@ -376,12 +376,16 @@ def policy_reload_ms(
 
 def decision_rows(samples: int) -> list[tuple[str, float, float, bool]]:
     """(row, p50 us, p99 us, the target applies) for 10 / 10,000 / 100,000 rules, repeated
-    requests (kept outcomes), then at 100,000 rules requests new to the policy's memo."""
+    requests (kept outcomes), then at 100,000 rules requests new to the policy's memo, then plain
+    work of a 10-rule decision's length timed between the 100,000-rule decisions (the machine's own
+    tail in those seconds: bench/decisions.py)."""
     import gc
 
     from bench.decisions import (
         SIZES,
+        _busy_rounds,
         _time_decisions,
+        _time_decisions_beside_busy,
         build_policy,
         build_requests,
         not_kept,
@@ -393,6 +397,7 @@ def decision_rows(samples: int) -> list[tuple[str, float, float, bool]]:
         return (label, *p50_p99_us(timings), target)
 
     rows = []
+    base_p50 = 0.0
     for size in SIZES:
         policy = build_policy(size)
         requests = build_requests(size, 2000)
@@ -400,10 +405,26 @@ def decision_rows(samples: int) -> list[tuple[str, float, float, bool]]:
         gc.freeze()
         for r in requests:
             decide(r, policy)
-        rows.append(row(f"{size:,} rules", _time_decisions(requests, policy, samples), True))
+        if size == SIZES[-1]:
+            kept, busy = _time_decisions_beside_busy(
+                requests, policy, samples, _busy_rounds(base_p50)
+            )
+        else:
+            kept, busy = _time_decisions(requests, policy, samples), []
+        rows.append(row(f"decision at {size:,} rules", kept, True))
+        base_p50 = base_p50 or p50_p99_us(kept)[0] * 1000
         if size == SIZES[-1]:
             fresh = not_kept(requests, samples)
-            rows.append(row(f"{size:,} rules", _time_decisions(fresh, policy, samples), False))
+            rows.append(
+                row(
+                    f"decision not kept, at {size:,} rules",
+                    _time_decisions(fresh, policy, samples),
+                    False,
+                )
+            )
+            rows.append(
+                row("plain loop of a decision's length, beside them (machine)", busy, False)
+            )
         gc.unfreeze()
     return rows
 
@@ -583,8 +604,22 @@ def machine() -> str:
     return (
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} cores ({cpu}); "
         f"Linux {platform.release()}; Python {platform.python_version()}; "
-        f"load average at start {load[0]:.2f}"
+        f"load average at start {load[0]:.2f}; {speed_probe():.0f} ms for a million additions"
     )
+
+
+def speed_probe() -> float:
+    """Best of three, in ms, of one million additions in a Python loop: how fast this machine runs
+    the interpreter at the start of the run. A shared host's speed drifts by a factor of two between
+    days; ratios within a run hold, absolute rates and start-up times move with this figure."""
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        total = 0
+        for i in range(1_000_000):
+            total += i
+        best = min(best, time.perf_counter() - started)
+    return best * 1000
 
 
 def run(sizes: Sizes, peers: bool, out: Callable[[str], None] = print) -> int:
@@ -739,8 +774,7 @@ def run(sizes: Sizes, peers: bool, out: Callable[[str], None] = print) -> int:
         f"{f' ({workers} workers: fd limit)' if workers > 1 else ''} | {idle:.1f} KiB | "
         f"<= {TARGETS['idle_kib']:.0f} KiB |"
     )
-    for label, p50, p99, target in decisions:
-        what = f"decision at {label}" if target else f"decision not kept, at {label}"
+    for what, p50, p99, target in decisions:
         lines.append(
             f"| {what}, p50 / p99 | {p50:.2f} / {p99:.2f} µs | "
             + (f"p99 <= {TARGETS['decision_p99_us']:.0f} µs |" if target else "- |")

@@ -29,6 +29,7 @@ GATE_CASES = (
     "| decision at 10,000 rules",
     "| decision at 100,000 rules",
     "| decision not kept, at 100,000 rules",
+    "| plain loop of a decision's length, beside them (machine)",
     "| policy reload at 1,000 rules: load + validate + diff",
     "| policy reload at 1,000 rules: swap",
     "| policy reload at 1,000 rules: freeing the old policy",
