@@ -397,7 +397,7 @@ def decision_rows(samples: int) -> list[tuple[str, float, float, bool]]:
         return (label, *p50_p99_us(timings), target)
 
     rows = []
-    base_p50 = 0.0
+    base_p50: float | None = None  # ns, of the smallest policy: the plain loop's length
     for size in SIZES:
         policy = build_policy(size)
         requests = build_requests(size, 2000)
@@ -405,14 +405,15 @@ def decision_rows(samples: int) -> list[tuple[str, float, float, bool]]:
         gc.freeze()
         for r in requests:
             decide(r, policy)
-        if size == SIZES[-1]:
+        if size == SIZES[-1] and base_p50 is not None:
             kept, busy = _time_decisions_beside_busy(
                 requests, policy, samples, _busy_rounds(base_p50)
             )
         else:
             kept, busy = _time_decisions(requests, policy, samples), []
         rows.append(row(f"decision at {size:,} rules", kept, True))
-        base_p50 = base_p50 or p50_p99_us(kept)[0] * 1000
+        if base_p50 is None:
+            base_p50 = p50_p99_us(kept)[0] * 1000
         if size == SIZES[-1]:
             fresh = not_kept(requests, samples)
             rows.append(
@@ -612,12 +613,12 @@ def speed_probe() -> float:
     """Best of three, in ms, of one million additions in a Python loop: how fast this machine runs
     the interpreter at the start of the run. A shared host's speed drifts by a factor of two between
     days; ratios within a run hold, absolute rates and start-up times move with this figure."""
+    from bench.decisions import plain_work
+
     best = float("inf")
     for _ in range(3):
         started = time.perf_counter()
-        total = 0
-        for i in range(1_000_000):
-            total += i
+        plain_work(1_000_000)
         best = min(best, time.perf_counter() - started)
     return best * 1000
 

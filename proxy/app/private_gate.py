@@ -143,6 +143,10 @@ def _attribution(request: GateRequest) -> tuple[Any, Any, Any]:
     return Stamped(request.emitter, facts, processes), processes, facts
 
 
+def _untrusted(exc: Exception) -> ValueError:
+    return ValueError(f"cannot set up the sandbox's trust in the gate's CA: {exc}")
+
+
 def sandbox_trust(inspection: Inspection) -> TrustSetup:
     """What ``egress run`` sets up before the sandbox starts: the state directory (and a supplied CA
     key) hidden from it always, and, when the policy inspects anything (or a joined gate's CA is
@@ -174,10 +178,13 @@ def sandbox_trust(inspection: Inspection) -> TrustSetup:
                 hidden.append(inspection.ca_key)
             if gate_cert is None:
                 return Trust(bundle=None, hidden=tuple(hidden))
-            system = system_bundle()
-            return bundle_trust([p for p in (system, gate_cert) if p is not None], hidden)
+            sources = [p for p in (system_bundle(), gate_cert) if p is not None]
         except (CaError, statedir.StateDirError, OSError) as exc:
-            raise ValueError(f"cannot set up the sandbox's trust in the gate's CA: {exc}") from exc
+            raise _untrusted(exc) from exc
+        try:
+            return bundle_trust(sources, hidden)
+        except (OSError, ValueError) as exc:  # ValueError: a path the system cannot take
+            raise _untrusted(exc) from exc
 
     return setup
 

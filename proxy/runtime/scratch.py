@@ -34,9 +34,10 @@ def create_exclusive(directory: str | os.PathLike[str], prefix: str) -> tuple[in
 
 
 def private_dir(prefix: str) -> str:
-    """A new 0700 directory under ``$TMPDIR`` (else /tmp), as ``tempfile.mkdtemp`` makes one. A
-    ``$TMPDIR`` that does not exist is an error, not a reason to write elsewhere."""
-    base = os.environ.get("TMPDIR") or "/tmp"
+    """A new 0700 directory under ``$TMPDIR`` (else /tmp), as ``tempfile.mkdtemp`` makes one: its
+    absolute path (the sandbox's tools read it from any directory). A ``$TMPDIR`` that cannot take
+    it (missing, not a directory, not writable) is an error, not a reason to write elsewhere."""
+    base = os.path.abspath(os.environ.get("TMPDIR") or "/tmp")
     for _attempt in range(ATTEMPTS):
         path = _name(base, prefix)
         try:
@@ -48,11 +49,19 @@ def private_dir(prefix: str) -> str:
 
 
 def remove_private_dir(folder: str) -> None:
-    """Remove a directory made by :func:`private_dir` and the files in it (it holds no
-    subdirectories); whatever cannot be removed is left."""
+    """Remove a directory made by :func:`private_dir` with what it holds. Its files (links
+    included, never followed) are unlinked here; only a directory something else made inside it
+    (a sandboxed command shares the file system) brings in ``shutil.rmtree``, which removes a tree
+    without following links out of it. Whatever cannot be removed is left."""
     with contextlib.suppress(OSError):
         for name in os.listdir(folder):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(folder, name))
-    with contextlib.suppress(OSError):
+    try:
         os.rmdir(folder)
+    except FileNotFoundError:
+        return
+    except OSError:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)

@@ -195,24 +195,24 @@ def run(options: RunOptions) -> int:
             _err(f"{exc}; the command was not run")
             return EXIT_SETUP_FAILED
     provided: Provided | None = None
-    if options.credentials is not None:
-        if not private or not options.isolation:
-            _err(
-                "--credentials needs this command's own isolated gate (not --proxy, --gate-socket "
-                "or --no-isolation: there the command could read the real values); the command "
-                "was not run"
-            )
-            return EXIT_SETUP_FAILED
-        try:
-            provided = options.credentials(policy, str(options.sandbox_id))
-        except ValueError as exc:
-            for line in str(exc).splitlines():
-                _err(line)
-            _err("the command was not run")
-            return EXIT_SETUP_FAILED
     try:
+        if options.credentials is not None:
+            if not private or not options.isolation:
+                _err(
+                    "--credentials needs this command's own isolated gate (not --proxy, "
+                    "--gate-socket or --no-isolation: there the command could read the real "
+                    "values); the command was not run"
+                )
+                return EXIT_SETUP_FAILED
+            try:
+                provided = options.credentials(policy, str(options.sandbox_id))
+            except ValueError as exc:
+                for line in str(exc).splitlines():
+                    _err(line)
+                _err("the command was not run")
+                return EXIT_SETUP_FAILED
         return _run_with(options, policy, trust, provided, session)
-    finally:
+    finally:  # the CA bundle written for the sandbox goes, whether or not the command ran
         if trust is not None:
             trust.cleanup()
         if provided is not None:

@@ -62,16 +62,16 @@ def pem_bundle(sources: Iterable[str | os.PathLike[str]]) -> bytes:
 
 def bundle_trust(sources: Iterable[str | os.PathLike[str]], hidden: Sequence[str]) -> Trust:
     """A run's trust with a bundle of ``sources`` (the system's CAs and the gate's), written to a
-    new directory only this user can enter; its ``cleanup`` removes both. OSError when it cannot be
-    written (nothing is left behind)."""
+    new directory only this user can enter; its ``cleanup`` removes both. OSError or ValueError (a
+    path the system cannot take) when it cannot be written; nothing is left behind then."""
     folder = private_dir("egress-trust-")
     try:
         bundle = os.path.join(folder, BUNDLE_NAME)
         data = pem_bundle(sources)
         fd = os.open(bundle, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         with open(fd, "wb") as out:
+            os.fchmod(fd, 0o644)  # readable by the sandbox's tools whatever the umask
             out.write(data)
-        os.chmod(bundle, 0o644)  # readable by the sandbox's tools whatever the umask
     except BaseException:
         remove_private_dir(folder)
         raise

@@ -131,7 +131,7 @@ class Session:
             return Trust(bundle=None, hidden=tuple(hidden))
         try:
             return bundle_trust([str(part) for part in parts], hidden)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             raise ValueError(f"cannot set up the sandbox's trust in the gate's CA: {exc}") from exc
 
     def hand_off(

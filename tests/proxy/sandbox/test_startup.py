@@ -193,15 +193,41 @@ def test_a_private_run_makes_its_scratch_files_without_tempfile(
     policy = write_policy(
         "version: 1\nrules:\n  - name: read\n    hosts: [a.test]\n    methods: [GET]\n"
     )
-    inside = 'grep -q "BEGIN CERTIFICATE" "$SSL_CERT_FILE" && exit 3'
+    seen = tmp_path / "seen.pem"  # the state directory is hidden from the sandbox: copied out
+    inside = f'cp "$SSL_CERT_FILE" {seen} && exit 3'
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
     out = subprocess.run(
         [sys.executable, "-c", LAUNCH, "run", "--quiet", "--state-dir", str(tmp_path / "state"),
          "--policy", str(policy), "--", "sh", "-c", inside],
-        cwd=REPO, capture_output=True, text=True, timeout=WAIT, env=clean_env(),
+        cwd=REPO, capture_output=True, text=True, timeout=WAIT, env=clean_env(TMPDIR=str(scratch)),
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.splitlines()[-1])
-    assert result["code"] == 3  # the bundle was there, holding certificates, inside the sandbox
+    assert result["code"] == 3  # the bundle was there inside the sandbox
+    gate_ca = (tmp_path / "state" / "mitmproxy" / "mitmproxy-ca-cert.pem").read_text().strip()
+    assert gate_ca in seen.read_text()
+    assert list(scratch.iterdir()) == []  # and removed after the run
     modules = result["modules"]
     assert "proxy.app.private_gate" in modules and "proxy.runtime.scratch" in modules
     assert [name for name in ("tempfile", "shutil", "bz2", "lzma") if _loaded(name, modules)] == []
+
+
+def test_a_run_refused_after_its_bundle_was_written_removes_it(
+    write_policy: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """Credentials that cannot be loaded stop the run after the sandbox's CA bundle was written:
+    the bundle's directory goes too."""
+    policy = write_policy(
+        "version: 1\nrules:\n  - name: read\n    hosts: [a.test]\n    methods: [GET]\n"
+    )
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy.app.cli", "run", "--quiet", "--state-dir",
+         str(tmp_path / "state"), "--policy", str(policy), "--credentials",
+         str(tmp_path / "missing.yaml"), "--", "true"],
+        cwd=REPO, capture_output=True, text=True, timeout=WAIT, env=clean_env(TMPDIR=str(scratch)),
+    )  # fmt: skip
+    assert out.returncode != 0 and "the command was not run" in out.stderr, out.stderr
+    assert list(scratch.iterdir()) == []
