@@ -17,8 +17,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from proxy.approvals.private import NotPrivate, read_private
 from proxy.policy import listfile, yamlnodes
 
@@ -52,7 +50,7 @@ class AdminTokens:
             data = yamlnodes.safe_load(read_private(path, "admin tokens").decode("utf-8"))
         except NotPrivate as exc:
             raise TokenError(str(exc)) from None
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        except (yamlnodes.YAMLError, UnicodeDecodeError) as exc:
             raise TokenError(f"{path}: cannot read admin tokens: {exc}") from None
         entries = listfile.entries(data, path, "admins", TokenError)
         admins: list[Admin] = []

@@ -18,15 +18,13 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
-
 from proxy.core.credentials import Binding, Delivery
 from proxy.core.hosts import InvalidHost, canonical_host, parse_endpoint
 from proxy.core.paths import PathGlob, compile_glob
 from proxy.credentials.sources import Source
 from proxy.policy import yamlnodes
 from proxy.policy.model import Policy
+from proxy.policy.yamlnodes import MappingNode, Node, ScalarNode, SequenceNode
 
 SCHEMA_VERSION = 1
 TOP_KEYS = frozenset({"version", "credentials", "description"})
@@ -144,7 +142,7 @@ class _Loader:
     def load(self, text: str, policy: Policy | None) -> list[Declaration]:
         try:
             root = yamlnodes.compose(text)
-        except yaml.YAMLError as exc:
+        except yamlnodes.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = mark.line + 1 if mark is not None else None
             self.problems.append(Problem(self.file, line, None, None, f"not valid YAML: {exc}"))

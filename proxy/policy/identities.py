@@ -25,8 +25,6 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from proxy.core.sandbox_id import SANDBOX_ID_RULE, is_sandbox_id
 from proxy.policy import listfile, yamlnodes
 
@@ -58,7 +56,7 @@ class Identities:
     def load(cls, path: Path) -> Identities:
         try:
             data = yamlnodes.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
+        except (OSError, yamlnodes.YAMLError) as exc:
             raise IdentityError(f"{path}: cannot read identities: {exc}") from exc
         entries = listfile.entries(data, path, "sandboxes", IdentityError)
         sandboxes: list[Sandbox] = []

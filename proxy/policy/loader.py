@@ -22,9 +22,6 @@ from dataclasses import dataclass
 from ipaddress import IPv6Network, ip_network
 from pathlib import Path
 
-import yaml
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
-
 from proxy.core.paths import PathGlob, compile_glob
 from proxy.policy import yamlnodes
 from proxy.policy.executables import Executable, check_executable
@@ -46,6 +43,7 @@ from proxy.policy.model import (
     parse_host_pattern,
 )
 from proxy.policy.presets import is_preset_name, preset_path, presets_dir
+from proxy.policy.yamlnodes import MappingNode, Node, ScalarNode, SequenceNode
 
 SCHEMA_VERSION = 1
 TOP_KEYS = frozenset({"version", "mode", "include", "rules", "allow_internal", "description"})
@@ -239,13 +237,13 @@ class _Loader:
         try:
             # Inside the try: the reader rejects control characters while it is being constructed.
             root = yamlnodes.compose(text)
-        except yaml.MarkedYAMLError as exc:
+        except yamlnodes.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             line = None if mark is None else mark.line + 1
             message = " ".join(str(p) for p in (exc.context, exc.problem) if p)
             self.problems.append(Problem(shown, line, None, None, f"invalid YAML: {message}"))
             return None
-        except yaml.YAMLError as exc:
+        except yamlnodes.YAMLError as exc:
             self.problems.append(Problem(shown, None, None, None, f"invalid YAML: {exc}"))
             return None
         if root is None:
@@ -727,7 +725,7 @@ class _Loader:
         if isinstance(node, ScalarNode) and node.tag == "tag:yaml.org,2002:int":
             try:
                 value = yamlnodes.scalar(node)
-            except (yaml.YAMLError, ValueError):
+            except (yamlnodes.YAMLError, ValueError):
                 value = None
             if type(value) is int:
                 return value

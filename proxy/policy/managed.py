@@ -44,9 +44,6 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 
-import yaml
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
-
 from proxy.policy import yamlnodes
 from proxy.policy.loader import display_path, load_policy, read_regular
 from proxy.policy.model import (
@@ -62,6 +59,7 @@ from proxy.policy.model import (
     Review,
     Rule,
 )
+from proxy.policy.yamlnodes import MappingNode, Node, ScalarNode, SequenceNode
 
 FORBIDDABLE = ("report-mode", "allow-internal", "inspection-opt-out")
 MANAGED_KEYS = frozenset({"forbid", "description"})
@@ -127,7 +125,7 @@ def _managed_section(text: str, shown: str) -> tuple[frozenset[str], list[Proble
     problems: list[Problem] = []
     try:
         root = yamlnodes.compose(text)
-    except yaml.YAMLError:
+    except yamlnodes.YAMLError:
         return frozenset(), problems  # the loader reports the syntax error with its line
     if not isinstance(root, MappingNode):
         return frozenset(), problems

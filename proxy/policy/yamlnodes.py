@@ -22,9 +22,28 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from proxy.policy import yamlimport  # noqa: F401 - PyYAML first, as that module imports it
+
+# isort: split
 import yaml
+from yaml import MarkedYAMLError, YAMLError
 from yaml.constructor import SafeConstructor
-from yaml.nodes import Node, ScalarNode
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+__all__ = [
+    "MAX_DEPTH",
+    "MappingNode",
+    "MarkedYAMLError",
+    "Node",
+    "SafeLoader",
+    "ScalarNode",
+    "SequenceNode",
+    "YAMLError",
+    "boolean",
+    "compose",
+    "safe_load",
+    "scalar",
+]
 
 SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 MAX_DEPTH = 64  # nested mappings and lists; a policy uses fewer than ten
