@@ -182,9 +182,8 @@ GIT_HOST = "git.demo.test"
 def _git_stand_in(directory: Path) -> tuple[Any, Path, Path] | None:
     """A local TLS git server named git.demo.test and a policy: the default plus GitHub's read-only
     rules pointed at it. None when git is not installed."""
-    import yaml
-
     from proxy.app.demogit import GitServer, make_repository, throwaway_tls
+    from proxy.policy.yamlnodes import safe_dump, safe_load
 
     try:
         bare = make_repository(directory / "git")
@@ -192,7 +191,8 @@ def _git_stand_in(directory: Path) -> tuple[Any, Path, Path] | None:
         return None
     ca, tls = throwaway_tls(directory / "tls", [GIT_HOST])
     server = GitServer(bare.parent.parent, tls=tls)
-    github = yaml.safe_load(preset_path("github-readonly").read_text())
+    github = safe_load(preset_path("github-readonly").read_text())
+    assert isinstance(github, dict)
     rules = [
         {**rule, "name": f"demo-{rule['name']}", "hosts": [GIT_HOST], "ports": [server.port]}
         for rule in github["rules"]
@@ -201,7 +201,7 @@ def _git_stand_in(directory: Path) -> tuple[Any, Path, Path] | None:
     policy = directory / "policy.yaml"
     policy.write_text(
         "# The default policy, and GitHub's read-only rules pointed at a local stand-in.\n"
-        + yaml.safe_dump(
+        + safe_dump(
             {
                 "version": 1,
                 "allow_internal": ["127.0.0.1/32"],  # the stand-in lives on this machine

@@ -10,8 +10,9 @@ pattern is compiled as usual, and ``re.compile`` is put back before this module 
 
 This leans on how PyYAML builds that class attribute: PyYAML is pinned (constraints.txt) and
 ``tests/proxy/policy/test_yamlimport.py`` fails when an upgrade changes the pattern (the import then
-pays for it again, nothing else changes). Modules read PyYAML through ``yamlnodes``, which imports
-this module first.
+pays for it again, nothing else changes). Modules read PyYAML's names through ``yamlnodes``, which
+imports this module first; ruff's banned-api rule (pyproject.toml) refuses ``import yaml`` anywhere
+else in the package.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ _compile = re.compile
 
 
 class DeferredPattern:
-    """A compiled pattern made at its first use; any attribute is the compiled pattern's."""
+    """A compiled pattern made at its first use; any public attribute is the compiled pattern's
+    (PyYAML calls ``search`` and reads the match). It is not an ``re.Pattern`` (no isinstance,
+    equality or hash of one), which PyYAML never asks for."""
 
     __slots__ = ("_compiled", "_flags", "_source")
 
@@ -42,6 +45,8 @@ class DeferredPattern:
         return compiled
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # a copy or an unpickled one, its slots unset: not the pattern's
+            raise AttributeError(name)
         return getattr(self.compiled, name)
 
 

@@ -26,7 +26,7 @@ from proxy.policy import yamlimport  # noqa: F401 - PyYAML first, as that module
 
 # isort: split
 import yaml
-from yaml import MarkedYAMLError, YAMLError
+from yaml import MarkedYAMLError, YAMLError, safe_dump
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
@@ -41,6 +41,7 @@ __all__ = [
     "YAMLError",
     "boolean",
     "compose",
+    "safe_dump",
     "safe_load",
     "scalar",
 ]
