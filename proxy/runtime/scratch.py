@@ -50,13 +50,27 @@ def private_dir(prefix: str) -> str:
 
 def remove_private_dir(folder: str) -> None:
     """Remove a directory made by :func:`private_dir` with what it holds. Its files (links
-    included, never followed) are unlinked here; only a directory something else made inside it
-    (a sandboxed command shares the file system) brings in ``shutil.rmtree``, which removes a tree
-    without following links out of it. Whatever cannot be removed is left."""
-    with contextlib.suppress(OSError):
-        for name in os.listdir(folder):
+    included, never followed) are unlinked here, through the directory opened without following a
+    link (a sandboxed command shares the file system and could put a link where the directory was:
+    the link goes, nothing it points to); only a directory something else made inside it brings in
+    ``shutil.rmtree``, which removes a tree without following links out of it. Whatever cannot be
+    removed is left."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError:  # not a directory any more (a link, a file): remove that name only
+        with contextlib.suppress(OSError):
+            os.unlink(folder)
+        return
+    try:
+        for name in os.listdir(fd):
             with contextlib.suppress(OSError):
-                os.unlink(os.path.join(folder, name))
+                os.unlink(name, dir_fd=fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
     try:
         os.rmdir(folder)
     except FileNotFoundError:

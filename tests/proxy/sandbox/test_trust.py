@@ -111,3 +111,21 @@ def test_a_tmpdir_that_cannot_take_the_directory_stops_the_private_run(
     with pytest.raises(ValueError, match="cannot set up the sandbox's trust"):
         setup(load_policy(path))
     assert not (tmp_path / "missing").exists()
+
+
+def test_a_link_put_where_the_bundles_directory_was_is_removed_not_followed(
+    sources: list[Path], tmpdir_env: Path, tmp_path: Path
+) -> None:
+    """A sandboxed command (same user, same file system) moves the directory away and leaves a link
+    to another directory in its place: cleaning up removes the link, never what it points to."""
+    trust = bundle_trust(sources, [])
+    assert trust.bundle is not None
+    folder = Path(trust.bundle).parent
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_text("keep")
+    folder.rename(tmp_path / "moved")
+    folder.symlink_to(elsewhere, target_is_directory=True)
+    trust.cleanup()
+    assert not folder.exists() and not folder.is_symlink()
+    assert (elsewhere / "keep").read_text() == "keep"
