@@ -33,6 +33,7 @@ import itertools
 import random
 import sys
 import time
+from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 from proxy.core.decision import Kind, Request
@@ -235,6 +236,31 @@ def _busy_rounds(target_ns: float) -> int:
     return max(1, round(probe * target_ns / max(median, 1)))
 
 
+def kept_decisions(
+    samples: int,
+) -> Iterator[tuple[int, Policy, list[Request], list[int], list[int]]]:
+    """For each policy size: (size, policy, its requests, the warm decisions' timings, and the
+    plain loop's timed beside them, for the largest size only). Each policy is frozen out of the
+    collector's young generations (a loaded policy is long-lived); the caller unfreezes."""
+    base_p50: float | None = None  # ns, of the smallest policy: the plain loop's length
+    for size in SIZES:
+        policy = build_policy(size)
+        requests = build_requests(size, DISTINCT_REQUESTS)
+        gc.collect()
+        gc.freeze()
+        for r in requests:  # warm caches as steady traffic would: every request is a repeat
+            decide(r, policy)
+        if size == SIZES[-1] and base_p50 is not None:  # the target's row, beside plain work
+            timings, busy = _time_decisions_beside_busy(
+                requests, policy, samples, _busy_rounds(base_p50)
+            )
+        else:
+            timings, busy = _time_decisions(requests, policy, samples), []
+        if base_p50 is None:
+            base_p50 = p50_p99_us(timings)[0] * 1000
+        yield size, policy, requests, timings, busy
+
+
 def p50_p99_us(timings: list[int]) -> tuple[float, float]:
     """Median and 99th percentile, in microseconds, of timings in nanoseconds."""
     ordered = sorted(timings)
@@ -260,33 +286,18 @@ def main() -> int:
         )
     )
     base_p99: float | None = None
-    base_p50: float | None = None  # ns, of the smallest policy: the plain work's length
     floor: list[int] = []
     worst_p99 = 0.0
     big: Policy | None = None
-    for size in SIZES:
-        policy = build_policy(size)
-        requests = build_requests(size, DISTINCT_REQUESTS)
-        gc.collect()
-        gc.freeze()  # a loaded policy is long-lived: keep it out of the collector's young generations
-        for r in requests:  # warm caches as steady traffic would: every request is a repeat
-            decide(r, policy)
-        if size == SIZES[-1]:  # the target's row, beside plain work of a decision's length
-            assert base_p50 is not None
-            timings, floor = _time_decisions_beside_busy(
-                requests, policy, SAMPLES, _busy_rounds(base_p50)
-            )
-        else:
-            timings = _time_decisions(requests, policy, SAMPLES)
+    requests: list[Request] = []  # the largest policy's, decided again below
+    for size, policy, warm, timings, busy in kept_decisions(SAMPLES):
         row = _row(f"{size:,} rules", timings, base_p99)
-        if base_p50 is None:
-            base_p50 = p50_p99_us(timings)[0] * 1000  # the smallest policy's: the loop's length
         if base_p99 is None:
             base_p99 = float(row[3])
             row = (*row[:4], "1.00x (base)")
         worst_p99 = max(worst_p99, float(row[3]))
         rows.append(row)
-        big = policy
+        big, requests, floor = policy, warm, busy  # the last, largest policy's
     # The machine's own tail for work as long as a warm decision, timed between the largest
     # policy's decisions: when this p99 is high too, a high decision p99 is the machine's in those
     # seconds (a shared or throttled host), not the engine's.

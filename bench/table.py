@@ -381,39 +381,14 @@ def decision_rows(samples: int) -> list[tuple[str, float, float, bool]]:
     tail in those seconds: bench/decisions.py)."""
     import gc
 
-    from bench.decisions import (
-        SIZES,
-        _busy_rounds,
-        _time_decisions,
-        _time_decisions_beside_busy,
-        build_policy,
-        build_requests,
-        not_kept,
-        p50_p99_us,
-    )
-    from proxy.core.engine import decide
+    from bench.decisions import SIZES, _time_decisions, kept_decisions, not_kept, p50_p99_us
 
     def row(label: str, timings: list[int], target: bool) -> tuple[str, float, float, bool]:
         return (label, *p50_p99_us(timings), target)
 
     rows = []
-    base_p50: float | None = None  # ns, of the smallest policy: the plain loop's length
-    for size in SIZES:
-        policy = build_policy(size)
-        requests = build_requests(size, 2000)
-        gc.collect()
-        gc.freeze()
-        for r in requests:
-            decide(r, policy)
-        if size == SIZES[-1] and base_p50 is not None:
-            kept, busy = _time_decisions_beside_busy(
-                requests, policy, samples, _busy_rounds(base_p50)
-            )
-        else:
-            kept, busy = _time_decisions(requests, policy, samples), []
+    for size, policy, requests, kept, busy in kept_decisions(samples):
         rows.append(row(f"decision at {size:,} rules", kept, True))
-        if base_p50 is None:
-            base_p50 = p50_p99_us(kept)[0] * 1000
         if size == SIZES[-1]:
             fresh = not_kept(requests, samples)
             rows.append(
