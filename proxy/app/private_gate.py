@@ -143,10 +143,6 @@ def _attribution(request: GateRequest) -> tuple[Any, Any, Any]:
     return Stamped(request.emitter, facts, processes), processes, facts
 
 
-def _untrusted(exc: Exception) -> ValueError:
-    return ValueError(f"cannot set up the sandbox's trust in the gate's CA: {exc}")
-
-
 def sandbox_trust(inspection: Inspection) -> TrustSetup:
     """What ``egress run`` sets up before the sandbox starts: the state directory (and a supplied CA
     key) hidden from it always, and, when the policy inspects anything (or a joined gate's CA is
@@ -155,7 +151,7 @@ def sandbox_trust(inspection: Inspection) -> TrustSetup:
     def setup(policy: Policy | None) -> Trust:
         from proxy.app import statedir
         from proxy.app.ca import ensure_ca, system_bundle
-        from proxy.sandbox.trust import bundle_trust
+        from proxy.sandbox.trust import bundle_trust, untrusted
 
         try:
             inspection.check(issuing=policy is not None)
@@ -180,11 +176,11 @@ def sandbox_trust(inspection: Inspection) -> TrustSetup:
                 return Trust(bundle=None, hidden=tuple(hidden))
             sources = [p for p in (system_bundle(), gate_cert) if p is not None]
         except (CaError, statedir.StateDirError, OSError) as exc:
-            raise _untrusted(exc) from exc
+            raise untrusted(exc) from exc
         try:
             return bundle_trust(sources, hidden)
         except (OSError, ValueError) as exc:  # ValueError: a path the system cannot take
-            raise _untrusted(exc) from exc
+            raise untrusted(exc) from exc
 
     return setup
 

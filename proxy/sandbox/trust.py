@@ -51,6 +51,11 @@ TrustSetup = Callable[["Policy | None"], Trust | None]
 BUNDLE_NAME = "ca-bundle.pem"
 
 
+def untrusted(exc: Exception) -> ValueError:
+    """What a :data:`TrustSetup` raises when the sandbox's trust cannot be set up."""
+    return ValueError(f"cannot set up the sandbox's trust in the gate's CA: {exc}")
+
+
 def pem_bundle(sources: Iterable[str | os.PathLike[str]]) -> bytes:
     """The PEM files ``sources``, one after the other, each ending in one newline."""
     parts = []

@@ -120,7 +120,7 @@ class Session:
         """What the sandbox trusts and cannot read: the gate's state directory (its CA key) and this
         directory (the socket) hidden always; when the run's policy reads requests, a bundle of the
         system's CAs and the gate's, written for this run."""
-        from proxy.sandbox.trust import Trust, bundle_trust
+        from proxy.sandbox.trust import Trust, bundle_trust, untrusted
 
         hidden = [self.directory]
         state = self.answer.get("state")
@@ -132,7 +132,7 @@ class Session:
         try:
             return bundle_trust([str(part) for part in parts], hidden)
         except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot set up the sandbox's trust in the gate's CA: {exc}") from exc
+            raise untrusted(exc) from exc
 
     def hand_off(
         self,
