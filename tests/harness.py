@@ -15,7 +15,8 @@ import ssl
 import struct
 import subprocess
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -242,6 +243,17 @@ def terminate(proc: subprocess.Popen[Any], grace: float = 15.0) -> int:
             proc.kill()
             proc.wait(5)
     return proc.returncode
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> bool:
+    """Whether ``predicate`` held within ``timeout`` seconds: for what a server thread or the gate
+    records after the client's side of an exchange is over (a count, a relayed byte)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
 
 
 def recv_head(conn: socket.socket, limit: int = 65536) -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import ssl
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -407,14 +408,10 @@ def test_connections_per_client_are_capped_and_recorded(
         refused = [d for d in gate.decisions if d.reason == Reason.CONNECTION_LIMIT]
         assert len(refused) == 1 and refused[0].decision == Verdict.DENY
         held.pop().close()
-        for _ in range(10):  # bounded: the gate notices the close within moments
-            if (
-                curl(f"http://allowed.test:{http_upstream.port}/", gate.url, timeout=2).status
-                == 200
-            ):
-                break
-        else:
-            raise AssertionError("a freed slot was never reusable")
+        deadline = time.monotonic() + WAIT  # the gate frees the slot once it sees the close
+        while curl(f"http://allowed.test:{http_upstream.port}/", gate.url, timeout=2).status != 200:
+            assert time.monotonic() < deadline, "a freed slot was never reusable"
+            time.sleep(0.1)
         for sock in [*held, extra]:
             sock.close()
     finally:

@@ -12,6 +12,7 @@ parallel runs do not collide, and the tests skip where binding a low port is not
 
 from __future__ import annotations
 
+import socket
 import struct
 from collections.abc import Iterator
 
@@ -19,7 +20,7 @@ import pytest
 
 from proxy.core.decision import Reason, Verdict
 from tests.dnsfake import FakeDns
-from tests.harness import RunningGate, Upstream
+from tests.harness import WAIT, RunningGate, Upstream, recv_head, wait_until
 from tests.security import (
     CountingListener,
     client_hello,
@@ -343,9 +344,15 @@ def test_port22_tunnel_must_carry_ssh(gate: RunningGate, ssh22: Upstream, payloa
 def test_port22_tunnel_with_ssh_banner_is_relayed(gate: RunningGate, ssh22: Upstream) -> None:
     """Control for the port-22 table: an SSH identification string goes through untouched."""
     listener = _reset_listener(ssh22)
-    exchange(gate, _connect("web.test", 22), b"SSH-2.0-OpenSSH_9.6\r\n", idle=0.3)
+    banner = b"SSH-2.0-OpenSSH_9.6\r\n"
+    with socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT) as sock:
+        sock.sendall(_connect("web.test", 22))
+        assert recv_head(sock) == b"HTTP/1.1 200 Connection established\r\n\r\n"
+        sock.sendall(banner)
+        # Held open until the listener has the banner (the gate dials and relays after reading it).
+        wait_until(lambda: listener.bytes_received >= len(banner))
     assert listener.accepted == 1
-    assert listener.bytes_received == len(b"SSH-2.0-OpenSSH_9.6\r\n")
+    assert listener.bytes_received == len(banner)
 
 
 # -- class 7: ports --------------------------------------------------------------------------------

@@ -243,8 +243,13 @@ def test_a_flooding_sandbox_does_not_stop_another(
         elapsed = time.monotonic() - started
         assert all(answer.startswith(b"HTTP/1.1 200") for answer in calm)
         assert elapsed < WAIT  # served, not starved (a bound, not a speed claim)
+        # The kernel completes the flood's handshakes before the gate accepts them: the calm
+        # sandbox may be served while some are still in the backlog. Each refusal is recorded
+        # before its connection is closed, so count them once the gate has closed all 70.
+        assert len(flood) == 120
+        assert closed_count(flood, at_least=70, seconds=WAIT) == 70
         refused = [d for d in reasons(gate, Reason.CONNECTION_LIMIT) if d.sandbox_id == "flood"]
-        assert len(refused) >= 70
+        assert len(refused) == 70
         assert not [d for d in gate.decisions if d.sandbox_id == "calm" and not d.allowed]
         for sock in flood:
             sock.close()

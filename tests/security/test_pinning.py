@@ -12,13 +12,21 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from proxy.core.decision import Verdict
 from tests.dnsfake import FakeDns
-from tests.harness import WAIT, Canary, RunningGate, Upstream, client_hello, recv_head
+from tests.harness import (
+    WAIT,
+    Canary,
+    RunningGate,
+    Upstream,
+    client_hello,
+    recv_head,
+    wait_until,
+)
 from tests.security import exchange, fresh_decisions, start_gate_with
 
 pytestmark = pytest.mark.timeout(60)
@@ -76,8 +84,11 @@ def _reset(pair: tuple[Upstream, Canary]) -> None:
     canary.accepted = 0
 
 
-def _tls_tunnel(gate: RunningGate, port: int, *, after: bytes = b"") -> None:
-    """A TLS tunnel: only the ClientHello is needed to make the gate dial."""
+def _tls_tunnel(
+    gate: RunningGate, port: int, dialled: Callable[[], bool], *, after: bytes = b""
+) -> None:
+    """A TLS tunnel: only the ClientHello is needed to make the gate dial. Held open until
+    ``dialled`` (an address was connected to), or ``WAIT`` passed."""
     sock = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
     try:
         if after:
@@ -90,9 +101,7 @@ def _tls_tunnel(gate: RunningGate, port: int, *, after: bytes = b"") -> None:
         sock.sendall(f"CONNECT localhost:{port} HTTP/1.1\r\n\r\n".encode())
         assert recv_head(sock).startswith(b"HTTP/1.1 200")
         sock.sendall(client_hello("localhost"))
-        sock.settimeout(1.0)
-        with contextlib.suppress(TimeoutError, ConnectionResetError):
-            sock.recv(65536)
+        wait_until(dialled)
     finally:
         sock.close()
 
@@ -103,7 +112,7 @@ def test_a_tunnel_dials_the_checked_address_not_the_name(
 ) -> None:
     upstream, canary = pair
     before = len(gate.decisions)
-    _tls_tunnel(gate, upstream.port, after=after)
+    _tls_tunnel(gate, upstream.port, lambda: upstream.accepted + canary.accepted > 0, after=after)
     assert canary.accepted == 0, "dialled by name: the machine's resolver chose the address"
     assert upstream.accepted == 1
     connects = [d for d in fresh_decisions(gate, before) if d.host == "localhost"]

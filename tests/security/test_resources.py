@@ -16,7 +16,7 @@ import pytest
 from proxy.core.decision import Reason, Verdict
 from proxy.policy.loader import load_policy
 from tests.dnsfake import FakeDns, loopback_dns
-from tests.harness import WAIT, RunningGate, Upstream
+from tests.harness import WAIT, RunningGate, Upstream, wait_until
 from tests.security import client_hello, exchange, fresh_decisions, start_gate_with
 
 pytestmark = pytest.mark.timeout(60)
@@ -294,7 +294,8 @@ def test_large_body_to_a_denied_host_is_never_relayed(
     gate: RunningGate, plain: Upstream, dns: FakeDns
 ) -> None:
     before = len(gate.decisions)
-    _post_denied(gate, 1024 * 1024, wait=0.3)
+    _post_denied(gate, 1024 * 1024, wait=WAIT)  # until the gate refuses and closes
+    wait_until(lambda: len(gate.decisions) > before)
     assert plain.accepted == 0 and dns.count("evil.test") == 0
     (decision,) = fresh_decisions(gate, before)
     assert (decision.decision, decision.reason) == (Verdict.DENY, Reason.NO_MATCHING_RULE)

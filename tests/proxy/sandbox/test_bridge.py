@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from proxy.sandbox.bridge import Relay, UdpRelay
-from tests.harness import LoopbackServer, serving
+from tests.harness import LoopbackServer, serving, wait_until
 
 WAIT = 10.0
 
@@ -63,6 +63,8 @@ def test_bulk_bytes_arrive_intact_both_ways(echo: Echo) -> None:
     finally:
         relay.close()
     assert relay.stats.accepted == 1
+    # The connection's thread adds its bytes when its stream ends, after the echo has arrived.
+    wait_until(lambda: relay.stats.bytes_up >= len(payload))
     assert relay.stats.bytes_up == len(payload)
 
 

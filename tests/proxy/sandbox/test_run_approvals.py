@@ -157,7 +157,9 @@ def test_a_session_grant_ends_with_the_sandbox_handed_to_a_shared_gate(
         assert gate.egress("approve", pending["id"], "--session").returncode == 0
         code, out = first.finish()
         assert (code, out.split()) == (0, ["200", "200"])  # the second one under the grant
-        # The sandbox ended: the same id in a new sandbox asks again (and nobody answers).
+        # The sandbox ended (the gate ends its grants once it sees the hand-off close): the same
+        # id in a new sandbox asks again (and nobody answers).
+        gate.serve.wait_for_line("sandbox sbx-session ended")
         second = Run("--gate-socket", str(sock), "--sandbox-id", "sbx-session", "--quiet",
                      "--", "sh", "-c", inside.split(";")[0])  # fmt: skip
         code, out = second.finish()

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 from proxy.evidence.journal.writer import Journal
 from proxy.evidence.metrics import Metrics
 from proxy.evidence.otel.endpoint import resolve_endpoint
@@ -35,12 +32,3 @@ def make_sink(
         limits=limits,
         on_demand=on_demand,
     )
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False

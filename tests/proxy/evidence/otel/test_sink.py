@@ -12,8 +12,9 @@ from proxy.evidence.emit import Emitter
 from proxy.evidence.journal.writer import Journal
 from proxy.evidence.metrics import Metrics
 from proxy.evidence.record import CLOSED_EVENT, connection_closed
+from tests.harness import wait_until
 from tests.proxy.evidence.decisions import allow, deny_http, dns_query
-from tests.proxy.evidence.otel.receivers import Receiver, make_sink, wait_until
+from tests.proxy.evidence.otel.receivers import Receiver, make_sink
 
 
 def test_allow_deny_and_dns_events_arrive(receiver: Receiver) -> None:
