@@ -7,6 +7,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# `make test` runs the suite in this many processes (pytest-xdist; each test file whole in one, in
+# its order): most tests wait on sockets and subprocesses, so 2 halve the suite on 2 cores.
+# TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 
 # Newest Python >= 3.12: plain names on PATH first, then pyenv's install tree (shims may be inactive).
 find_python = $(shell for c in python3.13 python3.12 \
@@ -43,7 +47,7 @@ test-deps: $(STAMP)
 	@PYTHON=$(PY) scripts/install-test-deps
 
 test: $(STAMP) test-deps
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check proxy addons tests bench

@@ -22,12 +22,20 @@ settings.register_profile("explore", deadline=None, max_examples=5000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
 
+_MADE_HERE = "EGRESS_TEST_STATE_DIR_MADE"  # set beside a state directory this file made
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Every `egress serve` a test starts keeps its state (mitmproxy's CA) in a temporary directory,
-    never in the home of whoever runs the tests. Set before collection: modules copy os.environ."""
-    if "EGRESS_STATE_DIR" not in os.environ:
-        path = tempfile.mkdtemp(prefix="egress-test-state-")
+    never in the home of whoever runs the tests. Set before collection: modules copy os.environ.
+    Each `make test` worker (pytest-xdist) gets its own, so no two gates race to make one CA; a
+    directory given by whoever runs the tests is kept as given."""
+    made_by_controller = os.environ.get(_MADE_HERE) == "1"
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if "EGRESS_STATE_DIR" not in os.environ or (worker and made_by_controller):
+        path = tempfile.mkdtemp(prefix=f"egress-test-state-{worker or 'main'}-")
         os.environ["EGRESS_STATE_DIR"] = path
+        os.environ[_MADE_HERE] = "1"
         config.add_cleanup(lambda: shutil.rmtree(path, ignore_errors=True))
 
 
