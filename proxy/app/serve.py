@@ -378,6 +378,12 @@ async def _serve(
                 rule.file, rule.line, rule.name,
             )  # fmt: skip
         ready = " ".join(f"{k}={v}" for k, v in info.items())
+        # dnspython's import, begun in the background above, is start-up too: it has ended before
+        # the start's objects leave the collector's generations, however slow the machine (else
+        # its modules stay in them, walked by every full collection). Bounded by the import's own
+        # timeout; a failed import fails lookups closed, as before.
+        await resolver.warmed()
+        await DnsGate.warmed()
         gate_started()
         if ready_fd is None:
             log.warning("agent-egress gate ready %s", ready)

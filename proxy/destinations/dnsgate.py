@@ -107,6 +107,11 @@ class DnsGate:
         not wait for it). Needs the running loop."""
         ANSWERS.warm()
 
+    @staticmethod
+    async def warmed() -> None:
+        """Until :meth:`warm`'s import has ended (imported or failed)."""
+        await ANSWERS.settled()
+
     # --- servers ---------------------------------------------------------------------------------
 
     async def serve_udp(

@@ -110,6 +110,11 @@ class Resolver:
         not wait for it). Needs the running loop."""
         DNSQUERY.warm()
 
+    @staticmethod
+    async def warmed() -> None:
+        """Until :meth:`warm`'s import has ended (imported or failed)."""
+        await DNSQUERY.settled()
+
     async def resolve(self, name: str) -> Answers:
         """A and AAAA for a canonical name, unscreened; an empty answer carries the failure."""
         v4, v6 = await asyncio.gather(self.lookup(name, "A"), self.lookup(name, "AAAA"))

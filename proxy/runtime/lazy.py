@@ -40,6 +40,12 @@ class LazyImport:
         if self._module is None:
             self._task()
 
+    async def settled(self) -> None:
+        """Until a warm-up begun earlier has ended, imported or failed (never raises; nothing to
+        wait for if none was begun)."""
+        if self._loading is not None and self._module is None:
+            await asyncio.wait([self._loading])
+
     def _task(self) -> asyncio.Task[ModuleType]:
         loop = asyncio.get_running_loop()
         task = self._loading

@@ -91,12 +91,14 @@ def exchange(
     *,
     responses: int = 1,
     idle: float = 0.8,
+    tunnel_reply: bool = False,
 ) -> Reply:
     """Send ``first`` to the gate; once its reply head arrived, send ``then`` (tunnel contents).
 
     Reads until ``responses`` complete HTTP responses arrived (a CONNECT's ``200 Connection
     established`` does not count), the gate closes the connection, or it stays silent for ``idle``
-    seconds. Every wait is bounded.
+    seconds. Every wait is bounded. ``tunnel_reply``: the upstream answers inside the tunnel (a
+    control case), so wait up to ``WAIT`` for its first bytes and return once they are here.
     """
     sock = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
     data = b""
@@ -112,9 +114,11 @@ def exchange(
                 data += chunk
             with contextlib.suppress(OSError):
                 sock.sendall(then)
-        sock.settimeout(idle)
+        sock.settimeout(WAIT if tunnel_reply else idle)
         deadline = time.monotonic() + WAIT
         while time.monotonic() < deadline and _complete_responses(data) < responses:
+            if tunnel_reply and Reply(data, False).tunnel_bytes():
+                break
             try:
                 chunk = sock.recv(65536)
             except TimeoutError:

@@ -143,7 +143,9 @@ def test_tunnel_whose_client_hello_does_not_name_the_connect_host_is_closed(
 
 def test_matching_client_hello_reaches_the_upstream(gate: RunningGate, tls: Upstream) -> None:
     """Control for the SNI table: only the SNI differs, and this one goes through."""
-    reply = exchange(gate, _connect("allowed.test", tls.port), client_hello("allowed.test"))
+    reply = exchange(
+        gate, _connect("allowed.test", tls.port), client_hello("allowed.test"), tunnel_reply=True
+    )
     assert reply.tunnel_bytes()[:2] == b"\x16\x03"  # the upstream's ServerHello
     assert tls.accepted == 1
 

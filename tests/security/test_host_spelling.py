@@ -171,6 +171,7 @@ def test_case_and_trailing_dot_are_one_host_and_still_pinned(
         name_gate,
         f"CONNECT ALLOWED.Test.:{tls.port} HTTP/1.1\r\n\r\n".encode(),
         client_hello("Allowed.TEST"),
+        tunnel_reply=True,
     )
     assert reply.data.startswith(b"HTTP/1.1 200")
     assert reply.tunnel_bytes()[:2] == b"\x16\x03"  # the upstream's ServerHello came back

@@ -63,7 +63,9 @@ def _connect(host: str, port: int) -> bytes:
 
 def test_control_an_unlisted_host_is_reported_and_reached(gate: RunningGate, tls: Upstream) -> None:
     before = len(gate.decisions)
-    reply = exchange(gate, _connect("unlisted.test", tls.port), client_hello("unlisted.test"))
+    reply = exchange(
+        gate, _connect("unlisted.test", tls.port), client_hello("unlisted.test"), tunnel_reply=True
+    )
     assert reply.tunnel_bytes()[:2] == b"\x16\x03"  # the upstream's ServerHello
     assert tls.accepted == 1
     connect, hello = fresh_decisions(gate, before)

@@ -86,6 +86,27 @@ def test_a_cancelled_caller_does_not_cancel_the_import_others_wait_for(write: Wr
     assert asyncio.run(main()).VALUE == 1
 
 
+def test_settled_waits_for_a_warm_up_to_end_imported_or_failed(write: Write) -> None:
+    """What `egress serve` waits for before taking its start out of the collector's generations:
+    the warm-up's end, without raising when the import failed (lookups then fail closed)."""
+    slow, broken = "egress_lazy_probe_settled", "egress_lazy_probe_settled_broken"
+    write(slow, "import time\ntime.sleep(0.3)\nVALUE = 3\n")
+    write(broken, "import time\ntime.sleep(0.1)\nraise RuntimeError('broken')\n")
+    imported, failed, idle = LazyImport(slow), LazyImport(broken), LazyImport("json")
+
+    async def main() -> None:
+        imported.warm()
+        failed.warm()
+        await imported.settled()
+        assert slow in sys.modules and sys.modules[slow].VALUE == 3
+        await failed.settled()  # no exception
+        await idle.settled()  # nothing begun: nothing to wait for
+        with pytest.raises(RuntimeError, match="broken"):
+            await failed.load()  # the failure is still the next caller's
+
+    asyncio.run(main())
+
+
 def test_starting_a_gate_imports_no_dnspython() -> None:
     """A private gate's start does not wait for dnspython: the modules it imports to start (the
     gate, its resolver and DNS gate) leave it to the first name asked."""
