@@ -116,6 +116,7 @@ class TunnelFrontEnd:
         self.plain = plain  # serves the plain-HTTP requests it can serve exactly as mitmproxy would
         self._ids = itertools.count(1)
         self.tunnels = 0  # taken by this front end (tests read it)
+        self.handed = 0  # handed to mitmproxy's layers (tests read it)
         # Connections being served, from every listener: a draining gate waits for them after its
         # listeners are closed, instead of cutting them off.
         self.active: set[asyncio.Task[None]] = set()
@@ -206,6 +207,7 @@ class TunnelFrontEnd:
                 self.checkpoint.disconnected(cid)
                 cid = ""
                 handed = True
+                self.handed += 1
                 watch.close()  # mitmproxy's transport reads the socket from here on
                 await self.handoff(sock, sandbox_id, accepted)
                 return

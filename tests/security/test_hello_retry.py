@@ -33,6 +33,7 @@ from tests.harness import (
     recv_head,
     server_hello,
     serving,
+    wait_until,
 )
 from tests.security import fresh_decisions, start_gate_with
 
@@ -118,8 +119,11 @@ def _tunnel(gate: RunningGate, port: int, *, in_pieces: bool) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
     connect = f"CONNECT allowed.test:{port} HTTP/1.1\r\n\r\n".encode()
     if in_pieces:
+        handed = gate.gate.tunnels.handed
         sock.sendall(connect[:4])
-        time.sleep(0.2)  # the front end peeks a partial line and hands the connection over
+        # the front end peeks a partial line and hands the connection to mitmproxy's layers: the
+        # rest is sent once it has (sent sooner, the front end could read the whole line itself)
+        assert wait_until(lambda: gate.gate.tunnels.handed > handed), "never handed over"
         connect = connect[4:]
     sock.sendall(connect)
     assert recv_head(sock).startswith(b"HTTP/1.1 200")
