@@ -28,15 +28,20 @@ _MADE_HERE = "EGRESS_TEST_STATE_DIR_MADE"  # set beside a state directory this f
 def pytest_configure(config: pytest.Config) -> None:
     """Every `egress serve` a test starts keeps its state (mitmproxy's CA) in a temporary directory,
     never in the home of whoever runs the tests. Set before collection: modules copy os.environ.
-    Each `make test` worker (pytest-xdist) gets its own, so no two gates race to make one CA; a
-    directory given by whoever runs the tests is kept as given."""
+    Each `make test` worker (pytest-xdist) gets its own, so no two gates race to make one CA (in
+    a directory given by whoever runs the tests, a subdirectory per worker)."""
     made_by_controller = os.environ.get(_MADE_HERE) == "1"
     worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if "EGRESS_STATE_DIR" not in os.environ or (worker and made_by_controller):
+    given = os.environ.get("EGRESS_STATE_DIR")
+    if given is None or (worker and made_by_controller):
         path = tempfile.mkdtemp(prefix=f"egress-test-state-{worker or 'main'}-")
         os.environ["EGRESS_STATE_DIR"] = path
         os.environ[_MADE_HERE] = "1"
         config.add_cleanup(lambda: shutil.rmtree(path, ignore_errors=True))
+    elif worker:  # given by whoever runs the tests: one subdirectory of it per process
+        path = os.path.join(given, worker)
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        os.environ["EGRESS_STATE_DIR"] = path
 
 
 TEST_NAMES = ["allowed.test", "other.test", "evil.test", "sub.allowed.test", "127.0.0.1"]

@@ -212,6 +212,27 @@ def load_sandboxes(
     return identities, holders
 
 
+async def _warmed_unless_stopped(stop: asyncio.Event, dns_warm: bool) -> bool:
+    """Whether the background imports have ended (imported or failed) before a stop was asked
+    for; the imports themselves go on either way."""
+
+    async def warmed() -> None:
+        from proxy.destinations.resolver import Resolver  # imported by the start already
+
+        await Resolver.warmed()
+        if dns_warm:
+            await DnsGate.warmed()
+
+    warming = asyncio.ensure_future(warmed())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((warming, stopping), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        warming.cancel()
+        stopping.cancel()
+    return not stop.is_set()
+
+
 async def _serve(
     args: argparse.Namespace,
     policy: Policy,
@@ -331,7 +352,8 @@ async def _serve(
             gate.protect_endpoint(*approvals.admin_address)
         await gate.start(listen_socket)
         resolver.warm()  # dnspython, in the background: a service's first lookup need not wait
-        if args.dns_listen or args.handoff_socket:
+        dns_warm = bool(args.dns_listen or args.handoff_socket)
+        if dns_warm:
             DnsGate.warm()
         if getattr(args, "watch_interval", 0.5) > 0:
             watching = loop.create_task(live.run(stop))
@@ -381,16 +403,16 @@ async def _serve(
         # dnspython's import, begun in the background above, is start-up too: it has ended before
         # the start's objects leave the collector's generations, however slow the machine (else
         # its modules stay in them, walked by every full collection). Bounded by the import's own
-        # timeout; a failed import fails lookups closed, as before.
-        await resolver.warmed()
-        await DnsGate.warmed()
-        gate_started()
-        if ready_fd is None:
-            log.warning("agent-egress gate ready %s", ready)
-        else:
-            log.info("worker %d ready %s", os.getpid(), ready)
-            with contextlib.suppress(OSError):  # a restarted worker has nobody waiting
-                os.write(ready_fd, b"R")
+        # timeout; a failed import fails lookups closed, as before; a stop asked for meanwhile
+        # stops the gate at once, never ready.
+        if await _warmed_unless_stopped(stop, dns_warm):
+            gate_started()
+            if ready_fd is None:
+                log.warning("agent-egress gate ready %s", ready)
+            else:
+                log.info("worker %d ready %s", os.getpid(), ready)
+                with contextlib.suppress(OSError):  # a restarted worker has nobody waiting
+                    os.write(ready_fd, b"R")
         await stop.wait()
         log.warning("shutting down")
     finally:

@@ -41,10 +41,15 @@ class LazyImport:
             self._task()
 
     async def settled(self) -> None:
-        """Until a warm-up begun earlier has ended, imported or failed (never raises; nothing to
-        wait for if none was begun)."""
-        if self._loading is not None and self._module is None:
-            await asyncio.wait([self._loading])
+        """Until a warm-up begun earlier on this loop has ended, imported or failed (never
+        raises; nothing to wait for if none was begun here)."""
+        task = self._loading
+        if (
+            task is not None
+            and self._module is None
+            and task.get_loop() is asyncio.get_running_loop()
+        ):
+            await asyncio.wait([task])
 
     def _task(self) -> asyncio.Task[ModuleType]:
         loop = asyncio.get_running_loop()

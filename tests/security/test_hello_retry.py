@@ -123,7 +123,7 @@ def _tunnel(gate: RunningGate, port: int, *, in_pieces: bool) -> socket.socket:
         sock.sendall(connect[:4])
         # the front end peeks a partial line and hands the connection to mitmproxy's layers: the
         # rest is sent once it has (sent sooner, the front end could read the whole line itself)
-        assert wait_until(lambda: gate.gate.tunnels.handed > handed), "never handed over"
+        assert wait_until(lambda: gate.gate.tunnels.handed == handed + 1), "never handed over"
         connect = connect[4:]
     sock.sendall(connect)
     assert recv_head(sock).startswith(b"HTTP/1.1 200")

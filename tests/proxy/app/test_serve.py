@@ -467,3 +467,36 @@ def test_plain_http_can_be_sent_through_mitmproxys_layers(
         assert (b"agent-egress refused this request" in data) is via_mitmproxy
     finally:
         assert serve.stop() == 0
+
+
+def test_a_stop_while_dnspython_still_imports_stops_the_gate_never_ready(tmp_path: Path) -> None:
+    """`egress serve` says it is ready once its background dnspython import has ended; a SIGTERM
+    that comes while that import still runs (here one that would take a minute) stops it at once,
+    and it never says it is ready."""
+    slow = tmp_path / "slow" / "dns"
+    slow.mkdir(parents=True)
+    begun = tmp_path / "import-begun"
+    (slow / "__init__.py").write_text(
+        f"import pathlib, time\npathlib.Path({str(begun)!r}).touch()\ntime.sleep(60)\n"
+    )
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    proc = subprocess.Popen(
+        [EGRESS, "serve", "--listen", "127.0.0.1:0", "--no-metrics", "--policy", str(policy)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(PYTHONPATH=str(slow.parent)),
+    )
+    try:
+        deadline = time.monotonic() + WAIT
+        while not begun.exists():
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "the background import never began"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=WAIT)  # not the import's minute
+    finally:
+        terminate(proc)
+    assert proc.returncode == 0, err
+    assert "gate ready" not in err
+    assert "shutting down" in err

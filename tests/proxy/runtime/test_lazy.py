@@ -100,11 +100,30 @@ def test_settled_waits_for_a_warm_up_to_end_imported_or_failed(write: Write) -> 
         await imported.settled()
         assert slow in sys.modules and sys.modules[slow].VALUE == 3
         await failed.settled()  # no exception
+        assert failed._loading is not None and failed._loading.done()
         await idle.settled()  # nothing begun: nothing to wait for
         with pytest.raises(RuntimeError, match="broken"):
             await failed.load()  # the failure is still the next caller's
 
     asyncio.run(main())
+
+
+def test_settled_does_not_wait_for_a_warm_up_begun_on_another_loop(write: Write) -> None:
+    """A warm-up left behind by a loop that has ended (its task cancelled mid-import) is not this
+    loop's to wait for: nothing raises, nothing hangs."""
+    name = "egress_lazy_probe_settled_other_loop"
+    write(name, "import time\ntime.sleep(0.3)\nVALUE = 5\n")
+    lazy = LazyImport(name)
+
+    async def begin() -> None:
+        lazy.warm()  # the loop ends before the import does
+
+    async def later() -> object:
+        await lazy.settled()
+        return await lazy.load()  # a new import on this loop
+
+    asyncio.run(begin())
+    assert asyncio.run(later()).VALUE == 5
 
 
 def test_starting_a_gate_imports_no_dnspython() -> None:
