@@ -21,7 +21,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -212,16 +212,15 @@ def load_sandboxes(
     return identities, holders
 
 
-async def _warmed_unless_stopped(stop: asyncio.Event, dns_warm: bool) -> bool:
-    """Whether the background imports have ended (imported or failed) before a stop was asked
-    for; the imports themselves go on either way."""
+async def _warmed_unless_stopped(
+    stop: asyncio.Event, *warm_ups: Callable[[], Awaitable[None]]
+) -> bool:
+    """Whether the background imports have ended (imported or failed; each warm-up waits only for
+    one begun) before a stop was asked for; the imports themselves go on either way."""
 
     async def warmed() -> None:
-        from proxy.destinations.resolver import Resolver  # imported by the start already
-
-        await Resolver.warmed()
-        if dns_warm:
-            await DnsGate.warmed()
+        for warm_up in warm_ups:
+            await warm_up()
 
     warming = asyncio.ensure_future(warmed())
     stopping = asyncio.ensure_future(stop.wait())
@@ -352,8 +351,7 @@ async def _serve(
             gate.protect_endpoint(*approvals.admin_address)
         await gate.start(listen_socket)
         resolver.warm()  # dnspython, in the background: a service's first lookup need not wait
-        dns_warm = bool(args.dns_listen or args.handoff_socket)
-        if dns_warm:
+        if args.dns_listen or args.handoff_socket:
             DnsGate.warm()
         if getattr(args, "watch_interval", 0.5) > 0:
             watching = loop.create_task(live.run(stop))
@@ -405,7 +403,7 @@ async def _serve(
         # its modules stay in them, walked by every full collection). Bounded by the import's own
         # timeout; a failed import fails lookups closed, as before; a stop asked for meanwhile
         # stops the gate at once, never ready.
-        if await _warmed_unless_stopped(stop, dns_warm):
+        if await _warmed_unless_stopped(stop, resolver.warmed, DnsGate.warmed):
             gate_started()
             if ready_fd is None:
                 log.warning("agent-egress gate ready %s", ready)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import socket
 import ssl
 import struct
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 from proxy.core.decision import Decision, Reason, Verdict
 from proxy.core.limits import Limits
 from tests.dnsfake import FakeDns
-from tests.harness import WAIT, LocalCA, RunningGate, Upstream, client_hello, curl
+from tests.harness import WAIT, LocalCA, RunningGate, Upstream, client_hello, curl, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -408,10 +407,11 @@ def test_connections_per_client_are_capped_and_recorded(
         refused = [d for d in gate.decisions if d.reason == Reason.CONNECTION_LIMIT]
         assert len(refused) == 1 and refused[0].decision == Verdict.DENY
         held.pop().close()
-        deadline = time.monotonic() + WAIT  # the gate frees the slot once it sees the close
-        while curl(f"http://allowed.test:{http_upstream.port}/", gate.url, timeout=2).status != 200:
-            assert time.monotonic() < deadline, "a freed slot was never reusable"
-            time.sleep(0.1)
+        url = f"http://allowed.test:{http_upstream.port}/"
+        # the gate frees the slot once it sees the close
+        assert wait_until(lambda: curl(url, gate.url, timeout=2).status == 200), (
+            "a freed slot was never reusable"
+        )
         for sock in [*held, extra]:
             sock.close()
     finally:

@@ -3,9 +3,7 @@ passed on), and that everything else still reaches mitmproxy's layers and their 
 
 from __future__ import annotations
 
-import contextlib
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +13,17 @@ import pytest
 from addons.tunnels import _parse_connect, connect_target
 from proxy.core.decision import Reason, Verdict
 from proxy.core.hosts import InvalidHost, canonical_host
-from tests.harness import WAIT, RunningGate, Upstream, client_hello, recv_head, server_hello
+from tests.harness import (
+    WAIT,
+    LoopbackServer,
+    RunningGate,
+    Upstream,
+    client_hello,
+    recv_head,
+    server_hello,
+    serving,
+    wait_until,
+)
 
 REPLY = b"R" * 100_000
 HELLO = client_hello(None)
@@ -24,52 +32,30 @@ HELLO = client_hello(None)
 SERVER_HELLO = server_hello()
 
 
-class HalfCloseUpstream:
+class HalfCloseUpstream(LoopbackServer):
     """Answers a whole ClientHello with a ServerHello, reads until the client's EOF, then answers
     with REPLY and closes: works only if the relay passes the client's half-close on and still
-    relays the other direction afterwards."""
+    relays the other direction afterwards. A client that closes before reading the reply resets
+    the connection; what it sent has been received by then, and that is what the tests read."""
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
         self.received = b""
-        self.accepted = 0
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__(name="half-close")
 
-    def _serve(self) -> None:
-        self.sock.settimeout(WAIT)
-        try:
-            conn, _ = self.sock.accept()
-        except OSError:
-            return
-        self.accepted += 1
-        # A client that closes before reading the reply resets the connection: what it sent has
-        # been received by then, and that is what the tests read.
-        with conn, contextlib.suppress(ConnectionResetError, BrokenPipeError):
-            conn.settimeout(WAIT)
-            answered = False
-            while chunk := conn.recv(65536):
-                self.received += chunk
-                if not answered and len(self.received) >= len(HELLO):
-                    conn.sendall(SERVER_HELLO)  # the bytes after the hello wait for this
-                    answered = True
-            conn.sendall(REPLY)
-
-    def stop(self) -> None:
-        with contextlib.suppress(
-            OSError
-        ):  # wakes an accept() still waiting (a test that dialled nothing)
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self._thread.join(WAIT)
+    def handle(self, conn: socket.socket) -> None:
+        conn.settimeout(WAIT)
+        answered = False
+        while chunk := conn.recv(65536):
+            self.received += chunk
+            if not answered and len(self.received) >= len(HELLO):
+                conn.sendall(SERVER_HELLO)  # the bytes after the hello wait for this
+                answered = True
+        conn.sendall(REPLY)
 
 
 @pytest.fixture
 def half_close() -> Iterator[HalfCloseUpstream]:
-    upstream = HalfCloseUpstream()
-    yield upstream
-    upstream.stop()
+    yield from serving(HalfCloseUpstream())
 
 
 def _gate(tmp_path: Path, *ports: int) -> RunningGate:
@@ -223,9 +209,7 @@ def test_a_request_line_in_pieces_is_still_served(
         hello = client_hello(None)
         sock.sendall(hello)
         sock.close()
-        deadline = time.monotonic() + WAIT
-        while half_close.received != hello and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: half_close.received == hello)
         assert half_close.received == hello
     finally:
         gate.stop()

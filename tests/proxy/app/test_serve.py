@@ -20,7 +20,7 @@ import dns.rcode
 import pytest
 
 from tests.dnsfake import FakeDns
-from tests.harness import WAIT, LoopbackServer, clean_env, terminate
+from tests.harness import WAIT, LoopbackServer, clean_env, terminate, wait_until
 
 EGRESS = shutil.which("egress", path=str(Path(sys.executable).parent)) or "egress"
 
@@ -488,11 +488,9 @@ def test_a_stop_while_dnspython_still_imports_stops_the_gate_never_ready(tmp_pat
         env=clean_env(PYTHONPATH=str(slow.parent)),
     )
     try:
-        deadline = time.monotonic() + WAIT
-        while not begun.exists():
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "the background import never began"
-            time.sleep(0.05)
+        wait_until(lambda: begun.exists() or proc.poll() is not None)
+        assert proc.poll() is None, proc.communicate()[1]
+        assert begun.exists(), "the background import never began"
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=WAIT)  # not the import's minute
     finally:
