@@ -7,7 +7,6 @@ through the real ``egress approve``/``deny`` commands and the admin API.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -28,12 +27,6 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parents[1]
 WAIT = 20.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def write_tokens(directory: Path, *names: str) -> tuple[Path, dict[str, Path]]:

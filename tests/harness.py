@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import signal
 import socket
@@ -254,6 +255,43 @@ def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> bool:
             return True
         time.sleep(0.02)
     return predicate()
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing holds now, for what must be told its port before it binds it (a
+    port written into a policy, a server with no port-0 option). Another bind may take it before
+    that: start it through :func:`on_a_free_port`, which picks again when that happened."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def on_a_free_port[T](start: Callable[[int], T], attempts: int = 5) -> tuple[int, T]:
+    """The port and what ``start(port)`` returned, on a port just picked; on a new one when the start failed because another
+    bind took the port in between (the suite runs in two processes, each binding port 0 often):
+    EADDRINUSE raised, or "address already in use" in what the failure (or its cause) says, as a
+    gate's log does. Any other failure, or the last attempt's, is raised as it is."""
+    for attempt in range(1, attempts + 1):
+        port = free_port()
+        try:
+            return port, start(port)
+        except Exception as exc:
+            if not _port_taken(exc) or attempt == attempts:
+                raise
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _port_taken(exc: BaseException | None) -> bool:
+    """Whether a failure, or one it was raised from, says its port was taken."""
+    for _ in range(8):
+        if exc is None:
+            return False
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+            return True
+        if "address already in use" in str(exc).lower():
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def recv_head(conn: socket.socket, limit: int = 65536) -> bytes:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.harness import on_a_free_port
 
 INSTALL_HINT = (
     "run scripts/install-test-deps (make test does): it installs the Debian packages the tests use"
@@ -31,12 +32,6 @@ def require_binary(name: str) -> str:
     if path is None:
         pytest.fail(f"`{name}` not found on PATH; {INSTALL_HINT}", pytrace=False)
     return path
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PrometheusServer:
@@ -78,26 +73,29 @@ class PrometheusServer:
 
     def start(self, timeout: float = 30.0) -> None:
         config = self._write_config()
-        for _attempt in range(3):  # the free port may be taken between probe and bind
-            self.port = free_port()
-            data = self.workdir / f"data-{self.port}"
-            with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(
-                    [
-                        self.binary,
-                        f"--config.file={config}",
-                        f"--storage.tsdb.path={data}",
-                        f"--web.listen-address=127.0.0.1:{self.port}",
-                        "--log.level=warn",
-                    ],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=self.workdir,
-                )
-            if self._wait_ready(timeout):
-                return
+        on_a_free_port(lambda port: self._start_on(port, config, timeout))
+
+    def _start_on(self, port: int, config: Path, timeout: float) -> None:
+        self.port = port
+        data = self.workdir / f"data-{port}"
+        log = self.workdir / f"prometheus-{port}.log"
+        self.log_path = log
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [
+                    self.binary,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={data}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                    "--log.level=warn",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+            )
+        if not self._wait_ready(timeout):
             self.stop()
-        raise RuntimeError(f"prometheus did not become ready:\n{self.log_path.read_text()[-3000:]}")
+            raise RuntimeError(f"prometheus did not become ready:\n{log.read_text()[-3000:]}")
 
     def _wait_ready(self, timeout: float) -> bool:
         assert self.proc is not None

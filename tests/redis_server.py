@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import serving
-from tests.prometheus_server import free_port, require_binary
+from tests.harness import on_a_free_port, serving
+from tests.prometheus_server import require_binary
 
 
 class RedisServer:
@@ -28,19 +28,22 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        for _ in range(5):  # a free port can be taken between choosing and binding it
-            self.port = free_port()
-            log = self.workdir / f"redis-{self.port}.log"
-            self.proc = subprocess.Popen(
-                [self.binary, "--bind", "127.0.0.1", "--port", str(self.port),
-                 "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
-                 "--protected-mode", "yes", "--daemonize", "no", "--logfile", str(log)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-            if self._ready():
-                return self
+        on_a_free_port(self._start_on)
+        return self
+
+    def _start_on(self, port: int) -> None:
+        self.port = port
+        log = self.workdir / f"redis-{port}.log"
+        self.proc = subprocess.Popen(
+            [self.binary, "--bind", "127.0.0.1", "--port", str(port),
+             "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
+             "--protected-mode", "yes", "--daemonize", "no", "--logfile", str(log)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        if not self._ready():
             self.stop()
-        raise RuntimeError("redis-server did not start")
+            said = log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
+            raise RuntimeError(f"redis-server did not start:\n{said}")
 
     def _ready(self) -> bool:
         assert self.proc is not None

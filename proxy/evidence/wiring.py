@@ -53,7 +53,16 @@ class Evidence:
         if self.metrics_listen is not None and self.metrics_address is None:
             assert self.metrics is not None  # build_emitter makes one whenever there is a listener
             self.metrics_address = self.metrics.start(*self.metrics_listen)
-            log.info("metrics on http://%s:%d/metrics", *self.metrics_address)
+            log.info("metrics on %s", self.metrics_url)
+
+    @property
+    def metrics_url(self) -> str | None:
+        """Where /metrics is served, once started: with port 0 asked for, the port is only known
+        here, so a gate says it (``egress serve``'s log, ``egress run``'s stderr)."""
+        if self.metrics_address is None:
+            return None
+        host, port = self.metrics_address
+        return f"http://[{host}]:{port}/metrics" if ":" in host else f"http://{host}:{port}/metrics"
 
     def emit(self, decision: Decision) -> Decision:
         """Shorthand for ``emitter.emit``: enforce the decision this returns."""

@@ -422,6 +422,8 @@ async def _run_private(
         emitter = evidence.emitter if evidence else Emitter(_sinks(options))
         if evidence is not None:
             await _maybe_await(evidence.start())
+            if evidence.metrics_url is not None and not options.quiet:
+                _err(f"metrics on {evidence.metrics_url}")  # --metrics HOST:0 picked the port
         gate = await options.gate(
             GateRequest(
                 policy,

@@ -23,7 +23,7 @@ from proxy.core.decision import Decision, Kind, Reason, Request
 from proxy.core.requests import HttpHead
 from proxy.policy.loader import load_policy
 from tests.dnsfake import FakeDns
-from tests.harness import WAIT, RunningGate, recv_head
+from tests.harness import WAIT, RunningGate, on_a_free_port, recv_head
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -99,12 +99,13 @@ def test_check_and_the_gate_agree(
     fake_dns.set("inside.example.test", "A", ["10.1.2.3"])
     fake_dns.set("meta.example.test", "AAAA", ["fd00:ec2::254"])
     fake_dns.set("blocked.example.test", "A", ["127.0.0.1"])
+
     # The policy opens the gate's own port (as a careless allow-all rule would), so pick it first.
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        gate_port = free.getsockname()[1]
-    path = write_policy(POLICY.format(mode=mode, gate_port=gate_port))
-    gate = start_gate(path, config={"listen_port": gate_port})
+    def start(gate_port: int) -> tuple[Path, RunningGate]:
+        path = write_policy(POLICY.format(mode=mode, gate_port=gate_port))
+        return path, start_gate(path, config={"listen_port": gate_port})
+
+    _, (path, gate) = on_a_free_port(start)
     policy = load_policy(path)
     listeners = [("127.0.0.1", gate.port)]
     for template in TARGETS:

@@ -25,7 +25,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
 
 from tests import browser
-from tests.approvals_harness import ApprovalGate, fetch, free_port
+from tests.approvals_harness import ApprovalGate, fetch
 from tests.dnsfake import FakeDns
 from tests.harness import Upstream, curl
 
@@ -164,10 +164,8 @@ def console(
     policy.write_text(POLICY.format(port=http_upstream.port))
     directory = tmp_path / "gate"
     directory.mkdir()
-    dns_port = free_port()
-    gate = ApprovalGate(
-        policy, fake_dns.nameserver, directory, "--dns-listen", f"127.0.0.1:{dns_port}"
-    )
+    gate = ApprovalGate(policy, fake_dns.nameserver, directory, "--dns-listen", "127.0.0.1:0")
+    dns_port = int(gate.serve.info["dns"].rsplit(":", 1)[1])
     try:
         with browser.chromium(tmp_path / "chromedriver.log") as driver:
             yield Console(gate, http_upstream, driver, dns_port, shots)

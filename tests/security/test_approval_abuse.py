@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from proxy.policy.identities import new_token, token_digest
-from tests.approvals_harness import ApprovalGate, fetch, free_port
+from tests.approvals_harness import ApprovalGate, fetch
 from tests.dnsfake import FakeDns
-from tests.harness import Upstream, clean_env, curl
+from tests.harness import Upstream, clean_env, curl, on_a_free_port
 
 POLICY = """
 version: 1
@@ -41,13 +41,25 @@ class Shared:
         return f"http://{sandbox}:{self.tokens[sandbox]}@127.0.0.1:{self.gate.port}"
 
 
+def admin_on_a_free_port(
+    tmp_path: Path, fake_dns: FakeDns, plain: Upstream, tls: Upstream, directory: Path, *extra: str
+) -> tuple[int, ApprovalGate]:
+    """A gate whose policy opens loopback on its own admin port (which must stay unreachable)."""
+    policy = tmp_path / "policy.yaml"
+
+    def start(admin_port: int) -> ApprovalGate:
+        policy.write_text(
+            POLICY.format(port=plain.port, other_port=tls.port, admin_port=admin_port)
+        )
+        return ApprovalGate(policy, fake_dns.nameserver, directory, *extra, admin_port=admin_port)
+
+    return on_a_free_port(start)
+
+
 @pytest.fixture
 def shared(tmp_path: Path, fake_dns: FakeDns, plain: Upstream, tls: Upstream) -> Iterator[Shared]:
     for name in ("api.test", "a.api.test", "b.api.test", *(f"f{i}.api.test" for i in range(6))):
         fake_dns.set(name, "A", ["127.0.0.1"])
-    admin_port = free_port()
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY.format(port=plain.port, other_port=tls.port, admin_port=admin_port))
     tokens = {name: new_token() for name in ("sbx-a", "sbx-b")}
     sandboxes = tmp_path / "sandboxes.yaml"
     sandboxes.write_text(
@@ -59,10 +71,9 @@ def shared(tmp_path: Path, fake_dns: FakeDns, plain: Upstream, tls: Upstream) ->
     )
     directory = tmp_path / "gate"
     directory.mkdir()
-    gate = ApprovalGate(
-        policy, fake_dns.nameserver, directory,
+    admin_port, gate = admin_on_a_free_port(
+        tmp_path, fake_dns, plain, tls, directory,
         "--sandboxes", str(sandboxes), "--max-pending-per-sandbox", "3",
-        admin_port=admin_port,
     )  # fmt: skip
     plain.reset()
     yield Shared(gate, tokens, admin_port)
@@ -99,15 +110,11 @@ def test_neither_the_admin_api_nor_the_webhook_target_is_reachable_from_inside_a
     secret = tmp_path / "secret"
     secret.write_bytes(b"a shared secret of some length")
     secret.chmod(0o600)
-    admin_port = free_port()
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY.format(port=plain.port, other_port=tls.port, admin_port=admin_port))
     directory = tmp_path / "gate"
     directory.mkdir()
-    gate = ApprovalGate(
-        policy, fake_dns.nameserver, directory,
+    admin_port, gate = admin_on_a_free_port(
+        tmp_path, fake_dns, plain, tls, directory,
         "--approval-webhook", receiver.url, "--approval-webhook-secret", str(secret),
-        admin_port=admin_port,
     )  # fmt: skip
     admin = f"http://127.0.0.1:{admin_port}/v1/approvals"
     token = gate.token_files["alice"].read_text().strip()

@@ -50,11 +50,13 @@ class Serve:
         self.ready = threading.Event()
         self.info: dict[str, str] = {}
         threading.Thread(target=self._read, daemon=True).start()
-        if not self.ready.wait(30):
+        if not self.ready.wait(30) or not self.info:
             self.stop()
             raise AssertionError("egress serve did not become ready:\n" + "".join(self.lines))
 
     def _read(self) -> None:
+        """Until the gate's stderr ends; ``ready`` is also set then (a gate that exited at its
+        start is not waited for: ``info`` stays empty)."""
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.lines.append(line)
@@ -65,6 +67,7 @@ class Serve:
                     if "=" in part
                 )
                 self.ready.set()
+        self.ready.set()
 
     @property
     def port(self) -> int:

@@ -175,9 +175,25 @@ def test_a_private_gate_with_a_metrics_listener_serves_them(tmp_path: Path) -> N
         assert evidence.metrics is not None and evidence.metrics_address is not None
         evidence.emit(allow())
         host, port = evidence.metrics_address
-        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as resp:
+        assert port != 0 and evidence.metrics_url == f"http://{host}:{port}/metrics"
+        with urllib.request.urlopen(evidence.metrics_url, timeout=5) as resp:
             body = resp.read().decode()
         assert 'egress_decisions_total{decision="allow"' in body
+    finally:
+        evidence.close()
+
+
+def test_the_metrics_url_of_an_ipv6_listener_has_its_brackets() -> None:
+    """The URL a run prints for --metrics [::1]:0 must be one a scraper can use."""
+    evidence = build_emitter(config("--metrics", "[::1]:0"), on_demand=True)
+    assert evidence.metrics_url is None  # not started: nothing to say yet
+    try:
+        evidence.start()
+    except OSError as exc:  # a host without IPv6 loopback
+        pytest.skip(f"no ::1 here: {exc}")
+    try:
+        assert evidence.metrics_address is not None
+        assert evidence.metrics_url == f"http://[::1]:{evidence.metrics_address[1]}/metrics"
     finally:
         evidence.close()
 

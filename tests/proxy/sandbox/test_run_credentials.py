@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
+import re
 import subprocess
 import sys
 import time
@@ -240,19 +240,13 @@ def test_the_sandbox_cannot_read_the_real_values(world: World) -> None:
     assert world.npm_file.read_text().strip() == NPM_TOKEN  # it exists outside, hidden inside
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_no_output_channel_ever_holds_a_real_value(
     world: World, bound: EchoUpstream, git_auth: AuthGitServer, tmp_path: Path
 ) -> None:
     """Uses, misuse, an echo, git: then the gate's and egress run's stdout and stderr, the decision
     log, the journal, the OTLP export and the metrics are searched for the real values."""
     scraped = tmp_path / "scraped"
-    metrics_port = _free_port()
+    out_file, err_file = tmp_path / "stdout", tmp_path / "stderr"
     script = (
         f'curl -sS -H "Authorization: Bearer $GH_TOKEN" https://allowed.test:{world.bound}/a; '
         f'curl -sS -H "Authorization: Bearer $NPM_TOKEN" https://allowed.test:{world.bound}/b; '
@@ -261,23 +255,27 @@ def test_no_output_channel_ever_holds_a_real_value(
         f"touch {tmp_path / 'requests-done'}; "
         f"for i in $(seq 600); do test -e {scraped} && break; sleep 0.1; done"
     )
-    with GrpcReceiver() as receiver:
+    with GrpcReceiver() as receiver, open(out_file, "wb") as out, open(err_file, "wb") as err:
+        # port 0: the run says where it serves metrics (no port picked here that another bind
+        # could take before the gate binds it)
         process = subprocess.Popen(
             world.argv(script, "--otlp-endpoint", receiver.endpoint, "--otlp-protocol", "grpc",
-                       "--metrics", f"127.0.0.1:{metrics_port}"),
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=world.env(),
+                       "--metrics", "127.0.0.1:0"),
+            cwd=REPO, stdout=out, stderr=err, env=world.env(),
         )  # fmt: skip
         try:
             for _ in range(600):  # bounded: about a minute
                 if (tmp_path / "requests-done").exists() or process.poll() is not None:
                     break
                 time.sleep(0.1)
-            url = f"http://127.0.0.1:{metrics_port}/metrics"
-            with urllib.request.urlopen(url, timeout=10) as response:
+            notice = re.search(r"egress run: metrics on (http://\S+)", err_file.read_text())
+            assert notice, err_file.read_text()
+            with urllib.request.urlopen(notice.group(1), timeout=10) as response:
                 metrics = response.read().decode()
         finally:
             scraped.touch()
-            stdout, stderr = process.communicate(timeout=120)
+            process.wait(timeout=120)
+        stdout, stderr = out_file.read_text(), err_file.read_text()
         journal = world.journal.read_text().splitlines()
         exported = receiver.wait_for(len(journal), timeout=30)
     assert process.returncode == 0, stderr

@@ -14,9 +14,9 @@ import pytest
 import requests
 
 from proxy.approvals.console.handlers import HERE
-from tests.approvals_harness import ApprovalGate, free_port
+from tests.approvals_harness import ApprovalGate
 from tests.dnsfake import FakeDns
-from tests.harness import curl
+from tests.harness import curl, on_a_free_port
 
 REPO = Path(__file__).resolve().parents[4]
 MISSING = "0123456789abcdef"  # a well-formed approval id that does not exist: 404 once checks pass
@@ -25,15 +25,18 @@ MISSING = "0123456789abcdef"  # a well-formed approval id that does not exist: 4
 @pytest.fixture(scope="module")
 def gate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApprovalGate]:
     directory = tmp_path_factory.mktemp("console-gate")
-    admin_port = free_port()
     policy = directory / "policy.yaml"
-    # Even a policy that opens loopback on the admin port does not route a sandbox to the console.
-    policy.write_text(
-        "version: 1\nallow_internal: [127.0.0.0/8]\nrules:\n"
-        f"  - name: loopback-opened\n    cidrs: [127.0.0.0/8]\n    ports: [{admin_port}]\n"
-    )
+
+    def start(admin_port: int) -> ApprovalGate:
+        # Even a policy that opens loopback on the admin port does not route a sandbox there.
+        policy.write_text(
+            "version: 1\nallow_internal: [127.0.0.0/8]\nrules:\n"
+            f"  - name: loopback-opened\n    cidrs: [127.0.0.0/8]\n    ports: [{admin_port}]\n"
+        )
+        return ApprovalGate(policy, dns.nameserver, directory, admin_port=admin_port)
+
     with FakeDns() as dns:
-        running = ApprovalGate(policy, dns.nameserver, directory, admin_port=admin_port)
+        _, running = on_a_free_port(start)
         yield running
         running.stop()
 
@@ -192,11 +195,12 @@ def test_a_sandbox_cannot_reach_the_console_through_the_gate(gate: ApprovalGate)
 def test_cookies_are_secure_when_people_reach_the_console_over_https(tmp_path: Path) -> None:
     policy = tmp_path / "policy.yaml"
     policy.write_text("version: 1\nrules:\n  - name: none\n    hosts: [none.test]\n")
-    port = free_port()
-    admin = f"http://127.0.0.1:{port}"  # what a TLS proxy in front of it would reach
     with FakeDns() as dns:
-        tls_fronted = ApprovalGate(policy, dns.nameserver, tmp_path,
-                                   "--admin-url", "https://egress-admin.test", admin_port=port)  # fmt: skip
+        port, tls_fronted = on_a_free_port(
+            lambda port: ApprovalGate(policy, dns.nameserver, tmp_path,
+                                      "--admin-url", "https://egress-admin.test", admin_port=port)
+        )  # fmt: skip
+        admin = f"http://127.0.0.1:{port}"  # what a TLS proxy in front of it would reach
         try:
             session = client()
             page = session.get(f"{admin}/console/login", timeout=10)

@@ -1,0 +1,46 @@
+"""The suite's own helpers where a mistake would hide a failure or make one (a port picked twice)."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from tests.harness import on_a_free_port
+
+
+def test_a_start_whose_port_was_taken_is_tried_again_on_another_port() -> None:
+    tried: list[int] = []
+
+    def start(port: int) -> str:
+        tried.append(port)
+        if len(tried) == 1:
+            raise OSError(errno.EADDRINUSE, "Address already in use")
+        if len(tried) == 2:  # as a gate says it in its log, raised from what it caught
+            raise AssertionError("did not become ready") from RuntimeError(
+                "error while attempting to bind: address already in use"
+            )
+        return "started"
+
+    port, started = on_a_free_port(start)
+    assert started == "started" and len(tried) == 3 and port == tried[-1]
+
+
+def test_any_other_failure_and_the_last_attempts_are_raised_as_they_are() -> None:
+    calls: list[int] = []
+
+    def broken(port: int) -> None:
+        calls.append(port)
+        raise ValueError("policy.yaml:3: bad rule")
+
+    with pytest.raises(ValueError, match="bad rule"):
+        on_a_free_port(broken)
+    assert len(calls) == 1
+
+    def always_taken(port: int) -> None:
+        calls.append(port)
+        raise OSError(errno.EADDRINUSE, "Address already in use")
+
+    with pytest.raises(OSError, match="already in use"):
+        on_a_free_port(always_taken, attempts=3)
+    assert len(calls) == 4
