@@ -38,6 +38,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ from proxy.attribution.stamp import SandboxFacts, Stamped, user_name
 from proxy.core.decision import Decision
 from proxy.evidence.emit import JsonLineSink
 from proxy.policy.model import Action, Mode, Policy, PolicyError
-from proxy.runtime.loop import gate_started
+from proxy.runtime.loop import gate_settled, gate_started
 from proxy.runtime.threads import in_daemon_thread
 from proxy.sandbox.gatedir import UserGateError, private_dir
 from proxy.sandbox.handoff import CHECK_TIMEOUT, Detach, HandoffError
@@ -490,7 +491,14 @@ async def serve(directory: str, ready_fd: int | None, idle: float) -> int:
             with contextlib.suppress(OSError):
                 os.write(ready_fd, b"R")
                 os.close(ready_fd)
-        await _until_idle(handoff, idle, stop)
+        # Unlike `egress serve`, readiness does not wait for that import (the first run waits for
+        # readiness): its modules leave the collector's generations later, at a quiet moment.
+        warming = asyncio.ensure_future(_warmed(resolver.warmed, DnsGate.warmed))
+        try:
+            connections = gate.checkpoint.connections
+            await _until_idle(handoff, idle, stop, _Settle(warming, lambda: connections.active))
+        finally:
+            warming.cancel()
     finally:
         await handoff.close()
         await gate.stop()
@@ -498,14 +506,40 @@ async def serve(directory: str, ready_fd: int | None, idle: float) -> int:
     return 0
 
 
-async def _until_idle(handoff: Any, idle: float, stop: asyncio.Event) -> None:
-    """Returns on a stop signal, or once no launcher has been connected for ``idle`` seconds."""
+async def _warmed(*warm_ups: Callable[[], Awaitable[None]]) -> None:
+    for warm_up in warm_ups:
+        await warm_up()
+
+
+class _Settle:
+    """The start's last step, taken at the first look that finds the background import ended and
+    no launcher or connection there: :func:`gate_settled` (a collection, then a freeze)."""
+
+    def __init__(self, warming: asyncio.Future[None], connections: Callable[[], int]) -> None:
+        self.warming: asyncio.Future[None] | None = warming
+        self.connections = connections
+
+    def look(self, launchers: int) -> None:
+        warming = self.warming
+        if warming is None or not warming.done() or launchers or self.connections():
+            return
+        self.warming = None
+        gate_settled()
+
+
+async def _until_idle(
+    handoff: Any, idle: float, stop: asyncio.Event, settle: _Settle | None = None
+) -> None:
+    """Returns on a stop signal, or once no launcher has been connected for ``idle`` seconds;
+    ``settle`` looks for its quiet moment at each check."""
     loop = asyncio.get_running_loop()
     quiet_since = loop.time()
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(IDLE_CHECK):
                 await stop.wait()
+        if settle is not None:
+            settle.look(handoff.serving)
         if handoff.serving:
             quiet_since = loop.time()
         elif loop.time() - quiet_since >= idle:

@@ -397,3 +397,30 @@ def test_a_policy_replaced_while_it_loads_is_not_remembered_as_the_new_one(
     runs = _runs()
     assert [r.name for r in runs.load(policy_check(str(path), None)).rules] == ["registry"]
     assert runs.load(policy_check(str(path), None)).rules == ()
+
+
+def test_the_background_import_is_frozen_only_once_it_ended_and_nobody_is_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A freeze with a connection open would keep that connection's cycles for ever."""
+    import asyncio
+
+    settled: list[str] = []
+    monkeypatch.setattr(user_gate, "gate_settled", lambda: settled.append("settled"))
+
+    async def looks() -> list[str]:
+        warming: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        open_now = [0]
+        settle = user_gate._Settle(warming, lambda: open_now[0])
+        settle.look(0)  # still importing
+        warming.set_result(None)
+        settle.look(1)  # a launcher attached
+        open_now[0] = 1
+        settle.look(0)  # a connection still open
+        assert settled == []
+        open_now[0] = 0
+        settle.look(0)  # quiet: settles
+        settle.look(0)  # once only
+        return settled
+
+    assert asyncio.run(looks()) == ["settled"]

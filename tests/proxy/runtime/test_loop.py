@@ -144,3 +144,43 @@ def test_egress_serve_takes_its_start_up_out_of_full_collections(tmp_path: Path)
     frozen, walked = _frozen("".join(lines))
     assert frozen > 20_000
     assert walked < 1_000
+
+
+def test_a_per_user_gate_takes_its_background_import_out_at_a_quiet_moment(tmp_path: Path) -> None:
+    """Its readiness does not wait for dnspython's import (the first run waits for it): the
+    modules leave the generations at the first look that finds the import ended and nobody there."""
+    directory = tmp_path / "gate"
+    directory.mkdir(mode=0o700)
+    script = REPORT + (
+        "settle = loop.gate_settled\n"
+        "def settled():\n"
+        "    settle()\n"
+        "    print('settled', gc.get_freeze_count(), len(gc.get_objects()), file=sys.stderr,\n"
+        "          flush=True)\n"
+        "loop.gate_settled = settled\n"
+        "from proxy.app.user_gate import main\n"
+        f"sys.exit(main(['--dir', {str(directory)!r}, '--idle-exit', '300']))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
+    watchdog = threading.Timer(60, proc.kill)  # a gate that never settles ends the read
+    watchdog.start()
+    try:
+        assert proc.stderr is not None
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("settled "):
+                break
+    finally:
+        watchdog.cancel()
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    text = "".join(lines)
+    assert "per-user gate ready" in text, text
+    frozen_at_ready, _ = _frozen(text)
+    line = next(line for line in text.splitlines() if line.startswith("settled "))
+    frozen, walked = map(int, line.split()[1:])
+    assert frozen >= frozen_at_ready > 20_000
+    assert walked < 1_000
