@@ -249,12 +249,25 @@ def terminate(proc: subprocess.Popen[Any], grace: float = 15.0) -> int:
 def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> bool:
     """Whether ``predicate`` held within ``timeout`` seconds: for what a server thread or the gate
     records after the client's side of an exchange is over (a count, a relayed byte)."""
+    return bool(_polled(predicate, timeout))
+
+
+def waited_for[T](check: Callable[[], T], what: str, timeout: float = WAIT) -> T:
+    """What ``check`` returned once it was truthy (a record, a line), within ``timeout`` seconds;
+    AssertionError naming ``what`` when it never was."""
+    found = _polled(check, timeout)
+    if not found:
+        raise AssertionError(f"{what}: not there after {timeout:g} s")
+    return found
+
+
+def _polled[T](check: Callable[[], T], timeout: float) -> T:
+    """``check()`` every 20 ms until it is truthy or ``timeout`` seconds have passed; its last
+    value (a last look at the deadline: a slow check is not cut short)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
+    while not (found := check()) and time.monotonic() < deadline:
         time.sleep(0.02)
-    return predicate()
+    return found
 
 
 def free_port() -> int:

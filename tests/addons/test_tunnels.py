@@ -23,6 +23,7 @@ from tests.harness import (
     server_hello,
     serving,
     wait_until,
+    waited_for,
 )
 
 REPLY = b"R" * 100_000
@@ -74,13 +75,11 @@ def _connect(port: int, target: str) -> tuple[socket.socket, bytes]:
 
 
 def _closed_event(gate: RunningGate) -> dict[str, object]:
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        for name, attributes in list(gate.memory.events):
-            if name == "egress.connection.closed":
-                return attributes
-        time.sleep(0.02)
-    raise AssertionError("no connection-closed event")
+    def closed() -> dict[str, object] | None:
+        events = list(gate.memory.events)
+        return next((a for name, a in events if name == "egress.connection.closed"), None)
+
+    return waited_for(closed, "a connection-closed event")
 
 
 def test_a_tls_tunnel_is_relayed_with_half_close_and_exact_byte_counts(

@@ -24,7 +24,7 @@ import requests
 
 from tests.approvals_harness import ApprovalGate, fetch
 from tests.dnsfake import FakeDns
-from tests.harness import Upstream, curl
+from tests.harness import Upstream, curl, waited_for
 
 REVIEWED = ["allow", "deny", "escalate", "crash", "hang", "garbage", "chatty", "human"]
 
@@ -99,13 +99,8 @@ def reviewed_gate(
 
 
 def wait_for(check: Any, what: str, timeout: float = 20) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    """What a reviewer or a webhook answered, given their round trips on a loaded machine."""
+    return waited_for(check, what, timeout)
 
 
 def test_the_reviewer_allows_and_denies_only_where_the_rule_lets_it(

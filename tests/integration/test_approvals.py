@@ -18,7 +18,7 @@ import requests
 
 from tests.approvals_harness import ApprovalGate, fetch
 from tests.dnsfake import FakeDns
-from tests.harness import LocalCA, Upstream, curl
+from tests.harness import LocalCA, Upstream, curl, wait_until
 
 POLICY = """
 version: 1
@@ -214,11 +214,7 @@ def test_concurrent_identical_requests_share_one_approval(
 ) -> None:
     gate = start()
     held = [fetch(api(http_upstream), gate.proxy) for _ in range(10)]
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if sum(d["decision"] == "ask" for d in gate.decisions()) == 10:
-            break
-        time.sleep(0.1)
+    wait_until(lambda: sum(d["decision"] == "ask" for d in gate.decisions()) == 10, 20)
     [pending] = gate.pending()
     asks = [d for d in gate.decisions() if d["decision"] == "ask"]
     assert len(asks) == 10 and {d["approval"] for d in asks} == {pending["id"]}
@@ -340,10 +336,8 @@ def test_two_replicas_share_approvals_and_session_grants_through_redis(
         on_a = fetch(api(http_upstream), a.proxy)
         [pending] = b.wait_pending()
         on_b = fetch(api(http_upstream), b.proxy)
-        deadline = time.monotonic() + 20
-        while sum(d["decision"] == "ask" for d in b.decisions()) < 1:
-            assert time.monotonic() < deadline, "the request through b was not held"
-            time.sleep(0.1)
+        held_on_b = wait_until(lambda: any(d["decision"] == "ask" for d in b.decisions()), 20)
+        assert held_on_b, "the request through b was not held"
         assert [p["id"] for p in a.pending()] == [pending["id"]]  # one approval for both
         assert http_upstream.accepted == 0
         assert b.egress("approve", pending["id"], "--session", who="bob").returncode == 0
@@ -425,10 +419,7 @@ def test_egress_approvals_watch_follows_new_approvals_and_their_answers(
     reader.start()
 
     def wait_for(count: int) -> None:
-        deadline = time.monotonic() + 20
-        while len(lines) < count:
-            assert time.monotonic() < deadline, lines
-            time.sleep(0.05)
+        assert wait_until(lambda: len(lines) >= count, 20), lines
 
     try:
         wait_for(1)

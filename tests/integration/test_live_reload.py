@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import written_lines
+from tests.harness import waited_for, written_lines
 from tests.proxy.app.test_serve import Serve, status
 
 ONE = "version: 1\nrules:\n  - name: pkgs\n    hosts: [pkgs.test]\n"
@@ -32,12 +32,8 @@ def reloads(log: Path) -> list[dict[str, Any]]:
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    """A reload's evidence, given the watcher's interval and a loaded machine."""
+    waited_for(predicate, what, timeout)
 
 
 def reason_for(serve: Serve, log: Path, host: str) -> str:

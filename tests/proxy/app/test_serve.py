@@ -20,7 +20,7 @@ import dns.rcode
 import pytest
 
 from tests.dnsfake import FakeDns
-from tests.harness import WAIT, LoopbackServer, clean_env, terminate, wait_until
+from tests.harness import WAIT, LoopbackServer, clean_env, terminate, wait_until, waited_for
 
 EGRESS = shutil.which("egress", path=str(Path(sys.executable).parent)) or "egress"
 
@@ -74,12 +74,8 @@ class Serve:
         return int(self.info["listen"].rsplit(":", 1)[1])
 
     def wait_for_line(self, text: str, timeout: float = 15) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(text in line for line in self.lines):
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"no log line containing {text!r}:\n" + "".join(self.lines))
+        if not wait_until(lambda: any(text in line for line in self.lines), timeout):
+            raise AssertionError(f"no log line containing {text!r}:\n" + "".join(self.lines))
 
     def stop(self) -> int:
         return terminate(self.proc)
@@ -426,13 +422,12 @@ def test_a_gate_killed_under_a_running_sandbox_stops_it_and_egress_run_says_so(
         line = run.stdout.readline()
         assert line.startswith("started"), line
         gate = psutil.Process(serve.proc.pid)
-        served: list[psutil.Process] = []
-        deadline = time.monotonic() + WAIT
-        while not served and time.monotonic() < deadline:  # the shell execs sleep after the echo
-            served = [
+        served = waited_for(  # the shell execs sleep after the echo
+            lambda: [
                 c for c in psutil.Process(run.pid).children(recursive=True) if c.name() == "sleep"
-            ]
-            time.sleep(0 if served else 0.02)
+            ],
+            "the sandbox's command",
+        )
         assert len(served) == 1
         gate.kill()  # SIGKILL: no goodbye to the sandbox
         _, err = run.communicate(timeout=60)

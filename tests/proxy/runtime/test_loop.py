@@ -125,25 +125,31 @@ def test_egress_serve_takes_its_start_up_out_of_full_collections(tmp_path: Path)
     policy.write_text(POLICY)
     argv = ["serve", "--listen", "127.0.0.1:0", "--no-metrics", "--policy", str(policy)]
     script = REPORT + f"from proxy.app.cli import main\nsys.exit(main({argv!r}))\n"
+    frozen, walked = _frozen(_stderr_until(script, "gate ready"))
+    assert frozen > 20_000
+    assert walked < 1_000
+
+
+def _stderr_until(script: str, marker: str) -> str:
+    """A gate run by ``script``: its stderr up to the first line holding ``marker``, then it is
+    stopped (SIGTERM). A gate that never writes it is killed after a minute, which ends the read."""
     proc = subprocess.Popen(
         [sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE, text=True
     )
-    watchdog = threading.Timer(60, proc.kill)  # a gate that never gets ready ends the read
+    watchdog = threading.Timer(60, proc.kill)
     watchdog.start()
+    lines = []
     try:
         assert proc.stderr is not None
-        lines = []
         for line in proc.stderr:
             lines.append(line)
-            if "gate ready" in line:
+            if marker in line:
                 break
     finally:
         watchdog.cancel()
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
-    frozen, walked = _frozen("".join(lines))
-    assert frozen > 20_000
-    assert walked < 1_000
+    return "".join(lines)
 
 
 def test_a_per_user_gate_takes_its_background_import_out_at_a_quiet_moment(tmp_path: Path) -> None:
@@ -161,23 +167,7 @@ def test_a_per_user_gate_takes_its_background_import_out_at_a_quiet_moment(tmp_p
         "from proxy.app.user_gate import main\n"
         f"sys.exit(main(['--dir', {str(directory)!r}, '--idle-exit', '300']))\n"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE, text=True
-    )
-    watchdog = threading.Timer(60, proc.kill)  # a gate that never settles ends the read
-    watchdog.start()
-    try:
-        assert proc.stderr is not None
-        lines = []
-        for line in proc.stderr:
-            lines.append(line)
-            if line.startswith("settled "):
-                break
-    finally:
-        watchdog.cancel()
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
-    text = "".join(lines)
+    text = _stderr_until(script, "settled ")
     assert "per-user gate ready" in text, text
     frozen_at_ready, _ = _frozen(text)
     line = next(line for line in text.splitlines() if line.startswith("settled "))
