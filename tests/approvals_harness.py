@@ -10,13 +10,12 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from proxy.policy.identities import new_token, token_digest
-from tests.harness import CurlResult, clean_env, curl, written_lines
+from tests.harness import CurlResult, clean_env, curl, waited_for, written_lines
 from tests.proxy.app.test_serve import Serve
 
 if TYPE_CHECKING:
@@ -80,13 +79,11 @@ class ApprovalGate:
         return [json.loads(line) for line in result.stdout.splitlines()]
 
     def wait_pending(self, count: int = 1) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + WAIT
-        while time.monotonic() < deadline:
+        def enough() -> list[dict[str, Any]]:
             found = self.pending()
-            if len(found) >= count:
-                return found
-            time.sleep(0.1)
-        raise AssertionError(f"expected {count} pending approval(s), found {self.pending()}")
+            return found if len(found) >= count else []
+
+        return waited_for(enough, f"{count} pending approval(s)", WAIT)
 
     def decisions(self) -> list[dict[str, Any]]:
         records = [json.loads(line) for line in written_lines(self.log) if line]

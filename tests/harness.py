@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import errno
 import ipaddress
+import random
 import signal
 import socket
 import ssl
@@ -277,6 +278,27 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def closed_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A loopback port nothing listens on, for a test that needs a refusal (or an unreachable
+    nameserver) there. Picked below the kernel's ephemeral range, which every bind to port 0 and
+    every connect takes its ports from, so the suite's other process cannot take it meanwhile; a
+    port a service on the host holds is skipped."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    floor = max(1024, low - 10_000)
+    for _ in range(100):
+        port = random.randrange(floor, low)
+        with socket.socket(socket.AF_INET, kind) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise AssertionError(f"no free port between {floor} and {low}")
 
 
 def on_a_free_port[T](start: Callable[[int], T], attempts: int = 5) -> tuple[int, T]:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import errno
+import socket
+from pathlib import Path
 
 import pytest
 
-from tests.harness import on_a_free_port
+from tests.harness import closed_port, on_a_free_port
 
 
 def test_a_start_whose_port_was_taken_is_tried_again_on_another_port() -> None:
@@ -44,3 +46,11 @@ def test_any_other_failure_and_the_last_attempts_are_raised_as_they_are() -> Non
     with pytest.raises(OSError, match="already in use"):
         on_a_free_port(always_taken, attempts=3)
     assert len(calls) == 4
+
+
+def test_a_closed_port_refuses_and_lies_below_the_ports_binds_to_port_0_take() -> None:
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    port = closed_port()
+    assert 1024 <= port < low
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()

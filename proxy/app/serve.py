@@ -37,6 +37,7 @@ from proxy.policy.loader import policy_file
 from proxy.policy.managed import load_effective, load_with_ceiling
 from proxy.policy.model import Policy, PolicyError
 from proxy.policy.reload import PolicyHolder
+from proxy.runtime.lazy import all_settled
 from proxy.runtime.loop import gate_started
 
 log = logging.getLogger("egress")
@@ -218,11 +219,7 @@ async def _warmed_unless_stopped(
     """Whether the background imports have ended (imported or failed; each warm-up waits only for
     one begun) before a stop was asked for; the imports themselves go on either way."""
 
-    async def warmed() -> None:
-        for warm_up in warm_ups:
-            await warm_up()
-
-    warming = asyncio.ensure_future(warmed())
+    warming = asyncio.ensure_future(all_settled(*warm_ups))
     stopping = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait((warming, stopping), return_when=asyncio.FIRST_COMPLETED)

@@ -38,7 +38,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from proxy.attribution.stamp import SandboxFacts, Stamped, user_name
 from proxy.core.decision import Decision
 from proxy.evidence.emit import JsonLineSink
 from proxy.policy.model import Action, Mode, Policy, PolicyError
+from proxy.runtime.lazy import all_settled
 from proxy.runtime.loop import gate_settled, gate_started
 from proxy.runtime.threads import in_daemon_thread
 from proxy.sandbox.gatedir import UserGateError, private_dir
@@ -493,10 +494,14 @@ async def serve(directory: str, ready_fd: int | None, idle: float) -> int:
                 os.close(ready_fd)
         # Unlike `egress serve`, readiness does not wait for that import (the first run waits for
         # readiness): its modules leave the collector's generations later, at a quiet moment.
-        warming = asyncio.ensure_future(_warmed(resolver.warmed, DnsGate.warmed))
+        warming = asyncio.ensure_future(all_settled(resolver.warmed, DnsGate.warmed))
         try:
-            connections = gate.checkpoint.connections
-            await _until_idle(handoff, idle, stop, _Settle(warming, lambda: connections.active))
+            connections, front = gate.checkpoint.connections, gate.tunnels
+
+            def busy() -> int:  # connections open, and tunnels whose tasks are still closing
+                return connections.active + len(front.active)
+
+            await _until_idle(handoff, idle, stop, _Settle(warming, busy))
         finally:
             warming.cancel()
     finally:
@@ -506,22 +511,18 @@ async def serve(directory: str, ready_fd: int | None, idle: float) -> int:
     return 0
 
 
-async def _warmed(*warm_ups: Callable[[], Awaitable[None]]) -> None:
-    for warm_up in warm_ups:
-        await warm_up()
-
-
 class _Settle:
     """The start's last step, taken at the first look that finds the background import ended and
-    no launcher or connection there: :func:`gate_settled` (a collection, then a freeze)."""
+    no launcher, connection or closing tunnel there: :func:`gate_settled` (a collection, then a
+    freeze)."""
 
-    def __init__(self, warming: asyncio.Future[None], connections: Callable[[], int]) -> None:
+    def __init__(self, warming: asyncio.Future[None], busy: Callable[[], int]) -> None:
         self.warming: asyncio.Future[None] | None = warming
-        self.connections = connections
+        self.busy = busy  # connections open and tunnels still being served
 
     def look(self, launchers: int) -> None:
         warming = self.warming
-        if warming is None or not warming.done() or launchers or self.connections():
+        if warming is None or not warming.done() or launchers or self.busy():
             return
         self.warming = None
         gate_settled()
@@ -538,6 +539,8 @@ async def _until_idle(
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(IDLE_CHECK):
                 await stop.wait()
+        if stop.is_set():
+            return
         if settle is not None:
             settle.look(handoff.serving)
         if handoff.serving:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+from collections.abc import Awaitable, Callable
 from types import ModuleType
 
 from proxy.runtime.threads import in_daemon_thread
@@ -67,6 +68,13 @@ class LazyImport:
         module = await in_daemon_thread(importlib.import_module, self.name, timeout=self.timeout)
         self._module = module
         return module
+
+
+async def all_settled(*settled: Callable[[], Awaitable[None]]) -> None:
+    """Until every given warm-up has ended (each a ``settled`` of a :class:`LazyImport`, or what
+    wraps one): what a gate waits for before its start's objects leave the collector."""
+    for one in settled:
+        await one()
 
 
 def _retrieve(task: asyncio.Task[ModuleType]) -> None:

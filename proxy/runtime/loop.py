@@ -74,9 +74,10 @@ def gate_started() -> None:
 
 def gate_settled() -> None:
     """Call once more when what a gate began to import in the background before it said it was
-    ready (dnspython, ~4,700 objects) has ended, at a moment with no connection open: those modules
-    leave the generations too. The collection first frees the cycles of the connections that came
-    and went meanwhile, which the freeze would otherwise keep for ever; with no connection open,
-    nothing a connection still holds is frozen."""
+    ready (dnspython: ~8,000 objects in the per-user gate) has ended, at a moment with no connection
+    open: those modules leave the generations too. The collection first frees the cycles of the
+    connections that came and went meanwhile, which the freeze would otherwise keep for ever. What
+    the runs served meanwhile left in caches (resolved names, mitmproxy's layers once started) is
+    frozen with them: kept for the gate's life, as those caches are."""
     gc.collect()
     gc.freeze()

@@ -16,7 +16,7 @@ from proxy.core.decision import Reason, Verdict
 from proxy.policy.model import Policy
 from proxy.policy.reload import PolicyHolder
 from tests.dnsfake import FakeDns
-from tests.harness import RunningGate, Upstream
+from tests.harness import RunningGate, Upstream, closed_port
 from tests.security import exchange, fresh_decisions, start_gate_with
 
 pytestmark = pytest.mark.timeout(60)
@@ -149,10 +149,8 @@ def test_good_reload_takes_effect(held: HeldGate, plain: Upstream) -> None:
 
 
 def _dead_nameserver() -> str:
-    """A loopback UDP port with nothing behind it (bound, read, closed)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{sock.getsockname()[1]}"
+    """A loopback UDP port with nothing behind it (a query there is refused at once)."""
+    return f"127.0.0.1:{closed_port(socket.SOCK_DGRAM)}"
 
 
 def test_unreachable_dns_upstream_denies(

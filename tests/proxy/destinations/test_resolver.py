@@ -17,6 +17,7 @@ from proxy.core.decision import Reason
 from proxy.core.destination import Destination, DestinationCheck, DestinationRefused
 from proxy.destinations.resolver import Resolver, parse_nameserver
 from tests.dnsfake import FakeDns
+from tests.harness import closed_port
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
 
@@ -259,10 +260,7 @@ def test_missing_system_configuration_fails_closed(monkeypatch: pytest.MonkeyPat
 
 
 def test_unreachable_nameserver_is_dns_failure() -> None:
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()  # nothing listens there any more
+    port = closed_port(socket.SOCK_DGRAM)  # nothing listens there
     resolver = Resolver([f"127.0.0.1:{port}"], timeout=0.5)
     assert refused(resolver, "pypi.test").reason is Reason.DNS_FAILURE
 

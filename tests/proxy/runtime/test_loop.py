@@ -160,9 +160,10 @@ def test_a_per_user_gate_takes_its_background_import_out_at_a_quiet_moment(tmp_p
     script = REPORT + (
         "settle = loop.gate_settled\n"
         "def settled():\n"
+        "    imported, walked = 'dns.asyncresolver' in sys.modules, len(gc.get_objects())\n"
         "    settle()\n"
-        "    print('settled', gc.get_freeze_count(), len(gc.get_objects()), file=sys.stderr,\n"
-        "          flush=True)\n"
+        "    print('settled', gc.get_freeze_count(), len(gc.get_objects()), walked, imported,\n"
+        "          file=sys.stderr, flush=True)\n"
         "loop.gate_settled = settled\n"
         "from proxy.app.user_gate import main\n"
         f"sys.exit(main(['--dir', {str(directory)!r}, '--idle-exit', '300']))\n"
@@ -171,6 +172,10 @@ def test_a_per_user_gate_takes_its_background_import_out_at_a_quiet_moment(tmp_p
     assert "per-user gate ready" in text, text
     frozen_at_ready, _ = _frozen(text)
     line = next(line for line in text.splitlines() if line.startswith("settled "))
-    frozen, walked = map(int, line.split()[1:])
-    assert frozen >= frozen_at_ready > 20_000
-    assert walked < 1_000
+    frozen, walked, walked_before, imported = line.split()[1:]
+    assert imported == "True"  # settled after the import ended, not before
+    assert frozen_at_ready > 20_000
+    # dnspython came after the first freeze (its import ends after readiness): walked by every
+    # full collection until the settle, none after it
+    assert int(walked_before) > 4_000 and int(frozen) - frozen_at_ready > 4_000
+    assert int(walked) < 1_000

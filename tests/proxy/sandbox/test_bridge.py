@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from proxy.sandbox.bridge import Relay, UdpRelay
-from tests.harness import LoopbackServer, serving, wait_until
+from tests.harness import LoopbackServer, closed_port, serving, wait_until
 
 WAIT = 10.0
 
@@ -85,10 +85,7 @@ def test_connection_limit_closes_the_excess(echo: Echo) -> None:
 
 
 def test_unreachable_gate_closes_the_client() -> None:
-    dead = socket.create_server(("127.0.0.1", 0))
-    port = dead.getsockname()[1]
-    dead.close()
-    relay = Relay(listener(), ("127.0.0.1", port)).start()
+    relay = Relay(listener(), ("127.0.0.1", closed_port())).start()
     try:
         client = socket.create_connection(relay.listener.getsockname(), timeout=WAIT)
         assert client.recv(10) == b""

@@ -21,7 +21,7 @@ import pytest
 from proxy.sandbox import probe
 from proxy.sandbox.doctor import PROBE
 from tests.dnsfake import FakeDns
-from tests.harness import WAIT, Canary, LoopbackServer, recv_head
+from tests.harness import WAIT, Canary, LoopbackServer, closed_port, recv_head
 
 
 class ClosingHttp(LoopbackServer):
@@ -40,13 +40,6 @@ class ClosingHttp(LoopbackServer):
             b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
             % (len(self.body), self.body)
         )
-
-
-def closed_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def test_the_probe_needs_only_the_standard_library() -> None:
