@@ -105,8 +105,8 @@ class PrometheusServer:
                 return False
             try:
                 with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as resp:
-                    if resp.status == 200:
-                        return True
+                    if resp.status == 200 and self._is_ours():
+                        return True  # else another's: ours exits, its log says why
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             except http.client.HTTPException:
@@ -115,6 +115,13 @@ class PrometheusServer:
                 pass
             time.sleep(0.1)
         return False
+
+    def _is_ours(self) -> bool:
+        """Whether the prometheus answering on the port is the one started here, not another
+        process's that took the port first: its storage path is this one's."""
+        with urllib.request.urlopen(f"{self.url}/api/v1/status/flags", timeout=5) as resp:
+            flags = json.loads(resp.read())["data"]
+        return bool(flags.get("storage.tsdb.path") == str(self.workdir / f"data-{self.port}"))
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         """Instant query; returns the ``result`` vector (raises on an API error)."""

@@ -53,8 +53,15 @@ class RedisServer:
                 return False
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
-                    conn.sendall(b"PING\r\n")
-                    if conn.recv(64).startswith(b"+PONG"):
+                    # this server's, not another process's that took the port (INFO names its pid)
+                    conn.sendall(b"INFO server\r\n")
+                    answer = b""
+                    while b"\r\nprocess_id:" not in answer or not answer.endswith(b"\r\n"):
+                        chunk = conn.recv(65536)
+                        if not chunk or len(answer) > 1 << 20:
+                            break
+                        answer += chunk
+                    if f"\r\nprocess_id:{self.proc.pid}\r\n".encode() in answer:
                         return True
             except OSError:
                 pass
