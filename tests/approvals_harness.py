@@ -83,7 +83,9 @@ class ApprovalGate:
             found = self.pending()
             return found if len(found) >= count else []
 
-        return waited_for(enough, f"{count} pending approval(s)", WAIT)
+        return waited_for(
+            enough, f"{count} pending approval(s)", WAIT, interval=0.1
+        )  # runs the CLI
 
     def decisions(self) -> list[dict[str, Any]]:
         records = [json.loads(line) for line in written_lines(self.log) if line]

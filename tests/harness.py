@@ -253,21 +253,24 @@ def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> bool:
     return bool(_polled(predicate, timeout))
 
 
-def waited_for[T](check: Callable[[], T], what: str, timeout: float = WAIT) -> T:
+def waited_for[T](
+    check: Callable[[], T], what: str, timeout: float = WAIT, interval: float = 0.02
+) -> T:
     """What ``check`` returned once it was truthy (a record, a line), within ``timeout`` seconds;
-    AssertionError naming ``what`` when it never was."""
-    found = _polled(check, timeout)
+    AssertionError naming ``what`` when it never was. ``interval``: longer for a check that
+    starts a process."""
+    found = _polled(check, timeout, interval)
     if not found:
         raise AssertionError(f"{what}: not there after {timeout:g} s")
     return found
 
 
-def _polled[T](check: Callable[[], T], timeout: float) -> T:
-    """``check()`` every 20 ms until it is truthy or ``timeout`` seconds have passed; its last
-    value (a last look at the deadline: a slow check is not cut short)."""
+def _polled[T](check: Callable[[], T], timeout: float, interval: float = 0.02) -> T:
+    """``check()`` every ``interval`` seconds until it is truthy or ``timeout`` seconds have
+    passed; its last value (a last look at the deadline: a slow check is not cut short)."""
     deadline = time.monotonic() + timeout
     while not (found := check()) and time.monotonic() < deadline:
-        time.sleep(0.02)
+        time.sleep(interval)
     return found
 
 

@@ -100,7 +100,7 @@ def reviewed_gate(
 
 def wait_for(check: Any, what: str, timeout: float = 20) -> Any:
     """What a reviewer or a webhook answered, given their round trips on a loaded machine."""
-    return waited_for(check, what, timeout)
+    return waited_for(check, what, timeout, interval=0.1)  # some checks run the CLI
 
 
 def test_the_reviewer_allows_and_denies_only_where_the_rule_lets_it(
