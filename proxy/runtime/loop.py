@@ -78,6 +78,7 @@ def gate_settled() -> None:
     open: those modules leave the generations too. The collection first frees the cycles of the
     connections that came and went meanwhile, which the freeze would otherwise keep for ever. What
     the runs served meanwhile left in caches (resolved names, mitmproxy's layers once started) is
-    frozen with them: kept for the gate's life, as those caches are."""
+    frozen with them: still freed by reference counting when a cache lets go of it; only a cycle
+    among those objects would now outlive it."""
     gc.collect()
     gc.freeze()
