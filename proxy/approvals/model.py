@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
+from proxy.core.authority import join_authority
 from proxy.core.decision import Decision, Kind
 
 
@@ -96,7 +97,7 @@ class Subject:
         return self == other
 
     def describe(self) -> str:
-        where = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        where = join_authority(self.host, self.port)
         if self.method is None:
             return where
         return f"{self.method} {where}{self.path or ''}"

@@ -20,6 +20,7 @@ from proxy.approvals.overlay import Overlay
 from proxy.approvals.reviewer import CommandReviewer, RecentDecisions
 from proxy.approvals.store import Limits, Store
 from proxy.approvals.tokens import AdminTokens, TokenError
+from proxy.core.authority import join_authority
 from proxy.evidence.emit import Sink
 from proxy.policy.model import Action, Policy
 
@@ -126,8 +127,7 @@ class Approvals:
             return self.config.admin_url.rstrip("/")
         if self.admin_address is None:
             return None
-        host, port = self.admin_address
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        return f"http://{join_authority(*self.admin_address)}"
 
     def describe(self) -> dict[str, str]:
         """For the gate's ready line."""

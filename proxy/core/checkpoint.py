@@ -77,6 +77,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
+from proxy.core.authority import join_authority
 from proxy.core.connections import Connection, Connections, Observer
 from proxy.core.credentials import Carried, Credentials, judge
 from proxy.core.decision import Decision, Kind, Reason, Request, Verdict, new_id
@@ -665,7 +666,7 @@ class Checkpoint:
                 decision=Verdict.DENY,
                 reason=Reason.INTERNAL_ADDRESS,
                 address=dest.address,
-                detail=f"{_where(dest.address, port)} is this gate's own listener",
+                detail=f"{join_authority(dest.address, port)} is this gate's own listener",
             )
         return decision.with_(address=dest.address)
 
@@ -763,10 +764,6 @@ def _bare(host: str) -> str:
     """The canonical form of a decision's host (as bindings store it); an invalid one as it is."""
     key = _dial_key(host)
     return host if key is None else key
-
-
-def _where(address: str, port: int) -> str:
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def _screened(decision: Decision) -> bool:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import quote, unquote_to_bytes
 
+from proxy.core.authority import join_authority
 from proxy.core.decision import Kind
 from proxy.core.hosts import InvalidHost, canonical_host
 from proxy.core.paths import PathGlob, Unreadable, parse_target
@@ -120,7 +121,7 @@ class Binding:
     line: int = 0
 
     def hosts_text(self) -> str:
-        return ", ".join(_where(h, p) for h, p in sorted(self.hosts))
+        return ", ".join(join_authority(h, p) for h, p in sorted(self.hosts))
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,7 +322,7 @@ def judge(
     for each in found:
         name, issued_to = credentials.issued[each.placeholder]
         binding = credentials.bindings[name]
-        where = _where(host, port or 443)
+        where = join_authority(host, port or 443)
         if issued_to != sandbox_id:
             return misuse(f"the placeholder for credential '{name}' was issued to another sandbox")
         if (host, port or 443) not in binding.hosts:
@@ -388,10 +389,6 @@ def _carrier_text(where: str) -> str:
 
 def _delivery_text(delivery: Delivery) -> str:
     return " or ".join(_carrier_text(carrier) for carrier in sorted(delivery.carriers()))
-
-
-def _where(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Vault(Protocol):

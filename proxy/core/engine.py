@@ -45,6 +45,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from proxy.core.authority import join_authority
 from proxy.core.decision import Decision, Kind, Reason, Request, Verdict
 from proxy.core.frozen import builder
 from proxy.core.hosts import InvalidHost, canonical_host
@@ -144,9 +145,7 @@ def _ports_text(rule: Rule) -> str:
 
 
 def _where(host: str, port: int | None) -> str:
-    if port is None:
-        return host
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return host if port is None else join_authority(host, port)
 
 
 def decide(request: Request, policy: Policy) -> Decision:

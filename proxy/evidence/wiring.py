@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from proxy import __version__
+from proxy.core.authority import join_authority
 from proxy.core.decision import Decision, Kind
 from proxy.evidence.config import EvidenceConfig, EvidenceError
 from proxy.evidence.emit import Emitter, Sink
@@ -61,8 +62,7 @@ class Evidence:
         here, so a gate says it (``egress serve``'s log, ``egress run``'s stderr)."""
         if self.metrics_address is None:
             return None
-        host, port = self.metrics_address
-        return f"http://[{host}]:{port}/metrics" if ":" in host else f"http://{host}:{port}/metrics"
+        return f"http://{join_authority(*self.metrics_address)}/metrics"
 
     def emit(self, decision: Decision) -> Decision:
         """Shorthand for ``emitter.emit``: enforce the decision this returns."""

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Mapping
 from urllib.parse import unquote
 
+from proxy.core.authority import join_authority
 from proxy.sandbox.env import ProxyAddress
 
 MAX_HEADER = 65536
@@ -38,7 +39,7 @@ def proxy_from_env(env: Mapping[str, str]) -> ProxyAddress | None:
 def connect_request(host: str, port: int, proxy: ProxyAddress) -> bytes:
     if any(c in host for c in "\r\n\0 /@") or not host:
         raise ValueError(f"invalid host {host!r}")
-    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    authority = join_authority(host, port)
     lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
     if proxy.username is not None:
         token = f"{unquote(proxy.username)}:{unquote(proxy.password or '')}"

@@ -15,6 +15,8 @@ import os
 import shlex
 import sys
 
+from proxy.core.authority import join_authority
+
 TYPE_CHECKING = False  # typing's constant without importing typing: see docs/startup.md
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -79,7 +81,7 @@ class ProxyAddress:
 
     @property
     def hostport(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return join_authority(self.host, self.port)
 
     @property
     def url(self) -> str:
