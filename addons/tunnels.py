@@ -34,7 +34,7 @@ from addons.refusal import refusal_bytes
 from proxy.core.checkpoint import Checkpoint
 from proxy.core.connections import Connection
 from proxy.core.decision import Kind, Reason, Request
-from proxy.core.fieldlines import TOKEN_RE
+from proxy.core.fieldlines import CONTROL_RE, TOKEN_RE
 from proxy.core.firstbytes import (
     MAX_CLIENT_HELLO,
     PLAIN_HTTP_PORT,
@@ -489,11 +489,7 @@ def _parse_connect(
     for line in lines[1:-2]:
         name, sep, value = line.partition(b":")
         value = value.strip(b" \t")
-        if (
-            not sep
-            or not TOKEN_RE.fullmatch(name)
-            or any((c < 32 and c != 9) or c == 127 for c in value)
-        ):
+        if not sep or not TOKEN_RE.fullmatch(name) or CONTROL_RE.search(value):
             return None
         fields.append((name, value))
         if credential is None and name.lower() == b"proxy-authorization":

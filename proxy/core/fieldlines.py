@@ -13,5 +13,7 @@ TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 TOKEN_RE = re.compile(TOKEN)
 # every field line of a head at once, each ending in CRLF
 FIELD_LINES = re.compile(rb"(?:" + TOKEN + rb":[\t\x20-\x7e]*\r\n)*")
+# a control character a field value may not hold (any below 0x20 but the tab, and DEL)
+CONTROL_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
-__all__ = ["FIELD_LINES", "TOKEN", "TOKEN_RE"]
+__all__ = ["CONTROL_RE", "FIELD_LINES", "TOKEN", "TOKEN_RE"]

@@ -172,6 +172,15 @@ def test_connect_heads_are_parsed_strictly() -> None:
         canonical_host(parsed[0])
 
 
+def test_a_connect_header_value_may_hold_no_control_character_but_the_tab() -> None:
+    """Every byte value in a header value: the C0 controls but the tab, and DEL, make the head
+    malformed (a 400); everything else, the tab and bytes above DEL included, is taken as before."""
+    for byte in range(256):  # a lone CR or LF too: only CRLF ends a line
+        head = b"CONNECT a.test:443 HTTP/1.1\r\nX-Value: a" + bytes([byte]) + b"b\r\n\r\n"
+        control = (byte < 0x20 and byte != 0x09) or byte == 0x7F
+        assert (_parse_connect(head) is None) is control, hex(byte)
+
+
 def test_a_port_80_connect_after_a_refusal_is_never_relayed_raw(tmp_path: Path) -> None:
     """The front end takes a connection by its first CONNECT; a later CONNECT to port 80 on it would
     carry requests that must each be decided (Host fronting on a shared address), so it is refused
