@@ -406,6 +406,11 @@ def _start_command(config: dict[str, Any], env: dict[str, str] | None) -> int:
             _exec_command(config, env)
         return child
     argv: list[str] = config["argv"]
+    if env is not None:  # posix_spawnp searches this process's PATH: make it the command's
+        if "PATH" in env:
+            os.environ["PATH"] = env["PATH"]
+        else:
+            os.environ.pop("PATH", None)
     try:
         return os.posix_spawnp(
             argv[0],

@@ -269,6 +269,36 @@ def test_the_command_starts_with_default_signals_and_a_process_group_of_its_own(
     assert stat[4] == stat[0]  # its process group is its own
 
 
+@pytest.mark.parametrize(
+    ("path", "expected"), [("/nonexistent-egress-path", 127), ("/usr/bin:/bin", 0)]
+)
+def test_the_command_is_looked_up_on_its_own_path_not_the_launchers(
+    path: str, expected: int
+) -> None:
+    """The helper forked from the launcher keeps the launcher's environment; the command's own
+    PATH is the one searched (run in a single-threaded process, so that the helper is forked)."""
+    code = f"""if True:
+        import os
+        from proxy.sandbox.namespace import Sandbox, SandboxSpec, _can_fork
+        from tests.proxy.sandbox.conftest import LISTENERS
+        assert _can_fork(None, None, 2)
+        os.environ["PATH"] = "/usr/bin:/bin"
+        env = dict(os.environ, PATH={path!r})
+        sandbox = Sandbox.spawn(SandboxSpec(argv=["true"], env=env, listeners=LISTENERS), stderr=2)
+        sandbox.start()
+        print(sandbox.wait(30))
+    """
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[3],
+    )
+    assert proc.stdout.split() == [str(expected)], proc.stderr
+    assert ("command not found" in proc.stderr) is (expected == 127), proc.stderr
+
+
 def test_signal_to_the_helper_reaches_the_command() -> None:
     spec = SandboxSpec(
         argv=[
