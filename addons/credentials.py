@@ -5,8 +5,9 @@ reads what a request carries into a :class:`Carried`, replaces an admitted place
 value in the request about to be sent, and scrubs responses on bound hosts.
 
 Responses: every response inside an inspected tunnel to a host a credential of this sandbox is bound
-to is scrubbed, headers and body, whether or not its request carried the credential (a service may
-store a header and show it later). Its request asks for ``Accept-Encoding: identity`` so that the
+to is scrubbed, headers, body and trailers, whether or not its request carried the credential (a
+service may store a header and show it later; a gRPC service quotes a rejected token in the
+``grpc-message`` trailer that ends an HTTP/2 stream). Its request asks for ``Accept-Encoding: identity`` so that the
 body can be read as it streams; the body is always streamed through a :class:`Scrubber` (which holds
 back at most the longest value's length minus one byte between chunks, never the whole body). A
 response that comes back compressed anyway cannot be read on the fly: it is cut off (the client sees
@@ -72,11 +73,7 @@ def scrub_response(flow: http.HTTPFlow, vault: Vault, sandbox_id: str | None) ->
     if response is None or not flow.metadata.get(SCRUB):
         return
     pairs = vault.scrub_pairs(sandbox_id)
-    fields = []
-    for name, value in response.headers.fields:
-        text = value.decode("latin-1")
-        fields.append((name, scrub_text(text, pairs).encode("latin-1")))
-    response.headers.fields = tuple(fields)
+    response.headers.fields = _scrubbed(response.headers.fields, pairs)
     encoding = response.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         log.warning(
@@ -90,4 +87,29 @@ def scrub_response(flow: http.HTTPFlow, vault: Vault, sandbox_id: str | None) ->
     response.stream = Scrubber((r.encode("latin-1"), p.encode("latin-1")) for r, p in pairs)
 
 
-__all__ = ["SCRUB", "carried", "prepare_scrub", "scrub_response", "swap"]
+def scrub_trailers(flow: http.HTTPFlow, vault: Vault, sandbox_id: str | None) -> None:
+    """A bound host's response trailers, scrubbed as its headers were. mitmproxy keeps them until
+    the ``response`` hook (after the body) and sends them after it: the hook calls this. Trailers
+    that cannot be scrubbed are dropped, never sent as they came."""
+    response = flow.response
+    if response is None or not flow.metadata.get(SCRUB) or not response.trailers:
+        return
+    try:
+        response.trailers.fields = _scrubbed(
+            response.trailers.fields, vault.scrub_pairs(sandbox_id)
+        )
+    except Exception:
+        log.exception("the trailers of a response from %s were dropped", flow.request.host)
+        response.trailers = None
+
+
+def _scrubbed(
+    fields: tuple[tuple[bytes, bytes], ...], pairs: list[tuple[str, str]]
+) -> tuple[tuple[bytes, bytes], ...]:
+    return tuple(
+        (name, scrub_text(value.decode("latin-1"), pairs).encode("latin-1"))
+        for name, value in fields
+    )
+
+
+__all__ = ["SCRUB", "carried", "prepare_scrub", "scrub_response", "scrub_trailers", "swap"]

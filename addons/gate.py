@@ -274,6 +274,17 @@ class GateAddon:
         if self.credentials is not None and conn is not None:
             creds.scrub_response(flow, self.credentials, conn.sandbox_id)
 
+    def response(self, flow: http.HTTPFlow) -> None:
+        """After the body, before the trailers are sent on: a bound host's trailers are scrubbed
+        (on a flow whose connection is unknown, dropped: a scrubbed flow always has one)."""
+        if self.credentials is None or flow.response is None or not flow.response.trailers:
+            return
+        conn = self.checkpoint.connections.get(flow.client_conn.id)
+        if conn is not None:
+            creds.scrub_trailers(flow, self.credentials, conn.sandbox_id)
+        elif flow.metadata.get(creds.SCRUB):
+            flow.response.trailers = None
+
     # -- credentials (the checkpoint's step 3b decides; these only apply it) ---------------------
 
     def _carried(self, req: http.Request, body: bytes | None = None) -> Carried | None:

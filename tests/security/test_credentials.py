@@ -38,7 +38,7 @@ allow_internal: [127.0.0.0/8]
 rules:
   - name: bound-api
     hosts: [allowed.test]
-    ports: [{bound}, {chunky}, {packed}]
+    ports: [{bound}, {chunky}, {packed}, {h2echo}]
     inspect: true
   - name: other-api
     hosts: [other.test]
@@ -103,6 +103,49 @@ class ChunkyEcho(LoopbackServer):
             tls_conn.sendall(b"0\r\n\r\n")
 
 
+class H2Echo(LoopbackServer):
+    """A TLS upstream that speaks HTTP/2 only, as a gRPC service does: each answer is headers, one
+    DATA frame, then trailers whose ``grpc-message`` quotes the request's Authorization header."""
+
+    def __init__(self, tls: ssl.SSLContext) -> None:
+        tls.set_alpn_protocols(["h2"])
+        self.tls = tls
+        self.requests = 0
+        super().__init__(threaded=True, name="h2-echo")
+
+    def handle(self, conn: socket.socket) -> None:
+        import h2.config
+        import h2.connection
+        import h2.events
+
+        conn.settimeout(WAIT)
+        with self.tls.wrap_socket(conn, server_side=True) as tls_conn:
+            if tls_conn.selected_alpn_protocol() != "h2":
+                return
+            server = h2.connection.H2Connection(
+                h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+            )
+            server.initiate_connection()
+            tls_conn.sendall(server.data_to_send())
+            for _ in range(1000):  # frames of one short exchange; the peer closes first
+                data = tls_conn.recv(65536)
+                if not data:
+                    return
+                for event in server.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        with self._lock:
+                            self.requests += 1
+                        auth = dict(event.headers).get("authorization", "-")
+                        stream = event.stream_id
+                        server.send_headers(
+                            stream, [(":status", "200"), ("content-type", "application/grpc")]
+                        )
+                        server.send_data(stream, b"ok\n")
+                        trailers = [("grpc-status", "16"), ("grpc-message", f"rejected {auth}")]
+                        server.send_headers(stream, trailers, end_stream=True)
+                tls_conn.sendall(server.data_to_send())
+
+
 @pytest.fixture(scope="module")
 def dns() -> Iterator[FakeDns]:
     yield from loopback_dns("allowed.test", "other.test", "evil.test")
@@ -128,6 +171,11 @@ def packed(test_ca: LocalCA) -> Iterator[ChunkyEcho]:
     yield from serving(ChunkyEcho(test_ca.server_context(), packed=True))
 
 
+@pytest.fixture(scope="module")
+def h2echo(test_ca: LocalCA) -> Iterator[H2Echo]:
+    yield from serving(H2Echo(test_ca.server_context()))
+
+
 class Setup:
     def __init__(self, gate: RunningGate, store: CredentialStore, ports: dict[str, int]) -> None:
         self.gate = gate
@@ -149,11 +197,16 @@ def setup(
     other: EchoUpstream,
     chunky: ChunkyEcho,
     packed: ChunkyEcho,
+    h2echo: H2Echo,
     test_ca: LocalCA,
 ) -> Iterator[Setup]:
     directory = tmp_path_factory.mktemp("credentials")
     policy = POLICY.format(
-        bound=bound.port, other=other.port, chunky=chunky.port, packed=packed.port
+        bound=bound.port,
+        other=other.port,
+        chunky=chunky.port,
+        packed=packed.port,
+        h2echo=h2echo.port,
     )
     (directory / "p.yaml").write_text(policy)
     credentials = write_credentials(
@@ -162,7 +215,9 @@ def setup(
             {
                 "name": "github",
                 "source": {"env": "EGRESS_SECURITY_TEST_TOKEN"},
-                "hosts": [f"allowed.test:{p}" for p in (bound.port, chunky.port, packed.port)],
+                "hosts": [
+                    f"allowed.test:{p}" for p in (bound.port, chunky.port, packed.port, h2echo.port)
+                ],
                 "header": "Authorization",
                 "basic": True,
                 "methods": ["GET"],
@@ -435,6 +490,22 @@ def test_an_echo_of_basic_credentials_does_not_reveal_the_real_value(
     # what came back still reads as Basic credentials: the user, then the placeholder's middle
     echoed = base64.b64decode(result.headers["x-echo"].split()[1]).decode("latin-1")
     assert echoed.startswith(f"{user}:") and setup.placeholder[3:-3] in echoed
+
+
+def test_an_echo_in_an_http2_trailer_never_brings_the_real_value_back(
+    setup: Setup, h2echo: H2Echo
+) -> None:
+    """A gRPC service answers over HTTP/2 and puts its error message, here quoting the token, in
+    the trailers that end the stream: they arrive (gRPC needs its status), with the placeholder
+    where the service wrote the real value."""
+    before = h2echo.requests
+    url = f"https://allowed.test:{h2echo.port}/api/echo"
+    result = setup.curl(url, "--http2", "-H", f"Authorization: Bearer {setup.placeholder}")
+    assert h2echo.requests == before + 1, result.stderr  # the request reached the service
+    seen = result.body + json.dumps(result.headers) + result.stderr
+    assert GITHUB_TOKEN not in seen, seen
+    assert "grpc-status: 16" in result.body, seen  # curl writes trailers after the body
+    assert f"grpc-message: rejected Bearer {setup.placeholder}" in result.body, seen
 
 
 @pytest.mark.parametrize("http", ["--http1.1", "--http2"])
