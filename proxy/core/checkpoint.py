@@ -37,7 +37,9 @@ For each CONNECT and each HTTP request - plain, or inside an inspected tunnel (:
    sends it and within its request rules is a *use* (the decision names the credential and the
    adapter swaps in the real value); anything else is ``credential-misuse``, refused whatever the
    policy or mode said, so nothing is sent. A request that is only reported (report mode) proceeds
-   without the real value. A request without placeholders passes unchanged.
+   without the real value. A request without placeholders passes unchanged, but for a protocol
+   upgrade to a host a credential of the sandbox is bound to: refused too (its messages are not
+   read, so what the service sends back over it could not be scrubbed).
 4. **destination** - an allowed host is resolved (hosts file, then DNS) and every address screened
    against the internal ranges; one screened address is pinned (``internal-address``, ``dns-failure``).
    A request inside a tunnel is not resolved again: it goes to the tunnel's pinned address.
@@ -358,6 +360,20 @@ class Checkpoint:
         declared = self.credentials() if self.credentials is not None else None
         if declared is None or not declared.issued:
             return decision
+        upgrade = decision.kind is Kind.REQUEST and carried is not None and _upgrade(carried)
+        if upgrade and decision.decision is not Verdict.DENY:
+            bound = declared.bound_to(_bare(decision.host), decision.port, conn.sandbox_id)
+            if bound:
+                # Its messages are not read, so what the service sends back over it (a value it
+                # kept from an earlier request) could not be scrubbed, as a response is.
+                where = join_authority(decision.host, decision.port or 443)
+                return decision.with_(
+                    decision=Verdict.DENY,
+                    reason=Reason.CREDENTIAL_MISUSE,
+                    detail=f"no protocol upgrade to {where}, where credential '{bound[0]}' is "
+                    "bound: what comes back over it could not be scrubbed of the real value",
+                    credential=",".join(bound),
+                )
         # The host itself (a CONNECT's too) is searched as well: a placeholder is never a name.
         carried = replace(carried or Carried(target=""), authority=decision.host)
         found = declared.scan(carried)
@@ -758,6 +774,11 @@ def _dial_key(host: str) -> str | None:
     except InvalidHost:
         return None
     return target if isinstance(target, str) else str(target)
+
+
+def _upgrade(carried: Carried) -> bool:
+    """Whether the request asks for a protocol upgrade (WebSocket: the only one a rule admits)."""
+    return any(name.lower() == "upgrade" for name, _ in carried.headers)
 
 
 def _bare(host: str) -> str:

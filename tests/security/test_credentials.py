@@ -44,6 +44,12 @@ rules:
     hosts: [other.test]
     ports: [{other}]
     inspect: true
+  - name: sockets
+    hosts: [allowed.test, other.test]
+    ports: [{bound}, {other}]
+    methods: [GET]
+    paths: [/socket]
+    websocket: true
   - name: plain
     hosts: [allowed.test]
     ports: [80]
@@ -494,6 +500,28 @@ def test_an_echo_of_basic_credentials_does_not_reveal_the_real_value(
     # what came back still reads as Basic credentials: the user, then the placeholder's middle
     echoed = base64.b64decode(result.headers["x-echo"].split()[1]).decode("latin-1")
     assert echoed.startswith(f"{user}:") and setup.placeholder[3:-3] in echoed
+
+
+UPGRADE = (
+    "-H", "Upgrade: websocket", "-H", "Connection: Upgrade",
+    "-H", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "-H", "Sec-WebSocket-Version: 13",
+)  # fmt: skip
+
+
+def test_no_websocket_to_a_bound_host_even_without_a_placeholder(
+    setup: Setup, bound: EchoUpstream, other: EchoUpstream
+) -> None:
+    """Its messages are not read: a value the service kept from an earlier request could come
+    back over it unscrubbed. A rule's ``websocket: true`` still opens one where nothing is bound
+    (the control: that upgrade reaches its upstream, which does not speak WebSocket)."""
+    url = f"https://allowed.test:{setup.ports['bound']}/socket"
+    result = setup.curl(url, "--http1.1", *UPGRADE)
+    assert result.status == 403, result
+    assert bound.requests == []  # nothing arrived
+    assert "protocol upgrade" in (_last_misuse(setup).detail or "")
+    control = setup.curl(f"https://other.test:{setup.ports['other']}/socket", "--http1.1", *UPGRADE)
+    assert control.status != 403, control
+    assert [(t, h.get("upgrade")) for _, t, h in other.requests] == [("/socket", "websocket")]
 
 
 def test_an_echo_in_an_http2_trailer_never_brings_the_real_value_back(

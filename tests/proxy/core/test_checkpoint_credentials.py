@@ -10,7 +10,7 @@ import pytest
 from proxy.core.checkpoint import Checkpoint
 from proxy.core.connections import Connection
 from proxy.core.credentials import Binding, Carried, Credentials, Delivery
-from proxy.core.decision import Kind, Reason, Request, Verdict
+from proxy.core.decision import Decision, Kind, Reason, Request, Verdict
 from proxy.core.requests import HttpHead
 from proxy.evidence.emit import Emitter, MemorySink
 from proxy.policy.loader import load_policy
@@ -125,3 +125,56 @@ def test_a_request_that_is_only_reported_never_gets_the_real_value(tmp_path: Pat
     assert write.decision is Verdict.REPORT
     assert write.credential is None  # nothing to swap in: the placeholder goes as it is
     assert "not added" in write.detail
+
+
+SOCKETS = """
+version: 1
+mode: {mode}
+rules:
+  - name: api-socket
+    hosts: [api.test, other.test]
+    methods: [GET]
+    paths: [/socket]
+    websocket: true
+  - name: api-pages
+    hosts: [api.test, other.test]
+    methods: [GET]
+    paths: [/socket]
+"""
+
+
+@pytest.mark.parametrize("mode", ["enforce", "report"])
+def test_no_upgrade_to_a_bound_host_even_without_a_placeholder(tmp_path: Path, mode: str) -> None:
+    """A WebSocket's messages are not read: what a bound service sends over one (a value it kept
+    from an earlier request) could not be scrubbed as a response is, so a policy's WebSocket rule
+    does not open one to a host a credential of this sandbox is bound to. Elsewhere it does."""
+    path = tmp_path / "p.yaml"
+    path.write_text(SOCKETS.format(mode=mode))
+    policy: Policy = load_policy(path)
+    credentials = Credentials(
+        {"gh": Binding("gh", frozenset({("api.test", 443)}), Delivery(header="authorization"))}
+    )
+    credentials.issue("gh", "sbx", PH)
+    lookups = Lookups(answers={"api.test": "203.0.113.1", "other.test": "203.0.113.2"})
+    checkpoint = Checkpoint(
+        lambda: policy, Emitter([MemorySink()]), lookups, credentials=lambda: credentials
+    )
+    upgrade = (("Upgrade", "websocket"), ("Connection", "Upgrade"))
+
+    def ask(host: str, headers: tuple[tuple[str, str], ...], sandbox: str = "sbx") -> Decision:
+        conn = Connection(peer="127.0.0.1:9", sandbox_id=sandbox)
+        assert asyncio.run(
+            checkpoint.admit(conn, Request(Kind.CONNECT, host, 443, "CONNECT"))
+        ).allowed
+        head = HttpHead(method="GET", target="/socket", upgrade="websocket" if headers else None)
+        req = Request(Kind.REQUEST, host, 443, "GET", "/socket", http=head)
+        return asyncio.run(checkpoint.admit(conn, req, carried=Carried(headers, "/socket")))
+
+    refused = ask("api.test", upgrade)
+    assert refused.decision is Verdict.DENY
+    assert refused.reason is Reason.CREDENTIAL_MISUSE
+    assert refused.credential == "gh"
+    assert "upgrade" in (refused.detail or "") and "api.test:443" in (refused.detail or "")
+    assert ask("other.test", upgrade).allowed  # no credential is bound there
+    assert ask("api.test", upgrade, sandbox="sbx-2").allowed  # none of that sandbox's is
+    assert ask("api.test", ()).allowed  # a plain request
