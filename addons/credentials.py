@@ -103,6 +103,28 @@ def scrub_trailers(flow: http.HTTPFlow, vault: Vault, sandbox_id: str | None) ->
         response.trailers = None
 
 
+def stop_quoted_error(flow: http.HTTPFlow, vault: Vault, sandbox_id: str | None) -> None:
+    """A bound host's failure whose text quotes a real value (an answer no reader takes, its
+    broken line echoing the credential): mitmproxy would show that text to the client in its
+    error answer, so the flow is killed instead and the client sees the stream end. Called from
+    the ``error`` hook, which mitmproxy runs before it sends that answer."""
+    error = flow.error
+    if error is None or not flow.metadata.get(SCRUB) or not flow.killable:
+        return
+    try:
+        quoted = scrub_text(error.msg, vault.scrub_pairs(sandbox_id)) != error.msg
+    except Exception:  # cannot tell: the text is not shown
+        log.exception("the error of a response from %s could not be checked", flow.request.host)
+        quoted = True
+    if quoted:
+        log.warning(
+            "a response from %s failed with text that quotes a credential's value; the client's "
+            "stream was ended instead of showing it",
+            flow.request.host,
+        )
+        flow.kill()
+
+
 def _scrubbed(
     fields: tuple[tuple[bytes, bytes], ...], pairs: list[tuple[str, str]]
 ) -> tuple[tuple[bytes, bytes], ...]:
@@ -112,4 +134,12 @@ def _scrubbed(
     )
 
 
-__all__ = ["SCRUB", "carried", "prepare_scrub", "scrub_response", "scrub_trailers", "swap"]
+__all__ = [
+    "SCRUB",
+    "carried",
+    "prepare_scrub",
+    "scrub_response",
+    "scrub_trailers",
+    "stop_quoted_error",
+    "swap",
+]

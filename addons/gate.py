@@ -274,6 +274,14 @@ class GateAddon:
         if self.credentials is not None and conn is not None:
             creds.scrub_response(flow, self.credentials, conn.sandbox_id)
 
+    def error(self, flow: http.HTTPFlow) -> None:
+        """Before mitmproxy answers a failed request with its error text: a bound host's failure
+        that quotes a real value ends the client's stream instead."""
+        if self.credentials is None or not flow.metadata.get(creds.SCRUB):
+            return
+        conn = self.checkpoint.connections.get(flow.client_conn.id)
+        creds.stop_quoted_error(flow, self.credentials, conn.sandbox_id if conn else None)
+
     def response(self, flow: http.HTTPFlow) -> None:
         """After the body, before the trailers are sent on: a bound host's trailers are scrubbed
         (on a flow whose connection is unknown, dropped: a scrubbed flow always has one)."""

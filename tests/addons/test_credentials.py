@@ -1,14 +1,16 @@
-"""The trailers of a bound host's response (``addons/credentials.scrub_trailers``): scrubbed, or
-dropped when they cannot be; the real gate's path is in ``tests/security/test_credentials.py``."""
+"""What a bound host sends after its body, and its failures (``addons/credentials``): trailers
+scrubbed or dropped, an error text that quotes a value never shown; the real gate's path is in
+``tests/security/test_credentials.py``."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from mitmproxy import http
+from mitmproxy.flow import Error as FlowError
 from mitmproxy.test import tflow
 
-from addons.credentials import SCRUB, scrub_trailers
+from addons.credentials import SCRUB, scrub_trailers, stop_quoted_error
 
 REAL = "ghp_R3alValue0123456789"
 PLACEHOLDER = "egress-placeholder-0001"
@@ -63,3 +65,35 @@ def test_another_hosts_trailers_are_left_as_they_came() -> None:
     scrub_trailers(flow, _Vault(broken=True), None)  # not even asked for its pairs
     assert flow.response is not None and flow.response.trailers is not None
     assert flow.response.trailers[b"grpc-message"] == f"rejected Bearer {REAL}"
+
+
+def _failed(quoting: str, scrubbed: bool = True) -> http.HTTPFlow:
+    flow = tflow.tflow()
+    flow.error = FlowError(f"Cannot parse HTTP response: Invalid header line: b'{quoting}'")
+    if scrubbed:
+        flow.metadata[SCRUB] = True
+    return flow
+
+
+def test_a_bound_hosts_failure_quoting_the_value_ends_the_stream_unshown() -> None:
+    flow = _failed(f"broken line Bearer {REAL}")
+    stop_quoted_error(flow, _Vault(), None)
+    assert flow.error is not None and flow.error.msg == FlowError.KILLED_MESSAGE
+
+
+def test_a_failure_that_quotes_no_value_is_shown_as_it_is() -> None:
+    flow = _failed("broken line")
+    stop_quoted_error(flow, _Vault(), None)
+    assert flow.error is not None and "broken line" in flow.error.msg
+
+
+def test_a_failure_that_cannot_be_checked_is_not_shown() -> None:
+    flow = _failed("broken line")
+    stop_quoted_error(flow, _Vault(broken=True), None)
+    assert flow.error is not None and flow.error.msg == FlowError.KILLED_MESSAGE
+
+
+def test_another_hosts_failure_is_left_to_mitmproxy() -> None:
+    flow = _failed(f"broken line Bearer {REAL}", scrubbed=False)
+    stop_quoted_error(flow, _Vault(), None)
+    assert flow.error is not None and REAL in flow.error.msg  # no credential goes there

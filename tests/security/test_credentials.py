@@ -69,6 +69,7 @@ class ChunkyEcho(LoopbackServer):
         self.tls = tls
         self.packed = packed
         self.trailer = trailer
+        self.malformed = False
         self.requests = 0
         super().__init__(threaded=True, name="chunky-echo")
 
@@ -93,6 +94,9 @@ class ChunkyEcho(LoopbackServer):
                     + f"Content-Length: {len(body)}\r\n\r\n".encode()
                     + body
                 )
+                return
+            if self.malformed:  # a head no HTTP reader takes, the token in its bad line
+                tls_conn.sendall(f"HTTP/1.1 200 OK\r\nbroken line {auth}\r\n\r\n".encode())
                 return
             if self.trailer:  # gRPC-style: the error message, echoing the token, in a trailer
                 tls_conn.sendall(
@@ -559,6 +563,26 @@ def test_an_echo_in_an_early_hint_never_brings_the_real_value_back(
     seen = result.body + json.dumps(result.headers) + result.stderr  # -v: every header block
     assert GITHUB_TOKEN not in seen, seen
     assert "HTTP/2 200" in result.stderr, seen
+
+
+@pytest.mark.parametrize("http", ["--http1.1", "--http2"])
+def test_an_echo_in_a_malformed_answer_never_comes_back(
+    setup: Setup, chunky: ChunkyEcho, http: str
+) -> None:
+    """A bound service answering with a head no reader takes, the token in its broken line:
+    mitmproxy's error answer quoted that line (the real value, to the sandbox); the stream now
+    ends without it."""
+    before = chunky.requests
+    chunky.malformed = True
+    try:
+        url = f"https://allowed.test:{chunky.port}/api/echo"
+        result = setup.curl(url, http, "-v", "-H", f"Authorization: Bearer {setup.placeholder}")
+    finally:
+        chunky.malformed = False
+    assert chunky.requests == before + 1, result.stderr  # the service answered
+    seen = result.body + json.dumps(result.headers) + result.stderr
+    assert GITHUB_TOKEN not in seen, seen
+    assert result.returncode != 0 and not result.headers, seen  # the stream ended unanswered
 
 
 @pytest.mark.parametrize("http", ["--http1.1", "--http2"])
