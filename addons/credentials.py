@@ -5,13 +5,14 @@ reads what a request carries into a :class:`Carried`, replaces an admitted place
 value in the request about to be sent, and scrubs responses on bound hosts.
 
 Responses: every response inside an inspected tunnel to a host a credential of this sandbox is bound
-to is scrubbed, headers, body and trailers, whether or not its request carried the credential (a
-service may store a header and show it later; a gRPC service quotes a rejected token in the
-``grpc-message`` trailer that ends an HTTP/2 stream). Its request asks for ``Accept-Encoding: identity`` so that the
-body can be read as it streams; the body is always streamed through a :class:`Scrubber` (which holds
-back at most the longest value's length minus one byte between chunks, never the whole body). A
-response that comes back compressed anyway cannot be read on the fly: it is cut off (the client sees
-the connection fail), never passed unread.
+to is scrubbed - reason phrase, headers, body and trailers - whether or not its request carried the
+credential (a service may store a header and show it later; a gRPC service quotes a rejected token
+in the ``grpc-message`` trailer that ends an HTTP/2 stream). Its request asks for
+``Accept-Encoding: identity`` so that the body can be read as it streams; the body is always
+streamed through a :class:`Scrubber` (which holds back at most the longest value's length minus one
+byte between chunks, never the whole body). A response that comes back compressed anyway cannot be
+read on the fly: it is cut off (the client sees the connection fail), never passed unread; nor is a
+failure whose error text quotes a value (:func:`stop_quoted_error`).
 """
 
 from __future__ import annotations
@@ -68,11 +69,13 @@ def prepare_scrub(flow: http.HTTPFlow) -> None:
 
 
 def scrub_response(flow: http.HTTPFlow, vault: Vault, sandbox_id: str | None) -> None:
-    """Scrub a bound host's response: its headers now, its body as it streams."""
+    """Scrub a bound host's response: its status line's reason and its headers now, its body as
+    it streams."""
     response = flow.response
     if response is None or not flow.metadata.get(SCRUB):
         return
     pairs = vault.scrub_pairs(sandbox_id)
+    response.reason = scrub_text(response.reason, pairs)  # HTTP/1's status line says anything
     response.headers.fields = _scrubbed(response.headers.fields, pairs)
     encoding = response.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):

@@ -10,7 +10,7 @@ from mitmproxy import http
 from mitmproxy.flow import Error as FlowError
 from mitmproxy.test import tflow
 
-from addons.credentials import SCRUB, scrub_trailers, stop_quoted_error
+from addons.credentials import SCRUB, scrub_response, scrub_trailers, stop_quoted_error
 
 REAL = "ghp_R3alValue0123456789"
 PLACEHOLDER = "egress-placeholder-0001"
@@ -97,3 +97,11 @@ def test_another_hosts_failure_is_left_to_mitmproxy() -> None:
     flow = _failed(f"broken line Bearer {REAL}", scrubbed=False)
     stop_quoted_error(flow, _Vault(), None)
     assert flow.error is not None and REAL in flow.error.msg  # no credential goes there
+
+
+def test_a_bound_hosts_reason_phrase_carries_the_placeholder_not_the_value() -> None:
+    flow = _flow(scrubbed=True)
+    assert flow.response is not None
+    flow.response.reason = f"rejected Bearer {REAL}"
+    scrub_response(flow, _Vault(), None)
+    assert flow.response.reason == f"rejected Bearer {PLACEHOLDER}"

@@ -70,6 +70,7 @@ class ChunkyEcho(LoopbackServer):
         self.packed = packed
         self.trailer = trailer
         self.malformed = False
+        self.reason = False
         self.requests = 0
         super().__init__(threaded=True, name="chunky-echo")
 
@@ -93,6 +94,11 @@ class ChunkyEcho(LoopbackServer):
                     b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n"
                     + f"Content-Length: {len(body)}\r\n\r\n".encode()
                     + body
+                )
+                return
+            if self.reason:  # the token in the status line's reason phrase
+                tls_conn.sendall(
+                    f"HTTP/1.1 401 rejected {auth}\r\nContent-Length: 0\r\n\r\n".encode()
                 )
                 return
             if self.malformed:  # a head no HTTP reader takes, the token in its bad line
@@ -563,6 +569,24 @@ def test_an_echo_in_an_early_hint_never_brings_the_real_value_back(
     seen = result.body + json.dumps(result.headers) + result.stderr  # -v: every header block
     assert GITHUB_TOKEN not in seen, seen
     assert "HTTP/2 200" in result.stderr, seen
+
+
+@pytest.mark.parametrize("http", ["--http1.1", "--http2"])
+def test_an_echo_in_the_reason_phrase_never_comes_back(
+    setup: Setup, chunky: ChunkyEcho, http: str
+) -> None:
+    """HTTP/1.1's status line carries a reason phrase, here quoting the token."""
+    before = chunky.requests
+    chunky.reason = True
+    try:
+        url = f"https://allowed.test:{chunky.port}/api/echo"
+        result = setup.curl(url, http, "-v", "-H", f"Authorization: Bearer {setup.placeholder}")
+    finally:
+        chunky.reason = False
+    assert chunky.requests == before + 1, result.stderr  # the service answered
+    seen = result.body + json.dumps(result.headers) + result.stderr
+    assert GITHUB_TOKEN not in seen, seen
+    assert result.status == 401, seen
 
 
 @pytest.mark.parametrize("http", ["--http1.1", "--http2"])
