@@ -132,7 +132,10 @@ def _scrubbed(
     fields: tuple[tuple[bytes, bytes], ...], pairs: list[tuple[str, str]]
 ) -> tuple[tuple[bytes, bytes], ...]:
     return tuple(
-        (name, scrub_text(value.decode("latin-1"), pairs).encode("latin-1"))
+        (
+            scrub_text(name.decode("latin-1"), pairs, fold_case=True).encode("latin-1"),
+            scrub_text(value.decode("latin-1"), pairs).encode("latin-1"),
+        )
         for name, value in fields
     )
 

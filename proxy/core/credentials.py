@@ -506,10 +506,16 @@ class Scrubber:
         return self.feed(chunk) if chunk else self.finish()
 
 
-def scrub_text(text: str, pairs: Iterable[tuple[str, str]]) -> str:
-    """``text`` with every real value replaced by its placeholder (headers, messages)."""
+def scrub_text(text: str, pairs: Iterable[tuple[str, str]], *, fold_case: bool = False) -> str:
+    """``text`` with every real value replaced by its placeholder (headers, messages).
+    ``fold_case``: in any case too (a header field's name, which HTTP/2 lower-cases)."""
     for real, placeholder in sorted(pairs, key=lambda rp: -len(rp[0])):
-        if real:
+        if not real:
+            continue
+        if fold_case:
+            literal = placeholder.replace("\\", "\\\\")  # a replacement, not a template
+            text = re.sub(re.escape(real), literal, text, flags=re.IGNORECASE)
+        else:
             text = text.replace(real, placeholder)
     return text
 

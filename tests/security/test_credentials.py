@@ -71,6 +71,7 @@ class ChunkyEcho(LoopbackServer):
         self.trailer = trailer
         self.malformed = False
         self.reason = False
+        self.field_name = False
         self.requests = 0
         super().__init__(threaded=True, name="chunky-echo")
 
@@ -94,6 +95,12 @@ class ChunkyEcho(LoopbackServer):
                     b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n"
                     + f"Content-Length: {len(body)}\r\n\r\n".encode()
                     + body
+                )
+                return
+            if self.field_name:  # the token as a header field's name (a valid token character set)
+                name = auth.split()[-1]
+                tls_conn.sendall(
+                    f"HTTP/1.1 200 OK\r\nX-{name}: 1\r\nContent-Length: 0\r\n\r\n".encode()
                 )
                 return
             if self.reason:  # the token in the status line's reason phrase
@@ -128,6 +135,7 @@ class H2Echo(LoopbackServer):
         self.tls = tls
         self.requests = 0
         self.early_hint = False  # a 103 whose Link field quotes the header first
+        self.field_name = False  # the token, lower-cased as HTTP/2 wants, as a field's name
         super().__init__(threaded=True, name="h2-echo")
 
     def handle(self, conn: socket.socket) -> None:
@@ -157,9 +165,10 @@ class H2Echo(LoopbackServer):
                         if self.early_hint:
                             hint = [(":status", "103"), ("link", f"</x>; rel=preload; a={auth}")]
                             server.send_headers(stream, hint)
-                        server.send_headers(
-                            stream, [(":status", "200"), ("content-type", "application/grpc")]
-                        )
+                        fields = [(":status", "200"), ("content-type", "application/grpc")]
+                        if self.field_name:
+                            fields.append((f"x-{auth.split()[-1].lower()}", "1"))
+                        server.send_headers(stream, fields)
                         server.send_data(stream, b"ok\n")
                         trailers = [("grpc-status", "16"), ("grpc-message", f"rejected {auth}")]
                         server.send_headers(stream, trailers, end_stream=True)
@@ -569,6 +578,39 @@ def test_an_echo_in_an_early_hint_never_brings_the_real_value_back(
     seen = result.body + json.dumps(result.headers) + result.stderr  # -v: every header block
     assert GITHUB_TOKEN not in seen, seen
     assert "HTTP/2 200" in result.stderr, seen
+
+
+@pytest.mark.parametrize("http", ["--http1.1", "--http2"])
+def test_an_echo_as_a_header_name_never_comes_back(
+    setup: Setup, chunky: ChunkyEcho, http: str
+) -> None:
+    """A field name may hold every character of a token: the name is scrubbed as its value is."""
+    before = chunky.requests
+    chunky.field_name = True
+    try:
+        url = f"https://allowed.test:{chunky.port}/api/echo"
+        result = setup.curl(url, http, "-v", "-H", f"Authorization: Bearer {setup.placeholder}")
+    finally:
+        chunky.field_name = False
+    assert chunky.requests == before + 1, result.stderr  # the service answered
+    seen = result.body + json.dumps(result.headers) + result.stderr
+    assert GITHUB_TOKEN not in seen and GITHUB_TOKEN.lower() not in seen, seen
+    assert result.status == 200, seen
+
+
+def test_an_echo_as_an_http2_header_name_never_comes_back(setup: Setup, h2echo: H2Echo) -> None:
+    """HTTP/2 lower-cases field names: the value is found in a name in any case."""
+    before = h2echo.requests
+    h2echo.field_name = True
+    try:
+        url = f"https://allowed.test:{h2echo.port}/api/echo"
+        result = setup.curl(url, "--http2", "-H", f"Authorization: Bearer {setup.placeholder}")
+    finally:
+        h2echo.field_name = False
+    assert h2echo.requests == before + 1, result.stderr  # the service answered
+    seen = result.body + json.dumps(result.headers) + result.stderr
+    assert GITHUB_TOKEN.lower() not in seen.lower(), seen
+    assert f"x-{setup.placeholder.lower()}" in result.headers, seen
 
 
 @pytest.mark.parametrize("http", ["--http1.1", "--http2"])

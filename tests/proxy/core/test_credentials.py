@@ -233,3 +233,12 @@ def test_encoded_echoes_hide_a_value_inside_basic_credentials_at_every_offset(us
         assert fake[2:-2].encode() in decoded and len(echoed) == len(sent)
     quoted = encoded_echoes(real, fake)[0]
     assert quoted == (real.replace("+", "%2B").replace("/", "%2F"), fake)
+
+
+def test_scrub_text_in_any_case_where_the_protocol_folds_it() -> None:
+    """A header field's name: HTTP/2 lower-cases it, so a value in it is found in any case; a
+    placeholder that reads like a template is put in as it is."""
+    pairs = [("ghp_ABCdef", "ghp_p\\1x")]
+    assert scrub_text("x-ghp_abcdef", pairs, fold_case=True) == "x-ghp_p\\1x"
+    assert scrub_text("X-GHP_ABCDEF: ghp_ABCdef", pairs, fold_case=True) == "X-ghp_p\\1x: ghp_p\\1x"
+    assert scrub_text("x-ghp_abcdef", pairs) == "x-ghp_abcdef"  # values keep their case
