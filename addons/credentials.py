@@ -78,12 +78,16 @@ def scrub_response(flow: http.HTTPFlow, vault: Vault, sandbox_id: str | None) ->
     response.reason = scrub_text(response.reason, pairs)  # HTTP/1's status line says anything
     response.headers.fields = _scrubbed(response.headers.fields, pairs)
     encoding = response.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
+    # A transfer coding compresses as a content coding does (``gzip, chunked``): a client that
+    # undoes it, or an agent that gunzips what it got, would read what the scrubber could not.
+    transfer = {c.strip().lower() for c in response.headers.get("transfer-encoding", "").split(",")}
+    if encoding not in ("", "identity") or transfer - {"", "chunked", "identity"}:
         log.warning(
-            "a response from %s came back %s-encoded although identity was asked for; it cannot "
-            "be scrubbed as it streams, so it was cut off",
+            "a response from %s came back encoded (content %s, transfer %s) although identity "
+            "was asked for; it cannot be scrubbed as it streams, so it was cut off",
             flow.request.host,
-            encoding,
+            encoding or "-",
+            response.headers.get("transfer-encoding", "-"),
         )
         flow.kill()
         return

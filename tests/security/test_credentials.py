@@ -72,6 +72,7 @@ class ChunkyEcho(LoopbackServer):
         self.malformed = False
         self.reason = False
         self.field_name = False
+        self.te_gzip = False
         self.requests = 0
         super().__init__(threaded=True, name="chunky-echo")
 
@@ -95,6 +96,15 @@ class ChunkyEcho(LoopbackServer):
                     b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n"
                     + f"Content-Length: {len(body)}\r\n\r\n".encode()
                     + body
+                )
+                return
+            if self.te_gzip:  # compressed as a transfer coding, not a content coding
+                packed = gzip.compress(body)
+                tls_conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                    + f"{len(packed):x}\r\n".encode()
+                    + packed
+                    + b"\r\n0\r\n\r\n"
                 )
                 return
             if self.field_name:  # the token as a header field's name (a valid token character set)
@@ -611,6 +621,28 @@ def test_an_echo_as_an_http2_header_name_never_comes_back(setup: Setup, h2echo: 
     seen = result.body + json.dumps(result.headers) + result.stderr
     assert GITHUB_TOKEN.lower() not in seen.lower(), seen
     assert f"x-{setup.placeholder.lower()}" in result.headers, seen
+
+
+@pytest.mark.parametrize("http", ["--http1.1", "--http2"])
+def test_an_echo_compressed_as_a_transfer_coding_is_never_passed_unread(
+    setup: Setup, chunky: ChunkyEcho, http: str
+) -> None:
+    """``Transfer-Encoding: gzip, chunked``: mitmproxy passed the compressed body on (curl with
+    ``--tr-encoding`` read the token; over HTTP/2 the raw gzip arrived, for the agent to unpack).
+    Cut off, as a compressed content coding is."""
+    before = chunky.requests
+    chunky.te_gzip = True
+    try:
+        url = f"https://allowed.test:{chunky.port}/api/echo"
+        result = setup.curl(
+            url, http, "-v", "--tr-encoding", "-H", f"Authorization: Bearer {setup.placeholder}"
+        )
+    finally:
+        chunky.te_gzip = False
+    assert chunky.requests == before + 1, result.stderr  # the service answered
+    seen = result.body + json.dumps(result.headers) + result.stderr
+    assert GITHUB_TOKEN not in seen, seen
+    assert result.returncode != 0 and "token is" not in result.body, seen  # cut off, unread
 
 
 @pytest.mark.parametrize("http", ["--http1.1", "--http2"])
