@@ -18,6 +18,7 @@ failure whose error text quotes a value (:func:`stop_quoted_error`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from mitmproxy import http
 
@@ -63,8 +64,15 @@ def swap(flow: http.HTTPFlow, vault: Vault, sandbox_id: str | None, names: str) 
 
 
 def prepare_scrub(flow: http.HTTPFlow) -> None:
-    """The request goes to a bound host: its response will be scrubbed, so ask for it unencoded."""
-    flow.request.headers["accept-encoding"] = "identity"
+    """The request goes to a bound host: its response will be scrubbed, so ask for it unencoded,
+    and whole. The scrubber finds whole values only; a byte range the agent chose could cut an
+    echoed value into parts that each pass (``Range`` and ``If-Range`` are dropped: the service
+    sends the whole body, which a client that asked for a range reads as a fresh download)."""
+    headers = flow.request.headers
+    headers["accept-encoding"] = "identity"
+    for name in ("range", "if-range"):
+        if name in headers:
+            del headers[name]
     flow.metadata[SCRUB] = True
 
 
@@ -91,7 +99,21 @@ def scrub_response(flow: http.HTTPFlow, vault: Vault, sandbox_id: str | None) ->
         )
         flow.kill()
         return
-    response.stream = Scrubber((r.encode("latin-1"), p.encode("latin-1")) for r, p in pairs)
+    response.stream = _chunks(
+        Scrubber((r.encode("latin-1"), p.encode("latin-1")) for r, p in pairs)
+    )
+
+
+def _chunks(scrubber: Scrubber) -> Callable[[bytes], list[bytes]]:
+    """The scrubber as mitmproxy's stream callback, which must never hand on an empty chunk:
+    over HTTP/1.1 with chunked framing mitmproxy writes it as ``0\r\n\r\n``, the end of the
+    body, and the client saw a body cut at the first chunk the scrubber held back whole."""
+
+    def stream(data: bytes) -> list[bytes]:
+        out = scrubber(data)
+        return [out] if out else []
+
+    return stream
 
 
 def scrub_trailers(flow: http.HTTPFlow, vault: Vault, sandbox_id: str | None) -> None:
