@@ -22,7 +22,7 @@ import sys
 
 TYPE_CHECKING = False  # typing's constant without importing typing (stdlib only, run with -S)
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, NoReturn
 
 _EXIT_SETUP_FAILED = 125  # kept in sync by hand with proxy/sandbox/__init__.py
 _EXIT_NOT_EXECUTABLE = 126
@@ -420,12 +420,17 @@ def _start_command(config: dict[str, Any], env: dict[str, str] | None) -> int:
             setsigmask=(),
             setsigdef=(*_FORWARDED, signal.SIGPIPE, signal.SIGXFSZ),
         )
-    except FileNotFoundError:
-        sys.stderr.write(f"egress run: {argv[0]}: command not found\n")
-        os._exit(_EXIT_NOT_FOUND)
     except OSError as exc:
-        sys.stderr.write(f"egress run: {argv[0]}: {exc.strerror}\n")
-        os._exit(_EXIT_NOT_EXECUTABLE)
+        _not_run(argv[0], exc)
+
+
+def _not_run(command: str, exc: OSError) -> NoReturn:
+    """The command could not be started: 127 when it was not found, else 126 (as a shell says)."""
+    if isinstance(exc, FileNotFoundError):
+        sys.stderr.write(f"egress run: {command}: command not found\n")
+        os._exit(_EXIT_NOT_FOUND)
+    sys.stderr.write(f"egress run: {command}: {exc.strerror}\n")
+    os._exit(_EXIT_NOT_EXECUTABLE)
 
 
 def _exec_command(config: dict[str, Any], env: dict[str, str] | None) -> None:
@@ -451,12 +456,8 @@ def _exec_command(config: dict[str, Any], env: dict[str, str] | None) -> None:
             os.execvp(argv[0], argv)
         else:
             os.execvpe(argv[0], argv, env)
-    except FileNotFoundError:
-        sys.stderr.write(f"egress run: {argv[0]}: command not found\n")
-        os._exit(_EXIT_NOT_FOUND)
     except OSError as exc:
-        sys.stderr.write(f"egress run: {argv[0]}: {exc.strerror}\n")
-        os._exit(_EXIT_NOT_EXECUTABLE)
+        _not_run(argv[0], exc)
 
 
 def run_helper(config: dict[str, Any], env: dict[str, str]) -> None:

@@ -577,6 +577,20 @@ def test_no_websocket_to_a_bound_host_even_without_a_placeholder(
     assert [(t, h.get("upgrade")) for _, t, h in other.requests] == [("/socket", "websocket")]
 
 
+def _echoed(setup: Setup, chunky: ChunkyEcho, mode: str, *args: str) -> tuple[Any, str]:
+    """One request to the bound echo answering in ``mode`` (one of its flags); what curl showed,
+    every header block included (``-v``)."""
+    before = chunky.requests
+    setattr(chunky, mode, True)
+    try:
+        url = f"https://allowed.test:{chunky.port}/api/echo"
+        result = setup.curl(url, "-v", *args, "-H", f"Authorization: Bearer {setup.placeholder}")
+    finally:
+        setattr(chunky, mode, False)
+    assert chunky.requests == before + 1, result.stderr  # the service answered
+    return result, result.body + json.dumps(result.headers) + result.stderr
+
+
 def test_an_echo_in_an_http2_trailer_never_brings_the_real_value_back(
     setup: Setup, h2echo: H2Echo
 ) -> None:
@@ -619,15 +633,7 @@ def test_an_echo_as_a_header_name_never_comes_back(
     setup: Setup, chunky: ChunkyEcho, http: str
 ) -> None:
     """A field name may hold every character of a token: the name is scrubbed as its value is."""
-    before = chunky.requests
-    chunky.field_name = True
-    try:
-        url = f"https://allowed.test:{chunky.port}/api/echo"
-        result = setup.curl(url, http, "-v", "-H", f"Authorization: Bearer {setup.placeholder}")
-    finally:
-        chunky.field_name = False
-    assert chunky.requests == before + 1, result.stderr  # the service answered
-    seen = result.body + json.dumps(result.headers) + result.stderr
+    result, seen = _echoed(setup, chunky, "field_name", http)
     assert GITHUB_TOKEN not in seen and GITHUB_TOKEN.lower() not in seen, seen
     assert result.status == 200, seen
 
@@ -654,17 +660,7 @@ def test_an_echo_compressed_as_a_transfer_coding_is_never_passed_unread(
     """``Transfer-Encoding: gzip, chunked``: mitmproxy passed the compressed body on (curl with
     ``--tr-encoding`` read the token; over HTTP/2 the raw gzip arrived, for the agent to unpack).
     Cut off, as a compressed content coding is."""
-    before = chunky.requests
-    chunky.te_gzip = True
-    try:
-        url = f"https://allowed.test:{chunky.port}/api/echo"
-        result = setup.curl(
-            url, http, "-v", "--tr-encoding", "-H", f"Authorization: Bearer {setup.placeholder}"
-        )
-    finally:
-        chunky.te_gzip = False
-    assert chunky.requests == before + 1, result.stderr  # the service answered
-    seen = result.body + json.dumps(result.headers) + result.stderr
+    result, seen = _echoed(setup, chunky, "te_gzip", http, "--tr-encoding")
     assert GITHUB_TOKEN not in seen, seen
     assert result.returncode != 0 and "token is" not in result.body, seen  # cut off, unread
 
@@ -696,15 +692,7 @@ def test_an_echo_in_the_reason_phrase_never_comes_back(
     setup: Setup, chunky: ChunkyEcho, http: str
 ) -> None:
     """HTTP/1.1's status line carries a reason phrase, here quoting the token."""
-    before = chunky.requests
-    chunky.reason = True
-    try:
-        url = f"https://allowed.test:{chunky.port}/api/echo"
-        result = setup.curl(url, http, "-v", "-H", f"Authorization: Bearer {setup.placeholder}")
-    finally:
-        chunky.reason = False
-    assert chunky.requests == before + 1, result.stderr  # the service answered
-    seen = result.body + json.dumps(result.headers) + result.stderr
+    result, seen = _echoed(setup, chunky, "reason", http)
     assert GITHUB_TOKEN not in seen, seen
     assert result.status == 401, seen
 
@@ -716,15 +704,7 @@ def test_an_echo_in_a_malformed_answer_never_comes_back(
     """A bound service answering with a head no reader takes, the token in its broken line:
     mitmproxy's error answer quoted that line (the real value, to the sandbox); the stream now
     ends without it."""
-    before = chunky.requests
-    chunky.malformed = True
-    try:
-        url = f"https://allowed.test:{chunky.port}/api/echo"
-        result = setup.curl(url, http, "-v", "-H", f"Authorization: Bearer {setup.placeholder}")
-    finally:
-        chunky.malformed = False
-    assert chunky.requests == before + 1, result.stderr  # the service answered
-    seen = result.body + json.dumps(result.headers) + result.stderr
+    result, seen = _echoed(setup, chunky, "malformed", http)
     assert GITHUB_TOKEN not in seen, seen
     assert result.returncode != 0 and not result.headers, seen  # the stream ended unanswered
 

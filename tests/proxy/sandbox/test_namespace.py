@@ -288,15 +288,20 @@ def test_the_command_is_looked_up_on_its_own_path_not_the_launchers(
         sandbox.start()
         print(sandbox.wait(30))
     """
-    proc = subprocess.run(
+    proc = _launcher(code)
+    assert proc.stdout.split() == [str(expected)], proc.stderr
+    assert ("command not found" in proc.stderr) is (expected == 127), proc.stderr
+
+
+def _launcher(code: str) -> subprocess.CompletedProcess[str]:
+    """``code`` in a fresh single-threaded interpreter at the project's root, as a launcher."""
+    return subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
         timeout=60,
         cwd=Path(__file__).resolve().parents[3],
     )
-    assert proc.stdout.split() == [str(expected)], proc.stderr
-    assert ("command not found" in proc.stderr) is (expected == 127), proc.stderr
 
 
 def test_signal_to_the_helper_reaches_the_command() -> None:
@@ -426,11 +431,5 @@ def test_the_helper_is_forked_only_from_a_single_threaded_launcher_without_pipes
         threading.Thread(target=threading.Event().wait, daemon=True).start()
         print(single, piped, _can_fork(None, None, None))
     """
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=Path(__file__).resolve().parents[3],
-    )
+    proc = _launcher(code)
     assert proc.stdout.split() == ["True", "False", "False"], proc.stderr
