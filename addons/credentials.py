@@ -78,11 +78,21 @@ def prepare_scrub(flow: http.HTTPFlow) -> None:
 
 def scrub_response(flow: http.HTTPFlow, vault: Vault, sandbox_id: str | None) -> None:
     """Scrub a bound host's response: its status line's reason and its headers now, its body as
-    it streams."""
+    it streams. A response that cannot be scrubbed is cut off, never passed on as it came."""
     response = flow.response
     if response is None or not flow.metadata.get(SCRUB):
         return
-    pairs = vault.scrub_pairs(sandbox_id)
+    try:
+        _scrub_response(flow, response, vault.scrub_pairs(sandbox_id))
+    except Exception:
+        log.exception("a response from %s could not be scrubbed; it was cut off", flow.request.host)
+        if flow.killable:
+            flow.kill()
+
+
+def _scrub_response(
+    flow: http.HTTPFlow, response: http.Response, pairs: list[tuple[str, str]]
+) -> None:
     response.reason = scrub_text(response.reason, pairs)  # HTTP/1's status line says anything
     response.headers.fields = _scrubbed(response.headers.fields, pairs)
     encoding = response.headers.get("content-encoding", "identity").strip().lower()
@@ -106,7 +116,7 @@ def scrub_response(flow: http.HTTPFlow, vault: Vault, sandbox_id: str | None) ->
 
 def _chunks(scrubber: Scrubber) -> Callable[[bytes], list[bytes]]:
     """The scrubber as mitmproxy's stream callback, which must never hand on an empty chunk:
-    over HTTP/1.1 with chunked framing mitmproxy writes it as ``0\r\n\r\n``, the end of the
+    over HTTP/1.1 with chunked framing mitmproxy writes it as a zero-length chunk, the end of the
     body, and the client saw a body cut at the first chunk the scrubber held back whole."""
 
     def stream(data: bytes) -> list[bytes]:

@@ -105,3 +105,10 @@ def test_a_bound_hosts_reason_phrase_carries_the_placeholder_not_the_value() -> 
     flow.response.reason = f"rejected Bearer {REAL}"
     scrub_response(flow, _Vault(), None)
     assert flow.response.reason == f"rejected Bearer {PLACEHOLDER}"
+
+
+def test_a_bound_hosts_response_that_cannot_be_scrubbed_is_cut_off() -> None:
+    flow = _flow(scrubbed=True)
+    scrub_response(flow, _Vault(broken=True), None)
+    assert flow.error is not None and flow.error.msg == FlowError.KILLED_MESSAGE
+    assert flow.response is not None and flow.response.stream is False  # never streamed on
