@@ -68,12 +68,12 @@ def prepare_scrub(flow: http.HTTPFlow) -> None:
     and whole. The scrubber finds whole values only; a byte range the agent chose could cut an
     echoed value into parts that each pass (``Range`` and ``If-Range`` are dropped: the service
     sends the whole body, which a client that asked for a range reads as a fresh download)."""
+    flow.metadata[SCRUB] = True  # first: whatever follows, the answer is scrubbed
     headers = flow.request.headers
     headers["accept-encoding"] = "identity"
     for name in ("range", "if-range"):
         if name in headers:
             del headers[name]
-    flow.metadata[SCRUB] = True
 
 
 def scrub_response(flow: http.HTTPFlow, vault: Vault, sandbox_id: str | None) -> None:

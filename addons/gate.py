@@ -301,19 +301,26 @@ class GateAddon:
         return creds.carried(req, body)
 
     def _credentials(self, flow: http.HTTPFlow, conn: Connection, decision: Decision) -> None:
-        """An admitted request: swap in the credential it uses; on a bound host, scrub what comes
-        back; remember the allow so that a body buffered later is checked for placeholders."""
+        """An admitted request: on a bound host, mark what comes back for scrubbing; then swap in
+        the credential it uses; remember the allow so that a body buffered later is checked for
+        placeholders. In that order, and a failure kills the flow: a real value never goes out
+        with its answer left unscrubbed."""
         assert self.credentials is not None
         flow.metadata[_ADMITTED] = decision
-        if decision.credential:
-            creds.swap(flow, self.credentials, conn.sandbox_id, decision.credential)
-        tunnel = conn.tunnel
-        if decision.kind is Kind.REQUEST and tunnel is not None:
-            bound = self.credentials.credentials().bound_to(
-                decision.host, tunnel.port, conn.sandbox_id
-            )
-            if bound:
-                creds.prepare_scrub(flow)
+        try:
+            tunnel = conn.tunnel
+            if decision.kind is Kind.REQUEST and tunnel is not None:
+                bound = self.credentials.credentials().bound_to(
+                    decision.host, tunnel.port, conn.sandbox_id
+                )
+                if bound:
+                    creds.prepare_scrub(flow)
+            if decision.credential:
+                creds.swap(flow, self.credentials, conn.sandbox_id, decision.credential)
+        except Exception:
+            log.exception("the credential step of a request to %s failed", decision.host)
+            if flow.killable:
+                flow.kill()
 
     def _check_body(self, flow: http.HTTPFlow) -> None:
         """A body buffered (not streamed) after its head was admitted: refused if it carries a

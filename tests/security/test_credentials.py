@@ -470,6 +470,32 @@ def test_a_failing_credential_step_refuses(
     assert result.status == 403 and result.headers["x-egress-reason"] == "credential-misuse"
 
 
+@pytest.mark.parametrize("step", ["bound_to", "swap"])
+def test_a_failing_swap_or_scrub_mark_sends_nothing(
+    setup: Setup, bound: EchoUpstream, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """After the decision, the adapter marks a bound host's answer for scrubbing, then swaps in
+    the value: either failing kills the request, so the value never goes out with its answer
+    left unscrubbed (it went out before, and nothing was scrubbed)."""
+    import addons.credentials as creds
+    from proxy.core.credentials import Credentials
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("boom")
+
+    if step == "bound_to":
+        monkeypatch.setattr(Credentials, "bound_to", broken)
+    else:
+        monkeypatch.setattr(creds, "swap", broken)
+    result = setup.curl(
+        f"https://allowed.test:{setup.ports['bound']}/api/x",
+        "-H",
+        f"Authorization: Bearer {setup.placeholder}",
+    )
+    assert result.returncode != 0 and not result.headers, result
+    assert bound.requests == []  # nothing went out
+
+
 def test_no_decision_ever_holds_the_real_value(setup: Setup) -> None:
     assert setup.gate.memory.decisions
     for decision in setup.gate.memory.decisions:
