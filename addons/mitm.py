@@ -64,6 +64,23 @@ class ValidatedHeaders:
             )
 
 
+class NoRawTcp:
+    """Refuses to run with mitmproxy's ``rawtcp``: with it, an upstream's ``101 Switching
+    Protocols`` to a request that asked for no upgrade turns the connection into a raw relay, and
+    the client's next requests reach the upstream past the request rules, unread (and a bound
+    host's answers past the credential scrubber). Without it such a connection is closed. The
+    gate chooses every other layer itself (``addons.layers``), so nothing else uses the option."""
+
+    def configure(self, updated: set[str]) -> None:
+        from mitmproxy import ctx
+
+        if ctx.options.rawtcp:
+            raise exceptions.OptionsError(
+                "agent-egress never runs with rawtcp: an upstream's protocol switch would carry "
+                "the client's requests past the request rules"
+            )
+
+
 class Layers:
     """A running master; its own listener is an ephemeral loopback port nobody is told about."""
 
@@ -118,11 +135,12 @@ async def start_layers(
         body_size_limit=config.body_size_limit,
         ssl_insecure=False,
         validate_inbound_headers=True,
+        rawtcp=False,
         ssl_verify_upstream_trusted_ca=config.upstream_ca,
     )
     # Added last: their configure() sees the final options and rejects any later switch to
-    # eager connections, unverified upstreams or unvalidated request heads.
-    master.addons.add(LazyOnly(), VerifiedUpstreams(), ValidatedHeaders())
+    # eager connections, unverified upstreams, unvalidated request heads or raw relays.
+    master.addons.add(LazyOnly(), VerifiedUpstreams(), ValidatedHeaders(), NoRawTcp())
     task = asyncio.create_task(master.run(), name="egress-master")
     for _ in range(500):  # bounded: ~10 s for the listener to come up
         if task.done():

@@ -77,6 +77,15 @@ def test_turning_header_validation_off_is_refused_at_runtime(gate: RunningGate) 
     assert master.options.validate_inbound_headers is True
 
 
+def test_turning_raw_relays_on_is_refused_at_runtime(gate: RunningGate) -> None:
+    master = gate.gate.master
+    assert master is not None
+    assert master.options.rawtcp is False
+    with pytest.raises(exceptions.OptionsError, match="rawtcp"):
+        master.options.update(rawtcp=True)
+    assert master.options.rawtcp is False
+
+
 def test_extra_listener_attributes_decisions_to_its_sandbox(
     gate: RunningGate, http_upstream: Upstream
 ) -> None:

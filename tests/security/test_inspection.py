@@ -30,6 +30,7 @@ from tests.harness import (
     curl,
     recv_head,
     serving,
+    wait_until,
 )
 from tests.security import inspecting, start_gate_with
 
@@ -65,7 +66,7 @@ rules:
     graphql_operations: [query]
   - name: myorg-pages
     hosts: [allowed.test]
-    ports: [{port}]
+    ports: [{port}, {switch_port}]
     methods: [GET, HEAD]
     paths: ["/myorg/**", "/redirect"]
   - name: socket
@@ -144,6 +145,38 @@ def redirect(test_ca: LocalCA, canary: Upstream) -> Iterator[RedirectUpstream]:
     )
 
 
+class SwitchingUpstream(LoopbackServer):
+    """An upstream that answers a plain request with ``101 Switching Protocols`` nobody asked for,
+    then counts every byte that still reaches it: a raw relay from there would carry the client's
+    next requests past the request rules, unread."""
+
+    def __init__(self, tls: ssl.SSLContext) -> None:
+        self.tls = tls
+        self.requests = 0
+        self.after = 0  # bytes received after the 101
+        super().__init__(threaded=True, name="switching")
+
+    def handle(self, conn: socket.socket) -> None:
+        conn.settimeout(WAIT)
+        with self.tls.wrap_socket(conn, server_side=True) as tls_conn:
+            if not recv_head(tls_conn):
+                return
+            with self._lock:
+                self.requests += 1
+            tls_conn.sendall(
+                b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: raw\r\n\r\n"
+            )
+            with contextlib.suppress(OSError):
+                while data := tls_conn.recv(65536):
+                    with self._lock:
+                        self.after += len(data)
+
+
+@pytest.fixture(scope="module")
+def switching(test_ca: LocalCA) -> Iterator[SwitchingUpstream]:
+    yield from serving(SwitchingUpstream(test_ca.server_context()))
+
+
 @pytest.fixture(scope="module")
 def gate(
     tmp_path_factory: pytest.TempPathFactory,
@@ -151,12 +184,18 @@ def gate(
     upstream: Upstream,
     untrusted: Upstream,
     redirect: RedirectUpstream,
+    switching: SwitchingUpstream,
     test_ca: LocalCA,
 ) -> Iterator[RunningGate]:
     directory = tmp_path_factory.mktemp("inspection")
     running = start_gate_with(
         directory,
-        POLICY.format(port=upstream.port, bad_port=untrusted.port, redirect_port=redirect.port),
+        POLICY.format(
+            port=upstream.port,
+            bad_port=untrusted.port,
+            redirect_port=redirect.port,
+            switch_port=switching.port,
+        ),
         dns.nameserver,
         config=inspecting(directory, test_ca),
     )
@@ -491,6 +530,38 @@ def test_a_websocket_upgrade_passes_only_where_a_rule_allows_it(
     status, _, _ = tunnel.request("GET", "/socket", headers=upgrade)
     assert status == 200  # this upstream does not speak WebSocket; the upgrade request reached it
     assert [(t, h.get("upgrade")) for _, t, h in upstream.requests] == [("/socket", "websocket")]
+
+
+def test_an_unasked_protocol_switch_never_opens_a_raw_relay(
+    gate: RunningGate, gate_ca: Path, switching: SwitchingUpstream
+) -> None:
+    """An upstream's 101 to a request that asked for no upgrade: mitmproxy would relay raw TCP
+    from there (its ``rawtcp`` option), so a refused write sent next would reach the upstream
+    unread. The gate turns that option off: the client's connection is closed instead."""
+    before = switching.requests
+    opened = Tunnel(gate, gate_ca, "allowed.test", switching.port)
+    try:
+        host = f"allowed.test:{switching.port}"
+        opened.send(f"GET /myorg/page HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        assert wait_until(lambda: switching.requests == before + 1)
+        with contextlib.suppress(OSError):
+            opened.send(f"DELETE /myorg/repo HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+
+        def ended() -> bool:  # the client's side closed, or the write reached the upstream
+            if switching.after:
+                return True
+            try:
+                return opened.sock.recv(65536) == b"" or bool(switching.after)
+            except TimeoutError:
+                return False
+            except OSError:
+                return True
+
+        opened.sock.settimeout(0.2)
+        assert wait_until(ended)
+    finally:
+        opened.close()
+    assert switching.after == 0  # nothing after the 101 reached the upstream
 
 
 def test_curl_http2_second_stream_naming_another_authority_gets_421(
