@@ -81,7 +81,7 @@ from typing import Any, Protocol
 
 from proxy.core.authority import join_authority
 from proxy.core.connections import Connection, Connections, Observer
-from proxy.core.credentials import Carried, Credentials, judge
+from proxy.core.credentials import Carried, Credentials, asks_upgrade, judge
 from proxy.core.decision import Decision, Kind, Reason, Request, Verdict, new_id
 from proxy.core.destination import Destination, DestinationRefused, Network
 from proxy.core.engine import BODY_NEEDED, BodyNeeded, decide, decide_request, refuse
@@ -360,7 +360,9 @@ class Checkpoint:
         declared = self.credentials() if self.credentials is not None else None
         if declared is None or not declared.issued:
             return decision
-        upgrade = decision.kind is Kind.REQUEST and carried is not None and _upgrade(carried)
+        upgrade = (
+            decision.kind is Kind.REQUEST and carried is not None and asks_upgrade(carried.headers)
+        )
         if upgrade and decision.decision is not Verdict.DENY:
             bound = declared.bound_to(_bare(decision.host), decision.port, conn.sandbox_id)
             if bound:
@@ -774,11 +776,6 @@ def _dial_key(host: str) -> str | None:
     except InvalidHost:
         return None
     return target if isinstance(target, str) else str(target)
-
-
-def _upgrade(carried: Carried) -> bool:
-    """Whether the request asks for a protocol upgrade (WebSocket: the only one a rule admits)."""
-    return any(name.lower() == "upgrade" for name, _ in carried.headers)
 
 
 def _bare(host: str) -> str:

@@ -286,6 +286,12 @@ def _basic_credentials(value: str) -> str | None:
         return None
 
 
+def asks_upgrade(headers: Iterable[tuple[str, str]]) -> bool:
+    """Whether a request's fields ask for a protocol upgrade: what comes over one is not read, so
+    no credential goes on one, nor to a host a credential is bound to."""
+    return any(name.lower() == "upgrade" for name, _ in headers)
+
+
 def judge(
     credentials: Credentials,
     found: Sequence[Found],
@@ -313,7 +319,7 @@ def judge(
         return Judged(tuple(names), True, detail)
 
     values = {name.lower(): value for name, value in headers}
-    if "upgrade" in values:
+    if asks_upgrade(values.items()):
         return misuse(
             f"credential '{names[0]}' is never sent on a protocol upgrade (WebSocket messages "
             "are not read, so an echo could not be scrubbed)"
@@ -531,6 +537,7 @@ __all__ = [
     "Judged",
     "Scrubber",
     "Vault",
+    "asks_upgrade",
     "encoded_echoes",
     "judge",
     "placeholder_for",
