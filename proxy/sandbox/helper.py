@@ -227,21 +227,54 @@ _KEPT = ((2, 0x2), (4, 0x4), (8, 0x8), (1024, 0x400), (2048, 0x800), (4096, 1 <<
 
 
 def _freeze(paths: list[str]) -> None:
-    """Make each file read-only inside the sandbox (a read-only bind mount on itself): files that
-    rules are bound to and the files the run's policy was read from, which a sandbox running as
-    their owner could otherwise rewrite. A mount point cannot be renamed over or unlinked either;
-    the command cannot undo it."""
+    """Make each path read-only inside the sandbox (a read-only bind mount on itself): files that
+    rules are bound to, the files the run's policy was read from, and the gate's installation,
+    which a sandbox running as their owner could otherwise rewrite. A directory is bound with every
+    mount below it (a hidden path stays hidden) and each of those is made read-only too. A mount
+    point cannot be renamed over or unlinked either; the command cannot undo it."""
+    below: list[str] | None = None
     for path in paths:
         try:
-            kept = 0
-            flags = os.statvfs(path).f_flag
-            for st_flag, ms_flag in _KEPT:
-                if flags & st_flag:
-                    kept |= ms_flag
-            _mount(path, path, None, _MS_BIND)
-            _mount(None, path, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | kept)
+            if os.path.isdir(path) and not os.path.islink(path):
+                _mount(path, path, None, _MS_BIND | _MS_REC)
+                if below is None:
+                    below = _mount_points()
+                for point in [p for p in below if p.startswith(path.rstrip("/") + "/")]:
+                    _read_only(point)
+            else:
+                _mount(path, path, None, _MS_BIND)
+            _read_only(path)
         except OSError as exc:
             raise _SetupFailed(f"cannot make {path} read-only in the sandbox: {exc}") from exc
+
+
+def _read_only(path: str) -> None:
+    kept = 0
+    flags = os.statvfs(path).f_flag
+    for st_flag, ms_flag in _KEPT:
+        if flags & st_flag:
+            kept |= ms_flag
+    _mount(None, path, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | kept)
+
+
+def _mount_points() -> list[str]:
+    """Every mount point in this mount namespace (``mountinfo``'s fifth field, octal escapes
+    undone)."""
+    with open("/proc/self/mountinfo", "rb") as info:
+        lines = info.read().splitlines()
+    points = []
+    for line in lines:
+        fields = line.split(b" ")
+        if len(fields) > 4:
+            points.append(os.fsdecode(_unescape(fields[4])))
+    return points
+
+
+def _unescape(raw: bytes) -> bytes:
+    """``mountinfo`` writes a space, tab, newline or backslash in a path as ``\\ooo`` (no ``re``:
+    this runs in every ``egress run``)."""
+    first, *rest = raw.split(b"\\")
+    return first + b"".join(bytes([int(part[:3], 8)]) + part[3:] for part in rest)
 
 
 def _loopback_up() -> None:

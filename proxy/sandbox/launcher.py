@@ -21,6 +21,7 @@ from proxy.sandbox import (
     SANDBOX_LOOPBACK,
 )
 from proxy.sandbox.env import ProxyAddress, proxy_environment
+from proxy.sandbox.installation import installation_paths
 from proxy.sandbox.namespace import Listener, Sandbox, SandboxError, SandboxSpec, exit_code
 from proxy.sandbox.signals import forwarding_signals
 from proxy.sandbox.stdio import foreground_tty, restore_tty, stdio_fds, stdio_problem
@@ -321,7 +322,13 @@ def _run_with(
         cwd=options.cwd,
         foreground_tty=tty,
         hidden=hidden,
-        frozen=_visible(read_only_files(policy) if session is None else session.frozen, hidden),
+        frozen=_visible(
+            (
+                *installation_paths((options.cwd,) if options.cwd else ()),
+                *(read_only_files(policy) if session is None else session.frozen),
+            ),
+            hidden,
+        ),
     )
     try:
         sandbox = Sandbox.spawn(

@@ -1,0 +1,115 @@
+"""The helper's read-only mounts (``_freeze``) on directories, in a real sandbox.
+
+A directory kept read-only (the gate's installation) is bound with every mount below it: a path
+hidden under it must stay hidden, and a writable file system mounted below it must be read-only too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from proxy.sandbox.helper import _unescape
+from proxy.sandbox.namespace import Sandbox, SandboxSpec
+from tests.proxy.sandbox.conftest import LISTENERS, WAIT
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _run(spec: SandboxSpec) -> str:
+    sandbox = Sandbox.spawn(spec, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        sandbox.start()
+        out, err = sandbox.proc.communicate(timeout=WAIT)
+    finally:
+        sandbox.close_sockets()
+        if sandbox.proc.poll() is None:
+            sandbox.kill()
+    return out.decode() + err.decode()
+
+
+def test_a_path_hidden_inside_a_read_only_directory_stays_hidden(tmp_path: Path) -> None:
+    kept = tmp_path / "kept"
+    (kept / "secrets").mkdir(parents=True)
+    (kept / "secrets" / "token").write_text("s3cr3t-in-dir\n")
+    (kept / "key.txt").write_text("s3cr3t-file\n")
+    (kept / "open.txt").write_text("visible\n")
+    script = (
+        f"cat {kept}/secrets/token {kept}/key.txt {kept}/open.txt 2>&1; "
+        f'touch {kept}/new 2>/dev/null; echo "write=$?"'
+    )
+    out = _run(
+        SandboxSpec(
+            argv=["sh", "-c", script],
+            env=dict(os.environ),
+            listeners=LISTENERS[:1],
+            hidden=[str(kept / "secrets"), str(kept / "key.txt")],
+            frozen=[str(kept)],
+        )
+    )
+    assert "visible" in out, out  # the directory itself is there, read-only
+    assert "s3cr3t" not in out, out
+    assert "write=0" not in out and "write=" in out, out
+    assert not (kept / "new").exists()
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
+def test_a_file_system_mounted_below_a_read_only_directory_is_read_only_too(
+    tmp_path: Path,
+) -> None:
+    """The mount below is made in a user and mount namespace of the test's own (``unshare -rm``),
+    where the sandbox is then built: the host's mounts are not touched."""
+    kept = tmp_path / "kept"
+    (kept / "volume").mkdir(parents=True)
+    script = textwrap.dedent(
+        f"""
+        import ctypes, os, subprocess, sys
+        sys.path.insert(0, {str(REPO)!r})
+        from proxy.sandbox.namespace import Sandbox, SandboxSpec
+        from tests.proxy.sandbox.conftest import LISTENERS
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mount(b"probe", b"{kept}/volume", b"tmpfs", 0, None) != 0:
+            sys.exit("mount: errno %d" % ctypes.get_errno())
+        open("{kept}/volume/before", "w").close()  # writable here
+        spec = SandboxSpec(
+            argv=["sh", "-c", 'touch {kept}/volume/x; echo "volume=$?"; ls {kept}/volume'],
+            env=dict(os.environ), listeners=LISTENERS[:1], frozen=["{kept}"],
+        )
+        sandbox = Sandbox.spawn(spec, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        sandbox.start()
+        out, _ = sandbox.proc.communicate(timeout=30)
+        sandbox.close_sockets()
+        print(out.decode())
+        """
+    )
+    result = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "before" in result.stdout, result.stdout  # the sandbox sees the mounted file system
+    assert "volume=" in result.stdout and "volume=0" not in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize(
+    ("raw", "path"),
+    [
+        (b"/plain/path", b"/plain/path"),
+        (b"/with\\040space", b"/with space"),
+        (b"/tab\\011and\\012newline", b"/tab\tand\nnewline"),
+        (b"/back\\134slash\\040", b"/back\\slash "),
+    ],
+)
+def test_mountinfo_escapes_are_undone(raw: bytes, path: bytes) -> None:
+    assert _unescape(raw) == path
