@@ -141,7 +141,10 @@ class Broker:
         methods: tuple[str, ...] = (),
     ) -> Decision:
         """:class:`proxy.core.checkpoint.Approver`: the held ``ask`` decision, answered."""
-        subject = Subject.of(decision, per_request=_reads_requests(rule), methods=methods)
+        review = str(rule.review) if rule is not None else str(Review.HUMAN)
+        subject = Subject.of(
+            decision, per_request=_reads_requests(rule), methods=methods, review=review
+        )
         # (1) grants
         grant = await self.store.grant_for(subject)
         if grant is not None:
@@ -154,7 +157,6 @@ class Broker:
             return _granted(decision, covered.approval, covered.rule.name, Scope.PERSIST, where)
         # (2) open or join
         timeout = rule.timeout if rule is not None else DEFAULT_ASK_TIMEOUT
-        review = str(rule.review) if rule is not None else str(Review.HUMAN)
         fresh = Approval.open(decision, subject, review, timeout, self.clock())
         opened = await self.store.open(fresh, self.limits)
         if opened is None:

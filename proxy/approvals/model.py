@@ -62,22 +62,35 @@ def new_approval_id() -> str:
 @dataclass(frozen=True, slots=True)
 class Subject:
     """Exactly what one approval or grant is about. Two requests with the same subject share one
-    pending approval; a grant applies to requests with its subject only."""
+    pending approval; a grant applies to requests with its subject only.
+
+    The asking rule and who may answer it (``review``) are part of the subject: two ``ask`` rules
+    can match the same request line (one for a query the reviewer may answer, one people-only for
+    the rest; one bound to git, one to every other process), and an answer to one is no answer to
+    the other. A subject stored without them (an older gate's grant) matches no request."""
 
     sandbox: str
     host: str
     port: int
     method: str | None = None
     path: str | None = None
+    rule: str | None = None
+    review: str | None = None
 
     @classmethod
     def of(
-        cls, decision: Decision, *, per_request: bool = False, methods: Sequence[str] = ()
+        cls,
+        decision: Decision,
+        *,
+        per_request: bool = False,
+        methods: Sequence[str] = (),
+        review: str | None = None,
     ) -> Subject:
         """The subject of an ``ask`` decision. ``per_request``: the asking rule reads requests, so
         the approval is about this method and path only (a push, not every request to the host).
         ``methods``: every method the request was judged as (its own first, then the overrides it
-        carries); the approval is about what the server will do, so an override is part of it."""
+        carries); the approval is about what the server will do, so an override is part of it.
+        ``review``: the asking rule's (``human`` or ``auto``)."""
         per_request = per_request or decision.kind not in HOST_KINDS
         return cls(
             sandbox=decision.sandbox_id or ANONYMOUS,
@@ -85,12 +98,16 @@ class Subject:
             port=decision.port if decision.port is not None else 0,
             method=_method(decision.method, methods) if per_request else None,
             path=decision.path if per_request else None,
+            rule=decision.rule,
+            review=review,
         )
 
     @property
     def key(self) -> str:
         """A fixed-length key for stores (the fields are client data of any length)."""
-        text = json.dumps([self.sandbox, self.host, self.port, self.method, self.path])
+        text = json.dumps(
+            [self.sandbox, self.host, self.port, self.method, self.path, self.rule, self.review]
+        )
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
     def covers(self, other: Subject) -> bool:
@@ -140,9 +157,11 @@ class Approval:
     def open(
         cls, decision: Decision, subject: Subject, review: str, timeout: float, now: float
     ) -> Approval:
+        """The subject takes the asking rule and its review, as the approval records them (what is
+        stored and read back is then the same subject, with the same key)."""
         return cls(
             id=new_approval_id(),
-            subject=subject,
+            subject=replace(subject, rule=decision.rule, review=review),
             kind=str(decision.kind),
             rule=decision.rule,
             review=review,
@@ -191,6 +210,8 @@ class Approval:
             port=int(data["port"]),
             method=data.get("method"),
             path=data.get("path"),
+            rule=data.get("rule"),
+            review=data.get("review"),
         )
         return cls(
             id=str(data["id"]),

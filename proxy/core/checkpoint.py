@@ -451,14 +451,20 @@ class Checkpoint:
         self, conn: Connection, request: Request, answer: Decision, asked: Policy
     ) -> Decision:
         """(6) a policy reloaded while the request was held: the answer was given under the old
-        policy, so it stands only where the policy now in force still allows or asks (steps 3 and
-        3a again); otherwise the new policy's refusal is what is enforced."""
+        policy, so it stands only where the policy now in force allows the request, or still asks
+        the question that was answered: the same rule, answerable by the same reviewers (steps 3
+        and 3a again). Otherwise the request is refused: a new policy's refusal, or an ask rule
+        the answer was not given to (one the reviewer may no longer answer, say)."""
         now = self.policy_for(conn)
         if now is asked:
             return answer
         again = await self._process(conn, now, request, decide(request, now))
-        if again.allowed or again.decision is Verdict.ASK:
+        if again.allowed:
             return answer
+        if again.decision is Verdict.ASK:
+            if again.rule == answer.rule and _review(asked, answer.rule) == _review(now, again.rule):
+                return answer
+            again = again.with_(decision=Verdict.DENY, reason=Reason.APPROVAL_UNAVAILABLE)
         return again.with_(
             approval=answer.approval,
             decided_by=answer.decided_by,
@@ -782,6 +788,12 @@ def _bare(host: str) -> str:
     """The canonical form of a decision's host (as bindings store it); an invalid one as it is."""
     key = _dial_key(host)
     return host if key is None else key
+
+
+def _review(policy: Policy, rule: str | None) -> str | None:
+    """Who may answer the ``ask`` rule named ``rule`` in ``policy`` (None: no such rule)."""
+    found = next((r for r in policy.rules if r.name == rule), None)
+    return str(found.review) if found is not None else None
 
 
 def _screened(decision: Decision) -> bool:

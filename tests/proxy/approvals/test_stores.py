@@ -172,11 +172,15 @@ def test_a_deadline_ends_an_approval_and_no_answer_is_taken_after_it(make_store:
 def test_session_grants_cover_their_subject_only_and_expire(make_store: Any) -> None:
     async def body(store: Store, clock: Clock) -> None:
         _, grant = await approve_for_session(store, clock)
-        same = Subject.of(ask())
+        same = Subject.of(ask(), review="human")
         assert await store.grant_for(same) == grant
-        assert await store.grant_for(Subject.of(ask(port=8443))) is None
-        assert await store.grant_for(Subject.of(ask(host="b.test"))) is None
-        assert await store.grant_for(Subject.of(ask(sandbox="sbx-2"))) is None
+        assert await store.grant_for(Subject.of(ask(port=8443), review="human")) is None
+        assert await store.grant_for(Subject.of(ask(host="b.test"), review="human")) is None
+        assert await store.grant_for(Subject.of(ask(sandbox="sbx-2"), review="human")) is None
+        # another ask rule, or the same one answered by the reviewer, is another question
+        other_rule = ask().with_(rule="ask-api-for-git")
+        assert await store.grant_for(Subject.of(other_rule, review="human")) is None
+        assert await store.grant_for(Subject.of(ask(), review="auto")) is None
         await store.end_session("sbx-2")
         assert await store.grant_for(same) == grant
         clock.now += 101

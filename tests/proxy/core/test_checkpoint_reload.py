@@ -1,5 +1,6 @@
 """A policy reloaded while a request is held for an approval: the answer was given under the old
-policy, and is enforced only where the policy now in force still allows or asks."""
+policy, and is enforced only where the policy now in force allows the request or asks the same
+question (the same rule, answerable by the same reviewers)."""
 
 from __future__ import annotations
 
@@ -66,8 +67,17 @@ def held(old: Policy, new: Policy) -> tuple[Decision, Checkpoint, Connection, Me
             f"executables: [{GIT}]}}\n",
             Reason.PROCESS_UNATTRIBUTED,
         ),
+        (
+            "version: 1\nrules:\n  - {name: ask-people, action: ask, hosts: [api.test]}\n",
+            Reason.APPROVAL_UNAVAILABLE,
+        ),
+        (
+            "version: 1\nrules:\n  - {name: ask-api, action: ask, review: auto, "
+            "hosts: [api.test]}\n",
+            Reason.APPROVAL_UNAVAILABLE,
+        ),
     ],
-    ids=["rule-removed", "denied", "bound-to-executables"],
+    ids=["rule-removed", "denied", "bound-to-executables", "another-rule-asks", "review-changed"],
 )
 def test_an_approval_given_across_a_reload_that_refuses_the_request_dials_nothing(
     tmp_path: Path, new: str, reason: Reason
