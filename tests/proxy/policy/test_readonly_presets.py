@@ -100,6 +100,11 @@ CASES: list[tuple[str, str, str, str, bytes | None, Verdict]] = [
     ("gitlab-readonly", "gitlab.com", "PUT", "/api/v4/projects/1/packages/generic/x/1/f", b"x", DENY),
     ("gitlab-readonly", "gitlab.com", "POST", "/api/v4/projects/1/issues", b"{}", DENY),
     ("gitlab-readonly", "gitlab.com", "POST", "/api/graphql", graphql("mutation { x }"), DENY),
+    # the Files API creating a file whose name the fetch and LFS paths end with
+    ("gitlab-readonly", "gitlab.com", "POST", "/api/v4/projects/42/repository/files/git-upload-pack", b"{}", DENY),
+    ("gitlab-readonly", "gitlab.com", "POST", "/API/V4/projects/42/repository/files/git-upload-pack", b"{}", DENY),
+    ("gitlab-readonly", "gitlab.com", "POST", "/api/v4/projects/42/x/info/lfs/objects/batch", lfs("download"), DENY),
+    ("gitlab-readonly", "gitlab.com", "POST", "/g/p/-/x/git-upload-pack", b"0000", DENY),
     # npm: installs and audits yes; publish, unpublish, deprecate, dist-tags, login, tokens no
     ("npm-readonly", "registry.npmjs.org", "GET", "/left-pad", None, ALLOW),
     ("npm-readonly", "registry.npmjs.org", "GET", "/@types%2fnode", None, ALLOW),
