@@ -222,6 +222,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         nameservers=args.nameserver,
         hosts_file=args.hosts_file or None,
         decision_log=args.decision_log,
+        journal=args.journal,
         proxy_port=args.proxy_port,
         json=args.json,
         evidence=_evidence_builder(args),

@@ -462,7 +462,9 @@ class Checkpoint:
         if again.allowed:
             return answer
         if again.decision is Verdict.ASK:
-            if again.rule == answer.rule and _review(asked, answer.rule) == _review(now, again.rule):
+            if again.rule == answer.rule and _review(asked, answer.rule) == _review(
+                now, again.rule
+            ):
                 return answer
             again = again.with_(decision=Verdict.DENY, reason=Reason.APPROVAL_UNAVAILABLE)
         return again.with_(

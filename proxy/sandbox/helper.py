@@ -145,9 +145,12 @@ def _write(path: str, text: str) -> None:
 
 
 def _enter_namespaces(config: dict[str, Any]) -> None:
-    """unshare user+net+mount+PID and map our own uid and gid to themselves."""
+    """unshare user+net+mount+PID (and IPC and UTS: the host's System V shared memory, semaphores
+    and message queues, and its host name, are not the command's) and map our own uid and gid to
+    themselves."""
     uid, gid = os.geteuid(), os.getegid()
     flags = os.CLONE_NEWUSER | os.CLONE_NEWNET | os.CLONE_NEWNS | os.CLONE_NEWPID
+    flags |= os.CLONE_NEWIPC | os.CLONE_NEWUTS
     try:
         os.unshare(flags)
     except OSError as exc:
@@ -220,6 +223,21 @@ def _hide(paths: list[str]) -> None:
         except OSError as exc:
             raise _SetupFailed(f"cannot hide {path} from the sandbox: {exc}") from exc
 
+
+# The kernel's settings and the host's name table, read-only in every sandbox. Their permission checks
+# key on the file owner's uid, not on capabilities: a command launched by root (its uid mapped to
+# itself) could otherwise write host-wide sysctls (core_pattern runs a program as root), cgroup
+# limits of other processes, /proc/sysrq-trigger, and /etc/hosts, which the gate itself reads to
+# resolve names. /sys is bound with every mount below it (the cgroup hierarchies).
+_KERNEL_FILES = (
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/sys",
+    "/etc/hosts",
+)
 
 # statvfs f_flag -> mount flag, for the flags a bind remount must keep (the kernel refuses to
 # clear them on mounts inherited from a more privileged namespace).
@@ -358,7 +376,7 @@ def _init_main(config: dict[str, Any], ctl: socket.socket, env: dict[str, str] |
     try:
         resolv = _setup_mounts(config)
         _hide(config.get("hide") or [])
-        _freeze(config.get("freeze") or [])
+        _freeze([p for p in _KERNEL_FILES if os.path.lexists(p)] + (config.get("freeze") or []))
         _loopback_up()
         socks = _listeners(config)
     except _SetupFailed as exc:

@@ -62,6 +62,7 @@ class RunOptions:
         hosts_file: str | None = "/etc/hosts",
         state_dir: str | None = None,
         decision_log: str | None = None,
+        journal: str | None = None,
         proxy_port: int = DEFAULT_PROXY_PORT,
         json: bool = False,
         dns_port: int | None = DEFAULT_DNS_PORT,
@@ -99,6 +100,7 @@ class RunOptions:
         self.state_dir = state_dir
         # A file, "-" for stderr, None for none (the summary suffices).
         self.decision_log = decision_log
+        self.journal = journal  # the private gate's audit journal (kept read-only inside)
         self.proxy_port = proxy_port
         self.json = json  # announce pending approvals as JSON lines
         self.dns_port = dns_port
@@ -311,6 +313,7 @@ def _run_with(
         env = provided.apply_to(env)
         hidden += tuple(provided.hidden)
     private = upstream is None and options.gate_socket is None and session is None
+    evidence = evidence_files(options) if private or session is not None else ()
     if options.gate_socket is not None:
         # Before the fork, not while the helper works: after it, every page the import writes is
         # copied first (the helper and init share them until they exit).
@@ -326,6 +329,7 @@ def _run_with(
             (
                 *installation_paths((options.cwd,) if options.cwd else ()),
                 *(read_only_files(policy) if session is None else session.frozen),
+                *evidence,
             ),
             hidden,
         ),
@@ -383,6 +387,27 @@ def read_only_files(policy: Any) -> tuple[str, ...]:
     sources = (*policy.files, *(ceiling.files if ceiling is not None else ()))
     executables = (e.path for rule in rules for e in rule.executables)
     return tuple(dict.fromkeys((*executables, *map(str, sources))))
+
+
+def evidence_files(options: RunOptions) -> tuple[str, ...]:
+    """The files this run's gate writes its evidence to (the audit journal, the decision log),
+    created now as their writers would create them, so that they are read-only inside the sandbox:
+    a command running as their owner could otherwise drop its own refusals and recompute the
+    journal's hash chain (which has no key). A file that cannot be created is left to its writer,
+    which then fails as it would have (and an audit-required run with it)."""
+    wanted = [(options.journal, 0o600), (options.decision_log, 0o666)]
+    found: list[str] = []
+    for path, mode in wanted:
+        if not path or path == "-":
+            continue
+        path = os.path.abspath(path)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, mode))
+        except OSError:
+            continue
+        found.append(path)
+    return tuple(found)
 
 
 def _visible(paths: tuple[str, ...], hidden: tuple[str, ...]) -> tuple[str, ...]:

@@ -216,6 +216,51 @@ echo done
     assert host_tcp.accepted == 0
 
 
+# Files whose permission checks key on the owner's uid (root's), not on capabilities.
+KERNEL_FILES = [
+    "/proc/sys/kernel/printk_ratelimit_burst",
+    "/proc/sys/vm/overcommit_memory",
+    "/etc/hosts",
+    *(str(p) for p in sorted(Path("/sys/fs/cgroup").glob("*/cgroup.procs"))[:2]),
+    *(str(p) for p in sorted(Path("/sys/fs/cgroup").glob("*/*.max"))[:1]),
+]
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="only a command launched by root owns these files")
+def test_a_command_launched_by_root_cannot_write_the_kernels_settings_or_the_hosts_file() -> None:
+    """Each file is opened for writing and closed without a byte written, so a sandbox that could
+    open it changes nothing (``core_pattern`` would run a program as root on the next crash)."""
+    writable = [p for p in KERNEL_FILES if os.path.exists(p) and os.access(p, os.W_OK)]
+    assert "/proc/sys/kernel/printk_ratelimit_burst" in writable  # outside, root may write them
+    result = probe(
+        f"""
+import json, os
+out = {{}}
+for path in {writable!r}:
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+        out[path] = "opened"
+    except OSError as exc:
+        out[path] = os.strerror(exc.errno)
+print(json.dumps(out))
+"""
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.data == {p: "Read-only file system" for p in writable}, result.data
+
+
+def test_the_command_has_its_own_ipc_and_host_name_namespaces() -> None:
+    result = probe(
+        """
+import json, os
+print(json.dumps({n: os.readlink(f"/proc/self/ns/{n}") for n in ("ipc", "uts")}))
+"""
+    )
+    assert result.returncode == 0, result.stderr
+    for name in ("ipc", "uts"):
+        assert result.data[name] != os.readlink(f"/proc/self/ns/{name}"), name
+
+
 def test_only_sandbox_processes_are_visible() -> None:
     result = probe(
         f"""
