@@ -85,7 +85,13 @@ from proxy.core.credentials import Carried, Credentials, asks_upgrade, judge
 from proxy.core.decision import Decision, Kind, Reason, Request, Verdict, new_id
 from proxy.core.destination import Destination, DestinationRefused, Network
 from proxy.core.engine import BODY_NEEDED, BodyNeeded, decide, decide_request, refuse
-from proxy.core.executables import BoundRules, ProcessFacts, bindings, check_bindings
+from proxy.core.executables import (
+    BoundRules,
+    ProcessFacts,
+    bindings,
+    check_bindings,
+    every_owner_seen,
+)
 from proxy.core.firstbytes import FirstBytes
 from proxy.core.firstbytes import Protocol as FirstProtocol
 from proxy.core.framing import Problem
@@ -564,6 +570,7 @@ class Checkpoint:
         if not held:
             return decision
         process = conn.process if conn.attributed else None  # never looked up: unknown, refused
+        earlier = process  # as the connection opened: its owner then still counts
         processes = self.processes_of(conn)
         if process is not None and not process.complete and processes is not None:
             peer = conn.peer or ""
@@ -577,7 +584,7 @@ class Checkpoint:
                 process = None
             conn.process = process
             processes.remember(peer, process)
-        return check_bindings(decision, held, process)
+        return check_bindings(decision, held, every_owner_seen(earlier, process))
 
     def may_inspect(self, conn: Connection, host: str, port: int) -> bool:
         """Whether a CONNECT to ``host:port`` on ``conn`` could be inspected: by the connection's

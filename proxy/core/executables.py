@@ -8,7 +8,10 @@ to a broader rule - so binding a rule never widens what other processes may reac
 
 Every owner of the client socket must match, by path and by file identity (device and inode when
 the policy loaded): a socket shared with, or passed to, another process proves nothing about who
-writes to it.
+writes to it. Every owner seen at any lookup counts (:func:`every_owner_seen`): the process that
+held the socket when the connection opened, and let go of it before the request came (handing it
+to a bound binary that never touches it, its request held in the kernel by ``TCP_CORK``), is still
+one of its owners.
 
 Under a managed ceiling, a ``report`` (a gap report mode lets through) is held to the executables of
 the managed rule that allows it: report mode learns inside the organisation's bounds, and a managed
@@ -18,6 +21,7 @@ rule bound to git bounds what other processes may reach through a gap (:func:`bi
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 from proxy.core.decision import Decision, Reason, Request, Verdict
@@ -38,6 +42,29 @@ class ProcessFacts(Protocol):
 
     @property
     def complete(self) -> bool: ...  # every owner was found, not only the first
+
+
+@dataclass(frozen=True, slots=True)
+class Owners:
+    """The owners two lookups of one socket saw, together (a :class:`ProcessFacts`)."""
+
+    exes: frozenset[str]
+    exe_ids: frozenset[tuple[int, int]]
+    complete: bool
+
+
+def every_owner_seen(earlier: ProcessFacts | None, now: ProcessFacts | None) -> ProcessFacts | None:
+    """``now`` (a search for every owner) with the owners an earlier lookup of the same socket saw
+    (the first owner, found as the connection opened). A file identity unknown to either lookup
+    makes them all unknown, as within one search (a bound rule then refuses)."""
+    if now is None or earlier is None or earlier is now:
+        return now
+    known = bool(earlier.exe_ids) and bool(now.exe_ids)
+    return Owners(
+        exes=earlier.exes | now.exes,
+        exe_ids=earlier.exe_ids | now.exe_ids if known else frozenset(),
+        complete=now.complete,
+    )
 
 
 class BoundRules:

@@ -101,6 +101,33 @@ def test_a_shared_socket_needs_every_owner_to_match(tmp_path: Path) -> None:
     assert decision.reason is Reason.EXECUTABLE_NOT_ALLOWED  # type: ignore[attr-defined]
 
 
+@dataclass
+class HandedOver(Processes):
+    """The socket's owner as the connection opened was python; by the request, python had handed
+    it to git and closed its own copy (its request held back in the kernel by TCP_CORK)."""
+
+    def attribute(self, peer: str, *, every_owner: bool = False) -> Facts | None:
+        self.asked.append(peer + (" every owner" if every_owner else ""))
+        if every_owner:
+            return Facts(frozenset({GIT}), frozenset({GIT_ID}), True)
+        return Facts(frozenset({"/usr/bin/python3"}), frozenset({(1, 2)}), False)
+
+
+def test_an_owner_seen_as_the_connection_opened_still_counts(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(POLICY)
+    policy = load_policy(path)
+    processes = HandedOver(None)
+    checkpoint = Checkpoint(lambda: policy, Emitter([MemorySink()]), Lookups(), processes=processes)
+    conn = checkpoint.connections.open("c1", "127.0.0.1:5000", "sbx")
+    decision = asyncio.run(
+        checkpoint.admit(conn, Request(Kind.CONNECT, "pypi.test", 443, "CONNECT"))
+    )
+    assert processes.asked == ["127.0.0.1:5000", "127.0.0.1:5000 every owner"]
+    assert decision.reason is Reason.EXECUTABLE_NOT_ALLOWED
+    assert "/usr/bin/python3" in (decision.detail or "")
+
+
 def test_an_unattributed_connection_fails_closed(tmp_path: Path) -> None:
     decision, lookups, _, _ = _run(tmp_path, None)
     assert decision.decision is Verdict.DENY  # type: ignore[attr-defined]
