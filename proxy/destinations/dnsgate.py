@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["DnsGate"]
 
 log = logging.getLogger(__name__)
+WARN_INTERVAL = 1.0  # seconds between two warnings about dropped queries
 
 MAX_QUERY = 4096  # octets; real queries are < 300, anything bigger is abuse
 ANSWERS = LazyImport("proxy.destinations.dnsanswer")
@@ -65,6 +66,8 @@ class DnsGate:
         self.tcp_idle_timeout = tcp_idle_timeout
         self.max_answers = max_answers
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._dropped = 0  # datagrams dropped since the last warning said so
+        self._warned = float("-inf")  # when (loop time) it last did
         self._tcp_tasks: set[asyncio.Task[Any]] = set()
         self._servers: list[asyncio.Server] = []
         self._transports: list[asyncio.DatagramTransport] = []
@@ -166,13 +169,25 @@ class DnsGate:
 
     def _datagram(self, transport: asyncio.DatagramTransport, wire: bytes, addr: Any) -> None:
         if len(self._tasks) >= self.max_inflight:
-            log.warning(
-                "DNS gate: %d queries in flight, dropping one from %s", len(self._tasks), addr
-            )
+            self._drop(addr)
             return
         task = asyncio.get_running_loop().create_task(self._udp_query(transport, wire, addr))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _drop(self, addr: Any) -> None:
+        """Counts a datagram dropped for the in-flight cap; says so at most once a second (a
+        sandbox flooding the gate with queries must not flood its log too)."""
+        self._dropped += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._warned >= WARN_INTERVAL:
+            log.warning(
+                "DNS gate: %d queries in flight, dropped %d (the last from %s) since the last warning",
+                len(self._tasks),
+                self._dropped,
+                addr,
+            )
+            self._dropped, self._warned = 0, now
 
     async def _udp_query(
         self, transport: asyncio.DatagramTransport, wire: bytes, addr: Any

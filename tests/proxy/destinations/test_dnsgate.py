@@ -577,3 +577,24 @@ def test_when_dnspython_cannot_be_imported_no_query_is_answered(
     monkeypatch.setattr(dnsgate, "ANSWERS", LazyImport("proxy.destinations.dnsanswer"))
     answer = env.query("pypi.allowed.test", "A")
     assert [r.to_text() for rrset in answer.answer for r in rrset] == ["93.184.216.34"]
+
+
+def test_a_flood_past_the_in_flight_cap_is_logged_once_a_second_not_per_query(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """Each datagram dropped for the cap used to log a line: a sandbox flooding the gate with
+    queries flooded the launcher's terminal with ~1,000 lines a second."""
+    path = tmp_path / "p.yaml"
+    path.write_text(POLICY.format(mode="enforce"))
+    policy = load_policy(path)
+    gate = DnsGate(lambda: policy, Resolver(["127.0.0.1"]), Emitter([ListSink()]), max_inflight=0)
+
+    async def flood() -> None:
+        for _ in range(1000):
+            gate._datagram(None, b"query", ("127.0.0.1", 5353))  # type: ignore[arg-type]
+
+    with caplog.at_level("WARNING", logger="proxy.destinations.dnsgate"):
+        asyncio.run(flood())
+    warnings = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "dropped 1 " in warnings[0]
