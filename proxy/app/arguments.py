@@ -99,6 +99,13 @@ def add_check_options(check: argparse.ArgumentParser) -> None:
         default=None,
         help="the request body, for rules that read it (GraphQL documents, LFS batch requests)",
     )
+    check.add_argument(
+        "--content-type",
+        metavar="TYPE",
+        default=None,
+        help="the request's Content-Type (default: none, as the gate sees a request without one); "
+        "rules that read a JSON body match only application/json or application/*+json",
+    )
     check.add_argument("--json", action="store_true", help="print the decision as JSON")
     check.add_argument(
         "--resolve",

@@ -11,7 +11,7 @@ see processes refuses it, and the output says that ``egress run`` decides by the
 
 Request rules are decided too, the way the gate decides them: an ``https://`` URL to a host whose rules
 read requests is a CONNECT, its ClientHello, then the request (``--method``, the URL's path and query,
-and ``--data`` for rules that read the body) inside the inspected tunnel; an ``http://`` URL is one
+and ``--data`` with ``--content-type`` for rules that read the body) inside the inspected tunnel; an ``http://`` URL is one
 plain request.
 """
 
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from proxy.core.bodies import is_json
 from proxy.core.checkpoint import Checkpoint
 from proxy.core.connections import Connection
 from proxy.core.decision import Decision, Kind, Reason, Request, Verdict
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace, policy: Policy) -> int:
         # The request as the gate sees it: plain, or inside the tunnel when the host is inspected.
         target = request_target(args.target)
         method = (args.method or "GET").upper()
-        head = HttpHead(method, target, body_size=len(body or b""))
+        head = HttpHead(method, target, body_size=len(body or b""), content_type=args.content_type)
         path, _, query = target.partition("?")
         request = Request(
             Kind.HTTP if kind == "http" else Kind.REQUEST,
@@ -206,6 +207,17 @@ def run(args: argparse.Namespace, policy: Policy) -> int:
             )
         if body is None and not decision.allowed and _reads_body(request, policy):
             print("  a rule for this request reads its body: give it with --data TEXT|@FILE")
+        if (
+            body is not None
+            and not decision.allowed
+            and request.http is not None
+            and not is_json(request.http.content_type)
+            and _has_json_rule(request, policy)
+        ):
+            print(
+                "  a rule for this host reads a JSON body, which it matches only when declared "
+                "JSON: give --content-type application/json"
+            )
         if by_process:
             print(
                 "  depends on the process: egress check sees none, so it refuses as `egress serve` "
@@ -223,6 +235,16 @@ def _reads_body(request: Request, policy: Policy) -> bool:
     from proxy.core.engine import decide_request
 
     return request.http is not None and isinstance(decide_request(request, policy), BodyNeeded)
+
+
+def _has_json_rule(request: Request, policy: Policy) -> bool:
+    """Whether an allow rule for the request's host reads a JSON body (for the hint only)."""
+    if request.port is None:
+        return False
+    rules = policy.index.request_rules(request.host, request.port)
+    return rules is not None and any(
+        rule.request is not None and rule.request.reads_body for rule in rules.allow
+    )
 
 
 def _body(data: str | None) -> bytes | None:

@@ -10,9 +10,10 @@ then does not match and a deny rule does.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import unquote_plus
 
 MAX_GRAPHQL_TOKENS = 10_000
 MAX_JSON_DEPTH = 64
@@ -117,59 +118,154 @@ def _operations(text: str) -> set[str] | None:
 
 
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+# An RFC 9110 ``type/subtype``, lower-cased: what a media type must look like to be known.
+_MEDIA_TYPE = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+/[!#$%&'*+.^_`|~0-9a-z-]+")
+_MEDIA_END = re.compile(r"[;,\s]")
+_CHARSET = re.compile(r"""charset\s*=\s*["']?([^"';,\s]*)""", re.IGNORECASE)
+# Charsets in which the bytes of ``&``, ``;``, ``=``, ``%`` and ``_method`` are those characters, so
+# the raw bytes split here are the fields a server decodes. In another (UTF-16, UTF-7) a server that
+# decodes by the declared charset (Tomcat, so Spring's ``_method`` filter) reads fields not seen here.
+_ASCII_CHARSETS = frozenset(
+    {"", "utf-8", "utf8", "us-ascii", "ascii", "iso-8859-1", "latin1", "latin-1", "windows-1252"}
+)
 
 
-def is_form(content_type: str | None) -> bool:
-    """Rack, Laravel and others read a ``_method`` field from these bodies as the real method."""
-    if not content_type:
-        return False
-    return content_type.split(";", 1)[0].strip().lower() in FORM_TYPES
+def media_types(content_type: str | None) -> tuple[tuple[str, str], ...]:
+    """``(media type, element)`` for each comma-separated element of a Content-Type value (several
+    fields are joined with ", "), the type read as lenient servers read it: up to the first ``;``,
+    ``,`` or whitespace, lower-cased. Rack splits at ``;`` or ``,`` and PHP also at a space, so
+    ``application/x-www-form-urlencoded charset=x`` is a form there; a server taking the last of two
+    fields reads the last element. Elements naming no type are left out."""
+    if content_type is None:
+        return ()
+    found: list[tuple[str, str]] = []
+    for element in content_type.split(","):
+        element = element.strip()
+        media = _MEDIA_END.split(element, 1)[0].lower()
+        if media:
+            found.append((media, element))
+    return tuple(found)
 
 
-def form_methods(body: bytes, content_type: str) -> tuple[str, ...] | None:
-    """The ``_method`` values of an HTML form body (None: a form that cannot be read)."""
-    media = content_type.split(";", 1)[0].strip().lower()
-    if media == "application/x-www-form-urlencoded":
-        try:
-            text = body.decode("utf-8")
-            fields = parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text))
-        except (UnicodeDecodeError, ValueError):
+def _maybe_form_type(media: str) -> bool:
+    return media in FORM_TYPES or media.startswith("multipart/") or not _MEDIA_TYPE.fullmatch(media)
+
+
+def maybe_form(content_type: str | None) -> bool:
+    """Whether a server could read the body as an HTML form, and so its ``_method`` field as the
+    real method: unless every type it names is known not to be a form. Rack reads a POST without a
+    Content-Type as a form, and ``multipart/mixed`` and ``multipart/related`` as well as
+    ``multipart/form-data``; a type that is not a ``type/subtype`` is not known to be anything."""
+    types = media_types(content_type)
+    return not types or any(_maybe_form_type(media) for media, _ in types)
+
+
+def is_json(content_type: str | None) -> bool:
+    """Whether the body is declared JSON (``application/json``, ``application/*+json``, parameters
+    ignored) by every type the Content-Type names. Servers choose the parser by this header: a body
+    that is valid JSON and also a valid form is run as the form by express-graphql or Rails when
+    sent as one (or with no type), so a body condition read as JSON holds only for a JSON body."""
+    types = media_types(content_type)
+    return bool(types) and all(
+        _MEDIA_TYPE.fullmatch(media) is not None
+        and (
+            media == "application/json"
+            or (media.startswith("application/") and media.endswith("+json") and len(media) > 17)
+        )
+        for media, _ in types
+    )
+
+
+def form_methods(body: bytes, content_type: str | None) -> tuple[str, ...] | None:
+    """The ``_method`` values of a body that may be an HTML form, read as every form a server could
+    take it for (None: one of them cannot be read, so the request is ambiguous)."""
+    types = [(media, element) for media, element in media_types(content_type)]
+    readings = [(m, e) for m, e in types if _maybe_form_type(m)] if types else [("", "")]
+    found: list[str] = []
+    for media, element in readings:
+        if media.startswith("multipart/"):
+            methods = _multipart_methods(body, element)
+        else:
+            methods = _urlencoded_methods(body, element)
+        if methods is None:
             return None
-        return _method_values((name, value) for name, value in fields)
-    return _multipart_methods(body, content_type)
+        found += [each for each in methods if each not in found]
+    return tuple(found)
 
 
-def _multipart_methods(body: bytes, content_type: str) -> tuple[str, ...] | None:
+def _urlencoded_methods(body: bytes, element: str) -> tuple[str, ...] | None:
+    """Every field any common parser could find, not one strict reading: Rack 2 splits at ``;`` as
+    well as ``&``; the bytes are split before decoding (as servers do), so no body is unreadable -
+    except in a charset where those bytes are not those characters."""
+    for charset in _CHARSET.findall(element):
+        if charset.lower() not in _ASCII_CHARSETS:
+            return None
+    text = body.decode("latin-1")  # byte-transparent: each byte one character
+    fields: list[tuple[str, str]] = []
+    for piece in re.split(r"[&;]", text):
+        name, _, value = piece.partition("=")
+        fields.append(
+            (unquote_plus(name, encoding="latin-1"), unquote_plus(value, encoding="latin-1"))
+        )
+    return _method_values(fields)
+
+
+def _multipart_methods(body: bytes, element: str) -> tuple[str, ...] | None:
     # Imported here: only a multipart body needs the email package, and importing it at start costs
     # every gate (each `egress run` with its own gate) ~15 ms.
+    from email.message import Message
     from email.parser import BytesParser
     from email.policy import HTTP
+    from email.utils import collapse_rfc2231_value
 
     message = BytesParser(policy=HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n" + body
+        b"Content-Type: " + element.encode("latin-1", "replace") + b"\r\n\r\n" + body
     )
     if not message.is_multipart() or message.defects:
         return None
     fields: list[tuple[str, str]] = []
     for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if not isinstance(name, str):
-            continue
+        if part.defects:
+            return None
         payload = part.get_payload(decode=True)
-        value = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
-        fields.append((name, value))
+        value = payload.decode("latin-1") if isinstance(payload, bytes) else ""
+        # Every name a parser could give the part: each ``name`` (or RFC 2231 ``name*``) parameter
+        # of its disposition, and its Content-ID (Rack 2 names a part without a name by it).
+        # Read from the raw fields: the parsed header keeps one parameter of each name.
+        names: list[str] = []
+        for field, raw in part.raw_items():
+            if field.lower() == "content-disposition":
+                header = Message()
+                header["Content-Disposition"] = str(raw)
+                for key, param in header.get_params(header="content-disposition", failobj=[])[1:]:
+                    if key.lower().rstrip("*") == "name":
+                        names.append(collapse_rfc2231_value(param))
+            elif field.lower() == "content-id":
+                names += [str(raw).strip(), str(raw).strip().strip("<>")]
+        fields += [(name, value) for name in dict.fromkeys(names)]
     return _method_values(fields)
 
 
+def _is_method_field(name: str) -> bool:
+    """``_method`` as PHP (Laravel, Symfony) names it too: leading spaces dropped, ``.`` and `` ``
+    made ``_``, an unmatched ``[`` made ``_``, and ``_method[...]`` the same variable; case ignored."""
+    key = name.lstrip(" ").lower().replace(".", "_").replace(" ", "_")
+    if key.startswith("["):
+        key = "_" + key[1:]
+    return key.split("[", 1)[0] == "_method"
+
+
 def _method_values(fields: Iterable[tuple[str, str]]) -> tuple[str, ...]:
-    return tuple(value.strip().upper() for name, value in fields if name.lower() == "_method")
+    return tuple(value.strip().upper() for name, value in fields if _is_method_field(name))
 
 
 __all__ = [
     "FORM_TYPES",
     "form_methods",
     "graphql_operations",
-    "is_form",
+    "is_json",
     "json_document",
     "json_field",
+    "maybe_form",
+    "media_types",
 ]

@@ -19,6 +19,7 @@ Fields = Sequence[tuple[bytes, bytes]]
 EGRESS_HEADER_PREFIX = "x-egress-"
 
 _OVERRIDE_KEYS = tuple(name.encode() for name in OVERRIDE_HEADERS)
+_OVERRIDE_NAMES = frozenset(_OVERRIDE_KEYS)
 _HEAD_FIELDS = frozenset(
     {
         *(name.encode() for name in OVERRIDE_HEADERS),
@@ -43,12 +44,20 @@ def http_head(method: str, target: str, fields: Fields, *, multiplexed: bool = F
     found: dict[bytes, list[bytes]] = {}
     for name, value in fields:
         key = name.lower()
+        if b"_" in key and key.replace(b"_", b"-") in _OVERRIDE_NAMES:
+            # CGI, Rack and Puma map ``X_HTTP_Method_Override`` to the same variable as the dashed
+            # spelling (HTTP_X_HTTP_METHOD_OVERRIDE): an override either way.
+            key = key.replace(b"_", b"-")
         if key in _HEAD_FIELDS:
             found.setdefault(key, []).append(value)
 
     def first(key: bytes) -> str | None:
         values = found.get(key)
         return values[0].decode("latin-1") if values else None
+
+    types = found.get(b"content-type")
+    # Several Content-Type fields: servers keep the first, the last or all; every one is judged.
+    content_type = b", ".join(types).decode("latin-1") if types else None
 
     overrides = (
         tuple(v.decode("latin-1") for key in _OVERRIDE_KEYS for v in found.get(key, ()))
@@ -69,7 +78,7 @@ def http_head(method: str, target: str, fields: Fields, *, multiplexed: bool = F
         overrides,
         first(b"upgrade"),
         size,
-        first(b"content-type"),
+        content_type,
         first(b"content-encoding"),
     )
 

@@ -5,8 +5,10 @@ The order, for a request on a host whose rules read requests (see :meth:`RuleInd
 1. the target must be readable (:mod:`proxy.core.paths`), or ``ambiguous-request``;
 2. an ``Upgrade`` other than WebSocket is ``ambiguous-request`` (its protocol would not be judged);
 3. the methods to judge are the request method and every method-override it carries
-   (``X-HTTP-Method-Override``, ``X-Method-Override``, ``X-HTTP-Method``, a ``_method`` query parameter,
-   and an HTML form's ``_method`` field): servers act on the override, so each must be allowed;
+   (``X-HTTP-Method-Override``, ``X-Method-Override``, ``X-HTTP-Method``, also spelled with ``_``, a
+   ``_method`` query parameter, and the ``_method`` field of a POST body a server could read as a form
+   - any body whose type is not known to be something else): servers act on the override, so each
+   must be allowed;
 4. for each method, a deny rule whose conditions match is ``denied-by-rule`` (deny beats allow, as for
    hosts); then the first allow rule in policy order whose conditions match allows it;
 5. nothing allows it: ``request-not-allowed`` (``ambiguous-request`` when only an ambiguous path stood
@@ -16,7 +18,8 @@ A condition that needs the body (GraphQL operations, a JSON field, a form's ``_m
 on a body of unknown length) makes the answer :data:`BODY` until the body is given: the adapter then
 holds it, bounded by :data:`HOLD_LIMIT`, and asks again before anything is sent upstream. Where a
 condition cannot be read (an ambiguous path, an unreadable body) an allow rule does not match and a
-deny rule does: doubt never allows.
+deny rule does: doubt never allows. A body condition read as JSON (GraphQL operations, a JSON field)
+holds only for a body declared JSON: servers pick the parser by the Content-Type.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from enum import Enum
 
-from proxy.core.bodies import form_methods, graphql_operations, is_form, json_field
+from proxy.core.bodies import form_methods, graphql_operations, is_json, json_field, maybe_form
 from proxy.core.decision import Reason
 from proxy.core.frozen import fast_init
 from proxy.core.paths import Target, Unreadable, parse_target
@@ -160,14 +163,31 @@ def _judge(rules: RequestRules, head: HttpHead) -> Judgement:
     if waiting:
         return BODY
     assert first is not None
-    if method == "POST" and is_form(head.content_type) and head.body_size != 0:
-        # A form body can carry ``_method``; read it before letting a POST through.
+    if method == "POST" and maybe_form(head.content_type) and head.body_size != 0:
+        # A body a server could read as a form can carry ``_method``: read it before letting a POST
+        # through, unless its type is known not to be a form (fail closed: no type is a form).
         if not head.body_read:
             return BODY
+        rule = escape(first.rule.name) if first.rule is not None else "-"
+        kind = escape(head.content_type) if head.content_type else "none"
+        if head.body_overflow:
+            return _refuse(
+                Reason.REQUEST_TOO_LARGE,
+                f"rule '{rule}' allows this POST only once its body is read for a '_method' "
+                f"override (a server could read it as an HTML form: Content-Type {kind}), and "
+                f"it is longer than the {HOLD_LIMIT} bytes the gate holds; send it with its "
+                "real Content-Type",
+            )
         body = head.readable_body
-        found = None if body is None else form_methods(body, head.content_type or "")
+        found = None if body is None else form_methods(body, head.content_type)
         if found is None:
-            return _refuse(Reason.AMBIGUOUS_REQUEST, "an HTML form body that cannot be read")
+            return _refuse(
+                Reason.AMBIGUOUS_REQUEST,
+                f"rule '{rule}' allows this POST only once its body is read for a '_method' "
+                f"override (a server could read it as an HTML form: Content-Type {kind}), and it "
+                "cannot be read (compressed, an unreadable multipart or charset); send it "
+                "with its real Content-Type",
+            )
         for each in found:
             if each not in overrides and each != method:
                 return _judge(rules, replace(head, overrides=(*head.overrides, each)))
@@ -284,6 +304,10 @@ def _body_match(c: RequestConditions, head: HttpHead, target: Target, *, deny: b
             return _Match.NO
     if not c.reads_body:
         return _Match.YES
+    if not is_json(head.content_type):
+        # Read as JSON only what the server reads as JSON: it picks its parser by the type, and a
+        # body may be a JSON query and a form mutation at once. Unknown: a deny rule matches.
+        return _Match.YES if deny else _Match.NO
     if not head.body_read:
         return _Match.BODY
     body = head.readable_body
@@ -319,8 +343,8 @@ def judged_methods(head: HttpHead) -> tuple[str, ...]:
         target = None
     named = _override_values(head, target)
     body = head.readable_body
-    if body is not None and method == "POST" and is_form(head.content_type):
-        named += form_methods(body, head.content_type or "") or ()
+    if body is not None and method == "POST" and maybe_form(head.content_type):
+        named += form_methods(body, head.content_type) or ()
     found: list[str] = [method]
     for each in (value.strip().upper() for value in named):
         if each and each not in found:

@@ -36,6 +36,8 @@ from tests.security import inspecting, start_gate_with
 
 pytestmark = pytest.mark.timeout(90)
 
+JSON, LFS_JSON = "application/json", "application/vnd.git-lfs+json"  # as git-lfs and gh send them
+
 POLICY = """
 version: 1
 allow_internal: [127.0.0.0/8]
@@ -432,10 +434,15 @@ def test_held_bodies_are_decided_before_the_upstream_is_dialled(
 ) -> None:
     """Lazy connections: a download batch and a GraphQL query are held, judged, then sent."""
     status, _, _ = tunnel.request(
-        "POST", "/org/repo.git/info/lfs/objects/batch", b'{"operation": "download", "objects": []}'
+        "POST",
+        "/org/repo.git/info/lfs/objects/batch",
+        b'{"operation": "download", "objects": []}',
+        {"Content-Type": LFS_JSON},
     )
     assert status == 200
-    status, _, _ = tunnel.request("POST", "/graphql", b'{"query": "{ viewer { login } }"}')
+    status, _, _ = tunnel.request(
+        "POST", "/graphql", b'{"query": "{ viewer { login } }"}', {"Content-Type": JSON}
+    )
     assert status == 200
     assert [t for _, t, _ in upstream.requests] == [
         "/org/repo.git/info/lfs/objects/batch",
@@ -724,7 +731,7 @@ def test_a_held_body_of_unknown_length_is_bounded_and_never_sent(
             "POST",
             "/org/repo.git/info/lfs/objects/batch",
             chunked(body),
-            {"Transfer-Encoding": "chunked"},
+            {"Transfer-Encoding": "chunked", "Content-Type": LFS_JSON},
         )
     finally:
         tunnel.close()
@@ -740,7 +747,7 @@ def test_a_held_chunked_body_within_the_limit_is_decided_then_sent_whole(
         "POST",
         "/org/repo.git/info/lfs/objects/batch",
         chunked(body, 7),
-        {"Transfer-Encoding": "chunked"},
+        {"Transfer-Encoding": "chunked", "Content-Type": LFS_JSON},
     )
     assert status == 200
     posts = [h for h in upstream.heads if h.startswith(b"POST ")]  # the body is forwarded chunked
@@ -751,7 +758,7 @@ def test_a_held_chunked_body_within_the_limit_is_decided_then_sent_whole(
         "POST",
         "/org/repo.git/info/lfs/objects/batch",
         chunked(upload, 5),
-        {"Transfer-Encoding": "chunked"},
+        {"Transfer-Encoding": "chunked", "Content-Type": LFS_JSON},
     )
     assert (status, reply.get("x-egress-reason")) == (403, "request-not-allowed")
     assert len([h for h in upstream.heads if h.startswith(b"POST ")]) == 1

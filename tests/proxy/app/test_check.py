@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -232,3 +233,30 @@ def test_check_never_reports_what_a_managed_rule_binds_to_executables(tmp_path: 
     assert out["depends_on_process"] is True
     text = run(*common, "pypi.test:443")
     assert text.returncode == 1 and "depends on the process" in text.stdout
+
+
+def test_a_json_body_rule_is_checked_with_the_declared_content_type(tmp_path: Path) -> None:
+    """The gate reads a GraphQL body as JSON only when it is declared JSON: so does the dry run."""
+    path = tmp_path / "gql.yaml"
+    path.write_text(
+        "version: 1\nrules:\n  - name: gql\n    hosts: [api.test]\n    methods: [POST]\n"
+        "    paths: [/graphql]\n    graphql_operations: [query]\n"
+    )
+    root = str(Path(__file__).resolve().parents[3])  # this tree's proxy, not the installed one
+
+    def here(*args: str) -> subprocess.CompletedProcess[str]:
+        code = "import sys; from proxy.app.cli import main; sys.exit(main(sys.argv[1:]))"
+        return subprocess.run(
+            [sys.executable, "-c", code, "check", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": root},
+        )
+
+    base = ["--policy", str(path), "--method", "POST", "--data", '{"query": "{ a }"}']
+    typed = here(*base, "--content-type", "application/json", "--json", "https://api.test/graphql")
+    assert (typed.returncode, json.loads(typed.stdout)["rule"]) == (0, "gql"), typed.stderr
+    untyped = here(*base, "https://api.test/graphql")
+    assert untyped.returncode == 1
+    assert "give --content-type application/json" in untyped.stdout

@@ -9,9 +9,11 @@ import pytest
 from proxy.core.bodies import (
     form_methods,
     graphql_operations,
-    is_form,
+    is_json,
     json_document,
     json_field,
+    maybe_form,
+    media_types,
 )
 
 
@@ -69,21 +71,155 @@ def test_json_field(body: bytes, value: str | None) -> None:
     assert json_field(body, "operation") == value
 
 
+URLENCODED = "application/x-www-form-urlencoded"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "types"),
+    [
+        (None, ()),
+        ("", ()),
+        ("  ", ()),
+        ("application/json", ("application/json",)),
+        ("Application/JSON ; charset=UTF-8", ("application/json",)),
+        (URLENCODED + ", text/plain", (URLENCODED, "text/plain")),  # Rack: ',' ends it
+        (URLENCODED + " charset=utf-8", (URLENCODED,)),  # PHP: a space ends it
+        (URLENCODED + "\tx", (URLENCODED,)),
+        ("multipart/form-data;boundary=x", ("multipart/form-data",)),
+        (";" + URLENCODED, ()),  # names no type
+        ("json", ("json",)),
+    ],
+)
+def test_media_types_are_read_as_lenient_servers_read_them(
+    content_type: str | None, types: tuple[str, ...]
+) -> None:
+    assert tuple(media for media, _ in media_types(content_type)) == types
+
+
+@pytest.mark.parametrize(
+    ("content_type", "form"),
+    [
+        (None, True),  # Rack: a POST without a type is a form
+        ("", True),
+        (URLENCODED, True),
+        (URLENCODED.upper(), True),
+        (URLENCODED + "; charset=utf-8", True),
+        (URLENCODED + ", text/plain", True),
+        (URLENCODED + " charset=utf-8", True),
+        ("text/plain, " + URLENCODED, True),  # a server keeping the last of two fields
+        ("multipart/form-data; boundary=x", True),
+        ("multipart/mixed; boundary=x", True),  # Rack's parseable_data?
+        ("multipart/related; boundary=x", True),
+        ("Multipart/Anything", True),
+        ("nonsense", True),  # not a type/subtype: not known to be anything
+        ("text/plain;" + URLENCODED, False),  # parameters are not types
+        ("application/json", False),
+        ("application/vnd.git-lfs+json; charset=utf-8", False),
+        ("application/x-git-upload-pack-request", False),
+        ("application/octet-stream", False),
+        ("text/plain", False),
+    ],
+)
+def test_a_body_is_a_possible_form_unless_its_type_is_known_not_to_be(
+    content_type: str | None, form: bool
+) -> None:
+    assert maybe_form(content_type) is form
+
+
+@pytest.mark.parametrize(
+    ("content_type", "json_type"),
+    [
+        ("application/json", True),
+        ("Application/JSON; charset=utf-8", True),
+        ("application/json;charset=utf-8", True),
+        ("application/vnd.git-lfs+json", True),
+        ("application/graphql-response+json", True),
+        ("application/json, application/json", True),
+        (None, False),
+        ("", False),
+        (URLENCODED, False),
+        ("text/plain", False),
+        ("text/json", False),
+        ("application/jsonx", False),
+        ("application/+json", False),
+        ("application/json, " + URLENCODED, False),  # a server keeping the last reads a form
+        (URLENCODED + ", application/json", False),
+        ("application/graphql", False),
+        ("application/json charset=utf-8", True),  # the type ends at the space
+    ],
+)
+def test_a_body_is_json_only_when_every_type_it_declares_is_json(
+    content_type: str | None, json_type: bool
+) -> None:
+    assert is_json(content_type) is json_type
+
+
 def test_forms_carry_method_overrides() -> None:
-    urlencoded = "application/x-www-form-urlencoded; charset=utf-8"
-    assert is_form(urlencoded) and is_form("multipart/form-data; boundary=x")
-    assert not is_form("application/json") and not is_form(None)
+    urlencoded = URLENCODED + "; charset=utf-8"
     assert form_methods(b"a=1&_method=delete", urlencoded) == ("DELETE",)
     assert form_methods(b"_METHOD=put&_method=patch", urlencoded) == ("PUT", "PATCH")
     assert form_methods(b"a=1", urlencoded) == ()
-    assert form_methods(b"a=1&&&=", urlencoded) is None  # unreadable
-    assert form_methods(b"\xff", urlencoded) is None
+    assert form_methods(b"a=1&&&=", urlencoded) == ()  # every piece is read; none is _method
     multipart = (
         b'--XX\r\nContent-Disposition: form-data; name="title"\r\n\r\nhello\r\n'
         b'--XX\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n--XX--\r\n'
     )
     assert form_methods(multipart, "multipart/form-data; boundary=XX") == ("DELETE",)
+    assert form_methods(multipart, "multipart/mixed; boundary=XX") == ("DELETE",)
+    assert form_methods(multipart, "multipart/related; boundary=XX") == ("DELETE",)
     assert form_methods(b"garbage", "multipart/form-data; boundary=XX") is None
+    assert form_methods(multipart, "multipart/form-data") is None  # no boundary: unreadable
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b"_method=DELETE", None),  # Rack: no type is a form
+        (b"_method=DELETE", ""),
+        (b"_method=DELETE", "nonsense"),
+        (b"_method=DELETE", URLENCODED + ", text/plain"),
+        (b"_method=DELETE", "application/json, " + URLENCODED),
+        (b"a=1;_method=DELETE", URLENCODED),  # Rack 2 splits at ';' too
+        (b"a=1; _method=DELETE", URLENCODED),
+        (b"%5Fmethod=DELETE", URLENCODED),
+        (b"_method%3DDELETE=x&_method=DELETE", URLENCODED),
+        (b".method=DELETE", URLENCODED),  # PHP makes '.' and ' ' in names '_'
+        (b"%20_method=DELETE", URLENCODED),  # PHP drops leading spaces
+        (b"_method[]=DELETE", URLENCODED),
+        (b"\xff\xfe=1&_method=DELETE", None),  # the bytes are split before any decoding
+    ],
+)
+def test_a_method_field_is_found_in_every_spelling(body: bytes, content_type: str | None) -> None:
+    assert "DELETE" in (form_methods(body, content_type) or ())
+
+
+def test_multipart_names_in_every_spelling() -> None:
+    def part(headers: str) -> bytes:
+        return f"--B\r\n{headers}\r\n\r\nDELETE\r\n--B--\r\n".encode()
+
+    related = "multipart/related; boundary=B"
+    for headers in (
+        "Content-Disposition: form-data; name=_method",
+        "Content-Disposition: form-data; name*=utf-8''_method",
+        'Content-Disposition: form-data; name="title"; name="_method"',
+        "Content-ID: _method",  # Rack 2 names a part without a name by its Content-ID
+        "Content-ID: <_method>",
+    ):
+        assert form_methods(part(headers), related) == ("DELETE",), headers
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        URLENCODED + "; charset=utf-16be",  # Tomcat decodes by the charset: fields unseen here
+        URLENCODED + "; charset=UTF-7",
+        URLENCODED + '; charset="utf-32"',
+    ],
+)
+def test_a_form_in_a_charset_other_than_an_ascii_superset_is_unreadable(content_type: str) -> None:
+    assert form_methods("_method=DELETE".encode("utf-16-be"), content_type) is None
+    assert form_methods(b"a=1", URLENCODED + "; charset=UTF-8") == ()
+    assert form_methods(b"a=1", URLENCODED + "; charset=iso-8859-1") == ()
 
 
 def test_a_graphql_document_in_the_url_is_judged_with_the_body() -> None:

@@ -329,7 +329,7 @@ def test_a_body_rule_records_nothing_until_the_body_is_held(inspecting: Policy) 
     conn = Connection(peer=None, sandbox_id=None)
     admit(checkpoint, conn, CONNECT)
     before = len(memory.decisions)
-    request = inside("POST", "/batch", body_size=30)
+    request = inside("POST", "/batch", body_size=30, content_type="application/json")
     assert asyncio.run(checkpoint.admit_request(conn, request)) is BODY_NEEDED
     assert len(memory.decisions) == before
     assert request.http is not None

@@ -34,6 +34,32 @@ def test_overrides_and_upgrade_are_read_whatever_their_spelling() -> None:
     assert head.overrides == ("DELETE", "PUT") and head.upgrade == "websocket"
 
 
+def test_overrides_spelled_with_underscores_are_overrides() -> None:
+    """CGI, Rack and Puma map ``X_HTTP_METHOD_OVERRIDE`` to the dashed spelling's variable."""
+    head = http_head(
+        "POST",
+        "/x",
+        [
+            (b"X_HTTP_METHOD_OVERRIDE", b"DELETE"),
+            (b"x_method-override", b"PUT"),
+            (b"X_HTTP_Method", b"PATCH"),
+            (b"Content_Length", b"5"),  # not a framing field: only override names are mapped
+            (b"X_Other_Header", b"GET"),
+        ],
+    )
+    assert sorted(head.overrides) == ["DELETE", "PATCH", "PUT"]
+    assert head.body_size == 0
+
+
+def test_every_content_type_field_is_kept() -> None:
+    """Servers keep the first, the last or all of repeated fields: the request step sees them all."""
+    one = http_head("POST", "/", [(b"Content-Type", b"application/json")])
+    assert one.content_type == "application/json"
+    two = [(b"Content-Type", b"application/json"), (b"content-type", b"text/plain")]
+    assert http_head("POST", "/", two).content_type == "application/json, text/plain"
+    assert http_head("POST", "/", []).content_type is None
+
+
 def test_a_query_is_recorded_by_names_unless_values_are_asked_for() -> None:
     assert shown_query("token=abc&flag&x=1", False) == "token=&flag&x="
     assert shown_query("token=abc", True) == "token=abc"

@@ -78,6 +78,10 @@ rules:
     inspect: true
   - name: plain
     hosts: [plain.test]
+  - name: app-post
+    hosts: [app.test]
+    methods: [GET, POST]
+    paths: ["/myorg/**"]
 """
 
 
@@ -101,6 +105,13 @@ def ask(
 ALLOW, DENY = Verdict.ALLOW, Verdict.DENY
 GQL_QUERY = json.dumps({"query": "query { viewer { login } }"}).encode()
 GQL_MUTATION = json.dumps({"query": "mutation { createGist(input: {}) { id } }"}).encode()
+JSON, LFS_JSON = "application/json", "application/vnd.git-lfs+json"
+GIT_FETCH = "application/x-git-upload-pack-request"
+FORM = "application/x-www-form-urlencoded"
+# Valid JSON (a query, a download) and a valid form (a mutation, an upload) at once.
+DUAL_GQL = b'{"a=":"","query":"{ a }","x":"&query=mutation{b}&c=1"}'
+DUAL_LFS = b'{"a=":"","operation":"download","x":"&operation=upload&c=1"}'
+MULTIPART = b'--B\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n--B--\r\n'
 
 # fmt: off
 TABLE: list[tuple[str, str, str, dict[str, object], Verdict, Reason, str | None]] = [
@@ -108,7 +119,7 @@ TABLE: list[tuple[str, str, str, dict[str, object], Verdict, Reason, str | None]
     ("github.test", "GET", "/org/repo/info/refs?service=git-upload-pack", {}, ALLOW, Reason.ALLOWED_BY_RULE, "git-discovery"),
     ("github.test", "GET", "/Org/Repo.git/info/refs?service=git-upload-pack", {}, ALLOW, Reason.ALLOWED_BY_RULE, "git-discovery"),
     ("github.test", "GET", "/org/repo/info/refs?service=git%2Dupload-pack", {}, ALLOW, Reason.ALLOWED_BY_RULE, "git-discovery"),
-    ("github.test", "POST", "/org/repo.git/git-upload-pack", {"body_size": 200}, ALLOW, Reason.ALLOWED_BY_RULE, "git-fetch"),
+    ("github.test", "POST", "/org/repo.git/git-upload-pack", {"content_type": GIT_FETCH, "body_size": 200}, ALLOW, Reason.ALLOWED_BY_RULE, "git-fetch"),
     # git push: discovery and the pack
     ("github.test", "GET", "/org/repo/info/refs?service=git-receive-pack", {}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
     ("github.test", "POST", "/org/repo.git/git-receive-pack", {"body_size": 200}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
@@ -138,21 +149,32 @@ TABLE: list[tuple[str, str, str, dict[str, object], Verdict, Reason, str | None]
     ("github.test", "GET", "/myorg/repo?_method", {}, DENY, Reason.AMBIGUOUS_REQUEST, None),
     ("github.test", "get", "/myorg/repo", {}, ALLOW, Reason.ALLOWED_BY_RULE, "pages"),
     # LFS: the body decides
-    ("github.test", "POST", "/org/repo.git/info/lfs/objects/batch", {"body_size": 30, "body": b'{"operation": "download"}'}, ALLOW, Reason.ALLOWED_BY_RULE, "lfs-download"),
-    ("github.test", "POST", "/org/repo.git/info/lfs/objects/batch", {"body_size": 30, "body": b'{"operation": "upload"}'}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
-    ("github.test", "POST", "/org/repo.git/info/lfs/objects/batch", {"body_size": 60, "body": b'{"operation": "download", "operation": "upload"}'}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
-    ("github.test", "POST", "/org/repo.git/info/lfs/objects/batch", {"body_size": 3, "body": b"{{{"}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
-    ("github.test", "POST", "/org/repo.git/info/lfs/objects/batch", {"body_size": HOLD_LIMIT + 1}, DENY, Reason.REQUEST_TOO_LARGE, None),
-    ("github.test", "POST", "/org/repo.git/info/lfs/objects/batch", {"body_size": None, "body_overflow": True}, DENY, Reason.REQUEST_TOO_LARGE, None),
+    ("github.test", "POST", "/org/repo.git/info/lfs/objects/batch", {"content_type": LFS_JSON, "body_size": 30, "body": b'{"operation": "download"}'}, ALLOW, Reason.ALLOWED_BY_RULE, "lfs-download"),
+    ("github.test", "POST", "/org/repo.git/info/lfs/objects/batch", {"content_type": LFS_JSON, "body_size": 30, "body": b'{"operation": "upload"}'}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("github.test", "POST", "/org/repo.git/info/lfs/objects/batch", {"content_type": LFS_JSON, "body_size": 60, "body": b'{"operation": "download", "operation": "upload"}'}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("github.test", "POST", "/org/repo.git/info/lfs/objects/batch", {"content_type": LFS_JSON, "body_size": 3, "body": b"{{{"}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("github.test", "POST", "/org/repo.git/info/lfs/objects/batch", {"content_type": LFS_JSON, "body_size": HOLD_LIMIT + 1}, DENY, Reason.REQUEST_TOO_LARGE, None),
+    ("github.test", "POST", "/org/repo.git/info/lfs/objects/batch", {"content_type": LFS_JSON, "body_size": None, "body_overflow": True}, DENY, Reason.REQUEST_TOO_LARGE, None),
+    # a JSON body condition holds only for a body declared JSON: servers parse by the type
+    ("github.test", "POST", "/org/repo.git/info/lfs/objects/batch", {"content_type": JSON, "body_size": 30, "body": b'{"operation": "download"}'}, ALLOW, Reason.ALLOWED_BY_RULE, "lfs-download"),
+    ("github.test", "POST", "/org/repo.git/info/lfs/objects/batch", {"content_type": "Application/Vnd.Git-Lfs+JSON; charset=utf-8", "body_size": 30, "body": b'{"operation": "download"}'}, ALLOW, Reason.ALLOWED_BY_RULE, "lfs-download"),
+    ("github.test", "POST", "/org/repo.git/info/lfs/objects/batch", {"body_size": 30, "body": b'{"operation": "download"}'}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("github.test", "POST", "/org/repo.git/info/lfs/objects/batch", {"content_type": FORM, "body_size": 60, "body": DUAL_LFS}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("github.test", "POST", "/org/repo.git/info/lfs/objects/batch", {"content_type": "text/plain", "body_size": 30, "body": b'{"operation": "download"}'}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("github.test", "POST", "/org/repo.git/info/lfs/objects/batch", {"content_type": "application/jsonx", "body_size": 30, "body": b'{"operation": "download"}'}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("github.test", "POST", "/org/repo.git/info/lfs/objects/batch", {"content_type": "application/json, text/plain", "body_size": 30, "body": b'{"operation": "download"}'}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("api.github.test", "POST", "/graphql", {"body_size": 60, "body": DUAL_GQL}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("api.github.test", "POST", "/graphql", {"content_type": FORM, "body_size": 60, "body": DUAL_GQL}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("api.github.test", "POST", "/graphql", {"content_type": "application/graphql", "body_size": 9, "body": b"{ a }"}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
     # GraphQL: queries only, parsed
-    ("api.github.test", "POST", "/graphql", {"body_size": 50, "body": GQL_QUERY}, ALLOW, Reason.ALLOWED_BY_RULE, "graphql-read"),
-    ("api.github.test", "POST", "/graphql", {"body_size": 50, "body": GQL_MUTATION}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
-    ("api.github.test", "POST", "/graphql", {"body_size": 50, "body": b'{"query": "query { a } mutation { b }"}'}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
-    ("api.github.test", "POST", "/graphql", {"body_size": 50, "body": b'[{"query": "{ a }"}, {"query": "mutation { b }"}]'}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
-    ("api.github.test", "POST", "/graphql", {"body_size": 50, "body": b'{"query": "{ a }", "query": "mutation { b }"}'}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
-    ("api.github.test", "POST", "/graphql", {"body_size": 50, "body": b'{"extensions": {"persistedQuery": {"sha256Hash": "ab"}}}'}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
-    ("api.github.test", "POST", "/graphql", {"body_size": 50, "body": b'{"query": "mutation"}'}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
-    ("api.github.test", "POST", "/graphql", {"body_size": 50, "body": b'{"query": "# mutation {\\n{ a }"}'}, ALLOW, Reason.ALLOWED_BY_RULE, "graphql-read"),
+    ("api.github.test", "POST", "/graphql", {"content_type": JSON, "body_size": 50, "body": GQL_QUERY}, ALLOW, Reason.ALLOWED_BY_RULE, "graphql-read"),
+    ("api.github.test", "POST", "/graphql", {"content_type": JSON, "body_size": 50, "body": GQL_MUTATION}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("api.github.test", "POST", "/graphql", {"content_type": JSON, "body_size": 50, "body": b'{"query": "query { a } mutation { b }"}'}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("api.github.test", "POST", "/graphql", {"content_type": JSON, "body_size": 50, "body": b'[{"query": "{ a }"}, {"query": "mutation { b }"}]'}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("api.github.test", "POST", "/graphql", {"content_type": JSON, "body_size": 50, "body": b'{"query": "{ a }", "query": "mutation { b }"}'}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("api.github.test", "POST", "/graphql", {"content_type": JSON, "body_size": 50, "body": b'{"extensions": {"persistedQuery": {"sha256Hash": "ab"}}}'}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("api.github.test", "POST", "/graphql", {"content_type": JSON, "body_size": 50, "body": b'{"query": "mutation"}'}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("api.github.test", "POST", "/graphql", {"content_type": JSON, "body_size": 50, "body": b'{"query": "# mutation {\\n{ a }"}'}, ALLOW, Reason.ALLOWED_BY_RULE, "graphql-read"),
     # REST: reads yes, writes no, a deny rule with conditions beats the allow rule
     ("api.github.test", "GET", "/repos/o/r", {}, ALLOW, Reason.ALLOWED_BY_RULE, "api-read"),
     ("api.github.test", "DELETE", "/repos/o/r", {}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
@@ -162,6 +184,24 @@ TABLE: list[tuple[str, str, str, dict[str, object], Verdict, Reason, str | None]
     ("api.github.test", "GET", "/gists/./abc", {}, DENY, Reason.DENIED_BY_RULE, "no-gists"),  # doubt denies
     ("api.github.test", "GET", "/user/../gists", {}, DENY, Reason.DENIED_BY_RULE, "no-gists"),
     ("api.github.test", "POST", "/user", {"content_type": "application/x-www-form-urlencoded", "body_size": 14, "body": b"_method=DELETE"}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    # a POST body any server could read as a form is read for `_method`; a type known not to be one is not
+    ("app.test", "POST", "/myorg/r", {"content_type": FORM, "body_size": 14, "body": b"_method=DELETE"}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("app.test", "POST", "/myorg/r", {"body_size": 14, "body": b"_method=DELETE"}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("app.test", "POST", "/myorg/r", {"content_type": "", "body_size": 14, "body": b"_method=DELETE"}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("app.test", "POST", "/myorg/r", {"content_type": FORM + ", text/plain", "body_size": 14, "body": b"_method=DELETE"}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("app.test", "POST", "/myorg/r", {"content_type": FORM + " charset=utf-8", "body_size": 14, "body": b"_method=DELETE"}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("app.test", "POST", "/myorg/r", {"content_type": "application/json, " + FORM, "body_size": 14, "body": b"_method=DELETE"}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("app.test", "POST", "/myorg/r", {"content_type": "multipart/related; boundary=B", "body_size": 70, "body": MULTIPART}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("app.test", "POST", "/myorg/r", {"content_type": "multipart/mixed", "body_size": 70, "body": MULTIPART}, DENY, Reason.AMBIGUOUS_REQUEST, None),
+    ("app.test", "POST", "/myorg/r", {"body_size": 14, "content_encoding": "gzip", "body": b"_method=DELETE"}, DENY, Reason.AMBIGUOUS_REQUEST, None),
+    ("app.test", "POST", "/myorg/r", {"body_size": None, "body_overflow": True}, DENY, Reason.REQUEST_TOO_LARGE, None),
+    ("app.test", "POST", "/myorg/r", {"body_size": HOLD_LIMIT + 1}, DENY, Reason.REQUEST_TOO_LARGE, None),
+    ("app.test", "POST", "/myorg/r", {"overrides": ("DELETE",), "body_size": 1, "content_type": JSON}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("app.test", "POST", "/myorg/r", {"body_size": 9, "body": b"title=a;b"}, ALLOW, Reason.ALLOWED_BY_RULE, "app-post"),
+    ("app.test", "POST", "/myorg/r", {"body_size": 3, "body": b"\xff\x00\x01"}, ALLOW, Reason.ALLOWED_BY_RULE, "app-post"),
+    ("app.test", "POST", "/myorg/r", {"content_type": JSON, "body_size": 14}, ALLOW, Reason.ALLOWED_BY_RULE, "app-post"),
+    ("app.test", "POST", "/myorg/r", {"content_type": "application/octet-stream", "body_size": HOLD_LIMIT + 1}, ALLOW, Reason.ALLOWED_BY_RULE, "app-post"),
+    ("app.test", "POST", "/myorg/r", {"content_type": FORM, "body_size": 0}, ALLOW, Reason.ALLOWED_BY_RULE, "app-post"),
     # sizes
     ("upload.test", "PUT", "/f", {"body_size": 100}, ALLOW, Reason.ALLOWED_BY_RULE, "uploads-small"),
     ("upload.test", "PUT", "/f", {"body_size": 101}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
@@ -178,7 +218,7 @@ TABLE: list[tuple[str, str, str, dict[str, object], Verdict, Reason, str | None]
     ("mixed.test", "DELETE", "/anything", {}, ALLOW, Reason.ALLOWED_BY_RULE, "mixed-open"),
     ("mixed.test", "GET", "/chat", {"upgrade": "websocket"}, ALLOW, Reason.ALLOWED_BY_RULE, "mixed-open"),
     ("mixed.test", "GET", "/a", {}, ALLOW, Reason.ALLOWED_BY_RULE, "mixed-read"),
-    ("audited.test", "POST", "/x/../y", {"body_size": 5}, ALLOW, Reason.ALLOWED_BY_RULE, "audited"),
+    ("audited.test", "POST", "/x/../y", {"content_type": "text/plain", "body_size": 5}, ALLOW, Reason.ALLOWED_BY_RULE, "audited"),
     ("audited.test", "GET", "/chat", {"upgrade": "websocket"}, ALLOW, Reason.ALLOWED_BY_RULE, "audited"),
 ]
 # fmt: on
@@ -207,13 +247,15 @@ def test_unread_bodies_are_asked_for_before_anything_is_decided(policy: Policy) 
         http = HttpHead(method, target, **head)  # type: ignore[arg-type]
         return Request(Kind.REQUEST, host, 443, method, target, http=http)
 
-    assert (
-        decide_request(request("github.test", "/o/r/info/lfs/objects/batch", body_size=30), policy)
-        is BODY_NEEDED
-    )
-    assert (
-        decide_request(request("api.github.test", "/graphql", body_size=30), policy) is BODY_NEEDED
-    )
+    lfs = request("github.test", "/o/r/info/lfs/objects/batch", body_size=30, content_type=LFS_JSON)
+    assert decide_request(lfs, policy) is BODY_NEEDED
+    graphql = request("api.github.test", "/graphql", body_size=30, content_type=JSON)
+    assert decide_request(graphql, policy) is BODY_NEEDED
+    # not declared JSON: no JSON rule can allow it, so nothing need be held to refuse it
+    untyped = decide(request("api.github.test", "/graphql", body_size=30), policy)
+    assert (untyped.decision, untyped.reason) == (Verdict.DENY, Reason.REQUEST_NOT_ALLOWED)
+    # an untyped POST body may be a form: held for its `_method`
+    assert decide_request(request("app.test", "/myorg/x", body_size=30), policy) is BODY_NEEDED
     assert (
         decide_request(request("upload.test", "/f", "PUT", body_size=None), policy) is BODY_NEEDED
     )
@@ -223,7 +265,7 @@ def test_unread_bodies_are_asked_for_before_anything_is_decided(policy: Policy) 
         is BODY_NEEDED
     )
     # decide() refuses what it cannot decide without the body: a caller that cannot hold bodies fails closed.
-    refused = decide(request("api.github.test", "/graphql", body_size=30), policy)
+    refused = decide(graphql, policy)
     assert (refused.decision, refused.reason) == (Verdict.DENY, Reason.REQUEST_NOT_ALLOWED)
 
 
