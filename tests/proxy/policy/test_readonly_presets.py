@@ -41,7 +41,15 @@ def preset(name: str) -> Policy:
 
 
 def ask(policy: Policy, host: str, method: str, target: str, body: bytes | None = None) -> Verdict:
-    head = HttpHead(method, target, body_size=len(body) if body else 0, body=body)
+    """The preset's verdict on one request, whose body (if any) is typed as its client types it:
+    git's pack requests, LFS batches and GraphQL documents (JSON), or untyped."""
+    head = HttpHead(
+        method,
+        target,
+        body_size=len(body) if body else 0,
+        body=body,
+        content_type=_content_type(target, body),
+    )
     decision = decide(Request(Kind.REQUEST, host, 443, method, target, http=head), policy)
     if decision.decision is DENY:
         assert decision.reason in (
@@ -51,6 +59,18 @@ def ask(policy: Policy, host: str, method: str, target: str, body: bytes | None 
             Reason.AMBIGUOUS_REQUEST,
         ), decision
     return decision.decision
+
+
+def _content_type(target: str, body: bytes | None) -> str | None:
+    if body is None:
+        return None
+    if target.endswith("/git-upload-pack") or target.endswith("/git-receive-pack"):
+        return f"application/x-{target.rsplit('/', 1)[1]}-request"
+    if "/info/lfs/" in target:
+        return LFS
+    if body.startswith(b"{"):
+        return "application/json"
+    return None
 
 
 def lfs(operation: str) -> bytes:
