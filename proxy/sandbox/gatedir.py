@@ -49,6 +49,25 @@ def private_dir(path: str) -> str:
     return path
 
 
+def runtime_dir(environ: Mapping[str, str] | None = None) -> str | None:
+    """This user's ``XDG_RUNTIME_DIR`` when it is one as the XDG specification says (an absolute
+    path to a directory owned by this user, mode 0700), else None. It holds the user's service
+    sockets by path: the systemd user manager and the D-Bus session bus (``systemd-run --user``
+    starts a command outside any sandbox), the SSH, GPG and keyring agents. A sandbox runs as the
+    same user, so the whole directory is hidden in every sandbox."""
+    env = os.environ if environ is None else environ
+    base = env.get("XDG_RUNTIME_DIR", "")
+    if not os.path.isabs(base):
+        return None
+    try:
+        info = os.stat(base)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        return None
+    return os.path.realpath(base)
+
+
 def hidden_dirs(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
     """The per-user gate directories to hide in every sandbox (a run with its own gate included):
     this environment's, created now if missing (a sandbox must never be the one to create it: it

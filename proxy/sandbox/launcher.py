@@ -21,6 +21,7 @@ from proxy.sandbox import (
     SANDBOX_LOOPBACK,
 )
 from proxy.sandbox.env import ProxyAddress, proxy_environment
+from proxy.sandbox.gatedir import runtime_dir
 from proxy.sandbox.installation import installation_paths
 from proxy.sandbox.namespace import Listener, Sandbox, SandboxError, SandboxSpec, exit_code
 from proxy.sandbox.signals import forwarding_signals
@@ -260,6 +261,17 @@ def _user_gate_dirs() -> tuple[str, ...]:
     return hidden_dirs()
 
 
+def without_runtime_dir(env: dict[str, str], runtime: str) -> dict[str, str]:
+    """The command's environment without the variables that point into the hidden runtime
+    directory (tools then fall back to /tmp, as without one)."""
+    out = dict(env)
+    if out.get("XDG_RUNTIME_DIR") and os.path.realpath(out["XDG_RUNTIME_DIR"]) == runtime:
+        del out["XDG_RUNTIME_DIR"]
+    if runtime in out.get("DBUS_SESSION_BUS_ADDRESS", ""):
+        del out["DBUS_SESSION_BUS_ADDRESS"]
+    return out
+
+
 def _run_with(
     options: RunOptions,
     policy: Any,
@@ -308,6 +320,10 @@ def _run_with(
     env = proxy_environment(base, address, sandbox_id=options.sandbox_id, ca_bundle=bundle)
     hidden = tuple(trust.hidden) if trust is not None else ()  # a per-user gate's socket among them
     more = (*_user_gate_dirs(), *options.also_hidden)  # whichever gate serves the sandbox
+    runtime = runtime_dir()  # the user's own services' sockets (systemd, D-Bus, agents)
+    if runtime is not None:
+        more += (runtime,)
+        env = without_runtime_dir(env, runtime)
     hidden += tuple(dict.fromkeys(d for d in more if d not in hidden))
     if provided is not None:  # placeholders in, real values and their sources out of reach
         env = provided.apply_to(env)
