@@ -10,6 +10,9 @@ kind of traffic reaches the checkpoint:
   read; a request whose rules must read its body is held (:class:`addons.layers.GateStream` keeps it
   bounded and unsent) and decided in ``request``, before any upstream connection exists for it;
 - an inspected tunnel's upstream that fails certificate verification in ``tls_failed_server``;
+- an upstream's protocol switch (a ``101``) in ``responseheaders``, before mitmproxy switches layers
+  (it does so after the ``response`` hook): passed on only for a request allowed as a WebSocket
+  upgrade (:mod:`proxy.core.switching`), else refused and the flow killed;
 - ``server_connect`` is the last line: it lets mitmproxy dial only an address the checkpoint pinned for
   that client connection. Anything else is vetoed, so a path nobody foresaw fails closed.
 """
@@ -42,6 +45,7 @@ from proxy.core.httpheads import http_request, plain_problem
 from proxy.core.httpheads import shown_query as _shown_query  # noqa: F401 (kept importable here)
 from proxy.core.limits import Limits
 from proxy.core.requests import HOLD_LIMIT
+from proxy.core.switching import switch_problem
 from proxy.core.text import escape
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,7 @@ HELD = "egress.held"  # the byte limit of a request body held back until the gat
 OVERFLOW = "egress.overflow"  # the held body went past that limit (and was dropped)
 _PENDING = "egress.pending"  # the Request waiting for its body
 _ADMITTED = "egress.admitted"  # the allow a request's head got (its buffered body is checked too)
+_ALLOWED = "egress.allowed"  # the Request the gate let through (what a protocol switch is held to)
 
 
 class GateAddon:
@@ -254,6 +259,7 @@ class GateAddon:
                 status = 421  # Misdirected Request: this connection cannot serve that authority
             flow.response = refusal_response(decision, status)
             return
+        flow.metadata[_ALLOWED] = request
         if self.credentials is not None:
             self._credentials(flow, conn, decision)
         if request.kind is Kind.REQUEST:
@@ -268,11 +274,37 @@ class GateAddon:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         conn = self.checkpoint.connections.get(flow.client_conn.id)
+        response = flow.response
+        if response is not None:
+            allowed: Request | None = flow.metadata.get(_ALLOWED)
+            problem = switch_problem(
+                allowed is not None and allowed.http is not None and allowed.http.websocket,
+                flow.request.method,
+                response.status_code,
+                response.headers.get("upgrade"),
+            )
+            if problem is not None:
+                self._refuse_switch(flow, conn, allowed, problem)
+                return
         if conn is not None and flow.response is not None:
             length = flow.response.headers.get("content-length", "")
             conn.bytes_in += int(length) if length.isdigit() else 0
         if self.credentials is not None and conn is not None:
             creds.scrub_response(flow, self.credentials, conn.sandbox_id)
+
+    def _refuse_switch(
+        self, flow: http.HTTPFlow, conn: Connection | None, allowed: Request | None, detail: str
+    ) -> None:
+        """Recorded, then the flow killed: mitmproxy then sends nothing of the response and closes
+        the client's connection (an HTTP/2 client's stream), so no relay ever opens."""
+        if conn is not None:
+            req = flow.request
+            request = allowed or self._request(Kind.HTTP, req.host, req.port, req)
+            self.checkpoint.refuse_switch(conn, request, detail)
+        if flow.killable:
+            flow.kill()
+        else:  # never seen in responseheaders; fail closed all the same
+            self.close_client(flow.client_conn)
 
     def error(self, flow: http.HTTPFlow) -> None:
         """Before mitmproxy answers a failed request with its error text: a bound host's failure

@@ -766,6 +766,13 @@ class Checkpoint:
         conn.forget_destinations()
         return self.emitter.emit(decision)
 
+    def refuse_switch(self, conn: Connection, request: Request, detail: str) -> Decision:
+        """An upstream switched protocols where :func:`proxy.core.switching.switch_problem` says
+        it must not: recorded as a refusal of ``request`` (already admitted), whose connection the
+        adapter closes before the switch. Always DENY, in report mode too."""
+        request = self._attributed(conn, request)
+        return self.emitter.emit(refuse(request, self.policy_for(conn), Reason.UNSUPPORTED, detail))
+
     # -- the dial ---------------------------------------------------------------------------------
 
     @staticmethod

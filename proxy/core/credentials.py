@@ -38,6 +38,7 @@ from urllib.parse import quote, unquote_to_bytes
 
 from proxy.core.authority import join_authority
 from proxy.core.decision import Kind
+from proxy.core.fieldlines import websocket_field
 from proxy.core.hosts import InvalidHost, canonical_host
 from proxy.core.paths import PathGlob, Unreadable, parse_target
 
@@ -288,8 +289,13 @@ def _basic_credentials(value: str) -> str | None:
 
 def asks_upgrade(headers: Iterable[tuple[str, str]]) -> bool:
     """Whether a request's fields ask for a protocol upgrade: what comes over one is not read, so
-    no credential goes on one, nor to a host a credential is bound to."""
-    return any(name.lower() == "upgrade" for name, _ in headers)
+    no credential goes on one, nor to a host a credential is bound to. WebSocket handshake fields
+    ask for one without ``Upgrade`` too: mitmproxy switches on them (the request step judges them
+    so as well)."""
+    return any(
+        name.lower() == "upgrade" or websocket_field(name.encode("latin-1", "replace"))
+        for name, _ in headers
+    )
 
 
 def judge(

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from proxy.core.decision import Kind, Request
+from proxy.core.fieldlines import websocket_field
 from proxy.core.framing import Problem, framing_problem, head_problem
 from proxy.core.requests import OVERRIDE_HEADERS, HttpHead
 
@@ -31,6 +32,8 @@ _HEAD_FIELDS = frozenset(
     }
 )
 
+_SEC = (b"sec-", b"sec_")  # a cheap first look before websocket_field
+
 
 def is_egress_header(name: str) -> bool:
     """A client-sent ``X-Egress-*`` header could forge a decision upstream or in logs; the
@@ -42,6 +45,7 @@ def http_head(method: str, target: str, fields: Fields, *, multiplexed: bool = F
     """What the request step reads from a request head, in one pass over the header fields.
     ``multiplexed``: HTTP/2 or HTTP/3, where a request without a length may still have a body."""
     found: dict[bytes, list[bytes]] = {}
+    handshake = False
     for name, value in fields:
         key = name.lower()
         if b"_" in key and key.replace(b"_", b"-") in _OVERRIDE_NAMES:
@@ -50,6 +54,8 @@ def http_head(method: str, target: str, fields: Fields, *, multiplexed: bool = F
             key = key.replace(b"_", b"-")
         if key in _HEAD_FIELDS:
             found.setdefault(key, []).append(value)
+        elif key[:4] in _SEC and websocket_field(key):
+            handshake = True
 
     def first(key: bytes) -> str | None:
         values = found.get(key)
@@ -80,6 +86,7 @@ def http_head(method: str, target: str, fields: Fields, *, multiplexed: bool = F
         size,
         content_type,
         first(b"content-encoding"),
+        handshake=handshake,
     )
 
 

@@ -4,6 +4,9 @@ The order, for a request on a host whose rules read requests (see :meth:`RuleInd
 
 1. the target must be readable (:mod:`proxy.core.paths`), or ``ambiguous-request``;
 2. an ``Upgrade`` other than WebSocket is ``ambiguous-request`` (its protocol would not be judged);
+   ``Upgrade: websocket``, or a WebSocket handshake's ``Sec-WebSocket-*`` fields without any
+   ``Upgrade`` (mitmproxy and some servers switch on those alone), make it a WebSocket upgrade,
+   which only a ``websocket: true`` rule (or one without request conditions) allows;
 3. the methods to judge are the request method and every method-override it carries
    (``X-HTTP-Method-Override``, ``X-Method-Override``, ``X-HTTP-Method``, also spelled with ``_``, a
    ``_method`` query parameter, and the ``_method`` field of a POST body a server could read as a form
@@ -29,6 +32,7 @@ from enum import Enum
 
 from proxy.core.bodies import form_methods, graphql_operations, is_json, json_field, maybe_form
 from proxy.core.decision import Reason
+from proxy.core.fieldlines import is_token
 from proxy.core.frozen import fast_init
 from proxy.core.paths import Target, Unreadable, parse_target
 from proxy.core.text import escape
@@ -38,7 +42,6 @@ from proxy.policy.model import RequestConditions, Rule
 HOLD_LIMIT = 1024 * 1024  # bytes of body held back to decide a body-dependent rule
 MAX_JUDGED = 1024  # request heads remembered per host's rules (keep-alive traffic repeats)
 OVERRIDE_HEADERS = ("x-http-method-override", "x-method-override", "x-http-method")
-_TOKEN = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_!#$%&'*+.^`|~")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +57,16 @@ class HttpHead:
     content_encoding: str | None = None  # a compressed body is not read (no decompression bombs)
     body: bytes | None = None  # the held body, once read
     body_overflow: bool = False  # the body was longer than HOLD_LIMIT (and not held)
+    handshake: bool = False  # it carries WebSocket handshake fields (Sec-WebSocket-*)
+
+    @property
+    def websocket(self) -> bool:
+        """Judged as a WebSocket upgrade: ``Upgrade: websocket``, or handshake fields without any
+        ``Upgrade`` (what the upstream may switch on is what the rules judge; a 101 is passed on
+        only for a request allowed as one)."""
+        if self.upgrade is None:
+            return self.handshake
+        return self.upgrade.strip().lower() == "websocket"
 
     def with_body(self, body: bytes | None, overflow: bool = False) -> HttpHead:
         return replace(self, body=body, body_overflow=overflow)
@@ -131,14 +144,12 @@ def _judge(rules: RequestRules, head: HttpHead) -> Judgement:
         target = parse_target(head.target)
     except Unreadable as exc:
         return _refuse(Reason.AMBIGUOUS_REQUEST, f"unreadable request target: {exc}")
-    websocket = False
-    if head.upgrade is not None:
-        if head.upgrade.strip().lower() != "websocket":
-            return _refuse(
-                Reason.AMBIGUOUS_REQUEST,
-                f"'Upgrade: {escape(head.upgrade)}' is not supported here (only WebSocket is)",
-            )
-        websocket = True
+    websocket = head.websocket
+    if head.upgrade is not None and not websocket:
+        return _refuse(
+            Reason.AMBIGUOUS_REQUEST,
+            f"'Upgrade: {escape(head.upgrade)}' is not supported here (only WebSocket is)",
+        )
     method = head.method.upper()
     overrides, problem = _overrides(head, target)
     if problem is not None:
@@ -206,9 +217,10 @@ def _override_values(head: HttpHead, target: Target | None) -> list[str]:
 def _overrides(head: HttpHead, target: Target) -> tuple[tuple[str, ...], str | None]:
     out: list[str] = []
     for value in _override_values(head, target):
-        method = value.strip().upper()
-        if not method or not set(method) <= _TOKEN:
+        method = value.strip(" \t")  # OWS; anything else around it is not a method
+        if not is_token(method):
             return (), f"an unreadable method override {escape(value)!r}"
+        method = method.upper()
         if method not in out:
             out.append(method)
     return tuple(out), None

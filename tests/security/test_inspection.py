@@ -1,5 +1,6 @@
 """Threat classes 5, 11 and 16 inside an inspected tunnel: fronting by Host and ``:authority``, writes
-through an allowed service, and request-rule evasion.
+through an allowed service, and request-rule evasion (in the request line itself, and by a protocol
+switch nobody judged).
 
 The gate terminates TLS for ``allowed.test`` (its rules read requests) with its own CA, and verifies the
 upstream against the test CA. Every refusal is proven at the counting upstream: zero connections, or,
@@ -9,17 +10,24 @@ arrive intact, on a reused upstream connection.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import json
+import os
 import socket
 import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 
-from proxy.core.decision import Kind, Reason, Verdict
+from proxy.core.decision import Decision, Kind, Reason, Verdict
+from proxy.core.requests import HttpHead
 from tests.dnsfake import FakeDns, loopback_dns
 from tests.harness import (
     WAIT,
@@ -32,7 +40,7 @@ from tests.harness import (
     serving,
     wait_until,
 )
-from tests.security import inspecting, start_gate_with
+from tests.security import exchange, fresh_decisions, inspected_h2, inspecting, start_gate_with
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -68,15 +76,30 @@ rules:
     graphql_operations: [query]
   - name: myorg-pages
     hosts: [allowed.test]
-    ports: [{port}, {switch_port}]
+    ports: [{port}, {switch_port}, {ws_port}]
     methods: [GET, HEAD]
     paths: ["/myorg/**", "/redirect"]
   - name: socket
     hosts: [allowed.test]
-    ports: [{port}]
+    ports: [{port}, {ws_port}]
     methods: [GET]
     paths: [/socket]
     websocket: true
+  - name: any-read
+    hosts: [sub.allowed.test]
+    ports: [{port}]
+    methods: [GET, HEAD]
+  - name: open-pages
+    hosts: [sub.allowed.test]
+    ports: [{port}]
+    paths: ["/open/**"]
+  - name: preflight
+    hosts: [sub.allowed.test]
+    ports: [{port}]
+    methods: [OPTIONS]
+  - name: plain
+    hosts: [plain.test]
+    ports: [{plain_port}]
   - name: other
     hosts: [other.test]
     ports: [{port}]
@@ -114,7 +137,14 @@ class RedirectUpstream(LoopbackServer):
 
 @pytest.fixture(scope="module")
 def names() -> list[str]:
-    return ["allowed.test", "other.test", "evil.test", "untrusted.test"]
+    return [
+        "allowed.test",
+        "other.test",
+        "evil.test",
+        "untrusted.test",
+        "plain.test",
+        "sub.allowed.test",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +209,59 @@ def switching(test_ca: LocalCA) -> Iterator[SwitchingUpstream]:
     yield from serving(SwitchingUpstream(test_ca.server_context()))
 
 
+class WebSocketUpstream(LoopbackServer):
+    """Answers the first request on each connection with ``101 Switching Protocols`` and
+    ``Upgrade: websocket``, asked for or not, then counts every byte that still reaches it: frames
+    relayed from there were judged by no request rule unless the gate allowed the upgrade."""
+
+    def __init__(self, tls: ssl.SSLContext) -> None:
+        self.tls = tls
+        self.heads: list[bytes] = []
+        self.after = 0  # bytes received after a 101
+        super().__init__(threaded=True, name="websocket")
+
+    def reset(self) -> None:
+        with self._lock:
+            self.heads.clear()
+            self.after = 0
+
+    def handle(self, conn: socket.socket) -> None:
+        conn.settimeout(WAIT)
+        with self.tls.wrap_socket(conn, server_side=True) as tls_conn:
+            head = recv_head(tls_conn)
+            if not head:
+                return
+            with self._lock:
+                self.heads.append(head)
+            key = b""
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"sec-websocket-key":
+                    key = value.strip()
+            accept = base64.b64encode(
+                hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
+            )
+            tls_conn.sendall(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+            )
+            with contextlib.suppress(OSError):
+                while data := tls_conn.recv(65536):
+                    with self._lock:
+                        self.after += len(data)
+
+
+@pytest.fixture(scope="module")
+def ws(test_ca: LocalCA) -> Iterator[WebSocketUpstream]:
+    yield from serving(WebSocketUpstream(test_ca.server_context()))
+
+
+@pytest.fixture(scope="module")
+def plain() -> Iterator[Upstream]:
+    """plain.test's upstream: plain HTTP, allowed whole (no request rules)."""
+    yield from serving(Upstream("plain"))
+
+
 @pytest.fixture(scope="module")
 def gate(
     tmp_path_factory: pytest.TempPathFactory,
@@ -187,6 +270,8 @@ def gate(
     untrusted: Upstream,
     redirect: RedirectUpstream,
     switching: SwitchingUpstream,
+    ws: WebSocketUpstream,
+    plain: Upstream,
     test_ca: LocalCA,
 ) -> Iterator[RunningGate]:
     directory = tmp_path_factory.mktemp("inspection")
@@ -197,6 +282,8 @@ def gate(
             bad_port=untrusted.port,
             redirect_port=redirect.port,
             switch_port=switching.port,
+            ws_port=ws.port,
+            plain_port=plain.port,
         ),
         dns.nameserver,
         config=inspecting(directory, test_ca),
@@ -211,9 +298,11 @@ def gate_ca(gate: RunningGate) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _reset(upstream: Upstream, untrusted: Upstream) -> None:
+def _reset(upstream: Upstream, untrusted: Upstream, ws: WebSocketUpstream, plain: Upstream) -> None:
     upstream.reset()
     untrusted.reset()
+    ws.reset()
+    plain.reset()
 
 
 class Tunnel:
@@ -762,3 +851,280 @@ def test_a_held_chunked_body_within_the_limit_is_decided_then_sent_whole(
     )
     assert (status, reply.get("x-egress-reason")) == (403, "request-not-allowed")
     assert len([h for h in upstream.heads if h.startswith(b"POST ")]) == 1
+
+
+# -- class 5/16: the request line an HTTP/1 upstream is sent ----------------------------------------
+
+READS = (
+    "sub.allowed.test"  # its rules: any GET or HEAD (the presets' shape), any method on /open/**
+)
+
+
+def h2_statuses(
+    gate: RunningGate, port: int, fields: list[tuple[str, str]]
+) -> tuple[list[bytes], list[h2.events.Event]]:
+    """One HTTP/2 stream on an inspected tunnel to READS, its fields sent as given (the client
+    library's own checks off): the ``:status`` of each response, and every event."""
+    sock = inspected_h2(gate, READS, port)
+    config = h2.config.H2Configuration(
+        client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False
+    )
+    client = h2.connection.H2Connection(config)
+    client.initiate_connection()
+    client.send_headers(1, fields, end_stream=True)
+    seen: list[h2.events.Event] = []
+    try:
+        sock.sendall(client.data_to_send())
+        sock.settimeout(WAIT)
+        for _ in range(64):
+            data = sock.recv(65536)
+            if not data:
+                break
+            seen += client.receive_data(data)
+            sock.sendall(client.data_to_send())
+            ended = h2.events.StreamEnded | h2.events.StreamReset | h2.events.ConnectionTerminated
+            if any(isinstance(e, ended) for e in seen):
+                break
+    except (TimeoutError, ConnectionResetError, ssl.SSLError):
+        pass
+    finally:
+        sock.close()
+    statuses = [
+        dict(e.headers).get(b":status", b"")
+        for e in seen
+        if isinstance(e, h2.events.ResponseReceived)
+    ]
+    return statuses, seen
+
+
+def h2_fields(port: int, method: str, path: str) -> list[tuple[str, str]]:
+    return [
+        (":method", method),
+        (":scheme", "https"),
+        (":authority", f"{READS}:{port}"),
+        (":path", path),
+    ]
+
+
+def refused_as_bad_request(gate: RunningGate, before: int) -> Decision:
+    requests = [d for d in fresh_decisions(gate, before) if d.kind == Kind.REQUEST]
+    assert [(d.decision, d.reason) for d in requests] == [(Verdict.DENY, Reason.BAD_REQUEST)]
+    return requests[0]
+
+
+def test_control_http2_origin_form_and_options_asterisk_reach_the_upstream(
+    gate: RunningGate, upstream: Upstream
+) -> None:
+    assert h2_statuses(gate, upstream.port, h2_fields(upstream.port, "GET", "/myorg/x"))[0] == [
+        b"200"
+    ]
+    assert h2_statuses(gate, upstream.port, h2_fields(upstream.port, "OPTIONS", "*"))[0] == [b"200"]
+    assert [h.split(b"\r\n")[0] for h in upstream.heads] == [
+        b"GET /myorg/x HTTP/1.1",
+        b"OPTIONS * HTTP/1.1",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "https://evil.test/x"),
+        ("GET", "http://evil.test/x"),
+        ("GET", "evil.test:443"),
+        ("GET", "//evil.test/x"),
+        ("GET", "open/x"),
+        ("GET", "*"),
+        ("GET /evil/secret", "/open/x"),
+        ("GET", "/open/x /evil/secret"),
+    ],
+    ids=["https-absolute", "http-absolute", "authority", "network-path", "relative", "asterisk-get",
+         "method-with-space", "path-with-space"],
+)  # fmt: skip
+def test_an_http2_request_line_an_http1_upstream_would_read_otherwise_is_refused(
+    gate: RunningGate, upstream: Upstream, method: str, path: str
+) -> None:
+    """HTTP/2 carries ``:method`` and ``:path`` as field values; mitmproxy writes them verbatim
+    into the HTTP/1 upstream's request line. An absolute-form path names another virtual host
+    (RFC 9112 3.2.2: the server routes by it, ignoring Host); a method with a space moves the
+    target (``GET /evil/secret /open/x``). A rule without paths (any GET), or without methods
+    (any method on /open/**), allowed them. A space in the path (the request step refused it as
+    ambiguous already) is the same mistake. Each is a bad request, decided before any rule, and
+    nothing reaches the upstream."""
+    before = len(gate.decisions)
+    statuses, seen = h2_statuses(gate, upstream.port, h2_fields(upstream.port, method, path))
+    assert upstream.heads == [] and upstream.accepted == 0
+    assert statuses == [b"400"], seen
+    refused_as_bad_request(gate, before)
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["GET //evil.test/x", "GET *", 'G"ET /open/x', "G{E}T /open/x", "GET\x01 /open/x"],
+    ids=["network-path", "asterisk-get", "quote-in-method", "braces-in-method", "control"],
+)
+def test_an_http1_request_line_outside_the_grammar_is_refused(
+    gate: RunningGate, gate_ca: Path, upstream: Upstream, line: str
+) -> None:
+    before = len(gate.decisions)
+    tunnel = Tunnel(gate, gate_ca, READS, upstream.port)
+    try:
+        tunnel.send(f"{line} HTTP/1.1\r\nHost: {tunnel.authority}\r\n\r\n".encode("latin-1"))
+        status, reply, _ = tunnel.response()
+    finally:
+        tunnel.close()
+    assert (status, reply.get("x-egress-reason")) == (400, "bad-request")
+    assert upstream.accepted == 0
+    refused_as_bad_request(gate, before)
+
+
+def test_control_options_asterisk_over_http1(
+    gate: RunningGate, gate_ca: Path, upstream: Upstream
+) -> None:
+    tunnel = Tunnel(gate, gate_ca, READS, upstream.port)
+    try:
+        tunnel.send(f"OPTIONS * HTTP/1.1\r\nHost: {tunnel.authority}\r\n\r\n".encode())
+        assert tunnel.response()[0] == 200
+    finally:
+        tunnel.close()
+    assert [h.split(b"\r\n")[0] for h in upstream.heads] == [b"OPTIONS * HTTP/1.1"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/x", 200),
+        ("DELETE", "/x?y", 200),
+        ('G"ET', "/x", 400),
+        ("GET", "//evil.test/x", 400),
+    ],
+    ids=["control-fast-path", "control-mitmproxy", "quote-in-method", "network-path"],
+)
+def test_plain_http_request_lines_are_held_to_the_same_grammar(
+    gate: RunningGate, plain: Upstream, method: str, path: str, status: int
+) -> None:
+    """plain.test is allowed whole (no request rules): before, any method and target went up.
+    Absolute-form is how a plain request names its host to a proxy: it keeps working, on the
+    gate's own plain path (GET) and on mitmproxy's."""
+    authority = f"plain.test:{plain.port}"
+    reply = exchange(
+        gate, f"{method} http://{authority}{path} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode()
+    )
+    assert reply.status == status, reply.data
+    if status == 200:
+        assert [(m, t) for m, t, _ in plain.requests] == [(method, path)]
+    else:
+        assert reply.header("x-egress-reason") == "bad-request"
+        assert plain.accepted == 0
+
+
+# -- class 16: a protocol switch the gate did not judge --------------------------------------------
+
+
+def ws_frame(payload: bytes) -> bytes:
+    """A masked binary frame, as a client sends it (payload under 126 bytes)."""
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([0x82, 0x80 | len(payload)]) + mask + masked
+
+
+HANDSHAKE = {"Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version": "13"}
+
+
+def switch_attempt(
+    gate: RunningGate, ca: Path, ws: WebSocketUpstream, target: str, fields: dict[str, str]
+) -> bytes:
+    """Send one GET on a tunnel to the switching upstream, then a WebSocket frame; what the client
+    got back (until the gate closed the connection, or the wait ended)."""
+    opened = Tunnel(gate, ca, "allowed.test", ws.port)
+    got = b""
+    try:
+        head = f"GET {target} HTTP/1.1\r\nHost: {opened.authority}\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in fields.items())
+        opened.send(head.encode() + b"\r\n")
+        opened.sock.settimeout(1.0)
+        with contextlib.suppress(OSError):
+            while b"\r\n\r\n" not in got:
+                chunk = opened.sock.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+        with contextlib.suppress(OSError):
+            opened.send(ws_frame(b"exfiltrated: " + b"S" * 40))
+        wait_until(lambda: ws.after > 0, timeout=1.0)
+    finally:
+        opened.close()
+    return got
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"Sec-WebSocket-Version": "13"},
+        HANDSHAKE,
+        {"Sec-WebSocket-Key": HANDSHAKE["Sec-WebSocket-Key"]},
+        {"Sec_WebSocket_Version": "13"},
+    ],
+    ids=["version", "key-and-version", "key", "underscore-spelling"],
+)
+def test_websocket_handshake_fields_without_upgrade_are_judged_as_an_upgrade(
+    gate: RunningGate, gate_ca: Path, ws: WebSocketUpstream, fields: dict[str, str]
+) -> None:
+    """mitmproxy opens its WebSocket relay on the request's Sec-WebSocket-Version and the
+    response's Upgrade, never looking at the request's Upgrade: such a request is an upgrade for
+    the rules, and this host's rules allow WebSocket only at /socket."""
+    before = len(gate.decisions)
+    got = switch_attempt(gate, gate_ca, ws, "/myorg/page", fields)
+    assert got.startswith(b"HTTP/1.1 403 "), got
+    assert b"request-not-allowed" in got
+    assert ws.heads == [] and ws.after == 0
+    refused = [d for d in fresh_decisions(gate, before) if d.kind == Kind.REQUEST]
+    assert [d.reason for d in refused] == [Reason.REQUEST_NOT_ALLOWED]
+    assert "(WebSocket)" in (refused[0].detail or "")
+
+
+@pytest.mark.parametrize("missed", [False, True], ids=["no-handshake", "handshake-missed"])
+def test_an_unjudged_switch_to_websocket_is_never_passed_on(
+    gate: RunningGate,
+    gate_ca: Path,
+    ws: WebSocketUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+    missed: bool,
+) -> None:
+    """An upstream answers an allowed plain read with ``101`` and ``Upgrade: websocket``. The
+    client must not see the switch, and nothing it sends next may reach the upstream.
+    ``handshake-missed``: the request carries Sec-WebSocket-Version and the request step is made
+    to miss it (judging by ``Upgrade`` alone, as before): mitmproxy would open its WebSocket relay,
+    and only the switch check stands in the way."""
+    fields: dict[str, str] = {}
+    if missed:
+        monkeypatch.setattr(
+            HttpHead,
+            "websocket",
+            property(lambda head: (head.upgrade or "").strip().lower() == "websocket"),
+        )
+        fields = HANDSHAKE
+    before = len(gate.decisions)
+    target = f"/myorg/switch-{'missed' if missed else 'plain'}"
+    got = switch_attempt(gate, gate_ca, ws, target, fields)
+    assert len(ws.heads) == 1  # the read was allowed and sent
+    assert b"101" not in got, got  # the switch never reached the client
+    assert ws.after == 0  # nor did anything of the client's reach the upstream after it
+    decisions = [d for d in fresh_decisions(gate, before) if d.kind == Kind.REQUEST]
+    assert [(d.decision, d.reason) for d in decisions] == [
+        (Verdict.ALLOW, Reason.ALLOWED_BY_RULE),
+        (Verdict.DENY, Reason.UNSUPPORTED),
+    ]
+    assert "switched protocols" in (decisions[1].detail or "")
+
+
+def test_control_an_allowed_websocket_upgrade_is_relayed(
+    gate: RunningGate, gate_ca: Path, ws: WebSocketUpstream
+) -> None:
+    got = switch_attempt(
+        gate, gate_ca, ws, "/socket", {"Upgrade": "websocket", "Connection": "Upgrade", **HANDSHAKE}
+    )
+    assert got.startswith(b"HTTP/1.1 101 "), got
+    assert len(ws.heads) == 1 and b"upgrade: websocket" in ws.heads[0].lower()
+    assert wait_until(lambda: ws.after > 0)  # the client's frame, relayed
+    allowed = last_request_decision(gate)
+    assert (allowed.decision, allowed.rule) == (Verdict.ALLOW, "socket")  # type: ignore[attr-defined]

@@ -166,7 +166,13 @@ def test_no_upgrade_to_a_bound_host_even_without_a_placeholder(tmp_path: Path, m
         assert asyncio.run(
             checkpoint.admit(conn, Request(Kind.CONNECT, host, 443, "CONNECT"))
         ).allowed
-        head = HttpHead(method="GET", target="/socket", upgrade="websocket" if headers else None)
+        fields = dict(headers)
+        head = HttpHead(
+            method="GET",
+            target="/socket",
+            upgrade=fields.get("Upgrade"),
+            handshake="Sec-WebSocket-Version" in fields,
+        )
         req = Request(Kind.REQUEST, host, 443, "GET", "/socket", http=head)
         return asyncio.run(checkpoint.admit(conn, req, carried=Carried(headers, "/socket")))
 
@@ -178,3 +184,6 @@ def test_no_upgrade_to_a_bound_host_even_without_a_placeholder(tmp_path: Path, m
     assert ask("other.test", upgrade).allowed  # no credential is bound there
     assert ask("api.test", upgrade, sandbox="sbx-2").allowed  # none of that sandbox's is
     assert ask("api.test", ()).allowed  # a plain request
+    # a WebSocket handshake without Upgrade: mitmproxy would switch on it all the same
+    handshake = ask("api.test", (("Sec-WebSocket-Version", "13"),))
+    assert (handshake.decision, handshake.reason) == (Verdict.DENY, Reason.CREDENTIAL_MISUSE)

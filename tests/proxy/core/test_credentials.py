@@ -18,6 +18,7 @@ from proxy.core.credentials import (
     Credentials,
     Delivery,
     Scrubber,
+    asks_upgrade,
     encoded_echoes,
     judge,
     placeholder_for,
@@ -217,6 +218,15 @@ def test_a_placeholder_in_the_host_name_is_found_whatever_its_case() -> None:
 
 def test_never_on_a_protocol_upgrade() -> None:
     carried = Carried((("authorization", f"Bearer {PH}"), ("upgrade", "websocket")), "/repos/x")
+    judged = _judge(_credentials(), carried)
+    assert judged is not None and judged.misuse and "upgrade" in judged.detail  # type: ignore[attr-defined]
+
+
+def test_a_websocket_handshake_without_upgrade_is_an_upgrade_too() -> None:
+    assert asks_upgrade([("Sec-WebSocket-Version", "13")])
+    assert asks_upgrade([("sec_websocket_key", "x")])
+    assert not asks_upgrade([("Sec-Fetch-Mode", "cors"), ("Connection", "Upgrade")])
+    carried = Carried((("authorization", f"Bearer {PH}"), ("sec-websocket-version", "13")), "/x")
     judged = _judge(_credentials(), carried)
     assert judged is not None and judged.misuse and "upgrade" in judged.detail  # type: ignore[attr-defined]
 

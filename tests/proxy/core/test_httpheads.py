@@ -60,6 +60,18 @@ def test_every_content_type_field_is_kept() -> None:
     assert http_head("POST", "/", []).content_type is None
 
 
+def test_websocket_handshake_fields_make_a_websocket_request_without_upgrade() -> None:
+    for name in (b"Sec-WebSocket-Version", b"sec-websocket-key", b"SEC_WEBSOCKET_PROTOCOL"):
+        head = http_head("GET", "/", [(b"Host", b"a.test"), (name, b"13")])
+        assert head.handshake and head.websocket, name
+    plain = http_head("GET", "/", [(b"Sec-Fetch-Mode", b"cors"), (b"Sec-WebSocketx", b"1")])
+    assert not plain.handshake and not plain.websocket
+    upgrade = http_head("GET", "/", [(b"Upgrade", b"websocket")])
+    assert upgrade.websocket and not upgrade.handshake
+    other = http_head("GET", "/", [(b"Upgrade", b"h2c"), (b"Sec-WebSocket-Version", b"13")])
+    assert not other.websocket  # refused by the request step as another protocol
+
+
 def test_a_query_is_recorded_by_names_unless_values_are_asked_for() -> None:
     assert shown_query("token=abc&flag&x=1", False) == "token=&flag&x="
     assert shown_query("token=abc", True) == "token=abc"
@@ -85,3 +97,9 @@ def test_the_framing_step_for_a_plain_request() -> None:
     many = [(b"X-%d" % i, b"1") for i in range(101)]
     too_many = plain_problem("GET", "/", "http", "a.test", 80, many, ["a.test"])
     assert too_many is not None and too_many[0] is Reason.HEAD_TOO_LARGE
+
+
+def test_the_framing_step_for_a_plain_request_holds_its_request_line_to_the_grammar() -> None:
+    for method, target in (("GET /x", "/y"), ("GET", "//evil.test/x"), ("GET", "http://b.test/")):
+        problem = plain_problem(method, target, "http", "a.test", 80, [], ["a.test"])
+        assert problem is not None and problem[0] is Reason.BAD_REQUEST, (method, target)

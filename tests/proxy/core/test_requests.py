@@ -146,6 +146,9 @@ TABLE: list[tuple[str, str, str, dict[str, object], Verdict, Reason, str | None]
     ("github.test", "GET", "/myorg/repo?_METHOD=put", {}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
     ("github.test", "GET", "/myorg/repo", {"overrides": ("head",)}, ALLOW, Reason.ALLOWED_BY_RULE, "pages"),
     ("github.test", "GET", "/myorg/repo", {"overrides": ("DEL ETE",)}, DENY, Reason.AMBIGUOUS_REQUEST, None),
+    ("github.test", "GET", "/myorg/repo", {"overrides": ("HEAD\x0b",)}, DENY, Reason.AMBIGUOUS_REQUEST, None),
+    ("github.test", "GET", "/myorg/repo", {"overrides": ("HE\u017fD",)}, DENY, Reason.AMBIGUOUS_REQUEST, None),
+    ("github.test", "GET", "/myorg/repo?_method=HE%C5%BFD", {}, DENY, Reason.AMBIGUOUS_REQUEST, None),
     ("github.test", "GET", "/myorg/repo?_method", {}, DENY, Reason.AMBIGUOUS_REQUEST, None),
     ("github.test", "get", "/myorg/repo", {}, ALLOW, Reason.ALLOWED_BY_RULE, "pages"),
     # LFS: the body decides
@@ -214,6 +217,12 @@ TABLE: list[tuple[str, str, str, dict[str, object], Verdict, Reason, str | None]
     ("ws.test", "GET", "/other", {"upgrade": "websocket"}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
     ("ws.test", "GET", "/other", {}, ALLOW, Reason.ALLOWED_BY_RULE, "ws-pages"),
     ("ws.test", "GET", "/socket", {"upgrade": "h2c"}, DENY, Reason.AMBIGUOUS_REQUEST, None),
+    # handshake fields without Upgrade: mitmproxy (and servers) switch on them, so the rules judge
+    # an upgrade
+    ("ws.test", "GET", "/other", {"handshake": True}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("ws.test", "GET", "/socket", {"handshake": True}, ALLOW, Reason.ALLOWED_BY_RULE, "socket"),
+    ("ws.test", "GET", "/socket", {"handshake": True, "upgrade": "h2c"}, DENY, Reason.AMBIGUOUS_REQUEST, None),
+    ("mixed.test", "GET", "/a", {"handshake": True}, ALLOW, Reason.ALLOWED_BY_RULE, "mixed-open"),
     # a rule without request conditions allows every request, WebSocket included
     ("mixed.test", "DELETE", "/anything", {}, ALLOW, Reason.ALLOWED_BY_RULE, "mixed-open"),
     ("mixed.test", "GET", "/chat", {"upgrade": "websocket"}, ALLOW, Reason.ALLOWED_BY_RULE, "mixed-open"),
