@@ -22,7 +22,7 @@ import pytest
 
 from proxy.core.decision import Verdict
 from tests.dnsfake import FakeDns
-from tests.harness import WAIT, LoopbackServer, RunningGate, Upstream, recv_head
+from tests.harness import WAIT, LoopbackServer, RunningGate, Upstream, recv_head, waited_for
 from tests.security import exchange, fresh_decisions, start_gate_with
 from tests.security.test_smuggling import ATTACKS, SMUGGLED
 
@@ -142,7 +142,24 @@ def mitm_gate(
 
 
 @pytest.fixture(autouse=True)
-def _reset(origin_a: Origin, origin_b: Origin, scripted: Scripted, dns: FakeDns) -> None:
+def _reset(
+    gate: RunningGate,
+    mitm_gate: RunningGate,
+    origin_a: Origin,
+    origin_b: Origin,
+    scripted: Scripted,
+    dns: FakeDns,
+) -> None:
+    """Counters start from zero once the gates have let go of every connection of the test before:
+    a client that gave up waiting (``exchange`` returns after a silence) leaves the gate serving its
+    request, whose upstream connection would otherwise be counted against the next test."""
+    waited_for(
+        lambda: (
+            gate.gate.checkpoint.connections.active == 0
+            and mitm_gate.gate.checkpoint.connections.active == 0
+        ),
+        "the gates to finish the last test's connections",
+    )
     origin_a.reset()
     origin_b.reset()
     scripted.accepted = 0
