@@ -27,6 +27,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Protocol
 
 from proxy.approvals.model import (
+    ENDED,
     REVIEWER,
     TIMEOUT,
     Advice,
@@ -205,7 +206,7 @@ class Broker:
         else:
             outcome = "timeout"
         by = approval.decided_by or TIMEOUT
-        kind = by if by in (REVIEWER, TIMEOUT) else "person"
+        kind = TIMEOUT if by == ENDED else by if by in (REVIEWER, TIMEOUT) else "person"
         self._count(outcome, kind, (approval.decided or self.clock()) - approval.created)
         for notifier in self.notifiers:
             try:

@@ -47,6 +47,8 @@ class Advice(StrEnum):
 ANONYMOUS = "-"  # the sandbox of clients a gate cannot tell apart (no sandbox identities)
 REVIEWER = "reviewer"  # decided_by of the automated reviewer's answers
 TIMEOUT = "timeout"  # decided_by of an approval nobody answered in time
+ENDED = "sandbox-ended"  # decided_by of an approval closed because its sandbox left the gate
+ENDED_REASON = "the sandbox ended before the approval was answered"
 MAX_REASON = 500  # characters of a reason kept (a person's, the reviewer's)
 
 # Kinds whose rules decide a host and port as a whole: their approval covers host:port. Any other kind

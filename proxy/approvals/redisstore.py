@@ -25,7 +25,18 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from proxy.approvals.model import Advice, Approval, Grant, NotOpen, Scope, State, Subject, clip
+from proxy.approvals.model import (
+    ENDED,
+    ENDED_REASON,
+    Advice,
+    Approval,
+    Grant,
+    NotOpen,
+    Scope,
+    State,
+    Subject,
+    clip,
+)
 from proxy.approvals.store import Change, ChangeType, Feed, Limits
 
 log = logging.getLogger(__name__)
@@ -85,7 +96,10 @@ end
 if ARGV[9] ~= '' then
   redis.call('SET', ARGV[9], ARGV[10], 'PXAT', ARGV[11])
   redis.call('SADD', ARGV[12], ARGV[9])
-  redis.call('PEXPIREAT', ARGV[12], ARGV[11])
+  local left = redis.call('PTTL', ARGV[12])
+  if left < 0 or now * 1000 + left < tonumber(ARGV[11]) then
+    redis.call('PEXPIREAT', ARGV[12], ARGV[11])  -- never shorter than a grant it lists
+  end
 end
 redis.call('PUBLISH', P .. ':changes', message)
 return 1
@@ -315,6 +329,17 @@ class RedisStore:
         return grant
 
     async def end_session(self, sandbox: str) -> None:
+        # Each pending approval closes by compare-and-set: an answer another replica gives first
+        # wins, and its grant (written with it, in one script) is among those deleted next.
+        now = self.clock()
+        for approval_id in await self.client.zrange(self._key("open", sandbox), 0, -1):
+            with contextlib.suppress(NotOpen):
+                await self._transition(
+                    str(approval_id),
+                    lambda a: a.decide(State.EXPIRED, ENDED, ENDED_REASON, None, now),
+                    ChangeType.DECIDED,
+                    require_open=False,
+                )
         members_key = self._key("gs", sandbox)
         keys = await self.client.smembers(members_key)
         if keys:

@@ -15,7 +15,18 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from proxy.approvals.model import Advice, Approval, Grant, NotOpen, Scope, State, Subject, clip
+from proxy.approvals.model import (
+    ENDED,
+    ENDED_REASON,
+    Advice,
+    Approval,
+    Grant,
+    NotOpen,
+    Scope,
+    State,
+    Subject,
+    clip,
+)
 from proxy.approvals.store import Change, ChangeType, Feed, Limits
 
 KEEP_DECIDED = 24 * 3600  # seconds decided approvals stay readable
@@ -195,7 +206,18 @@ class SqliteStore:
         return grant if grant.subject.covers(subject) else None
 
     async def end_session(self, sandbox: str) -> None:
-        self.db.execute("DELETE FROM grants WHERE sandbox = ?", (sandbox,))
+        db = self.db
+        with _transaction(db):
+            now = self.clock()
+            closed = [
+                approval.decide(State.EXPIRED, ENDED, ENDED_REASON, None, now)
+                for approval in self._open_rows("AND sandbox = ?", sandbox)
+            ]
+            for approval in closed:
+                self._put(db, approval)
+            db.execute("DELETE FROM grants WHERE sandbox = ?", (sandbox,))
+        for approval in closed:
+            self.feed.publish(Change(ChangeType.DECIDED, approval))
 
 
 class _transaction:

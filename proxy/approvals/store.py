@@ -110,5 +110,8 @@ class Store(Protocol):
         ...
 
     async def end_session(self, sandbox: str) -> None:
-        """The sandbox ended: its session grants end with it."""
+        """The sandbox ended: its pending approvals close (expired, decided by
+        :data:`~proxy.approvals.model.ENDED`), then its session grants end. In that order: an
+        answer given later finds nothing open, so no grant is made for a sandbox that is gone,
+        which a new sandbox given the same id would otherwise inherit."""
         ...

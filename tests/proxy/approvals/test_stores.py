@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from proxy.approvals.model import Advice, Approval, Grant, NotOpen, Scope, State, Subject
+from proxy.approvals.model import ENDED, Advice, Approval, Grant, NotOpen, Scope, State, Subject
 from proxy.approvals.store import ChangeType, Limits, Store
 from proxy.core.decision import Decision, Kind, Reason, Verdict
 from tests.redis_server import RedisServer
@@ -240,3 +240,29 @@ def test_a_restart_of_the_embedded_store_expires_what_was_pending(tmp_path: Path
         assert (tmp_path / "s.sqlite3").stat().st_mode & 0o077 == 0
 
     asyncio.run(main())
+
+
+def test_a_sandbox_that_ends_closes_its_pending_approvals_before_its_grants_end(
+    make_store: Any,
+) -> None:
+    """An answer given after the sandbox left would make a session grant that a new sandbox given
+    the same id (a CI job's name) inherits: the approval is closed first, so the answer finds
+    nothing open and no grant is made. Other sandboxes' approvals stay open."""
+
+    async def body(store: Store, clock: Clock) -> None:
+        _, grant = await approve_for_session(store, clock)
+        held = await store.open(fresh(clock, host="b.test"), Limits())
+        other = await store.open(fresh(clock, host="b.test", sandbox="sbx-2"), Limits())
+        assert held is not None and other is not None
+        await store.end_session("sbx-1")
+        closed = await store.get(held[0].id)
+        assert closed is not None
+        assert (closed.state, closed.decided_by) == (State.EXPIRED, ENDED)
+        with pytest.raises(NotOpen):
+            late = Grant(held[0].subject, held[0].id, "alice", clock() + 100)
+            await store.decide(held[0].id, State.APPROVED, "alice", None, Scope.SESSION, late)
+        assert await store.grant_for(held[0].subject) is None
+        assert await store.grant_for(grant.subject) is None
+        assert [a.id for a in await store.pending()] == [other[0].id]
+
+    run(make_store, body)
