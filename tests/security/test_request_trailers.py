@@ -156,6 +156,8 @@ def h2_post(
         (":scheme", "https"),
         (":authority", f"allowed.test:{port}"),
         (":path", path),
+        # typed as bytes: an untyped POST may be a form, whose body is held and read for _method
+        ("content-type", "application/octet-stream"),
     ]
     client.send_headers(1, head)
     seen: list[h2.events.Event] = []
