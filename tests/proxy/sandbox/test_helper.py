@@ -6,6 +6,7 @@ hidden under it must stay hidden, and a writable file system mounted below it mu
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -62,44 +63,60 @@ def test_a_path_hidden_inside_a_read_only_directory_stays_hidden(tmp_path: Path)
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
+@pytest.mark.parametrize("tree_calls", [True, False], ids=["open_tree", "bind-and-remount"])
 def test_a_file_system_mounted_below_a_read_only_directory_is_read_only_too(
-    tmp_path: Path,
+    tmp_path: Path, tree_calls: bool
 ) -> None:
-    """The mount below is made in a user and mount namespace of the test's own (``unshare -rm``),
-    where the sandbox is then built: the host's mounts are not touched."""
+    """init's own steps, run in a user and mount namespace of the test's own (``unshare -rm``):
+    the host's mounts are not touched. A writable file system mounted below a directory made
+    read-only is read-only too, and a path hidden below it stays hidden; both ways a directory is
+    made read-only (the mount API of Linux 5.12, and binding and remounting each mount where the
+    kernel lacks it)."""
     kept = tmp_path / "kept"
     (kept / "volume").mkdir(parents=True)
+    (kept / "secret").mkdir()
+    (kept / "secret" / "token").write_text("s3cr3t\n")
     script = textwrap.dedent(
         f"""
-        import ctypes, os, subprocess, sys
+        import ctypes, json, os, sys
         sys.path.insert(0, {str(REPO)!r})
-        from proxy.sandbox.namespace import Sandbox, SandboxSpec
-        from tests.proxy.sandbox.conftest import LISTENERS
+        from proxy.sandbox import helper
+        if not {tree_calls!r}:
+            def no_tree_calls(path):
+                raise helper._NoTreeCalls
+            helper._freeze_tree = no_tree_calls
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.mount(b"probe", b"{kept}/volume", b"tmpfs", 0, None) != 0:
             sys.exit("mount: errno %d" % ctypes.get_errno())
-        open("{kept}/volume/before", "w").close()  # writable here
-        spec = SandboxSpec(
-            argv=["sh", "-c", 'touch {kept}/volume/x; echo "volume=$?"; ls {kept}/volume'],
-            env=dict(os.environ), listeners=LISTENERS[:1], frozen=["{kept}"],
-        )
-        sandbox = Sandbox.spawn(spec, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        sandbox.start()
-        out, _ = sandbox.proc.communicate(timeout=30)
-        sandbox.close_sockets()
-        print(out.decode())
+        open("{kept}/volume/before", "w").close()  # writable until frozen
+        helper._hide(["{kept}/secret"])
+        helper._freeze(["{kept}"])
+        out = {{"listed": sorted(os.listdir("{kept}/volume")),
+                "hidden": os.listdir("{kept}/secret")}}
+        for name in ("volume/x", "y"):
+            try:
+                open("{kept}/" + name, "w").close()
+                out[name] = "written"
+            except OSError as exc:
+                out[name] = os.strerror(exc.errno)
+        print(json.dumps(out))
         """
     )
     result = subprocess.run(
-        ["unshare", "--user", "--map-root-user", "--mount", sys.executable, "-c", script],
+        ["unshare", "--user", "--map-root-user", "--mount", sys.executable, "-I", "-c", script],
         capture_output=True,
         text=True,
         timeout=WAIT,
         cwd=REPO,
     )
     assert result.returncode == 0, result.stderr
-    assert "before" in result.stdout, result.stdout  # the sandbox sees the mounted file system
-    assert "volume=" in result.stdout and "volume=0" not in result.stdout, result.stdout
+    out = json.loads(result.stdout.splitlines()[-1])
+    assert out == {
+        "listed": ["before"],  # the file system below is still there, read-only
+        "hidden": [],
+        "volume/x": "Read-only file system",
+        "y": "Read-only file system",
+    }, out
 
 
 @pytest.mark.parametrize(
