@@ -244,6 +244,28 @@ _KERNEL_FILES = (
 _KEPT = ((2, 0x2), (4, 0x4), (8, 0x8), (1024, 0x400), (2048, 0x800), (4096, 1 << 21))
 
 
+def _pin_ancestors(paths: list[str]) -> None:
+    """Make every directory above a path kept read-only a mount point (bound onto itself, writable,
+    with what lies below it), up to the nearest one that already is. The kernel refuses to rename
+    a mount point, but not a directory that holds one: a command could otherwise rename the parent
+    of the gate's virtual environment (or of the journal, a policy file, /etc) away, mount and
+    all, and put a directory of its own making at the old path for the next run to read."""
+    points = set(_mount_points())
+    pinned: set[str] = set()
+    for path in paths:
+        above: list[str] = []
+        parent = os.path.dirname(os.path.abspath(path))
+        while parent not in points and parent not in pinned and parent != "/":
+            above.append(parent)
+            parent = os.path.dirname(parent)
+        for directory in reversed(above):  # the outermost first: each bind carries those below
+            try:
+                _mount(directory, directory, None, _MS_BIND | _MS_REC)
+            except OSError as exc:
+                raise _SetupFailed(f"cannot pin {directory} in the sandbox: {exc}") from exc
+            pinned.add(directory)
+
+
 def _freeze(paths: list[str]) -> None:
     """Make each path read-only inside the sandbox (a read-only bind mount on itself): files that
     rules are bound to, the files the run's policy was read from, and the gate's installation,
@@ -277,7 +299,7 @@ class _NoTreeCalls(Exception):
     """The kernel has no open_tree/mount_setattr (before Linux 5.12): bind and remount instead."""
 
 
-# The mount API of Linux 5.2 and 5.12; the numbers are the same on every architecture since.
+# The mount API of Linux 5.2 and 5.12; asm-generic's numbers, which x86 and arm64 share.
 _SYS_OPEN_TREE, _SYS_MOVE_MOUNT, _SYS_MOUNT_SETATTR = 428, 429, 442
 _OPEN_TREE_CLONE, _AT_RECURSIVE, _AT_EMPTY_PATH = 0x1, 0x8000, 0x1000
 _MOVE_MOUNT_F_EMPTY_PATH, _MOUNT_ATTR_RDONLY, _AT_FDCWD = 0x4, 0x1, -100
@@ -422,8 +444,10 @@ def _init_main(config: dict[str, Any], ctl: socket.socket, env: dict[str, str] |
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     try:
         resolv = _setup_mounts(config)
+        frozen = [p for p in _KERNEL_FILES if os.path.lexists(p)] + (config.get("freeze") or [])
+        _pin_ancestors(frozen)
         _hide(config.get("hide") or [])
-        _freeze([p for p in _KERNEL_FILES if os.path.lexists(p)] + (config.get("freeze") or []))
+        _freeze(frozen)
         _loopback_up()
         socks = _listeners(config)
     except _SetupFailed as exc:

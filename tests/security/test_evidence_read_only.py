@@ -33,6 +33,8 @@ def _tamper(*files: Path) -> str:
             f'printf "{{}}\\n" >> {path}; echo "append{index}=$?"',
             f'mv {path} {path}.old; echo "rename{index}=$?"',
             f'rm -f {path}; echo "remove{index}=$?"',
+            # the directory holding it, mount and all, then a forged one in its place
+            f'mv {path.parent} {path.parent}.moved; echo "movedir{index}=$?"',
         ]
     return "; ".join(steps)
 
@@ -52,12 +54,12 @@ def test_a_command_cannot_rewrite_its_journal_or_its_decision_log(
     )
     assert result.returncode == 0, result.stderr
     for index in range(len(files)):
-        for step in ("truncate", "append", "rename", "remove"):
+        for step in ("truncate", "append", "rename", "remove", "movedir"):
             assert f"{step}{index}=" in result.stdout, result.stdout
             assert f"{step}{index}=0" not in result.stdout, result.stdout
     logged = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["host"] for r in logged if r.get("decision") == "deny"] == ["refused.example"]
-    assert not list(log.parent.glob("*.old"))
+    assert not list(log.parent.glob("*.old")) and not (tmp_path / "evidence.moved").exists()
     if not reuse:
         verified = subprocess.run(
             [sys.executable, "-m", "proxy.app.cli", "audit", "verify", str(journal)],

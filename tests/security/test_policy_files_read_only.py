@@ -55,6 +55,7 @@ def _attack(*files: Path) -> str:
             f'printf %s {WIDER!r} >> {path}; echo "append{index}=$?"',
             f'mv {path} {path}.old; echo "rename{index}=$?"',
             f'cp /dev/null {path}.new && mv {path}.new {path}; echo "replace{index}=$?"',
+            f'mv {path.parent} {path.parent}.moved; echo "movedir{index}=$?"',
         ]
     return "; ".join(steps)
 
@@ -75,7 +76,7 @@ def test_a_command_cannot_rewrite_its_policy_its_includes_or_the_ceiling(
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     for index in range(3):
-        for step in ("append", "rename", "replace"):
+        for step in ("append", "rename", "replace", "movedir"):
             assert f"{step}{index}=" in result.stdout, result.stdout
             assert f"{step}{index}=0" not in result.stdout, result.stdout
     assert {path: path.read_text() for path in (local, shared, managed)} == before

@@ -130,3 +130,56 @@ def test_a_file_system_mounted_below_a_read_only_directory_is_read_only_too(
 )
 def test_mountinfo_escapes_are_undone(raw: bytes, path: bytes) -> None:
     assert _unescape(raw) == path
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
+def test_no_directory_above_a_read_only_path_can_be_renamed(tmp_path: Path) -> None:
+    """A mount point cannot be renamed, but a directory holding one could be, mount and all, and
+    another put at the old path: every directory above a read-only path is pinned (bound onto
+    itself), up to the nearest mount point. Writing and renaming inside them still work."""
+    venv = tmp_path / "home" / "tools" / "venv"
+    venv.mkdir(parents=True)
+    script = textwrap.dedent(
+        f"""
+        import ctypes, json, os, sys
+        sys.path.insert(0, {str(REPO)!r})
+        from proxy.sandbox import helper
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mount(b"probe", b"{tmp_path}", b"tmpfs", 0, None) != 0:  # the nearest mount point
+            sys.exit("mount: errno %d" % ctypes.get_errno())
+        os.makedirs("{venv}")
+        helper._pin_ancestors(["{venv}"])
+        helper._freeze(["{venv}"])
+        out = {{}}
+        for name, (src, dst) in {{
+            "venv": ("{venv}", "{tmp_path}/home/tools/v2"),
+            "parent": ("{tmp_path}/home/tools", "{tmp_path}/home/t2"),
+            "grandparent": ("{tmp_path}/home", "{tmp_path}/h2"),
+        }}.items():
+            try:
+                os.rename(src, dst)
+                out[name] = "renamed"
+            except OSError as exc:
+                out[name] = os.strerror(exc.errno)
+        os.mkdir("{tmp_path}/home/tools/inside")
+        os.rename("{tmp_path}/home/tools/inside", "{tmp_path}/home/tools/moved")
+        out["inside"] = sorted(os.listdir("{tmp_path}/home/tools"))
+        print(json.dumps(out))
+        """
+    )
+    result = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", sys.executable, "-I", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.splitlines()[-1])
+    busy = "Device or resource busy"
+    assert out == {
+        "venv": busy,
+        "parent": busy,
+        "grandparent": busy,
+        "inside": ["moved", "venv"],
+    }, out
