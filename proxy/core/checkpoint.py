@@ -570,6 +570,8 @@ class Checkpoint:
         if not held:
             return decision
         process = conn.process if conn.attributed else None  # never looked up: unknown, refused
+        if conn.owners is not None:  # searched for this connection already: the same owners
+            return check_bindings(decision, held, conn.owners)
         earlier = process  # as the connection opened: its owner then still counts
         processes = self.processes_of(conn)
         if process is not None and not process.complete and processes is not None:
@@ -584,7 +586,8 @@ class Checkpoint:
                 process = None
             conn.process = process
             processes.remember(peer, process)
-        return check_bindings(decision, held, every_owner_seen(earlier, process))
+        conn.owners = every_owner_seen(earlier, process)
+        return check_bindings(decision, held, conn.owners)
 
     def may_inspect(self, conn: Connection, host: str, port: int) -> bool:
         """Whether a CONNECT to ``host:port`` on ``conn`` could be inspected: by the connection's

@@ -60,6 +60,7 @@ class Connection:
     # the sandbox's own, never those of a later sandbox with the same id).
     processes: Any = None
     process: Any = None  # who owns the client socket (proxy.attribution), once looked up
+    owners: Any = None  # every owner any lookup saw (what a rule bound to executables checks)
     attributed: bool = False  # looked up (process stays None when it could not be found)
     lookup: Any = None  # the lookup under way (an asyncio future), started when it connected
 

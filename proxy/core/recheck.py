@@ -46,7 +46,10 @@ def recheck(
         )
         policy = policy_for(conn)
         decision = decide(request, policy)
-        process = conn.process if conn.attributed else None
+        # every owner its lookups saw, where a bound rule had them searched for
+        process = (
+            conn.owners if conn.owners is not None else conn.process if conn.attributed else None
+        )
         decision = check_bindings(decision, bindings(tables, policy, request, decision), process)
         if decision.decision is Verdict.ASK:
             if tunnel.reason is Reason.APPROVAL_GRANTED:

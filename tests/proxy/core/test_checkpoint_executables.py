@@ -120,12 +120,14 @@ def test_an_owner_seen_as_the_connection_opened_still_counts(tmp_path: Path) -> 
     processes = HandedOver(None)
     checkpoint = Checkpoint(lambda: policy, Emitter([MemorySink()]), Lookups(), processes=processes)
     conn = checkpoint.connections.open("c1", "127.0.0.1:5000", "sbx")
-    decision = asyncio.run(
-        checkpoint.admit(conn, Request(Kind.CONNECT, "pypi.test", 443, "CONNECT"))
-    )
+    request = Request(Kind.CONNECT, "pypi.test", 443, "CONNECT")
+    decision = asyncio.run(checkpoint.admit(conn, request))
     assert processes.asked == ["127.0.0.1:5000", "127.0.0.1:5000 every owner"]
     assert decision.reason is Reason.EXECUTABLE_NOT_ALLOWED
     assert "/usr/bin/python3" in (decision.detail or "")
+    # and on every later request of the connection (keep-alive, pipelined), not only the first
+    again = asyncio.run(checkpoint.admit(conn, request))
+    assert again.reason is Reason.EXECUTABLE_NOT_ALLOWED
 
 
 def test_an_unattributed_connection_fails_closed(tmp_path: Path) -> None:
