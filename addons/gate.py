@@ -295,16 +295,17 @@ class GateAddon:
     def _refuse_switch(
         self, flow: http.HTTPFlow, conn: Connection | None, allowed: Request | None, detail: str
     ) -> None:
-        """Recorded, then the flow killed: mitmproxy then sends nothing of the response and closes
-        the client's connection (an HTTP/2 client's stream), so no relay ever opens."""
-        if conn is not None:
-            req = flow.request
-            request = allowed or self._request(Kind.HTTP, req.host, req.port, req)
-            self.checkpoint.refuse_switch(conn, request, detail)
+        """The flow killed, then the refusal recorded: mitmproxy sends nothing of the response and
+        closes the client's connection (an HTTP/2 client's stream), so no relay ever opens, even
+        when recording fails."""
         if flow.killable:
             flow.kill()
         else:  # never seen in responseheaders; fail closed all the same
             self.close_client(flow.client_conn)
+        if conn is not None:
+            req = flow.request
+            request = allowed or self._request(Kind.HTTP, req.host, req.port, req)
+            self.checkpoint.refuse_switch(conn, request, detail)
 
     def error(self, flow: http.HTTPFlow) -> None:
         """Before mitmproxy answers a failed request with its error text: a bound host's failure

@@ -50,13 +50,14 @@ def private_dir(path: str) -> str:
 
 
 def runtime_dir(environ: Mapping[str, str] | None = None) -> str | None:
-    """This user's ``XDG_RUNTIME_DIR`` when it is one as the XDG specification says (an absolute
-    path to a directory owned by this user, mode 0700), else None. It holds the user's service
+    """This user's ``XDG_RUNTIME_DIR`` (``/run/user/UID`` where the variable is unset, as under
+    sudo or cron) when it is one as the XDG specification says (an absolute path to a directory
+    owned by this user, mode 0700), else None. It holds the user's service
     sockets by path: the systemd user manager and the D-Bus session bus (``systemd-run --user``
     starts a command outside any sandbox), the SSH, GPG and keyring agents. A sandbox runs as the
     same user, so the whole directory is hidden in every sandbox."""
     env = os.environ if environ is None else environ
-    base = env.get("XDG_RUNTIME_DIR", "")
+    base = env.get("XDG_RUNTIME_DIR", "") or f"/run/user/{os.geteuid()}"  # unset under sudo, cron
     if not os.path.isabs(base):
         return None
     try:

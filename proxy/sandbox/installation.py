@@ -26,7 +26,11 @@ def installation_paths(working_dirs: tuple[str, ...] = ()) -> tuple[str, ...]:
     """What the sandbox must not write, outermost paths only (a nested path is covered by the
     recursive bind of its parent). ``working_dirs``: directories the command works in; an import
     path entry that is one of them or holds one is narrowed to the gate's packages."""
-    here = [_real(d) for d in (os.getcwd(), *working_dirs) if d]
+    try:
+        cwd = os.getcwd()
+    except OSError:  # a deleted working directory: it holds no import path entry
+        cwd = ""
+    here = [_real(d) for d in (cwd, *working_dirs) if d]
     found: list[str] = []
     if sys.prefix != sys.base_prefix:  # a virtual environment: all of it is the installation
         found.append(_real(sys.prefix))

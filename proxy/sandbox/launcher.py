@@ -346,6 +346,7 @@ def _run_with(
                 *installation_paths((options.cwd,) if options.cwd else ()),
                 *(read_only_files(policy) if session is None else session.frozen),
                 *evidence,
+                *_hosts_file(options),
             ),
             hidden,
         ),
@@ -403,6 +404,15 @@ def read_only_files(policy: Any) -> tuple[str, ...]:
     sources = (*policy.files, *(ceiling.files if ceiling is not None else ()))
     executables = (e.path for rule in rules for e in rule.executables)
     return tuple(dict.fromkeys((*executables, *map(str, sources))))
+
+
+def _hosts_file(options: RunOptions) -> tuple[str, ...]:
+    """A hosts file of the run's own (``--hosts-file``), which the gate reads again whenever it
+    changes: read-only inside, as /etc/hosts is in every sandbox."""
+    path = options.hosts_file
+    if not path or os.path.abspath(path) == "/etc/hosts" or not os.path.isfile(path):
+        return ()
+    return (os.path.abspath(path),)
 
 
 def evidence_files(options: RunOptions) -> tuple[str, ...]:

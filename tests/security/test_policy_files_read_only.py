@@ -98,3 +98,21 @@ def test_a_policy_in_a_hidden_directory_runs_and_stays_out_of_reach(
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "read=0" not in result.stdout, result.stdout
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(120)
+def test_a_hosts_file_of_the_runs_own_is_read_only_inside(
+    world: UserGateWorld, tmp_path: Path
+) -> None:
+    """The gate reads ``--hosts-file`` again whenever it changes: a line a command added would send
+    an allowed name to an address of its choosing."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n")
+    result = world.run(
+        "--quiet", "--hosts-file", str(hosts), "--",
+        "sh", "-c", f'echo "203.0.113.9 allowed.test" >> {hosts}; echo "append=$?"',
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "append=" in result.stdout and "append=0" not in result.stdout, result.stdout
+    assert hosts.read_text() == "127.0.0.1 localhost\n"
