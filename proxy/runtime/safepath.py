@@ -30,3 +30,27 @@ def drop_working_directory() -> None:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
     if here is not None and here == root and root not in sys.path:
         sys.path.append(root)
+
+
+def drop_environment_path() -> None:
+    """Remove the ``PYTHONPATH`` entries from ``sys.path`` unless they hold a module already
+    loaded (the installation itself, run from there). They come before the standard library and
+    site-packages, and they are the command's: ``PYTHONPATH=src egress run -- CMD`` names the
+    agent's own source, where a ``dns/`` package it wrote would run in the gate at the first DNS
+    question, outside the sandbox. Dropped, they are neither imported from nor kept read-only in
+    the sandbox (the agent goes on writing its source)."""
+    if sys.flags.ignore_environment or not os.environ.get("PYTHONPATH"):
+        return
+    named = {os.path.abspath(p) for p in os.environ["PYTHONPATH"].split(os.pathsep) if p}
+    loaded = [
+        os.path.abspath(f)
+        for m in list(sys.modules.values())
+        if (f := getattr(m, "__file__", None))
+    ]
+    kept = []
+    for entry in sys.path:
+        path = os.path.abspath(entry) if entry else ""
+        if path in named and not any(f.startswith(path.rstrip("/") + "/") for f in loaded):
+            continue
+        kept.append(entry)
+    sys.path[:] = kept

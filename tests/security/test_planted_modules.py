@@ -43,6 +43,37 @@ def test_a_module_planted_in_the_runs_directory_never_runs_in_the_gate(tmp_path:
     assert not marker.exists()
 
 
+@pytest.mark.netns
+@pytest.mark.timeout(120)
+def test_a_module_planted_in_the_commands_pythonpath_never_runs_in_the_gate(
+    tmp_path: Path,
+) -> None:
+    """``PYTHONPATH=src egress run -- CMD``: the entry names the agent's own source, and it comes
+    before site-packages on the import path. The gate leaves it off (a ``dns`` package written
+    there is not the one it imports at the first DNS question), and the agent can still write it."""
+    workdir = tmp_path / "repo"
+    (workdir / "src").mkdir(parents=True)
+    marker = tmp_path / "planted-code-ran"
+    (workdir / "plant.txt").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    command = (
+        "mkdir src/dns && cp plant.txt src/dns/__init__.py"
+        " && (getent hosts example.test; getent hosts pypi.org) >/dev/null 2>&1; true"
+    )
+    env = {**clean_env(), "PYTHONPATH": os.pathsep.join([str(ROOT), "src"])}
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy.app.cli", "run", "--quiet", "--", "sh", "-c", command],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (workdir / "src" / "dns" / "__init__.py").exists()  # written: src is not read-only
+    assert "dnspython could not be imported" not in result.stderr  # the gate loaded the real one
+    assert not marker.exists()
+
+
 def _path_after(cwd: Path, code: str, env: dict[str, str]) -> list[str]:
     return list(eval(fresh_python(code, cwd=cwd, env=env)))  # a repr of a list of strings
 
