@@ -105,6 +105,38 @@ redis.call('PUBLISH', P .. ':changes', message)
 return 1
 """
 
+# ARGV: prefix, sandbox, now, decided_by, reason. The sandbox ended, in one step: its pending
+# approvals expire (an answer another replica gives after this finds nothing open), then its grants
+# and its grant list go (none can be written for it in between: only an answer writes one).
+_END = """
+local P, sandbox, now, by, reason = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local ids = redis.call('ZRANGE', P .. ':open:' .. sandbox, 0, -1)
+for _, id in ipairs(ids) do
+  local key = P .. ':a:' .. id
+  local h = redis.call('HMGET', key, 'state', 'data', 'skey')
+  if h[1] == 'pending' and h[2] then
+    local data = cjson.decode(h[2])
+    data['state'] = 'expired'
+    data['decided_by'] = by
+    data['reason'] = reason
+    data['decided'] = now
+    redis.call('HSET', key, 'state', 'expired', 'data', cjson.encode(data))
+    redis.call('HINCRBY', key, 'ver', 1)
+    redis.call('ZREM', P .. ':open', id)
+    if h[3] and redis.call('GET', P .. ':join:' .. h[3]) == id then
+      redis.call('DEL', P .. ':join:' .. h[3])
+    end
+    redis.call('PUBLISH', P .. ':changes', cjson.encode({type = 'decided', approval = data}))
+  end
+end
+redis.call('DEL', P .. ':open:' .. sandbox)
+for _, grant in ipairs(redis.call('SMEMBERS', P .. ':gs:' .. sandbox)) do
+  redis.call('DEL', grant)
+end
+redis.call('DEL', P .. ':gs:' .. sandbox)
+return #ids
+"""
+
 
 class RedisStore:
     def __init__(
@@ -135,6 +167,7 @@ class RedisStore:
         self._client = client
         self._open_script = client.register_script(_OPEN)
         self._set_script = client.register_script(_SET)
+        self._end_script = client.register_script(_END)
         subscribed = asyncio.Event()
         self._relay = asyncio.create_task(self._relay_changes(subscribed), name="approvals-relay")
         await asyncio.wait_for(subscribed.wait(), 10)
@@ -329,22 +362,7 @@ class RedisStore:
         return grant
 
     async def end_session(self, sandbox: str) -> None:
-        # Each pending approval closes by compare-and-set: an answer another replica gives first
-        # wins, and its grant (written with it, in one script) is among those deleted next.
-        now = self.clock()
-        for approval_id in await self.client.zrange(self._key("open", sandbox), 0, -1):
-            with contextlib.suppress(NotOpen):
-                await self._transition(
-                    str(approval_id),
-                    lambda a: a.decide(State.EXPIRED, ENDED, ENDED_REASON, None, now),
-                    ChangeType.DECIDED,
-                    require_open=False,
-                )
-        members_key = self._key("gs", sandbox)
-        keys = await self.client.smembers(members_key)
-        if keys:
-            await self.client.delete(*keys)
-        await self.client.delete(members_key)
+        await self._end_script(args=[self.prefix, sandbox, repr(self.clock()), ENDED, ENDED_REASON])
 
 
 def _shown(url: str) -> str:
