@@ -281,9 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from proxy.runtime.safepath import drop_environment_path, drop_working_directory
 
     drop_working_directory()  # before any module a gate imports late, after its command started
-    drop_environment_path()  # the command's PYTHONPATH is not the gate's
     words = list(sys.argv[1:] if argv is None else argv)
     if words[:1] == ["run"]:  # the sandbox launcher: its own parser and imports only
+        drop_environment_path()  # the command's PYTHONPATH is not its gate's
         from proxy.app.sandbox_cli import run_command
 
         return run_command(words, leave=argv is None)
