@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +24,20 @@ from tests.proxy.sandbox.conftest import LISTENERS, WAIT
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
 
 REPO = Path(__file__).resolve().parents[3]
+
+
+def _in_a_namespace_of_its_own(script: str) -> Any:
+    """What ``script`` prints last (JSON), run as root of a user and mount namespace of its own
+    (``unshare -rm``): init's steps, without touching the host's mounts."""
+    result = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", sys.executable, "-I", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
 
 
 def _run(spec: SandboxSpec) -> str:
@@ -102,15 +117,7 @@ def test_a_file_system_mounted_below_a_read_only_directory_is_read_only_too(
         print(json.dumps(out))
         """
     )
-    result = subprocess.run(
-        ["unshare", "--user", "--map-root-user", "--mount", sys.executable, "-I", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout.splitlines()[-1])
+    out = _in_a_namespace_of_its_own(script)
     assert out == {
         "listed": ["before"],  # the file system below is still there, read-only
         "hidden": [],
@@ -167,15 +174,7 @@ def test_no_directory_above_a_read_only_path_can_be_renamed(tmp_path: Path) -> N
         print(json.dumps(out))
         """
     )
-    result = subprocess.run(
-        ["unshare", "--user", "--map-root-user", "--mount", sys.executable, "-I", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout.splitlines()[-1])
+    out = _in_a_namespace_of_its_own(script)
     busy = "Device or resource busy"
     assert out == {
         "venv": busy,
