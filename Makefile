@@ -25,6 +25,8 @@ venv: $(STAMP)
 # install has no import hook either): the default mode adds an import hook that loads pathlib, glob and
 # re when the interpreter starts, ~13 ms of every `egress` command, `egress run` included
 # (docs/startup.md). Should a setuptools release drop that mode, the default one is installed instead.
+# scripts/link-packages then narrows the path entry to the gate's two packages (an agent working in the
+# checkout must not be able to put a module on the environment's import path).
 $(STAMP): pyproject.toml constraints.txt Makefile
 	@if ! $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1; then \
 		base="$(find_python)"; \
@@ -35,6 +37,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	PYTHONWARNINGS="ignore:Compat editable installs" $(PY) -m pip install -q -c constraints.txt \
 		-e '.[dev]' --config-settings editable_mode=compat \
 		|| $(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) scripts/link-packages
 	$(PY) -m proxy.runtime.codecache
 	@touch $(STAMP)
 

@@ -15,8 +15,9 @@ import sys
 
 def drop_working_directory() -> None:
     """Remove the working directory from the front of ``sys.path``; when it is this installation's
-    own root (a checkout run in place), put it back last, after the standard library and
-    site-packages, so the gate's packages stay importable but nothing there shadows a library."""
+    own root (a checkout run in place) and no other entry provides its packages, put it back last,
+    after the standard library and site-packages, so the gate's packages stay importable but
+    nothing there shadows a library."""
     if sys.flags.safe_path or not sys.path:
         return
     try:
@@ -28,8 +29,14 @@ def drop_working_directory() -> None:
         return
     del sys.path[0]
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
-    if here is not None and here == root and root not in sys.path:
+    if here is not None and here == root and root not in sys.path and not _elsewhere("addons"):
         sys.path.append(root)
+
+
+def _elsewhere(package: str) -> bool:
+    """Whether another import path entry provides ``package`` (the environment's links to the
+    checkout's packages, ``scripts/link-packages``): then the checkout itself need not be on it."""
+    return any(p and os.path.isfile(os.path.join(p, package, "__init__.py")) for p in sys.path)
 
 
 def drop_environment_path() -> None:

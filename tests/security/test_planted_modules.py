@@ -90,10 +90,42 @@ def test_the_working_directory_leaves_the_import_path(tmp_path: Path) -> None:
     assert str(ROOT) in path  # (from PYTHONPATH)
 
 
-def test_a_checkout_run_in_place_goes_after_the_libraries() -> None:
-    """Run from the checkout itself: its packages stay importable, after the standard library."""
+def test_a_checkout_run_in_place_is_not_on_the_path_before_the_libraries() -> None:
+    """Run from the checkout itself: its packages stay importable (through the environment's links
+    to them, or with the checkout put back after the standard library where there are none)."""
     env = {k: v for k, v in clean_env().items() if k != "PYTHONPATH"}
     path = _path_after(ROOT, DROP + ";import addons", env)
     stdlib = os.path.dirname(os.__file__)
     assert "" not in path
-    assert path.index(str(ROOT)) > path.index(stdlib)
+    assert str(ROOT) not in path or path.index(str(ROOT)) > path.index(stdlib)
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(120)
+def test_a_module_planted_at_the_checkouts_root_never_runs_in_a_later_interpreter(
+    tmp_path: Path,
+) -> None:
+    """An agent working inside the checkout can write its root. The environment's import path
+    names the checkout's two packages only (``scripts/link-packages``), never its root: a
+    ``sitecustomize.py`` left there would otherwise run in every later interpreter of the
+    environment, the next ``egress run`` launcher included, outside any sandbox."""
+    planted = ROOT / "sitecustomize.py"
+    if planted.exists():
+        pytest.skip("the checkout has a sitecustomize.py of its own")
+    marker = tmp_path / "planted-code-ran"
+    env = {k: v for k, v in clean_env().items() if k != "PYTHONPATH"}
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "proxy.app.cli", "run", "--quiet", "--", "sh", "-c",
+             f"echo \"open({str(marker)!r}, 'w')\" > {planted}; echo planted=$?"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert "planted=0" in result.stdout, result.stdout  # the root stays the agent's to write
+        later = subprocess.run(
+            [sys.executable, "-c", "import proxy"], cwd="/", env=env, timeout=60, check=False
+        )
+        assert later.returncode == 0
+        assert not marker.exists()
+    finally:
+        planted.unlink(missing_ok=True)
