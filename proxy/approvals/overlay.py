@@ -100,7 +100,7 @@ class Overlay:
         decision = decide(Request(Kind.CONNECT, subject.host, subject.port), policy)
         if decision.decision is not Verdict.ALLOW or decision.rule is None:
             return None
-        rule = next((r for r in policy.rules if r.name == decision.rule), None)
+        rule = policy.rule(decision.rule)
         if rule is None:
             return None
         approval = rule.name.removeprefix("approved-")

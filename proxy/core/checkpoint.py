@@ -625,7 +625,7 @@ class Checkpoint:
                 detail=f"{decision.detail}; this gate has no approvals configured, so no one "
                 "can answer",
             )
-        rule = next((r for r in policy.rules if r.name == decision.rule), None)
+        rule = policy.rule(decision.rule)
         try:
             methods = judged_methods(request.http) if request.http is not None else ()
             answer = await self.approvals.answer(decision, rule, self.emitter.emit, methods=methods)
@@ -811,7 +811,7 @@ def _bare(host: str) -> str:
 
 def _review(policy: Policy, rule: str | None) -> str | None:
     """Who may answer the ``ask`` rule named ``rule`` in ``policy`` (None: no such rule)."""
-    found = next((r for r in policy.rules if r.name == rule), None)
+    found = policy.rule(rule)
     return str(found.review) if found is not None else None
 
 

@@ -181,12 +181,14 @@ def _judge(rules: RequestRules, head: HttpHead) -> Judgement:
             return BODY
         rule = escape(first.rule.name) if first.rule is not None else "-"
         kind = escape(head.content_type) if head.content_type else "none"
+        why = (
+            f"rule '{rule}' allows this POST only once its body is read for a '_method' "
+            f"override (a server could read it as an HTML form: Content-Type {kind}), and it"
+        )
         if head.body_overflow:
             return _refuse(
                 Reason.REQUEST_TOO_LARGE,
-                f"rule '{rule}' allows this POST only once its body is read for a '_method' "
-                f"override (a server could read it as an HTML form: Content-Type {kind}), and "
-                f"it is longer than the {HOLD_LIMIT} bytes the gate holds; send it with its "
+                f"{why} is longer than the {HOLD_LIMIT} bytes the gate holds; send it with its "
                 "real Content-Type",
             )
         body = head.readable_body
@@ -194,9 +196,7 @@ def _judge(rules: RequestRules, head: HttpHead) -> Judgement:
         if found is None:
             return _refuse(
                 Reason.AMBIGUOUS_REQUEST,
-                f"rule '{rule}' allows this POST only once its body is read for a '_method' "
-                f"override (a server could read it as an HTML form: Content-Type {kind}), and it "
-                "cannot be read (compressed, an unreadable multipart or charset); send it "
+                f"{why} cannot be read (compressed, an unreadable multipart or charset); send it "
                 "with its real Content-Type",
             )
         for each in found:

@@ -257,3 +257,7 @@ class Policy:
     def reads_requests(self) -> bool:
         """Some host's requests are read (its TLS terminated): clients must trust the gate's CA."""
         return any(rule.reads_requests for rule in self.rules)
+
+    def rule(self, name: str | None) -> Rule | None:
+        """The rule a decision names (names are unique in a policy), or None."""
+        return next((r for r in self.rules if r.name == name), None)

@@ -25,7 +25,8 @@ _OWN_PACKAGES = ("proxy", "addons")
 def installation_paths(working_dirs: tuple[str, ...] = ()) -> tuple[str, ...]:
     """What the sandbox must not write, outermost paths only (a nested path is covered by the
     recursive bind of its parent). ``working_dirs``: directories the command works in; an import
-    path entry that is one of them or holds one is narrowed to the gate's packages."""
+    path entry that is one of them or holds one is left writable (the gate's own packages, kept
+    read-only wherever they are, are the part of it the gate runs)."""
     try:
         cwd = os.getcwd()
     except OSError:  # a deleted working directory: it holds no import path entry
@@ -39,11 +40,8 @@ def installation_paths(working_dirs: tuple[str, ...] = ()) -> tuple[str, ...]:
         if not entry:
             continue
         path = _real(entry)
-        if any(_within(w, path) for w in here):
-            if path == root:
-                found += [os.path.join(root, name) for name in _OWN_PACKAGES]
-            continue
-        found.append(path)
+        if not any(within(w, path) for w in here):
+            found.append(path)
     found += [os.path.join(root, name) for name in _OWN_PACKAGES]
     interpreter = _real(sys.executable)
     found.append(interpreter)
@@ -67,12 +65,13 @@ def _shared_libraries(prefix: str) -> list[str]:
 def _outermost(paths: list[str]) -> tuple[str, ...]:
     kept: list[str] = []
     for path in sorted(paths, key=len):
-        if not any(_within(path, k) for k in kept):
+        if not any(within(path, k) for k in kept):
             kept.append(path)
     return tuple(sorted(kept))
 
 
-def _within(path: str, parent: str) -> bool:
+def within(path: str, parent: str) -> bool:
+    """``path`` is ``parent`` or below it (both absolute, resolved)."""
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
@@ -80,4 +79,4 @@ def _real(path: str) -> str:
     return os.path.realpath(os.path.abspath(path))
 
 
-__all__ = ["installation_paths"]
+__all__ = ["installation_paths", "within"]

@@ -22,7 +22,7 @@ from proxy.sandbox import (
 )
 from proxy.sandbox.env import ProxyAddress, proxy_environment
 from proxy.sandbox.gatedir import runtime_dir
-from proxy.sandbox.installation import installation_paths
+from proxy.sandbox.installation import installation_paths, within
 from proxy.sandbox.namespace import Listener, Sandbox, SandboxError, SandboxSpec, exit_code
 from proxy.sandbox.signals import forwarding_signals
 from proxy.sandbox.stdio import foreground_tty, restore_tty, stdio_fds, stdio_problem
@@ -440,8 +440,9 @@ def _visible(paths: tuple[str, ...], hidden: tuple[str, ...]) -> tuple[str, ...]
     """``paths`` minus those under a hidden path: the sandbox cannot reach those at all."""
     if not paths or not hidden:
         return paths
-    covered = tuple(os.path.realpath(h).rstrip("/") + "/" for h in hidden)
-    return tuple(p for p in paths if not (os.path.realpath(p) + "/").startswith(covered))
+    covered = [os.path.realpath(h) for h in hidden]
+    real = {p: os.path.realpath(p) for p in paths}
+    return tuple(p for p in paths if not any(within(real[p], h) for h in covered))
 
 
 def _summary(options: RunOptions) -> SummarySink:
