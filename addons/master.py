@@ -232,10 +232,10 @@ class Gate:
     async def _drain(self, seconds: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
-        in_flight = self.checkpoint.connections.active
-        while self.checkpoint.connections.active and loop.time() < deadline:
+        in_flight = self.in_flight()
+        while self.in_flight() and loop.time() < deadline:
             await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
-        left = self.checkpoint.connections.active
+        left = self.in_flight()
         if in_flight:
             log.warning(
                 "drained %d of %d connections in flight; closing %d at the %g s deadline",
@@ -244,6 +244,11 @@ class Gate:
                 left,
                 seconds,
             )
+
+    def in_flight(self) -> int:
+        """Connections being served, a connection accepted but not yet opened at the checkpoint
+        (its task has not run: a queue the listener left) included."""
+        return max(self.checkpoint.connections.active, len(self.tunnels.active))
 
     def remove_listener(self, server: asyncio.Task[None]) -> None:
         listener: socket.socket = server.listener  # type: ignore[attr-defined]

@@ -31,6 +31,10 @@ class _Running:
         address: tuple[str, int] = self.gate.listen_address
         return address
 
+    def in_flight(self) -> int:
+        in_flight: int = self.gate.in_flight()
+        return in_flight + (self.dns.in_flight() if self.dns is not None else 0)
+
     async def stop(self) -> None:
         if self.dns is not None:
             self.dns.close()

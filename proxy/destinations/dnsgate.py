@@ -149,6 +149,10 @@ class DnsGate:
             server.close()
         self._servers.clear()
 
+    def in_flight(self) -> int:
+        """Questions being answered, over UDP and TCP (a TCP client counts once)."""
+        return len(self._tasks) + len(self._tcp_tasks)
+
     def close(self) -> None:
         """Stop accepting and cancel every query in flight."""
         for server in self._servers:

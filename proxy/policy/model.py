@@ -258,6 +258,15 @@ class Policy:
         """Some host's requests are read (its TLS terminated): clients must trust the gate's CA."""
         return any(rule.reads_requests for rule in self.rules)
 
+    @property
+    def binds_executables(self) -> bool:
+        """Some rule, here or in the ceiling, holds to the program behind a connection: the gate
+        must name that program as the connection opens (``egress run`` releases such a policy's
+        command only once its gate serves)."""
+        ceiling = self.ceiling
+        rules = (*self.rules, *(ceiling.rules if ceiling is not None else ()))
+        return any(rule.executables for rule in rules)
+
     def rule(self, name: str | None) -> Rule | None:
         """The rule a decision names (names are unique in a policy), or None."""
         return next((r for r in self.rules if r.name == name), None)

@@ -1,13 +1,17 @@
 """``egress run -- CMD``: run a command whose only network route is the gate.
 
 Order matters for failing closed: the policy is loaded and the sandbox is built (listeners inside,
-checked) *before* anything else; the command is released only once the gate serves those listeners.
-Any failure before that point tears the sandbox down and the command never runs (exit 125).
+checked) *before* anything else, and the command is released only once something holds those
+listeners to serve them: a running gate that has accepted them, or this process about to start its
+private gate on them (once the run's evidence sinks, if any, have opened). Any failure before the
+release tears the sandbox down and the command never runs (exit 125); a private gate that then fails
+to start kills the sandbox, whose connections never got past the listeners' queues (exit 125 too).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -30,7 +34,7 @@ from proxy.sandbox.stdio import foreground_tty, restore_tty, stdio_fds, stdio_pr
 TYPE_CHECKING = False  # typing's constant without importing typing: see docs/startup.md
 if TYPE_CHECKING:  # a private gate's types: the joined modes do not import them (nor the evidence
     # and summary modules, which load the policy model: see tests/proxy/sandbox/test_startup.py)
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterator, Sequence
     from pathlib import Path
     from typing import IO, Any
 
@@ -89,6 +93,7 @@ class RunOptions:
         traceparent: str | None = None,
         reuse_gate: bool = False,
         also_hidden: Sequence[str] = (),
+        gate_modules: Sequence[str] = (),
     ) -> None:
         self.argv = argv
         self.policy_path = policy_path
@@ -135,6 +140,9 @@ class RunOptions:
         # More paths the sandbox must not see whichever gate serves it (this user's own gate state
         # when the shared gate, whose state is elsewhere, serves the run).
         self.also_hidden = tuple(also_hidden)
+        # The modules ``gate`` imports, in import order: a private gate loads them a step at a time
+        # while its sandbox comes up and its command starts (names only: this layer imports none).
+        self.gate_modules = tuple(gate_modules)
 
 
 def new_sandbox_id() -> str:
@@ -351,13 +359,14 @@ def _run_with(
             hidden,
         ),
     )
+    own = _import_steps(_LAUNCHER_MODULES) if private else None
     try:
         sandbox = Sandbox.spawn(
             spec,
             stdin=options.stdin,
             stdout=options.stdout,
             stderr=options.stderr,
-            meanwhile=_load_private_gate_modules if private else None,
+            meanwhile=own,  # the rest of them, then the gate's, once the sandbox is ready
         )
     except SandboxError as exc:
         _err(f"cannot isolate the command, so it was not run: {exc}")
@@ -371,9 +380,9 @@ def _run_with(
         elif upstream is not None:
             code, summary = _run_joined(options, sandbox, upstream)
         else:
-            from proxy.runtime.loop import run as run_loop
-
-            code, summary = run_loop(_run_private(options, sandbox, policy, provided))
+            assert own is not None
+            steps = itertools.chain(own, _import_steps(options.gate_modules))
+            code, summary = _run_private_gate(options, sandbox, policy, provided, steps)
     finally:
         sandbox.close_sockets()
         if sandbox.returncode is None and sandbox.proc.poll() is None:
@@ -384,12 +393,73 @@ def _run_with(
     return code
 
 
-def _load_private_gate_modules() -> None:
-    """What a private gate's launcher imports next (the event loop, the evidence path), loaded while
-    the helper builds the sandbox rather than after."""
-    import proxy.evidence.emit
-    import proxy.runtime.loop
-    import proxy.sandbox.summary  # noqa: F401
+_LAUNCHER_MODULES = (
+    "threading",
+    "traceback",
+    "logging",
+    "concurrent.futures",
+    "ssl",
+    "subprocess",
+    "asyncio",
+    "proxy.runtime.loop",
+    "proxy.core.decision",
+    "proxy.evidence.emit",
+    "proxy.sandbox.summary",
+)
+"""What a private gate's launcher imports next: the event loop, the evidence path. They load while
+the helper builds the sandbox, and what is left of them, then the gate's modules, while the command
+starts. asyncio's own dependencies come first, in steps of 1-4 ms: the sandbox is ready after ~7 ms,
+and its command is released at the first step's end after that (asyncio is one ~11 ms import)."""
+
+
+def _import_steps(names: Sequence[str]) -> Iterator[None]:
+    """Import ``names`` one a step. A name that does not import is passed over: the gate's start
+    imports what it needs, and fails if it cannot."""
+    import importlib
+
+    for name in names:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+        yield
+
+
+def _run_private_gate(
+    options: RunOptions,
+    sandbox: Sandbox,
+    policy: Any,
+    provided: Provided | None,
+    steps: Iterator[None],
+) -> tuple[int, str]:
+    """Serve the sandbox with a gate in this process. With no evidence sink to open (whose errors
+    must stop a run before it starts) the command is released at once, and the gate's modules load
+    while it starts: what it sends meanwhile waits in the listeners' queues, held by this process,
+    until the gate takes it. A command that has ended with nothing queued by the time they have
+    loaded never needed the gate, which is then not started (``egress run -- ls`` pays no gate).
+
+    Not so for a policy that binds a rule to executables: the gate names the program behind a
+    connection when it takes it, and a queue would give every command a window to connect, send
+    and then ``exec`` the bound program before that (threat 19). Its command is released once the
+    gate serves, as every command was before."""
+    with forwarding_signals(sandbox.send_signal):  # from the release on, until the sandbox ends
+        if options.evidence is None and not policy.binds_executables:
+            sandbox.start()
+            for _ in steps:
+                if _needs_no_gate(sandbox):
+                    break
+            if _needs_no_gate(sandbox):
+                sandbox.close_sockets()
+                return sandbox.wait(10), render_summary(options)
+        else:
+            for _ in steps:
+                pass
+        from proxy.runtime.loop import run as run_loop
+
+        return run_loop(_run_private(options, sandbox, policy, provided))
+
+
+def _needs_no_gate(sandbox: Sandbox) -> bool:
+    """The sandbox has ended (nothing inside can connect any more) and left nothing queued."""
+    return sandbox.ended() and not sandbox.waiting()
 
 
 def read_only_files(policy: Any) -> tuple[str, ...]:
@@ -483,6 +553,8 @@ async def _run_private(
             await _maybe_await(evidence.start())
             if evidence.metrics_url is not None and not options.quiet:
                 _err(f"metrics on {evidence.metrics_url}")  # --metrics HOST:0 picked the port
+        if not sandbox.started and not policy.binds_executables:
+            sandbox.start()  # the sinks are open: the command starts while the gate does
         gate = await options.gate(
             GateRequest(
                 policy,
@@ -506,12 +578,19 @@ async def _run_private(
         import logging
 
         logging.getLogger("egress.run").debug("gate start-up failed", exc_info=True)
+        released = sandbox.started
         sandbox.abort()
-        _err(f"the gate did not start, so the command was not run: {exc}")
+        if released:
+            _err(
+                "the gate did not start, so the command was stopped (nothing it sent had left "
+                f"the sandbox): {exc}"
+            )
+        else:
+            _err(f"the gate did not start, so the command was not run: {exc}")
         await _stop(gate, evidence, emitter)
         return EXIT_SETUP_FAILED, ""
     try:
-        code = await _start_and_wait(sandbox, options.on_ready)
+        code = await _serve_until_exit(sandbox, gate, options.on_ready)
     finally:
         await _stop(gate, evidence, emitter)
     return code, render_summary(options)
@@ -556,10 +635,18 @@ async def _maybe_await(result: Any) -> None:
         await result
 
 
-async def _start_and_wait(
-    sandbox: Sandbox, on_ready: Callable[[Sandbox], None] | None = None
+LEFT_GRACE = 1.0
+"""Seconds the gate has, once the sandbox has ended, for what it left: connections and datagrams
+still queued on the listeners, connections taken and not yet decided."""
+
+
+async def _serve_until_exit(
+    sandbox: Sandbox, gate: PrivateGate, on_ready: Callable[[Sandbox], None] | None = None
 ) -> int:
-    """Release the command and wait for the sandbox to exit without blocking the gate's loop."""
+    """Wait for the released sandbox to exit without blocking the gate's loop; its status. What it
+    sent before the gate served, or just before its end, is then taken and decided, so that every
+    attempt is recorded: its processes are gone, so each such connection ends once decided (within
+    ``LEFT_GRACE`` seconds; past that the gate's stop closes the rest)."""
     import asyncio
 
     from proxy.runtime.loop import gate_started
@@ -574,15 +661,18 @@ async def _start_and_wait(
     pidfd = os.pidfd_open(sandbox.pid)
     loop.add_reader(pidfd, exited)
     try:
-        with forwarding_signals(sandbox.send_signal):
-            if on_ready:
-                on_ready(sandbox)
-            gate_started()
+        if on_ready:
+            on_ready(sandbox)
+        gate_started()
+        if not sandbox.started:  # a policy bound to executables: released once its gate serves
             sandbox.start()
-            await done
+        await done
     finally:
         loop.remove_reader(pidfd)
         os.close(pidfd)
+    deadline = loop.time() + LEFT_GRACE
+    while (sandbox.waiting() or gate.in_flight()) and loop.time() < deadline:
+        await asyncio.sleep(0.005)
     return sandbox.wait(10)
 
 

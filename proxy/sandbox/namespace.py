@@ -41,7 +41,7 @@ from proxy.sandbox import EXIT_SETUP_FAILED
 TYPE_CHECKING = False  # typing's constant without importing typing: see docs/startup.md
 if TYPE_CHECKING:  # imported where used: a launch that forks the helper never loads subprocess
     import subprocess
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Iterator, Mapping, Sequence
     from typing import IO, Any
 
 HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helper.py")
@@ -145,8 +145,9 @@ class Sandbox:
 
     ``spawn`` returns after the handshake: the listeners exist inside the sandbox and have been
     checked to live in a network namespace other than ours, but the command has not started yet.
-    Call :meth:`start` once the gate serves the listeners; :meth:`abort` (or any exception) instead
-    tears the sandbox down without ever running the command.
+    Call :meth:`start` once something holds the listeners to serve them (the gate, or the gate's
+    start in this process); :meth:`abort` (or any exception) instead tears the sandbox down, without
+    ever running the command when it was not started.
 
     Call ``spawn`` from a thread that outlives the sandbox (the main thread): the helper asks the
     kernel to kill it when its parent *thread* exits, so a dead launcher leaves nothing running.
@@ -182,10 +183,11 @@ class Sandbox:
         stdin: int | IO[Any] | None = None,
         stdout: int | IO[Any] | None = None,
         stderr: int | IO[Any] | None = None,
-        meanwhile: Callable[[], object] | None = None,
+        meanwhile: Iterator[object] | None = None,
     ) -> Sandbox:
-        """``meanwhile`` runs in the launcher while the helper builds the sandbox (on another core):
-        work the launcher needs next anyway, such as loading the private gate's modules."""
+        """``meanwhile`` is work the launcher needs next anyway (loading the private gate's modules),
+        in steps: they run while the helper builds the sandbox (on another core), until the sandbox
+        is ready; the caller goes on with the rest."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         config = {
             "argv": list(spec.argv),
@@ -222,7 +224,7 @@ class Sandbox:
             child.close()
         try:
             if meanwhile is not None:
-                meanwhile()
+                _step_until_readable(parent, meanwhile)
             info, sockets = _handshake(parent, spec, proc)
         except BaseException:
             parent.close()
@@ -231,7 +233,8 @@ class Sandbox:
         return cls(proc, parent, sockets, info)
 
     def start(self) -> None:
-        """Let the command run (the gate must already be serving the listeners)."""
+        """Let the command run. Whatever it sends waits in the listeners' queues until the gate takes
+        it, so the gate may still be starting; nothing else leaves the sandbox."""
         if self._ctl is None:
             raise RuntimeError("sandbox already started or aborted")
         self._ctl.sendall(b"G")
@@ -240,12 +243,17 @@ class Sandbox:
         self.started = True
 
     def abort(self) -> None:
-        """Tear down without running the command.
+        """Tear down, without running the command if it was not started (else it is killed).
 
         Closing the control socket makes init exit by itself; the helper exits only after reaping
         init, and init's exit reaps everything in its PID namespace, so once ``abort`` returns
         nothing of the sandbox is left (SIGKILL is only the fallback).
         """
+        if self.started:
+            self.close_sockets()
+            if self.returncode is None:
+                self.kill()
+            return
         if self._ctl is not None:
             self._ctl.close()
             self._ctl = None
@@ -256,6 +264,28 @@ class Sandbox:
             self.returncode = exit_code(self.proc.wait(10))
         except subprocess.TimeoutExpired:
             self.returncode = _reap(self.proc)
+
+    def ended(self) -> bool:
+        """Whether the sandbox has exited, as far as its helper's exit says: the helper outlives
+        everything inside (init's exit kills the whole PID namespace). The helper is left to be
+        waited for (``WNOWAIT``), so its pid stays this sandbox's."""
+        if self.returncode is not None:
+            return True
+        try:
+            found = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # already waited for elsewhere
+            return True
+        return found is not None
+
+    def waiting(self) -> bool:
+        """Whether a connection or datagram waits on one of the listeners for the gate to take it."""
+        import select
+
+        poller = select.poll()
+        for name, sock in self.sockets.items():
+            if name != "diag" and sock.fileno() >= 0:
+                poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
 
     def close_sockets(self) -> None:
         """Close the listeners (whoever served them may already have: closing twice is harmless)."""
@@ -385,6 +415,20 @@ def _reap(proc: subprocess.Popen[bytes] | ForkedHelper) -> int:
         return exit_code(proc.wait(10))
     except subprocess.TimeoutExpired:  # pragma: no cover - the kernel always delivers SIGKILL
         return EXIT_SETUP_FAILED
+
+
+def _step_until_readable(ctl: socket.socket, steps: Iterator[object]) -> None:
+    """Run ``steps`` one at a time until ``ctl`` has the helper's message (or EOF) or none is left."""
+    import select
+
+    poller = select.poll()
+    poller.register(ctl, select.POLLIN)
+    while not poller.poll(0):
+        if next(steps, _NO_STEP) is _NO_STEP:
+            return
+
+
+_NO_STEP = object()
 
 
 def _handshake(

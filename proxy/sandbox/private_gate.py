@@ -52,6 +52,10 @@ class PrivateGate(Protocol):
     @property
     def listen_address(self) -> tuple[str, int]: ...
 
+    def in_flight(self) -> int:
+        """Connections taken and not yet ended (their decisions may still be coming)."""
+        ...
+
     async def stop(self) -> None: ...
 
 

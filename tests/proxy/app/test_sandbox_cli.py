@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from proxy.app.sandbox_cli import register
+from tests.harness import clean_env, fresh_python
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -73,3 +75,43 @@ def test_run_without_a_command() -> None:
     )  # fmt: skip
     assert out.returncode == 125
     assert "no command given" in out.stderr
+
+
+GATE_START = """
+import asyncio, json, sys
+from proxy.app.private_gate import start_private_gate
+from proxy.app.sandbox_cli import GATE_MODULES
+from proxy.evidence.emit import Emitter
+from proxy.policy.loader import load_policy
+from proxy.sandbox.launcher import _LAUNCHER_MODULES
+from proxy.sandbox.private_gate import GateRequest
+
+before = set(sys.modules)
+policy = load_policy(sys.argv[1])
+
+async def main():
+    gate = await start_private_gate(GateRequest(policy, Emitter([]), None, None, "sbx-steps",
+                                                state_dir=sys.argv[2]))
+    await gate.stop()
+
+asyncio.run(main())
+for name in _LAUNCHER_MODULES:  # the launcher's own steps: they must import
+    __import__(name)
+print(json.dumps({
+    "never": [m for m in GATE_MODULES if m not in sys.modules],
+    "started": [m for m in GATE_MODULES if m not in before],
+}))
+"""
+
+
+def test_the_steps_a_private_gate_loads_in_are_what_its_start_imports(tmp_path: Path) -> None:
+    """`egress run` loads the private gate's modules a step at a time by name while the command
+    starts: each name must be one a start imports (a renamed or dropped module would leave a step
+    that loads nothing, and the gate's imports back on the command's path)."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\nrules:\n  - name: a\n    hosts: [a.test]\n")
+    out = json.loads(
+        fresh_python(GATE_START, str(policy), str(tmp_path / "state"), cwd=REPO, env=clean_env())
+    )
+    assert out["never"] == []
+    assert out["started"], "the gate's start imported none of GATE_MODULES"

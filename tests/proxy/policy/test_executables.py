@@ -65,3 +65,18 @@ def test_links_relative_paths_and_deny_rules_are_refused(tmp_path: Path) -> None
     assert "is a link to /usr/bin/git" in _problems(tmp_path, str(link))[0]
     assert "not an absolute path" in _problems(tmp_path, "git")[0]
     assert "deny rule applies to every process" in _problems(tmp_path, "/usr/bin/git", "deny")[0]
+
+
+def test_a_policy_says_whether_a_rule_of_it_or_its_ceiling_is_bound(tmp_path: Path) -> None:
+    """`egress run` releases a command before its gate serves only when no decision can depend on
+    the program behind a connection."""
+    import dataclasses
+
+    bound_file = tmp_path / "bound.yaml"
+    bound_file.write_text(RULE.format(path="/usr/bin/git"))
+    free_file = tmp_path / "free.yaml"
+    free_file.write_text("version: 1\nrules:\n  - {name: any, hosts: [h.test]}\n")
+    bound, free = load_policy(bound_file), load_policy(free_file)
+    assert bound.binds_executables
+    assert not free.binds_executables
+    assert dataclasses.replace(free, ceiling=bound).binds_executables

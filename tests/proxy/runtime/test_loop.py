@@ -107,9 +107,12 @@ def test_gate_started_leaves_full_collections_only_what_comes_after(tmp_path: Pa
 def test_a_private_gate_takes_its_start_up_out_of_full_collections(tmp_path: Path) -> None:
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
-    script = REPORT + (
+    # The command waits (at most 30 s) until the gate serves: one that ended first would get none.
+    served = tmp_path / "served"
+    wait = f"i=0; while [ ! -e {served} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done"
+    script = REPORT.replace("flush=True)\n", f"flush=True); open({str(served)!r}, 'w')\n") + (
         "from proxy.app.cli import main\n"
-        f"sys.exit(main(['run', '--quiet', '--policy', {str(policy)!r}, '--', 'true']))\n"
+        f"sys.exit(main(['run', '--quiet', '--policy', {str(policy)!r}, '--', 'sh', '-c', {wait!r}]))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60

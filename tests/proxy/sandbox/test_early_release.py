@@ -1,0 +1,201 @@
+"""A private gate's command is released before the gate has started: what it sends waits in the
+listeners' queues, and a command that ends first with nothing queued is never given a gate.
+
+Each run is driven from a fresh interpreter (the sandbox's helper is its only child) whose last
+"gate module" step waits, bounded, until the sandbox has ended or the command has left a marker:
+the order the tests need is then certain, however loaded the machine is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.dnsfake import FakeDns
+from tests.harness import Upstream, clean_env
+from tests.proxy.sandbox.conftest import EGRESS_WAIT, REPO
+
+pytestmark = pytest.mark.netns
+
+WAIT_STEP = '''
+"""A gate-module step that ends once the sandbox has ended (its helper, this process's only
+child, is a zombie) or once the file named by EARLY_MARKER exists: at most EARLY_WAIT seconds
+(10). It writes whether it saw the marker to EARLY_SEEN, if set."""
+import os, time
+
+_deadline = time.monotonic() + float(os.environ.get("EARLY_WAIT", "10"))
+_seen = False
+while time.monotonic() < _deadline:
+    if os.path.exists(os.environ.get("EARLY_MARKER", "/nonexistent")):
+        _seen = True
+        break
+    try:
+        if os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+            break
+    except ChildProcessError:
+        break
+    time.sleep(0.01)
+if os.environ.get("EARLY_SEEN"):
+    with open(os.environ["EARLY_SEEN"], "w") as _out:
+        _out.write("seen" if _seen else "not seen")
+'''
+
+DRIVER = """
+import asyncio, json, sys
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+from proxy.app.private_gate import start_private_gate
+from proxy.sandbox.launcher import RunOptions, run
+
+mode, policy, nameserver, log, state = sys.argv[3:8]
+argv = json.loads(sys.argv[8])
+started = []
+
+async def gate(request):
+    started.append(True)
+    if mode == "fail":
+        raise RuntimeError("the test's gate cannot start")
+    return await start_private_gate(request)
+
+code = run(RunOptions(
+    argv=argv, policy_path=policy, quiet=True, nameservers=[nameserver], decision_log=log,
+    state_dir=state, gate=gate, gate_modules=("early_step",),
+))
+print(json.dumps({"code": code, "gate_started": len(started)}), flush=True)
+"""
+
+
+def drive(
+    tmp_path: Path,
+    policy: Path,
+    dns: FakeDns,
+    argv: list[str],
+    *,
+    mode: str = "serve",
+    marker: Path | None = None,
+    **env_extra: str,
+) -> tuple[dict[str, int], str, list[dict[str, object]]]:
+    code = tmp_path / "driver"  # on the launcher's import path, so read-only in the sandbox
+    steps = code / "steps"
+    steps.mkdir(parents=True, exist_ok=True)
+    (steps / "early_step.py").write_text(WAIT_STEP)
+    driver = code / "drive.py"
+    driver.write_text(DRIVER)
+    log = tmp_path / "decisions.jsonl"
+    env = clean_env(**env_extra, **({"EARLY_MARKER": str(marker)} if marker else {}))
+    result = subprocess.run(
+        [sys.executable, str(driver), str(REPO), str(steps), mode, str(policy), dns.nameserver,
+         str(log), str(tmp_path / "state"), json.dumps(argv)],
+        cwd=REPO, capture_output=True, text=True, timeout=EGRESS_WAIT, env=env,
+    )  # fmt: skip
+    assert result.stdout.strip(), result.stderr
+    outcome: dict[str, int] = json.loads(result.stdout.strip().splitlines()[-1])
+    records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return outcome, result.stderr, records
+
+
+def test_a_command_that_ends_before_the_gate_has_loaded_is_never_given_one(
+    world: tuple[Path, FakeDns, Upstream], tmp_path: Path
+) -> None:
+    """`egress run -- ls`: nothing for a gate to decide, so none starts; the status is the
+    command's own."""
+    policy, dns, _ = world
+    outcome, stderr, records = drive(tmp_path, policy, dns, ["sh", "-c", "exit 3"])
+    assert outcome == {"code": 3, "gate_started": 0}, stderr
+    assert records == []
+
+
+SEND_AND_EXIT = (
+    "import socket; s = socket.create_connection(('127.0.0.1', 3128)); "
+    "s.sendall(b'CONNECT evil.test:443 HTTP/1.1\\r\\nHost: evil.test:443\\r\\n\\r\\n')"
+)
+
+# A DNS question for evil.test (A, IN), id 0x1234, recursion desired.
+QUERY = "b'\\x12\\x34\\x01\\x00\\x00\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x04evil\\x04test\\x00\\x00\\x01\\x00\\x01'"
+ASK_AND_EXIT = (
+    "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+    f"s.sendto({QUERY}, ('127.0.0.1', 53))"
+)
+
+
+@pytest.mark.parametrize(
+    ("probe", "kind"), [(SEND_AND_EXIT, "CONNECT"), (ASK_AND_EXIT, "DNS")], ids=["connect", "dns"]
+)
+def test_what_a_command_sent_before_the_gate_served_is_decided_and_recorded(
+    world: tuple[Path, FakeDns, Upstream], tmp_path: Path, probe: str, kind: str
+) -> None:
+    """A command that sends and ends while the gate is still loading: the gate starts for what
+    waits in its listeners' queues, refuses it and records the refusal; nothing reaches the
+    upstream or the DNS server."""
+    policy, dns, upstream = world
+    outcome, stderr, records = drive(tmp_path, policy, dns, [sys.executable, "-I", "-c", probe])
+    assert outcome == {"code": 0, "gate_started": 1}, stderr
+    refused = [
+        r for r in records if r.get("event") == "egress.decision" and r.get("decision") == "deny"
+    ]
+    assert [r.get("host") for r in refused] == ["evil.test"], (kind, records)
+    assert dns.count("evil.test") == 0
+    assert upstream.accepted == 0
+
+
+def test_a_gate_that_fails_to_start_after_the_release_stops_the_command(
+    world: tuple[Path, FakeDns, Upstream], tmp_path: Path
+) -> None:
+    """The command is already running when its gate fails to start: it is killed with its whole
+    sandbox (exit 125, said so), not left to run without a gate."""
+    policy, dns, _ = world
+    marker = tmp_path / "running"
+    token = f"{time.time_ns() % 1000}.{os.getpid()}"  # a sleep of its own, to look for afterwards
+    started = time.monotonic()
+    outcome, stderr, _ = drive(
+        tmp_path,
+        policy,
+        dns,
+        ["sh", "-c", f"touch {marker}; exec sleep 30{token}"],
+        mode="fail",
+        marker=marker,
+    )
+    assert outcome == {"code": 125, "gate_started": 1}, stderr
+    assert "the gate did not start, so the command was stopped" in stderr
+    assert marker.exists()  # it did run
+    assert time.monotonic() - started < 25  # killed, not waited for
+    left = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if f"30{token}".encode() in (entry / "cmdline").read_bytes():
+                    left.append(entry.name)
+            except OSError:
+                continue
+    assert left == []
+
+
+def test_a_policy_bound_to_executables_holds_its_command_until_the_gate_serves(
+    write_policy: Callable[[str], Path],
+    world: tuple[Path, FakeDns, Upstream],
+    tmp_path: Path,
+) -> None:
+    """The gate names the program behind a connection as it takes it: with connections queued
+    while it starts, a command could connect, send, and ``exec`` the bound program first. So such
+    a policy's command starts only once its gate serves (here: not within the 1.5 s the last
+    module step waits for it)."""
+    _, dns, upstream = world
+    policy = write_policy(
+        "version: 1\nallow_internal: [127.0.0.0/8]\nrules:\n"
+        f"  - {{name: git-only, hosts: [allowed.test], ports: [{upstream.port}], "
+        "executables: [/usr/bin/git]}\n"
+    )
+    marker, seen = tmp_path / "ran", tmp_path / "seen"
+    outcome, stderr, _ = drive(
+        tmp_path, policy, dns, ["touch", str(marker)], marker=marker,
+        EARLY_WAIT="1.5", EARLY_SEEN=str(seen),
+    )  # fmt: skip
+    assert outcome == {"code": 0, "gate_started": 1}, stderr
+    assert seen.read_text() == "not seen"
+    assert marker.exists()
