@@ -83,6 +83,9 @@ class SandboxProcesses:
         self._lock = threading.Lock()
         self._diag_lock = threading.Lock()
         self._census: Census | None = None
+        # The sandbox's init (pid 1, the helper's one child) as first read: every chain ends at it,
+        # and what a chain takes from it (its pids) is fixed for the sandbox's life.
+        self._init: ProcEntry | None = None
         try:  # /proc/loadavg, kept open: one pread per lookup (none: every lookup walks)
             self._counter_fd: int | None = os.open(f"{proc}/loadavg", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -266,14 +269,21 @@ class SandboxProcesses:
 
     def _parent(self, pid: int, sandbox_pids: dict[int, int]) -> ProcEntry | None:
         """A parent as the chain records it: its pids and executable path (``"PID EXE"``); its
-        command line and file identity are only ever read for a socket's owners."""
+        command line and file identity are only ever read for a socket's owners. The sandbox's init
+        is read once: a chain stops at it and records none of it but its pid inside, 1."""
+        init = self._init
+        if init is not None and init.host_pid == pid:
+            return init
         base = f"{self.proc}/{pid}"
         try:
             ppid, nspid = _pids(base, sandbox_pids, pid)
             exe = os.readlink(f"{base}/exe")
         except OSError:
             return None
-        return ProcEntry(pid, ppid, nspid, exe, ())
+        entry = ProcEntry(pid, ppid, nspid, exe, ())
+        if nspid == 1 and ppid == self.root:
+            self._init = entry
+        return entry
 
     def _entry(self, pid: int, sandbox_pids: dict[int, int]) -> ProcEntry | None:
         base = f"{self.proc}/{pid}"

@@ -240,3 +240,18 @@ def test_a_huge_fd_table_is_searched_off_the_callers_thread(
         lookups.attribute_now(PEER)
     found = lookups.attribute(PEER)  # the worker thread's search has no such bound
     assert found is not None and found.host_pid == 203
+
+
+def test_the_sandboxs_init_is_read_once(proc: FakeProc) -> None:
+    """Every chain ends at init (pid 1, the helper's child), which a chain records only as its
+    pid: its /proc files are read by the first lookup and no later one."""
+    lookups = _lookups(proc)
+    first = lookups.attribute(PEER)
+    assert first is not None and first.parents == (f"2 {os.readlink(proc.base / '202' / 'exe')}",)
+    for name in ("stat", "status", "exe"):
+        (proc.base / "201" / name).unlink()  # a later read of init's files would find nothing
+    again = lookups.attribute_now(PEER)
+    assert again == first
+    proc.reparent(203, 201)  # init adopted the owner: its ppid is init's pid inside
+    adopted = lookups.attribute_now(PEER)
+    assert adopted is not None and (adopted.ppid, adopted.parents) == (1, ())
