@@ -86,6 +86,9 @@ class SandboxProcesses:
         # The sandbox's init (pid 1, the helper's one child) as first read: every chain ends at it,
         # and what a chain takes from it (its pids) is fixed for the sandbox's life.
         self._init: ProcEntry | None = None
+        # The fd each process last held a looked-up socket on: a client's next socket usually gets
+        # the number its last one freed, and one readlink of it replaces listing its fd table.
+        self._last_fd: dict[int, str] = {}
         try:  # /proc/loadavg, kept open: one pread per lookup (none: every lookup walks)
             self._counter_fd: int | None = os.open(f"{proc}/loadavg", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -232,10 +235,18 @@ class SandboxProcesses:
         return found
 
     def _owns(self, pid: int, link: str, budget: list[int | None]) -> bool:
-        """Whether ``pid`` has an fd on ``link``. The highest fds first: a socket just connected
-        is usually the newest descriptor of its process. ``budget[0]``, when set, is what is left
-        of the fd entries the caller allows (BlockingIOError past it)."""
+        """Whether ``pid`` has an fd on ``link``: the fd its last looked-up socket was on first,
+        then its fd table, highest first (a socket just connected is usually the newest
+        descriptor of its process). ``budget[0]``, when set, is what is left of the fd entries the
+        caller allows (BlockingIOError past it)."""
         base = f"{self.proc}/{pid}/fd"
+        hint = self._last_fd.get(pid)
+        if hint is not None:
+            try:
+                if os.readlink(f"{base}/{hint}") == link:
+                    return True
+            except OSError:
+                pass
         try:
             fds = sorted(os.listdir(base), key=_number, reverse=True)
         except (OSError, ValueError):
@@ -248,6 +259,9 @@ class SandboxProcesses:
         for fd in fds:
             try:
                 if os.readlink(f"{base}/{fd}") == link:
+                    if len(self._last_fd) >= MAX_PROCESSES:
+                        self._last_fd.clear()
+                    self._last_fd[pid] = fd
                     return True
             except OSError:
                 continue

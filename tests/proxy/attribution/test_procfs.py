@@ -235,6 +235,8 @@ def test_a_huge_fd_table_is_searched_off_the_callers_thread(
     assert lookups.attribute(PEER) is not None
     for fd in range(10, 20):
         (proc.base / "203" / "fd" / str(fd)).symlink_to(f"pipe:[{fd}]")
+    (proc.base / "203" / "fd" / "5").unlink()
+    proc.holds(203, 25)  # not on its last socket's fd: the table must be listed
     monkeypatch.setattr(procfs, "INLINE_FDS", 8)
     with pytest.raises(BlockingIOError):
         lookups.attribute_now(PEER)
@@ -255,3 +257,31 @@ def test_the_sandboxs_init_is_read_once(proc: FakeProc) -> None:
     proc.reparent(203, 201)  # init adopted the owner: its ppid is init's pid inside
     adopted = lookups.attribute_now(PEER)
     assert adopted is not None and (adopted.ppid, adopted.parents) == (1, ())
+
+
+def test_a_process_is_first_looked_for_on_the_fd_of_its_last_socket(
+    proc: FakeProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client's next socket usually takes the fd its last one freed: one readlink instead of
+    listing its fd table; a socket on another fd is still found (the table is listed then)."""
+    listed: list[str] = []
+    listdir = os.listdir
+
+    def counting(path: str) -> list[str]:
+        if str(path).endswith("/fd"):
+            listed.append(str(path))
+        return listdir(path)
+
+    monkeypatch.setattr(procfs.os, "listdir", counting)
+    lookups = _lookups(proc)
+    assert lookups.attribute(PEER).host_pid == 203  # type: ignore[union-attr]
+    assert len(listed) == 1
+    assert lookups.attribute_now(PEER).host_pid == 203  # type: ignore[union-attr]
+    assert len(listed) == 1  # the same fd: read by its number
+    (proc.base / "203" / "fd" / "5").unlink()
+    proc.holds(203, 9)  # the socket now on another fd
+    assert lookups.attribute_now(PEER).host_pid == 203  # type: ignore[union-attr]
+    assert len(listed) == 2
+    (proc.base / "203" / "fd" / "9").unlink()
+    proc.holds(203, 9, inode=INODE + 1)  # its last fd now holds another socket: not this one
+    assert lookups.attribute_now(PEER) is None
