@@ -569,9 +569,9 @@ class Checkpoint:
         held = bindings(self._bound, policy, request, decision)
         if not held:
             return decision
-        process = conn.process if conn.attributed else None  # never looked up: unknown, refused
         if conn.owners is not None:  # searched for this connection already: the same owners
-            return check_bindings(decision, held, conn.owners)
+            return check_bindings(decision, held, conn.bound_owners())
+        process = conn.bound_owners()  # the lookup's answer (never looked up: unknown, refused)
         earlier = process  # as the connection opened: its owner then still counts
         processes = self.processes_of(conn)
         if process is not None and not process.complete and processes is not None:

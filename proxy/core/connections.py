@@ -64,6 +64,13 @@ class Connection:
     attributed: bool = False  # looked up (process stays None when it could not be found)
     lookup: Any = None  # the lookup under way (an asyncio future), started when it connected
 
+    def bound_owners(self) -> Any:
+        """What a rule bound to executables checks: every owner the lookups saw, once a bound
+        rule had them searched for; else the lookup's answer; None when never looked up."""
+        if self.owners is not None:
+            return self.owners
+        return self.process if self.attributed else None
+
     def forget_destinations(self) -> None:
         """A refused tunnel: nothing may be dialled for this connection any more."""
         self.pinned.clear()

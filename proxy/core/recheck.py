@@ -46,11 +46,8 @@ def recheck(
         )
         policy = policy_for(conn)
         decision = decide(request, policy)
-        # every owner its lookups saw, where a bound rule had them searched for
-        process = (
-            conn.owners if conn.owners is not None else conn.process if conn.attributed else None
-        )
-        decision = check_bindings(decision, bindings(tables, policy, request, decision), process)
+        held = bindings(tables, policy, request, decision)
+        decision = check_bindings(decision, held, conn.bound_owners())
         if decision.decision is Verdict.ASK:
             if tunnel.reason is Reason.APPROVAL_GRANTED:
                 continue
