@@ -413,12 +413,13 @@ and its command is released at the first step's end after that (asyncio is one ~
 
 
 def _import_steps(names: Sequence[str]) -> Iterator[None]:
-    """Import ``names`` one a step. A name that does not import is passed over: the gate's start
-    imports what it needs, and fails if it cannot."""
+    """Import ``names`` one a step. A name that does not import (missing, or broken) is passed
+    over: the gate's start imports what it needs and, when it cannot, fails as a start does
+    (the run ends with its error, exit 125)."""
     import importlib
 
     for name in names:
-        with contextlib.suppress(ImportError):
+        with contextlib.suppress(Exception):
             importlib.import_module(name)
         yield
 
