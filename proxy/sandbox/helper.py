@@ -245,11 +245,13 @@ _KEPT = ((2, 0x2), (4, 0x4), (8, 0x8), (1024, 0x400), (2048, 0x800), (4096, 1 <<
 
 
 def _pin_ancestors(paths: list[str]) -> None:
-    """Make every directory above a path kept read-only a mount point (bound onto itself, writable,
-    with what lies below it), up to the nearest one that already is. The kernel refuses to rename
-    a mount point, but not a directory that holds one: a command could otherwise rename the parent
-    of the gate's virtual environment (or of the journal, a policy file, /etc) away, mount and
-    all, and put a directory of its own making at the old path for the next run to read."""
+    """Make every directory above a path kept read-only or hidden a mount point (bound onto itself,
+    writable, with what lies below it), up to the nearest one that already is. The kernel refuses
+    to rename a mount point, but not a directory that holds one: a command could otherwise rename
+    the parent of the gate's virtual environment (or of the journal, a policy file, /etc) away,
+    mount and all, and put a directory of its own making at the old path for the next run to
+    read; or the parent of the hidden state directory, and make the gate's own state (the
+    approved rules it reads, the token and channel it writes) its own."""
     points = set(_mount_points())
     pinned: set[str] = set()
     for path in paths:
@@ -445,8 +447,9 @@ def _init_main(config: dict[str, Any], ctl: socket.socket, env: dict[str, str] |
     try:
         resolv = _setup_mounts(config)
         frozen = [p for p in _KERNEL_FILES if os.path.lexists(p)] + (config.get("freeze") or [])
-        _pin_ancestors(frozen)
-        _hide(config.get("hide") or [])
+        hidden = config.get("hide") or []
+        _pin_ancestors(frozen + [p for p in hidden if os.path.lexists(p)])
+        _hide(hidden)
         _freeze(frozen)
         _loopback_up()
         socks = _listeners(config)
@@ -465,17 +468,6 @@ def _init_main(config: dict[str, Any], ctl: socket.socket, env: dict[str, str] |
         dropped = ""
     except OSError as exc:
         dropped = f"egress run: cannot drop privileges for the command: {exc}\n"
-    ctl.settimeout(None)
-    try:
-        go = ctl.recv(1)
-    except OSError:
-        go = b""
-    ctl.close()
-    if go != b"G":
-        os._exit(_EXIT_SETUP_FAILED)
-    if dropped:
-        sys.stderr.write(dropped)
-        os._exit(_EXIT_SETUP_FAILED)
     pending: list[int] = []
     child = 0
 
@@ -488,8 +480,24 @@ def _init_main(config: dict[str, Any], ctl: socket.socket, env: dict[str, str] |
         else:
             pending.append(sig)
 
+    # Before "go": the launcher forwards signals from the moment it releases the command, and a
+    # signal that came with no handler would be dropped (the default action of a PID namespace's
+    # init is to ignore it), leaving the command to run to its end.
     for sig in _FORWARDED:
         signal.signal(sig, on_signal)
+    ctl.settimeout(None)
+    try:
+        go = ctl.recv(1)
+    except OSError:
+        go = b""
+    ctl.close()
+    if go != b"G":
+        os._exit(_EXIT_SETUP_FAILED)
+    if dropped:
+        sys.stderr.write(dropped)
+        os._exit(_EXIT_SETUP_FAILED)
+    if pending:  # stopped as it was released: the command never starts
+        os._exit(128 + pending[0])
     child = _start_command(config, env)
     if pending:
         os.kill(-child, pending[0])

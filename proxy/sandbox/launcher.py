@@ -441,9 +441,16 @@ def _run_private_gate(
     connection when it takes it, and a queue would give every command a window to connect, send
     and then ``exec`` the bound program before that (threat 19). Its command is released once the
     gate serves, as every command was before."""
-    with forwarding_signals(sandbox.send_signal):  # from the release on, until the sandbox ends
-        if options.evidence is None and not policy.binds_executables:
+    with contextlib.ExitStack() as forwarding:
+
+        def release() -> None:
+            """Signals to the launcher go to the command from its release on; before it, they stop
+            the launcher, and the sandbox with it, as they always did."""
+            forwarding.enter_context(forwarding_signals(sandbox.send_signal))
             sandbox.start()
+
+        if options.evidence is None and not policy.binds_executables:
+            release()
             for _ in steps:
                 if _needs_no_gate(sandbox):
                     break
@@ -455,7 +462,7 @@ def _run_private_gate(
                 pass
         from proxy.runtime.loop import run as run_loop
 
-        return run_loop(_run_private(options, sandbox, policy, provided))
+        return run_loop(_run_private(options, sandbox, policy, provided, release))
 
 
 def _needs_no_gate(sandbox: Sandbox) -> bool:
@@ -536,10 +543,15 @@ def _sinks(options: RunOptions) -> list[Sink]:
 
 
 async def _run_private(
-    options: RunOptions, sandbox: Sandbox, policy: Any, provided: Provided | None = None
+    options: RunOptions,
+    sandbox: Sandbox,
+    policy: Any,
+    provided: Provided | None,
+    release: Callable[[], None],
 ) -> tuple[int, str]:
     """The gate runs in this process and accepts on the sandbox's own listeners: no relay.
-    Returns the exit status and the summary to print."""
+    ``release`` lets the command run, if that has not been done. Returns the exit status and the
+    summary to print."""
     from proxy.evidence.emit import Emitter
     from proxy.sandbox.private_gate import GateRequest
 
@@ -555,7 +567,7 @@ async def _run_private(
             if evidence.metrics_url is not None and not options.quiet:
                 _err(f"metrics on {evidence.metrics_url}")  # --metrics HOST:0 picked the port
         if not sandbox.started and not policy.binds_executables:
-            sandbox.start()  # the sinks are open: the command starts while the gate does
+            release()  # the sinks are open: the command starts while the gate does
         gate = await options.gate(
             GateRequest(
                 policy,
@@ -591,7 +603,7 @@ async def _run_private(
         await _stop(gate, evidence, emitter)
         return EXIT_SETUP_FAILED, ""
     try:
-        code = await _serve_until_exit(sandbox, gate, options.on_ready)
+        code = await _serve_until_exit(sandbox, gate, release, options.on_ready)
     finally:
         await _stop(gate, evidence, emitter)
     return code, render_summary(options)
@@ -642,7 +654,10 @@ still queued on the listeners, connections taken and not yet decided."""
 
 
 async def _serve_until_exit(
-    sandbox: Sandbox, gate: PrivateGate, on_ready: Callable[[Sandbox], None] | None = None
+    sandbox: Sandbox,
+    gate: PrivateGate,
+    release: Callable[[], None],
+    on_ready: Callable[[Sandbox], None] | None = None,
 ) -> int:
     """Wait for the released sandbox to exit without blocking the gate's loop; its status. What it
     sent before the gate served, or just before its end, is then taken and decided, so that every
@@ -666,7 +681,7 @@ async def _serve_until_exit(
             on_ready(sandbox)
         gate_started()
         if not sandbox.started:  # a policy bound to executables: released once its gate serves
-            sandbox.start()
+            release()
         await done
     finally:
         loop.remove_reader(pidfd)

@@ -237,7 +237,8 @@ class Sandbox:
         it, so the gate may still be starting; nothing else leaves the sandbox."""
         if self._ctl is None:
             raise RuntimeError("sandbox already started or aborted")
-        self._ctl.sendall(b"G")
+        with contextlib.suppress(OSError):  # init has gone (killed): its status says how
+            self._ctl.sendall(b"G")
         self._ctl.close()
         self._ctl = None
         self.started = True

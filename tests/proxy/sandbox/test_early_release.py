@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -61,6 +62,12 @@ async def gate(request):
     started.append(True)
     if mode == "fail":
         raise RuntimeError("the test's gate cannot start")
+    if mode == "slow":  # says it is starting, then takes up to 10 s
+        import os, time
+        open(os.environ["EARLY_STARTING"], "w").close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
     return await start_private_gate(request)
 
 code = run(RunOptions(
@@ -199,3 +206,59 @@ def test_a_policy_bound_to_executables_holds_its_command_until_the_gate_serves(
     assert outcome == {"code": 0, "gate_started": 1}, stderr
     assert seen.read_text() == "not seen"
     assert marker.exists()
+
+
+def test_a_signal_while_a_held_command_waits_for_its_gate_stops_the_run_before_it_runs(
+    write_policy: Callable[[str], Path],
+    world: tuple[Path, FakeDns, Upstream],
+    tmp_path: Path,
+) -> None:
+    """A harness that cancels a run (SIGTERM) while the gate of a policy bound to executables is
+    still starting: the run stops there, and the command, not yet released, never runs. (Signals
+    are forwarded to the command only from its release on.)"""
+    _, dns, upstream = world
+    policy = write_policy(
+        "version: 1\nallow_internal: [127.0.0.0/8]\nrules:\n"
+        f"  - {{name: git-only, hosts: [allowed.test], ports: [{upstream.port}], "
+        "executables: [/usr/bin/git]}\n"
+    )
+    code = tmp_path / "driver"
+    steps = code / "steps"
+    steps.mkdir(parents=True)
+    (steps / "early_step.py").write_text("")
+    (code / "drive.py").write_text(DRIVER)
+    ran, starting = tmp_path / "ran", tmp_path / "starting"
+    token = f"{time.time_ns() % 1000}.{os.getpid()}"
+    argv = ["sh", "-c", f"touch {ran}; exec sleep 30{token}"]
+    proc = subprocess.Popen(
+        [sys.executable, str(code / "drive.py"), str(REPO), str(steps), "slow", str(policy),
+         dns.nameserver, str(tmp_path / "log"), str(tmp_path / "state"), json.dumps(argv)],
+        cwd=REPO, env=clean_env(EARLY_STARTING=str(starting)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + EGRESS_WAIT
+        while not starting.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert starting.exists(), "the gate never started"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(EGRESS_WAIT) == -signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    time.sleep(0.2)  # a command released after all would have touched its file by now
+    assert not ran.exists()
+    assert _processes_with(f"30{token}") == []
+
+
+def _processes_with(text: str) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(entry.name)
+            except OSError:
+                continue
+    return found

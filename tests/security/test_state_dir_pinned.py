@@ -1,0 +1,77 @@
+"""A command cannot put a state directory of its own where the gate keeps its state (threats 17, 20).
+
+The gate's state directory (its CA key, the approved rules it reads while the run goes on, the
+approvals token and the context channel it writes) is hidden in every sandbox by a mount on it.
+A mount point cannot be renamed, but the directory above it could be, mount and all: the command
+could then make a new state directory at the old path and write an ``approved.yaml`` in it that
+grants its own ask rule, with nobody asked, in this run and every later one. Every directory above
+a hidden path is pinned (bound onto itself) as it is above a read-only one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import Upstream
+from tests.usergate_support import UserGateWorld
+from tests.usergate_support import world as make_world
+
+PLANTED = (
+    "version: 1\\nrules:\\n  - {{name: approved-0123456789abcdef, hosts: [ask.test], "
+    "ports: [{port}]}}\\n"
+)
+CONNECT = (
+    "import socket; s = socket.create_connection(('127.0.0.1', 3128)); "
+    "s.sendall(b'CONNECT ask.test:{port} HTTP/1.1\\r\\nHost: ask.test:{port}\\r\\n\\r\\n'); "
+    "print('answer=' + s.recv(100).split(b' ')[1].decode())"
+)
+
+
+@pytest.fixture
+def world() -> Iterator[UserGateWorld]:
+    yield from make_world()
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(120)
+def test_a_command_cannot_move_the_state_directory_aside_and_approve_its_own_ask(
+    world: UserGateWorld,
+    write_policy: Callable[[str], Path],
+    http_upstream: Upstream,
+    tmp_path: Path,
+) -> None:
+    port = http_upstream.port
+    policy = write_policy(
+        "version: 1\nallow_internal: [127.0.0.0/8]\nrules:\n"
+        f"  - {{name: asked, hosts: [ask.test], ports: [{port}], action: ask, timeout: 1}}\n"
+    )
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 ask.test\n")
+    log = tmp_path / "decisions.jsonl"
+    state, above = world.state, world.state.parent
+    steps = "; ".join(
+        [
+            f'mv {above} {above}.moved; echo "movedir=$?"',
+            f"mkdir -p {state}",
+            f"printf '{PLANTED.format(port=port)}' > {state}/approved.yaml; echo \"plant=$?\"",
+            f'python3 -I -c "{CONNECT.format(port=port)}"',
+        ]
+    )
+    result = world.run(
+        "--quiet", "--policy", str(policy), "--hosts-file", str(hosts),
+        "--decision-log", str(log), "--", "sh", "-c", steps,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "movedir=" in result.stdout and "movedir=0" not in result.stdout, result.stdout
+    assert "plant=" in result.stdout and "plant=0" not in result.stdout, result.stdout
+    assert "answer=403" in result.stdout, result.stdout
+    decided = [json.loads(line) for line in log.read_text().splitlines()]
+    final = [r for r in decided if r.get("host") == "ask.test" and r["decision"] != "ask"]
+    assert [(r["decision"], r["reason"]) for r in final] == [("deny", "approval-timeout")]
+    assert http_upstream.accepted == 0
+    assert not Path(f"{above}.moved").exists()
+    assert not (state / "approved.yaml").exists()
