@@ -18,8 +18,9 @@ if TYPE_CHECKING:
 
 
 class _Running:
-    def __init__(self, gate: Any) -> None:
+    def __init__(self, gate: Any, sandbox_id: str) -> None:
         self.gate = gate
+        self.sandbox_id = sandbox_id
         self.dns: Any = None
         self.approvals: Any = None
         self.token_file: Path | None = None
@@ -30,6 +31,19 @@ class _Running:
     def listen_address(self) -> tuple[str, int]:
         address: tuple[str, int] = self.gate.listen_address
         return address
+
+    async def sandbox_ended(self) -> None:
+        """Nobody is left to use an answer: the sandbox's pending approvals close at once
+        (``sandbox-ended``), and the requests they held are refused and recorded."""
+        if self.approvals is not None:
+            try:
+                await self.approvals.broker.sandbox_ended(self.sandbox_id)
+            except Exception:
+                import logging  # not at the top: the launcher imports this module before its fork
+
+                logging.getLogger(__name__).exception(
+                    "could not close the pending approvals of %s", self.sandbox_id
+                )
 
     def in_flight(self) -> int:
         in_flight: int = self.gate.in_flight()
@@ -100,7 +114,7 @@ async def start_private_gate(
     metrics = getattr(request.observer, "metrics", None)
     if request.credentials is not None and metrics is not None:
         metrics.credentials_loaded(request.credentials.names)
-    running = _Running(gate)
+    running = _Running(gate, request.sandbox_id)
     running.approvals, running.token_file = approvals, token_file
     running.processes = processes
     try:

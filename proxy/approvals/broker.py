@@ -99,6 +99,7 @@ class Broker:
         self._wakers: dict[str, set[asyncio.Event]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._listener: asyncio.Task[None] | None = None
+        self._ended: set[str] = set()  # sandboxes of this gate that have exited
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -131,6 +132,13 @@ class Broker:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def sandbox_ended(self, sandbox: str) -> None:
+        """A sandbox of a gate that serves it alone has exited, for good: its pending approvals
+        close (``sandbox-ended``), and what it asks from now on (a request it left queued) is
+        refused at once, with nobody asked: no one is left to use an answer."""
+        self._ended.add(sandbox)
+        await self.store.end_session(sandbox)
+
     # -- the checkpoint's side ----------------------------------------------------------------------
 
     async def answer(
@@ -156,6 +164,12 @@ class Broker:
         if covered is not None:
             where = f"rule '{covered.rule.name}' of {self.overlay.path if self.overlay else '-'}"
             return _granted(decision, covered.approval, covered.rule.name, Scope.PERSIST, where)
+        if subject.sandbox in self._ended:
+            return decision.with_(
+                decision=Verdict.DENY,
+                reason=Reason.APPROVAL_UNAVAILABLE,
+                detail=f"{decision.detail}; the sandbox had ended: nobody is left to ask for",
+            )
         # (2) open or join
         timeout = rule.timeout if rule is not None else DEFAULT_ASK_TIMEOUT
         fresh = Approval.open(decision, subject, review, timeout, self.clock())

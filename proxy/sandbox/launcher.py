@@ -591,9 +591,14 @@ async def _run_private(
         import logging
 
         logging.getLogger("egress.run").debug("gate start-up failed", exc_info=True)
-        released = sandbox.started
+        released, ended = sandbox.started, sandbox.started and sandbox.ended()
         sandbox.abort()
-        if released:
+        if ended:
+            _err(
+                f"the gate did not start; the command had ended (status {sandbox.returncode}), "
+                f"and what it left for the gate was never decided nor let out: {exc}"
+            )
+        elif released:
             _err(
                 "the gate did not start, so the command was stopped (nothing it sent had left "
                 f"the sandbox): {exc}"
@@ -648,9 +653,10 @@ async def _maybe_await(result: Any) -> None:
         await result
 
 
-LEFT_GRACE = 1.0
+LEFT_GRACE = 5.0
 """Seconds the gate has, once the sandbox has ended, for what it left: connections and datagrams
-still queued on the listeners, connections taken and not yet decided."""
+still queued on the listeners, connections and questions taken and not yet decided. Longer than
+an upstream DNS lookup may take (3 s), so that a name still resolving is decided and recorded."""
 
 
 async def _serve_until_exit(
@@ -660,9 +666,10 @@ async def _serve_until_exit(
     on_ready: Callable[[Sandbox], None] | None = None,
 ) -> int:
     """Wait for the released sandbox to exit without blocking the gate's loop; its status. What it
-    sent before the gate served, or just before its end, is then taken and decided, so that every
+    sent before the gate served, or just before its end, is then taken and decided, so that the
     attempt is recorded: its processes are gone, so each such connection ends once decided (within
-    ``LEFT_GRACE`` seconds; past that the gate's stop closes the rest)."""
+    ``LEFT_GRACE`` seconds; past that the gate's stop closes the rest, and the run says how many).
+    Its pending approvals close first: nobody is left to use an answer."""
     import asyncio
 
     from proxy.runtime.loop import gate_started
@@ -686,9 +693,16 @@ async def _serve_until_exit(
     finally:
         loop.remove_reader(pidfd)
         os.close(pidfd)
+    await gate.sandbox_ended()
     deadline = loop.time() + LEFT_GRACE
     while (sandbox.waiting() or gate.in_flight()) and loop.time() < deadline:
         await asyncio.sleep(0.005)
+    if sandbox.waiting() or gate.in_flight():
+        _err(
+            f"warning: {gate.in_flight()} connection(s) or DNS question(s) the command left were "
+            f"still undecided {LEFT_GRACE:g} s after it ended, and were closed unrecorded"
+            + (" (more were still queued)" if sandbox.waiting() else "")
+        )
     return sandbox.wait(10)
 
 

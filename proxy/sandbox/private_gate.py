@@ -53,7 +53,12 @@ class PrivateGate(Protocol):
     def listen_address(self) -> tuple[str, int]: ...
 
     def in_flight(self) -> int:
-        """Connections taken and not yet ended (their decisions may still be coming)."""
+        """Connections and DNS questions taken and not yet ended (their decisions may still be
+        coming)."""
+        ...
+
+    async def sandbox_ended(self) -> None:
+        """The sandbox has exited: what waits on its behalf for a person (approvals) ends now."""
         ...
 
     async def stop(self) -> None: ...

@@ -262,3 +262,26 @@ def _processes_with(text: str) -> list[str]:
             except OSError:
                 continue
     return found
+
+
+def test_an_ask_the_command_left_is_closed_when_it_ends_and_recorded(
+    write_policy: Callable[[str], Path],
+    world: tuple[Path, FakeDns, Upstream],
+    tmp_path: Path,
+) -> None:
+    """A command that asks and ends before its gate took the request: nobody is left to use an
+    answer, so nobody is asked (no approval opened, no prompt; not held for its 60 s), and the
+    refusal is recorded."""
+    _, dns, upstream = world
+    policy = write_policy(
+        "version: 1\nallow_internal: [127.0.0.0/8]\nrules:\n"
+        f"  - {{name: asked, hosts: [allowed.test], ports: [{upstream.port}], action: ask, "
+        "timeout: 60}\n"
+    )
+    probe = SEND_AND_EXIT.replace("evil.test:443", f"allowed.test:{upstream.port}")
+    outcome, stderr, records = drive(tmp_path, policy, dns, [sys.executable, "-I", "-c", probe])
+    assert outcome == {"code": 0, "gate_started": 1}, stderr
+    asked = [r for r in records if r.get("host") == "allowed.test"]
+    assert [(r["decision"], r["reason"]) for r in asked] == [("deny", "approval-unavailable")]
+    assert "undecided" not in stderr
+    assert upstream.accepted == 0
