@@ -154,7 +154,14 @@ class DnsGate:
         return len(self._tasks) + len(self._tcp_tasks)
 
     def close(self) -> None:
-        """Stop accepting and cancel every query in flight."""
+        """Stop accepting and cancel every query in flight; say how many were dropped since the
+        last warning said so."""
+        if self._dropped:
+            log.warning(
+                "DNS gate: dropped %d more queries over the in-flight caps before it closed",
+                self._dropped,
+            )
+            self._dropped = 0
         for server in self._servers:
             server.close()
         for transport in self._transports:
@@ -180,8 +187,8 @@ class DnsGate:
         task.add_done_callback(self._tasks.discard)
 
     def _drop(self, addr: Any) -> None:
-        """Counts a datagram dropped for the in-flight cap; says so at most once a second (a
-        sandbox flooding the gate with queries must not flood its log too)."""
+        """Counts a datagram or TCP client dropped for the in-flight caps; says so at most once a
+        second (a sandbox flooding the gate with queries must not flood its log too)."""
         self._dropped += 1
         now = asyncio.get_running_loop().time()
         if now - self._warned >= WARN_INTERVAL:
@@ -203,6 +210,7 @@ class DnsGate:
     async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         if task is None or len(self._tcp_tasks) >= self.max_tcp_connections:
+            self._drop(writer.get_extra_info("peername"))
             writer.close()
             return
         self._tcp_tasks.add(task)

@@ -600,3 +600,26 @@ def test_a_flood_past_the_in_flight_cap_is_logged_once_a_second_not_per_query(
     warnings = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
     assert len(warnings) == 1, warnings
     assert "dropped 1 " in warnings[0]
+
+
+def test_what_a_flood_dropped_since_the_last_warning_is_said_when_the_gate_closes(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The warning says the first drop at once and the rest at most once a second: a flood that
+    ends within the second has the rest said when the DNS gate closes, not never."""
+    monkeypatch.setattr(dnsgate, "WARN_INTERVAL", 3600.0)
+    path = tmp_path / "p.yaml"
+    path.write_text(POLICY.format(mode="enforce"))
+    policy = load_policy(path)
+    gate = DnsGate(lambda: policy, Resolver(["127.0.0.1"]), Emitter([ListSink()]), max_inflight=0)
+
+    async def flood() -> None:
+        for _ in range(244):
+            gate._datagram(None, b"query", ("127.0.0.1", 5353))  # type: ignore[arg-type]
+        gate.close()
+
+    with caplog.at_level("WARNING", logger="proxy.destinations.dnsgate"):
+        asyncio.run(flood())
+    warnings = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(warnings) == 2, warnings
+    assert "dropped 1 " in warnings[0] and "dropped 243 more" in warnings[1]
