@@ -25,7 +25,11 @@ async def send_to_client(
     what: str = "",
 ) -> bool:
     """All of ``data``; False when the client took no byte ``what`` (e.g. " of its response") for
-    ``stall`` seconds: the closing is recorded, and the caller must close the connection."""
+    ``stall`` seconds: the closing is recorded, and the caller must close the connection. Nothing
+    to a client whose sandbox has ended (``conn.gone``): the caller goes on to decide and record
+    what it left (pipelined requests, read until their end)."""
+    if conn.gone:
+        return True
     try:
         await sockio.send_all(sock, data, stall=stall)
     except TimeoutError:

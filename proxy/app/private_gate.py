@@ -33,8 +33,10 @@ class _Running:
         return address
 
     async def sandbox_ended(self) -> None:
-        """Nobody is left to use an answer: the sandbox's pending approvals close at once
-        (``sandbox-ended``), and the requests they held are refused and recorded."""
+        """Nobody is left to read an answer: the gate writes nothing more to the sandbox's
+        connections (it still decides and records what they left), and the sandbox's pending
+        approvals close at once (``sandbox-ended``), the requests they held refused and recorded."""
+        self.gate.checkpoint.connections.sandbox_gone(self.sandbox_id)
         if self.approvals is not None:
             try:
                 await self.approvals.broker.sandbox_ended(self.sandbox_id)

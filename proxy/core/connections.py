@@ -63,6 +63,9 @@ class Connection:
     owners: Any = None  # every owner any lookup saw (what a rule bound to executables checks)
     attributed: bool = False  # looked up (process stays None when it could not be found)
     lookup: Any = None  # the lookup under way (an asyncio future), started when it connected
+    # Its sandbox has ended: no process is left to read what the gate sends it, and a write would
+    # draw a reset that takes the requests it left unread with it (they are still decided).
+    gone: bool = False
 
     def bound_owners(self) -> Any:
         """What a rule bound to executables checks: every owner the lookups saw, once a bound
@@ -100,6 +103,15 @@ class Connections:
         self._by_id: dict[str, Connection] = {}
         self._per_client: collections.Counter[str] = collections.Counter()
         self._live_sandboxes: collections.Counter[str] = collections.Counter()
+        self._gone: set[str] = set()
+
+    def sandbox_gone(self, sandbox: str) -> None:
+        """The sandbox has exited for good (a gate serving it alone): its connections, and those
+        taken from its listeners' queues from now on, have nobody left to answer."""
+        self._gone.add(sandbox)
+        for conn in self._by_id.values():
+            if conn.sandbox_id == sandbox:
+                conn.gone = True
 
     def open(
         self, cid: str, peer: str | None, listener_sandbox: str | None, *, rated: bool = True
@@ -113,6 +125,8 @@ class Connections:
             authenticated=listener_sandbox is not None,
             limit_key=f"sandbox:{sandbox}" if listener_sandbox else f"peer:{_host_of(peer)}",
         )
+        if self._gone and sandbox in self._gone:
+            conn.gone = True
         self._joined(sandbox)
         self._per_client[conn.limit_key] += 1
         limits = self.limits

@@ -285,3 +285,26 @@ def test_an_ask_the_command_left_is_closed_when_it_ends_and_recorded(
     assert [(r["decision"], r["reason"]) for r in asked] == [("deny", "approval-unavailable")]
     assert "undecided" not in stderr
     assert upstream.accepted == 0
+
+
+PIPELINE_AND_EXIT = (
+    "import socket; s = socket.create_connection(('127.0.0.1', 3128)); "
+    "s.sendall(b''.join(b'GET http://evil.test/p%d HTTP/1.1\\r\\nHost: evil.test\\r\\n\\r\\n' % i "
+    "for i in range(10)))"
+)
+
+
+def test_every_request_an_ended_command_pipelined_is_decided_and_recorded(
+    world: tuple[Path, FakeDns, Upstream], tmp_path: Path
+) -> None:
+    """Ten refused requests on one connection, then the command ends: a refusal written to its
+    closed socket would draw a reset that discards the nine still unread (2 of 10 were recorded),
+    so the gate writes nothing more to a sandbox that has ended, and decides every one."""
+    policy, dns, upstream = world
+    outcome, stderr, records = drive(
+        tmp_path, policy, dns, [sys.executable, "-I", "-c", PIPELINE_AND_EXIT]
+    )
+    assert outcome == {"code": 0, "gate_started": 1}, stderr
+    paths = [r.get("path") for r in records if r.get("decision") == "deny"]
+    assert paths == [f"/p{i}" for i in range(10)], records
+    assert dns.count("evil.test") == 0 and upstream.accepted == 0
