@@ -209,6 +209,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
+    reuse = _reusable(args)  # before the paths are resolved (a resolved default is no default)
+    _resolve_own_files(args)
     options = RunOptions(
         argv=cmd,
         policy_path=args.policy,  # a str: loading takes one, and pathlib stays off this path
@@ -235,10 +237,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
         summary_format=args.summary,
         context=dict(args.context),
         traceparent=os.environ.get("TRACEPARENT") or None,
-        reuse_gate=_reusable(args),
+        reuse_gate=reuse,
         also_hidden=_own_state(args),
     )
     return run(options)
+
+
+def _resolve_own_files(args: argparse.Namespace) -> None:
+    """The run's state directory, journal and decision log by their real paths, resolved once,
+    before the sandbox exists. The sandbox hides or freezes each and pins the directories above
+    it, but a symbolic link on the way is an entry of a directory it may write: it could replace
+    the link with a directory of its own, and the gate, which opens some of these files after the
+    command has started, would then read approvals and write evidence where the command chose."""
+    from proxy.app.statedir import real_state_dir
+
+    if not _joins(args):  # the run's own gate, whose state this is
+        args.state_dir = real_state_dir(args.state_dir)
+    for name in ("journal", "decision_log"):
+        path = getattr(args, name, None)
+        if path and path != "-":
+            setattr(args, name, os.path.realpath(path))
 
 
 def _own_state(args: argparse.Namespace) -> tuple[str, ...]:

@@ -53,6 +53,18 @@ def _default_state_dir(env: Mapping[str, str]) -> str:
     return os.path.join(home, ".local", "state", _APP)
 
 
+def real_state_dir(chosen: str | None = None) -> str | None:
+    """``chosen``, else the default, by its real path (symbolic links resolved, as far as it
+    exists); None when there is no default (no HOME). ``egress run`` resolves it once, before the
+    sandbox exists: the sandbox may replace a link on the way, and its gate, which finishes its
+    start after the command has started, must use the directory that was hidden and pinned."""
+    try:
+        state = chosen if chosen else _default_state_dir(os.environ)
+    except StateDirError:
+        return None
+    return os.path.realpath(state)
+
+
 def existing_state_dir(chosen: str | None = None) -> str | None:
     """The state directory (``chosen``, else the default) if it exists: a sandbox that joins a gate
     elsewhere must not read this user's own gate state (its CA key) either. None if there is none."""

@@ -88,6 +88,9 @@ class SandboxProcesses:
         self._init: ProcEntry | None = None
         # The fd each process last held a looked-up socket on: a client's next socket usually gets
         # the number its last one freed, and one readlink of it replaces listing its fd table.
+        # Neither cache needs the lock the loop and the lookup thread share for ``_known``: each is
+        # read and written by single dict operations (atomic), never iterated, and what they hold is
+        # a hint checked by the readlink it saves (the fd) or the same value whoever writes it (init).
         self._last_fd: dict[int, str] = {}
         try:  # /proc/loadavg, kept open: one pread per lookup (none: every lookup walks)
             self._counter_fd: int | None = os.open(f"{proc}/loadavg", os.O_RDONLY | os.O_CLOEXEC)

@@ -194,7 +194,7 @@ class DnsGate:
         if now - self._warned >= WARN_INTERVAL:
             log.warning(
                 "DNS gate: %d queries in flight, dropped %d (the last from %s) since the last warning",
-                len(self._tasks),
+                self.in_flight(),
                 self._dropped,
                 addr,
             )

@@ -259,13 +259,17 @@ class Policy:
         return any(rule.reads_requests for rule in self.rules)
 
     @property
+    def every_rule(self) -> tuple[Rule, ...]:
+        """This policy's rules and its managed ceiling's (which hold a report to them too)."""
+        ceiling = self.ceiling
+        return (*self.rules, *(ceiling.rules if ceiling is not None else ()))
+
+    @property
     def binds_executables(self) -> bool:
         """Some rule, here or in the ceiling, holds to the program behind a connection: the gate
         must name that program as the connection opens (``egress run`` releases such a policy's
         command only once its gate serves)."""
-        ceiling = self.ceiling
-        rules = (*self.rules, *(ceiling.rules if ceiling is not None else ()))
-        return any(rule.executables for rule in rules)
+        return any(rule.executables for rule in self.every_rule)
 
     def rule(self, name: str | None) -> Rule | None:
         """The rule a decision names (names are unique in a policy), or None."""

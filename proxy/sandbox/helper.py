@@ -461,7 +461,7 @@ def _init_main(config: dict[str, Any], ctl: socket.socket, env: dict[str, str] |
     socket.send_fds(ctl, [json.dumps(info).encode()], [s.fileno() for s in socks])
     for s in socks:
         s.close()
-    # While the launcher checks the listeners and hands them to the gate: the command's process
+    # While the launcher checks the listeners (and hands them to a running gate): the command's process
     # inherits what init gives up here (it must not start with any capability it could keep).
     try:
         _drop_privileges()

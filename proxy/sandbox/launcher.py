@@ -127,7 +127,7 @@ class RunOptions:
         # The evidence sinks (journal, OTel, metrics) around the given ones, for a private gate; a
         # callable so that they are imported and opened only when one starts.
         self.evidence = evidence
-        self.on_ready = on_ready  # tests/doctor: the sandbox is about to run
+        self.on_ready = on_ready  # tests/doctor: the private gate serves (the command may run)
         self.on_gate = on_gate  # doctor: the private gate is serving
         self.summary = summary  # the private gate's decision counts (made on start)
         self.managed_policy = managed_policy  # the organisation's ceiling (proxy.policy.managed)
@@ -337,7 +337,11 @@ def _run_with(
         env = provided.apply_to(env)
         hidden += tuple(provided.hidden)
     private = upstream is None and options.gate_socket is None and session is None
-    evidence = evidence_files(options) if private or session is not None else ()
+    try:
+        evidence = evidence_files(options) if private or session is not None else ()
+    except OSError as exc:
+        _err(f"cannot write {exc.filename}: {exc.strerror or exc}; the command was not run")
+        return EXIT_SETUP_FAILED
     if options.gate_socket is not None:
         # Before the fork, not while the helper works: after it, every page the import writes is
         # copied first (the helper and init share them until they exit).
@@ -441,28 +445,67 @@ def _run_private_gate(
     connection when it takes it, and a queue would give every command a window to connect, send
     and then ``exec`` the bound program before that (threat 19). Its command is released once the
     gate serves, as every command was before."""
-    with contextlib.ExitStack() as forwarding:
-
-        def release() -> None:
-            """Signals to the launcher go to the command from its release on; before it, they stop
-            the launcher, and the sandbox with it, as they always did."""
-            forwarding.enter_context(forwarding_signals(sandbox.send_signal))
-            sandbox.start()
-
-        if options.evidence is None and not policy.binds_executables:
+    release = _Release(sandbox, held=policy.binds_executables)
+    try:
+        if options.evidence is None and not release.held:
             release()
             for _ in steps:
                 if _needs_no_gate(sandbox):
                     break
             if _needs_no_gate(sandbox):
+                release.ended()
                 sandbox.close_sockets()
                 return sandbox.wait(10), render_summary(options)
         else:
             for _ in steps:
                 pass
-        from proxy.runtime.loop import run as run_loop
+        try:
+            from proxy.runtime.loop import run as run_loop
 
-        return run_loop(_run_private(options, sandbox, policy, provided, release))
+            return run_loop(_run_private(options, sandbox, policy, provided, release))
+        except Exception as exc:  # the loop itself could not start (EGRESS_EVENT_LOOP, imports)
+            if not sandbox.started:
+                raise
+            ended = sandbox.ended()
+            sandbox.abort()
+            _err(_not_started(exc, sandbox.returncode if ended else None))
+            return EXIT_SETUP_FAILED, ""
+    finally:
+        release.ended()
+
+
+class _Release:
+    """Lets the command run (once: later calls do nothing); signals to the launcher go to it from
+    then until the sandbox ends. Before, they stop the launcher and the sandbox with it, as they
+    always did; after, nobody is left to take them, and they stop the launcher again. ``held``: the
+    command may run only once its gate serves (a policy bound to executables)."""
+
+    def __init__(self, sandbox: Sandbox, *, held: bool) -> None:
+        self._sandbox = sandbox
+        self.held = held
+        self._forwarding = contextlib.ExitStack()
+
+    def __call__(self) -> None:
+        if self._sandbox.started:
+            return
+        self._forwarding.enter_context(forwarding_signals(self._sandbox.send_signal))
+        self._sandbox.start()
+
+    def ended(self) -> None:
+        self._forwarding.close()
+
+
+def _not_started(exc: BaseException, ended_with: int | None) -> str:
+    """What the run says when its gate did not start after the command was released."""
+    if ended_with is not None:
+        return (
+            f"the gate did not start; the command had ended (status {ended_with}), and anything it "
+            f"left for the gate was never decided nor let out: {exc}"
+        )
+    return (
+        "the gate did not start, so the command was stopped (nothing it sent had left the "
+        f"sandbox): {exc}"
+    )
 
 
 def _needs_no_gate(sandbox: Sandbox) -> bool:
@@ -478,9 +521,8 @@ def read_only_files(policy: Any) -> tuple[str, ...]:
     if policy is None:
         return ()
     ceiling = policy.ceiling
-    rules = (*policy.rules, *(ceiling.rules if ceiling is not None else ()))
     sources = (*policy.files, *(ceiling.files if ceiling is not None else ()))
-    executables = (e.path for rule in rules for e in rule.executables)
+    executables = (e.path for rule in policy.every_rule for e in rule.executables)
     return tuple(dict.fromkeys((*executables, *map(str, sources))))
 
 
@@ -497,19 +539,16 @@ def evidence_files(options: RunOptions) -> tuple[str, ...]:
     """The files this run's gate writes its evidence to (the audit journal, the decision log),
     created now as their writers would create them, so that they are read-only inside the sandbox:
     a command running as their owner could otherwise drop its own refusals and recompute the
-    journal's hash chain (which has no key). A file that cannot be created is left to its writer,
-    which then fails as it would have (and an audit-required run with it)."""
+    journal's hash chain (which has no key). OSError (naming the file) when one cannot be created:
+    the run stops before its command starts, as it did when the gate opened them first."""
     wanted = [(options.journal, 0o600), (options.decision_log, 0o666)]
     found: list[str] = []
     for path, mode in wanted:
         if not path or path == "-":
             continue
         path = os.path.abspath(path)
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, mode))
-        except OSError:
-            continue
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, mode))
         found.append(path)
     return tuple(found)
 
@@ -547,7 +586,7 @@ async def _run_private(
     sandbox: Sandbox,
     policy: Any,
     provided: Provided | None,
-    release: Callable[[], None],
+    release: _Release,
 ) -> tuple[int, str]:
     """The gate runs in this process and accepts on the sandbox's own listeners: no relay.
     ``release`` lets the command run, if that has not been done. Returns the exit status and the
@@ -566,7 +605,7 @@ async def _run_private(
             await _maybe_await(evidence.start())
             if evidence.metrics_url is not None and not options.quiet:
                 _err(f"metrics on {evidence.metrics_url}")  # --metrics HOST:0 picked the port
-        if not sandbox.started and not policy.binds_executables:
+        if not release.held:
             release()  # the sinks are open: the command starts while the gate does
         gate = await options.gate(
             GateRequest(
@@ -593,16 +632,8 @@ async def _run_private(
         logging.getLogger("egress.run").debug("gate start-up failed", exc_info=True)
         released, ended = sandbox.started, sandbox.started and sandbox.ended()
         sandbox.abort()
-        if ended:
-            _err(
-                f"the gate did not start; the command had ended (status {sandbox.returncode}), "
-                f"and what it left for the gate was never decided nor let out: {exc}"
-            )
-        elif released:
-            _err(
-                "the gate did not start, so the command was stopped (nothing it sent had left "
-                f"the sandbox): {exc}"
-            )
+        if released:
+            _err(_not_started(exc, sandbox.returncode if ended else None))
         else:
             _err(f"the gate did not start, so the command was not run: {exc}")
         await _stop(gate, evidence, emitter)
@@ -662,7 +693,7 @@ an upstream DNS lookup may take (3 s), so that a name still resolving is decided
 async def _serve_until_exit(
     sandbox: Sandbox,
     gate: PrivateGate,
-    release: Callable[[], None],
+    release: _Release,
     on_ready: Callable[[Sandbox], None] | None = None,
 ) -> int:
     """Wait for the released sandbox to exit without blocking the gate's loop; its status. What it
@@ -687,21 +718,26 @@ async def _serve_until_exit(
         if on_ready:
             on_ready(sandbox)
         gate_started()
-        if not sandbox.started:  # a policy bound to executables: released once its gate serves
-            release()
+        release()  # a policy bound to executables: released once its gate serves
         await done
     finally:
         loop.remove_reader(pidfd)
         os.close(pidfd)
+    release.ended()
     await gate.sandbox_ended()
     deadline = loop.time() + LEFT_GRACE
-    while (sandbox.waiting() or gate.in_flight()) and loop.time() < deadline:
+    while loop.time() < deadline:
+        if not (sandbox.waiting() or gate.in_flight()):
+            await asyncio.sleep(0)  # a connection accepted in this turn starts its task in the next
+            if not (sandbox.waiting() or gate.in_flight()):
+                break
         await asyncio.sleep(0.005)
-    if sandbox.waiting() or gate.in_flight():
+    else:
+        queued = " (more still queued on the listeners)" if sandbox.waiting() else ""
         _err(
             f"warning: {gate.in_flight()} connection(s) or DNS question(s) the command left were "
-            f"still undecided {LEFT_GRACE:g} s after it ended, and were closed unrecorded"
-            + (" (more were still queued)" if sandbox.waiting() else "")
+            f"still open {LEFT_GRACE:g} s after it ended{queued}, and were closed: any not yet "
+            "decided was not recorded"
         )
     return sandbox.wait(10)
 

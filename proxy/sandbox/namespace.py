@@ -23,7 +23,8 @@ process group, foreground on the terminal when the launcher was).
 
 Protocol on the control socket (AF_UNIX socketpair, launcher <-> init): init sends one JSON message
 ``{"ok": true, ...}`` with the listener fds attached (or ``{"ok": false, "error": ..., "hint": ...}``),
-then waits for one byte: ``G`` runs the command, anything else or EOF exits without running it.
+then waits for one byte: ``G`` runs the command (unless a signal was forwarded to init first: it
+then exits 128+N without running it), anything else or EOF exits without running it.
 """
 
 from __future__ import annotations

@@ -11,13 +11,15 @@ a hidden path is pinned (bound onto itself) as it is above a read-only one.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.harness import Upstream
-from tests.usergate_support import UserGateWorld
+from tests.harness import Upstream, clean_env
+from tests.usergate_support import REPO, UserGateWorld
 from tests.usergate_support import world as make_world
 
 PLANTED = (
@@ -75,3 +77,75 @@ def test_a_command_cannot_move_the_state_directory_aside_and_approve_its_own_ask
     assert http_upstream.accepted == 0
     assert not Path(f"{above}.moved").exists()
     assert not (state / "approved.yaml").exists()
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(120)
+def test_a_link_on_the_way_to_the_state_directory_cannot_be_replaced_to_approve_an_ask(
+    write_policy: Callable[[str], Path], http_upstream: Upstream, tmp_path: Path
+) -> None:
+    """`--state-dir LINK/state` with LINK a symbolic link: the directories above the real state
+    directory are pinned, but the link is an entry the command may replace with a directory of its
+    own. The run's files are resolved once, before the sandbox exists, so its gate (which finishes
+    its start after the command has started) reads approvals from the real directory only."""
+    port = http_upstream.port
+    policy = write_policy(
+        "version: 1\nallow_internal: [127.0.0.0/8]\nrules:\n"
+        f"  - {{name: asked, hosts: [ask.test], ports: [{port}], action: ask, timeout: 1}}\n"
+    )
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 ask.test\n")
+    real, link = tmp_path / "real", tmp_path / "link"
+    real.mkdir()
+    link.symlink_to(real)
+    state, log = link / "state", tmp_path / "decisions.jsonl"
+    steps = "; ".join(
+        [
+            f'rm {link}; mkdir -p {state}; echo "replaced=$?"',
+            f"printf '{PLANTED.format(port=port)}' > {state}/approved.yaml",
+            f'python3 -I -c "{CONNECT.format(port=port)}"',
+        ]
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy.app.cli", "run", "--quiet", "--policy", str(policy),
+         "--hosts-file", str(hosts), "--state-dir", str(state), "--decision-log", str(log),
+         "--", "sh", "-c", steps],
+        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "replaced=0" in result.stdout  # the command did replace the link: the gate ignored it
+    assert "answer=403" in result.stdout, result.stdout
+    decided = [json.loads(line) for line in log.read_text().splitlines()]
+    final = [r for r in decided if r.get("host") == "ask.test" and r["decision"] != "ask"]
+    assert [(r["decision"], r["reason"]) for r in final] == [("deny", "approval-timeout")]
+    assert http_upstream.accepted == 0
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(120)
+def test_a_link_on_the_way_to_the_decision_log_cannot_be_replaced_to_redirect_it(
+    write_policy: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """`--decision-log LINK/d.jsonl`: the command replaces LINK with a directory holding a link
+    to a file of its choosing; the gate, which opens the log after the command has started,
+    writes to the real log all the same."""
+    policy = write_policy("version: 1\nrules:\n  - {name: a, hosts: [a.test]}\n")
+    real, link, victim = tmp_path / "real", tmp_path / "logs", tmp_path / "victim"
+    real.mkdir()
+    link.symlink_to(real)
+    victim.write_text("untouched\n")
+    log = link / "d.jsonl"
+    probe = (
+        "import socket; s = socket.create_connection(('127.0.0.1', 3128)); "
+        "s.sendall(b'GET http://evil.test/x HTTP/1.1\\r\\nHost: evil.test\\r\\n\\r\\n'); s.recv(10)"
+    )
+    steps = f'rm {link}; mkdir {link}; ln -s {victim} {log}; python3 -I -c "{probe}"'
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy.app.cli", "run", "--quiet", "--policy", str(policy),
+         "--decision-log", str(log), "--", "sh", "-c", steps],
+        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert victim.read_text() == "untouched\n"
+    logged = [json.loads(line) for line in (real / "d.jsonl").read_text().splitlines()]
+    assert [r["host"] for r in logged if r.get("decision") == "deny"] == ["evil.test"]

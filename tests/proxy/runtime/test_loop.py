@@ -110,6 +110,7 @@ def test_a_private_gate_takes_its_start_up_out_of_full_collections(tmp_path: Pat
     # The command waits (at most 30 s) until the gate serves: one that ended first would get none.
     served = tmp_path / "served"
     wait = f"i=0; while [ ! -e {served} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done"
+    assert "flush=True)\n" in REPORT  # where the hook also marks the gate as serving
     script = REPORT.replace("flush=True)\n", f"flush=True); open({str(served)!r}, 'w')\n") + (
         "from proxy.app.cli import main\n"
         f"sys.exit(main(['run', '--quiet', '--policy', {str(policy)!r}, '--', 'sh', '-c', {wait!r}]))\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -131,8 +132,16 @@ ASK_AND_EXIT = (
 )
 
 
+TCP_ASK_AND_EXIT = (
+    "import socket; s = socket.create_connection(('127.0.0.1', 53)); "
+    f"q = {QUERY}; s.sendall(len(q).to_bytes(2, 'big') + q)"
+)
+
+
 @pytest.mark.parametrize(
-    ("probe", "kind"), [(SEND_AND_EXIT, "CONNECT"), (ASK_AND_EXIT, "DNS")], ids=["connect", "dns"]
+    ("probe", "kind"),
+    [(SEND_AND_EXIT, "CONNECT"), (ASK_AND_EXIT, "DNS"), (TCP_ASK_AND_EXIT, "DNS over TCP")],
+    ids=["connect", "dns", "dns-tcp"],
 )
 def test_what_a_command_sent_before_the_gate_served_is_decided_and_recorded(
     world: tuple[Path, FakeDns, Upstream], tmp_path: Path, probe: str, kind: str
@@ -172,15 +181,7 @@ def test_a_gate_that_fails_to_start_after_the_release_stops_the_command(
     assert "the gate did not start, so the command was stopped" in stderr
     assert marker.exists()  # it did run
     assert time.monotonic() - started < 25  # killed, not waited for
-    left = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if f"30{token}".encode() in (entry / "cmdline").read_bytes():
-                    left.append(entry.name)
-            except OSError:
-                continue
-    assert left == []
+    assert _processes_with(f"30{token}") == []
 
 
 def test_a_policy_bound_to_executables_holds_its_command_until_the_gate_serves(
@@ -308,3 +309,68 @@ def test_every_request_an_ended_command_pipelined_is_decided_and_recorded(
     paths = [r.get("path") for r in records if r.get("decision") == "deny"]
     assert paths == [f"/p{i}" for i in range(10)], records
     assert dns.count("evil.test") == 0 and upstream.accepted == 0
+
+
+def test_a_gate_whose_loop_cannot_start_after_the_release_stops_the_command(
+    world: tuple[Path, FakeDns, Upstream], tmp_path: Path
+) -> None:
+    """The event loop is chosen after the release (``EGRESS_EVENT_LOOP``): a choice it refuses
+    stops the command and says why (exit 125), with no traceback and nothing left running."""
+    policy, dns, _ = world
+    token = f"{time.time_ns() % 1000}.{os.getpid()}"
+    outcome, stderr, _ = drive(
+        tmp_path,
+        policy,
+        dns,
+        ["sh", "-c", f"exec sleep 20{token}"],
+        EGRESS_EVENT_LOOP="bogus",
+        EARLY_WAIT="0.2",
+    )
+    assert outcome == {"code": 125, "gate_started": 0}, stderr
+    assert "the gate did not start" in stderr and "EGRESS_EVENT_LOOP" in stderr
+    assert "Traceback" not in stderr
+    assert _processes_with(f"20{token}") == []
+
+
+# A DNS question for allowed.test (A, IN): the policy allows the name, so the gate asks upstream.
+ALLOWED_QUERY = (
+    "b'\\x12\\x34\\x01\\x00\\x00\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x07allowed\\x04test\\x00"
+    "\\x00\\x01\\x00\\x01'"
+)
+
+
+def test_a_signal_after_the_command_ended_stops_the_run_instead_of_vanishing(
+    world: tuple[Path, FakeDns, Upstream], tmp_path: Path
+) -> None:
+    """While the gate decides what an ended command left (a question its resolver never
+    answers), a signal has nobody to be forwarded to: it stops the run, as it would before the
+    release, rather than being sent to a sandbox that is gone and lost."""
+    policy, _, _ = world
+    hole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a resolver that never answers
+    hole.bind(("127.0.0.1", 0))
+    hole.settimeout(EGRESS_WAIT)
+    code = tmp_path / "driver"
+    steps = code / "steps"
+    steps.mkdir(parents=True)
+    (steps / "early_step.py").write_text(WAIT_STEP)
+    (code / "drive.py").write_text(DRIVER)
+    probe = (
+        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+        f"s.sendto({ALLOWED_QUERY}, ('127.0.0.1', 53))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(code / "drive.py"), str(REPO), str(steps), "serve", str(policy),
+         f"127.0.0.1:{hole.getsockname()[1]}", str(tmp_path / "log"),
+         str(tmp_path / "state"), json.dumps([sys.executable, "-I", "-c", probe])],
+        cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        hole.recv(512)  # the gate is resolving: the command has ended, its question is in flight
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=EGRESS_WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        hole.close()
+    assert proc.returncode != 0 and not out.strip()  # run() never returned: the signal stopped it

@@ -297,6 +297,23 @@ def test_bad_evidence_flags_fail_closed(
     assert not marker.exists()
 
 
+def test_a_decision_log_that_cannot_be_written_stops_the_run_before_it_starts(
+    world: tuple[Path, FakeDns, Upstream], tmp_path: Path
+) -> None:
+    """The evidence files are created before the sandbox: one that cannot be is a set-up failure
+    (exit 125, the command not run), not a gate that fails after its command has started."""
+    policy, _, _ = world
+    marker, blocker = tmp_path / "ran", tmp_path / "a-file"
+    blocker.write_text("")
+    result = egress(
+        "run", "--policy", str(policy), "--decision-log", str(blocker / "d.jsonl"),
+        "--", "touch", str(marker),
+    )  # fmt: skip
+    assert result.returncode == 125
+    assert str(blocker) in result.stderr and "was not run" in result.stderr
+    assert not marker.exists()
+
+
 def test_a_killed_launcher_takes_the_sandbox_with_it(world: tuple[Path, FakeDns, Upstream]) -> None:
     """SIGKILL gives the launcher no chance to clean up: the kernel must (PDEATHSIG chain, then the
     PID namespace)."""

@@ -478,3 +478,41 @@ def test_the_helper_is_forked_only_from_a_single_threaded_launcher_without_pipes
     """
     proc = _launcher(code)
     assert proc.stdout.split() == ["True", "False", "False"], proc.stderr
+
+
+def test_a_signal_that_reaches_init_before_its_release_means_the_command_never_runs(
+    tmp_path: Path,
+) -> None:
+    """The launcher forwards signals from the moment it releases the command: one that reaches
+    init before "go" (which a PID namespace's init would otherwise drop) makes init exit 128+N
+    without starting the command. The test waits until init has its handler, signals init, waits
+    until the kernel has delivered it (no longer pending), then releases."""
+    marker = tmp_path / "ran"
+    code = f"""if True:
+        import os, signal, time
+        from proxy.sandbox.namespace import Sandbox, SandboxSpec
+        from tests.proxy.sandbox.conftest import LISTENERS
+
+        def status(pid, field):
+            for line in open(f"/proc/{{pid}}/status"):
+                if line.startswith(field + ":"):
+                    return int(line.split()[1], 16)
+            return 0
+
+        term = 1 << (signal.SIGTERM - 1)
+        spec = SandboxSpec(argv=["touch", {str(marker)!r}], env=dict(os.environ), listeners=LISTENERS)
+        sandbox = Sandbox.spawn(spec, stderr=2)
+        init = int(open(f"/proc/{{sandbox.pid}}/task/{{sandbox.pid}}/children").read().split()[0])
+        deadline = time.monotonic() + 20
+        while not status(init, "SigCgt") & term and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print("caught", bool(status(init, "SigCgt") & term))
+        os.kill(init, signal.SIGTERM)
+        while (status(init, "SigPnd") | status(init, "ShdPnd")) & term and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sandbox.start()
+        print(sandbox.wait(30))
+    """
+    proc = _launcher(code)
+    assert proc.stdout.split() == ["caught", "True", str(128 + signal.SIGTERM)], proc.stderr
+    assert not marker.exists()
