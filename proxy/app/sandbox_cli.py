@@ -238,7 +238,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         context=dict(args.context),
         traceparent=os.environ.get("TRACEPARENT") or None,
         reuse_gate=reuse,
-        also_hidden=_own_state(args),
+        also_hidden=_own_state(args, reuse),
     )
     return run(options)
 
@@ -259,12 +259,12 @@ def _resolve_own_files(args: argparse.Namespace) -> None:
             setattr(args, name, os.path.realpath(path))
 
 
-def _own_state(args: argparse.Namespace) -> tuple[str, ...]:
+def _own_state(args: argparse.Namespace, reuse: bool) -> tuple[str, ...]:
     """This user's own gate state (its CA key), when a gate elsewhere (the shared one) may serve
-    the run: a private gate hides it anyway, the shared gate hides only its own."""
+    the run (``reuse``): a private gate hides it anyway, the shared gate hides only its own."""
     from proxy.app.statedir import existing_state_dir
 
-    if not _reusable(args):
+    if not reuse:
         return ()
     found = existing_state_dir(args.state_dir)
     return (found,) if found is not None else ()
