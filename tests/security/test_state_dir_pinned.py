@@ -38,6 +38,18 @@ def world() -> Iterator[UserGateWorld]:
     yield from make_world()
 
 
+def _asking(write_policy: Callable[[str], Path], port: int, tmp_path: Path) -> tuple[Path, Path]:
+    """A policy whose one rule asks (for 1 s) about ask.test on ``port``, and a hosts file
+    naming it on loopback."""
+    policy = write_policy(
+        "version: 1\nallow_internal: [127.0.0.0/8]\nrules:\n"
+        f"  - {{name: asked, hosts: [ask.test], ports: [{port}], action: ask, timeout: 1}}\n"
+    )
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 ask.test\n")
+    return policy, hosts
+
+
 @pytest.mark.netns
 @pytest.mark.timeout(120)
 def test_a_command_cannot_move_the_state_directory_aside_and_approve_its_own_ask(
@@ -47,12 +59,7 @@ def test_a_command_cannot_move_the_state_directory_aside_and_approve_its_own_ask
     tmp_path: Path,
 ) -> None:
     port = http_upstream.port
-    policy = write_policy(
-        "version: 1\nallow_internal: [127.0.0.0/8]\nrules:\n"
-        f"  - {{name: asked, hosts: [ask.test], ports: [{port}], action: ask, timeout: 1}}\n"
-    )
-    hosts = tmp_path / "hosts"
-    hosts.write_text("127.0.0.1 ask.test\n")
+    policy, hosts = _asking(write_policy, port, tmp_path)
     log = tmp_path / "decisions.jsonl"
     state, above = world.state, world.state.parent
     steps = "; ".join(
@@ -89,12 +96,7 @@ def test_a_link_on_the_way_to_the_state_directory_cannot_be_replaced_to_approve_
     own. The run's files are resolved once, before the sandbox exists, so its gate (which finishes
     its start after the command has started) reads approvals from the real directory only."""
     port = http_upstream.port
-    policy = write_policy(
-        "version: 1\nallow_internal: [127.0.0.0/8]\nrules:\n"
-        f"  - {{name: asked, hosts: [ask.test], ports: [{port}], action: ask, timeout: 1}}\n"
-    )
-    hosts = tmp_path / "hosts"
-    hosts.write_text("127.0.0.1 ask.test\n")
+    policy, hosts = _asking(write_policy, port, tmp_path)
     real, link = tmp_path / "real", tmp_path / "link"
     real.mkdir()
     link.symlink_to(real)
