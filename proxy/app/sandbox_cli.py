@@ -244,18 +244,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _resolve_own_files(args: argparse.Namespace) -> None:
-    """The run's state directory, journal and decision log by their real paths, resolved once,
-    before the sandbox exists. The sandbox hides or freezes each and pins the directories above
-    it, but a symbolic link on the way is an entry of a directory it may write: it could replace
-    the link with a directory of its own, and the gate, which opens some of these files after the
-    command has started, would then read approvals and write evidence where the command chose."""
+    """The run's state directory, journal, decision log and own hosts file by their real paths,
+    resolved once, before the sandbox exists. The sandbox hides or freezes each and pins the
+    directories above it, but a symbolic link on the way is an entry of a directory it may write:
+    it could replace the link with a directory of its own, and the gate, which opens some of these
+    files after the command has started (and reads the hosts file again when it changes), would
+    then read approvals and names, and write evidence, where the command chose."""
     from proxy.app.statedir import real_state_dir
 
     if not _joins(args):  # the run's own gate, whose state this is
         args.state_dir = real_state_dir(args.state_dir)
-    for name in ("journal", "decision_log"):
+    for name in ("journal", "decision_log", "hosts_file"):
         path = getattr(args, name, None)
-        if path and path != "-":
+        if path and path not in ("-", "/etc/hosts"):  # /etc is the system's (and pinned)
             setattr(args, name, os.path.realpath(path))
 
 

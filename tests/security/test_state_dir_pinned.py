@@ -151,3 +151,44 @@ def test_a_link_on_the_way_to_the_decision_log_cannot_be_replaced_to_redirect_it
     assert victim.read_text() == "untouched\n"
     logged = [json.loads(line) for line in (real / "d.jsonl").read_text().splitlines()]
     assert [r["host"] for r in logged if r.get("decision") == "deny"] == ["evil.test"]
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(120)
+def test_a_link_on_the_way_to_the_hosts_file_cannot_be_replaced_to_move_a_name(
+    write_policy: Callable[[str], Path], http_upstream: Upstream, tmp_path: Path
+) -> None:
+    """`--hosts-file LINK/hosts`: the command replaces LINK with a directory whose hosts file
+    names an allowed host at an address of its choosing; the gate, which reads the file after the
+    command has started, keeps to the real one."""
+    import socket
+
+    port = http_upstream.port
+    elsewhere = socket.create_server(("127.0.0.2", port))  # where the forged file points
+    elsewhere.setblocking(False)
+    policy = write_policy(
+        "version: 1\nallow_internal: [127.0.0.0/8]\nrules:\n"
+        f"  - {{name: a, hosts: [allowed.test], ports: [{port}]}}\n"
+    )
+    real, link = tmp_path / "real", tmp_path / "link"
+    real.mkdir()
+    (real / "hosts").write_text("127.0.0.1 allowed.test\n")
+    link.symlink_to(real)
+    fetch = f"curl -sS -m 10 -o /dev/null -w '%{{http_code}}' http://allowed.test:{port}/"
+    steps = (
+        f"rm {link}; mkdir {link}; echo '127.0.0.2 allowed.test' > {link}/hosts; "
+        f'echo "replaced=$?"; {fetch}'
+    )
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "proxy.app.cli", "run", "--quiet", "--policy", str(policy),
+             "--hosts-file", str(link / "hosts"), "--", "sh", "-c", steps],
+            cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        with pytest.raises(BlockingIOError):
+            elsewhere.accept()  # nothing came to the forged address
+    finally:
+        elsewhere.close()
+    assert result.returncode == 0, result.stderr
+    assert "replaced=0" in result.stdout and result.stdout.endswith("200"), result.stdout
+    assert http_upstream.accepted == 1
