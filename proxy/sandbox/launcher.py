@@ -442,9 +442,10 @@ def _run_private_gate(
     loaded never needed the gate, which is then not started (``egress run -- ls`` pays no gate).
 
     Not so for a policy that binds a rule to executables: the gate names the program behind a
-    connection when it takes it, and a queue would give every command a window to connect, send
-    and then ``exec`` the bound program before that (threat 19). Its command is released once the
-    gate serves, as every command was before."""
+    connection when it takes it, and a queue would widen, from microseconds to the gate's start,
+    the window in which a command can connect, send and then ``exec`` the bound program (threat 19,
+    which no order closes: docs/attribution.md). Its command is released once the gate serves, as
+    every command was before."""
     release = _Release(sandbox, held=policy.binds_executables)
     try:
         if options.evidence is None and not release.held:
@@ -459,17 +460,15 @@ def _run_private_gate(
         else:
             for _ in steps:
                 pass
-        try:
+        try:  # the loop the gate runs on, chosen here: one it cannot have stops the run
+            from proxy.runtime.loop import loop_factory
             from proxy.runtime.loop import run as run_loop
 
-            return run_loop(_run_private(options, sandbox, policy, provided, release))
-        except Exception as exc:  # the loop itself could not start (EGRESS_EVENT_LOOP, imports)
-            if not sandbox.started:
-                raise
-            ended = sandbox.ended()
-            sandbox.abort()
-            _err(_not_started(exc, sandbox.returncode if ended else None))
+            loop_factory()
+        except Exception as exc:  # EGRESS_EVENT_LOOP refused, the loop's modules broken
+            _err(_gate_failed(sandbox, exc))
             return EXIT_SETUP_FAILED, ""
+        return run_loop(_run_private(options, sandbox, policy, provided, release))
     finally:
         release.ended()
 
@@ -495,12 +494,18 @@ class _Release:
         self._forwarding.close()
 
 
-def _not_started(exc: BaseException, ended_with: int | None) -> str:
-    """What the run says when its gate did not start after the command was released."""
-    if ended_with is not None:
+def _gate_failed(sandbox: Sandbox, exc: BaseException) -> str:
+    """Tears the sandbox down after its gate failed to start; what the run says: the command was
+    not run, was stopped, or had ended (it was released before the gate served)."""
+    released = sandbox.started
+    ended = released and sandbox.ended()
+    sandbox.abort()
+    if not released:
+        return f"the gate did not start, so the command was not run: {exc}"
+    if ended:
         return (
-            f"the gate did not start; the command had ended (status {ended_with}), and anything it "
-            f"left for the gate was never decided nor let out: {exc}"
+            f"the gate did not start; the command had ended (status {sandbox.returncode}), and "
+            f"anything it left for the gate was never decided nor let out: {exc}"
         )
     return (
         "the gate did not start, so the command was stopped (nothing it sent had left the "
@@ -630,12 +635,7 @@ async def _run_private(
         import logging
 
         logging.getLogger("egress.run").debug("gate start-up failed", exc_info=True)
-        released, ended = sandbox.started, sandbox.started and sandbox.ended()
-        sandbox.abort()
-        if released:
-            _err(_not_started(exc, sandbox.returncode if ended else None))
-        else:
-            _err(f"the gate did not start, so the command was not run: {exc}")
+        _err(_gate_failed(sandbox, exc))
         await _stop(gate, evidence, emitter)
         return EXIT_SETUP_FAILED, ""
     try:
