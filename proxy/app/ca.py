@@ -195,18 +195,24 @@ def write_bundle(directory: Path, gate_cert: Path, extra: Path | None = None) ->
     return bundle
 
 
-def upstream_trust(directory: Path, extra: str | None) -> str | None:
+UPSTREAM_TRUST = "upstream-trust.pem"
+
+
+def upstream_trust(directory: Path, extra: str | None, *, written: bool = False) -> str | None:
     """What the gate verifies inspected upstreams against: the system's CAs, plus ``extra``.
 
     mitmproxy loads a configured file *instead of* its default store, so an extra bundle is
-    combined with the system's into ``directory/upstream-trust.pem``."""
+    combined with the system's into ``directory/upstream-trust.pem``; ``written``: an earlier call
+    has done so (``egress run``, before its sandbox existed), and ``extra`` is not read again."""
     system = system_bundle()
     if extra is None:
         return str(system) if system is not None else None
+    if written:
+        return str(directory / UPSTREAM_TRUST)
     parts = [system.read_bytes()] if system is not None else []
     try:
         parts.append(Path(extra).read_bytes())
-        combined = directory / "upstream-trust.pem"
+        combined = directory / UPSTREAM_TRUST
         _write(combined, b"\n".join(p.rstrip(b"\n") + b"\n" for p in parts), 0o644)
     except OSError as exc:
         raise CaError(f"--upstream-ca {extra}: {exc.strerror or exc}") from None

@@ -92,8 +92,12 @@ async def start_private_gate(
     chosen = request.state_dir or inspection.state_dir
     state = statedir.prepare_state_dir(Path(chosen) if chosen else statedir.default_state_dir())
     confdir = statedir.mitmproxy_confdir(state)
-    ensure_ca(confdir, inspection.ca_cert, inspection.ca_key)
-    trust = upstream_trust(confdir, inspection.upstream_ca)
+    if request.trust_prepared:  # installed and written before the sandbox existed: not read again
+        ensure_ca(confdir)
+        trust = upstream_trust(confdir, inspection.upstream_ca, written=True)
+    else:
+        ensure_ca(confdir, inspection.ca_cert, inspection.ca_key)
+        trust = upstream_trust(confdir, inspection.upstream_ca)
     approvals, token_file = await _start_approvals(request, state)
     emitter, processes, facts = _attribution(request)
     gate = Gate(
@@ -170,7 +174,7 @@ def sandbox_trust(inspection: Inspection) -> TrustSetup:
 
     def setup(policy: Policy | None) -> Trust:
         from proxy.app import statedir
-        from proxy.app.ca import ensure_ca, system_bundle
+        from proxy.app.ca import ensure_ca, system_bundle, upstream_trust
         from proxy.sandbox.trust import bundle_trust, untrusted
 
         try:
@@ -182,9 +186,12 @@ def sandbox_trust(inspection: Inspection) -> TrustSetup:
                     Path(chosen) if chosen else statedir.default_state_dir()
                 )
                 hidden.append(str(state))
-                files = ensure_ca(
-                    statedir.mitmproxy_confdir(state), inspection.ca_cert, inspection.ca_key
-                )
+                confdir = statedir.mitmproxy_confdir(state)
+                # The supplied CA and upstream CA files are read here, before the sandbox exists:
+                # the gate finishes its start after its command has started, and a file the
+                # command could replace by then must not become what the gate signs or trusts.
+                files = ensure_ca(confdir, inspection.ca_cert, inspection.ca_key)
+                upstream_trust(confdir, inspection.upstream_ca)
                 gate_cert = files.cert if policy.reads_requests else None
             else:
                 if (existing := statedir.existing_state_dir(chosen)) is not None:

@@ -627,6 +627,7 @@ async def _run_private(
                 sandbox_pid=sandbox.pid,
                 proxy_port=options.proxy_port,
                 facts=sandbox_facts(options),
+                trust_prepared=options.trust is not None,
             )
         )
         if options.on_gate:

@@ -44,6 +44,10 @@ class GateRequest:
     proxy_port: int = 0
     # What every decision carries (proxy.attribution.stamp.SandboxFacts): user, context, trace.
     facts: Any = None
+    # The run's trust was set up before its sandbox existed (the CA installed in the state
+    # directory, the upstream trust written there): the gate, which may start after its command,
+    # reads no file the command could have replaced since.
+    trust_prepared: bool = False
 
 
 class PrivateGate(Protocol):
