@@ -286,7 +286,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         drop_environment_path()  # the command's PYTHONPATH is not its gate's
         from proxy.app.sandbox_cli import run_command
 
-        return run_command(words, leave=argv is None)
+        try:
+            return run_command(words, leave=argv is None)
+        except KeyboardInterrupt:  # Ctrl-C before the command's release or after its end (between,
+            # it goes to the command); the sandbox is already torn down by the way out
+            sys.stderr.write("egress run: interrupted\n")
+            return 130
     from proxy.runtime import codecache
 
     codecache.install()

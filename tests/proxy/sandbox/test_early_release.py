@@ -375,3 +375,37 @@ def test_a_signal_after_the_command_ended_stops_the_run_instead_of_vanishing(
             proc.wait()
         hole.close()
     assert proc.returncode != 0 and not out.strip()  # run() never returned: the signal stopped it
+
+
+def test_ctrl_c_after_the_command_ended_ends_the_run_with_130_and_no_traceback(
+    world: tuple[Path, FakeDns, Upstream], tmp_path: Path
+) -> None:
+    """`egress run` interrupted (SIGINT) while its gate still decides what the ended command left:
+    exit 130 and one line, as a shell's interrupted command, not a Python traceback."""
+    policy, _, _ = world
+    hole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a resolver that never answers
+    hole.bind(("127.0.0.1", 0))
+    hole.settimeout(EGRESS_WAIT)
+    probe = (
+        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+        f"s.sendto({ALLOWED_QUERY}, ('127.0.0.1', 53))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy.app.cli", "run", "--quiet", "--policy", str(policy),
+         "--nameserver", f"127.0.0.1:{hole.getsockname()[1]}", "--state-dir",
+         str(tmp_path / "state"), "--", sys.executable, "-I", "-c", probe],
+        cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # a test runner's worker may ignore SIGINT; the run must have Python's own handler
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    try:
+        hole.recv(512)  # the gate is resolving: the command has ended, its question is in flight
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=EGRESS_WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        hole.close()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err, err
