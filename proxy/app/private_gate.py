@@ -191,7 +191,8 @@ def sandbox_trust(inspection: Inspection) -> TrustSetup:
                 # the gate finishes its start after its command has started, and a file the
                 # command could replace by then must not become what the gate signs or trusts.
                 files = ensure_ca(confdir, inspection.ca_cert, inspection.ca_key)
-                upstream_trust(confdir, inspection.upstream_ca)
+                if inspection.upstream_ca is not None:
+                    upstream_trust(confdir, inspection.upstream_ca)
                 gate_cert = files.cert if policy.reads_requests else None
             else:
                 if (existing := statedir.existing_state_dir(chosen)) is not None:

@@ -259,7 +259,7 @@ class SandboxProcesses:
             if len(fds) > left:
                 raise BlockingIOError(f"{base} holds too many fds to read on the event loop")
             budget[0] = left - len(fds)
-        for fd in fds:
+        for fd in fds:  # the hinted fd too: the socket may have been moved onto it since
             try:
                 if os.readlink(f"{base}/{fd}") == link:
                     if len(self._last_fd) >= MAX_PROCESSES:

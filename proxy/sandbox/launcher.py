@@ -450,10 +450,8 @@ def _run_private_gate(
     try:
         if options.evidence is None and not release.held:
             release()
-            for _ in steps:
-                if _needs_no_gate(sandbox):
-                    break
-            if _needs_no_gate(sandbox):
+            # looked at after each step, and once more after the last
+            if any(_needs_no_gate(sandbox) for _ in steps) or _needs_no_gate(sandbox):
                 release.ended()
                 sandbox.close_sockets()
                 return sandbox.wait(10), render_summary(options)

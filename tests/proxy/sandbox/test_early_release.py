@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,6 +80,29 @@ print(json.dumps({"code": code, "gate_started": len(started)}), flush=True)
 """
 
 
+def driver_command(
+    tmp_path: Path,
+    policy: Path,
+    nameserver: str,
+    argv: list[str],
+    *,
+    mode: str = "serve",
+    step: str = WAIT_STEP,
+) -> list[str]:
+    """The driver's command line for a run of ``argv``, its files written under ``tmp_path``
+    (the decision log is ``decisions.jsonl`` there); ``step`` is its last gate-module step."""
+    code = tmp_path / "driver"  # on the launcher's import path, so read-only in the sandbox
+    steps = code / "steps"
+    steps.mkdir(parents=True, exist_ok=True)
+    (steps / "early_step.py").write_text(step)
+    driver = code / "drive.py"
+    driver.write_text(DRIVER)
+    return [
+        sys.executable, str(driver), str(REPO), str(steps), mode, str(policy), nameserver,
+        str(tmp_path / "decisions.jsonl"), str(tmp_path / "state"), json.dumps(argv),
+    ]  # fmt: skip
+
+
 def drive(
     tmp_path: Path,
     policy: Path,
@@ -89,17 +113,10 @@ def drive(
     marker: Path | None = None,
     **env_extra: str,
 ) -> tuple[dict[str, int], str, list[dict[str, object]]]:
-    code = tmp_path / "driver"  # on the launcher's import path, so read-only in the sandbox
-    steps = code / "steps"
-    steps.mkdir(parents=True, exist_ok=True)
-    (steps / "early_step.py").write_text(WAIT_STEP)
-    driver = code / "drive.py"
-    driver.write_text(DRIVER)
     log = tmp_path / "decisions.jsonl"
     env = clean_env(**env_extra, **({"EARLY_MARKER": str(marker)} if marker else {}))
     result = subprocess.run(
-        [sys.executable, str(driver), str(REPO), str(steps), mode, str(policy), dns.nameserver,
-         str(log), str(tmp_path / "state"), json.dumps(argv)],
+        driver_command(tmp_path, policy, dns.nameserver, argv, mode=mode),
         cwd=REPO, capture_output=True, text=True, timeout=EGRESS_WAIT, env=env,
     )  # fmt: skip
     assert result.stdout.strip(), result.stderr
@@ -223,17 +240,11 @@ def test_a_signal_while_a_held_command_waits_for_its_gate_stops_the_run_before_i
         f"  - {{name: git-only, hosts: [allowed.test], ports: [{upstream.port}], "
         "executables: [/usr/bin/git]}\n"
     )
-    code = tmp_path / "driver"
-    steps = code / "steps"
-    steps.mkdir(parents=True)
-    (steps / "early_step.py").write_text("")
-    (code / "drive.py").write_text(DRIVER)
     ran, starting = tmp_path / "ran", tmp_path / "starting"
     token = f"{time.time_ns() % 1000}.{os.getpid()}"
     argv = ["sh", "-c", f"touch {ran}; exec sleep 30{token}"]
     proc = subprocess.Popen(
-        [sys.executable, str(code / "drive.py"), str(REPO), str(steps), "slow", str(policy),
-         dns.nameserver, str(tmp_path / "log"), str(tmp_path / "state"), json.dumps(argv)],
+        driver_command(tmp_path, policy, dns.nameserver, argv, mode="slow", step=""),
         cwd=REPO, env=clean_env(EARLY_STARTING=str(starting)),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -339,6 +350,37 @@ ALLOWED_QUERY = (
 )
 
 
+def _signalled_while_resolving(
+    command: Callable[[str, list[str]], list[str]], sig: int, **popen: Any
+) -> tuple[int, str, str]:
+    """Runs ``command(nameserver, probe)``: the probe asks a question the policy allows and ends,
+    and the nameserver never answers, so the gate is still deciding after the command has ended;
+    ``sig`` is sent then (once the question has reached the nameserver). Status, stdout, stderr."""
+    hole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a resolver that never answers
+    hole.bind(("127.0.0.1", 0))
+    hole.settimeout(EGRESS_WAIT)
+    probe = [
+        sys.executable, "-I", "-c",
+        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+        f"s.sendto({ALLOWED_QUERY}, ('127.0.0.1', 53))",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        command(f"127.0.0.1:{hole.getsockname()[1]}", probe),
+        cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        **popen,
+    )  # fmt: skip
+    try:
+        hole.recv(512)  # the gate is resolving: the command has ended, its question is in flight
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=EGRESS_WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        hole.close()
+    return proc.returncode, out, err
+
+
 def test_a_signal_after_the_command_ended_stops_the_run_instead_of_vanishing(
     world: tuple[Path, FakeDns, Upstream], tmp_path: Path
 ) -> None:
@@ -347,34 +389,11 @@ def test_a_signal_after_the_command_ended_stops_the_run_instead_of_vanishing(
     release, rather than being sent to a sandbox that is gone and lost. (SIGTERM: a test runner's
     worker may ignore SIGINT, and its children inherit that.)"""
     policy, _, _ = world
-    hole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a resolver that never answers
-    hole.bind(("127.0.0.1", 0))
-    hole.settimeout(EGRESS_WAIT)
-    code = tmp_path / "driver"
-    steps = code / "steps"
-    steps.mkdir(parents=True)
-    (steps / "early_step.py").write_text(WAIT_STEP)
-    (code / "drive.py").write_text(DRIVER)
-    probe = (
-        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
-        f"s.sendto({ALLOWED_QUERY}, ('127.0.0.1', 53))"
+    code, out, _ = _signalled_while_resolving(
+        lambda nameserver, probe: driver_command(tmp_path, policy, nameserver, probe),
+        signal.SIGTERM,
     )
-    proc = subprocess.Popen(
-        [sys.executable, str(code / "drive.py"), str(REPO), str(steps), "serve", str(policy),
-         f"127.0.0.1:{hole.getsockname()[1]}", str(tmp_path / "log"),
-         str(tmp_path / "state"), json.dumps([sys.executable, "-I", "-c", probe])],
-        cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        hole.recv(512)  # the gate is resolving: the command has ended, its question is in flight
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=EGRESS_WAIT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        hole.close()
-    assert proc.returncode != 0 and not out.strip()  # run() never returned: the signal stopped it
+    assert code != 0 and not out.strip()  # run() never returned: the signal stopped it
 
 
 def test_ctrl_c_after_the_command_ended_ends_the_run_with_130_and_no_traceback(
@@ -383,29 +402,16 @@ def test_ctrl_c_after_the_command_ended_ends_the_run_with_130_and_no_traceback(
     """`egress run` interrupted (SIGINT) while its gate still decides what the ended command left:
     exit 130 and one line, as a shell's interrupted command, not a Python traceback."""
     policy, _, _ = world
-    hole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a resolver that never answers
-    hole.bind(("127.0.0.1", 0))
-    hole.settimeout(EGRESS_WAIT)
-    probe = (
-        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
-        f"s.sendto({ALLOWED_QUERY}, ('127.0.0.1', 53))"
+
+    def run(nameserver: str, probe: list[str]) -> list[str]:
+        return [
+            sys.executable, "-m", "proxy.app.cli", "run", "--quiet", "--policy", str(policy),
+            "--nameserver", nameserver, "--state-dir", str(tmp_path / "state"), "--", *probe,
+        ]  # fmt: skip
+
+    # a test runner's worker may ignore SIGINT; the run must have Python's own handler
+    code, _, err = _signalled_while_resolving(
+        run, signal.SIGINT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy.app.cli", "run", "--quiet", "--policy", str(policy),
-         "--nameserver", f"127.0.0.1:{hole.getsockname()[1]}", "--state-dir",
-         str(tmp_path / "state"), "--", sys.executable, "-I", "-c", probe],
-        cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        # a test runner's worker may ignore SIGINT; the run must have Python's own handler
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )  # fmt: skip
-    try:
-        hole.recv(512)  # the gate is resolving: the command has ended, its question is in flight
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=EGRESS_WAIT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        hole.close()
-    assert proc.returncode == 130, err
+    assert code == 130, err
     assert "interrupted" in err and "Traceback" not in err, err
