@@ -163,10 +163,14 @@ def parse_responses(data: bytes) -> list[tuple[int, bytes, bytes]]:
 
 
 def _complete_responses(data: bytes) -> int:
+    """Final responses only: a CONNECT's 200 and an interim 1xx (``100 Continue``) are followed
+    by the answer the caller waits for, which may arrive in a later read (``101`` ends the
+    exchange: what follows is another protocol)."""
     return sum(
         1
-        for _, head, _ in parse_responses(data)
+        for status, head, _ in parse_responses(data)
         if not head.startswith(b"HTTP/1.1 200 Connection established")
+        and (status >= 200 or status == 101)
     )
 
 
