@@ -19,6 +19,13 @@ only fails its fd scan; a new one, or a reused pid, needs an allocation, which m
 What a process is (executable, command line, parent) is read afresh on every lookup: ``exec`` and
 reparenting allocate no pid. A search for every owner (what a rule bound to executables needs)
 always walks the tree anew.
+
+The ``stat`` and ``cmdline`` files of the processes recent lookups read are kept open (up to
+KEPT_PROCESSES): a read is then one ``pread`` where a path costs an open, a read and a close. A
+descriptor of ``/proc/<pid>`` stays bound to the process it was opened for (the kernel's ``struct
+pid``, which a later process with the same number never shares), and each read is generated anew
+from that process as it is now: after an ``exec``, its new command line; once it has been reaped,
+an error, upon which the path is opened again (as every read did before).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 from proxy.attribution.argv import scrub_argv
@@ -48,6 +55,10 @@ CENSUS_AGE = (
 )
 INLINE_PROCESSES = 64  # a kept walk this small is searched on the caller's thread (no hand-off)
 INLINE_FDS = 512  # ... as long as the fd tables it reads stay this small in all
+KEPT_PROCESSES = 32  # processes whose stat and cmdline stay open between lookups
+_STAT, _CMDLINE = 0, 1
+_KEPT_NAMES = ("stat", "cmdline")
+_KEPT_LIMITS = (4096, MAX_CMDLINE)
 
 
 class Census(NamedTuple):
@@ -92,6 +103,12 @@ class SandboxProcesses:
         # read and written by single dict operations (atomic), never iterated, and what they hold is
         # a hint checked by the readlink it saves (the fd) or the same value whoever writes it (init).
         self._last_fd: dict[int, str] = {}
+        # Host pid -> its open (stat, cmdline) descriptors. Unlike the hints above, these are used
+        # and closed under a lock: a descriptor closed by one thread while another reads it could
+        # be reused by an unrelated open in between.
+        self._files: dict[int, tuple[int, int]] = {}
+        self._files_lock = threading.Lock()
+        self._built: dict[tuple[bool, tuple[ProcEntry, ...], tuple[ProcEntry, ...]], Any] = {}
         try:  # /proc/loadavg, kept open: one pread per lookup (none: every lookup walks)
             self._counter_fd: int | None = os.open(f"{proc}/loadavg", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -163,9 +180,20 @@ class SandboxProcesses:
                     owners.append(entry)
                     if not every_owner:
                         break
+        if not owners:
+            return None
         for owner in owners:
             self._ancestors(owner, entries, census.sandbox_pids)
-        return build(owners, entries, complete=every_owner)
+        # The same processes read the same as last time (a client's next connection): the same
+        # attribution, without building it again. Keyed by everything it is built from.
+        key = (every_owner, tuple(owners), tuple(entries.values()))
+        found = self._built.get(key)
+        if found is None:
+            found = build(owners, entries, complete=every_owner)
+            if len(self._built) >= KEPT_PROCESSES:
+                self._built.clear()
+            self._built[key] = found
+        return found
 
     def _kept(self) -> Census | None:
         """The last walk, while no pid has been allocated on the host since it began."""
@@ -180,6 +208,7 @@ class SandboxProcesses:
         counter, taken = self._counter(), time.monotonic()
         census = Census(counter, taken, tuple(sorted(self._descendants(), reverse=True)), {})
         self._census = census if counter else None
+        self._close_files(keep=frozenset(census.pids))
         return census
 
     def _counter(self) -> bytes:
@@ -193,10 +222,43 @@ class SandboxProcesses:
         return fields[4] if len(fields) == 5 else b""
 
     def close(self) -> None:
-        """Releases the kept ``/proc/loadavg`` descriptor (later lookups walk every time)."""
+        """Releases the kept descriptors: ``/proc/loadavg`` (later lookups walk every time) and the
+        processes' files (later lookups open them again)."""
         fd, self._counter_fd = self._counter_fd, None
         if fd is not None:
             os.close(fd)
+        self._close_files()
+
+    def _proc_file(self, pid: int, which: int) -> bytes:
+        """``/proc/<pid>/stat`` or ``cmdline`` as it is now, through the process's kept
+        descriptors (opened on first use). OSError when the process is gone."""
+        with self._files_lock:
+            fds = self._files.get(pid)
+            if fds is not None:
+                try:
+                    return os.pread(fds[which], _KEPT_LIMITS[which], 0)
+                except OSError:  # reaped since (ESRCH): the number may be another process's now
+                    del self._files[pid]
+                    _close_all(fds)
+            opened: list[int] = []
+            try:
+                for name in _KEPT_NAMES:
+                    opened.append(os.open(f"{self.proc}/{pid}/{name}", os.O_RDONLY | os.O_CLOEXEC))
+                data = os.pread(opened[which], _KEPT_LIMITS[which], 0)
+            except OSError:
+                _close_all(opened)
+                raise
+            if len(self._files) >= KEPT_PROCESSES:
+                _close_all(self._files.pop(next(iter(self._files))))
+            self._files[pid] = (opened[0], opened[1])
+            return data
+
+    def _close_files(self, keep: frozenset[int] = frozenset()) -> None:
+        """Closes the kept files of every process not in ``keep`` (a new walk keeps those of the
+        processes it still found)."""
+        with self._files_lock:
+            for pid in [pid for pid in self._files if pid not in keep]:
+                _close_all(self._files.pop(pid))
 
     def _inode(self, local: tuple[str, int]) -> int | None:
         """The client socket's inode: an exact lookup through sock_diag when the sandbox handed
@@ -293,7 +355,7 @@ class SandboxProcesses:
             return init
         base = f"{self.proc}/{pid}"
         try:
-            ppid, nspid = _pids(base, sandbox_pids, pid)
+            ppid, nspid = self._pids(base, sandbox_pids, pid)
             exe = os.readlink(f"{base}/exe")
         except OSError:
             return None
@@ -305,13 +367,29 @@ class SandboxProcesses:
     def _entry(self, pid: int, sandbox_pids: dict[int, int]) -> ProcEntry | None:
         base = f"{self.proc}/{pid}"
         try:
-            ppid, nspid = _pids(base, sandbox_pids, pid)
+            ppid, nspid = self._pids(base, sandbox_pids, pid)
             exe = os.readlink(f"{base}/exe")
             st = os.stat(f"{base}/exe")
-            raw = _read(f"{base}/cmdline", MAX_CMDLINE, missing_ok=False)
+            raw = self._proc_file(pid, _CMDLINE)
         except OSError:
             return None
         return ProcEntry(pid, ppid, nspid, exe, _argv(raw), (st.st_dev, st.st_ino))
+
+    def _pids(self, base: str, sandbox_pids: dict[int, int], pid: int) -> tuple[int, int]:
+        """(parent's host pid, pid in the sandbox): the parent read afresh (a process is reparented
+        when its parent exits), the sandbox pid from ``status`` once per process and census
+        (``stat``, which has the parent, is the cheaper file, and is kept open)."""
+        nspid = sandbox_pids.get(pid)
+        if nspid is None:
+            ppid, nspid = _status(base)
+            sandbox_pids[pid] = nspid
+            return ppid, nspid
+        return _stat_ppid(self._proc_file(pid, _STAT), base), nspid
+
+
+def _close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _read(path: str, limit: int = 65536, *, missing_ok: bool = True) -> bytes:
@@ -348,22 +426,9 @@ def _number(name: str) -> int:
     return int(name)
 
 
-def _pids(base: str, sandbox_pids: dict[int, int], pid: int) -> tuple[int, int]:
-    """(parent's host pid, pid in the sandbox): the parent read afresh (a process is reparented
-    when its parent exits), the sandbox pid from ``status`` once per process and census (``stat``,
-    which has the parent, is the cheaper file)."""
-    nspid = sandbox_pids.get(pid)
-    if nspid is None:
-        ppid, nspid = _status(base)
-        sandbox_pids[pid] = nspid
-        return ppid, nspid
-    return _stat_ppid(base), nspid
-
-
-def _stat_ppid(base: str) -> int:
+def _stat_ppid(data: bytes, base: str) -> int:
     """The parent's pid from ``stat`` (the field after the state, which follows the command name in
     parentheses: the name may hold spaces and parentheses, so the last ")" ends it)."""
-    data = _read(f"{base}/stat", 4096, missing_ok=False)
     fields = data[data.rfind(b")") + 1 :].split()
     if len(fields) < 2:
         raise ValueError(f"{base}/stat has no parent pid")

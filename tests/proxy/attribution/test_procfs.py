@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ TCP = """\
    0: 0100007F:0C38 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 5146105 1
    3: 0100007F:E42C 0100007F:0C38 01 00000000:00000000 00:00000000 00000000     0        0 5146133 1
 """
+WAIT_S = 10
 ROOT = 100  # the sandbox helper (host pid); 201 is the sandbox's init, 202 its command
 PYTHON = os.path.realpath(sys.executable)
 
@@ -285,3 +287,86 @@ def test_a_process_is_first_looked_for_on_the_fd_of_its_last_socket(
     (proc.base / "203" / "fd" / "9").unlink()
     proc.holds(203, 9, inode=INODE + 1)  # its last fd now holds another socket: not this one
     assert lookups.attribute_now(PEER) is None
+
+
+def test_a_processs_stat_and_command_line_stay_open_until_it_is_gone(
+    proc: FakeProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read through descriptors kept between lookups (one pread each); a descriptor whose process
+    has been reaped (the kernel's ESRCH) is closed and the path opened again, which then reads
+    whichever process holds the number now, as a read by path always did. ``close`` releases
+    them all."""
+    opened: list[str] = []
+    real_open, real_pread = os.open, os.pread
+    reaped: list[bool] = []
+    kept: set[int] = set()
+
+    def counting_open(path: str, flags: int, *args: int) -> int:
+        if "/203/" in str(path) and not str(path).endswith("/children"):
+            opened.append(str(path).rsplit("/", 1)[1])
+        return real_open(path, flags, *args)
+
+    def pread(fd: int, size: int, offset: int) -> bytes:
+        if fd in kept and not reaped[0]:  # the next read through a kept descriptor
+            reaped[0] = True
+            raise ProcessLookupError(3, "No such process")
+        return real_pread(fd, size, offset)
+
+    monkeypatch.setattr(procfs.os, "open", counting_open)
+    monkeypatch.setattr(procfs.os, "pread", pread)
+    lookups = _lookups(proc)
+    assert lookups.attribute(PEER) is not None  # status (first sight), cmdline: stat kept too
+    assert lookups.attribute_now(PEER) is not None
+    assert lookups.attribute_now(PEER) is not None
+    assert sorted(opened) == ["cmdline", "stat", "status"]  # later lookups opened nothing
+    reaped.append(False)  # the process behind them was reaped
+    kept.update(lookups._files[203])
+    (proc.base / "203" / "cmdline").write_bytes(b"/usr/bin/git\0fetch\0")
+    found = lookups.attribute_now(PEER)
+    assert found is not None and found.argv == ("/usr/bin/git", "fetch")
+    assert sorted(opened) == ["cmdline", "cmdline", "stat", "stat", "status"]
+    assert reaped == [True]
+    fresh = lookups._files[203]
+    lookups.close()
+    assert not lookups._files
+    for fd in fresh:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+def test_a_kept_descriptor_follows_its_process_through_exec_and_never_outlives_it() -> None:
+    """What the kept files rest on, against the real kernel: a descriptor of /proc/<pid> reads
+    the process as it is now (its new command line after ``exec``) and fails once the process
+    has been reaped, so it is opened again by path (here: gone)."""
+    import subprocess
+
+    child = subprocess.Popen(["sh", "-c", "read line; exec sleep 30"], stdin=subprocess.PIPE)
+    lookups = SandboxProcesses(os.getpid(), GATE)
+    try:
+        for _ in range(500):  # bounded: until the child runs the shell
+            if lookups._proc_file(child.pid, procfs._CMDLINE).startswith(b"sh\0-c\0"):
+                break
+            time.sleep(0.01)
+        assert lookups._proc_file(child.pid, procfs._CMDLINE).startswith(b"sh\0-c\0")
+        kept = lookups._files[child.pid]
+        assert child.stdin is not None
+        child.stdin.write(b"go\n")
+        child.stdin.flush()
+        for _ in range(500):  # bounded: until the exec has happened
+            if lookups._proc_file(child.pid, procfs._CMDLINE) == b"sleep\x0030\x00":
+                break
+            time.sleep(0.01)
+        assert lookups._proc_file(child.pid, procfs._CMDLINE) == b"sleep\x0030\x00"
+        assert lookups._files[child.pid] == kept  # read through the same descriptors
+        stat = lookups._proc_file(child.pid, procfs._STAT)
+        assert stat.startswith(f"{child.pid} (sleep) ".encode())
+        child.kill()
+        child.wait(WAIT_S)
+        with pytest.raises(OSError):
+            lookups._proc_file(child.pid, procfs._STAT)
+        assert child.pid not in lookups._files
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(WAIT_S)
+        lookups.close()
