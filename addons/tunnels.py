@@ -278,9 +278,15 @@ class TunnelFrontEnd:
             problem = head_problem("CONNECT", f"{host}:{port}", fields) or self._not_here(
                 conn, host, port
             )
+            # The checkpoint may answer an admitted tunnel before its record is written (its
+            # process is looked up while the client prepares its first bytes): told here.
+            answered: list[bool] = []
+            answer = functools.partial(self._established, sock, conn, answered)
             decision = await self.checkpoint.admit(
-                conn, request, credential=credential, problem=problem
+                conn, request, credential=credential, problem=problem, answer=answer
             )
+            if answered and not (answered[0] and decision.allowed):
+                raise _Closed()  # the client went, or the record refused it: nothing was dialled
             if decision.allowed and conn.inspected:
                 # Its requests must be read, which only mitmproxy's layers do; the policy changed
                 # between the peek and the decision. Never relay it raw.
@@ -296,7 +302,8 @@ class TunnelFrontEnd:
         # Admitted from here on: a recheck after a reload may end it while its first bytes come
         # (it then clears the closer, and nothing is dialled or sent).
         conn.closer = functools.partial(_shut, sock)
-        await self._send(sock, conn, ESTABLISHED)
+        if not answered:
+            await self._send(sock, conn, ESTABLISHED)
         first, classified = await self._first_bytes(sock, conn, port, buffered, watch)
         tunnel = conn.tunnel
         if classified.protocol is Protocol.HTTP:
@@ -421,6 +428,18 @@ class TunnelFrontEnd:
         if end + 4 > MAX_REQUEST_HEAD:
             await self._too_large(sock, conn)
         return buffered[: end + 4], buffered[end + 4 :]
+
+    async def _established(
+        self, sock: socket.socket, conn: Connection, answered: list[bool]
+    ) -> None:
+        """An admitted tunnel's ``200``, when the checkpoint sends it; ``answered`` says whether it
+        was sent (the client may have gone)."""
+        try:
+            await self._send(sock, conn, ESTABLISHED)
+        except (_Closed, OSError):
+            answered.append(False)
+        else:
+            answered.append(True)
 
     async def _send(self, sock: socket.socket, conn: Connection, data: bytes) -> None:
         """To the client. Refused requests keep the connection open, so a client can pipeline them

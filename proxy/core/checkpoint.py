@@ -25,8 +25,13 @@ For each CONNECT and each HTTP request - plain, or inside an inspected tunnel (:
    the body (bounded) and :meth:`Checkpoint.admit_body` takes the request on from this step.
 3a. **process** - when the gate can see the sandbox's processes (``egress run``; on a gate serving
    several sandboxes, those of the connection's own sandbox), the connection's client socket is
-   attributed to its process once, before its first decision, so every decision names it
-   (:mod:`proxy.attribution`). A rule bound to executables then allows only a process
+   attributed to its process once, before its first decision is recorded, so every decision names it
+   (:mod:`proxy.attribution`). Under a policy that binds a rule to executables the lookup starts as
+   the connection opens (the earliest moment: threat 19) and the decision waits for it; under any
+   other policy the answer cannot change the decision, so it is looked up when first needed (a
+   record, a reviewer's question), and an admitted CONNECT taken with an ``answer`` is answered
+   first: the lookup runs while the client prepares its first bytes (step 7). A rule bound to
+   executables then allows only a process
    running one of them (:mod:`proxy.core.executables`): an unknown process is
    ``process-unattributed``, another executable ``executable-not-allowed``. Nothing is resolved for
    either. (The tunnel's ClientHello is decided by the same rule for the same process.) Under a
@@ -54,7 +59,10 @@ For each CONNECT and each HTTP request - plain, or inside an inspected tunnel (:
    unresolved, or an approver that fails, refuses. A policy reloaded while it was held decides it
    again (steps 3 and 3a): an allow stands only if the new policy still allows or asks.
 7. **audit** - the decision is recorded; the write-ahead journal can still turn an allow into
-   ``audit-unavailable``. What the emitter returns is what is enforced.
+   ``audit-unavailable``. What the emitter returns is what is enforced. An admitted CONNECT whose
+   decision rests on no process may have had its ``200`` before this step (3a): nothing is dialled
+   or relayed until the tunnel's first bytes are decided, after this record, and an adapter closes a
+   tunnel answered early whose record turned it into a refusal.
 8. **pin** - only the screened address may then be dialled for this connection (:meth:`dial_target`).
 
 For the first bytes inside an allowed tunnel (:meth:`Checkpoint.admit_tunnel`): the pure classifier
@@ -75,7 +83,7 @@ import concurrent.futures
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -226,7 +234,8 @@ class Checkpoint:
         tunnel front end to mitmproxy's layers is the same connection)."""
         conn = self.connections.open(cid, peer, listener_sandbox, rated=rated)
         conn.processes = self.processes_of(conn)
-        self._start_lookup(conn)
+        if conn.refusal is not None or self._bound.binds(self.policy_for(conn)):
+            self._start_lookup(conn)
         if conn.refusal is None:
             return conn, None
         return conn, self.refuse_connection(conn, *conn.refusal)
@@ -264,7 +273,10 @@ class Checkpoint:
         )
 
     def refuse_connection(self, conn: Connection, reason: Reason, detail: str) -> Decision:
-        """A refusal of the connection as a whole (over the cap, silent past its deadline)."""
+        """A refusal of the connection as a whole (over the cap, silent past its deadline). Its
+        process is looked up now if it can be without a walk of the sandbox's process tree (a
+        refusal never waits on one)."""
+        self._start_lookup(conn, walk=False)
         tunnel = conn.tunnel
         request = Request(
             kind=Kind.TLS if tunnel else Kind.CONNECT,
@@ -288,12 +300,17 @@ class Checkpoint:
         credential: str | None = None,
         problem: Problem | None = None,
         carried: Carried | None = None,
+        answer: Callable[[], Awaitable[None]] | None = None,
     ) -> Decision:
         """Admit a CONNECT or an HTTP request, in the order of the module docstring. A request whose
         rules must read its body is refused here: adapters that can hold bodies call
-        :meth:`admit_request`."""
+        :meth:`admit_request`.
+
+        ``answer``: for a CONNECT, what tells the client its tunnel is admitted (its ``200``), which
+        this may call before the decision is recorded when the decision rests on no process (3a,
+        7). The adapter must then close a tunnel whose returned decision is not an allow."""
         outcome = await self.admit_request(
-            conn, request, credential=credential, problem=problem, carried=carried
+            conn, request, credential=credential, problem=problem, carried=carried, answer=answer
         )
         if isinstance(outcome, BodyNeeded):
             request = self._attributed(conn, request)
@@ -311,6 +328,7 @@ class Checkpoint:
         credential: str | None = None,
         problem: Problem | None = None,
         carried: Carried | None = None,
+        answer: Callable[[], Awaitable[None]] | None = None,
     ) -> Decision | BodyNeeded:
         """:meth:`admit`, or BODY_NEEDED (nothing recorded yet): hold the body, then call
         :meth:`admit_body` before anything of the request is sent upstream."""
@@ -318,20 +336,31 @@ class Checkpoint:
         # (1) identity
         if not self._identify(conn, credential):
             request = self._attributed(conn, request)
-            return self.emitter.emit(
-                refuse(request, self.policy_for(conn), Reason.PROXY_AUTH_REQUIRED, SHARED_GATE_HINT)
+            policy = self.policy_for(conn)
+            return await self._refused(
+                conn, refuse(request, policy, Reason.PROXY_AUTH_REQUIRED, SHARED_GATE_HINT)
             )
         request = self._attributed(conn, request)
         policy = self.policy_for(conn)
-        await self._attribute(conn)
+        # (3a) process: now, unless there is one to look up, its answer cannot change the decision
+        # and the client may be answered before it is looked up
+        if answer is not None and (
+            request.kind is not Kind.CONNECT
+            or conn.attributed
+            or self.processes_of(conn) is None
+            or self._bound.binds(policy)
+        ):
+            answer = None
+        if answer is None:
+            await self._attribute(conn)
         if conn.refusal is not None:  # the proven sandbox is over its own connection cap
-            return self.emitter.emit(refuse(request, policy, *conn.refusal))
+            return await self._refused(conn, refuse(request, policy, *conn.refusal))
         if request.kind is Kind.REQUEST and (conn.tunnel is None or not conn.inspected):
             detail = "a request inside a tunnel that was not admitted for inspection"
-            return self.emitter.emit(refuse(request, policy, Reason.UNSUPPORTED, detail))
+            return await self._refused(conn, refuse(request, policy, Reason.UNSUPPORTED, detail))
         # (2) framing
         if problem is not None:
-            return self.emitter.emit(refuse(request, policy, problem[0], problem[1]))
+            return await self._refused(conn, refuse(request, policy, problem[0], problem[1]))
         # (3) policy, with the request step
         outcome = decide_request(request, policy)
         if isinstance(outcome, BodyNeeded):
@@ -340,7 +369,12 @@ class Checkpoint:
         outcome = await self._process(conn, policy, request, outcome)
         # (3b) credentials
         outcome = self._credentials(conn, outcome, carried)
-        return await self._from_destination(conn, request, outcome, started)
+        return await self._from_destination(conn, request, outcome, started, answer)
+
+    async def _refused(self, conn: Connection, decision: Decision) -> Decision:
+        """(7) a refusal before the policy step, recorded with its process (3a)."""
+        await self._attribute(conn)
+        return self.emitter.emit(decision)
 
     async def admit_body(
         self, conn: Connection, request: Request, *, carried: Carried | None = None
@@ -435,7 +469,12 @@ class Checkpoint:
         return self.emitter.emit(decision.with_(id=new_id(), ts=time.time()))
 
     async def _from_destination(
-        self, conn: Connection, request: Request, decision: Decision, started: float
+        self,
+        conn: Connection,
+        request: Request,
+        decision: Decision,
+        started: float,
+        answer: Callable[[], Awaitable[None]] | None = None,
     ) -> Decision:
         policy = self.policy_for(conn)
         # (4) destination and (5) self; a request inside a tunnel goes where the tunnel is pinned.
@@ -447,10 +486,22 @@ class Checkpoint:
             decision = await self._destination(decision, request.port, policy)
         # (6) ask
         if decision.decision is Verdict.ASK:
+            await self._attribute(conn)  # (3a) the question names the process that asks
             decision = await self._ask(decision, policy, request)
             started = 0.0  # a person's wait is not decision latency
             if decision.allowed:
                 decision = await self._reloaded_while_held(conn, request, decision, policy)
+        if answer is not None:
+            # An admitted tunnel is answered before its process is looked up (3a): the lookup runs
+            # while the client prepares its first bytes, which are decided after this record.
+            if (
+                decision.allowed
+                and decision.address is not None
+                and request.port is not None
+                and not self._inspects(self.policy_for(conn), decision, request.port)
+            ):
+                await answer()
+            await self._attribute(conn)
         return self._finish(conn, request, decision, started)
 
     async def _reloaded_while_held(
@@ -498,13 +549,13 @@ class Checkpoint:
                 conn.inspected = self._inspects(self.policy_for(conn), decision, request.port)
         return decision
 
-    def _start_lookup(self, conn: Connection) -> None:
-        """(3a) starts as the connection opens, so it runs while the client sends its request
-        instead of after it: done at once when the sandbox's processes are already known (a few
-        /proc reads, cheaper than a hand-off to a thread), else in a worker thread, off the event
-        loop, as it walks the process tree."""
+    def _start_lookup(self, conn: Connection, *, walk: bool = True) -> None:
+        """(3a) the lookup, done at once when the sandbox's processes are already known (a few
+        /proc reads, cheaper than a hand-off to a thread), else started in a worker thread, off the
+        event loop, as it walks the process tree (:meth:`_attribute` awaits it); not at all then
+        without ``walk``."""
         processes = self.processes_of(conn)
-        if processes is None or conn.peer is None:
+        if processes is None or conn.peer is None or conn.attributed or conn.lookup is not None:
             return
         try:
             loop = asyncio.get_running_loop()
@@ -513,7 +564,8 @@ class Checkpoint:
         try:
             conn.process = processes.attribute_now(conn.peer)
         except BlockingIOError:
-            conn.lookup = loop.run_in_executor(self._pool(conn), processes.attribute, conn.peer)
+            if walk:
+                conn.lookup = loop.run_in_executor(self._pool(conn), processes.attribute, conn.peer)
             return
         except Exception:
             log.exception("attributing %s failed", conn.peer)
@@ -541,11 +593,14 @@ class Checkpoint:
         return self._lookup_pool
 
     async def _attribute(self, conn: Connection) -> None:
-        """(3a) once per connection, before its first decision: the process that owns its client
-        socket, where the gate can see the sandbox's processes. Kept on the connection (and, for
-        evidence, by peer). A lookup that fails leaves the process unknown."""
+        """(3a) once per connection, before its first decision is recorded: the process that owns
+        its client socket, where the gate can see the sandbox's processes. Kept on the connection
+        (and, for evidence, by peer). A lookup that fails leaves the process unknown."""
         processes = self.processes_of(conn)
         if processes is None or conn.attributed or conn.peer is None:
+            return
+        self._start_lookup(conn)
+        if conn.attributed:
             return
         lookup, conn.lookup = conn.lookup, None
         try:

@@ -85,6 +85,12 @@ class BoundRules:
         self._tables[id(policy)] = (policy, table)
         return table
 
+    def binds(self, policy: Policy) -> bool:
+        """Some rule of ``policy`` or of its managed ceiling is bound to executables: a decision
+        under it may rest on the process (:func:`bindings`)."""
+        ceiling = policy.ceiling
+        return bool(self.of(policy)) or (ceiling is not None and bool(self.of(ceiling)))
+
 
 def bindings(
     tables: BoundRules, policy: Policy, request: Request, decision: Decision

@@ -3,16 +3,20 @@ passed on), and that everything else still reaches mitmproxy's layers and their 
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from addons.tunnels import _parse_connect, connect_target
 from proxy.core.decision import Reason, Verdict
 from proxy.core.hosts import InvalidHost, canonical_host
+from proxy.evidence.emit import Emitter
 from tests.harness import (
     WAIT,
     LoopbackServer,
@@ -25,6 +29,7 @@ from tests.harness import (
     wait_until,
     waited_for,
 )
+from tests.proxy.core.test_checkpoint import FailingJournal
 
 REPLY = b"R" * 100_000
 HELLO = client_hello(None)
@@ -116,6 +121,105 @@ def test_a_refused_hello_dials_nothing(tmp_path: Path, half_close: HalfCloseUpst
         sock.close()
         assert half_close.accepted == 0
         assert [d.reason for d in gate.decisions][-1] == "not-tls"
+    finally:
+        gate.stop()
+
+
+class OneProcess:
+    """A sandbox whose every connection is one known process (the lookup of ``egress run``).
+    With ``after``, a lookup waits (bounded) until the test has seen what it waits for, and says
+    whether it came (``in_time``)."""
+
+    def __init__(self, after: threading.Event | None = None) -> None:
+        self.asked: list[str] = []
+        self.after = after
+        self.in_time: list[bool] = []
+
+    def attribute(self, peer: str, *, every_owner: bool = False) -> object:
+        return self.attribute_now(peer)
+
+    def attribute_now(self, peer: str) -> object:
+        self.asked.append(peer)
+        if self.after is not None:
+            self.in_time.append(self.after.wait(WAIT / 3))
+        return object()
+
+    def remember(self, peer: str, found: object) -> None:
+        pass
+
+    def forget(self, peer: str | None) -> None:
+        pass
+
+
+def _sandbox_gate(tmp_path: Path, port: int, processes: OneProcess, **emitter: Any) -> RunningGate:
+    """A gate that sees its sandbox's processes (and so may answer a tunnel before its lookup)."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "version: 1\nallow_internal: [127.0.0.0/8]\nrules:\n"
+        f"  - name: local\n    cidrs: [127.0.0.1/32]\n    ports: [{port}]\n"
+    )
+    gate = RunningGate(policy, ["127.0.0.1:9"], gate_kwargs={"processes": processes})
+    gate.emitter = Emitter([gate.memory], **emitter)
+    return gate.start()
+
+
+def test_a_tunnel_answered_before_its_lookup_is_relayed_and_looked_up_once(
+    tmp_path: Path, half_close: HalfCloseUpstream
+) -> None:
+    """No rule is bound to executables: the client has its 200 before its process is looked up
+    (the lookup here waits for the client to have it), and the tunnel then works as ever."""
+    answered = threading.Event()
+    processes = OneProcess(after=answered)
+    gate = _sandbox_gate(tmp_path, half_close.port, processes)
+    try:
+        sock, head = _connect(gate.port, f"127.0.0.1:{half_close.port}")
+        client = f"127.0.0.1:{sock.getsockname()[1]}"
+        assert head == b"HTTP/1.1 200 Connection established\r\n\r\n"
+        answered.set()
+        sock.sendall(HELLO)
+        sock.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+        sock.close()
+        assert reply == SERVER_HELLO + REPLY and half_close.received == HELLO
+        assert processes.asked == [client] and processes.in_time == [True]
+        assert [(d.kind, d.decision) for d in gate.decisions] == [
+            ("connect", Verdict.ALLOW),
+            ("tls", Verdict.ALLOW),
+        ]
+    finally:
+        gate.stop()
+
+
+def test_a_tunnel_answered_before_its_record_that_the_record_refuses_is_closed(
+    tmp_path: Path, half_close: HalfCloseUpstream
+) -> None:
+    """The client had its 200 while the process was looked up; then the write-ahead journal could
+    not record the tunnel (audit required): the gate closes it, sends nothing more (no refusal
+    after a 200) and dials nothing."""
+    gate = _sandbox_gate(
+        tmp_path,
+        half_close.port,
+        OneProcess(),
+        write_ahead=[FailingJournal()],
+        audit_required=True,
+    )
+    try:
+        sock, head = _connect(gate.port, f"127.0.0.1:{half_close.port}")
+        assert head == b"HTTP/1.1 200 Connection established\r\n\r\n"
+        with contextlib.suppress(OSError):
+            sock.sendall(HELLO)
+        rest = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                rest += chunk
+        sock.close()
+        assert rest == b""
+        assert half_close.accepted == 0
+        assert [(d.decision, d.reason) for d in gate.decisions] == [
+            (Verdict.DENY, Reason.AUDIT_UNAVAILABLE)
+        ]
     finally:
         gate.stop()
 

@@ -1,17 +1,22 @@
-"""Step 3a's lookup as a connection opens: answered on the event loop when the sandbox's processes
-are already known, else in a worker thread; either way before the connection's first decision."""
+"""Step 3a's lookup: answered on the event loop when the sandbox's processes are already known, else
+in a worker thread; either way before the connection's first decision is recorded. It starts as
+the connection opens under a policy that binds rules to executables; under any other, an admitted
+tunnel is answered first and looked up while its client prepares its first bytes."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from proxy.core.checkpoint import Checkpoint
-from proxy.core.decision import Kind, Request
+from proxy.core.decision import Decision, Kind, Reason, Request
 from proxy.evidence.emit import Emitter, MemorySink
 from proxy.policy.loader import load_policy
-from tests.proxy.core.test_checkpoint import Lookups
+from tests.proxy.core.test_checkpoint import FailingJournal, Lookups
 from tests.proxy.core.test_checkpoint_executables import GIT, GIT_ID, POLICY, Facts
 
 ANSWER = Facts(frozenset({GIT}), frozenset({GIT_ID}), complete=False)
@@ -82,3 +87,105 @@ def test_a_lookup_that_fails_leaves_the_process_unknown(tmp_path: Path) -> None:
     conn, _ = _admit(tmp_path, processes)
     assert conn.attributed and conn.process is None  # type: ignore[attr-defined]
     assert processes.calls == [("now", "MainThread")]
+
+
+UNBOUND = "version: 1\nrules:\n  - {name: open, hosts: [pypi.test]}\n"
+
+
+class Ordered(Processes):
+    """Puts each lookup, answer and record in one list, in the order they happen."""
+
+    def __init__(self, order: list[str], known: bool = True) -> None:
+        super().__init__(known=known)
+        self.order = order
+
+    def attribute_now(self, peer: str) -> Facts | None:
+        self.order.append("lookup")
+        return super().attribute_now(peer)
+
+    def attribute(self, peer: str, *, every_owner: bool = False) -> Facts | None:
+        self.order.append("walk")
+        return super().attribute(peer, every_owner=every_owner)
+
+
+class Recorded(MemorySink):
+    def __init__(self, order: list[str]) -> None:
+        super().__init__()
+        self.order = order
+
+    def record(self, decision: Decision) -> None:
+        self.order.append(f"record {decision.decision.value}")
+        super().record(decision)
+
+
+def _answered(
+    tmp_path: Path, policy_text: str, host: str, known: bool = True, **emitter: Any
+) -> tuple[list[str], Decision]:
+    """A CONNECT to ``host`` admitted with an ``answer``: what happened, in order."""
+    path = tmp_path / "p.yaml"
+    path.write_text(policy_text)
+    policy = load_policy(path)
+    order: list[str] = []
+    checkpoint = Checkpoint(
+        lambda: policy,
+        Emitter([Recorded(order)], **emitter),
+        Lookups({"pypi.test": "203.0.113.10", "other.test": "203.0.113.11"}),
+        processes=Ordered(order, known),
+    )
+
+    async def answer() -> None:
+        order.append("answer")
+
+    async def go() -> Decision:
+        conn, refusal = checkpoint.connected("c1", "127.0.0.1:5000")
+        assert refusal is None
+        order.append("opened")
+        request = Request(Kind.CONNECT, host, 443, "CONNECT")
+        return await checkpoint.admit(conn, request, answer=answer)
+
+    return order, asyncio.run(go())
+
+
+def test_a_tunnel_whose_decision_rests_on_no_process_is_answered_before_its_lookup(
+    tmp_path: Path,
+) -> None:
+    """No rule is bound to executables: the lookup cannot change the decision, so the client has
+    its 200 first and the lookup runs while it prepares its ClientHello; the record, which names
+    the process, is still written before the call returns (before anything is dialled)."""
+    order, decision = _answered(tmp_path, UNBOUND, "pypi.test")
+    assert decision.allowed
+    assert order == ["opened", "answer", "lookup", "record allow"]
+
+
+@pytest.mark.parametrize("known", [True, False], ids=["on-the-loop", "walked"])
+def test_under_a_policy_bound_to_executables_the_lookup_starts_as_the_connection_opens(
+    tmp_path: Path, known: bool
+) -> None:
+    """The process decides: its lookup starts at once (on the loop, or in a thread that walks the
+    process tree), and the client is answered only by the adapter, after the decision (never
+    early), even for a rule of that policy that is itself bound to nothing."""
+    order, decision = _answered(tmp_path, POLICY, "other.test", known)
+    assert decision.allowed
+    walked = [] if known else ["walk"]  # from the worker thread: before or after "opened"
+    assert sorted(order[1:-1]) == sorted(["opened", *walked])
+    assert (order[0], order[-1]) == ("lookup", "record allow")
+
+
+def test_a_refused_tunnel_is_never_answered_early_and_its_record_names_its_process(
+    tmp_path: Path,
+) -> None:
+    order, decision = _answered(tmp_path, UNBOUND, "elsewhere.test")
+    assert not decision.allowed
+    assert order == ["opened", "lookup", "record deny"]
+
+
+def test_an_answered_tunnel_whose_record_cannot_be_written_comes_back_refused(
+    tmp_path: Path,
+) -> None:
+    """Answered early, then the write-ahead journal failed under audit-required: the decision
+    returned is the refusal the adapter enforces by closing the tunnel (nothing was dialled)."""
+    order, decision = _answered(
+        tmp_path, UNBOUND, "pypi.test", write_ahead=[FailingJournal()], audit_required=True
+    )
+    assert order == ["opened", "answer", "lookup", "record deny"]
+    assert not decision.allowed and decision.reason is Reason.AUDIT_UNAVAILABLE

@@ -68,7 +68,10 @@ def test_one_sandboxs_slow_lookups_do_not_hold_up_anothers(tmp_path: Path) -> No
     checkpoint = _checkpoint(tmp_path, slow=slow, quick=quick)
 
     async def scenario() -> Verdict:
-        checkpoint.connected("c-slow", "127.0.0.1:5000", "slow")
+        held, _ = checkpoint.connected("c-slow", "127.0.0.1:5000", "slow")
+        waiting = asyncio.ensure_future(
+            checkpoint.admit(held, Request(Kind.CONNECT, "pypi.test", 443, "CONNECT"))
+        )
         assert await asyncio.to_thread(slow.entered.wait, WAIT)  # its lookup holds a thread
         conn, _ = checkpoint.connected("c-quick", "127.0.0.1:5000", "quick")
         try:
@@ -76,8 +79,10 @@ def test_one_sandboxs_slow_lookups_do_not_hold_up_anothers(tmp_path: Path) -> No
                 checkpoint.admit(conn, Request(Kind.CONNECT, "pypi.test", 443, "CONNECT")),
                 WAIT / 2,
             )
+            assert not waiting.done()  # the slow sandbox's request still waits for its lookup
         finally:
             slow.release.set()
+        await waiting
         return decision.decision
 
     try:
