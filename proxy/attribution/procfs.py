@@ -20,12 +20,14 @@ What a process is (executable, command line, parent) is read afresh on every loo
 reparenting allocate no pid. A search for every owner (what a rule bound to executables needs)
 always walks the tree anew.
 
-The ``stat`` and ``cmdline`` files of the processes recent lookups read are kept open (up to
-KEPT_PROCESSES): a read is then one ``pread`` where a path costs an open, a read and a close. A
-descriptor of ``/proc/<pid>`` stays bound to the process it was opened for (the kernel's ``struct
-pid``, which a later process with the same number never shares), and each read is generated anew
-from that process as it is now: after an ``exec``, its new command line; once it has been reaped,
-an error, upon which the path is opened again (as every read did before).
+The ``stat`` and ``cmdline`` files recent lookups read are kept open (up to KEPT_FILES): a read
+is then one ``pread`` where a path costs an open, a read and a close. A descriptor of
+``/proc/<pid>`` stays bound to the process it was opened for (the kernel's ``struct pid``, which a
+later process with the same number never shares), and each read is generated anew from that
+process as it is now: after an ``exec``, its new command line; once it has been reaped, an error,
+upon which the path is opened again (as every read did before). They are an optimisation only: a
+thread that finds them in use by another (whose read may be slow) reads by path instead of
+waiting, and once :meth:`SandboxProcesses.close` has been called every read is by path.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from proxy.attribution.argv import scrub_argv
@@ -55,7 +57,8 @@ CENSUS_AGE = (
 )
 INLINE_PROCESSES = 64  # a kept walk this small is searched on the caller's thread (no hand-off)
 INLINE_FDS = 512  # ... as long as the fd tables it reads stay this small in all
-KEPT_PROCESSES = 32  # processes whose stat and cmdline stay open between lookups
+KEPT_FILES = 16  # /proc files kept open between lookups (limits.DESCRIPTOR_RESERVE counts them)
+KEPT_BUILT = 32  # attributions kept to be returned again
 _STAT, _CMDLINE = 0, 1
 _KEPT_NAMES = ("stat", "cmdline")
 _KEPT_LIMITS = (4096, MAX_CMDLINE)
@@ -103,11 +106,12 @@ class SandboxProcesses:
         # read and written by single dict operations (atomic), never iterated, and what they hold is
         # a hint checked by the readlink it saves (the fd) or the same value whoever writes it (init).
         self._last_fd: dict[int, str] = {}
-        # Host pid -> its open (stat, cmdline) descriptors. Unlike the hints above, these are used
-        # and closed under a lock: a descriptor closed by one thread while another reads it could
-        # be reused by an unrelated open in between.
-        self._files: dict[int, tuple[int, int]] = {}
+        # (host pid, which file) -> its open descriptor. Unlike the hints above, these are used and
+        # closed under a lock: a descriptor closed by one thread while another reads it could be
+        # reused by an unrelated open in between.
+        self._files: dict[tuple[int, int], int] = {}
         self._files_lock = threading.Lock()
+        self._closed = False
         self._built: dict[tuple[bool, tuple[ProcEntry, ...], tuple[ProcEntry, ...]], Any] = {}
         try:  # /proc/loadavg, kept open: one pread per lookup (none: every lookup walks)
             self._counter_fd: int | None = os.open(f"{proc}/loadavg", os.O_RDONLY | os.O_CLOEXEC)
@@ -190,7 +194,7 @@ class SandboxProcesses:
         found = self._built.get(key)
         if found is None:
             found = build(owners, entries, complete=every_owner)
-            if len(self._built) >= KEPT_PROCESSES:
+            if len(self._built) >= KEPT_BUILT:
                 self._built.clear()
             self._built[key] = found
         return found
@@ -223,42 +227,64 @@ class SandboxProcesses:
 
     def close(self) -> None:
         """Releases the kept descriptors: ``/proc/loadavg`` (later lookups walk every time) and the
-        processes' files (later lookups open them again)."""
+        processes' files (later reads are by path, also those of lookups still under way). Never
+        waits: files another thread is reading through are closed by it as it finishes."""
         fd, self._counter_fd = self._counter_fd, None
         if fd is not None:
             os.close(fd)
+        self._closed = True
         self._close_files()
 
     def _proc_file(self, pid: int, which: int) -> bytes:
-        """``/proc/<pid>/stat`` or ``cmdline`` as it is now, through the process's kept
-        descriptors (opened on first use). OSError when the process is gone."""
-        with self._files_lock:
-            fds = self._files.get(pid)
-            if fds is not None:
+        """``/proc/<pid>/stat`` or ``cmdline`` as it is now, through a kept descriptor (opened on
+        first use). OSError when the process is gone."""
+        path = f"{self.proc}/{pid}/{_KEPT_NAMES[which]}"
+        limit = _KEPT_LIMITS[which]
+        if self._closed or not self._files_lock.acquire(blocking=False):
+            return _read(path, limit, missing_ok=False)
+        try:
+            key = (pid, which)
+            fd = self._files.get(key)
+            if fd is not None:
                 try:
-                    return os.pread(fds[which], _KEPT_LIMITS[which], 0)
+                    return os.pread(fd, limit, 0)
                 except OSError:  # reaped since (ESRCH): the number may be another process's now
-                    del self._files[pid]
-                    _close_all(fds)
-            opened: list[int] = []
+                    del self._files[key]
+                    os.close(fd)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                for name in _KEPT_NAMES:
-                    opened.append(os.open(f"{self.proc}/{pid}/{name}", os.O_RDONLY | os.O_CLOEXEC))
-                data = os.pread(opened[which], _KEPT_LIMITS[which], 0)
+                data = os.pread(fd, limit, 0)
             except OSError:
-                _close_all(opened)
+                os.close(fd)
                 raise
-            if len(self._files) >= KEPT_PROCESSES:
-                _close_all(self._files.pop(next(iter(self._files))))
-            self._files[pid] = (opened[0], opened[1])
+            if len(self._files) >= KEPT_FILES:
+                os.close(self._files.pop(next(iter(self._files))))
+            self._files[key] = fd
             return data
+        finally:
+            if self._closed:
+                self._close_all_files()
+            self._files_lock.release()
 
     def _close_files(self, keep: frozenset[int] = frozenset()) -> None:
         """Closes the kept files of every process not in ``keep`` (a new walk keeps those of the
-        processes it still found)."""
-        with self._files_lock:
-            for pid in [pid for pid in self._files if pid not in keep]:
-                _close_all(self._files.pop(pid))
+        processes it still found); when another thread is reading through them, nothing now (it
+        closes them all itself after :meth:`close`)."""
+        if not self._files_lock.acquire(blocking=False):
+            return
+        try:
+            if self._closed:
+                self._close_all_files()
+            else:
+                for key in [key for key in self._files if key[0] not in keep]:
+                    os.close(self._files.pop(key))
+        finally:
+            self._files_lock.release()
+
+    def _close_all_files(self) -> None:
+        """Under the files lock."""
+        while self._files:
+            os.close(self._files.popitem()[1])
 
     def _inode(self, local: tuple[str, int]) -> int | None:
         """The client socket's inode: an exact lookup through sock_diag when the sandbox handed
@@ -385,11 +411,6 @@ class SandboxProcesses:
             sandbox_pids[pid] = nspid
             return ppid, nspid
         return _stat_ppid(self._proc_file(pid, _STAT), base), nspid
-
-
-def _close_all(fds: Iterable[int]) -> None:
-    for fd in fds:
-        os.close(fd)
 
 
 def _read(path: str, limit: int = 65536, *, missing_ok: bool = True) -> bytes:

@@ -30,8 +30,10 @@ For each CONNECT and each HTTP request - plain, or inside an inspected tunnel (:
    the connection opens (the earliest moment: threat 19) and the decision waits for it; under any
    other policy the answer cannot change the decision, so it is looked up when first needed (a
    record, a reviewer's question), and an admitted CONNECT taken with an ``answer`` is answered
-   first: the lookup runs while the client prepares its first bytes (step 7). A rule bound to
-   executables then allows only a process
+   first: the lookup runs while the client prepares its first bytes (step 7). A connection opened
+   while no rule was bound has no owner from its opening, so a rule bound by a later reload
+   refuses it (``process-unattributed``; the client's next connection is looked up as it opens).
+   A rule bound to executables then allows only a process
    running one of them (:mod:`proxy.core.executables`): an unknown process is
    ``process-unattributed``, another executable ``executable-not-allowed``. Nothing is resolved for
    either. (The tunnel's ClientHello is decided by the same rule for the same process.) Under a
@@ -57,7 +59,10 @@ For each CONNECT and each HTTP request - plain, or inside an inspected tunnel (:
    (``approval-granted``) or a deny (``approval-denied``, ``approval-timeout``, ``approval-limit``,
    ``approval-unavailable``). Nothing is dialled while it is held, and an ask that comes back
    unresolved, or an approver that fails, refuses. A policy reloaded while it was held decides it
-   again (steps 3 and 3a): an allow stands only if the new policy still allows or asks.
+   again (steps 3 and 3a): an allow stands only if the new policy still allows or asks. So does a
+   policy reloaded while any request was admitted (its destination resolved, its process looked
+   up): a reload's recheck sees only admitted tunnels, so the allow stands only if the policy now in
+   force allows it too.
 7. **audit** - the decision is recorded; the write-ahead journal can still turn an allow into
    ``audit-unavailable``. What the emitter returns is what is enforced. An admitted CONNECT whose
    decision rests on no process may have had its ``200`` before this step (3a): nothing is dialled
@@ -235,6 +240,7 @@ class Checkpoint:
         conn = self.connections.open(cid, peer, listener_sandbox, rated=rated)
         conn.processes = self.processes_of(conn)
         if conn.refusal is not None or self._bound.binds(self.policy_for(conn)):
+            conn.watched = True
             self._start_lookup(conn)
         if conn.refusal is None:
             return conn, None
@@ -369,7 +375,7 @@ class Checkpoint:
         outcome = await self._process(conn, policy, request, outcome)
         # (3b) credentials
         outcome = self._credentials(conn, outcome, carried)
-        return await self._from_destination(conn, request, outcome, started, answer)
+        return await self._from_destination(conn, request, outcome, started, policy, answer)
 
     async def _refused(self, conn: Connection, decision: Decision) -> Decision:
         """(7) a refusal before the policy step, recorded with its process (3a)."""
@@ -391,7 +397,7 @@ class Checkpoint:
         decision = await self._process(conn, policy, request, decision)  # (3a) process
         # (3b) credentials, with the held body
         decision = self._credentials(conn, decision, carried)
-        return await self._from_destination(conn, request, decision, started)
+        return await self._from_destination(conn, request, decision, started, policy)
 
     def _credentials(
         self, conn: Connection, decision: Decision, carried: Carried | None
@@ -474,8 +480,10 @@ class Checkpoint:
         request: Request,
         decision: Decision,
         started: float,
+        decided: Policy,
         answer: Callable[[], Awaitable[None]] | None = None,
     ) -> Decision:
+        """Steps 4-8 for ``decision``, made under the policy ``decided``."""
         policy = self.policy_for(conn)
         # (4) destination and (5) self; a request inside a tunnel goes where the tunnel is pinned.
         if request.kind is Kind.REQUEST:
@@ -485,24 +493,60 @@ class Checkpoint:
         elif _screened(decision) and request.port is not None:
             decision = await self._destination(decision, request.port, policy)
         # (6) ask
-        if decision.decision is Verdict.ASK:
+        asked = decision.decision is Verdict.ASK
+        if asked:
             await self._attribute(conn)  # (3a) the question names the process that asks
             decision = await self._ask(decision, policy, request)
             started = 0.0  # a person's wait is not decision latency
             if decision.allowed:
                 decision = await self._reloaded_while_held(conn, request, decision, policy)
-        if answer is not None:
-            # An admitted tunnel is answered before its process is looked up (3a): the lookup runs
-            # while the client prepares its first bytes, which are decided after this record.
-            if (
-                decision.allowed
-                and decision.address is not None
-                and request.port is not None
-                and not self._inspects(self.policy_for(conn), decision, request.port)
-            ):
-                await answer()
-            await self._attribute(conn)
+        answering = False
+        try:
+            if answer is not None:
+                # An admitted tunnel is answered before its process is looked up (3a): the lookup
+                # runs while the client prepares its first bytes, decided after this record.
+                if (
+                    decision.allowed
+                    and decision.address is not None
+                    and request.port is not None
+                    and not self._inspects(self.policy_for(conn), decision, request.port)
+                ):
+                    answering = True
+                    await answer()
+                await self._attribute(conn)
+            if decision.allowed and not asked:
+                decision = await self._reloaded_while_admitted(conn, request, decision, decided)
+        except asyncio.CancelledError:
+            if answering:  # the client may have its 200: what was decided is recorded
+                try:
+                    self._finish(conn, request, decision, 0.0)
+                except Exception:
+                    log.exception("recording %s as its admission was cancelled", decision.id)
+            raise
         return self._finish(conn, request, decision, started)
+
+    async def _reloaded_while_admitted(
+        self, conn: Connection, request: Request, decision: Decision, decided: Policy
+    ) -> Decision:
+        """(3, 3a) a policy reloaded while the request was being admitted (its destination was
+        resolved, its process looked up): a reload's recheck cannot see a tunnel not yet
+        admitted, so the allow stands only if the policy now in force allows the request too
+        (an ``ask`` there asks on a new request)."""
+        for attempt in range(3):
+            now = self.policy_for(conn)
+            if now is decided:
+                break
+            # The last time without a wait, so no reload can come between it and the record.
+            again = await self._process(conn, now, request, decide(request, now), wait=attempt < 2)
+            if not again.allowed:
+                if again.decision is Verdict.ASK:
+                    again = again.with_(decision=Verdict.DENY, reason=Reason.APPROVAL_UNAVAILABLE)
+                return again.with_(
+                    detail=f"{again.detail}; the policy was reloaded while this request was "
+                    "admitted, and the policy now in force does not allow it"
+                )
+            decided = now
+        return decision
 
     async def _reloaded_while_held(
         self, conn: Connection, request: Request, answer: Decision, asked: Policy
@@ -616,19 +660,39 @@ class Checkpoint:
         processes.remember(conn.peer, conn.process)
 
     async def _process(
-        self, conn: Connection, policy: Policy, request: Request, decision: Decision
+        self,
+        conn: Connection,
+        policy: Policy,
+        request: Request,
+        decision: Decision,
+        *,
+        wait: bool = True,
     ) -> Decision:
         """(3a) a rule bound to executables lets through only their processes: every process that
         holds the socket, so the lookup that stopped at the first owner is completed here, once.
-        A report under a managed ceiling is held to the managed rule's executables."""
+        A report under a managed ceiling is held to the managed rule's executables. Without
+        ``wait``, nothing is awaited: a search not yet completed refuses."""
         held = bindings(self._bound, policy, request, decision)
         if not held:
             return decision
+        if not conn.watched and self.processes_of(conn) is not None:
+            # Opened under a policy that bound nothing: its owner as it opened was never looked
+            # up, and a socket handed over since would pass as the bound program's (threat 19).
+            refused = check_bindings(decision, held, None)
+            if refused is decision:
+                return decision
+            return refused.with_(
+                detail=f"{refused.detail}: the connection opened before the policy bound the "
+                "rule to executables, so its process was not looked up as it opened; a new "
+                "connection will be"
+            )
         if conn.owners is not None:  # searched for this connection already: the same owners
             return check_bindings(decision, held, conn.bound_owners())
         process = conn.bound_owners()  # the lookup's answer (never looked up: unknown, refused)
         earlier = process  # as the connection opened: its owner then still counts
         processes = self.processes_of(conn)
+        if not wait:
+            return check_bindings(decision, held, process)
         if process is not None and not process.complete and processes is not None:
             peer = conn.peer or ""
             try:

@@ -63,6 +63,9 @@ class Connection:
     owners: Any = None  # every owner any lookup saw (what a rule bound to executables checks)
     attributed: bool = False  # looked up (process stays None when it could not be found)
     lookup: Any = None  # the lookup under way (an asyncio future), started when it connected
+    # Its lookup started as it opened (its policy then bound a rule to executables): the owner
+    # at that moment is one a bound rule checks (threat 19). Without it, a bound rule refuses.
+    watched: bool = False
     # Its sandbox has ended: no process is left to read what the gate sends it, and a write would
     # draw a reset that takes the requests it left unread with it (they are still decided).
     gone: bool = False

@@ -17,7 +17,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-DESCRIPTOR_RESERVE = 64  # journal, resolver sockets, listeners, the export process's pipes
+# journal, resolver sockets, listeners, the export process's pipes, and the /proc files the process
+# lookup of a sandbox keeps open (proxy.attribution.procfs.KEPT_FILES, and its pid counter)
+DESCRIPTOR_RESERVE = 96
 
 
 @dataclass(frozen=True, slots=True)

@@ -298,8 +298,7 @@ def test_a_processs_stat_and_command_line_stay_open_until_it_is_gone(
     them all."""
     opened: list[str] = []
     real_open, real_pread = os.open, os.pread
-    reaped: list[bool] = []
-    kept: set[int] = set()
+    stale: set[int] = set()
 
     def counting_open(path: str, flags: int, *args: int) -> int:
         if "/203/" in str(path) and not str(path).endswith("/children"):
@@ -307,26 +306,26 @@ def test_a_processs_stat_and_command_line_stay_open_until_it_is_gone(
         return real_open(path, flags, *args)
 
     def pread(fd: int, size: int, offset: int) -> bytes:
-        if fd in kept and not reaped[0]:  # the next read through a kept descriptor
-            reaped[0] = True
+        if fd in stale:  # once: its number is free for the next open once it is closed
+            stale.discard(fd)
             raise ProcessLookupError(3, "No such process")
         return real_pread(fd, size, offset)
 
     monkeypatch.setattr(procfs.os, "open", counting_open)
     monkeypatch.setattr(procfs.os, "pread", pread)
     lookups = _lookups(proc)
-    assert lookups.attribute(PEER) is not None  # status (first sight), cmdline: stat kept too
+    assert lookups.attribute(PEER) is not None  # status (first sight), then cmdline, then stat
     assert lookups.attribute_now(PEER) is not None
     assert lookups.attribute_now(PEER) is not None
     assert sorted(opened) == ["cmdline", "stat", "status"]  # later lookups opened nothing
-    reaped.append(False)  # the process behind them was reaped
-    kept.update(lookups._files[203])
+    stale.update(fd for (pid, _), fd in lookups._files.items() if pid == 203)  # it was reaped
+    assert len(stale) == 2
     (proc.base / "203" / "cmdline").write_bytes(b"/usr/bin/git\0fetch\0")
     found = lookups.attribute_now(PEER)
     assert found is not None and found.argv == ("/usr/bin/git", "fetch")
     assert sorted(opened) == ["cmdline", "cmdline", "stat", "stat", "status"]
-    assert reaped == [True]
-    fresh = lookups._files[203]
+    assert not stale  # each read through a stale descriptor failed once, and it was not read again
+    fresh = [fd for (pid, _), fd in lookups._files.items() if pid == 203]
     lookups.close()
     assert not lookups._files
     for fd in fresh:
@@ -348,7 +347,7 @@ def test_a_kept_descriptor_follows_its_process_through_exec_and_never_outlives_i
                 break
             time.sleep(0.01)
         assert lookups._proc_file(child.pid, procfs._CMDLINE).startswith(b"sh\0-c\0")
-        kept = lookups._files[child.pid]
+        kept = lookups._files[(child.pid, procfs._CMDLINE)]
         assert child.stdin is not None
         child.stdin.write(b"go\n")
         child.stdin.flush()
@@ -357,16 +356,58 @@ def test_a_kept_descriptor_follows_its_process_through_exec_and_never_outlives_i
                 break
             time.sleep(0.01)
         assert lookups._proc_file(child.pid, procfs._CMDLINE) == b"sleep\x0030\x00"
-        assert lookups._files[child.pid] == kept  # read through the same descriptors
+        assert lookups._files[(child.pid, procfs._CMDLINE)] == kept  # the same descriptor
         stat = lookups._proc_file(child.pid, procfs._STAT)
         assert stat.startswith(f"{child.pid} (sleep) ".encode())
         child.kill()
         child.wait(WAIT_S)
         with pytest.raises(OSError):
             lookups._proc_file(child.pid, procfs._STAT)
-        assert child.pid not in lookups._files
+        assert (child.pid, procfs._STAT) not in lookups._files
     finally:
         if child.poll() is None:
             child.kill()
             child.wait(WAIT_S)
         lookups.close()
+
+
+def test_a_slow_read_through_a_kept_file_holds_up_no_other_lookup_and_close(
+    proc: FakeProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One thread's read through a kept descriptor may be slow (the kernel reads another process's
+    memory for its command line): a lookup on another thread reads by path instead of waiting, and
+    ``close`` returns at once; the slow reader closes the kept files as it finishes, and nothing
+    is kept after ``close``."""
+    import threading
+
+    lookups = _lookups(proc)
+    assert lookups.attribute(PEER) is not None
+    assert lookups.attribute_now(PEER) is not None  # stat and cmdline now kept
+    kept = dict(lookups._files)
+    inside, release = threading.Event(), threading.Event()
+    real_pread = os.pread
+
+    def pread(fd: int, size: int, offset: int) -> bytes:
+        if fd in kept.values() and threading.current_thread().name == "slow":
+            inside.set()
+            assert release.wait(WAIT_S)
+        return real_pread(fd, size, offset)
+
+    monkeypatch.setattr(procfs.os, "pread", pread)
+    slow = threading.Thread(target=lookups.attribute_now, args=(PEER,), name="slow")
+    slow.start()
+    try:
+        assert inside.wait(WAIT_S)
+        found = lookups.attribute_now(PEER)  # by path: the kept files are in use
+        assert found is not None and found.host_pid == 203
+        lookups.close()  # returns at once
+        assert lookups._files == kept  # still being read through
+    finally:
+        release.set()
+        slow.join(WAIT_S)
+    assert not lookups._files  # closed by the slow reader on its way out
+    for fd in kept.values():
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    assert lookups.attribute(PEER) is not None
+    assert not lookups._files  # after close, every read is by path

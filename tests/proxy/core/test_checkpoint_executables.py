@@ -63,7 +63,7 @@ def _run(tmp_path: Path, answer: Facts | None, host: str = "pypi.test") -> tuple
     policy = load_policy(path)
     lookups, memory, processes = Lookups(), MemorySink(), Processes(answer)
     checkpoint = Checkpoint(lambda: policy, Emitter([memory]), lookups, processes=processes)
-    conn = checkpoint.connections.open("c1", "127.0.0.1:5000", "sbx")
+    conn, _ = checkpoint.connected("c1", "127.0.0.1:5000", "sbx")
     decision = asyncio.run(checkpoint.admit(conn, Request(Kind.CONNECT, host, 443, "CONNECT")))
     asyncio.run(checkpoint.admit(conn, Request(Kind.CONNECT, host, 443, "CONNECT")))
     checkpoint.disconnected("c1")
@@ -119,7 +119,7 @@ def test_an_owner_seen_as_the_connection_opened_still_counts(tmp_path: Path) -> 
     policy = load_policy(path)
     processes = HandedOver(None)
     checkpoint = Checkpoint(lambda: policy, Emitter([MemorySink()]), Lookups(), processes=processes)
-    conn = checkpoint.connections.open("c1", "127.0.0.1:5000", "sbx")
+    conn, _ = checkpoint.connected("c1", "127.0.0.1:5000", "sbx")
     request = Request(Kind.CONNECT, "pypi.test", 443, "CONNECT")
     decision = asyncio.run(checkpoint.admit(conn, request))
     assert processes.asked == ["127.0.0.1:5000", "127.0.0.1:5000 every owner"]
@@ -169,7 +169,7 @@ def _under_ceiling(tmp_path: Path, answer: Facts | None, host: str) -> tuple[obj
     checkpoint = Checkpoint(
         lambda: policy, Emitter([MemorySink()]), lookups, processes=Processes(answer)
     )
-    conn = checkpoint.connections.open("c1", "127.0.0.1:5000", "sbx")
+    conn, _ = checkpoint.connected("c1", "127.0.0.1:5000", "sbx")
     decision = asyncio.run(checkpoint.admit(conn, Request(Kind.CONNECT, host, 443, "CONNECT")))
     return decision, lookups
 
@@ -232,7 +232,7 @@ def test_a_report_is_held_to_its_own_rule_and_to_the_managed_rule_that_allows_it
     checkpoint = Checkpoint(
         lambda: policy, Emitter([MemorySink()]), lookups, processes=Processes(git)
     )
-    conn = checkpoint.connections.open("c1", "127.0.0.1:5000", "sbx")
+    conn, _ = checkpoint.connected("c1", "127.0.0.1:5000", "sbx")
     request = Request(Kind.CONNECT, "pypi.test", 8443, "CONNECT")
     decision = asyncio.run(checkpoint.admit(conn, request))
     assert decision.reason is Reason.EXECUTABLE_NOT_ALLOWED

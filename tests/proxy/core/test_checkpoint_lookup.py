@@ -189,3 +189,119 @@ def test_an_answered_tunnel_whose_record_cannot_be_written_comes_back_refused(
     )
     assert order == ["opened", "answer", "lookup", "record deny"]
     assert not decision.allowed and decision.reason is Reason.AUDIT_UNAVAILABLE
+
+
+class Walking(Processes):
+    """A lookup that must walk (a worker thread), during which ``during`` runs (a reload, say)
+    and which then waits, bounded, for ``release`` when one is given."""
+
+    def __init__(self, during: Any = None, release: threading.Event | None = None) -> None:
+        super().__init__(known=False)
+        self.during, self.release = during, release
+        self.walking = threading.Event()
+
+    def attribute(self, peer: str, *, every_owner: bool = False) -> Facts | None:
+        self.walking.set()
+        if self.during is not None:
+            self.during()
+        if self.release is not None:
+            self.release.wait(10)
+        return super().attribute(peer, every_owner=every_owner)
+
+
+def _reloading(tmp_path: Path, new_text: str) -> tuple[list[str], Decision, MemorySink]:
+    """An admitted tunnel answered early, whose lookup walks while the policy is replaced."""
+    old = load_policy(_written(tmp_path, "old.yaml", UNBOUND))
+    new = load_policy(_written(tmp_path, "new.yaml", new_text))
+    holder = {"policy": old}
+    order: list[str] = []
+    memory = Recorded(order)
+    checkpoint = Checkpoint(
+        lambda: holder["policy"],
+        Emitter([memory]),
+        Lookups({"pypi.test": "203.0.113.10"}),
+        processes=Walking(during=lambda: holder.update(policy=new)),
+    )
+
+    async def answer() -> None:
+        order.append("answer")
+
+    async def go() -> Decision:
+        conn, _ = checkpoint.connected("c1", "127.0.0.1:5000")
+        request = Request(Kind.CONNECT, "pypi.test", 443, "CONNECT")
+        return await checkpoint.admit(conn, request, answer=answer)
+
+    return order, asyncio.run(go()), memory
+
+
+def _written(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_a_reload_while_an_answered_tunnel_is_looked_up_refuses_what_the_new_policy_refuses(
+    tmp_path: Path,
+) -> None:
+    """A reload's recheck sees only admitted tunnels: one still being admitted (here, its lookup
+    walking after its 200) is decided again under the policy now in force before it is recorded,
+    and the adapter closes it."""
+    order, decision, memory = _reloading(
+        tmp_path, "version: 1\nrules:\n  - {name: other, hosts: [other.test]}\n"
+    )
+    assert not decision.allowed and decision.reason is Reason.NO_MATCHING_RULE
+    assert "reloaded while this request was admitted" in (decision.detail or "")
+    assert order == ["answer", "record deny"]  # recorded once, as the refusal it now is
+    assert [d.decision.value for d in memory.decisions] == ["deny"]
+
+
+def test_a_reload_that_binds_the_rule_refuses_a_connection_not_looked_up_as_it_opened(
+    tmp_path: Path,
+) -> None:
+    bound = f"version: 1\nrules:\n  - {{name: open, hosts: [pypi.test], executables: [{GIT}]}}\n"
+    _, decision, _ = _reloading(tmp_path, bound)
+    assert not decision.allowed and decision.reason is Reason.PROCESS_UNATTRIBUTED
+    assert "opened before the policy bound the rule" in (decision.detail or "")
+
+
+def test_control_a_reload_that_still_allows_the_tunnel_lets_it_stand(tmp_path: Path) -> None:
+    order, decision, _ = _reloading(tmp_path, UNBOUND)
+    assert decision.allowed
+    assert order == ["answer", "record allow"]
+
+
+def test_an_answered_tunnel_whose_admission_is_cancelled_is_still_recorded(
+    tmp_path: Path,
+) -> None:
+    """The client had its 200, then the connection's task was cancelled (its sandbox ended, a
+    drain's deadline) while the lookup walked: what was decided is recorded all the same."""
+    release = threading.Event()
+    processes = Walking(release=release)
+    memory = MemorySink()
+    policy = load_policy(_written(tmp_path, "p.yaml", UNBOUND))
+    checkpoint = Checkpoint(
+        lambda: policy,
+        Emitter([memory]),
+        Lookups({"pypi.test": "203.0.113.10"}),
+        processes=processes,
+    )
+    answered: list[str] = []
+
+    async def answer() -> None:
+        answered.append("200")
+
+    async def go() -> None:
+        conn, _ = checkpoint.connected("c1", "127.0.0.1:5000")
+        request = Request(Kind.CONNECT, "pypi.test", 443, "CONNECT")
+        task = asyncio.ensure_future(checkpoint.admit(conn, request, answer=answer))
+        assert await asyncio.to_thread(processes.walking.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    try:
+        asyncio.run(go())
+    finally:
+        release.set()
+    assert answered == ["200"]
+    assert [(d.kind, d.decision.value) for d in memory.decisions] == [("connect", "allow")]
