@@ -32,7 +32,7 @@ from mitmproxy.proxy import server_hooks
 
 from addons import credentials as creds
 from addons.refusal import refusal_response, strip_egress_headers
-from addons.tunnels import accepted_at, current_sandbox
+from addons.tunnels import accepted_at, current_sandbox, handed_over
 from proxy.core.checkpoint import Checkpoint
 from proxy.core.connections import Connection
 from proxy.core.credentials import Carried, Vault
@@ -83,7 +83,11 @@ class GateAddon:
     def client_connected(self, client: connection.Client) -> None:
         since = accepted_at.get()  # set when the tunnel front end accepted it and handed it on
         _, refusal = self.checkpoint.connected(
-            client.id, _peer(client), current_sandbox.get(), rated=since is None
+            client.id,
+            _peer(client),
+            current_sandbox.get(),
+            rated=since is None,
+            handed=handed_over.get(),
         )
         if refusal is not None:
             client.error = "egress: too many connections from this client"

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from addons.plainhttp import PlainHttp
-from addons.tunnels import TunnelFrontEnd, accepted_at, current_sandbox
+from addons.tunnels import TunnelFrontEnd, accepted_at, current_sandbox, handed_over
 from proxy.core.checkpoint import (
     Approver,
     Authenticator,
@@ -27,7 +27,7 @@ from proxy.core.checkpoint import (
     Destinations,
     Processes,
 )
-from proxy.core.connections import Connections, Observer
+from proxy.core.connections import Connection, Connections, Observer
 from proxy.core.credentials import Vault
 from proxy.core.destination import DestinationCheck, NameResolver
 from proxy.core.hosts import parse_endpoint
@@ -215,7 +215,7 @@ class Gate:
         return task
 
     async def _to_mitmproxy(
-        self, sock: socket.socket, sandbox_id: str | None, accepted: float
+        self, sock: socket.socket, sandbox_id: str | None, accepted: float, opened: Connection
     ) -> None:
         """A connection the tunnel front end does not take: mitmproxy's layers serve it."""
         try:
@@ -226,6 +226,7 @@ class Gate:
             return
         current_sandbox.set(sandbox_id)
         accepted_at.set(accepted)
+        handed_over.set(opened)
         reader, writer = await asyncio.open_connection(sock=sock)
         await layers.handle_stream(reader, writer)
 

@@ -59,6 +59,10 @@ current_sandbox: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 accepted_at: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "egress_accepted_at", default=None
 )
+# The front end's record of that connection (its lookup as it opened), read in client_connected.
+handed_over: contextvars.ContextVar[Connection | None] = contextvars.ContextVar(
+    "egress_handed_over", default=None
+)
 
 PEEK = 4096
 CONNECT_PREFIX = b"CONNECT "
@@ -72,7 +76,7 @@ HEAD_TOO_LARGE = (
 )
 
 # Hands a connection the front end does not take to mitmproxy: (socket, sandbox id, accepted at).
-Handoff = Callable[[socket.socket, str | None, float], Awaitable[None]]
+Handoff = Callable[[socket.socket, str | None, float, Connection], Awaitable[None]]
 
 
 def connect_target(head: bytes) -> tuple[str, int] | None:
@@ -209,7 +213,7 @@ class TunnelFrontEnd:
                 handed = True
                 self.handed += 1
                 watch.close()  # mitmproxy's transport reads the socket from here on
-                await self.handoff(sock, sandbox_id, accepted)
+                await self.handoff(sock, sandbox_id, accepted, conn)
                 return
             self.tunnels += 1
             await self._tunnel(sock, conn, accepted, watch)

@@ -57,7 +57,7 @@ CENSUS_AGE = (
 )
 INLINE_PROCESSES = 64  # a kept walk this small is searched on the caller's thread (no hand-off)
 INLINE_FDS = 512  # ... as long as the fd tables it reads stay this small in all
-KEPT_FILES = 16  # /proc files kept open between lookups (limits.DESCRIPTOR_RESERVE counts them)
+KEPT_FILES = 8  # /proc files kept open per sandbox (limits.DESCRIPTOR_RESERVE counts one sandbox's)
 KEPT_BUILT = 32  # attributions kept to be returned again
 _STAT, _CMDLINE = 0, 1
 _KEPT_NAMES = ("stat", "cmdline")
@@ -217,18 +217,20 @@ class SandboxProcesses:
 
     def _counter(self) -> bytes:
         """The last pid the kernel allocated in the gate's PID namespace, or b"" when unknown."""
-        if self._counter_fd is None:
+        fd = self._counter_fd  # read once: close() may clear it meanwhile
+        if fd is None:
             return b""
         try:
-            fields = os.pread(self._counter_fd, 128, 0).split()
+            fields = os.pread(fd, 128, 0).split()
         except OSError:
             return b""
         return fields[4] if len(fields) == 5 else b""
 
     def close(self) -> None:
         """Releases the kept descriptors: ``/proc/loadavg`` (later lookups walk every time) and the
-        processes' files (later reads are by path, also those of lookups still under way). Never
-        waits: files another thread is reading through are closed by it as it finishes."""
+        processes' files (later reads are by path). Never waits: files another thread is reading
+        through are closed by it as it finishes. Call it once the sandbox's lookups are no longer
+        needed (a lookup still under way then may find its process unknown)."""
         fd, self._counter_fd = self._counter_fd, None
         if fd is not None:
             os.close(fd)
@@ -265,6 +267,8 @@ class SandboxProcesses:
             if self._closed:
                 self._close_all_files()
             self._files_lock.release()
+            if self._closed and self._files:  # close() came between the check and the release
+                self._close_files()
 
     def _close_files(self, keep: frozenset[int] = frozenset()) -> None:
         """Closes the kept files of every process not in ``keep`` (a new walk keeps those of the

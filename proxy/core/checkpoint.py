@@ -96,7 +96,7 @@ from proxy.core.authority import join_authority
 from proxy.core.connections import Connection, Connections, Observer
 from proxy.core.credentials import Carried, Credentials, asks_upgrade, judge
 from proxy.core.decision import Decision, Kind, Reason, Request, Verdict, new_id
-from proxy.core.destination import Destination, DestinationRefused, Network
+from proxy.core.destination import Destination, DestinationRefused, Network, screen
 from proxy.core.engine import BODY_NEEDED, BodyNeeded, decide, decide_request, refuse
 from proxy.core.executables import (
     BoundRules,
@@ -233,13 +233,21 @@ class Checkpoint:
         listener_sandbox: str | None = None,
         *,
         rated: bool = True,
+        handed: Connection | None = None,
     ) -> tuple[Connection, Decision | None]:
         """(0) limits: the connection and, when it is over a limit, its refusal. ``rated=False``
         for a connection already counted against the new-connection rate (one handed from the
-        tunnel front end to mitmproxy's layers is the same connection)."""
+        tunnel front end to mitmproxy's layers is the same connection); ``handed``: the front
+        end's record of it, whose lookup as it opened (3a) this one keeps."""
         conn = self.connections.open(cid, peer, listener_sandbox, rated=rated)
         conn.processes = self.processes_of(conn)
-        if conn.refusal is not None or self._bound.binds(self.policy_for(conn)):
+        if handed is not None and handed.peer == conn.peer:
+            conn.watched, conn.lookup = handed.watched, handed.lookup
+            if handed.attributed:
+                conn.process, conn.attributed = handed.process, True
+                if conn.processes is not None and peer is not None:
+                    conn.processes.remember(peer, conn.process)
+        elif conn.refusal is not None or self._bound.binds(self.policy_for(conn)):
             conn.watched = True
             self._start_lookup(conn)
         if conn.refusal is None:
@@ -483,8 +491,9 @@ class Checkpoint:
         decided: Policy,
         answer: Callable[[], Awaitable[None]] | None = None,
     ) -> Decision:
-        """Steps 4-8 for ``decision``, made under the policy ``decided``."""
-        policy = self.policy_for(conn)
+        """Steps 4-8 for ``decision``, under the policy ``decided`` it was made under (a policy
+        reloaded since is met before the record: steps 6 and 7)."""
+        policy = decided
         # (4) destination and (5) self; a request inside a tunnel goes where the tunnel is pinned.
         if request.kind is Kind.REQUEST:
             tunnel = conn.tunnel
@@ -538,6 +547,15 @@ class Checkpoint:
                 break
             # The last time without a wait, so no reload can come between it and the record.
             again = await self._process(conn, now, request, decide(request, now), wait=attempt < 2)
+            if again.allowed and decision.address is not None:
+                _, internal = screen([decision.address], now.allow_internal)  # (4) its ranges
+                if internal:
+                    again = again.with_(
+                        decision=Verdict.DENY,
+                        reason=Reason.INTERNAL_ADDRESS,
+                        address=decision.address,
+                        detail=f"{decision.address} is an internal address ({internal[0][1]})",
+                    )
             if not again.allowed:
                 if again.decision is Verdict.ASK:
                     again = again.with_(decision=Verdict.DENY, reason=Reason.APPROVAL_UNAVAILABLE)

@@ -18,8 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 # journal, resolver sockets, listeners, the export process's pipes, and the /proc files the process
-# lookup of a sandbox keeps open (proxy.attribution.procfs.KEPT_FILES, and its pid counter)
-DESCRIPTOR_RESERVE = 96
+# lookup of a sandbox keeps open (proxy.attribution.procfs.KEPT_FILES and its pid counter: a private
+# gate's one sandbox; the per-user gate holds as many again, with its listeners, per sandbox)
+DESCRIPTOR_RESERVE = 80
 
 
 @dataclass(frozen=True, slots=True)

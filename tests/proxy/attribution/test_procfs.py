@@ -411,3 +411,52 @@ def test_a_slow_read_through_a_kept_file_holds_up_no_other_lookup_and_close(
             os.fstat(fd)
     assert lookups.attribute(PEER) is not None
     assert not lookups._files  # after close, every read is by path
+
+
+class PausingLock:
+    """The files lock, pausing the thread named ``reader`` as it releases (after its last look)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.inner = threading.Lock()
+        self.pause = False
+        self.at_release, self.go = threading.Event(), threading.Event()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return self.inner.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        import threading
+
+        if self.pause and threading.current_thread().name == "reader":
+            self.at_release.set()
+            assert self.go.wait(WAIT_S)
+        self.inner.release()
+
+
+def test_close_between_a_readers_last_look_and_its_release_still_closes_every_file(
+    proc: FakeProc,
+) -> None:
+    import threading
+
+    lookups = _lookups(proc)
+    assert lookups.attribute(PEER) is not None
+    assert lookups.attribute_now(PEER) is not None
+    kept = dict(lookups._files)
+    assert kept
+    lock = PausingLock()
+    lookups._files_lock = lock  # type: ignore[assignment]
+    lock.pause = True
+    reader = threading.Thread(target=lookups.attribute_now, args=(PEER,), name="reader")
+    reader.start()
+    try:
+        assert lock.at_release.wait(WAIT_S)  # it has looked at the flag: not closed yet
+        lookups.close()  # cannot take the lock: returns at once
+    finally:
+        lock.go.set()
+        reader.join(WAIT_S)
+    assert not lookups._files
+    for fd in kept.values():
+        with pytest.raises(OSError):
+            os.fstat(fd)

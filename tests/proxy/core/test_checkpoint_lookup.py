@@ -305,3 +305,49 @@ def test_an_answered_tunnel_whose_admission_is_cancelled_is_still_recorded(
         release.set()
     assert answered == ["200"]
     assert [(d.kind, d.decision.value) for d in memory.decisions] == [("connect", "allow")]
+
+
+def _handed(tmp_path: Path, at_accept: str, at_handoff: str) -> tuple[Any, Processes, Decision]:
+    """A connection the tunnel front end accepted under ``at_accept`` and handed to mitmproxy's
+    layers (a plain request, an inspected host) under ``at_handoff``; then its CONNECT."""
+    first = load_policy(_written(tmp_path, "first.yaml", at_accept))
+    then = load_policy(_written(tmp_path, "then.yaml", at_handoff))
+    holder = {"policy": first}
+    processes = Processes(known=True)
+    checkpoint = Checkpoint(
+        lambda: holder["policy"],
+        Emitter([MemorySink()]),
+        Lookups({"pypi.test": "203.0.113.10"}),
+        processes=processes,
+    )
+
+    async def go() -> tuple[Any, Decision]:
+        front, _ = checkpoint.connected("t1", "127.0.0.1:5000")
+        holder["policy"] = then
+        checkpoint.disconnected("t1")  # what the front end does as it hands the socket over
+        conn, _ = checkpoint.connected("m1", "127.0.0.1:5000", rated=False, handed=front)
+        request = Request(Kind.CONNECT, "pypi.test", 443, "CONNECT")
+        return conn, await checkpoint.admit(conn, request)
+
+    conn, decision = asyncio.run(go())
+    return conn, processes, decision
+
+
+def test_a_connection_handed_to_mitmproxy_keeps_the_lookup_made_as_it_opened(
+    tmp_path: Path,
+) -> None:
+    conn, processes, decision = _handed(tmp_path, POLICY, POLICY)
+    assert conn.watched and decision.allowed  # git, as the rule binds: every owner searched
+    assert [c[0] for c in processes.calls] == ["now", "walk"]  # the first at accept, not again
+    assert processes.remembered["127.0.0.1:5000"] is not None  # kept for its records
+
+
+def test_a_connection_accepted_unbound_and_handed_over_after_a_binding_reload_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Accepted while no rule was bound (nobody looked it up then), handed over once a reload bound
+    one: not looked up as it opened, so the bound rule refuses it."""
+    conn, _, decision = _handed(tmp_path, UNBOUND, POLICY)
+    assert not conn.watched
+    assert not decision.allowed and decision.reason is Reason.PROCESS_UNATTRIBUTED
+    assert "opened before the policy bound the rule" in (decision.detail or "")

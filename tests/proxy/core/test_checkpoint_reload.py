@@ -107,3 +107,62 @@ def test_control_an_approval_across_a_reload_that_still_covers_it_stands(
     decision, checkpoint, conn, _ = held(old, load(tmp_path, "new.yaml", new))
     assert (decision.decision, decision.reason) == (Verdict.ALLOW, Reason.APPROVAL_GRANTED)
     assert checkpoint.dial_target(conn, "api.test", 443) == "203.0.113.20"
+
+
+def test_an_ask_decided_before_a_reload_is_asked_and_held_under_the_policy_it_was_decided_by(
+    tmp_path: Path,
+) -> None:
+    """The reload lands while the connection's process is looked up, before the question: the
+    question is the old policy's, so the answer is checked against the policy now in force, which
+    refuses it; nothing is dialled."""
+    from tests.proxy.core.test_checkpoint_lookup import Walking
+
+    old = load(tmp_path, "old.yaml", ASK_POLICY)
+    new = load(tmp_path, "new.yaml", "version: 1\nrules: []\n")
+    holder = {"policy": old}
+    memory = MemorySink()
+    checkpoint = Checkpoint(
+        lambda: holder["policy"],
+        Emitter([memory]),
+        Lookups(answers={"api.test": "203.0.113.20"}),
+        approvals=Approver(),
+        processes=Walking(during=lambda: holder.update(policy=new)),
+    )
+
+    async def go() -> tuple[Connection, Decision]:
+        conn, _ = checkpoint.connected("c1", "127.0.0.1:5000")
+        request = Request(Kind.CONNECT, "api.test", 443, "CONNECT")
+        return conn, await checkpoint.admit(conn, request)
+
+    conn, decision = asyncio.run(go())
+    assert (decision.decision, decision.reason) == (Verdict.DENY, Reason.NO_MATCHING_RULE)
+    assert "reloaded while this request was held" in (decision.detail or "")
+    assert checkpoint.dial_target(conn, "api.test", 443) is None
+
+
+def test_an_address_screened_before_a_reload_is_screened_again_by_the_new_ranges(
+    tmp_path: Path,
+) -> None:
+    """A reload that closes the internal range an admitted request was resolved into refuses it,
+    though the new policy still allows the host."""
+    from tests.proxy.core.test_checkpoint_lookup import Walking
+
+    rules = "rules:\n  - {name: svc, hosts: [svc.test]}\n"
+    old = load(tmp_path, "old.yaml", f"version: 1\nallow_internal: [10.0.0.0/8]\n{rules}")
+    new = load(tmp_path, "new.yaml", f"version: 1\n{rules}")
+    holder = {"policy": old}
+    checkpoint = Checkpoint(
+        lambda: holder["policy"],
+        Emitter([MemorySink()]),
+        Lookups(answers={"svc.test": "10.1.2.3"}),
+        processes=Walking(during=lambda: holder.update(policy=new)),
+    )
+
+    async def go() -> tuple[Connection, Decision]:
+        conn, _ = checkpoint.connected("c1", "127.0.0.1:5000")
+        return conn, await checkpoint.admit(conn, Request(Kind.CONNECT, "svc.test", 443, "CONNECT"))
+
+    conn, decision = asyncio.run(go())
+    assert (decision.decision, decision.reason) == (Verdict.DENY, Reason.INTERNAL_ADDRESS)
+    assert "reloaded while this request was admitted" in (decision.detail or "")
+    assert checkpoint.dial_target(conn, "svc.test", 443) is None
