@@ -241,7 +241,7 @@ class Checkpoint:
         end's record of it, whose lookup as it opened (3a) this one keeps."""
         conn = self.connections.open(cid, peer, listener_sandbox, rated=rated)
         conn.processes = self.processes_of(conn)
-        if handed is not None and handed.peer == conn.peer:
+        if handed is not None and (handed.peer, handed.sandbox_id) == (conn.peer, conn.sandbox_id):
             conn.watched, conn.lookup = handed.watched, handed.lookup
             if handed.attributed:
                 conn.process, conn.attributed = handed.process, True
@@ -523,8 +523,10 @@ class Checkpoint:
                     answering = True
                     await answer()
                 await self._attribute(conn)
-            if decision.allowed and not asked:
-                decision = await self._reloaded_while_admitted(conn, request, decision, decided)
+            if decision.allowed:
+                decision = await self._reloaded_while_admitted(
+                    conn, request, decision, decided, asked=asked
+                )
         except asyncio.CancelledError:
             if answering:  # the client may have its 200: what was decided is recorded
                 try:
@@ -535,17 +537,33 @@ class Checkpoint:
         return self._finish(conn, request, decision, started)
 
     async def _reloaded_while_admitted(
-        self, conn: Connection, request: Request, decision: Decision, decided: Policy
+        self,
+        conn: Connection,
+        request: Request,
+        decision: Decision,
+        decided: Policy,
+        *,
+        asked: bool = False,
     ) -> Decision:
         """(3, 3a) a policy reloaded while the request was being admitted (its destination was
         resolved, its process looked up): a reload's recheck cannot see a tunnel not yet
         admitted, so the allow stands only if the policy now in force allows the request too
-        (an ``ask`` there asks on a new request)."""
+        (an ``ask`` there asks on a new request). An answer to an ask stands as step 6 says
+        (``asked``: answered under ``decided``; a reload while its tunnel was answered meets it
+        here)."""
         for attempt in range(3):
             now = self.policy_for(conn)
             if now is decided:
                 break
             # The last time without a wait, so no reload can come between it and the record.
+            if asked:
+                again = await self._reloaded_while_held(
+                    conn, request, decision, decided, wait=attempt < 2
+                )
+                if not again.allowed:
+                    return again
+                decided = now
+                continue
             again = await self._process(conn, now, request, decide(request, now), wait=attempt < 2)
             if again.allowed and decision.address is not None:
                 _, internal = screen([decision.address], now.allow_internal)  # (4) its ranges
@@ -567,7 +585,13 @@ class Checkpoint:
         return decision
 
     async def _reloaded_while_held(
-        self, conn: Connection, request: Request, answer: Decision, asked: Policy
+        self,
+        conn: Connection,
+        request: Request,
+        answer: Decision,
+        asked: Policy,
+        *,
+        wait: bool = True,
     ) -> Decision:
         """(6) a policy reloaded while the request was held: the answer was given under the old
         policy, so it stands only where the policy now in force allows the request, or still asks
@@ -577,7 +601,7 @@ class Checkpoint:
         now = self.policy_for(conn)
         if now is asked:
             return answer
-        again = await self._process(conn, now, request, decide(request, now))
+        again = await self._process(conn, now, request, decide(request, now), wait=wait)
         if again.allowed:
             return answer
         if again.decision is Verdict.ASK:

@@ -166,3 +166,44 @@ def test_an_address_screened_before_a_reload_is_screened_again_by_the_new_ranges
     assert (decision.decision, decision.reason) == (Verdict.DENY, Reason.INTERNAL_ADDRESS)
     assert "reloaded while this request was admitted" in (decision.detail or "")
     assert checkpoint.dial_target(conn, "svc.test", 443) is None
+
+
+@pytest.mark.parametrize("asked", [True, False], ids=["approved", "allowed"])
+def test_a_reload_while_an_admitted_tunnel_is_answered_is_met_before_its_record(
+    tmp_path: Path, asked: bool
+) -> None:
+    """The tunnel's 200 goes out before its record (its process is looked up meanwhile); a reload
+    that lands while it is sent (a client that does not read can stall that send) is not seen by
+    the reload's recheck, which knows only admitted tunnels: the request is decided again under
+    the policy now in force, an approved one too, and refused."""
+    from proxy.core.recheck import recheck
+    from tests.proxy.core.test_checkpoint_lookup import Processes
+
+    text = ASK_POLICY if asked else "version: 1\nrules:\n  - {name: open, hosts: [api.test]}\n"
+    old = load(tmp_path, "old.yaml", text)
+    new = load(tmp_path, "new.yaml", "version: 1\nrules: []\n")
+    holder = {"policy": old}
+    memory = MemorySink()
+    checkpoint = Checkpoint(
+        lambda: holder["policy"],
+        Emitter([memory]),
+        Lookups(answers={"api.test": "203.0.113.20"}),
+        approvals=Approver(),
+        processes=Processes(known=True),
+    )
+    rechecked: list[list[Decision]] = []
+
+    async def answer() -> None:
+        holder["policy"] = new  # a live reload while the 200 is sent
+        rechecked.append(recheck(checkpoint.connections, checkpoint.policy_for, memory.record))
+
+    async def go() -> tuple[Connection, Decision]:
+        conn, _ = checkpoint.connected("c1", "127.0.0.1:5000")
+        request = Request(Kind.CONNECT, "api.test", 443, "CONNECT")
+        return conn, await checkpoint.admit(conn, request, answer=answer)
+
+    conn, decision = asyncio.run(go())
+    assert rechecked == [[]]  # the recheck could not see it
+    assert (decision.decision, decision.reason) == (Verdict.DENY, Reason.NO_MATCHING_RULE)
+    assert checkpoint.dial_target(conn, "api.test", 443) is None
+    assert memory.decisions[-1] == decision
