@@ -73,23 +73,25 @@ class BoundRules:
 
     def __init__(self, keep: int = 8) -> None:
         self.keep = keep
-        self._tables: dict[int, tuple[Policy, Mapping[str, tuple[Executable, ...]]]] = {}
+        self._tables: dict[int, tuple[Policy, Mapping[str, tuple[Executable, ...]], bool]] = {}
 
     def of(self, policy: Policy) -> Mapping[str, tuple[Executable, ...]]:
+        return self._entry(policy)[1]
+
+    def binds(self, policy: Policy) -> bool:
+        """``policy.binds_executables`` (its rules or its ceiling's), read once per policy: a
+        decision under it may rest on the process (:func:`bindings`)."""
+        return self._entry(policy)[2]
+
+    def _entry(self, policy: Policy) -> tuple[Policy, Mapping[str, tuple[Executable, ...]], bool]:
         cached = self._tables.get(id(policy))
         if cached is not None and cached[0] is policy:
-            return cached[1]
+            return cached
         table = {rule.name: rule.executables for rule in policy.rules if rule.executables}
         if len(self._tables) >= self.keep:
             self._tables.pop(next(iter(self._tables)))
-        self._tables[id(policy)] = (policy, table)
-        return table
-
-    def binds(self, policy: Policy) -> bool:
-        """Some rule of ``policy`` or of its managed ceiling is bound to executables: a decision
-        under it may rest on the process (:func:`bindings`)."""
-        ceiling = policy.ceiling
-        return bool(self.of(policy)) or (ceiling is not None and bool(self.of(ceiling)))
+        entry = self._tables[id(policy)] = (policy, table, policy.binds_executables)
+        return entry
 
 
 def bindings(
