@@ -5,6 +5,8 @@ question (the same rule, answerable by the same reviewers)."""
 from __future__ import annotations
 
 import asyncio
+import functools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,35 +111,66 @@ def test_control_an_approval_across_a_reload_that_still_covers_it_stands(
     assert checkpoint.dial_target(conn, "api.test", 443) == "203.0.113.20"
 
 
+@dataclass
+class Across:
+    """A CONNECT admitted across a reload: where it stands, and what a reload's recheck saw."""
+
+    checkpoint: Checkpoint
+    conn: Connection
+    decision: Decision
+    memory: MemorySink
+    rechecked: list[list[Decision]]
+
+
+def admitted_across_a_reload(
+    old: Policy, new: Policy, host: str, address: str, *, during_lookup: bool
+) -> Across:
+    """A CONNECT to ``host`` (resolving to ``address``) decided under ``old``; the policy becomes
+    ``new`` while the connection's process is looked up (``during_lookup``: a walk in the worker
+    thread, before the decision is recorded) or while its tunnel's early 200 is sent, when a
+    reload's recheck runs too."""
+    from proxy.core.recheck import recheck
+    from tests.proxy.core.test_checkpoint_lookup import Processes, Walking
+
+    holder = {"policy": old}
+    memory = MemorySink()
+    reload = functools.partial(holder.update, policy=new)
+    checkpoint = Checkpoint(
+        lambda: holder["policy"],
+        Emitter([memory]),
+        Lookups(answers={host: address}),
+        approvals=Approver(),
+        processes=Walking(during=reload) if during_lookup else Processes(known=True),
+    )
+    rechecked: list[list[Decision]] = []
+
+    async def answer() -> None:
+        reload()
+        rechecked.append(recheck(checkpoint.connections, checkpoint.policy_for, memory.record))
+
+    async def go() -> tuple[Connection, Decision]:
+        conn, _ = checkpoint.connected("c1", "127.0.0.1:5000")
+        request = Request(Kind.CONNECT, host, 443, "CONNECT")
+        # Looked up during admission, the reload comes before the decision's destination step.
+        return conn, await checkpoint.admit(conn, request, answer=None if during_lookup else answer)
+
+    conn, decision = asyncio.run(go())
+    return Across(checkpoint, conn, decision, memory, rechecked)
+
+
 def test_an_ask_decided_before_a_reload_is_asked_and_held_under_the_policy_it_was_decided_by(
     tmp_path: Path,
 ) -> None:
     """The reload lands while the connection's process is looked up, before the question: the
     question is the old policy's, so the answer is checked against the policy now in force, which
     refuses it; nothing is dialled."""
-    from tests.proxy.core.test_checkpoint_lookup import Walking
-
     old = load(tmp_path, "old.yaml", ASK_POLICY)
     new = load(tmp_path, "new.yaml", "version: 1\nrules: []\n")
-    holder = {"policy": old}
-    memory = MemorySink()
-    checkpoint = Checkpoint(
-        lambda: holder["policy"],
-        Emitter([memory]),
-        Lookups(answers={"api.test": "203.0.113.20"}),
-        approvals=Approver(),
-        processes=Walking(during=lambda: holder.update(policy=new)),
-    )
-
-    async def go() -> tuple[Connection, Decision]:
-        conn, _ = checkpoint.connected("c1", "127.0.0.1:5000")
-        request = Request(Kind.CONNECT, "api.test", 443, "CONNECT")
-        return conn, await checkpoint.admit(conn, request)
-
-    conn, decision = asyncio.run(go())
+    across = admitted_across_a_reload(old, new, "api.test", "203.0.113.20", during_lookup=True)
+    decision = across.decision
     assert (decision.decision, decision.reason) == (Verdict.DENY, Reason.NO_MATCHING_RULE)
     assert "reloaded while this request was held" in (decision.detail or "")
-    assert checkpoint.dial_target(conn, "api.test", 443) is None
+    assert across.checkpoint.dial_target(across.conn, "api.test", 443) is None
 
 
 def test_an_address_screened_before_a_reload_is_screened_again_by_the_new_ranges(
@@ -145,27 +178,14 @@ def test_an_address_screened_before_a_reload_is_screened_again_by_the_new_ranges
 ) -> None:
     """A reload that closes the internal range an admitted request was resolved into refuses it,
     though the new policy still allows the host."""
-    from tests.proxy.core.test_checkpoint_lookup import Walking
-
     rules = "rules:\n  - {name: svc, hosts: [svc.test]}\n"
     old = load(tmp_path, "old.yaml", f"version: 1\nallow_internal: [10.0.0.0/8]\n{rules}")
     new = load(tmp_path, "new.yaml", f"version: 1\n{rules}")
-    holder = {"policy": old}
-    checkpoint = Checkpoint(
-        lambda: holder["policy"],
-        Emitter([MemorySink()]),
-        Lookups(answers={"svc.test": "10.1.2.3"}),
-        processes=Walking(during=lambda: holder.update(policy=new)),
-    )
-
-    async def go() -> tuple[Connection, Decision]:
-        conn, _ = checkpoint.connected("c1", "127.0.0.1:5000")
-        return conn, await checkpoint.admit(conn, Request(Kind.CONNECT, "svc.test", 443, "CONNECT"))
-
-    conn, decision = asyncio.run(go())
+    across = admitted_across_a_reload(old, new, "svc.test", "10.1.2.3", during_lookup=True)
+    decision = across.decision
     assert (decision.decision, decision.reason) == (Verdict.DENY, Reason.INTERNAL_ADDRESS)
     assert "reloaded while this request was admitted" in (decision.detail or "")
-    assert checkpoint.dial_target(conn, "svc.test", 443) is None
+    assert across.checkpoint.dial_target(across.conn, "svc.test", 443) is None
 
 
 @pytest.mark.parametrize("asked", [True, False], ids=["approved", "allowed"])
@@ -176,34 +196,12 @@ def test_a_reload_while_an_admitted_tunnel_is_answered_is_met_before_its_record(
     that lands while it is sent (a client that does not read can stall that send) is not seen by
     the reload's recheck, which knows only admitted tunnels: the request is decided again under
     the policy now in force, an approved one too, and refused."""
-    from proxy.core.recheck import recheck
-    from tests.proxy.core.test_checkpoint_lookup import Processes
-
     text = ASK_POLICY if asked else "version: 1\nrules:\n  - {name: open, hosts: [api.test]}\n"
     old = load(tmp_path, "old.yaml", text)
     new = load(tmp_path, "new.yaml", "version: 1\nrules: []\n")
-    holder = {"policy": old}
-    memory = MemorySink()
-    checkpoint = Checkpoint(
-        lambda: holder["policy"],
-        Emitter([memory]),
-        Lookups(answers={"api.test": "203.0.113.20"}),
-        approvals=Approver(),
-        processes=Processes(known=True),
-    )
-    rechecked: list[list[Decision]] = []
-
-    async def answer() -> None:
-        holder["policy"] = new  # a live reload while the 200 is sent
-        rechecked.append(recheck(checkpoint.connections, checkpoint.policy_for, memory.record))
-
-    async def go() -> tuple[Connection, Decision]:
-        conn, _ = checkpoint.connected("c1", "127.0.0.1:5000")
-        request = Request(Kind.CONNECT, "api.test", 443, "CONNECT")
-        return conn, await checkpoint.admit(conn, request, answer=answer)
-
-    conn, decision = asyncio.run(go())
-    assert rechecked == [[]]  # the recheck could not see it
+    across = admitted_across_a_reload(old, new, "api.test", "203.0.113.20", during_lookup=False)
+    decision = across.decision
+    assert across.rechecked == [[]]  # the recheck could not see it
     assert (decision.decision, decision.reason) == (Verdict.DENY, Reason.NO_MATCHING_RULE)
-    assert checkpoint.dial_target(conn, "api.test", 443) is None
-    assert memory.decisions[-1] == decision
+    assert across.checkpoint.dial_target(across.conn, "api.test", 443) is None
+    assert across.memory.decisions[-1] == decision

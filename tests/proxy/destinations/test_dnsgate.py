@@ -580,16 +580,21 @@ def test_when_dnspython_cannot_be_imported_no_query_is_answered(
     assert [r.to_text() for rrset in answer.answer for r in rrset] == ["93.184.216.34"]
 
 
+def _full_gate(tmp_path: Path) -> DnsGate:
+    """A DNS gate whose in-flight cap is 0: every datagram is dropped for the cap."""
+    path = tmp_path / "p.yaml"
+    path.write_text(POLICY.format(mode="enforce"))
+    policy = load_policy(path)
+    return DnsGate(lambda: policy, Resolver(["127.0.0.1"]), Emitter([ListSink()]), max_inflight=0)
+
+
 def test_a_flood_past_the_in_flight_cap_is_logged_once_a_second_not_per_query(
     caplog: pytest.LogCaptureFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each datagram dropped for the cap used to log a line: a sandbox flooding the gate with
     queries flooded the launcher's terminal with ~1,000 lines a second."""
     monkeypatch.setattr(dnsgate, "WARN_INTERVAL", 3600.0)  # the flood never outlasts it
-    path = tmp_path / "p.yaml"
-    path.write_text(POLICY.format(mode="enforce"))
-    policy = load_policy(path)
-    gate = DnsGate(lambda: policy, Resolver(["127.0.0.1"]), Emitter([ListSink()]), max_inflight=0)
+    gate = _full_gate(tmp_path)
 
     async def flood() -> None:
         for _ in range(1000):
@@ -608,10 +613,7 @@ def test_what_a_flood_dropped_since_the_last_warning_is_said_when_the_gate_close
     """The warning says the first drop at once and the rest at most once a second: a flood that
     ends within the second has the rest said when the DNS gate closes, not never."""
     monkeypatch.setattr(dnsgate, "WARN_INTERVAL", 3600.0)
-    path = tmp_path / "p.yaml"
-    path.write_text(POLICY.format(mode="enforce"))
-    policy = load_policy(path)
-    gate = DnsGate(lambda: policy, Resolver(["127.0.0.1"]), Emitter([ListSink()]), max_inflight=0)
+    gate = _full_gate(tmp_path)
 
     async def flood() -> None:
         for _ in range(244):

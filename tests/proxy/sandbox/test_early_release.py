@@ -201,6 +201,15 @@ def test_a_gate_that_fails_to_start_after_the_release_stops_the_command(
     assert _processes_with(f"30{token}") == []
 
 
+def _git_only(write_policy: Callable[[str], Path], upstream: Upstream) -> Path:
+    """A policy that binds its one rule to an executable (its command is held for its gate)."""
+    return write_policy(
+        "version: 1\nallow_internal: [127.0.0.0/8]\nrules:\n"
+        f"  - {{name: git-only, hosts: [allowed.test], ports: [{upstream.port}], "
+        "executables: [/usr/bin/git]}\n"
+    )
+
+
 def test_a_policy_bound_to_executables_holds_its_command_until_the_gate_serves(
     write_policy: Callable[[str], Path],
     world: tuple[Path, FakeDns, Upstream],
@@ -211,11 +220,7 @@ def test_a_policy_bound_to_executables_holds_its_command_until_the_gate_serves(
     a policy's command starts only once its gate serves (here: not within the 1.5 s the last
     module step waits for it)."""
     _, dns, upstream = world
-    policy = write_policy(
-        "version: 1\nallow_internal: [127.0.0.0/8]\nrules:\n"
-        f"  - {{name: git-only, hosts: [allowed.test], ports: [{upstream.port}], "
-        "executables: [/usr/bin/git]}\n"
-    )
+    policy = _git_only(write_policy, upstream)
     marker, seen = tmp_path / "ran", tmp_path / "seen"
     outcome, stderr, _ = drive(
         tmp_path, policy, dns, ["touch", str(marker)], marker=marker,
@@ -235,11 +240,7 @@ def test_a_signal_while_a_held_command_waits_for_its_gate_stops_the_run_before_i
     still starting: the run stops there, and the command, not yet released, never runs. (Signals
     are forwarded to the command only from its release on.)"""
     _, dns, upstream = world
-    policy = write_policy(
-        "version: 1\nallow_internal: [127.0.0.0/8]\nrules:\n"
-        f"  - {{name: git-only, hosts: [allowed.test], ports: [{upstream.port}], "
-        "executables: [/usr/bin/git]}\n"
-    )
+    policy = _git_only(write_policy, upstream)
     ran, starting = tmp_path / "ran", tmp_path / "starting"
     token = f"{time.time_ns() % 1000}.{os.getpid()}"
     argv = ["sh", "-c", f"touch {ran}; exec sleep 30{token}"]
