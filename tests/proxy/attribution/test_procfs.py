@@ -289,6 +289,67 @@ def test_a_process_is_first_looked_for_on_the_fd_of_its_last_socket(
     assert lookups.attribute_now(PEER) is None
 
 
+PEER2 = "127.0.0.1:58413"  # a second client socket of the same table (0100007F:E42D)
+
+
+def _second_socket(proc: FakeProc) -> None:
+    table = proc.base / str(ROOT) / "net" / "tcp"
+    second = "   4: 0100007F:E42D 0100007F:0C38 01 00000000:00000000 00:00000000 00000000"
+    table.write_text(table.read_text() + f"{second}     0        0 {INODE + 1} 1\n")
+
+
+def test_a_socket_an_earlier_scan_passed_is_read_by_its_fd(
+    proc: FakeProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client with connections in flight: the scan for one reads the fds of the others on its
+    way, and the lookup of each of those is then one readlink, no listing. The fd is only a place
+    to look: a socket moved since is found by listing, and a newer process that holds the socket
+    too is still the owner reported (the newest first, as without the hint)."""
+    _second_socket(proc)
+    proc.holds(203, 20, inode=INODE + 1)  # above the first socket's fd 5: the scan passes it
+    (proc.base / "203" / "fd" / "21").symlink_to("pipe:[77]")
+    listed: list[str] = []
+    read: list[str] = []
+    listdir, readlink = os.listdir, os.readlink
+
+    def counting_listdir(path: str) -> list[str]:
+        listed.append(str(path))
+        return listdir(path)
+
+    def counting_readlink(path: str) -> str:
+        read.append(str(path))
+        return readlink(path)
+
+    monkeypatch.setattr(procfs.os, "listdir", counting_listdir)
+    monkeypatch.setattr(procfs.os, "readlink", counting_readlink)
+    lookups = _lookups(proc)
+    assert lookups.attribute(PEER).host_pid == 203  # type: ignore[union-attr]
+    listed.clear()
+    read.clear()
+    found = lookups.attribute_now(PEER2)
+    assert found is not None and found.host_pid == 203
+    assert not [p for p in listed if p.endswith("/fd")]
+    assert [p.rsplit("/", 2)[1:] for p in read if "/fd/" in p] == [["fd", "20"]]
+
+    # Moved to another fd since a scan saw it: found by listing the table.
+    lookups = _lookups(proc)
+    assert lookups.attribute(PEER) is not None
+    (proc.base / "203" / "fd" / "20").unlink()
+    proc.holds(203, 30, inode=INODE + 1)
+    listed.clear()
+    assert lookups.attribute_now(PEER2).host_pid == 203  # type: ignore[union-attr]
+    assert [p for p in listed if p.endswith("/203/fd")]
+
+    # A newer process holding it too is the owner, though the scan saw it at 203.
+    lookups = _lookups(proc)
+    assert lookups.attribute(PEER) is not None
+    proc.process(204, 203, 4, "/usr/bin/git")
+    proc.holds(204, 3, inode=INODE + 1)
+    proc.fork()
+    found = lookups.attribute(PEER2)
+    assert found is not None and found.host_pid == 204
+
+
 def test_a_processs_stat_and_command_line_stay_open_until_it_is_gone(
     proc: FakeProc, monkeypatch: pytest.MonkeyPatch
 ) -> None:
