@@ -74,4 +74,6 @@ def refusal_head(decision: Decision, status: int | None = None) -> tuple[int, st
 
 def _header_safe(value: str) -> str:
     """No control character may end a header line early (mitmproxy's Headers refuse them too)."""
+    if value.isascii() and value.isprintable():  # printable ASCII: " " to "~", the usual value
+        return value
     return "".join(c if " " <= c < "\x7f" else "?" for c in value)

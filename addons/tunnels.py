@@ -152,7 +152,9 @@ class TunnelFrontEnd:
                 if self.on_first_connection is not None:
                     first, self.on_first_connection = self.on_first_connection, None
                     first()
-                task = loop.create_task(self._connection(conn, sandbox_id))
+                # Started at once, up to its first wait: its request is usually here already, and
+                # a turn of the loop per connection is what a denial's answer would wait for.
+                task = asyncio.Task(self._connection(conn, sandbox_id), loop=loop, eager_start=True)
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
                 self.active.add(task)

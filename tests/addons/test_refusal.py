@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
 from mitmproxy import http
 
-from addons.refusal import refusal_response, strip_egress_headers
+from addons.refusal import _header_safe, refusal_bytes, refusal_response, strip_egress_headers
 from proxy.core.decision import Decision, Kind, Reason, Verdict
 
 
@@ -42,3 +44,22 @@ def test_every_spelling_of_client_egress_headers_is_stripped() -> None:
     )
     strip_egress_headers(headers)
     assert list(headers.keys()) == ["X-Other"]
+
+
+@given(st.text(max_size=40))
+def test_a_header_value_keeps_printable_ascii_only(value: str) -> None:
+    """Every character outside " " to "~" becomes "?", so no value can end its header line early
+    or add one (the common all-printable value is returned as it is)."""
+    safe = _header_safe(value)
+    assert len(safe) == len(value)
+    assert all(" " <= c <= "~" for c in safe)
+    assert all(
+        s == v or (s == "?" and not " " <= v <= "~") for s, v in zip(safe, value, strict=True)
+    )
+
+
+def test_a_refusals_header_values_cannot_add_a_line() -> None:
+    head = refusal_bytes(denied(Reason.NO_MATCHING_RULE, rule="r\r\nSet-Cookie: x\x7f\u2028"))
+    lines = head.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    assert b"X-Egress-Rule: r??Set-Cookie: x??" in lines
+    assert not [line for line in lines if line.startswith(b"Set-Cookie")]
