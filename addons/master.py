@@ -247,8 +247,8 @@ class Gate:
             )
 
     def in_flight(self) -> int:
-        """Connections being served, a connection accepted but not yet opened at the checkpoint
-        (its task has not run: a queue the listener left) included."""
+        """Connections being served: the larger of the checkpoint's open connections and the front
+        end's connection tasks (each may count a connection the other no longer counts)."""
         return max(self.checkpoint.connections.active, len(self.tunnels.active))
 
     def remove_listener(self, server: asyncio.Task[None]) -> None:

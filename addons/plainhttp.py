@@ -277,7 +277,7 @@ class PlainHttp:
         head: PlainHead | None = first
         since = accepted
         try:
-            for _ in range(MAX_REQUESTS):
+            for served in range(MAX_REQUESTS):
                 if head is None:
                     since, data = await self._next(sock, conn, watch)
                     if not data:
@@ -293,6 +293,7 @@ class PlainHttp:
                 if not keep:
                     return Outcome.DONE, since
                 head = None
+                await sockio.take_turns(served)
             return Outcome.DONE, since
         except (_Closed, OSError, TimeoutError):
             return Outcome.DONE, since

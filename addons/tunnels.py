@@ -153,7 +153,8 @@ class TunnelFrontEnd:
                     first, self.on_first_connection = self.on_first_connection, None
                     first()
                 # Started at once, up to its first wait: its request is usually here already, and
-                # a turn of the loop per connection is what a denial's answer would wait for.
+                # a turn of the loop per connection is what a denial's answer would wait for (as
+                # every task is once mitmproxy's layers have started: they set an eager factory).
                 task = asyncio.Task(self._connection(conn, sandbox_id), loop=loop, eager_start=True)
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
@@ -270,7 +271,7 @@ class TunnelFrontEnd:
         self, sock: socket.socket, conn: Connection, since: float, watch: sockio.Watch
     ) -> None:
         buffered = b""
-        for _ in range(MAX_REFUSALS_PER_CONNECTION):
+        for refused in range(MAX_REFUSALS_PER_CONNECTION):
             head, buffered = await self._head(sock, conn, buffered, since, watch)
             parsed = _parse_connect(head)
             if parsed is None:
@@ -301,6 +302,7 @@ class TunnelFrontEnd:
                 break
             # As on the mitmproxy path, the connection stays open for the client's next request.
             await self._send(sock, conn, refusal_bytes(decision, close=False))
+            await sockio.take_turns(refused)
             since = time.monotonic()
         else:
             raise _Closed()

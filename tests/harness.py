@@ -344,6 +344,45 @@ def recv_head(conn: socket.socket, limit: int = 65536) -> bytes:
     return head
 
 
+def answered_during_a_flood(
+    gate: RunningGate, flood: bytes, count: int, probe: bytes, probe_host: str
+) -> int:
+    """How many of one connection's ``count`` pipelined ``flood`` requests the gate had recorded
+    when it recorded a second connection's ``probe`` (sent once the flood's first answer is in).
+    The gate never waits while the kernel holds a connection's bytes: a loop that also never
+    yielded would decide the whole flood first (``count``). Each request must be one the gate
+    answers without an upstream, and ``probe``'s the only one to ``probe_host``."""
+    flooding = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
+    answers = [0]
+    first = threading.Event()
+
+    def read() -> None:
+        with contextlib.suppress(OSError):
+            while chunk := flooding.recv(1 << 20):
+                answers[0] += chunk.count(b"HTTP/1.1 ")
+                first.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    writer = threading.Thread(target=flooding.sendall, args=(flood * count,), daemon=True)
+    writer.start()
+    try:
+        assert first.wait(WAIT), "the flood was not answered"
+        with socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT) as second:
+            second.sendall(probe)
+            assert recv_head(second).startswith(b"HTTP/1.1 4")
+        records = list(gate.memory.decisions)
+        at = next(i for i, d in enumerate(records) if d.host == probe_host)
+        assert wait_until(lambda: answers[0] >= count), "the flood was not answered in full"
+        return at
+    finally:
+        with contextlib.suppress(OSError):
+            flooding.shutdown(socket.SHUT_RDWR)  # ends the reader's recv (a close would not)
+        writer.join(WAIT)
+        reader.join(WAIT)
+        flooding.close()
+
+
 def client_hello(server_hostname: str | None, extra_extension: bytes = b"") -> bytes:
     """A real ClientHello from Python's ssl, optionally with one more extension appended."""
     ctx = ssl.create_default_context()

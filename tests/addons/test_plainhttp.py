@@ -4,6 +4,7 @@ it refuses to parse; and the per-request conditions that send a request to mitmp
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import h11
@@ -14,6 +15,7 @@ from mitmproxy.net.http.http1 import read_request_head
 
 from addons.plainhttp import PlainHttp, _request_bytes, read_head, response_head_problem
 from proxy.core.connections import Connection
+from tests.harness import RunningGate, answered_during_a_flood
 
 TAKEN = [
     b"GET http://example.org/ HTTP/1.1\r\nHost: example.org\r\n\r\n",
@@ -198,3 +200,21 @@ def test_what_is_sent_upstream_is_the_head_h11_would_read(
     assert (request.method.decode(), request.target.decode()) == (head.method, head.target)
     assert list(request.headers.raw_items()) == list(head.fields)
     assert isinstance(server.next_event(), h11.EndOfMessage)  # and no body
+
+
+def test_a_client_pipelining_refused_requests_does_not_hold_the_gate(tmp_path: Path) -> None:
+    """A refused plain request needs no upstream and the next is already there: without a turn of
+    the loop every few of them, one kept-alive connection's 2,000 pipelined refused requests would
+    all be decided before the gate even accepted another client."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\nrules:\n  - name: one\n    hosts: [a.test]\n")
+    gate = RunningGate(policy, ["127.0.0.1:9"]).start()
+    try:
+        count = 2000
+        flood = b"GET http://10.9.9.9/ HTTP/1.1\r\nHost: 10.9.9.9\r\n\r\n"
+        probe = b"GET http://10.8.8.8/ HTTP/1.1\r\nHost: 10.8.8.8\r\n\r\n"
+        assert answered_during_a_flood(gate, flood, count, probe, "10.8.8.8") < count // 2
+        assert gate.gate.tunnels.plain is not None
+        assert gate.gate.tunnels.plain.decided >= count  # all on this path, none on mitmproxy's
+    finally:
+        gate.stop()

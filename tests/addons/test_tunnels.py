@@ -22,6 +22,7 @@ from tests.harness import (
     LoopbackServer,
     RunningGate,
     Upstream,
+    answered_during_a_flood,
     client_hello,
     recv_head,
     server_hello,
@@ -380,3 +381,17 @@ def test_an_idle_tunnel_is_closed_even_when_recording_the_closing_fails() -> Non
     finally:
         for sock in (client, client_peer, up, up_peer):
             sock.close()
+
+
+def test_a_client_pipelining_refused_connects_does_not_hold_the_gate(tmp_path: Path) -> None:
+    """Refusals need no upstream and the client's bytes are already there: without a turn of the
+    loop every few of them, one connection's 4,000 pipelined refused CONNECTs would all be decided
+    before the gate even accepted another client (seconds for 100,000, every sandbox stalled)."""
+    gate = _gate(tmp_path, 9)
+    try:
+        count = 8000
+        flood = b"CONNECT 10.9.9.9:443 HTTP/1.1\r\nHost: 10.9.9.9:443\r\n\r\n"
+        probe = b"CONNECT 10.8.8.8:443 HTTP/1.1\r\nHost: 10.8.8.8:443\r\n\r\n"
+        assert answered_during_a_flood(gate, flood, count, probe, "10.8.8.8") < count // 2
+    finally:
+        gate.stop()
