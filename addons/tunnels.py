@@ -27,6 +27,7 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from addons.clientsend import send_to_client
 from addons.plainhttp import KEEPALIVE_IDLE, Outcome, PlainHttp, read_head
@@ -141,7 +142,7 @@ class TunnelFrontEnd:
                 # accept per wake-up, and no accept that only says "none left").
                 await watch.readable()
                 try:
-                    conn, _ = listener.accept()
+                    conn, peer = listener.accept()
                 except (BlockingIOError, InterruptedError):
                     continue  # a stale wake-up
                 except OSError:
@@ -155,7 +156,9 @@ class TunnelFrontEnd:
                 # Started at once, up to its first wait: its request is usually here already, and
                 # a turn of the loop per connection is what a denial's answer would wait for (as
                 # every task is once mitmproxy's layers have started: they set an eager factory).
-                task = asyncio.Task(self._connection(conn, sandbox_id), loop=loop, eager_start=True)
+                task = asyncio.Task(
+                    self._connection(conn, sandbox_id, peer), loop=loop, eager_start=True
+                )
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
                 self.active.add(task)
@@ -180,16 +183,16 @@ class TunnelFrontEnd:
             task.cancel()
         return len(tasks)
 
-    async def _connection(self, sock: socket.socket, sandbox_id: str | None) -> None:
+    async def _connection(
+        self, sock: socket.socket, sandbox_id: str | None, peer: tuple[Any, ...]
+    ) -> None:
+        """One accepted connection; ``peer``, its address as ``accept`` gave it (no getpeername).
+        TCP_NODELAY is set here, not inherited from the listener: a connection queued before the
+        listener was served was cloned from it as it was then."""
         accepted = time.monotonic()
         sock.setblocking(False)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            peer = sock.getpeername()
-        except OSError:
-            sock.close()
-            return
         cid = f"t{next(self._ids)}"
         conn, refusal = self.checkpoint.connected(cid, f"{peer[0]}:{peer[1]}", sandbox_id)
         if refusal is not None:
