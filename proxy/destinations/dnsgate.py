@@ -21,6 +21,7 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
+from proxy.runtime import sockio
 from proxy.runtime.lazy import LazyImport
 
 if TYPE_CHECKING:
@@ -216,6 +217,7 @@ class DnsGate:
         self._tcp_tasks.add(task)
         peer = writer.get_extra_info("peername")
         client = str(peer[0]) if peer else "unknown"
+        served = 0
         try:
             while True:
                 header = await asyncio.wait_for(reader.readexactly(2), self.tcp_idle_timeout)
@@ -228,6 +230,11 @@ class DnsGate:
                     break
                 writer.write(len(reply).to_bytes(2, "big") + reply)
                 await asyncio.wait_for(writer.drain(), self.tcp_idle_timeout)
+                # Buffered queries are read without a wait, and a refusal waits for no upstream:
+                # a turn for the gate's other clients every few (one connection's pipelined
+                # queries held every sandbox of a shared gate for seconds).
+                await sockio.take_turns(served)
+                served += 1
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             pass
         finally:

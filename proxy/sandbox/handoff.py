@@ -319,8 +319,8 @@ class HandoffServer:
             _log().info("sandbox %s handed over %s", sandbox_id, ", ".join(sockets))
             conn.setblocking(False)
             with contextlib.suppress(OSError):
-                while await loop.sock_recv(conn, 1):  # anything but EOF is ignored
-                    pass
+                while await loop.sock_recv(conn, 4096):  # anything but EOF is ignored
+                    await asyncio.sleep(0)  # the asyncio loop's sock_recv need not wait: others
         finally:
             if detach is not None:
                 closing = None

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,6 +33,7 @@ from proxy.evidence.emit import AuditUnavailable, Emitter, Sink
 from proxy.policy.loader import load_policy
 from proxy.policy.model import Policy
 from tests.dnsfake import FakeDns
+from tests.harness import wait_until
 
 T = TypeVar("T")
 WAIT = 5.0
@@ -625,3 +628,48 @@ def test_what_a_flood_dropped_since_the_last_warning_is_said_when_the_gate_close
     warnings = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
     assert len(warnings) == 2, warnings
     assert "dropped 1 " in warnings[0] and "dropped 243 more" in warnings[1]
+
+
+def test_one_tcp_connections_pipelined_queries_do_not_hold_the_gate(env: GateEnv) -> None:
+    """Queries already buffered are read without a wait and a refused name waits for no upstream:
+    without a turn of the loop every few of them, one connection's pipelined queries would all be
+    answered before another client's (every sandbox of a shared gate stalled for seconds). The
+    loop is held while the flood is written, so all of it is buffered when the gate reads."""
+    count = 4000
+    wire = b"".join(
+        len(q).to_bytes(2, "big") + q
+        for q in (
+            dns.message.make_query(f"q{i}.attacker.test", "A").to_wire() for i in range(count)
+        )
+    )
+    flooding = socket.create_connection(env.tcp[:2], timeout=WAIT)
+    answers = [0]
+    first = threading.Event()
+
+    def read() -> None:
+        got = b""
+        with contextlib.suppress(OSError):
+            while chunk := flooding.recv(1 << 16):
+                got += chunk
+                while len(got) >= 2 and len(got) >= 2 + int.from_bytes(got[:2], "big"):
+                    got = got[2 + int.from_bytes(got[:2], "big") :]
+                    answers[0] += 1
+                    first.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        env.loop.call_soon_threadsafe(time.sleep, 0.3)  # the gate reads nothing meanwhile
+        flooding.sendall(wire)
+        assert first.wait(WAIT), "the flood was not answered"
+        probe = env.query("probe.attacker.test", "A")
+        assert probe.rcode() == dns.rcode.NXDOMAIN
+        hosts = [d.host for d in env.decisions]
+        assert hosts.index("probe.attacker.test") < count // 2
+        assert wait_until(lambda: answers[0] >= count)
+        assert env.fake.queries == []
+    finally:
+        with contextlib.suppress(OSError):
+            flooding.shutdown(socket.SHUT_RDWR)
+        reader.join(WAIT)
+        flooding.close()
