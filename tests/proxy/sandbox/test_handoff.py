@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,8 +23,9 @@ from proxy.sandbox.handoff import (
     gate_attacher,
     hand_off,
 )
+from proxy.sandbox.namespace import Listener, Sandbox, SandboxSpec
 from tests.dnsfake import FakeDns
-from tests.harness import RunningGate, Upstream, clean_env
+from tests.harness import RunningGate, Upstream, clean_env, recv_head
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
 REPO = Path(__file__).resolve().parents[3]
@@ -327,3 +330,50 @@ def test_a_connection_whose_process_has_exited_is_from_nowhere(tmp_path: Path) -
             os.close(fd)
         for sock in (accepted, server, ours, theirs):
             sock.close()
+
+
+def test_a_launcher_that_writes_without_end_does_not_hold_the_gate(
+    world: tuple[RunningGate, Path, Upstream],
+) -> None:
+    """After its hand-off the gate reads the launcher's connection until EOF, ignoring what comes.
+    On the asyncio loop (this gate's) ``sock_recv`` does not wait while bytes keep coming: without
+    a turn between reads, a launcher writing without end held every client of the gate."""
+    gate, path, _ = world
+    handoff = Handoff(gate, path)
+    spec = SandboxSpec(
+        argv=["sleep", "60"],
+        env={"PATH": "/usr/bin:/bin"},
+        listeners=[Listener("proxy", "tcp", 3128)],
+    )
+    sandbox = Sandbox.spawn(spec)
+    stop = threading.Event()
+    chatter: threading.Thread | None = None
+    conn: socket.socket | None = None
+    try:
+        conn, taken = hand_off(str(path), "sbx-chatty", {"proxy": sandbox.sockets["proxy"]})
+        assert taken == ["proxy"]
+        talking = conn
+
+        def chat() -> None:
+            with contextlib.suppress(OSError):
+                while not stop.is_set():
+                    talking.sendall(b"x" * 65536)
+
+        chatter = threading.Thread(target=chat, daemon=True)
+        chatter.start()
+        time.sleep(0.3)  # the gate is reading it now
+        with socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT / 3) as client:
+            client.sendall(b"CONNECT 10.9.9.9:443 HTTP/1.1\r\nHost: 10.9.9.9:443\r\n\r\n")
+            assert recv_head(client).startswith(b"HTTP/1.1 403")
+        assert chatter.is_alive()  # answered while the launcher was still writing
+    finally:
+        stop.set()
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+        if chatter is not None:
+            chatter.join(WAIT)
+        sandbox.kill()
+        sandbox.close_sockets()
+        handoff.close()
