@@ -319,8 +319,10 @@ class HandoffServer:
             _log().info("sandbox %s handed over %s", sandbox_id, ", ".join(sockets))
             conn.setblocking(False)
             with contextlib.suppress(OSError):
-                while await loop.sock_recv(conn, 4096):  # anything but EOF is ignored
-                    await asyncio.sleep(0)  # the asyncio loop's sock_recv need not wait: others
+                # Anything but EOF is ignored; a turn for the gate's other clients after each
+                # read, since asyncio's sock_recv does not wait while bytes keep coming.
+                while await loop.sock_recv(conn, 4096):
+                    await asyncio.sleep(0)
         finally:
             if detach is not None:
                 closing = None
