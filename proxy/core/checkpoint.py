@@ -90,13 +90,19 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
+from ipaddress import ip_address
 from typing import Any, Protocol
 
 from proxy.core.authority import join_authority
 from proxy.core.connections import Connection, Connections, Observer
 from proxy.core.credentials import Carried, Credentials, asks_upgrade, judge
 from proxy.core.decision import Decision, Kind, Reason, Request, Verdict, new_id
-from proxy.core.destination import Destination, DestinationRefused, Network, screen
+from proxy.core.destination import (
+    Destination,
+    DestinationRefused,
+    Network,
+    literal_destination,
+)
 from proxy.core.engine import BODY_NEEDED, BodyNeeded, decide, decide_request, refuse
 from proxy.core.executables import (
     BoundRules,
@@ -565,15 +571,13 @@ class Checkpoint:
                 decided = now
                 continue
             again = await self._process(conn, now, request, decide(request, now), wait=attempt < 2)
-            if again.allowed and decision.address is not None:
-                _, internal = screen([decision.address], now.allow_internal)  # (4) its ranges
-                if internal:
-                    again = again.with_(
-                        decision=Verdict.DENY,
-                        reason=Reason.INTERNAL_ADDRESS,
-                        address=decision.address,
-                        detail=f"{decision.address} is an internal address ({internal[0][1]})",
+            if again.allowed and decision.address is not None and request.port is not None:
+                try:  # (4) the pinned address, screened against the ranges now open
+                    literal_destination(
+                        ip_address(decision.address), request.port, now.allow_internal
                     )
+                except DestinationRefused as exc:
+                    again = _refused_by(again, exc)
             if not again.allowed:
                 if again.decision is Verdict.ASK:
                     again = again.with_(decision=Verdict.DENY, reason=Reason.APPROVAL_UNAVAILABLE)
@@ -849,9 +853,7 @@ class Checkpoint:
                 canonical_host(decision.host), port, policy.allow_internal
             )
         except DestinationRefused as exc:
-            return decision.with_(
-                decision=Verdict.DENY, reason=exc.reason, detail=exc.detail, address=exc.address
-            )
+            return _refused_by(decision, exc)
         except InvalidHost as exc:  # the engine canonicalised already; never trust that silently
             return decision.with_(
                 decision=Verdict.DENY, reason=Reason.INVALID_HOST, detail=str(exc)
@@ -974,6 +976,13 @@ def _review(policy: Policy, rule: str | None) -> str | None:
     """Who may answer the ``ask`` rule named ``rule`` in ``policy`` (None: no such rule)."""
     found = policy.rule(rule)
     return str(found.review) if found is not None else None
+
+
+def _refused_by(decision: Decision, refused: DestinationRefused) -> Decision:
+    """(4) ``decision`` refused by the destination check: its reason, detail and address."""
+    return decision.with_(
+        decision=Verdict.DENY, reason=refused.reason, detail=refused.detail, address=refused.address
+    )
 
 
 def _screened(decision: Decision) -> bool:
