@@ -76,7 +76,8 @@ HEAD_TOO_LARGE = (
     b"Connection: close\r\n\r\n"
 )
 
-# Hands a connection the front end does not take to mitmproxy: (socket, sandbox id, accepted at).
+# Hands a connection the front end does not take to mitmproxy: (socket, sandbox id, accepted at,
+# the front end's record of the connection).
 Handoff = Callable[[socket.socket, str | None, float, Connection], Awaitable[None]]
 
 

@@ -349,7 +349,7 @@ class SandboxProcesses:
             if where is not None:
                 try:
                     if os.readlink(f"{base}/{where}") == link:
-                        if where is first:
+                        if where == first:
                             self._seen.pop(link, None)  # looked up: not looked for again
                         return True
                 except OSError:
