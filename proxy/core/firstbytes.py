@@ -101,6 +101,7 @@ def _client_hello(port: int | None, data: Bytes, start: int) -> FirstBytes:
     spans: list[tuple[int, int]] = []  # (offset, bytes present) of each record's payload
     header = b""  # the handshake message's first 4 bytes, once they are here
     have = 0  # handshake bytes buffered so far
+    announced = 0  # handshake bytes the records' headers announce (present or still to come)
     offset = start
     needed: int | None = None  # total handshake bytes, once its header is known
     while True:
@@ -118,6 +119,7 @@ def _client_hello(port: int | None, data: Bytes, start: int) -> FirstBytes:
         if len(header) < 4:
             header += bytes(data[offset + 5 : offset + 5 + min(present, 4 - len(header))])
         have += present
+        announced += length
         offset += 5 + length
         if needed is None and len(header) >= 4:
             if header[0] != _CLIENT_HELLO:
@@ -125,11 +127,13 @@ def _client_hello(port: int | None, data: Bytes, start: int) -> FirstBytes:
             needed = 4 + int.from_bytes(header[1:4], "big")
             if needed > MAX_CLIENT_HELLO:
                 return _refuse(f"oversized TLS ClientHello ({needed} bytes announced)")
+        if needed is not None and announced > needed:
+            # Another handshake message in the ClientHello's record (a second ClientHello the
+            # server would read after asking for one): no client sends anything there. Decided
+            # from the record's header, not from the bytes present: a record whose tail has not
+            # come yet would otherwise pass with the hello alone, and its tail go on as part of it.
+            return _refuse("malformed TLS ClientHello: more handshake bytes in its record")
         if needed is not None and have >= needed:
-            if have > needed:
-                # Another handshake message in the ClientHello's record (a second ClientHello the
-                # server would read after asking for one): no client sends anything there.
-                return _refuse("malformed TLS ClientHello: more handshake bytes in its record")
             if len(spans) == 1:  # one record (every real client): the body is one slice
                 at = spans[0][0]
                 body = bytes(data[at + 4 : at + needed])

@@ -11,6 +11,7 @@ ClientHello and nothing after it, and the refusal was recorded.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -220,6 +221,30 @@ def test_a_hello_with_a_second_hello_in_its_record_is_refused(
     coalesced = FIRST[:3] + len(record).to_bytes(2, "big") + record
     before = len(gate.decisions)
     _, closed = _send_through(gate, upstream.port, coalesced, in_pieces=in_pieces)
+    assert closed
+    assert upstream.accepted == 0
+    assert fresh_decisions(gate, before)[-1].reason == Reason.NOT_TLS
+
+
+@pytest.mark.parametrize("in_pieces", PATHS, ids=PATH_IDS)
+def test_a_hello_whose_record_announces_a_second_hello_still_to_come_is_refused(
+    gate: RunningGate, upstream: RetryingServer, in_pieces: bool
+) -> None:
+    """The coalesced record sent in two writes, the first ending with the first hello: judged from
+    the bytes present it looked whole, and the second hello (the record's tail) went on to the
+    server as part of the first, on mitmproxy's path at once."""
+    record = FIRST[5:] + FRONTED[5:]
+    header = FIRST[:3] + len(record).to_bytes(2, "big")
+    before = len(gate.decisions)
+    sock = _tunnel(gate, upstream.port, in_pieces=in_pieces)
+    try:
+        sock.sendall(header + FIRST[5:])
+        time.sleep(0.3)  # read by the gate alone, before the rest
+        with contextlib.suppress(OSError):  # closed by the gate already
+            sock.sendall(FRONTED[5:])
+        _, closed = _read_all(sock)
+    finally:
+        sock.close()
     assert closed
     assert upstream.accepted == 0
     assert fresh_decisions(gate, before)[-1].reason == Reason.NOT_TLS

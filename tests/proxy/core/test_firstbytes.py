@@ -89,6 +89,26 @@ def test_a_hello_spread_over_too_many_records_is_refused() -> None:
     assert reason is Reason.NOT_TLS and str(MAX_HELLO_RECORDS) in detail
 
 
+@pytest.mark.parametrize("tail", [0, 1, 40], ids=["hello-alone", "one-more-byte", "more"])
+def test_a_record_announcing_more_than_its_hello_is_refused_before_the_rest_comes(
+    tail: int,
+) -> None:
+    """A record whose header announces the hello and a second ClientHello, read while only the
+    first hello (and ``tail`` bytes of the second) has come: what follows would go on to the server
+    as part of the hello, so the header alone refuses it."""
+    first, second = HELLO[5:], client_hello("evil.test")[5:]
+    record = b"\x16\x03\x01" + struct.pack("!H", len(first) + len(second)) + first + second
+    reason, detail = refused(443, record[: 5 + len(first) + tail])
+    assert reason is Reason.NOT_TLS and "more handshake bytes in its record" in detail
+
+
+def test_a_hello_in_records_announcing_exactly_it_waits_for_them() -> None:
+    """Control: a hello split over records that announce no more than it waits for the last one."""
+    split = records(HELLO[5:], 100)
+    assert classify(443, split[:-1]).protocol is Protocol.WAIT
+    assert classify(443, split).sni == "pypi.org"
+
+
 def with_extension(kind: int, value: bytes) -> bytes:
     return client_hello("pypi.org", struct.pack("!HH", kind, len(value)) + value)
 
