@@ -118,6 +118,29 @@ def test_recheck_closes_only_the_tunnels_the_new_policy_refuses(
         gate.stop()
 
 
+def test_recheck_closes_a_tunnel_whose_address_is_in_a_range_the_reload_closed(
+    tmp_path: Path, ca: LocalCA, upstream: Upstream, dns: FakeDns
+) -> None:
+    """The host stays allowed; the range its address is in (loopback, here) is no longer opened. A
+    new CONNECT is refused as internal-address, and so is the tunnel already relayed there."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(RULES + rule("kept", "kept.test", upstream.port))
+    gate = RunningGate(path, [dns.nameserver]).start()
+    try:
+        tunnel = open_tunnel(gate, ca, "kept.test", upstream.port)
+        path.write_text("version: 1\nrules:\n" + rule("kept", "kept.test", upstream.port))
+        gate.policy = load_policy(path)
+        before = len(gate.decisions)
+        assert len(run_recheck(gate)) == 1
+        fresh = gate.decisions[before:]
+        assert [(d.decision, d.reason, d.host) for d in fresh] == [
+            (Verdict.DENY, Reason.INTERNAL_ADDRESS, "kept.test")
+        ]
+        assert closed(tunnel)
+    finally:
+        gate.stop()
+
+
 def test_without_recheck_admitted_tunnels_keep_running(
     tmp_path: Path, ca: LocalCA, upstream: Upstream, dns: FakeDns
 ) -> None:

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from proxy.core.connections import Connection, Connections
 from proxy.core.decision import Decision, Kind, Reason, Request, Verdict
 from proxy.core.engine import decide
@@ -111,3 +113,23 @@ def test_a_report_under_a_ceiling_bound_to_executables_keeps_only_its_processes(
     assert closed == ["c2"]
     assert [d.reason for d in decisions] == [Reason.EXECUTABLE_NOT_ALLOWED]
     assert "managed policy's rule 'org'" in (decisions[0].detail or "")
+
+
+@pytest.mark.parametrize(
+    ("opened", "closes"), [("[]", True), ("[10.1.0.0/16]", False)], ids=["closed", "kept-open"]
+)
+def test_a_range_closed_by_the_reload_closes_the_tunnels_pinned_into_it(
+    tmp_path: Path, opened: str, closes: bool
+) -> None:
+    """The host is still allowed, but its tunnel's address is in a range the policy no longer
+    opens: a new CONNECT would be refused (``internal-address``), so the open tunnel is closed."""
+    rules = "rules:\n  - {name: r, hosts: [h.test]}\n"
+    old = policy(tmp_path, f"version: 1\nallow_internal: [10.0.0.0/8]\n{rules}")
+    new = policy(tmp_path, f"version: 1\nallow_internal: {opened}\n{rules}", "new.yaml")
+    connections, closed, recorded = Connections(), [], []  # type: ignore[var-annotated]
+    tunnel(connections, closed, "c1", connect(old)).tunnel = connect(old).with_(address="10.1.2.3")
+    recheck(connections, lambda _conn: new, lambda d: recorded.append(d) or d)
+    assert closed == (["c1"] if closes else [])
+    assert [(d.decision, d.reason, d.address) for d in recorded] == (
+        [(Verdict.DENY, Reason.INTERNAL_ADDRESS, "10.1.2.3")] if closes else []
+    )
