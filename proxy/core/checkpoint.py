@@ -90,7 +90,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from ipaddress import ip_address
 from typing import Any, Protocol
 
 from proxy.core.authority import join_authority
@@ -101,7 +100,7 @@ from proxy.core.destination import (
     Destination,
     DestinationRefused,
     Network,
-    literal_destination,
+    still_open,
 )
 from proxy.core.engine import BODY_NEEDED, BodyNeeded, decide, decide_request, refuse
 from proxy.core.executables import (
@@ -571,13 +570,8 @@ class Checkpoint:
                 decided = now
                 continue
             again = await self._process(conn, now, request, decide(request, now), wait=attempt < 2)
-            if again.allowed and decision.address is not None and request.port is not None:
-                try:  # (4) the pinned address, screened against the ranges now open
-                    literal_destination(
-                        ip_address(decision.address), request.port, now.allow_internal
-                    )
-                except DestinationRefused as exc:
-                    again = _refused_by(again, exc)
+            if again.allowed:  # (4) the pinned address, screened against the ranges now open
+                again = still_open(again, decision.address, request.port, now.allow_internal)
             if not again.allowed:
                 if again.decision is Verdict.ASK:
                     again = again.with_(decision=Verdict.DENY, reason=Reason.APPROVAL_UNAVAILABLE)
@@ -853,7 +847,7 @@ class Checkpoint:
                 canonical_host(decision.host), port, policy.allow_internal
             )
         except DestinationRefused as exc:
-            return _refused_by(decision, exc)
+            return exc.refusing(decision)
         except InvalidHost as exc:  # the engine canonicalised already; never trust that silently
             return decision.with_(
                 decision=Verdict.DENY, reason=Reason.INVALID_HOST, detail=str(exc)
@@ -976,13 +970,6 @@ def _review(policy: Policy, rule: str | None) -> str | None:
     """Who may answer the ``ask`` rule named ``rule`` in ``policy`` (None: no such rule)."""
     found = policy.rule(rule)
     return str(found.review) if found is not None else None
-
-
-def _refused_by(decision: Decision, refused: DestinationRefused) -> Decision:
-    """(4) ``decision`` refused by the destination check: its reason, detail and address."""
-    return decision.with_(
-        decision=Verdict.DENY, reason=refused.reason, detail=refused.detail, address=refused.address
-    )
 
 
 def _screened(decision: Decision) -> bool:

@@ -24,7 +24,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Protocol
 
 from proxy.core.addresses import check_address
-from proxy.core.decision import Reason
+from proxy.core.decision import Decision, Reason, Verdict
 from proxy.core.hosts import InvalidHost, canonical_host
 
 Network = IPv4Network | IPv6Network
@@ -39,6 +39,12 @@ class DestinationRefused(Exception):
         self.reason = reason
         self.detail = detail
         self.address = address
+
+    def refusing(self, decision: Decision) -> Decision:
+        """``decision`` refused by this check: its reason, detail and address."""
+        return decision.with_(
+            decision=Verdict.DENY, reason=self.reason, detail=self.detail, address=self.address
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +141,21 @@ def literal_destination(ip: IPAddress, port: int, allow_internal: Sequence[Netwo
     raise DestinationRefused(Reason.INTERNAL_ADDRESS, *screened)
 
 
+def still_open(
+    decision: Decision, address: str | None, port: int | None, allow_internal: Sequence[Network]
+) -> Decision:
+    """``decision``, or its refusal when ``address`` (where its connection is pinned) is in an
+    internal range ``allow_internal`` no longer opens: a reload that closes a range refuses a new
+    CONNECT there, so a connection admitted or relayed there under the old policy is refused too."""
+    if address is None or port is None:
+        return decision
+    try:
+        literal_destination(ipaddress.ip_address(address), port, allow_internal)
+    except DestinationRefused as exc:
+        return exc.refusing(decision)
+    return decision
+
+
 @functools.lru_cache(maxsize=4096)
 def _literal(
     ip: IPAddress, port: int, allow_internal: tuple[Network, ...]
@@ -158,4 +179,5 @@ __all__ = [
     "connectable",
     "literal_destination",
     "screen",
+    "still_open",
 ]

@@ -6,22 +6,21 @@ recheck, each open tunnel's CONNECT is decided again, purely, against the policy
 connection, with step 3a (:mod:`proxy.core.executables`): a rule now bound to executables keeps
 only a tunnel whose process was named and runs one of them (a gate that cannot see processes closes
 them all, as it refuses every new one), and its pinned address is screened against the internal
-ranges the policy now opens, as a new CONNECT's would be. One the new policy refuses (a ``report`` still passes, and an
-``ask`` keeps the answer it already had: a tunnel a person approved stays, one no one was asked
-about is closed, since a recheck asks no one) is recorded as a decision - the new policy's reason,
-its detail saying the tunnel was closed - and then closed through the closer its front end
-registered.
+ranges the policy now opens, as a new CONNECT's would be. One the new policy refuses (a ``report``
+still passes, and an ``ask`` keeps the answer it already had: a tunnel a person approved stays, one
+no one was asked about is closed, since a recheck asks no one) is recorded as a decision - the new
+policy's reason, its detail saying the tunnel was closed - and then closed through the closer its
+front end registered.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from ipaddress import ip_address
 
 from proxy.core.connections import Connections
 from proxy.core.decision import Decision, Kind, Reason, Request, Verdict
-from proxy.core.destination import DestinationRefused, literal_destination
+from proxy.core.destination import still_open
 from proxy.core.engine import decide
 from proxy.core.executables import BoundRules, bindings, check_bindings
 from proxy.policy.model import Policy
@@ -48,7 +47,9 @@ def recheck(
             sandbox_id=conn.sandbox_id,
         )
         policy = policy_for(conn)
-        decision = _screened_again(decide(request, policy), tunnel.address, tunnel.port, policy)
+        decision = decide(request, policy)
+        if decision.allowed or decision.decision is Verdict.ASK:  # (4) where it is pinned
+            decision = still_open(decision, tunnel.address, tunnel.port, policy.allow_internal)
         held = bindings(tables, policy, request, decision)
         decision = check_bindings(decision, held, conn.bound_owners())
         if decision.decision is Verdict.ASK:
@@ -68,18 +69,3 @@ def recheck(
         with contextlib.suppress(OSError):  # already gone
             closer()
     return closed
-
-
-def _screened_again(decision: Decision, address: str | None, port: int, policy: Policy) -> Decision:
-    """(4) the tunnel's pinned address, screened against the internal ranges the policy now opens:
-    a reload that closes a range refuses a new CONNECT to a name that resolves into it
-    (``internal-address``), so a tunnel already relayed there is closed as well."""
-    if address is None or decision.decision not in (Verdict.ALLOW, Verdict.REPORT, Verdict.ASK):
-        return decision
-    try:
-        literal_destination(ip_address(address), port, policy.allow_internal)
-    except DestinationRefused as exc:
-        return decision.with_(
-            decision=Verdict.DENY, reason=exc.reason, detail=exc.detail, address=exc.address
-        )
-    return decision
