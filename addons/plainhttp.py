@@ -69,6 +69,8 @@ UPSTREAM_TIMEOUT = 600.0  # no byte from the upstream while a response is due (a
 CONNECT_TIMEOUT = 30.0
 MAX_REQUESTS = 1_000_000  # per connection; bounds the loop
 CHUNK = 256 * 1024
+# h11 events (a one-byte chunk is one) handled back to back before other connections are served
+EVENTS_PER_TURN = 256
 METHODS = frozenset({b"GET", b"HEAD"})
 BAD_GATEWAY = b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
@@ -481,7 +483,15 @@ class PlainHttp:
         out = bytearray()  # for the client: sent in one write per read from the upstream
         chunked = False
         closes = head.close
+        events = 0
         while True:
+            # An event costs far more than its bytes (a one-byte chunk is one): an upstream that
+            # sends them faster than they are parsed never lets a read wait, nor a client that
+            # takes them a send, and one response would hold every other connection for as
+            # long as both go on.
+            events += 1
+            if events % EVENTS_PER_TURN == 0:
+                await asyncio.sleep(0)
             if parser.their_state is h11.SEND_RESPONSE:
                 # A response head (final or 1xx): checked whole before h11 reads it.
                 end = pending.find(b"\r\n\r\n")

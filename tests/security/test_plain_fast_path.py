@@ -11,6 +11,7 @@ through mitmproxy give the same decisions and the same bytes.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import threading
@@ -715,3 +716,68 @@ def test_a_client_that_never_reads_its_response_is_closed_after_the_idle_timeout
     finally:
         running.stop()
         flood.stop()
+
+
+# -- one response must not hold the gate ---------------------------------------------------------
+
+
+class TinyChunks(LoopbackServer):
+    """An upstream answering with a chunked body of one-byte chunks, sent as fast as the gate takes
+    them, until the gate closes the connection."""
+
+    def __init__(self) -> None:
+        super().__init__(threaded=True, name="upstream-tiny-chunks")
+
+    def handle(self, conn: socket.socket) -> None:
+        conn.settimeout(WAIT)
+        block = b"1\r\nx\r\n" * 10_000
+        try:
+            if not recv_head(conn):
+                return
+            conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for _ in range(100_000):  # bounded; the test ends the stream long before
+                conn.sendall(block)
+        except OSError:
+            pass
+
+
+def test_a_response_of_many_small_chunks_does_not_hold_the_gate(
+    tmp_path: Path, dns: FakeDns
+) -> None:
+    """A chunked response is parsed event by event, each costing far more than reading its bytes:
+    an upstream sending one-byte chunks faster than the gate parses them never lets a read wait,
+    and the client taking them never lets a send wait. Without a turn of the loop every so many
+    events, the gate would serve nothing else - no other connection, no other sandbox - for as
+    long as that one client keeps reading."""
+    upstream = TinyChunks()
+    policy = POLICY.format(a=1, b=2, raw=upstream.port)
+    running = start_gate_with(tmp_path, policy, dns.nameserver)
+    streaming = socket.create_connection(("127.0.0.1", running.port), timeout=WAIT)
+    drained = threading.Event()
+
+    def drain() -> None:
+        try:
+            while streaming.recv(1 << 20):
+                drained.set()
+        except OSError:
+            pass
+
+    reader = threading.Thread(target=drain, daemon=True)
+    try:
+        streaming.sendall(get("raw.test", upstream.port))
+        reader.start()
+        assert drained.wait(WAIT), "the response did not start"
+        with socket.create_connection(("127.0.0.1", running.port), timeout=3.0) as probe:
+            probe.sendall(get("denied.test", 80))
+            try:
+                head = recv_head(probe)
+            except TimeoutError:
+                head = b""
+        assert head.startswith(b"HTTP/1.1 403 "), "the gate answered no one else meanwhile"
+    finally:
+        with contextlib.suppress(OSError):
+            streaming.shutdown(socket.SHUT_RDWR)
+        reader.join(WAIT)
+        streaming.close()
+        running.stop()
+        upstream.stop()
