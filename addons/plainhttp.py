@@ -49,12 +49,13 @@ from addons.refusal import refusal_bytes
 from proxy.core.checkpoint import Checkpoint
 from proxy.core.connections import Connection
 from proxy.core.credentials import Carried
-from proxy.core.decision import Kind, Reason
+from proxy.core.decision import Kind, Reason, Request
 from proxy.core.fieldlines import FIELD_LINES
 from proxy.core.frozen import fast_init
 from proxy.core.hosts import InvalidHost, canonical_host
 from proxy.core.httpheads import http_request, is_egress_header, plain_problem
 from proxy.core.responseframing import read_response_head
+from proxy.core.switching import switch_problem
 from proxy.runtime import sockio
 
 if TYPE_CHECKING:
@@ -83,6 +84,8 @@ _NOT_HERE = frozenset(
     {b"content-length", b"transfer-encoding", b"upgrade", b"expect", b"http2-settings"}
 )
 _FRAMING = re.compile(rb"\r\n(content-length|transfer-encoding)[ \t]*:")
+# a 101 status line, as h11 reads one (its reason phrase is optional)
+_SWITCH = re.compile(rb"HTTP/[0-9]\.[0-9] 101(?: |\r\n)")
 _CONNECTION_TOKENS = frozenset({"close", "keep-alive"})
 
 
@@ -384,7 +387,7 @@ class PlainHttp:
         if upstream is None:
             upstream = await _dial(sock, target, head.port, key, self.keepalive_idle)
         self.served += 1
-        keep = await self._exchange(sock, conn, head, upstream)
+        keep = await self._exchange(sock, conn, head, upstream, request)
         if not upstream.idle:
             upstream.close()
             return None, keep
@@ -400,7 +403,12 @@ class PlainHttp:
             raise _Closed()
 
     async def _exchange(
-        self, sock: socket.socket, conn: Connection, head: PlainHead, upstream: _Upstream
+        self,
+        sock: socket.socket,
+        conn: Connection,
+        head: PlainHead,
+        upstream: _Upstream,
+        request: Request,
     ) -> bool:
         """Send the request, relay its response; whether the client connection stays open.
         ``upstream.idle`` says afterwards whether its connection may carry the next request."""
@@ -430,7 +438,7 @@ class PlainHttp:
             import h11  # here, not at start-up: only the rarer response shapes need it
 
             try:
-                return await self._exchange_h11(sock, conn, head, upstream, pending)
+                return await self._exchange_h11(sock, conn, head, upstream, pending, request)
             except h11.ProtocolError:
                 raise _Closed() from None
         conn.bytes_in += response.announced
@@ -455,6 +463,23 @@ class PlainHttp:
         upstream.idle = response.keep_alive and not head.close
         return not (head.close or response.closes)
 
+    def _refuse_switch(
+        self, conn: Connection, request: Request, method: str, head: bytes, upstream: _Upstream
+    ) -> None:
+        """A ``101`` to a request this path serves (never an upgrade: ``Upgrade`` is not taken):
+        recorded as a refusal, as the mitmproxy adapter records it, and both connections closed
+        before anything of it reaches the client (h11 would only refuse it unrecorded)."""
+        upgrade = None
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"upgrade":
+                upgrade = value.strip().decode("latin-1")
+        detail = switch_problem(False, method, 101, upgrade)
+        log.warning("closed: a switch of protocols from %s:%s", upstream.key[0], upstream.key[1])
+        if detail is not None:
+            self.checkpoint.refuse_switch(conn, request, detail)
+        raise _Closed()
+
     @staticmethod
     def _check_response_head(head: bytes, upstream: _Upstream) -> None:
         """Close both connections on an ambiguous response head (or start of one)."""
@@ -470,6 +495,7 @@ class PlainHttp:
         head: PlainHead,
         upstream: _Upstream,
         pending: bytes,
+        request: Request,
     ) -> bool:
         """:meth:`_exchange` for a response :func:`read_response_head` leaves to h11 (an
         informational response, a chunked body or one delimited by the close, an unusual
@@ -509,6 +535,8 @@ class PlainHttp:
                         raise _Closed()
                     pending += more
                     continue
+                if _SWITCH.match(pending):
+                    self._refuse_switch(conn, request, head.method, pending[: end + 2], upstream)
                 parser.receive_data(pending[: end + 4])
                 pending = pending[end + 4 :]
             elif pending:

@@ -12,6 +12,7 @@ through mitmproxy give the same decisions and the same bytes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import socket
 import threading
@@ -21,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from proxy.core.decision import Verdict
+from proxy.core.decision import Decision, Verdict
 from tests.dnsfake import FakeDns
 from tests.harness import WAIT, LoopbackServer, RunningGate, Upstream, recv_head, waited_for
 from tests.security import exchange, fresh_decisions, start_gate_with
@@ -487,15 +488,31 @@ def test_a_response_that_ends_the_upstream_connection_ends_the_client_connection
     assert decided(gate) == fast + 1 and scripted.accepted == 1
 
 
-def test_a_switch_of_protocols_nobody_asked_for_closes_the_connection(
-    gate: RunningGate, scripted: Scripted
+def test_a_switch_of_protocols_nobody_asked_for_closes_the_connection_and_is_recorded(
+    gate: RunningGate, mitm_gate: RunningGate, scripted: Scripted
 ) -> None:
+    """Closed before anything of it reaches the client, and recorded as a refusal of the request
+    it answered, as the mitmproxy adapter records it: the evidence says the switch was stopped."""
     scripted.reply = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\nRAW BYTES"
-    answer = exchange(gate, get("raw.test", scripted.port))
-    assert answer.closed and b"RAW BYTES" not in answer.data
+    for running in (gate, mitm_gate):
+        before = len(running.decisions)
+        answer = exchange(running, get("raw.test", scripted.port))
+        assert answer.closed and b"RAW BYTES" not in answer.data
+        allowed, refused = waited_for(
+            functools.partial(_records, running, before, 2), "the refusal record"
+        )
+        assert allowed.decision is Verdict.ALLOW
+        assert refused.decision is Verdict.DENY and refused.reason == "unsupported"
+        assert "switched protocols" in (refused.detail or "") and refused.host == "raw.test"
 
 
 # -- parity: the same requests through the front end and through mitmproxy ---------------------
+
+
+def _records(running: RunningGate, before: int, count: int) -> list[Decision]:
+    """The ``count`` decisions recorded since ``before``, once they all are."""
+    fresh = fresh_decisions(running, before)
+    return fresh if len(fresh) >= count else []
 
 
 def _masked(data: bytes) -> bytes:
