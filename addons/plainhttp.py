@@ -387,7 +387,14 @@ class PlainHttp:
         if upstream is None:
             upstream = await _dial(sock, target, head.port, key, self.keepalive_idle)
         self.served += 1
-        keep = await self._exchange(sock, conn, head, upstream, request)
+        try:
+            keep = await self._exchange(sock, conn, head, upstream, request)
+        except BaseException:
+            # Closed here, whoever dialled it: one dialled for this request is known to no caller,
+            # and a socket left to the collector would close with the loop still watching its
+            # descriptor, whose number the next socket takes (uvloop then never wakes that one).
+            upstream.close()
+            raise
         if not upstream.idle:
             upstream.close()
             return None, keep

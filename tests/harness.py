@@ -463,7 +463,10 @@ class RunningGate:
         resolver_kwargs: dict[str, Any] | None = None,
         gate_kwargs: dict[str, Any] | None = None,
         config: dict[str, Any] | None = None,
+        loop: str = "asyncio",
     ) -> None:
+        """``loop``: the event loop it runs on (``proxy.runtime.loop``: ``asyncio`` or ``uvloop``,
+        which ``egress serve`` runs on when it is installed)."""
         from proxy.policy.loader import load_policy
 
         self.policy_path = policy_path
@@ -474,6 +477,7 @@ class RunningGate:
         self.resolver_kwargs = resolver_kwargs or {}
         self.gate_kwargs = gate_kwargs or {}
         self.config = config or {}
+        self.loop = loop
         self.port = 0
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -491,7 +495,9 @@ class RunningGate:
 
     def _run(self) -> None:
         try:
-            asyncio.run(self._main())
+            from proxy.runtime.loop import loop_factory
+
+            asyncio.run(self._main(), loop_factory=loop_factory(self.loop))
         except BaseException as exc:  # surfaced to the test thread
             self._error = exc
             self._ready.set()

@@ -16,6 +16,7 @@ import functools
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -798,3 +799,47 @@ def test_a_response_of_many_small_chunks_does_not_hold_the_gate(
         streaming.close()
         running.stop()
         upstream.stop()
+
+
+# -- an upstream connection given up is closed by the gate ---------------------------------------
+
+
+class Late(LoopbackServer):
+    """Answers each request head with ``reply`` a moment later (so the gate waits for it)."""
+
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+        super().__init__(threaded=True, name="upstream-late")
+
+    def handle(self, conn: socket.socket) -> None:
+        conn.settimeout(WAIT)
+        try:
+            while recv_head(conn):
+                time.sleep(0.05)
+                conn.sendall(self.reply)
+        except OSError:
+            pass
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_an_upstream_connection_given_up_on_its_first_response_leaves_the_gate_working(
+    tmp_path: Path, dns: FakeDns, origin_a: Origin, loop: str
+) -> None:
+    """A response the gate gives up on (bytes after its end, here; a body cut short or a client
+    that went away end it the same way) closes the upstream connection it was dialled for. Left to
+    the garbage collector, the socket was closed with the event loop still watching its
+    descriptor: on uvloop the next socket given that number (the resolver's, say) was never woken,
+    and every later request of every sandbox failed (``dns-failure`` after 3 s)."""
+    hostile = Late(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA")
+    policy = POLICY.format(a=origin_a.port, b=1, raw=hostile.port)
+    running = start_gate_with(tmp_path, policy, dns.nameserver, loop=loop)
+    try:
+        for _ in range(3):
+            given_up = exchange(running, get("raw.test", hostile.port), responses=2)
+            assert given_up.closed and given_up.data.endswith(b"\r\n\r\nok")
+            for _ in range(2):
+                reply = exchange(running, get("a.test", origin_a.port), idle=WAIT)
+                assert reply.status == 200 and b"hello from a" in reply.data, reply.data[:120]
+    finally:
+        running.stop()
+        hostile.stop()
