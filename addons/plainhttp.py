@@ -72,6 +72,9 @@ MAX_REQUESTS = 1_000_000  # per connection; bounds the loop
 CHUNK = 256 * 1024
 # h11 events (a one-byte chunk is one) handled back to back before other connections are served
 EVENTS_PER_TURN = 256
+# informational (1xx) responses passed on before a request's final one: servers send one or two
+# (100 Continue, 103 Early Hints); an upstream sending them without end is closed
+MAX_INFORMATIONAL = 32
 METHODS = frozenset({b"GET", b"HEAD"})
 BAD_GATEWAY = b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
@@ -516,15 +519,14 @@ class PlainHttp:
         out = bytearray()  # for the client: sent in one write per read from the upstream
         chunked = False
         closes = head.close
-        events = 0
+        events = informational = 0
         while True:
             # An event costs far more than its bytes (a one-byte chunk is one): an upstream that
             # sends them faster than they are parsed never lets a read wait, nor a client that
             # takes them a send, and one response would hold every other connection for as
             # long as both go on.
+            await sockio.take_turns(events, EVENTS_PER_TURN)
             events += 1
-            if events % EVENTS_PER_TURN == 0:
-                await asyncio.sleep(0)
             if parser.their_state is h11.SEND_RESPONSE:
                 # A response head (final or 1xx): checked whole before h11 reads it.
                 end = pending.find(b"\r\n\r\n")
@@ -557,6 +559,12 @@ class PlainHttp:
                 more = await upstream.recv()
                 parser.receive_data(more)  # b"" is the upstream's EOF
                 continue
+            if isinstance(event, h11.InformationalResponse):
+                informational += 1
+                if informational > MAX_INFORMATIONAL:
+                    log.warning("closed: over %d informational responses from %s",
+                                MAX_INFORMATIONAL, upstream.key[0])  # fmt: skip
+                    raise _Closed()
             if isinstance(event, (h11.InformationalResponse, h11.Response)):
                 names = {name.lower() for name, _ in event.headers.raw_items()}
                 if isinstance(event, h11.Response):

@@ -54,12 +54,13 @@ def _register(
 REQUESTS_PER_TURN = 16  # a connection's requests answered back to back before others are served
 
 
-async def take_turns(served: int) -> None:
-    """After every REQUESTS_PER_TURN requests one connection has had answered, a turn of the event
-    loop for the others. These helpers never wait while the kernel has the bytes, so a client that
-    pipelines requests the gate refuses (no upstream to wait for) would otherwise hold the loop for
-    all of them: seconds for 100,000, with every other connection and sandbox of the gate stalled."""
-    if served % REQUESTS_PER_TURN == REQUESTS_PER_TURN - 1:
+async def take_turns(served: int, every: int = REQUESTS_PER_TURN) -> None:
+    """After every ``every`` requests one connection has had answered (REQUESTS_PER_TURN), or
+    units of other work it did without waiting, a turn of the event loop for the others. These
+    helpers never wait while the kernel has the bytes, so a client that pipelines requests the gate
+    refuses (no upstream to wait for) would otherwise hold the loop for all of them: seconds for
+    100,000, with every other connection and sandbox of the gate stalled."""
+    if served % every == every - 1:
         await asyncio.sleep(0)
 
 

@@ -464,6 +464,43 @@ def test_a_chunked_response_is_relayed_whole(gate: RunningGate, scripted: Script
     assert decoded == b"abcde"
 
 
+def _read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the gate sends until it closes the connection (bounded by WAIT per read)."""
+    data = b""
+    for _ in range(10_000):  # bounded: each read returns something or ends the loop
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_informational_responses_are_relayed_up_to_a_bound(
+    gate: RunningGate, scripted: Scripted
+) -> None:
+    """One or two 1xx before the final response (103 Early Hints) reach the client as sent; an
+    upstream that sends them without end is closed, and nothing after the bound reaches the
+    client (each one is a head the gate parses: an endless stream is work without a request)."""
+    from addons.plainhttp import MAX_INFORMATIONAL
+
+    hints = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+    final = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+    for count, passes in ((2, True), (MAX_INFORMATIONAL, True), (MAX_INFORMATIONAL + 1, False)):
+        scripted.reply = hints * count + final
+        sock = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
+        with sock:
+            sock.sendall(get("raw.test", scripted.port))
+            data = _read_until_closed(sock)
+        if passes:
+            assert data.count(b" 103 Early Hints") == count
+            assert data.endswith(b"\r\n\r\nok"), (count, data[-200:])
+        else:
+            assert b" 200 OK" not in data and data.count(b" 103 ") <= MAX_INFORMATIONAL
+
+
 @pytest.mark.parametrize(
     "reply,close_after",
     [
