@@ -7,8 +7,8 @@ now, and only a destination that cannot take more switches it to waiting for the
 task, future or registration is made per burst (a small HTTPS exchange is a handful of bursts, and
 per-burst scheduling was most of the gate's relay cost).
 
-An EOF is passed on as a half-close; an error on either side ends both directions. Pipes are lent
-per burst and returned empty, so idle tunnels hold none.
+An EOF is passed on as a half-close; an error on either side (a reset) ends both directions and is
+passed on as a reset. Pipes are lent per burst and returned empty, so idle tunnels hold none.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import fcntl
 import logging
 import os
 import socket
+import struct
 from collections.abc import Callable
 
 from proxy.runtime.sockio import Watch, add_reader, add_writer
@@ -159,6 +160,18 @@ class _Pump:
         self.finished(self, error)
 
 
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close sends a reset
+
+
+def _abort(sock: socket.socket) -> None:
+    """A side that reset or failed is passed on as a reset, not an end: an end would make the
+    other peer take an aborted transfer for a complete one (a download cut short, an upload whose
+    sender died). The caller's close sends it; bytes the other peer has already received are
+    still read before the reset."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+
+
 async def relay(
     client: socket.socket,
     upstream: socket.socket,
@@ -168,9 +181,9 @@ async def relay(
     client_watch: Watch | None = None,
     upstream_watch: Watch | None = None,
 ) -> None:
-    """Both directions until both have ended; an error on either side shuts both sockets down and
-    ends both. Cancelling it unregisters both directions; the caller shuts down and closes the
-    sockets. ``client_watch``, ``upstream_watch``: the sockets' registrations, which the relay's
+    """Both directions until both have ended; an error on either side (a reset) ends both, and the
+    caller's close of the sockets then resets both peers. Cancelling it unregisters both
+    directions; the caller shuts down and closes the sockets. ``client_watch``, ``upstream_watch``: the sockets' registrations, which the relay's
     readers replace (on the same poll handles) as they register."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
@@ -187,8 +200,7 @@ async def relay(
             for pump in pumps:
                 pump.stop()
             for sock in (client, upstream):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+                _abort(sock)
         if (remaining == 0 or failed) and not done.done():
             done.set_result(None)
 

@@ -65,13 +65,13 @@ def half_close() -> Iterator[HalfCloseUpstream]:
     yield from serving(HalfCloseUpstream())
 
 
-def _gate(tmp_path: Path, *ports: int) -> RunningGate:
+def _gate(tmp_path: Path, *ports: int, loop: str = "asyncio") -> RunningGate:
     policy = tmp_path / "policy.yaml"
     policy.write_text(
         "version: 1\nallow_internal: [127.0.0.0/8]\nrules:\n"
         f"  - name: local\n    cidrs: [127.0.0.1/32]\n    ports: {list(ports)}\n"
     )
-    return RunningGate(policy, ["127.0.0.1:9"]).start()
+    return RunningGate(policy, ["127.0.0.1:9"], loop=loop).start()
 
 
 def _connect(port: int, target: str) -> tuple[socket.socket, bytes]:
@@ -110,6 +110,46 @@ def test_a_tls_tunnel_is_relayed_with_half_close_and_exact_byte_counts(
         assert gate.gate.tunnels.tunnels == 1  # taken by the front end, not mitmproxy's layers
     finally:
         gate.stop()
+
+
+class ResettingUpstream(LoopbackServer):
+    """Answers the ClientHello with a ServerHello and part of a reply, then resets the connection
+    (a server that crashed or aborted mid-response)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="resetting")
+
+    def handle(self, conn: socket.socket) -> None:
+        conn.settimeout(WAIT)
+        received = b""
+        while len(received) < len(HELLO) and (chunk := conn.recv(65536)):
+            received += chunk
+        conn.sendall(SERVER_HELLO + b"part of a reply")
+        time.sleep(0.2)  # the gate relays it before the reset comes
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_an_upstream_reset_reaches_the_client_as_a_reset(tmp_path: Path, loop: str) -> None:
+    """What came before the reset is relayed, then the client is reset: a clean end would pass a
+    transfer cut short off as a complete one to a client that reads to the end."""
+    upstream = ResettingUpstream()
+    gate = _gate(tmp_path, upstream.port, loop=loop)
+    try:
+        sock, head = _connect(gate.port, f"127.0.0.1:{upstream.port}")
+        assert head.startswith(b"HTTP/1.1 200")
+        sock.sendall(HELLO)
+        received = b""
+        with pytest.raises(ConnectionResetError):
+            for _ in range(1000):  # bounded: the reset ends it
+                chunk = sock.recv(65536)
+                assert chunk, f"a clean end after {received!r}"
+                received += chunk
+        sock.close()
+        assert received == SERVER_HELLO + b"part of a reply"
+    finally:
+        gate.stop()
+        upstream.stop()
 
 
 def test_a_refused_hello_dials_nothing(tmp_path: Path, half_close: HalfCloseUpstream) -> None:

@@ -137,25 +137,33 @@ def test_a_receiver_that_stops_reading_holds_the_relay_without_losing_bytes(choi
     assert t.inn == len(payload)
 
 
+@pytest.mark.parametrize("side", ["upstream", "client"])
 @pytest.mark.parametrize("choice", LOOPS)
-def test_a_reset_on_one_side_ends_both(choice: str) -> None:
+def test_a_reset_on_one_side_ends_both_and_resets_the_other(choice: str, side: str) -> None:
+    """The other peer gets a reset, not an end: an end would pass an aborted transfer off as a
+    complete one (a download cut short, an upload whose sender died)."""
     t = Tunnel()
+    resetting, other = (t.upstream, t.client) if side == "upstream" else (t.client, t.upstream)
 
-    async def main() -> bytes:
+    async def main() -> None:
         loop = asyncio.get_running_loop()
-        t.client.setblocking(False)
+        other.setblocking(False)
+        resetting.setblocking(False)
         task = asyncio.ensure_future(relay(t.gate_client, t.gate_up, *t.counted()))
-        await loop.sock_sendall(t.client, b"hello")
-        t.upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
-        t.upstream.setblocking(False)
-        assert await loop.sock_recv(t.upstream, 5) == b"hello"
-        t.upstream.close()  # with SO_LINGER 0: a reset
+        await loop.sock_sendall(other, b"hello")
+        assert await loop.sock_recv(resetting, 5) == b"hello"
+        await loop.sock_sendall(resetting, b"partial")
+        assert await asyncio.wait_for(loop.sock_recv(other, 7), 10) == b"partial"
+        resetting.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        resetting.close()  # with SO_LINGER 0: a reset
         await asyncio.wait_for(task, 10)
-        return await asyncio.wait_for(_recv_all(t.client), 10)
+        t.gate_client.close()  # as the front end does once the relay has returned
+        t.gate_up.close()
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(_recv_all(other), 10)
 
     try:
-        with contextlib.suppress(ConnectionResetError):
-            assert _run(choice, main()) == b""
+        _run(choice, main())
     finally:
         t.close()
 
