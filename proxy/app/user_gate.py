@@ -200,6 +200,7 @@ class RunPolicies:
             "ok": True,
             "inspects": policy.reads_requests,
             "frozen": list(read_only_files(policy)),
+            "binds": policy.binds_executables,
             **self.trust,
         }
 
@@ -223,6 +224,14 @@ class RunPolicies:
             raise HandoffError(
                 f"the policy needs {', '.join(sorted(unfrozen))} kept read-only, which the sandbox "
                 "was not built to do (the policy changed since the check?)"
+            )
+        if policy.binds_executables and request.get("userns_closed") is not True:
+            # A process that creates a user namespace of its own can name any file as its
+            # executable (prctl PR_SET_MM_MAP): what a bound rule checks would prove nothing.
+            raise HandoffError(
+                "the policy binds rules to executables, and the sandbox was not built to refuse "
+                "the user namespaces that would let a process name another file as its own (the "
+                "policy changed since the check?)"
             )
         checkpoint = self.gate.checkpoint
         policies = checkpoint.connections.sandbox_policies

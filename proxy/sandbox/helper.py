@@ -209,6 +209,24 @@ def _setup_mounts(config: dict[str, Any]) -> str:
     return "bound"
 
 
+def _close_user_namespaces() -> None:
+    """No user namespace can be created inside the sandbox (its ``max_user_namespaces``, which
+    counts for the sandbox's own user namespace and every one below it, set to 0 while init still
+    has the capability to): for a policy that binds rules to executables. A process that creates one
+    holds every capability there, and ``prctl(PR_SET_MM, PR_SET_MM_MAP)`` with an ``exe_fd`` then
+    points its executable link, which is what such a rule checks, at any file it can open:
+    ``/proc/PID/exe`` would name the bound program, device and inode included, for a process
+    that never ran it (a child created with ``CLONE_VM`` into a user namespace of its own does it
+    for its parent, which stays in the sandbox's). Runs before ``/proc/sys`` is made read-only."""
+    try:
+        _write("/proc/sys/user/max_user_namespaces", "0\n")
+    except OSError as exc:
+        raise _SetupFailed(
+            f"cannot stop the sandbox from creating user namespaces, which a policy that binds "
+            f"rules to executables needs: {exc}"
+        ) from exc
+
+
 def _hide(paths: list[str]) -> None:
     """Cover each path with an empty read-only mount: a directory with a tmpfs, a file with
     /dev/null. The command cannot undo it (no capabilities, no_new_privs)."""
@@ -446,6 +464,8 @@ def _init_main(config: dict[str, Any], ctl: socket.socket, env: dict[str, str] |
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     try:
         resolv = _setup_mounts(config)
+        if config.get("close_userns"):
+            _close_user_namespaces()
         frozen = [p for p in _KERNEL_FILES if os.path.lexists(p)] + (config.get("freeze") or [])
         hidden = config.get("hide") or []
         _pin_ancestors(frozen + [p for p in hidden if os.path.lexists(p)])

@@ -362,6 +362,10 @@ def _run_with(
             ),
             hidden,
         ),
+        # A rule bound to executables: no process inside may name another file as its own.
+        close_userns=(
+            bool(getattr(policy, "binds_executables", False)) if session is None else session.binds
+        ),
     )
     own = _import_steps(_LAUNCHER_MODULES) if private else None
     try:

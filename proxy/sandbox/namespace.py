@@ -91,6 +91,7 @@ class SandboxSpec:
 
     __slots__ = (
         "argv",
+        "close_userns",
         "cwd",
         "env",
         "foreground_tty",
@@ -112,6 +113,7 @@ class SandboxSpec:
         foreground_tty: int | None = None,
         hidden: Sequence[str] = (),
         frozen: Sequence[str] = (),
+        close_userns: bool = False,
     ) -> None:
         self.argv = argv
         self.env = env
@@ -126,6 +128,9 @@ class SandboxSpec:
         # Files made read-only inside the sandbox (executables rules are bound to), or it does not
         # run.
         self.frozen = frozen
+        # No user namespace can be created inside (a policy that binds rules to executables: a
+        # process with capabilities in one of its own can name any file as its executable).
+        self.close_userns = close_userns
 
 
 def own_netns_inode() -> int:
@@ -200,6 +205,7 @@ class Sandbox:
             "netns": own_netns_inode(),
             "hide": [os.path.abspath(path) for path in spec.hidden],
             "freeze": [os.path.abspath(path) for path in spec.frozen],
+            "close_userns": spec.close_userns,
         }
         try:
             proc: subprocess.Popen[bytes] | ForkedHelper

@@ -116,6 +116,12 @@ class Session:
         paths = self.answer.get("frozen")
         return tuple(str(p) for p in paths) if isinstance(paths, list) else ()
 
+    @property
+    def binds(self) -> bool:
+        """Whether the run's policy binds rules to executables: the sandbox is then built so that
+        no user namespace can be created inside (see ``helper._close_user_namespaces``)."""
+        return self.answer.get("binds") is True
+
     def trust(self) -> Trust:
         """What the sandbox trusts and cannot read: the gate's state directory (its CA key) and this
         directory (the socket) hidden always; when the run's policy reads requests, a bundle of the
@@ -160,6 +166,7 @@ class Session:
             "policy": self.check,
             "summary": summary,
             "frozen": list(self.frozen),  # what the sandbox was built to keep read-only
+            "userns_closed": self.binds,  # ... and whether it can create user namespaces
             "sandbox_pid": sandbox_pid,
             "context": context or {},
             "traceparent": traceparent,

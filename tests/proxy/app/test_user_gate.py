@@ -37,6 +37,7 @@ def test_a_policy_it_serves_is_answered_with_what_the_sandbox_must_trust(tmp_pat
         "ok": True,
         "inspects": False,
         "frozen": [str(path.resolve())],  # the policy file: the sandbox must not rewrite it
+        "binds": False,  # no rule bound to executables: user namespaces stay open inside
         "state": "/s",
         "trust": ["/ca"],
     }
@@ -66,6 +67,7 @@ def test_the_files_rules_are_bound_to_are_named_for_the_sandbox_to_keep_read_onl
     )
     answer = _runs().check(policy_check(str(path), None))
     assert answer["ok"] is True and answer["frozen"] == ["/usr/bin/git", str(path.resolve())]
+    assert answer["binds"] is True  # the sandbox is built to refuse user namespaces
 
 
 def test_a_broken_policy_is_answered_with_its_lines(tmp_path: Path) -> None:
@@ -198,6 +200,39 @@ def test_a_hand_off_whose_policy_binds_a_file_the_sandbox_may_rewrite_is_refused
     }
     with pytest.raises(HandoffError, match="/usr/bin/git"):
         asyncio.run(runs.attach("sbx-edited", {}, request))
+    assert policies == {} and runs.attached == {}
+
+
+def test_a_hand_off_whose_policy_binds_executables_needs_a_sandbox_without_user_namespaces(
+    tmp_path: Path,
+) -> None:
+    """A process in a user namespace of its own can name any file as its executable (prctl
+    PR_SET_MM_MAP): a sandbox not built to refuse them (an older launcher, a policy edited since
+    the check to bind a rule) is refused, and nothing is registered for it."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from proxy.sandbox.handoff import HandoffError
+
+    path = _write(
+        tmp_path,
+        "version: 1\nrules:\n  - {name: git, hosts: [git.test], executables: [/usr/bin/git]}\n",
+    )
+    policies: dict[str, Any] = {}
+    gate = SimpleNamespace(
+        checkpoint=SimpleNamespace(
+            connections=SimpleNamespace(sandbox_policies=policies), sandbox_processes={}
+        )
+    )
+    runs = RunPolicies(gate=gate, inner_attach=None)
+    request = {
+        "policy": policy_check(str(path), None),
+        "frozen": ["/usr/bin/git", str(path.resolve())],
+        "peer_uid": os.getuid(),
+        "gate_warnings": [],
+    }
+    with pytest.raises(HandoffError, match="user namespaces"):
+        asyncio.run(runs.attach("sbx-open-userns", {}, request))
     assert policies == {} and runs.attached == {}
 
 
