@@ -30,7 +30,7 @@ from proxy.app.arguments import limits_from
 from proxy.app.ca import CaError, Inspection, ensure_ca, upstream_trust
 from proxy.app.exits import fail
 from proxy.app.lifecycle_args import managed_policy_path
-from proxy.destinations.dnsgate import DnsGate
+from proxy.destinations.dnsgate import SHARED_INFLIGHT_PER_CLIENT, SHARED_TCP_PER_CLIENT, DnsGate
 from proxy.evidence.emit import JsonLineSink, Sink
 from proxy.policy.identities import Identities, IdentityError
 from proxy.policy.loader import policy_file
@@ -353,7 +353,15 @@ async def _serve(
         if getattr(args, "watch_interval", 0.5) > 0:
             watching = loop.create_task(live.run(stop))
         if args.dns_listen:
-            dns_gate = DnsGate(holder, resolver, evidence.emitter)
+            # One gate for every sandbox that can reach it: each client address gets a share of
+            # the in-flight caps, so one cannot hold them all (threat 13).
+            dns_gate = DnsGate(
+                holder,
+                resolver,
+                evidence.emitter,
+                max_inflight_per_client=SHARED_INFLIGHT_PER_CLIENT,
+                max_tcp_per_client=SHARED_TCP_PER_CLIENT,
+            )
             bound = await _serve_dns(dns_gate, *parse_listen(args.dns_listen))
         if args.handoff_socket:
 

@@ -30,12 +30,16 @@ if TYPE_CHECKING:
     from proxy.evidence.emit import Emitter
     from proxy.policy.model import Policy
 
-__all__ = ["DnsGate"]
+__all__ = ["SHARED_INFLIGHT_PER_CLIENT", "SHARED_TCP_PER_CLIENT", "DnsGate"]
 
 log = logging.getLogger(__name__)
 WARN_INTERVAL = 1.0  # seconds between two warnings about dropped queries
 
 MAX_QUERY = 4096  # octets; real queries are < 300, anything bigger is abuse
+# A gate shared by many sandboxes (``egress serve --dns-listen``): what one client address may hold
+# of the default in-flight caps (256 questions, 64 TCP connections).
+SHARED_INFLIGHT_PER_CLIENT = 64
+SHARED_TCP_PER_CLIENT = 16
 ANSWERS = LazyImport("proxy.destinations.dnsanswer")
 
 
@@ -44,6 +48,12 @@ class DnsGate:
 
     ``policy`` is called once per query, so a reloaded policy applies to the next query and one
     query is decided and checked against one consistent snapshot.
+
+    ``max_inflight_per_client`` and ``max_tcp_per_client`` bound what one client address may hold
+    of the gate-wide caps (None: no share of its own). A gate that answers many sandboxes (``egress
+    serve --dns-listen``) sets them: without them one sandbox that kept 64 TCP connections open, or
+    flooded it with questions for names that are slow to resolve, held every slot, and every other
+    sandbox's queries were dropped (threat 13).
     """
 
     def __init__(
@@ -57,6 +67,8 @@ class DnsGate:
         max_tcp_connections: int = 64,
         tcp_idle_timeout: float = 10.0,
         max_answers: int = 16,
+        max_inflight_per_client: int | None = None,
+        max_tcp_per_client: int | None = None,
     ) -> None:
         self.policy = policy
         self.resolver = resolver
@@ -66,6 +78,10 @@ class DnsGate:
         self.max_tcp_connections = max_tcp_connections
         self.tcp_idle_timeout = tcp_idle_timeout
         self.max_answers = max_answers
+        self.max_inflight_per_client = max_inflight_per_client
+        self.max_tcp_per_client = max_tcp_per_client
+        # What each client address holds now, for the per-client caps: (UDP questions, TCP clients)
+        self._held: dict[str, list[int]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._dropped = 0  # datagrams dropped since the last warning said so
         self._warned = float("-inf")  # when (loop time) it last did
@@ -180,12 +196,36 @@ class DnsGate:
         self._transports.clear()
 
     def _datagram(self, transport: asyncio.DatagramTransport, wire: bytes, addr: Any) -> None:
-        if len(self._tasks) >= self.max_inflight:
+        if len(self._tasks) >= self.max_inflight or not self._take(addr, 0):
             self._drop(addr)
             return
         task = asyncio.get_running_loop().create_task(self._udp_query(transport, wire, addr))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if self.max_inflight_per_client is not None:
+            task.add_done_callback(lambda _t: self._give_back(addr, 0))
+
+    def _take(self, addr: Any, which: int) -> bool:
+        """Whether the client at ``addr`` may hold one more UDP question (``which`` 0) or TCP
+        connection (1) under its per-client cap; counted when it may."""
+        cap = self.max_inflight_per_client if which == 0 else self.max_tcp_per_client
+        if cap is None:
+            return True
+        client = str(addr[0]) if addr else "unknown"
+        held = self._held.setdefault(client, [0, 0])
+        if held[which] >= cap:
+            return False
+        held[which] += 1
+        return True
+
+    def _give_back(self, addr: Any, which: int) -> None:
+        client = str(addr[0]) if addr else "unknown"
+        held = self._held.get(client)
+        if held is None:
+            return
+        held[which] -= 1
+        if held == [0, 0]:
+            del self._held[client]
 
     def _drop(self, addr: Any) -> None:
         """Counts a datagram or TCP client dropped for the in-flight caps; says so at most once a
@@ -210,12 +250,16 @@ class DnsGate:
 
     async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        if task is None or len(self._tcp_tasks) >= self.max_tcp_connections:
-            self._drop(writer.get_extra_info("peername"))
+        peer = writer.get_extra_info("peername")
+        if (
+            task is None
+            or len(self._tcp_tasks) >= self.max_tcp_connections
+            or not self._take(peer, 1)
+        ):
+            self._drop(peer)
             writer.close()
             return
         self._tcp_tasks.add(task)
-        peer = writer.get_extra_info("peername")
         client = str(peer[0]) if peer else "unknown"
         served = 0
         try:
@@ -239,6 +283,8 @@ class DnsGate:
             pass
         finally:
             self._tcp_tasks.discard(task)
+            if self.max_tcp_per_client is not None:
+                self._give_back(peer, 1)
             writer.close()
 
 

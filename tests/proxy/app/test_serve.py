@@ -143,6 +143,42 @@ def test_dns_listener_answers_allowed_names_and_leaks_nothing(policy: Path, fake
         assert serve.stop() == 0
 
 
+def test_one_sandbox_cannot_hold_every_tcp_connection_of_the_shared_dns_gate(
+    policy: Path, fake: FakeDns
+) -> None:
+    """``--dns-listen`` answers every sandbox that can reach it: one client address gets its share
+    of the TCP connections (16 of 64), and another is still answered while it holds them all."""
+    from proxy.destinations.dnsgate import SHARED_TCP_PER_CLIENT
+
+    serve = Serve(
+        "--policy", str(policy), "--dns-listen", "127.0.0.1:0", "--nameserver", fake.nameserver
+    )
+    held: list[socket.socket] = []
+    query = dns.message.make_query("pkgs.test", "A")
+    try:
+        host, port = serve.info["dns"].rsplit(":", 1)
+        for _ in range(SHARED_TCP_PER_CLIENT + 1):
+            sock = socket.socket()
+            sock.settimeout(5)
+            sock.bind(("127.0.0.2", 0))
+            sock.connect((host, int(port)))
+            held.append(sock)
+        for sock in held[:SHARED_TCP_PER_CLIENT]:  # served: each one is counted by now
+            assert dns.query.tcp(query, host, timeout=5, sock=sock).answer
+        assert held[-1].recv(1) == b""  # over its share: closed unanswered
+        other = socket.socket()
+        other.settimeout(5)
+        other.bind(("127.0.0.3", 0))
+        other.connect((host, int(port)))
+        with other:
+            answer = dns.query.tcp(query, host, timeout=5, sock=other)
+        assert [r.to_text() for rrset in answer.answer for r in rrset] == ["203.0.113.7"]
+    finally:
+        for sock in held:
+            sock.close()
+        assert serve.stop() == 0
+
+
 def test_sighup_reloads_and_a_broken_reload_keeps_the_old_policy(
     policy: Path, fake: FakeDns
 ) -> None:

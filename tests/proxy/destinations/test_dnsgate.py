@@ -673,3 +673,61 @@ def test_one_tcp_connections_pipelined_queries_do_not_hold_the_gate(env: GateEnv
             flooding.shutdown(socket.SHUT_RDWR)
         reader.join(WAIT)
         flooding.close()
+
+
+# --- a gate shared by many sandboxes: one client cannot hold every slot ----------------------------
+
+
+def _from(address: str, kind: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, kind)
+    sock.bind((address, 0))
+    sock.settimeout(WAIT)
+    return sock
+
+
+def test_one_client_cannot_hold_every_tcp_connection_of_a_shared_gate(
+    make_env: Callable[..., GateEnv],
+) -> None:
+    """One sandbox kept the gate's 64 TCP connections open (a query every few seconds keeps each
+    past the idle timeout), and every other sandbox's DNS over TCP was closed unanswered."""
+    env = make_env(max_tcp_connections=4, max_tcp_per_client=2)
+    env.fake.set("a.allowed.test", "A", ["203.0.113.1"])
+    q = dns.message.make_query("a.allowed.test", "A")
+    held = [_from("127.0.0.2", socket.SOCK_STREAM) for _ in range(3)]
+    try:
+        for sock in held[:2]:
+            sock.connect(env.tcp)
+            assert addresses(dns.query.tcp(q, env.tcp[0], timeout=WAIT, sock=sock))
+        held[2].connect(env.tcp)
+        assert held[2].recv(1) == b""  # its third: over its share
+        with _from("127.0.0.3", socket.SOCK_STREAM) as other:
+            other.connect(env.tcp)
+            answer = dns.query.tcp(q, env.tcp[0], timeout=WAIT, sock=other)
+            assert addresses(answer) == ["203.0.113.1"]
+    finally:
+        for sock in held:
+            sock.close()
+    # its share comes back as its connections close
+    wait_until(lambda: env.gate.in_flight() == 0, WAIT)
+    with _from("127.0.0.2", socket.SOCK_STREAM) as again:
+        again.connect(env.tcp)
+        assert addresses(dns.query.tcp(q, env.tcp[0], timeout=WAIT, sock=again))
+
+
+def test_one_client_cannot_hold_every_question_in_flight_of_a_shared_gate(
+    make_env: Callable[..., GateEnv],
+) -> None:
+    """Questions for names that are slow to resolve (under an allowed wildcard, a name server that
+    never answers) held the gate's 256 in-flight slots, and every other sandbox's were dropped."""
+    env = make_env(max_inflight=4, max_inflight_per_client=2)
+    env.fake.set("a.allowed.test", "A", ["203.0.113.1"])
+    with _from("127.0.0.2", socket.SOCK_DGRAM) as flood:
+        for i in range(6):
+            env.fake.timeout(f"slow{i}.allowed.test")
+            flood.sendto(dns.message.make_query(f"slow{i}.allowed.test", "A").to_wire(), env.udp)
+        wait_until(lambda: env.fake.count() >= 2, WAIT)
+        assert env.gate.in_flight() == 2  # its share; the rest were dropped
+        with _from("127.0.0.3", socket.SOCK_DGRAM) as other:
+            q = dns.message.make_query("a.allowed.test", "A")
+            answer = dns.query.udp(q, env.udp[0], port=env.udp[1], timeout=WAIT, sock=other)
+            assert addresses(answer) == ["203.0.113.1"]
