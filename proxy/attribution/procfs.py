@@ -184,12 +184,21 @@ class SandboxProcesses:
         entries: dict[int, ProcEntry] = {}
         budget = [fds]
         for pid in census.pids:
-            if self._owns(pid, link, budget):
-                entry = self._entry(pid, census.sandbox_pids)
-                if entry is not None:
-                    owners.append(entry)
-                    if not every_owner:
-                        break
+            task = None
+            if not self._owns(pid, link, budget):
+                # A thread's own file table (a clone without CLONE_FILES, or a leader that has
+                # exited): /proc/PID/fd shows only the leader's. Searched for every owner only.
+                task = _thread_holding(f"{self.proc}/{pid}", pid, link) if every_owner else None
+                if task is None:
+                    continue
+            entry = self._entry(pid, census.sandbox_pids, task)
+            if entry is None:
+                if every_owner:  # an owner whose executable cannot be read: nobody is vouched for
+                    return None
+                continue
+            owners.append(entry)
+            if not every_owner:
+                break
         if not owners:
             return None
         for owner in owners:
@@ -412,12 +421,17 @@ class SandboxProcesses:
             self._init = entry
         return entry
 
-    def _entry(self, pid: int, sandbox_pids: dict[int, int]) -> ProcEntry | None:
+    def _entry(
+        self, pid: int, sandbox_pids: dict[int, int], task: str | None = None
+    ) -> ProcEntry | None:
+        """The owner ``pid``; ``task``: the directory of the thread whose file table holds the
+        socket, whose executable is read (a leader that has exited has none to read)."""
         base = f"{self.proc}/{pid}"
+        where = task or base
         try:
             ppid, nspid = self._pids(base, sandbox_pids, pid)
-            exe = os.readlink(f"{base}/exe")
-            st = os.stat(f"{base}/exe")
+            exe = os.readlink(f"{where}/exe")
+            st = os.stat(f"{where}/exe")
             raw = self._proc_file(pid, _CMDLINE)
         except OSError:
             return None
@@ -433,6 +447,54 @@ class SandboxProcesses:
             sandbox_pids[pid] = nspid
             return ppid, nspid
         return _stat_ppid(self._proc_file(pid, _STAT), base), nspid
+
+
+_KCMP = {"x86_64": 312, "aarch64": 272, "riscv64": 272}.get(os.uname().machine)
+_KCMP_FILES = 2
+_kcmp: Any = None
+
+
+def _same_files(pid: int, tid: int) -> bool:
+    """Whether thread ``tid`` shares the file table of ``pid`` (``kcmp(KCMP_FILES)``); False when
+    that cannot be told (no kcmp: every thread's table is then read)."""
+    global _kcmp
+    if _KCMP is None:
+        return False
+    if _kcmp is None:
+        import ctypes
+
+        _kcmp = ctypes.CDLL(None, use_errno=True).syscall
+    try:
+        return bool(_kcmp(_KCMP, pid, tid, _KCMP_FILES, 0, 0) == 0)
+    except OSError:
+        return False
+
+
+def _thread_holding(base: str, pid: int, link: str) -> str | None:
+    """The task directory of a thread of ``pid`` (not the leader, whose table ``/proc/PID/fd``
+    is) whose own file table links to ``link``, or None. A process can keep a socket out of
+    ``/proc/PID/fd`` by holding it only in a thread cloned without ``CLONE_FILES`` (and pass the
+    socket, or have it inherited, to a bound program that never writes to it), or by ending its
+    leader thread: what a rule bound to executables checks must see those holders too."""
+    try:
+        tids = os.listdir(f"{base}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        if tid == str(pid) or _same_files(pid, int(tid)):
+            continue  # the leader's table (/proc/PID/fd), searched already
+        fd_dir = f"{base}/task/{tid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"{fd_dir}/{fd}") == link:
+                    return f"{base}/task/{tid}"
+            except OSError:
+                continue
+    return None
 
 
 def _read(path: str, limit: int = 65536, *, missing_ok: bool = True) -> bytes:

@@ -310,3 +310,94 @@ def test_only_a_policy_that_binds_executables_keeps_user_namespaces_out_of_the_s
     log = tmp_path / "decisions.jsonl"
     assert _run(unbound, fake_dns, log, probe).strip() == "created"  # nested sandboxes still work
     assert "created" not in _run(bound, fake_dns, log, f"{probe} 2>/dev/null; true")
+
+
+# A process keeps a socket out of /proc/PID/fd while the bound program (which inherited it and
+# never touches it) is the only holder the leader's file tables show: "own-table" holds it in a
+# thread cloned without CLONE_FILES and closes the leader's copy; "leader-exits" ends the leader
+# thread (whose table /proc/PID/fd is) while a thread sharing the table writes the request.
+HIDDEN_HOLDER_C = r"""
+#define _GNU_SOURCE
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <netinet/in.h>
+
+static int sock;
+static char req[512];
+
+static int worker(void *arg) {
+    (void)arg;
+    struct sockaddr_in a = {0};
+    char resp[256];
+    a.sin_family = AF_INET;
+    a.sin_port = htons(3128);
+    a.sin_addr.s_addr = htonl(0x7f000001);
+    syscall(SYS_connect, sock, &a, sizeof a);
+    syscall(SYS_write, sock, req, strlen(req));
+    long n = syscall(SYS_read, sock, resp, sizeof resp);
+    if (n > 0) syscall(SYS_write, 1, resp, n);
+    syscall(SYS_exit_group, 0);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    char url[300];
+    int p[2];
+    (void)argc;
+    snprintf(req, sizeof req, "GET http://%s/hidden HTTP/1.1\r\nHost: %s\r\n"
+             "Connection: close\r\n\r\n", argv[2], argv[2]);
+    snprintf(url, sizeof url, "http://%s/", argv[2]);
+    sock = socket(AF_INET, SOCK_STREAM, 0);  /* no SOCK_CLOEXEC: the bound program inherits it */
+    pipe(p);
+    if (fork() == 0) {  /* the bound program, waiting for commands on a pipe nobody writes */
+        dup2(p[0], 0);
+        execl(argv[1], argv[1], "origin", url, (char *)NULL);
+        _exit(127);
+    }
+    usleep(300000);  /* it has started, holding the socket */
+    char *stack = mmap(NULL, 1 << 16, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    int own = strcmp(argv[3], "own-table") == 0;
+    int flags = CLONE_VM | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM | (own ? 0 : CLONE_FILES);
+    clone(worker, stack + (1 << 16), flags, NULL);
+    if (own) {
+        close(sock);  /* out of the leader's table; the thread's copy of the table keeps it */
+        for (;;) pause();
+    }
+    syscall(SYS_exit, 0);  /* the leader thread only */
+    return 0;
+}
+"""
+
+
+@pytest.mark.skipif(not os.path.exists(GIT_HTTP), reason="git's HTTP transport is not installed")
+@pytest.mark.parametrize("mode", ["own-table", "leader-exits"])
+def test_a_holder_hidden_from_proc_pid_fd_still_counts_for_a_bound_rule(
+    setup: tuple[Path, FakeDns, Upstream], tmp_path: Path, mode: str
+) -> None:
+    """Every owner of the socket must run the bound file: one that keeps it in a thread's file
+    table (not the leader's, which is what /proc/PID/fd shows) is found through its threads'."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler")
+    source, binary = tmp_path / "hidden.c", tmp_path / "hidden"
+    source.write_text(HIDDEN_HOLDER_C)
+    subprocess.run(
+        [compiler, "-O2", "-o", str(binary), str(source)], check=True, capture_output=True,
+        timeout=60,
+    )  # fmt: skip
+    policy, dns, upstream = setup
+    log = tmp_path / "decisions.jsonl"
+    out = _run(policy, dns, log, f"{binary} {GIT_HTTP} allowed.test:{upstream.port} {mode}")
+    assert upstream.requests == []  # nothing arrived
+    assert out.startswith("HTTP/1.1 403 "), out
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    refused = [r for r in records if r["event"] == "egress.decision" and r["decision"] == "deny"]
+    assert [r["reason"] for r in refused] == ["executable-not-allowed"]
+    assert str(binary) in refused[0]["detail"]  # the hidden holder is named
