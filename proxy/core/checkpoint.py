@@ -254,7 +254,10 @@ class Checkpoint:
                     conn.processes.remember(peer, conn.process)
         elif conn.refusal is not None or self._bound.binds(self.policy_for(conn)):
             conn.watched = True
-            self._start_lookup(conn)
+            # Every owner as it opened: the first found (newest) may be a bound program that
+            # inherited the socket, while an older process connected it, corked its request and
+            # lets go of it before the request is decided (threat 19).
+            self._start_lookup(conn, every_owner=conn.refusal is None)
         if conn.refusal is None:
             return conn, None
         return conn, self.refuse_connection(conn, *conn.refusal)
@@ -633,11 +636,13 @@ class Checkpoint:
                 conn.inspected = self._inspects(self.policy_for(conn), decision, request.port)
         return decision
 
-    def _start_lookup(self, conn: Connection, *, walk: bool = True) -> None:
+    def _start_lookup(
+        self, conn: Connection, *, walk: bool = True, every_owner: bool = False
+    ) -> None:
         """(3a) the lookup, done at once when the sandbox's processes are already known (a few
         /proc reads, cheaper than a hand-off to a thread), else started in a worker thread, off the
         event loop, as it walks the process tree (:meth:`_attribute` awaits it); not at all then
-        without ``walk``."""
+        without ``walk``. ``every_owner``: a search for every owner, always in the worker."""
         processes = self.processes_of(conn)
         if processes is None or conn.peer is None or conn.attributed or conn.lookup is not None:
             return
@@ -645,6 +650,10 @@ class Checkpoint:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # no loop (a synchronous caller): looked up when the first request comes
+        if every_owner:
+            search = functools.partial(processes.attribute, conn.peer, every_owner=True)
+            conn.lookup = loop.run_in_executor(self._pool(conn), search)
+            return
         try:
             conn.process = processes.attribute_now(conn.peer)
         except BlockingIOError:
@@ -733,7 +742,9 @@ class Checkpoint:
         processes = self.processes_of(conn)
         if not wait:
             return check_bindings(decision, held, process)
-        if process is not None and not process.complete and processes is not None:
+        # Searched again now, whether or not the search as it opened was complete: a holder that
+        # came since counts too (every owner either search saw must run a bound file).
+        if process is not None and processes is not None:
             peer = conn.peer or ""
             try:
                 process = await asyncio.get_running_loop().run_in_executor(

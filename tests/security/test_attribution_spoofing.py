@@ -401,3 +401,71 @@ def test_a_holder_hidden_from_proc_pid_fd_still_counts_for_a_bound_rule(
     refused = [r for r in records if r["event"] == "egress.decision" and r["decision"] == "deny"]
     assert [r["reason"] for r in refused] == ["executable-not-allowed"]
     assert str(binary) in refused[0]["detail"]  # the hidden holder is named
+
+
+# The bound program inherits an unconnected socket (so its pid, newer, is the first owner a search
+# from the newest finds); the older process connects it, queues its request with TCP_CORK (held up
+# to 200 ms by the kernel) and closes its copy 20 ms later, well after the gate's lookup as the
+# connection opened but before the request is decided. (Closing it within microseconds of the
+# connect, before any lookup can read /proc, is the race docs/attribution.md describes.)
+CORKED_C = r"""
+#define _GNU_SOURCE
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+
+int main(int argc, char **argv) {
+    char req[512], url[300];
+    int p[2], one = 1;
+    struct sockaddr_in a = {0};
+    (void)argc;
+    snprintf(req, sizeof req, "GET http://%s/corked HTTP/1.1\r\nHost: %s\r\n"
+             "Connection: close\r\n\r\n", argv[2], argv[2]);
+    snprintf(url, sizeof url, "http://%s/", argv[2]);
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    pipe(p);
+    if (fork() == 0) {
+        dup2(p[0], 0);
+        execl(argv[1], argv[1], "origin", url, (char *)NULL);
+        _exit(127);
+    }
+    usleep(300000);
+    a.sin_family = AF_INET;
+    a.sin_port = htons(3128);
+    a.sin_addr.s_addr = htonl(0x7f000001);
+    setsockopt(s, IPPROTO_TCP, TCP_CORK, &one, sizeof one);
+    if (connect(s, (struct sockaddr *)&a, sizeof a) != 0) return 1;
+    write(s, req, strlen(req));
+    usleep(20000);  /* long after the gate's lookup as it accepted: the older holder is there */
+    close(s);
+    sleep(1);
+    return 0;
+}
+"""
+
+
+@pytest.mark.skipif(not os.path.exists(GIT_HTTP), reason="git's HTTP transport is not installed")
+def test_a_corked_request_from_an_older_holder_of_an_inherited_socket_is_refused(
+    setup: tuple[Path, FakeDns, Upstream], tmp_path: Path
+) -> None:
+    """The search as the connection opens stopped at the newest owner, the bound program, and the
+    process that wrote the request had let go of the socket by the time it was decided: it passed
+    a rule bound to git-remote-http. Under a bound rule that search finds every owner."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler")
+    source, binary = tmp_path / "corked.c", tmp_path / "corked"
+    source.write_text(CORKED_C)
+    subprocess.run(
+        [compiler, "-O2", "-o", str(binary), str(source)], check=True, capture_output=True,
+        timeout=60,
+    )  # fmt: skip
+    policy, dns, upstream = setup
+    for attempt in range(3):
+        log = tmp_path / f"decisions-{attempt}.jsonl"
+        _run(policy, dns, log, f"{binary} {GIT_HTTP} allowed.test:{upstream.port}")
+        assert _refusals(log) == [(GIT_HTTP, "executable-not-allowed")]
+    assert upstream.requests == []  # nothing arrived

@@ -49,9 +49,15 @@ class Processes:
         pass
 
 
-def _admit(tmp_path: Path, processes: Processes) -> tuple[object, object]:
+UNBOUND = "version: 1\nrules:\n  - {name: open, hosts: [pypi.test]}\n"
+
+
+def _admit(
+    tmp_path: Path, processes: Processes, policy_text: str = UNBOUND
+) -> tuple[object, object]:
+    """A refused CONNECT, under a policy that binds nothing unless ``policy_text`` does."""
     path = tmp_path / "p.yaml"
-    path.write_text(POLICY)
+    path.write_text(policy_text)
     policy = load_policy(path)
     checkpoint = Checkpoint(lambda: policy, Emitter([MemorySink()]), Lookups(), processes=processes)
 
@@ -74,6 +80,18 @@ def test_known_processes_are_looked_up_on_the_loop_before_the_first_decision(
     assert processes.remembered == {"127.0.0.1:5000": ANSWER}
 
 
+def test_under_a_policy_bound_to_executables_every_owner_is_searched_as_it_opens(
+    tmp_path: Path,
+) -> None:
+    """Not the first owner on the loop: a search from the newest process stops at a bound program
+    that inherited the socket, and misses the older process that connected it and writes to it."""
+    processes = Processes(known=True)
+    conn, _ = _admit(tmp_path, processes, POLICY)
+    assert [c[0] for c in processes.calls] == ["walk"]
+    assert processes.calls[0][1].startswith("egress-attribution")
+    assert conn.process is not None and conn.process.complete  # type: ignore[attr-defined]
+
+
 def test_a_lookup_that_must_walk_runs_in_a_worker_thread(tmp_path: Path) -> None:
     processes = Processes(known=False)
     conn, _ = _admit(tmp_path, processes)
@@ -87,9 +105,6 @@ def test_a_lookup_that_fails_leaves_the_process_unknown(tmp_path: Path) -> None:
     conn, _ = _admit(tmp_path, processes)
     assert conn.attributed and conn.process is None  # type: ignore[attr-defined]
     assert processes.calls == [("now", "MainThread")]
-
-
-UNBOUND = "version: 1\nrules:\n  - {name: open, hosts: [pypi.test]}\n"
 
 
 class Ordered(Processes):
@@ -161,14 +176,14 @@ def test_a_tunnel_whose_decision_rests_on_no_process_is_answered_before_its_look
 def test_under_a_policy_bound_to_executables_the_lookup_starts_as_the_connection_opens(
     tmp_path: Path, known: bool
 ) -> None:
-    """The process decides: its lookup starts at once (on the loop, or in a thread that walks the
-    process tree), and the client is answered only by the adapter, after the decision (never
-    early), even for a rule of that policy that is itself bound to nothing."""
+    """The process decides: its lookup starts at once (a search for every owner, in the thread
+    that walks the process tree, whether or not the processes are known), and the client is
+    answered only by the adapter, after the decision (never early), even for a rule of that
+    policy that is itself bound to nothing."""
     order, decision = _answered(tmp_path, POLICY, "other.test", known)
     assert decision.allowed
-    walked = [] if known else ["walk"]  # from the worker thread: before or after "opened"
-    assert sorted(order[1:-1]) == sorted(["opened", *walked])
-    assert (order[0], order[-1]) == ("lookup", "record allow")
+    assert sorted(order[:-1]) == ["opened", "walk"]  # the walk: before or after "opened"
+    assert order[-1] == "record allow"
 
 
 def test_a_refused_tunnel_is_never_answered_early_and_its_record_names_its_process(
@@ -338,7 +353,8 @@ def test_a_connection_handed_to_mitmproxy_keeps_the_lookup_made_as_it_opened(
 ) -> None:
     conn, processes, decision = _handed(tmp_path, POLICY, POLICY)
     assert conn.watched and decision.allowed  # git, as the rule binds: every owner searched
-    assert [c[0] for c in processes.calls] == ["now", "walk"]  # the first at accept, not again
+    # every owner at accept, kept across the hand-over; and again as the bound rule decides
+    assert [c[0] for c in processes.calls] == ["walk", "walk"]
     assert processes.remembered["127.0.0.1:5000"] is not None  # kept for its records
 
 
