@@ -629,8 +629,7 @@ class Checkpoint:
         # (8) pin
         if decision.allowed and request.port is not None and request.kind is not Kind.REQUEST:
             if decision.address is not None:
-                conn.pinned[(decision.host, request.port)] = decision.address
-                conn.checked.add((decision.address, request.port))
+                conn.pin(decision.host, request.port, decision.address)
             if request.kind is Kind.CONNECT:  # without an address (a dry run), nothing is dialled
                 conn.tunnel = decision
                 conn.inspected = self._inspects(self.policy_for(conn), decision, request.port)

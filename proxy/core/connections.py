@@ -34,6 +34,11 @@ class Observer(Protocol):
     def active_sandboxes(self, count: int) -> None: ...
 
 
+# Destinations one connection keeps pinned (host:port -> checked address): far more than a client
+# names on one connection, and a bound on what a connection naming a new host per request holds.
+MAX_PINS = 4096
+
+
 @dataclass(slots=True)
 class Connection:
     """One client connection, for its lifetime."""
@@ -76,6 +81,17 @@ class Connection:
         if self.owners is not None:
             return self.owners
         return self.process if self.attributed else None
+
+    def pin(self, host: str, port: int, address: str) -> None:
+        """(8) ``host:port`` may be dialled at ``address`` on this connection. A kept-alive
+        connection can name a new host in every request (a wildcard rule): past MAX_PINS the
+        earlier pins are forgotten, so its memory stays bounded; a request whose pin was
+        forgotten before its dial is refused, never dialled unchecked."""
+        if len(self.pinned) >= MAX_PINS or len(self.checked) >= MAX_PINS:
+            self.pinned.clear()
+            self.checked.clear()
+        self.pinned[(host, port)] = address
+        self.checked.add((address, port))
 
     def forget_destinations(self) -> None:
         """A refused tunnel: nothing may be dialled for this connection any more."""
@@ -234,4 +250,4 @@ def _host_of(peer: str | None) -> str:
     return peer.rsplit(":", 1)[0]
 
 
-__all__ = ["Connection", "Connections", "Observer"]
+__all__ = ["MAX_PINS", "Connection", "Connections", "Observer"]

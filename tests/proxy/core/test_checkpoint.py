@@ -540,3 +540,29 @@ def test_an_approved_tunnel_keeps_its_answer_for_its_client_hello(ask_policy: Po
     )
     fronted = checkpoint.admit_tunnel(conn, FirstBytes(Protocol.TLS, sni="other.test"))
     assert fronted is not None and fronted.reason is Reason.SNI_MISMATCH
+
+
+def test_a_connection_naming_a_new_host_per_request_holds_a_bounded_number_of_pins(
+    tmp_path: Path,
+) -> None:
+    """A kept-alive connection may name a new host in every request under a wildcard rule: what it
+    keeps pinned stays bounded, and the host just admitted is still the one dialled, at its address."""
+    from proxy.core.connections import MAX_PINS
+
+    path = tmp_path / "p.yaml"
+    path.write_text("version: 1\nrules:\n  - name: any\n    hosts: ['*.many.test']\n")
+    checkpoint, lookups, _ = make(load_policy(path))
+    conn = Connection(peer=None, sandbox_id=None)
+
+    async def main() -> None:
+        for n in range(MAX_PINS + 10):
+            host = f"h{n}.many.test"
+            lookups.answers[host] = str(ipaddress.ip_address("203.0.113.0") + n % 250)
+            request = Request(Kind.CONNECT, host, 443, "CONNECT")
+            decision = await checkpoint.admit(conn, request)
+            assert decision.allowed
+            assert checkpoint.dial_target(conn, host, 443) == lookups.answers[host]
+            assert len(conn.pinned) <= MAX_PINS and len(conn.checked) <= MAX_PINS
+
+    asyncio.run(main())
+    assert checkpoint.dial_target(conn, "h0.many.test", 443) is None  # forgotten: never dialled
