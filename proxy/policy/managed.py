@@ -22,7 +22,9 @@ may not hand the question to the automated reviewer (``review: auto``), under a 
 executables a local rule must be bound to some of them (the same files), and where the managed rule
 reads requests (request conditions) the local rule must have conditions at least as narrow. A rule that is not
 covered stops the load with a problem naming the local file, line and rule and the managed file, line
-and rule nearest to it. Approvals answer ``ask`` rules only, so they can never grant beyond the ceiling either.
+and rule nearest to it. The question and the executables are those of the managed rule that
+*decides* each name (the most specific one, as the gate decides): a broader managed allow never stands
+in for a narrower managed ask or binding. Approvals answer ``ask`` rules only, so they can never grant beyond the ceiling either.
 
 Report mode must not widen past the ceiling: a local ``report`` decision (policy or rule mode) that the
 managed policy would not allow is a denial (see :func:`proxy.core.engine` and ``Policy.ceiling``), and
@@ -37,14 +39,16 @@ enforce mode. The effective version is a hash over both layers' versions, so eve
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 
 from proxy.policy import yamlnodes
+from proxy.policy.index import RuleIndex
 from proxy.policy.loader import display_path, load_policy, read_regular
 from proxy.policy.model import (
     Action,
@@ -80,6 +84,20 @@ class Managed:
     @property
     def ceiling(self) -> tuple[Rule, ...]:
         return tuple(r for r in self.policy.rules if r.action is not Action.DENY)
+
+    @functools.cached_property
+    def below(self) -> dict[str, tuple[Rule, ...]]:
+        """Name -> the ceiling rules with a pattern for a name strictly below it (each once, in
+        policy order): the rules that decide some of the names a ``*.name`` pattern matches."""
+        found: dict[str, dict[str, Rule]] = {}
+        for rule in self.ceiling:
+            for pattern in rule.hosts:
+                base = pattern.base
+                dot = base.find(".")
+                while dot >= 0:
+                    found.setdefault(base[dot + 1 :], {}).setdefault(rule.name, rule)
+                    dot = base.find(".", dot + 1)
+        return {name: tuple(rules.values()) for name, rules in found.items()}
 
 
 def load_managed(path: str | os.PathLike[str]) -> Managed:
@@ -256,6 +274,26 @@ def _where(rule: Rule) -> str:
     return f"{rule.file}:{rule.line} rule '{rule.name}'"
 
 
+def _decides_wider(local: Rule, target: str, m: Rule) -> str | None:
+    """Why ``local`` would let through more than the managed rule ``m`` where ``m`` decides: an
+    allow where it asks, the automated reviewer where it asks a person, or processes it does not
+    name; None when it would not."""
+    if local.action is Action.ALLOW and m.action is Action.ASK:
+        return f"the managed {_where(m)} asks for {target}: a local rule may ask too, not allow"
+    if m.action is Action.ASK and m.review is Review.HUMAN and local.review is not Review.HUMAN:
+        return (
+            f"the managed {_where(m)} asks a person about {target}: a local rule may not let "
+            "the automated reviewer answer (drop 'review: auto')"
+        )
+    if m.executables and not (local.executables and set(local.executables) <= set(m.executables)):
+        only = ", ".join(e.path for e in m.executables)
+        return (
+            f"the managed {_where(m)} allows {target} only for {only}: bind this rule to "
+            "those executables (or some of them)"
+        )
+    return None
+
+
 def _covering(
     local: Rule, target: str, port: int, managed: Managed, matches: Iterable[Rule]
 ) -> tuple[bool, str | None]:
@@ -267,25 +305,9 @@ def _covering(
                 f"the managed {_where(m)} covers {target} on {m.ports_text()} only"
             )
             continue
-        if local.action is Action.ALLOW and m.action is Action.ASK:
-            nearest = nearest or (
-                f"the managed {_where(m)} asks for {target}: a local rule may ask too, not allow"
-            )
-            continue
-        if m.action is Action.ASK and m.review is Review.HUMAN and local.review is not Review.HUMAN:
-            nearest = nearest or (
-                f"the managed {_where(m)} asks a person about {target}: a local rule may not let "
-                "the automated reviewer answer (drop 'review: auto')"
-            )
-            continue
-        if m.executables and not (
-            local.executables and set(local.executables) <= set(m.executables)
-        ):
-            only = ", ".join(e.path for e in m.executables)
-            nearest = nearest or (
-                f"the managed {_where(m)} allows {target} only for {only}: bind this rule to "
-                "those executables (or some of them)"
-            )
+        wider = _decides_wider(local, target, m)
+        if wider is not None:
+            nearest = nearest or wider
             continue
         if m.request is not None:
             wider = conditions_narrower(local.request, m.request)
@@ -300,6 +322,69 @@ def _covering(
             continue
         return True, None
     return False, nearest
+
+
+def _on_port(rule: Rule, port: int) -> bool:
+    return rule.ports is None or port in rule.ports
+
+
+def _host_deciders(
+    piece: HostPattern, port: int, managed: Managed, matches: list[Rule]
+) -> list[Rule]:
+    """The managed rules that decide some name ``piece`` matches on ``port``: the most specific of
+    the rules covering the whole piece (``matches``; the gate decides a name by its most specific
+    rule, so a broader managed allow does not stand in for a narrower managed ask or binding), and
+    every rule for a name below the piece's base (``*.x`` under a managed ``secret.x``)."""
+    covering = [
+        replace(m, hosts=tuple(h for h in m.hosts if _pattern_covered(piece, h)), cidrs=())
+        for m in matches
+        if _on_port(m, port)
+    ]
+    below = managed.below
+    probe = piece.base
+    if piece.kind is not PatternKind.EXACT:  # a name below the base that no managed pattern names
+        label = 0
+        while any(
+            h.base == f"x{label}.{piece.base}" for m in below.get(piece.base, ()) for h in m.hosts
+        ):
+            label += 1
+        probe = f"x{label}.{piece.base}"
+    found = RuleIndex(covering).match_name(probe, port).allow
+    deciders = [] if found is None else [found]
+    if piece.kind is not PatternKind.EXACT:
+        deciders += [m for m in below.get(piece.base, ()) if _on_port(m, port)]
+    return deciders
+
+
+def _net_deciders(
+    net: IPNetwork, port: int, ceiling: tuple[Rule, ...], matches: list[Rule]
+) -> list[Rule]:
+    """:func:`_host_deciders` for a network: the longest managed prefix holding all of it, and
+    every managed rule for a network inside it."""
+    covering = [
+        replace(m, hosts=(), cidrs=tuple(c for c in m.cidrs if _net_covered(net, c)))
+        for m in matches
+        if _on_port(m, port)
+    ]
+    found = RuleIndex(covering).match_value(net.version, int(net.network_address), port).allow
+    deciders = [] if found is None else [found]
+    deciders += [
+        m
+        for m in ceiling
+        if _on_port(m, port) and any(c != net and _net_covered(c, net) for c in m.cidrs)
+    ]
+    return deciders
+
+
+def _decided_wider(
+    local: Rule, target: str, deciders: Iterable[Rule], names: dict[str, Rule]
+) -> str | None:
+    """Why ``local`` would let through more than one of the managed rules that decide its names."""
+    for m in deciders:
+        wider = _decides_wider(local, target, names[m.name])
+        if wider is not None:
+            return wider
+    return None
 
 
 def ceiling_problems(local: Policy, managed: Managed) -> list[Problem]:
@@ -363,12 +448,17 @@ def rule_gaps(rule: Rule, managed: Managed) -> list[Gap]:
     out: list[Gap] = []
     ports = sorted(rule.ports) if rule.ports is not None else [0]
     ceiling = managed.ceiling
+    names = {m.name: m for m in ceiling}
     for pattern in rule.hosts:
         gap = None
         for piece in _pieces(pattern):
             matches = [m for m in ceiling if any(_pattern_covered(piece, h) for h in m.hosts)]
             for port in ports:
                 ok, why = _covering(rule, str(pattern), port, managed, matches)
+                if ok:
+                    deciders = _host_deciders(piece, port, managed, matches)
+                    why = _decided_wider(rule, str(pattern), deciders, names)
+                    ok = why is None
                 if not ok:
                     gap = Gap(rule, "hosts", str(pattern), port, why)
                     break
@@ -380,6 +470,10 @@ def rule_gaps(rule: Rule, managed: Managed) -> list[Gap]:
         matches = [m for m in ceiling if any(_net_covered(net, c) for c in m.cidrs)]
         for port in ports:
             ok, why = _covering(rule, str(net), port, managed, matches)
+            if ok:
+                deciders = _net_deciders(net, port, ceiling, matches)
+                why = _decided_wider(rule, str(net), deciders, names)
+                ok = why is None
             if not ok:
                 out.append(Gap(rule, "cidrs", str(net), port, why))
                 break

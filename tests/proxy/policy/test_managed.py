@@ -333,3 +333,85 @@ def test_a_local_ask_cannot_hand_a_managed_human_question_to_the_reviewer(
         """,
     )
     assert load_with_ceiling(local, managed).rules[0].name == "uploads-human"
+
+
+NESTED_MANAGED = """\
+version: 1
+rules:
+  - name: org-example
+    hosts: ["**.example.com"]
+    cidrs: [203.0.113.0/24]
+  - name: org-ask-secret
+    action: ask
+    hosts: [secret.example.com]
+    cidrs: [203.0.113.5/32]
+  - name: org-git-only
+    hosts: [git.example.com]
+    executables: [/usr/bin/git]
+"""
+
+
+@pytest.mark.parametrize(
+    ("rule", "host", "nearest"),
+    [
+        ("{name: l, hosts: [secret.example.com]}", "secret.example.com", "org-ask-secret"),
+        ("{name: l, hosts: ['*.example.com']}", "secret.example.com", "org-ask-secret"),
+        ("{name: l, hosts: ['**.example.com']}", "secret.example.com", "org-ask-secret"),
+        ("{name: l, cidrs: [203.0.113.5/32]}", "203.0.113.5", "org-ask-secret"),
+        ("{name: l, cidrs: [203.0.113.0/24]}", "203.0.113.5", "org-ask-secret"),
+        ("{name: l, hosts: [git.example.com]}", "git.example.com", "org-git-only"),
+        ("{name: l, action: ask, hosts: ['*.example.com']}", "git.example.com", "org-git-only"),
+    ],
+)
+def test_a_broader_managed_allow_does_not_stand_in_for_a_narrower_managed_ask_or_binding(
+    tmp_path: Path, rule: str, host: str, nearest: str
+) -> None:
+    """The gate decides a name by its most specific rule: under the managed policy alone
+    ``secret.example.com`` (and 203.0.113.5) asks a person and ``git.example.com`` lets only git
+    through, though ``**.example.com`` (and 203.0.113.0/24) is allowed. A local allow that the
+    broader managed rule covers would decide those names itself, without the question or the
+    binding, so it is outside the ceiling."""
+    managed = write(tmp_path, "managed.yaml", NESTED_MANAGED)
+    local = write(tmp_path, "local.yaml", f"version: 1\nrules:\n  - {rule}\n")
+    alone = decide(Request(host=host, port=443, kind=Kind.CONNECT), load_managed(managed).policy)
+    assert alone.decision is not Verdict.ALLOW or alone.rule == "org-git-only"
+    found = problems(local, managed)
+    assert len(found) == 1 and f"rule '{nearest}'" in found[0], found
+
+
+def test_rules_inside_the_narrower_managed_ones_still_load(tmp_path: Path) -> None:
+    """The control: a local rule that asks where the managed policy asks and binds where it binds,
+    or names only hosts and networks the broad managed rule decides, loads; so does a local allow
+    for a name a more specific managed allow decides under a broader managed ask."""
+    managed = write(tmp_path, "managed.yaml", NESTED_MANAGED)
+    local = write(
+        tmp_path,
+        "local.yaml",
+        """\
+        version: 1
+        rules:
+          - name: ask-all
+            action: ask
+            hosts: ["**.example.com"]
+            cidrs: [203.0.113.0/24]
+            executables: [/usr/bin/git]
+          - {name: git, hosts: [git.example.com], executables: [/usr/bin/git]}
+          - {name: ask-secret, action: ask, hosts: [secret.example.com], cidrs: [203.0.113.4/30]}
+          - {name: www, hosts: [www.example.com, "*.www.example.com"], cidrs: [203.0.113.8/29]}
+        """,
+    )
+    loaded = load_with_ceiling(local, managed)
+    www = decide(Request(host="a.www.example.com", port=443, kind=Kind.CONNECT), loaded)
+    assert (www.decision, www.rule) == (Verdict.ALLOW, "www")
+    asks = write(
+        tmp_path,
+        "asks.yaml",
+        """\
+        version: 1
+        rules:
+          - {name: org-ask-all, action: ask, hosts: ["**.example.com"]}
+          - {name: org-www, hosts: [www.example.com]}
+        """,
+    )
+    local.write_text("version: 1\nrules:\n  - {name: www, hosts: [www.example.com]}\n")
+    assert load_with_ceiling(local, asks).rules[0].name == "www"
