@@ -1,7 +1,8 @@
 """Live reload: watch every file the policy in force came from, reload on change or SIGHUP.
 
 Watched: each policy's files (the top file by its path, so a ConfigMap's ``..data`` swap or an editor's
-rename is seen, and every include as loaded), the managed policy, the approvals overlay and the hosts
+rename is seen, and every include both as loaded and as named, so an include's symlink re-pointed at
+another file is seen too), the managed policy, the approvals overlay and the hosts
 file. A change is loaded and validated completely off the event loop (a 10,000-rule policy takes
 a while to compile), then swapped in with one assignment on the loop, so every request sees either the
 old policy or the new one. A refused reload keeps the last good policy and is reported four ways: the
@@ -63,7 +64,8 @@ class LiveReload:
             out[str(holder.path)] = Path(holder.path)
             for extra in getattr(holder, "watched", ()):
                 out[str(extra)] = Path(extra)
-            for file in holder().files:
+            policy = holder()
+            for file in (*policy.files, *policy.named):
                 out[str(file)] = file
         for path in self._extra():
             out[str(path)] = Path(path)

@@ -165,6 +165,7 @@ class _Loader:
     def __init__(self) -> None:
         self.problems: list[Problem] = []
         self.sources: list[tuple[Path, bytes]] = []
+        self.named: list[Path] = []  # each file as named, before symlinks are resolved
         self.loaded: set[Path] = set()
         self.rules: list[Rule] = []
         self.rule_sites: dict[str, str] = {}
@@ -185,6 +186,7 @@ class _Loader:
             rules=tuple(self.rules),
             allow_internal=tuple(dict.fromkeys(self.allow_internal)),
             files=tuple(path for path, _ in self.sources),
+            named=tuple(dict.fromkeys(self.named)),
         )
 
     def problem(self, where: _Where, node: Node | None, message: str) -> None:
@@ -205,6 +207,7 @@ class _Loader:
         *,
         top: bool,
     ) -> None:
+        self.named.append(path)
         resolved = path.resolve()
         if resolved in stack:
             chain = " -> ".join(display_path(p) for p in (*stack, resolved))

@@ -506,6 +506,7 @@ def effective(local: Policy, managed: Managed) -> Policy:
         rules=(*local.rules, *managed.denies),
         allow_internal=local.allow_internal,
         files=(*local.files, *managed.policy.files),
+        named=(*local.named, *managed.policy.named),
         ceiling=managed.policy,
     )
 

@@ -246,6 +246,10 @@ class Policy:
     allow_internal: tuple[IPNetwork, ...] = ()
     files: tuple[Path, ...] = ()
     index: RuleIndex = field(init=False, repr=False, compare=False)
+    # Every file as the load named it, symlinks unresolved (the top file as given, each include
+    # beside the file naming it): a symlink re-pointed at another file changes what the next load
+    # reads though no file in ``files`` changed, so live reload watches these too.
+    named: tuple[Path, ...] = field(default=(), repr=False, compare=False)
     # The managed policy this one was checked against (proxy.policy.managed): a ``report`` decision
     # it would not allow is a denial, so report mode never widens past the organisation's ceiling.
     ceiling: Policy | None = field(default=None, repr=False, compare=False)

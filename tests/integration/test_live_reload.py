@@ -176,6 +176,33 @@ def test_a_configmap_symlink_swap_and_an_include_edit_are_reloaded(tmp_path: Pat
         serve.stop()
 
 
+def test_an_include_symlink_re_pointed_at_a_narrower_file_is_reloaded(tmp_path: Path) -> None:
+    """``ln -sfn`` of an included file's symlink (switching a team's profile, a release link)
+    changes what the next load reads though neither the top file nor the file loaded before
+    changed: the narrower policy must take effect, not wait for an unrelated edit or a SIGHUP."""
+    (tmp_path / "two.yaml").write_text(TWO)
+    (tmp_path / "one.yaml").write_text(ONE)
+    (tmp_path / "team.yaml").symlink_to("two.yaml")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\ninclude: [team.yaml]\nrules: []\n")
+    log = tmp_path / "decisions.jsonl"
+    serve = Serve(
+        "--policy", str(policy), "--decision-log", str(log), "--nameserver", "127.0.0.1:9",
+        "--watch-interval", "0.1",
+    )  # fmt: skip
+    try:
+        assert reason_for(serve, log, "more.test") != "no-matching-rule"
+        tmp_link = tmp_path / "team.yaml.tmp"
+        tmp_link.symlink_to("one.yaml")
+        os.replace(tmp_link, tmp_path / "team.yaml")
+        wait_for(lambda: len(reloads(log)) == 1, "the reload after the include was re-pointed")
+        assert reloads(log)[0]["result"] == "ok"
+        assert reloads(log)[0]["rules_removed"] == ["more"]
+        assert reason_for(serve, log, "more.test") == "no-matching-rule"
+    finally:
+        serve.stop()
+
+
 def test_sighup_still_reloads_without_watching(tmp_path: Path) -> None:
     import signal
 
