@@ -31,6 +31,9 @@ and raises :class:`proxy.evidence.emit.AuditUnavailable`; the Emitter turns allo
 is freed. Paths are recorded as received: the journal is local evidence (mode 0600); the OTel export
 scrubs secrets before anything leaves the host.
 
+A journal has one writer: the active file is held with ``flock`` while it is written, and a second
+writer (another gate given the same path) fails its writes like a full disk until the first lets go.
+
 After a crash in the middle of a write, the next start removes the partial last line (that record never
 completed, so its connection never went ahead) and continues the chain from the last complete record.
 """
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import threading
@@ -101,9 +105,7 @@ class Journal:
         self._failing_since: float | None = None
         self._last_error_log = 0.0
         self.seq, self.prev = 0, GENESIS
-        self._resumed = False
         try:
-            self._resume()
             self._open()
         except OSError as exc:  # record() retries, and fails closed under --audit-required
             log.error("audit journal %s cannot be opened: %s", self.path, exc)
@@ -125,19 +127,49 @@ class Journal:
         for candidate in reversed(journal_files(self.path)):
             last = last_record(candidate)
             if last is not None:
-                self.seq, self.prev = int(last["seq"]), str(last["hash"])
+                seq, digest = last["seq"], last["hash"]
+                if type(seq) is not int or not isinstance(digest, str):  # edited: not continued
+                    raise OSError(
+                        errno.EINVAL, f"the last record of {candidate} has no valid seq and hash"
+                    )
+                self.seq, self.prev = seq, digest
                 break
-        self._resumed = True
 
     def _open(self) -> None:
+        """Open the active file as its only writer, then continue the chain as the files now end
+        (another writer may have written since this one last held the file)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
+            self._hold(fd)
             self._size = self._drop_torn_tail(fd)
+            self._resume()
         except OSError:
             os.close(fd)
             raise
         self._fd = fd
+
+    def _hold(self, fd: int) -> None:
+        """Hold the active file for this writer alone (released when it is closed).
+
+        A hash chain has one writer: two gates given the same ``--journal`` would each continue it
+        from the same record, and every record after the first of the second writer's would break
+        ``egress audit verify`` while both went on as if it were written. The second writer fails
+        instead (an unrecordable decision, refused under ``--audit-required``). The lock is taken
+        on the file the path names *now*: a file another writer rotated away is not the journal."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OSError(
+                errno.EBUSY, "another process is writing this journal (one writer per journal)"
+            ) from None
+        held = os.fstat(fd)
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            named = None
+        if named is None or (named.st_dev, named.st_ino) != (held.st_dev, held.st_ino):
+            raise OSError(errno.EBUSY, "another process rotated this journal as it was opened")
 
     def _drop_torn_tail(self, fd: int) -> int:
         """Remove a partial last line left by a crash or power loss in the middle of a write.
@@ -170,12 +202,16 @@ class Journal:
 
     def _rotate(self) -> None:
         assert self._fd is not None
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = None
+        old = self._fd
+        os.fsync(old)
+        # Renamed while still held, so no other writer can take the full file as the journal.
         os.rename(self.path, rotated_name(self.path, self._next_index()))
-        self._fsync_dir()
-        self._open()
+        self._fd = None
+        try:
+            self._fsync_dir()
+            self._open()
+        finally:
+            os.close(old)
         if self.metrics is not None:
             self.metrics.journal_rotations.inc()
 
@@ -214,22 +250,17 @@ class Journal:
         with self._lock:
             if self._closed:
                 raise AuditUnavailable(f"{self.path}: journal is closed")
-            try:
-                if not self._resumed:
-                    self._resume()
-            except OSError as exc:
-                self._count_error(exc)
-                raise AuditUnavailable(
-                    f"{self.path}: cannot read the existing journal: {exc}"
-                ) from exc
             seq = self.seq + 1
-            if isinstance(record, Serialised):
-                digest, text, data = seal_encoded(record.chained(seq, self.prev))
-            else:
-                record["seq"] = seq
-                record["prev"] = self.prev
-                digest, text, data = seal_text(record)
             try:
+                if self._fd is None:  # (held, and the chain read as the files now end)
+                    self._open()
+                seq = self.seq + 1
+                if isinstance(record, Serialised):
+                    digest, text, data = seal_encoded(record.chained(seq, self.prev))
+                else:
+                    record["seq"] = seq
+                    record["prev"] = self.prev
+                    digest, text, data = seal_text(record)
                 self._write(data)
             except OSError as exc:
                 self._count_error(exc)

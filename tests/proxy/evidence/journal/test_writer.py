@@ -282,3 +282,41 @@ def test_a_torn_tail_longer_than_the_window_is_removed_exactly(tmp_path: Path) -
     again.close()
     report = verify([path])
     assert report.ok and report.records == 2, report.problems
+
+
+def test_a_second_writer_of_one_journal_is_refused_and_the_chain_stays_whole(
+    tmp_path: Path,
+) -> None:
+    """Two gates given the same ``--journal`` would each continue the chain from the same record:
+    every record of the second would break ``egress audit verify`` while both went on as if their
+    records were evidence. The second writer's records are unrecordable instead (a deny under
+    ``--audit-required``) until the first lets go, and it then continues the chain as it ends."""
+    path = tmp_path / "audit.jsonl"
+    first = Journal(path, max_bytes=2048)
+    second = Journal(path, max_bytes=2048)
+    first.record(allow(0))
+    strict = Emitter(write_ahead=[second], audit_required=True)
+    refused = strict.emit(allow(1))
+    assert (refused.decision, refused.reason) == (Verdict.DENY, Reason.AUDIT_UNAVAILABLE)
+    for n in range(2, 30):  # across rotations of the first writer's
+        first.record(allow(n))
+        with pytest.raises(AuditUnavailable, match="another process is writing"):
+            second.record(allow(n))
+    first.close()
+    second.record(allow(99))
+    second.close()
+    report = verify(journal_files(path))
+    assert report.ok and report.last_seq == 30, report.problems
+    assert len(journal_files(path)) > 2
+
+
+def test_a_journal_whose_last_record_has_no_valid_seq_is_not_continued(tmp_path: Path) -> None:
+    """Where the chain ends is read each time the writer takes the file: an edited last record
+    (a seq that is not an integer) makes every record unrecordable, an allow a deny under
+    ``--audit-required``, never an exception out of the Emitter."""
+    path = tmp_path / "audit.jsonl"
+    path.write_text('{"hash":"x","prev":"y","seq":"7"}\n')
+    journal = Journal(path)
+    out = Emitter(write_ahead=[journal], audit_required=True).emit(allow())
+    assert (out.decision, out.reason) == (Verdict.DENY, Reason.AUDIT_UNAVAILABLE)
+    journal.close()
