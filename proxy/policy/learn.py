@@ -338,7 +338,7 @@ def propose(
     for target, why in sorted(seen.skipped.items()):
         notes.append(f"never proposed: {escape(target)}: {why}")
     for reason, count in sorted(seen.refused.items()):
-        notes.append(f"refused and not proposed: {count} decision(s) {reason}")
+        notes.append(f"refused and not proposed: {count} decision(s) {escape(reason)}")
     return Proposal(blocks, notes, len(blocks))
 
 
@@ -357,10 +357,19 @@ def _total(items: Iterable[Seen]) -> Seen:
     return out
 
 
+def _comment(text: str) -> str:
+    """A YAML comment line holding ``text``: a line break in it (newline, carriage return, NEL,
+    line or paragraph separator), or any other character that is not printable, is escaped, so
+    nothing read from a record or a file name ends the comment and becomes policy text."""
+    if not text:
+        return "#"
+    return f"# {text if text.isprintable() else escape(text, 4096)}"
+
+
 def render(proposal: Proposal, header: Iterable[str]) -> str:
     """The proposal as a policy file: header and notes as comments, then the rules."""
-    lines = [f"# {line}" if line else "#" for line in header]
-    lines += [f"# {note}" for note in proposal.notes]
+    lines = [_comment(line) for line in header]
+    lines += [_comment(note) for note in proposal.notes]
     lines.append("version: 1")
     if not proposal.blocks:
         lines.append("rules: []  # nothing to propose")

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from proxy.core.decision import Kind, Request, Verdict
 from proxy.core.engine import decide
 from proxy.policy.learn import observe, path_prefix, propose, registrable, render
@@ -181,3 +183,20 @@ def test_a_method_that_is_not_an_http_method_is_never_proposed(tmp_path: Path) -
     assert policy.mode.value == "enforce"
     assert "'GET, DELETE' on api.example.com:443: it is not an HTTP method" in text
     assert "\nmode: report" not in text  # the notes are comments, one line each
+
+
+@pytest.mark.parametrize("brk", ["\n", "\r", "\x85", "\u2028", "\u2029"])
+def test_a_field_of_a_refused_record_never_ends_its_comment(tmp_path: Path, brk: str) -> None:
+    """Refusals are named in the notes by their reason, read from the record: a decision log has
+    no hash chain, and an edited one must not put policy text (internal ranges, report mode) into
+    the proposal through a line break YAML reads in a comment. Header lines (file names, the
+    ``--sandbox`` given) are comments the same way."""
+    injected = f"x{brk}allow_internal: [10.0.0.0/8]{brk}mode: report{brk}#"
+    records = [rec("pypi.org"), rec("a.example", decision="deny", reason=injected)]
+    text = render(propose(observe(records)), ["test", f"Sandbox a{brk}mode: report only."])
+    path = tmp_path / "proposal.yaml"
+    path.write_text(text)
+    policy = load_policy(path)
+    assert policy.mode.value == "enforce" and policy.allow_internal == (), text
+    assert [r.name for r in policy.rules] == ["pypi.org"]
+    assert all(line.startswith(("#", "version:", "rules:", " ")) for line in text.splitlines())
