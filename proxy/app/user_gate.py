@@ -53,7 +53,7 @@ from proxy.runtime.loop import gate_settled, gate_started
 from proxy.runtime.threads import in_daemon_thread
 from proxy.sandbox.gatedir import UserGateError, private_dir
 from proxy.sandbox.handoff import CHECK_TIMEOUT, Detach, HandoffError
-from proxy.sandbox.launcher import read_only_files
+from proxy.sandbox.launcher import read_only_files, relinkable
 from proxy.sandbox.summary import SummarySink
 from proxy.sandbox.usergate import (
     CODE,
@@ -196,6 +196,11 @@ class RunPolicies:
             return {"ok": False, "fallback": str(exc)}
         except (HandoffError, OSError) as exc:
             return {"ok": False, "fallback": str(exc)}
+        if relinkable(policy):  # the launcher's own load says where, and runs nothing
+            return {
+                "ok": False,
+                "fallback": "the policy is read through a link the command could re-point",
+            }
         return {
             "ok": True,
             "inspects": policy.reads_requests,

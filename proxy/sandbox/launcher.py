@@ -194,6 +194,16 @@ def run(options: RunOptions) -> int:
                 _err(line)
             _err(f"{verdict}; the command was not run")
             return EXIT_SETUP_FAILED
+        links = relinkable(policy)
+        if links:
+            _err(
+                f"the policy is read through the symbolic link {links[0]}, in a directory the "
+                "command could write: it could point the link at a file of its own and widen the "
+                f"next run's policy. Name the file it points to ({os.path.realpath(links[0])}) "
+                "instead, in --policy or in the include that names it, or keep the link where "
+                "the command cannot write; the command was not run"
+            )
+            return EXIT_SETUP_FAILED
     trust: Trust | None = None
     if options.trust is not None or session is not None:
         try:
@@ -531,6 +541,64 @@ def read_only_files(policy: Any) -> tuple[str, ...]:
     sources = (*policy.files, *(ceiling.files if ceiling is not None else ()))
     executables = (e.path for rule in policy.every_rule for e in rule.executables)
     return tuple(dict.fromkeys((*executables, *map(str, sources))))
+
+
+def relinkable(policy: Any) -> tuple[str, ...]:
+    """Symbolic links on the paths the policy's files were named by (the policy, each include, the
+    ceiling) that sit in a directory the command could write. A read-only bind mount keeps a file
+    from being rewritten and a pinned directory from being renamed, but a link can be neither: a
+    command could point one at a file of its own and widen the next run's policy."""
+    if policy is None:
+        return ()
+    ceiling = policy.ceiling
+    named = (*policy.named, *(ceiling.named if ceiling is not None else ()))
+    found = [link for path in named for link in _links_on(os.path.abspath(path)) if _movable(link)]
+    return tuple(dict.fromkeys(found))
+
+
+def _movable(link: str) -> bool:
+    """Whether the command (this user, with no capabilities) could replace ``link``: its directory
+    is on a writable mount and its mode lets this user write it (a sticky directory: only a link
+    this user owns, or in a directory this user owns). By the mode bits, not ``access()``: root's
+    capabilities, which ``access()`` counts, are not the command's."""
+    directory = os.path.dirname(link)
+    try:
+        st = os.stat(directory)
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return False
+        owner = os.lstat(link).st_uid
+    except OSError:
+        return True  # cannot tell: counted as movable (the run does not start)
+    uid = os.getuid()
+    if st.st_uid == uid:
+        writable = bool(st.st_mode & 0o200)
+    elif st.st_gid in {os.getgid(), *os.getgroups()}:
+        writable = bool(st.st_mode & 0o020)
+    else:
+        writable = bool(st.st_mode & 0o002)
+    if writable and st.st_mode & 0o1000:  # sticky: only one's own entries
+        return uid in (owner, st.st_uid)
+    return writable
+
+
+def _links_on(path: str) -> list[str]:
+    """Every symbolic link the kernel follows to reach ``path``, component by component, through
+    the links' own targets (a chain of at most 40, as the kernel allows)."""
+    links: list[str] = []
+    for _ in range(40):
+        parts = [part for part in path.split("/") if part]
+        current = "/"
+        for index, part in enumerate(parts):
+            candidate = os.path.join(current, part)
+            if os.path.islink(candidate):
+                links.append(candidate)
+                target = os.path.join(os.path.dirname(candidate), os.readlink(candidate))
+                path = os.path.join(target, *parts[index + 1 :])
+                break
+            current = candidate
+        else:
+            return links
+    return links
 
 
 def _hosts_file(options: RunOptions) -> tuple[str, ...]:

@@ -116,3 +116,60 @@ def test_a_hosts_file_of_the_runs_own_is_read_only_inside(
     assert result.returncode == 0, result.stderr
     assert "append=" in result.stdout and "append=0" not in result.stdout, result.stdout
     assert hosts.read_text() == "127.0.0.1 localhost\n"
+
+
+def _linked_layers(directory: Path, through: str) -> tuple[Path, Path]:
+    """The layers of :func:`_layers` in ``directory/real``, with the policy named through a link
+    (``policy``), the include named through one (``include``) or a directory link (``dir``).
+    Returns (the path to pass as --policy, the link a command would re-point)."""
+    local, shared, _ = _layers(directory / "real")
+    if through == "policy":
+        link = directory / "local.yaml"
+        link.symlink_to(local)
+        return link, link
+    if through == "include":
+        link = directory / "real" / "team.yaml"
+        link.symlink_to(shared)
+        local.write_text("version: 1\ninclude: [team.yaml]\nrules: []\n")
+        return local, link
+    link = directory / "current"
+    link.symlink_to(directory / "real")
+    return link / "local.yaml", link
+
+
+@pytest.mark.parametrize("through", ["policy", "include", "dir"])
+def test_a_link_a_command_could_re_point_is_found_on_every_policy_path(
+    tmp_path: Path, through: str
+) -> None:
+    from proxy.sandbox.launcher import relinkable
+
+    named, link = _linked_layers(tmp_path, through)
+    assert relinkable(load_with_ceiling(named, None)) == (str(link),)
+    if through != "include":  # the control: named by the file itself
+        assert relinkable(load_with_ceiling(tmp_path / "real" / "local.yaml", None)) == ()
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("reuse", [False, True], ids=["own-gate", "per-user-gate"])
+@pytest.mark.parametrize("through", ["policy", "include", "dir"])
+def test_a_policy_read_through_a_link_the_command_could_re_point_runs_nothing(
+    world: UserGateWorld, tmp_path: Path, through: str, reuse: bool
+) -> None:
+    """A read-only mount keeps a file from being rewritten and a pinned directory from being
+    renamed, but a link is neither: pointed at a file of the command's own, it would widen the next
+    run's policy. Such a run does not start; named by the file itself, the same policy runs."""
+    named, link = _linked_layers(tmp_path / "policy", through)
+    marker = tmp_path / "ran"
+    flags = ["--reuse-gate"] if reuse else []
+    result = world.run(
+        *flags, "--quiet", "--policy", str(named), "--", "touch", str(marker),
+    )  # fmt: skip
+    assert result.returncode == 125, result.stderr
+    assert f"through the symbolic link {link}" in result.stderr, result.stderr
+    assert not marker.exists()
+    if through == "policy":  # the control: the file the link points to
+        direct = tmp_path / "policy" / "real" / "local.yaml"
+        result = world.run(*flags, "--quiet", "--policy", str(direct), "--", "touch", str(marker))
+        assert result.returncode == 0, result.stderr
+        assert marker.exists()

@@ -321,13 +321,16 @@ def test_a_policy_file_whose_symlink_is_repointed_is_read_again(
     managed = config / "managed.yaml" if swapped == "managed" else None
     first, second = ("m1.yaml", "m2.yaml") if swapped == "managed" else ("v1.yaml", "v2.yaml")
     link.symlink_to(releases / first)
+    config.chmod(0o555)  # the link where a command cannot re-point it (else no run is served)
     monkeypatch.setattr(user_gate, "RACY_NS", -OLD)  # remembered though written just now
     runs = _runs()
     check = policy_check(str(top), str(managed) if managed else None)
     assert runs.check(check)["ok"] is True
+    config.chmod(0o755)  # the operator's release
     staged = config / "staged"
     staged.symlink_to(releases / second)
     os.replace(staged, link)  # ln -sfn: the name now leads to the narrower release
+    config.chmod(0o555)
     if swapped == "managed":  # the local policy no longer fits under the ceiling
         answer = runs.check(check)
         assert answer["ok"] is False and "evil.test" in " ".join(answer["error"])
