@@ -247,9 +247,11 @@ def _multipart_methods(body: bytes, element: str) -> tuple[str, ...] | None:
     return _method_values(fields)
 
 
-def _is_method_field(name: str) -> bool:
+def is_method_field(name: str) -> bool:
     """``_method`` as PHP (Laravel, Symfony) names it too: leading spaces dropped, ``.`` and `` ``
-    made ``_``, an unmatched ``[`` made ``_``, and ``_method[...]`` the same variable; case ignored."""
+    made ``_``, an unmatched ``[`` made ``_``, and ``_method[...]`` the same variable; case ignored.
+    PHP names a query string's parameters the same way, and Symfony reads ``_method`` from there
+    too, so the request step applies this to the query as well as to a form body."""
     key = name.lstrip(" ").lower().replace(".", "_").replace(" ", "_")
     if key.startswith("["):
         key = "_" + key[1:]
@@ -257,7 +259,7 @@ def _is_method_field(name: str) -> bool:
 
 
 def _method_values(fields: Iterable[tuple[str, str]]) -> tuple[str, ...]:
-    return tuple(value.strip().upper() for name, value in fields if _is_method_field(name))
+    return tuple(value.strip().upper() for name, value in fields if is_method_field(name))
 
 
 __all__ = [
@@ -265,6 +267,7 @@ __all__ = [
     "form_methods",
     "graphql_operations",
     "is_json",
+    "is_method_field",
     "json_document",
     "json_field",
     "maybe_form",

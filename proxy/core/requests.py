@@ -30,7 +30,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from enum import Enum
 
-from proxy.core.bodies import form_methods, graphql_operations, is_json, json_field, maybe_form
+from proxy.core.bodies import (
+    form_methods,
+    graphql_operations,
+    is_json,
+    is_method_field,
+    json_field,
+    maybe_form,
+)
 from proxy.core.decision import Reason
 from proxy.core.fieldlines import is_token
 from proxy.core.frozen import fast_init
@@ -207,10 +214,17 @@ def _judge(rules: RequestRules, head: HttpHead) -> Judgement:
 
 def _override_values(head: HttpHead, target: Target | None) -> list[str]:
     """The method overrides a request carries as sent: its override headers, then its ``_method``
-    query parameters (none when its target cannot be read)."""
+    query parameters (none when its target cannot be read). A parameter is ``_method`` under every
+    name PHP gives it: PHP decodes ``+`` in a query as a space, drops leading spaces and reads ``.``
+    and a space as ``_``, so ``?.method=DELETE`` and ``?+_method=DELETE`` reach Symfony's (Laravel's)
+    method override as ``_method``."""
     values = list(head.overrides)
     if target is not None:
-        values += [v if v is not None else "" for v in target.query.values("_method")]
+        values += [
+            value if value is not None else ""
+            for name, value in target.query.params
+            if is_method_field(name.replace("+", " "))
+        ]
     return values
 
 

@@ -567,6 +567,9 @@ def test_a_refusal_keeps_the_tunnel_usable_for_allowed_requests(
         ("/myorg/repo", {"X-Method-Override": "PUT"}, Reason.REQUEST_NOT_ALLOWED),
         ("/myorg/repo", {"X-HTTP-Method": "PATCH"}, Reason.REQUEST_NOT_ALLOWED),
         ("/myorg/repo?_method=DELETE", {}, Reason.REQUEST_NOT_ALLOWED),
+        ("/myorg/repo?.method=DELETE", {}, Reason.REQUEST_NOT_ALLOWED),
+        ("/myorg/repo?+_method=DELETE", {}, Reason.REQUEST_NOT_ALLOWED),
+        ("/myorg/repo?%20_method=PUT", {}, Reason.REQUEST_NOT_ALLOWED),
         (
             "/org/repo/info/refs?service=git-upload-pack&service=git-receive-pack",
             {},
