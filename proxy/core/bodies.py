@@ -48,11 +48,28 @@ def json_document(body: bytes) -> Any | None:
 def _folded_duplicates(value: Any) -> bool:
     """Whether the top-level object (or one in a top-level batch), whose keys the rules read, has
     two keys that differ only in case: Go's encoding/json (Gitea's LFS, gqlgen) matches keys to a
-    struct's fields case-insensitively, and the last one wins - not the copy read here."""
+    struct's fields case-insensitively, and the last one wins - not the copy read here. Case is
+    folded both as Unicode does (:meth:`str.casefold`) and as Go does (:func:`_go_fold`)."""
     for each in value if isinstance(value, list) else [value]:
-        if isinstance(each, dict) and len({key.casefold() for key in each}) != len(each):
+        if isinstance(each, dict) and (
+            len({key.casefold() for key in each}) != len(each)
+            or len({_go_fold(key) for key in each}) != len(each)
+        ):
             return True
     return False
+
+
+def _go_fold(key: str) -> str:
+    """A key as Go's encoding/json folds it to find a struct field: each letter
+    ``ToUpper(ToLower(r))`` with single-character mappings. That takes U+0130 (capital I with dot
+    above, lower case ``i``) and U+0131 (dotless small i, upper case ``I``) for ``i``, so
+    ``operat\u0130on`` is the field ``operation`` there, where :meth:`str.casefold` keeps both
+    apart. A mapping Python spells with several characters is cut to its first (U+0130 lowers to
+    ``i`` and a combining dot): where that folds more than Go does, a body is only refused more
+    often."""
+    if key.isascii():
+        return key.upper()
+    return "".join(ch.lower()[:1].upper()[:1] or ch for ch in key)
 
 
 def _depth(value: Any, level: int = 0) -> int:

@@ -459,6 +459,14 @@ def test_read_requests_reach_the_upstream_over_one_kept_alive_connection(
             Reason.REQUEST_NOT_ALLOWED,
         ),
         (
+            # ... and folds U+0130 (capital I with dot above) to "I" as well (Go >= 1.21)
+            "POST",
+            "/org/repo.git/info/lfs/objects/batch",
+            '{"operation": "download", "objects": [], "operat\u0130on": "upload"}'.encode(),
+            {"Content-Type": "application/vnd.git-lfs+json"},
+            Reason.REQUEST_NOT_ALLOWED,
+        ),
+        (
             "POST",
             "/graphql",
             b'{"query": "{ viewer { login } }", "QUERY": "mutation { createGist { id } }"}',
@@ -487,6 +495,7 @@ def test_read_requests_reach_the_upstream_over_one_kept_alive_connection(
         "lfs-duplicate-key",
         "graphql-mutation",
         "lfs-upload-in-another-case",
+        "lfs-upload-in-a-go-folded-case",
         "graphql-mutation-in-another-case",
         "graphql-mutation-in-the-url",
         "rest-put",

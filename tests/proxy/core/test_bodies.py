@@ -236,6 +236,15 @@ def test_keys_differing_only_in_case_are_unreadable() -> None:
     assert json_field(b'{"operation": "download", "Operation": "upload"}', "operation") is None
     assert json_field('{"objects": [], "\u212aey": 1, "key": 2}'.encode(), "objects") is None
     assert graphql_operations(b'[{"query": "{ a }", "QUERY": "mutation { b }"}]') is None
+    # Go folds U+0130 and U+0131 (dotted capital, dotless small i) to "I", as it does "i"
+    assert (
+        json_field('{"operation": "download", "operat\u0130on": "upload"}'.encode(), "operation")
+        is None
+    )
+    assert (
+        json_field(b'{"operation": "download", "operat\\u0131on": "upload"}', "operation") is None
+    )
+    assert json_field('{"operation": "download", "\u0130d": 1}'.encode(), "operation") == "download"
     # nested objects are data the rules do not read
     assert json_field(b'{"operation": "download", "x": {"a": 1, "A": 2}}', "operation") == (
         "download"
