@@ -64,6 +64,10 @@ def http_head(method: str, target: str, fields: Fields, *, multiplexed: bool = F
     types = found.get(b"content-type")
     # Several Content-Type fields: servers keep the first, the last or all; every one is judged.
     content_type = b", ".join(types).decode("latin-1") if types else None
+    # Several Content-Encoding fields are one list (RFC 9110 5.3): ``identity`` then ``gzip`` is
+    # a gzip body to a server that decodes request bodies, not one to read as it stands.
+    codings = found.get(b"content-encoding")
+    content_encoding = b", ".join(codings).decode("latin-1") if codings else None
 
     overrides = (
         tuple(v.decode("latin-1") for key in _OVERRIDE_KEYS for v in found.get(key, ()))
@@ -85,7 +89,7 @@ def http_head(method: str, target: str, fields: Fields, *, multiplexed: bool = F
         first(b"upgrade"),
         size,
         content_type,
-        first(b"content-encoding"),
+        content_encoding,
         handshake=handshake,
     )
 

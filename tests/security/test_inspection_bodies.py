@@ -8,6 +8,7 @@ proven at the counting upstream (nothing reached it), every control by the reque
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -172,6 +173,12 @@ def last_request_decision(gate: RunningGate) -> object:
             Reason.AMBIGUOUS_REQUEST,
         ),
         ({"Content-Encoding": "gzip"}, b"\x1f\x8b" + FORM, Reason.AMBIGUOUS_REQUEST),
+        # two Content-Encoding fields are one list: the body is gzip, whatever the first says
+        (
+            {"Content-Encoding": "identity", "content-encoding": "gzip"},
+            gzip.compress(FORM),
+            Reason.AMBIGUOUS_REQUEST,
+        ),
         # two Content-Type fields: a server keeping the last reads a form
         (
             {
@@ -200,6 +207,7 @@ def last_request_decision(gate: RunningGate) -> object:
         "unparseable-multipart",
         "utf16-charset",
         "compressed",
+        "compressed-in-a-second-field",
         "two-content-types",
     ],
 )

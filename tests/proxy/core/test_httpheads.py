@@ -60,6 +60,18 @@ def test_every_content_type_field_is_kept() -> None:
     assert http_head("POST", "/", []).content_type is None
 
 
+def test_every_content_encoding_field_is_kept() -> None:
+    """Repeated Content-Encoding fields are one list: a body ``identity`` then ``gzip`` is
+    compressed, so it is not read as it stands."""
+    one = http_head("POST", "/", [(b"Content-Encoding", b"identity")])
+    assert one.with_body(b"x").readable_body == b"x"
+    two = [(b"Content-Encoding", b"identity"), (b"content-encoding", b"gzip")]
+    head = http_head("POST", "/", two)
+    assert head.content_encoding == "identity, gzip"
+    assert head.with_body(b"x").readable_body is None
+    assert http_head("POST", "/", []).content_encoding is None
+
+
 def test_websocket_handshake_fields_make_a_websocket_request_without_upgrade() -> None:
     for name in (b"Sec-WebSocket-Version", b"sec-websocket-key", b"SEC_WEBSOCKET_PROTOCOL"):
         head = http_head("GET", "/", [(b"Host", b"a.test"), (name, b"13")])
