@@ -202,7 +202,7 @@ def form_methods(body: bytes, content_type: str | None) -> tuple[str, ...] | Non
     found: list[str] = []
     for media, element in readings:
         if media.startswith("multipart/"):
-            methods = _multipart_methods(body, element)
+            methods = _multipart_methods(body, element, content_type or "")
         else:
             methods = _urlencoded_methods(body, element)
         if methods is None:
@@ -228,7 +228,31 @@ def _urlencoded_methods(body: bytes, element: str) -> tuple[str, ...] | None:
     return _method_values(fields)
 
 
-def _multipart_methods(body: bytes, element: str) -> tuple[str, ...] | None:
+_BOUNDARY = re.compile("boundary", re.IGNORECASE)
+_RACK_BOUNDARY = re.compile(r'="?([^";,]+)')
+
+
+def _boundary_readings(content_type: str) -> set[str]:
+    """Every boundary a server could take from the whole Content-Type, at each ``boundary`` in it
+    (inside another parameter's name or value too): Rack matches ``boundary="?([^";,]+)`` greedily,
+    so at the last one; PHP finds the first with ``strstr`` and reads from the next ``=`` to the
+    closing quote, or else to ``;`` or ``,``."""
+    found: set[str] = set()
+    for match in _BOUNDARY.finditer(content_type):
+        rest = content_type[match.end() :]
+        rack = _RACK_BOUNDARY.match(rest)
+        if rack is not None:
+            found.add(rack.group(1))
+        _, equals, value = rest.partition("=")
+        if equals:
+            if value.startswith('"'):
+                found.add(value[1:].partition('"')[0])
+            else:
+                found.add(re.split("[;,]", value, maxsplit=1)[0])
+    return found
+
+
+def _multipart_methods(body: bytes, element: str, content_type: str) -> tuple[str, ...] | None:
     # Imported here: only a multipart body needs the email package, and importing it at start costs
     # every gate (each `egress run` with its own gate) ~15 ms.
     from email.message import Message
@@ -240,6 +264,11 @@ def _multipart_methods(body: bytes, element: str) -> tuple[str, ...] | None:
         b"Content-Type: " + element.encode("latin-1", "replace") + b"\r\n\r\n" + body
     )
     if not message.is_multipart() or message.defects:
+        return None
+    # Parsers take different boundaries from a Content-Type naming more than one (``boundary=a;
+    # boundary=b``: the first here and in PHP, the last in Rack), and a body can be a form under
+    # each: one reading must be the only one.
+    if _boundary_readings(content_type) != {message.get_boundary()}:
         return None
     fields: list[tuple[str, str]] = []
     for part in message.iter_parts():

@@ -179,6 +179,13 @@ def last_request_decision(gate: RunningGate) -> object:
             gzip.compress(FORM),
             Reason.AMBIGUOUS_REQUEST,
         ),
+        # two boundaries: Rack reads the last (a form with _method), Python's parser the first
+        (
+            {"Content-Type": "multipart/form-data; boundary=a; boundary=b"},
+            b'--b\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n--b--\r\n'
+            b'--a\r\nContent-Disposition: form-data; name="x"\r\n\r\n1\r\n--a--\r\n',
+            Reason.AMBIGUOUS_REQUEST,
+        ),
         # two Content-Type fields: a server keeping the last reads a form
         (
             {
@@ -208,6 +215,7 @@ def last_request_decision(gate: RunningGate) -> object:
         "utf16-charset",
         "compressed",
         "compressed-in-a-second-field",
+        "two-multipart-boundaries",
         "two-content-types",
     ],
 )

@@ -208,6 +208,39 @@ def test_multipart_names_in_every_spelling() -> None:
         assert form_methods(part(headers), related) == ("DELETE",), headers
 
 
+# A form under boundary "b" (with _method) and under boundary "a" (without): which one a server
+# reads depends on which boundary it takes from the Content-Type.
+TWO_FORMS = (
+    b'--b\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n--b--\r\n'
+    b'--a\r\nContent-Disposition: form-data; name="x"\r\n\r\n1\r\n--a--\r\n'
+)
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "multipart/form-data; boundary=a; boundary=b",  # Rack takes the last
+        "multipart/form-data; boundary=b; boundary=a",  # the first, here and in PHP
+        "multipart/form-data; xboundary=b; boundary=a",  # PHP: the first "boundary" anywhere
+        "multipart/form-data; boundary=a; xboundary=b",  # Rack: the last, greedily
+        'multipart/form-data; boundary="a,b"',  # Rack ends it at ','
+    ],
+)
+def test_a_multipart_body_whose_boundary_parsers_read_differently_is_unreadable(
+    content_type: str,
+) -> None:
+    assert form_methods(TWO_FORMS, content_type) is None
+
+
+def test_one_boundary_is_read_as_it_is_written() -> None:
+    assert form_methods(TWO_FORMS, "multipart/form-data; boundary=a") == ()
+    assert form_methods(TWO_FORMS, 'multipart/form-data; boundary="b"') == ("DELETE",)
+    browser = b"----WebKitFormBoundaryAbC"  # "Boundary" inside the value is no second boundary
+    body = b"--" + browser + b'\r\nContent-Disposition: form-data; name="x"\r\n\r\n1\r\n--'
+    body += browser + b"--\r\n"
+    assert form_methods(body, "multipart/form-data; boundary=" + browser.decode()) == ()
+
+
 @pytest.mark.parametrize(
     "content_type",
     [
