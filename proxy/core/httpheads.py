@@ -8,6 +8,7 @@ mitmproxy; header fields are ``(name, value)`` byte pairs as parsed.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from proxy.core.decision import Kind, Request
@@ -31,6 +32,8 @@ _HEAD_FIELDS = frozenset(
         b"content-encoding",
     }
 )
+
+_QUERY_SEPARATOR = re.compile("([&;])")  # kept in the split, so the record keeps its separators
 
 _SEC = (b"sec-", b"sec_")  # a cheap first look before websocket_field
 
@@ -95,11 +98,14 @@ def http_head(method: str, target: str, fields: Fields, *, multiplexed: bool = F
 
 
 def shown_query(query: str, values: bool) -> str:
-    """The query as decisions record it: parameter names only unless values are configured."""
+    """The query as decisions record it: parameter names only unless values are configured. A
+    parameter ends at ``;`` as well as ``&``, as the request step reads it (:mod:`proxy.core.paths`),
+    so ``?x=1;service=git-receive-pack`` is recorded with both names, and no value hides one."""
     if values:
         return query
-    return "&".join(
-        part.partition("=")[0] + ("=" if "=" in part else "") for part in query.split("&")
+    return "".join(
+        part if part in "&;" else part.partition("=")[0] + ("=" if "=" in part else "")
+        for part in _QUERY_SEPARATOR.split(query)
     )
 
 

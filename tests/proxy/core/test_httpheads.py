@@ -86,6 +86,9 @@ def test_websocket_handshake_fields_make_a_websocket_request_without_upgrade() -
 
 def test_a_query_is_recorded_by_names_unless_values_are_asked_for() -> None:
     assert shown_query("token=abc&flag&x=1", False) == "token=&flag&x="
+    # ';' separates parameters for the rules, so for the record too: no value hides a name
+    assert shown_query("x=1;service=git-receive-pack&t=s;", False) == "x=;service=&t=;"
+    assert shown_query("x=1;token=secret", True) == "x=1;token=secret"
     assert shown_query("token=abc", True) == "token=abc"
     request = http_request(Kind.HTTP, "a.test", 80, "GET", "/p?token=abc", [], query_values=False)
     assert (request.path, request.query, request.http and request.http.target) == (
