@@ -299,7 +299,14 @@ def _matches(
         return _Match.YES  # no conditions: every request (an inspect-only rule)
     if c.methods is not None and method not in c.methods:
         return _Match.NO
-    if (c.websocket is True) != websocket:
+    if c.websocket is None:
+        # Absent: an allow rule allows plain requests only (an upgrade needs websocket: true); a
+        # deny rule refuses both. A request carrying ``Sec-WebSocket-Version`` alone is judged as
+        # an upgrade, and a server runs it as the plain request it also is: a deny rule must not
+        # be stepped around with one header.
+        if websocket and not deny:
+            return _Match.NO
+    elif c.websocket != websocket:
         return _Match.NO
     if c.paths is not None:
         if target.path is None:

@@ -141,7 +141,9 @@ class RequestConditions:
     methods: frozenset[str] | None = None
     paths: tuple[PathGlob, ...] | None = None
     query: tuple[tuple[str, frozenset[str]], ...] = ()
-    websocket: bool | None = None  # None: plain requests only (an upgrade needs websocket: true)
+    # None: an allow rule allows plain requests only (an upgrade needs websocket: true), a deny rule
+    # refuses both
+    websocket: bool | None = None
     max_request_bytes: int | None = None
     graphql_operations: frozenset[str] | None = None
     json_body: tuple[tuple[str, frozenset[str]], ...] = ()

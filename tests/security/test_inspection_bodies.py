@@ -305,6 +305,27 @@ def test_a_deny_rule_reading_json_matches_a_body_not_declared_json(
 
 
 @pytest.mark.parametrize(
+    "headers",
+    [
+        {"Sec-WebSocket-Version": "13"},
+        {"Sec_WebSocket_Key": "x"},
+        {"Upgrade": "websocket", "Connection": "Upgrade"},
+    ],
+    ids=["handshake-field", "handshake-field-underscored", "upgrade"],
+)
+def test_a_deny_rule_is_not_stepped_around_by_looking_like_a_websocket_upgrade(
+    gate: RunningGate, upstream: Upstream, headers: dict[str, str]
+) -> None:
+    """Handshake fields make the rules judge an upgrade; a server runs the POST all the same."""
+    body = json.dumps({"query": "mutation { createGist { id } }"}).encode()
+    fields = {"Content-Type": "application/json", **headers}
+    status, reason = send(gate, upstream, "sub.allowed.test", "/graphql", body, fields)
+    assert (status, upstream.accepted, upstream.requests) == (403, 0, [])
+    assert reason == Reason.DENIED_BY_RULE
+    assert last_request_decision(gate).rule == "no-mutations"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
     ("host", "target", "body", "content_type", "rule"),
     [
         ("allowed.test", "/graphql", b'{"query": "{ viewer { login } }"}', "application/json", "gh-graphql"),

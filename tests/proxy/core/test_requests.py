@@ -76,6 +76,22 @@ rules:
   - name: audited
     hosts: [audited.test]
     inspect: true
+  - name: open-api
+    hosts: [open.test]
+  - name: open-no-delete
+    action: deny
+    hosts: [open.test]
+    methods: [DELETE]
+  - name: open-no-sockets
+    action: deny
+    hosts: [open.test]
+    paths: [/chat]
+    websocket: true
+  - name: open-no-plain-feed
+    action: deny
+    hosts: [open.test]
+    paths: [/feed]
+    websocket: false
   - name: plain
     hosts: [plain.test]
   - name: app-post
@@ -237,6 +253,15 @@ TABLE: list[tuple[str, str, str, dict[str, object], Verdict, Reason, str | None]
     ("mixed.test", "GET", "/a", {}, ALLOW, Reason.ALLOWED_BY_RULE, "mixed-read"),
     ("audited.test", "POST", "/x/../y", {"content_type": "text/plain", "body_size": 5}, ALLOW, Reason.ALLOWED_BY_RULE, "audited"),
     ("audited.test", "GET", "/chat", {"upgrade": "websocket"}, ALLOW, Reason.ALLOWED_BY_RULE, "audited"),
+    # a deny rule without `websocket` refuses upgrades too: handshake fields do not step around it
+    ("open.test", "DELETE", "/x", {}, DENY, Reason.DENIED_BY_RULE, "open-no-delete"),
+    ("open.test", "DELETE", "/x", {"handshake": True}, DENY, Reason.DENIED_BY_RULE, "open-no-delete"),
+    ("open.test", "DELETE", "/x", {"upgrade": "websocket"}, DENY, Reason.DENIED_BY_RULE, "open-no-delete"),
+    ("open.test", "GET", "/x", {"handshake": True}, ALLOW, Reason.ALLOWED_BY_RULE, "open-api"),
+    ("open.test", "GET", "/chat", {"upgrade": "websocket"}, DENY, Reason.DENIED_BY_RULE, "open-no-sockets"),
+    ("open.test", "GET", "/chat", {}, ALLOW, Reason.ALLOWED_BY_RULE, "open-api"),
+    ("open.test", "GET", "/feed", {}, DENY, Reason.DENIED_BY_RULE, "open-no-plain-feed"),
+    ("open.test", "GET", "/feed", {"upgrade": "websocket"}, ALLOW, Reason.ALLOWED_BY_RULE, "open-api"),
 ]
 # fmt: on
 
