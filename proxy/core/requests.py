@@ -312,7 +312,7 @@ def _matches(
         if target.path is None:
             if not deny:
                 return _Match.NO
-        elif not any(glob.matches(target.path) for glob in c.paths):
+        elif not any(glob.matches(each) for glob in c.paths for each in _spellings(target, deny)):
             return _Match.NO
     for name, accepted in c.query:
         values = target.query.values(name)
@@ -322,6 +322,17 @@ def _matches(
         elif len(values) != 1 or values[0] not in accepted:
             return _Match.NO  # absent, repeated (servers pick different copies) or another value
     return _body_match(c, head, target, deny=deny)
+
+
+def _spellings(target: Target, deny: bool) -> tuple[str, ...]:
+    """The paths a rule's globs are tried on: the canonical path; for a deny rule also the same
+    path with or without a trailing ``/``, which Rails, Express and most routers take for one
+    route (``/graphql/`` is ``/graphql`` there), so a deny rule is not stepped around by one."""
+    path = target.path
+    assert path is not None
+    if not deny or path == "/":
+        return (path,)
+    return (path, path[:-1]) if path.endswith("/") else (path, path + "/")
 
 
 def _body_match(c: RequestConditions, head: HttpHead, target: Target, *, deny: bool) -> _Match:

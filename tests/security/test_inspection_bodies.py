@@ -325,6 +325,18 @@ def test_a_deny_rule_is_not_stepped_around_by_looking_like_a_websocket_upgrade(
     assert last_request_decision(gate).rule == "no-mutations"  # type: ignore[attr-defined]
 
 
+def test_a_deny_rule_is_not_stepped_around_by_a_trailing_slash(
+    gate: RunningGate, upstream: Upstream
+) -> None:
+    """Rails and Express route ``/graphql/`` to ``/graphql``: the deny rule on it holds there."""
+    body = json.dumps({"query": "mutation { createGist { id } }"}).encode()
+    fields = {"Content-Type": "application/json"}
+    status, reason = send(gate, upstream, "sub.allowed.test", "/graphql/", body, fields)
+    assert (status, upstream.accepted, upstream.requests) == (403, 0, [])
+    assert reason == Reason.DENIED_BY_RULE
+    assert last_request_decision(gate).rule == "no-mutations"  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize(
     ("host", "target", "body", "content_type", "rule"),
     [

@@ -87,6 +87,10 @@ rules:
     hosts: [open.test]
     paths: [/chat]
     websocket: true
+  - name: open-no-admin
+    action: deny
+    hosts: [open.test]
+    paths: [/admin/]
   - name: open-no-plain-feed
     action: deny
     hosts: [open.test]
@@ -262,6 +266,16 @@ TABLE: list[tuple[str, str, str, dict[str, object], Verdict, Reason, str | None]
     ("open.test", "GET", "/chat", {}, ALLOW, Reason.ALLOWED_BY_RULE, "open-api"),
     ("open.test", "GET", "/feed", {}, DENY, Reason.DENIED_BY_RULE, "open-no-plain-feed"),
     ("open.test", "GET", "/feed", {"upgrade": "websocket"}, ALLOW, Reason.ALLOWED_BY_RULE, "open-api"),
+    # a deny rule's path with or without a trailing '/': routers take both for one route
+    ("open.test", "GET", "/feed/", {}, DENY, Reason.DENIED_BY_RULE, "open-no-plain-feed"),
+    ("open.test", "GET", "/chat/", {"upgrade": "websocket"}, DENY, Reason.DENIED_BY_RULE, "open-no-sockets"),
+    ("open.test", "GET", "/admin", {}, DENY, Reason.DENIED_BY_RULE, "open-no-admin"),
+    ("open.test", "GET", "/admin/", {}, DENY, Reason.DENIED_BY_RULE, "open-no-admin"),
+    ("open.test", "GET", "/feeds", {}, ALLOW, Reason.ALLOWED_BY_RULE, "open-api"),
+    ("open.test", "GET", "/", {}, ALLOW, Reason.ALLOWED_BY_RULE, "open-api"),
+    ("api.github.test", "GET", "/gists/", {}, DENY, Reason.DENIED_BY_RULE, "no-gists"),
+    # an allow rule's path is exact
+    ("github.test", "POST", "/org/repo/git-upload-pack/", {"content_type": GIT_FETCH, "body_size": 4}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
 ]
 # fmt: on
 
