@@ -366,11 +366,14 @@ def _body_match(c: RequestConditions, head: HttpHead, target: Target, *, deny: b
         if not deny and not found <= c.graphql_operations:
             return _Match.NO
     for key, accepted in c.json_body:
+        # Rails merges the query over the JSON body (``params[:operation]`` is the URL's when both
+        # name it, as GitLab's LFS batch reads it): a URL parameter of the field's name counts too.
         value = json_field(body, key)
-        if value is None:
-            if not deny:
+        in_url = target.query.values(key)
+        if deny:
+            if value is not None and value not in accepted and not (set(in_url) & accepted):
                 return _Match.NO
-        elif value not in accepted:
+        elif value not in accepted or any(each not in accepted for each in in_url):
             return _Match.NO
     return _Match.YES
 

@@ -271,6 +271,12 @@ def test_posts_without_an_override_still_pass(
         (LFS, DUAL_LFS, {"Content-Type": "application/x-www-form-urlencoded"}),
         (LFS, DUAL_LFS, {}),
         ("/graphql", b"query { viewer { login } }", {"Content-Type": "application/graphql"}),
+        # Rails (GitLab's LFS batch) merges the query over the JSON body: the URL's operation wins
+        (
+            LFS + "?operation=upload",
+            b'{"operation": "download", "objects": []}',
+            {"Content-Type": LFS_JSON},
+        ),
     ],
     ids=[
         "graphql-as-form",
@@ -280,6 +286,7 @@ def test_posts_without_an_override_still_pass(
         "lfs-as-form",
         "lfs-untyped",
         "application-graphql",
+        "lfs-operation-in-the-url",
     ],
 )
 def test_json_body_rules_match_only_bodies_declared_json(

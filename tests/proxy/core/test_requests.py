@@ -76,6 +76,13 @@ rules:
   - name: audited
     hosts: [audited.test]
     inspect: true
+  - name: lfs-open
+    hosts: [lfs.test]
+  - name: no-lfs-upload
+    action: deny
+    hosts: [lfs.test]
+    methods: [POST]
+    json_body: {{operation: upload}}
   - name: open-api
     hosts: [open.test]
   - name: open-no-delete
@@ -258,6 +265,15 @@ TABLE: list[tuple[str, str, str, dict[str, object], Verdict, Reason, str | None]
     ("audited.test", "POST", "/x/../y", {"content_type": "text/plain", "body_size": 5}, ALLOW, Reason.ALLOWED_BY_RULE, "audited"),
     ("audited.test", "GET", "/chat", {"upgrade": "websocket"}, ALLOW, Reason.ALLOWED_BY_RULE, "audited"),
     # a deny rule without `websocket` refuses upgrades too: handshake fields do not step around it
+    # Rails merges the query over a JSON body: a URL parameter of the field's name counts too
+    ("github.test", "POST", "/org/repo.git/info/lfs/objects/batch?operation=upload", {"content_type": LFS_JSON, "body_size": 30, "body": b'{"operation": "download"}'}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("github.test", "POST", "/org/repo.git/info/lfs/objects/batch?operation=download&operation=upload", {"content_type": LFS_JSON, "body_size": 30, "body": b'{"operation": "download"}'}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("github.test", "POST", "/org/repo.git/info/lfs/objects/batch?operation", {"content_type": LFS_JSON, "body_size": 30, "body": b'{"operation": "download"}'}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("github.test", "POST", "/org/repo.git/info/lfs/objects/batch?operation=download", {"content_type": LFS_JSON, "body_size": 30, "body": b'{"operation": "download"}'}, ALLOW, Reason.ALLOWED_BY_RULE, "lfs-download"),
+    ("lfs.test", "POST", "/o/r/info/lfs/objects/batch?operation=upload", {"content_type": LFS_JSON, "body_size": 30, "body": b'{"operation": "download"}'}, DENY, Reason.DENIED_BY_RULE, "no-lfs-upload"),
+    ("lfs.test", "POST", "/o/r/info/lfs/objects/batch", {"content_type": LFS_JSON, "body_size": 30, "body": b'{"operation": "upload"}'}, DENY, Reason.DENIED_BY_RULE, "no-lfs-upload"),
+    ("lfs.test", "POST", "/o/r/info/lfs/objects/batch", {"content_type": LFS_JSON, "body_size": 30, "body": b'{"operation": "download"}'}, ALLOW, Reason.ALLOWED_BY_RULE, "lfs-open"),
+    ("lfs.test", "POST", "/o/r/info/lfs/objects/batch?operation=download", {"content_type": LFS_JSON, "body_size": 30, "body": b'{"operation": "download"}'}, ALLOW, Reason.ALLOWED_BY_RULE, "lfs-open"),
     ("open.test", "DELETE", "/x", {}, DENY, Reason.DENIED_BY_RULE, "open-no-delete"),
     ("open.test", "DELETE", "/x", {"handshake": True}, DENY, Reason.DENIED_BY_RULE, "open-no-delete"),
     ("open.test", "DELETE", "/x", {"upgrade": "websocket"}, DENY, Reason.DENIED_BY_RULE, "open-no-delete"),
