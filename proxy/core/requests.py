@@ -335,6 +335,20 @@ def _spellings(target: Target, deny: bool) -> tuple[str, ...]:
     return (path, path[:-1]) if path.endswith("/") else (path, path + "/")
 
 
+def _url_documents(target: Target) -> list[str]:
+    """The URL parameters a GraphQL server may run as a document, judged with the body's:
+    ``query`` (express-graphql runs it instead of the body's), any ``...[query]``, and anything
+    under ``_json`` - Rails merges the query string into ``params``, and controllers that run a
+    batch from ``params[:_json]`` (Zammad's, GitLab's) then run ``?_json[][query]=mutation...``.
+    A value that is no document leaves the request unreadable (no allow rule matches it)."""
+    found: list[str] = []
+    for name, value in target.query.params:
+        key = name.lower()
+        if key == "query" or key.endswith("[query]") or key.startswith("_json"):
+            found.append(value or "")
+    return found
+
+
 def _body_match(c: RequestConditions, head: HttpHead, target: Target, *, deny: bool) -> _Match:
     if c.max_request_bytes is not None:
         size = head.body_size
@@ -358,7 +372,7 @@ def _body_match(c: RequestConditions, head: HttpHead, target: Target, *, deny: b
     if body is None:  # too long to hold, or compressed: unreadable
         return _Match.YES if deny else _Match.NO
     if c.graphql_operations is not None:
-        found = graphql_operations(body, [v or "" for v in target.query.values("query")])
+        found = graphql_operations(body, _url_documents(target))
         if found is None:
             return _Match.YES if deny else _Match.NO
         if deny and not (found & c.graphql_operations):

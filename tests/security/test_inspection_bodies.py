@@ -271,6 +271,13 @@ def test_posts_without_an_override_still_pass(
         (LFS, DUAL_LFS, {"Content-Type": "application/x-www-form-urlencoded"}),
         (LFS, DUAL_LFS, {}),
         ("/graphql", b"query { viewer { login } }", {"Content-Type": "application/graphql"}),
+        # Rails merges the query string into params, and a controller running params[:_json] as a
+        # batch runs the URL's documents
+        (
+            "/graphql?_json%5B%5D%5Bquery%5D=mutation%7BcreateGist%7Bid%7D%7D",
+            b'{"query": "{ viewer { login } }"}',
+            {"Content-Type": "application/json"},
+        ),
         # Rails (GitLab's LFS batch) merges the query over the JSON body: the URL's operation wins
         (
             LFS + "?operation=upload",
@@ -286,6 +293,7 @@ def test_posts_without_an_override_still_pass(
         "lfs-as-form",
         "lfs-untyped",
         "application-graphql",
+        "graphql-batch-in-the-url",
         "lfs-operation-in-the-url",
     ],
 )

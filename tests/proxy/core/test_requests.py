@@ -213,6 +213,13 @@ TABLE: list[tuple[str, str, str, dict[str, object], Verdict, Reason, str | None]
     ("api.github.test", "POST", "/graphql", {"content_type": JSON, "body_size": 50, "body": b'{"extensions": {"persistedQuery": {"sha256Hash": "ab"}}}'}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
     ("api.github.test", "POST", "/graphql", {"content_type": JSON, "body_size": 50, "body": b'{"query": "mutation"}'}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
     ("api.github.test", "POST", "/graphql", {"content_type": JSON, "body_size": 50, "body": b'{"query": "# mutation {\\n{ a }"}'}, ALLOW, Reason.ALLOWED_BY_RULE, "graphql-read"),
+    # URL parameters a server may run as documents: Rails merges the query into params[:_json]
+    ("api.github.test", "POST", "/graphql?_json%5B%5D%5Bquery%5D=mutation%7Bb%7D", {"content_type": JSON, "body_size": 50, "body": GQL_QUERY}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("api.github.test", "POST", "/graphql?_json[0][query]=mutation%7Bb%7D", {"content_type": JSON, "body_size": 50, "body": GQL_QUERY}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("api.github.test", "POST", "/graphql?_json[][variables]=x", {"content_type": JSON, "body_size": 50, "body": GQL_QUERY}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("api.github.test", "POST", "/graphql?graphql[query]=mutation%7Bb%7D", {"content_type": JSON, "body_size": 50, "body": GQL_QUERY}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("api.github.test", "POST", "/graphql?_json[][query]=%7Ba%7D", {"content_type": JSON, "body_size": 50, "body": GQL_QUERY}, ALLOW, Reason.ALLOWED_BY_RULE, "graphql-read"),
+    ("api.github.test", "POST", "/graphql?queryId=1&json=x", {"content_type": JSON, "body_size": 50, "body": GQL_QUERY}, ALLOW, Reason.ALLOWED_BY_RULE, "graphql-read"),
     # REST: reads yes, writes no, a deny rule with conditions beats the allow rule
     ("api.github.test", "GET", "/repos/o/r", {}, ALLOW, Reason.ALLOWED_BY_RULE, "api-read"),
     ("api.github.test", "DELETE", "/repos/o/r", {}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
