@@ -44,6 +44,16 @@ class Unreadable(ValueError):
     """A request target no server reads the same way; the message says why."""
 
 
+@functools.lru_cache(maxsize=1024)
+def php_name(name: str) -> str:
+    """A decoded query parameter's name folded the way any common server could read it: case
+    ignored; and as PHP registers it - ``+`` is a space, leading spaces are dropped, ``.`` and a
+    space are ``_``, and ``name[...]`` is ``name`` (an array, or with an unmatched ``[``, ``name_``
+    - taken for ``name`` too: folding more only makes a rule see more copies)."""
+    key = name.replace("+", " ").lstrip(" ").lower().replace(".", "_").replace(" ", "_")
+    return key.split("[", 1)[0]
+
+
 @dataclass(frozen=True, slots=True)
 class Query:
     """Decoded query parameters in order; ``None`` values are parameters without ``=``."""
@@ -51,9 +61,10 @@ class Query:
     params: tuple[tuple[str, str | None], ...] = ()
 
     def values(self, name: str) -> list[str | None]:
-        """Every value of ``name``, matched case-insensitively (servers differ on case)."""
-        wanted = name.lower()
-        return [value for key, value in self.params if key.lower() == wanted]
+        """Every value of ``name``, matched case-insensitively (servers differ on case) and as PHP
+        names a parameter (:func:`php_name`): ``?+service=x`` is ``service`` there."""
+        wanted = php_name(name)
+        return [value for key, value in self.params if php_name(key) == wanted]
 
     def names(self) -> tuple[str, ...]:
         return tuple(key for key, _ in self.params)
@@ -246,4 +257,5 @@ __all__ = [
     "canonical_path",
     "compile_glob",
     "parse_target",
+    "php_name",
 ]

@@ -584,6 +584,11 @@ def test_a_refusal_keeps_the_tunnel_usable_for_allowed_requests(
             {},
             Reason.REQUEST_NOT_ALLOWED,
         ),
+        (
+            "/org/repo/info/refs?service=git-upload-pack&+service=git-receive-pack",
+            {},
+            Reason.REQUEST_NOT_ALLOWED,
+        ),
         ("/myorg/repo", {"Host": "evil.test"}, Reason.HOST_MISMATCH),
         ("/myorg/repo", {"Host": "other.test:{port}"}, Reason.HOST_MISMATCH),
         ("https://evil.test/myorg/repo", {}, Reason.HOST_MISMATCH),

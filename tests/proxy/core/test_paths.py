@@ -22,6 +22,7 @@ from proxy.core.paths import (
     canonical_path,
     compile_glob,
     parse_target,
+    php_name,
 )
 
 CANONICAL = [
@@ -120,6 +121,16 @@ def test_query_is_split_on_ampersand_and_semicolon_and_decoded() -> None:
         ("service", "git-receive-pack"),
     )
     assert target.query.values("SERVICE") == ["git-upload-pack", "git-receive-pack"]
+
+
+def test_query_names_are_matched_as_php_names_them_too() -> None:
+    """PHP reads ``+service``, `` service`` and ``service[]`` as ``service``: every copy counts."""
+    target = parse_target(
+        "/r?service=a&+service=b&%20service=c&service%5B%5D=d&.method=e&service_x=f&xservice=g"
+    )
+    assert target.query.values("service") == ["a", "b", "c", "d"]
+    assert target.query.values("_method") == ["e"]
+    assert php_name("A.b c[0]") == "a_b_c"
 
 
 def test_an_ambiguous_path_keeps_its_query() -> None:

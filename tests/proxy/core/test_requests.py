@@ -98,6 +98,10 @@ rules:
     action: deny
     hosts: [open.test]
     paths: [/admin/]
+  - name: open-no-push
+    action: deny
+    hosts: [open.test]
+    query: {{service: git-receive-pack}}
   - name: open-no-plain-feed
     action: deny
     hosts: [open.test]
@@ -289,6 +293,11 @@ TABLE: list[tuple[str, str, str, dict[str, object], Verdict, Reason, str | None]
     ("open.test", "GET", "/chat", {}, ALLOW, Reason.ALLOWED_BY_RULE, "open-api"),
     ("open.test", "GET", "/feed", {}, DENY, Reason.DENIED_BY_RULE, "open-no-plain-feed"),
     ("open.test", "GET", "/feed", {"upgrade": "websocket"}, ALLOW, Reason.ALLOWED_BY_RULE, "open-api"),
+    # query names as PHP reads them: another copy of the parameter
+    ("open.test", "GET", "/r/info/refs?%2Bservice=git-receive-pack", {}, DENY, Reason.DENIED_BY_RULE, "open-no-push"),
+    ("open.test", "GET", "/r/info/refs?service%5B%5D=git-receive-pack", {}, DENY, Reason.DENIED_BY_RULE, "open-no-push"),
+    ("open.test", "GET", "/r/info/refs?xservice=git-receive-pack", {}, ALLOW, Reason.ALLOWED_BY_RULE, "open-api"),
+    ("github.test", "GET", "/o/r/info/refs?service=git-upload-pack&+service=git-receive-pack", {}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
     # a deny rule's path with or without a trailing '/': routers take both for one route
     ("open.test", "GET", "/feed/", {}, DENY, Reason.DENIED_BY_RULE, "open-no-plain-feed"),
     ("open.test", "GET", "/chat/", {"upgrade": "websocket"}, DENY, Reason.DENIED_BY_RULE, "open-no-sockets"),
