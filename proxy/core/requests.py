@@ -135,8 +135,12 @@ def judge(rules: RequestRules, head: HttpHead) -> Judgement:
 def _judge_head(rules: RequestRules, head: HttpHead) -> Judgement:
     verdict = _judge(rules, head)
     announced = head.body_size is not None and head.body_size > HOLD_LIMIT
+    # A held body that overflowed was dropped while it was counted: what is left is not what the
+    # client sent, so nothing may let the request on (another rule allowing it without reading the
+    # body included) - it is refused as too large, unless a deny rule refused it already.
     if (announced and verdict is BODY) or (
-        head.body_overflow and verdict.reason is Reason.REQUEST_NOT_ALLOWED
+        head.body_overflow
+        and (verdict.outcome is not Outcome.DENY or verdict.reason is Reason.REQUEST_NOT_ALLOWED)
     ):
         return _refuse(
             Reason.REQUEST_TOO_LARGE,

@@ -89,6 +89,12 @@ rules:
     hosts: [sub.allowed.test]
     ports: [{port}]
     methods: [GET, HEAD]
+  - name: small-puts
+    hosts: [sub.allowed.test]
+    ports: [{port}]
+    methods: [PUT]
+    paths: [/open/small]
+    max_request_bytes: 10
   - name: open-pages
     hosts: [sub.allowed.test]
     ports: [{port}]
@@ -843,6 +849,26 @@ def test_a_held_body_of_unknown_length_is_bounded_and_never_sent(
         tunnel.close()
     assert (status, reply.get("x-egress-reason")) == (403, "request-too-large")
     assert upstream.accepted == 0
+
+
+def test_a_held_body_that_overflowed_is_refused_though_another_rule_allows_it(
+    gate: RunningGate, gate_ca: Path, upstream: Upstream
+) -> None:
+    """A size limit holds a chunked body; past the hold limit it is dropped while counted, so what
+    is left is not what the client sent: refused as too large, though a rule without a limit would
+    have allowed the request, and nothing of it reaches the upstream."""
+    from proxy.core.requests import HOLD_LIMIT
+
+    tunnel = Tunnel(gate, gate_ca, "sub.allowed.test", upstream.port)
+    body = b"A" * HOLD_LIMIT + b"B" * 200_000
+    try:
+        status, reply, _ = tunnel.request(
+            "PUT", "/open/small", chunked(body), {"Transfer-Encoding": "chunked"}
+        )
+    finally:
+        tunnel.close()
+    assert (status, reply.get("x-egress-reason")) == (403, "request-too-large")
+    assert upstream.accepted == 0 and upstream.bytes_received == 0
 
 
 def test_a_held_chunked_body_within_the_limit_is_decided_then_sent_whole(

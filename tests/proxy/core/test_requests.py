@@ -76,6 +76,12 @@ rules:
   - name: audited
     hosts: [audited.test]
     inspect: true
+  - name: big-small-puts
+    hosts: [big.test]
+    methods: [PUT]
+    max_request_bytes: 10
+  - name: big-open
+    hosts: [big.test]
   - name: lfs-open
     hosts: [lfs.test]
   - name: no-lfs-upload
@@ -298,6 +304,11 @@ TABLE: list[tuple[str, str, str, dict[str, object], Verdict, Reason, str | None]
     ("open.test", "GET", "/r/info/refs?service%5B%5D=git-receive-pack", {}, DENY, Reason.DENIED_BY_RULE, "open-no-push"),
     ("open.test", "GET", "/r/info/refs?xservice=git-receive-pack", {}, ALLOW, Reason.ALLOWED_BY_RULE, "open-api"),
     ("github.test", "GET", "/o/r/info/refs?service=git-upload-pack&+service=git-receive-pack", {}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    # a held body that overflowed is gone: no rule lets the rest of it on
+    ("big.test", "PUT", "/f", {"body_size": None}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("big.test", "PUT", "/f", {"body_size": None, "body": b"x" * 10}, ALLOW, Reason.ALLOWED_BY_RULE, "big-small-puts"),
+    ("big.test", "PUT", "/f", {"body_size": None, "body": b"x" * 11}, ALLOW, Reason.ALLOWED_BY_RULE, "big-open"),
+    ("big.test", "PUT", "/f", {"body_size": None, "body_overflow": True}, DENY, Reason.REQUEST_TOO_LARGE, None),
     # a deny rule's path with or without a trailing '/': routers take both for one route
     ("open.test", "GET", "/feed/", {}, DENY, Reason.DENIED_BY_RULE, "open-no-plain-feed"),
     ("open.test", "GET", "/chat/", {"upgrade": "websocket"}, DENY, Reason.DENIED_BY_RULE, "open-no-sockets"),
