@@ -68,8 +68,12 @@ def http_head(method: str, target: str, fields: Fields, *, multiplexed: bool = F
     # Several Content-Type fields: servers keep the first, the last or all; every one is judged.
     content_type = b", ".join(types).decode("latin-1") if types else None
     # Several Content-Encoding fields are one list (RFC 9110 5.3): ``identity`` then ``gzip`` is
-    # a gzip body to a server that decodes request bodies, not one to read as it stands.
-    codings = found.get(b"content-encoding")
+    # a gzip body to a server that decodes request bodies, not one to read as it stands. A
+    # transfer coding other than chunked (``gzip, chunked``: the gate removes only the chunking)
+    # is a coding of the body the same way.
+    codings = list(found.get(b"content-encoding", ()))
+    for value in found.get(b"transfer-encoding", ()):
+        codings += [c for c in value.split(b",") if c.strip().lower() != b"chunked"]
     content_encoding = b", ".join(codings).decode("latin-1") if codings else None
 
     overrides = (

@@ -19,7 +19,7 @@ from proxy.core.decision import Kind, Reason, Verdict
 from tests.dnsfake import FakeDns, loopback_dns
 from tests.harness import LocalCA, RunningGate, Upstream, serving
 from tests.security import inspecting, start_gate_with
-from tests.security.test_inspection import Tunnel
+from tests.security.test_inspection import Tunnel, chunked
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -179,6 +179,12 @@ def last_request_decision(gate: RunningGate) -> object:
             gzip.compress(FORM),
             Reason.AMBIGUOUS_REQUEST,
         ),
+        # a transfer coding besides chunked: the body read would still be gzip
+        (
+            {"Transfer-Encoding": "gzip, chunked"},
+            chunked(gzip.compress(FORM)),
+            Reason.AMBIGUOUS_REQUEST,
+        ),
         # two boundaries: Rack reads the last (a form with _method), Python's parser the first
         (
             {"Content-Type": "multipart/form-data; boundary=a; boundary=b"},
@@ -215,6 +221,7 @@ def last_request_decision(gate: RunningGate) -> object:
         "utf16-charset",
         "compressed",
         "compressed-in-a-second-field",
+        "gzip-transfer-coding",
         "two-multipart-boundaries",
         "two-content-types",
     ],

@@ -72,6 +72,14 @@ def test_every_content_encoding_field_is_kept() -> None:
     assert http_head("POST", "/", []).content_encoding is None
 
 
+def test_a_transfer_coding_other_than_chunked_is_a_coding_of_the_body() -> None:
+    """``gzip, chunked``: the chunking is removed before the body is read, the gzip is not."""
+    head = http_head("POST", "/", [(b"Transfer-Encoding", b"gzip, chunked")])
+    assert head.body_size is None and head.with_body(b"x").readable_body is None
+    chunked = http_head("POST", "/", [(b"Transfer-Encoding", b"Chunked")])
+    assert chunked.content_encoding is None and chunked.with_body(b"x").readable_body == b"x"
+
+
 def test_websocket_handshake_fields_make_a_websocket_request_without_upgrade() -> None:
     for name in (b"Sec-WebSocket-Version", b"sec-websocket-key", b"SEC_WEBSOCKET_PROTOCOL"):
         head = http_head("GET", "/", [(b"Host", b"a.test"), (name, b"13")])
