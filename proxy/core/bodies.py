@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import unquote_plus
 
+from proxy.core.paths import php_name
+
 MAX_GRAPHQL_TOKENS = 10_000
 MAX_JSON_DEPTH = 64
 
@@ -294,14 +296,12 @@ def _multipart_methods(body: bytes, element: str, content_type: str) -> tuple[st
 
 
 def is_method_field(name: str) -> bool:
-    """``_method`` as PHP (Laravel, Symfony) names it too: leading spaces dropped, ``.`` and `` ``
-    made ``_``, an unmatched ``[`` made ``_``, and ``_method[...]`` the same variable; case ignored.
-    PHP names a query string's parameters the same way, and Symfony reads ``_method`` from there
-    too, so the request step applies this to the query as well as to a form body."""
-    key = name.lstrip(" ").lower().replace(".", "_").replace(" ", "_")
-    if key.startswith("["):
-        key = "_" + key[1:]
-    return key.split("[", 1)[0] == "_method"
+    """``_method`` as PHP (Laravel, Symfony) names it too (:func:`proxy.core.paths.php_name`:
+    leading spaces dropped, ``.`` and `` `` made ``_``, a leading ``[`` made ``_``, and
+    ``_method[...]`` the same variable; case ignored). PHP names a query string's parameters the
+    same way, and Symfony reads ``_method`` from there too, so the request step applies this to the
+    query as well as to a form body."""
+    return php_name(name) == "_method"
 
 
 def _method_values(fields: Iterable[tuple[str, str]]) -> tuple[str, ...]:

@@ -46,11 +46,14 @@ class Unreadable(ValueError):
 
 @functools.lru_cache(maxsize=1024)
 def php_name(name: str) -> str:
-    """A decoded query parameter's name folded the way any common server could read it: case
-    ignored; and as PHP registers it - ``+`` is a space, leading spaces are dropped, ``.`` and a
-    space are ``_``, and ``name[...]`` is ``name`` (an array, or with an unmatched ``[``, ``name_``
-    - taken for ``name`` too: folding more only makes a rule see more copies)."""
+    """A decoded parameter's name (of a query or a form) folded the way any common server could
+    read it: case ignored; and as PHP registers it - ``+`` is a space, leading spaces are dropped,
+    ``.`` and a space are ``_``, a leading ``[`` is ``_``, and ``name[...]`` is ``name`` (an array,
+    or with an unmatched ``[``, ``name_`` - taken for ``name`` too: folding more only makes a rule
+    see more copies)."""
     key = name.replace("+", " ").lstrip(" ").lower().replace(".", "_").replace(" ", "_")
+    if key.startswith("["):
+        key = "_" + key[1:]
     return key.split("[", 1)[0]
 
 

@@ -227,7 +227,7 @@ def _override_values(head: HttpHead, target: Target | None) -> list[str]:
         values += [
             value if value is not None else ""
             for name, value in target.query.params
-            if is_method_field(name.replace("+", " "))
+            if is_method_field(name)
         ]
     return values
 
