@@ -454,6 +454,7 @@ class Checkpoint:
                 target=carried.target,
                 sandbox_id=conn.sandbox_id,
                 headers=carried.headers,
+                body=carried.body,
             )
         except Exception:  # a credential step that fails never lets a placeholder through
             log.exception("the credential step failed for %s", decision.id)

@@ -40,7 +40,9 @@ from proxy.core.authority import join_authority
 from proxy.core.decision import Kind
 from proxy.core.fieldlines import websocket_field
 from proxy.core.hosts import InvalidHost, canonical_host
+from proxy.core.httpheads import http_head
 from proxy.core.paths import PathGlob, Unreadable, parse_target
+from proxy.core.requests import judged_methods
 
 # Token formats whose shape tools check (longest prefix first). A real value starting with one of
 # these gets a placeholder with that prefix; anything else gets GENERIC_PREFIX.
@@ -309,11 +311,15 @@ def judge(
     target: str,
     sandbox_id: str | None,
     headers: Iterable[tuple[str, str]] = (),
+    body: bytes | None = None,
 ) -> Judged | None:
     """A use (every placeholder where its credential may go) or a misuse (the first problem
-    found), or None when the request carries no placeholder."""
+    found), or None when the request carries no placeholder. ``body``: the held body, when it was
+    read (a form's ``_method`` field is one of the methods the request is judged as)."""
     if not found:
         return None
+    headers = tuple(headers)
+    acts_as = _acts_as(method, target, headers, body)
     names: list[str] = []
     for each in found:
         name, _ = credentials.issued[each.placeholder]
@@ -360,7 +366,7 @@ def judge(
                     f"credential '{name}' must be sent as "
                     + " or ".join(repr(f"{binding.delivery.header}: {f}") for f in formats)
                 )
-        problem = _request_problem(binding, method, target)
+        problem = _request_problem(binding, method, target, acts_as)
         if problem is not None:
             return misuse(f"credential '{name}' {problem}")
         if (name, each.placeholder) not in swaps:
@@ -368,10 +374,30 @@ def judge(
     return Judged(tuple(names), False, f"credential(s) {', '.join(names)} added", tuple(swaps))
 
 
-def _request_problem(binding: Binding, method: str | None, target: str) -> str | None:
-    if binding.methods is not None and (method or "").upper() not in binding.methods:
+def _acts_as(
+    method: str | None, target: str, headers: Sequence[tuple[str, str]], body: bytes | None
+) -> tuple[str, ...]:
+    """Every method a server may act on for this request: its own, then each override it carries
+    (a method-override header, a ``_method`` query parameter, a held form's ``_method`` field), as
+    the request step judges them. A credential's ``methods`` hold for all of them: a POST that a
+    server runs as a DELETE is a DELETE made with the credential."""
+    fields = [(n.encode("latin-1", "replace"), v.encode("latin-1", "replace")) for n, v in headers]
+    head = http_head(method or "", target, fields)
+    if body is not None:
+        head = head.with_body(body)
+    return judged_methods(head)
+
+
+def _request_problem(
+    binding: Binding, method: str | None, target: str, acts_as: Sequence[str] = ()
+) -> str | None:
+    if binding.methods is not None:
         allowed = ", ".join(sorted(binding.methods))
-        return f"is only sent with {allowed}, not {method}"
+        if (method or "").upper() not in binding.methods:
+            return f"is only sent with {allowed}, not {method}"
+        for each in acts_as:
+            if each.upper() not in binding.methods:
+                return f"is only sent with {allowed}, not {each.upper()} (sent as {method})"
     if binding.paths is not None:
         try:
             path = parse_target(target).path

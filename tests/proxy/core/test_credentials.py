@@ -140,6 +140,62 @@ def test_misuse(carried: Carried, kwargs: dict[str, object], expected: str) -> N
     assert PH not in judged.detail  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize(
+    ("method", "headers", "target", "body"),
+    [
+        ("GET", (("X-HTTP-Method-Override", "DELETE"),), "/repos/x", None),
+        ("GET", (("x-method-override", "put"),), "/repos/x", None),
+        ("GET", (("X_HTTP_Method", "PATCH"),), "/repos/x", None),
+        ("GET", (), "/repos/x?_method=DELETE", None),
+        ("GET", (), "/repos/x?a=1;_method=DELETE", None),
+        ("POST", (("Content-Type", "application/x-www-form-urlencoded"),), "/repos/x",
+         b"a=1&_method=DELETE"),
+        ("POST", (), "/repos/x", b"_method=DELETE"),  # no type: a form to Rack
+    ],
+)  # fmt: skip
+def test_a_credential_is_only_sent_with_its_methods_whatever_the_request_overrides_them_with(
+    method: str, headers: tuple[tuple[str, str], ...], target: str, body: bytes | None
+) -> None:
+    """The server acts on the override, with the real value: the credential's ``methods`` hold
+    for every method the request is judged as, not only the one its request line shows."""
+    github = Binding(
+        "github",
+        frozenset({("api.example", 443)}),
+        Delivery(header="authorization"),
+        methods=frozenset({"GET", "POST"}),
+    )
+    credentials = Credentials({"github": github})
+    credentials.issue("github", "sbx-1", PH)
+    carried = Carried((("Authorization", f"token {PH}"), *headers), target)
+    judged = judge(
+        credentials,
+        credentials.scan(carried),
+        kind=Kind.REQUEST,
+        host="api.example",
+        port=443,
+        method=method,
+        target=target,
+        sandbox_id="sbx-1",
+        headers=carried.headers,
+        body=body,
+    )
+    assert judged is not None and judged.misuse, judged
+    assert "only sent with GET, POST, not" in judged.detail and PH not in judged.detail
+    plain = judge(
+        credentials,
+        credentials.scan(Carried((("Authorization", f"token {PH}"),), "/repos/x")),
+        kind=Kind.REQUEST,
+        host="api.example",
+        port=443,
+        method=method,
+        target="/repos/x",
+        sandbox_id="sbx-1",
+        headers=(("Authorization", f"token {PH}"),),
+        body=b"a=1" if body is not None else None,
+    )
+    assert plain is not None and not plain.misuse  # the same request without the override
+
+
 def test_encoded_and_double_encoded_urls_are_found() -> None:
     encoded = "".join(f"%{ord(c):02x}" for c in PH)
     twice = encoded.replace("%", "%25")
