@@ -360,8 +360,12 @@ def judge(
             )
         formats = binding.delivery.formats
         if formats and each.where.startswith("header:"):
-            value = values.get(each.where[len("header:") :], "")
-            if not any(value == f.replace("{}", each.placeholder) for f in formats):
+            # Every field of that name that carries the placeholder (a header may be given more
+            # than once, and the swap reaches each one), not only the last.
+            key = each.where[len("header:") :]
+            carrying = [v for n, v in headers if n.lower() == key and each.placeholder in v]
+            shapes = {f.replace("{}", each.placeholder) for f in formats}
+            if not carrying or any(value not in shapes for value in carrying):
                 return misuse(
                     f"credential '{name}' must be sent as "
                     + " or ".join(repr(f"{binding.delivery.header}: {f}") for f in formats)

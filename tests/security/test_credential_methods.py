@@ -25,6 +25,7 @@ from tests.harness import LocalCA, RunningGate, curl, serving
 from tests.security import inspecting, start_gate_with
 
 pytestmark = pytest.mark.timeout(120)
+API_KEY = "egress-test-api-key-0123456789abcdefXYZ"
 
 POLICY = """
 version: 1
@@ -38,9 +39,10 @@ rules:
 
 
 class Setup:
-    def __init__(self, gate: RunningGate, placeholder: str, port: int) -> None:
+    def __init__(self, gate: RunningGate, issued: dict[str, str], port: int) -> None:
         self.gate = gate
-        self.placeholder = placeholder
+        self.placeholder = issued["github"]
+        self.key = issued["keyed"]
         self.url = f"https://allowed.test:{port}/api/x"
         self.ca = Path(gate.config["confdir"]) / "mitmproxy-ca-cert.pem"
 
@@ -77,13 +79,21 @@ def setup(
                 "hosts": [f"allowed.test:{upstream.port}"],
                 "header": "Authorization",
                 "methods": ["GET", "POST"],
-            }
+            },
+            {
+                "name": "keyed",
+                "source": {"env": "EGRESS_METHODS_TEST_KEY"},
+                "hosts": [f"allowed.test:{upstream.port}"],
+                "header": "X-Api-Key",
+                "format": "Key {}",
+            },
         ],
     )
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("EGRESS_METHODS_TEST_TOKEN", GITHUB_TOKEN)
+        patch.setenv("EGRESS_METHODS_TEST_KEY", API_KEY)
         store = CredentialStore(load_credentials(credentials, load_policy(directory / "p.yaml")))
-    placeholder = store.issue(None)["github"]
+    issued = store.issue(None)
     gate = start_gate_with(
         directory,
         policy,
@@ -91,7 +101,7 @@ def setup(
         config=inspecting(directory, test_ca),
         gate_kwargs={"credentials": store},
     )
-    yield Setup(gate, placeholder, upstream.port)
+    yield Setup(gate, issued, upstream.port)
     gate.stop()
 
 
@@ -165,3 +175,23 @@ def test_requests_within_the_credentials_methods_still_carry_it(
     assert result.status == 200, result
     assert [h["authorization"] for _, _, h in upstream.requests] == [f"Bearer {GITHUB_TOKEN}"]
     assert GITHUB_TOKEN not in result.body + json.dumps(result.headers)
+
+
+@pytest.mark.parametrize("order", ["odd one first", "odd one last"])
+def test_every_field_carrying_a_placeholder_must_have_the_declared_format(
+    setup: Setup, upstream: EchoUpstream, order: str
+) -> None:
+    """A credential's ``format`` is the shape its header must have: with the header given twice,
+    the field in another shape is refused too, whichever of the two comes last."""
+    fields = [f"X-Api-Key: Key {setup.key}", f"X-Api-Key: note {setup.key} end"]
+    if order == "odd one first":
+        fields.reverse()
+    args = [arg for field in fields for arg in ("-H", field)]
+    result = setup.curl(setup.url, *args)
+    assert result.status == 403, result
+    assert result.headers["x-egress-reason"] == "credential-misuse"
+    assert upstream.requests == []
+    assert API_KEY not in result.body + json.dumps(result.headers)
+    control = setup.curl(setup.url, "-H", f"X-Api-Key: Key {setup.key}")
+    assert control.status == 200, control
+    assert [h["x-api-key"] for _, _, h in upstream.requests] == [f"Key {API_KEY}"]

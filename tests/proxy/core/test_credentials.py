@@ -219,6 +219,18 @@ def test_formats_constrain_the_header_shape() -> None:
     assert not ok.misuse and bad.misuse  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("odd_first", [True, False])
+def test_formats_constrain_every_field_of_a_header_given_twice(odd_first: bool) -> None:
+    """The swap reaches every field carrying the placeholder: each one must have the shape."""
+    credentials = _credentials(formats=("Bearer {}",))
+    fields = [("authorization", f"note {PH} end"), ("authorization", f"Bearer {PH}")]
+    if not odd_first:
+        fields.reverse()
+    judged = _judge(credentials, Carried(tuple(fields), "/repos/x"))
+    assert judged is not None and judged.misuse  # type: ignore[attr-defined]
+    assert "must be sent as" in judged.detail  # type: ignore[attr-defined]
+
+
 def test_query_delivery() -> None:
     credentials = _credentials(header=None, query="access_token")
     judged = _judge(credentials, Carried((), f"/repos/x?access_token={PH}&page=2"))
