@@ -4,9 +4,10 @@ The checkpoint decides (step 3b, :mod:`proxy.core.credentials`); this module onl
 reads what a request carries into a :class:`Carried`, replaces an admitted placeholder by the real
 value in the request about to be sent, and scrubs responses on bound hosts.
 
-Responses: every response inside an inspected tunnel to a host a credential of this sandbox is bound
-to is scrubbed - reason phrase, headers, body and trailers - whether or not its request carried the
-credential (a service may store a header and show it later; a gRPC service quotes a rejected token
+Responses: every response the gate reads (an inspected tunnel, plain HTTP) from a host a credential of
+this sandbox is bound to, on any of its ports, is scrubbed - reason phrase, headers, body and
+trailers - whether or not its request carried the credential (a service may store a header and show
+it later, on another of its ports too; a gRPC service quotes a rejected token
 in the ``grpc-message`` trailer that ends an HTTP/2 stream). Its request asks for
 ``Accept-Encoding: identity`` so that the body can be read as it streams; the body is always
 streamed through a :class:`Scrubber` (which holds back at most the longest value's length minus one

@@ -338,18 +338,16 @@ class GateAddon:
         return creds.carried(req, body)
 
     def _credentials(self, flow: http.HTTPFlow, conn: Connection, decision: Decision) -> None:
-        """An admitted request: on a bound host, mark what comes back for scrubbing; then swap in
-        the credential it uses; remember the allow so that a body buffered later is checked for
-        placeholders. In that order, and a failure kills the flow: a real value never goes out
-        with its answer left unscrubbed."""
+        """An admitted request: to a bound host (on any port, inspected or plain HTTP: a service
+        that kept a header sent to one of its ports can show it on another), mark what comes back
+        for scrubbing; then swap in the credential it uses; remember the allow so that a body
+        buffered later is checked for placeholders. In that order, and a failure kills the flow:
+        a real value never goes out with its answer left unscrubbed."""
         assert self.credentials is not None
         flow.metadata[_ADMITTED] = decision
         try:
-            tunnel = conn.tunnel
-            if decision.kind is Kind.REQUEST and tunnel is not None:
-                bound = self.credentials.credentials().bound_to(
-                    decision.host, tunnel.port, conn.sandbox_id
-                )
+            if decision.kind in (Kind.REQUEST, Kind.HTTP):
+                bound = self.credentials.credentials().bound_to_host(decision.host, conn.sandbox_id)
                 if bound:
                     creds.prepare_scrub(flow)
             if decision.credential:

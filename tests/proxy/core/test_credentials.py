@@ -274,6 +274,16 @@ def test_the_scrubber_catches_values_split_anywhere(
     assert out == expected
 
 
+def test_bound_to_host_names_a_host_bound_on_any_port() -> None:
+    """Responses are scrubbed on every port of a bound host: what a service kept from one port
+    it can show on another."""
+    credentials = _credentials()
+    assert credentials.bound_to_host("API.example.", "sbx-1") == ("github",)
+    assert credentials.bound_to("api.example", 80, "sbx-1") == ()
+    assert credentials.bound_to_host("evil.example", "sbx-1") == ()
+    assert credentials.bound_to_host("api.example", "sbx-2") == ()  # nothing issued to it
+
+
 def test_scrub_text() -> None:
     assert scrub_text("a REAL b REALLY", [("REAL", "ph")]) == "a ph b phLY"
 

@@ -1,0 +1,132 @@
+"""Threat class 18: a real value a service kept, shown back on another port of the bound host.
+
+A service may keep a header it was sent (a request log, a "last delivery" page) and show it later;
+responses from a bound host are scrubbed for that reason, whether or not their request carried the
+credential. The credential is bound to one port, but the service often answers on others too: its
+plain-HTTP port, a second TLS port. Those responses are scrubbed as well. Each upstream here answers
+as such a service would: the real token in a header and in the body.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from proxy.credentials.loader import load_credentials
+from proxy.credentials.store import CredentialStore
+from proxy.policy.loader import load_policy
+from tests.credentials_harness import GITHUB_TOKEN, write_credentials
+from tests.dnsfake import FakeDns, loopback_dns
+from tests.harness import LocalCA, RunningGate, Upstream, curl, serving
+from tests.security import inspecting, start_gate_with
+
+pytestmark = pytest.mark.timeout(120)
+
+POLICY = """
+version: 1
+allow_internal: [127.0.0.0/8]
+rules:
+  - name: api
+    hosts: [allowed.test, other.test]
+    ports: [{bound}, {second}]
+    inspect: true
+  - name: plain
+    hosts: [allowed.test, other.test]
+    ports: [{plain}]
+"""
+
+
+class Kept(Upstream):
+    """A service showing the Authorization header it kept from an earlier request."""
+
+    def answer(self, method: str, target: str, headers: dict[str, str], body: bytes) -> bytes:
+        payload = f"last delivery: authorization=Bearer {GITHUB_TOKEN}\n".encode()
+        return (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+            + f"X-Last: Bearer {GITHUB_TOKEN}\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+
+
+@pytest.fixture(scope="module")
+def dns() -> Iterator[FakeDns]:
+    yield from loopback_dns("allowed.test", "other.test")
+
+
+@pytest.fixture(scope="module")
+def bound(test_ca: LocalCA) -> Iterator[Kept]:
+    yield from serving(Kept("bound", tls=test_ca.server_context()))
+
+
+@pytest.fixture(scope="module")
+def second(test_ca: LocalCA) -> Iterator[Kept]:
+    yield from serving(Kept("second", tls=test_ca.server_context()))
+
+
+@pytest.fixture(scope="module")
+def plain() -> Iterator[Kept]:
+    yield from serving(Kept("plain"))
+
+
+@pytest.fixture(scope="module")
+def gate(
+    tmp_path_factory: pytest.TempPathFactory,
+    dns: FakeDns,
+    bound: Kept,
+    second: Kept,
+    plain: Kept,
+    test_ca: LocalCA,
+) -> Iterator[RunningGate]:
+    directory = tmp_path_factory.mktemp("scrub-ports")
+    policy = POLICY.format(bound=bound.port, second=second.port, plain=plain.port)
+    (directory / "p.yaml").write_text(policy)
+    credentials = write_credentials(
+        directory,
+        [
+            {
+                "name": "github",
+                "source": {"env": "EGRESS_SCRUB_PORTS_TOKEN"},
+                "hosts": [f"allowed.test:{bound.port}"],
+                "header": "Authorization",
+            }
+        ],
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EGRESS_SCRUB_PORTS_TOKEN", GITHUB_TOKEN)
+        store = CredentialStore(load_credentials(credentials, load_policy(directory / "p.yaml")))
+    store.issue(None)
+    running = start_gate_with(
+        directory,
+        policy,
+        dns.nameserver,
+        config=inspecting(directory, test_ca),
+        gate_kwargs={"credentials": store},
+    )
+    yield running
+    running.stop()
+
+
+def _fetch(gate: RunningGate, url: str) -> str:
+    ca = Path(gate.config["confdir"]) / "mitmproxy-ca-cert.pem"
+    result = curl(url, f"http://127.0.0.1:{gate.port}", cacert=ca)
+    assert result.status == 200, result
+    return result.body + json.dumps(result.headers)
+
+
+@pytest.mark.parametrize("where", ["bound", "second", "plain"])
+def test_a_kept_value_never_comes_back_from_any_port_of_the_bound_host(
+    gate: RunningGate, bound: Kept, second: Kept, plain: Kept, where: str
+) -> None:
+    upstream = {"bound": bound, "second": second, "plain": plain}[where]
+    scheme = "http" if where == "plain" else "https"
+    seen = _fetch(gate, f"{scheme}://allowed.test:{upstream.port}/deliveries/last")
+    assert "last delivery" in seen  # the service answered
+    assert GITHUB_TOKEN not in seen, seen
+
+
+def test_another_host_is_not_scrubbed(gate: RunningGate, second: Kept) -> None:
+    """Control: scrubbing follows the bound host name; another host's answer passes as sent."""
+    assert GITHUB_TOKEN in _fetch(gate, f"https://other.test:{second.port}/")
