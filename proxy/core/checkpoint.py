@@ -45,8 +45,8 @@ For each CONNECT and each HTTP request - plain, or inside an inspected tunnel (:
    adapter swaps in the real value); anything else is ``credential-misuse``, refused whatever the
    policy or mode said, so nothing is sent. A request that is only reported (report mode) proceeds
    without the real value. A request without placeholders passes unchanged, but for a protocol
-   upgrade to a host a credential of the sandbox is bound to: refused too (its messages are not
-   read, so what the service sends back over it could not be scrubbed).
+   upgrade to a host a credential of the sandbox is bound to, on any port: refused too (its
+   messages are not read, so what the service sends back over it could not be scrubbed).
 4. **destination** - an allowed host is resolved (hosts file, then DNS) and every address screened
    against the internal ranges; one screened address is pinned (``internal-address``, ``dns-failure``).
    A request inside a tunnel is not resolved again: it goes to the tunnel's pinned address.
@@ -423,13 +423,16 @@ class Checkpoint:
         if declared is None or not declared.issued:
             return decision
         upgrade = (
-            decision.kind is Kind.REQUEST and carried is not None and asks_upgrade(carried.headers)
+            decision.kind in (Kind.REQUEST, Kind.HTTP)
+            and carried is not None
+            and asks_upgrade(carried.headers)
         )
         if upgrade and decision.decision is not Verdict.DENY:
-            bound = declared.bound_to(_bare(decision.host), decision.port, conn.sandbox_id)
+            bound = declared.bound_to_host(_bare(decision.host), conn.sandbox_id)
             if bound:
                 # Its messages are not read, so what the service sends back over it (a value it
-                # kept from an earlier request) could not be scrubbed, as a response is.
+                # kept from an earlier request, on any of its ports) could not be scrubbed, as a
+                # response is.
                 where = join_authority(decision.host, decision.port or 443)
                 return decision.with_(
                     decision=Verdict.DENY,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +37,12 @@ rules:
   - name: plain
     hosts: [allowed.test, other.test]
     ports: [{plain}]
+  - name: sockets
+    hosts: [allowed.test, other.test]
+    ports: [{second}, {plain}]
+    methods: [GET]
+    paths: [/socket]
+    websocket: true
 """
 
 
@@ -109,9 +116,13 @@ def gate(
     running.stop()
 
 
-def _fetch(gate: RunningGate, url: str) -> str:
+def _curl(gate: RunningGate, url: str, *args: str) -> Any:
     ca = Path(gate.config["confdir"]) / "mitmproxy-ca-cert.pem"
-    result = curl(url, f"http://127.0.0.1:{gate.port}", cacert=ca)
+    return curl(url, f"http://127.0.0.1:{gate.port}", *args, cacert=ca)
+
+
+def _fetch(gate: RunningGate, url: str) -> str:
+    result = _curl(gate, url)
     assert result.status == 200, result
     return result.body + json.dumps(result.headers)
 
@@ -130,3 +141,28 @@ def test_a_kept_value_never_comes_back_from_any_port_of_the_bound_host(
 def test_another_host_is_not_scrubbed(gate: RunningGate, second: Kept) -> None:
     """Control: scrubbing follows the bound host name; another host's answer passes as sent."""
     assert GITHUB_TOKEN in _fetch(gate, f"https://other.test:{second.port}/")
+
+
+UPGRADE = (
+    "--http1.1", "-H", "Connection: Upgrade", "-H", "Upgrade: websocket",
+    "-H", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "-H", "Sec-WebSocket-Version: 13",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("where", ["second", "plain"])
+def test_no_websocket_to_any_port_of_the_bound_host(
+    gate: RunningGate, second: Kept, plain: Kept, where: str
+) -> None:
+    """What comes back over an upgrade is not read, so it could bring a kept value back
+    unscrubbed: refused on every port of the bound host, whatever ``websocket: true`` says. The
+    control: another host's upgrade reaches its upstream (which does not speak WebSocket)."""
+    upstream = {"second": second, "plain": plain}[where]
+    scheme = "http" if where == "plain" else "https"
+    before = len(upstream.requests)
+    result = _curl(gate, f"{scheme}://allowed.test:{upstream.port}/socket", *UPGRADE)
+    assert result.status == 403, result
+    assert result.headers["x-egress-reason"] == "credential-misuse"
+    assert len(upstream.requests) == before  # nothing arrived
+    control = _curl(gate, f"{scheme}://other.test:{upstream.port}/socket", *UPGRADE)
+    assert control.status != 403, control
+    assert len(upstream.requests) == before + 1
