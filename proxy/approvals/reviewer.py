@@ -22,7 +22,7 @@ import os
 import re
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from proxy.approvals.model import Advice, Approval, Scope, clip
@@ -184,7 +184,11 @@ def parse_answer(output: bytes) -> tuple[Advice, str, Scope]:
 
 
 class CommandReviewer:
-    """:class:`proxy.approvals.broker.Reviewer` running ``argv`` (no shell)."""
+    """:class:`proxy.approvals.broker.Reviewer` running ``argv`` (no shell).
+
+    ``withheld``: the real values of the gate's credentials (read at every run). The reviewer gets
+    the gate's environment without any variable holding one of them: it reads data the sandbox
+    chose, and may be a model a prompt injection talks to; it never needs a credential."""
 
     def __init__(
         self,
@@ -192,11 +196,23 @@ class CommandReviewer:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         recent: RecentDecisions | None = None,
+        withheld: Callable[[], Sequence[str]] | None = None,
     ) -> None:
         self.argv = list(argv)
         self.timeout = timeout
         self.recent = recent or RecentDecisions()
+        self.withheld = withheld
         self._slots = asyncio.Semaphore(MAX_CONCURRENT)
+
+    def environment(self) -> dict[str, str]:
+        """The gate's environment, less every variable whose value holds a real credential value.
+        A failure to tell raises (the reviewer does not run: the approval escalates)."""
+        secrets = [value for value in (self.withheld() if self.withheld else ()) if value]
+        return {
+            name: value
+            for name, value in os.environ.items()
+            if not any(secret in value for secret in secrets)
+        }
 
     async def review(self, approval: Approval) -> tuple[Advice, str, Scope]:
         payload = json.dumps(review_input(approval, self.recent.of(approval.subject.sandbox)))
@@ -212,8 +228,14 @@ class CommandReviewer:
 
     async def _run(self, stdin: bytes) -> bytes:
         try:
+            env = self.environment()
+        except Exception as exc:
+            log.exception("the reviewer's environment could not be made")
+            raise _Failed(f"reviewer not run: its environment could not be made ({exc})") from None
+        try:
             proc = await asyncio.create_subprocess_exec(
                 *self.argv,
+                env=env,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.DEVNULL,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -147,3 +148,53 @@ def test_the_reviewer_sees_every_method_a_request_overrides_its_own_with() -> No
     subject = Subject.of(decision, methods=methods)
     given = review_input(Approval.open(decision, subject, "auto", 60, 1000.0), [])
     assert given["request"]["method"] == "OPTIONS/HEAD/GET/DELETE (sent as POST)"
+
+
+ENV_REVIEWER = """
+import json, os, sys
+json.load(sys.stdin)
+held = sorted(name for name, value in os.environ.items() if "s3cr3t-value" in value)
+print(json.dumps({"decision": "escalate", "reason": ",".join(held) or "none"}))
+"""
+
+
+def _connect_approval() -> Approval:
+    decision = Decision(
+        Verdict.ASK, Reason.APPROVAL_PENDING, "r", Kind.CONNECT, "api.test", 443, "v", "enforce",
+        sandbox_id="sbx-1",
+    )  # fmt: skip
+    return Approval.open(decision, Subject.of(decision), "auto", 60, 1000.0)
+
+
+def test_the_reviewer_runs_without_any_variable_holding_a_real_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """It reads what the sandbox chose and may be a model a prompt injection talks to: the
+    gate's environment reaches it without the credentials' values (a copy under another name
+    too)."""
+    monkeypatch.setenv("EGRESS_TEST_SOURCE", "s3cr3t-value")
+    monkeypatch.setenv("EGRESS_TEST_COPY", "Bearer s3cr3t-value")
+    withheld = ["s3cr3t-value"]
+    bare = CommandReviewer([sys.executable, "-c", ENV_REVIEWER], timeout=20)
+    assert asyncio.run(bare.review(_connect_approval()))[1] == "EGRESS_TEST_COPY,EGRESS_TEST_SOURCE"
+    reviewer = CommandReviewer(
+        [sys.executable, "-c", ENV_REVIEWER], timeout=20, withheld=lambda: withheld
+    )
+    assert asyncio.run(reviewer.review(_connect_approval()))[1] == "none"
+
+
+def test_a_reviewer_whose_environment_cannot_be_made_is_not_run_and_escalates(
+    tmp_path: Path,
+) -> None:
+    def broken() -> list[str]:
+        raise RuntimeError("store unreadable")
+
+    marker = tmp_path / "ran"
+    reviewer = CommandReviewer(
+        [sys.executable, "-c", f"open({str(marker)!r}, 'w'); print('allow: ok')"],
+        timeout=20,
+        withheld=broken,
+    )
+    advice, reason, _ = asyncio.run(reviewer.review(_connect_approval()))
+    assert advice is Advice.ESCALATE and "environment" in reason
+    assert not marker.exists()
