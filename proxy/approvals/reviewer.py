@@ -120,6 +120,26 @@ def _summary(decision: Decision) -> dict[str, Any]:
     }
 
 
+SHOWN_HOST = 256  # characters of each request field the reviewer is shown
+SHOWN_METHOD = 256
+SHOWN_PATH = 2048
+
+
+def unshown(approval: Approval) -> str | None:
+    """The request field the reviewer could not be shown whole, or None. Such an approval is
+    not put to the reviewer: it would answer about a request cut short (a path whose last segments
+    it never saw), and its answer would cover the whole one."""
+    subject = approval.subject
+    for name, value, limit in (
+        ("host", subject.host, SHOWN_HOST),
+        ("method", subject.method, SHOWN_METHOD),
+        ("path", subject.path, SHOWN_PATH),
+    ):
+        if value is not None and len(value) > limit:
+            return name
+    return None
+
+
 def review_input(approval: Approval, recent: list[dict[str, Any]]) -> dict[str, Any]:
     subject = approval.subject
     return {
@@ -133,10 +153,10 @@ def review_input(approval: Approval, recent: list[dict[str, Any]]) -> dict[str, 
         },
         "request": {
             "kind": approval.kind,
-            "host": clip(subject.host, 256),
+            "host": clip(subject.host, SHOWN_HOST),
             "port": subject.port,
-            "method": clip(subject.method, 256),  # with its overrides: DELETE (sent as PATCH)
-            "path": clip(subject.path, 2048),
+            "method": clip(subject.method, SHOWN_METHOD),  # with overrides: DELETE (sent as PATCH)
+            "path": clip(subject.path, SHOWN_PATH),
         },
         "sandbox": {
             "id": subject.sandbox,
@@ -215,6 +235,16 @@ class CommandReviewer:
         }
 
     async def review(self, approval: Approval) -> tuple[Advice, str, Scope]:
+        field = unshown(approval)
+        if field is not None:
+            log.warning(
+                "reviewer not asked about approval %s: its %s is too long", approval.id, field
+            )
+            return (
+                Advice.ESCALATE,
+                f"the request's {field} is longer than a reviewer is shown: people answer it",
+                Scope.ONCE,
+            )
         payload = json.dumps(review_input(approval, self.recent.of(approval.subject.sandbox)))
         async with self._slots:
             try:

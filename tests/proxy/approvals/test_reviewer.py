@@ -198,3 +198,26 @@ def test_a_reviewer_whose_environment_cannot_be_made_is_not_run_and_escalates(
     advice, reason, _ = asyncio.run(reviewer.review(_connect_approval()))
     assert advice is Advice.ESCALATE and "environment" in reason
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("field", ["path", "method"])
+def test_a_request_too_long_to_show_whole_is_never_put_to_the_reviewer(
+    tmp_path: Path, field: str
+) -> None:
+    """Shown cut short, the reviewer would answer about a request whose last segments it never
+    saw (``.../d/d/deploy-keys.txt``), and its answer would cover the whole request: people answer
+    it instead; the reviewer does not run."""
+    path = "/repos/o/r/contents/" + "d/" * 1100 + "deploy-keys.txt"
+    method = "PUT" if field == "path" else "X" * 300
+    decision = Decision(
+        Verdict.ASK, Reason.APPROVAL_PENDING, "r", Kind.REQUEST, "api.test", 443, "v", "enforce",
+        method=method, path=path if field == "path" else "/x", sandbox_id="sbx-1",
+    )  # fmt: skip
+    approval = Approval.open(decision, Subject.of(decision), "auto", 60, 1000.0)
+    marker = tmp_path / "ran"
+    reviewer = CommandReviewer(
+        [sys.executable, "-c", f"open({str(marker)!r}, 'w'); print('allow: ok')"], timeout=20
+    )
+    advice, reason, _ = asyncio.run(reviewer.review(approval))
+    assert advice is Advice.ESCALATE and field in reason
+    assert not marker.exists()
