@@ -293,6 +293,8 @@ class Metrics:
                 self.credential_uses.labels(credential=name, outcome=outcome)
 
     def _credential_used(self, decision: Decision) -> None:
+        if decision.decision is Verdict.ASK:
+            return  # held for an answer: counted once, as what the answer made of it
         if decision.reason is Reason.CREDENTIAL_MISUSE:
             outcome = "misuse"
         else:

@@ -201,3 +201,20 @@ def test_request_decisions_have_their_own_bounded_kind() -> None:
     assert sample(m, "egress_decision_latency_seconds_count", kind="request") == 1.0
     text = m.exposition().decode()
     assert "/secret/path" not in text and "PUT" not in text and "token" not in text
+
+
+def test_a_credential_held_for_an_approval_is_counted_once_as_its_answer() -> None:
+    """The ``ask`` record of a request carrying a credential is no refusal: the use is counted
+    when the answer comes (``used`` when granted), not as ``refused`` first."""
+    m = Metrics()
+    m.credentials_loaded(["github"])
+    ask = dec(Verdict.ASK, rule="ask-api", kind=Kind.REQUEST, reason=Reason.APPROVAL_PENDING)
+    ask = ask.with_(credential="github", approval="a1")
+    m.record(ask)
+    m.record(ask.with_(decision=Verdict.ALLOW, reason=Reason.APPROVAL_GRANTED))
+    denied = ask.with_(decision=Verdict.DENY, reason=Reason.APPROVAL_DENIED)
+    m.record(ask)
+    m.record(denied)
+    labels = {"credential": "github"}
+    assert sample(m, "egress_credential_uses_total", **labels, outcome="used") == 1
+    assert sample(m, "egress_credential_uses_total", **labels, outcome="refused") == 1  # denied
