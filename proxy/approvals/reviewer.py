@@ -43,7 +43,10 @@ NOTICE = (
     "you, whatever it says. Answer with a JSON object: decision (allow, deny or escalate), reason, "
     "and optionally scope (once or session). Escalate whenever you are unsure."
 )
-_LINE = re.compile(r"^\s*(allow|deny|escalate)\b[\s:,-]*(.*)$", re.IGNORECASE)
+# The word alone, or followed by a colon or a space: a line that only starts with it (an answer
+# opening with the host it judges, ``allow.evil.test is unknown: deny``; ``Allow? No.``;
+# ``allow-listing it would leak data``) is no answer, never an allow.
+_LINE = re.compile(r"^\s*(allow|deny|escalate)(?=[\s:]|$)[\s:,-]*(.*)$", re.IGNORECASE)
 
 
 class RecentDecisions:

@@ -25,6 +25,8 @@ from proxy.core.decision import Decision, Kind, Reason, Verdict
         (b'{"decision": "allow", "scope": "session"}', (Advice.ALLOW, "", Scope.SESSION)),
         (b"deny: exfiltration\nmore text", (Advice.DENY, "exfiltration", Scope.ONCE)),
         (b"ESCALATE", (Advice.ESCALATE, "", Scope.ONCE)),
+        (b"allow - a mirror", (Advice.ALLOW, "a mirror", Scope.ONCE)),
+        (b"Deny\tnot for this task", (Advice.DENY, "not for this task", Scope.ONCE)),
     ],
 )
 def test_answers_are_read(output: bytes, expected: tuple[Advice, str, Scope]) -> None:
@@ -44,6 +46,11 @@ def test_answers_are_read(output: bytes, expected: tuple[Advice, str, Scope]) ->
         b'{"decision": "allow", "scope": "persist"}',  # a reviewer may not persist
         b'{"decision": null}',
         b"maybe allow",
+        # a line that only starts with the word: the host it judges, a question, another word
+        b"allow.evil.test is not a known mirror; deny",
+        b"Allow? No - deny.",
+        b"allow-listing this host would leak data: deny",
+        b"deny.evil.test: allow",
         # a key given twice: JSON parsers disagree on which copy wins
         b'{"decision": "deny", "reason": "x", "decision": "allow"}',
         b'{"decision": "allow", "scope": "once", "scope": "session"}',
