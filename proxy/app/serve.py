@@ -297,7 +297,7 @@ async def _serve(
             return fail(*str(exc).splitlines())
         metrics.credentials_loaded(credentials.names)
         if approvals.reviewer is not None:  # the reviewer's environment holds no real value
-            approvals.reviewer.withheld = credentials.secret_values
+            approvals.reviewer.withheld = credentials.secret_forms
 
     resolver = Resolver(nameservers=args.nameserver, hosts_file=args.hosts_file or None)
     gate = Gate(

@@ -47,15 +47,15 @@ class Provided:
 
     def apply_to(self, env: Mapping[str, str]) -> dict[str, str]:
         """``env`` without any real value or source variable, with the placeholders set."""
-        secrets = self.store.secret_values()
+        secrets = self.store.secret_forms()  # the values, and encoded (a Basic header's base64)
         out = {}
         for name, value in env.items():
             if name in self.unset:
                 continue
             if name not in self.env and any(secret in value for secret in secrets):
                 sys.stderr.write(
-                    f"egress run: {name} held a credential's real value; it is not passed to the "
-                    "sandbox\n"
+                    f"egress run: {name} held a credential's real value (or an encoding of it); "
+                    "it is not passed to the sandbox\n"
                 )
                 continue
             out[name] = value

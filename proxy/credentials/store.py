@@ -23,6 +23,7 @@ from proxy.credentials.sources import SourceError
 
 log = logging.getLogger(__name__)
 KEPT_VALUES = 4  # earlier values of a credential still scrubbed from responses after a rotation
+MIN_ENCODED = 16  # characters: an encoded form shorter than this is not searched for
 
 
 class CredentialStore:
@@ -109,6 +110,18 @@ class CredentialStore:
     def secret_values(self) -> list[str]:
         """Every value this gate holds (to keep them out of the sandbox's environment)."""
         return [self.value(name) for name in self.declarations]
+
+    def secret_forms(self) -> list[str]:
+        """Every value this gate holds, and each in the encodings that hand it over as well: the
+        base64 of Basic credentials or of the value alone (standard and URL-safe, at every offset),
+        its percent-encoding. An environment variable holding one (``Authorization: Basic ...``
+        for git's ``http.extraheader``) holds the value. Encoded forms shorter than
+        :data:`MIN_ENCODED` are left out: they would match text that holds nothing."""
+        out: list[str] = []
+        for real in self.secret_values():
+            out.append(real)
+            out += [form for form, _ in encoded_echoes(real, real) if len(form) >= MIN_ENCODED]
+        return out
 
 
 KEY_FILE = "credentials.key"

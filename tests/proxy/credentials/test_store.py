@@ -140,3 +140,24 @@ def test_what_the_sandbox_gets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     ]
     assert env["GIT_CONFIG_VALUE_1"] == "" and ph in env["GIT_CONFIG_VALUE_2"]
     assert all(TOKEN not in value for value in env.values())
+
+
+def test_the_sandbox_gets_no_variable_holding_a_value_encoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A variable holding the value base64-encoded (git's ``http.extraheader`` as ``Authorization:
+    Basic ...``, a value encoded on its own, URL-safe) hands the value over as surely as one holding
+    it in clear: none reaches the sandbox; the rest of the environment does."""
+    monkeypatch.setenv("EGRESS_TEST_GH", TOKEN)
+    gh = declaration(Source("env", env="EGRESS_TEST_GH"), env=("GH_TOKEN",))
+    provided = provide(CredentialStore([gh]), "sbx-1", "/etc/egress/credentials.yaml")
+    basic = base64.b64encode(f"x-access-token:{TOKEN}".encode()).decode()
+    given = {
+        "EXTRAHEADER": f"AUTHORIZATION: basic {basic}",
+        "ALONE": base64.b64encode(TOKEN.encode()).decode(),
+        "URLSAFE": base64.urlsafe_b64encode(f"u:{TOKEN}".encode()).decode(),
+        "PATH": "/bin",
+        "SHORT": "dG9r",  # no encoded form is searched for that short
+    }
+    env = provided.apply_to(given)
+    assert {name for name in given if name in env} == {"PATH", "SHORT"}
