@@ -8,6 +8,7 @@ approvals do not (the connections they held are gone), so start-up expires them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
@@ -67,7 +68,7 @@ class SqliteStore:
         db = sqlite3.connect(self.path, isolation_level=None)
         if self.path != ":memory:":
             Path(self.path).chmod(0o600)
-            db.execute("PRAGMA journal_mode=WAL")
+            await _write_ahead(db)
         db.executescript(_SCHEMA)
         now = self.clock()
         with _transaction(db):
@@ -218,6 +219,24 @@ class SqliteStore:
             db.execute("DELETE FROM grants WHERE sandbox = ?", (sandbox,))
         for approval in closed:
             self.feed.publish(Change(ChangeType.DECIDED, approval))
+
+
+WAL_ATTEMPTS = 100  # x 50 ms: the busy timeout the other statements wait for (5 s)
+
+
+async def _write_ahead(db: sqlite3.Connection) -> None:
+    """Switch the file to write-ahead logging. Workers of one gate open it at the same moment, and
+    SQLite answers this pragma "database is locked" at once while another connection holds the
+    file, without waiting out the busy timeout as other statements do: it is asked again, for as
+    long as they would wait (a worker that gave up would not start)."""
+    for attempt in range(WAL_ATTEMPTS):
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == WAL_ATTEMPTS - 1:
+                raise
+            await asyncio.sleep(0.05)
 
 
 class _transaction:

@@ -266,3 +266,37 @@ def test_a_sandbox_that_ends_closes_its_pending_approvals_before_its_grants_end(
         assert [a.id for a in await store.pending()] == [other[0].id]
 
     run(make_store, body)
+
+
+def _start_when_released(path: str, release: Any, results: Any) -> None:
+    """One worker of a gate: opens the embedded store at the same moment as the others."""
+    from proxy.approvals.sqlitestore import SqliteStore
+
+    release.wait(30)
+    try:
+        asyncio.run(SqliteStore(path).start())
+        results.put("started")
+    except Exception as exc:  # reported to the test, which names it
+        results.put(repr(exc))
+
+
+def test_workers_opening_the_embedded_store_at_once_all_start(tmp_path: Path) -> None:
+    """``--workers N`` opens one file from N processes as they start: SQLite answers the switch to
+    write-ahead logging "database is locked" at once while another connection holds the file, so
+    a worker that took that answer as final did not start (more than half of such pairs here)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")  # forked from a process with no threads
+    for round_ in range(10):  # each round a new file, both processes released together
+        path = str(tmp_path / f"approvals-{round_}.sqlite3")
+        release, results = context.Barrier(2), context.Queue()
+        workers = [
+            context.Process(target=_start_when_released, args=(path, release, results))
+            for _ in range(2)
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(60)
+        assert [worker.exitcode for worker in workers] == [0, 0]
+        assert sorted(results.get(timeout=10) for _ in workers) == ["started", "started"]
