@@ -522,7 +522,9 @@ class _Loader:
         methods: frozenset[str] | None = None
         if "methods" in fields:
             methods = frozenset(self.methods(where.at("methods"), fields["methods"]))
-        insensitive = False
+        # A deny rule ignores case unless told otherwise: a router that does (Express's default)
+        # runs /GraphQL as /graphql, and a deny rule must not be stepped around by a spelling.
+        insensitive = action is Action.DENY
         if "paths_case" in fields:
             text = self.string(where.at("paths_case"), fields["paths_case"])
             if text not in (None, "sensitive", "insensitive"):

@@ -317,6 +317,9 @@ TABLE: list[tuple[str, str, str, dict[str, object], Verdict, Reason, str | None]
     ("open.test", "GET", "/feeds", {}, ALLOW, Reason.ALLOWED_BY_RULE, "open-api"),
     ("open.test", "GET", "/", {}, ALLOW, Reason.ALLOWED_BY_RULE, "open-api"),
     ("api.github.test", "GET", "/gists/", {}, DENY, Reason.DENIED_BY_RULE, "no-gists"),
+    # a deny rule's path ignores case unless told otherwise (Express routes /Gists as /gists)
+    ("api.github.test", "GET", "/Gists", {}, DENY, Reason.DENIED_BY_RULE, "no-gists"),
+    ("open.test", "GET", "/ADMIN/", {}, DENY, Reason.DENIED_BY_RULE, "open-no-admin"),
     # an allow rule's path is exact
     ("github.test", "POST", "/org/repo/git-upload-pack/", {"content_type": GIT_FETCH, "body_size": 4}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
 ]
