@@ -329,14 +329,21 @@ def _matches(
 
 
 def _spellings(target: Target, deny: bool) -> tuple[str, ...]:
-    """The paths a rule's globs are tried on: the canonical path; for a deny rule also the same
-    path with or without a trailing ``/``, which Rails, Express and most routers take for one
-    route (``/graphql/`` is ``/graphql`` there), so a deny rule is not stepped around by one."""
+    """The paths a rule's globs are tried on: the canonical path; for a deny rule also the spellings
+    routers take for the same route - with or without a trailing ``/`` (Rails, Express:
+    ``/graphql/`` is ``/graphql``), and without a format suffix on the last segment (Rails routes
+    ``/graphql.json`` to ``/graphql``; cut at its first dot and at its last) - so a deny rule is
+    not stepped around by one."""
     path = target.path
     assert path is not None
     if not deny or path == "/":
         return (path,)
-    return (path, path[:-1]) if path.endswith("/") else (path, path + "/")
+    bare = path[:-1] if path.endswith("/") else path
+    stems = [bare]
+    head, _, last = bare.rpartition("/")
+    if "." in last[1:]:
+        stems += [f"{head}/{last[: last.index('.', 1)]}", f"{head}/{last[: last.rindex('.')]}"]
+    return tuple(dict.fromkeys([path, *(each for stem in stems for each in (stem, stem + "/"))]))
 
 
 def _url_documents(target: Target) -> list[str]:

@@ -320,6 +320,11 @@ TABLE: list[tuple[str, str, str, dict[str, object], Verdict, Reason, str | None]
     # a deny rule's path ignores case unless told otherwise (Express routes /Gists as /gists)
     ("api.github.test", "GET", "/Gists", {}, DENY, Reason.DENIED_BY_RULE, "no-gists"),
     ("open.test", "GET", "/ADMIN/", {}, DENY, Reason.DENIED_BY_RULE, "open-no-admin"),
+    # ... and without a format suffix (Rails routes /gists.json as /gists)
+    ("api.github.test", "GET", "/gists.json", {}, DENY, Reason.DENIED_BY_RULE, "no-gists"),
+    ("api.github.test", "GET", "/gists.x.json", {}, DENY, Reason.DENIED_BY_RULE, "no-gists"),
+    ("open.test", "GET", "/admin.json/", {}, DENY, Reason.DENIED_BY_RULE, "open-no-admin"),
+    ("open.test", "GET", "/feeds.json", {}, ALLOW, Reason.ALLOWED_BY_RULE, "open-api"),
     # an allow rule's path is exact
     ("github.test", "POST", "/org/repo/git-upload-pack/", {"content_type": GIT_FETCH, "body_size": 4}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
 ]
