@@ -363,6 +363,8 @@ async def _serve(
                 evidence.emitter,
                 max_inflight_per_client=SHARED_INFLIGHT_PER_CLIENT,
                 max_tcp_per_client=SHARED_TCP_PER_CLIENT,
+                # A question names no sandbox: each one's own policy must allow the name too.
+                also=lambda: [own() for own in sandbox_policies.values()],
             )
             bound = await _serve_dns(dns_gate, *parse_listen(args.dns_listen))
         if args.handoff_socket:

@@ -135,6 +135,17 @@ class Answerer:
             return self._refused(query, refuse(request, policy, Reason.DNS_TYPE_REFUSED, detail))
 
         decision = decide(request, policy)
+        others = self._gate.also() if self._gate.also is not None else []
+        for other in others:  # a shared listener: every policy the asker may be under
+            if not decision.allowed:
+                break
+            refusal = decide(request, other)
+            if not refusal.allowed:
+                decision = refusal.with_(
+                    detail=f"{refusal.detail}; this DNS listener is shared by sandboxes, so a "
+                    f"name is answered only where every one of their policies allows it "
+                    f"(policy {other.version})"
+                )
         if not decision.allowed:
             return self._refused(query, decision)  # no upstream query for names not allowed
         rdtype_text = ADDRESS_TYPES.get(question.rdtype)
@@ -155,6 +166,9 @@ class Answerer:
             )
             return self._refused(query, refusal)
         good, bad = screen(lookup.addresses, policy.allow_internal)
+        for other in others:  # an internal range only one of them opens is no one's answer
+            good, more = screen(good, other.allow_internal)
+            bad += more
         if bad and not good:
             address, why = bad[0]
             refusal = refuse(

@@ -54,6 +54,12 @@ class DnsGate:
     serve --dns-listen``) sets them: without them one sandbox that kept 64 TCP connections open, or
     flooded it with questions for names that are slow to resolve, held every slot, and every other
     sandbox's queries were dropped (threat 13).
+
+    ``also``: the other policies a question may be asked under. A DNS question carries no
+    credential, so a listener shared by sandboxes with policies of their own (``egress serve
+    --sandboxes --dns-listen``) cannot tell which one asks: a name is answered only where every one
+    of them allows it, and an address only where every one of them may reach it (else a sandbox
+    whose own policy refuses ``*.wide.example`` could still send data upstream in its labels).
     """
 
     def __init__(
@@ -69,8 +75,10 @@ class DnsGate:
         max_answers: int = 16,
         max_inflight_per_client: int | None = None,
         max_tcp_per_client: int | None = None,
+        also: Callable[[], list[Policy]] | None = None,
     ) -> None:
         self.policy = policy
+        self.also = also
         self.resolver = resolver
         self.emitter = emitter
         self.sandbox_id = sandbox_id

@@ -532,3 +532,42 @@ def test_a_stop_while_dnspython_still_imports_stops_the_gate_never_ready(tmp_pat
     assert proc.returncode == 0, err
     assert "gate ready" not in err
     assert "shutting down" in err
+
+
+def test_the_shared_dns_listener_answers_no_name_a_sandboxs_own_policy_refuses(
+    tmp_path: Path, fake: FakeDns
+) -> None:
+    """A DNS question carries no credential: ``--dns-listen`` cannot tell which sandbox asks. A name
+    the gate's policy allows but a sandbox's own policy refuses is refused (NXDOMAIN, nothing asked
+    upstream), so a narrow sandbox cannot send data in the labels of a wider policy's wildcard."""
+    from proxy.policy.identities import token_digest
+
+    wide = tmp_path / "policy.yaml"
+    wide.write_text(POLICY + "  - name: wide\n    hosts: ['*.wide.test']\n")
+    narrow = tmp_path / "narrow.yaml"
+    narrow.write_text(POLICY)
+    sandboxes = tmp_path / "sandboxes.yaml"
+    sandboxes.write_text(
+        "version: 1\nsandboxes:\n"
+        f"  - id: narrow\n    token_sha256: {token_digest('tok-narrow')}\n    policy: narrow.yaml\n"
+        f"  - id: plain\n    token_sha256: {token_digest('tok-plain')}\n"
+    )
+    fake.set("secret-data.wide.test", "A", ["203.0.113.9"])
+    serve = Serve(
+        "--policy", str(wide), "--sandboxes", str(sandboxes), "--dns-listen", "127.0.0.1:0",
+        "--nameserver", fake.nameserver,
+    )  # fmt: skip
+    try:
+        host, port = serve.info["dns"].rsplit(":", 1)
+        allowed = dns.query.udp(
+            dns.message.make_query("pkgs.test", "A"), host, port=int(port), timeout=5
+        )
+        assert [r.to_text() for rrset in allowed.answer for r in rrset] == ["203.0.113.7"]
+        fake.reset_queries()
+        refused = dns.query.udp(
+            dns.message.make_query("secret-data.wide.test", "A"), host, port=int(port), timeout=5
+        )
+        assert refused.rcode() == dns.rcode.NXDOMAIN
+        assert fake.queries == []
+    finally:
+        assert serve.stop() == 0

@@ -731,3 +731,44 @@ def test_one_client_cannot_hold_every_question_in_flight_of_a_shared_gate(
             q = dns.message.make_query("a.allowed.test", "A")
             answer = dns.query.udp(q, env.udp[0], port=env.udp[1], timeout=WAIT, sock=other)
             assert addresses(answer) == ["203.0.113.1"]
+
+
+def test_a_gate_shared_by_several_policies_answers_only_what_every_one_allows(
+    fake: FakeDns, tmp_path: Path
+) -> None:
+    """``also``: a listener that cannot tell which sandbox asks (a DNS question has no credential)
+    answers a name only where every policy allows it, and an internal address only where every
+    policy opens its range; the refused name is never asked upstream."""
+    wide_path, narrow_path = tmp_path / "wide.yaml", tmp_path / "narrow.yaml"
+    wide_path.write_text(
+        "version: 1\nallow_internal: [10.0.0.0/8]\nrules:\n"
+        "  - name: wide\n    hosts: ['*.allowed.test']\n"
+    )
+    narrow_path.write_text("version: 1\nrules:\n  - name: one\n    hosts: [one.allowed.test]\n")
+    wide, narrow = load_policy(wide_path), load_policy(narrow_path)
+    sink = ListSink()
+    fake.set("one.allowed.test", "A", ["10.1.2.3", "203.0.113.4"])
+    fake.set("data.allowed.test", "A", ["203.0.113.5"])
+
+    async def ask(gate: DnsGate, name: str) -> dns.message.Message:
+        reply = await gate.handle(dns.message.make_query(name, "A").to_wire(), "10.9.9.9", "udp")
+        assert reply is not None
+        return dns.message.from_wire(reply)
+
+    async def main() -> tuple[dns.message.Message, dns.message.Message, dns.message.Message]:
+        alone = DnsGate(lambda: wide, Resolver([fake.nameserver]), Emitter([sink]))
+        shared = DnsGate(
+            lambda: wide, Resolver([fake.nameserver]), Emitter([sink]), also=lambda: [narrow]
+        )
+        return (
+            await ask(alone, "one.allowed.test"),
+            await ask(shared, "data.allowed.test"),
+            await ask(shared, "one.allowed.test"),
+        )
+
+    control, refused, screened = asyncio.run(main())
+    assert addresses(control) == ["10.1.2.3", "203.0.113.4"]  # the wide policy opens 10/8
+    assert refused.rcode() == dns.rcode.NXDOMAIN
+    assert fake.count("data.allowed.test") == 0
+    assert addresses(screened) == ["203.0.113.4"]  # the narrow one does not
+    assert sink.decisions[1].reason is Reason.NO_MATCHING_RULE
