@@ -287,13 +287,27 @@ def _check_auth(response: Any) -> None:
         raise AdminError("the admin API refused the token (401): check --token-file")
 
 
+def _summary(approval: dict[str, Any]) -> str:
+    """The request an approval is about, each part bounded on its own (the host always whole); an
+    answer without the parts (not this gate's) shows its ``what``, escaped and bounded."""
+    from proxy.approvals.model import summary
+    from proxy.core.text import escape
+
+    host, port, method, path = (approval.get(k) for k in ("host", "port", "method", "path"))
+    if not isinstance(host, str) or not isinstance(port, int):
+        return escape(str(approval.get("what", "?")), 200)
+    method = method if isinstance(method, str) else None
+    return summary(host, port, method, path if isinstance(path, str) else None)
+
+
 def describe(approval: dict[str, Any], now: float) -> str:
     from proxy.core.text import escape
 
     age = max(0, int(now - float(approval.get("created", now))))
     left = max(0, int(float(approval.get("deadline", now)) - now))
     sandbox = escape(str(approval.get("sandbox_id", "-")), 40)
-    what = escape(f"{str(approval.get('kind', '?')).upper()} {approval.get('what', '?')}", 200)
+    kind = escape(str(approval.get("kind", "?")).upper(), 16)
+    what = f"{kind} {_summary(approval)}"
     rule = escape(str(approval.get("rule") or "-"), 64)
     return f"{approval.get('id', '?'):<17} {age:>4}s {left:>4}s  {sandbox:<20} {rule:<20} {what}"
 
@@ -384,6 +398,8 @@ def _cmd_answer(args: argparse.Namespace) -> int:
     import json
     import re
 
+    from proxy.core.text import escape
+
     if not re.fullmatch(r"[0-9a-f]{16}", args.id):
         return fail(f"{args.id!r} is not an approval id (16 hex digits)")
     body: dict[str, Any] = {}
@@ -404,7 +420,8 @@ def _cmd_answer(args: argparse.Namespace) -> int:
     if response.status_code == 200:
         approval = data["approval"]
         done = f"approved ({approval['scope']})" if args.verb == "approve" else "denied"
-        print(f"{approval['id']}: {done} by {approval['decided_by']}: {approval['what']}")
+        by = escape(str(approval["decided_by"]), 64)
+        print(f"{approval['id']}: {done} by {by}: {_summary(approval)}")
         return EXIT_OK
     if response.status_code in (404, 409, 422):
         print(f"egress: {args.id}: {data.get('error')}", file=sys.stderr)

@@ -19,6 +19,7 @@ from typing import Any
 
 from proxy.core.authority import join_authority
 from proxy.core.decision import Decision, Kind
+from proxy.core.text import escape
 
 
 class Scope(StrEnum):
@@ -50,6 +51,8 @@ TIMEOUT = "timeout"  # decided_by of an approval nobody answered in time
 ENDED = "sandbox-ended"  # decided_by of an approval closed because its sandbox left the gate
 ENDED_REASON = "the sandbox ended before the approval was answered"
 MAX_REASON = 500  # characters of a reason kept (a person's, the reviewer's)
+SHOWN_METHOD = 64  # characters of a method on one terminal line (an override is any token)
+SHOWN_PATH = 200  # characters of its path there
 
 # Kinds whose rules decide a host and port as a whole: their approval covers host:port. Any other kind
 # (a request read under inspection) is decided per request, and its approval covers method and path too.
@@ -120,6 +123,22 @@ class Subject:
         if self.method is None:
             return where
         return f"{self.method} {where}{self.path or ''}"
+
+    def summary(self) -> str:
+        """:meth:`describe` for one line of a terminal (see :func:`summary`)."""
+        return summary(self.host, self.port, self.method, self.path)
+
+
+def summary(host: str, port: int, method: str | None = None, path: str | None = None) -> str:
+    """What an approval is about, on one terminal line: printable ASCII, each part escaped and bounded
+    on its own. The sandbox chooses the method's length (an override is any token, as long as the
+    request head allows) and the path's: bounded as one string, ``describe()`` would lose the host
+    and the path after a long method, and a person would be asked about a request without being
+    told where it goes. The host and port are always shown whole."""
+    where = escape(join_authority(host, port), 300)
+    if method is None:
+        return where
+    return f"{escape(method, SHOWN_METHOD)} {where}{escape(path or '', SHOWN_PATH)}"
 
 
 def _method(method: str | None, judged: Sequence[str]) -> str | None:

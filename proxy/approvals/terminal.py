@@ -1,8 +1,9 @@
 """``egress run``'s notices: a pending approval's id and the exact command that answers it, on the
 terminal of the person watching the agent (or one JSON line each with ``--json``).
 
-Sandbox data in the notice (host, path) is escaped: a hostile name cannot move the cursor or forge a
-line on that terminal.
+Sandbox data in the notice (host, method, path) is escaped: a hostile name cannot move the cursor or
+forge a line on that terminal. Each part is bounded on its own, so no long method or path can push the
+host out of the question.
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ class TerminalNotices:
         ]  # fmt: skip
 
     def opened(self, approval: Approval) -> None:
-        what = f"{approval.kind.upper()} {approval.subject.describe()}"
         seconds = int(approval.deadline - approval.created)
         if self.as_json:
+            what = f"{approval.kind.upper()} {approval.subject.describe()}"
             line = json.dumps(
                 {
                     "event": "approval-pending",
@@ -60,7 +61,8 @@ class TerminalNotices:
             return
         self._write(
             f"egress: approval {approval.id}: sandbox {escape(approval.subject.sandbox, 64)} asks "
-            f"for {escape(what, 300)} (rule {escape(approval.rule or '-', 64)}); "
+            f"for {escape(approval.kind.upper(), 16)} {approval.subject.summary()} "
+            f"(rule {escape(approval.rule or '-', 64)}); "
             f"{seconds} s to answer:"
         )
         self._write(f"egress:   {shlex.join(self.command('approve', approval.id))}")
