@@ -285,13 +285,15 @@ class Login(_Page):
                     page="login", csrf=None)  # fmt: skip
 
     def post(self) -> None:
+        """The nonces are compared as bytes: either may be any text the client sent, and comparing
+        text that is not ASCII raises (an error page instead of the form saying why)."""
         expected = self.get_cookie(LOGIN_COOKIE)
         presented = self.get_body_argument("nonce", None)
         if (
             not self.same_origin()
             or not expected
             or not presented
-            or not secrets.compare_digest(expected, presented)
+            or not secrets.compare_digest(expected.encode(), presented.encode())
         ):
             self.set_status(403)
             self.form("This login form expired or came from elsewhere; try again.")

@@ -90,8 +90,9 @@ def test_the_login_form_refuses_posts_it_did_not_serve(gate: ApprovalGate) -> No
                                  timeout=10))  # the nonce without its cookie  # fmt: skip
     refused.append(post(login_form(session, gate), headers={"Sec-Fetch-Site": "cross-site"}))
     refused.append(post(login_form(session, gate), headers={"Origin": "http://evil.example"}))
+    refused.append(post(login_form(session, gate) + "\u00e9"))  # not ASCII: refused, no error page
     for answer in refused:
-        assert answer.status_code == 403
+        assert answer.status_code == 403 and "login form expired" in answer.text
         assert "session" not in answer.headers.get("Set-Cookie", "")
     wrong = session.post(url, data={"token": good[:-2], "nonce": login_form(session, gate)},
                          allow_redirects=False, timeout=10)  # fmt: skip
