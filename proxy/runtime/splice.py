@@ -20,6 +20,8 @@ import logging
 import os
 import socket
 import struct
+import sys
+import termios
 from collections.abc import Callable
 
 from proxy.runtime.sockio import Watch, add_reader, add_writer
@@ -161,13 +163,22 @@ class _Pump:
 
 
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close sends a reset
+DRAIN_BEFORE_RESET = 30.0  # seconds the peer that did not fail is given to take what it was sent
+_DRAIN_POLL = 0.05
+
+
+def _unsent(sock: socket.socket) -> int:
+    """Bytes the kernel still holds for the peer (``SIOCOUTQ``: not yet sent or not yet
+    acknowledged); 0 when that cannot be told (a closed or reset socket has none)."""
+    try:
+        queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return 0
+    return int.from_bytes(queued, sys.byteorder, signed=True)
 
 
 def _abort(sock: socket.socket) -> None:
-    """A side that reset or failed is passed on as a reset, not an end: an end would make the
-    other peer take an aborted transfer for a complete one (a download cut short, an upload whose
-    sender died). The caller's close sends it; bytes the other peer has already received are
-    still read before the reset."""
+    """The caller's close of ``sock`` sends a reset, not an end."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
 
@@ -181,14 +192,33 @@ async def relay(
     client_watch: Watch | None = None,
     upstream_watch: Watch | None = None,
 ) -> None:
-    """Both directions until both have ended; an error on either side (a reset) ends both, and the
-    caller's close of the sockets then resets both peers. Cancelling it unregisters both
-    directions; the caller shuts down and closes the sockets. ``client_watch``, ``upstream_watch``: the sockets' registrations, which the relay's
-    readers replace (on the same poll handles) as they register."""
+    """Both directions until both have ended. An error on either side (a reset) ends both
+    directions and is passed on as a reset, not an end, which would make the other peer take an
+    aborted transfer for a complete one (a download cut short, an upload whose sender died): once
+    the other peer has taken what was relayed to it (up to DRAIN_BEFORE_RESET), the relay returns
+    with both sockets set to reset as the caller closes them (which it does without a
+    ``shutdown``, whose end would come first). Cancelling it unregisters both directions; the
+    caller then shuts down and closes the sockets. ``client_watch``, ``upstream_watch``: the
+    sockets' registrations, which the relay's readers replace (on the same poll handles) as they
+    register."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     remaining = 2
     failed = False
+    draining: asyncio.TimerHandle | None = None
+
+    def reset_once_sent(deadline: float) -> None:
+        """Reset both sides once neither holds a byte for its peer (a reset would drop them)."""
+        nonlocal draining
+        draining = None
+        if done.done():
+            return
+        if loop.time() < deadline and (_unsent(client) or _unsent(upstream)):
+            draining = loop.call_later(_DRAIN_POLL, reset_once_sent, deadline)
+            return
+        for sock in (client, upstream):
+            _abort(sock)
+        done.set_result(None)
 
     def finished(_pump: _Pump, error: BaseException | None) -> None:
         nonlocal remaining, failed
@@ -199,9 +229,9 @@ async def relay(
             failed = True
             for pump in pumps:
                 pump.stop()
-            for sock in (client, upstream):
-                _abort(sock)
-        if (remaining == 0 or failed) and not done.done():
+            reset_once_sent(loop.time() + DRAIN_BEFORE_RESET)
+            return
+        if remaining == 0 and not failed and not done.done():
             done.set_result(None)
 
     pumps: list[_Pump] = []
@@ -214,5 +244,7 @@ async def relay(
             upstream_watch.hand_over()
         await done
     finally:
+        if draining is not None:
+            draining.cancel()
         for pump in pumps:
             pump.stop()

@@ -15,7 +15,7 @@ import pytest
 
 from proxy.runtime.loop import loop_factory
 from proxy.runtime.sockio import Watch, recv
-from proxy.runtime.splice import relay
+from proxy.runtime.splice import _unsent, relay
 
 LOOPS = ["asyncio", "uvloop"]
 
@@ -281,5 +281,45 @@ def test_the_relay_takes_over_the_clients_watch_and_leaves_nothing_behind(choice
 
     try:
         assert _run(choice, main()) == b"world"
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_a_reset_after_a_whole_response_still_delivers_it_to_a_slow_reader(choice: str) -> None:
+    """An upstream that resets after its response (an abortive close, unread input) must not cost
+    a client that reads slowly the bytes the gate already took for it: the reset is passed on once
+    they have left the gate, as a direct connection would deliver them before its reset."""
+    t = Tunnel()
+    payload = os.urandom(300 * 1024)
+    t.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+    t.gate_client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 200 * 1024)  # ~400 KiB: all
+
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+        t.client.setblocking(False)
+        t.upstream.setblocking(False)
+        task = asyncio.ensure_future(relay(t.gate_client, t.gate_up, *t.counted()))
+        # as the front end does once the relay has returned: close both of the gate's sockets
+        task.add_done_callback(lambda _: (t.gate_client.close(), t.gate_up.close()))
+        await loop.sock_sendall(t.upstream, payload)
+        for _ in range(500):  # bounded: the gate has taken the whole response (a reset would
+            if t.inn == len(payload) and not _unsent(t.upstream):  # drop what it had not)
+                break
+            await asyncio.sleep(0.01)
+        assert t.inn == len(payload)
+        t.upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        t.upstream.close()  # a reset behind the whole response
+        received = b""
+        with pytest.raises(ConnectionResetError):
+            for _ in range(10_000):  # bounded: slow reads until the reset
+                chunk = await asyncio.wait_for(loop.sock_recv(t.client, 16 * 1024), 10)
+                assert chunk, "a clean end instead of the reset"
+                received += chunk
+                await asyncio.sleep(0.001)
+        return received
+
+    try:
+        assert _run(choice, main()) == payload
     finally:
         t.close()
