@@ -42,7 +42,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
@@ -329,12 +329,18 @@ def _on_port(rule: Rule, port: int) -> bool:
 
 
 def _host_deciders(
-    piece: HostPattern, port: int, managed: Managed, matches: list[Rule]
+    piece: HostPattern,
+    port: int,
+    managed: Managed,
+    matches: list[Rule],
+    decides: Callable[[str], bool] | None = None,
 ) -> list[Rule]:
     """The managed rules that decide some name ``piece`` matches on ``port``: the most specific of
     the rules covering the whole piece (``matches``; the gate decides a name by its most specific
     rule, so a broader managed allow does not stand in for a narrower managed ask or binding), and
-    every rule for a name below the piece's base (``*.x`` under a managed ``secret.x``)."""
+    every rule for a name below the piece's base (``*.x`` under a managed ``secret.x``) that the
+    local rule itself decides there (``decides``: a more specific local ask or deny for
+    ``secret.x`` decides that name instead, and is held to the ceiling on its own)."""
     covering = [
         replace(m, hosts=tuple(h for h in m.hosts if _pattern_covered(piece, h)), cidrs=())
         for m in matches
@@ -352,15 +358,35 @@ def _host_deciders(
     found = RuleIndex(covering).match_name(probe, port).allow
     deciders = [] if found is None else [found]
     if piece.kind is not PatternKind.EXACT:
-        deciders += [m for m in below.get(piece.base, ()) if _on_port(m, port)]
+        deciders += [
+            m
+            for m in below.get(piece.base, ())
+            if _on_port(m, port)
+            and (decides is None or any(decides(name) for name in _names_of(m, piece.base)))
+        ]
     return deciders
 
 
+def _names_of(rule: Rule, base: str) -> Iterator[str]:
+    """Names ``rule``'s patterns below ``base`` match: a pattern's own name where it matches it,
+    and a name below it (``x.secret.x`` for ``*.secret.x``)."""
+    for h in rule.hosts:
+        if h.base.endswith(f".{base}"):
+            if h.kind is not PatternKind.SUB:
+                yield h.base
+            if h.kind is not PatternKind.EXACT:
+                yield f"x.{h.base}"
+
+
 def _net_deciders(
-    net: IPNetwork, port: int, ceiling: tuple[Rule, ...], matches: list[Rule]
+    net: IPNetwork,
+    port: int,
+    ceiling: tuple[Rule, ...],
+    matches: list[Rule],
+    decides: Callable[[IPNetwork], bool] | None = None,
 ) -> list[Rule]:
     """:func:`_host_deciders` for a network: the longest managed prefix holding all of it, and
-    every managed rule for a network inside it."""
+    every managed rule for a network inside it that the local rule itself decides there."""
     covering = [
         replace(m, hosts=(), cidrs=tuple(c for c in m.cidrs if _net_covered(net, c)))
         for m in matches
@@ -371,7 +397,10 @@ def _net_deciders(
     deciders += [
         m
         for m in ceiling
-        if _on_port(m, port) and any(c != net and _net_covered(c, net) for c in m.cidrs)
+        if _on_port(m, port)
+        and any(
+            c != net and _net_covered(c, net) and (decides is None or decides(c)) for c in m.cidrs
+        )
     ]
     return deciders
 
@@ -406,6 +435,7 @@ def ceiling_problems(local: Policy, managed: Managed) -> list[Problem]:
             continue
         problems.append(Problem(_first_file(local), None, None, "allow_internal", why))
     names = {r.name: r for r in managed.policy.rules}
+    index = RuleIndex(local.rules)
     for rule in local.rules:
         if rule.name in names:
             problems.append(
@@ -419,7 +449,7 @@ def ceiling_problems(local: Policy, managed: Managed) -> list[Problem]:
             )
         if rule.action is Action.DENY:
             continue
-        problems += _rule_problems(rule, managed)
+        problems += _rule_problems(rule, managed, index)
     return problems
 
 
@@ -443,8 +473,12 @@ class Gap:
         return f"{self.target} port {self.port}" if self.port else self.target
 
 
-def rule_gaps(rule: Rule, managed: Managed) -> list[Gap]:
-    """What of an allow or ask ``rule`` the managed (or any other) policy does not cover."""
+def rule_gaps(rule: Rule, managed: Managed, local: RuleIndex | None = None) -> list[Gap]:
+    """What of an allow or ask ``rule`` the managed (or any other) policy does not cover. ``local``:
+    the index of the policy ``rule`` is in, which decides the names below its patterns (without
+    it, every managed rule for such a name is held against ``rule``)."""
+    decides = None if local is None else functools.partial(_decided_by, local, rule)
+
     out: list[Gap] = []
     ports = sorted(rule.ports) if rule.ports is not None else [0]
     ceiling = managed.ceiling
@@ -456,7 +490,8 @@ def rule_gaps(rule: Rule, managed: Managed) -> list[Gap]:
             for port in ports:
                 ok, why = _covering(rule, str(pattern), port, managed, matches)
                 if ok:
-                    deciders = _host_deciders(piece, port, managed, matches)
+                    by_rule = None if decides is None else functools.partial(decides, port=port)
+                    deciders = _host_deciders(piece, port, managed, matches, by_rule)
                     why = _decided_wider(rule, str(pattern), deciders, names)
                     ok = why is None
                 if not ok:
@@ -471,7 +506,8 @@ def rule_gaps(rule: Rule, managed: Managed) -> list[Gap]:
         for port in ports:
             ok, why = _covering(rule, str(net), port, managed, matches)
             if ok:
-                deciders = _net_deciders(net, port, ceiling, matches)
+                by_rule = None if local is None else functools.partial(_net_by, local, rule, port)
+                deciders = _net_deciders(net, port, ceiling, matches, by_rule)
                 why = _decided_wider(rule, str(net), deciders, names)
                 ok = why is None
             if not ok:
@@ -480,9 +516,21 @@ def rule_gaps(rule: Rule, managed: Managed) -> list[Gap]:
     return out
 
 
-def _rule_problems(rule: Rule, managed: Managed) -> list[Problem]:
+def _decided_by(index: RuleIndex, rule: Rule, name: str, port: int) -> bool:
+    """Whether the policy ``index`` is of decides ``name`` on ``port`` by ``rule``."""
+    found = index.match_name(name, port)
+    return found.deny is None and found.allow is rule
+
+
+def _net_by(index: RuleIndex, rule: Rule, port: int, net: IPNetwork) -> bool:
+    """:func:`_decided_by` for the first address of ``net``."""
+    found = index.match_value(net.version, int(net.network_address), port)
+    return found.deny is None and found.allow is rule
+
+
+def _rule_problems(rule: Rule, managed: Managed, local: RuleIndex) -> list[Problem]:
     out: list[Problem] = []
-    for gap in rule_gaps(rule, managed):
+    for gap in rule_gaps(rule, managed, local):
         message = gap.why or f"no rule of the managed policy {managed.path} allows {gap.where}"
         out.append(
             Problem(

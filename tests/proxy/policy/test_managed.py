@@ -415,3 +415,33 @@ def test_rules_inside_the_narrower_managed_ones_still_load(tmp_path: Path) -> No
     )
     local.write_text("version: 1\nrules:\n  - {name: www, hosts: [www.example.com]}\n")
     assert load_with_ceiling(local, asks).rules[0].name == "www"
+
+
+@pytest.mark.parametrize("secret", ["ask", "deny"])
+def test_a_wide_local_rule_loads_where_a_narrower_local_rule_decides_the_managed_names(
+    tmp_path: Path, secret: str
+) -> None:
+    """The gate decides a name by the local policy's most specific rule: a local wildcard allow
+    is held to the managed ask and binding below it only where it is what decides those names.
+    Where a local ask or deny for ``secret.example.com`` and a bound rule for ``git.example.com``
+    decide them, the wildcard loads, and the effective policy stays inside the ceiling."""
+    managed = write(tmp_path, "managed.yaml", NESTED_MANAGED)
+    local = write(
+        tmp_path,
+        "local.yaml",
+        f"""\
+        version: 1
+        rules:
+          - {{name: wide, hosts: ["*.example.com"], cidrs: [203.0.113.0/24]}}
+          - {{name: secret, action: {secret}, hosts: [secret.example.com], cidrs: [203.0.113.5/32]}}
+          - {{name: git, hosts: [git.example.com], executables: [/usr/bin/git]}}
+        """,
+    )
+    loaded = load_with_ceiling(local, managed)
+    decided = decide(Request(host="secret.example.com", port=443, kind=Kind.CONNECT), loaded)
+    assert decided.rule == "secret" and not decided.allowed
+    other = decide(Request(host="a.example.com", port=443, kind=Kind.CONNECT), loaded)
+    assert (other.decision, other.rule) == (Verdict.ALLOW, "wide")
+    local.write_text(local.read_text().replace("  - {name: secret", "  # {name: secret"))
+    with pytest.raises(PolicyError, match="org-ask-secret"):  # the wildcard decides it again
+        load_with_ceiling(local, managed)
