@@ -32,6 +32,7 @@ waiting, and once :meth:`SandboxProcesses.close` has been called every read is b
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -452,6 +453,7 @@ class SandboxProcesses:
 _KCMP = {"x86_64": 312, "aarch64": 272, "riscv64": 272}.get(os.uname().machine)
 _KCMP_FILES = 2
 _kcmp: Any = None
+_kcmp_refused = threading.Event()
 
 
 def _same_files(pid: int, tid: int) -> bool:
@@ -464,10 +466,18 @@ def _same_files(pid: int, tid: int) -> bool:
         import ctypes
 
         _kcmp = ctypes.CDLL(None, use_errno=True).syscall
-    try:
-        return bool(_kcmp(_KCMP, pid, tid, _KCMP_FILES, 0, 0) == 0)
-    except OSError:
-        return False
+    if _kcmp(_KCMP, pid, tid, _KCMP_FILES, 0, 0) == 0:
+        return True
+    import ctypes
+
+    if ctypes.get_errno() in (errno.EPERM, errno.ENOSYS) and not _kcmp_refused.is_set():
+        _kcmp_refused.set()  # said once: a seccomp filter (a container's default) refuses kcmp
+        log.warning(
+            "kcmp is refused here (%s): a search for every owner of a socket (rules bound to "
+            "executables) reads the file table of every thread of the sandbox's processes",
+            os.strerror(ctypes.get_errno()),
+        )
+    return False
 
 
 def _thread_holding(base: str, pid: int, link: str) -> str | None:

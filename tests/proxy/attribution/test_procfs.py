@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -521,3 +522,30 @@ def test_close_between_a_readers_last_look_and_its_release_still_closes_every_fi
     for fd in kept.values():
         with pytest.raises(OSError):
             os.fstat(fd)
+
+
+def test_a_thread_with_a_file_table_of_its_own_is_told_from_one_sharing_its_leaders() -> None:
+    """``kcmp(KCMP_FILES)`` on real threads: one sharing the leader's table is skipped (its table
+    is ``/proc/PID/fd``, read already); one that unshared its table is read on its own."""
+    if procfs._KCMP is None:
+        pytest.skip("no kcmp number for this machine")
+    answers: dict[str, bool] = {}
+    ready, done = threading.Event(), threading.Event()
+
+    def shared() -> None:
+        answers["shared"] = procfs._same_files(os.getpid(), threading.get_native_id())
+
+    def own() -> None:
+        os.unshare(os.CLONE_FILES)  # this thread's file table from now on is its own copy
+        answers["own"] = procfs._same_files(os.getpid(), threading.get_native_id())
+        ready.set()
+        done.wait(10)
+
+    for target in (shared, own):
+        thread = threading.Thread(target=target)
+        thread.start()
+        if target is own:
+            assert ready.wait(10)
+            done.set()
+        thread.join(10)
+    assert answers == {"shared": True, "own": False}
