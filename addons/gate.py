@@ -347,7 +347,7 @@ class GateAddon:
         flow.metadata[_ADMITTED] = decision
         try:
             if decision.kind in (Kind.REQUEST, Kind.HTTP):
-                bound = self.credentials.credentials().bound_to_host(decision.host, conn.sandbox_id)
+                bound = self.credentials.credentials().bound_to(decision.host, conn.sandbox_id)
                 if bound:
                     creds.prepare_scrub(flow)
             if decision.credential:

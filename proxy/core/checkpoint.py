@@ -428,7 +428,7 @@ class Checkpoint:
             and asks_upgrade(carried.headers)
         )
         if upgrade and decision.decision is not Verdict.DENY:
-            bound = declared.bound_to_host(_bare(decision.host), conn.sandbox_id)
+            bound = declared.bound_to(_bare(decision.host), conn.sandbox_id)
             if bound:
                 # Its messages are not read, so what the service sends back over it (a value it
                 # kept from an earlier request, on any of its ports) could not be scrubbed, as a

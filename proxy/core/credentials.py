@@ -180,8 +180,13 @@ class Credentials:
                 return value
         return None
 
-    def bound_to(self, host: str, port: int | None, sandbox_id: str | None) -> tuple[str, ...]:
-        """Names of the credentials issued to ``sandbox_id`` that may go to ``host:port``."""
+    def bound_to(
+        self, host: str, sandbox_id: str | None, *, port: int | None = None
+    ) -> tuple[str, ...]:
+        """Names of the credentials issued to ``sandbox_id`` that may go to ``host:port``, or with
+        no ``port``, that are bound to ``host`` on any port: the responses whose scrubbing they
+        call for (a service that kept a header sent to one of its ports can show it on another,
+        its plain-HTTP port or a second TLS port, as well)."""
         issued = {name for name, sandbox in self.issued.values() if sandbox == sandbox_id}
         try:
             canonical = canonical_host(host)
@@ -191,23 +196,12 @@ class Credentials:
         return tuple(
             name
             for name, binding in self.bindings.items()
-            if name in issued and (host, port or 443) in binding.hosts
-        )
-
-    def bound_to_host(self, host: str, sandbox_id: str | None) -> tuple[str, ...]:
-        """Names of the credentials issued to ``sandbox_id`` bound to ``host`` on any port: the
-        responses whose scrubbing they call for. A service that kept a header sent to one of its
-        ports can show it on another (its plain-HTTP port, a second TLS port) as well."""
-        issued = {name for name, sandbox in self.issued.values() if sandbox == sandbox_id}
-        try:
-            canonical = canonical_host(host)
-        except InvalidHost:
-            return ()
-        host = canonical if isinstance(canonical, str) else str(canonical)
-        return tuple(
-            name
-            for name, binding in self.bindings.items()
-            if name in issued and any(bound == host for bound, _ in binding.hosts)
+            if name in issued
+            and (
+                any(bound == host for bound, _ in binding.hosts)
+                if port is None
+                else (host, port) in binding.hosts
+            )
         )
 
     # -- finding placeholders ---------------------------------------------------------------

@@ -71,10 +71,12 @@ def http_head(method: str, target: str, fields: Fields, *, multiplexed: bool = F
     # a gzip body to a server that decodes request bodies, not one to read as it stands. A
     # transfer coding other than chunked (``gzip, chunked``: the gate removes only the chunking)
     # is a coding of the body the same way.
-    codings = list(found.get(b"content-encoding", ()))
-    for value in found.get(b"transfer-encoding", ()):
-        codings += [c for c in value.split(b",") if c.strip().lower() != b"chunked"]
-    content_encoding = b", ".join(codings).decode("latin-1") if codings else None
+    content_encoding = None
+    if b"content-encoding" in found or b"transfer-encoding" in found:
+        codings = list(found.get(b"content-encoding", ()))
+        for value in found.get(b"transfer-encoding", ()):
+            codings += [c for c in value.split(b",") if c.strip().lower() != b"chunked"]
+        content_encoding = b", ".join(codings).decode("latin-1") if codings else None
 
     overrides = (
         tuple(v.decode("latin-1") for key in _OVERRIDE_KEYS for v in found.get(key, ()))

@@ -316,8 +316,10 @@ def _matches(
         if target.path is None:
             if not deny:
                 return _Match.NO
-        elif not any(glob.matches(each) for glob in c.paths for each in _spellings(target, deny)):
-            return _Match.NO
+        else:
+            spellings = _spellings(target, deny)
+            if not any(glob.matches(each) for glob in c.paths for each in spellings):
+                return _Match.NO
     for name, accepted in c.query:
         values = target.query.values(name)
         if deny:

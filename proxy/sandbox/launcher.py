@@ -552,7 +552,12 @@ def relinkable(policy: Any) -> tuple[str, ...]:
         return ()
     ceiling = policy.ceiling
     named = (*policy.named, *(ceiling.named if ceiling is not None else ()))
-    found = [link for path in named for link in _links_on(os.path.abspath(path)) if _movable(link)]
+    # Joined to the working directory as given, not normalised: ``link/..`` is the link's target's
+    # parent to the kernel, which ``abspath`` would fold away by text.
+    here = os.getcwd()
+    found = [
+        link for path in named for link in _links_on(os.path.join(here, path)) if _movable(link)
+    ]
     return tuple(dict.fromkeys(found))
 
 

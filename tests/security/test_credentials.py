@@ -470,7 +470,7 @@ def test_a_failing_credential_step_refuses(
     assert result.status == 403 and result.headers["x-egress-reason"] == "credential-misuse"
 
 
-@pytest.mark.parametrize("step", ["bound_to_host", "swap"])
+@pytest.mark.parametrize("step", ["bound_to", "swap"])
 def test_a_failing_swap_or_scrub_mark_sends_nothing(
     setup: Setup, bound: EchoUpstream, monkeypatch: pytest.MonkeyPatch, step: str
 ) -> None:
@@ -483,8 +483,8 @@ def test_a_failing_swap_or_scrub_mark_sends_nothing(
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("boom")
 
-    if step == "bound_to_host":
-        monkeypatch.setattr(Credentials, "bound_to_host", broken)
+    if step == "bound_to":
+        monkeypatch.setattr(Credentials, "bound_to", broken)
     else:
         monkeypatch.setattr(creds, "swap", broken)
     result = setup.curl(

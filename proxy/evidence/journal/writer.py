@@ -163,6 +163,12 @@ class Journal:
             raise OSError(
                 errno.EBUSY, "another process is writing this journal (one writer per journal)"
             ) from None
+        except OSError as exc:  # ENOLCK, EOPNOTSUPP: a file system without flock (some NFS, FUSE)
+            raise OSError(
+                exc.errno,
+                f"cannot lock the journal for its one writer (flock: {exc.strerror}); keep it on "
+                "a local file system",
+            ) from None
         held = os.fstat(fd)
         try:
             named = os.stat(self.path)

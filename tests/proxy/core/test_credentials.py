@@ -250,9 +250,9 @@ def test_swap_header() -> None:
 
 def test_bound_to() -> None:
     credentials = _credentials()
-    assert credentials.bound_to("API.example.", 443, "sbx-1") == ("github",)
-    assert credentials.bound_to("api.example", 443, "sbx-2") == ()
-    assert credentials.bound_to("api.example", 8443, "sbx-1") == ()
+    assert credentials.bound_to("API.example.", "sbx-1", port=443) == ("github",)
+    assert credentials.bound_to("api.example", "sbx-2", port=443) == ()
+    assert credentials.bound_to("api.example", "sbx-1", port=8443) == ()
 
 
 REAL = b"ghp_REALREALREALREALREALREALREALREAL1234"
@@ -274,14 +274,14 @@ def test_the_scrubber_catches_values_split_anywhere(
     assert out == expected
 
 
-def test_bound_to_host_names_a_host_bound_on_any_port() -> None:
+def test_bound_to_without_a_port_names_a_host_bound_on_any_port() -> None:
     """Responses are scrubbed on every port of a bound host: what a service kept from one port
     it can show on another."""
     credentials = _credentials()
-    assert credentials.bound_to_host("API.example.", "sbx-1") == ("github",)
-    assert credentials.bound_to("api.example", 80, "sbx-1") == ()
-    assert credentials.bound_to_host("evil.example", "sbx-1") == ()
-    assert credentials.bound_to_host("api.example", "sbx-2") == ()  # nothing issued to it
+    assert credentials.bound_to("API.example.", "sbx-1") == ("github",)
+    assert credentials.bound_to("api.example", "sbx-1", port=80) == ()
+    assert credentials.bound_to("evil.example", "sbx-1") == ()
+    assert credentials.bound_to("api.example", "sbx-2") == ()  # nothing issued to it
 
 
 def test_scrub_text() -> None:

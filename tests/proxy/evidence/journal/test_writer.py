@@ -320,3 +320,24 @@ def test_a_journal_whose_last_record_has_no_valid_seq_is_not_continued(tmp_path:
     out = Emitter(write_ahead=[journal], audit_required=True).emit(allow())
     assert (out.decision, out.reason) == (Verdict.DENY, Reason.AUDIT_UNAVAILABLE)
     journal.close()
+
+
+def test_a_file_system_without_flock_says_so_and_records_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some NFS and FUSE mounts answer ``flock`` with ENOLCK: the journal cannot hold its one
+    writer there, so nothing is recorded (a deny under ``--audit-required``), and the error says
+    why rather than leaving an operator with a bare errno."""
+    import errno
+    import fcntl
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    journal = Journal(tmp_path / "audit.jsonl")
+    with pytest.raises(AuditUnavailable, match=r"cannot lock the journal.*flock"):
+        journal.record(allow(0))
+    out = Emitter(write_ahead=[journal], audit_required=True).emit(allow(1))
+    assert (out.decision, out.reason) == (Verdict.DENY, Reason.AUDIT_UNAVAILABLE)
+    journal.close()
