@@ -321,6 +321,7 @@ HIDDEN_HOLDER_C = r"""
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 #include <sys/mman.h>
@@ -330,6 +331,21 @@ HIDDEN_HOLDER_C = r"""
 
 static int sock;
 static char req[512];
+
+/* Until the child runs the bound program (its /proc/PID/exe names it), at most 5 s. */
+static void wait_exec(pid_t child, const char *path) {
+    char link[64], target[4096], want[4096];
+    if (!realpath(path, want)) return;
+    snprintf(link, sizeof link, "/proc/%d/exe", (int)child);
+    for (int i = 0; i < 500; i++) {
+        ssize_t n = readlink(link, target, sizeof target - 1);
+        if (n > 0) {
+            target[n] = 0;
+            if (strcmp(target, want) == 0) return;
+        }
+        usleep(10000);
+    }
+}
 
 static int worker(void *arg) {
     (void)arg;
@@ -355,12 +371,13 @@ int main(int argc, char **argv) {
     snprintf(url, sizeof url, "http://%s/", argv[2]);
     sock = socket(AF_INET, SOCK_STREAM, 0);  /* no SOCK_CLOEXEC: the bound program inherits it */
     pipe(p);
-    if (fork() == 0) {  /* the bound program, waiting for commands on a pipe nobody writes */
+    pid_t child = fork();
+    if (child == 0) {  /* the bound program, waiting for commands on a pipe nobody writes */
         dup2(p[0], 0);
         execl(argv[1], argv[1], "origin", url, (char *)NULL);
         _exit(127);
     }
-    usleep(300000);  /* it has started, holding the socket */
+    wait_exec(child, argv[1]);  /* it runs the bound program, holding the socket */
     char *stack = mmap(NULL, 1 << 16, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
     int own = strcmp(argv[3], "own-table") == 0;
@@ -405,17 +422,33 @@ def test_a_holder_hidden_from_proc_pid_fd_still_counts_for_a_bound_rule(
 
 # The bound program inherits an unconnected socket (so its pid, newer, is the first owner a search
 # from the newest finds); the older process connects it, queues its request with TCP_CORK (held up
-# to 200 ms by the kernel) and closes its copy 20 ms later, well after the gate's lookup as the
+# to 200 ms by the kernel) and closes its copy 150 ms later, well after the gate's lookup as the
 # connection opened but before the request is decided. (Closing it within microseconds of the
 # connect, before any lookup can read /proc, is the race docs/attribution.md describes.)
 CORKED_C = r"""
 #define _GNU_SOURCE
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 #include <sys/socket.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+
+/* Until the child runs the bound program (its /proc/PID/exe names it), at most 5 s. */
+static void wait_exec(pid_t child, const char *path) {
+    char link[64], target[4096], want[4096];
+    if (!realpath(path, want)) return;
+    snprintf(link, sizeof link, "/proc/%d/exe", (int)child);
+    for (int i = 0; i < 500; i++) {
+        ssize_t n = readlink(link, target, sizeof target - 1);
+        if (n > 0) {
+            target[n] = 0;
+            if (strcmp(target, want) == 0) return;
+        }
+        usleep(10000);
+    }
+}
 
 int main(int argc, char **argv) {
     char req[512], url[300];
@@ -427,19 +460,20 @@ int main(int argc, char **argv) {
     snprintf(url, sizeof url, "http://%s/", argv[2]);
     int s = socket(AF_INET, SOCK_STREAM, 0);
     pipe(p);
-    if (fork() == 0) {
+    pid_t child = fork();
+    if (child == 0) {
         dup2(p[0], 0);
         execl(argv[1], argv[1], "origin", url, (char *)NULL);
         _exit(127);
     }
-    usleep(300000);
+    wait_exec(child, argv[1]);
     a.sin_family = AF_INET;
     a.sin_port = htons(3128);
     a.sin_addr.s_addr = htonl(0x7f000001);
     setsockopt(s, IPPROTO_TCP, TCP_CORK, &one, sizeof one);
     if (connect(s, (struct sockaddr *)&a, sizeof a) != 0) return 1;
     write(s, req, strlen(req));
-    usleep(20000);  /* long after the gate's lookup as it accepted: the older holder is there */
+    usleep(150000);  /* long after the gate's lookup as it accepted, within the cork's 200 ms */
     close(s);
     sleep(1);
     return 0;

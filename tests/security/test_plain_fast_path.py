@@ -822,7 +822,7 @@ def test_a_response_of_many_small_chunks_does_not_hold_the_gate(
         streaming.sendall(get("raw.test", upstream.port))
         reader.start()
         assert drained.wait(WAIT), "the response did not start"
-        with socket.create_connection(("127.0.0.1", running.port), timeout=3.0) as probe:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=WAIT) as probe:
             probe.sendall(get("denied.test", 80))
             try:
                 head = recv_head(probe)
