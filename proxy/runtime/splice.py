@@ -164,6 +164,7 @@ class _Pump:
 
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close sends a reset
 DRAIN_BEFORE_RESET = 30.0  # seconds the peer that did not fail is given to take what it was sent
+DRAIN_STALLED = 1.0  # ... while it takes some of it at least this often (a stalled one: reset)
 _DRAIN_POLL = 0.05
 
 
@@ -195,10 +196,10 @@ async def relay(
     """Both directions until both have ended. An error on either side (a reset) ends both
     directions and is passed on as a reset, not an end, which would make the other peer take an
     aborted transfer for a complete one (a download cut short, an upload whose sender died): once
-    the other peer has taken what was relayed to it (up to DRAIN_BEFORE_RESET), the relay returns
-    with both sockets set to reset as the caller closes them (which it does without a
-    ``shutdown``, whose end would come first). Cancelling it unregisters both directions; the
-    caller then shuts down and closes the sockets. ``client_watch``, ``upstream_watch``: the
+    the other peer has taken what was relayed to it (up to DRAIN_BEFORE_RESET, while it takes some
+    of it every DRAIN_STALLED), the relay returns with both sockets set to reset as the caller
+    closes them (which it does without a ``shutdown``, whose end would come first). Cancelling it
+    unregisters both directions; the caller then shuts down and closes the sockets. ``client_watch``, ``upstream_watch``: the
     sockets' registrations, which the relay's readers replace (on the same poll handles) as they
     register."""
     loop = asyncio.get_running_loop()
@@ -207,14 +208,19 @@ async def relay(
     failed = False
     draining: asyncio.TimerHandle | None = None
 
-    def reset_once_sent(deadline: float) -> None:
-        """Reset both sides once neither holds a byte for its peer (a reset would drop them)."""
+    def reset_once_sent(deadline: float, left: int, moved: float) -> None:
+        """Reset both sides once neither holds a byte for its peer (a reset would drop them), or
+        once the peer has taken none of them for DRAIN_STALLED (one that stopped reading, as when
+        the gate ends a stalled tunnel), or at ``deadline``."""
         nonlocal draining
         draining = None
         if done.done():
             return
-        if loop.time() < deadline and (_unsent(client) or _unsent(upstream)):
-            draining = loop.call_later(_DRAIN_POLL, reset_once_sent, deadline)
+        now, unsent = loop.time(), _unsent(client) + _unsent(upstream)
+        if unsent < left:
+            moved = now
+        if unsent and now < deadline and now - moved < DRAIN_STALLED:
+            draining = loop.call_later(_DRAIN_POLL, reset_once_sent, deadline, unsent, moved)
             return
         for sock in (client, upstream):
             _abort(sock)
@@ -229,7 +235,8 @@ async def relay(
             failed = True
             for pump in pumps:
                 pump.stop()
-            reset_once_sent(loop.time() + DRAIN_BEFORE_RESET)
+            now = loop.time()
+            reset_once_sent(now + DRAIN_BEFORE_RESET, _unsent(client) + _unsent(upstream), now)
             return
         if remaining == 0 and not failed and not done.done():
             done.set_result(None)
