@@ -111,6 +111,14 @@ class GateEnv:
         async def stop() -> None:
             self.gate.close()
             await self.gate.wait_closed()
+            # Upstream questions still in flight (the resolver's, shared by callers): ended here,
+            # or the closed loop's tasks would be destroyed pending, which asyncio logs as an
+            # error whenever the collector gets to them - during another gate's start-up in this
+            # process, which mitmproxy then refuses.
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
         self.run(stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
