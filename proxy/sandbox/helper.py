@@ -488,6 +488,8 @@ def _init_main(config: dict[str, Any], ctl: socket.socket, env: dict[str, str] |
         dropped = ""
     except OSError as exc:
         dropped = f"egress run: cannot drop privileges for the command: {exc}\n"
+    if not dropped and not _forbid_terminal_injection():
+        config = {**config, "tty": None, "new_session": True}
     pending: list[int] = []
     child = 0
 
@@ -541,6 +543,79 @@ def _drop_privileges() -> None:
     _prctl(_PR_SET_NO_NEW_PRIVS, 1)
 
 
+# The terminal ioctls that push input into a terminal (TIOCSTI: "simulate terminal input") or paste
+# a console's selection into it (TIOCLINUX), <asm-generic/ioctls.h>: the command's session still
+# has the terminal of whoever ran ``egress run`` as its controlling terminal (``/dev/tty`` opens it
+# even when no standard stream is a terminal), and the kernel lets a process push input into its own
+# controlling terminal without any capability. What it pushed is read after the run by the shell
+# that started it, outside the sandbox, as if the user had typed it.
+_TIOCSTI, _TIOCLINUX = 0x5412, 0x541C
+# Per machine: (AUDIT_ARCH_*, the ioctl syscall numbers under it), each ABI the kernel runs there.
+# x86_64 runs i386 code too (int 0x80) and, where enabled, x32 (numbers with bit 30 set).
+_IOCTL_SYSCALLS: dict[str, tuple[tuple[int, tuple[int, ...]], ...]] = {
+    "x86_64": ((0xC000003E, (16, 0x40000000 | 16, 0x40000000 | 514)), (0x40000003, (54,))),
+    "aarch64": ((0xC00000B7, (29,)), (0x40000028, (54,))),
+}
+_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
+_SECCOMP_RET_ALLOW, _SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000
+_BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_RET_K = 0x20, 0x15, 0x06
+
+
+def _terminal_injection_filter(machine: str) -> list[tuple[int, int, int, int]] | None:
+    """A seccomp program (``struct sock_filter`` entries) that fails ``ioctl(TIOCSTI)`` and
+    ``ioctl(TIOCLINUX)`` with EPERM under every ABI of ``machine`` and allows everything else;
+    None for a machine without a table here. ``seccomp_data``: nr at 0, arch at 4, the low half of
+    args[1] (the ioctl's request, an ``unsigned int``) at 24 on these little-endian machines."""
+    abis = _IOCTL_SYSCALLS.get(machine)
+    if abis is None:
+        return None
+    # Jumps name their targets (None: the next instruction); ``_resolve`` turns them into the
+    # forward offsets BPF wants. Each ABI's block checks its architecture, then its numbers.
+    code: list[tuple[str, int, int, str | None, str | None]] = []  # label, op, k, jt, jf
+    for index, (arch, numbers) in enumerate(abis):
+        following = f"abi{index + 1}" if index + 1 < len(abis) else "allow"
+        code.append((f"abi{index}", _BPF_LD_W_ABS, 4, None, None))
+        code.append(("", _BPF_JEQ_K, arch, None, following))
+        code.append(("", _BPF_LD_W_ABS, 0, None, None))
+        code.extend(("", _BPF_JEQ_K, number, "check", None) for number in numbers)
+        code.append(("", _BPF_JEQ_K, 0, "allow", "allow"))  # an unconditional jump
+    code.append(("check", _BPF_LD_W_ABS, 24, None, None))
+    code.append(("", _BPF_JEQ_K, _TIOCSTI, "deny", None))
+    code.append(("", _BPF_JEQ_K, _TIOCLINUX, "deny", "allow"))
+    code.append(("deny", _BPF_RET_K, _SECCOMP_RET_ERRNO | errno.EPERM, None, None))
+    code.append(("allow", _BPF_RET_K, _SECCOMP_RET_ALLOW, None, None))
+    at = {label: index for index, (label, *_) in enumerate(code) if label}
+
+    def offset(index: int, target: str | None) -> int:
+        return 0 if target is None else at[target] - index - 1
+
+    return [
+        (op, offset(index, jt), offset(index, jf), k)
+        for index, (_, op, k, jt, jf) in enumerate(code)
+    ]
+
+
+def _forbid_terminal_injection() -> bool:
+    """Install :func:`_terminal_injection_filter` for this process and everything it starts (after
+    ``no_new_privs``, which an unprivileged filter needs; nothing the command does removes it);
+    False where that is not possible (another machine, a kernel without seccomp filters): the
+    command then starts in a session of its own, without a controlling terminal."""
+    import ctypes
+
+    program = _terminal_injection_filter(os.uname().machine)
+    if program is None:
+        return False
+    raw = b"".join(struct.pack("=HBBI", *entry) for entry in program)
+    buffer = ctypes.create_string_buffer(raw, len(raw))
+    fprog = struct.pack("@HP", len(program), ctypes.addressof(buffer))  # struct sock_fprog
+    holder = ctypes.create_string_buffer(fprog, len(fprog))
+    try:
+        _prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(holder))
+    except OSError:
+        return False
+    return True
+
+
 def _start_command(config: dict[str, Any], env: dict[str, str] | None) -> int:
     """The command's process; its pid. Without a terminal to hand over, ``posix_spawnp`` gives
     it all it needs (default signals, an empty mask, its own process group) without copying
@@ -562,6 +637,15 @@ def _start_command(config: dict[str, Any], env: dict[str, str] | None) -> int:
         else:
             os.environ.pop("PATH", None)
     try:
+        if config.get("new_session"):
+            return os.posix_spawnp(
+                argv[0],
+                argv,
+                os.environ if env is None else env,
+                setsid=True,
+                setsigmask=(),
+                setsigdef=(*_FORWARDED, signal.SIGPIPE, signal.SIGXFSZ),
+            )
         return os.posix_spawnp(
             argv[0],
             argv,

@@ -6,6 +6,7 @@ hidden under it must stay hidden, and a writable file system mounted below it mu
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from proxy.sandbox.helper import _unescape
+from proxy.sandbox.helper import _terminal_injection_filter, _unescape
 from proxy.sandbox.namespace import Sandbox, SandboxSpec
 from tests.proxy.sandbox.conftest import LISTENERS, WAIT
 
@@ -192,3 +193,46 @@ def test_no_directory_above_a_read_only_path_can_be_renamed(tmp_path: Path) -> N
         "grandparent": busy,
         "inside": ["moved", "venv"],
     }, out
+
+
+def _run_filter(program: list[tuple[int, int, int, int]], arch: int, nr: int, request: int) -> int:
+    """What the seccomp program returns for one system call (the classic BPF subset it uses)."""
+    data = {0: nr, 4: arch, 24: request}
+    accumulator, at = 0, 0
+    while True:
+        code, jt, jf, k = program[at]
+        if code == 0x20:
+            accumulator = data[k]
+        elif code == 0x15:
+            at += jt if accumulator == k else jf
+        else:
+            assert code == 0x06
+            return k
+        at += 1
+
+
+@pytest.mark.parametrize(
+    ("machine", "arch", "ioctl"),
+    [
+        ("x86_64", 0xC000003E, 16),
+        ("x86_64", 0xC000003E, 0x40000000 | 514),
+        ("x86_64", 0x40000003, 54),
+        ("aarch64", 0xC00000B7, 29),
+        ("aarch64", 0x40000028, 54),
+    ],
+    ids=["x86_64", "x32", "i386", "aarch64", "arm"],
+)
+def test_terminal_injection_is_refused_under_every_abi_of_the_machine(
+    machine: str, arch: int, ioctl: int
+) -> None:
+    """A 32-bit program (i386 on x86_64, arm on aarch64) reaches ioctl under another number and
+    architecture: TIOCSTI and TIOCLINUX fail with EPERM under each, and nothing else does."""
+    program = _terminal_injection_filter(machine)
+    assert program is not None
+    deny, allow = 0x00050000 | errno.EPERM, 0x7FFF0000
+    assert _run_filter(program, arch, ioctl, 0x5412) == deny  # TIOCSTI
+    assert _run_filter(program, arch, ioctl, 0x541C) == deny  # TIOCLINUX
+    assert _run_filter(program, arch, ioctl, 0x5413) == allow  # TIOCGWINSZ
+    assert _run_filter(program, arch, ioctl + 1, 0x5412) == allow  # another call, same number
+    assert _run_filter(program, 0x12345678, ioctl, 0x5412) == allow
+    assert _terminal_injection_filter("riscv64") is None  # that machine's command gets a session

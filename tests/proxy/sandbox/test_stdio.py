@@ -105,6 +105,83 @@ def test_terminal_is_passed_through_and_ctrl_c_reaches_only_the_command(
         os.close(master)
 
 
+_INJECT = """
+import fcntl, os, termios
+try:
+    fd = os.open("/dev/tty", os.O_RDWR)
+except OSError as exc:
+    print("NO-TTY", exc.errno, flush=True)
+    raise SystemExit(0)
+for name in ("TIOCSTI", "TIOCLINUX"):
+    try:
+        for ch in b"echo INJECTED\\n":
+            fcntl.ioctl(fd, getattr(termios, name, 0x541C), bytes([ch]))
+        print(name, "PUSHED", flush=True)
+    except OSError as exc:
+        print(name, "REFUSED", exc.errno, flush=True)
+print("SIZE", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\\0" * 8) != b"", flush=True)
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("stdio", ["terminal", "redirected"])
+def test_the_command_cannot_type_into_the_terminal_it_was_started_from(
+    world: tuple[Path, FakeDns, Upstream], tmp_path: Path, stdio: str
+) -> None:
+    """The shell that ran ``egress run`` reads its terminal again once the run ends: input the
+    command pushed into that terminal (TIOCSTI, TIOCLINUX) would run there, outside the sandbox, as
+    if typed. The command's session keeps the terminal as its controlling terminal (``/dev/tty``
+    opens it even when its standard streams are files), so the ioctls themselves are refused;
+    other terminal ioctls still work."""
+    import pty
+    import select
+
+    policy, _, _ = world
+    script = tmp_path / "inject.py"
+    script.write_text(_INJECT)
+    log = tmp_path / "out.txt"
+    egress_run = (
+        f"{sys.executable} -m proxy.app.cli run --quiet --policy {policy} -- "
+        f"{sys.executable} -I {script}"
+    )
+    if stdio == "redirected":
+        egress_run += f" </dev/null >{log} 2>&1"
+    shell = f"{egress_run}; echo EXIT=$?; stty -echo; read -r line; echo 'AFTER:['$line']'"
+    pid, master = pty.fork()
+    if pid == 0:
+        os.chdir(REPO)
+        os.execve("/bin/sh", ["sh", "-c", shell], clean_env())
+    output = b""
+    try:
+        deadline = time.monotonic() + WAIT
+        while b"EXIT=" not in output and time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                output += os.read(master, 4096)
+        time.sleep(0.5)  # the shell is at its read: it would take what was pushed
+        os.write(master, b"typed\n")
+        deadline = time.monotonic() + WAIT
+        while b"AFTER:" not in output and time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                output += os.read(master, 4096)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        with contextlib.suppress(ChildProcessError, ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(master)
+    text = output.decode(errors="replace") + (log.read_text() if log.exists() else "")
+    assert "AFTER:[typed]" in text, text
+    assert "INJECTED" not in text, text
+    assert "TIOCSTI REFUSED 1" in text, text
+    assert "TIOCLINUX REFUSED 1" in text, text
+    assert "SIZE True" in text, text
+    assert "EXIT=0" in text, text
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 @pytest.mark.netns
 @pytest.mark.timeout(90)
 def test_stdio_ip_socket_that_could_send_anywhere_is_refused(
