@@ -195,8 +195,8 @@ def sandbox_trust(inspection: Inspection) -> TrustSetup:
                     upstream_trust(confdir, inspection.upstream_ca)
                 gate_cert = files.cert if policy.reads_requests else None
             else:
-                if (existing := statedir.existing_state_dir(chosen)) is not None:
-                    hidden.append(str(existing))
+                if (own := statedir.state_dir_to_hide(chosen)) is not None:
+                    hidden.append(str(own))
                 gate_cert = Path(inspection.ca_cert) if inspection.ca_cert else None
             if inspection.ca_key is not None:
                 hidden.append(inspection.ca_key)

@@ -263,11 +263,11 @@ def _resolve_own_files(args: argparse.Namespace) -> None:
 def _own_state(args: argparse.Namespace, reuse: bool) -> tuple[str, ...]:
     """This user's own gate state (its CA key), when a gate elsewhere (the shared one) may serve
     the run (``reuse``): a private gate hides it anyway, the shared gate hides only its own."""
-    from proxy.app.statedir import existing_state_dir
+    from proxy.app.statedir import state_dir_to_hide
 
     if not reuse:
         return ()
-    found = existing_state_dir(args.state_dir)
+    found = state_dir_to_hide(args.state_dir)
     return (found,) if found is not None else ()
 
 
@@ -308,13 +308,13 @@ def _reusable(args: argparse.Namespace) -> bool:
 
 def _joined_trust(state_dir: str | None) -> TrustSetup:
     """A sandbox joining a gate elsewhere with no CA named: it trusts nothing new, and this user's own
-    gate state (its CA key), if any, stays hidden from it."""
+    gate state (its CA key) stays hidden from it (made first where there is none yet)."""
 
     def setup(_policy: object) -> Trust:
-        from proxy.app.statedir import existing_state_dir
+        from proxy.app.statedir import state_dir_to_hide
         from proxy.sandbox.trust import Trust
 
-        found = existing_state_dir(state_dir)
+        found = state_dir_to_hide(state_dir)
         return Trust(bundle=None, hidden=(str(found),) if found is not None else ())
 
     return setup

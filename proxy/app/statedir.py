@@ -65,14 +65,24 @@ def real_state_dir(chosen: str | None = None) -> str | None:
     return os.path.realpath(state)
 
 
-def existing_state_dir(chosen: str | None = None) -> str | None:
-    """The state directory (``chosen``, else the default) if it exists: a sandbox that joins a gate
-    elsewhere must not read this user's own gate state (its CA key) either. None if there is none."""
+def state_dir_to_hide(chosen: str | None = None) -> str | None:
+    """The state directory (``chosen``, else the default) for a sandbox that joins a gate elsewhere,
+    created (mode 0700) when it does not exist yet: such a sandbox must not read this user's own
+    gate state (its CA key), and must not make it either. A directory the command created where
+    none was would be the state of this user's next gate of its own: the approved rules it reads
+    (an ``approved.yaml`` granting the command's own ask rules, nobody asked) and its CA. The path
+    is returned when it exists in any form (a dangling link cannot be hidden, and the run then
+    does not start); None when there is no default (no HOME) or it cannot be made (then the
+    command, running as the same user, cannot make it either)."""
     try:
         state = chosen if chosen else _default_state_dir(os.environ)
     except StateDirError:
         return None
-    return state if os.path.isdir(state) else None
+    try:
+        os.makedirs(state, mode=0o700, exist_ok=True)
+    except OSError:
+        return state if os.path.lexists(state) else None
+    return state
 
 
 def _passwd_home() -> str | None:

@@ -11,8 +11,10 @@ a hidden path is pinned (bound onto itself) as it is above a read-only one.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -192,3 +194,62 @@ def test_a_link_on_the_way_to_the_hosts_file_cannot_be_replaced_to_move_a_name(
     assert result.returncode == 0, result.stderr
     assert "replaced=0" in result.stdout and result.stdout.endswith("200"), result.stdout
     assert http_upstream.accepted == 1
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("joined", ["--proxy", "--gate-socket"])
+def test_a_run_joining_a_gate_elsewhere_cannot_make_the_state_directory_of_the_next_run(
+    write_policy: Callable[[str], Path],
+    http_upstream: Upstream,
+    tmp_path: Path,
+    joined: str,
+) -> None:
+    """A run served by a gate elsewhere has no state of its own, and this user may have none yet:
+    the command, running as that user, would make the directory where the next run's own gate
+    keeps its state and write an ``approved.yaml`` that grants its ask rule, nobody asked. The
+    directory is made (empty, 0700) before the sandbox exists and hidden like any other."""
+    home = Path(tempfile.mkdtemp(prefix="h-", dir="/tmp"))  # short: the gate binds sockets in it
+    try:
+        _plant_then_ask(write_policy, http_upstream, tmp_path, joined, home)
+    finally:
+        shutil.rmtree(home)
+
+
+def _plant_then_ask(
+    write_policy: Callable[[str], Path],
+    http_upstream: Upstream,
+    tmp_path: Path,
+    joined: str,
+    home: Path,
+) -> None:
+    port = http_upstream.port
+    state = home / ".local" / "state" / "agent-egress"
+    env = clean_env(HOME=str(home))
+    env.pop("EGRESS_STATE_DIR", None)
+    env.pop("XDG_STATE_HOME", None)
+    plant = (
+        f"mkdir -p {state}; printf '{PLANTED.format(port=port)}' > {state}/approved.yaml; "
+        'echo "plant=$?"'
+    )
+    gate = "http://127.0.0.1:9" if joined == "--proxy" else str(tmp_path / "no-gate.sock")
+    subprocess.run(
+        [sys.executable, "-m", "proxy.app.cli", "run", "--quiet", joined, gate,
+         "--", "sh", "-c", plant],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert not (state / "approved.yaml").exists()
+    assert state.is_dir() and state.stat().st_mode & 0o777 == 0o700
+    policy, hosts = _asking(write_policy, port, tmp_path)
+    log = tmp_path / "decisions.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy.app.cli", "run", "--quiet", "--policy", str(policy),
+         "--hosts-file", str(hosts), "--decision-log", str(log),
+         "--", sys.executable, "-I", "-c", CONNECT.format(port=port)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert "answer=403" in result.stdout, result.stdout + result.stderr
+    decided = [json.loads(line) for line in log.read_text().splitlines()]
+    final = [r for r in decided if r.get("host") == "ask.test" and r["decision"] != "ask"]
+    assert [(r["decision"], r["reason"]) for r in final] == [("deny", "approval-timeout")]
+    assert http_upstream.accepted == 0

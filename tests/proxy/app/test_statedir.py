@@ -48,6 +48,23 @@ def test_prepare_names_the_directory_that_fails(tmp_path: Path) -> None:
         statedir.prepare_state_dir(tmp_path / "file")
 
 
+def test_the_state_directory_a_joined_sandbox_hides_is_made_when_there_is_none(
+    tmp_path: Path,
+) -> None:
+    """A sandbox served by a gate elsewhere must not be the one to make this user's state
+    directory (the next own gate would read the approvals it wrote there): it is made first, empty
+    and private, so that it can be hidden. A dangling link stays named (it cannot be hidden, and
+    the run does not start); a path that cannot be made is not hidden."""
+    state = tmp_path / "a" / "state"
+    assert statedir.state_dir_to_hide(str(state)) == str(state)
+    assert state.is_dir() and (state.stat().st_mode & 0o777) == 0o700
+    assert list(state.iterdir()) == []
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    assert statedir.state_dir_to_hide(str(tmp_path / "link")) == str(tmp_path / "link")
+    (tmp_path / "file").write_text("")
+    assert statedir.state_dir_to_hide(str(tmp_path / "file" / "s")) is None
+
+
 def test_serve_takes_state_dir() -> None:
     args = build_parser().parse_args(["serve", "--state-dir", "/var/lib/egress"])
     assert args.state_dir == "/var/lib/egress"
