@@ -157,6 +157,13 @@ CASES: list[tuple[str, str, str, str, bytes | None, Verdict]] = [
     ("rubygems-readonly", "rubygems.org", "POST", "/api/v1/gems", b"gem", DENY),
     ("rubygems-readonly", "rubygems.org", "DELETE", "/api/v1/gems/yank", None, DENY),
     ("rubygems-readonly", "rubygems.org", "POST", "/api/v1/gems/x/owners", b"x", DENY),
+    # the compact index host is the same application: its API takes the same writes
+    ("rubygems-readonly", "index.rubygems.org", "GET", "/versions", None, ALLOW),
+    ("rubygems-readonly", "index.rubygems.org", "GET", "/info/rails", None, ALLOW),
+    ("rubygems-readonly", "index.rubygems.org", "GET", "/api/v1/dependencies?gems=rails", None, ALLOW),
+    ("rubygems-readonly", "index.rubygems.org", "POST", "/api/v1/gems", b"gem", DENY),
+    ("rubygems-readonly", "index.rubygems.org", "DELETE", "/api/v1/gems/yank", None, DENY),
+    ("rubygems-readonly", "index.rubygems.org", "POST", "/api/v1/web_hooks/fire", b"x", DENY),
     # Maven deploys go to hosts that are not listed; plugin publishing is refused on the portal
     ("maven-readonly", "plugins.gradle.org", "GET", "/m2/com/x/1/x-1.pom", None, ALLOW),
     ("maven-readonly", "plugins.gradle.org", "POST", "/api/v1/publish/versions/new/x", b"x", DENY),
@@ -226,6 +233,7 @@ INSPECTED = {
     "pypi.org",
     "crates.io",
     "rubygems.org",
+    "index.rubygems.org",
     "plugins.gradle.org",
 }
 
