@@ -93,6 +93,18 @@ def test_every_host_says_why(name: str) -> None:
         assert entries > 0
 
 
+@pytest.mark.parametrize(
+    "name", sorted(n for n in EXPECTED if (REPO_PRESETS / f"{n}-readonly.yaml").exists())
+)
+def test_a_full_preset_names_its_read_only_variant(name: str) -> None:
+    """A preset whose hosts also take writes says so in its header and points to the variant that
+    refuses them; it never calls itself read only."""
+    text = (REPO_PRESETS / f"{name}.yaml").read_text(encoding="utf-8")
+    header = text.split("\nversion:", 1)[0]
+    assert f"{name}-readonly" in header
+    assert "read only" not in str(yaml.safe_load(text)["description"]).lower()
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED - {"default"}))
 def test_presets_are_narrow(name: str) -> None:
     policy = load_policy(REPO_PRESETS / f"{name}.yaml")
