@@ -105,6 +105,17 @@ def test_a_full_preset_names_its_read_only_variant(name: str) -> None:
     assert "read only" not in str(yaml.safe_load(text)["description"]).lower()
 
 
+def test_the_go_preset_says_the_mirror_fetches_from_any_host() -> None:
+    """proxy.golang.org and sum.golang.org take no uploads, but they fetch a module path they have
+    not seen from its origin host: a request for a made-up path reaches whoever runs that host. The
+    preset and the default policy that includes it say so, rather than calling the mirror write-free."""
+    header = (REPO_PRESETS / "go.yaml").read_text(encoding="utf-8").split("\nversion:", 1)[0]
+    assert "go-get=1" in header and "any host" in header
+    default = (REPO_PRESETS / "default.yaml").read_text(encoding="utf-8")
+    line = next(raw for raw in default.splitlines() if raw.strip().startswith("- go "))
+    assert "any host" in line
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED - {"default"}))
 def test_presets_are_narrow(name: str) -> None:
     policy = load_policy(REPO_PRESETS / f"{name}.yaml")
