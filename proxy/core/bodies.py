@@ -99,7 +99,12 @@ def graphql_operations(body: bytes, url_documents: Iterable[str] = ()) -> frozen
     A body may be one request object or a batch (a list of them); each must carry its document in
     ``query``. A request without one (a persisted-query hash) could run anything: None.
     ``url_documents``: the values of the URL's ``query`` parameter, which express-graphql and the
-    servers modelled on it run *instead of* the body's document: each is judged as well."""
+    servers modelled on it run *instead of* the body's document: each is judged as well.
+
+    A ``_json`` key in a request object is a batch too: Rails puts a JSON object's keys into
+    ``params`` as they are, and controllers that run a batch from ``params[:_json]`` (GitLab's)
+    run that list instead of ``query``. Each of its requests is judged; anything else there is
+    unreadable."""
     document = json_document(body)
     requests = document if isinstance(document, list) else [document]
     if not requests:
@@ -109,6 +114,14 @@ def graphql_operations(body: bytes, url_documents: Iterable[str] = ()) -> frozen
         if not isinstance(request, dict):
             return None
         texts.append(request.get("query"))
+        if "_json" in request:
+            batch = request["_json"]
+            if not isinstance(batch, list) or not batch:
+                return None
+            for each in batch:
+                if not isinstance(each, dict):
+                    return None
+                texts.append(each.get("query"))
     found: set[str] = set()
     for text in texts:
         if not isinstance(text, str):

@@ -264,6 +264,23 @@ def test_a_graphql_document_in_the_url_is_judged_with_the_body() -> None:
     assert graphql_operations(body, [""]) is None  # not a document: could be anything
 
 
+def test_a_batch_under_json_in_the_body_is_judged_with_the_body() -> None:
+    """Rails keeps a JSON object's ``_json`` key in ``params``, and GitLab's GraphQL controller runs
+    ``params[:_json]`` as a batch instead of ``query``: its documents are judged too."""
+    hidden = {"query": "{ a }", "_json": [{"query": "mutation { createSnippet { id } }"}]}
+    assert graphql_operations(json.dumps(hidden).encode()) == {"query", "mutation"}
+    reads = {"query": "{ a }", "_json": [{"query": "{ b }"}, {"query": "query Q { c }"}]}
+    assert graphql_operations(json.dumps(reads).encode()) == {"query"}
+    for batch in (
+        "mutation { b }",
+        [],
+        ["mutation { b }"],
+        [{"id": "persisted"}],
+        {"query": "{ b }"},
+    ):
+        assert graphql_operations(json.dumps({"query": "{ a }", "_json": batch}).encode()) is None
+
+
 def test_keys_differing_only_in_case_are_unreadable() -> None:
     """Go's encoding/json folds case (Kelvin sign and long s included) and the last copy wins."""
     assert json_field(b'{"operation": "download", "Operation": "upload"}', "operation") is None

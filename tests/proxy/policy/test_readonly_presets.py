@@ -120,6 +120,8 @@ CASES: list[tuple[str, str, str, str, bytes | None, Verdict]] = [
     ("gitlab-readonly", "gitlab.com", "PUT", "/api/v4/projects/1/packages/generic/x/1/f", b"x", DENY),
     ("gitlab-readonly", "gitlab.com", "POST", "/api/v4/projects/1/issues", b"{}", DENY),
     ("gitlab-readonly", "gitlab.com", "POST", "/api/graphql", graphql("mutation { x }"), DENY),
+    # GitLab runs params[:_json] as a batch instead of the body's query (Rails keeps the key)
+    ("gitlab-readonly", "gitlab.com", "POST", "/api/graphql", json.dumps({"query": "{ a }", "_json": [{"query": "mutation { x }"}]}).encode(), DENY),
     # the Files API creating a file whose name the fetch and LFS paths end with
     ("gitlab-readonly", "gitlab.com", "POST", "/api/v4/projects/42/repository/files/git-upload-pack", b"{}", DENY),
     ("gitlab-readonly", "gitlab.com", "POST", "/API/V4/projects/42/repository/files/git-upload-pack", b"{}", DENY),
