@@ -23,7 +23,7 @@ import weakref
 from collections.abc import Generator
 from typing import Any
 
-from mitmproxy import flow
+from mitmproxy import connection, flow, tls
 from mitmproxy.addons.next_layer import NextLayer
 from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy import commands, events, layer, layers
@@ -50,6 +50,7 @@ from proxy.core.helloretry import asks_again, second_hello
 from proxy.core.text import escape
 
 INSPECTED_ALPNS = (None, b"", b"http/1.1", b"h2")  # what a client may negotiate with the gate
+UPSTREAM_ALPNS = (b"h2", b"http/1.1")  # what the gate may offer an inspected tunnel's upstream
 
 
 class CloseLayer(layer.Layer):
@@ -326,6 +327,19 @@ class CountingTCPLayer(layers.TCPLayer):
         yield commands.CloseConnection(self.context.client)
 
 
+def upstream_alpns(client: connection.Client) -> tuple[bytes, ...]:
+    """The protocols offered to an inspected tunnel's upstream: only HTTP the gate speaks and
+    decides request by request, in the client's order. mitmproxy would offer whatever the client
+    offered: an upstream that serves another protocol on the same port (``imap``, ``xmpp-client``,
+    ...; servers and load balancers route by ALPN) could pick it, and would then read the requests
+    the gate judged as HTTP as that protocol's commands. With no HTTP among the client's offers,
+    HTTP/1.1 (what the gate then speaks); with no offers at all, none (HTTP/1.1 by default)."""
+    if not client.alpn_offers:
+        return ()
+    offered = tuple(dict.fromkeys(p for p in client.alpn_offers if p in UPSTREAM_ALPNS))
+    return offered or (b"http/1.1",)
+
+
 class GateLayers(NextLayer):
     def __init__(self, gate: GateAddon) -> None:
         super().__init__()
@@ -336,6 +350,11 @@ class GateLayers(NextLayer):
         self._gathered: weakref.WeakKeyDictionary[layer.NextLayer, tuple[int, bytearray]] = (
             weakref.WeakKeyDictionary()
         )
+
+    def tls_start_server(self, data: tls.TlsData) -> None:
+        """Before mitmproxy's TLS config (which runs after this addon and keeps offers already set):
+        the upstream of an inspected tunnel, the only TLS the gate opens, is offered HTTP only."""
+        data.conn.alpn_offers = upstream_alpns(data.context.client)
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         if nextlayer.layer:

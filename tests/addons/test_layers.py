@@ -3,9 +3,10 @@ tests/security)."""
 
 from __future__ import annotations
 
+from mitmproxy.connection import Client
 from mitmproxy.proxy.layers.http._http1 import make_error_response
 
-from addons.layers import parser_refusal
+from addons.layers import parser_refusal, upstream_alpns
 
 
 def test_a_parser_refusal_is_recorded_as_one_escaped_line() -> None:
@@ -28,3 +29,21 @@ def test_a_refusal_page_without_a_message_is_still_one_line() -> None:
 def test_a_long_message_is_clipped() -> None:
     detail = parser_refusal(make_error_response(400, "x" * 5000))
     assert len(detail) < 300 and detail.endswith("...")
+
+
+def _client(offers: list[bytes]) -> Client:
+    return Client(
+        peername=("127.0.0.1", 1),
+        sockname=("127.0.0.1", 2),
+        timestamp_start=0.0,
+        alpn_offers=offers,
+    )
+
+
+def test_an_inspected_upstream_is_offered_only_http() -> None:
+    """mitmproxy would mirror the client's offers upstream: an upstream serving another protocol
+    on the port could pick it and read the gate's judged HTTP requests as its commands."""
+    assert upstream_alpns(_client([b"imap", b"h2", b"http/1.1", b"h2"])) == (b"h2", b"http/1.1")
+    assert upstream_alpns(_client([b"http/1.1", b"xmpp-client"])) == (b"http/1.1",)
+    assert upstream_alpns(_client([b"imap", b"http/1.0"])) == (b"http/1.1",)
+    assert upstream_alpns(_client([])) == ()  # no ALPN: HTTP/1.1 by default

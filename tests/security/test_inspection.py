@@ -76,7 +76,7 @@ rules:
     graphql_operations: [query]
   - name: myorg-pages
     hosts: [allowed.test]
-    ports: [{port}, {switch_port}, {ws_port}]
+    ports: [{port}, {switch_port}, {ws_port}, {alpn_port}]
     methods: [GET, HEAD]
     paths: ["/myorg/**", "/redirect"]
   - name: socket
@@ -262,6 +262,33 @@ def ws(test_ca: LocalCA) -> Iterator[WebSocketUpstream]:
     yield from serving(WebSocketUpstream(test_ca.server_context()))
 
 
+class AlpnUpstream(LoopbackServer):
+    """An upstream that serves another protocol besides HTTP on its port, chosen by ALPN, and
+    prefers it (as a server routing by ALPN may): it records the protocol each connection
+    negotiated, and answers each request head with a 200."""
+
+    PREFERRED = ("imap", "xmpp-client", "http/1.1")  # HTTP/1.1 only, as a server may
+
+    def __init__(self, ca: LocalCA) -> None:
+        self.context = ca.server_context()
+        self.context.set_alpn_protocols(list(self.PREFERRED))
+        self.negotiated: list[str | None] = []
+        super().__init__(threaded=True, name="alpn-upstream")
+
+    def handle(self, conn: socket.socket) -> None:
+        conn.settimeout(WAIT)
+        with self.context.wrap_socket(conn, server_side=True) as tls_conn:
+            with self._lock:
+                self.negotiated.append(tls_conn.selected_alpn_protocol())
+            while recv_head(tls_conn):
+                tls_conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+
+@pytest.fixture(scope="module")
+def alpn_upstream(test_ca: LocalCA) -> Iterator[AlpnUpstream]:
+    yield from serving(AlpnUpstream(test_ca))
+
+
 @pytest.fixture(scope="module")
 def plain() -> Iterator[Upstream]:
     """plain.test's upstream: plain HTTP, allowed whole (no request rules)."""
@@ -278,6 +305,7 @@ def gate(
     switching: SwitchingUpstream,
     ws: WebSocketUpstream,
     plain: Upstream,
+    alpn_upstream: AlpnUpstream,
     test_ca: LocalCA,
 ) -> Iterator[RunningGate]:
     directory = tmp_path_factory.mktemp("inspection")
@@ -290,6 +318,7 @@ def gate(
             switch_port=switching.port,
             ws_port=ws.port,
             plain_port=plain.port,
+            alpn_port=alpn_upstream.port,
         ),
         dns.nameserver,
         config=inspecting(directory, test_ca),
@@ -760,6 +789,58 @@ def test_an_upstream_that_fails_verification_is_refused_not_passed_through(
     refused = [d for d in gate.decisions if d.reason is Reason.UPSTREAM_TLS_FAILED]
     assert refused and refused[-1].host == "untrusted.test"
     assert "verify" in (refused[-1].detail or "").lower()
+
+
+@pytest.mark.parametrize(
+    ("offered", "negotiated"),
+    [
+        (["http/1.1", "imap", "xmpp-client"], "http/1.1"),
+        (["imap", "xmpp-client"], "http/1.1"),  # no HTTP offered: the gate speaks HTTP/1.1
+        (["h2", "imap"], None),  # h2 offered, not served: HTTP/1.1 without ALPN
+    ],
+)
+def test_an_inspected_upstream_is_offered_only_the_http_the_gate_judges(
+    gate: RunningGate,
+    gate_ca: Path,
+    alpn_upstream: AlpnUpstream,
+    offered: list[str],
+    negotiated: str | None,
+) -> None:
+    """The client's other ALPN offers are not passed on: an upstream that serves another protocol
+    on the port would pick it and read the requests the gate judged as HTTP as its commands."""
+    before = len(alpn_upstream.negotiated)
+    raw = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
+    authority = f"allowed.test:{alpn_upstream.port}"
+    raw.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+    assert recv_head(raw).startswith(b"HTTP/1.1 200")
+    context = ssl.create_default_context(cafile=str(gate_ca))
+    context.set_alpn_protocols(offered)
+    with context.wrap_socket(raw, server_hostname="allowed.test") as sock:
+        if sock.selected_alpn_protocol() == "h2":
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            conn.send_headers(
+                1,
+                [
+                    (":method", "GET"),
+                    (":path", "/myorg/x"),
+                    (":scheme", "https"),
+                    (":authority", authority),
+                ],
+                end_stream=True,
+            )
+            sock.sendall(conn.data_to_send())
+            status = b""
+            while not status and (data := sock.recv(65536)):
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        status = dict(event.headers)[b":status"]
+                sock.sendall(conn.data_to_send())
+            assert status == b"200"
+        else:
+            sock.sendall(f"GET /myorg/x HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+            assert recv_head(sock).startswith(b"HTTP/1.1 200")
+    assert alpn_upstream.negotiated[before:] == [negotiated]
 
 
 def test_passthrough_hosts_are_not_inspected(
