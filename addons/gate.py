@@ -78,9 +78,106 @@ class GateAddon:
         self.connection_handlers: dict[Any, Any] = {}
         self._deadlines: dict[str, asyncio.TimerHandle] = {}
 
-    # -- connection lifecycle ------------------------------------------------------------------
+    # -- the hooks mitmproxy calls: one that raises fails closed -----------------------------------
+    #
+    # mitmproxy logs an exception raised in an addon hook and carries on with the flow as it
+    # stands: a request whose decision raised would be sent upstream undecided and unrecorded (in an
+    # inspected tunnel the dial target is already pinned, so ``server_connect`` lets it through), a
+    # CONNECT answered 200, a dial made unchecked. Each hook here runs its work and, if that raises,
+    # kills the flow (vetoes the dial, refuses the client) instead.
 
     def client_connected(self, client: connection.Client) -> None:
+        try:
+            self._client_connected(client)
+        except Exception:
+            log.exception("the gate failed on a new connection; it is refused")
+            client.error = "egress: the gate failed on this connection"
+
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self._http_connect(flow)
+        except Exception as exc:
+            self._stop_flow(flow, "CONNECT", exc)
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self._requestheaders(flow)
+        except Exception as exc:
+            self._stop_flow(flow, "request", exc)
+
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        try:
+            deciding = self._request_done(flow)
+        except Exception as exc:
+            self._stop_flow(flow, "request body", exc)
+            return None
+        return None if deciding is None else self._guarded(flow, "request body", deciding)
+
+    async def _guarded(self, flow: http.HTTPFlow, what: str, work: Awaitable[None]) -> None:
+        try:
+            await work
+        except Exception as exc:
+            self._stop_flow(flow, what, exc)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        try:
+            self._responseheaders(flow)
+        except Exception as exc:
+            self._stop_flow(flow, "response", exc)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        try:
+            self._response(flow)
+        except Exception as exc:
+            self._stop_flow(flow, "response trailers", exc)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        try:
+            self._error(flow)
+        except Exception:
+            log.exception("the gate failed on a failed request; its connection is closed")
+            self.close_client(flow.client_conn)
+
+    def tls_failed_server(self, data: tls.TlsData) -> None:
+        try:
+            self._tls_failed_server(data)
+        except Exception:
+            log.exception("the gate failed recording an upstream's TLS failure; closing the client")
+            conn = self.checkpoint.connections.get(data.context.client.id)
+            if conn is not None:
+                conn.forget_destinations()
+            self.close_client(data.context.client)
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        try:
+            self._server_connect(data)
+        except Exception:
+            log.exception("the gate failed checking an upstream connection; it is not made")
+            data.server.error = "egress: the gate failed checking this destination"
+
+    def _stop_flow(self, flow: http.HTTPFlow, what: str, exc: Exception) -> None:
+        """A hook failed: the flow is killed (mitmproxy then sends nothing of it upstream, and
+        nothing of a response to the client), then the refusal recorded if recording works."""
+        log.error("the gate failed on a %s; it is stopped", what, exc_info=exc)
+        if flow.killable:
+            flow.kill()
+        else:
+            self.close_client(flow.client_conn)
+        try:
+            conn = self.checkpoint.connections.get(flow.client_conn.id)
+            if conn is not None:
+                self.checkpoint.refuse_connection(
+                    conn,
+                    Reason.UNSUPPORTED,
+                    f"the gate failed on a {what} ({type(exc).__name__}); it was stopped, "
+                    "not passed on",
+                )
+        except Exception:
+            log.exception("recording the refusal of a failed %s failed", what)
+
+    # -- connection lifecycle ------------------------------------------------------------------
+
+    def _client_connected(self, client: connection.Client) -> None:
         since = accepted_at.get()  # set when the tunnel front end accepted it and handed it on
         _, refusal = self.checkpoint.connected(
             client.id,
@@ -158,7 +255,7 @@ class GateAddon:
 
     # -- CONNECT -------------------------------------------------------------------------------
 
-    async def http_connect(self, flow: http.HTTPFlow) -> None:
+    async def _http_connect(self, flow: http.HTTPFlow) -> None:
         self.request_started(flow.client_conn)
         conn = self._conn(flow.client_conn)
         credential = flow.request.headers.pop("proxy-authorization", None)
@@ -173,7 +270,7 @@ class GateAddon:
 
     # -- HTTP requests -------------------------------------------------------------------------
 
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    async def _requestheaders(self, flow: http.HTTPFlow) -> None:
         self.request_started(flow.client_conn)
         req = flow.request
         strip_egress_headers(req.headers)
@@ -228,7 +325,7 @@ class GateAddon:
             multiplexed=req.is_http2 or req.is_http3,
         )
 
-    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+    def _request_done(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         """The body of a held request has arrived (nothing of it was sent): decide it now. Most
         requests were decided at their head: no coroutine for them."""
         pending: Request | None = flow.metadata.pop(_PENDING, None)
@@ -276,7 +373,7 @@ class GateAddon:
             # mitmproxy reuses upstream connections keyed by (host, port), so keep-alive keeps working.
             req.data.host = decision.address
 
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
+    def _responseheaders(self, flow: http.HTTPFlow) -> None:
         conn = self.checkpoint.connections.get(flow.client_conn.id)
         response = flow.response
         if response is not None:
@@ -311,7 +408,7 @@ class GateAddon:
             request = allowed or self._request(Kind.HTTP, req.host, req.port, req)
             self.checkpoint.refuse_switch(conn, request, detail)
 
-    def error(self, flow: http.HTTPFlow) -> None:
+    def _error(self, flow: http.HTTPFlow) -> None:
         """Before mitmproxy answers a failed request with its error text: a bound host's failure
         that quotes a real value ends the client's stream instead."""
         if self.credentials is None or not flow.metadata.get(creds.SCRUB):
@@ -319,7 +416,7 @@ class GateAddon:
         conn = self.checkpoint.connections.get(flow.client_conn.id)
         creds.stop_quoted_error(flow, self.credentials, conn.sandbox_id if conn else None)
 
-    def response(self, flow: http.HTTPFlow) -> None:
+    def _response(self, flow: http.HTTPFlow) -> None:
         """After the body, before the trailers are sent on: a bound host's trailers are scrubbed
         (on a flow whose connection is unknown, dropped: a scrubbed flow always has one)."""
         if self.credentials is None or flow.response is None or not flow.response.trailers:
@@ -369,7 +466,7 @@ class GateAddon:
         if refusal is not None:
             flow.response = refusal_response(refusal)
 
-    def tls_failed_server(self, data: tls.TlsData) -> None:
+    def _tls_failed_server(self, data: tls.TlsData) -> None:
         """An inspected tunnel's upstream did not verify: a refusal on record, never a fallback."""
         conn = self.checkpoint.connections.get(data.context.client.id)
         if conn is None or conn.tunnel is None:
@@ -380,7 +477,7 @@ class GateAddon:
 
     # -- the choke point -----------------------------------------------------------------------
 
-    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+    def _server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         """Only dial addresses the checkpoint pinned for this client; names become their pin."""
         address = data.server.address
         conn = self.checkpoint.connections.get(data.client.id)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import socket
 import ssl
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from proxy.core.checkpoint import Checkpoint
 from proxy.core.decision import Decision, Reason, Verdict
 from proxy.core.limits import Limits
 from tests.dnsfake import FakeDns
@@ -443,3 +445,123 @@ def test_silent_and_dribbling_connections_are_closed_at_the_deadline(
     finally:
         gate.stop()
     assert tls_upstream.accepted == 1  # the silent tunnel never opened an upstream connection
+
+
+# -- a hook that raises fails closed ------------------------------------------------------------
+
+
+@pytest.fixture
+def inspecting_gate(
+    tmp_path: Path, fake_dns: FakeDns, test_ca: LocalCA
+) -> Iterator[tuple[RunningGate, Upstream]]:
+    """A gate reading the requests of allowed.test (GET anywhere, a JSON POST by its body), whose
+    upstream is a counting TLS server trusted through the test CA."""
+    from tests.security import inspecting, start_gate_with
+
+    fake_dns.set("allowed.test", "A", ["127.0.0.1"])
+    upstream = Upstream("inspected", tls=test_ca.server_context())
+    policy = f"""
+        version: 1
+        allow_internal: [127.0.0.0/8]
+        rules:
+          - name: reads
+            hosts: [allowed.test]
+            ports: [{upstream.port}]
+            methods: [GET]
+          - name: lfs-download
+            hosts: [allowed.test]
+            ports: [{upstream.port}]
+            methods: [POST]
+            json_body: {{operation: download}}
+        """
+    gate = start_gate_with(
+        tmp_path, policy, fake_dns.nameserver, config=inspecting(tmp_path, test_ca)
+    )
+    try:
+        yield gate, upstream
+    finally:
+        gate.stop()
+        upstream.stop()
+
+
+def _inspected(gate: RunningGate, port: int) -> ssl.SSLSocket:
+    sock, head = _connect(gate, f"allowed.test:{port}")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    ca = Path(gate.config["confdir"]) / "mitmproxy-ca-cert.pem"
+    return ssl.create_default_context(cafile=str(ca)).wrap_socket(
+        sock, server_hostname="allowed.test"
+    )
+
+
+def _exchange(sock: ssl.SSLSocket, request: bytes) -> bytes:
+    sock.sendall(request)
+    try:
+        return _read_until_closed(sock)
+    except OSError:
+        return b""
+
+
+def _failing(method: str, original: Callable[..., Any]) -> Callable[..., Any]:
+    async def fails(self: Checkpoint, conn: Any, request: Any, **kwargs: Any) -> Any:
+        if request.method == method:
+            raise RuntimeError("a fault in the decision")
+        return await original(self, conn, request, **kwargs)
+
+    return fails
+
+
+def test_a_request_whose_decision_raises_is_stopped_not_sent(
+    inspecting_gate: tuple[RunningGate, Upstream], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mitmproxy logs an exception in a hook and carries on: the request would go to the tunnel's
+    pinned upstream undecided and unrecorded. It is killed and the refusal recorded instead."""
+    gate, upstream = inspecting_gate
+    monkeypatch.setattr(Checkpoint, "admit_request", _failing("DELETE", Checkpoint.admit_request))
+    authority = f"allowed.test:{upstream.port}"
+    tls = _inspected(gate, upstream.port)
+    reply = _exchange(tls, f"DELETE /x HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+    assert reply == b""  # no response at all: the client's connection is closed
+    assert upstream.requests == [] and upstream.accepted == 0
+    last = _last(gate)
+    assert (last.decision, last.reason) == (Verdict.DENY, Reason.UNSUPPORTED)
+    assert "RuntimeError" in (last.detail or "")
+    # control: the same tunnel's other requests still work, on a new connection
+    tls = _inspected(gate, upstream.port)
+    tls.sendall(f"GET /x HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n".encode())
+    assert _read_until_closed(tls).startswith(b"HTTP/1.1 200")
+
+
+def test_a_held_body_whose_decision_raises_is_never_sent(
+    inspecting_gate: tuple[RunningGate, Upstream], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate, upstream = inspecting_gate
+    monkeypatch.setattr(Checkpoint, "admit_body", _failing("POST", Checkpoint.admit_body))
+    body = b'{"operation": "download"}'
+    tls = _inspected(gate, upstream.port)
+    reply = _exchange(
+        tls,
+        f"POST /lfs HTTP/1.1\r\nHost: allowed.test:{upstream.port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body,
+    )
+    assert reply == b""
+    assert upstream.requests == [] and upstream.accepted == 0
+    assert _last(gate).reason is Reason.UNSUPPORTED
+
+
+def test_a_dial_whose_check_raises_is_not_made(
+    inspecting_gate: tuple[RunningGate, Upstream], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``server_connect`` is the last line: if checking the dial raises, nothing is dialled."""
+    gate, upstream = inspecting_gate
+
+    def fails(conn: Any, host: str, port: int) -> str | None:
+        raise RuntimeError("a fault in the dial check")
+
+    monkeypatch.setattr(Checkpoint, "dial_target", staticmethod(fails))
+    tls = _inspected(gate, upstream.port)
+    reply = _exchange(
+        tls, f"GET /x HTTP/1.1\r\nHost: allowed.test:{upstream.port}\r\n\r\n".encode()
+    )
+    assert not reply.startswith(b"HTTP/1.1 200")
+    assert upstream.accepted == 0
