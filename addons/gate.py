@@ -366,8 +366,6 @@ class GateAddon:
         if request.kind is Kind.REQUEST:
             return  # the tunnel's upstream is already pinned, and counted
         self.checkpoint.opened(conn, decision)
-        if content_length := req.headers.get("content-length", ""):
-            conn.bytes_out += int(content_length) if content_length.isdigit() else 0
         if decision.address is not None:
             # Pin by rewriting only the dial target; the Host header the client sent stays intact.
             # mitmproxy reuses upstream connections keyed by (host, port), so keep-alive keeps working.
@@ -387,9 +385,6 @@ class GateAddon:
             if problem is not None:
                 self._refuse_switch(flow, conn, allowed, problem)
                 return
-        if conn is not None and flow.response is not None:
-            length = flow.response.headers.get("content-length", "")
-            conn.bytes_in += int(length) if length.isdigit() else 0
         if self.credentials is not None and conn is not None:
             creds.scrub_response(flow, self.credentials, conn.sandbox_id)
 
@@ -508,6 +503,10 @@ class GateAddon:
 
     def connection_of(self, client: connection.Client) -> Connection:
         return self._conn(client)
+
+    def state_of(self, client: connection.Client) -> Connection | None:
+        """The connection's state if the gate knows it (the HTTP layer counts bytes on it)."""
+        return self.checkpoint.connections.get(client.id)
 
 
 def _refused_by_parser(flow: http.HTTPFlow) -> Problem | None:

@@ -35,6 +35,7 @@ from mitmproxy.proxy.layers.http._events import (
     RequestEndOfMessage,
     RequestProtocolError,
     RequestTrailers,
+    ResponseData,
     ResponseProtocolError,
 )
 from mitmproxy.proxy.layers.http._http1 import Http1Server, make_error_response
@@ -205,11 +206,29 @@ class GateStream(HttpStream):
 
 
 class GateHttpLayer(layers.HttpLayer):
-    """mitmproxy's HTTP layer with :class:`GateStream` streams."""
+    """mitmproxy's HTTP layer with :class:`GateStream` streams, counting the body bytes that go to
+    upstreams and come back from them for the connection-closed evidence: every body chunk, held
+    or streamed, of a declared length or not (HTTP/2, chunked), in an inspected tunnel as in plain
+    HTTP. Refused requests' bodies (never sent) and the gate's own refusals are not counted."""
 
     def __init__(self, context: Context, mode: HTTPMode, gate: GateAddon) -> None:
         super().__init__(context, mode)
         self.gate = gate
+
+    def event_to_child(
+        self, child: layer.Layer | HttpStream, event: events.Event
+    ) -> layer.CommandGenerator[None]:
+        # A RequestData handed to a connection (not a stream) is on its way to an upstream; a
+        # ResponseData handed to a stream came from one (the stream's own go to the client's).
+        if isinstance(event, RequestData | ResponseData):
+            to_upstream = isinstance(event, RequestData)
+            state = self.gate.state_of(self.context.client)
+            if state is not None and to_upstream != isinstance(child, HttpStream):
+                if to_upstream:
+                    state.bytes_out += len(event.data)
+                else:
+                    state.bytes_in += len(event.data)
+        yield from super().event_to_child(child, event)
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
         self.streams[stream_id] = GateStream(self.context.fork(), stream_id, self.gate)

@@ -24,6 +24,7 @@ from pathlib import Path
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import pytest
 
 from proxy.core.decision import Decision, Kind, Reason, Verdict
@@ -841,6 +842,88 @@ def test_an_inspected_upstream_is_offered_only_the_http_the_gate_judges(
             sock.sendall(f"GET /myorg/x HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
             assert recv_head(sock).startswith(b"HTTP/1.1 200")
     assert alpn_upstream.negotiated[before:] == [negotiated]
+
+
+def test_an_inspected_tunnel_records_the_body_bytes_it_carried(
+    gate: RunningGate, gate_ca: Path, upstream: Upstream
+) -> None:
+    """The connection-closed event counts what went upstream and came back: every allowed
+    request body (declared or not), never a refused one's (read and dropped)."""
+    tunnel = Tunnel(gate, gate_ca, "sub.allowed.test", upstream.port)
+    client = "{}:{}".format(*tunnel.sock.getsockname()[:2])
+    sent = received = 0
+    try:
+        for body in (b"x" * 300_000, b"y" * 1000):  # streamed, then held whole
+            status, _, answer = tunnel.request("POST", "/open/upload", body)
+            assert status == 200
+            sent, received = sent + len(body), received + len(answer)
+        status, _, _ = tunnel.request("POST", "/closed", b"z" * 5000)
+        assert status == 403
+    finally:
+        tunnel.close()
+    multiplexed = inspected_h2(gate, "sub.allowed.test", upstream.port)
+    h2_client = "{}:{}".format(*multiplexed.getsockname()[:2])
+    with multiplexed:
+        conn = _h2_client(multiplexed)
+        body = b"w" * 70_000  # no content-length: the gate frames it for the HTTP/1 upstream
+        conn.send_headers(
+            1,
+            [
+                (":method", "POST"),
+                (":path", "/open/h2"),
+                (":scheme", "https"),
+                (":authority", f"sub.allowed.test:{upstream.port}"),
+            ],
+        )
+        h2_status, h2_answer = _h2_post(multiplexed, conn, 1, body)
+        assert h2_status == b"200"
+
+    def closed(peer: str) -> dict[str, object] | None:
+        found = [
+            a for name, a in gate.memory.events if name.endswith("closed") and a["client"] == peer
+        ]
+        return found[-1] if found else None
+
+    assert wait_until(lambda: closed(client) is not None and closed(h2_client) is not None)
+    assert (closed(client) or {})["bytes_out"] == sent
+    assert (closed(client) or {})["bytes_in"] == received
+    assert (closed(h2_client) or {})["bytes_out"] == len(body)
+    assert (closed(h2_client) or {})["bytes_in"] == len(h2_answer)
+
+
+def _h2_client(sock: ssl.SSLSocket) -> h2.connection.H2Connection:
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+    conn.increment_flow_control_window(1 << 20)
+    sock.sendall(conn.data_to_send())
+    return conn
+
+
+def _h2_post(
+    sock: ssl.SSLSocket, conn: h2.connection.H2Connection, stream: int, body: bytes
+) -> tuple[bytes, bytes]:
+    """Send ``body`` on ``stream`` as the peer's window allows; the response's status and body."""
+    status, answer, left, ended = b"", b"", body, False
+    while not ended:
+        while left and conn.local_flow_control_window(stream) > 0:
+            size = min(len(left), conn.local_flow_control_window(stream), 16384)
+            conn.send_data(stream, left[:size], end_stream=size == len(left))
+            left = left[size:]
+        sock.sendall(conn.data_to_send())
+        data = sock.recv(65536)
+        if not data:
+            break
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                status = dict(event.headers)[b":status"]
+            elif isinstance(event, h2.events.DataReceived):
+                answer += event.data
+                conn.acknowledge_received_data(event.flow_controlled_length, stream)
+            elif isinstance(event, h2.events.StreamEnded):
+                ended = True
+    sock.sendall(conn.data_to_send())
+    return status, answer
 
 
 def test_passthrough_hosts_are_not_inspected(
