@@ -88,7 +88,7 @@ def http_head(method: str, target: str, fields: Fields, *, multiplexed: bool = F
     if b"transfer-encoding" in found:
         size = None  # chunked: known only once read
     elif length is not None:
-        size = int(length) if length.isdigit() else None
+        size = int(length) if length.isascii() and length.isdigit() else None  # "²" is a digit
     else:
         size = None if multiplexed else 0  # HTTP/1 without either has no body
     return HttpHead(

@@ -126,3 +126,15 @@ def test_the_framing_step_for_a_plain_request_holds_its_request_line_to_the_gram
     for method, target in (("GET /x", "/y"), ("GET", "//evil.test/x"), ("GET", "http://b.test/")):
         problem = plain_problem(method, target, "http", "a.test", 80, [], ["a.test"])
         assert problem is not None and problem[0] is Reason.BAD_REQUEST, (method, target)
+
+
+def test_a_length_in_other_digits_is_read_as_unknown_not_raised_on() -> None:
+    """A Content-Length byte such as 0xB2 reads as ``²`` in Latin-1, which ``str.isdigit`` takes
+    for a digit and ``int`` refuses: reading the head must not raise (mitmproxy's parser refuses
+    such a head, and the hook that records it runs all the same)."""
+    for value in (b"\xb2", b"1\xb9", b"\xd9\xa1"):
+        request = http_request(
+            Kind.REQUEST, "a.test", 443, "POST", "/x", [(b"content-length", value)],
+            query_values=False,
+        )  # fmt: skip
+        assert request.http is not None and request.http.body_size is None, value
