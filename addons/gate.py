@@ -59,6 +59,16 @@ _ADMITTED = "egress.admitted"  # the allow a request's head got (its buffered bo
 _ALLOWED = "egress.allowed"  # the Request the gate let through (what a protocol switch is held to)
 
 
+# What stopping a flow at each stage keeps back (see GateAddon._stop_flow).
+_STOPPED = {
+    "CONNECT": "it was stopped before anything was dialled",
+    "request": "it was stopped before anything of it went upstream",
+    "request body": "it was stopped (a held body was not sent; a streamed one had gone)",
+    "response": "its response was stopped",
+    "response trailers": "its response was stopped",
+}
+
+
 class GateAddon:
     """mitmproxy addon enforcing the checkpoint's decisions on CONNECT, tunnels and plain HTTP."""
 
@@ -156,8 +166,10 @@ class GateAddon:
             data.server.error = "egress: the gate failed checking this destination"
 
     def _stop_flow(self, flow: http.HTTPFlow, what: str, exc: Exception) -> None:
-        """A hook failed: the flow is killed (mitmproxy then sends nothing of it upstream, and
-        nothing of a response to the client), then the refusal recorded if recording works."""
+        """A hook failed: the flow is killed, then the refusal recorded if recording works. What a
+        kill keeps back depends on the stage: a CONNECT, a request head or a held body sends
+        nothing upstream; a body streamed upstream has gone already, and a response's head (and
+        a streamed response's body) may have reached the client - the rest of it does not."""
         log.error("the gate failed on a %s; it is stopped", what, exc_info=exc)
         if flow.killable:
             flow.kill()
@@ -169,8 +181,8 @@ class GateAddon:
                 self.checkpoint.refuse_connection(
                     conn,
                     Reason.UNSUPPORTED,
-                    f"the gate failed on a {what} ({type(exc).__name__}); it was stopped, "
-                    "not passed on",
+                    f"the gate failed on a {what} ({type(exc).__name__}); "
+                    + _STOPPED.get(what, "it was stopped"),
                 )
         except Exception:
             log.exception("recording the refusal of a failed %s failed", what)

@@ -88,7 +88,8 @@ def http_head(method: str, target: str, fields: Fields, *, multiplexed: bool = F
     if b"transfer-encoding" in found:
         size = None  # chunked: known only once read
     elif length is not None:
-        size = int(length) if length.isascii() and length.isdigit() else None  # "²" is a digit
+        # "²" is a digit to isdigit(), and int() refuses more than 4,300 digits: read neither
+        size = int(length) if length.isascii() and length.isdigit() and len(length) <= 19 else None
     else:
         size = None if multiplexed else 0  # HTTP/1 without either has no body
     return HttpHead(

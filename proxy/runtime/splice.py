@@ -164,14 +164,18 @@ class _Pump:
 
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close sends a reset
 DRAIN_BEFORE_RESET = 30.0  # seconds the peer that did not fail is given to take what it was sent
-DRAIN_STALLED = 1.0  # ... while it takes some of it at least this often (a stalled one: reset)
+DRAIN_STALLED = 2.0  # ... while it takes some of it at least this often (a stalled one: reset)
 _DRAIN_POLL = 0.05
+_TCP_CLOSE = 7  # tcp_info.tcpi_state of a socket that was reset
 
 
 def _unsent(sock: socket.socket) -> int:
     """Bytes the kernel still holds for the peer (``SIOCOUTQ``: not yet sent or not yet
-    acknowledged); 0 when that cannot be told (a closed or reset socket has none)."""
+    acknowledged); 0 for a socket that was reset (the kernel keeps counting what it held) or when
+    that cannot be told."""
     try:
+        if sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE:
+            return 0
         queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
     except (OSError, ValueError):
         return 0

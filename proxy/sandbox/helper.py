@@ -557,6 +557,8 @@ _IOCTL_SYSCALLS: dict[str, tuple[tuple[int, tuple[int, ...]], ...]] = {
     "aarch64": ((0xC00000B7, (29,)), (0x40000028, (54,))),
 }
 _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
+_SECCOMP_SYSCALL = {"x86_64": 317, "aarch64": 277}  # seccomp(2)
+_SECCOMP_SET_MODE_FILTER, _SECCOMP_FILTER_FLAG_SPEC_ALLOW = 1, 1 << 2
 _SECCOMP_RET_ALLOW, _SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000
 _BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_RET_K = 0x20, 0x15, 0x06
 
@@ -569,7 +571,7 @@ def _terminal_injection_filter(machine: str) -> list[tuple[int, int, int, int]] 
     abis = _IOCTL_SYSCALLS.get(machine)
     if abis is None:
         return None
-    # Jumps name their targets (None: the next instruction); ``_resolve`` turns them into the
+    # Jumps name their targets (None: the next instruction); ``offset`` turns them into the
     # forward offsets BPF wants. Each ABI's block checks its architecture, then its numbers.
     code: list[tuple[str, int, int, str | None, str | None]] = []  # label, op, k, jt, jf
     for index, (arch, numbers) in enumerate(abis):
@@ -609,6 +611,24 @@ def _forbid_terminal_injection() -> bool:
     buffer = ctypes.create_string_buffer(raw, len(raw))
     fprog = struct.pack("@HP", len(program), ctypes.addressof(buffer))  # struct sock_fprog
     holder = ctypes.create_string_buffer(fprog, len(fprog))
+    # seccomp(2) with SECCOMP_FILTER_FLAG_SPEC_ALLOW: a filter installed without it turns on the
+    # kernel's speculation mitigations (SSBD, STIBP) for every process under it on kernels whose
+    # default is spec_store_bypass_disable=seccomp (before 5.16), which costs the command's own
+    # work, compilers and package managers included. prctl is the fallback: a kernel before 4.17
+    # refuses the flag (EINVAL), one without the system call answers ENOSYS.
+    number = _SECCOMP_SYSCALL.get(os.uname().machine)
+    if number is not None:
+        libc = _c()
+        if (
+            libc.syscall(
+                ctypes.c_long(number),
+                ctypes.c_ulong(_SECCOMP_SET_MODE_FILTER),
+                ctypes.c_ulong(_SECCOMP_FILTER_FLAG_SPEC_ALLOW),
+                ctypes.c_void_p(ctypes.addressof(holder)),
+            )
+            == 0
+        ):
+            return True
     try:
         _prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(holder))
     except OSError:

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -323,3 +324,26 @@ def test_a_reset_after_a_whole_response_still_delivers_it_to_a_slow_reader(choic
         assert _run(choice, main()) == payload
     finally:
         t.close()
+
+
+def test_a_socket_that_was_reset_holds_nothing_for_its_peer() -> None:
+    """The kernel keeps counting what a reset socket held for its peer (SIOCOUTQ), and the relay
+    waits for that count to reach 0 before it passes a reset on: a reset socket counts as 0, or
+    every relay whose client aborted would wait out the stall."""
+    a, b = _pair()
+    try:
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        a.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            for _ in range(1000):  # bounded: until the peer's buffers are full
+                a.send(b"x" * 65536)
+        assert _unsent(a) > 0
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        b.close()  # a reset
+        for _ in range(100):  # bounded: until the reset has arrived
+            if _unsent(a) == 0:
+                break
+            time.sleep(0.01)
+        assert _unsent(a) == 0
+    finally:
+        a.close()
