@@ -45,9 +45,10 @@ RUN pip install --no-cache-dir --no-deps -c constraints.txt . \
 USER 10001:10001
 VOLUME ["/var/lib/egress"]
 # 3128: the proxy sandboxes use. /metrics stays on the container's loopback unless a deployment passes
-# --metrics with an address only the monitoring network reaches (see deploy/).
+# --metrics with an address only the monitoring network reaches (see deploy/). --audit-required: when the
+# journal cannot be written (a full or lost volume) new connections are denied, never forwarded unrecorded.
 EXPOSE 3128
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
     CMD ["python", "-c", "import socket; socket.create_connection(('127.0.0.1', 3128), 2).close()"]
 ENTRYPOINT ["egress", "serve"]
-CMD ["--listen", "0.0.0.0:3128", "--metrics", "127.0.0.1:9464", "--journal", "/var/lib/egress/audit.jsonl"]
+CMD ["--listen", "0.0.0.0:3128", "--metrics", "127.0.0.1:9464", "--journal", "/var/lib/egress/audit.jsonl", "--audit-required"]

@@ -94,6 +94,13 @@ def test_cmd_arguments_parse_with_the_real_cli() -> None:
     assert Path(args.journal).parent == Path(_env()[statedir.ENV_VAR])
 
 
+def test_the_default_command_denies_rather_than_forwards_unrecorded() -> None:
+    """A full or lost state volume must not turn the journal off while traffic still flows."""
+    args = cli.build_parser().parse_args(["serve", *json.loads(_one("CMD"))])
+    assert args.journal is not None
+    assert args.audit_required, "the image's default command must pass --audit-required"
+
+
 def test_state_dir_is_a_volume_the_user_owns_and_home_is_writable() -> None:
     env = _env()
     state = env[statedir.ENV_VAR]
