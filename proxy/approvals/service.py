@@ -54,6 +54,16 @@ def load_tokens(path: str) -> AdminTokens:
         raise ApprovalsError(str(exc)) from None
 
 
+def shown_state(spec: str) -> str:
+    """A ``--state`` value for messages: a URL's user name and password are never shown (nor
+    anything before an ``@`` in a value that is not quite a URL)."""
+    if "@" not in spec:
+        return spec
+    scheme, sep, _ = spec.partition("://")
+    host = spec.rsplit("@", 1)[1]
+    return f"{scheme}://***@{host}" if sep and "@" not in scheme else f"***@{host}"
+
+
 def open_store(spec: str, state_dir: Path | None) -> Store:
     """The store a ``--state`` value names."""
     if spec.startswith(("redis://", "rediss://", "unix://")):
@@ -71,7 +81,8 @@ def open_store(spec: str, state_dir: Path | None) -> Store:
     if spec.startswith("sqlite:"):
         return SqliteStore(spec.removeprefix("sqlite:"))
     raise ApprovalsError(
-        f"--state {spec!r}: expected sqlite, sqlite:PATH, memory or redis://HOST:PORT/DB"
+        f"--state {shown_state(spec)!r}: expected sqlite, sqlite:PATH, memory or "
+        "redis://HOST:PORT/DB"
     )
 
 
@@ -131,7 +142,7 @@ class Approvals:
 
     def describe(self) -> dict[str, str]:
         """For the gate's ready line."""
-        info = {"approvals": self.config.state.split("@")[-1]}
+        info = {"approvals": shown_state(self.config.state)}
         if self.admin_address is not None:
             info["admin"] = self.admin_base() or "-"
         if self.overlay is not None:
@@ -152,7 +163,9 @@ class Approvals:
         try:
             await self.broker.start()
         except Exception as exc:
-            raise ApprovalsError(f"the approval store ({self.config.state}) failed: {exc}") from exc
+            raise ApprovalsError(
+                f"the approval store ({shown_state(self.config.state)}) failed: {exc}"
+            ) from exc
         if self.config.admin_listen is not None:
             if self.config.admin_tokens is None:
                 await self.close()
