@@ -1,5 +1,6 @@
 # agent-egress gate as a standalone service: `egress serve` for sandbox containers that use HTTP(S)_PROXY.
-# Scale it out as replicas behind your orchestrator's Service (see deploy/); replicas share no state.
+# Scale it out as replicas behind your orchestrator's Service (see deploy/); with ask rules they share
+# their approvals through Redis (--state redis://...).
 #
 # Runs as UID 10001 with a read-only root file system: everything it writes goes to /var/lib/egress (the
 # state directory with mitmproxy's CA files, and the audit journal), which deployments mount as a volume,
