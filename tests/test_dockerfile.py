@@ -153,3 +153,16 @@ def test_runs_as_non_root_with_a_healthcheck_on_the_proxy_port() -> None:
 @pytest.mark.parametrize("entry", [".venv", ".venv-tools", "tests"])
 def test_dockerignore_keeps_the_build_context_small(entry: str) -> None:
     assert entry in (ROOT / ".dockerignore").read_text().split()
+
+
+def test_the_ca_directory_the_deploy_guide_creates_stays_out_of_the_build_context() -> None:
+    """deploy/README.md has `egress ca init --state-dir ./egress-ca` run in the checkout: its key must
+    never be sent to a builder, whatever the Dockerfile copies, nor be committed."""
+    guide = (ROOT / "deploy" / "README.md").read_text()
+    created = re.findall(r"egress ca init --state-dir \./(\S+)", guide)
+    assert created, "the deploy guide no longer creates a CA in the checkout: update this test"
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    not_committed = (ROOT / ".gitignore").read_text().split()
+    for directory in created:
+        assert directory.rstrip("/") in ignored
+        assert f"/{directory.strip('/')}/" in not_committed
