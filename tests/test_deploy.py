@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import re
 import shutil
 import tomllib
 from collections.abc import Iterator
@@ -567,3 +568,18 @@ def test_kind_replicas_share_an_approval_store_only_they_reach(rendered: dict[st
         {"app.kubernetes.io/name": "agent-egress-gate"}
     ]
     assert namespace == GATE_NS  # a podSelector-only peer means this namespace: the gate's
+
+
+DOC_PAGES = [ROOT / "README.md", DEPLOY / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("page", DOC_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_documented_kubectl_apply_commands_apply_a_kustomization(page: Path) -> None:
+    """Every page that tells you to apply the manifests names a kustomization (the one whose
+    default-deny sandbox namespace the guarantees rely on), never a plain directory with -f."""
+    for flag, target in re.findall(
+        r"kubectl apply (-[fk]) (deploy/kubernetes\S*)", page.read_text()
+    ):
+        assert flag == "-k", f"{page.name}: `kubectl apply {flag} {target}`"
+        directory = ROOT / target.strip("`")
+        assert (directory / "kustomization.yaml").is_file(), f"{page.name}: {target}"
