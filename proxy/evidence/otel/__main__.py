@@ -42,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--flush-interval", type=float, default=0.2)
     parser.add_argument("--max-backoff", type=float, default=5.0)
+    parser.add_argument("--max-request-bytes", type=int, default=4_000_000)
     parser.add_argument("--close-timeout", type=float, default=5.0)
     parser.add_argument("--nice", type=int, default=10)
     args = parser.parse_args(argv)
@@ -55,7 +56,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         after_seq=args.after_seq,
         version=args.version,
         metrics=None,  # totals go to the gate as JSON; its registry has the metrics
-        limits=QueueLimits(args.max_queue, args.batch_size, args.flush_interval, args.max_backoff),
+        limits=QueueLimits(
+            args.max_queue,
+            args.batch_size,
+            args.flush_interval,
+            args.max_backoff,
+            args.max_request_bytes,
+        ),
     )
     done = threading.Event()
     out_lock = threading.Lock()

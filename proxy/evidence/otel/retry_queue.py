@@ -40,7 +40,9 @@ class ReliableExporter:
     ``offer`` (non-blocking) drops and counts when the queue is full; the journal follower checks
     ``room`` and then ``extend``s, so it stops reading instead. One thread encodes each batch once and
     sends it; a failed batch is kept and sent again after a capped exponential backoff, so a collector
-    outage delays events but does not lose them.
+    outage delays events but does not lose them. A batch whose encoding exceeds ``max_request_bytes``
+    is sent as several requests, in order: a collector refuses a message over its size limit on every
+    retry, which would hold back every record after it for good.
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class ReliableExporter:
         self.batch_size = limits.batch_size
         self.flush_interval = limits.flush_interval
         self.max_backoff = limits.max_backoff
+        self.max_request_bytes = limits.max_request_bytes
         self.backlog: Callable[[], int] = _nothing  # records waiting in the journal, for the gauge
         self.on_exported: Callable[[Sequence[Record]], None] = _ignore
         self._queue: collections.deque[Record] = collections.deque()
@@ -150,7 +153,9 @@ class ReliableExporter:
                 count = min(self.batch_size, len(self._queue))
                 self._inflight = [self._queue.popleft() for _ in range(count)]
                 self._cond.notify_all()
-            self._deliver(self._encode(self._inflight))
+            for part, encoded in self._parts(self._inflight):
+                if not self._deliver(part, encoded):
+                    break  # abandoned at shutdown: what is left was counted
 
     def _update_gauge_locked(self) -> None:
         if self.metrics is not None:
@@ -158,19 +163,26 @@ class ReliableExporter:
                 len(self._queue) + len(self._inflight) + self.backlog()
             )
 
-    def _encode(self, batch: Sequence[Record]) -> Encoded | None:
-        """Once per batch (retries resend the same request); None if nothing is left to send."""
+    def _parts(self, batch: list[Record]) -> list[tuple[list[Record], Encoded | None]]:
+        """The batch as requests of at most ``max_request_bytes`` each (halved until they fit; a
+        single record is sent as it is), in order, each encoded once (retries resend the same
+        request). A part's request is None if nothing of it is left to send."""
         try:
             encoded = self.encoder.encode(batch)
         except Exception:  # an encoder bug must not kill the export thread
             log.exception("OTLP encoding of %d events failed", len(batch))
             self.count("dropped_encode", len(batch))
-            return None
+            return [(batch, None)]
+        if len(encoded.payload) > self.max_request_bytes and len(batch) > 1:
+            half = len(batch) // 2
+            return [*self._parts(batch[:half]), *self._parts(batch[half:])]
         if encoded.failed:
             self.count("dropped_encode", encoded.failed)
-        return encoded if encoded.records else None
+        return [(batch, encoded if encoded.records else None)]
 
-    def _deliver(self, encoded: Encoded | None) -> None:
+    def _deliver(self, part: list[Record], encoded: Encoded | None) -> bool:
+        """Send one part of the batch in flight until the collector takes it; False if it was
+        abandoned at shutdown (with the rest of the batch and the queue)."""
         backoff = 0.1
         while True:
             self.update_gauge()
@@ -187,25 +199,25 @@ class ReliableExporter:
                 if encoded is not None:
                     self.count("exported", encoded.records)
                 try:
-                    self.on_exported(self._inflight)
+                    self.on_exported(part)
                 except Exception:
                     log.exception("OTLP export cursor update failed")
                 with self._cond:
-                    self._inflight = []
+                    self._inflight = self._inflight[len(part) :]
                     self._cond.notify_all()
                 self.update_gauge()
-                return
+                return True
             self.count("failures")
             if backoff >= self.max_backoff or backoff == 0.1:  # first failure, then at the cap
                 log.warning(
                     "OTLP export of %d events failed (%s); retrying every %.1fs at most",
-                    len(self._inflight),
+                    len(part),
                     why,
                     min(backoff * 2, self.max_backoff),
                 )
             if self._stop.is_set():
                 if self._abandon():
-                    return
+                    return False
                 time.sleep(min(backoff, 0.2))
             else:
                 self._stop.wait(backoff)

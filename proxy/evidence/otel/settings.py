@@ -86,6 +86,10 @@ class QueueLimits:
     batch_size: int = 512  # records per request
     flush_interval: float = 0.2  # seconds a partial batch waits for more
     max_backoff: float = 5.0  # seconds between retries of a failed batch, at most
+    # Bytes of one request, at most: a batch whose encoding is larger is sent in parts. Collectors
+    # refuse larger messages (4 MiB is gRPC's and the OpenTelemetry Collector's default receive
+    # limit) and the same batch would be refused on every retry, holding back all that follows it.
+    max_request_bytes: int = 4_000_000
 
 
 DEFAULT_LIMITS = QueueLimits()

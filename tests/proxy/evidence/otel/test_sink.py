@@ -13,6 +13,7 @@ from proxy.evidence.journal.writer import Journal
 from proxy.evidence.metrics import Metrics
 from proxy.evidence.record import CLOSED_EVENT, connection_closed
 from tests.harness import wait_until
+from tests.otlp_receiver import GrpcReceiver
 from tests.proxy.evidence.decisions import allow, deny_http, dns_query
 from tests.proxy.evidence.otel.receivers import Receiver, make_sink
 
@@ -133,3 +134,41 @@ def test_decisions_the_journal_could_not_write_are_still_exported(
         journal.close()
     assert out.reason is Reason.AUDIT_UNAVAILABLE
     assert [r.attributes["egress.reason"] for r in got] == ["audit-unavailable"]
+
+
+@pytest.mark.parametrize("with_journal", [False, True], ids=["memory", "journal"])
+def test_a_batch_larger_than_the_collectors_message_limit_is_sent_in_parts(
+    tmp_path: Path, with_journal: bool
+) -> None:
+    """A collector refuses a request over its receive limit (4 MiB by default for gRPC) on every
+    retry: a full batch of large records (a process's argv is the sandbox's to choose) must still
+    arrive, and so must every record after it."""
+    receiver = GrpcReceiver()  # grpc's own 4 MiB receive limit, as a collector's default
+    receiver.start()
+    metrics = Metrics()
+    journal = Journal(tmp_path / "audit.jsonl", metrics=metrics) if with_journal else None
+    sink = make_sink(receiver, metrics, journal=journal)
+    emitter = Emitter(sinks=[sink], write_ahead=[journal] if journal else [])
+    argv = tuple("a" * 300 for _ in range(64))  # ~16 KiB exported: 512 of them, ~8 MiB
+    ids: list[str] = []
+    try:
+        receiver.stop()  # the queue fills to full batches while the collector is away
+        for i in range(600):
+            ids.append(emitter.emit(allow(i, pid=7, exe="/usr/bin/tool", argv=argv)).id)
+        assert wait_until(lambda: metrics.otlp_export_failures._value.get() >= 1, 15)
+        receiver.start()
+        ids.append(emitter.emit(allow(1000)).id)  # a small record behind the large ones
+        receiver.wait_for(len(ids), timeout=30)
+        assert sink.flush(10)
+        time.sleep(0.3)  # a duplicate would have arrived by now
+        got = receiver.records
+    finally:
+        sink.close()
+        if journal is not None:
+            journal.close()
+        receiver.stop()
+    received_ids = [r.attributes["egress.decision.id"] for r in got]
+    assert sorted(received_ids) == sorted(ids)
+    assert sum(len(r.attributes.get("process.command_args", ())) == 64 for r in got) == 600
+    for reason in ("queue_full", "encode", "shutdown"):
+        assert metrics.otlp_dropped.labels(reason=reason)._value.get() == 0
