@@ -61,16 +61,25 @@ class _Store:
     decoded: list[Received] = field(default_factory=list)
     decoded_requests: int = 0
     cond: threading.Condition = field(default_factory=threading.Condition)
+    rejecting: int = 0  # records to answer as rejected (OTLP partial success), from the next on
 
     def add(
         self, request: logs_service_pb2.ExportLogsServiceRequest, headers: dict[str, str]
-    ) -> None:
+    ) -> logs_service_pb2.ExportLogsServiceResponse:
+        """Keep the request; the answer says which of its records were rejected, if any."""
         n = sum(len(sl.log_records) for rl in request.resource_logs for sl in rl.scope_logs)
+        response = logs_service_pb2.ExportLogsServiceResponse()
         with self.cond:
             self.requests_seen.append(request)
             self.headers_seen.append(headers)
             self.count += n
+            rejected = min(n, self.rejecting)
+            self.rejecting -= rejected
             self.cond.notify_all()
+        if rejected:
+            response.partial_success.rejected_log_records = rejected
+            response.partial_success.error_message = "rejected by the test collector"
+        return response
 
     @property
     def requests(self) -> int:
@@ -113,6 +122,12 @@ class _Receiver:
         self.port = 0
         self.tls = tls  # (certificate chain, private key) to serve TLS with
         self._store = _Store()
+
+    def reject(self, records: int) -> None:
+        """Answer the next ``records`` records as rejected (a partial success), as a collector
+        refusing records it cannot take does."""
+        with self._store.cond:
+            self._store.rejecting = records
 
     @property
     def endpoint(self) -> str:
@@ -178,8 +193,7 @@ class _LogsServicer(logs_service_pb2_grpc.LogsServiceServicer):  # type: ignore[
     def Export(
         self, request: logs_service_pb2.ExportLogsServiceRequest, context: Any
     ) -> logs_service_pb2.ExportLogsServiceResponse:
-        self.store.add(request, {k.lower(): v for k, v in context.invocation_metadata()})
-        return logs_service_pb2.ExportLogsServiceResponse()
+        return self.store.add(request, {k.lower(): v for k, v in context.invocation_metadata()})
 
 
 class GrpcReceiver(_Receiver):
@@ -230,8 +244,9 @@ class _HttpHandler(BaseHTTPRequestHandler):
             return
         request = logs_service_pb2.ExportLogsServiceRequest()
         request.ParseFromString(data)
-        self.store.add(request, {k.lower(): v for k, v in self.headers.items()})
-        body = logs_service_pb2.ExportLogsServiceResponse().SerializeToString()
+        body = self.store.add(
+            request, {k.lower(): v for k, v in self.headers.items()}
+        ).SerializeToString()
         self.send_response(200)
         self.send_header("Content-Type", "application/x-protobuf")
         self.send_header("Content-Length", str(len(body)))

@@ -190,7 +190,8 @@ class Metrics:
         )
         self.otlp_dropped = Counter(
             "egress_otlp_dropped_records",
-            "Log records that will never be exported, by reason (queue_full|shutdown|encode).",
+            "Log records that will never be exported, by reason (queue_full|shutdown|encode|rejected: "
+            "the collector took the request and said it rejected them).",
             ["reason"],
             registry=r,
         )

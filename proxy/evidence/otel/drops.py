@@ -7,4 +7,4 @@ were a third of that process's start).
 
 from __future__ import annotations
 
-OTLP_DROP_REASONS = ("queue_full", "shutdown", "encode")
+OTLP_DROP_REASONS = ("queue_full", "shutdown", "encode", "rejected")

@@ -186,10 +186,10 @@ class ReliableExporter:
         backoff = 0.1
         while True:
             self.update_gauge()
-            ok, why = True, ""
+            ok, why, rejected = True, "", 0
             try:
                 if encoded is not None:
-                    self.transport.send(encoded.payload)
+                    rejected = self.transport.send(encoded.payload)
             except ExportFailed as exc:
                 ok, why = False, str(exc)
             except Exception:  # a transport bug must not kill the export thread
@@ -197,7 +197,11 @@ class ReliableExporter:
                 ok, why = False, "transport error"
             if ok:
                 if encoded is not None:
-                    self.count("exported", encoded.records)
+                    # what the collector took and then rejected is not sent again: counted lost
+                    rejected = min(max(rejected, 0), encoded.records)
+                    self.count("exported", encoded.records - rejected)
+                    if rejected:
+                        self.count("dropped_rejected", rejected)
                 try:
                     self.on_exported(part)
                 except Exception:

@@ -40,8 +40,9 @@ class ExportFailed(Exception):
 
 
 class Transport(Protocol):
-    def send(self, payload: bytes) -> None:
-        """Deliver the serialised request or raise :class:`ExportFailed`."""
+    def send(self, payload: bytes) -> int:
+        """Deliver the serialised request or raise :class:`ExportFailed`; returns how many of its
+        records the collector said it rejected (OTLP partial success: not to be sent again)."""
 
     def shutdown(self) -> None: ...
 
@@ -55,14 +56,17 @@ def make_transport(
     return HttpTransport(endpoint, settings, user_agent)
 
 
-def _log_partial_success(response: ExportLogsServiceResponse) -> None:
+def _rejected(response: ExportLogsServiceResponse) -> int:
+    """The records a collector that took the request says it rejected (a partial success): they
+    are not delivered, so the retry queue counts them dropped, not exported."""
     partial = response.partial_success
     if partial.rejected_log_records or partial.error_message:
         log.warning(
-            "OTLP collector rejected %d of the records sent: %s",
+            "OTLP collector rejected %d of the records sent: %r",
             partial.rejected_log_records,
             partial.error_message[:200],
         )
+    return max(0, partial.rejected_log_records)
 
 
 class HttpTransport:
@@ -86,7 +90,7 @@ class HttpTransport:
         if self.compression != "none":
             self._headers["content-encoding"] = self.compression
 
-    def send(self, payload: bytes) -> None:
+    def send(self, payload: bytes) -> int:
         data = payload
         if self.compression == "gzip":
             data = gzip.compress(data, compresslevel=6)
@@ -108,9 +112,10 @@ class HttpTransport:
                 f"{self.endpoint}: HTTP {response.status_code} {response.text[:200]!r}"
             )
         try:
-            _log_partial_success(ExportLogsServiceResponse.FromString(response.content))
+            return _rejected(ExportLogsServiceResponse.FromString(response.content))
         except Exception:  # the batch was accepted; an odd reply body changes nothing
             log.debug("OTLP collector reply not understood", exc_info=True)
+            return 0
 
     def shutdown(self) -> None:
         self._session.close()
@@ -163,7 +168,7 @@ class GrpcTransport:
             response_deserializer=ExportLogsServiceResponse.FromString,
         )
 
-    def send(self, payload: bytes) -> None:
+    def send(self, payload: bytes) -> int:
         grpc = self._grpc
         try:
             response = self._export(payload, metadata=self._metadata, timeout=self.timeout)
@@ -175,7 +180,7 @@ class GrpcTransport:
             name = code.name if code is not None else "error"
             details = exc.details() if hasattr(exc, "details") else str(exc)
             raise ExportFailed(f"{self.target}: {name} {details}") from exc
-        _log_partial_success(response)
+        return _rejected(response)
 
     def shutdown(self) -> None:
         self._channel.close()

@@ -24,7 +24,7 @@ class FlakyCollector:
         self.ids: list[str] = []
         self.lock = threading.Lock()
 
-    def send(self, payload: bytes) -> None:
+    def send(self, payload: bytes) -> int:
         request = ExportLogsServiceRequest.FromString(payload)
         with self.lock:
             if self.failures > 0:
@@ -33,6 +33,7 @@ class FlakyCollector:
             for rec in request.resource_logs[0].scope_logs[0].log_records:
                 attrs = {kv.key: kv.value.string_value for kv in rec.attributes}
                 self.ids.append(attrs["egress.decision.id"])
+        return 0
 
     def shutdown(self) -> None:
         pass

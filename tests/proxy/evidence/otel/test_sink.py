@@ -172,3 +172,24 @@ def test_a_batch_larger_than_the_collectors_message_limit_is_sent_in_parts(
     assert sum(len(r.attributes.get("process.command_args", ())) == 64 for r in got) == 600
     for reason in ("queue_full", "encode", "shutdown"):
         assert metrics.otlp_dropped.labels(reason=reason)._value.get() == 0
+
+
+def test_records_the_collector_rejects_are_counted_dropped_not_exported(
+    receiver: Receiver,
+) -> None:
+    """A collector may take a request and answer that it rejected some of its records (OTLP
+    partial success): they never reach it and are not sent again, so they are losses to count."""
+    metrics = Metrics()
+    sink = make_sink(receiver, metrics)
+    emitter = Emitter(sinks=[sink])
+    receiver.reject(3)
+    try:
+        for i in range(5):
+            emitter.emit(allow(i))
+        assert sink.flush(10)
+        assert wait_until(lambda: receiver.count >= 5, 10)
+    finally:
+        sink.close()
+    assert metrics.otlp_dropped.labels(reason="rejected")._value.get() == 3
+    assert metrics.otlp_exported._value.get() == 2
+    assert sink.processor.stats["dropped_rejected"] == 3
