@@ -69,7 +69,8 @@ class JsonLineSink:
     """One JSON object per line (sorted keys, compact, ASCII only: the journal's encoding of the same
     record, see :mod:`proxy.evidence.serialised`). Control characters are escaped, so hostile host
     names cannot forge extra lines (threat 15). A file is appended to with one ``write`` per line, as
-    the line is recorded."""
+    the line is recorded. A file it creates is mode 0600, as the journal is: its lines are the
+    journal's text (hosts and paths as received), local evidence for its owner."""
 
     def __init__(
         self, stream: IO[str] | None = None, path: str | None = None, fd: int | None = None
@@ -79,7 +80,7 @@ class JsonLineSink:
         self._fd: int | None = fd
         self._stream: IO[str] | None = None
         if path:
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         elif fd is None:
             self._stream = stream or sys.stderr
         self._lock = threading.Lock()

@@ -621,7 +621,7 @@ def evidence_files(options: RunOptions) -> tuple[str, ...]:
     a command running as their owner could otherwise drop its own refusals and recompute the
     journal's hash chain (which has no key). OSError (naming the file) when one cannot be created:
     the run stops before its command starts, as it did when the gate opened them first."""
-    wanted = [(options.journal, 0o600), (options.decision_log, 0o666)]
+    wanted = [(options.journal, 0o600), (options.decision_log, 0o600)]
     found: list[str] = []
     for path, mode in wanted:
         if not path or path == "-":
@@ -892,7 +892,7 @@ def _run_reused(options: RunOptions, sandbox: Sandbox, session: Session) -> tupl
     try:
         if options.decision_log:  # a file (the CLI leaves stderr's log to a gate of its own)
             files["decision-log"] = os.open(
-                options.decision_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666
+                options.decision_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
             )
         warnings = session.hand_off(
             str(options.sandbox_id),

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import stat
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -135,3 +138,16 @@ def test_a_reader_gets_the_deny_the_journal_could_not_record() -> None:
     emitter = Emitter([reader], write_ahead=[JournalCopy(fail=True)], audit_required=True)
     assert emitter.emit(allow()).reason is Reason.AUDIT_UNAVAILABLE
     assert reader.told == [("audit-unavailable", False)]
+
+
+def test_a_decision_log_file_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """Its lines are the journal's text (hosts with userinfo, paths as received): created 0600 as
+    the journal is, whatever the umask lets through."""
+    old = os.umask(0o022)
+    try:
+        sink = JsonLineSink(path=str(tmp_path / "decisions.jsonl"))
+    finally:
+        os.umask(old)
+    sink.record(deny(1))
+    sink.close()
+    assert stat.S_IMODE((tmp_path / "decisions.jsonl").stat().st_mode) == 0o600
