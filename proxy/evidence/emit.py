@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import IO, Any, Protocol, runtime_checkable
@@ -21,6 +22,11 @@ from proxy.evidence.record import connection_closed
 from proxy.evidence.serialised import Serialised, serialise_decision, serialise_event
 
 log = logging.getLogger(__name__)
+
+JOURNAL_FAILURE_LOG_INTERVAL = 10.0
+"""Seconds between the Emitter's log lines about records the journal could not take: the first is
+said at once, the rest are counted into the next (a full disk fails every record, thousands a
+second under load, and one log line each would flood the gate's log and cost its loop)."""
 
 
 class AuditUnavailable(Exception):
@@ -180,6 +186,8 @@ class Emitter:
         self._events_take_serialised = any(
             [*self._event_serialised_write_ahead, *self._event_serialised_sinks]
         )
+        self._unjournaled = 0  # records the journal could not take since the last log line
+        self._unjournaled_logged = -JOURNAL_FAILURE_LOG_INTERVAL
 
     def emit(self, decision: Decision) -> Decision:
         journaled = bool(self.write_ahead)
@@ -202,9 +210,7 @@ class Emitter:
                     )
                     serialised = None  # what the other sinks record is the deny
                 else:
-                    log.error(
-                        "audit journal write failed, proceeding (not --audit-required): %s", exc
-                    )
+                    self._unjournaled_record(exc, decision.allowed)
         for sink, takes_serialised in self._plain_calls:
             try:
                 if takes_serialised is None:
@@ -254,6 +260,9 @@ class Emitter:
                     fast(shared)
                 else:
                     handler(name, attributes)
+            except AuditUnavailable as exc:
+                journaled = False
+                self._unjournaled_record(exc, None)
             except Exception:
                 journaled = False
                 log.exception("event sink %r failed", sink)
@@ -270,6 +279,29 @@ class Emitter:
                 reader.event_journaled(name, attributes, journaled)
             except Exception:
                 log.exception("event sink %r failed", reader)
+
+    def _unjournaled_record(self, exc: AuditUnavailable, allowed: bool | None) -> None:
+        """Say that a record is missing from the journal: at once for the first, then at most every
+        :data:`JOURNAL_FAILURE_LOG_INTERVAL` seconds with the count since (the journal counts each
+        failure in ``egress_journal_errors_total``). ``allowed``: the decision's, None for an
+        event."""
+        self._unjournaled += 1
+        now = time.monotonic()
+        if now - self._unjournaled_logged < JOURNAL_FAILURE_LOG_INTERVAL:
+            return
+        count, self._unjournaled, self._unjournaled_logged = self._unjournaled, 0, now
+        if allowed:
+            stands = "the allow stands (not --audit-required)"
+        elif allowed is None:
+            stands = "events go unrecorded in the journal"
+        else:
+            stands = "the refusal stands"
+        log.error(
+            "audit journal write failed: %d record(s) not journaled since last said, %s: %s",
+            count,
+            stands,
+            exc,
+        )
 
     def close(self) -> None:
         for sink in [*self.write_ahead, *self.sinks]:

@@ -151,3 +151,17 @@ def test_a_decision_log_file_is_readable_by_its_owner_only(tmp_path: Path) -> No
     sink.record(deny(1))
     sink.close()
     assert stat.S_IMODE((tmp_path / "decisions.jsonl").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("audit_required", [False, True])
+def test_a_failing_journal_is_said_once_not_once_per_record(
+    caplog: pytest.LogCaptureFixture, audit_required: bool
+) -> None:
+    """A full disk fails every record, thousands a second under load: the failure is logged at
+    once, and then at most every few seconds with the count, never one line per record."""
+    emitter = Emitter([], write_ahead=[BrokenJournal()], audit_required=audit_required)
+    for i in range(1000):
+        emitter.emit(deny(i))
+    lines = [r for r in caplog.records if "audit journal write failed" in r.getMessage()]
+    assert len(lines) == 1
+    assert "refusal stands" in lines[0].getMessage()  # a deny never "proceeds"
