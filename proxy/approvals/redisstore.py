@@ -37,7 +37,7 @@ from proxy.approvals.model import (
     Subject,
     clip,
 )
-from proxy.approvals.store import Change, ChangeType, Feed, Limits
+from proxy.approvals.store import Change, ChangeType, Feed, Limits, shown_state
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class RedisStore:
             await client.ping()
         except (RedisError, OSError) as exc:
             await client.aclose()  # type: ignore[no-untyped-call]
-            raise RuntimeError(f"cannot reach {_shown(self.url)}: {exc}") from None
+            raise RuntimeError(f"cannot reach {shown_state(self.url)}: {exc}") from None
         self._client = client
         self._open_script = client.register_script(_OPEN)
         self._set_script = client.register_script(_SET)
@@ -363,11 +363,3 @@ class RedisStore:
 
     async def end_session(self, sandbox: str) -> None:
         await self._end_script(args=[self.prefix, sandbox, repr(self.clock()), ENDED, ENDED_REASON])
-
-
-def _shown(url: str) -> str:
-    """The URL without a password, for messages."""
-    if "@" in url:
-        scheme, _, rest = url.partition("://")
-        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-    return url

@@ -18,7 +18,7 @@ from proxy.approvals.broker import DEFAULT_SESSION_TTL, ApprovalMetrics, Broker,
 from proxy.approvals.listener import AdminServer
 from proxy.approvals.overlay import Overlay
 from proxy.approvals.reviewer import CommandReviewer, RecentDecisions
-from proxy.approvals.store import Limits, Store
+from proxy.approvals.store import Limits, Store, shown_state
 from proxy.approvals.tokens import AdminTokens, TokenError
 from proxy.core.authority import join_authority
 from proxy.evidence.emit import Sink
@@ -52,16 +52,6 @@ def load_tokens(path: str) -> AdminTokens:
         return AdminTokens.load(Path(path))
     except TokenError as exc:
         raise ApprovalsError(str(exc)) from None
-
-
-def shown_state(spec: str) -> str:
-    """A ``--state`` value for messages: a URL's user name and password are never shown (nor
-    anything before an ``@`` in a value that is not quite a URL)."""
-    if "@" not in spec:
-        return spec
-    scheme, sep, _ = spec.partition("://")
-    host = spec.rsplit("@", 1)[1]
-    return f"{scheme}://***@{host}" if sep and "@" not in scheme else f"***@{host}"
 
 
 def open_store(spec: str, state_dir: Path | None) -> Store:

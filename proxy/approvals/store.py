@@ -18,6 +18,23 @@ from typing import Protocol
 
 from proxy.approvals.model import Advice, Approval, Grant, Scope, State, Subject
 
+
+def shown_state(spec: str) -> str:
+    """A ``--state`` value (a store's URL) for messages, with no credential in it: the user name
+    and password before an ``@`` are shown as ``***``, and so is a query, which redis-py reads
+    connection arguments from (``unix:///run/redis.sock?password=...``)."""
+    head, query, _ = spec.partition("?")
+    head = head.partition("#")[0]
+    hidden = "?***" if query else ""
+    scheme, sep, rest = head.partition("://")
+    if not sep:  # not quite a URL: anything before an @ may be a credential
+        return ("***@" + head.rsplit("@", 1)[1] if "@" in head else head) + hidden
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    return f"{scheme}://{netloc}{slash}{path}{hidden}"
+
+
 log = logging.getLogger(__name__)
 
 FEED_QUEUE = 1000  # changes buffered per subscriber; a slower one loses the oldest

@@ -209,6 +209,7 @@ class Emitter:
                         detail=f"the audit journal cannot be written: {exc}",
                     )
                     serialised = None  # what the other sinks record is the deny
+                    self._unjournaled_record(exc, False, refused=True)
                 else:
                     self._unjournaled_record(exc, decision.allowed)
         for sink, takes_serialised in self._plain_calls:
@@ -280,17 +281,21 @@ class Emitter:
             except Exception:
                 log.exception("event sink %r failed", reader)
 
-    def _unjournaled_record(self, exc: AuditUnavailable, allowed: bool | None) -> None:
+    def _unjournaled_record(
+        self, exc: AuditUnavailable, allowed: bool | None, *, refused: bool = False
+    ) -> None:
         """Say that a record is missing from the journal: at once for the first, then at most every
         :data:`JOURNAL_FAILURE_LOG_INTERVAL` seconds with the count since (the journal counts each
         failure in ``egress_journal_errors_total``). ``allowed``: the decision's, None for an
-        event."""
+        event; ``refused``: an allow refused for it (``--audit-required``)."""
         self._unjournaled += 1
         now = time.monotonic()
         if now - self._unjournaled_logged < JOURNAL_FAILURE_LOG_INTERVAL:
             return
         count, self._unjournaled, self._unjournaled_logged = self._unjournaled, 0, now
-        if allowed:
+        if refused:
+            stands = "refused (--audit-required)"
+        elif allowed:
             stands = "the allow stands (not --audit-required)"
         elif allowed is None:
             stands = "events go unrecorded in the journal"
@@ -304,6 +309,12 @@ class Emitter:
         )
 
     def close(self) -> None:
+        if self._unjournaled:  # counted since the last line said so: said before the gate ends
+            log.error(
+                "audit journal write failed: %d record(s) not journaled since last said",
+                self._unjournaled,
+            )
+            self._unjournaled = 0
         for sink in [*self.write_ahead, *self.sinks]:
             try:
                 sink.close()

@@ -41,3 +41,23 @@ def test_a_mistyped_state_value_is_refused_without_its_password() -> None:
     with pytest.raises(ApprovalsError) as failed:
         open_store(f"redis//:{PASSWORD}@store.test:6379/0", None)
     assert PASSWORD not in str(failed.value)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        f"redis://:{PASSWORD}@store.test:6379/0",
+        f"rediss://gate:{PASSWORD}@[::1]:6380/2",
+        f"redis://:{PASSWORD}@x@store.test/0",  # an @ in the password
+        f"unix:///run/redis.sock?password={PASSWORD}",  # redis-py reads it from the query
+        f"redis://store.test:6379/0?password={PASSWORD}",
+        f"redis://store.test/0?password=p@{PASSWORD}",
+        f"redis://gate@store.test/0?username=u&password={PASSWORD}",
+    ],
+)
+def test_no_spelling_of_a_store_url_shows_its_password(spec: str) -> None:
+    from proxy.approvals.store import shown_state
+
+    shown = shown_state(spec)
+    assert PASSWORD not in shown, shown
+    assert "store.test" in shown or "redis.sock" in shown or "::1" in shown, shown

@@ -165,3 +165,18 @@ def test_a_failing_journal_is_said_once_not_once_per_record(
     lines = [r for r in caplog.records if "audit journal write failed" in r.getMessage()]
     assert len(lines) == 1
     assert "refusal stands" in lines[0].getMessage()  # a deny never "proceeds"
+
+
+def test_refused_allows_are_counted_and_the_rest_said_as_the_gate_closes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Under --audit-required an allow the journal cannot take is refused: it is counted with
+    the rest, and what was counted after the last line is said as the Emitter closes."""
+    emitter = Emitter([], write_ahead=[BrokenJournal()], audit_required=True)
+    for i in range(500):
+        emitter.emit(allow(i))
+    said = [r.getMessage() for r in caplog.records if "audit journal" in r.getMessage()]
+    assert len(said) == 1 and "refused (--audit-required)" in said[0]
+    emitter.close()
+    said = [r.getMessage() for r in caplog.records if "audit journal" in r.getMessage()]
+    assert len(said) == 2 and "499 record(s) not journaled" in said[1], said
