@@ -15,24 +15,29 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
+from urllib.parse import urlsplit
 
 from proxy.approvals.model import Advice, Approval, Grant, Scope, State, Subject
+from proxy.core.authority import join_authority
 
 
 def shown_state(spec: str) -> str:
-    """A ``--state`` value (a store's URL) for messages, with no credential in it: the user name
-    and password before an ``@`` are shown as ``***``, and so is a query, which redis-py reads
-    connection arguments from (``unix:///run/redis.sock?password=...``)."""
-    head, query, _ = spec.partition("?")
-    head = head.partition("#")[0]
-    hidden = "?***" if query else ""
-    scheme, sep, rest = head.partition("://")
-    if not sep:  # not quite a URL: anything before an @ may be a credential
-        return ("***@" + head.rsplit("@", 1)[1] if "@" in head else head) + hidden
-    netloc, slash, path = rest.partition("/")
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    return f"{scheme}://{netloc}{slash}{path}{hidden}"
+    """A ``--state`` value (a store's URL) for messages, with no credential in it: read as
+    redis-py reads it (``urlsplit``), only the scheme, host, port and path are shown, and a query
+    or fragment, which redis-py takes connection arguments from (``?password=...``), as ``?***``.
+    A value that is not a URL is shown only when nothing in it could hold a credential."""
+    if "://" not in spec:
+        return spec if not any(mark in spec for mark in "@?#") else "***"
+    parts = urlsplit(spec)
+    host = parts.hostname or ""
+    try:
+        port = parts.port
+    except ValueError:  # not a port: whatever it is, not shown
+        port = None
+    where = join_authority(host, port) if port else (f"[{host}]" if ":" in host else host)
+    return f"{parts.scheme}://{where}{parts.path}" + (
+        "?***" if parts.query or parts.fragment else ""
+    )
 
 
 log = logging.getLogger(__name__)
