@@ -49,6 +49,20 @@ def _run(policy: Path, dns: FakeDns, log: Path, script: str, **env: str) -> str:
     return result.stdout
 
 
+def _compiled(tmp_path: Path, name: str, source: str, *flags: str) -> Path:
+    """``source`` built with the machine's C compiler into ``tmp_path/name`` (skips without one)."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler")
+    path, binary = tmp_path / f"{name}.c", tmp_path / name
+    path.write_text(source)
+    subprocess.run(
+        [compiler, "-O2", *flags, "-o", str(binary), str(path)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return binary
+
+
 def _refusals(log: Path) -> list[tuple[str, str]]:
     records = [json.loads(line) for line in log.read_text().splitlines()]
     return [
@@ -278,16 +292,9 @@ def test_a_process_cannot_name_the_bound_program_as_its_executable_from_a_user_n
     """prctl(PR_SET_MM_MAP) needs capabilities only in the caller's own user namespace, which any
     process can create: under a policy that binds rules to executables the sandbox can create none,
     so the kernel's executable link stays the file the process was started from."""
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        pytest.skip("no C compiler")
-    source, binary = tmp_path / "exe_link.c", tmp_path / "exe_link"
-    source.write_text(EXE_LINK_C)
-    subprocess.run(
-        [compiler, "-O2", "-static", "-fno-stack-protector", "-fcf-protection=none",
-         "-o", str(binary), str(source)],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
+    binary = _compiled(
+        tmp_path, "exe_link", EXE_LINK_C, "-static", "-fno-stack-protector", "-fcf-protection=none"
+    )
     policy, dns, upstream = setup
     log = tmp_path / "decisions.jsonl"
     out = _run(policy, dns, log, f"{binary} {GIT_HTTP} allowed.test:{upstream.port} 2>&1")
@@ -312,11 +319,31 @@ def test_only_a_policy_that_binds_executables_keeps_user_namespaces_out_of_the_s
     assert "created" not in _run(bound, fake_dns, log, f"{probe} 2>/dev/null; true")
 
 
+# C shared by the attacks below: wait until a forked child runs the bound program.
+WAIT_EXEC_C = r"""
+/* Until the child runs the bound program (its /proc/PID/exe names it), at most 5 s. */
+static void wait_exec(pid_t child, const char *path) {
+    char link[64], target[4096], want[4096];
+    if (!realpath(path, want)) return;
+    snprintf(link, sizeof link, "/proc/%d/exe", (int)child);
+    for (int i = 0; i < 500; i++) {
+        ssize_t n = readlink(link, target, sizeof target - 1);
+        if (n > 0) {
+            target[n] = 0;
+            if (strcmp(target, want) == 0) return;
+        }
+        usleep(10000);
+    }
+}
+"""
+
+
 # A process keeps a socket out of /proc/PID/fd while the bound program (which inherited it and
 # never touches it) is the only holder the leader's file tables show: "own-table" holds it in a
 # thread cloned without CLONE_FILES and closes the leader's copy; "leader-exits" ends the leader
 # thread (whose table /proc/PID/fd is) while a thread sharing the table writes the request.
-HIDDEN_HOLDER_C = r"""
+HIDDEN_HOLDER_C = (
+    r"""
 #define _GNU_SOURCE
 #include <sched.h>
 #include <signal.h>
@@ -332,21 +359,9 @@ HIDDEN_HOLDER_C = r"""
 static int sock;
 static char req[512];
 
-/* Until the child runs the bound program (its /proc/PID/exe names it), at most 5 s. */
-static void wait_exec(pid_t child, const char *path) {
-    char link[64], target[4096], want[4096];
-    if (!realpath(path, want)) return;
-    snprintf(link, sizeof link, "/proc/%d/exe", (int)child);
-    for (int i = 0; i < 500; i++) {
-        ssize_t n = readlink(link, target, sizeof target - 1);
-        if (n > 0) {
-            target[n] = 0;
-            if (strcmp(target, want) == 0) return;
-        }
-        usleep(10000);
-    }
-}
-
+"""
+    + WAIT_EXEC_C
+    + r"""
 static int worker(void *arg) {
     (void)arg;
     struct sockaddr_in a = {0};
@@ -391,6 +406,7 @@ int main(int argc, char **argv) {
     return 0;
 }
 """
+)
 
 
 @pytest.mark.skipif(not os.path.exists(GIT_HTTP), reason="git's HTTP transport is not installed")
@@ -400,15 +416,7 @@ def test_a_holder_hidden_from_proc_pid_fd_still_counts_for_a_bound_rule(
 ) -> None:
     """Every owner of the socket must run the bound file: one that keeps it in a thread's file
     table (not the leader's, which is what /proc/PID/fd shows) is found through its threads'."""
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        pytest.skip("no C compiler")
-    source, binary = tmp_path / "hidden.c", tmp_path / "hidden"
-    source.write_text(HIDDEN_HOLDER_C)
-    subprocess.run(
-        [compiler, "-O2", "-o", str(binary), str(source)], check=True, capture_output=True,
-        timeout=60,
-    )  # fmt: skip
+    binary = _compiled(tmp_path, "hidden", HIDDEN_HOLDER_C)
     policy, dns, upstream = setup
     log = tmp_path / "decisions.jsonl"
     out = _run(policy, dns, log, f"{binary} {GIT_HTTP} allowed.test:{upstream.port} {mode}")
@@ -425,7 +433,8 @@ def test_a_holder_hidden_from_proc_pid_fd_still_counts_for_a_bound_rule(
 # to 200 ms by the kernel) and closes its copy 150 ms later, well after the gate's lookup as the
 # connection opened but before the request is decided. (Closing it within microseconds of the
 # connect, before any lookup can read /proc, is the race docs/attribution.md describes.)
-CORKED_C = r"""
+CORKED_C = (
+    r"""
 #define _GNU_SOURCE
 #include <stdio.h>
 #include <stdlib.h>
@@ -435,21 +444,9 @@ CORKED_C = r"""
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 
-/* Until the child runs the bound program (its /proc/PID/exe names it), at most 5 s. */
-static void wait_exec(pid_t child, const char *path) {
-    char link[64], target[4096], want[4096];
-    if (!realpath(path, want)) return;
-    snprintf(link, sizeof link, "/proc/%d/exe", (int)child);
-    for (int i = 0; i < 500; i++) {
-        ssize_t n = readlink(link, target, sizeof target - 1);
-        if (n > 0) {
-            target[n] = 0;
-            if (strcmp(target, want) == 0) return;
-        }
-        usleep(10000);
-    }
-}
-
+"""
+    + WAIT_EXEC_C
+    + r"""
 int main(int argc, char **argv) {
     char req[512], url[300];
     int p[2], one = 1;
@@ -479,6 +476,7 @@ int main(int argc, char **argv) {
     return 0;
 }
 """
+)
 
 
 @pytest.mark.skipif(not os.path.exists(GIT_HTTP), reason="git's HTTP transport is not installed")
@@ -488,15 +486,7 @@ def test_a_corked_request_from_an_older_holder_of_an_inherited_socket_is_refused
     """The search as the connection opens stopped at the newest owner, the bound program, and the
     process that wrote the request had let go of the socket by the time it was decided: it passed
     a rule bound to git-remote-http. Under a bound rule that search finds every owner."""
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        pytest.skip("no C compiler")
-    source, binary = tmp_path / "corked.c", tmp_path / "corked"
-    source.write_text(CORKED_C)
-    subprocess.run(
-        [compiler, "-O2", "-o", str(binary), str(source)], check=True, capture_output=True,
-        timeout=60,
-    )  # fmt: skip
+    binary = _compiled(tmp_path, "corked", CORKED_C)
     policy, dns, upstream = setup
     for attempt in range(3):
         log = tmp_path / f"decisions-{attempt}.jsonl"
