@@ -171,11 +171,9 @@ def test_a_decision_counts_only_in_its_own_sandboxs_summary() -> None:
     assert (theirs.allowed, sum(theirs.refused.values())) == (0, 1)
 
 
-def test_a_hand_off_whose_policy_binds_a_file_the_sandbox_may_rewrite_is_refused(
-    tmp_path: Path,
-) -> None:
-    """The check named the bound files and the launcher kept them read-only; a policy edited in
-    between to bind another file is refused, and nothing is registered for the sandbox."""
+def _refused_hand_off(tmp_path: Path, frozen: list[str], refusal: str) -> None:
+    """A hand-off under a policy that binds git's executable, with the sandbox built to keep
+    ``frozen`` read-only: refused with ``refusal`` in its message, and nothing registered."""
     import asyncio
     from types import SimpleNamespace
 
@@ -194,13 +192,21 @@ def test_a_hand_off_whose_policy_binds_a_file_the_sandbox_may_rewrite_is_refused
     runs = RunPolicies(gate=gate, inner_attach=None)
     request = {
         "policy": policy_check(str(path), None),
-        "frozen": [],  # what the sandbox was built with
+        "frozen": [each.replace("{policy}", str(path.resolve())) for each in frozen],
         "peer_uid": os.getuid(),
         "gate_warnings": [],
     }
-    with pytest.raises(HandoffError, match="/usr/bin/git"):
-        asyncio.run(runs.attach("sbx-edited", {}, request))
+    with pytest.raises(HandoffError, match=refusal):
+        asyncio.run(runs.attach("sbx-refused", {}, request))
     assert policies == {} and runs.attached == {}
+
+
+def test_a_hand_off_whose_policy_binds_a_file_the_sandbox_may_rewrite_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The check named the bound files and the launcher kept them read-only; a policy edited in
+    between to bind another file is refused, and nothing is registered for the sandbox."""
+    _refused_hand_off(tmp_path, [], "/usr/bin/git")  # the sandbox was built with nothing frozen
 
 
 def test_a_hand_off_whose_policy_binds_executables_needs_a_sandbox_without_user_namespaces(
@@ -209,31 +215,7 @@ def test_a_hand_off_whose_policy_binds_executables_needs_a_sandbox_without_user_
     """A process in a user namespace of its own can name any file as its executable (prctl
     PR_SET_MM_MAP): a sandbox not built to refuse them (an older launcher, a policy edited since
     the check to bind a rule) is refused, and nothing is registered for it."""
-    import asyncio
-    from types import SimpleNamespace
-
-    from proxy.sandbox.handoff import HandoffError
-
-    path = _write(
-        tmp_path,
-        "version: 1\nrules:\n  - {name: git, hosts: [git.test], executables: [/usr/bin/git]}\n",
-    )
-    policies: dict[str, Any] = {}
-    gate = SimpleNamespace(
-        checkpoint=SimpleNamespace(
-            connections=SimpleNamespace(sandbox_policies=policies), sandbox_processes={}
-        )
-    )
-    runs = RunPolicies(gate=gate, inner_attach=None)
-    request = {
-        "policy": policy_check(str(path), None),
-        "frozen": ["/usr/bin/git", str(path.resolve())],
-        "peer_uid": os.getuid(),
-        "gate_warnings": [],
-    }
-    with pytest.raises(HandoffError, match="user namespaces"):
-        asyncio.run(runs.attach("sbx-open-userns", {}, request))
-    assert policies == {} and runs.attached == {}
+    _refused_hand_off(tmp_path, ["/usr/bin/git", "{policy}"], "user namespaces")
 
 
 def test_the_runs_facts_come_from_the_kernel_and_a_checked_context() -> None:
