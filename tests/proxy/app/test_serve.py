@@ -105,6 +105,15 @@ def status(port: int, url: str) -> str:
     return result.stdout
 
 
+def ask_dns(
+    serve: Serve, name: str, rdtype: str = "A", *, tcp: bool = False
+) -> dns.message.Message:
+    """One question to the gate's ``--dns-listen`` listener, and its answer."""
+    host, port = serve.info["dns"].rsplit(":", 1)
+    query = dns.query.tcp if tcp else dns.query.udp
+    return query(dns.message.make_query(name, rdtype), host, port=int(port), timeout=5)
+
+
 def test_serve_decides_logs_and_stops_cleanly_on_sigterm(policy: Path, tmp_path: Path) -> None:
     log = tmp_path / "decisions.jsonl"
     serve = Serve(
@@ -124,19 +133,12 @@ def test_dns_listener_answers_allowed_names_and_leaks_nothing(policy: Path, fake
         "--policy", str(policy), "--dns-listen", "127.0.0.1:0", "--nameserver", fake.nameserver
     )
     try:
-        host, port = serve.info["dns"].rsplit(":", 1)
-        allowed = dns.query.udp(
-            dns.message.make_query("pkgs.test", "A"), host, port=int(port), timeout=5
-        )
+        allowed = ask_dns(serve, "pkgs.test")
         assert [r.to_text() for rrset in allowed.answer for r in rrset] == ["203.0.113.7"]
         fake.reset_queries()
-        refused = dns.query.tcp(
-            dns.message.make_query("secret-data.other.test", "A"), host, port=int(port), timeout=5
-        )
+        refused = ask_dns(serve, "secret-data.other.test", tcp=True)
         assert refused.rcode() == dns.rcode.NXDOMAIN
-        txt = dns.query.udp(
-            dns.message.make_query("pkgs.test", "TXT"), host, port=int(port), timeout=5
-        )
+        txt = ask_dns(serve, "pkgs.test", "TXT")
         assert txt.rcode() == dns.rcode.REFUSED
         assert fake.queries == []  # neither the refused name nor the TXT query went upstream
     finally:
@@ -306,10 +308,7 @@ def test_localhost_and_hosts_file_names_work_without_a_nameserver(tmp_path: Path
         before = upstream.accepted
         assert status(serve.port, f"http://inside.internal:{upstream.port}/") == "403"
         assert upstream.accepted == before
-        host, port = serve.info["dns"].rsplit(":", 1)
-        answer = dns.query.udp(
-            dns.message.make_query("mirror.internal", "A"), host, port=int(port), timeout=5
-        )
+        answer = ask_dns(serve, "mirror.internal")
         assert [r.to_text() for rrset in answer.answer for r in rrset] == ["127.0.0.1"]
     finally:
         assert serve.stop() == 0
@@ -558,15 +557,10 @@ def test_the_shared_dns_listener_answers_no_name_a_sandboxs_own_policy_refuses(
         "--nameserver", fake.nameserver,
     )  # fmt: skip
     try:
-        host, port = serve.info["dns"].rsplit(":", 1)
-        allowed = dns.query.udp(
-            dns.message.make_query("pkgs.test", "A"), host, port=int(port), timeout=5
-        )
+        allowed = ask_dns(serve, "pkgs.test")
         assert [r.to_text() for rrset in allowed.answer for r in rrset] == ["203.0.113.7"]
         fake.reset_queries()
-        refused = dns.query.udp(
-            dns.message.make_query("secret-data.wide.test", "A"), host, port=int(port), timeout=5
-        )
+        refused = ask_dns(serve, "secret-data.wide.test")
         assert refused.rcode() == dns.rcode.NXDOMAIN
         assert fake.queries == []
     finally:
