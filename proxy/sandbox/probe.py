@@ -24,9 +24,35 @@ def errname(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0, type(exc).__name__)
 
 
+def apart_from(family: int, kind: int, port: int) -> socket.socket:
+    """A socket bound to a local port other than ``port``. Inside the sandbox the host's canary ports
+    are free, and a socket the kernel gives the destination's own port connects to itself on
+    loopback (TCP's simultaneous open, UDP's echo of the question): read as a host service
+    answering. A colliding socket is held while the next binds, so the next gets another port."""
+    held: list[socket.socket] = []
+    try:
+        for _ in range(4):
+            s = socket.socket(family, kind)
+            try:
+                s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+            except OSError:
+                s.close()
+                raise
+            if s.getsockname()[1] != port:
+                return s
+            held.append(s)
+        raise OSError(errno.EADDRINUSE, f"no local port apart from {port}")
+    finally:
+        for s in held:
+            s.close()
+
+
 def tcp(family: int, addr: tuple[str, int]) -> str:
     """``connected`` or the errno name of the failed connect."""
-    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        s = apart_from(family, socket.SOCK_STREAM, addr[1])
+    except OSError as exc:
+        return errname(exc)
     s.settimeout(3)
     try:
         s.connect(addr)
@@ -55,7 +81,10 @@ def dns_answer(data: bytes) -> str:
 
 
 def dns_query(server: tuple[str, int], name: str, family: int = socket.AF_INET) -> str:
-    s = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        s = apart_from(family, socket.SOCK_DGRAM, server[1])
+    except OSError as exc:
+        return errname(exc)
     s.settimeout(2)
     try:
         s.connect(server)  # connected: an ICMP port-unreachable comes back as ECONNREFUSED

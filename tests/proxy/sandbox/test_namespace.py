@@ -109,11 +109,13 @@ def test_curl_noproxy_to_host_loopback_fails(host_tcp: Canary) -> None:
 
 
 def test_udp_out_and_to_host_loopback_fails(host_udp: CountingUdp) -> None:
+    source = 20000 if host_udp.port != 20000 else 20001
     result = probe(
         f"""
 import json, socket
 out = {{}}
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", {source}))  # not the canary's port: a socket of that port would hear itself
 try:
     s.sendto(b"q", ("192.0.2.1", 53))  # TEST-NET-1: no route inside, nothing is emitted
     out["outside"] = "sent"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -109,6 +110,37 @@ def test_dns_query_against_a_real_server_and_a_closed_port() -> None:
     assert probe.dns_query(("127.0.0.1", closed_port(socket.SOCK_DGRAM)), "x.test") == (
         "ECONNREFUSED"
     )
+
+
+SELF_CONNECT = """
+import json, pathlib, socket, sys
+pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").write_text("40000 40001")
+sys.path.insert(0, sys.argv[1])
+import probe
+port = 40000  # free here, as the host's canary ports are inside the sandbox
+print(json.dumps({
+    "tcp": sorted({probe.tcp(socket.AF_INET, ("127.0.0.1", port)) for _ in range(20)}),
+    "udp": sorted({probe.dns_query(("127.0.0.1", port), "x.test") for _ in range(20)}),
+}))
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
+def test_a_free_port_never_answers_through_a_self_connection() -> None:
+    """With the kernel's local ports narrowed to two, one the destination's own, a plain socket
+    can connect to itself: UDP's echoed question reads ``NOERROR`` (about every other try) and TCP's
+    simultaneous open would read ``connected``, as if a host service answered. In a network
+    namespace of the test's own, every try must read refused."""
+    ip = shutil.which("ip") or "/usr/sbin/ip"
+    command = ["sh", "-c", f'{ip} link set lo up && exec "$@"', "sh"]
+    command += [sys.executable, "-I", "-c", SELF_CONNECT, str(PROBE.parent)]
+    for prefix in (["unshare", "--net"], ["unshare", "--map-root-user", "--net"]):
+        result = subprocess.run([*prefix, *command], capture_output=True, text=True, timeout=WAIT)
+        if result.returncode == 0:
+            break
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"tcp": ["ECONNREFUSED"], "udp": ["ECONNREFUSED"]}
 
 
 def test_http_via_proxy_reads_the_status_and_the_marker() -> None:
