@@ -114,11 +114,15 @@ def test_dns_query_against_a_real_server_and_a_closed_port() -> None:
 
 SELF_CONNECT = """
 import json, pathlib, socket, sys
-pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").write_text("40000 40001")
+ports = pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range")
 sys.path.insert(0, sys.argv[1])
 import probe
 port = 40000  # free here, as the host's canary ports are inside the sandbox
+ports.write_text("40000 40000")  # the kernel's only local port is the destination's
+alone = probe.tcp(socket.AF_INET, ("127.0.0.1", port))
+ports.write_text("40000 40001")
 print(json.dumps({
+    "alone": alone,
     "tcp": sorted({probe.tcp(socket.AF_INET, ("127.0.0.1", port)) for _ in range(20)}),
     "udp": sorted({probe.dns_query(("127.0.0.1", port), "x.test") for _ in range(20)}),
 }))
@@ -128,10 +132,12 @@ print(json.dumps({
 @pytest.mark.netns
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
 def test_a_free_port_never_answers_through_a_self_connection() -> None:
-    """With the kernel's local ports narrowed to two, one the destination's own, a plain socket
-    can connect to itself: UDP's echoed question reads ``NOERROR`` (about every other try) and TCP's
-    simultaneous open would read ``connected``, as if a host service answered. In a network
-    namespace of the test's own, every try must read refused."""
+    """A socket whose local port the kernel picks equal to its destination's connects to itself on
+    loopback: TCP's simultaneous open reads ``connected`` and UDP's echoed question ``NOERROR``,
+    as if a host service answered. In a network namespace of the test's own, with the kernel's
+    local ports narrowed to the destination's alone (a plain connect then always reaches itself),
+    then to two (UDP's pick lands on the destination's about every other try), the probe must
+    never read an answer: with no other port it says so, with one it reads refused."""
     ip = shutil.which("ip") or "/usr/sbin/ip"
     command = ["sh", "-c", f'{ip} link set lo up && exec "$@"', "sh"]
     command += [sys.executable, "-I", "-c", SELF_CONNECT, str(PROBE.parent)]
@@ -140,7 +146,11 @@ def test_a_free_port_never_answers_through_a_self_connection() -> None:
         if result.returncode == 0:
             break
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == {"tcp": ["ECONNREFUSED"], "udp": ["ECONNREFUSED"]}
+    assert json.loads(result.stdout) == {
+        "alone": "EADDRINUSE",
+        "tcp": ["ECONNREFUSED"],
+        "udp": ["ECONNREFUSED"],
+    }
 
 
 def test_http_via_proxy_reads_the_status_and_the_marker() -> None:
