@@ -56,12 +56,26 @@ class LocalCA:
 # -- counting upstream -------------------------------------------------------------------------
 
 
+def _listening(host: str, port: int, backlog: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class LoopbackServer:
     """A TCP listener on loopback whose accept loop runs in a thread, for tests and benchmarks.
 
     It counts accepted connections and gives each to :meth:`handle` (in a thread of its own when
     ``threaded``), closing it afterwards; a subclass says what serving means. It binds ``host:port``
-    (``port=0``: ephemeral; a fixed port may raise PermissionError or EADDRINUSE), or serves a
+    (``port=0``: one :func:`on_a_namespace_port` picks, so a sandbox's connects never take it as
+    their own; a fixed port may raise PermissionError or EADDRINUSE), or serves a
     listening socket it is given, such as one made inside a sandbox, which then stays open on
     :meth:`stop` for its owner to close. :meth:`stop` closes the connections still being served."""
 
@@ -77,15 +91,10 @@ class LoopbackServer:
     ) -> None:
         self._owns_sock = sock is None
         if sock is None:
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((host, port))
-            except OSError:
-                sock.close()
-                raise
-            sock.listen(backlog)
+            if port:
+                sock = _listening(host, port, backlog)
+            else:
+                sock = on_a_namespace_port(lambda chosen: _listening(host, chosen, backlog))
         sock.settimeout(0.1)  # how often the accept loop looks at the stop flag
         self.sock = sock
         self.host = host
@@ -140,7 +149,7 @@ class LoopbackServer:
 
 class Canary(LoopbackServer):
     """A TCP listener that only counts accepted connections (and closes them): any connection here
-    is a leak. ``port=0`` picks an ephemeral port."""
+    is a leak. ``port=0`` picks a port as :class:`LoopbackServer` does."""
 
 
 class Upstream(LoopbackServer):
@@ -302,6 +311,24 @@ def closed_port(kind: int = socket.SOCK_STREAM) -> int:
                 continue
         return port
     raise AssertionError(f"no free port between {floor} and {low}")
+
+
+NAMESPACE_PORTS = (32768, 60999)  # a new network namespace's local ports (the kernel's default)
+
+
+def on_a_namespace_port[T](start: Callable[[int], T]) -> T:
+    """What ``start(port)`` returned, on a host port that no connect in a new network namespace (a
+    sandbox) takes as its local port. In the sandbox the host's port is free: a connect there
+    whose kernel-picked local port equals it reaches itself (TCP's simultaneous open, UDP's echo)
+    and reads as if it got through. Ports above the default range; one taken is skipped."""
+    for _ in range(100):
+        port = random.randrange(NAMESPACE_PORTS[1] + 1, 65536)
+        try:
+            return start(port)
+        except Exception as exc:
+            if not _port_taken(exc):
+                raise
+    raise AssertionError(f"no free port above {NAMESPACE_PORTS[1]}")
 
 
 def on_a_free_port[T](start: Callable[[int], T], attempts: int = 5) -> tuple[int, T]:

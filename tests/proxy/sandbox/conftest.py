@@ -18,7 +18,14 @@ import pytest
 
 from proxy.sandbox.namespace import Listener, Sandbox, SandboxSpec
 from tests.dnsfake import FakeDns
-from tests.harness import Canary, LoopbackServer, Upstream, clean_env, serving
+from tests.harness import (
+    Canary,
+    LoopbackServer,
+    Upstream,
+    clean_env,
+    on_a_namespace_port,
+    serving,
+)
 
 WAIT = 10.0
 REPO = Path(__file__).resolve().parents[3]
@@ -67,7 +74,8 @@ def world(
 
 
 def CountingTcp(host: str = "127.0.0.1") -> Canary:
-    """A TCP listener on the host side that counts accepted connections."""
+    """A TCP listener on the host side that counts accepted connections (on a port a connect in
+    the sandbox never takes as its own: :func:`tests.harness.on_a_namespace_port`)."""
     return Canary(host)
 
 
@@ -75,13 +83,16 @@ class CountingUdp:
     def __init__(self, host: str = "127.0.0.1") -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
-        self.sock.bind((host, 0))
+        self.port: int = on_a_namespace_port(lambda port: self._bind(host, port))
         self.sock.settimeout(0.2)
-        self.port: int = self.sock.getsockname()[1]
         self.received = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
+
+    def _bind(self, host: str, port: int) -> int:
+        self.sock.bind((host, port))
+        return port
 
     def _loop(self) -> None:
         while not self._stop.is_set():
