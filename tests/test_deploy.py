@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from proxy.app.cli import DEFAULT_LISTEN, build_parser
+from proxy.core import addresses
 from proxy.sandbox import DEFAULT_DNS_PORT, DEFAULT_PROXY_PORT
 from tests import validators
 
@@ -393,6 +394,49 @@ def test_gate_network_policy_admits_sandboxes_and_monitoring_only(overlay: Docs)
     excepted = {e for peer in web["to"] for e in peer["ipBlock"]["except"]}
     assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"} <= excepted
     assert all(len(rule["to"]) >= 1 for rule in policy["egress"])  # no rule open to everything
+
+
+def _embedded(prefix: str, v4: ipaddress.IPv4Network) -> ipaddress.IPv6Network:
+    """The IPv6 addresses of ``prefix`` (a /96) carrying an address of ``v4`` in their last 32 bits."""
+    base = int(ipaddress.IPv6Network(prefix).network_address)
+    return ipaddress.IPv6Network((base | int(v4.network_address), 96 + v4.prefixlen))
+
+
+def test_gate_network_policy_excepts_every_range_the_gate_refuses(overlay: Docs) -> None:
+    """The second wall holds where the first does: every internal range of the gate's own table
+    (proxy.core.addresses) is excepted from the destinations rule, and so is every IPv6 prefix
+    that carries an internal IPv4 address (NAT64's by range; the local-use NAT64 range, 6to4 and
+    Teredo whole: their IPv4 address is not at a fixed place, or is obfuscated)."""
+    policy = one(overlay, "NetworkPolicy", "agent-egress-gate", GATE_NS)["spec"]
+    [web] = [r for r in policy["egress"] if {p["port"] for p in r["ports"]} == {80, 443}]
+    excepted = [
+        ipaddress.ip_network(e) for peer in web["to"] for e in peer["ipBlock"].get("except", [])
+    ]
+
+    def covered(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+        return any(
+            net.version == e.version and net.subnet_of(e)  # type: ignore[arg-type]
+            for e in excepted
+        )
+
+    internal_v4 = [ipaddress.IPv4Network(cidr) for cidr, _ in addresses._V4_RANGES]
+    wanted: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [*internal_v4]
+    wanted += [ipaddress.IPv6Network(cidr) for cidr, _ in addresses._V6_RANGES]
+    for net, mask, label, _ in addresses._V6_EMBEDDED:
+        prefix = ipaddress.IPv6Network((net, bin(mask).count("1")))
+        if prefix.prefixlen == 96:
+            wanted += [_embedded(str(prefix), v4) for v4 in internal_v4]
+        else:  # 6to4 and Teredo
+            wanted.append(prefix)
+    net, mask, _, _ = addresses._NAT64_LOCAL
+    wanted.append(ipaddress.IPv6Network((net, bin(mask).count("1"))))
+    assert len(wanted) > 40, "the gate's table was not read"
+    assert [str(n) for n in wanted if not covered(n)] == []
+    # and nothing public is excepted: a public address of each family, plain and through NAT64
+    for public in ("93.184.215.14", "2606:2800:21f:cb07:6820:80da:af6b:8b2c", "64:ff9b::5db8:d70e"):
+        address = ipaddress.ip_address(public)
+        assert addresses.internal_range(address) is None
+        assert not any(address in e for e in excepted), public
 
 
 # -- kubernetes: the sandbox namespace fails closed ------------------------------------------------
