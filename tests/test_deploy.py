@@ -422,7 +422,7 @@ def test_gate_network_policy_excepts_every_range_the_gate_refuses(overlay: Docs)
     internal_v4 = [ipaddress.IPv4Network(cidr) for cidr, _ in addresses._V4_RANGES]
     wanted: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [*internal_v4]
     wanted += [ipaddress.IPv6Network(cidr) for cidr, _ in addresses._V6_RANGES]
-    for net, mask, label, _ in addresses._V6_EMBEDDED:
+    for net, mask, _, _ in addresses._V6_EMBEDDED:
         prefix = ipaddress.IPv6Network((net, bin(mask).count("1")))
         if prefix.prefixlen == 96:
             wanted += [_embedded(str(prefix), v4) for v4 in internal_v4]
