@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import errno
+import shutil
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.harness import closed_port, on_a_free_port
+from tests.harness import NAMESPACE_PORTS, Canary, closed_port, on_a_free_port, on_a_namespace_port
 
 
 def test_a_start_whose_port_was_taken_is_tried_again_on_another_port() -> None:
@@ -54,3 +56,38 @@ def test_a_closed_port_refuses_and_lies_below_the_ports_binds_to_port_0_take() -
     assert 1024 <= port < low
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_a_test_server_lies_above_the_ports_a_sandboxs_connects_take() -> None:
+    """A sandbox's connect to a host server's port (free inside) must never be given that port as
+    its own: the server is above the range a new network namespace's connects take, and a port
+    another server holds is skipped."""
+    held = Canary()
+    try:
+        assert NAMESPACE_PORTS[1] < held.port <= 65535
+        taken: list[int] = []
+
+        def start(port: int) -> int:
+            taken.append(port)
+            if len(taken) == 1:  # the first pick is the held server's: taken, so tried again
+                with socket.socket() as clash:
+                    clash.bind(("127.0.0.1", held.port))
+            return port
+
+        port = on_a_namespace_port(start)
+        assert len(taken) == 2 and port == taken[1] and NAMESPACE_PORTS[1] < port <= 65535
+    finally:
+        held.stop()
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
+def test_a_new_network_namespace_takes_its_ports_from_the_range_assumed() -> None:
+    """Whatever the host's range, a new network namespace (a sandbox's) starts with the kernel's."""
+    read = ["cat", "/proc/sys/net/ipv4/ip_local_port_range"]
+    for prefix in (["unshare", "--net"], ["unshare", "--map-root-user", "--net"]):
+        result = subprocess.run([*prefix, *read], capture_output=True, text=True, timeout=10)
+        if result.returncode == 0:
+            break
+    assert result.returncode == 0, result.stderr
+    assert tuple(int(x) for x in result.stdout.split()) == NAMESPACE_PORTS
