@@ -292,25 +292,41 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def closed_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A loopback port nothing listens on, for a test that needs a refusal (or an unreachable
-    nameserver) there. Picked below the kernel's ephemeral range, which every bind to port 0 and
-    every connect takes its ports from, so the suite's other process cannot take it meanwhile; a
-    port a service on the host holds is skipped."""
+def _local_port_floor() -> int:
     try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
-        low = 32768
-    floor = max(1024, low - 10_000)
+        return 32768
+
+
+def _free_below(top: int, kind: int, span: int = 10_000) -> int:
+    """A port in [top - span, top) (at least 1024) that binds now on loopback, picked at random."""
+    floor = max(1024, top - span)
     for _ in range(100):
-        port = random.randrange(floor, low)
+        port = random.randrange(floor, top)
         with socket.socket(socket.AF_INET, kind) as probe:
             try:
                 probe.bind(("127.0.0.1", port))
             except OSError:
                 continue
         return port
-    raise AssertionError(f"no free port between {floor} and {low}")
+    raise AssertionError(f"no free port between {floor} and {top}")
+
+
+def closed_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A loopback port nothing listens on, for a test that needs a refusal (or an unreachable
+    nameserver) there. Picked below the kernel's ephemeral range, which every bind to port 0 and
+    every connect takes its ports from, so the suite's other process cannot take it meanwhile; a
+    port a service on the host holds is skipped."""
+    return _free_below(_local_port_floor(), kind)
+
+
+def restartable_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A free port for a server that a test stops and starts again on the same port (a collector or
+    a nameserver taken away and brought back): below :func:`closed_port`'s range, so no test takes
+    it for a closed port, and below the kernel's local ports, so no connect (whose TIME_WAIT holds
+    its port for a minute) or port-0 bind takes it while the server is down."""
+    return _free_below(max(1024 + 10_000, _local_port_floor() - 10_000), kind)
 
 
 NAMESPACE_PORTS = (32768, 60999)  # a new network namespace's local ports (the kernel's default)

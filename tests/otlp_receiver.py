@@ -1,7 +1,11 @@
 """Real OTLP log receivers for tests: gRPC (grpcio + opentelemetry-proto's LogsService) and HTTP/protobuf.
 
-Both listen on 127.0.0.1 with a port chosen by the kernel on first start, and can be stopped and started
-again on the *same* port, so tests can take the collector away and bring it back under a running exporter.
+Both listen on 127.0.0.1 and can be stopped and started again on the *same* port, so tests can take the
+collector away and bring it back under a running exporter. The port is picked on first start by
+``tests.harness.restartable_port``: while the receiver is down, no connect or port-0 bind of either
+test process can take it (an ephemeral port's TIME_WAIT or a new listener could), and no test takes it
+for a closed port. The gRPC server binds without ``SO_REUSEPORT``: a port another receiver holds
+is a failure (and another port is picked), never two receivers silently sharing one port.
 With ``tls=(cert, key)`` they serve TLS only. They keep the headers (gRPC metadata) of every request, so
 tests can check what an exporter sent besides the records. Every wait is bounded.
 """
@@ -13,6 +17,7 @@ import ssl
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,6 +27,8 @@ from typing import Any
 import grpc
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+from tests.harness import restartable_port
 
 
 def any_value(value: AnyValue) -> Any:
@@ -171,6 +178,18 @@ class _Receiver:
     def start(self) -> None:
         raise NotImplementedError
 
+    def _bound(self, bind: Callable[[int], int]) -> int:
+        """``bind(port)`` on this receiver's port, or on the first free one of a few picked by
+        ``restartable_port`` when it has none yet; the port it bound."""
+        if self.port:
+            return bind(self.port)
+        for _ in range(20):
+            try:
+                return bind(restartable_port())
+            except OSError:
+                continue
+        raise RuntimeError("no free port below the local port range for the OTLP receiver")
+
     def stop(self) -> None:
         raise NotImplementedError
 
@@ -206,19 +225,35 @@ class GrpcReceiver(_Receiver):
     def start(self) -> None:
         if self._server is not None:
             return
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        logs_service_pb2_grpc.add_LogsServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            _LogsServicer(self._store), server
-        )
-        if self.tls is None:
-            bound = server.add_insecure_port(f"127.0.0.1:{self.port}")
-        else:
+        credentials = None
+        if self.tls is not None:
             chain, key = (p.read_bytes() for p in self.tls)
             credentials = grpc.ssl_server_credentials([(key, chain)])
-            bound = server.add_secure_port(f"127.0.0.1:{self.port}", credentials)
-        if bound == 0:
-            raise RuntimeError(f"gRPC receiver could not bind 127.0.0.1:{self.port}")
-        self.port = bound
+        made: list[grpc.Server] = []
+
+        def bind(port: int) -> int:
+            """A new server on ``port`` (a server whose bind failed is not reused)."""
+            server = grpc.server(
+                futures.ThreadPoolExecutor(max_workers=4), options=[("grpc.so_reuseport", 0)]
+            )
+            logs_service_pb2_grpc.add_LogsServiceServicer_to_server(  # type: ignore[no-untyped-call]
+                _LogsServicer(self._store), server
+            )
+            address = f"127.0.0.1:{port}"
+            try:
+                if credentials is None:
+                    bound = server.add_insecure_port(address)
+                else:
+                    bound = server.add_secure_port(address, credentials)
+            except RuntimeError as exc:  # grpcio raises where older versions returned 0
+                raise OSError(f"gRPC receiver could not bind {address}: {exc}") from exc
+            if bound == 0:
+                raise OSError(f"gRPC receiver could not bind {address}")
+            made.append(server)
+            return int(bound)
+
+        self.port = self._bound(bind)
+        server = made[-1]
         server.start()
         self._server = server
 
@@ -269,7 +304,14 @@ class HttpReceiver(_Receiver):
         if self._server is not None:
             return
         handler = type("Handler", (_HttpHandler,), {"store": self._store})
-        server = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
+        made: list[ThreadingHTTPServer] = []
+
+        def bind(port: int) -> int:
+            made.append(ThreadingHTTPServer(("127.0.0.1", port), handler))
+            return port
+
+        self._bound(bind)
+        server = made[-1]
         server.daemon_threads = True
         if self.tls is not None:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import NAMESPACE_PORTS, Canary, closed_port, on_a_free_port, on_a_namespace_port
+from tests.harness import (
+    NAMESPACE_PORTS,
+    Canary,
+    closed_port,
+    on_a_free_port,
+    on_a_namespace_port,
+    restartable_port,
+)
 
 
 def test_a_start_whose_port_was_taken_is_tried_again_on_another_port() -> None:
@@ -91,3 +98,35 @@ def test_a_new_network_namespace_takes_its_ports_from_the_range_assumed() -> Non
             break
     assert result.returncode == 0, result.stderr
     assert tuple(int(x) for x in result.stdout.split()) == NAMESPACE_PORTS
+
+
+def test_a_restartable_port_lies_below_the_closed_ports_and_the_local_ports() -> None:
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    port = restartable_port()
+    assert 1024 <= port < max(1024 + 10_000, low - 10_000) <= low
+
+
+@pytest.mark.parametrize("kind", ["grpc", "http"])
+def test_an_otlp_receiver_comes_back_on_its_port_and_never_shares_it(kind: str) -> None:
+    """A receiver holds its port alone (gRPC without SO_REUSEPORT: a second receiver on it fails
+    rather than taking half the exports), and starts again on the same port once stopped."""
+    from tests.otlp_receiver import GrpcReceiver, HttpReceiver
+
+    make = GrpcReceiver if kind == "grpc" else HttpReceiver
+    first, second = make(), make()
+    first.start()
+    try:
+        port = first.port
+        assert (
+            1024
+            <= port
+            < int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        )
+        second.port = port
+        with pytest.raises((OSError, RuntimeError)):
+            second.start()
+        first.restart()
+        assert first.port == port
+    finally:
+        first.stop()
+        second.stop()

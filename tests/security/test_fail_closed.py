@@ -220,7 +220,6 @@ def test_report_mode_never_lets_safety_refusals_through(
             ports: [{plain.port}]
         """,
         dns.nameserver,
-        resolver_kwargs={"timeout": 0.3},
     )
     try:
         cases = [

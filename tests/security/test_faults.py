@@ -3,6 +3,7 @@ fault explains, and recovers by itself when the component comes back (threat 14)
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from proxy.core.decision import Reason, Verdict
 from tests.dnsfake import FakeDns
-from tests.harness import RunningGate, Upstream, serving
+from tests.harness import RunningGate, Upstream, restartable_port, serving
 from tests.security import exchange, fresh_decisions, start_gate_with
 
 pytestmark = pytest.mark.timeout(90)
@@ -69,10 +70,21 @@ def test_a_dns_upstream_answering_garbage_denies_then_recovers(
             gate.stop()
 
 
+def on_a_kept_port() -> FakeDns:
+    """A nameserver on a port it can come back to once it has gone (``restartable_port``: on an
+    ephemeral port, a connect's TIME_WAIT could hold it for a minute)."""
+    for _ in range(20):
+        try:
+            return FakeDns(port=restartable_port(socket.SOCK_DGRAM)).start()
+        except (OSError, RuntimeError):  # its TCP side taken: another port
+            continue
+    raise AssertionError("no port below the local port range for UDP and TCP both")
+
+
 def test_a_dns_upstream_that_goes_away_denies_then_recovers(
     tmp_path: Path, plain: Upstream
 ) -> None:
-    first = FakeDns().start()
+    first = on_a_kept_port()
     port = first.address[1]
     first.set("allowed.test", "A", ["127.0.0.1"])
     gate = start_gate_with(tmp_path, policy(plain.port), first.nameserver, resolver_kwargs=RESOLVER)

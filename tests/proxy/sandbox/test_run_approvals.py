@@ -138,9 +138,7 @@ def test_a_session_grant_ends_with_the_sandbox_handed_to_a_shared_gate(
     from tests.approvals_harness import ApprovalGate
 
     fake_dns.set("api.test", "A", ["127.0.0.1"])
-    policy = write_policy(
-        POLICY.format(port=http_upstream.port).replace("timeout: 30", "timeout: 4")
-    )
+    policy = write_policy(POLICY.format(port=http_upstream.port))
     sock = tmp_path / "gate.sock"
     directory = tmp_path / "gate"
     directory.mkdir()
@@ -158,14 +156,17 @@ def test_a_session_grant_ends_with_the_sandbox_handed_to_a_shared_gate(
         code, out = first.finish()
         assert (code, out.split()) == (0, ["200", "200"])  # the second one under the grant
         # The sandbox ended (the gate ends its grants once it sees the hand-off close): the same
-        # id in a new sandbox asks again (and nobody answers).
+        # id in a new sandbox asks again - a new pending approval, which is denied.
         gate.serve.wait_for_line("sandbox sbx-session ended")
         second = Run("--gate-socket", str(sock), "--sandbox-id", "sbx-session", "--quiet",
                      "--", "sh", "-c", inside.split(";")[0])  # fmt: skip
+        [again] = gate.wait_pending()
+        assert again["sandbox_id"] == "sbx-session" and again["id"] != pending["id"]
+        assert gate.egress("deny", again["id"]).returncode == 0
         code, out = second.finish()
         assert (code, out.split()) == (0, ["403"])
         reasons = [d["reason"] for d in gate.decisions()]
-        assert reasons[-1] == "approval-timeout"
+        assert reasons[-1] == "approval-denied"
         assert http_upstream.accepted == 2
     finally:
         gate.stop()
