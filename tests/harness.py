@@ -325,8 +325,12 @@ def restartable_port(kind: int = socket.SOCK_STREAM) -> int:
     """A free port for a server that a test stops and starts again on the same port (a collector or
     a nameserver taken away and brought back): below :func:`closed_port`'s range, so no test takes
     it for a closed port, and below the kernel's local ports, so no connect (whose TIME_WAIT holds
-    its port for a minute) or port-0 bind takes it while the server is down."""
-    return _free_below(max(1024 + 10_000, _local_port_floor() - 10_000), kind)
+    its port for a minute) or port-0 bind takes it while the server is down. (Another server
+    picking a restartable port then may still take it: one pick in 10,000.)"""
+    top = _local_port_floor() - 10_000
+    if top < 1024 + 10_000:
+        raise AssertionError(f"the local port range starts too low ({top + 10_000}) to keep ports")
+    return _free_below(top, kind)
 
 
 NAMESPACE_PORTS = (32768, 60999)  # a new network namespace's local ports (the kernel's default)

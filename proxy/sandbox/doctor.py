@@ -216,8 +216,8 @@ def evaluate(obs: dict[str, Any], canaries: dict[str, int], stub_queries: list[s
             "host loopback UDP service",
             "no answer, 0 received",
             f"{obs['udp_host_loopback']}, {canaries['udp']} received",
-            not obs["udp_host_loopback"].startswith(("NOERROR", "NXDOMAIN", "rcode"))
-            and canaries["udp"] == 0,
+            # refused or silent: a question the probe could not even send proves nothing
+            obs["udp_host_loopback"] in unreachable | {"timeout"} and canaries["udp"] == 0,
         ),
     ]
     resolvers = obs["outside_resolvers"]

@@ -80,6 +80,7 @@ def test_all_good_observations_pass() -> None:
         ("tcp_host_loopback", "connected"),
         ("tcp_gate_host_port", "connected"),
         ("udp_host_loopback", "NOERROR"),
+        ("udp_host_loopback", "EADDRINUSE"),  # never asked: no local port apart from its own
         ("outside_resolvers", {"10.0.0.53": "NOERROR 192.0.2.7"}),
         ("resolv_conf", ["127.0.0.1", "10.0.0.53"]),
         ("dns_gate_refused", "NOERROR 127.0.0.1"),
