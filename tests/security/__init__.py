@@ -97,7 +97,8 @@ def exchange(
 
     Reads until ``responses`` complete HTTP responses arrived (a CONNECT's ``200 Connection
     established`` does not count), the gate closes the connection, or it stays silent for ``idle``
-    seconds. Every wait is bounded. ``tunnel_reply``: the upstream answers inside the tunnel (a
+    seconds once its answer began (its first byte is waited for up to ``WAIT``: a gate held up on
+    a loaded machine is slow, not silent). Every wait is bounded. ``tunnel_reply``: the upstream answers inside the tunnel (a
     control case), so wait up to ``WAIT`` for its first bytes and return once they are here.
     """
     sock = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
@@ -114,11 +115,12 @@ def exchange(
                 data += chunk
             with contextlib.suppress(OSError):
                 sock.sendall(then)
-        sock.settimeout(WAIT if tunnel_reply else idle)
+        answered = len(data)  # what came before the wait for this answer (a CONNECT's 200)
         deadline = time.monotonic() + WAIT
         while time.monotonic() < deadline and _complete_responses(data) < responses:
             if tunnel_reply and Reply(data, False).tunnel_bytes():
                 break
+            sock.settimeout(WAIT if tunnel_reply or len(data) == answered else idle)
             try:
                 chunk = sock.recv(65536)
             except TimeoutError:

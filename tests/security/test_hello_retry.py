@@ -132,10 +132,11 @@ def _tunnel(gate: RunningGate, port: int, *, in_pieces: bool) -> socket.socket:
 
 
 def _read_all(sock: socket.socket) -> tuple[bytes, bool]:
-    """What the gate relays until it closes (True) or goes quiet (False)."""
-    sock.settimeout(1.0)
+    """What the gate relays until it closes (True) or goes quiet (False): quiet is 1 s without a
+    byte once something came (the first byte is waited for as long as any answer)."""
     data = b""
     for _ in range(64):
+        sock.settimeout(1.0 if data else WAIT)
         try:
             chunk = sock.recv(65536)
         except TimeoutError:

@@ -149,10 +149,11 @@ def inspected_tunnel(gate: RunningGate, port: int) -> ssl.SSLSocket:
 
 
 def read_reply(sock: socket.socket) -> bytes:
-    """What the gate answers before it closes or goes quiet (bounded)."""
-    sock.settimeout(1.0)
+    """What the gate answers before it closes or goes quiet (bounded): quiet is 1 s without a byte
+    once something came (the first byte is waited for as long as any answer)."""
     data = b""
     for _ in range(64):
+        sock.settimeout(1.0 if data else WAIT)
         try:
             chunk = sock.recv(65536)
         except (TimeoutError, ConnectionResetError, ssl.SSLError):
