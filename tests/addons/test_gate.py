@@ -425,7 +425,7 @@ def test_silent_and_dribbling_connections_are_closed_at_the_deadline(
     write_policy: Callable[[str], Path], fake_dns: FakeDns, tls_upstream: Upstream
 ) -> None:
     gate = _limited_gate(
-        write_policy, fake_dns, tls_upstream.port, limits=Limits(request_timeout=0.5)
+        write_policy, fake_dns, tls_upstream.port, limits=Limits(request_timeout=1.0)
     )
     try:
         dribble = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)

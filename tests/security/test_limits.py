@@ -358,7 +358,7 @@ def test_an_idle_relayed_tunnel_is_closed_and_recorded(
 
     ca = LocalCA(tmp_path, ["allowed.test"])
     tls = Upstream("tls", tls=ca.server_context())
-    gate = gate_with(write_policy, fake_dns, tls, Limits(idle_timeout=0.5))
+    gate = gate_with(write_policy, fake_dns, tls, Limits(idle_timeout=1.0))
     try:
         raw = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
         raw.sendall(f"CONNECT allowed.test:{tls.port} HTTP/1.1\r\n\r\n".encode())
@@ -394,7 +394,7 @@ def test_a_tunnel_whose_client_stops_reading_is_ended_at_the_idle_timeout(
 
     ca = LocalCA(tmp_path, ["allowed.test"])
     tls = Upstream("tls", tls=ca.server_context(), body_size=64 << 20)
-    gate = gate_with(write_policy, fake_dns, tls, Limits(idle_timeout=0.5))
+    gate = gate_with(write_policy, fake_dns, tls, Limits(idle_timeout=1.0))
     try:
         raw = socket.socket()
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # backs up at once
