@@ -6,10 +6,16 @@ from __future__ import annotations
 import os
 import ssl
 from pathlib import Path
+from typing import Any
 
+import pytest
 import yaml
 
-from tests.harness import Upstream
+from proxy.credentials.loader import load_credentials
+from proxy.credentials.store import CredentialStore
+from proxy.policy.loader import load_policy
+from tests.harness import LocalCA, RunningGate, Upstream, curl
+from tests.security import inspecting, start_gate_with
 
 # Shaped like real tokens: the placeholders the gate issues must keep these prefixes and lengths.
 GITHUB_TOKEN = "ghp_" + "R3alGithubTokenValue0123456789abcdefg"[:36]
@@ -78,3 +84,34 @@ class AuthGitServer:
 
     def stop(self) -> None:
         self.server.stop()
+
+
+def credential_store(
+    directory: Path, credentials: list[dict[str, object]], env: dict[str, str]
+) -> CredentialStore:
+    """The store of ``credentials`` (written to ``directory``) under the policy ``directory/p.yaml``,
+    their ``env`` sources set only while it reads them."""
+    path = write_credentials(directory, credentials)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        return CredentialStore(load_credentials(path, load_policy(directory / "p.yaml")))
+
+
+def gate_with_credentials(
+    directory: Path, policy: str, nameserver: str, test_ca: LocalCA, store: CredentialStore
+) -> RunningGate:
+    """A gate reading the requests its policy inspects (upstreams trusted through ``test_ca``),
+    adding ``store``'s credentials."""
+    return start_gate_with(
+        directory,
+        policy,
+        nameserver,
+        config=inspecting(directory, test_ca),
+        gate_kwargs={"credentials": store},
+    )
+
+
+def curl_through(gate: RunningGate, url: str, *args: str) -> Any:
+    """curl ``url`` through ``gate``, trusting the CA it signs inspected tunnels with."""
+    return curl(url, gate.url, *args, cacert=gate.ca)

@@ -578,6 +578,11 @@ class RunningGate:
         return f"http://127.0.0.1:{self.port}"
 
     @property
+    def ca(self) -> Path:
+        """The CA certificate an inspecting gate signs with (a client of its tunnels trusts it)."""
+        return Path(self.config["confdir"]) / "mitmproxy-ca-cert.pem"
+
+    @property
     def decisions(self) -> list[Decision]:
         return list(self.memory.decisions)
 

@@ -487,7 +487,7 @@ def inspecting_gate(
 def _inspected(gate: RunningGate, port: int) -> ssl.SSLSocket:
     sock, head = _connect(gate, f"allowed.test:{port}")
     assert head.startswith(b"HTTP/1.1 200"), head
-    ca = Path(gate.config["confdir"]) / "mitmproxy-ca-cert.pem"
+    ca = gate.ca
     return ssl.create_default_context(cafile=str(ca)).wrap_socket(
         sock, server_hostname="allowed.test"
     )

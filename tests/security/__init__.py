@@ -181,7 +181,7 @@ def inspected_h2(gate: RunningGate, host: str, port: int) -> ssl.SSLSocket:
     raw = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
     raw.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\n\r\n".encode())
     assert recv_head(raw).startswith(b"HTTP/1.1 200"), "the tunnel was not admitted"
-    ca = Path(gate.config["confdir"]) / "mitmproxy-ca-cert.pem"
+    ca = gate.ca
     context = ssl.create_default_context(cafile=str(ca))
     context.set_alpn_protocols(["h2"])
     sock = context.wrap_socket(raw, server_hostname=host)

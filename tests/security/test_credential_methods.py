@@ -16,13 +16,15 @@ from typing import Any
 import pytest
 
 from proxy.core.decision import Reason
-from proxy.credentials.loader import load_credentials
-from proxy.credentials.store import CredentialStore
-from proxy.policy.loader import load_policy
-from tests.credentials_harness import GITHUB_TOKEN, EchoUpstream, write_credentials
+from tests.credentials_harness import (
+    GITHUB_TOKEN,
+    EchoUpstream,
+    credential_store,
+    curl_through,
+    gate_with_credentials,
+)
 from tests.dnsfake import FakeDns, loopback_dns
-from tests.harness import LocalCA, RunningGate, curl, serving
-from tests.security import inspecting, start_gate_with
+from tests.harness import LocalCA, RunningGate, serving
 
 pytestmark = pytest.mark.timeout(120)
 API_KEY = "egress-test-api-key-0123456789abcdefXYZ"
@@ -44,10 +46,9 @@ class Setup:
         self.placeholder = issued["github"]
         self.key = issued["keyed"]
         self.url = f"https://allowed.test:{port}/api/x"
-        self.ca = Path(gate.config["confdir"]) / "mitmproxy-ca-cert.pem"
 
     def curl(self, url: str, *args: str) -> Any:
-        return curl(url, f"http://127.0.0.1:{self.gate.port}", *args, cacert=self.ca)
+        return curl_through(self.gate, url, *args)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def setup(
     directory = tmp_path_factory.mktemp("credential-methods")
     policy = POLICY.format(port=upstream.port)
     (directory / "p.yaml").write_text(policy)
-    credentials = write_credentials(
+    store = credential_store(
         directory,
         [
             {
@@ -88,19 +89,10 @@ def setup(
                 "format": "Key {}",
             },
         ],
+        {"EGRESS_METHODS_TEST_TOKEN": GITHUB_TOKEN, "EGRESS_METHODS_TEST_KEY": API_KEY},
     )
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("EGRESS_METHODS_TEST_TOKEN", GITHUB_TOKEN)
-        patch.setenv("EGRESS_METHODS_TEST_KEY", API_KEY)
-        store = CredentialStore(load_credentials(credentials, load_policy(directory / "p.yaml")))
     issued = store.issue(None)
-    gate = start_gate_with(
-        directory,
-        policy,
-        dns.nameserver,
-        config=inspecting(directory, test_ca),
-        gate_kwargs={"credentials": store},
-    )
+    gate = gate_with_credentials(directory, policy, dns.nameserver, test_ca, store)
     yield Setup(gate, issued, upstream.port)
     gate.stop()
 

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from proxy.credentials.loader import load_credentials
-from proxy.credentials.store import CredentialStore
-from proxy.policy.loader import load_policy
-from tests.credentials_harness import GITHUB_TOKEN, write_credentials
+from tests.credentials_harness import (
+    GITHUB_TOKEN,
+    credential_store,
+    curl_through,
+    gate_with_credentials,
+)
 from tests.dnsfake import FakeDns, loopback_dns
-from tests.harness import LocalCA, RunningGate, Upstream, curl, serving
-from tests.security import inspecting, start_gate_with
+from tests.harness import LocalCA, RunningGate, Upstream, serving
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -90,7 +89,7 @@ def gate(
     directory = tmp_path_factory.mktemp("scrub-ports")
     policy = POLICY.format(bound=bound.port, second=second.port, plain=plain.port)
     (directory / "p.yaml").write_text(policy)
-    credentials = write_credentials(
+    store = credential_store(
         directory,
         [
             {
@@ -100,29 +99,16 @@ def gate(
                 "header": "Authorization",
             }
         ],
+        {"EGRESS_SCRUB_PORTS_TOKEN": GITHUB_TOKEN},
     )
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("EGRESS_SCRUB_PORTS_TOKEN", GITHUB_TOKEN)
-        store = CredentialStore(load_credentials(credentials, load_policy(directory / "p.yaml")))
     store.issue(None)
-    running = start_gate_with(
-        directory,
-        policy,
-        dns.nameserver,
-        config=inspecting(directory, test_ca),
-        gate_kwargs={"credentials": store},
-    )
+    running = gate_with_credentials(directory, policy, dns.nameserver, test_ca, store)
     yield running
     running.stop()
 
 
-def _curl(gate: RunningGate, url: str, *args: str) -> Any:
-    ca = Path(gate.config["confdir"]) / "mitmproxy-ca-cert.pem"
-    return curl(url, f"http://127.0.0.1:{gate.port}", *args, cacert=ca)
-
-
 def _fetch(gate: RunningGate, url: str) -> str:
-    result = _curl(gate, url)
+    result = curl_through(gate, url)
     assert result.status == 200, result
     return result.body + json.dumps(result.headers)
 
@@ -159,10 +145,10 @@ def test_no_websocket_to_any_port_of_the_bound_host(
     upstream = {"second": second, "plain": plain}[where]
     scheme = "http" if where == "plain" else "https"
     before = len(upstream.requests)
-    result = _curl(gate, f"{scheme}://allowed.test:{upstream.port}/socket", *UPGRADE)
+    result = curl_through(gate, f"{scheme}://allowed.test:{upstream.port}/socket", *UPGRADE)
     assert result.status == 403, result
     assert result.headers["x-egress-reason"] == "credential-misuse"
     assert len(upstream.requests) == before  # nothing arrived
-    control = _curl(gate, f"{scheme}://other.test:{upstream.port}/socket", *UPGRADE)
+    control = curl_through(gate, f"{scheme}://other.test:{upstream.port}/socket", *UPGRADE)
     assert control.status != 403, control
     assert len(upstream.requests) == before + 1

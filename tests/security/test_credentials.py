@@ -16,19 +16,21 @@ import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from proxy.core.decision import Reason, Verdict
-from proxy.credentials.loader import load_credentials
 from proxy.credentials.store import CredentialStore
-from proxy.policy.loader import load_policy
-from tests.credentials_harness import GITHUB_TOKEN, EchoUpstream, write_credentials
+from tests.credentials_harness import (
+    GITHUB_TOKEN,
+    EchoUpstream,
+    credential_store,
+    curl_through,
+    gate_with_credentials,
+)
 from tests.dnsfake import FakeDns, loopback_dns
-from tests.harness import WAIT, LocalCA, LoopbackServer, RunningGate, curl, recv_head, serving
-from tests.security import inspecting, start_gate_with
+from tests.harness import WAIT, LocalCA, LoopbackServer, RunningGate, recv_head, serving
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -240,10 +242,9 @@ class Setup:
         self.ports = ports
         self.placeholder = store.credentials().placeholder("github", None) or ""
         self.other_sandbox = store.credentials().placeholder("github", "sbx-other") or ""
-        self.ca = Path(gate.config["confdir"]) / "mitmproxy-ca-cert.pem"
 
     def curl(self, url: str, *args: str) -> Any:
-        return curl(url, f"http://127.0.0.1:{self.gate.port}", *args, cacert=self.ca)
+        return curl_through(self.gate, url, *args)
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +267,7 @@ def setup(
         h2echo=h2echo.port,
     )
     (directory / "p.yaml").write_text(policy)
-    credentials = write_credentials(
+    store = credential_store(
         directory,
         [
             {
@@ -281,19 +282,11 @@ def setup(
                 "paths": ["/api/**"],
             }
         ],
+        {"EGRESS_SECURITY_TEST_TOKEN": GITHUB_TOKEN},
     )
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("EGRESS_SECURITY_TEST_TOKEN", GITHUB_TOKEN)
-        store = CredentialStore(load_credentials(credentials, load_policy(directory / "p.yaml")))
     store.issue(None)
     store.issue("sbx-other")
-    gate = start_gate_with(
-        directory,
-        policy,
-        dns.nameserver,
-        config=inspecting(directory, test_ca),
-        gate_kwargs={"credentials": store},
-    )
+    gate = gate_with_credentials(directory, policy, dns.nameserver, test_ca, store)
     yield Setup(gate, store, {"bound": bound.port, "other": other.port})
     gate.stop()
 

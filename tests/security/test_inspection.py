@@ -330,7 +330,7 @@ def gate(
 
 @pytest.fixture
 def gate_ca(gate: RunningGate) -> Path:
-    return Path(gate.config["confdir"]) / "mitmproxy-ca-cert.pem"
+    return gate.ca
 
 
 @pytest.fixture(autouse=True)

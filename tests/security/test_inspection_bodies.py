@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -116,7 +115,7 @@ def send(
     headers: dict[str, str],
 ) -> tuple[int, str | None]:
     """One POST in its own inspected tunnel: (status, X-Egress-Reason)."""
-    ca = Path(gate.config["confdir"]) / "mitmproxy-ca-cert.pem"
+    ca = gate.ca
     tunnel = Tunnel(gate, ca, host, upstream.port)
     try:
         status, reply, _ = tunnel.request("POST", target, body, headers)

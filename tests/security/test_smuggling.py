@@ -15,7 +15,6 @@ from __future__ import annotations
 import socket
 import ssl
 from collections.abc import Iterator
-from pathlib import Path
 
 import h2.config
 import h2.connection
@@ -142,7 +141,7 @@ def inspected_tunnel(gate: RunningGate, port: int) -> ssl.SSLSocket:
     raw = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
     raw.sendall(f"CONNECT allowed.test:{port} HTTP/1.1\r\n\r\n".encode())
     assert recv_head(raw).startswith(b"HTTP/1.1 200"), "the tunnel was not admitted"
-    ca = Path(gate.config["confdir"]) / "mitmproxy-ca-cert.pem"
+    ca = gate.ca
     context = ssl.create_default_context(cafile=str(ca))
     context.set_alpn_protocols(["http/1.1"])
     return context.wrap_socket(raw, server_hostname="allowed.test")
