@@ -11,11 +11,21 @@ from proxy.core.decision import Reason
 from proxy.evidence.emit import Emitter
 from proxy.evidence.journal.writer import Journal
 from proxy.evidence.metrics import Metrics
+from proxy.evidence.otel.sink import OtelSink
 from proxy.evidence.record import CLOSED_EVENT, connection_closed
 from tests.harness import wait_until
-from tests.otlp_receiver import GrpcReceiver
+from tests.otlp_receiver import GrpcReceiver, Received
 from tests.proxy.evidence.decisions import allow, deny_http, dns_query
 from tests.proxy.evidence.otel.receivers import Receiver, make_sink
+
+
+def delivered(receiver: Receiver, sink: OtelSink, count: int, timeout: float) -> list[Received]:
+    """What the collector has once ``count`` records arrived and the sink flushed, and a moment
+    later: a duplicate would have arrived by then."""
+    receiver.wait_for(count, timeout=timeout)
+    assert sink.flush(10)
+    time.sleep(0.3)
+    return receiver.records
 
 
 def test_allow_deny_and_dns_events_arrive(receiver: Receiver) -> None:
@@ -79,10 +89,7 @@ def test_collector_outage_loses_nothing_and_duplicates_nothing(
         assert wait_until(lambda: metrics.otlp_export_failures._value.get() >= 1, 15)
         assert metrics.otlp_queue_depth._value.get() > 0
         receiver.start()  # same port
-        got = receiver.wait_for(before + during, timeout=20)
-        assert sink.flush(10)
-        time.sleep(0.3)  # a duplicate would have arrived by now
-        got = receiver.records
+        got = delivered(receiver, sink, before + during, timeout=20)
     finally:
         sink.close()
         if journal is not None:
@@ -158,10 +165,7 @@ def test_a_batch_larger_than_the_collectors_message_limit_is_sent_in_parts(
         assert wait_until(lambda: metrics.otlp_export_failures._value.get() >= 1, 15)
         receiver.start()
         ids.append(emitter.emit(allow(1000)).id)  # a small record behind the large ones
-        receiver.wait_for(len(ids), timeout=30)
-        assert sink.flush(10)
-        time.sleep(0.3)  # a duplicate would have arrived by now
-        got = receiver.records
+        got = delivered(receiver, sink, len(ids), timeout=30)
     finally:
         sink.close()
         if journal is not None:
