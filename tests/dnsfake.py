@@ -13,6 +13,7 @@ names are NXDOMAIN, known names without the asked type are NODATA (NOERROR, empt
 
 from __future__ import annotations
 
+import errno
 import selectors
 import socket
 import struct
@@ -154,9 +155,15 @@ class FakeDns:
 
     def start(self) -> FakeDns:
         family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        for _ in range(50):  # TCP must share the UDP port (truncation fallback); retry on collision
+        # TCP must share the UDP port (truncation fallback): a kernel-chosen port is chosen again
+        # when its TCP side is taken; a port asked for is tried once (EADDRINUSE when taken).
+        for _ in range(50 if self._port == 0 else 1):
             udp = socket.socket(family, socket.SOCK_DGRAM)
-            udp.bind((self._host, self._port))
+            try:
+                udp.bind((self._host, self._port))
+            except OSError:
+                udp.close()
+                raise
             tcp = socket.socket(family, socket.SOCK_STREAM)
             tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
@@ -169,7 +176,7 @@ class FakeDns:
             self._udp, self._tcp = udp, tcp
             break
         else:
-            raise RuntimeError("could not bind UDP and TCP on one port")
+            raise OSError(errno.EADDRINUSE, "could not bind UDP and TCP on one port")
         thread = threading.Thread(target=self._serve, name="fakedns", daemon=True)
         self._threads.append(thread)
         thread.start()

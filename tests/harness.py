@@ -341,23 +341,23 @@ def on_a_namespace_port[T](start: Callable[[int], T]) -> T:
     sandbox) takes as its local port. In the sandbox the host's port is free: a connect there
     whose kernel-picked local port equals it reaches itself (TCP's simultaneous open, UDP's echo)
     and reads as if it got through. Ports above the default range; one taken is skipped."""
-    for _ in range(100):
-        port = random.randrange(NAMESPACE_PORTS[1] + 1, 65536)
-        try:
-            return start(port)
-        except Exception as exc:
-            if not _port_taken(exc):
-                raise
-    raise AssertionError(f"no free port above {NAMESPACE_PORTS[1]}")
+    return on_a_free_port(start, 100, pick=_above_namespace_ports)[1]
 
 
-def on_a_free_port[T](start: Callable[[int], T], attempts: int = 5) -> tuple[int, T]:
-    """The port and what ``start(port)`` returned, on a port just picked; on a new one when the start failed because another
-    bind took the port in between (the suite runs in two processes, each binding port 0 often):
-    EADDRINUSE raised, or "address already in use" in what the failure (or its cause) says, as a
-    gate's log does. Any other failure, or the last attempt's, is raised as it is."""
+def _above_namespace_ports() -> int:
+    return random.randrange(NAMESPACE_PORTS[1] + 1, 65536)
+
+
+def on_a_free_port[T](
+    start: Callable[[int], T], attempts: int = 5, *, pick: Callable[[], int] = free_port
+) -> tuple[int, T]:
+    """The port and what ``start(port)`` returned, on a port just picked (``pick``: a kernel-chosen
+    one by default); on a new one when the start failed because another bind took the port in
+    between (the suite runs in two processes, each binding port 0 often): EADDRINUSE raised, or
+    "address already in use" in what the failure (or its cause) says, as a gate's log does. Any
+    other failure, or the last attempt's, is raised as it is."""
     for attempt in range(1, attempts + 1):
-        port = free_port()
+        port = pick()
         try:
             return port, start(port)
         except Exception as exc:

@@ -12,6 +12,7 @@ tests can check what an exporter sent besides the records. Every wait is bounded
 
 from __future__ import annotations
 
+import errno
 import gzip
 import ssl
 import threading
@@ -28,7 +29,7 @@ import grpc
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
-from tests.harness import restartable_port
+from tests.harness import on_a_free_port, restartable_port
 
 
 def any_value(value: AnyValue) -> Any:
@@ -179,16 +180,11 @@ class _Receiver:
         raise NotImplementedError
 
     def _bound(self, bind: Callable[[int], int]) -> int:
-        """``bind(port)`` on this receiver's port, or on the first free one of a few picked by
-        ``restartable_port`` when it has none yet; the port it bound."""
+        """``bind(port)`` on this receiver's port, or on one ``restartable_port`` picks (another
+        when it is taken) when it has none yet; the port it bound."""
         if self.port:
             return bind(self.port)
-        for _ in range(20):
-            try:
-                return bind(restartable_port())
-            except OSError:
-                continue
-        raise RuntimeError("no free port below the local port range for the OTLP receiver")
+        return on_a_free_port(bind, 20, pick=restartable_port)[1]
 
     def stop(self) -> None:
         raise NotImplementedError
@@ -246,9 +242,12 @@ class GrpcReceiver(_Receiver):
                 else:
                     bound = server.add_secure_port(address, credentials)
             except RuntimeError as exc:  # grpcio raises where older versions returned 0
-                raise OSError(f"gRPC receiver could not bind {address}: {exc}") from exc
-            if bound == 0:
-                raise OSError(f"gRPC receiver could not bind {address}")
+                bound = 0
+                why = f": {exc}"
+            else:
+                why = ""
+            if bound == 0:  # gRPC does not say why; a port another server holds is the cause here
+                raise OSError(errno.EADDRINUSE, f"gRPC receiver could not bind {address}{why}")
             made.append(server)
             return int(bound)
 

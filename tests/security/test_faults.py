@@ -12,7 +12,7 @@ import pytest
 
 from proxy.core.decision import Reason, Verdict
 from tests.dnsfake import FakeDns
-from tests.harness import RunningGate, Upstream, restartable_port, serving
+from tests.harness import RunningGate, Upstream, on_a_free_port, restartable_port, serving
 from tests.security import exchange, fresh_decisions, start_gate_with
 
 pytestmark = pytest.mark.timeout(90)
@@ -73,12 +73,12 @@ def test_a_dns_upstream_answering_garbage_denies_then_recovers(
 def on_a_kept_port() -> FakeDns:
     """A nameserver on a port it can come back to once it has gone (``restartable_port``: on an
     ephemeral port, a connect's TIME_WAIT could hold it for a minute)."""
-    for _ in range(20):
-        try:
-            return FakeDns(port=restartable_port(socket.SOCK_DGRAM)).start()
-        except (OSError, RuntimeError):  # its TCP side taken: another port
-            continue
-    raise AssertionError("no port below the local port range for UDP and TCP both")
+    _, server = on_a_free_port(
+        lambda port: FakeDns(port=port).start(),
+        20,
+        pick=lambda: restartable_port(socket.SOCK_DGRAM),
+    )
+    return server
 
 
 def test_a_dns_upstream_that_goes_away_denies_then_recovers(
