@@ -297,7 +297,14 @@ def _summary(approval: dict[str, Any]) -> str:
     if not isinstance(host, str) or not isinstance(port, int):
         return escape(str(approval.get("what", "?")), 200)
     method = method if isinstance(method, str) else None
-    return summary(host, port, method, path if isinstance(path, str) else None)
+    query = approval.get("query") or "" if approval.get("query_id") else None
+    return summary(
+        host,
+        port,
+        method,
+        path if isinstance(path, str) else None,
+        query if isinstance(query, str) else None,
+    )
 
 
 def describe(approval: dict[str, Any], now: float) -> str:

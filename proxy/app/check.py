@@ -135,7 +135,13 @@ class _WouldAsk:
         self.asked: Decision | None = None
 
     async def answer(
-        self, decision: Decision, rule: Any, record: Any, *, methods: tuple[str, ...] = ()
+        self,
+        decision: Decision,
+        rule: Any,
+        record: Any,
+        *,
+        methods: tuple[str, ...] = (),
+        query: str | None = None,
     ) -> Decision:
         self.asked = decision
         return decision.with_(decision=Verdict.DENY, reason=Reason.APPROVAL_UNAVAILABLE)

@@ -5,7 +5,7 @@ For a held ``ask`` decision (:meth:`Broker.answer`), in this order:
 1. a grant that covers exactly what is asked answers at once: a session grant for this sandbox (in the
    store, so it holds on every replica), or a persisted rule in the overlay file;
 2. otherwise the request opens a pending approval, or joins the open one for the same sandbox and the
-   same subject; a sandbox over its pending limit (or a gate over its total) is refused
+   same subject (under a rule that reads requests, the same method, path and exact query); a sandbox over its pending limit (or a gate over its total) is refused
    (``approval-limit``) without affecting anyone else;
 3. its ``ask`` event is recorded, whoever must hear of a new approval hears of it (event stream,
    webhook, ``egress run``'s terminal, the reviewer), and the request waits: for a change published by
@@ -148,14 +148,19 @@ class Broker:
         record: Callable[[Decision], Decision],
         *,
         methods: tuple[str, ...] = (),
+        query: str | None = None,
     ) -> Decision:
         """:class:`proxy.core.checkpoint.Approver`: the held ``ask`` decision, answered."""
         review = str(rule.review) if rule is not None else str(Review.HUMAN)
         subject = Subject.of(
-            decision, per_request=_reads_requests(rule), methods=methods, review=review
+            decision,
+            per_request=_reads_requests(rule),
+            methods=methods,
+            review=review,
+            query=query,
         )
         # (1) grants
-        grant = await self.store.grant_for(subject)
+        grant = await self.store.grant_for(subject.granted())
         if grant is not None:
             return _granted(
                 decision, grant.approval, grant.decided_by, Scope.SESSION, "a session grant"
@@ -277,7 +282,9 @@ class Broker:
             except OverlayError as exc:
                 raise Unavailable(str(exc)) from None
         elif scope is Scope.SESSION:
-            grant = Grant(current.subject, current.id, who, self.clock() + self.session_ttl)
+            grant = Grant(
+                current.subject.granted(), current.id, who, self.clock() + self.session_ttl
+            )
         decided = await self.store.decide(approval_id, State.APPROVED, who, reason, scope, grant)
         if scope is Scope.PERSIST and self.overlay is not None:
             try:

@@ -53,6 +53,7 @@ ENDED_REASON = "the sandbox ended before the approval was answered"
 MAX_REASON = 500  # characters of a reason kept (a person's, the reviewer's)
 SHOWN_METHOD = 64  # characters of a method on one terminal line (an override is any token)
 SHOWN_PATH = 200  # characters of its path there
+SHOWN_QUERY = 200  # characters of its query there
 
 # Kinds whose rules decide a host and port as a whole: their approval covers host:port. Any other kind
 # (a request read under inspection) is decided per request, and its approval covers method and path too.
@@ -72,7 +73,13 @@ class Subject:
     The asking rule and who may answer it (``review``) are part of the subject: two ``ask`` rules
     can match the same request line (one for a query the reviewer may answer, one people-only for
     the rest; one bound to git, one to every other process), and an answer to one is no answer to
-    the other. A subject stored without them (an older gate's grant) matches no request."""
+    the other. A subject stored without them (an older gate's grant) matches no request.
+
+    A per-request subject is about the request's exact query too (``query_id``, a digest: the query
+    itself may carry values the records scrub): a request with the same method and path but another
+    query, which may carry anything, is another question and never joins an approval it was not
+    shown on. ``query`` is what people and the reviewer are shown of it (as decisions record it). A
+    session grant is about the method and path (:meth:`granted`): it covers them with any query."""
 
     sandbox: str
     host: str
@@ -81,6 +88,8 @@ class Subject:
     path: str | None = None
     rule: str | None = None
     review: str | None = None
+    query: str | None = None
+    query_id: str | None = None
 
     @classmethod
     def of(
@@ -90,13 +99,17 @@ class Subject:
         per_request: bool = False,
         methods: Sequence[str] = (),
         review: str | None = None,
+        query: str | None = None,
     ) -> Subject:
         """The subject of an ``ask`` decision. ``per_request``: the asking rule reads requests, so
-        the approval is about this method and path only (a push, not every request to the host).
-        ``methods``: every method the request was judged as (its own first, then the overrides it
-        carries); the approval is about what the server will do, so an override is part of it.
-        ``review``: the asking rule's (``human`` or ``auto``)."""
+        the approval is about this method, path and query only (a push, not every request to the
+        host). ``methods``: every method the request was judged as (its own first, then the
+        overrides it carries); the approval is about what the server will do, so an override is
+        part of it. ``review``: the asking rule's (``human`` or ``auto``). ``query``: the request's
+        query exactly as sent (None: it had none), of which only a digest is kept."""
         per_request = per_request or decision.kind not in HOST_KINDS
+        if per_request and query is None and decision.query is not None:
+            query = decision.query  # no exact query given: the recorded one is all there is
         return cls(
             sandbox=decision.sandbox_id or ANONYMOUS,
             host=decision.host,
@@ -105,40 +118,70 @@ class Subject:
             path=decision.path if per_request else None,
             rule=decision.rule,
             review=review,
+            query=decision.query if per_request and query is not None else None,
+            query_id=query_digest(query) if per_request and query is not None else None,
         )
 
     @property
     def key(self) -> str:
         """A fixed-length key for stores (the fields are client data of any length)."""
-        text = json.dumps(
-            [self.sandbox, self.host, self.port, self.method, self.path, self.rule, self.review]
-        )
+        fields: list[Any] = [
+            self.sandbox,
+            self.host,
+            self.port,
+            self.method,
+            self.path,
+            self.rule,
+            self.review,
+        ]
+        if self.query_id is not None:  # (a subject without one keeps the key it always had)
+            fields.append(self.query_id)
+        text = json.dumps(fields)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
     def covers(self, other: Subject) -> bool:
         return self == other
 
+    def granted(self) -> Subject:
+        """What a session grant of this subject is about: its method and path with any query."""
+        return replace(self, query=None, query_id=None)
+
     def describe(self) -> str:
         where = join_authority(self.host, self.port)
         if self.method is None:
             return where
-        return f"{self.method} {where}{self.path or ''}"
+        shown = f"{self.method} {where}{self.path or ''}"
+        return shown if self.query_id is None else f"{shown}?{self.query or ''}"
 
     def summary(self) -> str:
         """:meth:`describe` for one line of a terminal (see :func:`summary`)."""
-        return summary(self.host, self.port, self.method, self.path)
+        query = None if self.query_id is None else self.query or ""
+        return summary(self.host, self.port, self.method, self.path, query)
 
 
-def summary(host: str, port: int, method: str | None = None, path: str | None = None) -> str:
+def query_digest(query: str) -> str:
+    """A query's digest, as a subject keeps it: equal only for the same query, byte for byte."""
+    return hashlib.sha256(query.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def summary(
+    host: str,
+    port: int,
+    method: str | None = None,
+    path: str | None = None,
+    query: str | None = None,
+) -> str:
     """What an approval is about, on one terminal line: printable ASCII, each part escaped and bounded
     on its own. The sandbox chooses the method's length (an override is any token, as long as the
-    request head allows) and the path's: bounded as one string, ``describe()`` would lose the host
-    and the path after a long method, and a person would be asked about a request without being
-    told where it goes. The host and port are always shown whole."""
+    request head allows), the path's and the query's: bounded as one string, ``describe()`` would
+    lose the host and the path after a long method, and a person would be asked about a request
+    without being told where it goes. The host and port are always shown whole; a query, when the
+    request has one, after a ``?`` (as decisions record it)."""
     where = escape(join_authority(host, port), 300)
     if method is None:
         return where
-    return f"{escape(method, SHOWN_METHOD)} {where}{escape(path or '', SHOWN_PATH)}"
+    shown = f"{escape(method, SHOWN_METHOD)} {where}{escape(path or '', SHOWN_PATH)}"
+    return shown if query is None else f"{shown}?{escape(query, SHOWN_QUERY)}"
 
 
 def _method(method: str | None, judged: Sequence[str]) -> str | None:
@@ -219,6 +262,8 @@ class Approval:
             port=self.subject.port,
             method=self.subject.method,
             path=self.subject.path,
+            query=self.subject.query,
+            query_id=self.subject.query_id,
             what=self.subject.describe(),
         )
         return out
@@ -233,6 +278,8 @@ class Approval:
             path=data.get("path"),
             rule=data.get("rule"),
             review=data.get("review"),
+            query=data.get("query"),
+            query_id=data.get("query_id"),
         )
         return cls(
             id=str(data["id"]),

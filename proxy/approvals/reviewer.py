@@ -120,12 +120,14 @@ def _summary(decision: Decision) -> dict[str, Any]:
         "port": decision.port,
         "method": clip(decision.method, 16),
         "path": clip(decision.path, 256),
+        "query": clip(decision.query, 256),
     }
 
 
 SHOWN_HOST = 256  # characters of each request field the reviewer is shown
 SHOWN_METHOD = 256
 SHOWN_PATH = 2048
+SHOWN_QUERY = 2048
 
 
 def unshown(approval: Approval) -> str | None:
@@ -137,6 +139,7 @@ def unshown(approval: Approval) -> str | None:
         ("host", subject.host, SHOWN_HOST),
         ("method", subject.method, SHOWN_METHOD),
         ("path", subject.path, SHOWN_PATH),
+        ("query", subject.query, SHOWN_QUERY),
     ):
         if value is not None and len(value) > limit:
             return name
@@ -160,6 +163,13 @@ def review_input(approval: Approval, recent: list[dict[str, Any]]) -> dict[str, 
             "port": subject.port,
             "method": clip(subject.method, SHOWN_METHOD),  # with overrides: DELETE (sent as PATCH)
             "path": clip(subject.path, SHOWN_PATH),
+            # the query as decisions record it (parameter names only, unless values are recorded);
+            # absent for an approval about a whole host, "" for a target ending in a bare "?"
+            **(
+                {}
+                if subject.query_id is None
+                else {"query": clip(subject.query or "", SHOWN_QUERY)}
+            ),
         },
         "sandbox": {
             "id": subject.sandbox,

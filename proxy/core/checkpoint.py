@@ -150,7 +150,8 @@ class Approver(Protocol):
     ``record`` records the ``ask`` event (verdict ASK, with the approval id) while the request waits;
     the returned decision is the answer: the same request, now ALLOW or DENY. ``methods``: every
     method an HTTP request was judged as (its own, then its method overrides), which the answer
-    must be about.
+    must be about; ``query``: its query exactly as sent (None without one), which an answer about
+    that request must be about too.
     """
 
     async def answer(
@@ -160,6 +161,7 @@ class Approver(Protocol):
         record: Callable[[Decision], Decision],
         *,
         methods: tuple[str, ...] = (),
+        query: str | None = None,
     ) -> Decision: ...
 
 
@@ -801,7 +803,9 @@ class Checkpoint:
         rule = policy.rule(decision.rule)
         try:
             methods = judged_methods(request.http) if request.http is not None else ()
-            answer = await self.approvals.answer(decision, rule, self.emitter.emit, methods=methods)
+            answer = await self.approvals.answer(
+                decision, rule, self.emitter.emit, methods=methods, query=_exact_query(request)
+            )
         except Exception as exc:  # a failing approver never lets anything through
             log.exception("approval of %s failed", decision.id)
             answer = decision.with_(
@@ -964,6 +968,14 @@ class Checkpoint:
 
 
 @functools.lru_cache(maxsize=4096)
+def _exact_query(request: Request) -> str | None:
+    """The request's query as it was sent (None when its target has no ``?``)."""
+    if request.http is None:
+        return None
+    _, mark, query = request.http.target.partition("?")
+    return query if mark else None
+
+
 def _dial_key(host: str) -> str | None:
     """The canonical spelling ``dial_target`` looks ``host`` up by (None: not a valid host); a
     pure function of the host, asked on every request of a kept-alive connection."""

@@ -56,3 +56,60 @@ def test_the_asking_rule_and_who_may_answer_it_are_part_of_what_is_asked() -> No
     assert auto != human and auto.key != human.key
     assert not auto.covers(human) and not human.covers(auto)
     assert other.rule == "other" and other.key != auto.key and not auto.covers(other)
+
+
+def test_a_request_rule_asks_about_the_exact_query_and_shows_it_as_recorded() -> None:
+    """Two requests whose queries differ only in a value (which the record scrubs) are two
+    questions; the same query is one. Only a digest of the query sent is kept: what is shown is
+    the query as recorded."""
+    recorded = ask(Kind.HTTP).with_(query="name=")
+    benign = Subject.of(recorded, per_request=True, query="name=notes.txt")
+    leak = Subject.of(recorded, per_request=True, query="name=s3cret")
+    assert benign.key != leak.key and not benign.covers(leak)
+    assert Subject.of(recorded, per_request=True, query="name=notes.txt") == benign
+    assert (benign.query, leak.query) == ("name=", "name=")
+    assert "s3cret" not in repr(leak) and "s3cret" not in leak.describe()
+    assert benign.describe() == "POST api.test:443/repo.git/git-receive-pack?name="
+    assert benign.summary() == benign.describe()
+    # a target ending in a bare "?" is not the same request as one without a query
+    bare = Subject.of(ask(Kind.HTTP), per_request=True, query="")
+    none = Subject.of(ask(Kind.HTTP), per_request=True)
+    assert bare.key != none.key and bare.describe().endswith("receive-pack?")
+    # without the exact query, the recorded one is what tells requests apart
+    assert Subject.of(recorded, per_request=True).query_id is not None
+    # host rules ask about host and port whatever the query
+    assert Subject.of(recorded, query="name=s3cret") == Subject.of(ask(Kind.HTTP))
+
+
+def test_a_session_grant_is_about_the_method_and_path_with_any_query() -> None:
+    subject = Subject.of(ask(Kind.HTTP).with_(query="page="), per_request=True, query="page=2")
+    granted = subject.granted()
+    assert (granted.query, granted.query_id) == (None, None)
+    assert granted == Subject.of(ask(Kind.HTTP), per_request=True)
+    # a subject without a query keeps the key it always had (grants stored by an earlier gate)
+    assert granted.key == Subject.of(ask(Kind.HTTP), per_request=True).key
+
+
+def test_what_an_approval_is_about_is_read_back_with_the_same_key() -> None:
+    """Stores keep approvals as the admin API's JSON: the query's digest must survive the trip, or
+    an approval read back would be about another request than the one it was opened for."""
+    from proxy.approvals.model import Approval
+
+    decision = ask(Kind.HTTP).with_(query="name=")
+    subject = Subject.of(decision, per_request=True, query="name=x")
+    approval = Approval.open(decision, subject, "human", 60, 1000.0)
+    back = Approval.from_json(approval.to_json())
+    assert back.subject == approval.subject and back.subject.key == approval.subject.key
+    assert approval.to_json()["query"] == "name="
+
+
+def test_a_long_or_hostile_query_is_escaped_and_bounded_on_a_terminal() -> None:
+    from proxy.approvals.model import SHOWN_QUERY
+
+    subject = Subject.of(
+        ask(Kind.HTTP).with_(query="a=\x1b[2J" + "q" * 1000), per_request=True, query="x"
+    )
+    line = subject.summary()
+    assert "\x1b" not in line and line.isprintable()
+    assert line.startswith("POST api.test:443/repo.git/git-receive-pack?")
+    assert len(line) < len("POST api.test:443/repo.git/git-receive-pack?") + SHOWN_QUERY + 10

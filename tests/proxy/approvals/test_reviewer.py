@@ -126,6 +126,7 @@ def test_recent_decisions_are_summarised_clipped_and_printable_when_read() -> No
         mode="enforce",
         method="GET\r",
         path="/a\x1bb",
+        query="q=\x07" + "y" * 300,
         sandbox_id="sbx-2",
         ts=1000.12345,
     )
@@ -140,6 +141,7 @@ def test_recent_decisions_are_summarised_clipped_and_printable_when_read() -> No
         "port": 80,
         "method": "GET ",
         "path": "/a b",
+        "query": ("q= " + "y" * 300)[:256],
     }
     assert recent.sandboxes() == [
         {"sandbox_id": "sbx-2", "allowed": 0, "refused": 1, "asked": 0, "last": 1000.123}
@@ -155,6 +157,19 @@ def test_the_reviewer_sees_every_method_a_request_overrides_its_own_with() -> No
     subject = Subject.of(decision, methods=methods)
     given = review_input(Approval.open(decision, subject, "auto", 60, 1000.0), [])
     assert given["request"]["method"] == "OPTIONS/HEAD/GET/DELETE (sent as POST)"
+
+
+def test_the_reviewer_sees_the_query_of_a_request_it_is_asked_about() -> None:
+    """A request's query is part of what an approval covers, so the reviewer is shown it (as
+    decisions record it); an approval about a whole host has none to show."""
+    decision = Decision(
+        Verdict.ASK, Reason.APPROVAL_PENDING, "r", Kind.REQUEST, "api.test", 443, "v", "enforce",
+        method="POST", path="/upload", sandbox_id="sbx-1", query="name=&to=",
+    )  # fmt: skip
+    subject = Subject.of(decision, query="name=a&to=b")
+    given = review_input(Approval.open(decision, subject, "auto", 60, 1000.0), [])
+    assert given["request"]["query"] == "name=&to=" and "query_id" not in str(given)
+    assert "query" not in review_input(_connect_approval(), [])["request"]
 
 
 ENV_REVIEWER = """
@@ -207,7 +222,7 @@ def test_a_reviewer_whose_environment_cannot_be_made_is_not_run_and_escalates(
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("field", ["path", "method"])
+@pytest.mark.parametrize("field", ["path", "method", "query"])
 def test_a_request_too_long_to_show_whole_is_never_put_to_the_reviewer(
     tmp_path: Path, field: str
 ) -> None:
@@ -215,10 +230,11 @@ def test_a_request_too_long_to_show_whole_is_never_put_to_the_reviewer(
     saw (``.../d/d/deploy-keys.txt``), and its answer would cover the whole request: people answer
     it instead; the reviewer does not run."""
     path = "/repos/o/r/contents/" + "d/" * 1100 + "deploy-keys.txt"
-    method = "PUT" if field == "path" else "X" * 300
+    method = "X" * 300 if field == "method" else "PUT"
+    query = "a=&" * 1000 + "delete=" if field == "query" else "a="
     decision = Decision(
         Verdict.ASK, Reason.APPROVAL_PENDING, "r", Kind.REQUEST, "api.test", 443, "v", "enforce",
-        method=method, path=path if field == "path" else "/x", sandbox_id="sbx-1",
+        method=method, path=path if field == "path" else "/x", sandbox_id="sbx-1", query=query,
     )  # fmt: skip
     approval = Approval.open(decision, Subject.of(decision), "auto", 60, 1000.0)
     marker = tmp_path / "ran"

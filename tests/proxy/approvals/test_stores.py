@@ -107,6 +107,29 @@ def test_identical_asks_join_and_others_open_their_own(make_store: Any) -> None:
     run(make_store, body)
 
 
+def test_requests_with_another_query_open_their_own_and_the_same_query_joins(
+    make_store: Any,
+) -> None:
+    """A per-request approval is about the exact query (its digest): on either store."""
+
+    def opened(clock: Clock, query: str) -> Approval:
+        decision = ask().with_(kind=Kind.HTTP, method="POST", path="/upload", query="name=")
+        subject = Subject.of(decision, per_request=True, query=query)
+        return Approval.open(decision, subject, "human", 60, clock())
+
+    async def body(store: Store, clock: Clock) -> None:
+        first = await store.open(opened(clock, "name=a"), Limits())
+        again = await store.open(opened(clock, "name=a"), Limits())
+        other = await store.open(opened(clock, "name=b"), Limits())
+        assert first is not None and again is not None and other is not None
+        assert first[1] and not again[1] and again[0].id == first[0].id
+        assert other[1] and other[0].id != first[0].id
+        read = await store.get(first[0].id)
+        assert read is not None and read.subject == first[0].subject
+
+    run(make_store, body)
+
+
 def test_the_pending_limits_refuse_a_flood_without_touching_other_sandboxes(
     make_store: Any,
 ) -> None:

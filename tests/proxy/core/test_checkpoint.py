@@ -408,11 +408,19 @@ class Approver:
         self.verdict = verdict
         self.fail = fail
         self.asked: list[tuple[Decision, str | None]] = []
+        self.queries: list[str | None] = []
 
     async def answer(
-        self, decision: Decision, rule: Any, record: Any, *, methods: tuple[str, ...] = ()
+        self,
+        decision: Decision,
+        rule: Any,
+        record: Any,
+        *,
+        methods: tuple[str, ...] = (),
+        query: str | None = None,
     ) -> Decision:
         self.asked.append((decision, rule.name if rule else None))
+        self.queries.append(query)
         record(decision.with_(approval="a1"))
         if self.fail:
             raise RuntimeError("store unreachable")
@@ -452,6 +460,30 @@ def test_an_ask_is_held_recorded_then_answered_and_pinned(ask_policy: Policy) ->
 
 
 @pytest.mark.parametrize(
+    ("target", "exact"),
+    [("/x?token=s3cret&a=1", "token=s3cret&a=1"), ("/x?", ""), ("/x", None)],
+)
+def test_the_approver_is_given_the_exact_query_not_the_recorded_one(
+    ask_policy: Policy, target: str, exact: str | None
+) -> None:
+    """The record scrubs query values; what an approval covers must still tell two queries
+    apart, so the approver gets the query exactly as sent."""
+    from proxy.core.requests import HttpHead
+
+    approver = Approver()
+    checkpoint, lookups, _ = make(ask_policy, approvals=approver)
+    lookups.answers["api.test"] = "203.0.113.20"
+    conn = Connection(peer="127.0.0.1:5000", sandbox_id="sbx")
+    recorded = "token=&a=" if exact else None
+    request = Request(
+        Kind.HTTP, "api.test", 443, "GET", "/x", http=HttpHead("GET", target), query=recorded
+    )
+    assert admit(checkpoint, conn, request).allowed
+    [(asked, _)] = approver.asked
+    assert approver.queries == [exact] and asked.query == recorded
+
+
+@pytest.mark.parametrize(
     ("approver", "reason"),
     [
         (None, Reason.APPROVAL_UNAVAILABLE),
@@ -481,7 +513,13 @@ class Elsewhere(Approver):
         self.changes = changes
 
     async def answer(
-        self, decision: Decision, rule: Any, record: Any, *, methods: tuple[str, ...] = ()
+        self,
+        decision: Decision,
+        rule: Any,
+        record: Any,
+        *,
+        methods: tuple[str, ...] = (),
+        query: str | None = None,
     ) -> Decision:
         answer = await super().answer(decision, rule, record)
         return answer.with_(**self.changes)

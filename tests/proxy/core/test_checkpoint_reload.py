@@ -31,7 +31,13 @@ class Reloading(Approver):
         self.holder, self.new = holder, new
 
     async def answer(
-        self, decision: Decision, rule: Any, record: Any, *, methods: tuple[str, ...] = ()
+        self,
+        decision: Decision,
+        rule: Any,
+        record: Any,
+        *,
+        methods: tuple[str, ...] = (),
+        query: str | None = None,
     ) -> Decision:
         self.holder["policy"] = self.new  # what a live reload does while a person decides
         return await super().answer(decision, rule, record)

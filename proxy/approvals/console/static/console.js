@@ -87,6 +87,9 @@
     field(facts, "Port", a.port === 0 ? null : a.port, "mono");
     field(facts, "Method", a.method, "mono");
     field(facts, "Path", a.path, "mono");
+    // The query as decisions record it (names only unless values are recorded): a request with
+    // another query is another approval.
+    field(facts, "Query", a.query_id ? "?" + (a.query || "") : null, "mono");
     field(facts, "Rule", a.rule ? a.rule + (a.review === "auto" ? " (reviewer may answer)" : "") : null, "mono");
     const age = el("dd", { className: "age" });
     const left = el("dd", { className: "left" });
@@ -264,6 +267,7 @@
     const host = String(d.host || "");
     let request = d.port ? (host.includes(":") ? "[" + host + "]" : host) + ":" + d.port : host;
     if (d.path) request += d.path;
+    if (d.query) request += "?" + d.query;
     if (d.method) request = d.method + " " + request;
     if (d.qtype) request += " (" + d.qtype + ")";
     return el("tr", { className: "decision-" + d.decision },

@@ -1,0 +1,101 @@
+"""Threat 17, widening an approval through a query: an approval of a request rule is about one
+request, and a request's query is part of it. While a harmless request waits for a person, a second
+request to the same method and path with another query (``?leak=<secret>``) must not join it and be
+let through by the answer to the first: it is its own question, shown with its query. A real
+``egress serve`` and real curl; every request that reaches the upstream is counted by its target."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.approvals_harness import ApprovalGate, fetch, repo_gate
+from tests.approvals_harness import repo_url as url
+from tests.dnsfake import FakeDns
+from tests.harness import Upstream, serving
+
+POLICY = """
+version: 1
+allow_internal: [127.0.0.0/8]
+rules:
+  - name: ask-uploads
+    action: ask
+    hosts: [repo.test]
+    ports: [{port}]
+    methods: [POST]
+"""
+
+BENIGN = "/upload?name=notes.txt"
+LEAK = "/upload?name=s3cret-token-value"
+
+
+@pytest.fixture
+def gate(tmp_path: Path, fake_dns: FakeDns, http_upstream: Upstream) -> Iterator[ApprovalGate]:
+    yield from serving(repo_gate(tmp_path, fake_dns, http_upstream, POLICY))
+
+
+def reached(upstream: Upstream) -> list[str]:
+    return [target for _, target, _ in upstream.requests]
+
+
+def test_a_request_with_another_query_does_not_join_the_approval_of_the_first(
+    gate: ApprovalGate, http_upstream: Upstream
+) -> None:
+    benign = fetch(url(http_upstream, BENIGN), gate.proxy, "-X", "POST")
+    [first] = gate.wait_pending()
+    leak = fetch(url(http_upstream, LEAK), gate.proxy, "-X", "POST")
+    pending = gate.wait_pending(2)
+    [second] = [p for p in pending if p["id"] != first["id"]]
+    # Each is shown with its query (as decisions record it: names only by default, so a value
+    # never reaches the approvals' store, stream or webhook).
+    for shown in (first, second):
+        assert (shown["method"], shown["path"], shown["query"]) == ("POST", "/upload", "name=")
+        assert shown["what"].endswith("/upload?name=")
+        assert "s3cret" not in str(shown)
+    assert first["query_id"] != second["query_id"]
+
+    assert gate.egress("approve", first["id"]).returncode == 0  # once
+    assert benign.result().status == 200
+    time.sleep(0.3)
+    assert not leak.done, "the request with another query was let through by the first's answer"
+    assert reached(http_upstream) == [BENIGN]
+    assert gate.egress("deny", second["id"]).returncode == 0
+    refused = leak.result()
+    assert refused.status == 403 and refused.headers["x-egress-reason"] == "approval-denied"
+    assert reached(http_upstream) == [BENIGN]
+
+
+def test_the_same_request_twice_is_one_approval_and_one_answer_releases_both(
+    gate: ApprovalGate, http_upstream: Upstream
+) -> None:
+    held = [fetch(url(http_upstream, BENIGN), gate.proxy, "-X", "POST") for _ in range(2)]
+    [pending] = gate.wait_pending()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # both are waiting once both ask events are recorded
+        asks = [d for d in gate.decisions() if d.get("decision") == "ask"]
+        if len(asks) >= 2:
+            break
+        time.sleep(0.05)
+    assert {d["approval"] for d in asks} == {pending["id"]}, asks
+    assert len(gate.pending()) == 1
+    assert gate.egress("approve", pending["id"]).returncode == 0
+    assert [h.result().status for h in held] == [200, 200]
+    assert reached(http_upstream) == [BENIGN, BENIGN]
+
+
+def test_a_session_grant_covers_the_method_and_path_with_any_query(
+    gate: ApprovalGate, http_upstream: Upstream
+) -> None:
+    """The documented reach of ``--session`` for a request rule: what a person approves for a while
+    is the method and path (paging, searching), not one query."""
+    held = fetch(url(http_upstream, BENIGN), gate.proxy, "-X", "POST")
+    [pending] = gate.wait_pending()
+    assert gate.egress("approve", pending["id"], "--session").returncode == 0
+    assert held.result().status == 200
+    other = fetch(url(http_upstream, "/upload?name=other.txt"), gate.proxy, "-X", "POST")
+    assert other.result().status == 200
+    assert gate.pending() == []
+    assert reached(http_upstream) == [BENIGN, "/upload?name=other.txt"]
