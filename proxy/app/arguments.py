@@ -167,6 +167,22 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
         help="new connections one client may open at once above that rate (default %(default)s)",
     )
     parser.add_argument(
+        "--max-dns-queries-per-second",
+        type=float,
+        default=defaults.dns_queries_per_second,
+        metavar="RATE",
+        help="DNS questions per second one client address may ask the DNS gate, sustained; "
+        "those over it are dropped unanswered (default %(default)s; 0 disables)",
+    )
+    parser.add_argument(
+        "--dns-queries-burst",
+        type=int,
+        default=defaults.dns_queries_burst,
+        metavar="N",
+        help="DNS questions one client address may ask at once above that rate "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
         "--request-timeout",
         type=float,
         default=defaults.request_timeout,
@@ -202,11 +218,13 @@ def limits_from(args: argparse.Namespace) -> Any:
         ("--max-connections", args.max_connections),
         ("--max-connections-per-client", args.max_connections_per_client),
         ("--new-connections-burst", args.new_connections_burst),
+        ("--dns-queries-burst", args.dns_queries_burst),
     ):
         if value < 1:
             raise ValueError(f"{flag} must be at least 1, not {value}")
     for flag, number in (
         ("--max-new-connections-per-second", args.max_new_connections_per_second),
+        ("--max-dns-queries-per-second", args.max_dns_queries_per_second),
         ("--request-timeout", args.request_timeout),
         ("--idle-timeout", args.idle_timeout),
     ):
@@ -219,4 +237,6 @@ def limits_from(args: argparse.Namespace) -> Any:
         new_connections_burst=args.new_connections_burst,
         request_timeout=args.request_timeout,
         idle_timeout=args.idle_timeout,
+        dns_queries_per_second=args.max_dns_queries_per_second,
+        dns_queries_burst=args.dns_queries_burst,
     )

@@ -300,11 +300,12 @@ async def _serve(
             approvals.reviewer.withheld = credentials.secret_forms
 
     resolver = Resolver(nameservers=args.nameserver, hosts_file=args.hosts_file or None)
+    limits = limits_from(args)
     gate = Gate(
         GateConfig(
             listen_host=listen[0],
             listen_port=listen[1],
-            limits=limits_from(args),
+            limits=limits,
             confdir=str(statedir.mitmproxy_confdir(state_dir)),
             upstream_ca=args.upstream_trust,
             query_values=args.record_query_values,
@@ -365,13 +366,22 @@ async def _serve(
                 max_tcp_per_client=SHARED_TCP_PER_CLIENT,
                 # A question names no sandbox: each one's own policy must allow the name too.
                 also=lambda: [own() for own in sandbox_policies.values()],
+                queries_per_second=limits.dns_queries_per_second,
+                queries_burst=limits.dns_queries_burst,
             )
             bound = await _serve_dns(dns_gate, *parse_listen(args.dns_listen))
         if args.handoff_socket:
 
             def dns_for(sandbox_id: str) -> DnsGate:
                 policy_of = sandbox_policies.get(sandbox_id, holder)
-                return DnsGate(policy_of, resolver, evidence.emitter, sandbox_id=sandbox_id)
+                return DnsGate(
+                    policy_of,
+                    resolver,
+                    evidence.emitter,
+                    sandbox_id=sandbox_id,
+                    queries_per_second=limits.dns_queries_per_second,
+                    queries_burst=limits.dns_queries_burst,
+                )
 
             handoff = HandoffServer(
                 args.handoff_socket,

@@ -23,6 +23,10 @@ from dataclasses import dataclass, replace
 DESCRIPTOR_RESERVE = 80
 
 
+DNS_QUERIES_PER_SECOND = 1_000.0
+DNS_QUERIES_BURST = 2_000
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_connections: int = 10_000  # concurrent, whole gate
@@ -31,6 +35,10 @@ class Limits:
     new_connections_burst: int = 1_000  # per client, above the sustained rate
     request_timeout: float = 30.0  # every request head, and a tunnel's first bytes; 0 disables
     idle_timeout: float = 900.0  # a relayed tunnel with no bytes either way; 0 disables
+    # DNS questions per client address (the DNS gate), sustained and above it; 0 disables. Twice
+    # the new-connection rate: a client asks for A and AAAA before each connection.
+    dns_queries_per_second: float = DNS_QUERIES_PER_SECOND
+    dns_queries_burst: int = DNS_QUERIES_BURST
 
     def fitted(self, descriptors: int) -> Limits:
         """These limits with the whole-gate cap no larger than ``descriptors`` can carry."""
@@ -72,4 +80,10 @@ class RateLimiter:
                 del self._buckets[key]
 
 
-__all__ = ["DESCRIPTOR_RESERVE", "Limits", "RateLimiter"]
+__all__ = [
+    "DESCRIPTOR_RESERVE",
+    "DNS_QUERIES_BURST",
+    "DNS_QUERIES_PER_SECOND",
+    "Limits",
+    "RateLimiter",
+]

@@ -4,7 +4,14 @@ DNS is a channel out of the sandbox even when no connection is allowed: ``<data>
 reaches the attacker's name server through any recursive resolver. So a name is decided *before*
 anything is sent upstream, and a name the policy does not allow never produces an upstream query.
 What each query is answered is :mod:`proxy.destinations.dnsanswer`; this module serves the gate's
-listeners, over UDP and TCP, with the sizes and concurrency bounded (threat 13).
+listeners, over UDP and TCP, with the sizes, concurrency and rate bounded (threat 13).
+
+The rate is per client address (a token bucket, :class:`proxy.core.limits.RateLimiter`, as for new
+connections): a refused question costs the gate no upstream query but still a decision and a record,
+so a sandbox sending tens of thousands a second would take the CPU of a shared gate and fill its
+journal. A question over the rate is dropped unanswered, before it is parsed, and the client's
+drops are recorded as one ``rate-limit`` decision at most every RECORD_INTERVAL seconds (a record
+per dropped question would be the flood the limit stops).
 
 dnspython, which parses and answers the queries, is imported at the first query in a thread (the loop
 keeps serving meanwhile), or at start with :meth:`DnsGate.warm`: ``egress run`` starts a private gate
@@ -21,6 +28,7 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
+from proxy.core.limits import DNS_QUERIES_BURST, DNS_QUERIES_PER_SECOND, RateLimiter
 from proxy.runtime import sockio
 from proxy.runtime.lazy import LazyImport
 
@@ -34,6 +42,8 @@ __all__ = ["SHARED_INFLIGHT_PER_CLIENT", "SHARED_TCP_PER_CLIENT", "DnsGate"]
 
 log = logging.getLogger(__name__)
 WARN_INTERVAL = 1.0  # seconds between two warnings about dropped queries
+RECORD_INTERVAL = 1.0  # seconds between two records of one client's questions over the rate
+MAX_RECORDED_CLIENTS = 10_000  # clients whose last rate-limit record is remembered (then forgotten)
 
 MAX_QUERY = 4096  # octets; real queries are < 300, anything bigger is abuse
 # A gate shared by many sandboxes (``egress serve --dns-listen``): what one client address may hold
@@ -60,6 +70,9 @@ class DnsGate:
     --sandboxes --dns-listen``) cannot tell which one asks: a name is answered only where every one
     of them allows it, and an address only where every one of them may reach it (else a sandbox
     whose own policy refuses ``*.wide.example`` could still send data upstream in its labels).
+
+    ``queries_per_second`` and ``queries_burst``: the questions one client address may ask (0:
+    no limit); see the module docstring.
     """
 
     def __init__(
@@ -76,6 +89,8 @@ class DnsGate:
         max_inflight_per_client: int | None = None,
         max_tcp_per_client: int | None = None,
         also: Callable[[], list[Policy]] | None = None,
+        queries_per_second: float = DNS_QUERIES_PER_SECOND,
+        queries_burst: int = DNS_QUERIES_BURST,
     ) -> None:
         self.policy = policy
         self.also = also
@@ -97,6 +112,9 @@ class DnsGate:
         self._servers: list[asyncio.Server] = []
         self._transports: list[asyncio.DatagramTransport] = []
         self._answerer: Answerer | None = None
+        self._rate = RateLimiter(queries_per_second, queries_burst)
+        self._over: dict[str, tuple[float, int]] = {}  # client -> (last record, dropped since)
+        self._rate_warned = float("-inf")
 
     # --- one query -------------------------------------------------------------------------------
 
@@ -180,7 +198,11 @@ class DnsGate:
 
     def close(self) -> None:
         """Stop accepting and cancel every query in flight; say how many were dropped since the
-        last warning said so."""
+        last warning said so, and record the questions over the rate no record counted yet."""
+        over, self._over = self._over, {}
+        for client, (_, dropped) in over.items():
+            if dropped:
+                self._record_over_rate(client, dropped)
         if self._dropped:
             log.warning(
                 "DNS gate: dropped %d more queries over the in-flight caps before it closed",
@@ -204,6 +226,8 @@ class DnsGate:
         self._transports.clear()
 
     def _datagram(self, transport: asyncio.DatagramTransport, wire: bytes, addr: Any) -> None:
+        if not self._within_rate(addr):
+            return
         if len(self._tasks) >= self.max_inflight or not self._take(addr, 0):
             self._drop(addr)
             return
@@ -212,6 +236,42 @@ class DnsGate:
         task.add_done_callback(self._tasks.discard)
         if self.max_inflight_per_client is not None:
             task.add_done_callback(lambda _t: self._give_back(addr, 0))
+
+    def _within_rate(self, addr: Any) -> bool:
+        """Whether the client at ``addr`` may ask one more question now; when not, the question
+        is counted as dropped and, at most every RECORD_INTERVAL, the drops are recorded."""
+        client = str(addr[0]) if addr else "unknown"
+        if self._rate.allow(client):
+            return True
+        now = asyncio.get_running_loop().time()
+        last, dropped = self._over.get(client, (float("-inf"), 0))
+        dropped += 1
+        if now - last < RECORD_INTERVAL:
+            self._over[client] = (last, dropped)
+            return False
+        if len(self._over) >= MAX_RECORDED_CLIENTS:
+            self._over.clear()
+        self._over[client] = (now, 0)
+        self._record_over_rate(client, dropped)
+        if now - self._rate_warned >= WARN_INTERVAL:
+            log.warning("DNS gate: questions from %s over the rate are dropped", client)
+            self._rate_warned = now
+        return False
+
+    def _record_over_rate(self, client: str, dropped: int) -> None:
+        from proxy.core.decision import Kind, Reason, Request
+        from proxy.core.engine import refuse
+
+        rate = self._rate
+        request = Request(kind=Kind.DNS, host="", client=client, sandbox_id=self.sandbox_id)
+        detail = (
+            f"more than {rate.rate:g} DNS questions a second (burst {rate.burst:g}) from this "
+            f"client: {dropped} dropped unanswered since the last such record"
+        )
+        try:
+            self.emitter.emit(refuse(request, self.policy(), Reason.RATE_LIMIT, detail))
+        except Exception:  # dropped either way
+            log.exception("DNS gate: the record of questions over the rate could not be made")
 
     def _take(self, addr: Any, which: int) -> bool:
         """Whether the client at ``addr`` may hold one more UDP question (``which`` 0) or TCP
@@ -277,6 +337,8 @@ class DnsGate:
                 if size == 0 or size > MAX_QUERY:
                     break
                 wire = await asyncio.wait_for(reader.readexactly(size), self.tcp_idle_timeout)
+                if not self._within_rate(peer):
+                    break  # over the rate: closed, the rest of its questions unread
                 reply = await self.handle(wire, client, "tcp")
                 if reply is None:
                     break

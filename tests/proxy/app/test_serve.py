@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import dns.exception
 import dns.message
 import dns.query
 import dns.rcode
@@ -143,6 +144,55 @@ def test_dns_listener_answers_allowed_names_and_leaks_nothing(policy: Path, fake
         assert fake.queries == []  # neither the refused name nor the TXT query went upstream
     finally:
         assert serve.stop() == 0
+
+
+def test_the_dns_listener_drops_one_clients_questions_over_its_rate(
+    policy: Path, fake: FakeDns
+) -> None:
+    """``--max-dns-queries-per-second`` and ``--dns-queries-burst`` reach the shared DNS gate: a
+    client past its burst is answered no more (nothing asked upstream), another client still is.
+    (One question in a thousand seconds: no token comes back while the test runs.)"""
+    serve = Serve(
+        "--policy", str(policy), "--dns-listen", "127.0.0.1:0", "--nameserver", fake.nameserver,
+        "--max-dns-queries-per-second", "0.001", "--dns-queries-burst", "2",
+    )  # fmt: skip
+    query = dns.message.make_query("pkgs.test", "A")
+    try:
+        host, port = serve.info["dns"].rsplit(":", 1)
+        for address, answered in (("127.0.0.2", [True, True, False]), ("127.0.0.3", [True])):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.bind((address, 0))
+                for expected in answered:
+                    sock.settimeout(WAIT if expected else 1)  # dnspython waits on the socket
+                    try:
+                        dns.query.udp(query, host, port=int(port), timeout=WAIT, sock=sock)
+                        got = True
+                    except (TimeoutError, dns.exception.Timeout):
+                        got = False
+                    assert got == expected, (address, answered)
+        assert len(fake.queries) <= 3
+    finally:
+        assert serve.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--max-dns-queries-per-second", "-1", "must not be negative"),
+        ("--dns-queries-burst", "0", "must be at least 1"),
+    ],
+)
+def test_a_bad_dns_rate_stops_serve_before_it_starts(
+    policy: Path, flag: str, value: str, message: str
+) -> None:
+    done = subprocess.run(
+        [EGRESS, "serve", "--policy", str(policy), "--listen", "127.0.0.1:0", flag, value],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=60,
+    )
+    assert done.returncode != 0 and flag in done.stderr and message in done.stderr, done.stderr
 
 
 def test_one_sandbox_cannot_hold_every_tcp_connection_of_the_shared_dns_gate(

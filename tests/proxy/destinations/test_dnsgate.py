@@ -113,6 +113,9 @@ class GateEnv:
         return list(self.sink.decisions)
 
     def close(self) -> None:
+        if self.loop.is_closed():  # closed by its test already
+            return
+
         async def stop() -> None:
             self.gate.close()
             await self.gate.wait_closed()
@@ -646,11 +649,15 @@ def test_what_a_flood_dropped_since_the_last_warning_is_said_when_the_gate_close
     assert "dropped 1 " in warnings[0] and "dropped 243 more" in warnings[1]
 
 
-def test_one_tcp_connections_pipelined_queries_do_not_hold_the_gate(env: GateEnv) -> None:
+def test_one_tcp_connections_pipelined_queries_do_not_hold_the_gate(
+    make_env: Callable[..., GateEnv],
+) -> None:
     """Queries already buffered are read without a wait and a refused name waits for no upstream:
     without a turn of the loop every few of them, one connection's pipelined queries would all be
     answered before another client's (every sandbox of a shared gate stalled for seconds). The
-    loop is held while the flood is written, so all of it is buffered when the gate reads."""
+    loop is held while the flood is written, so all of it is buffered when the gate reads. (The
+    rate limit is off: it would end this flood before the turns are seen; its own tests follow.)"""
+    env = make_env(queries_per_second=0)
     count = 4000
     wire = b"".join(
         len(q).to_bytes(2, "big") + q
@@ -788,3 +795,90 @@ def test_a_gate_shared_by_several_policies_answers_only_what_every_one_allows(
     assert fake.count("data.allowed.test") == 0
     assert addresses(screened) == ["203.0.113.4"]  # the narrow one does not
     assert sink.decisions[1].reason is Reason.NO_MATCHING_RULE
+
+
+# --- the rate of questions per client ---------------------------------------------------------
+
+
+def _answered(sock: socket.socket, quiet: float = 1.0) -> int:
+    """Answers that reach ``sock`` until none has come for ``quiet`` seconds (bounded): call it
+    once the gate has recorded every decision it will answer, so none is still to come."""
+    sock.settimeout(quiet)
+    got = 0
+    for _ in range(10_000):
+        try:
+            sock.recv(4096)
+        except TimeoutError:
+            return got
+        got += 1
+    return got
+
+
+def test_questions_over_the_rate_are_dropped_unasked_and_recorded_once(
+    make_env: Callable[..., GateEnv], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client flooding the gate with questions (a refused name costs no upstream query but a
+    decision and a record each) gets its burst answered and the rest dropped before they are
+    read: nothing more goes upstream, and the drops are one ``rate-limit`` record, not one each.
+    Another client is answered meanwhile. (A rate of one question in a thousand seconds: no token
+    comes back while the test runs, whatever the machine's speed.)"""
+    monkeypatch.setattr(dnsgate, "RECORD_INTERVAL", 3600.0)
+    env = make_env(queries_per_second=0.001, queries_burst=5)
+    env.fake.set("a.allowed.test", "A", ["203.0.113.1"])
+    with _from("127.0.0.2", socket.SOCK_DGRAM) as flood:
+        for _ in range(30):
+            flood.sendto(dns.message.make_query("a.allowed.test", "A").to_wire(), env.udp)
+        # each answer is sent as its decision is recorded: wait for those, then read them
+        assert wait_until(lambda: len([d for d in env.decisions if d.client == "127.0.0.2"]) >= 6)
+        assert _answered(flood) == 5
+    assert len(env.fake.queries) <= 5
+    with _from("127.0.0.3", socket.SOCK_DGRAM) as other:
+        q = dns.message.make_query("a.allowed.test", "A")
+        answer = dns.query.udp(q, env.udp[0], port=env.udp[1], timeout=WAIT, sock=other)
+        assert addresses(answer) == ["203.0.113.1"]
+    flooded = [d for d in env.decisions if d.client == "127.0.0.2"]
+    limited = [d for d in flooded if d.reason is Reason.RATE_LIMIT]
+    assert len(flooded) == 6 and len(limited) == 1, flooded
+    assert limited[0].decision is Verdict.DENY and limited[0].kind is Kind.DNS
+    assert limited[0].sandbox_id == "sbx-1" and "1 dropped" in (limited[0].detail or "")
+    # what was dropped since that record is recorded as the gate closes, not lost
+    env.close()
+    recorded = [d for d in env.sink.decisions if d.reason is Reason.RATE_LIMIT]
+    assert len(recorded) == 2 and "24 dropped" in (recorded[1].detail or "")
+
+
+def test_a_tcp_client_over_the_rate_is_closed_with_its_questions_unread(
+    make_env: Callable[..., GateEnv],
+) -> None:
+    env = make_env(queries_per_second=0.001, queries_burst=3)
+    wire = b"".join(
+        len(q).to_bytes(2, "big") + q
+        for q in (dns.message.make_query(f"q{i}.attacker.test", "A").to_wire() for i in range(10))
+    )
+    with _from("127.0.0.2", socket.SOCK_STREAM) as flood:
+        flood.connect(env.tcp)
+        flood.sendall(wire)
+        got = b""
+        for _ in range(100):
+            chunk = flood.recv(1 << 16)
+            if not chunk:
+                break
+            got += chunk
+    answers = 0
+    while len(got) >= 2:
+        got = got[2 + int.from_bytes(got[:2], "big") :]
+        answers += 1
+    assert answers == 3
+    hosts = [d.host for d in env.decisions if d.client == "127.0.0.2"]
+    assert hosts == ["q0.attacker.test", "q1.attacker.test", "q2.attacker.test", ""]
+    assert env.fake.queries == []
+
+
+def test_no_rate_is_kept_when_it_is_off(make_env: Callable[..., GateEnv]) -> None:
+    env = make_env(queries_per_second=0, queries_burst=1)
+    with _from("127.0.0.2", socket.SOCK_DGRAM) as client:
+        for i in range(20):
+            client.sendto(dns.message.make_query(f"q{i}.attacker.test", "A").to_wire(), env.udp)
+        assert wait_until(lambda: len(env.decisions) >= 20)
+        assert _answered(client) == 20
+    assert not [d for d in env.decisions if d.reason is Reason.RATE_LIMIT]
