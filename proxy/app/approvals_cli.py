@@ -298,12 +298,14 @@ def _summary(approval: dict[str, Any]) -> str:
         return escape(str(approval.get("what", "?")), 200)
     method = method if isinstance(method, str) else None
     query = approval.get("query") or "" if approval.get("query_id") else None
+    size = approval.get("query_bytes")
     return summary(
         host,
         port,
         method,
         path if isinstance(path, str) else None,
         query if isinstance(query, str) else None,
+        size if isinstance(size, int) else None,
     )
 
 

@@ -4,6 +4,7 @@ evidence flags) is imported here, so ``egress --help`` stays fast."""
 from __future__ import annotations
 
 import argparse
+import math
 
 TYPE_CHECKING = False  # typing's constant without importing typing: see docs/startup.md
 if TYPE_CHECKING:
@@ -228,8 +229,9 @@ def limits_from(args: argparse.Namespace) -> Any:
         ("--request-timeout", args.request_timeout),
         ("--idle-timeout", args.idle_timeout),
     ):
-        if number < 0:
-            raise ValueError(f"{flag} must not be negative, not {number:g}")
+        # NaN compares false with everything: read as a limit, it would be no limit at all
+        if not math.isfinite(number) or number < 0:
+            raise ValueError(f"{flag} must be a finite number, not negative, not {number:g}")
     return Limits(
         max_connections=args.max_connections,
         max_connections_per_client=args.max_connections_per_client,

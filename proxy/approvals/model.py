@@ -9,6 +9,7 @@ never widen it, and a grant covers exactly one subject.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import secrets
 import time
@@ -75,11 +76,13 @@ class Subject:
     the rest; one bound to git, one to every other process), and an answer to one is no answer to
     the other. A subject stored without them (an older gate's grant) matches no request.
 
-    A per-request subject is about the request's exact query too (``query_id``, a digest: the query
-    itself may carry values the records scrub): a request with the same method and path but another
-    query, which may carry anything, is another question and never joins an approval it was not
-    shown on. ``query`` is what people and the reviewer are shown of it (as decisions record it). A
-    session grant is about the method and path (:meth:`granted`): it covers them with any query."""
+    A per-request subject is about the request's exact query too (``query_id``, a keyed digest: the
+    query itself may carry values the records scrub): a request with the same method and path but
+    another query, which may carry anything, is another question and never joins an approval it was
+    not shown on. ``query`` is what people and the reviewer are shown of it (as decisions record
+    it) and ``query_bytes`` the size of the query sent (two approvals shown alike differ there when
+    only their values differ, and a long value is a sign of data leaving). A session grant is about
+    the method and path (:meth:`granted`): it covers them with any query."""
 
     sandbox: str
     host: str
@@ -90,6 +93,7 @@ class Subject:
     review: str | None = None
     query: str | None = None
     query_id: str | None = None
+    query_bytes: int | None = None
 
     @classmethod
     def of(
@@ -106,10 +110,16 @@ class Subject:
         host). ``methods``: every method the request was judged as (its own first, then the
         overrides it carries); the approval is about what the server will do, so an override is
         part of it. ``review``: the asking rule's (``human`` or ``auto``). ``query``: the request's
-        query exactly as sent (None: it had none), of which only a digest is kept."""
+        query exactly as sent (None: it had none), of which only a digest and its size are kept.
+        A request recorded with a query whose exact form was not given is a question of its own
+        (a digest of the recorded form would join requests whose values differ)."""
         per_request = per_request or decision.kind not in HOST_KINDS
-        if per_request and query is None and decision.query is not None:
-            query = decision.query  # no exact query given: the recorded one is all there is
+        if not per_request or (query is None and decision.query is None):
+            query_id, size = None, None
+        elif query is None:
+            query_id, size = f"unmatched-{secrets.token_hex(16)}", None
+        else:
+            query_id, size = query_digest(query), len(query.encode("utf-8", "surrogateescape"))
         return cls(
             sandbox=decision.sandbox_id or ANONYMOUS,
             host=decision.host,
@@ -118,8 +128,9 @@ class Subject:
             path=decision.path if per_request else None,
             rule=decision.rule,
             review=review,
-            query=decision.query if per_request and query is not None else None,
-            query_id=query_digest(query) if per_request and query is not None else None,
+            query=decision.query if query_id is not None else None,
+            query_id=query_id,
+            query_bytes=size,
         )
 
     @property
@@ -144,24 +155,41 @@ class Subject:
 
     def granted(self) -> Subject:
         """What a session grant of this subject is about: its method and path with any query."""
-        return replace(self, query=None, query_id=None)
+        return replace(self, query=None, query_id=None, query_bytes=None)
 
     def describe(self) -> str:
         where = join_authority(self.host, self.port)
         if self.method is None:
             return where
         shown = f"{self.method} {where}{self.path or ''}"
-        return shown if self.query_id is None else f"{shown}?{self.query or ''}"
+        if self.query_id is None:
+            return shown
+        return f"{shown}?{self.query or ''}{_sent(self.query, self.query_bytes)}"
 
     def summary(self) -> str:
         """:meth:`describe` for one line of a terminal (see :func:`summary`)."""
         query = None if self.query_id is None else self.query or ""
-        return summary(self.host, self.port, self.method, self.path, query)
+        return summary(self.host, self.port, self.method, self.path, query, self.query_bytes)
+
+
+# The key of query digests: a digest anyone could compute would give away a short value the
+# records scrub (a six-digit code is found by trying them all). Per process: replicas sharing a
+# store do not join each other's approvals of a request with a query (each asks its own), and a
+# pending approval does not outlive its gate's wait for it anyway.
+_QUERY_KEY = secrets.token_bytes(32)
 
 
 def query_digest(query: str) -> str:
     """A query's digest, as a subject keeps it: equal only for the same query, byte for byte."""
-    return hashlib.sha256(query.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    data = query.encode("utf-8", "surrogateescape")
+    return hmac.new(_QUERY_KEY, data, hashlib.sha256).hexdigest()[:32]
+
+
+def _sent(shown: str | None, size: int | None) -> str:
+    """`` (N bytes sent)`` when the query shown is not the query sent (values not recorded)."""
+    if size is None or len((shown or "").encode("utf-8", "surrogateescape")) == size:
+        return ""
+    return f" ({size} bytes sent)"
 
 
 def summary(
@@ -170,6 +198,7 @@ def summary(
     method: str | None = None,
     path: str | None = None,
     query: str | None = None,
+    query_bytes: int | None = None,
 ) -> str:
     """What an approval is about, on one terminal line: printable ASCII, each part escaped and bounded
     on its own. The sandbox chooses the method's length (an override is any token, as long as the
@@ -181,7 +210,9 @@ def summary(
     if method is None:
         return where
     shown = f"{escape(method, SHOWN_METHOD)} {where}{escape(path or '', SHOWN_PATH)}"
-    return shown if query is None else f"{shown}?{escape(query, SHOWN_QUERY)}"
+    if query is None:
+        return shown
+    return f"{shown}?{escape(query, SHOWN_QUERY)}{_sent(query, query_bytes)}"
 
 
 def _method(method: str | None, judged: Sequence[str]) -> str | None:
@@ -264,6 +295,7 @@ class Approval:
             path=self.subject.path,
             query=self.subject.query,
             query_id=self.subject.query_id,
+            query_bytes=self.subject.query_bytes,
             what=self.subject.describe(),
         )
         return out
@@ -280,6 +312,7 @@ class Approval:
             review=data.get("review"),
             query=data.get("query"),
             query_id=data.get("query_id"),
+            query_bytes=data.get("query_bytes"),
         )
         return cls(
             id=str(data["id"]),
@@ -314,7 +347,13 @@ class Grant:
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
-        out["subject"] = asdict(self.subject)
+        # A grant is about no query: the fields are left out, so a replica that predates them
+        # (sharing the store during an upgrade) still reads the grant.
+        subject = asdict(self.subject)
+        for name in ("query", "query_id", "query_bytes"):
+            if subject.get(name) is None:
+                subject.pop(name, None)
+        out["subject"] = subject
         return out
 
     @classmethod

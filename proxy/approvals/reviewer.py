@@ -168,7 +168,10 @@ def review_input(approval: Approval, recent: list[dict[str, Any]]) -> dict[str, 
             **(
                 {}
                 if subject.query_id is None
-                else {"query": clip(subject.query or "", SHOWN_QUERY)}
+                else {
+                    "query": clip(subject.query or "", SHOWN_QUERY),
+                    "query_bytes": subject.query_bytes,  # of the query sent: values included
+                }
             ),
         },
         "sandbox": {

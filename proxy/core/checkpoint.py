@@ -967,7 +967,6 @@ class Checkpoint:
         return None
 
 
-@functools.lru_cache(maxsize=4096)
 def _exact_query(request: Request) -> str | None:
     """The request's query as it was sent (None when its target has no ``?``)."""
     if request.http is None:
@@ -976,6 +975,7 @@ def _exact_query(request: Request) -> str | None:
     return query if mark else None
 
 
+@functools.lru_cache(maxsize=4096)
 def _dial_key(host: str) -> str | None:
     """The canonical spelling ``dial_target`` looks ``host`` up by (None: not a valid host); a
     pure function of the host, asked on every request of a kept-alive connection."""

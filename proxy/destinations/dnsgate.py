@@ -10,8 +10,9 @@ The rate is per client address (a token bucket, :class:`proxy.core.limits.RateLi
 connections): a refused question costs the gate no upstream query but still a decision and a record,
 so a sandbox sending tens of thousands a second would take the CPU of a shared gate and fill its
 journal. A question over the rate is dropped unanswered, before it is parsed, and the client's
-drops are recorded as one ``rate-limit`` decision at most every RECORD_INTERVAL seconds (a record
-per dropped question would be the flood the limit stops).
+drops are recorded as one ``rate-limit`` decision about every RECORD_INTERVAL seconds while they
+last, the last ones when the flood stops or the gate closes (a record per dropped question would
+be the flood the limit stops).
 
 dnspython, which parses and answers the queries, is imported at the first query in a thread (the loop
 keeps serving meanwhile), or at start with :meth:`DnsGate.warm`: ``egress run`` starts a private gate
@@ -115,6 +116,7 @@ class DnsGate:
         self._rate = RateLimiter(queries_per_second, queries_burst)
         self._over: dict[str, tuple[float, int]] = {}  # client -> (last record, dropped since)
         self._rate_warned = float("-inf")
+        self._flushing: asyncio.TimerHandle | None = None
 
     # --- one query -------------------------------------------------------------------------------
 
@@ -199,6 +201,9 @@ class DnsGate:
     def close(self) -> None:
         """Stop accepting and cancel every query in flight; say how many were dropped since the
         last warning said so, and record the questions over the rate no record counted yet."""
+        if self._flushing is not None:
+            self._flushing.cancel()
+            self._flushing = None
         over, self._over = self._over, {}
         for client, (_, dropped) in over.items():
             if dropped:
@@ -243,20 +248,43 @@ class DnsGate:
         client = str(addr[0]) if addr else "unknown"
         if self._rate.allow(client):
             return True
-        now = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         last, dropped = self._over.get(client, (float("-inf"), 0))
         dropped += 1
         if now - last < RECORD_INTERVAL:
+            # recorded a moment ago: counted, and recorded by the next flush
             self._over[client] = (last, dropped)
-            return False
-        if len(self._over) >= MAX_RECORDED_CLIENTS:
-            self._over.clear()
-        self._over[client] = (now, 0)
-        self._record_over_rate(client, dropped)
-        if now - self._rate_warned >= WARN_INTERVAL:
-            log.warning("DNS gate: questions from %s over the rate are dropped", client)
-            self._rate_warned = now
+        else:
+            if len(self._over) >= MAX_RECORDED_CLIENTS:
+                self._flush_over(forget=True)
+            self._over[client] = (now, 0)
+            self._record_over_rate(client, dropped)
+            if now - self._rate_warned >= WARN_INTERVAL:
+                log.warning("DNS gate: questions from %s over the rate are dropped", client)
+                self._rate_warned = now
+        if self._flushing is None:
+            self._flushing = loop.call_later(RECORD_INTERVAL, self._flush_over)
         return False
+
+    def _flush_over(self, *, forget: bool = False) -> None:
+        """Records what each client dropped since its last record, and forgets the clients with
+        nothing left to record (all of them with ``forget``); runs every RECORD_INTERVAL while a
+        client is over the rate, so a flood that stops has its last drops recorded too."""
+        self._flushing = None
+        now = asyncio.get_running_loop().time()
+        for client, (last, dropped) in list(self._over.items()):
+            if dropped:
+                self._record_over_rate(client, dropped)
+                self._over[client] = (now, 0)
+            elif forget or now - last >= RECORD_INTERVAL:
+                del self._over[client]
+        if forget:
+            self._over.clear()
+        elif self._over:
+            self._flushing = asyncio.get_running_loop().call_later(
+                RECORD_INTERVAL, self._flush_over
+            )
 
     def _record_over_rate(self, client: str, dropped: int) -> None:
         from proxy.core.decision import Kind, Reason, Request

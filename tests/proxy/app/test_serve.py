@@ -178,11 +178,13 @@ def test_the_dns_listener_drops_one_clients_questions_over_its_rate(
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [
-        ("--max-dns-queries-per-second", "-1", "must not be negative"),
+        ("--max-dns-queries-per-second", "-1", "not negative"),
+        ("--max-dns-queries-per-second", "nan", "a finite number"),
+        ("--max-new-connections-per-second", "inf", "a finite number"),
         ("--dns-queries-burst", "0", "must be at least 1"),
     ],
 )
-def test_a_bad_dns_rate_stops_serve_before_it_starts(
+def test_a_bad_rate_stops_serve_before_it_starts(
     policy: Path, flag: str, value: str, message: str
 ) -> None:
     done = subprocess.run(

@@ -69,14 +69,21 @@ def test_a_request_rule_asks_about_the_exact_query_and_shows_it_as_recorded() ->
     assert Subject.of(recorded, per_request=True, query="name=notes.txt") == benign
     assert (benign.query, leak.query) == ("name=", "name=")
     assert "s3cret" not in repr(leak) and "s3cret" not in leak.describe()
-    assert benign.describe() == "POST api.test:443/repo.git/git-receive-pack?name="
+    # shown alike but for the size of the query sent (values are not recorded here)
+    assert benign.describe() == "POST api.test:443/repo.git/git-receive-pack?name= (14 bytes sent)"
+    assert leak.describe().endswith("?name= (11 bytes sent)")
     assert benign.summary() == benign.describe()
+    # recorded with values, the query shown is the query sent: no size is added
+    whole = Subject.of(ask(Kind.HTTP).with_(query="a=1"), per_request=True, query="a=1")
+    assert whole.describe().endswith("git-receive-pack?a=1")
     # a target ending in a bare "?" is not the same request as one without a query
     bare = Subject.of(ask(Kind.HTTP), per_request=True, query="")
     none = Subject.of(ask(Kind.HTTP), per_request=True)
     assert bare.key != none.key and bare.describe().endswith("receive-pack?")
-    # without the exact query, the recorded one is what tells requests apart
-    assert Subject.of(recorded, per_request=True).query_id is not None
+    # without the exact query, a request recorded with one is a question of its own: joined on
+    # the recorded form, requests whose values differ would share one answer
+    unknown = Subject.of(recorded, per_request=True)
+    assert unknown.query == "name=" and unknown.key != Subject.of(recorded, per_request=True).key
     # host rules ask about host and port whatever the query
     assert Subject.of(recorded, query="name=s3cret") == Subject.of(ask(Kind.HTTP))
 
@@ -84,7 +91,7 @@ def test_a_request_rule_asks_about_the_exact_query_and_shows_it_as_recorded() ->
 def test_a_session_grant_is_about_the_method_and_path_with_any_query() -> None:
     subject = Subject.of(ask(Kind.HTTP).with_(query="page="), per_request=True, query="page=2")
     granted = subject.granted()
-    assert (granted.query, granted.query_id) == (None, None)
+    assert (granted.query, granted.query_id, granted.query_bytes) == (None, None, None)
     assert granted == Subject.of(ask(Kind.HTTP), per_request=True)
     # a subject without a query keeps the key it always had (grants stored by an earlier gate)
     assert granted.key == Subject.of(ask(Kind.HTTP), per_request=True).key
@@ -112,4 +119,26 @@ def test_a_long_or_hostile_query_is_escaped_and_bounded_on_a_terminal() -> None:
     line = subject.summary()
     assert "\x1b" not in line and line.isprintable()
     assert line.startswith("POST api.test:443/repo.git/git-receive-pack?")
-    assert len(line) < len("POST api.test:443/repo.git/git-receive-pack?") + SHOWN_QUERY + 10
+    assert len(line) < len("POST api.test:443/repo.git/git-receive-pack?") + SHOWN_QUERY + 40
+
+
+def test_the_digest_of_a_query_gives_no_value_away() -> None:
+    """The digest is shown (admin API, event stream, webhook, stores): computed without a key, a
+    short value the records scrub would be found by trying every value (``otp=482913``)."""
+    import hashlib
+
+    from proxy.approvals.model import query_digest
+
+    assert query_digest("otp=482913") == query_digest("otp=482913")
+    assert query_digest("otp=482913") != query_digest("otp=482914")
+    for guess in ("otp=482913",):
+        assert query_digest("otp=482913") != hashlib.sha256(guess.encode()).hexdigest()[:32]
+
+
+def test_a_grant_is_stored_without_the_query_fields_an_earlier_gate_cannot_read() -> None:
+    from proxy.approvals.model import Grant
+
+    subject = Subject.of(ask(Kind.HTTP).with_(query="page="), per_request=True, query="page=2")
+    stored = Grant(subject.granted(), "a1", "alice", 2000.0).to_json()
+    assert not {"query", "query_id", "query_bytes"} & set(stored["subject"])
+    assert Grant.from_json(stored).subject == subject.granted()

@@ -169,6 +169,7 @@ def test_the_reviewer_sees_the_query_of_a_request_it_is_asked_about() -> None:
     subject = Subject.of(decision, query="name=a&to=b")
     given = review_input(Approval.open(decision, subject, "auto", 60, 1000.0), [])
     assert given["request"]["query"] == "name=&to=" and "query_id" not in str(given)
+    assert given["request"]["query_bytes"] == len("name=a&to=b")
     assert "query" not in review_input(_connect_approval(), [])["request"]
 
 

@@ -847,6 +847,29 @@ def test_questions_over_the_rate_are_dropped_unasked_and_recorded_once(
     assert len(recorded) == 2 and "24 dropped" in (recorded[1].detail or "")
 
 
+def test_the_last_drops_of_a_flood_are_recorded_once_it_stops(
+    make_env: Callable[..., GateEnv], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only when the gate closes: a shared gate runs for weeks."""
+    monkeypatch.setattr(dnsgate, "RECORD_INTERVAL", 0.2)
+    env = make_env(queries_per_second=0.001, queries_burst=1)
+    with _from("127.0.0.2", socket.SOCK_DGRAM) as flood:
+        for i in range(10):
+            flood.sendto(dns.message.make_query(f"q{i}.attacker.test", "A").to_wire(), env.udp)
+
+        def dropped() -> int:
+            counts = [
+                int((d.detail or "").split(": ")[-1].split()[0])
+                for d in env.decisions
+                if d.reason is Reason.RATE_LIMIT
+            ]
+            return sum(counts)
+
+        assert wait_until(lambda: dropped() == 9), env.decisions
+    # nothing left to record: the client is forgotten an interval later
+    assert wait_until(lambda: not env.gate._over)
+
+
 def test_a_tcp_client_over_the_rate_is_closed_with_its_questions_unread(
     make_env: Callable[..., GateEnv],
 ) -> None:

@@ -89,7 +89,11 @@
     field(facts, "Path", a.path, "mono");
     // The query as decisions record it (names only unless values are recorded): a request with
     // another query is another approval.
-    field(facts, "Query", a.query_id ? "?" + (a.query || "") : null, "mono");
+    let query = a.query_id ? "?" + (a.query || "") : null;
+    if (query !== null && Number.isInteger(a.query_bytes) && a.query_bytes !== (a.query || "").length) {
+      query += " (" + a.query_bytes + " bytes sent; values not recorded)";
+    }
+    field(facts, "Query", query, "mono");
     field(facts, "Rule", a.rule ? a.rule + (a.review === "auto" ? " (reviewer may answer)" : "") : null, "mono");
     const age = el("dd", { className: "age" });
     const left = el("dd", { className: "left" });
