@@ -3,6 +3,14 @@
 The OTLP export process follows the journal this way, so events wait *on disk* while the collector is
 down: the follower simply stops reading until the exporter has room again, and the backlog is bounded by
 the journal itself.
+
+A record can be taken back after it was read: with ``--journal-fsync always`` a line whose ``fsync``
+fails is truncated away (the decision it recorded did not stand: its allow became a deny), and the next
+record is written where it was. Each record names the hash of the one before (``prev``), so the
+follower sees it: the next line does not chain to the last one it handed out, or the file ends before
+it. It then checks that last line where it read it and, if it is gone, hands out a
+``egress.journal.retracted`` record naming it and reads on from where it was (without this, the export
+sent the allow and lost the next record, read from its middle).
 """
 
 from __future__ import annotations
@@ -22,10 +30,23 @@ log = logging.getLogger(__name__)
 _DECODER = json.JSONDecoder()  # json.loads's own decoder, called on text directly
 
 
+RETRACTED_EVENT = "egress.journal.retracted"
+
+
 @dataclass
 class _Position:
     ino: int
     offset: int
+
+
+@dataclass
+class _Handed:
+    """The last record handed out: where it was read, its bytes, and its chain fields."""
+
+    ino: int
+    start: int
+    raw: bytes
+    record: dict[str, Any]
 
 
 class JournalFollower:
@@ -48,6 +69,7 @@ class JournalFollower:
         self.seq = seq  # last seq handed out
         self._fd: int | None = None
         self._pos: _Position | None = None
+        self._last: _Handed | None = None
         self._start_offset = offset
         if fd is not None:
             self._fd = fd
@@ -104,6 +126,8 @@ class JournalFollower:
                 break
             size *= 2
         if end < 0:
+            if not data and self._last is not None and self._truncated():
+                return self._retracted()
             return []
         chunk = data[: end + 1]
         # A journal is ASCII (its encoding escapes the rest): decoded once, a character is a byte,
@@ -115,20 +139,83 @@ class JournalFollower:
         parse = _DECODER.decode if ascii_text is not None else json.loads
         out: list[dict[str, Any]] = []
         consumed = 0
+        last: tuple[int, str | bytes, dict[str, Any]] | None = None
         for raw in lines[:-1]:
             start = self._pos.offset + consumed
             consumed += len(raw) + 1
             try:
                 obj = parse(raw)  # type: ignore[arg-type]
             except ValueError:
+                if not out and self._last is not None and self._gone():
+                    return self._retracted()
                 log.error("journal follower: unparseable line at %s byte %d", self.path, start)
                 continue
-            if isinstance(obj, dict):
-                out.append(obj)
+            if not isinstance(obj, dict):
+                continue
+            if not out and self._last is not None and not self._chains(obj) and self._gone():
+                return self._retracted()
+            out.append(obj)
+            last = (start, raw, obj)
             if len(out) >= limit:
                 break
         self._pos.offset += consumed
+        if last is not None:
+            start, raw, obj = last
+            data = raw.encode("ascii") if isinstance(raw, str) else raw
+            self._last = _Handed(self._pos.ino, start, data + b"\n", obj)
         return out
+
+    def _chains(self, record: dict[str, Any]) -> bool:
+        """Whether ``record`` follows the last one handed out (records without the chain's fields,
+        written by hand, are taken as they come)."""
+        assert self._last is not None
+        prev, expected = record.get("prev"), self._last.record.get("hash")
+        return prev is None or expected is None or prev == expected
+
+    def _truncated(self) -> bool:
+        """The file now ends before what was read of it (checked when a read finds nothing)."""
+        assert self._fd is not None and self._pos is not None and self._last is not None
+        if self._last.start < 0 or self._last.ino != self._pos.ino:
+            return False
+        return os.fstat(self._fd).st_size < self._pos.offset
+
+    def _gone(self) -> bool:
+        """Whether the last record handed out is no longer where it was read (in this file)."""
+        assert self._fd is not None and self._pos is not None and self._last is not None
+        handed = self._last
+        if handed.start < 0 or handed.ino != self._pos.ino:
+            return False  # only its hash is known, or it was read from another (rotated) file
+        return os.pread(self._fd, len(handed.raw), handed.start) != handed.raw
+
+    def _retracted(self) -> list[dict[str, Any]]:
+        """The last record handed out was taken back: a record saying so, and the reading goes on
+        from where it was (the record written there since chains to the one before it)."""
+        assert self._pos is not None and self._last is not None
+        handed, self._last = self._last, None
+        gone = handed.record
+        log.error(
+            "journal follower: record seq %s at %s byte %d was taken back by the journal after it "
+            "was read (its write could not be made durable); reading on from there",
+            gone.get("seq"),
+            self.path,
+            handed.start,
+        )
+        self._pos.offset = handed.start
+        if isinstance(gone.get("prev"), str):  # the next record must chain to the one before it
+            self._last = _Handed(handed.ino, -1, b"", {"hash": gone["prev"]})
+        if isinstance(gone.get("seq"), int):
+            self.seq = gone["seq"] - 1
+        # Named as the record it takes back (its id and seq), so a collector can join the two.
+        retraction: dict[str, Any] = {
+            "event": RETRACTED_EVENT,
+            "ts": time.time(),
+            "seq": gone.get("seq"),
+            "id": gone.get("id"),
+            "detail": "the audit journal took this record back after it was read: its write "
+            "could not be made durable, so what it recorded did not stand (an allow was refused); "
+            "the record with this seq that follows is the one the journal kept",
+        }
+        return [retraction]
 
     def read(self, limit: int = 512) -> list[dict[str, Any]]:
         """Up to ``limit`` new records (possibly none)."""
@@ -142,7 +229,7 @@ class JournalFollower:
                 self._fd = None
                 if self._open_successor():
                     return self.read(limit)
-        if out:
+        if out and out[-1].get("event") != RETRACTED_EVENT:
             self.seq = int(out[-1].get("seq", self.seq))
         return out
 

@@ -25,7 +25,8 @@ fsync policy and its trade-off (``--journal-fsync``):
     leave flushing to the kernel (typically within 30 s). For throughput tests only.
 
 A failed write (disk full, file size limit, permissions, I/O error) leaves no torn line behind (the file is
-truncated back to its previous length), does not advance the chain, counts ``egress_journal_errors_total``
+truncated back to its previous length: a follower that read the line meanwhile sees it taken back,
+:mod:`proxy.evidence.journal.follower`), does not advance the chain, counts ``egress_journal_errors_total``
 and raises :class:`proxy.evidence.emit.AuditUnavailable`; the Emitter turns allows into denies under
 ``--audit-required``. Every later record retries the write, so the journal recovers on its own once space
 is freed. Paths are recorded as received: the journal is local evidence (mode 0600); the OTel export

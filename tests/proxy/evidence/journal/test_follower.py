@@ -122,3 +122,81 @@ def test_a_line_that_does_not_parse_is_skipped_and_the_offsets_stay_exact(
     assert [r["seq"] for r in second] == [3]
     if odd == "utf-8":
         assert first[0]["v"] == "\u00e9"
+
+
+def _records(follower: follower_module.JournalFollower) -> list[dict[str, object]]:
+    """What the follower hands out until it has nothing more (bounded)."""
+    out: list[dict[str, object]] = []
+    for _ in range(100):
+        batch = follower.read(limit=10)
+        if not batch:
+            return out
+        out += batch
+    raise AssertionError("the follower never ran out of records")
+
+
+@pytest.mark.parametrize("then", ["longer", "shorter", "none"])
+def test_a_record_the_journal_takes_back_after_it_was_read_is_retracted_and_none_is_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, then: str
+) -> None:
+    """``--journal-fsync always``: the export process read an allow whose fsync then failed. The
+    journal truncated it (the allow became a deny) and wrote the next record where it was. The
+    follower says the record was taken back, and hands out the next record whole: before, it
+    read on from past the old line, into the middle of the new one (lost, or an unparseable
+    line)."""
+    import errno
+    import os
+
+    from proxy.evidence.emit import AuditUnavailable
+
+    path = tmp_path / "audit.jsonl"
+    journal = Journal(path, fsync="always")
+    follower = journal.follow()
+    journal.record(allow(1))
+    assert [r["seq"] for r in follower.read()] == [1]
+    read_in_the_window: list[dict[str, object]] = []
+    real_fsync = os.fsync
+
+    def failing_fsync(fd: int) -> None:
+        read_in_the_window.extend(follower.read())  # the export process, between write and fsync
+        raise OSError(errno.EIO, "I/O error")
+
+    taken_back = allow(2, path="/x" * 10)
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(AuditUnavailable):
+        journal.record(taken_back)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert [r["id"] for r in read_in_the_window] == [taken_back.id]
+
+    kept = {"longer": allow(3, path="/y" * 40), "shorter": allow(3), "none": None}[then]
+    if kept is None:  # nothing written since: the file only ends before what was read
+        retraction, *rest = _records(follower)
+        assert rest == []
+    else:
+        journal.record(kept)
+    last = allow(4)
+    journal.record(last)
+    journal.close()
+    got = _records(follower)
+    follower.close()
+    if kept is not None:
+        retraction, *got = got
+    assert retraction["event"] == follower_module.RETRACTED_EVENT
+    assert (retraction["seq"], retraction["id"]) == (2, taken_back.id)
+    written = [d for d in (kept, last) if d is not None]
+    assert [(r["seq"], r["id"]) for r in got] == [(2 + i, d.id) for i, d in enumerate(written)]
+
+
+def test_a_retraction_becomes_an_otel_event_naming_the_record_it_takes_back() -> None:
+    from proxy.evidence.otel.encoder import LogEncoder
+
+    record = {
+        "event": follower_module.RETRACTED_EVENT,
+        "ts": 1.0,
+        "seq": 7,
+        "id": "abc",
+        "detail": "taken back",
+    }
+    encoded = LogEncoder("1").encode([record])
+    assert encoded.failed == 0 and b"egress.journal.retracted" in encoded.payload
+    assert b"egress.journal.seq" in encoded.payload and b"abc" in encoded.payload
