@@ -18,6 +18,10 @@ from typing import Any
 
 GENESIS = "0" * 64
 CHAIN_KEYS = ("seq", "prev", "hash")
+# The event that takes back a record whose write could not be made durable (what it recorded did not
+# stand): written into the journal when the record could not be removed from it, or made by a
+# follower that had read the record before it was removed (proxy.evidence.journal.follower).
+RETRACTED_EVENT = "egress.journal.retracted"
 
 # check_circular only changes which error a circular record raises (records never are): off, it saves
 # the encoder's bookkeeping for every object it writes.

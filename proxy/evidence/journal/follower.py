@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from proxy.evidence.journal.chain import RETRACTED_EVENT
 from proxy.evidence.journal.files import locate, rotated_files
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 _DECODER = json.JSONDecoder()  # json.loads's own decoder, called on text directly
 
 
-RETRACTED_EVENT = "egress.journal.retracted"
+RECHECK_SECONDS = 2.0  # after a record is handed out, a read that finds nothing checks it is there
 
 
 @dataclass
@@ -47,6 +48,7 @@ class _Handed:
     start: int
     raw: bytes
     record: dict[str, Any]
+    at: float = 0.0  # time.monotonic() when it was handed out
 
 
 class JournalFollower:
@@ -70,6 +72,7 @@ class JournalFollower:
         self._fd: int | None = None
         self._pos: _Position | None = None
         self._last: _Handed | None = None
+        self._quiet_mtime = 0  # the file's mtime when a read last found nothing new
         self._start_offset = offset
         if fd is not None:
             self._fd = fd
@@ -126,7 +129,7 @@ class JournalFollower:
                 break
             size *= 2
         if end < 0:
-            if not data and self._last is not None and self._truncated():
+            if not data and self._last is not None and self._changed_under():
                 return self._retracted()
             return []
         chunk = data[: end + 1]
@@ -152,8 +155,16 @@ class JournalFollower:
                 continue
             if not isinstance(obj, dict):
                 continue
-            if not out and self._last is not None and not self._chains(obj) and self._gone():
-                return self._retracted()
+            if not out and self._last is not None and not self._chains(obj):
+                if self._gone():
+                    return self._retracted()
+                if self._last.ino != self._pos.ino:
+                    log.error(
+                        "journal follower: the first record of %s (seq %s) does not chain to the "
+                        "last one read before the rotation: records may be missing",
+                        self.path,
+                        obj.get("seq"),
+                    )
             out.append(obj)
             last = (start, raw, obj)
             if len(out) >= limit:
@@ -162,7 +173,7 @@ class JournalFollower:
         if last is not None:
             start, raw, obj = last
             data = raw.encode("ascii") if isinstance(raw, str) else raw
-            self._last = _Handed(self._pos.ino, start, data + b"\n", obj)
+            self._last = _Handed(self._pos.ino, start, data + b"\n", obj, time.monotonic())
         return out
 
     def _chains(self, record: dict[str, Any]) -> bool:
@@ -172,12 +183,24 @@ class JournalFollower:
         prev, expected = record.get("prev"), self._last.record.get("hash")
         return prev is None or expected is None or prev == expected
 
-    def _truncated(self) -> bool:
-        """The file now ends before what was read of it (checked when a read finds nothing)."""
+    def _changed_under(self) -> bool:
+        """Checked when a read finds nothing new: whether the last record handed out is gone. The
+        file may end before what was read of it (nothing written since it was taken back), or be
+        as long as before and changed (a record of the same length written where it was): its
+        bytes are read again only then, once per change of a quiet file."""
         assert self._fd is not None and self._pos is not None and self._last is not None
         if self._last.start < 0 or self._last.ino != self._pos.ino:
             return False
-        return os.fstat(self._fd).st_size < self._pos.offset
+        st = os.fstat(self._fd)
+        if st.st_size < self._pos.offset:
+            return self._gone()
+        # A file's mtime can stay the same across writes within one clock tick: for a moment
+        # after the last record was read, it is read again whether or not the mtime moved.
+        fresh = time.monotonic() - self._last.at < RECHECK_SECONDS
+        if st.st_mtime_ns == self._quiet_mtime and not fresh:
+            return False
+        self._quiet_mtime = st.st_mtime_ns
+        return self._gone()
 
     def _gone(self) -> bool:
         """Whether the last record handed out is no longer where it was read (in this file)."""
@@ -224,6 +247,8 @@ class JournalFollower:
         out = self._read_lines(limit)
         if not out and self._rotated():
             out = self._read_lines(limit)  # the rest of the old file first
+            if not out and self._last is not None and self._gone():
+                out = self._retracted()  # taken back just before the file was rotated away
             if not out:
                 os.close(self._fd)  # type: ignore[arg-type]
                 self._fd = None

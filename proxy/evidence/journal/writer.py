@@ -59,10 +59,16 @@ from proxy.evidence.flags import (
     FsyncPolicy,
     check_journal_settings,
 )
-from proxy.evidence.journal.chain import CHAIN_KEYS, GENESIS, seal_encoded, seal_text
+from proxy.evidence.journal.chain import (
+    CHAIN_KEYS,
+    GENESIS,
+    RETRACTED_EVENT,
+    seal_encoded,
+    seal_text,
+)
 from proxy.evidence.journal.files import journal_files, last_record, rotated_name, rotation_index
 from proxy.evidence.journal.follower import JournalFollower
-from proxy.evidence.serialised import Serialised, serialise_decision
+from proxy.evidence.serialised import Serialised, SerialisedDecision, serialise_decision
 
 if TYPE_CHECKING:
     from proxy.evidence.metrics import Metrics
@@ -70,6 +76,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_FSYNC_INTERVAL = 0.25
+
+
+def _identity(record: dict[str, Any] | Serialised, seq: int) -> dict[str, Any]:
+    """What a retraction names of ``record``: its decision id (when it has one) and seq."""
+    if isinstance(record, SerialisedDecision):
+        return {"id": record.decision.id, "retracted_seq": seq}
+    fields = record.fields if isinstance(record, Serialised) else record
+    found = fields.get("id")
+    return {"id": found, "retracted_seq": seq} if isinstance(found, str) else {"retracted_seq": seq}
 
 
 def _error_kind(exc: OSError) -> str:
@@ -104,6 +119,8 @@ class Journal:
         self._dirty = False
         self._closed = False
         self._failing_since: float | None = None
+        self._stranded = False  # the last failed write left its whole line behind
+        self._retract: dict[str, Any] | None = None  # what the next line must take back
         self._last_error_log = 0.0
         self.seq, self.prev = 0, GENESIS
         try:
@@ -261,6 +278,9 @@ class Journal:
             try:
                 if self._fd is None:  # (held, and the chain read as the files now end)
                     self._open()
+                if self._retract is not None:
+                    self._write_retraction(self._retract)
+                    self._retract = None
                 seq = self.seq + 1
                 if isinstance(record, Serialised):
                     digest, text, data = seal_encoded(record.chained(seq, self.prev))
@@ -270,6 +290,9 @@ class Journal:
                     digest, text, data = seal_text(record)
                 self._write(data)
             except OSError as exc:
+                if self._stranded:  # its line stays: the next record written takes it back
+                    self._stranded = False
+                    self._retract = _identity(record, seq)
                 self._count_error(exc)
                 now = time.monotonic()
                 if self._failing_since is None or now - self._last_error_log >= 10:
@@ -298,6 +321,24 @@ class Journal:
                 record["hash"] = digest
             return text
 
+    def _write_retraction(self, taken_back: dict[str, Any]) -> None:
+        """A record whose line could not be removed after its write failed (``ftruncate`` failed
+        too) is taken back by the next line: the chain runs on from it, and what it recorded did
+        not stand (an allow became a deny)."""
+        body: dict[str, Any] = {
+            "ts": time.time(),
+            "event": RETRACTED_EVENT,
+            **taken_back,
+            "detail": "the record before this one was written but could not be made durable, and "
+            "could not be removed: what it recorded did not stand (an allow was refused)",
+        }
+        body["seq"] = self.seq + 1
+        body["prev"] = self.prev
+        digest, _, data = seal_text(body)
+        self._write(data)
+        self.seq, self.prev = body["seq"], digest
+        log.error("audit journal %s: record seq %s taken back", self.path, taken_back.get("id"))
+
     def _count_error(self, exc: OSError) -> None:
         if self.metrics is not None:
             self.metrics.journal_errors.labels(error=_error_kind(exc)).inc()
@@ -315,6 +356,7 @@ class Journal:
                     self._open()
         assert self._fd is not None
         fd, before = self._fd, self._size
+        written = -1
         try:
             written = os.write(fd, data)
             if written != len(
@@ -328,6 +370,7 @@ class Journal:
                 os.ftruncate(fd, before)
             except OSError:
                 # could not undo: reopen next time so the size is re-read; verify will flag the torn line
+                self._stranded = written == len(data)  # a whole line that did not stand
                 self._reopen_after_error()
             raise
         self._size = before + len(data)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from proxy.evidence.journal.chain import RETRACTED_EVENT
 from proxy.evidence.journal.follower import follow_after
 from proxy.evidence.otel.cursor import cursor_path, write_cursor
 from proxy.evidence.otel.encoder import LogEncoder
@@ -57,7 +58,15 @@ class JournalExporter:
         self._thread.start()
 
     def _exported(self, batch: Sequence[Record]) -> None:
-        seq = max((s for s in map(journal_seq, batch) if s is not None), default=None)
+        # The last record's seq, in the journal's order: a follower's retraction (not a journal
+        # line: no hash; the journal took back the record with its seq, and the one it kept with
+        # that seq comes next) leaves the cursor before it, so a restart sends the kept one.
+        seq = None
+        for record in batch:
+            got = journal_seq(record)
+            if got is not None:
+                taken_back = record.get("event") == RETRACTED_EVENT and "hash" not in record
+                seq = got - 1 if taken_back else got
         if seq is not None:
             self.exported_seq = seq
             if time.monotonic() - self._cursor_written >= 1.0:

@@ -190,7 +190,7 @@ class ExportProcess:
     def _apply(self, status: dict[str, Any]) -> None:
         self.ready.set()
         seq = status.get("exported_seq")
-        if isinstance(seq, int) and seq > self.exported_seq:
+        if isinstance(seq, int):  # lower too: after a record the journal took back and re-sent
             self.exported_seq = seq
         if self.metrics is not None:
             m = self.metrics

@@ -200,3 +200,69 @@ def test_a_retraction_becomes_an_otel_event_naming_the_record_it_takes_back() ->
     encoded = LogEncoder("1").encode([record])
     assert encoded.failed == 0 and b"egress.journal.retracted" in encoded.payload
     assert b"egress.journal.seq" in encoded.payload and b"abc" in encoded.payload
+
+
+@pytest.mark.parametrize("then", ["nothing", "a rotation"])
+def test_a_record_taken_back_and_replaced_by_one_of_the_same_length_is_retracted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, then: str
+) -> None:
+    """The record written where the taken-back one was has its length: the follower's offset is
+    then the file's end again, and no later line fails to chain (none may come, or the next one
+    is in the next file). The file changed under the follower all the same."""
+    import errno
+    import os
+
+    from proxy.evidence.emit import AuditUnavailable
+
+    path = tmp_path / "audit.jsonl"
+    journal = Journal(path, fsync="always")
+    follower = journal.follow()
+    journal.record(allow(1))
+    assert [r["seq"] for r in follower.read()] == [1]
+
+    def failing_fsync(fd: int) -> None:
+        assert [r["seq"] for r in follower.read()] == [2]  # read in the window
+        raise OSError(errno.EIO, "I/O error")
+
+    taken_back, kept = allow(2, ts=1000.25), allow(3, ts=1000.25)  # lines of one length
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(AuditUnavailable):
+        journal.record(taken_back)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    before = path.stat().st_size
+    journal.record(kept)
+    assert path.stat().st_size == before + len(path.read_bytes().splitlines(True)[-1])
+    later = []
+    if then == "a rotation":
+        journal.max_bytes = path.stat().st_size + 1  # the next record starts a new file
+        later = [allow(4), allow(5)]
+        journal.record(later[0])
+        journal.max_bytes = 1 << 20
+        journal.record(later[1])
+        assert len(journal_files(path)) == 2
+    journal.close()
+    got = _records(follower)
+    follower.close()
+    retraction, *rest = got
+    assert retraction["event"] == follower_module.RETRACTED_EVENT
+    assert (retraction["seq"], retraction["id"]) == (2, taken_back.id)
+    expected = [(2, kept.id)] + [(3 + i, d.id) for i, d in enumerate(later)]
+    assert [(r["seq"], r["id"]) for r in rest] == expected
+
+
+def test_the_export_cursor_stays_before_a_record_taken_back_until_the_kept_one_is_sent() -> None:
+    """A restart resumes after the cursor's seq: left at the taken-back record's, it would skip the
+    record the journal kept with that seq."""
+    from proxy.evidence.otel.journal_export import JournalExporter
+
+    exporter = JournalExporter.__new__(JournalExporter)  # only its cursor bookkeeping is used
+    exporter.exported_seq = 0
+    exporter._cursor_written = float("inf")  # never written here
+    exporter.cursor = Path("/nonexistent/cursor")
+    exporter._exported([{"seq": 1}, {"seq": 2}])
+    assert exporter.exported_seq == 2
+    exporter._exported([{"event": follower_module.RETRACTED_EVENT, "seq": 2, "id": "x"}])
+    assert exporter.exported_seq == 1
+    exporter._exported([{"seq": 2}, {"seq": 3}])
+    assert exporter.exported_seq == 3

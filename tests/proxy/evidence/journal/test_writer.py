@@ -341,3 +341,44 @@ def test_a_file_system_without_flock_says_so_and_records_nothing(
     out = Emitter(write_ahead=[journal], audit_required=True).emit(allow(1))
     assert (out.decision, out.reason) == (Verdict.DENY, Reason.AUDIT_UNAVAILABLE)
     journal.close()
+
+
+def test_a_record_that_could_neither_be_made_durable_nor_removed_is_taken_back_by_the_next_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--journal-fsync always``: the fsync failed (the allow becomes a deny) and so did the
+    truncation that removes its line. The line stays, and the chain runs on from it: the next line
+    is a retraction naming it, so the journal never says an allow stood that was refused."""
+    import errno
+
+    from proxy.evidence.journal.chain import RETRACTED_EVENT
+
+    path = tmp_path / "audit.jsonl"
+    journal = Journal(path, fsync="always")
+    journal.record(allow(1))
+
+    def fail(*_: object) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    stranded = allow(2)
+    real_fsync, real_truncate = os.fsync, os.ftruncate
+    monkeypatch.setattr(os, "fsync", fail)
+    monkeypatch.setattr(os, "ftruncate", fail)
+    with pytest.raises(AuditUnavailable):
+        journal.record(stranded)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    monkeypatch.setattr(os, "ftruncate", real_truncate)
+    after = allow(3)
+    journal.record(after)
+    journal.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line.get("id") for line in lines] == [
+        lines[0]["id"],
+        stranded.id,
+        stranded.id,
+        after.id,
+    ]
+    retraction = lines[2]
+    assert retraction["event"] == RETRACTED_EVENT and retraction["retracted_seq"] == 2
+    assert [line["seq"] for line in lines] == [1, 2, 3, 4]
+    assert verify([path]).ok
