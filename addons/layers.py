@@ -31,6 +31,7 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import HTTPMode, HttpStream, SendHttp
 from mitmproxy.proxy.layers.http._events import (
     ErrorCode,
+    HttpEvent,
     RequestData,
     RequestEndOfMessage,
     RequestProtocolError,
@@ -90,6 +91,19 @@ class BoundedHttp1Server(Http1Server):
             yield commands.SendData(self.conn, make_error_response(400, "request trailers"))
             yield commands.CloseConnection(self.conn)
             self.state = self.done
+
+    def send(self, event: HttpEvent) -> Generator[commands.Command, Any, None]:
+        """mitmproxy answers a request that names no destination (no Host, an empty one,
+        ``PRI * HTTP/2.0`` sent to the proxy) with a 400 before any hook sees it: recorded as the
+        refusal it is (nothing is sent upstream either way)."""
+        if (
+            isinstance(event, ResponseProtocolError)
+            and event.code is ErrorCode.DESTINATION_UNKNOWN
+            and self.response is None
+        ):
+            detail = f"the request names no destination: {escape(event.message, 200)}"
+            self.gate.refuse_head(self.context.client, Reason.BAD_REQUEST, detail)
+        yield from super().send(event)
 
     def read_headers(self, event: events.ConnectionEvent) -> Generator[commands.Command, Any, None]:
         for command in super().read_headers(event):

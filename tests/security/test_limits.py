@@ -19,7 +19,7 @@ from proxy.core.decision import Decision, Reason, Verdict
 from proxy.core.limits import Limits
 from proxy.policy.identities import Identities, token_digest
 from tests.dnsfake import FakeDns
-from tests.harness import WAIT, RunningGate, Upstream, recv_head, serving
+from tests.harness import WAIT, RunningGate, Upstream, recv_head, serving, wait_until
 from tests.proxy.app.test_serve import Serve
 
 pytestmark = pytest.mark.timeout(120)
@@ -173,6 +173,32 @@ def test_a_malformed_request_line_is_a_recorded_refusal(
     finally:
         gate.stop()
     assert fake_dns.queries == []
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET / HTTP/1.1\r\n\r\n",  # origin-form to the proxy, no Host
+        b"GET /x HTTP/1.1\r\nHost: \r\n\r\n",  # an empty Host
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",  # HTTP/2 with prior knowledge, to the proxy
+    ],
+)
+def test_a_request_naming_no_destination_is_a_recorded_refusal(
+    write_policy: Callable[[str], Path], fake_dns: FakeDns, plain: Upstream, head: bytes
+) -> None:
+    """mitmproxy answers these with its own 400 before any hook sees the request: the refusal is
+    recorded like every other (it was only on the wire)."""
+    gate = gate_with(write_policy, fake_dns, plain, Limits())
+    try:
+        with socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT) as sock:
+            sock.sendall(head)
+            assert recv_head(sock).startswith(b"HTTP/1.1 400")
+        assert wait_until(lambda: len(reasons(gate, Reason.BAD_REQUEST)) == 1)
+        (bad,) = reasons(gate, Reason.BAD_REQUEST)
+        assert bad.decision is Verdict.DENY and "no destination" in (bad.detail or "")
+    finally:
+        gate.stop()
+    assert fake_dns.queries == [] and plain.accepted == 0
 
 
 def test_new_connections_per_second_are_limited_per_client(
