@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Any
 
+from proxy.app.arguments import finite
 from proxy.app.exits import EXIT_DENY, EXIT_OK, fail
 
 DEFAULT_ADMIN_URL = "http://127.0.0.1:3129"
@@ -80,7 +81,7 @@ def add_serve_options(serve: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--reviewer-timeout",
-        type=float,
+        type=finite,
         default=10.0,
         metavar="SECONDS",
         help="a reviewer silent this long escalates (default %(default)s)",
@@ -101,7 +102,7 @@ def add_serve_options(serve: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--session-ttl",
-        type=float,
+        type=finite,
         default=8 * 3600,
         metavar="SECONDS",
         help="how long a --session grant lasts (default %(default)s)",

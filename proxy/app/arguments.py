@@ -132,6 +132,15 @@ def add_check_options(check: argparse.ArgumentParser) -> None:
     check.add_argument("target", help="https://host/path, http://host:port/path or HOST[:PORT]")
 
 
+def finite(text: str) -> float:
+    """An option's number of seconds or rate: ``nan`` and ``inf`` are refused where the option is
+    read (NaN compares false with every bound, so a limit of NaN would be no limit at all)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 def add_limit_options(parser: argparse.ArgumentParser) -> None:
     """The gate's resource limits (``proxy.core.limits.Limits``); defaults are the documented ones."""
     from proxy.core.limits import Limits
@@ -154,7 +163,7 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-new-connections-per-second",
-        type=float,
+        type=finite,
         default=defaults.new_connections_per_second,
         metavar="RATE",
         help="new connections per second one client may open, sustained (default %(default)s; "
@@ -169,7 +178,7 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-dns-queries-per-second",
-        type=float,
+        type=finite,
         default=defaults.dns_queries_per_second,
         metavar="RATE",
         help="DNS questions per second one client address may ask the DNS gate, sustained; "
@@ -185,7 +194,7 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--request-timeout",
-        type=float,
+        type=finite,
         default=defaults.request_timeout,
         metavar="SECONDS",
         help="every request head, and a tunnel's first bytes, must arrive within this time or the "
@@ -193,7 +202,7 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--idle-timeout",
-        type=float,
+        type=finite,
         default=defaults.idle_timeout,
         metavar="SECONDS",
         help="a relayed tunnel that moves no byte either way for this long, or a kept-alive "

@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_limit_options,
         add_policy_option,
         add_state_dir_option,
+        finite,
     )
     from proxy.app.lifecycle_args import add_lifecycle_options
 
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_front_end_options(serve)
     serve.add_argument(
         "--drain-timeout",
-        type=float,
+        type=finite,
         default=10.0,
         metavar="SECONDS",
         help="on SIGTERM/SIGINT stop accepting, let connections in flight finish for up to this long, "

@@ -13,6 +13,8 @@ MANAGED_ENV = "EGRESS_MANAGED_POLICY"
 
 
 def add_lifecycle_options(parser: argparse.ArgumentParser, *, watch: bool = True) -> None:
+    from proxy.app.arguments import finite
+
     parser.add_argument(
         "--managed-policy",
         metavar="FILE",
@@ -25,7 +27,7 @@ def add_lifecycle_options(parser: argparse.ArgumentParser, *, watch: bool = True
     parser.add_argument(
         "--watch-interval",
         metavar="SECONDS",
-        type=float,
+        type=finite,
         default=0.5,
         help="how often the policy files, their includes, the managed policy, the approvals overlay "
         "and the hosts file are checked for changes (default: 0.5; 0: only SIGHUP reloads)",

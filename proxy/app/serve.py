@@ -124,6 +124,9 @@ def _serve_workers(
 ) -> int:
     """Fork ``workers`` gates sharing the listening address (see :mod:`proxy.app.workers`)."""
     import addons.master  # noqa: F401 - imported once here, shared by every fork
+
+    # the approvals model before the fork: its query-digest key is then the same in every worker
+    import proxy.approvals.model
     import proxy.evidence.wiring  # noqa: F401
     from proxy.app.workers import (
         Supervisor,

@@ -271,6 +271,8 @@ class DnsGate:
         """Records what each client dropped since its last record, and forgets the clients with
         nothing left to record (all of them with ``forget``); runs every RECORD_INTERVAL while a
         client is over the rate, so a flood that stops has its last drops recorded too."""
+        if self._flushing is not None:  # called early (``forget``): one timer at a time
+            self._flushing.cancel()
         self._flushing = None
         now = asyncio.get_running_loop().time()
         for client, (last, dropped) in list(self._over.items()):

@@ -152,6 +152,7 @@ def build_emitter(
             fsync=config.journal_fsync,
             max_bytes=config.journal_max_bytes,
             metrics=metrics,
+            keep_unsynced=not config.audit_required,
         )
     otel: OtelSink | None = None
     if config.otlp is not None:

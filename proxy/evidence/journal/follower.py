@@ -174,6 +174,7 @@ class JournalFollower:
             start, raw, obj = last
             data = raw.encode("ascii") if isinstance(raw, str) else raw
             self._last = _Handed(self._pos.ino, start, data + b"\n", obj, time.monotonic())
+            self._quiet_mtime = 0  # the next read that finds nothing checks it once at least
         return out
 
     def _chains(self, record: dict[str, Any]) -> bool:
@@ -235,8 +236,9 @@ class JournalFollower:
             "seq": gone.get("seq"),
             "id": gone.get("id"),
             "detail": "the audit journal took this record back after it was read: its write "
-            "could not be made durable, so what it recorded did not stand (an allow was refused); "
-            "the record with this seq that follows is the one the journal kept",
+            "could not be made durable, and the gate acts on nothing it cannot record "
+            "(--audit-required), so an allow it recorded was refused; a refusal it recorded "
+            "stands. The record with this seq that follows is the one the journal kept",
         }
         return [retraction]
 

@@ -106,8 +106,12 @@ class Journal:
         fsync_interval: float = DEFAULT_FSYNC_INTERVAL,
         max_bytes: int = DEFAULT_MAX_BYTES,
         metrics: Metrics | None = None,
+        keep_unsynced: bool = False,
     ) -> None:
         check_journal_settings(fsync, max_bytes)
+        # A record whose fsync failed stays in the file (True: its decision stands anyway, as
+        # without --audit-required) or is removed and the decision refused (False).
+        self.keep_unsynced = keep_unsynced
         self.path = Path(path)
         self.fsync = fsync
         self.fsync_interval = fsync_interval
@@ -275,6 +279,7 @@ class Journal:
             if self._closed:
                 raise AuditUnavailable(f"{self.path}: journal is closed")
             seq = self.seq + 1
+            writing = False  # this record's own line (not the chain's reading or a retraction)
             try:
                 if self._fd is None:  # (held, and the chain read as the files now end)
                     self._open()
@@ -288,11 +293,13 @@ class Journal:
                     record["seq"] = seq
                     record["prev"] = self.prev
                     digest, text, data = seal_text(record)
+                writing = True
                 self._write(data)
             except OSError as exc:
-                if self._stranded:  # its line stays: the next record written takes it back
+                if self._stranded:  # a whole line stays: the next line written takes it back
                     self._stranded = False
-                    self._retract = _identity(record, seq)
+                    if writing:  # (a retraction's own line stays pending: it is written again)
+                        self._retract = _identity(record, seq)
                 self._count_error(exc)
                 now = time.monotonic()
                 if self._failing_since is None or now - self._last_error_log >= 10:
@@ -321,6 +328,26 @@ class Journal:
                 record["hash"] = digest
             return text
 
+    def _sync(self, fd: int) -> None:
+        """``fsync`` after a record (``always``). Where a decision stands without its record
+        (no ``--audit-required``), a record whose sync failed stays: the connection goes ahead
+        either way, and the line is its record (counted and logged; a power loss may lose it)."""
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            if not self.keep_unsynced:
+                raise
+            self._count_error(exc)
+            now = time.monotonic()
+            if now - self._last_error_log >= 10:
+                log.error(
+                    "audit journal %s: fsync failed (%s); records are kept but may not survive a "
+                    "power loss",
+                    self.path,
+                    exc,
+                )
+                self._last_error_log = now
+
     def _write_retraction(self, taken_back: dict[str, Any]) -> None:
         """A record whose line could not be removed after its write failed (``ftruncate`` failed
         too) is taken back by the next line: the chain runs on from it, and what it recorded did
@@ -329,15 +356,18 @@ class Journal:
             "ts": time.time(),
             "event": RETRACTED_EVENT,
             **taken_back,
-            "detail": "the record before this one was written but could not be made durable, and "
-            "could not be removed: what it recorded did not stand (an allow was refused)",
+            "detail": "the record before this one is taken back: its write could not be made "
+            "durable, and the gate acts on nothing it cannot record (--audit-required), so an allow "
+            "it recorded was refused; a refusal it recorded stands",
         }
         body["seq"] = self.seq + 1
         body["prev"] = self.prev
         digest, _, data = seal_text(body)
         self._write(data)
         self.seq, self.prev = body["seq"], digest
-        log.error("audit journal %s: record seq %s taken back", self.path, taken_back.get("id"))
+        log.error(
+            "audit journal %s: record seq %s taken back", self.path, taken_back.get("retracted_seq")
+        )
 
     def _count_error(self, exc: OSError) -> None:
         if self.metrics is not None:
@@ -364,7 +394,7 @@ class Journal:
             ):  # e.g. RLIMIT_FSIZE or ENOSPC part-way: no torn line may remain
                 raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes)")
             if self.fsync == "always":
-                os.fsync(fd)
+                self._sync(fd)
         except OSError:
             try:
                 os.ftruncate(fd, before)
@@ -413,6 +443,16 @@ class Journal:
         if self._syncer is not None:
             self._syncer.join(timeout=5)
         with self._lock:
+            if self._retract is not None:  # not left for a restart to miss
+                try:
+                    if self._fd is None:
+                        self._open()
+                    self._write_retraction(self._retract)
+                    self._retract = None
+                except OSError as exc:
+                    log.error(
+                        "audit journal %s: a retraction could not be written: %s", self.path, exc
+                    )
             self._closed = True
             if self._fd is not None:
                 try:

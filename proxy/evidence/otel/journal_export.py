@@ -68,8 +68,9 @@ class JournalExporter:
                 taken_back = record.get("event") == RETRACTED_EVENT and "hash" not in record
                 seq = got - 1 if taken_back else got
         if seq is not None:
+            lowered = seq < self.exported_seq
             self.exported_seq = seq
-            if time.monotonic() - self._cursor_written >= 1.0:
+            if lowered or time.monotonic() - self._cursor_written >= 1.0:  # (lowered: at once)
                 write_cursor(self.cursor, self.exported_seq)
                 self._cursor_written = time.monotonic()
 

@@ -182,6 +182,9 @@ def test_the_dns_listener_drops_one_clients_questions_over_its_rate(
         ("--max-dns-queries-per-second", "nan", "a finite number"),
         ("--max-new-connections-per-second", "inf", "a finite number"),
         ("--dns-queries-burst", "0", "must be at least 1"),
+        ("--session-ttl", "nan", "not a finite number"),
+        ("--drain-timeout", "inf", "not a finite number"),
+        ("--watch-interval", "nan", "not a finite number"),
     ],
 )
 def test_a_bad_rate_stops_serve_before_it_starts(

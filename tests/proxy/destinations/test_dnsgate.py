@@ -905,3 +905,39 @@ def test_no_rate_is_kept_when_it_is_off(make_env: Callable[..., GateEnv]) -> Non
         assert wait_until(lambda: len(env.decisions) >= 20)
         assert _answered(client) == 20
     assert not [d for d in env.decisions if d.reason is Reason.RATE_LIMIT]
+
+
+def test_forgetting_clients_keeps_one_flush_timer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More clients over the rate than are remembered: the early flush that forgets them all must
+    take the pending timer with it, or each one left a timer that ran every second for good."""
+    monkeypatch.setattr(dnsgate, "MAX_RECORDED_CLIENTS", 2)
+    path = tmp_path / "p.yaml"
+    path.write_text(POLICY.format(mode="enforce"))
+    policy = load_policy(path)
+    sink = ListSink()
+    gate = DnsGate(
+        lambda: policy, Resolver(["127.0.0.1"]), Emitter([sink]), queries_per_second=0.001,
+        queries_burst=1,
+    )  # fmt: skip
+
+    async def flood() -> int:
+        loop = asyncio.get_running_loop()
+        handles: list[asyncio.TimerHandle] = []
+        real = loop.call_later
+
+        def tracked(delay: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
+            handle = real(delay, callback, *args)
+            handles.append(handle)
+            return handle
+
+        monkeypatch.setattr(loop, "call_later", tracked)
+        for i in range(40):
+            gate._within_rate((f"127.0.0.{2 + i % 8}", 5353))
+        live = sum(not handle.cancelled() for handle in handles)
+        gate.close()
+        return live
+
+    assert asyncio.run(flood()) == 1
+    assert [d for d in sink.decisions if d.reason is Reason.RATE_LIMIT]

@@ -251,18 +251,23 @@ def test_a_record_taken_back_and_replaced_by_one_of_the_same_length_is_retracted
     assert [(r["seq"], r["id"]) for r in rest] == expected
 
 
-def test_the_export_cursor_stays_before_a_record_taken_back_until_the_kept_one_is_sent() -> None:
+def test_the_export_cursor_stays_before_a_record_taken_back_until_the_kept_one_is_sent(
+    tmp_path: Path,
+) -> None:
     """A restart resumes after the cursor's seq: left at the taken-back record's, it would skip the
     record the journal kept with that seq."""
+    from proxy.evidence.otel.cursor import read_cursor
     from proxy.evidence.otel.journal_export import JournalExporter
 
+    cursor = tmp_path / "cursor"
     exporter = JournalExporter.__new__(JournalExporter)  # only its cursor bookkeeping is used
     exporter.exported_seq = 0
-    exporter._cursor_written = float("inf")  # never written here
-    exporter.cursor = Path("/nonexistent/cursor")
+    exporter._cursor_written = float("inf")  # written once a second: not in this test's time
+    exporter.cursor = cursor
     exporter._exported([{"seq": 1}, {"seq": 2}])
-    assert exporter.exported_seq == 2
+    assert exporter.exported_seq == 2 and read_cursor(cursor) is None
     exporter._exported([{"event": follower_module.RETRACTED_EVENT, "seq": 2, "id": "x"}])
-    assert exporter.exported_seq == 1
+    # lowered: written at once, so an export process that dies now resumes before it
+    assert exporter.exported_seq == 1 and read_cursor(cursor) == 1
     exporter._exported([{"seq": 2}, {"seq": 3}])
     assert exporter.exported_seq == 3

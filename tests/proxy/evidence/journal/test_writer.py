@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -382,3 +383,91 @@ def test_a_record_that_could_neither_be_made_durable_nor_removed_is_taken_back_b
     assert retraction["event"] == RETRACTED_EVENT and retraction["retracted_seq"] == 2
     assert [line["seq"] for line in lines] == [1, 2, 3, 4]
     assert verify([path]).ok
+
+
+def _stranding(monkeypatch: pytest.MonkeyPatch) -> Callable[[bool], None]:
+    """Makes every fsync and ftruncate fail (True) or work again (False)."""
+    import errno
+
+    real = (os.fsync, os.ftruncate)
+
+    def fail(*_: object) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    def stranding(on: bool) -> None:
+        monkeypatch.setattr(os, "fsync", fail if on else real[0])
+        monkeypatch.setattr(os, "ftruncate", fail if on else real[1])
+
+    return stranding
+
+
+def test_a_retraction_that_is_stranded_too_names_the_record_it_takes_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next write fails the same way while writing the retraction: what is pending stays the
+    first record's retraction (not the record that was never written), and is written again."""
+    from proxy.evidence.journal.chain import RETRACTED_EVENT
+
+    path = tmp_path / "audit.jsonl"
+    journal = Journal(path, fsync="always")
+    journal.record(allow(1))
+    stranding = _stranding(monkeypatch)
+    stranded, never = allow(2), allow(3)
+    stranding(True)
+    for decision in (stranded, never):
+        with pytest.raises(AuditUnavailable):
+            journal.record(decision)
+    stranding(False)
+    last = allow(4)
+    journal.record(last)
+    journal.close()
+    records = lines(path)
+    decision = "egress.decision"
+    assert [r["event"] for r in records] == [
+        decision, decision, RETRACTED_EVENT, RETRACTED_EVENT, decision,
+    ]  # fmt: skip
+    assert [r["id"] for r in records[1:4]] == [stranded.id] * 3
+    assert records[4]["id"] == last.id and never.id not in path.read_text()
+    assert verify([path]).ok
+
+
+def test_a_pending_retraction_is_written_when_the_journal_closes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    journal = Journal(path, fsync="always")
+    journal.record(allow(1))
+    stranding = _stranding(monkeypatch)
+    stranded = allow(2)
+    stranding(True)
+    with pytest.raises(AuditUnavailable):
+        journal.record(stranded)
+    stranding(False)
+    journal.close()
+    records = lines(path)
+    assert [r["id"] for r in records[1:]] == [stranded.id, stranded.id]
+    assert records[2]["retracted_seq"] == 2 and verify([path]).ok
+
+
+def test_without_audit_required_a_record_whose_fsync_failed_stays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its decision goes ahead either way (no ``--audit-required``): the line is its record, kept,
+    counted and logged, never removed behind a connection that was made."""
+    import errno
+
+    metrics = Metrics()
+    path = tmp_path / "audit.jsonl"
+    journal = Journal(path, fsync="always", metrics=metrics, keep_unsynced=True)
+
+    def fail(_: int) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    kept = allow(1)
+    journal.record(kept)  # no AuditUnavailable
+    monkeypatch.undo()
+    journal.record(allow(2))
+    journal.close()
+    assert [r["seq"] for r in lines(path)] == [1, 2] and lines(path)[0]["id"] == kept.id
+    assert metrics.journal_errors.labels(error="other")._value.get() == 1
