@@ -299,8 +299,8 @@ def _summary(approval: dict[str, Any]) -> str:
         return escape(str(approval.get("what", "?")), 200)
     method = method if isinstance(method, str) else None
     query = approval.get("query") or "" if approval.get("query_id") else None
-    size = approval.get("query_bytes")
-    return summary(
+    size, body = approval.get("query_bytes"), approval.get("body_bytes")
+    line = summary(
         host,
         port,
         method,
@@ -308,6 +308,7 @@ def _summary(approval: dict[str, Any]) -> str:
         query if isinstance(query, str) else None,
         size if isinstance(size, int) else None,
     )
+    return line + (f" (a body of {body} bytes)" if isinstance(body, int) else "")
 
 
 def describe(approval: dict[str, Any], now: float) -> str:

@@ -5,7 +5,8 @@ For a held ``ask`` decision (:meth:`Broker.answer`), in this order:
 1. a grant that covers exactly what is asked answers at once: a session grant for this sandbox (in the
    store, so it holds on every replica), or a persisted rule in the overlay file;
 2. otherwise the request opens a pending approval, or joins the open one for the same sandbox and the
-   same subject (under a rule that reads requests, the same method, path and exact query); a sandbox
+   same subject (under a rule that reads requests, the same method, path, exact query and held
+   body); a sandbox
    over its pending limit (or a gate over its total) is refused (``approval-limit``) without
    affecting anyone else;
 3. its ``ask`` event is recorded, whoever must hear of a new approval hears of it (event stream,
@@ -150,6 +151,7 @@ class Broker:
         *,
         methods: tuple[str, ...] = (),
         query: str | None = None,
+        body: bytes | None = None,
     ) -> Decision:
         """:class:`proxy.core.checkpoint.Approver`: the held ``ask`` decision, answered."""
         review = str(rule.review) if rule is not None else str(Review.HUMAN)
@@ -159,6 +161,7 @@ class Broker:
             methods=methods,
             review=review,
             query=query,
+            body=body,
         )
         # (1) grants
         grant = await self.store.grant_for(subject.granted())

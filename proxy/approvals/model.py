@@ -81,8 +81,10 @@ class Subject:
     another query, which may carry anything, is another question and never joins an approval it was
     not shown on. ``query`` is what people and the reviewer are shown of it (as decisions record
     it) and ``query_bytes`` the size of the query sent (two approvals shown alike differ there when
-    only their values differ, and a long value is a sign of data leaving). A session grant is about
-    the method and path (:meth:`granted`): it covers them with any query."""
+    only their values differ, and a long value is a sign of data leaving). Under a rule that reads
+    bodies, the body the gate held is part of it the same way (``body_id``, ``body_bytes``): two
+    GraphQL mutations to one path are two questions. A session grant is about the method and path
+    (:meth:`granted`): it covers them with any query and body."""
 
     sandbox: str
     host: str
@@ -94,6 +96,8 @@ class Subject:
     query: str | None = None
     query_id: str | None = None
     query_bytes: int | None = None
+    body_id: str | None = None  # a keyed digest of a held body (a rule that reads bodies)
+    body_bytes: int | None = None
 
     @classmethod
     def of(
@@ -104,6 +108,7 @@ class Subject:
         methods: Sequence[str] = (),
         review: str | None = None,
         query: str | None = None,
+        body: bytes | None = None,
     ) -> Subject:
         """The subject of an ``ask`` decision. ``per_request``: the asking rule reads requests, so
         the approval is about this method, path and query only (a push, not every request to the
@@ -112,7 +117,8 @@ class Subject:
         part of it. ``review``: the asking rule's (``human`` or ``auto``). ``query``: the request's
         query exactly as sent (None: it had none), of which only a digest and its size are kept.
         A request recorded with a query whose exact form was not given is a question of its own
-        (a digest of the recorded form would join requests whose values differ)."""
+        (a digest of the recorded form would join requests whose values differ). ``body``: the
+        body the gate held to decide the request (None: it held none), kept as a digest and size."""
         per_request = per_request or decision.kind not in HOST_KINDS
         if not per_request or (query is None and decision.query is None):
             query_id, size = None, None
@@ -131,6 +137,8 @@ class Subject:
             query=decision.query if query_id is not None else None,
             query_id=query_id,
             query_bytes=size,
+            body_id=_digest(body) if per_request and body is not None else None,
+            body_bytes=len(body) if per_request and body is not None else None,
         )
 
     @property
@@ -147,6 +155,8 @@ class Subject:
         ]
         if self.query_id is not None:  # (a subject without one keeps the key it always had)
             fields.append(self.query_id)
+        if self.body_id is not None:
+            fields.append(["body", self.body_id])
         text = json.dumps(fields)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
@@ -155,24 +165,27 @@ class Subject:
 
     def granted(self) -> Subject:
         """What a session grant of this subject is about: its method and path with any query."""
-        return replace(self, query=None, query_id=None, query_bytes=None)
+        return replace(
+            self, query=None, query_id=None, query_bytes=None, body_id=None, body_bytes=None
+        )
 
     def describe(self) -> str:
         where = join_authority(self.host, self.port)
         if self.method is None:
             return where
         shown = f"{self.method} {where}{self.path or ''}"
-        if self.query_id is None:
-            return shown
-        return f"{shown}?{self.query or ''}{_sent(self.query, self.query_bytes)}"
+        if self.query_id is not None:
+            shown = f"{shown}?{self.query or ''}{_sent(self.query, self.query_bytes)}"
+        return shown + _body(self.body_bytes)
 
     def summary(self) -> str:
         """:meth:`describe` for one line of a terminal (see :func:`summary`)."""
         query = None if self.query_id is None else self.query or ""
-        return summary(self.host, self.port, self.method, self.path, query, self.query_bytes)
+        line = summary(self.host, self.port, self.method, self.path, query, self.query_bytes)
+        return line + _body(self.body_bytes)
 
 
-# The key of query digests: a digest anyone could compute would give away a short value the
+# The key of query and body digests: a digest anyone could compute would give away a short value the
 # records scrub (a six-digit code is found by trying them all). Per process: replicas sharing a
 # store do not join each other's approvals of a request with a query (each asks its own), and a
 # pending approval does not outlive its gate's wait for it anyway.
@@ -181,8 +194,16 @@ _QUERY_KEY = secrets.token_bytes(32)
 
 def query_digest(query: str) -> str:
     """A query's digest, as a subject keeps it: equal only for the same query, byte for byte."""
-    data = query.encode("utf-8", "surrogateescape")
+    return _digest(query.encode("utf-8", "surrogateescape"))
+
+
+def _digest(data: bytes) -> str:
     return hmac.new(_QUERY_KEY, data, hashlib.sha256).hexdigest()[:32]
+
+
+def _body(size: int | None) -> str:
+    """`` (a body of N bytes)`` for a subject about a held body."""
+    return "" if size is None else f" (a body of {size} bytes)"
 
 
 def _sent(shown: str | None, size: int | None) -> str:
@@ -296,6 +317,8 @@ class Approval:
             query=self.subject.query,
             query_id=self.subject.query_id,
             query_bytes=self.subject.query_bytes,
+            body_id=self.subject.body_id,
+            body_bytes=self.subject.body_bytes,
             what=self.subject.describe(),
         )
         return out
@@ -313,6 +336,8 @@ class Approval:
             query=data.get("query"),
             query_id=data.get("query_id"),
             query_bytes=data.get("query_bytes"),
+            body_id=data.get("body_id"),
+            body_bytes=data.get("body_bytes"),
         )
         return cls(
             id=str(data["id"]),
@@ -350,7 +375,7 @@ class Grant:
         # A grant is about no query: the fields are left out, so a replica that predates them
         # (sharing the store during an upgrade) still reads the grant.
         subject = asdict(self.subject)
-        for name in ("query", "query_id", "query_bytes"):
+        for name in ("query", "query_id", "query_bytes", "body_id", "body_bytes"):
             if subject.get(name) is None:
                 subject.pop(name, None)
         out["subject"] = subject

@@ -173,6 +173,8 @@ def review_input(approval: Approval, recent: list[dict[str, Any]]) -> dict[str, 
                     "query_bytes": subject.query_bytes,  # of the query sent: values included
                 }
             ),
+            # a body the gate held to decide the request (a rule that reads bodies): its size
+            **({} if subject.body_bytes is None else {"body_bytes": subject.body_bytes}),
         },
         "sandbox": {
             "id": subject.sandbox,

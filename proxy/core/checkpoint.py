@@ -150,8 +150,9 @@ class Approver(Protocol):
     ``record`` records the ``ask`` event (verdict ASK, with the approval id) while the request waits;
     the returned decision is the answer: the same request, now ALLOW or DENY. ``methods``: every
     method an HTTP request was judged as (its own, then its method overrides), which the answer
-    must be about; ``query``: its query exactly as sent (None without one), which an answer about
-    that request must be about too.
+    must be about; ``query``: its query exactly as sent (None without one), and ``body``: the body
+    the gate held to decide it (None: none held), which an answer about that request must be about
+    too.
     """
 
     async def answer(
@@ -162,6 +163,7 @@ class Approver(Protocol):
         *,
         methods: tuple[str, ...] = (),
         query: str | None = None,
+        body: bytes | None = None,
     ) -> Decision: ...
 
 
@@ -804,7 +806,12 @@ class Checkpoint:
         try:
             methods = judged_methods(request.http) if request.http is not None else ()
             answer = await self.approvals.answer(
-                decision, rule, self.emitter.emit, methods=methods, query=_exact_query(request)
+                decision,
+                rule,
+                self.emitter.emit,
+                methods=methods,
+                query=_exact_query(request),
+                body=request.http.body if request.http is not None else None,
             )
         except Exception as exc:  # a failing approver never lets anything through
             log.exception("approval of %s failed", decision.id)

@@ -1,5 +1,5 @@
-"""Threat 17, widening an approval through a query: an approval of a request rule is about one
-request, and a request's query is part of it. While a harmless request waits for a person, a second
+"""Threat 17, widening an approval through a query or a body: an approval of a request rule is about
+one request, and its query (and, under a rule that reads bodies, its body) is part of it. While a harmless request waits for a person, a second
 request to the same method and path with another query (``?leak=<secret>``) must not join it and be
 let through by the answer to the first: it is its own question, shown with its query. A real
 ``egress serve`` and real curl; every request that reaches the upstream is counted by its target."""
@@ -101,3 +101,50 @@ def test_a_session_grant_covers_the_method_and_path_with_any_query(
     assert other.result().status == 200
     assert gate.pending() == []
     assert reached(http_upstream) == [BENIGN, "/upload?name=other.txt"]
+
+
+GRAPHQL_POLICY = """
+version: 1
+allow_internal: [127.0.0.0/8]
+rules:
+  - name: ask-mutations
+    action: ask
+    hosts: [repo.test]
+    ports: [{port}]
+    methods: [POST]
+    paths: [/graphql]
+    graphql_operations: [mutation]
+"""
+
+
+@pytest.fixture
+def graphql_gate(
+    tmp_path: Path, fake_dns: FakeDns, http_upstream: Upstream
+) -> Iterator[ApprovalGate]:
+    yield from serving(repo_gate(tmp_path, fake_dns, http_upstream, GRAPHQL_POLICY))
+
+
+def test_a_mutation_never_joins_the_approval_of_another_mutation(
+    graphql_gate: ApprovalGate, http_upstream: Upstream
+) -> None:
+    """The rule reads the body to decide: a person asked about ``createIssue`` has not been asked
+    about ``deleteRepository`` sent to the same path while the first waits."""
+    create = '{"query": "mutation { createIssue(title: \\"notes\\") { id } }"}'
+    delete = '{"query": "mutation { deleteRepository(id: 1) { id } }"}'
+    json_post = ("-X", "POST", "-H", "Content-Type: application/json", "--data-binary")
+    gate = graphql_gate
+    first = fetch(url(http_upstream, "/graphql"), gate.proxy, *json_post, create)
+    [held] = gate.wait_pending()
+    second = fetch(url(http_upstream, "/graphql"), gate.proxy, *json_post, delete)
+    pending = gate.wait_pending(2)
+    [other] = [p for p in pending if p["id"] != held["id"]]
+    assert held["body_bytes"] == len(create) and other["body_bytes"] == len(delete)
+    assert held["what"].endswith(f"/graphql (a body of {len(create)} bytes)")
+    assert "deleteRepository" not in str(other)
+    assert gate.egress("approve", held["id"]).returncode == 0
+    assert first.result().status == 200
+    time.sleep(0.3)
+    assert not second.done, "the other mutation was let through by the first's answer"
+    assert gate.egress("deny", other["id"]).returncode == 0
+    assert second.result().status == 403
+    assert reached(http_upstream) == ["/graphql"]

@@ -142,3 +142,21 @@ def test_a_grant_is_stored_without_the_query_fields_an_earlier_gate_cannot_read(
     stored = Grant(subject.granted(), "a1", "alice", 2000.0).to_json()
     assert not {"query", "query_id", "query_bytes"} & set(stored["subject"])
     assert Grant.from_json(stored).subject == subject.granted()
+
+
+def test_a_held_body_is_part_of_what_a_request_rule_asks_about() -> None:
+    """Under a rule that reads bodies, two mutations to one path are two questions; the body is
+    kept as a digest and its size only, and a session grant covers any body."""
+    decision = ask(Kind.HTTP).with_(path="/graphql")
+    create = Subject.of(decision, per_request=True, body=b'{"query":"mutation{createIssue}"}')
+    delete = Subject.of(decision, per_request=True, body=b'{"query":"mutation{deleteRepo}"}')
+    assert create.key != delete.key and not create.covers(delete)
+    assert (
+        Subject.of(decision, per_request=True, body=b'{"query":"mutation{createIssue}"}') == create
+    )
+    assert "deleteRepo" not in repr(delete) and "deleteRepo" not in str(delete.body_id)
+    assert create.describe() == "POST api.test:443/graphql (a body of 33 bytes)"
+    assert create.summary() == create.describe()
+    assert create.granted() == Subject.of(decision, per_request=True)
+    # a host rule asks about host and port whatever the body
+    assert Subject.of(decision, body=b"x") == Subject.of(decision)

@@ -418,6 +418,7 @@ class Approver:
         *,
         methods: tuple[str, ...] = (),
         query: str | None = None,
+        body: bytes | None = None,
     ) -> Decision:
         self.asked.append((decision, rule.name if rule else None))
         self.queries.append(query)
@@ -520,6 +521,7 @@ class Elsewhere(Approver):
         *,
         methods: tuple[str, ...] = (),
         query: str | None = None,
+        body: bytes | None = None,
     ) -> Decision:
         answer = await super().answer(decision, rule, record)
         return answer.with_(**self.changes)

@@ -94,6 +94,8 @@
       query += " (" + a.query_bytes + " bytes sent; values not recorded)";
     }
     field(facts, "Query", query, "mono");
+    // A body the gate held to decide the request: another body is another approval.
+    field(facts, "Body", Number.isInteger(a.body_bytes) ? a.body_bytes + " bytes (held, not shown)" : null);
     field(facts, "Rule", a.rule ? a.rule + (a.review === "auto" ? " (reviewer may answer)" : "") : null, "mono");
     const age = el("dd", { className: "age" });
     const left = el("dd", { className: "left" });
