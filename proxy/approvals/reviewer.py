@@ -133,8 +133,11 @@ SHOWN_QUERY = 2048
 def unshown(approval: Approval) -> str | None:
     """The request field the reviewer could not be shown whole, or None. Such an approval is
     not put to the reviewer: it would answer about a request cut short (a path whose last segments
-    it never saw), and its answer would cover the whole one."""
+    it never saw), and its answer would cover the whole one. A body the gate held is part of what
+    is asked and is never shown (only its size): people answer those."""
     subject = approval.subject
+    if subject.body_bytes is not None:
+        return "body"
     for name, value, limit in (
         ("host", subject.host, SHOWN_HOST),
         ("method", subject.method, SHOWN_METHOD),
@@ -173,8 +176,6 @@ def review_input(approval: Approval, recent: list[dict[str, Any]]) -> dict[str, 
                     "query_bytes": subject.query_bytes,  # of the query sent: values included
                 }
             ),
-            # a body the gate held to decide the request (a rule that reads bodies): its size
-            **({} if subject.body_bytes is None else {"body_bytes": subject.body_bytes}),
         },
         "sandbox": {
             "id": subject.sandbox,

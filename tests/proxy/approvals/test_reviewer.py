@@ -223,6 +223,26 @@ def test_a_reviewer_whose_environment_cannot_be_made_is_not_run_and_escalates(
     assert not marker.exists()
 
 
+def test_a_request_whose_body_is_part_of_the_question_is_never_put_to_the_reviewer(
+    tmp_path: Path,
+) -> None:
+    """The body decides what the server does (a GraphQL mutation), and the reviewer is shown only
+    its size: its allow would cover a body it never read. People answer it."""
+    decision = Decision(
+        Verdict.ASK, Reason.APPROVAL_PENDING, "r", Kind.REQUEST, "api.test", 443, "v", "enforce",
+        method="POST", path="/graphql", sandbox_id="sbx-1",
+    )  # fmt: skip
+    subject = Subject.of(decision, body=b'{"query": "mutation { deleteRepository }"}')
+    approval = Approval.open(decision, subject, "auto", 60, 1000.0)
+    marker = tmp_path / "ran"
+    reviewer = CommandReviewer(
+        [sys.executable, "-c", f"open({str(marker)!r}, 'w'); print('allow: ok')"], timeout=20
+    )
+    advice, reason, _ = asyncio.run(reviewer.review(approval))
+    assert advice is Advice.ESCALATE and "body" in reason
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("field", ["path", "method", "query"])
 def test_a_request_too_long_to_show_whole_is_never_put_to_the_reviewer(
     tmp_path: Path, field: str
