@@ -308,7 +308,11 @@ def _summary(approval: dict[str, Any]) -> str:
         query if isinstance(query, str) else None,
         size if isinstance(size, int) else None,
     )
-    return line + (f" (a body of {body} bytes)" if isinstance(body, int) else "")
+    if not isinstance(body, int):
+        return line
+    shown = approval.get("body_shown")
+    what = f": {escape(shown, 200)}" if isinstance(shown, str) else ""
+    return f"{line} (a body of {body} bytes{what})"
 
 
 def describe(approval: dict[str, Any], now: float) -> str:

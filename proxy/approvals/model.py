@@ -98,6 +98,7 @@ class Subject:
     query_bytes: int | None = None
     body_id: str | None = None  # a keyed digest of a held body (a rule that reads bodies)
     body_bytes: int | None = None
+    body_shown: str | None = None  # what a person is told of it: a GraphQL request's operations
 
     @classmethod
     def of(
@@ -139,6 +140,7 @@ class Subject:
             query_bytes=size,
             body_id=_digest(body) if per_request and body is not None else None,
             body_bytes=len(body) if per_request and body is not None else None,
+            body_shown=_shown(body, query) if per_request and body is not None else None,
         )
 
     @property
@@ -166,7 +168,13 @@ class Subject:
     def granted(self) -> Subject:
         """What a session grant of this subject is about: its method and path with any query."""
         return replace(
-            self, query=None, query_id=None, query_bytes=None, body_id=None, body_bytes=None
+            self,
+            query=None,
+            query_id=None,
+            query_bytes=None,
+            body_id=None,
+            body_bytes=None,
+            body_shown=None,
         )
 
     def describe(self) -> str:
@@ -176,13 +184,14 @@ class Subject:
         shown = f"{self.method} {where}{self.path or ''}"
         if self.query_id is not None:
             shown = f"{shown}?{self.query or ''}{_sent(self.query, self.query_bytes)}"
-        return shown + _body(self.body_bytes)
+        return shown + _body(self.body_bytes, self.body_shown)
 
     def summary(self) -> str:
         """:meth:`describe` for one line of a terminal (see :func:`summary`)."""
         query = None if self.query_id is None else self.query or ""
         line = summary(self.host, self.port, self.method, self.path, query, self.query_bytes)
-        return line + _body(self.body_bytes)
+        shown = None if self.body_shown is None else escape(self.body_shown, SHOWN_PATH)
+        return line + _body(self.body_bytes, shown)
 
 
 # The key of query and body digests: a digest anyone could compute would give away a short value the
@@ -201,9 +210,22 @@ def _digest(data: bytes) -> str:
     return hmac.new(_QUERY_KEY, data, hashlib.sha256).hexdigest()[:32]
 
 
-def _body(size: int | None) -> str:
-    """`` (a body of N bytes)`` for a subject about a held body."""
-    return "" if size is None else f" (a body of {size} bytes)"
+def _shown(body: bytes, query: str | None) -> str | None:
+    """What a held GraphQL body asks for, with the documents the URL carries (a server may run
+    those instead); None when either cannot be read."""
+    from proxy.core.bodies import graphql_summary  # (only when a held body is asked about)
+    from proxy.core.requests import url_documents
+
+    documents = url_documents(f"/?{query}") if query else []
+    return None if documents is None else graphql_summary(body, documents)
+
+
+def _body(size: int | None, shown: str | None = None) -> str:
+    """`` (a body of N bytes)`` for a subject about a held body, with what it asks for when that
+    could be read (``: mutation deleteRepository``)."""
+    if size is None:
+        return ""
+    return f" (a body of {size} bytes)" if shown is None else f" (a body of {size} bytes: {shown})"
 
 
 def _sent(shown: str | None, size: int | None) -> str:
@@ -319,6 +341,7 @@ class Approval:
             query_bytes=self.subject.query_bytes,
             body_id=self.subject.body_id,
             body_bytes=self.subject.body_bytes,
+            body_shown=self.subject.body_shown,
             what=self.subject.describe(),
         )
         return out
@@ -338,6 +361,7 @@ class Approval:
             query_bytes=data.get("query_bytes"),
             body_id=data.get("body_id"),
             body_bytes=data.get("body_bytes"),
+            body_shown=data.get("body_shown"),
         )
         return cls(
             id=str(data["id"]),
@@ -375,7 +399,7 @@ class Grant:
         # A grant is about no query: the fields are left out, so a replica that predates them
         # (sharing the store during an upgrade) still reads the grant.
         subject = asdict(self.subject)
-        for name in ("query", "query_id", "query_bytes", "body_id", "body_bytes"):
+        for name in ("query", "query_id", "query_bytes", "body_id", "body_bytes", "body_shown"):
             if subject.get(name) is None:
                 subject.pop(name, None)
         out["subject"] = subject

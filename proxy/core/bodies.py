@@ -133,6 +133,42 @@ def graphql_operations(body: bytes, url_documents: Iterable[str] = ()) -> frozen
     return frozenset(found)
 
 
+def graphql_summary(body: bytes, url_documents: Iterable[str] = (), limit: int = 300) -> str | None:
+    """What a GraphQL request body asks for, on one line for a person deciding on it: each
+    operation's type and the root fields it runs (``mutation deleteRepository``; ``...`` where a
+    fragment selects more), joined by ``; `` and cut at ``limit`` characters. Never an operation's
+    name or a field's alias: the client chooses those (``mutation CreateIssue`` could delete).
+    None when the body is not a GraphQL request this can read. ``url_documents``: the URL's
+    documents, which servers may run instead of the body's (:func:`graphql_operations`): listed
+    first. The caller escapes it."""
+    from graphql.error import GraphQLError
+    from graphql.language import FieldNode, OperationDefinitionNode, parse
+
+    document = json_document(body)
+    requests = document if isinstance(document, list) else [document]
+    texts = [*url_documents, *(r.get("query") for r in requests if isinstance(r, dict))]
+    parts: list[str] = []
+    for text in texts:
+        if not isinstance(text, str):
+            return None
+        try:
+            parsed = parse(text, no_location=True, max_tokens=MAX_GRAPHQL_TOKENS)
+        except (GraphQLError, RecursionError, ValueError):
+            return None
+        for node in parsed.definitions:
+            if not isinstance(node, OperationDefinitionNode):
+                continue
+            selections = node.selection_set.selections
+            fields = [f.name.value for f in selections if isinstance(f, FieldNode)]
+            if len(fields) < len(selections):
+                fields.append("...")  # a fragment: what it selects is not listed here
+            parts.append(f"{node.operation.value} {', '.join(fields) or '-'}")
+    if not parts:
+        return None
+    line = "; ".join(parts)
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def _operations(text: str) -> set[str] | None:
     from graphql.error import GraphQLError
     from graphql.language import OperationDefinitionNode, parse

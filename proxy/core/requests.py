@@ -348,6 +348,14 @@ def _spellings(target: Target, deny: bool) -> tuple[str, ...]:
     return tuple(dict.fromkeys([path, *(each for stem in stems for each in (stem, stem + "/"))]))
 
 
+def url_documents(target: str) -> list[str] | None:
+    """:func:`_url_documents` of an origin-form target (None when it cannot be read)."""
+    try:
+        return _url_documents(parse_target(target))
+    except ValueError:
+        return None
+
+
 def _url_documents(target: Target) -> list[str]:
     """The URL parameters a GraphQL server may run as a document, judged with the body's:
     ``query`` (express-graphql runs it instead of the body's), any ``...[query]``, and anything
