@@ -308,11 +308,11 @@ def _summary(approval: dict[str, Any]) -> str:
         query if isinstance(query, str) else None,
         size if isinstance(size, int) else None,
     )
-    if not isinstance(body, int):
-        return line
-    shown = approval.get("body_shown")
-    what = f": {escape(shown, 200)}" if isinstance(shown, str) else ""
-    return f"{line} (a body of {body} bytes{what})"
+    runs = approval.get("runs")
+    said = [f"a body of {body} bytes"] if isinstance(body, int) else []
+    if isinstance(runs, str):
+        said.append(f"runs {escape(runs, 200)}")
+    return f"{line} ({'; '.join(said)})" if said else line
 
 
 def describe(approval: dict[str, Any], now: float) -> str:

@@ -143,6 +143,7 @@ class _WouldAsk:
         methods: tuple[str, ...] = (),
         query: str | None = None,
         body: bytes | None = None,
+        runs: str | None = None,
     ) -> Decision:
         self.asked = decision
         return decision.with_(decision=Verdict.DENY, reason=Reason.APPROVAL_UNAVAILABLE)

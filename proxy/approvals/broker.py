@@ -152,6 +152,7 @@ class Broker:
         methods: tuple[str, ...] = (),
         query: str | None = None,
         body: bytes | None = None,
+        runs: str | None = None,
     ) -> Decision:
         """:class:`proxy.core.checkpoint.Approver`: the held ``ask`` decision, answered."""
         review = str(rule.review) if rule is not None else str(Review.HUMAN)
@@ -162,6 +163,7 @@ class Broker:
             review=review,
             query=query,
             body=body,
+            runs=runs,
         )
         # (1) grants
         grant = await self.store.grant_for(subject.granted())

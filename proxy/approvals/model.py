@@ -98,7 +98,7 @@ class Subject:
     query_bytes: int | None = None
     body_id: str | None = None  # a keyed digest of a held body (a rule that reads bodies)
     body_bytes: int | None = None
-    body_shown: str | None = None  # what a person is told of it: a GraphQL request's operations
+    runs: str | None = None  # what a GraphQL request runs (operations and root fields), for people
 
     @classmethod
     def of(
@@ -110,6 +110,7 @@ class Subject:
         review: str | None = None,
         query: str | None = None,
         body: bytes | None = None,
+        runs: str | None = None,
     ) -> Subject:
         """The subject of an ``ask`` decision. ``per_request``: the asking rule reads requests, so
         the approval is about this method, path and query only (a push, not every request to the
@@ -119,7 +120,9 @@ class Subject:
         query exactly as sent (None: it had none), of which only a digest and its size are kept.
         A request recorded with a query whose exact form was not given is a question of its own
         (a digest of the recorded form would join requests whose values differ). ``body``: the
-        body the gate held to decide the request (None: it held none), kept as a digest and size."""
+        body the gate held to decide the request (None: it held none), kept as a digest and size.
+        ``runs``: what a GraphQL request runs, shown to people (not part of the key: the query and
+        body it is read from are)."""
         per_request = per_request or decision.kind not in HOST_KINDS
         if not per_request or (query is None and decision.query is None):
             query_id, size = None, None
@@ -140,7 +143,7 @@ class Subject:
             query_bytes=size,
             body_id=_digest(body) if per_request and body is not None else None,
             body_bytes=len(body) if per_request and body is not None else None,
-            body_shown=_shown(body, query) if per_request and body is not None else None,
+            runs=runs if per_request else None,
         )
 
     @property
@@ -174,7 +177,7 @@ class Subject:
             query_bytes=None,
             body_id=None,
             body_bytes=None,
-            body_shown=None,
+            runs=None,
         )
 
     def describe(self) -> str:
@@ -184,14 +187,14 @@ class Subject:
         shown = f"{self.method} {where}{self.path or ''}"
         if self.query_id is not None:
             shown = f"{shown}?{self.query or ''}{_sent(self.query, self.query_bytes)}"
-        return shown + _body(self.body_bytes, self.body_shown)
+        return shown + _body(self.body_bytes, self.runs)
 
     def summary(self) -> str:
         """:meth:`describe` for one line of a terminal (see :func:`summary`)."""
         query = None if self.query_id is None else self.query or ""
         line = summary(self.host, self.port, self.method, self.path, query, self.query_bytes)
-        shown = None if self.body_shown is None else escape(self.body_shown, SHOWN_PATH)
-        return line + _body(self.body_bytes, shown)
+        runs = None if self.runs is None else escape(self.runs, SHOWN_PATH)
+        return line + _body(self.body_bytes, runs)
 
 
 # The key of query and body digests: a digest anyone could compute would give away a short value the
@@ -210,22 +213,13 @@ def _digest(data: bytes) -> str:
     return hmac.new(_QUERY_KEY, data, hashlib.sha256).hexdigest()[:32]
 
 
-def _shown(body: bytes, query: str | None) -> str | None:
-    """What a held GraphQL body asks for, with the documents the URL carries (a server may run
-    those instead); None when either cannot be read."""
-    from proxy.core.bodies import graphql_summary  # (only when a held body is asked about)
-    from proxy.core.requests import url_documents
-
-    documents = url_documents(f"/?{query}") if query else []
-    return None if documents is None else graphql_summary(body, documents)
-
-
-def _body(size: int | None, shown: str | None = None) -> str:
-    """`` (a body of N bytes)`` for a subject about a held body, with what it asks for when that
-    could be read (``: mutation deleteRepository``)."""
-    if size is None:
-        return ""
-    return f" (a body of {size} bytes)" if shown is None else f" (a body of {size} bytes: {shown})"
+def _body(size: int | None, runs: str | None = None) -> str:
+    """`` (a body of N bytes)`` for a subject about a held body, and what a GraphQL request runs
+    (``; runs mutation deleteRepository``) when that could be read."""
+    said = [] if size is None else [f"a body of {size} bytes"]
+    if runs is not None:
+        said.append(f"runs {runs}")
+    return f" ({'; '.join(said)})" if said else ""
 
 
 def _sent(shown: str | None, size: int | None) -> str:
@@ -341,7 +335,7 @@ class Approval:
             query_bytes=self.subject.query_bytes,
             body_id=self.subject.body_id,
             body_bytes=self.subject.body_bytes,
-            body_shown=self.subject.body_shown,
+            runs=self.subject.runs,
             what=self.subject.describe(),
         )
         return out
@@ -361,7 +355,7 @@ class Approval:
             query_bytes=data.get("query_bytes"),
             body_id=data.get("body_id"),
             body_bytes=data.get("body_bytes"),
-            body_shown=data.get("body_shown"),
+            runs=data.get("runs"),
         )
         return cls(
             id=str(data["id"]),
@@ -399,7 +393,7 @@ class Grant:
         # A grant is about no query: the fields are left out, so a replica that predates them
         # (sharing the store during an upgrade) still reads the grant.
         subject = asdict(self.subject)
-        for name in ("query", "query_id", "query_bytes", "body_id", "body_bytes", "body_shown"):
+        for name in ("query", "query_id", "query_bytes", "body_id", "body_bytes", "runs"):
             if subject.get(name) is None:
                 subject.pop(name, None)
         out["subject"] = subject

@@ -105,27 +105,11 @@ def graphql_operations(body: bytes, url_documents: Iterable[str] = ()) -> frozen
     ``params`` as they are, and controllers that run a batch from ``params[:_json]`` (GitLab's)
     run that list instead of ``query``. Each of its requests is judged; anything else there is
     unreadable."""
-    document = json_document(body)
-    requests = document if isinstance(document, list) else [document]
-    if not requests:
+    texts = graphql_documents(body, url_documents)
+    if texts is None:
         return None
-    texts: list[object] = list(url_documents)
-    for request in requests:
-        if not isinstance(request, dict):
-            return None
-        texts.append(request.get("query"))
-        if "_json" in request:
-            batch = request["_json"]
-            if not isinstance(batch, list) or not batch:
-                return None
-            for each in batch:
-                if not isinstance(each, dict):
-                    return None
-                texts.append(each.get("query"))
     found: set[str] = set()
     for text in texts:
-        if not isinstance(text, str):
-            return None
         kinds = _operations(text)
         if not kinds:
             return None
@@ -133,40 +117,105 @@ def graphql_operations(body: bytes, url_documents: Iterable[str] = ()) -> frozen
     return frozenset(found)
 
 
-def graphql_summary(body: bytes, url_documents: Iterable[str] = (), limit: int = 300) -> str | None:
-    """What a GraphQL request body asks for, on one line for a person deciding on it: each
-    operation's type and the root fields it runs (``mutation deleteRepository``; ``...`` where a
-    fragment selects more), joined by ``; `` and cut at ``limit`` characters. Never an operation's
-    name or a field's alias: the client chooses those (``mutation CreateIssue`` could delete).
-    None when the body is not a GraphQL request this can read. ``url_documents``: the URL's
-    documents, which servers may run instead of the body's (:func:`graphql_operations`): listed
-    first. The caller escapes it."""
-    from graphql.error import GraphQLError
-    from graphql.language import FieldNode, OperationDefinitionNode, parse
-
-    document = json_document(body)
-    requests = document if isinstance(document, list) else [document]
-    texts = [*url_documents, *(r.get("query") for r in requests if isinstance(r, dict))]
-    parts: list[str] = []
-    for text in texts:
-        if not isinstance(text, str):
+def graphql_documents(body: bytes | None, url_documents: Iterable[str] = ()) -> list[str] | None:
+    """Every GraphQL document a server may run for this request: the URL's, then each request
+    object's ``query`` and its ``_json`` batch (:func:`graphql_operations` says why); None when one
+    of them is missing or unreadable. ``body`` None: the URL's alone."""
+    texts: list[object] = list(url_documents)
+    if body is not None:
+        document = json_document(body)
+        requests = document if isinstance(document, list) else [document]
+        if not requests:
             return None
+        for request in requests:
+            if not isinstance(request, dict):
+                return None
+            texts.append(request.get("query"))
+            if "_json" in request:
+                batch = request["_json"]
+                if not isinstance(batch, list) or not batch:
+                    return None
+                for each in batch:
+                    if not isinstance(each, dict):
+                        return None
+                    texts.append(each.get("query"))
+    if not texts or not all(isinstance(text, str) for text in texts):
+        return None
+    return [str(text) for text in texts]
+
+
+def graphql_summary(documents: Iterable[str], limit: int = 180) -> str | None:
+    """What GraphQL ``documents`` run, on one line for a person deciding on the request: each
+    operation's type and the root fields it runs, fragments expanded (``mutation
+    deleteRepository``), writes first, each listed once, joined by ``; ``. Never an operation's
+    name or a field's alias: the client chooses those (``mutation CreateIssue`` could delete).
+    A line longer than ``limit`` is cut at an entry and says how many more there are (and whether
+    a write is among them). None when a document cannot be read."""
+    from graphql.error import GraphQLError
+    from graphql.language import parse
+
+    entries: list[tuple[str, str]] = []
+    for text in documents:
         try:
             parsed = parse(text, no_location=True, max_tokens=MAX_GRAPHQL_TOKENS)
         except (GraphQLError, RecursionError, ValueError):
             return None
-        for node in parsed.definitions:
-            if not isinstance(node, OperationDefinitionNode):
-                continue
-            selections = node.selection_set.selections
-            fields = [f.name.value for f in selections if isinstance(f, FieldNode)]
-            if len(fields) < len(selections):
-                fields.append("...")  # a fragment: what it selects is not listed here
-            parts.append(f"{node.operation.value} {', '.join(fields) or '-'}")
-    if not parts:
+        entries += _root_fields(parsed)
+    if not entries:
         return None
-    line = "; ".join(parts)
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+    order = {"mutation": 0, "subscription": 1, "query": 2}
+    unique = sorted(dict.fromkeys(entries), key=lambda e: order.get(e[0], 0))
+    shown: list[str] = []
+    for index, (kind, fields) in enumerate(unique):
+        entry = f"{kind} {fields}"
+        rest = unique[index:]
+        if len("; ".join([*shown, entry])) > limit - 40:  # room left for what is left out
+            writes = sum(k != "query" for k, _ in rest)
+            more = f"+{len(rest)} more" + (f", {writes} of them writes" if writes else "")
+            return "; ".join([*shown, f"({more})"])
+        shown.append(entry)
+    return "; ".join(shown)
+
+
+def _root_fields(document: Any) -> list[tuple[str, str]]:
+    """(operation type, its root fields) for each operation of a parsed document, its fragments
+    (named ones from the document, inline ones) expanded; a spread of an unknown fragment: ``?``."""
+    from graphql.language import (
+        FieldNode,
+        FragmentDefinitionNode,
+        FragmentSpreadNode,
+        InlineFragmentNode,
+        OperationDefinitionNode,
+    )
+
+    fragments = {
+        node.name.value: node
+        for node in document.definitions
+        if isinstance(node, FragmentDefinitionNode)
+    }
+
+    def fields(selection_set: Any, seen: frozenset[str]) -> list[str]:
+        found: list[str] = []
+        for selection in selection_set.selections:
+            if isinstance(selection, FieldNode):
+                found.append(selection.name.value)
+            elif isinstance(selection, InlineFragmentNode):
+                found += fields(selection.selection_set, seen)
+            elif isinstance(selection, FragmentSpreadNode):
+                name = selection.name.value
+                fragment = fragments.get(name)
+                if fragment is None or name in seen:
+                    found.append("?")
+                else:
+                    found += fields(fragment.selection_set, seen | {name})
+        return found
+
+    out: list[tuple[str, str]] = []
+    for node in document.definitions:
+        if isinstance(node, OperationDefinitionNode):
+            names = list(dict.fromkeys(fields(node.selection_set, frozenset())))
+            out.append((str(node.operation.value), ", ".join(names) or "-"))
+    return out
 
 
 def _operations(text: str) -> set[str] | None:

@@ -152,7 +152,7 @@ class Approver(Protocol):
     method an HTTP request was judged as (its own, then its method overrides), which the answer
     must be about; ``query``: its query exactly as sent (None without one), and ``body``: the body
     the gate held to decide it (None: none held), which an answer about that request must be about
-    too.
+    too; ``runs``: what a GraphQL request runs, for the people asked.
     """
 
     async def answer(
@@ -164,6 +164,7 @@ class Approver(Protocol):
         methods: tuple[str, ...] = (),
         query: str | None = None,
         body: bytes | None = None,
+        runs: str | None = None,
     ) -> Decision: ...
 
 
@@ -812,6 +813,7 @@ class Checkpoint:
                 methods=methods,
                 query=_exact_query(request),
                 body=request.http.body if request.http is not None else None,
+                runs=_runs(request),
             )
         except Exception as exc:  # a failing approver never lets anything through
             log.exception("approval of %s failed", decision.id)
@@ -972,6 +974,25 @@ class Checkpoint:
         if (key, port) in conn.checked:
             return key
         return None
+
+
+def _runs(request: Request) -> str | None:
+    """What a GraphQL request runs, read as its server reads it (the URL's documents, then a body
+    declared JSON): None when that cannot be told (no document, or a held body of another type,
+    which a server may read as a form carrying a document of its own)."""
+    head = request.http
+    if head is None:
+        return None
+    from proxy.core.bodies import graphql_documents, graphql_summary, is_json
+    from proxy.core.requests import url_documents
+
+    in_url = url_documents(head.target)
+    if in_url is None or (head.body is not None and not is_json(head.content_type)):
+        return None
+    if head.body is None and not in_url:
+        return None
+    documents = graphql_documents(head.body, in_url)
+    return None if documents is None else graphql_summary(documents)
 
 
 def _exact_query(request: Request) -> str | None:

@@ -140,8 +140,10 @@ def test_a_mutation_never_joins_the_approval_of_another_mutation(
     [other] = [p for p in pending if p["id"] != held["id"]]
     assert held["body_bytes"] == len(create) and other["body_bytes"] == len(delete)
     # told apart by what each asks for (the operation and its root fields), not only by size
-    assert held["what"].endswith(f"/graphql (a body of {len(create)} bytes: mutation createIssue)")
-    assert other["body_shown"] == "mutation deleteRepository"
+    assert held["what"].endswith(
+        f"/graphql (a body of {len(create)} bytes; runs mutation createIssue)"
+    )
+    assert other["runs"] == "mutation deleteRepository"
     assert gate.egress("approve", held["id"]).returncode == 0
     assert first.result().status == 200
     time.sleep(0.3)

@@ -299,3 +299,49 @@ def test_keys_differing_only_in_case_are_unreadable() -> None:
     assert json_field(b'{"operation": "download", "x": {"a": 1, "A": 2}}', "operation") == (
         "download"
     )
+
+
+def _runs(body: bytes, url: tuple[str, ...] = ()) -> str | None:
+    from proxy.core.bodies import graphql_documents, graphql_summary
+
+    documents = graphql_documents(body, url)
+    return None if documents is None else graphql_summary(documents)
+
+
+def test_what_a_graphql_request_runs_is_read_as_its_server_runs_it() -> None:
+    """What a person is shown of a held GraphQL request: never a name the client chose (an
+    operation's, an alias), every document a server may run (the URL's, a ``_json`` batch),
+    fragments expanded, nothing when any part cannot be read."""
+    named = b'{"query": "mutation CreateIssue { createIssue: deleteRepository(id: 1) { id } }"}'
+    assert _runs(named) == "mutation deleteRepository"
+    batch = b'{"query": "{ viewer }", "_json": [{"query": "mutation { deleteRepository }"}]}'
+    assert _runs(batch) == "mutation deleteRepository; query viewer"
+    assert _runs(b'{"query": "{ a }"}', ("mutation { dropTable }",)) == (
+        "mutation dropTable; query a"
+    )
+    fragments = (
+        b'{"query": "mutation { createIssue ...F ... on Mutation { addStar } } '
+        b'fragment F on Mutation { deleteRepository }"}'
+    )
+    assert _runs(fragments) == "mutation createIssue, deleteRepository, addStar"
+    assert _runs(b'{"query": "mutation { a ...Missing }"}') == "mutation a, ?"
+    # a part that cannot be read: nothing, never the part that could
+    assert _runs(b'{"query": "{ a }", "query": "{ b }"}', ("{ a }",)) is None  # a key twice
+    assert _runs(b"mutation { deleteRepository }", ("{ a }",)) is None  # not JSON
+    assert _runs(b'[{"query": "{ a }"}, 1]') is None and _runs(b"[]") is None
+    assert _runs(b'{"query": "mutation {"}') is None
+
+
+def test_a_long_summary_lists_writes_first_and_says_what_it_left_out() -> None:
+    from proxy.core.bodies import graphql_summary
+
+    reads = [f"query q{i} {{ field{i} }}" for i in range(60)]
+    line = graphql_summary([*reads, "mutation { deleteRepository }"])
+    assert line is not None and line.startswith("mutation deleteRepository; query field0")
+    assert line.endswith("more)") and len(line) <= 200
+    many = graphql_summary(
+        ["mutation { " + " ".join(f"createIssue{i}: createIssue" for i in range(40)) + " }"]
+    )
+    assert many == "mutation createIssue"  # each field once, whatever its aliases
+    writes = graphql_summary([f"mutation {{ write{i} }}" for i in range(60)])
+    assert writes is not None and "of them writes" in writes

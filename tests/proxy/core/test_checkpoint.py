@@ -419,6 +419,7 @@ class Approver:
         methods: tuple[str, ...] = (),
         query: str | None = None,
         body: bytes | None = None,
+        runs: str | None = None,
     ) -> Decision:
         self.asked.append((decision, rule.name if rule else None))
         self.queries.append(query)
@@ -522,6 +523,7 @@ class Elsewhere(Approver):
         methods: tuple[str, ...] = (),
         query: str | None = None,
         body: bytes | None = None,
+        runs: str | None = None,
     ) -> Decision:
         answer = await super().answer(decision, rule, record)
         return answer.with_(**self.changes)
@@ -606,3 +608,28 @@ def test_a_connection_naming_a_new_host_per_request_holds_a_bounded_number_of_pi
 
     asyncio.run(main())
     assert checkpoint.dial_target(conn, "h0.many.test", 443) is None  # forgotten: never dialled
+
+
+@pytest.mark.parametrize(
+    ("content_type", "target", "runs"),
+    [
+        ("application/json", "/graphql", "mutation deleteRepository"),
+        (
+            "application/json",
+            "/graphql?query=%7Bviewer%7D",
+            "mutation deleteRepository; query viewer",
+        ),
+        # a body of another type may be read as a form carrying a document of its own: not told
+        ("application/x-www-form-urlencoded", "/graphql", None),
+        (None, "/graphql", None),
+    ],
+)
+def test_what_a_held_graphql_request_runs_is_told_only_as_its_server_reads_it(
+    content_type: str | None, target: str, runs: str | None
+) -> None:
+    from proxy.core.checkpoint import _runs
+    from proxy.core.requests import HttpHead
+
+    body = b'{"query": "mutation { deleteRepository }"}'
+    head = HttpHead("POST", target, content_type=content_type, body=body)
+    assert _runs(Request(Kind.REQUEST, "api.test", 443, "POST", "/graphql", http=head)) == runs

@@ -39,6 +39,7 @@ class Reloading(Approver):
         methods: tuple[str, ...] = (),
         query: str | None = None,
         body: bytes | None = None,
+        runs: str | None = None,
     ) -> Decision:
         self.holder["policy"] = self.new  # what a live reload does while a person decides
         return await super().answer(decision, rule, record)

@@ -95,9 +95,9 @@
     }
     field(facts, "Query", query, "mono");
     // A body the gate held to decide the request: another body is another approval.
-    let body = Number.isInteger(a.body_bytes) ? a.body_bytes + " bytes, held" : null;
-    if (body !== null && a.body_shown) body += "; asks for: " + a.body_shown;
-    field(facts, "Body", body, "mono");
+    field(facts, "Body", Number.isInteger(a.body_bytes) ? a.body_bytes + " bytes, held (not shown)" : null);
+    // What a GraphQL request runs: each operation's type and root fields (never a name it chose).
+    field(facts, "Runs", a.runs, "mono");
     field(facts, "Rule", a.rule ? a.rule + (a.review === "auto" ? " (reviewer may answer)" : "") : null, "mono");
     const age = el("dd", { className: "age" });
     const left = el("dd", { className: "left" });
