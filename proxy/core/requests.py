@@ -41,7 +41,7 @@ from proxy.core.bodies import (
 from proxy.core.decision import Reason
 from proxy.core.fieldlines import is_token
 from proxy.core.frozen import fast_init
-from proxy.core.paths import Target, Unreadable, parse_target
+from proxy.core.paths import Target, Unreadable, parse_target, php_name
 from proxy.core.text import escape
 from proxy.policy.index import RequestRules
 from proxy.policy.model import RequestConditions, Rule
@@ -364,8 +364,10 @@ def _url_documents(target: Target) -> list[str]:
     A value that is no document leaves the request unreadable (no allow rule matches it)."""
     found: list[str] = []
     for name, value in target.query.params:
-        key = name.lower()
+        key, php = name.lower(), php_name(name)  # PHP's servers read ``?+query=`` as ``query``
         if key == "query" or key.endswith("[query]") or key.startswith("_json"):
+            found.append(value or "")
+        elif php == "query" or php.startswith("_json"):
             found.append(value or "")
     return found
 

@@ -230,6 +230,10 @@ TABLE: list[tuple[str, str, str, dict[str, object], Verdict, Reason, str | None]
     ("api.github.test", "POST", "/graphql?graphql[query]=mutation%7Bb%7D", {"content_type": JSON, "body_size": 50, "body": GQL_QUERY}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
     ("api.github.test", "POST", "/graphql?_json[][query]=%7Ba%7D", {"content_type": JSON, "body_size": 50, "body": GQL_QUERY}, ALLOW, Reason.ALLOWED_BY_RULE, "graphql-read"),
     ("api.github.test", "POST", "/graphql?queryId=1&json=x", {"content_type": JSON, "body_size": 50, "body": GQL_QUERY}, ALLOW, Reason.ALLOWED_BY_RULE, "graphql-read"),
+    # ... and as PHP's servers (graphql-php) name them: a leading "+" or space dropped, "query[]"
+    ("api.github.test", "POST", "/graphql?+query=mutation%7Bb%7D", {"content_type": JSON, "body_size": 50, "body": GQL_QUERY}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("api.github.test", "POST", "/graphql?%20query=mutation%7Bb%7D", {"content_type": JSON, "body_size": 50, "body": GQL_QUERY}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
+    ("api.github.test", "POST", "/graphql?query[]=mutation%7Bb%7D", {"content_type": JSON, "body_size": 50, "body": GQL_QUERY}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
     # REST: reads yes, writes no, a deny rule with conditions beats the allow rule
     ("api.github.test", "GET", "/repos/o/r", {}, ALLOW, Reason.ALLOWED_BY_RULE, "api-read"),
     ("api.github.test", "DELETE", "/repos/o/r", {}, DENY, Reason.REQUEST_NOT_ALLOWED, None),
