@@ -365,9 +365,8 @@ def _url_documents(target: Target) -> list[str]:
     found: list[str] = []
     for name, value in target.query.params:
         key, php = name.lower(), php_name(name)  # PHP's servers read ``?+query=`` as ``query``
-        if key == "query" or key.endswith("[query]") or key.startswith("_json"):
-            found.append(value or "")
-        elif php == "query" or php.startswith("_json"):
+        as_sent = key == "query" or key.endswith("[query]") or key.startswith("_json")
+        if as_sent or php == "query" or php.startswith("_json"):
             found.append(value or "")
     return found
 
