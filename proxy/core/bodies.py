@@ -158,9 +158,12 @@ def graphql_summary(documents: Iterable[str], limit: int = 180) -> str | None:
     for text in documents:
         try:
             parsed = parse(text, no_location=True, max_tokens=MAX_GRAPHQL_TOKENS)
+            found = _root_fields(parsed)
         except (GraphQLError, RecursionError, ValueError):
             return None
-        entries += _root_fields(parsed)
+        if not found:  # no operation: not a document a server runs (as graphql_operations says)
+            return None
+        entries += found
     if not entries:
         return None
     order = {"mutation": 0, "subscription": 1, "query": 2}
@@ -170,6 +173,13 @@ def graphql_summary(documents: Iterable[str], limit: int = 180) -> str | None:
         entry = f"{kind} {fields}"
         rest = unique[index:]
         if len("; ".join([*shown, entry])) > limit - 40:  # room left for what is left out
+            if not shown:  # the first entry alone is too long: as many of its fields as fit
+                names = fields.split(", ")
+                kept = [n for i, n in enumerate(names) if len(", ".join(names[: i + 1])) < 80]
+                shown.append(f"{kind} {', '.join(kept)} (+{len(names) - len(kept)} more fields)")
+                rest = rest[1:]
+                if not rest:
+                    break
             writes = sum(k != "query" for k, _ in rest)
             more = f"+{len(rest)} more" + (f", {writes} of them writes" if writes else "")
             return "; ".join([*shown, f"({more})"])
@@ -194,26 +204,30 @@ def _root_fields(document: Any) -> list[tuple[str, str]]:
         if isinstance(node, FragmentDefinitionNode)
     }
 
-    def fields(selection_set: Any, seen: frozenset[str]) -> list[str]:
-        found: list[str] = []
+    done: dict[str, tuple[str, ...]] = {}  # each fragment's fields, worked out once
+
+    def fields(selection_set: Any, seen: frozenset[str]) -> tuple[str, ...]:
+        found: dict[str, None] = {}
         for selection in selection_set.selections:
             if isinstance(selection, FieldNode):
-                found.append(selection.name.value)
+                found[selection.name.value] = None
             elif isinstance(selection, InlineFragmentNode):
-                found += fields(selection.selection_set, seen)
+                found.update(dict.fromkeys(fields(selection.selection_set, seen)))
             elif isinstance(selection, FragmentSpreadNode):
                 name = selection.name.value
                 fragment = fragments.get(name)
                 if fragment is None or name in seen:
-                    found.append("?")
-                else:
-                    found += fields(fragment.selection_set, seen | {name})
-        return found
+                    found["?"] = None
+                    continue
+                if name not in done:
+                    done[name] = fields(fragment.selection_set, seen | {name})
+                found.update(dict.fromkeys(done[name]))
+        return tuple(found)
 
     out: list[tuple[str, str]] = []
     for node in document.definitions:
         if isinstance(node, OperationDefinitionNode):
-            names = list(dict.fromkeys(fields(node.selection_set, frozenset())))
+            names = fields(node.selection_set, frozenset())
             out.append((str(node.operation.value), ", ".join(names) or "-"))
     return out
 

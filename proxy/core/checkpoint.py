@@ -987,9 +987,14 @@ def _runs(request: Request) -> str | None:
     from proxy.core.requests import url_documents
 
     in_url = url_documents(head.target)
-    if in_url is None or (head.body is not None and not is_json(head.content_type)):
+    if in_url is None:
         return None
-    if head.body is None and not in_url:
+    if head.body is None:
+        # no body, or one the gate did not hold (not read by any rule, too long, of unknown
+        # size): a body it did not read may carry a document of its own
+        if head.body_size != 0 or head.body_overflow or not in_url:
+            return None
+    elif not is_json(head.content_type) or head.content_encoding is not None:
         return None
     documents = graphql_documents(head.body, in_url)
     return None if documents is None else graphql_summary(documents)

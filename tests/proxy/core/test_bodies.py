@@ -345,3 +345,22 @@ def test_a_long_summary_lists_writes_first_and_says_what_it_left_out() -> None:
     assert many == "mutation createIssue"  # each field once, whatever its aliases
     writes = graphql_summary([f"mutation {{ write{i} }}" for i in range(60)])
     assert writes is not None and "of them writes" in writes
+
+
+def test_fragments_are_expanded_once_each_and_a_deep_chain_reads_as_unreadable() -> None:
+    """A chain of fragments each spreading the next twice doubled the work at every level (20
+    levels: 1.2 s on the event loop); each fragment is now worked out once. A chain too deep to
+    walk is no document this can tell about, never an error."""
+    from proxy.core.bodies import graphql_summary
+
+    levels = 40
+    chain = " ".join(
+        f"fragment F{i} on Q {{ f{i} ...F{i + 1} ...F{i + 1} }}" for i in range(levels)
+    )
+    document = f"mutation {{ ...F0 }} {chain} fragment F{levels} on Q {{ last }}"
+    line = graphql_summary([document])  # (2**40 steps before: the suite's timeout ends it)
+    assert line is not None and line.startswith("mutation f0, f1, ")
+    assert line.endswith("more fields)") and len(line) <= 180
+    deep = " ".join(f"fragment G{i} on Q {{ ...G{i + 1} }}" for i in range(3000))
+    assert graphql_summary([f"mutation {{ ...G0 }} {deep} fragment G3000 on Q {{ x }}"]) is None
+    assert graphql_summary(["fragment F on Q { a }", "{ b }"]) is None  # no operation in one

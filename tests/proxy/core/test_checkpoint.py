@@ -631,5 +631,25 @@ def test_what_a_held_graphql_request_runs_is_told_only_as_its_server_reads_it(
     from proxy.core.requests import HttpHead
 
     body = b'{"query": "mutation { deleteRepository }"}'
-    head = HttpHead("POST", target, content_type=content_type, body=body)
+    head = HttpHead("POST", target, content_type=content_type, body=body, body_size=len(body))
     assert _runs(Request(Kind.REQUEST, "api.test", 443, "POST", "/graphql", http=head)) == runs
+
+
+@pytest.mark.parametrize(
+    ("head", "runs"),
+    [
+        # a body the gate did not hold may run anything: the URL's document alone is not told
+        ({"body_size": 60}, None),
+        ({"body_size": None}, None),  # chunked, not read
+        ({"body_size": 0, "body_overflow": True}, None),
+        ({"body_size": 0}, "query viewer"),  # no body at all: the URL's document is all there is
+    ],
+)
+def test_what_a_request_runs_is_not_told_past_a_body_the_gate_did_not_read(
+    head: dict[str, Any], runs: str | None
+) -> None:
+    from proxy.core.checkpoint import _runs
+    from proxy.core.requests import HttpHead
+
+    http = HttpHead("POST", "/graphql?query=%7Bviewer%7D", content_type="application/json", **head)
+    assert _runs(Request(Kind.REQUEST, "api.test", 443, "POST", "/graphql", http=http)) == runs
