@@ -299,20 +299,17 @@ def _summary(approval: dict[str, Any]) -> str:
         return escape(str(approval.get("what", "?")), 200)
     method = method if isinstance(method, str) else None
     query = approval.get("query") or "" if approval.get("query_id") else None
-    size, body = approval.get("query_bytes"), approval.get("body_bytes")
-    line = summary(
+    size, body, runs = (approval.get(k) for k in ("query_bytes", "body_bytes", "runs"))
+    return summary(
         host,
         port,
         method,
         path if isinstance(path, str) else None,
         query if isinstance(query, str) else None,
         size if isinstance(size, int) else None,
+        body if isinstance(body, int) else None,
+        runs if isinstance(runs, str) else None,
     )
-    runs = approval.get("runs")
-    said = [f"a body of {body} bytes"] if isinstance(body, int) else []
-    if isinstance(runs, str):
-        said.append(f"runs {escape(runs, 200)}")
-    return f"{line} ({'; '.join(said)})" if said else line
 
 
 def describe(approval: dict[str, Any], now: float) -> str:

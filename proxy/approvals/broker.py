@@ -6,9 +6,8 @@ For a held ``ask`` decision (:meth:`Broker.answer`), in this order:
    store, so it holds on every replica), or a persisted rule in the overlay file;
 2. otherwise the request opens a pending approval, or joins the open one for the same sandbox and the
    same subject (under a rule that reads requests, the same method, path, exact query and held
-   body); a sandbox
-   over its pending limit (or a gate over its total) is refused (``approval-limit``) without
-   affecting anyone else;
+   body); a sandbox over its pending limit (or a gate over its total) is refused
+   (``approval-limit``) without affecting anyone else;
 3. its ``ask`` event is recorded, whoever must hear of a new approval hears of it (event stream,
    webhook, ``egress run``'s terminal, the reviewer), and the request waits: for a change published by
    the store (an answer given through any replica), re-reading the store at least every

@@ -56,6 +56,10 @@ SHOWN_METHOD = 64  # characters of a method on one terminal line (an override is
 SHOWN_PATH = 200  # characters of its path there
 SHOWN_QUERY = 200  # characters of its query there
 
+# What a per-request subject holds of one request beyond its method and path: left out of what a
+# session grant is about (:meth:`Subject.granted`) and of a grant as stored.
+REQUEST_DETAIL = ("query", "query_id", "query_bytes", "body_id", "body_bytes", "runs")
+
 # Kinds whose rules decide a host and port as a whole: their approval covers host:port. Any other kind
 # (a request read under inspection) is decided per request, and its approval covers method and path too.
 HOST_KINDS = frozenset({Kind.CONNECT, Kind.HTTP, Kind.TLS})
@@ -170,15 +174,8 @@ class Subject:
 
     def granted(self) -> Subject:
         """What a session grant of this subject is about: its method and path with any query."""
-        return replace(
-            self,
-            query=None,
-            query_id=None,
-            query_bytes=None,
-            body_id=None,
-            body_bytes=None,
-            runs=None,
-        )
+        cleared: dict[str, Any] = dict.fromkeys(REQUEST_DETAIL)
+        return replace(self, **cleared)
 
     def describe(self) -> str:
         where = join_authority(self.host, self.port)
@@ -192,9 +189,16 @@ class Subject:
     def summary(self) -> str:
         """:meth:`describe` for one line of a terminal (see :func:`summary`)."""
         query = None if self.query_id is None else self.query or ""
-        line = summary(self.host, self.port, self.method, self.path, query, self.query_bytes)
-        runs = None if self.runs is None else escape(self.runs, SHOWN_PATH)
-        return line + _body(self.body_bytes, runs)
+        return summary(
+            self.host,
+            self.port,
+            self.method,
+            self.path,
+            query,
+            self.query_bytes,
+            self.body_bytes,
+            self.runs,
+        )
 
 
 # The key of query and body digests: a digest anyone could compute would give away a short value the
@@ -236,20 +240,23 @@ def summary(
     path: str | None = None,
     query: str | None = None,
     query_bytes: int | None = None,
+    body_bytes: int | None = None,
+    runs: str | None = None,
 ) -> str:
     """What an approval is about, on one terminal line: printable ASCII, each part escaped and bounded
     on its own. The sandbox chooses the method's length (an override is any token, as long as the
     request head allows), the path's and the query's: bounded as one string, ``describe()`` would
     lose the host and the path after a long method, and a person would be asked about a request
     without being told where it goes. The host and port are always shown whole; a query, when the
-    request has one, after a ``?`` (as decisions record it)."""
+    request has one, after a ``?`` (as decisions record it), then a held body's size and what a
+    GraphQL request runs."""
     where = escape(join_authority(host, port), 300)
     if method is None:
         return where
     shown = f"{escape(method, SHOWN_METHOD)} {where}{escape(path or '', SHOWN_PATH)}"
-    if query is None:
-        return shown
-    return f"{shown}?{escape(query, SHOWN_QUERY)}{_sent(query, query_bytes)}"
+    if query is not None:
+        shown = f"{shown}?{escape(query, SHOWN_QUERY)}{_sent(query, query_bytes)}"
+    return shown + _body(body_bytes, None if runs is None else escape(runs, SHOWN_PATH))
 
 
 def _method(method: str | None, judged: Sequence[str]) -> str | None:
@@ -330,12 +337,7 @@ class Approval:
             port=self.subject.port,
             method=self.subject.method,
             path=self.subject.path,
-            query=self.subject.query,
-            query_id=self.subject.query_id,
-            query_bytes=self.subject.query_bytes,
-            body_id=self.subject.body_id,
-            body_bytes=self.subject.body_bytes,
-            runs=self.subject.runs,
+            **{name: getattr(self.subject, name) for name in REQUEST_DETAIL},
             what=self.subject.describe(),
         )
         return out
@@ -350,12 +352,7 @@ class Approval:
             path=data.get("path"),
             rule=data.get("rule"),
             review=data.get("review"),
-            query=data.get("query"),
-            query_id=data.get("query_id"),
-            query_bytes=data.get("query_bytes"),
-            body_id=data.get("body_id"),
-            body_bytes=data.get("body_bytes"),
-            runs=data.get("runs"),
+            **{name: data.get(name) for name in REQUEST_DETAIL},
         )
         return cls(
             id=str(data["id"]),
@@ -393,7 +390,7 @@ class Grant:
         # A grant is about no query: the fields are left out, so a replica that predates them
         # (sharing the store during an upgrade) still reads the grant.
         subject = asdict(self.subject)
-        for name in ("query", "query_id", "query_bytes", "body_id", "body_bytes", "runs"):
+        for name in REQUEST_DETAIL:
             if subject.get(name) is None:
                 subject.pop(name, None)
         out["subject"] = subject

@@ -201,13 +201,7 @@ class DnsGate:
     def close(self) -> None:
         """Stop accepting and cancel every query in flight; say how many were dropped since the
         last warning said so, and record the questions over the rate no record counted yet."""
-        if self._flushing is not None:
-            self._flushing.cancel()
-            self._flushing = None
-        over, self._over = self._over, {}
-        for client, (_, dropped) in over.items():
-            if dropped:
-                self._record_over_rate(client, dropped)
+        self._flush_over(forget=True)
         if self._dropped:
             log.warning(
                 "DNS gate: dropped %d more queries over the in-flight caps before it closed",
@@ -274,16 +268,20 @@ class DnsGate:
         if self._flushing is not None:  # called early (``forget``): one timer at a time
             self._flushing.cancel()
         self._flushing = None
+        if forget:
+            over, self._over = self._over, {}
+            for client, (_, dropped) in over.items():
+                if dropped:
+                    self._record_over_rate(client, dropped)
+            return
         now = asyncio.get_running_loop().time()
         for client, (last, dropped) in list(self._over.items()):
             if dropped:
                 self._record_over_rate(client, dropped)
                 self._over[client] = (now, 0)
-            elif forget or now - last >= RECORD_INTERVAL:
+            elif now - last >= RECORD_INTERVAL:
                 del self._over[client]
-        if forget:
-            self._over.clear()
-        elif self._over:
+        if self._over:
             self._flushing = asyncio.get_running_loop().call_later(
                 RECORD_INTERVAL, self._flush_over
             )

@@ -22,6 +22,10 @@ CHAIN_KEYS = ("seq", "prev", "hash")
 # stand): written into the journal when the record could not be removed from it, or made by a
 # follower that had read the record before it was removed (proxy.evidence.journal.follower).
 RETRACTED_EVENT = "egress.journal.retracted"
+RETRACTED_BECAUSE = (
+    "its write could not be made durable, and the gate acts on nothing it cannot record "
+    "(--audit-required), so an allow it recorded was refused; a refusal it recorded stands"
+)
 
 # check_circular only changes which error a circular record raises (records never are): off, it saves
 # the encoder's bookkeeping for every object it writes.

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from proxy.evidence.journal.chain import RETRACTED_EVENT
+from proxy.evidence.journal.chain import RETRACTED_BECAUSE, RETRACTED_EVENT
 from proxy.evidence.journal.files import locate, rotated_files
 
 log = logging.getLogger(__name__)
@@ -235,10 +235,8 @@ class JournalFollower:
             "ts": time.time(),
             "seq": gone.get("seq"),
             "id": gone.get("id"),
-            "detail": "the audit journal took this record back after it was read: its write "
-            "could not be made durable, and the gate acts on nothing it cannot record "
-            "(--audit-required), so an allow it recorded was refused; a refusal it recorded "
-            "stands. The record with this seq that follows is the one the journal kept",
+            "detail": f"the audit journal took this record back after it was read: "
+            f"{RETRACTED_BECAUSE}. The record with this seq that follows is the one it kept",
         }
         return [retraction]
 

@@ -62,6 +62,7 @@ from proxy.evidence.flags import (
 from proxy.evidence.journal.chain import (
     CHAIN_KEYS,
     GENESIS,
+    RETRACTED_BECAUSE,
     RETRACTED_EVENT,
     seal_encoded,
     seal_text,
@@ -356,9 +357,7 @@ class Journal:
             "ts": time.time(),
             "event": RETRACTED_EVENT,
             **taken_back,
-            "detail": "the record before this one is taken back: its write could not be made "
-            "durable, and the gate acts on nothing it cannot record (--audit-required), so an allow "
-            "it recorded was refused; a refusal it recorded stands",
+            "detail": f"the record before this one is taken back: {RETRACTED_BECAUSE}",
         }
         body["seq"] = self.seq + 1
         body["prev"] = self.prev
