@@ -331,8 +331,8 @@ class TunnelFrontEnd:
         up_watch: sockio.Watch | None = None
         try:
             up.setblocking(False)
-            # A connect that must wait registers for reading first: one poll handle for the
-            # connect and the relay's reader, instead of one each.
+            # One registration for the connect's wait (if any), the server's hello and the
+            # relay's reader.
             up_watch = sockio.Watch(up)
             await sockio.connect(up, (target, port), timeout=CONNECT_TIMEOUT, watch=up_watch)
             if conn.closer is None:  # closed by a recheck while it was dialled

@@ -4,11 +4,11 @@ uvloop (libuv) makes transport writes, connects and accepts cheaper; measured th
 it is kept only for what it pays. ``EGRESS_EVENT_LOOP=asyncio`` forces the standard loop (to compare,
 or to rule the loop out when debugging); an unknown value is an error, not a silent default.
 
-One difference the gate's own socket code must allow for: uvloop reports an error on a descriptor
-(a reset) to its reader once and then closes that descriptor's poll handle, where asyncio's loop
-keeps reporting it. Readers therefore read until EAGAIN, EOF or the error (``proxy.runtime.splice``)
-and register through ``proxy.runtime.sockio.add_reader``/``add_writer``; both loops run the same
-tests (``tests/proxy/runtime/test_splice.py``).
+The gate's own socket code (the tunnel front end, its relay) waits through an epoll instance of
+its own (``proxy.runtime.poller``), registered with either loop once: uvloop's per-descriptor poll
+handles cost several system calls each, and uvloop reports an error on a descriptor (a reset) once
+and then drops it, where a level-triggered registration keeps reporting it. Both loops run the same
+tests (``tests/proxy/runtime/test_splice.py``, ``test_sockio.py``, ``test_poller.py``).
 """
 
 from __future__ import annotations

@@ -5,51 +5,20 @@ poller before every call (uvloop creates a poll handle each time: an add, a dele
 call, measured with strace on the tunnel path). A tunnel's CONNECT head is already there when it is
 read, its ``200`` and its ClientHello always fit the socket buffer, and a loopback connect is
 usually done at once: these helpers make the system call first and register for readiness only
-when it would block. Callers bound the waits (``asyncio.timeout``).
+when it would block, with the gate's own epoll instance (:mod:`proxy.runtime.poller`, one
+``epoll_ctl`` per change), which the relay of the same sockets takes over. Callers bound the waits
+(``asyncio.timeout``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import math
 import socket
-from collections.abc import Callable
-from typing import Any
 
-
-def add_reader(
-    loop: asyncio.AbstractEventLoop, fd: int, callback: Callable[..., Any], *args: Any
-) -> None:
-    """``loop.add_reader``, also for a descriptor uvloop has given up on.
-
-    uvloop closes a descriptor's poll handle when the kernel reports an error on it (a reset),
-    after calling its callbacks once, and keeps the closed handle: the next registration of that
-    descriptor raises RuntimeError until it is removed. Removing it first is what asyncio's loop
-    needs no help with."""
-    _register(loop.add_reader, loop.remove_reader, fd, callback, args)
-
-
-def add_writer(
-    loop: asyncio.AbstractEventLoop, fd: int, callback: Callable[..., Any], *args: Any
-) -> None:
-    """``loop.add_writer``; see :func:`add_reader`."""
-    _register(loop.add_writer, loop.remove_writer, fd, callback, args)
-
-
-def _register(
-    add: Callable[..., None],
-    remove: Callable[[int], object],
-    fd: int,
-    callback: Callable[..., Any],
-    args: tuple[Any, ...],
-) -> None:
-    try:
-        add(fd, callback, *args)
-    except RuntimeError:
-        remove(fd)  # drops the closed handle (a no-op where there is none)
-        add(fd, callback, *args)
-
+from proxy.runtime.poller import poller
 
 REQUESTS_PER_TURN = 16  # a connection's requests answered back to back before others are served
 
@@ -75,31 +44,33 @@ async def readable(sock: socket.socket) -> None:
 
 
 class Watch:
-    """A socket's read readiness, registered with the event loop once for all the waits of its
-    owner instead of once per wait: each registration costs the loop a poll handle, and the kernel
-    an add, a check, a delete and a non-blocking ioctl (uvloop; measured with strace on the
-    tunnel path), about 15 µs a wait on this 2-core machine.
+    """A socket's read readiness, registered once for all the waits of its owner instead of once
+    per wait (each registration is an ``epoll_ctl``).
 
     Readiness is level-triggered, so a registration that nobody waits on would be called on every
     turn of the loop while the socket stays readable: the callback then unregisters, and the next
     wait registers again. The owner calls :meth:`close` before the socket is closed or handed to
     another reader (a stale registration must never outlive its descriptor, whose number the next
     socket may take), or :meth:`hand_over` when the next reader of the descriptor registers its
-    own callback at once (it replaces this one's on the same poll handle).
+    own callback at once (:mod:`proxy.runtime.splice`'s, which replaces this one's without a
+    system call).
 
-    A wake-up may be stale: asyncio's selector loop queues a readiness callback, and the owner may
-    have read the data and begun a new wait before it runs. Callers read through :func:`recv`,
-    which reads again after every wake-up and waits again when it would still block.
+    A wake-up may be stale: the owner may have read the data and begun a new wait before a
+    readiness callback taken in the same turn runs. Callers read through :func:`recv`, which reads
+    again after every wake-up and waits again when it would still block.
 
     Waits with a deadline (:meth:`readable_until`) share one timer too: a timer costs the loop
     about as much as a registration (uvloop), and a kept-alive connection waits twice a request
     with a deadline minutes away. The timer is moved only when a wait's deadline comes sooner
     than it; when it fires before the deadline of the wait then under way, it is set again."""
 
-    __slots__ = ("_deadline", "_fd", "_loop", "_registered", "_timer", "_timer_at", "_waiter")
+    __slots__ = (
+        "_deadline", "_fd", "_loop", "_poller", "_registered", "_timer", "_timer_at", "_waiter",
+    )  # fmt: skip
 
     def __init__(self, sock: socket.socket) -> None:
         self._loop = asyncio.get_running_loop()
+        self._poller = poller(self._loop)
         self._fd = sock.fileno()
         self._registered = False
         self._waiter: asyncio.Future[None] | None = None
@@ -111,7 +82,7 @@ class Watch:
         waiter = self._waiter
         if waiter is None or waiter.done():
             self._registered = False  # only ever called while this callback is the fd's reader
-            self._loop.remove_reader(self._fd)
+            self._poller.set_reader(self._fd, None)
             return
         waiter.set_result(None)
 
@@ -165,9 +136,10 @@ class Watch:
 
     def arm(self) -> None:
         """Register now, before the first wait: a socket about to wait for another event (an
-        upstream's connect) then keeps this registration's poll handle for its reader."""
+        upstream's connect) then adds that wait to this registration and takes it off again,
+        and its reader finds the registration in place."""
         if not self._registered:
-            add_reader(self._loop, self._fd, self._ready)
+            self._poller.set_reader(self._fd, self._ready)
             self._registered = True
 
     def close(self) -> None:
@@ -175,7 +147,7 @@ class Watch:
         self._stop_timer()
         if self._registered:
             self._registered = False
-            self._loop.remove_reader(self._fd)
+            self._poller.set_reader(self._fd, None)
 
     def hand_over(self) -> None:
         """The caller registers its own reader for the descriptor next, replacing this one."""
@@ -191,17 +163,12 @@ async def _wait(sock: socket.socket, *, write: bool) -> None:
     loop = asyncio.get_running_loop()
     fd = sock.fileno()
     ready: asyncio.Future[None] = loop.create_future()
-    if write:
-        add_writer(loop, fd, _settle, ready)
-    else:
-        add_reader(loop, fd, _settle, ready)
+    register = poller(loop).set_writer if write else poller(loop).set_reader
+    register(fd, functools.partial(_settle, ready))
     try:
         await ready
     finally:
-        if write:
-            loop.remove_writer(fd)
-        else:
-            loop.remove_reader(fd)
+        register(fd, None)
 
 
 async def recv(
@@ -261,17 +228,20 @@ async def connect(
     processed as the call returns), which still says EINPROGRESS: the socket is asked whether it
     is connected before the event loop is, and waits only when it is not. ``timeout`` bounds that
     wait (TimeoutError); ``watch``, the socket's read registration, is armed before it so the wait
-    and the socket's later reader share one poll handle."""
+    and the socket's later reader share one registration."""
     socket.inet_pton(sock.family, address[0])  # OSError for anything but an address
     err = sock.connect_ex(address)
     if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY):
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if not err and not _connected(sock):
-            if watch is not None:
-                watch.arm()
-            async with asyncio.timeout(timeout):
-                await writable(sock)
+        if _connected(sock):  # a socket with a peer has no error to ask for
+            err = 0
+        else:
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if not err:
+                if watch is not None:
+                    watch.arm()
+                async with asyncio.timeout(timeout):
+                    await writable(sock)
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
         raise OSError(err, f"connect to {address[0]}:{address[1]}: {errno.errorcode.get(err, err)}")
 

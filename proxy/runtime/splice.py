@@ -2,10 +2,11 @@
 
 Once a tunnel is decided and its first bytes are checked, the gate has nothing more to read in it:
 the bytes move with ``splice(2)`` through a pipe and never enter Python. Each direction is a
-:class:`_Pump` registered once with the event loop: a readiness callback moves what the source has
-now, and only a destination that cannot take more switches it to waiting for the destination. No
-task, future or registration is made per burst (a small HTTPS exchange is a handful of bursts, and
-per-burst scheduling was most of the gate's relay cost).
+:class:`_Pump` registered once with the gate's own epoll instance (:mod:`proxy.runtime.poller`,
+level-triggered): a readiness callback moves what the source has now, and only a destination that
+cannot take more switches it to waiting for the destination. No task, future or registration is
+made per burst (a small HTTPS exchange is a handful of bursts, and per-burst scheduling was most of
+the gate's relay cost).
 
 An EOF is passed on as a half-close; an error on either side (a reset) ends both directions and is
 passed on as a reset. Pipes are lent per burst and returned empty, so idle tunnels hold none.
@@ -24,7 +25,8 @@ import sys
 import termios
 from collections.abc import Callable
 
-from proxy.runtime.sockio import Watch, add_reader, add_writer
+from proxy.runtime.poller import Poller, poller
+from proxy.runtime.sockio import Watch
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +65,27 @@ PIPES = Pipes()
 class _Pump:
     """One direction: ``src`` to ``dst``. ``finished`` is called once, with the error if any."""
 
-    __slots__ = ("count", "dst", "dst_sock", "finished", "loop", "pending", "pipe", "src", "state")
+    __slots__ = (
+        "count",
+        "dst",
+        "dst_sock",
+        "finished",
+        "pending",
+        "pipe",
+        "poller",
+        "src",
+        "state",
+    )
 
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
+        poller: Poller,
         src: socket.socket,
         dst: socket.socket,
         count: Callable[[int], None],
         finished: Callable[[_Pump, BaseException | None], None],
     ) -> None:
-        self.loop = loop
+        self.poller = poller
         self.src = src.fileno()
         self.dst = dst.fileno()
         self.dst_sock = dst
@@ -82,7 +94,7 @@ class _Pump:
         self.pipe: tuple[int, int] | None = None
         self.pending = 0  # bytes in the pipe not yet written to dst
         self.state = "reading"
-        add_reader(loop, self.src, self._readable)
+        poller.set_reader(self.src, self._readable)
 
     def _readable(self) -> None:
         try:
@@ -93,8 +105,8 @@ class _Pump:
     def _writable(self) -> None:
         try:
             if self._flush():
-                self.loop.remove_writer(self.dst)
-                add_reader(self.loop, self.src, self._readable)
+                self.poller.set_writer(self.dst, None)
+                self.poller.set_reader(self.src, self._readable)
                 self.state = "reading"
                 self._move()
         except Exception as exc:  # ends the tunnel; the relay logs what is not an OSError
@@ -111,13 +123,10 @@ class _Pump:
         return True
 
     def _move(self) -> None:
-        """What ``src`` has now, to ``dst``: read until the source says EAGAIN, EOF or an error.
-
-        Never stop at a short read counting on the reader being called again: uvloop (libuv's
-        poll handle) reports a socket error such as a reset that arrives behind data once, calls
-        the reader that one time and drops the registration, so data followed by a reset would
-        leave the tunnel waiting for ever (two descriptors and a connection slot held, a drain
-        run to its deadline)."""
+        """What ``src`` has now, to ``dst``: until a read takes less than a pipe's worth, the
+        source says EAGAIN, EOF or an error. A short read ends the burst without another call to
+        find the source empty: the registration is level-triggered, so anything left (more data,
+        an end, a reset behind the data) is reported on the next turn of the loop."""
         if self.pipe is None:
             self.pipe = PIPES.take()
         while True:
@@ -135,9 +144,12 @@ class _Pump:
             self.count(n)
             self.pending = n
             if not self._flush():
-                self.loop.remove_reader(self.src)
-                add_writer(self.loop, self.dst, self._writable)
+                self.poller.set_reader(self.src, None)
+                self.poller.set_writer(self.dst, self._writable)
                 self.state = "writing"
+                return
+            if n < CHUNK:
+                self._release()
                 return
 
     def _release(self) -> None:
@@ -149,9 +161,9 @@ class _Pump:
         """Unregister (idempotent): before either socket is closed, so a reused fd is never
         served by a stale callback."""
         if self.state == "reading":
-            self.loop.remove_reader(self.src)
+            self.poller.set_reader(self.src, None)
         elif self.state == "writing":
-            self.loop.remove_writer(self.dst)
+            self.poller.set_writer(self.dst, None)
         self.state = "done"
         self._release()
 
@@ -203,9 +215,9 @@ async def relay(
     the other peer has taken what was relayed to it (up to DRAIN_BEFORE_RESET, while it takes some
     of it every DRAIN_STALLED), the relay returns with both sockets set to reset as the caller
     closes them (which it does without a ``shutdown``, whose end would come first). Cancelling it
-    unregisters both directions; the caller then shuts down and closes the sockets. ``client_watch``, ``upstream_watch``: the
-    sockets' registrations, which the relay's readers replace (on the same poll handles) as they
-    register."""
+    unregisters both directions; the caller then shuts down and closes the sockets.
+    ``client_watch``, ``upstream_watch``: the sockets' registrations, which the relay's readers
+    replace as they register (the same epoll registration, no system call)."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     remaining = 2
@@ -246,11 +258,12 @@ async def relay(
             done.set_result(None)
 
     pumps: list[_Pump] = []
+    relays = poller(loop)
     try:
-        pumps.append(_Pump(loop, client, upstream, outbound, finished))
+        pumps.append(_Pump(relays, client, upstream, outbound, finished))
         if client_watch is not None:
             client_watch.hand_over()
-        pumps.append(_Pump(loop, upstream, client, inbound, finished))
+        pumps.append(_Pump(relays, upstream, client, inbound, finished))
         if upstream_watch is not None:
             upstream_watch.hand_over()
         await done

@@ -1,0 +1,296 @@
+"""The gate's own epoll instance for relayed sockets, on both event loops, with real sockets:
+level-triggered readiness (what a reader leaves is reported again), errors and hang-ups reported
+to whichever callback waits, one registration per change, and one poller per loop that goes with
+its loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import os
+import socket
+import weakref
+from typing import Any
+
+import pytest
+
+from proxy.runtime import poller as poller_module
+from proxy.runtime.loop import loop_factory
+from proxy.runtime.poller import Poller, poller
+
+LOOPS = ["asyncio", "uvloop"]
+RESET = b"\x01\0\0\0\0\0\0\0"  # SO_LINGER on, 0 s: close sends a reset
+
+
+def _run(choice: str, main: Any) -> Any:
+    return asyncio.run(main, loop_factory=loop_factory(choice))
+
+
+def _pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        a = socket.create_connection(server.getsockname())
+        b, _ = server.accept()
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b
+
+
+async def _turns(n: int) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_what_a_reader_leaves_is_reported_again(choice: str) -> None:
+    """A reader that takes one byte per call is called until the data is gone, then no more:
+    the relay ends a burst at a short read and relies on this."""
+    a, b = _pair()
+
+    async def main() -> tuple[bytes, int]:
+        got = bytearray()
+        calls = 0
+
+        def reader() -> None:
+            nonlocal calls
+            calls += 1
+            with contextlib.suppress(BlockingIOError):
+                got.extend(b.recv(1))
+
+        relays = poller(asyncio.get_running_loop())
+        relays.set_reader(b.fileno(), reader)
+        a.sendall(b"hello")
+        for _ in range(200):
+            if len(got) == 5:
+                break
+            await asyncio.sleep(0.005)
+        await _turns(10)  # drained: no more calls
+        relays.set_reader(b.fileno(), None)
+        return bytes(got), calls
+
+    try:
+        got, calls = _run(choice, main())
+        assert got == b"hello"
+        assert 5 <= calls <= 6  # one per byte (and at most one that found nothing)
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_a_reset_behind_data_reaches_a_reader_that_stopped_at_the_data(choice: str) -> None:
+    """uvloop reports an error on a descriptor once and drops it; here it is reported for as
+    long as it is there, so a reader that read only the data still sees the reset next."""
+    a, b = _pair()
+
+    async def main() -> list[object]:
+        seen: list[object] = []
+        done = asyncio.get_running_loop().create_future()
+
+        def reader() -> None:
+            try:
+                data = b.recv(2)
+            except OSError as exc:
+                seen.append(type(exc).__name__)
+                relays.set_reader(b.fileno(), None)
+                done.set_result(None)
+                return
+            seen.append(data)
+
+        relays = poller(asyncio.get_running_loop())
+        relays.set_reader(b.fileno(), reader)
+        a.sendall(b"hi")
+        await asyncio.sleep(0.05)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
+        a.close()
+        await asyncio.wait_for(done, 10)
+        return seen
+
+    try:
+        assert _run(choice, main()) == [b"hi", "ConnectionResetError"]
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_a_hang_up_reaches_a_writer_that_waits_alone(choice: str) -> None:
+    """A descriptor waited on only for writing still has its error reported, to the writer."""
+    a, b = _pair()
+
+    async def main() -> str:
+        loop = asyncio.get_running_loop()
+        relays = poller(loop)
+        fill = b"x" * 65536
+        try:
+            while True:  # fill b's send buffer and a's receive buffer
+                b.send(fill)
+        except BlockingIOError:
+            pass
+        outcome = loop.create_future()
+
+        def writer() -> None:
+            try:
+                b.send(fill)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                relays.set_writer(b.fileno(), None)
+                outcome.set_result(type(exc).__name__)
+
+        relays.set_writer(b.fileno(), writer)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
+        a.close()
+        return await asyncio.wait_for(outcome, 10)
+
+    try:
+        assert _run(choice, main()) in ("ConnectionResetError", "BrokenPipeError")
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_one_registration_per_change_and_nothing_left_when_no_one_waits(choice: str) -> None:
+    a, b = _pair()
+    calls: list[str] = []
+
+    class Counting:
+        def __init__(self, epoll: Any) -> None:
+            self.epoll = epoll
+
+        def register(self, fd: int, events: int) -> None:
+            calls.append(f"add {events}")
+            self.epoll.register(fd, events)
+
+        def modify(self, fd: int, events: int) -> None:
+            calls.append(f"modify {events}")
+            self.epoll.modify(fd, events)
+
+        def unregister(self, fd: int) -> None:
+            calls.append("remove")
+            self.epoll.unregister(fd)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.epoll, name)
+
+    async def main() -> None:
+        relays = poller(asyncio.get_running_loop())
+        relays._epoll = Counting(relays._epoll)  # type: ignore[assignment]
+        fd = b.fileno()
+        relays.set_reader(fd, lambda: None)
+        relays.set_reader(fd, lambda: None)  # another callback, the same events: no call
+        relays.set_writer(fd, lambda: None)
+        relays.set_reader(fd, None)
+        assert relays.registered(fd)
+        relays.set_writer(fd, None)
+        assert not relays.registered(fd)
+        relays.set_writer(fd, None)  # nothing to remove: no call
+        relays.set_reader(fd, lambda: None)
+        relays.clear(fd)
+        relays.clear(fd)  # idempotent
+        assert not relays.registered(fd)
+
+    try:
+        _run(choice, main())
+        assert calls == ["add 1", "modify 5", "modify 4", "remove", "add 1", "remove"]
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_a_reader_that_stops_waiting_is_not_followed_by_its_writer(choice: str) -> None:
+    """A reader that clears its descriptor (a relay that ended) is the last callback for it in
+    that turn, even when the event also said writable."""
+    a, b = _pair()
+
+    async def main() -> list[str]:
+        relays = poller(asyncio.get_running_loop())
+        seen: list[str] = []
+
+        def reader() -> None:
+            seen.append("read")
+            relays.clear(b.fileno())
+
+        relays.set_reader(b.fileno(), reader)
+        relays.set_writer(b.fileno(), lambda: seen.append("write"))
+        a.sendall(b"x")  # readable and writable at once
+        await asyncio.sleep(0.05)
+        return seen
+
+    try:
+        assert _run(choice, main()) == ["read"]
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_more_ready_descriptors_than_one_turn_takes_are_all_served(choice: str) -> None:
+    count = poller_module.MAX_EVENTS + 44
+    pairs = [_pair() for _ in range(count)]
+
+    async def main() -> int:
+        relays = poller(asyncio.get_running_loop())
+        served: set[int] = set()
+        for _, b in pairs:
+
+            def reader(sock: socket.socket = b) -> None:
+                sock.recv(1)
+                served.add(sock.fileno())
+                relays.clear(sock.fileno())
+
+            relays.set_reader(b.fileno(), reader)
+        for a, _ in pairs:
+            a.sendall(b"x")
+        for _ in range(400):
+            if len(served) == count:
+                break
+            await asyncio.sleep(0.005)
+        return len(served)
+
+    try:
+        assert _run(choice, main()) == count
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+def _epoll_instances() -> int:
+    """This process's open epoll descriptors."""
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{name}") == "anon_inode:[eventpoll]"
+    return count
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_one_poller_per_loop_and_it_goes_with_its_loop(choice: str) -> None:
+    async def main() -> Poller:
+        loop = asyncio.get_running_loop()
+        assert poller(loop) is poller(loop)
+        return poller(loop)
+
+    gc.collect()
+    before = _epoll_instances()
+    first = _run(choice, main())
+    second = _run(choice, main())
+    assert first is not second
+    gone = weakref.ref(first)
+    del first, second
+    gc.collect()
+    assert gone() is None  # the loop is gone, and its poller with it
+    assert _epoll_instances() == before  # and its epoll instance is closed
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_a_closed_poller_leaves_its_loop(choice: str) -> None:
+    async def main() -> bool:
+        loop = asyncio.get_running_loop()
+        relays = Poller(loop)
+        fd = relays._epoll.fileno()
+        relays.close()
+        return relays._epoll.closed and not loop.remove_reader(fd)
+
+    assert _run(choice, main())
