@@ -291,7 +291,7 @@ def _check_auth(response: Any) -> None:
 def _summary(approval: dict[str, Any]) -> str:
     """The request an approval is about, each part bounded on its own (the host always whole); an
     answer without the parts (not this gate's) shows its ``what``, escaped and bounded."""
-    from proxy.approvals.model import summary
+    from proxy.approvals.model import UNREAD, summary
     from proxy.core.text import escape
 
     host, port, method, path = (approval.get(k) for k in ("host", "port", "method", "path"))
@@ -300,6 +300,7 @@ def _summary(approval: dict[str, Any]) -> str:
     method = method if isinstance(method, str) else None
     query = approval.get("query") or "" if approval.get("query_id") else None
     size, body, runs = (approval.get(k) for k in ("query_bytes", "body_bytes", "runs"))
+    head, body_id = approval.get("head_bytes"), approval.get("body_id")
     return summary(
         host,
         port,
@@ -309,6 +310,8 @@ def _summary(approval: dict[str, Any]) -> str:
         size if isinstance(size, int) else None,
         body if isinstance(body, int) else None,
         runs if isinstance(runs, str) else None,
+        head_bytes=head if isinstance(head, int) else None,
+        body_read=not (isinstance(body_id, str) and body_id.startswith(UNREAD)),
     )
 
 

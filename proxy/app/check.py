@@ -144,6 +144,8 @@ class _WouldAsk:
         query: str | None = None,
         body: bytes | None = None,
         runs: str | None = None,
+        fields: Any = None,
+        unread: int | None = 0,
     ) -> Decision:
         self.asked = decision
         return decision.with_(decision=Verdict.DENY, reason=Reason.APPROVAL_UNAVAILABLE)

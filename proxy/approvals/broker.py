@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Protocol
 
 from proxy.approvals.model import (
@@ -152,6 +152,8 @@ class Broker:
         query: str | None = None,
         body: bytes | None = None,
         runs: str | None = None,
+        fields: Sequence[tuple[bytes, bytes]] | None = None,
+        unread: int | None = 0,
     ) -> Decision:
         """:class:`proxy.core.checkpoint.Approver`: the held ``ask`` decision, answered."""
         review = str(rule.review) if rule is not None else str(Review.HUMAN)
@@ -163,6 +165,8 @@ class Broker:
             query=query,
             body=body,
             runs=runs,
+            fields=fields,
+            unread=unread,
         )
         # (1) grants
         grant = await self.store.grant_for(subject.granted())

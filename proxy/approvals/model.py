@@ -58,7 +58,10 @@ SHOWN_QUERY = 200  # characters of its query there
 
 # What a per-request subject holds of one request beyond its method and path: left out of what a
 # session grant is about (:meth:`Subject.granted`) and of a grant as stored.
-REQUEST_DETAIL = ("query", "query_id", "query_bytes", "body_id", "body_bytes", "runs")
+REQUEST_DETAIL = (
+    "query", "query_id", "query_bytes", "head_id", "head_bytes", "body_id", "body_bytes", "runs",
+)  # fmt: skip
+UNREAD = "unread-"  # the start of the body id of a body the gate did not hold (unique: joins none)
 
 # Kinds whose rules decide a host and port as a whole: their approval covers host:port. Any other kind
 # (a request read under inspection) is decided per request, and its approval covers method and path too.
@@ -87,8 +90,11 @@ class Subject:
     it) and ``query_bytes`` the size of the query sent (two approvals shown alike differ there when
     only their values differ, and a long value is a sign of data leaving). Under a rule that reads
     bodies, the body the gate held is part of it the same way (``body_id``, ``body_bytes``): two
-    GraphQL mutations to one path are two questions. A session grant is about the method and path
-    (:meth:`granted`): it covers them with any query and body."""
+    GraphQL mutations to one path are two questions. So are its header fields as sent (``head_id``,
+    ``head_bytes``: a field carries data as well as a query does), and a body the gate did not hold
+    (which may carry anything) makes the request a question of its own that joins no other
+    (``body_id`` starting with UNREAD, ``body_bytes`` its declared size if any). A session grant is
+    about the method and path (:meth:`granted`): it covers them with any query, fields and body."""
 
     sandbox: str
     host: str
@@ -100,6 +106,8 @@ class Subject:
     query: str | None = None
     query_id: str | None = None
     query_bytes: int | None = None
+    head_id: str | None = None  # a keyed digest of the header fields as sent
+    head_bytes: int | None = None
     body_id: str | None = None  # a keyed digest of a held body (a rule that reads bodies)
     body_bytes: int | None = None
     runs: str | None = None  # what a GraphQL request runs (operations and root fields), for people
@@ -115,6 +123,8 @@ class Subject:
         query: str | None = None,
         body: bytes | None = None,
         runs: str | None = None,
+        fields: Sequence[tuple[bytes, bytes]] | None = None,
+        unread: int | None = 0,
     ) -> Subject:
         """The subject of an ``ask`` decision. ``per_request``: the asking rule reads requests, so
         the approval is about this method, path and query only (a push, not every request to the
@@ -125,6 +135,8 @@ class Subject:
         A request recorded with a query whose exact form was not given is a question of its own
         (a digest of the recorded form would join requests whose values differ). ``body``: the
         body the gate held to decide the request (None: it held none), kept as a digest and size.
+        ``fields``: the request's header fields as sent (None: not an HTTP request), kept the same
+        way. ``unread``: the size of a body the gate did not hold (None: unknown; 0: none).
         ``runs``: what a GraphQL request runs, shown to people (not part of the key: the query and
         body it is read from are)."""
         per_request = per_request or decision.kind not in HOST_KINDS
@@ -134,6 +146,12 @@ class Subject:
             query_id, size = f"unmatched-{secrets.token_hex(16)}", None
         else:
             query_id, size = query_digest(query), len(query.encode("utf-8", "surrogateescape"))
+        head_id, head_bytes = (None, None) if not per_request or fields is None else _head(fields)
+        body_id, body_bytes = None, None
+        if per_request and body is not None:
+            body_id, body_bytes = _digest(body), len(body)
+        elif per_request and unread != 0:
+            body_id, body_bytes = f"{UNREAD}{secrets.token_hex(16)}", unread
         return cls(
             sandbox=decision.sandbox_id or ANONYMOUS,
             host=decision.host,
@@ -145,8 +163,10 @@ class Subject:
             query=decision.query if query_id is not None else None,
             query_id=query_id,
             query_bytes=size,
-            body_id=_digest(body) if per_request and body is not None else None,
-            body_bytes=len(body) if per_request and body is not None else None,
+            head_id=head_id,
+            head_bytes=head_bytes,
+            body_id=body_id,
+            body_bytes=body_bytes,
             runs=runs if per_request else None,
         )
 
@@ -164,6 +184,8 @@ class Subject:
         ]
         if self.query_id is not None:  # (a subject without one keeps the key it always had)
             fields.append(self.query_id)
+        if self.head_id is not None:
+            fields.append(["head", self.head_id])
         if self.body_id is not None:
             fields.append(["body", self.body_id])
         text = json.dumps(fields)
@@ -184,7 +206,7 @@ class Subject:
         shown = f"{self.method} {where}{self.path or ''}"
         if self.query_id is not None:
             shown = f"{shown}?{self.query or ''}{_sent(self.query, self.query_bytes)}"
-        return shown + _body(self.body_bytes, self.runs)
+        return shown + _held(self.head_bytes, self.body_id, self.body_bytes, self.runs)
 
     def summary(self) -> str:
         """:meth:`describe` for one line of a terminal (see :func:`summary`)."""
@@ -198,6 +220,8 @@ class Subject:
             self.query_bytes,
             self.body_bytes,
             self.runs,
+            head_bytes=self.head_bytes,
+            body_read=not (self.body_id or "").startswith(UNREAD),
         )
 
 
@@ -217,10 +241,32 @@ def _digest(data: bytes) -> str:
     return hmac.new(_QUERY_KEY, data, hashlib.sha256).hexdigest()[:32]
 
 
-def _body(size: int | None, runs: str | None = None) -> str:
-    """`` (a body of N bytes)`` for a subject about a held body, and what a GraphQL request runs
-    (``; runs mutation deleteRepository``) when that could be read."""
-    said = [] if size is None else [f"a body of {size} bytes"]
+def _head(fields: Sequence[tuple[bytes, bytes]]) -> tuple[str, int]:
+    """(keyed digest, size as ``name: value`` lines) of header fields as sent. Each name and value
+    is length-prefixed, so no two lists of fields digest alike."""
+    data = b"".join(b"%d:%s%d:%s" % (len(name), name, len(value), value) for name, value in fields)
+    return _digest(data), sum(len(name) + len(value) + 4 for name, value in fields)
+
+
+def _held(
+    head_bytes: int | None,
+    body_id: str | None,
+    body_bytes: int | None,
+    runs: str | None = None,
+    *,
+    body_read: bool | None = None,
+) -> str:
+    """`` (header fields of N bytes; a body of M bytes)`` for a per-request subject: the size of
+    its header fields as sent, of a held body, or of one the gate did not read (``, not read``),
+    and what a GraphQL request runs (``; runs mutation deleteRepository``) when that could be
+    read. ``body_read``: given instead of ``body_id`` (a caller with the parts only)."""
+    said = [] if head_bytes is None else [f"header fields of {head_bytes} bytes"]
+    unread = (body_id or "").startswith(UNREAD) if body_read is None else not body_read
+    if unread:
+        size = "unknown length" if body_bytes is None else f"{body_bytes} bytes"
+        said.append(f"a body of {size}, not read")
+    elif body_bytes is not None:
+        said.append(f"a body of {body_bytes} bytes")
     if runs is not None:
         said.append(f"runs {runs}")
     return f" ({'; '.join(said)})" if said else ""
@@ -242,21 +288,25 @@ def summary(
     query_bytes: int | None = None,
     body_bytes: int | None = None,
     runs: str | None = None,
+    *,
+    head_bytes: int | None = None,
+    body_read: bool = True,
 ) -> str:
     """What an approval is about, on one terminal line: printable ASCII, each part escaped and bounded
     on its own. The sandbox chooses the method's length (an override is any token, as long as the
     request head allows), the path's and the query's: bounded as one string, ``describe()`` would
     lose the host and the path after a long method, and a person would be asked about a request
     without being told where it goes. The host and port are always shown whole; a query, when the
-    request has one, after a ``?`` (as decisions record it), then a held body's size and what a
-    GraphQL request runs."""
+    request has one, after a ``?`` (as decisions record it), then the size of its header fields and
+    of its body (``not read`` when the gate did not hold it) and what a GraphQL request runs."""
     where = escape(join_authority(host, port), 300)
     if method is None:
         return where
     shown = f"{escape(method, SHOWN_METHOD)} {where}{escape(path or '', SHOWN_PATH)}"
     if query is not None:
         shown = f"{shown}?{escape(query, SHOWN_QUERY)}{_sent(query, query_bytes)}"
-    return shown + _body(body_bytes, None if runs is None else escape(runs, SHOWN_PATH))
+    shown_runs = None if runs is None else escape(runs, SHOWN_PATH)
+    return shown + _held(head_bytes, None, body_bytes, shown_runs, body_read=body_read)
 
 
 def _method(method: str | None, judged: Sequence[str]) -> str | None:

@@ -133,10 +133,10 @@ SHOWN_QUERY = 2048
 def unshown(approval: Approval) -> str | None:
     """The request field the reviewer could not be shown whole, or None. Such an approval is
     not put to the reviewer: it would answer about a request cut short (a path whose last segments
-    it never saw), and its answer would cover the whole one. A body the gate held is part of what
-    is asked and is never shown (only its size): people answer those."""
+    it never saw), and its answer would cover the whole one. A body is never shown (only its
+    size), whether the gate held it or not: people answer those."""
     subject = approval.subject
-    if subject.body_bytes is not None:
+    if subject.body_id is not None:
         return "body"
     for name, value, limit in (
         ("host", subject.host, SHOWN_HOST),
@@ -176,6 +176,8 @@ def review_input(approval: Approval, recent: list[dict[str, Any]]) -> dict[str, 
                     "query_bytes": subject.query_bytes,  # of the query sent: values included
                 }
             ),
+            # the size of its header fields as sent (their values are not shown)
+            **({} if subject.head_bytes is None else {"header_bytes": subject.head_bytes}),
         },
         "sandbox": {
             "id": subject.sandbox,

@@ -114,7 +114,7 @@ from proxy.core.firstbytes import FirstBytes
 from proxy.core.firstbytes import Protocol as FirstProtocol
 from proxy.core.framing import Problem
 from proxy.core.hosts import InvalidHost, canonical_host
-from proxy.core.requests import judged_methods
+from proxy.core.requests import HttpHead, judged_methods
 from proxy.policy.model import Policy, Rule
 
 log = logging.getLogger(__name__)
@@ -150,9 +150,11 @@ class Approver(Protocol):
     ``record`` records the ``ask`` event (verdict ASK, with the approval id) while the request waits;
     the returned decision is the answer: the same request, now ALLOW or DENY. ``methods``: every
     method an HTTP request was judged as (its own, then its method overrides), which the answer
-    must be about; ``query``: its query exactly as sent (None without one), and ``body``: the body
-    the gate held to decide it (None: none held), which an answer about that request must be about
-    too; ``runs``: what a GraphQL request runs, for the people asked.
+    must be about; ``query``: its query exactly as sent (None without one), ``fields``: its header
+    fields as sent (None: not an HTTP request), and ``body``: the body the gate held to decide it
+    (None: none held), which an answer about that request must be about too; ``unread``: the size
+    of a body the gate did not hold (None: of unknown size; 0: none), which no answer about another
+    request may cover; ``runs``: what a GraphQL request runs, for the people asked.
     """
 
     async def answer(
@@ -165,6 +167,8 @@ class Approver(Protocol):
         query: str | None = None,
         body: bytes | None = None,
         runs: str | None = None,
+        fields: Sequence[tuple[bytes, bytes]] | None = None,
+        unread: int | None = 0,
     ) -> Decision: ...
 
 
@@ -805,15 +809,17 @@ class Checkpoint:
             )
         rule = policy.rule(decision.rule)
         try:
-            methods = judged_methods(request.http) if request.http is not None else ()
+            head = request.http
             answer = await self.approvals.answer(
                 decision,
                 rule,
                 self.emitter.emit,
-                methods=methods,
+                methods=judged_methods(head) if head is not None else (),
                 query=_exact_query(request),
-                body=request.http.body if request.http is not None else None,
+                body=head.body if head is not None else None,
                 runs=_runs(request),
+                fields=request.fields if head is not None else None,
+                unread=_unread(head),
             )
         except Exception as exc:  # a failing approver never lets anything through
             log.exception("approval of %s failed", decision.id)
@@ -866,6 +872,7 @@ class Checkpoint:
             request.qtype,
             request.http,
             request.query,
+            request.fields,
         )
 
     async def _destination(self, decision: Decision, port: int, policy: Policy) -> Decision:
@@ -998,6 +1005,14 @@ def _runs(request: Request) -> str | None:
         return None
     documents = graphql_documents(head.body, in_url)
     return None if documents is None else graphql_summary(documents)
+
+
+def _unread(head: HttpHead | None) -> int | None:
+    """The size of a body the gate did not hold (None: unknown, as a chunked one), or 0 when it
+    held the body or the request has none."""
+    if head is None or head.body is not None:
+        return 0
+    return head.body_size
 
 
 def _exact_query(request: Request) -> str | None:

@@ -137,6 +137,7 @@ def http_request(
         path,
         http=http_head(method, target, fields, multiplexed=multiplexed),
         query=shown_query(query, query_values) if query else None,
+        fields=fields if isinstance(fields, tuple) else tuple(fields),
     )
 
 

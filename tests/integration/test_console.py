@@ -303,10 +303,12 @@ def test_markup_in_a_held_path_is_shown_as_text(console: Console) -> None:
     held = fetch(f"http://repo.test:{console.upstream.port}{PATH_MARKUP}", console.gate.proxy,
                  "-X", "POST")  # fmt: skip
     item = console.approval(PATH_MARKUP)
-    assert item.find_element(By.CSS_SELECTOR, "h2").text == (
-        f"POST repo.test:{console.upstream.port}{PATH_MARKUP}"
-    )
-    assert PATH_MARKUP in item.find_element(By.CSS_SELECTOR, "dl").text
+    heading = item.find_element(By.CSS_SELECTOR, "h2").text
+    shown = f"POST repo.test:{console.upstream.port}{PATH_MARKUP}"
+    assert re.fullmatch(re.escape(shown) + r" \(header fields of \d+ bytes\)", heading), heading
+    facts = item.find_element(By.CSS_SELECTOR, "dl").text
+    assert PATH_MARKUP in facts
+    assert re.search(r"Header fields\s+\d+ bytes \(not shown\)", facts), facts
     no_injection(console)
     console.shot("pending-markup")
     item.find_element(By.CSS_SELECTOR, "input[name=reason]").send_keys("<b>no</b>")

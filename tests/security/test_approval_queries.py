@@ -55,8 +55,9 @@ def test_a_request_with_another_query_does_not_join_the_approval_of_the_first(
         assert (shown["method"], shown["path"], shown["query"]) == ("POST", "/upload", "name=")
         assert "s3cret" not in str(shown)
     # shown alike but for the size of each query as sent
-    assert first["what"].endswith("/upload?name= (14 bytes sent)"), first["what"]
-    assert second["what"].endswith("/upload?name= (23 bytes sent)"), second["what"]
+    fields = f"(header fields of {first['head_bytes']} bytes)"
+    assert first["what"].endswith(f"/upload?name= (14 bytes sent) {fields}"), first["what"]
+    assert second["what"].endswith(f"/upload?name= (23 bytes sent) {fields}"), second["what"]
     assert first["query_id"] != second["query_id"]
 
     assert gate.egress("approve", first["id"]).returncode == 0  # once
@@ -141,7 +142,8 @@ def test_a_mutation_never_joins_the_approval_of_another_mutation(
     assert held["body_bytes"] == len(create) and other["body_bytes"] == len(delete)
     # told apart by what each asks for (the operation and its root fields), not only by size
     assert held["what"].endswith(
-        f"/graphql (a body of {len(create)} bytes; runs mutation createIssue)"
+        f"/graphql (header fields of {held['head_bytes']} bytes; a body of {len(create)} bytes; "
+        "runs mutation createIssue)"
     )
     assert other["runs"] == "mutation deleteRepository"
     assert gate.egress("approve", held["id"]).returncode == 0
@@ -151,3 +153,52 @@ def test_a_mutation_never_joins_the_approval_of_another_mutation(
     assert gate.egress("deny", other["id"]).returncode == 0
     assert second.result().status == 403
     assert reached(http_upstream) == ["/graphql"]
+
+
+def test_a_request_with_other_header_fields_does_not_join_the_approval_of_the_first(
+    gate: ApprovalGate, http_upstream: Upstream
+) -> None:
+    """A header field carries data as well as a query does: the same method, path and query with
+    ``X-Note: <a secret>`` added is another question, shown with the size of its header fields."""
+    benign = fetch(url(http_upstream, BENIGN), gate.proxy, "-X", "POST")
+    [first] = gate.wait_pending()
+    secret = "s3cret-token-value-" * 4
+    leak = fetch(url(http_upstream, BENIGN), gate.proxy, "-X", "POST", "-H", f"X-Note: {secret}")
+    pending = gate.wait_pending(2)
+    [second] = [p for p in pending if p["id"] != first["id"]]
+    assert first["head_id"] != second["head_id"]
+    assert second["head_bytes"] > first["head_bytes"] + len(secret)
+    assert f"(header fields of {second['head_bytes']} bytes)" in second["what"], second["what"]
+    assert "s3cret" not in str(second)
+    assert gate.egress("approve", first["id"]).returncode == 0  # once
+    assert benign.result().status == 200
+    time.sleep(0.3)
+    assert not leak.done, "the request with another header was let through by the first's answer"
+    assert gate.egress("deny", second["id"]).returncode == 0
+    assert leak.result().status == 403
+    assert [h for _, _, h in http_upstream.requests if secret in str(h)] == []
+    assert reached(http_upstream) == [BENIGN]
+
+
+def test_a_request_with_a_body_the_gate_did_not_read_joins_no_approval(
+    gate: ApprovalGate, http_upstream: Upstream
+) -> None:
+    """The rule reads no body, so the gate does not hold it: two uploads to the same method, path
+    and query may carry anything, and neither is let through by the answer to the other. Each is
+    shown with the size of its body and that it was not read."""
+    upload = ("-X", "POST", "-H", "Content-Type: application/octet-stream", "--data-binary")
+    first = fetch(url(http_upstream, BENIGN), gate.proxy, *upload, "notes")
+    [held] = gate.wait_pending()
+    second = fetch(url(http_upstream, BENIGN), gate.proxy, *upload, "s3cret-token-value")
+    pending = gate.wait_pending(2)
+    [other] = [p for p in pending if p["id"] != held["id"]]
+    assert held["what"].endswith("; a body of 5 bytes, not read)"), held["what"]
+    assert other["what"].endswith("; a body of 18 bytes, not read)"), other["what"]
+    assert held["body_id"] != other["body_id"]
+    assert gate.egress("approve", held["id"]).returncode == 0
+    assert first.result().status == 200
+    time.sleep(0.3)
+    assert not second.done, "the other upload was let through by the first's answer"
+    assert gate.egress("deny", other["id"]).returncode == 0
+    assert second.result().status == 403
+    assert reached(http_upstream) == [BENIGN]

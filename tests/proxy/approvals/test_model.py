@@ -165,3 +165,63 @@ def test_a_held_body_is_part_of_what_a_request_rule_asks_about() -> None:
     assert create.granted() == Subject.of(decision, per_request=True)
     # a host rule asks about host and port whatever the body
     assert Subject.of(decision, body=b"x") == Subject.of(decision)
+
+
+FIELDS = ((b"Host", b"api.test"), (b"User-Agent", b"curl/8"), (b"Accept", b"*/*"))
+
+
+def test_the_header_fields_as_sent_are_part_of_what_a_request_rule_asks_about() -> None:
+    """A field carries data as well as a query does: a request with another field, another value
+    or the same fields in another order is another question; only their keyed digest and size are
+    kept, and a session grant covers any fields."""
+    from proxy.approvals.model import _digest
+
+    decision = ask(Kind.HTTP)
+    plain = Subject.of(decision, per_request=True, fields=FIELDS)
+    assert Subject.of(decision, per_request=True, fields=list(FIELDS)) == plain
+    assert plain.head_bytes == sum(len(n) + len(v) + 4 for n, v in FIELDS) == 49
+    others = [
+        (*FIELDS, (b"X-Note", b"s3cret")),
+        (FIELDS[0], FIELDS[1], (b"Accept", b"*/+")),
+        (FIELDS[2], FIELDS[1], FIELDS[0]),
+        # a name and value that run together the same way once joined
+        (FIELDS[0], FIELDS[1], (b"Accept*", b"/*")),
+    ]
+    keys = {Subject.of(decision, per_request=True, fields=f).key for f in others}
+    assert len(keys) == len(others) and plain.key not in keys
+    assert plain.head_id != _digest(b"".join(n + v for n, v in FIELDS))
+    assert plain.describe() == (
+        "POST api.test:443/repo.git/git-receive-pack (header fields of 49 bytes)"
+    )
+    assert "curl" not in str(plain)
+    granted = plain.granted()
+    assert (granted.head_id, granted.head_bytes) == (None, None)
+    # a host rule's approval is about host and port whatever the fields
+    assert Subject.of(ask(Kind.CONNECT), fields=FIELDS).head_id is None
+
+
+def test_a_body_the_gate_did_not_read_makes_a_question_that_joins_no_other() -> None:
+    from proxy.approvals.model import UNREAD, Approval, summary
+
+    decision = ask(Kind.HTTP)
+    first = Subject.of(decision, per_request=True, unread=5)
+    second = Subject.of(decision, per_request=True, unread=5)
+    assert first.body_id is not None and first.body_id.startswith(UNREAD)
+    assert first.key != second.key and first.body_bytes == 5
+    assert first.describe().endswith("git-receive-pack (a body of 5 bytes, not read)")
+    unknown = Subject.of(decision, per_request=True, unread=None, fields=FIELDS)
+    assert unknown.describe().endswith(
+        "(header fields of 49 bytes; a body of unknown length, not read)"
+    )
+    assert unknown.summary().endswith("; a body of unknown length, not read)")
+    assert Subject.of(decision, per_request=True, unread=0).body_id is None
+    # a held body is the body itself, whatever was said of its length
+    assert not (
+        Subject.of(decision, per_request=True, body=b"{}", unread=2).body_id or ""
+    ).startswith(UNREAD)
+    # read back (stores, admin API): still a body not read
+    opened = Approval.open(decision, unknown, "human", 60, 1.0)
+    back = Approval.from_json(opened.to_json())
+    assert back.subject == opened.subject and back.subject.describe() == unknown.describe()
+    line = summary("api.test", 443, "POST", "/x", body_bytes=7, head_bytes=3, body_read=False)
+    assert line == "POST api.test:443/x (header fields of 3 bytes; a body of 7 bytes, not read)"

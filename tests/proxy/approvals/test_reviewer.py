@@ -171,6 +171,13 @@ def test_the_reviewer_sees_the_query_of_a_request_it_is_asked_about() -> None:
     assert given["request"]["query"] == "name=&to=" and "query_id" not in str(given)
     assert given["request"]["query_bytes"] == len("name=a&to=b")
     assert "query" not in review_input(_connect_approval(), [])["request"]
+    # the size of its header fields, not their values
+    fields = ((b"Authorization", b"Bearer s3cr3t"), (b"Accept", b"*/*"))
+    given = review_input(
+        Approval.open(decision, Subject.of(decision, fields=fields), "auto", 60, 1000.0), []
+    )
+    assert given["request"]["header_bytes"] == 43 and "s3cr3t" not in str(given)
+    assert "header_bytes" not in review_input(_connect_approval(), [])["request"]
 
 
 ENV_REVIEWER = """
@@ -232,15 +239,20 @@ def test_a_request_whose_body_is_part_of_the_question_is_never_put_to_the_review
         Verdict.ASK, Reason.APPROVAL_PENDING, "r", Kind.REQUEST, "api.test", 443, "v", "enforce",
         method="POST", path="/graphql", sandbox_id="sbx-1",
     )  # fmt: skip
-    subject = Subject.of(decision, body=b'{"query": "mutation { deleteRepository }"}')
-    approval = Approval.open(decision, subject, "auto", 60, 1000.0)
-    marker = tmp_path / "ran"
     reviewer = CommandReviewer(
-        [sys.executable, "-c", f"open({str(marker)!r}, 'w'); print('allow: ok')"], timeout=20
+        [sys.executable, "-c", f"open({str(tmp_path / 'ran')!r}, 'w'); print('allow: ok')"],
+        timeout=20,
     )
-    advice, reason, _ = asyncio.run(reviewer.review(approval))
-    assert advice is Advice.ESCALATE and "body" in reason
-    assert not marker.exists()
+    # a body it held, and one it did not read (the upload any answer about it would let through)
+    for subject in (
+        Subject.of(decision, body=b'{"query": "mutation { deleteRepository }"}'),
+        Subject.of(decision, unread=4096),
+        Subject.of(decision, unread=None),
+    ):
+        approval = Approval.open(decision, subject, "auto", 60, 1000.0)
+        advice, reason, _ = asyncio.run(reviewer.review(approval))
+        assert advice is Advice.ESCALATE and "body" in reason
+        assert not (tmp_path / "ran").exists()
 
 
 @pytest.mark.parametrize("field", ["path", "method", "query"])

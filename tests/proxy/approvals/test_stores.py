@@ -113,9 +113,11 @@ def test_requests_with_another_query_open_their_own_and_the_same_query_joins(
     """A per-request approval is about the exact query and a held body (their digests), and both
     survive the store's round trip: on either store."""
 
-    def opened(clock: Clock, query: str, held: bytes = b"{}") -> Approval:
+    def opened(
+        clock: Clock, query: str, held: bytes = b"{}", fields: Any = ((b"Accept", b"*/*"),)
+    ) -> Approval:
         decision = ask().with_(kind=Kind.HTTP, method="POST", path="/upload", query="name=")
-        subject = Subject.of(decision, per_request=True, query=query, body=held)
+        subject = Subject.of(decision, per_request=True, query=query, body=held, fields=fields)
         return Approval.open(decision, subject, "human", 60, clock())
 
     async def body(store: Store, clock: Clock) -> None:
@@ -123,10 +125,15 @@ def test_requests_with_another_query_open_their_own_and_the_same_query_joins(
         again = await store.open(opened(clock, "name=a"), Limits())
         other = await store.open(opened(clock, "name=b"), Limits())
         other_body = await store.open(opened(clock, "name=a", b'{"x": 1}'), Limits())
+        other_fields = await store.open(
+            opened(clock, "name=a", fields=((b"Accept", b"*/*"), (b"X-Note", b"1"))), Limits()
+        )
         assert first is not None and again is not None and other is not None
         assert first[1] and not again[1] and again[0].id == first[0].id
         assert other[1] and other[0].id != first[0].id
         assert other_body is not None and other_body[1] and other_body[0].id != first[0].id
+        assert other_fields is not None and other_fields[1]
+        assert other_fields[0].id != first[0].id
         read = await store.get(first[0].id)
         assert read is not None and read.subject == first[0].subject
 

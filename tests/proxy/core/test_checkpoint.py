@@ -420,6 +420,8 @@ class Approver:
         query: str | None = None,
         body: bytes | None = None,
         runs: str | None = None,
+        fields: Any = None,
+        unread: int | None = 0,
     ) -> Decision:
         self.asked.append((decision, rule.name if rule else None))
         self.queries.append(query)
@@ -524,6 +526,8 @@ class Elsewhere(Approver):
         query: str | None = None,
         body: bytes | None = None,
         runs: str | None = None,
+        fields: Any = None,
+        unread: int | None = 0,
     ) -> Decision:
         answer = await super().answer(decision, rule, record)
         return answer.with_(**self.changes)

@@ -40,6 +40,8 @@ class Reloading(Approver):
         query: str | None = None,
         body: bytes | None = None,
         runs: str | None = None,
+        fields: Any = None,
+        unread: int | None = 0,
     ) -> Decision:
         self.holder["policy"] = self.new  # what a live reload does while a person decides
         return await super().answer(decision, rule, record)

@@ -94,8 +94,14 @@
       query += " (" + a.query_bytes + " bytes sent; values not recorded)";
     }
     field(facts, "Query", query, "mono");
-    // A body the gate held to decide the request: another body is another approval.
-    field(facts, "Body", Number.isInteger(a.body_bytes) ? a.body_bytes + " bytes, held (not shown)" : null);
+    // The header fields as sent: other fields are another approval (their values are not shown).
+    field(facts, "Header fields", Number.isInteger(a.head_bytes) ? a.head_bytes + " bytes (not shown)" : null);
+    // A body the gate held to decide the request, or one it did not read: another body is another
+    // approval, and a body not read joins none.
+    const unread = typeof a.body_id === "string" && a.body_id.startsWith("unread-");
+    const size = Number.isInteger(a.body_bytes) ? a.body_bytes + " bytes" : "unknown length";
+    field(facts, "Body", unread ? size + ", not read by the gate"
+      : Number.isInteger(a.body_bytes) ? a.body_bytes + " bytes, held (not shown)" : null);
     // What a GraphQL request runs: each operation's type and root fields (never a name it chose).
     field(facts, "Runs", a.runs, "mono");
     field(facts, "Rule", a.rule ? a.rule + (a.review === "auto" ? " (reviewer may answer)" : "") : null, "mono");
