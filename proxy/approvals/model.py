@@ -263,8 +263,8 @@ def _held(
     said = [] if head_bytes is None else [f"header fields of {head_bytes} bytes"]
     unread = (body_id or "").startswith(UNREAD) if body_read is None else not body_read
     if unread:
-        size = "unknown length" if body_bytes is None else f"{body_bytes} bytes"
-        said.append(f"a body of {size}, not read")
+        size = "unknown length, if any," if body_bytes is None else f"{body_bytes} bytes,"
+        said.append(f"a body of {size} not read")
     elif body_bytes is not None:
         said.append(f"a body of {body_bytes} bytes")
     if runs is not None:

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from proxy.approvals.model import Advice, Approval, Scope, clip
+from proxy.approvals.model import UNREAD, Advice, Approval, Scope, clip
 from proxy.core.bodies import json_document
 from proxy.core.decision import Decision, Verdict
 
@@ -133,10 +133,12 @@ SHOWN_QUERY = 2048
 def unshown(approval: Approval) -> str | None:
     """The request field the reviewer could not be shown whole, or None. Such an approval is
     not put to the reviewer: it would answer about a request cut short (a path whose last segments
-    it never saw), and its answer would cover the whole one. A body is never shown (only its
-    size), whether the gate held it or not: people answer those."""
+    it never saw), and its answer would cover the whole one. A body the gate held (a rule that
+    reads bodies: what it holds decides what the server does) is never shown, only its size:
+    people answer those. A body the gate did not read is no part of what its rule judges; the
+    reviewer is told of it (``body``) and answers that request alone (it joins no other)."""
     subject = approval.subject
-    if subject.body_id is not None:
+    if subject.body_id is not None and not subject.body_id.startswith(UNREAD):
         return "body"
     for name, value, limit in (
         ("host", subject.host, SHOWN_HOST),
@@ -178,6 +180,12 @@ def review_input(approval: Approval, recent: list[dict[str, Any]]) -> dict[str, 
             ),
             # the size of its header fields as sent (their values are not shown)
             **({} if subject.head_bytes is None else {"header_bytes": subject.head_bytes}),
+            # a body the gate did not read (its length, null when unknown), never shown
+            **(
+                {"body": {"read": False, "bytes": subject.body_bytes}}
+                if (subject.body_id or "").startswith(UNREAD)
+                else {}
+            ),
         },
         "sandbox": {
             "id": subject.sandbox,

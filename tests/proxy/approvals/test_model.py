@@ -211,9 +211,9 @@ def test_a_body_the_gate_did_not_read_makes_a_question_that_joins_no_other() -> 
     assert first.describe().endswith("git-receive-pack (a body of 5 bytes, not read)")
     unknown = Subject.of(decision, per_request=True, unread=None, fields=FIELDS)
     assert unknown.describe().endswith(
-        "(header fields of 49 bytes; a body of unknown length, not read)"
+        "(header fields of 49 bytes; a body of unknown length, if any, not read)"
     )
-    assert unknown.summary().endswith("; a body of unknown length, not read)")
+    assert unknown.summary().endswith("; a body of unknown length, if any, not read)")
     assert Subject.of(decision, per_request=True, unread=0).body_id is None
     # a held body is the body itself, whatever was said of its length
     assert not (

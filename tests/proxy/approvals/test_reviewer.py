@@ -14,6 +14,7 @@ from proxy.approvals.reviewer import (
     RecentDecisions,
     parse_answer,
     review_input,
+    unshown,
 )
 from proxy.core.decision import Decision, Kind, Reason, Verdict
 
@@ -243,16 +244,26 @@ def test_a_request_whose_body_is_part_of_the_question_is_never_put_to_the_review
         [sys.executable, "-c", f"open({str(tmp_path / 'ran')!r}, 'w'); print('allow: ok')"],
         timeout=20,
     )
-    # a body it held, and one it did not read (the upload any answer about it would let through)
-    for subject in (
-        Subject.of(decision, body=b'{"query": "mutation { deleteRepository }"}'),
-        Subject.of(decision, unread=4096),
-        Subject.of(decision, unread=None),
-    ):
-        approval = Approval.open(decision, subject, "auto", 60, 1000.0)
-        advice, reason, _ = asyncio.run(reviewer.review(approval))
-        assert advice is Advice.ESCALATE and "body" in reason
-        assert not (tmp_path / "ran").exists()
+    subject = Subject.of(decision, body=b'{"query": "mutation { deleteRepository }"}')
+    approval = Approval.open(decision, subject, "auto", 60, 1000.0)
+    advice, reason, _ = asyncio.run(reviewer.review(approval))
+    assert advice is Advice.ESCALATE and "body" in reason
+    assert not (tmp_path / "ran").exists()
+
+
+def test_the_reviewer_is_told_of_a_body_the_gate_did_not_read() -> None:
+    """No part of what its rule judges (the rule reads no body), so the reviewer may answer that
+    request alone (it joins no other); it is told the body was not read, and its length."""
+    decision = Decision(
+        Verdict.ASK, Reason.APPROVAL_PENDING, "r", Kind.REQUEST, "api.test", 443, "v", "enforce",
+        method="POST", path="/upload", sandbox_id="sbx-1",
+    )  # fmt: skip
+    for unread in (4096, None):
+        approval = Approval.open(decision, Subject.of(decision, unread=unread), "auto", 60, 1.0)
+        assert unshown(approval) is None
+        given = review_input(approval, [])
+        assert given["request"]["body"] == {"read": False, "bytes": unread}
+    assert "body" not in review_input(_connect_approval(), [])["request"]
 
 
 @pytest.mark.parametrize("field", ["path", "method", "query"])
