@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 HELD = "egress.held"  # the byte limit of a request body held back until the gate decides
 OVERFLOW = "egress.overflow"  # the held body went past that limit (and was dropped)
 _PENDING = "egress.pending"  # the Request waiting for its body
+# An HTTP/2 or HTTP/3 request whose head ended its stream (no body follows; set by GateStream):
+# without a length, such a request is told apart from one whose body is still to come.
+ENDED = "egress.ended"
 _ADMITTED = "egress.admitted"  # the allow a request's head got (its buffered body is checked too)
 _ALLOWED = "egress.allowed"  # the Request the gate let through (what a protocol switch is held to)
 
@@ -292,7 +295,7 @@ class GateAddon:
         if conn.inspected and tunnel is not None and flow.client_conn.tls_established:
             # Inside an inspected tunnel: the tunnel's host, identity and pinned address; the
             # request must name that host (a proxy credential here is the origin's business: dropped).
-            request = self._request(Kind.REQUEST, tunnel.host, tunnel.port, req)
+            request = self._request(Kind.REQUEST, tunnel.host, tunnel.port, flow)
             problem = _refused_by_parser(flow) or head_problem(
                 req.method, req.path, req.headers.fields
             )
@@ -303,7 +306,7 @@ class GateAddon:
                 carried=self._carried(req),
             )
         else:
-            request = self._request(Kind.HTTP, req.host, req.port, req)
+            request = self._request(Kind.HTTP, req.host, req.port, flow)
             problem = _refused_by_parser(flow) or plain_problem(
                 req.method,
                 req.path,
@@ -325,16 +328,26 @@ class GateAddon:
             return
         self._enforce(flow, conn, request, outcome)
 
-    def _request(self, kind: Kind, host: str, port: int | None, req: http.Request) -> Request:
+    def _request(self, kind: Kind, host: str, port: int | None, flow: http.HTTPFlow) -> Request:
+        req = flow.request
+        fields = req.headers.fields
+        sent = fields
+        multiplexed = req.is_http2 or req.is_http3
+        if multiplexed:
+            # sent upstream as the client wrote them, beside the fields: part of an approval's
+            # question as the fields are (their canonical forms alone are checked)
+            pseudo = ((b":authority", req.authority), (b":scheme", req.scheme))
+            sent = (*((k, v.encode("utf-8", "surrogateescape")) for k, v in pseudo), *fields)
         return http_request(
             kind,
             host,
             port,
             req.method,
             req.path,
-            req.headers.fields,
+            fields,
             query_values=self.query_values,
-            multiplexed=req.is_http2 or req.is_http3,
+            multiplexed=multiplexed and not flow.metadata.get(ENDED, False),
+            sent=sent,
         )
 
     def _request_done(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
@@ -412,7 +425,7 @@ class GateAddon:
             self.close_client(flow.client_conn)
         if conn is not None:
             req = flow.request
-            request = allowed or self._request(Kind.HTTP, req.host, req.port, req)
+            request = allowed or self._request(Kind.HTTP, req.host, req.port, flow)
             self.checkpoint.refuse_switch(conn, request, detail)
 
     def _error(self, flow: http.HTTPFlow) -> None:

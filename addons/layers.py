@@ -34,16 +34,18 @@ from mitmproxy.proxy.layers.http._events import (
     HttpEvent,
     RequestData,
     RequestEndOfMessage,
+    RequestHeaders,
     RequestProtocolError,
     RequestTrailers,
     ResponseData,
     ResponseProtocolError,
 )
+from mitmproxy.proxy.layers.http._hooks import HttpRequestHeadersHook
 from mitmproxy.proxy.layers.http._http1 import Http1Server, make_error_response
 from mitmproxy.proxy.layers.modes import HttpProxy
 from mitmproxy.proxy.layers.tls import ClientTLSLayer, ServerTLSLayer
 
-from addons.gate import HELD, OVERFLOW, GateAddon
+from addons.gate import ENDED, HELD, OVERFLOW, GateAddon
 from proxy.core.connections import Connection
 from proxy.core.decision import Decision, Reason
 from proxy.core.firstbytes import MAX_CLIENT_HELLO, Protocol, classify
@@ -160,6 +162,21 @@ class GateStream(HttpStream):
     def __init__(self, context: Context, stream_id: int, gate: GateAddon) -> None:
         super().__init__(context, stream_id)
         self.gate = gate
+
+    def state_wait_for_request_headers(self, event: RequestHeaders) -> layer.CommandGenerator[None]:
+        """mitmproxy's, telling the gate's hook whether the head ended its stream (``ENDED``): an
+        HTTP/2 or HTTP/3 request without a length then has no body, where one whose stream goes on
+        may send any (the hook is given the flow only)."""
+        commands = super().state_wait_for_request_headers(event)
+        reply: Any = None
+        while True:
+            try:
+                command = commands.send(reply)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            if isinstance(command, HttpRequestHeadersHook):
+                command.flow.metadata[ENDED] = bool(event.end_stream)
+            reply = yield command
 
     def check_body_size(self, request: bool) -> layer.CommandGenerator[bool]:
         flow = getattr(self, "flow", None)

@@ -123,7 +123,8 @@ def measure(name: str, n: int) -> tuple[float, float, float]:
     return best
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """``argv``: [N]; none when run by ``python -m bench evidence_emit`` (the default N)."""
     n = int(argv[0]) if argv else 20000
     print(f"CPU per record, µs (best of {ROUNDS} rounds of {n} tunnels)")
     print(f"{'sinks':<8} {'decision':>9} {'closed':>9} {'tunnel':>9}")

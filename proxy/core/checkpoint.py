@@ -87,6 +87,7 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -818,7 +819,7 @@ class Checkpoint:
                 query=_exact_query(request),
                 body=head.body if head is not None else None,
                 runs=_runs(request),
-                fields=request.fields if head is not None else None,
+                fields=_sent_fields(request),
                 unread=_unread(head),
             )
         except Exception as exc:  # a failing approver never lets anything through
@@ -1009,10 +1010,21 @@ def _runs(request: Request) -> str | None:
 
 def _unread(head: HttpHead | None) -> int | None:
     """The size of a body the gate did not hold (None: unknown, as a chunked one), or 0 when it
-    held the body or the request has none."""
+    held the body or the request has none. A WebSocket handshake counts as one of unknown size:
+    the messages of each channel it opens are not read either."""
     if head is None or head.body is not None:
         return 0
-    return head.body_size
+    return None if head.websocket else head.body_size
+
+
+def _sent_fields(request: Request) -> Sequence[tuple[bytes, bytes]] | None:
+    """What an HTTP request sent beside its target, for its approval; a request whose adapter did
+    not say is given a field no other request has (it joins no approval)."""
+    if request.http is None:
+        return None
+    if request.fields is None:
+        return ((b":unstated", secrets.token_bytes(16)),)
+    return request.fields
 
 
 def _exact_query(request: Request) -> str | None:

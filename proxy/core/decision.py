@@ -98,9 +98,10 @@ class Request:
     qtype: str | None = None
     http: HttpHead | None = None  # what the request step reads (HTTP and inspected requests)
     query: str | None = None  # the query as recorded (values scrubbed unless configured)
-    # An HTTP request's header fields as sent, for an approval about exactly this request: not part
-    # of its equality or hash (nothing decides or is remembered by them), never recorded.
-    fields: tuple[tuple[bytes, bytes], ...] = field(default=(), compare=False, repr=False)
+    # An HTTP request's method and header fields as sent, for an approval about exactly this
+    # request (None: not stated, and an approval then joins none): not part of its equality or
+    # hash (nothing decides or is remembered by them), never recorded.
+    fields: tuple[tuple[bytes, bytes], ...] | None = field(default=None, compare=False, repr=False)
 
 
 fast_init(Request)

@@ -126,8 +126,13 @@ def http_request(
     *,
     query_values: bool,
     multiplexed: bool = False,
+    sent: Fields | None = None,
 ) -> Request:
-    """The request the checkpoint decides for a head whose origin-form target is ``target``."""
+    """The request the checkpoint decides for a head whose origin-form target is ``target``.
+    ``multiplexed``: HTTP/2 or HTTP/3 whose body is still to come (a head that ended its stream
+    has none). ``sent``: what the request carries upstream beside ``fields`` (HTTP/2's authority
+    and scheme) with them, for an approval's question; the method as sent (its letter case, which
+    the approval's method does not keep) goes with them."""
     path, _, query = target.partition("?")
     return Request(
         kind,
@@ -137,7 +142,7 @@ def http_request(
         path,
         http=http_head(method, target, fields, multiplexed=multiplexed),
         query=shown_query(query, query_values) if query else None,
-        fields=fields if isinstance(fields, tuple) else tuple(fields),
+        fields=((b":method", method.encode("utf-8", "surrogateescape")), *(sent or fields)),
     )
 
 

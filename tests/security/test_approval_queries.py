@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from proxy.app.statedir import mitmproxy_confdir
 from tests.approvals_harness import ApprovalGate, fetch, repo_gate
 from tests.approvals_harness import repo_url as url
 from tests.dnsfake import FakeDns
-from tests.harness import Upstream, serving
+from tests.harness import LocalCA, Upstream, serving
 
 POLICY = """
 version: 1
@@ -202,3 +203,58 @@ def test_a_request_with_a_body_the_gate_did_not_read_joins_no_approval(
     assert gate.egress("deny", other["id"]).returncode == 0
     assert second.result().status == 403
     assert reached(http_upstream) == [BENIGN]
+
+
+H2_POLICY = """
+version: 1
+allow_internal: [127.0.0.0/8]
+rules:
+  - name: ask-reads
+    action: ask
+    hosts: [allowed.test]
+    ports: [{port}]
+    methods: [GET]
+"""
+
+
+@pytest.fixture
+def h2_gate(
+    tmp_path: Path, fake_dns: FakeDns, tls_upstream: Upstream, test_ca: LocalCA
+) -> Iterator[ApprovalGate]:
+    """A gate that inspects ``allowed.test`` (its rule reads requests), trusting the test CA's
+    upstream; clients speak HTTP/2 to it."""
+    fake_dns.set("allowed.test", "A", ["127.0.0.1"])
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(H2_POLICY.format(port=tls_upstream.port))
+    directory = tmp_path / "gate"
+    directory.mkdir()
+    yield from serving(
+        ApprovalGate(policy, fake_dns.nameserver, directory, "--upstream-ca", str(test_ca.ca_path))
+    )
+
+
+def test_identical_http2_requests_without_a_body_join_one_approval(
+    h2_gate: ApprovalGate, tls_upstream: Upstream
+) -> None:
+    """An HTTP/2 request need not state a length; one whose head ended its stream has no body, and
+    is asked about as one: two identical GETs are one approval, shown without a body."""
+    gate = h2_gate
+    ca = gate.directory / "state" / mitmproxy_confdir(Path()).name / "mitmproxy-ca-cert.pem"
+    where = f"https://allowed.test:{tls_upstream.port}/x"
+    h2 = ("--http2", "--cacert", str(ca))
+    held = [fetch(where, gate.proxy, *h2) for _ in range(2)]
+    [pending] = gate.wait_pending()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # both are waiting once both ask events are recorded
+        asks = [d for d in gate.decisions() if d.get("decision") == "ask"]
+        if len(asks) >= 2:
+            break
+        time.sleep(0.05)
+    assert {d["approval"] for d in asks} == {pending["id"]}, asks
+    assert pending["body_id"] is None, pending
+    assert pending["what"] == (
+        f"GET allowed.test:{tls_upstream.port}/x (header fields of {pending['head_bytes']} bytes)"
+    )
+    assert gate.egress("approve", pending["id"]).returncode == 0
+    assert [h.result().status for h in held] == [200, 200]
+    assert len(tls_upstream.requests) == 2

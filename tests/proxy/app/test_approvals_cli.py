@@ -38,3 +38,17 @@ def test_an_answer_without_parts_shows_its_what_bounded() -> None:
     approval["what"] = "GET " + "y" * 1000 + "\x1b]0;x\x07"
     line = describe(approval, 1000.0)
     assert "\x1b" not in line and len(line) < 400
+
+
+def test_the_size_of_the_fields_and_of_a_body_not_read_are_on_the_line() -> None:
+    """Two approvals that differ only in a header field or an unread body are told apart."""
+    line = describe(
+        listed(method="POST", head_bytes=91, body_id="unread-00ff", body_bytes=18), 1000.0
+    )
+    assert line.endswith("/api/deploy (header fields of 91 bytes; a body of 18 bytes, not read)")
+    held = describe(listed(method="POST", head_bytes=91, body_id="0a1b", body_bytes=18), 1000.0)
+    assert held.endswith("/api/deploy (header fields of 91 bytes; a body of 18 bytes)")
+    unknown = describe(listed(head_bytes=7, body_id="unread-1"), 1000.0)
+    assert unknown.endswith(
+        "(header fields of 7 bytes; a body of unknown length, if any, not read)"
+    )

@@ -190,6 +190,14 @@ def test_the_header_fields_as_sent_are_part_of_what_a_request_rule_asks_about() 
     keys = {Subject.of(decision, per_request=True, fields=f).key for f in others}
     assert len(keys) == len(others) and plain.key not in keys
     assert plain.head_id != _digest(b"".join(n + v for n, v in FIELDS))
+    # keyed, as the query's digest: a short value is not found by trying every value
+    import hashlib
+
+    joined = b"".join(b"%d:%s%d:%s" % (len(n), n, len(v), v) for n, v in FIELDS)
+    assert plain.head_id not in (
+        hashlib.sha256(joined).hexdigest()[:32],
+        hashlib.sha256(b"".join(n + v for n, v in FIELDS)).hexdigest()[:32],
+    )
     assert plain.describe() == (
         "POST api.test:443/repo.git/git-receive-pack (header fields of 49 bytes)"
     )

@@ -409,6 +409,7 @@ class Approver:
         self.fail = fail
         self.asked: list[tuple[Decision, str | None]] = []
         self.queries: list[str | None] = []
+        self.sent: list[tuple[Any, int | None]] = []  # (fields, unread)
 
     async def answer(
         self,
@@ -425,6 +426,7 @@ class Approver:
     ) -> Decision:
         self.asked.append((decision, rule.name if rule else None))
         self.queries.append(query)
+        self.sent.append((fields, unread))
         record(decision.with_(approval="a1"))
         if self.fail:
             raise RuntimeError("store unreachable")
@@ -485,6 +487,39 @@ def test_the_approver_is_given_the_exact_query_not_the_recorded_one(
     assert admit(checkpoint, conn, request).allowed
     [(asked, _)] = approver.asked
     assert approver.queries == [exact] and asked.query == recorded
+
+
+def test_the_approver_is_given_the_fields_as_sent_and_any_body_not_read(
+    ask_policy: Policy,
+) -> None:
+    """What an approval covers: the method as sent and the header fields (from the adapter), and
+    whether a body follows that the gate did not hold (its length; None when unknown, as for a
+    WebSocket's messages). A request whose adapter stated no fields is given a field of its own."""
+    from proxy.core.httpheads import http_request
+
+    def asked(request: Request) -> tuple[Any, int | None]:
+        approver = Approver()
+        checkpoint, lookups, _ = make(ask_policy, approvals=approver)
+        lookups.answers["api.test"] = "203.0.113.20"
+        conn = Connection(peer="127.0.0.1:5000", sandbox_id="sbx")
+        assert admit(checkpoint, conn, request).allowed
+        [sent] = approver.sent
+        return sent
+
+    def head(method: str, *fields: tuple[bytes, bytes]) -> Request:
+        return http_request(Kind.HTTP, "api.test", 443, method, "/x", fields, query_values=False)
+
+    fields, unread = asked(head("pOsT", (b"Content-Length", b"5"), (b"X-Note", b"1")))
+    assert fields == ((b":method", b"pOsT"), (b"Content-Length", b"5"), (b"X-Note", b"1"))
+    assert unread == 5
+    assert asked(head("GET"))[1] == 0
+    websocket = head("GET", (b"Upgrade", b"websocket"), (b"Sec-WebSocket-Key", b"k"))
+    assert asked(websocket)[1] is None
+    unstated = Request(Kind.HTTP, "api.test", 443, "GET", "/x", http=http_request(
+        Kind.HTTP, "api.test", 443, "GET", "/x", (), query_values=False
+    ).http)  # fmt: skip
+    first, second = asked(unstated)[0], asked(unstated)[0]
+    assert first[0][0] == b":unstated" and first != second
 
 
 @pytest.mark.parametrize(
