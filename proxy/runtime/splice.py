@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -97,12 +98,16 @@ class _Pump:
         poller.set_reader(self.src, self._readable)
 
     def _readable(self) -> None:
+        if self.state == "done":
+            return  # stopped in this turn: its descriptor may be another socket's next
         try:
             self._move()
         except Exception as exc:  # ends the tunnel; the relay logs what is not an OSError
             self._finish(exc)
 
     def _writable(self) -> None:
+        if self.state == "done":
+            return
         try:
             if self._flush():
                 self.poller.set_writer(self.dst, None)
@@ -134,6 +139,8 @@ class _Pump:
                 n = os.splice(self.src, self.pipe[1], CHUNK, flags=_SPLICE_FLAGS)
             except BlockingIOError:
                 self._release()
+                if _at_urgent_mark(self.src):
+                    raise _UrgentData() from None
                 return
             if n == 0:
                 self._release()
@@ -172,6 +179,27 @@ class _Pump:
             return
         self.stop()
         self.finished(self, error)
+
+
+_SIOCATMARK = 0x8905  # Linux: whether the read position is at TCP urgent data's mark
+
+
+class _UrgentData(OSError):
+    """TCP urgent data in a relayed tunnel: ``splice`` stops at its mark and says EAGAIN while the
+    socket stays readable (a relay waiting there would be called on every turn of the loop, moving
+    nothing). TLS never sends it, so the tunnel ends as a reset (fail closed)."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.EPROTO, "TCP urgent data in a relayed tunnel")
+
+
+def _at_urgent_mark(fd: int) -> bool:
+    """Asked only when a readable socket gave nothing (rare since a burst ends at a short read)."""
+    try:
+        mark = fcntl.ioctl(fd, _SIOCATMARK, b"\0\0\0\0")
+    except OSError:
+        return False
+    return int.from_bytes(mark, sys.byteorder) != 0
 
 
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close sends a reset
@@ -247,6 +275,8 @@ async def relay(
         remaining -= 1
         if error is not None and not isinstance(error, OSError):
             log.error("relaying a tunnel failed", exc_info=error)
+        elif isinstance(error, _UrgentData):
+            log.warning("a relayed tunnel carried TCP urgent data; it was ended")
         if error is not None and not failed:
             failed = True
             for pump in pumps:

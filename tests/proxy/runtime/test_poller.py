@@ -294,3 +294,125 @@ def test_a_closed_poller_leaves_its_loop(choice: str) -> None:
         return relays._epoll.closed and not loop.remove_reader(fd)
 
     assert _run(choice, main())
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_an_error_alone_reaches_the_reader(choice: str) -> None:
+    """A connected UDP socket told by ICMP that nobody listens has an error and nothing to read
+    (EPOLLERR without EPOLLIN): its reader is still called, and finds the error."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.setblocking(False)
+    udp.connect(("127.0.0.1", port))
+
+    async def main() -> str:
+        relays = poller(asyncio.get_running_loop())
+        found = asyncio.get_running_loop().create_future()
+
+        def reader() -> None:
+            try:
+                udp.recv(16)
+            except OSError as exc:
+                relays.clear(udp.fileno())
+                found.set_result(type(exc).__name__)
+
+        relays.set_reader(udp.fileno(), reader)
+        udp.send(b"x")
+        return await asyncio.wait_for(found, 10)
+
+    try:
+        assert _run(choice, main()) == "ConnectionRefusedError"
+    finally:
+        udp.close()
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_data_and_a_reset_that_came_together_both_reach_the_reader(choice: str) -> None:
+    """Both already there at the first dispatch (one edge, were it edge-triggered)."""
+    a, b = _pair()
+    a.sendall(b"hi")
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
+    a.close()
+
+    async def main() -> list[object]:
+        seen: list[object] = []
+        done = asyncio.get_running_loop().create_future()
+        relays = poller(asyncio.get_running_loop())
+
+        def reader() -> None:
+            try:
+                seen.append(b.recv(2))
+            except OSError as exc:
+                seen.append(type(exc).__name__)
+                relays.clear(b.fileno())
+                done.set_result(None)
+
+        relays.set_reader(b.fileno(), reader)
+        await asyncio.wait_for(done, 10)
+        return seen
+
+    try:
+        assert _run(choice, main()) == [b"hi", "ConnectionResetError"]
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_a_registration_left_behind_is_dropped_instead_of_spinning(choice: str) -> None:
+    """An owner that forgot its descriptor without clearing it (the kernel still reporting it):
+    after a few turns the instance is made anew without it, and the loop goes quiet."""
+    a, b = _pair()
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        relays = poller(loop)
+        relays.set_reader(b.fileno(), lambda: None)
+        relays._fds.pop(b.fileno())  # forgotten, still registered with the kernel
+
+        class Counting:
+            def __init__(self, epoll: Any) -> None:
+                self.epoll, self.polls = epoll, 0
+
+            def poll(self, *args: Any) -> Any:
+                self.polls += 1
+                return self.epoll.poll(*args)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.epoll, name)
+
+        counting = Counting(relays._epoll)
+        relays._epoll = counting  # type: ignore[assignment]
+        a.sendall(b"x")  # readable for good: nobody reads it
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert relays._epoll is not counting  # made anew
+        return counting.polls
+
+    try:
+        assert _run(choice, main()) <= poller_module.STRAY_TURNS + 1
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_a_descriptor_closed_before_it_was_cleared_is_logged_not_raised(
+    choice: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = _pair()
+
+    async def main() -> None:
+        relays = poller(asyncio.get_running_loop())
+        fd = b.fileno()
+        relays.set_reader(fd, lambda: None)
+        b.close()
+        relays.clear(fd)  # the owner's clean-up goes on
+        assert not relays.registered(fd)
+
+    try:
+        _run(choice, main())
+        assert "closed before it was cleared" in caplog.text
+    finally:
+        a.close()

@@ -350,3 +350,66 @@ def test_a_socket_that_was_reset_holds_nothing_for_its_peer() -> None:
         assert _unsent(a) == 0
     finally:
         a.close()
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_tcp_urgent_data_ends_the_relay_instead_of_spinning(choice: str) -> None:
+    """``splice`` stops at urgent data's mark and says EAGAIN while the socket stays readable: a
+    relay waiting there was called on every turn, moving nothing, for good. TLS never sends it:
+    the tunnel ends as a reset, the bytes before the mark delivered."""
+    t = Tunnel()
+
+    async def main() -> float:
+        started = time.process_time()
+        t.client.sendall(b"before")
+        t.client.send(b"!", socket.MSG_OOB)
+        t.client.sendall(b"after")
+        await asyncio.wait_for(relay(t.gate_client, t.gate_up, *t.counted()), 10)
+        return time.process_time() - started
+
+    try:
+        cpu = _run(choice, main())
+        assert cpu < 5  # not a loop turning for the wait's 10 s
+        t.upstream.settimeout(10)
+        got = b""
+        with contextlib.suppress(OSError):
+            while chunk := t.upstream.recv(64):
+                got += chunk
+        assert got.startswith(b"before") and b"!" not in got
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_cancelling_a_relay_that_waits_to_write_leaves_nothing_registered(choice: str) -> None:
+    """The inbound direction waits for a client that reads nothing: cancelled then, neither socket
+    stays registered (its descriptor may be another socket's next)."""
+    t = Tunnel()
+    t.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+    t.gate_client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        t.upstream.setblocking(False)
+        task = asyncio.ensure_future(relay(t.gate_client, t.gate_up, *t.counted()))
+        sender = asyncio.ensure_future(loop.sock_sendall(t.upstream, os.urandom(8 << 20)))
+        for _ in range(200):  # until the inbound direction waits to write
+            await asyncio.sleep(0.01)
+            entry = poller(loop)._fds.get(t.gate_client.fileno())
+            if entry is not None and entry[1] is not None:
+                break
+        else:
+            raise AssertionError("the relay never waited to write")
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError, OSError):
+            await sender
+        for fd in (t.gate_client.fileno(), t.gate_up.fileno()):
+            assert not poller(loop).registered(fd)
+
+    try:
+        _run(choice, main())
+    finally:
+        t.close()
