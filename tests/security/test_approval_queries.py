@@ -42,6 +42,18 @@ def reached(upstream: Upstream) -> list[str]:
     return [target for _, target, _ in upstream.requests]
 
 
+def assert_both_joined(gate: ApprovalGate, pending: dict[str, object]) -> None:
+    """Two requests are waiting once both ask events are recorded: both on ``pending``."""
+    deadline = time.monotonic() + 10
+    asks: list[dict[str, object]] = []
+    while time.monotonic() < deadline:
+        asks = [d for d in gate.decisions() if d.get("decision") == "ask"]
+        if len(asks) >= 2:
+            break
+        time.sleep(0.05)
+    assert {d["approval"] for d in asks} == {pending["id"]}, asks
+
+
 def test_a_request_with_another_query_does_not_join_the_approval_of_the_first(
     gate: ApprovalGate, http_upstream: Upstream
 ) -> None:
@@ -77,13 +89,7 @@ def test_the_same_request_twice_is_one_approval_and_one_answer_releases_both(
 ) -> None:
     held = [fetch(url(http_upstream, BENIGN), gate.proxy, "-X", "POST") for _ in range(2)]
     [pending] = gate.wait_pending()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:  # both are waiting once both ask events are recorded
-        asks = [d for d in gate.decisions() if d.get("decision") == "ask"]
-        if len(asks) >= 2:
-            break
-        time.sleep(0.05)
-    assert {d["approval"] for d in asks} == {pending["id"]}, asks
+    assert_both_joined(gate, pending)
     assert len(gate.pending()) == 1
     assert gate.egress("approve", pending["id"]).returncode == 0
     assert [h.result().status for h in held] == [200, 200]
@@ -244,13 +250,7 @@ def test_identical_http2_requests_without_a_body_join_one_approval(
     h2 = ("--http2", "--cacert", str(ca))
     held = [fetch(where, gate.proxy, *h2) for _ in range(2)]
     [pending] = gate.wait_pending()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:  # both are waiting once both ask events are recorded
-        asks = [d for d in gate.decisions() if d.get("decision") == "ask"]
-        if len(asks) >= 2:
-            break
-        time.sleep(0.05)
-    assert {d["approval"] for d in asks} == {pending["id"]}, asks
+    assert_both_joined(gate, pending)
     assert pending["body_id"] is None, pending
     assert pending["what"] == (
         f"GET allowed.test:{tls_upstream.port}/x (header fields of {pending['head_bytes']} bytes)"

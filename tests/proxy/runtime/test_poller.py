@@ -16,24 +16,10 @@ from typing import Any
 import pytest
 
 from proxy.runtime import poller as poller_module
-from proxy.runtime.loop import loop_factory
 from proxy.runtime.poller import Poller, poller
+from tests.proxy.runtime.loops import LOOPS, nonblocking_pair, run_on
 
-LOOPS = ["asyncio", "uvloop"]
 RESET = b"\x01\0\0\0\0\0\0\0"  # SO_LINGER on, 0 s: close sends a reset
-
-
-def _run(choice: str, main: Any) -> Any:
-    return asyncio.run(main, loop_factory=loop_factory(choice))
-
-
-def _pair() -> tuple[socket.socket, socket.socket]:
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        a = socket.create_connection(server.getsockname())
-        b, _ = server.accept()
-    a.setblocking(False)
-    b.setblocking(False)
-    return a, b
 
 
 async def _turns(n: int) -> None:
@@ -45,7 +31,7 @@ async def _turns(n: int) -> None:
 def test_what_a_reader_leaves_is_reported_again(choice: str) -> None:
     """A reader that takes one byte per call is called until the data is gone, then no more:
     the relay ends a burst at a short read and relies on this."""
-    a, b = _pair()
+    a, b = nonblocking_pair()
 
     async def main() -> tuple[bytes, int]:
         got = bytearray()
@@ -69,7 +55,7 @@ def test_what_a_reader_leaves_is_reported_again(choice: str) -> None:
         return bytes(got), calls
 
     try:
-        got, calls = _run(choice, main())
+        got, calls = run_on(choice, main())
         assert got == b"hello"
         assert 5 <= calls <= 6  # one per byte (and at most one that found nothing)
     finally:
@@ -78,36 +64,45 @@ def test_what_a_reader_leaves_is_reported_again(choice: str) -> None:
 
 
 @pytest.mark.parametrize("choice", LOOPS)
-def test_a_reset_behind_data_reaches_a_reader_that_stopped_at_the_data(choice: str) -> None:
+@pytest.mark.parametrize("together", [False, True], ids=["apart", "together"])
+def test_a_reset_behind_data_reaches_a_reader_that_stopped_at_the_data(
+    choice: str, together: bool
+) -> None:
     """uvloop reports an error on a descriptor once and drops it; here it is reported for as
-    long as it is there, so a reader that read only the data still sees the reset next."""
-    a, b = _pair()
+    long as it is there, so a reader that read only the data still sees the reset next: sent after
+    the data was dispatched, or both there at the first dispatch (one edge, were it
+    edge-triggered)."""
+    a, b = nonblocking_pair()
+
+    def reset() -> None:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
+        a.close()
 
     async def main() -> list[object]:
         seen: list[object] = []
         done = asyncio.get_running_loop().create_future()
+        relays = poller(asyncio.get_running_loop())
 
         def reader() -> None:
             try:
-                data = b.recv(2)
+                seen.append(b.recv(2))
             except OSError as exc:
                 seen.append(type(exc).__name__)
-                relays.set_reader(b.fileno(), None)
+                relays.clear(b.fileno())
                 done.set_result(None)
-                return
-            seen.append(data)
 
-        relays = poller(asyncio.get_running_loop())
-        relays.set_reader(b.fileno(), reader)
         a.sendall(b"hi")
-        await asyncio.sleep(0.05)
-        a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
-        a.close()
+        if together:
+            reset()
+        relays.set_reader(b.fileno(), reader)
+        if not together:
+            await asyncio.sleep(0.05)
+            reset()
         await asyncio.wait_for(done, 10)
         return seen
 
     try:
-        assert _run(choice, main()) == [b"hi", "ConnectionResetError"]
+        assert run_on(choice, main()) == [b"hi", "ConnectionResetError"]
     finally:
         b.close()
 
@@ -115,7 +110,7 @@ def test_a_reset_behind_data_reaches_a_reader_that_stopped_at_the_data(choice: s
 @pytest.mark.parametrize("choice", LOOPS)
 def test_a_hang_up_reaches_a_writer_that_waits_alone(choice: str) -> None:
     """A descriptor waited on only for writing still has its error reported, to the writer."""
-    a, b = _pair()
+    a, b = nonblocking_pair()
 
     async def main() -> str:
         loop = asyncio.get_running_loop()
@@ -143,14 +138,14 @@ def test_a_hang_up_reaches_a_writer_that_waits_alone(choice: str) -> None:
         return await asyncio.wait_for(outcome, 10)
 
     try:
-        assert _run(choice, main()) in ("ConnectionResetError", "BrokenPipeError")
+        assert run_on(choice, main()) in ("ConnectionResetError", "BrokenPipeError")
     finally:
         b.close()
 
 
 @pytest.mark.parametrize("choice", LOOPS)
 def test_one_registration_per_change_and_nothing_left_when_no_one_waits(choice: str) -> None:
-    a, b = _pair()
+    a, b = nonblocking_pair()
     calls: list[str] = []
 
     class Counting:
@@ -190,7 +185,7 @@ def test_one_registration_per_change_and_nothing_left_when_no_one_waits(choice: 
         assert not relays.registered(fd)
 
     try:
-        _run(choice, main())
+        run_on(choice, main())
         assert calls == ["add 1", "modify 5", "modify 4", "remove", "add 1", "remove"]
     finally:
         a.close()
@@ -201,7 +196,7 @@ def test_one_registration_per_change_and_nothing_left_when_no_one_waits(choice: 
 def test_a_reader_that_stops_waiting_is_not_followed_by_its_writer(choice: str) -> None:
     """A reader that clears its descriptor (a relay that ended) is the last callback for it in
     that turn, even when the event also said writable."""
-    a, b = _pair()
+    a, b = nonblocking_pair()
 
     async def main() -> list[str]:
         relays = poller(asyncio.get_running_loop())
@@ -218,7 +213,7 @@ def test_a_reader_that_stops_waiting_is_not_followed_by_its_writer(choice: str) 
         return seen
 
     try:
-        assert _run(choice, main()) == ["read"]
+        assert run_on(choice, main()) == ["read"]
     finally:
         a.close()
         b.close()
@@ -227,7 +222,7 @@ def test_a_reader_that_stops_waiting_is_not_followed_by_its_writer(choice: str) 
 @pytest.mark.parametrize("choice", LOOPS)
 def test_more_ready_descriptors_than_one_turn_takes_are_all_served(choice: str) -> None:
     count = poller_module.MAX_EVENTS + 44
-    pairs = [_pair() for _ in range(count)]
+    pairs = [nonblocking_pair() for _ in range(count)]
 
     async def main() -> int:
         relays = poller(asyncio.get_running_loop())
@@ -249,7 +244,7 @@ def test_more_ready_descriptors_than_one_turn_takes_are_all_served(choice: str) 
         return len(served)
 
     try:
-        assert _run(choice, main()) == count
+        assert run_on(choice, main()) == count
     finally:
         for a, b in pairs:
             a.close()
@@ -274,8 +269,8 @@ def test_one_poller_per_loop_and_it_goes_with_its_loop(choice: str) -> None:
 
     gc.collect()
     before = _epoll_instances()
-    first = _run(choice, main())
-    second = _run(choice, main())
+    first = run_on(choice, main())
+    second = run_on(choice, main())
     assert first is not second
     gone = weakref.ref(first)
     del first, second
@@ -293,7 +288,7 @@ def test_a_closed_poller_leaves_its_loop(choice: str) -> None:
         relays.close()
         return relays._epoll.closed and not loop.remove_reader(fd)
 
-    assert _run(choice, main())
+    assert run_on(choice, main())
 
 
 @pytest.mark.parametrize("choice", LOOPS)
@@ -323,47 +318,16 @@ def test_an_error_alone_reaches_the_reader(choice: str) -> None:
         return await asyncio.wait_for(found, 10)
 
     try:
-        assert _run(choice, main()) == "ConnectionRefusedError"
+        assert run_on(choice, main()) == "ConnectionRefusedError"
     finally:
         udp.close()
-
-
-@pytest.mark.parametrize("choice", LOOPS)
-def test_data_and_a_reset_that_came_together_both_reach_the_reader(choice: str) -> None:
-    """Both already there at the first dispatch (one edge, were it edge-triggered)."""
-    a, b = _pair()
-    a.sendall(b"hi")
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
-    a.close()
-
-    async def main() -> list[object]:
-        seen: list[object] = []
-        done = asyncio.get_running_loop().create_future()
-        relays = poller(asyncio.get_running_loop())
-
-        def reader() -> None:
-            try:
-                seen.append(b.recv(2))
-            except OSError as exc:
-                seen.append(type(exc).__name__)
-                relays.clear(b.fileno())
-                done.set_result(None)
-
-        relays.set_reader(b.fileno(), reader)
-        await asyncio.wait_for(done, 10)
-        return seen
-
-    try:
-        assert _run(choice, main()) == [b"hi", "ConnectionResetError"]
-    finally:
-        b.close()
 
 
 @pytest.mark.parametrize("choice", LOOPS)
 def test_a_registration_left_behind_is_dropped_instead_of_spinning(choice: str) -> None:
     """An owner that forgot its descriptor without clearing it (the kernel still reporting it):
     after a few turns the instance is made anew without it, and the loop goes quiet."""
-    a, b = _pair()
+    a, b = nonblocking_pair()
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
@@ -391,7 +355,7 @@ def test_a_registration_left_behind_is_dropped_instead_of_spinning(choice: str) 
         return counting.polls
 
     try:
-        assert _run(choice, main()) <= poller_module.STRAY_TURNS + 1
+        assert run_on(choice, main()) <= poller_module.STRAY_TURNS + 1
     finally:
         a.close()
         b.close()
@@ -401,7 +365,7 @@ def test_a_registration_left_behind_is_dropped_instead_of_spinning(choice: str) 
 def test_a_descriptor_closed_before_it_was_cleared_is_logged_not_raised(
     choice: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    a, b = _pair()
+    a, b = nonblocking_pair()
 
     async def main() -> None:
         relays = poller(asyncio.get_running_loop())
@@ -412,7 +376,7 @@ def test_a_descriptor_closed_before_it_was_cleared_is_logged_not_raised(
         assert not relays.registered(fd)
 
     try:
-        _run(choice, main())
+        run_on(choice, main())
         assert "closed before it was cleared" in caplog.text
     finally:
         a.close()

@@ -12,28 +12,13 @@ from typing import Any
 import pytest
 
 from proxy.runtime import sockio
-from proxy.runtime.loop import loop_factory
 from proxy.runtime.poller import poller
-
-LOOPS = ["asyncio", "uvloop"]
-
-
-def _run(choice: str, main: Any) -> Any:
-    return asyncio.run(main, loop_factory=loop_factory(choice))
-
-
-def _pair() -> tuple[socket.socket, socket.socket]:
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        a = socket.create_connection(server.getsockname())
-        b, _ = server.accept()
-    a.setblocking(False)
-    b.setblocking(False)
-    return a, b
+from tests.proxy.runtime.loops import LOOPS, nonblocking_pair, run_on
 
 
 @pytest.mark.parametrize("choice", LOOPS)
 def test_recv_waits_for_data_and_reports_eof(choice: str) -> None:
-    a, b = _pair()
+    a, b = nonblocking_pair()
 
     async def main() -> tuple[bytes, bytes]:
         loop = asyncio.get_running_loop()
@@ -43,7 +28,7 @@ def test_recv_waits_for_data_and_reports_eof(choice: str) -> None:
         return first, await asyncio.wait_for(sockio.recv(a, 100), 10)
 
     try:
-        assert _run(choice, main()) == (b"late", b"")
+        assert run_on(choice, main()) == (b"late", b"")
     finally:
         a.close()
         b.close()
@@ -51,7 +36,7 @@ def test_recv_waits_for_data_and_reports_eof(choice: str) -> None:
 
 @pytest.mark.parametrize("choice", LOOPS)
 def test_send_all_waits_for_a_full_buffer_and_sends_everything(choice: str) -> None:
-    a, b = _pair()
+    a, b = nonblocking_pair()
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 14)
     b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 14)
     payload = os.urandom(4 << 20)
@@ -71,7 +56,7 @@ def test_send_all_waits_for_a_full_buffer_and_sends_everything(choice: str) -> N
         return bytes(got)
 
     try:
-        assert _run(choice, main()) == payload
+        assert run_on(choice, main()) == payload
     finally:
         a.close()
         b.close()
@@ -102,7 +87,7 @@ def test_connect_reaches_a_listener_and_reports_a_refusal(choice: str) -> None:
             bad.close()
 
     try:
-        _run(choice, main())
+        run_on(choice, main())
     finally:
         server.close()
 
@@ -124,7 +109,7 @@ def test_connect_never_resolves_a_name() -> None:
 
 @pytest.mark.parametrize("choice", LOOPS)
 def test_send_all_to_a_peer_that_stops_reading_ends_after_the_stall_limit(choice: str) -> None:
-    a, b = _pair()
+    a, b = nonblocking_pair()
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
 
@@ -133,7 +118,7 @@ def test_send_all_to_a_peer_that_stops_reading_ends_after_the_stall_limit(choice
 
     try:
         with pytest.raises(TimeoutError):
-            _run(choice, main())
+            run_on(choice, main())
     finally:
         a.close()
         b.close()
@@ -141,7 +126,7 @@ def test_send_all_to_a_peer_that_stops_reading_ends_after_the_stall_limit(choice
 
 @pytest.mark.parametrize("choice", LOOPS)
 def test_recv_takes_what_has_arrived_and_times_out_only_waiting(choice: str) -> None:
-    a, b = _pair()
+    a, b = nonblocking_pair()
 
     async def main() -> bytes:
         b.send(b"here")
@@ -152,7 +137,7 @@ def test_recv_takes_what_has_arrived_and_times_out_only_waiting(choice: str) -> 
         return got
 
     try:
-        assert _run(choice, main()) == b"here"
+        assert run_on(choice, main()) == b"here"
     finally:
         a.close()
         b.close()
@@ -197,7 +182,7 @@ def _counting(loop: asyncio.AbstractEventLoop) -> list[str]:
 
 @pytest.mark.parametrize("choice", LOOPS)
 def test_a_watch_registers_once_for_successive_waits(choice: str) -> None:
-    a, b = _pair()
+    a, b = nonblocking_pair()
 
     async def main() -> list[str]:
         loop = asyncio.get_running_loop()
@@ -212,7 +197,7 @@ def test_a_watch_registers_once_for_successive_waits(choice: str) -> None:
         return calls
 
     try:
-        assert _run(choice, main()) == ["add in", "remove"]
+        assert run_on(choice, main()) == ["add in", "remove"]
     finally:
         a.close()
         b.close()
@@ -220,7 +205,7 @@ def test_a_watch_registers_once_for_successive_waits(choice: str) -> None:
 
 @pytest.mark.parametrize("choice", LOOPS)
 def test_readiness_nobody_waits_for_unregisters_instead_of_spinning(choice: str) -> None:
-    a, b = _pair()
+    a, b = nonblocking_pair()
 
     async def main() -> tuple[list[str], int]:
         loop = asyncio.get_running_loop()
@@ -239,7 +224,7 @@ def test_readiness_nobody_waits_for_unregisters_instead_of_spinning(choice: str)
         return calls, turns
 
     try:
-        calls, turns = _run(choice, main())
+        calls, turns = run_on(choice, main())
         assert calls == ["remove", "add in", "remove"] and turns == 20
     finally:
         a.close()
@@ -248,7 +233,7 @@ def test_readiness_nobody_waits_for_unregisters_instead_of_spinning(choice: str)
 
 @pytest.mark.parametrize("choice", LOOPS)
 def test_a_wait_that_timed_out_leaves_no_waiter_behind(choice: str) -> None:
-    a, b = _pair()
+    a, b = nonblocking_pair()
 
     async def main() -> bytes:
         watch = sockio.Watch(a)
@@ -262,14 +247,14 @@ def test_a_wait_that_timed_out_leaves_no_waiter_behind(choice: str) -> None:
         return got
 
     try:
-        assert _run(choice, main()) == b"late"
+        assert run_on(choice, main()) == b"late"
     finally:
         a.close()
         b.close()
 
 
 def test_one_wait_at_a_time_on_a_watch() -> None:
-    a, b = _pair()
+    a, b = nonblocking_pair()
 
     async def main() -> None:
         watch = sockio.Watch(a)
@@ -281,7 +266,7 @@ def test_one_wait_at_a_time_on_a_watch() -> None:
         watch.close()
 
     try:
-        _run("uvloop", main())
+        run_on("uvloop", main())
     finally:
         a.close()
         b.close()
@@ -291,7 +276,7 @@ def test_one_wait_at_a_time_on_a_watch() -> None:
 def test_a_refused_second_wait_leaves_the_first_waits_deadline(choice: str) -> None:
     """A second wait on a watched socket is refused before it touches anything: the first wait
     still ends at its own deadline (a deadline moved to "never" would hold it for ever)."""
-    a, b = _pair()
+    a, b = nonblocking_pair()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -305,7 +290,7 @@ def test_a_refused_second_wait_leaves_the_first_waits_deadline(choice: str) -> N
         watch.close()
 
     try:
-        _run(choice, main())
+        run_on(choice, main())
     finally:
         a.close()
         b.close()
@@ -335,7 +320,7 @@ def test_an_armed_watch_keeps_its_registration_through_a_connect(choice: str) ->
             finally:
                 up.close()
 
-        calls, got = _run(choice, main())
+        calls, got = run_on(choice, main())
         assert got == b"first" and calls == ["remove"]  # no add_reader: only the close
 
 
@@ -358,7 +343,7 @@ def test_a_handshake_done_within_the_call_is_not_waited_for(choice: str) -> None
             finally:
                 up.close()
 
-        assert _run(choice, main()) == []
+        assert run_on(choice, main()) == []
 
 
 @pytest.mark.parametrize("choice", LOOPS)
@@ -388,7 +373,7 @@ def test_a_connect_that_must_wait_arms_its_watch_and_is_bounded(choice: str) -> 
             up.close()
 
     try:  # the wait to write comes and goes beside the read registration
-        assert _run(choice, main()) == ["add in", "modify in+out", "modify in", "remove"]
+        assert run_on(choice, main()) == ["add in", "modify in+out", "modify in", "remove"]
     finally:
         queued.close()
         full.close()

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from proxy.runtime import sockio
-from tests.proxy.runtime.test_sockio import LOOPS, _pair, _run
+from tests.proxy.runtime.loops import LOOPS, nonblocking_pair, run_on
 
 
 def _counting_timers(loop: asyncio.AbstractEventLoop) -> list[float]:
@@ -27,7 +27,7 @@ def _counting_timers(loop: asyncio.AbstractEventLoop) -> list[float]:
 
 @pytest.mark.parametrize("choice", LOOPS)
 def test_a_watch_sets_one_timer_for_successive_waits_with_a_deadline(choice: str) -> None:
-    a, b = _pair()
+    a, b = nonblocking_pair()
 
     async def main() -> list[float]:
         loop = asyncio.get_running_loop()
@@ -41,7 +41,7 @@ def test_a_watch_sets_one_timer_for_successive_waits_with_a_deadline(choice: str
         return [when for when in timers if when > loop.time() + 300]
 
     try:
-        assert len(_run(choice, main())) == 1  # the first wait's; later deadlines keep it
+        assert len(run_on(choice, main())) == 1  # the first wait's; later deadlines keep it
     finally:
         a.close()
         b.close()
@@ -52,7 +52,7 @@ def test_a_wait_times_out_at_its_own_deadline_whatever_the_timer_was_set_for(cho
     """The timer set for an earlier, later deadline is brought forward for a sooner one; one set
     for an earlier, sooner deadline never ends a later wait early (it is set again), nor a wait
     without a deadline."""
-    a, b = _pair()
+    a, b = nonblocking_pair()
 
     async def main() -> list[bytes]:
         loop = asyncio.get_running_loop()
@@ -76,7 +76,7 @@ def test_a_wait_times_out_at_its_own_deadline_whatever_the_timer_was_set_for(cho
         return got
 
     try:
-        assert _run(choice, main()) == [b"1", b"2", b"3", b"4", b"5"]
+        assert run_on(choice, main()) == [b"1", b"2", b"3", b"4", b"5"]
     finally:
         a.close()
         b.close()
@@ -84,7 +84,7 @@ def test_a_wait_times_out_at_its_own_deadline_whatever_the_timer_was_set_for(cho
 
 @pytest.mark.parametrize("choice", LOOPS)
 def test_closing_a_watch_stops_its_timer(choice: str) -> None:
-    a, b = _pair()
+    a, b = nonblocking_pair()
 
     async def main() -> bool:
         loop = asyncio.get_running_loop()
@@ -97,7 +97,7 @@ def test_closing_a_watch_stops_its_timer(choice: str) -> None:
         return timer.cancelled()
 
     try:
-        assert _run(choice, main())
+        assert run_on(choice, main())
     finally:
         a.close()
         b.close()
