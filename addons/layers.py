@@ -23,6 +23,7 @@ import weakref
 from collections.abc import Generator
 from typing import Any
 
+import h2.errors
 from mitmproxy import connection, flow, tls
 from mitmproxy.addons.next_layer import NextLayer
 from mitmproxy.net.tls import starts_like_tls_record
@@ -42,6 +43,7 @@ from mitmproxy.proxy.layers.http._events import (
 )
 from mitmproxy.proxy.layers.http._hooks import HttpRequestHeadersHook
 from mitmproxy.proxy.layers.http._http1 import Http1Server, make_error_response
+from mitmproxy.proxy.layers.http._http2 import Http2Server
 from mitmproxy.proxy.layers.modes import HttpProxy
 from mitmproxy.proxy.layers.tls import ClientTLSLayer, ServerTLSLayer
 
@@ -135,11 +137,33 @@ def parser_refusal(response: bytes) -> str:
     return f"the request head was refused as malformed: {escape(' '.join(said.split()), 200)}"
 
 
+class RecordedHttp2Server(Http2Server):
+    """mitmproxy's HTTP/2 server side, except that a protocol error it ends the client's connection
+    for (a malformed frame, invalid request headers, a flow-control violation) is a recorded
+    refusal, not only a GOAWAY on the wire: nothing of it was sent upstream, and the record says
+    why the connection ended."""
+
+    def __init__(self, context: Context, gate: GateAddon) -> None:
+        super().__init__(context)
+        self.gate = gate
+
+    def protocol_error(
+        self, message: str, error_code: int = h2.errors.ErrorCodes.PROTOCOL_ERROR
+    ) -> layer.CommandGenerator[None]:
+        detail = f"the HTTP/2 connection was ended: {escape(message, 200)}"
+        self.gate.refuse_head(self.context.client, Reason.BAD_REQUEST, detail)
+        yield from super().protocol_error(message, error_code)
+
+
 def bounded_http(layer_: layers.HttpLayer, gate: GateAddon) -> layers.HttpLayer:
-    """Preset the client-side HTTP/1 connection of an HttpLayer to the bounded one (HttpLayer keeps a
-    preset connection instead of creating its own)."""
-    if layer_.context.client.alpn in (None, b"", b"http/1.1"):
+    """Preset the client-side connection of an HttpLayer to the gate's (HttpLayer keeps a preset
+    connection instead of creating its own): the bounded HTTP/1 one, or the HTTP/2 one whose
+    protocol errors are recorded."""
+    alpn = layer_.context.client.alpn
+    if alpn in (None, b"", b"http/1.1"):
         layer_.connections[layer_.context.client] = BoundedHttp1Server(layer_.context.fork(), gate)
+    elif alpn == b"h2":
+        layer_.connections[layer_.context.client] = RecordedHttp2Server(layer_.context.fork(), gate)
     return layer_
 
 

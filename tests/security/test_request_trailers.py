@@ -11,6 +11,7 @@ and the upstream never receives a complete request with them.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -25,7 +26,15 @@ import pytest
 
 from proxy.core.decision import Verdict
 from tests.dnsfake import FakeDns, loopback_dns
-from tests.harness import WAIT, LocalCA, LoopbackServer, RunningGate, Upstream, serving
+from tests.harness import (
+    WAIT,
+    LocalCA,
+    LoopbackServer,
+    RunningGate,
+    Upstream,
+    serving,
+    waited_for,
+)
 from tests.security import exchange, fresh_decisions, inspected_h2, inspecting, start_gate_with
 
 pytestmark = pytest.mark.timeout(90)
@@ -287,3 +296,43 @@ def test_a_refused_request_with_trailers_is_recorded_once(
     assert upstream.accepted == 0 and upstream.received == b""
     refused = [d for d in fresh_decisions(gate, before) if d.decision is Verdict.DENY]
     assert len(refused) == 1 and refused[0].reason != "bad-request", refused
+
+
+def test_an_http2_protocol_error_is_a_recorded_refusal(
+    gate: RunningGate, upstream: RecordingUpstream
+) -> None:
+    """mitmproxy ends an HTTP/2 client's connection for a malformed frame (here DATA on stream 0,
+    a connection error) with a GOAWAY before any hook sees a request: the refusal is recorded, as
+    HTTP/1's malformed heads are, and nothing reaches the upstream."""
+    before = len(gate.decisions)
+    sock = inspected_h2(gate, "allowed.test", upstream.port)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    try:
+        sock.sendall(client.data_to_send())
+        sock.sendall(b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x")  # DATA, stream 0, 1 byte
+        sock.settimeout(WAIT)
+        goaway = False
+        for _ in range(1_000):  # bounded: until the gate closes the connection
+            data = sock.recv(65536)
+            if not data:
+                break
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                events = client.receive_data(data)
+                goaway = goaway or any(
+                    isinstance(e, h2.events.ConnectionTerminated) for e in events
+                )
+    except (OSError, ssl.SSLError):
+        pass
+    finally:
+        sock.close()
+    assert goaway
+    refused = waited_for(
+        lambda: [
+            d for d in fresh_decisions(gate, before)
+            if d.decision is Verdict.DENY and d.reason == "bad-request"
+        ],
+        "the protocol error's record",
+    )  # fmt: skip
+    assert len(refused) == 1 and "HTTP/2 connection was ended" in (refused[0].detail or "")
+    assert upstream.accepted == 0 and upstream.received == b""
