@@ -291,7 +291,7 @@ def _check_auth(response: Any) -> None:
 def _summary(approval: dict[str, Any]) -> str:
     """The request an approval is about, each part bounded on its own (the host always whole); an
     answer without the parts (not this gate's) shows its ``what``, escaped and bounded."""
-    from proxy.approvals.model import UNREAD, summary
+    from proxy.approvals.model import body_unread, summary
     from proxy.core.text import escape
 
     host, port, method, path = (approval.get(k) for k in ("host", "port", "method", "path"))
@@ -311,7 +311,7 @@ def _summary(approval: dict[str, Any]) -> str:
         body if isinstance(body, int) else None,
         runs if isinstance(runs, str) else None,
         head_bytes=head if isinstance(head, int) else None,
-        body_read=not (isinstance(body_id, str) and body_id.startswith(UNREAD)),
+        body_read=not body_unread(body_id),
     )
 
 

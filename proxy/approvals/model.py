@@ -63,6 +63,13 @@ REQUEST_DETAIL = (
 )  # fmt: skip
 UNREAD = "unread-"  # the start of the body id of a body the gate did not hold (unique: joins none)
 
+
+def body_unread(body_id: object) -> bool:
+    """Whether a body id (a subject's, or one read back from JSON) is of a body the gate did not
+    hold."""
+    return isinstance(body_id, str) and body_id.startswith(UNREAD)
+
+
 # Kinds whose rules decide a host and port as a whole: their approval covers host:port. Any other kind
 # (a request read under inspection) is decided per request, and its approval covers method and path too.
 HOST_KINDS = frozenset({Kind.CONNECT, Kind.HTTP, Kind.TLS})
@@ -206,7 +213,7 @@ class Subject:
         shown = f"{self.method} {where}{self.path or ''}"
         if self.query_id is not None:
             shown = f"{shown}?{self.query or ''}{_sent(self.query, self.query_bytes)}"
-        return shown + _held(self.head_bytes, self.body_id, self.body_bytes, self.runs)
+        return shown + _held(self.head_bytes, self.body_bytes, self.runs, body_unread(self.body_id))
 
     def summary(self) -> str:
         """:meth:`describe` for one line of a terminal (see :func:`summary`)."""
@@ -221,7 +228,7 @@ class Subject:
             self.body_bytes,
             self.runs,
             head_bytes=self.head_bytes,
-            body_read=not (self.body_id or "").startswith(UNREAD),
+            body_read=not body_unread(self.body_id),
         )
 
 
@@ -248,20 +255,12 @@ def _head(fields: Sequence[tuple[bytes, bytes]]) -> tuple[str, int]:
     return _digest(data), sum(len(name) + len(value) + 4 for name, value in fields)
 
 
-def _held(
-    head_bytes: int | None,
-    body_id: str | None,
-    body_bytes: int | None,
-    runs: str | None = None,
-    *,
-    body_read: bool | None = None,
-) -> str:
+def _held(head_bytes: int | None, body_bytes: int | None, runs: str | None, unread: bool) -> str:
     """`` (header fields of N bytes; a body of M bytes)`` for a per-request subject: the size of
-    its header fields as sent, of a held body, or of one the gate did not read (``, not read``),
-    and what a GraphQL request runs (``; runs mutation deleteRepository``) when that could be
-    read. ``body_read``: given instead of ``body_id`` (a caller with the parts only)."""
+    its header fields as sent, of a held body, or of one the gate did not read (``unread``: ``,
+    not read``), and what a GraphQL request runs (``; runs mutation deleteRepository``) when that
+    could be read."""
     said = [] if head_bytes is None else [f"header fields of {head_bytes} bytes"]
-    unread = (body_id or "").startswith(UNREAD) if body_read is None else not body_read
     if unread:
         size = "unknown length, if any," if body_bytes is None else f"{body_bytes} bytes,"
         said.append(f"a body of {size} not read")
@@ -306,7 +305,7 @@ def summary(
     if query is not None:
         shown = f"{shown}?{escape(query, SHOWN_QUERY)}{_sent(query, query_bytes)}"
     shown_runs = None if runs is None else escape(runs, SHOWN_PATH)
-    return shown + _held(head_bytes, None, body_bytes, shown_runs, body_read=body_read)
+    return shown + _held(head_bytes, body_bytes, shown_runs, not body_read)
 
 
 def _method(method: str | None, judged: Sequence[str]) -> str | None:

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from proxy.approvals.model import UNREAD, Advice, Approval, Scope, clip
+from proxy.approvals.model import Advice, Approval, Scope, body_unread, clip
 from proxy.core.bodies import json_document
 from proxy.core.decision import Decision, Verdict
 
@@ -138,7 +138,7 @@ def unshown(approval: Approval) -> str | None:
     people answer those. A body the gate did not read is no part of what its rule judges; the
     reviewer is told of it (``body``) and answers that request alone (it joins no other)."""
     subject = approval.subject
-    if subject.body_id is not None and not subject.body_id.startswith(UNREAD):
+    if subject.body_id is not None and not body_unread(subject.body_id):
         return "body"
     for name, value, limit in (
         ("host", subject.host, SHOWN_HOST),
@@ -183,7 +183,7 @@ def review_input(approval: Approval, recent: list[dict[str, Any]]) -> dict[str, 
             # a body the gate did not read (its length, null when unknown), never shown
             **(
                 {"body": {"read": False, "bytes": subject.body_bytes}}
-                if (subject.body_id or "").startswith(UNREAD)
+                if body_unread(subject.body_id)
                 else {}
             ),
         },
