@@ -5,8 +5,9 @@ For a held ``ask`` decision (:meth:`Broker.answer`), in this order:
 1. a grant that covers exactly what is asked answers at once: a session grant for this sandbox (in the
    store, so it holds on every replica), or a persisted rule in the overlay file;
 2. otherwise the request opens a pending approval, or joins the open one for the same sandbox and the
-   same subject (under a rule that reads requests, the same method, path, exact query and held
-   body); a sandbox over its pending limit (or a gate over its total) is refused
+   same subject (under a rule that reads requests, the same method, path, exact query, header
+   fields and held body; a request with a body the gate did not read joins none); a sandbox over
+   its pending limit (or a gate over its total) is refused
    (``approval-limit``) without affecting anyone else;
 3. its ``ask`` event is recorded, whoever must hear of a new approval hears of it (event stream,
    webhook, ``egress run``'s terminal, the reviewer), and the request waits: for a change published by

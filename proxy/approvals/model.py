@@ -232,10 +232,10 @@ class Subject:
         )
 
 
-# The key of query and body digests: a digest anyone could compute would give away a short value the
-# records scrub (a six-digit code is found by trying them all). Per process: replicas sharing a
-# store do not join each other's approvals of a request with a query (each asks its own), and a
-# pending approval does not outlive its gate's wait for it anyway.
+# The key of query, header and body digests: a digest anyone could compute would give away a short
+# value the records scrub (a six-digit code is found by trying them all). Per process: replicas
+# sharing a store do not join each other's per-request approvals (each asks its own), and a pending
+# approval does not outlive its gate's wait for it anyway.
 _QUERY_KEY = secrets.token_bytes(32)
 
 
