@@ -16,8 +16,11 @@ host since it was taken: the last pid the kernel allocated (``/proc/loadavg``, i
 namespace, of which the sandbox's is a child, so every fork inside moves it) is read before the
 walk and compared on each lookup, for at most CENSUS_AGE seconds. A process that exited since
 only fails its fd scan; a new one, or a reused pid, needs an allocation, which moves the counter.
-What a process is (executable, command line, parent) is read afresh on every lookup: ``exec`` and
-reparenting allocate no pid. A search for every owner (what a rule bound to executables needs)
+What a process is (executable, command line) is read afresh on every lookup: ``exec`` allocates no
+pid. Its parent is the one the walk found for as long as that parent lives: a process is adopted
+only when its parent exits, and a living parent's pid is still that parent's (a reuse needs an
+allocation); a parent found gone (its executable unreadable) sends the lookup back to reading every
+parent afresh from ``stat``. A search for every owner (what a rule bound to executables needs)
 always walks the tree anew.
 
 The ``stat`` and ``cmdline`` files recent lookups read are kept open (up to KEPT_FILES): a read
@@ -74,6 +77,11 @@ class Census(NamedTuple):
     taken: float  # time.monotonic() when the walk began
     pids: tuple[int, ...]
     sandbox_pids: dict[int, int]
+    parents: dict[int, int]  # host pid -> the host pid it was listed under (its parent then)
+
+
+class _ParentGone(Exception):
+    """A parent the walk found has exited since: its children were adopted by another."""
 
 
 class SandboxProcesses:
@@ -174,7 +182,21 @@ class SandboxProcesses:
         self, peer: str, census: Census, every_owner: bool, fds: int | None = None
     ) -> Attribution | None:
         """The search itself; with ``fds``, BlockingIOError once more fd table entries than that
-        would be read (a process with a huge fd table is searched off the event loop)."""
+        would be read (a process with a huge fd table is searched off the event loop). Parents are
+        the walk's while they live (one system call fewer per process), else read afresh."""
+        try:
+            return self._search(peer, census, every_owner, fds, census.parents)
+        except _ParentGone:
+            return self._search(peer, census, every_owner, fds, None)
+
+    def _search(
+        self,
+        peer: str,
+        census: Census,
+        every_owner: bool,
+        fds: int | None,
+        tree: dict[int, int] | None,
+    ) -> Attribution | None:
         host, _, port = peer.rpartition(":")
         local = (host.strip("[]"), int(port))
         inode = self._inode(local)
@@ -192,7 +214,7 @@ class SandboxProcesses:
                 task = _thread_holding(f"{self.proc}/{pid}", pid, link) if every_owner else None
                 if task is None:
                     continue
-            entry = self._entry(pid, census.sandbox_pids, task)
+            entry = self._entry(pid, census.sandbox_pids, tree, task)
             if entry is None:
                 if every_owner:  # an owner whose executable cannot be read: nobody is vouched for
                     return None
@@ -203,7 +225,7 @@ class SandboxProcesses:
         if not owners:
             return None
         for owner in owners:
-            self._ancestors(owner, entries, census.sandbox_pids)
+            self._ancestors(owner, entries, census.sandbox_pids, tree)
         # The same processes read the same as last time (a client's next connection): the same
         # attribution, without building it again. Keyed by everything it is built from.
         key = (every_owner, tuple(owners), tuple(entries.values()))
@@ -226,7 +248,9 @@ class SandboxProcesses:
         """A new walk of the tree (kept for later lookups when the pid counter is readable). The
         counter is read first: a process created during the walk moves it past the one recorded."""
         counter, taken = self._counter(), time.monotonic()
-        census = Census(counter, taken, tuple(sorted(self._descendants(), reverse=True)), {})
+        parents: dict[int, int] = {}
+        pids = tuple(sorted(self._descendants(parents), reverse=True))
+        census = Census(counter, taken, pids, {}, parents)
         self._census = census if counter else None
         self._close_files(keep=frozenset(census.pids))
         return census
@@ -320,7 +344,8 @@ class SandboxProcesses:
         with open(f"{self.proc}/{self.root}/net/{name}", encoding="ascii") as table:
             return find_inode(table.read().splitlines(), local, self.gate)
 
-    def _descendants(self) -> Iterator[int]:
+    def _descendants(self, parents: dict[int, int]) -> Iterator[int]:
+        """The helper's descendants; ``parents`` is given each one's parent as listed."""
         queue = [self.root]
         seen = 0
         while queue and seen < MAX_PROCESSES:
@@ -328,7 +353,10 @@ class SandboxProcesses:
             seen += 1
             if pid != self.root:
                 yield pid
-            queue.extend(self._children(pid))
+            children = self._children(pid)
+            for child in children:
+                parents[child] = pid
+            queue.extend(children)
 
     def _children(self, pid: int) -> list[int]:
         """Children of every thread of ``pid`` (a child is listed under the thread that forked it).
@@ -391,20 +419,32 @@ class SandboxProcesses:
         return False
 
     def _ancestors(
-        self, entry: ProcEntry, entries: dict[int, ProcEntry], sandbox_pids: dict[int, int]
+        self,
+        entry: ProcEntry,
+        entries: dict[int, ProcEntry],
+        sandbox_pids: dict[int, int],
+        tree: dict[int, int] | None,
     ) -> None:
+        """``entry``'s parents into ``entries``. With ``tree`` (parents as the walk found them),
+        _ParentGone when one of them cannot be read: it may have exited, its child adopted."""
         entries[entry.host_pid] = entry
         current = entry
         for _ in range(64):
             if current.pid == 1 or current.host_ppid == self.root:
                 return
-            parent = entries.get(current.host_ppid) or self._parent(current.host_ppid, sandbox_pids)
+            parent = entries.get(current.host_ppid) or self._parent(
+                current.host_ppid, sandbox_pids, tree
+            )
             if parent is None:
+                if tree is not None:
+                    raise _ParentGone()
                 return
             entries[parent.host_pid] = parent
             current = parent
 
-    def _parent(self, pid: int, sandbox_pids: dict[int, int]) -> ProcEntry | None:
+    def _parent(
+        self, pid: int, sandbox_pids: dict[int, int], tree: dict[int, int] | None
+    ) -> ProcEntry | None:
         """A parent as the chain records it: its pids and executable path (``"PID EXE"``); its
         command line and file identity are only ever read for a socket's owners. The sandbox's init
         is read once: a chain stops at it and records none of it but its pid inside, 1."""
@@ -413,8 +453,8 @@ class SandboxProcesses:
             return init
         base = f"{self.proc}/{pid}"
         try:
-            ppid, nspid = self._pids(base, sandbox_pids, pid)
-            exe = os.readlink(f"{base}/exe")
+            ppid, nspid = self._pids(base, sandbox_pids, pid, tree)
+            exe = os.readlink(f"{base}/exe")  # (and so it lives: a parent the walk found is it)
         except OSError:
             return None
         entry = ProcEntry(pid, ppid, nspid, exe, ())
@@ -423,14 +463,18 @@ class SandboxProcesses:
         return entry
 
     def _entry(
-        self, pid: int, sandbox_pids: dict[int, int], task: str | None = None
+        self,
+        pid: int,
+        sandbox_pids: dict[int, int],
+        tree: dict[int, int] | None,
+        task: str | None = None,
     ) -> ProcEntry | None:
         """The owner ``pid``; ``task``: the directory of the thread whose file table holds the
         socket, whose executable is read (a leader that has exited has none to read)."""
         base = f"{self.proc}/{pid}"
         where = task or base
         try:
-            ppid, nspid = self._pids(base, sandbox_pids, pid)
+            ppid, nspid = self._pids(base, sandbox_pids, pid, tree)
             exe = os.readlink(f"{where}/exe")
             st = os.stat(f"{where}/exe")
             raw = self._proc_file(pid, _CMDLINE)
@@ -438,15 +482,22 @@ class SandboxProcesses:
             return None
         return ProcEntry(pid, ppid, nspid, exe, _argv(raw), (st.st_dev, st.st_ino))
 
-    def _pids(self, base: str, sandbox_pids: dict[int, int], pid: int) -> tuple[int, int]:
-        """(parent's host pid, pid in the sandbox): the parent read afresh (a process is reparented
-        when its parent exits), the sandbox pid from ``status`` once per process and census
+    def _pids(
+        self, base: str, sandbox_pids: dict[int, int], pid: int, tree: dict[int, int] | None
+    ) -> tuple[int, int]:
+        """(parent's host pid, pid in the sandbox): the sandbox pid from ``status`` once per
+        process and census; the parent from ``tree`` (the walk's, which the caller confirms by
+        reading that parent: a process is reparented only when its parent exits), else read afresh
         (``stat``, which has the parent, is the cheaper file, and is kept open)."""
         nspid = sandbox_pids.get(pid)
         if nspid is None:
             ppid, nspid = _status(base)
             sandbox_pids[pid] = nspid
             return ppid, nspid
+        if tree is not None:
+            listed = tree.get(pid)
+            if listed is not None:
+                return listed, nspid
         return _stat_ppid(self._proc_file(pid, _STAT), base), nspid
 
 

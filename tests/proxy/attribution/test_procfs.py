@@ -4,6 +4,7 @@ temporary directory): which walks are kept, and what is always read afresh."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import threading
 import time
@@ -71,6 +72,11 @@ class FakeProc:
     def holds(self, pid: int, fd: int, inode: int = INODE) -> None:
         (self.base / str(pid) / "fd" / str(fd)).symlink_to(f"socket:[{inode}]")
 
+    def exit(self, pid: int) -> None:
+        """A process that exited and was reaped: its /proc directory is gone (its children are
+        adopted: :meth:`reparent` them)."""
+        shutil.rmtree(self.base / str(pid))
+
     def reparent(self, pid: int, ppid: int) -> None:
         stat = self.base / str(pid) / "stat"
         fields = stat.read_text().split()
@@ -132,19 +138,55 @@ def test_a_process_created_after_the_walk_is_found_once_the_counter_moves(
 
 
 def test_what_a_process_is_is_read_afresh_under_a_kept_walk(proc: FakeProc) -> None:
-    """``exec`` and reparenting allocate no pid: the executable, command line and parent are
-    read on every lookup, never taken from the kept walk."""
+    """``exec`` and adoption allocate no pid: the executable and command line are read on every
+    lookup, and a parent the walk found that has exited since is noticed (its child's parent is
+    then read afresh), never taken from the kept walk."""
     lookups = _lookups(proc)
     first = lookups.attribute(PEER)
     assert first is not None and first.ppid == 2
     proc.relink(203, "/bin/sh")  # the process exec'd another program
     (proc.base / "203" / "cmdline").write_bytes(b"sh\0-c\0true\0")
+    proc.exit(202)
     proc.reparent(203, 201)  # its parent exited: init adopted it
     again = lookups.attribute_now(PEER)
     assert again is not None
     assert again.exe == os.readlink(proc.base / "203" / "exe") != first.exe
     assert again.argv == ("sh", "-c", "true")
     assert (again.ppid, again.parents) == (1, ())
+
+
+def test_a_parent_the_walk_found_is_taken_from_it_while_it_lives(proc: FakeProc) -> None:
+    """A process is adopted only when its parent exits, and a living parent's pid cannot have been
+    reused without an allocation: while the parent's executable can be read, the walk's parent
+    stands and no ``stat`` is read (one system call per process in the chain). Reading it shows
+    the parent is still that process."""
+    lookups = _lookups(proc)
+    first = lookups.attribute(PEER)
+    assert first is not None and first.parents == (f"2 {os.readlink(proc.base / '202' / 'exe')}",)
+    for pid in (202, 203):  # a read of either stat would now fail the lookup
+        (proc.base / str(pid) / "stat").write_text("garbage\n")
+    proc.relink(202, "/bin/bash")  # the parent exec'd: the chain says what it runs now
+    again = lookups.attribute_now(PEER)
+    assert again is not None and again.ppid == 2
+    assert again.parents == (f"2 {os.readlink(proc.base / '202' / 'exe')}",) != first.parents
+
+
+def test_a_parent_that_exited_since_the_walk_sends_the_lookup_to_stat(proc: FakeProc) -> None:
+    """Between two parents: the owner's parent exited and a shell further up adopted it (a
+    subreaper), without a pid allocated. The walk's parent is gone, so every parent is read
+    afresh: the chain names the adopter, not the process that exited."""
+    proc.process(204, 202, 4, "/usr/bin/make")
+    proc.process(205, 204, 5, "/usr/bin/curl")
+    proc.holds(205, 6, inode=INODE)
+    (proc.base / "203" / "fd" / "5").unlink()
+    lookups = _lookups(proc)
+    first = lookups.attribute(PEER)
+    assert first is not None and first.host_pid == 205 and first.ppid == 4
+    proc.exit(204)
+    proc.reparent(205, 202)
+    again = lookups.attribute_now(PEER)
+    assert again is not None and again.ppid == 2
+    assert again.parents == (f"2 {os.readlink(proc.base / '202' / 'exe')}",)
 
 
 def test_a_search_for_every_owner_always_walks_the_tree(proc: FakeProc) -> None:
@@ -226,9 +268,10 @@ def test_a_command_name_with_parentheses_and_spaces_does_not_move_the_parent(
 ) -> None:
     lookups = _lookups(proc)
     assert lookups.attribute(PEER) is not None
-    (proc.base / "203" / "stat").write_text("203 (a) S 999 (b) S 1) S 202 203 203 0 -1\n")
+    proc.exit(202)  # so the parent is read from stat, where init now is
+    (proc.base / "203" / "stat").write_text("203 (a) S 999 (b) S 1) S 201 203 203 0 -1\n")
     found = lookups.attribute_now(PEER)
-    assert found is not None and found.ppid == 2
+    assert found is not None and found.ppid == 1
 
 
 def test_a_huge_fd_table_is_searched_off_the_callers_thread(
@@ -257,6 +300,7 @@ def test_the_sandboxs_init_is_read_once(proc: FakeProc) -> None:
         (proc.base / "201" / name).unlink()  # a later read of init's files would find nothing
     again = lookups.attribute_now(PEER)
     assert again == first
+    proc.exit(202)
     proc.reparent(203, 201)  # init adopted the owner: its ppid is init's pid inside
     adopted = lookups.attribute_now(PEER)
     assert adopted is not None and (adopted.ppid, adopted.parents) == (1, ())
@@ -362,10 +406,10 @@ def test_a_processs_stat_and_command_line_stay_open_until_it_is_gone(
     real_open, real_pread = os.open, os.pread
     stale: set[int] = set()
 
-    def counting_open(path: str, flags: int, *args: int) -> int:
+    def counting_open(path: str, flags: int, *args: int, **kwargs: int) -> int:
         if "/203/" in str(path) and not str(path).endswith("/children"):
             opened.append(str(path).rsplit("/", 1)[1])
-        return real_open(path, flags, *args)
+        return real_open(path, flags, *args, **kwargs)
 
     def pread(fd: int, size: int, offset: int) -> bytes:
         if fd in stale:  # once: its number is free for the next open once it is closed
@@ -376,7 +420,9 @@ def test_a_processs_stat_and_command_line_stay_open_until_it_is_gone(
     monkeypatch.setattr(procfs.os, "open", counting_open)
     monkeypatch.setattr(procfs.os, "pread", pread)
     lookups = _lookups(proc)
-    assert lookups.attribute(PEER) is not None  # status (first sight), then cmdline, then stat
+    assert lookups.attribute(PEER) is not None  # status (first sight), then cmdline
+    proc.exit(202)  # its parent: the owner's is read from stat from now on
+    proc.reparent(203, 201)
     assert lookups.attribute_now(PEER) is not None
     assert lookups.attribute_now(PEER) is not None
     assert sorted(opened) == ["cmdline", "stat", "status"]  # later lookups opened nothing
@@ -384,7 +430,7 @@ def test_a_processs_stat_and_command_line_stay_open_until_it_is_gone(
     assert len(stale) == 2
     (proc.base / "203" / "cmdline").write_bytes(b"/usr/bin/git\0fetch\0")
     found = lookups.attribute_now(PEER)
-    assert found is not None and found.argv == ("/usr/bin/git", "fetch")
+    assert found is not None and found.argv == ("/usr/bin/git", "fetch") and found.ppid == 1
     assert sorted(opened) == ["cmdline", "cmdline", "stat", "stat", "status"]
     assert not stale  # each read through a stale descriptor failed once, and it was not read again
     fresh = [fd for (pid, _), fd in lookups._files.items() if pid == 203]
