@@ -17,11 +17,13 @@ namespace, of which the sandbox's is a child, so every fork inside moves it) is 
 walk and compared on each lookup, for at most CENSUS_AGE seconds. A process that exited since
 only fails its fd scan; a new one, or a reused pid, needs an allocation, which moves the counter.
 What a process is (executable, command line) is read afresh on every lookup: ``exec`` allocates no
-pid. Its parent is the one the walk found for as long as that parent lives: a process is adopted
-only when its parent exits, and a living parent's pid is still that parent's (a reuse needs an
-allocation); a parent found gone (its executable unreadable) sends the lookup back to reading every
-parent afresh from ``stat``. A search for every owner (what a rule bound to executables needs)
-always walks the tree anew.
+pid. The parent of a child its parent's leader thread forked is the one the walk found for as long
+as that parent's executable reads: the leader hands its children on only after it has let go of its
+memory (what ``exe`` reads), and a living parent's pid is still that parent's (a reuse needs an
+allocation). A child of another thread may be adopted earlier (once every thread of its parent is
+exiting), so its parent is always read from ``stat``; and a parent that cannot be read sends the
+lookup back to reading every parent afresh (the owners' from ``stat``), without searching again. A
+search for every owner (what a rule bound to executables needs) always walks the tree anew.
 
 The ``stat`` and ``cmdline`` files recent lookups read are kept open (up to KEPT_FILES): a read
 is then one ``pread`` where a path costs an open, a read and a close. A descriptor of
@@ -35,6 +37,7 @@ waiting, and once :meth:`SandboxProcesses.close` has been called every read is b
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import logging
@@ -184,19 +187,7 @@ class SandboxProcesses:
         """The search itself; with ``fds``, BlockingIOError once more fd table entries than that
         would be read (a process with a huge fd table is searched off the event loop). Parents are
         the walk's while they live (one system call fewer per process), else read afresh."""
-        try:
-            return self._search(peer, census, every_owner, fds, census.parents)
-        except _ParentGone:
-            return self._search(peer, census, every_owner, fds, None)
-
-    def _search(
-        self,
-        peer: str,
-        census: Census,
-        every_owner: bool,
-        fds: int | None,
-        tree: dict[int, int] | None,
-    ) -> Attribution | None:
+        tree = census.parents
         host, _, port = peer.rpartition(":")
         local = (host.strip("[]"), int(port))
         inode = self._inode(local)
@@ -224,8 +215,18 @@ class SandboxProcesses:
                 break
         if not owners:
             return None
-        for owner in owners:
-            self._ancestors(owner, entries, census.sandbox_pids, tree)
+        try:
+            for owner in owners:
+                self._ancestors(owner, entries, census.sandbox_pids, tree)
+        except _ParentGone:
+            # A parent the walk found cannot be read: it may have exited and its child been
+            # adopted. Every parent is read afresh, the owners' from stat; the search stands.
+            owners = self._with_parents_read(owners, every_owner)
+            if not owners:
+                return None
+            entries = {}
+            for owner in owners:
+                self._ancestors(owner, entries, census.sandbox_pids, None)
         # The same processes read the same as last time (a client's next connection): the same
         # attribution, without building it again. Keyed by everything it is built from.
         key = (every_owner, tuple(owners), tuple(entries.values()))
@@ -353,25 +354,35 @@ class SandboxProcesses:
             seen += 1
             if pid != self.root:
                 yield pid
-            children = self._children(pid)
-            for child in children:
+            children, leaders = self._children(pid)
+            # The leader thread's own children only: ``/proc/PID/exe`` reads the leader's memory,
+            # which it lets go of before it hands its children on, so while it reads they are still
+            # its children. A child of another thread is adopted as soon as no thread of PID is
+            # left that is not exiting, which can come well before the leader lets go of its
+            # memory: its parent is always read from stat.
+            for child in leaders:
                 parents[child] = pid
             queue.extend(children)
 
-    def _children(self, pid: int) -> list[int]:
-        """Children of every thread of ``pid`` (a child is listed under the thread that forked it).
-        ``task``'s link count is 2 + threads: a single-threaded process needs one read."""
+    def _children(self, pid: int) -> tuple[list[int], list[int]]:
+        """Children of every thread of ``pid`` (a child is listed under the thread that forked it),
+        and those listed under the leader thread. ``task``'s link count is 2 + threads: a
+        single-threaded process needs one read."""
         base = f"{self.proc}/{pid}/task"
         try:
             tids = [str(pid)] if os.stat(base).st_nlink <= 3 else os.listdir(base)
         except OSError:
-            return []
+            return [], []
         found: list[int] = []
+        leaders: list[int] = []
         for tid in tids:
             data = _read(f"{base}/{tid}/children")
             if data:
-                found.extend(int(c) for c in data.split())
-        return found
+                listed = [int(c) for c in data.split()]
+                found.extend(listed)
+                if tid == str(pid):
+                    leaders = listed
+        return found, leaders
 
     def _owns(self, pid: int, link: str, budget: list[int | None]) -> bool:
         """Whether ``pid`` has an fd on ``link``: the fd an earlier scan saw it on first, then the
@@ -417,6 +428,21 @@ class SandboxProcesses:
                     seen_here.clear()
                 seen_here[read] = (pid, fd)
         return False
+
+    def _with_parents_read(self, owners: list[ProcEntry], every_owner: bool) -> list[ProcEntry]:
+        """``owners`` with their parents as ``stat`` says now; one that cannot be read is left out
+        (or, for a search of every owner, none is left: nobody is vouched for)."""
+        fresh: list[ProcEntry] = []
+        for owner in owners:
+            pid = owner.host_pid
+            try:
+                ppid = _stat_ppid(self._proc_file(pid, _STAT), f"{self.proc}/{pid}")
+            except (OSError, ValueError):
+                if every_owner:
+                    return []
+                continue
+            fresh.append(dataclasses.replace(owner, host_ppid=ppid))
+        return fresh
 
     def _ancestors(
         self,

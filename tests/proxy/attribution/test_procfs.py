@@ -189,6 +189,97 @@ def test_a_parent_that_exited_since_the_walk_sends_the_lookup_to_stat(proc: Fake
     assert again.parents == (f"2 {os.readlink(proc.base / '202' / 'exe')}",)
 
 
+def _zombie(fake: FakeProc, pid: int) -> None:
+    """Exited, not reaped: /proc/PID stays, its exe link does not read (the kernel: ENOENT)."""
+    (fake.base / str(pid) / "exe").unlink()
+
+
+def _searches(lookups: SandboxProcesses) -> list[tuple[str, int]]:
+    """Every socket lookup (sock_diag or the TCP table) a search makes: one per search."""
+    calls: list[tuple[str, int]] = []
+    real = lookups._inode
+
+    def counting(local: tuple[str, int]) -> int | None:
+        calls.append(local)
+        return real(local)
+
+    lookups._inode = counting  # type: ignore[method-assign]
+    return calls
+
+
+def test_a_zombie_parent_sends_the_lookup_to_stat(proc: FakeProc) -> None:
+    """The kernel adopts a child as its parent exits, before the parent is reaped: the zombie's
+    exe does not read, so the adopter is named."""
+    lookups = _lookups(proc)
+    assert lookups.attribute(PEER).ppid == 2  # type: ignore[union-attr]
+    _zombie(proc, 202)
+    proc.reparent(203, 201)
+    searches = _searches(lookups)
+    again = lookups.attribute_now(PEER)
+    assert again is not None and (again.ppid, again.parents) == (1, ())
+    assert len(searches) == 1  # the parents read again, not the socket looked for again
+
+
+def test_a_parent_that_lives_but_does_not_read_costs_no_second_search(proc: FakeProc) -> None:
+    """A parent whose executable cannot be read while it lives (its leader thread ended while
+    another runs; a program the gate may not read): the chain stops there, as it always did, and
+    the lookup reads the owner's stat once more, not the socket and fd tables again (a process
+    could otherwise double the lookup of every connection it makes, on the event loop)."""
+    lookups = _lookups(proc)
+    assert lookups.attribute(PEER) is not None
+    _zombie(proc, 202)  # 203's stat still names 202
+    searches = _searches(lookups)
+    found = lookups.attribute_now(PEER)
+    assert found is not None and (found.ppid, found.parents) == (None, ())
+    assert len(searches) == 1
+
+
+def test_a_child_of_a_non_leader_thread_has_its_parent_read_from_stat(proc: FakeProc) -> None:
+    """203 was forked by thread 2020 of 202. When 202 exits, 2020 may finish first: with the
+    leader already exiting, no thread is left to take 203, which init adopts at once, while the
+    leader still has its memory, so /proc/202/exe still reads (on the real kernel a process can
+    stretch that gap to a tenth of a second, and no pid is allocated: the walk is kept). Only a
+    child of the leader thread takes its parent from the walk."""
+    listed = proc.base / "202" / "task" / "202" / "children"
+    listed.write_text(listed.read_text().replace("203 ", ""))
+    (proc.base / "202" / "task" / "2020").mkdir()
+    (proc.base / "202" / "task" / "2020" / "children").write_text("203 ")
+    lookups = _lookups(proc)
+    first = lookups.attribute(PEER)
+    assert first is not None and first.ppid == 2
+    proc.reparent(203, 201)  # adopted; 202's exe still reads (its leader's memory is still there)
+    found = lookups.attribute_now(PEER)
+    assert found is not None
+    assert (found.ppid, found.parents) == (1, ())
+
+
+def test_first_sight_after_an_adoption_and_the_walks_parent_gone_agree(proc: FakeProc) -> None:
+    lookups = _lookups(proc)
+    lookups._walk()  # walked: 203 under 202; nothing read of 203 yet
+    _zombie(proc, 202)
+    proc.reparent(203, 201)
+    first = lookups.attribute_now(PEER)  # 203's status (first sight) says 201
+    again = lookups.attribute_now(PEER)  # the walk says 202, which does not read
+    assert first is not None and again is not None
+    assert (first.ppid, first.parents) == (again.ppid, again.parents) == (1, ())
+
+
+def test_a_search_for_every_owner_whose_parent_does_not_read_keeps_its_owners(
+    proc: FakeProc,
+) -> None:
+    """What a rule bound to executables checks (the owners, their files, ``complete``) never
+    rests on the parents: a parent that does not read changes the chain only."""
+    lookups = _lookups(proc)
+    assert lookups.attribute(PEER, every_owner=True) is not None
+    _zombie(proc, 202)
+    searches = _searches(lookups)
+    found = lookups.attribute(PEER, every_owner=True)
+    assert found is not None and found.complete
+    assert found.exes == {os.readlink(proc.base / "203" / "exe")}
+    assert (found.ppid, found.parents) == (None, ())
+    assert len(searches) == 1
+
+
 def test_a_search_for_every_owner_always_walks_the_tree(proc: FakeProc) -> None:
     """What a rule bound to executables decides on never rests on a kept walk: here a process
     appears without the counter moving (which the kernel never does), and is still found."""
