@@ -136,21 +136,25 @@ class SandboxProcesses:
         except OSError:
             self._counter_fd = None
 
-    def attribute(self, peer: str, *, every_owner: bool = False) -> Attribution | None:
+    def attribute(
+        self, peer: str, *, every_owner: bool = False, identity: bool = True
+    ) -> Attribution | None:
         """The owner of the client socket whose address is ``peer`` (``host:port``), or None when it
         cannot be found (the socket closed, the owner exited, /proc unreadable).
 
         The newest processes are searched first and the search stops at the first owner, unless
-        ``every_owner`` (what a rule bound to executables needs: ``complete`` says it was done)."""
+        ``every_owner`` (what a rule bound to executables needs: ``complete`` says it was done).
+        Without ``identity`` the executables' file identities are not read (``exe_ids`` is empty,
+        which a rule bound to executables refuses): for a lookup whose answer is evidence only."""
         try:
             census = self._walk() if every_owner else self._kept() or self._walk()
-            found = self._attribute(peer, census, every_owner)
+            found = self._attribute(peer, census, every_owner, identity=identity or every_owner)
         except (OSError, ValueError):
             log.debug("attribution of %s failed", peer, exc_info=True)
             found = None
         return found
 
-    def attribute_now(self, peer: str) -> Attribution | None:
+    def attribute_now(self, peer: str, *, identity: bool = True) -> Attribution | None:
         """``attribute(peer)`` when it needs no walk of the process tree (a kept census of at most
         INLINE_PROCESSES processes): a few system calls, cheaper on the caller's thread than a
         hand-off to a worker. Raises BlockingIOError when it would walk: call ``attribute`` in a
@@ -159,7 +163,7 @@ class SandboxProcesses:
         if census is None or len(census.pids) > INLINE_PROCESSES:
             raise BlockingIOError("the sandbox's process tree must be walked")
         try:
-            return self._attribute(peer, census, False, INLINE_FDS)
+            return self._attribute(peer, census, False, INLINE_FDS, identity=identity)
         except BlockingIOError:
             raise
         except (OSError, ValueError):
@@ -182,7 +186,13 @@ class SandboxProcesses:
                 self._known.pop(peer, None)
 
     def _attribute(
-        self, peer: str, census: Census, every_owner: bool, fds: int | None = None
+        self,
+        peer: str,
+        census: Census,
+        every_owner: bool,
+        fds: int | None = None,
+        *,
+        identity: bool = True,
     ) -> Attribution | None:
         """The search itself; with ``fds``, BlockingIOError once more fd table entries than that
         would be read (a process with a huge fd table is searched off the event loop). Parents are
@@ -205,7 +215,7 @@ class SandboxProcesses:
                 task = _thread_holding(f"{self.proc}/{pid}", pid, link) if every_owner else None
                 if task is None:
                     continue
-            entry = self._entry(pid, census.sandbox_pids, tree, task)
+            entry = self._entry(pid, census.sandbox_pids, tree, task, identity=identity)
             if entry is None:
                 if every_owner:  # an owner whose executable cannot be read: nobody is vouched for
                     return None
@@ -494,19 +504,25 @@ class SandboxProcesses:
         sandbox_pids: dict[int, int],
         tree: dict[int, int] | None,
         task: str | None = None,
+        *,
+        identity: bool = True,
     ) -> ProcEntry | None:
         """The owner ``pid``; ``task``: the directory of the thread whose file table holds the
-        socket, whose executable is read (a leader that has exited has none to read)."""
+        socket, whose executable is read (a leader that has exited has none to read); the
+        executable's file identity only with ``identity``."""
         base = f"{self.proc}/{pid}"
         where = task or base
         try:
             ppid, nspid = self._pids(base, sandbox_pids, pid, tree)
             exe = os.readlink(f"{where}/exe")
-            st = os.stat(f"{where}/exe")
+            exe_id = None
+            if identity:
+                st = os.stat(f"{where}/exe")
+                exe_id = (st.st_dev, st.st_ino)
             raw = self._proc_file(pid, _CMDLINE)
         except OSError:
             return None
-        return ProcEntry(pid, ppid, nspid, exe, _argv(raw), (st.st_dev, st.st_ino))
+        return ProcEntry(pid, ppid, nspid, exe, _argv(raw), exe_id)
 
     def _pids(
         self, base: str, sandbox_pids: dict[int, int], pid: int, tree: dict[int, int] | None

@@ -176,9 +176,14 @@ class Approver(Protocol):
 class Processes(Protocol):
     """Who owns a client socket (:class:`proxy.attribution.procfs.SandboxProcesses`)."""
 
-    def attribute(self, peer: str, *, every_owner: bool = False) -> ProcessFacts | None: ...
+    def attribute(
+        self, peer: str, *, every_owner: bool = False, identity: bool = True
+    ) -> ProcessFacts | None:
+        """Without ``identity``, the answer need not carry the executables' file identities (none
+        is then a refusal under a rule bound to executables): evidence only."""
+        ...
 
-    def attribute_now(self, peer: str) -> ProcessFacts | None:
+    def attribute_now(self, peer: str, *, identity: bool = True) -> ProcessFacts | None:
         """``attribute(peer)`` when it is cheap enough for the event loop; BlockingIOError when
         it is not."""
         ...
@@ -667,11 +672,15 @@ class Checkpoint:
             search = functools.partial(processes.attribute, conn.peer, every_owner=True)
             conn.lookup = loop.run_in_executor(self._pool(conn), search)
             return
+        # An executable's file identity is read only where a rule bound to executables may check
+        # it: on a connection opened under a policy that binds one (watched); elsewhere the answer
+        # is evidence, which names the executable by its path.
         try:
-            conn.process = processes.attribute_now(conn.peer)
+            conn.process = processes.attribute_now(conn.peer, identity=conn.watched)
         except BlockingIOError:
             if walk:
-                conn.lookup = loop.run_in_executor(self._pool(conn), processes.attribute, conn.peer)
+                search = functools.partial(processes.attribute, conn.peer, identity=conn.watched)
+                conn.lookup = loop.run_in_executor(self._pool(conn), search)
             return
         except Exception:
             log.exception("attributing %s failed", conn.peer)
@@ -711,9 +720,8 @@ class Checkpoint:
         lookup, conn.lookup = conn.lookup, None
         try:
             if lookup is None:
-                lookup = asyncio.get_running_loop().run_in_executor(
-                    self._pool(conn), processes.attribute, conn.peer
-                )
+                search = functools.partial(processes.attribute, conn.peer, identity=conn.watched)
+                lookup = asyncio.get_running_loop().run_in_executor(self._pool(conn), search)
             conn.process = await lookup
         except Exception:
             log.exception("attributing %s failed", conn.peer)

@@ -176,10 +176,10 @@ class OneProcess:
         self.after = after
         self.in_time: list[bool] = []
 
-    def attribute(self, peer: str, *, every_owner: bool = False) -> object:
+    def attribute(self, peer: str, *, every_owner: bool = False, identity: bool = True) -> object:
         return self.attribute_now(peer)
 
-    def attribute_now(self, peer: str) -> object:
+    def attribute_now(self, peer: str, *, identity: bool = True) -> object:
         self.asked.append(peer)
         if self.after is not None:
             self.in_time.append(self.after.wait(WAIT / 3))

@@ -280,6 +280,33 @@ def test_a_search_for_every_owner_whose_parent_does_not_read_keeps_its_owners(
     assert len(searches) == 1
 
 
+def test_without_identity_the_executable_is_named_and_its_file_not_read(
+    proc: FakeProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Evidence names an executable by its path; the file's identity (one stat of the link)
+    is read only when asked, and always for a search of every owner (what a bound rule checks)."""
+    stats: list[str] = []
+    real = os.stat
+
+    def counting(path: str, *args: object, **kwargs: object) -> os.stat_result:
+        if str(path).endswith("/exe"):
+            stats.append(str(path))
+        return real(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    lookups = _lookups(proc)
+    monkeypatch.setattr(procfs.os, "stat", counting)
+    plain = lookups.attribute(PEER, identity=False)
+    assert plain is not None and plain.exe == os.readlink(proc.base / "203" / "exe")
+    assert plain.exe_ids == frozenset() and not stats
+    inline = lookups.attribute_now(PEER, identity=False)
+    assert inline is not None and inline.exe_ids == frozenset() and not stats
+    every = lookups.attribute(PEER, every_owner=True, identity=False)
+    assert every is not None and every.exe_ids and stats
+    stats.clear()
+    kept = lookups.attribute_now(PEER)
+    assert kept is not None and kept.exe_ids and stats
+
+
 def test_a_search_for_every_owner_always_walks_the_tree(proc: FakeProc) -> None:
     """What a rule bound to executables decides on never rests on a kept walk: here a process
     appears without the counter moving (which the kernel never does), and is still found."""

@@ -41,13 +41,15 @@ class Processes:
     asked: list[str] = field(default_factory=list)
     forgotten: list[str | None] = field(default_factory=list)
 
-    def attribute(self, peer: str, *, every_owner: bool = False) -> Facts | None:
+    def attribute(
+        self, peer: str, *, every_owner: bool = False, identity: bool = True
+    ) -> Facts | None:
         self.asked.append(peer + (" every owner" if every_owner else ""))
         if self.answer is None:
             return None
         return Facts(self.answer.exes, self.answer.exe_ids, every_owner)
 
-    def attribute_now(self, peer: str) -> Facts | None:
+    def attribute_now(self, peer: str, *, identity: bool = True) -> Facts | None:
         raise BlockingIOError  # the walk is left to a worker thread
 
     def remember(self, peer: str, found: Facts | None) -> None:
@@ -106,7 +108,9 @@ class HandedOver(Processes):
     """The socket's owner as the connection opened was python; by the request, python had handed
     it to git and closed its own copy (its request held back in the kernel by TCP_CORK)."""
 
-    def attribute(self, peer: str, *, every_owner: bool = False) -> Facts | None:
+    def attribute(
+        self, peer: str, *, every_owner: bool = False, identity: bool = True
+    ) -> Facts | None:
         self.asked.append(peer + (" every owner" if every_owner else ""))
         if every_owner:
             return Facts(frozenset({GIT}), frozenset({GIT_ID}), True)

@@ -28,14 +28,19 @@ class Processes:
     def __init__(self, known: bool, fails: bool = False) -> None:
         self.known, self.fails = known, fails
         self.calls: list[tuple[str, str]] = []
+        self.identities: list[bool] = []  # what each lookup was asked to read of the executable
         self.remembered: dict[str, Facts | None] = {}
 
-    def attribute(self, peer: str, *, every_owner: bool = False) -> Facts | None:
+    def attribute(
+        self, peer: str, *, every_owner: bool = False, identity: bool = True
+    ) -> Facts | None:
         self.calls.append(("walk", threading.current_thread().name))
+        self.identities.append(identity or every_owner)
         return Facts(ANSWER.exes, ANSWER.exe_ids, every_owner)
 
-    def attribute_now(self, peer: str) -> Facts | None:
+    def attribute_now(self, peer: str, *, identity: bool = True) -> Facts | None:
         self.calls.append(("now", threading.current_thread().name))
+        self.identities.append(identity)
         if self.fails:
             raise RuntimeError("a lookup that broke")
         if not self.known:
@@ -92,6 +97,21 @@ def test_under_a_policy_bound_to_executables_every_owner_is_searched_as_it_opens
     assert conn.process is not None and conn.process.complete  # type: ignore[attr-defined]
 
 
+def test_an_executables_identity_is_read_only_where_a_bound_rule_may_check_it(
+    tmp_path: Path,
+) -> None:
+    """Under a policy that binds nothing, a connection's owner is evidence (named by path): its
+    executable's file identity is not read, which a bound rule would refuse anyway, as it refuses
+    every connection opened before a policy bound it. Under a policy that binds, it is."""
+    for known in (True, False):
+        processes = Processes(known=known)
+        _admit(tmp_path, processes)
+        assert processes.identities and not any(processes.identities)
+    processes = Processes(known=True)
+    _admit(tmp_path, processes, POLICY)
+    assert processes.identities == [True]
+
+
 def test_a_lookup_that_must_walk_runs_in_a_worker_thread(tmp_path: Path) -> None:
     processes = Processes(known=False)
     conn, _ = _admit(tmp_path, processes)
@@ -114,11 +134,13 @@ class Ordered(Processes):
         super().__init__(known=known)
         self.order = order
 
-    def attribute_now(self, peer: str) -> Facts | None:
+    def attribute_now(self, peer: str, *, identity: bool = True) -> Facts | None:
         self.order.append("lookup")
         return super().attribute_now(peer)
 
-    def attribute(self, peer: str, *, every_owner: bool = False) -> Facts | None:
+    def attribute(
+        self, peer: str, *, every_owner: bool = False, identity: bool = True
+    ) -> Facts | None:
         self.order.append("walk")
         return super().attribute(peer, every_owner=every_owner)
 
@@ -215,7 +237,9 @@ class Walking(Processes):
         self.during, self.release = during, release
         self.walking = threading.Event()
 
-    def attribute(self, peer: str, *, every_owner: bool = False) -> Facts | None:
+    def attribute(
+        self, peer: str, *, every_owner: bool = False, identity: bool = True
+    ) -> Facts | None:
         self.walking.set()
         if self.during is not None:
             self.during()

@@ -29,12 +29,12 @@ class Blocking:
     entered: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
 
-    def attribute(self, peer: str, *, every_owner: bool = False) -> None:
+    def attribute(self, peer: str, *, every_owner: bool = False, identity: bool = True) -> None:
         self.entered.set()
         self.release.wait(WAIT)
         return None
 
-    def attribute_now(self, peer: str) -> None:
+    def attribute_now(self, peer: str, *, identity: bool = True) -> None:
         raise BlockingIOError  # a walk: left to a worker thread
 
     def remember(self, peer: str, found: object) -> None:
@@ -48,7 +48,7 @@ class Blocking:
 class Quick(Blocking):
     asked: list[str] = field(default_factory=list)
 
-    def attribute(self, peer: str, *, every_owner: bool = False) -> None:
+    def attribute(self, peer: str, *, every_owner: bool = False, identity: bool = True) -> None:
         self.asked.append(peer)
         return None
 
