@@ -67,6 +67,8 @@ INLINE_FDS = 512  # ... as long as the fd tables it reads stay this small in all
 KEPT_FILES = 8  # /proc files kept open per sandbox (limits.DESCRIPTOR_RESERVE counts one sandbox's)
 KEPT_BUILT = 32  # attributions kept to be returned again
 SEEN_SOCKETS = 256  # sockets remembered where an fd scan passed them (all forgotten when full)
+VACATED_FDS = 32  # fds per process whose looked-up connection has closed (the oldest forgotten)
+VACATED_TRIES = 3  # of them tried, lowest first, before the fd table is listed
 _STAT, _CMDLINE = 0, 1
 _KEPT_NAMES = ("stat", "cmdline")
 _KEPT_LIMITS = (4096, MAX_CMDLINE)
@@ -124,6 +126,13 @@ class SandboxProcesses:
         # and what they hold is a hint checked by the readlink it saves (the fds) or the same value
         # whoever writes it (init).
         self._seen: dict[str, tuple[int, str]] = {}
+        # The fd each looked-up connection's socket is on, by peer; once the connection has closed,
+        # that fd goes to its process's vacated ones: the kernel gives a new socket the lowest free
+        # fd, so a client with several connections in flight opens its next on a vacated one,
+        # which no scan has passed (16 parallel curl transfers: a quarter of the lookups listed the
+        # fd table and read half of it). Hints as above; each vacated fd is tried once.
+        self._held: dict[str, tuple[int, str]] = {}
+        self._vacated: dict[int, dict[str, None]] = {}
         # (host pid, which file) -> its open descriptor. Unlike the hints above, these are used and
         # closed under a lock: a descriptor closed by one thread while another reads it could be
         # reused by an unrelated open in between.
@@ -181,9 +190,22 @@ class SandboxProcesses:
         return self._known.get(peer)
 
     def forget(self, peer: str | None) -> None:
+        """The connection from ``peer`` has closed: its process is no longer known by it, and the
+        fd its socket was on is a likely place for the process's next one."""
         if peer is not None:
             with self._lock:
                 self._known.pop(peer, None)
+            held = self._held.pop(peer, None)
+            if held is not None:
+                pid, fd = held
+                vacated = self._vacated.get(pid)
+                if vacated is None:
+                    if len(self._vacated) >= MAX_PROCESSES:
+                        self._vacated.clear()
+                    vacated = self._vacated[pid] = {}
+                if len(vacated) >= VACATED_FDS:
+                    vacated.pop(next(iter(vacated), ""), None)
+                vacated[fd] = None
 
     def _attribute(
         self,
@@ -209,7 +231,8 @@ class SandboxProcesses:
         budget = [fds]
         for pid in census.pids:
             task = None
-            if not self._owns(pid, link, budget):
+            fd = self._owns(pid, link, budget)
+            if fd is None:
                 # A thread's own file table (a clone without CLONE_FILES, or a leader that has
                 # exited): /proc/PID/fd shows only the leader's. Searched for every owner only.
                 task = _thread_holding(f"{self.proc}/{pid}", pid, link) if every_owner else None
@@ -221,6 +244,10 @@ class SandboxProcesses:
                     return None
                 continue
             owners.append(entry)
+            if fd is not None and len(owners) == 1:
+                if len(self._held) >= SEEN_SOCKETS * 16:
+                    self._held.clear()
+                self._held[peer] = (pid, fd)
             if not every_owner:
                 break
         if not owners:
@@ -394,14 +421,16 @@ class SandboxProcesses:
                     leaders = listed
         return found, leaders
 
-    def _owns(self, pid: int, link: str, budget: list[int | None]) -> bool:
-        """Whether ``pid`` has an fd on ``link``: the fd an earlier scan saw it on first, then the
-        fd its last looked-up socket was on, then its fd table, highest first (a socket just
-        connected is usually the newest descriptor of its process). Each hint is only a place to
-        look: the readlink decides. ``budget[0]``, when set, is what is left of the fd entries the
-        caller allows (BlockingIOError past it)."""
+    def _owns(self, pid: int, link: str, budget: list[int | None]) -> str | None:
+        """The fd ``pid`` holds ``link`` on, or None: the fd an earlier scan saw it on first, then
+        the fd its last looked-up socket was on, then the lowest of the fds its closed connections
+        vacated, then its fd table, highest first (a socket just connected is usually the newest
+        descriptor of its process). Each hint is only a place to look: the readlink decides.
+        ``budget[0]``, when set, is what is left of the fd entries the caller allows
+        (BlockingIOError past it)."""
         base = f"{self.proc}/{pid}/fd"
-        seen = self._seen.get(link)
+        seen_here = self._seen
+        seen = seen_here.get(link)
         first = seen[1] if seen is not None and seen[0] == pid else None
         hint = self._last_fd.get(pid)
         for where in (first, hint if hint != first else None):
@@ -409,20 +438,35 @@ class SandboxProcesses:
                 try:
                     if os.readlink(f"{base}/{where}") == link:
                         if where == first:
-                            self._seen.pop(link, None)  # looked up: not looked for again
-                        return True
+                            seen_here.pop(link, None)  # looked up: not looked for again
+                        return where
                 except OSError:
                     pass
+        vacated = self._vacated.get(pid)
+        if vacated:
+            for fd in sorted(list(vacated), key=_number)[:VACATED_TRIES]:
+                vacated.pop(fd, None)  # tried once: whatever it holds now is read here
+                if fd in (first, hint):
+                    continue
+                try:
+                    read = os.readlink(f"{base}/{fd}")
+                except OSError:
+                    continue
+                if read == link:
+                    return fd
+                if read.startswith("socket:"):
+                    if len(seen_here) >= SEEN_SOCKETS:
+                        seen_here.clear()
+                    seen_here[read] = (pid, fd)
         try:
             fds = sorted(os.listdir(base), key=_number, reverse=True)
         except (OSError, ValueError):
-            return False
+            return None
         left = budget[0]
         if left is not None:
             if len(fds) > left:
                 raise BlockingIOError(f"{base} holds too many fds to read on the event loop")
             budget[0] = left - len(fds)
-        seen_here = self._seen
         for fd in fds:  # the hinted fds too: the socket may have been moved onto one since
             try:
                 read = os.readlink(f"{base}/{fd}")
@@ -432,12 +476,12 @@ class SandboxProcesses:
                 if len(self._last_fd) >= MAX_PROCESSES:
                     self._last_fd.clear()
                 self._last_fd[pid] = fd
-                return True
+                return fd
             if read.startswith("socket:"):
                 if len(seen_here) >= SEEN_SOCKETS:
                     seen_here.clear()
                 seen_here[read] = (pid, fd)
-        return False
+        return None
 
     def _with_parents_read(self, owners: list[ProcEntry], every_owner: bool) -> list[ProcEntry]:
         """``owners`` with their parents as ``stat`` says now; one that cannot be read is left out

@@ -307,6 +307,55 @@ def test_without_identity_the_executable_is_named_and_its_file_not_read(
     assert kept is not None and kept.exe_ids and stats
 
 
+def test_a_connection_on_an_fd_a_closed_one_vacated_is_found_without_listing_the_table(
+    proc: FakeProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client with connections in flight opens its next on the lowest free fd, often one a
+    closed connection vacated, which no scan has passed: that fd is read before the fd table is
+    listed. It is a hint like the others: what it holds now decides (another socket there is
+    noted for its own lookup)."""
+    peers = {"127.0.0.1:58413": 5146141, "127.0.0.1:58414": 5146142, "127.0.0.1:58415": 5146143}
+    lines = [
+        f"   {n}: 0100007F:{int(p.rsplit(':', 1)[1]):04X} 0100007F:0C38 01 00000000:00000000 "
+        f"00:00000000 00000000     0        0 {inode} 1"
+        for n, (p, inode) in enumerate(peers.items(), start=4)
+    ]
+    (proc.base / str(ROOT) / "net" / "tcp").write_text(TCP + "\n".join(lines) + "\n")
+    a, b, c = peers
+    for fd in range(10, 30):
+        (proc.base / "203" / "fd" / str(fd)).symlink_to(f"pipe:[{fd}]")
+    proc.holds(203, 6, inode=peers[a])
+    proc.holds(203, 7, inode=peers[b])
+    lookups = _lookups(proc)
+    for peer in (a, b, PEER):  # PEER's, on fd 5, last: the fd its process last held one on
+        assert lookups.attribute(peer) is not None
+    lookups.forget(a)  # a's connection closed: fd 6 vacated
+    (proc.base / "203" / "fd" / "6").unlink()
+    proc.holds(203, 6, inode=peers[c])
+    listed: list[str] = []
+    real = os.listdir
+
+    def listing(path: str) -> list[str]:
+        listed.append(path)
+        return real(path)
+
+    monkeypatch.setattr(procfs.os, "listdir", listing)
+    found = lookups.attribute_now(c)
+    assert found is not None and found.host_pid == 203
+    assert not [p for p in listed if p.endswith("/fd")]
+    # Tried once: a vacated fd that now holds a socket other than the one looked for is noted
+    # where that socket's own lookup reads first, and the search goes on to the table.
+    lookups.forget(c)  # fd 6 vacated again, and taken by a socket not yet looked up
+    (proc.base / "203" / "fd" / "6").unlink()
+    (proc.base / "203" / "fd" / "6").symlink_to("socket:[999]")
+    (proc.base / "203" / "fd" / "5").unlink()
+    (proc.base / "203" / "fd" / "31").symlink_to(f"socket:[{INODE}]")  # PEER's, on a new fd
+    again = lookups.attribute_now(PEER)
+    assert again is not None and again.host_pid == 203
+    assert lookups._seen.get("socket:[999]") == (203, "6")
+    assert not lookups._vacated[203]
+
+
 def test_a_search_for_every_owner_always_walks_the_tree(proc: FakeProc) -> None:
     """What a rule bound to executables decides on never rests on a kept walk: here a process
     appears without the counter moving (which the kernel never does), and is still found."""
