@@ -133,6 +133,7 @@ class SandboxProcesses:
         # fd table and read half of it). Hints as above; each vacated fd is tried once.
         self._held: dict[str, tuple[int, str]] = {}
         self._vacated: dict[int, dict[str, None]] = {}
+        self._forgotten: dict[str, tuple[int, str]] = {}  # the last vacated, by peer
         # (host pid, which file) -> its open descriptor. Unlike the hints above, these are used and
         # closed under a lock: a descriptor closed by one thread while another reads it could be
         # reused by an unrelated open in between.
@@ -183,6 +184,14 @@ class SandboxProcesses:
         if found is not None:
             with self._lock:
                 self._known[peer] = found
+        # Remembered again just after it was forgotten: the connection lives on (the front end
+        # handed it to mitmproxy's layers), so its fd is not vacated.
+        held = self._forgotten.pop(peer, None)
+        if held is not None:
+            vacated = self._vacated.get(held[0])
+            if vacated is not None:
+                vacated.pop(held[1], None)
+            self._held[peer] = held
 
     def known(self, peer: str | None) -> Attribution | None:
         if peer is None:
@@ -204,8 +213,13 @@ class SandboxProcesses:
                         self._vacated.clear()
                     vacated = self._vacated[pid] = {}
                 if len(vacated) >= VACATED_FDS:
-                    vacated.pop(next(iter(vacated), ""), None)
+                    # The oldest, from a copy: the lookup thread may take from it meanwhile.
+                    for oldest in list(vacated)[:1]:
+                        vacated.pop(oldest, None)
                 vacated[fd] = None
+                if len(self._forgotten) >= SEEN_SOCKETS:
+                    self._forgotten.clear()
+                self._forgotten[peer] = held
 
     def _attribute(
         self,
@@ -461,6 +475,7 @@ class SandboxProcesses:
         try:
             fds = sorted(os.listdir(base), key=_number, reverse=True)
         except (OSError, ValueError):
+            self._vacated.pop(pid, None)  # (gone: nothing of it is a hint any more)
             return None
         left = budget[0]
         if left is not None:

@@ -356,6 +356,63 @@ def test_a_connection_on_an_fd_a_closed_one_vacated_is_found_without_listing_the
     assert not lookups._vacated[203]
 
 
+def test_a_connection_handed_on_does_not_vacate_its_fd(proc: FakeProc) -> None:
+    """The front end hands a connection to mitmproxy's layers by forgetting it and the layers
+    remembering it at once: it still holds its fd, which is not a hint for the next socket."""
+    lookups = _lookups(proc)
+    found = lookups.attribute(PEER)
+    assert found is not None and lookups._held[PEER] == (203, "5")
+    lookups.forget(PEER)
+    assert "5" in lookups._vacated[203]
+    lookups.remember(PEER, found)
+    assert "5" not in lookups._vacated[203] and lookups._held[PEER] == (203, "5")
+    lookups.forget(PEER)  # and its close, later, vacates it
+    assert "5" in lookups._vacated[203]
+
+
+def test_the_vacated_fds_of_a_process_that_has_gone_are_dropped(proc: FakeProc) -> None:
+    lookups = _lookups(proc)
+    assert lookups.attribute(PEER) is not None
+    lookups.forget(PEER)
+    proc.exit(203)
+    assert lookups.attribute(PEER) is None  # (its socket is nobody's now)
+    assert 203 not in lookups._vacated
+
+
+def test_forgetting_a_connection_while_a_lookup_takes_a_vacated_fd_is_safe(
+    proc: FakeProc,
+) -> None:
+    """``forget`` (the event loop) drops a process's oldest vacated fd while a lookup (the worker
+    thread) takes from the same fds: neither may fail (a failed ``forget`` would lose the record
+    of the connection's close). Real threads, with the interpreter switching as often as it can."""
+    lookups = _lookups(proc)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def lookups_without_end() -> None:
+        while not stop.is_set():
+            try:
+                lookups._owns(203, "socket:[1]", [None])
+            except BaseException as exc:  # reported by the test
+                errors.append(exc)
+                return
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    worker = threading.Thread(target=lookups_without_end, daemon=True)
+    worker.start()
+    try:
+        for n in range(20_000):
+            lookups._held[f"127.0.0.1:{n}"] = (203, str(100 + n % 64))
+            lookups.forget(f"127.0.0.1:{n}")
+    finally:
+        stop.set()
+        worker.join(5)
+        sys.setswitchinterval(old)
+    assert not errors
+    assert len(lookups._vacated.get(203, {})) <= procfs.VACATED_FDS
+
+
 def test_a_search_for_every_owner_always_walks_the_tree(proc: FakeProc) -> None:
     """What a rule bound to executables decides on never rests on a kept walk: here a process
     appears without the counter moving (which the kernel never does), and is still found."""
