@@ -443,8 +443,7 @@ class SandboxProcesses:
         ``budget[0]``, when set, is what is left of the fd entries the caller allows
         (BlockingIOError past it)."""
         base = f"{self.proc}/{pid}/fd"
-        seen_here = self._seen
-        seen = seen_here.get(link)
+        seen = self._seen.get(link)
         first = seen[1] if seen is not None and seen[0] == pid else None
         hint = self._last_fd.get(pid)
         for where in (first, hint if hint != first else None):
@@ -452,7 +451,7 @@ class SandboxProcesses:
                 try:
                     if os.readlink(f"{base}/{where}") == link:
                         if where == first:
-                            seen_here.pop(link, None)  # looked up: not looked for again
+                            self._seen.pop(link, None)  # looked up: not looked for again
                         return where
                 except OSError:
                     pass
@@ -469,9 +468,7 @@ class SandboxProcesses:
                 if read == link:
                     return fd
                 if read.startswith("socket:"):
-                    if len(seen_here) >= SEEN_SOCKETS:
-                        seen_here.clear()
-                    seen_here[read] = (pid, fd)
+                    self._pass(read, pid, fd)
         try:
             fds = sorted(os.listdir(base), key=_number, reverse=True)
         except (OSError, ValueError):
@@ -493,10 +490,15 @@ class SandboxProcesses:
                 self._last_fd[pid] = fd
                 return fd
             if read.startswith("socket:"):
-                if len(seen_here) >= SEEN_SOCKETS:
-                    seen_here.clear()
-                seen_here[read] = (pid, fd)
+                self._pass(read, pid, fd)
         return None
+
+    def _pass(self, link: str, pid: int, fd: str) -> None:
+        """A socket read on the way to another: where its own lookup reads first."""
+        seen = self._seen
+        if len(seen) >= SEEN_SOCKETS:
+            seen.clear()
+        seen[link] = (pid, fd)
 
     def _with_parents_read(self, owners: list[ProcEntry], every_owner: bool) -> list[ProcEntry]:
         """``owners`` with their parents as ``stat`` says now; one that cannot be read is left out
