@@ -67,6 +67,7 @@ INLINE_FDS = 512  # ... as long as the fd tables it reads stay this small in all
 KEPT_FILES = 8  # /proc files kept open per sandbox (limits.DESCRIPTOR_RESERVE counts one sandbox's)
 KEPT_BUILT = 32  # attributions kept to be returned again
 SEEN_SOCKETS = 256  # sockets remembered where an fd scan passed them (all forgotten when full)
+MAX_THREAD_READS = 8  # threads tried for the executable of a process whose leader has ended
 VACATED_FDS = 32  # fds per process whose looked-up connection has closed (the oldest forgotten)
 VACATED_TRIES = 3  # of them tried, lowest first, before the fd table is listed
 _STAT, _CMDLINE = 0, 1
@@ -246,19 +247,27 @@ class SandboxProcesses:
         for pid in census.pids:
             task = None
             fd = self._owns(pid, link, budget)
-            if fd is None:
+            if not fd:
                 # A thread's own file table (a clone without CLONE_FILES, or a leader that has
-                # exited): /proc/PID/fd shows only the leader's. Searched for every owner only.
-                task = _thread_holding(f"{self.proc}/{pid}", pid, link) if every_owner else None
+                # exited): /proc/PID/fd shows only the leader's. Searched for every owner; and
+                # for the first when the leader's table is empty, as it is once the leader thread
+                # has ended (a process could otherwise keep its connections unnamed). Never on
+                # the event loop: the threads' tables are the process's to make large.
+                task = None
+                if every_owner or fd == "":
+                    if not every_owner and budget[0] is not None:
+                        raise BlockingIOError(f"the threads of {pid} must be searched")
+                    task = _thread_holding(f"{self.proc}/{pid}", pid, link)
                 if task is None:
                     continue
+                fd = None
             entry = self._entry(pid, census.sandbox_pids, tree, task, identity=identity)
             if entry is None:
                 if every_owner:  # an owner whose executable cannot be read: nobody is vouched for
                     return None
                 continue
             owners.append(entry)
-            if fd is not None and len(owners) == 1:
+            if fd and len(owners) == 1:
                 if len(self._held) >= SEEN_SOCKETS * 16:
                     self._held.clear()
                 self._held[peer] = (pid, fd)
@@ -436,12 +445,13 @@ class SandboxProcesses:
         return found, leaders
 
     def _owns(self, pid: int, link: str, budget: list[int | None]) -> str | None:
-        """The fd ``pid`` holds ``link`` on, or None: the fd an earlier scan saw it on first, then
-        the fd its last looked-up socket was on, then the lowest of the fds its closed connections
-        vacated, then its fd table, highest first (a socket just connected is usually the newest
-        descriptor of its process). Each hint is only a place to look: the readlink decides.
-        ``budget[0]``, when set, is what is left of the fd entries the caller allows
-        (BlockingIOError past it)."""
+        """The fd ``pid`` holds ``link`` on; None when it holds none, "" when its table is empty
+        and its leader thread has ended (see the caller). Looked for on the fd an earlier scan
+        saw it on first, then the fd its last looked-up socket was on, then the lowest of the fds
+        its closed connections vacated, then its fd table, highest first (a socket just connected
+        is usually the newest descriptor of its process). Each hint is only a place to look: the
+        readlink decides. ``budget[0]``, when set, is what is left of the fd entries the caller
+        allows (BlockingIOError past it)."""
         base = f"{self.proc}/{pid}/fd"
         seen = self._seen.get(link)
         first = seen[1] if seen is not None and seen[0] == pid else None
@@ -473,6 +483,14 @@ class SandboxProcesses:
             fds = sorted(os.listdir(base), key=_number, reverse=True)
         except (OSError, ValueError):
             self._vacated.pop(pid, None)  # (gone: nothing of it is a hint any more)
+            return None
+        if not fds:
+            # Empty: a process that holds nothing, or one whose leader thread has ended (its
+            # table went with it, and its executable can no longer be read through it).
+            try:
+                os.readlink(f"{self.proc}/{pid}/exe")
+            except OSError:
+                return ""
             return None
         left = budget[0]
         if left is not None:
@@ -551,9 +569,17 @@ class SandboxProcesses:
         base = f"{self.proc}/{pid}"
         try:
             ppid, nspid = self._pids(base, sandbox_pids, pid, tree)
-            exe = os.readlink(f"{base}/exe")  # (and so it lives: a parent the walk found is it)
         except OSError:
             return None
+        try:
+            exe = os.readlink(f"{base}/exe")  # (and so it lives: a parent the walk found is it)
+        except OSError:
+            # Read afresh, a parent whose leader thread has ended while another runs is named by
+            # that thread's executable (the same memory); the walk's is confirmed by its leader.
+            found = None if tree is not None else _thread_exe(base, pid)
+            if found is None:
+                return None
+            exe = found
         entry = ProcEntry(pid, ppid, nspid, exe, ())
         if nspid == 1 and ppid == self.root:
             self._init = entry
@@ -632,6 +658,21 @@ def _same_files(pid: int, tid: int) -> bool:
             os.strerror(ctypes.get_errno()),
         )
     return False
+
+
+def _thread_exe(base: str, pid: int) -> str | None:
+    """The executable of a running thread of ``pid`` other than its leader (threads share their
+    memory, which ``exe`` reads), or None: a process whose leader thread has ended."""
+    try:
+        tids = os.listdir(f"{base}/task")
+    except OSError:
+        return None
+    for tid in [t for t in tids if t != str(pid)][:MAX_THREAD_READS]:
+        try:
+            return os.readlink(f"{base}/task/{tid}/exe")
+        except OSError:
+            continue
+    return None
 
 
 def _thread_holding(base: str, pid: int, link: str) -> str | None:

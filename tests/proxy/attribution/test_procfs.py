@@ -665,6 +665,89 @@ def test_a_processs_stat_and_command_line_stay_open_until_it_is_gone(
             os.fstat(fd)
 
 
+def _leader_ended(fake: FakeProc, pid: int, tid: int, exe: str) -> Path:
+    """``pid``'s leader thread has ended while thread ``tid`` runs: /proc/PID/fd is empty and its
+    exe does not read, as the kernel shows it; the thread's own directory still reads both."""
+    base = fake.base / str(pid)
+    for fd in (base / "fd").iterdir():
+        fd.unlink()
+    (base / "exe").unlink()
+    task = base / "task" / str(tid)
+    (task / "fd").mkdir(parents=True)
+    (task / "exe").symlink_to(exe if os.path.exists(exe) else PYTHON)
+    return task
+
+
+def test_a_connection_from_a_process_whose_leader_thread_ended_is_named(proc: FakeProc) -> None:
+    """Ending its leader thread empties /proc/PID/fd: the first-owner search would pass the
+    process by, and its connections would go unnamed. Its threads' tables are searched then
+    (off the event loop: they are the process's to make large), and its executable is read
+    through the thread that holds the socket."""
+    task = _leader_ended(proc, 203, 2030, "/usr/bin/curl")
+    (task / "fd" / "7").symlink_to(f"socket:[{INODE}]")
+    lookups = _lookups(proc)
+    found = lookups.attribute(PEER)
+    assert found is not None and (found.host_pid, found.pid) == (203, 3)
+    assert found.exe == os.readlink(task / "exe")
+    with pytest.raises(BlockingIOError):
+        lookups.attribute_now(PEER)
+
+
+def test_a_parent_whose_leader_thread_ended_is_named_by_a_running_thread(proc: FakeProc) -> None:
+    """Its children keep its pid as their parent (a running thread takes them), so the chain
+    goes on through it, named by that thread's executable; the kept walk's parent is confirmed by
+    the leader only, so it is read afresh."""
+    lookups = _lookups(proc)
+    first = lookups.attribute(PEER)
+    assert first is not None and first.parents == (f"2 {os.readlink(proc.base / '202' / 'exe')}",)
+    task = _leader_ended(proc, 202, 2020, "/bin/bash")
+    for found in (lookups.attribute_now(PEER), lookups.attribute(PEER, every_owner=True)):
+        assert found is not None and found.ppid == 2
+        assert found.parents == (f"2 {os.readlink(task / 'exe')}",)
+
+
+def test_the_threads_of_a_process_whose_leader_ended_hold_its_sockets_on_the_real_kernel() -> None:
+    """What the two tests above rest on, against the real kernel: once a process's leader thread
+    has ended (pthread_exit) while another runs, /proc/PID/fd is empty and /proc/PID/exe does not
+    read, while the running thread's task directory has both; and the lookup names the process."""
+    import socket
+    import subprocess
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    code = (
+        "import ctypes, socket, sys, threading, time\n"
+        f"s = socket.create_connection(('127.0.0.1', {port}))\n"
+        "threading.Thread(target=time.sleep, args=(30,)).start()\n"
+        "print(s.getsockname()[1], flush=True)\n"
+        "ctypes.CDLL(None).pthread_exit(None)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    listener.settimeout(WAIT_S)
+    accepted, _ = listener.accept()
+    lookups = SandboxProcesses(os.getpid(), ("127.0.0.1", port))
+    try:
+        assert child.stdout is not None
+        client_port = int(child.stdout.readline())
+        base = f"/proc/{child.pid}"
+        for _ in range(500):  # bounded: until the leader thread has ended
+            try:
+                os.readlink(f"{base}/exe")
+            except OSError:
+                break
+            time.sleep(0.01)
+        assert os.listdir(f"{base}/fd") == []
+        found = lookups.attribute(f"127.0.0.1:{client_port}")
+        assert found is not None and found.host_pid == child.pid
+        assert os.path.realpath(found.exe) == os.path.realpath(sys.executable)
+    finally:
+        child.kill()
+        child.wait(WAIT_S)
+        accepted.close()
+        listener.close()
+        lookups.close()
+
+
 def test_a_kept_descriptor_follows_its_process_through_exec_and_never_outlives_it() -> None:
     """What the kept files rest on, against the real kernel: a descriptor of /proc/<pid> reads
     the process as it is now (its new command line after ``exec``) and fails once the process
