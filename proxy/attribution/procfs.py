@@ -257,7 +257,8 @@ class SandboxProcesses:
                 if every_owner or fd == "":
                     if not every_owner and budget[0] is not None:
                         raise BlockingIOError(f"the threads of {pid} must be searched")
-                    task = _thread_holding(f"{self.proc}/{pid}", pid, link)
+                    limit = None if every_owner else MAX_THREAD_READS
+                    task = _thread_holding(f"{self.proc}/{pid}", pid, link, limit)
                 if task is None:
                     continue
                 fd = None
@@ -485,12 +486,16 @@ class SandboxProcesses:
             self._vacated.pop(pid, None)  # (gone: nothing of it is a hint any more)
             return None
         if not fds:
-            # Empty: a process that holds nothing, or one whose leader thread has ended (its
-            # table went with it, and its executable can no longer be read through it).
+            # Empty: a process that holds nothing, a zombie, or one whose leader thread has ended
+            # while others run (its table went with it, and its executable no longer reads).
             try:
                 os.readlink(f"{self.proc}/{pid}/exe")
             except OSError:
-                return ""
+                try:  # threads besides the leader ("task" links: 2 + threads)
+                    if os.stat(f"{self.proc}/{pid}/task").st_nlink > 3:
+                        return ""
+                except OSError:
+                    pass
             return None
         left = budget[0]
         if left is not None:
@@ -662,9 +667,11 @@ def _same_files(pid: int, tid: int) -> bool:
 
 def _thread_exe(base: str, pid: int) -> str | None:
     """The executable of a running thread of ``pid`` other than its leader (threads share their
-    memory, which ``exe`` reads), or None: a process whose leader thread has ended."""
+    memory, which ``exe`` reads), or None: a process whose leader thread has ended. At most
+    MAX_THREAD_READS threads are tried, and the task directory is read no further."""
     try:
-        tids = os.listdir(f"{base}/task")
+        with os.scandir(f"{base}/task") as entries:
+            tids = [e.name for _, e in zip(range(MAX_THREAD_READS + 1), entries, strict=False)]
     except OSError:
         return None
     for tid in [t for t in tids if t != str(pid)][:MAX_THREAD_READS]:
@@ -675,23 +682,33 @@ def _thread_exe(base: str, pid: int) -> str | None:
     return None
 
 
-def _thread_holding(base: str, pid: int, link: str) -> str | None:
+def _thread_holding(base: str, pid: int, link: str, limit: int | None = None) -> str | None:
     """The task directory of a thread of ``pid`` (not the leader, whose table ``/proc/PID/fd``
     is) whose own file table links to ``link``, or None. A process can keep a socket out of
     ``/proc/PID/fd`` by holding it only in a thread cloned without ``CLONE_FILES`` (and pass the
     socket, or have it inherited, to a bound program that never writes to it), or by ending its
-    leader thread: what a rule bound to executables checks must see those holders too."""
+    leader thread: what a rule bound to executables checks must see those holders too. A table
+    several threads share is read once; ``limit``: at most that many tables, and none with more
+    than INLINE_FDS entries (a lookup that only names the process: it gives up past them)."""
     try:
         tids = os.listdir(f"{base}/task")
     except OSError:
         return None
+    read: list[int] = []  # a thread of each table read
     for tid in tids:
         if tid == str(pid) or _same_files(pid, int(tid)):
             continue  # the leader's table (/proc/PID/fd), searched already
+        if any(_same_files(other, int(tid)) for other in read):
+            continue  # a table read already, through another thread
+        if limit is not None and len(read) >= limit:
+            return None
+        read.append(int(tid))
         fd_dir = f"{base}/task/{tid}/fd"
         try:
             fds = os.listdir(fd_dir)
         except OSError:
+            continue
+        if limit is not None and len(fds) > INLINE_FDS:
             continue
         for fd in fds:
             try:

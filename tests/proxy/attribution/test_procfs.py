@@ -706,6 +706,51 @@ def test_a_parent_whose_leader_thread_ended_is_named_by_a_running_thread(proc: F
         assert found.parents == (f"2 {os.readlink(task / 'exe')}",)
 
 
+def test_a_zombie_keeps_the_lookup_on_the_event_loop(proc: FakeProc) -> None:
+    """An exited child not yet reaped shows an empty fd table and no executable too, but no
+    thread besides its leader: nothing of it is searched, and the lookups that pass it stay on
+    the caller's thread (many sandboxes leave children unreaped for a while)."""
+    (proc.base / "203" / "fd" / "5").unlink()
+    proc.holds(202, 5)  # the socket is the shell's; 203, newer, has exited
+    (proc.base / "203" / "exe").unlink()
+    lookups = _lookups(proc)
+    assert lookups.attribute(PEER).host_pid == 202  # type: ignore[union-attr]
+    found = lookups.attribute_now(PEER)
+    assert found is not None and found.host_pid == 202
+
+
+def test_a_lookup_that_only_names_the_process_reads_few_of_its_threads_tables(
+    proc: FakeProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process whose leader has ended can run many threads with tables of their own: naming the
+    owner of a socket reads at most MAX_THREAD_READS of them (past that, the process goes unnamed,
+    as before), while a search for every owner, which a bound rule decides on, reads them all."""
+    task = _leader_ended(proc, 203, 2030, "/usr/bin/curl")
+    threads = procfs.MAX_THREAD_READS + 2
+    for n in range(1, threads):
+        other = proc.base / "203" / "task" / str(2030 + n)
+        (other / "fd").mkdir(parents=True)
+        (other / "exe").symlink_to(os.readlink(task / "exe"))
+    proc.holds(202, 5)  # the socket is the shell's, older than 203
+    listed: list[str] = []
+    real = os.listdir
+
+    def listing(path: str) -> list[str]:
+        if "/203/task/" in str(path) and str(path).endswith("/fd"):
+            listed.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(procfs.os, "listdir", listing)
+    lookups = _lookups(proc)
+    found = lookups.attribute(PEER)
+    assert found is not None and found.host_pid == 202
+    assert 0 < len(listed) <= procfs.MAX_THREAD_READS
+    listed.clear()
+    every = lookups.attribute(PEER, every_owner=True)
+    assert every is not None and every.host_pid == 202
+    assert len(listed) == threads
+
+
 def test_the_threads_of_a_process_whose_leader_ended_hold_its_sockets_on_the_real_kernel() -> None:
     """What the two tests above rest on, against the real kernel: once a process's leader thread
     has ended (pthread_exit) while another runs, /proc/PID/fd is empty and /proc/PID/exe does not
