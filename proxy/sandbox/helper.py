@@ -438,6 +438,9 @@ def _helper_main(config: dict[str, Any], env: dict[str, str] | None = None) -> N
         _enter_namespaces(config)
     except _SetupFailed as exc:
         _fail(ctl, exc.error, exc.hint)
+    # Held, not lost, until each side of the fork has its handlers: a signal that came before
+    # would end the helper (its default action) while the command runs on, or reach init unhandled.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
     pid = os.fork()  # the child is PID 1 of the new PID namespace
     if pid == 0:
         try:
@@ -447,6 +450,7 @@ def _helper_main(config: dict[str, Any], env: dict[str, str] | None = None) -> N
     ctl.close()
     for sig in _FORWARDED:
         signal.signal(sig, lambda s, _f: _forward(pid, s))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
     while True:
         _, status = os.waitpid(pid, 0)
         if os.WIFEXITED(status) or os.WIFSIGNALED(status):
@@ -507,6 +511,7 @@ def _init_main(config: dict[str, Any], ctl: socket.socket, env: dict[str, str] |
     # init is to ignore it), leaving the command to run to its end.
     for sig in _FORWARDED:
         signal.signal(sig, on_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)  # (blocked by the helper's fork)
     ctl.settimeout(None)
     try:
         go = ctl.recv(1)
