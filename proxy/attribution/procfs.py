@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
+import itertools
 import logging
 import os
 import socket
@@ -282,7 +283,7 @@ class SandboxProcesses:
         except _ParentGone:
             # A parent the walk found cannot be read: it may have exited and its child been
             # adopted. Every parent is read afresh, the owners' from stat; the search stands.
-            owners = self._with_parents_read(owners, every_owner)
+            owners = self._with_parents_read(owners, census.sandbox_pids, every_owner)
             if not owners:
                 return None
             entries = {}
@@ -523,14 +524,16 @@ class SandboxProcesses:
             seen.clear()
         seen[link] = (pid, fd)
 
-    def _with_parents_read(self, owners: list[ProcEntry], every_owner: bool) -> list[ProcEntry]:
-        """``owners`` with their parents as ``stat`` says now; one that cannot be read is left out
+    def _with_parents_read(
+        self, owners: list[ProcEntry], sandbox_pids: dict[int, int], every_owner: bool
+    ) -> list[ProcEntry]:
+        """``owners`` with their parents as ``/proc`` says now; one that cannot be read is left out
         (or, for a search of every owner, none is left: nobody is vouched for)."""
         fresh: list[ProcEntry] = []
         for owner in owners:
             pid = owner.host_pid
             try:
-                ppid = _stat_ppid(self._proc_file(pid, _STAT), f"{self.proc}/{pid}")
+                ppid, _ = self._pids(f"{self.proc}/{pid}", sandbox_pids, pid, None)
             except (OSError, ValueError):
                 if every_owner:
                     return []
@@ -671,7 +674,7 @@ def _thread_exe(base: str, pid: int) -> str | None:
     MAX_THREAD_READS threads are tried, and the task directory is read no further."""
     try:
         with os.scandir(f"{base}/task") as entries:
-            tids = [e.name for _, e in zip(range(MAX_THREAD_READS + 1), entries, strict=False)]
+            tids = [entry.name for entry in itertools.islice(entries, MAX_THREAD_READS + 1)]
     except OSError:
         return None
     for tid in [t for t in tids if t != str(pid)][:MAX_THREAD_READS]:
