@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,14 +55,42 @@ def assert_both_joined(gate: ApprovalGate, pending: dict[str, object]) -> None:
     assert {d["approval"] for d in asks} == {pending["id"]}, asks
 
 
+def other_pending(gate: ApprovalGate, first: dict[str, Any]) -> dict[str, Any]:
+    """The second pending approval, once there are two: not ``first``."""
+    [other] = [p for p in gate.wait_pending(2) if p["id"] != first["id"]]
+    return other
+
+
+def answer_each_apart(
+    gate: ApprovalGate,
+    upstream: Upstream,
+    asked: tuple[dict[str, Any], Any],
+    other: tuple[dict[str, Any], Any],
+    what: str,
+    reached_only: list[str],
+) -> Any:
+    """Approving the first once lets its request through and leaves the other held, nothing of it
+    having reached ``upstream``; denying the other refuses it. Returns the other's refusal."""
+    (first, first_request), (second, second_request) = asked, other
+    assert gate.egress("approve", first["id"]).returncode == 0  # once
+    assert first_request.result().status == 200
+    time.sleep(0.3)
+    assert not second_request.done, f"{what} was let through by the first's answer"
+    assert reached(upstream) == reached_only
+    assert gate.egress("deny", second["id"]).returncode == 0
+    refused = second_request.result()
+    assert refused.status == 403
+    assert reached(upstream) == reached_only
+    return refused
+
+
 def test_a_request_with_another_query_does_not_join_the_approval_of_the_first(
     gate: ApprovalGate, http_upstream: Upstream
 ) -> None:
     benign = fetch(url(http_upstream, BENIGN), gate.proxy, "-X", "POST")
     [first] = gate.wait_pending()
     leak = fetch(url(http_upstream, LEAK), gate.proxy, "-X", "POST")
-    pending = gate.wait_pending(2)
-    [second] = [p for p in pending if p["id"] != first["id"]]
+    second = other_pending(gate, first)
     # Each is shown with its query (as decisions record it: names only by default, so a value
     # never reaches the approvals' store, stream or webhook).
     for shown in (first, second):
@@ -73,15 +102,11 @@ def test_a_request_with_another_query_does_not_join_the_approval_of_the_first(
     assert second["what"].endswith(f"/upload?name= (23 bytes sent) {fields}"), second["what"]
     assert first["query_id"] != second["query_id"]
 
-    assert gate.egress("approve", first["id"]).returncode == 0  # once
-    assert benign.result().status == 200
-    time.sleep(0.3)
-    assert not leak.done, "the request with another query was let through by the first's answer"
-    assert reached(http_upstream) == [BENIGN]
-    assert gate.egress("deny", second["id"]).returncode == 0
-    refused = leak.result()
-    assert refused.status == 403 and refused.headers["x-egress-reason"] == "approval-denied"
-    assert reached(http_upstream) == [BENIGN]
+    refused = answer_each_apart(
+        gate, http_upstream, (first, benign), (second, leak), "the request with another query",
+        [BENIGN],
+    )  # fmt: skip
+    assert refused.headers["x-egress-reason"] == "approval-denied"
 
 
 def test_the_same_request_twice_is_one_approval_and_one_answer_releases_both(
@@ -144,8 +169,7 @@ def test_a_mutation_never_joins_the_approval_of_another_mutation(
     first = fetch(url(http_upstream, "/graphql"), gate.proxy, *json_post, create)
     [held] = gate.wait_pending()
     second = fetch(url(http_upstream, "/graphql"), gate.proxy, *json_post, delete)
-    pending = gate.wait_pending(2)
-    [other] = [p for p in pending if p["id"] != held["id"]]
+    other = other_pending(gate, held)
     assert held["body_bytes"] == len(create) and other["body_bytes"] == len(delete)
     # told apart by what each asks for (the operation and its root fields), not only by size
     assert held["what"].endswith(
@@ -153,13 +177,9 @@ def test_a_mutation_never_joins_the_approval_of_another_mutation(
         "runs mutation createIssue)"
     )
     assert other["runs"] == "mutation deleteRepository"
-    assert gate.egress("approve", held["id"]).returncode == 0
-    assert first.result().status == 200
-    time.sleep(0.3)
-    assert not second.done, "the other mutation was let through by the first's answer"
-    assert gate.egress("deny", other["id"]).returncode == 0
-    assert second.result().status == 403
-    assert reached(http_upstream) == ["/graphql"]
+    answer_each_apart(
+        gate, http_upstream, (held, first), (other, second), "the other mutation", ["/graphql"]
+    )
 
 
 def test_a_request_with_other_header_fields_does_not_join_the_approval_of_the_first(
@@ -171,20 +191,16 @@ def test_a_request_with_other_header_fields_does_not_join_the_approval_of_the_fi
     [first] = gate.wait_pending()
     secret = "s3cret-token-value-" * 4
     leak = fetch(url(http_upstream, BENIGN), gate.proxy, "-X", "POST", "-H", f"X-Note: {secret}")
-    pending = gate.wait_pending(2)
-    [second] = [p for p in pending if p["id"] != first["id"]]
+    second = other_pending(gate, first)
     assert first["head_id"] != second["head_id"]
     assert second["head_bytes"] > first["head_bytes"] + len(secret)
     assert f"(header fields of {second['head_bytes']} bytes)" in second["what"], second["what"]
     assert "s3cret" not in str(second)
-    assert gate.egress("approve", first["id"]).returncode == 0  # once
-    assert benign.result().status == 200
-    time.sleep(0.3)
-    assert not leak.done, "the request with another header was let through by the first's answer"
-    assert gate.egress("deny", second["id"]).returncode == 0
-    assert leak.result().status == 403
+    answer_each_apart(
+        gate, http_upstream, (first, benign), (second, leak), "the request with another header",
+        [BENIGN],
+    )  # fmt: skip
     assert [h for _, _, h in http_upstream.requests if secret in str(h)] == []
-    assert reached(http_upstream) == [BENIGN]
 
 
 def test_a_request_with_a_body_the_gate_did_not_read_joins_no_approval(
@@ -197,18 +213,13 @@ def test_a_request_with_a_body_the_gate_did_not_read_joins_no_approval(
     first = fetch(url(http_upstream, BENIGN), gate.proxy, *upload, "notes")
     [held] = gate.wait_pending()
     second = fetch(url(http_upstream, BENIGN), gate.proxy, *upload, "s3cret-token-value")
-    pending = gate.wait_pending(2)
-    [other] = [p for p in pending if p["id"] != held["id"]]
+    other = other_pending(gate, held)
     assert held["what"].endswith("; a body of 5 bytes, not read)"), held["what"]
     assert other["what"].endswith("; a body of 18 bytes, not read)"), other["what"]
     assert held["body_id"] != other["body_id"]
-    assert gate.egress("approve", held["id"]).returncode == 0
-    assert first.result().status == 200
-    time.sleep(0.3)
-    assert not second.done, "the other upload was let through by the first's answer"
-    assert gate.egress("deny", other["id"]).returncode == 0
-    assert second.result().status == 403
-    assert reached(http_upstream) == [BENIGN]
+    answer_each_apart(
+        gate, http_upstream, (held, first), (other, second), "the other upload", [BENIGN]
+    )
 
 
 H2_POLICY = """
