@@ -39,6 +39,7 @@ ORIGINAL_INIT: dict[type[Any], Callable[..., None]] = {}
 """The dataclass-generated ``__init__`` each class had (tests build instances both ways)."""
 
 _BUILDERS: dict[type[Any], Callable[..., Any]] = {}
+_TWINS: dict[type[Any], type[Any]] = {}  # the twin each class is built as, where it has one
 
 
 def fast_init[T](cls: type[T]) -> type[T]:
@@ -84,6 +85,7 @@ def fast_init[T](cls: type[T]) -> type[T]:
     twin = _twin(cls)
     stores = [f"    self.{name} = {value}" for name, value in zip(names, values, strict=True)]
     if twin is not None:
+        _TWINS[cls] = twin
         namespace["_twin"] = twin
         namespace["_new"] = object.__new__
         build = [
@@ -153,17 +155,37 @@ def _getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
     return lambda obj: tuple(getattr(obj, name) for name in names)
 
 
+MAX_COPIERS = 64  # sets of changed fields compiled per class; the callers use a handful
+
+
 class Replacer:
-    """``dataclasses.replace`` for one fast_init class: a copy with some fields changed."""
+    """``dataclasses.replace`` for one fast_init class: a copy with some fields changed.
+
+    A decision is copied a few times on its way to the sinks (its address, its process), always
+    with the same few fields changed: for each set of changed names a function is compiled that
+    copies every other slot by name into a twin (as the builder builds one) and sets the changed
+    ones, without a list of every value or a lookup per change. A set of names that is not all
+    fields, a subclass, and sets past MAX_COPIERS take the general path."""
 
     def __init__(self, cls: type[Any]) -> None:
         names = tuple(f.name for f in dataclasses.fields(cls))
         self._cls = cls
+        self._names = names
         self._build = builder(cls)
         self._values = _getter(names)
         self._index = {name: i for i, name in enumerate(names)}
+        self._copiers: dict[tuple[str, ...], Callable[..., Any]] = {}
 
     def __call__[T](self, obj: T, changes: dict[str, Any]) -> T:
+        if type(obj) is self._cls:
+            copier = self._copiers.get(tuple(changes))
+            if copier is not None:
+                copied: T = copier(obj, *changes.values())
+                return copied
+            if len(self._copiers) < MAX_COPIERS and changes.keys() <= self._index.keys():
+                copier = self._copiers[tuple(changes)] = self._compile(tuple(changes))
+                made: T = copier(obj, *changes.values())
+                return made
         values = list(self._values(obj))
         index = self._index
         for name, value in changes.items():
@@ -172,7 +194,26 @@ class Replacer:
                 return dataclasses.replace(obj, **changes)  # type: ignore[type-var]
             values[at] = value
         if type(obj) is not self._cls:  # a subclass is built by its own class
-            made: T = type(obj)(*values)
-            return made
+            sub: T = type(obj)(*values)
+            return sub
         built: T = self._build(*values)
         return built
+
+    def _compile(self, changed: tuple[str, ...]) -> Callable[..., Any]:
+        """A copier for ``changed`` (field names, checked by the caller: nothing else reaches the
+        generated text)."""
+        given = {name: f"_v{i}" for i, name in enumerate(changed)}
+        params = "".join(f", {v}" for v in given.values())
+        twin = _TWINS.get(self._cls)
+        namespace: dict[str, Any] = {"_cls": self._cls, "_build": self._build}
+        if twin is not None:
+            namespace.update(_new=object.__new__, _twin=twin, _setattr=object.__setattr__)
+            stores = [f"    self.{n} = {given.get(n, '_o.' + n)}" for n in self._names]
+            lines = [f"def _copy(_o{params}):", "    self = _new(_twin)", *stores]
+            lines += ["    _setattr(self, '__class__', _cls)", "    return self"]
+        else:
+            values = ", ".join(given.get(n, "_o." + n) for n in self._names)
+            lines = [f"def _copy(_o{params}):", f"    return _build({values})"]
+        exec(codecache.compiled("\n".join(lines) + "\n"), namespace)
+        copier: Callable[..., Any] = namespace["_copy"]
+        return copier
