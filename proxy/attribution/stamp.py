@@ -53,20 +53,25 @@ class Stamped:
         self.inner = inner
         self.facts = facts
         self.processes = processes  # proxy.attribution.procfs.SandboxProcesses, or None
+        # The fields of the last (context, process) stamped: a connection's decisions, and its
+        # sandbox's, carry the same ones (both are replaced whole, never changed in place).
+        self._kept: tuple[Any, Any, dict[str, Any]] | None = None
 
     def stamp(self, decision: Decision) -> Decision:
         facts = self.facts
-        changes: dict[str, Any] = {"user_id": facts.user_id}
-        if facts.user_name is not None:
-            changes["user_name"] = facts.user_name
-        if facts.context:
-            changes["context"] = facts.context
-        if facts.trace is not None:
-            changes["trace_id"] = facts.trace.trace_id
-            changes["span_id"] = decision.span_id or new_span_id()
-            changes["parent_span_id"] = facts.trace.span_id
+        context = facts.context
+        process: Attribution | None = None
         if self.processes is not None and decision.kind is not Kind.DNS:
-            process: Attribution | None = self.processes.known(decision.client)
+            process = self.processes.known(decision.client)
+        kept = self._kept
+        if kept is not None and kept[0] is context and kept[1] is process:
+            changes = kept[2]
+        else:
+            changes = {"user_id": facts.user_id}
+            if facts.user_name is not None:
+                changes["user_name"] = facts.user_name
+            if context:
+                changes["context"] = context
             if process is not None:
                 changes.update(
                     pid=process.pid,
@@ -76,6 +81,14 @@ class Stamped:
                     ppid=process.ppid,
                     parents=process.parents,
                 )
+            self._kept = (context, process, changes)
+        if facts.trace is not None:
+            return decision.with_(
+                **changes,
+                trace_id=facts.trace.trace_id,
+                span_id=decision.span_id or new_span_id(),
+                parent_span_id=facts.trace.span_id,
+            )
         return decision.with_(**changes)
 
     def emit(self, decision: Decision) -> Decision:

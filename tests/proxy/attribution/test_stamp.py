@@ -60,3 +60,17 @@ def test_a_context_update_applies_to_later_decisions_only() -> None:
     after = stamped.emit(_decision())
     assert before.context == {"task": "T-1"}
     assert after.context == {"task": "T-1", "tool": "call-2"}
+
+
+def test_each_decision_carries_its_own_peers_process_whatever_came_before() -> None:
+    facts = SandboxFacts(0, "root", {"task": "T-1"})
+    stamped = Stamped(Emitter([MemorySink()]), facts, Known())
+    mine, other, dns, again = (
+        stamped.emit(_decision()),
+        stamped.emit(_decision(client="127.0.0.1:6000")),
+        stamped.emit(_decision(Kind.DNS)),
+        stamped.emit(_decision()),
+    )
+    assert mine.pid == again.pid == 7 and mine.exe == again.exe == "/usr/bin/curl"
+    assert other.pid is None and other.exe is None and dns.pid is None and dns.argv is None
+    assert mine.context == other.context == dns.context == again.context == {"task": "T-1"}
