@@ -6,8 +6,9 @@ call, measured with strace on the tunnel path). A tunnel's CONNECT head is alrea
 read, its ``200`` and its ClientHello always fit the socket buffer, and a loopback connect is
 usually done at once: these helpers make the system call first and register for readiness only
 when it would block, with the gate's own epoll instance (:mod:`proxy.runtime.poller`, one
-``epoll_ctl`` per change), which the relay of the same sockets takes over. Callers bound the waits
-(``asyncio.timeout``).
+``epoll_ctl`` per change), which the relay of the same sockets takes over; a socket waited on
+again and again (a kept-alive connection) waits through the loop's own registration
+instead (:meth:`Watch.to_loop`). Callers bound the waits (``asyncio.timeout``).
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ class Watch:
     than it; when it fires before the deadline of the wait then under way, it is set again."""
 
     __slots__ = (
-        "_deadline", "_fd", "_loop", "_poller", "_registered", "_timer", "_timer_at", "_waiter",
+        "_deadline", "_fd", "_loop", "_on_loop", "_poller", "_registered", "_timer", "_timer_at",
+        "_waiter",
     )  # fmt: skip
 
     def __init__(self, sock: socket.socket) -> None:
@@ -73,6 +75,7 @@ class Watch:
         self._poller = poller(self._loop)
         self._fd = sock.fileno()
         self._registered = False
+        self._on_loop = False  # registered with the event loop's own poller (:meth:`to_loop`)
         self._waiter: asyncio.Future[None] | None = None
         self._deadline = 0.0  # of the wait under way, in loop time
         self._timer: asyncio.TimerHandle | None = None
@@ -81,10 +84,32 @@ class Watch:
     def _ready(self) -> None:
         waiter = self._waiter
         if waiter is None or waiter.done():
-            self._registered = False  # only ever called while this callback is the fd's reader
-            self._poller.set_reader(self._fd, None)
+            self._unregister()  # only ever called while this callback is the fd's reader
             return
         waiter.set_result(None)
+
+    def to_loop(self) -> None:
+        """Wait through the event loop's own registration from now on, for a socket waited on
+        again and again (a kept-alive connection and its kept upstream): the gate's
+        epoll instance is itself watched by the loop's, so a wake-up through it reads both, and
+        the readiness passes through both in the kernel (on the plain-HTTP keep-alive path, about
+        15 µs of gate CPU a request). A loop registration costs several system calls to make and
+        to end (see :mod:`proxy.runtime.poller`), so only for sockets that wait often; never for
+        one a relay may take over (:meth:`hand_over` then unregisters it). Between waits only."""
+        if self._on_loop:
+            return
+        if self._waiter is not None:
+            raise RuntimeError("a watched socket changes its registration between waits only")
+        if self._registered:
+            self._unregister()
+        self._on_loop = True
+
+    def _unregister(self) -> None:
+        self._registered = False
+        if self._on_loop:
+            self._loop.remove_reader(self._fd)
+        else:
+            self._poller.set_reader(self._fd, None)
 
     async def readable(self) -> None:
         """Until the socket has something to read (data, EOF or an error)."""
@@ -139,19 +164,24 @@ class Watch:
         upstream's connect) then adds that wait to this registration and takes it off again,
         and its reader finds the registration in place."""
         if not self._registered:
-            self._poller.set_reader(self._fd, self._ready)
+            if self._on_loop:
+                self._loop.add_reader(self._fd, self._ready)
+            else:
+                self._poller.set_reader(self._fd, self._ready)
             self._registered = True
 
     def close(self) -> None:
         """Unregister (idempotent). Before the socket is closed or given to another reader."""
         self._stop_timer()
         if self._registered:
-            self._registered = False
-            self._poller.set_reader(self._fd, None)
+            self._unregister()
 
     def hand_over(self) -> None:
-        """The caller registers its own reader for the descriptor next, replacing this one."""
+        """The caller registers its own reader for the descriptor with the gate's poller next,
+        replacing this one (a registration with the loop is ended here: nothing replaces it)."""
         self._stop_timer()
+        if self._registered and self._on_loop:
+            self._unregister()
         self._registered = False
 
 
@@ -178,25 +208,32 @@ async def recv(
     timeout: float | None = None,
     watch: Watch | None = None,
     flags: int = 0,
+    wait_first: bool = False,
 ) -> bytes:
     """Up to ``size`` bytes; b"" at EOF. ``timeout``: TimeoutError when nothing has come that
     long after the first wait began (what has already arrived is taken without the timer).
     ``watch``: the socket's :class:`Watch`, when its owner keeps one. ``flags``: ``recv(2)``'s
-    (``MSG_PEEK`` to look without consuming)."""
+    (``MSG_PEEK`` to look without consuming). ``wait_first``: wait for readiness before the
+    first read, where the bytes are known to be rarely there yet (a read that finds nothing
+    costs a system call and an exception)."""
     deadline: float | None = None
     while True:
-        try:
-            return sock.recv(size, flags)
-        except (BlockingIOError, InterruptedError):
-            if deadline is None and timeout is not None:
-                deadline = asyncio.get_running_loop().time() + timeout
-            if watch is None:
-                async with asyncio.timeout_at(deadline):
-                    await readable(sock)
-            elif deadline is None:
-                await watch.readable()
-            else:
-                await watch.readable_until(deadline)  # the watch's one timer
+        if wait_first:
+            wait_first = False
+        else:
+            try:
+                return sock.recv(size, flags)
+            except (BlockingIOError, InterruptedError):
+                pass
+        if deadline is None and timeout is not None:
+            deadline = asyncio.get_running_loop().time() + timeout
+        if watch is None:
+            async with asyncio.timeout_at(deadline):
+                await readable(sock)
+        elif deadline is None:
+            await watch.readable()
+        else:
+            await watch.readable_until(deadline)  # the watch's one timer
 
 
 async def send_all(
@@ -204,7 +241,15 @@ async def send_all(
 ) -> None:
     """All of ``data``; ``stall``: TimeoutError once the peer has taken no byte for that long (a
     peer that stops reading would otherwise hold the sender for ever)."""
-    view = memoryview(data)
+    if not data:
+        return
+    try:
+        sent = sock.send(data)  # usually all of it: no view to make
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    if sent == len(data):
+        return
+    view = memoryview(data)[sent:]
     while view:
         try:
             sent = sock.send(view)

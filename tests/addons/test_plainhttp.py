@@ -3,6 +3,8 @@ it refuses to parse; and the per-request conditions that send a request to mitmp
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from mitmproxy.net.http.http1 import read_request_head
 
-from addons.plainhttp import PlainHttp, _request_bytes, read_head, response_head_problem
+from addons.plainhttp import PlainHttp, _request_bytes, _Upstream, read_head, response_head_problem
 from proxy.core.connections import Connection
 from tests.harness import RunningGate, answered_during_a_flood
 
@@ -218,3 +220,35 @@ def test_a_client_pipelining_refused_requests_does_not_hold_the_gate(tmp_path: P
         assert gate.gate.tunnels.plain.decided >= count  # all on this path, none on mitmproxy's
     finally:
         gate.stop()
+
+
+def test_a_kept_upstream_is_reused_only_with_nothing_waiting_on_it() -> None:
+    """The next request goes on the kept upstream connection only when the upstream has sent
+    nothing since the last response: no bytes nobody asked for, no end, and the same destination."""
+
+    async def check() -> None:
+        key = ("a.test", 80, "127.0.0.1")
+        for sent, closed, expected in (
+            (b"", False, True),
+            (b"x", False, False),
+            (b"", True, False),
+        ):
+            mine, theirs = socket.socketpair()
+            mine.setblocking(False)
+            upstream = _Upstream(mine, key)
+            try:
+                assert upstream.reusable(key)
+                if sent:
+                    theirs.send(sent)
+                if closed:
+                    theirs.close()
+                assert upstream.reusable(key) is expected
+                assert upstream.reusable(key) is expected  # asking again changes nothing
+                assert not upstream.reusable(("b.test", 80, "127.0.0.1"))  # another destination
+                upstream.idle = False
+                assert not upstream.reusable(key)  # an exchange under way
+            finally:
+                upstream.close()
+                theirs.close()
+
+    asyncio.run(check())

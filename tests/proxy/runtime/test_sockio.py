@@ -232,6 +232,95 @@ def test_readiness_nobody_waits_for_unregisters_instead_of_spinning(choice: str)
 
 
 @pytest.mark.parametrize("choice", LOOPS)
+def test_a_watch_moved_to_the_loop_waits_through_the_loops_own_registration(choice: str) -> None:
+    a, b = nonblocking_pair()
+
+    async def main() -> list[bytes]:
+        loop = asyncio.get_running_loop()
+        watch = sockio.Watch(a)
+        waiting = asyncio.ensure_future(sockio.recv(a, 10, watch=watch))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert poller(loop).registered(a.fileno())  # the gate's poller, until moved
+        with pytest.raises(RuntimeError):
+            watch.to_loop()  # never in the middle of a wait
+        b.send(b"0")
+        got = [await asyncio.wait_for(waiting, 10)]
+        watch.to_loop()
+        watch.to_loop()  # idempotent
+        assert not poller(loop).registered(a.fileno())
+        for n in (1, 2):
+            waiting = asyncio.ensure_future(sockio.recv(a, 10, watch=watch))
+            for _ in range(3):
+                await asyncio.sleep(0)
+            assert not waiting.done() and not poller(loop).registered(a.fileno())
+            b.send(b"%d" % n)
+            got.append(await asyncio.wait_for(waiting, 10))
+        watch.close()
+        assert not loop.remove_reader(a.fileno())  # closed: nothing left with the loop
+        return got
+
+    try:
+        assert run_on(choice, main()) == [b"0", b"1", b"2"]
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_a_watch_on_the_loop_unregisters_when_nobody_waits_or_it_is_handed_over(
+    choice: str,
+) -> None:
+    a, b = nonblocking_pair()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        watch = sockio.Watch(a)
+        watch.to_loop()
+        loop.call_later(0.01, b.send, b"x")
+        await asyncio.wait_for(watch.readable(), 10)
+        for _ in range(20):  # still readable and nobody waits: unregistered, not spinning
+            await asyncio.sleep(0)
+        assert not loop.remove_reader(a.fileno())
+        await asyncio.wait_for(watch.readable(), 10)  # registers again, ready at once
+        watch.hand_over()  # a relay takes the socket: nothing of the watch stays with the loop
+        assert not loop.remove_reader(a.fileno())
+        assert not poller(loop).registered(a.fileno())
+
+    try:
+        run_on(choice, main())
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("choice", LOOPS)
+def test_a_read_that_waits_first_takes_what_is_there_and_is_bounded(choice: str) -> None:
+    a, b = nonblocking_pair()
+
+    async def main() -> tuple[bytes, bytes]:
+        loop = asyncio.get_running_loop()
+        watch = sockio.Watch(a)
+        b.send(b"there")  # already there: the wait ends at the loop's next turn
+        first = await asyncio.wait_for(
+            sockio.recv(a, 10, watch=watch, flags=socket.MSG_PEEK, wait_first=True), 10
+        )
+        assert a.recv(10) == b"there"  # the peek left it
+        with pytest.raises(TimeoutError):
+            await sockio.recv(a, 10, timeout=0.01, watch=watch, wait_first=True)
+        loop.call_later(0.01, b.send, b"late")
+        second = await asyncio.wait_for(sockio.recv(a, 10, watch=watch, wait_first=True), 10)
+        watch.close()
+        return first, second
+
+    try:
+        assert run_on(choice, main()) == (b"there", b"late")
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("choice", LOOPS)
 def test_a_wait_that_timed_out_leaves_no_waiter_behind(choice: str) -> None:
     a, b = nonblocking_pair()
 
