@@ -329,18 +329,9 @@ class PlainHttp:
         """(when the next request's first byte came, a peek at it); b"" when the client closed.
         A connection idle past the keep-alive limit is closed and the closing recorded."""
         watch.to_loop()  # a kept-alive connection: waited on once a request from here on
-        try:
-            # The client sends its next request once it has read the response just sent: a read
-            # at once finds nothing (every time on the bench's keep-alive case) and costs a failed
-            # system call and its exception. A pipelined request, there already, is reported by
-            # the loop at its next turn.
+        try:  # a request already there (pipelined, or quick) is taken without a timer
             data = await sockio.recv(
-                sock,
-                PEEK,
-                timeout=self.keepalive_idle,
-                watch=watch,
-                flags=socket.MSG_PEEK,
-                wait_first=True,
+                sock, PEEK, timeout=self.keepalive_idle, watch=watch, flags=socket.MSG_PEEK
             )
         except TimeoutError:
             self.checkpoint.refuse_connection(

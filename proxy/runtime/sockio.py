@@ -95,7 +95,9 @@ class Watch:
         the readiness passes through both in the kernel (on the plain-HTTP keep-alive path, about
         15 µs of gate CPU a request). A loop registration costs several system calls to make and
         to end (see :mod:`proxy.runtime.poller`), so only for sockets that wait often; never for
-        one a relay may take over (:meth:`hand_over` then unregisters it). Between waits only."""
+        one a relay may take over (:meth:`hand_over` then unregisters it). Between waits only, and
+        every wait after a read that found nothing (:func:`recv`): uvloop reports an error once and
+        then stops watching the descriptor."""
         if self._on_loop:
             return
         if self._waiter is not None:
@@ -208,23 +210,21 @@ async def recv(
     timeout: float | None = None,
     watch: Watch | None = None,
     flags: int = 0,
-    wait_first: bool = False,
 ) -> bytes:
     """Up to ``size`` bytes; b"" at EOF. ``timeout``: TimeoutError when nothing has come that
     long after the first wait began (what has already arrived is taken without the timer).
     ``watch``: the socket's :class:`Watch`, when its owner keeps one. ``flags``: ``recv(2)``'s
-    (``MSG_PEEK`` to look without consuming). ``wait_first``: wait for readiness before the
-    first read, where the bytes are known to be rarely there yet (a read that finds nothing
-    costs a system call and an exception)."""
+    (``MSG_PEEK`` to look without consuming).
+
+    A wait begins only after a read found nothing: on a watch moved to the loop's own
+    registration (:meth:`Watch.to_loop`) uvloop reports an error once and then stops watching
+    the descriptor, so a wait begun with an error still unread would never end."""
     deadline: float | None = None
     while True:
-        if wait_first:
-            wait_first = False
-        else:
-            try:
-                return sock.recv(size, flags)
-            except (BlockingIOError, InterruptedError):
-                pass
+        try:
+            return sock.recv(size, flags)
+        except (BlockingIOError, InterruptedError):
+            pass
         if deadline is None and timeout is not None:
             deadline = asyncio.get_running_loop().time() + timeout
         if watch is None:
@@ -247,6 +247,8 @@ async def send_all(
         sent = sock.send(data)  # usually all of it: no view to make
     except (BlockingIOError, InterruptedError):
         sent = 0
+        async with asyncio.timeout(stall):
+            await writable(sock)
     if sent == len(data):
         return
     view = memoryview(data)[sent:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from mitmproxy.net.http.http1 import read_request_head
 
 from addons.plainhttp import PlainHttp, _request_bytes, _Upstream, read_head, response_head_problem
 from proxy.core.connections import Connection
-from tests.harness import RunningGate, answered_during_a_flood
+from tests.harness import WAIT, RunningGate, answered_during_a_flood, recv_head, wait_until
 
 TAKEN = [
     b"GET http://example.org/ HTTP/1.1\r\nHost: example.org\r\n\r\n",
@@ -252,3 +253,36 @@ def test_a_kept_upstream_is_reused_only_with_nothing_waiting_on_it() -> None:
                 theirs.close()
 
     asyncio.run(check())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_requests_left_by_a_client_that_reset_are_all_decided_and_the_connection_ends(
+    tmp_path: Path, loop: str
+) -> None:
+    """A sandbox that ended leaves requests unread on a kept-alive connection (the gate sends it
+    nothing more, ``conn.gone``) and a reset behind them. Each one is decided and recorded, then the
+    connection ends: uvloop reports the reset once, with the bytes before it, and then stops
+    watching the socket, so a wait begun before a read had found the reset would never end."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\nrules:\n  - name: one\n    hosts: [a.test]\n")
+    gate = RunningGate(policy, ["127.0.0.1:9"], loop=loop).start()
+    checkpoint = gate.gate.checkpoint
+
+    def request(n: int) -> bytes:
+        return b"GET http://10.9.9.%d/ HTTP/1.1\r\nHost: 10.9.9.%d\r\n\r\n" % (n, n)
+
+    try:
+        client = socket.create_connection(("127.0.0.1", gate.port), timeout=WAIT)
+        for n in (1, 2):  # kept alive: its waits move to the loop's own registration
+            client.sendall(request(n))
+            assert recv_head(client).startswith(b"HTTP/1.1 403")
+        for conn in checkpoint.connections.live():
+            conn.gone = True
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.sendall(request(3) + request(4) + request(5))
+        client.close()  # a reset, behind the three requests
+        hosts = {f"10.9.9.{n}" for n in (3, 4, 5)}
+        assert wait_until(lambda: hosts <= {d.host for d in gate.decisions}), "not decided"
+        assert wait_until(lambda: checkpoint.connections.active == 0), "the connection went on"
+    finally:
+        gate.stop()

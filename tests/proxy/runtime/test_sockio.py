@@ -295,32 +295,6 @@ def test_a_watch_on_the_loop_unregisters_when_nobody_waits_or_it_is_handed_over(
 
 
 @pytest.mark.parametrize("choice", LOOPS)
-def test_a_read_that_waits_first_takes_what_is_there_and_is_bounded(choice: str) -> None:
-    a, b = nonblocking_pair()
-
-    async def main() -> tuple[bytes, bytes]:
-        loop = asyncio.get_running_loop()
-        watch = sockio.Watch(a)
-        b.send(b"there")  # already there: the wait ends at the loop's next turn
-        first = await asyncio.wait_for(
-            sockio.recv(a, 10, watch=watch, flags=socket.MSG_PEEK, wait_first=True), 10
-        )
-        assert a.recv(10) == b"there"  # the peek left it
-        with pytest.raises(TimeoutError):
-            await sockio.recv(a, 10, timeout=0.01, watch=watch, wait_first=True)
-        loop.call_later(0.01, b.send, b"late")
-        second = await asyncio.wait_for(sockio.recv(a, 10, watch=watch, wait_first=True), 10)
-        watch.close()
-        return first, second
-
-    try:
-        assert run_on(choice, main()) == (b"there", b"late")
-    finally:
-        a.close()
-        b.close()
-
-
-@pytest.mark.parametrize("choice", LOOPS)
 def test_a_wait_that_timed_out_leaves_no_waiter_behind(choice: str) -> None:
     a, b = nonblocking_pair()
 
