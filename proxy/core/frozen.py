@@ -40,6 +40,7 @@ ORIGINAL_INIT: dict[type[Any], Callable[..., None]] = {}
 
 _BUILDERS: dict[type[Any], Callable[..., Any]] = {}
 _TWINS: dict[type[Any], type[Any]] = {}  # the twin each class is built as, where it has one
+_SET_CLASS = object.__setattr__
 
 
 def fast_init[T](cls: type[T]) -> type[T]:
@@ -155,65 +156,50 @@ def _getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
     return lambda obj: tuple(getattr(obj, name) for name in names)
 
 
-MAX_COPIERS = 64  # sets of changed fields compiled per class; the callers use a handful
-
-
 class Replacer:
     """``dataclasses.replace`` for one fast_init class: a copy with some fields changed.
 
-    A decision is copied a few times on its way to the sinks (its address, its process), always
-    with the same few fields changed: for each set of changed names a function is compiled that
-    copies every other slot by name into a twin (as the builder builds one) and sets the changed
-    ones, without a list of every value or a lookup per change. A set of names that is not all
-    fields, a subclass, and sets past MAX_COPIERS take the general path."""
+    A decision is copied a few times on its way to the sinks (its address, its process): an
+    instance of a class with a twin is copied slot by slot into a twin by a function compiled
+    once for the class (as the builder builds one), the changed slots are set on it, and it is
+    given its class, without a list of every value or a call that passes every field. Other
+    classes and subclasses are built through the class from their values, as before."""
 
     def __init__(self, cls: type[Any]) -> None:
         names = tuple(f.name for f in dataclasses.fields(cls))
         self._cls = cls
-        self._names = names
         self._build = builder(cls)
         self._values = _getter(names)
         self._index = {name: i for i, name in enumerate(names)}
-        self._copiers: dict[tuple[str, ...], Callable[..., Any]] = {}
+        self._copy: Callable[[Any], Any] | None = None
+        twin = _TWINS.get(cls)
+        if twin is not None:
+            namespace: dict[str, Any] = {"_new": object.__new__, "_twin": twin}
+            stores = "".join(f"    self.{name} = _o.{name}\n" for name in names)
+            source = f"def _copy(_o):\n    self = _new(_twin)\n{stores}    return self\n"
+            exec(codecache.compiled(source), namespace)  # as fast_init's, at import
+            self._copy = namespace["_copy"]
 
     def __call__[T](self, obj: T, changes: dict[str, Any]) -> T:
-        if type(obj) is self._cls:
-            copier = self._copiers.get(tuple(changes))
-            if copier is not None:
-                copied: T = copier(obj, *changes.values())
-                return copied
-            if len(self._copiers) < MAX_COPIERS and changes.keys() <= self._index.keys():
-                copier = self._copiers[tuple(changes)] = self._compile(tuple(changes))
-                made: T = copier(obj, *changes.values())
-                return made
-        values = list(self._values(obj))
         index = self._index
+        copy = self._copy
+        if copy is not None and type(obj) is self._cls:
+            twin = copy(obj)
+            for name, value in changes.items():
+                if name not in index:  # let dataclasses say what is wrong, as replace() would
+                    return dataclasses.replace(obj, **changes)  # type: ignore[type-var]
+                setattr(twin, name, value)
+            _SET_CLASS(twin, "__class__", self._cls)
+            copied: T = twin
+            return copied
+        values = list(self._values(obj))
         for name, value in changes.items():
             at = index.get(name)
             if at is None:  # let dataclasses say what is wrong, as replace() would
                 return dataclasses.replace(obj, **changes)  # type: ignore[type-var]
             values[at] = value
         if type(obj) is not self._cls:  # a subclass is built by its own class
-            sub: T = type(obj)(*values)
-            return sub
+            made: T = type(obj)(*values)
+            return made
         built: T = self._build(*values)
         return built
-
-    def _compile(self, changed: tuple[str, ...]) -> Callable[..., Any]:
-        """A copier for ``changed`` (field names, checked by the caller: nothing else reaches the
-        generated text)."""
-        given = {name: f"_v{i}" for i, name in enumerate(changed)}
-        params = "".join(f", {v}" for v in given.values())
-        twin = _TWINS.get(self._cls)
-        namespace: dict[str, Any] = {"_cls": self._cls, "_build": self._build}
-        if twin is not None:
-            namespace.update(_new=object.__new__, _twin=twin, _setattr=object.__setattr__)
-            stores = [f"    self.{n} = {given.get(n, '_o.' + n)}" for n in self._names]
-            lines = [f"def _copy(_o{params}):", "    self = _new(_twin)", *stores]
-            lines += ["    _setattr(self, '__class__', _cls)", "    return self"]
-        else:
-            values = ", ".join(given.get(n, "_o." + n) for n in self._names)
-            lines = [f"def _copy(_o{params}):", f"    return _build({values})"]
-        exec(codecache.compiled("\n".join(lines) + "\n"), namespace)
-        copier: Callable[..., Any] = namespace["_copy"]
-        return copier
