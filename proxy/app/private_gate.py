@@ -135,6 +135,8 @@ async def start_private_gate(
             gate.warm_layers_on_first_connection()
         if "proxy" in sockets:
             await gate.add_listener(sockets["proxy"], sandbox_id=request.sandbox_id)
+        if processes is not None:
+            gate.checkpoint.start_lookups(processes.warm)
         if "dns-udp" in sockets:
             running.dns = DnsGate(
                 lambda: request.policy, resolver, emitter, sandbox_id=request.sandbox_id

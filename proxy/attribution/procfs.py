@@ -50,6 +50,7 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from proxy.attribution.argv import scrub_argv
+from proxy.attribution.argv import warm as warm_argv
 from proxy.attribution.process import Attribution, ProcEntry, build
 from proxy.attribution.procnet import find_inode
 from proxy.attribution.sockdiag import DiagUnavailable, SockDiag
@@ -147,6 +148,10 @@ class SandboxProcesses:
             self._counter_fd: int | None = os.open(f"{proc}/loadavg", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             self._counter_fd = None
+
+    def warm(self) -> None:
+        """What the first lookup would do first that depends on no process: done ahead of it."""
+        warm_argv()
 
     def attribute(
         self, peer: str, *, every_owner: bool = False, identity: bool = True

@@ -688,6 +688,15 @@ class Checkpoint:
         conn.attributed = True
         processes.remember(conn.peer, conn.process)
 
+    def start_lookups(self, warm: Callable[[], None]) -> None:
+        """Start the lookup thread now and do ``warm`` (what the first lookup would do first) on
+        the event loop at its next turn: a gate that starts with its command would otherwise do
+        both in its first connection's lookup, which that connection's first decision waits
+        for. On the loop, not in the thread: pure Python there would hold the interpreter lock
+        against the loop for up to its switch interval at a time."""
+        self._pool().submit(int)
+        asyncio.get_running_loop().call_soon(warm)
+
     def _pool(self, conn: Connection | None = None) -> concurrent.futures.ThreadPoolExecutor:
         """One thread for every lookup: they are /proc system calls, which gain nothing from
         running side by side on a gate's few cores, while several threads contending with the event

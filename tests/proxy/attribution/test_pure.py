@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from proxy.attribution import argv as argv_module
 from proxy.attribution.argv import MAX_ARG_LENGTH, MAX_ARGS, scrub_argv
 from proxy.attribution.context import MAX_KEYS, merged, parse_pair
 from proxy.attribution.process import MAX_CHAIN, ProcEntry, build, parent_chain
@@ -57,6 +58,16 @@ def test_argv_is_bounded() -> None:
     out = scrub_argv(["a" * 1000] + ["x"] * 100)
     assert len(out) == MAX_ARGS + 1 and out[-1] == f"...(+{101 - MAX_ARGS})"
     assert len(out[0]) == MAX_ARG_LENGTH and out[0].endswith("...")
+
+
+def test_warming_compiles_every_pattern_a_scrub_uses() -> None:
+    """A gate compiles them as it starts (argv.warm), not in its first connection's lookup."""
+    argv_module._rx.cache_clear()
+    argv_module.warm()
+    warmed = argv_module._rx.cache_info().currsize
+    scrub_argv(["--token", "x", "Authorization: Bearer abc", "https://u:p@h/", "ghp_" + "a" * 20])
+    scrub_argv(["key=value", "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7"])
+    assert warmed > 0 and argv_module._rx.cache_info().currsize == warmed
 
 
 def _entry(host_pid: int, host_ppid: int, pid: int, exe: str) -> ProcEntry:

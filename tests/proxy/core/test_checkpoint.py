@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -692,3 +693,23 @@ def test_what_a_request_runs_is_not_told_past_a_body_the_gate_did_not_read(
 
     http = HttpHead("POST", "/graphql?query=%7Bviewer%7D", content_type="application/json", **head)
     assert _runs(Request(Kind.REQUEST, "api.test", 443, "POST", "/graphql", http=http)) == runs
+
+
+def test_the_lookup_thread_starts_with_the_gate_and_the_warm_up_runs_on_the_loop(
+    policy: Policy,
+) -> None:
+    """A gate that looks up processes starts its lookup thread as it starts, and does what the
+    first lookup would do first on its event loop (pure Python in the thread would hold the
+    interpreter lock against the loop)."""
+    checkpoint, _, _ = make(policy)
+    ran: list[int] = []
+
+    async def main() -> int:
+        checkpoint.start_lookups(lambda: ran.append(threading.get_ident()))
+        assert not ran  # at the loop's next turn, not inside the gate's start
+        await asyncio.sleep(0)
+        pool = checkpoint._pool()
+        assert await asyncio.get_running_loop().run_in_executor(pool, threading.get_ident) != ran[0]
+        return threading.get_ident()
+
+    assert asyncio.run(main()) == ran[0] and len(ran) == 1
