@@ -42,8 +42,8 @@ def _rx(source: str) -> re.Pattern[str]:
 
 
 def warm() -> None:
-    """Compile every pattern now (~2 ms): a gate that looks up processes does it in its lookup
-    thread as it starts, while its command starts, instead of in its first connection's lookup."""
+    """Compile every pattern now (~2 ms): a gate that looks up processes does it as it starts
+    serving, while its command starts, instead of in its first connection's lookup."""
     for source in (_OPTION, _HEADER, _USERINFO, _KNOWN_PREFIX, _KEY_VALUE, _WORD):
         _rx(source)
 

@@ -75,7 +75,7 @@ class Watch:
         self._poller = poller(self._loop)
         self._fd = sock.fileno()
         self._registered = False
-        self._on_loop = False  # registered with the event loop's own poller (:meth:`to_loop`)
+        self._on_loop = False  # waits through the event loop's own registration (:meth:`to_loop`)
         self._waiter: asyncio.Future[None] | None = None
         self._deadline = 0.0  # of the wait under way, in loop time
         self._timer: asyncio.TimerHandle | None = None
@@ -224,16 +224,15 @@ async def recv(
         try:
             return sock.recv(size, flags)
         except (BlockingIOError, InterruptedError):
-            pass
-        if deadline is None and timeout is not None:
-            deadline = asyncio.get_running_loop().time() + timeout
-        if watch is None:
-            async with asyncio.timeout_at(deadline):
-                await readable(sock)
-        elif deadline is None:
-            await watch.readable()
-        else:
-            await watch.readable_until(deadline)  # the watch's one timer
+            if deadline is None and timeout is not None:
+                deadline = asyncio.get_running_loop().time() + timeout
+            if watch is None:
+                async with asyncio.timeout_at(deadline):
+                    await readable(sock)
+            elif deadline is None:
+                await watch.readable()
+            else:
+                await watch.readable_until(deadline)  # the watch's one timer
 
 
 async def send_all(
