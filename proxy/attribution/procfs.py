@@ -216,17 +216,13 @@ class SandboxProcesses:
                 pid, fd = held
                 vacated = self._vacated.get(pid)
                 if vacated is None:
-                    if len(self._vacated) >= MAX_PROCESSES:
-                        self._vacated.clear()
-                    vacated = self._vacated[pid] = {}
+                    vacated = _put(self._vacated, pid, {}, MAX_PROCESSES)
                 if len(vacated) >= VACATED_FDS:
                     # The oldest, from a copy: the lookup thread may take from it meanwhile.
                     for oldest in list(vacated)[:1]:
                         vacated.pop(oldest, None)
                 vacated[fd] = None
-                if len(self._forgotten) >= SEEN_SOCKETS:
-                    self._forgotten.clear()
-                self._forgotten[peer] = held
+                _put(self._forgotten, peer, held, SEEN_SOCKETS)
 
     def _attribute(
         self,
@@ -275,9 +271,7 @@ class SandboxProcesses:
                 continue
             owners.append(entry)
             if fd and len(owners) == 1:
-                if len(self._held) >= SEEN_SOCKETS * 16:
-                    self._held.clear()
-                self._held[peer] = (pid, fd)
+                _put(self._held, peer, (pid, fd), SEEN_SOCKETS * 16)
             if not every_owner:
                 break
         if not owners:
@@ -300,9 +294,7 @@ class SandboxProcesses:
         found = self._built.get(key)
         if found is None:
             found = build(owners, entries, complete=every_owner)
-            if len(self._built) >= KEPT_BUILT:
-                self._built.clear()
-            self._built[key] = found
+            _put(self._built, key, found, KEPT_BUILT)
         return found
 
     def _kept(self) -> Census | None:
@@ -514,9 +506,7 @@ class SandboxProcesses:
             except OSError:
                 continue
             if read == link:
-                if len(self._last_fd) >= MAX_PROCESSES:
-                    self._last_fd.clear()
-                self._last_fd[pid] = fd
+                _put(self._last_fd, pid, fd, MAX_PROCESSES)
                 return fd
             if read.startswith("socket:"):
                 self._pass(read, pid, fd)
@@ -524,10 +514,7 @@ class SandboxProcesses:
 
     def _pass(self, link: str, pid: int, fd: str) -> None:
         """A socket read on the way to another: where its own lookup reads first."""
-        seen = self._seen
-        if len(seen) >= SEEN_SOCKETS:
-            seen.clear()
-        seen[link] = (pid, fd)
+        _put(self._seen, link, (pid, fd), SEEN_SOCKETS)
 
     def _with_parents_read(
         self, owners: list[ProcEntry], sandbox_pids: dict[int, int], every_owner: bool
@@ -671,6 +658,16 @@ def _same_files(pid: int, tid: int) -> bool:
             os.strerror(ctypes.get_errno()),
         )
     return False
+
+
+def _put[K, V](table: dict[K, V], key: K, value: V, limit: int) -> V:
+    """``table[key] = value``, the table emptied first once it holds ``limit`` entries: every table
+    here is a hint or a cache (losing it costs reads, never an answer), bounded however many
+    processes, sockets and connections a sandbox makes."""
+    if len(table) >= limit:
+        table.clear()
+    table[key] = value
+    return value
 
 
 def _thread_exe(base: str, pid: int) -> str | None:
