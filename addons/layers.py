@@ -23,6 +23,9 @@ import weakref
 from collections.abc import Generator
 from typing import Any
 
+import addons.mitmaddons  # noqa: F401  (first: mitmproxy's addon modules without its default set)
+
+# isort: split
 import h2.errors
 from mitmproxy import connection, flow, tls
 from mitmproxy.addons.next_layer import NextLayer

@@ -12,6 +12,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import addons.mitmaddons  # noqa: F401  (first: mitmproxy's addon modules without its default set)
+
+# isort: split
 from mitmproxy import exceptions, options
 from mitmproxy.addons import errorcheck, proxyserver, tlsconfig
 from mitmproxy.master import Master
