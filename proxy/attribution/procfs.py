@@ -46,7 +46,6 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from proxy.attribution.argv import scrub_argv
@@ -58,7 +57,7 @@ from proxy.attribution.sockdiag import DiagUnavailable, SockDiag
 log = logging.getLogger(__name__)
 
 MAX_PROCESSES = (
-    4096  # a sandbox with more is searched this far, then the connection is unattributed
+    4096  # a sandbox with more is searched this far; a search for every owner then finds none
 )
 MAX_CMDLINE = 64 * 1024
 CENSUS_AGE = (
@@ -68,6 +67,7 @@ INLINE_PROCESSES = 64  # a kept walk this small is searched on the caller's thre
 INLINE_FDS = 512  # ... as long as the fd tables it reads stay this small in all
 KEPT_FILES = 8  # /proc files kept open per sandbox (limits.DESCRIPTOR_RESERVE counts one sandbox's)
 KEPT_BUILT = 32  # attributions kept to be returned again
+KNOWN_PEERS = 1 << 16  # open connections' processes kept by peer (far above any connection cap)
 SEEN_SOCKETS = 256  # sockets remembered where an fd scan passed them (all forgotten when full)
 MAX_THREAD_READS = 8  # threads tried for the executable of a process whose leader has ended
 VACATED_FDS = 32  # fds per process whose looked-up connection has closed (the oldest forgotten)
@@ -86,6 +86,9 @@ class Census(NamedTuple):
     pids: tuple[int, ...]
     sandbox_pids: dict[int, int]
     parents: dict[int, int]  # host pid -> the host pid it was listed under (its parent then)
+    # The walk stopped at MAX_PROCESSES with processes left unvisited: an owner may be among them,
+    # so no search of this walk can say it found every owner.
+    truncated: bool = False
 
 
 class _ParentGone(Exception):
@@ -111,7 +114,11 @@ class SandboxProcesses:
         self.diag = SockDiag(diag) if diag is not None else None
         self.gate = gate
         self.proc = proc
-        self._known: dict[str, Attribution] = {}
+        # Peer -> ((connection, its process), ...): the connections from that address that have
+        # been looked up and not closed. Two at once (a client reset one and bound the same port
+        # again before the gate closed it) make the address ambiguous: known() names nobody until
+        # one has closed. Replaced whole under the lock, read without it.
+        self._known: dict[str, tuple[tuple[object, Attribution | None], ...]] = {}
         self._lock = threading.Lock()
         self._diag_lock = threading.Lock()
         self._census: Census | None = None
@@ -165,6 +172,14 @@ class SandboxProcesses:
         which a rule bound to executables refuses): for a lookup whose answer is evidence only."""
         try:
             census = self._walk() if every_owner else self._kept() or self._walk()
+            if every_owner and census.truncated:
+                log.warning(
+                    "the sandbox has more than %d processes: the owners of %s cannot all be "
+                    "found, so no executable is vouched for",
+                    MAX_PROCESSES,
+                    peer,
+                )
+                return None
             found = self._attribute(peer, census, every_owner, identity=identity or every_owner)
         except (OSError, ValueError):
             log.debug("attribution of %s failed", peer, exc_info=True)
@@ -187,10 +202,12 @@ class SandboxProcesses:
             log.debug("attribution of %s failed", peer, exc_info=True)
             return None
 
-    def remember(self, peer: str, found: Any) -> None:
-        if found is not None:
-            with self._lock:
-                self._known[peer] = found
+    def remember(self, peer: str, found: Any, owner: object = None) -> None:
+        """``found`` (None: not found) is the process of ``owner``, a connection from ``peer``,
+        until :meth:`forget` says it closed."""
+        with self._lock:
+            others = tuple(entry for entry in self._known.get(peer, ()) if entry[0] is not owner)
+            _put(self._known, peer, (*others, (owner, found)), KNOWN_PEERS)
         # Remembered again just after it was forgotten: the connection lives on (the front end
         # handed it to mitmproxy's layers), so its fd is not vacated.
         held = self._forgotten.pop(peer, None)
@@ -201,16 +218,21 @@ class SandboxProcesses:
             self._held[peer] = held
 
     def known(self, peer: str | None) -> Attribution | None:
-        if peer is None:
-            return None
-        return self._known.get(peer)
+        """The process of the one open connection from ``peer``; None when there is none, or more
+        than one (which of them a decision from that address is, the address cannot tell)."""
+        entries = self._known.get(peer) if peer is not None else None
+        return entries[0][1] if entries is not None and len(entries) == 1 else None
 
-    def forget(self, peer: str | None) -> None:
-        """The connection from ``peer`` has closed: its process is no longer known by it, and the
-        fd its socket was on is a likely place for the process's next one."""
+    def forget(self, peer: str | None, owner: object = None) -> None:
+        """``owner``, the connection from ``peer``, has closed: its process is no longer known by
+        that address, and the fd its socket was on is a likely place for the process's next one."""
         if peer is not None:
             with self._lock:
-                self._known.pop(peer, None)
+                rest = tuple(entry for entry in self._known.get(peer, ()) if entry[0] is not owner)
+                if rest:
+                    self._known[peer] = rest
+                else:
+                    self._known.pop(peer, None)
             held = self._held.pop(peer, None)
             if held is not None:
                 pid, fd = held
@@ -309,8 +331,8 @@ class SandboxProcesses:
         counter is read first: a process created during the walk moves it past the one recorded."""
         counter, taken = self._counter(), time.monotonic()
         parents: dict[int, int] = {}
-        pids = tuple(sorted(self._descendants(parents), reverse=True))
-        census = Census(counter, taken, pids, {}, parents)
+        found, truncated = self._descendants(parents)
+        census = Census(counter, taken, tuple(sorted(found, reverse=True)), {}, parents, truncated)
         self._census = census if counter else None
         self._close_files(keep=frozenset(census.pids))
         return census
@@ -404,15 +426,18 @@ class SandboxProcesses:
         with open(f"{self.proc}/{self.root}/net/{name}", encoding="ascii") as table:
             return find_inode(table.read().splitlines(), local, self.gate)
 
-    def _descendants(self, parents: dict[int, int]) -> Iterator[int]:
-        """The helper's descendants; ``parents`` is given each one's parent as listed."""
+    def _descendants(self, parents: dict[int, int]) -> tuple[list[int], bool]:
+        """The helper's descendants, and whether the walk stopped at MAX_PROCESSES with processes
+        left unvisited (the sandbox chooses which: it can fork past the bound before it hands a
+        socket on); ``parents`` is given each one's parent as listed."""
         queue = [self.root]
-        seen = 0
-        while queue and seen < MAX_PROCESSES:
+        found: list[int] = []
+        while queue:
+            if len(found) + 1 >= MAX_PROCESSES:  # (the helper counts as one)
+                return found, True
             pid = queue.pop()
-            seen += 1
             if pid != self.root:
-                yield pid
+                found.append(pid)
             children, leaders = self._children(pid)
             # The leader thread's own children only: ``/proc/PID/exe`` reads the leader's memory,
             # which it lets go of before it hands its children on, so while it reads they are still
@@ -422,6 +447,7 @@ class SandboxProcesses:
             for child in leaders:
                 parents[child] = pid
             queue.extend(children)
+        return found, False
 
     def _children(self, pid: int) -> tuple[list[int], list[int]]:
         """Children of every thread of ``pid`` (a child is listed under the thread that forked it),

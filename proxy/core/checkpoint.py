@@ -188,9 +188,11 @@ class Processes(Protocol):
         it is not."""
         ...
 
-    def remember(self, peer: str, found: ProcessFacts | None) -> None: ...
+    def remember(self, peer: str, found: ProcessFacts | None, owner: object = None) -> None:
+        """``found`` is ``owner``'s process (a connection from ``peer``) until it is forgotten."""
+        ...
 
-    def forget(self, peer: str | None) -> None: ...
+    def forget(self, peer: str | None, owner: object = None) -> None: ...
 
 
 class Identified(Protocol):
@@ -265,8 +267,7 @@ class Checkpoint:
             conn.watched, conn.lookup = handed.watched, handed.lookup
             if handed.attributed:
                 conn.process, conn.attributed = handed.process, True
-                if conn.processes is not None and peer is not None:
-                    conn.processes.remember(peer, conn.process)
+                _remember(conn.processes, conn)
         elif conn.refusal is not None or self._bound.binds(self.policy_for(conn)):
             conn.watched = True
             # Every owner as it opened: the first found (newest) may be a bound program that
@@ -298,7 +299,7 @@ class Checkpoint:
         conn = self.connections.close(cid)
         processes = self.processes_of(conn) if conn is not None else None
         if conn is not None and processes is not None:
-            processes.forget(conn.peer)
+            processes.forget(conn.peer, conn)
         if conn is None or conn.opened is None:
             return
         # The observer (metrics and evidence) records it; without one, the decision sinks do.
@@ -686,7 +687,7 @@ class Checkpoint:
             log.exception("attributing %s failed", conn.peer)
             conn.process = None
         conn.attributed = True
-        processes.remember(conn.peer, conn.process)
+        _remember(processes, conn)
 
     def start_lookups(self, warm: Callable[[], None]) -> None:
         """Start the lookup thread now and do ``warm`` (what the first lookup would do first) on
@@ -736,7 +737,7 @@ class Checkpoint:
             log.exception("attributing %s failed", conn.peer)
             conn.process = None
         conn.attributed = True
-        processes.remember(conn.peer, conn.process)
+        _remember(processes, conn)
 
     async def _process(
         self,
@@ -785,7 +786,7 @@ class Checkpoint:
                 log.exception("attributing %s failed", peer)
                 process = None
             conn.process = process
-            processes.remember(peer, process)
+            _remember(processes, conn)
         conn.owners = every_owner_seen(earlier, process)
         return check_bindings(decision, held, conn.owners)
 
@@ -999,6 +1000,14 @@ class Checkpoint:
         if (key, port) in conn.checked:
             return key
         return None
+
+
+def _remember(processes: Processes | None, conn: Connection) -> None:
+    """(3a) the connection's process, kept by its peer for its decisions' evidence, unless the
+    connection has closed meanwhile: a lookup that ends after its connection closed is never kept
+    (nothing would forget it, and a later connection from that address would be named by it)."""
+    if processes is not None and conn.peer is not None and not conn.closed:
+        processes.remember(conn.peer, conn.process, conn)
 
 
 def _runs(request: Request) -> str | None:

@@ -74,6 +74,7 @@ class Connection:
     # Its sandbox has ended: no process is left to read what the gate sends it, and a write would
     # draw a reset that takes the requests it left unread with it (they are still decided).
     gone: bool = False
+    closed: bool = False  # closed (``Connections.close``): a lookup ending later is not kept
 
     def bound_owners(self) -> Any:
         """What a rule bound to executables checks: every owner the lookups saw, once a bound
@@ -210,6 +211,7 @@ class Connections:
         conn = self._by_id.pop(cid, None)
         if conn is None:
             return None
+        conn.closed = True
         if conn.limit_key:
             self._uncount(conn.limit_key)
         self._left(conn.sandbox_id)

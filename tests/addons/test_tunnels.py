@@ -185,10 +185,10 @@ class OneProcess:
             self.in_time.append(self.after.wait(WAIT / 3))
         return object()
 
-    def remember(self, peer: str, found: object) -> None:
+    def remember(self, peer: str, found: object, owner: object = None) -> None:
         pass
 
-    def forget(self, peer: str | None) -> None:
+    def forget(self, peer: str | None, owner: object = None) -> None:
         pass
 
 

@@ -3,6 +3,7 @@ temporary directory): which walks are kept, and what is always read afresh."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -14,6 +15,9 @@ import pytest
 
 from proxy.attribution import procfs
 from proxy.attribution.procfs import SandboxProcesses
+from proxy.core.decision import Decision, Kind, Reason, Verdict
+from proxy.core.executables import check_executables
+from proxy.policy.executables import Executable
 
 GATE = ("127.0.0.1", 3128)
 PEER = "127.0.0.1:58412"  # 0100007F:E42C in the table below
@@ -947,3 +951,81 @@ def test_a_thread_with_a_file_table_of_its_own_is_told_from_one_sharing_its_lead
             done.set()
         thread.join(10)
     assert answers == {"shared": True, "own": False}
+
+
+def _sleepers_past_the_bound(proc: FakeProc, tmp_path: Path) -> tuple[Path, Path]:
+    """The sandbox of threat 19 past the walk's bound: a process connects and keeps its socket,
+    then forks sleepers (the walk, newest first and depth first, spends its bound on them), then
+    hands the socket to the program a rule is bound to."""
+    evil, git = tmp_path / "evil", tmp_path / "git"
+    evil.write_bytes(b"evil")
+    git.write_bytes(b"git")
+    proc.process(210, 202, 10, str(evil))  # connected first, and keeps the socket
+    proc.holds(210, 5)
+    proc.process(211, 202, 11, "/bin/sleep")
+    for n in range(20):
+        proc.process(400 + n, 211, 100 + n, "/bin/sleep")
+    proc.process(212, 202, 12, str(git))  # given the socket last
+    proc.holds(212, 7)
+    return evil, git
+
+
+def test_an_owner_past_the_walks_bound_leaves_nobody_vouched_for(
+    proc: FakeProc, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A search for every owner that could not walk every process finds none: a rule bound to the
+    program refuses the connection as unattributed, never passes it as the program's alone."""
+    monkeypatch.setattr(procfs, "MAX_PROCESSES", 16)  # 4096 in the product: as many sleepers
+    evil, git = _sleepers_past_the_bound(proc, tmp_path)
+    every = _lookups(proc).attribute(PEER, every_owner=True)
+    assert every is None
+    st = git.stat()
+    bound = (Executable(str(git), (st.st_dev, st.st_ino)),)
+    allowed = Decision(
+        Verdict.ALLOW,
+        Reason.ALLOWED_BY_RULE,
+        "git-only",
+        Kind.CONNECT,
+        "h.test",
+        443,
+        "v",
+        "enforce",
+    )
+    assert not check_executables(allowed, bound, every).allowed
+    # Under the bound the same tree is walked whole, and both owners are found.
+    monkeypatch.setattr(procfs, "MAX_PROCESSES", 64)
+    whole = _lookups(proc).attribute(PEER, every_owner=True)
+    assert whole is not None and whole.complete and whole.exes >= {str(evil), str(git)}
+
+
+def test_a_walk_cut_at_the_bound_still_names_an_owner_it_found(
+    proc: FakeProc, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Evidence (the first owner found, newest first) from a cut walk is still a true owner."""
+    monkeypatch.setattr(procfs, "MAX_PROCESSES", 16)
+    _, git = _sleepers_past_the_bound(proc, tmp_path)
+    first = _lookups(proc).attribute(PEER)
+    assert first is not None and first.exe == str(git) and not first.complete
+
+
+def test_an_address_two_open_connections_share_names_neither(proc: FakeProc) -> None:
+    """A client that reset a connection the gate still serves can connect again from the same
+    port: while both are open the address cannot tell whose a decision is, so it names nobody;
+    once one has closed, the other's own process again (a close never forgets another's)."""
+    lookups = _lookups(proc)
+    found = lookups.attribute(PEER)
+    assert found is not None
+    old, new = object(), object()
+    other = dataclasses.replace(found, pid=99, exe="/usr/bin/other")
+    lookups.remember(PEER, found, old)
+    assert lookups.known(PEER) is found
+    lookups.remember(PEER, other, new)
+    assert lookups.known(PEER) is None
+    lookups.forget(PEER, old)
+    assert lookups.known(PEER) is other
+    lookups.forget(PEER, old)  # (again: nothing of the other's goes)
+    assert lookups.known(PEER) is other
+    lookups.remember(PEER, found, new)  # the same connection, looked up again
+    assert lookups.known(PEER) is found
+    lookups.forget(PEER, new)
+    assert lookups.known(PEER) is None and PEER not in lookups._known

@@ -52,10 +52,10 @@ class Processes:
     def attribute_now(self, peer: str, *, identity: bool = True) -> Facts | None:
         raise BlockingIOError  # the walk is left to a worker thread
 
-    def remember(self, peer: str, found: Facts | None) -> None:
+    def remember(self, peer: str, found: Facts | None, owner: object = None) -> None:
         pass
 
-    def forget(self, peer: str | None) -> None:
+    def forget(self, peer: str | None, owner: object = None) -> None:
         self.forgotten.append(peer)
 
 

@@ -47,10 +47,10 @@ class Processes:
             raise BlockingIOError
         return ANSWER
 
-    def remember(self, peer: str, found: Facts | None) -> None:
+    def remember(self, peer: str, found: Facts | None, owner: object = None) -> None:
         self.remembered[peer] = found
 
-    def forget(self, peer: str | None) -> None:
+    def forget(self, peer: str | None, owner: object = None) -> None:
         pass
 
 

@@ -37,10 +37,10 @@ class Blocking:
     def attribute_now(self, peer: str, *, identity: bool = True) -> None:
         raise BlockingIOError  # a walk: left to a worker thread
 
-    def remember(self, peer: str, found: object) -> None:
+    def remember(self, peer: str, found: object, owner: object = None) -> None:
         pass
 
-    def forget(self, peer: str | None) -> None:
+    def forget(self, peer: str | None, owner: object = None) -> None:
         pass
 
 
