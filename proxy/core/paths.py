@@ -50,8 +50,9 @@ def php_name(name: str) -> str:
     read it: case ignored; and as PHP registers it - ``+`` is a space, leading spaces are dropped,
     ``.`` and a space are ``_``, a leading ``[`` is ``_``, and ``name[...]`` is ``name`` (an array,
     or with an unmatched ``[``, ``name_`` - taken for ``name`` too: folding more only makes a rule
-    see more copies)."""
-    key = name.replace("+", " ").lstrip(" ").lower().replace(".", "_").replace(" ", "_")
+    see more copies); and as PHP stores it, up to its first NUL (``_method%00x`` is ``_method``)."""
+    key = name.split("\x00", 1)[0]
+    key = key.replace("+", " ").lstrip(" ").lower().replace(".", "_").replace(" ", "_")
     if key.startswith("["):
         key = "_" + key[1:]
     return key.split("[", 1)[0]

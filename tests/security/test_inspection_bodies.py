@@ -17,6 +17,7 @@ import pytest
 from proxy.core.decision import Kind, Reason, Verdict
 from tests.dnsfake import FakeDns, loopback_dns
 from tests.harness import LocalCA, RunningGate, Upstream, serving
+from tests.proxy.core.test_bodies import RACK2_HIDDEN
 from tests.security import inspecting, start_gate_with
 from tests.security.test_inspection import Tunnel, chunked
 
@@ -200,6 +201,24 @@ def last_request_decision(gate: RunningGate) -> object:
             FORM,
             Reason.REQUEST_NOT_ALLOWED,
         ),
+        # part names Rack 2 reads from the raw head and a parser of its fields does not
+        *(
+            ({"Content-Type": "multipart/form-data; boundary=B"}, body, Reason.REQUEST_NOT_ALLOWED)
+            for body in RACK2_HIDDEN.values()
+        ),
+        # PHP keeps a name up to its first NUL: $_POST['_method']
+        (
+            {"Content-Type": "application/x-www-form-urlencoded"},
+            b"_method%00x=DELETE",
+            Reason.REQUEST_NOT_ALLOWED,
+        ),
+        ({}, b"_method%00=DELETE", Reason.REQUEST_NOT_ALLOWED),
+        # more parts than a form has: not read (reading them costs the gate more than the bytes)
+        (
+            {"Content-Type": "multipart/form-data; boundary=B"},
+            b'--B\r\nContent-Disposition: form-data; name="a"\r\n\r\nx\r\n' * 1025 + b"--B--\r\n",
+            Reason.AMBIGUOUS_REQUEST,
+        ),
     ],
     ids=[
         "no-content-type",
@@ -223,6 +242,10 @@ def last_request_decision(gate: RunningGate) -> object:
         "gzip-transfer-coding",
         "two-multipart-boundaries",
         "two-content-types",
+        *(f"rack2-{name}" for name in RACK2_HIDDEN),
+        "php-nul-name",
+        "php-nul-name-untyped",
+        "too-many-parts",
     ],
 )
 def test_form_and_header_overrides_are_judged_in_every_spelling(

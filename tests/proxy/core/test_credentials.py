@@ -151,6 +151,11 @@ def test_misuse(carried: Carried, kwargs: dict[str, object], expected: str) -> N
         ("POST", (("Content-Type", "application/x-www-form-urlencoded"),), "/repos/x",
          b"a=1&_method=DELETE"),
         ("POST", (), "/repos/x", b"_method=DELETE"),  # no type: a form to Rack
+        ("POST", (("Content-Type", "application/x-www-form-urlencoded"),), "/repos/x",
+         b"_method%00x=DELETE"),  # PHP keeps a name up to its first NUL
+        ("POST", (("Content-Type", "multipart/form-data; boundary=B"),), "/repos/x",
+         b'--B\r\nContent-Disposition: form-data; name="note"; x="; name=_method"\r\n\r\n'
+         b"DELETE\r\n--B--\r\n"),  # the part name Rack 2 reads from the raw head
     ],
 )  # fmt: skip
 def test_a_credential_is_only_sent_with_its_methods_whatever_the_request_overrides_them_with(
