@@ -9,6 +9,7 @@ then does not match and a deny rule does.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import re
@@ -37,8 +38,12 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+@functools.lru_cache(maxsize=4)
 def json_document(body: bytes) -> Any | None:
-    """The parsed JSON document, or None when it is not JSON a server would read the same way."""
+    """The parsed JSON document, or None when it is not JSON a server would read the same way.
+    Kept for the last few bodies: a held body is judged by every rule, for every method the request
+    may be read as (its overrides), and its document must not be read again each time. Callers
+    read the document, never change it."""
     if body.count(b"[") + body.count(b"{") > 100_000:
         return None
     try:
@@ -235,7 +240,8 @@ def _root_fields(document: Any) -> list[tuple[str, str]]:
     return out
 
 
-def _operations(text: str) -> set[str] | None:
+@functools.lru_cache(maxsize=16)
+def _operations(text: str) -> frozenset[str] | None:
     from graphql.error import GraphQLError
     from graphql.language import OperationDefinitionNode, parse
 
@@ -243,11 +249,11 @@ def _operations(text: str) -> set[str] | None:
         document = parse(text, no_location=True, max_tokens=MAX_GRAPHQL_TOKENS)
     except (GraphQLError, RecursionError, ValueError):
         return None
-    kinds = {
+    kinds = frozenset(
         str(node.operation.value)
         for node in document.definitions
         if isinstance(node, OperationDefinitionNode)
-    }
+    )
     return kinds or None
 
 
@@ -316,7 +322,7 @@ def form_methods(body: bytes, content_type: str | None) -> tuple[str, ...] | Non
     take it for (None: one of them cannot be read, so the request is ambiguous)."""
     types = [(media, element) for media, element in media_types(content_type)]
     readings = [(m, e) for m, e in types if _maybe_form_type(m)] if types else [("", "")]
-    found: list[str] = []
+    found: dict[str, None] = {}
     for media, element in readings:
         if media.startswith("multipart/"):
             methods = _multipart_methods(body, element, content_type or "")
@@ -324,7 +330,7 @@ def form_methods(body: bytes, content_type: str | None) -> tuple[str, ...] | Non
             methods = _urlencoded_methods(body, element)
         if methods is None:
             return None
-        found += [each for each in methods if each not in found]
+        found.update(dict.fromkeys(methods))
     return tuple(found)
 
 
@@ -347,26 +353,38 @@ def _urlencoded_methods(body: bytes, element: str) -> tuple[str, ...] | None:
 
 _BOUNDARY = re.compile("boundary", re.IGNORECASE)
 _RACK_BOUNDARY = re.compile(r'="?([^";,]+)')
+_MENTIONS = 4  # of "boundary" in one Content-Type read at most (a real one names it once)
+# RFC 2046: 1 to 70 of these, not ending in a space. Browsers, curl and every HTTP library keep to
+# it; a longer one costs each search of the body its length at every byte.
+_BCHARS = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
 
 
-def _boundary_readings(content_type: str) -> set[str]:
-    """Every boundary a server could take from the whole Content-Type, at each ``boundary`` in it
-    (inside another parameter's name or value too): Rack matches ``boundary="?([^";,]+)`` greedily,
-    so at the last one; PHP finds the first with ``strstr`` and reads from the next ``=`` to the
-    closing quote, or else to ``;`` or ``,``."""
+def _boundary(content_type: str) -> str | None:
+    """The one boundary every server takes from the whole Content-Type, at each ``boundary`` in
+    it (inside another parameter's name or value too): Rack matches ``boundary="?([^";,]+)``
+    greedily, so at the last one; PHP finds the first with ``strstr`` and reads from the next
+    ``=`` to the closing quote, or else to ``;`` or ``,``. None when they could differ, when
+    ``boundary`` appears more often than any real Content-Type names it (each reading runs to
+    the end of the header), or when it is not a boundary RFC 2046 allows."""
+    mentions = list(itertools.islice(_BOUNDARY.finditer(content_type), _MENTIONS + 1))
+    if len(mentions) > _MENTIONS:
+        return None
     found: set[str] = set()
-    for match in _BOUNDARY.finditer(content_type):
-        rest = content_type[match.end() :]
-        rack = _RACK_BOUNDARY.match(rest)
+    for match in mentions:
+        rack = _RACK_BOUNDARY.match(content_type, match.end())
         if rack is not None:
             found.add(rack.group(1))
-        _, equals, value = rest.partition("=")
-        if equals:
-            if value.startswith('"'):
-                found.add(value[1:].partition('"')[0])
+        equals = content_type.find("=", match.end())
+        if equals >= 0:
+            if content_type.startswith('"', equals + 1):
+                close = content_type.find('"', equals + 2)
+                found.add(content_type[equals + 2 : close if close >= 0 else None])
             else:
-                found.add(re.split("[;,]", value, maxsplit=1)[0])
-    return found
+                found.add(re.split("[;,]", content_type[equals + 1 :], maxsplit=1)[0])
+    if len(found) != 1:
+        return None
+    (boundary,) = found
+    return boundary if _BCHARS.fullmatch(boundary) else None
 
 
 def _multipart_methods(body: bytes, element: str, content_type: str) -> tuple[str, ...] | None:
@@ -380,10 +398,9 @@ def _multipart_methods(body: bytes, element: str, content_type: str) -> tuple[st
     # Parsers take different boundaries from a Content-Type naming more than one (``boundary=a;
     # boundary=b``: the first here and in PHP, the last in Rack), and a body can be a form under
     # each: one reading must be the only one.
-    readings = _boundary_readings(content_type)
-    if len(readings) != 1:
+    boundary = _boundary(content_type)
+    if boundary is None:
         return None
-    (boundary,) = readings
     rack = _rack2_fields(body, boundary)
     if rack is None:
         return None
@@ -432,15 +449,14 @@ def _rack2_fields(body: bytes, boundary: str) -> list[tuple[str, str]] | None:
     part (Rack would read on into it), or past the bounds on parts and heads: the email package's
     reading of a part's parameters grows faster than the head (a 400 KB one took 2 s, on the event
     loop), and each part costs it ~80 us (a 1 MiB body of tiny parts: 1.6 s)."""
-    delimiter = re.compile(rb"(?:\r\n)?--" + re.escape(boundary.encode("latin-1")) + rb"(\r\n|--)")
-    marks = list(itertools.islice(delimiter.finditer(body), MAX_FORM_PARTS + 2))
-    if len(marks) > MAX_FORM_PARTS + 1:
+    marks = _delimiters(body, b"--" + boundary.encode("latin-1"))
+    if marks is None:
         return None
     fields: list[tuple[str, str]] = []
-    for mark, following in itertools.pairwise(marks):
-        if mark.group(1) == b"--":
+    for (_, after, last), (before, _, _) in itertools.pairwise(marks):
+        if last:
             break
-        part = body[mark.end() : following.start()]
+        part = body[after:before]
         end = part.find(b"\r\n\r\n")
         if end < 0 or end > MAX_PART_HEAD:
             return None
@@ -451,6 +467,27 @@ def _rack2_fields(body: bytes, boundary: str) -> list[tuple[str, str]] | None:
                 name = name[1:-1]
             fields.append((name.decode("latin-1"), value))
     return fields
+
+
+def _delimiters(body: bytes, dashed: bytes) -> list[tuple[int, int, bool]] | None:
+    """Where Rack 2 splits ``body``: each ``--boundary`` followed by CRLF or ``--`` (the closing
+    one), a CRLF before it belonging to it: (start, end, closing). Found with ``bytes.find``, in
+    time linear in the body; None past MAX_FORM_PARTS parts."""
+    marks: list[tuple[int, int, bool]] = []
+    taken = 0  # where the last delimiter ended
+    at = body.find(dashed)
+    while at >= 0:
+        tail = body[at + len(dashed) : at + len(dashed) + 2]
+        if tail not in (b"\r\n", b"--"):
+            at = body.find(dashed, at + 1)
+            continue
+        if len(marks) > MAX_FORM_PARTS:
+            return None
+        start = at - 2 if at - 2 >= taken and body[at - 2 : at] == b"\r\n" else at
+        taken = at + len(dashed) + 2
+        marks.append((start, taken, tail == b"--"))
+        at = body.find(dashed, taken)
+    return marks
 
 
 def is_method_field(name: str) -> bool:

@@ -245,9 +245,23 @@ def compile_glob(text: str, *, insensitive: bool = False) -> PathGlob:
         elif segment == "*":
             parts.append("/[^/]+")
         else:
-            parts.append("/" + "[^/]*".join(re.escape(piece) for piece in segment.split("*")))
+            parts.append("/" + _segment(segment))
     flags = re.ASCII | (re.IGNORECASE if insensitive else 0)
     return PathGlob(text, insensitive, re.compile("".join(parts), flags))
+
+
+def _segment(segment: str) -> str:
+    """One segment's pattern, matched in time linear in the request's segment whatever its ``*``s:
+    written as ``[^/]*`` each, ``a*b*c*d`` backtracks over every split of the segment between them
+    (``/*-*-*.tar.gz`` against 1,000 dashes: 0.3 s, cubic in the length). The pieces between the
+    first and the last ``*`` are taken at their first place after the one before, never tried
+    elsewhere (an atomic group): where any placement matches, that one does, as it leaves the most
+    room to the pieces after it."""
+    first, *middle, last = segment.split("*") if "*" in segment else (segment, None)
+    if last is None:
+        return re.escape(first)
+    found = "".join(f"(?>[^/]*?{re.escape(piece)})" for piece in middle)
+    return re.escape(first) + found + "[^/]*" + re.escape(last)
 
 
 __all__ = [

@@ -210,9 +210,10 @@ def _judge(rules: RequestRules, head: HttpHead) -> Judgement:
                 f"{why} cannot be read (compressed, an unreadable multipart or charset); send it "
                 "with its real Content-Type",
             )
-        for each in found:
-            if each not in overrides and each != method:
-                return _judge(rules, replace(head, overrides=(*head.overrides, each)))
+        seen = {method, *overrides}
+        new = tuple(each for each in found if each not in seen)
+        if new:  # judged again with all of them at once (its body is not read again for each)
+            return _judge(rules, replace(head, overrides=(*head.overrides, *new)))
     return first
 
 
@@ -233,14 +234,12 @@ def _override_values(head: HttpHead, target: Target | None) -> list[str]:
 
 
 def _overrides(head: HttpHead, target: Target) -> tuple[tuple[str, ...], str | None]:
-    out: list[str] = []
+    out: dict[str, None] = {}
     for value in _override_values(head, target):
         method = value.strip(" \t")  # OWS; anything else around it is not a method
         if not is_token(method):
             return (), f"an unreadable method override {escape(value)!r}"
-        method = method.upper()
-        if method not in out:
-            out.append(method)
+        out[method.upper()] = None
     return tuple(out), None
 
 

@@ -93,6 +93,8 @@ class Answerer:
     async def handle(self, wire: bytes, client: str, transport: str) -> bytes | None:
         """Answer one query in wire format (its size already bounded by the gate); None means send
         nothing (unparseable or not a query)."""
+        if not _one_question(wire):
+            return _formerr(wire)
         try:
             query = dns.message.from_wire(wire)
         except Exception:
@@ -236,6 +238,20 @@ def _finish(response: dns.message.Message, query: dns.message.Message, transport
         response.answer.clear()
         response.flags |= dns.flags.TC
         return bytes(response.to_wire(max_size=limit))
+
+
+def _one_question(wire: bytes) -> bool:
+    """Whether the header counts what a query holds: one question, no answer or authority records,
+    at most one additional (EDNS's OPT). Read before the message is parsed: dnspython reads every
+    record a message counts, and a 4 KiB "query" can carry hundreds (each named by a two-byte
+    pointer to a 253-character name: ~70 ms of the event loop, where a query takes ~0.1 ms)."""
+    if len(wire) < 12:
+        return True  # (too short to count anything: parsed, and refused, as it is)
+    return (
+        wire[4:6] == b"\x00\x01"
+        and wire[6:10] == b"\x00\x00\x00\x00"
+        and int.from_bytes(wire[10:12], "big") <= 1
+    )
 
 
 def _formerr(wire: bytes) -> bytes | None:

@@ -11,7 +11,7 @@ import re
 from urllib.parse import unquote
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.core.paths import (
@@ -272,3 +272,51 @@ def test_no_spelling_of_a_path_outside_the_glob_matches_it(parts: list[str]) -> 
     if target.path is not None and glob.matches(target.path):
         for view in _server_views(raw):
             assert view == "/myorg" or view.startswith("/myorg/"), (raw, view)
+
+
+def _each_star_unbounded(text: str, insensitive: bool) -> re.Pattern[str]:
+    """What a glob means: each ``*`` any run of a segment's characters (written so, it backtracks
+    over every split of the segment between them: the oracle, not the matcher)."""
+    parts = []
+    for segment in text[1:].split("/"):
+        if segment == "**":
+            parts.append("(?:/[^/]*)*")
+        elif segment == "*":
+            parts.append("/[^/]+")
+        else:
+            parts.append("/" + "[^/]*".join(re.escape(piece) for piece in segment.split("*")))
+    return re.compile("".join(parts), re.ASCII | (re.IGNORECASE if insensitive else 0))
+
+
+_SEGMENT = st.one_of(st.just("**"), st.just("*"), st.text("ab-*", min_size=1, max_size=6))
+_PATH_SEGMENT = st.text("abAB-", max_size=7)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    segments=st.lists(_SEGMENT, min_size=1, max_size=3),
+    paths=st.lists(st.lists(_PATH_SEGMENT, min_size=1, max_size=4), min_size=1, max_size=5),
+    insensitive=st.booleans(),
+)
+def test_a_glob_matches_what_each_star_means(
+    segments: list[str], paths: list[list[str]], insensitive: bool
+) -> None:
+    text = "/" + "/".join(segments)
+    try:
+        glob = compile_glob(text, insensitive=insensitive)
+    except ValueError:
+        return
+    oracle = _each_star_unbounded(text, insensitive)
+    for path in ("/" + "/".join(p) for p in paths):
+        assert glob.matches(path) == (oracle.fullmatch(path) is not None), (text, path)
+
+
+@pytest.mark.parametrize("text", ["/*-*-*.tar.gz", "/*.*.*", "/a*b*c*d*e", "/x/**/*-*-*"])
+def test_a_segments_stars_leave_one_run_to_backtrack_over(text: str) -> None:
+    """Between its first and last ``*`` a segment's pieces are found once each (atomic groups):
+    written as ``[^/]*`` each, ``/*-*-*.tar.gz`` against a path of 1,000 dashes took 0.3 s (cubic
+    in the length; a path may be 4,096 characters, and a deny rule tries several spellings)."""
+    pattern = compile_glob(text).pattern.pattern
+    outside = re.sub(r"\(\?>[^()]*\)", "", pattern)  # the atomic groups
+    assert outside.count("[^/]*") <= text.count("/"), pattern  # one per segment at most
+    assert not compile_glob(text).matches("/" + "-" * MAX_PATH)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import struct
 import textwrap
 import threading
 import time
@@ -500,6 +501,47 @@ def test_two_questions_are_formerr(env: GateEnv) -> None:
     response = dns.query.udp(q, env.udp[0], port=env.udp[1], timeout=WAIT)
     assert response.rcode() == dns.rcode.FORMERR
     assert env.fake.queries == []
+
+
+def _padded_query(records: int) -> bytes:
+    """A query for a 253-character name followed by ``records`` additional A records, each named
+    by a two-byte pointer to the question's name: 4 KiB that would cost a reader of every record
+    hundreds of times a query's work."""
+    name = b"\x01a" * 126 + b"\x00"
+    rrs = b"".join(
+        b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 0, 4) + struct.pack(">I", i)
+        for i in range(records)
+    )
+    header = struct.pack(">HHHHHH", 0x4321, 0x0100, 1, 0, 0, records)
+    return header + name + struct.pack(">HH", 1, 1) + rrs
+
+
+def test_a_query_padded_with_records_is_formerr_unread(
+    env: GateEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A query is one question and at most EDNS's OPT record: one that counts more is refused
+    from its header, before any record of it is read."""
+    parsed: list[bytes] = []
+    real = dns.message.from_wire
+
+    def counted(wire: bytes, *args: Any, **kwargs: Any) -> dns.message.Message:
+        parsed.append(wire)
+        return real(wire, *args, **kwargs)
+
+    monkeypatch.setattr(dns.message, "from_wire", counted)
+    wire = _padded_query(230)
+    assert len(wire) <= 4096
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(WAIT)
+        sock.sendto(wire, env.udp)
+        reply = real(sock.recv(4096))
+    assert reply.id == 0x4321 and reply.rcode() == dns.rcode.FORMERR
+    assert wire not in parsed
+    assert env.fake.queries == [] and env.decisions == []
+    # EDNS (one OPT record) is still a query
+    env.fake.set("a.allowed.test", "A", ["203.0.113.10"])
+    q = dns.message.make_query("a.allowed.test", "A", use_edns=0)
+    assert dns.query.udp(q, env.udp[0], port=env.udp[1], timeout=WAIT).rcode() == dns.rcode.NOERROR
 
 
 def test_serve_on_host_and_port(fake: FakeDns, tmp_path: Path) -> None:
