@@ -38,12 +38,16 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-@functools.lru_cache(maxsize=4)
 def json_document(body: bytes) -> Any | None:
     """The parsed JSON document, or None when it is not JSON a server would read the same way.
-    Kept for the last few bodies: a held body is judged by every rule, for every method the request
-    may be read as (its overrides), and its document must not be read again each time. Callers
-    read the document, never change it."""
+    Kept for the last body: a held body is judged by every rule, for every method the request may
+    be read as (its overrides), all at once, and its document is not read again each time (one
+    only: a 1 MiB document is tens of MiB of objects). Callers read it, never change it."""
+    return _json_document(bytes(body))  # (the same object when it is bytes already)
+
+
+@functools.lru_cache(maxsize=1)
+def _json_document(body: bytes) -> Any | None:
     if body.count(b"[") + body.count(b"{") > 100_000:
         return None
     try:
@@ -112,7 +116,14 @@ def graphql_operations(body: bytes, url_documents: Iterable[str] = ()) -> frozen
     A ``_json`` key in a request object is a batch too: Rails puts a JSON object's keys into
     ``params`` as they are, and controllers that run a batch from ``params[:_json]`` (GitLab's)
     run that list instead of ``query``. Each of its requests is judged; anything else there is
-    unreadable."""
+    unreadable.
+
+    Kept for the last request (as :func:`json_document` is)."""
+    return _graphql_operations(bytes(body), tuple(url_documents))
+
+
+@functools.lru_cache(maxsize=1)
+def _graphql_operations(body: bytes, url_documents: tuple[str, ...]) -> frozenset[str] | None:
     texts = graphql_documents(body, url_documents)
     if texts is None:
         return None
@@ -240,7 +251,6 @@ def _root_fields(document: Any) -> list[tuple[str, str]]:
     return out
 
 
-@functools.lru_cache(maxsize=16)
 def _operations(text: str) -> frozenset[str] | None:
     from graphql.error import GraphQLError
     from graphql.language import OperationDefinitionNode, parse
@@ -472,13 +482,19 @@ def _rack2_fields(body: bytes, boundary: str) -> list[tuple[str, str]] | None:
 def _delimiters(body: bytes, dashed: bytes) -> list[tuple[int, int, bool]] | None:
     """Where Rack 2 splits ``body``: each ``--boundary`` followed by CRLF or ``--`` (the closing
     one), a CRLF before it belonging to it: (start, end, closing). Found with ``bytes.find``, in
-    time linear in the body; None past MAX_FORM_PARTS parts."""
+    time linear in the body; None past MAX_FORM_PARTS parts, or as many places where the
+    boundary's text is not a delimiter (a body of ``---x`` repeated, under the boundary ``-``,
+    would otherwise cost a turn of this loop every four bytes)."""
     marks: list[tuple[int, int, bool]] = []
     taken = 0  # where the last delimiter ended
+    passed = 0  # the boundary's text where no delimiter is (a form's parts never hold it)
     at = body.find(dashed)
     while at >= 0:
         tail = body[at + len(dashed) : at + len(dashed) + 2]
         if tail not in (b"\r\n", b"--"):
+            passed += 1
+            if passed > MAX_FORM_PARTS:
+                return None
             at = body.find(dashed, at + 1)
             continue
         if len(marks) > MAX_FORM_PARTS:
