@@ -57,7 +57,7 @@ from proxy.attribution.sockdiag import DiagUnavailable, SockDiag
 log = logging.getLogger(__name__)
 
 MAX_PROCESSES = (
-    4096  # a sandbox with more is searched this far; a search for every owner then finds none
+    4096  # a sandbox with more is searched this far; a search for every owner is then incomplete
 )
 MAX_CMDLINE = 64 * 1024
 CENSUS_AGE = (
@@ -150,6 +150,7 @@ class SandboxProcesses:
         self._files: dict[tuple[int, int], int] = {}
         self._files_lock = threading.Lock()
         self._closed = False
+        self._warned_at = -10.0  # when a walk cut at MAX_PROCESSES was last said (rate-limited)
         self._built: dict[tuple[bool, tuple[ProcEntry, ...], tuple[ProcEntry, ...]], Any] = {}
         try:  # /proc/loadavg, kept open: one pread per lookup (none: every lookup walks)
             self._counter_fd: int | None = os.open(f"{proc}/loadavg", os.O_RDONLY | os.O_CLOEXEC)
@@ -173,18 +174,27 @@ class SandboxProcesses:
         try:
             census = self._walk() if every_owner else self._kept() or self._walk()
             if every_owner and census.truncated:
-                log.warning(
-                    "the sandbox has more than %d processes: the owners of %s cannot all be "
-                    "found, so no executable is vouched for",
-                    MAX_PROCESSES,
-                    peer,
-                )
-                return None
+                # The first owner the walk found, for the evidence: not ``complete``, so a rule
+                # bound to executables refuses (an owner may be among the processes not walked).
+                self._truncated(peer)
+                every_owner = False
             found = self._attribute(peer, census, every_owner, identity=identity or every_owner)
         except (OSError, ValueError):
             log.debug("attribution of %s failed", peer, exc_info=True)
             found = None
         return found
+
+    def _truncated(self, peer: str) -> None:
+        now = time.monotonic()
+        if now - self._warned_at >= 10:
+            self._warned_at = now
+            log.warning(
+                "the sandbox has more than %d processes: the owners of %s (and of its other "
+                "connections, said at most every 10 s) cannot all be found, so no rule bound to "
+                "executables lets them through",
+                MAX_PROCESSES,
+                peer,
+            )
 
     def attribute_now(self, peer: str, *, identity: bool = True) -> Attribution | None:
         """``attribute(peer)`` when it needs no walk of the process tree (a kept census of at most

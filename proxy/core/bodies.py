@@ -38,6 +38,13 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def forget_documents() -> None:
+    """Let go of the last body's document (its judgement is made): a 1 MiB document is tens of MiB
+    of objects, which nothing else needs once its request is decided."""
+    _json_document.cache_clear()
+    _graphql_operations.cache_clear()
+
+
 def json_document(body: bytes) -> Any | None:
     """The parsed JSON document, or None when it is not JSON a server would read the same way.
     Kept for the last body: a held body is judged by every rule, for every method the request may
@@ -442,15 +449,17 @@ def _multipart_methods(body: bytes, element: str, content_type: str) -> tuple[st
     return tuple(dict.fromkeys(_method_values(fields + rack)))
 
 
-# Rack 2 (GitLab's, and every Rails before 7.1) names a part by a pattern over its raw head, not by
+# Rack 2 (GitLab's, and every Rails before 7.1) names a part by patterns over its raw head, not by
 # parsing it: unanchored (``X-Content-Disposition:`` matches too), greedy (the last ``; name=``
-# before the next colon, inside another parameter's quoted value too); the head ends at the first
-# CRLF CRLF only (a bare LF blank line does not end it), and a part at ``--boundary`` followed by
-# CRLF or ``--``, a CRLF before it optional (lib/rack/multipart/parser.rb, 2.2).
+# before the next colon, inside another parameter's quoted value too), a quoted name unescaped
+# (``\\x`` is ``x``), and a part without one by its ``Content-ID``; the head ends at the first
+# CRLF CRLF only (a bare LF blank line does not end it) (lib/rack/multipart/parser.rb, 2.2).
 _RACK_TOKEN = rb'[^\s()<>,;:\\"/\[\]?=]+'
 _RACK_NAME = re.compile(
     rb'Content-Disposition:[^:]*;\s*name=("(?:\\"|[^"])*"|' + _RACK_TOKEN + rb")", re.IGNORECASE
 )
+_RACK_ID = re.compile(rb"Content-ID:\s*([^\r\n]*)", re.IGNORECASE)
+_RACK_ESCAPE = re.compile(rb"\\(.)")
 
 
 def _rack2_fields(body: bytes, boundary: str) -> list[tuple[str, str]] | None:
@@ -471,37 +480,42 @@ def _rack2_fields(body: bytes, boundary: str) -> list[tuple[str, str]] | None:
         if end < 0 or end > MAX_PART_HEAD:
             return None
         value = part[end + 4 :].decode("latin-1")
-        for found in _RACK_NAME.finditer(part[: end + 2]):
+        head = part[: end + 2]
+        for found in _RACK_NAME.finditer(head):
             name = found.group(1)
             if name.startswith(b'"') and name.endswith(b'"') and len(name) > 1:
-                name = name[1:-1]
+                name = _RACK_ESCAPE.sub(rb"\1", name[1:-1])
             fields.append((name.decode("latin-1"), value))
+        for found in _RACK_ID.finditer(head):  # (read whether or not a name was: more, not less)
+            fields.append((found.group(1).decode("latin-1"), value))
     return fields
 
 
 def _delimiters(body: bytes, dashed: bytes) -> list[tuple[int, int, bool]] | None:
-    """Where Rack 2 splits ``body``: each ``--boundary`` followed by CRLF or ``--`` (the closing
-    one), a CRLF before it belonging to it: (start, end, closing). Found with ``bytes.find``, in
-    time linear in the body; None past MAX_FORM_PARTS parts, or as many places where the
-    boundary's text is not a delimiter (a body of ``---x`` repeated, under the boundary ``-``,
-    would otherwise cost a turn of this loop every four bytes)."""
+    """Where ``body`` splits into parts: each ``--boundary`` followed by CRLF or ``--`` (the closing
+    one), a CRLF before it belonging to it: (start, end, closing). None when the boundary's text is
+    anywhere else, past the closing line's end, or in more than MAX_FORM_PARTS places: parsers read
+    such lines differently (Rack 2 takes any line that strips to ``--boundary``, ``--boundary \r``
+    too, and reads on past a closing line with more on it; the email package splits at
+    ``--boundary`` and spaces), and a form's values never hold its boundary. Found with
+    ``bytes.find``, in time linear in the body."""
     marks: list[tuple[int, int, bool]] = []
     taken = 0  # where the last delimiter ended
-    passed = 0  # the boundary's text where no delimiter is (a form's parts never hold it)
     at = body.find(dashed)
     while at >= 0:
+        if len(marks) > MAX_FORM_PARTS:
+            return None
         tail = body[at + len(dashed) : at + len(dashed) + 2]
         if tail not in (b"\r\n", b"--"):
-            passed += 1
-            if passed > MAX_FORM_PARTS:
-                return None
-            at = body.find(dashed, at + 1)
-            continue
-        if len(marks) > MAX_FORM_PARTS:
             return None
         start = at - 2 if at - 2 >= taken and body[at - 2 : at] == b"\r\n" else at
         taken = at + len(dashed) + 2
         marks.append((start, taken, tail == b"--"))
+        if tail == b"--":
+            end = body[taken : taken + 2]
+            if end not in (b"", b"\r\n") or body.find(dashed, taken) >= 0:
+                return None
+            break
         at = body.find(dashed, taken)
     return marks
 

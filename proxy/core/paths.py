@@ -257,9 +257,9 @@ def _segment(segment: str) -> str:
     first and the last ``*`` are taken at their first place after the one before, never tried
     elsewhere (an atomic group): where any placement matches, that one does, as it leaves the most
     room to the pieces after it."""
-    first, *middle, last = segment.split("*") if "*" in segment else (segment, None)
-    if last is None:
-        return re.escape(first)
+    if "*" not in segment:
+        return re.escape(segment)
+    first, *middle, last = segment.split("*")
     found = "".join(f"(?>[^/]*?{re.escape(piece)})" for piece in middle)
     return re.escape(first) + found + "[^/]*" + re.escape(last)
 

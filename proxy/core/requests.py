@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 
 from proxy.core.bodies import (
+    forget_documents,
     form_methods,
     graphql_operations,
     is_json,
@@ -120,7 +121,10 @@ def judge(rules: RequestRules, head: HttpHead) -> Judgement:
     """Decide ``head`` against ``rules`` (see the module docstring for the order). Pure, so the
     answer for a head without a body is remembered with the rules it was judged against."""
     if head.body is not None or head.body_overflow:
-        return _judge_head(rules, head)
+        try:
+            return _judge_head(rules, head)
+        finally:
+            forget_documents()  # (kept while every rule and method judged it)
     cache = rules.judged
     found = cache.get(head)
     if isinstance(found, Judgement):

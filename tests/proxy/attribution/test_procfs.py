@@ -973,12 +973,13 @@ def _sleepers_past_the_bound(proc: FakeProc, tmp_path: Path) -> tuple[Path, Path
 def test_an_owner_past_the_walks_bound_leaves_nobody_vouched_for(
     proc: FakeProc, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A search for every owner that could not walk every process finds none: a rule bound to the
-    program refuses the connection as unattributed, never passes it as the program's alone."""
+    """A search for every owner that could not walk every process is not complete (it names the
+    first owner it found, for the evidence): a rule bound to the program refuses the connection,
+    never passes it as the program's alone."""
     monkeypatch.setattr(procfs, "MAX_PROCESSES", 16)  # 4096 in the product: as many sleepers
     evil, git = _sleepers_past_the_bound(proc, tmp_path)
     every = _lookups(proc).attribute(PEER, every_owner=True)
-    assert every is None
+    assert every is not None and every.exe == str(git) and not every.complete  # (the evidence's)
     st = git.stat()
     bound = (Executable(str(git), (st.st_dev, st.st_ino)),)
     allowed = Decision(

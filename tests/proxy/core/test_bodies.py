@@ -226,7 +226,43 @@ RACK2_HIDDEN = {
         b'--B\r\nX-A: 1\n\nContent-Disposition: form-data; name="_method"\r\n\r\n'
         b"DELETE\r\n--B--\r\n"
     ),
+    "escaped-quoted-name": (  # Rack unescapes a quoted name: \h is h
+        b'--B\r\nContent-Disposition: form-data; name="_met\\hod"\r\n\r\nDELETE\r\n--B--\r\n'
+    ),
+    "prefixed-content-id": (  # a part without a name is named by a Content-ID anywhere in its head
+        b"--B\r\nX-Content-ID: _method\r\n\r\nDELETE\r\n--B--\r\n"
+    ),
+    "content-id-past-a-bare-lf-line": (
+        b"--B\r\nX-A: 1\n\nContent-ID: _method\r\n\r\nDELETE\r\n--B--\r\n"
+    ),
 }
+
+# Delimiter lines parsers read differently: Rack 2 takes any line that strips to --B (a space or a
+# CR after it too) and reads on past a closing line with more on it; the email package splits at
+# --B followed by spaces. Unreadable, whatever the parts hold.
+DELIMITERS_READ_DIFFERENTLY = {
+    "space-after": b"--B \r\nX-Content-Disposition: form-data; name=_method\r\n\r\nDELETE\r\n--B--\r\n",
+    "cr-after": b"--B\r\r\nContent-Disposition: form-data; name=_method\r\n\r\nDELETE\r\n--B--\r\n",
+    "closing-with-more": (
+        b'--B\r\nContent-Disposition: form-data; name="a"\r\n\r\nx\r\n--B--junk\r\n'
+        b"--B \r\nX-Content-Disposition: form-data; name=_method\r\n\r\nDELETE\r\n--B--\r\n"
+    ),
+    "boundary-after-closing": (
+        b'--B\r\nContent-Disposition: form-data; name="a"\r\n\r\nx\r\n--B--\r\n'
+        b"--B\r\nContent-Disposition: form-data; name=_method\r\n\r\nDELETE\r\n--B--\r\n"
+    ),
+    "long-head-only-email-splits": (  # no bound on a head only the email package would read
+        b'--B\r\nContent-Disposition: form-data; name="a"\r\n\r\nx\r\n--B \r\n'
+        b"Content-Disposition: form-data; name=b" + b"; a=b" * 4000 + b"\r\n\r\nv\r\n--B--\r\n"
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "body", DELIMITERS_READ_DIFFERENTLY.values(), ids=DELIMITERS_READ_DIFFERENTLY.keys()
+)
+def test_a_delimiter_line_parsers_read_differently_is_unreadable(body: bytes) -> None:
+    assert form_methods(body, "multipart/form-data; boundary=B") is None
 
 
 @pytest.mark.parametrize("body", RACK2_HIDDEN.values(), ids=RACK2_HIDDEN.keys())
