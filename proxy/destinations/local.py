@@ -80,9 +80,18 @@ class OwnEndpoints:
         return False
 
 
+_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+
 def _unmapped(ip: IPAddress) -> IPAddress:
-    if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
+    """An IPv4 address written as IPv6 (mapped, ``::ffff:a.b.c.d``; or the deprecated compatible
+    form, ``::a.b.c.d``, which a kernel with a SIT tunnel delivers to that IPv4 address) as IPv4:
+    either may reach a listener on its IPv4 address."""
+    if isinstance(ip, IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
+        if ip in _COMPATIBLE and int(ip) > 1:  # (:: and ::1 are IPv6's own)
+            return IPv4Address(int(ip))
     return ip
 
 

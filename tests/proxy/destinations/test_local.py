@@ -21,6 +21,8 @@ def own(*listeners: tuple[str, int]) -> OwnEndpoints:
         "8.8.9.100",
         "2a00:1450::100",
         "::ffff:8.8.9.100",
+        "::8.8.9.100",  # IPv4-compatible (deprecated): delivered to the IPv4 address over SIT
+        "::127.0.0.1",
         "127.0.0.1",
         "127.9.9.9",
         "0.0.0.0",
