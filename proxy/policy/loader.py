@@ -161,6 +161,9 @@ class _Where:
         return _Where(self.file, self.rule, key)
 
 
+_DECIMAL = re.compile(r"-?(?:0|[1-9][0-9]*)")  # how a number is written in a policy
+
+
 class _Loader:
     def __init__(self) -> None:
         self.problems: list[Problem] = []
@@ -728,6 +731,16 @@ class _Loader:
 
     def integer(self, where: _Where, node: Node) -> int | None:
         if isinstance(node, ScalarNode) and node.tag == "tag:yaml.org,2002:int":
+            if not _DECIMAL.fullmatch(str(node.value)):
+                # YAML 1.1 reads 0443 as octal (291) and 1:20 as base 60 (80): a reviewer reads
+                # 443 and 1:20, the gate would enforce something else.
+                self.problem(
+                    where,
+                    node,
+                    f"write {str(node.value)!r} in decimal, without a leading zero, '+', '_', "
+                    "':' or base prefix (YAML reads 0443 as 291)",
+                )
+                return None
             try:
                 value = yamlnodes.scalar(node)
             except (yamlnodes.YAMLError, ValueError):
