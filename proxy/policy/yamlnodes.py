@@ -72,7 +72,7 @@ def compose(text: str) -> Node | None:
         raise yaml.scanner.ScannerError(
             None, None, "a byte order mark (U+FEFF) past the start", mark
         )
-    _check_depth(text)
+    _check_events(text)
     loader = SafeLoader(text)
     try:
         root: Node | None = loader.get_single_node()
@@ -81,7 +81,7 @@ def compose(text: str) -> Node | None:
         loader.dispose()
 
 
-def _check_depth(text: str) -> None:
+def _check_events(text: str) -> None:
     """ComposerError (a YAML error with its line) where the nesting passes :data:`MAX_DEPTH` or an
     alias is used; the parser's own errors are raised as they are."""
     loader = SafeLoader(text)
@@ -118,8 +118,8 @@ def _mark(at: Any) -> yaml.error.Mark | None:
 
 
 def safe_load(text: str) -> object:
-    """``yaml.safe_load`` with :func:`compose`'s checks (nesting, byte order marks, Unicode): for
-    the small configuration files that are read whole (identities, admin tokens)."""
+    """``yaml.safe_load`` with :func:`compose`'s checks (nesting, aliases, byte order marks,
+    Unicode): for the small configuration files that are read whole (identities, admin tokens)."""
     root = compose(text)
     return None if root is None else SafeConstructor().construct_document(root)
 
