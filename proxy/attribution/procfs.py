@@ -697,9 +697,12 @@ def _same_files(pid: int, tid: int) -> bool:
 
 
 def _put[K, V](table: dict[K, V], key: K, value: V, limit: int) -> V:
-    """``table[key] = value``, the table emptied first once it holds ``limit`` entries: every table
-    here is a hint or a cache (losing it costs reads, never an answer), bounded however many
-    processes, sockets and connections a sandbox makes."""
+    """``table[key] = value``, the table emptied first once it holds ``limit`` entries, bounded
+    however many processes, sockets and connections a sandbox makes. Every table here but
+    ``_known`` is a hint or a cache (losing it costs reads, never an answer); ``_known`` holds one
+    entry per open connection that was looked up (a close removes it, a late lookup is never
+    kept), so its bound, far above any connection cap, is a last guard that open connections do
+    not reach."""
     if len(table) >= limit:
         table.clear()
     table[key] = value

@@ -446,7 +446,7 @@ def _multipart_methods(body: bytes, element: str, content_type: str) -> tuple[st
             elif field.lower() == "content-id":
                 names += [str(raw).strip(), str(raw).strip().strip("<>")]
         fields += [(name, value) for name in dict.fromkeys(names)]
-    return tuple(dict.fromkeys(_method_values(fields + rack)))
+    return _method_values(fields + rack)  # (form_methods keeps each value once)
 
 
 # Rack 2 (GitLab's, and every Rails before 7.1) names a part by patterns over its raw head, not by
